@@ -1,0 +1,206 @@
+//! The expert seam: the MoE block asks an [`ExpertProvider`] for an expert's weights and knows
+//! nothing else about where they come from. `Resident` (native) holds every expert; the cached
+//! provider (selective) loads them on demand. Both hand out the same [`ExpertWeights`] built by the
+//! same conversion from the same bytes, so the forward pass is bit-identical between them.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::experts::source::{ExpertSource, RawExpert};
+use crate::model::error::{ModelError, Result};
+use crate::model::layers::silu;
+use crate::model::safetensors_file::{TensorInfo, bytes_to_tensor};
+
+/// One expert, ready to compute with: gate and up stacked as one [2I, H] matrix (one matmul
+/// instead of two, as transformers 5 fuses them), down as [H, I].
+#[derive(Debug, Clone)]
+pub struct ExpertWeights {
+    pub gate_up: Tensor,
+    pub down: Tensor,
+    intermediate: usize,
+}
+
+impl ExpertWeights {
+    /// Builds compute tensors from an expert's on-disk bytes. Gate and up are both [I, H]
+    /// row-major, so their byte concatenation *is* the stacked [2I, H] matrix.
+    pub fn from_raw(raw: &RawExpert, dtype: DType, device: &Device) -> Result<Self> {
+        let [gate, up, down] = &raw.parts;
+        let (i, h) = (gate.shape[0], gate.shape[1]);
+        let gate_up = if gate.dtype == up.dtype {
+            let mut bytes = Vec::with_capacity(gate.bytes.len() + up.bytes.len());
+            bytes.extend_from_slice(&gate.bytes);
+            bytes.extend_from_slice(&up.bytes);
+            let info = TensorInfo {
+                dtype: gate.dtype,
+                shape: vec![2 * i, h],
+                offset: 0,
+                len: bytes.len() as u64,
+            };
+            bytes_to_tensor(&bytes, &info, dtype, device)
+        } else {
+            let g = bytes_to_tensor(&gate.bytes, &gate.info(), dtype, device)?;
+            let u = bytes_to_tensor(&up.bytes, &up.info(), dtype, device)?;
+            Tensor::cat(&[&g, &u], 0)
+        }
+        .map_err(|e| raw.error(format!("converting gate/up: {e}")))?;
+        let down = bytes_to_tensor(&down.bytes, &down.info(), dtype, device)
+            .map_err(|e| raw.error(format!("converting down_proj: {e}")))?;
+        Ok(ExpertWeights {
+            gate_up,
+            down,
+            intermediate: i,
+        })
+    }
+
+    /// down(silu(gate(x)) * up(x)) for x of shape [n, H].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = x.matmul(&self.gate_up.t()?)?;
+        let g = gu.narrow(1, 0, self.intermediate)?;
+        let u = gu.narrow(1, self.intermediate, self.intermediate)?;
+        let h = (silu(&g)? * u)?;
+        Ok(h.matmul(&self.down.t()?)?)
+    }
+
+    /// Bytes this expert occupies in memory (compute dtype).
+    pub fn bytes(&self) -> u64 {
+        ((self.gate_up.elem_count() + self.down.elem_count()) * self.down.dtype().size_in_bytes())
+            as u64
+    }
+}
+
+/// Where the MoE block gets expert weights from.
+pub trait ExpertProvider: Send + Sync {
+    /// The weights of (layer, expert), loading them first if needed. The returned `Arc` keeps
+    /// them alive while they are applied, even if a cache evicts them meanwhile — which is what
+    /// lets a cache smaller than top-k work.
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>>;
+
+    /// Experts of `layer` that cannot be provided. Non-empty only in a run where the user allowed
+    /// missing experts; the router masks them out and the run is labelled DEGRADED.
+    fn unavailable(&self, layer: usize) -> &[usize];
+
+    /// Called with the experts a layer selected, before they are fetched (statistics, prefetch).
+    fn will_use(&self, _layer: usize, _experts: &[usize]) {}
+
+    /// Bytes of expert weights held in memory now.
+    fn resident_bytes(&self) -> u64;
+
+    /// "native" or "selective" — for display.
+    fn kind(&self) -> &'static str;
+}
+
+/// Receives each token's routing decision in each MoE layer (heatmaps, traces, cache studies).
+pub trait RoutingObserver {
+    /// `position` is the token's absolute position; `experts` and `weights` are in top-k order.
+    fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], weights: &[f32]);
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+
+impl RoutingObserver for NoObserver {
+    fn on_routing(&mut self, _: usize, _: usize, _: &[u32], _: &[f32]) {}
+}
+
+/// Collects every routing decision: (layer, position, experts).
+#[derive(Debug, Default, Clone)]
+pub struct RoutingLog {
+    pub entries: Vec<(usize, usize, Vec<u32>)>,
+}
+
+impl RoutingObserver for RoutingLog {
+    fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], _: &[f32]) {
+        self.entries.push((layer, position, experts.to_vec()));
+    }
+}
+
+/// The native backend's provider: every expert of every MoE layer loaded up front.
+pub struct Resident {
+    /// Indexed by model layer; empty for dense layers.
+    experts: Vec<Vec<Option<Arc<ExpertWeights>>>>,
+    unavailable: Vec<Vec<usize>>,
+    bytes: u64,
+}
+
+impl Resident {
+    /// Loads all experts from `source`. Missing experts are an error unless `allow_missing`.
+    pub fn load(
+        source: &dyn ExpertSource,
+        dtype: DType,
+        device: &Device,
+        allow_missing: bool,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        let cfg = source.config();
+        let mut experts: Vec<Vec<Option<Arc<ExpertWeights>>>> =
+            vec![Vec::new(); cfg.num_hidden_layers];
+        let mut unavailable = vec![Vec::new(); cfg.num_hidden_layers];
+        let total = cfg.total_experts();
+        let mut done = 0;
+        let mut bytes = 0;
+        for layer in cfg.moe_layers() {
+            let mut row = Vec::with_capacity(cfg.num_experts);
+            for e in 0..cfg.num_experts {
+                if !source.has(layer, e) {
+                    if !allow_missing {
+                        return Err(missing_error(source, layer, e));
+                    }
+                    unavailable[layer].push(e);
+                    row.push(None);
+                } else {
+                    let raw = source.read(layer, e)?;
+                    let w = ExpertWeights::from_raw(&raw, dtype, device)?;
+                    bytes += w.bytes();
+                    row.push(Some(Arc::new(w)));
+                }
+                done += 1;
+                progress(done, total);
+            }
+            experts[layer] = row;
+        }
+        Ok(Resident {
+            experts,
+            unavailable,
+            bytes,
+        })
+    }
+}
+
+pub fn missing_error(source: &dyn ExpertSource, layer: usize, expert: usize) -> ModelError {
+    ModelError::Expert {
+        layer,
+        expert,
+        msg: format!(
+            "missing from {} (run `moescope verify` for the full list; \
+             --allow-missing-experts runs anyway, masked out of routing and labelled DEGRADED)",
+            source.describe()
+        ),
+    }
+}
+
+impl ExpertProvider for Resident {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
+        self.experts
+            .get(layer)
+            .and_then(|row| row.get(expert))
+            .and_then(|e| e.clone())
+            .ok_or_else(|| ModelError::Expert {
+                layer,
+                expert,
+                msg: "not loaded".into(),
+            })
+    }
+
+    fn unavailable(&self, layer: usize) -> &[usize] {
+        &self.unavailable[layer]
+    }
+
+    fn resident_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn kind(&self) -> &'static str {
+        "native"
+    }
+}

@@ -1,0 +1,219 @@
+//! Where expert bytes come from. One trait, three places:
+//! - [`ShardSource`]: straight from the checkpoint's safetensors shards, at the byte ranges the
+//!   index gives (no extraction, no copy of the model);
+//! - `extracted:DIR` (see `extract.rs`): one file per (layer, expert) made by `moescope extract`;
+//! - `seedlayout:DIR` (see `seed.rs`): the earlier project's per-expert files, read-only.
+//!
+//! Reads use `pread` into our own buffer rather than the mmap: the bytes then live once, in the
+//! cache that owns them, and the process RSS shows exactly what the cache holds.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::model::checkpoint::{Checkpoint, ExpertLocation, TensorLocation};
+use crate::model::config::MoeConfig;
+use crate::model::error::{ModelError, Result};
+use crate::model::safetensors_file::{StDtype, TensorInfo};
+
+/// One matrix of an expert, as stored.
+#[derive(Debug, Clone)]
+pub struct RawPart {
+    pub name: String,
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl RawPart {
+    pub fn info(&self) -> TensorInfo {
+        TensorInfo {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            offset: 0,
+            len: self.bytes.len() as u64,
+        }
+    }
+}
+
+/// An expert's three matrices (gate, up, down) as read from a source.
+#[derive(Debug, Clone)]
+pub struct RawExpert {
+    pub layer: usize,
+    pub expert: usize,
+    pub parts: [RawPart; 3],
+}
+
+impl RawExpert {
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.bytes.len() as u64).sum()
+    }
+
+    pub fn error(&self, msg: String) -> ModelError {
+        ModelError::Expert {
+            layer: self.layer,
+            expert: self.expert,
+            msg,
+        }
+    }
+}
+
+/// A place expert bytes can be read from.
+pub trait ExpertSource: Send + Sync {
+    fn config(&self) -> &MoeConfig;
+    /// Whether (layer, expert) can be read at all.
+    fn has(&self, layer: usize, expert: usize) -> bool;
+    fn read(&self, layer: usize, expert: usize) -> Result<RawExpert>;
+    /// Bytes of one expert as stored (for budgets and expected-memory figures).
+    fn stored_bytes(&self, layer: usize, expert: usize) -> u64;
+    /// Human description, e.g. "shards of /models/qwen".
+    fn describe(&self) -> String;
+    /// Cold mode: drop each expert's file pages from the page cache after reading it, so every
+    /// miss costs a storage read.
+    fn set_cold(&self, cold: bool);
+}
+
+/// Opened files, shared between reads (the seed layout has thousands, so they are opened on
+/// first use, not all at once).
+#[derive(Default)]
+pub(crate) struct FileTable {
+    files: Mutex<HashMap<PathBuf, std::sync::Arc<File>>>,
+}
+
+impl FileTable {
+    pub(crate) fn get(&self, path: &Path) -> Result<std::sync::Arc<File>> {
+        let mut files = self.files.lock().expect("file table lock");
+        if let Some(f) = files.get(path) {
+            return Ok(f.clone());
+        }
+        let f = File::open(path).map_err(|e| ModelError::Io {
+            path: path.to_path_buf(),
+            what: "opening expert file".into(),
+            source: e,
+        })?;
+        let f = std::sync::Arc::new(f);
+        // Keep the table bounded: thousands of per-expert files must not exhaust descriptors.
+        if files.len() >= 256 {
+            files.clear();
+        }
+        files.insert(path.to_path_buf(), f.clone());
+        Ok(f)
+    }
+}
+
+/// Reads `loc` with pread; in cold mode evicts those pages from the page cache afterwards.
+pub(crate) fn read_location(files: &FileTable, loc: &TensorLocation, cold: bool) -> Result<RawPart> {
+    let file = files.get(&loc.file)?;
+    let mut bytes = vec![0u8; loc.len as usize];
+    file.read_exact_at(&mut bytes, loc.offset)
+        .map_err(|e| ModelError::Tensor {
+            file: loc.file.clone(),
+            tensor: loc.name.clone(),
+            msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
+        })?;
+    if cold {
+        drop_page_cache(&file, loc.offset, loc.len);
+    }
+    Ok(RawPart {
+        name: loc.name.clone(),
+        dtype: loc.dtype,
+        shape: loc.shape.clone(),
+        bytes,
+    })
+}
+
+/// posix_fadvise(DONTNEED): a hint, so failure is not an error (the mode is still recorded).
+pub(crate) fn drop_page_cache(file: &File, offset: u64, len: u64) {
+    // SAFETY: plain syscall on a valid descriptor.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+/// Experts read straight from the checkpoint's shards.
+pub struct ShardSource {
+    cfg: MoeConfig,
+    dir: PathBuf,
+    /// Indexed [layer][expert]; `None` when the checkpoint lacks that expert.
+    locations: Vec<Vec<Option<ExpertLocation>>>,
+    files: FileTable,
+    cold: AtomicBool,
+}
+
+impl ShardSource {
+    /// Locates every expert through the checkpoint index (checking shapes and dtypes).
+    pub fn new(ckpt: &Checkpoint, cfg: &MoeConfig) -> Result<Self> {
+        let mut locations = vec![Vec::new(); cfg.num_hidden_layers];
+        for layer in cfg.moe_layers() {
+            locations[layer] = (0..cfg.num_experts)
+                .map(|e| ckpt.expert_location(cfg, layer, e))
+                .collect::<Result<_>>()?;
+        }
+        Ok(ShardSource {
+            cfg: cfg.clone(),
+            dir: ckpt.dir().to_path_buf(),
+            locations,
+            files: FileTable::default(),
+            cold: AtomicBool::new(false),
+        })
+    }
+
+    pub fn location(&self, layer: usize, expert: usize) -> Option<&ExpertLocation> {
+        self.locations.get(layer)?.get(expert)?.as_ref()
+    }
+}
+
+impl ExpertSource for ShardSource {
+    fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    fn has(&self, layer: usize, expert: usize) -> bool {
+        self.location(layer, expert).is_some()
+    }
+
+    fn read(&self, layer: usize, expert: usize) -> Result<RawExpert> {
+        let loc = self
+            .location(layer, expert)
+            .ok_or_else(|| crate::experts::provider::missing_error(self, layer, expert))?;
+        let cold = self.cold.load(Ordering::Relaxed);
+        let [g, u, d] = &loc.parts;
+        Ok(RawExpert {
+            layer,
+            expert,
+            parts: [
+                read_location(&self.files, g, cold)?,
+                read_location(&self.files, u, cold)?,
+                read_location(&self.files, d, cold)?,
+            ],
+        })
+    }
+
+    fn stored_bytes(&self, layer: usize, expert: usize) -> u64 {
+        self.location(layer, expert)
+            .map(|l| l.bytes())
+            .unwrap_or_else(|| default_expert_bytes(&self.cfg))
+    }
+
+    fn describe(&self) -> String {
+        format!("the checkpoint shards in {}", self.dir.display())
+    }
+
+    fn set_cold(&self, cold: bool) {
+        self.cold.store(cold, Ordering::Relaxed);
+    }
+}
+
+/// Size of an expert stored in bf16 — the fallback when a source cannot say.
+pub fn default_expert_bytes(cfg: &MoeConfig) -> u64 {
+    (cfg.expert_params() * 2) as u64
+}

@@ -1,0 +1,6 @@
+//! moescope: run a Mixture-of-Experts model two ways — every weight resident (*native*) or experts
+//! loaded on demand through a bounded cache (*selective*) — and compare them honestly.
+
+pub mod engine;
+pub mod experts;
+pub mod model;

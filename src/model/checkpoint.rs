@@ -1,0 +1,364 @@
+//! A checkpoint directory: one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`.
+//!
+//! Every tensor is located through the index — never by guessing which shard holds a layer (the
+//! seed project guessed, and lost 532 experts whose layer spanned two shards). Before anything
+//! runs, [`Checkpoint::validate`] checks that each tensor the config implies exists with the right
+//! shape and a float dtype. Shards that hold only tensors outside the text model (audio tower,
+//! vision, talker, code2wav) are never opened.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::config::{ExpertProj, FfnKind, MoeConfig};
+use super::error::{ModelError, Result};
+use super::safetensors_file::{SafetensorsFile, StDtype, TensorInfo};
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// Where one expert matrix lives on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TensorLocation {
+    pub name: String,
+    pub file: PathBuf,
+    #[serde(serialize_with = "ser_dtype")]
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the data in `file`.
+    pub offset: u64,
+    pub len: u64,
+}
+
+fn ser_dtype<S: serde::Serializer>(d: &StDtype, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.name())
+}
+
+/// The three matrices of one (layer, expert), in [`ExpertProj::ALL`] order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExpertLocation {
+    pub layer: usize,
+    pub expert: usize,
+    pub parts: [TensorLocation; 3],
+}
+
+impl ExpertLocation {
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.len).sum()
+    }
+}
+
+/// What validation found about the experts (non-expert problems are hard errors).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ExpertInventory {
+    /// (layer, expert) pairs with at least one of their three tensors absent.
+    pub missing: Vec<(usize, usize)>,
+    pub present: usize,
+    pub expected: usize,
+}
+
+pub struct Checkpoint {
+    dir: PathBuf,
+    /// Tensor name → shard file name, from the index (or every tensor of the single file).
+    weight_map: HashMap<String, String>,
+    /// Opened lazily: a shard is only mapped when a tensor we need is in it.
+    shards: BTreeMap<String, OnceLock<SafetensorsFile>>,
+    index_path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("shards", &self.shards.len())
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::Checkpoint {
+                file: dir.to_path_buf(),
+                msg: "not a directory (expected a model directory with config.json and \
+                      model.safetensors or model.safetensors.index.json)"
+                    .into(),
+            });
+        }
+        let index_path = dir.join(INDEX_FILE);
+        if index_path.exists() {
+            return Self::from_index(dir, &index_path);
+        }
+        let single = dir.join(SINGLE_FILE);
+        if single.exists() {
+            let file = SafetensorsFile::open(&single)?;
+            let weight_map = file
+                .names()
+                .map(|n| (n.to_string(), SINGLE_FILE.to_string()))
+                .collect();
+            let cell = OnceLock::new();
+            let _ = cell.set(file);
+            return Ok(Checkpoint {
+                dir: dir.to_path_buf(),
+                weight_map,
+                shards: BTreeMap::from([(SINGLE_FILE.to_string(), cell)]),
+                index_path: None,
+            });
+        }
+        Err(ModelError::Checkpoint {
+            file: dir.to_path_buf(),
+            msg: format!("neither {SINGLE_FILE} nor {INDEX_FILE} found"),
+        })
+    }
+
+    fn from_index(dir: &Path, index_path: &Path) -> Result<Self> {
+        let err = |msg: String| ModelError::Checkpoint {
+            file: index_path.to_path_buf(),
+            msg,
+        };
+        let text = std::fs::read_to_string(index_path).map_err(|e| ModelError::Io {
+            path: index_path.to_path_buf(),
+            what: "reading the shard index".into(),
+            source: e,
+        })?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| err("no `weight_map` object".into()))?;
+        let mut weight_map = HashMap::with_capacity(map.len());
+        let mut shards = BTreeMap::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                err(format!("weight_map entry `{name}` is not a file name string"))
+            })?;
+            if file.contains('/') || file.contains("..") {
+                return Err(err(format!(
+                    "weight_map entry `{name}` points outside the model directory: \"{file}\""
+                )));
+            }
+            weight_map.insert(name.clone(), file.to_string());
+            shards.entry(file.to_string()).or_insert_with(OnceLock::new);
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            weight_map,
+            shards,
+            index_path: Some(index_path.to_path_buf()),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of shard files the index lists (whether or not we opened them).
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Shards opened so far (tests use this to prove non-text shards are never touched).
+    pub fn opened_shards(&self) -> Vec<String> {
+        self.shards
+            .iter()
+            .filter(|(_, c)| c.get().is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weight_map.contains_key(name)
+    }
+
+    fn where_listed(&self) -> PathBuf {
+        self.index_path
+            .clone()
+            .unwrap_or_else(|| self.dir.join(SINGLE_FILE))
+    }
+
+    fn shard(&self, file: &str) -> Result<&SafetensorsFile> {
+        let cell = self.shards.get(file).expect("shard named by weight_map");
+        if let Some(f) = cell.get() {
+            return Ok(f);
+        }
+        let path = self.dir.join(file);
+        if !path.exists() {
+            return Err(ModelError::Checkpoint {
+                file: path,
+                msg: format!(
+                    "missing shard (listed in {})",
+                    self.where_listed().display()
+                ),
+            });
+        }
+        let opened = SafetensorsFile::open(&path)?;
+        // Another thread may have won the race; either copy is identical.
+        let _ = cell.set(opened);
+        Ok(cell.get().expect("just set"))
+    }
+
+    /// Finds a tensor through the index and returns its file and header entry.
+    pub fn locate(&self, name: &str) -> Result<(&SafetensorsFile, &TensorInfo)> {
+        let Some(file) = self.weight_map.get(name) else {
+            return Err(ModelError::Tensor {
+                file: self.where_listed(),
+                tensor: name.into(),
+                msg: "missing (not in the checkpoint)".into(),
+            });
+        };
+        let shard = self.shard(file)?;
+        let info = shard.info(name).ok_or_else(|| ModelError::Tensor {
+            file: shard.path().to_path_buf(),
+            tensor: name.into(),
+            msg: format!(
+                "{} maps it to this shard, but the shard does not contain it",
+                self.where_listed().display()
+            ),
+        })?;
+        Ok((shard, info))
+    }
+
+    /// Checks one tensor's shape and dtype, returning its location.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<TensorLocation> {
+        let (file, info) = self.locate(name)?;
+        let terr = |msg: String| ModelError::Tensor {
+            file: file.path().to_path_buf(),
+            tensor: name.into(),
+            msg,
+        };
+        if info.shape != shape {
+            return Err(terr(format!(
+                "shape {:?}, expected {shape:?} from config.json",
+                info.shape
+            )));
+        }
+        if info.dtype.float_dtype().is_none() {
+            return Err(terr(format!(
+                "dtype {}, expected BF16, F16 or F32",
+                info.dtype.name()
+            )));
+        }
+        Ok(TensorLocation {
+            name: name.to_string(),
+            file: file.path().to_path_buf(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            offset: info.offset,
+            len: info.len,
+        })
+    }
+
+    /// Loads a tensor after checking its shape; converts to `dtype` on `device`.
+    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        self.check(name, shape)?;
+        let (file, _) = self.locate(name)?;
+        file.load(name, dtype, device)
+    }
+
+    /// Every non-expert tensor the config implies, with its expected shape.
+    pub fn required_tensors(cfg: &MoeConfig) -> Vec<(String, Vec<usize>)> {
+        let h = cfg.hidden_size;
+        let d = cfg.head_dim;
+        let q = cfg.num_attention_heads * d;
+        let kv = cfg.num_key_value_heads * d;
+        let mut out = vec![(
+            cfg.tensor_name("model.embed_tokens.weight"),
+            vec![cfg.vocab_size, h],
+        )];
+        for (l, kind) in cfg.layer_kinds.iter().enumerate() {
+            let p = |rest: &str| cfg.tensor_name(&format!("model.layers.{l}.{rest}"));
+            out.push((p("input_layernorm.weight"), vec![h]));
+            out.push((p("post_attention_layernorm.weight"), vec![h]));
+            out.push((p("self_attn.q_proj.weight"), vec![q, h]));
+            out.push((p("self_attn.k_proj.weight"), vec![kv, h]));
+            out.push((p("self_attn.v_proj.weight"), vec![kv, h]));
+            out.push((p("self_attn.o_proj.weight"), vec![h, q]));
+            out.push((p("self_attn.q_norm.weight"), vec![d]));
+            out.push((p("self_attn.k_norm.weight"), vec![d]));
+            if cfg.attention_bias {
+                out.push((p("self_attn.q_proj.bias"), vec![q]));
+                out.push((p("self_attn.k_proj.bias"), vec![kv]));
+                out.push((p("self_attn.v_proj.bias"), vec![kv]));
+                out.push((p("self_attn.o_proj.bias"), vec![h]));
+            }
+            match kind {
+                FfnKind::Moe => out.push((p("mlp.gate.weight"), vec![cfg.num_experts, h])),
+                FfnKind::Dense => {
+                    let i = cfg.intermediate_size;
+                    out.push((p("mlp.gate_proj.weight"), vec![i, h]));
+                    out.push((p("mlp.up_proj.weight"), vec![i, h]));
+                    out.push((p("mlp.down_proj.weight"), vec![h, i]));
+                }
+            }
+        }
+        out.push((cfg.tensor_name("model.norm.weight"), vec![h]));
+        if !cfg.tie_word_embeddings {
+            out.push((cfg.tensor_name("lm_head.weight"), vec![cfg.vocab_size, h]));
+        }
+        out
+    }
+
+    /// Checks every non-expert tensor (hard errors) and takes stock of the experts: a present
+    /// expert with a wrong shape or dtype is a hard error; absent ones are listed, and the caller
+    /// decides (refuse by default, or run degraded when the user allowed it).
+    pub fn validate(&self, cfg: &MoeConfig) -> Result<ExpertInventory> {
+        for (name, shape) in Self::required_tensors(cfg) {
+            self.check(&name, &shape)?;
+        }
+        let mut inv = ExpertInventory {
+            expected: cfg.total_experts(),
+            ..Default::default()
+        };
+        for layer in cfg.moe_layers() {
+            for e in 0..cfg.num_experts {
+                match self.expert_location(cfg, layer, e)? {
+                    Some(_) => inv.present += 1,
+                    None => inv.missing.push((layer, e)),
+                }
+            }
+        }
+        Ok(inv)
+    }
+
+    /// Where an expert's three matrices are; `None` when any of them is absent from the index.
+    pub fn expert_location(
+        &self,
+        cfg: &MoeConfig,
+        layer: usize,
+        expert: usize,
+    ) -> Result<Option<ExpertLocation>> {
+        let mut parts = Vec::with_capacity(3);
+        for proj in ExpertProj::ALL {
+            let name = cfg.expert_tensor_name(layer, expert, proj);
+            if !self.contains(&name) {
+                return Ok(None);
+            }
+            parts.push(self.check(&name, &proj.shape(cfg))?);
+        }
+        let parts: [TensorLocation; 3] = parts.try_into().expect("three parts");
+        Ok(Some(ExpertLocation {
+            layer,
+            expert,
+            parts,
+        }))
+    }
+
+    /// Tensor names in the checkpoint that the text model does not use (audio, vision, talker…),
+    /// grouped by their first two name components — for the user's information only.
+    pub fn unused_prefixes(&self, cfg: &MoeConfig) -> BTreeSet<String> {
+        let wanted = &cfg.tensor_prefix;
+        self.weight_map
+            .keys()
+            .filter(|n| {
+                !(n.starts_with(&format!("{wanted}model.")) || *n == &cfg.tensor_name("lm_head.weight"))
+            })
+            .map(|n| n.split('.').take(2).collect::<Vec<_>>().join("."))
+            .collect()
+    }
+}

@@ -1,0 +1,807 @@
+//! HF `config.json` → one normalised [`MoeConfig`] for the text model we run.
+//!
+//! Two families are read:
+//! - `qwen3_moe` (Qwen3MoeForCausalLM): the config is the text config; tensors have no prefix.
+//! - `qwen3_omni_moe` (Qwen3OmniMoeForConditionalGeneration): the text model is the *thinker*; its
+//!   config sits at `thinker_config.text_config` and its tensors under `thinker.`.
+//!
+//! Config files in the wild spell the same thing several ways (transformers 4 vs 5, Omni vs plain);
+//! every spelling listed in `shared/reference/qwen3-moe-layouts.md` is accepted here so the rest of
+//! the program sees exactly one form. Unknown or inconsistent values are errors that name the file
+//! and the field — a silently wrong config is how the earlier project got a wrong RoPE.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::error::ModelError;
+
+/// The model families moescope can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Qwen3Moe,
+    Qwen3OmniMoe,
+}
+
+impl Family {
+    pub const SUPPORTED: &'static [&'static str] = &["qwen3_moe", "qwen3_omni_moe"];
+
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Qwen3OmniMoe => "qwen3_omni_moe",
+        }
+    }
+}
+
+/// What the feed-forward block of one decoder layer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FfnKind {
+    /// A plain SwiGLU MLP of `intermediate_size` (layers in `mlp_only_layers`, or skipped by
+    /// `decoder_sparse_step`).
+    Dense,
+    /// A routed mixture of `num_experts` SwiGLU experts of `moe_intermediate_size`.
+    Moe,
+}
+
+/// The normalised text-model configuration. Field names follow HF where a field exists there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub family: Family,
+    /// Prefix of every text-model tensor name: "" for qwen3_moe, "thinker." for Omni.
+    pub tensor_prefix: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Width of the dense MLP layers (only read when some layer is dense).
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub norm_topk_prob: bool,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// Present for M-RoPE checkpoints. For text-only input the three position streams are
+    /// equal and interleaved M-RoPE reduces exactly to 1-D NeoX RoPE over the full head_dim,
+    /// so the section split is informational only (the seed project got this wrong).
+    pub mrope_section: Option<Vec<usize>>,
+    pub max_position_embeddings: usize,
+    pub attention_bias: bool,
+    pub tie_word_embeddings: bool,
+    /// One entry per decoder layer.
+    pub layer_kinds: Vec<FfnKind>,
+    /// End-of-sequence ids (generation_config.json over config.json).
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+}
+
+impl MoeConfig {
+    /// Reads `config.json` (and `generation_config.json` when present) from a model directory.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
+            path: path.clone(),
+            what: "reading the model config".into(),
+            source: e,
+        })?;
+        let mut cfg = Self::from_json_str(&text, &path)?;
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.exists() {
+            let text = std::fs::read_to_string(&gen_path).map_err(|e| ModelError::Io {
+                path: gen_path.clone(),
+                what: "reading the generation config".into(),
+                source: e,
+            })?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                file: gen_path.clone(),
+                field: String::new(),
+                msg: format!("not valid JSON: {e}"),
+            })?;
+            let obj = Obj::new(&v, &gen_path, "")?;
+            if let Some(ids) = obj.opt_token_ids("eos_token_id")? {
+                cfg.eos_token_ids = ids;
+            }
+            if let Some(mut ids) = obj.opt_token_ids("bos_token_id")? {
+                cfg.bos_token_id = ids.pop();
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses the text of a `config.json`; `path` is only used in error messages.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self, ModelError> {
+        let root: Value = serde_json::from_str(text).map_err(|e| ModelError::Config {
+            file: path.to_path_buf(),
+            field: String::new(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let top = Obj::new(&root, path, "")?;
+        let model_type = top.req_str("model_type")?;
+        match model_type {
+            "qwen3_moe" => Self::from_text_obj(Family::Qwen3Moe, &top, &top, ""),
+            "qwen3_omni_moe" => {
+                let thinker = top.req_obj("thinker_config")?;
+                let text = thinker.req_obj("text_config")?;
+                Self::from_text_obj(Family::Qwen3OmniMoe, &text, &thinker, "thinker.")
+            }
+            other => Err(ModelError::Config {
+                file: path.to_path_buf(),
+                field: "model_type".into(),
+                msg: format!(
+                    "unsupported model_type \"{other}\"; supported: {}",
+                    Family::SUPPORTED.join(", ")
+                ),
+            }),
+        }
+    }
+
+    /// `text` holds the text-model fields; `outer` is where `tie_word_embeddings` may also live
+    /// (the Omni thinker config carries it one level up).
+    fn from_text_obj(
+        family: Family,
+        text: &Obj<'_>,
+        outer: &Obj<'_>,
+        prefix: &str,
+    ) -> Result<Self, ModelError> {
+        let hidden_size = text.req_usize("hidden_size")?;
+        let num_attention_heads = text.req_usize("num_attention_heads")?;
+        let num_key_value_heads = text
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        let num_hidden_layers = text.req_usize("num_hidden_layers")?;
+        let head_dim = match text.opt_usize("head_dim")? {
+            Some(d) => d,
+            None => {
+                if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+                    return Err(text.err(
+                        "head_dim",
+                        format!(
+                            "absent, and hidden_size {hidden_size} is not divisible by \
+                             num_attention_heads {num_attention_heads}"
+                        ),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        // transformers 4 writes num_experts; transformers 5.17 writes num_local_experts.
+        let num_experts = match (
+            text.opt_usize("num_experts")?,
+            text.opt_usize("num_local_experts")?,
+        ) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(text.err(
+                    "num_experts",
+                    format!("num_experts = {a} disagrees with num_local_experts = {b}"),
+                ));
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => {
+                return Err(text.err(
+                    "num_experts",
+                    "missing (expected num_experts or num_local_experts)".into(),
+                ));
+            }
+        };
+        let num_experts_per_tok = text.req_usize("num_experts_per_tok")?;
+        let moe_intermediate_size = text.req_usize("moe_intermediate_size")?;
+        let decoder_sparse_step = text.opt_usize("decoder_sparse_step")?.unwrap_or(1);
+        let mlp_only_layers = text.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
+        let (rope_theta, mrope_section) = parse_rope(text)?;
+
+        if let Some(act) = text.opt_str("hidden_act")? {
+            if act != "silu" {
+                return Err(text.err(
+                    "hidden_act",
+                    format!("\"{act}\" is not supported (expected \"silu\")"),
+                ));
+            }
+        }
+        if text.opt_bool("use_sliding_window")?.unwrap_or(false) {
+            return Err(text.err(
+                "use_sliding_window",
+                "sliding-window attention is not supported (expected false)".into(),
+            ));
+        }
+
+        for (field, v) in [
+            ("hidden_size", hidden_size),
+            ("num_attention_heads", num_attention_heads),
+            ("num_key_value_heads", num_key_value_heads),
+            ("num_hidden_layers", num_hidden_layers),
+            ("head_dim", head_dim),
+        ] {
+            if v == 0 {
+                return Err(text.err(field, "must be > 0".into()));
+            }
+        }
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(text.err(
+                "num_key_value_heads",
+                format!(
+                    "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+                ),
+            ));
+        }
+        if head_dim % 2 != 0 {
+            return Err(text.err(
+                "head_dim",
+                format!("{head_dim} is odd; RoPE needs an even head_dim"),
+            ));
+        }
+        if decoder_sparse_step == 0 {
+            return Err(text.err("decoder_sparse_step", "must be >= 1".into()));
+        }
+        if let Some(&bad) = mlp_only_layers.iter().find(|&&l| l >= num_hidden_layers) {
+            return Err(text.err(
+                "mlp_only_layers",
+                format!("layer {bad} does not exist (num_hidden_layers = {num_hidden_layers})"),
+            ));
+        }
+
+        let layer_kinds: Vec<FfnKind> = (0..num_hidden_layers)
+            .map(|l| {
+                if !mlp_only_layers.contains(&l)
+                    && num_experts > 0
+                    && (l + 1) % decoder_sparse_step == 0
+                {
+                    FfnKind::Moe
+                } else {
+                    FfnKind::Dense
+                }
+            })
+            .collect();
+        let any_moe = layer_kinds.contains(&FfnKind::Moe);
+        let any_dense = layer_kinds.contains(&FfnKind::Dense);
+        if any_moe && (num_experts_per_tok == 0 || num_experts_per_tok > num_experts) {
+            return Err(text.err(
+                "num_experts_per_tok",
+                format!("{num_experts_per_tok} must be between 1 and num_experts ({num_experts})"),
+            ));
+        }
+        let intermediate_size = match text.opt_usize("intermediate_size")? {
+            Some(v) => v,
+            None if any_dense => {
+                return Err(text.err(
+                    "intermediate_size",
+                    "missing, but some layers are dense MLPs (mlp_only_layers / decoder_sparse_step)"
+                        .into(),
+                ));
+            }
+            None => 0,
+        };
+
+        let tie_word_embeddings = match text.opt_bool("tie_word_embeddings")? {
+            Some(v) => v,
+            None => outer.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+        };
+        let eos_token_ids = match text.opt_token_ids("eos_token_id")? {
+            Some(ids) => ids,
+            None => outer.opt_token_ids("eos_token_id")?.unwrap_or_default(),
+        };
+        let bos_token_id = text.opt_token_ids("bos_token_id")?.and_then(|mut v| v.pop());
+
+        Ok(MoeConfig {
+            family,
+            tensor_prefix: prefix.to_string(),
+            vocab_size: text.req_usize("vocab_size")?,
+            hidden_size,
+            intermediate_size,
+            moe_intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            num_experts,
+            num_experts_per_tok,
+            norm_topk_prob: text.opt_bool("norm_topk_prob")?.unwrap_or(false),
+            rms_norm_eps: text.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            mrope_section,
+            max_position_embeddings: text
+                .opt_usize("max_position_embeddings")?
+                .unwrap_or(32768),
+            attention_bias: text.opt_bool("attention_bias")?.unwrap_or(false),
+            tie_word_embeddings,
+            layer_kinds,
+            eos_token_ids,
+            bos_token_id,
+        })
+    }
+
+    /// Indices of the layers whose feed-forward block is a routed MoE.
+    pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layer_kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == FfnKind::Moe)
+            .map(|(i, _)| i)
+    }
+
+    pub fn num_moe_layers(&self) -> usize {
+        self.moe_layers().count()
+    }
+
+    /// Total number of (layer, expert) pairs the config implies — what `verify` must count.
+    pub fn total_experts(&self) -> usize {
+        self.num_moe_layers() * self.num_experts
+    }
+
+    /// Elements of one expert (gate + up + down).
+    pub fn expert_params(&self) -> usize {
+        3 * self.hidden_size * self.moe_intermediate_size
+    }
+
+    /// A short stable digest of everything that shapes the weights, so recordings and extracted
+    /// directories can say which model they belong to.
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_string(self).expect("config serialises");
+        blake3::hash(json.as_bytes()).to_hex()[..16].to_string()
+    }
+
+    /// Name of a text-model tensor, with the family's prefix.
+    pub fn tensor_name(&self, rest: &str) -> String {
+        format!("{}{}", self.tensor_prefix, rest)
+    }
+
+    pub fn expert_tensor_name(&self, layer: usize, expert: usize, proj: ExpertProj) -> String {
+        self.tensor_name(&format!(
+            "model.layers.{layer}.mlp.experts.{expert}.{}.weight",
+            proj.name()
+        ))
+    }
+}
+
+/// The three matrices of one SwiGLU expert, in on-disk order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExpertProj {
+    Gate,
+    Up,
+    Down,
+}
+
+impl ExpertProj {
+    pub const ALL: [ExpertProj; 3] = [ExpertProj::Gate, ExpertProj::Up, ExpertProj::Down];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpertProj::Gate => "gate_proj",
+            ExpertProj::Up => "up_proj",
+            ExpertProj::Down => "down_proj",
+        }
+    }
+
+    /// Expected [rows, cols] of this matrix for the config.
+    pub fn shape(self, cfg: &MoeConfig) -> [usize; 2] {
+        match self {
+            ExpertProj::Gate | ExpertProj::Up => [cfg.moe_intermediate_size, cfg.hidden_size],
+            ExpertProj::Down => [cfg.hidden_size, cfg.moe_intermediate_size],
+        }
+    }
+}
+
+/// Reads the RoPE base and (optional) M-RoPE section from any of the spellings in use:
+/// `rope_parameters {rope_theta, rope_type, mrope_section}` (transformers 5), or a top-level
+/// `rope_theta` with an optional `rope_scaling {type|rope_type, mrope_section, interleaved}`.
+fn parse_rope(text: &Obj<'_>) -> Result<(f64, Option<Vec<usize>>), ModelError> {
+    let params = text.opt_obj("rope_parameters")?;
+    let scaling = text.opt_obj("rope_scaling")?;
+    let theta = match (&params, text.opt_f64("rope_theta")?) {
+        (Some(p), top) => match (p.opt_f64("rope_theta")?, top) {
+            (Some(a), Some(b)) if (a - b).abs() > f64::EPSILON * a.abs().max(1.0) => {
+                return Err(p.err(
+                    "rope_theta",
+                    format!("{a} disagrees with the top-level rope_theta {b}"),
+                ));
+            }
+            (Some(a), _) => a,
+            (None, Some(b)) => b,
+            (None, None) => return Err(p.err("rope_theta", "missing".into())),
+        },
+        (None, Some(t)) => t,
+        (None, None) => {
+            return Err(text.err(
+                "rope_theta",
+                "missing (expected rope_theta or rope_parameters.rope_theta)".into(),
+            ));
+        }
+    };
+    if !(theta.is_finite() && theta > 1.0) {
+        return Err(text.err("rope_theta", format!("{theta} is not a valid RoPE base")));
+    }
+    let mut section = None;
+    for obj in [params.as_ref(), scaling.as_ref()].into_iter().flatten() {
+        let kind = match obj.opt_str("rope_type")? {
+            Some(k) => Some(k),
+            None => obj.opt_str("type")?,
+        };
+        if let Some(kind) = kind {
+            // "mrope" is how Qwen2.5-style configs name M-RoPE; "default" is plain RoPE.
+            if kind != "default" && kind != "mrope" {
+                return Err(obj.err(
+                    "rope_type",
+                    format!("\"{kind}\" is not supported (expected \"default\" or \"mrope\")"),
+                ));
+            }
+        }
+        if let Some(f) = obj.opt_f64("factor")? {
+            if (f - 1.0).abs() > 1e-12 {
+                return Err(obj.err(
+                    "factor",
+                    format!("RoPE scaling factor {f} is not supported (expected none or 1.0)"),
+                ));
+            }
+        }
+        if let Some(s) = obj.opt_usize_list("mrope_section")? {
+            section = Some(s);
+        }
+    }
+    if let Some(s) = &section {
+        let head_half = text.opt_usize("head_dim")?.map(|d| d / 2);
+        if let Some(half) = head_half {
+            if s.iter().sum::<usize>() != half {
+                return Err(text.err(
+                    "mrope_section",
+                    format!(
+                        "{s:?} sums to {}, expected head_dim / 2 = {half}",
+                        s.iter().sum::<usize>()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((theta, section))
+}
+
+/// A JSON object with its file and dotted path, so every error can say exactly where it is.
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    file: PathBuf,
+    path: String,
+}
+
+impl<'a> Obj<'a> {
+    fn new(v: &'a Value, file: &Path, path: &str) -> Result<Self, ModelError> {
+        match v.as_object() {
+            Some(map) => Ok(Obj {
+                map,
+                file: file.to_path_buf(),
+                path: path.to_string(),
+            }),
+            None => Err(ModelError::Config {
+                file: file.to_path_buf(),
+                field: path.to_string(),
+                msg: format!("expected a JSON object, found {}", kind_of(v)),
+            }),
+        }
+    }
+
+    fn field_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn err(&self, key: &str, msg: String) -> ModelError {
+        ModelError::Config {
+            file: self.file.clone(),
+            field: self.field_path(key),
+            msg,
+        }
+    }
+
+    /// The value, treating JSON null like an absent key (HF writes nulls for unset options).
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn req<T>(&self, key: &str, v: Result<Option<T>, ModelError>) -> Result<T, ModelError> {
+        v?.ok_or_else(|| self.err(key, "missing".into()))
+    }
+
+    fn req_obj(&self, key: &str) -> Result<Obj<'a>, ModelError> {
+        let v = self.opt_obj(key);
+        self.req(key, v)
+    }
+
+    fn opt_obj(&self, key: &str) -> Result<Option<Obj<'a>>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => Obj::new(v, &self.file, &self.field_path(key)).map(Some),
+        }
+    }
+
+    fn req_str(&self, key: &str) -> Result<&'a str, ModelError> {
+        let v = self.opt_str(key);
+        self.req(key, v)
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&'a str>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.err(key, format!("expected a string, found {}", kind_of(v)))),
+        }
+    }
+
+    fn req_usize(&self, key: &str) -> Result<usize, ModelError> {
+        let v = self.opt_usize(key);
+        self.req(key, v)
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => as_usize(v)
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+        }
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+        }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.err(key, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    fn opt_usize_list(&self, key: &str) -> Result<Option<Vec<usize>>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    as_usize(v).ok_or_else(|| {
+                        self.err(key, format!("expected a list of integers, found element {v}"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => Err(self.err(key, format!("expected a list, found {}", kind_of(v)))),
+        }
+    }
+
+    /// A token id or a list of them (HF allows both for eos_token_id).
+    fn opt_token_ids(&self, key: &str) -> Result<Option<Vec<u32>>, ModelError> {
+        let one = |v: &Value| -> Result<u32, ModelError> {
+            as_usize(v)
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| self.err(key, format!("expected a token id, found {v}")))
+        };
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items.iter().map(one).collect::<Result<_, _>>().map(Some),
+            Some(v) => Ok(Some(vec![one(v)?])),
+        }
+    }
+}
+
+fn as_usize(v: &Value) -> Option<usize> {
+    v.as_u64().and_then(|x| usize::try_from(x).ok())
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base_text() -> Value {
+        json!({
+            "model_type": "qwen3_moe",
+            "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+            "moe_intermediate_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "norm_topk_prob": true,
+            "max_position_embeddings": 512
+        })
+    }
+
+    fn parse(v: &Value) -> Result<MoeConfig, ModelError> {
+        MoeConfig::from_json_str(&v.to_string(), Path::new("config.json"))
+    }
+
+    fn err_text(v: &Value) -> String {
+        parse(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn plain_qwen3_moe() {
+        let c = parse(&base_text()).unwrap();
+        assert_eq!(c.family, Family::Qwen3Moe);
+        assert_eq!(c.tensor_prefix, "");
+        assert_eq!(c.head_dim, 16, "head_dim defaults to hidden / heads");
+        assert_eq!(c.layer_kinds, vec![FfnKind::Moe; 4]);
+        assert_eq!(c.rope_theta, 1e6);
+        assert!(c.norm_topk_prob);
+        assert_eq!(c.total_experts(), 32);
+    }
+
+    #[test]
+    fn num_local_experts_spelling_and_explicit_head_dim() {
+        let mut v = base_text();
+        let o = v.as_object_mut().unwrap();
+        o.remove("num_experts");
+        o.insert("num_local_experts".into(), json!(16));
+        o.insert("head_dim".into(), json!(32));
+        let c = parse(&v).unwrap();
+        assert_eq!(c.num_experts, 16);
+        assert_eq!(c.head_dim, 32);
+    }
+
+    #[test]
+    fn disagreeing_expert_counts_are_an_error() {
+        let mut v = base_text();
+        v["num_local_experts"] = json!(16);
+        assert!(err_text(&v).contains("num_local_experts"));
+    }
+
+    #[test]
+    fn rope_parameters_spelling() {
+        let mut v = base_text();
+        v.as_object_mut().unwrap().remove("rope_theta");
+        v["rope_parameters"] = json!({"rope_theta": 5e5, "rope_type": "default"});
+        assert_eq!(parse(&v).unwrap().rope_theta, 5e5);
+    }
+
+    #[test]
+    fn rope_scaling_with_mrope_is_plain_rope() {
+        let mut v = base_text();
+        v["head_dim"] = json!(16);
+        v["rope_scaling"] =
+            json!({"mrope_section": [4, 2, 2], "interleaved": true, "rope_type": "default"});
+        let c = parse(&v).unwrap();
+        assert_eq!(c.mrope_section, Some(vec![4, 2, 2]));
+        v["rope_scaling"] = json!({"type": "mrope", "mrope_section": [4, 2, 2]});
+        assert_eq!(parse(&v).unwrap().rope_theta, 1e6);
+    }
+
+    #[test]
+    fn unsupported_rope_type_names_the_field() {
+        let mut v = base_text();
+        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        let e = err_text(&v);
+        assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+    }
+
+    #[test]
+    fn bad_mrope_section_sum() {
+        let mut v = base_text();
+        v["head_dim"] = json!(16);
+        v["rope_parameters"] = json!({"rope_theta": 1e6, "mrope_section": [4, 4, 4]});
+        assert!(err_text(&v).contains("mrope_section"));
+    }
+
+    #[test]
+    fn dense_layers_from_mlp_only_layers_and_sparse_step() {
+        let mut v = base_text();
+        v["mlp_only_layers"] = json!([0]);
+        v["decoder_sparse_step"] = json!(2);
+        let c = parse(&v).unwrap();
+        // layer 0: listed; layer 2: (2+1) % 2 != 0
+        assert_eq!(
+            c.layer_kinds,
+            vec![FfnKind::Dense, FfnKind::Moe, FfnKind::Dense, FfnKind::Moe]
+        );
+        assert_eq!(c.moe_layers().collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn dense_layers_need_intermediate_size() {
+        let mut v = base_text();
+        v.as_object_mut().unwrap().remove("intermediate_size");
+        v["mlp_only_layers"] = json!([1]);
+        assert!(err_text(&v).contains("intermediate_size"));
+    }
+
+    #[test]
+    fn omni_thinker_text_config() {
+        let mut text = base_text();
+        text.as_object_mut().unwrap().remove("model_type");
+        text["head_dim"] = json!(16);
+        let v = json!({
+            "model_type": "qwen3_omni_moe",
+            "thinker_config": {"text_config": text, "tie_word_embeddings": true,
+                               "audio_config": {}, "vision_config": {}},
+            "talker_config": {}
+        });
+        let c = parse(&v).unwrap();
+        assert_eq!(c.family, Family::Qwen3OmniMoe);
+        assert_eq!(c.tensor_prefix, "thinker.");
+        assert!(c.tie_word_embeddings, "tie read from the thinker level");
+        assert_eq!(
+            c.expert_tensor_name(3, 7, ExpertProj::Down),
+            "thinker.model.layers.3.mlp.experts.7.down_proj.weight"
+        );
+    }
+
+    #[test]
+    fn omni_errors_name_nested_fields() {
+        let v = json!({"model_type": "qwen3_omni_moe", "thinker_config": {"text_config": {}}});
+        let e = err_text(&v);
+        assert!(e.contains("thinker_config.text_config.hidden_size"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_model_type_lists_supported() {
+        let v = json!({"model_type": "llama"});
+        let e = err_text(&v);
+        assert!(e.contains("llama") && e.contains("qwen3_moe") && e.contains("qwen3_omni_moe"));
+    }
+
+    #[test]
+    fn wrong_types_and_values() {
+        let mut v = base_text();
+        v["hidden_size"] = json!("64");
+        assert!(err_text(&v).contains("hidden_size"));
+        let mut v = base_text();
+        v["num_key_value_heads"] = json!(3);
+        assert!(err_text(&v).contains("num_key_value_heads"));
+        let mut v = base_text();
+        v["num_experts_per_tok"] = json!(9);
+        assert!(err_text(&v).contains("num_experts_per_tok"));
+        let mut v = base_text();
+        v["hidden_act"] = json!("gelu");
+        assert!(err_text(&v).contains("hidden_act"));
+        assert!(
+            MoeConfig::from_json_str("{not json", Path::new("c.json"))
+                .unwrap_err()
+                .to_string()
+                .contains("c.json")
+        );
+    }
+
+    #[test]
+    fn eos_from_generation_config_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = base_text();
+        v["eos_token_id"] = json!(5);
+        std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+        assert_eq!(MoeConfig::from_dir(dir.path()).unwrap().eos_token_ids, vec![5]);
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            json!({"eos_token_id": [7, 8]}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(MoeConfig::from_dir(dir.path()).unwrap().eos_token_ids, vec![7, 8]);
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_sensitive() {
+        let a = parse(&base_text()).unwrap();
+        let mut v = base_text();
+        v["num_experts"] = json!(16);
+        let b = parse(&v).unwrap();
+        assert_eq!(a.fingerprint(), parse(&base_text()).unwrap().fingerprint());
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+}

@@ -1,0 +1,60 @@
+//! Errors of the model layer. Every variant that comes from a user's input names the file and the
+//! field or tensor it is about, and says what was expected — so `main` can print one line and exit
+//! with code 2 (bad input) instead of 1 (a failure of ours).
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{}: {}{msg}", file.display(), if field.is_empty() { String::new() } else { format!("field `{field}`: ") })]
+    Config {
+        file: PathBuf,
+        field: String,
+        msg: String,
+    },
+
+    #[error("{}: {msg}", file.display())]
+    Checkpoint { file: PathBuf, msg: String },
+
+    #[error("{}: tensor `{tensor}`: {msg}", file.display())]
+    Tensor {
+        file: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{}: {msg}", file.display())]
+    Tokenizer { file: PathBuf, msg: String },
+
+    /// Bad request arguments (token ids out of range, empty prompt, …).
+    #[error("{0}")]
+    Input(String),
+
+    /// An expert the routing selected is not available (missing from its source).
+    #[error("layer {layer}, expert {expert}: {msg}")]
+    Expert {
+        layer: usize,
+        expert: usize,
+        msg: String,
+    },
+
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    /// True when the error is about the user's input (files, flags), not a bug or resource failure.
+    pub fn is_input_error(&self) -> bool {
+        !matches!(self, ModelError::Candle(_))
+    }
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

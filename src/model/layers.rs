@@ -1,0 +1,380 @@
+//! The small building blocks of the Qwen3-MoE decoder: RMSNorm, NeoX RoPE, linear layers,
+//! grouped-query attention with a KV cache, and the dense SwiGLU MLP.
+//!
+//! Written here rather than borrowed because candle-transformers keeps its attention types
+//! crate-private, and because each block must follow HF's numerics (where it casts, where it
+//! accumulates in f32) for the fidelity tests to hold in every dtype.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::error::Result;
+
+/// x·Wᵀ (+ b) for x of shape [T, in] and W of shape [out, in].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// RMSNorm as HF computes it: normalise in f32, cast back to the compute dtype, then scale by the
+/// weight in that dtype. (candle's fused kernel rounds the norm to bf16 before dividing, which
+/// costs bf16 accuracy, so it is only used for the f32 part.)
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    ones_f32: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Result<Self> {
+        let n = weight.dim(0)?;
+        let ones_f32 = Tensor::ones(n, DType::F32, weight.device())?;
+        Ok(RmsNorm {
+            weight,
+            ones_f32,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if x.dtype() == DType::F32 {
+            return Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?);
+        }
+        let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &self.ones_f32, self.eps)?;
+        Ok(normed.to_dtype(x.dtype())?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Standard (NeoX, rotate-half) RoPE over the full head_dim. For text-only input HF's
+/// interleaved M-RoPE produces exactly these angles, because its three position streams are equal.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        // Same float32 arithmetic as HF: base ** (arange(0, dim, 2) / dim), then reciprocal.
+        let base = theta as f32;
+        let inv_freq = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0f32 / base.powf(i as f32 / head_dim as f32))
+            .collect();
+        Rope { inv_freq }
+    }
+
+    /// cos and sin tables [T, head_dim / 2] for positions offset..offset+T, in `dtype`.
+    pub fn tables(
+        &self,
+        offset: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in offset..offset + len {
+            let p = p as f32;
+            for &f in &self.inv_freq {
+                let a = p * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Applies RoPE to x of shape [1, heads, T, head_dim].
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
+    }
+}
+
+/// Keys and values of every layer for the tokens seen so far: [kv_heads, T, head_dim] each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+
+    /// Drops cached positions from `len` on (used to rewind a generation).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(1, 0, len)?;
+            *v = v.narrow(1, 0, len)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Bytes held by the cache (for memory accounting).
+    pub fn bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let entry = &mut self.layers[layer];
+        let (k, v) = match entry.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+        };
+        *entry = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    /// Called once per forward, after every layer appended `n` new positions.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+/// Grouped-query self-attention with per-head q/k RMSNorm (Qwen3).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: RmsNorm,
+    pub k_norm: RmsNorm,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// x: [T, hidden] for positions offset..offset+T; returns [T, hidden].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let offset = cache.len();
+
+        let q = self.q_proj.forward(x)?.reshape((t, nh, d))?;
+        let k = self.k_proj.forward(x)?.reshape((t, nkv, d))?;
+        let v = self.v_proj.forward(x)?.reshape((t, nkv, d))?;
+        let q = self.q_norm.forward(&q)?;
+        let k = self.k_norm.forward(&k)?;
+
+        // [1, heads, T, D] for the rope kernel.
+        let q = Rope::apply(&q.transpose(0, 1)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        let k = Rope::apply(&k.transpose(0, 1)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let (k, v) = cache.append(layer, k, v)?;
+        let total = k.dim(1)?;
+
+        // Query head h reads kv head h / groups (HF's repeat_kv), so group the query heads of
+        // one kv head into the rows of one matmul instead of copying K and V `groups` times.
+        let groups = nh / nkv;
+        let q = q.reshape((nkv, groups * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [nkv, groups*T, total]
+        let scores = if t > 1 {
+            let mask = causal_mask(t, offset, total, scores.dtype(), scores.device())?;
+            scores
+                .reshape((nkv, groups, t, total))?
+                .broadcast_add(&mask)?
+                .reshape((nkv, groups * t, total))?
+        } else {
+            scores
+        };
+        // Softmax in f32, then back to the compute dtype (as HF's eager attention).
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(x.dtype())?;
+        let ctx = probs.matmul(&v)?; // [nkv, groups*T, D]
+        let ctx = ctx
+            .reshape((nh, t, d))?
+            .transpose(0, 1)?
+            .reshape((t, nh * d))?;
+        self.o_proj.forward(&ctx)
+    }
+}
+
+/// Additive mask [T, total]: query i (absolute position offset + i) sees keys 0..=offset + i.
+fn causal_mask(
+    t: usize,
+    offset: usize,
+    total: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
+}
+
+/// The dense SwiGLU MLP: down(silu(gate(x)) * up(x)).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(silu(&g)? * u)?)
+    }
+}
+
+/// SiLU computed in f32 for half types: PyTorch's CPU kernel upcasts, so rounding happens once.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return Ok(candle_nn::ops::silu(x)?);
+    }
+    Ok(candle_nn::ops::silu(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?)
+}
+
+/// Row-wise argmax of a [N, V] f32 tensor; ties go to the lowest index (as torch.argmax).
+pub fn argmax_last(x: &Tensor) -> Result<Vec<u32>> {
+    let rows: Vec<Vec<f32>> = x.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(rows.iter().map(|r| argmax(r) as u32).collect())
+}
+
+pub fn argmax(r: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in r.iter().enumerate() {
+        if v > r[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_inverse_frequencies_match_hf_formula() {
+        let r = Rope::new(128, 1e6);
+        assert_eq!(r.inv_freq.len(), 64, "one frequency per pair over the full head_dim");
+        assert_eq!(r.inv_freq[0], 1.0);
+        let last = 1.0f32 / 1e6f32.powf(126.0 / 128.0);
+        assert_eq!(r.inv_freq[63], last);
+    }
+
+    #[test]
+    fn rope_rotates_halves() {
+        // head_dim 4: pairs (x0, x2) and (x1, x3) rotate by p*f0 and p*f1.
+        let r = Rope::new(4, 10000.0);
+        let (cos, sin) = r.tables(1, 1, DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::new(&[[[[1f32, 0., 0., 0.]]]], &Device::Cpu).unwrap();
+        let y: Vec<f32> = Rope::apply(&x, &cos, &sin)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!((y[0] - 1f32.cos()).abs() < 1e-6);
+        assert!((y[2] - 1f32.sin()).abs() < 1e-6);
+        assert_eq!(y[1], 0.0);
+    }
+
+    #[test]
+    fn rms_norm_matches_definition_in_bf16_and_f32() {
+        let x = Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[1f32, 0.5, 2., 1.], &Device::Cpu).unwrap();
+        let n = RmsNorm::new(w.clone(), 1e-6).unwrap();
+        let y: Vec<f32> = n.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let rms = ((1. + 4. + 9. + 16.) / 4.0f32 + 1e-6).sqrt();
+        let want = [1. / rms, 2. / rms * 0.5, 3. / rms * 2., 4. / rms];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        let nb = RmsNorm::new(w.to_dtype(DType::BF16).unwrap(), 1e-6).unwrap();
+        let yb: Vec<f32> = nb
+            .forward(&x.to_dtype(DType::BF16).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in yb.iter().zip(want) {
+            assert!((a - b).abs() < 1e-2);
+        }
+    }
+
+    #[test]
+    fn causal_mask_respects_offset() {
+        let m: Vec<Vec<f32>> = causal_mask(2, 3, 5, DType::F32, &Device::Cpu)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(m[0][3], 0.0);
+        assert_eq!(m[0][4], f32::NEG_INFINITY);
+        assert_eq!(m[1][4], 0.0);
+    }
+
+    #[test]
+    fn argmax_ties_pick_lowest() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+    }
+}

@@ -1,0 +1,358 @@
+//! The Qwen3-MoE forward pass (also the Qwen3-Omni thinker's text path).
+//!
+//! embeddings → per layer [RMSNorm → GQA attention (q/k RMSNorm, NeoX RoPE, KV cache) → residual
+//! → RMSNorm → MoE block or dense MLP → residual] → final RMSNorm → lm_head.
+//!
+//! The MoE block follows HF's `Qwen3MoeSparseMoeBlock` exactly: router logits in the compute dtype,
+//! softmax in f32 over *all* experts, top-k, optional renormalisation in f32, weights cast to the
+//! compute dtype, then experts applied in ascending expert order and summed into a zero tensor.
+//! Expert weights come from an [`ExpertProvider`]; nothing here depends on which one.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::checkpoint::Checkpoint;
+use super::config::{FfnKind, MoeConfig};
+use super::error::{ModelError, Result};
+use super::layers::{Attention, KvCache, Linear, Mlp, RmsNorm, Rope};
+use crate::experts::provider::{ExpertProvider, RoutingObserver};
+
+/// Anything non-expert weights can be loaded from by name (a checkpoint, or the seed layout).
+pub trait WeightStore {
+    fn load_tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device)
+    -> Result<Tensor>;
+    /// Whether a tensor exists (for optional tensors).
+    fn has_tensor(&self, name: &str) -> bool;
+}
+
+impl WeightStore for Checkpoint {
+    fn load_tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.load(name, shape, dtype, device)
+    }
+
+    fn has_tensor(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+}
+
+/// Which positions to compute logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (teacher-forced scoring, perplexity).
+    All,
+}
+
+#[derive(Debug, Clone)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    ffn: Ffn,
+}
+
+/// The router of one MoE layer. Expert weights are *not* here: they come from the provider.
+#[derive(Debug, Clone)]
+struct MoeBlock {
+    layer: usize,
+    router: Tensor,
+    top_k: usize,
+    norm_topk_prob: bool,
+}
+
+/// A token's routing decision in one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub experts: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// Softmax over all experts (f32), masked experts excluded, then top-k (ties to the lower index)
+/// and optional renormalisation — HF's `Qwen3MoeTopKRouter`.
+pub fn route(logits: &[f32], masked: &[usize], top_k: usize, norm_topk_prob: bool) -> Route {
+    let mut l = logits.to_vec();
+    for &m in masked {
+        if let Some(v) = l.get_mut(m) {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = l.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    let probs: Vec<f32> = exps.iter().map(|e| e / sum).collect();
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    order.truncate(top_k);
+    let mut weights: Vec<f32> = order.iter().map(|&i| probs[i]).collect();
+    if norm_topk_prob {
+        let s: f32 = weights.iter().sum();
+        weights.iter_mut().for_each(|w| *w /= s);
+    }
+    Route {
+        experts: order.into_iter().map(|i| i as u32).collect(),
+        weights,
+    }
+}
+
+impl MoeBlock {
+    fn forward(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        experts: &dyn ExpertProvider,
+        observer: &mut dyn RoutingObserver,
+    ) -> Result<Tensor> {
+        let (t, _h) = x.dims2()?;
+        let logits: Vec<Vec<f32>> = x
+            .matmul(&self.router.t()?)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        let masked = experts.unavailable(self.layer);
+        let num_experts = self.router.dim(0)?;
+        // Per expert: the token rows routed to it and their weights, in token order.
+        let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); num_experts];
+        for (i, row) in logits.iter().enumerate() {
+            let r = route(row, masked, self.top_k, self.norm_topk_prob);
+            observer.on_routing(self.layer, offset + i, &r.experts, &r.weights);
+            for (&e, &w) in r.experts.iter().zip(&r.weights) {
+                rows[e as usize].push((i as u32, w));
+            }
+        }
+        let used: Vec<usize> = (0..num_experts).filter(|&e| !rows[e].is_empty()).collect();
+        experts.will_use(self.layer, &used);
+
+        let mut acc = x.zeros_like()?;
+        for e in used {
+            let weights = experts.get(self.layer, e)?;
+            let (idx, w): (Vec<u32>, Vec<f32>) = rows[e].iter().copied().unzip();
+            let n = idx.len();
+            let w = Tensor::from_vec(w, (n, 1), x.device())?.to_dtype(x.dtype())?;
+            if t == 1 {
+                let y = weights.forward(x)?.broadcast_mul(&w)?;
+                acc = (acc + y)?;
+            } else {
+                let idx = Tensor::from_vec(idx, n, x.device())?;
+                let xe = x.index_select(&idx, 0)?;
+                let y = weights.forward(&xe)?.broadcast_mul(&w)?;
+                acc = acc.index_add(&idx, &y, 0)?;
+            }
+            // `weights` (an Arc) drops here: a cache may now evict this expert for the next one.
+        }
+        Ok(acc)
+    }
+}
+
+/// Qwen3-MoE with resident non-expert weights.
+#[derive(Debug, Clone)]
+pub struct Qwen3Moe {
+    cfg: MoeConfig,
+    dtype: DType,
+    device: Device,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+impl Qwen3Moe {
+    /// Loads every non-expert weight (shapes checked against the config) in `dtype`.
+    pub fn load(
+        store: &dyn WeightStore,
+        cfg: &MoeConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let d = cfg.head_dim;
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let load = |name: &str, shape: &[usize]| {
+            store.load_tensor(&cfg.tensor_name(name), shape, dtype, device)
+        };
+        let embed = load("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (l, kind) in cfg.layer_kinds.iter().enumerate() {
+            let p = |rest: &str| format!("model.layers.{l}.{rest}");
+            let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+                let w = load(&p(&format!("{name}.weight")), &[out, inp])?;
+                let b = if cfg.attention_bias {
+                    Some(load(&p(&format!("{name}.bias")), &[out])?)
+                } else {
+                    None
+                };
+                Ok(Linear::new(w, b))
+            };
+            let attn = Attention {
+                q_proj: lin("self_attn.q_proj", nh * d, h)?,
+                k_proj: lin("self_attn.k_proj", nkv * d, h)?,
+                v_proj: lin("self_attn.v_proj", nkv * d, h)?,
+                o_proj: lin("self_attn.o_proj", h, nh * d)?,
+                q_norm: RmsNorm::new(load(&p("self_attn.q_norm.weight"), &[d])?, cfg.rms_norm_eps)?,
+                k_norm: RmsNorm::new(load(&p("self_attn.k_norm.weight"), &[d])?, cfg.rms_norm_eps)?,
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: d,
+            };
+            let ffn = match kind {
+                FfnKind::Moe => Ffn::Moe(MoeBlock {
+                    layer: l,
+                    router: load(&p("mlp.gate.weight"), &[cfg.num_experts, h])?,
+                    top_k: cfg.num_experts_per_tok,
+                    norm_topk_prob: cfg.norm_topk_prob,
+                }),
+                FfnKind::Dense => {
+                    let i = cfg.intermediate_size;
+                    let no_bias = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+                        Ok(Linear::new(load(&p(name), &[out, inp])?, None))
+                    };
+                    Ffn::Dense(Mlp {
+                        gate_proj: no_bias("mlp.gate_proj.weight", i, h)?,
+                        up_proj: no_bias("mlp.up_proj.weight", i, h)?,
+                        down_proj: no_bias("mlp.down_proj.weight", h, i)?,
+                    })
+                }
+            };
+            layers.push(DecoderLayer {
+                input_norm: RmsNorm::new(load(&p("input_layernorm.weight"), &[h])?, cfg.rms_norm_eps)?,
+                attn,
+                post_norm: RmsNorm::new(
+                    load(&p("post_attention_layernorm.weight"), &[h])?,
+                    cfg.rms_norm_eps,
+                )?,
+                ffn,
+            });
+        }
+        let norm = RmsNorm::new(load("model.norm.weight", &[h])?, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed.clone(), None)
+        } else {
+            Linear::new(load("lm_head.weight", &[cfg.vocab_size, h])?, None)
+        };
+        Ok(Qwen3Moe {
+            cfg: cfg.clone(),
+            dtype,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(d, cfg.rope_theta),
+        })
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// Bytes of the resident non-expert weights (the tied lm_head counted once).
+    pub fn resident_bytes(&self) -> u64 {
+        let t = |x: &Tensor| (x.elem_count() * x.dtype().size_in_bytes()) as u64;
+        let lin = |l: &Linear| t(&l.weight) + l.bias.as_ref().map(t).unwrap_or(0);
+        let mut total = t(&self.embed);
+        if !self.cfg.tie_word_embeddings {
+            total += lin(&self.lm_head);
+        }
+        let hb = (self.cfg.hidden_size * self.dtype.size_in_bytes()) as u64;
+        let db = (self.cfg.head_dim * self.dtype.size_in_bytes()) as u64;
+        total += hb; // final norm
+        for layer in &self.layers {
+            let a = &layer.attn;
+            total += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj) + lin(&a.o_proj);
+            total += 2 * db + 2 * hb;
+            total += match &layer.ffn {
+                Ffn::Moe(m) => t(&m.router),
+                Ffn::Dense(m) => lin(&m.gate_proj) + lin(&m.up_proj) + lin(&m.down_proj),
+            };
+        }
+        total
+    }
+
+    /// Runs `tokens` (positions cache.len()..) through the model and returns f32 logits:
+    /// [1, vocab] for [`Logits::Last`], [T, vocab] for [`Logits::All`].
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        experts: &dyn ExpertProvider,
+        observer: &mut dyn RoutingObserver,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(ModelError::Input("no tokens to run".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is out of range (vocab_size = {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let t = tokens.len();
+        let offset = cache.len();
+        let ids = Tensor::from_vec(tokens.to_vec(), t, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let (cos, sin) = self.rope.tables(offset, t, self.dtype, &self.device)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let h = layer.attn.forward(&h, l, cache, &cos, &sin)?;
+            x = (x + h)?;
+            let h = layer.post_norm.forward(&x)?;
+            let h = match &layer.ffn {
+                Ffn::Dense(m) => m.forward(&h)?,
+                Ffn::Moe(m) => m.forward(&h, offset, experts, observer)?,
+            };
+            x = (x + h)?;
+        }
+        cache.advance(t);
+        let x = match logits {
+            Logits::Last => x.narrow(0, t - 1, 1)?,
+            Logits::All => x,
+        };
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_is_softmax_topk_renormalised() {
+        let r = route(&[0.0, 2.0, 1.0, 2.0], &[], 2, true);
+        assert_eq!(r.experts, vec![1, 3], "ties go to the lower index first");
+        assert!((r.weights[0] - 0.5).abs() < 1e-6 && (r.weights[1] - 0.5).abs() < 1e-6);
+        let r = route(&[0.0, 2.0, 1.0, 2.0], &[], 2, false);
+        let z: f32 = [0.0f32, 2.0, 1.0, 2.0].iter().map(|v| v.exp()).sum();
+        assert!((r.weights[0] - 2f32.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn masked_experts_are_never_selected() {
+        let r = route(&[5.0, 1.0, 0.0], &[0], 2, true);
+        assert_eq!(r.experts, vec![1, 2]);
+    }
+}

@@ -1,0 +1,165 @@
+//! The forward pass against HF transformers' outputs on the same files (tests/fixtures, made by
+//! scripts/make_fixtures.py).
+
+mod common;
+
+use common::*;
+use moescope::engine::{DeviceSpec, Dtype, Engine, ModelFiles};
+use moescope::experts::provider::{NoObserver, RoutingLog};
+use moescope::model::qwen3_moe::Logits;
+
+fn native(name: &str, dtype: Dtype) -> Engine {
+    let files = ModelFiles::open(&fixture(name)).unwrap();
+    Engine::native(&files, dtype, &DeviceSpec::cpu(), false, |_, _| {}).unwrap()
+}
+
+fn last_logits(e: &Engine, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = e.model.new_cache();
+    let l = e
+        .model
+        .forward(tokens, &mut cache, e.provider.as_ref(), &mut NoObserver, Logits::Last)
+        .unwrap();
+    l.squeeze(0).unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn f32_final_logits_match_transformers() {
+    for name in FAMILIES {
+        let g = golden(name);
+        let e = native(name, Dtype::F32);
+        for (seq, want) in g.sequences.iter().zip(&g.logits_f32) {
+            let got = last_logits(&e, seq);
+            let d = max_abs_diff(&got, want);
+            eprintln!("{name} f32 seq len {}: max abs diff {d:e}", seq.len());
+            assert!(d <= 1e-4, "{name} seq len {}: max abs diff {d}", seq.len());
+        }
+    }
+}
+
+#[test]
+fn f32_all_position_logits_match_transformers() {
+    for name in FAMILIES {
+        let g = golden(name);
+        let e = native(name, Dtype::F32);
+        let mut cache = e.model.new_cache();
+        let l: Vec<Vec<f32>> = e
+            .model
+            .forward(
+                &g.sequences[2],
+                &mut cache,
+                e.provider.as_ref(),
+                &mut NoObserver,
+                Logits::All,
+            )
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (i, (got, want)) in l.iter().zip(&g.all_logits_f32).enumerate() {
+            let d = max_abs_diff(got, want);
+            assert!(d <= 1e-4, "{name} position {i}: max abs diff {d}");
+        }
+    }
+}
+
+#[test]
+fn kv_cache_decode_matches_full_prefill() {
+    // Token-by-token decoding through the KV cache must give the logits of a full forward.
+    for name in FAMILIES {
+        let g = golden(name);
+        let e = native(name, Dtype::F32);
+        let seq = &g.sequences[2];
+        let mut cache = e.model.new_cache();
+        let mut last = Vec::new();
+        for (i, &t) in seq.iter().enumerate() {
+            let l = e
+                .model
+                .forward(&[t], &mut cache, e.provider.as_ref(), &mut NoObserver, Logits::Last)
+                .unwrap();
+            last = l.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            let d = max_abs_diff(&last, &g.all_logits_f32[i]);
+            assert!(d <= 1e-4, "{name} step {i}: {d}");
+        }
+        assert_eq!(cache.len(), seq.len());
+        assert!(max_abs_diff(&last, &g.logits_f32[2]) <= 1e-4);
+    }
+}
+
+#[test]
+fn greedy_continuations_are_identical() {
+    for name in FAMILIES {
+        let g = golden(name);
+        let e = native(name, Dtype::F32);
+        for case in &g.greedy {
+            let mut cache = e.model.new_cache();
+            let mut next = case.prompt.clone();
+            let mut out = Vec::new();
+            for _ in 0..case.tokens.len() {
+                let l = e
+                    .model
+                    .forward(&next, &mut cache, e.provider.as_ref(), &mut NoObserver, Logits::Last)
+                    .unwrap();
+                let row: Vec<f32> = l.squeeze(0).unwrap().to_vec1().unwrap();
+                let t = moescope::model::layers::argmax(&row) as u32;
+                out.push(t);
+                next = vec![t];
+            }
+            assert_eq!(out, case.tokens, "{name} prompt {:?}", case.prompt);
+        }
+    }
+}
+
+#[test]
+fn routing_observer_sees_transformers_choices() {
+    for name in FAMILIES {
+        let g = golden(name);
+        let e = native(name, Dtype::F32);
+        let mut log = RoutingLog::default();
+        let mut cache = e.model.new_cache();
+        e.model
+            .forward(&g.sequences[2], &mut cache, e.provider.as_ref(), &mut log, Logits::Last)
+            .unwrap();
+        for (layer, per_pos) in &g.routing {
+            let layer: usize = layer.parse().unwrap();
+            let ours: Vec<Vec<u32>> = log
+                .entries
+                .iter()
+                .filter(|(l, _, _)| *l == layer)
+                .map(|(_, _, e)| e.clone())
+                .collect();
+            assert_eq!(&ours, per_pos, "{name} layer {layer}");
+        }
+    }
+}
+
+/// bf16 tolerance, justified: bf16 keeps 8 significant bits, so every op rounds with relative
+/// error up to 2^-9 and errors compound through the layers. transformers itself, in bf16, lands
+/// some distance from the f32 reference; we require ours to be no further than twice that
+/// distance (plus a small floor for sequences where transformers happens to be very close).
+#[test]
+fn bf16_logits_are_as_close_as_transformers_bf16() {
+    for name in FAMILIES {
+        let g = golden(name);
+        let e = native(name, Dtype::Bf16);
+        for (i, seq) in g.sequences.iter().enumerate() {
+            let got = last_logits(&e, seq);
+            let ours = max_abs_diff(&got, &g.logits_f32[i]);
+            let theirs = max_abs_diff(&g.logits_bf16[i], &g.logits_f32[i]);
+            let scale = g.logits_f32[i].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let bound = 2.0 * theirs + 0.02 * scale;
+            eprintln!("{name} bf16 seq {i}: ours {ours:.4} transformers {theirs:.4} |logit| max {scale:.2}");
+            assert!(
+                ours <= bound,
+                "{name} seq {i}: ours {ours} vs transformers-bf16 {theirs} (bound {bound})"
+            );
+        }
+    }
+}
+
+#[test]
+fn f16_runs_and_stays_close() {
+    let g = golden("qwen3-moe-tiny");
+    let e = native("qwen3-moe-tiny", Dtype::F16);
+    let got = last_logits(&e, &g.sequences[1]);
+    let scale = g.logits_f32[1].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(max_abs_diff(&got, &g.logits_f32[1]) <= 0.05 * scale);
+}
