@@ -186,3 +186,142 @@ pub fn check_source_complete(source: &dyn ExpertSource, allow_missing: bool) -> 
     }
     Ok(missing)
 }
+
+/// Wraps a provider and masks extra experts out of routing (the hidden `--mask-experts` testing
+/// aid: a deliberately perturbed backend that quality checks must catch).
+pub struct MaskedProvider {
+    inner: Arc<dyn ExpertProvider>,
+    unavailable: Vec<Vec<usize>>,
+}
+
+impl MaskedProvider {
+    pub fn new(inner: Arc<dyn ExpertProvider>, cfg: &MoeConfig, mask: &[(usize, usize)]) -> Result<Self> {
+        let mut unavailable: Vec<Vec<usize>> = (0..cfg.num_hidden_layers)
+            .map(|l| if cfg.layer_kinds[l] == crate::model::config::FfnKind::Moe { inner.unavailable(l).to_vec() } else { Vec::new() })
+            .collect();
+        for &(l, e) in mask {
+            if l >= cfg.num_hidden_layers || cfg.layer_kinds[l] != crate::model::config::FfnKind::Moe || e >= cfg.num_experts {
+                return Err(ModelError::Input(format!(
+                    "--mask-experts {l}:{e}: no such expert (MoE layers {:?}, {} experts)",
+                    cfg.moe_layers().collect::<Vec<_>>(),
+                    cfg.num_experts
+                )));
+            }
+            if !unavailable[l].contains(&e) {
+                unavailable[l].push(e);
+            }
+        }
+        Ok(MaskedProvider { inner, unavailable })
+    }
+}
+
+impl ExpertProvider for MaskedProvider {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<crate::experts::provider::ExpertWeights>> {
+        self.inner.get(layer, expert)
+    }
+    fn unavailable(&self, layer: usize) -> &[usize] {
+        &self.unavailable[layer]
+    }
+    fn will_use(&self, layer: usize, experts: &[usize]) {
+        self.inner.will_use(layer, experts)
+    }
+    fn resident_bytes(&self) -> u64 {
+        self.inner.resident_bytes()
+    }
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn cache_snapshot(&self) -> Option<crate::experts::stats::CacheSnapshot> {
+        self.inner.cache_snapshot()
+    }
+}
+
+/// Everything needed to load one backend, as chosen on the command line or by a worker command.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendSpec {
+    pub model_dir: PathBuf,
+    pub dtype: Dtype,
+    pub device: DeviceSpec,
+    pub backend: crate::cli::BackendKind,
+    pub cache: crate::experts::CacheArgs,
+}
+
+impl BackendSpec {
+    /// Loads the backend. `progress(done, total)` reports expert loading for native.
+    pub fn load(&self, progress: impl FnMut(usize, usize)) -> Result<Engine> {
+        use crate::cli::BackendKind;
+        use crate::experts::SourceSpec;
+        let c = &self.cache;
+        let mut engine = match (self.backend, &c.expert_source) {
+            (BackendKind::Native, SourceSpec::Shards) => {
+                let files = ModelFiles::open(&self.model_dir)?;
+                Engine::native(&files, self.dtype, &self.device, c.allow_missing_experts, progress)?
+            }
+            (BackendKind::Native, other) => {
+                return Err(ModelError::Input(format!(
+                    "--expert-source {other} applies to the selective backend; native reads the checkpoint"
+                )));
+            }
+            (BackendKind::Selective, spec) => {
+                let cfg = match spec {
+                    SourceSpec::SeedLayout(d) if d.join("config.json").exists() => MoeConfig::from_dir(d)?,
+                    _ => MoeConfig::from_dir(&self.model_dir)?,
+                };
+                // Non-expert weights: the seed layout's own files, else the model checkpoint.
+                let store: Checkpoint = match spec {
+                    SourceSpec::SeedLayout(d) => {
+                        let seed_store = crate::experts::seed::open_non_expert_store(d)?;
+                        for (name, shape) in Checkpoint::required_tensors(&cfg) {
+                            seed_store.check(&name, &shape)?;
+                        }
+                        seed_store
+                    }
+                    _ => ModelFiles::open(&self.model_dir)?.ckpt,
+                };
+                // Only the shards source reads experts from the checkpoint itself.
+                let ckpt_ref = matches!(spec, SourceSpec::Shards).then_some(&store);
+                let source = crate::experts::open_source(spec, &cfg, ckpt_ref)?;
+                source.set_cold(c.cold);
+                let missing = check_source_complete(source.as_ref(), c.allow_missing_experts)?;
+                let cache_cfg = c.cache_config(&cfg);
+                let dtype = self.dtype;
+                Engine::with_provider(
+                    &cfg,
+                    &store,
+                    self.dtype,
+                    &self.device,
+                    |dev| {
+                        let p = crate::experts::cache::CachedProvider::new(
+                            source,
+                            cache_cfg,
+                            dtype.candle(),
+                            dev,
+                            c.allow_missing_experts,
+                        )?;
+                        Ok(Arc::new(p) as Arc<dyn ExpertProvider>)
+                    },
+                    missing > 0,
+                )?
+            }
+        };
+        if !c.mask_experts.is_empty() {
+            engine.provider = Arc::new(MaskedProvider::new(engine.provider.clone(), &engine.cfg, &c.mask_experts)?);
+            engine.degraded = true;
+        }
+        Ok(engine)
+    }
+}
+
+/// `models/tiny-moe` next to the working directory, else next to this source tree (so
+/// `cargo run` and the installed binary inside the repo both find the bundled model).
+pub fn default_model_dir() -> PathBuf {
+    let local = PathBuf::from("models/tiny-moe");
+    if local.join("config.json").exists() {
+        return local;
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-moe");
+    if built.join("config.json").exists() {
+        return built;
+    }
+    local
+}

@@ -1,6 +1,10 @@
 //! moescope: run a Mixture-of-Experts model two ways — every weight resident (*native*) or experts
 //! loaded on demand through a bounded cache (*selective*) — and compare them honestly.
 
+pub mod cli;
+pub mod commands;
 pub mod engine;
+pub mod errors;
 pub mod experts;
 pub mod model;
+pub mod util;

@@ -1,4 +1,176 @@
-//! Expert sources, the cache and its policies, extraction. No UI.
+//! Expert sources, the cache and its policies, extraction and verification. No UI.
 
+pub mod cache;
+pub mod extract;
+pub mod policy;
 pub mod provider;
+pub mod seed;
 pub mod source;
+pub mod stats;
+pub mod verify;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::config::MoeConfig;
+use crate::model::error::{ModelError, Result};
+use cache::{CacheConfig, Capacity, Scope};
+use policy::PolicyKind;
+use source::ExpertSource;
+
+/// Where the selective backend reads experts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "dir", rename_all = "lowercase")]
+pub enum SourceSpec {
+    /// The checkpoint's own shards, at the byte ranges of the index.
+    Shards,
+    /// A directory made by `moescope extract`.
+    Extracted(PathBuf),
+    /// The seed project's layout (read-only).
+    SeedLayout(PathBuf),
+}
+
+impl SourceSpec {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        if s == "shards" {
+            return Ok(SourceSpec::Shards);
+        }
+        let bad = || format!("bad expert source \"{s}\": expected shards, extracted:DIR or seedlayout:DIR");
+        let (kind, dir) = s.split_once(':').ok_or_else(bad)?;
+        if dir.is_empty() {
+            return Err(bad());
+        }
+        match kind {
+            "extracted" => Ok(SourceSpec::Extracted(dir.into())),
+            "seedlayout" => Ok(SourceSpec::SeedLayout(dir.into())),
+            _ => Err(bad()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            SourceSpec::Shards => "shards".into(),
+            SourceSpec::Extracted(d) => format!("extracted:{}", d.display()),
+            SourceSpec::SeedLayout(d) => format!("seedlayout:{}", d.display()),
+        }
+    }
+}
+
+impl std::fmt::Display for SourceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// Speculative loading of the next layer's experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefetchMode {
+    #[default]
+    None,
+    /// While layer L runs, apply layer L+1's router to layer L's hidden state and load the
+    /// experts it picks on a background thread.
+    NextLayer,
+}
+
+/// The cache and source flags shared by every command that can run the selective backend.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize, PartialEq)]
+pub struct CacheArgs {
+    /// Cache capacity as a number of experts (default: 25 % of all experts).
+    #[arg(long, value_name = "N", conflicts_with = "cache_mem")]
+    pub cache_experts: Option<usize>,
+    /// Cache capacity as a memory budget, e.g. 4GiB (experts in the compute dtype).
+    #[arg(long, value_name = "SIZE", value_parser = crate::util::parse_bytes)]
+    pub cache_mem: Option<u64>,
+    /// One pool for all layers, or an equal share per layer.
+    #[arg(long, value_enum, default_value_t = Scope::Global)]
+    pub cache_scope: Scope,
+    /// Eviction policy.
+    #[arg(long, value_enum, default_value_t = PolicyKind::Lru)]
+    pub policy: PolicyKind,
+    /// Where experts are read from: shards | extracted:DIR | seedlayout:DIR.
+    #[arg(long, default_value = "shards", value_parser = SourceSpec::parse)]
+    pub expert_source: SourceSpec,
+    /// Run even if experts are missing: they are masked out of routing and every result of the
+    /// run is labelled DEGRADED.
+    #[arg(long)]
+    pub allow_missing_experts: bool,
+    /// Evict each expert's file pages after reading it (posix_fadvise DONTNEED), so every miss
+    /// is a storage read. Default: warm (page cache left alone).
+    #[arg(long)]
+    pub cold: bool,
+    /// Prefetch the next layer's experts on a background thread.
+    #[arg(long, value_enum, default_value_t = PrefetchMode::None)]
+    pub prefetch: PrefetchMode,
+    /// Testing aid: mask these experts (LAYER:EXPERT,…) out of routing, as if missing. The run is
+    /// labelled DEGRADED. Used to prove that quality checks catch a perturbed backend.
+    #[arg(long, value_delimiter = ',', value_parser = parse_layer_expert, hide = true)]
+    pub mask_experts: Vec<(usize, usize)>,
+}
+
+impl Default for CacheArgs {
+    fn default() -> Self {
+        CacheArgs {
+            cache_experts: None,
+            cache_mem: None,
+            cache_scope: Scope::Global,
+            policy: PolicyKind::Lru,
+            expert_source: SourceSpec::Shards,
+            allow_missing_experts: false,
+            cold: false,
+            prefetch: PrefetchMode::None,
+            mask_experts: Vec::new(),
+        }
+    }
+}
+
+fn parse_layer_expert(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (l, e) = s
+        .split_once(':')
+        .ok_or_else(|| format!("bad expert \"{s}\": expected LAYER:EXPERT"))?;
+    Ok((
+        l.parse().map_err(|_| format!("bad layer in \"{s}\""))?,
+        e.parse().map_err(|_| format!("bad expert in \"{s}\""))?,
+    ))
+}
+
+impl CacheArgs {
+    /// The cache configuration for a model (fills in the default capacity).
+    pub fn cache_config(&self, cfg: &MoeConfig) -> CacheConfig {
+        let capacity = match (self.cache_experts, self.cache_mem) {
+            (Some(n), _) => Capacity::Experts(n),
+            (None, Some(b)) => Capacity::Bytes(b),
+            (None, None) => Capacity::Experts(default_capacity(cfg)),
+        };
+        CacheConfig {
+            capacity,
+            scope: self.cache_scope,
+            policy: self.policy,
+        }
+    }
+}
+
+/// 25 % of the model's experts, at least top-k per MoE layer's share.
+pub fn default_capacity(cfg: &MoeConfig) -> usize {
+    (cfg.total_experts() / 4).max(cfg.num_experts_per_tok)
+}
+
+/// Opens the expert source a spec names, for the model whose config is `cfg`.
+pub fn open_source(
+    spec: &SourceSpec,
+    cfg: &MoeConfig,
+    ckpt: Option<&crate::model::Checkpoint>,
+) -> Result<Arc<dyn ExpertSource>> {
+    match spec {
+        SourceSpec::Shards => {
+            let ckpt = ckpt.ok_or_else(|| {
+                ModelError::Input("the shards source needs the model checkpoint".into())
+            })?;
+            Ok(Arc::new(source::ShardSource::new(ckpt, cfg)?))
+        }
+        SourceSpec::Extracted(dir) => Ok(Arc::new(extract::ExtractedSource::open(dir, cfg)?)),
+        SourceSpec::SeedLayout(dir) => Ok(Arc::new(seed::SeedExpertSource::open(dir, cfg)?)),
+    }
+}

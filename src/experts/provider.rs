@@ -88,6 +88,11 @@ pub trait ExpertProvider: Send + Sync {
 
     /// "native" or "selective" — for display.
     fn kind(&self) -> &'static str;
+
+    /// Cache statistics, for providers that cache.
+    fn cache_snapshot(&self) -> Option<crate::experts::stats::CacheSnapshot> {
+        None
+    }
 }
 
 /// Receives each token's routing decision in each MoE layer (heatmaps, traces, cache studies).

@@ -116,6 +116,36 @@ impl Checkpoint {
         })
     }
 
+    /// A checkpoint made of an explicit list of safetensors files under `dir` (relative paths),
+    /// every tensor located by reading each file's header — for layouts without an index, such
+    /// as the seed project's directories. A tensor present in two files is an error.
+    pub fn from_files(dir: &Path, files: &[PathBuf]) -> Result<Self> {
+        let mut weight_map = HashMap::new();
+        let mut shards = BTreeMap::new();
+        for rel in files {
+            let key = rel.to_string_lossy().to_string();
+            let file = SafetensorsFile::open(&dir.join(rel))?;
+            for name in file.names() {
+                if let Some(other) = weight_map.insert(name.to_string(), key.clone()) {
+                    return Err(ModelError::Tensor {
+                        file: dir.join(rel),
+                        tensor: name.to_string(),
+                        msg: format!("also present in {other}; refusing to guess which is right"),
+                    });
+                }
+            }
+            let cell = OnceLock::new();
+            let _ = cell.set(file);
+            shards.insert(key, cell);
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            weight_map,
+            shards,
+            index_path: None,
+        })
+    }
+
     fn from_index(dir: &Path, index_path: &Path) -> Result<Self> {
         let err = |msg: String| ModelError::Checkpoint {
             file: index_path.to_path_buf(),
@@ -177,9 +207,11 @@ impl Checkpoint {
     }
 
     fn where_listed(&self) -> PathBuf {
-        self.index_path
-            .clone()
-            .unwrap_or_else(|| self.dir.join(SINGLE_FILE))
+        match &self.index_path {
+            Some(p) => p.clone(),
+            None if self.shards.len() == 1 => self.dir.join(self.shards.keys().next().expect("one")),
+            None => self.dir.clone(),
+        }
     }
 
     fn shard(&self, file: &str) -> Result<&SafetensorsFile> {

@@ -80,6 +80,27 @@ impl StDtype {
         }
     }
 
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        use safetensors::Dtype as D;
+        match self {
+            Self::BF16 => D::BF16,
+            Self::F16 => D::F16,
+            Self::F32 => D::F32,
+            Self::F64 => D::F64,
+            Self::I64 => D::I64,
+            Self::I32 => D::I32,
+            Self::I16 => D::I16,
+            Self::I8 => D::I8,
+            Self::U8 => D::U8,
+            Self::U16 => D::U16,
+            Self::U32 => D::U32,
+            Self::U64 => D::U64,
+            Self::BOOL => D::BOOL,
+            Self::F8E4M3 => D::F8_E4M3,
+            Self::F8E5M2 => D::F8_E5M2,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::BF16 => "BF16",
@@ -213,6 +234,70 @@ impl SafetensorsFile {
         self.release(info);
         Ok(t)
     }
+}
+
+/// A tensor to write: name, dtype, shape, little-endian bytes.
+pub struct OwnedTensor<'a> {
+    pub name: String,
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+struct ViewOf<'a>(&'a OwnedTensor<'a>);
+
+impl safetensors::View for ViewOf<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.0.dtype.to_safetensors()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(self.0.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.0.bytes.len()
+    }
+}
+
+/// Writes a safetensors file atomically: a temporary file in the same directory, fsync, rename,
+/// fsync of the directory. A crash leaves either the old file, or none, or the complete new one.
+pub fn write_atomic(
+    path: &Path,
+    tensors: &[OwnedTensor<'_>],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    use std::io::Write;
+    let io_err = |what: &str, e: std::io::Error| ModelError::Io {
+        path: path.to_path_buf(),
+        what: what.into(),
+        source: e,
+    };
+    let bytes = safetensors::serialize(
+        tensors.iter().map(|t| (t.name.clone(), ViewOf(t))),
+        metadata,
+    )
+    .map_err(|e| ModelError::Checkpoint {
+        file: path.to_path_buf(),
+        msg: format!("serialising: {e}"),
+    })?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
+    {
+        let mut f = File::create(&tmp).map_err(|e| io_err("creating temporary file", e))?;
+        f.write_all(&bytes).map_err(|e| io_err("writing", e))?;
+        f.sync_all().map_err(|e| io_err("fsync", e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io_err("renaming into place", e))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 pub fn page_size() -> usize {

@@ -1,0 +1,120 @@
+//! `moescope generate` and `moescope logits`.
+
+use std::io::Write;
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::cli::{GenerateArgs, LogitsArgs};
+use crate::experts::provider::NoObserver;
+use crate::model::generate::{Generation, StreamDecoder, TextTokenizer, Timing, stop_ids};
+use crate::model::qwen3_moe::Logits;
+
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    let spec = super::backend_spec(&args.model, &args.backend);
+    let engine = spec.load(|_, _| {})?;
+    // The tokenizer is needed for text prompts and for printing text; token-id prompts work
+    // without one (then only ids are printed).
+    let tokenizer = match (&args.prompt, TextTokenizer::from_dir(&spec.model_dir)) {
+        (Some(_), Err(e)) => return Err(e.into()),
+        (_, t) => t.ok(),
+    };
+    let prompt_ids = match (&args.prompt, &args.token_ids) {
+        (Some(p), _) => tokenizer.as_ref().expect("checked above").prompt_ids(p, args.raw)?,
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let params = args.sampling.params();
+    let stops = stop_ids(&engine.cfg.eos_token_ids, tokenizer.as_ref());
+    let mut g = Generation::new(&engine.model, prompt_ids.clone(), params, stops)?;
+    let mut decoder = StreamDecoder::new();
+    let mut text = String::new();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    while let Some(step) = g.step(&engine.model, engine.provider.as_ref(), &mut NoObserver)? {
+        if let Some(tok) = &tokenizer {
+            let piece = decoder.push(tok, step.token);
+            text.push_str(&piece);
+            if !args.json {
+                write!(out, "{piece}")?;
+                out.flush()?;
+            }
+        } else if !args.json {
+            write!(out, "{} ", step.token)?;
+            out.flush()?;
+        }
+    }
+    if let Some(tok) = &tokenizer {
+        let rest = decoder.finish(tok);
+        text.push_str(&rest);
+        if !args.json {
+            write!(out, "{rest}")?;
+        }
+    }
+    let timing = Timing::of(&g, engine.load_time);
+    let finish = g.finished();
+    if args.json {
+        let v = json!({
+            "model": spec.model_dir,
+            "backend": engine.provider.kind(),
+            "dtype": engine.dtype.name(),
+            "device": engine.device.0,
+            "degraded": engine.degraded,
+            "prompt": args.prompt,
+            "prompt_token_ids": prompt_ids,
+            "generated_token_ids": g.generated,
+            "text": text,
+            "finish_reason": finish,
+            "timing": timing,
+            "cache": engine.provider.cache_snapshot().map(|s| json!({
+                "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
+                "hit_rate": s.hit_rate(), "bytes_read": s.bytes_read,
+                "capacity_experts": s.capacity_experts,
+                "load_latency_us": s.load_latency,
+            })),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "[{} {} {} · load {:.2} s · TTFT {:.3} s · prefill {:.1} tok/s · decode {:.1} tok/s · {} tokens ({}){}{}]",
+            engine.provider.kind(),
+            engine.dtype.name(),
+            engine.device,
+            timing.load_s,
+            timing.ttft_s,
+            timing.prefill_tok_s,
+            timing.decode_tok_s,
+            timing.generated_tokens,
+            match finish {
+                Some(crate::model::generate::FinishReason::Eos) => "eos",
+                _ => "max_new_tokens",
+            },
+            engine
+                .provider
+                .cache_snapshot()
+                .and_then(|s| s.hit_rate().map(|h| format!(" · cache hit rate {:.1} %", 100.0 * h)))
+                .unwrap_or_default(),
+            if engine.degraded { " · DEGRADED" } else { "" },
+        )?;
+    }
+    Ok(())
+}
+
+pub fn logits(args: &LogitsArgs) -> Result<()> {
+    let spec = super::backend_spec(&args.model, &args.backend);
+    let engine = spec.load(|_, _| {})?;
+    let mut cache = engine.model.new_cache();
+    let l = engine.model.forward(
+        &args.tokens,
+        &mut cache,
+        engine.provider.as_ref(),
+        &mut NoObserver,
+        Logits::Last,
+    )?;
+    let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
+    let v = json!({ "tokens": args.tokens, "logits": row });
+    println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}

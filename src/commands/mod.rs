@@ -1,0 +1,24 @@
+//! One module per subcommand. Each takes parsed arguments and returns `anyhow::Result`; `main`
+//! turns errors into a one-line message and an exit code.
+
+pub mod generate;
+
+use std::path::PathBuf;
+
+use crate::cli::{BackendArgs, ModelArgs};
+use crate::engine::{BackendSpec, default_model_dir};
+
+/// The backend spec from the common flags (default model: the bundled one).
+pub fn backend_spec(model: &ModelArgs, backend: &BackendArgs) -> BackendSpec {
+    BackendSpec {
+        model_dir: model_dir(model),
+        dtype: model.dtype,
+        device: model.device.clone(),
+        backend: backend.backend,
+        cache: backend.cache.clone(),
+    }
+}
+
+pub fn model_dir(model: &ModelArgs) -> PathBuf {
+    model.model.clone().unwrap_or_else(default_model_dir)
+}

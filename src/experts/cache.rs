@@ -1,0 +1,419 @@
+//! The selective backend's provider: experts loaded on demand from an [`ExpertSource`] into a
+//! bounded cache.
+//!
+//! Capacity is a count of experts or a byte budget (converted to a count: every expert of a
+//! model has the same size); scope is one pool for all layers (`global`, what the seed project
+//! used) or an equal share per layer (`layer`). Reads happen outside the lock, so a prefetch
+//! thread and the forward pass can load different experts at the same time.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use super::policy::{Policy, PolicyKind};
+use super::provider::{ExpertProvider, ExpertWeights, missing_error};
+use super::source::ExpertSource;
+use super::stats::{CacheSnapshot, Histogram, LayerStats, PrefetchStats};
+use crate::model::error::{ModelError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capacity {
+    Experts(usize),
+    Bytes(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// One pool shared by all layers.
+    Global,
+    /// Each MoE layer gets an equal share of the capacity.
+    Layer,
+}
+
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::Layer => "layer",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheConfig {
+    pub capacity: Capacity,
+    pub scope: Scope,
+    pub policy: PolicyKind,
+}
+
+impl CacheConfig {
+    /// Capacity in experts for a model whose experts take `expert_bytes` each in memory.
+    pub fn capacity_experts(&self, expert_bytes: u64) -> usize {
+        match self.capacity {
+            Capacity::Experts(n) => n,
+            Capacity::Bytes(b) => (b / expert_bytes.max(1)) as usize,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let cap = match self.capacity {
+            Capacity::Experts(n) => format!("{n} experts"),
+            Capacity::Bytes(b) => crate::util::fmt_bytes(b),
+        };
+        format!("{cap}, {} scope, {}", self.scope.name(), self.policy.name())
+    }
+}
+
+fn key(layer: usize, expert: usize) -> u32 {
+    ((layer as u32) << 16) | expert as u32
+}
+
+fn unkey(k: u32) -> (usize, usize) {
+    ((k >> 16) as usize, (k & 0xffff) as usize)
+}
+
+struct Pool {
+    capacity: usize,
+    entries: HashMap<u32, Arc<ExpertWeights>>,
+    policy: Box<dyn Policy>,
+}
+
+struct State {
+    pools: Vec<Pool>,
+    /// Model layer → index into `pools` (all MoE layers → 0 for global scope).
+    pool_of: Vec<usize>,
+    /// Model layer → index into `layers` stats.
+    stats_of: Vec<Option<usize>>,
+    layers: Vec<LayerStats>,
+    hits: u64,
+    misses: u64,
+    evictions: u64,
+    bytes_read: u64,
+    resident_bytes: u64,
+    latency: Histogram,
+    load_time_us: u64,
+    /// Keys being read right now (by the forward pass or the prefetcher).
+    loading: HashSet<u32>,
+    prefetch: Option<PrefetchStats>,
+    /// Keys inserted by prefetch and not used yet (to score its precision).
+    prefetched_unused: HashSet<u32>,
+}
+
+/// Experts on demand through a bounded cache.
+pub struct CachedProvider {
+    source: Arc<dyn ExpertSource>,
+    dtype: DType,
+    device: Device,
+    config: CacheConfig,
+    expert_bytes: u64,
+    unavailable: Vec<Vec<usize>>,
+    state: Mutex<State>,
+    loaded: Condvar,
+}
+
+impl CachedProvider {
+    /// `expert_bytes` is one expert's size in the compute dtype (for byte budgets and display).
+    pub fn new(
+        source: Arc<dyn ExpertSource>,
+        config: CacheConfig,
+        dtype: DType,
+        device: &Device,
+        allow_missing: bool,
+    ) -> Result<Self> {
+        let cfg = source.config().clone();
+        let expert_bytes = (cfg.expert_params() * dtype.size_in_bytes()) as u64;
+        let mut unavailable = vec![Vec::new(); cfg.num_hidden_layers];
+        for layer in cfg.moe_layers() {
+            for e in 0..cfg.num_experts {
+                if !source.has(layer, e) {
+                    if !allow_missing {
+                        return Err(missing_error(source.as_ref(), layer, e));
+                    }
+                    unavailable[layer].push(e);
+                }
+            }
+        }
+        let total = config.capacity_experts(expert_bytes);
+        if total == 0 {
+            return Err(ModelError::Input(format!(
+                "cache capacity {} holds no expert (one expert is {} in {:?})",
+                config.describe(),
+                crate::util::fmt_bytes(expert_bytes),
+                dtype
+            )));
+        }
+        let moe_layers: Vec<usize> = cfg.moe_layers().collect();
+        let mut pool_of = vec![usize::MAX; cfg.num_hidden_layers];
+        let mut stats_of = vec![None; cfg.num_hidden_layers];
+        let pools: Vec<Pool> = match config.scope {
+            Scope::Global => {
+                moe_layers.iter().for_each(|&l| pool_of[l] = 0);
+                vec![Pool {
+                    capacity: total,
+                    entries: HashMap::new(),
+                    policy: config.policy.build(total),
+                }]
+            }
+            Scope::Layer => {
+                let share = total / moe_layers.len().max(1);
+                moe_layers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| {
+                        pool_of[l] = i;
+                        Pool {
+                            capacity: share,
+                            entries: HashMap::new(),
+                            policy: config.policy.build(share),
+                        }
+                    })
+                    .collect()
+            }
+        };
+        let layers = moe_layers
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                stats_of[l] = Some(i);
+                LayerStats::new(l, cfg.num_experts)
+            })
+            .collect();
+        Ok(CachedProvider {
+            source,
+            dtype,
+            device: device.clone(),
+            config,
+            expert_bytes,
+            unavailable,
+            state: Mutex::new(State {
+                pools,
+                pool_of,
+                stats_of,
+                layers,
+                hits: 0,
+                misses: 0,
+                evictions: 0,
+                bytes_read: 0,
+                resident_bytes: 0,
+                latency: Histogram::default(),
+                load_time_us: 0,
+                loading: HashSet::new(),
+                prefetch: None,
+                prefetched_unused: HashSet::new(),
+            }),
+            loaded: Condvar::new(),
+        })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// One expert's size in memory.
+    pub fn expert_bytes(&self) -> u64 {
+        self.expert_bytes
+    }
+
+    /// Total capacity in experts (after the per-layer split for layer scope).
+    pub fn capacity_experts(&self) -> usize {
+        let s = self.state.lock().expect("cache lock");
+        s.pools.iter().map(|p| p.capacity).sum()
+    }
+
+    pub fn source(&self) -> &Arc<dyn ExpertSource> {
+        &self.source
+    }
+
+    fn read(&self, layer: usize, expert: usize) -> Result<(ExpertWeights, u64, u64)> {
+        let start = Instant::now();
+        let raw = self.source.read(layer, expert)?;
+        let w = ExpertWeights::from_raw(&raw, self.dtype, &self.device)?;
+        Ok((w, raw.bytes(), start.elapsed().as_micros() as u64))
+    }
+
+    /// Inserts into the layer's pool, evicting as needed. Capacity 0 (a layer-scope share
+    /// smaller than one) stores nothing: the caller's `Arc` is the only copy.
+    fn insert(s: &mut State, layer: usize, expert: usize, w: Arc<ExpertWeights>) {
+        let k = key(layer, expert);
+        let pi = s.pool_of[layer];
+        if s.pools[pi].capacity == 0 || s.pools[pi].entries.contains_key(&k) {
+            return;
+        }
+        while s.pools[pi].entries.len() >= s.pools[pi].capacity {
+            let Some(victim) = s.pools[pi].policy.evict() else {
+                break;
+            };
+            if let Some(old) = s.pools[pi].entries.remove(&victim) {
+                s.resident_bytes -= old.bytes();
+                s.evictions += 1;
+                let (vl, ve) = unkey(victim);
+                if let Some(li) = s.stats_of[vl] {
+                    s.layers[li].evictions[ve] += 1;
+                    s.layers[li].resident[ve] = false;
+                }
+                s.prefetched_unused.remove(&victim);
+            }
+        }
+        s.resident_bytes += w.bytes();
+        s.pools[pi].entries.insert(k, w);
+        s.pools[pi].policy.on_insert(k);
+        if let Some(li) = s.stats_of[layer] {
+            s.layers[li].resident[expert] = true;
+        }
+    }
+
+    /// Loads an expert in the background (prefetch): no hit/miss is counted, and nothing
+    /// happens if it is already resident or being loaded.
+    pub fn prefetch(&self, layer: usize, expert: usize) -> Result<()> {
+        let k = key(layer, expert);
+        {
+            let mut s = self.state.lock().expect("cache lock");
+            let pi = s.pool_of[layer];
+            if s.pools[pi].entries.contains_key(&k) || s.loading.contains(&k) {
+                return Ok(());
+            }
+            s.loading.insert(k);
+        }
+        let result = self.read(layer, expert);
+        let mut s = self.state.lock().expect("cache lock");
+        s.loading.remove(&k);
+        let out = match result {
+            Ok((w, bytes, us)) => {
+                s.bytes_read += bytes;
+                s.load_time_us += us;
+                s.latency.record_us(us);
+                Self::insert(&mut s, layer, expert, Arc::new(w));
+                s.prefetched_unused.insert(k);
+                if let Some(p) = s.prefetch.as_mut() {
+                    p.loaded += 1;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        drop(s);
+        self.loaded.notify_all();
+        out
+    }
+
+    /// Records prefetch guesses for a layer against what it then needed.
+    pub fn score_prefetch(&self, guessed: &[usize], needed: &[usize]) {
+        let mut s = self.state.lock().expect("cache lock");
+        let p = s.prefetch.get_or_insert_with(PrefetchStats::default);
+        p.guessed += guessed.len() as u64;
+        p.needed += needed.len() as u64;
+        let hit = needed.iter().filter(|e| guessed.contains(e)).count() as u64;
+        p.covered += hit;
+        p.useful += hit;
+    }
+
+    /// Drops every cached expert (statistics are kept).
+    pub fn clear(&self) {
+        let mut s = self.state.lock().expect("cache lock");
+        let keys: Vec<u32> = s.pools.iter().flat_map(|p| p.entries.keys().copied()).collect();
+        for k in keys {
+            let (l, e) = unkey(k);
+            let pi = s.pool_of[l];
+            s.pools[pi].entries.remove(&k);
+            s.pools[pi].policy.remove(k);
+            if let Some(li) = s.stats_of[l] {
+                s.layers[li].resident[e] = false;
+            }
+        }
+        s.resident_bytes = 0;
+    }
+
+    pub fn snapshot(&self) -> CacheSnapshot {
+        let s = self.state.lock().expect("cache lock");
+        CacheSnapshot {
+            layers: s.layers.clone(),
+            hits: s.hits,
+            misses: s.misses,
+            evictions: s.evictions,
+            bytes_read: s.bytes_read,
+            resident_experts: s.pools.iter().map(|p| p.entries.len()).sum(),
+            resident_bytes: s.resident_bytes,
+            capacity_experts: s.pools.iter().map(|p| p.capacity).sum(),
+            capacity_bytes: match self.config.capacity {
+                Capacity::Bytes(b) => Some(b),
+                Capacity::Experts(n) => Some(n as u64 * self.expert_bytes),
+            },
+            load_latency: s.latency.summary(),
+            load_time_us: s.load_time_us,
+            prefetch: s.prefetch.clone(),
+        }
+    }
+}
+
+impl ExpertProvider for CachedProvider {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
+        let k = key(layer, expert);
+        let li;
+        {
+            let mut s = self.state.lock().expect("cache lock");
+            if layer >= s.pool_of.len() || s.pool_of[layer] == usize::MAX {
+                return Err(ModelError::Expert {
+                    layer,
+                    expert,
+                    msg: "layer has no experts".into(),
+                });
+            }
+            li = s.stats_of[layer].expect("moe layer has stats");
+            // Wait for a prefetch of this very expert rather than reading it twice.
+            while s.loading.contains(&k) {
+                s = self.loaded.wait(s).expect("cache lock");
+            }
+            let pi = s.pool_of[layer];
+            if let Some(w) = s.pools[pi].entries.get(&k).cloned() {
+                s.pools[pi].policy.on_hit(k);
+                s.hits += 1;
+                s.layers[li].hits[expert] += 1;
+                if s.prefetched_unused.remove(&k) {
+                    // counted as useful by score_prefetch; nothing else to do
+                }
+                return Ok(w);
+            }
+            s.misses += 1;
+            s.layers[li].misses[expert] += 1;
+            s.loading.insert(k);
+        }
+        let result = self.read(layer, expert);
+        let mut s = self.state.lock().expect("cache lock");
+        s.loading.remove(&k);
+        let out = match result {
+            Ok((w, bytes, us)) => {
+                s.bytes_read += bytes;
+                s.load_time_us += us;
+                s.latency.record_us(us);
+                let w = Arc::new(w);
+                Self::insert(&mut s, layer, expert, w.clone());
+                Ok(w)
+            }
+            Err(e) => Err(e),
+        };
+        drop(s);
+        self.loaded.notify_all();
+        out
+    }
+
+    fn unavailable(&self, layer: usize) -> &[usize] {
+        &self.unavailable[layer]
+    }
+
+    fn resident_bytes(&self) -> u64 {
+        self.state.lock().expect("cache lock").resident_bytes
+    }
+
+    fn kind(&self) -> &'static str {
+        "selective"
+    }
+
+    fn cache_snapshot(&self) -> Option<CacheSnapshot> {
+        Some(self.snapshot())
+    }
+}

@@ -1,0 +1,452 @@
+//! `moescope extract`: one safetensors file per (layer, expert) plus a manifest, and the
+//! `extracted:DIR` source that reads them.
+//!
+//! Crash safety: every expert file is written to a temporary name, fsynced and renamed into
+//! place; after each rename a line is appended (and fsynced) to `manifest.partial.jsonl`. A
+//! rerun skips experts that the journal lists and whose file has the journalled size, redoes
+//! the rest (rewriting identical bytes), and writes `manifest.json` — sorted, no timestamps —
+//! only when every expert is there. So a killed run, resumed, ends byte-identical to a clean one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::source::{ExpertSource, FileTable, RawExpert, ShardSource, read_location};
+use crate::model::checkpoint::TensorLocation;
+use crate::model::config::{ExpertProj, MoeConfig};
+use crate::model::error::{ModelError, Result};
+use crate::model::safetensors_file::{OwnedTensor, SafetensorsFile, StDtype, write_atomic};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const JOURNAL: &str = "manifest.partial.jsonl";
+pub const FORMAT: &str = "moescope-extracted-experts";
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestTensor {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the data in the expert's file.
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    pub layer: usize,
+    pub expert: usize,
+    /// Path relative to the extraction directory.
+    pub file: String,
+    pub size: u64,
+    /// BLAKE3 of the whole file.
+    pub blake3: String,
+    pub tensors: Vec<ManifestTensor>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub model_type: String,
+    pub config_fingerprint: String,
+    pub num_hidden_layers: usize,
+    pub moe_layers: Vec<usize>,
+    pub num_experts: usize,
+    pub expert_bytes: u64,
+    pub experts: Vec<ManifestEntry>,
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
+            path: path.clone(),
+            what: if dir.join(JOURNAL).exists() {
+                "extraction is incomplete (run `moescope extract` again to finish it)".into()
+            } else {
+                "reading the extraction manifest".into()
+            },
+            source: e,
+        })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            file: path.clone(),
+            field: String::new(),
+            msg: format!("not a valid extraction manifest: {e}"),
+        })?;
+        if m.format != FORMAT || m.version != VERSION {
+            return Err(ModelError::Config {
+                file: path,
+                field: "format".into(),
+                msg: format!(
+                    "\"{}\" version {}, expected \"{FORMAT}\" version {VERSION}",
+                    m.format, m.version
+                ),
+            });
+        }
+        Ok(m)
+    }
+}
+
+pub fn expert_file(layer: usize, expert: usize) -> String {
+    format!("experts/layer_{layer:03}/expert_{expert:03}.safetensors")
+}
+
+/// What an extraction did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExtractReport {
+    pub experts: usize,
+    pub extracted: usize,
+    pub resumed: usize,
+    pub bytes_written: u64,
+    pub elapsed: Duration,
+}
+
+impl ExtractReport {
+    pub fn throughput_mib_s(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            self.bytes_written as f64 / (1 << 20) as f64 / s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Testing aids for the crash-safety tests (hidden flags of `moescope extract`).
+#[derive(Debug, Clone, Default)]
+pub struct ExtractFaults {
+    /// Abort the process right after the N-th new expert file is renamed into place, before it
+    /// is journalled (the worst moment for a crash).
+    pub abort_after: Option<usize>,
+    /// Sleep this long after each expert (so a test can kill -9 a run in progress).
+    pub delay: Duration,
+}
+
+/// Extracts every expert of the model in `ckpt_source` into `out`.
+pub fn extract(
+    source: &ShardSource,
+    config_json: &Path,
+    out: &Path,
+    show_progress: bool,
+    faults: &ExtractFaults,
+) -> Result<ExtractReport> {
+    let start = Instant::now();
+    let cfg = source.config();
+    let io = |path: &Path, what: &str, e: std::io::Error| ModelError::Io {
+        path: path.to_path_buf(),
+        what: what.into(),
+        source: e,
+    };
+    let missing: Vec<(usize, usize)> = cfg
+        .moe_layers()
+        .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
+        .filter(|&(l, e)| !source.has(l, e))
+        .collect();
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().take(10).map(|(l, e)| format!("L{l}/E{e}")).collect();
+        return Err(ModelError::Input(format!(
+            "the checkpoint itself lacks {} experts ({}{}); refusing to make an incomplete extraction",
+            missing.len(),
+            list.join(", "),
+            if missing.len() > 10 { ", …" } else { "" }
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| io(out, "creating output directory", e))?;
+    if let Ok(existing) = Manifest::read(out) {
+        if existing.config_fingerprint != cfg.fingerprint() {
+            return Err(ModelError::Input(format!(
+                "{} already holds an extraction of a different model (fingerprint {}, this model {})",
+                out.display(),
+                existing.config_fingerprint,
+                cfg.fingerprint()
+            )));
+        }
+    }
+    // A config copy makes the directory self-describing for `verify`.
+    let cfg_copy = out.join("config.json");
+    let cfg_bytes = std::fs::read(config_json).map_err(|e| io(config_json, "reading", e))?;
+    if std::fs::read(&cfg_copy).ok().as_deref() != Some(&cfg_bytes[..]) {
+        std::fs::write(&cfg_copy, &cfg_bytes).map_err(|e| io(&cfg_copy, "writing", e))?;
+    }
+
+    let journal_path = out.join(JOURNAL);
+    let mut done: BTreeMap<(usize, usize), ManifestEntry> = BTreeMap::new();
+    if let Ok(m) = Manifest::read(out) {
+        for e in m.experts {
+            done.insert((e.layer, e.expert), e);
+        }
+    }
+    for e in read_journal(&journal_path) {
+        done.insert((e.layer, e.expert), e);
+    }
+    // Keep only entries whose file is really there with the journalled size.
+    done.retain(|_, e| {
+        std::fs::metadata(out.join(&e.file))
+            .map(|m| m.len() == e.size)
+            .unwrap_or(false)
+    });
+
+    let expected: Vec<(usize, usize)> = cfg
+        .moe_layers()
+        .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
+        .collect();
+    let todo: Vec<(usize, usize)> = expected.iter().copied().filter(|k| !done.contains_key(k)).collect();
+    let resumed = expected.len() - todo.len();
+    let todo_bytes: u64 = todo.iter().map(|&(l, e)| source.stored_bytes(l, e)).sum();
+    let bar = if show_progress {
+        let b = indicatif::ProgressBar::new(todo_bytes);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} extracting [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut journal = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&journal_path)
+        .map_err(|e| io(&journal_path, "opening the extraction journal", e))?;
+    let mut written = 0u64;
+    for (n, &(layer, expert)) in todo.iter().enumerate() {
+        let raw = source.read(layer, expert)?;
+        let rel = expert_file(layer, expert);
+        let path = out.join(&rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, "creating directory", e))?;
+        }
+        let entry = write_expert(&path, &rel, &raw, cfg)?;
+        written += entry.size;
+        bar.inc(raw.bytes());
+        bar.set_message(format!("L{layer} E{expert}"));
+        if faults.abort_after == Some(n + 1) {
+            std::process::abort();
+        }
+        let mut line = serde_json::to_string(&entry).expect("entry serialises");
+        line.push('\n');
+        journal
+            .write_all(line.as_bytes())
+            .and_then(|_| journal.sync_data())
+            .map_err(|e| io(&journal_path, "appending to the extraction journal", e))?;
+        done.insert((layer, expert), entry);
+        if !faults.delay.is_zero() {
+            std::thread::sleep(faults.delay);
+        }
+    }
+    bar.finish_and_clear();
+
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        model_type: cfg.family.model_type().into(),
+        config_fingerprint: cfg.fingerprint(),
+        num_hidden_layers: cfg.num_hidden_layers,
+        moe_layers: cfg.moe_layers().collect(),
+        num_experts: cfg.num_experts,
+        expert_bytes: source.stored_bytes(expected[0].0, expected[0].1),
+        experts: done.into_values().collect(),
+    };
+    let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises") + "\n";
+    write_text_atomic(&out.join(MANIFEST), &text)?;
+    let _ = std::fs::remove_file(&journal_path);
+    Ok(ExtractReport {
+        experts: expected.len(),
+        extracted: todo.len(),
+        resumed,
+        bytes_written: written,
+        elapsed: start.elapsed(),
+    })
+}
+
+fn write_expert(path: &Path, rel: &str, raw: &RawExpert, cfg: &MoeConfig) -> Result<ManifestEntry> {
+    let tensors: Vec<OwnedTensor<'_>> = raw
+        .parts
+        .iter()
+        .map(|p| OwnedTensor {
+            name: p.name.clone(),
+            dtype: p.dtype,
+            shape: p.shape.clone(),
+            bytes: &p.bytes,
+        })
+        .collect();
+    let meta = HashMap::from([
+        ("layer".to_string(), raw.layer.to_string()),
+        ("expert".to_string(), raw.expert.to_string()),
+        ("config_fingerprint".to_string(), cfg.fingerprint()),
+    ]);
+    write_atomic(path, &tensors, Some(meta))?;
+    let bytes = std::fs::read(path).map_err(|e| ModelError::Io {
+        path: path.to_path_buf(),
+        what: "reading back".into(),
+        source: e,
+    })?;
+    let file = SafetensorsFile::open(path)?;
+    let tensors = ExpertProj::ALL
+        .iter()
+        .map(|&proj| {
+            let name = cfg.expert_tensor_name(raw.layer, raw.expert, proj);
+            let info = file.info(&name).expect("just written");
+            ManifestTensor {
+                name,
+                dtype: info.dtype.name().into(),
+                shape: info.shape.clone(),
+                offset: info.offset,
+                len: info.len,
+            }
+        })
+        .collect();
+    Ok(ManifestEntry {
+        layer: raw.layer,
+        expert: raw.expert,
+        file: rel.to_string(),
+        size: bytes.len() as u64,
+        blake3: blake3::hash(&bytes).to_hex().to_string(),
+        tensors,
+    })
+}
+
+pub(crate) fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let io = |what: &str, e: std::io::Error| ModelError::Io {
+        path: path.to_path_buf(),
+        what: what.into(),
+        source: e,
+    };
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+        f.write_all(text.as_bytes()).map_err(|e| io("writing", e))?;
+        f.sync_all().map_err(|e| io("fsync", e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io("renaming into place", e))
+}
+
+/// Journal lines; a torn last line (crash mid-append) is ignored.
+fn read_journal(path: &Path) -> Vec<ManifestEntry> {
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    std::io::BufReader::new(f)
+        .lines()
+        .map_while(|l| l.ok())
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect()
+}
+
+/// Experts read from an extraction directory.
+pub struct ExtractedSource {
+    cfg: MoeConfig,
+    dir: PathBuf,
+    entries: HashMap<(usize, usize), [TensorLocation; 3]>,
+    files: FileTable,
+    cold: AtomicBool,
+}
+
+impl ExtractedSource {
+    pub fn open(dir: &Path, cfg: &MoeConfig) -> Result<Self> {
+        let m = Manifest::read(dir)?;
+        if m.config_fingerprint != cfg.fingerprint() {
+            return Err(ModelError::Input(format!(
+                "{} was extracted from a different model (config fingerprint {}, this model {})",
+                dir.display(),
+                m.config_fingerprint,
+                cfg.fingerprint()
+            )));
+        }
+        let mut entries = HashMap::new();
+        for e in &m.experts {
+            let parts: Vec<TensorLocation> = e
+                .tensors
+                .iter()
+                .map(|t| {
+                    let dtype = StDtype::parse(&t.dtype).ok_or_else(|| ModelError::Config {
+                        file: dir.join(MANIFEST),
+                        field: format!("experts[L{} E{}].dtype", e.layer, e.expert),
+                        msg: format!("unknown dtype \"{}\"", t.dtype),
+                    })?;
+                    Ok(TensorLocation {
+                        name: t.name.clone(),
+                        file: dir.join(&e.file),
+                        dtype,
+                        shape: t.shape.clone(),
+                        offset: t.offset,
+                        len: t.len,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let parts: [TensorLocation; 3] = parts.try_into().map_err(|_| ModelError::Config {
+                file: dir.join(MANIFEST),
+                field: format!("experts[L{} E{}].tensors", e.layer, e.expert),
+                msg: "expected exactly 3 tensors (gate, up, down)".into(),
+            })?;
+            for (p, proj) in parts.iter().zip(ExpertProj::ALL) {
+                if p.shape != proj.shape(cfg) {
+                    return Err(ModelError::Tensor {
+                        file: p.file.clone(),
+                        tensor: p.name.clone(),
+                        msg: format!("shape {:?}, expected {:?}", p.shape, proj.shape(cfg)),
+                    });
+                }
+            }
+            entries.insert((e.layer, e.expert), parts);
+        }
+        Ok(ExtractedSource {
+            cfg: cfg.clone(),
+            dir: dir.to_path_buf(),
+            entries,
+            files: FileTable::default(),
+            cold: AtomicBool::new(false),
+        })
+    }
+}
+
+impl ExpertSource for ExtractedSource {
+    fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    fn has(&self, layer: usize, expert: usize) -> bool {
+        self.entries.contains_key(&(layer, expert))
+    }
+
+    fn read(&self, layer: usize, expert: usize) -> Result<RawExpert> {
+        let [g, u, d] = self
+            .entries
+            .get(&(layer, expert))
+            .ok_or_else(|| super::provider::missing_error(self, layer, expert))?;
+        let cold = self.cold.load(Ordering::Relaxed);
+        Ok(RawExpert {
+            layer,
+            expert,
+            parts: [
+                read_location(&self.files, g, cold)?,
+                read_location(&self.files, u, cold)?,
+                read_location(&self.files, d, cold)?,
+            ],
+        })
+    }
+
+    fn stored_bytes(&self, layer: usize, expert: usize) -> u64 {
+        self.entries
+            .get(&(layer, expert))
+            .map(|p| p.iter().map(|t| t.len).sum())
+            .unwrap_or_else(|| super::source::default_expert_bytes(&self.cfg))
+    }
+
+    fn describe(&self) -> String {
+        format!("the extraction in {}", self.dir.display())
+    }
+
+    fn set_cold(&self, cold: bool) {
+        self.cold.store(cold, Ordering::Relaxed);
+    }
+}

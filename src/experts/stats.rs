@@ -1,0 +1,217 @@
+//! Cache statistics cheap enough to keep on: plain counters per (layer, expert), a log-bucketed
+//! latency histogram, and a serialisable snapshot a worker sends out a few times per second.
+
+use serde::{Deserialize, Serialize};
+
+/// Log-scale histogram of durations in microseconds: 8 buckets per power of two from 1 µs to
+/// ~1 hour. Percentiles are exact to within one bucket (~9 %), which is what a gauge needs.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    buckets: Vec<u64>,
+    count: u64,
+    max_us: u64,
+    sum_us: u64,
+}
+
+const SUB: usize = 8;
+const OCTAVES: usize = 32;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: vec![0; SUB * OCTAVES],
+            count: 0,
+            max_us: 0,
+            sum_us: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn bucket(us: u64) -> usize {
+        if us == 0 {
+            return 0;
+        }
+        let octave = 63 - us.leading_zeros() as usize;
+        let frac = if octave >= 3 {
+            ((us >> (octave - 3)) & 7) as usize
+        } else {
+            ((us << (3 - octave)) & 7) as usize
+        };
+        (octave * SUB + frac).min(SUB * OCTAVES - 1)
+    }
+
+    /// Upper edge of a bucket in µs.
+    fn upper(b: usize) -> f64 {
+        let octave = b / SUB;
+        let frac = b % SUB;
+        (1u64 << octave) as f64 * (1.0 + (frac + 1) as f64 / SUB as f64)
+    }
+
+    pub fn record_us(&mut self, us: u64) {
+        self.buckets[Self::bucket(us)] += 1;
+        self.count += 1;
+        self.sum_us += us;
+        self.max_us = self.max_us.max(us);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The q-quantile (0..=1) in µs, never above the observed maximum.
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let target = ((q * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (b, &n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                return Self::upper(b).min(self.max_us as f64);
+            }
+        }
+        self.max_us as f64
+    }
+
+    pub fn summary(&self) -> LatencySummary {
+        LatencySummary {
+            count: self.count,
+            mean_us: if self.count > 0 {
+                self.sum_us as f64 / self.count as f64
+            } else {
+                0.0
+            },
+            p50_us: self.quantile_us(0.5),
+            p95_us: self.quantile_us(0.95),
+            max_us: self.max_us as f64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p95_us: f64,
+    pub max_us: f64,
+}
+
+/// Counters of one MoE layer, one entry per expert.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    pub layer: usize,
+    pub hits: Vec<u32>,
+    pub misses: Vec<u32>,
+    pub evictions: Vec<u32>,
+    /// Whether each expert is resident now.
+    pub resident: Vec<bool>,
+}
+
+impl LayerStats {
+    pub fn new(layer: usize, experts: usize) -> Self {
+        LayerStats {
+            layer,
+            hits: vec![0; experts],
+            misses: vec![0; experts],
+            evictions: vec![0; experts],
+            resident: vec![false; experts],
+        }
+    }
+
+    pub fn total_hits(&self) -> u64 {
+        self.hits.iter().map(|&x| x as u64).sum()
+    }
+
+    pub fn total_misses(&self) -> u64 {
+        self.misses.iter().map(|&x| x as u64).sum()
+    }
+
+    pub fn hit_rate(&self) -> Option<f64> {
+        let (h, m) = (self.total_hits(), self.total_misses());
+        (h + m > 0).then(|| h as f64 / (h + m) as f64)
+    }
+}
+
+/// Everything the dashboard needs about the cache at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheSnapshot {
+    pub layers: Vec<LayerStats>,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub bytes_read: u64,
+    pub resident_experts: usize,
+    pub resident_bytes: u64,
+    pub capacity_experts: usize,
+    pub capacity_bytes: Option<u64>,
+    pub load_latency: LatencySummary,
+    /// Time spent reading and converting experts (the selective backend's overhead).
+    pub load_time_us: u64,
+    /// Prefetch accuracy, when prefetch is on.
+    pub prefetch: Option<PrefetchStats>,
+}
+
+impl CacheSnapshot {
+    pub fn hit_rate(&self) -> Option<f64> {
+        let t = self.hits + self.misses;
+        (t > 0).then(|| self.hits as f64 / t as f64)
+    }
+}
+
+/// How good next-layer guesses were: precision = useful guesses / guesses; recall = needed
+/// experts that had been guessed / needed experts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrefetchStats {
+    pub guessed: u64,
+    pub useful: u64,
+    pub needed: u64,
+    pub covered: u64,
+    pub loaded: u64,
+}
+
+impl PrefetchStats {
+    pub fn precision(&self) -> Option<f64> {
+        (self.guessed > 0).then(|| self.useful as f64 / self.guessed as f64)
+    }
+    pub fn recall(&self) -> Option<f64> {
+        (self.needed > 0).then(|| self.covered as f64 / self.needed as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_a_bucket() {
+        let mut h = Histogram::default();
+        for us in 1..=1000u64 {
+            h.record_us(us);
+        }
+        let p50 = h.quantile_us(0.5);
+        let p95 = h.quantile_us(0.95);
+        assert!((450.0..=560.0).contains(&p50), "{p50}");
+        assert!((900.0..=1000.0).contains(&p95), "{p95}");
+        assert_eq!(h.quantile_us(1.0), 1000.0);
+        assert_eq!(h.summary().count, 1000);
+    }
+
+    #[test]
+    fn empty_histogram_is_zero() {
+        assert_eq!(Histogram::default().quantile_us(0.5), 0.0);
+    }
+
+    #[test]
+    fn buckets_are_monotonic() {
+        let mut last = 0;
+        for us in [1u64, 2, 3, 7, 8, 9, 100, 1000, 10_000, 1 << 40] {
+            let b = Histogram::bucket(us);
+            assert!(b >= last);
+            last = b;
+            assert!(Histogram::upper(b) >= us as f64 || b == SUB * OCTAVES - 1);
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! `moescope verify DIR`: counts every (layer, expert) the config implies and checks each one —
+//! in a checkpoint (through its index), an extraction (size, BLAKE3, shapes) or a seed-layout
+//! directory (present, readable, right names and shapes). Lists exactly what is missing or
+//! corrupt; the directory is complete only when both lists are empty.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::extract::{MANIFEST, Manifest};
+use super::seed;
+use crate::model::checkpoint::Checkpoint;
+use crate::model::config::{ExpertProj, MoeConfig};
+use crate::model::error::{ModelError, Result};
+use crate::model::safetensors_file::SafetensorsFile;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayoutKind {
+    Checkpoint,
+    Extracted,
+    SeedLayout,
+}
+
+impl LayoutKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            LayoutKind::Checkpoint => "checkpoint",
+            LayoutKind::Extracted => "moescope extraction",
+            LayoutKind::SeedLayout => "seed-project layout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LayerRow {
+    pub layer: usize,
+    pub expected: usize,
+    pub present: usize,
+    pub missing: Vec<usize>,
+    /// (expert, what is wrong)
+    pub corrupt: Vec<(usize, String)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub dir: PathBuf,
+    pub kind: LayoutKind,
+    pub model_type: String,
+    pub config_fingerprint: String,
+    pub layers: Vec<LayerRow>,
+    /// Problems with non-expert tensors (missing norms, wrong shapes…), one line each.
+    pub non_expert: Vec<String>,
+    /// Expert files that the config does not account for.
+    pub unexpected: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn expected(&self) -> usize {
+        self.layers.iter().map(|l| l.expected).sum()
+    }
+    pub fn present(&self) -> usize {
+        self.layers.iter().map(|l| l.present).sum()
+    }
+    pub fn missing(&self) -> usize {
+        self.layers.iter().map(|l| l.missing.len()).sum()
+    }
+    pub fn corrupt(&self) -> usize {
+        self.layers.iter().map(|l| l.corrupt.len()).sum()
+    }
+    pub fn complete(&self) -> bool {
+        self.missing() == 0 && self.corrupt() == 0 && self.non_expert.is_empty()
+    }
+
+    /// The human report: per-layer table, then exact lists.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} ({}, {}, config {})",
+            self.dir.display(),
+            self.kind.describe(),
+            self.model_type,
+            self.config_fingerprint
+        );
+        let _ = writeln!(s, "{:>6} {:>9} {:>8} {:>8} {:>8}", "layer", "expected", "present", "missing", "corrupt");
+        for l in &self.layers {
+            let _ = writeln!(
+                s,
+                "{:>6} {:>9} {:>8} {:>8} {:>8}",
+                l.layer,
+                l.expected,
+                l.present,
+                l.missing.len(),
+                l.corrupt.len()
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:>6} {:>9} {:>8} {:>8} {:>8}",
+            "total",
+            self.expected(),
+            self.present(),
+            self.missing(),
+            self.corrupt()
+        );
+        if self.missing() > 0 {
+            let _ = writeln!(s, "missing experts ({}):", self.missing());
+            for l in self.layers.iter().filter(|l| !l.missing.is_empty()) {
+                let list: Vec<String> = l.missing.iter().map(|e| e.to_string()).collect();
+                let _ = writeln!(s, "  layer {}: {}", l.layer, list.join(", "));
+            }
+        }
+        if self.corrupt() > 0 {
+            let _ = writeln!(s, "corrupt experts ({}):", self.corrupt());
+            for l in &self.layers {
+                for (e, why) in &l.corrupt {
+                    let _ = writeln!(s, "  layer {} expert {e}: {why}", l.layer);
+                }
+            }
+        }
+        if !self.non_expert.is_empty() {
+            let _ = writeln!(s, "non-expert tensors with problems ({}):", self.non_expert.len());
+            for p in &self.non_expert {
+                let _ = writeln!(s, "  {p}");
+            }
+        }
+        if !self.unexpected.is_empty() {
+            let _ = writeln!(s, "files the config does not account for ({}):", self.unexpected.len());
+            for p in self.unexpected.iter().take(20) {
+                let _ = writeln!(s, "  {p}");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "{}",
+            if self.complete() {
+                format!("COMPLETE: all {} experts present and intact", self.expected())
+            } else {
+                "INCOMPLETE".to_string()
+            }
+        );
+        s
+    }
+}
+
+/// Detects what `dir` is and verifies it. `config_dir` supplies config.json when `dir` has none
+/// (seed-layout directories usually do not).
+pub fn verify(dir: &Path, config_dir: Option<&Path>) -> Result<VerifyReport> {
+    if !dir.is_dir() {
+        return Err(ModelError::Checkpoint {
+            file: dir.to_path_buf(),
+            msg: "not a directory".into(),
+        });
+    }
+    let kind = if dir.join(MANIFEST).exists() || dir.join(super::extract::JOURNAL).exists() {
+        LayoutKind::Extracted
+    } else if seed::looks_like_seed_layout(dir) {
+        LayoutKind::SeedLayout
+    } else {
+        LayoutKind::Checkpoint
+    };
+    let cfg_dir = if dir.join("config.json").exists() {
+        dir.to_path_buf()
+    } else if let Some(c) = config_dir {
+        c.to_path_buf()
+    } else {
+        return Err(ModelError::Config {
+            file: dir.join("config.json"),
+            field: String::new(),
+            msg: "missing; pass --model DIR to take the config from the original checkpoint".into(),
+        });
+    };
+    let cfg = MoeConfig::from_dir(&cfg_dir)?;
+    let mut report = VerifyReport {
+        dir: dir.to_path_buf(),
+        kind,
+        model_type: cfg.family.model_type().into(),
+        config_fingerprint: cfg.fingerprint(),
+        layers: cfg
+            .moe_layers()
+            .map(|l| LayerRow {
+                layer: l,
+                expected: cfg.num_experts,
+                ..Default::default()
+            })
+            .collect(),
+        non_expert: Vec::new(),
+        unexpected: Vec::new(),
+    };
+    match kind {
+        LayoutKind::Checkpoint => verify_checkpoint(dir, &cfg, &mut report)?,
+        LayoutKind::Extracted => verify_extracted(dir, &cfg, &mut report)?,
+        LayoutKind::SeedLayout => verify_seed(dir, &cfg, &mut report)?,
+    }
+    Ok(report)
+}
+
+fn row<'a>(report: &'a mut VerifyReport, layer: usize) -> &'a mut LayerRow {
+    report
+        .layers
+        .iter_mut()
+        .find(|r| r.layer == layer)
+        .expect("moe layer row")
+}
+
+fn check_non_expert(store: &Checkpoint, cfg: &MoeConfig, report: &mut VerifyReport) {
+    for (name, shape) in Checkpoint::required_tensors(cfg) {
+        if let Err(e) = store.check(&name, &shape) {
+            report.non_expert.push(e.to_string());
+        }
+    }
+}
+
+fn verify_checkpoint(dir: &Path, cfg: &MoeConfig, report: &mut VerifyReport) -> Result<()> {
+    let ckpt = Checkpoint::open(dir)?;
+    check_non_expert(&ckpt, cfg, report);
+    for layer in cfg.moe_layers() {
+        for e in 0..cfg.num_experts {
+            let outcome = ckpt.expert_location(cfg, layer, e);
+            let r = row(report, layer);
+            match outcome {
+                Ok(Some(_)) => r.present += 1,
+                Ok(None) => r.missing.push(e),
+                Err(err) => r.corrupt.push((e, err.to_string())),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn verify_extracted(dir: &Path, cfg: &MoeConfig, report: &mut VerifyReport) -> Result<()> {
+    let manifest = match Manifest::read(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            // An interrupted extraction has only its journal: everything counts as missing.
+            report.non_expert.push(e.to_string());
+            for r in &mut report.layers {
+                r.missing = (0..cfg.num_experts).collect();
+            }
+            return Ok(());
+        }
+    };
+    if manifest.config_fingerprint != cfg.fingerprint() {
+        report.non_expert.push(format!(
+            "{}: config fingerprint {} does not match config.json ({})",
+            dir.join(MANIFEST).display(),
+            manifest.config_fingerprint,
+            cfg.fingerprint()
+        ));
+    }
+    let entries: BTreeMap<(usize, usize), _> = manifest
+        .experts
+        .iter()
+        .map(|e| ((e.layer, e.expert), e))
+        .collect();
+    for layer in cfg.moe_layers() {
+        for e in 0..cfg.num_experts {
+            let outcome = match entries.get(&(layer, e)) {
+                None => None,
+                Some(entry) => Some(check_extracted_entry(dir, cfg, entry)),
+            };
+            let r = row(report, layer);
+            match outcome {
+                None => r.missing.push(e),
+                Some(Ok(())) => r.present += 1,
+                Some(Err(why)) if why.starts_with("missing") => r.missing.push(e),
+                Some(Err(why)) => r.corrupt.push((e, why)),
+            }
+        }
+    }
+    for (l, e) in entries.keys() {
+        if !cfg.moe_layers().any(|m| m == *l) || *e >= cfg.num_experts {
+            report.unexpected.push(format!("manifest entry layer {l} expert {e}"));
+        }
+    }
+    Ok(())
+}
+
+fn check_extracted_entry(
+    dir: &Path,
+    cfg: &MoeConfig,
+    entry: &super::extract::ManifestEntry,
+) -> std::result::Result<(), String> {
+    let path = dir.join(&entry.file);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("missing file {}", entry.file));
+        }
+        Err(e) => return Err(format!("{}: {e}", entry.file)),
+    };
+    if bytes.len() as u64 != entry.size {
+        return Err(format!(
+            "{}: {} bytes, manifest says {}",
+            entry.file,
+            bytes.len(),
+            entry.size
+        ));
+    }
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    if hash != entry.blake3 {
+        return Err(format!("{}: BLAKE3 {} does not match the manifest's {}", entry.file, &hash[..16], &entry.blake3[..16.min(entry.blake3.len())]));
+    }
+    check_expert_file(&path, cfg, entry.layer, entry.expert)
+}
+
+fn check_expert_file(path: &Path, cfg: &MoeConfig, layer: usize, expert: usize) -> std::result::Result<(), String> {
+    let file = SafetensorsFile::open(path).map_err(|e| e.to_string())?;
+    for proj in ExpertProj::ALL {
+        let name = cfg.expert_tensor_name(layer, expert, proj);
+        let info = file
+            .info(&name)
+            .ok_or_else(|| format!("{}: tensor `{name}` missing", path.display()))?;
+        if info.shape != proj.shape(cfg) {
+            return Err(format!(
+                "{}: tensor `{name}` shape {:?}, expected {:?}",
+                path.display(),
+                info.shape,
+                proj.shape(cfg)
+            ));
+        }
+        if info.dtype.float_dtype().is_none() {
+            return Err(format!("{}: tensor `{name}` has dtype {}", path.display(), info.dtype.name()));
+        }
+    }
+    Ok(())
+}
+
+fn verify_seed(dir: &Path, cfg: &MoeConfig, report: &mut VerifyReport) -> Result<()> {
+    match seed::open_non_expert_store(dir) {
+        Ok(store) => check_non_expert(&store, cfg, report),
+        Err(e) => report.non_expert.push(e.to_string()),
+    }
+    let files = seed::scan_expert_files(dir)?;
+    for layer in cfg.moe_layers() {
+        for e in 0..cfg.num_experts {
+            let outcome = files
+                .get(&(layer, e))
+                .map(|p| check_expert_file(p, cfg, layer, e));
+            let r = row(report, layer);
+            match outcome {
+                None => r.missing.push(e),
+                Some(Ok(())) => r.present += 1,
+                Some(Err(why)) => r.corrupt.push((e, why)),
+            }
+        }
+    }
+    let mut extra: Vec<String> = files
+        .iter()
+        .filter(|((l, e), _)| !cfg.moe_layers().any(|m| m == *l) || *e >= cfg.num_experts)
+        .map(|(_, p)| p.display().to_string())
+        .collect();
+    extra.sort();
+    report.unexpected = extra;
+    Ok(())
+}
