@@ -26,6 +26,41 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Print the final-position logits for a token sequence as JSON.
     Logits(LogitsArgs),
+    /// Write every expert to its own file with a checksummed manifest (resumable, atomic).
+    Extract(ExtractArgs),
+    /// Count and check every expert of a checkpoint, extraction or seed-layout directory.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// The checkpoint to extract from (default: the bundled model).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Output directory (created; an interrupted extraction there is resumed).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Testing aid: abort after writing this many new expert files (simulates a crash).
+    #[arg(long, hide = true)]
+    pub abort_after: Option<usize>,
+    /// Testing aid: sleep this many milliseconds after each expert.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub delay_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A checkpoint, a `moescope extract` output, or a seed-project layout directory.
+    pub dir: PathBuf,
+    /// Take config.json from this model directory (for layouts that carry none).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -12,6 +12,11 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Some(Command::Generate(a)) => commands::generate::generate(a),
         Some(Command::Logits(a)) => commands::generate::logits(a),
+        Some(Command::Extract(a)) => commands::experts::run_extract(a),
+        Some(Command::Verify(a)) => match commands::experts::run_verify(a) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         None => {
             eprintln!("moescope: the dashboard is not built yet; try `moescope generate --help`");
             return ExitCode::from(2);

@@ -175,6 +175,7 @@ pub fn extract(
         std::fs::write(&cfg_copy, &cfg_bytes).map_err(|e| io(&cfg_copy, "writing", e))?;
     }
 
+    remove_stale_temporaries(out);
     let journal_path = out.join(JOURNAL);
     let mut done: BTreeMap<(usize, usize), ManifestEntry> = BTreeMap::new();
     if let Ok(m) = Manifest::read(out) {
@@ -279,11 +280,17 @@ fn write_expert(path: &Path, rel: &str, raw: &RawExpert, cfg: &MoeConfig) -> Res
             bytes: &p.bytes,
         })
         .collect();
-    let meta = HashMap::from([
-        ("layer".to_string(), raw.layer.to_string()),
-        ("expert".to_string(), raw.expert.to_string()),
-        ("config_fingerprint".to_string(), cfg.fingerprint()),
-    ]);
+    // One metadata key: safetensors serialises its HashMap in random order, and the files must
+    // come out byte-identical run after run.
+    let meta = HashMap::from([(
+        "moescope".to_string(),
+        format!(
+            "{{\"layer\":{},\"expert\":{},\"config_fingerprint\":\"{}\"}}",
+            raw.layer,
+            raw.expert,
+            cfg.fingerprint()
+        ),
+    )]);
     write_atomic(path, &tensors, Some(meta))?;
     let bytes = std::fs::read(path).map_err(|e| ModelError::Io {
         path: path.to_path_buf(),
@@ -313,6 +320,24 @@ fn write_expert(path: &Path, rel: &str, raw: &RawExpert, cfg: &MoeConfig) -> Res
         blake3: blake3::hash(&bytes).to_hex().to_string(),
         tensors,
     })
+}
+
+/// A run killed mid-write leaves `.NAME.tmp-PID` files behind; they are never renamed into
+/// place, so they can go.
+fn remove_stale_temporaries(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if p.is_dir() {
+                stack.push(p);
+            } else if (name.starts_with('.') && name.contains(".tmp-")) || name == "manifest.tmp" {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
 }
 
 pub(crate) fn write_text_atomic(path: &Path, text: &str) -> Result<()> {

@@ -57,3 +57,87 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moescope"))
 }
+
+use moescope::model::config::{ExpertProj, MoeConfig};
+use moescope::model::safetensors_file::{OwnedTensor, SafetensorsFile, write_atomic};
+use std::path::Path;
+
+/// Writes a fixture checkpoint in the seed project's layout (one file per expert, non-expert
+/// weights split by kind), as the earlier project's extractor did — complete.
+pub fn make_seed_layout(fixture_dir: &Path, out: &Path, with_config: bool) {
+    let cfg = MoeConfig::from_dir(fixture_dir).unwrap();
+    let ckpt = moescope::model::Checkpoint::open(fixture_dir).unwrap();
+    let read = |name: &str| -> (SafetensorsFile, String) {
+        let (f, _) = ckpt.locate(name).unwrap();
+        (SafetensorsFile::open(f.path()).unwrap(), name.to_string())
+    };
+    let write = |rel: &str, names: &[String]| {
+        let path = out.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let files: Vec<(SafetensorsFile, String)> = names.iter().map(|n| read(n)).collect();
+        let tensors: Vec<OwnedTensor<'_>> = files
+            .iter()
+            .map(|(f, n)| {
+                let info = f.info(n).unwrap();
+                OwnedTensor {
+                    name: n.clone(),
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: f.bytes(info),
+                }
+            })
+            .collect();
+        write_atomic(&path, &tensors, None).unwrap();
+    };
+    let p = |s: &str| cfg.tensor_name(s);
+    write("embeddings/thinker_embeddings.safetensors", &[p("model.embed_tokens.weight")]);
+    if !cfg.tie_word_embeddings {
+        write("lm_head/thinker_lm_head.safetensors", &[p("lm_head.weight")]);
+    }
+    write("final_norm/thinker_final_norm.safetensors", &[p("model.norm.weight")]);
+    for l in 0..cfg.num_hidden_layers {
+        let lp = |s: &str| p(&format!("model.layers.{l}.{s}"));
+        let attn: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"]
+            .iter()
+            .map(|n| lp(&format!("self_attn.{n}.weight")))
+            .collect();
+        write(&format!("attention/thinker_attention_layer_{l:02}.safetensors"), &attn);
+        let norms = vec![lp("input_layernorm.weight"), lp("post_attention_layernorm.weight")];
+        write(&format!("norms/thinker_norms_layer_{l:02}.safetensors"), &norms);
+        match cfg.layer_kinds[l] {
+            moescope::model::config::FfnKind::Moe => {
+                write(&format!("routers/thinker_router_layer_{l:02}.safetensors"), &[lp("mlp.gate.weight")]);
+                for e in 0..cfg.num_experts {
+                    let names: Vec<String> = ExpertProj::ALL
+                        .iter()
+                        .map(|&pr| cfg.expert_tensor_name(l, e, pr))
+                        .collect();
+                    write(&format!("experts/thinker_expert_{e:03}_layer_{l:02}.safetensors"), &names);
+                }
+            }
+            moescope::model::config::FfnKind::Dense => {
+                let names = vec![
+                    lp("mlp.gate_proj.weight"),
+                    lp("mlp.up_proj.weight"),
+                    lp("mlp.down_proj.weight"),
+                ];
+                // The seed layout has no place for dense MLPs; keep them with the norms' kin.
+                write(&format!("norms/thinker_dense_mlp_layer_{l:02}.safetensors"), &names);
+            }
+        }
+    }
+    std::fs::write(out.join("extraction_manifest.json"), "{}").unwrap();
+    if with_config {
+        std::fs::copy(fixture_dir.join("config.json"), out.join("config.json")).unwrap();
+    }
+}
+
+/// Runs the moescope binary; returns (exit code, stdout, stderr).
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}

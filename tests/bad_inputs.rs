@@ -1,0 +1,214 @@
+//! Every bad input gets a one-line error naming the file and the tensor or field, exit code 2,
+//! and no panic.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+/// Runs `logits` on a damaged model directory and checks the failure.
+fn expect_failure(dir: &Path, needles: &[&str]) {
+    let (rc, out, err) = run(&["logits", "--model", dir.to_str().unwrap(), "--tokens", "1,2,3"]);
+    assert_eq!(rc, 2, "exit code (stderr: {err})");
+    assert!(out.is_empty(), "nothing on stdout: {out}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "missing {n:?} in: {err}");
+    }
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// Rewrites a safetensors file's JSON header (data section unchanged).
+fn edit_header(path: &Path, f: impl FnOnce(&mut Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    f(&mut header);
+    let h = header.to_string();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn unsupported_model_type() {
+    let d = copy_fixture("qwen3-moe-tiny");
+    edit_json(&d.path().join("config.json"), |v| v["model_type"] = "mixtral".into());
+    expect_failure(d.path(), &["config.json", "model_type", "mixtral", "qwen3_moe", "qwen3_omni_moe"]);
+}
+
+#[test]
+fn unparsable_config() {
+    let d = copy_fixture("qwen3-moe-tiny");
+    std::fs::write(d.path().join("config.json"), "{\"model_type\": \"qwen3_moe\",").unwrap();
+    expect_failure(d.path(), &["config.json", "not valid JSON"]);
+}
+
+#[test]
+fn incomplete_config() {
+    let d = copy_fixture("qwen3-moe-tiny");
+    edit_json(&d.path().join("config.json"), |v| {
+        v.as_object_mut().unwrap().remove("hidden_size");
+    });
+    expect_failure(d.path(), &["config.json", "hidden_size", "missing"]);
+    let d = copy_fixture("qwen3-omni-tiny");
+    edit_json(&d.path().join("config.json"), |v| {
+        v["thinker_config"]["text_config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("num_experts");
+    });
+    expect_failure(d.path(), &["thinker_config.text_config.num_experts", "missing"]);
+}
+
+#[test]
+fn missing_config_and_weights() {
+    let d = copy_fixture("qwen3-moe-tiny");
+    std::fs::remove_file(d.path().join("config.json")).unwrap();
+    expect_failure(d.path(), &["config.json"]);
+    let d = copy_fixture("qwen3-moe-tiny");
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    expect_failure(d.path(), &["model.safetensors", "found"]);
+}
+
+#[test]
+fn missing_shard() {
+    let d = copy_fixture("qwen3-omni-tiny");
+    std::fs::remove_file(d.path().join("model-00002-of-00003.safetensors")).unwrap();
+    expect_failure(d.path(), &["model-00002-of-00003.safetensors", "missing shard", "index.json"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let d = copy_fixture("qwen3-omni-tiny");
+    edit_json(&d.path().join("model.safetensors.index.json"), |v| {
+        v["weight_map"]
+            .as_object_mut()
+            .unwrap()
+            .remove("thinker.model.layers.2.self_attn.k_norm.weight");
+    });
+    expect_failure(d.path(), &["thinker.model.layers.2.self_attn.k_norm.weight", "missing"]);
+}
+
+#[test]
+fn index_points_to_a_shard_without_the_tensor() {
+    let d = copy_fixture("qwen3-omni-tiny");
+    edit_json(&d.path().join("model.safetensors.index.json"), |v| {
+        v["weight_map"]["thinker.model.norm.weight"] = "model-00001-of-00003.safetensors".into();
+    });
+    expect_failure(d.path(), &["model-00001-of-00003.safetensors", "thinker.model.norm.weight", "does not contain"]);
+}
+
+#[test]
+fn wrong_shape() {
+    let d = copy_fixture("qwen3-moe-tiny");
+    edit_json(&d.path().join("config.json"), |v| v["vocab_size"] = 500.into());
+    expect_failure(d.path(), &["model.safetensors", "model.embed_tokens.weight", "[384, 64]", "[500, 64]"]);
+    let d = copy_fixture("qwen3-moe-tiny");
+    edit_json(&d.path().join("config.json"), |v| v["moe_intermediate_size"] = 16.into());
+    expect_failure(d.path(), &["mlp.experts.0.gate_proj.weight", "[32, 64]", "[16, 64]"]);
+}
+
+#[test]
+fn wrong_dtype() {
+    let d = copy_fixture("qwen3-moe-tiny");
+    edit_header(&d.path().join("model.safetensors"), |h| {
+        h["model.norm.weight"]["dtype"] = "I16".into();
+    });
+    expect_failure(d.path(), &["model.safetensors", "model.norm.weight", "I16", "BF16"]);
+}
+
+#[test]
+fn truncated_file() {
+    let d = copy_fixture("qwen3-moe-tiny");
+    let p = d.path().join("model.safetensors");
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(len - 1000).unwrap();
+    expect_failure(d.path(), &["model.safetensors", "beyond the end of the file"]);
+}
+
+#[test]
+fn absurd_header_length() {
+    let d = copy_fixture("qwen3-moe-tiny");
+    let p = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[..8].copy_from_slice(&(u64::MAX - 7).to_le_bytes());
+    std::fs::write(&p, bytes).unwrap();
+    expect_failure(d.path(), &["model.safetensors", "header length", "absurd"]);
+}
+
+#[test]
+fn data_offsets_beyond_the_file() {
+    let d = copy_fixture("qwen3-omni-tiny");
+    edit_header(&d.path().join("model-00002-of-00003.safetensors"), |h| {
+        let t = &mut h["thinker.model.norm.weight"];
+        t["data_offsets"] = serde_json::json!([10_000_000, 10_000_128]);
+    });
+    expect_failure(d.path(), &["model-00002-of-00003.safetensors", "thinker.model.norm.weight", "beyond the end"]);
+}
+
+#[test]
+fn bad_token_ids_and_prompts() {
+    let m = fixture("qwen3-moe-tiny");
+    let (rc, _, err) = run(&["logits", "--model", m.to_str().unwrap(), "--tokens", "1,99999"]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("99999") && err.contains("vocab_size"), "{err}");
+    let (rc, _, err) = run(&["generate", "--model", m.to_str().unwrap(), "--prompt", ""]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("empty"), "{err}");
+    let (rc, _, err) = run(&["generate", "--model", m.to_str().unwrap(), "--prompt", "x", "--top-p", "0"]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("top-p"), "{err}");
+}
+
+#[test]
+fn missing_experts_are_refused_unless_allowed() {
+    let d = copy_fixture("qwen3-omni-tiny");
+    edit_json(&d.path().join("model.safetensors.index.json"), |v| {
+        v["weight_map"]
+            .as_object_mut()
+            .unwrap()
+            .remove("thinker.model.layers.1.mlp.experts.5.up_proj.weight");
+    });
+    let dir = d.path().to_str().unwrap();
+    for backend in ["native", "selective"] {
+        let (rc, _, err) = run(&["generate", "--model", dir, "--token-ids", "1,2", "--backend", backend]);
+        assert_eq!(rc, 2, "{backend}: {err}");
+        assert!(err.contains("layer 1, expert 5") && err.contains("--allow-missing-experts"), "{err}");
+        let (rc, out, err) = run(&[
+            "generate", "--model", dir, "--token-ids", "1,2", "--backend", backend,
+            "--allow-missing-experts", "--json", "--max-new-tokens", "3",
+        ]);
+        assert_eq!(rc, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["degraded"], true, "{backend}: a run with masked experts is DEGRADED");
+    }
+}
+
+#[test]
+fn bad_flags() {
+    let m = fixture("qwen3-moe-tiny");
+    let m = m.to_str().unwrap();
+    let (rc, _, err) = run(&["generate", "--model", m, "--prompt", "x", "--backend", "selective", "--cache-mem", "4 parsecs"]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("unknown unit"), "{err}");
+    let (rc, _, err) = run(&["generate", "--model", m, "--prompt", "x", "--backend", "selective", "--expert-source", "nfs:/x"]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("expert source"), "{err}");
+    let (rc, _, err) = run(&["generate", "--model", m, "--prompt", "x", "--device", "tpu:0"]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("tpu:0"), "{err}");
+    let (rc, _, err) = run(&["generate", "--model", m, "--prompt", "x", "--backend", "selective", "--expert-source", "extracted:/nonexistent"]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("/nonexistent"), "{err}");
+}
