@@ -30,6 +30,54 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Count and check every expert of a checkpoint, extraction or seed-layout directory.
     Verify(VerifyArgs),
+    /// Benchmarks (decode speed against candle-transformers, selective sweeps, random models).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Native decode tok/s against candle-transformers' qwen3_moe on the same files.
+    Decode(BenchDecodeArgs),
+    /// Write a random checkpoint in the real per-expert layout.
+    RandomCheckpoint(RandomCheckpointArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDecodeArgs {
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Compute dtypes to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32,bf16")]
+    pub dtype: Vec<Dtype>,
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: crate::engine::DeviceSpec,
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Timed repeats (best is kept) after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RandomCheckpointArgs {
+    /// engine | selective | qwen3-30b-a3b-12l
+    #[arg(long, default_value = "engine")]
+    pub preset: String,
+    /// Override the preset's layer count.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Largest shard (bigger checkpoints get an index), e.g. 2GiB.
+    #[arg(long, default_value = "2GiB", value_parser = crate::util::parse_bytes)]
+    pub shard_size: u64,
 }
 
 #[derive(Debug, Args)]

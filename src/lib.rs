@@ -1,6 +1,7 @@
 //! moescope: run a Mixture-of-Experts model two ways — every weight resident (*native*) or experts
 //! loaded on demand through a bounded cache (*selective*) — and compare them honestly.
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod engine;

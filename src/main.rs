@@ -13,6 +13,7 @@ fn main() -> ExitCode {
         Some(Command::Generate(a)) => commands::generate::generate(a),
         Some(Command::Logits(a)) => commands::generate::logits(a),
         Some(Command::Extract(a)) => commands::experts::run_extract(a),
+        Some(Command::Bench(c)) => commands::bench::run(c),
         Some(Command::Verify(a)) => match commands::experts::run_verify(a) {
             Ok(code) => return ExitCode::from(code),
             Err(e) => Err(e),

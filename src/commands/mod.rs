@@ -1,6 +1,7 @@
 //! One module per subcommand. Each takes parsed arguments and returns `anyhow::Result`; `main`
 //! turns errors into a one-line message and an exit code.
 
+pub mod bench;
 pub mod experts;
 pub mod generate;
 

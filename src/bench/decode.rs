@@ -1,0 +1,210 @@
+//! Decode throughput of our native backend against candle-transformers' own `qwen3_moe` on the
+//! same files, in the same process, same prompt, same number of tokens — the reference the
+//! engine must not fall behind (ratio ≥ 0.95).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::qwen3_moe;
+use serde::Serialize;
+
+use crate::engine::{BackendSpec, Engine};
+use crate::experts::provider::NoObserver;
+use crate::model::config::{FfnKind, MoeConfig};
+use crate::model::error::{ModelError, Result};
+use crate::model::generate::{Generation, SamplingParams};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeResult {
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub decode_tok_s: f64,
+    pub tokens: Vec<u32>,
+}
+
+/// Deterministic prompt token ids.
+pub fn prompt(len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7919 + 13) % vocab.max(1)) as u32).collect()
+}
+
+/// Our engine: greedy decode of `new_tokens` after `prompt`.
+pub fn run_ours(engine: &Engine, prompt: &[u32], new_tokens: usize) -> Result<DecodeResult> {
+    let params = SamplingParams {
+        max_new_tokens: new_tokens,
+        ..Default::default()
+    };
+    let mut g = Generation::new(&engine.model, prompt.to_vec(), params, vec![])?;
+    while g.step(&engine.model, engine.provider.as_ref(), &mut NoObserver)?.is_some() {}
+    let decode_s = g.decode_time.as_secs_f64();
+    Ok(DecodeResult {
+        prefill_s: g.prefill_time.as_secs_f64(),
+        decode_s,
+        decode_tok_s: (new_tokens.saturating_sub(1)) as f64 / decode_s.max(1e-12),
+        tokens: g.generated,
+    })
+}
+
+/// candle-transformers' model, built from our normalised config.
+pub struct Reference {
+    model: qwen3_moe::ModelForCausalLM,
+    device: Device,
+}
+
+impl Reference {
+    pub fn load(dir: &Path, cfg: &MoeConfig, dtype: DType, device: &Device) -> Result<Self> {
+        if cfg.layer_kinds.contains(&FfnKind::Dense) {
+            return Err(ModelError::Input(
+                "candle-transformers' qwen3_moe has no mlp_only_layers; pick a model whose layers are all MoE".into(),
+            ));
+        }
+        let c = qwen3_moe::Config {
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size.max(1),
+            num_hidden_layers: cfg.num_hidden_layers,
+            num_attention_heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim,
+            attention_bias: cfg.attention_bias,
+            num_key_value_heads: cfg.num_key_value_heads,
+            max_position_embeddings: cfg.max_position_embeddings,
+            sliding_window: None,
+            max_window_layers: cfg.num_hidden_layers,
+            tie_word_embeddings: cfg.tie_word_embeddings,
+            rope_theta: cfg.rope_theta,
+            rms_norm_eps: cfg.rms_norm_eps,
+            use_sliding_window: false,
+            hidden_act: candle_nn::Activation::Silu,
+            decoder_sparse_step: 1,
+            moe_intermediate_size: cfg.moe_intermediate_size,
+            num_experts_per_tok: cfg.num_experts_per_tok,
+            num_experts: cfg.num_experts,
+            norm_topk_prob: cfg.norm_topk_prob,
+        };
+        let files = safetensors_files(dir)?;
+        // SAFETY: read-only mapping of checkpoint files, as candle's own examples do.
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        let vb = match cfg.tensor_prefix.trim_end_matches('.') {
+            "" => vb,
+            p => vb.pp(p),
+        };
+        let model = qwen3_moe::ModelForCausalLM::new(&c, vb)?;
+        Ok(Reference {
+            model,
+            device: device.clone(),
+        })
+    }
+
+    pub fn run(&mut self, prompt: &[u32], new_tokens: usize) -> Result<DecodeResult> {
+        self.model.clear_kv_cache();
+        let argmax = |t: &Tensor| -> Result<u32> {
+            let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            Ok(crate::model::layers::argmax(&v) as u32)
+        };
+        let start = Instant::now();
+        let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
+        let logits = self.model.forward(&input, 0)?;
+        let mut tok = argmax(&logits)?;
+        let prefill_s = start.elapsed().as_secs_f64();
+        let mut tokens = vec![tok];
+        let start = Instant::now();
+        for i in 1..new_tokens {
+            let input = Tensor::new(&[tok], &self.device)?.unsqueeze(0)?;
+            let logits = self.model.forward(&input, prompt.len() + i - 1)?;
+            tok = argmax(&logits)?;
+            tokens.push(tok);
+        }
+        let decode_s = start.elapsed().as_secs_f64();
+        Ok(DecodeResult {
+            prefill_s,
+            decode_s,
+            decode_tok_s: (new_tokens.saturating_sub(1)) as f64 / decode_s.max(1e-12),
+            tokens,
+        })
+    }
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let idx = dir.join(crate::model::checkpoint::INDEX_FILE);
+    if idx.exists() {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&idx).map_err(|e| ModelError::Io {
+            path: idx.clone(),
+            what: "reading".into(),
+            source: e,
+        })?)
+        .map_err(|e| ModelError::Checkpoint {
+            file: idx.clone(),
+            msg: e.to_string(),
+        })?;
+        let mut files: Vec<String> = v["weight_map"]
+            .as_object()
+            .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        files.sort();
+        files.dedup();
+        Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    } else {
+        Ok(vec![dir.join(crate::model::checkpoint::SINGLE_FILE)])
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub model: String,
+    pub dtype: String,
+    pub device: String,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub repeats: usize,
+    pub ours_tok_s: f64,
+    pub reference_tok_s: f64,
+    pub ratio: f64,
+    pub ours_prefill_tok_s: f64,
+    pub reference_prefill_tok_s: f64,
+    /// Leading greedy tokens on which both agree (a sanity check that both ran the same model).
+    pub agreeing_tokens: usize,
+}
+
+/// Best of `repeats` after one warm-up, alternating the two so neither gets a warmer machine.
+pub fn compare(
+    spec: &BackendSpec,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    repeats: usize,
+) -> Result<Comparison> {
+    let engine = spec.load(|_, _| {})?;
+    let cfg = engine.cfg.clone();
+    let device = engine.model.device().clone();
+    let mut reference = Reference::load(&spec.model_dir, &cfg, spec.dtype.candle(), &device)?;
+    let p = prompt(prompt_tokens, cfg.vocab_size);
+    let _ = run_ours(&engine, &p, new_tokens.min(4))?;
+    let _ = reference.run(&p, new_tokens.min(4))?;
+    let mut best_ours: Option<DecodeResult> = None;
+    let mut best_ref: Option<DecodeResult> = None;
+    for _ in 0..repeats.max(1) {
+        let o = run_ours(&engine, &p, new_tokens)?;
+        let r = reference.run(&p, new_tokens)?;
+        if best_ours.as_ref().is_none_or(|b| o.decode_tok_s > b.decode_tok_s) {
+            best_ours = Some(o);
+        }
+        if best_ref.as_ref().is_none_or(|b| r.decode_tok_s > b.decode_tok_s) {
+            best_ref = Some(r);
+        }
+    }
+    let (o, r) = (best_ours.expect("ran"), best_ref.expect("ran"));
+    let agreeing = o.tokens.iter().zip(&r.tokens).take_while(|(a, b)| a == b).count();
+    Ok(Comparison {
+        model: spec.model_dir.display().to_string(),
+        dtype: spec.dtype.name().into(),
+        device: spec.device.to_string(),
+        prompt_tokens,
+        new_tokens,
+        repeats,
+        ours_tok_s: o.decode_tok_s,
+        reference_tok_s: r.decode_tok_s,
+        ratio: o.decode_tok_s / r.decode_tok_s.max(1e-12),
+        ours_prefill_tok_s: prompt_tokens as f64 / o.prefill_s.max(1e-12),
+        reference_prefill_tok_s: prompt_tokens as f64 / r.prefill_s.max(1e-12),
+        agreeing_tokens: agreeing,
+    })
+}

@@ -1,0 +1,4 @@
+//! Benchmarks run by `moescope bench …` (never timed tests): results go to BENCHMARKS.md.
+
+pub mod decode;
+pub mod random;

@@ -1,0 +1,268 @@
+//! Random checkpoints in the real on-disk layout (qwen3_moe config.json, one tensor per expert and
+//! projection, bf16, sharded with an index when large) — for benchmarks at geometries we cannot
+//! download. Random routers route almost uniformly, the worst case for an expert cache; that is
+//! stated wherever these numbers are reported.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use half::bf16;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::model::error::{ModelError, Result};
+use crate::model::safetensors_file::{OwnedTensor, StDtype, write_atomic};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Geometry {
+    pub layers: usize,
+    pub hidden: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub moe_intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+}
+
+impl Geometry {
+    /// Named geometries used in BENCHMARKS.md.
+    pub fn preset(name: &str) -> Option<Self> {
+        Some(match name {
+            // issue: "8 layers, hidden 512, 32 experts, top-4"
+            "engine" => Geometry {
+                layers: 8,
+                hidden: 512,
+                experts: 32,
+                top_k: 4,
+                moe_intermediate: 256,
+                heads: 8,
+                kv_heads: 2,
+                head_dim: 64,
+                vocab: 8192,
+            },
+            // experts dominate: "16 layers, 64 experts, top-8, hidden 1024"
+            "selective" => Geometry {
+                layers: 16,
+                hidden: 1024,
+                experts: 64,
+                top_k: 8,
+                moe_intermediate: 512,
+                heads: 16,
+                kv_heads: 4,
+                head_dim: 64,
+                vocab: 16384,
+            },
+            // Qwen3-30B-A3B geometry with 12 of its 48 layers.
+            "qwen3-30b-a3b-12l" => Geometry {
+                layers: 12,
+                hidden: 2048,
+                experts: 128,
+                top_k: 8,
+                moe_intermediate: 768,
+                heads: 32,
+                kv_heads: 4,
+                head_dim: 128,
+                vocab: 151936,
+            },
+            _ => return None,
+        })
+    }
+
+    pub const PRESETS: [&'static str; 3] = ["engine", "selective", "qwen3-30b-a3b-12l"];
+
+    pub fn params(&self) -> (u64, u64) {
+        let h = self.hidden as u64;
+        let expert = 3 * h * self.moe_intermediate as u64;
+        let experts = expert * (self.experts * self.layers) as u64;
+        let q = (self.heads * self.head_dim) as u64;
+        let kv = (self.kv_heads * self.head_dim) as u64;
+        let attn = 2 * h * q + 2 * h * kv + 2 * self.head_dim as u64;
+        let layer = attn + 2 * h + self.experts as u64 * h;
+        let non_expert = layer * self.layers as u64 + 2 * self.vocab as u64 * h + h;
+        (non_expert, experts)
+    }
+}
+
+/// xorshift64* — fast, seeded, good enough for benchmark weights.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        // uniform in [-1, 1)
+        ((v >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+    }
+}
+
+fn random_bf16(n: usize, scale: f32, rng: &mut Rng) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n * 2);
+    for _ in 0..n {
+        out.extend_from_slice(&bf16::from_f32(rng.next_f32() * scale).to_le_bytes());
+    }
+    out
+}
+
+/// Writes the checkpoint; shards of at most `shard_bytes` with an index when it is larger.
+pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| ModelError::Io {
+        path: out.to_path_buf(),
+        what: "creating directory".into(),
+        source: e,
+    })?;
+    let g = geom;
+    let config = json!({
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": g.vocab,
+        "hidden_size": g.hidden,
+        "intermediate_size": g.moe_intermediate * 4,
+        "moe_intermediate_size": g.moe_intermediate,
+        "num_hidden_layers": g.layers,
+        "num_attention_heads": g.heads,
+        "num_key_value_heads": g.kv_heads,
+        "head_dim": g.head_dim,
+        "num_experts": g.experts,
+        "num_experts_per_tok": g.top_k,
+        "norm_topk_prob": true,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "max_position_embeddings": 4096,
+        "max_window_layers": g.layers,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": false,
+        "attention_bias": false,
+        "use_sliding_window": false,
+        "sliding_window": null,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "eos_token_id": 1,
+    });
+    let io = |p: &Path, e: std::io::Error| ModelError::Io {
+        path: p.to_path_buf(),
+        what: "writing".into(),
+        source: e,
+    };
+    let cfg_path = out.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).expect("json")).map_err(|e| io(&cfg_path, e))?;
+
+    // Tensors in a fixed order; each (name, shape, scale).
+    let mut specs: Vec<(String, Vec<usize>, f32)> = Vec::new();
+    let h = g.hidden;
+    let (q, kv) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
+    let std_of = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    specs.push(("model.embed_tokens.weight".into(), vec![g.vocab, h], 1.0));
+    for l in 0..g.layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        specs.push((p("input_layernorm.weight"), vec![h], 0.0));
+        specs.push((p("post_attention_layernorm.weight"), vec![h], 0.0));
+        specs.push((p("self_attn.q_proj.weight"), vec![q, h], std_of(h)));
+        specs.push((p("self_attn.k_proj.weight"), vec![kv, h], std_of(h)));
+        specs.push((p("self_attn.v_proj.weight"), vec![kv, h], std_of(h)));
+        specs.push((p("self_attn.o_proj.weight"), vec![h, q], std_of(q)));
+        specs.push((p("self_attn.q_norm.weight"), vec![g.head_dim], 0.0));
+        specs.push((p("self_attn.k_norm.weight"), vec![g.head_dim], 0.0));
+        specs.push((p("mlp.gate.weight"), vec![g.experts, h], std_of(h) * 4.0));
+        for e in 0..g.experts {
+            let i = g.moe_intermediate;
+            specs.push((p(&format!("mlp.experts.{e}.gate_proj.weight")), vec![i, h], std_of(h)));
+            specs.push((p(&format!("mlp.experts.{e}.up_proj.weight")), vec![i, h], std_of(h)));
+            specs.push((p(&format!("mlp.experts.{e}.down_proj.weight")), vec![h, i], std_of(i)));
+        }
+    }
+    specs.push(("model.norm.weight".into(), vec![h], 0.0));
+    specs.push(("lm_head.weight".into(), vec![g.vocab, h], std_of(h)));
+
+    let total: u64 = specs.iter().map(|(_, s, _)| s.iter().product::<usize>() as u64 * 2).sum();
+    let nshards = total.div_ceil(shard_bytes.max(1)).max(1);
+    let mut rng = Rng(seed.max(1));
+    let mut weight_map = BTreeMap::new();
+    let mut shard: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut shard_size = 0u64;
+    let mut shard_idx = 1u64;
+    let flush = |shard: &mut Vec<(String, Vec<usize>, Vec<u8>)>, idx: u64, weight_map: &mut BTreeMap<String, String>| -> Result<()> {
+        if shard.is_empty() {
+            return Ok(());
+        }
+        let name = if nshards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{idx:05}-of-{nshards:05}.safetensors")
+        };
+        let tensors: Vec<OwnedTensor<'_>> = shard
+            .iter()
+            .map(|(n, s, b)| OwnedTensor {
+                name: n.clone(),
+                dtype: StDtype::BF16,
+                shape: s.clone(),
+                bytes: b,
+            })
+            .collect();
+        write_atomic(&out.join(&name), &tensors, None)?;
+        for (n, _, _) in shard.iter() {
+            weight_map.insert(n.clone(), name.clone());
+        }
+        shard.clear();
+        Ok(())
+    };
+    for (name, shape, scale) in specs {
+        let n: usize = shape.iter().product();
+        let bytes = if scale == 0.0 {
+            // Norm weights: ones with a little noise.
+            let mut b = Vec::with_capacity(n * 2);
+            for _ in 0..n {
+                b.extend_from_slice(&bf16::from_f32(1.0 + 0.1 * rng.next_f32()).to_le_bytes());
+            }
+            b
+        } else {
+            random_bf16(n, scale, &mut rng)
+        };
+        if shard_size + bytes.len() as u64 > shard_bytes && !shard.is_empty() && shard_idx < nshards {
+            flush(&mut shard, shard_idx, &mut weight_map)?;
+            shard_idx += 1;
+            shard_size = 0;
+        }
+        shard_size += bytes.len() as u64;
+        shard.push((name, shape, bytes));
+    }
+    flush(&mut shard, shard_idx, &mut weight_map)?;
+    if nshards > 1 {
+        let idx = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let p = out.join("model.safetensors.index.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&idx).expect("json")).map_err(|e| io(&p, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ModelFiles;
+
+    #[test]
+    fn random_checkpoint_is_a_valid_sharded_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry {
+            layers: 2,
+            hidden: 32,
+            experts: 4,
+            top_k: 2,
+            moe_intermediate: 16,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 16,
+            vocab: 64,
+        };
+        write(&g, dir.path(), 7, 20_000).unwrap();
+        assert!(dir.path().join("model.safetensors.index.json").exists());
+        let files = ModelFiles::open(dir.path()).unwrap();
+        assert!(files.inventory.missing.is_empty());
+        assert_eq!(files.inventory.present, 8);
+        assert!(files.ckpt.num_shards() > 1);
+    }
+}

@@ -1,0 +1,66 @@
+//! `moescope bench …`.
+
+use anyhow::Result;
+
+use crate::bench::{decode, random};
+use crate::cli::{BackendKind, BenchCommand, BenchDecodeArgs, RandomCheckpointArgs};
+use crate::engine::{BackendSpec, default_model_dir};
+use crate::experts::CacheArgs;
+
+pub fn run(cmd: &BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Decode(a) => bench_decode(a),
+        BenchCommand::RandomCheckpoint(a) => random_checkpoint(a),
+    }
+}
+
+fn bench_decode(a: &BenchDecodeArgs) -> Result<()> {
+    let model = a.model.clone().unwrap_or_else(default_model_dir);
+    let mut rows = Vec::new();
+    for &dtype in &a.dtype {
+        let spec = BackendSpec {
+            model_dir: model.clone(),
+            dtype,
+            device: a.device.clone(),
+            backend: BackendKind::Native,
+            cache: CacheArgs::default(),
+        };
+        let c = decode::compare(&spec, a.prompt_tokens, a.new_tokens, a.repeats)?;
+        if !a.json {
+            println!(
+                "{} {} {}: moescope {:.1} tok/s, candle-transformers {:.1} tok/s, ratio {:.3} \
+                 (prefill {:.0} vs {:.0} tok/s; first {} of {} greedy tokens agree)",
+                c.model, c.dtype, c.device, c.ours_tok_s, c.reference_tok_s, c.ratio,
+                c.ours_prefill_tok_s, c.reference_prefill_tok_s, c.agreeing_tokens, c.new_tokens
+            );
+        }
+        rows.push(c);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(())
+}
+
+fn random_checkpoint(a: &RandomCheckpointArgs) -> Result<()> {
+    let Some(mut g) = random::Geometry::preset(&a.preset) else {
+        crate::bail_input!(
+            "unknown preset \"{}\": expected one of {}",
+            a.preset,
+            random::Geometry::PRESETS.join(", ")
+        );
+    };
+    if let Some(l) = a.layers {
+        g.layers = l;
+    }
+    let (ne, ex) = g.params();
+    random::write(&g, &a.out, a.seed, a.shard_size)?;
+    println!(
+        "wrote {} ({} non-expert + {} expert parameters, bf16) to {}",
+        a.preset,
+        ne,
+        ex,
+        a.out.display()
+    );
+    Ok(())
+}
