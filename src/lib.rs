@@ -8,4 +8,5 @@ pub mod engine;
 pub mod errors;
 pub mod experts;
 pub mod model;
+pub mod session;
 pub mod util;

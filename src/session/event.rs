@@ -1,0 +1,226 @@
+//! `SessionEvent`: the one type that crosses from workers (through the scheduler) to the UI, the
+//! recorder and replay. Everything a screen or an export shows is derived from a sequence of
+//! these, so a recording replays into exactly the state the live run had.
+
+use serde::{Deserialize, Serialize};
+
+use crate::experts::stats::CacheSnapshot;
+
+/// The two backends compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Native,
+    Selective,
+}
+
+impl Backend {
+    pub const BOTH: [Backend; 2] = [Backend::Native, Backend::Selective];
+
+    pub fn index(self) -> usize {
+        match self {
+            Backend::Native => 0,
+            Backend::Selective => 1,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Native => "native",
+            Backend::Selective => "selective",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What kind of memory a number is (the seed project reported RSS alone and missed the GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuSource {
+    /// NVML's per-process figure.
+    NvmlProcess,
+    /// Device-wide used-memory change since the worker started (integrated GPUs such as
+    /// Jetson Thor, where NVML has no per-process figure).
+    DeviceDelta,
+}
+
+/// One sample of a worker process's memory, taken from outside the process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemorySample {
+    /// Anonymous resident memory (heap: weights we copied, the cache, the KV cache).
+    pub rss_anon: u64,
+    /// File-backed resident memory (mapped files: the checkpoint pages we touched).
+    pub rss_file: u64,
+    /// Shared-memory resident pages.
+    pub rss_shmem: u64,
+    /// Peak resident set size so far (VmHWM).
+    pub peak_rss: u64,
+    /// GPU memory of the process, when known; `None` means unavailable, not zero.
+    pub gpu: Option<u64>,
+    pub gpu_source: Option<GpuSource>,
+    /// The system's available memory at the time (MemAvailable).
+    pub system_available: u64,
+    /// Where the RSS numbers came from ("/proc/PID/status" or "sysinfo").
+    pub source: String,
+}
+
+impl MemorySample {
+    pub fn rss(&self) -> u64 {
+        self.rss_anon + self.rss_file + self.rss_shmem
+    }
+
+    /// RSS plus GPU memory: what this backend costs the machine (unified memory on a Thor).
+    pub fn total(&self) -> u64 {
+        self.rss() + self.gpu.unwrap_or(0)
+    }
+}
+
+/// Bytes a backend says it holds, by kind (to set against the measured process memory).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResidentBytes {
+    pub non_expert: u64,
+    pub experts: u64,
+    /// What the selective cache may hold at most (0 for native).
+    pub cache_capacity: u64,
+    /// Bytes of one expert in memory.
+    pub expert_bytes: u64,
+}
+
+impl ResidentBytes {
+    /// non-expert + (capacity or all experts): the expected steady-state weight memory.
+    pub fn expected(&self) -> u64 {
+        self.non_expert + if self.cache_capacity > 0 { self.cache_capacity } else { self.experts }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    Eos,
+    MaxNewTokens,
+    Cancelled,
+}
+
+/// Teacher-forced comparison of one prompt's continuation (native's tokens) between backends.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgreementStats {
+    pub positions: usize,
+    pub mean_kl: f64,
+    pub max_kl: f64,
+    pub top1_agreement: f64,
+    /// True when KL was computed over the full vocabulary; false when over native's top-K
+    /// support with the tail lumped (then it is a lower bound).
+    pub exact: bool,
+}
+
+/// Everything that can happen in a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SessionEvent {
+    /// A worker process started.
+    WorkerStarted { backend: Backend, pid: u32 },
+    LoadProgress {
+        backend: Backend,
+        done: usize,
+        total: usize,
+    },
+    Loaded {
+        backend: Backend,
+        load_s: f64,
+        resident: ResidentBytes,
+        degraded: bool,
+        /// Human description of the backend ("native f32 cpu", "selective: 48 experts, …").
+        describe: String,
+    },
+    /// A backend begins a prompt (again, if rerun).
+    PromptStarted {
+        backend: Backend,
+        prompt: usize,
+        prompt_tokens: usize,
+        max_new_tokens: usize,
+    },
+    Token {
+        backend: Backend,
+        prompt: usize,
+        index: usize,
+        id: u32,
+        text: String,
+        /// Seconds of the forward pass (and sampling) that produced this token.
+        dt: f64,
+        /// True for the first token (its forward pass was the whole prompt).
+        prefill: bool,
+    },
+    Cache {
+        backend: Backend,
+        snapshot: CacheSnapshot,
+    },
+    /// Experts selected per MoE layer for one token position (in top-k order).
+    Routing {
+        backend: Backend,
+        prompt: usize,
+        position: usize,
+        experts: Vec<Vec<u16>>,
+    },
+    Memory {
+        backend: Backend,
+        sample: MemorySample,
+    },
+    PromptDone {
+        backend: Backend,
+        prompt: usize,
+        finish: Finish,
+        token_ids: Vec<u32>,
+        text: String,
+        ttft_s: f64,
+        prefill_tok_s: f64,
+        decode_tok_s: f64,
+    },
+    /// Teacher-forced agreement of selective with native on native's tokens.
+    Agreement { prompt: usize, stats: AgreementStats },
+    Perplexity {
+        backend: Backend,
+        perplexity: f64,
+        tokens: usize,
+    },
+    Failed { backend: Backend, reason: String },
+    Paused,
+    Resumed,
+    /// The user moved to another prompt (or a backend finished one in sequential mode).
+    Focus { prompt: usize },
+    Warning { backend: Option<Backend>, message: String },
+    Finished { reason: String },
+}
+
+impl SessionEvent {
+    pub fn backend(&self) -> Option<Backend> {
+        use SessionEvent::*;
+        match self {
+            WorkerStarted { backend, .. }
+            | LoadProgress { backend, .. }
+            | Loaded { backend, .. }
+            | PromptStarted { backend, .. }
+            | Token { backend, .. }
+            | Cache { backend, .. }
+            | Routing { backend, .. }
+            | Memory { backend, .. }
+            | PromptDone { backend, .. }
+            | Perplexity { backend, .. }
+            | Failed { backend, .. } => Some(*backend),
+            Warning { backend, .. } => *backend,
+            _ => None,
+        }
+    }
+}
+
+/// An event with the session time (seconds since the session started) it happened at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stamped {
+    pub t: f64,
+    #[serde(flatten)]
+    pub event: SessionEvent,
+}

@@ -1,0 +1,209 @@
+//! Numbers derived from a [`SessionState`]: per prompt and per backend timings, memory before /
+//! during / after / peak, and the comparison (memory reduction, speed ratio, hit rate).
+
+use serde::{Deserialize, Serialize};
+
+use super::event::Backend;
+use super::state::{BackendState, SessionState};
+
+pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = (q * (v.len() - 1) as f64).round() as usize;
+    Some(v[rank.min(v.len() - 1)])
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PromptMetrics {
+    pub prompt: usize,
+    pub generated_tokens: usize,
+    pub ttft_s: Option<f64>,
+    pub prefill_tok_s: Option<f64>,
+    pub decode_tok_s: Option<f64>,
+    pub token_latency_p50_s: Option<f64>,
+    pub token_latency_p95_s: Option<f64>,
+    pub finished: bool,
+    pub finish: Option<String>,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryMetrics {
+    /// Process memory (RSS + GPU) before loading.
+    pub before: Option<u64>,
+    /// Mean while generating.
+    pub during: Option<u64>,
+    /// Last sample.
+    pub after: Option<u64>,
+    /// Largest RSS + GPU sampled.
+    pub peak: u64,
+    pub peak_rss: u64,
+    pub peak_gpu: Option<u64>,
+    /// Last sample split by kind.
+    pub last_rss_anon: Option<u64>,
+    pub last_rss_file: Option<u64>,
+    pub gpu_source: Option<String>,
+    /// What the backend says it holds (weights): the expected figure for the comparison.
+    pub expected_weights: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendMetrics {
+    pub backend: String,
+    pub status: String,
+    pub failed: Option<String>,
+    pub degraded: bool,
+    pub load_s: Option<f64>,
+    pub prompts: Vec<PromptMetrics>,
+    pub prompts_done: usize,
+    pub generated_tokens: usize,
+    /// Decode tokens / decode seconds over all prompts.
+    pub decode_tok_s: Option<f64>,
+    pub ttft_mean_s: Option<f64>,
+    pub token_latency_p50_s: Option<f64>,
+    pub token_latency_p95_s: Option<f64>,
+    pub memory: MemoryMetrics,
+    pub cache_hit_rate: Option<f64>,
+    pub cache_hit_rate_per_layer: Vec<Option<f64>>,
+    pub perplexity: Option<f64>,
+}
+
+pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
+    let st: &BackendState = s.backend(b);
+    let mut prompts = Vec::new();
+    let mut all_lat = Vec::new();
+    let mut ttfts = Vec::new();
+    let mut generated = 0;
+    for (i, run) in st.runs.iter().enumerate() {
+        if !run.started {
+            continue;
+        }
+        let lat = run.decode_latencies();
+        all_lat.extend_from_slice(&lat);
+        if let Some(t) = run.ttft() {
+            ttfts.push(t);
+        }
+        generated += run.tokens.len();
+        let prefill_tok_s = run
+            .ttft()
+            .filter(|t| *t > 0.0)
+            .map(|t| run.prompt_tokens as f64 / t);
+        prompts.push(PromptMetrics {
+            prompt: i,
+            generated_tokens: run.tokens.len(),
+            ttft_s: run.ttft(),
+            prefill_tok_s,
+            decode_tok_s: run.decode_tok_s(),
+            token_latency_p50_s: percentile(&lat, 0.5),
+            token_latency_p95_s: percentile(&lat, 0.95),
+            finished: run.done.is_some(),
+            finish: run.done.as_ref().map(|d| format!("{:?}", d.finish).to_lowercase()),
+            text: run.text.clone(),
+        });
+    }
+    let decode_s: f64 = all_lat.iter().sum();
+    let mem = MemoryMetrics {
+        before: st.mem_before.as_ref().map(|m| m.total()),
+        during: st.mem_during().map(|v| v as u64),
+        after: st.mem_last.as_ref().map(|m| m.total()),
+        peak: st.mem_peak_total,
+        peak_rss: st.mem_peak_rss,
+        peak_gpu: st.mem_peak_gpu,
+        last_rss_anon: st.mem_last.as_ref().map(|m| m.rss_anon),
+        last_rss_file: st.mem_last.as_ref().map(|m| m.rss_file),
+        gpu_source: st
+            .mem_last
+            .as_ref()
+            .and_then(|m| m.gpu_source)
+            .map(|g| format!("{g:?}")),
+        expected_weights: st.resident.as_ref().map(|r| r.expected()),
+    };
+    let (hit, per_layer) = match &st.cache {
+        Some(c) => (
+            c.hit_rate(),
+            c.layers.iter().map(|l| l.hit_rate()).collect(),
+        ),
+        None => (None, Vec::new()),
+    };
+    BackendMetrics {
+        backend: b.name().into(),
+        status: match &st.status {
+            super::state::Status::Failed(_) => "failed".into(),
+            other => format!("{other:?}").split_whitespace().next().unwrap_or("").to_lowercase(),
+        },
+        failed: match &st.status {
+            super::state::Status::Failed(r) => Some(r.clone()),
+            _ => None,
+        },
+        degraded: st.degraded,
+        load_s: st.load_s,
+        prompts_done: st.runs.iter().filter(|r| r.done.is_some()).count(),
+        prompts,
+        generated_tokens: generated,
+        decode_tok_s: (decode_s > 0.0).then(|| all_lat.len() as f64 / decode_s),
+        ttft_mean_s: (!ttfts.is_empty()).then(|| ttfts.iter().sum::<f64>() / ttfts.len() as f64),
+        token_latency_p50_s: percentile(&all_lat, 0.5),
+        token_latency_p95_s: percentile(&all_lat, 0.95),
+        memory: mem,
+        cache_hit_rate: hit,
+        cache_hit_rate_per_layer: per_layer,
+        perplexity: st.perplexity.map(|p| p.0),
+    }
+}
+
+/// Selective against native.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// (native peak − selective peak) / native peak × 100, on RSS + GPU.
+    pub memory_reduction_pct: Option<f64>,
+    /// selective decode tok/s / native decode tok/s.
+    pub speed_ratio: Option<f64>,
+    pub native_peak_bytes: u64,
+    pub selective_peak_bytes: u64,
+    /// Load time of selective / native.
+    pub load_time_ratio: Option<f64>,
+    /// The earlier project's keys, filled by the quality module.
+    pub native_coherence_pct: Option<f64>,
+    pub sage_coherence_pct: Option<f64>,
+}
+
+pub fn comparison(s: &SessionState) -> Comparison {
+    let n = backend_metrics(s, Backend::Native);
+    let sel = backend_metrics(s, Backend::Selective);
+    let mem = (n.memory.peak > 0 && sel.memory.peak > 0).then(|| {
+        (n.memory.peak as f64 - sel.memory.peak as f64) / n.memory.peak as f64 * 100.0
+    });
+    let speed = match (n.decode_tok_s, sel.decode_tok_s) {
+        (Some(a), Some(b)) if a > 0.0 => Some(b / a),
+        _ => None,
+    };
+    let load = match (n.load_s, sel.load_s) {
+        (Some(a), Some(b)) if a > 0.0 => Some(b / a),
+        _ => None,
+    };
+    Comparison {
+        memory_reduction_pct: mem,
+        speed_ratio: speed,
+        native_peak_bytes: n.memory.peak,
+        selective_peak_bytes: sel.memory.peak,
+        load_time_ratio: load,
+        native_coherence_pct: None,
+        sage_coherence_pct: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v = [1.0, 2.0, 3.0, 4.0, 100.0];
+        assert_eq!(percentile(&v, 0.5), Some(3.0));
+        assert_eq!(percentile(&v, 0.95), Some(100.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}

@@ -1,0 +1,394 @@
+//! `SessionState::apply(&event)`: the pure reducer every view (live dashboard, replay, headless
+//! table, export, verdict) is computed from.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use super::event::{
+    AgreementStats, Backend, Finish, MemorySample, ResidentBytes, SessionEvent, Stamped,
+};
+use super::record::Header;
+use crate::experts::stats::CacheSnapshot;
+
+/// Memory samples kept for the live graph (older ones are summarised, not kept).
+pub const GRAPH_POINTS: usize = 1200;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum Status {
+    #[default]
+    Starting,
+    Loading {
+        done: usize,
+        total: usize,
+    },
+    Ready,
+    Running,
+    Done,
+    Failed(String),
+}
+
+impl Status {
+    pub fn is_failed(&self) -> bool {
+        matches!(self, Status::Failed(_))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: u32,
+    pub text: String,
+    pub dt: f64,
+    pub prefill: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    pub finish: Finish,
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub ttft_s: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+}
+
+/// One backend's run of one prompt.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PromptRun {
+    pub started: bool,
+    pub prompt_tokens: usize,
+    pub max_new_tokens: usize,
+    pub tokens: Vec<TokenRecord>,
+    pub text: String,
+    pub done: Option<Done>,
+    pub started_at: f64,
+    pub finished_at: Option<f64>,
+}
+
+impl PromptRun {
+    /// Seconds of each decode step (tokens after the first).
+    pub fn decode_latencies(&self) -> Vec<f64> {
+        self.tokens.iter().filter(|t| !t.prefill).map(|t| t.dt).collect()
+    }
+
+    pub fn ttft(&self) -> Option<f64> {
+        self.tokens.first().map(|t| t.dt)
+    }
+
+    /// Decode tokens per second over this prompt so far.
+    pub fn decode_tok_s(&self) -> Option<f64> {
+        let l = self.decode_latencies();
+        let s: f64 = l.iter().sum();
+        (s > 0.0).then(|| l.len() as f64 / s)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendState {
+    pub status: Status,
+    pub pid: Option<u32>,
+    pub load_s: Option<f64>,
+    pub resident: Option<ResidentBytes>,
+    pub degraded: bool,
+    pub describe: String,
+    /// Recent samples for the graph: (session time, sample).
+    pub memory: VecDeque<(f64, MemorySample)>,
+    /// First sample (the process before loading).
+    pub mem_before: Option<MemorySample>,
+    /// Most recent sample.
+    pub mem_last: Option<MemorySample>,
+    /// Largest RSS + GPU seen, and largest VmHWM reported.
+    pub mem_peak_total: u64,
+    pub mem_peak_rss: u64,
+    pub mem_peak_gpu: Option<u64>,
+    /// Sum and count of totals sampled while generating (for the "during" mean).
+    pub mem_during_sum: f64,
+    pub mem_during_n: u64,
+    pub generating: Option<usize>,
+    pub cache: Option<CacheSnapshot>,
+    /// Routing counts per MoE layer (index into header.moe.moe_layers) × expert.
+    pub usage: Vec<Vec<u32>>,
+    pub runs: Vec<PromptRun>,
+    pub perplexity: Option<(f64, usize)>,
+    pub failed_at: Option<f64>,
+}
+
+impl BackendState {
+    pub fn run(&self, prompt: usize) -> Option<&PromptRun> {
+        self.runs.get(prompt).filter(|r| r.started)
+    }
+
+    pub fn mem_during(&self) -> Option<f64> {
+        (self.mem_during_n > 0).then(|| self.mem_during_sum / self.mem_during_n as f64)
+    }
+}
+
+/// One step of a routing trace: which experts each MoE layer picked for one token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraceStep {
+    pub prompt: usize,
+    pub position: usize,
+    pub experts: Vec<Vec<u16>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionState {
+    pub header: Header,
+    pub backends: [BackendState; 2],
+    /// The prompt most recently started by any backend.
+    pub current_prompt: usize,
+    pub paused: bool,
+    pub agreement: Vec<Option<AgreementStats>>,
+    pub warnings: Vec<String>,
+    pub finished: Option<String>,
+    /// Session time of the last event applied.
+    pub now: f64,
+    pub events: u64,
+    /// Routing trace per backend (for the cache study): native's by preference.
+    pub traces: [Vec<TraceStep>; 2],
+}
+
+impl SessionState {
+    pub fn new(header: Header) -> Self {
+        let n = header.prompts.prompts.len();
+        let layers = header.moe.moe_layers.len();
+        let experts = header.moe.num_experts;
+        let backend = || BackendState {
+            runs: vec![PromptRun::default(); n],
+            usage: vec![vec![0; experts]; layers],
+            ..Default::default()
+        };
+        SessionState {
+            header,
+            backends: [backend(), backend()],
+            current_prompt: 0,
+            paused: false,
+            agreement: vec![None; n],
+            warnings: Vec::new(),
+            finished: None,
+            now: 0.0,
+            events: 0,
+            traces: [Vec::new(), Vec::new()],
+        }
+    }
+
+    pub fn backend(&self, b: Backend) -> &BackendState {
+        &self.backends[b.index()]
+    }
+
+    fn backend_mut(&mut self, b: Backend) -> &mut BackendState {
+        &mut self.backends[b.index()]
+    }
+
+    pub fn num_prompts(&self) -> usize {
+        self.header.prompts.prompts.len()
+    }
+
+    /// Applies one event. Pure: the same events in the same order give the same state.
+    pub fn apply(&mut self, ev: &Stamped) {
+        self.now = self.now.max(ev.t);
+        self.events += 1;
+        let t = ev.t;
+        match &ev.event {
+            SessionEvent::WorkerStarted { backend, pid } => {
+                let b = self.backend_mut(*backend);
+                b.pid = Some(*pid);
+                if !b.status.is_failed() {
+                    b.status = Status::Starting;
+                }
+            }
+            SessionEvent::LoadProgress { backend, done, total } => {
+                let b = self.backend_mut(*backend);
+                if !b.status.is_failed() {
+                    b.status = Status::Loading {
+                        done: *done,
+                        total: *total,
+                    };
+                }
+            }
+            SessionEvent::Loaded {
+                backend,
+                load_s,
+                resident,
+                degraded,
+                describe,
+            } => {
+                let b = self.backend_mut(*backend);
+                b.load_s = Some(*load_s);
+                b.resident = Some(resident.clone());
+                b.degraded = *degraded;
+                b.describe = describe.clone();
+                b.status = Status::Ready;
+            }
+            SessionEvent::PromptStarted {
+                backend,
+                prompt,
+                prompt_tokens,
+                max_new_tokens,
+            } => {
+                if *prompt >= self.num_prompts() {
+                    return;
+                }
+                self.current_prompt = *prompt;
+                let b = self.backend_mut(*backend);
+                b.status = Status::Running;
+                b.generating = Some(*prompt);
+                b.runs[*prompt] = PromptRun {
+                    started: true,
+                    prompt_tokens: *prompt_tokens,
+                    max_new_tokens: *max_new_tokens,
+                    started_at: t,
+                    ..Default::default()
+                };
+                if *backend == Backend::Selective {
+                    self.agreement[*prompt] = None;
+                }
+                let bi = backend.index();
+                self.traces[bi].retain(|s| s.prompt != *prompt);
+            }
+            SessionEvent::Token {
+                backend,
+                prompt,
+                id,
+                text,
+                dt,
+                prefill,
+                ..
+            } => {
+                let b = self.backend_mut(*backend);
+                if let Some(run) = b.runs.get_mut(*prompt) {
+                    run.tokens.push(TokenRecord {
+                        id: *id,
+                        text: text.clone(),
+                        dt: *dt,
+                        prefill: *prefill,
+                    });
+                    run.text.push_str(text);
+                }
+            }
+            SessionEvent::Cache { backend, snapshot } => {
+                self.backend_mut(*backend).cache = Some(snapshot.clone());
+            }
+            SessionEvent::Routing {
+                backend,
+                prompt,
+                position,
+                experts,
+            } => {
+                let b = self.backend_mut(*backend);
+                for (li, layer) in experts.iter().enumerate() {
+                    if let Some(row) = b.usage.get_mut(li) {
+                        for &e in layer {
+                            if let Some(c) = row.get_mut(e as usize) {
+                                *c += 1;
+                            }
+                        }
+                    }
+                }
+                self.traces[backend.index()].push(TraceStep {
+                    prompt: *prompt,
+                    position: *position,
+                    experts: experts.clone(),
+                });
+            }
+            SessionEvent::Memory { backend, sample } => {
+                let b = self.backend_mut(*backend);
+                if b.mem_before.is_none() {
+                    b.mem_before = Some(sample.clone());
+                }
+                b.mem_peak_total = b.mem_peak_total.max(sample.total());
+                b.mem_peak_rss = b.mem_peak_rss.max(sample.peak_rss).max(sample.rss());
+                if let Some(g) = sample.gpu {
+                    b.mem_peak_gpu = Some(b.mem_peak_gpu.unwrap_or(0).max(g));
+                }
+                if b.generating.is_some() {
+                    b.mem_during_sum += sample.total() as f64;
+                    b.mem_during_n += 1;
+                }
+                b.mem_last = Some(sample.clone());
+                b.memory.push_back((t, sample.clone()));
+                while b.memory.len() > GRAPH_POINTS {
+                    b.memory.pop_front();
+                }
+            }
+            SessionEvent::PromptDone {
+                backend,
+                prompt,
+                finish,
+                token_ids,
+                text,
+                ttft_s,
+                prefill_tok_s,
+                decode_tok_s,
+            } => {
+                let n = self.num_prompts();
+                let b = self.backend_mut(*backend);
+                if let Some(run) = b.runs.get_mut(*prompt) {
+                    run.done = Some(Done {
+                        finish: *finish,
+                        token_ids: token_ids.clone(),
+                        text: text.clone(),
+                        ttft_s: *ttft_s,
+                        prefill_tok_s: *prefill_tok_s,
+                        decode_tok_s: *decode_tok_s,
+                    });
+                    run.finished_at = Some(t);
+                }
+                b.generating = None;
+                if !b.status.is_failed() {
+                    let all = (0..n).all(|i| b.runs[i].done.is_some());
+                    b.status = if all { Status::Done } else { Status::Ready };
+                }
+            }
+            SessionEvent::Agreement { prompt, stats } => {
+                if let Some(a) = self.agreement.get_mut(*prompt) {
+                    *a = Some(stats.clone());
+                }
+            }
+            SessionEvent::Perplexity {
+                backend,
+                perplexity,
+                tokens,
+            } => {
+                self.backend_mut(*backend).perplexity = Some((*perplexity, *tokens));
+            }
+            SessionEvent::Failed { backend, reason } => {
+                let b = self.backend_mut(*backend);
+                b.status = Status::Failed(reason.clone());
+                b.generating = None;
+                b.failed_at = Some(t);
+            }
+            SessionEvent::Paused => self.paused = true,
+            SessionEvent::Resumed => self.paused = false,
+            SessionEvent::Focus { prompt } => {
+                if *prompt < self.num_prompts() {
+                    self.current_prompt = *prompt;
+                }
+            }
+            SessionEvent::Warning { backend, message } => {
+                self.warnings.push(match backend {
+                    Some(b) => format!("{b}: {message}"),
+                    None => message.clone(),
+                });
+            }
+            SessionEvent::Finished { reason } => {
+                self.finished = Some(reason.clone());
+                self.paused = false;
+            }
+        }
+    }
+
+    /// The trace the cache study replays: native's if it has one, else selective's.
+    pub fn trace(&self) -> &[TraceStep] {
+        if !self.traces[0].is_empty() {
+            &self.traces[0]
+        } else {
+            &self.traces[1]
+        }
+    }
+
+    /// Any backend ran with experts masked out (missing allowed, or the testing mask).
+    pub fn degraded(&self) -> bool {
+        self.backends.iter().any(|b| b.degraded)
+    }
+}
