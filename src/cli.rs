@@ -22,6 +22,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run both backends on a prompt set: live dashboard, or headless with --no-tui.
+    Run(Box<RunArgs>),
+    /// Replay a recording through the dashboard (no model needed).
+    Replay(ReplayArgs),
+    /// Follow a recording that is still being written (a run under nohup/tmux).
+    Watch(WatchArgs),
+    /// Summarise a recording as JSON or markdown (optionally re-judged under another profile).
+    Export(ExportArgs),
+    /// List the colour themes.
+    Themes,
+    /// (internal) Serve one backend over JSON lines on stdin/stdout.
+    #[command(hide = true)]
+    Worker,
     /// Generate text from a prompt with one backend; streams tokens, ends with a timing line.
     Generate(GenerateArgs),
     /// Print the final-position logits for a token sequence as JSON.
@@ -78,6 +91,154 @@ pub struct RandomCheckpointArgs {
     /// Largest shard (bigger checkpoints get an index), e.g. 2GiB.
     #[arg(long, default_value = "2GiB", value_parser = crate::util::parse_bytes)]
     pub shard_size: u64,
+}
+
+/// Dashboard appearance (shared by run, replay and watch).
+#[derive(Debug, Clone, Args)]
+pub struct UiArgs {
+    /// Colour theme (see `moescope themes`).
+    #[arg(long, default_value = "default")]
+    pub theme: String,
+    /// Colour depth: auto (detect), truecolor, 256, 16, none. NO_COLOR is honoured.
+    #[arg(long, default_value = "auto")]
+    pub color: String,
+    /// Draw with ASCII only (terminals without Unicode block characters).
+    #[arg(long)]
+    pub ascii: bool,
+    /// Disable keys that change the run (for shared SSH sessions).
+    #[arg(long)]
+    pub readonly: bool,
+    /// Frames per second at most.
+    #[arg(long, default_value_t = 15)]
+    pub fps: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub cache: crate::experts::CacheArgs,
+    /// Prompt set (TOML). Default: prompts/standard.toml.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// One ad-hoc prompt instead of a prompt file.
+    #[arg(long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// Override the prompt set's max_new_tokens.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Send prompts without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// How the two backends share the machine.
+    #[arg(long, value_enum, default_value_t = crate::session::record::Schedule::Alternate)]
+    pub schedule: crate::session::record::Schedule,
+    /// Decision profile: relative (default), seed, or a TOML file.
+    #[arg(long, default_value = "relative")]
+    pub profile: String,
+    /// Recording path. Default: recordings/<UTC time>-<model>.ndjson.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Reference text for perplexity (default: prompts/reference.txt; "none" to skip).
+    #[arg(long, value_name = "FILE")]
+    pub reference: Option<String>,
+    /// Tokens of the reference text scored.
+    #[arg(long, default_value_t = 512)]
+    pub reference_tokens: usize,
+    /// Skip teacher-forced scoring (KL, top-1 agreement).
+    #[arg(long)]
+    pub no_score: bool,
+    /// No dashboard: progress lines, a final table, files written. Automatic when stdout is not
+    /// a terminal.
+    #[arg(long)]
+    pub no_tui: bool,
+    /// Exit code reflects the verdict: 0 VIABLE, 10 NATIVE PREFERRED, 11 HYBRID, 12 INCONCLUSIVE.
+    #[arg(long)]
+    pub exit_code: bool,
+    /// Seconds a worker may take to load.
+    #[arg(long, default_value_t = 1800)]
+    pub load_timeout: u64,
+    /// Seconds a worker may take to answer one step before it counts as hung.
+    #[arg(long, default_value_t = 300)]
+    pub step_timeout: u64,
+    #[command(flatten)]
+    pub ui: UiArgs,
+}
+
+impl RunArgs {
+    /// The arguments `moescope` alone runs with (every default).
+    pub fn parse_default() -> Self {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        Wrap::parse_from(["moescope"]).run
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// A recording (.ndjson).
+    pub file: PathBuf,
+    /// Playback speed (2 = twice as fast; 0 = as fast as possible).
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Keep following the file as it grows (same as `moescope watch`).
+    #[arg(long)]
+    pub follow: bool,
+    /// Print the final summary instead of opening the dashboard.
+    #[arg(long)]
+    pub no_tui: bool,
+    #[arg(long, default_value = "relative")]
+    pub profile: String,
+    #[command(flatten)]
+    pub ui: UiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The recording being written.
+    pub file: PathBuf,
+    #[arg(long, default_value = "relative")]
+    pub profile: String,
+    #[command(flatten)]
+    pub ui: UiArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Json,
+    Markdown,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A recording (.ndjson).
+    pub file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Json)]
+    pub format: ExportFormat,
+    /// Output file (default: stdout).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Judge under this profile (built-in name or TOML file) instead of the recorded one.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Print the JSON schema of the export and exit.
+    #[arg(long)]
+    pub schema: bool,
+    /// List the metrics a profile criterion can use and exit.
+    #[arg(long)]
+    pub list_metrics: bool,
 }
 
 #[derive(Debug, Args)]

@@ -4,28 +4,33 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use moescope::cli::{Cli, Command};
+use moescope::cli::{Cli, Command, RunArgs};
 use moescope::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Some(Command::Generate(a)) => commands::generate::generate(a),
-        Some(Command::Logits(a)) => commands::generate::logits(a),
-        Some(Command::Extract(a)) => commands::experts::run_extract(a),
-        Some(Command::Bench(c)) => commands::bench::run(c),
-        Some(Command::Verify(a)) => match commands::experts::run_verify(a) {
-            Ok(code) => return ExitCode::from(code),
-            Err(e) => Err(e),
-        },
+    let result: anyhow::Result<u8> = match &cli.command {
+        // `moescope` alone: the dashboard on the bundled model with the standard prompts.
         None => {
-            eprintln!("moescope: the dashboard is not built yet; try `moescope generate --help`");
-            return ExitCode::from(2);
+            let args = RunArgs::parse_default();
+            commands::run::run(&args)
         }
+        Some(Command::Run(a)) => commands::run::run(a),
+        Some(Command::Worker) => moescope::worker::server::run().map(|_| 0),
+        Some(Command::Replay(a)) => commands::session::replay(a).map(|_| 0),
+        Some(Command::Watch(a)) => commands::session::watch(a).map(|_| 0),
+        Some(Command::Export(a)) => commands::session::export(a).map(|_| 0),
+        Some(Command::Themes) => commands::session::themes().map(|_| 0),
+        Some(Command::Generate(a)) => commands::generate::generate(a).map(|_| 0),
+        Some(Command::Logits(a)) => commands::generate::logits(a).map(|_| 0),
+        Some(Command::Extract(a)) => commands::experts::run_extract(a).map(|_| 0),
+        Some(Command::Verify(a)) => commands::experts::run_verify(a),
+        Some(Command::Bench(c)) => commands::bench::run(c).map(|_| 0),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
+            moescope::ui::terminal::restore_if_active();
             eprintln!("error: {}", moescope::errors::one_line(&e));
             ExitCode::from(moescope::errors::exit_code(&e))
         }

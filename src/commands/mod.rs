@@ -4,6 +4,8 @@
 pub mod bench;
 pub mod experts;
 pub mod generate;
+pub mod run;
+pub mod session;
 
 use std::path::PathBuf;
 

@@ -324,6 +324,8 @@ impl SessionState {
                 let n = self.num_prompts();
                 let b = self.backend_mut(*backend);
                 if let Some(run) = b.runs.get_mut(*prompt) {
+                    // The final text includes anything the streaming decoder held back.
+                    run.text = text.clone();
                     run.done = Some(Done {
                         finish: *finish,
                         token_ids: token_ids.clone(),

@@ -402,20 +402,25 @@ impl Verdict {
         let mut out = vec![format!("verdict ({} profile): {}", self.profile, self.headline)];
         for c in &self.criteria {
             let measured = c.measured.map(|v| format!("{v:.3}")).unwrap_or_else(|| "not measured".into());
-            let mark = match c.pass {
-                Some(true) => "pass",
-                Some(false) => "fail",
-                None => "n/a ",
+            // Viability criteria pass or fail; native-preferred conditions hold (bad for
+            // selective) or are clear.
+            let native_rule = c.group == "native_preferred";
+            let mark = match (c.pass, native_rule) {
+                (Some(true), false) => "pass ",
+                (Some(false), false) => "FAIL ",
+                (Some(true), true) => "clear",
+                (Some(false), true) => "HOLDS",
+                (None, _) => "n/a  ",
             };
             let group = match c.group.as_str() {
                 "viable" => "viable if",
-                "native_preferred" => "native if",  // shown as pass when it does NOT hold
+                "native_preferred" => "native if",
                 "hybrid_short" => "short prompts",
                 "hybrid_long" => "long prompts",
                 g => g,
             };
             out.push(format!(
-                "  [{mark}] {group:<13} {:<44} {measured:>12} {} {}",
+                "  [{mark}] {group:<13} {:<58} {measured:>12} {} {}",
                 c.label, c.op, c.threshold
             ));
         }

@@ -1,0 +1,221 @@
+//! `moescope run` (and plain `moescope`): validate everything up front, start the recording, drive
+//! both workers through the scheduler, and show the session live (dashboard) or headless.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc::unbounded_channel;
+
+use crate::cli::{BackendKind, RunArgs};
+use crate::engine::{BackendSpec, ModelFiles, default_model_dir};
+use crate::experts::SourceSpec;
+use crate::model::config::MoeConfig;
+use crate::session::event::Stamped;
+use crate::session::prompts::PromptSet;
+use crate::session::record::{self, Header, MoeShape, Recorder, Sampling};
+use crate::session::verdict::{Outcome, Profile};
+use crate::worker::protocol;
+use crate::worker::scheduler::{self, Control, RunConfig};
+
+/// Everything a live session needs, validated.
+pub struct Prepared {
+    pub header: Header,
+    pub config: RunConfig,
+    pub profile: Profile,
+    pub recorder: Recorder,
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    let local = PathBuf::from(rel);
+    if local.exists() {
+        return local;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+pub fn prepare(args: &RunArgs) -> Result<Prepared> {
+    let model_dir = args.model.model.clone().unwrap_or_else(default_model_dir);
+    let cfg_dir = match &args.cache.expert_source {
+        SourceSpec::SeedLayout(d) if d.join("config.json").exists() => d.clone(),
+        _ => model_dir.clone(),
+    };
+    let cfg = MoeConfig::from_dir(&cfg_dir)?;
+    // Validate the checkpoint here (headers only) so a bad file is one clear error, not two
+    // failed workers.
+    if !matches!(args.cache.expert_source, SourceSpec::SeedLayout(_)) {
+        let files = ModelFiles::open(&model_dir)?;
+        if !files.inventory.missing.is_empty() && !args.cache.allow_missing_experts {
+            let (l, e) = files.inventory.missing[0];
+            crate::bail_input!(
+                "{}: layer {l}, expert {e} and {} more experts are missing (see `moescope verify {}`); \
+                 --allow-missing-experts runs anyway, labelled DEGRADED",
+                model_dir.display(),
+                files.inventory.missing.len() - 1,
+                model_dir.display()
+            );
+        }
+    }
+    let mut prompts = match (&args.prompt, &args.prompts) {
+        (Some(p), _) => PromptSet::single(p, args.max_new_tokens.unwrap_or(50)),
+        (None, Some(f)) => PromptSet::load(f).map_err(crate::errors::InputError)?,
+        (None, None) => PromptSet::load(&repo_file("prompts/standard.toml")).map_err(crate::errors::InputError)?,
+    };
+    if let Some(n) = args.max_new_tokens {
+        if n == 0 {
+            crate::bail_input!("--max-new-tokens must be at least 1");
+        }
+        prompts.max_new_tokens = n;
+        for p in &mut prompts.prompts {
+            p.max_new_tokens = None;
+        }
+    }
+    let profile = Profile::load(&args.profile).map_err(crate::errors::InputError)?;
+    let reference_text = match args.reference.as_deref() {
+        Some("none") => None,
+        Some(f) => Some(std::fs::read_to_string(f).map_err(|e| crate::errors::InputError(format!("{f}: cannot read reference text: {e}")))?),
+        None => std::fs::read_to_string(repo_file("prompts/reference.txt")).ok(),
+    };
+    let sampling = protocol::Sampling {
+        max_new_tokens: prompts.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    if !(args.temperature >= 0.0) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        crate::bail_input!("--temperature must be >= 0 and --top-p in (0, 1]");
+    }
+    let native = BackendSpec {
+        model_dir: model_dir.clone(),
+        dtype: args.model.dtype,
+        device: args.model.device.clone(),
+        backend: BackendKind::Native,
+        cache: crate::experts::CacheArgs {
+            allow_missing_experts: args.cache.allow_missing_experts,
+            ..Default::default()
+        },
+    };
+    let selective = BackendSpec {
+        backend: BackendKind::Selective,
+        cache: args.cache.clone(),
+        ..native.clone()
+    };
+    let cache_cfg = args.cache.cache_config(&cfg);
+    let cache_describe = format!(
+        "{}; source {}; {} page cache{}",
+        cache_cfg.describe(),
+        args.cache.expert_source,
+        if args.cache.cold { "cold" } else { "warm" },
+        if args.cache.prefetch == crate::experts::PrefetchMode::NextLayer { "; prefetch next-layer" } else { "" }
+    );
+    let now = SystemTime::now();
+    let header = Header {
+        format: record::FORMAT.into(),
+        version: record::VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        created_utc: record::utc_timestamp(now),
+        model: model_dir.display().to_string(),
+        model_type: cfg.family.model_type().into(),
+        config_fingerprint: cfg.fingerprint(),
+        moe: MoeShape {
+            num_layers: cfg.num_hidden_layers,
+            moe_layers: cfg.moe_layers().collect(),
+            num_experts: cfg.num_experts,
+            top_k: cfg.num_experts_per_tok,
+        },
+        device: args.model.device.to_string(),
+        dtype: args.model.dtype.name().into(),
+        cache: args.cache.clone(),
+        cache_describe,
+        schedule: args.schedule,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
+        prompts: prompts.clone(),
+        profile: profile.name.clone(),
+        host: sysinfo::System::host_name().unwrap_or_else(|_| "unknown".into()),
+    };
+    let rec_path = match &args.record {
+        Some(p) => p.clone(),
+        None => record::default_path(Path::new("recordings"), &header.model, now),
+    };
+    let recorder = Recorder::create(&rec_path, &header).map_err(|e| {
+        crate::errors::InputError(format!(
+            "{}: cannot create the recording: {e}{}",
+            rec_path.display(),
+            if e.kind() == std::io::ErrorKind::AlreadyExists { " (it exists; moescope never overwrites a recording)" } else { "" }
+        ))
+    })?;
+    let config = RunConfig {
+        native,
+        selective,
+        schedule: args.schedule,
+        prompts,
+        sampling,
+        raw: args.raw,
+        score: !args.no_score,
+        reference_text,
+        reference_max_tokens: args.reference_tokens,
+        trace_routing: true,
+        load_timeout: Duration::from_secs(args.load_timeout),
+        step_timeout: Duration::from_secs(args.step_timeout),
+        memory_interval: Duration::from_millis(200),
+        gpu_memory: args.model.device.0.starts_with("cuda"),
+        exe: std::env::current_exe().context("locating the moescope binary for the workers")?,
+        worker_env: [worker_env("NATIVE"), worker_env("SELECTIVE")],
+    };
+    Ok(Prepared {
+        header,
+        config,
+        profile,
+        recorder,
+    })
+}
+
+/// Fault-test hooks: MOESCOPE_TEST_<BACKEND>_<HOOK> in our environment becomes
+/// MOESCOPE_TEST_<HOOK> in that worker's.
+fn worker_env(backend: &str) -> Vec<(String, String)> {
+    let prefix = format!("MOESCOPE_TEST_{backend}_");
+    std::env::vars()
+        .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|rest| (format!("MOESCOPE_TEST_{rest}"), v)))
+        .collect()
+}
+
+pub fn run(args: &RunArgs) -> Result<u8> {
+    let prepared = prepare(args)?;
+    let headless = args.no_tui || !std::io::stdout().is_terminal();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let outcome = rt.block_on(async move {
+        let (ev_tx, ev_rx) = unbounded_channel::<Stamped>();
+        let (ctl_tx, ctl_rx) = unbounded_channel::<Control>();
+        let start = Instant::now();
+        let cfg = prepared.config.clone();
+        let sched = tokio::spawn(scheduler::run(cfg, ev_tx, ctl_rx, start));
+        let result = if headless {
+            crate::headless::consume(prepared.header, prepared.recorder, prepared.profile, ev_rx, ctl_tx).await
+        } else {
+            crate::ui::live(prepared.header, prepared.recorder, prepared.profile, ev_rx, ctl_tx, &args.ui).await
+        };
+        let _ = sched.await;
+        result
+    })?;
+    Ok(if args.exit_code {
+        match outcome {
+            Outcome::Viable => 0,
+            Outcome::NativePreferred => 10,
+            Outcome::Hybrid => 11,
+            Outcome::Inconclusive => 12,
+        }
+    } else {
+        0
+    })
+}

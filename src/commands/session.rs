@@ -1,0 +1,109 @@
+//! `moescope replay`, `watch`, `export` and `themes`: everything that works from a recording,
+//! with no model.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+
+use crate::cli::{ExportArgs, ExportFormat, ReplayArgs, WatchArgs};
+use crate::errors::InputError;
+use crate::session::export;
+use crate::session::record::{self, Follower};
+use crate::session::state::SessionState;
+use crate::session::verdict::{METRICS, Profile};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The state a recording ends in.
+pub fn state_of(rec: &record::Recording) -> SessionState {
+    let mut s = SessionState::new(rec.header.clone());
+    for ev in &rec.events {
+        s.apply(ev);
+    }
+    s
+}
+
+pub fn replay(a: &ReplayArgs) -> Result<()> {
+    if !(a.speed >= 0.0) {
+        crate::bail_input!("--speed {} must be >= 0", a.speed);
+    }
+    let profile = Profile::load(&a.profile).map_err(InputError)?;
+    if a.follow {
+        return watch(&WatchArgs { file: a.file.clone(), profile: a.profile.clone(), ui: a.ui.clone() });
+    }
+    let rec = record::read(&a.file).map_err(InputError)?;
+    if a.no_tui || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        let state = state_of(&rec);
+        let sum = export::summarize(&state, &profile);
+        if rec.truncated_tail {
+            eprintln!("note: {}: the last line was incomplete and was skipped", a.file.display());
+        }
+        print!("{}", crate::headless::final_report(&sum));
+        return Ok(());
+    }
+    runtime()?.block_on(crate::ui::replay(&a.file, rec, a.speed, profile, &a.ui, None))
+}
+
+pub fn watch(a: &WatchArgs) -> Result<()> {
+    let profile = Profile::load(&a.profile).map_err(InputError)?;
+    // Wait (briefly) for a run that has only just started to write its header.
+    let mut tries = 0;
+    let (header, follower) = loop {
+        match Follower::open(&a.file) {
+            Ok(x) => break x,
+            Err(e) if tries < 50 && e.contains("not complete yet") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(InputError(e).into()),
+        }
+    };
+    let rec = record::Recording { header, events: Vec::new(), truncated_tail: false };
+    runtime()?.block_on(crate::ui::replay(&a.file, rec, 0.0, profile, &a.ui, Some(follower)))
+}
+
+pub fn export(a: &ExportArgs) -> Result<()> {
+    if a.schema {
+        print!("{}", export::SCHEMA);
+        return Ok(());
+    }
+    if a.list_metrics {
+        for (m, d) in METRICS {
+            println!("{m:<26} {d}");
+        }
+        return Ok(());
+    }
+    let Some(file) = &a.file else {
+        crate::bail_input!("export needs a recording file (or --schema / --list-metrics)");
+    };
+    let rec = record::read(file).map_err(InputError)?;
+    let profile_name = a.profile.clone().unwrap_or_else(|| rec.header.profile.clone());
+    let profile = Profile::load(&profile_name).map_err(InputError)?;
+    let state = state_of(&rec);
+    let sum = export::summarize(&state, &profile);
+    let text = match a.format {
+        ExportFormat::Json => serde_json::to_string_pretty(&sum)? + "\n",
+        ExportFormat::Markdown => export::markdown(&sum),
+    };
+    match &a.output {
+        Some(p) => crate::headless::write_atomic(p, &text)
+            .map_err(|e| InputError(format!("{}: cannot write: {e}", p.display())))?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    if rec.truncated_tail {
+        eprintln!("note: {}: the last line was incomplete and was skipped", file.display());
+    }
+    Ok(())
+}
+
+pub fn themes() -> Result<()> {
+    for (name, desc) in crate::ui::list_themes() {
+        println!("{name:<16} {desc}");
+    }
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! The dashboard's state: the session (from events) plus what the viewer chose to look at.
+//! `update(Action)` changes only the view and returns what should happen to the run; `render`
+//! draws everything from state alone, so a snapshot test of any moment is deterministic.
+
+use std::path::PathBuf;
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Direction, Layout, Rect};
+
+use super::panels;
+use super::theme::{BUILTIN, Depth, Theme};
+use crate::session::event::Backend;
+use crate::session::state::SessionState;
+use crate::session::verdict::{Profile, Verdict, judge};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    Replay,
+    Watch,
+}
+
+/// The panels `tab` cycles through (and `z` zooms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Panel {
+    Tokens(Backend),
+    Memory(Backend),
+    Gauges(Backend),
+    Heatmap(Backend),
+}
+
+impl Panel {
+    pub const ORDER: [Panel; 8] = [
+        Panel::Tokens(Backend::Native),
+        Panel::Tokens(Backend::Selective),
+        Panel::Memory(Backend::Native),
+        Panel::Memory(Backend::Selective),
+        Panel::Gauges(Backend::Native),
+        Panel::Gauges(Backend::Selective),
+        Panel::Heatmap(Backend::Native),
+        Panel::Heatmap(Backend::Selective),
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    NextPrompt,
+    PrevPrompt,
+    TogglePause,
+    Step,
+    Rerun,
+    Export,
+    CycleTheme,
+    FocusNext,
+    FocusPrev,
+    ToggleZoom,
+    ToggleHelp,
+    ToggleVerdict,
+    ScrollUp,
+    ScrollDown,
+    Quit,
+}
+
+/// What the runner must do after an action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Control(crate::worker::scheduler::Control),
+    /// Replay/watch: pause/resume playback, advance one token, restart from the start.
+    PlaybackToggle,
+    PlaybackStep,
+    PlaybackRestart,
+    Export,
+    Quit,
+}
+
+#[derive(Debug, Clone)]
+pub struct ViewState {
+    /// Prompt shown; None follows the run's current prompt.
+    pub prompt: Option<usize>,
+    pub focus: usize,
+    pub zoom: bool,
+    pub help: bool,
+    /// None: the final screen appears when the run finishes; Some: the viewer's choice.
+    pub verdict: Option<bool>,
+    /// Lines scrolled up from the bottom, per backend's token panel.
+    pub scroll: [u16; 2],
+    pub message: Option<String>,
+    pub theme_index: usize,
+}
+
+pub struct App {
+    pub session: SessionState,
+    pub view: ViewState,
+    pub theme: Theme,
+    pub depth: Depth,
+    pub ascii: bool,
+    pub readonly: bool,
+    pub mode: Mode,
+    pub profile: Profile,
+    /// Playback speed shown in replay mode.
+    pub speed: f64,
+    pub playback_paused: bool,
+    pub recording: Option<PathBuf>,
+    verdict_cache: Option<(u64, Verdict)>,
+}
+
+impl App {
+    pub fn new(session: SessionState, theme: Theme, depth: Depth, profile: Profile, mode: Mode) -> Self {
+        let theme_index = BUILTIN.iter().position(|(n, _)| *n == theme.name).unwrap_or(0);
+        App {
+            session,
+            view: ViewState {
+                prompt: None,
+                focus: 0,
+                zoom: false,
+                help: false,
+                verdict: None,
+                scroll: [0, 0],
+                message: None,
+                theme_index,
+            },
+            theme,
+            depth,
+            ascii: false,
+            readonly: false,
+            mode,
+            profile,
+            speed: 1.0,
+            playback_paused: false,
+            recording: None,
+            verdict_cache: None,
+        }
+    }
+
+    pub fn prompt(&self) -> usize {
+        self.view
+            .prompt
+            .unwrap_or(self.session.current_prompt)
+            .min(self.session.num_prompts().saturating_sub(1))
+    }
+
+    pub fn focused(&self) -> Panel {
+        Panel::ORDER[self.view.focus % Panel::ORDER.len()]
+    }
+
+    pub fn show_verdict(&self) -> bool {
+        self.view.verdict.unwrap_or(self.session.finished.is_some())
+    }
+
+    /// The verdict, recomputed only when new events arrived.
+    pub fn verdict(&mut self) -> &Verdict {
+        let n = self.session.events;
+        if self.verdict_cache.as_ref().is_none_or(|(k, _)| *k != n) {
+            self.verdict_cache = Some((n, judge(&self.session, &self.profile)));
+        }
+        &self.verdict_cache.as_ref().expect("just set").1
+    }
+
+    /// Whether a key may change the run (false in readonly mode and in replays).
+    fn may_drive(&self) -> bool {
+        self.mode == Mode::Live && !self.readonly
+    }
+
+    pub fn update(&mut self, a: Action) -> Option<Effect> {
+        use crate::worker::scheduler::Control;
+        let n = self.session.num_prompts();
+        match a {
+            Action::Quit => return Some(Effect::Quit),
+            Action::ToggleHelp => self.view.help = !self.view.help,
+            Action::ToggleZoom => self.view.zoom = !self.view.zoom,
+            Action::ToggleVerdict => self.view.verdict = Some(!self.show_verdict()),
+            Action::FocusNext => self.view.focus = (self.view.focus + 1) % Panel::ORDER.len(),
+            Action::FocusPrev => self.view.focus = (self.view.focus + Panel::ORDER.len() - 1) % Panel::ORDER.len(),
+            Action::ScrollUp | Action::ScrollDown => {
+                let b = match self.focused() {
+                    Panel::Tokens(b) => b,
+                    _ => Backend::Native,
+                };
+                let s = &mut self.view.scroll[b.index()];
+                *s = if a == Action::ScrollUp { s.saturating_add(1) } else { s.saturating_sub(1) };
+            }
+            Action::CycleTheme => {
+                self.view.theme_index = (self.view.theme_index + 1) % BUILTIN.len();
+                let (name, _) = BUILTIN[self.view.theme_index];
+                if let Ok(t) = Theme::load(name, self.depth) {
+                    self.theme = t;
+                    self.view.message = Some(format!("theme: {name}"));
+                }
+            }
+            Action::NextPrompt | Action::PrevPrompt => {
+                let cur = self.prompt();
+                let next = if a == Action::NextPrompt { (cur + 1).min(n.saturating_sub(1)) } else { cur.saturating_sub(1) };
+                self.view.scroll = [0, 0];
+                self.view.verdict = Some(false);
+                if self.may_drive() {
+                    self.view.prompt = None;
+                    return Some(Effect::Control(if a == Action::NextPrompt { Control::Next } else { Control::Prev }));
+                }
+                self.view.prompt = Some(next);
+            }
+            Action::TogglePause => {
+                if self.may_drive() {
+                    return Some(Effect::Control(Control::TogglePause));
+                }
+                if self.mode == Mode::Replay {
+                    return Some(Effect::PlaybackToggle);
+                }
+                self.view.message = Some(self.readonly_message());
+            }
+            Action::Step => {
+                if self.may_drive() {
+                    return Some(Effect::Control(Control::Step));
+                }
+                if self.mode == Mode::Replay {
+                    return Some(Effect::PlaybackStep);
+                }
+                self.view.message = Some(self.readonly_message());
+            }
+            Action::Rerun => {
+                if self.may_drive() {
+                    self.view.scroll = [0, 0];
+                    return Some(Effect::Control(Control::Rerun));
+                }
+                if self.mode == Mode::Replay {
+                    return Some(Effect::PlaybackRestart);
+                }
+                self.view.message = Some(self.readonly_message());
+            }
+            Action::Export => return Some(Effect::Export),
+        }
+        None
+    }
+
+    fn readonly_message(&self) -> String {
+        match self.mode {
+            Mode::Live => "read-only session: keys that change the run are off".into(),
+            Mode::Watch => "watching a run in progress: it cannot be driven from here".into(),
+            Mode::Replay => String::new(),
+        }
+    }
+
+    pub fn render(&mut self, f: &mut Frame) {
+        let area = f.area();
+        let rows = Layout::default()
+            .direction(Direction::Vertical)
+            .constraints([Constraint::Length(2), Constraint::Min(3), Constraint::Length(1)])
+            .split(area);
+        panels::header::render(f, rows[0], self);
+        if self.show_verdict() {
+            let v = self.verdict().clone();
+            panels::verdict::render(f, rows[1], self, &v);
+        } else if self.view.zoom {
+            self.render_panel(f, rows[1], self.focused());
+        } else {
+            self.render_columns(f, rows[1]);
+        }
+        panels::footer::render(f, rows[2], self);
+        if self.view.help {
+            panels::help::render(f, area, self);
+        }
+    }
+
+    fn render_columns(&mut self, f: &mut Frame, area: Rect) {
+        let cols = Layout::default()
+            .direction(Direction::Horizontal)
+            .constraints([Constraint::Percentage(50), Constraint::Percentage(50)])
+            .split(area);
+        let compact = area.height < 30;
+        for (i, b) in Backend::BOTH.iter().enumerate() {
+            let h = cols[i].height;
+            // Tokens take what is left after the fixed-size panels.
+            let (mem, gauges, heat) = if compact {
+                (h.saturating_sub(8).min(5).max(3), 3, (h / 4).max(3))
+            } else {
+                (10, 5, (h / 4).clamp(6, 16))
+            };
+            let parts = Layout::default()
+                .direction(Direction::Vertical)
+                .constraints([
+                    Constraint::Min(4),
+                    Constraint::Length(mem),
+                    Constraint::Length(gauges),
+                    Constraint::Length(heat),
+                ])
+                .split(cols[i]);
+            self.render_panel(f, parts[0], Panel::Tokens(*b));
+            self.render_panel(f, parts[1], Panel::Memory(*b));
+            self.render_panel(f, parts[2], Panel::Gauges(*b));
+            self.render_panel(f, parts[3], Panel::Heatmap(*b));
+        }
+    }
+
+    fn render_panel(&mut self, f: &mut Frame, area: Rect, p: Panel) {
+        let focused = self.focused() == p;
+        match p {
+            Panel::Tokens(b) => panels::tokens::render(f, area, self, b, focused),
+            Panel::Memory(b) => panels::memory::render(f, area, self, b, focused),
+            Panel::Gauges(b) => panels::gauges::render(f, area, self, b, focused),
+            Panel::Heatmap(b) => panels::heatmap::render(f, area, self, b, focused),
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The terminal dashboard — the only module that knows ratatui and crossterm. Live runs, replays
+//! and `watch` all feed the same `SessionEvent`s into the same `SessionState` and the same
+//! [`App`]; only where the events come from differs.
+
+pub mod app;
+pub mod input;
+pub mod panels;
+pub mod terminal;
+pub mod theme;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use crossterm::event::{Event, EventStream};
+use futures::StreamExt;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use crate::cli::UiArgs;
+use crate::session::event::Stamped;
+use crate::session::export;
+use crate::session::record::{Follower, Header, Recorder, Recording};
+use crate::session::state::SessionState;
+use crate::session::verdict::{Outcome, Profile};
+use crate::worker::scheduler::Control;
+use app::{App, Effect, Mode};
+use theme::{Depth, Theme};
+
+/// Theme and colour depth from the flags and the environment.
+pub fn appearance(ui: &UiArgs) -> Result<(Theme, Depth)> {
+    let depth = match Depth::parse(&ui.color).map_err(crate::errors::InputError)? {
+        Some(d) if std::env::var("NO_COLOR").is_ok_and(|v| !v.is_empty()) && d != Depth::None => {
+            // An explicit --color wins over NO_COLOR: the user asked for it on this command.
+            d
+        }
+        Some(d) => d,
+        None => Depth::detect(|k| std::env::var(k).ok()),
+    };
+    let theme = Theme::load(&ui.theme, depth).map_err(crate::errors::InputError)?;
+    Ok((theme, depth))
+}
+
+pub fn new_app(state: SessionState, ui: &UiArgs, profile: Profile, mode: Mode) -> Result<App> {
+    let (theme, depth) = appearance(ui)?;
+    let mut app = App::new(state, theme, depth, profile, mode);
+    app.ascii = ui.ascii;
+    app.readonly = ui.readonly || mode == Mode::Watch;
+    Ok(app)
+}
+
+fn frame_interval(fps: u32) -> Duration {
+    Duration::from_millis(1000 / fps.clamp(1, 60) as u64)
+}
+
+/// Writes the session summary next to the recording.
+fn export_now(app: &App) -> String {
+    let Some(rec) = &app.recording else {
+        return "no recording to export next to".into();
+    };
+    let sum = export::summarize(&app.session, &app.profile);
+    let path = crate::headless::summary_path(rec);
+    match serde_json::to_string_pretty(&sum)
+        .map_err(std::io::Error::other)
+        .and_then(|j| crate::headless::write_atomic(&path, &(j + "\n")))
+    {
+        Ok(()) => format!("exported {}", path.display()),
+        Err(e) => format!("export failed: {e}"),
+    }
+}
+
+/// The live dashboard over a running session.
+pub async fn live(
+    header: Header,
+    mut recorder: Recorder,
+    profile: Profile,
+    mut events: UnboundedReceiver<Stamped>,
+    control: UnboundedSender<Control>,
+    ui: &UiArgs,
+) -> Result<Outcome> {
+    let mut app = new_app(SessionState::new(header), ui, profile, Mode::Live)?;
+    app.recording = Some(recorder.path().to_path_buf());
+    let mut guard = terminal::init()?;
+    let mut keys = EventStream::new();
+    let mut tick = tokio::time::interval(frame_interval(ui.fps));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut dirty = true;
+    let mut run_over = false;
+    let mut quitting: Option<tokio::time::Instant> = None;
+    let mut write_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            ev = events.recv(), if !run_over => match ev {
+                Some(ev) => {
+                    app.session.apply(&ev);
+                    if let Err(e) = recorder.append(&ev) {
+                        if write_error.is_none() {
+                            write_error = Some(format!("writing {}: {e}", recorder.path().display()));
+                            app.view.message = write_error.clone();
+                            let _ = control.send(Control::Quit);
+                        }
+                    }
+                    dirty = true;
+                }
+                None => {
+                    run_over = true;
+                    dirty = true;
+                    if quitting.is_some() {
+                        break;
+                    }
+                }
+            },
+            k = keys.next() => {
+                match k {
+                    Some(Ok(Event::Key(key))) => {
+                        if app.view.help {
+                            app.view.help = false;
+                        } else if let Some(a) = input::action(key) {
+                            match app.update(a) {
+                                Some(Effect::Control(c)) => { let _ = control.send(c); }
+                                Some(Effect::Quit) => {
+                                    if run_over { break; }
+                                    let _ = control.send(Control::Quit);
+                                    quitting = Some(tokio::time::Instant::now());
+                                    app.view.message = Some("quitting: stopping workers…".into());
+                                }
+                                Some(Effect::Export) => app.view.message = Some(export_now(&app)),
+                                _ => {}
+                            }
+                        }
+                        dirty = true;
+                    }
+                    Some(Ok(Event::Resize(_, _))) => dirty = true,
+                    Some(Err(_)) | None => {
+                        // No terminal input any more (the SSH session went away): stop cleanly.
+                        if quitting.is_none() {
+                            let _ = control.send(Control::Quit);
+                            quitting = Some(tokio::time::Instant::now());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ = tick.tick() => {
+                if dirty {
+                    guard.term.draw(|f| app.render(f))?;
+                    dirty = false;
+                }
+                if let Some(q) = quitting {
+                    if run_over || q.elapsed() > Duration::from_secs(15) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    drop(guard);
+    let rec_path = recorder.path().to_path_buf();
+    recorder.close()?;
+    let summary = export::summarize(&app.session, &app.profile);
+    let spath = crate::headless::summary_path(&rec_path);
+    crate::headless::write_atomic(&spath, &(serde_json::to_string_pretty(&summary)? + "\n"))?;
+    print!("{}", crate::headless::final_report(&summary));
+    println!("recording: {}", rec_path.display());
+    println!("summary:   {}", spath.display());
+    if let Some(e) = write_error {
+        eprintln!("error: {e}");
+    }
+    Ok(summary.verdict.outcome)
+}
+
+/// Replays a recording (and with `follow`, keeps reading what is appended).
+pub async fn replay(
+    path: &Path,
+    rec: Recording,
+    speed: f64,
+    profile: Profile,
+    ui: &UiArgs,
+    follow: Option<Follower>,
+) -> Result<()> {
+    let mode = if follow.is_some() { Mode::Watch } else { Mode::Replay };
+    let header = rec.header.clone();
+    let mut app = new_app(SessionState::new(header.clone()), ui, profile, mode)?;
+    app.speed = speed;
+    app.recording = Some(path.to_path_buf());
+    if rec.truncated_tail {
+        app.view.message = Some("the recording's last line was incomplete and was skipped".into());
+    }
+    let mut guard = terminal::init()?;
+    let mut keys = EventStream::new();
+    let mut tick = tokio::time::interval(frame_interval(ui.fps));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut events = rec.events;
+    let mut next = 0usize;
+    let mut follower = follow;
+    // Playback clock: session time shown = base + elapsed × speed.
+    let mut clock_start = tokio::time::Instant::now();
+    let mut clock_base = 0.0f64;
+    let mut poll = tokio::time::interval(Duration::from_millis(200));
+    let mut dirty = true;
+    loop {
+        tokio::select! {
+            k = keys.next() => {
+                if let Some(Ok(Event::Key(key))) = k {
+                    if app.view.help {
+                        app.view.help = false;
+                    } else if let Some(a) = input::action(key) {
+                        match app.update(a) {
+                            Some(Effect::Quit) => break,
+                            Some(Effect::PlaybackToggle) => {
+                                if app.playback_paused {
+                                    clock_start = tokio::time::Instant::now();
+                                } else {
+                                    clock_base += clock_start.elapsed().as_secs_f64() * speed;
+                                }
+                                app.playback_paused = !app.playback_paused;
+                            }
+                            Some(Effect::PlaybackStep) => {
+                                // Apply events up to and including the next token.
+                                while next < events.len() {
+                                    let ev = &events[next];
+                                    app.session.apply(ev);
+                                    clock_base = ev.t;
+                                    next += 1;
+                                    if matches!(ev.event, crate::session::SessionEvent::Token { .. }) { break; }
+                                }
+                                app.playback_paused = true;
+                            }
+                            Some(Effect::PlaybackRestart) => {
+                                app.session = SessionState::new(header.clone());
+                                next = 0;
+                                clock_base = 0.0;
+                                clock_start = tokio::time::Instant::now();
+                            }
+                            Some(Effect::Export) => app.view.message = Some(export_now(&app)),
+                            _ => {}
+                        }
+                    }
+                    dirty = true;
+                } else if let Some(Ok(Event::Resize(_, _))) = k {
+                    dirty = true;
+                } else if k.is_none() {
+                    break;
+                }
+            }
+            _ = poll.tick(), if follower.is_some() => {
+                if let Some(f) = follower.as_mut() {
+                    match f.poll() {
+                        Ok(new) if !new.is_empty() => { events.extend(new); dirty = true; }
+                        Ok(_) => {}
+                        Err(e) => app.view.message = Some(format!("following: {e}")),
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let now = if app.playback_paused { clock_base } else { clock_base + clock_start.elapsed().as_secs_f64() * speed };
+                while next < events.len() && (speed <= 0.0 || mode == Mode::Watch || events[next].t <= now) && !(app.playback_paused && mode == Mode::Replay) {
+                    app.session.apply(&events[next]);
+                    next += 1;
+                    dirty = true;
+                }
+                if dirty {
+                    guard.term.draw(|f| app.render(f))?;
+                    dirty = false;
+                }
+            }
+        }
+    }
+    drop(guard);
+    Ok(())
+}
+
+/// Names of the themes, for `moescope themes`.
+pub fn list_themes() -> Vec<(String, String)> {
+    theme::list()
+}
+
+/// Renders one frame of an app into a string of the given size (for captures and tests).
+pub fn render_to_string(app: &mut App, width: u16, height: u16) -> String {
+    let backend = ratatui::backend::TestBackend::new(width, height);
+    let mut term = ratatui::Terminal::new(backend).expect("test backend");
+    term.draw(|f| app.render(f)).expect("draw");
+    let buf = term.backend().buffer().clone();
+    let mut out = String::new();
+    for y in 0..buf.area.height {
+        let mut line = String::new();
+        for x in 0..buf.area.width {
+            line.push_str(buf[(x, y)].symbol());
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,26 @@
+//! The key hints, and the latest status message.
+
+use ratatui::Frame;
+use ratatui::layout::Rect;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::Paragraph;
+
+use crate::ui::app::{App, Mode};
+
+pub fn render(f: &mut Frame, area: Rect, app: &App) {
+    let t = &app.theme;
+    let mut spans = vec![];
+    if app.readonly {
+        spans.push(Span::styled("READ-ONLY ", t.warn));
+    }
+    if let Some(m) = &app.view.message {
+        spans.push(Span::styled(format!("{m} · "), t.good));
+    }
+    let keys = match app.mode {
+        Mode::Live if !app.readonly => "q quit  space pause  . step  n/p prompt  r rerun  e export  t theme  tab focus  z zoom  v verdict  ? help",
+        Mode::Replay => "q quit  space pause  . step  n/p prompt  r restart  e export  t theme  tab focus  z zoom  v verdict  ? help",
+        _ => "q quit  n/p prompt  e export  t theme  tab focus  z zoom  v verdict  ? help",
+    };
+    spans.push(Span::styled(keys, t.muted));
+    f.render_widget(Paragraph::new(Line::from(spans)), area);
+}

@@ -1,0 +1,142 @@
+//! Per-layer expert heatmap (layers × experts, binned to fit: 48 × 128 becomes whatever the panel
+//! holds). Selective: colour = how often each expert was requested (hits + misses), a solid block
+//! where it is resident in the cache; with per-layer hit rate at the right. Native: colour = how
+//! often routing picked each expert.
+
+use ratatui::Frame;
+use ratatui::layout::Rect;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::Paragraph;
+
+use crate::session::event::Backend;
+use crate::ui::app::App;
+
+/// Bins `values` (len n) into `bins` groups by max (so a hot expert never disappears).
+pub fn bin_max(values: &[f64], bins: usize) -> Vec<f64> {
+    let n = values.len();
+    if n == 0 || bins == 0 {
+        return Vec::new();
+    }
+    let bins = bins.min(n);
+    (0..bins)
+        .map(|i| {
+            let a = i * n / bins;
+            let b = ((i + 1) * n / bins).max(a + 1);
+            values[a..b].iter().copied().fold(0.0, f64::max)
+        })
+        .collect()
+}
+
+pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
+    let t = &app.theme;
+    let st = app.session.backend(b);
+    let compact = area.height < 8;
+    let (title, rows): (String, Vec<(usize, Vec<f64>, Vec<bool>, Option<f64>)>) = match (b, &st.cache) {
+        (Backend::Selective, Some(c)) => (
+            format!(
+                "cache {}/{} experts · hit {} · {}",
+                c.resident_experts,
+                c.capacity_experts,
+                c.hit_rate().map(|h| format!("{:.1} %", h * 100.0)).unwrap_or("–".into()),
+                if c.load_latency.count > 0 {
+                    format!("load p50 {:.2} ms p95 {:.2} ms", c.load_latency.p50_us / 1e3, c.load_latency.p95_us / 1e3)
+                } else {
+                    "no loads yet".into()
+                }
+            ),
+            c.layers
+                .iter()
+                .map(|l| {
+                    let use_: Vec<f64> = l.hits.iter().zip(&l.misses).map(|(h, m)| (*h + *m) as f64).collect();
+                    (l.layer, use_, l.resident.clone(), l.hit_rate())
+                })
+                .collect(),
+        ),
+        _ => (
+            "routing: experts picked per layer".into(),
+            app.session
+                .header
+                .moe
+                .moe_layers
+                .iter()
+                .zip(&st.usage)
+                .map(|(l, u)| (*l, u.iter().map(|x| *x as f64).collect(), vec![false; u.len()], None))
+                .collect(),
+        ),
+    };
+    let block = super::block(app, super::title(title, t.backend(b)), focused, compact);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    if inner.height == 0 || inner.width < 8 || rows.is_empty() {
+        return;
+    }
+    let show_rate = b == Backend::Selective && inner.width >= 20;
+    let label_w = 4usize;
+    let rate_w = if show_rate { 5 } else { 0 };
+    let cells = (inner.width as usize).saturating_sub(label_w + rate_w).max(1);
+    // Layers binned into the available rows.
+    let nrows = (inner.height as usize).min(rows.len());
+    let mut lines = Vec::new();
+    for r in 0..nrows {
+        let a = r * rows.len() / nrows;
+        let z = ((r + 1) * rows.len() / nrows).max(a + 1);
+        let group = &rows[a..z];
+        let experts = group[0].1.len();
+        let mut usage = vec![0.0; experts];
+        let mut resident = vec![false; experts];
+        for (_, u, res, _) in group {
+            for e in 0..experts {
+                usage[e] += u[e];
+                resident[e] |= res[e];
+            }
+        }
+        let max = usage.iter().copied().fold(0.0, f64::max).max(1e-9);
+        let u = bin_max(&usage, cells);
+        let res_f: Vec<f64> = resident.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect();
+        let res = bin_max(&res_f, cells);
+        let label = if group.len() == 1 { format!("L{:<3}", group[0].0) } else { format!("{:>3}+", group[0].0) };
+        let mut spans = vec![Span::styled(label, t.muted)];
+        for (i, v) in u.iter().enumerate() {
+            let level = v / max;
+            let (ch, style) = if res[i] > 0.0 {
+                (if app.ascii { '#' } else { '█' }, t.heat(level.max(0.15)))
+            } else if *v > 0.0 {
+                (if app.ascii { '+' } else { '▒' }, t.heat(level))
+            } else {
+                (if app.ascii { '.' } else { '·' }, t.muted)
+            };
+            spans.push(Span::styled(ch.to_string(), style));
+        }
+        if show_rate {
+            let rates: Vec<f64> = group.iter().filter_map(|g| g.3).collect();
+            let txt = if rates.is_empty() {
+                "   – ".to_string()
+            } else {
+                format!("{:>4.0}%", 100.0 * rates.iter().sum::<f64>() / rates.len() as f64)
+            };
+            let style = match rates.first() {
+                Some(r) if *r >= 0.5 => t.good,
+                Some(_) => t.warn,
+                None => t.muted,
+            };
+            spans.push(Span::styled(txt, style));
+        }
+        lines.push(Line::from(spans));
+    }
+    f.render_widget(Paragraph::new(lines), inner);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binning_keeps_hot_experts() {
+        let mut v = vec![0.0; 128];
+        v[77] = 5.0;
+        let b = bin_max(&v, 40);
+        assert_eq!(b.len(), 40);
+        assert_eq!(b.iter().filter(|x| **x == 5.0).count(), 1);
+        assert_eq!(bin_max(&[1.0, 2.0], 10), vec![1.0, 2.0], "never more bins than values");
+    }
+}

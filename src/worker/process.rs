@@ -1,0 +1,145 @@
+//! The parent's side of a worker: spawn `moescope worker`, tokio tasks owning its pipes, crash
+//! detection (exit code or signal, with the last lines of its stderr).
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use super::protocol::{Command, WorkerEvent};
+use crate::session::event::Backend;
+
+/// What the parent hears from a worker.
+#[derive(Debug, Clone)]
+pub enum WorkerMsg {
+    Event(WorkerEvent),
+    /// A stdout line that is not a protocol event.
+    BadLine(String),
+    /// The process ended.
+    Exited {
+        status: String,
+        stderr_tail: Vec<String>,
+    },
+}
+
+#[derive(Debug)]
+pub struct WorkerProcess {
+    pub backend: Backend,
+    pub pid: u32,
+    cmd_tx: UnboundedSender<Command>,
+}
+
+const STDERR_TAIL: usize = 12;
+
+impl WorkerProcess {
+    /// Starts `exe worker` with extra environment variables; its messages go to `events`.
+    pub fn spawn(
+        backend: Backend,
+        exe: &Path,
+        env: &[(String, String)],
+        events: UnboundedSender<(Backend, WorkerMsg)>,
+    ) -> std::io::Result<Self> {
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the worker if
+        // this process dies, so a crashed or killed dashboard leaves no orphans.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let pid = child.id().unwrap_or(0);
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let tail: Arc<Mutex<VecDeque<String>>> = Arc::new(Mutex::new(VecDeque::new()));
+
+        let (cmd_tx, mut cmd_rx): (UnboundedSender<Command>, UnboundedReceiver<Command>) = unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(c) = cmd_rx.recv().await {
+                let mut line = serde_json::to_string(&c).expect("command serialises");
+                line.push('\n');
+                if stdin.write_all(line.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let tail_w = tail.clone();
+        let stderr_task = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let mut t = tail_w.lock().expect("tail lock");
+                t.push_back(l);
+                while t.len() > STDERR_TAIL {
+                    t.pop_front();
+                }
+            }
+        });
+
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let msg = match serde_json::from_str::<WorkerEvent>(&l) {
+                    Ok(ev) => WorkerMsg::Event(ev),
+                    Err(_) => WorkerMsg::BadLine(l),
+                };
+                if events.send((backend, msg)).is_err() {
+                    break;
+                }
+            }
+            let status = match child.wait().await {
+                Ok(s) => describe_status(s),
+                Err(e) => format!("could not be waited for: {e}"),
+            };
+            let _ = stderr_task.await;
+            let stderr_tail = tail.lock().expect("tail lock").iter().cloned().collect();
+            let _ = events.send((backend, WorkerMsg::Exited { status, stderr_tail }));
+        });
+        Ok(WorkerProcess { backend, pid, cmd_tx })
+    }
+
+    /// Queues a command; false if the worker's stdin is gone.
+    pub fn send(&self, c: Command) -> bool {
+        self.cmd_tx.send(c).is_ok()
+    }
+
+    /// SIGKILL (used when a worker stops answering).
+    pub fn kill(&self) {
+        if self.pid > 0 {
+            // SAFETY: plain syscall; at worst the pid is already gone.
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn describe_status(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(sig) = s.signal() {
+        let name = match sig {
+            libc::SIGKILL => " (SIGKILL: killed, e.g. by kill -9 or the out-of-memory killer)",
+            libc::SIGSEGV => " (SIGSEGV)",
+            libc::SIGABRT => " (SIGABRT)",
+            libc::SIGTERM => " (SIGTERM)",
+            _ => "",
+        };
+        format!("killed by signal {sig}{name}")
+    } else {
+        format!("exited with code {}", s.code().unwrap_or(-1))
+    }
+}

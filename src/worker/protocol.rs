@@ -1,0 +1,173 @@
+//! The worker protocol: JSON lines. Parent → worker [`Command`]s on stdin, worker → parent
+//! [`WorkerEvent`]s on stdout; stderr is for logs only. Versioned: the parent sends `hello`
+//! with its version and a worker of another version refuses with an error.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::BackendSpec;
+use crate::experts::stats::CacheSnapshot;
+use crate::session::event::{Finish, ResidentBytes};
+use crate::session::record::MoeShape;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Decoding settings on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PromptInput {
+    /// Text, sent through the model's chat template unless `raw`.
+    Text { text: String, raw: bool },
+    /// Token ids as they are.
+    Tokens { ids: Vec<u32> },
+}
+
+/// Which next-token probabilities a `score` should return per position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Support {
+    /// The k most likely tokens (the whole vocabulary if k ≥ vocab).
+    TopK(usize),
+    /// These ids, one list per scored position (another backend's top-k).
+    Ids(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    Hello { version: u32 },
+    Load { spec: BackendSpec, trace_routing: bool },
+    /// Starts a generation. `stepped`: produce a token only on each `step` (alternate schedule);
+    /// otherwise run freely until done, paused or cancelled.
+    Generate {
+        prompt: usize,
+        input: PromptInput,
+        sampling: Sampling,
+        stepped: bool,
+    },
+    Step,
+    Pause,
+    Resume,
+    Cancel,
+    /// Teacher-forced next-token log-probabilities at each token of `continuation` after the
+    /// prompt (the worker tokenizes `input` as for `generate`): one row per continuation token,
+    /// the distribution that predicted it.
+    Score {
+        prompt: usize,
+        input: PromptInput,
+        continuation: Vec<u32>,
+        support: Support,
+    },
+    /// Perplexity of a reference text (at most `max_tokens` tokens of it).
+    Perplexity { text: String, max_tokens: usize },
+    Shutdown,
+}
+
+/// Log-probabilities at one scored position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRow {
+    pub ids: Vec<u32>,
+    pub logp: Vec<f32>,
+    /// The most likely token at this position.
+    pub top1: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum WorkerEvent {
+    Ready { version: u32, pid: u32 },
+    LoadProgress { done: usize, total: usize },
+    Loaded {
+        load_s: f64,
+        resident: ResidentBytes,
+        degraded: bool,
+        describe: String,
+        moe: MoeShape,
+        model_type: String,
+        config_fingerprint: String,
+        vocab_size: usize,
+    },
+    PromptStarted {
+        prompt: usize,
+        prompt_tokens: usize,
+        max_new_tokens: usize,
+    },
+    Token {
+        prompt: usize,
+        index: usize,
+        id: u32,
+        text: String,
+        dt: f64,
+        prefill: bool,
+    },
+    Routing {
+        prompt: usize,
+        position: usize,
+        experts: Vec<Vec<u16>>,
+    },
+    Cache { snapshot: CacheSnapshot },
+    PromptDone {
+        prompt: usize,
+        finish: Finish,
+        token_ids: Vec<u32>,
+        text: String,
+        ttft_s: f64,
+        prefill_tok_s: f64,
+        decode_tok_s: f64,
+    },
+    Scored {
+        prompt: usize,
+        rows: Vec<ScoreRow>,
+        /// True when each row covers the whole vocabulary.
+        full_vocab: bool,
+    },
+    Perplexity { perplexity: f64, tokens: usize },
+    /// `fatal`: the worker cannot go on (it exits after sending this).
+    Error { message: String, fatal: bool },
+    Bye,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_and_events_round_trip_as_single_lines() {
+        let cmds = vec![
+            Command::Hello { version: PROTOCOL_VERSION },
+            Command::Generate {
+                prompt: 2,
+                input: PromptInput::Text { text: "hi\nthere".into(), raw: false },
+                sampling: Sampling { max_new_tokens: 5, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 1 },
+                stepped: true,
+            },
+            Command::Score {
+                prompt: 0,
+                input: PromptInput::Tokens { ids: vec![1, 2] },
+                continuation: vec![3, 4],
+                support: Support::Ids(vec![vec![4, 5], vec![6]]),
+            },
+            Command::Step,
+            Command::Shutdown,
+        ];
+        for c in cmds {
+            let line = serde_json::to_string(&c).unwrap();
+            assert!(!line.contains('\n'));
+            assert_eq!(serde_json::from_str::<Command>(&line).unwrap(), c);
+        }
+        let line = r#"{"cmd":"step"}"#;
+        assert_eq!(serde_json::from_str::<Command>(line).unwrap(), Command::Step);
+        let ev = WorkerEvent::Token { prompt: 0, index: 3, id: 7, text: "a\"b".into(), dt: 0.01, prefill: false };
+        let line = serde_json::to_string(&ev).unwrap();
+        assert_eq!(serde_json::from_str::<WorkerEvent>(&line).unwrap(), ev);
+        assert!(serde_json::from_str::<Command>(r#"{"cmd":"fly"}"#).is_err());
+    }
+}

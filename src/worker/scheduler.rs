@@ -1,0 +1,671 @@
+//! Drives a comparison run: starts the two workers, loads them, runs every prompt on both under
+//! the chosen schedule, scores agreement and perplexity, and turns everything the workers say
+//! into [`SessionEvent`]s. A failed worker is reported and the run goes on with the other.
+//!
+//! - `alternate`: both loaded; each token of native is followed by one of selective, so neither
+//!   is timed while the other computes, and both panes stream together.
+//! - `sequential`: one backend at a time (all prompts on native, then on selective): the lowest
+//!   peak memory.
+//! - `parallel`: both generate at once; timings are marked contended.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use super::memory;
+use super::process::{WorkerMsg, WorkerProcess};
+use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, Sampling, ScoreRow, Support, WorkerEvent};
+use crate::engine::BackendSpec;
+use crate::session::event::{AgreementStats, Backend, Finish, SessionEvent, Stamped};
+use crate::session::prompts::PromptSet;
+use crate::session::quality::kl_on_support;
+use crate::session::record::Schedule;
+
+/// Requests from the user interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    TogglePause,
+    /// One token per backend (while paused).
+    Step,
+    /// Cancel the current prompt and go to the next / previous one.
+    Next,
+    Prev,
+    /// Cancel and run the current prompt again.
+    Rerun,
+    Quit,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub native: BackendSpec,
+    pub selective: BackendSpec,
+    pub schedule: Schedule,
+    pub prompts: PromptSet,
+    pub sampling: Sampling,
+    pub raw: bool,
+    /// Teacher-forced agreement after each prompt.
+    pub score: bool,
+    /// Perplexity of this text at the end of the run.
+    pub reference_text: Option<String>,
+    pub reference_max_tokens: usize,
+    pub trace_routing: bool,
+    /// Time allowed for loading a model.
+    pub load_timeout: Duration,
+    /// Time allowed for one answer (one token, one score) before a worker counts as hung.
+    pub step_timeout: Duration,
+    pub memory_interval: Duration,
+    pub gpu_memory: bool,
+    /// The moescope binary that runs `worker`.
+    pub exe: PathBuf,
+    /// Extra environment for the workers (fault tests).
+    pub worker_env: [Vec<(String, String)>; 2],
+}
+
+/// Top-K kept from native when the vocabulary is too large to compare in full.
+const KL_SUPPORT: usize = 256;
+const FULL_VOCAB_LIMIT: usize = 8192;
+
+#[derive(Debug, Default)]
+struct WorkerState {
+    proc: Option<WorkerProcess>,
+    alive: bool,
+    ready: bool,
+    loaded: bool,
+    vocab: usize,
+    /// Prompt being generated and tokens seen so far.
+    generating: Option<usize>,
+    tokens: usize,
+    done: Option<(usize, Finish, Vec<u32>)>,
+    scored: Option<(Vec<ScoreRow>, bool)>,
+    ppl: Option<(f64, usize)>,
+    error: Option<String>,
+    paused: bool,
+}
+
+/// The run's clock and the way out to the session.
+#[derive(Clone)]
+struct Emitter {
+    start: Instant,
+    out: UnboundedSender<Stamped>,
+}
+
+impl Emitter {
+    fn emit(&self, event: SessionEvent) {
+        let _ = self.out.send(Stamped {
+            t: self.start.elapsed().as_secs_f64(),
+            event,
+        });
+    }
+}
+
+enum Nav {
+    Next,
+    Prev,
+    Rerun,
+    Quit,
+}
+
+struct Scheduler {
+    cfg: RunConfig,
+    em: Emitter,
+    rx: UnboundedReceiver<(Backend, WorkerMsg)>,
+    tx: UnboundedSender<(Backend, WorkerMsg)>,
+    ctl: UnboundedReceiver<Control>,
+    w: [WorkerState; 2],
+    pids: Arc<Mutex<Vec<(Backend, u32, Option<u64>)>>>,
+    paused: bool,
+    step_once: bool,
+    nav: Option<Nav>,
+    ctl_closed: bool,
+    /// Native's score rows per prompt (sequential schedule compares later).
+    native_rows: HashMap<usize, (Vec<ScoreRow>, bool)>,
+    native_tokens: HashMap<usize, Vec<u32>>,
+}
+
+/// Runs the whole session. Returns when every prompt ran (or the user quit).
+pub async fn run(cfg: RunConfig, out: UnboundedSender<Stamped>, ctl: UnboundedReceiver<Control>, start: Instant) -> String {
+    let (tx, rx) = unbounded_channel();
+    let em = Emitter { start, out };
+    let pids: Arc<Mutex<Vec<(Backend, u32, Option<u64>)>>> = Arc::new(Mutex::new(Vec::new()));
+    // Memory sampling runs on its own task, so it never waits for a busy worker.
+    let sampler = {
+        let pids = pids.clone();
+        let em = em.clone();
+        let every = cfg.memory_interval;
+        let gpu = cfg.gpu_memory;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let list = pids.lock().expect("pids").clone();
+                for (b, pid, base) in list {
+                    let s = tokio::task::spawn_blocking(move || memory::sample(pid, gpu, base)).await.ok().flatten();
+                    if let Some(sample) = s {
+                        em.emit(SessionEvent::Memory { backend: b, sample });
+                    }
+                }
+            }
+        })
+    };
+    let mut s = Scheduler {
+        cfg,
+        em,
+        rx,
+        tx,
+        ctl,
+        w: Default::default(),
+        pids,
+        paused: false,
+        step_once: false,
+        nav: None,
+        ctl_closed: false,
+        native_rows: HashMap::new(),
+        native_tokens: HashMap::new(),
+    };
+    let reason = s.run_all().await;
+    s.shutdown_all().await;
+    sampler.abort();
+    s.em.emit(SessionEvent::Finished { reason: reason.clone() });
+    reason
+}
+
+impl Scheduler {
+    fn spec(&self, b: Backend) -> &BackendSpec {
+        match b {
+            Backend::Native => &self.cfg.native,
+            Backend::Selective => &self.cfg.selective,
+        }
+    }
+
+    fn ws(&mut self, b: Backend) -> &mut WorkerState {
+        &mut self.w[b.index()]
+    }
+
+    fn send(&mut self, b: Backend, c: Command) {
+        if let Some(p) = &self.w[b.index()].proc {
+            p.send(c);
+        }
+    }
+
+    fn alive(&self, b: Backend) -> bool {
+        self.w[b.index()].alive
+    }
+
+    fn fail(&mut self, b: Backend, reason: String) {
+        let st = &mut self.w[b.index()];
+        if !st.alive {
+            return;
+        }
+        st.alive = false;
+        st.generating = None;
+        if let Some(p) = &st.proc {
+            p.kill();
+        }
+        self.pids.lock().expect("pids").retain(|(x, _, _)| *x != b);
+        self.em.emit(SessionEvent::Failed { backend: b, reason });
+    }
+
+    async fn run_all(&mut self) -> String {
+        match self.cfg.schedule {
+            Schedule::Alternate | Schedule::Parallel => {
+                if self.cfg.schedule == Schedule::Parallel {
+                    self.em.emit(SessionEvent::Warning {
+                        backend: None,
+                        message: "parallel schedule: both backends run at once, so their timings are contended".into(),
+                    });
+                }
+                for b in Backend::BOTH {
+                    self.start_worker(b).await;
+                }
+                for b in Backend::BOTH {
+                    self.send_load(b);
+                }
+                for b in Backend::BOTH {
+                    self.wait_loaded(b).await;
+                }
+                if let Some(r) = self.run_prompts(&Backend::BOTH).await {
+                    return r;
+                }
+                self.perplexity_all(&Backend::BOTH).await;
+                "completed".into()
+            }
+            Schedule::Sequential => {
+                for b in Backend::BOTH {
+                    self.start_worker(b).await;
+                    self.send_load(b);
+                    self.wait_loaded(b).await;
+                    if let Some(r) = self.run_prompts(&[b]).await {
+                        return r;
+                    }
+                    self.perplexity_all(&[b]).await;
+                    self.shutdown(b).await;
+                }
+                "completed".into()
+            }
+        }
+    }
+
+    async fn start_worker(&mut self, b: Backend) {
+        let env = self.cfg.worker_env[b.index()].clone();
+        match WorkerProcess::spawn(b, &self.cfg.exe, &env, self.tx.clone()) {
+            Ok(p) => {
+                let pid = p.pid;
+                let base = if self.cfg.gpu_memory { memory::Gpu::get().device_used() } else { None };
+                self.pids.lock().expect("pids").push((b, pid, base));
+                p.send(Command::Hello { version: PROTOCOL_VERSION });
+                let st = self.ws(b);
+                st.proc = Some(p);
+                st.alive = true;
+                self.em.emit(SessionEvent::WorkerStarted { backend: b, pid });
+                let t = self.cfg.step_timeout;
+                if !self.wait_for(b, t, |w| w.ready).await {
+                    self.fail(b, format!("did not answer hello within {:.0} s", t.as_secs_f64()));
+                }
+            }
+            Err(e) => {
+                self.ws(b).alive = true;
+                self.fail(b, format!("could not start worker process {}: {e}", self.cfg.exe.display()));
+            }
+        }
+    }
+
+    fn send_load(&mut self, b: Backend) {
+        if self.alive(b) {
+            let spec = self.spec(b).clone();
+            let trace = self.cfg.trace_routing;
+            self.send(b, Command::Load { spec, trace_routing: trace });
+        }
+    }
+
+    async fn wait_loaded(&mut self, b: Backend) {
+        if !self.alive(b) {
+            return;
+        }
+        let t = self.cfg.load_timeout;
+        if !self.wait_for(b, t, |w| w.loaded).await && self.alive(b) {
+            self.fail(b, format!("did not finish loading within {:.0} s", t.as_secs_f64()));
+        }
+    }
+
+    /// Handles messages and controls until `cond` holds for `b`, `b` dies, or `timeout` passes
+    /// without any message from `b`. True when the condition holds.
+    async fn wait_for(&mut self, b: Backend, timeout: Duration, cond: impl Fn(&WorkerState) -> bool) -> bool {
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if cond(&self.w[b.index()]) {
+                return true;
+            }
+            if !self.alive(b) {
+                return false;
+            }
+            tokio::select! {
+                msg = self.rx.recv() => {
+                    let Some((from, msg)) = msg else { return false };
+                    if from == b {
+                        deadline = tokio::time::Instant::now() + timeout;
+                    }
+                    self.handle(from, msg);
+                }
+                c = self.ctl.recv(), if !self.ctl_closed => self.control(c),
+                _ = tokio::time::sleep_until(deadline) => {
+                    if !self.w[b.index()].paused {
+                        return false;
+                    }
+                    deadline = tokio::time::Instant::now() + timeout;
+                }
+            }
+        }
+    }
+
+    fn control(&mut self, c: Option<Control>) {
+        let Some(c) = c else {
+            self.ctl_closed = true;
+            return;
+        };
+        match c {
+            Control::TogglePause => {
+                self.paused = !self.paused;
+                self.em.emit(if self.paused { SessionEvent::Paused } else { SessionEvent::Resumed });
+                if self.cfg.schedule != Schedule::Alternate {
+                    for b in Backend::BOTH {
+                        let cmd = if self.paused { Command::Pause } else { Command::Resume };
+                        self.ws(b).paused = self.paused;
+                        self.send(b, cmd);
+                    }
+                }
+            }
+            Control::Step => {
+                if self.paused {
+                    self.step_once = true;
+                    if self.cfg.schedule != Schedule::Alternate {
+                        for b in Backend::BOTH {
+                            self.send(b, Command::Step);
+                        }
+                    }
+                }
+            }
+            Control::Next => self.nav = Some(Nav::Next),
+            Control::Prev => self.nav = Some(Nav::Prev),
+            Control::Rerun => self.nav = Some(Nav::Rerun),
+            Control::Quit => self.nav = Some(Nav::Quit),
+        }
+    }
+
+    /// Translates one worker message into session events and worker state.
+    fn handle(&mut self, b: Backend, msg: WorkerMsg) {
+        let em = self.em.clone();
+        match msg {
+            WorkerMsg::Event(ev) => match ev {
+                WorkerEvent::Ready { version, .. } => {
+                    if version != PROTOCOL_VERSION {
+                        self.fail(b, format!("worker speaks protocol {version}, expected {PROTOCOL_VERSION}"));
+                    } else {
+                        self.ws(b).ready = true;
+                    }
+                }
+                WorkerEvent::LoadProgress { done, total } => em.emit(SessionEvent::LoadProgress { backend: b, done, total }),
+                WorkerEvent::Loaded { load_s, resident, degraded, describe, vocab_size, .. } => {
+                    let st = self.ws(b);
+                    st.loaded = true;
+                    st.vocab = vocab_size;
+                    em.emit(SessionEvent::Loaded { backend: b, load_s, resident, degraded, describe });
+                }
+                WorkerEvent::PromptStarted { prompt, prompt_tokens, max_new_tokens } => {
+                    let st = self.ws(b);
+                    st.generating = Some(prompt);
+                    st.tokens = 0;
+                    st.done = None;
+                    em.emit(SessionEvent::PromptStarted { backend: b, prompt, prompt_tokens, max_new_tokens });
+                }
+                WorkerEvent::Token { prompt, index, id, text, dt, prefill } => {
+                    self.ws(b).tokens += 1;
+                    em.emit(SessionEvent::Token { backend: b, prompt, index, id, text, dt, prefill });
+                }
+                WorkerEvent::Routing { prompt, position, experts } => {
+                    em.emit(SessionEvent::Routing { backend: b, prompt, position, experts })
+                }
+                WorkerEvent::Cache { snapshot } => em.emit(SessionEvent::Cache { backend: b, snapshot }),
+                WorkerEvent::PromptDone { prompt, finish, token_ids, text, ttft_s, prefill_tok_s, decode_tok_s } => {
+                    let st = self.ws(b);
+                    st.generating = None;
+                    st.done = Some((prompt, finish, token_ids.clone()));
+                    em.emit(SessionEvent::PromptDone { backend: b, prompt, finish, token_ids, text, ttft_s, prefill_tok_s, decode_tok_s });
+                }
+                WorkerEvent::Scored { rows, full_vocab, .. } => self.ws(b).scored = Some((rows, full_vocab)),
+                WorkerEvent::Perplexity { perplexity, tokens } => {
+                    self.ws(b).ppl = Some((perplexity, tokens));
+                    em.emit(SessionEvent::Perplexity { backend: b, perplexity, tokens });
+                }
+                WorkerEvent::Error { message, fatal } => {
+                    if fatal {
+                        self.fail(b, message);
+                    } else {
+                        self.ws(b).error = Some(message.clone());
+                        em.emit(SessionEvent::Warning { backend: Some(b), message });
+                    }
+                }
+                WorkerEvent::Bye => {}
+            },
+            WorkerMsg::BadLine(l) => em.emit(SessionEvent::Warning {
+                backend: Some(b),
+                message: format!("worker wrote a line outside the protocol: {}", l.chars().take(200).collect::<String>()),
+            }),
+            WorkerMsg::Exited { status, stderr_tail } => {
+                let tail = stderr_tail.join(" | ");
+                let reason = if tail.is_empty() { format!("worker {status}") } else { format!("worker {status}; last log: {tail}") };
+                self.fail(b, reason);
+            }
+        }
+    }
+
+    fn prompt_input(&self, i: usize) -> PromptInput {
+        PromptInput::Text {
+            text: self.cfg.prompts.prompts[i].text.clone(),
+            raw: self.cfg.raw,
+        }
+    }
+
+    /// Runs every prompt on `backends` (both for alternate/parallel, one for sequential).
+    /// Returns Some(reason) if the user quit.
+    async fn run_prompts(&mut self, backends: &[Backend]) -> Option<String> {
+        let n = self.cfg.prompts.prompts.len();
+        let mut i = 0;
+        while i < n {
+            let live: Vec<Backend> = backends.iter().copied().filter(|b| self.alive(*b)).collect();
+            if live.is_empty() {
+                return None;
+            }
+            self.em.emit(SessionEvent::Focus { prompt: i });
+            let stepped = self.cfg.schedule == Schedule::Alternate && live.len() > 1;
+            let mut sampling = self.cfg.sampling.clone();
+            sampling.max_new_tokens = self.cfg.prompts.max_new_tokens_of(i);
+            for &b in &live {
+                let input = self.prompt_input(i);
+                let paused = self.paused && !stepped;
+                let st = self.ws(b);
+                st.done = None;
+                st.tokens = 0;
+                st.paused = paused;
+                if paused {
+                    self.send(b, Command::Pause);
+                }
+                self.send(b, Command::Generate { prompt: i, input, sampling: sampling.clone(), stepped });
+            }
+            if stepped {
+                self.alternate(&live).await;
+            } else {
+                self.free_run(&live).await;
+            }
+            match self.nav.take() {
+                Some(Nav::Quit) => {
+                    self.cancel_all(&live).await;
+                    return Some("quit by the user".into());
+                }
+                Some(Nav::Next) => {
+                    self.cancel_all(&live).await;
+                    i += 1;
+                    continue;
+                }
+                Some(Nav::Prev) => {
+                    self.cancel_all(&live).await;
+                    i = i.saturating_sub(1);
+                    continue;
+                }
+                Some(Nav::Rerun) => {
+                    self.cancel_all(&live).await;
+                    continue;
+                }
+                None => {}
+            }
+            if self.cfg.score {
+                self.score_prompt(i, &live).await;
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Token by token in turn.
+    async fn alternate(&mut self, live: &[Backend]) {
+        loop {
+            if self.nav.is_some() {
+                return;
+            }
+            let active: Vec<Backend> = live
+                .iter()
+                .copied()
+                .filter(|b| self.alive(*b) && self.w[b.index()].done.is_none())
+                .collect();
+            if active.is_empty() {
+                return;
+            }
+            if self.paused && !self.step_once {
+                // Wait for a control (or any message) without stepping.
+                tokio::select! {
+                    c = self.ctl.recv(), if !self.ctl_closed => self.control(c),
+                    msg = self.rx.recv() => if let Some((b, m)) = msg { self.handle(b, m) },
+                }
+                continue;
+            }
+            self.step_once = false;
+            for b in active {
+                if self.nav.is_some() {
+                    return;
+                }
+                let before = self.w[b.index()].tokens;
+                self.send(b, Command::Step);
+                let t = self.cfg.step_timeout;
+                let ok = self
+                    .wait_for(b, t, move |w| w.tokens > before || w.done.is_some())
+                    .await;
+                if !ok && self.alive(b) {
+                    self.fail(b, format!("stopped answering: no token within {:.0} s of a step", t.as_secs_f64()));
+                }
+            }
+        }
+    }
+
+    /// Both (or one) generating freely until done.
+    async fn free_run(&mut self, live: &[Backend]) {
+        for &b in live {
+            let t = self.cfg.step_timeout;
+            let ok = self.wait_for(b, t, |w| w.done.is_some()).await;
+            if self.nav.is_some() {
+                return;
+            }
+            if !ok && self.alive(b) {
+                self.fail(b, format!("stopped answering: nothing for {:.0} s while generating", t.as_secs_f64()));
+            }
+        }
+    }
+
+    async fn cancel_all(&mut self, live: &[Backend]) {
+        for &b in live {
+            if self.alive(b) && self.w[b.index()].done.is_none() {
+                self.send(b, Command::Step); // release a stepped worker waiting for a step
+                self.send(b, Command::Cancel);
+            }
+        }
+        for &b in live {
+            let t = self.cfg.step_timeout;
+            if self.alive(b) && !self.wait_for(b, t, |w| w.done.is_some()).await && self.alive(b) {
+                self.fail(b, "did not stop when cancelled".into());
+            }
+        }
+    }
+
+    /// Teacher-forced agreement on native's tokens: native's top-K (or full) distribution at
+    /// each position against selective's probabilities for the same ids.
+    async fn score_prompt(&mut self, i: usize, live: &[Backend]) {
+        let t = self.cfg.step_timeout;
+        if live.contains(&Backend::Native) {
+            let Some((p, finish, ids)) = self.w[0].done.clone() else { return };
+            if p != i || finish == Finish::Cancelled || ids.is_empty() {
+                return;
+            }
+            let vocab = self.w[0].vocab;
+            let k = if vocab <= FULL_VOCAB_LIMIT { vocab } else { KL_SUPPORT };
+            self.w[0].scored = None;
+            let input = self.prompt_input(i);
+            self.send(Backend::Native, Command::Score { prompt: i, input, continuation: ids.clone(), support: Support::TopK(k) });
+            if self.wait_for(Backend::Native, t, |w| w.scored.is_some() || w.error.is_some()).await {
+                if let Some(rows) = self.w[0].scored.take() {
+                    self.native_rows.insert(i, rows);
+                    self.native_tokens.insert(i, ids);
+                }
+                self.w[0].error = None;
+            }
+        }
+        if live.contains(&Backend::Selective) {
+            let (Some((rows, full)), Some(ids)) = (self.native_rows.get(&i).cloned(), self.native_tokens.get(&i).cloned()) else {
+                return;
+            };
+            self.w[1].scored = None;
+            let input = self.prompt_input(i);
+            let support = Support::Ids(rows.iter().map(|r| r.ids.clone()).collect());
+            self.send(Backend::Selective, Command::Score { prompt: i, input, continuation: ids, support });
+            if self.wait_for(Backend::Selective, t, |w| w.scored.is_some() || w.error.is_some()).await {
+                if let Some((sel, _)) = self.w[1].scored.take() {
+                    let stats = agreement(&rows, &sel, full);
+                    self.em.emit(SessionEvent::Agreement { prompt: i, stats });
+                }
+                self.w[1].error = None;
+            }
+        }
+    }
+
+    async fn perplexity_all(&mut self, backends: &[Backend]) {
+        let Some(text) = self.cfg.reference_text.clone() else { return };
+        for &b in backends {
+            if !self.alive(b) {
+                continue;
+            }
+            self.ws(b).ppl = None;
+            self.send(b, Command::Perplexity { text: text.clone(), max_tokens: self.cfg.reference_max_tokens });
+            let t = self.cfg.load_timeout;
+            self.wait_for(b, t, |w| w.ppl.is_some() || w.error.is_some()).await;
+            self.ws(b).error = None;
+        }
+    }
+
+    async fn shutdown(&mut self, b: Backend) {
+        if !self.alive(b) {
+            return;
+        }
+        self.send(b, Command::Shutdown);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // Wait for the process to exit; a clean exit is not a failure.
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some((from, WorkerMsg::Exited { .. })) if from == b => break,
+                    Some((from, m)) => self.handle(from, m),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    if let Some(p) = &self.w[b.index()].proc { p.kill(); }
+                    break;
+                }
+            }
+        }
+        let st = self.ws(b);
+        st.alive = false;
+        st.proc = None;
+        self.pids.lock().expect("pids").retain(|(x, _, _)| *x != b);
+    }
+
+    async fn shutdown_all(&mut self) {
+        for b in Backend::BOTH {
+            self.shutdown(b).await;
+        }
+    }
+}
+
+/// KL(native ‖ selective), mean and max over positions, and top-1 agreement.
+pub fn agreement(native: &[ScoreRow], selective: &[ScoreRow], full_vocab: bool) -> AgreementStats {
+    let n = native.len().min(selective.len());
+    if n == 0 {
+        return AgreementStats::default();
+    }
+    let mut sum = 0.0;
+    let mut max: f64 = 0.0;
+    let mut top1 = 0usize;
+    for (a, b) in native.iter().zip(selective).take(n) {
+        let kl = kl_on_support(&a.logp, &b.logp);
+        sum += kl;
+        max = max.max(kl);
+        if a.top1 == b.top1 {
+            top1 += 1;
+        }
+    }
+    AgreementStats {
+        positions: n,
+        mean_kl: sum / n as f64,
+        max_kl: max,
+        top1_agreement: top1 as f64 / n as f64,
+        exact: full_vocab,
+    }
+}

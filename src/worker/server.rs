@@ -1,0 +1,562 @@
+//! `moescope worker`: one backend in its own process, driven by JSON-line commands on stdin.
+//! Its memory is measured alone, and a crash (or an out-of-memory kill) takes down only it.
+
+use std::io::{BufRead, Write};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
+
+use crate::engine::Engine;
+use crate::experts::provider::RoutingObserver;
+use crate::model::generate::{
+    FinishReason, Generation, SamplingParams, StreamDecoder, TextTokenizer, Timing, stop_ids,
+};
+use crate::model::qwen3_moe::Logits;
+use crate::session::event::{Finish, ResidentBytes};
+use crate::session::record::MoeShape;
+
+use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, ScoreRow, Support, WorkerEvent};
+
+/// Cache snapshots go out at most this often while generating.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
+
+struct Out {
+    stdout: std::io::Stdout,
+}
+
+impl Out {
+    fn send(&mut self, ev: &WorkerEvent) {
+        let mut line = serde_json::to_string(ev).expect("event serialises");
+        line.push('\n');
+        let mut lock = self.stdout.lock();
+        // If the parent is gone there is nobody to tell; exit quietly.
+        if lock.write_all(line.as_bytes()).and_then(|_| lock.flush()).is_err() {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Collects the current token's routing so it can be sent as one `routing` event.
+struct TraceObserver {
+    moe_index: Vec<Option<usize>>,
+    per_position: std::collections::BTreeMap<usize, Vec<Vec<u16>>>,
+    layers: usize,
+    enabled: bool,
+}
+
+impl RoutingObserver for TraceObserver {
+    fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], _w: &[f32]) {
+        if !self.enabled {
+            return;
+        }
+        if let Some(Some(i)) = self.moe_index.get(layer) {
+            let row = self
+                .per_position
+                .entry(position)
+                .or_insert_with(|| vec![Vec::new(); self.layers]);
+            row[*i] = experts.iter().map(|&e| e as u16).collect();
+        }
+    }
+}
+
+/// Test hooks, read from the environment: they let fault tests make a worker crash or hang at a
+/// known point without racing against it.
+struct Faults {
+    crash_after_tokens: Option<usize>,
+    hang_after_tokens: Option<usize>,
+    tokens: usize,
+}
+
+impl Faults {
+    fn from_env() -> Self {
+        let n = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
+        Faults {
+            crash_after_tokens: n("MOESCOPE_TEST_CRASH_AFTER_TOKENS"),
+            hang_after_tokens: n("MOESCOPE_TEST_HANG_AFTER_TOKENS"),
+            tokens: 0,
+        }
+    }
+
+    fn on_token(&mut self) {
+        self.tokens += 1;
+        if self.crash_after_tokens == Some(self.tokens) {
+            // SAFETY: raising SIGKILL on ourselves: the same as `kill -9` from outside.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+        if self.hang_after_tokens == Some(self.tokens) {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+struct Loaded {
+    engine: Engine,
+    tokenizer: Option<TextTokenizer>,
+    stops: Vec<u32>,
+    trace: TraceObserver,
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<Result<Command, String>>();
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            let Ok(line) = line else { break };
+            if line.trim().is_empty() {
+                continue;
+            }
+            let cmd = serde_json::from_str::<Command>(&line).map_err(|e| format!("bad command {line:?}: {e}"));
+            if tx.send(cmd).is_err() {
+                break;
+            }
+        }
+        // stdin closed: the parent is gone.
+        let _ = tx.send(Ok(Command::Shutdown));
+    });
+    let mut out = Out {
+        stdout: std::io::stdout(),
+    };
+    let mut faults = Faults::from_env();
+    let mut state: Option<Loaded> = None;
+    let mut greeted = false;
+    loop {
+        let cmd = match rx.recv() {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                out.send(&WorkerEvent::Error { message: e, fatal: false });
+                continue;
+            }
+            Err(_) => return Ok(()),
+        };
+        match cmd {
+            Command::Hello { version } => {
+                if version != PROTOCOL_VERSION {
+                    out.send(&WorkerEvent::Error {
+                        message: format!(
+                            "protocol version {version} requested, this worker speaks {PROTOCOL_VERSION}"
+                        ),
+                        fatal: true,
+                    });
+                    return Ok(());
+                }
+                greeted = true;
+                out.send(&WorkerEvent::Ready {
+                    version: PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                });
+            }
+            _ if !greeted => out.send(&WorkerEvent::Error {
+                message: "send hello first".into(),
+                fatal: false,
+            }),
+            Command::Load { spec, trace_routing } => {
+                let start = Instant::now();
+                let mut last = Instant::now();
+                let result = spec.load(|done, total| {
+                    if last.elapsed() > Duration::from_millis(100) || done == total {
+                        last = Instant::now();
+                        out.send(&WorkerEvent::LoadProgress { done, total });
+                    }
+                });
+                match result {
+                    Ok(engine) => {
+                        let tokenizer = TextTokenizer::from_dir(&spec.model_dir).ok();
+                        let stops = stop_ids(&engine.cfg.eos_token_ids, tokenizer.as_ref());
+                        let cfg = &engine.cfg;
+                        let moe_layers: Vec<usize> = cfg.moe_layers().collect();
+                        let mut moe_index = vec![None; cfg.num_hidden_layers];
+                        for (i, &l) in moe_layers.iter().enumerate() {
+                            moe_index[l] = Some(i);
+                        }
+                        let snap = engine.provider.cache_snapshot();
+                        let expert_bytes = (cfg.expert_params() * engine.dtype.candle().size_in_bytes()) as u64;
+                        let resident = ResidentBytes {
+                            non_expert: engine.model.resident_bytes(),
+                            experts: engine.provider.resident_bytes(),
+                            cache_capacity: snap.as_ref().map(|s| s.capacity_experts as u64 * expert_bytes).unwrap_or(0),
+                            expert_bytes,
+                        };
+                        let describe = describe(&spec, &engine);
+                        out.send(&WorkerEvent::Loaded {
+                            load_s: start.elapsed().as_secs_f64(),
+                            resident,
+                            degraded: engine.degraded,
+                            describe,
+                            moe: MoeShape {
+                                num_layers: cfg.num_hidden_layers,
+                                moe_layers: moe_layers.clone(),
+                                num_experts: cfg.num_experts,
+                                top_k: cfg.num_experts_per_tok,
+                            },
+                            model_type: cfg.family.model_type().into(),
+                            config_fingerprint: cfg.fingerprint(),
+                            vocab_size: cfg.vocab_size,
+                        });
+                        state = Some(Loaded {
+                            trace: TraceObserver {
+                                moe_index,
+                                per_position: Default::default(),
+                                layers: moe_layers.len(),
+                                enabled: trace_routing,
+                            },
+                            engine,
+                            tokenizer,
+                            stops,
+                        });
+                    }
+                    Err(e) => {
+                        out.send(&WorkerEvent::Error {
+                            message: e.to_string(),
+                            fatal: true,
+                        });
+                        return Ok(());
+                    }
+                }
+            }
+            Command::Generate {
+                prompt,
+                input,
+                sampling,
+                stepped,
+            } => {
+                let Some(st) = state.as_mut() else {
+                    out.send(&not_loaded());
+                    continue;
+                };
+                match generate(st, &mut out, &rx, &mut faults, prompt, input, sampling, stepped) {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Shutdown) => {
+                        out.send(&WorkerEvent::Bye);
+                        return Ok(());
+                    }
+                    Err(e) => out.send(&WorkerEvent::Error {
+                        message: e,
+                        fatal: false,
+                    }),
+                }
+            }
+            Command::Score {
+                prompt,
+                input,
+                continuation,
+                support,
+            } => {
+                let Some(st) = state.as_mut() else {
+                    out.send(&not_loaded());
+                    continue;
+                };
+                let scored = prompt_ids(st, input).and_then(|mut ids| {
+                    let from = ids.len() - 1;
+                    let count = continuation.len();
+                    ids.extend_from_slice(&continuation);
+                    score(st, &ids, from, count, &support)
+                });
+                match scored {
+                    Ok((rows, full_vocab)) => out.send(&WorkerEvent::Scored { prompt, rows, full_vocab }),
+                    Err(e) => out.send(&WorkerEvent::Error { message: e, fatal: false }),
+                }
+            }
+            Command::Perplexity { text, max_tokens } => {
+                let Some(st) = state.as_mut() else {
+                    out.send(&not_loaded());
+                    continue;
+                };
+                match perplexity(st, &text, max_tokens) {
+                    Ok((ppl, n)) => out.send(&WorkerEvent::Perplexity { perplexity: ppl, tokens: n }),
+                    Err(e) => out.send(&WorkerEvent::Error { message: e, fatal: false }),
+                }
+            }
+            Command::Step | Command::Pause | Command::Resume | Command::Cancel => {
+                // Nothing is generating: these are no-ops (the parent may race a finish).
+            }
+            Command::Shutdown => {
+                out.send(&WorkerEvent::Bye);
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn not_loaded() -> WorkerEvent {
+    WorkerEvent::Error {
+        message: "no model loaded (send load first)".into(),
+        fatal: false,
+    }
+}
+
+fn describe(spec: &crate::engine::BackendSpec, engine: &Engine) -> String {
+    let base = format!("{} {} {}", engine.provider.kind(), engine.dtype.name(), engine.device);
+    match engine.provider.cache_snapshot() {
+        Some(s) => format!(
+            "{base}: cache {} experts ({} scope, {}), source {}{}{}",
+            s.capacity_experts,
+            spec.cache.cache_scope.name(),
+            spec.cache.policy.name(),
+            spec.cache.expert_source,
+            if spec.cache.cold { ", cold page cache" } else { ", warm page cache" },
+            if spec.cache.prefetch == crate::experts::PrefetchMode::NextLayer { ", prefetch next-layer" } else { "" },
+        ),
+        None => base,
+    }
+}
+
+enum Flow {
+    Continue,
+    Shutdown,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate(
+    st: &mut Loaded,
+    out: &mut Out,
+    rx: &Receiver<Result<Command, String>>,
+    faults: &mut Faults,
+    prompt: usize,
+    input: PromptInput,
+    sampling: super::protocol::Sampling,
+    stepped: bool,
+) -> Result<Flow, String> {
+    let ids = prompt_ids(st, input)?;
+    let params = SamplingParams {
+        max_new_tokens: sampling.max_new_tokens,
+        temperature: sampling.temperature,
+        top_p: sampling.top_p,
+        top_k: sampling.top_k,
+        seed: sampling.seed,
+    };
+    let model = &st.engine.model;
+    let provider = st.engine.provider.clone();
+    let mut g = Generation::new(model, ids.clone(), params, st.stops.clone()).map_err(|e| e.to_string())?;
+    out.send(&WorkerEvent::PromptStarted {
+        prompt,
+        prompt_tokens: ids.len(),
+        max_new_tokens: sampling.max_new_tokens,
+    });
+    let mut decoder = StreamDecoder::new();
+    let mut text = String::new();
+    let mut paused = false;
+    let mut last_snapshot = Instant::now();
+    let mut cancelled = false;
+    loop {
+        // Between tokens: obey commands. In stepped mode, wait for the next `step`.
+        let mut go = !stepped && !paused;
+        loop {
+            let msg = if go {
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return Ok(Flow::Shutdown),
+                }
+            } else {
+                match rx.recv_timeout(Duration::from_millis(250)) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Some(s) = provider.cache_snapshot() {
+                            if last_snapshot.elapsed() > Duration::from_secs(1) {
+                                out.send(&WorkerEvent::Cache { snapshot: s });
+                                last_snapshot = Instant::now();
+                            }
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return Ok(Flow::Shutdown),
+                }
+            };
+            match msg {
+                Ok(Command::Step) => {
+                    go = true;
+                    if stepped || paused {
+                        break;
+                    }
+                }
+                Ok(Command::Pause) => {
+                    paused = true;
+                    go = false;
+                }
+                Ok(Command::Resume) => {
+                    paused = false;
+                    go = !stepped;
+                    if go {
+                        break;
+                    }
+                }
+                Ok(Command::Cancel) => {
+                    cancelled = true;
+                    break;
+                }
+                Ok(Command::Shutdown) => return Ok(Flow::Shutdown),
+                Ok(other) => out.send(&WorkerEvent::Error {
+                    message: format!("busy generating; ignored {other:?}"),
+                    fatal: false,
+                }),
+                Err(e) => out.send(&WorkerEvent::Error { message: e, fatal: false }),
+            }
+        }
+        if cancelled {
+            g.cancel();
+            break;
+        }
+        st.trace.per_position.clear();
+        let step = match g.step(model, provider.as_ref(), &mut st.trace) {
+            Ok(Some(s)) => s,
+            Ok(None) => break,
+            Err(e) => return Err(e.to_string()),
+        };
+        faults.on_token();
+        for (position, experts) in std::mem::take(&mut st.trace.per_position) {
+            out.send(&WorkerEvent::Routing { prompt, position, experts });
+        }
+        let piece = match &st.tokenizer {
+            Some(t) => decoder.push(t, step.token),
+            None => format!("{} ", step.token),
+        };
+        text.push_str(&piece);
+        out.send(&WorkerEvent::Token {
+            prompt,
+            index: step.index,
+            id: step.token,
+            text: piece,
+            dt: step.step_time.as_secs_f64(),
+            prefill: step.prefill,
+        });
+        if last_snapshot.elapsed() >= SNAPSHOT_EVERY {
+            if let Some(s) = provider.cache_snapshot() {
+                out.send(&WorkerEvent::Cache { snapshot: s });
+            }
+            last_snapshot = Instant::now();
+        }
+        if step.finish.is_some() {
+            break;
+        }
+    }
+    // Text held back for an incomplete character goes into the final text (PromptDone), not
+    // into a fake token: token counts must stay exact.
+    if let Some(t) = &st.tokenizer {
+        text.push_str(&decoder.finish(t));
+    }
+    if let Some(s) = provider.cache_snapshot() {
+        out.send(&WorkerEvent::Cache { snapshot: s });
+    }
+    let timing = Timing::of(&g, std::time::Duration::ZERO);
+    let finish = match g.finished() {
+        Some(FinishReason::Eos) => Finish::Eos,
+        Some(FinishReason::Cancelled) => Finish::Cancelled,
+        _ => Finish::MaxNewTokens,
+    };
+    out.send(&WorkerEvent::PromptDone {
+        prompt,
+        finish,
+        token_ids: g.generated.clone(),
+        text,
+        ttft_s: timing.ttft_s,
+        prefill_tok_s: timing.prefill_tok_s,
+        decode_tok_s: timing.decode_tok_s,
+    });
+    Ok(Flow::Continue)
+}
+
+fn prompt_ids(st: &Loaded, input: PromptInput) -> Result<Vec<u32>, String> {
+    let ids = match input {
+        PromptInput::Tokens { ids } => ids,
+        PromptInput::Text { text, raw } => match &st.tokenizer {
+            Some(t) => t.prompt_ids(&text, raw).map_err(|e| e.to_string())?,
+            None => return Err("text prompt, but the model has no tokenizer.json".into()),
+        },
+    };
+    if ids.is_empty() {
+        return Err("the prompt has no tokens".into());
+    }
+    Ok(ids)
+}
+
+/// Teacher-forced log-softmax rows for positions from..from+count.
+fn score(
+    st: &mut Loaded,
+    ids: &[u32],
+    from: usize,
+    count: usize,
+    support: &Support,
+) -> Result<(Vec<ScoreRow>, bool), String> {
+    if count == 0 {
+        return Ok((Vec::new(), true));
+    }
+    if from + count > ids.len() {
+        return Err(format!(
+            "score: positions {from}..{} beyond the {} tokens given",
+            from + count,
+            ids.len()
+        ));
+    }
+    let model = &st.engine.model;
+    let mut cache = model.new_cache();
+    let mut sink = crate::experts::provider::NoObserver;
+    let logits = model
+        .forward(&ids[..from + count], &mut cache, st.engine.provider.as_ref(), &mut sink, Logits::All)
+        .map_err(|e| e.to_string())?;
+    let rows: Vec<Vec<f32>> = logits
+        .narrow(0, from, count)
+        .and_then(|t| t.to_vec2())
+        .map_err(|e| e.to_string())?;
+    let vocab = rows[0].len();
+    let mut full = true;
+    let out = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + r.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            let top1 = crate::model::layers::argmax(r) as u32;
+            let ids: Vec<u32> = match support {
+                Support::TopK(k) if *k >= vocab => (0..vocab as u32).collect(),
+                Support::TopK(k) => {
+                    full = false;
+                    let mut idx: Vec<u32> = (0..vocab as u32).collect();
+                    idx.select_nth_unstable_by(*k, |a, b| r[*b as usize].total_cmp(&r[*a as usize]));
+                    idx.truncate(*k);
+                    idx
+                }
+                Support::Ids(v) => {
+                    let ids = v.get(i).cloned().unwrap_or_default();
+                    full &= ids.len() >= vocab;
+                    ids
+                }
+            };
+            let logp = ids
+                .iter()
+                .map(|&t| r.get(t as usize).map(|v| v - lse).unwrap_or(f32::NEG_INFINITY))
+                .collect();
+            ScoreRow { ids, logp, top1 }
+        })
+        .collect();
+    Ok((out, full))
+}
+
+/// Perplexity of the first `max_tokens` tokens of `text` (raw, no chat template).
+fn perplexity(st: &mut Loaded, text: &str, max_tokens: usize) -> Result<(f64, usize), String> {
+    let tok = st
+        .tokenizer
+        .as_ref()
+        .ok_or("the model has no tokenizer.json; perplexity needs one")?;
+    let mut ids = tok.encode(text).map_err(|e| e.to_string())?;
+    ids.truncate(max_tokens.max(2));
+    if ids.len() < 2 {
+        return Err("the reference text has fewer than 2 tokens".into());
+    }
+    let model = &st.engine.model;
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward(&ids, &mut cache, st.engine.provider.as_ref(), &mut crate::experts::provider::NoObserver, Logits::All)
+        .map_err(|e| e.to_string())?;
+    let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(|e| e.to_string())?;
+    let mut nll = 0.0f64;
+    for (i, r) in rows.iter().enumerate().take(ids.len() - 1) {
+        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max as f64 + r.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln();
+        nll += lse - r[ids[i + 1] as usize] as f64;
+    }
+    let n = ids.len() - 1;
+    Ok((crate::session::quality::perplexity(nll, n), n))
+}
