@@ -199,8 +199,9 @@ pub struct ReplayArgs {
     /// Print the final summary instead of opening the dashboard.
     #[arg(long)]
     pub no_tui: bool,
-    #[arg(long, default_value = "relative")]
-    pub profile: String,
+    /// Judge under this profile (default: the one the run was recorded with).
+    #[arg(long)]
+    pub profile: Option<String>,
     #[command(flatten)]
     pub ui: UiArgs,
 }
@@ -209,8 +210,9 @@ pub struct ReplayArgs {
 pub struct WatchArgs {
     /// The recording being written.
     pub file: PathBuf,
-    #[arg(long, default_value = "relative")]
-    pub profile: String,
+    /// Judge under this profile (default: the one the run was recorded with).
+    #[arg(long)]
+    pub profile: Option<String>,
     #[command(flatten)]
     pub ui: UiArgs,
 }

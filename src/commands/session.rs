@@ -32,11 +32,11 @@ pub fn replay(a: &ReplayArgs) -> Result<()> {
     if !(a.speed >= 0.0) {
         crate::bail_input!("--speed {} must be >= 0", a.speed);
     }
-    let profile = Profile::load(&a.profile).map_err(InputError)?;
     if a.follow {
         return watch(&WatchArgs { file: a.file.clone(), profile: a.profile.clone(), ui: a.ui.clone() });
     }
     let rec = record::read(&a.file).map_err(InputError)?;
+    let profile = Profile::load(a.profile.as_deref().unwrap_or(&rec.header.profile)).map_err(InputError)?;
     if a.no_tui || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         let state = state_of(&rec);
         let sum = export::summarize(&state, &profile);
@@ -50,7 +50,6 @@ pub fn replay(a: &ReplayArgs) -> Result<()> {
 }
 
 pub fn watch(a: &WatchArgs) -> Result<()> {
-    let profile = Profile::load(&a.profile).map_err(InputError)?;
     // Wait (briefly) for a run that has only just started to write its header.
     let mut tries = 0;
     let (header, follower) = loop {
@@ -63,6 +62,7 @@ pub fn watch(a: &WatchArgs) -> Result<()> {
             Err(e) => return Err(InputError(e).into()),
         }
     };
+    let profile = Profile::load(a.profile.as_deref().unwrap_or(&header.profile)).map_err(InputError)?;
     let rec = record::Recording { header, events: Vec::new(), truncated_tail: false };
     runtime()?.block_on(crate::ui::replay(&a.file, rec, 0.0, profile, &a.ui, Some(follower)))
 }

@@ -191,11 +191,11 @@ impl SessionState {
         let t = ev.t;
         match &ev.event {
             SessionEvent::WorkerStarted { backend, pid } => {
+                // A new worker process (sequential schedule, or a restart) starts afresh.
                 let b = self.backend_mut(*backend);
                 b.pid = Some(*pid);
-                if !b.status.is_failed() {
-                    b.status = Status::Starting;
-                }
+                b.status = Status::Starting;
+                b.failed_at = None;
             }
             SessionEvent::LoadProgress { backend, done, total } => {
                 let b = self.backend_mut(*backend);
@@ -214,6 +214,9 @@ impl SessionState {
                 describe,
             } => {
                 let b = self.backend_mut(*backend);
+                if b.status.is_failed() {
+                    return;
+                }
                 b.load_s = Some(*load_s);
                 b.resident = Some(resident.clone());
                 b.degraded = *degraded;
@@ -231,6 +234,10 @@ impl SessionState {
                 }
                 self.current_prompt = *prompt;
                 let b = self.backend_mut(*backend);
+                if b.status.is_failed() {
+                    // A failed worker produces nothing more; a stray event cannot revive it.
+                    return;
+                }
                 b.status = Status::Running;
                 b.generating = Some(*prompt);
                 b.runs[*prompt] = PromptRun {

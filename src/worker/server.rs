@@ -405,7 +405,6 @@ fn generate(
             Ok(None) => break,
             Err(e) => return Err(e.to_string()),
         };
-        faults.on_token();
         for (position, experts) in std::mem::take(&mut st.trace.per_position) {
             out.send(&WorkerEvent::Routing { prompt, position, experts });
         }
@@ -422,6 +421,8 @@ fn generate(
             dt: step.step_time.as_secs_f64(),
             prefill: step.prefill,
         });
+        // After the token is out, so "crash after N tokens" means N were delivered.
+        faults.on_token();
         if last_snapshot.elapsed() >= SNAPSHOT_EVERY {
             if let Some(s) = provider.cache_snapshot() {
                 out.send(&WorkerEvent::Cache { snapshot: s });

@@ -1,0 +1,187 @@
+//! Faults: a worker killed mid-generation, the user quitting mid-run, a worker that stops
+//! answering. In each case the run goes on (or stops) cleanly, the recording holds everything
+//! up to that point, and export and replay still work.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use moescope::session::record;
+use moescope::session::{Backend, SessionEvent};
+
+fn run_headless(rec: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--reference", "none"])
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn events(rec: &Path) -> Vec<SessionEvent> {
+    record::read(rec).unwrap().events.into_iter().map(|e| e.event).collect()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .contains("State:\tZ")
+}
+
+#[test]
+fn worker_killed_mid_generation_run_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("crash.ndjson");
+    let (rc, out, err) = run_headless(&rec, &[], &[("MOESCOPE_TEST_SELECTIVE_CRASH_AFTER_TOKENS", "5")]);
+    assert_eq!(rc, 0, "{out}\n{err}");
+    assert!(out.contains("selective FAILED") && out.contains("signal 9"), "{out}");
+    let evs = events(&rec);
+    let failed = evs.iter().position(|e| matches!(e, SessionEvent::Failed { backend: Backend::Selective, .. })).expect("failure recorded");
+    // Selective produced exactly its 5 tokens before dying, all recorded.
+    let sel_tokens = evs[..failed]
+        .iter()
+        .filter(|e| matches!(e, SessionEvent::Token { backend: Backend::Selective, .. }))
+        .count();
+    assert_eq!(sel_tokens, 5);
+    // Native finished every prompt.
+    let native_done = evs.iter().filter(|e| matches!(e, SessionEvent::PromptDone { backend: Backend::Native, .. })).count();
+    assert_eq!(native_done, 6);
+    // Export still works and says what happened.
+    let (rc, json, err) = run(&["export", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["backends"]["selective"]["status"], "failed");
+    assert!(v["backends"]["selective"]["failed"].as_str().unwrap().contains("signal 9"));
+    assert_eq!(v["verdict"]["outcome"], "INCONCLUSIVE");
+    assert_eq!(v["backends"]["native"]["prompts_done"], 6);
+}
+
+#[test]
+fn external_kill_9_is_survived() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("kill.ndjson");
+    let mut child = Command::new(bin())
+        .args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--reference", "none", "--prompts", "prompts/long.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the selective worker has streamed a few tokens, then kill -9 it from outside.
+    let start = Instant::now();
+    let pid = loop {
+        assert!(start.elapsed() < Duration::from_secs(60), "selective never started");
+        if let Ok(r) = record::read(&rec) {
+            let pid = r.events.iter().find_map(|e| match e.event {
+                SessionEvent::WorkerStarted { backend: Backend::Selective, pid } => Some(pid),
+                _ => None,
+            });
+            let toks = r.events.iter().filter(|e| matches!(e.event, SessionEvent::Token { backend: Backend::Selective, .. })).count();
+            if let (Some(p), true) = (pid, toks >= 3) {
+                break p;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let evs = events(&rec);
+    assert!(evs.iter().any(|e| matches!(e, SessionEvent::Failed { backend: Backend::Selective, reason } if reason.contains("signal 9"))));
+    assert!(matches!(evs.last(), Some(SessionEvent::Finished { .. })));
+    let native_done = evs.iter().filter(|e| matches!(e, SessionEvent::PromptDone { backend: Backend::Native, .. })).count();
+    assert_eq!(native_done, 4, "native ran every long prompt");
+}
+
+#[test]
+fn ctrl_c_mid_run_leaves_a_complete_recording_and_no_orphans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("int.ndjson");
+    let child = Command::new(bin())
+        .args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--reference", "none", "--prompts", "prompts/long.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let pids: Vec<u32> = loop {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        if let Ok(r) = record::read(&rec) {
+            let toks = r.events.iter().filter(|e| matches!(e.event, SessionEvent::Token { .. })).count();
+            if toks >= 10 {
+                break r
+                    .events
+                    .iter()
+                    .filter_map(|e| match e.event {
+                        SessionEvent::WorkerStarted { pid, .. } => Some(pid),
+                        _ => None,
+                    })
+                    .collect();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(pids.len(), 2);
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = record::read(&rec).unwrap();
+    assert!(!r.truncated_tail);
+    match &r.events.last().unwrap().event {
+        SessionEvent::Finished { reason } => assert!(reason.contains("quit"), "{reason}"),
+        other => panic!("last event {other:?}"),
+    }
+    // Not every prompt ran: it really stopped early.
+    let done = r.events.iter().filter(|e| matches!(e.event, SessionEvent::PromptDone { backend: Backend::Native, .. })).count();
+    assert!(done < 4, "{done}");
+    for pid in pids {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!pid_alive(pid), "worker {pid} outlived the run");
+    }
+    let (rc, out, err) = run(&["replay", "--no-tui", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("verdict"), "{out}");
+}
+
+#[test]
+fn a_hung_worker_is_timed_out_not_waited_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("hang.ndjson");
+    let start = Instant::now();
+    let (rc, out, err) = run_headless(
+        &rec,
+        &["--step-timeout", "2", "--prompt", "What is a volcano?", "--max-new-tokens", "20"],
+        &[("MOESCOPE_TEST_SELECTIVE_HANG_AFTER_TOKENS", "3")],
+    );
+    assert_eq!(rc, 0, "{out}\n{err}");
+    assert!(start.elapsed() < Duration::from_secs(30), "took {:?}", start.elapsed());
+    assert!(out.contains("selective FAILED") && out.contains("stopped answering"), "{out}");
+    let evs = events(&rec);
+    assert!(evs.iter().any(|e| matches!(e, SessionEvent::PromptDone { backend: Backend::Native, .. })));
+}
+
+#[test]
+fn recording_is_never_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("x.ndjson");
+    std::fs::write(&rec, "precious").unwrap();
+    let (rc, _, err) = run_headless(&rec, &["--prompt", "hi", "--max-new-tokens", "2"], &[]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("never overwrites"), "{err}");
+    assert_eq!(std::fs::read_to_string(&rec).unwrap(), "precious");
+}

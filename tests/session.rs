@@ -1,0 +1,266 @@
+//! The session layer from recordings: the reducer's derived metrics, every verdict outcome, the
+//! export (validated against its schema), re-judging under another profile, torn recordings, and
+//! a live run's own summary equal to the one replayed from its recording.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use moescope::session::event::Backend;
+use moescope::session::export::{SCHEMA, summarize};
+use moescope::session::metrics::{backend_metrics, comparison};
+use moescope::session::record;
+use moescope::session::state::{SessionState, Status};
+use moescope::session::verdict::{Outcome, Profile, judge};
+
+fn events_fixture(name: &str) -> PathBuf {
+    fixture("events").join(format!("{name}.ndjson"))
+}
+
+fn state(path: &std::path::Path) -> SessionState {
+    let rec = record::read(path).unwrap();
+    let mut s = SessionState::new(rec.header.clone());
+    for e in &rec.events {
+        s.apply(e);
+    }
+    s
+}
+
+fn validate(v: &serde_json::Value) {
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator.iter_errors(v).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    assert!(errors.is_empty(), "schema violations: {errors:#?}");
+}
+
+#[test]
+fn reducer_derives_metrics_from_the_viable_fixture() {
+    let s = state(&events_fixture("viable"));
+    let n = backend_metrics(&s, Backend::Native);
+    let sel = backend_metrics(&s, Backend::Selective);
+    assert_eq!(n.prompts_done, 3);
+    assert_eq!(sel.generated_tokens, 90);
+    // 29 decode steps per prompt at 1/100 s (native) and 1/80 s (selective).
+    assert!((n.decode_tok_s.unwrap() - 100.0).abs() < 0.1, "{:?}", n.decode_tok_s);
+    assert!((sel.decode_tok_s.unwrap() - 80.0).abs() < 0.1);
+    assert!((n.ttft_mean_s.unwrap() - 0.03).abs() < 1e-9);
+    assert!((sel.token_latency_p50_s.unwrap() - 0.0125).abs() < 1e-9);
+    assert_eq!(n.load_s, Some(2.0));
+    // Memory: before 10 MiB, steady 500 / 200 MiB → peak, during, after.
+    assert_eq!(n.memory.before, Some(10 << 20));
+    assert_eq!(n.memory.peak, 500 << 20);
+    assert_eq!(sel.memory.after, Some(200 << 20));
+    assert_eq!(sel.memory.during, Some(200 << 20));
+    let c = comparison(&s);
+    assert!((c.memory_reduction_pct.unwrap() - 60.0).abs() < 1e-9);
+    assert!((c.speed_ratio.unwrap() - 0.8).abs() < 1e-3);
+    assert!((sel.cache_hit_rate.unwrap() - 600.0 / 720.0).abs() < 0.01);
+    assert_eq!(sel.cache_hit_rate_per_layer.len(), 6);
+    assert_eq!(s.trace().len(), 90, "native's routing trace, one step per token");
+}
+
+#[test]
+fn every_verdict_outcome_from_fixtures() {
+    let relative = Profile::load("relative").unwrap();
+    for (name, want) in [
+        ("viable", Outcome::Viable),
+        ("native_preferred", Outcome::NativePreferred),
+        ("hybrid", Outcome::Hybrid),
+        ("failed", Outcome::Inconclusive),
+        ("too_few_tokens", Outcome::Inconclusive),
+        ("perturbed", Outcome::NativePreferred),
+    ] {
+        let v = judge(&state(&events_fixture(name)), &relative);
+        assert_eq!(v.outcome, want, "{name}: {:#?}", v.reasons);
+        assert!(!v.criteria.is_empty());
+        assert!(v.criteria.iter().all(|c| !c.label.is_empty()));
+    }
+    let seed = Profile::load("seed").unwrap();
+    let v = judge(&state(&events_fixture("seed_numbers")), &seed);
+    assert_eq!(v.outcome, Outcome::NativePreferred);
+    assert!(v.reasons.iter().any(|r| r.contains("0.3 tok/s")), "{:?}", v.reasons);
+}
+
+#[test]
+fn each_criterion_is_measured_and_judged() {
+    let relative = Profile::load("relative").unwrap();
+    let v = judge(&state(&events_fixture("perturbed")), &relative);
+    let get = |metric: &str, group: &str| {
+        v.criteria
+            .iter()
+            .find(|c| c.metric == metric && c.group == group)
+            .unwrap_or_else(|| panic!("{metric}/{group}"))
+            .clone()
+    };
+    assert_eq!(get("memory_reduction_pct", "viable").pass, Some(true));
+    assert_eq!(get("speed_ratio", "viable").pass, Some(true));
+    let agree = get("token_agreement_pct", "viable");
+    assert_eq!(agree.pass, Some(false));
+    assert!((agree.measured.unwrap() - 20.0).abs() < 1e-9, "diverging at token 6 of 30");
+    assert_eq!(get("mean_kl", "viable").pass, Some(false));
+    let ppl = get("perplexity_increase_pct", "native_preferred");
+    assert_eq!(ppl.pass, Some(false), "a 30 % perplexity increase holds against selective");
+    assert!((ppl.measured.unwrap() - 30.0).abs() < 1e-9);
+    // Seed profile criteria on the seed project's numbers.
+    let seed = Profile::load("seed").unwrap();
+    let v = judge(&state(&events_fixture("seed_numbers")), &seed);
+    let mem = v.criteria.iter().find(|c| c.metric == "selective_peak_gb").unwrap();
+    assert!((mem.measured.unwrap() - 9500.0 * 1048576.0 / 1e9).abs() < 1e-6);
+    assert_eq!(mem.pass, Some(true));
+    let coh = v.criteria.iter().find(|c| c.metric == "coherence_ratio_pct").unwrap();
+    assert_eq!(coh.measured, Some(100.0), "fluent outputs are coherent");
+}
+
+#[test]
+fn degraded_runs_are_never_plainly_viable() {
+    let v = judge(&state(&events_fixture("degraded")), &Profile::load("relative").unwrap());
+    assert!(v.degraded);
+    assert!(v.headline.contains("DEGRADED"), "{}", v.headline);
+    assert_ne!(v.headline, "VIABLE");
+}
+
+#[test]
+fn export_json_matches_schema_for_every_fixture_and_the_demo() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(fixture("events")).unwrap().map(|e| e.unwrap().path()).collect();
+    files.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recordings/demo-tiny-moe.ndjson"));
+    for f in files {
+        let (rc, out, err) = run(&["export", f.to_str().unwrap()]);
+        assert_eq!(rc, 0, "{}: {err}", f.display());
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        validate(&v);
+        for k in ["memory_reduction_pct", "speed_ratio", "native_coherence_pct", "sage_coherence_pct"] {
+            assert!(v["comparison"].get(k).is_some(), "{}: comparison.{k}", f.display());
+        }
+    }
+}
+
+#[test]
+fn schema_rejects_a_broken_summary() {
+    let s = state(&events_fixture("viable"));
+    let mut v = serde_json::to_value(summarize(&s, &Profile::load("relative").unwrap())).unwrap();
+    validate(&v);
+    v["comparison"].as_object_mut().unwrap().remove("speed_ratio");
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
+    assert!(!jsonschema::validator_for(&schema).unwrap().is_valid(&v), "the schema really checks");
+}
+
+#[test]
+fn export_rejudges_under_another_profile_and_writes_markdown() {
+    let f = events_fixture("seed_numbers");
+    let (_, out, _) = run(&["export", f.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"]["profile"], "seed", "recorded profile by default");
+    let (_, out, _) = run(&["export", f.to_str().unwrap(), "--profile", "relative"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"]["profile"], "relative");
+    let tmp = tempfile::tempdir().unwrap();
+    let md = tmp.path().join("s.md");
+    let (rc, _, err) = run(&["export", f.to_str().unwrap(), "--format", "markdown", "-o", md.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    let text = std::fs::read_to_string(&md).unwrap();
+    for needle in ["## Verdict", "NATIVE PREFERRED", "## Prompts", "## Sample outputs", "memory reduction"] {
+        assert!(text.contains(needle), "{needle}");
+    }
+    // A profile file works, and a bad one is explained.
+    let prof = tmp.path().join("p.toml");
+    std::fs::write(&prof, moescope::session::verdict::BUILTIN[0].1.replace("value = 0.5", "value = 0.01")).unwrap();
+    let (rc, _, _) = run(&["export", f.to_str().unwrap(), "--profile", prof.to_str().unwrap()]);
+    assert_eq!(rc, 0);
+    std::fs::write(&prof, "version = 1\nname='x'\ndescription=''\nmin_decode_tokens=1\nnative_preferred=[]\n[hybrid]\nenabled=false\nshort_max_new_tokens=1\n[[viable]]\nmetric='vibes'\nop='>'\nvalue=1\nlabel='good vibes'").unwrap();
+    let (rc, _, err) = run(&["export", f.to_str().unwrap(), "--profile", prof.to_str().unwrap()]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("vibes") && err.contains("unknown metric"), "{err}");
+}
+
+#[test]
+fn torn_last_line_is_tolerated_and_bad_files_are_explained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(events_fixture("viable")).unwrap();
+    let torn = tmp.path().join("torn.ndjson");
+    std::fs::write(&torn, &src[..src.len() - 30]).unwrap();
+    let r = record::read(&torn).unwrap();
+    assert!(r.truncated_tail);
+    let (rc, _, err) = run(&["export", torn.to_str().unwrap()]);
+    assert_eq!(rc, 0);
+    assert!(err.contains("incomplete"), "{err}");
+    // Corruption in the middle is an error naming the line.
+    let mut lines: Vec<&str> = src.lines().collect();
+    lines[5] = "{not json";
+    let bad = tmp.path().join("bad.ndjson");
+    std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+    let (rc, _, err) = run(&["export", bad.to_str().unwrap()]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("line 6"), "{err}");
+    let notrec = tmp.path().join("x.ndjson");
+    std::fs::write(&notrec, "{\"hello\": 1}\n").unwrap();
+    let (rc, _, err) = run(&["replay", "--no-tui", notrec.to_str().unwrap()]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("not a moescope recording"), "{err}");
+}
+
+#[test]
+fn live_summary_equals_the_replayed_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("live.ndjson");
+    let out = std::process::Command::new(bin())
+        .args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--prompts", "prompts/standard.toml", "--max-new-tokens", "12"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("recording: ") && stdout.contains("summary: "), "{stdout}");
+    assert!(stdout.contains("native") && stdout.contains("prompt 6/6"), "a progress line per prompt per backend");
+    let live: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("live.summary.json")).unwrap()).unwrap();
+    let (rc, replayed, _) = run(&["export", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0);
+    let replayed: serde_json::Value = serde_json::from_str(&replayed).unwrap();
+    assert_eq!(live, replayed, "the same events give the same state");
+    validate(&live);
+    // Bit-identical backends: full agreement, zero KL, equal perplexity.
+    assert_eq!(live["quality"]["token_agreement_pct"], 100.0);
+    assert_eq!(live["quality"]["mean_kl"], 0.0);
+    assert_eq!(live["quality"]["perplexity_increase_pct"], 0.0);
+    assert_eq!(live["backends"]["native"]["prompts_done"], 6);
+    assert_eq!(live["backends"]["selective"]["prompts_done"], 6);
+    assert!(live["backends"]["selective"]["cache_hit_rate"].as_f64().is_some());
+}
+
+#[test]
+fn a_perturbed_backend_is_caught_by_agreement_kl_and_perplexity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("masked.ndjson");
+    // The hidden testing aid masks one expert of layer 2 out of selective's routing.
+    let out = std::process::Command::new(bin())
+        .args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--mask-experts", "2:7"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("masked.summary.json")).unwrap()).unwrap();
+    let q = &v["quality"];
+    assert_eq!(v["degraded"], true);
+    assert!(q["token_agreement_pct"].as_f64().unwrap() < 99.0, "agreement: {q}");
+    assert!(q["mean_kl"].as_f64().unwrap() > 0.001, "KL: {q}");
+    assert!(q["top1_agreement_pct"].as_f64().unwrap() < 100.0, "top-1: {q}");
+    let (pn, ps) = (q["native_perplexity"].as_f64().unwrap(), q["selective_perplexity"].as_f64().unwrap());
+    assert!(((ps - pn) / pn).abs() > 0.001, "perplexity differs: {pn} vs {ps}");
+    let crit = v["verdict"]["criteria"].as_array().unwrap();
+    for metric in ["token_agreement_pct", "mean_kl", "perplexity_delta_pct"] {
+        let c = crit.iter().find(|c| c["metric"] == metric && c["group"] == "viable").unwrap();
+        assert_eq!(c["pass"], false, "{metric} flags the perturbed backend");
+    }
+    assert!(v["verdict"]["headline"].as_str().unwrap().contains("DEGRADED"));
+    assert_ne!(v["verdict"]["outcome"], "VIABLE");
+}
+
+#[test]
+fn status_is_reduced_from_events() {
+    let s = state(&events_fixture("failed"));
+    assert!(matches!(s.backend(Backend::Selective).status, Status::Failed(_)));
+    assert_eq!(s.backend(Backend::Native).status, Status::Done);
+    assert_eq!(s.finished.as_deref(), Some("completed"));
+}
