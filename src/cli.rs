@@ -300,7 +300,9 @@ pub struct BackendArgs {
     pub cache: crate::experts::CacheArgs,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Every weight resident.
@@ -345,7 +347,11 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
     /// The prompt (sent through the model's chat template unless --raw).
-    #[arg(long, conflicts_with = "token_ids", required_unless_present = "token_ids")]
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
     pub prompt: Option<String>,
     /// Comma-separated prompt token ids (no tokenizer needed).
     #[arg(long, value_delimiter = ',', num_args = 1..)]

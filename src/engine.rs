@@ -55,7 +55,10 @@ impl DeviceSpec {
         if s == "cpu" {
             return Ok(Self::cpu());
         }
-        if let Some(n) = s.strip_prefix("cuda:").or(if s == "cuda" { Some("0") } else { None }) {
+        if let Some(n) = s
+            .strip_prefix("cuda:")
+            .or(if s == "cuda" { Some("0") } else { None })
+        {
             n.parse::<usize>()
                 .map(|n| DeviceSpec(format!("cuda:{n}")))
                 .map_err(|_| format!("bad device \"{s}\": expected cpu or cuda:N"))
@@ -195,12 +198,25 @@ pub struct MaskedProvider {
 }
 
 impl MaskedProvider {
-    pub fn new(inner: Arc<dyn ExpertProvider>, cfg: &MoeConfig, mask: &[(usize, usize)]) -> Result<Self> {
+    pub fn new(
+        inner: Arc<dyn ExpertProvider>,
+        cfg: &MoeConfig,
+        mask: &[(usize, usize)],
+    ) -> Result<Self> {
         let mut unavailable: Vec<Vec<usize>> = (0..cfg.num_hidden_layers)
-            .map(|l| if cfg.layer_kinds[l] == crate::model::config::FfnKind::Moe { inner.unavailable(l).to_vec() } else { Vec::new() })
+            .map(|l| {
+                if cfg.layer_kinds[l] == crate::model::config::FfnKind::Moe {
+                    inner.unavailable(l).to_vec()
+                } else {
+                    Vec::new()
+                }
+            })
             .collect();
         for &(l, e) in mask {
-            if l >= cfg.num_hidden_layers || cfg.layer_kinds[l] != crate::model::config::FfnKind::Moe || e >= cfg.num_experts {
+            if l >= cfg.num_hidden_layers
+                || cfg.layer_kinds[l] != crate::model::config::FfnKind::Moe
+                || e >= cfg.num_experts
+            {
                 return Err(ModelError::Input(format!(
                     "--mask-experts {l}:{e}: no such expert (MoE layers {:?}, {} experts)",
                     cfg.moe_layers().collect::<Vec<_>>(),
@@ -216,7 +232,11 @@ impl MaskedProvider {
 }
 
 impl ExpertProvider for MaskedProvider {
-    fn get(&self, layer: usize, expert: usize) -> Result<Arc<crate::experts::provider::ExpertWeights>> {
+    fn get(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Result<Arc<crate::experts::provider::ExpertWeights>> {
         self.inner.get(layer, expert)
     }
     fn unavailable(&self, layer: usize) -> &[usize] {
@@ -255,7 +275,13 @@ impl BackendSpec {
         let mut engine = match (self.backend, &c.expert_source) {
             (BackendKind::Native, SourceSpec::Shards) => {
                 let files = ModelFiles::open(&self.model_dir)?;
-                Engine::native(&files, self.dtype, &self.device, c.allow_missing_experts, progress)?
+                Engine::native(
+                    &files,
+                    self.dtype,
+                    &self.device,
+                    c.allow_missing_experts,
+                    progress,
+                )?
             }
             (BackendKind::Native, other) => {
                 return Err(ModelError::Input(format!(
@@ -264,7 +290,9 @@ impl BackendSpec {
             }
             (BackendKind::Selective, spec) => {
                 let cfg = match spec {
-                    SourceSpec::SeedLayout(d) if d.join("config.json").exists() => MoeConfig::from_dir(d)?,
+                    SourceSpec::SeedLayout(d) if d.join("config.json").exists() => {
+                        MoeConfig::from_dir(d)?
+                    }
                     _ => MoeConfig::from_dir(&self.model_dir)?,
                 };
                 // Non-expert weights: the seed layout's own files, else the model checkpoint.
@@ -305,7 +333,11 @@ impl BackendSpec {
             }
         };
         if !c.mask_experts.is_empty() {
-            engine.provider = Arc::new(MaskedProvider::new(engine.provider.clone(), &engine.cfg, &c.mask_experts)?);
+            engine.provider = Arc::new(MaskedProvider::new(
+                engine.provider.clone(),
+                &engine.cfg,
+                &c.mask_experts,
+            )?);
             engine.degraded = true;
         }
         Ok(engine)

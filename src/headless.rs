@@ -18,14 +18,33 @@ use crate::worker::scheduler::Control;
 pub fn progress_line(state: &SessionState, ev: &Stamped) -> Option<String> {
     let n = state.num_prompts();
     match &ev.event {
-        SessionEvent::Loaded { backend, load_s, resident, degraded, describe } => Some(format!(
+        SessionEvent::Loaded {
+            backend,
+            load_s,
+            resident,
+            degraded,
+            describe,
+        } => Some(format!(
             "[{:>7.2}s] {backend:<9} loaded in {load_s:.2} s: {describe}; weights {} non-expert + {} experts{}",
             ev.t,
             fmt_bytes(resident.non_expert),
             fmt_bytes(resident.experts),
-            if *degraded { " — DEGRADED (experts masked)" } else { "" }
+            if *degraded {
+                " — DEGRADED (experts masked)"
+            } else {
+                ""
+            }
         )),
-        SessionEvent::PromptDone { backend, prompt, finish, token_ids, text, ttft_s, decode_tok_s, .. } => {
+        SessionEvent::PromptDone {
+            backend,
+            prompt,
+            finish,
+            token_ids,
+            text,
+            ttft_s,
+            decode_tok_s,
+            ..
+        } => {
             let p = &state.header.prompts.prompts[*prompt];
             let short: String = text.trim().replace('\n', " ").chars().take(60).collect();
             Some(format!(
@@ -46,26 +65,41 @@ pub fn progress_line(state: &SessionState, ev: &Stamped) -> Option<String> {
             stats.top1_agreement * 100.0,
             stats.mean_kl,
             stats.max_kl,
-            if stats.exact { "" } else { " (top-256 support: lower bound)" }
+            if stats.exact {
+                ""
+            } else {
+                " (top-256 support: lower bound)"
+            }
         )),
-        SessionEvent::Perplexity { backend, perplexity, tokens } => Some(format!(
+        SessionEvent::Perplexity {
+            backend,
+            perplexity,
+            tokens,
+        } => Some(format!(
             "[{:>7.2}s] {backend:<9} perplexity {perplexity:.3} on {tokens} reference tokens",
             ev.t
         )),
-        SessionEvent::Failed { backend, reason } => Some(format!("[{:>7.2}s] {backend:<9} FAILED: {reason}", ev.t)),
+        SessionEvent::Failed { backend, reason } => {
+            Some(format!("[{:>7.2}s] {backend:<9} FAILED: {reason}", ev.t))
+        }
         SessionEvent::Warning { backend, message } => Some(format!(
             "[{:>7.2}s] warning{}: {message}",
             ev.t,
             backend.map(|b| format!(" ({b})")).unwrap_or_default()
         )),
-        SessionEvent::Finished { reason } => Some(format!("[{:>7.2}s] run finished: {reason}", ev.t)),
+        SessionEvent::Finished { reason } => {
+            Some(format!("[{:>7.2}s] run finished: {reason}", ev.t))
+        }
         _ => None,
     }
 }
 
 /// Where the summary of a recording goes: next to it, `.summary.json`.
 pub fn summary_path(recording: &Path) -> PathBuf {
-    let stem = recording.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "session".into());
+    let stem = recording
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "session".into());
     recording.with_file_name(format!("{stem}.summary.json"))
 }
 

@@ -29,9 +29,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| format!("bad size \"{s}\": expected a number with an optional unit (e.g. 4GiB)"))?;
+    let num: f64 = num.parse().map_err(|_| {
+        format!("bad size \"{s}\": expected a number with an optional unit (e.g. 4GiB)")
+    })?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kib" => 1024.0,
@@ -66,7 +66,11 @@ mod tests {
         assert_eq!(parse_bytes("4GB").unwrap(), 4_000_000_000);
         assert_eq!(parse_bytes("1.5G").unwrap(), 3 << 29);
         assert_eq!(parse_bytes("100").unwrap(), 100);
-        assert!(parse_bytes("4 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_bytes("4 parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
         assert!(parse_bytes("lots").is_err());
         assert_eq!(fmt_bytes(9 << 20), "9.00 MiB");
         assert_eq!(fmt_bytes(3), "3 B");

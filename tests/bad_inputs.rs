@@ -10,7 +10,13 @@ use serde_json::Value;
 
 /// Runs `logits` on a damaged model directory and checks the failure.
 fn expect_failure(dir: &Path, needles: &[&str]) {
-    let (rc, out, err) = run(&["logits", "--model", dir.to_str().unwrap(), "--tokens", "1,2,3"]);
+    let (rc, out, err) = run(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,2,3",
+    ]);
     assert_eq!(rc, 2, "exit code (stderr: {err})");
     assert!(out.is_empty(), "nothing on stdout: {out}");
     assert!(!err.contains("panicked"), "{err}");
@@ -42,14 +48,29 @@ fn edit_header(path: &Path, f: impl FnOnce(&mut Value)) {
 #[test]
 fn unsupported_model_type() {
     let d = copy_fixture("qwen3-moe-tiny");
-    edit_json(&d.path().join("config.json"), |v| v["model_type"] = "mixtral".into());
-    expect_failure(d.path(), &["config.json", "model_type", "mixtral", "qwen3_moe", "qwen3_omni_moe"]);
+    edit_json(&d.path().join("config.json"), |v| {
+        v["model_type"] = "mixtral".into()
+    });
+    expect_failure(
+        d.path(),
+        &[
+            "config.json",
+            "model_type",
+            "mixtral",
+            "qwen3_moe",
+            "qwen3_omni_moe",
+        ],
+    );
 }
 
 #[test]
 fn unparsable_config() {
     let d = copy_fixture("qwen3-moe-tiny");
-    std::fs::write(d.path().join("config.json"), "{\"model_type\": \"qwen3_moe\",").unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        "{\"model_type\": \"qwen3_moe\",",
+    )
+    .unwrap();
     expect_failure(d.path(), &["config.json", "not valid JSON"]);
 }
 
@@ -67,7 +88,10 @@ fn incomplete_config() {
             .unwrap()
             .remove("num_experts");
     });
-    expect_failure(d.path(), &["thinker_config.text_config.num_experts", "missing"]);
+    expect_failure(
+        d.path(),
+        &["thinker_config.text_config.num_experts", "missing"],
+    );
 }
 
 #[test]
@@ -84,7 +108,14 @@ fn missing_config_and_weights() {
 fn missing_shard() {
     let d = copy_fixture("qwen3-omni-tiny");
     std::fs::remove_file(d.path().join("model-00002-of-00003.safetensors")).unwrap();
-    expect_failure(d.path(), &["model-00002-of-00003.safetensors", "missing shard", "index.json"]);
+    expect_failure(
+        d.path(),
+        &[
+            "model-00002-of-00003.safetensors",
+            "missing shard",
+            "index.json",
+        ],
+    );
 }
 
 #[test]
@@ -96,7 +127,10 @@ fn missing_tensor() {
             .unwrap()
             .remove("thinker.model.layers.2.self_attn.k_norm.weight");
     });
-    expect_failure(d.path(), &["thinker.model.layers.2.self_attn.k_norm.weight", "missing"]);
+    expect_failure(
+        d.path(),
+        &["thinker.model.layers.2.self_attn.k_norm.weight", "missing"],
+    );
 }
 
 #[test]
@@ -105,17 +139,39 @@ fn index_points_to_a_shard_without_the_tensor() {
     edit_json(&d.path().join("model.safetensors.index.json"), |v| {
         v["weight_map"]["thinker.model.norm.weight"] = "model-00001-of-00003.safetensors".into();
     });
-    expect_failure(d.path(), &["model-00001-of-00003.safetensors", "thinker.model.norm.weight", "does not contain"]);
+    expect_failure(
+        d.path(),
+        &[
+            "model-00001-of-00003.safetensors",
+            "thinker.model.norm.weight",
+            "does not contain",
+        ],
+    );
 }
 
 #[test]
 fn wrong_shape() {
     let d = copy_fixture("qwen3-moe-tiny");
-    edit_json(&d.path().join("config.json"), |v| v["vocab_size"] = 500.into());
-    expect_failure(d.path(), &["model.safetensors", "model.embed_tokens.weight", "[384, 64]", "[500, 64]"]);
+    edit_json(&d.path().join("config.json"), |v| {
+        v["vocab_size"] = 500.into()
+    });
+    expect_failure(
+        d.path(),
+        &[
+            "model.safetensors",
+            "model.embed_tokens.weight",
+            "[384, 64]",
+            "[500, 64]",
+        ],
+    );
     let d = copy_fixture("qwen3-moe-tiny");
-    edit_json(&d.path().join("config.json"), |v| v["moe_intermediate_size"] = 16.into());
-    expect_failure(d.path(), &["mlp.experts.0.gate_proj.weight", "[32, 64]", "[16, 64]"]);
+    edit_json(&d.path().join("config.json"), |v| {
+        v["moe_intermediate_size"] = 16.into()
+    });
+    expect_failure(
+        d.path(),
+        &["mlp.experts.0.gate_proj.weight", "[32, 64]", "[16, 64]"],
+    );
 }
 
 #[test]
@@ -124,7 +180,10 @@ fn wrong_dtype() {
     edit_header(&d.path().join("model.safetensors"), |h| {
         h["model.norm.weight"]["dtype"] = "I16".into();
     });
-    expect_failure(d.path(), &["model.safetensors", "model.norm.weight", "I16", "BF16"]);
+    expect_failure(
+        d.path(),
+        &["model.safetensors", "model.norm.weight", "I16", "BF16"],
+    );
 }
 
 #[test]
@@ -134,7 +193,10 @@ fn truncated_file() {
     let len = std::fs::metadata(&p).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.set_len(len - 1000).unwrap();
-    expect_failure(d.path(), &["model.safetensors", "beyond the end of the file"]);
+    expect_failure(
+        d.path(),
+        &["model.safetensors", "beyond the end of the file"],
+    );
 }
 
 #[test]
@@ -154,19 +216,40 @@ fn data_offsets_beyond_the_file() {
         let t = &mut h["thinker.model.norm.weight"];
         t["data_offsets"] = serde_json::json!([10_000_000, 10_000_128]);
     });
-    expect_failure(d.path(), &["model-00002-of-00003.safetensors", "thinker.model.norm.weight", "beyond the end"]);
+    expect_failure(
+        d.path(),
+        &[
+            "model-00002-of-00003.safetensors",
+            "thinker.model.norm.weight",
+            "beyond the end",
+        ],
+    );
 }
 
 #[test]
 fn bad_token_ids_and_prompts() {
     let m = fixture("qwen3-moe-tiny");
-    let (rc, _, err) = run(&["logits", "--model", m.to_str().unwrap(), "--tokens", "1,99999"]);
+    let (rc, _, err) = run(&[
+        "logits",
+        "--model",
+        m.to_str().unwrap(),
+        "--tokens",
+        "1,99999",
+    ]);
     assert_eq!(rc, 2);
     assert!(err.contains("99999") && err.contains("vocab_size"), "{err}");
     let (rc, _, err) = run(&["generate", "--model", m.to_str().unwrap(), "--prompt", ""]);
     assert_eq!(rc, 2);
     assert!(err.contains("empty"), "{err}");
-    let (rc, _, err) = run(&["generate", "--model", m.to_str().unwrap(), "--prompt", "x", "--top-p", "0"]);
+    let (rc, _, err) = run(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--top-p",
+        "0",
+    ]);
     assert_eq!(rc, 2);
     assert!(err.contains("top-p"), "{err}");
 }
@@ -182,16 +265,39 @@ fn missing_experts_are_refused_unless_allowed() {
     });
     let dir = d.path().to_str().unwrap();
     for backend in ["native", "selective"] {
-        let (rc, _, err) = run(&["generate", "--model", dir, "--token-ids", "1,2", "--backend", backend]);
+        let (rc, _, err) = run(&[
+            "generate",
+            "--model",
+            dir,
+            "--token-ids",
+            "1,2",
+            "--backend",
+            backend,
+        ]);
         assert_eq!(rc, 2, "{backend}: {err}");
-        assert!(err.contains("layer 1, expert 5") && err.contains("--allow-missing-experts"), "{err}");
+        assert!(
+            err.contains("layer 1, expert 5") && err.contains("--allow-missing-experts"),
+            "{err}"
+        );
         let (rc, out, err) = run(&[
-            "generate", "--model", dir, "--token-ids", "1,2", "--backend", backend,
-            "--allow-missing-experts", "--json", "--max-new-tokens", "3",
+            "generate",
+            "--model",
+            dir,
+            "--token-ids",
+            "1,2",
+            "--backend",
+            backend,
+            "--allow-missing-experts",
+            "--json",
+            "--max-new-tokens",
+            "3",
         ]);
         assert_eq!(rc, 0, "{err}");
         let v: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["degraded"], true, "{backend}: a run with masked experts is DEGRADED");
+        assert_eq!(
+            v["degraded"], true,
+            "{backend}: a run with masked experts is DEGRADED"
+        );
     }
 }
 
@@ -199,16 +305,48 @@ fn missing_experts_are_refused_unless_allowed() {
 fn bad_flags() {
     let m = fixture("qwen3-moe-tiny");
     let m = m.to_str().unwrap();
-    let (rc, _, err) = run(&["generate", "--model", m, "--prompt", "x", "--backend", "selective", "--cache-mem", "4 parsecs"]);
+    let (rc, _, err) = run(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--backend",
+        "selective",
+        "--cache-mem",
+        "4 parsecs",
+    ]);
     assert_eq!(rc, 2);
     assert!(err.contains("unknown unit"), "{err}");
-    let (rc, _, err) = run(&["generate", "--model", m, "--prompt", "x", "--backend", "selective", "--expert-source", "nfs:/x"]);
+    let (rc, _, err) = run(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--backend",
+        "selective",
+        "--expert-source",
+        "nfs:/x",
+    ]);
     assert_eq!(rc, 2);
     assert!(err.contains("expert source"), "{err}");
-    let (rc, _, err) = run(&["generate", "--model", m, "--prompt", "x", "--device", "tpu:0"]);
+    let (rc, _, err) = run(&[
+        "generate", "--model", m, "--prompt", "x", "--device", "tpu:0",
+    ]);
     assert_eq!(rc, 2);
     assert!(err.contains("tpu:0"), "{err}");
-    let (rc, _, err) = run(&["generate", "--model", m, "--prompt", "x", "--backend", "selective", "--expert-source", "extracted:/nonexistent"]);
+    let (rc, _, err) = run(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--backend",
+        "selective",
+        "--expert-source",
+        "extracted:/nonexistent",
+    ]);
     assert_eq!(rc, 2);
     assert!(err.contains("/nonexistent"), "{err}");
 }

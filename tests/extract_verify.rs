@@ -20,7 +20,12 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
                 stack.push(p);
             } else {
                 let rel = p.strip_prefix(dir).unwrap().to_string_lossy().to_string();
-                out.insert(rel, blake3::hash(&std::fs::read(&p).unwrap()).to_hex().to_string());
+                out.insert(
+                    rel,
+                    blake3::hash(&std::fs::read(&p).unwrap())
+                        .to_hex()
+                        .to_string(),
+                );
             }
         }
     }
@@ -28,7 +33,14 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
 }
 
 fn extract(model: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
-    let mut args = vec!["extract", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"];
+    let mut args = vec![
+        "extract",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
     args.extend_from_slice(extra);
     run(&args)
 }
@@ -40,24 +52,40 @@ fn crash_then_resume_ends_identical() {
     let clean = tmp.path().join("clean");
     let (rc, out, err) = extract(&model, &clean, &[]);
     assert_eq!(rc, 0, "{err}");
-    assert!(out.contains("extracted 24 of 24") && out.contains("MiB/s"), "{out}");
+    assert!(
+        out.contains("extracted 24 of 24") && out.contains("MiB/s"),
+        "{out}"
+    );
 
     // A crash right after an expert file was renamed into place but before it was journalled.
     let crashed = tmp.path().join("crashed");
     let (rc, _, _) = extract(&model, &crashed, &["--abort-after", "7"]);
     assert_ne!(rc, 0, "the aborted run fails");
-    assert!(!crashed.join("manifest.json").exists(), "no manifest before completion");
+    assert!(
+        !crashed.join("manifest.json").exists(),
+        "no manifest before completion"
+    );
     let (rc, _, err) = run(&["verify", crashed.to_str().unwrap()]);
     assert_eq!(rc, 1, "an interrupted extraction is incomplete: {err}");
     let (rc, out, err) = extract(&model, &crashed, &[]);
     assert_eq!(rc, 0, "{err}");
-    assert!(out.contains("(6 already done)"), "the journalled 6 are skipped: {out}");
-    assert_eq!(tree(&clean), tree(&crashed), "resumed extraction is byte-identical");
+    assert!(
+        out.contains("(6 already done)"),
+        "the journalled 6 are skipped: {out}"
+    );
+    assert_eq!(
+        tree(&clean),
+        tree(&crashed),
+        "resumed extraction is byte-identical"
+    );
 
     // A second run over a complete extraction does nothing.
     let (rc, out, _) = extract(&model, &crashed, &[]);
     assert_eq!(rc, 0);
-    assert!(out.contains("extracted 0 of 24 experts (24 already done)"), "{out}");
+    assert!(
+        out.contains("extracted 0 of 24 experts (24 already done)"),
+        "{out}"
+    );
     assert_eq!(tree(&clean), tree(&crashed));
 }
 
@@ -69,13 +97,24 @@ fn kill_9_then_resume_ends_identical() {
     assert_eq!(extract(&model, &clean, &[]).0, 0);
     let killed = tmp.path().join("killed");
     let mut child = std::process::Command::new(bin())
-        .args(["extract", "--model", model.to_str().unwrap(), "--out", killed.to_str().unwrap(), "--quiet", "--delay-ms", "40"])
+        .args([
+            "extract",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            killed.to_str().unwrap(),
+            "--quiet",
+            "--delay-ms",
+            "40",
+        ])
         .spawn()
         .unwrap();
     let journal = killed.join("manifest.partial.jsonl");
     let start = std::time::Instant::now();
     loop {
-        let lines = std::fs::read_to_string(&journal).map(|s| s.lines().count()).unwrap_or(0);
+        let lines = std::fs::read_to_string(&journal)
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
         if lines >= 4 || start.elapsed() > Duration::from_secs(20) {
             break;
         }
@@ -83,10 +122,16 @@ fn kill_9_then_resume_ends_identical() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!killed.join("manifest.json").exists(), "killed before the end");
+    assert!(
+        !killed.join("manifest.json").exists(),
+        "killed before the end"
+    );
     let (rc, out, err) = extract(&model, &killed, &[]);
     assert_eq!(rc, 0, "{err}");
-    assert!(!out.contains("(0 already done)"), "resumed, not restarted: {out}");
+    assert!(
+        !out.contains("(0 already done)"),
+        "resumed, not restarted: {out}"
+    );
     assert_eq!(tree(&clean), tree(&killed));
 }
 
@@ -111,13 +156,21 @@ fn verify_extracted_finds_planted_problems() {
     let (rc, out, _) = run(&["verify", dir.to_str().unwrap()]);
     assert_eq!(rc, 1, "{out}");
     assert!(out.contains("layer 2: 3"), "missing listed: {out}");
-    assert!(out.contains("layer 3 expert 7") && out.contains("BLAKE3"), "{out}");
+    assert!(
+        out.contains("layer 3 expert 7") && out.contains("BLAKE3"),
+        "{out}"
+    );
     assert!(out.contains("layer 0 expert 1"), "{out}");
     assert!(out.contains("INCOMPLETE"));
     let (rc, json, _) = run(&["verify", dir.to_str().unwrap(), "--json"]);
     assert_eq!(rc, 1);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let missing: usize = v["layers"].as_array().unwrap().iter().map(|l| l["missing"].as_array().unwrap().len()).sum();
+    let missing: usize = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["missing"].as_array().unwrap().len())
+        .sum();
     assert_eq!(missing, 1);
 }
 
@@ -131,37 +184,68 @@ fn verify_seed_layout_lists_missing_and_corrupt() {
     assert_eq!(rc, 2, "{err}");
     assert!(err.contains("--model"), "{err}");
     let m = fixture("qwen3-omni-tiny");
-    let (rc, out, _) = run(&["verify", dir.to_str().unwrap(), "--model", m.to_str().unwrap()]);
+    let (rc, out, _) = run(&[
+        "verify",
+        dir.to_str().unwrap(),
+        "--model",
+        m.to_str().unwrap(),
+    ]);
     assert_eq!(rc, 0, "{out}");
     assert!(out.contains("seed-project layout"));
     // The seed project's failure: a layer that lost experts (and its norms).
     for e in [1, 4, 6] {
-        std::fs::remove_file(dir.join(format!("experts/thinker_expert_{e:03}_layer_01.safetensors"))).unwrap();
+        std::fs::remove_file(dir.join(format!(
+            "experts/thinker_expert_{e:03}_layer_01.safetensors"
+        )))
+        .unwrap();
     }
     std::fs::remove_file(dir.join("norms/thinker_norms_layer_01.safetensors")).unwrap();
     let p = dir.join("experts/thinker_expert_002_layer_02.safetensors");
     let b = std::fs::read(&p).unwrap();
     std::fs::write(&p, &b[..b.len() - 10]).unwrap();
-    let (rc, out, _) = run(&["verify", dir.to_str().unwrap(), "--model", m.to_str().unwrap()]);
+    let (rc, out, _) = run(&[
+        "verify",
+        dir.to_str().unwrap(),
+        "--model",
+        m.to_str().unwrap(),
+    ]);
     assert_eq!(rc, 1);
     assert!(out.contains("layer 1: 1, 4, 6"), "{out}");
     assert!(out.contains("layer 2 expert 2"), "{out}");
-    assert!(out.contains("thinker.model.layers.1.input_layernorm.weight"), "{out}");
+    assert!(
+        out.contains("thinker.model.layers.1.input_layernorm.weight"),
+        "{out}"
+    );
     // Running on it: refused, naming the lost norm (experts can be allowed missing; norms not).
     let (rc, _, err) = run(&[
-        "generate", "--model", m.to_str().unwrap(), "--backend", "selective",
-        "--expert-source", &format!("seedlayout:{}", dir.display()), "--token-ids", "1,2", "--allow-missing-experts",
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--backend",
+        "selective",
+        "--expert-source",
+        &format!("seedlayout:{}", dir.display()),
+        "--token-ids",
+        "1,2",
+        "--allow-missing-experts",
     ]);
     assert_eq!(rc, 2);
-    assert!(err.contains("thinker.model.layers.1.input_layernorm.weight"), "{err}");
+    assert!(
+        err.contains("thinker.model.layers.1.input_layernorm.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn verify_checkpoint_counts_through_the_index() {
     let d = copy_fixture("qwen3-omni-tiny");
     let idx = d.path().join("model.safetensors.index.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
-    v["weight_map"].as_object_mut().unwrap().remove("thinker.model.layers.1.mlp.experts.6.down_proj.weight");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
+    v["weight_map"]
+        .as_object_mut()
+        .unwrap()
+        .remove("thinker.model.layers.1.mlp.experts.6.down_proj.weight");
     std::fs::write(&idx, v.to_string()).unwrap();
     let (rc, out, _) = run(&["verify", d.path().to_str().unwrap()]);
     assert_eq!(rc, 1);
@@ -178,8 +262,15 @@ fn extraction_of_another_model_is_refused() {
     assert_eq!(rc, 2, "{err}");
     assert!(err.contains("different model"), "{err}");
     let (rc, _, err) = run(&[
-        "generate", "--model", fixture("qwen3-omni-tiny").to_str().unwrap(), "--backend", "selective",
-        "--expert-source", &format!("extracted:{}", dir.display()), "--token-ids", "1",
+        "generate",
+        "--model",
+        fixture("qwen3-omni-tiny").to_str().unwrap(),
+        "--backend",
+        "selective",
+        "--expert-source",
+        &format!("extracted:{}", dir.display()),
+        "--token-ids",
+        "1",
     ]);
     assert_eq!(rc, 2);
     assert!(err.contains("different model"), "{err}");

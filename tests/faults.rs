@@ -14,9 +14,16 @@ use moescope::session::{Backend, SessionEvent};
 
 fn run_headless(rec: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(bin());
-    cmd.args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--reference", "none"])
-        .args(extra)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd.args([
+        "run",
+        "--no-tui",
+        "--record",
+        rec.to_str().unwrap(),
+        "--reference",
+        "none",
+    ])
+    .args(extra)
+    .current_dir(env!("CARGO_MANIFEST_DIR"));
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -29,7 +36,12 @@ fn run_headless(rec: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, Strin
 }
 
 fn events(rec: &Path) -> Vec<SessionEvent> {
-    record::read(rec).unwrap().events.into_iter().map(|e| e.event).collect()
+    record::read(rec)
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|e| e.event)
+        .collect()
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -43,26 +55,68 @@ fn pid_alive(pid: u32) -> bool {
 fn worker_killed_mid_generation_run_continues() {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("crash.ndjson");
-    let (rc, out, err) = run_headless(&rec, &[], &[("MOESCOPE_TEST_SELECTIVE_CRASH_AFTER_TOKENS", "5")]);
+    let (rc, out, err) = run_headless(
+        &rec,
+        &[],
+        &[("MOESCOPE_TEST_SELECTIVE_CRASH_AFTER_TOKENS", "5")],
+    );
     assert_eq!(rc, 0, "{out}\n{err}");
-    assert!(out.contains("selective FAILED") && out.contains("signal 9"), "{out}");
+    assert!(
+        out.contains("selective FAILED") && out.contains("signal 9"),
+        "{out}"
+    );
     let evs = events(&rec);
-    let failed = evs.iter().position(|e| matches!(e, SessionEvent::Failed { backend: Backend::Selective, .. })).expect("failure recorded");
+    let failed = evs
+        .iter()
+        .position(|e| {
+            matches!(
+                e,
+                SessionEvent::Failed {
+                    backend: Backend::Selective,
+                    ..
+                }
+            )
+        })
+        .expect("failure recorded");
     // Selective produced exactly its 5 tokens before dying, all recorded.
     let sel_tokens = evs[..failed]
         .iter()
-        .filter(|e| matches!(e, SessionEvent::Token { backend: Backend::Selective, .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                SessionEvent::Token {
+                    backend: Backend::Selective,
+                    ..
+                }
+            )
+        })
         .count();
     assert_eq!(sel_tokens, 5);
     // Native finished every prompt.
-    let native_done = evs.iter().filter(|e| matches!(e, SessionEvent::PromptDone { backend: Backend::Native, .. })).count();
+    let native_done = evs
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                SessionEvent::PromptDone {
+                    backend: Backend::Native,
+                    ..
+                }
+            )
+        })
+        .count();
     assert_eq!(native_done, 6);
     // Export still works and says what happened.
     let (rc, json, err) = run(&["export", rec.to_str().unwrap()]);
     assert_eq!(rc, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["backends"]["selective"]["status"], "failed");
-    assert!(v["backends"]["selective"]["failed"].as_str().unwrap().contains("signal 9"));
+    assert!(
+        v["backends"]["selective"]["failed"]
+            .as_str()
+            .unwrap()
+            .contains("signal 9")
+    );
     assert_eq!(v["verdict"]["outcome"], "INCONCLUSIVE");
     assert_eq!(v["backends"]["native"]["prompts_done"], 6);
 }
@@ -72,7 +126,16 @@ fn external_kill_9_is_survived() {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("kill.ndjson");
     let mut child = Command::new(bin())
-        .args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--reference", "none", "--prompts", "prompts/long.toml"])
+        .args([
+            "run",
+            "--no-tui",
+            "--record",
+            rec.to_str().unwrap(),
+            "--reference",
+            "none",
+            "--prompts",
+            "prompts/long.toml",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -81,13 +144,31 @@ fn external_kill_9_is_survived() {
     // Wait until the selective worker has streamed a few tokens, then kill -9 it from outside.
     let start = Instant::now();
     let pid = loop {
-        assert!(start.elapsed() < Duration::from_secs(60), "selective never started");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "selective never started"
+        );
         if let Ok(r) = record::read(&rec) {
             let pid = r.events.iter().find_map(|e| match e.event {
-                SessionEvent::WorkerStarted { backend: Backend::Selective, pid } => Some(pid),
+                SessionEvent::WorkerStarted {
+                    backend: Backend::Selective,
+                    pid,
+                } => Some(pid),
                 _ => None,
             });
-            let toks = r.events.iter().filter(|e| matches!(e.event, SessionEvent::Token { backend: Backend::Selective, .. })).count();
+            let toks = r
+                .events
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e.event,
+                        SessionEvent::Token {
+                            backend: Backend::Selective,
+                            ..
+                        }
+                    )
+                })
+                .count();
             if let (Some(p), true) = (pid, toks >= 3) {
                 break p;
             }
@@ -100,7 +181,18 @@ fn external_kill_9_is_survived() {
     let evs = events(&rec);
     assert!(evs.iter().any(|e| matches!(e, SessionEvent::Failed { backend: Backend::Selective, reason } if reason.contains("signal 9"))));
     assert!(matches!(evs.last(), Some(SessionEvent::Finished { .. })));
-    let native_done = evs.iter().filter(|e| matches!(e, SessionEvent::PromptDone { backend: Backend::Native, .. })).count();
+    let native_done = evs
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                SessionEvent::PromptDone {
+                    backend: Backend::Native,
+                    ..
+                }
+            )
+        })
+        .count();
     assert_eq!(native_done, 4, "native ran every long prompt");
 }
 
@@ -109,7 +201,16 @@ fn ctrl_c_mid_run_leaves_a_complete_recording_and_no_orphans() {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("int.ndjson");
     let child = Command::new(bin())
-        .args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--reference", "none", "--prompts", "prompts/long.toml"])
+        .args([
+            "run",
+            "--no-tui",
+            "--record",
+            rec.to_str().unwrap(),
+            "--reference",
+            "none",
+            "--prompts",
+            "prompts/long.toml",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -119,7 +220,11 @@ fn ctrl_c_mid_run_leaves_a_complete_recording_and_no_orphans() {
     let pids: Vec<u32> = loop {
         assert!(start.elapsed() < Duration::from_secs(60));
         if let Ok(r) = record::read(&rec) {
-            let toks = r.events.iter().filter(|e| matches!(e.event, SessionEvent::Token { .. })).count();
+            let toks = r
+                .events
+                .iter()
+                .filter(|e| matches!(e.event, SessionEvent::Token { .. }))
+                .count();
             if toks >= 10 {
                 break r
                     .events
@@ -136,7 +241,11 @@ fn ctrl_c_mid_run_leaves_a_complete_recording_and_no_orphans() {
     assert_eq!(pids.len(), 2);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r = record::read(&rec).unwrap();
     assert!(!r.truncated_tail);
     match &r.events.last().unwrap().event {
@@ -144,7 +253,19 @@ fn ctrl_c_mid_run_leaves_a_complete_recording_and_no_orphans() {
         other => panic!("last event {other:?}"),
     }
     // Not every prompt ran: it really stopped early.
-    let done = r.events.iter().filter(|e| matches!(e.event, SessionEvent::PromptDone { backend: Backend::Native, .. })).count();
+    let done = r
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.event,
+                SessionEvent::PromptDone {
+                    backend: Backend::Native,
+                    ..
+                }
+            )
+        })
+        .count();
     assert!(done < 4, "{done}");
     for pid in pids {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -165,14 +286,34 @@ fn a_hung_worker_is_timed_out_not_waited_for() {
     let start = Instant::now();
     let (rc, out, err) = run_headless(
         &rec,
-        &["--step-timeout", "2", "--prompt", "What is a volcano?", "--max-new-tokens", "20"],
+        &[
+            "--step-timeout",
+            "2",
+            "--prompt",
+            "What is a volcano?",
+            "--max-new-tokens",
+            "20",
+        ],
         &[("MOESCOPE_TEST_SELECTIVE_HANG_AFTER_TOKENS", "3")],
     );
     assert_eq!(rc, 0, "{out}\n{err}");
-    assert!(start.elapsed() < Duration::from_secs(30), "took {:?}", start.elapsed());
-    assert!(out.contains("selective FAILED") && out.contains("stopped answering"), "{out}");
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        out.contains("selective FAILED") && out.contains("stopped answering"),
+        "{out}"
+    );
     let evs = events(&rec);
-    assert!(evs.iter().any(|e| matches!(e, SessionEvent::PromptDone { backend: Backend::Native, .. })));
+    assert!(evs.iter().any(|e| matches!(
+        e,
+        SessionEvent::PromptDone {
+            backend: Backend::Native,
+            ..
+        }
+    )));
 }
 
 #[test]

@@ -17,7 +17,13 @@ fn last_logits(e: &Engine, tokens: &[u32]) -> Vec<f32> {
     let mut cache = e.model.new_cache();
     let l = e
         .model
-        .forward(tokens, &mut cache, e.provider.as_ref(), &mut NoObserver, Logits::Last)
+        .forward(
+            tokens,
+            &mut cache,
+            e.provider.as_ref(),
+            &mut NoObserver,
+            Logits::Last,
+        )
         .unwrap();
     l.squeeze(0).unwrap().to_vec1().unwrap()
 }
@@ -73,7 +79,13 @@ fn kv_cache_decode_matches_full_prefill() {
         for (i, &t) in seq.iter().enumerate() {
             let l = e
                 .model
-                .forward(&[t], &mut cache, e.provider.as_ref(), &mut NoObserver, Logits::Last)
+                .forward(
+                    &[t],
+                    &mut cache,
+                    e.provider.as_ref(),
+                    &mut NoObserver,
+                    Logits::Last,
+                )
                 .unwrap();
             last = l.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
             let d = max_abs_diff(&last, &g.all_logits_f32[i]);
@@ -96,7 +108,13 @@ fn greedy_continuations_are_identical() {
             for _ in 0..case.tokens.len() {
                 let l = e
                     .model
-                    .forward(&next, &mut cache, e.provider.as_ref(), &mut NoObserver, Logits::Last)
+                    .forward(
+                        &next,
+                        &mut cache,
+                        e.provider.as_ref(),
+                        &mut NoObserver,
+                        Logits::Last,
+                    )
                     .unwrap();
                 let row: Vec<f32> = l.squeeze(0).unwrap().to_vec1().unwrap();
                 let t = moescope::model::layers::argmax(&row) as u32;
@@ -116,7 +134,13 @@ fn routing_observer_sees_transformers_choices() {
         let mut log = RoutingLog::default();
         let mut cache = e.model.new_cache();
         e.model
-            .forward(&g.sequences[2], &mut cache, e.provider.as_ref(), &mut log, Logits::Last)
+            .forward(
+                &g.sequences[2],
+                &mut cache,
+                e.provider.as_ref(),
+                &mut log,
+                Logits::Last,
+            )
             .unwrap();
         for (layer, per_pos) in &g.routing {
             let layer: usize = layer.parse().unwrap();
@@ -146,7 +170,9 @@ fn bf16_logits_are_as_close_as_transformers_bf16() {
             let theirs = max_abs_diff(&g.logits_bf16[i], &g.logits_f32[i]);
             let scale = g.logits_f32[i].iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let bound = 2.0 * theirs + 0.02 * scale;
-            eprintln!("{name} bf16 seq {i}: ours {ours:.4} transformers {theirs:.4} |logit| max {scale:.2}");
+            eprintln!(
+                "{name} bf16 seq {i}: ours {ours:.4} transformers {theirs:.4} |logit| max {scale:.2}"
+            );
             assert!(
                 ours <= bound,
                 "{name} seq {i}: ours {ours} vs transformers-bf16 {theirs} (bound {bound})"

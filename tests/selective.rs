@@ -8,8 +8,8 @@ use moescope::cli::BackendKind;
 use moescope::engine::{BackendSpec, DeviceSpec, Dtype, Engine};
 use moescope::experts::cache::Scope;
 use moescope::experts::policy::PolicyKind;
-use moescope::experts::{CacheArgs, SourceSpec};
 use moescope::experts::provider::NoObserver;
+use moescope::experts::{CacheArgs, SourceSpec};
 use moescope::model::generate::{Generation, SamplingParams};
 use moescope::model::qwen3_moe::Logits;
 
@@ -28,7 +28,13 @@ fn run(e: &Engine, seq: &[u32]) -> (Vec<u32>, Vec<u32>) {
     let mut cache = e.model.new_cache();
     let l = e
         .model
-        .forward(seq, &mut cache, e.provider.as_ref(), &mut NoObserver, Logits::All)
+        .forward(
+            seq,
+            &mut cache,
+            e.provider.as_ref(),
+            &mut NoObserver,
+            Logits::All,
+        )
         .unwrap();
     let bits: Vec<u32> = l
         .flatten_all()
@@ -43,7 +49,11 @@ fn run(e: &Engine, seq: &[u32]) -> (Vec<u32>, Vec<u32>) {
         ..Default::default()
     };
     let mut g = Generation::new(&e.model, seq.to_vec(), params, vec![]).unwrap();
-    while g.step(&e.model, e.provider.as_ref(), &mut NoObserver).unwrap().is_some() {}
+    while g
+        .step(&e.model, e.provider.as_ref(), &mut NoObserver)
+        .unwrap()
+        .is_some()
+    {}
     (bits, g.generated.clone())
 }
 
@@ -66,7 +76,13 @@ fn selective_is_bit_identical_to_native_everywhere() {
             // Sources: shards, an extraction, and the seed layout.
             let extracted = tmp.path().join(format!("{name}-extracted"));
             if !extracted.exists() {
-                let (rc, _, err) = run_cli(&["extract", "--model", fixture(name).to_str().unwrap(), "--out", extracted.to_str().unwrap()]);
+                let (rc, _, err) = run_cli(&[
+                    "extract",
+                    "--model",
+                    fixture(name).to_str().unwrap(),
+                    "--out",
+                    extracted.to_str().unwrap(),
+                ]);
                 assert_eq!(rc, 0, "{err}");
             }
             let seed = tmp.path().join(format!("{name}-seed"));
@@ -101,7 +117,10 @@ fn selective_is_bit_identical_to_native_everywhere() {
                             assert!(snap.misses > 0, "the cache really loaded experts");
                             if cap == all && scope == Scope::Global {
                                 // Everything fits: each expert is read at most once.
-                                assert!(snap.evictions == 0, "{name} {policy:?}: evicted at full capacity");
+                                assert!(
+                                    snap.evictions == 0,
+                                    "{name} {policy:?}: evicted at full capacity"
+                                );
                             }
                         }
                     }
@@ -127,13 +146,25 @@ fn capacity_smaller_than_top_k_never_holds_more_than_capacity() {
     let g = golden("qwen3-omni-tiny");
     let mut kv = e.model.new_cache();
     e.model
-        .forward(&g.sequences[2], &mut kv, e.provider.as_ref(), &mut NoObserver, Logits::Last)
+        .forward(
+            &g.sequences[2],
+            &mut kv,
+            e.provider.as_ref(),
+            &mut NoObserver,
+            Logits::Last,
+        )
         .unwrap();
     let s = e.provider.cache_snapshot().unwrap();
     assert_eq!(s.resident_experts, 1);
     assert_eq!(s.capacity_experts, 1);
     assert!(s.evictions > 0);
-    assert_eq!(s.hits + s.misses, s.layers.iter().map(|l| l.total_hits() + l.total_misses()).sum::<u64>());
+    assert_eq!(
+        s.hits + s.misses,
+        s.layers
+            .iter()
+            .map(|l| l.total_hits() + l.total_misses())
+            .sum::<u64>()
+    );
 }
 
 #[test]
@@ -152,11 +183,16 @@ fn byte_budget_converts_to_whole_experts() {
         cache_mem: Some(one / 2),
         ..Default::default()
     };
-    let err = spec("qwen3-moe-tiny", BackendKind::Selective, too_small, Dtype::F32)
-        .load(|_, _| {})
-        .err()
-        .unwrap()
-        .to_string();
+    let err = spec(
+        "qwen3-moe-tiny",
+        BackendKind::Selective,
+        too_small,
+        Dtype::F32,
+    )
+    .load(|_, _| {})
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("holds no expert"), "{err}");
 }
 
@@ -179,7 +215,14 @@ fn statistics_add_up() {
     let stored = (e.cfg.expert_params() * 2) as u64; // bf16 on disk
     assert_eq!(s.bytes_read, s.misses * stored);
     assert_eq!(s.load_latency.count, s.misses);
-    assert!(s.load_latency.p50_us <= s.load_latency.p95_us && s.load_latency.p95_us <= s.load_latency.max_us);
-    let per_layer_resident: usize = s.layers.iter().map(|l| l.resident.iter().filter(|&&r| r).count()).sum();
+    assert!(
+        s.load_latency.p50_us <= s.load_latency.p95_us
+            && s.load_latency.p95_us <= s.load_latency.max_us
+    );
+    let per_layer_resident: usize = s
+        .layers
+        .iter()
+        .map(|l| l.resident.iter().filter(|&&r| r).count())
+        .sum();
     assert_eq!(per_layer_resident, 6);
 }

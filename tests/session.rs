@@ -30,7 +30,10 @@ fn state(path: &std::path::Path) -> SessionState {
 fn validate(v: &serde_json::Value) {
     let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap();
-    let errors: Vec<String> = validator.iter_errors(v).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    let errors: Vec<String> = validator
+        .iter_errors(v)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
     assert!(errors.is_empty(), "schema violations: {errors:#?}");
 }
 
@@ -42,7 +45,11 @@ fn reducer_derives_metrics_from_the_viable_fixture() {
     assert_eq!(n.prompts_done, 3);
     assert_eq!(sel.generated_tokens, 90);
     // 29 decode steps per prompt at 1/100 s (native) and 1/80 s (selective).
-    assert!((n.decode_tok_s.unwrap() - 100.0).abs() < 0.1, "{:?}", n.decode_tok_s);
+    assert!(
+        (n.decode_tok_s.unwrap() - 100.0).abs() < 0.1,
+        "{:?}",
+        n.decode_tok_s
+    );
     assert!((sel.decode_tok_s.unwrap() - 80.0).abs() < 0.1);
     assert!((n.ttft_mean_s.unwrap() - 0.03).abs() < 1e-9);
     assert!((sel.token_latency_p50_s.unwrap() - 0.0125).abs() < 1e-9);
@@ -57,7 +64,11 @@ fn reducer_derives_metrics_from_the_viable_fixture() {
     assert!((c.speed_ratio.unwrap() - 0.8).abs() < 1e-3);
     assert!((sel.cache_hit_rate.unwrap() - 600.0 / 720.0).abs() < 0.01);
     assert_eq!(sel.cache_hit_rate_per_layer.len(), 6);
-    assert_eq!(s.trace().len(), 90, "native's routing trace, one step per token");
+    assert_eq!(
+        s.trace().len(),
+        90,
+        "native's routing trace, one step per token"
+    );
 }
 
 #[test]
@@ -79,7 +90,11 @@ fn every_verdict_outcome_from_fixtures() {
     let seed = Profile::load("seed").unwrap();
     let v = judge(&state(&events_fixture("seed_numbers")), &seed);
     assert_eq!(v.outcome, Outcome::NativePreferred);
-    assert!(v.reasons.iter().any(|r| r.contains("0.3 tok/s")), "{:?}", v.reasons);
+    assert!(
+        v.reasons.iter().any(|r| r.contains("0.3 tok/s")),
+        "{:?}",
+        v.reasons
+    );
 }
 
 #[test]
@@ -97,24 +112,42 @@ fn each_criterion_is_measured_and_judged() {
     assert_eq!(get("speed_ratio", "viable").pass, Some(true));
     let agree = get("token_agreement_pct", "viable");
     assert_eq!(agree.pass, Some(false));
-    assert!((agree.measured.unwrap() - 20.0).abs() < 1e-9, "diverging at token 6 of 30");
+    assert!(
+        (agree.measured.unwrap() - 20.0).abs() < 1e-9,
+        "diverging at token 6 of 30"
+    );
     assert_eq!(get("mean_kl", "viable").pass, Some(false));
     let ppl = get("perplexity_increase_pct", "native_preferred");
-    assert_eq!(ppl.pass, Some(false), "a 30 % perplexity increase holds against selective");
+    assert_eq!(
+        ppl.pass,
+        Some(false),
+        "a 30 % perplexity increase holds against selective"
+    );
     assert!((ppl.measured.unwrap() - 30.0).abs() < 1e-9);
     // Seed profile criteria on the seed project's numbers.
     let seed = Profile::load("seed").unwrap();
     let v = judge(&state(&events_fixture("seed_numbers")), &seed);
-    let mem = v.criteria.iter().find(|c| c.metric == "selective_peak_gb").unwrap();
+    let mem = v
+        .criteria
+        .iter()
+        .find(|c| c.metric == "selective_peak_gb")
+        .unwrap();
     assert!((mem.measured.unwrap() - 9500.0 * 1048576.0 / 1e9).abs() < 1e-6);
     assert_eq!(mem.pass, Some(true));
-    let coh = v.criteria.iter().find(|c| c.metric == "coherence_ratio_pct").unwrap();
+    let coh = v
+        .criteria
+        .iter()
+        .find(|c| c.metric == "coherence_ratio_pct")
+        .unwrap();
     assert_eq!(coh.measured, Some(100.0), "fluent outputs are coherent");
 }
 
 #[test]
 fn degraded_runs_are_never_plainly_viable() {
-    let v = judge(&state(&events_fixture("degraded")), &Profile::load("relative").unwrap());
+    let v = judge(
+        &state(&events_fixture("degraded")),
+        &Profile::load("relative").unwrap(),
+    );
     assert!(v.degraded);
     assert!(v.headline.contains("DEGRADED"), "{}", v.headline);
     assert_ne!(v.headline, "VIABLE");
@@ -122,15 +155,27 @@ fn degraded_runs_are_never_plainly_viable() {
 
 #[test]
 fn export_json_matches_schema_for_every_fixture_and_the_demo() {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(fixture("events")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(fixture("events"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recordings/demo-tiny-moe.ndjson"));
     for f in files {
         let (rc, out, err) = run(&["export", f.to_str().unwrap()]);
         assert_eq!(rc, 0, "{}: {err}", f.display());
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         validate(&v);
-        for k in ["memory_reduction_pct", "speed_ratio", "native_coherence_pct", "sage_coherence_pct"] {
-            assert!(v["comparison"].get(k).is_some(), "{}: comparison.{k}", f.display());
+        for k in [
+            "memory_reduction_pct",
+            "speed_ratio",
+            "native_coherence_pct",
+            "sage_coherence_pct",
+        ] {
+            assert!(
+                v["comparison"].get(k).is_some(),
+                "{}: comparison.{k}",
+                f.display()
+            );
         }
     }
 }
@@ -140,9 +185,15 @@ fn schema_rejects_a_broken_summary() {
     let s = state(&events_fixture("viable"));
     let mut v = serde_json::to_value(summarize(&s, &Profile::load("relative").unwrap())).unwrap();
     validate(&v);
-    v["comparison"].as_object_mut().unwrap().remove("speed_ratio");
+    v["comparison"]
+        .as_object_mut()
+        .unwrap()
+        .remove("speed_ratio");
     let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
-    assert!(!jsonschema::validator_for(&schema).unwrap().is_valid(&v), "the schema really checks");
+    assert!(
+        !jsonschema::validator_for(&schema).unwrap().is_valid(&v),
+        "the schema really checks"
+    );
 }
 
 #[test]
@@ -150,27 +201,62 @@ fn export_rejudges_under_another_profile_and_writes_markdown() {
     let f = events_fixture("seed_numbers");
     let (_, out, _) = run(&["export", f.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["verdict"]["profile"], "seed", "recorded profile by default");
+    assert_eq!(
+        v["verdict"]["profile"], "seed",
+        "recorded profile by default"
+    );
     let (_, out, _) = run(&["export", f.to_str().unwrap(), "--profile", "relative"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["verdict"]["profile"], "relative");
     let tmp = tempfile::tempdir().unwrap();
     let md = tmp.path().join("s.md");
-    let (rc, _, err) = run(&["export", f.to_str().unwrap(), "--format", "markdown", "-o", md.to_str().unwrap()]);
+    let (rc, _, err) = run(&[
+        "export",
+        f.to_str().unwrap(),
+        "--format",
+        "markdown",
+        "-o",
+        md.to_str().unwrap(),
+    ]);
     assert_eq!(rc, 0, "{err}");
     let text = std::fs::read_to_string(&md).unwrap();
-    for needle in ["## Verdict", "NATIVE PREFERRED", "## Prompts", "## Sample outputs", "memory reduction"] {
+    for needle in [
+        "## Verdict",
+        "NATIVE PREFERRED",
+        "## Prompts",
+        "## Sample outputs",
+        "memory reduction",
+    ] {
         assert!(text.contains(needle), "{needle}");
     }
     // A profile file works, and a bad one is explained.
     let prof = tmp.path().join("p.toml");
-    std::fs::write(&prof, moescope::session::verdict::BUILTIN[0].1.replace("value = 0.5", "value = 0.01")).unwrap();
-    let (rc, _, _) = run(&["export", f.to_str().unwrap(), "--profile", prof.to_str().unwrap()]);
+    std::fs::write(
+        &prof,
+        moescope::session::verdict::BUILTIN[0]
+            .1
+            .replace("value = 0.5", "value = 0.01"),
+    )
+    .unwrap();
+    let (rc, _, _) = run(&[
+        "export",
+        f.to_str().unwrap(),
+        "--profile",
+        prof.to_str().unwrap(),
+    ]);
     assert_eq!(rc, 0);
     std::fs::write(&prof, "version = 1\nname='x'\ndescription=''\nmin_decode_tokens=1\nnative_preferred=[]\n[hybrid]\nenabled=false\nshort_max_new_tokens=1\n[[viable]]\nmetric='vibes'\nop='>'\nvalue=1\nlabel='good vibes'").unwrap();
-    let (rc, _, err) = run(&["export", f.to_str().unwrap(), "--profile", prof.to_str().unwrap()]);
+    let (rc, _, err) = run(&[
+        "export",
+        f.to_str().unwrap(),
+        "--profile",
+        prof.to_str().unwrap(),
+    ]);
     assert_eq!(rc, 2);
-    assert!(err.contains("vibes") && err.contains("unknown metric"), "{err}");
+    assert!(
+        err.contains("vibes") && err.contains("unknown metric"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -204,16 +290,37 @@ fn live_summary_equals_the_replayed_one() {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("live.ndjson");
     let out = std::process::Command::new(bin())
-        .args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--prompts", "prompts/standard.toml", "--max-new-tokens", "12"])
+        .args([
+            "run",
+            "--no-tui",
+            "--record",
+            rec.to_str().unwrap(),
+            "--prompts",
+            "prompts/standard.toml",
+            "--max-new-tokens",
+            "12",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("recording: ") && stdout.contains("summary: "), "{stdout}");
-    assert!(stdout.contains("native") && stdout.contains("prompt 6/6"), "a progress line per prompt per backend");
-    let live: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("live.summary.json")).unwrap()).unwrap();
+    assert!(
+        stdout.contains("recording: ") && stdout.contains("summary: "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("native") && stdout.contains("prompt 6/6"),
+        "a progress line per prompt per backend"
+    );
+    let live: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("live.summary.json")).unwrap(),
+    )
+    .unwrap();
     let (rc, replayed, _) = run(&["export", rec.to_str().unwrap()]);
     assert_eq!(rc, 0);
     let replayed: serde_json::Value = serde_json::from_str(&replayed).unwrap();
@@ -225,7 +332,11 @@ fn live_summary_equals_the_replayed_one() {
     assert_eq!(live["quality"]["perplexity_increase_pct"], 0.0);
     assert_eq!(live["backends"]["native"]["prompts_done"], 6);
     assert_eq!(live["backends"]["selective"]["prompts_done"], 6);
-    assert!(live["backends"]["selective"]["cache_hit_rate"].as_f64().is_some());
+    assert!(
+        live["backends"]["selective"]["cache_hit_rate"]
+            .as_f64()
+            .is_some()
+    );
 }
 
 #[test]
@@ -234,33 +345,69 @@ fn a_perturbed_backend_is_caught_by_agreement_kl_and_perplexity() {
     let rec = tmp.path().join("masked.ndjson");
     // The hidden testing aid masks one expert of layer 2 out of selective's routing.
     let out = std::process::Command::new(bin())
-        .args(["run", "--no-tui", "--record", rec.to_str().unwrap(), "--mask-experts", "2:7"])
+        .args([
+            "run",
+            "--no-tui",
+            "--record",
+            rec.to_str().unwrap(),
+            "--mask-experts",
+            "2:7",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("masked.summary.json")).unwrap()).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("masked.summary.json")).unwrap(),
+    )
+    .unwrap();
     let q = &v["quality"];
     assert_eq!(v["degraded"], true);
-    assert!(q["token_agreement_pct"].as_f64().unwrap() < 99.0, "agreement: {q}");
+    assert!(
+        q["token_agreement_pct"].as_f64().unwrap() < 99.0,
+        "agreement: {q}"
+    );
     assert!(q["mean_kl"].as_f64().unwrap() > 0.001, "KL: {q}");
-    assert!(q["top1_agreement_pct"].as_f64().unwrap() < 100.0, "top-1: {q}");
-    let (pn, ps) = (q["native_perplexity"].as_f64().unwrap(), q["selective_perplexity"].as_f64().unwrap());
-    assert!(((ps - pn) / pn).abs() > 0.001, "perplexity differs: {pn} vs {ps}");
+    assert!(
+        q["top1_agreement_pct"].as_f64().unwrap() < 100.0,
+        "top-1: {q}"
+    );
+    let (pn, ps) = (
+        q["native_perplexity"].as_f64().unwrap(),
+        q["selective_perplexity"].as_f64().unwrap(),
+    );
+    assert!(
+        ((ps - pn) / pn).abs() > 0.001,
+        "perplexity differs: {pn} vs {ps}"
+    );
     let crit = v["verdict"]["criteria"].as_array().unwrap();
     for metric in ["token_agreement_pct", "mean_kl", "perplexity_delta_pct"] {
-        let c = crit.iter().find(|c| c["metric"] == metric && c["group"] == "viable").unwrap();
+        let c = crit
+            .iter()
+            .find(|c| c["metric"] == metric && c["group"] == "viable")
+            .unwrap();
         assert_eq!(c["pass"], false, "{metric} flags the perturbed backend");
     }
-    assert!(v["verdict"]["headline"].as_str().unwrap().contains("DEGRADED"));
+    assert!(
+        v["verdict"]["headline"]
+            .as_str()
+            .unwrap()
+            .contains("DEGRADED")
+    );
     assert_ne!(v["verdict"]["outcome"], "VIABLE");
 }
 
 #[test]
 fn status_is_reduced_from_events() {
     let s = state(&events_fixture("failed"));
-    assert!(matches!(s.backend(Backend::Selective).status, Status::Failed(_)));
+    assert!(matches!(
+        s.backend(Backend::Selective).status,
+        Status::Failed(_)
+    ));
     assert_eq!(s.backend(Backend::Native).status, Status::Done);
     assert_eq!(s.finished.as_deref(), Some("completed"));
 }

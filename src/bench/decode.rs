@@ -25,7 +25,9 @@ pub struct DecodeResult {
 
 /// Deterministic prompt token ids.
 pub fn prompt(len: usize, vocab: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 7919 + 13) % vocab.max(1)) as u32).collect()
+    (0..len)
+        .map(|i| ((i * 7919 + 13) % vocab.max(1)) as u32)
+        .collect()
 }
 
 /// Our engine: greedy decode of `new_tokens` after `prompt`.
@@ -35,7 +37,10 @@ pub fn run_ours(engine: &Engine, prompt: &[u32], new_tokens: usize) -> Result<De
         ..Default::default()
     };
     let mut g = Generation::new(&engine.model, prompt.to_vec(), params, vec![])?;
-    while g.step(&engine.model, engine.provider.as_ref(), &mut NoObserver)?.is_some() {}
+    while g
+        .step(&engine.model, engine.provider.as_ref(), &mut NoObserver)?
+        .is_some()
+    {}
     let decode_s = g.decode_time.as_secs_f64();
     Ok(DecodeResult {
         prefill_s: g.prefill_time.as_secs_f64(),
@@ -127,18 +132,23 @@ impl Reference {
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let idx = dir.join(crate::model::checkpoint::INDEX_FILE);
     if idx.exists() {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&idx).map_err(|e| ModelError::Io {
-            path: idx.clone(),
-            what: "reading".into(),
-            source: e,
-        })?)
-        .map_err(|e| ModelError::Checkpoint {
-            file: idx.clone(),
-            msg: e.to_string(),
-        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&idx).map_err(|e| ModelError::Io {
+                path: idx.clone(),
+                what: "reading".into(),
+                source: e,
+            })?)
+            .map_err(|e| ModelError::Checkpoint {
+                file: idx.clone(),
+                msg: e.to_string(),
+            })?;
         let mut files: Vec<String> = v["weight_map"]
             .as_object()
-            .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(|f| f.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         files.dedup();
@@ -184,15 +194,26 @@ pub fn compare(
     for _ in 0..repeats.max(1) {
         let o = run_ours(&engine, &p, new_tokens)?;
         let r = reference.run(&p, new_tokens)?;
-        if best_ours.as_ref().is_none_or(|b| o.decode_tok_s > b.decode_tok_s) {
+        if best_ours
+            .as_ref()
+            .is_none_or(|b| o.decode_tok_s > b.decode_tok_s)
+        {
             best_ours = Some(o);
         }
-        if best_ref.as_ref().is_none_or(|b| r.decode_tok_s > b.decode_tok_s) {
+        if best_ref
+            .as_ref()
+            .is_none_or(|b| r.decode_tok_s > b.decode_tok_s)
+        {
             best_ref = Some(r);
         }
     }
     let (o, r) = (best_ours.expect("ran"), best_ref.expect("ran"));
-    let agreeing = o.tokens.iter().zip(&r.tokens).take_while(|(a, b)| a == b).count();
+    let agreeing = o
+        .tokens
+        .iter()
+        .zip(&r.tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
     Ok(Comparison {
         model: spec.model_dir.display().to_string(),
         dtype: spec.dtype.name().into(),

@@ -149,7 +149,11 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
         source: e,
     };
     let cfg_path = out.join("config.json");
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).expect("json")).map_err(|e| io(&cfg_path, e))?;
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(&config).expect("json"),
+    )
+    .map_err(|e| io(&cfg_path, e))?;
 
     // Tensors in a fixed order; each (name, shape, scale).
     let mut specs: Vec<(String, Vec<usize>, f32)> = Vec::new();
@@ -170,22 +174,40 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
         specs.push((p("mlp.gate.weight"), vec![g.experts, h], std_of(h) * 4.0));
         for e in 0..g.experts {
             let i = g.moe_intermediate;
-            specs.push((p(&format!("mlp.experts.{e}.gate_proj.weight")), vec![i, h], std_of(h)));
-            specs.push((p(&format!("mlp.experts.{e}.up_proj.weight")), vec![i, h], std_of(h)));
-            specs.push((p(&format!("mlp.experts.{e}.down_proj.weight")), vec![h, i], std_of(i)));
+            specs.push((
+                p(&format!("mlp.experts.{e}.gate_proj.weight")),
+                vec![i, h],
+                std_of(h),
+            ));
+            specs.push((
+                p(&format!("mlp.experts.{e}.up_proj.weight")),
+                vec![i, h],
+                std_of(h),
+            ));
+            specs.push((
+                p(&format!("mlp.experts.{e}.down_proj.weight")),
+                vec![h, i],
+                std_of(i),
+            ));
         }
     }
     specs.push(("model.norm.weight".into(), vec![h], 0.0));
     specs.push(("lm_head.weight".into(), vec![g.vocab, h], std_of(h)));
 
-    let total: u64 = specs.iter().map(|(_, s, _)| s.iter().product::<usize>() as u64 * 2).sum();
+    let total: u64 = specs
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>() as u64 * 2)
+        .sum();
     let nshards = total.div_ceil(shard_bytes.max(1)).max(1);
     let mut rng = Rng(seed.max(1));
     let mut weight_map = BTreeMap::new();
     let mut shard: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut shard_size = 0u64;
     let mut shard_idx = 1u64;
-    let flush = |shard: &mut Vec<(String, Vec<usize>, Vec<u8>)>, idx: u64, weight_map: &mut BTreeMap<String, String>| -> Result<()> {
+    let flush = |shard: &mut Vec<(String, Vec<usize>, Vec<u8>)>,
+                 idx: u64,
+                 weight_map: &mut BTreeMap<String, String>|
+     -> Result<()> {
         if shard.is_empty() {
             return Ok(());
         }
@@ -222,7 +244,8 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
         } else {
             random_bf16(n, scale, &mut rng)
         };
-        if shard_size + bytes.len() as u64 > shard_bytes && !shard.is_empty() && shard_idx < nshards {
+        if shard_size + bytes.len() as u64 > shard_bytes && !shard.is_empty() && shard_idx < nshards
+        {
             flush(&mut shard, shard_idx, &mut weight_map)?;
             shard_idx += 1;
             shard_size = 0;
@@ -234,7 +257,8 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
     if nshards > 1 {
         let idx = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let p = out.join("model.safetensors.index.json");
-        std::fs::write(&p, serde_json::to_string_pretty(&idx).expect("json")).map_err(|e| io(&p, e))?;
+        std::fs::write(&p, serde_json::to_string_pretty(&idx).expect("json"))
+            .map_err(|e| io(&p, e))?;
     }
     Ok(())
 }

@@ -30,8 +30,16 @@ fn bench_decode(a: &BenchDecodeArgs) -> Result<()> {
             println!(
                 "{} {} {}: moescope {:.1} tok/s, candle-transformers {:.1} tok/s, ratio {:.3} \
                  (prefill {:.0} vs {:.0} tok/s; first {} of {} greedy tokens agree)",
-                c.model, c.dtype, c.device, c.ours_tok_s, c.reference_tok_s, c.ratio,
-                c.ours_prefill_tok_s, c.reference_prefill_tok_s, c.agreeing_tokens, c.new_tokens
+                c.model,
+                c.dtype,
+                c.device,
+                c.ours_tok_s,
+                c.reference_tok_s,
+                c.ratio,
+                c.ours_prefill_tok_s,
+                c.reference_prefill_tok_s,
+                c.agreeing_tokens,
+                c.new_tokens
             );
         }
         rows.push(c);

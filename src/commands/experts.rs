@@ -20,7 +20,13 @@ pub fn run_extract(args: &ExtractArgs) -> Result<()> {
         delay: Duration::from_millis(args.delay_ms),
     };
     let show = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let r = extract(&source, &model.join("config.json"), &args.out, show, &faults)?;
+    let r = extract(
+        &source,
+        &model.join("config.json"),
+        &args.out,
+        show,
+        &faults,
+    )?;
     println!(
         "extracted {} of {} experts ({} already done) to {}: {} in {:.2} s = {:.1} MiB/s",
         r.extracted,

@@ -20,7 +20,10 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         (_, t) => t.ok(),
     };
     let prompt_ids = match (&args.prompt, &args.token_ids) {
-        (Some(p), _) => tokenizer.as_ref().expect("checked above").prompt_ids(p, args.raw)?,
+        (Some(p), _) => tokenizer
+            .as_ref()
+            .expect("checked above")
+            .prompt_ids(p, args.raw)?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => unreachable!("clap requires one of them"),
     };
@@ -94,7 +97,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             engine
                 .provider
                 .cache_snapshot()
-                .and_then(|s| s.hit_rate().map(|h| format!(" · cache hit rate {:.1} %", 100.0 * h)))
+                .and_then(|s| s
+                    .hit_rate()
+                    .map(|h| format!(" · cache hit rate {:.1} %", 100.0 * h)))
                 .unwrap_or_default(),
             if engine.degraded { " · DEGRADED" } else { "" },
         )?;

@@ -60,7 +60,8 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     let mut prompts = match (&args.prompt, &args.prompts) {
         (Some(p), _) => PromptSet::single(p, args.max_new_tokens.unwrap_or(50)),
         (None, Some(f)) => PromptSet::load(f).map_err(crate::errors::InputError)?,
-        (None, None) => PromptSet::load(&repo_file("prompts/standard.toml")).map_err(crate::errors::InputError)?,
+        (None, None) => PromptSet::load(&repo_file("prompts/standard.toml"))
+            .map_err(crate::errors::InputError)?,
     };
     if let Some(n) = args.max_new_tokens {
         if n == 0 {
@@ -74,7 +75,9 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     let profile = Profile::load(&args.profile).map_err(crate::errors::InputError)?;
     let reference_text = match args.reference.as_deref() {
         Some("none") => None,
-        Some(f) => Some(std::fs::read_to_string(f).map_err(|e| crate::errors::InputError(format!("{f}: cannot read reference text: {e}")))?),
+        Some(f) => Some(std::fs::read_to_string(f).map_err(|e| {
+            crate::errors::InputError(format!("{f}: cannot read reference text: {e}"))
+        })?),
         None => std::fs::read_to_string(repo_file("prompts/reference.txt")).ok(),
     };
     let sampling = protocol::Sampling {
@@ -84,7 +87,12 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         top_k: args.top_k,
         seed: args.seed,
     };
-    if !(args.temperature >= 0.0) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    if args.temperature.is_nan()
+        || args.temperature < 0.0
+        || args.top_p.is_nan()
+        || args.top_p <= 0.0
+        || args.top_p > 1.0
+    {
         crate::bail_input!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let native = BackendSpec {
@@ -108,7 +116,11 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         cache_cfg.describe(),
         args.cache.expert_source,
         if args.cache.cold { "cold" } else { "warm" },
-        if args.cache.prefetch == crate::experts::PrefetchMode::NextLayer { "; prefetch next-layer" } else { "" }
+        if args.cache.prefetch == crate::experts::PrefetchMode::NextLayer {
+            "; prefetch next-layer"
+        } else {
+            ""
+        }
     );
     let now = SystemTime::now();
     let header = Header {
@@ -148,7 +160,11 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         crate::errors::InputError(format!(
             "{}: cannot create the recording: {e}{}",
             rec_path.display(),
-            if e.kind() == std::io::ErrorKind::AlreadyExists { " (it exists; moescope never overwrites a recording)" } else { "" }
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                " (it exists; moescope never overwrites a recording)"
+            } else {
+                ""
+            }
         ))
     })?;
     let config = RunConfig {
@@ -182,7 +198,10 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
 fn worker_env(backend: &str) -> Vec<(String, String)> {
     let prefix = format!("MOESCOPE_TEST_{backend}_");
     std::env::vars()
-        .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|rest| (format!("MOESCOPE_TEST_{rest}"), v)))
+        .filter_map(|(k, v)| {
+            k.strip_prefix(&prefix)
+                .map(|rest| (format!("MOESCOPE_TEST_{rest}"), v))
+        })
         .collect()
 }
 
@@ -201,9 +220,24 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         let cfg = prepared.config.clone();
         let sched = tokio::spawn(scheduler::run(cfg, ev_tx, ctl_rx, start));
         let result = if headless {
-            crate::headless::consume(prepared.header, prepared.recorder, prepared.profile, ev_rx, ctl_tx).await
+            crate::headless::consume(
+                prepared.header,
+                prepared.recorder,
+                prepared.profile,
+                ev_rx,
+                ctl_tx,
+            )
+            .await
         } else {
-            crate::ui::live(prepared.header, prepared.recorder, prepared.profile, ev_rx, ctl_tx, &args.ui).await
+            crate::ui::live(
+                prepared.header,
+                prepared.recorder,
+                prepared.profile,
+                ev_rx,
+                ctl_tx,
+                &args.ui,
+            )
+            .await
         };
         let _ = sched.await;
         result

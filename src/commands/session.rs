@@ -29,24 +29,34 @@ pub fn state_of(rec: &record::Recording) -> SessionState {
 }
 
 pub fn replay(a: &ReplayArgs) -> Result<()> {
-    if !(a.speed >= 0.0) {
+    if a.speed.is_nan() || a.speed < 0.0 {
         crate::bail_input!("--speed {} must be >= 0", a.speed);
     }
     if a.follow {
-        return watch(&WatchArgs { file: a.file.clone(), profile: a.profile.clone(), ui: a.ui.clone() });
+        return watch(&WatchArgs {
+            file: a.file.clone(),
+            profile: a.profile.clone(),
+            ui: a.ui.clone(),
+        });
     }
     let rec = record::read(&a.file).map_err(InputError)?;
-    let profile = Profile::load(a.profile.as_deref().unwrap_or(&rec.header.profile)).map_err(InputError)?;
+    let profile =
+        Profile::load(a.profile.as_deref().unwrap_or(&rec.header.profile)).map_err(InputError)?;
     if a.no_tui || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         let state = state_of(&rec);
         let sum = export::summarize(&state, &profile);
         if rec.truncated_tail {
-            eprintln!("note: {}: the last line was incomplete and was skipped", a.file.display());
+            eprintln!(
+                "note: {}: the last line was incomplete and was skipped",
+                a.file.display()
+            );
         }
         print!("{}", crate::headless::final_report(&sum));
         return Ok(());
     }
-    runtime()?.block_on(crate::ui::replay(&a.file, rec, a.speed, profile, &a.ui, None))
+    runtime()?.block_on(crate::ui::replay(
+        &a.file, rec, a.speed, profile, &a.ui, None,
+    ))
 }
 
 pub fn watch(a: &WatchArgs) -> Result<()> {
@@ -62,9 +72,21 @@ pub fn watch(a: &WatchArgs) -> Result<()> {
             Err(e) => return Err(InputError(e).into()),
         }
     };
-    let profile = Profile::load(a.profile.as_deref().unwrap_or(&header.profile)).map_err(InputError)?;
-    let rec = record::Recording { header, events: Vec::new(), truncated_tail: false };
-    runtime()?.block_on(crate::ui::replay(&a.file, rec, 0.0, profile, &a.ui, Some(follower)))
+    let profile =
+        Profile::load(a.profile.as_deref().unwrap_or(&header.profile)).map_err(InputError)?;
+    let rec = record::Recording {
+        header,
+        events: Vec::new(),
+        truncated_tail: false,
+    };
+    runtime()?.block_on(crate::ui::replay(
+        &a.file,
+        rec,
+        0.0,
+        profile,
+        &a.ui,
+        Some(follower),
+    ))
 }
 
 pub fn export(a: &ExportArgs) -> Result<()> {
@@ -82,7 +104,10 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         crate::bail_input!("export needs a recording file (or --schema / --list-metrics)");
     };
     let rec = record::read(file).map_err(InputError)?;
-    let profile_name = a.profile.clone().unwrap_or_else(|| rec.header.profile.clone());
+    let profile_name = a
+        .profile
+        .clone()
+        .unwrap_or_else(|| rec.header.profile.clone());
     let profile = Profile::load(&profile_name).map_err(InputError)?;
     let state = state_of(&rec);
     let sum = export::summarize(&state, &profile);
@@ -96,7 +121,10 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         None => std::io::stdout().write_all(text.as_bytes())?,
     }
     if rec.truncated_tail {
-        eprintln!("note: {}: the last line was incomplete and was skipped", file.display());
+        eprintln!(
+            "note: {}: the last line was incomplete and was skipped",
+            file.display()
+        );
     }
     Ok(())
 }

@@ -315,7 +315,11 @@ impl CachedProvider {
     /// Drops every cached expert (statistics are kept).
     pub fn clear(&self) {
         let mut s = self.state.lock().expect("cache lock");
-        let keys: Vec<u32> = s.pools.iter().flat_map(|p| p.entries.keys().copied()).collect();
+        let keys: Vec<u32> = s
+            .pools
+            .iter()
+            .flat_map(|p| p.entries.keys().copied())
+            .collect();
         for k in keys {
             let (l, e) = unkey(k);
             let pi = s.pool_of[l];

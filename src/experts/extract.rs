@@ -149,7 +149,11 @@ pub fn extract(
         .filter(|&(l, e)| !source.has(l, e))
         .collect();
     if !missing.is_empty() {
-        let list: Vec<String> = missing.iter().take(10).map(|(l, e)| format!("L{l}/E{e}")).collect();
+        let list: Vec<String> = missing
+            .iter()
+            .take(10)
+            .map(|(l, e)| format!("L{l}/E{e}"))
+            .collect();
         return Err(ModelError::Input(format!(
             "the checkpoint itself lacks {} experts ({}{}); refusing to make an incomplete extraction",
             missing.len(),
@@ -158,15 +162,15 @@ pub fn extract(
         )));
     }
     std::fs::create_dir_all(out).map_err(|e| io(out, "creating output directory", e))?;
-    if let Ok(existing) = Manifest::read(out) {
-        if existing.config_fingerprint != cfg.fingerprint() {
-            return Err(ModelError::Input(format!(
-                "{} already holds an extraction of a different model (fingerprint {}, this model {})",
-                out.display(),
-                existing.config_fingerprint,
-                cfg.fingerprint()
-            )));
-        }
+    if let Ok(existing) = Manifest::read(out)
+        && existing.config_fingerprint != cfg.fingerprint()
+    {
+        return Err(ModelError::Input(format!(
+            "{} already holds an extraction of a different model (fingerprint {}, this model {})",
+            out.display(),
+            existing.config_fingerprint,
+            cfg.fingerprint()
+        )));
     }
     // A config copy makes the directory self-describing for `verify`.
     let cfg_copy = out.join("config.json");
@@ -197,7 +201,11 @@ pub fn extract(
         .moe_layers()
         .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
         .collect();
-    let todo: Vec<(usize, usize)> = expected.iter().copied().filter(|k| !done.contains_key(k)).collect();
+    let todo: Vec<(usize, usize)> = expected
+        .iter()
+        .copied()
+        .filter(|k| !done.contains_key(k))
+        .collect();
     let resumed = expected.len() - todo.len();
     let todo_bytes: u64 = todo.iter().map(|&(l, e)| source.stored_bytes(l, e)).sum();
     let bar = if show_progress {
@@ -327,7 +335,9 @@ fn write_expert(path: &Path, rel: &str, raw: &RawExpert, cfg: &MoeConfig) -> Res
 fn remove_stale_temporaries(dir: &Path) {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             let name = e.file_name().to_string_lossy().to_string();

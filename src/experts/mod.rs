@@ -37,7 +37,9 @@ impl SourceSpec {
         if s == "shards" {
             return Ok(SourceSpec::Shards);
         }
-        let bad = || format!("bad expert source \"{s}\": expected shards, extracted:DIR or seedlayout:DIR");
+        let bad = || {
+            format!("bad expert source \"{s}\": expected shards, extracted:DIR or seedlayout:DIR")
+        };
         let (kind, dir) = s.split_once(':').ok_or_else(bad)?;
         if dir.is_empty() {
             return Err(bad());

@@ -8,7 +8,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 /// The policies moescope ships.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {
     /// Least recently used.
@@ -23,7 +25,12 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 4] = [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Fifo, PolicyKind::S3fifo];
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::Lru,
+        PolicyKind::Lfu,
+        PolicyKind::Fifo,
+        PolicyKind::S3fifo,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {

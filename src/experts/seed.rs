@@ -41,7 +41,11 @@ pub fn parse_expert_file_name(name: &str) -> Option<(usize, usize)> {
     let at = stem.rfind("expert_")?;
     let rest = &stem[at + "expert_".len()..];
     let (e, l) = rest.split_once("_layer_")?;
-    if e.is_empty() || l.is_empty() || !e.bytes().all(|b| b.is_ascii_digit()) || !l.bytes().all(|b| b.is_ascii_digit()) {
+    if e.is_empty()
+        || l.is_empty()
+        || !e.bytes().all(|b| b.is_ascii_digit())
+        || !l.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     Some((l.parse().ok()?, e.parse().ok()?))
@@ -143,7 +147,11 @@ impl ExpertSource for SeedExpertSource {
                 return Err(ModelError::Tensor {
                     file: path.to_path_buf(),
                     tensor: name,
-                    msg: format!("shape {:?}, expected {:?}", info.shape, proj.shape(&self.cfg)),
+                    msg: format!(
+                        "shape {:?}, expected {:?}",
+                        info.shape,
+                        proj.shape(&self.cfg)
+                    ),
                 });
             }
             parts.push(RawPart {
@@ -153,10 +161,10 @@ impl ExpertSource for SeedExpertSource {
                 bytes: file.bytes(info).to_vec(),
             });
         }
-        if self.cold.load(Ordering::Relaxed) {
-            if let Ok(f) = std::fs::File::open(path) {
-                drop_page_cache(&f, 0, 0);
-            }
+        if self.cold.load(Ordering::Relaxed)
+            && let Ok(f) = std::fs::File::open(path)
+        {
+            drop_page_cache(&f, 0, 0);
         }
         Ok(RawExpert {
             layer,
@@ -188,8 +196,14 @@ mod tests {
             parse_expert_file_name("thinker_expert_007_layer_12.safetensors"),
             Some((12, 7))
         );
-        assert_eq!(parse_expert_file_name("expert_1_layer_2.safetensors"), Some((2, 1)));
-        assert_eq!(parse_expert_file_name("thinker_expert_x_layer_1.safetensors"), None);
+        assert_eq!(
+            parse_expert_file_name("expert_1_layer_2.safetensors"),
+            Some((2, 1))
+        );
+        assert_eq!(
+            parse_expert_file_name("thinker_expert_x_layer_1.safetensors"),
+            None
+        );
         assert_eq!(parse_expert_file_name("notes.txt"), None);
     }
 }

@@ -106,7 +106,11 @@ impl FileTable {
 }
 
 /// Reads `loc` with pread; in cold mode evicts those pages from the page cache afterwards.
-pub(crate) fn read_location(files: &FileTable, loc: &TensorLocation, cold: bool) -> Result<RawPart> {
+pub(crate) fn read_location(
+    files: &FileTable,
+    loc: &TensorLocation,
+    cold: bool,
+) -> Result<RawPart> {
     let file = files.get(&loc.file)?;
     let mut bytes = vec![0u8; loc.len as usize];
     file.read_exact_at(&mut bytes, loc.offset)

@@ -85,7 +85,11 @@ impl VerifyReport {
             self.model_type,
             self.config_fingerprint
         );
-        let _ = writeln!(s, "{:>6} {:>9} {:>8} {:>8} {:>8}", "layer", "expected", "present", "missing", "corrupt");
+        let _ = writeln!(
+            s,
+            "{:>6} {:>9} {:>8} {:>8} {:>8}",
+            "layer", "expected", "present", "missing", "corrupt"
+        );
         for l in &self.layers {
             let _ = writeln!(
                 s,
@@ -122,13 +126,21 @@ impl VerifyReport {
             }
         }
         if !self.non_expert.is_empty() {
-            let _ = writeln!(s, "non-expert tensors with problems ({}):", self.non_expert.len());
+            let _ = writeln!(
+                s,
+                "non-expert tensors with problems ({}):",
+                self.non_expert.len()
+            );
             for p in &self.non_expert {
                 let _ = writeln!(s, "  {p}");
             }
         }
         if !self.unexpected.is_empty() {
-            let _ = writeln!(s, "files the config does not account for ({}):", self.unexpected.len());
+            let _ = writeln!(
+                s,
+                "files the config does not account for ({}):",
+                self.unexpected.len()
+            );
             for p in self.unexpected.iter().take(20) {
                 let _ = writeln!(s, "  {p}");
             }
@@ -137,7 +149,10 @@ impl VerifyReport {
             s,
             "{}",
             if self.complete() {
-                format!("COMPLETE: all {} experts present and intact", self.expected())
+                format!(
+                    "COMPLETE: all {} experts present and intact",
+                    self.expected()
+                )
             } else {
                 "INCOMPLETE".to_string()
             }
@@ -198,7 +213,7 @@ pub fn verify(dir: &Path, config_dir: Option<&Path>) -> Result<VerifyReport> {
     Ok(report)
 }
 
-fn row<'a>(report: &'a mut VerifyReport, layer: usize) -> &'a mut LayerRow {
+fn row(report: &mut VerifyReport, layer: usize) -> &mut LayerRow {
     report
         .layers
         .iter_mut()
@@ -258,10 +273,9 @@ fn verify_extracted(dir: &Path, cfg: &MoeConfig, report: &mut VerifyReport) -> R
         .collect();
     for layer in cfg.moe_layers() {
         for e in 0..cfg.num_experts {
-            let outcome = match entries.get(&(layer, e)) {
-                None => None,
-                Some(entry) => Some(check_extracted_entry(dir, cfg, entry)),
-            };
+            let outcome = entries
+                .get(&(layer, e))
+                .map(|entry| check_extracted_entry(dir, cfg, entry));
             let r = row(report, layer);
             match outcome {
                 None => r.missing.push(e),
@@ -273,7 +287,9 @@ fn verify_extracted(dir: &Path, cfg: &MoeConfig, report: &mut VerifyReport) -> R
     }
     for (l, e) in entries.keys() {
         if !cfg.moe_layers().any(|m| m == *l) || *e >= cfg.num_experts {
-            report.unexpected.push(format!("manifest entry layer {l} expert {e}"));
+            report
+                .unexpected
+                .push(format!("manifest entry layer {l} expert {e}"));
         }
     }
     Ok(())
@@ -302,12 +318,22 @@ fn check_extracted_entry(
     }
     let hash = blake3::hash(&bytes).to_hex().to_string();
     if hash != entry.blake3 {
-        return Err(format!("{}: BLAKE3 {} does not match the manifest's {}", entry.file, &hash[..16], &entry.blake3[..16.min(entry.blake3.len())]));
+        return Err(format!(
+            "{}: BLAKE3 {} does not match the manifest's {}",
+            entry.file,
+            &hash[..16],
+            &entry.blake3[..16.min(entry.blake3.len())]
+        ));
     }
     check_expert_file(&path, cfg, entry.layer, entry.expert)
 }
 
-fn check_expert_file(path: &Path, cfg: &MoeConfig, layer: usize, expert: usize) -> std::result::Result<(), String> {
+fn check_expert_file(
+    path: &Path,
+    cfg: &MoeConfig,
+    layer: usize,
+    expert: usize,
+) -> std::result::Result<(), String> {
     let file = SafetensorsFile::open(path).map_err(|e| e.to_string())?;
     for proj in ExpertProj::ALL {
         let name = cfg.expert_tensor_name(layer, expert, proj);
@@ -323,7 +349,11 @@ fn check_expert_file(path: &Path, cfg: &MoeConfig, layer: usize, expert: usize) 
             ));
         }
         if info.dtype.float_dtype().is_none() {
-            return Err(format!("{}: tensor `{name}` has dtype {}", path.display(), info.dtype.name()));
+            return Err(format!(
+                "{}: tensor `{name}` has dtype {}",
+                path.display(),
+                info.dtype.name()
+            ));
         }
     }
     Ok(())

@@ -166,7 +166,9 @@ impl Checkpoint {
         let mut shards = BTreeMap::new();
         for (name, file) in map {
             let file = file.as_str().ok_or_else(|| {
-                err(format!("weight_map entry `{name}` is not a file name string"))
+                err(format!(
+                    "weight_map entry `{name}` is not a file name string"
+                ))
             })?;
             if file.contains('/') || file.contains("..") {
                 return Err(err(format!(
@@ -209,7 +211,9 @@ impl Checkpoint {
     fn where_listed(&self) -> PathBuf {
         match &self.index_path {
             Some(p) => p.clone(),
-            None if self.shards.len() == 1 => self.dir.join(self.shards.keys().next().expect("one")),
+            None if self.shards.len() == 1 => {
+                self.dir.join(self.shards.keys().next().expect("one"))
+            }
             None => self.dir.clone(),
         }
     }
@@ -287,7 +291,13 @@ impl Checkpoint {
     }
 
     /// Loads a tensor after checking its shape; converts to `dtype` on `device`.
-    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         self.check(name, shape)?;
         let (file, _) = self.locate(name)?;
         file.load(name, dtype, device)
@@ -388,7 +398,8 @@ impl Checkpoint {
         self.weight_map
             .keys()
             .filter(|n| {
-                !(n.starts_with(&format!("{wanted}model.")) || *n == &cfg.tensor_name("lm_head.weight"))
+                !(n.starts_with(&format!("{wanted}model."))
+                    || *n == &cfg.tensor_name("lm_head.weight"))
             })
             .map(|n| n.split('.').take(2).collect::<Vec<_>>().join("."))
             .collect()

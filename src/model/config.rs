@@ -195,13 +195,13 @@ impl MoeConfig {
         let mlp_only_layers = text.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
         let (rope_theta, mrope_section) = parse_rope(text)?;
 
-        if let Some(act) = text.opt_str("hidden_act")? {
-            if act != "silu" {
-                return Err(text.err(
-                    "hidden_act",
-                    format!("\"{act}\" is not supported (expected \"silu\")"),
-                ));
-            }
+        if let Some(act) = text.opt_str("hidden_act")?
+            && act != "silu"
+        {
+            return Err(text.err(
+                "hidden_act",
+                format!("\"{act}\" is not supported (expected \"silu\")"),
+            ));
         }
         if text.opt_bool("use_sliding_window")?.unwrap_or(false) {
             return Err(text.err(
@@ -285,7 +285,9 @@ impl MoeConfig {
             Some(ids) => ids,
             None => outer.opt_token_ids("eos_token_id")?.unwrap_or_default(),
         };
-        let bos_token_id = text.opt_token_ids("bos_token_id")?.and_then(|mut v| v.pop());
+        let bos_token_id = text
+            .opt_token_ids("bos_token_id")?
+            .and_then(|mut v| v.pop());
 
         Ok(MoeConfig {
             family,
@@ -304,9 +306,7 @@ impl MoeConfig {
             rms_norm_eps: text.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             mrope_section,
-            max_position_embeddings: text
-                .opt_usize("max_position_embeddings")?
-                .unwrap_or(32768),
+            max_position_embeddings: text.opt_usize("max_position_embeddings")?.unwrap_or(32768),
             attention_bias: text.opt_bool("attention_bias")?.unwrap_or(false),
             tie_word_embeddings,
             layer_kinds,
@@ -430,13 +430,13 @@ fn parse_rope(text: &Obj<'_>) -> Result<(f64, Option<Vec<usize>>), ModelError> {
                 ));
             }
         }
-        if let Some(f) = obj.opt_f64("factor")? {
-            if (f - 1.0).abs() > 1e-12 {
-                return Err(obj.err(
-                    "factor",
-                    format!("RoPE scaling factor {f} is not supported (expected none or 1.0)"),
-                ));
-            }
+        if let Some(f) = obj.opt_f64("factor")?
+            && (f - 1.0).abs() > 1e-12
+        {
+            return Err(obj.err(
+                "factor",
+                format!("RoPE scaling factor {f} is not supported (expected none or 1.0)"),
+            ));
         }
         if let Some(s) = obj.opt_usize_list("mrope_section")? {
             section = Some(s);
@@ -444,16 +444,16 @@ fn parse_rope(text: &Obj<'_>) -> Result<(f64, Option<Vec<usize>>), ModelError> {
     }
     if let Some(s) = &section {
         let head_half = text.opt_usize("head_dim")?.map(|d| d / 2);
-        if let Some(half) = head_half {
-            if s.iter().sum::<usize>() != half {
-                return Err(text.err(
-                    "mrope_section",
-                    format!(
-                        "{s:?} sums to {}, expected head_dim / 2 = {half}",
-                        s.iter().sum::<usize>()
-                    ),
-                ));
-            }
+        if let Some(half) = head_half
+            && s.iter().sum::<usize>() != half
+        {
+            return Err(text.err(
+                "mrope_section",
+                format!(
+                    "{s:?} sums to {}, expected head_dim / 2 = {half}",
+                    s.iter().sum::<usize>()
+                ),
+            ));
         }
     }
     Ok((theta, section))
@@ -540,9 +540,9 @@ impl<'a> Obj<'a> {
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => as_usize(v)
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => as_usize(v).map(Some).ok_or_else(|| {
+                self.err(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
 
@@ -571,7 +571,10 @@ impl<'a> Obj<'a> {
                 .iter()
                 .map(|v| {
                     as_usize(v).ok_or_else(|| {
-                        self.err(key, format!("expected a list of integers, found element {v}"))
+                        self.err(
+                            key,
+                            format!("expected a list of integers, found element {v}"),
+                        )
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -690,7 +693,10 @@ mod tests {
         let mut v = base_text();
         v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
         let e = err_text(&v);
-        assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+        assert!(
+            e.contains("rope_scaling.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -786,13 +792,19 @@ mod tests {
         let mut v = base_text();
         v["eos_token_id"] = json!(5);
         std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
-        assert_eq!(MoeConfig::from_dir(dir.path()).unwrap().eos_token_ids, vec![5]);
+        assert_eq!(
+            MoeConfig::from_dir(dir.path()).unwrap().eos_token_ids,
+            vec![5]
+        );
         std::fs::write(
             dir.path().join("generation_config.json"),
             json!({"eos_token_id": [7, 8]}).to_string(),
         )
         .unwrap();
-        assert_eq!(MoeConfig::from_dir(dir.path()).unwrap().eos_token_ids, vec![7, 8]);
+        assert_eq!(
+            MoeConfig::from_dir(dir.path()).unwrap().eos_token_ids,
+            vec![7, 8]
+        );
     }
 
     #[test]

@@ -133,14 +133,21 @@ impl TextTokenizer {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         let terr = |e: minijinja::Error| ModelError::Tokenizer {
             file: PathBuf::from(&self.template_source),
             msg: format!("chat template: {e:#}"),
         };
-        env.add_template("chat", &self.chat_template).map_err(terr)?;
+        env.add_template("chat", &self.chat_template)
+            .map_err(terr)?;
         let tmpl = env.get_template("chat").map_err(terr)?;
         tmpl.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
@@ -379,7 +386,12 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub fn new(model: &Qwen3Moe, prompt: Vec<u32>, params: SamplingParams, stop_ids: Vec<u32>) -> Result<Self> {
+    pub fn new(
+        model: &Qwen3Moe,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        stop_ids: Vec<u32>,
+    ) -> Result<Self> {
         params.validate()?;
         if prompt.is_empty() {
             return Err(ModelError::Input("the prompt has no tokens".into()));
@@ -392,7 +404,11 @@ impl Generation {
             sampler: Sampler::new(params),
             stop_ids,
             max_new_tokens: max,
-            finished: if max == 0 { Some(FinishReason::MaxNewTokens) } else { None },
+            finished: if max == 0 {
+                Some(FinishReason::MaxNewTokens)
+            } else {
+                None
+            },
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         })
@@ -477,9 +493,17 @@ impl Timing {
         Timing {
             load_s: load.as_secs_f64(),
             ttft_s: prefill,
-            prefill_tok_s: if prefill > 0.0 { g.prompt.len() as f64 / prefill } else { 0.0 },
+            prefill_tok_s: if prefill > 0.0 {
+                g.prompt.len() as f64 / prefill
+            } else {
+                0.0
+            },
             // The first token comes from the prefill; each later one from one decode step.
-            decode_tok_s: if n > 1 && decode > 0.0 { (n - 1) as f64 / decode } else { 0.0 },
+            decode_tok_s: if n > 1 && decode > 0.0 {
+                (n - 1) as f64 / decode
+            } else {
+                0.0
+            },
             prompt_tokens: g.prompt.len(),
             generated_tokens: n,
         }
@@ -528,7 +552,10 @@ mod tests {
             (0..50).map(|_| s.sample(&logits)).collect()
         };
         assert_eq!(a, b, "same seed, same tokens");
-        assert!(a.iter().all(|&t| t == 1 || t == 2), "only the top-2 are drawn");
+        assert!(
+            a.iter().all(|&t| t == 1 || t == 2),
+            "only the top-2 are drawn"
+        );
         assert!(a.contains(&1) && a.contains(&2));
     }
 

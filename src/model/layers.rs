@@ -233,8 +233,8 @@ impl Attention {
             scores
         };
         // Softmax in f32, then back to the compute dtype (as HF's eager attention).
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(x.dtype())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
         let ctx = probs.matmul(&v)?; // [nkv, groups*T, D]
         let ctx = ctx
             .reshape((nh, t, d))?
@@ -313,7 +313,11 @@ mod tests {
     #[test]
     fn rope_inverse_frequencies_match_hf_formula() {
         let r = Rope::new(128, 1e6);
-        assert_eq!(r.inv_freq.len(), 64, "one frequency per pair over the full head_dim");
+        assert_eq!(
+            r.inv_freq.len(),
+            64,
+            "one frequency per pair over the full head_dim"
+        );
         assert_eq!(r.inv_freq[0], 1.0);
         let last = 1.0f32 / 1e6f32.powf(126.0 / 128.0);
         assert_eq!(r.inv_freq[63], last);
@@ -341,7 +345,13 @@ mod tests {
         let x = Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu).unwrap();
         let w = Tensor::new(&[1f32, 0.5, 2., 1.], &Device::Cpu).unwrap();
         let n = RmsNorm::new(w.clone(), 1e-6).unwrap();
-        let y: Vec<f32> = n.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = n
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let rms = ((1. + 4. + 9. + 16.) / 4.0f32 + 1e-6).sqrt();
         let want = [1. / rms, 2. / rms * 0.5, 3. / rms * 2., 4. / rms];
         for (a, b) in y.iter().zip(want) {

@@ -18,8 +18,13 @@ use crate::experts::provider::{ExpertProvider, RoutingObserver};
 
 /// Anything non-expert weights can be loaded from by name (a checkpoint, or the seed layout).
 pub trait WeightStore {
-    fn load_tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device)
-    -> Result<Tensor>;
+    fn load_tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor>;
     /// Whether a tensor exists (for optional tensors).
     fn has_tensor(&self, name: &str) -> bool;
 }
@@ -225,7 +230,10 @@ impl Qwen3Moe {
                 }
             };
             layers.push(DecoderLayer {
-                input_norm: RmsNorm::new(load(&p("input_layernorm.weight"), &[h])?, cfg.rms_norm_eps)?,
+                input_norm: RmsNorm::new(
+                    load(&p("input_layernorm.weight"), &[h])?,
+                    cfg.rms_norm_eps,
+                )?,
                 attn,
                 post_norm: RmsNorm::new(
                     load(&p("post_attention_layernorm.weight"), &[h])?,

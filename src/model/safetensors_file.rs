@@ -375,8 +375,8 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, TensorInfo>> 
             .get("dtype")
             .and_then(|d| d.as_str())
             .ok_or_else(|| terr("header entry has no `dtype` string".into()))?;
-        let dtype = StDtype::parse(dtype_s)
-            .ok_or_else(|| terr(format!("unknown dtype \"{dtype_s}\"")))?;
+        let dtype =
+            StDtype::parse(dtype_s).ok_or_else(|| terr(format!("unknown dtype \"{dtype_s}\"")))?;
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(|s| s.as_array())
@@ -393,7 +393,9 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, TensorInfo>> 
             .ok_or_else(|| terr("header entry has no `data_offsets` [begin, end]".into()))?;
         let (begin, end) = offsets;
         if end < begin {
-            return Err(terr(format!("data_offsets [{begin}, {end}] end before they begin")));
+            return Err(terr(format!(
+                "data_offsets [{begin}, {end}] end before they begin"
+            )));
         }
         if end > data_len {
             return Err(terr(format!(
@@ -543,7 +545,10 @@ mod tests {
             &[1, 2],
         );
         let f = SafetensorsFile::open(&p).unwrap();
-        let e = f.load("w", DType::F32, &Device::Cpu).unwrap_err().to_string();
+        let e = f
+            .load("w", DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`w`") && e.contains("I8"), "{e}");
     }
 }

@@ -94,7 +94,12 @@ pub struct ResidentBytes {
 impl ResidentBytes {
     /// non-expert + (capacity or all experts): the expected steady-state weight memory.
     pub fn expected(&self) -> u64 {
-        self.non_expert + if self.cache_capacity > 0 { self.cache_capacity } else { self.experts }
+        self.non_expert
+            + if self.cache_capacity > 0 {
+                self.cache_capacity
+            } else {
+                self.experts
+            }
     }
 }
 
@@ -123,7 +128,10 @@ pub struct AgreementStats {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum SessionEvent {
     /// A worker process started.
-    WorkerStarted { backend: Backend, pid: u32 },
+    WorkerStarted {
+        backend: Backend,
+        pid: u32,
+    },
     LoadProgress {
         backend: Backend,
         done: usize,
@@ -181,19 +189,32 @@ pub enum SessionEvent {
         decode_tok_s: f64,
     },
     /// Teacher-forced agreement of selective with native on native's tokens.
-    Agreement { prompt: usize, stats: AgreementStats },
+    Agreement {
+        prompt: usize,
+        stats: AgreementStats,
+    },
     Perplexity {
         backend: Backend,
         perplexity: f64,
         tokens: usize,
     },
-    Failed { backend: Backend, reason: String },
+    Failed {
+        backend: Backend,
+        reason: String,
+    },
     Paused,
     Resumed,
     /// The user moved to another prompt (or a backend finished one in sequential mode).
-    Focus { prompt: usize },
-    Warning { backend: Option<Backend>, message: String },
-    Finished { reason: String },
+    Focus {
+        prompt: usize,
+    },
+    Warning {
+        backend: Option<Backend>,
+        message: String,
+    },
+    Finished {
+        reason: String,
+    },
 }
 
 impl SessionEvent {

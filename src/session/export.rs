@@ -188,7 +188,8 @@ pub fn summarize(s: &SessionState, profile: &Profile) -> Summary {
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "–".into())
+    v.map(|v| format!("{v:.digits$}"))
+        .unwrap_or_else(|| "–".into())
 }
 
 fn opt_bytes(v: Option<u64>) -> String {
@@ -204,32 +205,107 @@ pub fn table(sum: &Summary) -> String {
         let _ = writeln!(o, "| {name:<32} | {a:>16} | {b:>16} |");
     };
     let _ = writeln!(o, "| {:<32} | {:>16} | {:>16} |", "", "native", "selective");
-    let _ = writeln!(o, "|{}|{}|{}|", "-".repeat(34), "-".repeat(18), "-".repeat(18));
+    let _ = writeln!(
+        o,
+        "|{}|{}|{}|",
+        "-".repeat(34),
+        "-".repeat(18),
+        "-".repeat(18)
+    );
     row(&mut o, "status", n.status.clone(), s.status.clone());
     row(&mut o, "load time (s)", opt(n.load_s, 2), opt(s.load_s, 2));
-    row(&mut o, "prompts done", n.prompts_done.to_string(), s.prompts_done.to_string());
-    row(&mut o, "tokens generated", n.generated_tokens.to_string(), s.generated_tokens.to_string());
-    row(&mut o, "TTFT mean (s)", opt(n.ttft_mean_s, 3), opt(s.ttft_mean_s, 3));
-    row(&mut o, "decode tok/s", opt(n.decode_tok_s, 2), opt(s.decode_tok_s, 2));
+    row(
+        &mut o,
+        "prompts done",
+        n.prompts_done.to_string(),
+        s.prompts_done.to_string(),
+    );
+    row(
+        &mut o,
+        "tokens generated",
+        n.generated_tokens.to_string(),
+        s.generated_tokens.to_string(),
+    );
+    row(
+        &mut o,
+        "TTFT mean (s)",
+        opt(n.ttft_mean_s, 3),
+        opt(s.ttft_mean_s, 3),
+    );
+    row(
+        &mut o,
+        "decode tok/s",
+        opt(n.decode_tok_s, 2),
+        opt(s.decode_tok_s, 2),
+    );
     row(
         &mut o,
         "token latency p50 / p95 (ms)",
-        format!("{} / {}", opt(n.token_latency_p50_s.map(|v| v * 1e3), 1), opt(n.token_latency_p95_s.map(|v| v * 1e3), 1)),
-        format!("{} / {}", opt(s.token_latency_p50_s.map(|v| v * 1e3), 1), opt(s.token_latency_p95_s.map(|v| v * 1e3), 1)),
+        format!(
+            "{} / {}",
+            opt(n.token_latency_p50_s.map(|v| v * 1e3), 1),
+            opt(n.token_latency_p95_s.map(|v| v * 1e3), 1)
+        ),
+        format!(
+            "{} / {}",
+            opt(s.token_latency_p50_s.map(|v| v * 1e3), 1),
+            opt(s.token_latency_p95_s.map(|v| v * 1e3), 1)
+        ),
     );
-    row(&mut o, "memory before (RSS+GPU)", opt_bytes(n.memory.before), opt_bytes(s.memory.before));
-    row(&mut o, "memory during (mean)", opt_bytes(n.memory.during), opt_bytes(s.memory.during));
-    row(&mut o, "memory after", opt_bytes(n.memory.after), opt_bytes(s.memory.after));
-    row(&mut o, "memory peak", fmt_bytes(n.memory.peak), fmt_bytes(s.memory.peak));
+    row(
+        &mut o,
+        "memory before (RSS+GPU)",
+        opt_bytes(n.memory.before),
+        opt_bytes(s.memory.before),
+    );
+    row(
+        &mut o,
+        "memory during (mean)",
+        opt_bytes(n.memory.during),
+        opt_bytes(s.memory.during),
+    );
+    row(
+        &mut o,
+        "memory after",
+        opt_bytes(n.memory.after),
+        opt_bytes(s.memory.after),
+    );
+    row(
+        &mut o,
+        "memory peak",
+        fmt_bytes(n.memory.peak),
+        fmt_bytes(s.memory.peak),
+    );
     row(
         &mut o,
         "  of which GPU (peak)",
-        n.memory.peak_gpu.map(fmt_bytes).unwrap_or_else(|| "unavailable".into()),
-        s.memory.peak_gpu.map(fmt_bytes).unwrap_or_else(|| "unavailable".into()),
+        n.memory
+            .peak_gpu
+            .map(fmt_bytes)
+            .unwrap_or_else(|| "unavailable".into()),
+        s.memory
+            .peak_gpu
+            .map(fmt_bytes)
+            .unwrap_or_else(|| "unavailable".into()),
     );
-    row(&mut o, "expected weights", opt_bytes(n.memory.expected_weights), opt_bytes(s.memory.expected_weights));
-    row(&mut o, "cache hit rate", "–".into(), opt(s.cache_hit_rate.map(|h| h * 100.0), 1) + " %");
-    row(&mut o, "perplexity (reference text)", opt(n.perplexity, 3), opt(s.perplexity, 3));
+    row(
+        &mut o,
+        "expected weights",
+        opt_bytes(n.memory.expected_weights),
+        opt_bytes(s.memory.expected_weights),
+    );
+    row(
+        &mut o,
+        "cache hit rate",
+        "–".into(),
+        opt(s.cache_hit_rate.map(|h| h * 100.0), 1) + " %",
+    );
+    row(
+        &mut o,
+        "perplexity (reference text)",
+        opt(n.perplexity, 3),
+        opt(s.perplexity, 3),
+    );
     row(
         &mut o,
         "coherent outputs",
@@ -259,7 +335,15 @@ pub fn markdown(sum: &Summary) -> String {
     let _ = writeln!(
         o,
         "{} · {} · {} · {} · cache: {} · schedule {} · prompts: {} · recorded {} on {}",
-        si.model_type, si.device, si.dtype, si.config_fingerprint, si.cache, si.schedule, si.prompt_set, si.created_utc, si.host
+        si.model_type,
+        si.device,
+        si.dtype,
+        si.config_fingerprint,
+        si.cache,
+        si.schedule,
+        si.prompt_set,
+        si.created_utc,
+        si.host
     );
     if sum.degraded {
         let _ = writeln!(o, "\n**DEGRADED RUN**: experts were masked out of routing.");
@@ -271,7 +355,10 @@ pub fn markdown(sum: &Summary) -> String {
     let _ = writeln!(o, "```\n\n## Backends\n");
     o.push_str(&table(sum));
     let _ = writeln!(o, "\n## Prompts\n");
-    let _ = writeln!(o, "| # | category | prompt | native tok/s | selective tok/s | identical tokens | first divergence | mean KL |");
+    let _ = writeln!(
+        o,
+        "| # | category | prompt | native tok/s | selective tok/s | identical tokens | first divergence | mean KL |"
+    );
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
     for p in &sum.prompts {
         let _ = writeln!(
@@ -282,10 +369,16 @@ pub fn markdown(sum: &Summary) -> String {
             p.text.replace('|', "\\|"),
             opt(p.native.as_ref().and_then(|x| x.decode_tok_s), 2),
             opt(p.selective.as_ref().and_then(|x| x.decode_tok_s), 2),
-            p.token_agreement.as_ref().map(|a| format!("{:.1} %", a.identical_pct)).unwrap_or_else(|| "–".into()),
             p.token_agreement
                 .as_ref()
-                .map(|a| a.first_divergence.map(|d| d.to_string()).unwrap_or_else(|| "none".into()))
+                .map(|a| format!("{:.1} %", a.identical_pct))
+                .unwrap_or_else(|| "–".into()),
+            p.token_agreement
+                .as_ref()
+                .map(|a| a
+                    .first_divergence
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| "none".into()))
                 .unwrap_or_else(|| "–".into()),
             opt(p.distribution_agreement.as_ref().map(|a| a.mean_kl), 6),
         );
@@ -294,7 +387,10 @@ pub fn markdown(sum: &Summary) -> String {
     for p in &sum.prompts {
         let _ = writeln!(o, "**{}** ({})\n", p.text, p.category);
         for (name, out) in [("native", &p.native), ("selective", &p.selective)] {
-            let text = out.as_ref().map(|x| x.text.trim().replace('\n', " ")).unwrap_or_else(|| "(not run)".into());
+            let text = out
+                .as_ref()
+                .map(|x| x.text.trim().replace('\n', " "))
+                .unwrap_or_else(|| "(not run)".into());
             let _ = writeln!(o, "- {name}: {text}");
         }
         let _ = writeln!(o);

@@ -100,7 +100,10 @@ pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
             token_latency_p50_s: percentile(&lat, 0.5),
             token_latency_p95_s: percentile(&lat, 0.95),
             finished: run.done.is_some(),
-            finish: run.done.as_ref().map(|d| format!("{:?}", d.finish).to_lowercase()),
+            finish: run
+                .done
+                .as_ref()
+                .map(|d| format!("{:?}", d.finish).to_lowercase()),
             text: run.text.clone(),
         });
     }
@@ -132,7 +135,11 @@ pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
         backend: b.name().into(),
         status: match &st.status {
             super::state::Status::Failed(_) => "failed".into(),
-            other => format!("{other:?}").split_whitespace().next().unwrap_or("").to_lowercase(),
+            other => format!("{other:?}")
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_lowercase(),
         },
         failed: match &st.status {
             super::state::Status::Failed(r) => Some(r.clone()),
@@ -173,9 +180,8 @@ pub struct Comparison {
 pub fn comparison(s: &SessionState) -> Comparison {
     let n = backend_metrics(s, Backend::Native);
     let sel = backend_metrics(s, Backend::Selective);
-    let mem = (n.memory.peak > 0 && sel.memory.peak > 0).then(|| {
-        (n.memory.peak as f64 - sel.memory.peak as f64) / n.memory.peak as f64 * 100.0
-    });
+    let mem = (n.memory.peak > 0 && sel.memory.peak > 0)
+        .then(|| (n.memory.peak as f64 - sel.memory.peak as f64) / n.memory.peak as f64 * 100.0);
     let speed = match (n.decode_tok_s, sel.decode_tok_s) {
         (Some(a), Some(b)) if a > 0.0 => Some(b / a),
         _ => None,

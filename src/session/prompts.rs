@@ -27,7 +27,9 @@ pub const PROMPTS_VERSION: u32 = 1;
 
 impl PromptSet {
     pub fn max_new_tokens_of(&self, i: usize) -> usize {
-        self.prompts[i].max_new_tokens.unwrap_or(self.max_new_tokens)
+        self.prompts[i]
+            .max_new_tokens
+            .unwrap_or(self.max_new_tokens)
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {
@@ -58,7 +60,11 @@ impl PromptSet {
         let mut ids = std::collections::HashSet::new();
         for (i, p) in set.prompts.iter().enumerate() {
             if p.text.trim().is_empty() {
-                return Err(format!("prompt {} (`{}`): field `text` is empty", i + 1, p.id));
+                return Err(format!(
+                    "prompt {} (`{}`): field `text` is empty",
+                    i + 1,
+                    p.id
+                ));
             }
             if p.id.trim().is_empty() {
                 return Err(format!("prompt {}: field `id` is empty", i + 1));
@@ -67,7 +73,10 @@ impl PromptSet {
                 return Err(format!("prompt {}: id `{}` is used twice", i + 1, p.id));
             }
             if p.max_new_tokens == Some(0) {
-                return Err(format!("prompt `{}`: field `max_new_tokens` must be at least 1", p.id));
+                return Err(format!(
+                    "prompt `{}`: field `max_new_tokens` must be at least 1",
+                    p.id
+                ));
             }
         }
         Ok(set)
@@ -100,7 +109,11 @@ mod tests {
         assert_eq!(std.prompts.len(), 6);
         let cats: Vec<&str> = std.prompts.iter().map(|p| p.category.as_str()).collect();
         for c in ["factual", "creative", "technical"] {
-            assert_eq!(cats.iter().filter(|&&x| x == c).count(), 2, "two {c} prompts");
+            assert_eq!(
+                cats.iter().filter(|&&x| x == c).count(),
+                2,
+                "two {c} prompts"
+            );
         }
         assert_eq!(std.max_new_tokens, 50);
         let long = PromptSet::load(&root.join("long.toml")).unwrap();
@@ -109,7 +122,11 @@ mod tests {
 
     #[test]
     fn bad_sets_are_explained() {
-        assert!(PromptSet::parse("version = 1").unwrap_err().contains("prompt"));
+        assert!(
+            PromptSet::parse("version = 1")
+                .unwrap_err()
+                .contains("prompt")
+        );
         let e = PromptSet::parse(
             "version = 2\nname='x'\nmax_new_tokens=5\n[[prompt]]\nid='a'\ncategory='c'\ntext='t'",
         )

@@ -23,15 +23,13 @@ pub struct TokenAgreement {
 pub fn token_agreement(native: &[u32], selective: &[u32]) -> TokenAgreement {
     let n = native.len();
     let same = native.iter().zip(selective).filter(|(a, b)| a == b).count();
-    let first = native
-        .iter()
-        .zip(selective)
-        .position(|(a, b)| a != b)
-        .or(if native.len() != selective.len() {
+    let first = native.iter().zip(selective).position(|(a, b)| a != b).or(
+        if native.len() != selective.len() {
             Some(native.len().min(selective.len()))
         } else {
             None
-        });
+        },
+    );
     TokenAgreement {
         compared: n,
         identical_pct: if n == 0 {
@@ -67,7 +65,11 @@ pub fn kl_on_support(p_logp: &[f32], q_logp: &[f32]) -> f64 {
 }
 
 pub fn perplexity(nll_sum: f64, tokens: usize) -> f64 {
-    if tokens == 0 { f64::NAN } else { (nll_sum / tokens as f64).exp() }
+    if tokens == 0 {
+        f64::NAN
+    } else {
+        (nll_sum / tokens as f64).exp()
+    }
 }
 
 /// The verdict of the heuristics on one output.
@@ -99,7 +101,9 @@ pub fn coherence(text: &str) -> Coherence {
     if replacement > 0 {
         fatal = true;
         score -= 50.0;
-        problems.push(format!("{replacement} replacement character(s) (broken UTF-8)"));
+        problems.push(format!(
+            "{replacement} replacement character(s) (broken UTF-8)"
+        ));
     }
 
     // Longest run of one character (case-insensitive, ignoring spaces between): "rRRrR…".
@@ -160,10 +164,16 @@ pub fn coherence(text: &str) -> Coherence {
         if frac > 0.5 {
             fatal = true;
             score -= 40.0;
-            problems.push(format!("{:.0} % of word trigrams repeat earlier ones", frac * 100.0));
+            problems.push(format!(
+                "{:.0} % of word trigrams repeat earlier ones",
+                frac * 100.0
+            ));
         } else if frac > 0.3 {
             score -= 15.0;
-            problems.push(format!("{:.0} % of word trigrams repeat (repetitive)", frac * 100.0));
+            problems.push(format!(
+                "{:.0} % of word trigrams repeat (repetitive)",
+                frac * 100.0
+            ));
         }
     }
 
@@ -187,7 +197,11 @@ pub fn coherence(text: &str) -> Coherence {
     let flippy = t
         .split_whitespace()
         .filter(|w| {
-            let letters: Vec<bool> = w.chars().filter(|c| c.is_alphabetic()).map(|c| c.is_uppercase()).collect();
+            let letters: Vec<bool> = w
+                .chars()
+                .filter(|c| c.is_alphabetic())
+                .map(|c| c.is_uppercase())
+                .collect();
             letters.windows(2).filter(|p| p[0] != p[1]).count() >= 3
         })
         .count();

@@ -82,7 +82,10 @@ pub struct Header {
 
 /// "2026-11-25T23:40:12Z" from a system time (no calendar crate needed for UTC).
 pub fn utc_timestamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Howard Hinnant's civil-from-days.
     let z = days + 719_468;
@@ -105,13 +108,22 @@ pub fn utc_timestamp(t: SystemTime) -> String {
 
 /// `recordings/20261125T234012Z-tiny-moe.ndjson`
 pub fn default_path(dir: &Path, model: &str, now: SystemTime) -> PathBuf {
-    let stamp: String = utc_timestamp(now).chars().filter(|c| *c != '-' && *c != ':').collect();
+    let stamp: String = utc_timestamp(now)
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
     let name: String = Path::new(model)
         .file_name()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "model".into())
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     dir.join(format!("{stamp}-{name}.ndjson"))
 }
@@ -128,7 +140,10 @@ impl Recorder {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         let mut line = serde_json::to_string(header).expect("header serialises");
         line.push('\n');
         file.write_all(line.as_bytes())?;
@@ -206,7 +221,10 @@ pub fn read(path: &Path) -> Result<Recording, String> {
     let ends_with_newline = text.ends_with('\n');
     let lines: Vec<&str> = text.lines().collect();
     let Some(first) = lines.first() else {
-        return Err(format!("{}: empty file (expected a recording header line)", path.display()));
+        return Err(format!(
+            "{}: empty file (expected a recording header line)",
+            path.display()
+        ));
     };
     if lines.len() == 1 && !ends_with_newline {
         // Even the header may be torn if the writer died at once.
@@ -223,7 +241,11 @@ pub fn read(path: &Path) -> Result<Recording, String> {
             Ok(ev) => events.push(ev),
             Err(_) if i == lines.len() - 1 && !ends_with_newline => truncated_tail = true,
             Err(e) => {
-                return Err(format!("{}: line {}: not a valid event: {e}", path.display(), i + 1));
+                return Err(format!(
+                    "{}: line {}: not a valid event: {e}",
+                    path.display(),
+                    i + 1
+                ));
             }
         }
     }
@@ -251,7 +273,10 @@ impl Follower {
             .read_line(&mut first)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         if !first.ends_with('\n') {
-            return Err(format!("{}: the header line is not complete yet", path.display()));
+            return Err(format!(
+                "{}: the header line is not complete yet",
+                path.display()
+            ));
         }
         let header = parse_header(first.trim_end(), path)?;
         let pos = first.len() as u64;
@@ -269,7 +294,8 @@ impl Follower {
     pub fn poll(&mut self) -> Result<Vec<Stamped>, String> {
         let mut out = Vec::new();
         let f = self.reader.get_mut();
-        f.seek(SeekFrom::Start(self.pos)).map_err(|e| e.to_string())?;
+        f.seek(SeekFrom::Start(self.pos))
+            .map_err(|e| e.to_string())?;
         let mut buf = String::new();
         f.read_to_string(&mut buf).map_err(|e| e.to_string())?;
         self.pos += buf.len() as u64;

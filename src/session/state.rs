@@ -68,7 +68,11 @@ pub struct PromptRun {
 impl PromptRun {
     /// Seconds of each decode step (tokens after the first).
     pub fn decode_latencies(&self) -> Vec<f64> {
-        self.tokens.iter().filter(|t| !t.prefill).map(|t| t.dt).collect()
+        self.tokens
+            .iter()
+            .filter(|t| !t.prefill)
+            .map(|t| t.dt)
+            .collect()
     }
 
     pub fn ttft(&self) -> Option<f64> {
@@ -197,7 +201,11 @@ impl SessionState {
                 b.status = Status::Starting;
                 b.failed_at = None;
             }
-            SessionEvent::LoadProgress { backend, done, total } => {
+            SessionEvent::LoadProgress {
+                backend,
+                done,
+                total,
+            } => {
                 let b = self.backend_mut(*backend);
                 if !b.status.is_failed() {
                     b.status = Status::Loading {

@@ -105,8 +105,17 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(session: SessionState, theme: Theme, depth: Depth, profile: Profile, mode: Mode) -> Self {
-        let theme_index = BUILTIN.iter().position(|(n, _)| *n == theme.name).unwrap_or(0);
+    pub fn new(
+        session: SessionState,
+        theme: Theme,
+        depth: Depth,
+        profile: Profile,
+        mode: Mode,
+    ) -> Self {
+        let theme_index = BUILTIN
+            .iter()
+            .position(|(n, _)| *n == theme.name)
+            .unwrap_or(0);
         App {
             session,
             view: ViewState {
@@ -170,14 +179,20 @@ impl App {
             Action::ToggleZoom => self.view.zoom = !self.view.zoom,
             Action::ToggleVerdict => self.view.verdict = Some(!self.show_verdict()),
             Action::FocusNext => self.view.focus = (self.view.focus + 1) % Panel::ORDER.len(),
-            Action::FocusPrev => self.view.focus = (self.view.focus + Panel::ORDER.len() - 1) % Panel::ORDER.len(),
+            Action::FocusPrev => {
+                self.view.focus = (self.view.focus + Panel::ORDER.len() - 1) % Panel::ORDER.len()
+            }
             Action::ScrollUp | Action::ScrollDown => {
                 let b = match self.focused() {
                     Panel::Tokens(b) => b,
                     _ => Backend::Native,
                 };
                 let s = &mut self.view.scroll[b.index()];
-                *s = if a == Action::ScrollUp { s.saturating_add(1) } else { s.saturating_sub(1) };
+                *s = if a == Action::ScrollUp {
+                    s.saturating_add(1)
+                } else {
+                    s.saturating_sub(1)
+                };
             }
             Action::CycleTheme => {
                 self.view.theme_index = (self.view.theme_index + 1) % BUILTIN.len();
@@ -189,12 +204,20 @@ impl App {
             }
             Action::NextPrompt | Action::PrevPrompt => {
                 let cur = self.prompt();
-                let next = if a == Action::NextPrompt { (cur + 1).min(n.saturating_sub(1)) } else { cur.saturating_sub(1) };
+                let next = if a == Action::NextPrompt {
+                    (cur + 1).min(n.saturating_sub(1))
+                } else {
+                    cur.saturating_sub(1)
+                };
                 self.view.scroll = [0, 0];
                 self.view.verdict = Some(false);
                 if self.may_drive() {
                     self.view.prompt = None;
-                    return Some(Effect::Control(if a == Action::NextPrompt { Control::Next } else { Control::Prev }));
+                    return Some(Effect::Control(if a == Action::NextPrompt {
+                        Control::Next
+                    } else {
+                        Control::Prev
+                    }));
                 }
                 self.view.prompt = Some(next);
             }
@@ -243,7 +266,11 @@ impl App {
         let area = f.area();
         let rows = Layout::default()
             .direction(Direction::Vertical)
-            .constraints([Constraint::Length(2), Constraint::Min(3), Constraint::Length(1)])
+            .constraints([
+                Constraint::Length(2),
+                Constraint::Min(3),
+                Constraint::Length(1),
+            ])
             .split(area);
         panels::header::render(f, rows[0], self);
         if self.show_verdict() {
@@ -258,6 +285,9 @@ impl App {
         if self.view.help {
             panels::help::render(f, area, self);
         }
+        if self.ascii {
+            asciify(f.buffer_mut());
+        }
     }
 
     fn render_columns(&mut self, f: &mut Frame, area: Rect) {
@@ -270,7 +300,7 @@ impl App {
             let h = cols[i].height;
             // Tokens take what is left after the fixed-size panels.
             let (mem, gauges, heat) = if compact {
-                (h.saturating_sub(8).min(5).max(3), 3, (h / 4).max(3))
+                (h.saturating_sub(8).clamp(3, 5), 3, (h / 4).max(3))
             } else {
                 (10, 5, (h / 4).clamp(6, 16))
             };
@@ -297,6 +327,46 @@ impl App {
             Panel::Memory(b) => panels::memory::render(f, area, self, b, focused),
             Panel::Gauges(b) => panels::gauges::render(f, area, self, b, focused),
             Panel::Heatmap(b) => panels::heatmap::render(f, area, self, b, focused),
+        }
+    }
+}
+
+/// For terminals without Unicode: every cell becomes ASCII — box drawing, blocks, Braille and
+/// typographic symbols get look-alikes, anything else a '?'.
+pub fn asciify(buf: &mut ratatui::buffer::Buffer) {
+    let area = buf.area;
+    for y in area.top()..area.bottom() {
+        for x in area.left()..area.right() {
+            let cell = &mut buf[(x, y)];
+            let sym = cell.symbol();
+            if sym.is_ascii() {
+                continue;
+            }
+            let c = sym.chars().next().unwrap_or(' ');
+            let r = match c {
+                '─' | '━' | '═' | '–' | '—' | '░' => '-',
+                '│' | '┃' | '║' | '‖' => '|',
+                '┌' | '┐' | '└' | '┘' | '├' | '┤' | '┬' | '┴' | '┼' | '╭' | '╮' | '╰' | '╯' => {
+                    '+'
+                }
+                '█' | '▓' => '#',
+                '▒' => '+',
+                '·' | '•' | '…' => '.',
+                '×' | '✗' => 'x',
+                '✓' => 'v',
+                '≥' | '→' | '⟶' => '>',
+                '≤' | '←' => '<',
+                '⟂' => '!',
+                '\u{2800}'..='\u{28ff}' => {
+                    if c == '\u{2800}' {
+                        ' '
+                    } else {
+                        '.'
+                    }
+                }
+                _ => '?',
+            };
+            cell.set_char(r);
         }
     }
 }

@@ -92,13 +92,12 @@ pub async fn live(
             ev = events.recv(), if !run_over => match ev {
                 Some(ev) => {
                     app.session.apply(&ev);
-                    if let Err(e) = recorder.append(&ev) {
-                        if write_error.is_none() {
+                    if let Err(e) = recorder.append(&ev)
+                        && write_error.is_none() {
                             write_error = Some(format!("writing {}: {e}", recorder.path().display()));
                             app.view.message = write_error.clone();
                             let _ = control.send(Control::Quit);
                         }
-                    }
                     dirty = true;
                 }
                 None => {
@@ -130,13 +129,12 @@ pub async fn live(
                         dirty = true;
                     }
                     Some(Ok(Event::Resize(_, _))) => dirty = true,
-                    Some(Err(_)) | None => {
+                    Some(Err(_)) | None
                         // No terminal input any more (the SSH session went away): stop cleanly.
-                        if quitting.is_none() {
+                        if quitting.is_none() => {
                             let _ = control.send(Control::Quit);
                             quitting = Some(tokio::time::Instant::now());
                         }
-                    }
                     _ => {}
                 }
             }
@@ -145,11 +143,10 @@ pub async fn live(
                     guard.term.draw(|f| app.render(f))?;
                     dirty = false;
                 }
-                if let Some(q) = quitting {
-                    if run_over || q.elapsed() > Duration::from_secs(15) {
+                if let Some(q) = quitting
+                    && (run_over || q.elapsed() > Duration::from_secs(15)) {
                         break;
                     }
-                }
             }
         }
     }
@@ -177,7 +174,11 @@ pub async fn replay(
     ui: &UiArgs,
     follow: Option<Follower>,
 ) -> Result<()> {
-    let mode = if follow.is_some() { Mode::Watch } else { Mode::Replay };
+    let mode = if follow.is_some() {
+        Mode::Watch
+    } else {
+        Mode::Replay
+    };
     let header = rec.header.clone();
     let mut app = new_app(SessionState::new(header.clone()), ui, profile, mode)?;
     app.speed = speed;

@@ -12,7 +12,10 @@ pub const BUILTIN: [(&str, &str); 4] = [
     ("default", include_str!("../../themes/default.toml")),
     ("light", include_str!("../../themes/light.toml")),
     ("ansi16", include_str!("../../themes/ansi16.toml")),
-    ("high-contrast", include_str!("../../themes/high-contrast.toml")),
+    (
+        "high-contrast",
+        include_str!("../../themes/high-contrast.toml"),
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +34,11 @@ impl Depth {
             "256" => Some(Depth::Ansi256),
             "16" => Some(Depth::Ansi16),
             "none" | "no" | "mono" => Some(Depth::None),
-            other => return Err(format!("--color {other}: expected auto, truecolor, 256, 16 or none")),
+            other => {
+                return Err(format!(
+                    "--color {other}: expected auto, truecolor, 256, 16 or none"
+                ));
+            }
         })
     }
 
@@ -151,7 +158,15 @@ fn dist(a: (u8, u8, u8), b: (u8, u8, u8)) -> u32 {
 
 /// xterm-256 cube index nearest to an RGB colour.
 fn to_256(r: u8, g: u8, b: u8) -> u8 {
-    let level = |v: u8| -> u8 { if v < 48 { 0 } else if v < 115 { 1 } else { (v - 35) / 40 } };
+    let level = |v: u8| -> u8 {
+        if v < 48 {
+            0
+        } else if v < 115 {
+            1
+        } else {
+            (v - 35) / 40
+        }
+    };
     let (ri, gi, bi) = (level(r), level(g), level(b));
     let cube = 16 + 36 * ri + 6 * gi + bi;
     let val = |i: u8| if i == 0 { 0 } else { 55 + 40 * i };
@@ -159,7 +174,11 @@ fn to_256(r: u8, g: u8, b: u8) -> u8 {
     let gray_i = ((r as u32 + g as u32 + b as u32) / 3).saturating_sub(8) / 10;
     let gray_i = gray_i.min(23) as u8;
     let gv = 8 + 10 * gray_i;
-    if dist((r, g, b), (gv, gv, gv)) < dist((r, g, b), cube_rgb) { 232 + gray_i } else { cube }
+    if dist((r, g, b), (gv, gv, gv)) < dist((r, g, b), cube_rgb) {
+        232 + gray_i
+    } else {
+        cube
+    }
 }
 
 fn to_16(r: u8, g: u8, b: u8) -> Color {
@@ -199,13 +218,21 @@ fn indexed_rgb(i: u8) -> (u8, u8, u8) {
 impl Theme {
     pub fn parse(text: &str, origin: &str, depth: Depth) -> Result<Self, String> {
         let f: ThemeFile = toml::from_str(text).map_err(|e| {
-            format!("{origin}: not a valid theme: {}", e.to_string().trim().replace('\n', " "))
+            format!(
+                "{origin}: not a valid theme: {}",
+                e.to_string().trim().replace('\n', " ")
+            )
         })?;
         if f.version != 1 {
-            return Err(format!("{origin}: field `version`: {} is not supported (expected 1)", f.version));
+            return Err(format!(
+                "{origin}: field `version`: {} is not supported (expected 1)",
+                f.version
+            ));
         }
         if f.colors.heat.len() < 2 {
-            return Err(format!("{origin}: field `colors.heat`: needs at least 2 colours"));
+            return Err(format!(
+                "{origin}: field `colors.heat`: needs at least 2 colours"
+            ));
         }
         let style = |field: &str, s: &str| -> Result<Style, String> {
             let c = parse_color(s).map_err(|e| format!("{origin}: field `colors.{field}`: {e}"))?;
@@ -235,7 +262,11 @@ impl Theme {
             gpu: style("gpu", &c.gpu)?,
             peak: style("peak", &c.peak)?,
             expected: style("expected", &c.expected)?,
-            heat: c.heat.iter().map(|h| style("heat", h)).collect::<Result<_, _>>()?,
+            heat: c
+                .heat
+                .iter()
+                .map(|h| style("heat", h))
+                .collect::<Result<_, _>>()?,
         };
         if depth == Depth::None {
             // Without colour, meaning must survive in modifiers.
@@ -253,10 +284,14 @@ impl Theme {
         if let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name) {
             return Self::parse(text, &format!("built-in theme {name}"), depth);
         }
-        let candidates = [PathBuf::from(name), Path::new("themes").join(format!("{name}.toml"))];
+        let candidates = [
+            PathBuf::from(name),
+            Path::new("themes").join(format!("{name}.toml")),
+        ];
         for p in candidates {
             if p.is_file() {
-                let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let text =
+                    std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
                 return Self::parse(&text, &p.display().to_string(), depth);
             }
         }
@@ -285,7 +320,11 @@ impl Theme {
 pub fn list() -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = BUILTIN
         .iter()
-        .filter_map(|(n, t)| Theme::parse(t, n, Depth::TrueColor).ok().map(|th| (n.to_string(), th.description)))
+        .filter_map(|(n, t)| {
+            Theme::parse(t, n, Depth::TrueColor)
+                .ok()
+                .map(|th| (n.to_string(), th.description))
+        })
         .collect();
     if let Ok(rd) = std::fs::read_dir("themes") {
         let mut extra: Vec<(String, String)> = rd
@@ -322,11 +361,17 @@ mod tests {
                 assert!(t.heat.len() >= 4, "{name}: heat gradient");
                 if d == Depth::Ansi16 {
                     for s in [t.text, t.native, t.selective, t.bad, t.good] {
-                        assert!(!matches!(s.fg, Some(Color::Rgb(..)) | Some(Color::Indexed(_))), "{name}: 16-colour");
+                        assert!(
+                            !matches!(s.fg, Some(Color::Rgb(..)) | Some(Color::Indexed(_))),
+                            "{name}: 16-colour"
+                        );
                     }
                 }
                 if d == Depth::None {
-                    assert!(t.native.fg.is_none() && t.text.fg.is_none(), "{name}: no colour at all");
+                    assert!(
+                        t.native.fg.is_none() && t.text.fg.is_none(),
+                        "{name}: no colour at all"
+                    );
                 }
             }
         }
@@ -335,11 +380,25 @@ mod tests {
     #[test]
     fn depth_detection_honours_no_color_and_term() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(a, _)| *a == k).map(|(_, v)| v.to_string())
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(a, _)| *a == k)
+                    .map(|(_, v)| v.to_string())
+            }
         };
-        assert_eq!(Depth::detect(env(&[("NO_COLOR", "1"), ("COLORTERM", "truecolor")])), Depth::None);
-        assert_eq!(Depth::detect(env(&[("COLORTERM", "truecolor")])), Depth::TrueColor);
-        assert_eq!(Depth::detect(env(&[("TERM", "xterm-256color")])), Depth::Ansi256);
+        assert_eq!(
+            Depth::detect(env(&[("NO_COLOR", "1"), ("COLORTERM", "truecolor")])),
+            Depth::None
+        );
+        assert_eq!(
+            Depth::detect(env(&[("COLORTERM", "truecolor")])),
+            Depth::TrueColor
+        );
+        assert_eq!(
+            Depth::detect(env(&[("TERM", "xterm-256color")])),
+            Depth::Ansi256
+        );
         assert_eq!(Depth::detect(env(&[("TERM", "xterm")])), Depth::Ansi16);
         assert_eq!(Depth::parse("16").unwrap(), Some(Depth::Ansi16));
         assert!(Depth::parse("lots").is_err());

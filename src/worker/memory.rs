@@ -68,18 +68,20 @@ impl Gpu {
         let mut total = 0u64;
         let mut found = false;
         for i in 0..count {
-            let Ok(dev) = nvml.device_by_index(i) else { continue };
+            let Ok(dev) = nvml.device_by_index(i) else {
+                continue;
+            };
             let procs = dev
                 .running_compute_processes()
                 .unwrap_or_default()
                 .into_iter()
                 .chain(dev.running_graphics_processes().unwrap_or_default());
             for p in procs {
-                if p.pid == pid {
-                    if let nvml_wrapper::enums::device::UsedGpuMemory::Used(b) = p.used_gpu_memory {
-                        total += b;
-                        found = true;
-                    }
+                if p.pid == pid
+                    && let nvml_wrapper::enums::device::UsedGpuMemory::Used(b) = p.used_gpu_memory
+                {
+                    total += b;
+                    found = true;
                 }
             }
         }
@@ -97,27 +99,36 @@ impl Gpu {
 /// Samples one worker. `device_baseline` is the device-wide GPU use before the worker started,
 /// used only where NVML has no per-process figure (Jetson's integrated GPU).
 pub fn sample(pid: u32, gpu_enabled: bool, device_baseline: Option<u64>) -> Option<MemorySample> {
-    let (anon, file, shmem, peak, source) = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(text) => {
-            let (a, f, s, p) = parse_proc_status(&text)?;
-            (a, f, s, p, format!("/proc/{pid}/status"))
-        }
-        Err(_) if cfg!(target_os = "linux") => return None, // the process is gone
-        Err(_) => {
-            let mut sys = sysinfo::System::new().ok()?;
-            let spid = sysinfo::Pid::from_u32(pid);
-            sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[spid]), true);
-            let p = sys.process(spid)?;
-            // sysinfo gives only the total: report it as anonymous and say where it came from.
-            (p.memory(), 0, 0, p.memory(), "sysinfo (RSS not split)".to_string())
-        }
-    };
+    let (anon, file, shmem, peak, source) =
+        match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            Ok(text) => {
+                let (a, f, s, p) = parse_proc_status(&text)?;
+                (a, f, s, p, format!("/proc/{pid}/status"))
+            }
+            Err(_) if cfg!(target_os = "linux") => return None, // the process is gone
+            Err(_) => {
+                let mut sys = sysinfo::System::new().ok()?;
+                let spid = sysinfo::Pid::from_u32(pid);
+                sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[spid]), true);
+                let p = sys.process(spid)?;
+                // sysinfo gives only the total: report it as anonymous and say where it came from.
+                (
+                    p.memory(),
+                    0,
+                    0,
+                    p.memory(),
+                    "sysinfo (RSS not split)".to_string(),
+                )
+            }
+        };
     let (gpu, gpu_source) = if gpu_enabled {
         let g = Gpu::get();
         match g.process_memory(pid) {
             Some((b, s)) => (Some(b), Some(s)),
             None => match (g.device_used(), device_baseline) {
-                (Some(now), Some(base)) => (Some(now.saturating_sub(base)), Some(GpuSource::DeviceDelta)),
+                (Some(now), Some(base)) => {
+                    (Some(now.saturating_sub(base)), Some(GpuSource::DeviceDelta))
+                }
                 _ => (None, None),
             },
         }

@@ -67,7 +67,8 @@ impl WorkerProcess {
         let stderr = child.stderr.take().expect("piped stderr");
         let tail: Arc<Mutex<VecDeque<String>>> = Arc::new(Mutex::new(VecDeque::new()));
 
-        let (cmd_tx, mut cmd_rx): (UnboundedSender<Command>, UnboundedReceiver<Command>) = unbounded_channel();
+        let (cmd_tx, mut cmd_rx): (UnboundedSender<Command>, UnboundedReceiver<Command>) =
+            unbounded_channel();
         tokio::spawn(async move {
             while let Some(c) = cmd_rx.recv().await {
                 let mut line = serde_json::to_string(&c).expect("command serialises");
@@ -107,9 +108,19 @@ impl WorkerProcess {
             };
             let _ = stderr_task.await;
             let stderr_tail = tail.lock().expect("tail lock").iter().cloned().collect();
-            let _ = events.send((backend, WorkerMsg::Exited { status, stderr_tail }));
+            let _ = events.send((
+                backend,
+                WorkerMsg::Exited {
+                    status,
+                    stderr_tail,
+                },
+            ));
         });
-        Ok(WorkerProcess { backend, pid, cmd_tx })
+        Ok(WorkerProcess {
+            backend,
+            pid,
+            cmd_tx,
+        })
     }
 
     /// Queues a command; false if the worker's stdin is gone.

@@ -43,8 +43,13 @@ pub enum Support {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
-    Hello { version: u32 },
-    Load { spec: BackendSpec, trace_routing: bool },
+    Hello {
+        version: u32,
+    },
+    Load {
+        spec: BackendSpec,
+        trace_routing: bool,
+    },
     /// Starts a generation. `stepped`: produce a token only on each `step` (alternate schedule);
     /// otherwise run freely until done, paused or cancelled.
     Generate {
@@ -67,7 +72,10 @@ pub enum Command {
         support: Support,
     },
     /// Perplexity of a reference text (at most `max_tokens` tokens of it).
-    Perplexity { text: String, max_tokens: usize },
+    Perplexity {
+        text: String,
+        max_tokens: usize,
+    },
     Shutdown,
 }
 
@@ -83,8 +91,14 @@ pub struct ScoreRow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "ev", rename_all = "snake_case")]
 pub enum WorkerEvent {
-    Ready { version: u32, pid: u32 },
-    LoadProgress { done: usize, total: usize },
+    Ready {
+        version: u32,
+        pid: u32,
+    },
+    LoadProgress {
+        done: usize,
+        total: usize,
+    },
     Loaded {
         load_s: f64,
         resident: ResidentBytes,
@@ -113,7 +127,9 @@ pub enum WorkerEvent {
         position: usize,
         experts: Vec<Vec<u16>>,
     },
-    Cache { snapshot: CacheSnapshot },
+    Cache {
+        snapshot: CacheSnapshot,
+    },
     PromptDone {
         prompt: usize,
         finish: Finish,
@@ -129,9 +145,15 @@ pub enum WorkerEvent {
         /// True when each row covers the whole vocabulary.
         full_vocab: bool,
     },
-    Perplexity { perplexity: f64, tokens: usize },
+    Perplexity {
+        perplexity: f64,
+        tokens: usize,
+    },
     /// `fatal`: the worker cannot go on (it exits after sending this).
-    Error { message: String, fatal: bool },
+    Error {
+        message: String,
+        fatal: bool,
+    },
     Bye,
 }
 
@@ -142,11 +164,22 @@ mod tests {
     #[test]
     fn commands_and_events_round_trip_as_single_lines() {
         let cmds = vec![
-            Command::Hello { version: PROTOCOL_VERSION },
+            Command::Hello {
+                version: PROTOCOL_VERSION,
+            },
             Command::Generate {
                 prompt: 2,
-                input: PromptInput::Text { text: "hi\nthere".into(), raw: false },
-                sampling: Sampling { max_new_tokens: 5, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 1 },
+                input: PromptInput::Text {
+                    text: "hi\nthere".into(),
+                    raw: false,
+                },
+                sampling: Sampling {
+                    max_new_tokens: 5,
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    top_k: 0,
+                    seed: 1,
+                },
                 stepped: true,
             },
             Command::Score {
@@ -164,8 +197,18 @@ mod tests {
             assert_eq!(serde_json::from_str::<Command>(&line).unwrap(), c);
         }
         let line = r#"{"cmd":"step"}"#;
-        assert_eq!(serde_json::from_str::<Command>(line).unwrap(), Command::Step);
-        let ev = WorkerEvent::Token { prompt: 0, index: 3, id: 7, text: "a\"b".into(), dt: 0.01, prefill: false };
+        assert_eq!(
+            serde_json::from_str::<Command>(line).unwrap(),
+            Command::Step
+        );
+        let ev = WorkerEvent::Token {
+            prompt: 0,
+            index: 3,
+            id: 7,
+            text: "a\"b".into(),
+            dt: 0.01,
+            prefill: false,
+        };
         let line = serde_json::to_string(&ev).unwrap();
         assert_eq!(serde_json::from_str::<WorkerEvent>(&line).unwrap(), ev);
         assert!(serde_json::from_str::<Command>(r#"{"cmd":"fly"}"#).is_err());

@@ -17,7 +17,9 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::memory;
 use super::process::{WorkerMsg, WorkerProcess};
-use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, Sampling, ScoreRow, Support, WorkerEvent};
+use super::protocol::{
+    Command, PROTOCOL_VERSION, PromptInput, Sampling, ScoreRow, Support, WorkerEvent,
+};
 use crate::engine::BackendSpec;
 use crate::session::event::{AgreementStats, Backend, Finish, SessionEvent, Stamped};
 use crate::session::prompts::PromptSet;
@@ -63,6 +65,9 @@ pub struct RunConfig {
     /// Extra environment for the workers (fault tests).
     pub worker_env: [Vec<(String, String)>; 2],
 }
+
+/// A worker the memory sampler watches: backend, pid, device-wide GPU use before it started.
+type Watched = (Backend, u32, Option<u64>);
 
 /// Top-K kept from native when the vocabulary is too large to compare in full.
 const KL_SUPPORT: usize = 256;
@@ -115,7 +120,7 @@ struct Scheduler {
     tx: UnboundedSender<(Backend, WorkerMsg)>,
     ctl: UnboundedReceiver<Control>,
     w: [WorkerState; 2],
-    pids: Arc<Mutex<Vec<(Backend, u32, Option<u64>)>>>,
+    pids: Arc<Mutex<Vec<Watched>>>,
     paused: bool,
     step_once: bool,
     nav: Option<Nav>,
@@ -126,10 +131,15 @@ struct Scheduler {
 }
 
 /// Runs the whole session. Returns when every prompt ran (or the user quit).
-pub async fn run(cfg: RunConfig, out: UnboundedSender<Stamped>, ctl: UnboundedReceiver<Control>, start: Instant) -> String {
+pub async fn run(
+    cfg: RunConfig,
+    out: UnboundedSender<Stamped>,
+    ctl: UnboundedReceiver<Control>,
+    start: Instant,
+) -> String {
     let (tx, rx) = unbounded_channel();
     let em = Emitter { start, out };
-    let pids: Arc<Mutex<Vec<(Backend, u32, Option<u64>)>>> = Arc::new(Mutex::new(Vec::new()));
+    let pids: Arc<Mutex<Vec<Watched>>> = Arc::new(Mutex::new(Vec::new()));
     // Memory sampling runs on its own task, so it never waits for a busy worker.
     let sampler = {
         let pids = pids.clone();
@@ -142,7 +152,10 @@ pub async fn run(cfg: RunConfig, out: UnboundedSender<Stamped>, ctl: UnboundedRe
                 tick.tick().await;
                 let list = pids.lock().expect("pids").clone();
                 for (b, pid, base) in list {
-                    let s = tokio::task::spawn_blocking(move || memory::sample(pid, gpu, base)).await.ok().flatten();
+                    let s = tokio::task::spawn_blocking(move || memory::sample(pid, gpu, base))
+                        .await
+                        .ok()
+                        .flatten();
                     if let Some(sample) = s {
                         em.emit(SessionEvent::Memory { backend: b, sample });
                     }
@@ -168,7 +181,9 @@ pub async fn run(cfg: RunConfig, out: UnboundedSender<Stamped>, ctl: UnboundedRe
     let reason = s.run_all().await;
     s.shutdown_all().await;
     sampler.abort();
-    s.em.emit(SessionEvent::Finished { reason: reason.clone() });
+    s.em.emit(SessionEvent::Finished {
+        reason: reason.clone(),
+    });
     reason
 }
 
@@ -253,21 +268,37 @@ impl Scheduler {
         match WorkerProcess::spawn(b, &self.cfg.exe, &env, self.tx.clone()) {
             Ok(p) => {
                 let pid = p.pid;
-                let base = if self.cfg.gpu_memory { memory::Gpu::get().device_used() } else { None };
+                let base = if self.cfg.gpu_memory {
+                    memory::Gpu::get().device_used()
+                } else {
+                    None
+                };
                 self.pids.lock().expect("pids").push((b, pid, base));
-                p.send(Command::Hello { version: PROTOCOL_VERSION });
+                p.send(Command::Hello {
+                    version: PROTOCOL_VERSION,
+                });
                 let st = self.ws(b);
                 st.proc = Some(p);
                 st.alive = true;
-                self.em.emit(SessionEvent::WorkerStarted { backend: b, pid });
+                self.em
+                    .emit(SessionEvent::WorkerStarted { backend: b, pid });
                 let t = self.cfg.step_timeout;
                 if !self.wait_for(b, t, |w| w.ready).await {
-                    self.fail(b, format!("did not answer hello within {:.0} s", t.as_secs_f64()));
+                    self.fail(
+                        b,
+                        format!("did not answer hello within {:.0} s", t.as_secs_f64()),
+                    );
                 }
             }
             Err(e) => {
                 self.ws(b).alive = true;
-                self.fail(b, format!("could not start worker process {}: {e}", self.cfg.exe.display()));
+                self.fail(
+                    b,
+                    format!(
+                        "could not start worker process {}: {e}",
+                        self.cfg.exe.display()
+                    ),
+                );
             }
         }
     }
@@ -276,7 +307,13 @@ impl Scheduler {
         if self.alive(b) {
             let spec = self.spec(b).clone();
             let trace = self.cfg.trace_routing;
-            self.send(b, Command::Load { spec, trace_routing: trace });
+            self.send(
+                b,
+                Command::Load {
+                    spec,
+                    trace_routing: trace,
+                },
+            );
         }
     }
 
@@ -286,13 +323,21 @@ impl Scheduler {
         }
         let t = self.cfg.load_timeout;
         if !self.wait_for(b, t, |w| w.loaded).await && self.alive(b) {
-            self.fail(b, format!("did not finish loading within {:.0} s", t.as_secs_f64()));
+            self.fail(
+                b,
+                format!("did not finish loading within {:.0} s", t.as_secs_f64()),
+            );
         }
     }
 
     /// Handles messages and controls until `cond` holds for `b`, `b` dies, or `timeout` passes
     /// without any message from `b`. True when the condition holds.
-    async fn wait_for(&mut self, b: Backend, timeout: Duration, cond: impl Fn(&WorkerState) -> bool) -> bool {
+    async fn wait_for(
+        &mut self,
+        b: Backend,
+        timeout: Duration,
+        cond: impl Fn(&WorkerState) -> bool,
+    ) -> bool {
         let mut deadline = tokio::time::Instant::now() + timeout;
         loop {
             if cond(&self.w[b.index()]) {
@@ -328,10 +373,18 @@ impl Scheduler {
         match c {
             Control::TogglePause => {
                 self.paused = !self.paused;
-                self.em.emit(if self.paused { SessionEvent::Paused } else { SessionEvent::Resumed });
+                self.em.emit(if self.paused {
+                    SessionEvent::Paused
+                } else {
+                    SessionEvent::Resumed
+                });
                 if self.cfg.schedule != Schedule::Alternate {
                     for b in Backend::BOTH {
-                        let cmd = if self.paused { Command::Pause } else { Command::Resume };
+                        let cmd = if self.paused {
+                            Command::Pause
+                        } else {
+                            Command::Resume
+                        };
                         self.ws(b).paused = self.paused;
                         self.send(b, cmd);
                     }
@@ -361,61 +414,153 @@ impl Scheduler {
             WorkerMsg::Event(ev) => match ev {
                 WorkerEvent::Ready { version, .. } => {
                     if version != PROTOCOL_VERSION {
-                        self.fail(b, format!("worker speaks protocol {version}, expected {PROTOCOL_VERSION}"));
+                        self.fail(
+                            b,
+                            format!(
+                                "worker speaks protocol {version}, expected {PROTOCOL_VERSION}"
+                            ),
+                        );
                     } else {
                         self.ws(b).ready = true;
                     }
                 }
-                WorkerEvent::LoadProgress { done, total } => em.emit(SessionEvent::LoadProgress { backend: b, done, total }),
-                WorkerEvent::Loaded { load_s, resident, degraded, describe, vocab_size, .. } => {
+                WorkerEvent::LoadProgress { done, total } => em.emit(SessionEvent::LoadProgress {
+                    backend: b,
+                    done,
+                    total,
+                }),
+                WorkerEvent::Loaded {
+                    load_s,
+                    resident,
+                    degraded,
+                    describe,
+                    vocab_size,
+                    ..
+                } => {
                     let st = self.ws(b);
                     st.loaded = true;
                     st.vocab = vocab_size;
-                    em.emit(SessionEvent::Loaded { backend: b, load_s, resident, degraded, describe });
+                    em.emit(SessionEvent::Loaded {
+                        backend: b,
+                        load_s,
+                        resident,
+                        degraded,
+                        describe,
+                    });
                 }
-                WorkerEvent::PromptStarted { prompt, prompt_tokens, max_new_tokens } => {
+                WorkerEvent::PromptStarted {
+                    prompt,
+                    prompt_tokens,
+                    max_new_tokens,
+                } => {
                     let st = self.ws(b);
                     st.generating = Some(prompt);
                     st.tokens = 0;
                     st.done = None;
-                    em.emit(SessionEvent::PromptStarted { backend: b, prompt, prompt_tokens, max_new_tokens });
+                    em.emit(SessionEvent::PromptStarted {
+                        backend: b,
+                        prompt,
+                        prompt_tokens,
+                        max_new_tokens,
+                    });
                 }
-                WorkerEvent::Token { prompt, index, id, text, dt, prefill } => {
+                WorkerEvent::Token {
+                    prompt,
+                    index,
+                    id,
+                    text,
+                    dt,
+                    prefill,
+                } => {
                     self.ws(b).tokens += 1;
-                    em.emit(SessionEvent::Token { backend: b, prompt, index, id, text, dt, prefill });
+                    em.emit(SessionEvent::Token {
+                        backend: b,
+                        prompt,
+                        index,
+                        id,
+                        text,
+                        dt,
+                        prefill,
+                    });
                 }
-                WorkerEvent::Routing { prompt, position, experts } => {
-                    em.emit(SessionEvent::Routing { backend: b, prompt, position, experts })
-                }
-                WorkerEvent::Cache { snapshot } => em.emit(SessionEvent::Cache { backend: b, snapshot }),
-                WorkerEvent::PromptDone { prompt, finish, token_ids, text, ttft_s, prefill_tok_s, decode_tok_s } => {
+                WorkerEvent::Routing {
+                    prompt,
+                    position,
+                    experts,
+                } => em.emit(SessionEvent::Routing {
+                    backend: b,
+                    prompt,
+                    position,
+                    experts,
+                }),
+                WorkerEvent::Cache { snapshot } => em.emit(SessionEvent::Cache {
+                    backend: b,
+                    snapshot,
+                }),
+                WorkerEvent::PromptDone {
+                    prompt,
+                    finish,
+                    token_ids,
+                    text,
+                    ttft_s,
+                    prefill_tok_s,
+                    decode_tok_s,
+                } => {
                     let st = self.ws(b);
                     st.generating = None;
                     st.done = Some((prompt, finish, token_ids.clone()));
-                    em.emit(SessionEvent::PromptDone { backend: b, prompt, finish, token_ids, text, ttft_s, prefill_tok_s, decode_tok_s });
+                    em.emit(SessionEvent::PromptDone {
+                        backend: b,
+                        prompt,
+                        finish,
+                        token_ids,
+                        text,
+                        ttft_s,
+                        prefill_tok_s,
+                        decode_tok_s,
+                    });
                 }
-                WorkerEvent::Scored { rows, full_vocab, .. } => self.ws(b).scored = Some((rows, full_vocab)),
+                WorkerEvent::Scored {
+                    rows, full_vocab, ..
+                } => self.ws(b).scored = Some((rows, full_vocab)),
                 WorkerEvent::Perplexity { perplexity, tokens } => {
                     self.ws(b).ppl = Some((perplexity, tokens));
-                    em.emit(SessionEvent::Perplexity { backend: b, perplexity, tokens });
+                    em.emit(SessionEvent::Perplexity {
+                        backend: b,
+                        perplexity,
+                        tokens,
+                    });
                 }
                 WorkerEvent::Error { message, fatal } => {
                     if fatal {
                         self.fail(b, message);
                     } else {
                         self.ws(b).error = Some(message.clone());
-                        em.emit(SessionEvent::Warning { backend: Some(b), message });
+                        em.emit(SessionEvent::Warning {
+                            backend: Some(b),
+                            message,
+                        });
                     }
                 }
                 WorkerEvent::Bye => {}
             },
             WorkerMsg::BadLine(l) => em.emit(SessionEvent::Warning {
                 backend: Some(b),
-                message: format!("worker wrote a line outside the protocol: {}", l.chars().take(200).collect::<String>()),
+                message: format!(
+                    "worker wrote a line outside the protocol: {}",
+                    l.chars().take(200).collect::<String>()
+                ),
             }),
-            WorkerMsg::Exited { status, stderr_tail } => {
+            WorkerMsg::Exited {
+                status,
+                stderr_tail,
+            } => {
                 let tail = stderr_tail.join(" | ");
-                let reason = if tail.is_empty() { format!("worker {status}") } else { format!("worker {status}; last log: {tail}") };
+                let reason = if tail.is_empty() {
+                    format!("worker {status}")
+                } else {
+                    format!("worker {status}; last log: {tail}")
+                };
                 self.fail(b, reason);
             }
         }
@@ -434,7 +579,11 @@ impl Scheduler {
         let n = self.cfg.prompts.prompts.len();
         let mut i = 0;
         while i < n {
-            let live: Vec<Backend> = backends.iter().copied().filter(|b| self.alive(*b)).collect();
+            let live: Vec<Backend> = backends
+                .iter()
+                .copied()
+                .filter(|b| self.alive(*b))
+                .collect();
             if live.is_empty() {
                 return None;
             }
@@ -452,7 +601,15 @@ impl Scheduler {
                 if paused {
                     self.send(b, Command::Pause);
                 }
-                self.send(b, Command::Generate { prompt: i, input, sampling: sampling.clone(), stepped });
+                self.send(
+                    b,
+                    Command::Generate {
+                        prompt: i,
+                        input,
+                        sampling: sampling.clone(),
+                        stepped,
+                    },
+                );
             }
             if stepped {
                 self.alternate(&live).await;
@@ -522,7 +679,13 @@ impl Scheduler {
                     .wait_for(b, t, move |w| w.tokens > before || w.done.is_some())
                     .await;
                 if !ok && self.alive(b) {
-                    self.fail(b, format!("stopped answering: no token within {:.0} s of a step", t.as_secs_f64()));
+                    self.fail(
+                        b,
+                        format!(
+                            "stopped answering: no token within {:.0} s of a step",
+                            t.as_secs_f64()
+                        ),
+                    );
                 }
             }
         }
@@ -537,7 +700,13 @@ impl Scheduler {
                 return;
             }
             if !ok && self.alive(b) {
-                self.fail(b, format!("stopped answering: nothing for {:.0} s while generating", t.as_secs_f64()));
+                self.fail(
+                    b,
+                    format!(
+                        "stopped answering: nothing for {:.0} s while generating",
+                        t.as_secs_f64()
+                    ),
+                );
             }
         }
     }
@@ -562,16 +731,35 @@ impl Scheduler {
     async fn score_prompt(&mut self, i: usize, live: &[Backend]) {
         let t = self.cfg.step_timeout;
         if live.contains(&Backend::Native) {
-            let Some((p, finish, ids)) = self.w[0].done.clone() else { return };
+            let Some((p, finish, ids)) = self.w[0].done.clone() else {
+                return;
+            };
             if p != i || finish == Finish::Cancelled || ids.is_empty() {
                 return;
             }
             let vocab = self.w[0].vocab;
-            let k = if vocab <= FULL_VOCAB_LIMIT { vocab } else { KL_SUPPORT };
+            let k = if vocab <= FULL_VOCAB_LIMIT {
+                vocab
+            } else {
+                KL_SUPPORT
+            };
             self.w[0].scored = None;
             let input = self.prompt_input(i);
-            self.send(Backend::Native, Command::Score { prompt: i, input, continuation: ids.clone(), support: Support::TopK(k) });
-            if self.wait_for(Backend::Native, t, |w| w.scored.is_some() || w.error.is_some()).await {
+            self.send(
+                Backend::Native,
+                Command::Score {
+                    prompt: i,
+                    input,
+                    continuation: ids.clone(),
+                    support: Support::TopK(k),
+                },
+            );
+            if self
+                .wait_for(Backend::Native, t, |w| {
+                    w.scored.is_some() || w.error.is_some()
+                })
+                .await
+            {
                 if let Some(rows) = self.w[0].scored.take() {
                     self.native_rows.insert(i, rows);
                     self.native_tokens.insert(i, ids);
@@ -580,14 +768,30 @@ impl Scheduler {
             }
         }
         if live.contains(&Backend::Selective) {
-            let (Some((rows, full)), Some(ids)) = (self.native_rows.get(&i).cloned(), self.native_tokens.get(&i).cloned()) else {
+            let (Some((rows, full)), Some(ids)) = (
+                self.native_rows.get(&i).cloned(),
+                self.native_tokens.get(&i).cloned(),
+            ) else {
                 return;
             };
             self.w[1].scored = None;
             let input = self.prompt_input(i);
             let support = Support::Ids(rows.iter().map(|r| r.ids.clone()).collect());
-            self.send(Backend::Selective, Command::Score { prompt: i, input, continuation: ids, support });
-            if self.wait_for(Backend::Selective, t, |w| w.scored.is_some() || w.error.is_some()).await {
+            self.send(
+                Backend::Selective,
+                Command::Score {
+                    prompt: i,
+                    input,
+                    continuation: ids,
+                    support,
+                },
+            );
+            if self
+                .wait_for(Backend::Selective, t, |w| {
+                    w.scored.is_some() || w.error.is_some()
+                })
+                .await
+            {
                 if let Some((sel, _)) = self.w[1].scored.take() {
                     let stats = agreement(&rows, &sel, full);
                     self.em.emit(SessionEvent::Agreement { prompt: i, stats });
@@ -598,15 +802,24 @@ impl Scheduler {
     }
 
     async fn perplexity_all(&mut self, backends: &[Backend]) {
-        let Some(text) = self.cfg.reference_text.clone() else { return };
+        let Some(text) = self.cfg.reference_text.clone() else {
+            return;
+        };
         for &b in backends {
             if !self.alive(b) {
                 continue;
             }
             self.ws(b).ppl = None;
-            self.send(b, Command::Perplexity { text: text.clone(), max_tokens: self.cfg.reference_max_tokens });
+            self.send(
+                b,
+                Command::Perplexity {
+                    text: text.clone(),
+                    max_tokens: self.cfg.reference_max_tokens,
+                },
+            );
             let t = self.cfg.load_timeout;
-            self.wait_for(b, t, |w| w.ppl.is_some() || w.error.is_some()).await;
+            self.wait_for(b, t, |w| w.ppl.is_some() || w.error.is_some())
+                .await;
             self.ws(b).error = None;
         }
     }

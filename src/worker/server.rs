@@ -29,7 +29,11 @@ impl Out {
         line.push('\n');
         let mut lock = self.stdout.lock();
         // If the parent is gone there is nobody to tell; exit quietly.
-        if lock.write_all(line.as_bytes()).and_then(|_| lock.flush()).is_err() {
+        if lock
+            .write_all(line.as_bytes())
+            .and_then(|_| lock.flush())
+            .is_err()
+        {
             std::process::exit(0);
         }
     }
@@ -108,7 +112,8 @@ pub fn run() -> anyhow::Result<()> {
             if line.trim().is_empty() {
                 continue;
             }
-            let cmd = serde_json::from_str::<Command>(&line).map_err(|e| format!("bad command {line:?}: {e}"));
+            let cmd = serde_json::from_str::<Command>(&line)
+                .map_err(|e| format!("bad command {line:?}: {e}"));
             if tx.send(cmd).is_err() {
                 break;
             }
@@ -126,7 +131,10 @@ pub fn run() -> anyhow::Result<()> {
         let cmd = match rx.recv() {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                out.send(&WorkerEvent::Error { message: e, fatal: false });
+                out.send(&WorkerEvent::Error {
+                    message: e,
+                    fatal: false,
+                });
                 continue;
             }
             Err(_) => return Ok(()),
@@ -152,7 +160,10 @@ pub fn run() -> anyhow::Result<()> {
                 message: "send hello first".into(),
                 fatal: false,
             }),
-            Command::Load { spec, trace_routing } => {
+            Command::Load {
+                spec,
+                trace_routing,
+            } => {
                 let start = Instant::now();
                 let mut last = Instant::now();
                 let result = spec.load(|done, total| {
@@ -172,11 +183,15 @@ pub fn run() -> anyhow::Result<()> {
                             moe_index[l] = Some(i);
                         }
                         let snap = engine.provider.cache_snapshot();
-                        let expert_bytes = (cfg.expert_params() * engine.dtype.candle().size_in_bytes()) as u64;
+                        let expert_bytes =
+                            (cfg.expert_params() * engine.dtype.candle().size_in_bytes()) as u64;
                         let resident = ResidentBytes {
                             non_expert: engine.model.resident_bytes(),
                             experts: engine.provider.resident_bytes(),
-                            cache_capacity: snap.as_ref().map(|s| s.capacity_experts as u64 * expert_bytes).unwrap_or(0),
+                            cache_capacity: snap
+                                .as_ref()
+                                .map(|s| s.capacity_experts as u64 * expert_bytes)
+                                .unwrap_or(0),
                             expert_bytes,
                         };
                         let describe = describe(&spec, &engine);
@@ -226,7 +241,16 @@ pub fn run() -> anyhow::Result<()> {
                     out.send(&not_loaded());
                     continue;
                 };
-                match generate(st, &mut out, &rx, &mut faults, prompt, input, sampling, stepped) {
+                match generate(
+                    st,
+                    &mut out,
+                    &rx,
+                    &mut faults,
+                    prompt,
+                    input,
+                    sampling,
+                    stepped,
+                ) {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Shutdown) => {
                         out.send(&WorkerEvent::Bye);
@@ -255,8 +279,15 @@ pub fn run() -> anyhow::Result<()> {
                     score(st, &ids, from, count, &support)
                 });
                 match scored {
-                    Ok((rows, full_vocab)) => out.send(&WorkerEvent::Scored { prompt, rows, full_vocab }),
-                    Err(e) => out.send(&WorkerEvent::Error { message: e, fatal: false }),
+                    Ok((rows, full_vocab)) => out.send(&WorkerEvent::Scored {
+                        prompt,
+                        rows,
+                        full_vocab,
+                    }),
+                    Err(e) => out.send(&WorkerEvent::Error {
+                        message: e,
+                        fatal: false,
+                    }),
                 }
             }
             Command::Perplexity { text, max_tokens } => {
@@ -265,8 +296,14 @@ pub fn run() -> anyhow::Result<()> {
                     continue;
                 };
                 match perplexity(st, &text, max_tokens) {
-                    Ok((ppl, n)) => out.send(&WorkerEvent::Perplexity { perplexity: ppl, tokens: n }),
-                    Err(e) => out.send(&WorkerEvent::Error { message: e, fatal: false }),
+                    Ok((ppl, n)) => out.send(&WorkerEvent::Perplexity {
+                        perplexity: ppl,
+                        tokens: n,
+                    }),
+                    Err(e) => out.send(&WorkerEvent::Error {
+                        message: e,
+                        fatal: false,
+                    }),
                 }
             }
             Command::Step | Command::Pause | Command::Resume | Command::Cancel => {
@@ -288,7 +325,12 @@ fn not_loaded() -> WorkerEvent {
 }
 
 fn describe(spec: &crate::engine::BackendSpec, engine: &Engine) -> String {
-    let base = format!("{} {} {}", engine.provider.kind(), engine.dtype.name(), engine.device);
+    let base = format!(
+        "{} {} {}",
+        engine.provider.kind(),
+        engine.dtype.name(),
+        engine.device
+    );
     match engine.provider.cache_snapshot() {
         Some(s) => format!(
             "{base}: cache {} experts ({} scope, {}), source {}{}{}",
@@ -296,8 +338,16 @@ fn describe(spec: &crate::engine::BackendSpec, engine: &Engine) -> String {
             spec.cache.cache_scope.name(),
             spec.cache.policy.name(),
             spec.cache.expert_source,
-            if spec.cache.cold { ", cold page cache" } else { ", warm page cache" },
-            if spec.cache.prefetch == crate::experts::PrefetchMode::NextLayer { ", prefetch next-layer" } else { "" },
+            if spec.cache.cold {
+                ", cold page cache"
+            } else {
+                ", warm page cache"
+            },
+            if spec.cache.prefetch == crate::experts::PrefetchMode::NextLayer {
+                ", prefetch next-layer"
+            } else {
+                ""
+            },
         ),
         None => base,
     }
@@ -329,7 +379,8 @@ fn generate(
     };
     let model = &st.engine.model;
     let provider = st.engine.provider.clone();
-    let mut g = Generation::new(model, ids.clone(), params, st.stops.clone()).map_err(|e| e.to_string())?;
+    let mut g =
+        Generation::new(model, ids.clone(), params, st.stops.clone()).map_err(|e| e.to_string())?;
     out.send(&WorkerEvent::PromptStarted {
         prompt,
         prompt_tokens: ids.len(),
@@ -354,11 +405,11 @@ fn generate(
                 match rx.recv_timeout(Duration::from_millis(250)) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
-                        if let Some(s) = provider.cache_snapshot() {
-                            if last_snapshot.elapsed() > Duration::from_secs(1) {
-                                out.send(&WorkerEvent::Cache { snapshot: s });
-                                last_snapshot = Instant::now();
-                            }
+                        if let Some(s) = provider.cache_snapshot()
+                            && last_snapshot.elapsed() > Duration::from_secs(1)
+                        {
+                            out.send(&WorkerEvent::Cache { snapshot: s });
+                            last_snapshot = Instant::now();
                         }
                         continue;
                     }
@@ -392,7 +443,10 @@ fn generate(
                     message: format!("busy generating; ignored {other:?}"),
                     fatal: false,
                 }),
-                Err(e) => out.send(&WorkerEvent::Error { message: e, fatal: false }),
+                Err(e) => out.send(&WorkerEvent::Error {
+                    message: e,
+                    fatal: false,
+                }),
             }
         }
         if cancelled {
@@ -406,7 +460,11 @@ fn generate(
             Err(e) => return Err(e.to_string()),
         };
         for (position, experts) in std::mem::take(&mut st.trace.per_position) {
-            out.send(&WorkerEvent::Routing { prompt, position, experts });
+            out.send(&WorkerEvent::Routing {
+                prompt,
+                position,
+                experts,
+            });
         }
         let piece = match &st.tokenizer {
             Some(t) => decoder.push(t, step.token),
@@ -495,7 +553,13 @@ fn score(
     let mut cache = model.new_cache();
     let mut sink = crate::experts::provider::NoObserver;
     let logits = model
-        .forward(&ids[..from + count], &mut cache, st.engine.provider.as_ref(), &mut sink, Logits::All)
+        .forward(
+            &ids[..from + count],
+            &mut cache,
+            st.engine.provider.as_ref(),
+            &mut sink,
+            Logits::All,
+        )
         .map_err(|e| e.to_string())?;
     let rows: Vec<Vec<f32>> = logits
         .narrow(0, from, count)
@@ -515,7 +579,9 @@ fn score(
                 Support::TopK(k) => {
                     full = false;
                     let mut idx: Vec<u32> = (0..vocab as u32).collect();
-                    idx.select_nth_unstable_by(*k, |a, b| r[*b as usize].total_cmp(&r[*a as usize]));
+                    idx.select_nth_unstable_by(*k, |a, b| {
+                        r[*b as usize].total_cmp(&r[*a as usize])
+                    });
                     idx.truncate(*k);
                     idx
                 }
@@ -527,7 +593,11 @@ fn score(
             };
             let logp = ids
                 .iter()
-                .map(|&t| r.get(t as usize).map(|v| v - lse).unwrap_or(f32::NEG_INFINITY))
+                .map(|&t| {
+                    r.get(t as usize)
+                        .map(|v| v - lse)
+                        .unwrap_or(f32::NEG_INFINITY)
+                })
                 .collect();
             ScoreRow { ids, logp, top1 }
         })
@@ -549,7 +619,13 @@ fn perplexity(st: &mut Loaded, text: &str, max_tokens: usize) -> Result<(f64, us
     let model = &st.engine.model;
     let mut cache = model.new_cache();
     let logits = model
-        .forward(&ids, &mut cache, st.engine.provider.as_ref(), &mut crate::experts::provider::NoObserver, Logits::All)
+        .forward(
+            &ids,
+            &mut cache,
+            st.engine.provider.as_ref(),
+            &mut crate::experts::provider::NoObserver,
+            Logits::All,
+        )
         .map_err(|e| e.to_string())?;
     let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(|e| e.to_string())?;
     let mut nll = 0.0f64;

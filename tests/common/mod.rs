@@ -90,29 +90,53 @@ pub fn make_seed_layout(fixture_dir: &Path, out: &Path, with_config: bool) {
         write_atomic(&path, &tensors, None).unwrap();
     };
     let p = |s: &str| cfg.tensor_name(s);
-    write("embeddings/thinker_embeddings.safetensors", &[p("model.embed_tokens.weight")]);
+    write(
+        "embeddings/thinker_embeddings.safetensors",
+        &[p("model.embed_tokens.weight")],
+    );
     if !cfg.tie_word_embeddings {
-        write("lm_head/thinker_lm_head.safetensors", &[p("lm_head.weight")]);
+        write(
+            "lm_head/thinker_lm_head.safetensors",
+            &[p("lm_head.weight")],
+        );
     }
-    write("final_norm/thinker_final_norm.safetensors", &[p("model.norm.weight")]);
+    write(
+        "final_norm/thinker_final_norm.safetensors",
+        &[p("model.norm.weight")],
+    );
     for l in 0..cfg.num_hidden_layers {
         let lp = |s: &str| p(&format!("model.layers.{l}.{s}"));
         let attn: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"]
             .iter()
             .map(|n| lp(&format!("self_attn.{n}.weight")))
             .collect();
-        write(&format!("attention/thinker_attention_layer_{l:02}.safetensors"), &attn);
-        let norms = vec![lp("input_layernorm.weight"), lp("post_attention_layernorm.weight")];
-        write(&format!("norms/thinker_norms_layer_{l:02}.safetensors"), &norms);
+        write(
+            &format!("attention/thinker_attention_layer_{l:02}.safetensors"),
+            &attn,
+        );
+        let norms = vec![
+            lp("input_layernorm.weight"),
+            lp("post_attention_layernorm.weight"),
+        ];
+        write(
+            &format!("norms/thinker_norms_layer_{l:02}.safetensors"),
+            &norms,
+        );
         match cfg.layer_kinds[l] {
             moescope::model::config::FfnKind::Moe => {
-                write(&format!("routers/thinker_router_layer_{l:02}.safetensors"), &[lp("mlp.gate.weight")]);
+                write(
+                    &format!("routers/thinker_router_layer_{l:02}.safetensors"),
+                    &[lp("mlp.gate.weight")],
+                );
                 for e in 0..cfg.num_experts {
                     let names: Vec<String> = ExpertProj::ALL
                         .iter()
                         .map(|&pr| cfg.expert_tensor_name(l, e, pr))
                         .collect();
-                    write(&format!("experts/thinker_expert_{e:03}_layer_{l:02}.safetensors"), &names);
+                    write(
+                        &format!("experts/thinker_expert_{e:03}_layer_{l:02}.safetensors"),
+                        &names,
+                    );
                 }
             }
             moescope::model::config::FfnKind::Dense => {
@@ -122,7 +146,10 @@ pub fn make_seed_layout(fixture_dir: &Path, out: &Path, with_config: bool) {
                     lp("mlp.down_proj.weight"),
                 ];
                 // The seed layout has no place for dense MLPs; keep them with the norms' kin.
-                write(&format!("norms/thinker_dense_mlp_layer_{l:02}.safetensors"), &names);
+                write(
+                    &format!("norms/thinker_dense_mlp_layer_{l:02}.safetensors"),
+                    &names,
+                );
             }
         }
     }
@@ -134,7 +161,10 @@ pub fn make_seed_layout(fixture_dir: &Path, out: &Path, with_config: bool) {
 
 /// Runs the moescope binary; returns (exit code, stdout, stderr).
 pub fn run(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(bin()).args(args).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).to_string(),

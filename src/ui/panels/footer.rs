@@ -17,8 +17,12 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
         spans.push(Span::styled(format!("{m} · "), t.good));
     }
     let keys = match app.mode {
-        Mode::Live if !app.readonly => "q quit  space pause  . step  n/p prompt  r rerun  e export  t theme  tab focus  z zoom  v verdict  ? help",
-        Mode::Replay => "q quit  space pause  . step  n/p prompt  r restart  e export  t theme  tab focus  z zoom  v verdict  ? help",
+        Mode::Live if !app.readonly => {
+            "q quit  space pause  . step  n/p prompt  r rerun  e export  t theme  tab focus  z zoom  v verdict  ? help"
+        }
+        Mode::Replay => {
+            "q quit  space pause  . step  n/p prompt  r restart  e export  t theme  tab focus  z zoom  v verdict  ? help"
+        }
         _ => "q quit  n/p prompt  e export  t theme  tab focus  z zoom  v verdict  ? help",
     };
     spans.push(Span::styled(keys, t.muted));

@@ -35,7 +35,12 @@ fn ratio_marks(app: &App) -> Vec<f64> {
 pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     let t = &app.theme;
     let compact = area.height < 5;
-    let block = super::block(app, super::title("throughput", t.backend(b)), focused, compact);
+    let block = super::block(
+        app,
+        super::title("throughput", t.backend(b)),
+        focused,
+        compact,
+    );
     let inner = block.inner(area);
     f.render_widget(block, area);
     let m = backend_metrics(&app.session, b);
@@ -46,17 +51,48 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     let ttft = run.and_then(|r| r.ttft());
     let line1 = Line::from(vec![
         Span::styled("decode ", t.muted),
-        Span::styled(format!("{} tok/s", now.map(num).unwrap_or("–".into())), t.title),
-        Span::styled(format!(" avg {}", avg.map(num).unwrap_or("–".into())), t.text),
-        Span::styled(format!(" run {}", m.decode_tok_s.map(num).unwrap_or("–".into())), t.muted),
-        Span::styled(format!(" · TTFT {}", ttft.map(|v| format!("{v:.3} s")).unwrap_or("–".into())), t.text),
+        Span::styled(
+            format!("{} tok/s", now.map(num).unwrap_or("–".into())),
+            t.title,
+        ),
+        Span::styled(
+            format!(" avg {}", avg.map(num).unwrap_or("–".into())),
+            t.text,
+        ),
+        Span::styled(
+            format!(" run {}", m.decode_tok_s.map(num).unwrap_or("–".into())),
+            t.muted,
+        ),
+        Span::styled(
+            format!(
+                " · TTFT {}",
+                ttft.map(|v| format!("{v:.3} s")).unwrap_or("–".into())
+            ),
+            t.text,
+        ),
     ]);
     let line2 = Line::from(vec![
         Span::styled("token p50 ", t.muted),
-        Span::styled(percentile(&lat, 0.5).map(|v| format!("{:.1} ms", v * 1e3)).unwrap_or("–".into()), t.text),
+        Span::styled(
+            percentile(&lat, 0.5)
+                .map(|v| format!("{:.1} ms", v * 1e3))
+                .unwrap_or("–".into()),
+            t.text,
+        ),
         Span::styled(" p95 ", t.muted),
-        Span::styled(percentile(&lat, 0.95).map(|v| format!("{:.1} ms", v * 1e3)).unwrap_or("–".into()), t.text),
-        Span::styled(format!(" · load {}", m.load_s.map(|v| format!("{v:.2} s")).unwrap_or("–".into())), t.muted),
+        Span::styled(
+            percentile(&lat, 0.95)
+                .map(|v| format!("{:.1} ms", v * 1e3))
+                .unwrap_or("–".into()),
+            t.text,
+        ),
+        Span::styled(
+            format!(
+                " · load {}",
+                m.load_s.map(|v| format!("{v:.2} s")).unwrap_or("–".into())
+            ),
+            t.muted,
+        ),
     ]);
     let mut lines = vec![line1, line2];
     if inner.height >= 3 {
@@ -83,8 +119,16 @@ fn speed_bar(app: &App, b: Backend, width: usize) -> Line<'static> {
     // Scale: 0 … 1.25× native, so "as fast" sits at 80 % of the bar.
     let pos = |r: f64| ((r / 1.25).clamp(0.0, 1.0) * w as f64).round() as usize;
     let fill = pos(ratio);
-    let marks: Vec<usize> = if b == Backend::Selective { ratio_marks(app).into_iter().map(pos).collect() } else { vec![] };
-    let (full, empty, mark) = if app.ascii { ('#', '-', '|') } else { ('█', '░', '│') };
+    let marks: Vec<usize> = if b == Backend::Selective {
+        ratio_marks(app).into_iter().map(pos).collect()
+    } else {
+        vec![]
+    };
+    let (full, empty, mark) = if app.ascii {
+        ('#', '-', '|')
+    } else {
+        ('█', '░', '│')
+    };
     let mut spans = vec![Span::styled("[", t.muted)];
     for i in 0..w {
         let (c, style) = if marks.contains(&i) {

@@ -27,19 +27,28 @@ pub fn bin_max(values: &[f64], bins: usize) -> Vec<f64> {
         .collect()
 }
 
+/// One MoE layer: (layer, usage per expert, resident per expert, hit rate).
+type HeatRow = (usize, Vec<f64>, Vec<bool>, Option<f64>);
+
 pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     let t = &app.theme;
     let st = app.session.backend(b);
     let compact = area.height < 8;
-    let (title, rows): (String, Vec<(usize, Vec<f64>, Vec<bool>, Option<f64>)>) = match (b, &st.cache) {
+    let (title, rows): (String, Vec<HeatRow>) = match (b, &st.cache) {
         (Backend::Selective, Some(c)) => (
             format!(
                 "cache {}/{} experts · hit {} · {}",
                 c.resident_experts,
                 c.capacity_experts,
-                c.hit_rate().map(|h| format!("{:.1} %", h * 100.0)).unwrap_or("–".into()),
+                c.hit_rate()
+                    .map(|h| format!("{:.1} %", h * 100.0))
+                    .unwrap_or("–".into()),
                 if c.load_latency.count > 0 {
-                    format!("load p50 {:.2} ms p95 {:.2} ms", c.load_latency.p50_us / 1e3, c.load_latency.p95_us / 1e3)
+                    format!(
+                        "load p50 {:.2} ms p95 {:.2} ms",
+                        c.load_latency.p50_us / 1e3,
+                        c.load_latency.p95_us / 1e3
+                    )
                 } else {
                     "no loads yet".into()
                 }
@@ -47,7 +56,12 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
             c.layers
                 .iter()
                 .map(|l| {
-                    let use_: Vec<f64> = l.hits.iter().zip(&l.misses).map(|(h, m)| (*h + *m) as f64).collect();
+                    let use_: Vec<f64> = l
+                        .hits
+                        .iter()
+                        .zip(&l.misses)
+                        .map(|(h, m)| (*h + *m) as f64)
+                        .collect();
                     (l.layer, use_, l.resident.clone(), l.hit_rate())
                 })
                 .collect(),
@@ -60,7 +74,14 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
                 .moe_layers
                 .iter()
                 .zip(&st.usage)
-                .map(|(l, u)| (*l, u.iter().map(|x| *x as f64).collect(), vec![false; u.len()], None))
+                .map(|(l, u)| {
+                    (
+                        *l,
+                        u.iter().map(|x| *x as f64).collect(),
+                        vec![false; u.len()],
+                        None,
+                    )
+                })
                 .collect(),
         ),
     };
@@ -71,9 +92,11 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
         return;
     }
     let show_rate = b == Backend::Selective && inner.width >= 20;
-    let label_w = 4usize;
+    let label_w = 6usize;
     let rate_w = if show_rate { 5 } else { 0 };
-    let cells = (inner.width as usize).saturating_sub(label_w + rate_w).max(1);
+    let cells = (inner.width as usize)
+        .saturating_sub(label_w + rate_w)
+        .max(1);
     // Layers binned into the available rows.
     let nrows = (inner.height as usize).min(rows.len());
     let mut lines = Vec::new();
@@ -92,9 +115,21 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
         }
         let max = usage.iter().copied().fold(0.0, f64::max).max(1e-9);
         let u = bin_max(&usage, cells);
-        let res_f: Vec<f64> = resident.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect();
+        // Few experts in a wide panel: draw each one several cells wide.
+        let widen = (cells / u.len().max(1)).clamp(1, 3);
+        let res_f: Vec<f64> = resident
+            .iter()
+            .map(|&x| if x { 1.0 } else { 0.0 })
+            .collect();
         let res = bin_max(&res_f, cells);
-        let label = if group.len() == 1 { format!("L{:<3}", group[0].0) } else { format!("{:>3}+", group[0].0) };
+        let label = if group.len() == 1 {
+            format!("L{:<5}", group[0].0)
+        } else {
+            format!(
+                "{:<6}",
+                format!("L{}-{}", group[0].0, group[group.len() - 1].0)
+            )
+        };
         let mut spans = vec![Span::styled(label, t.muted)];
         for (i, v) in u.iter().enumerate() {
             let level = v / max;
@@ -105,14 +140,17 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
             } else {
                 (if app.ascii { '.' } else { '·' }, t.muted)
             };
-            spans.push(Span::styled(ch.to_string(), style));
+            spans.push(Span::styled(ch.to_string().repeat(widen), style));
         }
         if show_rate {
             let rates: Vec<f64> = group.iter().filter_map(|g| g.3).collect();
             let txt = if rates.is_empty() {
                 "   – ".to_string()
             } else {
-                format!("{:>4.0}%", 100.0 * rates.iter().sum::<f64>() / rates.len() as f64)
+                format!(
+                    "{:>4.0}%",
+                    100.0 * rates.iter().sum::<f64>() / rates.len() as f64
+                )
             };
             let style = match rates.first() {
                 Some(r) if *r >= 0.5 => t.good,
@@ -137,6 +175,10 @@ mod tests {
         let b = bin_max(&v, 40);
         assert_eq!(b.len(), 40);
         assert_eq!(b.iter().filter(|x| **x == 5.0).count(), 1);
-        assert_eq!(bin_max(&[1.0, 2.0], 10), vec![1.0, 2.0], "never more bins than values");
+        assert_eq!(
+            bin_max(&[1.0, 2.0], 10),
+            vec![1.0, 2.0],
+            "never more bins than values"
+        );
     }
 }

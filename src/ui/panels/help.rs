@@ -8,18 +8,30 @@ use ratatui::widgets::{Clear, Paragraph, Wrap};
 use crate::ui::app::{App, Mode};
 
 pub const KEYS: [(&str, &str); 15] = [
-    ("n / p", "next / previous prompt (live: cancels the current one and moves the run)"),
+    (
+        "n / p",
+        "next / previous prompt (live: cancels the current one and moves the run)",
+    ),
     ("space", "pause / resume (replay: pause playback)"),
     (".", "step one token on each backend while paused"),
-    ("r", "rerun the current prompt (replay: restart from the beginning)"),
-    ("e", "export the session summary now (JSON next to the recording)"),
+    (
+        "r",
+        "rerun the current prompt (replay: restart from the beginning)",
+    ),
+    (
+        "e",
+        "export the session summary now (JSON next to the recording)",
+    ),
     ("t", "cycle colour theme"),
     ("tab / shift-tab", "focus the next / previous panel"),
     ("z", "zoom the focused panel (again to return)"),
     ("↑ ↓ / k j", "scroll the focused token panel"),
     ("v", "show / hide the verdict screen"),
     ("?", "this help"),
-    ("q / Ctrl-C", "quit: workers stopped, recording closed, terminal restored"),
+    (
+        "q / Ctrl-C",
+        "quit: workers stopped, recording closed, terminal restored",
+    ),
     ("", ""),
     ("--readonly", "n/p only change the view; space . r are off"),
     ("mouse", "not needed: everything has a key"),
@@ -29,12 +41,21 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
     let t = &app.theme;
     let w = area.width.saturating_sub(4).min(86);
     let h = (KEYS.len() as u16 + 4).min(area.height.saturating_sub(2));
-    let [row] = Layout::vertical([Constraint::Length(h)]).flex(Flex::Center).areas(area);
-    let [rect] = Layout::horizontal([Constraint::Length(w)]).flex(Flex::Center).areas(row);
+    let [row] = Layout::vertical([Constraint::Length(h)])
+        .flex(Flex::Center)
+        .areas(area);
+    let [rect] = Layout::horizontal([Constraint::Length(w)])
+        .flex(Flex::Center)
+        .areas(row);
     f.render_widget(Clear, rect);
     let mut lines: Vec<Line> = KEYS
         .iter()
-        .map(|(k, d)| Line::from(vec![Span::styled(format!("{k:>16}  "), t.focus), Span::styled(*d, t.text)]))
+        .map(|(k, d)| {
+            Line::from(vec![
+                Span::styled(format!("{k:>16}  "), t.focus),
+                Span::styled(*d, t.text),
+            ])
+        })
         .collect();
     let mode = match app.mode {
         Mode::Live if app.readonly => "live, read-only",
@@ -42,7 +63,15 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
         Mode::Replay => "replay",
         Mode::Watch => "watching a recording",
     };
-    lines.push(Line::from(Span::styled(format!("mode: {mode} · any key closes this help"), t.muted)));
+    lines.push(Line::from(Span::styled(
+        format!("mode: {mode} · any key closes this help"),
+        t.muted,
+    )));
     let block = super::block(app, super::title("keys", t.title), true, false);
-    f.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), rect);
+    f.render_widget(
+        Paragraph::new(lines)
+            .block(block)
+            .wrap(Wrap { trim: false }),
+        rect,
+    );
 }

@@ -34,14 +34,33 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     let inner = block.inner(area);
     f.render_widget(block, area);
     if inner.height < 2 || st.memory.len() < 2 {
-        let gpu = if last.is_some_and(|m| m.gpu.is_none()) { "GPU: unavailable (no NVML figure)" } else { "" };
-        f.render_widget(Paragraph::new(Line::from(Span::styled(gpu, t.muted))), inner);
+        let gpu = if last.is_some_and(|m| m.gpu.is_none()) {
+            "GPU: unavailable (no NVML figure)"
+        } else {
+            ""
+        };
+        f.render_widget(
+            Paragraph::new(Line::from(Span::styled(gpu, t.muted))),
+            inner,
+        );
         return;
     }
     let mib = |v: u64| v as f64 / (1u64 << 20) as f64;
-    let anon: Vec<(f64, f64)> = st.memory.iter().map(|(x, m)| (*x, mib(m.rss_anon))).collect();
-    let file: Vec<(f64, f64)> = st.memory.iter().map(|(x, m)| (*x, mib(m.rss_file))).collect();
-    let total: Vec<(f64, f64)> = st.memory.iter().map(|(x, m)| (*x, mib(m.total()))).collect();
+    let anon: Vec<(f64, f64)> = st
+        .memory
+        .iter()
+        .map(|(x, m)| (*x, mib(m.rss_anon)))
+        .collect();
+    let file: Vec<(f64, f64)> = st
+        .memory
+        .iter()
+        .map(|(x, m)| (*x, mib(m.rss_file)))
+        .collect();
+    let total: Vec<(f64, f64)> = st
+        .memory
+        .iter()
+        .map(|(x, m)| (*x, mib(m.total())))
+        .collect();
     let gpu: Vec<(f64, f64)> = st
         .memory
         .iter()
@@ -57,19 +76,61 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
         .filter(|r| r.cache_capacity > 0)
         .map(|r| mib(r.expected()));
     let exp_line: Vec<(f64, f64)> = expected.map(|e| vec![(x0, e), (x1, e)]).unwrap_or_default();
-    let ymax = [peak, expected.unwrap_or(0.0)].iter().copied().fold(1.0, f64::max) * 1.15;
-    let marker = if app.ascii { Marker::Dot } else { Marker::Braille };
+    let ymax = [peak, expected.unwrap_or(0.0)]
+        .iter()
+        .copied()
+        .fold(1.0, f64::max)
+        * 1.15;
+    let marker = if app.ascii {
+        Marker::Dot
+    } else {
+        Marker::Braille
+    };
     let mut sets = vec![
-        Dataset::default().name("total").marker(marker).graph_type(GraphType::Line).style(t.text).data(&total),
-        Dataset::default().name("anon").marker(marker).graph_type(GraphType::Line).style(t.rss_anon).data(&anon),
-        Dataset::default().name("file").marker(marker).graph_type(GraphType::Line).style(t.rss_file).data(&file),
-        Dataset::default().name("peak").marker(marker).graph_type(GraphType::Line).style(t.peak).data(&peak_line),
+        Dataset::default()
+            .name("total")
+            .marker(marker)
+            .graph_type(GraphType::Line)
+            .style(t.text)
+            .data(&total),
+        Dataset::default()
+            .name("anon")
+            .marker(marker)
+            .graph_type(GraphType::Line)
+            .style(t.rss_anon)
+            .data(&anon),
+        Dataset::default()
+            .name("file")
+            .marker(marker)
+            .graph_type(GraphType::Line)
+            .style(t.rss_file)
+            .data(&file),
+        Dataset::default()
+            .name("peak")
+            .marker(marker)
+            .graph_type(GraphType::Line)
+            .style(t.peak)
+            .data(&peak_line),
     ];
     if !gpu.is_empty() {
-        sets.push(Dataset::default().name("gpu").marker(marker).graph_type(GraphType::Line).style(t.gpu).data(&gpu));
+        sets.push(
+            Dataset::default()
+                .name("gpu")
+                .marker(marker)
+                .graph_type(GraphType::Line)
+                .style(t.gpu)
+                .data(&gpu),
+        );
     }
     if !exp_line.is_empty() {
-        sets.push(Dataset::default().name("expected").marker(marker).graph_type(GraphType::Line).style(t.expected).data(&exp_line));
+        sets.push(
+            Dataset::default()
+                .name("expected")
+                .marker(marker)
+                .graph_type(GraphType::Line)
+                .style(t.expected)
+                .data(&exp_line),
+        );
     }
     let y_labels = vec![
         Span::styled("0", t.muted),
@@ -77,7 +138,15 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     ];
     let chart = Chart::new(sets)
         .x_axis(Axis::default().bounds([x0, x1]).style(t.muted))
-        .y_axis(Axis::default().bounds([0.0, ymax]).labels(y_labels).style(t.muted))
-        .hidden_legend_constraints((ratatui::layout::Constraint::Percentage(45), ratatui::layout::Constraint::Percentage(60)));
+        .y_axis(
+            Axis::default()
+                .bounds([0.0, ymax])
+                .labels(y_labels)
+                .style(t.muted),
+        )
+        .hidden_legend_constraints((
+            ratatui::layout::Constraint::Percentage(45),
+            ratatui::layout::Constraint::Percentage(60),
+        ));
     f.render_widget(chart, inner);
 }

@@ -17,7 +17,11 @@ use super::app::App;
 
 /// A panel frame: full borders when there is room, a top rule with the title when compact.
 pub fn block<'a>(app: &App, title: Line<'a>, focused: bool, compact: bool) -> Block<'a> {
-    let border = if focused { app.theme.focus } else { app.theme.border };
+    let border = if focused {
+        app.theme.focus
+    } else {
+        app.theme.border
+    };
     let b = Block::default()
         .borders(if compact { Borders::TOP } else { Borders::ALL })
         .border_style(border)
@@ -39,7 +43,10 @@ pub fn block<'a>(app: &App, title: Line<'a>, focused: bool, compact: bool) -> Bl
 }
 
 pub fn title<'a>(text: impl Into<String>, style: Style) -> Line<'a> {
-    Line::from(Span::styled(format!(" {} ", text.into()), style.add_modifier(Modifier::BOLD)))
+    Line::from(Span::styled(
+        format!(" {} ", text.into()),
+        style.add_modifier(Modifier::BOLD),
+    ))
 }
 
 /// "12.3", "1.23 k" — compact numbers for narrow panels.

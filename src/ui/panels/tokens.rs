@@ -97,13 +97,15 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     f.render_widget(block, area);
 
     if let Status::Failed(reason) = &st.status {
-        let msg = vec![
+        let msg = [
             Line::from(Span::styled(format!("{b} failed"), t.bad)),
             Line::from(Span::styled(reason.clone(), t.bad)),
             Line::from(Span::styled("the other backend goes on", t.muted)),
         ];
         let lines = wrap(
-            &msg.iter().map(|l| (l.to_string() + "\n", l.spans[0].style)).collect::<Vec<_>>(),
+            &msg.iter()
+                .map(|l| (l.to_string() + "\n", l.spans[0].style))
+                .collect::<Vec<_>>(),
             inner.width as usize,
         );
         f.render_widget(Paragraph::new(lines), inner);
@@ -117,7 +119,11 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
                 .iter()
                 .enumerate()
                 .map(|(i, tok)| {
-                    let style = if div.is_some_and(|d| i >= d) { t.divergence } else { t.text };
+                    let style = if div.is_some_and(|d| i >= d) {
+                        t.divergence
+                    } else {
+                        t.text
+                    };
                     (tok.text.clone(), style)
                 })
                 .collect();
@@ -133,14 +139,20 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
         _ => vec![(String::from("(not started)"), t.muted)],
     };
     let mut lines = wrap(&pieces, inner.width as usize);
-    if let Some(d) = div {
-        if b == Backend::Selective && inner.height > 2 {
-            lines.push(Line::from(Span::styled(format!("⟂ diverges from native at token {d}"), t.divergence)));
-        }
+    if let Some(d) = div
+        && b == Backend::Selective
+        && inner.height > 2
+    {
+        lines.push(Line::from(Span::styled(
+            format!("⟂ diverges from native at token {d}"),
+            t.divergence,
+        )));
     }
     let h = inner.height as usize;
     let scroll = app.view.scroll[b.index()] as usize;
-    let end = lines.len().saturating_sub(scroll.min(lines.len().saturating_sub(h)));
+    let end = lines
+        .len()
+        .saturating_sub(scroll.min(lines.len().saturating_sub(h)));
     let start = end.saturating_sub(h);
     let visible: Vec<Line> = lines[start..end].to_vec();
     f.render_widget(Paragraph::new(visible), inner);
@@ -153,7 +165,10 @@ mod tests {
     #[test]
     fn wraps_at_spaces_and_newlines() {
         let s = Style::default();
-        let lines = wrap(&[("hello world, how".into(), s), (" are you\nnext".into(), s)], 11);
+        let lines = wrap(
+            &[("hello world, how".into(), s), (" are you\nnext".into(), s)],
+            11,
+        );
         let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
         assert_eq!(text, vec!["hello ", "world, how ", "are you", "next"]);
         let long = wrap(&[("abcdefghijklmnop".into(), s)], 5);

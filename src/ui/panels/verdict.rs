@@ -35,6 +35,13 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &Verdict) {
         Span::styled(v.headline.clone(), head_style),
         Span::styled(format!("  ({} profile)", v.profile), t.muted),
     ])];
+    let label_w = v
+        .criteria
+        .iter()
+        .map(|c| c.label.chars().count())
+        .max()
+        .unwrap_or(10)
+        .min(60);
     for c in &v.criteria {
         let native_rule = c.group == "native_preferred";
         let (mark, style) = match (c.pass, native_rule) {
@@ -54,9 +61,11 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &Verdict) {
         lines.push(Line::from(vec![
             Span::styled(format!("{mark:>5} "), style),
             Span::styled(format!("{group:<10}"), t.muted),
-            Span::styled(format!("{:<46}", c.label), t.text),
+            Span::styled(format!("{:<w$}", c.label, w = label_w), t.text),
             Span::styled(
-                c.measured.map(|m| format!("{m:>10.3}")).unwrap_or_else(|| "  not measured".into()),
+                c.measured
+                    .map(|m| format!("{m:>10.3}"))
+                    .unwrap_or_else(|| "  not measured".into()),
                 style,
             ),
             Span::styled(format!(" {} {}", c.op, c.threshold), t.muted),
@@ -66,34 +75,63 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &Verdict) {
         lines.push(Line::from(Span::styled(format!("  · {r}"), t.muted)));
     }
     let block = super::block(app, super::title("verdict", t.title), false, false);
-    f.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), parts[0]);
+    f.render_widget(
+        Paragraph::new(lines)
+            .block(block)
+            .wrap(Wrap { trim: false }),
+        parts[0],
+    );
 
     // Per-prompt table.
-    let header = Row::new(vec!["#", "category", "native tok/s", "selective tok/s", "same tokens", "diverges at", "mean KL"])
-        .style(t.title);
+    let header = Row::new(vec![
+        "#",
+        "category",
+        "native tok/s",
+        "selective tok/s",
+        "same tokens",
+        "diverges at",
+        "mean KL",
+    ])
+    .style(t.title);
     let rows: Vec<Row> = (0..app.session.num_prompts())
         .map(|i| {
             let p = &app.session.header.prompts.prompts[i];
             let nr = app.session.backends[0].runs.get(i);
             let sr = app.session.backends[1].runs.get(i);
             let tps = |r: Option<&crate::session::state::PromptRun>| {
-                r.and_then(|r| r.decode_tok_s()).map(super::num).unwrap_or("–".into())
+                r.and_then(|r| r.decode_tok_s())
+                    .map(super::num)
+                    .unwrap_or("–".into())
             };
-            let ag = match (nr.and_then(|r| r.done.as_ref()), sr.and_then(|r| r.done.as_ref())) {
+            let ag = match (
+                nr.and_then(|r| r.done.as_ref()),
+                sr.and_then(|r| r.done.as_ref()),
+            ) {
                 (Some(a), Some(b)) => Some(token_agreement(&a.token_ids, &b.token_ids)),
                 _ => None,
             };
-            let kl = app.session.agreement[i].as_ref().map(|a| format!("{:.1e}", a.mean_kl)).unwrap_or("–".into());
+            let kl = app.session.agreement[i]
+                .as_ref()
+                .map(|a| format!("{:.1e}", a.mean_kl))
+                .unwrap_or("–".into());
             let style = if i == app.prompt() { t.focus } else { t.text };
             Row::new(vec![
                 Cell::from(format!("{}", i + 1)),
                 Cell::from(p.category.clone()),
                 Cell::from(tps(nr)),
                 Cell::from(tps(sr)),
-                Cell::from(ag.as_ref().map(|a| format!("{:.0} %", a.identical_pct)).unwrap_or("–".into())),
                 Cell::from(
                     ag.as_ref()
-                        .map(|a| a.first_divergence.map(|d| d.to_string()).unwrap_or("never".into()))
+                        .map(|a| format!("{:.0} %", a.identical_pct))
+                        .unwrap_or("–".into()),
+                ),
+                Cell::from(
+                    ag.as_ref()
+                        .map(|a| {
+                            a.first_divergence
+                                .map(|d| d.to_string())
+                                .unwrap_or("never".into())
+                        })
                         .unwrap_or("–".into()),
                 ),
                 Cell::from(kl),
@@ -111,7 +149,10 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &Verdict) {
         Constraint::Length(9),
     ];
     let block = super::block(app, super::title("per prompt", t.title), false, false);
-    f.render_widget(Table::new(rows, widths).header(header).block(block), parts[1]);
+    f.render_widget(
+        Table::new(rows, widths).header(header).block(block),
+        parts[1],
+    );
 
     // Outputs side by side.
     let cols = Layout::default()
@@ -128,7 +169,21 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &Verdict) {
             .map(|r| r.text.trim().to_string())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "(no output)".into());
-        let block = super::block(app, super::title(format!("{} output · prompt {}", b.name(), i + 1), t.backend(*b)), false, false);
-        f.render_widget(Paragraph::new(text).style(t.text).block(block).wrap(Wrap { trim: false }), cols[k]);
+        let block = super::block(
+            app,
+            super::title(
+                format!("{} output · prompt {}", b.name(), i + 1),
+                t.backend(*b),
+            ),
+            false,
+            false,
+        );
+        f.render_widget(
+            Paragraph::new(text)
+                .style(t.text)
+                .block(block)
+                .wrap(Wrap { trim: false }),
+            cols[k],
+        );
     }
 }

@@ -1,0 +1,148 @@
+//! The dashboard in a real terminal: the binary runs inside tmux, keys are sent, the screen is
+//! captured, and we check what a person would see. Needs tmux (`.ci/run` installs it).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Tmux {
+    name: String,
+}
+
+impl Tmux {
+    fn start(name: &str, w: u16, h: u16, cmd: &str) -> Self {
+        assert!(
+            Command::new("tmux").arg("-V").output().is_ok(),
+            "tmux is needed for the real-terminal test (apt-get install tmux)"
+        );
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", name])
+            .output();
+        let status = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                name,
+                "-x",
+                &w.to_string(),
+                "-y",
+                &h.to_string(),
+            ])
+            .arg(format!(
+                "cd {} && TERM=xterm-256color {cmd}; echo \"EXITED-$?\"; sleep 60",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        Tmux { name: name.into() }
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn keys(&self, k: &str) {
+        Command::new("tmux")
+            .args(["send-keys", "-t", &self.name, k])
+            .status()
+            .unwrap();
+    }
+
+    /// Waits until the screen contains every needle.
+    fn wait_for(&self, needles: &[&str], secs: u64) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.screen();
+            if needles.iter().all(|n| s.contains(n)) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "waited for {needles:?}; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.name])
+            .output();
+    }
+}
+
+#[test]
+fn live_dashboard_in_tmux() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("tui.ndjson");
+    let cmd = format!(
+        "{} run --prompts prompts/long.toml --record {}",
+        bin().display(),
+        rec.display()
+    );
+    let t = Tmux::start("moescope-test-live", 160, 50, &cmd);
+    // Both panes, the header, tokens streaming.
+    let s = t.wait_for(
+        &[
+            "native ·",
+            "selective ·",
+            "prompt 1/4",
+            "throughput",
+            "cache",
+        ],
+        60,
+    );
+    assert!(s.contains("moescope tiny-moe"), "{s}");
+    // Pause, then step one token.
+    t.keys("Space");
+    t.wait_for(&["PAUSED"], 20);
+    t.keys(".");
+    // Help overlay lists the keys; any key closes it.
+    t.keys("?");
+    t.wait_for(&["rerun the current prompt", "zoom the focused panel"], 10);
+    t.keys("x");
+    t.keys("Space");
+    // The run finishes and the verdict screen appears.
+    t.wait_for(&["VERDICT", "per prompt"], 120);
+    // q restores the terminal and prints the report.
+    t.keys("q");
+    let s = t.wait_for(
+        &["verdict (relative profile)", "recording:", "EXITED-0"],
+        20,
+    );
+    assert!(s.contains("| native") || s.contains("native "), "{s}");
+    let r = moescope::session::record::read(&rec).unwrap();
+    assert!(matches!(
+        r.events.last().unwrap().event,
+        moescope::session::SessionEvent::Finished { .. }
+    ));
+}
+
+#[test]
+fn replay_in_a_small_terminal_and_quit_mid_run() {
+    let demo =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recordings/demo-tiny-moe.ndjson");
+    let cmd = format!(
+        "{} replay {} --speed 0.5 --theme ansi16",
+        bin().display(),
+        demo.display()
+    );
+    let t = Tmux::start("moescope-test-replay", 80, 24, &cmd);
+    t.wait_for(&["REPLAY", "native ·", "selective ·"], 30);
+    t.keys("n");
+    t.wait_for(&["prompt 2/6"], 10);
+    t.keys("q");
+    let s = t.wait_for(&["EXITED-0"], 10);
+    assert!(!s.contains("REPLAY"), "terminal restored:\n{s}");
+}

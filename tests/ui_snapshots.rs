@@ -1,0 +1,164 @@
+//! Snapshots of the whole dashboard on ratatui's TestBackend, at 80×24 and 160×50, driven from
+//! recordings: mid-run, a failed worker, the final verdict, the help overlay, and one snapshot
+//! per shipped theme (with styles, so a colour change shows).
+
+mod common;
+
+use std::path::PathBuf;
+
+use moescope::session::record;
+use moescope::session::state::SessionState;
+use moescope::session::verdict::Profile;
+use moescope::ui::app::{Action, App, Mode};
+use moescope::ui::render_to_string;
+use moescope::ui::theme::{BUILTIN, Depth, Theme};
+
+fn recording(rel: &str) -> record::Recording {
+    record::read(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+}
+
+/// An app with the first `fraction` of a recording's events applied.
+fn app_at(rel: &str, fraction: f64, theme: &str) -> App {
+    let rec = recording(rel);
+    let mut s = SessionState::new(rec.header.clone());
+    let n = (rec.events.len() as f64 * fraction) as usize;
+    for e in &rec.events[..n] {
+        s.apply(e);
+    }
+    let profile = Profile::load(&rec.header.profile).unwrap();
+    App::new(
+        s,
+        Theme::load(theme, Depth::TrueColor).unwrap(),
+        Depth::TrueColor,
+        profile,
+        Mode::Live,
+    )
+}
+
+const DEMO: &str = "recordings/demo-tiny-moe.ndjson";
+
+/// The demo recording applied until selective has streamed `n` tokens of prompt 5 (the longest
+/// answer): a moment with text in both panes, live gauges and a warm cache.
+fn demo_mid_run(n: usize, theme: &str) -> App {
+    let rec = recording(DEMO);
+    let mut s = SessionState::new(rec.header.clone());
+    for e in &rec.events {
+        s.apply(e);
+        if s.backends[1].runs[4].tokens.len() >= n {
+            break;
+        }
+    }
+    let profile = Profile::load(&rec.header.profile).unwrap();
+    App::new(
+        s,
+        Theme::load(theme, Depth::TrueColor).unwrap(),
+        Depth::TrueColor,
+        profile,
+        Mode::Live,
+    )
+}
+
+#[test]
+fn mid_run() {
+    for (w, h) in [(80, 24), (160, 50)] {
+        let mut app = demo_mid_run(30, "default");
+        let text = render_to_string(&mut app, w, h);
+        assert!(
+            text.contains("prompt 5/6") && text.contains("cache"),
+            "{text}"
+        );
+        insta::assert_snapshot!(format!("mid_run_{w}x{h}"), text);
+    }
+}
+
+#[test]
+fn worker_failed() {
+    for (w, h) in [(80, 24), (160, 50)] {
+        let mut app = app_at("tests/fixtures/events/failed.ndjson", 0.7, "default");
+        let text = render_to_string(&mut app, w, h);
+        assert!(text.contains("FAILED"), "{text}");
+        insta::assert_snapshot!(format!("worker_failed_{w}x{h}"), text);
+    }
+}
+
+#[test]
+fn final_verdict() {
+    for (w, h) in [(80, 24), (160, 50)] {
+        let mut app = app_at(DEMO, 1.0, "default");
+        let text = render_to_string(&mut app, w, h);
+        assert!(text.contains("VERDICT"), "{text}");
+        insta::assert_snapshot!(format!("final_verdict_{w}x{h}"), text);
+    }
+    let mut app = app_at("tests/fixtures/events/hybrid.ndjson", 1.0, "default");
+    insta::assert_snapshot!(
+        "final_verdict_hybrid_160x50",
+        render_to_string(&mut app, 160, 50)
+    );
+}
+
+#[test]
+fn help_overlay() {
+    for (w, h) in [(80, 24), (160, 50)] {
+        let mut app = app_at(DEMO, 0.3, "default");
+        app.update(Action::ToggleHelp);
+        let text = render_to_string(&mut app, w, h);
+        assert!(text.contains("rerun the current prompt"), "{text}");
+        insta::assert_snapshot!(format!("help_{w}x{h}"), text);
+    }
+}
+
+#[test]
+fn zoomed_heatmap_and_ascii() {
+    let mut app = demo_mid_run(30, "default");
+    for _ in 0..7 {
+        app.update(Action::FocusNext);
+    }
+    app.update(Action::ToggleZoom);
+    insta::assert_snapshot!(
+        "zoom_selective_heatmap_160x50",
+        render_to_string(&mut app, 160, 50)
+    );
+    let mut app = demo_mid_run(30, "default");
+    app.ascii = true;
+    let text = render_to_string(&mut app, 80, 24);
+    assert!(text.is_ascii(), "--ascii draws with ASCII only:\n{text}");
+    insta::assert_snapshot!("ascii_80x24", text);
+}
+
+#[test]
+fn each_theme() {
+    for (name, _) in BUILTIN {
+        let mut app = demo_mid_run(30, name);
+        let backend = ratatui::backend::TestBackend::new(80, 24);
+        let mut term = ratatui::Terminal::new(backend).unwrap();
+        term.draw(|f| app.render(f)).unwrap();
+        insta::assert_debug_snapshot!(format!("theme_{name}"), term.backend().buffer());
+    }
+}
+
+#[test]
+fn readonly_and_replay_keys_do_not_drive_the_run() {
+    let mut app = app_at(DEMO, 0.5, "default");
+    app.readonly = true;
+    assert_eq!(app.update(Action::TogglePause), None);
+    assert_eq!(app.update(Action::Rerun), None);
+    assert!(
+        app.view
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("read-only")
+    );
+    let before = app.prompt();
+    assert_eq!(
+        app.update(Action::NextPrompt),
+        None,
+        "readonly n only changes the view"
+    );
+    assert_eq!(app.prompt(), (before + 1).min(5));
+    let mut live = app_at(DEMO, 0.5, "default");
+    assert!(matches!(
+        live.update(Action::NextPrompt),
+        Some(moescope::ui::app::Effect::Control(_))
+    ));
+}
