@@ -30,6 +30,9 @@ pub enum Command {
     Watch(WatchArgs),
     /// Summarise a recording as JSON or markdown (optionally re-judged under another profile).
     Export(ExportArgs),
+    /// Replay a routing trace through cache policies and the optimum: hit rate per capacity,
+    /// knee, predicted decode speed.
+    Simulate(SimulateArgs),
     /// List the colour themes.
     Themes,
     /// (internal) Serve one backend over JSON lines on stdin/stdout.
@@ -221,6 +224,26 @@ pub struct WatchArgs {
 pub enum ExportFormat {
     Json,
     Markdown,
+    /// The routing trace alone (for `moescope simulate`).
+    Trace,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// A recording (.ndjson) or a trace (`export --format trace`).
+    pub file: PathBuf,
+    /// Capacities: counts or percentages of all experts, e.g. 12.5%,25%,50% or 8,16,32.
+    /// Default: 5–100 % in steps, plus the run's own capacity.
+    #[arg(long)]
+    pub capacities: Option<String>,
+    /// Pool scope (default: the run's).
+    #[arg(long, value_enum)]
+    pub scope: Option<crate::experts::cache::Scope>,
+    /// Policies: lru, lfu, fifo, s3fifo, belady (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Option<Vec<String>>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

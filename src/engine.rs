@@ -245,6 +245,12 @@ impl ExpertProvider for MaskedProvider {
     fn will_use(&self, layer: usize, experts: &[usize]) {
         self.inner.will_use(layer, experts)
     }
+    fn wants_hints(&self) -> bool {
+        self.inner.wants_hints()
+    }
+    fn prefetch_hint(&self, layer: usize, experts: &[usize]) {
+        self.inner.prefetch_hint(layer, experts)
+    }
     fn resident_bytes(&self) -> u64 {
         self.inner.resident_bytes()
     }
@@ -253,6 +259,9 @@ impl ExpertProvider for MaskedProvider {
     }
     fn cache_snapshot(&self) -> Option<crate::experts::stats::CacheSnapshot> {
         self.inner.cache_snapshot()
+    }
+    fn set_bypass(&self, on: bool) {
+        self.inner.set_bypass(on)
     }
 }
 
@@ -319,14 +328,17 @@ impl BackendSpec {
                     self.dtype,
                     &self.device,
                     |dev| {
-                        let p = crate::experts::cache::CachedProvider::new(
+                        let p = Arc::new(crate::experts::cache::CachedProvider::new(
                             source,
                             cache_cfg,
                             dtype.candle(),
                             dev,
                             c.allow_missing_experts,
-                        )?;
-                        Ok(Arc::new(p) as Arc<dyn ExpertProvider>)
+                        )?);
+                        if c.prefetch == crate::experts::PrefetchMode::NextLayer {
+                            crate::experts::cache::CachedProvider::start_prefetch(&p);
+                        }
+                        Ok(p as Arc<dyn ExpertProvider>)
                     },
                     missing > 0,
                 )?

@@ -135,6 +135,43 @@ fn run_cli(args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
+fn prefetch_never_changes_outputs_and_reports_accuracy() {
+    for name in FAMILIES {
+        let g = golden(name);
+        let native = spec(name, BackendKind::Native, CacheArgs::default(), Dtype::F32)
+            .load(|_, _| {})
+            .unwrap();
+        let want = run(&native, &g.sequences[2]);
+        for cap in [1, 4, 12] {
+            for scope in [Scope::Global, Scope::Layer] {
+                let cache = CacheArgs {
+                    cache_experts: Some(cap),
+                    cache_scope: scope,
+                    prefetch: moescope::experts::PrefetchMode::NextLayer,
+                    ..Default::default()
+                };
+                let sel = spec(name, BackendKind::Selective, cache, Dtype::F32)
+                    .load(|_, _| {})
+                    .unwrap();
+                assert!(
+                    run(&sel, &g.sequences[2]) == want,
+                    "{name} cap {cap} {scope:?}: prefetch changed the output"
+                );
+                let p = sel
+                    .provider
+                    .cache_snapshot()
+                    .unwrap()
+                    .prefetch
+                    .expect("prefetch stats");
+                assert!(p.guessed > 0 && p.needed > 0);
+                let (pr, rc) = (p.precision().unwrap(), p.recall().unwrap());
+                assert!((0.0..=1.0).contains(&pr) && (0.0..=1.0).contains(&rc));
+            }
+        }
+    }
+}
+
+#[test]
 fn capacity_smaller_than_top_k_never_holds_more_than_capacity() {
     let cache = CacheArgs {
         cache_experts: Some(1),

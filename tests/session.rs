@@ -411,3 +411,92 @@ fn status_is_reduced_from_events() {
     assert_eq!(s.backend(Backend::Native).status, Status::Done);
     assert_eq!(s.finished.as_deref(), Some("completed"));
 }
+
+#[test]
+fn simulation_reproduces_the_live_cache_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, flags) in [
+        vec!["--cache-experts", "48", "--policy", "lru"],
+        vec![
+            "--cache-experts",
+            "30",
+            "--policy",
+            "s3fifo",
+            "--cache-scope",
+            "layer",
+        ],
+        vec!["--cache-experts", "100", "--policy", "lfu"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rec = tmp.path().join(format!("sim{i}.ndjson"));
+        let mut args = vec![
+            "run",
+            "--no-tui",
+            "--record",
+            rec.to_str().unwrap(),
+            "--max-new-tokens",
+            "20",
+        ];
+        args.extend(flags.iter().copied());
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (rc, json, err) = run(&[
+            "simulate",
+            rec.to_str().unwrap(),
+            "--json",
+            "--capacities",
+            "10%,50%",
+        ]);
+        assert_eq!(rc, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let c = &v["live_check"];
+        assert_eq!(c["live_hits"], c["simulated_hits"], "{flags:?}: {c}");
+        assert_eq!(c["live_misses"], c["simulated_misses"], "{flags:?}: {c}");
+        assert!(c["live_hits"].as_u64().unwrap() + c["live_misses"].as_u64().unwrap() > 100);
+        // Belady bounds every policy at every capacity.
+        let pts = v["study"]["points"].as_array().unwrap();
+        for p in pts {
+            let opt = pts
+                .iter()
+                .find(|q| q["policy"] == "belady" && q["capacity"] == p["capacity"])
+                .unwrap();
+            assert!(p["hit_rate"].as_f64().unwrap() <= opt["hit_rate"].as_f64().unwrap() + 1e-12);
+        }
+        // A trace exported from the recording gives the same study.
+        let trace = tmp.path().join(format!("sim{i}.trace"));
+        let (rc, _, _) = run(&[
+            "export",
+            rec.to_str().unwrap(),
+            "--format",
+            "trace",
+            "-o",
+            trace.to_str().unwrap(),
+        ]);
+        assert_eq!(rc, 0);
+        let (_, json2, _) = run(&[
+            "simulate",
+            trace.to_str().unwrap(),
+            "--json",
+            "--capacities",
+            "10%,50%",
+            "--scope",
+            flags
+                .iter()
+                .position(|f| *f == "layer")
+                .map(|_| "layer")
+                .unwrap_or("global"),
+        ]);
+        let v2: serde_json::Value = serde_json::from_str(&json2).unwrap();
+        assert_eq!(v["study"]["points"], v2["study"]["points"]);
+    }
+}

@@ -74,6 +74,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                 "hit_rate": s.hit_rate(), "bytes_read": s.bytes_read,
                 "capacity_experts": s.capacity_experts,
                 "load_latency_us": s.load_latency,
+                "prefetch": s.prefetch.as_ref().map(|p| json!({
+                    "guessed": p.guessed, "loaded": p.loaded, "precision": p.precision(), "recall": p.recall(),
+                })),
             })),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;

@@ -6,6 +6,7 @@ pub mod experts;
 pub mod generate;
 pub mod run;
 pub mod session;
+pub mod simulate;
 
 use std::path::PathBuf;
 

@@ -114,6 +114,13 @@ pub fn export(a: &ExportArgs) -> Result<()> {
     let text = match a.format {
         ExportFormat::Json => serde_json::to_string_pretty(&sum)? + "\n",
         ExportFormat::Markdown => export::markdown(&sum),
+        ExportFormat::Trace => {
+            let input = crate::session::cachesim::from_state(&state);
+            if input.steps.is_empty() {
+                crate::bail_input!("{}: the recording has no routing trace", file.display());
+            }
+            crate::session::cachesim::write_trace(&input, &file.display().to_string())
+        }
     };
     match &a.output {
         Some(p) => crate::headless::write_atomic(p, &text)

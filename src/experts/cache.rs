@@ -102,6 +102,8 @@ struct State {
     prefetch: Option<PrefetchStats>,
     /// Keys inserted by prefetch and not used yet (to score its precision).
     prefetched_unused: HashSet<u32>,
+    /// The latest guess for each layer, scored when that layer runs.
+    guesses: HashMap<usize, Vec<usize>>,
 }
 
 /// Experts on demand through a bounded cache.
@@ -114,6 +116,9 @@ pub struct CachedProvider {
     unavailable: Vec<Vec<usize>>,
     state: Mutex<State>,
     loaded: Condvar,
+    bypass: std::sync::atomic::AtomicBool,
+    /// Jobs for the prefetch thread, when prefetch is on.
+    prefetcher: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<(usize, Vec<usize>)>>>,
 }
 
 impl CachedProvider {
@@ -205,8 +210,11 @@ impl CachedProvider {
                 loading: HashSet::new(),
                 prefetch: None,
                 prefetched_unused: HashSet::new(),
+                guesses: HashMap::new(),
             }),
             loaded: Condvar::new(),
+            bypass: std::sync::atomic::AtomicBool::new(false),
+            prefetcher: std::sync::OnceLock::new(),
         })
     }
 
@@ -301,6 +309,29 @@ impl CachedProvider {
         out
     }
 
+    /// Starts the prefetch thread: it loads guessed experts into the cache while the forward pass
+    /// computes. It holds only a weak reference, so dropping the provider ends it.
+    pub fn start_prefetch(this: &Arc<Self>) {
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<usize>)>();
+        if this.prefetcher.set(Mutex::new(tx)).is_err() {
+            return;
+        }
+        this.state.lock().expect("cache lock").prefetch = Some(PrefetchStats::default());
+        let weak = Arc::downgrade(this);
+        std::thread::Builder::new()
+            .name("moescope-prefetch".into())
+            .spawn(move || {
+                while let Ok((layer, experts)) = rx.recv() {
+                    let Some(me) = weak.upgrade() else { break };
+                    for e in experts {
+                        // A failed prefetch is not an error: the forward pass will load it.
+                        let _ = me.prefetch(layer, e);
+                    }
+                }
+            })
+            .expect("spawning the prefetch thread");
+    }
+
     /// Records prefetch guesses for a layer against what it then needed.
     pub fn score_prefetch(&self, guessed: &[usize], needed: &[usize]) {
         let mut s = self.state.lock().expect("cache lock");
@@ -357,6 +388,21 @@ impl CachedProvider {
 impl ExpertProvider for CachedProvider {
     fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
         let k = key(layer, expert);
+        if self.bypass.load(std::sync::atomic::Ordering::Relaxed) {
+            let resident = {
+                let s = self.state.lock().expect("cache lock");
+                let pi = *s.pool_of.get(layer).unwrap_or(&usize::MAX);
+                if pi == usize::MAX {
+                    None
+                } else {
+                    s.pools[pi].entries.get(&k).cloned()
+                }
+            };
+            return match resident {
+                Some(w) => Ok(w),
+                None => self.read(layer, expert).map(|(w, _, _)| Arc::new(w)),
+            };
+        }
         let li;
         {
             let mut s = self.state.lock().expect("cache lock");
@@ -419,5 +465,42 @@ impl ExpertProvider for CachedProvider {
 
     fn cache_snapshot(&self) -> Option<CacheSnapshot> {
         Some(self.snapshot())
+    }
+
+    fn set_bypass(&self, on: bool) {
+        self.bypass.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn wants_hints(&self) -> bool {
+        self.prefetcher.get().is_some() && !self.bypass.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn prefetch_hint(&self, layer: usize, experts: &[usize]) {
+        let Some(tx) = self.prefetcher.get() else {
+            return;
+        };
+        let wanted: Vec<usize> = experts
+            .iter()
+            .copied()
+            .filter(|e| !self.unavailable[layer].contains(e))
+            .collect();
+        self.state
+            .lock()
+            .expect("cache lock")
+            .guesses
+            .insert(layer, wanted.clone());
+        let _ = tx.lock().expect("prefetch sender").send((layer, wanted));
+    }
+
+    fn will_use(&self, layer: usize, experts: &[usize]) {
+        let guess = self
+            .state
+            .lock()
+            .expect("cache lock")
+            .guesses
+            .remove(&layer);
+        if let Some(g) = guess {
+            self.score_prefetch(&g, experts);
+        }
     }
 }

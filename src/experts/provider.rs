@@ -83,11 +83,24 @@ pub trait ExpertProvider: Send + Sync {
     /// Called with the experts a layer selected, before they are fetched (statistics, prefetch).
     fn will_use(&self, _layer: usize, _experts: &[usize]) {}
 
+    /// Whether the provider wants guesses of the next layer's experts (prefetch on).
+    fn wants_hints(&self) -> bool {
+        false
+    }
+
+    /// A guess of the experts `layer` will select, made while the layer before it runs.
+    fn prefetch_hint(&self, _layer: usize, _experts: &[usize]) {}
+
     /// Bytes of expert weights held in memory now.
     fn resident_bytes(&self) -> u64;
 
     /// "native" or "selective" — for display.
     fn kind(&self) -> &'static str;
+
+    /// Bypass mode (teacher-forced scoring, perplexity): serve experts without changing what is
+    /// cached or counting hits and misses, so the cache and its statistics describe generation
+    /// alone.
+    fn set_bypass(&self, _on: bool) {}
 
     /// Cache statistics, for providers that cache.
     fn cache_snapshot(&self) -> Option<crate::experts::stats::CacheSnapshot> {

@@ -112,6 +112,22 @@ pub fn route(logits: &[f32], masked: &[usize], top_k: usize, norm_topk_prob: boo
 }
 
 impl MoeBlock {
+    /// The experts this router would pick for the rows of `x` (union over rows, ascending).
+    fn guess(&self, x: &Tensor) -> Result<Vec<usize>> {
+        let logits: Vec<Vec<f32>> = x
+            .matmul(&self.router.t()?)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        let mut out: Vec<usize> = logits
+            .iter()
+            .flat_map(|row| route(row, &[], self.top_k, false).experts)
+            .map(|e| e as usize)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -260,6 +276,16 @@ impl Qwen3Moe {
         })
     }
 
+    /// The first MoE block after layer `l`.
+    fn next_moe_after(&self, l: usize) -> Option<&MoeBlock> {
+        self.layers[l + 1..]
+            .iter()
+            .find_map(|layer| match &layer.ffn {
+                Ffn::Moe(m) => Some(m),
+                Ffn::Dense(_) => None,
+            })
+    }
+
     pub fn config(&self) -> &MoeConfig {
         &self.cfg
     }
@@ -328,6 +354,14 @@ impl Qwen3Moe {
             let h = layer.attn.forward(&h, l, cache, &cos, &sin)?;
             x = (x + h)?;
             let h = layer.post_norm.forward(&x)?;
+            if experts.wants_hints() {
+                if let Some(next) = self.next_moe_after(l) {
+                    // Layer l+1's router applied to layer l's normalised hidden state: a cheap
+                    // guess of what the next layer will pick, loaded while this one computes.
+                    let guess = next.guess(&h)?;
+                    experts.prefetch_hint(next.layer, &guess);
+                }
+            }
             let h = match &layer.ffn {
                 Ffn::Dense(m) => m.forward(&h)?,
                 Ffn::Moe(m) => m.forward(&h, offset, experts, observer)?,

@@ -1,6 +1,7 @@
 //! The session layer: events, the pure reducer, recording and replay, derived metrics, quality,
 //! verdict and export. It knows no model (candle) and no terminal (ratatui).
 
+pub mod cachesim;
 pub mod event;
 pub mod export;
 pub mod metrics;

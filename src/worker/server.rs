@@ -272,12 +272,14 @@ pub fn run() -> anyhow::Result<()> {
                     out.send(&not_loaded());
                     continue;
                 };
+                st.engine.provider.set_bypass(true);
                 let scored = prompt_ids(st, input).and_then(|mut ids| {
                     let from = ids.len() - 1;
                     let count = continuation.len();
                     ids.extend_from_slice(&continuation);
                     score(st, &ids, from, count, &support)
                 });
+                st.engine.provider.set_bypass(false);
                 match scored {
                     Ok((rows, full_vocab)) => out.send(&WorkerEvent::Scored {
                         prompt,
@@ -295,7 +297,10 @@ pub fn run() -> anyhow::Result<()> {
                     out.send(&not_loaded());
                     continue;
                 };
-                match perplexity(st, &text, max_tokens) {
+                st.engine.provider.set_bypass(true);
+                let ppl = perplexity(st, &text, max_tokens);
+                st.engine.provider.set_bypass(false);
+                match ppl {
                     Ok((ppl, n)) => out.send(&WorkerEvent::Perplexity {
                         perplexity: ppl,
                         tokens: n,

@@ -37,12 +37,24 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     let (title, rows): (String, Vec<HeatRow>) = match (b, &st.cache) {
         (Backend::Selective, Some(c)) => (
             format!(
-                "cache {}/{} experts · hit {} · {}",
+                "cache {}/{} experts · hit {}{} · {}",
                 c.resident_experts,
                 c.capacity_experts,
                 c.hit_rate()
                     .map(|h| format!("{:.1} %", h * 100.0))
                     .unwrap_or("–".into()),
+                c.prefetch
+                    .as_ref()
+                    .map(|p| format!(
+                        " · prefetch P {} R {}",
+                        p.precision()
+                            .map(|v| format!("{:.0}%", v * 100.0))
+                            .unwrap_or("–".into()),
+                        p.recall()
+                            .map(|v| format!("{:.0}%", v * 100.0))
+                            .unwrap_or("–".into())
+                    ))
+                    .unwrap_or_default(),
                 if c.load_latency.count > 0 {
                     format!(
                         "load p50 {:.2} ms p95 {:.2} ms",

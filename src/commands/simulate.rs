@@ -1,0 +1,175 @@
+//! `moescope simulate`: the cache what-if study of a recorded run.
+
+use anyhow::Result;
+
+use crate::cli::SimulateArgs;
+use crate::errors::InputError;
+use crate::experts::cache::Scope;
+use crate::session::cachesim::{self, SimPolicy, Study};
+
+pub fn run(a: &SimulateArgs) -> Result<()> {
+    let input = cachesim::read_input(&a.file).map_err(InputError)?;
+    let total = input.moe.moe_layers.len() * input.moe.num_experts;
+    let layers = input.moe.moe_layers.len();
+    let scope = a
+        .scope
+        .or(input.live.as_ref().map(|l| l.scope))
+        .unwrap_or(Scope::Global);
+    let mut capacities = match &a.capacities {
+        Some(s) => cachesim::parse_capacities(s, total).map_err(InputError)?,
+        None => default_capacities(total, input.moe.top_k * layers),
+    };
+    if a.capacities.is_none() {
+        if let Some(l) = &input.live {
+            capacities.push(l.capacity);
+            capacities.sort_unstable();
+            capacities.dedup();
+        }
+    }
+    let policies: Vec<SimPolicy> = match &a.policies {
+        None => SimPolicy::all(),
+        Some(v) => v
+            .iter()
+            .map(|p| {
+                SimPolicy::parse(p).ok_or_else(|| {
+                    InputError(format!(
+                        "unknown policy \"{p}\": lru, lfu, fifo, s3fifo, belady"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let acc = cachesim::accesses(&input.steps, &input.prompt_tokens);
+    let study = cachesim::study(
+        &acc,
+        total,
+        layers,
+        &capacities,
+        &policies,
+        scope,
+        input.costs,
+    );
+    if a.json {
+        let check = input.live.as_ref().map(|l| {
+            let sim = cachesim::simulate(&acc, SimPolicy::Live(l.policy), l.capacity, l.scope, layers);
+            serde_json::json!({"capacity": l.capacity, "policy": l.policy.name(), "scope": l.scope.name(),
+                "live_hits": l.hits, "live_misses": l.misses, "simulated_hits": sim.hits, "simulated_misses": sim.misses})
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"study": study, "live_check": check})
+            )?
+        );
+        return Ok(());
+    }
+    print!("{}", render(&study));
+    if let Some(l) = &input.live {
+        let sim = cachesim::simulate(&acc, SimPolicy::Live(l.policy), l.capacity, l.scope, layers);
+        println!(
+            "the run itself: {} experts, {} scope, {}: live {} hits / {} misses ({:.1} %), simulated {} / {} ({:.1} %)",
+            l.capacity,
+            l.scope.name(),
+            l.policy.name(),
+            l.hits,
+            l.misses,
+            100.0 * l.hits as f64 / (l.hits + l.misses).max(1) as f64,
+            sim.hits,
+            sim.misses,
+            100.0 * sim.hit_rate()
+        );
+    }
+    Ok(())
+}
+
+pub fn default_capacities(total: usize, working_set: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = [
+        5.0, 10.0, 12.5, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 75.0, 100.0,
+    ]
+    .iter()
+    .map(|p| ((p / 100.0) * total as f64).round() as usize)
+    .chain(std::iter::once(working_set.min(total)))
+    .filter(|&c| c >= 1)
+    .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+pub fn render(s: &Study) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let policies: Vec<String> = {
+        let mut seen = Vec::new();
+        for p in &s.points {
+            if !seen.contains(&p.policy) {
+                seen.push(p.policy.clone());
+            }
+        }
+        seen
+    };
+    let _ = writeln!(
+        o,
+        "{} requests ({} decode tokens) over {} experts, {} scope; hit rate (and % of Belady's optimum)",
+        s.accesses, s.decode_tokens, s.total_experts, s.scope
+    );
+    let _ = write!(o, "{:>10} {:>7}", "capacity", "%");
+    for p in &policies {
+        let _ = write!(o, " {:>16}", p);
+    }
+    if s.costs.is_some() {
+        let _ = write!(o, " {:>16}", "lru tok/s (pred)");
+    }
+    let _ = writeln!(o);
+    let mut caps: Vec<usize> = s.points.iter().map(|p| p.capacity).collect();
+    caps.dedup();
+    caps.sort_unstable();
+    caps.dedup();
+    for c in caps {
+        let row: Vec<&cachesim::CurvePoint> = s.points.iter().filter(|p| p.capacity == c).collect();
+        let _ = write!(o, "{:>10} {:>6.1}%", c, row[0].capacity_pct);
+        for p in &policies {
+            match row.iter().find(|x| &x.policy == p) {
+                Some(x) => {
+                    let pct = x
+                        .pct_of_optimum
+                        .map(|v| format!("({v:.0}%)"))
+                        .unwrap_or_default();
+                    let _ = write!(
+                        o,
+                        " {:>9.1}% {:>6}",
+                        100.0 * x.hit_rate,
+                        if p == "belady" { String::new() } else { pct }
+                    );
+                }
+                None => {
+                    let _ = write!(o, " {:>16}", "–");
+                }
+            }
+        }
+        if let Some(x) = row
+            .iter()
+            .find(|x| x.policy == "lru")
+            .and_then(|x| x.predicted_decode_tok_s)
+        {
+            let _ = write!(o, " {:>16.1}", x);
+        }
+        let _ = writeln!(o);
+    }
+    for (p, k) in &s.knees {
+        let _ = writeln!(
+            o,
+            "knee of the {p} curve: {k} experts ({:.1} %)",
+            100.0 * *k as f64 / s.total_experts.max(1) as f64
+        );
+    }
+    if let Some(c) = s.costs {
+        let _ = writeln!(
+            o,
+            "prediction: native step {:.2} ms + misses per token × {:.3} ms per miss (measured in the run)",
+            c.native_step_s * 1e3,
+            c.miss_s * 1e3
+        );
+    }
+    o
+}

@@ -1,0 +1,671 @@
+//! What-if replay of a routing trace through cache policies: the same policy code the live cache
+//! uses, Belady's optimum (offline, exact), hit rate per capacity, share of the optimum, the
+//! knee of the curve, and a decode-speed prediction from measured costs.
+//!
+//! Access order mirrors the MoE block exactly: per forward pass (the whole prompt at once, then
+//! one token at a time), per MoE layer in order, each selected expert once, in ascending id. So
+//! at the run's own capacity, scope and policy, the simulated hits equal the live cache's.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::experts::cache::Scope;
+use crate::experts::policy::PolicyKind;
+
+use super::state::TraceStep;
+
+/// A policy to simulate: one of the live ones, or the offline optimum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SimPolicy {
+    Live(PolicyKind),
+    Belady,
+}
+
+impl SimPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            SimPolicy::Live(p) => p.name(),
+            SimPolicy::Belady => "belady",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        if s == "belady" || s == "opt" {
+            return Some(SimPolicy::Belady);
+        }
+        PolicyKind::parse(s).map(SimPolicy::Live)
+    }
+
+    pub fn all() -> Vec<SimPolicy> {
+        let mut v: Vec<SimPolicy> = PolicyKind::ALL
+            .iter()
+            .map(|p| SimPolicy::Live(*p))
+            .collect();
+        v.push(SimPolicy::Belady);
+        v
+    }
+}
+
+/// One expert request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// Index of the MoE layer (position in the model's list of MoE layers).
+    pub layer: usize,
+    pub expert: usize,
+    /// True for requests of a decode step (one token), false for the prompt's prefill.
+    pub decode: bool,
+}
+
+/// Builds the request stream from a trace. `prompt_tokens[p]` is the prompt length of prompt p
+/// (positions below it were one prefill forward pass).
+pub fn accesses(trace: &[TraceStep], prompt_tokens: &HashMap<usize, usize>) -> Vec<Access> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < trace.len() {
+        let p = trace[i].prompt;
+        let plen = prompt_tokens.get(&p).copied().unwrap_or(1);
+        // Group: all prefill positions of this prompt, or a single decode position.
+        let mut j = i + 1;
+        if trace[i].position < plen {
+            while j < trace.len() && trace[j].prompt == p && trace[j].position < plen {
+                j += 1;
+            }
+        }
+        let layers = trace[i].experts.len();
+        for l in 0..layers {
+            let mut used: Vec<usize> = trace[i..j]
+                .iter()
+                .flat_map(|s| s.experts.get(l).into_iter().flatten().map(|&e| e as usize))
+                .collect();
+            used.sort_unstable();
+            used.dedup();
+            for e in used {
+                out.push(Access {
+                    layer: l,
+                    expert: e,
+                    decode: trace[i].position >= plen,
+                });
+            }
+        }
+        i = j;
+    }
+    out
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SimResult {
+    pub hits: u64,
+    pub misses: u64,
+    pub decode_misses: u64,
+}
+
+impl SimResult {
+    pub fn hit_rate(&self) -> f64 {
+        let t = self.hits + self.misses;
+        if t == 0 {
+            0.0
+        } else {
+            self.hits as f64 / t as f64
+        }
+    }
+}
+
+fn key(a: &Access) -> u32 {
+    ((a.layer as u32) << 16) | a.expert as u32
+}
+
+/// Pool capacities for a total capacity: one pool, or an equal (floored) share per layer — the
+/// live cache's rule.
+fn pools(capacity: usize, scope: Scope, layers: usize) -> Vec<usize> {
+    match scope {
+        Scope::Global => vec![capacity],
+        Scope::Layer => vec![capacity / layers.max(1); layers.max(1)],
+    }
+}
+
+/// Replays `acc` through `policy` with `capacity` experts.
+pub fn simulate(
+    acc: &[Access],
+    policy: SimPolicy,
+    capacity: usize,
+    scope: Scope,
+    layers: usize,
+) -> SimResult {
+    let caps = pools(capacity, scope, layers);
+    let pool_of = |a: &Access| if scope == Scope::Global { 0 } else { a.layer };
+    match policy {
+        SimPolicy::Live(kind) => {
+            let mut resident: Vec<std::collections::HashSet<u32>> =
+                vec![Default::default(); caps.len()];
+            let mut pol: Vec<Box<dyn crate::experts::policy::Policy>> =
+                caps.iter().map(|&c| kind.build(c)).collect();
+            let mut r = SimResult::default();
+            for a in acc {
+                let p = pool_of(a);
+                let k = key(a);
+                if resident[p].contains(&k) {
+                    r.hits += 1;
+                    pol[p].on_hit(k);
+                    continue;
+                }
+                r.misses += 1;
+                if a.decode {
+                    r.decode_misses += 1;
+                }
+                if caps[p] == 0 {
+                    continue;
+                }
+                while resident[p].len() >= caps[p] {
+                    match pol[p].evict() {
+                        Some(v) => {
+                            resident[p].remove(&v);
+                        }
+                        None => break,
+                    }
+                }
+                resident[p].insert(k);
+                pol[p].on_insert(k);
+            }
+            r
+        }
+        SimPolicy::Belady => belady(acc, &caps, pool_of),
+    }
+}
+
+/// Belady's MIN: on a miss with a full pool, evict the resident whose next request is farthest
+/// away — or keep the pool as it is when the new expert itself is needed last (bypass). Exact,
+/// O(n log c).
+fn belady(acc: &[Access], caps: &[usize], pool_of: impl Fn(&Access) -> usize) -> SimResult {
+    let n = acc.len();
+    let mut next = vec![usize::MAX; n];
+    let mut last: HashMap<u32, usize> = HashMap::new();
+    for i in (0..n).rev() {
+        let k = key(&acc[i]);
+        next[i] = last.get(&k).copied().unwrap_or(usize::MAX);
+        last.insert(k, i);
+    }
+    let mut resident: Vec<HashMap<u32, usize>> = vec![HashMap::new(); caps.len()];
+    let mut order: Vec<BTreeSet<(usize, u32)>> = vec![BTreeSet::new(); caps.len()];
+    let mut r = SimResult::default();
+    for (i, a) in acc.iter().enumerate() {
+        let p = pool_of(a);
+        let k = key(a);
+        if let Some(nu) = resident[p].get(&k).copied() {
+            r.hits += 1;
+            order[p].remove(&(nu, k));
+            order[p].insert((next[i], k));
+            resident[p].insert(k, next[i]);
+            continue;
+        }
+        r.misses += 1;
+        if a.decode {
+            r.decode_misses += 1;
+        }
+        if caps[p] == 0 || next[i] == usize::MAX {
+            continue; // never needed again: do not cache
+        }
+        if resident[p].len() >= caps[p] {
+            let &(far, victim) = order[p].iter().next_back().expect("full pool");
+            if far <= next[i] {
+                continue; // bypass: everything resident is needed sooner
+            }
+            order[p].remove(&(far, victim));
+            resident[p].remove(&victim);
+        }
+        resident[p].insert(k, next[i]);
+        order[p].insert((next[i], k));
+    }
+    r
+}
+
+/// The knee of an increasing, concave-ish curve (Kneedle): the point farthest above the chord
+/// from the first to the last point, both axes normalised.
+pub fn knee(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    if points.len() < 3 {
+        return None;
+    }
+    let (x0, y0) = points[0];
+    let (x1, y1) = points[points.len() - 1];
+    let (dx, dy) = (x1 - x0, y1 - y0);
+    if dx <= 0.0 || dy <= 0.0 {
+        return None;
+    }
+    points
+        .iter()
+        .map(|&(x, y)| ((x, y), (y - y0) / dy - (x - x0) / dx))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .filter(|(_, d)| *d > 0.0)
+        .map(|(p, _)| p)
+}
+
+/// Costs measured in a run, for predicting decode speed at other capacities.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Costs {
+    /// Native's mean decode step, seconds.
+    pub native_step_s: f64,
+    /// Mean time to load one expert on a miss, seconds.
+    pub miss_s: f64,
+    /// Decode tokens in the trace.
+    pub decode_tokens: usize,
+}
+
+impl Costs {
+    /// tok/s if every decode step costs native's step plus its misses.
+    pub fn predict_tok_s(&self, decode_misses: u64) -> f64 {
+        let per_token = decode_misses as f64 / self.decode_tokens.max(1) as f64;
+        1.0 / (self.native_step_s + per_token * self.miss_s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub capacity: usize,
+    pub capacity_pct: f64,
+    pub policy: String,
+    pub hit_rate: f64,
+    /// This policy's hit rate as a share of Belady's at the same capacity (%).
+    pub pct_of_optimum: Option<f64>,
+    pub misses_per_decode_token: f64,
+    pub predicted_decode_tok_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Study {
+    pub total_experts: usize,
+    pub scope: String,
+    pub accesses: usize,
+    pub decode_tokens: usize,
+    pub points: Vec<CurvePoint>,
+    /// Knee capacity per policy.
+    pub knees: Vec<(String, usize)>,
+    pub costs: Option<Costs>,
+}
+
+/// Runs every policy at every capacity.
+pub fn study(
+    acc: &[Access],
+    total_experts: usize,
+    layers: usize,
+    capacities: &[usize],
+    policies: &[SimPolicy],
+    scope: Scope,
+    costs: Option<Costs>,
+) -> Study {
+    let decode_tokens = costs.map(|c| c.decode_tokens).unwrap_or(0);
+    let mut points = Vec::new();
+    let mut opt: HashMap<usize, f64> = HashMap::new();
+    for &c in capacities {
+        opt.insert(
+            c,
+            simulate(acc, SimPolicy::Belady, c, scope, layers).hit_rate(),
+        );
+    }
+    let mut knees = Vec::new();
+    for &p in policies {
+        let mut curve = Vec::new();
+        for &c in capacities {
+            let r = simulate(acc, p, c, scope, layers);
+            let h = r.hit_rate();
+            let o = opt[&c];
+            curve.push((c as f64, h));
+            points.push(CurvePoint {
+                capacity: c,
+                capacity_pct: 100.0 * c as f64 / total_experts.max(1) as f64,
+                policy: p.name().into(),
+                hit_rate: h,
+                pct_of_optimum: (o > 0.0).then(|| 100.0 * h / o),
+                misses_per_decode_token: r.decode_misses as f64 / decode_tokens.max(1) as f64,
+                predicted_decode_tok_s: costs.map(|k| k.predict_tok_s(r.decode_misses)),
+            });
+        }
+        if let Some((x, _)) = knee(&curve) {
+            knees.push((p.name().to_string(), x as usize));
+        }
+    }
+    Study {
+        total_experts,
+        scope: scope.name().into(),
+        accesses: acc.len(),
+        decode_tokens,
+        points,
+        knees,
+        costs,
+    }
+}
+
+/// Capacities from a list like "12.5%,25%,50%" or "8,16,32" (percent of all experts, or counts).
+pub fn parse_capacities(s: &str, total: usize) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let c = if let Some(p) = part.strip_suffix('%') {
+            let v: f64 = p.parse().map_err(|_| format!("bad capacity \"{part}\""))?;
+            if !(0.0..=100.0).contains(&v) {
+                return Err(format!("capacity {part} is outside 0–100 %"));
+            }
+            ((v / 100.0) * total as f64).round() as usize
+        } else {
+            part.parse::<usize>()
+                .map_err(|_| format!("bad capacity \"{part}\": a count or a percentage"))?
+        };
+        out.push(c.max(1));
+    }
+    if out.is_empty() {
+        return Err("no capacities given".into());
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acc(seq: &[(usize, usize)]) -> Vec<Access> {
+        seq.iter()
+            .map(|&(l, e)| Access {
+                layer: l,
+                expert: e,
+                decode: true,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn belady_is_optimal_on_a_classic_trace() {
+        // 1 2 3 4 1 2 5 1 2 3 4 5 with 3 slots: MIN has 7 misses (5 hits).
+        let a = acc(&[
+            (0, 1),
+            (0, 2),
+            (0, 3),
+            (0, 4),
+            (0, 1),
+            (0, 2),
+            (0, 5),
+            (0, 1),
+            (0, 2),
+            (0, 3),
+            (0, 4),
+            (0, 5),
+        ]);
+        let b = simulate(&a, SimPolicy::Belady, 3, Scope::Global, 1);
+        assert_eq!(b.misses, 7);
+        for p in PolicyKind::ALL {
+            let r = simulate(&a, SimPolicy::Live(p), 3, Scope::Global, 1);
+            assert!(r.hits <= b.hits, "{p:?} beat the optimum");
+        }
+        let lru = simulate(&a, SimPolicy::Live(PolicyKind::Lru), 3, Scope::Global, 1);
+        assert_eq!(lru.misses, 10);
+    }
+
+    #[test]
+    fn belady_never_loses_to_any_policy_on_random_traces() {
+        let mut x: u64 = 7;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20 {
+            let seq: Vec<(usize, usize)> = (0..400)
+                .map(|_| ((rnd() % 3) as usize, (rnd() % 12) as usize))
+                .collect();
+            let a = acc(&seq);
+            for cap in [1, 3, 6, 12, 24] {
+                for scope in [Scope::Global, Scope::Layer] {
+                    let b = simulate(&a, SimPolicy::Belady, cap, scope, 3);
+                    for p in PolicyKind::ALL {
+                        let r = simulate(&a, SimPolicy::Live(p), cap, scope, 3);
+                        assert!(
+                            r.hits <= b.hits,
+                            "{p:?} cap {cap} {scope:?}: {} > {}",
+                            r.hits,
+                            b.hits
+                        );
+                        assert_eq!(r.hits + r.misses, 400);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn accesses_group_prefill_and_sort_experts() {
+        let t = vec![
+            TraceStep {
+                prompt: 0,
+                position: 0,
+                experts: vec![vec![3, 1], vec![2, 0]],
+            },
+            TraceStep {
+                prompt: 0,
+                position: 1,
+                experts: vec![vec![1, 4], vec![0, 5]],
+            },
+            TraceStep {
+                prompt: 0,
+                position: 2,
+                experts: vec![vec![4, 3], vec![5, 2]],
+            },
+        ];
+        let plen = HashMap::from([(0, 2)]);
+        let a = accesses(&t, &plen);
+        let got: Vec<(usize, usize, bool)> =
+            a.iter().map(|x| (x.layer, x.expert, x.decode)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 1, false),
+                (0, 3, false),
+                (0, 4, false),
+                (1, 0, false),
+                (1, 2, false),
+                (1, 5, false),
+                (0, 3, true),
+                (0, 4, true),
+                (1, 2, true),
+                (1, 5, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn knee_and_capacities() {
+        let pts: Vec<(f64, f64)> =
+            [(1.0, 0.1), (2.0, 0.6), (3.0, 0.8), (4.0, 0.85), (5.0, 0.9)].to_vec();
+        assert_eq!(knee(&pts), Some((2.0, 0.6)));
+        assert_eq!(
+            parse_capacities("12.5%,25%,50%", 192).unwrap(),
+            vec![24, 48, 96]
+        );
+        assert_eq!(parse_capacities("8, 16,8", 192).unwrap(), vec![8, 16]);
+        assert!(parse_capacities("lots", 10).is_err());
+        assert!(parse_capacities("150%", 10).is_err());
+    }
+
+    #[test]
+    fn prediction_adds_miss_cost_to_native_step() {
+        let c = Costs {
+            native_step_s: 0.01,
+            miss_s: 0.001,
+            decode_tokens: 10,
+        };
+        assert!((c.predict_tok_s(0) - 100.0).abs() < 1e-9);
+        assert!(
+            (c.predict_tok_s(100) - 50.0).abs() < 1e-9,
+            "10 misses per token double the step"
+        );
+    }
+}
+
+/// A routing trace on its own (`moescope export --format trace`): a header line, then one
+/// `{"prompt", "position", "experts"}` line per token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraceHeader {
+    pub format: String,
+    pub version: u32,
+    pub moe: super::record::MoeShape,
+    /// Prompt lengths (positions below were one prefill pass), by prompt index.
+    pub prompt_tokens: Vec<(usize, usize)>,
+    /// Measured costs of the run the trace came from, when known.
+    pub costs: Option<Costs>,
+    pub source: String,
+}
+
+pub const TRACE_FORMAT: &str = "moescope-trace";
+
+/// Everything a study needs from a run.
+#[derive(Debug, Clone)]
+pub struct TraceInput {
+    pub moe: super::record::MoeShape,
+    pub steps: Vec<TraceStep>,
+    pub prompt_tokens: HashMap<usize, usize>,
+    pub costs: Option<Costs>,
+    /// The live cache's settings and result, when the source is a recording with a selective run.
+    pub live: Option<LiveCache>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveCache {
+    pub capacity: usize,
+    pub scope: Scope,
+    pub policy: PolicyKind,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// The trace, prompt lengths and costs of a session.
+pub fn from_state(s: &super::state::SessionState) -> TraceInput {
+    use super::event::Backend;
+    let trace_backend = if !s.traces[0].is_empty() {
+        Backend::Native
+    } else {
+        Backend::Selective
+    };
+    let runs = &s.backend(trace_backend).runs;
+    let prompt_tokens: HashMap<usize, usize> = runs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.started)
+        .map(|(i, r)| (i, r.prompt_tokens))
+        .collect();
+    let steps = s.trace().to_vec();
+    let decode_tokens = steps
+        .iter()
+        .filter(|st| st.position >= prompt_tokens.get(&st.prompt).copied().unwrap_or(1))
+        .count();
+    let nat = super::metrics::backend_metrics(s, Backend::Native);
+    let sel_cache = s.backend(Backend::Selective).cache.as_ref();
+    let native_step_s = nat.decode_tok_s.map(|t| 1.0 / t);
+    let miss_s = sel_cache
+        .filter(|c| c.misses > 0)
+        .map(|c| c.load_time_us as f64 / 1e6 / c.misses as f64);
+    let costs = match (native_step_s, miss_s) {
+        (Some(a), Some(b)) => Some(Costs {
+            native_step_s: a,
+            miss_s: b,
+            decode_tokens,
+        }),
+        _ => None,
+    };
+    let live = sel_cache.map(|c| LiveCache {
+        capacity: c.capacity_experts,
+        scope: s.header.cache.cache_scope,
+        policy: s.header.cache.policy,
+        hits: c.hits,
+        misses: c.misses,
+    });
+    TraceInput {
+        moe: s.header.moe.clone(),
+        steps,
+        prompt_tokens,
+        costs,
+        live,
+    }
+}
+
+/// Writes a trace file (header + one line per step).
+pub fn write_trace(input: &TraceInput, source: &str) -> String {
+    let mut pt: Vec<(usize, usize)> = input.prompt_tokens.iter().map(|(a, b)| (*a, *b)).collect();
+    pt.sort_unstable();
+    let header = TraceHeader {
+        format: TRACE_FORMAT.into(),
+        version: 1,
+        moe: input.moe.clone(),
+        prompt_tokens: pt,
+        costs: input.costs,
+        source: source.into(),
+    };
+    let mut out = serde_json::to_string(&header).expect("header serialises");
+    out.push('\n');
+    for s in &input.steps {
+        out.push_str(&serde_json::to_string(s).expect("step serialises"));
+        out.push('\n');
+    }
+    out
+}
+
+/// Reads a trace file or a recording (detected from the first line).
+pub fn read_input(path: &std::path::Path) -> Result<TraceInput, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let first = text.lines().next().unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(first).map_err(|e| {
+        format!(
+            "{}: line 1 is not JSON ({e}); expected a recording or a trace",
+            path.display()
+        )
+    })?;
+    if v.get("format").and_then(|f| f.as_str()) == Some(TRACE_FORMAT) {
+        let h: TraceHeader = serde_json::from_value(v)
+            .map_err(|e| format!("{}: line 1: bad trace header: {e}", path.display()))?;
+        if h.version != 1 {
+            return Err(format!(
+                "{}: trace version {}, expected 1",
+                path.display(),
+                h.version
+            ));
+        }
+        let mut steps = Vec::new();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate().skip(1) {
+            if l.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<TraceStep>(l) {
+                Ok(s) => steps.push(s),
+                Err(_) if i == lines.len() - 1 && !text.ends_with('\n') => {}
+                Err(e) => {
+                    return Err(format!(
+                        "{}: line {}: bad trace step: {e}",
+                        path.display(),
+                        i + 1
+                    ));
+                }
+            }
+        }
+        return Ok(TraceInput {
+            moe: h.moe,
+            steps,
+            prompt_tokens: h.prompt_tokens.into_iter().collect(),
+            costs: h.costs,
+            live: None,
+        });
+    }
+    let rec = super::record::read(path)?;
+    let mut s = super::state::SessionState::new(rec.header.clone());
+    for e in &rec.events {
+        s.apply(e);
+    }
+    let input = from_state(&s);
+    if input.steps.is_empty() {
+        return Err(format!(
+            "{}: the recording has no routing trace (no `routing` events)",
+            path.display()
+        ));
+    }
+    Ok(input)
+}
