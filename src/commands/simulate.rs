@@ -19,12 +19,10 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         Some(s) => cachesim::parse_capacities(s, total).map_err(InputError)?,
         None => default_capacities(total, input.moe.top_k * layers),
     };
-    if a.capacities.is_none() {
-        if let Some(l) = &input.live {
-            capacities.push(l.capacity);
-            capacities.sort_unstable();
-            capacities.dedup();
-        }
+    if let (None, Some(l)) = (&a.capacities, &input.live) {
+        capacities.push(l.capacity);
+        capacities.sort_unstable();
+        capacities.dedup();
     }
     let policies: Vec<SimPolicy> = match &a.policies {
         None => SimPolicy::all(),

@@ -69,6 +69,9 @@ impl CacheConfig {
     }
 }
 
+/// A prefetch request: load these experts of this layer.
+type PrefetchJob = (usize, Vec<usize>);
+
 fn key(layer: usize, expert: usize) -> u32 {
     ((layer as u32) << 16) | expert as u32
 }
@@ -118,7 +121,7 @@ pub struct CachedProvider {
     loaded: Condvar,
     bypass: std::sync::atomic::AtomicBool,
     /// Jobs for the prefetch thread, when prefetch is on.
-    prefetcher: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<(usize, Vec<usize>)>>>,
+    prefetcher: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<PrefetchJob>>>,
 }
 
 impl CachedProvider {

@@ -354,13 +354,11 @@ impl Qwen3Moe {
             let h = layer.attn.forward(&h, l, cache, &cos, &sin)?;
             x = (x + h)?;
             let h = layer.post_norm.forward(&x)?;
-            if experts.wants_hints() {
-                if let Some(next) = self.next_moe_after(l) {
-                    // Layer l+1's router applied to layer l's normalised hidden state: a cheap
-                    // guess of what the next layer will pick, loaded while this one computes.
-                    let guess = next.guess(&h)?;
-                    experts.prefetch_hint(next.layer, &guess);
-                }
+            // Layer l+1's router applied to layer l's normalised hidden state: a cheap guess of
+            // what the next layer will pick, loaded while this one computes.
+            if let Some(next) = self.next_moe_after(l).filter(|_| experts.wants_hints()) {
+                let guess = next.guess(&h)?;
+                experts.prefetch_hint(next.layer, &guess);
             }
             let h = match &layer.ffn {
                 Ffn::Dense(m) => m.forward(&h)?,
