@@ -33,6 +33,9 @@ pub enum Command {
     /// Replay a routing trace through cache policies and the optimum: hit rate per capacity,
     /// knee, predicted decode speed.
     Simulate(SimulateArgs),
+    /// Selective runs at each capacity (headless): measured tok/s, memory and hit rate next to
+    /// the simulated curve.
+    Sweep(SweepArgs),
     /// List the colour themes.
     Themes,
     /// (internal) Serve one backend over JSON lines on stdin/stdout.
@@ -226,6 +229,35 @@ pub enum ExportFormat {
     Markdown,
     /// The routing trace alone (for `moescope simulate`).
     Trace,
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Capacities: counts or percentages of all experts, e.g. 12.5%,25%,50%,100%.
+    #[arg(long, required = true)]
+    pub capacities: String,
+    #[arg(long, value_enum, default_value_t = crate::experts::cache::Scope::Global)]
+    pub cache_scope: crate::experts::cache::Scope,
+    #[arg(long, value_enum, default_value_t = crate::experts::policy::PolicyKind::Lru)]
+    pub policy: crate::experts::policy::PolicyKind,
+    #[arg(long, default_value = "shards", value_parser = crate::experts::SourceSpec::parse)]
+    pub expert_source: crate::experts::SourceSpec,
+    #[arg(long)]
+    pub cold: bool,
+    #[arg(long, value_enum, default_value_t = crate::experts::PrefetchMode::None)]
+    pub prefetch: crate::experts::PrefetchMode,
+    /// Prompt set (default: prompts/long.toml — long generations show steady-state speed).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Write the results as JSON to this file.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Some(Command::Export(a)) => commands::session::export(a).map(|_| 0),
         Some(Command::Themes) => commands::session::themes().map(|_| 0),
         Some(Command::Simulate(a)) => commands::simulate::run(a).map(|_| 0),
+        Some(Command::Sweep(a)) => commands::sweep::run(a).map(|_| 0),
         Some(Command::Generate(a)) => commands::generate::generate(a).map(|_| 0),
         Some(Command::Logits(a)) => commands::generate::logits(a).map(|_| 0),
         Some(Command::Extract(a)) => commands::experts::run_extract(a).map(|_| 0),

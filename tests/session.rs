@@ -500,3 +500,49 @@ fn simulation_reproduces_the_live_cache_exactly() {
         assert_eq!(v["study"]["points"], v2["study"]["points"]);
     }
 }
+
+#[test]
+fn sweep_measures_each_capacity_next_to_the_simulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_json = tmp.path().join("sweep.json");
+    let out = std::process::Command::new(bin())
+        .args([
+            "sweep",
+            "--capacities",
+            "25%,100%",
+            "--max-new-tokens",
+            "16",
+            "-o",
+            out_json.to_str().unwrap(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("predicted") && text.contains("sim hit"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        // Greedy decoding is deterministic, so the selective run routes as native's trace did.
+        assert!(
+            (r["measured_hit_rate"].as_f64().unwrap() - r["simulated_hit_rate"].as_f64().unwrap())
+                .abs()
+                < 1e-12,
+            "{r}"
+        );
+        assert!(r["measured_decode_tok_s"].as_f64().unwrap() > 0.0);
+        assert!(r["predicted_decode_tok_s"].as_f64().unwrap() > 0.0);
+        assert!(r["peak_memory"].as_u64().unwrap() > 0);
+    }
+    assert!(rows[0]["expected_weights"].as_u64() < rows[1]["expected_weights"].as_u64());
+}

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod run;
 pub mod session;
 pub mod simulate;
+pub mod sweep;
 
 use std::path::PathBuf;
 

@@ -35,7 +35,43 @@ fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// Header, worker configuration and profile for a run (everything validated, nothing written).
+pub struct Plan {
+    pub header: Header,
+    pub config: RunConfig,
+    pub profile: Profile,
+}
+
 pub fn prepare(args: &RunArgs) -> Result<Prepared> {
+    let Plan {
+        header,
+        config,
+        profile,
+    } = plan(args)?;
+    let rec_path = match &args.record {
+        Some(p) => p.clone(),
+        None => record::default_path(Path::new("recordings"), &header.model, SystemTime::now()),
+    };
+    let recorder = Recorder::create(&rec_path, &header).map_err(|e| {
+        crate::errors::InputError(format!(
+            "{}: cannot create the recording: {e}{}",
+            rec_path.display(),
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                " (it exists; moescope never overwrites a recording)"
+            } else {
+                ""
+            }
+        ))
+    })?;
+    Ok(Prepared {
+        header,
+        config,
+        profile,
+        recorder,
+    })
+}
+
+pub fn plan(args: &RunArgs) -> Result<Plan> {
     let model_dir = args.model.model.clone().unwrap_or_else(default_model_dir);
     let cfg_dir = match &args.cache.expert_source {
         SourceSpec::SeedLayout(d) if d.join("config.json").exists() => d.clone(),
@@ -152,21 +188,6 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         profile: profile.name.clone(),
         host: sysinfo::System::host_name().unwrap_or_else(|_| "unknown".into()),
     };
-    let rec_path = match &args.record {
-        Some(p) => p.clone(),
-        None => record::default_path(Path::new("recordings"), &header.model, now),
-    };
-    let recorder = Recorder::create(&rec_path, &header).map_err(|e| {
-        crate::errors::InputError(format!(
-            "{}: cannot create the recording: {e}{}",
-            rec_path.display(),
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                " (it exists; moescope never overwrites a recording)"
-            } else {
-                ""
-            }
-        ))
-    })?;
     let config = RunConfig {
         native,
         selective,
@@ -184,12 +205,12 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
         gpu_memory: args.model.device.0.starts_with("cuda"),
         exe: std::env::current_exe().context("locating the moescope binary for the workers")?,
         worker_env: [worker_env("NATIVE"), worker_env("SELECTIVE")],
+        only: None,
     };
-    Ok(Prepared {
+    Ok(Plan {
         header,
         config,
         profile,
-        recorder,
     })
 }
 

@@ -475,8 +475,8 @@ mod tests {
     #[test]
     fn knee_and_capacities() {
         let pts: Vec<(f64, f64)> =
-            [(1.0, 0.1), (2.0, 0.6), (3.0, 0.8), (4.0, 0.85), (5.0, 0.9)].to_vec();
-        assert_eq!(knee(&pts), Some((2.0, 0.6)));
+            [(1.0, 0.1), (2.0, 0.7), (3.0, 0.8), (4.0, 0.85), (5.0, 0.9)].to_vec();
+        assert_eq!(knee(&pts), Some((2.0, 0.7)));
         assert_eq!(
             parse_capacities("12.5%,25%,50%", 192).unwrap(),
             vec![24, 48, 96]

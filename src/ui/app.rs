@@ -102,6 +102,7 @@ pub struct App {
     pub playback_paused: bool,
     pub recording: Option<PathBuf>,
     verdict_cache: Option<(u64, Verdict)>,
+    study_cache: Option<(u64, Option<crate::session::cachesim::Study>)>,
 }
 
 impl App {
@@ -138,6 +139,7 @@ impl App {
             playback_paused: false,
             recording: None,
             verdict_cache: None,
+            study_cache: None,
         }
     }
 
@@ -163,6 +165,15 @@ impl App {
             self.verdict_cache = Some((n, judge(&self.session, &self.profile)));
         }
         &self.verdict_cache.as_ref().expect("just set").1
+    }
+
+    /// The cache study of the run, recomputed only when new events arrived.
+    pub fn study(&mut self) -> Option<&crate::session::cachesim::Study> {
+        let n = self.session.events;
+        if self.study_cache.as_ref().is_none_or(|(k, _)| *k != n) {
+            self.study_cache = Some((n, panels::curve::study(self)));
+        }
+        self.study_cache.as_ref().and_then(|(_, s)| s.as_ref())
     }
 
     /// Whether a key may change the run (false in readonly mode and in replays).
@@ -275,7 +286,8 @@ impl App {
         panels::header::render(f, rows[0], self);
         if self.show_verdict() {
             let v = self.verdict().clone();
-            panels::verdict::render(f, rows[1], self, &v);
+            let s = self.study().cloned();
+            panels::verdict::render(f, rows[1], self, &v, s.as_ref());
         } else if self.view.zoom {
             self.render_panel(f, rows[1], self.focused());
         } else {

@@ -64,6 +64,8 @@ pub struct RunConfig {
     pub exe: PathBuf,
     /// Extra environment for the workers (fault tests).
     pub worker_env: [Vec<(String, String)>; 2],
+    /// Run only this backend (capacity sweeps measure selective alone).
+    pub only: Option<Backend>,
 }
 
 /// A worker the memory sampler watches: backend, pid, device-wide GPU use before it started.
@@ -224,6 +226,16 @@ impl Scheduler {
     }
 
     async fn run_all(&mut self) -> String {
+        if let Some(b) = self.cfg.only {
+            self.start_worker(b).await;
+            self.send_load(b);
+            self.wait_loaded(b).await;
+            if let Some(r) = self.run_prompts(&[b]).await {
+                return r;
+            }
+            self.perplexity_all(&[b]).await;
+            return "completed".into();
+        }
         match self.cfg.schedule {
             Schedule::Alternate | Schedule::Parallel => {
                 if self.cfg.schedule == Schedule::Parallel {

@@ -11,7 +11,13 @@ use crate::session::quality::token_agreement;
 use crate::session::verdict::{Outcome, Verdict};
 use crate::ui::app::App;
 
-pub fn render(f: &mut Frame, area: Rect, app: &App, v: &Verdict) {
+pub fn render(
+    f: &mut Frame,
+    area: Rect,
+    app: &App,
+    v: &Verdict,
+    study: Option<&crate::session::cachesim::Study>,
+) {
     let t = &app.theme;
     let n = app.session.num_prompts() as u16;
     let crit = v.criteria.len() as u16 + v.reasons.len() as u16 + 1;
@@ -75,12 +81,25 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &Verdict) {
         lines.push(Line::from(Span::styled(format!("  · {r}"), t.muted)));
     }
     let block = super::block(app, super::title("verdict", t.title), false, false);
+    // The cache study beside the verdict when there is room for both.
+    let (vrect, crect) = if area.width >= 120 && study.is_some() {
+        let c = Layout::default()
+            .direction(Direction::Horizontal)
+            .constraints([Constraint::Percentage(62), Constraint::Percentage(38)])
+            .split(parts[0]);
+        (c[0], Some(c[1]))
+    } else {
+        (parts[0], None)
+    };
     f.render_widget(
         Paragraph::new(lines)
             .block(block)
             .wrap(Wrap { trim: false }),
-        parts[0],
+        vrect,
     );
+    if let Some(r) = crect {
+        super::curve::render(f, r, app, study);
+    }
 
     // Per-prompt table.
     let header = Row::new(vec![

@@ -1,0 +1,259 @@
+//! `moescope sweep`: one native run for the reference and the routing trace, then one selective
+//! run per capacity — each in its own worker process, so memory is measured honestly — set against
+//! the simulated hit rate and decode speed at the same capacities.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio::sync::mpsc::unbounded_channel;
+
+use crate::cli::{RunArgs, SweepArgs};
+use crate::errors::InputError;
+use crate::session::cachesim::{self, Costs, SimPolicy};
+use crate::session::event::Backend;
+use crate::session::metrics::backend_metrics;
+use crate::session::state::SessionState;
+use crate::worker::scheduler;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    pub capacity: usize,
+    pub capacity_pct: f64,
+    pub measured_decode_tok_s: Option<f64>,
+    pub predicted_decode_tok_s: Option<f64>,
+    pub prediction_error_pct: Option<f64>,
+    pub measured_hit_rate: Option<f64>,
+    pub simulated_hit_rate: f64,
+    pub peak_memory: u64,
+    pub peak_rss_anon: Option<u64>,
+    pub expected_weights: Option<u64>,
+    pub miss_cost_us: Option<f64>,
+    pub failed: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sweep {
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+    pub scope: String,
+    pub policy: String,
+    pub cold: bool,
+    pub prefetch: bool,
+    pub native_decode_tok_s: Option<f64>,
+    pub native_peak_memory: u64,
+    pub mean_miss_cost_us: Option<f64>,
+    pub rows: Vec<SweepRow>,
+    /// Mean |predicted − measured| / measured over the capacities, %.
+    pub mean_prediction_error_pct: Option<f64>,
+}
+
+fn session(args: &RunArgs, only: Backend) -> Result<SessionState> {
+    let plan = super::run::plan(args)?;
+    let mut cfg = plan.config;
+    cfg.only = Some(only);
+    cfg.score = false;
+    cfg.reference_text = None;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("runtime")?;
+    let mut state = SessionState::new(plan.header);
+    rt.block_on(async {
+        let (tx, mut rx) = unbounded_channel();
+        let (_ctl_tx, ctl_rx) = unbounded_channel();
+        let task = tokio::spawn(scheduler::run(cfg, tx, ctl_rx, Instant::now()));
+        while let Some(ev) = rx.recv().await {
+            state.apply(&ev);
+        }
+        let _ = task.await;
+    });
+    Ok(state)
+}
+
+pub fn run(a: &SweepArgs) -> Result<()> {
+    let mut base = RunArgs::parse_default();
+    base.model = a.model.clone();
+    base.no_tui = true;
+    base.cache.cache_scope = a.cache_scope;
+    base.cache.policy = a.policy;
+    base.cache.expert_source = a.expert_source.clone();
+    base.cache.cold = a.cold;
+    base.cache.prefetch = a.prefetch;
+    base.max_new_tokens = a.max_new_tokens;
+    base.prompts = Some(a.prompts.clone().unwrap_or_else(|| {
+        let p = std::path::PathBuf::from("prompts/long.toml");
+        if p.exists() {
+            p
+        } else {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prompts/long.toml")
+        }
+    }));
+    let model_dir = base
+        .model
+        .model
+        .clone()
+        .unwrap_or_else(crate::engine::default_model_dir);
+    let cfg = crate::model::MoeConfig::from_dir(&model_dir)?;
+    let total = cfg.total_experts();
+    let capacities = cachesim::parse_capacities(&a.capacities, total).map_err(InputError)?;
+
+    eprintln!("sweep: native reference run…");
+    let native = session(&base, Backend::Native)?;
+    let nm = backend_metrics(&native, Backend::Native);
+    if let Some(r) = &nm.failed {
+        crate::bail_input!("the native reference run failed: {r}");
+    }
+    let input = cachesim::from_state(&native);
+    let acc = cachesim::accesses(&input.steps, &input.prompt_tokens);
+    let layers = cfg.num_moe_layers();
+
+    let mut runs = Vec::new();
+    for &c in &capacities {
+        eprintln!("sweep: selective at {c} experts…");
+        let mut args = RunArgs::parse_default();
+        args.model = base.model.clone();
+        args.cache = base.cache.clone();
+        args.cache.cache_experts = Some(c);
+        args.prompts = base.prompts.clone();
+        args.max_new_tokens = base.max_new_tokens;
+        runs.push((c, session(&args, Backend::Selective)?));
+    }
+    // One miss cost for the whole sweep: total load time over total loads of every run.
+    let (load_us, loads) = runs
+        .iter()
+        .filter_map(|(_, s)| s.backend(Backend::Selective).cache.as_ref())
+        .fold((0u64, 0u64), |(t, n), c| {
+            (t + c.load_time_us, n + c.load_latency.count)
+        });
+    let miss_s = (loads > 0).then(|| load_us as f64 / 1e6 / loads as f64);
+    let decode_tokens = acc.iter().filter(|x| x.decode).count().max(1);
+    let decode_steps = input
+        .steps
+        .iter()
+        .filter(|s| s.position >= input.prompt_tokens.get(&s.prompt).copied().unwrap_or(1))
+        .count();
+    let costs = match (nm.decode_tok_s, miss_s) {
+        (Some(t), Some(m)) => Some(Costs {
+            native_step_s: 1.0 / t,
+            miss_s: m,
+            decode_tokens: decode_steps.max(1),
+        }),
+        _ => None,
+    };
+    let _ = decode_tokens;
+    let mut rows = Vec::new();
+    for (c, s) in &runs {
+        let m = backend_metrics(s, Backend::Selective);
+        let sim = cachesim::simulate(&acc, SimPolicy::Live(a.policy), *c, a.cache_scope, layers);
+        let predicted = costs.map(|k| k.predict_tok_s(sim.decode_misses));
+        let err = match (predicted, m.decode_tok_s) {
+            (Some(p), Some(x)) if x > 0.0 => Some(100.0 * (p - x).abs() / x),
+            _ => None,
+        };
+        let cache = s.backend(Backend::Selective).cache.as_ref();
+        rows.push(SweepRow {
+            capacity: *c,
+            capacity_pct: 100.0 * *c as f64 / total as f64,
+            measured_decode_tok_s: m.decode_tok_s,
+            predicted_decode_tok_s: predicted,
+            prediction_error_pct: err,
+            measured_hit_rate: m.cache_hit_rate,
+            simulated_hit_rate: sim.hit_rate(),
+            peak_memory: m.memory.peak,
+            peak_rss_anon: s
+                .backend(Backend::Selective)
+                .memory
+                .iter()
+                .map(|(_, x)| x.rss_anon)
+                .max(),
+            expected_weights: m.memory.expected_weights,
+            miss_cost_us: cache
+                .filter(|c| c.load_latency.count > 0)
+                .map(|c| c.load_time_us as f64 / c.load_latency.count as f64),
+            failed: m.failed.clone(),
+        });
+    }
+    let errs: Vec<f64> = rows.iter().filter_map(|r| r.prediction_error_pct).collect();
+    let sweep = Sweep {
+        model: model_dir.display().to_string(),
+        device: a.model.device.to_string(),
+        dtype: a.model.dtype.name().into(),
+        scope: a.cache_scope.name().into(),
+        policy: a.policy.name().into(),
+        cold: a.cold,
+        prefetch: a.prefetch == crate::experts::PrefetchMode::NextLayer,
+        native_decode_tok_s: nm.decode_tok_s,
+        native_peak_memory: nm.memory.peak,
+        mean_miss_cost_us: miss_s.map(|m| m * 1e6),
+        mean_prediction_error_pct: (!errs.is_empty())
+            .then(|| errs.iter().sum::<f64>() / errs.len() as f64),
+        rows,
+    };
+    let json = serde_json::to_string_pretty(&sweep)? + "\n";
+    if let Some(o) = &a.output {
+        crate::headless::write_atomic(o, &json)
+            .map_err(|e| InputError(format!("{}: {e}", o.display())))?;
+    }
+    if a.json {
+        print!("{json}");
+    } else {
+        print!("{}", render(&sweep));
+    }
+    Ok(())
+}
+
+pub fn render(s: &Sweep) -> String {
+    use crate::util::fmt_bytes;
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{} · {} {} · {} scope, {}{}{} · native {} tok/s, peak {} · miss cost {}",
+        s.model,
+        s.device,
+        s.dtype,
+        s.scope,
+        s.policy,
+        if s.cold { ", cold" } else { ", warm" },
+        if s.prefetch { ", prefetch" } else { "" },
+        s.native_decode_tok_s
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or("–".into()),
+        fmt_bytes(s.native_peak_memory),
+        s.mean_miss_cost_us
+            .map(|v| format!("{v:.0} µs"))
+            .unwrap_or("–".into())
+    );
+    let _ = writeln!(
+        o,
+        "{:>9} {:>7} {:>10} {:>10} {:>7} {:>9} {:>9} {:>11} {:>11}",
+        "capacity", "%", "tok/s", "predicted", "error", "hit", "sim hit", "peak mem", "expected"
+    );
+    let f = |v: Option<f64>, d: usize| v.map(|x| format!("{x:.d$}")).unwrap_or("–".into());
+    for r in &s.rows {
+        let _ = writeln!(
+            o,
+            "{:>9} {:>6.1}% {:>10} {:>10} {:>6}% {:>8}% {:>8.1}% {:>11} {:>11}{}",
+            r.capacity,
+            r.capacity_pct,
+            f(r.measured_decode_tok_s, 1),
+            f(r.predicted_decode_tok_s, 1),
+            f(r.prediction_error_pct, 1),
+            f(r.measured_hit_rate.map(|h| h * 100.0), 1),
+            r.simulated_hit_rate * 100.0,
+            fmt_bytes(r.peak_memory),
+            r.expected_weights.map(fmt_bytes).unwrap_or("–".into()),
+            r.failed
+                .as_ref()
+                .map(|e| format!("  FAILED: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(e) = s.mean_prediction_error_pct {
+        let _ = writeln!(o, "mean |predicted − measured| / measured: {e:.1} %");
+    }
+    o
+}
