@@ -263,6 +263,16 @@ impl ExpertProvider for MaskedProvider {
     fn set_bypass(&self, on: bool) {
         self.inner.set_bypass(on)
     }
+    fn stacked(
+        &self,
+        layer: usize,
+        needed: &[usize],
+    ) -> Result<Option<crate::experts::provider::Stacked>> {
+        self.inner.stacked(layer, needed)
+    }
+    fn needs_ids_on_host(&self) -> bool {
+        self.inner.needs_ids_on_host()
+    }
 }
 
 /// Everything needed to load one backend, as chosen on the command line or by a worker command.

@@ -141,7 +141,8 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
         "sliding_window": null,
         "hidden_act": "silu",
         "torch_dtype": "bfloat16",
-        "eos_token_id": 1,
+        // An id greedy decoding will practically never pick, so benchmarks run their full length.
+        "eos_token_id": g.vocab - 1,
     });
     let io = |p: &Path, e: std::io::Error| ModelError::Io {
         path: p.to_path_buf(),

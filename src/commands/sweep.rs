@@ -29,6 +29,13 @@ pub struct SweepRow {
     pub peak_rss_anon: Option<u64>,
     pub expected_weights: Option<u64>,
     pub miss_cost_us: Option<f64>,
+    /// Decode tok/s if each step cost native's step plus its missed bytes at the measured read
+    /// bandwidth (the bound a cache cannot beat without prefetch).
+    pub bound_decode_tok_s: Option<f64>,
+    /// Measured decode step time / bound step time.
+    pub step_vs_bound: Option<f64>,
+    /// Peak RSS + GPU / (non-expert + capacity × expert bytes).
+    pub memory_vs_expected: Option<f64>,
     pub failed: Option<String>,
 }
 
@@ -44,6 +51,9 @@ pub struct Sweep {
     pub native_decode_tok_s: Option<f64>,
     pub native_peak_memory: u64,
     pub mean_miss_cost_us: Option<f64>,
+    /// Sequential read bandwidth of the expert bytes, measured the same way the run reads
+    /// (page cache warm, or evicted first with --cold), bytes/s.
+    pub read_bandwidth: Option<f64>,
     pub rows: Vec<SweepRow>,
     /// Mean |predicted − measured| / measured over the capacities, %.
     pub mean_prediction_error_pct: Option<f64>,
@@ -100,6 +110,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     let total = cfg.total_experts();
     let capacities = cachesim::parse_capacities(&a.capacities, total).map_err(InputError)?;
 
+    let read_bandwidth = measure_read_bandwidth(&model_dir, &cfg, a.cold);
     eprintln!("sweep: native reference run…");
     let native = session(&base, Backend::Native)?;
     let nm = backend_metrics(&native, Backend::Native);
@@ -154,7 +165,24 @@ pub fn run(a: &SweepArgs) -> Result<()> {
             _ => None,
         };
         let cache = s.backend(Backend::Selective).cache.as_ref();
+        let stored = (cfg.expert_params() * 2) as f64;
+        let bound = match (nm.decode_tok_s, read_bandwidth) {
+            (Some(t), Some(bw)) => {
+                let per_tok = sim.decode_misses as f64 / decode_steps.max(1) as f64;
+                Some(1.0 / (1.0 / t + per_tok * stored / bw))
+            }
+            _ => None,
+        };
+        let expected = m.memory.expected_weights;
         rows.push(SweepRow {
+            bound_decode_tok_s: bound,
+            step_vs_bound: match (bound, m.decode_tok_s) {
+                (Some(b), Some(x)) if x > 0.0 => Some(b / x),
+                _ => None,
+            },
+            memory_vs_expected: expected
+                .filter(|e| *e > 0)
+                .map(|e| m.memory.peak as f64 / e as f64),
             capacity: *c,
             capacity_pct: 100.0 * *c as f64 / total as f64,
             measured_decode_tok_s: m.decode_tok_s,
@@ -188,6 +216,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         native_decode_tok_s: nm.decode_tok_s,
         native_peak_memory: nm.memory.peak,
         mean_miss_cost_us: miss_s.map(|m| m * 1e6),
+        read_bandwidth,
         mean_prediction_error_pct: (!errs.is_empty())
             .then(|| errs.iter().sum::<f64>() / errs.len() as f64),
         rows,
@@ -203,6 +232,58 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         print!("{}", render(&sweep));
     }
     Ok(())
+}
+
+/// Reads up to 1 GiB of expert bytes sequentially (pread, 8 MiB at a time) and returns bytes/s.
+/// With `cold` each range is evicted from the page cache first, as `--cold` runs do.
+fn measure_read_bandwidth(
+    dir: &std::path::Path,
+    cfg: &crate::model::MoeConfig,
+    cold: bool,
+) -> Option<f64> {
+    use std::os::unix::fs::FileExt;
+    let ckpt = crate::model::Checkpoint::open(dir).ok()?;
+    let src = crate::experts::source::ShardSource::new(&ckpt, cfg).ok()?;
+    let mut ranges = Vec::new();
+    for l in cfg.moe_layers() {
+        for e in 0..cfg.num_experts {
+            if let Some(loc) = src.location(l, e) {
+                for p in &loc.parts {
+                    ranges.push((p.file.clone(), p.offset, p.len));
+                }
+            }
+        }
+    }
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut files: std::collections::HashMap<std::path::PathBuf, std::fs::File> =
+        Default::default();
+    if cold {
+        for (f, off, len) in &ranges {
+            let file = files
+                .entry(f.clone())
+                .or_insert_with(|| std::fs::File::open(f).expect("opened above"));
+            crate::experts::source::drop_page_cache(file, *off, *len);
+        }
+    }
+    let start = Instant::now();
+    for (f, off, len) in ranges {
+        let file = files
+            .entry(f.clone())
+            .or_insert_with(|| std::fs::File::open(&f).expect("exists"));
+        let mut done = 0u64;
+        while done < len {
+            let n = ((len - done) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], off + done).ok()?;
+            done += n as u64;
+        }
+        total += len;
+        if total >= 1 << 30 {
+            break;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    (secs > 0.0 && total > 0).then(|| total as f64 / secs)
 }
 
 pub fn render(s: &Sweep) -> String {
@@ -227,16 +308,34 @@ pub fn render(s: &Sweep) -> String {
             .map(|v| format!("{v:.0} µs"))
             .unwrap_or("–".into())
     );
+    if let Some(bw) = s.read_bandwidth {
+        let _ = writeln!(
+            o,
+            "expert read bandwidth {:.2} GB/s ({})",
+            bw / 1e9,
+            if s.cold { "cold" } else { "warm" }
+        );
+    }
     let _ = writeln!(
         o,
-        "{:>9} {:>7} {:>10} {:>10} {:>7} {:>9} {:>9} {:>11} {:>11}",
-        "capacity", "%", "tok/s", "predicted", "error", "hit", "sim hit", "peak mem", "expected"
+        "{:>9} {:>7} {:>10} {:>10} {:>7} {:>9} {:>9} {:>11} {:>11} {:>9} {:>8}",
+        "capacity",
+        "%",
+        "tok/s",
+        "predicted",
+        "error",
+        "hit",
+        "sim hit",
+        "peak mem",
+        "expected",
+        "bound",
+        "mem/exp"
     );
     let f = |v: Option<f64>, d: usize| v.map(|x| format!("{x:.d$}")).unwrap_or("–".into());
     for r in &s.rows {
         let _ = writeln!(
             o,
-            "{:>9} {:>6.1}% {:>10} {:>10} {:>6}% {:>8}% {:>8.1}% {:>11} {:>11}{}",
+            "{:>9} {:>6.1}% {:>10} {:>10} {:>6}% {:>8}% {:>8.1}% {:>11} {:>11} {:>9} {:>8}{}",
             r.capacity,
             r.capacity_pct,
             f(r.measured_decode_tok_s, 1),
@@ -246,6 +345,8 @@ pub fn render(s: &Sweep) -> String {
             r.simulated_hit_rate * 100.0,
             fmt_bytes(r.peak_memory),
             r.expected_weights.map(fmt_bytes).unwrap_or("–".into()),
+            f(r.bound_decode_tok_s, 1),
+            f(r.memory_vs_expected, 2),
             r.failed
                 .as_ref()
                 .map(|e| format!("  FAILED: {e}"))

@@ -10,11 +10,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::policy::{Policy, PolicyKind};
-use super::provider::{ExpertProvider, ExpertWeights, missing_error};
+use super::provider::{ExpertProvider, ExpertWeights, Stacked, missing_error};
 use super::source::ExpertSource;
 use super::stats::{CacheSnapshot, Histogram, LayerStats, PrefetchStats};
 use crate::model::error::{ModelError, Result};
@@ -84,6 +84,25 @@ struct Pool {
     capacity: usize,
     entries: HashMap<u32, Arc<ExpertWeights>>,
     policy: Box<dyn Policy>,
+    /// GPU slot mode: experts live in preallocated stacked tensors instead of `entries`.
+    slots: Option<SlotStore>,
+}
+
+/// A preallocated pool of expert slots on the device: [slots, 2I, H] and [slots, H, I].
+struct SlotStore {
+    gate_up: Tensor,
+    down: Tensor,
+    slot_of: HashMap<u32, usize>,
+    free: Vec<usize>,
+}
+
+impl Pool {
+    fn contains(&self, k: u32) -> bool {
+        match &self.slots {
+            Some(s) => s.slot_of.contains_key(&k),
+            None => self.entries.contains_key(&k),
+        }
+    }
 }
 
 struct State {
@@ -165,6 +184,7 @@ impl CachedProvider {
                     capacity: total,
                     entries: HashMap::new(),
                     policy: config.policy.build(total),
+                    slots: None,
                 }]
             }
             Scope::Layer => {
@@ -178,11 +198,27 @@ impl CachedProvider {
                             capacity: share,
                             entries: HashMap::new(),
                             policy: config.policy.build(share),
+                            slots: None,
                         }
                     })
                     .collect()
             }
         };
+        let mut pools = pools;
+        let slot_mode = super::provider::fused_capable(device, dtype);
+        if slot_mode {
+            // GPU: one preallocated slot pool per cache pool, filled by the fused path.
+            let (h, inter) = (cfg.hidden_size, cfg.moe_intermediate_size);
+            for p in &mut pools {
+                p.slots = Some(SlotStore {
+                    gate_up: Tensor::zeros((p.capacity, 2 * inter, h), dtype, device)?,
+                    down: Tensor::zeros((p.capacity, h, inter), dtype, device)?,
+                    slot_of: HashMap::new(),
+                    free: (0..p.capacity).rev().collect(),
+                });
+            }
+        }
+        let slot_bytes: u64 = pools.iter().map(|p| p.capacity as u64).sum::<u64>() * expert_bytes;
         let layers = moe_layers
             .iter()
             .enumerate()
@@ -207,7 +243,8 @@ impl CachedProvider {
                 misses: 0,
                 evictions: 0,
                 bytes_read: 0,
-                resident_bytes: 0,
+                // Slot pools are allocated up front: that memory is held from the start.
+                resident_bytes: if slot_mode { slot_bytes } else { 0 },
                 latency: Histogram::default(),
                 load_time_us: 0,
                 loading: HashSet::new(),
@@ -315,6 +352,21 @@ impl CachedProvider {
     /// Starts the prefetch thread: it loads guessed experts into the cache while the forward pass
     /// computes. It holds only a weak reference, so dropping the provider ends it.
     pub fn start_prefetch(this: &Arc<Self>) {
+        if this
+            .state
+            .lock()
+            .expect("cache lock")
+            .pools
+            .iter()
+            .any(|p| p.slots.is_some())
+        {
+            // GPU slot pools are filled by the fused path on the compute stream; background
+            // loading into them is not implemented, so prefetch stays off there.
+            eprintln!(
+                "moescope: --prefetch next-layer is not available with GPU slot pools; running without it"
+            );
+            return;
+        }
         let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<usize>)>();
         if this.prefetcher.set(Mutex::new(tx)).is_err() {
             return;
@@ -346,6 +398,134 @@ impl CachedProvider {
         p.useful += hit;
     }
 
+    /// Evicts from pool `pi` until a slot is free, never evicting a key in `pinned` (the experts
+    /// the current kernel call needs). Returns the free slot.
+    fn free_slot(s: &mut State, pi: usize, pinned: &HashSet<u32>) -> Option<usize> {
+        if let Some(slot) = s.pools[pi].slots.as_mut().and_then(|x| x.free.pop()) {
+            return Some(slot);
+        }
+        let mut deferred = Vec::new();
+        let mut got = None;
+        while let Some(v) = s.pools[pi].policy.evict() {
+            if pinned.contains(&v) {
+                deferred.push(v);
+                continue;
+            }
+            let slot = s.pools[pi]
+                .slots
+                .as_mut()
+                .and_then(|x| x.slot_of.remove(&v));
+            if let Some(slot) = slot {
+                s.evictions += 1;
+                let (vl, ve) = unkey(v);
+                if let Some(li) = s.stats_of[vl] {
+                    s.layers[li].evictions[ve] += 1;
+                    s.layers[li].resident[ve] = false;
+                }
+                s.prefetched_unused.remove(&v);
+                got = Some(slot);
+                break;
+            }
+        }
+        for d in deferred {
+            s.pools[pi].policy.on_insert(d);
+        }
+        got
+    }
+
+    /// The fused path: every expert in `needed` resident in the layer's slot pool (loading the
+    /// misses into free or evicted slots), or — when the pool cannot hold them all at once, as
+    /// in the prefill of a long prompt with a small cache — a temporary stack of exactly those
+    /// experts. Either way one kernel call over the same weights as native.
+    fn stacked_slots(&self, layer: usize, needed: &[usize]) -> Result<Option<Stacked>> {
+        let bypass = self.bypass.load(std::sync::atomic::Ordering::Relaxed);
+        let mut s = self.state.lock().expect("cache lock");
+        let pi = s.pool_of[layer];
+        if s.pools[pi].slots.is_none() {
+            return Ok(None);
+        }
+        let li = s.stats_of[layer].expect("moe layer has stats");
+        let num = self.source.config().num_experts;
+        let keys: Vec<u32> = needed.iter().map(|&e| key(layer, e)).collect();
+        let mut missing = Vec::new();
+        for (&e, &k) in needed.iter().zip(&keys) {
+            if s.pools[pi].contains(k) {
+                if !bypass {
+                    s.pools[pi].policy.on_hit(k);
+                    s.hits += 1;
+                    s.layers[li].hits[e] += 1;
+                    s.prefetched_unused.remove(&k);
+                }
+            } else {
+                if !bypass {
+                    s.misses += 1;
+                    s.layers[li].misses[e] += 1;
+                }
+                missing.push(e);
+            }
+        }
+        let fits = needed.len() <= s.pools[pi].capacity && !bypass;
+        if fits {
+            let pinned: HashSet<u32> = keys.iter().copied().collect();
+            for &e in &missing {
+                let (w, bytes, us) = self.read(layer, e)?;
+                let slot =
+                    Self::free_slot(&mut s, pi, &pinned).ok_or_else(|| ModelError::Expert {
+                        layer,
+                        expert: e,
+                        msg: "no free slot although the pool holds enough".into(),
+                    })?;
+                let store = s.pools[pi].slots.as_mut().expect("slot mode");
+                store.gate_up.slice_set(&w.gate_up.unsqueeze(0)?, 0, slot)?;
+                store.down.slice_set(&w.down.unsqueeze(0)?, 0, slot)?;
+                store.slot_of.insert(key(layer, e), slot);
+                s.pools[pi].policy.on_insert(key(layer, e));
+                s.layers[li].resident[e] = true;
+                s.bytes_read += bytes;
+                s.load_time_us += us;
+                s.latency.record_us(us);
+            }
+            let store = s.pools[pi].slots.as_ref().expect("slot mode");
+            let mut index = vec![u32::MAX; num];
+            for (&e, k) in needed.iter().zip(&keys) {
+                index[e] = store.slot_of[k] as u32;
+            }
+            return Ok(Some(Stacked {
+                gate_up: store.gate_up.clone(),
+                down: store.down.clone(),
+                index: Some(index),
+            }));
+        }
+        // Overflow (or bypass): a temporary stack of exactly `needed`.
+        let mut gu = Vec::with_capacity(needed.len());
+        let mut dn = Vec::with_capacity(needed.len());
+        for (&e, k) in needed.iter().zip(&keys) {
+            let store = s.pools[pi].slots.as_ref().expect("slot mode");
+            if let Some(&slot) = store.slot_of.get(k) {
+                gu.push(store.gate_up.get(slot)?);
+                dn.push(store.down.get(slot)?);
+            } else {
+                let (w, bytes, us) = self.read(layer, e)?;
+                if !bypass {
+                    s.bytes_read += bytes;
+                    s.load_time_us += us;
+                    s.latency.record_us(us);
+                }
+                gu.push(w.gate_up);
+                dn.push(w.down);
+            }
+        }
+        let mut index = vec![u32::MAX; num];
+        for (pos, &e) in needed.iter().enumerate() {
+            index[e] = pos as u32;
+        }
+        Ok(Some(Stacked {
+            gate_up: Tensor::stack(&gu, 0)?,
+            down: Tensor::stack(&dn, 0)?,
+            index: Some(index),
+        }))
+    }
+
     /// Drops every cached expert (statistics are kept).
     pub fn clear(&self) {
         let mut s = self.state.lock().expect("cache lock");
@@ -374,7 +554,16 @@ impl CachedProvider {
             misses: s.misses,
             evictions: s.evictions,
             bytes_read: s.bytes_read,
-            resident_experts: s.pools.iter().map(|p| p.entries.len()).sum(),
+            resident_experts: s
+                .pools
+                .iter()
+                .map(|p| {
+                    p.slots
+                        .as_ref()
+                        .map(|x| x.slot_of.len())
+                        .unwrap_or(p.entries.len())
+                })
+                .sum(),
             resident_bytes: s.resident_bytes,
             capacity_experts: s.pools.iter().map(|p| p.capacity).sum(),
             capacity_bytes: match self.config.capacity {
@@ -391,6 +580,16 @@ impl CachedProvider {
 impl ExpertProvider for CachedProvider {
     fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
         let k = key(layer, expert);
+        let slot_mode = {
+            let s = self.state.lock().expect("cache lock");
+            s.pool_of
+                .get(layer)
+                .is_some_and(|&pi| pi != usize::MAX && s.pools[pi].slots.is_some())
+        };
+        if slot_mode {
+            // The fused path owns the slots; a per-expert request is served without caching.
+            return self.read(layer, expert).map(|(w, _, _)| Arc::new(w));
+        }
         if self.bypass.load(std::sync::atomic::Ordering::Relaxed) {
             let resident = {
                 let s = self.state.lock().expect("cache lock");
@@ -472,6 +671,14 @@ impl ExpertProvider for CachedProvider {
 
     fn set_bypass(&self, on: bool) {
         self.bypass.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn stacked(&self, layer: usize, needed: &[usize]) -> Result<Option<Stacked>> {
+        self.stacked_slots(layer, needed)
+    }
+
+    fn needs_ids_on_host(&self) -> bool {
+        true
     }
 
     fn wants_hints(&self) -> bool {

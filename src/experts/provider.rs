@@ -69,6 +69,20 @@ impl ExpertWeights {
     }
 }
 
+/// Experts stacked for a fused kernel (`candle_nn::moe::moe_gemm`): `gate_up` is
+/// [n, 2I, H], `down` [n, H, I]; `index` maps an expert id to its position along the first
+/// dimension (None: position = expert id, the native layout).
+pub struct Stacked {
+    pub gate_up: Tensor,
+    pub down: Tensor,
+    pub index: Option<Vec<u32>>,
+}
+
+/// True when the fused GPU kernel can run in this dtype on this device.
+pub fn fused_capable(device: &Device, dtype: DType) -> bool {
+    device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16)
+}
+
 /// Where the MoE block gets expert weights from.
 pub trait ExpertProvider: Send + Sync {
     /// The weights of (layer, expert), loading them first if needed. The returned `Arc` keeps
@@ -82,6 +96,18 @@ pub trait ExpertProvider: Send + Sync {
 
     /// Called with the experts a layer selected, before they are fetched (statistics, prefetch).
     fn will_use(&self, _layer: usize, _experts: &[usize]) {}
+
+    /// Stacked weights holding at least the experts in `needed` (ascending ids), for the fused GPU
+    /// kernel; None when the provider keeps experts one by one.
+    fn stacked(&self, _layer: usize, _needed: &[usize]) -> Result<Option<Stacked>> {
+        Ok(None)
+    }
+
+    /// Whether `stacked` needs the selected expert ids on the host (a selective cache must know
+    /// what to load; native's full stacks do not).
+    fn needs_ids_on_host(&self) -> bool {
+        false
+    }
 
     /// Whether the provider wants guesses of the next layer's experts (prefetch on).
     fn wants_hints(&self) -> bool {
@@ -112,6 +138,11 @@ pub trait ExpertProvider: Send + Sync {
 pub trait RoutingObserver {
     /// `position` is the token's absolute position; `experts` and `weights` are in top-k order.
     fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], weights: &[f32]);
+
+    /// False when nothing is listening (the GPU path then skips copying routing to the host).
+    fn wants_routing(&self) -> bool {
+        true
+    }
 }
 
 /// An observer that ignores everything.
@@ -119,6 +150,9 @@ pub struct NoObserver;
 
 impl RoutingObserver for NoObserver {
     fn on_routing(&mut self, _: usize, _: usize, _: &[u32], _: &[f32]) {}
+    fn wants_routing(&self) -> bool {
+        false
+    }
 }
 
 /// Collects every routing decision: (layer, position, experts).
@@ -137,6 +171,9 @@ impl RoutingObserver for RoutingLog {
 pub struct Resident {
     /// Indexed by model layer; empty for dense layers.
     experts: Vec<Vec<Option<Arc<ExpertWeights>>>>,
+    /// On a GPU in bf16/f16: every layer's experts stacked for the fused kernel (the per-expert
+    /// tensors above are then views into these, not copies).
+    stacks: Vec<Option<(Tensor, Tensor)>>,
     unavailable: Vec<Vec<usize>>,
     bytes: u64,
 }
@@ -177,12 +214,60 @@ impl Resident {
             }
             experts[layer] = row;
         }
+        let mut stacks = vec![None; cfg.num_hidden_layers];
+        if fused_capable(device, dtype) {
+            for layer in cfg.moe_layers() {
+                let (gu, dn) = stack_layer(&experts[layer], cfg, dtype, device)?;
+                // Views into the stacks replace the separate tensors: one copy in memory.
+                for (e, slot) in experts[layer].iter_mut().enumerate() {
+                    if slot.is_some() {
+                        *slot = Some(Arc::new(ExpertWeights {
+                            gate_up: gu.get(e)?,
+                            down: dn.get(e)?,
+                            intermediate: cfg.moe_intermediate_size,
+                        }));
+                    }
+                }
+                stacks[layer] = Some((gu, dn));
+            }
+        }
         Ok(Resident {
             experts,
+            stacks,
             unavailable,
             bytes,
         })
     }
+}
+
+/// Stacks one layer's experts ([E, 2I, H], [E, H, I]); missing experts become zeros (they are
+/// masked out of routing, so never used).
+fn stack_layer(
+    row: &[Option<Arc<ExpertWeights>>],
+    cfg: &crate::model::MoeConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+    let zgu = Tensor::zeros((2 * i, h), dtype, device)?;
+    let zdn = Tensor::zeros((h, i), dtype, device)?;
+    let gu: Vec<Tensor> = row
+        .iter()
+        .map(|e| {
+            e.as_ref()
+                .map(|w| w.gate_up.clone())
+                .unwrap_or_else(|| zgu.clone())
+        })
+        .collect();
+    let dn: Vec<Tensor> = row
+        .iter()
+        .map(|e| {
+            e.as_ref()
+                .map(|w| w.down.clone())
+                .unwrap_or_else(|| zdn.clone())
+        })
+        .collect();
+    Ok((Tensor::stack(&gu, 0)?, Tensor::stack(&dn, 0)?))
 }
 
 pub fn missing_error(source: &dyn ExpertSource, layer: usize, expert: usize) -> ModelError {
@@ -220,5 +305,17 @@ impl ExpertProvider for Resident {
 
     fn kind(&self) -> &'static str {
         "native"
+    }
+
+    fn stacked(&self, layer: usize, _needed: &[usize]) -> Result<Option<Stacked>> {
+        Ok(self
+            .stacks
+            .get(layer)
+            .and_then(|s| s.clone())
+            .map(|(gate_up, down)| Stacked {
+                gate_up,
+                down,
+                index: None,
+            }))
     }
 }

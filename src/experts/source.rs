@@ -131,7 +131,7 @@ pub(crate) fn read_location(
 }
 
 /// posix_fadvise(DONTNEED): a hint, so failure is not an error (the mode is still recorded).
-pub(crate) fn drop_page_cache(file: &File, offset: u64, len: u64) {
+pub fn drop_page_cache(file: &File, offset: u64, len: u64) {
     // SAFETY: plain syscall on a valid descriptor.
     unsafe {
         libc::posix_fadvise(

@@ -112,6 +112,111 @@ pub fn route(logits: &[f32], masked: &[usize], top_k: usize, norm_topk_prob: boo
 }
 
 impl MoeBlock {
+    /// The GPU path: routing on the device (f32 softmax over all experts, top-k, renormalised,
+    /// weights rounded to the compute dtype as HF does) and both projections through candle's
+    /// fused MoE kernel over stacked weights. Native passes its full stacks; selective passes
+    /// its slot pool with expert ids remapped to slots — the same kernel on the same weights, so
+    /// the two stay bit-identical. None when the provider has no stacked form.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        experts: &dyn ExpertProvider,
+        observer: &mut dyn RoutingObserver,
+    ) -> Result<Option<Tensor>> {
+        let (t, h) = x.dims2()?;
+        let k = self.top_k;
+        let dev = x.device();
+        let num_experts = self.router.dim(0)?;
+        let mut logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?;
+        let masked = experts.unavailable(self.layer);
+        if !masked.is_empty() {
+            let mut m = vec![0f32; num_experts];
+            for &e in masked {
+                m[e] = f32::NEG_INFINITY;
+            }
+            logits = logits.broadcast_add(&Tensor::from_vec(m, num_experts, dev)?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let topk_ids = probs
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, k)?
+            .contiguous()?;
+        let mut topk_w = probs.gather(&topk_ids, 1)?;
+        if self.norm_topk_prob {
+            topk_w = topk_w.broadcast_div(&topk_w.sum_keepdim(1)?)?;
+        }
+        let topk_w = topk_w
+            .to_dtype(x.dtype())?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let host_ids: Option<Vec<Vec<u32>>> =
+            if observer.wants_routing() || experts.needs_ids_on_host() {
+                Some(topk_ids.to_vec2()?)
+            } else {
+                None
+            };
+        if let (Some(ids), true) = (&host_ids, observer.wants_routing()) {
+            let w: Vec<Vec<f32>> = topk_w.to_vec2()?;
+            for (i, (row, wr)) in ids.iter().zip(&w).enumerate() {
+                observer.on_routing(self.layer, offset + i, row, wr);
+            }
+        }
+        let needed: Vec<usize> = match &host_ids {
+            Some(ids) => {
+                let mut v: Vec<usize> = ids.iter().flatten().map(|&e| e as usize).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+            None => Vec::new(),
+        };
+        experts.will_use(self.layer, &needed);
+        let Some(st) = experts.stacked(self.layer, &needed)? else {
+            return Ok(None);
+        };
+        let ids = match (&st.index, &host_ids) {
+            (None, _) => topk_ids,
+            (Some(map), Some(ids)) => {
+                let flat: Vec<u32> = ids.iter().flatten().map(|&e| map[e as usize]).collect();
+                Tensor::from_vec(flat, (t, k), dev)?
+            }
+            (Some(_), None) => {
+                return Err(ModelError::Input(
+                    "stacked experts need host routing ids".into(),
+                ));
+            }
+        };
+        let (expert_ids, sorted_token_ids) = ids.flatten_all()?.sort_last_dim(true)?;
+        let is_prefill = t > 1;
+        let x = x.contiguous()?;
+        let gate_up = candle_nn::moe::moe_gemm(
+            &x,
+            &st.gate_up,
+            &None,
+            &sorted_token_ids,
+            &expert_ids,
+            k,
+            is_prefill,
+        )?;
+        let i = gate_up.dim(1)? / 2;
+        let g = gate_up.narrow(1, 0, i)?.contiguous()?;
+        let u = gate_up.narrow(1, i, i)?.contiguous()?;
+        let mid = (super::layers::silu(&g)? * u)?.contiguous()?;
+        let y = candle_nn::moe::moe_gemm(
+            &mid,
+            &st.down,
+            &Some(topk_w),
+            &sorted_token_ids,
+            &expert_ids,
+            k,
+            is_prefill,
+        )?
+        .reshape((t, k, h))?
+        .sum(1)?;
+        Ok(Some(y))
+    }
+
     /// The experts this router would pick for the rows of `x` (union over rows, ascending).
     fn guess(&self, x: &Tensor) -> Result<Vec<usize>> {
         let logits: Vec<Vec<f32>> = x
@@ -135,6 +240,14 @@ impl MoeBlock {
         experts: &dyn ExpertProvider,
         observer: &mut dyn RoutingObserver,
     ) -> Result<Tensor> {
+        let fused = if crate::experts::provider::fused_capable(x.device(), x.dtype()) {
+            self.forward_fused(x, offset, experts, observer)?
+        } else {
+            None
+        };
+        if let Some(y) = fused {
+            return Ok(y);
+        }
         let (t, _h) = x.dims2()?;
         let logits: Vec<Vec<f32>> = x
             .matmul(&self.router.t()?)?

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# GPU fidelity checks and benchmarks for moescope, run on an NVIDIA machine from the repo root.
+#
+#   scripts/gpu_check.sh BIN [OUT_DIR]
+#
+# BIN: a moescope built with `cargo build --release --features cuda` (gzipped is fine).
+# Needs python3 with torch (CUDA) and transformers 5.x. Writes JSON results to OUT_DIR
+# (default gpu-results/); BENCHMARKS.md records what they said. About 6 minutes on an H100.
+#   1. fidelity: moescope bf16 on the GPU vs transformers bf16 on the GPU vs the f32 goldens;
+#      selective == native on the GPU, bit for bit, at several capacities and both scopes
+#   2. a random checkpoint with Qwen3-30B-A3B's geometry, LAYERS layers (default 12), written
+#      in the real per-expert layout
+#   3. native decode: moescope vs candle-transformers' qwen3_moe (same files, same process)
+#   4. transformers 5.x generate, default and eager experts implementations
+#   5. host->device bandwidth (the selective bound)
+#   6. selective decode at 100 / 50 / 25 / 12.5 % slot capacity (worker processes, NVML memory)
+set -euo pipefail
+BIN=${1:?usage: scripts/gpu_check.sh BIN [OUT_DIR]}
+OUT=${2:-gpu-results}
+LAYERS=${LAYERS:-12}
+CKPT=${CKPT:-/tmp/moescope-q30-${LAYERS}l}
+mkdir -p "$OUT"
+if [[ "$BIN" == *.gz ]]; then gunzip -c "$BIN" > /tmp/moescope-cuda && chmod +x /tmp/moescope-cuda && BIN=/tmp/moescope-cuda; fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+
+echo "== 1. fidelity"
+python3 scripts/gpu_reference.py fidelity --bin "$BIN" > "$OUT/fidelity.json"
+
+echo "== 2. random checkpoint ($LAYERS layers, Qwen3-30B-A3B geometry)"
+[ -f "$CKPT/config.json" ] || "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --out "$CKPT" --shard-size 4GiB
+cp models/tiny-moe/tokenizer.json models/tiny-moe/tokenizer_config.json "$CKPT/"
+
+echo "== 3. native vs candle-transformers"
+"$BIN" bench decode --model "$CKPT" --dtype bf16 --device cuda:0 --repeats 3 --json > "$OUT/decode.json"
+cat "$OUT/decode.json"
+
+echo "== 4. transformers"
+python3 scripts/gpu_reference.py hf-decode --model "$CKPT" > "$OUT/hf.json" || echo '{"error": "transformers run failed"}' > "$OUT/hf.json"
+cat "$OUT/hf.json"
+
+echo "== 5. host->device bandwidth"
+python3 scripts/gpu_reference.py h2d > "$OUT/h2d.json"
+
+echo "== 6. selective sweep"
+"$BIN" sweep --model "$CKPT" --device cuda:0 --dtype bf16 --capacities 12.5%,25%,50%,100% \
+  --prompts prompts/standard.toml --max-new-tokens 48 -o "$OUT/sweep.json" | tee "$OUT/sweep.txt"
+echo "done: $OUT"

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""GPU references for moescope (run on the GPU machine by scripts/gpu_check.sh; needs torch with
+CUDA and transformers 5.x).
+
+  fidelity   moescope on cuda (bf16) vs transformers on cuda (bf16) vs the f32 goldens, on the test
+             fixtures and the bundled model; and selective == native on the GPU, bit for bit, at
+             several cache capacities.                      -> JSON on stdout
+  hf-decode  transformers' greedy decode tok/s on a checkpoint, default and eager experts.
+  h2d        host->device copy bandwidth (pageable and pinned), for the selective bound.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_logits(binary, model, tokens, extra=()):
+    out = subprocess.run(
+        [binary, "logits", "--model", str(model), "--tokens", ",".join(map(str, tokens)), *extra],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return json.loads(out)["logits"]
+
+
+def max_abs(a, b):
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def hf_model(model_dir, dtype):
+    from transformers import Qwen3MoeForCausalLM
+    m = Qwen3MoeForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    return m.to("cuda").eval()
+
+
+def fidelity(a):
+    res = {"device": torch.cuda.get_device_name(), "cases": [], "selective": []}
+    cases = [("tests/fixtures/qwen3-moe-tiny", True), ("tests/fixtures/qwen3-omni-tiny", False),
+             ("models/tiny-moe", True)]
+    for rel, hf_ok in cases:
+        d = ROOT / rel
+        golden = json.loads((d / "golden.json").read_text()) if (d / "golden.json").exists() else None
+        seqs = golden["sequences"] if golden else [[1, 2, 3, 4, 5, 6, 7, 8], [100, 200, 300, 7, 9]]
+        hf = hf_model(d, torch.bfloat16) if hf_ok else None
+        hf32 = hf_model(d, torch.bfloat16).float() if (hf_ok and not golden) else None
+        for i, s in enumerate(seqs):
+            ours = run_logits(a.bin, d, s, ["--device", "cuda:0", "--dtype", "bf16"])
+            case = {"model": rel, "seq": i, "len": len(s)}
+            with torch.no_grad():
+                ids = torch.tensor([s], device="cuda")
+                if golden:
+                    ref32 = golden["logits_f32"][i]
+                else:
+                    ref32 = hf32(input_ids=ids).logits[0, -1].float().tolist()
+                case["ours_bf16_vs_f32"] = max_abs(ours, ref32)
+                if hf is not None:
+                    theirs = hf(input_ids=ids).logits[0, -1].float().tolist()
+                    case["hf_bf16_vs_f32"] = max_abs(theirs, ref32)
+                    case["ours_vs_hf_bf16"] = max_abs(ours, theirs)
+                case["scale"] = max(abs(x) for x in ref32)
+                case["top1_same_as_f32"] = int(max(range(len(ours)), key=lambda j: ours[j])) == int(max(range(len(ref32)), key=lambda j: ref32[j]))
+            res["cases"].append(case)
+            # Selective on the GPU must equal native on the GPU bit for bit.
+            native = ours
+            cfg = json.loads((d / "config.json").read_text())
+            tc = cfg.get("thinker_config", {}).get("text_config", cfg)
+            ne = tc.get("num_experts") or tc.get("num_local_experts")
+            k = tc["num_experts_per_tok"]
+            moe_layers = tc["num_hidden_layers"] - len(tc.get("mlp_only_layers") or [])
+            for cap, scope in [(k, "global"), (k * moe_layers, "layer"), (ne * moe_layers, "global"), (max(1, ne * moe_layers // 8), "global")]:
+                sel = run_logits(a.bin, d, s, ["--device", "cuda:0", "--dtype", "bf16", "--backend", "selective",
+                                               "--cache-experts", str(cap), "--cache-scope", scope])
+                res["selective"].append({"model": rel, "seq": i, "capacity": cap, "scope": scope,
+                                         "identical": sel == native, "max_abs_diff": max_abs(sel, native)})
+        del hf
+        torch.cuda.empty_cache()
+    print(json.dumps(res, indent=1))
+
+
+def hf_decode(a):
+    from transformers import Qwen3MoeForCausalLM
+    out = {"device": torch.cuda.get_device_name(), "model": a.model, "prompt_tokens": a.prompt_tokens,
+           "new_tokens": a.new_tokens}
+    cfg = json.loads((Path(a.model) / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    prompt = torch.tensor([[(i * 7919 + 13) % vocab for i in range(a.prompt_tokens)]], device="cuda")
+    for impl in ["default", "eager"]:
+        kw = {} if impl == "default" else {"experts_implementation": "eager"}
+        m = Qwen3MoeForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, **kw).to("cuda").eval()
+
+        def gen(n):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                m.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        gen(4)
+        best = 0.0
+        for _ in range(3):
+            t1 = gen(1)
+            tn = gen(a.new_tokens)
+            best = max(best, (a.new_tokens - 1) / max(tn - t1, 1e-9))
+        out[impl] = {"decode_tok_s": best}
+        del m
+        torch.cuda.empty_cache()
+    print(json.dumps(out, indent=1))
+
+
+def h2d(a):
+    n = 256 << 20
+    res = {"device": torch.cuda.get_device_name(), "bytes": n}
+    for pinned in [False, True]:
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
+        dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+        dev.copy_(host)
+        torch.cuda.synchronize()
+        best = 0.0
+        for _ in range(5):
+            t0 = time.perf_counter()
+            dev.copy_(host, non_blocking=False)
+            torch.cuda.synchronize()
+            best = max(best, n / (time.perf_counter() - t0))
+        res["pinned" if pinned else "pageable"] = {"bytes_per_s": best}
+    print(json.dumps(res, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fidelity")
+    f.add_argument("--bin", required=True)
+    h = sub.add_parser("hf-decode")
+    h.add_argument("--model", required=True)
+    h.add_argument("--prompt-tokens", type=int, default=16)
+    h.add_argument("--new-tokens", type=int, default=64)
+    sub.add_parser("h2d")
+    a = ap.parse_args()
+    {"fidelity": fidelity, "hf-decode": hf_decode, "h2d": h2d}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
