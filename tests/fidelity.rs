@@ -189,3 +189,32 @@ fn f16_runs_and_stays_close() {
     let scale = g.logits_f32[1].iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(max_abs_diff(&got, &g.logits_f32[1]) <= 0.05 * scale);
 }
+
+#[test]
+fn tensors_outside_the_text_model_are_never_read() {
+    // Shard 3 of the Omni fixture holds only audio_tower, visual, talker and code2wav tensors.
+    let files = ModelFiles::open(&fixture("qwen3-omni-tiny")).unwrap();
+    let e = Engine::native(&files, Dtype::F32, &DeviceSpec::cpu(), false, |_, _| {}).unwrap();
+    let mut cache = e.model.new_cache();
+    e.model
+        .forward(
+            &[1, 2, 3],
+            &mut cache,
+            e.provider.as_ref(),
+            &mut NoObserver,
+            Logits::Last,
+        )
+        .unwrap();
+    let opened = files.ckpt.opened_shards();
+    assert_eq!(files.ckpt.num_shards(), 3);
+    assert!(
+        !opened.contains(&"model-00003-of-00003.safetensors".to_string()),
+        "{opened:?}"
+    );
+    let unused = files.ckpt.unused_prefixes(&files.cfg);
+    assert!(
+        unused.iter().any(|p| p.starts_with("talker"))
+            && unused.iter().any(|p| p.starts_with("code2wav")),
+        "{unused:?}"
+    );
+}

@@ -146,3 +146,32 @@ fn replay_in_a_small_terminal_and_quit_mid_run() {
     let s = t.wait_for(&["EXITED-0"], 10);
     assert!(!s.contains("REPLAY"), "terminal restored:\n{s}");
 }
+
+#[test]
+fn watch_follows_a_recording_as_it_grows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recordings/demo-tiny-moe.ndjson"),
+    )
+    .unwrap();
+    let lines: Vec<&str> = src.lines().collect();
+    let rec = tmp.path().join("growing.ndjson");
+    // The header and the first events only: the "run" is still going.
+    std::fs::write(&rec, lines[..40].join("\n") + "\n").unwrap();
+    let cmd = format!("{} watch {}", bin().display(), rec.display());
+    let t = Tmux::start("moescope-test-watch", 120, 40, &cmd);
+    t.wait_for(&["WATCHING", "native ·"], 20);
+    assert!(!t.screen().contains("prompt 6/6"));
+    // The run writes the rest; the watcher shows it without being told.
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(&rec).unwrap();
+    f.write_all((lines[40..].join("\n") + "\n").as_bytes())
+        .unwrap();
+    t.wait_for(&["prompt 6/6", "VERDICT"], 20);
+    // Read-only: space cannot pause anything.
+    t.keys("v");
+    t.keys("Space");
+    t.wait_for(&["watching a run in progress"], 10);
+    t.keys("q");
+    t.wait_for(&["EXITED-0"], 10);
+}

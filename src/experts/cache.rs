@@ -468,16 +468,34 @@ impl CachedProvider {
         if fits {
             let pinned: HashSet<u32> = keys.iter().copied().collect();
             for &e in &missing {
-                let (w, bytes, us) = self.read(layer, e)?;
                 let slot =
                     Self::free_slot(&mut s, pi, &pinned).ok_or_else(|| ModelError::Expert {
                         layer,
                         expert: e,
                         msg: "no free slot although the pool holds enough".into(),
                     })?;
+                let start = std::time::Instant::now();
+                let raw = self.source.read(layer, e)?;
+                let bytes = raw.bytes();
                 let store = s.pools[pi].slots.as_mut().expect("slot mode");
-                store.gate_up.slice_set(&w.gate_up.unsqueeze(0)?, 0, slot)?;
-                store.down.slice_set(&w.down.unsqueeze(0)?, 0, slot)?;
+                let gu_n = store.gate_up.dim(1)? * store.gate_up.dim(2)?;
+                let dn_n = store.down.dim(1)? * store.down.dim(2)?;
+                if raw
+                    .parts
+                    .iter()
+                    .all(|p| p.dtype.float_dtype() == Some(self.dtype))
+                {
+                    // Stored in the compute dtype: straight from the read buffer into the slot.
+                    let [g, u, d] = &raw.parts;
+                    super::upload::htod_into(&store.gate_up, slot * gu_n, &g.bytes)?;
+                    super::upload::htod_into(&store.gate_up, slot * gu_n + gu_n / 2, &u.bytes)?;
+                    super::upload::htod_into(&store.down, slot * dn_n, &d.bytes)?;
+                } else {
+                    let w = ExpertWeights::from_raw(&raw, self.dtype, &self.device)?;
+                    store.gate_up.slice_set(&w.gate_up.unsqueeze(0)?, 0, slot)?;
+                    store.down.slice_set(&w.down.unsqueeze(0)?, 0, slot)?;
+                }
+                let us = start.elapsed().as_micros() as u64;
                 store.slot_of.insert(key(layer, e), slot);
                 s.pools[pi].policy.on_insert(key(layer, e));
                 s.layers[li].resident[e] = true;

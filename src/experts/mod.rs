@@ -7,6 +7,7 @@ pub mod provider;
 pub mod seed;
 pub mod source;
 pub mod stats;
+pub mod upload;
 pub mod verify;
 
 use std::path::PathBuf;

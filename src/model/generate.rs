@@ -573,6 +573,61 @@ mod tests {
         }
     }
 
+    /// A template in the style of Qwen3's (namespace, reversed slices, loop.index0, string
+    /// methods, `is defined` tests, tojson, enable_thinking), written for this test.
+    const QWEN3_STYLE: &str = r#"{%- if tools %}{{- '<|im_start|>system\n' + (tools | tojson) + '<|im_end|>\n' }}{%- endif %}
+{%- set ns = namespace(last_user=messages|length - 1) %}
+{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}
+{%- if message.role == "user" and not message.content.startswith('<tool_response>') %}{%- set ns.last_user = index %}{%- endif %}{%- endfor %}
+{%- for message in messages %}{%- set content = message.content.strip() %}
+{%- if message.role == "assistant" and '</think>' in content %}{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}
+{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"#;
+
+    #[test]
+    fn qwen3_style_chat_template_renders() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-moe");
+        std::fs::copy(
+            src.join("tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        let cfg = serde_json::json!({"chat_template": QWEN3_STYLE, "eos_token": "<|im_end|>"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let t = TextTokenizer::from_dir(dir.path()).unwrap();
+        let msgs = vec![
+            ChatMessage {
+                role: "user".into(),
+                content: " hi ".into(),
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: "<think>x</think>\nhello".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "What is a cache?".into(),
+            },
+        ];
+        let out = t.apply_chat_template(&msgs, true).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nWhat is a cache?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        );
+        // A template that does not parse is an error naming the file, at load time.
+        let bad = serde_json::json!({"chat_template": "{% for m in messages %}"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), bad.to_string()).unwrap();
+        let e = TextTokenizer::from_dir(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("chat template"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn bad_sampling_params_are_rejected() {
         let p = SamplingParams {

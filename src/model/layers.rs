@@ -53,7 +53,9 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        if x.dtype() == DType::F32 {
+        // On the GPU the fused kernel (it accumulates in f32) saves three launches per norm,
+        // which is what batch-1 decode is bound by.
+        if x.dtype() == DType::F32 || x.device().is_cuda() {
             return Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?);
         }
         let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &self.ones_f32, self.eps)?;
@@ -66,6 +68,18 @@ impl RmsNorm {
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// cos/sin for positions 0..n on the compute device, grown on demand: one table lookup per
+    /// forward instead of two host→device copies (which dominate a GPU decode step's overhead).
+    table: std::sync::Arc<std::sync::Mutex<Option<RopeTable>>>,
+}
+
+#[derive(Debug)]
+struct RopeTable {
+    dtype: DType,
+    device: candle_core::DeviceLocation,
+    len: usize,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl Rope {
@@ -76,11 +90,41 @@ impl Rope {
             .step_by(2)
             .map(|i| 1.0f32 / base.powf(i as f32 / head_dim as f32))
             .collect();
-        Rope { inv_freq }
+        Rope {
+            inv_freq,
+            table: Default::default(),
+        }
     }
 
     /// cos and sin tables [T, head_dim / 2] for positions offset..offset+T, in `dtype`.
     pub fn tables(
+        &self,
+        offset: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut guard = self.table.lock().expect("rope table");
+        let fresh = match guard.as_ref() {
+            Some(t) => t.dtype != dtype || t.device != device.location() || t.len < offset + len,
+            None => true,
+        };
+        if fresh {
+            let n = (offset + len).next_power_of_two().max(256);
+            let (cos, sin) = self.compute(0, n, dtype, device)?;
+            *guard = Some(RopeTable {
+                dtype,
+                device: device.location(),
+                len: n,
+                cos,
+                sin,
+            });
+        }
+        let t = guard.as_ref().expect("just filled");
+        Ok((t.cos.narrow(0, offset, len)?, t.sin.narrow(0, offset, len)?))
+    }
+
+    fn compute(
         &self,
         offset: usize,
         len: usize,
@@ -210,10 +254,19 @@ impl Attention {
         let q = self.q_norm.forward(&q)?;
         let k = self.k_norm.forward(&k)?;
 
-        // [1, heads, T, D] for the rope kernel.
-        let q = Rope::apply(&q.transpose(0, 1)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-        let k = Rope::apply(&k.transpose(0, 1)?.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-        let v = v.transpose(0, 1)?.contiguous()?;
+        // [1, heads, T, D] for the rope kernel. With one token the head-major layout is the
+        // token-major one, so a reshape (no copy) stands in for transpose + contiguous: decode
+        // runs this per layer per token, and on small models the copies showed in profiles.
+        let heads_first = |x: Tensor, heads: usize| -> Result<Tensor> {
+            if t == 1 {
+                Ok(x.reshape((1, heads, 1, d))?)
+            } else {
+                Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?)
+            }
+        };
+        let q = Rope::apply(&heads_first(q, nh)?, cos, sin)?.squeeze(0)?;
+        let k = Rope::apply(&heads_first(k, nkv)?, cos, sin)?.squeeze(0)?;
+        let v = heads_first(v, nkv)?.squeeze(0)?;
         let (k, v) = cache.append(layer, k, v)?;
         let total = k.dim(1)?;
 
@@ -232,9 +285,13 @@ impl Attention {
         } else {
             scores
         };
-        // Softmax in f32, then back to the compute dtype (as HF's eager attention).
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+        // Softmax in f32, then back to the compute dtype (as HF's eager attention). candle's
+        // CUDA softmax accumulates in f32 already, so there the casts are skipped.
+        let probs = if x.device().is_cuda() {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+        };
         let ctx = probs.matmul(&v)?; // [nkv, groups*T, D]
         let ctx = ctx
             .reshape((nh, t, d))?
@@ -284,7 +341,7 @@ impl Mlp {
 
 /// SiLU computed in f32 for half types: PyTorch's CPU kernel upcasts, so rounding happens once.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::F32 {
+    if x.dtype() == DType::F32 || x.device().is_cuda() {
         return Ok(candle_nn::ops::silu(x)?);
     }
     Ok(candle_nn::ops::silu(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?)

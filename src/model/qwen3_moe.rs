@@ -267,24 +267,38 @@ impl MoeBlock {
         let used: Vec<usize> = (0..num_experts).filter(|&e| !rows[e].is_empty()).collect();
         experts.will_use(self.layer, &used);
 
-        let mut acc = x.zeros_like()?;
+        let mut acc: Option<Tensor> = None;
         for e in used {
             let weights = experts.get(self.layer, e)?;
             let (idx, w): (Vec<u32>, Vec<f32>) = rows[e].iter().copied().unzip();
             let n = idx.len();
-            let w = Tensor::from_vec(w, (n, 1), x.device())?.to_dtype(x.dtype())?;
             if t == 1 {
-                let y = weights.forward(x)?.broadcast_mul(&w)?;
-                acc = (acc + y)?;
+                // One token: scale by the weight as a scalar (affine rounds it to the compute
+                // dtype, as HF's cast of routing_weights does) and start the sum from the first
+                // expert rather than zeros; 0 + y == y, so the result is unchanged and two tensor
+                // allocations per expert are saved on the decode path.
+                let y = weights.forward(x)?.affine(f64::from(w[0]), 0.0)?;
+                acc = Some(match acc {
+                    None => y,
+                    Some(a) => (a + y)?,
+                });
             } else {
+                let w = Tensor::from_vec(w, (n, 1), x.device())?.to_dtype(x.dtype())?;
+                let acc_t = match acc.take() {
+                    Some(a) => a,
+                    None => x.zeros_like()?,
+                };
                 let idx = Tensor::from_vec(idx, n, x.device())?;
                 let xe = x.index_select(&idx, 0)?;
                 let y = weights.forward(&xe)?.broadcast_mul(&w)?;
-                acc = acc.index_add(&idx, &y, 0)?;
+                acc = Some(acc_t.index_add(&idx, &y, 0)?);
             }
             // `weights` (an Arc) drops here: a cache may now evict this expert for the next one.
         }
-        Ok(acc)
+        match acc {
+            Some(a) => Ok(a),
+            None => Ok(x.zeros_like()?),
+        }
     }
 }
 

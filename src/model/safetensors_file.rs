@@ -319,6 +319,10 @@ pub fn bytes_to_tensor(
             info.dtype.name()
         )
     };
+    if src == dtype && !device.is_cpu() {
+        // Straight to the device: no host-side copy first.
+        return Tensor::from_raw_buffer(bytes, src, &info.shape, device);
+    }
     let t = Tensor::from_raw_buffer(bytes, src, &info.shape, &Device::Cpu)?;
     let t = if src == dtype { t } else { t.to_dtype(dtype)? };
     if device.is_cpu() {

@@ -1,0 +1,102 @@
+//! The three schedules run every prompt on both backends; --exit-code reflects the verdict.
+
+mod common;
+
+use common::*;
+use moescope::session::record;
+use moescope::session::{Backend, SessionEvent};
+
+fn run_schedule(schedule: &str, tokens: &str, extra: &[&str]) -> (i32, Vec<SessionEvent>, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("s.ndjson");
+    let mut args = vec![
+        "run",
+        "--no-tui",
+        "--record",
+        rec.to_str().unwrap(),
+        "--schedule",
+        schedule,
+        "--max-new-tokens",
+        tokens,
+    ];
+    args.extend_from_slice(extra);
+    let out = std::process::Command::new(bin())
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let events = record::read(&rec)
+        .map(|r| r.events.into_iter().map(|e| e.event).collect())
+        .unwrap_or_default();
+    (
+        out.status.code().unwrap_or(-1),
+        events,
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+fn done(evs: &[SessionEvent], b: Backend) -> usize {
+    evs.iter()
+        .filter(|e| matches!(e, SessionEvent::PromptDone { backend, .. } if *backend == b))
+        .count()
+}
+
+#[test]
+fn sequential_runs_one_backend_after_the_other() {
+    let (rc, evs, out) = run_schedule("sequential", "12", &[]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(
+        (done(&evs, Backend::Native), done(&evs, Backend::Selective)),
+        (6, 6)
+    );
+    // Native's worker was gone before selective's started (lowest peak memory).
+    let last_native = evs
+        .iter()
+        .rposition(|e| {
+            e.backend() == Some(Backend::Native) && !matches!(e, SessionEvent::Memory { .. })
+        })
+        .unwrap();
+    let first_sel = evs
+        .iter()
+        .position(|e| {
+            matches!(
+                e,
+                SessionEvent::WorkerStarted {
+                    backend: Backend::Selective,
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    assert!(
+        first_sel > last_native,
+        "selective started only after native finished"
+    );
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, SessionEvent::Agreement { .. })),
+        "agreement scored against native's stored rows"
+    );
+}
+
+#[test]
+fn parallel_runs_both_and_says_timings_are_contended() {
+    let (rc, evs, out) = run_schedule("parallel", "12", &[]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(
+        (done(&evs, Backend::Native), done(&evs, Backend::Selective)),
+        (6, 6)
+    );
+    assert!(evs.iter().any(
+        |e| matches!(e, SessionEvent::Warning { message, .. } if message.contains("contended"))
+    ));
+}
+
+#[test]
+fn exit_code_reflects_the_verdict_only_when_asked() {
+    // Two tokens per prompt: too few to judge -> INCONCLUSIVE -> 12 with --exit-code.
+    let (rc, _, _) = run_schedule("alternate", "2", &["--exit-code"]);
+    assert_eq!(rc, 12);
+    let (rc, _, _) = run_schedule("alternate", "2", &[]);
+    assert_eq!(rc, 0);
+}
