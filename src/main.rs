@@ -8,6 +8,7 @@ use moescope::cli::{Cli, Command, RunArgs};
 use moescope::commands;
 
 fn main() -> ExitCode {
+    pin_thread_count();
     let cli = Cli::parse();
     let result: anyhow::Result<u8> = match &cli.command {
         // `moescope` alone: the dashboard on the bundled model with the standard prompts.
@@ -36,5 +37,21 @@ fn main() -> ExitCode {
             eprintln!("error: {}", moescope::errors::one_line(&e));
             ExitCode::from(moescope::errors::exit_code(&e))
         }
+    }
+}
+
+/// Fixes candle's CPU thread count for the life of the process.
+///
+/// Why: candle 0.11 asks for its thread count on every CPU matmul, and unless
+/// `RAYON_NUM_THREADS` is set that means parsing /proc/cpuinfo each time — on small models more
+/// than half of decode time went there (perf, omni fixture). Setting the variable once to the
+/// value candle would compute keeps its choice and makes the lookup an environment read. Done
+/// first thing, before any thread exists, which is what makes `set_var` sound here; worker
+/// processes are this binary too, so they inherit it either way.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: no other thread has been started yet (first statement of main).
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
 }

@@ -212,6 +212,9 @@ fn ctrl_c_mid_run_leaves_a_complete_recording_and_no_orphans() {
             "prompts/long.toml",
         ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
+        // Paced so the run is still going when the signal lands, however fast the machine.
+        .env("MOESCOPE_TEST_NATIVE_TOKEN_DELAY_MS", "20")
+        .env("MOESCOPE_TEST_SELECTIVE_TOKEN_DELAY_MS", "20")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -153,11 +153,28 @@ impl Rope {
     }
 }
 
-/// Keys and values of every layer for the tokens seen so far: [kv_heads, T, head_dim] each.
+/// Keys and values of every layer for the tokens seen so far.
+///
+/// Two layouts, chosen by the device of the first append:
+/// - CPU: token-major `[capacity, kv_heads, head_dim]` buffers grown by doubling and written in
+///   place, so a decode step appends one row instead of copying the whole history (the view
+///   handed to attention is a prefix, still contiguous). Kept in f32 whatever the compute dtype:
+///   bf16/f16 keys are stored exactly (every bf16 is an f32) and the f32 attention kernel reads
+///   them without re-converting the history every step.
+/// - GPU: head-major `[kv_heads, T, head_dim]` concatenated per step, as the batched matmuls of
+///   the GPU attention path want it.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     len: usize,
+}
+
+#[derive(Debug, Clone)]
+enum LayerKv {
+    /// Token-major buffers and how many rows of them are filled.
+    Grown { k: Tensor, v: Tensor, filled: usize },
+    /// Head-major tensors holding exactly the cached positions.
+    Concat { k: Tensor, v: Tensor },
 }
 
 impl KvCache {
@@ -187,30 +204,101 @@ impl KvCache {
         if len >= self.len {
             return Ok(());
         }
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(1, 0, len)?;
-            *v = v.narrow(1, 0, len)?;
+        for layer in self.layers.iter_mut().flatten() {
+            match layer {
+                LayerKv::Grown { filled, .. } => *filled = len,
+                LayerKv::Concat { k, v } => {
+                    *k = k.narrow(1, 0, len)?;
+                    *v = v.narrow(1, 0, len)?;
+                }
+            }
         }
         self.len = len;
         Ok(())
     }
 
-    /// Bytes held by the cache (for memory accounting).
+    /// Bytes held by the cache (for memory accounting): allocated capacity, not just the filled
+    /// part, because that is what the process holds.
     pub fn bytes(&self) -> u64 {
         self.layers
             .iter()
             .flatten()
-            .map(|(k, v)| ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64)
+            .map(|l| {
+                let (k, v) = match l {
+                    LayerKv::Grown { k, v, .. } | LayerKv::Concat { k, v } => (k, v),
+                };
+                ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64
+            })
             .sum()
     }
 
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    /// Appends token-major k, v `[T, kv_heads, head_dim]`; returns every cached position,
+    /// `[total, kv_heads, head_dim]` in f32.
+    fn append_token_major(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (t, nkv, d) = k.dims3()?;
+        let k = k.to_dtype(DType::F32)?.contiguous()?;
+        let v = v.to_dtype(DType::F32)?.contiguous()?;
+        let entry = &mut self.layers[layer];
+        let (filled, capacity) = match entry {
+            Some(LayerKv::Grown { k, filled, .. }) => (*filled, k.dim(0)?),
+            _ => (0, 0),
+        };
+        let total = filled + t;
+        if total > capacity {
+            let cap = total.next_power_of_two().max(64);
+            let nk = Tensor::zeros((cap, nkv, d), DType::F32, k.device())?;
+            let nv = Tensor::zeros((cap, nkv, d), DType::F32, k.device())?;
+            if let Some(LayerKv::Grown { k: ok, v: ov, .. }) = entry.as_ref()
+                && filled > 0
+            {
+                nk.slice_set(&ok.narrow(0, 0, filled)?.contiguous()?, 0, 0)?;
+                nv.slice_set(&ov.narrow(0, 0, filled)?.contiguous()?, 0, 0)?;
+            }
+            *entry = Some(LayerKv::Grown {
+                k: nk,
+                v: nv,
+                filled,
+            });
+        }
+        let Some(LayerKv::Grown {
+            k: bk,
+            v: bv,
+            filled: f,
+        }) = entry.as_mut()
+        else {
+            unreachable!("a grown layer was just ensured")
+        };
+        // Writes land past every view handed out so far (those end at `filled`), so in-place
+        // writes never change what an earlier step saw.
+        bk.slice_set(&k, 0, filled)?;
+        bv.slice_set(&v, 0, filled)?;
+        *f = total;
+        Ok((bk.narrow(0, 0, total)?, bv.narrow(0, 0, total)?))
+    }
+
+    /// Appends head-major k, v `[kv_heads, T, head_dim]`; returns every cached position.
+    fn append_head_major(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let entry = &mut self.layers[layer];
         let (k, v) = match entry.take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+            Some(LayerKv::Concat { k: pk, v: pv }) => {
+                (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?)
+            }
+            _ => (k, v),
         };
-        *entry = Some((k.clone(), v.clone()));
+        *entry = Some(LayerKv::Concat {
+            k: k.clone(),
+            v: v.clone(),
+        });
         Ok((k, v))
     }
 
@@ -254,9 +342,12 @@ impl Attention {
         let q = self.q_norm.forward(&q)?;
         let k = self.k_norm.forward(&k)?;
 
+        if x.device().is_cpu() {
+            return self.attend_cpu(q, k, v, layer, cache, cos, sin, offset);
+        }
+
         // [1, heads, T, D] for the rope kernel. With one token the head-major layout is the
-        // token-major one, so a reshape (no copy) stands in for transpose + contiguous: decode
-        // runs this per layer per token, and on small models the copies showed in profiles.
+        // token-major one, so a reshape (no copy) stands in for transpose + contiguous.
         let heads_first = |x: Tensor, heads: usize| -> Result<Tensor> {
             if t == 1 {
                 Ok(x.reshape((1, heads, 1, d))?)
@@ -267,7 +358,7 @@ impl Attention {
         let q = Rope::apply(&heads_first(q, nh)?, cos, sin)?.squeeze(0)?;
         let k = Rope::apply(&heads_first(k, nkv)?, cos, sin)?.squeeze(0)?;
         let v = heads_first(v, nkv)?.squeeze(0)?;
-        let (k, v) = cache.append(layer, k, v)?;
+        let (k, v) = cache.append_head_major(layer, k, v)?;
         let total = k.dim(1)?;
 
         // Query head h reads kv head h / groups (HF's repeat_kv), so group the query heads of
@@ -298,6 +389,46 @@ impl Attention {
             .transpose(0, 1)?
             .reshape((t, nh * d))?;
         self.o_proj.forward(&ctx)
+    }
+
+    /// The CPU path: token-major throughout (rope on `[1, T, heads, D]`, the cache appended in
+    /// place) and candle's fused CPU attention kernel, which handles GQA and the causal offset
+    /// itself. It runs in f32 (bf16/f16 inputs are widened exactly), so in those dtypes it is at
+    /// least as accurate as HF's eager attention, whose scores and probabilities are rounded to
+    /// the compute dtype; the fidelity tests bound the difference.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_cpu(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+        offset: usize,
+    ) -> Result<Tensor> {
+        let (t, nh, d) = q.dims3()?;
+        let dtype = q.dtype();
+        let q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?;
+        let (k, v) = cache.append_token_major(layer, &k.squeeze(0)?, &v)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let ctx = candle_nn::attention::flash_attn::<f32>(
+            &q.to_dtype(DType::F32)?,
+            &k.unsqueeze(0)?,
+            &v.unsqueeze(0)?,
+            scale,
+            candle_nn::attention::AttnMask::causal_with_offset(offset),
+            None,
+            None,
+        )?; // [1, heads, T, D]
+        let ctx = if t == 1 {
+            ctx.reshape((1, nh * d))?
+        } else {
+            ctx.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * d))?
+        };
+        self.o_proj.forward(&ctx.to_dtype(dtype)?)
     }
 }
 
@@ -366,6 +497,64 @@ pub fn argmax(r: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grown_kv_cache_keeps_every_row_across_regrowth_and_rewind() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new(1);
+        let row = |i: usize| Tensor::full(i as f32, (1, 2, 3), &dev).unwrap();
+        // A 5-token prefill, then single tokens past the first capacity (64) and the second.
+        let prefill = Tensor::cat(&(0..5).map(row).collect::<Vec<_>>(), 0).unwrap();
+        cache.append_token_major(0, &prefill, &prefill).unwrap();
+        cache.advance(5);
+        let mut last = None;
+        for i in 5..150 {
+            let r = row(i).to_dtype(DType::BF16).unwrap();
+            last = Some(cache.append_token_major(0, &r, &r).unwrap());
+            cache.advance(1);
+        }
+        let (k, v) = last.unwrap();
+        assert_eq!(k.dims(), &[150, 2, 3]);
+        assert_eq!(k.dtype(), DType::F32, "stored widened, exactly");
+        let firsts: Vec<f32> = k
+            .narrow(2, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = (0..150).flat_map(|i| [i as f32; 2]).collect();
+        assert_eq!(firsts, want);
+        assert_eq!(k.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
+        assert_eq!(
+            cache.bytes(),
+            2 * 256 * 2 * 3 * 4,
+            "capacity is what is held"
+        );
+
+        // Rewind to 10 and append: position 10 is overwritten, the rows before it are kept.
+        cache.truncate(10).unwrap();
+        let (k2, _) = cache.append_token_major(0, &row(999), &row(999)).unwrap();
+        assert_eq!(k2.dim(0).unwrap(), 11);
+        assert_eq!(
+            k2.get(10)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()[0],
+            999.0
+        );
+        assert_eq!(
+            k2.get(9)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()[0],
+            9.0
+        );
+    }
 
     #[test]
     fn rope_inverse_frequencies_match_hf_formula() {

@@ -67,6 +67,9 @@ impl RoutingObserver for TraceObserver {
 struct Faults {
     crash_after_tokens: Option<usize>,
     hang_after_tokens: Option<usize>,
+    /// Sleep after every token, so a test can interrupt a run that would otherwise finish
+    /// before the signal arrives on a fast machine.
+    token_delay: Option<Duration>,
     tokens: usize,
 }
 
@@ -76,12 +79,17 @@ impl Faults {
         Faults {
             crash_after_tokens: n("MOESCOPE_TEST_CRASH_AFTER_TOKENS"),
             hang_after_tokens: n("MOESCOPE_TEST_HANG_AFTER_TOKENS"),
+            token_delay: n("MOESCOPE_TEST_TOKEN_DELAY_MS")
+                .map(|ms: usize| Duration::from_millis(ms as u64)),
             tokens: 0,
         }
     }
 
     fn on_token(&mut self) {
         self.tokens += 1;
+        if let Some(d) = self.token_delay {
+            std::thread::sleep(d);
+        }
         if self.crash_after_tokens == Some(self.tokens) {
             // SAFETY: raising SIGKILL on ourselves: the same as `kill -9` from outside.
             unsafe {
