@@ -45,6 +45,8 @@ if step 5; then echo "== 5. host->device bandwidth"
 python3 scripts/gpu_reference.py h2d > "$OUT/h2d.json"; cat "$OUT/h2d.json"; fi
 
 if step 6; then echo "== 6. selective sweep"
-"$BIN" sweep --model "$CKPT" --device cuda:0 --dtype bf16 --capacities 12.5%,25%,50%,100% \
-  --prompts prompts/standard.toml --max-new-tokens 48 -o "$OUT/sweep.json" | tee "$OUT/sweep.txt"; fi
+# Two passes over the prompts: the second shows selective with a warm slot pool (steady state).
+"$BIN" sweep --model "$CKPT" --device cuda:0 --dtype bf16 --capacities "${CAPS:-12.5%,25%,50%,100%}" \
+  --prompts prompts/standard.toml --max-new-tokens "${SWEEP_TOKENS:-48}" --passes "${PASSES:-2}" \
+  -o "$OUT/sweep.json" | tee "$OUT/sweep.txt"; fi
 echo "done: $OUT"

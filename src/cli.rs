@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// Override the prompt set's max_new_tokens.
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// Run the prompt list this many times in the same workers. The expert cache stays warm
+    /// from one pass to the next, so the last pass shows steady-state speed.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub passes: u32,
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     #[arg(long, default_value_t = 1.0)]
@@ -253,6 +257,10 @@ pub struct SweepArgs {
     pub prompts: Option<PathBuf>,
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// Passes over the prompt list per run. With 2 or more the sweep also reports the last
+    /// pass alone: selective with a warm cache against native, the steady state.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub passes: u32,
     /// Write the results as JSON to this file.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,

@@ -263,3 +263,55 @@ fn statistics_add_up() {
         .sum();
     assert_eq!(per_layer_resident, 6);
 }
+
+/// `read_into` (what a GPU cache reads into its pinned buffer) returns the same bytes, dtypes
+/// and shapes as `read`, for the shard source, an extraction and the seed layout (which uses
+/// the trait's default), and says so when the buffer is too small.
+#[test]
+fn read_into_matches_read_for_every_source() {
+    use moescope::experts::extract::ExtractedSource;
+    use moescope::experts::seed::SeedExpertSource;
+    use moescope::experts::source::{ExpertSource, ShardSource};
+    use moescope::model::{Checkpoint, MoeConfig};
+
+    let dir = fixture("qwen3-moe-tiny");
+    let cfg = MoeConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ext = tmp.path().join("ext");
+    let (rc, _, err) = moescope_cli(&[
+        "extract",
+        "--model",
+        dir.to_str().unwrap(),
+        "--out",
+        ext.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    let seed = tmp.path().join("seed");
+    make_seed_layout(&dir, &seed, true);
+    let sources: Vec<Box<dyn ExpertSource>> = vec![
+        Box::new(ShardSource::new(&ckpt, &cfg).unwrap()),
+        Box::new(ExtractedSource::open(&ext, &cfg).unwrap()),
+        Box::new(SeedExpertSource::open(&seed, &cfg).unwrap()),
+    ];
+    for src in &sources {
+        for layer in cfg.moe_layers() {
+            for e in [0, cfg.num_experts - 1] {
+                let raw = src.read(layer, e).unwrap();
+                let mut buf = vec![0xAAu8; src.stored_bytes(layer, e) as usize + 3];
+                let spans = src.read_into(layer, e, &mut buf).unwrap();
+                for (p, s) in raw.parts.iter().zip(&spans) {
+                    assert_eq!(&buf[s.range.clone()], &p.bytes[..], "{}", src.describe());
+                    assert_eq!((s.dtype, &s.shape), (p.dtype, &p.shape));
+                }
+                let mut small = vec![0u8; 10];
+                let err = src.read_into(layer, e, &mut small).unwrap_err().to_string();
+                assert!(err.contains("too small"), "{err}");
+            }
+        }
+    }
+}
+
+fn moescope_cli(args: &[&str]) -> (i32, String, String) {
+    common::run(args)
+}

@@ -108,6 +108,9 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
             p.max_new_tokens = None;
         }
     }
+    if args.passes > 1 {
+        prompts.repeat(args.passes as usize);
+    }
     let profile = Profile::load(&args.profile).map_err(crate::errors::InputError)?;
     let reference_text = match args.reference.as_deref() {
         Some("none") => None,

@@ -36,6 +36,10 @@ pub struct SweepRow {
     pub step_vs_bound: Option<f64>,
     /// Peak RSS + GPU / (non-expert + capacity × expert bytes).
     pub memory_vs_expected: Option<f64>,
+    /// With --passes ≥ 2: decode tok/s over the last pass only (the cache warm from the
+    /// earlier passes), and that over native's last pass.
+    pub steady_decode_tok_s: Option<f64>,
+    pub steady_vs_native: Option<f64>,
     pub failed: Option<String>,
 }
 
@@ -49,6 +53,10 @@ pub struct Sweep {
     pub cold: bool,
     pub prefetch: bool,
     pub native_decode_tok_s: Option<f64>,
+    /// Passes over the prompt list in every run.
+    pub passes: u32,
+    /// Native's decode tok/s over the last pass (with --passes ≥ 2).
+    pub native_steady_decode_tok_s: Option<f64>,
     pub native_peak_memory: u64,
     pub mean_miss_cost_us: Option<f64>,
     /// Sequential read bandwidth of the expert bytes, measured the same way the run reads
@@ -57,6 +65,18 @@ pub struct Sweep {
     pub rows: Vec<SweepRow>,
     /// Mean |predicted − measured| / measured over the capacities, %.
     pub mean_prediction_error_pct: Option<f64>,
+}
+
+/// Decode tok/s over the prompts from `first` on: their decode tokens over their decode time.
+fn decode_tok_s_from(s: &SessionState, b: Backend, first: usize) -> Option<f64> {
+    let (n, secs) = s
+        .backend(b)
+        .runs
+        .iter()
+        .skip(first)
+        .flat_map(|r| r.decode_latencies())
+        .fold((0usize, 0f64), |(n, t), dt| (n + 1, t + dt));
+    (n > 0 && secs > 0.0).then(|| n as f64 / secs)
 }
 
 fn session(args: &RunArgs, only: Backend) -> Result<SessionState> {
@@ -93,6 +113,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     base.cache.cold = a.cold;
     base.cache.prefetch = a.prefetch;
     base.max_new_tokens = a.max_new_tokens;
+    base.passes = a.passes;
     base.prompts = Some(a.prompts.clone().unwrap_or_else(|| {
         let p = std::path::PathBuf::from("prompts/long.toml");
         if p.exists() {
@@ -130,6 +151,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         args.cache.cache_experts = Some(c);
         args.prompts = base.prompts.clone();
         args.max_new_tokens = base.max_new_tokens;
+        args.passes = base.passes;
         runs.push((c, session(&args, Backend::Selective)?));
     }
     // Calibrate the miss cost on the smallest cache only. Why: larger caches see mostly
@@ -155,8 +177,15 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         }),
         _ => None,
     };
+    // The first prompt of the last pass (prompts run in order, the list repeated per pass).
+    let last_pass = (a.passes > 1).then(|| {
+        let n = native.backend(Backend::Native).runs.len();
+        n - n / a.passes as usize
+    });
+    let native_steady = last_pass.and_then(|f| decode_tok_s_from(&native, Backend::Native, f));
     let mut rows = Vec::new();
     for (c, s) in &runs {
+        let steady = last_pass.and_then(|f| decode_tok_s_from(s, Backend::Selective, f));
         let m = backend_metrics(s, Backend::Selective);
         let sim = cachesim::simulate(&acc, SimPolicy::Live(a.policy), *c, a.cache_scope, layers);
         let predicted = costs.map(|k| k.predict_tok_s(sim.decode_misses));
@@ -175,6 +204,11 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         };
         let expected = m.memory.expected_weights;
         rows.push(SweepRow {
+            steady_decode_tok_s: steady,
+            steady_vs_native: match (steady, native_steady) {
+                (Some(x), Some(n)) if n > 0.0 => Some(x / n),
+                _ => None,
+            },
             bound_decode_tok_s: bound,
             step_vs_bound: match (bound, m.decode_tok_s) {
                 (Some(b), Some(x)) if x > 0.0 => Some(b / x),
@@ -214,6 +248,8 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         cold: a.cold,
         prefetch: a.prefetch == crate::experts::PrefetchMode::NextLayer,
         native_decode_tok_s: nm.decode_tok_s,
+        passes: a.passes,
+        native_steady_decode_tok_s: native_steady,
         native_peak_memory: nm.memory.peak,
         mean_miss_cost_us: miss_s.map(|m| m * 1e6),
         read_bandwidth,
@@ -266,22 +302,32 @@ fn measure_read_bandwidth(
             crate::experts::source::drop_page_cache(file, *off, *len);
         }
     }
-    let start = Instant::now();
-    for (f, off, len) in ranges {
-        let file = files
-            .entry(f.clone())
-            .or_insert_with(|| std::fs::File::open(&f).expect("exists"));
-        let mut done = 0u64;
-        while done < len {
-            let n = ((len - done) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], off + done).ok()?;
-            done += n as u64;
+    let mut read_all = |files: &mut std::collections::HashMap<_, std::fs::File>| -> Option<u64> {
+        let mut total = 0u64;
+        for (f, off, len) in &ranges {
+            let file = files
+                .entry(f.clone())
+                .or_insert_with(|| std::fs::File::open(f).expect("exists"));
+            let mut done = 0u64;
+            while done < *len {
+                let n = ((len - done) as usize).min(buf.len());
+                file.read_exact_at(&mut buf[..n], off + done).ok()?;
+                done += n as u64;
+            }
+            total += len;
+            if total >= 1 << 30 {
+                break;
+            }
         }
-        total += len;
-        if total >= 1 << 30 {
-            break;
-        }
+        Some(total)
+    };
+    // Warm means "in the page cache", which nothing guarantees before the native run has read
+    // the model: read once untimed so the timed pass measures what warm runs actually get.
+    if !cold {
+        read_all(&mut files)?;
     }
+    let start = Instant::now();
+    total += read_all(&mut files)?;
     let secs = start.elapsed().as_secs_f64();
     (secs > 0.0 && total > 0).then(|| total as f64 / secs)
 }
@@ -352,6 +398,24 @@ pub fn render(s: &Sweep) -> String {
                 .map(|e| format!("  FAILED: {e}"))
                 .unwrap_or_default()
         );
+    }
+    if s.passes > 1 {
+        let _ = writeln!(
+            o,
+            "last of {} passes (cache warm): native {} tok/s",
+            s.passes,
+            f(s.native_steady_decode_tok_s, 1)
+        );
+        for r in &s.rows {
+            let _ = writeln!(
+                o,
+                "{:>9} {:>6.1}% {:>10} tok/s  {:>6} × native",
+                r.capacity,
+                r.capacity_pct,
+                f(r.steady_decode_tok_s, 1),
+                f(r.steady_vs_native, 3)
+            );
+        }
     }
     if let Some(e) = s.mean_prediction_error_pct {
         let _ = writeln!(o, "mean |predicted − measured| / measured: {e:.1} %");

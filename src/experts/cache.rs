@@ -126,6 +126,8 @@ struct State {
     prefetched_unused: HashSet<u32>,
     /// The latest guess for each layer, scored when that layer runs.
     guesses: HashMap<usize, Vec<usize>>,
+    /// Host buffer that slot misses are read into and uploaded from (pinned on CUDA).
+    staging: super::upload::Staging,
 }
 
 /// Experts on demand through a bounded cache.
@@ -251,6 +253,7 @@ impl CachedProvider {
                 prefetch: None,
                 prefetched_unused: HashSet::new(),
                 guesses: HashMap::new(),
+                staging: Default::default(),
             }),
             loaded: Condvar::new(),
             bypass: std::sync::atomic::AtomicBool::new(false),
@@ -475,22 +478,32 @@ impl CachedProvider {
                         msg: "no free slot although the pool holds enough".into(),
                     })?;
                 let start = std::time::Instant::now();
-                let raw = self.source.read(layer, e)?;
-                let bytes = raw.bytes();
-                let store = s.pools[pi].slots.as_mut().expect("slot mode");
+                let st = &mut *s;
+                let store = st.pools[pi].slots.as_mut().expect("slot mode");
                 let gu_n = store.gate_up.dim(1)? * store.gate_up.dim(2)?;
                 let dn_n = store.down.dim(1)? * store.down.dim(2)?;
-                if raw
-                    .parts
-                    .iter()
-                    .all(|p| p.dtype.float_dtype() == Some(self.dtype))
+                let stored = self.source.stored_bytes(layer, e) as usize;
+                let buf = st.staging.buffer(&self.device, stored)?;
+                let spans = self.source.read_into(layer, e, buf)?;
+                let bytes = spans.iter().map(|p| p.range.len() as u64).sum::<u64>();
+                let esize = self.dtype.size_in_bytes();
+                let fits_slot = spans[0].range.len() == gu_n / 2 * esize
+                    && spans[1].range.len() == gu_n / 2 * esize
+                    && spans[2].range.len() == dn_n * esize;
+                if fits_slot
+                    && spans
+                        .iter()
+                        .all(|p| p.dtype.float_dtype() == Some(self.dtype))
                 {
-                    // Stored in the compute dtype: straight from the read buffer into the slot.
-                    let [g, u, d] = &raw.parts;
-                    super::upload::htod_into(&store.gate_up, slot * gu_n, &g.bytes)?;
-                    super::upload::htod_into(&store.gate_up, slot * gu_n + gu_n / 2, &u.bytes)?;
-                    super::upload::htod_into(&store.down, slot * dn_n, &d.bytes)?;
+                    // Stored in the compute dtype: from the (pinned) read buffer straight into
+                    // the slot, queued behind the kernels already on the stream.
+                    let [g, u, d] = spans;
+                    st.staging.upload(&store.gate_up, slot * gu_n, g.range)?;
+                    st.staging
+                        .upload(&store.gate_up, slot * gu_n + gu_n / 2, u.range)?;
+                    st.staging.upload(&store.down, slot * dn_n, d.range)?;
                 } else {
+                    let raw = self.source.read(layer, e)?;
                     let w = ExpertWeights::from_raw(&raw, self.dtype, &self.device)?;
                     store.gate_up.slice_set(&w.gate_up.unsqueeze(0)?, 0, slot)?;
                     store.down.slice_set(&w.down.unsqueeze(0)?, 0, slot)?;
@@ -591,6 +604,8 @@ impl CachedProvider {
             load_latency: s.latency.summary(),
             load_time_us: s.load_time_us,
             prefetch: s.prefetch.clone(),
+            h2d_bytes: s.staging.copy_stats().0,
+            h2d_time_us: s.staging.copy_stats().1,
         }
     }
 }

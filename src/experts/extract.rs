@@ -484,4 +484,22 @@ impl ExpertSource for ExtractedSource {
     fn set_cold(&self, cold: bool) {
         self.cold.store(cold, Ordering::Relaxed);
     }
+
+    fn read_into(
+        &self,
+        layer: usize,
+        expert: usize,
+        buf: &mut [u8],
+    ) -> Result<[super::source::PartSpan; 3]> {
+        let [g, u, d] = self
+            .entries
+            .get(&(layer, expert))
+            .ok_or_else(|| super::provider::missing_error(self, layer, expert))?;
+        super::source::read_locations_into(
+            &self.files,
+            [g, u, d],
+            self.cold.load(Ordering::Relaxed),
+            buf,
+        )
+    }
 }

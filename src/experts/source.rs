@@ -75,6 +75,74 @@ pub trait ExpertSource: Send + Sync {
     /// Cold mode: drop each expert's file pages from the page cache after reading it, so every
     /// miss costs a storage read.
     fn set_cold(&self, cold: bool);
+
+    /// Reads the expert's three parts back to back into `buf` (at least `stored_bytes` long)
+    /// and says where each landed. Sources that can `pread` override this so a GPU cache reads
+    /// straight into its pinned staging buffer; the default copies out of [`read`](Self::read).
+    fn read_into(&self, layer: usize, expert: usize, buf: &mut [u8]) -> Result<[PartSpan; 3]> {
+        let raw = self.read(layer, expert)?;
+        let mut spans = Vec::with_capacity(3);
+        let mut at = 0;
+        for p in &raw.parts {
+            let end = at + p.bytes.len();
+            let dst = buf.get_mut(at..end).ok_or_else(|| {
+                raw.error(format!("staging buffer of {} bytes is too small", end))
+            })?;
+            dst.copy_from_slice(&p.bytes);
+            spans.push(PartSpan {
+                dtype: p.dtype,
+                shape: p.shape.clone(),
+                range: at..end,
+            });
+            at = end;
+        }
+        Ok(spans.try_into().expect("three parts"))
+    }
+}
+
+/// Where one part of an expert landed in a caller's buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartSpan {
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    pub range: std::ops::Range<usize>,
+}
+
+/// `read_into` for sources whose parts are byte ranges of files.
+pub(crate) fn read_locations_into(
+    files: &FileTable,
+    locs: [&TensorLocation; 3],
+    cold: bool,
+    buf: &mut [u8],
+) -> Result<[PartSpan; 3]> {
+    let mut at = 0usize;
+    let mut spans = Vec::with_capacity(3);
+    let have = buf.len();
+    for loc in locs {
+        let end = at + loc.len as usize;
+        let file = files.get(&loc.file)?;
+        let dst = buf.get_mut(at..end).ok_or_else(|| ModelError::Tensor {
+            file: loc.file.clone(),
+            tensor: loc.name.clone(),
+            msg: format!("staging buffer of {have} bytes is too small"),
+        })?;
+        file.read_exact_at(dst, loc.offset)
+            .map_err(|e| ModelError::Tensor {
+                file: loc.file.clone(),
+                tensor: loc.name.clone(),
+                msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
+            })?;
+        if cold {
+            drop_page_cache(&file, loc.offset, loc.len);
+        }
+        spans.push(PartSpan {
+            dtype: loc.dtype,
+            shape: loc.shape.clone(),
+            range: at..end,
+        });
+        at = end;
+    }
+    Ok(spans.try_into().expect("three parts"))
 }
 
 /// Opened files, shared between reads (the seed layout has thousands, so they are opened on
@@ -214,6 +282,19 @@ impl ExpertSource for ShardSource {
 
     fn set_cold(&self, cold: bool) {
         self.cold.store(cold, Ordering::Relaxed);
+    }
+
+    fn read_into(&self, layer: usize, expert: usize, buf: &mut [u8]) -> Result<[PartSpan; 3]> {
+        let loc = self
+            .location(layer, expert)
+            .ok_or_else(|| crate::experts::provider::missing_error(self, layer, expert))?;
+        let [g, u, d] = &loc.parts;
+        read_locations_into(
+            &self.files,
+            [g, u, d],
+            self.cold.load(Ordering::Relaxed),
+            buf,
+        )
     }
 }
 

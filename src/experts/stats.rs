@@ -152,6 +152,11 @@ pub struct CacheSnapshot {
     pub load_time_us: u64,
     /// Prefetch accuracy, when prefetch is on.
     pub prefetch: Option<PrefetchStats>,
+    /// GPU slot pools: bytes copied host→device and the device time of those copies, µs.
+    #[serde(default)]
+    pub h2d_bytes: u64,
+    #[serde(default)]
+    pub h2d_time_us: u64,
 }
 
 impl CacheSnapshot {

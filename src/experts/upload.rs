@@ -38,3 +38,183 @@ pub fn htod_into(_dst: &Tensor, _elem_offset: usize, _bytes: &[u8]) -> candle_co
     let _ = DType::BF16;
     candle_core::bail!("slot upload needs a build with --features cuda")
 }
+
+/// The host side of expert uploads: one reusable buffer that misses are read into and copied
+/// from. On a CUDA device it is page-locked, so the copy runs at full DMA speed (pageable
+/// copies go through the driver's own bounce buffer at about half the rate) and is queued on
+/// candle's stream without waiting; the next read into the buffer waits for that copy only.
+/// Elsewhere it is a plain Vec.
+#[derive(Default)]
+pub struct Staging {
+    host: Vec<u8>,
+    /// Pageable-path counters (the synchronous copy is timed on the host).
+    copied_bytes: u64,
+    copy_time_us: u64,
+    #[cfg(feature = "cuda")]
+    pinned: Option<cuda::Pinned>,
+}
+
+impl Staging {
+    /// A buffer of at least `len` bytes that is safe to overwrite, pinned for a CUDA `device`.
+    pub fn buffer(
+        &mut self,
+        device: &candle_core::Device,
+        len: usize,
+    ) -> candle_core::Result<&mut [u8]> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(d) = device {
+            return cuda::Pinned::ensure(&mut self.pinned, d, len)?.buffer(len);
+        }
+        let _ = device;
+        if self.host.len() < len {
+            self.host.resize(len, 0);
+        }
+        Ok(&mut self.host[..len])
+    }
+
+    /// Host→device bytes copied and the device time those copies took, µs (copies still in
+    /// flight are counted once the next read waits for them).
+    pub fn copy_stats(&self) -> (u64, u64) {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = &self.pinned {
+            return (p.copied_bytes, p.copy_time_us);
+        }
+        (self.copied_bytes, self.copy_time_us)
+    }
+
+    /// Queues a copy of `buffer[range]` into `dst` from element `elem_offset` on. Pool slots are
+    /// only read by kernels queued after this on the same stream, so nothing waits here.
+    pub fn upload(
+        &mut self,
+        dst: &Tensor,
+        elem_offset: usize,
+        range: std::ops::Range<usize>,
+    ) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.pinned.as_mut() {
+            return p.upload(dst, elem_offset, range);
+        }
+        let t = std::time::Instant::now();
+        htod_into(dst, elem_offset, &self.host[range.clone()])?;
+        self.copied_bytes += range.len() as u64;
+        self.copy_time_us += t.elapsed().as_micros() as u64;
+        Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaEvent, DevicePtr, PinnedHostSlice, result,
+    };
+    use candle_core::{DType, Tensor};
+
+    pub struct Pinned {
+        slice: PinnedHostSlice<u8>,
+        /// Recorded before the first and after the last copy queued out of `slice` since it
+        /// was last written (timing events: their distance is the copy time on the device).
+        first_copy: Option<CudaEvent>,
+        last_copy: Option<CudaEvent>,
+        pub copied_bytes: u64,
+        pub copy_time_us: u64,
+    }
+
+    impl Pinned {
+        pub fn ensure<'a>(
+            slot: &'a mut Option<Pinned>,
+            device: &candle_core::CudaDevice,
+            len: usize,
+        ) -> candle_core::Result<&'a mut Pinned> {
+            if slot.as_ref().is_none_or(|p| p.slice.len() < len) {
+                let mut counters = (0, 0);
+                if let Some(mut old) = slot.take() {
+                    old.wait()?;
+                    counters = (old.copied_bytes, old.copy_time_us);
+                }
+                let ctx = device.cuda_stream().context().clone();
+                // SAFETY: the memory is written by a read before any copy reads it. Flags 0:
+                // ordinary page-locked memory (not write-combined, which the CPU reads slowly).
+                let slice = unsafe { ctx.alloc_pinned_with_flags::<u8>(len, 0) }
+                    .map_err(candle_core::Error::wrap)?;
+                let (copied_bytes, copy_time_us) = counters;
+                *slot = Some(Pinned {
+                    slice,
+                    first_copy: None,
+                    last_copy: None,
+                    copied_bytes,
+                    copy_time_us,
+                });
+            }
+            Ok(slot.as_mut().expect("just ensured"))
+        }
+
+        /// Waits for the queued copies and adds their device time to `copy_time_us`.
+        fn wait(&mut self) -> candle_core::Result<()> {
+            if let (Some(a), Some(b)) = (self.first_copy.take(), self.last_copy.take()) {
+                b.synchronize().map_err(candle_core::Error::wrap)?;
+                let ms = a.elapsed_ms(&b).map_err(candle_core::Error::wrap)?;
+                self.copy_time_us += (f64::from(ms) * 1000.0).round() as u64;
+            }
+            Ok(())
+        }
+
+        pub fn buffer(&mut self, len: usize) -> candle_core::Result<&mut [u8]> {
+            self.wait()?;
+            let all = self
+                .slice
+                .as_mut_slice()
+                .map_err(candle_core::Error::wrap)?;
+            Ok(&mut all[..len])
+        }
+
+        pub fn upload(
+            &mut self,
+            dst: &Tensor,
+            elem_offset: usize,
+            range: std::ops::Range<usize>,
+        ) -> candle_core::Result<()> {
+            let (storage, layout) = dst.storage_and_layout();
+            let candle_core::Storage::Cuda(cs) = &*storage else {
+                candle_core::bail!("slot upload: the pool is not on a CUDA device")
+            };
+            let esize = dst.dtype().size_in_bytes();
+            let n = range.len();
+            if n % esize != 0
+                || elem_offset * esize + n > dst.elem_count() * esize
+                || range.end > self.slice.len()
+            {
+                candle_core::bail!("slot upload: {n} bytes at element {elem_offset} do not fit")
+            }
+            let start = ((layout.start_offset() + elem_offset) * esize) as u64;
+            let stream = cs.device.cuda_stream();
+            let base = match dst.dtype() {
+                DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+                DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+                other => candle_core::bail!("slot upload: unsupported pool dtype {other:?}"),
+            };
+            // SAFETY: bounds checked above. The source is page-locked and is not written again
+            // before `last_copy` (recorded below, after this copy) has completed.
+            // (`as_ptr` waits on cudarc's own event, which is never recorded: it returns at once.)
+            let ptr = self.slice.as_ptr().map_err(candle_core::Error::wrap)?;
+            let src = unsafe { std::slice::from_raw_parts(ptr, self.slice.len()) };
+            let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+            if self.first_copy.is_none() {
+                self.first_copy = Some(
+                    stream
+                        .record_event(timing)
+                        .map_err(candle_core::Error::wrap)?,
+                );
+            }
+            unsafe { result::memcpy_htod_async(base + start, &src[range], stream.cu_stream()) }
+                .map_err(candle_core::Error::wrap)?;
+            self.last_copy = Some(
+                stream
+                    .record_event(timing)
+                    .map_err(candle_core::Error::wrap)?,
+            );
+            self.copied_bytes += n as u64;
+            Ok(())
+        }
+    }
+}

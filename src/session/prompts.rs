@@ -26,6 +26,18 @@ pub struct PromptSet {
 pub const PROMPTS_VERSION: u32 = 1;
 
 impl PromptSet {
+    /// The list `n` times over; later passes get ids `<id>#2`, `<id>#3`, … so every run stays
+    /// addressable in recordings and exports.
+    pub fn repeat(&mut self, n: usize) {
+        let first = self.prompts.clone();
+        for pass in 2..=n {
+            self.prompts.extend(first.iter().map(|p| Prompt {
+                id: format!("{}#{pass}", p.id),
+                ..p.clone()
+            }));
+        }
+    }
+
     pub fn max_new_tokens_of(&self, i: usize) -> usize {
         self.prompts[i]
             .max_new_tokens
@@ -101,6 +113,19 @@ impl PromptSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeat_appends_passes_with_distinct_ids() {
+        let mut set = PromptSet::single("hi", 5);
+        set.repeat(3);
+        let ids: Vec<&str> = set.prompts.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(
+            &ids[1..],
+            &[&format!("{}#2", ids[0])[..], &format!("{}#3", ids[0])[..]]
+        );
+        assert!(set.prompts.iter().all(|p| p.text == "hi"));
+    }
 
     #[test]
     fn shipped_prompt_sets_parse() {
