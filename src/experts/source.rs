@@ -108,6 +108,23 @@ pub struct PartSpan {
     pub range: std::ops::Range<usize>,
 }
 
+/// Reads `dst.len()` bytes of `file` at `offset`; large ranges in [`READ_CHUNK`] pieces on
+/// several threads. One thread copying out of the page cache reaches ~9–14 GB/s on the machines
+/// measured; an expert miss is nothing but this copy, so spreading it is most of the miss cost
+/// (and on a cold cache it keeps several storage requests in flight).
+pub fn read_range_parallel(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+    use rayon::prelude::*;
+    if dst.len() < 2 * READ_CHUNK {
+        return file.read_exact_at(dst, offset);
+    }
+    dst.par_chunks_mut(READ_CHUNK)
+        .enumerate()
+        .try_for_each(|(i, chunk)| file.read_exact_at(chunk, offset + (i * READ_CHUNK) as u64))
+}
+
+/// Piece size of [`read_range_parallel`].
+pub const READ_CHUNK: usize = 1 << 20;
+
 /// `read_into` for sources whose parts are byte ranges of files.
 pub(crate) fn read_locations_into(
     files: &FileTable,
@@ -126,12 +143,11 @@ pub(crate) fn read_locations_into(
             tensor: loc.name.clone(),
             msg: format!("staging buffer of {have} bytes is too small"),
         })?;
-        file.read_exact_at(dst, loc.offset)
-            .map_err(|e| ModelError::Tensor {
-                file: loc.file.clone(),
-                tensor: loc.name.clone(),
-                msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
-            })?;
+        read_range_parallel(&file, loc.offset, dst).map_err(|e| ModelError::Tensor {
+            file: loc.file.clone(),
+            tensor: loc.name.clone(),
+            msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
+        })?;
         if cold {
             drop_page_cache(&file, loc.offset, loc.len);
         }
@@ -181,12 +197,11 @@ pub(crate) fn read_location(
 ) -> Result<RawPart> {
     let file = files.get(&loc.file)?;
     let mut bytes = vec![0u8; loc.len as usize];
-    file.read_exact_at(&mut bytes, loc.offset)
-        .map_err(|e| ModelError::Tensor {
-            file: loc.file.clone(),
-            tensor: loc.name.clone(),
-            msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
-        })?;
+    read_range_parallel(&file, loc.offset, &mut bytes).map_err(|e| ModelError::Tensor {
+        file: loc.file.clone(),
+        tensor: loc.name.clone(),
+        msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
+    })?;
     if cold {
         drop_page_cache(&file, loc.offset, loc.len);
     }
@@ -301,4 +316,27 @@ impl ExpertSource for ShardSource {
 /// Size of an expert stored in bf16 — the fallback when a source cannot say.
 pub fn default_expert_bytes(cfg: &MoeConfig) -> u64 {
     (cfg.expert_params() * 2) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranges above the split size come back byte-exact from every piece, at odd offsets and
+    /// lengths that are not a multiple of the piece size; a range past the end is an error.
+    #[test]
+    fn parallel_range_read_matches_the_file() {
+        let data: Vec<u8> = (0..(5 * READ_CHUNK + 12_345))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        for (off, len) in [(0, data.len()), (7, 3 * READ_CHUNK + 1), (100, 1000)] {
+            let mut buf = vec![0u8; len];
+            read_range_parallel(&f, off as u64, &mut buf).unwrap();
+            assert_eq!(&buf[..], &data[off..off + len], "offset {off} length {len}");
+        }
+        let mut too_far = vec![0u8; 3 * READ_CHUNK];
+        assert!(read_range_parallel(&f, (data.len() - READ_CHUNK) as u64, &mut too_far).is_err());
+    }
 }

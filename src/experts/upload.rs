@@ -12,7 +12,9 @@ pub fn htod_into(dst: &Tensor, elem_offset: usize, bytes: &[u8]) -> candle_core:
         candle_core::bail!("slot upload: the pool is not on a CUDA device")
     };
     let esize = dst.dtype().size_in_bytes();
-    if bytes.len() % esize != 0 || elem_offset * esize + bytes.len() > dst.elem_count() * esize {
+    if !bytes.len().is_multiple_of(esize)
+        || elem_offset * esize + bytes.len() > dst.elem_count() * esize
+    {
         candle_core::bail!(
             "slot upload: {} bytes at element {elem_offset} do not fit the pool",
             bytes.len()
@@ -39,11 +41,12 @@ pub fn htod_into(_dst: &Tensor, _elem_offset: usize, _bytes: &[u8]) -> candle_co
     candle_core::bail!("slot upload needs a build with --features cuda")
 }
 
-/// The host side of expert uploads: one reusable buffer that misses are read into and copied
-/// from. On a CUDA device it is page-locked, so the copy runs at full DMA speed (pageable
+/// The host side of expert uploads: reusable buffers that misses are read into and copied
+/// from. On a CUDA device they are page-locked, so the copy runs at full DMA speed (pageable
 /// copies go through the driver's own bounce buffer at about half the rate) and is queued on
-/// candle's stream without waiting; the next read into the buffer waits for that copy only.
-/// Elsewhere it is a plain Vec.
+/// candle's stream without waiting; a ring of [`PINNED_RING`] buffers lets the next miss be
+/// read while the previous one is still being copied (a buffer is reused only once its own
+/// copies are done). Elsewhere it is a plain Vec.
 #[derive(Default)]
 pub struct Staging {
     host: Vec<u8>,
@@ -51,8 +54,14 @@ pub struct Staging {
     copied_bytes: u64,
     copy_time_us: u64,
     #[cfg(feature = "cuda")]
-    pinned: Option<cuda::Pinned>,
+    pinned: Vec<Option<cuda::Pinned>>,
+    /// The ring buffer handed out last (the one `upload` copies from).
+    #[cfg(feature = "cuda")]
+    current: usize,
 }
+
+/// Page-locked staging buffers per pool (two: read one while the other is copied).
+pub const PINNED_RING: usize = 2;
 
 impl Staging {
     /// A buffer of at least `len` bytes that is safe to overwrite, pinned for a CUDA `device`.
@@ -63,7 +72,11 @@ impl Staging {
     ) -> candle_core::Result<&mut [u8]> {
         #[cfg(feature = "cuda")]
         if let candle_core::Device::Cuda(d) = device {
-            return cuda::Pinned::ensure(&mut self.pinned, d, len)?.buffer(len);
+            if self.pinned.len() < PINNED_RING {
+                self.pinned.resize_with(PINNED_RING, || None);
+            }
+            self.current = (self.current + 1) % PINNED_RING;
+            return cuda::Pinned::ensure(&mut self.pinned[self.current], d, len)?.buffer(len);
         }
         let _ = device;
         if self.host.len() < len {
@@ -76,8 +89,12 @@ impl Staging {
     /// flight are counted once the next read waits for them).
     pub fn copy_stats(&self) -> (u64, u64) {
         #[cfg(feature = "cuda")]
-        if let Some(p) = &self.pinned {
-            return (p.copied_bytes, p.copy_time_us);
+        if self.pinned.iter().any(Option::is_some) {
+            return self
+                .pinned
+                .iter()
+                .flatten()
+                .fold((0, 0), |(b, t), p| (b + p.copied_bytes, t + p.copy_time_us));
         }
         (self.copied_bytes, self.copy_time_us)
     }
@@ -91,7 +108,7 @@ impl Staging {
         range: std::ops::Range<usize>,
     ) -> candle_core::Result<()> {
         #[cfg(feature = "cuda")]
-        if let Some(p) = self.pinned.as_mut() {
+        if let Some(p) = self.pinned.get_mut(self.current).and_then(Option::as_mut) {
             return p.upload(dst, elem_offset, range);
         }
         let t = std::time::Instant::now();
@@ -180,7 +197,7 @@ mod cuda {
             };
             let esize = dst.dtype().size_in_bytes();
             let n = range.len();
-            if n % esize != 0
+            if !n.is_multiple_of(esize)
                 || elem_offset * esize + n > dst.elem_count() * esize
                 || range.end > self.slice.len()
             {

@@ -420,6 +420,23 @@ impl Scheduler {
     }
 
     /// Translates one worker message into session events and worker state.
+    /// One memory sample of `b`'s worker now, beside the timer's: a fast model loads and
+    /// generates between two ticks, and its peak would otherwise never be seen.
+    fn sample_now(&self, b: Backend) {
+        let watched = self
+            .pids
+            .lock()
+            .expect("pids")
+            .iter()
+            .find(|w| w.0 == b)
+            .copied();
+        if let Some((_, pid, base)) = watched
+            && let Some(sample) = memory::sample(pid, self.cfg.gpu_memory, base)
+        {
+            self.em.emit(SessionEvent::Memory { backend: b, sample });
+        }
+    }
+
     fn handle(&mut self, b: Backend, msg: WorkerMsg) {
         let em = self.em.clone();
         match msg {
@@ -452,6 +469,7 @@ impl Scheduler {
                     let st = self.ws(b);
                     st.loaded = true;
                     st.vocab = vocab_size;
+                    self.sample_now(b);
                     em.emit(SessionEvent::Loaded {
                         backend: b,
                         load_s,
@@ -518,6 +536,9 @@ impl Scheduler {
                     prefill_tok_s,
                     decode_tok_s,
                 } => {
+                    // Sampled before the prompt is marked done so it counts as memory "during"
+                    // generation: a short prompt can finish between two timer samples.
+                    self.sample_now(b);
                     let st = self.ws(b);
                     st.generating = None;
                     st.done = Some((prompt, finish, token_ids.clone()));
