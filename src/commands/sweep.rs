@@ -40,6 +40,10 @@ pub struct SweepRow {
     /// earlier passes), and that over native's last pass.
     pub steady_decode_tok_s: Option<f64>,
     pub steady_vs_native: Option<f64>,
+    /// Host→device bytes copied into the GPU slot pool and the device time of those copies, µs
+    /// (0 off the GPU).
+    pub h2d_bytes: u64,
+    pub h2d_time_us: u64,
     pub failed: Option<String>,
 }
 
@@ -235,6 +239,8 @@ pub fn run(a: &SweepArgs) -> Result<()> {
             miss_cost_us: cache
                 .filter(|c| c.load_latency.count > 0)
                 .map(|c| c.load_time_us as f64 / c.load_latency.count as f64),
+            h2d_bytes: cache.map_or(0, |c| c.h2d_bytes),
+            h2d_time_us: cache.map_or(0, |c| c.h2d_time_us),
             failed: m.failed.clone(),
         });
     }
@@ -411,6 +417,27 @@ pub fn render(s: &Sweep) -> String {
                 r.capacity_pct,
                 f(r.steady_decode_tok_s, 1),
                 f(r.steady_vs_native, 3)
+            );
+        }
+    }
+    if s.rows.iter().any(|r| r.h2d_bytes > 0) {
+        let _ = writeln!(o, "host→device copies into the slot pool (device time):");
+        for r in s.rows.iter().filter(|r| r.h2d_bytes > 0) {
+            let rate = if r.h2d_time_us > 0 {
+                format!(
+                    "{:.1} GB/s",
+                    r.h2d_bytes as f64 / r.h2d_time_us as f64 / 1e3
+                )
+            } else {
+                "—".into()
+            };
+            let _ = writeln!(
+                o,
+                "{:>9} {:>6.1}%   {:>10} in {:>8.1} ms   {rate}",
+                r.capacity,
+                r.capacity_pct,
+                fmt_bytes(r.h2d_bytes),
+                r.h2d_time_us as f64 / 1e3
             );
         }
     }

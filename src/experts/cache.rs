@@ -282,6 +282,29 @@ impl CachedProvider {
 
     fn read(&self, layer: usize, expert: usize) -> Result<(ExpertWeights, u64, u64)> {
         let start = Instant::now();
+        if self.device.is_cpu() {
+            thread_local! {
+                // One read buffer per thread (the forward pass and the prefetch thread).
+                static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            let stored = self.source.stored_bytes(layer, expert) as usize;
+            let fast = READ_BUF.with(|b| {
+                let mut b = b.borrow_mut();
+                if b.len() < stored {
+                    b.resize(stored, 0);
+                }
+                // A failed read here is retried below, where it gets its proper error.
+                let spans = self
+                    .source
+                    .read_into(layer, expert, &mut b[..stored])
+                    .ok()?;
+                let bytes = spans.iter().map(|p| p.range.len() as u64).sum::<u64>();
+                ExpertWeights::from_spans_exact(&b, &spans, self.dtype).map(|w| (w, bytes))
+            });
+            if let Some((w, bytes)) = fast {
+                return Ok((w, bytes, start.elapsed().as_micros() as u64));
+            }
+        }
         let raw = self.source.read(layer, expert)?;
         let w = ExpertWeights::from_raw(&raw, self.dtype, &self.device)?;
         Ok((w, raw.bytes(), start.elapsed().as_micros() as u64))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::experts::source::{ExpertSource, RawExpert};
+use crate::experts::source::{ExpertSource, PartSpan, RawExpert};
 use crate::model::error::{ModelError, Result};
 use crate::model::layers::silu;
 use crate::model::safetensors_file::{TensorInfo, bytes_to_tensor};
@@ -47,6 +47,52 @@ impl ExpertWeights {
         let down = bytes_to_tensor(&down.bytes, &down.info(), dtype, device)
             .map_err(|e| raw.error(format!("converting down_proj: {e}")))?;
         Ok(ExpertWeights {
+            gate_up,
+            down,
+            intermediate: i,
+        })
+    }
+
+    /// Builds a CPU expert straight out of a read buffer (the spans of
+    /// [`ExpertSource::read_into`]) when the conversion is exact — the same dtype, or bf16 / f16
+    /// widened to f32 — so the result is bit-for-bit what [`Self::from_raw`] makes. One
+    /// allocation per matrix and the conversion spread over threads: an expert miss on the CPU
+    /// otherwise spends more time allocating and copying transients than reading. `None` for
+    /// any other combination or an unexpected shape (the caller falls back to `from_raw`).
+    pub fn from_spans_exact(buf: &[u8], spans: &[PartSpan; 3], dtype: DType) -> Option<Self> {
+        let [g, u, d] = spans;
+        if cfg!(target_endian = "big") {
+            return None; // the views below read safetensors' little-endian bytes natively
+        }
+        if g.shape.len() != 2 || g.shape != u.shape || d.shape != [g.shape[1], g.shape[0]] {
+            return None;
+        }
+        let (i, h) = (g.shape[0], g.shape[1]);
+        let src = g.dtype.float_dtype()?;
+        if u.dtype.float_dtype()? != src || d.dtype.float_dtype()? != src {
+            return None;
+        }
+        let n = i * h;
+        let esize = src.size_in_bytes();
+        if [g, u, d]
+            .iter()
+            .any(|p| p.range.len() != n * esize || p.range.end > buf.len())
+        {
+            return None;
+        }
+        let (gu, dn) = (&buf[g.range.start..u.range.end], &buf[d.range.clone()]);
+        if u.range.start != g.range.end {
+            return None; // gate and up not adjacent: not worth a special case
+        }
+        let (gate_up, down) = match (src, dtype) {
+            (DType::BF16, DType::F32) => cpu_pair(gu, dn, i, h, widen_bf16)?,
+            (DType::F16, DType::F32) => cpu_pair(gu, dn, i, h, widen::<half::f16>)?,
+            (DType::F32, DType::F32) => cpu_pair(gu, dn, i, h, same::<f32>)?,
+            (DType::BF16, DType::BF16) => cpu_pair(gu, dn, i, h, same::<half::bf16>)?,
+            (DType::F16, DType::F16) => cpu_pair(gu, dn, i, h, same::<half::f16>)?,
+            _ => return None,
+        };
+        Some(ExpertWeights {
             gate_up,
             down,
             intermediate: i,
@@ -318,4 +364,75 @@ impl ExpertProvider for Resident {
                 index: None,
             }))
     }
+}
+
+/// gate_up [2I, H] and down [H, I] as CPU tensors made by `conv` from their bytes.
+fn cpu_pair<T: candle_core::WithDType>(
+    gu: &[u8],
+    dn: &[u8],
+    i: usize,
+    h: usize,
+    conv: fn(&[u8]) -> Option<Vec<T>>,
+) -> Option<(Tensor, Tensor)> {
+    let a = Tensor::from_vec(conv(gu)?, (2 * i, h), &Device::Cpu).ok()?;
+    let b = Tensor::from_vec(conv(dn)?, (h, i), &Device::Cpu).ok()?;
+    Some((a, b))
+}
+
+/// Elements per parallel conversion task.
+const PIECE: usize = 1 << 16;
+
+/// `bytes` viewed as elements of `S` (None when misaligned, which a `Vec<u8>` from the
+/// allocator never is at the offsets of a safetensors part).
+fn view<S: PlainData>(bytes: &[u8]) -> Option<&[S]> {
+    // SAFETY: `PlainData` types are plain old data: every bit pattern is a valid value.
+    let (pre, mid, post) = unsafe { bytes.align_to::<S>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+/// Element types for which any bit pattern is a valid value.
+trait PlainData: Copy {}
+impl PlainData for u16 {}
+impl PlainData for f32 {}
+impl PlainData for half::bf16 {}
+impl PlainData for half::f16 {}
+
+/// bf16 / f16 little-endian bytes widened to f32 (exact), with half's SIMD slice conversion.
+fn widen<S>(bytes: &[u8]) -> Option<Vec<f32>>
+where
+    S: PlainData + Sync,
+    [S]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    let src = view::<S>(bytes)?;
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(PIECE)
+        .zip(src.par_chunks(PIECE))
+        .for_each(|(d, s)| s.convert_to_f32_slice(d));
+    Some(out)
+}
+
+/// bf16 → f32 is a 16-bit shift (exactly `bf16::to_f32`); written as one so it vectorises,
+/// straight into uninitialised memory (no memset of a buffer about to be overwritten).
+fn widen_bf16(bytes: &[u8]) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    let src = view::<u16>(bytes)?;
+    let mut out: Vec<f32> = Vec::with_capacity(src.len());
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(PIECE)
+        .zip(src.par_chunks(PIECE))
+        .for_each(|(d, s)| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                d.write(f32::from_bits(u32::from(s) << 16));
+            }
+        });
+    // SAFETY: every element up to src.len() was written just above.
+    unsafe { out.set_len(src.len()) };
+    Some(out)
+}
+
+/// Same dtype: a copy into an owned, aligned Vec.
+fn same<S: PlainData>(bytes: &[u8]) -> Option<Vec<S>> {
+    Some(view::<S>(bytes)?.to_vec())
 }
