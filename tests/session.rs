@@ -546,3 +546,54 @@ fn sweep_measures_each_capacity_next_to_the_simulation() {
     }
     assert!(rows[0]["expected_weights"].as_u64() < rows[1]["expected_weights"].as_u64());
 }
+
+/// A run with prefetch exports its guessing accuracy (and one without does not invent any),
+/// computed from the cache's own counters.
+#[test]
+fn export_reports_prefetch_precision_and_recall() {
+    let tmp = tempfile::tempdir().unwrap();
+    for prefetch in [true, false] {
+        let rec = tmp.path().join(format!("pf-{prefetch}.ndjson"));
+        let mut args = vec![
+            "run",
+            "--no-tui",
+            "--no-score",
+            "--record",
+            rec.to_str().unwrap(),
+            "--max-new-tokens",
+            "16",
+            "--cache-experts",
+            "48",
+        ];
+        if prefetch {
+            args.extend(["--prefetch", "next-layer"]);
+        }
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (rc, json, err) = run(&["export", rec.to_str().unwrap(), "--format", "json"]);
+        assert_eq!(rc, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let sel = &v["backends"]["selective"];
+        for key in ["prefetch_precision", "prefetch_recall"] {
+            if prefetch {
+                let x = sel[key]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{key} missing: {sel}"));
+                assert!(x > 0.0 && x <= 1.0, "{key} = {x}");
+            } else {
+                assert!(sel.get(key).is_none(), "{key} without prefetch: {sel}");
+            }
+        }
+        let (rc, md, _) = run(&["export", rec.to_str().unwrap(), "--format", "markdown"]);
+        assert_eq!(rc, 0);
+        assert_eq!(md.contains("prefetch precision / recall"), prefetch, "{md}");
+    }
+}

@@ -300,6 +300,18 @@ pub fn table(sum: &Summary) -> String {
         "–".into(),
         opt(s.cache_hit_rate.map(|h| h * 100.0), 1) + " %",
     );
+    if s.prefetch_precision.is_some() || s.prefetch_recall.is_some() {
+        row(
+            &mut o,
+            "prefetch precision / recall",
+            "–".into(),
+            format!(
+                "{} / {} %",
+                opt(s.prefetch_precision.map(|h| h * 100.0), 1),
+                opt(s.prefetch_recall.map(|h| h * 100.0), 1)
+            ),
+        );
+    }
     row(
         &mut o,
         "perplexity (reference text)",

@@ -69,6 +69,12 @@ pub struct BackendMetrics {
     pub cache_hit_rate: Option<f64>,
     pub cache_hit_rate_per_layer: Vec<Option<f64>>,
     pub perplexity: Option<f64>,
+    /// With `--prefetch next-layer`: share of guessed experts that were then needed, and share
+    /// of needed experts that had been guessed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_precision: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_recall: Option<f64>,
 }
 
 pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
@@ -124,6 +130,7 @@ pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
             .map(|g| format!("{g:?}")),
         expected_weights: st.resident.as_ref().map(|r| r.expected()),
     };
+    let prefetch = st.cache.as_ref().and_then(|c| c.prefetch.as_ref());
     let (hit, per_layer) = match &st.cache {
         Some(c) => (
             c.hit_rate(),
@@ -158,6 +165,8 @@ pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
         cache_hit_rate: hit,
         cache_hit_rate_per_layer: per_layer,
         perplexity: st.perplexity.map(|p| p.0),
+        prefetch_precision: prefetch.and_then(|p| p.precision()),
+        prefetch_recall: prefetch.and_then(|p| p.recall()),
     }
 }
 
