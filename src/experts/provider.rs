@@ -80,10 +80,10 @@ impl ExpertWeights {
         {
             return None;
         }
-        let (gu, dn) = (&buf[g.range.start..u.range.end], &buf[d.range.clone()]);
         if u.range.start != g.range.end {
             return None; // gate and up not adjacent: not worth a special case
         }
+        let (gu, dn) = (&buf[g.range.start..u.range.end], &buf[d.range.clone()]);
         let (gate_up, down) = match (src, dtype) {
             (DType::BF16, DType::F32) => cpu_pair(gu, dn, i, h, widen_bf16)?,
             (DType::F16, DType::F32) => cpu_pair(gu, dn, i, h, widen::<half::f16>)?,
@@ -435,4 +435,85 @@ fn widen_bf16(bytes: &[u8]) -> Option<Vec<f32>> {
 /// Same dtype: a copy into an owned, aligned Vec.
 fn same<S: PlainData>(bytes: &[u8]) -> Option<Vec<S>> {
     Some(view::<S>(bytes)?.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experts::source::RawPart;
+    use crate::model::safetensors_file::StDtype;
+
+    /// The fast CPU path must make exactly what `from_raw` makes, bit for bit, for every
+    /// stored/compute dtype pair it accepts — including NaN, infinities and subnormals.
+    #[test]
+    fn spans_path_is_bit_identical_to_from_raw() {
+        let (i, h) = (3usize, 5usize);
+        for (st, esize) in [(StDtype::BF16, 2), (StDtype::F16, 2), (StDtype::F32, 4)] {
+            let part = |name: &str, shape: Vec<usize>, seed: u8| RawPart {
+                name: name.into(),
+                dtype: st,
+                shape,
+                bytes: (0..i * h * esize)
+                    .map(|b| (b as u8).wrapping_mul(37).wrapping_add(seed))
+                    .collect(),
+            };
+            let raw = RawExpert {
+                layer: 0,
+                expert: 0,
+                parts: [
+                    part("g", vec![i, h], 1),
+                    part("u", vec![i, h], 99),
+                    part("d", vec![h, i], 200),
+                ],
+            };
+            let mut buf = Vec::new();
+            let mut spans = Vec::new();
+            for p in &raw.parts {
+                let at = buf.len();
+                buf.extend_from_slice(&p.bytes);
+                spans.push(PartSpan {
+                    dtype: p.dtype,
+                    shape: p.shape.clone(),
+                    range: at..buf.len(),
+                });
+            }
+            let spans: [PartSpan; 3] = spans.try_into().unwrap();
+            let src = st.float_dtype().unwrap();
+            for dtype in [DType::F32, src] {
+                let fast = ExpertWeights::from_spans_exact(&buf, &spans, dtype)
+                    .unwrap_or_else(|| panic!("{st:?} -> {dtype:?} has a fast path"));
+                let slow = ExpertWeights::from_raw(&raw, dtype, &Device::Cpu).unwrap();
+                for (a, b) in [(&fast.gate_up, &slow.gate_up), (&fast.down, &slow.down)] {
+                    assert_eq!(a.dims(), b.dims());
+                    let bits = |t: &Tensor| -> Vec<u32> {
+                        match t.dtype() {
+                            DType::F32 => t
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1::<f32>()
+                                .unwrap()
+                                .iter()
+                                .map(|x| x.to_bits())
+                                .collect(),
+                            _ => t
+                                .to_dtype(DType::F32)
+                                .unwrap()
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1::<f32>()
+                                .unwrap()
+                                .iter()
+                                .map(|x| x.to_bits())
+                                .collect(),
+                        }
+                    };
+                    assert_eq!(bits(a), bits(b), "{st:?} -> {dtype:?}");
+                }
+            }
+            // A narrowing conversion is not "exact": no fast path.
+            if src == DType::F32 {
+                assert!(ExpertWeights::from_spans_exact(&buf, &spans, DType::BF16).is_none());
+            }
+        }
+    }
 }
