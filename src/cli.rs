@@ -244,7 +244,7 @@ pub struct SweepArgs {
     pub capacities: String,
     #[arg(long, value_enum, default_value_t = crate::experts::cache::Scope::Global)]
     pub cache_scope: crate::experts::cache::Scope,
-    #[arg(long, value_enum, default_value_t = crate::experts::policy::PolicyKind::Lru)]
+    #[arg(long, value_enum, default_value_t = crate::experts::policy::PolicyKind::S3fifo)]
     pub policy: crate::experts::policy::PolicyKind,
     #[arg(long, default_value = "shards", value_parser = crate::experts::SourceSpec::parse)]
     pub expert_source: crate::experts::SourceSpec,

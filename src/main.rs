@@ -10,6 +10,22 @@ use moescope::commands;
 fn main() -> ExitCode {
     pin_thread_count();
     let cli = Cli::parse();
+    if matches!(
+        &cli.command,
+        Some(
+            Command::Replay(_)
+                | Command::Watch(_)
+                | Command::Export(_)
+                | Command::Themes
+                | Command::Simulate(_)
+                | Command::Generate(_)
+                | Command::Logits(_)
+                | Command::Verify(_)
+                | Command::Bench(_)
+        )
+    ) {
+        die_quietly_on_broken_pipe();
+    }
     let result: anyhow::Result<u8> = match &cli.command {
         // `moescope` alone: the dashboard on the bundled model with the standard prompts.
         None => {
@@ -37,6 +53,17 @@ fn main() -> ExitCode {
             eprintln!("error: {}", moescope::errors::one_line(&e));
             ExitCode::from(moescope::errors::exit_code(&e))
         }
+    }
+}
+
+/// `moescope simulate … | head` must end like any Unix filter when the reader goes away, not
+/// with a panic from `println!` (Rust ignores SIGPIPE by default). Only for commands that write
+/// to stdout and own no child pipes: where moescope talks to worker processes, a worker's
+/// closed pipe must stay an error it handles (the run goes on without that worker).
+fn die_quietly_on_broken_pipe() {
+    // SAFETY: restoring the default disposition of one signal before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -597,3 +597,32 @@ fn export_reports_prefetch_precision_and_recall() {
         assert_eq!(md.contains("prefetch precision / recall"), prefetch, "{md}");
     }
 }
+
+/// `moescope export … | head` ends like a Unix filter when the reader goes away: killed by
+/// SIGPIPE, no panic message.
+#[test]
+fn output_commands_end_quietly_on_a_closed_pipe() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "export",
+            "recordings/demo-tiny-moe.ndjson",
+            "--format",
+            "trace",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before the first write
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}

@@ -115,8 +115,10 @@ pub fn render(s: &Study) -> String {
     for p in &policies {
         let _ = write!(o, " {:>16}", p);
     }
+    // The speed prediction is shown for the default policy (what a run gets without --policy).
+    let pred_policy = crate::experts::CacheArgs::default().policy.name();
     if s.costs.is_some() {
-        let _ = write!(o, " {:>16}", "lru tok/s (pred)");
+        let _ = write!(o, " {:>16}", format!("{pred_policy} tok/s (pred)"));
     }
     let _ = writeln!(o);
     let mut caps: Vec<usize> = s.points.iter().map(|p| p.capacity).collect();
@@ -147,7 +149,7 @@ pub fn render(s: &Study) -> String {
         }
         if let Some(x) = row
             .iter()
-            .find(|x| x.policy == "lru")
+            .find(|x| x.policy == pred_policy)
             .and_then(|x| x.predicted_decode_tok_s)
         {
             let _ = write!(o, " {:>16.1}", x);
