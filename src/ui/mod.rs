@@ -12,8 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use crossterm::event::{Event, EventStream};
-use futures::StreamExt;
+use crossterm::event::Event;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::cli::UiArgs;
@@ -68,6 +67,30 @@ fn export_now(app: &App) -> String {
     }
 }
 
+/// Terminal input (keys, resizes) read on a thread of its own and handed over through a channel.
+///
+/// Why not crossterm's `EventStream` in the `select!`: the loop goes round once per session event
+/// (thousands a second: tokens, routing), and every round polled the terminal again — a syscall
+/// and a wake-up each time, which on a 2-core machine cost the measured workers several % of
+/// their decode speed. A blocked `read` costs nothing until a key arrives. The thread ends when
+/// the receiver is dropped (at the next event) or with the process.
+fn terminal_events() -> UnboundedReceiver<std::io::Result<Event>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("moescope-keys".into())
+        .spawn(move || {
+            loop {
+                let ev = crossterm::event::read();
+                let failed = ev.is_err();
+                if tx.send(ev).is_err() || failed {
+                    break;
+                }
+            }
+        })
+        .expect("spawning the terminal input thread");
+    rx
+}
+
 /// The live dashboard over a running session.
 pub async fn live(
     header: Header,
@@ -80,7 +103,7 @@ pub async fn live(
     let mut app = new_app(SessionState::new(header), ui, profile, Mode::Live)?;
     app.recording = Some(recorder.path().to_path_buf());
     let mut guard = terminal::init()?;
-    let mut keys = EventStream::new();
+    let mut keys = terminal_events();
     let mut tick = tokio::time::interval(frame_interval(ui.fps));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut dirty = true;
@@ -108,7 +131,7 @@ pub async fn live(
                     }
                 }
             },
-            k = keys.next() => {
+            k = keys.recv() => {
                 match k {
                     Some(Ok(Event::Key(key))) => {
                         if app.view.help {
@@ -187,7 +210,7 @@ pub async fn replay(
         app.view.message = Some("the recording's last line was incomplete and was skipped".into());
     }
     let mut guard = terminal::init()?;
-    let mut keys = EventStream::new();
+    let mut keys = terminal_events();
     let mut tick = tokio::time::interval(frame_interval(ui.fps));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut events = rec.events;
@@ -200,7 +223,7 @@ pub async fn replay(
     let mut dirty = true;
     loop {
         tokio::select! {
-            k = keys.next() => {
+            k = keys.recv() => {
                 if let Some(Ok(Event::Key(key))) = k {
                     if app.view.help {
                         app.view.help = false;
