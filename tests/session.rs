@@ -289,25 +289,16 @@ fn torn_last_line_is_tolerated_and_bad_files_are_explained() {
 fn live_summary_equals_the_replayed_one() {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("live.ndjson");
-    let out = std::process::Command::new(bin())
-        .args([
-            "run",
-            "--no-tui",
-            "--record",
-            rec.to_str().unwrap(),
-            "--prompts",
-            "prompts/standard.toml",
-            "--max-new-tokens",
-            "12",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = moescope_ok(&[
+        "run",
+        "--no-tui",
+        "--record",
+        rec.to_str().unwrap(),
+        "--prompts",
+        "prompts/standard.toml",
+        "--max-new-tokens",
+        "12",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("recording: ") && stdout.contains("summary: "),
@@ -344,23 +335,14 @@ fn a_perturbed_backend_is_caught_by_agreement_kl_and_perplexity() {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("masked.ndjson");
     // The hidden testing aid masks one expert of layer 2 out of selective's routing.
-    let out = std::process::Command::new(bin())
-        .args([
-            "run",
-            "--no-tui",
-            "--record",
-            rec.to_str().unwrap(),
-            "--mask-experts",
-            "2:7",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    moescope_ok(&[
+        "run",
+        "--no-tui",
+        "--record",
+        rec.to_str().unwrap(),
+        "--mask-experts",
+        "2:7",
+    ]);
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(tmp.path().join("masked.summary.json")).unwrap(),
     )
@@ -440,16 +422,7 @@ fn simulation_reproduces_the_live_cache_exactly() {
             "20",
         ];
         args.extend(flags.iter().copied());
-        let out = std::process::Command::new(bin())
-            .args(&args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        moescope_ok(&args);
         let (rc, json, err) = run(&[
             "simulate",
             rec.to_str().unwrap(),
@@ -505,24 +478,15 @@ fn simulation_reproduces_the_live_cache_exactly() {
 fn sweep_measures_each_capacity_next_to_the_simulation() {
     let tmp = tempfile::tempdir().unwrap();
     let out_json = tmp.path().join("sweep.json");
-    let out = std::process::Command::new(bin())
-        .args([
-            "sweep",
-            "--capacities",
-            "25%,100%",
-            "--max-new-tokens",
-            "16",
-            "-o",
-            out_json.to_str().unwrap(),
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = moescope_ok(&[
+        "sweep",
+        "--capacities",
+        "25%,100%",
+        "--max-new-tokens",
+        "16",
+        "-o",
+        out_json.to_str().unwrap(),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("predicted") && text.contains("sim hit"),
@@ -568,16 +532,7 @@ fn export_reports_prefetch_precision_and_recall() {
         if prefetch {
             args.extend(["--prefetch", "next-layer"]);
         }
-        let out = std::process::Command::new(bin())
-            .args(&args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        moescope_ok(&args);
         let (rc, json, err) = run(&["export", rec.to_str().unwrap(), "--format", "json"]);
         assert_eq!(rc, 0, "{err}");
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -625,4 +580,19 @@ fn output_commands_end_quietly_on_a_closed_pipe() {
         "{:?} {err}",
         out.status
     );
+}
+
+/// Runs the binary from the repository root and insists that it succeeded.
+fn moescope_ok(args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "moescope {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
