@@ -275,3 +275,35 @@ fn extraction_of_another_model_is_refused() {
     assert_eq!(rc, 2);
     assert!(err.contains("different model"), "{err}");
 }
+
+/// A write that fails part-way (here: a file where a layer's directory must go) stops every
+/// writer, names the path, keeps what was journalled, and a rerun after the fix ends identical.
+#[test]
+fn failed_write_mid_extraction_keeps_the_journal_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen3-omni-tiny");
+    let clean = tmp.path().join("clean");
+    assert_eq!(extract(&model, &clean, &[]).0, 0);
+    let out = tmp.path().join("blocked");
+    std::fs::create_dir_all(out.join("experts")).unwrap();
+    let blocker = out.join("experts/layer_002");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let (rc, _, err) = extract(&model, &out, &[]);
+    assert_ne!(rc, 0, "the blocked run fails");
+    assert!(err.contains("layer_002"), "the error names the path: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !out.join("manifest.json").exists(),
+        "no manifest for a partial run"
+    );
+    std::fs::remove_file(&blocker).unwrap();
+    let (rc, text, err) = extract(&model, &out, &[]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(!text.contains("(0 already done)"), "resumed: {text}");
+    let mut want = tree(&clean);
+    let mut got = tree(&out);
+    // The blocked run's journal is gone once the manifest is written; nothing else may differ.
+    want.remove("manifest.partial.jsonl");
+    got.remove("manifest.partial.jsonl");
+    assert_eq!(want, got);
+}
