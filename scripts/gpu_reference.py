@@ -10,6 +10,7 @@ CUDA and transformers 5.x).
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +29,24 @@ def run_logits(binary, model, tokens, extra=()):
     return json.loads(out)["logits"]
 
 
+def run_steps(binary, model, tokens, n, extra=(), env=None):
+    """`n` greedy decode steps after `tokens`: each step's token, logits and routing."""
+    out = subprocess.run(
+        [binary, "logits", "--model", str(model), "--tokens", ",".join(map(str, tokens)),
+         "--greedy", str(n), *extra],
+        check=True, capture_output=True, text=True, env={**os.environ, **(env or {})},
+    ).stdout
+    return json.loads(out)["steps"]
+
+
+def steps_diff(a, b):
+    """Largest |logit difference| over all steps, and whether tokens and routing are equal."""
+    d = max(max_abs(x["logits"], y["logits"]) for x, y in zip(a, b))
+    same = len(a) == len(b) and all(x["token"] == y["token"] and x["routing"] == y["routing"]
+                                    for x, y in zip(a, b))
+    return d, same
+
+
 def max_abs(a, b):
     return max(abs(x - y) for x, y in zip(a, b))
 
@@ -39,7 +58,7 @@ def hf_model(model_dir, dtype):
 
 
 def fidelity(a):
-    res = {"device": torch.cuda.get_device_name(), "cases": [], "selective": []}
+    res = {"device": torch.cuda.get_device_name(), "cases": [], "selective": [], "decode": []}
     cases = [("tests/fixtures/qwen3-moe-tiny", True), ("tests/fixtures/qwen3-omni-tiny", False),
              ("models/tiny-moe", True)]
     for rel, hf_ok in cases:
@@ -80,6 +99,18 @@ def fidelity(a):
                                                "--cache-experts", str(cap), "--cache-scope", scope])
                 res["selective"].append({"model": rel, "seq": i, "capacity": cap, "scope": scope,
                                          "identical": sel == native, "max_abs_diff": max_abs(sel, native)})
+            # Decode steps (KV cache, routing read back per step): native through a CUDA graph
+            # must equal native launched kernel by kernel and selective, bit for bit.
+            gpu = ["--device", "cuda:0", "--dtype", "bf16"]
+            graphed = run_steps(a.bin, d, s, 12, gpu)
+            variants = [("native, graphs off", gpu, {"MOESCOPE_CUDA_GRAPHS": "0"}),
+                        (f"selective {k} global", gpu + ["--backend", "selective", "--cache-experts", str(k)], {}),
+                        (f"selective {ne * moe_layers} global", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {})]
+            for name, extra, env in variants:
+                other = run_steps(a.bin, d, s, 12, extra, env)
+                dd, same = steps_diff(graphed, other)
+                res["decode"].append({"model": rel, "vs": name, "steps": len(other), "identical": dd == 0.0 and same,
+                                      "max_abs_diff": dd, "tokens_and_routing_equal": same})
         del hf
         torch.cuda.empty_cache()
     print(json.dumps(res, indent=1))

@@ -438,4 +438,9 @@ pub struct LogitsArgs {
     /// Comma-separated token ids.
     #[arg(long, value_delimiter = ',', num_args = 1.., required = true)]
     pub tokens: Vec<u32>,
+    /// Then decode N greedy tokens the way `run` and `generate` do (KV cache, CUDA graphs on a
+    /// GPU) and print each step's token, logits and routing too — for checking that every
+    /// decode path gives the same numbers.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub greedy: usize,
 }

@@ -78,7 +78,14 @@ impl DeviceSpec {
                 self.0
             )));
         }
-        Device::new_cuda(n).map_err(|e| ModelError::Input(format!("opening {}: {e}", self.0)))
+        let dev = Device::new_cuda(n)
+            .map_err(|e| ModelError::Input(format!("opening {}: {e}", self.0)))?;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &dev {
+            crate::model::graph::prepare_device(cuda)
+                .map_err(|e| ModelError::Input(format!("preparing {}: {e}", self.0)))?;
+        }
+        Ok(dev)
     }
 }
 

@@ -218,3 +218,57 @@ fn tensors_outside_the_text_model_are_never_read() {
         "{unused:?}"
     );
 }
+
+/// The GPU attention layout (static head-major buffers attended over whole, rows past the
+/// position masked, position taken from a device tensor on one-token steps) run on the CPU in
+/// f32: it must match transformers like the CPU layout does — through several capacity
+/// doublings (a capacity of 2 grows to 4, 8, 16, 32) and a rewind.
+#[test]
+fn static_kv_layout_matches_transformers_through_growth_and_rewind() {
+    use moescope::model::layers::KvCache;
+    for name in FAMILIES {
+        let g = golden(name);
+        let e = native(name, Dtype::F32);
+        let layers = e.cfg.num_hidden_layers;
+        let step = |cache: &mut KvCache, toks: &[u32]| -> Vec<f32> {
+            e.model
+                .forward(
+                    toks,
+                    cache,
+                    e.provider.as_ref(),
+                    &mut NoObserver,
+                    Logits::Last,
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        // Token by token from the first position: every step is device-positioned.
+        let seq = &g.sequences[2];
+        let mut cache = KvCache::new_static(layers, 2);
+        for (i, &t) in seq.iter().enumerate() {
+            let got = step(&mut cache, &[t]);
+            let d = max_abs_diff(&got, &g.all_logits_f32[i]);
+            assert!(d <= 1e-4, "{name} static step {i}: {d}");
+        }
+        assert!(cache.static_capacity() >= seq.len());
+        // Prefill (host-positioned) then greedy decode (device-positioned).
+        for case in &g.greedy {
+            let mut cache = KvCache::new_static(layers, 2);
+            let mut next = case.prompt.clone();
+            let mut out = Vec::new();
+            for _ in 0..case.tokens.len() {
+                let t = moescope::model::layers::argmax(&step(&mut cache, &next)) as u32;
+                out.push(t);
+                next = vec![t];
+            }
+            assert_eq!(out, case.tokens, "{name} static greedy {:?}", case.prompt);
+            // Rewind to the prompt: stale rows past it are masked, then overwritten.
+            cache.truncate(case.prompt.len()).unwrap();
+            let again = moescope::model::layers::argmax(&step(&mut cache, &[case.tokens[0]]));
+            assert_eq!(again as u32, case.tokens[1], "{name} after rewind");
+        }
+    }
+}

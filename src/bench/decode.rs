@@ -173,6 +173,10 @@ pub struct Comparison {
     pub reference_prefill_tok_s: f64,
     /// Leading greedy tokens on which both agree (a sanity check that both ran the same model).
     pub agreeing_tokens: usize,
+    /// On a GPU: ours with CUDA graphs off (every kernel launched from the host), same run.
+    pub ours_uncaptured_tok_s: Option<f64>,
+    /// On a GPU: whether the greedy tokens with and without graphs are the same.
+    pub uncaptured_tokens_equal: Option<bool>,
 }
 
 /// Best of `repeats` after one warm-up, alternating the two so neither gets a warmer machine.
@@ -189,10 +193,24 @@ pub fn compare(
     let p = prompt(prompt_tokens, cfg.vocab_size);
     let _ = run_ours(&engine, &p, new_tokens.min(4))?;
     let _ = reference.run(&p, new_tokens.min(4))?;
+    let gpu = device.is_cuda() && crate::model::cuda_graphs_enabled();
     let mut best_ours: Option<DecodeResult> = None;
     let mut best_ref: Option<DecodeResult> = None;
+    let mut best_uncaptured: Option<DecodeResult> = None;
     for _ in 0..repeats.max(1) {
         let o = run_ours(&engine, &p, new_tokens)?;
+        if gpu {
+            crate::model::set_cuda_graphs(false);
+            let u = run_ours(&engine, &p, new_tokens);
+            crate::model::set_cuda_graphs(true);
+            let u = u?;
+            if best_uncaptured
+                .as_ref()
+                .is_none_or(|b| u.decode_tok_s > b.decode_tok_s)
+            {
+                best_uncaptured = Some(u);
+            }
+        }
         let r = reference.run(&p, new_tokens)?;
         if best_ours
             .as_ref()
@@ -227,5 +245,7 @@ pub fn compare(
         ours_prefill_tok_s: prompt_tokens as f64 / o.prefill_s.max(1e-12),
         reference_prefill_tok_s: prompt_tokens as f64 / r.prefill_s.max(1e-12),
         agreeing_tokens: agreeing,
+        uncaptured_tokens_equal: best_uncaptured.as_ref().map(|u| u.tokens == o.tokens),
+        ours_uncaptured_tok_s: best_uncaptured.map(|u| u.decode_tok_s),
     })
 }

@@ -41,6 +41,12 @@ fn bench_decode(a: &BenchDecodeArgs) -> Result<()> {
                 c.agreeing_tokens,
                 c.new_tokens
             );
+            if let (Some(u), Some(eq)) = (c.ours_uncaptured_tok_s, c.uncaptured_tokens_equal) {
+                println!(
+                    "  moescope without CUDA graphs {u:.1} tok/s (graphs {:.2}×; same tokens: {eq})",
+                    c.ours_tok_s / u.max(1e-12)
+                );
+            }
         }
         rows.push(c);
     }

@@ -6,8 +6,11 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::cli::{GenerateArgs, LogitsArgs};
-use crate::experts::provider::NoObserver;
-use crate::model::generate::{Generation, StreamDecoder, TextTokenizer, Timing, stop_ids};
+use crate::engine::Engine;
+use crate::experts::provider::{NoObserver, RoutingLog};
+use crate::model::generate::{
+    Generation, SamplingParams, StreamDecoder, TextTokenizer, Timing, stop_ids,
+};
 use crate::model::qwen3_moe::Logits;
 
 pub fn generate(args: &GenerateArgs) -> Result<()> {
@@ -122,7 +125,37 @@ pub fn logits(args: &LogitsArgs) -> Result<()> {
         Logits::Last,
     )?;
     let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
-    let v = json!({ "tokens": args.tokens, "logits": row });
+    let mut v = json!({ "tokens": args.tokens, "logits": row });
+    if args.greedy > 0 {
+        v["steps"] = greedy_steps(&engine, &args.tokens, args.greedy)?;
+    }
     println!("{}", serde_json::to_string(&v)?);
     Ok(())
+}
+
+/// `n` greedy tokens after `prompt` through [`Generation`], with each step's logits and routing.
+fn greedy_steps(engine: &Engine, prompt: &[u32], n: usize) -> Result<serde_json::Value> {
+    let params = SamplingParams {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let mut g = Generation::new(&engine.model, prompt.to_vec(), params, vec![])?;
+    let mut steps = Vec::new();
+    loop {
+        let mut log = RoutingLog::default();
+        let Some(out) = g.step(&engine.model, engine.provider.as_ref(), &mut log)? else {
+            break;
+        };
+        let routing: Vec<_> = log
+            .entries
+            .iter()
+            .map(|(l, p, e)| json!([l, p, e]))
+            .collect();
+        steps.push(json!({
+            "token": out.token,
+            "logits": g.last_logits(),
+            "routing": routing,
+        }));
+    }
+    Ok(serde_json::Value::Array(steps))
 }

@@ -160,6 +160,13 @@ pub trait ExpertProvider: Send + Sync {
         false
     }
 
+    /// Whether a decode step through this provider may be captured once as a CUDA graph and
+    /// replayed: every expert resident in device stacks, nothing read back to the host, no
+    /// upload and no masking tensor made per step. Only native's device stacks qualify.
+    fn graph_safe(&self) -> bool {
+        false
+    }
+
     /// A guess of the experts `layer` will select, made while the layer before it runs.
     fn prefetch_hint(&self, _layer: usize, _experts: &[usize]) {}
 
@@ -351,6 +358,10 @@ impl ExpertProvider for Resident {
 
     fn kind(&self) -> &'static str {
         "native"
+    }
+
+    fn graph_safe(&self) -> bool {
+        self.stacks.iter().any(Option::is_some) && self.unavailable.iter().all(Vec::is_empty)
     }
 
     fn stacked(&self, layer: usize, _needed: &[usize]) -> Result<Option<Stacked>> {

@@ -383,6 +383,19 @@ pub struct Generation {
     finished: Option<FinishReason>,
     pub prefill_time: Duration,
     pub decode_time: Duration,
+    /// The logits the last token was sampled from.
+    last_logits: Vec<f32>,
+    #[cfg(feature = "cuda")]
+    graph: Option<super::graph::DecodeGraph>,
+    #[cfg(feature = "cuda")]
+    graph_failed: bool,
+}
+
+/// Says once per process that CUDA graphs were given up (decoding goes on uncaptured).
+#[cfg(feature = "cuda")]
+fn warn_graph_failure(e: &ModelError) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("moescope: decoding without CUDA graphs: {e}"));
 }
 
 impl Generation {
@@ -411,6 +424,11 @@ impl Generation {
             },
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
+            last_logits: Vec::new(),
+            #[cfg(feature = "cuda")]
+            graph: None,
+            #[cfg(feature = "cuda")]
+            graph_failed: false,
         })
     }
 
@@ -428,8 +446,58 @@ impl Generation {
         }
     }
 
+    /// The logits the last generated token was sampled from (empty before the first step).
+    pub fn last_logits(&self) -> &[f32] {
+        &self.last_logits
+    }
+
     pub fn kv_bytes(&self) -> u64 {
         self.cache.bytes()
+    }
+
+    /// A decode step through a CUDA graph where it can be one (native on a GPU); `None` when it
+    /// cannot, or when capture failed — then this generation decodes uncaptured (the failed
+    /// capture changed nothing: its warm-up step wrote the same KV row the uncaptured step will).
+    #[cfg(feature = "cuda")]
+    fn graphed_step(
+        &mut self,
+        model: &Qwen3Moe,
+        experts: &dyn ExpertProvider,
+        observer: &mut dyn RoutingObserver,
+        input: &[u32],
+        prefill: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        if prefill || self.graph_failed {
+            return Ok(None);
+        }
+        match super::graph::step(
+            &mut self.graph,
+            model,
+            &mut self.cache,
+            experts,
+            observer,
+            input[0],
+        ) {
+            Ok(row) => Ok(row),
+            Err(e) => {
+                warn_graph_failure(&e);
+                self.graph = None;
+                self.graph_failed = true;
+                Ok(None)
+            }
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn graphed_step(
+        &mut self,
+        _: &Qwen3Moe,
+        _: &dyn ExpertProvider,
+        _: &mut dyn RoutingObserver,
+        _: &[u32],
+        _: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        Ok(None)
     }
 
     /// Produces the next token, or `None` once finished. The first call runs the prompt.
@@ -449,10 +517,16 @@ impl Generation {
         } else {
             vec![*self.generated.last().expect("a token was generated")]
         };
-        let logits = model.forward(&input, &mut self.cache, experts, observer, Logits::Last)?;
-        let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+        let row = match self.graphed_step(model, experts, observer, &input, prefill)? {
+            Some(row) => row,
+            None => model
+                .forward(&input, &mut self.cache, experts, observer, Logits::Last)?
+                .squeeze(0)?
+                .to_vec1()?,
+        };
         let token = self.sampler.sample(&row);
         let step_time = start.elapsed();
+        self.last_logits = row;
         if prefill {
             self.prefill_time = step_time;
         } else {

@@ -104,13 +104,20 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.full(offset + len, dtype, device)?;
+        Ok((cos.narrow(0, offset, len)?, sin.narrow(0, offset, len)?))
+    }
+
+    /// The whole cached tables, covering at least positions 0..len (a device-positioned decode
+    /// step picks its row with an index read on the device).
+    pub fn full(&self, len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
         let mut guard = self.table.lock().expect("rope table");
         let fresh = match guard.as_ref() {
-            Some(t) => t.dtype != dtype || t.device != device.location() || t.len < offset + len,
+            Some(t) => t.dtype != dtype || t.device != device.location() || t.len < len,
             None => true,
         };
         if fresh {
-            let n = (offset + len).next_power_of_two().max(256);
+            let n = len.next_power_of_two().max(256);
             let (cos, sin) = self.compute(0, n, dtype, device)?;
             *guard = Some(RopeTable {
                 dtype,
@@ -121,7 +128,7 @@ impl Rope {
             });
         }
         let t = guard.as_ref().expect("just filled");
-        Ok((t.cos.narrow(0, offset, len)?, t.sin.narrow(0, offset, len)?))
+        Ok((t.cos.clone(), t.sin.clone()))
     }
 
     fn compute(
@@ -161,20 +168,84 @@ impl Rope {
 ///   handed to attention is a prefix, still contiguous). Kept in f32 whatever the compute dtype:
 ///   bf16/f16 keys are stored exactly (every bf16 is an f32) and the f32 attention kernel reads
 ///   them without re-converting the history every step.
-/// - GPU: head-major `[kv_heads, T, head_dim]` concatenated per step, as the batched matmuls of
-///   the GPU attention path want it.
+/// - GPU ("static"): head-major `[kv_heads, capacity, head_dim]` buffers, zero-filled, grown by
+///   doubling, written in place, and attended over *whole* with a mask hiding the rows past the
+///   current position. Attending over the capacity rather than the filled length is what lets a
+///   decode step take its position from device memory, so the step can be captured once as a
+///   CUDA graph and replayed (its buffers never move until the capacity doubles). Masked rows
+///   are zeros or stale keys — always finite — so they contribute exactly 0 after the softmax.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
+    /// Use the static layout on any device (tests exercise the GPU layout on the CPU).
+    force_static: bool,
+    /// Smallest static capacity (rows).
+    min_static: usize,
+    /// Bumped whenever a static buffer is replaced: a captured graph holding the old buffers'
+    /// addresses is stale from then on.
+    epoch: u64,
+    /// Per-capacity constants of the device-positioned decode step, made once per epoch.
+    statics: Option<(u64, DecodeStatics)>,
 }
+
+/// Constants a device-positioned decode step derives its mask from: `[capacity]` row indices,
+/// zeros and -inf in the compute dtype.
+#[derive(Debug, Clone)]
+pub struct DecodeStatics {
+    rows: Tensor,
+    zeros: Tensor,
+    neg_inf: Tensor,
+}
+
+/// A one-token decode step's position-dependent inputs, computed on the device from the
+/// position held in device memory — no host value in them, so the step can be captured.
+#[derive(Debug, Clone)]
+pub struct DecodeInputs {
+    /// RoPE tables at the position, `[1, head_dim / 2]`.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `[kv_heads, 1, head_dim]` u32, every entry the position: where k and v are written.
+    pub rows: Tensor,
+    /// Additive attention mask `[capacity]`: 0 for rows ≤ the position, -inf after — the same
+    /// values [`causal_mask`] gives a host-positioned step.
+    pub mask: Tensor,
+}
+
+impl DecodeInputs {
+    /// `pos`: u32 `[1]` on the device. `cos_full`/`sin_full`: RoPE tables covering the capacity.
+    pub fn build(
+        pos: &Tensor,
+        statics: &DecodeStatics,
+        cos_full: &Tensor,
+        sin_full: &Tensor,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let cap = statics.rows.dim(0)?;
+        let visible = statics.rows.le(&pos.broadcast_as(cap)?)?;
+        Ok(DecodeInputs {
+            cos: cos_full.index_select(pos, 0)?,
+            sin: sin_full.index_select(pos, 0)?,
+            rows: pos
+                .reshape((1, 1, 1))?
+                .broadcast_as((kv_heads, 1, head_dim))?
+                .contiguous()?,
+            mask: visible.where_cond(&statics.zeros, &statics.neg_inf)?,
+        })
+    }
+}
+
+/// Smallest static capacity: one doubling covers a typical prompt plus a few hundred tokens.
+pub const MIN_STATIC_CAPACITY: usize = 256;
 
 #[derive(Debug, Clone)]
 enum LayerKv {
     /// Token-major buffers and how many rows of them are filled.
     Grown { k: Tensor, v: Tensor, filled: usize },
-    /// Head-major tensors holding exactly the cached positions.
-    Concat { k: Tensor, v: Tensor },
+    /// Head-major `[kv_heads, capacity, head_dim]` buffers; rows at or past the cache length are
+    /// masked out by attention.
+    Static { k: Tensor, v: Tensor },
 }
 
 impl KvCache {
@@ -182,7 +253,62 @@ impl KvCache {
         KvCache {
             layers: vec![None; num_layers],
             len: 0,
+            force_static: false,
+            min_static: MIN_STATIC_CAPACITY,
+            epoch: 0,
+            statics: None,
         }
+    }
+
+    /// A cache that uses the static (GPU) layout on every device, starting at `min_capacity`
+    /// rows — how the CPU tests reach the GPU attention path.
+    pub fn new_static(num_layers: usize, min_capacity: usize) -> Self {
+        KvCache {
+            force_static: true,
+            min_static: min_capacity.max(1),
+            ..KvCache::new(num_layers)
+        }
+    }
+
+    /// Whether attention on `device` uses the static layout.
+    pub fn is_static_on(&self, device: &Device) -> bool {
+        self.force_static || !device.is_cpu()
+    }
+
+    /// Static capacity (rows) of the layers allocated so far; 0 before the first append.
+    pub fn static_capacity(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .find_map(|l| match l {
+                LayerKv::Static { k, .. } => k.dim(1).ok(),
+                LayerKv::Grown { .. } => None,
+            })
+            .unwrap_or(0)
+    }
+
+    /// Changes whenever a static buffer is reallocated.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The decode-step constants for the current static capacity (made once per epoch).
+    pub fn decode_statics(&mut self, dtype: DType, device: &Device) -> Result<DecodeStatics> {
+        if let Some((epoch, st)) = &self.statics
+            && *epoch == self.epoch
+            && st.zeros.dtype() == dtype
+        {
+            return Ok(st.clone());
+        }
+        let cap = self.static_capacity();
+        let st = DecodeStatics {
+            rows: Tensor::arange(0u32, cap as u32, device)?,
+            zeros: Tensor::zeros(cap, dtype, device)?,
+            neg_inf: Tensor::from_vec(vec![f32::NEG_INFINITY; cap], cap, device)?
+                .to_dtype(dtype)?,
+        };
+        self.statics = Some((self.epoch, st.clone()));
+        Ok(st)
     }
 
     /// Number of positions cached.
@@ -207,10 +333,8 @@ impl KvCache {
         for layer in self.layers.iter_mut().flatten() {
             match layer {
                 LayerKv::Grown { filled, .. } => *filled = len,
-                LayerKv::Concat { k, v } => {
-                    *k = k.narrow(1, 0, len)?;
-                    *v = v.narrow(1, 0, len)?;
-                }
+                // Rows past `len` become masked; the next writes overwrite them.
+                LayerKv::Static { .. } => {}
             }
         }
         self.len = len;
@@ -225,7 +349,7 @@ impl KvCache {
             .flatten()
             .map(|l| {
                 let (k, v) = match l {
-                    LayerKv::Grown { k, v, .. } | LayerKv::Concat { k, v } => (k, v),
+                    LayerKv::Grown { k, v, .. } | LayerKv::Static { k, v } => (k, v),
                 };
                 ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64
             })
@@ -281,31 +405,102 @@ impl KvCache {
         Ok((bk.narrow(0, 0, total)?, bv.narrow(0, 0, total)?))
     }
 
-    /// Appends head-major k, v `[kv_heads, T, head_dim]`; returns every cached position.
-    fn append_head_major(
+    /// Makes every static layer hold at least `rows` rows (zero-filled, history copied), so that
+    /// a captured decode step can run to position `rows - 1` without a reallocation.
+    /// `shape_of(layer)` gives `(kv_heads, head_dim, dtype, device)` for layers not yet allocated.
+    pub fn reserve_static(
+        &mut self,
+        rows: usize,
+        shape_of: impl Fn(usize) -> (usize, usize, DType, Device),
+    ) -> Result<()> {
+        for layer in 0..self.layers.len() {
+            let (nkv, d, dtype, device) = shape_of(layer);
+            self.ensure_static(layer, rows, nkv, d, dtype, &device)?;
+        }
+        Ok(())
+    }
+
+    fn ensure_static(
         &mut self,
         layer: usize,
-        k: Tensor,
-        v: Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let entry = &mut self.layers[layer];
-        let (k, v) = match entry.take() {
-            Some(LayerKv::Concat { k: pk, v: pv }) => {
-                (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?)
-            }
-            _ => (k, v),
+        rows: usize,
+        nkv: usize,
+        d: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        let have = match &self.layers[layer] {
+            Some(LayerKv::Static { k, .. }) => k.dim(1)?,
+            _ => 0,
         };
-        *entry = Some(LayerKv::Concat {
-            k: k.clone(),
-            v: v.clone(),
-        });
-        Ok((k, v))
+        if rows <= have {
+            return Ok(());
+        }
+        let cap = rows.next_power_of_two().max(self.min_static);
+        let nk = Tensor::zeros((nkv, cap, d), dtype, device)?;
+        let nv = Tensor::zeros((nkv, cap, d), dtype, device)?;
+        if let Some(LayerKv::Static { k, v }) = &self.layers[layer] {
+            nk.slice_set(k, 1, 0)?;
+            nv.slice_set(v, 1, 0)?;
+        }
+        self.layers[layer] = Some(LayerKv::Static { k: nk, v: nv });
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// Writes head-major k, v `[kv_heads, T, head_dim]` at rows `offset..offset + T` (growing
+    /// the buffers if needed); returns the whole static buffers.
+    fn write_static(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        offset: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (nkv, t, d) = k.dims3()?;
+        self.ensure_static(layer, offset + t, nkv, d, k.dtype(), k.device())?;
+        let Some(LayerKv::Static { k: bk, v: bv }) = &self.layers[layer] else {
+            unreachable!("a static layer was just ensured")
+        };
+        bk.slice_set(&k.contiguous()?, 1, offset)?;
+        bv.slice_set(&v.contiguous()?, 1, offset)?;
+        Ok((bk.clone(), bv.clone()))
+    }
+
+    /// Writes one decode token's k, v `[kv_heads, 1, head_dim]` at the row given in device
+    /// memory by `rows` (`[kv_heads, 1, head_dim]` u32, every entry the position). The buffers
+    /// must already hold that row ([`KvCache::reserve_static`]); nothing here reads the
+    /// position on the host, which is what makes the step capturable.
+    fn write_static_at(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        rows: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some(LayerKv::Static { k: bk, v: bv }) = &self.layers[layer] else {
+            return Err(candle_core::Error::Msg(format!(
+                "layer {layer}: device-positioned write into a cache without static buffers"
+            ))
+            .into());
+        };
+        bk.scatter_set(rows, &k.contiguous()?, 1)?;
+        bv.scatter_set(rows, &v.contiguous()?, 1)?;
+        Ok((bk.clone(), bv.clone()))
     }
 
     /// Called once per forward, after every layer appended `n` new positions.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }
+}
+
+/// Where a forward's positions come from.
+pub enum Positions<'a> {
+    /// The cache length, known on the host: RoPE rows for positions offset..offset+T.
+    Host { cos: &'a Tensor, sin: &'a Tensor },
+    /// One decode token whose position lives in device memory (static cache only).
+    Device(&'a DecodeInputs),
 }
 
 /// Grouped-query self-attention with per-head q/k RMSNorm (Qwen3).
@@ -329,8 +524,7 @@ impl Attention {
         x: &Tensor,
         layer: usize,
         cache: &mut KvCache,
-        cos: &Tensor,
-        sin: &Tensor,
+        pos: &Positions,
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -342,7 +536,11 @@ impl Attention {
         let q = self.q_norm.forward(&q)?;
         let k = self.k_norm.forward(&k)?;
 
-        if x.device().is_cpu() {
+        let (cos, sin) = match pos {
+            Positions::Host { cos, sin } => (*cos, *sin),
+            Positions::Device(dec) => (&dec.cos, &dec.sin),
+        };
+        if !cache.is_static_on(x.device()) {
             return self.attend_cpu(q, k, v, layer, cache, cos, sin, offset);
         }
 
@@ -358,24 +556,26 @@ impl Attention {
         let q = Rope::apply(&heads_first(q, nh)?, cos, sin)?.squeeze(0)?;
         let k = Rope::apply(&heads_first(k, nkv)?, cos, sin)?.squeeze(0)?;
         let v = heads_first(v, nkv)?.squeeze(0)?;
-        let (k, v) = cache.append_head_major(layer, k, v)?;
-        let total = k.dim(1)?;
+        let (k, v) = match pos {
+            Positions::Host { .. } => cache.write_static(layer, &k, &v, offset)?,
+            Positions::Device(dec) => cache.write_static_at(layer, &k, &v, &dec.rows)?,
+        };
+        let cap = k.dim(1)?;
 
         // Query head h reads kv head h / groups (HF's repeat_kv), so group the query heads of
         // one kv head into the rows of one matmul instead of copying K and V `groups` times.
         let groups = nh / nkv;
         let q = q.reshape((nkv, groups * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // [nkv, groups*T, total]
-        let scores = if t > 1 {
-            let mask = causal_mask(t, offset, total, scores.dtype(), scores.device())?;
-            scores
-                .reshape((nkv, groups, t, total))?
-                .broadcast_add(&mask)?
-                .reshape((nkv, groups * t, total))?
-        } else {
-            scores
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [nkv, groups*T, capacity]
+        let mask = match pos {
+            Positions::Host { .. } => causal_mask(t, offset, cap, scores.dtype(), x.device())?,
+            Positions::Device(dec) => dec.mask.reshape((1, cap))?,
         };
+        let scores = scores
+            .reshape((nkv, groups, t, cap))?
+            .broadcast_add(&mask)?
+            .reshape((nkv, groups * t, cap))?;
         // Softmax in f32, then back to the compute dtype (as HF's eager attention). candle's
         // CUDA softmax accumulates in f32 already, so there the casts are skipped.
         let probs = if x.device().is_cuda() {

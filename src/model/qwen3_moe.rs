@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use super::checkpoint::Checkpoint;
 use super::config::{FfnKind, MoeConfig};
 use super::error::{ModelError, Result};
-use super::layers::{Attention, KvCache, Linear, Mlp, RmsNorm, Rope};
+use super::layers::{Attention, DecodeInputs, KvCache, Linear, Mlp, Positions, RmsNorm, Rope};
 use crate::experts::provider::{ExpertProvider, RoutingObserver};
 
 /// Anything non-expert weights can be loaded from by name (a checkpoint, or the seed layout).
@@ -44,6 +44,11 @@ impl WeightStore for Checkpoint {
         self.contains(name)
     }
 }
+
+/// Routing of MoE layers kept on the device — (layer, ids u32 `[T, k]`, weights f32 `[T, k]`) —
+/// until the forward ends, when every layer is read back with one copy instead of one
+/// device→host synchronisation per layer (and inside a captured CUDA graph, not at all).
+pub type DeviceRouting = Vec<(usize, Tensor, Tensor)>;
 
 /// Which positions to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +128,7 @@ impl MoeBlock {
         offset: usize,
         experts: &dyn ExpertProvider,
         observer: &mut dyn RoutingObserver,
+        sink: Option<&mut DeviceRouting>,
     ) -> Result<Option<Tensor>> {
         let (t, h) = x.dims2()?;
         let k = self.top_k;
@@ -150,17 +156,22 @@ impl MoeBlock {
             .to_dtype(x.dtype())?
             .to_dtype(DType::F32)?
             .contiguous()?;
-        let host_ids: Option<Vec<Vec<u32>>> =
-            if observer.wants_routing() || experts.needs_ids_on_host() {
-                Some(topk_ids.to_vec2()?)
-            } else {
-                None
-            };
-        if let (Some(ids), true) = (&host_ids, observer.wants_routing()) {
+        // Selective must see the ids now (they decide what to load); an observer can wait for
+        // the end of the forward when a sink collects the routing on the device.
+        let observe_now =
+            observer.wants_routing() && (sink.is_none() || experts.needs_ids_on_host());
+        let host_ids: Option<Vec<Vec<u32>>> = if observe_now || experts.needs_ids_on_host() {
+            Some(topk_ids.to_vec2()?)
+        } else {
+            None
+        };
+        if let (Some(ids), true) = (&host_ids, observe_now) {
             let w: Vec<Vec<f32>> = topk_w.to_vec2()?;
             for (i, (row, wr)) in ids.iter().zip(&w).enumerate() {
                 observer.on_routing(self.layer, offset + i, row, wr);
             }
+        } else if let (Some(sink), true) = (sink, observer.wants_routing()) {
+            sink.push((self.layer, topk_ids.clone(), topk_w.clone()));
         }
         let needed: Vec<usize> = match &host_ids {
             Some(ids) => {
@@ -239,9 +250,10 @@ impl MoeBlock {
         offset: usize,
         experts: &dyn ExpertProvider,
         observer: &mut dyn RoutingObserver,
+        sink: Option<&mut DeviceRouting>,
     ) -> Result<Tensor> {
         let fused = if crate::experts::provider::fused_capable(x.device(), x.dtype()) {
-            self.forward_fused(x, offset, experts, observer)?
+            self.forward_fused(x, offset, experts, observer, sink)?
         } else {
             None
         };
@@ -474,11 +486,117 @@ impl Qwen3Moe {
         let t = tokens.len();
         let offset = cache.len();
         let ids = Tensor::from_vec(tokens.to_vec(), t, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        if t == 1 && logits == Logits::Last && cache.is_static_on(&self.device) {
+            // The GPU decode step: its position goes to the device like its token, and the
+            // step runs exactly as a captured graph replays it (see `graph.rs`).
+            self.reserve_decode(cache, offset + 1)?;
+            let pos = Tensor::from_vec(vec![offset as u32], 1, &self.device)?;
+            let mut sink = DeviceRouting::new();
+            let defer = observer.wants_routing() && !experts.needs_ids_on_host();
+            let out = self.decode_step(
+                &ids,
+                &pos,
+                cache,
+                experts,
+                observer,
+                defer.then_some(&mut sink),
+            )?;
+            cache.advance(1);
+            deliver_routing(&sink, offset, observer)?;
+            return Ok(out);
+        }
+        let x = self.embed.index_select(&ids, 0)?;
         let (cos, sin) = self.rope.tables(offset, t, self.dtype, &self.device)?;
+        let x = self.run_layers(
+            x,
+            offset,
+            cache,
+            experts,
+            observer,
+            &Positions::Host {
+                cos: &cos,
+                sin: &sin,
+            },
+            None,
+        )?;
+        cache.advance(t);
+        let x = match logits {
+            Logits::Last => x.narrow(0, t - 1, 1)?,
+            Logits::All => x,
+        };
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// The RoPE tables, made to cover at least `len` positions.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn rope_full(&self, len: usize) -> Result<(Tensor, Tensor)> {
+        self.rope.full(len, self.dtype, &self.device)
+    }
+
+    /// Makes the static KV buffers hold at least `rows` positions.
+    pub(crate) fn reserve_decode(&self, cache: &mut KvCache, rows: usize) -> Result<()> {
+        if cache.static_capacity() >= rows {
+            return Ok(());
+        }
+        let (nkv, d) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        cache.reserve_static(rows, |_| (nkv, d, self.dtype, self.device.clone()))
+    }
+
+    /// One decode token (`ids`, u32 `[1]`) at the position held on the device in `pos` (u32
+    /// `[1]`), into static KV buffers that already hold that row; f32 logits `[1, vocab]`.
+    /// Reads nothing back to the host unless the expert provider must (selective) or the
+    /// observer listens without a `sink` — so for native with a sink it can be captured as a
+    /// CUDA graph. The caller advances the cache.
+    pub(crate) fn decode_step(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        cache: &mut KvCache,
+        experts: &dyn ExpertProvider,
+        observer: &mut dyn RoutingObserver,
+        sink: Option<&mut DeviceRouting>,
+    ) -> Result<Tensor> {
+        let cap = cache.static_capacity();
+        let statics = cache.decode_statics(self.dtype, &self.device)?;
+        let (cos, sin) = self.rope.full(cap, self.dtype, &self.device)?;
+        let dec = DecodeInputs::build(
+            pos,
+            &statics,
+            &cos,
+            &sin,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        )?;
+        let x = self.embed.index_select(ids, 0)?;
+        let offset = cache.len();
+        let x = self.run_layers(
+            x,
+            offset,
+            cache,
+            experts,
+            observer,
+            &Positions::Device(&dec),
+            sink,
+        )?;
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        offset: usize,
+        cache: &mut KvCache,
+        experts: &dyn ExpertProvider,
+        observer: &mut dyn RoutingObserver,
+        pos: &Positions,
+        mut sink: Option<&mut DeviceRouting>,
+    ) -> Result<Tensor> {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let h = layer.attn.forward(&h, l, cache, &cos, &sin)?;
+            let h = layer.attn.forward(&h, l, cache, pos)?;
             x = (x + h)?;
             let h = layer.post_norm.forward(&x)?;
             // Layer l+1's router applied to layer l's normalised hidden state: a cheap guess of
@@ -489,17 +607,46 @@ impl Qwen3Moe {
             }
             let h = match &layer.ffn {
                 Ffn::Dense(m) => m.forward(&h)?,
-                Ffn::Moe(m) => m.forward(&h, offset, experts, observer)?,
+                Ffn::Moe(m) => m.forward(&h, offset, experts, observer, sink.as_deref_mut())?,
             };
             x = (x + h)?;
         }
-        cache.advance(t);
-        let x = match logits {
-            Logits::Last => x.narrow(0, t - 1, 1)?,
-            Logits::All => x,
-        };
-        let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(x)
+    }
+}
+
+/// Hands routing collected on the device to the observer, layer by layer, for the one token at
+/// `position` — one device→host copy for all layers.
+pub(crate) fn deliver_routing(
+    sink: &DeviceRouting,
+    position: usize,
+    observer: &mut dyn RoutingObserver,
+) -> Result<()> {
+    if sink.is_empty() {
+        return Ok(());
+    }
+    let ids = Tensor::cat(&sink.iter().map(|(_, i, _)| i).collect::<Vec<_>>(), 0)?;
+    let w = Tensor::cat(&sink.iter().map(|(_, _, w)| w).collect::<Vec<_>>(), 0)?;
+    deliver_rows(
+        sink.iter().map(|(l, _, _)| *l),
+        &ids.to_vec2()?,
+        &w.to_vec2()?,
+        position,
+        observer,
+    );
+    Ok(())
+}
+
+/// `ids`/`weights`: one row per layer in `layers` (a one-token step).
+pub(crate) fn deliver_rows(
+    layers: impl Iterator<Item = usize>,
+    ids: &[Vec<u32>],
+    weights: &[Vec<f32>],
+    position: usize,
+    observer: &mut dyn RoutingObserver,
+) {
+    for ((l, row), w) in layers.zip(ids).zip(weights) {
+        observer.on_routing(l, position, row, w);
     }
 }
 

@@ -1,0 +1,267 @@
+//! CUDA-graph replay of the native decode step.
+//!
+//! Batch-1 decode on a GPU is launch-bound: a step of the Qwen3-30B-A3B geometry is a few hundred
+//! small kernels, and candle spends more host time issuing each than the GPU spends running it.
+//! A CUDA graph records the whole step once and replays it with one launch.
+//!
+//! What makes the step replayable: its inputs that change from step to step — the token and its
+//! position — live in device buffers written before each launch, and everything derived from the
+//! position (RoPE rows, where k/v are written, the attention mask) is computed on the device
+//! ([`super::layers::DecodeInputs`]); the KV buffers are static until their capacity doubles
+//! (then the graph is captured again); logits and routing are copied into static outputs inside
+//! the graph. The step that is captured is the same function that runs uncaptured
+//! ([`Qwen3Moe::decode_step`]), so replayed logits are bit-identical to an uncaptured step and to
+//! the selective backend, which cannot be captured (it reads routing back to decide what to load).
+//!
+//! candle 0.11 supports capture: with its host→device cache on, the small parameter uploads of
+//! strided kernels are served from device copies made during a warm-up run. cudarc's per-buffer
+//! events must be off (see `engine::DeviceSpec::open`): a capture may not wait on events recorded
+//! outside it.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
+use candle_core::{DType, Device, Tensor};
+
+use super::error::{ModelError, Result};
+use super::layers::KvCache;
+use super::qwen3_moe::{DeviceRouting, Qwen3Moe, deliver_rows};
+use crate::experts::provider::{ExpertProvider, RoutingObserver};
+
+/// cuBLAS workspace given to every handle up front (what PyTorch gives Hopper cards).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// Readies a freshly opened device for capturable work, before anything runs on it:
+/// - cudarc's per-buffer events off: it records and waits on two events per buffer per use so
+///   that several streams can share buffers safely, but moescope issues all device work on
+///   candle's one stream (`experts::upload` copies on it too), so the events only cost host time
+///   on every op of a launch-bound decode — and a capture may not wait on events recorded
+///   outside it;
+/// - a fixed cuBLAS workspace, so that no matmul inside a capture needs to allocate one. Set
+///   before the first matmul, so every run in the process (captured or not, native or
+///   selective) lets cuBLAS choose its algorithms with the same workspace.
+pub fn prepare_device(cuda: &candle_core::CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::sys as blas;
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    // SAFETY: single stream, as above.
+    unsafe { cuda.disable_event_tracking() };
+    let ws = cuda.alloc_zeros::<u8>(CUBLAS_WORKSPACE)?;
+    let stream = cuda.cuda_stream();
+    let (ptr, _sync) = ws.device_ptr(&stream);
+    let handle = cuda.cublas_handle();
+    // SAFETY: the workspace outlives the handle (it is never freed; one per opened device).
+    let status = unsafe {
+        blas::cublasSetWorkspace_v2(
+            *handle.handle(),
+            ptr as *mut std::ffi::c_void,
+            CUBLAS_WORKSPACE,
+        )
+    };
+    drop(_sync);
+    std::mem::forget(ws);
+    if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Err(cuda_err("cuBLAS workspace", format!("{status:?}")));
+    }
+    Ok(())
+}
+
+/// A captured decode step and the static buffers it reads and writes.
+pub struct DecodeGraph {
+    graph: CudaGraph,
+    /// The KV cache epoch the graph's buffer addresses belong to.
+    epoch: u64,
+    /// The provider the graph was captured against (its stacks' addresses are in the graph).
+    provider: usize,
+    ids: Tensor,
+    pos: Tensor,
+    logits: Tensor,
+    routing: Option<RoutingOut>,
+}
+
+struct RoutingOut {
+    layers: Vec<usize>,
+    ids: Tensor,
+    weights: Tensor,
+}
+
+// SAFETY: the graph handles are only used by the thread that owns the generation at the time
+// (a `Generation` is stepped by one thread at a time, never concurrently).
+unsafe impl Send for DecodeGraph {}
+
+fn provider_key(p: &dyn ExpertProvider) -> usize {
+    p as *const dyn ExpertProvider as *const () as usize
+}
+
+fn cuda_err(what: &str, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Input(format!("CUDA graph {what}: {e}"))
+}
+
+/// Writes a u32 into a one-element device tensor (outside any capture).
+fn set_u32(dst: &Tensor, v: u32) -> Result<()> {
+    let src = Tensor::from_vec(vec![v], 1, dst.device())?;
+    dst.slice_set(&src, 0, 0)?;
+    Ok(())
+}
+
+impl DecodeGraph {
+    /// Whether this graph can run the next step as captured.
+    fn fits(&self, cache: &KvCache, experts: &dyn ExpertProvider, want_routing: bool) -> bool {
+        self.epoch == cache.epoch()
+            && self.provider == provider_key(experts)
+            && self.routing.is_some() == want_routing
+    }
+
+    /// The step's body as recorded: the decode step into the static outputs.
+    fn body(
+        model: &Qwen3Moe,
+        cache: &mut KvCache,
+        experts: &dyn ExpertProvider,
+        ids: &Tensor,
+        pos: &Tensor,
+        logits: &Tensor,
+        routing: Option<&RoutingOut>,
+    ) -> Result<()> {
+        let mut sink = DeviceRouting::new();
+        let out = model.decode_step(
+            ids,
+            pos,
+            cache,
+            experts,
+            &mut RoutingTap(routing.is_some()),
+            routing.is_some().then_some(&mut sink),
+        )?;
+        logits.slice_set(&out, 0, 0)?;
+        if let Some(r) = routing {
+            let i = Tensor::cat(&sink.iter().map(|(_, i, _)| i).collect::<Vec<_>>(), 0)?;
+            let w = Tensor::cat(&sink.iter().map(|(_, _, w)| w).collect::<Vec<_>>(), 0)?;
+            r.ids.slice_set(&i, 0, 0)?;
+            r.weights.slice_set(&w, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Captures the step for `token` at `cache.len()`, running it once uncaptured first (that
+    /// run is this step's result and fills candle's parameter caches). The cache must already
+    /// hold the row.
+    fn capture(
+        model: &Qwen3Moe,
+        cache: &mut KvCache,
+        experts: &dyn ExpertProvider,
+        token: u32,
+        want_routing: bool,
+    ) -> Result<Self> {
+        let dev = model.device().clone();
+        let Device::Cuda(cuda) = &dev else {
+            return Err(ModelError::Input("CUDA graphs need a CUDA device".into()));
+        };
+        // Everything the graph reads or writes outside itself is made before capture (and
+        // before the host→device cache is on: cached uploads may share memory).
+        let ids = Tensor::zeros(1, DType::U32, &dev)?;
+        let pos = Tensor::zeros(1, DType::U32, &dev)?;
+        let logits = Tensor::zeros((1, model.config().vocab_size), DType::F32, &dev)?;
+        let routing = if want_routing {
+            let layers: Vec<usize> = model.config().moe_layers().collect();
+            let k = model.config().num_experts_per_tok;
+            Some(RoutingOut {
+                ids: Tensor::zeros((layers.len(), k), DType::U32, &dev)?,
+                weights: Tensor::zeros((layers.len(), k), DType::F32, &dev)?,
+                layers,
+            })
+        } else {
+            None
+        };
+        set_u32(&ids, token)?;
+        set_u32(&pos, cache.len() as u32)?;
+        let cap = cache.static_capacity();
+        cache.decode_statics(model.dtype(), &dev)?;
+        model.rope_full(cap)?;
+
+        let _cache_uploads = cuda.enable_cuda_graph_htod_cache();
+        Self::body(model, cache, experts, &ids, &pos, &logits, routing.as_ref())?;
+        let stream = cuda.cuda_stream();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| cuda_err("capture start", e))?;
+        let recorded = Self::body(model, cache, experts, &ids, &pos, &logits, routing.as_ref());
+        // End the capture whatever happened, or the stream stays unusable.
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = ended
+            .map_err(|e| cuda_err("instantiation", e))?
+            .ok_or_else(|| cuda_err("capture", "nothing was recorded"))?;
+        graph.upload().map_err(|e| cuda_err("upload", e))?;
+        Ok(DecodeGraph {
+            graph,
+            epoch: cache.epoch(),
+            provider: provider_key(experts),
+            ids,
+            pos,
+            logits,
+            routing,
+        })
+    }
+
+    fn replay(&self, token: u32, position: usize) -> Result<()> {
+        set_u32(&self.ids, token)?;
+        set_u32(&self.pos, position as u32)?;
+        self.graph.launch().map_err(|e| cuda_err("launch", e))
+    }
+
+    fn outputs(&self, position: usize, observer: &mut dyn RoutingObserver) -> Result<Vec<f32>> {
+        if let Some(r) = &self.routing {
+            let ids: Vec<Vec<u32>> = r.ids.to_vec2()?;
+            let w: Vec<Vec<f32>> = r.weights.to_vec2()?;
+            deliver_rows(r.layers.iter().copied(), &ids, &w, position, observer);
+        }
+        Ok(self.logits.squeeze(0)?.to_vec1()?)
+    }
+}
+
+/// Tells `decode_step` whether routing is wanted, without observing anything itself: inside a
+/// graph, routing goes to the sink and reaches the real observer after the launch.
+struct RoutingTap(bool);
+
+impl RoutingObserver for RoutingTap {
+    fn on_routing(&mut self, _: usize, _: usize, _: &[u32], _: &[f32]) {}
+    fn wants_routing(&self) -> bool {
+        self.0
+    }
+}
+
+/// Decodes `token` at `cache.len()` through a CUDA graph held in `slot`, capturing (again) when
+/// there is none or it no longer fits (capacity doubled, another provider, routing wanted or
+/// not). Returns the f32 logits and advances the cache. `Ok(None)`: this step cannot use a graph
+/// (the caller runs it uncaptured).
+pub fn step(
+    slot: &mut Option<DecodeGraph>,
+    model: &Qwen3Moe,
+    cache: &mut KvCache,
+    experts: &dyn ExpertProvider,
+    observer: &mut dyn RoutingObserver,
+    token: u32,
+) -> Result<Option<Vec<f32>>> {
+    if !model.device().is_cuda() || !experts.graph_safe() || !super::cuda_graphs_enabled() {
+        return Ok(None);
+    }
+    let position = cache.len();
+    model.reserve_decode(cache, position + 1)?;
+    let want_routing = observer.wants_routing();
+    match slot {
+        Some(g) if g.fits(cache, experts, want_routing) => g.replay(token, position)?,
+        _ => {
+            // Drop a stale graph first: its memory goes back before the new capture takes some.
+            *slot = None;
+            *slot = Some(DecodeGraph::capture(
+                model,
+                cache,
+                experts,
+                token,
+                want_routing,
+            )?);
+        }
+    }
+    let row = slot
+        .as_ref()
+        .expect("just set")
+        .outputs(position, observer)?;
+    cache.advance(1);
+    Ok(Some(row))
+}
