@@ -128,6 +128,23 @@ struct State {
     guesses: HashMap<usize, Vec<usize>>,
     /// Host buffer that slot misses are read into and uploaded from (pinned on CUDA).
     staging: super::upload::Staging,
+    /// Slot mode, per model layer: expert → slot on the device (for speculative graph steps),
+    /// its host copy, and whether the device copy is behind.
+    maps: Vec<Option<Tensor>>,
+    map_host: Vec<Vec<u32>>,
+    map_dirty: Vec<bool>,
+    /// `misses` when `speculate` last looked: a step that added none makes the next one
+    /// worth trying as a graph.
+    misses_seen: u64,
+}
+
+/// Counts a hit on `key(layer, e)` in pool `pi` (layer stats `li`), as the uncaptured and the
+/// speculative step both must.
+fn count_hit(s: &mut State, pi: usize, li: usize, e: usize, k: u32) {
+    s.pools[pi].policy.on_hit(k);
+    s.hits += 1;
+    s.layers[li].hits[e] += 1;
+    s.prefetched_unused.remove(&k);
 }
 
 /// Experts on demand through a bounded cache.
@@ -220,6 +237,12 @@ impl CachedProvider {
                 });
             }
         }
+        let mut maps = vec![None; cfg.num_hidden_layers];
+        if slot_mode {
+            for &l in &moe_layers {
+                maps[l] = Some(Tensor::zeros(cfg.num_experts, DType::U32, device)?);
+            }
+        }
         let slot_bytes: u64 = pools.iter().map(|p| p.capacity as u64).sum::<u64>() * expert_bytes;
         let layers = moe_layers
             .iter()
@@ -254,6 +277,10 @@ impl CachedProvider {
                 prefetched_unused: HashSet::new(),
                 guesses: HashMap::new(),
                 staging: Default::default(),
+                maps,
+                map_host: vec![vec![0; cfg.num_experts]; cfg.num_hidden_layers],
+                map_dirty: vec![false; cfg.num_hidden_layers],
+                misses_seen: 0,
             }),
             loaded: Condvar::new(),
             bypass: std::sync::atomic::AtomicBool::new(false),
@@ -477,10 +504,7 @@ impl CachedProvider {
         for (&e, &k) in needed.iter().zip(&keys) {
             if s.pools[pi].contains(k) {
                 if !bypass {
-                    s.pools[pi].policy.on_hit(k);
-                    s.hits += 1;
-                    s.layers[li].hits[e] += 1;
-                    s.prefetched_unused.remove(&k);
+                    count_hit(&mut s, pi, li, e, k);
                 }
             } else {
                 if !bypass {
@@ -533,6 +557,8 @@ impl CachedProvider {
                 }
                 let us = start.elapsed().as_micros() as u64;
                 store.slot_of.insert(key(layer, e), slot);
+                s.map_host[layer][e] = slot as u32;
+                s.map_dirty[layer] = true;
                 s.pools[pi].policy.on_insert(key(layer, e));
                 s.layers[li].resident[e] = true;
                 s.bytes_read += bytes;
@@ -548,6 +574,7 @@ impl CachedProvider {
                 gate_up: store.gate_up.clone(),
                 down: store.down.clone(),
                 index: Some(index),
+                device_index: None,
             }));
         }
         // Overflow (or bypass): a temporary stack of exactly `needed`.
@@ -577,6 +604,7 @@ impl CachedProvider {
             gate_up: Tensor::stack(&gu, 0)?,
             down: Tensor::stack(&dn, 0)?,
             index: Some(index),
+            device_index: None,
         }))
     }
 
@@ -734,6 +762,77 @@ impl ExpertProvider for CachedProvider {
     }
 
     fn needs_ids_on_host(&self) -> bool {
+        true
+    }
+
+    fn speculate(&self) -> bool {
+        if self.bypass.load(std::sync::atomic::Ordering::Relaxed) || self.prefetcher.get().is_some()
+        {
+            return false;
+        }
+        let mut s = self.state.lock().expect("cache lock");
+        if s.maps.iter().all(Option::is_none) {
+            return false;
+        }
+        let clean = s.misses == s.misses_seen;
+        s.misses_seen = s.misses;
+        clean
+    }
+
+    fn resident_stacks(&self, layer: usize) -> Result<Option<Stacked>> {
+        let s = self.state.lock().expect("cache lock");
+        let (Some(store), Some(map)) = (&s.pools[s.pool_of[layer]].slots, &s.maps[layer]) else {
+            return Ok(None);
+        };
+        Ok(Some(Stacked {
+            gate_up: store.gate_up.clone(),
+            down: store.down.clone(),
+            index: None,
+            device_index: Some(map.clone()),
+        }))
+    }
+
+    fn prepare_speculation(&self) -> Result<()> {
+        let mut s = self.state.lock().expect("cache lock");
+        for l in 0..s.maps.len() {
+            if !s.map_dirty[l] {
+                continue;
+            }
+            if let Some(map) = &s.maps[l] {
+                let n = s.map_host[l].len();
+                map.slice_set(
+                    &Tensor::from_vec(s.map_host[l].clone(), n, &self.device)?,
+                    0,
+                    0,
+                )?;
+            }
+            s.map_dirty[l] = false;
+        }
+        Ok(())
+    }
+
+    fn settle_speculation(&self, routed: &[(usize, Vec<u32>)]) -> bool {
+        let mut s = self.state.lock().expect("cache lock");
+        let resident = |s: &State, layer: usize, e: u32| {
+            s.pools[s.pool_of[layer]].contains(key(layer, e as usize))
+        };
+        if !routed
+            .iter()
+            .all(|(l, ids)| ids.iter().all(|&e| resident(&s, *l, e)))
+        {
+            return false;
+        }
+        // What the uncaptured step records, layer by layer: the layer's distinct experts in
+        // ascending order, each a hit. (No prefetch guesses to score: prefetch never speculates.)
+        for (layer, ids) in routed {
+            let mut needed: Vec<usize> = ids.iter().map(|&e| e as usize).collect();
+            needed.sort_unstable();
+            needed.dedup();
+            let (pi, li) = (s.pool_of[*layer], s.stats_of[*layer].expect("moe layer"));
+            for e in needed {
+                count_hit(&mut s, pi, li, e, key(*layer, e));
+            }
+        }
         true
     }
 

@@ -122,6 +122,11 @@ pub struct Stacked {
     pub gate_up: Tensor,
     pub down: Tensor,
     pub index: Option<Vec<u32>>,
+    /// The same map kept on the device (u32 `[num_experts]`), for a step that must not read
+    /// routing back: the speculative graph step of a slot pool. Only resident experts' entries
+    /// are meaningful; the others point at some slot and the step is redone (see
+    /// [`ExpertProvider::settle_speculation`]).
+    pub device_index: Option<Tensor>,
 }
 
 /// True when the fused GPU kernel can run in this dtype on this device.
@@ -167,6 +172,30 @@ pub trait ExpertProvider: Send + Sync {
         false
     }
 
+    /// Whether the next decode step should be tried as a CUDA graph over the experts resident
+    /// now (a slot pool whose previous step missed nothing). Asked once per decode step.
+    fn speculate(&self) -> bool {
+        false
+    }
+
+    /// The layer's slot pool with a device expert→slot table, for the speculative step.
+    fn resident_stacks(&self, _layer: usize) -> Result<Option<Stacked>> {
+        Ok(None)
+    }
+
+    /// Brings the device expert→slot tables up to date, before a speculative step launches.
+    fn prepare_speculation(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// After a speculative step: the experts each MoE layer selected, in layer order. When all
+    /// were resident the step stands: they are counted as the hits the uncaptured step would
+    /// have counted, in the same order, and true is returned. Otherwise nothing is recorded and
+    /// the step must be run again uncaptured (it rewrites the same KV row, so nothing is lost).
+    fn settle_speculation(&self, _routed: &[(usize, Vec<u32>)]) -> bool {
+        false
+    }
+
     /// A guess of the experts `layer` will select, made while the layer before it runs.
     fn prefetch_hint(&self, _layer: usize, _experts: &[usize]) {}
 
@@ -184,6 +213,31 @@ pub trait ExpertProvider: Send + Sync {
     /// Cache statistics, for providers that cache.
     fn cache_snapshot(&self) -> Option<crate::experts::stats::CacheSnapshot> {
         None
+    }
+}
+
+/// A provider seen through a speculative decode step: stacks come from the resident slot pool
+/// with the device expert→slot table, and nothing is read back to the host.
+pub struct ResidentView<'a>(pub &'a dyn ExpertProvider);
+
+impl ExpertProvider for ResidentView<'_> {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
+        self.0.get(layer, expert)
+    }
+    fn unavailable(&self, layer: usize) -> &[usize] {
+        self.0.unavailable(layer)
+    }
+    fn stacked(&self, layer: usize, _needed: &[usize]) -> Result<Option<Stacked>> {
+        self.0.resident_stacks(layer)
+    }
+    fn graph_safe(&self) -> bool {
+        true
+    }
+    fn resident_bytes(&self) -> u64 {
+        self.0.resident_bytes()
+    }
+    fn kind(&self) -> &'static str {
+        self.0.kind()
     }
 }
 
@@ -373,6 +427,7 @@ impl ExpertProvider for Resident {
                 gate_up,
                 down,
                 index: None,
+                device_index: None,
             }))
     }
 }

@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use super::error::{ModelError, Result};
 use super::layers::KvCache;
 use super::qwen3_moe::{DeviceRouting, Qwen3Moe, deliver_rows};
-use crate::experts::provider::{ExpertProvider, RoutingObserver};
+use crate::experts::provider::{ExpertProvider, ResidentView, RoutingObserver};
 
 /// cuBLAS workspace given to every handle up front (what PyTorch gives Hopper cards).
 const CUBLAS_WORKSPACE: usize = 32 << 20;
@@ -103,9 +103,9 @@ fn set_u32(dst: &Tensor, v: u32) -> Result<()> {
 
 impl DecodeGraph {
     /// Whether this graph can run the next step as captured.
-    fn fits(&self, cache: &KvCache, experts: &dyn ExpertProvider, want_routing: bool) -> bool {
+    fn fits(&self, cache: &KvCache, provider: usize, want_routing: bool) -> bool {
         self.epoch == cache.epoch()
-            && self.provider == provider_key(experts)
+            && self.provider == provider
             && self.routing.is_some() == want_routing
     }
 
@@ -145,6 +145,7 @@ impl DecodeGraph {
         model: &Qwen3Moe,
         cache: &mut KvCache,
         experts: &dyn ExpertProvider,
+        provider: usize,
         token: u32,
         want_routing: bool,
     ) -> Result<Self> {
@@ -191,7 +192,7 @@ impl DecodeGraph {
         Ok(DecodeGraph {
             graph,
             epoch: cache.epoch(),
-            provider: provider_key(experts),
+            provider,
             ids,
             pos,
             logits,
@@ -205,12 +206,19 @@ impl DecodeGraph {
         self.graph.launch().map_err(|e| cuda_err("launch", e))
     }
 
-    fn outputs(&self, position: usize, observer: &mut dyn RoutingObserver) -> Result<Vec<f32>> {
-        if let Some(r) = &self.routing {
-            let ids: Vec<Vec<u32>> = r.ids.to_vec2()?;
-            let w: Vec<Vec<f32>> = r.weights.to_vec2()?;
-            deliver_rows(r.layers.iter().copied(), &ids, &w, position, observer);
-        }
+    /// The routing the last launch wrote: (layer, ids, weights) per MoE layer.
+    fn routing_rows(&self) -> Result<Option<(Vec<usize>, Vec<Vec<u32>>, Vec<Vec<f32>>)>> {
+        let Some(r) = &self.routing else {
+            return Ok(None);
+        };
+        Ok(Some((
+            r.layers.clone(),
+            r.ids.to_vec2()?,
+            r.weights.to_vec2()?,
+        )))
+    }
+
+    fn logits(&self) -> Result<Vec<f32>> {
         Ok(self.logits.squeeze(0)?.to_vec1()?)
     }
 }
@@ -228,8 +236,15 @@ impl RoutingObserver for RoutingTap {
 
 /// Decodes `token` at `cache.len()` through a CUDA graph held in `slot`, capturing (again) when
 /// there is none or it no longer fits (capacity doubled, another provider, routing wanted or
-/// not). Returns the f32 logits and advances the cache. `Ok(None)`: this step cannot use a graph
-/// (the caller runs it uncaptured).
+/// not). Returns the f32 logits and advances the cache. `Ok(None)`: this step does not use a
+/// graph, or its speculation failed — the caller runs it uncaptured.
+///
+/// Two kinds of provider qualify. Native ([`ExpertProvider::graph_safe`]): every step. A
+/// selective slot pool whose last step missed nothing ([`ExpertProvider::speculate`]): the step
+/// runs over the experts resident now, routing is read back after the launch, and if any
+/// selected expert was not resident the result is dropped and the step redone uncaptured (it
+/// rewrites the same KV row) — so at a capacity holding the working set, selective decodes at
+/// native's speed, and with misses it loses one graph launch per failed guess.
 pub fn step(
     slot: &mut Option<DecodeGraph>,
     model: &Qwen3Moe,
@@ -238,30 +253,53 @@ pub fn step(
     observer: &mut dyn RoutingObserver,
     token: u32,
 ) -> Result<Option<Vec<f32>>> {
-    if !model.device().is_cuda() || !experts.graph_safe() || !super::cuda_graphs_enabled() {
+    if !model.device().is_cuda() || !super::cuda_graphs_enabled() {
         return Ok(None);
     }
+    let speculative = if experts.graph_safe() {
+        false
+    } else if experts.speculate() {
+        true
+    } else {
+        return Ok(None);
+    };
     let position = cache.len();
     model.reserve_decode(cache, position + 1)?;
-    let want_routing = observer.wants_routing();
+    if speculative {
+        experts.prepare_speculation()?;
+    }
+    let view = ResidentView(experts);
+    let runs_on: &dyn ExpertProvider = if speculative { &view } else { experts };
+    let want_routing = observer.wants_routing() || speculative;
+    let key = provider_key(experts);
     match slot {
-        Some(g) if g.fits(cache, experts, want_routing) => g.replay(token, position)?,
+        Some(g) if g.fits(cache, key, want_routing) => g.replay(token, position)?,
         _ => {
             // Drop a stale graph first: its memory goes back before the new capture takes some.
             *slot = None;
             *slot = Some(DecodeGraph::capture(
                 model,
                 cache,
-                experts,
+                runs_on,
+                key,
                 token,
                 want_routing,
             )?);
         }
     }
-    let row = slot
-        .as_ref()
-        .expect("just set")
-        .outputs(position, observer)?;
+    let g = slot.as_ref().expect("just set");
+    let routed = g.routing_rows()?;
+    if speculative {
+        let (layers, ids, _) = routed.as_ref().expect("a speculative step reads routing");
+        let per_layer: Vec<(usize, Vec<u32>)> = layers.iter().copied().zip(ids.clone()).collect();
+        if !experts.settle_speculation(&per_layer) {
+            return Ok(None);
+        }
+    }
+    if let (Some((layers, ids, w)), true) = (&routed, observer.wants_routing()) {
+        deliver_rows(layers.iter().copied(), ids, w, position, observer);
+    }
+    let row = g.logits()?;
     cache.advance(1);
     Ok(Some(row))
 }

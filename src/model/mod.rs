@@ -7,6 +7,8 @@ pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod layers;
+#[cfg(feature = "cuda")]
+pub mod moe_decode;
 pub mod qwen3_moe;
 pub mod safetensors_file;
 

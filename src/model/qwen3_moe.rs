@@ -187,6 +187,11 @@ impl MoeBlock {
             return Ok(None);
         };
         let ids = match (&st.index, &host_ids) {
+            _ if st.device_index.is_some() => {
+                let map = st.device_index.as_ref().expect("checked");
+                map.index_select(&topk_ids.flatten_all()?, 0)?
+                    .reshape((t, k))?
+            }
             (None, _) => topk_ids,
             (Some(map), Some(ids)) => {
                 let flat: Vec<u32> = ids.iter().flatten().map(|&e| map[e as usize]).collect();
@@ -198,6 +203,16 @@ impl MoeBlock {
                 ));
             }
         };
+        #[cfg(feature = "cuda")]
+        if super::moe_decode::applies(t, x.dtype(), k) && super::moe_decode::enabled() {
+            return Ok(Some(super::moe_decode::moe_decode(
+                x,
+                &st.gate_up,
+                &st.down,
+                &ids,
+                &topk_w,
+            )?));
+        }
         let (expert_ids, sorted_token_ids) = ids.flatten_all()?.sort_last_dim(true)?;
         let is_prefill = t > 1;
         let x = x.contiguous()?;

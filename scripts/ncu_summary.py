@@ -1,0 +1,14 @@
+import csv, collections, sys
+rows=[r for r in csv.reader(open(sys.argv[1])) if len(r)>10]
+hdr=rows[0]; rows=rows[1:]
+ni=hdr.index('Kernel Name'); vi=hdr.index('Metric Value')
+ks=[(r[ni], float(r[vi].replace(',',''))) for r in rows]
+moe=[i for i,(n,_) in enumerate(ks) if 'moe_decode_down' in n or 'moe_gemm' in n]
+start = moe[-9]+1
+step=ks[start:]
+print('last step kernels',len(step),'total us',sum(d for _,d in step)/1000)
+agg=collections.defaultdict(lambda:[0,0.0])
+for n,d in step:
+    agg[n[:60]][0]+=1; agg[n[:60]][1]+=d
+for k,(c,d) in sorted(agg.items(), key=lambda x:-x[1][1])[:25]:
+    print(f"{d/1000:8.1f} us {c:4d}x {d/c/1000:6.1f} each {k}")

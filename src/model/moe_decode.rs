@@ -1,0 +1,131 @@
+//! The MoE expert MLP of one decode token on the GPU: two launches of moescope's own kernels
+//! (`kernels/moe_decode.cu`) in place of candle's tiled MoE GEMM, which is built for many tokens
+//! and ran ~10× under the weights' memory bandwidth at batch 1.
+//!
+//! The kernels read the same stacked weights as candle's kernel (native's full stacks, or the
+//! selective slot pool with ids remapped to slots), so native and selective stay bit-identical.
+//! Nothing here reads back to the host: the step stays capturable as a CUDA graph.
+
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Storage, Tensor};
+use half::bf16;
+
+use super::error::{ModelError, Result};
+
+const PTX: &str = include_str!("kernels/moe_decode.ptx");
+const MODULE: &str = "moescope_moe_decode";
+/// The kernels keep one partial sum per selected expert in registers.
+pub const MAX_TOPK: usize = 16;
+const WARPS_PER_BLOCK: u32 = 8;
+
+/// Off with `MOESCOPE_MOE_KERNEL=candle` (candle's fused MoE GEMM instead), for comparisons.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MOESCOPE_MOE_KERNEL").map_or(true, |v| v != "candle"))
+}
+
+/// Whether [`moe_decode`] handles this case: one token, bf16, top-k within the kernels' limit.
+pub fn applies(tokens: usize, dtype: DType, top_k: usize) -> bool {
+    tokens == 1 && dtype == DType::BF16 && top_k <= MAX_TOPK
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Input(format!("MoE decode kernel ({what}): {e}"))
+}
+
+/// `x` [1, H] bf16; `gate_up` [E, 2I, H] and `down` [E, H, I] bf16 stacks; `ids` [1, k] u32 rows
+/// of the stacks in top-k order; `weights` [1, k] f32 routing weights (already rounded to bf16).
+/// Returns Σ_s weight_s · expert_s(x) as [1, H] bf16.
+pub fn moe_decode(
+    x: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    let (_, hidden) = x.dims2()?;
+    let (_, two_i, h2) = gate_up.dims3()?;
+    let (_, h3, inter) = down.dims3()?;
+    let k = ids.elem_count();
+    if h2 != hidden || h3 != hidden || two_i != 2 * inter || k > MAX_TOPK {
+        return Err(err(
+            "shapes",
+            format!(
+                "x {:?}, gate_up {:?}, down {:?}, {k} experts",
+                x.dims(),
+                gate_up.dims(),
+                down.dims()
+            ),
+        ));
+    }
+    let dev = x.device().as_cuda_device()?.clone();
+    let (x, gate_up, down) = (x.contiguous()?, gate_up.contiguous()?, down.contiguous()?);
+    let (ids, weights) = (ids.contiguous()?, weights.contiguous()?);
+
+    let (xs, xl) = x.storage_and_layout();
+    let (gs, gl) = gate_up.storage_and_layout();
+    let (ds, dl) = down.storage_and_layout();
+    let (is, il) = ids.storage_and_layout();
+    let (ws, wl) = weights.storage_and_layout();
+    let (
+        Storage::Cuda(xs),
+        Storage::Cuda(gs),
+        Storage::Cuda(ds),
+        Storage::Cuda(is),
+        Storage::Cuda(ws),
+    ) = (&*xs, &*gs, &*ds, &*is, &*ws)
+    else {
+        return Err(err("device", "every input must be on the GPU"));
+    };
+    let xv = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
+    let gv = gs.as_cuda_slice::<bf16>()?.slice(gl.start_offset()..);
+    let dv = ds.as_cuda_slice::<bf16>()?.slice(dl.start_offset()..);
+    let iv = is.as_cuda_slice::<u32>()?.slice(il.start_offset()..);
+    let wv = ws.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
+
+    let (k_, i_, h_) = (k as i32, inter as i32, hidden as i32);
+    let blocks = |warps: usize| LaunchConfig {
+        grid_dim: ((warps as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
+        block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+
+    // SAFETY: written in full by the kernel below (one warp per element) before any read.
+    let mid = unsafe { dev.alloc::<bf16>(k * inter)? };
+    let f = dev.get_or_load_custom_func("moe_decode_gate_up_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&gv)
+        .arg(&iv)
+        .arg(&xv)
+        .arg(&mid)
+        .arg(&k_)
+        .arg(&i_)
+        .arg(&h_);
+    // SAFETY: argument order and types match the kernel's signature; sizes checked above.
+    unsafe { b.launch(blocks(k * inter)) }.map_err(|e| err("gate_up launch", e))?;
+
+    // SAFETY: as above, one warp per output row.
+    let y = unsafe { dev.alloc::<bf16>(hidden)? };
+    let f = dev.get_or_load_custom_func("moe_decode_down_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&dv)
+        .arg(&iv)
+        .arg(&wv)
+        .arg(&mid)
+        .arg(&y)
+        .arg(&k_)
+        .arg(&i_)
+        .arg(&h_);
+    // SAFETY: as above.
+    unsafe { b.launch(blocks(hidden)) }.map_err(|e| err("down launch", e))?;
+
+    let y = CudaStorage::wrap_cuda_slice(y, dev);
+    Ok(Tensor::from_storage(
+        Storage::Cuda(y),
+        (1, hidden),
+        BackpropOp::none(),
+        false,
+    ))
+}
