@@ -67,6 +67,10 @@ impl DeviceSpec {
         }
     }
 
+    pub fn is_cuda(&self) -> bool {
+        self.0.starts_with("cuda")
+    }
+
     pub fn open(&self) -> Result<Device> {
         if self.0 == "cpu" {
             return Ok(Device::Cpu);
@@ -131,6 +135,34 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Runs a few tokens through every decode path once (prefill, the graph or speculative
+    /// step, routing read back or not), on a scratch KV cache with the expert cache in bypass
+    /// (nothing cached, nothing counted). On a GPU the driver JIT-compiles each kernel module on
+    /// first use — seconds on a fresh machine — and that belongs to loading, not to the first
+    /// prompt's tokens.
+    pub fn warm_up(&self) -> Result<()> {
+        use crate::experts::provider::{NoObserver, RoutingLog, RoutingObserver};
+        use crate::model::generate::{Generation, SamplingParams};
+        self.provider.set_bypass(true);
+        let run = || -> Result<()> {
+            for observe in [false, true] {
+                let params = SamplingParams {
+                    max_new_tokens: 3,
+                    ..Default::default()
+                };
+                let prompt = vec![0, 1.min(self.cfg.vocab_size as u32 - 1)];
+                let mut g = Generation::new(&self.model, prompt, params, vec![])?;
+                let (mut log, mut none) = (RoutingLog::default(), NoObserver);
+                let obs: &mut dyn RoutingObserver = if observe { &mut log } else { &mut none };
+                while g.step(&self.model, self.provider.as_ref(), obs)?.is_some() {}
+            }
+            Ok(())
+        };
+        let r = run();
+        self.provider.set_bypass(false);
+        r
+    }
+
     /// The native backend: every expert resident.
     pub fn native(
         files: &ModelFiles,
@@ -368,6 +400,9 @@ impl BackendSpec {
                 &c.mask_experts,
             )?);
             engine.degraded = true;
+        }
+        if engine.model.device().is_cuda() {
+            engine.warm_up()?;
         }
         Ok(engine)
     }

@@ -264,6 +264,34 @@ fn statistics_add_up() {
     assert_eq!(per_layer_resident, 6);
 }
 
+/// The load-time warm-up (run on GPUs so kernel JIT is not charged to the first prompt) leaves
+/// a selective cache exactly as it found it — nothing cached, nothing counted — and the run
+/// after it gives the same tokens as one without it.
+#[test]
+fn warm_up_leaves_the_cache_untouched() {
+    let cache = CacheArgs {
+        cache_experts: Some(6),
+        ..Default::default()
+    };
+    let load = || {
+        spec(
+            "qwen3-moe-tiny",
+            BackendKind::Selective,
+            cache.clone(),
+            Dtype::F32,
+        )
+        .load(|_, _| {})
+        .unwrap()
+    };
+    let e = load();
+    e.warm_up().unwrap();
+    let s = e.provider.cache_snapshot().unwrap();
+    assert_eq!((s.hits, s.misses, s.bytes_read), (0, 0, 0));
+    assert_eq!(s.resident_experts, 0);
+    let g = golden("qwen3-moe-tiny");
+    assert_eq!(run(&e, &g.sequences[1]), run(&load(), &g.sequences[1]));
+}
+
 /// `read_into` (what a GPU cache reads into its pinned buffer) returns the same bytes, dtypes
 /// and shapes as `read`, for the shard source, an extraction and the seed layout (which uses
 /// the trait's default), and says so when the buffer is too small.

@@ -57,6 +57,9 @@ pub struct Sweep {
     pub cold: bool,
     pub prefetch: bool,
     pub native_decode_tok_s: Option<f64>,
+    /// On a GPU: selective with every expert resident and CUDA graphs off, warm — what a step
+    /// that misses costs before its loads (the prediction's model of such a step).
+    pub selective_uncaptured_decode_tok_s: Option<f64>,
     /// Passes over the prompt list in every run.
     pub passes: u32,
     /// Native's decode tok/s over the last pass (with --passes ≥ 2).
@@ -83,10 +86,15 @@ fn decode_tok_s_from(s: &SessionState, b: Backend, first: usize) -> Option<f64> 
     (n > 0 && secs > 0.0).then(|| n as f64 / secs)
 }
 
-fn session(args: &RunArgs, only: Backend) -> Result<SessionState> {
+fn session(args: &RunArgs, only: Backend, env: &[(&str, &str)]) -> Result<SessionState> {
     let plan = super::run::plan(args)?;
     let mut cfg = plan.config;
     cfg.only = Some(only);
+    let slot = match only {
+        Backend::Native => 0,
+        Backend::Selective => 1,
+    };
+    cfg.worker_env[slot].extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     cfg.score = false;
     cfg.reference_text = None;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -137,11 +145,30 @@ pub fn run(a: &SweepArgs) -> Result<()> {
 
     let read_bandwidth = measure_read_bandwidth(&model_dir, &cfg, a.cold);
     eprintln!("sweep: native reference run…");
-    let native = session(&base, Backend::Native)?;
+    let native = session(&base, Backend::Native, &[])?;
     let nm = backend_metrics(&native, Backend::Native);
     if let Some(r) = &nm.failed {
         crate::bail_input!("the native reference run failed: {r}");
     }
+    // On a GPU, native decodes through CUDA graphs, and so does a selective step whose experts
+    // are all resident; one that misses cannot (it reads each layer's routing back to load what
+    // is missing). The prediction needs that step's cost: selective holding every expert, with
+    // graphs off, over a second pass (all hits).
+    let uncaptured = if a.model.device.is_cuda() {
+        eprintln!("sweep: selective without CUDA graphs, every expert resident…");
+        let mut args = RunArgs::parse_default();
+        args.model = base.model.clone();
+        args.cache = base.cache.clone();
+        args.cache.cache_experts = Some(total);
+        args.prompts = base.prompts.clone();
+        args.max_new_tokens = base.max_new_tokens;
+        args.passes = 2;
+        let u = session(&args, Backend::Selective, &[("MOESCOPE_CUDA_GRAPHS", "0")])?;
+        let n = u.backend(Backend::Selective).runs.len();
+        decode_tok_s_from(&u, Backend::Selective, n - n / 2)
+    } else {
+        None
+    };
     let input = cachesim::from_state(&native);
     let acc = cachesim::accesses(&input.steps, &input.prompt_tokens);
     let layers = cfg.num_moe_layers();
@@ -156,7 +183,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         args.prompts = base.prompts.clone();
         args.max_new_tokens = base.max_new_tokens;
         args.passes = base.passes;
-        runs.push((c, session(&args, Backend::Selective)?));
+        runs.push((c, session(&args, Backend::Selective, &[])?));
     }
     // Calibrate the miss cost on the smallest cache only. Why: larger caches see mostly
     // compulsory misses into memory that was never touched, which costs page faults on top
@@ -178,6 +205,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
             native_step_s: 1.0 / t,
             miss_s: m,
             decode_tokens: decode_steps.max(1),
+            uncaptured_step_s: uncaptured.map(|u| 1.0 / u),
         }),
         _ => None,
     };
@@ -192,7 +220,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         let steady = last_pass.and_then(|f| decode_tok_s_from(s, Backend::Selective, f));
         let m = backend_metrics(s, Backend::Selective);
         let sim = cachesim::simulate(&acc, SimPolicy::Live(a.policy), *c, a.cache_scope, layers);
-        let predicted = costs.map(|k| k.predict_tok_s(sim.decode_misses));
+        let predicted = costs.map(|k| k.predict_tok_s(&sim));
         let err = match (predicted, m.decode_tok_s) {
             (Some(p), Some(x)) if x > 0.0 => Some(100.0 * (p - x).abs() / x),
             _ => None,
@@ -254,6 +282,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         cold: a.cold,
         prefetch: a.prefetch == crate::experts::PrefetchMode::NextLayer,
         native_decode_tok_s: nm.decode_tok_s,
+        selective_uncaptured_decode_tok_s: uncaptured,
         passes: a.passes,
         native_steady_decode_tok_s: native_steady,
         native_peak_memory: nm.memory.peak,
@@ -283,54 +312,49 @@ fn measure_read_bandwidth(
     cfg: &crate::model::MoeConfig,
     cold: bool,
 ) -> Option<f64> {
+    use crate::experts::source::ExpertSource;
     let ckpt = crate::model::Checkpoint::open(dir).ok()?;
     let src = crate::experts::source::ShardSource::new(&ckpt, cfg).ok()?;
-    let mut ranges = Vec::new();
-    for l in cfg.moe_layers() {
-        for e in 0..cfg.num_experts {
-            if let Some(loc) = src.location(l, e) {
-                for p in &loc.parts {
-                    ranges.push((p.file.clone(), p.offset, p.len));
-                }
-            }
-        }
-    }
-    // Same reader as an expert miss (parallel pieces), so the bound is one the cache could meet.
-    let mut total = 0u64;
-    let largest = ranges.iter().map(|r| r.2).max()? as usize;
-    let mut buf = vec![0u8; largest];
-    let mut files: std::collections::HashMap<std::path::PathBuf, std::fs::File> =
-        Default::default();
-    for (f, _, _) in &ranges {
-        if !files.contains_key(f) {
-            files.insert(f.clone(), std::fs::File::open(f).ok()?);
-        }
-    }
+    let experts: Vec<(usize, usize)> = cfg
+        .moe_layers()
+        .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
+        .filter(|&(l, e)| src.location(l, e).is_some())
+        .collect();
+    let largest = experts.iter().map(|&(l, e)| src.stored_bytes(l, e)).max()? as usize;
+    // The miss reader itself into two alternating expert-sized buffers, as the GPU staging ring
+    // and the CPU read buffer are used, so the bound is one the cache could meet.
+    let mut bufs = [vec![0u8; largest], vec![0u8; largest]];
     if cold {
-        for (f, off, len) in &ranges {
-            crate::experts::source::drop_page_cache(&files[f], *off, *len);
+        let files: std::collections::HashMap<std::path::PathBuf, std::fs::File> = experts
+            .iter()
+            .filter_map(|&(l, e)| src.location(l, e))
+            .flat_map(|loc| loc.parts.iter().map(|p| p.file.clone()).collect::<Vec<_>>())
+            .filter_map(|f| std::fs::File::open(&f).ok().map(|h| (f, h)))
+            .collect();
+        for &(l, e) in &experts {
+            for p in &src.location(l, e)?.parts {
+                crate::experts::source::drop_page_cache(&files[&p.file], p.offset, p.len);
+            }
         }
     }
-    let read_all =
-        |files: &std::collections::HashMap<_, std::fs::File>, buf: &mut Vec<u8>| -> Option<u64> {
-            let mut total = 0u64;
-            for (f, off, len) in &ranges {
-                let dst = &mut buf[..*len as usize];
-                crate::experts::source::read_range_parallel(&files[f], *off, dst).ok()?;
-                total += len;
-                if total >= 1 << 30 {
-                    break;
-                }
+    let read_all = |bufs: &mut [Vec<u8>; 2]| -> Option<u64> {
+        let mut total = 0u64;
+        for (i, &(l, e)) in experts.iter().enumerate() {
+            let spans = src.read_into(l, e, &mut bufs[i % 2]).ok()?;
+            total += spans.iter().map(|p| p.range.len() as u64).sum::<u64>();
+            if total >= 1 << 30 {
+                break;
             }
-            Some(total)
-        };
+        }
+        Some(total)
+    };
     // Warm means "in the page cache", which nothing guarantees before the native run has read
     // the model: read once untimed so the timed pass measures what warm runs actually get.
     if !cold {
-        read_all(&files, &mut buf)?;
+        read_all(&mut bufs)?;
     }
     let start = Instant::now();
-    total += read_all(&files, &mut buf)?;
+    let total = read_all(&mut bufs)?;
     let secs = start.elapsed().as_secs_f64();
     (secs > 0.0 && total > 0).then(|| total as f64 / secs)
 }
@@ -357,6 +381,12 @@ pub fn render(s: &Sweep) -> String {
             .map(|v| format!("{v:.0} µs"))
             .unwrap_or("–".into())
     );
+    if let Some(u) = s.selective_uncaptured_decode_tok_s {
+        let _ = writeln!(
+            o,
+            "selective without CUDA graphs, all resident: {u:.1} tok/s (a step that misses, before its loads)"
+        );
+    }
     if let Some(bw) = s.read_bandwidth {
         let _ = writeln!(
             o,

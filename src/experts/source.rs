@@ -125,38 +125,64 @@ pub fn read_range_parallel(file: &File, offset: u64, dst: &mut [u8]) -> std::io:
 /// Piece size of [`read_range_parallel`].
 pub const READ_CHUNK: usize = 1 << 20;
 
-/// `read_into` for sources whose parts are byte ranges of files.
+/// `read_into` for sources whose parts are byte ranges of files. The three parts' pieces are
+/// read concurrently as one batch (not part after part): a 3 MiB part is only three pieces, and
+/// a host with many cores copies out of the page cache faster with all nine in flight.
 pub(crate) fn read_locations_into(
     files: &FileTable,
     locs: [&TensorLocation; 3],
     cold: bool,
     buf: &mut [u8],
 ) -> Result<[PartSpan; 3]> {
-    let mut at = 0usize;
-    let mut spans = Vec::with_capacity(3);
+    use rayon::prelude::*;
     let have = buf.len();
-    for loc in locs {
-        let end = at + loc.len as usize;
-        let file = files.get(&loc.file)?;
-        let dst = buf.get_mut(at..end).ok_or_else(|| ModelError::Tensor {
+    let total: usize = locs.iter().map(|l| l.len as usize).sum();
+    if total > have {
+        let loc = locs[0];
+        return Err(ModelError::Tensor {
             file: loc.file.clone(),
             tensor: loc.name.clone(),
-            msg: format!("staging buffer of {have} bytes is too small"),
-        })?;
-        read_range_parallel(&file, loc.offset, dst).map_err(|e| ModelError::Tensor {
-            file: loc.file.clone(),
-            tensor: loc.name.clone(),
-            msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
-        })?;
-        if cold {
-            drop_page_cache(&file, loc.offset, loc.len);
+            msg: format!("staging buffer of {have} bytes is too small ({total} needed)"),
+        });
+    }
+    let opened: Vec<std::sync::Arc<File>> = locs
+        .iter()
+        .map(|l| files.get(&l.file))
+        .collect::<Result<_>>()?;
+    let mut spans = Vec::with_capacity(3);
+    let mut pieces: Vec<(usize, u64, &mut [u8])> = Vec::new();
+    let mut rest = &mut buf[..total];
+    let mut at = 0usize;
+    for (i, loc) in locs.iter().enumerate() {
+        let (dst, tail) = std::mem::take(&mut rest).split_at_mut(loc.len as usize);
+        rest = tail;
+        for (j, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
+            pieces.push((i, loc.offset + (j * READ_CHUNK) as u64, chunk));
         }
         spans.push(PartSpan {
             dtype: loc.dtype,
             shape: loc.shape.clone(),
-            range: at..end,
+            range: at..at + loc.len as usize,
         });
-        at = end;
+        at += loc.len as usize;
+    }
+    pieces
+        .into_par_iter()
+        .try_for_each(|(i, off, chunk)| {
+            opened[i].read_exact_at(chunk, off).map_err(|e| (i, off, e))
+        })
+        .map_err(|(i, off, e)| ModelError::Tensor {
+            file: locs[i].file.clone(),
+            tensor: locs[i].name.clone(),
+            msg: format!(
+                "reading {} bytes at offset {} (piece at {off}): {e}",
+                locs[i].len, locs[i].offset
+            ),
+        })?;
+    if cold {
+        for (i, loc) in locs.iter().enumerate() {
+            drop_page_cache(&opened[i], loc.offset, loc.len);
+        }
     }
     Ok(spans.try_into().expect("three parts"))
 }

@@ -134,28 +134,34 @@ impl MoeBlock {
         let k = self.top_k;
         let dev = x.device();
         let num_experts = self.router.dim(0)?;
-        let mut logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?;
         let masked = experts.unavailable(self.layer);
-        if !masked.is_empty() {
-            let mut m = vec![0f32; num_experts];
-            for &e in masked {
-                m[e] = f32::NEG_INFINITY;
+        let (topk_ids, topk_w) = match self.route_on_device(x, t, masked)? {
+            Some(r) => r,
+            None => {
+                let mut logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?;
+                if !masked.is_empty() {
+                    let mut m = vec![0f32; num_experts];
+                    for &e in masked {
+                        m[e] = f32::NEG_INFINITY;
+                    }
+                    logits = logits.broadcast_add(&Tensor::from_vec(m, num_experts, dev)?)?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+                let topk_ids = probs
+                    .arg_sort_last_dim(false)?
+                    .narrow(1, 0, k)?
+                    .contiguous()?;
+                let mut topk_w = probs.gather(&topk_ids, 1)?;
+                if self.norm_topk_prob {
+                    topk_w = topk_w.broadcast_div(&topk_w.sum_keepdim(1)?)?;
+                }
+                let topk_w = topk_w
+                    .to_dtype(x.dtype())?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?;
+                (topk_ids, topk_w)
             }
-            logits = logits.broadcast_add(&Tensor::from_vec(m, num_experts, dev)?)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        let topk_ids = probs
-            .arg_sort_last_dim(false)?
-            .narrow(1, 0, k)?
-            .contiguous()?;
-        let mut topk_w = probs.gather(&topk_ids, 1)?;
-        if self.norm_topk_prob {
-            topk_w = topk_w.broadcast_div(&topk_w.sum_keepdim(1)?)?;
-        }
-        let topk_w = topk_w
-            .to_dtype(x.dtype())?
-            .to_dtype(DType::F32)?
-            .contiguous()?;
+        };
         // Selective must see the ids now (they decide what to load); an observer can wait for
         // the end of the forward when a sink collects the routing on the device.
         let observe_now =
@@ -241,6 +247,41 @@ impl MoeBlock {
         .reshape((t, k, h))?
         .sum(1)?;
         Ok(Some(y))
+    }
+
+    /// Routing of one decode token in one kernel (see `moe_decode::route`); None where the
+    /// generic path must run (prompts, masked experts, other dtypes, no CUDA build).
+    #[cfg(feature = "cuda")]
+    fn route_on_device(
+        &self,
+        x: &Tensor,
+        t: usize,
+        masked: &[usize],
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let e = self.router.dim(0)?;
+        if !(super::moe_decode::applies(t, x.dtype(), self.top_k)
+            && super::moe_decode::enabled()
+            && masked.is_empty()
+            && e <= super::moe_decode::MAX_EXPERTS)
+        {
+            return Ok(None);
+        }
+        let logits = x.matmul(&self.router.t()?)?;
+        Ok(Some(super::moe_decode::route(
+            &logits,
+            self.top_k,
+            self.norm_topk_prob,
+        )?))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn route_on_device(
+        &self,
+        _: &Tensor,
+        _: usize,
+        _: &[usize],
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
     }
 
     /// The experts this router would pick for the rows of `x` (union over rows, ascending).

@@ -56,6 +56,8 @@ pub struct Access {
     pub expert: usize,
     /// True for requests of a decode step (one token), false for the prompt's prefill.
     pub decode: bool,
+    /// Which forward pass (prefill or decode step) made the request, counting from 0.
+    pub step: usize,
 }
 
 /// Builds the request stream from a trace. `prompt_tokens[p]` is the prompt length of prompt p
@@ -63,6 +65,7 @@ pub struct Access {
 pub fn accesses(trace: &[TraceStep], prompt_tokens: &HashMap<usize, usize>) -> Vec<Access> {
     let mut out = Vec::new();
     let mut i = 0;
+    let mut step = 0;
     while i < trace.len() {
         let p = trace[i].prompt;
         let plen = prompt_tokens.get(&p).copied().unwrap_or(1);
@@ -86,10 +89,12 @@ pub fn accesses(trace: &[TraceStep], prompt_tokens: &HashMap<usize, usize>) -> V
                     layer: l,
                     expert: e,
                     decode: trace[i].position >= plen,
+                    step,
                 });
             }
         }
         i = j;
+        step += 1;
     }
     out
 }
@@ -99,9 +104,53 @@ pub struct SimResult {
     pub hits: u64,
     pub misses: u64,
     pub decode_misses: u64,
+    /// Decode steps with at least one miss.
+    #[serde(default)]
+    pub decode_miss_steps: u64,
+    /// Decode steps with a miss right after a step that had none: on a GPU, selective tries
+    /// such a step as a graph over the resident experts first, and that launch is wasted.
+    #[serde(default)]
+    pub failed_speculations: u64,
 }
 
 impl SimResult {
+    /// Counts hits and misses, and the per-step figures, from which requests missed.
+    fn from_misses(acc: &[Access], missed: &[bool]) -> Self {
+        let mut r = SimResult::default();
+        // Misses since the last decode step began (the live cache's `speculate` rule).
+        let mut since_check = 0u64;
+        let mut i = 0;
+        while i < acc.len() {
+            let step = acc[i].step;
+            let decode = acc[i].decode;
+            let speculated = decode && since_check == 0;
+            if decode {
+                since_check = 0;
+            }
+            let mut step_misses = 0u64;
+            while i < acc.len() && acc[i].step == step {
+                if missed[i] {
+                    r.misses += 1;
+                    step_misses += 1;
+                    if acc[i].decode {
+                        r.decode_misses += 1;
+                    }
+                } else {
+                    r.hits += 1;
+                }
+                i += 1;
+            }
+            since_check += step_misses;
+            if decode && step_misses > 0 {
+                r.decode_miss_steps += 1;
+                if speculated {
+                    r.failed_speculations += 1;
+                }
+            }
+        }
+        r
+    }
+
     pub fn hit_rate(&self) -> f64 {
         let t = self.hits + self.misses;
         if t == 0 {
@@ -141,19 +190,15 @@ pub fn simulate(
                 vec![Default::default(); caps.len()];
             let mut pol: Vec<Box<dyn crate::experts::policy::Policy>> =
                 caps.iter().map(|&c| kind.build(c)).collect();
-            let mut r = SimResult::default();
-            for a in acc {
+            let mut missed = vec![false; acc.len()];
+            for (i, a) in acc.iter().enumerate() {
                 let p = pool_of(a);
                 let k = key(a);
                 if resident[p].contains(&k) {
-                    r.hits += 1;
                     pol[p].on_hit(k);
                     continue;
                 }
-                r.misses += 1;
-                if a.decode {
-                    r.decode_misses += 1;
-                }
+                missed[i] = true;
                 if caps[p] == 0 {
                     continue;
                 }
@@ -168,7 +213,7 @@ pub fn simulate(
                 resident[p].insert(k);
                 pol[p].on_insert(k);
             }
-            r
+            SimResult::from_misses(acc, &missed)
         }
         SimPolicy::Belady => belady(acc, &caps, pool_of),
     }
@@ -188,21 +233,17 @@ fn belady(acc: &[Access], caps: &[usize], pool_of: impl Fn(&Access) -> usize) ->
     }
     let mut resident: Vec<HashMap<u32, usize>> = vec![HashMap::new(); caps.len()];
     let mut order: Vec<BTreeSet<(usize, u32)>> = vec![BTreeSet::new(); caps.len()];
-    let mut r = SimResult::default();
+    let mut missed = vec![false; n];
     for (i, a) in acc.iter().enumerate() {
         let p = pool_of(a);
         let k = key(a);
         if let Some(nu) = resident[p].get(&k).copied() {
-            r.hits += 1;
             order[p].remove(&(nu, k));
             order[p].insert((next[i], k));
             resident[p].insert(k, next[i]);
             continue;
         }
-        r.misses += 1;
-        if a.decode {
-            r.decode_misses += 1;
-        }
+        missed[i] = true;
         if caps[p] == 0 || next[i] == usize::MAX {
             continue; // never needed again: do not cache
         }
@@ -217,7 +258,7 @@ fn belady(acc: &[Access], caps: &[usize], pool_of: impl Fn(&Access) -> usize) ->
         resident[p].insert(k, next[i]);
         order[p].insert((next[i], k));
     }
-    r
+    SimResult::from_misses(acc, &missed)
 }
 
 /// The knee of an increasing, concave-ish curve (Kneedle): the point farthest above the chord
@@ -249,13 +290,30 @@ pub struct Costs {
     pub miss_s: f64,
     /// Decode tokens in the trace.
     pub decode_tokens: usize,
+    /// GPU with CUDA graphs: a selective step launched kernel by kernel (routing read back per
+    /// layer), seconds. A step without misses runs as a graph at native's speed; one with misses
+    /// costs this plus its loads, plus one wasted graph launch when it was tried speculatively.
+    /// None (CPU, or unmeasured): every step costs native's step.
+    #[serde(default)]
+    pub uncaptured_step_s: Option<f64>,
 }
 
 impl Costs {
-    /// tok/s if every decode step costs native's step plus its misses.
-    pub fn predict_tok_s(&self, decode_misses: u64) -> f64 {
-        let per_token = decode_misses as f64 / self.decode_tokens.max(1) as f64;
-        1.0 / (self.native_step_s + per_token * self.miss_s)
+    /// Predicted decode tok/s: each step costs native's step (or, with graphs, see
+    /// `uncaptured_step_s`) plus its misses' load time.
+    pub fn predict_tok_s(&self, r: &SimResult) -> f64 {
+        let n = self.decode_tokens.max(1) as f64;
+        let loads = r.decode_misses as f64 * self.miss_s;
+        let compute = match self.uncaptured_step_s {
+            None => n * self.native_step_s,
+            Some(u) => {
+                let m = (r.decode_miss_steps as f64).min(n);
+                (n - m) * self.native_step_s
+                    + m * u
+                    + r.failed_speculations as f64 * self.native_step_s
+            }
+        };
+        n / (compute + loads)
     }
 }
 
@@ -317,7 +375,7 @@ pub fn study(
                 hit_rate: h,
                 pct_of_optimum: (o > 0.0).then(|| 100.0 * h / o),
                 misses_per_decode_token: r.decode_misses as f64 / decode_tokens.max(1) as f64,
-                predicted_decode_tok_s: costs.map(|k| k.predict_tok_s(r.decode_misses)),
+                predicted_decode_tok_s: costs.map(|k| k.predict_tok_s(&r)),
             });
         }
         if let Some((x, _)) = knee(&curve) {
@@ -365,10 +423,12 @@ mod tests {
 
     fn acc(seq: &[(usize, usize)]) -> Vec<Access> {
         seq.iter()
-            .map(|&(l, e)| Access {
+            .enumerate()
+            .map(|(i, &(l, e))| Access {
                 layer: l,
                 expert: e,
                 decode: true,
+                step: i,
             })
             .collect()
     }
@@ -487,15 +547,57 @@ mod tests {
     }
 
     #[test]
+    fn steps_with_misses_and_failed_speculations_are_counted() {
+        // Steps: 0 prefill (miss), 1 decode (miss: not speculated, prefill missed),
+        // 2 decode (clean), 3 decode (miss after a clean step: a failed speculation),
+        // 4 decode (miss, not speculated).
+        let a = |step: usize, decode: bool| Access {
+            layer: 0,
+            expert: 0,
+            decode,
+            step,
+        };
+        let acc = vec![a(0, false), a(1, true), a(2, true), a(3, true), a(4, true)];
+        let r = SimResult::from_misses(&acc, &[true, true, false, true, true]);
+        assert_eq!((r.hits, r.misses, r.decode_misses), (1, 4, 3));
+        assert_eq!(r.decode_miss_steps, 3);
+        assert_eq!(r.failed_speculations, 1);
+    }
+
+    #[test]
+    fn graph_prediction_charges_uncaptured_steps_and_wasted_launches() {
+        let c = Costs {
+            native_step_s: 0.001,
+            miss_s: 0.002,
+            decode_tokens: 4,
+            uncaptured_step_s: Some(0.003),
+        };
+        let r = SimResult {
+            decode_misses: 2,
+            decode_miss_steps: 1,
+            failed_speculations: 1,
+            ..Default::default()
+        };
+        // 3 clean steps at 1 ms, 1 uncaptured at 3 ms, 1 wasted launch at 1 ms, 2 loads at 2 ms.
+        let want = 4.0 / (0.003 + 0.003 + 0.001 + 0.004);
+        assert!((c.predict_tok_s(&r) - want).abs() < 1e-9);
+    }
+
+    #[test]
     fn prediction_adds_miss_cost_to_native_step() {
         let c = Costs {
             native_step_s: 0.01,
             miss_s: 0.001,
             decode_tokens: 10,
+            uncaptured_step_s: None,
         };
-        assert!((c.predict_tok_s(0) - 100.0).abs() < 1e-9);
+        let misses = |m: u64| SimResult {
+            decode_misses: m,
+            ..Default::default()
+        };
+        assert!((c.predict_tok_s(&misses(0)) - 100.0).abs() < 1e-9);
         assert!(
-            (c.predict_tok_s(100) - 50.0).abs() < 1e-9,
+            (c.predict_tok_s(&misses(100)) - 50.0).abs() < 1e-9,
             "10 misses per token double the step"
         );
     }
@@ -568,6 +670,7 @@ pub fn from_state(s: &super::state::SessionState) -> TraceInput {
             native_step_s: a,
             miss_s: b,
             decode_tokens,
+            uncaptured_step_s: None,
         }),
         _ => None,
     };

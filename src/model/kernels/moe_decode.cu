@@ -118,3 +118,61 @@ extern "C" __global__ void moe_decode_down_bf16(
     }
     if (lane == 0) y[h] = __float2bfloat16(acc);
 }
+
+// Router: softmax over the experts in f32, the top k (ties to the lower index), renormalised over
+// the k when `norm` (Qwen3's norm_topk_prob), weights rounded to bf16 as transformers casts them.
+// One warp per token (grid = tokens); n_experts <= 1024.
+extern "C" __global__ void moe_route_topk_bf16(
+    const __nv_bfloat16* __restrict__ logits,  // [T, n_experts]
+    int n_experts, int k, int norm,
+    uint32_t* __restrict__ ids,                // [T, k]
+    float* __restrict__ weights) {             // [T, k]
+    const int lane = threadIdx.x & 31;
+    const __nv_bfloat16* row = logits + (size_t)blockIdx.x * n_experts;
+    float mx = -INFINITY;
+    for (int i = lane; i < n_experts; i += 32) mx = fmaxf(mx, __bfloat162float(row[i]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (int i = lane; i < n_experts; i += 32) sum += expf(__bfloat162float(row[i]) - mx);
+    sum = warp_sum(sum);
+    uint32_t taken = 0;  // bit t: this lane's element lane + 32 t is selected
+    float sel[MAX_TOPK];
+    int sel_id[MAX_TOPK];
+    float sel_sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < MAX_TOPK; j++) {
+        if (j >= k) break;
+        float best = -INFINITY;
+        int bi = -1;
+        for (int t = 0, i = lane; i < n_experts; t++, i += 32) {
+            const float v = __bfloat162float(row[i]);
+            if (!((taken >> t) & 1u) && (bi < 0 || v > best)) {
+                best = v;
+                bi = i;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (oi >= 0 && (bi < 0 || ov > best || (ov == best && oi < bi))) {
+                best = ov;
+                bi = oi;
+            }
+        }
+        if (bi < 0) bi = j;  // no candidate compared (NaN logits): any valid index
+        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        const float p = expf(best - mx) / sum;
+        sel[j] = p;
+        sel_id[j] = bi;
+        sel_sum += p;
+    }
+    if (lane == 0) {
+        for (int j = 0; j < k && j < MAX_TOPK; j++) {
+            const float w = norm ? sel[j] / sel_sum : sel[j];
+            ids[(size_t)blockIdx.x * k + j] = (uint32_t)sel_id[j];
+            weights[(size_t)blockIdx.x * k + j] = bf16_round(w);
+        }
+    }
+}
