@@ -57,8 +57,8 @@ pub struct Sweep {
     pub cold: bool,
     pub prefetch: bool,
     pub native_decode_tok_s: Option<f64>,
-    /// On a GPU: selective with every expert resident and CUDA graphs off, warm — what a step
-    /// that misses costs before its loads (the prediction's model of such a step).
+    /// On a GPU: selective with every expert resident and speculation off, warm — what a step
+    /// that reads routing back (as one that misses must) costs before its loads.
     pub selective_uncaptured_decode_tok_s: Option<f64>,
     /// Passes over the prompt list in every run.
     pub passes: u32,
@@ -150,12 +150,12 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     if let Some(r) = &nm.failed {
         crate::bail_input!("the native reference run failed: {r}");
     }
-    // On a GPU, native decodes through CUDA graphs, and so does a selective step whose experts
-    // are all resident; one that misses cannot (it reads each layer's routing back to load what
-    // is missing). The prediction needs that step's cost: selective holding every expert, with
-    // graphs off, over a second pass (all hits).
+    // On a GPU, native decodes through one CUDA graph, and so does a selective step whose
+    // experts are all resident; one that misses cannot (it reads each layer's routing back to
+    // load what is missing, between piecewise graphs). The prediction needs that step's cost:
+    // selective holding every expert with speculation off, over a second pass (all hits).
     let uncaptured = if a.model.device.is_cuda() {
-        eprintln!("sweep: selective without CUDA graphs, every expert resident…");
+        eprintln!("sweep: selective reading routing back every layer, every expert resident…");
         let mut args = RunArgs::parse_default();
         args.model = base.model.clone();
         args.cache = base.cache.clone();
@@ -163,7 +163,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         args.prompts = base.prompts.clone();
         args.max_new_tokens = base.max_new_tokens;
         args.passes = 2;
-        let u = session(&args, Backend::Selective, &[("MOESCOPE_CUDA_GRAPHS", "0")])?;
+        let u = session(&args, Backend::Selective, &[("MOESCOPE_SPECULATE", "0")])?;
         let n = u.backend(Backend::Selective).runs.len();
         decode_tok_s_from(&u, Backend::Selective, n - n / 2)
     } else {
@@ -384,7 +384,7 @@ pub fn render(s: &Sweep) -> String {
     if let Some(u) = s.selective_uncaptured_decode_tok_s {
         let _ = writeln!(
             o,
-            "selective without CUDA graphs, all resident: {u:.1} tok/s (a step that misses, before its loads)"
+            "selective reading routing back, all resident: {u:.1} tok/s (a step that misses, before its loads)"
         );
     }
     if let Some(bw) = s.read_bandwidth {

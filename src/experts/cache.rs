@@ -138,6 +138,13 @@ struct State {
     misses_seen: u64,
 }
 
+/// Speculative graph steps are on unless `MOESCOPE_SPECULATE=0` (the sweep turns them off to
+/// measure what a step that reads routing back costs).
+fn speculation_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MOESCOPE_SPECULATE").map_or(true, |v| v != "0"))
+}
+
 /// Counts a hit on `key(layer, e)` in pool `pi` (layer stats `li`), as the uncaptured and the
 /// speculative step both must.
 fn count_hit(s: &mut State, pi: usize, li: usize, e: usize, k: u32) {
@@ -766,7 +773,9 @@ impl ExpertProvider for CachedProvider {
     }
 
     fn speculate(&self) -> bool {
-        if self.bypass.load(std::sync::atomic::Ordering::Relaxed) || self.prefetcher.get().is_some()
+        if self.bypass.load(std::sync::atomic::Ordering::Relaxed)
+            || self.prefetcher.get().is_some()
+            || !speculation_enabled()
         {
             return false;
         }

@@ -388,6 +388,8 @@ pub struct Generation {
     #[cfg(feature = "cuda")]
     graph: Option<super::graph::DecodeGraph>,
     #[cfg(feature = "cuda")]
+    pieces: Option<super::graph::Piecewise>,
+    #[cfg(feature = "cuda")]
     graph_failed: bool,
 }
 
@@ -427,6 +429,8 @@ impl Generation {
             last_logits: Vec::new(),
             #[cfg(feature = "cuda")]
             graph: None,
+            #[cfg(feature = "cuda")]
+            pieces: None,
             #[cfg(feature = "cuda")]
             graph_failed: false,
         })
@@ -470,18 +474,32 @@ impl Generation {
         if prefill || self.graph_failed {
             return Ok(None);
         }
-        match super::graph::step(
+        let graphed = super::graph::step(
             &mut self.graph,
             model,
             &mut self.cache,
             experts,
             observer,
             input[0],
-        ) {
+        )
+        .and_then(|row| match row {
+            Some(row) => Ok(Some(row)),
+            // Not capturable whole (selective that may miss, or whose guess just failed).
+            None => super::graph::piecewise_step(
+                &mut self.pieces,
+                model,
+                &mut self.cache,
+                experts,
+                observer,
+                input[0],
+            ),
+        });
+        match graphed {
             Ok(row) => Ok(row),
             Err(e) => {
                 warn_graph_failure(&e);
                 self.graph = None;
+                self.pieces = None;
                 self.graph_failed = true;
                 Ok(None)
             }

@@ -22,7 +22,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
-use super::layers::KvCache;
+use super::layers::{DecodeInputs, KvCache};
 use super::qwen3_moe::{DeviceRouting, Qwen3Moe, deliver_rows};
 use crate::experts::provider::{ExpertProvider, ResidentView, RoutingObserver};
 
@@ -62,6 +62,9 @@ pub fn prepare_device(cuda: &candle_core::CudaDevice) -> Result<()> {
     }
     Ok(())
 }
+
+/// Routing read back from a launch: MoE layers, and per layer the ids and weights.
+type Routed = (Vec<usize>, Vec<Vec<u32>>, Vec<Vec<f32>>);
 
 /// A captured decode step and the static buffers it reads and writes.
 pub struct DecodeGraph {
@@ -207,7 +210,7 @@ impl DecodeGraph {
     }
 
     /// The routing the last launch wrote: (layer, ids, weights) per MoE layer.
-    fn routing_rows(&self) -> Result<Option<(Vec<usize>, Vec<Vec<u32>>, Vec<Vec<f32>>)>> {
+    fn routing_rows(&self) -> Result<Option<Routed>> {
         let Some(r) = &self.routing else {
             return Ok(None);
         };
@@ -300,6 +303,294 @@ pub fn step(
         deliver_rows(layers.iter().copied(), ids, w, position, observer);
     }
     let row = g.logits()?;
+    cache.advance(1);
+    Ok(Some(row))
+}
+
+/// Piecewise CUDA graphs for a selective decode step that must read routing back: one graph up
+/// to each MoE layer's experts, one for the experts, one for the start and one for the head.
+/// Between a layer's two graphs the host reads the layer's routing (the one synchronisation a
+/// miss needs), loads what is missing into the slot pool and writes the slot ids — and the
+/// GPU work itself still runs as graphs instead of hundreds of single launches. The pieces run
+/// exactly the ops of the uncaptured step, so the result is bit-identical to it.
+pub struct Piecewise {
+    epoch: u64,
+    provider: usize,
+    /// Storage id of the slot pool the experts graphs were captured with.
+    pool: Option<candle_core::TensorId>,
+    ids: Tensor,
+    pos: Tensor,
+    dec: DecodeInputs,
+    x: Tensor,
+    x_mid: Tensor,
+    h: Tensor,
+    route_ids: Tensor,
+    route_w: Tensor,
+    slot_ids: Tensor,
+    logits: Tensor,
+    graphs: Option<Pieces>,
+    /// Capture failed once: the step still ran (uncaptured pieces); later steps run uncaptured.
+    disabled: bool,
+}
+
+struct Pieces {
+    start: CudaGraph,
+    attention: Vec<CudaGraph>,
+    experts: Vec<Option<CudaGraph>>,
+    head: CudaGraph,
+}
+
+// SAFETY: as for `DecodeGraph`.
+unsafe impl Send for Piecewise {}
+
+fn capture_piece(
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    body: impl FnOnce() -> Result<()>,
+) -> Result<CudaGraph> {
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| cuda_err("capture start", e))?;
+    let recorded = body();
+    let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    recorded?;
+    let g = ended
+        .map_err(|e| cuda_err("instantiation", e))?
+        .ok_or_else(|| cuda_err("capture", "nothing was recorded"))?;
+    g.upload().map_err(|e| cuda_err("upload", e))?;
+    Ok(g)
+}
+
+fn warn_once(e: &ModelError) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("moescope: selective steps without piecewise CUDA graphs: {e}"));
+}
+
+fn launch(g: &CudaGraph) -> Result<()> {
+    g.launch().map_err(|e| cuda_err("launch", e))
+}
+
+impl Piecewise {
+    fn new(model: &Qwen3Moe, cache: &KvCache, provider: usize) -> Result<Self> {
+        let dev = model.device().clone();
+        let cfg = model.config();
+        let (h, k, dt) = (cfg.hidden_size, cfg.num_experts_per_tok, model.dtype());
+        let (nkv, d, cap) = (
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cache.static_capacity(),
+        );
+        Ok(Piecewise {
+            epoch: cache.epoch(),
+            provider,
+            pool: None,
+            ids: Tensor::zeros(1, DType::U32, &dev)?,
+            pos: Tensor::zeros(1, DType::U32, &dev)?,
+            dec: DecodeInputs {
+                cos: Tensor::zeros((1, d / 2), dt, &dev)?,
+                sin: Tensor::zeros((1, d / 2), dt, &dev)?,
+                rows: Tensor::zeros((nkv, 1, d), DType::U32, &dev)?,
+                mask: Tensor::zeros(cap, dt, &dev)?,
+            },
+            x: Tensor::zeros((1, h), dt, &dev)?,
+            x_mid: Tensor::zeros((1, h), dt, &dev)?,
+            h: Tensor::zeros((1, h), dt, &dev)?,
+            route_ids: Tensor::zeros((1, k), DType::U32, &dev)?,
+            route_w: Tensor::zeros((1, k), DType::F32, &dev)?,
+            slot_ids: Tensor::zeros((1, k), DType::U32, &dev)?,
+            logits: Tensor::zeros((1, cfg.vocab_size), DType::F32, &dev)?,
+            graphs: None,
+            disabled: false,
+        })
+    }
+
+    /// Records every piece (after a step ran them uncaptured, which filled candle's caches).
+    fn capture(
+        &mut self,
+        model: &Qwen3Moe,
+        cache: &mut KvCache,
+        experts: &dyn ExpertProvider,
+        cuda: &candle_core::CudaDevice,
+    ) -> Result<()> {
+        let stream = cuda.cuda_stream();
+        let _cache_uploads = cuda.enable_cuda_graph_htod_cache();
+        let start = capture_piece(&stream, || {
+            model.piece_start(&self.ids, &self.pos, cache, &self.dec, &self.x)
+        })?;
+        let mut attention = Vec::new();
+        let mut expert_graphs = Vec::new();
+        let mut pool = None;
+        for l in 0..model.config().num_hidden_layers {
+            attention.push(capture_piece(&stream, || {
+                model.piece_attention(
+                    l,
+                    cache,
+                    &self.dec,
+                    &self.x,
+                    &self.x_mid,
+                    &self.h,
+                    &self.route_ids,
+                    &self.route_w,
+                )
+            })?);
+            let g = if model.is_moe_layer(l) {
+                let Some(st) = experts.resident_stacks(l)? else {
+                    return Err(cuda_err("capture", format!("layer {l} has no slot pool")));
+                };
+                pool = Some(st.gate_up.id());
+                Some(capture_piece(&stream, || {
+                    model.piece_experts(
+                        &st,
+                        &self.x_mid,
+                        &self.h,
+                        &self.slot_ids,
+                        &self.route_w,
+                        &self.x,
+                    )
+                })?)
+            } else {
+                None
+            };
+            expert_graphs.push(g);
+        }
+        let head = capture_piece(&stream, || model.piece_head(&self.x, &self.logits))?;
+        self.pool = pool;
+        self.graphs = Some(Pieces {
+            start,
+            attention,
+            experts: expert_graphs,
+            head,
+        });
+        Ok(())
+    }
+}
+
+/// A selective decode step through piecewise graphs (see [`Piecewise`]); `Ok(None)` where it
+/// does not apply (CPU, graphs off, no slot pool, dtypes or sizes the kernels do not cover).
+pub fn piecewise_step(
+    slot: &mut Option<Piecewise>,
+    model: &Qwen3Moe,
+    cache: &mut KvCache,
+    experts: &dyn ExpertProvider,
+    observer: &mut dyn RoutingObserver,
+    token: u32,
+) -> Result<Option<Vec<f32>>> {
+    let Device::Cuda(cuda) = model.device() else {
+        return Ok(None);
+    };
+    let cfg = model.config();
+    let applies = super::cuda_graphs_enabled()
+        && super::moe_decode::enabled()
+        && super::moe_decode::applies(1, model.dtype(), cfg.num_experts_per_tok)
+        && cfg.num_experts <= super::moe_decode::MAX_EXPERTS
+        && experts.needs_ids_on_host()
+        && !experts.wants_hints()
+        && cfg.moe_layers().all(|l| experts.unavailable(l).is_empty())
+        && cfg
+            .moe_layers()
+            .next()
+            .map(|l| experts.resident_stacks(l))
+            .transpose()?
+            .flatten()
+            .is_some();
+    if !applies {
+        return Ok(None);
+    }
+    let position = cache.len();
+    model.reserve_decode(cache, position + 1)?;
+    let key = provider_key(experts);
+    if slot.as_ref().is_some_and(|p| p.disabled) {
+        return Ok(None);
+    }
+    if !matches!(slot, Some(p) if p.epoch == cache.epoch() && p.provider == key) {
+        *slot = None;
+        *slot = Some(Piecewise::new(model, cache, key)?);
+    }
+    let p = slot.as_mut().expect("just set");
+    set_u32(&p.ids, token)?;
+    set_u32(&p.pos, position as u32)?;
+    let capture_after = p.graphs.is_none();
+    let want_w = observer.wants_routing();
+    {
+        // The first step runs every piece uncaptured (with candle's upload cache on, so that
+        // the capture after it finds every parameter it needs).
+        let guard = capture_after.then(|| cuda.enable_cuda_graph_htod_cache());
+        match &p.graphs {
+            Some(g) => launch(&g.start)?,
+            None => model.piece_start(&p.ids, &p.pos, cache, &p.dec, &p.x)?,
+        }
+        drop(guard);
+    }
+    for l in 0..cfg.num_hidden_layers {
+        {
+            let guard = capture_after.then(|| cuda.enable_cuda_graph_htod_cache());
+            match &p.graphs {
+                Some(g) => launch(&g.attention[l])?,
+                None => model.piece_attention(
+                    l,
+                    cache,
+                    &p.dec,
+                    &p.x,
+                    &p.x_mid,
+                    &p.h,
+                    &p.route_ids,
+                    &p.route_w,
+                )?,
+            }
+            drop(guard);
+        }
+        if !model.is_moe_layer(l) {
+            continue;
+        }
+        // The host's part: this layer's routing, its misses loaded, slot ids written.
+        let ids: Vec<u32> = p.route_ids.squeeze(0)?.to_vec1()?;
+        if want_w {
+            let w: Vec<f32> = p.route_w.squeeze(0)?.to_vec1()?;
+            observer.on_routing(l, position, &ids, &w);
+        }
+        let mut needed: Vec<usize> = ids.iter().map(|&e| e as usize).collect();
+        needed.sort_unstable();
+        needed.dedup();
+        experts.will_use(l, &needed);
+        let Some(st) = experts.stacked(l, &needed)? else {
+            return Err(cuda_err(
+                "piecewise step",
+                format!("layer {l}: no stacked experts"),
+            ));
+        };
+        let Some(index) = &st.index else {
+            return Err(cuda_err(
+                "piecewise step",
+                format!("layer {l}: no slot index"),
+            ));
+        };
+        let slots: Vec<u32> = ids.iter().map(|&e| index[e as usize]).collect();
+        let k = slots.len();
+        p.slot_ids
+            .slice_set(&Tensor::from_vec(slots, (1, k), model.device())?, 0, 0)?;
+        let guard = capture_after.then(|| cuda.enable_cuda_graph_htod_cache());
+        match (&p.graphs, p.pool == Some(st.gate_up.id())) {
+            (Some(g), true) => launch(g.experts[l].as_ref().expect("a MoE layer's graph"))?,
+            // First step, or a temporary stack (the pool cannot hold the layer's experts at
+            // once): the same ops, launched one by one.
+            _ => model.piece_experts(&st, &p.x_mid, &p.h, &p.slot_ids, &p.route_w, &p.x)?,
+        }
+        drop(guard);
+    }
+    {
+        let guard = capture_after.then(|| cuda.enable_cuda_graph_htod_cache());
+        match &p.graphs {
+            Some(g) => launch(&g.head)?,
+            None => model.piece_head(&p.x, &p.logits)?,
+        }
+        drop(guard);
+    }
+    let row: Vec<f32> = p.logits.squeeze(0)?.to_vec1()?;
+    // The step has run and been counted: a failed capture must not make the caller run it again.
+    if capture_after && let Err(e) = p.capture(model, cache, experts, cuda) {
+        warn_once(&e);
+        p.graphs = None;
+        p.disabled = true;
+    }
     cache.advance(1);
     Ok(Some(row))
 }

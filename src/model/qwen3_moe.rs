@@ -639,6 +639,106 @@ impl Qwen3Moe {
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
+    /// Whether layer `l` has a MoE block.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn is_moe_layer(&self, l: usize) -> bool {
+        matches!(self.layers[l].ffn, Ffn::Moe(_))
+    }
+
+    /// Piecewise decode, first piece: the token's embedding into `x` and the step's
+    /// position-derived inputs into the static `dec` (see `graph::Piecewise`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn piece_start(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        cache: &mut KvCache,
+        dec: &DecodeInputs,
+        x: &Tensor,
+    ) -> Result<()> {
+        let cap = cache.static_capacity();
+        let statics = cache.decode_statics(self.dtype, &self.device)?;
+        let (cos, sin) = self.rope.full(cap, self.dtype, &self.device)?;
+        let d = DecodeInputs::build(
+            pos,
+            &statics,
+            &cos,
+            &sin,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        )?;
+        dec.cos.slice_set(&d.cos, 0, 0)?;
+        dec.sin.slice_set(&d.sin, 0, 0)?;
+        dec.rows.slice_set(&d.rows, 0, 0)?;
+        dec.mask.slice_set(&d.mask, 0, 0)?;
+        x.slice_set(&self.embed.index_select(ids, 0)?, 0, 0)?;
+        Ok(())
+    }
+
+    /// Piecewise decode, layer `l` up to its experts: attention and residual into `x_mid`, the
+    /// normalised state into `h`, the routing into `ids`/`w`. A dense layer runs whole, into `x`.
+    /// The same ops, in the same order, as `run_layers` with the fused GPU path.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn piece_attention(
+        &self,
+        l: usize,
+        cache: &mut KvCache,
+        dec: &DecodeInputs,
+        x: &Tensor,
+        x_mid: &Tensor,
+        h: &Tensor,
+        ids: &Tensor,
+        w: &Tensor,
+    ) -> Result<()> {
+        let layer = &self.layers[l];
+        let hn = layer.input_norm.forward(x)?;
+        let a = layer.attn.forward(&hn, l, cache, &Positions::Device(dec))?;
+        let x1 = (x + a)?;
+        let h2 = layer.post_norm.forward(&x1)?;
+        match &layer.ffn {
+            Ffn::Dense(m) => x.slice_set(&(x1 + m.forward(&h2)?)?, 0, 0)?,
+            Ffn::Moe(moe) => {
+                let (i, ww) = moe.route_on_device(&h2, 1, &[])?.ok_or_else(|| {
+                    ModelError::Input("piecewise decode needs the routing kernel".into())
+                })?;
+                x_mid.slice_set(&x1, 0, 0)?;
+                h.slice_set(&h2, 0, 0)?;
+                ids.slice_set(&i, 0, 0)?;
+                w.slice_set(&ww, 0, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Piecewise decode, layer experts: `x = x_mid + Σ w · expert(h)` over `slot_ids` rows of
+    /// the stacks.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn piece_experts(
+        &self,
+        stacks: &crate::experts::provider::Stacked,
+        x_mid: &Tensor,
+        h: &Tensor,
+        slot_ids: &Tensor,
+        w: &Tensor,
+        x: &Tensor,
+    ) -> Result<()> {
+        let y = super::moe_decode::moe_decode(h, &stacks.gate_up, &stacks.down, slot_ids, w)?;
+        x.slice_set(&(x_mid + y)?, 0, 0)?;
+        Ok(())
+    }
+
+    /// Piecewise decode, last piece: f32 logits of `x` into `logits`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn piece_head(&self, x: &Tensor, logits: &Tensor) -> Result<()> {
+        let y = self
+            .lm_head
+            .forward(&self.norm.forward(x)?)?
+            .to_dtype(DType::F32)?;
+        logits.slice_set(&y, 0, 0)?;
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn run_layers(
         &self,

@@ -290,8 +290,8 @@ pub struct Costs {
     pub miss_s: f64,
     /// Decode tokens in the trace.
     pub decode_tokens: usize,
-    /// GPU with CUDA graphs: a selective step launched kernel by kernel (routing read back per
-    /// layer), seconds. A step without misses runs as a graph at native's speed; one with misses
+    /// GPU with CUDA graphs: a selective step that reads routing back every layer (piecewise
+    /// graphs), seconds. A step without misses runs as a graph at native's speed; one with misses
     /// costs this plus its loads, plus one wasted graph launch when it was tried speculatively.
     /// None (CPU, or unmeasured): every step costs native's step.
     #[serde(default)]
