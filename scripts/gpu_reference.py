@@ -115,7 +115,8 @@ def fidelity(a):
             graphed = run_steps(a.bin, d, s, 12, gpu)
             variants = [("native, graphs off", gpu, {"MOESCOPE_CUDA_GRAPHS": "0"}),
                         (f"selective {k} global", gpu + ["--backend", "selective", "--cache-experts", str(k)], {}),
-                        (f"selective {ne * moe_layers} global", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {})]
+                        (f"selective {ne * moe_layers} global", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {}),
+                        (f"selective {k * moe_layers} layer", gpu + ["--backend", "selective", "--cache-experts", str(k * moe_layers), "--cache-scope", "layer"], {})]
             for name, extra, env in variants:
                 other = run_steps(a.bin, d, s, 12, extra, env)
                 dd, same = steps_diff(graphed, other)

@@ -1,3 +1,18 @@
+#!/usr/bin/env python3
+"""Per-kernel GPU time of the last decode step, from an Nsight Compute CSV.
+
+On the GPU machine (ncu ships with CUDA there; nsys there cannot import its own traces):
+
+    MOESCOPE_CUDA_GRAPHS=0 ncu --csv --metrics gpu__time_duration.sum -c 9000 \
+        --log-file ncu.csv moescope logits --model M --tokens 1,2,3,4 --greedy 3 \
+        --device cuda:0 --dtype bf16 > /dev/null
+    python3 scripts/ncu_summary.py ncu.csv
+
+Graphs off so that each kernel is profiled on its own. The window is the last 8 MoE layers'
+kernels (it starts after the 9th-from-last experts kernel), so it includes the previous step's
+final norm and lm_head. ncu locks clocks and flushes caches: compare kernels with each other,
+not with tok/s.
+"""
 import csv, collections, sys
 rows=[r for r in csv.reader(open(sys.argv[1])) if len(r)>10]
 hdr=rows[0]; rows=rows[1:]

@@ -316,8 +316,9 @@ pub fn step(
 pub struct Piecewise {
     epoch: u64,
     provider: usize,
-    /// Storage id of the slot pool the experts graphs were captured with.
-    pool: Option<candle_core::TensorId>,
+    /// Per layer, the slot pool its experts graph was captured with (one pool for all layers
+    /// in global scope, one each in layer scope).
+    pools: Vec<Option<candle_core::TensorId>>,
     ids: Tensor,
     pos: Tensor,
     dec: DecodeInputs,
@@ -382,7 +383,7 @@ impl Piecewise {
         Ok(Piecewise {
             epoch: cache.epoch(),
             provider,
-            pool: None,
+            pools: Vec::new(),
             ids: Tensor::zeros(1, DType::U32, &dev)?,
             pos: Tensor::zeros(1, DType::U32, &dev)?,
             dec: DecodeInputs {
@@ -418,7 +419,7 @@ impl Piecewise {
         })?;
         let mut attention = Vec::new();
         let mut expert_graphs = Vec::new();
-        let mut pool = None;
+        let mut pools = Vec::new();
         for l in 0..model.config().num_hidden_layers {
             attention.push(capture_piece(&stream, || {
                 model.piece_attention(
@@ -436,7 +437,7 @@ impl Piecewise {
                 let Some(st) = experts.resident_stacks(l)? else {
                     return Err(cuda_err("capture", format!("layer {l} has no slot pool")));
                 };
-                pool = Some(st.gate_up.id());
+                pools.push(Some(st.gate_up.id()));
                 Some(capture_piece(&stream, || {
                     model.piece_experts(
                         &st,
@@ -448,12 +449,13 @@ impl Piecewise {
                     )
                 })?)
             } else {
+                pools.push(None);
                 None
             };
             expert_graphs.push(g);
         }
         let head = capture_piece(&stream, || model.piece_head(&self.x, &self.logits))?;
-        self.pool = pool;
+        self.pools = pools;
         self.graphs = Some(Pieces {
             start,
             attention,
@@ -568,7 +570,8 @@ pub fn piecewise_step(
         p.slot_ids
             .slice_set(&Tensor::from_vec(slots, (1, k), model.device())?, 0, 0)?;
         let guard = capture_after.then(|| cuda.enable_cuda_graph_htod_cache());
-        match (&p.graphs, p.pool == Some(st.gate_up.id())) {
+        let same_pool = p.pools.get(l).copied().flatten() == Some(st.gate_up.id());
+        match (&p.graphs, same_pool) {
             (Some(g), true) => launch(g.experts[l].as_ref().expect("a MoE layer's graph"))?,
             // First step, or a temporary stack (the pool cannot hold the layer's experts at
             // once): the same ops, launched one by one.
