@@ -1,22 +1,26 @@
-//! CUDA-graph replay of the native decode step.
+//! CUDA-graph replay of decode steps.
 //!
 //! Batch-1 decode on a GPU is launch-bound: a step of the Qwen3-30B-A3B geometry is a few hundred
 //! small kernels, and candle spends more host time issuing each than the GPU spends running it.
-//! A CUDA graph records the whole step once and replays it with one launch.
+//! A CUDA graph records kernels once and replays them with one launch. Three ways a step runs:
 //!
-//! What makes the step replayable: its inputs that change from step to step — the token and its
+//! - **whole step** ([`step`]): native every step; selective when its last step missed nothing —
+//!   over the resident experts, redone if routing then shows a miss;
+//! - **piecewise** ([`piecewise_step`]): a selective step that must read routing back — per MoE
+//!   layer one graph up to the experts and one for them, the host loading misses in between;
+//! - uncaptured, where neither applies (CPU, f32, graphs turned off).
+//!
+//! What makes a step replayable: its inputs that change from step to step — the token and its
 //! position — live in device buffers written before each launch, and everything derived from the
 //! position (RoPE rows, where k/v are written, the attention mask) is computed on the device
 //! ([`super::layers::DecodeInputs`]); the KV buffers are static until their capacity doubles
-//! (then the graph is captured again); logits and routing are copied into static outputs inside
-//! the graph. The step that is captured is the same function that runs uncaptured
-//! ([`Qwen3Moe::decode_step`]), so replayed logits are bit-identical to an uncaptured step and to
-//! the selective backend, which cannot be captured (it reads routing back to decide what to load).
+//! (then the graphs are captured again); logits and routing are copied into static outputs. The
+//! captured code is the code that runs uncaptured ([`Qwen3Moe::decode_step`] and its pieces), so
+//! every path gives bit-identical logits — native, selective, captured or not.
 //!
 //! candle 0.11 supports capture: with its host→device cache on, the small parameter uploads of
 //! strided kernels are served from device copies made during a warm-up run. cudarc's per-buffer
-//! events must be off (see `engine::DeviceSpec::open`): a capture may not wait on events recorded
-//! outside it.
+//! events must be off ([`prepare_device`]): a capture may not wait on events recorded outside it.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
 use candle_core::{DType, Device, Tensor};
