@@ -193,8 +193,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     let miss_s = runs
         .first()
         .and_then(|(_, s)| s.backend(Backend::Selective).cache.as_ref())
-        .filter(|c| c.load_latency.count > 0)
-        .map(|c| c.load_time_us as f64 / 1e6 / c.load_latency.count as f64);
+        .and_then(|c| c.miss_cost_s());
     let decode_steps = input
         .steps
         .iter()
@@ -264,9 +263,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
                 .map(|(_, x)| x.rss_anon)
                 .max(),
             expected_weights: m.memory.expected_weights,
-            miss_cost_us: cache
-                .filter(|c| c.load_latency.count > 0)
-                .map(|c| c.load_time_us as f64 / c.load_latency.count as f64),
+            miss_cost_us: cache.and_then(|c| c.miss_cost_s()).map(|m| m * 1e6),
             h2d_bytes: cache.map_or(0, |c| c.h2d_bytes),
             h2d_time_us: cache.map_or(0, |c| c.h2d_time_us),
             failed: m.failed.clone(),

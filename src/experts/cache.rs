@@ -119,6 +119,9 @@ struct State {
     resident_bytes: u64,
     latency: Histogram,
     load_time_us: u64,
+    /// Loads through the temporary-stack path (see `CacheSnapshot::overflow_loads`).
+    overflow_loads: u64,
+    overflow_time_us: u64,
     /// Keys being read right now (by the forward pass or the prefetcher).
     loading: HashSet<u32>,
     prefetch: Option<PrefetchStats>,
@@ -279,6 +282,8 @@ impl CachedProvider {
                 resident_bytes: if slot_mode { slot_bytes } else { 0 },
                 latency: Histogram::default(),
                 load_time_us: 0,
+                overflow_loads: 0,
+                overflow_time_us: 0,
                 loading: HashSet::new(),
                 prefetch: None,
                 prefetched_unused: HashSet::new(),
@@ -598,6 +603,8 @@ impl CachedProvider {
                     s.bytes_read += bytes;
                     s.load_time_us += us;
                     s.latency.record_us(us);
+                    s.overflow_loads += 1;
+                    s.overflow_time_us += us;
                 }
                 gu.push(w.gate_up);
                 dn.push(w.down);
@@ -664,6 +671,8 @@ impl CachedProvider {
             prefetch: s.prefetch.clone(),
             h2d_bytes: s.staging.copy_stats().0,
             h2d_time_us: s.staging.copy_stats().1,
+            overflow_loads: s.overflow_loads,
+            overflow_time_us: s.overflow_time_us,
         }
     }
 }

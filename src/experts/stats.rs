@@ -157,12 +157,26 @@ pub struct CacheSnapshot {
     pub h2d_bytes: u64,
     #[serde(default)]
     pub h2d_time_us: u64,
+    /// Of the loads above, those through a temporary stack because the GPU slot pool could not
+    /// hold one forward pass's experts at once (a long prompt in a small pool): count and µs.
+    /// They skip the pinned path, so they are not what an ordinary miss costs.
+    #[serde(default)]
+    pub overflow_loads: u64,
+    #[serde(default)]
+    pub overflow_time_us: u64,
 }
 
 impl CacheSnapshot {
     pub fn hit_rate(&self) -> Option<f64> {
         let t = self.hits + self.misses;
         (t > 0).then(|| self.hits as f64 / t as f64)
+    }
+
+    /// Mean time of an ordinary miss (overflow loads left out), seconds.
+    pub fn miss_cost_s(&self) -> Option<f64> {
+        let n = self.load_latency.count.saturating_sub(self.overflow_loads);
+        let t = self.load_time_us.saturating_sub(self.overflow_time_us);
+        (n > 0).then(|| t as f64 / 1e6 / n as f64)
     }
 }
 
@@ -188,6 +202,23 @@ impl PrefetchStats {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn miss_cost_leaves_overflow_loads_out() {
+        let mut c = CacheSnapshot {
+            load_time_us: 10_000,
+            ..Default::default()
+        };
+        c.load_latency.count = 10;
+        assert!((c.miss_cost_s().unwrap() - 0.001).abs() < 1e-12);
+        // Four of the ten were 2 ms overflow loads: the other six took 2 ms in all.
+        c.overflow_loads = 4;
+        c.overflow_time_us = 8_000;
+        assert!((c.miss_cost_s().unwrap() - 2e-3 / 6.0).abs() < 1e-12);
+        c.overflow_loads = 10;
+        assert_eq!(c.miss_cost_s(), None, "no ordinary miss to learn from");
+    }
+
     use super::*;
 
     #[test]
