@@ -551,27 +551,17 @@ mod tests {
                 let slow = ExpertWeights::from_raw(&raw, dtype, &Device::Cpu).unwrap();
                 for (a, b) in [(&fast.gate_up, &slow.gate_up), (&fast.down, &slow.down)] {
                     assert_eq!(a.dims(), b.dims());
+                    // Widening to f32 is exact for every storage dtype, so f32 bits compare all.
                     let bits = |t: &Tensor| -> Vec<u32> {
-                        match t.dtype() {
-                            DType::F32 => t
-                                .flatten_all()
-                                .unwrap()
-                                .to_vec1::<f32>()
-                                .unwrap()
-                                .iter()
-                                .map(|x| x.to_bits())
-                                .collect(),
-                            _ => t
-                                .to_dtype(DType::F32)
-                                .unwrap()
-                                .flatten_all()
-                                .unwrap()
-                                .to_vec1::<f32>()
-                                .unwrap()
-                                .iter()
-                                .map(|x| x.to_bits())
-                                .collect(),
-                        }
+                        t.to_dtype(DType::F32)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect()
                     };
                     assert_eq!(bits(a), bits(b), "{st:?} -> {dtype:?}");
                 }

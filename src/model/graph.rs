@@ -184,18 +184,9 @@ impl DecodeGraph {
 
         let _cache_uploads = cuda.enable_cuda_graph_htod_cache();
         Self::body(model, cache, experts, &ids, &pos, &logits, routing.as_ref())?;
-        let stream = cuda.cuda_stream();
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| cuda_err("capture start", e))?;
-        let recorded = Self::body(model, cache, experts, &ids, &pos, &logits, routing.as_ref());
-        // End the capture whatever happened, or the stream stays unusable.
-        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        recorded?;
-        let graph = ended
-            .map_err(|e| cuda_err("instantiation", e))?
-            .ok_or_else(|| cuda_err("capture", "nothing was recorded"))?;
-        graph.upload().map_err(|e| cuda_err("upload", e))?;
+        let graph = capture_piece(&cuda.cuda_stream(), || {
+            Self::body(model, cache, experts, &ids, &pos, &logits, routing.as_ref())
+        })?;
         Ok(DecodeGraph {
             graph,
             epoch: cache.epoch(),
@@ -348,6 +339,7 @@ struct Pieces {
 // SAFETY: as for `DecodeGraph`.
 unsafe impl Send for Piecewise {}
 
+/// Records what `body` queues on `stream` as a graph, instantiated and uploaded.
 fn capture_piece(
     stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
     body: impl FnOnce() -> Result<()>,
@@ -356,6 +348,7 @@ fn capture_piece(
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| cuda_err("capture start", e))?;
     let recorded = body();
+    // End the capture whatever happened, or the stream stays unusable.
     let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
     recorded?;
     let g = ended

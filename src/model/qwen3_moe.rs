@@ -613,17 +613,7 @@ impl Qwen3Moe {
         observer: &mut dyn RoutingObserver,
         sink: Option<&mut DeviceRouting>,
     ) -> Result<Tensor> {
-        let cap = cache.static_capacity();
-        let statics = cache.decode_statics(self.dtype, &self.device)?;
-        let (cos, sin) = self.rope.full(cap, self.dtype, &self.device)?;
-        let dec = DecodeInputs::build(
-            pos,
-            &statics,
-            &cos,
-            &sin,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        )?;
+        let dec = self.decode_inputs(pos, cache)?;
         let x = self.embed.index_select(ids, 0)?;
         let offset = cache.len();
         let x = self.run_layers(
@@ -637,6 +627,21 @@ impl Qwen3Moe {
         )?;
         let x = self.norm.forward(&x)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// The position-derived inputs of a one-token step whose position is `pos` on the device.
+    fn decode_inputs(&self, pos: &Tensor, cache: &mut KvCache) -> Result<DecodeInputs> {
+        let cap = cache.static_capacity();
+        let statics = cache.decode_statics(self.dtype, &self.device)?;
+        let (cos, sin) = self.rope.full(cap, self.dtype, &self.device)?;
+        DecodeInputs::build(
+            pos,
+            &statics,
+            &cos,
+            &sin,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        )
     }
 
     /// Whether layer `l` has a MoE block.
@@ -656,17 +661,7 @@ impl Qwen3Moe {
         dec: &DecodeInputs,
         x: &Tensor,
     ) -> Result<()> {
-        let cap = cache.static_capacity();
-        let statics = cache.decode_statics(self.dtype, &self.device)?;
-        let (cos, sin) = self.rope.full(cap, self.dtype, &self.device)?;
-        let d = DecodeInputs::build(
-            pos,
-            &statics,
-            &cos,
-            &sin,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        )?;
+        let d = self.decode_inputs(pos, cache)?;
         dec.cos.slice_set(&d.cos, 0, 0)?;
         dec.sin.slice_set(&d.sin, 0, 0)?;
         dec.rows.slice_set(&d.rows, 0, 0)?;
