@@ -363,6 +363,16 @@ fn warn_once(e: &ModelError) {
     ONCE.call_once(|| eprintln!("moescope: selective steps without piecewise CUDA graphs: {e}"));
 }
 
+/// Runs `f` with candle's host→device upload cache on when `on` (a step that a capture follows).
+fn caching_uploads<T>(
+    cuda: &candle_core::CudaDevice,
+    on: bool,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let _cached = on.then(|| cuda.enable_cuda_graph_htod_cache());
+    f()
+}
+
 fn launch(g: &CudaGraph) -> Result<()> {
     g.launch().map_err(|e| cuda_err("launch", e))
 }
@@ -509,34 +519,26 @@ pub fn piecewise_step(
     set_u32(&p.pos, position as u32)?;
     let capture_after = p.graphs.is_none();
     let want_w = observer.wants_routing();
-    {
-        // The first step runs every piece uncaptured (with candle's upload cache on, so that
-        // the capture after it finds every parameter it needs).
-        let guard = capture_after.then(|| cuda.enable_cuda_graph_htod_cache());
-        match &p.graphs {
-            Some(g) => launch(&g.start)?,
-            None => model.piece_start(&p.ids, &p.pos, cache, &p.dec, &p.x)?,
-        }
-        drop(guard);
-    }
+    // The first step runs every piece uncaptured, with candle's upload cache on so that the
+    // capture after it finds every parameter it needs.
+    caching_uploads(cuda, capture_after, || match &p.graphs {
+        Some(g) => launch(&g.start),
+        None => model.piece_start(&p.ids, &p.pos, cache, &p.dec, &p.x),
+    })?;
     for l in 0..cfg.num_hidden_layers {
-        {
-            let guard = capture_after.then(|| cuda.enable_cuda_graph_htod_cache());
-            match &p.graphs {
-                Some(g) => launch(&g.attention[l])?,
-                None => model.piece_attention(
-                    l,
-                    cache,
-                    &p.dec,
-                    &p.x,
-                    &p.x_mid,
-                    &p.h,
-                    &p.route_ids,
-                    &p.route_w,
-                )?,
-            }
-            drop(guard);
-        }
+        caching_uploads(cuda, capture_after, || match &p.graphs {
+            Some(g) => launch(&g.attention[l]),
+            None => model.piece_attention(
+                l,
+                cache,
+                &p.dec,
+                &p.x,
+                &p.x_mid,
+                &p.h,
+                &p.route_ids,
+                &p.route_w,
+            ),
+        })?;
         if !model.is_moe_layer(l) {
             continue;
         }
@@ -566,24 +568,18 @@ pub fn piecewise_step(
         let k = slots.len();
         p.slot_ids
             .slice_set(&Tensor::from_vec(slots, (1, k), model.device())?, 0, 0)?;
-        let guard = capture_after.then(|| cuda.enable_cuda_graph_htod_cache());
         let same_pool = p.pools.get(l).copied().flatten() == Some(st.gate_up.id());
-        match (&p.graphs, same_pool) {
-            (Some(g), true) => launch(g.experts[l].as_ref().expect("a MoE layer's graph"))?,
+        caching_uploads(cuda, capture_after, || match (&p.graphs, same_pool) {
+            (Some(g), true) => launch(g.experts[l].as_ref().expect("a MoE layer's graph")),
             // First step, or a temporary stack (the pool cannot hold the layer's experts at
             // once): the same ops, launched one by one.
-            _ => model.piece_experts(&st, &p.x_mid, &p.h, &p.slot_ids, &p.route_w, &p.x)?,
-        }
-        drop(guard);
+            _ => model.piece_experts(&st, &p.x_mid, &p.h, &p.slot_ids, &p.route_w, &p.x),
+        })?;
     }
-    {
-        let guard = capture_after.then(|| cuda.enable_cuda_graph_htod_cache());
-        match &p.graphs {
-            Some(g) => launch(&g.head)?,
-            None => model.piece_head(&p.x, &p.logits)?,
-        }
-        drop(guard);
-    }
+    caching_uploads(cuda, capture_after, || match &p.graphs {
+        Some(g) => launch(&g.head),
+        None => model.piece_head(&p.x, &p.logits),
+    })?;
     let row: Vec<f32> = p.logits.squeeze(0)?.to_vec1()?;
     // The step has run and been counted: a failed capture must not make the caller run it again.
     if capture_after && let Err(e) = p.capture(model, cache, experts, cuda) {
