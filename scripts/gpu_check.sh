@@ -47,6 +47,6 @@ python3 scripts/gpu_reference.py h2d > "$OUT/h2d.json"; cat "$OUT/h2d.json"; fi
 if step 6; then echo "== 6. selective sweep"
 # Two passes over the prompts: the second shows selective with a warm slot pool (steady state).
 "$BIN" sweep --model "$CKPT" --device cuda:0 --dtype bf16 --capacities "${CAPS:-12.5%,25%,50%,100%}" \
-  --prompts prompts/standard.toml --max-new-tokens "${SWEEP_TOKENS:-48}" --passes "${PASSES:-2}" --policy "${POLICY:-lru}" \
+  --prompts prompts/standard.toml --max-new-tokens "${SWEEP_TOKENS:-48}" --passes "${PASSES:-2}" --policy "${POLICY:-lru}" --cache-scope "${SCOPE:-global}" \
   -o "$OUT/sweep.json" | tee "$OUT/sweep.txt"; fi
 echo "done: $OUT"

@@ -115,6 +115,9 @@ def fidelity(a):
             graphed = run_steps(a.bin, d, s, 12, gpu)
             variants = [("native, graphs off", gpu, {"MOESCOPE_CUDA_GRAPHS": "0"}),
                         (f"selective {k} global", gpu + ["--backend", "selective", "--cache-experts", str(k)], {}),
+                        # Both miss paths explicitly (the default depends on the host).
+                        (f"selective {k} global, staged copies", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "staged"}),
+                        (f"selective {k} global, direct copies", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "direct"}),
                         (f"selective {ne * moe_layers} global", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {}),
                         (f"selective {k * moe_layers} layer", gpu + ["--backend", "selective", "--cache-experts", str(k * moe_layers), "--cache-scope", "layer"], {})]
             for name, extra, env in variants:
@@ -176,6 +179,103 @@ def h2d(a):
     print(json.dumps(res, indent=1))
 
 
+def miss_paths(a):
+    """Where an expert miss's time goes: host->device copy paths measured on one file in the page
+    cache, with expert-sized transfers (`--expert-mib`), so the selective bound can be checked
+    against what each path can reach on this host."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    n_exp = a.experts
+    ebytes = int(a.expert_mib * (1 << 20))
+    path = a.file
+    size = n_exp * ebytes
+    if not os.path.exists(path) or os.path.getsize(path) != size:
+        with open(path, "wb") as f:
+            block = np.arange(64 << 20, dtype=np.uint8).tobytes()
+            left = size
+            while left:
+                f.write(block[: min(left, len(block))])
+                left -= min(left, len(block))
+    fd = os.open(path, os.O_RDONLY)
+    # Touch it all so the page cache is warm (as in the sweep).
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+    res = {"device": torch.cuda.get_device_name(), "expert_bytes": ebytes, "experts": n_exp}
+    slots = torch.empty((a.slots, ebytes), dtype=torch.uint8, device="cuda")
+    pool = ThreadPoolExecutor(a.threads)
+    chunk = 1 << 20
+
+    def read_into(buf_np, e):
+        views = [(memoryview(buf_np[o : o + chunk]), e * ebytes + o) for o in range(0, ebytes, chunk)]
+        list(pool.map(lambda v: os.preadv(fd, [v[0]], v[1]), views))
+
+    order = np.random.default_rng(0).permutation(n_exp)[: a.count]
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        return {"s": dt, "bytes_per_s": len(order) * ebytes / dt, "us_per_expert": dt / len(order) * 1e6}
+
+    bufs = [torch.empty(ebytes, dtype=torch.uint8, pin_memory=True) for _ in range(4)]
+    nps = [b.numpy() for b in bufs]
+    events = [None] * 4
+
+    def lone_dma():
+        for i, _ in enumerate(order):
+            slots[i % a.slots].copy_(bufs[i % 2], non_blocking=True)
+
+    def read_only():
+        for i, e in enumerate(order):
+            read_into(nps[i % 2], e)
+
+    def bounce(ring):
+        def go():
+            for i, e in enumerate(order):
+                b = i % ring
+                if events[b] is not None:
+                    events[b].synchronize()
+                read_into(nps[b], e)
+                slots[i % a.slots].copy_(bufs[b], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                events[b] = ev
+        return go
+
+    timed(lone_dma)  # warm-up: CUDA context, allocator
+    res["lone_pinned_dma"] = timed(lone_dma)
+    res["read_to_pinned"] = timed(read_only)
+    res["bounce_ring2"] = timed(bounce(2))
+    res["bounce_ring4"] = timed(bounce(4))
+    # Register the file's mapping with the driver (read-only) and copy straight from it.
+    mm = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
+    arr = np.frombuffer(mm, dtype=np.uint8)
+    t0 = time.perf_counter()
+    err = int(torch.cuda.cudart().cudaHostRegister(arr.ctypes.data, size, 8))
+    res["register"] = {"error": err, "s": time.perf_counter() - t0,
+                       "bytes": size}
+    if res["register"]["error"] == 0:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            host = torch.frombuffer(mm, dtype=torch.uint8)
+
+        def direct():
+            for i, e in enumerate(order):
+                slots[i % a.slots].copy_(host[e * ebytes : (e + 1) * ebytes], non_blocking=True)
+
+        res["direct_from_registered_mmap"] = timed(direct)
+        res["direct_from_registered_mmap_2"] = timed(direct)
+        torch.cuda.cudart().cudaHostUnregister(arr.ctypes.data)
+    print(json.dumps(res, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -186,8 +286,15 @@ def main():
     h.add_argument("--prompt-tokens", type=int, default=16)
     h.add_argument("--new-tokens", type=int, default=64)
     sub.add_parser("h2d")
+    m = sub.add_parser("miss-paths")
+    m.add_argument("--file", default="/tmp/moescope-miss-paths.bin")
+    m.add_argument("--experts", type=int, default=512)
+    m.add_argument("--expert-mib", type=float, default=9.0)
+    m.add_argument("--count", type=int, default=256)
+    m.add_argument("--slots", type=int, default=64)
+    m.add_argument("--threads", type=int, default=16)
     a = ap.parse_args()
-    {"fidelity": fidelity, "hf-decode": hf_decode, "h2d": h2d}[a.cmd](a)
+    {"fidelity": fidelity, "hf-decode": hf_decode, "h2d": h2d, "miss-paths": miss_paths}[a.cmd](a)
 
 
 if __name__ == "__main__":

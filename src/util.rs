@@ -1,4 +1,5 @@
-//! Small helpers shared by several layers: byte sizes for humans, and back.
+//! Small helpers shared by several layers: byte sizes for humans, and back; the host's
+//! available memory.
 
 /// "1.5 GiB", "512 MiB", "12 KiB", "7 B".
 pub fn fmt_bytes(b: u64) -> String {
@@ -53,6 +54,27 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         return Err(format!("bad size \"{s}\": out of range"));
     }
     Ok(v.round() as u64)
+}
+
+/// The host's available memory (MemAvailable), bytes; 0 when it cannot be read.
+pub fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| {
+            sysinfo::System::new()
+                .map(|mut s| {
+                    s.refresh_memory();
+                    s.available_memory()
+                })
+                .unwrap_or(0)
+        })
 }
 
 #[cfg(test)]

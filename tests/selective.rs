@@ -3,6 +3,7 @@
 
 mod common;
 
+use candle_core::Device;
 use common::*;
 use moescope::cli::BackendKind;
 use moescope::engine::{BackendSpec, DeviceSpec, Dtype, Engine};
@@ -338,6 +339,76 @@ fn read_into_matches_read_for_every_source() {
             }
         }
     }
+}
+
+/// What a GPU cache copies straight out of the expert files (the direct path) is exactly what
+/// `read` returns: every part's location covers its bytes, for the shard source and an
+/// extraction; the seed layout has no plain locations, so it is never copied directly.
+#[test]
+fn part_locations_are_the_bytes_read() {
+    use moescope::experts::direct::{self, H2dPath};
+    use moescope::experts::extract::ExtractedSource;
+    use moescope::experts::seed::SeedExpertSource;
+    use moescope::experts::source::{ExpertSource, ShardSource};
+    use moescope::model::{Checkpoint, MoeConfig};
+
+    let dir = fixture("qwen3-omni-tiny");
+    let cfg = MoeConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ext = tmp.path().join("ext");
+    let (rc, _, err) = moescope_cli(&[
+        "extract",
+        "--model",
+        dir.to_str().unwrap(),
+        "--out",
+        ext.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    let file_sources: Vec<Box<dyn ExpertSource>> = vec![
+        Box::new(ShardSource::new(&ckpt, &cfg).unwrap()),
+        Box::new(ExtractedSource::open(&ext, &cfg).unwrap()),
+    ];
+    for src in &file_sources {
+        let files = direct::expert_files(src.as_ref()).expect("file ranges");
+        for layer in cfg.moe_layers() {
+            for e in 0..cfg.num_experts {
+                let raw = src.read(layer, e).unwrap();
+                let locs = src.part_locations(layer, e).expect("located");
+                for (p, loc) in raw.parts.iter().zip(&locs) {
+                    assert!(
+                        files.contains(&loc.file),
+                        "{} not listed",
+                        loc.file.display()
+                    );
+                    let bytes = std::fs::read(&loc.file).unwrap();
+                    let at = loc.offset as usize..(loc.offset + loc.len) as usize;
+                    assert_eq!(&bytes[at], &p.bytes[..], "{} {layer}/{e}", src.describe());
+                    assert_eq!((loc.dtype, &loc.shape), (p.dtype, &p.shape));
+                }
+            }
+        }
+        // Off a GPU the staged path is the only one, and says why.
+        let (path, why) = direct::choose_with(&Device::Cpu, src.as_ref(), "").unwrap();
+        assert_eq!((path, why.as_str()), (H2dPath::Staged, "not a CUDA device"));
+        let err = direct::choose_with(&Device::Cpu, src.as_ref(), "dma")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("MOESCOPE_H2D") && err.contains("direct, staged or auto"),
+            "{err}"
+        );
+        let err = direct::DirectFiles::open(&Device::Cpu, &files)
+            .err()
+            .expect("no direct copies without a GPU")
+            .to_string();
+        assert!(err.to_lowercase().contains("cuda"), "{err}");
+    }
+    let seed = tmp.path().join("seed");
+    make_seed_layout(&dir, &seed, true);
+    let seed = SeedExpertSource::open(&seed, &cfg).unwrap();
+    assert!(seed.part_locations(0, 0).is_none());
+    assert!(direct::expert_files(&seed).is_none());
 }
 
 fn moescope_cli(args: &[&str]) -> (i32, String, String) {

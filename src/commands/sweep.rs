@@ -44,6 +44,11 @@ pub struct SweepRow {
     /// (0 off the GPU).
     pub h2d_bytes: u64,
     pub h2d_time_us: u64,
+    /// GPU memory of the process at its peak (part of `peak_memory`), when known.
+    pub peak_gpu: Option<u64>,
+    /// Host memory page-locked for direct copies (the registered expert files; part of
+    /// `peak_memory`, since mapped pages count in the RSS).
+    pub host_pinned_bytes: u64,
     pub failed: Option<String>,
 }
 
@@ -65,10 +70,14 @@ pub struct Sweep {
     /// Native's decode tok/s over the last pass (with --passes ≥ 2).
     pub native_steady_decode_tok_s: Option<f64>,
     pub native_peak_memory: u64,
+    pub native_peak_gpu: Option<u64>,
     pub mean_miss_cost_us: Option<f64>,
-    /// Sequential read bandwidth of the expert bytes, measured the same way the run reads
-    /// (page cache warm, or evicted first with --cold), bytes/s.
+    /// Bandwidth of the miss path, measured the way the run moves a miss (page cache warm, or
+    /// evicted first with --cold), bytes/s: the staged reader, or on a GPU taking the direct
+    /// path, DMA from the registered expert files.
     pub read_bandwidth: Option<f64>,
+    /// On a GPU: which miss path the bound measured ("direct: …" / "staged: …", with why).
+    pub miss_path: Option<String>,
     pub rows: Vec<SweepRow>,
     /// Mean |predicted − measured| / measured over the capacities, %.
     pub mean_prediction_error_pct: Option<f64>,
@@ -143,7 +152,8 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     let total = cfg.total_experts();
     let capacities = cachesim::parse_capacities(&a.capacities, total).map_err(InputError)?;
 
-    let read_bandwidth = measure_read_bandwidth(&model_dir, &cfg, a.cold);
+    let (read_bandwidth, miss_path) =
+        measure_miss_bandwidth(&model_dir, &cfg, a.cold, &a.model.device);
     eprintln!("sweep: native reference run…");
     let native = session(&base, Backend::Native, &[])?;
     let nm = backend_metrics(&native, Backend::Native);
@@ -266,6 +276,8 @@ pub fn run(a: &SweepArgs) -> Result<()> {
             miss_cost_us: cache.and_then(|c| c.miss_cost_s()).map(|m| m * 1e6),
             h2d_bytes: cache.map_or(0, |c| c.h2d_bytes),
             h2d_time_us: cache.map_or(0, |c| c.h2d_time_us),
+            peak_gpu: m.memory.peak_gpu,
+            host_pinned_bytes: cache.map_or(0, |c| c.host_pinned_bytes),
             failed: m.failed.clone(),
         });
     }
@@ -283,8 +295,10 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         passes: a.passes,
         native_steady_decode_tok_s: native_steady,
         native_peak_memory: nm.memory.peak,
+        native_peak_gpu: nm.memory.peak_gpu,
         mean_miss_cost_us: miss_s.map(|m| m * 1e6),
         read_bandwidth,
+        miss_path,
         mean_prediction_error_pct: (!errs.is_empty())
             .then(|| errs.iter().sum::<f64>() / errs.len() as f64),
         rows,
@@ -300,6 +314,44 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         print!("{}", render(&sweep));
     }
     Ok(())
+}
+
+/// The bandwidth a miss moves at on `device`, and on a GPU which path that is: DMA from the
+/// registered expert files when the cache will take that path (see `experts::direct`),
+/// else the staged reader.
+fn measure_miss_bandwidth(
+    dir: &std::path::Path,
+    cfg: &crate::model::MoeConfig,
+    cold: bool,
+    device: &crate::engine::DeviceSpec,
+) -> (Option<f64>, Option<String>) {
+    use crate::experts::direct::{self, H2dPath};
+    use crate::experts::source::ExpertSource;
+    if !device.is_cuda() {
+        return (measure_read_bandwidth(dir, cfg, cold), None);
+    }
+    let opened = crate::model::Checkpoint::open(dir)
+        .and_then(|ckpt| crate::experts::source::ShardSource::new(&ckpt, cfg))
+        .and_then(|src| Ok((src, device.open()?)));
+    let (src, dev) = match opened {
+        Ok(x) => x,
+        Err(e) => return (None, Some(format!("not measured: {e}"))),
+    };
+    src.set_cold(cold);
+    match direct::choose(&dev, &src) {
+        Ok((H2dPath::Direct, why)) => match direct::bandwidth(&dev, &src) {
+            Ok(bw) => (Some(bw), Some(format!("direct: {why}"))),
+            Err(e) => (
+                measure_read_bandwidth(dir, cfg, cold),
+                Some(format!("staged: direct copies failed ({e})")),
+            ),
+        },
+        Ok((H2dPath::Staged, why)) => (
+            measure_read_bandwidth(dir, cfg, cold),
+            Some(format!("staged: {why}")),
+        ),
+        Err(e) => (None, Some(format!("not measured: {e}"))),
+    }
 }
 
 /// Reads up to 1 GiB of expert bytes sequentially (pread, 8 MiB at a time) and returns bytes/s.
@@ -387,9 +439,13 @@ pub fn render(s: &Sweep) -> String {
     if let Some(bw) = s.read_bandwidth {
         let _ = writeln!(
             o,
-            "expert read bandwidth {:.2} GB/s ({})",
+            "expert miss bandwidth {:.2} GB/s ({}{})",
             bw / 1e9,
-            if s.cold { "cold" } else { "warm" }
+            if s.cold { "cold" } else { "warm" },
+            s.miss_path
+                .as_deref()
+                .map(|p| format!("; {p}"))
+                .unwrap_or_default()
         );
     }
     let _ = writeln!(
@@ -448,7 +504,13 @@ pub fn render(s: &Sweep) -> String {
         }
     }
     if s.rows.iter().any(|r| r.h2d_bytes > 0) {
-        let _ = writeln!(o, "host→device copies into the slot pool (device time):");
+        let _ = writeln!(
+            o,
+            "host→device copies into the slot pool (device time); GPU memory at peak{}, host memory pinned:",
+            s.native_peak_gpu
+                .map(|g| format!(" (native {})", fmt_bytes(g)))
+                .unwrap_or_default()
+        );
         for r in s.rows.iter().filter(|r| r.h2d_bytes > 0) {
             let rate = if r.h2d_time_us > 0 {
                 format!(
@@ -460,11 +522,13 @@ pub fn render(s: &Sweep) -> String {
             };
             let _ = writeln!(
                 o,
-                "{:>9} {:>6.1}%   {:>10} in {:>8.1} ms   {rate}",
+                "{:>9} {:>6.1}%   {:>10} in {:>8.1} ms   {rate:>10}   GPU {:>9}   pinned {:>9}",
                 r.capacity,
                 r.capacity_pct,
                 fmt_bytes(r.h2d_bytes),
-                r.h2d_time_us as f64 / 1e3
+                r.h2d_time_us as f64 / 1e3,
+                r.peak_gpu.map(fmt_bytes).unwrap_or("–".into()),
+                fmt_bytes(r.host_pinned_bytes)
             );
         }
     }

@@ -18,6 +18,7 @@ use super::provider::{ExpertProvider, ExpertWeights, Stacked, missing_error};
 use super::source::ExpertSource;
 use super::stats::{CacheSnapshot, Histogram, LayerStats, PrefetchStats};
 use crate::model::error::{ModelError, Result};
+use crate::model::safetensors_file::StDtype;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,6 +132,10 @@ struct State {
     guesses: HashMap<usize, Vec<usize>>,
     /// Host buffer that slot misses are read into and uploaded from (pinned on CUDA).
     staging: super::upload::Staging,
+    /// Registered expert files that slot misses are copied from directly, when that path was
+    /// chosen (see `direct.rs`), and why the path is what it is.
+    direct: Option<super::direct::DirectFiles>,
+    h2d_path: Option<String>,
     /// Slot mode, per model layer: expert → slot on the device (for speculative graph steps),
     /// its host copy, and whether the device copy is behind.
     maps: Vec<Option<Tensor>>,
@@ -247,6 +252,28 @@ impl CachedProvider {
                 });
             }
         }
+        let (direct, h2d_path) = if slot_mode {
+            let (path, why) = super::direct::choose(device, source.as_ref())?;
+            let (direct, label) = if path == super::direct::H2dPath::Direct {
+                let files = super::direct::expert_files(source.as_ref()).unwrap_or_default();
+                match super::direct::DirectFiles::open(device, &files) {
+                    Ok(d) => (Some(d), format!("direct: {why}")),
+                    // Not fatal: the staged path works everywhere, only slower.
+                    Err(e) => {
+                        eprintln!("moescope: direct expert copies unavailable ({e}); staging");
+                        (
+                            None,
+                            format!("staged: registering the expert files failed: {e}"),
+                        )
+                    }
+                }
+            } else {
+                (None, format!("staged: {why}"))
+            };
+            (direct, Some(label))
+        } else {
+            (None, None)
+        };
         let mut maps = vec![None; cfg.num_hidden_layers];
         if slot_mode {
             for &l in &moe_layers {
@@ -289,6 +316,8 @@ impl CachedProvider {
                 prefetched_unused: HashSet::new(),
                 guesses: HashMap::new(),
                 staging: Default::default(),
+                direct,
+                h2d_path,
                 maps,
                 map_host: vec![vec![0; cfg.num_experts]; cfg.num_hidden_layers],
                 map_dirty: vec![false; cfg.num_hidden_layers],
@@ -498,6 +527,17 @@ impl CachedProvider {
         got
     }
 
+    /// Charges a settled batch of direct copies to the miss statistics: each miss costs its
+    /// share of the batch's device copy time plus its own host time (queueing the copies).
+    fn count_direct(s: &mut State, done: Option<super::direct::Settled>) {
+        let Some(b) = done else { return };
+        let total = b.copy_us + b.host_us;
+        s.load_time_us += total;
+        for _ in 0..b.misses {
+            s.latency.record_us(total / b.misses.max(1) as u64);
+        }
+    }
+
     /// The fused path: every expert in `needed` resident in the layer's slot pool (loading the
     /// misses into free or evicted slots), or — when the pool cannot hold them all at once, as
     /// in the prefill of a long prompt with a small cache — a temporary stack of exactly those
@@ -541,32 +581,46 @@ impl CachedProvider {
                 let store = st.pools[pi].slots.as_mut().expect("slot mode");
                 let gu_n = store.gate_up.dim(1)? * store.gate_up.dim(2)?;
                 let dn_n = store.down.dim(1)? * store.down.dim(2)?;
-                let stored = self.source.stored_bytes(layer, e) as usize;
-                let buf = st.staging.buffer(&self.device, stored)?;
-                let spans = self.source.read_into(layer, e, buf)?;
-                let bytes = spans.iter().map(|p| p.range.len() as u64).sum::<u64>();
                 let esize = self.dtype.size_in_bytes();
-                let fits_slot = spans[0].range.len() == gu_n / 2 * esize
-                    && spans[1].range.len() == gu_n / 2 * esize
-                    && spans[2].range.len() == dn_n * esize;
-                if fits_slot
-                    && spans
-                        .iter()
-                        .all(|p| p.dtype.float_dtype() == Some(self.dtype))
-                {
-                    // Stored in the compute dtype: from the (pinned) read buffer straight into
-                    // the slot, queued behind the kernels already on the stream.
-                    let [g, u, d] = spans;
-                    st.staging.upload(&store.gate_up, slot * gu_n, g.range)?;
-                    st.staging
-                        .upload(&store.gate_up, slot * gu_n + gu_n / 2, u.range)?;
-                    st.staging.upload(&store.down, slot * dn_n, d.range)?;
-                } else {
-                    let raw = self.source.read(layer, e)?;
-                    let w = ExpertWeights::from_raw(&raw, self.dtype, &self.device)?;
-                    store.gate_up.slice_set(&w.gate_up.unsqueeze(0)?, 0, slot)?;
-                    store.down.slice_set(&w.down.unsqueeze(0)?, 0, slot)?;
+                // Stored in the compute dtype at the slot's shapes: the bytes go into the slot
+                // as they are, queued behind the kernels already on the stream.
+                let fits_slot = |parts: [(usize, StDtype); 3]| {
+                    parts[0].0 == gu_n / 2 * esize
+                        && parts[1].0 == gu_n / 2 * esize
+                        && parts[2].0 == dn_n * esize
+                        && parts.iter().all(|p| p.1.float_dtype() == Some(self.dtype))
+                };
+                let direct_locs = st
+                    .direct
+                    .as_ref()
+                    .and_then(|_| self.source.part_locations(layer, e))
+                    .filter(|l| fits_slot([0, 1, 2].map(|i| (l[i].len as usize, l[i].dtype))));
+                let mut direct = false;
+                if let (Some(d), Some([g, u, dl])) = (st.direct.as_mut(), &direct_locs) {
+                    direct = d.upload(&store.gate_up, slot * gu_n, g)?
+                        && d.upload(&store.gate_up, slot * gu_n + gu_n / 2, u)?
+                        && d.upload(&store.down, slot * dn_n, dl)?;
                 }
+                let bytes = if direct {
+                    direct_locs.iter().flatten().map(|p| p.len).sum::<u64>()
+                } else {
+                    let stored = self.source.stored_bytes(layer, e) as usize;
+                    let buf = st.staging.buffer(&self.device, stored)?;
+                    let spans = self.source.read_into(layer, e, buf)?;
+                    if fits_slot([0, 1, 2].map(|i| (spans[i].range.len(), spans[i].dtype))) {
+                        let [g, u, d] = spans.clone();
+                        st.staging.upload(&store.gate_up, slot * gu_n, g.range)?;
+                        st.staging
+                            .upload(&store.gate_up, slot * gu_n + gu_n / 2, u.range)?;
+                        st.staging.upload(&store.down, slot * dn_n, d.range)?;
+                    } else {
+                        let raw = self.source.read(layer, e)?;
+                        let w = ExpertWeights::from_raw(&raw, self.dtype, &self.device)?;
+                        store.gate_up.slice_set(&w.gate_up.unsqueeze(0)?, 0, slot)?;
+                        store.down.slice_set(&w.down.unsqueeze(0)?, 0, slot)?;
+                    }
+                    spans.iter().map(|p| p.range.len() as u64).sum::<u64>()
+                };
                 let us = start.elapsed().as_micros() as u64;
                 store.slot_of.insert(key(layer, e), slot);
                 s.map_host[layer][e] = slot as u32;
@@ -574,8 +628,17 @@ impl CachedProvider {
                 s.pools[pi].policy.on_insert(key(layer, e));
                 s.layers[li].resident[e] = true;
                 s.bytes_read += bytes;
-                s.load_time_us += us;
-                s.latency.record_us(us);
+                match s.direct.as_mut().filter(|_| direct) {
+                    // Its cost is the copy, known once the device has done it.
+                    Some(d) => d.note_miss(us),
+                    None => {
+                        s.load_time_us += us;
+                        s.latency.record_us(us);
+                    }
+                }
+            }
+            if let Some(done) = s.direct.as_mut().map(|d| d.end_batch()).transpose()? {
+                Self::count_direct(&mut s, done);
             }
             let store = s.pools[pi].slots.as_ref().expect("slot mode");
             let mut index = vec![u32::MAX; num];
@@ -643,7 +706,13 @@ impl CachedProvider {
     }
 
     pub fn snapshot(&self) -> CacheSnapshot {
-        let s = self.state.lock().expect("cache lock");
+        let mut s = self.state.lock().expect("cache lock");
+        // Without waiting: a batch still in flight is counted at a later snapshot.
+        if let Some(Ok(done)) = s.direct.as_mut().map(|d| d.settle(false)) {
+            Self::count_direct(&mut s, done);
+        }
+        let (staged_bytes, staged_us) = s.staging.copy_stats();
+        let (direct_bytes, direct_us) = s.direct.as_ref().map_or((0, 0), |d| d.copy_stats());
         CacheSnapshot {
             layers: s.layers.clone(),
             hits: s.hits,
@@ -669,10 +738,12 @@ impl CachedProvider {
             load_latency: s.latency.summary(),
             load_time_us: s.load_time_us,
             prefetch: s.prefetch.clone(),
-            h2d_bytes: s.staging.copy_stats().0,
-            h2d_time_us: s.staging.copy_stats().1,
+            h2d_bytes: staged_bytes + direct_bytes,
+            h2d_time_us: staged_us + direct_us,
             overflow_loads: s.overflow_loads,
             overflow_time_us: s.overflow_time_us,
+            h2d_path: s.h2d_path.clone(),
+            host_pinned_bytes: s.direct.as_ref().map_or(0, |d| d.registered_bytes()),
         }
     }
 }

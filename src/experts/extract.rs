@@ -536,6 +536,18 @@ impl ExpertSource for ExtractedSource {
         self.cold.store(cold, Ordering::Relaxed);
     }
 
+    fn is_cold(&self) -> bool {
+        self.cold.load(Ordering::Relaxed)
+    }
+
+    fn part_locations(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Option<[crate::model::checkpoint::TensorLocation; 3]> {
+        self.entries.get(&(layer, expert)).cloned()
+    }
+
     fn read_into(
         &self,
         layer: usize,

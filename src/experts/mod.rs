@@ -1,6 +1,7 @@
 //! Expert sources, the cache and its policies, extraction and verification. No UI.
 
 pub mod cache;
+pub mod direct;
 pub mod extract;
 pub mod policy;
 pub mod provider;

@@ -75,6 +75,16 @@ pub trait ExpertSource: Send + Sync {
     /// Cold mode: drop each expert's file pages from the page cache after reading it, so every
     /// miss costs a storage read.
     fn set_cold(&self, cold: bool);
+    /// Whether cold mode is on.
+    fn is_cold(&self) -> bool {
+        false
+    }
+
+    /// Where the expert's three parts lie in files, for sources whose parts are plain byte
+    /// ranges (a GPU cache can then copy them straight out of a registered mapping).
+    fn part_locations(&self, _layer: usize, _expert: usize) -> Option<[TensorLocation; 3]> {
+        None
+    }
 
     /// Reads the expert's three parts back to back into `buf` (at least `stored_bytes` long)
     /// and says where each landed. Sources that can `pread` override this so a GPU cache reads
@@ -323,6 +333,14 @@ impl ExpertSource for ShardSource {
 
     fn set_cold(&self, cold: bool) {
         self.cold.store(cold, Ordering::Relaxed);
+    }
+
+    fn is_cold(&self) -> bool {
+        self.cold.load(Ordering::Relaxed)
+    }
+
+    fn part_locations(&self, layer: usize, expert: usize) -> Option<[TensorLocation; 3]> {
+        Some(self.location(layer, expert)?.parts.clone())
     }
 
     fn read_into(&self, layer: usize, expert: usize, buf: &mut [u8]) -> Result<[PartSpan; 3]> {

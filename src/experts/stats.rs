@@ -164,6 +164,12 @@ pub struct CacheSnapshot {
     pub overflow_loads: u64,
     #[serde(default)]
     pub overflow_time_us: u64,
+    /// GPU slot pools: how misses reach the device ("direct: …" or "staged: …", with why).
+    #[serde(default)]
+    pub h2d_path: Option<String>,
+    /// Host memory page-locked for direct copies (the registered expert files), bytes.
+    #[serde(default)]
+    pub host_pinned_bytes: u64,
 }
 
 impl CacheSnapshot {

@@ -24,25 +24,7 @@ pub fn parse_proc_status(text: &str) -> Option<(u64, u64, u64, u64)> {
     ))
 }
 
-pub fn mem_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or_else(|| {
-            sysinfo::System::new()
-                .map(|mut s| {
-                    s.refresh_memory();
-                    s.available_memory()
-                })
-                .unwrap_or(0)
-        })
-}
+pub use crate::util::mem_available;
 
 /// GPU memory per process through NVML (loaded at run time; absent NVML = unavailable).
 pub struct Gpu {

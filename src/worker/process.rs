@@ -15,7 +15,7 @@ use crate::session::event::Backend;
 /// What the parent hears from a worker.
 #[derive(Debug, Clone)]
 pub enum WorkerMsg {
-    Event(WorkerEvent),
+    Event(Box<WorkerEvent>),
     /// A stdout line that is not a protocol event.
     BadLine(String),
     /// The process ended.
@@ -95,7 +95,7 @@ impl WorkerProcess {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 let msg = match serde_json::from_str::<WorkerEvent>(&l) {
-                    Ok(ev) => WorkerMsg::Event(ev),
+                    Ok(ev) => WorkerMsg::Event(Box::new(ev)),
                     Err(_) => WorkerMsg::BadLine(l),
                 };
                 if events.send((backend, msg)).is_err() {

@@ -440,7 +440,7 @@ impl Scheduler {
     fn handle(&mut self, b: Backend, msg: WorkerMsg) {
         let em = self.em.clone();
         match msg {
-            WorkerMsg::Event(ev) => match ev {
+            WorkerMsg::Event(ev) => match *ev {
                 WorkerEvent::Ready { version, .. } => {
                     if version != PROTOCOL_VERSION {
                         self.fail(

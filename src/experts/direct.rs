@@ -1,0 +1,472 @@
+//! Expert misses on a discrete GPU as one DMA each, straight out of the expert files' pages.
+//!
+//! The staged path ([`super::upload::Staging`]) has the CPU copy every missed byte from the page
+//! cache into a page-locked buffer and then DMA it. On an H100 host that chain moved misses at
+//! 15–23 GB/s while a lone pinned copy reaches 55 GB/s: the CPU's copy of the next expert
+//! competes with the DMA of the last one for host memory, and a layer's last copy overlaps
+//! nothing. Here the expert files are mapped read-only and registered with the driver
+//! (`cuMemHostRegister`, read-only flag), which page-locks their page-cache pages; a miss is
+//! then an async copy from the mapping into its slot, queued on candle's stream ahead of the
+//! kernel that reads it, and the host never waits for it.
+//!
+//! The price: every page of every registered file stays resident in host memory for the
+//! cache's life, used or not. So [`choose`] takes this path only on a discrete GPU, when the
+//! files fit in half the available memory and cold mode is off (a pinned page cannot be
+//! dropped to force storage reads); `MOESCOPE_H2D=direct|staged|auto` overrides. On an
+//! integrated GPU (Jetson Thor) host memory *is* the GPU's memory: pinning the whole checkpoint
+//! there would undo what the cache saves.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+use super::source::ExpertSource;
+use crate::model::checkpoint::TensorLocation;
+use crate::model::error::{ModelError, Result};
+
+/// How a GPU slot miss reaches the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H2dPath {
+    /// Read into a page-locked staging buffer by the CPU, then DMA'd.
+    Staged,
+    /// DMA'd straight from the registered file mapping.
+    Direct,
+}
+
+impl H2dPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            H2dPath::Staged => "staged",
+            H2dPath::Direct => "direct",
+        }
+    }
+}
+
+/// The distinct files holding the source's experts, or `None` when some expert is not a plain
+/// byte range of a file (the seed layout, say).
+pub fn expert_files(source: &dyn ExpertSource) -> Option<Vec<PathBuf>> {
+    let cfg = source.config();
+    let mut files = BTreeSet::new();
+    for layer in cfg.moe_layers() {
+        for e in (0..cfg.num_experts).filter(|&e| source.has(layer, e)) {
+            for p in source.part_locations(layer, e)? {
+                files.insert(p.file);
+            }
+        }
+    }
+    Some(files.into_iter().collect())
+}
+
+/// Which path a GPU cache over `source` on `device` takes, and why (for logs and statistics).
+pub fn choose(device: &Device, source: &dyn ExpertSource) -> Result<(H2dPath, String)> {
+    choose_with(
+        device,
+        source,
+        &std::env::var("MOESCOPE_H2D").unwrap_or_default(),
+    )
+}
+
+/// [`choose`] with `MOESCOPE_H2D`'s value given.
+pub fn choose_with(
+    device: &Device,
+    source: &dyn ExpertSource,
+    forced: &str,
+) -> Result<(H2dPath, String)> {
+    let staged = |why: String| Ok((H2dPath::Staged, why));
+    let forced_direct = match forced {
+        "" | "auto" => false,
+        "direct" => true,
+        "staged" => return staged("MOESCOPE_H2D=staged".into()),
+        other => {
+            return Err(ModelError::Input(format!(
+                "MOESCOPE_H2D is {other:?}; expected direct, staged or auto"
+            )));
+        }
+    };
+    if !device.is_cuda() {
+        return staged("not a CUDA device".into());
+    }
+    if source.is_cold() {
+        return staged(
+            "cold mode drops each expert's pages, which a registered page cannot".into(),
+        );
+    }
+    if is_integrated(device) {
+        return staged(
+            "integrated GPU: host memory is device memory, pinning the files would use it".into(),
+        );
+    }
+    let Some(files) = expert_files(source) else {
+        return staged("the expert source is not plain file ranges".into());
+    };
+    let bytes: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let sized = crate::util::fmt_bytes(bytes);
+    if forced_direct {
+        return Ok((H2dPath::Direct, format!("MOESCOPE_H2D=direct ({sized})")));
+    }
+    let available = crate::util::mem_available();
+    if bytes > available / 2 {
+        return staged(format!(
+            "the expert files ({sized}) exceed half the available memory ({})",
+            crate::util::fmt_bytes(available)
+        ));
+    }
+    Ok((
+        H2dPath::Direct,
+        format!("{} expert files ({sized}) registered", files.len()),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn is_integrated(device: &Device) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let Ok(d) = device.as_cuda_device() else {
+        return false;
+    };
+    d.cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_INTEGRATED)
+        .is_ok_and(|v| v != 0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn is_integrated(_device: &Device) -> bool {
+    false
+}
+
+/// Registered expert files and the copies queued out of them.
+pub struct DirectFiles {
+    #[cfg(feature = "cuda")]
+    inner: cuda::Inner,
+    /// Misses queued since the last [`end_batch`](Self::end_batch) and their host time.
+    batch: (usize, u64),
+}
+
+/// A finished batch of direct copies: device time of the copies, misses, host time, µs.
+#[derive(Debug, Clone, Copy)]
+pub struct Settled {
+    pub copy_us: u64,
+    pub misses: usize,
+    pub host_us: u64,
+}
+
+impl DirectFiles {
+    /// Maps and registers `files` with `device`'s driver. Fails (and registers nothing) when
+    /// any file cannot be opened, mapped or registered.
+    pub fn open(device: &Device, files: &[PathBuf]) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            let d = device.as_cuda_device()?;
+            Ok(DirectFiles {
+                inner: cuda::Inner::open(d, files)?,
+                batch: (0, 0),
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (device, files);
+            Err(ModelError::Input(
+                "direct expert uploads need a build with --features cuda".into(),
+            ))
+        }
+    }
+
+    /// Bytes of host memory page-locked by the registration.
+    pub fn registered_bytes(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        return self.inner.registered;
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+
+    /// Host→device bytes queued and the device time of the settled copies, µs.
+    pub fn copy_stats(&self) -> (u64, u64) {
+        #[cfg(feature = "cuda")]
+        return (self.inner.copied_bytes, self.inner.copy_time_us);
+        #[cfg(not(feature = "cuda"))]
+        (0, 0)
+    }
+
+    /// Queues a copy of `loc`'s bytes into `dst` from element `elem_offset` on, on candle's
+    /// stream. `Ok(false)` when `loc`'s file is not registered (the caller stages it instead).
+    pub fn upload(
+        &mut self,
+        dst: &Tensor,
+        elem_offset: usize,
+        loc: &TensorLocation,
+    ) -> candle_core::Result<bool> {
+        #[cfg(feature = "cuda")]
+        return self.inner.upload(dst, elem_offset, loc);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (dst, elem_offset, loc);
+            Ok(false)
+        }
+    }
+
+    /// Counts one miss whose parts were all queued, with its host time.
+    pub fn note_miss(&mut self, host_us: u64) {
+        self.batch.0 += 1;
+        self.batch.1 += host_us;
+    }
+
+    /// Closes the batch of copies queued since the last call (one layer's misses); its device
+    /// time is read by a later [`settle`](Self::settle).
+    pub fn end_batch(&mut self) -> candle_core::Result<Option<Settled>> {
+        let (misses, host_us) = std::mem::take(&mut self.batch);
+        if misses == 0 {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        return self.inner.end_batch(misses, host_us);
+        #[cfg(not(feature = "cuda"))]
+        Ok(Some(Settled {
+            copy_us: 0,
+            misses,
+            host_us,
+        }))
+    }
+
+    /// The batch closed last, once its copies are done; `wait` blocks for them, otherwise a
+    /// batch still in flight gives `None` and is settled later.
+    pub fn settle(&mut self, wait: bool) -> candle_core::Result<Option<Settled>> {
+        #[cfg(feature = "cuda")]
+        return self.inner.settle(wait);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = wait;
+            Ok(None)
+        }
+    }
+}
+
+/// Host→device bandwidth of the direct path on this machine, bytes/s: up to 1 GiB of the
+/// source's experts copied from their registered files into two alternating device buffers,
+/// as misses are (a warm-up pass first, so the pages are resident and the driver is warm).
+pub fn bandwidth(device: &Device, source: &dyn ExpertSource) -> Result<f64> {
+    let files = expert_files(source)
+        .ok_or_else(|| ModelError::Input("the expert source is not plain file ranges".into()))?;
+    let mut d = DirectFiles::open(device, &files)?;
+    let cfg = source.config();
+    let experts: Vec<[TensorLocation; 3]> = cfg
+        .moe_layers()
+        .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
+        .filter_map(|(l, e)| source.part_locations(l, e))
+        .collect();
+    let largest = experts
+        .iter()
+        .map(|p| p.iter().map(|t| t.len as usize).sum::<usize>())
+        .max()
+        .ok_or_else(|| ModelError::Input("the expert source holds no expert".into()))?;
+    let scratch = Tensor::zeros(2 * largest, candle_core::DType::U8, device)?;
+    let pass = |d: &mut DirectFiles| -> Result<u64> {
+        let mut total = 0u64;
+        for (i, parts) in experts.iter().enumerate() {
+            let mut at = (i % 2) * largest;
+            for p in parts {
+                if !d.upload(&scratch, at, p)? {
+                    return Err(ModelError::Input(format!(
+                        "{}: not registered for direct copies",
+                        p.file.display()
+                    )));
+                }
+                at += p.len as usize;
+                total += p.len;
+            }
+            if total >= 1 << 30 {
+                break;
+            }
+        }
+        device.synchronize()?;
+        Ok(total)
+    };
+    pass(&mut d)?;
+    let start = std::time::Instant::now();
+    let total = pass(&mut d)?;
+    Ok(total as f64 / start.elapsed().as_secs_f64().max(1e-9))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use candle_core::cuda_backend::cudarc::driver::sys::{self, CUevent_flags};
+    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, DevicePtr, result};
+    use candle_core::{DType, Tensor};
+
+    use super::Settled;
+    use crate::model::checkpoint::TensorLocation;
+    use crate::model::error::{ModelError, Result};
+
+    pub struct Inner {
+        stream: Arc<CudaStream>,
+        maps: HashMap<PathBuf, memmap2::Mmap>,
+        pub registered: u64,
+        /// Recorded before the first copy of the open batch.
+        first: Option<CudaEvent>,
+        /// A closed batch whose device time is not read yet.
+        pending: Option<(CudaEvent, CudaEvent, usize, u64)>,
+        pub copied_bytes: u64,
+        pub copy_time_us: u64,
+    }
+
+    fn register_error(path: &std::path::Path, what: &str, e: impl std::fmt::Display) -> ModelError {
+        ModelError::Io {
+            path: path.to_path_buf(),
+            what: format!("{what} for direct GPU copies"),
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+
+    impl Inner {
+        pub fn open(device: &candle_core::CudaDevice, files: &[PathBuf]) -> Result<Self> {
+            let stream = device.cuda_stream();
+            stream
+                .context()
+                .bind_to_thread()
+                .map_err(candle_core::Error::wrap)?;
+            let mut me = Inner {
+                stream,
+                maps: HashMap::new(),
+                registered: 0,
+                first: None,
+                pending: None,
+                copied_bytes: 0,
+                copy_time_us: 0,
+            };
+            for path in files {
+                let file = std::fs::File::open(path).map_err(|e| ModelError::Io {
+                    path: path.clone(),
+                    what: "opening expert file for direct GPU copies".into(),
+                    source: e,
+                })?;
+                // SAFETY: the mapping is read-only and the files are not modified while moescope
+                // runs (the same assumption every reader of a checkpoint makes).
+                let map = unsafe { memmap2::Mmap::map(&file) }
+                    .map_err(|e| register_error(path, "mapping", e))?;
+                if map.is_empty() {
+                    continue;
+                }
+                // SAFETY: registers exactly the live mapping; it is unregistered (in `drop`)
+                // before the mapping is unmapped.
+                unsafe {
+                    sys::cuMemHostRegister_v2(
+                        map.as_ptr() as *mut std::ffi::c_void,
+                        map.len(),
+                        sys::CU_MEMHOSTREGISTER_READ_ONLY,
+                    )
+                }
+                .result()
+                .map_err(|e| register_error(path, "registering (cuMemHostRegister)", e))?;
+                me.registered += map.len() as u64;
+                me.maps.insert(path.clone(), map);
+            }
+            Ok(me)
+        }
+
+        pub fn upload(
+            &mut self,
+            dst: &Tensor,
+            elem_offset: usize,
+            loc: &TensorLocation,
+        ) -> candle_core::Result<bool> {
+            let Some(map) = self.maps.get(&loc.file) else {
+                return Ok(false);
+            };
+            let (off, len) = (loc.offset as usize, loc.len as usize);
+            let Some(src) = map.get(off..off + len) else {
+                candle_core::bail!(
+                    "{}: tensor {} at {off} + {len} bytes lies past the end of the file ({} bytes)",
+                    loc.file.display(),
+                    loc.name,
+                    map.len()
+                )
+            };
+            let (storage, layout) = dst.storage_and_layout();
+            let candle_core::Storage::Cuda(cs) = &*storage else {
+                candle_core::bail!("direct upload: the destination is not on a CUDA device")
+            };
+            let esize = dst.dtype().size_in_bytes();
+            if !len.is_multiple_of(esize) || elem_offset * esize + len > dst.elem_count() * esize {
+                candle_core::bail!(
+                    "direct upload: {len} bytes of {} at element {elem_offset} do not fit",
+                    loc.name
+                )
+            }
+            let base = match dst.dtype() {
+                DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&self.stream).0,
+                DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&self.stream).0,
+                DType::U8 => cs.as_cuda_slice::<u8>()?.device_ptr(&self.stream).0,
+                other => candle_core::bail!("direct upload: unsupported dtype {other:?}"),
+            };
+            let start = ((layout.start_offset() + elem_offset) * esize) as u64;
+            if self.first.is_none() {
+                self.first = Some(self.record()?);
+            }
+            // SAFETY: the range was bounds-checked; the source is registered read-only memory
+            // that stays mapped until `drop`, which waits for the stream first.
+            unsafe { result::memcpy_htod_async(base + start, src, self.stream.cu_stream()) }
+                .map_err(candle_core::Error::wrap)?;
+            self.copied_bytes += len as u64;
+            Ok(true)
+        }
+
+        fn record(&self) -> candle_core::Result<CudaEvent> {
+            self.stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(candle_core::Error::wrap)
+        }
+
+        pub fn end_batch(
+            &mut self,
+            misses: usize,
+            host_us: u64,
+        ) -> candle_core::Result<Option<Settled>> {
+            let Some(first) = self.first.take() else {
+                return Ok(None);
+            };
+            let older = self.settle(true)?;
+            let last = self.record()?;
+            self.pending = Some((first, last, misses, host_us));
+            Ok(older)
+        }
+
+        pub fn settle(&mut self, wait: bool) -> candle_core::Result<Option<Settled>> {
+            let Some((first, last, misses, host_us)) = self.pending.take() else {
+                return Ok(None);
+            };
+            if !wait && !last.is_complete() {
+                self.pending = Some((first, last, misses, host_us));
+                return Ok(None);
+            }
+            last.synchronize().map_err(candle_core::Error::wrap)?;
+            let ms = first.elapsed_ms(&last).map_err(candle_core::Error::wrap)?;
+            let copy_us = (f64::from(ms) * 1000.0).round() as u64;
+            self.copy_time_us += copy_us;
+            Ok(Some(Settled {
+                copy_us,
+                misses,
+                host_us,
+            }))
+        }
+    }
+
+    impl Drop for Inner {
+        fn drop(&mut self) {
+            // Copies may still read the mappings: wait for them before unregistering.
+            let _ = self.stream.synchronize();
+            let _ = self.stream.context().bind_to_thread();
+            for map in self.maps.values() {
+                // SAFETY: registered in `open` at this address; nothing is in flight.
+                let _ = unsafe { sys::cuMemHostUnregister(map.as_ptr() as *mut std::ffi::c_void) };
+            }
+        }
+    }
+}
