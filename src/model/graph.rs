@@ -22,7 +22,11 @@
 //! strided kernels are served from device copies made during a warm-up run. cudarc's per-buffer
 //! events must be off ([`prepare_device`]): a capture may not wait on events recorded outside it.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaGraph, CudaStream, PinnedHostSlice, result, sys,
+};
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
@@ -81,6 +85,8 @@ pub struct DecodeGraph {
     pos: Tensor,
     logits: Tensor,
     routing: Option<RoutingOut>,
+    /// Token and position go in through page-locked words (see `HostWords`).
+    words: HostWords,
 }
 
 struct RoutingOut {
@@ -187,6 +193,11 @@ impl DecodeGraph {
         let graph = capture_piece(&cuda.cuda_stream(), || {
             Self::body(model, cache, experts, &ids, &pos, &logits, routing.as_ref())
         })?;
+        // [token] [position] [logits] [routing ids] [routing weights]
+        let words = HostWords::new(
+            cuda,
+            2 + logits.elem_count() + routing.as_ref().map_or(0, |r| 2 * r.ids.elem_count()),
+        )?;
         Ok(DecodeGraph {
             graph,
             epoch: cache.epoch(),
@@ -195,29 +206,42 @@ impl DecodeGraph {
             pos,
             logits,
             routing,
+            words,
         })
     }
 
-    fn replay(&self, token: u32, position: usize) -> Result<()> {
-        set_u32(&self.ids, token)?;
-        set_u32(&self.pos, position as u32)?;
+    fn replay(&mut self, token: u32, position: usize) -> Result<()> {
+        let stream = self.ids.device().as_cuda_device()?.cuda_stream();
+        self.words.write(&stream, 0, &[token], &self.ids)?;
+        self.words
+            .write(&stream, 1, &[position as u32], &self.pos)?;
         self.graph.launch().map_err(|e| cuda_err("launch", e))
     }
 
-    /// The routing the last launch wrote: (layer, ids, weights) per MoE layer.
-    fn routing_rows(&self) -> Result<Option<Routed>> {
+    /// What the last launch wrote: the logits, and (layer, ids, weights) per MoE layer when
+    /// routing is captured — all read back behind one wait.
+    fn outputs(&mut self, stream: &Arc<CudaStream>) -> Result<(Vec<f32>, Option<Routed>)> {
+        let n = self.logits.elem_count();
+        self.words.read(stream, 2, &self.logits)?;
+        if let Some(r) = &self.routing {
+            self.words.read(stream, 2 + n, &r.ids)?;
+            self.words
+                .read(stream, 2 + n + r.ids.elem_count(), &r.weights)?;
+        }
+        self.words.wait(stream)?;
+        let logits = self.words.floats(2, n);
         let Some(r) = &self.routing else {
-            return Ok(None);
+            return Ok((logits, None));
         };
-        Ok(Some((
-            r.layers.clone(),
-            r.ids.to_vec2()?,
-            r.weights.to_vec2()?,
-        )))
-    }
-
-    fn logits(&self) -> Result<Vec<f32>> {
-        Ok(self.logits.squeeze(0)?.to_vec1()?)
+        let (rows, k) = r.ids.dims2()?;
+        let at = 2 + n;
+        let ids = (0..rows)
+            .map(|i| self.words.words(at + i * k, k).to_vec())
+            .collect();
+        let w = (0..rows)
+            .map(|i| self.words.floats(at + rows * k + i * k, k))
+            .collect();
+        Ok((logits, Some((r.layers.clone(), ids, w))))
     }
 }
 
@@ -285,8 +309,9 @@ pub fn step(
             )?);
         }
     }
-    let g = slot.as_ref().expect("just set");
-    let routed = g.routing_rows()?;
+    let g = slot.as_mut().expect("just set");
+    let stream = g.ids.device().as_cuda_device()?.cuda_stream();
+    let (row, routed) = g.outputs(&stream)?;
     if speculative {
         let (layers, ids, _) = routed.as_ref().expect("a speculative step reads routing");
         let per_layer: Vec<(usize, Vec<u32>)> = layers.iter().copied().zip(ids.clone()).collect();
@@ -297,7 +322,6 @@ pub fn step(
     if let (Some((layers, ids, w)), true) = (&routed, observer.wants_routing()) {
         deliver_rows(layers.iter().copied(), ids, w, position, observer);
     }
-    let row = g.logits()?;
     cache.advance(1);
     Ok(Some(row))
 }
@@ -324,6 +348,7 @@ pub struct Piecewise {
     route_w: Tensor,
     slot_ids: Tensor,
     logits: Tensor,
+    words: HostWords,
     graphs: Option<Pieces>,
     /// Capture failed once: the step still ran (uncaptured pieces); later steps run uncaptured.
     disabled: bool,
@@ -377,6 +402,100 @@ fn launch(g: &CudaGraph) -> Result<()> {
     g.launch().map_err(|e| cuda_err("launch", e))
 }
 
+/// The device address of a contiguous u32 / f32 tensor's first element.
+fn device_addr(t: &Tensor, stream: &Arc<CudaStream>) -> Result<sys::CUdeviceptr> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*storage else {
+        return Err(cuda_err("host words", "tensor not on a CUDA device"));
+    };
+    let base = match t.dtype() {
+        DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
+        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
+        other => {
+            return Err(cuda_err(
+                "host words",
+                format!("unsupported dtype {other:?}"),
+            ));
+        }
+    };
+    Ok(base + (layout.start_offset() * 4) as u64)
+}
+
+/// Page-locked words the host trades with the device around a graph launch: outputs read back
+/// (several async copies, one wait, where reading each tensor costs a wait of its own) and
+/// small inputs written (an async copy straight into the static buffer, where a fresh tensor
+/// costs an allocation and a copy kernel). Every tensor is contiguous u32 or f32 (f32 as bits).
+struct HostWords {
+    _mem: PinnedHostSlice<u32>,
+    ptr: *mut u32,
+    len: usize,
+}
+
+impl HostWords {
+    fn new(cuda: &candle_core::CudaDevice, len: usize) -> Result<Self> {
+        let ctx = cuda.cuda_stream().context().clone();
+        // SAFETY: every word is written (by the host or a copy) before it is read.
+        let mut mem = unsafe { ctx.alloc_pinned_with_flags::<u32>(len.max(1), 0) }
+            .map_err(|e| cuda_err("host words", e))?;
+        // cudarc's event on the slice is never recorded: this returns at once.
+        let ptr = mem.as_mut_ptr().map_err(|e| cuda_err("host words", e))?;
+        Ok(HostWords {
+            _mem: mem,
+            ptr,
+            len,
+        })
+    }
+
+    fn words(&mut self, at: usize, n: usize) -> &mut [u32] {
+        assert!(at + n <= self.len, "host words out of range");
+        // SAFETY: in bounds (checked above); the host touches a range only when no copy into
+        // or out of it is pending (see `read` and `write`).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), n) }
+    }
+
+    /// Queues a copy of `src` into words `at..`; valid once [`wait`](Self::wait) returns.
+    fn read(&mut self, stream: &Arc<CudaStream>, at: usize, src: &Tensor) -> Result<()> {
+        let from = device_addr(src, stream)?;
+        let to = self.words(at, src.elem_count());
+        // SAFETY: `src.elem_count()` words each side; read by the host only after `wait`.
+        unsafe { result::memcpy_dtoh_async(to, from, stream.cu_stream()) }
+            .map_err(|e| cuda_err("read back", e))
+    }
+
+    fn wait(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        stream.synchronize().map_err(|e| cuda_err("read back", e))
+    }
+
+    fn floats(&mut self, at: usize, n: usize) -> Vec<f32> {
+        self.words(at, n)
+            .iter()
+            .map(|&b| f32::from_bits(b))
+            .collect()
+    }
+
+    /// Queues `values` into `dst` through words `at..`. The caller must not rewrite those
+    /// words before the stream has passed this copy (every caller waits on the stream between
+    /// two writes of the same words: a routing read, or the step's logits).
+    fn write(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        at: usize,
+        values: &[u32],
+        dst: &Tensor,
+    ) -> Result<()> {
+        if dst.elem_count() < values.len() {
+            return Err(cuda_err("host words", "destination too small"));
+        }
+        let to = device_addr(dst, stream)?;
+        let w = self.words(at, values.len());
+        w.copy_from_slice(values);
+        // SAFETY: `dst` holds at least `values.len()` words (checked above).
+        unsafe { result::memcpy_htod_async(to, &*w, stream.cu_stream()) }
+            .map_err(|e| cuda_err("host words", e))
+    }
+}
+
 impl Piecewise {
     fn new(model: &Qwen3Moe, cache: &KvCache, provider: usize) -> Result<Self> {
         let dev = model.device().clone();
@@ -406,6 +525,8 @@ impl Piecewise {
             route_w: Tensor::zeros((1, k), DType::F32, &dev)?,
             slot_ids: Tensor::zeros((1, k), DType::U32, &dev)?,
             logits: Tensor::zeros((1, cfg.vocab_size), DType::F32, &dev)?,
+            // [token] [position] [routing ids; k] [routing weights; k] [slot ids; k] [logits]
+            words: HostWords::new(dev.as_cuda_device()?, 2 + 3 * k + cfg.vocab_size)?,
             graphs: None,
             disabled: false,
         })
@@ -515,8 +636,10 @@ pub fn piecewise_step(
         *slot = Some(Piecewise::new(model, cache, key)?);
     }
     let p = slot.as_mut().expect("just set");
-    set_u32(&p.ids, token)?;
-    set_u32(&p.pos, position as u32)?;
+    let stream = cuda.cuda_stream();
+    let k = cfg.num_experts_per_tok;
+    p.words.write(&stream, 0, &[token], &p.ids)?;
+    p.words.write(&stream, 1, &[position as u32], &p.pos)?;
     let capture_after = p.graphs.is_none();
     let want_w = observer.wants_routing();
     // The first step runs every piece uncaptured, with candle's upload cache on so that the
@@ -543,10 +666,14 @@ pub fn piecewise_step(
             continue;
         }
         // The host's part: this layer's routing, its misses loaded, slot ids written.
-        let ids: Vec<u32> = p.route_ids.squeeze(0)?.to_vec1()?;
+        p.words.read(&stream, 2, &p.route_ids)?;
         if want_w {
-            let w: Vec<f32> = p.route_w.squeeze(0)?.to_vec1()?;
-            observer.on_routing(l, position, &ids, &w);
+            p.words.read(&stream, 2 + k, &p.route_w)?;
+        }
+        p.words.wait(&stream)?;
+        let ids = p.words.words(2, k).to_vec();
+        if want_w {
+            observer.on_routing(l, position, &ids, &p.words.floats(2 + k, k));
         }
         let mut needed: Vec<usize> = ids.iter().map(|&e| e as usize).collect();
         needed.sort_unstable();
@@ -565,9 +692,7 @@ pub fn piecewise_step(
             ));
         };
         let slots: Vec<u32> = ids.iter().map(|&e| index[e as usize]).collect();
-        let k = slots.len();
-        p.slot_ids
-            .slice_set(&Tensor::from_vec(slots, (1, k), model.device())?, 0, 0)?;
+        p.words.write(&stream, 2 + 2 * k, &slots, &p.slot_ids)?;
         let same_pool = p.pools.get(l).copied().flatten() == Some(st.gate_up.id());
         caching_uploads(cuda, capture_after, || match (&p.graphs, same_pool) {
             (Some(g), true) => launch(g.experts[l].as_ref().expect("a MoE layer's graph")),
@@ -580,7 +705,9 @@ pub fn piecewise_step(
         Some(g) => launch(&g.head),
         None => model.piece_head(&p.x, &p.logits),
     })?;
-    let row: Vec<f32> = p.logits.squeeze(0)?.to_vec1()?;
+    p.words.read(&stream, 2 + 3 * k, &p.logits)?;
+    p.words.wait(&stream)?;
+    let row = p.words.floats(2 + 3 * k, cfg.vocab_size);
     // The step has run and been counted: a failed capture must not make the caller run it again.
     if capture_after && let Err(e) = p.capture(model, cache, experts, cuda) {
         warn_once(&e);
