@@ -118,6 +118,7 @@ def fidelity(a):
                         # Both miss paths explicitly (the default depends on the host).
                         (f"selective {k} global, staged copies", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "staged"}),
                         (f"selective {k} global, direct copies", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "direct"}),
+                        (f"selective {k} global, direct copies on a second stream", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "direct", "MOESCOPE_COPY_STREAM": "1"}),
                         (f"selective {ne * moe_layers} global", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {}),
                         (f"selective {k * moe_layers} layer", gpu + ["--backend", "selective", "--cache-experts", str(k * moe_layers), "--cache-scope", "layer"], {})]
             for name, extra, env in variants:

@@ -209,6 +209,14 @@ impl DirectFiles {
         }
     }
 
+    /// Waits for every copy queued so far (on whichever stream they run).
+    pub fn synchronize(&self) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        return self.inner.synchronize();
+        #[cfg(not(feature = "cuda"))]
+        Ok(())
+    }
+
     /// Counts one miss whose parts were all queued, with its host time.
     pub fn note_miss(&mut self, host_us: u64) {
         self.batch.0 += 1;
@@ -282,7 +290,7 @@ pub fn bandwidth(device: &Device, source: &dyn ExpertSource) -> Result<f64> {
                 break;
             }
         }
-        device.synchronize()?;
+        d.synchronize()?;
         Ok(total)
     };
     pass(&mut d)?;
@@ -306,7 +314,13 @@ mod cuda {
     use crate::model::error::{ModelError, Result};
 
     pub struct Inner {
+        /// The stream copies are queued on: candle's own, or with `MOESCOPE_COPY_STREAM=1` a
+        /// second stream ordered against candle's by events both ways (a measurement switch:
+        /// see BENCHMARKS.md §5 — a miss's copy depends on routing just read, so there is no
+        /// compute for it to overlap).
         stream: Arc<CudaStream>,
+        /// candle's stream, when `stream` is a separate one.
+        compute: Option<Arc<CudaStream>>,
         maps: HashMap<PathBuf, memmap2::Mmap>,
         pub registered: u64,
         /// Recorded before the first copy of the open batch.
@@ -327,13 +341,19 @@ mod cuda {
 
     impl Inner {
         pub fn open(device: &candle_core::CudaDevice, files: &[PathBuf]) -> Result<Self> {
-            let stream = device.cuda_stream();
-            stream
-                .context()
-                .bind_to_thread()
-                .map_err(candle_core::Error::wrap)?;
+            let candle_stream = device.cuda_stream();
+            let ctx = candle_stream.context().clone();
+            ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+            let separate = std::env::var("MOESCOPE_COPY_STREAM").is_ok_and(|v| v == "1");
+            let (stream, compute) = if separate {
+                let s = ctx.new_stream().map_err(candle_core::Error::wrap)?;
+                (s, Some(candle_stream))
+            } else {
+                (candle_stream, None)
+            };
             let mut me = Inner {
                 stream,
+                compute,
                 maps: HashMap::new(),
                 registered: 0,
                 first: None,
@@ -408,6 +428,13 @@ mod cuda {
             };
             let start = ((layout.start_offset() + elem_offset) * esize) as u64;
             if self.first.is_none() {
+                if let Some(c) = &self.compute {
+                    // A slot being refilled may still be read by kernels queued before.
+                    let queued = c.record_event(None).map_err(candle_core::Error::wrap)?;
+                    self.stream
+                        .wait(&queued)
+                        .map_err(candle_core::Error::wrap)?;
+                }
                 self.first = Some(self.record()?);
             }
             // SAFETY: the range was bounds-checked; the source is registered read-only memory
@@ -434,8 +461,16 @@ mod cuda {
             };
             let older = self.settle(true)?;
             let last = self.record()?;
+            if let Some(c) = &self.compute {
+                // The kernels that read the new slots wait for their copies.
+                c.wait(&last).map_err(candle_core::Error::wrap)?;
+            }
             self.pending = Some((first, last, misses, host_us));
             Ok(older)
+        }
+
+        pub fn synchronize(&self) -> candle_core::Result<()> {
+            self.stream.synchronize().map_err(candle_core::Error::wrap)
         }
 
         pub fn settle(&mut self, wait: bool) -> candle_core::Result<Option<Settled>> {
@@ -462,6 +497,9 @@ mod cuda {
         fn drop(&mut self) {
             // Copies may still read the mappings: wait for them before unregistering.
             let _ = self.stream.synchronize();
+            if let Some(c) = &self.compute {
+                let _ = c.synchronize();
+            }
             let _ = self.stream.context().bind_to_thread();
             for map in self.maps.values() {
                 // SAFETY: registered in `open` at this address; nothing is in flight.
