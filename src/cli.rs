@@ -152,7 +152,7 @@ pub struct RunArgs {
     /// How the two backends share the machine.
     #[arg(long, value_enum, default_value_t = crate::session::record::Schedule::Alternate)]
     pub schedule: crate::session::record::Schedule,
-    /// Decision profile: relative (default), seed, or a TOML file.
+    /// Decision profile: relative (default), discrete-gpu, seed, or a TOML file.
     #[arg(long, default_value = "relative")]
     pub profile: String,
     /// Recording path. Default: recordings/<UTC time>-<model>.ndjson.

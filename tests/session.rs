@@ -596,3 +596,57 @@ fn moescope_ok(args: &[&str]) -> std::process::Output {
     );
     out
 }
+
+/// On a discrete GPU the selective worker can hold more host memory than native (the expert
+/// files it registered for direct copies) while holding far less GPU memory: `relative` counts
+/// both and prefers native on memory; `discrete-gpu` counts the GPU alone and finds selective
+/// viable. Without GPU figures its memory criteria are reported as not measured.
+#[test]
+fn discrete_gpu_profile_counts_gpu_memory_alone() {
+    use moescope::session::event::{GpuSource, SessionEvent};
+    const GIB: u64 = 1 << 30;
+    let rec = record::read(&events_fixture("viable")).unwrap();
+    let on_gpu = |rss: u64, gpu: u64| {
+        let mut s = SessionState::new(rec.header.clone());
+        for e in &rec.events {
+            let mut e = e.clone();
+            if let SessionEvent::Memory { backend, sample } = &mut e.event {
+                let (host, dev) = match backend {
+                    Backend::Native => (GIB, 12 * GIB),
+                    Backend::Selective => (rss, gpu),
+                };
+                sample.rss_anon = host;
+                sample.rss_file = 0;
+                sample.rss_shmem = 0;
+                sample.gpu = Some(dev);
+                sample.gpu_source = Some(GpuSource::NvmlProcess);
+            }
+            s.apply(&e);
+        }
+        s
+    };
+    // Selective: 11 GiB of host memory (10 of them registered files), 4 GiB of GPU memory.
+    let s = on_gpu(11 * GIB, 4 * GIB);
+    let c = comparison(&s);
+    assert!((c.memory_reduction_pct.unwrap() - (13.0 - 15.0) / 13.0 * 100.0).abs() < 1e-9);
+    assert!((c.gpu_memory_reduction_pct.unwrap() - (12.0 - 4.0) / 12.0 * 100.0).abs() < 1e-9);
+    let relative = judge(&s, &Profile::load("relative").unwrap());
+    assert_eq!(
+        relative.outcome,
+        Outcome::NativePreferred,
+        "{:#?}",
+        relative.reasons
+    );
+    let gpu = judge(&s, &Profile::load("discrete-gpu").unwrap());
+    assert_eq!(gpu.outcome, Outcome::Viable, "{:#?}", gpu.reasons);
+    // The CPU fixture has no GPU figures: nothing to judge memory by.
+    let cpu = state(&events_fixture("viable"));
+    assert_eq!(comparison(&cpu).gpu_memory_reduction_pct, None);
+    let v = judge(&cpu, &Profile::load("discrete-gpu").unwrap());
+    assert_ne!(v.outcome, Outcome::Viable);
+    assert!(
+        v.reasons.iter().any(|r| r.contains("not measured")),
+        "{:#?}",
+        v.reasons
+    );
+}

@@ -327,8 +327,12 @@ pub fn table(sum: &Summary) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "memory reduction {} % · speed ratio {} · token agreement {} % · top-1 agreement {} % · mean KL {} · max KL {}",
+        "memory reduction {} %{} · speed ratio {} · token agreement {} % · top-1 agreement {} % · mean KL {} · max KL {}",
         opt(sum.comparison.memory_reduction_pct, 1),
+        sum.comparison
+            .gpu_memory_reduction_pct
+            .map(|g| format!(" (GPU {g:.1} %)"))
+            .unwrap_or_default(),
         opt(sum.comparison.speed_ratio, 3),
         opt(sum.quality.token_agreement_pct, 1),
         opt(sum.quality.top1_agreement_pct, 1),

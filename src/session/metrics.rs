@@ -175,6 +175,11 @@ pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
 pub struct Comparison {
     /// (native peak − selective peak) / native peak × 100, on RSS + GPU.
     pub memory_reduction_pct: Option<f64>,
+    /// The same on GPU memory alone, where both backends report it: on a discrete GPU the
+    /// memory the cache is for (the RSS then holds what stays on the host, e.g. the expert
+    /// files a GPU cache registered for direct copies).
+    #[serde(default)]
+    pub gpu_memory_reduction_pct: Option<f64>,
     /// selective decode tok/s / native decode tok/s.
     pub speed_ratio: Option<f64>,
     pub native_peak_bytes: u64,
@@ -191,6 +196,10 @@ pub fn comparison(s: &SessionState) -> Comparison {
     let sel = backend_metrics(s, Backend::Selective);
     let mem = (n.memory.peak > 0 && sel.memory.peak > 0)
         .then(|| (n.memory.peak as f64 - sel.memory.peak as f64) / n.memory.peak as f64 * 100.0);
+    let gpu_mem = match (n.memory.peak_gpu, sel.memory.peak_gpu) {
+        (Some(a), Some(b)) if a > 0 && b > 0 => Some((a as f64 - b as f64) / a as f64 * 100.0),
+        _ => None,
+    };
     let speed = match (n.decode_tok_s, sel.decode_tok_s) {
         (Some(a), Some(b)) if a > 0.0 => Some(b / a),
         _ => None,
@@ -201,6 +210,7 @@ pub fn comparison(s: &SessionState) -> Comparison {
     };
     Comparison {
         memory_reduction_pct: mem,
+        gpu_memory_reduction_pct: gpu_mem,
         speed_ratio: speed,
         native_peak_bytes: n.memory.peak,
         selective_peak_bytes: sel.memory.peak,

@@ -15,8 +15,9 @@ use super::metrics::{backend_metrics, comparison};
 use super::quality::{coherence_pct, token_agreement};
 use super::state::SessionState;
 
-pub const BUILTIN: [(&str, &str); 2] = [
+pub const BUILTIN: [(&str, &str); 3] = [
     ("relative", include_str!("profiles/relative.toml")),
+    ("discrete-gpu", include_str!("profiles/discrete-gpu.toml")),
     ("seed", include_str!("profiles/seed.toml")),
 ];
 
@@ -80,10 +81,14 @@ pub struct Profile {
 }
 
 /// The metrics a criterion may name.
-pub const METRICS: [(&str, &str); 17] = [
+pub const METRICS: [(&str, &str); 18] = [
     (
         "memory_reduction_pct",
         "peak memory (RSS + GPU) saved by selective, % of native's",
+    ),
+    (
+        "gpu_memory_reduction_pct",
+        "peak GPU memory saved by selective, % of native's (where both report GPU memory)",
     ),
     (
         "speed_ratio",
@@ -242,6 +247,9 @@ pub fn metric_values(s: &SessionState, subset: Option<&[usize]>) -> BTreeMap<Str
     let cmp = comparison(s);
     if let Some(v) = cmp.memory_reduction_pct {
         m.insert("memory_reduction_pct".into(), v);
+    }
+    if let Some(v) = cmp.gpu_memory_reduction_pct {
+        m.insert("gpu_memory_reduction_pct".into(), v);
     }
     if nat.memory.peak > 0 {
         m.insert("native_peak_gb".into(), nat.memory.peak as f64 / 1e9);
