@@ -298,31 +298,7 @@ fn warm_up_leaves_the_cache_untouched() {
 /// the trait's default), and says so when the buffer is too small.
 #[test]
 fn read_into_matches_read_for_every_source() {
-    use moescope::experts::extract::ExtractedSource;
-    use moescope::experts::seed::SeedExpertSource;
-    use moescope::experts::source::{ExpertSource, ShardSource};
-    use moescope::model::{Checkpoint, MoeConfig};
-
-    let dir = fixture("qwen3-moe-tiny");
-    let cfg = MoeConfig::from_dir(&dir).unwrap();
-    let ckpt = Checkpoint::open(&dir).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let ext = tmp.path().join("ext");
-    let (rc, _, err) = moescope_cli(&[
-        "extract",
-        "--model",
-        dir.to_str().unwrap(),
-        "--out",
-        ext.to_str().unwrap(),
-    ]);
-    assert_eq!(rc, 0, "{err}");
-    let seed = tmp.path().join("seed");
-    make_seed_layout(&dir, &seed, true);
-    let sources: Vec<Box<dyn ExpertSource>> = vec![
-        Box::new(ShardSource::new(&ckpt, &cfg).unwrap()),
-        Box::new(ExtractedSource::open(&ext, &cfg).unwrap()),
-        Box::new(SeedExpertSource::open(&seed, &cfg).unwrap()),
-    ];
+    let (_tmp, cfg, sources) = every_source("qwen3-moe-tiny");
     for src in &sources {
         for layer in cfg.moe_layers() {
             for e in [0, cfg.num_experts - 1] {
@@ -347,29 +323,10 @@ fn read_into_matches_read_for_every_source() {
 #[test]
 fn part_locations_are_the_bytes_read() {
     use moescope::experts::direct::{self, H2dPath};
-    use moescope::experts::extract::ExtractedSource;
-    use moescope::experts::seed::SeedExpertSource;
-    use moescope::experts::source::{ExpertSource, ShardSource};
-    use moescope::model::{Checkpoint, MoeConfig};
 
-    let dir = fixture("qwen3-omni-tiny");
-    let cfg = MoeConfig::from_dir(&dir).unwrap();
-    let ckpt = Checkpoint::open(&dir).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let ext = tmp.path().join("ext");
-    let (rc, _, err) = moescope_cli(&[
-        "extract",
-        "--model",
-        dir.to_str().unwrap(),
-        "--out",
-        ext.to_str().unwrap(),
-    ]);
-    assert_eq!(rc, 0, "{err}");
-    let file_sources: Vec<Box<dyn ExpertSource>> = vec![
-        Box::new(ShardSource::new(&ckpt, &cfg).unwrap()),
-        Box::new(ExtractedSource::open(&ext, &cfg).unwrap()),
-    ];
-    for src in &file_sources {
+    let (_tmp, cfg, sources) = every_source("qwen3-omni-tiny");
+    let (file_sources, seed) = sources.split_at(2);
+    for src in file_sources {
         let files = direct::expert_files(src.as_ref()).expect("file ranges");
         for layer in cfg.moe_layers() {
             for e in 0..cfg.num_experts {
@@ -404,11 +361,45 @@ fn part_locations_are_the_bytes_read() {
             .to_string();
         assert!(err.to_lowercase().contains("cuda"), "{err}");
     }
+    assert!(seed[0].part_locations(0, 0).is_none());
+    assert!(direct::expert_files(seed[0].as_ref()).is_none());
+}
+
+/// A fixture's experts through every source: its shards, an extraction made here and the seed
+/// layout, in that order (the temporary directory holds the last two).
+fn every_source(
+    name: &str,
+) -> (
+    tempfile::TempDir,
+    moescope::model::MoeConfig,
+    Vec<Box<dyn moescope::experts::source::ExpertSource>>,
+) {
+    use moescope::experts::extract::ExtractedSource;
+    use moescope::experts::seed::SeedExpertSource;
+    use moescope::experts::source::ShardSource;
+    use moescope::model::{Checkpoint, MoeConfig};
+
+    let dir = fixture(name);
+    let cfg = MoeConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ext = tmp.path().join("ext");
+    let (rc, _, err) = moescope_cli(&[
+        "extract",
+        "--model",
+        dir.to_str().unwrap(),
+        "--out",
+        ext.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{err}");
     let seed = tmp.path().join("seed");
     make_seed_layout(&dir, &seed, true);
-    let seed = SeedExpertSource::open(&seed, &cfg).unwrap();
-    assert!(seed.part_locations(0, 0).is_none());
-    assert!(direct::expert_files(&seed).is_none());
+    let sources: Vec<Box<dyn moescope::experts::source::ExpertSource>> = vec![
+        Box::new(ShardSource::new(&ckpt, &cfg).unwrap()),
+        Box::new(ExtractedSource::open(&ext, &cfg).unwrap()),
+        Box::new(SeedExpertSource::open(&seed, &cfg).unwrap()),
+    ];
+    (tmp, cfg, sources)
 }
 
 fn moescope_cli(args: &[&str]) -> (i32, String, String) {

@@ -305,9 +305,9 @@ mod cuda {
     use std::path::PathBuf;
     use std::sync::Arc;
 
+    use candle_core::Tensor;
     use candle_core::cuda_backend::cudarc::driver::sys::{self, CUevent_flags};
-    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, DevicePtr, result};
-    use candle_core::{DType, Tensor};
+    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, result};
 
     use super::Settled;
     use crate::model::checkpoint::TensorLocation;
@@ -409,24 +409,10 @@ mod cuda {
                     map.len()
                 )
             };
-            let (storage, layout) = dst.storage_and_layout();
-            let candle_core::Storage::Cuda(cs) = &*storage else {
-                candle_core::bail!("direct upload: the destination is not on a CUDA device")
-            };
-            let esize = dst.dtype().size_in_bytes();
-            if !len.is_multiple_of(esize) || elem_offset * esize + len > dst.elem_count() * esize {
-                candle_core::bail!(
-                    "direct upload: {len} bytes of {} at element {elem_offset} do not fit",
-                    loc.name
-                )
-            }
-            let base = match dst.dtype() {
-                DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&self.stream).0,
-                DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&self.stream).0,
-                DType::U8 => cs.as_cuda_slice::<u8>()?.device_ptr(&self.stream).0,
-                other => candle_core::bail!("direct upload: unsupported dtype {other:?}"),
-            };
-            let start = ((layout.start_offset() + elem_offset) * esize) as u64;
+            let (at, _) =
+                crate::experts::upload::device_range(dst, elem_offset, len).map_err(|e| {
+                    candle_core::Error::msg(format!("direct upload of {}: {e}", loc.name))
+                })?;
             if self.first.is_none() {
                 if let Some(c) = &self.compute {
                     // A slot being refilled may still be read by kernels queued before.
@@ -439,7 +425,7 @@ mod cuda {
             }
             // SAFETY: the range was bounds-checked; the source is registered read-only memory
             // that stays mapped until `drop`, which waits for the stream first.
-            unsafe { result::memcpy_htod_async(base + start, src, self.stream.cu_stream()) }
+            unsafe { result::memcpy_htod_async(at, src, self.stream.cu_stream()) }
                 .map_err(candle_core::Error::wrap)?;
             self.copied_bytes += len as u64;
             Ok(true)

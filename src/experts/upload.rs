@@ -3,33 +3,52 @@
 
 use candle_core::{DType, Tensor};
 
-/// Copies `bytes` (elements of `dst`'s dtype) into `dst` starting at element `elem_offset`.
+/// Where `len` bytes go in `dst` from element `elem_offset` on: the device address, checked to
+/// be whole elements inside `dst`, and candle's stream (the one `dst` is used on).
 #[cfg(feature = "cuda")]
-pub fn htod_into(dst: &Tensor, elem_offset: usize, bytes: &[u8]) -> candle_core::Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, result};
+pub(crate) fn device_range(
+    dst: &Tensor,
+    elem_offset: usize,
+    len: usize,
+) -> candle_core::Result<(
+    u64,
+    std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (storage, layout) = dst.storage_and_layout();
     let candle_core::Storage::Cuda(cs) = &*storage else {
-        candle_core::bail!("slot upload: the pool is not on a CUDA device")
+        candle_core::bail!("the destination is not on a CUDA device")
     };
     let esize = dst.dtype().size_in_bytes();
-    if !bytes.len().is_multiple_of(esize)
-        || elem_offset * esize + bytes.len() > dst.elem_count() * esize
-    {
+    if !len.is_multiple_of(esize) || elem_offset * esize + len > dst.elem_count() * esize {
         candle_core::bail!(
-            "slot upload: {} bytes at element {elem_offset} do not fit the pool",
-            bytes.len()
+            "{len} bytes at element {elem_offset} do not fit a tensor of {} {:?} elements",
+            dst.elem_count(),
+            dst.dtype()
         )
     }
-    let start = ((layout.start_offset() + elem_offset) * esize) as u64;
     let stream = cs.device.cuda_stream();
     let base = match dst.dtype() {
         DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
         DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
-        other => candle_core::bail!("slot upload: unsupported pool dtype {other:?}"),
+        DType::U8 => cs.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
+        DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        other => candle_core::bail!("raw copies into {other:?} tensors are not supported"),
     };
-    // SAFETY: the destination range was bounds-checked above; the copy is ordered on candle's
+    let at = base + ((layout.start_offset() + elem_offset) * esize) as u64;
+    Ok((at, stream))
+}
+
+/// Copies `bytes` (elements of `dst`'s dtype) into `dst` starting at element `elem_offset`.
+#[cfg(feature = "cuda")]
+pub fn htod_into(dst: &Tensor, elem_offset: usize, bytes: &[u8]) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let (at, stream) = device_range(dst, elem_offset, bytes.len())
+        .map_err(|e| candle_core::Error::msg(format!("slot upload: {e}")))?;
+    // SAFETY: the destination range was bounds-checked; the copy is ordered on candle's
     // stream and waited for, so `bytes` outlives it and no kernel sees a half-written slot.
-    unsafe { result::memcpy_htod_async(base + start, bytes, stream.cu_stream()) }
+    unsafe { result::memcpy_htod_async(at, bytes, stream.cu_stream()) }
         .map_err(candle_core::Error::wrap)?;
     stream.synchronize().map_err(candle_core::Error::wrap)?;
     Ok(())
@@ -121,11 +140,9 @@ impl Staging {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use candle_core::Tensor;
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaEvent, DevicePtr, PinnedHostSlice, result,
-    };
-    use candle_core::{DType, Tensor};
+    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, PinnedHostSlice, result};
 
     pub struct Pinned {
         slice: PinnedHostSlice<u8>,
@@ -191,25 +208,12 @@ mod cuda {
             elem_offset: usize,
             range: std::ops::Range<usize>,
         ) -> candle_core::Result<()> {
-            let (storage, layout) = dst.storage_and_layout();
-            let candle_core::Storage::Cuda(cs) = &*storage else {
-                candle_core::bail!("slot upload: the pool is not on a CUDA device")
-            };
-            let esize = dst.dtype().size_in_bytes();
             let n = range.len();
-            if !n.is_multiple_of(esize)
-                || elem_offset * esize + n > dst.elem_count() * esize
-                || range.end > self.slice.len()
-            {
-                candle_core::bail!("slot upload: {n} bytes at element {elem_offset} do not fit")
+            if range.end > self.slice.len() {
+                candle_core::bail!("slot upload: {n} bytes past the staging buffer's end")
             }
-            let start = ((layout.start_offset() + elem_offset) * esize) as u64;
-            let stream = cs.device.cuda_stream();
-            let base = match dst.dtype() {
-                DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
-                DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
-                other => candle_core::bail!("slot upload: unsupported pool dtype {other:?}"),
-            };
+            let (at, stream) = super::device_range(dst, elem_offset, n)
+                .map_err(|e| candle_core::Error::msg(format!("slot upload: {e}")))?;
             // SAFETY: bounds checked above. The source is page-locked and is not written again
             // before `last_copy` (recorded below, after this copy) has completed.
             // (`as_ptr` waits on cudarc's own event, which is never recorded: it returns at once.)
@@ -223,7 +227,7 @@ mod cuda {
                         .map_err(candle_core::Error::wrap)?,
                 );
             }
-            unsafe { result::memcpy_htod_async(base + start, &src[range], stream.cu_stream()) }
+            unsafe { result::memcpy_htod_async(at, &src[range], stream.cu_stream()) }
                 .map_err(candle_core::Error::wrap)?;
             self.last_copy = Some(
                 stream

@@ -402,24 +402,11 @@ fn launch(g: &CudaGraph) -> Result<()> {
     g.launch().map_err(|e| cuda_err("launch", e))
 }
 
-/// The device address of a contiguous u32 / f32 tensor's first element.
-fn device_addr(t: &Tensor, stream: &Arc<CudaStream>) -> Result<sys::CUdeviceptr> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cuda(cs) = &*storage else {
-        return Err(cuda_err("host words", "tensor not on a CUDA device"));
-    };
-    let base = match t.dtype() {
-        DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
-        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
-        other => {
-            return Err(cuda_err(
-                "host words",
-                format!("unsupported dtype {other:?}"),
-            ));
-        }
-    };
-    Ok(base + (layout.start_offset() * 4) as u64)
+/// The device address of a u32 / f32 tensor's first element (its whole extent checked).
+fn device_addr(t: &Tensor) -> Result<sys::CUdeviceptr> {
+    let (at, _) = crate::experts::upload::device_range(t, 0, t.elem_count() * 4)
+        .map_err(|e| cuda_err("host words", e))?;
+    Ok(at)
 }
 
 /// Page-locked words the host trades with the device around a graph launch: outputs read back
@@ -456,7 +443,7 @@ impl HostWords {
 
     /// Queues a copy of `src` into words `at..`; valid once [`wait`](Self::wait) returns.
     fn read(&mut self, stream: &Arc<CudaStream>, at: usize, src: &Tensor) -> Result<()> {
-        let from = device_addr(src, stream)?;
+        let from = device_addr(src)?;
         let to = self.words(at, src.elem_count());
         // SAFETY: `src.elem_count()` words each side; read by the host only after `wait`.
         unsafe { result::memcpy_dtoh_async(to, from, stream.cu_stream()) }
@@ -487,7 +474,7 @@ impl HostWords {
         if dst.elem_count() < values.len() {
             return Err(cuda_err("host words", "destination too small"));
         }
-        let to = device_addr(dst, stream)?;
+        let to = device_addr(dst)?;
         let w = self.words(at, values.len());
         w.copy_from_slice(values);
         // SAFETY: `dst` holds at least `values.len()` words (checked above).
