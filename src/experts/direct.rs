@@ -73,6 +73,47 @@ pub fn choose_with(
     source: &dyn ExpertSource,
     forced: &str,
 ) -> Result<(H2dPath, String)> {
+    let cuda = device.is_cuda();
+    let files = if cuda { expert_files(source) } else { None };
+    let facts = Facts {
+        cuda,
+        integrated: cuda && is_integrated(device),
+        cold: source.is_cold(),
+        files: files.map(|f| {
+            let bytes = f
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum();
+            (f.len(), bytes)
+        }),
+        available: if cuda {
+            crate::util::mem_available()
+        } else {
+            0
+        },
+    };
+    decide(forced, &facts)
+}
+
+/// What the choice of path depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Facts {
+    pub cuda: bool,
+    /// An integrated GPU (host memory is its memory).
+    pub integrated: bool,
+    pub cold: bool,
+    /// How many distinct files hold the experts and their total size; `None` when the
+    /// experts are not plain byte ranges of files.
+    pub files: Option<(usize, u64)>,
+    /// The host's available memory, bytes.
+    pub available: u64,
+}
+
+/// The rules of [`choose`]: `MOESCOPE_H2D` (`forced`: "", auto, direct or staged) and the facts.
+/// Forcing `direct` where it cannot work (cold mode, experts that are not file ranges) is an
+/// error rather than a silent fallback.
+pub fn decide(forced: &str, f: &Facts) -> Result<(H2dPath, String)> {
     let staged = |why: String| Ok((H2dPath::Staged, why));
     let forced_direct = match forced {
         "" | "auto" => false,
@@ -84,42 +125,46 @@ pub fn choose_with(
             )));
         }
     };
-    if !device.is_cuda() {
+    if !f.cuda {
         return staged("not a CUDA device".into());
     }
-    if source.is_cold() {
-        return staged(
-            "cold mode drops each expert's pages, which a registered page cannot".into(),
-        );
+    let refuse = |why: &str| {
+        Err(ModelError::Input(format!(
+            "MOESCOPE_H2D=direct cannot be used here: {why}"
+        )))
+    };
+    if f.cold {
+        const WHY: &str = "cold mode drops each expert's pages, which a registered page cannot";
+        return if forced_direct {
+            refuse(WHY)
+        } else {
+            staged(WHY.into())
+        };
     }
-    if is_integrated(device) {
+    let Some((count, bytes)) = f.files else {
+        const WHY: &str = "the expert source is not plain file ranges";
+        return if forced_direct {
+            refuse(WHY)
+        } else {
+            staged(WHY.into())
+        };
+    };
+    let sized = format!("{count} expert files, {}", crate::util::fmt_bytes(bytes));
+    if forced_direct {
+        return Ok((H2dPath::Direct, format!("MOESCOPE_H2D=direct ({sized})")));
+    }
+    if f.integrated {
         return staged(
             "integrated GPU: host memory is device memory, pinning the files would use it".into(),
         );
     }
-    let Some(files) = expert_files(source) else {
-        return staged("the expert source is not plain file ranges".into());
-    };
-    let bytes: u64 = files
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum();
-    let sized = crate::util::fmt_bytes(bytes);
-    if forced_direct {
-        return Ok((H2dPath::Direct, format!("MOESCOPE_H2D=direct ({sized})")));
-    }
-    let available = crate::util::mem_available();
-    if bytes > available / 2 {
+    if bytes > f.available / 2 {
         return staged(format!(
             "the expert files ({sized}) exceed half the available memory ({})",
-            crate::util::fmt_bytes(available)
+            crate::util::fmt_bytes(f.available)
         ));
     }
-    Ok((
-        H2dPath::Direct,
-        format!("{} expert files ({sized}) registered", files.len()),
-    ))
+    Ok((H2dPath::Direct, format!("{sized} registered")))
 }
 
 #[cfg(feature = "cuda")]
@@ -492,5 +537,68 @@ mod cuda {
                 let _ = unsafe { sys::cuMemHostUnregister(map.as_ptr() as *mut std::ffi::c_void) };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn gpu(files: Option<(usize, u64)>, available: u64) -> Facts {
+        Facts {
+            cuda: true,
+            integrated: false,
+            cold: false,
+            files,
+            available,
+        }
+    }
+
+    #[test]
+    fn direct_only_where_the_files_fit_and_stay_warm() {
+        let path = |forced: &str, f: &Facts| decide(forced, f).map(|(p, _)| p);
+        let fits = gpu(Some((3, 10 * GIB)), 100 * GIB);
+        assert_eq!(path("", &fits).unwrap(), H2dPath::Direct);
+        assert_eq!(path("auto", &fits).unwrap(), H2dPath::Direct);
+        assert_eq!(path("staged", &fits).unwrap(), H2dPath::Staged);
+        // Over half the available memory: staged unless forced.
+        let big = gpu(Some((15, 54 * GIB)), 100 * GIB);
+        let (p, why) = decide("", &big).unwrap();
+        assert_eq!(p, H2dPath::Staged);
+        assert!(why.contains("half the available memory"), "{why}");
+        assert_eq!(path("direct", &big).unwrap(), H2dPath::Direct);
+        // Integrated GPU (Thor): staged unless forced.
+        let thor = Facts {
+            integrated: true,
+            ..fits.clone()
+        };
+        assert_eq!(path("", &thor).unwrap(), H2dPath::Staged);
+        assert_eq!(path("direct", &thor).unwrap(), H2dPath::Direct);
+        // Cold mode or experts that are not file ranges: staged, and forcing direct is an error.
+        for f in [
+            Facts {
+                cold: true,
+                ..fits.clone()
+            },
+            gpu(None, 100 * GIB),
+        ] {
+            assert_eq!(path("", &f).unwrap(), H2dPath::Staged);
+            let err = decide("direct", &f).unwrap_err().to_string();
+            assert!(
+                err.contains("MOESCOPE_H2D=direct cannot be used here"),
+                "{err}"
+            );
+        }
+        // Off a GPU nothing is copied: staged whatever is asked.
+        let cpu = Facts {
+            cuda: false,
+            ..fits.clone()
+        };
+        assert_eq!(path("direct", &cpu).unwrap(), H2dPath::Staged);
+        // A value that is none of the three names the variable and the choices.
+        let err = decide("dma", &fits).unwrap_err().to_string();
+        assert!(err.contains("MOESCOPE_H2D") && err.contains("direct, staged or auto"));
     }
 }
