@@ -132,6 +132,10 @@ pub async fn consume(
     let mut state = SessionState::new(header);
     println!("recording to {}", recorder.path().display());
     let mut quit_sent = false;
+    // One listener for the whole run, made before the first event: a `ctrl_c()` future made per
+    // loop turn exists only while the loop waits, and a Ctrl-C landing while an event is being
+    // recorded would be lost (the handler is installed, so nothing else would stop the run).
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         tokio::select! {
             ev = events.recv() => {
@@ -145,7 +149,7 @@ pub async fn consume(
                     println!("{line}");
                 }
             }
-            _ = tokio::signal::ctrl_c(), if !quit_sent => {
+            _ = interrupt.recv(), if !quit_sent => {
                 eprintln!("interrupted: stopping the workers (the recording stays complete up to here)");
                 quit_sent = true;
                 let _ = control.send(Control::Quit);
