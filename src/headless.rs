@@ -132,10 +132,15 @@ pub async fn consume(
     let mut state = SessionState::new(header);
     println!("recording to {}", recorder.path().display());
     let mut quit_sent = false;
-    // One listener for the whole run, made before the first event: a `ctrl_c()` future made per
+    // Listeners for the whole run, made before the first event: a `ctrl_c()` future made per
     // loop turn exists only while the loop waits, and a Ctrl-C landing while an event is being
     // recorded would be lost (the handler is installed, so nothing else would stop the run).
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // A dropped SSH session (SIGHUP) and `kill` (SIGTERM) stop the run the same way, so the
+    // recording ends with its summary instead of a torn line.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     loop {
         tokio::select! {
             ev = events.recv() => {
@@ -149,8 +154,14 @@ pub async fn consume(
                     println!("{line}");
                 }
             }
-            _ = interrupt.recv(), if !quit_sent => {
-                eprintln!("interrupted: stopping the workers (the recording stays complete up to here)");
+            why = async {
+                tokio::select! {
+                    _ = interrupt.recv() => "interrupted",
+                    _ = hangup.recv() => "hung up",
+                    _ = terminate.recv() => "terminated",
+                }
+            }, if !quit_sent => {
+                eprintln!("{why}: stopping the workers (the recording stays complete up to here)");
                 quit_sent = true;
                 let _ = control.send(Control::Quit);
             }

@@ -198,6 +198,18 @@ fn external_kill_9_is_survived() {
 
 #[test]
 fn ctrl_c_mid_run_leaves_a_complete_recording_and_no_orphans() {
+    stopped_mid_run_by(libc::SIGINT);
+}
+
+/// What a dropped SSH session (SIGHUP) or `kill` (SIGTERM) does to a headless run: the same as
+/// Ctrl-C — the workers stop and the recording stays complete.
+#[test]
+fn hangup_and_terminate_stop_a_run_like_ctrl_c() {
+    stopped_mid_run_by(libc::SIGHUP);
+    stopped_mid_run_by(libc::SIGTERM);
+}
+
+fn stopped_mid_run_by(signal: i32) {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("int.ndjson");
     let child = Command::new(bin())
@@ -242,7 +254,7 @@ fn ctrl_c_mid_run_leaves_a_complete_recording_and_no_orphans() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(pids.len(), 2);
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
