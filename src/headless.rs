@@ -161,6 +161,9 @@ pub async fn consume(
                     _ = terminate.recv() => "terminated",
                 }
             }, if !quit_sent => {
+                if why == "hung up" {
+                    silence_stdio();
+                }
                 eprintln!("{why}: stopping the workers (the recording stays complete up to here)");
                 quit_sent = true;
                 let _ = control.send(Control::Quit);
@@ -170,10 +173,24 @@ pub async fn consume(
     let rec_path = recorder.path().to_path_buf();
     recorder.close()?;
     let summary = export::summarize(&state, &profile);
-    print!("{}", final_report(&summary));
     let spath = summary_path(&rec_path);
     write_atomic(&spath, &(serde_json::to_string_pretty(&summary)? + "\n"))?;
+    print!("{}", final_report(&summary));
     println!("recording: {}", rec_path.display());
     println!("summary:   {}", spath.display());
     Ok(summary.verdict.outcome)
+}
+
+/// Points stdout and stderr at /dev/null. Why: after a hang-up the terminal is gone, and
+/// `print!`/`eprintln!` (ours, and ratatui's when it restores the cursor) panic on a failed
+/// write — which would cost the run its summary.
+pub fn silence_stdio() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto the standard descriptors; `null` stays open until both are done.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(null.as_raw_fd(), 2);
+        }
+    }
 }

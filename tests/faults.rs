@@ -44,13 +44,6 @@ fn events(rec: &Path) -> Vec<SessionEvent> {
         .collect()
 }
 
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .contains("State:\tZ")
-}
-
 #[test]
 fn worker_killed_mid_generation_run_continues() {
     let tmp = tempfile::tempdir().unwrap();

@@ -175,3 +175,66 @@ fn watch_follows_a_recording_as_it_grows() {
     t.keys("q");
     t.wait_for(&["EXITED-0"], 10);
 }
+
+/// An SSH session dropping under the dashboard: the terminal goes away and the process gets
+/// SIGHUP. The run stops as if `q` had been pressed — the recording ends with `Finished`, the
+/// summary is written and no worker outlives it.
+#[test]
+fn dashboard_survives_its_terminal_going_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("hup.ndjson");
+    let cmd = format!(
+        "{} run --prompts prompts/long.toml --record {}",
+        bin().display(),
+        rec.display()
+    );
+    let t = Tmux::start("moescope-test-hangup", 120, 40, &cmd);
+    t.wait_for(&["native ·", "selective ·"], 60);
+    let pids: Vec<u32> = {
+        let start = Instant::now();
+        loop {
+            let r = moescope::session::record::read(&rec).unwrap();
+            let p: Vec<u32> = r
+                .events
+                .iter()
+                .filter_map(|e| match e.event {
+                    moescope::session::SessionEvent::WorkerStarted { pid, .. } => Some(pid),
+                    _ => None,
+                })
+                .collect();
+            if p.len() == 2 {
+                break p;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "workers: {p:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Killing the tmux session closes the terminal: its processes get SIGHUP.
+    let _ = Command::new("tmux")
+        .args(["kill-session", "-t", &t.name])
+        .output();
+    let summary = moescope::headless::summary_path(&rec);
+    let start = Instant::now();
+    while !summary.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "no summary after the hang-up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = moescope::session::record::read(&rec).unwrap();
+    assert!(!r.truncated_tail);
+    match &r.events.last().unwrap().event {
+        moescope::session::SessionEvent::Finished { reason } => {
+            assert!(reason.contains("quit"), "{reason}")
+        }
+        other => panic!("last event {other:?}"),
+    }
+    for pid in pids {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!pid_alive(pid), "worker {pid} outlived the run");
+    }
+}

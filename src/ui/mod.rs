@@ -110,8 +110,32 @@ pub async fn live(
     let mut run_over = false;
     let mut quitting: Option<tokio::time::Instant> = None;
     let mut write_error: Option<String> = None;
+    // A dropped SSH session (SIGHUP), `kill` (SIGTERM) or an outside SIGINT stop the run as `q`
+    // does, so the recording and summary are complete; after a hang-up there is no terminal
+    // left to draw on.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminal_gone = false;
     loop {
         tokio::select! {
+            why = async {
+                tokio::select! {
+                    _ = hangup.recv() => "hung up",
+                    _ = terminate.recv() => "terminated",
+                    _ = interrupt.recv() => "interrupted",
+                }
+            }, if quitting.is_none() => {
+                let _ = control.send(Control::Quit);
+                quitting = Some(tokio::time::Instant::now());
+                if why == "hung up" {
+                    terminal_gone = true;
+                    crate::headless::silence_stdio();
+                }
+                app.view.message = Some(format!("{why}: stopping workers…"));
+                dirty = true;
+            }
             ev = events.recv(), if !run_over => match ev {
                 Some(ev) => {
                     app.session.apply(&ev);
@@ -162,8 +186,17 @@ pub async fn live(
                 }
             }
             _ = tick.tick() => {
-                if dirty {
-                    guard.term.draw(|f| app.render(f))?;
+                if dirty && !terminal_gone {
+                    // A terminal that can no longer be drawn on has gone away: stop cleanly
+                    // rather than lose the run's summary.
+                    if guard.term.draw(|f| app.render(f)).is_err() {
+                        terminal_gone = true;
+                        crate::headless::silence_stdio();
+                        if quitting.is_none() {
+                            let _ = control.send(Control::Quit);
+                            quitting = Some(tokio::time::Instant::now());
+                        }
+                    }
                     dirty = false;
                 }
                 if let Some(q) = quitting
@@ -173,17 +206,24 @@ pub async fn live(
             }
         }
     }
-    drop(guard);
+    // The files first: nothing that touches the terminal may stand between the run and them.
     let rec_path = recorder.path().to_path_buf();
     recorder.close()?;
     let summary = export::summarize(&app.session, &app.profile);
     let spath = crate::headless::summary_path(&rec_path);
     crate::headless::write_atomic(&spath, &(serde_json::to_string_pretty(&summary)? + "\n"))?;
-    print!("{}", crate::headless::final_report(&summary));
-    println!("recording: {}", rec_path.display());
-    println!("summary:   {}", spath.display());
+    drop(guard);
+    // Not `print!`: with the terminal gone it would panic; the files above are what counts.
+    use std::io::Write;
+    let _ = write!(
+        std::io::stdout(),
+        "{}recording: {}\nsummary:   {}\n",
+        crate::headless::final_report(&summary),
+        rec_path.display(),
+        spath.display()
+    );
     if let Some(e) = write_error {
-        eprintln!("error: {e}");
+        let _ = writeln!(std::io::stderr(), "error: {e}");
     }
     Ok(summary.verdict.outcome)
 }

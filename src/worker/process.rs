@@ -47,7 +47,10 @@ impl WorkerProcess {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // Its own process group: the terminal's Ctrl-C or hang-up reaches only the
+            // dashboard, which stops the workers itself and records why.
+            .process_group(0);
         for (k, v) in env {
             cmd.env(k, v);
         }
