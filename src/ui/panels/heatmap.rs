@@ -37,7 +37,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     let (title, rows): (String, Vec<HeatRow>) = match (b, &st.cache) {
         (Backend::Selective, Some(c)) => (
             format!(
-                "cache {}/{} experts · hit {}{} · {}",
+                "cache {}/{} experts · hit {}{} · {}{}",
                 c.resident_experts,
                 c.capacity_experts,
                 c.hit_rate()
@@ -63,7 +63,8 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
                     )
                 } else {
                     "no loads yet".into()
-                }
+                },
+                gpu_copies(c)
             ),
             c.layers
                 .iter()
@@ -176,6 +177,23 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     f.render_widget(Paragraph::new(lines), inner);
 }
 
+/// " · direct 51.8 GB/s" on a GPU slot pool once copies have been timed: which path misses take
+/// to the device (see `experts::direct`) and the rate they moved at; empty elsewhere.
+fn gpu_copies(c: &crate::experts::stats::CacheSnapshot) -> String {
+    if c.h2d_time_us == 0 {
+        return String::new();
+    }
+    let path = c
+        .h2d_path
+        .as_deref()
+        .and_then(|p| p.split(':').next())
+        .unwrap_or("H2D");
+    format!(
+        " · {path} {:.1} GB/s",
+        c.h2d_bytes as f64 / c.h2d_time_us as f64 / 1e3
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +210,17 @@ mod tests {
             vec![1.0, 2.0],
             "never more bins than values"
         );
+    }
+
+    #[test]
+    fn gpu_copies_name_the_path_and_rate() {
+        let mut c = crate::experts::stats::CacheSnapshot::default();
+        assert_eq!(gpu_copies(&c), "", "CPU caches copy nothing");
+        c.h2d_bytes = 5_180_000_000;
+        c.h2d_time_us = 100_000;
+        c.h2d_path = Some("direct: 3 expert files, 10.4 GiB registered".into());
+        assert_eq!(gpu_copies(&c), " · direct 51.8 GB/s");
+        c.h2d_path = None;
+        assert_eq!(gpu_copies(&c), " · H2D 51.8 GB/s");
     }
 }
