@@ -253,10 +253,18 @@ impl CachedProvider {
             }
         }
         let (direct, h2d_path) = if slot_mode {
-            let (path, why) = super::direct::choose(device, source.as_ref())?;
+            let files = device
+                .is_cuda()
+                .then(|| super::direct::expert_files(source.as_ref()))
+                .flatten();
+            let (path, why) = super::direct::choose_given(
+                device,
+                source.as_ref(),
+                files.as_deref(),
+                &std::env::var("MOESCOPE_H2D").unwrap_or_default(),
+            )?;
             let (direct, label) = if path == super::direct::H2dPath::Direct {
-                let files = super::direct::expert_files(source.as_ref()).unwrap_or_default();
-                match super::direct::DirectFiles::open(device, &files) {
+                match super::direct::DirectFiles::open(device, files.as_deref().unwrap_or(&[])) {
                     Ok(d) => (Some(d), format!("direct: {why}")),
                     // Not fatal: the staged path works everywhere, only slower.
                     Err(e) => {

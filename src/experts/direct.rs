@@ -73,8 +73,19 @@ pub fn choose_with(
     source: &dyn ExpertSource,
     forced: &str,
 ) -> Result<(H2dPath, String)> {
+    let files = device.is_cuda().then(|| expert_files(source)).flatten();
+    choose_given(device, source, files.as_deref(), forced)
+}
+
+/// [`choose_with`] with the expert files already listed (`None`: not plain file ranges), so a
+/// caller that then registers them lists them once.
+pub fn choose_given(
+    device: &Device,
+    source: &dyn ExpertSource,
+    files: Option<&[PathBuf]>,
+    forced: &str,
+) -> Result<(H2dPath, String)> {
     let cuda = device.is_cuda();
-    let files = if cuda { expert_files(source) } else { None };
     let facts = Facts {
         cuda,
         integrated: cuda && is_integrated(device),
