@@ -120,12 +120,18 @@ def fidelity(a):
                         (f"selective {k} global, direct copies", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "direct"}),
                         (f"selective {k} global, direct copies on a second stream", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "direct", "MOESCOPE_COPY_STREAM": "1"}),
                         (f"selective {ne * moe_layers} global", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {}),
+                        # Guessing after every clean step (the earlier rule): 12 steps are too few
+                        # for the default gate to open, this one tries graphs and redoes failures.
+                        (f"selective {ne * moe_layers} global, guess after any clean step", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {"MOESCOPE_SPECULATE": "last"}),
                         (f"selective {k * moe_layers} layer", gpu + ["--backend", "selective", "--cache-experts", str(k * moe_layers), "--cache-scope", "layer"], {})]
             for name, extra, env in variants:
                 other = run_steps(a.bin, d, s, 12, extra, env)
                 dd, same = steps_diff(graphed, other)
+                paths = {}
+                for st in other:
+                    paths[st.get("path")] = paths.get(st.get("path"), 0) + 1
                 res["decode"].append({"model": rel, "vs": name, "steps": len(other), "identical": dd == 0.0 and same,
-                                      "max_abs_diff": dd, "tokens_and_routing_equal": same})
+                                      "max_abs_diff": dd, "tokens_and_routing_equal": same, "paths": paths})
         del hf
         torch.cuda.empty_cache()
     print(json.dumps(res, indent=1))

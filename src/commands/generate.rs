@@ -155,6 +155,7 @@ fn greedy_steps(engine: &Engine, prompt: &[u32], n: usize) -> Result<serde_json:
             "token": out.token,
             "logits": g.last_logits(),
             "routing": routing,
+            "path": out.path,
         }));
     }
     Ok(serde_json::Value::Array(steps))

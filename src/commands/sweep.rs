@@ -10,9 +10,10 @@ use tokio::sync::mpsc::unbounded_channel;
 
 use crate::cli::{RunArgs, SweepArgs};
 use crate::errors::InputError;
+use crate::experts::speculation::{Gate, Rule};
 use crate::session::cachesim::{self, Costs, SimPolicy};
-use crate::session::event::Backend;
-use crate::session::metrics::backend_metrics;
+use crate::session::event::{Backend, StepPath};
+use crate::session::metrics::{PathShare, backend_metrics, decode_paths, fmt_paths};
 use crate::session::state::SessionState;
 use crate::worker::scheduler;
 
@@ -49,6 +50,12 @@ pub struct SweepRow {
     /// Host memory page-locked for direct copies (the registered expert files; part of
     /// `peak_memory`, since mapped pages count in the RSS).
     pub host_pinned_bytes: u64,
+    /// Decode steps by how they ran (graph, piecewise, redone…), all passes and the last pass.
+    pub decode_paths: Vec<PathShare>,
+    pub steady_decode_paths: Vec<PathShare>,
+    /// The simulation at this capacity: misses, and on a GPU the steps predicted to run
+    /// piecewise or be redone.
+    pub simulated: cachesim::SimResult,
     pub failed: Option<String>,
 }
 
@@ -69,6 +76,7 @@ pub struct Sweep {
     pub passes: u32,
     /// Native's decode tok/s over the last pass (with --passes ≥ 2).
     pub native_steady_decode_tok_s: Option<f64>,
+    pub native_decode_paths: Vec<PathShare>,
     pub native_peak_memory: u64,
     pub native_peak_gpu: Option<u64>,
     pub mean_miss_cost_us: Option<f64>,
@@ -79,8 +87,31 @@ pub struct Sweep {
     /// On a GPU: which miss path the bound measured ("direct: …" / "staged: …", with why).
     pub miss_path: Option<String>,
     pub rows: Vec<SweepRow>,
+    /// On a GPU with every expert's capacity in the sweep and ≥ 2 passes: native and selective
+    /// at that capacity in one session, prompts alternating, compared over the last pass.
+    pub paired_steady: Option<PairedSteady>,
     /// Mean |predicted − measured| / measured over the capacities, %.
     pub mean_prediction_error_pct: Option<f64>,
+}
+
+/// Steady-state selective against native measured side by side. Why: on a GPU, native's own
+/// decode speed moved 570–660 tok/s between sessions minutes apart on one host, more than the
+/// 5 % being judged; alternating prompts in one session gives both the same conditions.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedSteady {
+    pub capacity: usize,
+    pub native_tok_s: Option<f64>,
+    pub selective_tok_s: Option<f64>,
+    pub ratio: Option<f64>,
+    pub native_paths: Vec<PathShare>,
+    pub selective_paths: Vec<PathShare>,
+    /// Why there is no figure (a backend failed).
+    pub failed: Option<String>,
+}
+
+/// Decode steps by path over the prompts from `first` on.
+fn paths_from(s: &SessionState, b: Backend, first: usize) -> Vec<PathShare> {
+    decode_paths(s.backend(b).runs.iter().skip(first).flat_map(|r| &r.tokens))
 }
 
 /// Decode tok/s over the prompts from `first` on: their decode tokens over their decode time.
@@ -96,13 +127,20 @@ fn decode_tok_s_from(s: &SessionState, b: Backend, first: usize) -> Option<f64> 
 }
 
 fn session(args: &RunArgs, only: Backend, env: &[(&str, &str)]) -> Result<SessionState> {
+    run_session(args, Some(only), env)
+}
+
+/// A session of `args` — one backend, or both (`None`: prompts alternate between them) —
+/// with `env` added to the selective worker's environment (or `only`'s).
+fn run_session(
+    args: &RunArgs,
+    only: Option<Backend>,
+    env: &[(&str, &str)],
+) -> Result<SessionState> {
     let plan = super::run::plan(args)?;
     let mut cfg = plan.config;
-    cfg.only = Some(only);
-    let slot = match only {
-        Backend::Native => 0,
-        Backend::Selective => 1,
-    };
+    cfg.only = only;
+    let slot = only.unwrap_or(Backend::Selective).index();
     cfg.worker_env[slot].extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     cfg.score = false;
     cfg.reference_text = None;
@@ -228,7 +266,19 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     for (c, s) in &runs {
         let steady = last_pass.and_then(|f| decode_tok_s_from(s, Backend::Selective, f));
         let m = backend_metrics(s, Backend::Selective);
-        let sim = cachesim::simulate(&acc, SimPolicy::Live(a.policy), *c, a.cache_scope, layers);
+        // The run's guesses weigh the step times it sees; the simulation's, the measured ones.
+        let gate = costs.and_then(|k| {
+            let u = k.uncaptured_step_s?;
+            Some(Gate::new(Rule::from_env()).with_costs(k.native_step_s, u))
+        });
+        let sim = cachesim::simulate_gated(
+            &acc,
+            SimPolicy::Live(a.policy),
+            *c,
+            a.cache_scope,
+            layers,
+            gate,
+        );
         let predicted = costs.map(|k| k.predict_tok_s(&sim));
         let err = match (predicted, m.decode_tok_s) {
             (Some(p), Some(x)) if x > 0.0 => Some(100.0 * (p - x).abs() / x),
@@ -278,9 +328,27 @@ pub fn run(a: &SweepArgs) -> Result<()> {
             h2d_time_us: cache.map_or(0, |c| c.h2d_time_us),
             peak_gpu: m.memory.peak_gpu,
             host_pinned_bytes: cache.map_or(0, |c| c.host_pinned_bytes),
+            decode_paths: m.decode_paths.clone(),
+            steady_decode_paths: last_pass
+                .map_or_else(Vec::new, |f| paths_from(s, Backend::Selective, f)),
+            simulated: sim.clone(),
             failed: m.failed.clone(),
         });
     }
+    let paired_steady = match last_pass {
+        Some(first) if a.model.device.is_cuda() && capacities.contains(&total) => {
+            eprintln!("sweep: native and selective at {total} experts side by side…");
+            let mut args = RunArgs::parse_default();
+            args.model = base.model.clone();
+            args.cache = base.cache.clone();
+            args.cache.cache_experts = Some(total);
+            args.prompts = base.prompts.clone();
+            args.max_new_tokens = base.max_new_tokens;
+            args.passes = base.passes;
+            Some(paired(&args, total, first))
+        }
+        _ => None,
+    };
     let errs: Vec<f64> = rows.iter().filter_map(|r| r.prediction_error_pct).collect();
     let sweep = Sweep {
         model: model_dir.display().to_string(),
@@ -294,11 +362,13 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         selective_uncaptured_decode_tok_s: uncaptured,
         passes: a.passes,
         native_steady_decode_tok_s: native_steady,
+        native_decode_paths: nm.decode_paths.clone(),
         native_peak_memory: nm.memory.peak,
         native_peak_gpu: nm.memory.peak_gpu,
         mean_miss_cost_us: miss_s.map(|m| m * 1e6),
         read_bandwidth,
         miss_path,
+        paired_steady,
         mean_prediction_error_pct: (!errs.is_empty())
             .then(|| errs.iter().sum::<f64>() / errs.len() as f64),
         rows,
@@ -314,6 +384,46 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         print!("{}", render(&sweep));
     }
     Ok(())
+}
+
+/// Native and selective in one session, compared over the prompts from `first` on.
+fn paired(args: &RunArgs, capacity: usize, first: usize) -> PairedSteady {
+    let mut out = PairedSteady {
+        capacity,
+        native_tok_s: None,
+        selective_tok_s: None,
+        ratio: None,
+        native_paths: Vec::new(),
+        selective_paths: Vec::new(),
+        failed: None,
+    };
+    let s = match run_session(args, None, &[]) {
+        Ok(s) => s,
+        Err(e) => {
+            out.failed = Some(format!("{e:#}"));
+            return out;
+        }
+    };
+    let failed: Vec<String> = [Backend::Native, Backend::Selective]
+        .into_iter()
+        .filter_map(|b| {
+            backend_metrics(&s, b)
+                .failed
+                .map(|r| format!("{}: {r}", b.name()))
+        })
+        .collect();
+    if !failed.is_empty() {
+        out.failed = Some(failed.join("; "));
+    }
+    out.native_tok_s = decode_tok_s_from(&s, Backend::Native, first);
+    out.selective_tok_s = decode_tok_s_from(&s, Backend::Selective, first);
+    out.ratio = match (out.selective_tok_s, out.native_tok_s) {
+        (Some(x), Some(n)) if n > 0.0 => Some(x / n),
+        _ => None,
+    };
+    out.native_paths = paths_from(&s, Backend::Native, first);
+    out.selective_paths = paths_from(&s, Backend::Selective, first);
+    out
 }
 
 /// The bandwidth a miss moves at on `device`, and on a GPU which path that is: DMA from the
@@ -501,6 +611,52 @@ pub fn render(s: &Sweep) -> String {
                 f(r.steady_decode_tok_s, 1),
                 f(r.steady_vs_native, 3)
             );
+        }
+    }
+    if let Some(p) = &s.paired_steady {
+        let _ = writeln!(
+            o,
+            "side by side at {} experts, last pass: native {} tok/s, selective {} tok/s = {} × native{}",
+            p.capacity,
+            f(p.native_tok_s, 1),
+            f(p.selective_tok_s, 1),
+            f(p.ratio, 3),
+            p.failed
+                .as_ref()
+                .map(|e| format!("  FAILED: {e}"))
+                .unwrap_or_default()
+        );
+        if !p.selective_paths.is_empty() {
+            let _ = writeln!(
+                o,
+                "   native {}\n   selective {}",
+                fmt_paths(&p.native_paths),
+                fmt_paths(&p.selective_paths)
+            );
+        }
+    }
+    // On a GPU, where the decode time went: one graph per step, or steps that read routing
+    // back (piecewise) or guessed wrong and ran twice (redone). The CPU runs every step op by op.
+    let gpu_paths = |p: &[PathShare]| p.iter().any(|x| x.path != StepPath::Uncaptured);
+    if gpu_paths(&s.native_decode_paths) || s.rows.iter().any(|r| gpu_paths(&r.decode_paths)) {
+        let _ = writeln!(
+            o,
+            "decode steps by path (all passes; last pass):\n   native   {}",
+            fmt_paths(&s.native_decode_paths)
+        );
+        for r in &s.rows {
+            let sim = &r.simulated;
+            let _ = writeln!(
+                o,
+                "{:>9} {}  [simulated: {} piecewise, {} redone]",
+                r.capacity,
+                fmt_paths(&r.decode_paths),
+                sim.decode_miss_steps + sim.unguessed_clean_steps - sim.failed_speculations,
+                sim.failed_speculations
+            );
+            if !r.steady_decode_paths.is_empty() {
+                let _ = writeln!(o, "{:>9} {}", "", fmt_paths(&r.steady_decode_paths));
+            }
         }
     }
     if s.rows.iter().any(|r| r.h2d_bytes > 0) {

@@ -141,16 +141,12 @@ struct State {
     maps: Vec<Option<Tensor>>,
     map_host: Vec<Vec<u32>>,
     map_dirty: Vec<bool>,
-    /// `misses` when `speculate` last looked: a step that added none makes the next one
-    /// worth trying as a graph.
+    /// `misses` when `speculate` last looked: whether the last step added any.
     misses_seen: u64,
-}
-
-/// Speculative graph steps are on unless `MOESCOPE_SPECULATE=0` (the sweep turns them off to
-/// measure what a step that reads routing back costs).
-fn speculation_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MOESCOPE_SPECULATE").map_or(true, |v| v != "0"))
+    /// Whether a step is worth trying as a graph over the resident experts (see
+    /// `speculation.rs`; `MOESCOPE_SPECULATE=0` turns guessing off — the sweep does, to measure
+    /// what a step that reads routing back costs).
+    gate: super::speculation::Gate,
 }
 
 /// Counts a hit on `key(layer, e)` in pool `pi` (layer stats `li`), as the uncaptured and the
@@ -330,6 +326,7 @@ impl CachedProvider {
                 map_host: vec![vec![0; cfg.num_experts]; cfg.num_hidden_layers],
                 map_dirty: vec![false; cfg.num_hidden_layers],
                 misses_seen: 0,
+                gate: super::speculation::Gate::new(super::speculation::Rule::from_env()),
             }),
             loaded: Condvar::new(),
             bypass: std::sync::atomic::AtomicBool::new(false),
@@ -861,9 +858,7 @@ impl ExpertProvider for CachedProvider {
     }
 
     fn speculate(&self) -> bool {
-        if self.bypass.load(std::sync::atomic::Ordering::Relaxed)
-            || self.prefetcher.get().is_some()
-            || !speculation_enabled()
+        if self.bypass.load(std::sync::atomic::Ordering::Relaxed) || self.prefetcher.get().is_some()
         {
             return false;
         }
@@ -873,7 +868,15 @@ impl ExpertProvider for CachedProvider {
         }
         let clean = s.misses == s.misses_seen;
         s.misses_seen = s.misses;
-        clean
+        s.gate.next_step(clean)
+    }
+
+    fn step_ran(&self, path: crate::model::generate::StepPath, secs: f64) {
+        self.state
+            .lock()
+            .expect("cache lock")
+            .gate
+            .step_ran(path, secs);
     }
 
     fn resident_stacks(&self, layer: usize) -> Result<Option<Stacked>> {

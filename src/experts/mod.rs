@@ -7,6 +7,7 @@ pub mod policy;
 pub mod provider;
 pub mod seed;
 pub mod source;
+pub mod speculation;
 pub mod stats;
 pub mod upload;
 pub mod verify;

@@ -173,10 +173,14 @@ pub trait ExpertProvider: Send + Sync {
     }
 
     /// Whether the next decode step should be tried as a CUDA graph over the experts resident
-    /// now (a slot pool whose previous step missed nothing). Asked once per decode step.
+    /// now (a slot pool whose recent steps missed nothing, see `speculation.rs`). Asked once
+    /// per decode step.
     fn speculate(&self) -> bool {
         false
     }
+
+    /// After each decode step: how it ran and its time (what guessing weighs its odds against).
+    fn step_ran(&self, _path: crate::model::generate::StepPath, _secs: f64) {}
 
     /// The layer's slot pool with a device expert→slot table, for the speculative step.
     fn resident_stacks(&self, _layer: usize) -> Result<Option<Stacked>> {

@@ -360,6 +360,47 @@ pub enum FinishReason {
     Cancelled,
 }
 
+/// How a step's forward pass ran: what its time is made of. On a GPU a decode step is one
+/// CUDA graph when it can be, and a selective step that may miss an expert is not: it reads each
+/// layer's routing back to load what is missing (piecewise), or it guessed that nothing would
+/// miss, was wrong and ran twice (redone). Counting steps by path says where decode time goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepPath {
+    /// The prompt's forward pass (the first token).
+    Prefill,
+    /// One CUDA graph for the whole step: native, or selective with every expert it selected
+    /// already resident.
+    Graph,
+    /// Selective: per-layer graphs with the routing read back and misses loaded in between.
+    Piecewise,
+    /// Selective: tried as one graph over the resident experts, a selected expert was not
+    /// resident, so the step ran again piecewise (or op by op).
+    Redone,
+    /// Op by op (the CPU, f32, graphs turned off or given up).
+    Uncaptured,
+}
+
+impl StepPath {
+    pub const ALL: [StepPath; 5] = [
+        StepPath::Prefill,
+        StepPath::Graph,
+        StepPath::Piecewise,
+        StepPath::Redone,
+        StepPath::Uncaptured,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StepPath::Prefill => "prefill",
+            StepPath::Graph => "graph",
+            StepPath::Piecewise => "piecewise",
+            StepPath::Redone => "redone",
+            StepPath::Uncaptured => "uncaptured",
+        }
+    }
+}
+
 /// One generated token.
 #[derive(Debug, Clone)]
 pub struct StepOutput {
@@ -369,6 +410,8 @@ pub struct StepOutput {
     pub step_time: Duration,
     /// True for the first token, whose forward pass was the whole prompt (prefill).
     pub prefill: bool,
+    /// How its forward pass ran.
+    pub path: StepPath,
     pub finish: Option<FinishReason>,
 }
 
@@ -459,9 +502,11 @@ impl Generation {
         self.cache.bytes()
     }
 
-    /// A decode step through a CUDA graph where it can be one (native on a GPU); `None` when it
-    /// cannot, or when capture failed — then this generation decodes uncaptured (the failed
-    /// capture changed nothing: its warm-up step wrote the same KV row the uncaptured step will).
+    /// A decode step through a CUDA graph where it can be one (native on a GPU; selective
+    /// whole when it guesses nothing will miss, else piecewise); `None` when it cannot, or when
+    /// capture failed — then this generation decodes uncaptured (the failed capture changed
+    /// nothing: its warm-up step wrote the same KV row the uncaptured step will). The path says
+    /// which; `Some(Redone)` alone (no row) is a failed guess whose step must run uncaptured.
     #[cfg(feature = "cuda")]
     fn graphed_step(
         &mut self,
@@ -470,9 +515,10 @@ impl Generation {
         observer: &mut dyn RoutingObserver,
         input: &[u32],
         prefill: bool,
-    ) -> Result<Option<Vec<f32>>> {
+    ) -> Result<(Option<Vec<f32>>, Option<StepPath>)> {
+        use super::graph::Whole;
         if prefill || self.graph_failed {
-            return Ok(None);
+            return Ok((None, None));
         }
         let graphed = super::graph::step(
             &mut self.graph,
@@ -482,26 +528,35 @@ impl Generation {
             observer,
             input[0],
         )
-        .and_then(|row| match row {
-            Some(row) => Ok(Some(row)),
+        .and_then(|whole| {
+            let again = match whole {
+                Whole::Ran(row) => return Ok((Some(row), Some(StepPath::Graph))),
+                Whole::NotApplicable => StepPath::Piecewise,
+                Whole::Missed => StepPath::Redone,
+            };
             // Not capturable whole (selective that may miss, or whose guess just failed).
-            None => super::graph::piecewise_step(
+            let row = super::graph::piecewise_step(
                 &mut self.pieces,
                 model,
                 &mut self.cache,
                 experts,
                 observer,
                 input[0],
-            ),
+            )?;
+            Ok(match (row, again) {
+                (Some(row), path) => (Some(row), Some(path)),
+                (None, StepPath::Redone) => (None, Some(StepPath::Redone)),
+                (None, _) => (None, None),
+            })
         });
         match graphed {
-            Ok(row) => Ok(row),
+            Ok(r) => Ok(r),
             Err(e) => {
                 warn_graph_failure(&e);
                 self.graph = None;
                 self.pieces = None;
                 self.graph_failed = true;
-                Ok(None)
+                Ok((None, None))
             }
         }
     }
@@ -514,8 +569,8 @@ impl Generation {
         _: &mut dyn RoutingObserver,
         _: &[u32],
         _: bool,
-    ) -> Result<Option<Vec<f32>>> {
-        Ok(None)
+    ) -> Result<(Option<Vec<f32>>, Option<StepPath>)> {
+        Ok((None, None))
     }
 
     /// Produces the next token, or `None` once finished. The first call runs the prompt.
@@ -535,12 +590,20 @@ impl Generation {
         } else {
             vec![*self.generated.last().expect("a token was generated")]
         };
-        let row = match self.graphed_step(model, experts, observer, &input, prefill)? {
-            Some(row) => row,
-            None => model
-                .forward(&input, &mut self.cache, experts, observer, Logits::Last)?
-                .squeeze(0)?
-                .to_vec1()?,
+        let (row, path) = match self.graphed_step(model, experts, observer, &input, prefill)? {
+            (Some(row), path) => (row, path.unwrap_or(StepPath::Graph)),
+            (None, path) => {
+                let row = model
+                    .forward(&input, &mut self.cache, experts, observer, Logits::Last)?
+                    .squeeze(0)?
+                    .to_vec1()?;
+                let path = match path {
+                    _ if prefill => StepPath::Prefill,
+                    Some(p) => p,
+                    None => StepPath::Uncaptured,
+                };
+                (row, path)
+            }
         };
         let token = self.sampler.sample(&row);
         let step_time = start.elapsed();
@@ -549,6 +612,7 @@ impl Generation {
             self.prefill_time = step_time;
         } else {
             self.decode_time += step_time;
+            experts.step_ran(path, step_time.as_secs_f64());
         }
         self.generated.push(token);
         if self.stop_ids.contains(&token) {
@@ -561,6 +625,7 @@ impl Generation {
             token,
             step_time,
             prefill,
+            path,
             finish: self.finished,
         }))
     }

@@ -256,10 +256,20 @@ impl RoutingObserver for RoutingTap {
     }
 }
 
+/// What [`step`] did.
+pub enum Whole {
+    /// The step ran: its f32 logits (the cache advanced).
+    Ran(Vec<f32>),
+    /// This step does not run as one graph; the caller runs it another way.
+    NotApplicable,
+    /// It ran over the resident experts and routing showed a miss: the result was dropped and
+    /// the caller runs the step again another way (it rewrites the same KV row).
+    Missed,
+}
+
 /// Decodes `token` at `cache.len()` through a CUDA graph held in `slot`, capturing (again) when
 /// there is none or it no longer fits (capacity doubled, another provider, routing wanted or
-/// not). Returns the f32 logits and advances the cache. `Ok(None)`: this step does not use a
-/// graph, or its speculation failed — the caller runs it uncaptured.
+/// not). See [`Whole`] for what comes back.
 ///
 /// Two kinds of provider qualify. Native ([`ExpertProvider::graph_safe`]): every step. A
 /// selective slot pool whose last step missed nothing ([`ExpertProvider::speculate`]): the step
@@ -274,16 +284,16 @@ pub fn step(
     experts: &dyn ExpertProvider,
     observer: &mut dyn RoutingObserver,
     token: u32,
-) -> Result<Option<Vec<f32>>> {
+) -> Result<Whole> {
     if !model.device().is_cuda() || !super::cuda_graphs_enabled() {
-        return Ok(None);
+        return Ok(Whole::NotApplicable);
     }
     let speculative = if experts.graph_safe() {
         false
     } else if experts.speculate() {
         true
     } else {
-        return Ok(None);
+        return Ok(Whole::NotApplicable);
     };
     let position = cache.len();
     model.reserve_decode(cache, position + 1)?;
@@ -316,14 +326,14 @@ pub fn step(
         let (layers, ids, _) = routed.as_ref().expect("a speculative step reads routing");
         let per_layer: Vec<(usize, Vec<u32>)> = layers.iter().copied().zip(ids.clone()).collect();
         if !experts.settle_speculation(&per_layer) {
-            return Ok(None);
+            return Ok(Whole::Missed);
         }
     }
     if let (Some((layers, ids, w)), true) = (&routed, observer.wants_routing()) {
         deliver_rows(layers.iter().copied(), ids, w, position, observer);
     }
     cache.advance(1);
-    Ok(Some(row))
+    Ok(Whole::Ran(row))
 }
 
 /// Piecewise CUDA graphs for a selective decode step that must read routing back: one graph up

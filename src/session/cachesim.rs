@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::experts::cache::Scope;
 use crate::experts::policy::PolicyKind;
+use crate::experts::speculation::{Gate, Rule};
 
 use super::state::TraceStep;
 
@@ -107,23 +108,32 @@ pub struct SimResult {
     /// Decode steps with at least one miss.
     #[serde(default)]
     pub decode_miss_steps: u64,
-    /// Decode steps with a miss right after a step that had none: on a GPU, selective tries
-    /// such a step as a graph over the resident experts first, and that launch is wasted.
+    /// Decode steps that a GPU run guesses clean (see `experts::speculation`) and that then
+    /// miss: the graph launch over the resident experts is wasted and the step runs again.
     #[serde(default)]
     pub failed_speculations: u64,
+    /// Decode steps without a miss that were not guessed clean: they read routing back
+    /// (piecewise) although nothing needed loading.
+    #[serde(default)]
+    pub unguessed_clean_steps: u64,
 }
 
 impl SimResult {
-    /// Counts hits and misses, and the per-step figures, from which requests missed.
-    fn from_misses(acc: &[Access], missed: &[bool]) -> Self {
+    /// Counts hits and misses, and the per-step figures, from which requests missed — the
+    /// guesses made by the rule the live cache uses in this process's environment.
+    fn from_misses(acc: &[Access], missed: &[bool], gate: Option<Gate>) -> Self {
+        Self::from_misses_with(acc, missed, gate.unwrap_or(Gate::new(Rule::from_env())))
+    }
+
+    fn from_misses_with(acc: &[Access], missed: &[bool], mut gate: Gate) -> Self {
         let mut r = SimResult::default();
-        // Misses since the last decode step began (the live cache's `speculate` rule).
+        // Misses since the last decode step began (what the live cache's gate sees).
         let mut since_check = 0u64;
         let mut i = 0;
         while i < acc.len() {
             let step = acc[i].step;
             let decode = acc[i].decode;
-            let speculated = decode && since_check == 0;
+            let speculated = decode && gate.next_step(since_check == 0);
             if decode {
                 since_check = 0;
             }
@@ -146,6 +156,8 @@ impl SimResult {
                 if speculated {
                     r.failed_speculations += 1;
                 }
+            } else if decode && !speculated {
+                r.unguessed_clean_steps += 1;
             }
         }
         r
@@ -182,6 +194,19 @@ pub fn simulate(
     scope: Scope,
     layers: usize,
 ) -> SimResult {
+    simulate_gated(acc, policy, capacity, scope, layers, None)
+}
+
+/// [`simulate`], with the GPU's guesses (see `experts::speculation`) made by `gate` — one that
+/// knows the measured step times — instead of a fresh one.
+pub fn simulate_gated(
+    acc: &[Access],
+    policy: SimPolicy,
+    capacity: usize,
+    scope: Scope,
+    layers: usize,
+    gate: Option<Gate>,
+) -> SimResult {
     let caps = pools(capacity, scope, layers);
     let pool_of = |a: &Access| if scope == Scope::Global { 0 } else { a.layer };
     match policy {
@@ -213,16 +238,21 @@ pub fn simulate(
                 resident[p].insert(k);
                 pol[p].on_insert(k);
             }
-            SimResult::from_misses(acc, &missed)
+            SimResult::from_misses(acc, &missed, gate)
         }
-        SimPolicy::Belady => belady(acc, &caps, pool_of),
+        SimPolicy::Belady => belady(acc, &caps, pool_of, gate),
     }
 }
 
 /// Belady's MIN: on a miss with a full pool, evict the resident whose next request is farthest
 /// away — or keep the pool as it is when the new expert itself is needed last (bypass). Exact,
 /// O(n log c).
-fn belady(acc: &[Access], caps: &[usize], pool_of: impl Fn(&Access) -> usize) -> SimResult {
+fn belady(
+    acc: &[Access],
+    caps: &[usize],
+    pool_of: impl Fn(&Access) -> usize,
+    gate: Option<Gate>,
+) -> SimResult {
     let n = acc.len();
     let mut next = vec![usize::MAX; n];
     let mut last: HashMap<u32, usize> = HashMap::new();
@@ -258,7 +288,7 @@ fn belady(acc: &[Access], caps: &[usize], pool_of: impl Fn(&Access) -> usize) ->
         resident[p].insert(k, next[i]);
         order[p].insert((next[i], k));
     }
-    SimResult::from_misses(acc, &missed)
+    SimResult::from_misses(acc, &missed, gate)
 }
 
 /// The knee of an increasing, concave-ish curve (Kneedle): the point farthest above the chord
@@ -291,8 +321,9 @@ pub struct Costs {
     /// Decode tokens in the trace.
     pub decode_tokens: usize,
     /// GPU with CUDA graphs: a selective step that reads routing back every layer (piecewise
-    /// graphs), seconds. A step without misses runs as a graph at native's speed; one with misses
-    /// costs this plus its loads, plus one wasted graph launch when it was tried speculatively.
+    /// graphs), seconds. A step guessed clean and clean runs as a graph at native's speed; one
+    /// with misses costs this plus its loads, plus one wasted graph launch when it was guessed
+    /// clean; a clean step not guessed costs this.
     /// None (CPU, or unmeasured): every step costs native's step.
     #[serde(default)]
     pub uncaptured_step_s: Option<f64>,
@@ -307,7 +338,7 @@ impl Costs {
         let compute = match self.uncaptured_step_s {
             None => n * self.native_step_s,
             Some(u) => {
-                let m = (r.decode_miss_steps as f64).min(n);
+                let m = ((r.decode_miss_steps + r.unguessed_clean_steps) as f64).min(n);
                 (n - m) * self.native_step_s
                     + m * u
                     + r.failed_speculations as f64 * self.native_step_s
@@ -558,10 +589,38 @@ mod tests {
             step,
         };
         let acc = vec![a(0, false), a(1, true), a(2, true), a(3, true), a(4, true)];
-        let r = SimResult::from_misses(&acc, &[true, true, false, true, true]);
-        assert_eq!((r.hits, r.misses, r.decode_misses), (1, 4, 3));
-        assert_eq!(r.decode_miss_steps, 3);
+        let missed = [true, true, false, true, true];
+        let r = SimResult::from_misses_with(&acc, &missed, Gate::new(Rule::AfterCleanStep));
+        assert_eq!((r.hits, r.misses, r.decode_miss_steps), (1, 4, 3));
+        assert_eq!(r.decode_misses, 3);
         assert_eq!(r.failed_speculations, 1);
+        // Step 2 was clean but not guessed (step 1 missed): it read routing back for nothing.
+        assert_eq!(r.unguessed_clean_steps, 1);
+        // The gate wants a run of clean steps first: no guess here, so none fails.
+        let r = SimResult::from_misses_with(&acc, &missed, Gate::new(Rule::Gate));
+        assert_eq!((r.failed_speculations, r.unguessed_clean_steps), (0, 1));
+    }
+
+    #[test]
+    fn the_gate_guesses_through_a_long_clean_stretch_and_stops_when_it_ends() {
+        let a = |step: usize| Access {
+            layer: 0,
+            expert: 0,
+            decode: step > 0,
+            step,
+        };
+        let acc: Vec<Access> = (0..60).map(a).collect();
+        // Prefill misses, then 40 clean steps, then misses and clean steps alternating.
+        let missed: Vec<bool> = (0..60).map(|i| i == 0 || (i > 40 && i % 2 == 0)).collect();
+        let gate = SimResult::from_misses_with(&acc, &missed, Gate::new(Rule::Gate));
+        let last = SimResult::from_misses_with(&acc, &missed, Gate::new(Rule::AfterCleanStep));
+        assert_eq!(gate.decode_miss_steps, 9);
+        assert_eq!(
+            gate.failed_speculations, 1,
+            "only the first miss after the clean run"
+        );
+        assert_eq!(last.failed_speculations, 9);
+        assert!(gate.unguessed_clean_steps > last.unguessed_clean_steps);
     }
 
     #[test]
@@ -576,6 +635,7 @@ mod tests {
             decode_misses: 2,
             decode_miss_steps: 1,
             failed_speculations: 1,
+            unguessed_clean_steps: 0,
             ..Default::default()
         };
         // 3 clean steps at 1 ms, 1 uncaptured at 3 ms, 1 wasted launch at 1 ms, 2 loads at 2 ms.

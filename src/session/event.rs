@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::experts::stats::CacheSnapshot;
+pub use crate::model::generate::StepPath;
 
 /// The two backends compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -162,6 +163,9 @@ pub enum SessionEvent {
         dt: f64,
         /// True for the first token (its forward pass was the whole prompt).
         prefill: bool,
+        /// How its forward pass ran (absent in recordings made before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<StepPath>,
     },
     Cache {
         backend: Backend,

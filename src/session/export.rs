@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::event::{AgreementStats, Backend};
-use super::metrics::{BackendMetrics, Comparison, backend_metrics, comparison};
+use super::metrics::{BackendMetrics, Comparison, backend_metrics, comparison, fmt_paths};
 use super::quality::{Coherence, TokenAgreement, coherence, coherence_pct, token_agreement};
 use super::state::SessionState;
 use super::verdict::{Profile, Verdict, judge, metric_values};
@@ -310,6 +310,21 @@ pub fn table(sum: &Summary) -> String {
                 opt(s.prefetch_precision.map(|h| h * 100.0), 1),
                 opt(s.prefetch_recall.map(|h| h * 100.0), 1)
             ),
+        );
+    }
+    // Only where some step did not run the plain way (a GPU): on the CPU every step is
+    // uncaptured, which says nothing.
+    let plain = |m: &BackendMetrics| {
+        m.decode_paths
+            .iter()
+            .all(|p| p.path == super::event::StepPath::Uncaptured)
+    };
+    if !(plain(n) && plain(s)) {
+        row(
+            &mut o,
+            "decode steps by path",
+            fmt_paths(&n.decode_paths),
+            fmt_paths(&s.decode_paths),
         );
     }
     row(

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::event::Backend;
-use super::state::{BackendState, SessionState};
+use super::event::{Backend, StepPath};
+use super::state::{BackendState, SessionState, TokenRecord};
 
 pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
     if values.is_empty() {
@@ -75,6 +75,66 @@ pub struct BackendMetrics {
     pub prefetch_precision: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch_recall: Option<f64>,
+    /// Decode steps by how they ran (see [`StepPath`]); empty when the tokens did not say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decode_paths: Vec<PathShare>,
+}
+
+/// Decode steps that ran one way: how many, and their time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathShare {
+    pub path: StepPath,
+    pub steps: usize,
+    pub seconds: f64,
+    /// Mean step time, seconds.
+    pub mean_s: f64,
+    /// Share of all decode time, %.
+    pub time_pct: f64,
+}
+
+/// "graph 412 × 1.52 ms (91 %), piecewise …": one line for summaries.
+pub fn fmt_paths(paths: &[PathShare]) -> String {
+    paths
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {} × {:.2} ms ({:.0} %)",
+                p.path.name(),
+                p.steps,
+                p.mean_s * 1e3,
+                p.time_pct
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Decode steps grouped by path, in [`StepPath::ALL`] order. Tokens that carry no path (older
+/// recordings) are left out; none at all gives an empty list.
+pub fn decode_paths<'a>(tokens: impl IntoIterator<Item = &'a TokenRecord>) -> Vec<PathShare> {
+    let mut by: std::collections::BTreeMap<StepPath, (usize, f64)> = Default::default();
+    let mut total = 0.0;
+    for t in tokens.into_iter().filter(|t| !t.prefill) {
+        total += t.dt;
+        if let Some(p) = t.path {
+            let e = by.entry(p).or_default();
+            e.0 += 1;
+            e.1 += t.dt;
+        }
+    }
+    by.into_iter()
+        .map(|(path, (steps, seconds))| PathShare {
+            path,
+            steps,
+            seconds,
+            mean_s: seconds / steps as f64,
+            time_pct: if total > 0.0 {
+                100.0 * seconds / total
+            } else {
+                0.0
+            },
+        })
+        .collect()
 }
 
 pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
@@ -167,6 +227,7 @@ pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
         perplexity: st.perplexity.map(|p| p.0),
         prefetch_precision: prefetch.and_then(|p| p.precision()),
         prefetch_recall: prefetch.and_then(|p| p.recall()),
+        decode_paths: decode_paths(st.runs.iter().flat_map(|r| &r.tokens)),
     }
 }
 
@@ -230,5 +291,40 @@ mod tests {
         assert_eq!(percentile(&v, 0.5), Some(3.0));
         assert_eq!(percentile(&v, 0.95), Some(100.0));
         assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    fn tok(dt: f64, prefill: bool, path: Option<StepPath>) -> TokenRecord {
+        TokenRecord {
+            id: 0,
+            text: String::new(),
+            dt,
+            prefill,
+            path,
+        }
+    }
+
+    #[test]
+    fn decode_steps_are_grouped_by_path_with_their_share_of_decode_time() {
+        use StepPath::*;
+        let toks = [
+            tok(9.0, true, Some(Prefill)),
+            tok(1.0, false, Some(Graph)),
+            tok(1.0, false, Some(Graph)),
+            tok(3.0, false, Some(Redone)),
+            tok(2.0, false, Some(Piecewise)),
+            // A token without a path still counts in the total decode time.
+            tok(1.0, false, None),
+        ];
+        let p = decode_paths(&toks);
+        let got: Vec<(StepPath, usize)> = p.iter().map(|x| (x.path, x.steps)).collect();
+        assert_eq!(got, [(Graph, 2), (Piecewise, 1), (Redone, 1)]);
+        assert_eq!(p[0].mean_s, 1.0);
+        assert_eq!(p[2].time_pct, 37.5);
+        assert_eq!(
+            fmt_paths(&p[..1]),
+            "graph 2 × 1000.00 ms (25 %)",
+            "prefill is not a decode step"
+        );
+        assert!(decode_paths(&[tok(1.0, false, None)]).is_empty());
     }
 }

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::event::{
-    AgreementStats, Backend, Finish, MemorySample, ResidentBytes, SessionEvent, Stamped,
+    AgreementStats, Backend, Finish, MemorySample, ResidentBytes, SessionEvent, Stamped, StepPath,
 };
 use super::record::Header;
 use crate::experts::stats::CacheSnapshot;
@@ -40,6 +40,8 @@ pub struct TokenRecord {
     pub text: String,
     pub dt: f64,
     pub prefill: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<StepPath>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -268,6 +270,7 @@ impl SessionState {
                 text,
                 dt,
                 prefill,
+                path,
                 ..
             } => {
                 let b = self.backend_mut(*backend);
@@ -277,6 +280,7 @@ impl SessionState {
                         text: text.clone(),
                         dt: *dt,
                         prefill: *prefill,
+                        path: *path,
                     });
                     run.text.push_str(text);
                 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::BackendSpec;
 use crate::experts::stats::CacheSnapshot;
-use crate::session::event::{Finish, ResidentBytes};
+use crate::session::event::{Finish, ResidentBytes, StepPath};
 use crate::session::record::MoeShape;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -121,6 +121,9 @@ pub enum WorkerEvent {
         text: String,
         dt: f64,
         prefill: bool,
+        /// How the step ran (absent from workers before it was added).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<StepPath>,
     },
     Routing {
         prompt: usize,
@@ -208,9 +211,18 @@ mod tests {
             text: "a\"b".into(),
             dt: 0.01,
             prefill: false,
+            path: Some(StepPath::Piecewise),
         };
         let line = serde_json::to_string(&ev).unwrap();
+        assert!(line.contains(r#""path":"piecewise""#), "{line}");
         assert_eq!(serde_json::from_str::<WorkerEvent>(&line).unwrap(), ev);
+        // A token line from a worker that does not say how the step ran still parses.
+        let old =
+            r#"{"ev":"token","prompt":0,"index":1,"id":2,"text":"x","dt":0.5,"prefill":false}"#;
+        match serde_json::from_str::<WorkerEvent>(old) {
+            Ok(WorkerEvent::Token { path, .. }) => assert_eq!(path, None),
+            other => panic!("{other:?}"),
+        }
         assert!(serde_json::from_str::<Command>(r#"{"cmd":"fly"}"#).is_err());
     }
 }

@@ -501,6 +501,7 @@ impl Scheduler {
                     text,
                     dt,
                     prefill,
+                    path,
                 } => {
                     self.ws(b).tokens += 1;
                     em.emit(SessionEvent::Token {
@@ -511,6 +512,7 @@ impl Scheduler {
                         text,
                         dt,
                         prefill,
+                        path,
                     });
                 }
                 WorkerEvent::Routing {

@@ -491,6 +491,7 @@ fn generate(
             text: piece,
             dt: step.step_time.as_secs_f64(),
             prefill: step.prefill,
+            path: Some(step.path),
         });
         // After the token is out, so "crash after N tokens" means N were delivered.
         faults.on_token();
