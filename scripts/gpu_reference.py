@@ -119,10 +119,14 @@ def fidelity(a):
                         (f"selective {k} global, staged copies", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "staged"}),
                         (f"selective {k} global, direct copies", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "direct"}),
                         (f"selective {k} global, direct copies on a second stream", gpu + ["--backend", "selective", "--cache-experts", str(k)], {"MOESCOPE_H2D": "direct", "MOESCOPE_COPY_STREAM": "1"}),
-                        (f"selective {ne * moe_layers} global", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {}),
+                        # A slot for every expert: the GPU fills missing slots itself inside the
+                        # step's graph (every decode step a graph), in both scopes.
+                        (f"selective {ne * moe_layers} global, GPU fills", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {}),
+                        (f"selective {ne * moe_layers} layer, GPU fills", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers), "--cache-scope", "layer"], {}),
+                        (f"selective {ne * moe_layers} global, host loads", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {"MOESCOPE_FILL": "0"}),
                         # Guessing after every clean step (the earlier rule): 12 steps are too few
                         # for the default gate to open, this one tries graphs and redoes failures.
-                        (f"selective {ne * moe_layers} global, guess after any clean step", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {"MOESCOPE_SPECULATE": "last"}),
+                        (f"selective {ne * moe_layers} global, host loads, guess after any clean step", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {"MOESCOPE_SPECULATE": "last", "MOESCOPE_FILL": "0"}),
                         (f"selective {k * moe_layers} layer", gpu + ["--backend", "selective", "--cache-experts", str(k * moe_layers), "--cache-scope", "layer"], {})]
             for name, extra, env in variants:
                 other = run_steps(a.bin, d, s, 12, extra, env)

@@ -45,6 +45,10 @@ pub struct SweepRow {
     /// (0 off the GPU).
     pub h2d_bytes: u64,
     pub h2d_time_us: u64,
+    /// Bytes the GPU read from host memory itself, filling slots inside graph steps (a slot
+    /// for every expert; their time is inside the steps').
+    pub h2d_fill_bytes: u64,
+    pub gpu_fills: bool,
     /// GPU memory of the process at its peak (part of `peak_memory`), when known.
     pub peak_gpu: Option<u64>,
     /// Host memory page-locked for direct copies (the registered expert files; part of
@@ -201,7 +205,9 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     // On a GPU, native decodes through one CUDA graph, and so does a selective step whose
     // experts are all resident; one that misses cannot (it reads each layer's routing back to
     // load what is missing, between piecewise graphs). The prediction needs that step's cost:
-    // selective holding every expert with speculation off, over a second pass (all hits).
+    // selective holding every expert with speculation off, over a second pass (all hits) —
+    // and with the host loading misses: a pool holding every expert would otherwise let the
+    // GPU fill its own slots, and every step would be a graph.
     let uncaptured = if a.model.device.is_cuda() {
         eprintln!("sweep: selective reading routing back every layer, every expert resident…");
         let mut args = RunArgs::parse_default();
@@ -211,7 +217,11 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         args.prompts = base.prompts.clone();
         args.max_new_tokens = base.max_new_tokens;
         args.passes = 2;
-        let u = session(&args, Backend::Selective, &[("MOESCOPE_SPECULATE", "0")])?;
+        let u = session(
+            &args,
+            Backend::Selective,
+            &[("MOESCOPE_SPECULATE", "0"), ("MOESCOPE_FILL", "0")],
+        )?;
         let n = u.backend(Backend::Selective).runs.len();
         decode_tok_s_from(&u, Backend::Selective, n - n / 2)
     } else {
@@ -279,12 +289,21 @@ pub fn run(a: &SweepArgs) -> Result<()> {
             layers,
             gate,
         );
-        let predicted = costs.map(|k| k.predict_tok_s(&sim));
+        let cache = s.backend(Backend::Selective).cache.as_ref();
+        // Where the GPU fills slots itself every decode step is one graph: native's step plus
+        // the loads.
+        let fills = cache.is_some_and(|c| c.gpu_fills);
+        let predicted = costs.map(|k| {
+            let k = Costs {
+                uncaptured_step_s: k.uncaptured_step_s.filter(|_| !fills),
+                ..k
+            };
+            k.predict_tok_s(&sim)
+        });
         let err = match (predicted, m.decode_tok_s) {
             (Some(p), Some(x)) if x > 0.0 => Some(100.0 * (p - x).abs() / x),
             _ => None,
         };
-        let cache = s.backend(Backend::Selective).cache.as_ref();
         let stored = (cfg.expert_params() * 2) as f64;
         let bound = match (nm.decode_tok_s, read_bandwidth) {
             (Some(t), Some(bw)) => {
@@ -326,6 +345,8 @@ pub fn run(a: &SweepArgs) -> Result<()> {
             miss_cost_us: cache.and_then(|c| c.miss_cost_s()).map(|m| m * 1e6),
             h2d_bytes: cache.map_or(0, |c| c.h2d_bytes),
             h2d_time_us: cache.map_or(0, |c| c.h2d_time_us),
+            h2d_fill_bytes: cache.map_or(0, |c| c.h2d_fill_bytes),
+            gpu_fills: fills,
             peak_gpu: m.memory.peak_gpu,
             host_pinned_bytes: cache.map_or(0, |c| c.host_pinned_bytes),
             decode_paths: m.decode_paths.clone(),
@@ -646,13 +667,20 @@ pub fn render(s: &Sweep) -> String {
         );
         for r in &s.rows {
             let sim = &r.simulated;
+            let expected = if r.gpu_fills {
+                "every step a graph: the GPU fills its slots".to_string()
+            } else {
+                format!(
+                    "simulated: {} piecewise, {} redone",
+                    sim.decode_miss_steps + sim.unguessed_clean_steps - sim.failed_speculations,
+                    sim.failed_speculations
+                )
+            };
             let _ = writeln!(
                 o,
-                "{:>9} {}  [simulated: {} piecewise, {} redone]",
+                "{:>9} {}  [{expected}]",
                 r.capacity,
-                fmt_paths(&r.decode_paths),
-                sim.decode_miss_steps + sim.unguessed_clean_steps - sim.failed_speculations,
-                sim.failed_speculations
+                fmt_paths(&r.decode_paths)
             );
             if !r.steady_decode_paths.is_empty() {
                 let _ = writeln!(o, "{:>9} {}", "", fmt_paths(&r.steady_decode_paths));
@@ -678,13 +706,18 @@ pub fn render(s: &Sweep) -> String {
             };
             let _ = writeln!(
                 o,
-                "{:>9} {:>6.1}%   {:>10} in {:>8.1} ms   {rate:>10}   GPU {:>9}   pinned {:>9}",
+                "{:>9} {:>6.1}%   {:>10} in {:>8.1} ms   {rate:>10}   GPU {:>9}   pinned {:>9}{}",
                 r.capacity,
                 r.capacity_pct,
                 fmt_bytes(r.h2d_bytes),
                 r.h2d_time_us as f64 / 1e3,
                 r.peak_gpu.map(fmt_bytes).unwrap_or("–".into()),
-                fmt_bytes(r.host_pinned_bytes)
+                fmt_bytes(r.host_pinned_bytes),
+                if r.h2d_fill_bytes > 0 {
+                    format!("   + {} filled by the GPU", fmt_bytes(r.h2d_fill_bytes))
+                } else {
+                    String::new()
+                }
             );
         }
     }

@@ -143,10 +143,110 @@ struct State {
     map_dirty: Vec<bool>,
     /// `misses` when `speculate` last looked: whether the last step added any.
     misses_seen: u64,
+    /// Slots the GPU fills itself (see [`DeviceFills`]), when every expert has one; whether
+    /// this step runs the plain graph instead, and when to (a gate of its own, see there).
+    fills: Option<DeviceFills>,
+    plain_step: bool,
+    plain_gate: super::speculation::Gate,
     /// Whether a step is worth trying as a graph over the resident experts (see
     /// `speculation.rs`; `MOESCOPE_SPECULATE=0` turns guessing off — the sweep does, to measure
     /// what a step that reads routing back costs).
     gate: super::speculation::Gate,
+}
+
+/// A slot pool with a slot for every expert it serves (capacity 100 %), on the direct path: each
+/// expert has its own *home* slot, nothing is ever evicted, and a graph step fills the homes of
+/// the routed experts that are not resident itself, reading them from the registered expert
+/// files over PCIe (`moe_decode::fill_routed`). Then every decode step — misses included — runs
+/// as one CUDA graph: no routing read back per layer, no guess that can fail. The fill kernels
+/// cost ~0.1 ms a step even when there is nothing to fill, so once nearly every step is clean
+/// (or every expert is resident) steps run the plain graph over the resident experts instead,
+/// redone if a guess fails. Off with `MOESCOPE_FILL=0`; outputs are the same either way (the
+/// fill is a bitwise copy).
+struct DeviceFills {
+    /// Per model layer: the device tables (None for dense layers).
+    tables: Vec<Option<super::provider::DeviceFill>>,
+    /// Per model layer: expert → home slot.
+    home: Vec<Vec<u32>>,
+    /// Host copy of each layer's residency flags (the device's are `tables[l].resident`), and
+    /// whether the device copy is behind (host loads set flags; fills set both).
+    flags_host: Vec<Vec<u32>>,
+    flags_dirty: Vec<bool>,
+    /// Experts with a slot in all, and bytes the GPU filled so far.
+    total: usize,
+    bytes: u64,
+}
+
+/// Home slots when every pool holds every expert it serves: `pools[p]` = (capacity, the MoE
+/// layers it serves in order); the i-th layer of a pool owns slots i·E .. (i+1)·E. `None` when
+/// some pool is smaller than that.
+fn home_slots(
+    pools: &[(usize, Vec<usize>)],
+    num_layers: usize,
+    num_experts: usize,
+) -> Option<Vec<Vec<u32>>> {
+    let mut home = vec![Vec::new(); num_layers];
+    for (capacity, layers) in pools {
+        if *capacity < layers.len() * num_experts {
+            return None;
+        }
+        for (i, &l) in layers.iter().enumerate() {
+            home[l] = (0..num_experts)
+                .map(|e| (i * num_experts + e) as u32)
+                .collect();
+        }
+    }
+    Some(home)
+}
+
+/// The device tables for [`DeviceFills`]; `None` (the host loads misses, as at any capacity)
+/// unless every expert with a home is stored in the compute dtype at the slot's shapes, in
+/// registered files the device can read.
+fn device_fills(
+    source: &dyn ExpertSource,
+    direct: &super::direct::DirectFiles,
+    home: Vec<Vec<u32>>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<DeviceFills>> {
+    let cfg = source.config();
+    let part_bytes = cfg.hidden_size * cfg.moe_intermediate_size * dtype.size_in_bytes();
+    let mut tables = vec![None; cfg.num_hidden_layers];
+    let mut total = 0;
+    for l in cfg.moe_layers() {
+        let mut sources = Vec::with_capacity(3 * cfg.num_experts);
+        for e in 0..cfg.num_experts {
+            let Some(parts) = source.part_locations(l, e) else {
+                return Ok(None);
+            };
+            for p in &parts {
+                let addr = direct.device_address(p);
+                match addr {
+                    Some(a)
+                        if p.len as usize == part_bytes && p.dtype.float_dtype() == Some(dtype) =>
+                    {
+                        sources.push(a as i64)
+                    }
+                    _ => return Ok(None),
+                }
+            }
+        }
+        total += cfg.num_experts;
+        tables[l] = Some(super::provider::DeviceFill {
+            sources: Tensor::from_vec(sources, 3 * cfg.num_experts, device)?,
+            home: Tensor::from_vec(home[l].clone(), cfg.num_experts, device)?,
+            resident: Tensor::zeros(cfg.num_experts, DType::U32, device)?,
+            part_bytes,
+        });
+    }
+    Ok(Some(DeviceFills {
+        tables,
+        home,
+        flags_host: vec![vec![0; cfg.num_experts]; cfg.num_hidden_layers],
+        flags_dirty: vec![false; cfg.num_hidden_layers],
+        total,
+        bytes: 0,
+    }))
 }
 
 /// Counts a hit on `key(layer, e)` in pool `pi` (layer stats `li`), as the uncaptured and the
@@ -278,10 +378,45 @@ impl CachedProvider {
         } else {
             (None, None)
         };
+        let fills = match &direct {
+            Some(d) if std::env::var("MOESCOPE_FILL").map_or(true, |v| v != "0") => {
+                let served: Vec<(usize, Vec<usize>)> = pools
+                    .iter()
+                    .enumerate()
+                    .map(|(pi, p)| {
+                        let ls = moe_layers.iter().copied().filter(|&l| pool_of[l] == pi);
+                        (p.capacity, ls.collect())
+                    })
+                    .collect();
+                home_slots(&served, cfg.num_hidden_layers, cfg.num_experts)
+                    .map(|home| device_fills(source.as_ref(), d, home, dtype, device))
+                    .transpose()?
+                    .flatten()
+            }
+            _ => None,
+        };
+        let h2d_path = match (&fills, h2d_path) {
+            (Some(_), Some(p)) => Some(format!(
+                "{p}; the GPU fills missing slots itself (a slot for every expert)"
+            )),
+            (_, p) => p,
+        };
+        // Expert → slot. With fills every expert's entry is its home from the start (a plain
+        // graph step that meets an expert not filled yet reads a valid slot and is redone).
+        let map_host: Vec<Vec<u32>> = (0..cfg.num_hidden_layers)
+            .map(|l| match &fills {
+                Some(f) if !f.home[l].is_empty() => f.home[l].clone(),
+                _ => vec![0; cfg.num_experts],
+            })
+            .collect();
         let mut maps = vec![None; cfg.num_hidden_layers];
         if slot_mode {
             for &l in &moe_layers {
-                maps[l] = Some(Tensor::zeros(cfg.num_experts, DType::U32, device)?);
+                maps[l] = Some(Tensor::from_vec(
+                    map_host[l].clone(),
+                    cfg.num_experts,
+                    device,
+                )?);
             }
         }
         let slot_bytes: u64 = pools.iter().map(|p| p.capacity as u64).sum::<u64>() * expert_bytes;
@@ -323,10 +458,16 @@ impl CachedProvider {
                 direct,
                 h2d_path,
                 maps,
-                map_host: vec![vec![0; cfg.num_experts]; cfg.num_hidden_layers],
+                map_host,
                 map_dirty: vec![false; cfg.num_hidden_layers],
                 misses_seen: 0,
                 gate: super::speculation::Gate::new(super::speculation::Rule::from_env()),
+                fills,
+                plain_step: false,
+                // A wrong guess costs a whole step, a right one saves only the fill kernels'
+                // launches (~5 % of a step): guess only at a clean rate of 95 %.
+                plain_gate: super::speculation::Gate::new(super::speculation::Rule::from_env())
+                    .with_costs(0.95, 1.0),
             }),
             loaded: Condvar::new(),
             bypass: std::sync::atomic::AtomicBool::new(false),
@@ -575,12 +716,18 @@ impl CachedProvider {
         if fits {
             let pinned: HashSet<u32> = keys.iter().copied().collect();
             for &e in &missing {
-                let slot =
-                    Self::free_slot(&mut s, pi, &pinned).ok_or_else(|| ModelError::Expert {
-                        layer,
-                        expert: e,
-                        msg: "no free slot although the pool holds enough".into(),
-                    })?;
+                let home = s.fills.as_ref().map(|f| f.home[layer][e] as usize);
+                let slot = match home {
+                    // Its own slot: a pool with fills never evicts.
+                    Some(h) => h,
+                    None => {
+                        Self::free_slot(&mut s, pi, &pinned).ok_or_else(|| ModelError::Expert {
+                            layer,
+                            expert: e,
+                            msg: "no free slot although the pool holds enough".into(),
+                        })?
+                    }
+                };
                 let start = std::time::Instant::now();
                 let st = &mut *s;
                 let store = st.pools[pi].slots.as_mut().expect("slot mode");
@@ -630,6 +777,10 @@ impl CachedProvider {
                 store.slot_of.insert(key(layer, e), slot);
                 s.map_host[layer][e] = slot as u32;
                 s.map_dirty[layer] = true;
+                if let Some(f) = s.fills.as_mut() {
+                    f.flags_host[layer][e] = 1;
+                    f.flags_dirty[layer] = true;
+                }
                 s.pools[pi].policy.on_insert(key(layer, e));
                 s.layers[li].resident[e] = true;
                 s.bytes_read += bytes;
@@ -655,6 +806,7 @@ impl CachedProvider {
                 down: store.down.clone(),
                 index: Some(index),
                 device_index: None,
+                fill: None,
             }));
         }
         // Overflow (or bypass): a temporary stack of exactly `needed`.
@@ -687,7 +839,53 @@ impl CachedProvider {
             down: Tensor::stack(&dn, 0)?,
             index: Some(index),
             device_index: None,
+            fill: None,
         }))
+    }
+
+    fn all_resident(s: &State) -> bool {
+        let resident: usize = s
+            .pools
+            .iter()
+            .filter_map(|p| p.slots.as_ref())
+            .map(|x| x.slot_of.len())
+            .sum();
+        s.fills.as_ref().is_some_and(|f| resident >= f.total)
+    }
+
+    /// After a graph step with fills: what the uncaptured step records, layer by layer (the
+    /// layer's distinct experts in ascending order, each a hit or a miss), and the experts the
+    /// GPU filled entered as resident in their home slots.
+    fn settle_fills(&self, s: &mut State, routed: &[(usize, Vec<u32>)]) {
+        for (layer, ids) in routed {
+            let mut needed: Vec<usize> = ids.iter().map(|&e| e as usize).collect();
+            needed.sort_unstable();
+            needed.dedup();
+            let (pi, li) = (s.pool_of[*layer], s.stats_of[*layer].expect("moe layer"));
+            for e in needed {
+                let k = key(*layer, e);
+                if s.pools[pi].contains(k) {
+                    count_hit(s, pi, li, e, k);
+                    continue;
+                }
+                let Some(home) = s.fills.as_ref().map(|f| f.home[*layer][e]) else {
+                    continue;
+                };
+                s.misses += 1;
+                s.layers[li].misses[e] += 1;
+                if let Some(store) = s.pools[pi].slots.as_mut() {
+                    store.slot_of.insert(k, home as usize);
+                }
+                if let Some(f) = s.fills.as_mut() {
+                    // The device already says so (the kernel marked it): not dirty.
+                    f.flags_host[*layer][e] = 1;
+                    f.bytes += self.expert_bytes;
+                }
+                s.pools[pi].policy.on_insert(k);
+                s.layers[li].resident[e] = true;
+                s.bytes_read += self.expert_bytes;
+            }
+        }
     }
 
     /// Drops every cached expert (statistics are kept).
@@ -749,6 +947,8 @@ impl CachedProvider {
             overflow_time_us: s.overflow_time_us,
             h2d_path: s.h2d_path.clone(),
             host_pinned_bytes: s.direct.as_ref().map_or(0, |d| d.registered_bytes()),
+            h2d_fill_bytes: s.fills.as_ref().map_or(0, |f| f.bytes),
+            gpu_fills: s.fills.is_some(),
         }
     }
 }
@@ -868,7 +1068,15 @@ impl ExpertProvider for CachedProvider {
         }
         let clean = s.misses == s.misses_seen;
         s.misses_seen = s.misses;
-        s.gate.next_step(clean)
+        let guess = s.gate.next_step(clean);
+        if s.fills.is_some() {
+            // A graph step either way: with the fill kernels (it loads its own misses, nothing
+            // can fail), or plain when a miss is unlikely.
+            let plain = s.plain_gate.next_step(clean) || Self::all_resident(&s);
+            s.plain_step = plain;
+            return true;
+        }
+        guess
     }
 
     fn step_ran(&self, path: crate::model::generate::StepPath, secs: f64) {
@@ -884,11 +1092,18 @@ impl ExpertProvider for CachedProvider {
         let (Some(store), Some(map)) = (&s.pools[s.pool_of[layer]].slots, &s.maps[layer]) else {
             return Ok(None);
         };
+        // A plain step leaves the fill kernels out (a graph of its own, see `graph_variant`).
+        let fill = s
+            .fills
+            .as_ref()
+            .filter(|_| !s.plain_step)
+            .and_then(|f| f.tables[layer].clone());
         Ok(Some(Stacked {
             gate_up: store.gate_up.clone(),
             down: store.down.clone(),
             index: None,
             device_index: Some(map.clone()),
+            fill,
         }))
     }
 
@@ -908,11 +1123,30 @@ impl ExpertProvider for CachedProvider {
             }
             s.map_dirty[l] = false;
         }
+        if let Some(f) = s.fills.as_mut() {
+            for l in 0..f.flags_dirty.len() {
+                if let (true, Some(t)) = (f.flags_dirty[l], &f.tables[l]) {
+                    let n = f.flags_host[l].len();
+                    let flags = Tensor::from_vec(f.flags_host[l].clone(), n, &self.device)?;
+                    t.resident.slice_set(&flags, 0, 0)?;
+                }
+                f.flags_dirty[l] = false;
+            }
+        }
         Ok(())
+    }
+
+    fn graph_variant(&self) -> u64 {
+        let s = self.state.lock().expect("cache lock");
+        u64::from(s.fills.is_some() && !s.plain_step)
     }
 
     fn settle_speculation(&self, routed: &[(usize, Vec<u32>)]) -> bool {
         let mut s = self.state.lock().expect("cache lock");
+        if s.fills.is_some() && !s.plain_step {
+            self.settle_fills(&mut s, routed);
+            return true;
+        }
         let resident = |s: &State, layer: usize, e: u32| {
             s.pools[s.pool_of[layer]].contains(key(layer, e as usize))
         };
@@ -967,5 +1201,27 @@ impl ExpertProvider for CachedProvider {
         if let Some(g) = guess {
             self.score_prefetch(&g, experts);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_expert_gets_its_own_home_slot_only_when_every_pool_holds_all_it_serves() {
+        // Global scope: one pool serving layers 1 and 3 of a model with a dense layer 0.
+        let home = home_slots(&[(8, vec![1, 3])], 4, 4).expect("8 slots hold 2 × 4 experts");
+        assert_eq!(home[0], Vec::<u32>::new());
+        assert_eq!(home[1], [0, 1, 2, 3]);
+        assert_eq!(home[3], [4, 5, 6, 7]);
+        assert!(
+            home_slots(&[(7, vec![1, 3])], 4, 4).is_none(),
+            "one slot short"
+        );
+        // Layer scope: a pool per layer, each its own 0..E.
+        let home = home_slots(&[(4, vec![0]), (5, vec![1])], 2, 4).unwrap();
+        assert_eq!(home, [vec![0, 1, 2, 3], vec![0, 1, 2, 3]]);
+        assert!(home_slots(&[(4, vec![0]), (3, vec![1])], 2, 4).is_none());
     }
 }

@@ -265,6 +265,18 @@ impl DirectFiles {
         }
     }
 
+    /// Where the device sees `loc`'s bytes (its file registered and mapped into the device's
+    /// address space), for a kernel that reads the expert itself; `None` where it cannot.
+    pub fn device_address(&self, loc: &TensorLocation) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        return self.inner.device_address(loc);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = loc;
+            None
+        }
+    }
+
     /// Waits for every copy queued so far (on whichever stream they run).
     pub fn synchronize(&self) -> candle_core::Result<()> {
         #[cfg(feature = "cuda")]
@@ -378,6 +390,9 @@ mod cuda {
         /// candle's stream, when `stream` is a separate one.
         compute: Option<Arc<CudaStream>>,
         maps: HashMap<PathBuf, memmap2::Mmap>,
+        /// Where each mapping is seen from the device (registered with the device-map flag),
+        /// for kernels that read experts themselves.
+        device_base: HashMap<PathBuf, u64>,
         pub registered: u64,
         /// Recorded before the first copy of the open batch.
         first: Option<CudaEvent>,
@@ -411,6 +426,7 @@ mod cuda {
                 stream,
                 compute,
                 maps: HashMap::new(),
+                device_base: HashMap::new(),
                 registered: 0,
                 first: None,
                 pending: None,
@@ -430,17 +446,30 @@ mod cuda {
                 if map.is_empty() {
                     continue;
                 }
-                // SAFETY: registers exactly the live mapping; it is unregistered (in `drop`)
-                // before the mapping is unmapped.
-                unsafe {
-                    sys::cuMemHostRegister_v2(
-                        map.as_ptr() as *mut std::ffi::c_void,
-                        map.len(),
-                        sys::CU_MEMHOSTREGISTER_READ_ONLY,
-                    )
+                let host = map.as_ptr() as *mut std::ffi::c_void;
+                let register = |flags| {
+                    // SAFETY: registers exactly the live mapping; it is unregistered (in `drop`)
+                    // before the mapping is unmapped.
+                    unsafe { sys::cuMemHostRegister_v2(host, map.len(), flags) }.result()
+                };
+                // Mapped into the device's address space too where the driver allows it (kernels
+                // may then read experts themselves); plain registration is enough for copies.
+                let mapped =
+                    register(sys::CU_MEMHOSTREGISTER_READ_ONLY | sys::CU_MEMHOSTREGISTER_DEVICEMAP)
+                        .is_ok();
+                if !mapped {
+                    register(sys::CU_MEMHOSTREGISTER_READ_ONLY)
+                        .map_err(|e| register_error(path, "registering (cuMemHostRegister)", e))?;
                 }
-                .result()
-                .map_err(|e| register_error(path, "registering (cuMemHostRegister)", e))?;
+                let mut dptr: sys::CUdeviceptr = 0;
+                // SAFETY: `host` was registered with the device-map flag just above.
+                if mapped
+                    && unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, host, 0) }
+                        .result()
+                        .is_ok()
+                {
+                    me.device_base.insert(path.clone(), dptr);
+                }
                 me.registered += map.len() as u64;
                 me.maps.insert(path.clone(), map);
             }
@@ -485,6 +514,13 @@ mod cuda {
                 .map_err(candle_core::Error::wrap)?;
             self.copied_bytes += len as u64;
             Ok(true)
+        }
+
+        /// The device address of `loc`'s bytes, when its file is registered and device-mapped.
+        pub fn device_address(&self, loc: &TensorLocation) -> Option<u64> {
+            let base = *self.device_base.get(&loc.file)?;
+            let len = self.maps.get(&loc.file)?.len() as u64;
+            (loc.offset.checked_add(loc.len)? <= len).then_some(base + loc.offset)
         }
 
         fn record(&self) -> candle_core::Result<CudaEvent> {

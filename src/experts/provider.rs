@@ -127,6 +127,23 @@ pub struct Stacked {
     /// are meaningful; the others point at some slot and the step is redone (see
     /// [`ExpertProvider::settle_speculation`]).
     pub device_index: Option<Tensor>,
+    /// With `device_index`: the GPU fills the slots of routed experts that are not resident
+    /// itself, from host memory, before the kernel reads them (a pool with a slot for every
+    /// expert, see `CachedProvider`); then no step needs the routing on the host.
+    pub fill: Option<DeviceFill>,
+}
+
+/// Where each expert of one layer comes from and goes when the GPU fills its slot itself.
+#[derive(Clone)]
+pub struct DeviceFill {
+    /// i64 `[num_experts × 3]`: device addresses of each expert's gate, up and down parts in
+    /// registered host memory (each `part_bytes` long, stored in the compute dtype).
+    pub sources: Tensor,
+    /// u32 `[num_experts]`: the slot each expert fills (its own; the pool never evicts).
+    pub home: Tensor,
+    /// u32 `[num_experts]`: 1 for experts in their slot (set by the fill and by host loads).
+    pub resident: Tensor,
+    pub part_bytes: usize,
 }
 
 /// True when the fused GPU kernel can run in this dtype on this device.
@@ -177,6 +194,12 @@ pub trait ExpertProvider: Send + Sync {
     /// per decode step.
     fn speculate(&self) -> bool {
         false
+    }
+
+    /// Changes when a graph captured over [`resident_stacks`](Self::resident_stacks) no longer
+    /// matches what they return (slot fills added or dropped): the step is captured again.
+    fn graph_variant(&self) -> u64 {
+        0
     }
 
     /// After each decode step: how it ran and its time (what guessing weighs its odds against).
@@ -432,6 +455,7 @@ impl ExpertProvider for Resident {
                 down,
                 index: None,
                 device_index: None,
+                fill: None,
             }))
     }
 }

@@ -170,6 +170,14 @@ pub struct CacheSnapshot {
     /// Host memory page-locked for direct copies (the registered expert files), bytes.
     #[serde(default)]
     pub host_pinned_bytes: u64,
+    /// Misses the GPU loaded itself inside graph steps (a slot for every expert, see
+    /// `CachedProvider`): bytes read from host memory. Not in `h2d_bytes`, and their time is
+    /// part of the step's, not measured apart.
+    #[serde(default)]
+    pub h2d_fill_bytes: u64,
+    /// Whether the GPU fills missing slots itself (then every decode step is one graph).
+    #[serde(default)]
+    pub gpu_fills: bool,
 }
 
 impl CacheSnapshot {

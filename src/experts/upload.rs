@@ -34,6 +34,7 @@ pub(crate) fn device_range(
         DType::U8 => cs.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
         DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
         DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::I64 => cs.as_cuda_slice::<i64>()?.device_ptr(&stream).0,
         other => candle_core::bail!("raw copies into {other:?} tensors are not supported"),
     };
     let at = base + ((layout.start_offset() + elem_offset) * esize) as u64;

@@ -429,7 +429,7 @@ pub struct Generation {
     /// The logits the last token was sampled from.
     last_logits: Vec<f32>,
     #[cfg(feature = "cuda")]
-    graph: Option<super::graph::DecodeGraph>,
+    graphs: Vec<super::graph::DecodeGraph>,
     #[cfg(feature = "cuda")]
     pieces: Option<super::graph::Piecewise>,
     #[cfg(feature = "cuda")]
@@ -471,7 +471,7 @@ impl Generation {
             decode_time: Duration::ZERO,
             last_logits: Vec::new(),
             #[cfg(feature = "cuda")]
-            graph: None,
+            graphs: Vec::new(),
             #[cfg(feature = "cuda")]
             pieces: None,
             #[cfg(feature = "cuda")]
@@ -521,7 +521,7 @@ impl Generation {
             return Ok((None, None));
         }
         let graphed = super::graph::step(
-            &mut self.graph,
+            &mut self.graphs,
             model,
             &mut self.cache,
             experts,
@@ -553,7 +553,7 @@ impl Generation {
             Ok(r) => Ok(r),
             Err(e) => {
                 warn_graph_failure(&e);
-                self.graph = None;
+                self.graphs.clear();
                 self.pieces = None;
                 self.graph_failed = true;
                 Ok((None, None))

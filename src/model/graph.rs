@@ -79,8 +79,10 @@ pub struct DecodeGraph {
     graph: CudaGraph,
     /// The KV cache epoch the graph's buffer addresses belong to.
     epoch: u64,
-    /// The provider the graph was captured against (its stacks' addresses are in the graph).
+    /// The provider the graph was captured against (its stacks' addresses are in the graph),
+    /// and what its stacks were then (see [`ExpertProvider::graph_variant`]).
     provider: usize,
+    variant: u64,
     ids: Tensor,
     pos: Tensor,
     logits: Tensor,
@@ -116,8 +118,9 @@ fn set_u32(dst: &Tensor, v: u32) -> Result<()> {
 
 impl DecodeGraph {
     /// Whether this graph can run the next step as captured.
-    fn fits(&self, cache: &KvCache, provider: usize, want_routing: bool) -> bool {
-        self.epoch == cache.epoch()
+    fn fits(&self, cache: &KvCache, provider: usize, variant: u64, want_routing: bool) -> bool {
+        self.variant == variant
+            && self.epoch == cache.epoch()
             && self.provider == provider
             && self.routing.is_some() == want_routing
     }
@@ -159,6 +162,7 @@ impl DecodeGraph {
         cache: &mut KvCache,
         experts: &dyn ExpertProvider,
         provider: usize,
+        variant: u64,
         token: u32,
         want_routing: bool,
     ) -> Result<Self> {
@@ -202,6 +206,7 @@ impl DecodeGraph {
             graph,
             epoch: cache.epoch(),
             provider,
+            variant,
             ids,
             pos,
             logits,
@@ -277,8 +282,11 @@ pub enum Whole {
 /// selected expert was not resident the result is dropped and the step redone uncaptured (it
 /// rewrites the same KV row) — so at a capacity holding the working set, selective decodes at
 /// native's speed, and with misses it loses one graph launch per failed guess.
+///
+/// `graphs` holds one graph per variant of the provider's stacks (see
+/// [`ExpertProvider::graph_variant`]): a provider that alternates between two keeps both.
 pub fn step(
-    slot: &mut Option<DecodeGraph>,
+    graphs: &mut Vec<DecodeGraph>,
     model: &Qwen3Moe,
     cache: &mut KvCache,
     experts: &dyn ExpertProvider,
@@ -304,22 +312,33 @@ pub fn step(
     let runs_on: &dyn ExpertProvider = if speculative { &view } else { experts };
     let want_routing = observer.wants_routing() || speculative;
     let key = provider_key(experts);
-    match slot {
-        Some(g) if g.fits(cache, key, want_routing) => g.replay(token, position)?,
-        _ => {
-            // Drop a stale graph first: its memory goes back before the new capture takes some.
-            *slot = None;
-            *slot = Some(DecodeGraph::capture(
+    let variant = experts.graph_variant();
+    let at = match graphs
+        .iter()
+        .position(|g| g.fits(cache, key, variant, want_routing))
+    {
+        Some(i) => {
+            graphs[i].replay(token, position)?;
+            i
+        }
+        None => {
+            // Drop stale graphs first (this variant's, and any of another cache epoch or
+            // provider): their memory goes back before the new capture takes some.
+            graphs
+                .retain(|g| g.variant != variant && g.epoch == cache.epoch() && g.provider == key);
+            graphs.push(DecodeGraph::capture(
                 model,
                 cache,
                 runs_on,
                 key,
+                variant,
                 token,
                 want_routing,
             )?);
+            graphs.len() - 1
         }
-    }
-    let g = slot.as_mut().expect("just set");
+    };
+    let g = &mut graphs[at];
     let stream = g.ids.device().as_cuda_device()?.cuda_stream();
     let (row, routed) = g.outputs(&stream)?;
     if speculative {

@@ -36,13 +36,15 @@ fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
 }
 
 /// `x` [1, H] bf16; `gate_up` [E, 2I, H] and `down` [E, H, I] bf16 stacks; `ids` [1, k] u32 rows
-/// of the stacks in top-k order; `weights` [1, k] f32 routing weights (already rounded to bf16).
-/// Returns Σ_s weight_s · expert_s(x) as [1, H] bf16.
+/// of the stacks in top-k order — or, with `map` (u32 `[experts]`, the selective slot pool's
+/// expert→slot table), expert ids whose rows the kernels look up there; `weights` [1, k] f32
+/// routing weights (already rounded to bf16). Returns Σ_s weight_s · expert_s(x) as [1, H] bf16.
 pub fn moe_decode(
     x: &Tensor,
     gate_up: &Tensor,
     down: &Tensor,
     ids: &Tensor,
+    map: Option<&Tensor>,
     weights: &Tensor,
 ) -> Result<Tensor> {
     let (_, hidden) = x.dims2()?;
@@ -85,6 +87,20 @@ pub fn moe_decode(
     let iv = is.as_cuda_slice::<u32>()?.slice(il.start_offset()..);
     let wv = ws.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
 
+    // A raw address (0: none): the kernels read `map` only through `ids`, within its length as
+    // long as the ids are expert ids (the router's), which is what callers passing it give.
+    let map_at: u64 = match map {
+        Some(m) => {
+            let m = m.contiguous()?;
+            if m.dtype() != DType::U32 {
+                return Err(err("map", format!("{:?}, not u32", m.dtype())));
+            }
+            crate::experts::upload::device_range(&m, 0, m.elem_count() * 4)
+                .map(|(a, _)| a)
+                .map_err(|e| err("map", e))?
+        }
+        None => 0,
+    };
     let (k_, i_, h_) = (k as i32, inter as i32, hidden as i32);
     let blocks = |warps: usize| LaunchConfig {
         grid_dim: ((warps as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
@@ -98,6 +114,7 @@ pub fn moe_decode(
     let mut b = f.builder();
     b.arg(&gv)
         .arg(&iv)
+        .arg(&map_at)
         .arg(&xv)
         .arg(&mid)
         .arg(&k_)
@@ -112,6 +129,7 @@ pub fn moe_decode(
     let mut b = f.builder();
     b.arg(&dv)
         .arg(&iv)
+        .arg(&map_at)
         .arg(&wv)
         .arg(&mid)
         .arg(&y)
@@ -128,6 +146,77 @@ pub fn moe_decode(
         BackpropOp::none(),
         false,
     ))
+}
+
+/// Fills, on the device, the slots of the experts in `ids` (u32, any shape) that `fill` says are
+/// not resident, reading them from host memory, then records them as resident (see
+/// `fill_routed_experts` in the kernel file). Nothing is read back: capturable in a CUDA graph.
+pub fn fill_routed(
+    ids: &Tensor,
+    fill: &crate::experts::provider::DeviceFill,
+    gate_up: &Tensor,
+    down: &Tensor,
+) -> Result<()> {
+    use crate::experts::upload::device_range;
+    const BLOCKS_PER_PART: u32 = 16;
+    const THREADS: u32 = 256;
+    let ids = ids.flatten_all()?.contiguous()?;
+    let n_ids = ids.elem_count();
+    let n_experts = fill.resident.elem_count();
+    let addr = |t: &Tensor, what: &str| -> Result<u64> {
+        device_range(t, 0, t.elem_count() * t.dtype().size_in_bytes())
+            .map(|(a, _)| a)
+            .map_err(|e| err(what, e))
+    };
+    if fill.home.elem_count() != n_experts
+        || fill.sources.elem_count() != 3 * n_experts
+        || gate_up.elem_count() * gate_up.dtype().size_in_bytes()
+            < 2 * fill.part_bytes * gate_up.dim(0)?
+        || down.elem_count() * down.dtype().size_in_bytes() < fill.part_bytes * down.dim(0)?
+    {
+        return Err(err("fill shapes", "tables do not match the slot pool"));
+    }
+    let (ids_at, res_at, home_at, src_at, gu_at, dn_at) = (
+        addr(&ids, "fill ids")?,
+        addr(&fill.resident, "fill residency")?,
+        addr(&fill.home, "fill homes")?,
+        addr(&fill.sources, "fill sources")?,
+        addr(gate_up, "fill gate_up")?,
+        addr(down, "fill down")?,
+    );
+    let dev = ids.device().as_cuda_device()?.clone();
+    let (n, e, part) = (n_ids as i32, n_experts as i32, fill.part_bytes as u64);
+    let f = dev.get_or_load_custom_func("fill_routed_experts", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&ids_at)
+        .arg(&res_at)
+        .arg(&home_at)
+        .arg(&src_at)
+        .arg(&gu_at)
+        .arg(&dn_at)
+        .arg(&part)
+        .arg(&n)
+        .arg(&e);
+    let cfg = LaunchConfig {
+        grid_dim: (BLOCKS_PER_PART, n_ids as u32, 3),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match the kernel's signature; every table was checked against the pool
+    // above, `home` holds slots inside it (checked when the tables were built) and `sources`
+    // device addresses of registered host memory that stays registered while the pool lives.
+    unsafe { b.launch(cfg) }.map_err(|e| err("fill launch", e))?;
+    let f = dev.get_or_load_custom_func("mark_filled", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&ids_at).arg(&res_at).arg(&n).arg(&e);
+    let cfg = LaunchConfig {
+        grid_dim: ((n_ids as u32).div_ceil(THREADS), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as above.
+    unsafe { b.launch(cfg) }.map_err(|e| err("mark launch", e))?;
+    Ok(())
 }
 
 /// Largest expert count the routing kernel handles (one warp, 32 experts per lane).

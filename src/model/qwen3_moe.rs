@@ -192,9 +192,31 @@ impl MoeBlock {
         let Some(st) = experts.stacked(self.layer, &needed)? else {
             return Ok(None);
         };
+        // A slot pool's device table and the decode kernels: they look slots up themselves.
+        #[cfg(feature = "cuda")]
+        if let (Some(map), true) = (
+            &st.device_index,
+            super::moe_decode::applies(t, x.dtype(), k) && super::moe_decode::enabled(),
+        ) {
+            if let Some(fill) = &st.fill {
+                super::moe_decode::fill_routed(&topk_ids, fill, &st.gate_up, &st.down)?;
+            }
+            return Ok(Some(super::moe_decode::moe_decode(
+                x,
+                &st.gate_up,
+                &st.down,
+                &topk_ids,
+                Some(map),
+                &topk_w,
+            )?));
+        }
         let ids = match (&st.index, &host_ids) {
             _ if st.device_index.is_some() => {
                 let map = st.device_index.as_ref().expect("checked");
+                #[cfg(feature = "cuda")]
+                if let Some(fill) = &st.fill {
+                    super::moe_decode::fill_routed(&topk_ids, fill, &st.gate_up, &st.down)?;
+                }
                 map.index_select(&topk_ids.flatten_all()?, 0)?
                     .reshape((t, k))?
             }
@@ -216,6 +238,7 @@ impl MoeBlock {
                 &st.gate_up,
                 &st.down,
                 &ids,
+                None,
                 &topk_w,
             )?));
         }
@@ -718,7 +741,7 @@ impl Qwen3Moe {
         w: &Tensor,
         x: &Tensor,
     ) -> Result<()> {
-        let y = super::moe_decode::moe_decode(h, &stacks.gate_up, &stacks.down, slot_ids, w)?;
+        let y = super::moe_decode::moe_decode(h, &stacks.gate_up, &stacks.down, slot_ids, None, w)?;
         x.slice_set(&(x_mid + y)?, 0, 0)?;
         Ok(())
     }

@@ -644,6 +644,42 @@ mod tests {
     }
 
     #[test]
+    fn costs_written_to_a_trace_read_back_exactly() {
+        // A trace and the recording it came from must predict the same speed to the last bit.
+        // serde_json's default float parser can be one ulp off: Cargo.toml turns on its
+        // `float_roundtrip` (test builds get it from a dev-dependency too, so this guards the
+        // property rather than proving the flag). Values the default parser reads back wrong:
+        for bits in [
+            4499942606667094846u64,
+            4504504056015702419,
+            4502118833659027169,
+        ] {
+            let c = Costs {
+                native_step_s: f64::from_bits(bits),
+                miss_s: f64::from_bits(bits + 1),
+                decode_tokens: 1,
+                uncaptured_step_s: Some(f64::from_bits(bits)),
+            };
+            let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+            assert_eq!(back, c);
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let c = Costs {
+                native_step_s: f64::from_bits(0x3f00_0000_0000_0000 | (x >> 12)),
+                miss_s: 1.0 / (1.0 + (x % 1_000_000) as f64 / 7.0),
+                decode_tokens: 1,
+                uncaptured_step_s: None,
+            };
+            let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+            assert_eq!(back, c);
+        }
+    }
+
+    #[test]
     fn prediction_adds_miss_cost_to_native_step() {
         let c = Costs {
             native_step_s: 0.01,

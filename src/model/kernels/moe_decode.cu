@@ -60,10 +60,12 @@ __device__ __forceinline__ float dot_part(const __nv_bfloat16* __restrict__ row,
 }
 
 // mid[s, r] = bf16(silu(bf16(gate_r . x)) * bf16(up_r . x)) for slot s (expert ids[s]), row r < I.
-// One warp per (s, r).
+// One warp per (s, r). `map` (may be null): ids are expert ids and map[id] their rows (the
+// selective slot pool's expert→slot table), saving a separate remapping launch per layer.
 extern "C" __global__ void moe_decode_gate_up_bf16(
     const __nv_bfloat16* __restrict__ w_gu,  // [E, 2I, H]
     const uint32_t* __restrict__ ids,        // [k]
+    const uint32_t* __restrict__ map,        // [experts] or null
     const __nv_bfloat16* __restrict__ x,     // [H]
     __nv_bfloat16* __restrict__ mid,         // [k, I]
     int k, int inter, int hidden) {
@@ -72,7 +74,7 @@ extern "C" __global__ void moe_decode_gate_up_bf16(
     if (warp >= k * inter) return;
     const int s = warp / inter;
     const int r = warp - s * inter;
-    const size_t e = ids[s];
+    const size_t e = map ? map[ids[s]] : ids[s];
     const __nv_bfloat16* base = w_gu + e * (size_t)(2 * inter) * hidden;
     float g = dot_part(base + (size_t)r * hidden, x, hidden, lane);
     float u = dot_part(base + (size_t)(inter + r) * hidden, x, hidden, lane);
@@ -90,6 +92,7 @@ extern "C" __global__ void moe_decode_gate_up_bf16(
 extern "C" __global__ void moe_decode_down_bf16(
     const __nv_bfloat16* __restrict__ w_dn,  // [E, H, I]
     const uint32_t* __restrict__ ids,        // [k]
+    const uint32_t* __restrict__ map,        // [experts] or null, as above
     const float* __restrict__ topk_w,        // [k]
     const __nv_bfloat16* __restrict__ mid,   // [k, I]
     __nv_bfloat16* __restrict__ y,           // [H]
@@ -103,7 +106,7 @@ extern "C" __global__ void moe_decode_down_bf16(
     for (int s = 0; s < MAX_TOPK; s++) {
         part[s] = 0.f;
         if (s < k) {
-            const size_t e = ids[s];
+            const size_t e = map ? map[ids[s]] : ids[s];
             part[s] = dot_part(w_dn + (e * hidden + h) * (size_t)inter, mid + (size_t)s * inter,
                                inter, lane);
         }
@@ -175,4 +178,73 @@ extern "C" __global__ void moe_route_topk_bf16(
             weights[(size_t)blockIdx.x * k + j] = bf16_round(w);
         }
     }
+}
+
+// Selective on a discrete GPU with a slot for every expert (capacity 100 %): the slots of routed
+// experts that are not resident yet are filled by the GPU itself, reading the expert's bytes from
+// host memory (the registered, device-mapped expert files) over PCIe — inside the step's CUDA
+// graph, so a step that misses needs no routing read back and no host round trip per layer.
+// `resident` [E] is 1 for experts in their slot; `home` [E] the slot each fills; `src` [3E] the
+// device addresses of its gate, up and down parts (each `part` bytes). Grid: (blocks per part,
+// routed ids, 3 parts). The copy is bitwise, so the slot holds what a host-queued copy would.
+// `mark_filled` (launched after, on the same stream) records the fills in `resident`.
+
+// Copies `n` bytes in words of T (the caller checked the alignment). A warp's loads of
+// consecutive words coalesce into whole PCIe read requests whatever the word size; four loads
+// are kept in flight per thread because PCIe reads take microseconds.
+template <typename T>
+__device__ __forceinline__ void copy_words(const unsigned char* __restrict__ s,
+                                           unsigned char* __restrict__ d, unsigned long long n) {
+    const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    const unsigned long long nw = n / sizeof(T);
+    const T* sw = reinterpret_cast<const T*>(s);
+    T* dw = reinterpret_cast<T*>(d);
+    unsigned long long i = tid;
+    for (; i + 3 * stride < nw; i += 4 * stride) {
+        const T a = sw[i], b = sw[i + stride], c = sw[i + 2 * stride], e = sw[i + 3 * stride];
+        dw[i] = a;
+        dw[i + stride] = b;
+        dw[i + 2 * stride] = c;
+        dw[i + 3 * stride] = e;
+    }
+    for (; i < nw; i += stride) dw[i] = sw[i];
+}
+
+// Safetensors only aligns tensor data to 8 bytes, so the widest word that both ends allow.
+__device__ __forceinline__ void copy_part(const unsigned char* __restrict__ s,
+                                          unsigned char* __restrict__ d, unsigned long long n) {
+    const unsigned long long a = (uintptr_t)s | (uintptr_t)d | n;
+    if ((a & 15) == 0) copy_words<uint4>(s, d, n);
+    else if ((a & 7) == 0) copy_words<uint2>(s, d, n);
+    else if ((a & 3) == 0) copy_words<uint32_t>(s, d, n);
+    else if ((a & 1) == 0) copy_words<uint16_t>(s, d, n);
+    else copy_words<unsigned char>(s, d, n);
+}
+
+extern "C" __global__ void fill_routed_experts(const uint32_t* __restrict__ ids,
+                                               const uint32_t* __restrict__ resident,
+                                               const uint32_t* __restrict__ home,
+                                               const unsigned long long* __restrict__ src,
+                                               unsigned char* __restrict__ gate_up,
+                                               unsigned char* __restrict__ down,
+                                               unsigned long long part, int n_ids, int n_experts) {
+    const int j = blockIdx.y;
+    if (j >= n_ids) return;
+    const uint32_t e = ids[j];
+    if (e >= (uint32_t)n_experts || resident[e] != 0) return;
+    const unsigned long long slot = home[e];
+    const int p = blockIdx.z;
+    const unsigned char* s = reinterpret_cast<const unsigned char*>(src[3ull * e + p]);
+    unsigned char* d = p < 2 ? gate_up + slot * 2ull * part + (unsigned long long)p * part
+                             : down + slot * part;
+    copy_part(s, d, part);
+}
+
+extern "C" __global__ void mark_filled(const uint32_t* __restrict__ ids,
+                                       uint32_t* __restrict__ resident, int n_ids, int n_experts) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n_ids) return;
+    const uint32_t e = ids[j];
+    if (e < (uint32_t)n_experts) resident[e] = 1;
 }
