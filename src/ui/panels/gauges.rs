@@ -1,5 +1,6 @@
-//! Throughput: decode tok/s now (last 8 tokens) and on average, TTFT, per-token p50/p95, and a
-//! bar of selective's speed against native's with the profile's thresholds marked.
+//! Throughput: decode tok/s now (last 8 tokens) and on average, TTFT, per-token p50/p95, on a GPU
+//! the share of decode steps that ran as one CUDA graph, and a bar of selective's speed against
+//! native's with the profile's thresholds marked.
 
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -7,7 +8,8 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 
 use crate::session::event::Backend;
-use crate::session::metrics::{backend_metrics, percentile};
+use crate::session::event::StepPath;
+use crate::session::metrics::{PathShare, backend_metrics, percentile};
 use crate::ui::app::App;
 
 use super::num;
@@ -19,6 +21,22 @@ pub fn recent_tok_s(app: &App, b: Backend, n: usize) -> Option<f64> {
     let tail = &lat[lat.len().saturating_sub(n)..];
     let s: f64 = tail.iter().sum();
     (s > 0.0).then(|| tail.len() as f64 / s)
+}
+
+/// "graph 87 %": the share of decode steps that ran as one CUDA graph — on a GPU the rest read
+/// routing back or ran twice, which is where selective's time goes. None off the GPU (every step
+/// op by op) or before any step said how it ran.
+pub fn graph_share(paths: &[PathShare]) -> Option<String> {
+    if paths.iter().all(|p| p.path == StepPath::Uncaptured) {
+        return None;
+    }
+    let all: usize = paths.iter().map(|p| p.steps).sum();
+    let graph: usize = paths
+        .iter()
+        .filter(|p| p.path == StepPath::Graph)
+        .map(|p| p.steps)
+        .sum();
+    Some(format!("graph {:.0} %", 100.0 * graph as f64 / all as f64))
 }
 
 /// Speed-ratio thresholds from the profile (viable floor, native-preferred floor).
@@ -71,7 +89,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
             t.text,
         ),
     ]);
-    let line2 = Line::from(vec![
+    let mut line2 = Line::from(vec![
         Span::styled("token p50 ", t.muted),
         Span::styled(
             percentile(&lat, 0.5)
@@ -94,6 +112,9 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
             t.muted,
         ),
     ]);
+    if let Some(g) = graph_share(&m.decode_paths) {
+        line2.push_span(Span::styled(format!(" · {g}"), t.muted));
+    }
     let mut lines = vec![line1, line2];
     if inner.height >= 3 {
         lines.push(speed_bar(app, b, inner.width as usize));
@@ -143,4 +164,31 @@ fn speed_bar(app: &App, b: Backend, width: usize) -> Line<'static> {
     spans.push(Span::styled("]", t.muted));
     spans.push(Span::styled(label, t.text));
     Line::from(spans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(path: StepPath, steps: usize) -> PathShare {
+        PathShare {
+            path,
+            steps,
+            seconds: 0.0,
+            mean_s: 0.0,
+            time_pct: 0.0,
+        }
+    }
+
+    #[test]
+    fn graph_share_counts_steps_and_says_nothing_off_the_gpu() {
+        let gpu = [
+            share(StepPath::Graph, 6),
+            share(StepPath::Piecewise, 1),
+            share(StepPath::Redone, 1),
+        ];
+        assert_eq!(graph_share(&gpu).as_deref(), Some("graph 75 %"));
+        assert_eq!(graph_share(&[share(StepPath::Uncaptured, 9)]), None);
+        assert_eq!(graph_share(&[]), None);
+    }
 }
