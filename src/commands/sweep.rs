@@ -210,12 +210,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     // GPU fill its own slots, and every step would be a graph.
     let uncaptured = if a.model.device.is_cuda() {
         eprintln!("sweep: selective reading routing back every layer, every expert resident…");
-        let mut args = RunArgs::parse_default();
-        args.model = base.model.clone();
-        args.cache = base.cache.clone();
-        args.cache.cache_experts = Some(total);
-        args.prompts = base.prompts.clone();
-        args.max_new_tokens = base.max_new_tokens;
+        let mut args = at_capacity(&base, total);
         args.passes = 2;
         let u = session(
             &args,
@@ -234,14 +229,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     let mut runs = Vec::new();
     for &c in &capacities {
         eprintln!("sweep: selective at {c} experts…");
-        let mut args = RunArgs::parse_default();
-        args.model = base.model.clone();
-        args.cache = base.cache.clone();
-        args.cache.cache_experts = Some(c);
-        args.prompts = base.prompts.clone();
-        args.max_new_tokens = base.max_new_tokens;
-        args.passes = base.passes;
-        runs.push((c, session(&args, Backend::Selective, &[])?));
+        runs.push((c, session(&at_capacity(&base, c), Backend::Selective, &[])?));
     }
     // Calibrate the miss cost on the smallest cache only. Why: larger caches see mostly
     // compulsory misses into memory that was never touched, which costs page faults on top
@@ -359,14 +347,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     let paired_steady = match last_pass {
         Some(first) if a.model.device.is_cuda() && capacities.contains(&total) => {
             eprintln!("sweep: native and selective at {total} experts side by side…");
-            let mut args = RunArgs::parse_default();
-            args.model = base.model.clone();
-            args.cache = base.cache.clone();
-            args.cache.cache_experts = Some(total);
-            args.prompts = base.prompts.clone();
-            args.max_new_tokens = base.max_new_tokens;
-            args.passes = base.passes;
-            Some(paired(&args, total, first))
+            Some(paired(&at_capacity(&base, total), total, first))
         }
         _ => None,
     };
@@ -405,6 +386,18 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         print!("{}", render(&sweep));
     }
     Ok(())
+}
+
+/// The sweep's run settings with the cache at `capacity` experts.
+fn at_capacity(base: &RunArgs, capacity: usize) -> RunArgs {
+    let mut args = RunArgs::parse_default();
+    args.model = base.model.clone();
+    args.cache = base.cache.clone();
+    args.cache.cache_experts = Some(capacity);
+    args.prompts = base.prompts.clone();
+    args.max_new_tokens = base.max_new_tokens;
+    args.passes = base.passes;
+    args
 }
 
 /// Native and selective in one session, compared over the prompts from `first` on.

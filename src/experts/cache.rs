@@ -853,10 +853,10 @@ impl CachedProvider {
         s.fills.as_ref().is_some_and(|f| resident >= f.total)
     }
 
-    /// After a graph step with fills: what the uncaptured step records, layer by layer (the
-    /// layer's distinct experts in ascending order, each a hit or a miss), and the experts the
-    /// GPU filled entered as resident in their home slots.
-    fn settle_fills(&self, s: &mut State, routed: &[(usize, Vec<u32>)]) {
+    /// After a graph step that stands: what the uncaptured step records, layer by layer (the
+    /// layer's distinct experts in ascending order, each a hit or a miss) — misses only where
+    /// the GPU filled them, which enter as resident in their home slots.
+    fn settle_step(&self, s: &mut State, routed: &[(usize, Vec<u32>)]) {
         for (layer, ids) in routed {
             let mut needed: Vec<usize> = ids.iter().map(|&e| e as usize).collect();
             needed.sort_unstable();
@@ -1144,7 +1144,7 @@ impl ExpertProvider for CachedProvider {
     fn settle_speculation(&self, routed: &[(usize, Vec<u32>)]) -> bool {
         let mut s = self.state.lock().expect("cache lock");
         if s.fills.is_some() && !s.plain_step {
-            self.settle_fills(&mut s, routed);
+            self.settle_step(&mut s, routed);
             return true;
         }
         let resident = |s: &State, layer: usize, e: u32| {
@@ -1156,17 +1156,9 @@ impl ExpertProvider for CachedProvider {
         {
             return false;
         }
-        // What the uncaptured step records, layer by layer: the layer's distinct experts in
-        // ascending order, each a hit. (No prefetch guesses to score: prefetch never speculates.)
-        for (layer, ids) in routed {
-            let mut needed: Vec<usize> = ids.iter().map(|&e| e as usize).collect();
-            needed.sort_unstable();
-            needed.dedup();
-            let (pi, li) = (s.pool_of[*layer], s.stats_of[*layer].expect("moe layer"));
-            for e in needed {
-                count_hit(&mut s, pi, li, e, key(*layer, e));
-            }
-        }
+        // Every selected expert resident: each a hit. (No prefetch guesses to score: prefetch
+        // never speculates.)
+        self.settle_step(&mut s, routed);
         true
     }
 

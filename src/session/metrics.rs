@@ -128,8 +128,10 @@ pub fn decode_paths<'a>(tokens: impl IntoIterator<Item = &'a TokenRecord>) -> Ve
             steps,
             seconds,
             mean_s: seconds / steps as f64,
+            // As a ratio first: 100·s/s can round above 100, and a part's float sum can come
+            // out an ulp above the whole's.
             time_pct: if total > 0.0 {
-                100.0 * seconds / total
+                (seconds / total).min(1.0) * 100.0
             } else {
                 0.0
             },
@@ -326,5 +328,10 @@ mod tests {
             "prefill is not a decode step"
         );
         assert!(decode_paths(&[tok(1.0, false, None)]).is_empty());
+        // One path: exactly 100 %, whatever the times (100·s/s rounds above 100 for some s).
+        for dt in [0.1, 0.7, 1.0 / 3.0, 0.013420691, 2.2e-3] {
+            let one: Vec<_> = (0..7).map(|_| tok(dt, false, Some(Graph))).collect();
+            assert_eq!(decode_paths(&one)[0].time_pct, 100.0, "{dt}");
+        }
     }
 }
