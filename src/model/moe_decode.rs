@@ -90,15 +90,10 @@ pub fn moe_decode(
     // A raw address (0: none): the kernels read `map` only through `ids`, within its length as
     // long as the ids are expert ids (the router's), which is what callers passing it give.
     let map_at: u64 = match map {
-        Some(m) => {
-            let m = m.contiguous()?;
-            if m.dtype() != DType::U32 {
-                return Err(err("map", format!("{:?}, not u32", m.dtype())));
-            }
-            crate::experts::upload::device_range(&m, 0, m.elem_count() * 4)
-                .map(|(a, _)| a)
-                .map_err(|e| err("map", e))?
+        Some(m) if m.dtype() != DType::U32 => {
+            return Err(err("map", format!("{:?}, not u32", m.dtype())));
         }
+        Some(m) => raw_addr(m, "map")?,
         None => 0,
     };
     let (k_, i_, h_) = (k as i32, inter as i32, hidden as i32);
@@ -148,6 +143,17 @@ pub fn moe_decode(
     ))
 }
 
+/// The device address of a whole tensor, for a kernel argument. It must be contiguous in place:
+/// a contiguous copy made here would be freed before the kernel ran.
+fn raw_addr(t: &Tensor, what: &str) -> Result<u64> {
+    if !t.is_contiguous() {
+        return Err(err(what, "not contiguous"));
+    }
+    crate::experts::upload::device_range(t, 0, t.elem_count() * t.dtype().size_in_bytes())
+        .map(|(a, _)| a)
+        .map_err(|e| err(what, e))
+}
+
 /// Fills, on the device, the slots of the experts in `ids` (u32, any shape) that `fill` says are
 /// not resident, reading them from host memory, then records them as resident (see
 /// `fill_routed_experts` in the kernel file). Nothing is read back: capturable in a CUDA graph.
@@ -157,17 +163,11 @@ pub fn fill_routed(
     gate_up: &Tensor,
     down: &Tensor,
 ) -> Result<()> {
-    use crate::experts::upload::device_range;
     const BLOCKS_PER_PART: u32 = 16;
     const THREADS: u32 = 256;
     let ids = ids.flatten_all()?.contiguous()?;
     let n_ids = ids.elem_count();
     let n_experts = fill.resident.elem_count();
-    let addr = |t: &Tensor, what: &str| -> Result<u64> {
-        device_range(t, 0, t.elem_count() * t.dtype().size_in_bytes())
-            .map(|(a, _)| a)
-            .map_err(|e| err(what, e))
-    };
     if fill.home.elem_count() != n_experts
         || fill.sources.elem_count() != 3 * n_experts
         || gate_up.elem_count() * gate_up.dtype().size_in_bytes()
@@ -177,12 +177,12 @@ pub fn fill_routed(
         return Err(err("fill shapes", "tables do not match the slot pool"));
     }
     let (ids_at, res_at, home_at, src_at, gu_at, dn_at) = (
-        addr(&ids, "fill ids")?,
-        addr(&fill.resident, "fill residency")?,
-        addr(&fill.home, "fill homes")?,
-        addr(&fill.sources, "fill sources")?,
-        addr(gate_up, "fill gate_up")?,
-        addr(down, "fill down")?,
+        raw_addr(&ids, "fill ids")?,
+        raw_addr(&fill.resident, "fill residency")?,
+        raw_addr(&fill.home, "fill homes")?,
+        raw_addr(&fill.sources, "fill sources")?,
+        raw_addr(gate_up, "fill gate_up")?,
+        raw_addr(down, "fill down")?,
     );
     let dev = ids.device().as_cuda_device()?.clone();
     let (n, e, part) = (n_ids as i32, n_experts as i32, fill.part_bytes as u64);
