@@ -167,6 +167,12 @@ pub struct RunArgs {
     /// Skip teacher-forced scoring (KL, top-1 agreement).
     #[arg(long)]
     pub no_score: bool,
+    /// Also record, in the routing trace, what layer L+1's router picks from layer L's hidden
+    /// state (the next-layer guess), so `moescope simulate --prefetch next-layer` can replay
+    /// prefetch. Both backends compute it (one router product per layer); with
+    /// `--prefetch next-layer` selective's trace carries it anyway.
+    #[arg(long)]
+    pub trace_guesses: bool,
     /// No dashboard: progress lines, a final table, files written. Automatic when stdout is not
     /// a terminal.
     #[arg(long)]
@@ -282,6 +288,11 @@ pub struct SimulateArgs {
     /// Policies: lru, lfu, fifo, s3fifo, belady (default: all).
     #[arg(long, value_delimiter = ',')]
     pub policies: Option<Vec<String>>,
+    /// Replay next-layer prefetch from the guesses the trace carries (recorded with
+    /// `run --trace-guesses`, or by a run with `--prefetch next-layer`), as if every guess
+    /// landed in time. Default: the run's own setting. Belady stays demand loading's optimum.
+    #[arg(long, value_enum)]
+    pub prefetch: Option<crate::experts::PrefetchMode>,
     #[arg(long)]
     pub json: bool,
 }

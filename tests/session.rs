@@ -512,10 +512,12 @@ fn sweep_measures_each_capacity_next_to_the_simulation() {
 }
 
 /// A run with prefetch exports its guessing accuracy (and one without does not invent any),
-/// computed from the cache's own counters.
+/// computed from the cache's own counters; its trace carries the guesses, so `simulate`
+/// replays them and scores them exactly as the live cache did.
 #[test]
 fn export_reports_prefetch_precision_and_recall() {
     let tmp = tempfile::tempdir().unwrap();
+    let mut live_accuracy = None;
     for prefetch in [true, false] {
         let rec = tmp.path().join(format!("pf-{prefetch}.ndjson"));
         let mut args = vec![
@@ -550,7 +552,73 @@ fn export_reports_prefetch_precision_and_recall() {
         let (rc, md, _) = run(&["export", rec.to_str().unwrap(), "--format", "markdown"]);
         assert_eq!(rc, 0);
         assert_eq!(md.contains("prefetch precision / recall"), prefetch, "{md}");
+        let r = rec.to_str().unwrap();
+        if prefetch {
+            // Replayed by default (the run prefetched), scored like the live cache scored it.
+            let v = simulate_json(&[r, "--capacities", "48"]);
+            assert_eq!(v["study"]["prefetch"], true, "{v}");
+            let acc = (
+                v["study"]["guess_precision"].as_f64().unwrap(),
+                v["study"]["guess_recall"].as_f64().unwrap(),
+            );
+            let live = (
+                sel["prefetch_precision"].as_f64().unwrap(),
+                sel["prefetch_recall"].as_f64().unwrap(),
+            );
+            assert!(
+                (acc.0 - live.0).abs() < 1e-9 && (acc.1 - live.1).abs() < 1e-9,
+                "trace {acc:?} vs live {live:?}"
+            );
+            live_accuracy = Some(acc);
+            let p = &v["study"]["points"][0];
+            assert!(
+                p["prefetch_loads_per_decode_token"].as_f64().unwrap() > 0.0,
+                "{p}"
+            );
+            // `--prefetch none` turns the replay off.
+            let v = simulate_json(&[r, "--capacities", "48", "--prefetch", "none"]);
+            assert_eq!(v["study"]["prefetch"], false);
+            assert!(v["study"]["points"][0]["prefetch_loads_per_decode_token"].is_null());
+        } else {
+            // No guesses in this trace: asking for the replay is a clear input error.
+            let (rc, _, err) = run(&["simulate", r, "--prefetch", "next-layer"]);
+            assert_eq!(rc, 2, "{err}");
+            assert!(
+                err.contains(r) && err.contains("--trace-guesses"),
+                "the error names the file and the fix: {err}"
+            );
+        }
     }
+    // Guesses recorded without prefetch (`--trace-guesses`), by native as well: the same
+    // routing and the same guesses, so the same accuracy.
+    let rec = tmp.path().join("guesses.ndjson");
+    let r = rec.to_str().unwrap();
+    moescope_ok(&[
+        "run",
+        "--no-tui",
+        "--no-score",
+        "--record",
+        r,
+        "--max-new-tokens",
+        "16",
+        "--cache-experts",
+        "48",
+        "--trace-guesses",
+    ]);
+    let v = simulate_json(&[r, "--capacities", "48", "--prefetch", "next-layer"]);
+    let acc = (
+        v["study"]["guess_precision"].as_f64().unwrap(),
+        v["study"]["guess_recall"].as_f64().unwrap(),
+    );
+    assert_eq!(Some(acc), live_accuracy);
+}
+
+fn simulate_json(args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["simulate", "--json"];
+    a.extend_from_slice(args);
+    let (rc, out, err) = run(&a);
+    assert_eq!(rc, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
 }
 
 /// `moescope export … | head` ends like a Unix filter when the reader goes away: killed by

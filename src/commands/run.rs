@@ -202,6 +202,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         reference_text,
         reference_max_tokens: args.reference_tokens,
         trace_routing: true,
+        trace_guesses: args.trace_guesses,
         load_timeout: Duration::from_secs(args.load_timeout),
         step_timeout: Duration::from_secs(args.step_timeout),
         memory_interval: Duration::from_millis(200),

@@ -4,6 +4,7 @@ use anyhow::Result;
 
 use crate::cli::SimulateArgs;
 use crate::errors::InputError;
+use crate::experts::PrefetchMode;
 use crate::experts::cache::Scope;
 use crate::session::cachesim::{self, SimPolicy, Study};
 
@@ -37,7 +38,22 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
             })
             .collect::<Result<_, _>>()?,
     };
-    let acc = cachesim::accesses(&input.steps, &input.prompt_tokens);
+    let prefetch = match a.prefetch {
+        Some(m) => m == PrefetchMode::NextLayer,
+        None => input.live.as_ref().is_some_and(|l| l.prefetch),
+    };
+    if prefetch && !cachesim::has_guesses(&input.steps) {
+        crate::bail_input!(
+            "{}: the routing trace has no next-layer guesses to replay prefetch from; record \
+             the run with `moescope run --trace-guesses` (or `--prefetch next-layer`)",
+            a.file.display()
+        );
+    }
+    let acc = if prefetch {
+        cachesim::accesses_prefetched(&input.steps, &input.prompt_tokens)
+    } else {
+        cachesim::accesses(&input.steps, &input.prompt_tokens)
+    };
     let study = cachesim::study(
         &acc,
         total,
@@ -65,10 +81,17 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     if let Some(l) = &input.live {
         let sim = cachesim::simulate(&acc, SimPolicy::Live(l.policy), l.capacity, l.scope, layers);
         println!(
-            "the run itself: {} experts, {} scope, {}: live {} hits / {} misses ({:.1} %), simulated {} / {} ({:.1} %)",
+            "the run itself: {} experts, {} scope, {}{}: live {} hits / {} misses ({:.1} %), simulated {} / {} ({:.1} %)",
             l.capacity,
             l.scope.name(),
             l.policy.name(),
+            match (l.prefetch, prefetch) {
+                (true, true) =>
+                    ", prefetch (live guesses land late or early, the replay's on time)",
+                (true, false) => ", prefetch live but not replayed",
+                (false, true) => ", no prefetch live but replayed",
+                (false, false) => "",
+            },
             l.hits,
             l.misses,
             100.0 * l.hits as f64 / (l.hits + l.misses).max(1) as f64,
@@ -111,12 +134,26 @@ pub fn render(s: &Study) -> String {
         "{} requests ({} decode tokens) over {} experts, {} scope; hit rate (and % of Belady's optimum)",
         s.accesses, s.decode_tokens, s.total_experts, s.scope
     );
+    if s.prefetch {
+        let _ = writeln!(
+            o,
+            "next-layer prefetch replayed: each guess loaded just before its layer (policies only; \
+             Belady is the optimum of demand loading); guesses {} precision, {} recall",
+            s.guess_precision
+                .map_or("–".into(), |p| format!("{:.1} %", 100.0 * p)),
+            s.guess_recall
+                .map_or("–".into(), |p| format!("{:.1} %", 100.0 * p)),
+        );
+    }
     let _ = write!(o, "{:>10} {:>7}", "capacity", "%");
     for p in &policies {
         let _ = write!(o, " {:>16}", p);
     }
     // The speed prediction is shown for the default policy (what a run gets without --policy).
     let pred_policy = crate::experts::CacheArgs::default().policy.name();
+    if s.prefetch {
+        let _ = write!(o, " {:>22}", format!("{pred_policy} ahead/tok (wrong)"));
+    }
     if s.costs.is_some() {
         let _ = write!(o, " {:>16}", format!("{pred_policy} tok/s (pred)"));
     }
@@ -147,11 +184,18 @@ pub fn render(s: &Study) -> String {
                 }
             }
         }
-        if let Some(x) = row
-            .iter()
-            .find(|x| x.policy == pred_policy)
-            .and_then(|x| x.predicted_decode_tok_s)
-        {
+        let default = row.iter().find(|x| x.policy == pred_policy);
+        if s.prefetch {
+            let ahead = default.and_then(|x| x.prefetch_loads_per_decode_token);
+            let wrong = default.and_then(|x| x.prefetch_wasted);
+            let cell = match (ahead, wrong) {
+                (Some(a), Some(w)) => format!("{a:.2} ({:.0} %)", 100.0 * w),
+                (Some(a), None) => format!("{a:.2}"),
+                _ => "–".into(),
+            };
+            let _ = write!(o, " {:>22}", cell);
+        }
+        if let Some(x) = default.and_then(|x| x.predicted_decode_tok_s) {
             let _ = write!(o, " {:>16.1}", x);
         }
         let _ = writeln!(o);
@@ -166,9 +210,14 @@ pub fn render(s: &Study) -> String {
     if let Some(c) = s.costs {
         let _ = writeln!(
             o,
-            "prediction: native step {:.2} ms + misses per token × {:.3} ms per miss (measured in the run)",
+            "prediction: native step {:.2} ms + misses per token × {:.3} ms per miss (measured in the run){}",
             c.native_step_s * 1e3,
-            c.miss_s * 1e3
+            c.miss_s * 1e3,
+            if s.prefetch {
+                "; loads ahead assumed hidden behind compute"
+            } else {
+                ""
+            }
         );
     }
     o

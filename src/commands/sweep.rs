@@ -222,8 +222,6 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     } else {
         None
     };
-    let input = cachesim::from_state(&native);
-    let acc = cachesim::accesses(&input.steps, &input.prompt_tokens);
     let layers = cfg.num_moe_layers();
 
     let mut runs = Vec::new();
@@ -231,6 +229,19 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         eprintln!("sweep: selective at {c} experts…");
         runs.push((c, session(&at_capacity(&base, c), Backend::Selective, &[])?));
     }
+    // Native's trace; with prefetch, the first selective run's, whose routing is the same and
+    // which carries the guesses its prefetch made, so the simulation replays them.
+    let input = match runs.first() {
+        Some((_, s)) if a.prefetch == crate::experts::PrefetchMode::NextLayer => {
+            cachesim::from_state(s)
+        }
+        _ => cachesim::from_state(&native),
+    };
+    let acc = if cachesim::has_guesses(&input.steps) {
+        cachesim::accesses_prefetched(&input.steps, &input.prompt_tokens)
+    } else {
+        cachesim::accesses(&input.steps, &input.prompt_tokens)
+    };
     // Calibrate the miss cost on the smallest cache only. Why: larger caches see mostly
     // compulsory misses into memory that was never touched, which costs page faults on top
     // of the read, and averaging them in would make the predicted curve depend on the very
@@ -295,7 +306,9 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         let stored = (cfg.expert_params() * 2) as f64;
         let bound = match (nm.decode_tok_s, read_bandwidth) {
             (Some(t), Some(bw)) => {
-                let per_tok = sim.decode_misses as f64 / decode_steps.max(1) as f64;
+                // Loads ahead take the same bandwidth as misses.
+                let per_tok = (sim.decode_misses + sim.decode_prefetch_loads) as f64
+                    / decode_steps.max(1) as f64;
                 Some(1.0 / (1.0 / t + per_tok * stored / bw))
             }
             _ => None,

@@ -70,8 +70,8 @@ impl CacheConfig {
     }
 }
 
-/// A prefetch request: load these experts of this layer.
-type PrefetchJob = (usize, Vec<usize>);
+/// A prefetch request: load these experts of this layer, for the guess numbered so.
+type PrefetchJob = (usize, Vec<usize>, u64);
 
 fn key(layer: usize, expert: usize) -> u32 {
     ((layer as u32) << 16) | expert as u32
@@ -128,8 +128,10 @@ struct State {
     prefetch: Option<PrefetchStats>,
     /// Keys inserted by prefetch and not used yet (to score its precision).
     prefetched_unused: HashSet<u32>,
-    /// The latest guess for each layer, scored when that layer runs.
-    guesses: HashMap<usize, Vec<usize>>,
+    /// The latest guess for each layer (its number, the experts), scored when that layer runs;
+    /// a prefetch job whose guess is no longer here is late and is dropped.
+    guesses: HashMap<usize, (u64, Vec<usize>)>,
+    guess_seq: u64,
     /// Host buffer that slot misses are read into and uploaded from (pinned on CUDA).
     staging: super::upload::Staging,
     /// Registered expert files that slot misses are copied from directly, when that path was
@@ -252,10 +254,13 @@ fn device_fills(
 /// Counts a hit on `key(layer, e)` in pool `pi` (layer stats `li`), as the uncaptured and the
 /// speculative step both must.
 fn count_hit(s: &mut State, pi: usize, li: usize, e: usize, k: u32) {
-    s.pools[pi].policy.on_hit(k);
+    if s.prefetched_unused.remove(&k) {
+        s.pools[pi].policy.on_first_use(k);
+    } else {
+        s.pools[pi].policy.on_hit(k);
+    }
     s.hits += 1;
     s.layers[li].hits[e] += 1;
-    s.prefetched_unused.remove(&k);
 }
 
 /// Experts on demand through a bounded cache.
@@ -454,6 +459,7 @@ impl CachedProvider {
                 prefetch: None,
                 prefetched_unused: HashSet::new(),
                 guesses: HashMap::new(),
+                guess_seq: 0,
                 staging: Default::default(),
                 direct,
                 h2d_path,
@@ -526,7 +532,7 @@ impl CachedProvider {
 
     /// Inserts into the layer's pool, evicting as needed. Capacity 0 (a layer-scope share
     /// smaller than one) stores nothing: the caller's `Arc` is the only copy.
-    fn insert(s: &mut State, layer: usize, expert: usize, w: Arc<ExpertWeights>) {
+    fn insert(s: &mut State, layer: usize, expert: usize, w: Arc<ExpertWeights>, prefetched: bool) {
         let k = key(layer, expert);
         let pi = s.pool_of[layer];
         if s.pools[pi].capacity == 0 || s.pools[pi].entries.contains_key(&k) {
@@ -549,18 +555,33 @@ impl CachedProvider {
         }
         s.resident_bytes += w.bytes();
         s.pools[pi].entries.insert(k, w);
-        s.pools[pi].policy.on_insert(k);
+        if prefetched {
+            s.pools[pi].policy.on_prefetch(k);
+            s.prefetched_unused.insert(k);
+        } else {
+            s.pools[pi].policy.on_insert(k);
+        }
         if let Some(li) = s.stats_of[layer] {
             s.layers[li].resident[expert] = true;
         }
     }
 
     /// Loads an expert in the background (prefetch): no hit/miss is counted, and nothing
-    /// happens if it is already resident or being loaded.
-    pub fn prefetch(&self, layer: usize, expert: usize) -> Result<()> {
+    /// happens if it is already resident or being loaded — or, when `guess` is given, if that
+    /// guess is no longer the layer's latest (the layer has started: loading now would only
+    /// evict something for an expert nobody is waiting for).
+    pub fn prefetch(&self, layer: usize, expert: usize, guess: Option<u64>) -> Result<()> {
         let k = key(layer, expert);
         {
             let mut s = self.state.lock().expect("cache lock");
+            if let Some(g) = guess
+                && s.guesses.get(&layer).map(|x| x.0) != Some(g)
+            {
+                if let Some(p) = s.prefetch.as_mut() {
+                    p.late += 1;
+                }
+                return Ok(());
+            }
             let pi = s.pool_of[layer];
             if s.pools[pi].entries.contains_key(&k) || s.loading.contains(&k) {
                 return Ok(());
@@ -575,8 +596,7 @@ impl CachedProvider {
                 s.bytes_read += bytes;
                 s.load_time_us += us;
                 s.latency.record_us(us);
-                Self::insert(&mut s, layer, expert, Arc::new(w));
-                s.prefetched_unused.insert(k);
+                Self::insert(&mut s, layer, expert, Arc::new(w), true);
                 if let Some(p) = s.prefetch.as_mut() {
                     p.loaded += 1;
                 }
@@ -607,7 +627,7 @@ impl CachedProvider {
             );
             return;
         }
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<usize>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<PrefetchJob>();
         if this.prefetcher.set(Mutex::new(tx)).is_err() {
             return;
         }
@@ -616,11 +636,11 @@ impl CachedProvider {
         std::thread::Builder::new()
             .name("moescope-prefetch".into())
             .spawn(move || {
-                while let Ok((layer, experts)) = rx.recv() {
+                while let Ok((layer, experts, guess)) = rx.recv() {
                     let Some(me) = weak.upgrade() else { break };
                     for e in experts {
                         // A failed prefetch is not an error: the forward pass will load it.
-                        let _ = me.prefetch(layer, e);
+                        let _ = me.prefetch(layer, e, Some(guess));
                     }
                 }
             })
@@ -998,12 +1018,7 @@ impl ExpertProvider for CachedProvider {
             }
             let pi = s.pool_of[layer];
             if let Some(w) = s.pools[pi].entries.get(&k).cloned() {
-                s.pools[pi].policy.on_hit(k);
-                s.hits += 1;
-                s.layers[li].hits[expert] += 1;
-                if s.prefetched_unused.remove(&k) {
-                    // counted as useful by score_prefetch; nothing else to do
-                }
+                count_hit(&mut s, pi, li, expert, k);
                 return Ok(w);
             }
             s.misses += 1;
@@ -1019,7 +1034,7 @@ impl ExpertProvider for CachedProvider {
                 s.load_time_us += us;
                 s.latency.record_us(us);
                 let w = Arc::new(w);
-                Self::insert(&mut s, layer, expert, w.clone());
+                Self::insert(&mut s, layer, expert, w.clone(), false);
                 Ok(w)
             }
             Err(e) => Err(e),
@@ -1175,12 +1190,17 @@ impl ExpertProvider for CachedProvider {
             .copied()
             .filter(|e| !self.unavailable[layer].contains(e))
             .collect();
-        self.state
+        let seq = {
+            let mut s = self.state.lock().expect("cache lock");
+            s.guess_seq += 1;
+            let seq = s.guess_seq;
+            s.guesses.insert(layer, (seq, wanted.clone()));
+            seq
+        };
+        let _ = tx
             .lock()
-            .expect("cache lock")
-            .guesses
-            .insert(layer, wanted.clone());
-        let _ = tx.lock().expect("prefetch sender").send((layer, wanted));
+            .expect("prefetch sender")
+            .send((layer, wanted, seq));
     }
 
     fn will_use(&self, layer: usize, experts: &[usize]) {
@@ -1190,7 +1210,7 @@ impl ExpertProvider for CachedProvider {
             .expect("cache lock")
             .guesses
             .remove(&layer);
-        if let Some(g) = guess {
+        if let Some((_, g)) = guess {
             self.score_prefetch(&g, experts);
         }
     }
@@ -1199,6 +1219,62 @@ impl ExpertProvider for CachedProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixture_cache(capacity: usize, policy: PolicyKind) -> (CachedProvider, usize) {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe-tiny");
+        let ckpt = crate::model::Checkpoint::open(&dir).unwrap();
+        let cfg = crate::model::MoeConfig::from_dir(&dir).unwrap();
+        let layer = cfg.moe_layers().next().unwrap();
+        let source = Arc::new(super::super::source::ShardSource::new(&ckpt, &cfg).unwrap());
+        let config = CacheConfig {
+            capacity: Capacity::Experts(capacity),
+            scope: Scope::Global,
+            policy,
+        };
+        let c = CachedProvider::new(source, config, DType::F32, &Device::Cpu, false).unwrap();
+        (c, layer)
+    }
+
+    #[test]
+    fn a_late_prefetch_is_dropped_and_a_used_guess_is_its_first_use_not_a_second() {
+        let (c, layer) = fixture_cache(4, PolicyKind::S3fifo);
+        c.state.lock().unwrap().prefetch = Some(PrefetchStats::default());
+        // The layer's latest guess is number 7; a job for guess 6 is late: nothing loads.
+        c.state.lock().unwrap().guesses.insert(layer, (7, vec![0]));
+        c.prefetch(layer, 0, Some(6)).unwrap();
+        let s = c.cache_snapshot().unwrap();
+        assert_eq!(
+            (s.resident_experts, s.prefetch.as_ref().unwrap().late),
+            (0, 1)
+        );
+        // The current guess loads, counted as a prefetch load, not as a miss.
+        c.prefetch(layer, 0, Some(7)).unwrap();
+        let s = c.cache_snapshot().unwrap();
+        assert_eq!((s.resident_experts, s.misses), (1, 0));
+        assert_eq!(s.prefetch.as_ref().unwrap().loaded, 1);
+        // Its first request is a hit, and for the policy its first use: S3-FIFO keeps it on
+        // probation, so the next insert into the full probation queue evicts it...
+        c.get(layer, 0).unwrap();
+        assert_eq!(c.cache_snapshot().unwrap().hits, 1);
+        for e in 1..=4 {
+            c.get(layer, e).unwrap();
+        }
+        let st = c.state.lock().unwrap();
+        assert!(
+            !st.pools[0].contains(key(layer, 0)),
+            "a guess used once was promoted"
+        );
+        drop(st);
+        // ...whereas an expert requested twice is promoted and survives the same inserts.
+        let (c, layer) = fixture_cache(4, PolicyKind::S3fifo);
+        c.get(layer, 0).unwrap();
+        c.get(layer, 0).unwrap();
+        for e in 1..=4 {
+            c.get(layer, e).unwrap();
+        }
+        assert!(c.state.lock().unwrap().pools[0].contains(key(layer, 0)));
+    }
 
     #[test]
     fn every_expert_gets_its_own_home_slot_only_when_every_pool_holds_all_it_serves() {

@@ -60,6 +60,17 @@ pub trait Policy: Send {
     fn on_hit(&mut self, key: u32);
     /// A key became resident.
     fn on_insert(&mut self, key: u32);
+    /// A key became resident ahead of use (a prefetch guess). Default: as an insert.
+    fn on_prefetch(&mut self, key: u32) {
+        self.on_insert(key);
+    }
+    /// A prefetched key was used for the first time. Why apart from a hit: without prefetch
+    /// this use would have been the key's insert, so a policy that counts uses must not take it
+    /// for a second one — S3-FIFO would promote every right guess into its main queue, and LFU
+    /// would rank it above experts used twice. Default: a hit (LRU: recency is all it keeps).
+    fn on_first_use(&mut self, key: u32) {
+        self.on_hit(key);
+    }
     /// Chooses a resident key to evict (and forgets it). `None` only when nothing is resident.
     fn evict(&mut self) -> Option<u32>;
     /// A key left for another reason (e.g. the cache was cleared).
@@ -131,6 +142,9 @@ impl Policy for Lfu {
         self.bump(key, false);
     }
     fn on_insert(&mut self, key: u32) {
+        self.bump(key, true);
+    }
+    fn on_first_use(&mut self, key: u32) {
         self.bump(key, true);
     }
     fn evict(&mut self) -> Option<u32> {
@@ -260,6 +274,9 @@ impl Policy for S3Fifo {
         *f = (*f + 1).min(3);
     }
 
+    /// Still on probation with no use counted: as if it had been inserted now.
+    fn on_first_use(&mut self, _key: u32) {}
+
     fn on_insert(&mut self, key: u32) {
         self.resident.insert(key);
         self.freq.insert(key, 0);
@@ -387,6 +404,26 @@ mod tests {
         let s3 = run(PolicyKind::S3fifo, 10, &trace);
         let lru = run(PolicyKind::Lru, 10, &trace);
         assert!(s3 > lru, "s3fifo {s3} hits vs lru {lru}");
+    }
+
+    #[test]
+    fn a_prefetched_key_used_once_ranks_as_used_once() {
+        // LFU: key 1 inserted and used twice; key 2 prefetched then used once (its first use);
+        // key 3 inserted later, unused. 2 and 3 each count one use: the older, 2, goes first.
+        let mut p = PolicyKind::Lfu.build(3);
+        p.on_insert(1);
+        p.on_hit(1);
+        p.on_prefetch(2);
+        p.on_first_use(2);
+        p.on_insert(3);
+        assert_eq!(p.evict(), Some(2));
+        assert_eq!(p.evict(), Some(3));
+        // Were the first use a hit, 2 would count two uses and outlive 3.
+        let mut p = PolicyKind::Lfu.build(3);
+        p.on_prefetch(2);
+        p.on_hit(2);
+        p.on_insert(3);
+        assert_eq!(p.evict(), Some(3));
     }
 
     #[test]

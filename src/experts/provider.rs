@@ -277,6 +277,17 @@ pub trait RoutingObserver {
     fn wants_routing(&self) -> bool {
         true
     }
+
+    /// Whether to compute next-layer guesses for [`on_guess`](Self::on_guess) even when the
+    /// provider does not prefetch (a routing trace for the simulator's prefetch replay). Costs
+    /// one router product per layer, so off unless asked for.
+    fn wants_guesses(&self) -> bool {
+        false
+    }
+
+    /// The experts `layer`'s router would pick for the token at `position` if applied to the
+    /// hidden state of the layer before it (what `--prefetch next-layer` loads), ascending.
+    fn on_guess(&mut self, _layer: usize, _position: usize, _experts: &[usize]) {}
 }
 
 /// An observer that ignores everything.

@@ -203,6 +203,10 @@ pub struct PrefetchStats {
     pub needed: u64,
     pub covered: u64,
     pub loaded: u64,
+    /// Guessed experts not loaded because their layer had started before the prefetch thread
+    /// got to them (it was behind).
+    #[serde(default)]
+    pub late: u64,
 }
 
 impl PrefetchStats {

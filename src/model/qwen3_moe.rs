@@ -307,20 +307,24 @@ impl MoeBlock {
         Ok(None)
     }
 
-    /// The experts this router would pick for the rows of `x` (union over rows, ascending).
-    fn guess(&self, x: &Tensor) -> Result<Vec<usize>> {
+    /// The experts this router would pick for each row of `x` (each ascending).
+    fn guess(&self, x: &Tensor) -> Result<Vec<Vec<usize>>> {
         let logits: Vec<Vec<f32>> = x
             .matmul(&self.router.t()?)?
             .to_dtype(DType::F32)?
             .to_vec2()?;
-        let mut out: Vec<usize> = logits
+        Ok(logits
             .iter()
-            .flat_map(|row| route(row, &[], self.top_k, false).experts)
-            .map(|e| e as usize)
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        Ok(out)
+            .map(|row| {
+                let mut g: Vec<usize> = route(row, &[], self.top_k, false)
+                    .experts
+                    .into_iter()
+                    .map(|e| e as usize)
+                    .collect();
+                g.sort_unstable();
+                g
+            })
+            .collect())
     }
 
     fn forward(
@@ -775,9 +779,22 @@ impl Qwen3Moe {
             let h = layer.post_norm.forward(&x)?;
             // Layer l+1's router applied to layer l's normalised hidden state: a cheap guess of
             // what the next layer will pick, loaded while this one computes.
-            if let Some(next) = self.next_moe_after(l).filter(|_| experts.wants_hints()) {
-                let guess = next.guess(&h)?;
-                experts.prefetch_hint(next.layer, &guess);
+            let hints = experts.wants_hints();
+            if let Some(next) = self
+                .next_moe_after(l)
+                .filter(|_| hints || observer.wants_guesses())
+            {
+                let rows = next.guess(&h)?;
+                for (r, g) in rows.iter().enumerate() {
+                    observer.on_guess(next.layer, offset + r, g);
+                }
+                if hints {
+                    // A prompt's rows are loaded together: their union.
+                    let mut all: Vec<usize> = rows.into_iter().flatten().collect();
+                    all.sort_unstable();
+                    all.dedup();
+                    experts.prefetch_hint(next.layer, &all);
+                }
             }
             let h = match &layer.ffn {
                 Ffn::Dense(m) => m.forward(&h)?,

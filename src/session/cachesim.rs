@@ -59,11 +59,72 @@ pub struct Access {
     pub decode: bool,
     /// Which forward pass (prefill or decode step) made the request, counting from 0.
     pub step: usize,
+    /// A prefetch of a guessed expert (see [`accesses_prefetched`]), not a request: loaded if
+    /// absent, otherwise nothing; never a hit or a miss.
+    pub prefetch: bool,
 }
 
 /// Builds the request stream from a trace. `prompt_tokens[p]` is the prompt length of prompt p
 /// (positions below it were one prefill forward pass).
 pub fn accesses(trace: &[TraceStep], prompt_tokens: &HashMap<usize, usize>) -> Vec<Access> {
+    build_accesses(trace, prompt_tokens, false)
+}
+
+/// The request stream with `--prefetch next-layer` replayed from the guesses the trace carries:
+/// before each layer's requests, its guessed experts (the union over a prompt's rows, as live
+/// prefetch loads them) — as if every guess finished loading just before its layer ran, the
+/// most prefetch can do with these guesses. Steps without guesses get none.
+pub fn accesses_prefetched(
+    trace: &[TraceStep],
+    prompt_tokens: &HashMap<usize, usize>,
+) -> Vec<Access> {
+    build_accesses(trace, prompt_tokens, true)
+}
+
+/// Whether a trace carries next-layer guesses (recorded with `--trace-guesses` or prefetch on).
+pub fn has_guesses(trace: &[TraceStep]) -> bool {
+    trace
+        .iter()
+        .any(|s| s.guesses.iter().any(|g| !g.is_empty()))
+}
+
+/// How good the replayed guesses are: (precision, recall) over every forward pass and layer
+/// that had a guess — guessed and then requested / guessed, requested and guessed / requested —
+/// scored exactly as the live cache scores its prefetch. None without guesses.
+pub fn guess_accuracy(acc: &[Access]) -> Option<(f64, f64)> {
+    let (mut guessed, mut needed, mut right) = (0u64, 0u64, 0u64);
+    let mut i = 0;
+    while i < acc.len() {
+        let (step, layer) = (acc[i].step, acc[i].layer);
+        let mut j = i;
+        while j < acc.len() && acc[j].step == step && acc[j].layer == layer {
+            j += 1;
+        }
+        let group = &acc[i..j];
+        let guess: Vec<usize> = group
+            .iter()
+            .filter(|a| a.prefetch)
+            .map(|a| a.expert)
+            .collect();
+        if !guess.is_empty() {
+            let want = group.iter().filter(|a| !a.prefetch);
+            guessed += guess.len() as u64;
+            for a in want {
+                needed += 1;
+                right += guess.contains(&a.expert) as u64;
+            }
+        }
+        i = j;
+    }
+    (guessed > 0 && needed > 0)
+        .then(|| (right as f64 / guessed as f64, right as f64 / needed as f64))
+}
+
+fn build_accesses(
+    trace: &[TraceStep],
+    prompt_tokens: &HashMap<usize, usize>,
+    prefetch: bool,
+) -> Vec<Access> {
     let mut out = Vec::new();
     let mut i = 0;
     let mut step = 0;
@@ -78,19 +139,35 @@ pub fn accesses(trace: &[TraceStep], prompt_tokens: &HashMap<usize, usize>) -> V
             }
         }
         let layers = trace[i].experts.len();
-        for l in 0..layers {
-            let mut used: Vec<usize> = trace[i..j]
+        let decode = trace[i].position >= plen;
+        let union = |pick: &dyn Fn(&TraceStep) -> Option<&Vec<u16>>| {
+            let mut v: Vec<usize> = trace[i..j]
                 .iter()
-                .flat_map(|s| s.experts.get(l).into_iter().flatten().map(|&e| e as usize))
+                .flat_map(|s| pick(s).into_iter().flatten().map(|&e| e as usize))
                 .collect();
-            used.sort_unstable();
-            used.dedup();
-            for e in used {
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        for l in 0..layers {
+            if prefetch {
+                for e in union(&|s| s.guesses.get(l)) {
+                    out.push(Access {
+                        layer: l,
+                        expert: e,
+                        decode,
+                        step,
+                        prefetch: true,
+                    });
+                }
+            }
+            for e in union(&|s| s.experts.get(l)) {
                 out.push(Access {
                     layer: l,
                     expert: e,
-                    decode: trace[i].position >= plen,
+                    decode,
                     step,
+                    prefetch: false,
                 });
             }
         }
@@ -116,6 +193,16 @@ pub struct SimResult {
     /// (piecewise) although nothing needed loading.
     #[serde(default)]
     pub unguessed_clean_steps: u64,
+    /// Prefetch replay: guessed experts loaded because they were absent (decode steps only).
+    #[serde(default)]
+    pub decode_prefetch_loads: u64,
+    /// Prefetch replay: experts a prefetch loaded that were evicted, or left at the end,
+    /// without ever being requested (bandwidth spent on wrong guesses), all steps.
+    #[serde(default)]
+    pub prefetch_wasted: u64,
+    /// Prefetch replay: all experts a prefetch loaded, all steps.
+    #[serde(default)]
+    pub prefetch_loads: u64,
 }
 
 impl SimResult {
@@ -139,7 +226,14 @@ impl SimResult {
             }
             let mut step_misses = 0u64;
             while i < acc.len() && acc[i].step == step {
-                if missed[i] {
+                if acc[i].prefetch {
+                    if missed[i] {
+                        r.prefetch_loads += 1;
+                        if acc[i].decode {
+                            r.decode_prefetch_loads += 1;
+                        }
+                    }
+                } else if missed[i] {
                     r.misses += 1;
                     step_misses += 1;
                     if acc[i].decode {
@@ -215,15 +309,27 @@ pub fn simulate_gated(
                 vec![Default::default(); caps.len()];
             let mut pol: Vec<Box<dyn crate::experts::policy::Policy>> =
                 caps.iter().map(|&c| kind.build(c)).collect();
+            // For a prefetch, `missed` means "absent, so loaded" (what the live cache does).
             let mut missed = vec![false; acc.len()];
+            // Loaded by a prefetch and not requested since.
+            let mut unused: std::collections::HashSet<u32> = Default::default();
+            let mut wasted = 0u64;
             for (i, a) in acc.iter().enumerate() {
                 let p = pool_of(a);
                 let k = key(a);
                 if resident[p].contains(&k) {
-                    pol[p].on_hit(k);
+                    // A prefetch of a resident expert does nothing, like the live one.
+                    if !a.prefetch {
+                        if unused.remove(&k) {
+                            pol[p].on_first_use(k);
+                        } else {
+                            pol[p].on_hit(k);
+                        }
+                    }
                     continue;
                 }
-                missed[i] = true;
+                // A pool of no slots loads nothing ahead: a prefetch there is dropped.
+                missed[i] = caps[p] > 0 || !a.prefetch;
                 if caps[p] == 0 {
                     continue;
                 }
@@ -231,14 +337,22 @@ pub fn simulate_gated(
                     match pol[p].evict() {
                         Some(v) => {
                             resident[p].remove(&v);
+                            wasted += unused.remove(&v) as u64;
                         }
                         None => break,
                     }
                 }
                 resident[p].insert(k);
-                pol[p].on_insert(k);
+                if a.prefetch {
+                    pol[p].on_prefetch(k);
+                    unused.insert(k);
+                } else {
+                    pol[p].on_insert(k);
+                }
             }
-            SimResult::from_misses(acc, &missed, gate)
+            let mut r = SimResult::from_misses(acc, &missed, gate);
+            r.prefetch_wasted = wasted + unused.len() as u64;
+            r
         }
         SimPolicy::Belady => belady(acc, &caps, pool_of, gate),
     }
@@ -246,7 +360,8 @@ pub fn simulate_gated(
 
 /// Belady's MIN: on a miss with a full pool, evict the resident whose next request is farthest
 /// away — or keep the pool as it is when the new expert itself is needed last (bypass). Exact,
-/// O(n log c).
+/// O(n log c). Prefetches in the stream are ignored: this is the optimum of demand loading, the
+/// yardstick prefetch is measured against.
 fn belady(
     acc: &[Access],
     caps: &[usize],
@@ -257,6 +372,9 @@ fn belady(
     let mut next = vec![usize::MAX; n];
     let mut last: HashMap<u32, usize> = HashMap::new();
     for i in (0..n).rev() {
+        if acc[i].prefetch {
+            continue;
+        }
         let k = key(&acc[i]);
         next[i] = last.get(&k).copied().unwrap_or(usize::MAX);
         last.insert(k, i);
@@ -265,6 +383,9 @@ fn belady(
     let mut order: Vec<BTreeSet<(usize, u32)>> = vec![BTreeSet::new(); caps.len()];
     let mut missed = vec![false; n];
     for (i, a) in acc.iter().enumerate() {
+        if a.prefetch {
+            continue;
+        }
         let p = pool_of(a);
         let k = key(a);
         if let Some(nu) = resident[p].get(&k).copied() {
@@ -357,6 +478,13 @@ pub struct CurvePoint {
     /// This policy's hit rate as a share of Belady's at the same capacity (%).
     pub pct_of_optimum: Option<f64>,
     pub misses_per_decode_token: f64,
+    /// With prefetch replayed: experts loaded ahead per decode token (right or wrong guesses),
+    /// the bandwidth prefetch spends on top of the misses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_loads_per_decode_token: Option<f64>,
+    /// With prefetch replayed: share of prefetched experts never requested before eviction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_wasted: Option<f64>,
     pub predicted_decode_tok_s: Option<f64>,
 }
 
@@ -366,6 +494,16 @@ pub struct Study {
     pub scope: String,
     pub accesses: usize,
     pub decode_tokens: usize,
+    /// Whether next-layer prefetch was replayed (hit rates are then of requests, with guesses
+    /// loaded ahead; the optimum stays demand loading's).
+    #[serde(default)]
+    pub prefetch: bool,
+    /// With prefetch replayed: precision and recall of the trace's guesses (see
+    /// [`guess_accuracy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guess_precision: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guess_recall: Option<f64>,
     pub points: Vec<CurvePoint>,
     /// Knee capacity per policy.
     pub knees: Vec<(String, usize)>,
@@ -383,6 +521,7 @@ pub fn study(
     costs: Option<Costs>,
 ) -> Study {
     let decode_tokens = costs.map(|c| c.decode_tokens).unwrap_or(0);
+    let prefetch = acc.iter().any(|a| a.prefetch);
     let mut points = Vec::new();
     let mut opt: HashMap<usize, f64> = HashMap::new();
     for &c in capacities {
@@ -406,6 +545,10 @@ pub fn study(
                 hit_rate: h,
                 pct_of_optimum: (o > 0.0).then(|| 100.0 * h / o),
                 misses_per_decode_token: r.decode_misses as f64 / decode_tokens.max(1) as f64,
+                prefetch_loads_per_decode_token: (prefetch && p != SimPolicy::Belady)
+                    .then(|| r.decode_prefetch_loads as f64 / decode_tokens.max(1) as f64),
+                prefetch_wasted: (prefetch && r.prefetch_loads > 0)
+                    .then(|| r.prefetch_wasted as f64 / r.prefetch_loads as f64),
                 predicted_decode_tok_s: costs.map(|k| k.predict_tok_s(&r)),
             });
         }
@@ -416,8 +559,11 @@ pub fn study(
     Study {
         total_experts,
         scope: scope.name().into(),
-        accesses: acc.len(),
+        accesses: acc.iter().filter(|a| !a.prefetch).count(),
         decode_tokens,
+        prefetch,
+        guess_precision: guess_accuracy(acc).map(|x| x.0),
+        guess_recall: guess_accuracy(acc).map(|x| x.1),
         points,
         knees,
         costs,
@@ -460,6 +606,7 @@ mod tests {
                 expert: e,
                 decode: true,
                 step: i,
+                prefetch: false,
             })
             .collect()
     }
@@ -530,16 +677,19 @@ mod tests {
                 prompt: 0,
                 position: 0,
                 experts: vec![vec![3, 1], vec![2, 0]],
+                guesses: vec![],
             },
             TraceStep {
                 prompt: 0,
                 position: 1,
                 experts: vec![vec![1, 4], vec![0, 5]],
+                guesses: vec![],
             },
             TraceStep {
                 prompt: 0,
                 position: 2,
                 experts: vec![vec![4, 3], vec![5, 2]],
+                guesses: vec![],
             },
         ];
         let plen = HashMap::from([(0, 2)]);
@@ -561,6 +711,72 @@ mod tests {
                 (1, 5, true),
             ]
         );
+    }
+
+    /// Decode steps of one MoE layer... two layers, top-1: layer 0 always asks for `e0[t]`,
+    /// layer 1 for `e1[t]`, and layer 1's guess is `g1[t]`.
+    fn two_layer_trace(e0: &[u16], e1: &[u16], g1: &[u16]) -> Vec<TraceStep> {
+        (0..e0.len())
+            .map(|t| TraceStep {
+                prompt: 0,
+                position: t + 1,
+                experts: vec![vec![e0[t]], vec![e1[t]]],
+                guesses: vec![vec![], vec![g1[t]]],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prefetch_replay_loads_guesses_before_their_layer_and_counts_them_apart() {
+        let plen = HashMap::from([(0, 1)]);
+        // Layer 1 never repeats an expert, so without prefetch it always misses; the guess is
+        // right on steps 0 and 2, wrong on step 1.
+        let t = two_layer_trace(&[0, 0, 0], &[1, 2, 3], &[1, 7, 3]);
+        assert!(has_guesses(&t));
+        let plain = accesses(&t, &plen);
+        assert!(plain.iter().all(|a| !a.prefetch));
+        let acc = accesses_prefetched(&t, &plen);
+        let order: Vec<(usize, usize, bool)> = acc[..3]
+            .iter()
+            .map(|a| (a.layer, a.expert, a.prefetch))
+            .collect();
+        assert_eq!(order, [(0, 0, false), (1, 1, true), (1, 1, false)]);
+        let lru = SimPolicy::Live(PolicyKind::Lru);
+        let without = simulate(&plain, lru, 4, Scope::Global, 2);
+        let with = simulate(&acc, lru, 4, Scope::Global, 2);
+        // Requests are the same six either way; prefetches are neither hits nor misses.
+        assert_eq!(with.hits + with.misses, 6);
+        assert_eq!((without.hits, without.misses), (2, 4));
+        assert_eq!((with.hits, with.misses), (4, 2));
+        assert_eq!((with.prefetch_loads, with.decode_prefetch_loads), (3, 3));
+        assert_eq!(
+            with.prefetch_wasted, 1,
+            "expert 7 was loaded and never asked for"
+        );
+        // The optimum is demand loading's: prefetches do not change it.
+        let b = simulate(&acc, SimPolicy::Belady, 4, Scope::Global, 2);
+        assert_eq!(b, simulate(&plain, SimPolicy::Belady, 4, Scope::Global, 2));
+        assert_eq!(b.prefetch_loads, 0);
+        // Layer 1 had a guess on each of three steps, two right: 2/3 both ways.
+        let (p, r) = guess_accuracy(&acc).unwrap();
+        assert!((p - 2.0 / 3.0).abs() < 1e-12 && (r - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(guess_accuracy(&plain), None);
+    }
+
+    #[test]
+    fn a_wrong_guess_can_evict_what_was_needed_and_a_resident_guess_costs_nothing() {
+        let plen = HashMap::from([(0, 1)]);
+        // One slot: layer 0 wants expert 0 every step; layer 1 wants expert 0 too, guessed 5.
+        let t = two_layer_trace(&[0, 0], &[0, 0], &[5, 0]);
+        let acc = accesses_prefetched(&t, &plen);
+        let r = simulate(&acc, SimPolicy::Live(PolicyKind::Lru), 1, Scope::Layer, 2);
+        // Layer pools of 0 slots each (1 / 2 floors to 0): nothing is ever cached or loaded.
+        assert_eq!((r.hits, r.prefetch_loads), (0, 0));
+        let r = simulate(&acc, SimPolicy::Live(PolicyKind::Lru), 2, Scope::Layer, 2);
+        // Layer 1: guess 5 loaded, then 0 misses and evicts it (wasted); step 2's guess of 0 is
+        // resident: no load, and 0 hits.
+        assert_eq!((r.hits, r.misses), (2, 2));
+        assert_eq!((r.prefetch_loads, r.prefetch_wasted), (1, 1));
     }
 
     #[test]
@@ -587,6 +803,7 @@ mod tests {
             expert: 0,
             decode,
             step,
+            prefetch: false,
         };
         let acc = vec![a(0, false), a(1, true), a(2, true), a(3, true), a(4, true)];
         let missed = [true, true, false, true, true];
@@ -608,6 +825,7 @@ mod tests {
             expert: 0,
             decode: step > 0,
             step,
+            prefetch: false,
         };
         let acc: Vec<Access> = (0..60).map(a).collect();
         // Prefill misses, then 40 clean steps, then misses and clean steps alternating.
@@ -731,6 +949,9 @@ pub struct LiveCache {
     pub capacity: usize,
     pub scope: Scope,
     pub policy: PolicyKind,
+    /// Whether the run prefetched (`--prefetch next-layer`).
+    #[serde(default)]
+    pub prefetch: bool,
     pub hits: u64,
     pub misses: u64,
 }
@@ -738,11 +959,17 @@ pub struct LiveCache {
 /// The trace, prompt lengths and costs of a session.
 pub fn from_state(s: &super::state::SessionState) -> TraceInput {
     use super::event::Backend;
-    let trace_backend = if !s.traces[0].is_empty() {
-        Backend::Native
-    } else {
-        Backend::Selective
-    };
+    // Native's trace by preference (it exists without a cache), unless only selective's
+    // carries next-layer guesses (a prefetch run): the routing is the same, bit for bit.
+    let [nat_trace, sel_trace] = &s.traces;
+    let trace_backend =
+        if !nat_trace.is_empty() && (has_guesses(nat_trace) || !has_guesses(sel_trace)) {
+            Backend::Native
+        } else if !sel_trace.is_empty() {
+            Backend::Selective
+        } else {
+            Backend::Native
+        };
     let runs = &s.backend(trace_backend).runs;
     let prompt_tokens: HashMap<usize, usize> = runs
         .iter()
@@ -750,7 +977,7 @@ pub fn from_state(s: &super::state::SessionState) -> TraceInput {
         .filter(|(_, r)| r.started)
         .map(|(i, r)| (i, r.prompt_tokens))
         .collect();
-    let steps = s.trace().to_vec();
+    let steps = s.traces[trace_backend.index()].clone();
     let decode_tokens = steps
         .iter()
         .filter(|st| st.position >= prompt_tokens.get(&st.prompt).copied().unwrap_or(1))
@@ -774,6 +1001,7 @@ pub fn from_state(s: &super::state::SessionState) -> TraceInput {
         capacity: c.capacity_experts,
         scope: s.header.cache.cache_scope,
         policy: s.header.cache.policy,
+        prefetch: s.header.cache.prefetch == crate::experts::PrefetchMode::NextLayer,
         hits: c.hits,
         misses: c.misses,
     });

@@ -177,6 +177,11 @@ pub enum SessionEvent {
         prompt: usize,
         position: usize,
         experts: Vec<Vec<u16>>,
+        /// Per MoE layer, what its router picked from the previous layer's hidden state (the
+        /// `--prefetch next-layer` guess, ascending); empty for a layer with no guess, and absent
+        /// when guesses were not recorded (`--trace-guesses` or prefetch on).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        guesses: Vec<Vec<u16>>,
     },
     Memory {
         backend: Backend,

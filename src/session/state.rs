@@ -135,6 +135,10 @@ pub struct TraceStep {
     pub prompt: usize,
     pub position: usize,
     pub experts: Vec<Vec<u16>>,
+    /// Per MoE layer, the next-layer guess made for it (see `SessionEvent::Routing`); empty
+    /// when the trace has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guesses: Vec<Vec<u16>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,6 +297,7 @@ impl SessionState {
                 prompt,
                 position,
                 experts,
+                guesses,
             } => {
                 let b = self.backend_mut(*backend);
                 for (li, layer) in experts.iter().enumerate() {
@@ -308,6 +313,7 @@ impl SessionState {
                     prompt: *prompt,
                     position: *position,
                     experts: experts.clone(),
+                    guesses: guesses.clone(),
                 });
             }
             SessionEvent::Memory { backend, sample } => {

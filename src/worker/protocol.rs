@@ -49,6 +49,9 @@ pub enum Command {
     Load {
         spec: BackendSpec,
         trace_routing: bool,
+        /// Compute and send next-layer guesses with the routing even without prefetch.
+        #[serde(default)]
+        trace_guesses: bool,
     },
     /// Starts a generation. `stepped`: produce a token only on each `step` (alternate schedule);
     /// otherwise run freely until done, paused or cancelled.
@@ -129,6 +132,9 @@ pub enum WorkerEvent {
         prompt: usize,
         position: usize,
         experts: Vec<Vec<u16>>,
+        /// Per MoE layer, the next-layer guess made for it (empty where none was made).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        guesses: Vec<Vec<u16>>,
     },
     Cache {
         snapshot: CacheSnapshot,

@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub reference_text: Option<String>,
     pub reference_max_tokens: usize,
     pub trace_routing: bool,
+    /// Next-layer guesses in the trace too (see `RunArgs::trace_guesses`).
+    pub trace_guesses: bool,
     /// Time allowed for loading a model.
     pub load_timeout: Duration,
     /// Time allowed for one answer (one token, one score) before a worker counts as hung.
@@ -324,6 +326,7 @@ impl Scheduler {
                 Command::Load {
                     spec,
                     trace_routing: trace,
+                    trace_guesses: trace && self.cfg.trace_guesses,
                 },
             );
         }
@@ -519,11 +522,13 @@ impl Scheduler {
                     prompt,
                     position,
                     experts,
+                    guesses,
                 } => em.emit(SessionEvent::Routing {
                     backend: b,
                     prompt,
                     position,
                     experts,
+                    guesses,
                 }),
                 WorkerEvent::Cache { snapshot } => em.emit(SessionEvent::Cache {
                     backend: b,

@@ -43,8 +43,26 @@ impl Out {
 struct TraceObserver {
     moe_index: Vec<Option<usize>>,
     per_position: std::collections::BTreeMap<usize, Vec<Vec<u16>>>,
+    /// Next-layer guesses per position, when they are traced.
+    guesses: std::collections::BTreeMap<usize, Vec<Vec<u16>>>,
     layers: usize,
     enabled: bool,
+    with_guesses: bool,
+}
+
+impl TraceObserver {
+    fn record(
+        map: &mut std::collections::BTreeMap<usize, Vec<Vec<u16>>>,
+        layers: usize,
+        i: usize,
+        position: usize,
+        experts: impl Iterator<Item = u16>,
+    ) {
+        let row = map
+            .entry(position)
+            .or_insert_with(|| vec![Vec::new(); layers]);
+        row[i] = experts.collect();
+    }
 }
 
 impl RoutingObserver for TraceObserver {
@@ -53,11 +71,23 @@ impl RoutingObserver for TraceObserver {
             return;
         }
         if let Some(Some(i)) = self.moe_index.get(layer) {
-            let row = self
-                .per_position
-                .entry(position)
-                .or_insert_with(|| vec![Vec::new(); self.layers]);
-            row[*i] = experts.iter().map(|&e| e as u16).collect();
+            let it = experts.iter().map(|&e| e as u16);
+            Self::record(&mut self.per_position, self.layers, *i, position, it);
+        }
+    }
+
+    fn wants_guesses(&self) -> bool {
+        self.enabled && self.with_guesses
+    }
+
+    fn on_guess(&mut self, layer: usize, position: usize, experts: &[usize]) {
+        // With prefetch on, guesses come whether or not they were asked for; a trace keeps them.
+        if !self.enabled {
+            return;
+        }
+        if let Some(Some(i)) = self.moe_index.get(layer) {
+            let it = experts.iter().map(|&e| e as u16);
+            Self::record(&mut self.guesses, self.layers, *i, position, it);
         }
     }
 }
@@ -171,6 +201,7 @@ pub fn run() -> anyhow::Result<()> {
             Command::Load {
                 spec,
                 trace_routing,
+                trace_guesses,
             } => {
                 let start = Instant::now();
                 let mut last = Instant::now();
@@ -222,8 +253,10 @@ pub fn run() -> anyhow::Result<()> {
                             trace: TraceObserver {
                                 moe_index,
                                 per_position: Default::default(),
+                                guesses: Default::default(),
                                 layers: moe_layers.len(),
                                 enabled: trace_routing,
+                                with_guesses: trace_guesses,
                             },
                             engine,
                             tokenizer,
@@ -467,16 +500,19 @@ fn generate(
             break;
         }
         st.trace.per_position.clear();
+        st.trace.guesses.clear();
         let step = match g.step(model, provider.as_ref(), &mut st.trace) {
             Ok(Some(s)) => s,
             Ok(None) => break,
             Err(e) => return Err(e.to_string()),
         };
+        let mut guesses = std::mem::take(&mut st.trace.guesses);
         for (position, experts) in std::mem::take(&mut st.trace.per_position) {
             out.send(&WorkerEvent::Routing {
                 prompt,
                 position,
                 experts,
+                guesses: guesses.remove(&position).unwrap_or_default(),
             });
         }
         let piece = match &st.tokenizer {

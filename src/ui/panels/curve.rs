@@ -25,7 +25,14 @@ pub fn study(app: &App) -> Option<Study> {
         caps.sort_unstable();
         caps.dedup();
     }
-    let acc = cachesim::accesses(&input.steps, &input.prompt_tokens);
+    // A run that prefetched is shown with its guesses replayed, so the marked point is
+    // comparable with what the cache did.
+    let acc =
+        if input.live.as_ref().is_some_and(|l| l.prefetch) && cachesim::has_guesses(&input.steps) {
+            cachesim::accesses_prefetched(&input.steps, &input.prompt_tokens)
+        } else {
+            cachesim::accesses(&input.steps, &input.prompt_tokens)
+        };
     let scope = input
         .live
         .as_ref()
