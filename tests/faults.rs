@@ -334,3 +334,75 @@ fn recording_is_never_overwritten() {
     assert!(err.contains("never overwrites"), "{err}");
     assert_eq!(std::fs::read_to_string(&rec).unwrap(), "precious");
 }
+
+/// A worker that answers a prompt with an error (it cannot tokenize it, an expert file went
+/// bad) fails its backend at once with that reason — it does not sit out the step timeout —
+/// in either schedule, and the other backend finishes.
+#[test]
+fn a_generation_error_fails_the_backend_with_its_reason() {
+    for schedule in ["alternate", "sequential"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let rec = tmp.path().join("genfail.ndjson");
+        let (rc, out, err) = run_headless(
+            &rec,
+            &[
+                "--schedule",
+                schedule,
+                "--step-timeout",
+                "600",
+                "--no-score",
+            ],
+            &[("MOESCOPE_TEST_SELECTIVE_FAIL_GENERATE_AT_PROMPT", "1")],
+        );
+        assert_eq!(rc, 0, "{out}\n{err}");
+        assert!(
+            out.contains("selective FAILED") && out.contains("injected failure"),
+            "{schedule}: {out}"
+        );
+        assert!(!out.contains("stopped answering"), "{schedule}: {out}");
+        let evs = events(&rec);
+        let native_done = evs
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    SessionEvent::PromptDone {
+                        backend: Backend::Native,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(native_done, 6, "{schedule}");
+    }
+}
+
+/// A model without a tokenizer cannot take text prompts: one clear error naming the file,
+/// before any worker starts, and exit code 2.
+#[test]
+fn a_model_without_a_tokenizer_is_refused_up_front() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let (rc, _, err) = run(&[
+        "bench",
+        "random-checkpoint",
+        "--layers",
+        "1",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    std::fs::remove_file(model.join("tokenizer.json")).unwrap();
+    let rec = tmp.path().join("r.ndjson");
+    let (rc, out, err) = run_headless(&rec, &["--model", model.to_str().unwrap()], &[]);
+    assert_eq!(rc, 2, "{out}\n{err}");
+    assert!(
+        err.contains(&format!("{}", model.join("tokenizer.json").display()))
+            && err.contains("missing"),
+        "{err}"
+    );
+    assert!(
+        !rec.exists(),
+        "nothing recorded for a run that never started"
+    );
+}

@@ -718,3 +718,48 @@ fn discrete_gpu_profile_counts_gpu_memory_alone() {
         v.reasons
     );
 }
+
+/// With prefetch the sweep replays the guesses its first selective run recorded, fits what a
+/// load ahead costs on the smallest cache (marked, and left out of the error), and predicts
+/// the other capacities with it.
+#[test]
+fn a_prefetch_sweep_calibrates_loads_ahead_on_its_smallest_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_json = tmp.path().join("sweep.json");
+    let out = moescope_ok(&[
+        "sweep",
+        "--capacities",
+        "12.5%,50%",
+        "--prefetch",
+        "next-layer",
+        "--max-new-tokens",
+        "12",
+        "-o",
+        out_json.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("calib"), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
+    assert_eq!(v["prefetch"], true);
+    let ahead = v["load_ahead_us"].as_f64().expect("load_ahead_us fitted");
+    assert!(ahead >= 0.0, "{ahead}");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows[0]["calibration"], true);
+    assert!(rows[0]["prediction_error_pct"].is_null());
+    assert!(rows[1].get("calibration").is_none());
+    assert!(rows[1]["prediction_error_pct"].as_f64().is_some());
+    for r in rows {
+        // The guesses were replayed: loads ahead are counted.
+        assert!(
+            r["simulated"]["decode_prefetch_loads"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+    }
+    let mean = v["mean_prediction_error_pct"].as_f64().unwrap();
+    let e1 = rows[1]["prediction_error_pct"].as_f64().unwrap();
+    assert!(
+        (mean - e1).abs() < 1e-9,
+        "the mean leaves the calibration row out"
+    );
+}

@@ -264,6 +264,30 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
     Ok(())
 }
 
+/// Copies `from`'s tokenizer.json (and tokenizer_config.json, when present) into `to` if every
+/// id it can produce is below `vocab`. Returns its vocabulary size, or None when not copied.
+pub fn copy_tokenizer(from: &Path, to: &Path, vocab: usize) -> Result<Option<usize>> {
+    let src = from.join("tokenizer.json");
+    let Ok(tok) = tokenizers::Tokenizer::from_file(&src) else {
+        return Ok(None);
+    };
+    let n = tok.get_vocab_size(true);
+    if n > vocab {
+        return Ok(None);
+    }
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        let (s, d) = (from.join(name), to.join(name));
+        if s.exists() {
+            std::fs::copy(&s, &d).map_err(|e| ModelError::Io {
+                path: d.clone(),
+                what: format!("copying {}", s.display()),
+                source: e,
+            })?;
+        }
+    }
+    Ok(Some(n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +313,14 @@ mod tests {
         assert!(files.inventory.missing.is_empty());
         assert_eq!(files.inventory.present, 8);
         assert!(files.ckpt.num_shards() > 1);
+        // The bundled tokenizer (4,096 ids) fits a vocabulary of 8,192 but not one of 64.
+        let bundled = crate::engine::default_model_dir();
+        assert_eq!(copy_tokenizer(&bundled, dir.path(), 64).unwrap(), None);
+        assert!(!dir.path().join("tokenizer.json").exists());
+        assert_eq!(
+            copy_tokenizer(&bundled, dir.path(), 8192).unwrap(),
+            Some(4096)
+        );
+        crate::model::generate::TextTokenizer::from_dir(dir.path()).unwrap();
     }
 }

@@ -76,5 +76,16 @@ fn random_checkpoint(a: &RandomCheckpointArgs) -> Result<()> {
         ex,
         a.out.display()
     );
+    // `run` and `sweep` send text prompts: give the checkpoint the bundled model's tokenizer,
+    // whose ids all exist in the preset's larger vocabulary.
+    let bundled = crate::engine::default_model_dir();
+    match random::copy_tokenizer(&bundled, &a.out, g.vocab)? {
+        Some(n) => println!("tokenizer: the bundled model's ({n} ids), for text prompts"),
+        None => println!(
+            "no tokenizer written (the bundled one at {} is missing or has more ids than the \
+             vocabulary): `run` and `sweep` need a tokenizer.json there",
+            bundled.display()
+        ),
+    }
     Ok(())
 }

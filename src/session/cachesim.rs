@@ -448,6 +448,11 @@ pub struct Costs {
     /// None (CPU, or unmeasured): every step costs native's step.
     #[serde(default)]
     pub uncaptured_step_s: Option<f64>,
+    /// With prefetch: what each expert loaded ahead adds to the decode time, seconds — the part
+    /// of its load that the forward pass did not hide (it competes for cores and memory
+    /// bandwidth). None: assumed hidden entirely. `sweep` calibrates it on its smallest cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_ahead_s: Option<f64>,
 }
 
 impl Costs {
@@ -455,7 +460,8 @@ impl Costs {
     /// `uncaptured_step_s`) plus its misses' load time.
     pub fn predict_tok_s(&self, r: &SimResult) -> f64 {
         let n = self.decode_tokens.max(1) as f64;
-        let loads = r.decode_misses as f64 * self.miss_s;
+        let loads = r.decode_misses as f64 * self.miss_s
+            + r.decode_prefetch_loads as f64 * self.load_ahead_s.unwrap_or(0.0);
         let compute = match self.uncaptured_step_s {
             None => n * self.native_step_s,
             Some(u) => {
@@ -848,6 +854,7 @@ mod tests {
             miss_s: 0.002,
             decode_tokens: 4,
             uncaptured_step_s: Some(0.003),
+            load_ahead_s: None,
         };
         let r = SimResult {
             decode_misses: 2,
@@ -877,6 +884,7 @@ mod tests {
                 miss_s: f64::from_bits(bits + 1),
                 decode_tokens: 1,
                 uncaptured_step_s: Some(f64::from_bits(bits)),
+                load_ahead_s: None,
             };
             let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
             assert_eq!(back, c);
@@ -891,6 +899,7 @@ mod tests {
                 miss_s: 1.0 / (1.0 + (x % 1_000_000) as f64 / 7.0),
                 decode_tokens: 1,
                 uncaptured_step_s: None,
+                load_ahead_s: None,
             };
             let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
             assert_eq!(back, c);
@@ -904,6 +913,7 @@ mod tests {
             miss_s: 0.001,
             decode_tokens: 10,
             uncaptured_step_s: None,
+            load_ahead_s: None,
         };
         let misses = |m: u64| SimResult {
             decode_misses: m,
@@ -994,6 +1004,7 @@ pub fn from_state(s: &super::state::SessionState) -> TraceInput {
             miss_s: b,
             decode_tokens,
             uncaptured_step_s: None,
+            load_ahead_s: None,
         }),
         _ => None,
     };

@@ -637,6 +637,7 @@ impl Scheduler {
                 let st = self.ws(b);
                 st.done = None;
                 st.tokens = 0;
+                st.error = None;
                 st.paused = paused;
                 if paused {
                     self.send(b, Command::Pause);
@@ -716,8 +717,13 @@ impl Scheduler {
                 self.send(b, Command::Step);
                 let t = self.cfg.step_timeout;
                 let ok = self
-                    .wait_for(b, t, move |w| w.tokens > before || w.done.is_some())
+                    .wait_for(b, t, move |w| {
+                        w.tokens > before || w.done.is_some() || w.error.is_some()
+                    })
                     .await;
+                if self.generation_failed(b) {
+                    continue;
+                }
                 if !ok && self.alive(b) {
                     self.fail(
                         b,
@@ -735,9 +741,14 @@ impl Scheduler {
     async fn free_run(&mut self, live: &[Backend]) {
         for &b in live {
             let t = self.cfg.step_timeout;
-            let ok = self.wait_for(b, t, |w| w.done.is_some()).await;
+            let ok = self
+                .wait_for(b, t, |w| w.done.is_some() || w.error.is_some())
+                .await;
             if self.nav.is_some() {
                 return;
+            }
+            if self.generation_failed(b) {
+                continue;
             }
             if !ok && self.alive(b) {
                 self.fail(
@@ -749,6 +760,21 @@ impl Scheduler {
                 );
             }
         }
+    }
+
+    /// A worker that reports an error instead of a token has given up on the prompt (it is
+    /// idle again): the backend fails with the worker's reason rather than waiting out the step
+    /// timeout for a token that will not come.
+    fn generation_failed(&mut self, b: Backend) -> bool {
+        let w = &self.w[b.index()];
+        if w.done.is_some() || !self.alive(b) {
+            return false;
+        }
+        let Some(e) = w.error.clone() else {
+            return false;
+        };
+        self.fail(b, format!("generation failed: {e}"));
+        true
     }
 
     async fn cancel_all(&mut self, live: &[Backend]) {

@@ -100,6 +100,8 @@ struct Faults {
     /// Sleep after every token, so a test can interrupt a run that would otherwise finish
     /// before the signal arrives on a fast machine.
     token_delay: Option<Duration>,
+    /// Refuse to generate this prompt (as a prompt the worker cannot tokenize would be).
+    fail_generate_at_prompt: Option<usize>,
     tokens: usize,
 }
 
@@ -111,6 +113,7 @@ impl Faults {
             hang_after_tokens: n("MOESCOPE_TEST_HANG_AFTER_TOKENS"),
             token_delay: n("MOESCOPE_TEST_TOKEN_DELAY_MS")
                 .map(|ms: usize| Duration::from_millis(ms as u64)),
+            fail_generate_at_prompt: n("MOESCOPE_TEST_FAIL_GENERATE_AT_PROMPT"),
             tokens: 0,
         }
     }
@@ -415,6 +418,9 @@ fn generate(
     sampling: super::protocol::Sampling,
     stepped: bool,
 ) -> Result<Flow, String> {
+    if faults.fail_generate_at_prompt == Some(prompt) {
+        return Err(format!("prompt {prompt}: injected failure (test hook)"));
+    }
     let ids = prompt_ids(st, input)?;
     let params = SamplingParams {
         max_new_tokens: sampling.max_new_tokens,
