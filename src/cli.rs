@@ -256,7 +256,8 @@ pub struct SweepArgs {
     pub expert_source: crate::experts::SourceSpec,
     #[arg(long)]
     pub cold: bool,
-    #[arg(long, value_enum, default_value_t = crate::experts::PrefetchMode::None)]
+    /// Next-layer prefetch: none, next-layer, or auto (as `run`: on a CPU with 4+ cores).
+    #[arg(long, value_enum, default_value_t = crate::experts::PrefetchMode::Auto)]
     pub prefetch: crate::experts::PrefetchMode,
     /// Prompt set (default: prompts/long.toml — long generations show steady-state speed).
     #[arg(long, value_name = "FILE")]

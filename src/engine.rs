@@ -384,7 +384,7 @@ impl BackendSpec {
                             dev,
                             c.allow_missing_experts,
                         )?);
-                        if c.prefetch == crate::experts::PrefetchMode::NextLayer {
+                        if c.prefetch.resolve_here(dev.is_cuda()).is_on() {
                             crate::experts::cache::CachedProvider::start_prefetch(&p);
                         }
                         Ok(p as Arc<dyn ExpertProvider>)

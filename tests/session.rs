@@ -413,9 +413,12 @@ fn simulation_reproduces_the_live_cache_exactly() {
     .enumerate()
     {
         let rec = tmp.path().join(format!("sim{i}.ndjson"));
+        // Demand loading only: with prefetch the live hits depend on timing.
         let mut args = vec![
             "run",
             "--no-tui",
+            "--prefetch",
+            "none",
             "--record",
             rec.to_str().unwrap(),
             "--max-new-tokens",
@@ -480,6 +483,8 @@ fn sweep_measures_each_capacity_next_to_the_simulation() {
     let out_json = tmp.path().join("sweep.json");
     let out = moescope_ok(&[
         "sweep",
+        "--prefetch",
+        "none",
         "--capacities",
         "25%,100%",
         "--max-new-tokens",
@@ -531,9 +536,7 @@ fn export_reports_prefetch_precision_and_recall() {
             "--cache-experts",
             "48",
         ];
-        if prefetch {
-            args.extend(["--prefetch", "next-layer"]);
-        }
+        args.extend(["--prefetch", if prefetch { "next-layer" } else { "none" }]);
         moescope_ok(&args);
         let (rc, json, err) = run(&["export", rec.to_str().unwrap(), "--format", "json"]);
         assert_eq!(rc, 0, "{err}");
@@ -603,6 +606,8 @@ fn export_reports_prefetch_precision_and_recall() {
         "16",
         "--cache-experts",
         "48",
+        "--prefetch",
+        "none",
         "--trace-guesses",
     ]);
     let v = simulate_json(&[r, "--capacities", "48", "--prefetch", "next-layer"]);
@@ -762,4 +767,53 @@ fn a_prefetch_sweep_calibrates_loads_ahead_on_its_smallest_cache() {
         (mean - e1).abs() < 1e-9,
         "the mean leaves the calibration row out"
     );
+}
+
+/// `--prefetch auto` (the default) prefetches on a CPU with 4 or more cores and not on fewer;
+/// the recording says which ran.
+#[test]
+fn auto_prefetch_follows_the_core_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (cores, on) in [("2", false), ("8", true)] {
+        let rec = tmp.path().join(format!("auto{cores}.ndjson"));
+        let out = std::process::Command::new(bin())
+            .args([
+                "run",
+                "--no-tui",
+                "--no-score",
+                "--reference",
+                "none",
+                "--max-new-tokens",
+                "8",
+                "--record",
+                rec.to_str().unwrap(),
+            ])
+            .env("MOESCOPE_TEST_CORES", cores)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = moescope::session::record::read(&rec).unwrap();
+        assert_eq!(r.header.cache.prefetch.is_on(), on, "{cores} cores");
+        assert_eq!(
+            r.header
+                .cache_describe
+                .contains("prefetch next-layer (auto)"),
+            on,
+            "{}",
+            r.header.cache_describe
+        );
+        let (rc, json, _) = run(&["export", rec.to_str().unwrap()]);
+        assert_eq!(rc, 0);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            v["backends"]["selective"]["prefetch_recall"].is_f64(),
+            on,
+            "{cores} cores"
+        );
+    }
 }

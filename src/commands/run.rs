@@ -142,6 +142,10 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     {
         crate::bail_input!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
+    // `--prefetch auto` becomes what it means on this machine, so the workers, the recording
+    // and its replay all see the mode that ran.
+    let mut cache = args.cache.clone();
+    cache.prefetch = cache.prefetch.resolve_here(args.model.device.is_cuda());
     let native = BackendSpec {
         model_dir: model_dir.clone(),
         dtype: args.model.dtype,
@@ -154,19 +158,19 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     };
     let selective = BackendSpec {
         backend: BackendKind::Selective,
-        cache: args.cache.clone(),
+        cache: cache.clone(),
         ..native.clone()
     };
-    let cache_cfg = args.cache.cache_config(&cfg);
+    let cache_cfg = cache.cache_config(&cfg);
     let cache_describe = format!(
         "{}; source {}; {} page cache{}",
         cache_cfg.describe(),
-        args.cache.expert_source,
-        if args.cache.cold { "cold" } else { "warm" },
-        if args.cache.prefetch == crate::experts::PrefetchMode::NextLayer {
-            "; prefetch next-layer"
-        } else {
-            ""
+        cache.expert_source,
+        if cache.cold { "cold" } else { "warm" },
+        match (args.cache.prefetch, cache.prefetch.is_on()) {
+            (crate::experts::PrefetchMode::Auto, true) => "; prefetch next-layer (auto)",
+            (_, true) => "; prefetch next-layer",
+            _ => "",
         }
     );
     let now = SystemTime::now();
@@ -186,7 +190,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         },
         device: args.model.device.to_string(),
         dtype: args.model.dtype.name().into(),
-        cache: args.cache.clone(),
+        cache: cache.clone(),
         cache_describe,
         schedule: args.schedule,
         sampling: Sampling {

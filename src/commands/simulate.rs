@@ -39,7 +39,9 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
             .collect::<Result<_, _>>()?,
     };
     let prefetch = match a.prefetch {
-        Some(m) => m == PrefetchMode::NextLayer,
+        Some(PrefetchMode::NextLayer) => true,
+        Some(PrefetchMode::None) => false,
+        Some(PrefetchMode::Auto) => cachesim::has_guesses(&input.steps),
         None => input.live.as_ref().is_some_and(|l| l.prefetch),
     };
     if prefetch && !cachesim::has_guesses(&input.steps) {

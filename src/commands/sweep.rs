@@ -200,6 +200,8 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         .unwrap_or_else(crate::engine::default_model_dir);
     let cfg = crate::model::MoeConfig::from_dir(&model_dir)?;
     let total = cfg.total_experts();
+    // What `--prefetch` means here (`auto` resolves by device and cores, as in `run`).
+    let prefetch = a.prefetch.resolve_here(a.model.device.is_cuda()).is_on();
     let capacities = cachesim::parse_capacities(&a.capacities, total).map_err(InputError)?;
 
     let (read_bandwidth, miss_path) =
@@ -240,9 +242,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     // Native's trace; with prefetch, the first selective run's, whose routing is the same and
     // which carries the guesses its prefetch made, so the simulation replays them.
     let input = match runs.first() {
-        Some((_, s)) if a.prefetch == crate::experts::PrefetchMode::NextLayer => {
-            cachesim::from_state(s)
-        }
+        Some((_, s)) if prefetch => cachesim::from_state(s),
         _ => cachesim::from_state(&native),
     };
     let acc = if cachesim::has_guesses(&input.steps) {
@@ -404,7 +404,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         scope: a.cache_scope.name().into(),
         policy: a.policy.name().into(),
         cold: a.cold,
-        prefetch: a.prefetch == crate::experts::PrefetchMode::NextLayer,
+        prefetch,
         native_decode_tok_s: nm.decode_tok_s,
         selective_uncaptured_decode_tok_s: uncaptured,
         passes: a.passes,

@@ -78,6 +78,38 @@ pub enum PrefetchMode {
     /// While layer L runs, apply layer L+1's router to layer L's hidden state and load the
     /// experts it picks on a background thread.
     NextLayer,
+    /// `next-layer` on a CPU with at least 4 cores, otherwise `none`: loading ahead paid where
+    /// a core was spare and cost 7–14 % of decode speed on 2 cores (BENCHMARKS.md §3); on a GPU
+    /// it is not built.
+    Auto,
+}
+
+impl PrefetchMode {
+    /// Fewest cores at which `auto` prefetches.
+    pub const AUTO_MIN_CORES: usize = 4;
+
+    /// What `auto` means here: `cuda` for a GPU run, `cores` available to this process.
+    pub fn resolve(self, cuda: bool, cores: usize) -> PrefetchMode {
+        match self {
+            PrefetchMode::Auto if !cuda && cores >= Self::AUTO_MIN_CORES => PrefetchMode::NextLayer,
+            PrefetchMode::Auto => PrefetchMode::None,
+            m => m,
+        }
+    }
+
+    /// [`resolve`](Self::resolve) on this machine. `MOESCOPE_TEST_CORES` stands in for the core
+    /// count (a test hook: the suite runs both ways on any machine).
+    pub fn resolve_here(self, cuda: bool) -> PrefetchMode {
+        let cores = std::env::var("MOESCOPE_TEST_CORES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        self.resolve(cuda, cores)
+    }
+
+    pub fn is_on(self) -> bool {
+        self == PrefetchMode::NextLayer
+    }
 }
 
 /// The cache and source flags shared by every command that can run the selective backend.
@@ -107,8 +139,9 @@ pub struct CacheArgs {
     /// is a storage read. Default: warm (page cache left alone).
     #[arg(long)]
     pub cold: bool,
-    /// Prefetch the next layer's experts on a background thread.
-    #[arg(long, value_enum, default_value_t = PrefetchMode::None)]
+    /// Load the next layer's guessed experts on a background thread. Default auto: on a CPU
+    /// with at least 4 cores (it needs a spare one), off on 2 cores and on a GPU.
+    #[arg(long, value_enum, default_value_t = PrefetchMode::Auto)]
     pub prefetch: PrefetchMode,
     /// Testing aid: mask these experts (LAYER:EXPERT,…) out of routing, as if missing. The run is
     /// labelled DEGRADED. Used to prove that quality checks catch a perturbed backend.
@@ -178,5 +211,21 @@ pub fn open_source(
         }
         SourceSpec::Extracted(dir) => Ok(Arc::new(extract::ExtractedSource::open(dir, cfg)?)),
         SourceSpec::SeedLayout(dir) => Ok(Arc::new(seed::SeedExpertSource::open(dir, cfg)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PrefetchMode::{self, *};
+
+    #[test]
+    fn auto_prefetches_only_on_a_cpu_with_a_core_to_spare() {
+        assert_eq!(Auto.resolve(false, 2), None);
+        assert_eq!(Auto.resolve(false, 3), None);
+        assert_eq!(Auto.resolve(false, PrefetchMode::AUTO_MIN_CORES), NextLayer);
+        assert_eq!(Auto.resolve(true, 64), None, "not built on the GPU");
+        // Explicit choices stand.
+        assert_eq!(NextLayer.resolve(false, 2), NextLayer);
+        assert_eq!(None.resolve(false, 64), None);
     }
 }

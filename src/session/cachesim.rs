@@ -1012,7 +1012,9 @@ pub fn from_state(s: &super::state::SessionState) -> TraceInput {
         capacity: c.capacity_experts,
         scope: s.header.cache.cache_scope,
         policy: s.header.cache.policy,
-        prefetch: s.header.cache.prefetch == crate::experts::PrefetchMode::NextLayer,
+        // From what the cache did (it reports prefetch statistics only when it prefetched),
+        // not from the flag: a GPU run turns prefetch down.
+        prefetch: c.prefetch.is_some(),
         hits: c.hits,
         misses: c.misses,
     });

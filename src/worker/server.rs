@@ -392,7 +392,7 @@ fn describe(spec: &crate::engine::BackendSpec, engine: &Engine) -> String {
             } else {
                 ", warm page cache"
             },
-            if spec.cache.prefetch == crate::experts::PrefetchMode::NextLayer {
+            if s.prefetch.is_some() {
                 ", prefetch next-layer"
             } else {
                 ""
