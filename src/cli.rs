@@ -290,8 +290,9 @@ pub struct SimulateArgs {
     #[arg(long, value_delimiter = ',')]
     pub policies: Option<Vec<String>>,
     /// Replay next-layer prefetch from the guesses the trace carries (recorded with
-    /// `run --trace-guesses`, or by a run with `--prefetch next-layer`), as if every guess
-    /// landed in time. Default: the run's own setting. Belady stays demand loading's optimum.
+    /// `run --trace-guesses`, or by a run that prefetched), as if every guess landed in time.
+    /// Default: what the run did; auto: replay when the trace has guesses. Belady stays demand
+    /// loading's optimum.
     #[arg(long, value_enum)]
     pub prefetch: Option<crate::experts::PrefetchMode>,
     #[arg(long)]
