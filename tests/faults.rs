@@ -35,6 +35,13 @@ fn run_headless(rec: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, Strin
     )
 }
 
+/// Prompts `backend` finished in a recording's events.
+fn prompts_done(evs: &[SessionEvent], backend: Backend) -> usize {
+    evs.iter()
+        .filter(|e| matches!(e, SessionEvent::PromptDone { backend: b, .. } if *b == backend))
+        .count()
+}
+
 fn events(rec: &Path) -> Vec<SessionEvent> {
     record::read(rec)
         .unwrap()
@@ -86,18 +93,7 @@ fn worker_killed_mid_generation_run_continues() {
         .count();
     assert_eq!(sel_tokens, 5);
     // Native finished every prompt.
-    let native_done = evs
-        .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                SessionEvent::PromptDone {
-                    backend: Backend::Native,
-                    ..
-                }
-            )
-        })
-        .count();
+    let native_done = prompts_done(&evs, Backend::Native);
     assert_eq!(native_done, 6);
     // Export still works and says what happened.
     let (rc, json, err) = run(&["export", rec.to_str().unwrap()]);
@@ -174,18 +170,7 @@ fn external_kill_9_is_survived() {
     let evs = events(&rec);
     assert!(evs.iter().any(|e| matches!(e, SessionEvent::Failed { backend: Backend::Selective, reason } if reason.contains("signal 9"))));
     assert!(matches!(evs.last(), Some(SessionEvent::Finished { .. })));
-    let native_done = evs
-        .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                SessionEvent::PromptDone {
-                    backend: Backend::Native,
-                    ..
-                }
-            )
-        })
-        .count();
+    let native_done = prompts_done(&evs, Backend::Native);
     assert_eq!(native_done, 4, "native ran every long prompt");
 }
 
@@ -361,18 +346,7 @@ fn a_generation_error_fails_the_backend_with_its_reason() {
         );
         assert!(!out.contains("stopped answering"), "{schedule}: {out}");
         let evs = events(&rec);
-        let native_done = evs
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    SessionEvent::PromptDone {
-                        backend: Backend::Native,
-                        ..
-                    }
-                )
-            })
-            .count();
+        let native_done = prompts_done(&evs, Backend::Native);
         assert_eq!(native_done, 6, "{schedule}");
     }
 }

@@ -479,26 +479,18 @@ fn simulation_reproduces_the_live_cache_exactly() {
 
 #[test]
 fn sweep_measures_each_capacity_next_to_the_simulation() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out_json = tmp.path().join("sweep.json");
-    let out = moescope_ok(&[
-        "sweep",
+    let (text, v) = sweep(&[
         "--prefetch",
         "none",
         "--capacities",
         "25%,100%",
         "--max-new-tokens",
         "16",
-        "-o",
-        out_json.to_str().unwrap(),
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("predicted") && text.contains("sim hit"),
         "{text}"
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for r in rows {
@@ -618,6 +610,17 @@ fn export_reports_prefetch_precision_and_recall() {
     assert_eq!(Some(acc), live_accuracy);
 }
 
+/// `moescope sweep ARGS -o FILE`: what it printed, and the JSON it wrote.
+fn sweep(args: &[&str]) -> (String, serde_json::Value) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_json = tmp.path().join("sweep.json");
+    let mut a = vec!["sweep", "-o", out_json.to_str().unwrap()];
+    a.extend_from_slice(args);
+    let out = moescope_ok(&a);
+    let v = serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), v)
+}
+
 fn simulate_json(args: &[&str]) -> serde_json::Value {
     let mut a = vec!["simulate", "--json"];
     a.extend_from_slice(args);
@@ -729,23 +732,15 @@ fn discrete_gpu_profile_counts_gpu_memory_alone() {
 /// the other capacities with it.
 #[test]
 fn a_prefetch_sweep_calibrates_loads_ahead_on_its_smallest_cache() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out_json = tmp.path().join("sweep.json");
-    let out = moescope_ok(&[
-        "sweep",
+    let (text, v) = sweep(&[
         "--capacities",
         "12.5%,50%",
         "--prefetch",
         "next-layer",
         "--max-new-tokens",
         "12",
-        "-o",
-        out_json.to_str().unwrap(),
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("calib"), "{text}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
     assert_eq!(v["prefetch"], true);
     let ahead = v["load_ahead_us"].as_f64().expect("load_ahead_us fitted");
     assert!(ahead >= 0.0, "{ahead}");
