@@ -169,8 +169,8 @@ pub struct RunArgs {
     pub no_score: bool,
     /// Also record, in the routing trace, what layer L+1's router picks from layer L's hidden
     /// state (the next-layer guess), so `moescope simulate --prefetch next-layer` can replay
-    /// prefetch. Both backends compute it (one router product per layer); with
-    /// `--prefetch next-layer` selective's trace carries it anyway.
+    /// prefetch. Both backends compute it (one router product per layer); a prefetching
+    /// selective's trace carries it anyway. On a GPU, steps captured as graphs make none.
     #[arg(long)]
     pub trace_guesses: bool,
     /// No dashboard: progress lines, a final table, files written. Automatic when stdout is not

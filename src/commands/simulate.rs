@@ -51,6 +51,19 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
             a.file.display()
         );
     }
+    let guessed = input
+        .steps
+        .iter()
+        .filter(|s| s.guesses.iter().any(|g| !g.is_empty()))
+        .count();
+    if prefetch && guessed < input.steps.len() {
+        // A GPU step captured as a graph makes no guesses: those steps replay without prefetch.
+        eprintln!(
+            "note: {} of {} positions in the trace carry guesses; the others replay without prefetch",
+            guessed,
+            input.steps.len()
+        );
+    }
     let acc = if prefetch {
         cachesim::accesses_prefetched(&input.steps, &input.prompt_tokens)
     } else {
