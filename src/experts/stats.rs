@@ -216,6 +216,11 @@ impl PrefetchStats {
     pub fn recall(&self) -> Option<f64> {
         (self.needed > 0).then(|| self.covered as f64 / self.needed as f64)
     }
+    /// Share of guessed experts dropped because the prefetch thread reached them only after
+    /// their layer had started: how far it fell behind.
+    pub fn late_share(&self) -> Option<f64> {
+        (self.guessed > 0).then(|| self.late as f64 / self.guessed as f64)
+    }
 }
 
 #[cfg(test)]

@@ -311,6 +311,12 @@ pub fn table(sum: &Summary) -> String {
                 opt(s.prefetch_recall.map(|h| h * 100.0), 1)
             ),
         );
+        row(
+            &mut o,
+            "prefetch guesses too late",
+            "–".into(),
+            opt(s.prefetch_late.map(|h| h * 100.0), 1) + " %",
+        );
     }
     // Only where some step did not run the plain way (a GPU): on the CPU every step is
     // uncaptured, which says nothing.

@@ -75,6 +75,10 @@ pub struct BackendMetrics {
     pub prefetch_precision: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch_recall: Option<f64>,
+    /// Share of guesses dropped because the prefetch thread got to them after their layer had
+    /// started (it fell behind the forward pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_late: Option<f64>,
     /// Decode steps by how they ran (see [`StepPath`]); empty when the tokens did not say.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub decode_paths: Vec<PathShare>,
@@ -229,6 +233,7 @@ pub fn backend_metrics(s: &SessionState, b: Backend) -> BackendMetrics {
         perplexity: st.perplexity.map(|p| p.0),
         prefetch_precision: prefetch.and_then(|p| p.precision()),
         prefetch_recall: prefetch.and_then(|p| p.recall()),
+        prefetch_late: prefetch.and_then(|p| p.late_share()),
         decode_paths: decode_paths(st.runs.iter().flat_map(|r| &r.tokens)),
     }
 }

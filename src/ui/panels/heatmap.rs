@@ -46,11 +46,14 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
                 c.prefetch
                     .as_ref()
                     .map(|p| format!(
-                        " · prefetch P {} R {}",
+                        " · prefetch P {} R {} late {}",
                         p.precision()
                             .map(|v| format!("{:.0}%", v * 100.0))
                             .unwrap_or("–".into()),
                         p.recall()
+                            .map(|v| format!("{:.0}%", v * 100.0))
+                            .unwrap_or("–".into()),
+                        p.late_share()
                             .map(|v| format!("{:.0}%", v * 100.0))
                             .unwrap_or("–".into())
                     ))
