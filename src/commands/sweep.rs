@@ -35,7 +35,8 @@ pub struct SweepRow {
     pub expected_weights: Option<u64>,
     pub miss_cost_us: Option<f64>,
     /// Decode tok/s if each step cost native's step plus its missed bytes at the measured read
-    /// bandwidth (the bound a cache cannot beat without prefetch).
+    /// bandwidth (the bound a cache cannot beat without prefetch; with prefetch, the experts
+    /// loaded ahead count as bytes moved too).
     pub bound_decode_tok_s: Option<f64>,
     /// Measured decode step time / bound step time.
     pub step_vs_bound: Option<f64>,
