@@ -528,6 +528,7 @@ pub fn study(
 ) -> Study {
     let decode_tokens = costs.map(|c| c.decode_tokens).unwrap_or(0);
     let prefetch = acc.iter().any(|a| a.prefetch);
+    let accuracy = guess_accuracy(acc);
     let mut points = Vec::new();
     let mut opt: HashMap<usize, f64> = HashMap::new();
     for &c in capacities {
@@ -568,8 +569,8 @@ pub fn study(
         accesses: acc.iter().filter(|a| !a.prefetch).count(),
         decode_tokens,
         prefetch,
-        guess_precision: guess_accuracy(acc).map(|x| x.0),
-        guess_recall: guess_accuracy(acc).map(|x| x.1),
+        guess_precision: accuracy.map(|x| x.0),
+        guess_recall: accuracy.map(|x| x.1),
         points,
         knees,
         costs,
