@@ -8,11 +8,14 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use crate::experts::provider::{ExpertProvider, Resident};
-use crate::experts::source::{ExpertSource, ShardSource};
+use crate::experts::cache::CachedProvider;
+use crate::experts::resident::Resident;
+use crate::experts::source::{ExpertSource, ShardSource, missing_error};
+use crate::experts::stats::CacheSnapshot;
 use crate::model::checkpoint::{Checkpoint, ExpertInventory};
 use crate::model::config::MoeConfig;
 use crate::model::error::{ModelError, Result};
+use crate::model::ports::{ExpertProvider, ExpertWeights, Stacked};
 use crate::model::qwen3_moe::{Qwen3Moe, WeightStore};
 
 /// Compute dtype for the forward pass.
@@ -127,6 +130,9 @@ pub struct Engine {
     pub cfg: MoeConfig,
     pub model: Qwen3Moe,
     pub provider: Arc<dyn ExpertProvider>,
+    /// The selective backend's cache (the same object as `provider`, or the one it wraps), for
+    /// its statistics; None for native.
+    pub cache: Option<Arc<CachedProvider>>,
     pub load_time: Duration,
     pub dtype: Dtype,
     pub device: DeviceSpec,
@@ -135,14 +141,19 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The cache's statistics now (selective only).
+    pub fn cache_snapshot(&self) -> Option<CacheSnapshot> {
+        self.cache.as_ref().map(|c| c.snapshot())
+    }
+
     /// Runs a few tokens through every decode path once (prefill, the graph or speculative
     /// step, routing read back or not), on a scratch KV cache with the expert cache in bypass
     /// (nothing cached, nothing counted). On a GPU the driver JIT-compiles each kernel module on
     /// first use — seconds on a fresh machine — and that belongs to loading, not to the first
     /// prompt's tokens.
     pub fn warm_up(&self) -> Result<()> {
-        use crate::experts::provider::{NoObserver, RoutingLog, RoutingObserver};
         use crate::model::generate::{Generation, SamplingParams};
+        use crate::model::ports::{NoObserver, RoutingLog, RoutingObserver};
         self.provider.set_bypass(true);
         let run = || -> Result<()> {
             for observe in [false, true] {
@@ -180,6 +191,7 @@ impl Engine {
             cfg: files.cfg.clone(),
             model,
             provider: Arc::new(provider),
+            cache: None,
             load_time: start.elapsed(),
             dtype,
             device: device.clone(),
@@ -187,23 +199,25 @@ impl Engine {
         })
     }
 
-    /// Any provider over non-expert weights from `store` (used by the selective backend).
-    pub fn with_provider(
+    /// The selective backend: non-expert weights from `store`, experts through the cache that
+    /// `make_cache` builds on the opened device.
+    pub fn selective(
         cfg: &MoeConfig,
         store: &dyn WeightStore,
         dtype: Dtype,
         device: &DeviceSpec,
-        make_provider: impl FnOnce(&Device) -> Result<Arc<dyn ExpertProvider>>,
+        make_cache: impl FnOnce(&Device) -> Result<Arc<CachedProvider>>,
         degraded: bool,
     ) -> Result<Self> {
         let start = Instant::now();
         let dev = device.open()?;
         let model = Qwen3Moe::load(store, cfg, dtype.candle(), &dev)?;
-        let provider = make_provider(&dev)?;
+        let cache = make_cache(&dev)?;
         Ok(Engine {
             cfg: cfg.clone(),
             model,
-            provider,
+            provider: cache.clone(),
+            cache: Some(cache),
             load_time: start.elapsed(),
             dtype,
             device: device.clone(),
@@ -220,7 +234,7 @@ pub fn check_source_complete(source: &dyn ExpertSource, allow_missing: bool) -> 
         for e in 0..cfg.num_experts {
             if !source.has(layer, e) {
                 if !allow_missing {
-                    return Err(crate::experts::provider::missing_error(source, layer, e));
+                    return Err(missing_error(source, layer, e));
                 }
                 missing += 1;
             }
@@ -271,11 +285,7 @@ impl MaskedProvider {
 }
 
 impl ExpertProvider for MaskedProvider {
-    fn get(
-        &self,
-        layer: usize,
-        expert: usize,
-    ) -> Result<Arc<crate::experts::provider::ExpertWeights>> {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
         self.inner.get(layer, expert)
     }
     fn unavailable(&self, layer: usize) -> &[usize] {
@@ -296,17 +306,10 @@ impl ExpertProvider for MaskedProvider {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
-    fn cache_snapshot(&self) -> Option<crate::experts::stats::CacheSnapshot> {
-        self.inner.cache_snapshot()
-    }
     fn set_bypass(&self, on: bool) {
         self.inner.set_bypass(on)
     }
-    fn stacked(
-        &self,
-        layer: usize,
-        needed: &[usize],
-    ) -> Result<Option<crate::experts::provider::Stacked>> {
+    fn stacked(&self, layer: usize, needed: &[usize]) -> Result<Option<Stacked>> {
         self.inner.stacked(layer, needed)
     }
     fn needs_ids_on_host(&self) -> bool {
@@ -371,13 +374,13 @@ impl BackendSpec {
                 let missing = check_source_complete(source.as_ref(), c.allow_missing_experts)?;
                 let cache_cfg = c.cache_config(&cfg);
                 let dtype = self.dtype;
-                Engine::with_provider(
+                Engine::selective(
                     &cfg,
                     &store,
                     self.dtype,
                     &self.device,
                     |dev| {
-                        let p = Arc::new(crate::experts::cache::CachedProvider::new(
+                        let p = Arc::new(CachedProvider::new(
                             source,
                             cache_cfg,
                             dtype.candle(),
@@ -385,9 +388,9 @@ impl BackendSpec {
                             c.allow_missing_experts,
                         )?);
                         if c.prefetch.resolve_here(dev.is_cuda()).is_on() {
-                            crate::experts::cache::CachedProvider::start_prefetch(&p);
+                            CachedProvider::start_prefetch(&p);
                         }
-                        Ok(p as Arc<dyn ExpertProvider>)
+                        Ok(p)
                     },
                     missing > 0,
                 )?

@@ -10,6 +10,7 @@ pub mod experts;
 pub mod headless;
 pub mod model;
 pub mod session;
+pub mod step_path;
 pub mod ui;
 pub mod util;
 pub mod worker;

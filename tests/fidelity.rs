@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use moescope::engine::{DeviceSpec, Dtype, Engine, ModelFiles};
-use moescope::experts::provider::{NoObserver, RoutingLog};
+use moescope::model::ports::{NoObserver, RoutingLog};
 use moescope::model::qwen3_moe::Logits;
 
 fn native(name: &str, dtype: Dtype) -> Engine {

@@ -9,9 +9,9 @@ use moescope::cli::BackendKind;
 use moescope::engine::{BackendSpec, DeviceSpec, Dtype, Engine};
 use moescope::experts::cache::Scope;
 use moescope::experts::policy::PolicyKind;
-use moescope::experts::provider::NoObserver;
 use moescope::experts::{CacheArgs, SourceSpec};
 use moescope::model::generate::{Generation, SamplingParams};
+use moescope::model::ports::NoObserver;
 use moescope::model::qwen3_moe::Logits;
 
 fn spec(name: &str, backend: BackendKind, cache: CacheArgs, dtype: Dtype) -> BackendSpec {
@@ -114,7 +114,7 @@ fn selective_is_bit_identical_to_native_everywhere() {
                                 got == want,
                                 "{name} {dtype:?} {source} cap {cap} {policy:?} {scope:?}: differs from native"
                             );
-                            let snap = sel.provider.cache_snapshot().unwrap();
+                            let snap = sel.cache_snapshot().unwrap();
                             assert!(snap.misses > 0, "the cache really loaded experts");
                             if cap == all && scope == Scope::Global {
                                 // Everything fits: each expert is read at most once.
@@ -159,7 +159,6 @@ fn prefetch_never_changes_outputs_and_reports_accuracy() {
                     "{name} cap {cap} {scope:?}: prefetch changed the output"
                 );
                 let p = sel
-                    .provider
                     .cache_snapshot()
                     .unwrap()
                     .prefetch
@@ -192,7 +191,7 @@ fn capacity_smaller_than_top_k_never_holds_more_than_capacity() {
             Logits::Last,
         )
         .unwrap();
-    let s = e.provider.cache_snapshot().unwrap();
+    let s = e.cache_snapshot().unwrap();
     assert_eq!(s.resident_experts, 1);
     assert_eq!(s.capacity_experts, 1);
     assert!(s.evictions > 0);
@@ -216,7 +215,7 @@ fn byte_budget_converts_to_whole_experts() {
     let e = spec("qwen3-moe-tiny", BackendKind::Selective, cache, Dtype::F32)
         .load(|_, _| {})
         .unwrap();
-    assert_eq!(e.provider.cache_snapshot().unwrap().capacity_experts, 3);
+    assert_eq!(e.cache_snapshot().unwrap().capacity_experts, 3);
     let too_small = CacheArgs {
         cache_mem: Some(one / 2),
         ..Default::default()
@@ -246,7 +245,7 @@ fn statistics_add_up() {
     let g = golden("qwen3-moe-tiny");
     let (_, toks) = run(&e, &g.sequences[1]);
     assert_eq!(toks.len(), 12);
-    let s = e.provider.cache_snapshot().unwrap();
+    let s = e.cache_snapshot().unwrap();
     // 3 MoE layers × top-2 per token; prefill groups tokens by expert, so requests ≤ that.
     assert!(s.hits + s.misses > 0);
     assert_eq!(s.resident_experts, 6);
@@ -286,7 +285,7 @@ fn warm_up_leaves_the_cache_untouched() {
     };
     let e = load();
     e.warm_up().unwrap();
-    let s = e.provider.cache_snapshot().unwrap();
+    let s = e.cache_snapshot().unwrap();
     assert_eq!((s.hits, s.misses, s.bytes_read), (0, 0, 0));
     assert_eq!(s.resident_experts, 0);
     let g = golden("qwen3-moe-tiny");

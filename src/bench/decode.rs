@@ -10,10 +10,10 @@ use candle_transformers::models::qwen3_moe;
 use serde::Serialize;
 
 use crate::engine::{BackendSpec, Engine};
-use crate::experts::provider::NoObserver;
 use crate::model::config::{FfnKind, MoeConfig};
 use crate::model::error::{ModelError, Result};
 use crate::model::generate::{Generation, SamplingParams};
+use crate::model::ports::NoObserver;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeResult {

@@ -7,10 +7,10 @@ use serde_json::json;
 
 use crate::cli::{GenerateArgs, LogitsArgs};
 use crate::engine::Engine;
-use crate::experts::provider::{NoObserver, RoutingLog};
 use crate::model::generate::{
     Generation, SamplingParams, StreamDecoder, TextTokenizer, Timing, stop_ids,
 };
+use crate::model::ports::{NoObserver, RoutingLog};
 use crate::model::qwen3_moe::Logits;
 
 pub fn generate(args: &GenerateArgs) -> Result<()> {
@@ -72,7 +72,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             "text": text,
             "finish_reason": finish,
             "timing": timing,
-            "cache": engine.provider.cache_snapshot().map(|s| json!({
+            "cache": engine.cache_snapshot().map(|s| json!({
                 "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
                 "hit_rate": s.hit_rate(), "bytes_read": s.bytes_read,
                 "capacity_experts": s.capacity_experts,
@@ -101,7 +101,6 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                 _ => "max_new_tokens",
             },
             engine
-                .provider
                 .cache_snapshot()
                 .and_then(|s| s
                     .hit_rate()

@@ -12,9 +12,10 @@ use crate::cli::{RunArgs, SweepArgs};
 use crate::errors::InputError;
 use crate::experts::speculation::{Gate, Rule};
 use crate::session::cachesim::{self, Costs, SimPolicy};
-use crate::session::event::{Backend, StepPath};
+use crate::session::event::Backend;
 use crate::session::metrics::{PathShare, backend_metrics, decode_paths, fmt_paths};
 use crate::session::state::SessionState;
+use crate::step_path::StepPath;
 use crate::worker::scheduler;
 
 #[derive(Debug, Clone, Serialize)]

@@ -13,11 +13,12 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::convert;
 use super::policy::{Policy, PolicyKind};
-use super::provider::{ExpertProvider, ExpertWeights, Stacked, missing_error};
-use super::source::ExpertSource;
+use super::source::{ExpertSource, missing_error};
 use super::stats::{CacheSnapshot, Histogram, LayerStats, PrefetchStats};
 use crate::model::error::{ModelError, Result};
+use crate::model::ports::{DeviceFill, ExpertProvider, ExpertWeights, Stacked, fused_capable};
 use crate::model::safetensors_file::StDtype;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,7 +168,7 @@ struct State {
 /// fill is a bitwise copy).
 struct DeviceFills {
     /// Per model layer: the device tables (None for dense layers).
-    tables: Vec<Option<super::provider::DeviceFill>>,
+    tables: Vec<Option<DeviceFill>>,
     /// Per model layer: expert → home slot.
     home: Vec<Vec<u32>>,
     /// Host copy of each layer's residency flags (the device's are `tables[l].resident`), and
@@ -234,7 +235,7 @@ fn device_fills(
             }
         }
         total += cfg.num_experts;
-        tables[l] = Some(super::provider::DeviceFill {
+        tables[l] = Some(DeviceFill {
             sources: Tensor::from_vec(sources, 3 * cfg.num_experts, device)?,
             home: Tensor::from_vec(home[l].clone(), cfg.num_experts, device)?,
             resident: Tensor::zeros(cfg.num_experts, DType::U32, device)?,
@@ -340,7 +341,7 @@ impl CachedProvider {
             }
         };
         let mut pools = pools;
-        let slot_mode = super::provider::fused_capable(device, dtype);
+        let slot_mode = fused_capable(device, dtype);
         if slot_mode {
             // GPU: one preallocated slot pool per cache pool, filled by the fused path.
             let (h, inter) = (cfg.hidden_size, cfg.moe_intermediate_size);
@@ -519,14 +520,14 @@ impl CachedProvider {
                     .read_into(layer, expert, &mut b[..stored])
                     .ok()?;
                 let bytes = spans.iter().map(|p| p.range.len() as u64).sum::<u64>();
-                ExpertWeights::from_spans_exact(&b, &spans, self.dtype).map(|w| (w, bytes))
+                convert::from_spans_exact(&b, &spans, self.dtype).map(|w| (w, bytes))
             });
             if let Some((w, bytes)) = fast {
                 return Ok((w, bytes, start.elapsed().as_micros() as u64));
             }
         }
         let raw = self.source.read(layer, expert)?;
-        let w = ExpertWeights::from_raw(&raw, self.dtype, &self.device)?;
+        let w = convert::from_raw(&raw, self.dtype, &self.device)?;
         Ok((w, raw.bytes(), start.elapsed().as_micros() as u64))
     }
 
@@ -787,7 +788,7 @@ impl CachedProvider {
                         st.staging.upload(&store.down, slot * dn_n, d.range)?;
                     } else {
                         let raw = self.source.read(layer, e)?;
-                        let w = ExpertWeights::from_raw(&raw, self.dtype, &self.device)?;
+                        let w = convert::from_raw(&raw, self.dtype, &self.device)?;
                         store.gate_up.slice_set(&w.gate_up.unsqueeze(0)?, 0, slot)?;
                         store.down.slice_set(&w.down.unsqueeze(0)?, 0, slot)?;
                     }
@@ -1056,10 +1057,6 @@ impl ExpertProvider for CachedProvider {
         "selective"
     }
 
-    fn cache_snapshot(&self) -> Option<CacheSnapshot> {
-        Some(self.snapshot())
-    }
-
     fn set_bypass(&self, on: bool) {
         self.bypass.store(on, std::sync::atomic::Ordering::Relaxed);
     }
@@ -1094,7 +1091,7 @@ impl ExpertProvider for CachedProvider {
         guess
     }
 
-    fn step_ran(&self, path: crate::model::generate::StepPath, secs: f64) {
+    fn step_ran(&self, path: crate::step_path::StepPath, secs: f64) {
         self.state
             .lock()
             .expect("cache lock")
@@ -1243,20 +1240,20 @@ mod tests {
         // The layer's latest guess is number 7; a job for guess 6 is late: nothing loads.
         c.state.lock().unwrap().guesses.insert(layer, (7, vec![0]));
         c.prefetch(layer, 0, Some(6)).unwrap();
-        let s = c.cache_snapshot().unwrap();
+        let s = c.snapshot();
         assert_eq!(
             (s.resident_experts, s.prefetch.as_ref().unwrap().late),
             (0, 1)
         );
         // The current guess loads, counted as a prefetch load, not as a miss.
         c.prefetch(layer, 0, Some(7)).unwrap();
-        let s = c.cache_snapshot().unwrap();
+        let s = c.snapshot();
         assert_eq!((s.resident_experts, s.misses), (1, 0));
         assert_eq!(s.prefetch.as_ref().unwrap().loaded, 1);
         // Its first request is a hit, and for the policy its first use: S3-FIFO keeps it on
         // probation, so the next insert into the full probation queue evicts it...
         c.get(layer, 0).unwrap();
-        assert_eq!(c.cache_snapshot().unwrap().hits, 1);
+        assert_eq!(c.snapshot().hits, 1);
         for e in 1..=4 {
             c.get(layer, e).unwrap();
         }

@@ -494,10 +494,9 @@ mod cuda {
                     map.len()
                 )
             };
-            let (at, _) =
-                crate::experts::upload::device_range(dst, elem_offset, len).map_err(|e| {
-                    candle_core::Error::msg(format!("direct upload of {}: {e}", loc.name))
-                })?;
+            let (at, _) = crate::model::raw::device_range(dst, elem_offset, len).map_err(|e| {
+                candle_core::Error::msg(format!("direct upload of {}: {e}", loc.name))
+            })?;
             if self.first.is_none() {
                 if let Some(c) = &self.compute {
                     // A slot being refilled may still be read by kernels queued before.

@@ -508,7 +508,7 @@ impl ExpertSource for ExtractedSource {
         let [g, u, d] = self
             .entries
             .get(&(layer, expert))
-            .ok_or_else(|| super::provider::missing_error(self, layer, expert))?;
+            .ok_or_else(|| super::source::missing_error(self, layer, expert))?;
         let cold = self.cold.load(Ordering::Relaxed);
         Ok(RawExpert {
             layer,
@@ -557,7 +557,7 @@ impl ExpertSource for ExtractedSource {
         let [g, u, d] = self
             .entries
             .get(&(layer, expert))
-            .ok_or_else(|| super::provider::missing_error(self, layer, expert))?;
+            .ok_or_else(|| super::source::missing_error(self, layer, expert))?;
         super::source::read_locations_into(
             &self.files,
             [g, u, d],

@@ -1,10 +1,11 @@
 //! Expert sources, the cache and its policies, extraction and verification. No UI.
 
 pub mod cache;
+pub mod convert;
 pub mod direct;
 pub mod extract;
 pub mod policy;
-pub mod provider;
+pub mod resident;
 pub mod seed;
 pub mod source;
 pub mod speculation;

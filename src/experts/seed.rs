@@ -133,7 +133,7 @@ impl ExpertSource for SeedExpertSource {
     fn read(&self, layer: usize, expert: usize) -> Result<RawExpert> {
         let path = self
             .file(layer, expert)
-            .ok_or_else(|| super::provider::missing_error(self, layer, expert))?;
+            .ok_or_else(|| super::source::missing_error(self, layer, expert))?;
         let file = SafetensorsFile::open(path)?;
         let mut parts = Vec::with_capacity(3);
         for proj in ExpertProj::ALL {

@@ -307,7 +307,7 @@ impl ExpertSource for ShardSource {
     fn read(&self, layer: usize, expert: usize) -> Result<RawExpert> {
         let loc = self
             .location(layer, expert)
-            .ok_or_else(|| crate::experts::provider::missing_error(self, layer, expert))?;
+            .ok_or_else(|| missing_error(self, layer, expert))?;
         let cold = self.cold.load(Ordering::Relaxed);
         let [g, u, d] = &loc.parts;
         Ok(RawExpert {
@@ -346,7 +346,7 @@ impl ExpertSource for ShardSource {
     fn read_into(&self, layer: usize, expert: usize, buf: &mut [u8]) -> Result<[PartSpan; 3]> {
         let loc = self
             .location(layer, expert)
-            .ok_or_else(|| crate::experts::provider::missing_error(self, layer, expert))?;
+            .ok_or_else(|| missing_error(self, layer, expert))?;
         let [g, u, d] = &loc.parts;
         read_locations_into(
             &self.files,
@@ -360,6 +360,19 @@ impl ExpertSource for ShardSource {
 /// Size of an expert stored in bf16 — the fallback when a source cannot say.
 pub fn default_expert_bytes(cfg: &MoeConfig) -> u64 {
     (cfg.expert_params() * 2) as u64
+}
+
+/// The error for an expert a source cannot supply, naming the source and the way out.
+pub fn missing_error(source: &dyn ExpertSource, layer: usize, expert: usize) -> ModelError {
+    ModelError::Expert {
+        layer,
+        expert,
+        msg: format!(
+            "missing from {} (run `moescope verify` for the full list; \
+             --allow-missing-experts runs anyway, masked out of routing and labelled DEGRADED)",
+            source.describe()
+        ),
+    }
 }
 
 #[cfg(test)]

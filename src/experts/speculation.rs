@@ -16,7 +16,7 @@
 //! has seen both. Pure logic: the live cache and the simulator share it, so the sweep's
 //! prediction counts the same failed guesses the run makes.
 
-use crate::model::generate::StepPath;
+use crate::step_path::StepPath;
 
 /// Which rule decides (`MOESCOPE_SPECULATE`: unset or `gate` → [`Rule::Gate`]; `last` → the
 /// first rule, for comparison; `0` → never).

@@ -31,8 +31,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
 use super::layers::{DecodeInputs, KvCache};
+use super::ports::{ExpertProvider, ResidentView, RoutingObserver};
 use super::qwen3_moe::{DeviceRouting, Qwen3Moe, deliver_rows};
-use crate::experts::provider::{ExpertProvider, ResidentView, RoutingObserver};
 
 /// cuBLAS workspace given to every handle up front (what PyTorch gives Hopper cards).
 const CUBLAS_WORKSPACE: usize = 32 << 20;
@@ -433,7 +433,7 @@ fn launch(g: &CudaGraph) -> Result<()> {
 
 /// The device address of a u32 / f32 tensor's first element (its whole extent checked).
 fn device_addr(t: &Tensor) -> Result<sys::CUdeviceptr> {
-    let (at, _) = crate::experts::upload::device_range(t, 0, t.elem_count() * 4)
+    let (at, _) = super::raw::device_range(t, 0, t.elem_count() * 4)
         .map_err(|e| cuda_err("host words", e))?;
     Ok(at)
 }

@@ -9,7 +9,10 @@ pub mod graph;
 pub mod layers;
 #[cfg(feature = "cuda")]
 pub mod moe_decode;
+pub mod ports;
 pub mod qwen3_moe;
+#[cfg(feature = "cuda")]
+pub mod raw;
 pub mod safetensors_file;
 
 use std::sync::atomic::{AtomicBool, Ordering};

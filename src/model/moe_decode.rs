@@ -149,7 +149,7 @@ fn raw_addr(t: &Tensor, what: &str) -> Result<u64> {
     if !t.is_contiguous() {
         return Err(err(what, "not contiguous"));
     }
-    crate::experts::upload::device_range(t, 0, t.elem_count() * t.dtype().size_in_bytes())
+    super::raw::device_range(t, 0, t.elem_count() * t.dtype().size_in_bytes())
         .map(|(a, _)| a)
         .map_err(|e| err(what, e))
 }
@@ -159,7 +159,7 @@ fn raw_addr(t: &Tensor, what: &str) -> Result<u64> {
 /// `fill_routed_experts` in the kernel file). Nothing is read back: capturable in a CUDA graph.
 pub fn fill_routed(
     ids: &Tensor,
-    fill: &crate::experts::provider::DeviceFill,
+    fill: &super::ports::DeviceFill,
     gate_up: &Tensor,
     down: &Tensor,
 ) -> Result<()> {

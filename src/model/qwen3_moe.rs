@@ -14,7 +14,7 @@ use super::checkpoint::Checkpoint;
 use super::config::{FfnKind, MoeConfig};
 use super::error::{ModelError, Result};
 use super::layers::{Attention, DecodeInputs, KvCache, Linear, Mlp, Positions, RmsNorm, Rope};
-use crate::experts::provider::{ExpertProvider, RoutingObserver};
+use super::ports::{ExpertProvider, RoutingObserver};
 
 /// Anything non-expert weights can be loaded from by name (a checkpoint, or the seed layout).
 pub trait WeightStore {
@@ -335,7 +335,7 @@ impl MoeBlock {
         observer: &mut dyn RoutingObserver,
         sink: Option<&mut DeviceRouting>,
     ) -> Result<Tensor> {
-        let fused = if crate::experts::provider::fused_capable(x.device(), x.dtype()) {
+        let fused = if super::ports::fused_capable(x.device(), x.dtype()) {
             self.forward_fused(x, offset, experts, observer, sink)?
         } else {
             None
@@ -738,7 +738,7 @@ impl Qwen3Moe {
     #[cfg(feature = "cuda")]
     pub(crate) fn piece_experts(
         &self,
-        stacks: &crate::experts::provider::Stacked,
+        stacks: &super::ports::Stacked,
         x_mid: &Tensor,
         h: &Tensor,
         slot_ids: &Tensor,

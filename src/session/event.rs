@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::experts::stats::CacheSnapshot;
-pub use crate::model::generate::StepPath;
+use crate::step_path::StepPath;
 
 /// The two backends compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

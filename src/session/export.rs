@@ -323,7 +323,7 @@ pub fn table(sum: &Summary) -> String {
     let plain = |m: &BackendMetrics| {
         m.decode_paths
             .iter()
-            .all(|p| p.path == super::event::StepPath::Uncaptured)
+            .all(|p| p.path == crate::step_path::StepPath::Uncaptured)
     };
     if !(plain(n) && plain(s)) {
         row(

@@ -3,8 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::event::{Backend, StepPath};
+use super::event::Backend;
 use super::state::{BackendState, SessionState, TokenRecord};
+use crate::step_path::StepPath;
 
 pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
     if values.is_empty() {

@@ -6,10 +6,11 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::event::{
-    AgreementStats, Backend, Finish, MemorySample, ResidentBytes, SessionEvent, Stamped, StepPath,
+    AgreementStats, Backend, Finish, MemorySample, ResidentBytes, SessionEvent, Stamped,
 };
 use super::record::Header;
 use crate::experts::stats::CacheSnapshot;
+use crate::step_path::StepPath;
 
 /// Memory samples kept for the live graph (older ones are summarised, not kept).
 pub const GRAPH_POINTS: usize = 1200;

@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::BackendSpec;
 use crate::experts::stats::CacheSnapshot;
-use crate::session::event::{Finish, ResidentBytes, StepPath};
+use crate::session::event::{Finish, ResidentBytes};
 use crate::session::record::MoeShape;
+use crate::step_path::StepPath;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 

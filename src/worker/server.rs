@@ -6,10 +6,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use crate::engine::Engine;
-use crate::experts::provider::RoutingObserver;
 use crate::model::generate::{
     FinishReason, Generation, SamplingParams, StreamDecoder, TextTokenizer, Timing, stop_ids,
 };
+use crate::model::ports::{NoObserver, RoutingObserver};
 use crate::model::qwen3_moe::Logits;
 use crate::session::event::{Finish, ResidentBytes};
 use crate::session::record::MoeShape;
@@ -224,7 +224,7 @@ pub fn run() -> anyhow::Result<()> {
                         for (i, &l) in moe_layers.iter().enumerate() {
                             moe_index[l] = Some(i);
                         }
-                        let snap = engine.provider.cache_snapshot();
+                        let snap = engine.cache_snapshot();
                         let expert_bytes =
                             (cfg.expert_params() * engine.dtype.candle().size_in_bytes()) as u64;
                         let resident = ResidentBytes {
@@ -380,7 +380,7 @@ fn describe(spec: &crate::engine::BackendSpec, engine: &Engine) -> String {
         engine.dtype.name(),
         engine.device
     );
-    match engine.provider.cache_snapshot() {
+    match engine.cache_snapshot() {
         Some(s) => format!(
             "{base}: cache {} experts ({} scope, {}), source {}{}{}",
             s.capacity_experts,
@@ -431,6 +431,7 @@ fn generate(
     };
     let model = &st.engine.model;
     let provider = st.engine.provider.clone();
+    let snapshot = || st.engine.cache_snapshot();
     let mut g =
         Generation::new(model, ids.clone(), params, st.stops.clone()).map_err(|e| e.to_string())?;
     out.send(&WorkerEvent::PromptStarted {
@@ -457,7 +458,7 @@ fn generate(
                 match rx.recv_timeout(Duration::from_millis(250)) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
-                        if let Some(s) = provider.cache_snapshot()
+                        if let Some(s) = snapshot()
                             && last_snapshot.elapsed() > Duration::from_secs(1)
                         {
                             out.send(&WorkerEvent::Cache { snapshot: s });
@@ -538,7 +539,7 @@ fn generate(
         // After the token is out, so "crash after N tokens" means N were delivered.
         faults.on_token();
         if last_snapshot.elapsed() >= SNAPSHOT_EVERY {
-            if let Some(s) = provider.cache_snapshot() {
+            if let Some(s) = snapshot() {
                 out.send(&WorkerEvent::Cache { snapshot: s });
             }
             last_snapshot = Instant::now();
@@ -552,7 +553,7 @@ fn generate(
     if let Some(t) = &st.tokenizer {
         text.push_str(&decoder.finish(t));
     }
-    if let Some(s) = provider.cache_snapshot() {
+    if let Some(s) = snapshot() {
         out.send(&WorkerEvent::Cache { snapshot: s });
     }
     let timing = Timing::of(&g, std::time::Duration::ZERO);
@@ -607,7 +608,7 @@ fn score(
     }
     let model = &st.engine.model;
     let mut cache = model.new_cache();
-    let mut sink = crate::experts::provider::NoObserver;
+    let mut sink = NoObserver;
     let logits = model
         .forward(
             &ids[..from + count],
@@ -679,7 +680,7 @@ fn perplexity(st: &mut Loaded, text: &str, max_tokens: usize) -> Result<(f64, us
             &ids,
             &mut cache,
             st.engine.provider.as_ref(),
-            &mut crate::experts::provider::NoObserver,
+            &mut NoObserver,
             Logits::All,
         )
         .map_err(|e| e.to_string())?;

@@ -8,8 +8,8 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 
 use crate::session::event::Backend;
-use crate::session::event::StepPath;
 use crate::session::metrics::{PathShare, backend_metrics, percentile};
+use crate::step_path::StepPath;
 use crate::ui::app::App;
 
 use super::num;

@@ -1,0 +1,220 @@
+//! Expert bytes → [`ExpertWeights`]: the one conversion both backends use, so native's resident
+//! experts and selective's cached ones are the same tensors, bit for bit.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::source::{PartSpan, RawExpert};
+use crate::model::error::Result;
+use crate::model::ports::ExpertWeights;
+use crate::model::safetensors_file::{TensorInfo, bytes_to_tensor};
+
+/// Builds compute tensors from an expert's on-disk bytes. Gate and up are both [I, H]
+/// row-major, so their byte concatenation *is* the stacked [2I, H] matrix.
+pub fn from_raw(raw: &RawExpert, dtype: DType, device: &Device) -> Result<ExpertWeights> {
+    let [gate, up, down] = &raw.parts;
+    let (i, h) = (gate.shape[0], gate.shape[1]);
+    let gate_up = if gate.dtype == up.dtype {
+        let mut bytes = Vec::with_capacity(gate.bytes.len() + up.bytes.len());
+        bytes.extend_from_slice(&gate.bytes);
+        bytes.extend_from_slice(&up.bytes);
+        let info = TensorInfo {
+            dtype: gate.dtype,
+            shape: vec![2 * i, h],
+            offset: 0,
+            len: bytes.len() as u64,
+        };
+        bytes_to_tensor(&bytes, &info, dtype, device)
+    } else {
+        let g = bytes_to_tensor(&gate.bytes, &gate.info(), dtype, device)?;
+        let u = bytes_to_tensor(&up.bytes, &up.info(), dtype, device)?;
+        Tensor::cat(&[&g, &u], 0)
+    }
+    .map_err(|e| raw.error(format!("converting gate/up: {e}")))?;
+    let down = bytes_to_tensor(&down.bytes, &down.info(), dtype, device)
+        .map_err(|e| raw.error(format!("converting down_proj: {e}")))?;
+    Ok(ExpertWeights::new(gate_up, down, i))
+}
+
+/// Builds a CPU expert straight out of a read buffer (the spans of
+/// [`ExpertSource::read_into`]) when the conversion is exact — the same dtype, or bf16 / f16
+/// widened to f32 — so the result is bit-for-bit what [`from_raw`] makes. One
+/// allocation per matrix and the conversion spread over threads: an expert miss on the CPU
+/// otherwise spends more time allocating and copying transients than reading. `None` for
+/// any other combination or an unexpected shape (the caller falls back to `from_raw`).
+pub fn from_spans_exact(buf: &[u8], spans: &[PartSpan; 3], dtype: DType) -> Option<ExpertWeights> {
+    let [g, u, d] = spans;
+    if cfg!(target_endian = "big") {
+        return None; // the views below read safetensors' little-endian bytes natively
+    }
+    if g.shape.len() != 2 || g.shape != u.shape || d.shape != [g.shape[1], g.shape[0]] {
+        return None;
+    }
+    let (i, h) = (g.shape[0], g.shape[1]);
+    let src = g.dtype.float_dtype()?;
+    if u.dtype.float_dtype()? != src || d.dtype.float_dtype()? != src {
+        return None;
+    }
+    let n = i * h;
+    let esize = src.size_in_bytes();
+    if [g, u, d]
+        .iter()
+        .any(|p| p.range.len() != n * esize || p.range.end > buf.len())
+    {
+        return None;
+    }
+    if u.range.start != g.range.end {
+        return None; // gate and up not adjacent: not worth a special case
+    }
+    let (gu, dn) = (&buf[g.range.start..u.range.end], &buf[d.range.clone()]);
+    let (gate_up, down) = match (src, dtype) {
+        (DType::BF16, DType::F32) => cpu_pair(gu, dn, i, h, widen_bf16)?,
+        (DType::F16, DType::F32) => cpu_pair(gu, dn, i, h, widen::<half::f16>)?,
+        (DType::F32, DType::F32) => cpu_pair(gu, dn, i, h, same::<f32>)?,
+        (DType::BF16, DType::BF16) => cpu_pair(gu, dn, i, h, same::<half::bf16>)?,
+        (DType::F16, DType::F16) => cpu_pair(gu, dn, i, h, same::<half::f16>)?,
+        _ => return None,
+    };
+    Some(ExpertWeights::new(gate_up, down, i))
+}
+
+/// gate_up [2I, H] and down [H, I] as CPU tensors made by `conv` from their bytes.
+fn cpu_pair<T: candle_core::WithDType>(
+    gu: &[u8],
+    dn: &[u8],
+    i: usize,
+    h: usize,
+    conv: fn(&[u8]) -> Option<Vec<T>>,
+) -> Option<(Tensor, Tensor)> {
+    let a = Tensor::from_vec(conv(gu)?, (2 * i, h), &Device::Cpu).ok()?;
+    let b = Tensor::from_vec(conv(dn)?, (h, i), &Device::Cpu).ok()?;
+    Some((a, b))
+}
+
+/// Elements per parallel conversion task.
+const PIECE: usize = 1 << 16;
+
+/// `bytes` viewed as elements of `S` (None when misaligned, which a `Vec<u8>` from the
+/// allocator never is at the offsets of a safetensors part).
+fn view<S: PlainData>(bytes: &[u8]) -> Option<&[S]> {
+    // SAFETY: `PlainData` types are plain old data: every bit pattern is a valid value.
+    let (pre, mid, post) = unsafe { bytes.align_to::<S>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+/// Element types for which any bit pattern is a valid value.
+trait PlainData: Copy {}
+impl PlainData for u16 {}
+impl PlainData for f32 {}
+impl PlainData for half::bf16 {}
+impl PlainData for half::f16 {}
+
+/// bf16 / f16 little-endian bytes widened to f32 (exact), with half's SIMD slice conversion.
+fn widen<S>(bytes: &[u8]) -> Option<Vec<f32>>
+where
+    S: PlainData + Sync,
+    [S]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    let src = view::<S>(bytes)?;
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(PIECE)
+        .zip(src.par_chunks(PIECE))
+        .for_each(|(d, s)| s.convert_to_f32_slice(d));
+    Some(out)
+}
+
+/// bf16 → f32 is a 16-bit shift (exactly `bf16::to_f32`); written as one so it vectorises,
+/// straight into uninitialised memory (no memset of a buffer about to be overwritten).
+fn widen_bf16(bytes: &[u8]) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    let src = view::<u16>(bytes)?;
+    let mut out: Vec<f32> = Vec::with_capacity(src.len());
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(PIECE)
+        .zip(src.par_chunks(PIECE))
+        .for_each(|(d, s)| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                d.write(f32::from_bits(u32::from(s) << 16));
+            }
+        });
+    // SAFETY: every element up to src.len() was written just above.
+    unsafe { out.set_len(src.len()) };
+    Some(out)
+}
+
+/// Same dtype: a copy into an owned, aligned Vec.
+fn same<S: PlainData>(bytes: &[u8]) -> Option<Vec<S>> {
+    Some(view::<S>(bytes)?.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experts::source::RawPart;
+    use crate::model::safetensors_file::StDtype;
+
+    /// The fast CPU path must make exactly what `from_raw` makes, bit for bit, for every
+    /// stored/compute dtype pair it accepts — including NaN, infinities and subnormals.
+    #[test]
+    fn spans_path_is_bit_identical_to_from_raw() {
+        let (i, h) = (3usize, 5usize);
+        for (st, esize) in [(StDtype::BF16, 2), (StDtype::F16, 2), (StDtype::F32, 4)] {
+            let part = |name: &str, shape: Vec<usize>, seed: u8| RawPart {
+                name: name.into(),
+                dtype: st,
+                shape,
+                bytes: (0..i * h * esize)
+                    .map(|b| (b as u8).wrapping_mul(37).wrapping_add(seed))
+                    .collect(),
+            };
+            let raw = RawExpert {
+                layer: 0,
+                expert: 0,
+                parts: [
+                    part("g", vec![i, h], 1),
+                    part("u", vec![i, h], 99),
+                    part("d", vec![h, i], 200),
+                ],
+            };
+            let mut buf = Vec::new();
+            let mut spans = Vec::new();
+            for p in &raw.parts {
+                let at = buf.len();
+                buf.extend_from_slice(&p.bytes);
+                spans.push(PartSpan {
+                    dtype: p.dtype,
+                    shape: p.shape.clone(),
+                    range: at..buf.len(),
+                });
+            }
+            let spans: [PartSpan; 3] = spans.try_into().unwrap();
+            let src = st.float_dtype().unwrap();
+            for dtype in [DType::F32, src] {
+                let fast = from_spans_exact(&buf, &spans, dtype)
+                    .unwrap_or_else(|| panic!("{st:?} -> {dtype:?} has a fast path"));
+                let slow = from_raw(&raw, dtype, &Device::Cpu).unwrap();
+                for (a, b) in [(&fast.gate_up, &slow.gate_up), (&fast.down, &slow.down)] {
+                    assert_eq!(a.dims(), b.dims());
+                    // Widening to f32 is exact for every storage dtype, so f32 bits compare all.
+                    let bits = |t: &Tensor| -> Vec<u32> {
+                        t.to_dtype(DType::F32)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect()
+                    };
+                    assert_eq!(bits(a), bits(b), "{st:?} -> {dtype:?}");
+                }
+            }
+            // A narrowing conversion is not "exact": no fast path.
+            if src == DType::F32 {
+                assert!(from_spans_exact(&buf, &spans, DType::BF16).is_none());
+            }
+        }
+    }
+}

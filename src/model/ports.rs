@@ -1,0 +1,241 @@
+//! The forward pass's ports: what the MoE block asks of whoever supplies expert weights
+//! ([`ExpertProvider`]) and tells whoever watches routing ([`RoutingObserver`]).
+//!
+//! The model owns these interfaces and knows nothing of their implementations: `experts/`
+//! implements them (native's resident experts, selective's bounded cache), the worker and the
+//! commands observe. Both providers hand out the same [`ExpertWeights`] built by the same
+//! conversion from the same bytes, so the forward pass is bit-identical between them.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::error::Result;
+use super::layers::silu;
+pub use crate::step_path::StepPath;
+
+/// One expert, ready to compute with: gate and up stacked as one [2I, H] matrix (one matmul
+/// instead of two, as transformers 5 fuses them), down as [H, I].
+#[derive(Debug, Clone)]
+pub struct ExpertWeights {
+    pub gate_up: Tensor,
+    pub down: Tensor,
+    intermediate: usize,
+}
+
+impl ExpertWeights {
+    /// `gate_up` is [2I, H], `down` [H, I].
+    pub fn new(gate_up: Tensor, down: Tensor, intermediate: usize) -> Self {
+        ExpertWeights {
+            gate_up,
+            down,
+            intermediate,
+        }
+    }
+
+    /// down(silu(gate(x)) * up(x)) for x of shape [n, H].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = x.matmul(&self.gate_up.t()?)?;
+        let g = gu.narrow(1, 0, self.intermediate)?;
+        let u = gu.narrow(1, self.intermediate, self.intermediate)?;
+        let h = (silu(&g)? * u)?;
+        Ok(h.matmul(&self.down.t()?)?)
+    }
+
+    /// Bytes this expert occupies in memory (compute dtype).
+    pub fn bytes(&self) -> u64 {
+        ((self.gate_up.elem_count() + self.down.elem_count()) * self.down.dtype().size_in_bytes())
+            as u64
+    }
+}
+
+/// Experts stacked for a fused kernel (`candle_nn::moe::moe_gemm`): `gate_up` is
+/// [n, 2I, H], `down` [n, H, I]; `index` maps an expert id to its position along the first
+/// dimension (None: position = expert id, the native layout).
+pub struct Stacked {
+    pub gate_up: Tensor,
+    pub down: Tensor,
+    pub index: Option<Vec<u32>>,
+    /// The same map kept on the device (u32 `[num_experts]`), for a step that must not read
+    /// routing back: the speculative graph step of a slot pool. Only resident experts' entries
+    /// are meaningful; the others point at some slot and the step is redone (see
+    /// [`ExpertProvider::settle_speculation`]).
+    pub device_index: Option<Tensor>,
+    /// With `device_index`: the GPU fills the slots of routed experts that are not resident
+    /// itself, from host memory, before the kernel reads them (a pool with a slot for every
+    /// expert); then no step needs the routing on the host.
+    pub fill: Option<DeviceFill>,
+}
+
+/// Where each expert of one layer comes from and goes when the GPU fills its slot itself.
+#[derive(Clone)]
+pub struct DeviceFill {
+    /// i64 `[num_experts × 3]`: device addresses of each expert's gate, up and down parts in
+    /// registered host memory (each `part_bytes` long, stored in the compute dtype).
+    pub sources: Tensor,
+    /// u32 `[num_experts]`: the slot each expert fills (its own; the pool never evicts).
+    pub home: Tensor,
+    /// u32 `[num_experts]`: 1 for experts in their slot (set by the fill and by host loads).
+    pub resident: Tensor,
+    pub part_bytes: usize,
+}
+
+/// True when the fused GPU kernel can run in this dtype on this device.
+pub fn fused_capable(device: &Device, dtype: DType) -> bool {
+    device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// Where the MoE block gets expert weights from.
+pub trait ExpertProvider: Send + Sync {
+    /// The weights of (layer, expert), loading them first if needed. The returned `Arc` keeps
+    /// them alive while they are applied, even if a cache evicts them meanwhile — which is what
+    /// lets a cache smaller than top-k work.
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>>;
+
+    /// Experts of `layer` that cannot be provided. Non-empty only in a run where the user allowed
+    /// missing experts; the router masks them out and the run is labelled DEGRADED.
+    fn unavailable(&self, layer: usize) -> &[usize];
+
+    /// Called with the experts a layer selected, before they are fetched (statistics, prefetch).
+    fn will_use(&self, _layer: usize, _experts: &[usize]) {}
+
+    /// Stacked weights holding at least the experts in `needed` (ascending ids), for the fused GPU
+    /// kernel; None when the provider keeps experts one by one.
+    fn stacked(&self, _layer: usize, _needed: &[usize]) -> Result<Option<Stacked>> {
+        Ok(None)
+    }
+
+    /// Whether `stacked` needs the selected expert ids on the host (a selective cache must know
+    /// what to load; native's full stacks do not).
+    fn needs_ids_on_host(&self) -> bool {
+        false
+    }
+
+    /// Whether the provider wants guesses of the next layer's experts (prefetch on).
+    fn wants_hints(&self) -> bool {
+        false
+    }
+
+    /// Whether a decode step through this provider may be captured once as a CUDA graph and
+    /// replayed: every expert resident in device stacks, nothing read back to the host, no
+    /// upload and no masking tensor made per step. Only native's device stacks qualify.
+    fn graph_safe(&self) -> bool {
+        false
+    }
+
+    /// Whether the next decode step should be tried as a CUDA graph over the experts resident
+    /// now (a slot pool whose recent steps missed nothing). Asked once per decode step.
+    fn speculate(&self) -> bool {
+        false
+    }
+
+    /// Changes when a graph captured over [`resident_stacks`](Self::resident_stacks) no longer
+    /// matches what they return (slot fills added or dropped): the step is captured again.
+    fn graph_variant(&self) -> u64 {
+        0
+    }
+
+    /// After each decode step: how it ran and its time (what guessing weighs its odds against).
+    fn step_ran(&self, _path: StepPath, _secs: f64) {}
+
+    /// The layer's slot pool with a device expert→slot table, for the speculative step.
+    fn resident_stacks(&self, _layer: usize) -> Result<Option<Stacked>> {
+        Ok(None)
+    }
+
+    /// Brings the device expert→slot tables up to date, before a speculative step launches.
+    fn prepare_speculation(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// After a speculative step: the experts each MoE layer selected, in layer order. When all
+    /// were resident the step stands: they are counted as the hits the uncaptured step would
+    /// have counted, in the same order, and true is returned. Otherwise nothing is recorded and
+    /// the step must be run again uncaptured (it rewrites the same KV row, so nothing is lost).
+    fn settle_speculation(&self, _routed: &[(usize, Vec<u32>)]) -> bool {
+        false
+    }
+
+    /// A guess of the experts `layer` will select, made while the layer before it runs.
+    fn prefetch_hint(&self, _layer: usize, _experts: &[usize]) {}
+
+    /// Bytes of expert weights held in memory now.
+    fn resident_bytes(&self) -> u64;
+
+    /// "native" or "selective" — for display.
+    fn kind(&self) -> &'static str;
+
+    /// Bypass mode (teacher-forced scoring, perplexity): serve experts without changing what is
+    /// cached or counting hits and misses, so the cache and its statistics describe generation
+    /// alone.
+    fn set_bypass(&self, _on: bool) {}
+}
+
+/// A provider seen through a speculative decode step: stacks come from the resident slot pool
+/// with the device expert→slot table, and nothing is read back to the host.
+pub struct ResidentView<'a>(pub &'a dyn ExpertProvider);
+
+impl ExpertProvider for ResidentView<'_> {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
+        self.0.get(layer, expert)
+    }
+    fn unavailable(&self, layer: usize) -> &[usize] {
+        self.0.unavailable(layer)
+    }
+    fn stacked(&self, layer: usize, _needed: &[usize]) -> Result<Option<Stacked>> {
+        self.0.resident_stacks(layer)
+    }
+    fn graph_safe(&self) -> bool {
+        true
+    }
+    fn resident_bytes(&self) -> u64 {
+        self.0.resident_bytes()
+    }
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+}
+
+/// Receives each token's routing decision in each MoE layer (heatmaps, traces, cache studies).
+pub trait RoutingObserver {
+    /// `position` is the token's absolute position; `experts` and `weights` are in top-k order.
+    fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], weights: &[f32]);
+
+    /// False when nothing is listening (the GPU path then skips copying routing to the host).
+    fn wants_routing(&self) -> bool {
+        true
+    }
+
+    /// Whether to compute next-layer guesses for [`on_guess`](Self::on_guess) even when the
+    /// provider does not prefetch (a routing trace for the simulator's prefetch replay). Costs
+    /// one router product per layer, so off unless asked for.
+    fn wants_guesses(&self) -> bool {
+        false
+    }
+
+    /// The experts `layer`'s router would pick for the token at `position` if applied to the
+    /// hidden state of the layer before it (what `--prefetch next-layer` loads), ascending.
+    fn on_guess(&mut self, _layer: usize, _position: usize, _experts: &[usize]) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+
+impl RoutingObserver for NoObserver {
+    fn on_routing(&mut self, _: usize, _: usize, _: &[u32], _: &[f32]) {}
+    fn wants_routing(&self) -> bool {
+        false
+    }
+}
+
+/// Collects every routing decision: (layer, position, experts).
+#[derive(Debug, Default, Clone)]
+pub struct RoutingLog {
+    pub entries: Vec<(usize, usize, Vec<u32>)>,
+}
+
+impl RoutingObserver for RoutingLog {
+    fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], _: &[f32]) {
+        self.entries.push((layer, position, experts.to_vec()));
+    }
+}
