@@ -1,10 +1,38 @@
-//! The command line (clap derive). Parsing only: the commands live in `commands/`.
+//! The command line (clap derive). Parsing only: the commands live in `commands/`. The only
+//! place clap reaches: library types stay plain, and their flags are described here (the value
+//! names below are what a user types; the recording stores the library types' own serde names).
 
 use std::path::PathBuf;
 
+use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand};
 
-use crate::engine::Dtype;
+use crate::cache::policy::PolicyKind;
+use crate::cache::settings::{CacheSettings, PrefetchMode, Scope, SourceSpec};
+use crate::engine::{BackendKind, DeviceSpec, Dtype};
+use crate::session::record::Schedule;
+
+/// `clap::ValueEnum` for a plain library enum: its variants, each with the name a user types
+/// and its help line.
+macro_rules! value_enum {
+    ($ty:ty, $all:expr, $name:ident, $help:ident) => {
+        impl clap::ValueEnum for $ty {
+            fn value_variants<'a>() -> &'a [Self] {
+                &$all
+            }
+            fn to_possible_value(&self) -> Option<PossibleValue> {
+                Some(PossibleValue::new(self.$name()).help(self.$help()))
+            }
+        }
+    };
+}
+
+value_enum!(PolicyKind, PolicyKind::ALL, name, describe);
+value_enum!(Scope, Scope::ALL, name, describe);
+value_enum!(PrefetchMode, PrefetchMode::ALL, name, describe);
+value_enum!(Schedule, Schedule::ALL, name, describe);
+value_enum!(BackendKind, BackendKind::ALL, name, describe);
+value_enum!(Dtype, Dtype::ALL, name, name);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,8 +97,8 @@ pub struct BenchDecodeArgs {
     /// Compute dtypes to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "f32,bf16")]
     pub dtype: Vec<Dtype>,
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
-    pub device: crate::engine::DeviceSpec,
+    #[arg(long, default_value = "cpu", value_parser = DeviceSpec::parse)]
+    pub device: DeviceSpec,
     #[arg(long, default_value_t = 16)]
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
@@ -124,7 +152,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
-    pub cache: crate::experts::CacheArgs,
+    pub cache: CacheArgs,
     /// Prompt set (TOML). Default: prompts/standard.toml.
     #[arg(long, value_name = "FILE")]
     pub prompts: Option<PathBuf>,
@@ -150,8 +178,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub raw: bool,
     /// How the two backends share the machine.
-    #[arg(long, value_enum, default_value_t = crate::session::record::Schedule::Alternate)]
-    pub schedule: crate::session::record::Schedule,
+    #[arg(long, value_enum, default_value_t = Schedule::Alternate)]
+    pub schedule: Schedule,
     /// Decision profile: relative (default), discrete-gpu, seed, or a TOML file.
     #[arg(long, default_value = "relative")]
     pub profile: String,
@@ -248,17 +276,17 @@ pub struct SweepArgs {
     /// Capacities: counts or percentages of all experts, e.g. 12.5%,25%,50%,100%.
     #[arg(long, required = true)]
     pub capacities: String,
-    #[arg(long, value_enum, default_value_t = crate::experts::cache::Scope::Global)]
-    pub cache_scope: crate::experts::cache::Scope,
-    #[arg(long, value_enum, default_value_t = crate::experts::policy::PolicyKind::S3fifo)]
-    pub policy: crate::experts::policy::PolicyKind,
-    #[arg(long, default_value = "shards", value_parser = crate::experts::SourceSpec::parse)]
-    pub expert_source: crate::experts::SourceSpec,
+    #[arg(long, value_enum, default_value_t = Scope::Global)]
+    pub cache_scope: Scope,
+    #[arg(long, value_enum, default_value_t = PolicyKind::S3fifo)]
+    pub policy: PolicyKind,
+    #[arg(long, default_value = "shards", value_parser = SourceSpec::parse)]
+    pub expert_source: SourceSpec,
     #[arg(long)]
     pub cold: bool,
     /// Next-layer prefetch: none, next-layer, or auto (as `run`: on a CPU with 4+ cores).
-    #[arg(long, value_enum, default_value_t = crate::experts::PrefetchMode::Auto)]
-    pub prefetch: crate::experts::PrefetchMode,
+    #[arg(long, value_enum, default_value_t = PrefetchMode::Auto)]
+    pub prefetch: PrefetchMode,
     /// Prompt set (default: prompts/long.toml — long generations show steady-state speed).
     #[arg(long, value_name = "FILE")]
     pub prompts: Option<PathBuf>,
@@ -285,7 +313,7 @@ pub struct SimulateArgs {
     pub capacities: Option<String>,
     /// Pool scope (default: the run's).
     #[arg(long, value_enum)]
-    pub scope: Option<crate::experts::cache::Scope>,
+    pub scope: Option<Scope>,
     /// Policies: lru, lfu, fifo, s3fifo, belady (default: all).
     #[arg(long, value_delimiter = ',')]
     pub policies: Option<Vec<String>>,
@@ -294,7 +322,7 @@ pub struct SimulateArgs {
     /// Default: what the run did; auto: replay when the trace has guesses. Belady stays demand
     /// loading's optimum.
     #[arg(long, value_enum)]
-    pub prefetch: Option<crate::experts::PrefetchMode>,
+    pub prefetch: Option<PrefetchMode>,
     #[arg(long)]
     pub json: bool,
 }
@@ -359,12 +387,8 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
     /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
-    pub device: crate::engine::DeviceSpec,
-}
-
-fn parse_device(s: &str) -> Result<crate::engine::DeviceSpec, String> {
-    crate::engine::DeviceSpec::parse(s)
+    #[arg(long, default_value = "cpu", value_parser = DeviceSpec::parse)]
+    pub device: DeviceSpec,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -373,18 +397,71 @@ pub struct BackendArgs {
     #[arg(long, value_enum, default_value_t = BackendKind::Native)]
     pub backend: BackendKind,
     #[command(flatten)]
-    pub cache: crate::experts::CacheArgs,
+    pub cache: CacheArgs,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// Every weight resident.
-    Native,
-    /// Experts loaded on demand through a bounded cache.
-    Selective,
+/// The cache and source flags shared by every command that can run the selective backend.
+#[derive(Debug, Clone, Args, PartialEq)]
+pub struct CacheArgs {
+    /// Cache capacity as a number of experts (default: 25 % of all experts).
+    #[arg(long, value_name = "N", conflicts_with = "cache_mem")]
+    pub cache_experts: Option<usize>,
+    /// Cache capacity as a memory budget, e.g. 4GiB (experts in the compute dtype).
+    #[arg(long, value_name = "SIZE", value_parser = crate::util::parse_bytes)]
+    pub cache_mem: Option<u64>,
+    /// One pool for all layers, or an equal share per layer.
+    #[arg(long, value_enum, default_value_t = Scope::Global)]
+    pub cache_scope: Scope,
+    /// Eviction policy. Default S3-FIFO: on every routing trace measured (BENCHMARKS.md §3) it
+    /// captures more of the optimum than LRU, LFU or FIFO at caches of 25 % and less.
+    #[arg(long, value_enum, default_value_t = PolicyKind::S3fifo)]
+    pub policy: PolicyKind,
+    /// Where experts are read from: shards | extracted:DIR | seedlayout:DIR.
+    #[arg(long, default_value = "shards", value_parser = SourceSpec::parse)]
+    pub expert_source: SourceSpec,
+    /// Run even if experts are missing: they are masked out of routing and every result of the
+    /// run is labelled DEGRADED.
+    #[arg(long)]
+    pub allow_missing_experts: bool,
+    /// Evict each expert's file pages after reading it (posix_fadvise DONTNEED), so every miss
+    /// is a storage read. Default: warm (page cache left alone).
+    #[arg(long)]
+    pub cold: bool,
+    /// Load the next layer's guessed experts on a background thread. Default auto: on a CPU
+    /// with at least 4 cores (it needs a spare one), off on 2 cores and on a GPU.
+    #[arg(long, value_enum, default_value_t = PrefetchMode::Auto)]
+    pub prefetch: PrefetchMode,
+    /// Testing aid: mask these experts (LAYER:EXPERT,…) out of routing, as if missing. The run is
+    /// labelled DEGRADED. Used to prove that quality checks catch a perturbed backend.
+    #[arg(long, value_delimiter = ',', value_parser = parse_layer_expert, hide = true)]
+    pub mask_experts: Vec<(usize, usize)>,
+}
+
+impl CacheArgs {
+    /// The flags as the plain settings the library, the workers and the recording take.
+    pub fn settings(&self) -> CacheSettings {
+        CacheSettings {
+            cache_experts: self.cache_experts,
+            cache_mem: self.cache_mem,
+            cache_scope: self.cache_scope,
+            policy: self.policy,
+            expert_source: self.expert_source.clone(),
+            allow_missing_experts: self.allow_missing_experts,
+            cold: self.cold,
+            prefetch: self.prefetch,
+            mask_experts: self.mask_experts.clone(),
+        }
+    }
+}
+
+fn parse_layer_expert(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (l, e) = s
+        .split_once(':')
+        .ok_or_else(|| format!("bad expert \"{s}\": expected LAYER:EXPERT"))?;
+    Ok((
+        l.parse().map_err(|_| format!("bad layer in \"{s}\""))?,
+        e.parse().map_err(|_| format!("bad expert in \"{s}\""))?,
+    ))
 }
 
 #[derive(Debug, Clone, Args)]

@@ -8,18 +8,21 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::settings::{CacheSettings, SourceSpec};
+use crate::cache::stats::CacheSnapshot;
 use crate::experts::cache::CachedProvider;
 use crate::experts::resident::Resident;
 use crate::experts::source::{ExpertSource, ShardSource, missing_error};
-use crate::experts::stats::CacheSnapshot;
+use crate::model::DecodeOptions;
 use crate::model::checkpoint::{Checkpoint, ExpertInventory};
 use crate::model::config::MoeConfig;
 use crate::model::error::{ModelError, Result};
 use crate::model::ports::{ExpertProvider, ExpertWeights, Stacked};
 use crate::model::qwen3_moe::{Qwen3Moe, WeightStore};
+use crate::settings::{MoeKernel, Settings};
 
 /// Compute dtype for the forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     F32,
@@ -28,6 +31,8 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::F16];
+
     pub fn candle(self) -> DType {
         match self {
             Dtype::F32 => DType::F32,
@@ -317,21 +322,50 @@ impl ExpertProvider for MaskedProvider {
     }
 }
 
+/// The two ways of running the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Every weight resident.
+    Native,
+    /// Experts loaded on demand through a bounded cache.
+    Selective,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 2] = [BackendKind::Native, BackendKind::Selective];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Native => "native",
+            BackendKind::Selective => "selective",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            BackendKind::Native => "Every weight resident",
+            BackendKind::Selective => "Experts loaded on demand through a bounded cache",
+        }
+    }
+}
+
 /// Everything needed to load one backend, as chosen on the command line or by a worker command.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackendSpec {
     pub model_dir: PathBuf,
     pub dtype: Dtype,
     pub device: DeviceSpec,
-    pub backend: crate::cli::BackendKind,
-    pub cache: crate::experts::CacheArgs,
+    pub backend: BackendKind,
+    pub cache: CacheSettings,
+    /// The run's settings, so a worker runs as its parent was set up to (not by its own
+    /// environment).
+    pub settings: Settings,
 }
 
 impl BackendSpec {
     /// Loads the backend. `progress(done, total)` reports expert loading for native.
     pub fn load(&self, progress: impl FnMut(usize, usize)) -> Result<Engine> {
-        use crate::cli::BackendKind;
-        use crate::experts::SourceSpec;
         let c = &self.cache;
         let mut engine = match (self.backend, &c.expert_source) {
             (BackendKind::Native, SourceSpec::Shards) => {
@@ -372,8 +406,9 @@ impl BackendSpec {
                 let source = crate::experts::open_source(spec, &cfg, ckpt_ref)?;
                 source.set_cold(c.cold);
                 let missing = check_source_complete(source.as_ref(), c.allow_missing_experts)?;
-                let cache_cfg = c.cache_config(&cfg);
+                let cache_cfg = c.cache_config(cfg.total_experts(), cfg.num_experts_per_tok);
                 let dtype = self.dtype;
+                let settings = &self.settings;
                 Engine::selective(
                     &cfg,
                     &store,
@@ -386,8 +421,9 @@ impl BackendSpec {
                             dtype.candle(),
                             dev,
                             c.allow_missing_experts,
+                            settings,
                         )?);
-                        if c.prefetch.resolve_here(dev.is_cuda()).is_on() {
+                        if c.prefetch.resolve(dev.is_cuda(), settings.cores).is_on() {
                             CachedProvider::start_prefetch(&p);
                         }
                         Ok(p)
@@ -404,6 +440,10 @@ impl BackendSpec {
             )?);
             engine.degraded = true;
         }
+        engine.model.set_options(DecodeOptions {
+            cuda_graphs: self.settings.cuda_graphs,
+            moe_kernel: self.settings.moe_kernel == MoeKernel::Moescope,
+        });
         if engine.model.device().is_cuda() {
             engine.warm_up()?;
         }

@@ -2,6 +2,7 @@
 //! loaded on demand through a bounded cache (*selective*) — and compare them honestly.
 
 pub mod bench;
+pub mod cache;
 pub mod cli;
 pub mod commands;
 pub mod engine;
@@ -9,7 +10,9 @@ pub mod errors;
 pub mod experts;
 pub mod headless;
 pub mod model;
+pub mod report;
 pub mod session;
+pub mod settings;
 pub mod step_path;
 pub mod ui;
 pub mod util;

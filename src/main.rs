@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use moescope::cli::{Cli, Command, RunArgs};
 use moescope::commands;
+use moescope::settings::Settings;
 
 fn main() -> ExitCode {
     pin_thread_count();
@@ -26,25 +27,34 @@ fn main() -> ExitCode {
     ) {
         die_quietly_on_broken_pipe();
     }
+    // Read once, here: the library reads no environment, it is handed these.
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let s = &settings;
     let result: anyhow::Result<u8> = match &cli.command {
         // `moescope` alone: the dashboard on the bundled model with the standard prompts.
         None => {
             let args = RunArgs::parse_default();
-            commands::run::run(&args)
+            commands::run::run(&args, s)
         }
-        Some(Command::Run(a)) => commands::run::run(a),
+        Some(Command::Run(a)) => commands::run::run(a, s),
         Some(Command::Worker) => moescope::worker::server::run().map(|_| 0),
         Some(Command::Replay(a)) => commands::session::replay(a).map(|_| 0),
         Some(Command::Watch(a)) => commands::session::watch(a).map(|_| 0),
         Some(Command::Export(a)) => commands::session::export(a).map(|_| 0),
         Some(Command::Themes) => commands::session::themes().map(|_| 0),
         Some(Command::Simulate(a)) => commands::simulate::run(a).map(|_| 0),
-        Some(Command::Sweep(a)) => commands::sweep::run(a).map(|_| 0),
-        Some(Command::Generate(a)) => commands::generate::generate(a).map(|_| 0),
-        Some(Command::Logits(a)) => commands::generate::logits(a).map(|_| 0),
+        Some(Command::Sweep(a)) => commands::sweep::run(a, s).map(|_| 0),
+        Some(Command::Generate(a)) => commands::generate::generate(a, s).map(|_| 0),
+        Some(Command::Logits(a)) => commands::generate::logits(a, s).map(|_| 0),
         Some(Command::Extract(a)) => commands::experts::run_extract(a).map(|_| 0),
         Some(Command::Verify(a)) => commands::experts::run_verify(a),
-        Some(Command::Bench(c)) => commands::bench::run(c).map(|_| 0),
+        Some(Command::Bench(c)) => commands::bench::run(c, s).map(|_| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

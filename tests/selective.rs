@@ -5,22 +5,22 @@ mod common;
 
 use candle_core::Device;
 use common::*;
-use moescope::cli::BackendKind;
-use moescope::engine::{BackendSpec, DeviceSpec, Dtype, Engine};
-use moescope::experts::cache::Scope;
-use moescope::experts::policy::PolicyKind;
-use moescope::experts::{CacheArgs, SourceSpec};
+use moescope::cache::policy::PolicyKind;
+use moescope::cache::settings::{CacheSettings, PrefetchMode, Scope, SourceSpec};
+use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
 use moescope::model::generate::{Generation, SamplingParams};
 use moescope::model::ports::NoObserver;
 use moescope::model::qwen3_moe::Logits;
+use moescope::settings::{H2dChoice, Settings};
 
-fn spec(name: &str, backend: BackendKind, cache: CacheArgs, dtype: Dtype) -> BackendSpec {
+fn spec(name: &str, backend: BackendKind, cache: CacheSettings, dtype: Dtype) -> BackendSpec {
     BackendSpec {
         model_dir: fixture(name),
         dtype,
         device: DeviceSpec::cpu(),
         backend,
         cache,
+        settings: Settings::default(),
     }
 }
 
@@ -65,7 +65,7 @@ fn selective_is_bit_identical_to_native_everywhere() {
         let g = golden(name);
         let seq = &g.sequences[2];
         for dtype in [Dtype::F32, Dtype::Bf16] {
-            let native = spec(name, BackendKind::Native, CacheArgs::default(), dtype)
+            let native = spec(name, BackendKind::Native, CacheSettings::default(), dtype)
                 .load(|_, _| {})
                 .unwrap();
             let want = run(&native, seq);
@@ -99,7 +99,7 @@ fn selective_is_bit_identical_to_native_everywhere() {
                 for cap in [1, top_k, top_k * layers, all] {
                     for policy in PolicyKind::ALL {
                         for scope in [Scope::Global, Scope::Layer] {
-                            let cache = CacheArgs {
+                            let cache = CacheSettings {
                                 cache_experts: Some(cap),
                                 cache_scope: scope,
                                 policy,
@@ -139,16 +139,21 @@ fn run_cli(args: &[&str]) -> (i32, String, String) {
 fn prefetch_never_changes_outputs_and_reports_accuracy() {
     for name in FAMILIES {
         let g = golden(name);
-        let native = spec(name, BackendKind::Native, CacheArgs::default(), Dtype::F32)
-            .load(|_, _| {})
-            .unwrap();
+        let native = spec(
+            name,
+            BackendKind::Native,
+            CacheSettings::default(),
+            Dtype::F32,
+        )
+        .load(|_, _| {})
+        .unwrap();
         let want = run(&native, &g.sequences[2]);
         for cap in [1, 4, 12] {
             for scope in [Scope::Global, Scope::Layer] {
-                let cache = CacheArgs {
+                let cache = CacheSettings {
                     cache_experts: Some(cap),
                     cache_scope: scope,
-                    prefetch: moescope::experts::PrefetchMode::NextLayer,
+                    prefetch: PrefetchMode::NextLayer,
                     ..Default::default()
                 };
                 let sel = spec(name, BackendKind::Selective, cache, Dtype::F32)
@@ -173,7 +178,7 @@ fn prefetch_never_changes_outputs_and_reports_accuracy() {
 
 #[test]
 fn capacity_smaller_than_top_k_never_holds_more_than_capacity() {
-    let cache = CacheArgs {
+    let cache = CacheSettings {
         cache_experts: Some(1),
         ..Default::default()
     };
@@ -208,7 +213,7 @@ fn capacity_smaller_than_top_k_never_holds_more_than_capacity() {
 fn byte_budget_converts_to_whole_experts() {
     let cfg = moescope::model::MoeConfig::from_dir(&fixture("qwen3-moe-tiny")).unwrap();
     let one = (cfg.expert_params() * 4) as u64; // f32
-    let cache = CacheArgs {
+    let cache = CacheSettings {
         cache_mem: Some(3 * one + one / 2),
         ..Default::default()
     };
@@ -216,7 +221,7 @@ fn byte_budget_converts_to_whole_experts() {
         .load(|_, _| {})
         .unwrap();
     assert_eq!(e.cache_snapshot().unwrap().capacity_experts, 3);
-    let too_small = CacheArgs {
+    let too_small = CacheSettings {
         cache_mem: Some(one / 2),
         ..Default::default()
     };
@@ -235,7 +240,7 @@ fn byte_budget_converts_to_whole_experts() {
 
 #[test]
 fn statistics_add_up() {
-    let cache = CacheArgs {
+    let cache = CacheSettings {
         cache_experts: Some(6),
         ..Default::default()
     };
@@ -269,7 +274,7 @@ fn statistics_add_up() {
 /// after it gives the same tokens as one without it.
 #[test]
 fn warm_up_leaves_the_cache_untouched() {
-    let cache = CacheArgs {
+    let cache = CacheSettings {
         cache_experts: Some(6),
         ..Default::default()
     };
@@ -345,16 +350,16 @@ fn part_locations_are_the_bytes_read() {
             }
         }
         // Off a GPU the staged path is the only one, and says why.
-        let (path, why) = direct::choose_with(&Device::Cpu, src.as_ref(), "").unwrap();
+        let (path, why) = direct::choose(&Device::Cpu, src.as_ref(), H2dChoice::Auto).unwrap();
         assert_eq!((path, why.as_str()), (H2dPath::Staged, "not a CUDA device"));
-        let err = direct::choose_with(&Device::Cpu, src.as_ref(), "dma")
+        let err = Settings::from_vars(|k| (k == "MOESCOPE_H2D").then(|| "dma".to_string()))
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("MOESCOPE_H2D") && err.contains("direct, staged or auto"),
             "{err}"
         );
-        let err = direct::DirectFiles::open(&Device::Cpu, &files)
+        let err = direct::DirectFiles::open(&Device::Cpu, &files, false)
             .err()
             .expect("no direct copies without a GPU")
             .to_string();

@@ -10,6 +10,7 @@ use candle_transformers::models::qwen3_moe;
 use serde::Serialize;
 
 use crate::engine::{BackendSpec, Engine};
+use crate::model::DecodeOptions;
 use crate::model::config::{FfnKind, MoeConfig};
 use crate::model::error::{ModelError, Result};
 use crate::model::generate::{Generation, SamplingParams};
@@ -186,23 +187,27 @@ pub fn compare(
     new_tokens: usize,
     repeats: usize,
 ) -> Result<Comparison> {
-    let engine = spec.load(|_, _| {})?;
+    let mut engine = spec.load(|_, _| {})?;
     let cfg = engine.cfg.clone();
     let device = engine.model.device().clone();
     let mut reference = Reference::load(&spec.model_dir, &cfg, spec.dtype.candle(), &device)?;
     let p = prompt(prompt_tokens, cfg.vocab_size);
     let _ = run_ours(&engine, &p, new_tokens.min(4))?;
     let _ = reference.run(&p, new_tokens.min(4))?;
-    let gpu = device.is_cuda() && crate::model::cuda_graphs_enabled();
+    let gpu = device.is_cuda() && engine.model.options().cuda_graphs;
     let mut best_ours: Option<DecodeResult> = None;
     let mut best_ref: Option<DecodeResult> = None;
     let mut best_uncaptured: Option<DecodeResult> = None;
     for _ in 0..repeats.max(1) {
         let o = run_ours(&engine, &p, new_tokens)?;
         if gpu {
-            crate::model::set_cuda_graphs(false);
+            let graphs = engine.model.options();
+            engine.model.set_options(DecodeOptions {
+                cuda_graphs: false,
+                ..graphs
+            });
             let u = run_ours(&engine, &p, new_tokens);
-            crate::model::set_cuda_graphs(true);
+            engine.model.set_options(graphs);
             let u = u?;
             if best_uncaptured
                 .as_ref()

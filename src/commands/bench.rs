@@ -3,18 +3,19 @@
 use anyhow::Result;
 
 use crate::bench::{decode, random};
-use crate::cli::{BackendKind, BenchCommand, BenchDecodeArgs, RandomCheckpointArgs};
-use crate::engine::{BackendSpec, default_model_dir};
-use crate::experts::CacheArgs;
+use crate::cache::settings::CacheSettings;
+use crate::cli::{BenchCommand, BenchDecodeArgs, RandomCheckpointArgs};
+use crate::engine::{BackendKind, BackendSpec, default_model_dir};
+use crate::settings::Settings;
 
-pub fn run(cmd: &BenchCommand) -> Result<()> {
+pub fn run(cmd: &BenchCommand, settings: &Settings) -> Result<()> {
     match cmd {
-        BenchCommand::Decode(a) => bench_decode(a),
+        BenchCommand::Decode(a) => bench_decode(a, settings),
         BenchCommand::RandomCheckpoint(a) => random_checkpoint(a),
     }
 }
 
-fn bench_decode(a: &BenchDecodeArgs) -> Result<()> {
+fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
     let model = a.model.clone().unwrap_or_else(default_model_dir);
     let mut rows = Vec::new();
     for &dtype in &a.dtype {
@@ -23,7 +24,8 @@ fn bench_decode(a: &BenchDecodeArgs) -> Result<()> {
             dtype,
             device: a.device.clone(),
             backend: BackendKind::Native,
-            cache: CacheArgs::default(),
+            cache: CacheSettings::default(),
+            settings: settings.clone(),
         };
         let c = decode::compare(&spec, a.prompt_tokens, a.new_tokens, a.repeats)?;
         if !a.json {

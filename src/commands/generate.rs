@@ -12,9 +12,10 @@ use crate::model::generate::{
 };
 use crate::model::ports::{NoObserver, RoutingLog};
 use crate::model::qwen3_moe::Logits;
+use crate::settings::Settings;
 
-pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let spec = super::backend_spec(&args.model, &args.backend);
+pub fn generate(args: &GenerateArgs, settings: &Settings) -> Result<()> {
+    let spec = super::backend_spec(&args.model, &args.backend, settings);
     let engine = spec.load(|_, _| {})?;
     // The tokenizer is needed for text prompts and for printing text; token-id prompts work
     // without one (then only ids are printed).
@@ -112,8 +113,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn logits(args: &LogitsArgs) -> Result<()> {
-    let spec = super::backend_spec(&args.model, &args.backend);
+pub fn logits(args: &LogitsArgs, settings: &Settings) -> Result<()> {
+    let spec = super::backend_spec(&args.model, &args.backend, settings);
     let engine = spec.load(|_, _| {})?;
     let mut cache = engine.model.new_cache();
     let l = engine.model.forward(

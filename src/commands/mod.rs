@@ -13,15 +13,17 @@ use std::path::PathBuf;
 
 use crate::cli::{BackendArgs, ModelArgs};
 use crate::engine::{BackendSpec, default_model_dir};
+use crate::settings::Settings;
 
 /// The backend spec from the common flags (default model: the bundled one).
-pub fn backend_spec(model: &ModelArgs, backend: &BackendArgs) -> BackendSpec {
+pub fn backend_spec(model: &ModelArgs, backend: &BackendArgs, settings: &Settings) -> BackendSpec {
     BackendSpec {
         model_dir: model_dir(model),
         dtype: model.dtype,
         device: model.device.clone(),
         backend: backend.backend,
-        cache: backend.cache.clone(),
+        cache: backend.cache.settings(),
+        settings: settings.clone(),
     }
 }
 

@@ -8,14 +8,16 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use tokio::sync::mpsc::unbounded_channel;
 
-use crate::cli::{BackendKind, RunArgs};
-use crate::engine::{BackendSpec, ModelFiles, default_model_dir};
-use crate::experts::SourceSpec;
+use crate::cache::settings::{CacheSettings, PrefetchMode, SourceSpec};
+use crate::cache::trace::MoeShape;
+use crate::cli::RunArgs;
+use crate::engine::{BackendKind, BackendSpec, ModelFiles, default_model_dir};
 use crate::model::config::MoeConfig;
 use crate::session::event::Stamped;
 use crate::session::prompts::PromptSet;
-use crate::session::record::{self, Header, MoeShape, Recorder, Sampling};
+use crate::session::record::{self, Header, Recorder, Sampling};
 use crate::session::verdict::{Outcome, Profile};
+use crate::settings::Settings;
 use crate::worker::protocol;
 use crate::worker::scheduler::{self, Control, RunConfig};
 
@@ -42,12 +44,12 @@ pub struct Plan {
     pub profile: Profile,
 }
 
-pub fn prepare(args: &RunArgs) -> Result<Prepared> {
+pub fn prepare(args: &RunArgs, settings: &Settings) -> Result<Prepared> {
     let Plan {
         header,
         config,
         profile,
-    } = plan(args)?;
+    } = plan(args, settings)?;
     let rec_path = match &args.record {
         Some(p) => p.clone(),
         None => record::default_path(Path::new("recordings"), &header.model, SystemTime::now()),
@@ -71,7 +73,7 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared> {
     })
 }
 
-pub fn plan(args: &RunArgs) -> Result<Plan> {
+pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
     let model_dir = args.model.model.clone().unwrap_or_else(default_model_dir);
     let cfg_dir = match &args.cache.expert_source {
         SourceSpec::SeedLayout(d) if d.join("config.json").exists() => d.clone(),
@@ -144,31 +146,34 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     }
     // `--prefetch auto` becomes what it means on this machine, so the workers, the recording
     // and its replay all see the mode that ran.
-    let mut cache = args.cache.clone();
-    cache.prefetch = cache.prefetch.resolve_here(args.model.device.is_cuda());
+    let mut cache = args.cache.settings();
+    cache.prefetch = cache
+        .prefetch
+        .resolve(args.model.device.is_cuda(), settings.cores);
     let native = BackendSpec {
         model_dir: model_dir.clone(),
         dtype: args.model.dtype,
         device: args.model.device.clone(),
         backend: BackendKind::Native,
-        cache: crate::experts::CacheArgs {
+        cache: CacheSettings {
             allow_missing_experts: args.cache.allow_missing_experts,
             ..Default::default()
         },
+        settings: settings.clone(),
     };
     let selective = BackendSpec {
         backend: BackendKind::Selective,
         cache: cache.clone(),
         ..native.clone()
     };
-    let cache_cfg = cache.cache_config(&cfg);
+    let cache_cfg = cache.cache_config(cfg.total_experts(), cfg.num_experts_per_tok);
     let cache_describe = format!(
         "{}; source {}; {} page cache{}",
         cache_cfg.describe(),
         cache.expert_source,
         if cache.cold { "cold" } else { "warm" },
         match (args.cache.prefetch, cache.prefetch.is_on()) {
-            (crate::experts::PrefetchMode::Auto, true) => "; prefetch next-layer (auto)",
+            (PrefetchMode::Auto, true) => "; prefetch next-layer (auto)",
             (_, true) => "; prefetch next-layer",
             _ => "",
         }
@@ -202,6 +207,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         prompts: prompts.clone(),
         profile: profile.name.clone(),
         host: sysinfo::System::host_name().unwrap_or_else(|_| "unknown".into()),
+        settings: Some(settings.clone()),
     };
     let config = RunConfig {
         native,
@@ -242,8 +248,8 @@ fn worker_env(backend: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-pub fn run(args: &RunArgs) -> Result<u8> {
-    let prepared = prepare(args)?;
+pub fn run(args: &RunArgs, settings: &Settings) -> Result<u8> {
+    let prepared = prepare(args, settings)?;
     let headless = args.no_tui || !std::io::stdout().is_terminal();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -19,15 +19,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// The state a recording ends in.
-pub fn state_of(rec: &record::Recording) -> SessionState {
-    let mut s = SessionState::new(rec.header.clone());
-    for ev in &rec.events {
-        s.apply(ev);
-    }
-    s
-}
-
 pub fn replay(a: &ReplayArgs) -> Result<()> {
     if a.speed.is_nan() || a.speed < 0.0 {
         crate::bail_input!("--speed {} must be >= 0", a.speed);
@@ -43,7 +34,7 @@ pub fn replay(a: &ReplayArgs) -> Result<()> {
     let profile =
         Profile::load(a.profile.as_deref().unwrap_or(&rec.header.profile)).map_err(InputError)?;
     if a.no_tui || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        let state = state_of(&rec);
+        let state = SessionState::replayed(&rec);
         let sum = export::summarize(&state, &profile);
         if rec.truncated_tail {
             eprintln!(
@@ -109,17 +100,17 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| rec.header.profile.clone());
     let profile = Profile::load(&profile_name).map_err(InputError)?;
-    let state = state_of(&rec);
+    let state = SessionState::replayed(&rec);
     let sum = export::summarize(&state, &profile);
     let text = match a.format {
         ExportFormat::Json => serde_json::to_string_pretty(&sum)? + "\n",
         ExportFormat::Markdown => export::markdown(&sum),
         ExportFormat::Trace => {
-            let input = crate::session::cachesim::from_state(&state);
+            let input = crate::session::study::from_state(&state);
             if input.steps.is_empty() {
                 crate::bail_input!("{}: the recording has no routing trace", file.display());
             }
-            crate::session::cachesim::write_trace(&input, &file.display().to_string())
+            crate::report::trace::write_trace(&input, &file.display().to_string())
         }
     };
     match &a.output {

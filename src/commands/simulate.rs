@@ -2,14 +2,14 @@
 
 use anyhow::Result;
 
+use crate::cache::settings::{CacheSettings, PrefetchMode, Scope};
+use crate::cache::sim::{self as cachesim, SimPolicy, Study};
 use crate::cli::SimulateArgs;
 use crate::errors::InputError;
-use crate::experts::PrefetchMode;
-use crate::experts::cache::Scope;
-use crate::session::cachesim::{self, SimPolicy, Study};
+use crate::session::study;
 
 pub fn run(a: &SimulateArgs) -> Result<()> {
-    let input = cachesim::read_input(&a.file).map_err(InputError)?;
+    let input = study::read_input(&a.file).map_err(InputError)?;
     let total = input.moe.moe_layers.len() * input.moe.num_experts;
     let layers = input.moe.moe_layers.len();
     let scope = a
@@ -18,7 +18,7 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         .unwrap_or(Scope::Global);
     let mut capacities = match &a.capacities {
         Some(s) => cachesim::parse_capacities(s, total).map_err(InputError)?,
-        None => default_capacities(total, input.moe.top_k * layers),
+        None => cachesim::default_capacities(total, input.moe.top_k * layers),
     };
     if let (None, Some(l)) = (&a.capacities, &input.live) {
         capacities.push(l.capacity);
@@ -118,20 +118,6 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn default_capacities(total: usize, working_set: usize) -> Vec<usize> {
-    let mut v: Vec<usize> = [
-        5.0, 10.0, 12.5, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 75.0, 100.0,
-    ]
-    .iter()
-    .map(|p| ((p / 100.0) * total as f64).round() as usize)
-    .chain(std::iter::once(working_set.min(total)))
-    .filter(|&c| c >= 1)
-    .collect();
-    v.sort_unstable();
-    v.dedup();
-    v
-}
-
 pub fn render(s: &Study) -> String {
     use std::fmt::Write;
     let mut o = String::new();
@@ -165,7 +151,7 @@ pub fn render(s: &Study) -> String {
         let _ = write!(o, " {:>16}", p);
     }
     // The speed prediction is shown for the default policy (what a run gets without --policy).
-    let pred_policy = crate::experts::CacheArgs::default().policy.name();
+    let pred_policy = CacheSettings::default().policy.name();
     if s.prefetch {
         let _ = write!(o, " {:>22}", format!("{pred_policy} ahead/tok (wrong)"));
     }

@@ -8,13 +8,15 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tokio::sync::mpsc::unbounded_channel;
 
+use crate::cache::sim::{self as cachesim, Costs, SimPolicy};
+use crate::cache::speculation::{Gate, Rule};
 use crate::cli::{RunArgs, SweepArgs};
 use crate::errors::InputError;
-use crate::experts::speculation::{Gate, Rule};
-use crate::session::cachesim::{self, Costs, SimPolicy};
 use crate::session::event::Backend;
 use crate::session::metrics::{PathShare, backend_metrics, decode_paths, fmt_paths};
 use crate::session::state::SessionState;
+use crate::session::study;
+use crate::settings::Settings;
 use crate::step_path::StepPath;
 use crate::worker::scheduler;
 
@@ -140,22 +142,16 @@ fn decode_tok_s_from(s: &SessionState, b: Backend, first: usize) -> Option<f64> 
     (n > 0 && secs > 0.0).then(|| n as f64 / secs)
 }
 
-fn session(args: &RunArgs, only: Backend, env: &[(&str, &str)]) -> Result<SessionState> {
-    run_session(args, Some(only), env)
+fn session(args: &RunArgs, only: Backend, settings: &Settings) -> Result<SessionState> {
+    run_session(args, Some(only), settings)
 }
 
 /// A session of `args` — one backend, or both (`None`: prompts alternate between them) —
-/// with `env` added to the selective worker's environment (or `only`'s).
-fn run_session(
-    args: &RunArgs,
-    only: Option<Backend>,
-    env: &[(&str, &str)],
-) -> Result<SessionState> {
-    let plan = super::run::plan(args)?;
+/// run with `settings`.
+fn run_session(args: &RunArgs, only: Option<Backend>, settings: &Settings) -> Result<SessionState> {
+    let plan = super::run::plan(args, settings)?;
     let mut cfg = plan.config;
     cfg.only = only;
-    let slot = only.unwrap_or(Backend::Selective).index();
-    cfg.worker_env[slot].extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     cfg.score = false;
     cfg.reference_text = None;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -176,7 +172,7 @@ fn run_session(
     Ok(state)
 }
 
-pub fn run(a: &SweepArgs) -> Result<()> {
+pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
     let mut base = RunArgs::parse_default();
     base.model = a.model.clone();
     base.no_tui = true;
@@ -203,13 +199,16 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     let cfg = crate::model::MoeConfig::from_dir(&model_dir)?;
     let total = cfg.total_experts();
     // What `--prefetch` means here (`auto` resolves by device and cores, as in `run`).
-    let prefetch = a.prefetch.resolve_here(a.model.device.is_cuda()).is_on();
+    let prefetch = a
+        .prefetch
+        .resolve(a.model.device.is_cuda(), settings.cores)
+        .is_on();
     let capacities = cachesim::parse_capacities(&a.capacities, total).map_err(InputError)?;
 
     let (read_bandwidth, miss_path) =
-        measure_miss_bandwidth(&model_dir, &cfg, a.cold, &a.model.device);
+        measure_miss_bandwidth(&model_dir, &cfg, a.cold, &a.model.device, settings);
     eprintln!("sweep: native reference run…");
-    let native = session(&base, Backend::Native, &[])?;
+    let native = session(&base, Backend::Native, settings)?;
     let nm = backend_metrics(&native, Backend::Native);
     if let Some(r) = &nm.failed {
         crate::bail_input!("the native reference run failed: {r}");
@@ -224,11 +223,12 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         eprintln!("sweep: selective reading routing back every layer, every expert resident…");
         let mut args = at_capacity(&base, total);
         args.passes = 2;
-        let u = session(
-            &args,
-            Backend::Selective,
-            &[("MOESCOPE_SPECULATE", "0"), ("MOESCOPE_FILL", "0")],
-        )?;
+        let reads_back = Settings {
+            speculate: Rule::Never,
+            gpu_fill: false,
+            ..settings.clone()
+        };
+        let u = session(&args, Backend::Selective, &reads_back)?;
         let n = u.backend(Backend::Selective).runs.len();
         decode_tok_s_from(&u, Backend::Selective, n - n / 2)
     } else {
@@ -239,13 +239,16 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     let mut runs = Vec::new();
     for &c in &capacities {
         eprintln!("sweep: selective at {c} experts…");
-        runs.push((c, session(&at_capacity(&base, c), Backend::Selective, &[])?));
+        runs.push((
+            c,
+            session(&at_capacity(&base, c), Backend::Selective, settings)?,
+        ));
     }
     // Native's trace; with prefetch, the first selective run's, whose routing is the same and
     // which carries the guesses its prefetch made, so the simulation replays them.
     let input = match runs.first() {
-        Some((_, s)) if prefetch => cachesim::from_state(s),
-        _ => cachesim::from_state(&native),
+        Some((_, s)) if prefetch => study::from_state(s),
+        _ => study::from_state(&native),
     };
     let acc = if cachesim::has_guesses(&input.steps) {
         cachesim::accesses_prefetched(&input.steps, &input.prompt_tokens)
@@ -310,7 +313,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
         // The run's guesses weigh the step times it sees; the simulation's, the measured ones.
         let gate = costs.and_then(|k| {
             let u = k.uncaptured_step_s?;
-            Some(Gate::new(Rule::from_env()).with_costs(k.native_step_s, u))
+            Some(Gate::new(settings.speculate).with_costs(k.native_step_s, u))
         });
         let sim = cachesim::simulate_gated(
             &acc,
@@ -394,7 +397,7 @@ pub fn run(a: &SweepArgs) -> Result<()> {
     let paired_steady = match last_pass {
         Some(first) if a.model.device.is_cuda() && capacities.contains(&total) => {
             eprintln!("sweep: native and selective at {total} experts side by side…");
-            Some(paired(&at_capacity(&base, total), total, first))
+            Some(paired(&at_capacity(&base, total), total, first, settings))
         }
         _ => None,
     };
@@ -449,7 +452,7 @@ fn at_capacity(base: &RunArgs, capacity: usize) -> RunArgs {
 }
 
 /// Native and selective in one session, compared over the prompts from `first` on.
-fn paired(args: &RunArgs, capacity: usize, first: usize) -> PairedSteady {
+fn paired(args: &RunArgs, capacity: usize, first: usize, settings: &Settings) -> PairedSteady {
     let mut out = PairedSteady {
         capacity,
         native_tok_s: None,
@@ -459,7 +462,7 @@ fn paired(args: &RunArgs, capacity: usize, first: usize) -> PairedSteady {
         selective_paths: Vec::new(),
         failed: None,
     };
-    let s = match run_session(args, None, &[]) {
+    let s = match run_session(args, None, settings) {
         Ok(s) => s,
         Err(e) => {
             out.failed = Some(format!("{e:#}"));
@@ -496,6 +499,7 @@ fn measure_miss_bandwidth(
     cfg: &crate::model::MoeConfig,
     cold: bool,
     device: &crate::engine::DeviceSpec,
+    settings: &Settings,
 ) -> (Option<f64>, Option<String>) {
     use crate::experts::direct::{self, H2dPath};
     use crate::experts::source::ExpertSource;
@@ -510,7 +514,7 @@ fn measure_miss_bandwidth(
         Err(e) => return (None, Some(format!("not measured: {e}"))),
     };
     src.set_cold(cold);
-    match direct::choose(&dev, &src) {
+    match direct::choose(&dev, &src, settings.h2d) {
         Ok((H2dPath::Direct, why)) => match direct::bandwidth(&dev, &src) {
             Ok(bw) => (Some(bw), Some(format!("direct: {why}"))),
             Err(e) => (

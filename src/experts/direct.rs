@@ -12,7 +12,8 @@
 //! The price: every page of every registered file stays resident in host memory for the
 //! cache's life, used or not. So [`choose`] takes this path only on a discrete GPU, when the
 //! files fit in half the available memory and cold mode is off (a pinned page cannot be
-//! dropped to force storage reads); `MOESCOPE_H2D=direct|staged|auto` overrides. On an
+//! dropped to force storage reads); the `h2d` setting (`MOESCOPE_H2D=direct|staged|auto`)
+//! overrides. On an
 //! integrated GPU (Jetson Thor) host memory *is* the GPU's memory: pinning the whole checkpoint
 //! there would undo what the cache saves.
 
@@ -24,6 +25,7 @@ use candle_core::{Device, Tensor};
 use super::source::ExpertSource;
 use crate::model::checkpoint::TensorLocation;
 use crate::model::error::{ModelError, Result};
+use crate::settings::H2dChoice;
 
 /// How a GPU slot miss reaches the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,32 +60,24 @@ pub fn expert_files(source: &dyn ExpertSource) -> Option<Vec<PathBuf>> {
     Some(files.into_iter().collect())
 }
 
-/// Which path a GPU cache over `source` on `device` takes, and why (for logs and statistics).
-pub fn choose(device: &Device, source: &dyn ExpertSource) -> Result<(H2dPath, String)> {
-    choose_with(
-        device,
-        source,
-        &std::env::var("MOESCOPE_H2D").unwrap_or_default(),
-    )
-}
-
-/// [`choose`] with `MOESCOPE_H2D`'s value given.
-pub fn choose_with(
+/// Which path a GPU cache over `source` on `device` takes, and why (for logs and statistics);
+/// `forced` is the `h2d` setting.
+pub fn choose(
     device: &Device,
     source: &dyn ExpertSource,
-    forced: &str,
+    forced: H2dChoice,
 ) -> Result<(H2dPath, String)> {
     let files = device.is_cuda().then(|| expert_files(source)).flatten();
     choose_given(device, source, files.as_deref(), forced)
 }
 
-/// [`choose_with`] with the expert files already listed (`None`: not plain file ranges), so a
+/// [`choose`] with the expert files already listed (`None`: not plain file ranges), so a
 /// caller that then registers them lists them once.
 pub fn choose_given(
     device: &Device,
     source: &dyn ExpertSource,
     files: Option<&[PathBuf]>,
-    forced: &str,
+    forced: H2dChoice,
 ) -> Result<(H2dPath, String)> {
     let cuda = device.is_cuda();
     let facts = Facts {
@@ -121,20 +115,15 @@ pub struct Facts {
     pub available: u64,
 }
 
-/// The rules of [`choose`]: `MOESCOPE_H2D` (`forced`: "", auto, direct or staged) and the facts.
-/// Forcing `direct` where it cannot work (cold mode, experts that are not file ranges) is an
-/// error rather than a silent fallback.
-pub fn decide(forced: &str, f: &Facts) -> Result<(H2dPath, String)> {
+/// The rules of [`choose`]: the `h2d` setting (`MOESCOPE_H2D`) and the facts. Forcing
+/// `direct` where it cannot work (cold mode, experts that are not file ranges) is an error
+/// rather than a silent fallback.
+pub fn decide(forced: H2dChoice, f: &Facts) -> Result<(H2dPath, String)> {
     let staged = |why: String| Ok((H2dPath::Staged, why));
     let forced_direct = match forced {
-        "" | "auto" => false,
-        "direct" => true,
-        "staged" => return staged("MOESCOPE_H2D=staged".into()),
-        other => {
-            return Err(ModelError::Input(format!(
-                "MOESCOPE_H2D is {other:?}; expected direct, staged or auto"
-            )));
-        }
+        H2dChoice::Auto => false,
+        H2dChoice::Direct => true,
+        H2dChoice::Staged => return staged("MOESCOPE_H2D=staged".into()),
     };
     if !f.cuda {
         return staged("not a CUDA device".into());
@@ -213,19 +202,20 @@ pub struct Settled {
 
 impl DirectFiles {
     /// Maps and registers `files` with `device`'s driver. Fails (and registers nothing) when
-    /// any file cannot be opened, mapped or registered.
-    pub fn open(device: &Device, files: &[PathBuf]) -> Result<Self> {
+    /// any file cannot be opened, mapped or registered. `copy_stream`: queue the copies on a
+    /// second stream (the `copy_stream` setting, a measurement switch).
+    pub fn open(device: &Device, files: &[PathBuf], copy_stream: bool) -> Result<Self> {
         #[cfg(feature = "cuda")]
         {
             let d = device.as_cuda_device()?;
             Ok(DirectFiles {
-                inner: cuda::Inner::open(d, files)?,
+                inner: cuda::Inner::open(d, files, copy_stream)?,
                 batch: (0, 0),
             })
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (device, files);
+            let _ = (device, files, copy_stream);
             Err(ModelError::Input(
                 "direct expert uploads need a build with --features cuda".into(),
             ))
@@ -327,7 +317,7 @@ impl DirectFiles {
 pub fn bandwidth(device: &Device, source: &dyn ExpertSource) -> Result<f64> {
     let files = expert_files(source)
         .ok_or_else(|| ModelError::Input("the expert source is not plain file ranges".into()))?;
-    let mut d = DirectFiles::open(device, &files)?;
+    let mut d = DirectFiles::open(device, &files, false)?;
     let cfg = source.config();
     let experts: Vec<[TensorLocation; 3]> = cfg
         .moe_layers()
@@ -382,7 +372,7 @@ mod cuda {
     use crate::model::error::{ModelError, Result};
 
     pub struct Inner {
-        /// The stream copies are queued on: candle's own, or with `MOESCOPE_COPY_STREAM=1` a
+        /// The stream copies are queued on: candle's own, or with the `copy_stream` setting a
         /// second stream ordered against candle's by events both ways (a measurement switch:
         /// see BENCHMARKS.md §5 — a miss's copy depends on routing just read, so there is no
         /// compute for it to overlap).
@@ -411,11 +401,14 @@ mod cuda {
     }
 
     impl Inner {
-        pub fn open(device: &candle_core::CudaDevice, files: &[PathBuf]) -> Result<Self> {
+        pub fn open(
+            device: &candle_core::CudaDevice,
+            files: &[PathBuf],
+            separate: bool,
+        ) -> Result<Self> {
             let candle_stream = device.cuda_stream();
             let ctx = candle_stream.context().clone();
             ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
-            let separate = std::env::var("MOESCOPE_COPY_STREAM").is_ok_and(|v| v == "1");
             let (stream, compute) = if separate {
                 let s = ctx.new_stream().map_err(candle_core::Error::wrap)?;
                 (s, Some(candle_stream))
@@ -604,24 +597,25 @@ mod tests {
 
     #[test]
     fn direct_only_where_the_files_fit_and_stay_warm() {
-        let path = |forced: &str, f: &Facts| decide(forced, f).map(|(p, _)| p);
+        use H2dChoice::{Auto, Direct, Staged};
+        let path = |forced: H2dChoice, f: &Facts| decide(forced, f).map(|(p, _)| p);
         let fits = gpu(Some((3, 10 * GIB)), 100 * GIB);
-        assert_eq!(path("", &fits).unwrap(), H2dPath::Direct);
-        assert_eq!(path("auto", &fits).unwrap(), H2dPath::Direct);
-        assert_eq!(path("staged", &fits).unwrap(), H2dPath::Staged);
+        assert_eq!(path(Auto, &fits).unwrap(), H2dPath::Direct);
+        assert_eq!(path(Auto, &fits).unwrap(), H2dPath::Direct);
+        assert_eq!(path(Staged, &fits).unwrap(), H2dPath::Staged);
         // Over half the available memory: staged unless forced.
         let big = gpu(Some((15, 54 * GIB)), 100 * GIB);
-        let (p, why) = decide("", &big).unwrap();
+        let (p, why) = decide(Auto, &big).unwrap();
         assert_eq!(p, H2dPath::Staged);
         assert!(why.contains("half the available memory"), "{why}");
-        assert_eq!(path("direct", &big).unwrap(), H2dPath::Direct);
+        assert_eq!(path(Direct, &big).unwrap(), H2dPath::Direct);
         // Integrated GPU (Thor): staged unless forced.
         let thor = Facts {
             integrated: true,
             ..fits.clone()
         };
-        assert_eq!(path("", &thor).unwrap(), H2dPath::Staged);
-        assert_eq!(path("direct", &thor).unwrap(), H2dPath::Direct);
+        assert_eq!(path(Auto, &thor).unwrap(), H2dPath::Staged);
+        assert_eq!(path(Direct, &thor).unwrap(), H2dPath::Direct);
         // Cold mode or experts that are not file ranges: staged, and forcing direct is an error.
         for f in [
             Facts {
@@ -630,8 +624,8 @@ mod tests {
             },
             gpu(None, 100 * GIB),
         ] {
-            assert_eq!(path("", &f).unwrap(), H2dPath::Staged);
-            let err = decide("direct", &f).unwrap_err().to_string();
+            assert_eq!(path(Auto, &f).unwrap(), H2dPath::Staged);
+            let err = decide(Direct, &f).unwrap_err().to_string();
             assert!(
                 err.contains("MOESCOPE_H2D=direct cannot be used here"),
                 "{err}"
@@ -642,9 +636,6 @@ mod tests {
             cuda: false,
             ..fits.clone()
         };
-        assert_eq!(path("direct", &cpu).unwrap(), H2dPath::Staged);
-        // A value that is none of the three names the variable and the choices.
-        let err = decide("dma", &fits).unwrap_err().to_string();
-        assert!(err.contains("MOESCOPE_H2D") && err.contains("direct, staged or auto"));
+        assert_eq!(path(Direct, &cpu).unwrap(), H2dPath::Staged);
     }
 }

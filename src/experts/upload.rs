@@ -1,7 +1,7 @@
 //! Host → device copies straight into a slot of a preallocated pool: no temporary device tensor,
 //! so no allocation and no free (which synchronises the whole device) per expert miss.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 /// Copies `bytes` (elements of `dst`'s dtype) into `dst` starting at element `elem_offset`.
 #[cfg(feature = "cuda")]
@@ -19,7 +19,6 @@ pub fn htod_into(dst: &Tensor, elem_offset: usize, bytes: &[u8]) -> candle_core:
 
 #[cfg(not(feature = "cuda"))]
 pub fn htod_into(_dst: &Tensor, _elem_offset: usize, _bytes: &[u8]) -> candle_core::Result<()> {
-    let _ = DType::BF16;
     candle_core::bail!("slot upload needs a build with --features cuda")
 }
 

@@ -293,7 +293,7 @@ pub fn step(
     observer: &mut dyn RoutingObserver,
     token: u32,
 ) -> Result<Whole> {
-    if !model.device().is_cuda() || !super::cuda_graphs_enabled() {
+    if !model.device().is_cuda() || !model.options().cuda_graphs {
         return Ok(Whole::NotApplicable);
     }
     let speculative = if experts.graph_safe() {
@@ -624,8 +624,8 @@ pub fn piecewise_step(
         return Ok(None);
     };
     let cfg = model.config();
-    let applies = super::cuda_graphs_enabled()
-        && super::moe_decode::enabled()
+    let applies = model.options().cuda_graphs
+        && model.options().moe_kernel
         && super::moe_decode::applies(1, model.dtype(), cfg.num_experts_per_tok)
         && cfg.num_experts <= super::moe_decode::MAX_EXPERTS
         && experts.needs_ids_on_host()

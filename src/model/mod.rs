@@ -15,20 +15,25 @@ pub mod qwen3_moe;
 pub mod raw;
 pub mod safetensors_file;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-static CUDA_GRAPHS_OFF: AtomicBool = AtomicBool::new(false);
-
-/// Whether native GPU decode steps may replay a captured CUDA graph (see `graph.rs`). On unless
-/// `MOESCOPE_CUDA_GRAPHS=0` or [`set_cuda_graphs`]`(false)` — for comparisons, and as an escape
-/// hatch should a driver refuse capture (moescope then falls back by itself anyway).
-pub fn cuda_graphs_enabled() -> bool {
-    !CUDA_GRAPHS_OFF.load(Ordering::Relaxed)
-        && std::env::var("MOESCOPE_CUDA_GRAPHS").map_or(true, |v| v != "0")
+/// How the forward pass may run on a GPU. The model reads no environment: these come from the
+/// run's settings (`crate::settings`), set on the loaded model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Decode steps may replay a captured CUDA graph (see `graph.rs`). Off for comparisons, and
+    /// as an escape hatch should a driver refuse capture (moescope then falls back by itself).
+    pub cuda_graphs: bool,
+    /// One-token MoE blocks run moescope's own kernels (`moe_decode.rs`); off: candle's fused
+    /// MoE GEMM, for comparisons.
+    pub moe_kernel: bool,
 }
 
-pub fn set_cuda_graphs(on: bool) {
-    CUDA_GRAPHS_OFF.store(!on, Ordering::Relaxed);
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            cuda_graphs: true,
+            moe_kernel: true,
+        }
+    }
 }
 
 pub use checkpoint::Checkpoint;

@@ -20,12 +20,6 @@ const MODULE: &str = "moescope_moe_decode";
 pub const MAX_TOPK: usize = 16;
 const WARPS_PER_BLOCK: u32 = 8;
 
-/// Off with `MOESCOPE_MOE_KERNEL=candle` (candle's fused MoE GEMM instead), for comparisons.
-pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MOESCOPE_MOE_KERNEL").map_or(true, |v| v != "candle"))
-}
-
 /// Whether [`moe_decode`] handles this case: one token, bf16, top-k within the kernels' limit.
 pub fn applies(tokens: usize, dtype: DType, top_k: usize) -> bool {
     tokens == 1 && dtype == DType::BF16 && top_k <= MAX_TOPK

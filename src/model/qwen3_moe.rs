@@ -10,6 +10,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::DecodeOptions;
 use super::checkpoint::Checkpoint;
 use super::config::{FfnKind, MoeConfig};
 use super::error::{ModelError, Result};
@@ -80,6 +81,8 @@ struct MoeBlock {
     router: Tensor,
     top_k: usize,
     norm_topk_prob: bool,
+    /// moescope's one-token MoE kernels on the GPU ([`DecodeOptions::moe_kernel`]).
+    moe_kernel: bool,
 }
 
 /// A token's routing decision in one layer.
@@ -196,7 +199,7 @@ impl MoeBlock {
         #[cfg(feature = "cuda")]
         if let (Some(map), true) = (
             &st.device_index,
-            super::moe_decode::applies(t, x.dtype(), k) && super::moe_decode::enabled(),
+            super::moe_decode::applies(t, x.dtype(), k) && self.moe_kernel,
         ) {
             if let Some(fill) = &st.fill {
                 super::moe_decode::fill_routed(&topk_ids, fill, &st.gate_up, &st.down)?;
@@ -232,7 +235,7 @@ impl MoeBlock {
             }
         };
         #[cfg(feature = "cuda")]
-        if super::moe_decode::applies(t, x.dtype(), k) && super::moe_decode::enabled() {
+        if super::moe_decode::applies(t, x.dtype(), k) && self.moe_kernel {
             return Ok(Some(super::moe_decode::moe_decode(
                 x,
                 &st.gate_up,
@@ -283,7 +286,7 @@ impl MoeBlock {
     ) -> Result<Option<(Tensor, Tensor)>> {
         let e = self.router.dim(0)?;
         if !(super::moe_decode::applies(t, x.dtype(), self.top_k)
-            && super::moe_decode::enabled()
+            && self.moe_kernel
             && masked.is_empty()
             && e <= super::moe_decode::MAX_EXPERTS)
         {
@@ -408,6 +411,7 @@ pub struct Qwen3Moe {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    options: DecodeOptions,
 }
 
 impl Qwen3Moe {
@@ -454,6 +458,7 @@ impl Qwen3Moe {
                     router: load(&p("mlp.gate.weight"), &[cfg.num_experts, h])?,
                     top_k: cfg.num_experts_per_tok,
                     norm_topk_prob: cfg.norm_topk_prob,
+                    moe_kernel: DecodeOptions::default().moe_kernel,
                 }),
                 FfnKind::Dense => {
                     let i = cfg.intermediate_size;
@@ -495,7 +500,22 @@ impl Qwen3Moe {
             norm,
             lm_head,
             rope: Rope::new(d, cfg.rope_theta),
+            options: DecodeOptions::default(),
         })
+    }
+
+    /// How decode steps may run on a GPU (from the run's settings).
+    pub fn options(&self) -> DecodeOptions {
+        self.options
+    }
+
+    pub fn set_options(&mut self, options: DecodeOptions) {
+        self.options = options;
+        for layer in &mut self.layers {
+            if let Ffn::Moe(m) = &mut layer.ffn {
+                m.moe_kernel = options.moe_kernel;
+            }
+        }
     }
 
     /// The first MoE block after layer `l`.

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::experts::stats::CacheSnapshot;
+use crate::cache::stats::CacheSnapshot;
 use crate::step_path::StepPath;
 
 /// The two backends compared.

@@ -11,12 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use super::event::Stamped;
 use super::prompts::PromptSet;
+use crate::cache::settings::CacheSettings;
+use crate::cache::trace::MoeShape;
+use crate::settings::Settings;
 
 pub const FORMAT: &str = "moescope-recording";
 pub const VERSION: u32 = 1;
 
 /// How the two backends share the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Token by token in turn: neither is timed while the other runs; both panes stream.
@@ -29,6 +32,22 @@ pub enum Schedule {
 }
 
 impl Schedule {
+    pub const ALL: [Schedule; 3] = [
+        Schedule::Alternate,
+        Schedule::Sequential,
+        Schedule::Parallel,
+    ];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Schedule::Alternate => {
+                "Token by token in turn: neither is timed while the other runs; both panes stream"
+            }
+            Schedule::Sequential => "One backend at a time (lowest peak memory)",
+            Schedule::Parallel => "Both at once (timings marked contended)",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Schedule::Alternate => "alternate",
@@ -47,15 +66,6 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-/// The MoE shape the dashboard needs (heatmap size, expected memory).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct MoeShape {
-    pub num_layers: usize,
-    pub moe_layers: Vec<usize>,
-    pub num_experts: usize,
-    pub top_k: usize,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Header {
     pub format: String,
@@ -69,7 +79,7 @@ pub struct Header {
     pub device: String,
     pub dtype: String,
     /// Cache settings of the selective backend, as given.
-    pub cache: crate::experts::CacheArgs,
+    pub cache: CacheSettings,
     /// The same, in words ("48 experts, global scope, lru; shards; warm page cache").
     pub cache_describe: String,
     pub schedule: Schedule,
@@ -78,6 +88,9 @@ pub struct Header {
     /// Decision profile the run was judged with (export can re-judge with another).
     pub profile: String,
     pub host: String,
+    /// How the run was set up beyond its flags (absent from the first recordings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<Settings>,
 }
 
 /// "2026-11-25T23:40:12Z" from a system time (no calendar crate needed for UTC).

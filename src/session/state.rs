@@ -9,7 +9,8 @@ use super::event::{
     AgreementStats, Backend, Finish, MemorySample, ResidentBytes, SessionEvent, Stamped,
 };
 use super::record::Header;
-use crate::experts::stats::CacheSnapshot;
+use crate::cache::stats::CacheSnapshot;
+use crate::cache::trace::TraceStep;
 use crate::step_path::StepPath;
 
 /// Memory samples kept for the live graph (older ones are summarised, not kept).
@@ -130,18 +131,6 @@ impl BackendState {
     }
 }
 
-/// One step of a routing trace: which experts each MoE layer picked for one token.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TraceStep {
-    pub prompt: usize,
-    pub position: usize,
-    pub experts: Vec<Vec<u16>>,
-    /// Per MoE layer, the next-layer guess made for it (see `SessionEvent::Routing`); empty
-    /// when the trace has none.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub guesses: Vec<Vec<u16>>,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionState {
     pub header: Header,
@@ -181,6 +170,20 @@ impl SessionState {
             events: 0,
             traces: [Vec::new(), Vec::new()],
         }
+    }
+
+    /// The state a recording ends in: every event applied to a fresh state.
+    pub fn replayed(rec: &super::record::Recording) -> Self {
+        Self::from_events(rec.header.clone(), &rec.events)
+    }
+
+    /// A fresh state for `header` with `events` applied in order.
+    pub fn from_events<'a>(header: Header, events: impl IntoIterator<Item = &'a Stamped>) -> Self {
+        let mut s = Self::new(header);
+        for ev in events {
+            s.apply(ev);
+        }
+        s
     }
 
     pub fn backend(&self, b: Backend) -> &BackendState {

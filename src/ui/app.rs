@@ -102,7 +102,7 @@ pub struct App {
     pub playback_paused: bool,
     pub recording: Option<PathBuf>,
     verdict_cache: Option<(u64, Verdict)>,
-    study_cache: Option<(u64, Option<crate::session::cachesim::Study>)>,
+    study_cache: Option<(u64, Option<crate::cache::sim::Study>)>,
 }
 
 impl App {
@@ -168,10 +168,10 @@ impl App {
     }
 
     /// The cache study of the run, recomputed only when new events arrived.
-    pub fn study(&mut self) -> Option<&crate::session::cachesim::Study> {
+    pub fn study(&mut self) -> Option<&crate::cache::sim::Study> {
         let n = self.session.events;
         if self.study_cache.as_ref().is_none_or(|(k, _)| *k != n) {
-            self.study_cache = Some((n, panels::curve::study(self)));
+            self.study_cache = Some((n, crate::session::study::run_study(&self.session)));
         }
         self.study_cache.as_ref().and_then(|(_, s)| s.as_ref())
     }

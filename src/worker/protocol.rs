@@ -4,10 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::stats::CacheSnapshot;
+use crate::cache::trace::MoeShape;
 use crate::engine::BackendSpec;
-use crate::experts::stats::CacheSnapshot;
 use crate::session::event::{Finish, ResidentBytes};
-use crate::session::record::MoeShape;
 use crate::step_path::StepPath;
 
 pub const PROTOCOL_VERSION: u32 = 1;

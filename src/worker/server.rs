@@ -5,6 +5,7 @@ use std::io::{BufRead, Write};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
+use crate::cache::trace::MoeShape;
 use crate::engine::Engine;
 use crate::model::generate::{
     FinishReason, Generation, SamplingParams, StreamDecoder, TextTokenizer, Timing, stop_ids,
@@ -12,7 +13,6 @@ use crate::model::generate::{
 use crate::model::ports::{NoObserver, RoutingObserver};
 use crate::model::qwen3_moe::Logits;
 use crate::session::event::{Finish, ResidentBytes};
-use crate::session::record::MoeShape;
 
 use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, ScoreRow, Support, WorkerEvent};
 

@@ -8,46 +8,8 @@ use ratatui::symbols::Marker;
 use ratatui::text::Span;
 use ratatui::widgets::{Axis, Chart, Dataset, GraphType, LegendPosition, Paragraph};
 
-use crate::session::cachesim::{self, SimPolicy, Study};
+use crate::cache::sim::Study;
 use crate::ui::app::App;
-
-/// The study behind the chart (capacities 5–100 % of all experts plus the run's own).
-pub fn study(app: &App) -> Option<Study> {
-    let input = cachesim::from_state(&app.session);
-    if input.steps.is_empty() {
-        return None;
-    }
-    let total = input.moe.moe_layers.len() * input.moe.num_experts;
-    let layers = input.moe.moe_layers.len();
-    let mut caps = crate::commands::simulate::default_capacities(total, input.moe.top_k * layers);
-    if let Some(l) = &input.live {
-        caps.push(l.capacity);
-        caps.sort_unstable();
-        caps.dedup();
-    }
-    // A run that prefetched is shown with its guesses replayed, so the marked point is
-    // comparable with what the cache did.
-    let acc =
-        if input.live.as_ref().is_some_and(|l| l.prefetch) && cachesim::has_guesses(&input.steps) {
-            cachesim::accesses_prefetched(&input.steps, &input.prompt_tokens)
-        } else {
-            cachesim::accesses(&input.steps, &input.prompt_tokens)
-        };
-    let scope = input
-        .live
-        .as_ref()
-        .map(|l| l.scope)
-        .unwrap_or(crate::experts::cache::Scope::Global);
-    Some(cachesim::study(
-        &acc,
-        total,
-        layers,
-        &caps,
-        &SimPolicy::all(),
-        scope,
-        input.costs,
-    ))
-}
 
 /// One policy's curve: name, style, (capacity %, hit rate %) points.
 type Series = (String, Style, Vec<(f64, f64)>);

@@ -182,7 +182,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
 
 /// " · direct 51.8 GB/s" on a GPU slot pool once copies have been timed: which path misses take
 /// to the device (see `experts::direct`) and the rate they moved at; empty elsewhere.
-fn gpu_copies(c: &crate::experts::stats::CacheSnapshot) -> String {
+fn gpu_copies(c: &crate::cache::stats::CacheSnapshot) -> String {
     if c.h2d_time_us == 0 {
         return String::new();
     }
@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn gpu_copies_name_the_path_and_rate() {
-        let mut c = crate::experts::stats::CacheSnapshot::default();
+        let mut c = crate::cache::stats::CacheSnapshot::default();
         assert_eq!(gpu_copies(&c), "", "CPU caches copy nothing");
         c.h2d_bytes = 5_180_000_000;
         c.h2d_time_us = 100_000;

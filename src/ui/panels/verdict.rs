@@ -16,7 +16,7 @@ pub fn render(
     area: Rect,
     app: &App,
     v: &Verdict,
-    study: Option<&crate::session::cachesim::Study>,
+    study: Option<&crate::cache::sim::Study>,
 ) {
     let t = &app.theme;
     let n = app.session.num_prompts() as u16;

@@ -210,6 +210,16 @@ pub struct PrefetchStats {
 }
 
 impl PrefetchStats {
+    /// Scores one layer's guess against what the layer then needed (the live cache after each
+    /// layer that had a guess, the simulator over a replayed trace: the same arithmetic).
+    pub fn score(&mut self, guessed: &[usize], needed: &[usize]) {
+        self.guessed += guessed.len() as u64;
+        self.needed += needed.len() as u64;
+        let right = needed.iter().filter(|e| guessed.contains(e)).count() as u64;
+        self.covered += right;
+        self.useful += right;
+    }
+
     pub fn precision(&self) -> Option<f64> {
         (self.guessed > 0).then(|| self.useful as f64 / self.guessed as f64)
     }

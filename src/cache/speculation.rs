@@ -16,23 +16,29 @@
 //! has seen both. Pure logic: the live cache and the simulator share it, so the sweep's
 //! prediction counts the same failed guesses the run makes.
 
+use serde::{Deserialize, Serialize};
+
 use crate::step_path::StepPath;
 
-/// Which rule decides (`MOESCOPE_SPECULATE`: unset or `gate` → [`Rule::Gate`]; `last` → the
-/// first rule, for comparison; `0` → never).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which rule decides (the `speculate` setting: [`Rule::Gate`] unless asked otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Rule {
+    /// Never guess (every step that may miss reads routing back).
     Never,
+    /// The first rule: guess after every clean step, for comparison.
     AfterCleanStep,
+    /// Guess after a clean step while the recent clean rate is above the break-even.
+    #[default]
     Gate,
 }
 
 impl Rule {
-    pub fn from_env() -> Rule {
-        match std::env::var("MOESCOPE_SPECULATE").as_deref() {
-            Ok("0") => Rule::Never,
-            Ok("last") => Rule::AfterCleanStep,
-            _ => Rule::Gate,
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::Never => "never",
+            Rule::AfterCleanStep => "last",
+            Rule::Gate => "gate",
         }
     }
 }

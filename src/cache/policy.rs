@@ -8,9 +8,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 /// The policies moescope ships.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {
     /// Least recently used.
@@ -38,6 +36,18 @@ impl PolicyKind {
             PolicyKind::Lfu => "lfu",
             PolicyKind::Fifo => "fifo",
             PolicyKind::S3fifo => "s3fifo",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            PolicyKind::Lru => "Least recently used",
+            PolicyKind::Lfu => "Least frequently used (ties: least recently used)",
+            PolicyKind::Fifo => "First in, first out",
+            PolicyKind::S3fifo => {
+                "S3-FIFO (Yang et al., SOSP '23): a small probationary FIFO, a main FIFO with \
+                 reinsertion, and a ghost queue of recently evicted keys"
+            }
         }
     }
 

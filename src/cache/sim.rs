@@ -10,11 +10,12 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::experts::cache::Scope;
-use crate::experts::policy::PolicyKind;
-use crate::experts::speculation::{Gate, Rule};
-
-use super::state::TraceStep;
+use super::policy::PolicyKind;
+use super::pool::{Admit, Pools, split};
+use super::settings::Scope;
+use super::speculation::{Gate, Rule};
+use super::stats::PrefetchStats;
+use super::trace::TraceStep;
 
 /// A policy to simulate: one of the live ones, or the offline optimum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -92,7 +93,7 @@ pub fn has_guesses(trace: &[TraceStep]) -> bool {
 /// that had a guess — guessed and then requested / guessed, requested and guessed / requested —
 /// scored exactly as the live cache scores its prefetch. None without guesses.
 pub fn guess_accuracy(acc: &[Access]) -> Option<(f64, f64)> {
-    let (mut guessed, mut needed, mut right) = (0u64, 0u64, 0u64);
+    let mut score = PrefetchStats::default();
     let mut i = 0;
     while i < acc.len() {
         let (step, layer) = (acc[i].step, acc[i].layer);
@@ -107,17 +108,16 @@ pub fn guess_accuracy(acc: &[Access]) -> Option<(f64, f64)> {
             .map(|a| a.expert)
             .collect();
         if !guess.is_empty() {
-            let want = group.iter().filter(|a| !a.prefetch);
-            guessed += guess.len() as u64;
-            for a in want {
-                needed += 1;
-                right += guess.contains(&a.expert) as u64;
-            }
+            let want: Vec<usize> = group
+                .iter()
+                .filter(|a| !a.prefetch)
+                .map(|a| a.expert)
+                .collect();
+            score.score(&guess, &want);
         }
         i = j;
     }
-    (guessed > 0 && needed > 0)
-        .then(|| (right as f64 / guessed as f64, right as f64 / needed as f64))
+    score.precision().zip(score.recall())
 }
 
 fn build_accesses(
@@ -207,9 +207,10 @@ pub struct SimResult {
 
 impl SimResult {
     /// Counts hits and misses, and the per-step figures, from which requests missed — the
-    /// guesses made by the rule the live cache uses in this process's environment.
+    /// GPU's guesses made by `gate` (by default a fresh one with the default rule; `sweep`
+    /// passes the rule its runs used, primed with their measured step times).
     fn from_misses(acc: &[Access], missed: &[bool], gate: Option<Gate>) -> Self {
-        Self::from_misses_with(acc, missed, gate.unwrap_or(Gate::new(Rule::from_env())))
+        Self::from_misses_with(acc, missed, gate.unwrap_or(Gate::new(Rule::Gate)))
     }
 
     fn from_misses_with(acc: &[Access], missed: &[bool], mut gate: Gate) -> Self {
@@ -267,19 +268,6 @@ impl SimResult {
     }
 }
 
-fn key(a: &Access) -> u32 {
-    ((a.layer as u32) << 16) | a.expert as u32
-}
-
-/// Pool capacities for a total capacity: one pool, or an equal (floored) share per layer — the
-/// live cache's rule.
-fn pools(capacity: usize, scope: Scope, layers: usize) -> Vec<usize> {
-    match scope {
-        Scope::Global => vec![capacity],
-        Scope::Layer => vec![capacity / layers.max(1); layers.max(1)],
-    }
-}
-
 /// Replays `acc` through `policy` with `capacity` experts.
 pub fn simulate(
     acc: &[Access],
@@ -301,60 +289,38 @@ pub fn simulate_gated(
     layers: usize,
     gate: Option<Gate>,
 ) -> SimResult {
-    let caps = pools(capacity, scope, layers);
-    let pool_of = |a: &Access| if scope == Scope::Global { 0 } else { a.layer };
     match policy {
         SimPolicy::Live(kind) => {
-            let mut resident: Vec<std::collections::HashSet<u32>> =
-                vec![Default::default(); caps.len()];
-            let mut pol: Vec<Box<dyn crate::experts::policy::Policy>> =
-                caps.iter().map(|&c| kind.build(c)).collect();
+            // The live cache's own bookkeeping, fed the requests in the MoE block's order.
+            let moe_layers: Vec<usize> = (0..layers.max(1)).collect();
+            let experts = acc.iter().map(|a| a.expert + 1).max().unwrap_or(1);
+            let mut pools = Pools::new(&moe_layers, experts, capacity, scope, kind);
+            let none = Default::default();
             // For a prefetch, `missed` means "absent, so loaded" (what the live cache does).
             let mut missed = vec![false; acc.len()];
-            // Loaded by a prefetch and not requested since.
-            let mut unused: std::collections::HashSet<u32> = Default::default();
-            let mut wasted = 0u64;
             for (i, a) in acc.iter().enumerate() {
-                let p = pool_of(a);
-                let k = key(a);
-                if resident[p].contains(&k) {
-                    // A prefetch of a resident expert does nothing, like the live one.
-                    if !a.prefetch {
-                        if unused.remove(&k) {
-                            pol[p].on_first_use(k);
-                        } else {
-                            pol[p].on_hit(k);
-                        }
-                    }
-                    continue;
-                }
-                // A pool of no slots loads nothing ahead: a prefetch there is dropped.
-                missed[i] = caps[p] > 0 || !a.prefetch;
-                if caps[p] == 0 {
-                    continue;
-                }
-                while resident[p].len() >= caps[p] {
-                    match pol[p].evict() {
-                        Some(v) => {
-                            resident[p].remove(&v);
-                            wasted += unused.remove(&v) as u64;
-                        }
-                        None => break,
-                    }
-                }
-                resident[p].insert(k);
                 if a.prefetch {
-                    pol[p].on_prefetch(k);
-                    unused.insert(k);
-                } else {
-                    pol[p].on_insert(k);
+                    // A prefetch of a resident expert does nothing, like the live one; a pool of
+                    // no slots loads nothing ahead.
+                    if !pools.contains(a.layer, a.expert) {
+                        missed[i] = pools
+                            .admit(a.layer, a.expert, Admit::Prefetch, &none)
+                            .is_some();
+                    }
+                } else if pools.request(a.layer, a.expert).is_none() {
+                    missed[i] = true;
+                    pools.admit(a.layer, a.expert, Admit::Demand, &none);
                 }
             }
             let mut r = SimResult::from_misses(acc, &missed, gate);
-            r.prefetch_wasted = wasted + unused.len() as u64;
+            r.prefetch_wasted = pools.prefetch_wasted();
             r
         }
-        SimPolicy::Belady => belady(acc, &caps, pool_of, gate),
+        SimPolicy::Belady => {
+            let caps = split(capacity, scope, layers);
+            let pool_of = |a: &Access| if scope == Scope::Global { 0 } else { a.layer };
+            belady(acc, &caps, pool_of, gate)
+        }
     }
 }
 
@@ -375,7 +341,7 @@ fn belady(
         if acc[i].prefetch {
             continue;
         }
-        let k = key(&acc[i]);
+        let k = super::pool::key(acc[i].layer, acc[i].expert);
         next[i] = last.get(&k).copied().unwrap_or(usize::MAX);
         last.insert(k, i);
     }
@@ -387,7 +353,7 @@ fn belady(
             continue;
         }
         let p = pool_of(a);
-        let k = key(a);
+        let k = super::pool::key(a.layer, a.expert);
         if let Some(nu) = resident[p].get(&k).copied() {
             order[p].remove(&(nu, k));
             order[p].insert((next[i], k));
@@ -575,6 +541,22 @@ pub fn study(
         knees,
         costs,
     }
+}
+
+/// The capacities a study looks at when none are given: 5–100 % of all experts in steps, and
+/// the working set of one token (top-k per layer).
+pub fn default_capacities(total: usize, working_set: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = [
+        5.0, 10.0, 12.5, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 75.0, 100.0,
+    ]
+    .iter()
+    .map(|p| ((p / 100.0) * total as f64).round() as usize)
+    .chain(std::iter::once(working_set.min(total)))
+    .filter(|&c| c >= 1)
+    .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// Capacities from a list like "12.5%,25%,50%" or "8,16,32" (percent of all experts, or counts).
@@ -926,187 +908,4 @@ mod tests {
             "10 misses per token double the step"
         );
     }
-}
-
-/// A routing trace on its own (`moescope export --format trace`): a header line, then one
-/// `{"prompt", "position", "experts"}` line per token.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TraceHeader {
-    pub format: String,
-    pub version: u32,
-    pub moe: super::record::MoeShape,
-    /// Prompt lengths (positions below were one prefill pass), by prompt index.
-    pub prompt_tokens: Vec<(usize, usize)>,
-    /// Measured costs of the run the trace came from, when known.
-    pub costs: Option<Costs>,
-    pub source: String,
-}
-
-pub const TRACE_FORMAT: &str = "moescope-trace";
-
-/// Everything a study needs from a run.
-#[derive(Debug, Clone)]
-pub struct TraceInput {
-    pub moe: super::record::MoeShape,
-    pub steps: Vec<TraceStep>,
-    pub prompt_tokens: HashMap<usize, usize>,
-    pub costs: Option<Costs>,
-    /// The live cache's settings and result, when the source is a recording with a selective run.
-    pub live: Option<LiveCache>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LiveCache {
-    pub capacity: usize,
-    pub scope: Scope,
-    pub policy: PolicyKind,
-    /// Whether the run prefetched (`--prefetch next-layer`).
-    #[serde(default)]
-    pub prefetch: bool,
-    pub hits: u64,
-    pub misses: u64,
-}
-
-/// The trace, prompt lengths and costs of a session.
-pub fn from_state(s: &super::state::SessionState) -> TraceInput {
-    use super::event::Backend;
-    // Native's trace by preference (it exists without a cache), unless only selective's
-    // carries next-layer guesses (a prefetch run): the routing is the same, bit for bit.
-    let [nat_trace, sel_trace] = &s.traces;
-    let trace_backend =
-        if !nat_trace.is_empty() && (has_guesses(nat_trace) || !has_guesses(sel_trace)) {
-            Backend::Native
-        } else if !sel_trace.is_empty() {
-            Backend::Selective
-        } else {
-            Backend::Native
-        };
-    let runs = &s.backend(trace_backend).runs;
-    let prompt_tokens: HashMap<usize, usize> = runs
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.started)
-        .map(|(i, r)| (i, r.prompt_tokens))
-        .collect();
-    let steps = s.traces[trace_backend.index()].clone();
-    let decode_tokens = steps
-        .iter()
-        .filter(|st| st.position >= prompt_tokens.get(&st.prompt).copied().unwrap_or(1))
-        .count();
-    let nat = super::metrics::backend_metrics(s, Backend::Native);
-    let sel_cache = s.backend(Backend::Selective).cache.as_ref();
-    let native_step_s = nat.decode_tok_s.map(|t| 1.0 / t);
-    let miss_s = sel_cache
-        .filter(|c| c.misses > 0)
-        .map(|c| c.load_time_us as f64 / 1e6 / c.misses as f64);
-    let costs = match (native_step_s, miss_s) {
-        (Some(a), Some(b)) => Some(Costs {
-            native_step_s: a,
-            miss_s: b,
-            decode_tokens,
-            uncaptured_step_s: None,
-            load_ahead_s: None,
-        }),
-        _ => None,
-    };
-    let live = sel_cache.map(|c| LiveCache {
-        capacity: c.capacity_experts,
-        scope: s.header.cache.cache_scope,
-        policy: s.header.cache.policy,
-        // From what the cache did (it reports prefetch statistics only when it prefetched),
-        // not from the flag: a GPU run turns prefetch down.
-        prefetch: c.prefetch.is_some(),
-        hits: c.hits,
-        misses: c.misses,
-    });
-    TraceInput {
-        moe: s.header.moe.clone(),
-        steps,
-        prompt_tokens,
-        costs,
-        live,
-    }
-}
-
-/// Writes a trace file (header + one line per step).
-pub fn write_trace(input: &TraceInput, source: &str) -> String {
-    let mut pt: Vec<(usize, usize)> = input.prompt_tokens.iter().map(|(a, b)| (*a, *b)).collect();
-    pt.sort_unstable();
-    let header = TraceHeader {
-        format: TRACE_FORMAT.into(),
-        version: 1,
-        moe: input.moe.clone(),
-        prompt_tokens: pt,
-        costs: input.costs,
-        source: source.into(),
-    };
-    let mut out = serde_json::to_string(&header).expect("header serialises");
-    out.push('\n');
-    for s in &input.steps {
-        out.push_str(&serde_json::to_string(s).expect("step serialises"));
-        out.push('\n');
-    }
-    out
-}
-
-/// Reads a trace file or a recording (detected from the first line).
-pub fn read_input(path: &std::path::Path) -> Result<TraceInput, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let first = text.lines().next().unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(first).map_err(|e| {
-        format!(
-            "{}: line 1 is not JSON ({e}); expected a recording or a trace",
-            path.display()
-        )
-    })?;
-    if v.get("format").and_then(|f| f.as_str()) == Some(TRACE_FORMAT) {
-        let h: TraceHeader = serde_json::from_value(v)
-            .map_err(|e| format!("{}: line 1: bad trace header: {e}", path.display()))?;
-        if h.version != 1 {
-            return Err(format!(
-                "{}: trace version {}, expected 1",
-                path.display(),
-                h.version
-            ));
-        }
-        let mut steps = Vec::new();
-        let lines: Vec<&str> = text.lines().collect();
-        for (i, l) in lines.iter().enumerate().skip(1) {
-            if l.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<TraceStep>(l) {
-                Ok(s) => steps.push(s),
-                Err(_) if i == lines.len() - 1 && !text.ends_with('\n') => {}
-                Err(e) => {
-                    return Err(format!(
-                        "{}: line {}: bad trace step: {e}",
-                        path.display(),
-                        i + 1
-                    ));
-                }
-            }
-        }
-        return Ok(TraceInput {
-            moe: h.moe,
-            steps,
-            prompt_tokens: h.prompt_tokens.into_iter().collect(),
-            costs: h.costs,
-            live: None,
-        });
-    }
-    let rec = super::record::read(path)?;
-    let mut s = super::state::SessionState::new(rec.header.clone());
-    for e in &rec.events {
-        s.apply(e);
-    }
-    let input = from_state(&s);
-    if input.steps.is_empty() {
-        return Err(format!(
-            "{}: the recording has no routing trace (no `routing` events)",
-            path.display()
-        ));
-    }
-    Ok(input)
 }

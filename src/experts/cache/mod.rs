@@ -1,0 +1,488 @@
+//! The selective backend's provider: experts loaded on demand from an [`ExpertSource`] into a
+//! bounded cache.
+//!
+//! What is resident, where, and what to evict is the cache core's ([`Pools`]); this module
+//! keeps the weights in the slots the core hands out — on the CPU a vector of shared tensors per
+//! pool, on a GPU preallocated slot tensors ([`slots`]) that the GPU may fill itself ([`fill`]) —
+//! and does the reading. Reads happen outside the lock, so the prefetch thread ([`prefetch`])
+//! and the forward pass can load different experts at the same time.
+
+mod fill;
+mod prefetch;
+mod slots;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use super::convert;
+use super::source::{ExpertSource, missing_error};
+use crate::cache::pool::{Admit, Pools, key};
+use crate::cache::settings::{CacheConfig, Capacity};
+use crate::cache::stats::{CacheSnapshot, Histogram};
+use crate::model::error::{ModelError, Result};
+use crate::model::ports::{ExpertProvider, ExpertWeights, Stacked, StepPath, fused_capable};
+use crate::settings::Settings;
+
+/// Time and bytes spent loading experts (what the selective backend pays for its memory).
+#[derive(Default)]
+struct Loads {
+    bytes_read: u64,
+    latency: Histogram,
+    time_us: u64,
+    /// Loads through the temporary-stack path (see `CacheSnapshot::overflow_loads`).
+    overflow: u64,
+    overflow_time_us: u64,
+}
+
+impl Loads {
+    fn record(&mut self, bytes: u64, us: u64) {
+        self.bytes_read += bytes;
+        self.time_us += us;
+        self.latency.record_us(us);
+    }
+}
+
+struct State {
+    pools: Pools,
+    /// CPU: the weights in each pool's slots (grown as slots are handed out).
+    host: Vec<Vec<Option<Arc<ExpertWeights>>>>,
+    /// GPU: the slot pools on the device and how misses reach them.
+    gpu: Option<slots::GpuSlots>,
+    resident_bytes: u64,
+    loads: Loads,
+    /// Keys being read right now (by the forward pass or the prefetcher).
+    loading: HashSet<u32>,
+    prefetch: Option<prefetch::Guesses>,
+}
+
+/// Experts on demand through a bounded cache.
+pub struct CachedProvider {
+    source: Arc<dyn ExpertSource>,
+    dtype: DType,
+    device: Device,
+    config: CacheConfig,
+    expert_bytes: u64,
+    unavailable: Vec<Vec<usize>>,
+    state: Mutex<State>,
+    loaded: Condvar,
+    bypass: AtomicBool,
+    /// Jobs for the prefetch thread, when prefetch is on.
+    prefetcher: OnceLock<Mutex<std::sync::mpsc::Sender<prefetch::Job>>>,
+}
+
+/// No key pinned (the CPU path: nothing is in flight while a slot is reused).
+fn unpinned() -> &'static HashSet<u32> {
+    static NONE: OnceLock<HashSet<u32>> = OnceLock::new();
+    NONE.get_or_init(HashSet::new)
+}
+
+impl CachedProvider {
+    /// A cache over `source` for compute in `dtype` on `device`; `settings` choose the GPU's
+    /// miss path and speculation.
+    pub fn new(
+        source: Arc<dyn ExpertSource>,
+        config: CacheConfig,
+        dtype: DType,
+        device: &Device,
+        allow_missing: bool,
+        settings: &Settings,
+    ) -> Result<Self> {
+        let cfg = source.config().clone();
+        let expert_bytes = (cfg.expert_params() * dtype.size_in_bytes()) as u64;
+        let mut unavailable = vec![Vec::new(); cfg.num_hidden_layers];
+        for layer in cfg.moe_layers() {
+            for e in 0..cfg.num_experts {
+                if !source.has(layer, e) {
+                    if !allow_missing {
+                        return Err(missing_error(source.as_ref(), layer, e));
+                    }
+                    unavailable[layer].push(e);
+                }
+            }
+        }
+        let total = config.capacity_experts(expert_bytes);
+        if total == 0 {
+            return Err(ModelError::Input(format!(
+                "cache capacity {} holds no expert (one expert is {} in {:?})",
+                config.describe(),
+                crate::util::fmt_bytes(expert_bytes),
+                dtype
+            )));
+        }
+        let moe_layers: Vec<usize> = cfg.moe_layers().collect();
+        let mut pools = Pools::new(
+            &moe_layers,
+            cfg.num_experts,
+            total,
+            config.scope,
+            config.policy,
+        );
+        let gpu = if fused_capable(device, dtype) {
+            Some(slots::GpuSlots::new(
+                source.as_ref(),
+                &mut pools,
+                dtype,
+                device,
+                settings,
+            )?)
+        } else {
+            None
+        };
+        let resident_bytes = gpu.as_ref().map_or(0, |_| {
+            // Slot pools are allocated up front: that memory is held from the start.
+            pools.capacity() as u64 * expert_bytes
+        });
+        Ok(CachedProvider {
+            source,
+            dtype,
+            device: device.clone(),
+            config,
+            expert_bytes,
+            unavailable,
+            state: Mutex::new(State {
+                host: vec![Vec::new(); pools.num_pools()],
+                pools,
+                gpu,
+                resident_bytes,
+                loads: Loads::default(),
+                loading: HashSet::new(),
+                prefetch: None,
+            }),
+            loaded: Condvar::new(),
+            bypass: AtomicBool::new(false),
+            prefetcher: OnceLock::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("cache lock")
+    }
+
+    fn bypassed(&self) -> bool {
+        self.bypass.load(Ordering::Relaxed)
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// One expert's size in memory.
+    pub fn expert_bytes(&self) -> u64 {
+        self.expert_bytes
+    }
+
+    /// Total capacity in experts (after the per-layer split for layer scope).
+    pub fn capacity_experts(&self) -> usize {
+        self.lock().pools.capacity()
+    }
+
+    pub fn source(&self) -> &Arc<dyn ExpertSource> {
+        &self.source
+    }
+
+    /// Reads and converts one expert: (weights, bytes read, µs).
+    fn read(&self, layer: usize, expert: usize) -> Result<(ExpertWeights, u64, u64)> {
+        let start = Instant::now();
+        if self.device.is_cpu() {
+            thread_local! {
+                // One read buffer per thread (the forward pass and the prefetch thread).
+                static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            let stored = self.source.stored_bytes(layer, expert) as usize;
+            let fast = READ_BUF.with(|b| {
+                let mut b = b.borrow_mut();
+                if b.len() < stored {
+                    b.resize(stored, 0);
+                }
+                // A failed read here is retried below, where it gets its proper error.
+                let spans = self
+                    .source
+                    .read_into(layer, expert, &mut b[..stored])
+                    .ok()?;
+                let bytes = spans.iter().map(|p| p.range.len() as u64).sum::<u64>();
+                convert::from_spans_exact(&b, &spans, self.dtype).map(|w| (w, bytes))
+            });
+            if let Some((w, bytes)) = fast {
+                return Ok((w, bytes, start.elapsed().as_micros() as u64));
+            }
+        }
+        let raw = self.source.read(layer, expert)?;
+        let w = convert::from_raw(&raw, self.dtype, &self.device)?;
+        Ok((w, raw.bytes(), start.elapsed().as_micros() as u64))
+    }
+
+    /// Keeps `w` in the slot the core gives (layer, expert), dropping whatever it evicted there.
+    /// A pool of no slots keeps nothing: the caller's `Arc` is the only copy.
+    fn keep(s: &mut State, layer: usize, expert: usize, w: Arc<ExpertWeights>, how: Admit) {
+        let Some(a) = s.pools.admit(layer, expert, how, unpinned()) else {
+            return;
+        };
+        let slots = &mut s.host[a.pool];
+        if slots.len() <= a.slot {
+            slots.resize(a.slot + 1, None);
+        }
+        s.resident_bytes += w.bytes();
+        if let Some(old) = slots[a.slot].replace(w) {
+            s.resident_bytes -= old.bytes();
+        }
+    }
+
+    /// The CPU path: the expert from its slot, or read, converted and kept.
+    fn get_cached(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
+        let k = key(layer, expert);
+        {
+            let mut s = self.lock();
+            if !s.pools.serves(layer) {
+                return Err(ModelError::Expert {
+                    layer,
+                    expert,
+                    msg: "layer has no experts".into(),
+                });
+            }
+            // Wait for a prefetch of this very expert rather than reading it twice.
+            while s.loading.contains(&k) {
+                s = self.loaded.wait(s).expect("cache lock");
+            }
+            if let Some((p, slot)) = s.pools.request(layer, expert) {
+                return Ok(s.host[p][slot]
+                    .clone()
+                    .expect("a resident expert is stored"));
+            }
+            s.loading.insert(k);
+        }
+        let result = self.read(layer, expert);
+        let mut s = self.lock();
+        s.loading.remove(&k);
+        let out = result.map(|(w, bytes, us)| {
+            s.loads.record(bytes, us);
+            let w = Arc::new(w);
+            Self::keep(&mut s, layer, expert, w.clone(), Admit::Demand);
+            w
+        });
+        drop(s);
+        self.loaded.notify_all();
+        out
+    }
+
+    pub fn snapshot(&self) -> CacheSnapshot {
+        let mut s = self.lock();
+        let st = &mut *s;
+        let gpu = st.gpu.as_mut().map(|g| g.snapshot(&mut st.loads));
+        let gpu = gpu.unwrap_or_default();
+        CacheSnapshot {
+            layers: s.pools.layer_stats().to_vec(),
+            hits: s.pools.hits(),
+            misses: s.pools.misses(),
+            evictions: s.pools.evictions(),
+            bytes_read: s.loads.bytes_read,
+            resident_experts: s.pools.resident(),
+            resident_bytes: s.resident_bytes,
+            capacity_experts: s.pools.capacity(),
+            capacity_bytes: match self.config.capacity {
+                Capacity::Bytes(b) => Some(b),
+                Capacity::Experts(n) => Some(n as u64 * self.expert_bytes),
+            },
+            load_latency: s.loads.latency.summary(),
+            load_time_us: s.loads.time_us,
+            prefetch: s.prefetch.as_ref().map(|p| p.stats.clone()),
+            overflow_loads: s.loads.overflow,
+            overflow_time_us: s.loads.overflow_time_us,
+            ..gpu
+        }
+    }
+}
+
+impl ExpertProvider for CachedProvider {
+    fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
+        if self.lock().gpu.is_some() {
+            // The fused path owns the slots; a per-expert request is served without caching.
+            return self.read(layer, expert).map(|(w, _, _)| Arc::new(w));
+        }
+        if self.bypassed() {
+            let resident = {
+                let s = self.lock();
+                s.pools
+                    .slot(layer, expert)
+                    .and_then(|(p, slot)| s.host[p][slot].clone())
+            };
+            return match resident {
+                Some(w) => Ok(w),
+                None => self.read(layer, expert).map(|(w, _, _)| Arc::new(w)),
+            };
+        }
+        self.get_cached(layer, expert)
+    }
+
+    fn unavailable(&self, layer: usize) -> &[usize] {
+        &self.unavailable[layer]
+    }
+
+    fn resident_bytes(&self) -> u64 {
+        self.lock().resident_bytes
+    }
+
+    fn kind(&self) -> &'static str {
+        "selective"
+    }
+
+    fn set_bypass(&self, on: bool) {
+        self.bypass.store(on, Ordering::Relaxed);
+    }
+
+    fn stacked(&self, layer: usize, needed: &[usize]) -> Result<Option<Stacked>> {
+        self.stacked_slots(layer, needed)
+    }
+
+    fn needs_ids_on_host(&self) -> bool {
+        true
+    }
+
+    fn speculate(&self) -> bool {
+        if self.bypassed() || self.prefetcher.get().is_some() {
+            return false;
+        }
+        let mut s = self.lock();
+        let misses = s.pools.misses();
+        let resident = s.pools.resident();
+        s.gpu
+            .as_mut()
+            .is_some_and(|g| g.speculate(misses, resident))
+    }
+
+    fn step_ran(&self, path: StepPath, secs: f64) {
+        if let Some(g) = self.lock().gpu.as_mut() {
+            g.step_ran(path, secs);
+        }
+    }
+
+    fn resident_stacks(&self, layer: usize) -> Result<Option<Stacked>> {
+        let s = self.lock();
+        Ok(match (&s.gpu, s.pools.pool_of(layer)) {
+            (Some(g), Some(p)) => g.resident_stacks(p, layer),
+            _ => None,
+        })
+    }
+
+    fn prepare_speculation(&self) -> Result<()> {
+        match self.lock().gpu.as_mut() {
+            Some(g) => g.prepare_speculation(&self.device),
+            None => Ok(()),
+        }
+    }
+
+    fn graph_variant(&self) -> u64 {
+        self.lock().gpu.as_ref().map_or(0, |g| g.graph_variant())
+    }
+
+    fn settle_speculation(&self, routed: &[(usize, Vec<u32>)]) -> bool {
+        let mut s = self.lock();
+        self.settle(&mut s, routed)
+    }
+
+    fn wants_hints(&self) -> bool {
+        self.prefetcher.get().is_some() && !self.bypassed()
+    }
+
+    fn prefetch_hint(&self, layer: usize, experts: &[usize]) {
+        self.hint(layer, experts);
+    }
+
+    fn will_use(&self, layer: usize, experts: &[usize]) {
+        self.score_guess(layer, experts);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::PolicyKind;
+    use crate::cache::settings::Scope;
+
+    fn fixture_cache(capacity: usize, policy: PolicyKind) -> (CachedProvider, usize) {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe-tiny");
+        let ckpt = crate::model::Checkpoint::open(&dir).unwrap();
+        let cfg = crate::model::MoeConfig::from_dir(&dir).unwrap();
+        let layer = cfg.moe_layers().next().unwrap();
+        let source = Arc::new(super::super::source::ShardSource::new(&ckpt, &cfg).unwrap());
+        let config = CacheConfig {
+            capacity: Capacity::Experts(capacity),
+            scope: Scope::Global,
+            policy,
+        };
+        let c = CachedProvider::new(
+            source,
+            config,
+            DType::F32,
+            &Device::Cpu,
+            false,
+            &Settings::default(),
+        )
+        .unwrap();
+        (c, layer)
+    }
+
+    #[test]
+    fn a_late_prefetch_is_dropped_and_a_used_guess_is_its_first_use_not_a_second() {
+        let (c, layer) = fixture_cache(4, PolicyKind::S3fifo);
+        c.lock().prefetch = Some(prefetch::Guesses::default());
+        // The layer's latest guess is number 7; a job for guess 6 is late: nothing loads.
+        c.lock()
+            .prefetch
+            .as_mut()
+            .unwrap()
+            .latest
+            .insert(layer, (7, vec![0]));
+        c.prefetch(layer, 0, Some(6)).unwrap();
+        let s = c.snapshot();
+        assert_eq!(
+            (s.resident_experts, s.prefetch.as_ref().unwrap().late),
+            (0, 1)
+        );
+        // The current guess loads, counted as a prefetch load, not as a miss.
+        c.prefetch(layer, 0, Some(7)).unwrap();
+        let s = c.snapshot();
+        assert_eq!((s.resident_experts, s.misses), (1, 0));
+        assert_eq!(s.prefetch.as_ref().unwrap().loaded, 1);
+        // Its first request is a hit, and for the policy its first use: S3-FIFO keeps it on
+        // probation, so the next insert into the full probation queue evicts it...
+        c.get(layer, 0).unwrap();
+        assert_eq!(c.snapshot().hits, 1);
+        for e in 1..=4 {
+            c.get(layer, e).unwrap();
+        }
+        assert!(
+            !c.lock().pools.contains(layer, 0),
+            "a guess used once was promoted"
+        );
+        // ...whereas an expert requested twice is promoted and survives the same inserts.
+        let (c, layer) = fixture_cache(4, PolicyKind::S3fifo);
+        c.get(layer, 0).unwrap();
+        c.get(layer, 0).unwrap();
+        for e in 1..=4 {
+            c.get(layer, e).unwrap();
+        }
+        assert!(c.lock().pools.contains(layer, 0));
+    }
+
+    #[test]
+    fn evicted_weights_leave_memory_and_resident_bytes_follow_the_slots() {
+        let (c, layer) = fixture_cache(2, PolicyKind::Lru);
+        let one = c.expert_bytes();
+        for e in 0..5 {
+            c.get(layer, e).unwrap();
+            let s = c.snapshot();
+            assert_eq!(s.resident_bytes, one * s.resident_experts as u64);
+        }
+        let s = c.snapshot();
+        assert_eq!((s.resident_experts, s.misses, s.evictions), (2, 5, 3));
+        // The two most recent are the resident ones, each in one of the two slots.
+        let st = c.lock();
+        assert!(st.pools.contains(layer, 3) && st.pools.contains(layer, 4));
+        assert_eq!(st.host[0].iter().flatten().count(), 2);
+    }
+}

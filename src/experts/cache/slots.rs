@@ -1,0 +1,437 @@
+//! GPU slot pools: each cache pool is a preallocated pair of device tensors ([slots, 2I, H] and
+//! [slots, H, I]) that the fused MoE kernels read through an expert→slot map. A miss is copied
+//! into the slot the cache core gives it — straight from the registered expert files (direct)
+//! or through page-locked staging buffers (staged), see `experts::direct` — and a decode step
+//! may run as one CUDA graph over the resident experts when the speculation gate says a miss is
+//! unlikely (`cache::speculation`).
+
+use std::collections::HashSet;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::super::direct::{self, DirectFiles, H2dPath};
+use super::super::source::ExpertSource;
+use super::super::upload::Staging;
+use super::fill::DeviceFills;
+use super::{CachedProvider, Loads};
+use crate::cache::pool::{Admit, Pools, key};
+use crate::cache::speculation::Gate;
+use crate::cache::stats::CacheSnapshot;
+use crate::model::error::{ModelError, Result};
+use crate::model::ports::Stacked;
+use crate::model::safetensors_file::StDtype;
+use crate::settings::Settings;
+use crate::step_path::StepPath;
+
+/// One pool's weights on the device.
+struct SlotTensors {
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+pub(super) struct GpuSlots {
+    /// Per cache pool.
+    stores: Vec<SlotTensors>,
+    /// Host buffer that slot misses are read into and uploaded from (pinned on CUDA).
+    staging: Staging,
+    /// Registered expert files that slot misses are copied from directly, when that path was
+    /// chosen, and why the path is what it is.
+    direct: Option<DirectFiles>,
+    h2d_path: String,
+    /// Per model layer: expert → slot on the device (for speculative graph steps), its host
+    /// copy, and whether the device copy is behind.
+    maps: Vec<Option<Tensor>>,
+    map_host: Vec<Vec<u32>>,
+    map_dirty: Vec<bool>,
+    /// Misses counted when `speculate` last looked: whether the last step added any.
+    misses_seen: u64,
+    /// Slots the GPU fills itself, when every expert has one; whether this step runs the
+    /// plain graph instead, and when to (a gate of its own).
+    fills: Option<DeviceFills>,
+    plain_step: bool,
+    plain_gate: Gate,
+    /// Whether a step is worth trying as a graph over the resident experts (the `speculate`
+    /// setting `never` turns guessing off — the sweep does, to measure what a step that reads
+    /// routing back costs).
+    gate: Gate,
+}
+
+impl GpuSlots {
+    /// Slot pools for `pools` on `device`, the miss path chosen, and — with a slot for every
+    /// expert on the direct path — GPU self-fill, in which case `pools` switches to home slots.
+    pub fn new(
+        source: &dyn ExpertSource,
+        pools: &mut Pools,
+        dtype: DType,
+        device: &Device,
+        settings: &Settings,
+    ) -> Result<Self> {
+        let cfg = source.config();
+        let (h, inter) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let stores = (0..pools.num_pools())
+            .map(|p| {
+                let n = pools.pool_capacity(p);
+                Ok(SlotTensors {
+                    gate_up: Tensor::zeros((n, 2 * inter, h), dtype, device)?,
+                    down: Tensor::zeros((n, h, inter), dtype, device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let files = device
+            .is_cuda()
+            .then(|| direct::expert_files(source))
+            .flatten();
+        let (path, why) = direct::choose_given(device, source, files.as_deref(), settings.h2d)?;
+        let (direct, h2d_path) = if path == H2dPath::Direct {
+            match DirectFiles::open(
+                device,
+                files.as_deref().unwrap_or(&[]),
+                settings.copy_stream,
+            ) {
+                Ok(d) => (Some(d), format!("direct: {why}")),
+                // Not fatal: the staged path works everywhere, only slower.
+                Err(e) => {
+                    eprintln!("moescope: direct expert copies unavailable ({e}); staging");
+                    (
+                        None,
+                        format!("staged: registering the expert files failed: {e}"),
+                    )
+                }
+            }
+        } else {
+            (None, format!("staged: {why}"))
+        };
+        let homes = match &direct {
+            Some(_) if settings.gpu_fill => pools.home_slots(cfg.num_experts),
+            _ => None,
+        };
+        let fills = match (&direct, &homes) {
+            (Some(d), Some(home)) => DeviceFills::new(source, d, home, dtype, device)?,
+            _ => None,
+        };
+        let h2d_path = match &fills {
+            Some(_) => {
+                format!("{h2d_path}; the GPU fills missing slots itself (a slot for every expert)")
+            }
+            None => h2d_path,
+        };
+        // Expert → slot. With fills every expert's entry is its home from the start (a plain
+        // graph step that meets an expert not filled yet reads a valid slot and is redone).
+        let map_host: Vec<Vec<u32>> = (0..cfg.num_hidden_layers)
+            .map(|l| match (&fills, &homes) {
+                (Some(_), Some(home)) if !home[l].is_empty() => home[l].clone(),
+                _ => vec![0; cfg.num_experts],
+            })
+            .collect();
+        if let (Some(_), Some(home)) = (&fills, homes) {
+            pools.use_homes(home);
+        }
+        let mut maps = vec![None; cfg.num_hidden_layers];
+        for l in cfg.moe_layers() {
+            maps[l] = Some(Tensor::from_vec(
+                map_host[l].clone(),
+                cfg.num_experts,
+                device,
+            )?);
+        }
+        Ok(GpuSlots {
+            stores,
+            staging: Staging::default(),
+            direct,
+            h2d_path,
+            maps,
+            map_host,
+            map_dirty: vec![false; cfg.num_hidden_layers],
+            misses_seen: 0,
+            fills,
+            plain_step: false,
+            // A wrong guess costs a whole step, a right one saves only the fill kernels'
+            // launches (~5 % of a step): guess only at a clean rate of 95 %.
+            plain_gate: Gate::new(settings.speculate).with_costs(0.95, 1.0),
+            gate: Gate::new(settings.speculate),
+        })
+    }
+
+    /// The GPU-side figures of a snapshot (the rest default), after counting the direct copies
+    /// settled since the last one — without waiting: a batch still in flight counts later.
+    pub fn snapshot(&mut self, loads: &mut Loads) -> CacheSnapshot {
+        if let Some(Ok(done)) = self.direct.as_mut().map(|d| d.settle(false)) {
+            count_direct(loads, done);
+        }
+        let (staged_bytes, staged_us) = self.staging.copy_stats();
+        let (direct_bytes, direct_us) = self.direct.as_ref().map_or((0, 0), |d| d.copy_stats());
+        CacheSnapshot {
+            h2d_bytes: staged_bytes + direct_bytes,
+            h2d_time_us: staged_us + direct_us,
+            h2d_path: Some(self.h2d_path.clone()),
+            host_pinned_bytes: self.direct.as_ref().map_or(0, |d| d.registered_bytes()),
+            h2d_fill_bytes: self.fills.as_ref().map_or(0, |f| f.bytes),
+            gpu_fills: self.fills.is_some(),
+            ..Default::default()
+        }
+    }
+
+    /// Whether the next decode step should run as a graph; `misses` is the cache's count so
+    /// far (a step added none if it is unchanged), `resident` its resident experts.
+    pub fn speculate(&mut self, misses: u64, resident: usize) -> bool {
+        if self.maps.iter().all(Option::is_none) {
+            return false;
+        }
+        let clean = misses == self.misses_seen;
+        self.misses_seen = misses;
+        let guess = self.gate.next_step(clean);
+        if let Some(f) = &self.fills {
+            // A graph step either way: with the fill kernels (it loads its own misses, nothing
+            // can fail), or plain when a miss is unlikely.
+            let all_resident = resident >= f.total;
+            self.plain_step = self.plain_gate.next_step(clean) || all_resident;
+            return true;
+        }
+        guess
+    }
+
+    pub fn step_ran(&mut self, path: StepPath, secs: f64) {
+        self.gate.step_ran(path, secs);
+    }
+
+    /// Pool `pool`'s slots with `layer`'s device expert→slot table, for a speculative step.
+    pub fn resident_stacks(&self, pool: usize, layer: usize) -> Option<Stacked> {
+        let (store, map) = (&self.stores[pool], self.maps[layer].as_ref()?);
+        // A plain step leaves the fill kernels out (a graph of its own, see `graph_variant`).
+        let fill = self
+            .fills
+            .as_ref()
+            .filter(|_| !self.plain_step)
+            .and_then(|f| f.tables[layer].clone());
+        Some(Stacked {
+            gate_up: store.gate_up.clone(),
+            down: store.down.clone(),
+            index: None,
+            device_index: Some(map.clone()),
+            fill,
+        })
+    }
+
+    /// Brings the device expert→slot tables (and fill flags) up to date before a graph step.
+    pub fn prepare_speculation(&mut self, device: &Device) -> Result<()> {
+        for l in 0..self.maps.len() {
+            if !self.map_dirty[l] {
+                continue;
+            }
+            if let Some(map) = &self.maps[l] {
+                let n = self.map_host[l].len();
+                map.slice_set(
+                    &Tensor::from_vec(self.map_host[l].clone(), n, device)?,
+                    0,
+                    0,
+                )?;
+            }
+            self.map_dirty[l] = false;
+        }
+        match self.fills.as_mut() {
+            Some(f) => f.upload_flags(device),
+            None => Ok(()),
+        }
+    }
+
+    pub fn graph_variant(&self) -> u64 {
+        u64::from(self.fills_this_step())
+    }
+
+    /// Whether this step's graph fills its own misses.
+    pub fn fills_this_step(&self) -> bool {
+        self.fills.is_some() && !self.plain_step
+    }
+
+    /// The GPU filled (layer, expert)'s home slot itself.
+    pub fn filled(&mut self, layer: usize, expert: usize, bytes: u64) {
+        if let Some(f) = self.fills.as_mut() {
+            // The device already says so (the kernel marked it): not dirty.
+            f.flags_host[layer][expert] = 1;
+            f.bytes += bytes;
+        }
+    }
+
+    /// A host load put (layer, expert) into `slot`: the device tables must say so.
+    fn loaded(&mut self, layer: usize, expert: usize, slot: usize) {
+        self.map_host[layer][expert] = slot as u32;
+        self.map_dirty[layer] = true;
+        if let Some(f) = self.fills.as_mut() {
+            f.flags_host[layer][expert] = 1;
+            f.flags_dirty[layer] = true;
+        }
+    }
+}
+
+/// Charges a settled batch of direct copies to the miss statistics: each miss costs its share
+/// of the batch's device copy time plus its own host time (queueing the copies).
+fn count_direct(loads: &mut Loads, done: Option<direct::Settled>) {
+    let Some(b) = done else { return };
+    let total = b.copy_us + b.host_us;
+    loads.time_us += total;
+    for _ in 0..b.misses {
+        loads.latency.record_us(total / b.misses.max(1) as u64);
+    }
+}
+
+impl CachedProvider {
+    /// The fused path: every expert in `needed` resident in the layer's slot pool (loading the
+    /// misses into the slots the cache core gives), or — when the pool cannot hold them all at
+    /// once, as in the prefill of a long prompt with a small cache — a temporary stack of
+    /// exactly those experts. Either way one kernel call over the same weights as native.
+    pub(super) fn stacked_slots(&self, layer: usize, needed: &[usize]) -> Result<Option<Stacked>> {
+        let bypass = self.bypassed();
+        let mut s = self.lock();
+        let Some(pi) = s.pools.pool_of(layer) else {
+            return Ok(None);
+        };
+        if s.gpu.is_none() {
+            return Ok(None);
+        }
+        let num = self.source.config().num_experts;
+        let mut missing = Vec::new();
+        for &e in needed {
+            let resident = if bypass {
+                s.pools.contains(layer, e)
+            } else {
+                s.pools.request(layer, e).is_some()
+            };
+            if !resident {
+                missing.push(e);
+            }
+        }
+        if needed.len() <= s.pools.pool_capacity(pi) && !bypass {
+            let pinned: HashSet<u32> = needed.iter().map(|&e| key(layer, e)).collect();
+            for &e in &missing {
+                let slot = s
+                    .pools
+                    .admit(layer, e, Admit::Demand, &pinned)
+                    .ok_or_else(|| ModelError::Expert {
+                        layer,
+                        expert: e,
+                        msg: "no free slot although the pool holds enough".into(),
+                    })?
+                    .slot;
+                if let Err(err) = self.upload_miss(&mut s, pi, layer, e, slot) {
+                    // The slot holds no valid copy of it: it is not resident.
+                    s.pools.forget(layer, e);
+                    return Err(err);
+                }
+            }
+            let st = &mut *s;
+            let gpu = st.gpu.as_mut().expect("slot mode");
+            if let Some(done) = gpu.direct.as_mut().map(|d| d.end_batch()).transpose()? {
+                count_direct(&mut st.loads, done);
+            }
+            let mut index = vec![u32::MAX; num];
+            for &e in needed {
+                index[e] = s.pools.slot(layer, e).expect("admitted above").1 as u32;
+            }
+            let store = &s.gpu.as_ref().expect("slot mode").stores[pi];
+            return Ok(Some(Stacked {
+                gate_up: store.gate_up.clone(),
+                down: store.down.clone(),
+                index: Some(index),
+                device_index: None,
+                fill: None,
+            }));
+        }
+        // Overflow (or bypass): a temporary stack of exactly `needed`.
+        let mut gu = Vec::with_capacity(needed.len());
+        let mut dn = Vec::with_capacity(needed.len());
+        for &e in needed {
+            if let Some((_, slot)) = s.pools.slot(layer, e) {
+                let store = &s.gpu.as_ref().expect("slot mode").stores[pi];
+                gu.push(store.gate_up.get(slot)?);
+                dn.push(store.down.get(slot)?);
+            } else {
+                let (w, bytes, us) = self.read(layer, e)?;
+                if !bypass {
+                    s.loads.record(bytes, us);
+                    s.loads.overflow += 1;
+                    s.loads.overflow_time_us += us;
+                }
+                gu.push(w.gate_up);
+                dn.push(w.down);
+            }
+        }
+        let mut index = vec![u32::MAX; num];
+        for (pos, &e) in needed.iter().enumerate() {
+            index[e] = pos as u32;
+        }
+        Ok(Some(Stacked {
+            gate_up: Tensor::stack(&gu, 0)?,
+            down: Tensor::stack(&dn, 0)?,
+            index: Some(index),
+            device_index: None,
+            fill: None,
+        }))
+    }
+
+    /// Copies (layer, e) into `slot` of pool `pi`: stored in the compute dtype at the slot's
+    /// shapes, the bytes go in as they are — by DMA from the registered files, else staged —
+    /// queued behind the kernels already on the stream; otherwise converted on the way.
+    fn upload_miss(
+        &self,
+        s: &mut super::State,
+        pi: usize,
+        layer: usize,
+        e: usize,
+        slot: usize,
+    ) -> Result<()> {
+        let start = std::time::Instant::now();
+        let gpu = s.gpu.as_mut().expect("slot mode");
+        let store = &gpu.stores[pi];
+        let gu_n = store.gate_up.dim(1)? * store.gate_up.dim(2)?;
+        let dn_n = store.down.dim(1)? * store.down.dim(2)?;
+        let esize = self.dtype.size_in_bytes();
+        let fits_slot = |parts: [(usize, StDtype); 3]| {
+            parts[0].0 == gu_n / 2 * esize
+                && parts[1].0 == gu_n / 2 * esize
+                && parts[2].0 == dn_n * esize
+                && parts.iter().all(|p| p.1.float_dtype() == Some(self.dtype))
+        };
+        let direct_locs = gpu
+            .direct
+            .as_ref()
+            .and_then(|_| self.source.part_locations(layer, e))
+            .filter(|l| fits_slot([0, 1, 2].map(|i| (l[i].len as usize, l[i].dtype))));
+        let mut direct = false;
+        if let (Some(d), Some([g, u, dl])) = (gpu.direct.as_mut(), &direct_locs) {
+            direct = d.upload(&store.gate_up, slot * gu_n, g)?
+                && d.upload(&store.gate_up, slot * gu_n + gu_n / 2, u)?
+                && d.upload(&store.down, slot * dn_n, dl)?;
+        }
+        let bytes = if direct {
+            direct_locs.iter().flatten().map(|p| p.len).sum::<u64>()
+        } else {
+            let stored = self.source.stored_bytes(layer, e) as usize;
+            let buf = gpu.staging.buffer(&self.device, stored)?;
+            let spans = self.source.read_into(layer, e, buf)?;
+            if fits_slot([0, 1, 2].map(|i| (spans[i].range.len(), spans[i].dtype))) {
+                let [g, u, d] = spans.clone();
+                gpu.staging.upload(&store.gate_up, slot * gu_n, g.range)?;
+                gpu.staging
+                    .upload(&store.gate_up, slot * gu_n + gu_n / 2, u.range)?;
+                gpu.staging.upload(&store.down, slot * dn_n, d.range)?;
+            } else {
+                let raw = self.source.read(layer, e)?;
+                let w = super::convert::from_raw(&raw, self.dtype, &self.device)?;
+                store.gate_up.slice_set(&w.gate_up.unsqueeze(0)?, 0, slot)?;
+                store.down.slice_set(&w.down.unsqueeze(0)?, 0, slot)?;
+            }
+            spans.iter().map(|p| p.range.len() as u64).sum::<u64>()
+        };
+        let us = start.elapsed().as_micros() as u64;
+        gpu.loaded(layer, e, slot);
+        match gpu.direct.as_mut().filter(|_| direct) {
+            // Its cost is the copy, known once the device has done it.
+            Some(d) => {
+                d.note_miss(us);
+                s.loads.bytes_read += bytes;
+            }
+            None => s.loads.record(bytes, us),
+        }
+        Ok(())
+    }
+}

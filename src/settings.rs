@@ -1,0 +1,236 @@
+//! The knobs that change how moescope runs but are not command-line flags: measurement switches
+//! and escape hatches. Read once at start-up (their source is the `MOESCOPE_*` environment
+//! variables below), passed down explicitly — to the model, the cache, and to every worker in
+//! its load command — and written into the recording's header, so a run says how it ran.
+//!
+//! | variable | field | meaning |
+//! |---|---|---|
+//! | `MOESCOPE_CUDA_GRAPHS=0` | `cuda_graphs` | GPU decode steps never replay a captured CUDA graph |
+//! | `MOESCOPE_MOE_KERNEL=candle` | `moe_kernel` | candle's fused MoE GEMM instead of moescope's decode kernels |
+//! | `MOESCOPE_SPECULATE=gate\|last\|0` | `speculate` | when a selective GPU step guesses that nothing will miss |
+//! | `MOESCOPE_FILL=0` | `gpu_fill` | a slot pool holding every expert does not fill its own slots |
+//! | `MOESCOPE_H2D=auto\|direct\|staged` | `h2d` | how GPU misses reach the device |
+//! | `MOESCOPE_COPY_STREAM=1` | `copy_stream` | direct copies on a second stream |
+//! | `MOESCOPE_TEST_CORES=N` | `cores` | the core count `--prefetch auto` decides by (a test hook) |
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache::speculation::Rule;
+
+/// Which kernels run a one-token MoE block on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MoeKernel {
+    /// moescope's decode kernels (`model/kernels/moe_decode.cu`).
+    #[default]
+    Moescope,
+    /// candle's fused MoE GEMM, for comparisons.
+    Candle,
+}
+
+/// How a GPU cache miss reaches the device (see `experts::direct`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum H2dChoice {
+    /// Decided from the facts: direct on a discrete GPU when the expert files fit, else staged.
+    #[default]
+    Auto,
+    /// DMA straight from the registered expert files.
+    Direct,
+    /// Read by the CPU into page-locked buffers, then copied.
+    Staged,
+}
+
+impl H2dChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            H2dChoice::Auto => "auto",
+            H2dChoice::Direct => "direct",
+            H2dChoice::Staged => "staged",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub cuda_graphs: bool,
+    pub moe_kernel: MoeKernel,
+    pub speculate: Rule,
+    pub gpu_fill: bool,
+    pub h2d: H2dChoice,
+    pub copy_stream: bool,
+    /// Cores available to the process when the run started (0 in a header that did not say).
+    #[serde(default)]
+    pub cores: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            cuda_graphs: true,
+            moe_kernel: MoeKernel::Moescope,
+            speculate: Rule::Gate,
+            gpu_fill: true,
+            h2d: H2dChoice::Auto,
+            copy_stream: false,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+impl Settings {
+    /// The settings this process runs with: the defaults, changed by the `MOESCOPE_*`
+    /// variables. A value the variable cannot take is an error naming it.
+    pub fn from_env() -> Result<Self, String> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// As [`from_env`](Self::from_env), reading variables through `var`.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let mut s = Settings::default();
+        let bad = |k: &str, v: &str, want: &str| format!("{k} is {v:?}; expected {want}");
+        if let Some(v) = var("MOESCOPE_CUDA_GRAPHS") {
+            s.cuda_graphs = v != "0";
+        }
+        if let Some(v) = var("MOESCOPE_MOE_KERNEL") {
+            s.moe_kernel = match v.as_str() {
+                "candle" => MoeKernel::Candle,
+                "" | "moescope" => MoeKernel::Moescope,
+                _ => return Err(bad("MOESCOPE_MOE_KERNEL", &v, "moescope or candle")),
+            };
+        }
+        if let Some(v) = var("MOESCOPE_SPECULATE") {
+            s.speculate = match v.as_str() {
+                "0" => Rule::Never,
+                "last" => Rule::AfterCleanStep,
+                "" | "gate" => Rule::Gate,
+                _ => return Err(bad("MOESCOPE_SPECULATE", &v, "gate, last or 0")),
+            };
+        }
+        if let Some(v) = var("MOESCOPE_FILL") {
+            s.gpu_fill = v != "0";
+        }
+        if let Some(v) = var("MOESCOPE_H2D") {
+            s.h2d = match v.as_str() {
+                "" | "auto" => H2dChoice::Auto,
+                "direct" => H2dChoice::Direct,
+                "staged" => H2dChoice::Staged,
+                _ => return Err(bad("MOESCOPE_H2D", &v, "direct, staged or auto")),
+            };
+        }
+        if let Some(v) = var("MOESCOPE_COPY_STREAM") {
+            s.copy_stream = v == "1";
+        }
+        if let Some(v) = var("MOESCOPE_TEST_CORES") {
+            s.cores = v
+                .parse()
+                .map_err(|_| bad("MOESCOPE_TEST_CORES", &v, "a number of cores"))?;
+        }
+        Ok(s)
+    }
+
+    /// The settings that differ from the defaults, in words ("" when none do), for headers and
+    /// summaries. The core count is a fact of the machine, not a choice: left out.
+    pub fn describe_changes(&self) -> String {
+        let d = Settings::default();
+        let mut out = Vec::new();
+        if self.cuda_graphs != d.cuda_graphs {
+            out.push("CUDA graphs off".to_string());
+        }
+        if self.moe_kernel != d.moe_kernel {
+            out.push("candle's MoE kernel".into());
+        }
+        if self.speculate != d.speculate {
+            out.push(format!("speculation {}", self.speculate.name()));
+        }
+        if self.gpu_fill != d.gpu_fill {
+            out.push("GPU self-fill off".into());
+        }
+        if self.h2d != d.h2d {
+            out.push(format!("{} copies forced", self.h2d.name()));
+        }
+        if self.copy_stream != d.copy_stream {
+            out.push("second copy stream".into());
+        }
+        out.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| pairs.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn every_variable_sets_its_field_and_nothing_else() {
+        let d = Settings::from_vars(vars(&[])).unwrap();
+        assert_eq!(d, Settings::default());
+        assert_eq!(d.describe_changes(), "");
+        let s = Settings::from_vars(vars(&[
+            ("MOESCOPE_CUDA_GRAPHS", "0"),
+            ("MOESCOPE_MOE_KERNEL", "candle"),
+            ("MOESCOPE_SPECULATE", "last"),
+            ("MOESCOPE_FILL", "0"),
+            ("MOESCOPE_H2D", "staged"),
+            ("MOESCOPE_COPY_STREAM", "1"),
+            ("MOESCOPE_TEST_CORES", "7"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                cuda_graphs: false,
+                moe_kernel: MoeKernel::Candle,
+                speculate: Rule::AfterCleanStep,
+                gpu_fill: false,
+                h2d: H2dChoice::Staged,
+                copy_stream: true,
+                cores: 7,
+            }
+        );
+        assert_eq!(
+            s.describe_changes(),
+            "CUDA graphs off, candle's MoE kernel, speculation last, GPU self-fill off, staged \
+             copies forced, second copy stream"
+        );
+        assert_eq!(
+            Settings::from_vars(vars(&[("MOESCOPE_SPECULATE", "0")]))
+                .unwrap()
+                .speculate,
+            Rule::Never
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_the_variable_and_what_it_takes() {
+        let e = Settings::from_vars(vars(&[("MOESCOPE_H2D", "dma")])).unwrap_err();
+        assert!(
+            e.contains("MOESCOPE_H2D") && e.contains("direct, staged or auto"),
+            "{e}"
+        );
+        let e = Settings::from_vars(vars(&[("MOESCOPE_TEST_CORES", "many")])).unwrap_err();
+        assert!(e.contains("MOESCOPE_TEST_CORES"), "{e}");
+    }
+
+    #[test]
+    fn settings_missing_from_a_header_read_as_the_defaults() {
+        let s: Settings = serde_json::from_str("{}").unwrap();
+        assert_eq!(
+            Settings {
+                cores: 0,
+                ..Settings::default()
+            },
+            s
+        );
+        let s: Settings = serde_json::from_str(r#"{"speculate":"never","cores":3}"#).unwrap();
+        assert_eq!((s.speculate, s.cores), (Rule::Never, 3));
+    }
+}
