@@ -482,8 +482,8 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> crate::model::generate::SamplingParams {
-        crate::model::generate::SamplingParams {
+    pub fn params(&self) -> crate::model::sampling::SamplingParams {
+        crate::model::sampling::SamplingParams {
             max_new_tokens: self.max_new_tokens,
             temperature: self.temperature,
             top_p: self.top_p,

@@ -157,8 +157,9 @@ impl Engine {
     /// first use — seconds on a fresh machine — and that belongs to loading, not to the first
     /// prompt's tokens.
     pub fn warm_up(&self) -> Result<()> {
-        use crate::model::generate::{Generation, SamplingParams};
+        use crate::model::generate::Generation;
         use crate::model::ports::{NoObserver, RoutingLog, RoutingObserver};
+        use crate::model::sampling::SamplingParams;
         self.provider.set_bypass(true);
         let run = || -> Result<()> {
             for observe in [false, true] {

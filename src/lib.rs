@@ -9,6 +9,7 @@ pub mod engine;
 pub mod errors;
 pub mod experts;
 pub mod headless;
+pub mod live;
 pub mod model;
 pub mod report;
 pub mod session;

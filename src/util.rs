@@ -56,6 +56,13 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok(v.round() as u64)
 }
 
+/// Writes a file atomically (temp + rename), so an existing file is never half-replaced.
+pub fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The host's available memory (MemAvailable), bytes; 0 when it cannot be read.
 pub fn mem_available() -> u64 {
     std::fs::read_to_string("/proc/meminfo")

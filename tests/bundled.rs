@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use common::*;
 use moescope::model::config::{FfnKind, MoeConfig};
-use moescope::model::generate::{StreamDecoder, TextTokenizer};
+use moescope::model::tokenizer::{StreamDecoder, TextTokenizer};
 
 fn bundled() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-moe")

@@ -8,9 +8,10 @@ use common::*;
 use moescope::cache::policy::PolicyKind;
 use moescope::cache::settings::{CacheSettings, PrefetchMode, Scope, SourceSpec};
 use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
-use moescope::model::generate::{Generation, SamplingParams};
+use moescope::model::generate::Generation;
 use moescope::model::ports::NoObserver;
 use moescope::model::qwen3_moe::Logits;
+use moescope::model::sampling::SamplingParams;
 use moescope::settings::{H2dChoice, Settings};
 
 fn spec(name: &str, backend: BackendKind, cache: CacheSettings, dtype: Dtype) -> BackendSpec {

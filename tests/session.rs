@@ -7,8 +7,9 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
+use moescope::report::json::SCHEMA;
 use moescope::session::event::Backend;
-use moescope::session::export::{SCHEMA, summarize};
+use moescope::session::export::summarize;
 use moescope::session::metrics::{backend_metrics, comparison};
 use moescope::session::record;
 use moescope::session::state::{SessionState, Status};

@@ -213,7 +213,7 @@ fn dashboard_survives_its_terminal_going_away() {
     let _ = Command::new("tmux")
         .args(["kill-session", "-t", &t.name])
         .output();
-    let summary = moescope::headless::summary_path(&rec);
+    let summary = moescope::session::record::summary_path(&rec);
     let start = Instant::now();
     while !summary.exists() {
         assert!(

@@ -13,8 +13,9 @@ use crate::engine::{BackendSpec, Engine};
 use crate::model::DecodeOptions;
 use crate::model::config::{FfnKind, MoeConfig};
 use crate::model::error::{ModelError, Result};
-use crate::model::generate::{Generation, SamplingParams};
+use crate::model::generate::Generation;
 use crate::model::ports::NoObserver;
+use crate::model::sampling::SamplingParams;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeResult {

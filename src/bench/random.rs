@@ -321,6 +321,6 @@ mod tests {
             copy_tokenizer(&bundled, dir.path(), 8192).unwrap(),
             Some(4096)
         );
-        crate::model::generate::TextTokenizer::from_dir(dir.path()).unwrap();
+        crate::model::tokenizer::TextTokenizer::from_dir(dir.path()).unwrap();
     }
 }

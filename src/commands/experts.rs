@@ -46,7 +46,7 @@ pub fn run_verify(args: &VerifyArgs) -> Result<u8> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.render());
+        print!("{}", crate::report::verify::verify_table(&report));
     }
     Ok(if report.complete() { 0 } else { 1 })
 }

@@ -7,11 +7,11 @@ use serde_json::json;
 
 use crate::cli::{GenerateArgs, LogitsArgs};
 use crate::engine::Engine;
-use crate::model::generate::{
-    Generation, SamplingParams, StreamDecoder, TextTokenizer, Timing, stop_ids,
-};
+use crate::model::generate::{Generation, Timing};
 use crate::model::ports::{NoObserver, RoutingLog};
 use crate::model::qwen3_moe::Logits;
+use crate::model::sampling::SamplingParams;
+use crate::model::tokenizer::{StreamDecoder, TextTokenizer, stop_ids};
 use crate::settings::Settings;
 
 pub fn generate(args: &GenerateArgs, settings: &Settings) -> Result<()> {

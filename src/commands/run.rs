@@ -97,7 +97,7 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
     }
     // Prompts are text, tokenized by each worker with the model's tokenizer: a missing or broken
     // one is one clear error here, not two workers failing every prompt.
-    crate::model::generate::TextTokenizer::from_dir(&model_dir).map_err(|e| {
+    crate::model::tokenizer::TextTokenizer::from_dir(&model_dir).map_err(|e| {
         crate::errors::InputError(format!(
             "{e}; `run` and `sweep` send text prompts (`bench random-checkpoint` writes the \
              bundled model's tokenizer beside its checkpoints)"

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 
 use crate::cli::{ExportArgs, ExportFormat, ReplayArgs, WatchArgs};
 use crate::errors::InputError;
+use crate::report;
 use crate::session::export;
 use crate::session::record::{self, Follower};
 use crate::session::state::SessionState;
@@ -42,7 +43,7 @@ pub fn replay(a: &ReplayArgs) -> Result<()> {
                 a.file.display()
             );
         }
-        print!("{}", crate::headless::final_report(&sum));
+        print!("{}", report::table::final_report(&sum));
         return Ok(());
     }
     runtime()?.block_on(crate::ui::replay(
@@ -82,7 +83,7 @@ pub fn watch(a: &WatchArgs) -> Result<()> {
 
 pub fn export(a: &ExportArgs) -> Result<()> {
     if a.schema {
-        print!("{}", export::SCHEMA);
+        print!("{}", report::json::SCHEMA);
         return Ok(());
     }
     if a.list_metrics {
@@ -103,8 +104,8 @@ pub fn export(a: &ExportArgs) -> Result<()> {
     let state = SessionState::replayed(&rec);
     let sum = export::summarize(&state, &profile);
     let text = match a.format {
-        ExportFormat::Json => serde_json::to_string_pretty(&sum)? + "\n",
-        ExportFormat::Markdown => export::markdown(&sum),
+        ExportFormat::Json => report::json::summary(&sum),
+        ExportFormat::Markdown => report::markdown::markdown(&sum),
         ExportFormat::Trace => {
             let input = crate::session::study::from_state(&state);
             if input.steps.is_empty() {
@@ -114,7 +115,7 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         }
     };
     match &a.output {
-        Some(p) => crate::headless::write_atomic(p, &text)
+        Some(p) => crate::util::write_atomic(p, &text)
             .map_err(|e| InputError(format!("{}: cannot write: {e}", p.display())))?,
         None => std::io::stdout().write_all(text.as_bytes())?,
     }

@@ -1,11 +1,13 @@
 //! The model layer: config parsing, checkpoint access, the forward pass and generation. No UI.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod graph;
+pub mod kv_cache;
 pub mod layers;
 #[cfg(feature = "cuda")]
 pub mod moe_decode;
@@ -14,6 +16,8 @@ pub mod qwen3_moe;
 #[cfg(feature = "cuda")]
 pub mod raw;
 pub mod safetensors_file;
+pub mod sampling;
+pub mod tokenizer;
 
 /// How the forward pass may run on a GPU. The model reads no environment: these come from the
 /// run's settings (`crate::settings`), set on the loaded model.

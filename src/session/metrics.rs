@@ -97,23 +97,6 @@ pub struct PathShare {
     pub time_pct: f64,
 }
 
-/// "graph 412 × 1.52 ms (91 %), piecewise …": one line for summaries.
-pub fn fmt_paths(paths: &[PathShare]) -> String {
-    paths
-        .iter()
-        .map(|p| {
-            format!(
-                "{} {} × {:.2} ms ({:.0} %)",
-                p.path.name(),
-                p.steps,
-                p.mean_s * 1e3,
-                p.time_pct
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Decode steps grouped by path, in [`StepPath::ALL`] order. Tokens that carry no path (older
 /// recordings) are left out; none at all gives an empty list.
 pub fn decode_paths<'a>(tokens: impl IntoIterator<Item = &'a TokenRecord>) -> Vec<PathShare> {
@@ -329,8 +312,8 @@ mod tests {
         assert_eq!(p[0].mean_s, 1.0);
         assert_eq!(p[2].time_pct, 37.5);
         assert_eq!(
-            fmt_paths(&p[..1]),
-            "graph 2 × 1000.00 ms (25 %)",
+            (p[0].steps, p[0].mean_s, p[0].time_pct),
+            (2, 1.0, 25.0),
             "prefill is not a decode step"
         );
         assert!(decode_paths(&[tok(1.0, false, None)]).is_empty());

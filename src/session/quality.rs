@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::event::AgreementStats;
+
 /// Token-level agreement of selective's output with native's for one prompt.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenAgreement {
@@ -62,6 +64,41 @@ pub fn kl_on_support(p_logp: &[f32], q_logp: &[f32]) -> f64 {
         kl += p_rest * (p_rest / q_rest).ln();
     }
     kl.max(0.0)
+}
+
+/// Log-probabilities at one scored position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRow {
+    pub ids: Vec<u32>,
+    pub logp: Vec<f32>,
+    /// The most likely token at this position.
+    pub top1: u32,
+}
+
+/// KL(native ‖ selective), mean and max over positions, and top-1 agreement.
+pub fn agreement(native: &[ScoreRow], selective: &[ScoreRow], full_vocab: bool) -> AgreementStats {
+    let n = native.len().min(selective.len());
+    if n == 0 {
+        return AgreementStats::default();
+    }
+    let mut sum = 0.0;
+    let mut max: f64 = 0.0;
+    let mut top1 = 0usize;
+    for (a, b) in native.iter().zip(selective).take(n) {
+        let kl = kl_on_support(&a.logp, &b.logp);
+        sum += kl;
+        max = max.max(kl);
+        if a.top1 == b.top1 {
+            top1 += 1;
+        }
+    }
+    AgreementStats {
+        positions: n,
+        mean_kl: sum / n as f64,
+        max_kl: max,
+        top1_agreement: top1 as f64 / n as f64,
+        exact: full_vocab,
+    }
 }
 
 pub fn perplexity(nll_sum: f64, tokens: usize) -> f64 {

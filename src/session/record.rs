@@ -141,6 +141,15 @@ pub fn default_path(dir: &Path, model: &str, now: SystemTime) -> PathBuf {
     dir.join(format!("{stamp}-{name}.ndjson"))
 }
 
+/// Where the summary of a recording goes: next to it, `.summary.json`.
+pub fn summary_path(recording: &Path) -> PathBuf {
+    let stem = recording
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "session".into());
+    recording.with_file_name(format!("{stem}.summary.json"))
+}
+
 /// Appends events to a recording, one flushed line each.
 pub struct Recorder {
     file: File,

@@ -1,6 +1,6 @@
 //! The terminal dashboard — the only module that knows ratatui and crossterm. Live runs, replays
-//! and `watch` all feed the same `SessionEvent`s into the same `SessionState` and the same
-//! [`App`]; only where the events come from differs.
+//! and `watch` feed the same `SessionEvent`s into the same `SessionState` and the same [`App`],
+//! through one event loop; only where the events come from differs ([`Source`]).
 
 pub mod app;
 pub mod input;
@@ -8,15 +8,20 @@ pub mod panels;
 pub mod terminal;
 pub mod theme;
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
 use crossterm::event::Event;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::time::Instant;
 
 use crate::cli::UiArgs;
-use crate::session::event::Stamped;
+use crate::live::{
+    LiveRun, StopSignals, print_error_quietly, print_quietly, silence_stdio, write_summary,
+};
+use crate::session::event::{SessionEvent, Stamped};
 use crate::session::export;
 use crate::session::record::{Follower, Header, Recorder, Recording};
 use crate::session::state::SessionState;
@@ -51,18 +56,13 @@ fn frame_interval(fps: u32) -> Duration {
     Duration::from_millis(1000 / fps.clamp(1, 60) as u64)
 }
 
-/// Writes the session summary next to the recording.
+/// Writes the session summary next to the recording (the `e` key).
 fn export_now(app: &App) -> String {
     let Some(rec) = &app.recording else {
         return "no recording to export next to".into();
     };
-    let sum = export::summarize(&app.session, &app.profile);
-    let path = crate::headless::summary_path(rec);
-    match serde_json::to_string_pretty(&sum)
-        .map_err(std::io::Error::other)
-        .and_then(|j| crate::headless::write_atomic(&path, &(j + "\n")))
-    {
-        Ok(()) => format!("exported {}", path.display()),
+    match write_summary(rec, &export::summarize(&app.session, &app.profile)) {
+        Ok(path) => format!("exported {}", path.display()),
         Err(e) => format!("export failed: {e}"),
     }
 }
@@ -91,70 +91,224 @@ fn terminal_events() -> UnboundedReceiver<std::io::Result<Event>> {
     rx
 }
 
-/// The live dashboard over a running session.
-pub async fn live(
-    header: Header,
-    mut recorder: Recorder,
-    profile: Profile,
-    mut events: UnboundedReceiver<Stamped>,
-    control: UnboundedSender<Control>,
-    ui: &UiArgs,
-) -> Result<Outcome> {
-    let mut app = new_app(SessionState::new(header), ui, profile, Mode::Live)?;
-    app.recording = Some(recorder.path().to_path_buf());
-    let mut guard = terminal::init()?;
-    let mut keys = terminal_events();
-    let mut tick = tokio::time::interval(frame_interval(ui.fps));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut dirty = true;
-    let mut run_over = false;
-    let mut quitting: Option<tokio::time::Instant> = None;
-    let mut write_error: Option<String> = None;
-    // A dropped SSH session (SIGHUP), `kill` (SIGTERM) or an outside SIGINT stop the run as `q`
-    // does, so the recording and summary are complete; after a hang-up there is no terminal
-    // left to draw on.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminal_gone = false;
-    loop {
-        tokio::select! {
-            why = async {
-                tokio::select! {
-                    _ = hangup.recv() => "hung up",
-                    _ = terminate.recv() => "terminated",
-                    _ = interrupt.recv() => "interrupted",
+/// Playback of a recording: session time shown = base + elapsed × speed (0: as fast as possible).
+struct Clock {
+    speed: f64,
+    base: f64,
+    start: Instant,
+}
+
+impl Clock {
+    fn now(&self, paused: bool) -> f64 {
+        if paused {
+            self.base
+        } else {
+            self.base + self.start.elapsed().as_secs_f64() * self.speed
+        }
+    }
+}
+
+/// Where the dashboard's events come from.
+enum Source {
+    /// A run in progress: events from the scheduler, recorded as they are applied; keys that
+    /// change the run become controls.
+    Live {
+        events: UnboundedReceiver<Stamped>,
+        run: LiveRun,
+        control: UnboundedSender<Control>,
+        over: bool,
+    },
+    /// A recording played back on a clock; keys pause, step and restart the playback.
+    Replay {
+        header: Box<Header>,
+        events: Vec<Stamped>,
+        next: usize,
+        clock: Clock,
+    },
+    /// A recording still being written: new lines as they arrive.
+    Watch {
+        follower: Follower,
+        pending: VecDeque<Stamped>,
+        next_poll: Instant,
+    },
+}
+
+/// How often `watch` looks for new lines.
+const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+
+impl Source {
+    /// The next event to apply, when it is due; `None` once a live run's events have ended (a
+    /// recording's end simply never yields). Cancel-safe — the loop drops this future whenever
+    /// a key or a frame comes first — so every wait is until an absolute time.
+    async fn next(&mut self, app: &mut App) -> Option<Stamped> {
+        match self {
+            Source::Live { events, over, .. } => {
+                if *over {
+                    return std::future::pending().await;
                 }
-            }, if quitting.is_none() => {
-                let _ = control.send(Control::Quit);
-                quitting = Some(tokio::time::Instant::now());
-                if why == "hung up" {
-                    terminal_gone = true;
-                    crate::headless::silence_stdio();
-                }
-                app.view.message = Some(format!("{why}: stopping workers…"));
-                dirty = true;
+                let ev = events.recv().await;
+                *over = ev.is_none();
+                ev
             }
-            ev = events.recv(), if !run_over => match ev {
-                Some(ev) => {
-                    app.session.apply(&ev);
-                    if let Err(e) = recorder.append(&ev)
-                        && write_error.is_none() {
-                            write_error = Some(format!("writing {}: {e}", recorder.path().display()));
-                            app.view.message = write_error.clone();
-                            let _ = control.send(Control::Quit);
-                        }
-                    dirty = true;
+            Source::Replay {
+                events,
+                next,
+                clock,
+                ..
+            } => {
+                let Some(ev) = events.get(*next) else {
+                    return std::future::pending().await;
+                };
+                if app.playback_paused {
+                    return std::future::pending().await;
                 }
-                None => {
-                    run_over = true;
-                    dirty = true;
-                    if quitting.is_some() {
+                if clock.speed > 0.0 {
+                    let due = (ev.t - clock.base) / clock.speed;
+                    if due > 0.0 {
+                        // A time no clock reaches (a hand-edited recording) is never due.
+                        let at = Duration::try_from_secs_f64(due)
+                            .ok()
+                            .and_then(|d| clock.start.checked_add(d));
+                        match at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => return std::future::pending().await,
+                        }
+                    }
+                }
+                *next += 1;
+                Some(ev.clone())
+            }
+            Source::Watch {
+                follower,
+                pending,
+                next_poll,
+            } => loop {
+                if let Some(ev) = pending.pop_front() {
+                    return Some(ev);
+                }
+                tokio::time::sleep_until(*next_poll).await;
+                *next_poll = Instant::now() + FOLLOW_EVERY;
+                match follower.poll() {
+                    Ok(new) => pending.extend(new),
+                    Err(e) => app.view.message = Some(format!("following: {e}")),
+                }
+            },
+        }
+    }
+
+    /// Applies an event (and records it, live). A live write failure stops the run.
+    fn apply(&mut self, app: &mut App, ev: &Stamped) {
+        match self {
+            Source::Live { run, control, .. } => {
+                if let Some(e) = run.record(&mut app.session, ev) {
+                    app.view.message = Some(e);
+                    let _ = control.send(Control::Quit);
+                }
+            }
+            _ => app.session.apply(ev),
+        }
+    }
+
+    fn live_over(&self) -> bool {
+        matches!(self, Source::Live { over: true, .. })
+    }
+
+    /// Asks a live run to stop (workers are told; events keep coming until they have).
+    fn quit(&self) {
+        if let Source::Live { control, .. } = self {
+            let _ = control.send(Control::Quit);
+        }
+    }
+
+    /// What an effect of a key does to the run or the playback.
+    fn act(&mut self, app: &mut App, effect: Effect) {
+        match (self, effect) {
+            (Source::Live { control, .. }, Effect::Control(c)) => {
+                let _ = control.send(c);
+            }
+            (Source::Replay { clock, .. }, Effect::PlaybackToggle) => {
+                if app.playback_paused {
+                    clock.start = Instant::now();
+                } else {
+                    clock.base = clock.now(false);
+                }
+                app.playback_paused = !app.playback_paused;
+            }
+            (
+                Source::Replay {
+                    events,
+                    next,
+                    clock,
+                    ..
+                },
+                Effect::PlaybackStep,
+            ) => {
+                // Everything up to and including the next token.
+                while let Some(ev) = events.get(*next) {
+                    app.session.apply(ev);
+                    clock.base = ev.t;
+                    *next += 1;
+                    if matches!(ev.event, SessionEvent::Token { .. }) {
                         break;
                     }
                 }
-            },
+                app.playback_paused = true;
+            }
+            (
+                Source::Replay {
+                    header,
+                    next,
+                    clock,
+                    ..
+                },
+                Effect::PlaybackRestart,
+            ) => {
+                app.session = SessionState::new((**header).clone());
+                *next = 0;
+                clock.base = 0.0;
+                clock.start = Instant::now();
+            }
+            (_, Effect::Export) => app.view.message = Some(export_now(app)),
+            _ => {}
+        }
+    }
+}
+
+/// The one event loop of the dashboard: events from `source`, keys, frames at `fps`, and stop
+/// signals. A live run ends once the user (or a signal, or a failed write) stopped it and its
+/// workers have finished — or 15 s after asking; a replay ends on `q`. Returns the terminal
+/// still set up: the caller writes its files first, then drops it (nothing that touches the
+/// terminal may stand between a run and its files).
+async fn event_loop(app: &mut App, source: &mut Source, fps: u32) -> Result<terminal::Guard> {
+    let mut guard = terminal::init()?;
+    let mut keys = terminal_events();
+    let mut tick = tokio::time::interval(frame_interval(fps));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut signals = StopSignals::new()?;
+    let live = matches!(source, Source::Live { .. });
+    let mut dirty = true;
+    let mut quitting: Option<Instant> = None;
+    let mut terminal_gone = false;
+    loop {
+        tokio::select! {
+            why = signals.next(), if quitting.is_none() => {
+                if !live {
+                    break;
+                }
+                source.quit();
+                quitting = Some(Instant::now());
+                terminal_gone |= why == crate::live::Stop::HungUp;
+                app.view.message = Some(format!("{}: stopping workers…", why.name()));
+                dirty = true;
+            }
+            ev = source.next(app) => {
+                match ev {
+                    Some(ev) => source.apply(app, &ev),
+                    None if quitting.is_some() => break,
+                    None => {}
+                }
+                dirty = true;
+            }
             k = keys.recv() => {
                 match k {
                     Some(Ok(Event::Key(key))) => {
@@ -162,26 +316,25 @@ pub async fn live(
                             app.view.help = false;
                         } else if let Some(a) = input::action(key) {
                             match app.update(a) {
-                                Some(Effect::Control(c)) => { let _ = control.send(c); }
+                                Some(Effect::Quit) if !live || source.live_over() => break,
                                 Some(Effect::Quit) => {
-                                    if run_over { break; }
-                                    let _ = control.send(Control::Quit);
-                                    quitting = Some(tokio::time::Instant::now());
+                                    source.quit();
+                                    quitting = Some(Instant::now());
                                     app.view.message = Some("quitting: stopping workers…".into());
                                 }
-                                Some(Effect::Export) => app.view.message = Some(export_now(&app)),
-                                _ => {}
+                                Some(effect) => source.act(app, effect),
+                                None => {}
                             }
                         }
                         dirty = true;
                     }
                     Some(Ok(Event::Resize(_, _))) => dirty = true,
-                    Some(Err(_)) | None
-                        // No terminal input any more (the SSH session went away): stop cleanly.
-                        if quitting.is_none() => {
-                            let _ = control.send(Control::Quit);
-                            quitting = Some(tokio::time::Instant::now());
-                        }
+                    // No terminal input any more (the SSH session went away): stop cleanly.
+                    Some(Err(_)) | None if !live => break,
+                    Some(Err(_)) | None if quitting.is_none() => {
+                        source.quit();
+                        quitting = Some(Instant::now());
+                    }
                     _ => {}
                 }
             }
@@ -190,45 +343,60 @@ pub async fn live(
                     // A terminal that can no longer be drawn on has gone away: stop cleanly
                     // rather than lose the run's summary.
                     if guard.term.draw(|f| app.render(f)).is_err() {
+                        if !live {
+                            break;
+                        }
                         terminal_gone = true;
-                        crate::headless::silence_stdio();
+                        silence_stdio();
                         if quitting.is_none() {
-                            let _ = control.send(Control::Quit);
-                            quitting = Some(tokio::time::Instant::now());
+                            source.quit();
+                            quitting = Some(Instant::now());
                         }
                     }
                     dirty = false;
                 }
                 if let Some(q) = quitting
-                    && (run_over || q.elapsed() > Duration::from_secs(15)) {
-                        break;
-                    }
+                    && (source.live_over() || q.elapsed() > Duration::from_secs(15))
+                {
+                    break;
+                }
             }
         }
     }
-    // The files first: nothing that touches the terminal may stand between the run and them.
-    let rec_path = recorder.path().to_path_buf();
-    recorder.close()?;
-    let summary = export::summarize(&app.session, &app.profile);
-    let spath = crate::headless::summary_path(&rec_path);
-    crate::headless::write_atomic(&spath, &(serde_json::to_string_pretty(&summary)? + "\n"))?;
-    drop(guard);
-    // Not `print!`: with the terminal gone it would panic; the files above are what counts.
-    use std::io::Write;
-    let _ = write!(
-        std::io::stdout(),
-        "{}recording: {}\nsummary:   {}\n",
-        crate::headless::final_report(&summary),
-        rec_path.display(),
-        spath.display()
-    );
-    if let Some(e) = write_error {
-        let _ = writeln!(std::io::stderr(), "error: {e}");
-    }
-    Ok(summary.verdict.outcome)
+    Ok(guard)
 }
 
-/// Replays a recording (and with `follow`, keeps reading what is appended).
+/// The live dashboard over a running session.
+pub async fn live(
+    header: Header,
+    recorder: Recorder,
+    profile: Profile,
+    events: UnboundedReceiver<Stamped>,
+    control: UnboundedSender<Control>,
+    ui: &UiArgs,
+) -> Result<Outcome> {
+    let mut app = new_app(SessionState::new(header), ui, profile, Mode::Live)?;
+    app.recording = Some(recorder.path().to_path_buf());
+    let mut source = Source::Live {
+        events,
+        run: LiveRun::new(recorder),
+        control,
+        over: false,
+    };
+    let guard = event_loop(&mut app, &mut source, ui.fps).await?;
+    let Source::Live { run, .. } = source else {
+        unreachable!("a live source stays live")
+    };
+    let end = run.finish(&app.session, &app.profile)?;
+    drop(guard);
+    print_quietly(&end.report());
+    if let Some(e) = &end.write_error {
+        print_error_quietly(&format!("error: {e}\n"));
+    }
+    Ok(end.summary.verdict.outcome)
+}
+
+/// Replays a recording (and with `follow`, keeps reading what is appended: `watch`).
 pub async fn replay(
     path: &Path,
     rec: Recording,
@@ -242,94 +410,30 @@ pub async fn replay(
     } else {
         Mode::Replay
     };
-    let header = rec.header.clone();
-    let mut app = new_app(SessionState::new(header.clone()), ui, profile, mode)?;
+    let mut app = new_app(SessionState::new(rec.header.clone()), ui, profile, mode)?;
     app.speed = speed;
     app.recording = Some(path.to_path_buf());
     if rec.truncated_tail {
         app.view.message = Some("the recording's last line was incomplete and was skipped".into());
     }
-    let mut guard = terminal::init()?;
-    let mut keys = terminal_events();
-    let mut tick = tokio::time::interval(frame_interval(ui.fps));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut events = rec.events;
-    let mut next = 0usize;
-    let mut follower = follow;
-    // Playback clock: session time shown = base + elapsed × speed.
-    let mut clock_start = tokio::time::Instant::now();
-    let mut clock_base = 0.0f64;
-    let mut poll = tokio::time::interval(Duration::from_millis(200));
-    let mut dirty = true;
-    loop {
-        tokio::select! {
-            k = keys.recv() => {
-                if let Some(Ok(Event::Key(key))) = k {
-                    if app.view.help {
-                        app.view.help = false;
-                    } else if let Some(a) = input::action(key) {
-                        match app.update(a) {
-                            Some(Effect::Quit) => break,
-                            Some(Effect::PlaybackToggle) => {
-                                if app.playback_paused {
-                                    clock_start = tokio::time::Instant::now();
-                                } else {
-                                    clock_base += clock_start.elapsed().as_secs_f64() * speed;
-                                }
-                                app.playback_paused = !app.playback_paused;
-                            }
-                            Some(Effect::PlaybackStep) => {
-                                // Apply events up to and including the next token.
-                                while next < events.len() {
-                                    let ev = &events[next];
-                                    app.session.apply(ev);
-                                    clock_base = ev.t;
-                                    next += 1;
-                                    if matches!(ev.event, crate::session::SessionEvent::Token { .. }) { break; }
-                                }
-                                app.playback_paused = true;
-                            }
-                            Some(Effect::PlaybackRestart) => {
-                                app.session = SessionState::new(header.clone());
-                                next = 0;
-                                clock_base = 0.0;
-                                clock_start = tokio::time::Instant::now();
-                            }
-                            Some(Effect::Export) => app.view.message = Some(export_now(&app)),
-                            _ => {}
-                        }
-                    }
-                    dirty = true;
-                } else if let Some(Ok(Event::Resize(_, _))) = k {
-                    dirty = true;
-                } else if k.is_none() {
-                    break;
-                }
-            }
-            _ = poll.tick(), if follower.is_some() => {
-                if let Some(f) = follower.as_mut() {
-                    match f.poll() {
-                        Ok(new) if !new.is_empty() => { events.extend(new); dirty = true; }
-                        Ok(_) => {}
-                        Err(e) => app.view.message = Some(format!("following: {e}")),
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                let now = if app.playback_paused { clock_base } else { clock_base + clock_start.elapsed().as_secs_f64() * speed };
-                while next < events.len() && (speed <= 0.0 || mode == Mode::Watch || events[next].t <= now) && !(app.playback_paused && mode == Mode::Replay) {
-                    app.session.apply(&events[next]);
-                    next += 1;
-                    dirty = true;
-                }
-                if dirty {
-                    guard.term.draw(|f| app.render(f))?;
-                    dirty = false;
-                }
-            }
-        }
-    }
-    drop(guard);
+    let mut source = match follow {
+        Some(follower) => Source::Watch {
+            follower,
+            pending: rec.events.into(),
+            next_poll: Instant::now(),
+        },
+        None => Source::Replay {
+            header: Box::new(rec.header),
+            events: rec.events,
+            next: 0,
+            clock: Clock {
+                speed,
+                base: 0.0,
+                start: Instant::now(),
+            },
+        },
+    };
+    drop(event_loop(&mut app, &mut source, ui.fps).await?);
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use crate::cache::stats::CacheSnapshot;
 use crate::cache::trace::MoeShape;
 use crate::engine::BackendSpec;
 use crate::session::event::{Finish, ResidentBytes};
+use crate::session::quality::ScoreRow;
 use crate::step_path::StepPath;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -81,15 +82,6 @@ pub enum Command {
         max_tokens: usize,
     },
     Shutdown,
-}
-
-/// Log-probabilities at one scored position.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScoreRow {
-    pub ids: Vec<u32>,
-    pub logp: Vec<f32>,
-    /// The most likely token at this position.
-    pub top1: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

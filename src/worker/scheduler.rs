@@ -17,13 +17,11 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::memory;
 use super::process::{WorkerMsg, WorkerProcess};
-use super::protocol::{
-    Command, PROTOCOL_VERSION, PromptInput, Sampling, ScoreRow, Support, WorkerEvent,
-};
+use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, Sampling, Support, WorkerEvent};
 use crate::engine::BackendSpec;
-use crate::session::event::{AgreementStats, Backend, Finish, SessionEvent, Stamped};
+use crate::session::event::{Backend, Finish, SessionEvent, Stamped};
 use crate::session::prompts::PromptSet;
-use crate::session::quality::kl_on_support;
+use crate::session::quality::{ScoreRow, agreement};
 use crate::session::record::Schedule;
 
 /// Requests from the user interface.
@@ -920,31 +918,5 @@ impl Scheduler {
         for b in Backend::BOTH {
             self.shutdown(b).await;
         }
-    }
-}
-
-/// KL(native ‖ selective), mean and max over positions, and top-1 agreement.
-pub fn agreement(native: &[ScoreRow], selective: &[ScoreRow], full_vocab: bool) -> AgreementStats {
-    let n = native.len().min(selective.len());
-    if n == 0 {
-        return AgreementStats::default();
-    }
-    let mut sum = 0.0;
-    let mut max: f64 = 0.0;
-    let mut top1 = 0usize;
-    for (a, b) in native.iter().zip(selective).take(n) {
-        let kl = kl_on_support(&a.logp, &b.logp);
-        sum += kl;
-        max = max.max(kl);
-        if a.top1 == b.top1 {
-            top1 += 1;
-        }
-    }
-    AgreementStats {
-        positions: n,
-        mean_kl: sum / n as f64,
-        max_kl: max,
-        top1_agreement: top1 as f64 / n as f64,
-        exact: full_vocab,
     }
 }

@@ -7,14 +7,15 @@ use std::time::{Duration, Instant};
 
 use crate::cache::trace::MoeShape;
 use crate::engine::Engine;
-use crate::model::generate::{
-    FinishReason, Generation, SamplingParams, StreamDecoder, TextTokenizer, Timing, stop_ids,
-};
+use crate::model::generate::{FinishReason, Generation, Timing};
 use crate::model::ports::{NoObserver, RoutingObserver};
 use crate::model::qwen3_moe::Logits;
+use crate::model::sampling::SamplingParams;
+use crate::model::tokenizer::{StreamDecoder, TextTokenizer, stop_ids};
 use crate::session::event::{Finish, ResidentBytes};
 
-use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, ScoreRow, Support, WorkerEvent};
+use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, Support, WorkerEvent};
+use crate::session::quality::ScoreRow;
 
 /// Cache snapshots go out at most this often while generating.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);

@@ -1,0 +1,161 @@
+//! The checkpoint's tokenizer (`tokenizer.json`, through the tokenizers crate) with its chat
+//! template, and streaming detokenisation that never splits a character.
+
+use std::path::{Path, PathBuf};
+
+use super::chat::{ChatMessage, ChatTemplate};
+use super::error::{ModelError, Result};
+
+/// `tokenizer.json` + the chat template.
+pub struct TextTokenizer {
+    tok: tokenizers::Tokenizer,
+    chat: ChatTemplate,
+    path: PathBuf,
+}
+
+impl TextTokenizer {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(ModelError::Tokenizer {
+                file: path,
+                msg: "missing (needed for text prompts; --token-ids works without it)".into(),
+            });
+        }
+        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
+            file: path.clone(),
+            msg: format!("cannot be loaded: {e}"),
+        })?;
+        Ok(TextTokenizer {
+            tok,
+            chat: ChatTemplate::from_dir(dir)?,
+            path,
+        })
+    }
+
+    /// Where the chat template came from.
+    pub fn template_source(&self) -> &str {
+        self.chat.source()
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        // Special tokens written by the template (<|im_start|> …) are added tokens and are matched
+        // as such; add_special_tokens=false keeps the tokenizer from adding BOS/EOS of its own.
+        let enc = self
+            .tok
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer {
+                file: self.path.clone(),
+                msg: format!("encoding failed: {e}"),
+            })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tok.decode(ids, true).unwrap_or_default()
+    }
+
+    pub fn token_id(&self, s: &str) -> Option<u32> {
+        self.tok.token_to_id(s)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
+    }
+
+    /// The chat template rendered over `messages` (see [`ChatTemplate::render`]).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.chat.render(messages, add_generation_prompt)
+    }
+
+    /// Token ids of a prompt: the chat template applied to one user turn, or the raw text.
+    pub fn prompt_ids(&self, prompt: &str, raw: bool) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(ModelError::Input("the prompt is empty".into()));
+        }
+        let text = if raw {
+            prompt.to_string()
+        } else {
+            self.apply_chat_template(
+                &[ChatMessage {
+                    role: "user".into(),
+                    content: prompt.into(),
+                }],
+                true,
+            )?
+        };
+        self.encode(&text)
+    }
+}
+
+/// Turns a growing token sequence into text increments that never split a UTF-8 character:
+/// a byte-level BPE token can hold half of a multi-byte character, which decodes to U+FFFD
+/// until the next token completes it — so we hold text back while it ends in U+FFFD.
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        StreamDecoder {
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    /// Adds a token and returns the text it completes (possibly empty).
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> String {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = tok.decode(&self.ids[self.prefix_offset..]);
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            let new = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            new
+        } else {
+            String::new()
+        }
+    }
+
+    /// Whatever is still held back at the end of generation (may contain U+FFFD if the model
+    /// really produced an incomplete character).
+    pub fn finish(&mut self, tok: &TextTokenizer) -> String {
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = tok.decode(&self.ids[self.prefix_offset..]);
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        if full.len() > prefix.len() && full.starts_with(&prefix) {
+            full[prefix.len()..].to_string()
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// Stop ids: the config's eos ids; if it names none, the tokenizer's end-of-turn tokens.
+pub fn stop_ids(cfg_eos: &[u32], tok: Option<&TextTokenizer>) -> Vec<u32> {
+    if !cfg_eos.is_empty() {
+        return cfg_eos.to_vec();
+    }
+    tok.map(|t| {
+        ["<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|s| t.token_id(s))
+            .collect()
+    })
+    .unwrap_or_default()
+}

@@ -1,0 +1,225 @@
+//! The plain-text tables a terminal shows: the side-by-side summary of a run and its verdict,
+//! one line per criterion (what headless runs, replays without a dashboard and the dashboard's
+//! exit print; the markdown export embeds them too).
+
+use super::{opt, opt_bytes};
+use crate::session::export::Summary;
+use crate::session::metrics::BackendMetrics;
+use crate::session::verdict::Verdict;
+use crate::util::fmt_bytes;
+
+/// The summary table, then the verdict: what a run prints when it ends.
+pub fn final_report(summary: &Summary) -> String {
+    let mut o = String::new();
+    o.push('\n');
+    o.push_str(&summary_table(summary));
+    o.push('\n');
+    for l in verdict_lines(&summary.verdict) {
+        o.push_str(&l);
+        o.push('\n');
+    }
+    o
+}
+
+/// The side-by-side table printed by headless runs and used in the markdown export.
+pub fn summary_table(sum: &Summary) -> String {
+    use std::fmt::Write;
+    let (n, s) = (&sum.backends.native, &sum.backends.selective);
+    let mut o = String::new();
+    let row = |o: &mut String, name: &str, a: String, b: String| {
+        let _ = writeln!(o, "| {name:<32} | {a:>16} | {b:>16} |");
+    };
+    let _ = writeln!(o, "| {:<32} | {:>16} | {:>16} |", "", "native", "selective");
+    let _ = writeln!(
+        o,
+        "|{}|{}|{}|",
+        "-".repeat(34),
+        "-".repeat(18),
+        "-".repeat(18)
+    );
+    row(&mut o, "status", n.status.clone(), s.status.clone());
+    row(&mut o, "load time (s)", opt(n.load_s, 2), opt(s.load_s, 2));
+    row(
+        &mut o,
+        "prompts done",
+        n.prompts_done.to_string(),
+        s.prompts_done.to_string(),
+    );
+    row(
+        &mut o,
+        "tokens generated",
+        n.generated_tokens.to_string(),
+        s.generated_tokens.to_string(),
+    );
+    row(
+        &mut o,
+        "TTFT mean (s)",
+        opt(n.ttft_mean_s, 3),
+        opt(s.ttft_mean_s, 3),
+    );
+    row(
+        &mut o,
+        "decode tok/s",
+        opt(n.decode_tok_s, 2),
+        opt(s.decode_tok_s, 2),
+    );
+    row(
+        &mut o,
+        "token latency p50 / p95 (ms)",
+        format!(
+            "{} / {}",
+            opt(n.token_latency_p50_s.map(|v| v * 1e3), 1),
+            opt(n.token_latency_p95_s.map(|v| v * 1e3), 1)
+        ),
+        format!(
+            "{} / {}",
+            opt(s.token_latency_p50_s.map(|v| v * 1e3), 1),
+            opt(s.token_latency_p95_s.map(|v| v * 1e3), 1)
+        ),
+    );
+    row(
+        &mut o,
+        "memory before (RSS+GPU)",
+        opt_bytes(n.memory.before),
+        opt_bytes(s.memory.before),
+    );
+    row(
+        &mut o,
+        "memory during (mean)",
+        opt_bytes(n.memory.during),
+        opt_bytes(s.memory.during),
+    );
+    row(
+        &mut o,
+        "memory after",
+        opt_bytes(n.memory.after),
+        opt_bytes(s.memory.after),
+    );
+    row(
+        &mut o,
+        "memory peak",
+        fmt_bytes(n.memory.peak),
+        fmt_bytes(s.memory.peak),
+    );
+    row(
+        &mut o,
+        "  of which GPU (peak)",
+        n.memory
+            .peak_gpu
+            .map(fmt_bytes)
+            .unwrap_or_else(|| "unavailable".into()),
+        s.memory
+            .peak_gpu
+            .map(fmt_bytes)
+            .unwrap_or_else(|| "unavailable".into()),
+    );
+    row(
+        &mut o,
+        "expected weights",
+        opt_bytes(n.memory.expected_weights),
+        opt_bytes(s.memory.expected_weights),
+    );
+    row(
+        &mut o,
+        "cache hit rate",
+        "–".into(),
+        opt(s.cache_hit_rate.map(|h| h * 100.0), 1) + " %",
+    );
+    if s.prefetch_precision.is_some() || s.prefetch_recall.is_some() {
+        row(
+            &mut o,
+            "prefetch precision / recall",
+            "–".into(),
+            format!(
+                "{} / {} %",
+                opt(s.prefetch_precision.map(|h| h * 100.0), 1),
+                opt(s.prefetch_recall.map(|h| h * 100.0), 1)
+            ),
+        );
+        row(
+            &mut o,
+            "prefetch guesses too late",
+            "–".into(),
+            opt(s.prefetch_late.map(|h| h * 100.0), 1) + " %",
+        );
+    }
+    // Only where some step did not run the plain way (a GPU): on the CPU every step is
+    // uncaptured, which says nothing.
+    let plain = |m: &BackendMetrics| {
+        m.decode_paths
+            .iter()
+            .all(|p| p.path == crate::step_path::StepPath::Uncaptured)
+    };
+    if !(plain(n) && plain(s)) {
+        row(
+            &mut o,
+            "decode steps by path",
+            super::paths(&n.decode_paths),
+            super::paths(&s.decode_paths),
+        );
+    }
+    row(
+        &mut o,
+        "perplexity (reference text)",
+        opt(n.perplexity, 3),
+        opt(s.perplexity, 3),
+    );
+    row(
+        &mut o,
+        "coherent outputs",
+        opt(sum.quality.native_coherence_pct, 0) + " %",
+        opt(sum.quality.selective_coherence_pct, 0) + " %",
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "memory reduction {} %{} · speed ratio {} · token agreement {} % · top-1 agreement {} % · mean KL {} · max KL {}",
+        opt(sum.comparison.memory_reduction_pct, 1),
+        sum.comparison
+            .gpu_memory_reduction_pct
+            .map(|g| format!(" (GPU {g:.1} %)"))
+            .unwrap_or_default(),
+        opt(sum.comparison.speed_ratio, 3),
+        opt(sum.quality.token_agreement_pct, 1),
+        opt(sum.quality.top1_agreement_pct, 1),
+        opt(sum.quality.mean_kl, 6),
+        opt(sum.quality.max_kl, 6),
+    );
+    o
+}
+
+/// One line per criterion: measured value, threshold, pass/fail.
+pub fn verdict_lines(v: &Verdict) -> Vec<String> {
+    let mut out = vec![format!("verdict ({} profile): {}", v.profile, v.headline)];
+    for c in &v.criteria {
+        let measured = c
+            .measured
+            .map(|v| format!("{v:.3}"))
+            .unwrap_or_else(|| "not measured".into());
+        // Viability criteria pass or fail; native-preferred conditions hold (bad for
+        // selective) or are clear.
+        let native_rule = c.group == "native_preferred";
+        let mark = match (c.pass, native_rule) {
+            (Some(true), false) => "pass ",
+            (Some(false), false) => "FAIL ",
+            (Some(true), true) => "clear",
+            (Some(false), true) => "HOLDS",
+            (None, _) => "n/a  ",
+        };
+        let group = match c.group.as_str() {
+            "viable" => "viable if",
+            "native_preferred" => "native if",
+            "hybrid_short" => "short prompts",
+            "hybrid_long" => "long prompts",
+            g => g,
+        };
+        out.push(format!(
+            "  [{mark}] {group:<13} {:<58} {measured:>12} {} {}",
+            c.label, c.op, c.threshold
+        ));
+    }
+    for r in &v.reasons {
+        out.push(format!("  - {r}"));
+    }
+    out
+}
