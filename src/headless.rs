@@ -22,6 +22,7 @@ pub fn progress_line(state: &SessionState, ev: &Stamped) -> Option<String> {
             resident,
             degraded,
             describe,
+            ..
         } => Some(format!(
             "[{:>7.2}s] {backend:<9} loaded in {load_s:.2} s: {describe}; weights {} non-expert + {} experts{}",
             ev.t,

@@ -145,6 +145,9 @@ pub enum SessionEvent {
         degraded: bool,
         /// Human description of the backend ("native f32 cpu", "selective: 48 experts, …").
         describe: String,
+        /// The model's vocabulary (absent from the first recordings).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vocab_size: Option<usize>,
     },
     /// A backend begins a prompt (again, if rerun).
     PromptStarted {
@@ -227,6 +230,28 @@ pub enum SessionEvent {
 }
 
 impl SessionEvent {
+    /// The same event told of backend `b` (a worker's events are its backend's, whatever it
+    /// says: the scheduler knows which worker spoke).
+    pub fn for_backend(mut self, b: Backend) -> Self {
+        use SessionEvent::*;
+        match &mut self {
+            WorkerStarted { backend, .. }
+            | LoadProgress { backend, .. }
+            | Loaded { backend, .. }
+            | PromptStarted { backend, .. }
+            | Token { backend, .. }
+            | Cache { backend, .. }
+            | Routing { backend, .. }
+            | Memory { backend, .. }
+            | PromptDone { backend, .. }
+            | Perplexity { backend, .. }
+            | Failed { backend, .. } => *backend = b,
+            Warning { backend, .. } => *backend = Some(b),
+            _ => {}
+        }
+        self
+    }
+
     pub fn backend(&self) -> Option<Backend> {
         use SessionEvent::*;
         match self {

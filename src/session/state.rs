@@ -230,6 +230,7 @@ impl SessionState {
                 resident,
                 degraded,
                 describe,
+                ..
             } => {
                 let b = self.backend_mut(*backend);
                 if b.status.is_failed() {

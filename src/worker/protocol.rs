@@ -4,14 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::stats::CacheSnapshot;
-use crate::cache::trace::MoeShape;
 use crate::engine::BackendSpec;
-use crate::session::event::{Finish, ResidentBytes};
+use crate::session::event::SessionEvent;
 use crate::session::quality::ScoreRow;
-use crate::step_path::StepPath;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: session events travel as themselves (`{"ev": "session", "type": …}`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Decoding settings on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +82,10 @@ pub enum Command {
     Shutdown,
 }
 
+/// What a worker says. Everything that belongs to the session — loading, tokens, routing,
+/// cache statistics, prompt results, perplexity — is a [`SessionEvent`] of the worker's own
+/// backend, forwarded by the scheduler as it is (and recorded): no second vocabulary to
+/// translate. The rest is the conversation with the scheduler.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "ev", rename_all = "snake_case")]
 pub enum WorkerEvent {
@@ -91,65 +93,13 @@ pub enum WorkerEvent {
         version: u32,
         pid: u32,
     },
-    LoadProgress {
-        done: usize,
-        total: usize,
-    },
-    Loaded {
-        load_s: f64,
-        resident: ResidentBytes,
-        degraded: bool,
-        describe: String,
-        moe: MoeShape,
-        model_type: String,
-        config_fingerprint: String,
-        vocab_size: usize,
-    },
-    PromptStarted {
-        prompt: usize,
-        prompt_tokens: usize,
-        max_new_tokens: usize,
-    },
-    Token {
-        prompt: usize,
-        index: usize,
-        id: u32,
-        text: String,
-        dt: f64,
-        prefill: bool,
-        /// How the step ran (absent from workers before it was added).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        path: Option<StepPath>,
-    },
-    Routing {
-        prompt: usize,
-        position: usize,
-        experts: Vec<Vec<u16>>,
-        /// Per MoE layer, the next-layer guess made for it (empty where none was made).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        guesses: Vec<Vec<u16>>,
-    },
-    Cache {
-        snapshot: CacheSnapshot,
-    },
-    PromptDone {
-        prompt: usize,
-        finish: Finish,
-        token_ids: Vec<u32>,
-        text: String,
-        ttft_s: f64,
-        prefill_tok_s: f64,
-        decode_tok_s: f64,
-    },
+    /// One of the session events a worker may report (see [`WorkerEvent::may_carry`]).
+    Session(Box<SessionEvent>),
     Scored {
         prompt: usize,
         rows: Vec<ScoreRow>,
         /// True when each row covers the whole vocabulary.
         full_vocab: bool,
-    },
-    Perplexity {
-        perplexity: f64,
-        tokens: usize,
     },
     /// `fatal`: the worker cannot go on (it exits after sending this).
     Error {
@@ -159,9 +109,30 @@ pub enum WorkerEvent {
     Bye,
 }
 
+impl WorkerEvent {
+    /// Whether a worker may report this session event: its backend's own doings, not what the
+    /// parent decides (worker start and failure, memory samples, focus, the run's end).
+    pub fn may_carry(ev: &SessionEvent) -> bool {
+        use SessionEvent::*;
+        matches!(
+            ev,
+            LoadProgress { .. }
+                | Loaded { .. }
+                | PromptStarted { .. }
+                | Token { .. }
+                | Cache { .. }
+                | Routing { .. }
+                | PromptDone { .. }
+                | Perplexity { .. }
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::event::Backend;
+    use crate::step_path::StepPath;
 
     #[test]
     fn commands_and_events_round_trip_as_single_lines() {
@@ -203,7 +174,8 @@ mod tests {
             serde_json::from_str::<Command>(line).unwrap(),
             Command::Step
         );
-        let ev = WorkerEvent::Token {
+        let ev = WorkerEvent::Session(Box::new(SessionEvent::Token {
+            backend: Backend::Selective,
             prompt: 0,
             index: 3,
             id: 7,
@@ -211,17 +183,34 @@ mod tests {
             dt: 0.01,
             prefill: false,
             path: Some(StepPath::Piecewise),
-        };
+        }));
         let line = serde_json::to_string(&ev).unwrap();
+        assert!(!line.contains('\n'));
         assert!(line.contains(r#""path":"piecewise""#), "{line}");
         assert_eq!(serde_json::from_str::<WorkerEvent>(&line).unwrap(), ev);
-        // A token line from a worker that does not say how the step ran still parses.
-        let old =
-            r#"{"ev":"token","prompt":0,"index":1,"id":2,"text":"x","dt":0.5,"prefill":false}"#;
+        // A token line that does not say how the step ran still parses.
+        let old = r#"{"ev":"session","type":"token","backend":"native","prompt":0,"index":1,"id":2,"text":"x","dt":0.5,"prefill":false}"#;
         match serde_json::from_str::<WorkerEvent>(old) {
-            Ok(WorkerEvent::Token { path, .. }) => assert_eq!(path, None),
+            Ok(WorkerEvent::Session(ev)) => match *ev {
+                SessionEvent::Token { path, .. } => assert_eq!(path, None),
+                other => panic!("{other:?}"),
+            },
             other => panic!("{other:?}"),
         }
+        // What the parent decides is not a worker's to say.
+        assert!(WorkerEvent::may_carry(&SessionEvent::PromptStarted {
+            backend: Backend::Native,
+            prompt: 0,
+            prompt_tokens: 3,
+            max_new_tokens: 4,
+        }));
+        assert!(!WorkerEvent::may_carry(&SessionEvent::Finished {
+            reason: "x".into()
+        }));
+        assert!(!WorkerEvent::may_carry(&SessionEvent::Failed {
+            backend: Backend::Native,
+            reason: "x".into()
+        }));
         assert!(serde_json::from_str::<Command>(r#"{"cmd":"fly"}"#).is_err());
     }
 }

@@ -420,7 +420,6 @@ impl Scheduler {
         }
     }
 
-    /// Translates one worker message into session events and worker state.
     /// One memory sample of `b`'s worker now, beside the timer's: a fast model loads and
     /// generates between two ticks, and its peak would otherwise never be seen.
     fn sample_now(&self, b: Backend) {
@@ -438,6 +437,7 @@ impl Scheduler {
         }
     }
 
+    /// Turns one worker message into worker state and session events.
     fn handle(&mut self, b: Backend, msg: WorkerMsg) {
         let em = self.em.clone();
         match msg {
@@ -454,121 +454,23 @@ impl Scheduler {
                         self.ws(b).ready = true;
                     }
                 }
-                WorkerEvent::LoadProgress { done, total } => em.emit(SessionEvent::LoadProgress {
-                    backend: b,
-                    done,
-                    total,
+                WorkerEvent::Session(ev) if WorkerEvent::may_carry(&ev) => {
+                    self.session_event(b, (*ev).for_backend(b))
+                }
+                WorkerEvent::Session(ev) => em.emit(SessionEvent::Warning {
+                    backend: Some(b),
+                    message: format!(
+                        "worker sent an event that is not its to send: {}",
+                        serde_json::to_string(&ev)
+                            .unwrap_or_default()
+                            .chars()
+                            .take(200)
+                            .collect::<String>()
+                    ),
                 }),
-                WorkerEvent::Loaded {
-                    load_s,
-                    resident,
-                    degraded,
-                    describe,
-                    vocab_size,
-                    ..
-                } => {
-                    let st = self.ws(b);
-                    st.loaded = true;
-                    st.vocab = vocab_size;
-                    self.sample_now(b);
-                    em.emit(SessionEvent::Loaded {
-                        backend: b,
-                        load_s,
-                        resident,
-                        degraded,
-                        describe,
-                    });
-                }
-                WorkerEvent::PromptStarted {
-                    prompt,
-                    prompt_tokens,
-                    max_new_tokens,
-                } => {
-                    let st = self.ws(b);
-                    st.generating = Some(prompt);
-                    st.tokens = 0;
-                    st.done = None;
-                    em.emit(SessionEvent::PromptStarted {
-                        backend: b,
-                        prompt,
-                        prompt_tokens,
-                        max_new_tokens,
-                    });
-                }
-                WorkerEvent::Token {
-                    prompt,
-                    index,
-                    id,
-                    text,
-                    dt,
-                    prefill,
-                    path,
-                } => {
-                    self.ws(b).tokens += 1;
-                    em.emit(SessionEvent::Token {
-                        backend: b,
-                        prompt,
-                        index,
-                        id,
-                        text,
-                        dt,
-                        prefill,
-                        path,
-                    });
-                }
-                WorkerEvent::Routing {
-                    prompt,
-                    position,
-                    experts,
-                    guesses,
-                } => em.emit(SessionEvent::Routing {
-                    backend: b,
-                    prompt,
-                    position,
-                    experts,
-                    guesses,
-                }),
-                WorkerEvent::Cache { snapshot } => em.emit(SessionEvent::Cache {
-                    backend: b,
-                    snapshot,
-                }),
-                WorkerEvent::PromptDone {
-                    prompt,
-                    finish,
-                    token_ids,
-                    text,
-                    ttft_s,
-                    prefill_tok_s,
-                    decode_tok_s,
-                } => {
-                    // Sampled before the prompt is marked done so it counts as memory "during"
-                    // generation: a short prompt can finish between two timer samples.
-                    self.sample_now(b);
-                    let st = self.ws(b);
-                    st.generating = None;
-                    st.done = Some((prompt, finish, token_ids.clone()));
-                    em.emit(SessionEvent::PromptDone {
-                        backend: b,
-                        prompt,
-                        finish,
-                        token_ids,
-                        text,
-                        ttft_s,
-                        prefill_tok_s,
-                        decode_tok_s,
-                    });
-                }
                 WorkerEvent::Scored {
                     rows, full_vocab, ..
                 } => self.ws(b).scored = Some((rows, full_vocab)),
-                WorkerEvent::Perplexity { perplexity, tokens } => {
-                    self.ws(b).ppl = Some((perplexity, tokens));
-                    em.emit(SessionEvent::Perplexity {
-                        backend: b,
-                        perplexity,
-                        tokens,
-                    });
-                }
                 WorkerEvent::Error { message, fatal } => {
                     if fatal {
                         self.fail(b, message);
@@ -602,6 +504,44 @@ impl Scheduler {
                 self.fail(b, reason);
             }
         }
+    }
+
+    /// A worker's session event: what it tells the scheduler about the worker, then out to
+    /// the session as it is.
+    fn session_event(&mut self, b: Backend, ev: SessionEvent) {
+        match &ev {
+            SessionEvent::Loaded { vocab_size, .. } => {
+                let st = self.ws(b);
+                st.loaded = true;
+                st.vocab = vocab_size.unwrap_or(0);
+                self.sample_now(b);
+            }
+            SessionEvent::PromptStarted { prompt, .. } => {
+                let st = self.ws(b);
+                st.generating = Some(*prompt);
+                st.tokens = 0;
+                st.done = None;
+            }
+            SessionEvent::Token { .. } => self.ws(b).tokens += 1,
+            SessionEvent::PromptDone {
+                prompt,
+                finish,
+                token_ids,
+                ..
+            } => {
+                // Sampled before the prompt is marked done so it counts as memory "during"
+                // generation: a short prompt can finish between two timer samples.
+                self.sample_now(b);
+                let st = self.ws(b);
+                st.generating = None;
+                st.done = Some((*prompt, *finish, token_ids.clone()));
+            }
+            SessionEvent::Perplexity {
+                perplexity, tokens, ..
+            } => self.ws(b).ppl = Some((*perplexity, *tokens)),
+            _ => {}
+        }
+        self.em.emit(ev);
     }
 
     fn prompt_input(&self, i: usize) -> PromptInput {

@@ -5,14 +5,13 @@ use std::io::{BufRead, Write};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
-use crate::cache::trace::MoeShape;
-use crate::engine::Engine;
+use crate::engine::{BackendKind, Engine};
 use crate::model::generate::{FinishReason, Generation, Timing};
 use crate::model::ports::{NoObserver, RoutingObserver};
 use crate::model::qwen3_moe::Logits;
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::{StreamDecoder, TextTokenizer, stop_ids};
-use crate::session::event::{Finish, ResidentBytes};
+use crate::session::event::{Backend, Finish, ResidentBytes, SessionEvent};
 
 use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, Support, WorkerEvent};
 use crate::session::quality::ScoreRow;
@@ -22,9 +21,17 @@ const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
 
 struct Out {
     stdout: std::io::Stdout,
+    /// The backend this worker runs (known once loaded), whose session events it reports.
+    backend: Backend,
 }
 
 impl Out {
+    /// Reports a session event of this worker's backend.
+    fn session(&mut self, ev: SessionEvent) {
+        let ev = ev.for_backend(self.backend);
+        self.send(&WorkerEvent::Session(Box::new(ev)));
+    }
+
     fn send(&mut self, ev: &WorkerEvent) {
         let mut line = serde_json::to_string(ev).expect("event serialises");
         line.push('\n');
@@ -165,6 +172,7 @@ pub fn run() -> anyhow::Result<()> {
     });
     let mut out = Out {
         stdout: std::io::stdout(),
+        backend: Backend::Native,
     };
     let mut faults = Faults::from_env();
     let mut state: Option<Loaded> = None;
@@ -209,10 +217,19 @@ pub fn run() -> anyhow::Result<()> {
             } => {
                 let start = Instant::now();
                 let mut last = Instant::now();
+                out.backend = match spec.backend {
+                    BackendKind::Native => Backend::Native,
+                    BackendKind::Selective => Backend::Selective,
+                };
+                let backend = out.backend;
                 let result = spec.load(|done, total| {
                     if last.elapsed() > Duration::from_millis(100) || done == total {
                         last = Instant::now();
-                        out.send(&WorkerEvent::LoadProgress { done, total });
+                        out.session(SessionEvent::LoadProgress {
+                            backend,
+                            done,
+                            total,
+                        });
                     }
                 });
                 match result {
@@ -238,20 +255,13 @@ pub fn run() -> anyhow::Result<()> {
                             expert_bytes,
                         };
                         let describe = describe(&spec, &engine);
-                        out.send(&WorkerEvent::Loaded {
+                        out.session(SessionEvent::Loaded {
+                            backend,
                             load_s: start.elapsed().as_secs_f64(),
                             resident,
                             degraded: engine.degraded,
                             describe,
-                            moe: MoeShape {
-                                num_layers: cfg.num_hidden_layers,
-                                moe_layers: moe_layers.clone(),
-                                num_experts: cfg.num_experts,
-                                top_k: cfg.num_experts_per_tok,
-                            },
-                            model_type: cfg.family.model_type().into(),
-                            config_fingerprint: cfg.fingerprint(),
-                            vocab_size: cfg.vocab_size,
+                            vocab_size: Some(cfg.vocab_size),
                         });
                         state = Some(Loaded {
                             trace: TraceObserver {
@@ -346,7 +356,8 @@ pub fn run() -> anyhow::Result<()> {
                 let ppl = perplexity(st, &text, max_tokens);
                 st.engine.provider.set_bypass(false);
                 match ppl {
-                    Ok((ppl, n)) => out.send(&WorkerEvent::Perplexity {
+                    Ok((ppl, n)) => out.session(SessionEvent::Perplexity {
+                        backend: out.backend,
                         perplexity: ppl,
                         tokens: n,
                     }),
@@ -435,7 +446,8 @@ fn generate(
     let snapshot = || st.engine.cache_snapshot();
     let mut g =
         Generation::new(model, ids.clone(), params, st.stops.clone()).map_err(|e| e.to_string())?;
-    out.send(&WorkerEvent::PromptStarted {
+    out.session(SessionEvent::PromptStarted {
+        backend: out.backend,
         prompt,
         prompt_tokens: ids.len(),
         max_new_tokens: sampling.max_new_tokens,
@@ -462,7 +474,10 @@ fn generate(
                         if let Some(s) = snapshot()
                             && last_snapshot.elapsed() > Duration::from_secs(1)
                         {
-                            out.send(&WorkerEvent::Cache { snapshot: s });
+                            out.session(SessionEvent::Cache {
+                                backend: out.backend,
+                                snapshot: s,
+                            });
                             last_snapshot = Instant::now();
                         }
                         continue;
@@ -516,7 +531,8 @@ fn generate(
         };
         let mut guesses = std::mem::take(&mut st.trace.guesses);
         for (position, experts) in std::mem::take(&mut st.trace.per_position) {
-            out.send(&WorkerEvent::Routing {
+            out.session(SessionEvent::Routing {
+                backend: out.backend,
                 prompt,
                 position,
                 experts,
@@ -528,7 +544,8 @@ fn generate(
             None => format!("{} ", step.token),
         };
         text.push_str(&piece);
-        out.send(&WorkerEvent::Token {
+        out.session(SessionEvent::Token {
+            backend: out.backend,
             prompt,
             index: step.index,
             id: step.token,
@@ -541,7 +558,10 @@ fn generate(
         faults.on_token();
         if last_snapshot.elapsed() >= SNAPSHOT_EVERY {
             if let Some(s) = snapshot() {
-                out.send(&WorkerEvent::Cache { snapshot: s });
+                out.session(SessionEvent::Cache {
+                    backend: out.backend,
+                    snapshot: s,
+                });
             }
             last_snapshot = Instant::now();
         }
@@ -555,7 +575,10 @@ fn generate(
         text.push_str(&decoder.finish(t));
     }
     if let Some(s) = snapshot() {
-        out.send(&WorkerEvent::Cache { snapshot: s });
+        out.session(SessionEvent::Cache {
+            backend: out.backend,
+            snapshot: s,
+        });
     }
     let timing = Timing::of(&g, std::time::Duration::ZERO);
     let finish = match g.finished() {
@@ -563,7 +586,8 @@ fn generate(
         Some(FinishReason::Cancelled) => Finish::Cancelled,
         _ => Finish::MaxNewTokens,
     };
-    out.send(&WorkerEvent::PromptDone {
+    out.session(SessionEvent::PromptDone {
+        backend: out.backend,
         prompt,
         finish,
         token_ids: g.generated.clone(),
