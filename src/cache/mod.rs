@@ -3,10 +3,12 @@
 //! and the simulator that replays them. No candle and no clap: the live cache
 //! (`experts::cache`) and the simulator run the same code, so they agree by construction.
 
+pub mod access;
 pub mod policy;
 pub mod pool;
 pub mod settings;
 pub mod sim;
 pub mod speculation;
 pub mod stats;
+pub mod study;
 pub mod trace;

@@ -233,6 +233,29 @@ impl PrefetchStats {
     }
 }
 
+/// Costs measured in a run, for predicting decode speed at other capacities.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Costs {
+    /// Native's mean decode step, seconds.
+    pub native_step_s: f64,
+    /// Mean time to load one expert on a miss, seconds.
+    pub miss_s: f64,
+    /// Decode tokens in the trace.
+    pub decode_tokens: usize,
+    /// GPU with CUDA graphs: a selective step that reads routing back every layer (piecewise
+    /// graphs), seconds. A step guessed clean and clean runs as a graph at native's speed; one
+    /// with misses costs this plus its loads, plus one wasted graph launch when it was guessed
+    /// clean; a clean step not guessed costs this.
+    /// None (CPU, or unmeasured): every step costs native's step.
+    #[serde(default)]
+    pub uncaptured_step_s: Option<f64>,
+    /// With prefetch: what each expert loaded ahead adds to the decode time, seconds — the part
+    /// of its load that the forward pass did not hide (it competes for cores and memory
+    /// bandwidth). None: assumed hidden entirely. `sweep` calibrates it on its smallest cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_ahead_s: Option<f64>,
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -281,6 +304,44 @@ mod tests {
             assert!(b >= last);
             last = b;
             assert!(Histogram::upper(b) >= us as f64 || b == SUB * OCTAVES - 1);
+        }
+    }
+
+    #[test]
+    fn costs_written_to_a_trace_read_back_exactly() {
+        // A trace and the recording it came from must predict the same speed to the last bit.
+        // serde_json's default float parser can be one ulp off: Cargo.toml turns on its
+        // `float_roundtrip` (test builds get it from a dev-dependency too, so this guards the
+        // property rather than proving the flag). Values the default parser reads back wrong:
+        for bits in [
+            4499942606667094846u64,
+            4504504056015702419,
+            4502118833659027169,
+        ] {
+            let c = Costs {
+                native_step_s: f64::from_bits(bits),
+                miss_s: f64::from_bits(bits + 1),
+                decode_tokens: 1,
+                uncaptured_step_s: Some(f64::from_bits(bits)),
+                load_ahead_s: None,
+            };
+            let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+            assert_eq!(back, c);
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let c = Costs {
+                native_step_s: f64::from_bits(0x3f00_0000_0000_0000 | (x >> 12)),
+                miss_s: 1.0 / (1.0 + (x % 1_000_000) as f64 / 7.0),
+                decode_tokens: 1,
+                uncaptured_step_s: None,
+                load_ahead_s: None,
+            };
+            let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+            assert_eq!(back, c);
         }
     }
 }

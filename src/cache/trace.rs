@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::PolicyKind;
 use super::settings::Scope;
-use super::sim::Costs;
+use super::stats::Costs;
 
 pub const TRACE_FORMAT: &str = "moescope-trace";
 pub const TRACE_VERSION: u32 = 1;

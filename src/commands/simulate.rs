@@ -2,8 +2,10 @@
 
 use anyhow::Result;
 
+use crate::cache::access::{accesses, accesses_prefetched, has_guesses};
 use crate::cache::settings::{PrefetchMode, Scope};
-use crate::cache::sim::{self as cachesim, SimPolicy};
+use crate::cache::sim::{SimPolicy, simulate};
+use crate::cache::study::{default_capacities, parse_capacities, study};
 use crate::cli::SimulateArgs;
 use crate::errors::InputError;
 use crate::session::study;
@@ -17,8 +19,8 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         .or(input.live.as_ref().map(|l| l.scope))
         .unwrap_or(Scope::Global);
     let mut capacities = match &a.capacities {
-        Some(s) => cachesim::parse_capacities(s, total).map_err(InputError)?,
-        None => cachesim::default_capacities(total, input.moe.top_k * layers),
+        Some(s) => parse_capacities(s, total).map_err(InputError)?,
+        None => default_capacities(total, input.moe.top_k * layers),
     };
     if let (None, Some(l)) = (&a.capacities, &input.live) {
         capacities.push(l.capacity);
@@ -41,10 +43,10 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     let prefetch = match a.prefetch {
         Some(PrefetchMode::NextLayer) => true,
         Some(PrefetchMode::None) => false,
-        Some(PrefetchMode::Auto) => cachesim::has_guesses(&input.steps),
+        Some(PrefetchMode::Auto) => has_guesses(&input.steps),
         None => input.live.as_ref().is_some_and(|l| l.prefetch),
     };
-    if prefetch && !cachesim::has_guesses(&input.steps) {
+    if prefetch && !has_guesses(&input.steps) {
         crate::bail_input!(
             "{}: the routing trace has no next-layer guesses to replay prefetch from; record \
              the run with `moescope run --trace-guesses` (or `--prefetch next-layer`)",
@@ -65,11 +67,11 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         );
     }
     let acc = if prefetch {
-        cachesim::accesses_prefetched(&input.steps, &input.prompt_tokens)
+        accesses_prefetched(&input.steps, &input.prompt_tokens)
     } else {
-        cachesim::accesses(&input.steps, &input.prompt_tokens)
+        accesses(&input.steps, &input.prompt_tokens)
     };
-    let study = cachesim::study(
+    let study = study(
         &acc,
         total,
         layers,
@@ -80,7 +82,7 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     );
     if a.json {
         let check = input.live.as_ref().map(|l| {
-            let sim = cachesim::simulate(&acc, SimPolicy::Live(l.policy), l.capacity, l.scope, layers);
+            let sim = simulate(&acc, SimPolicy::Live(l.policy), l.capacity, l.scope, layers);
             serde_json::json!({"capacity": l.capacity, "policy": l.policy.name(), "scope": l.scope.name(),
                 "live_hits": l.hits, "live_misses": l.misses, "simulated_hits": sim.hits, "simulated_misses": sim.misses})
         });
@@ -94,7 +96,7 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     }
     print!("{}", crate::report::simulate::study_table(&study));
     if let Some(l) = &input.live {
-        let sim = cachesim::simulate(&acc, SimPolicy::Live(l.policy), l.capacity, l.scope, layers);
+        let sim = simulate(&acc, SimPolicy::Live(l.policy), l.capacity, l.scope, layers);
         println!(
             "the run itself: {} experts, {} scope, {}{}: live {} hits / {} misses ({:.1} %), simulated {} / {} ({:.1} %)",
             l.capacity,

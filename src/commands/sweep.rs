@@ -7,8 +7,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use tokio::sync::mpsc::unbounded_channel;
 
-use crate::cache::sim::{self as cachesim, Costs, SimPolicy};
+use crate::cache::access::{accesses, accesses_prefetched, has_guesses};
+use crate::cache::sim::{SimPolicy, simulate, simulate_gated};
 use crate::cache::speculation::{Gate, Rule};
+use crate::cache::stats::Costs;
+use crate::cache::study::{parse_capacities, predict_tok_s};
 use crate::cli::{RunArgs, SweepArgs};
 use crate::errors::InputError;
 use crate::report::sweep::{PairedSteady, Sweep, SweepRow};
@@ -97,7 +100,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
         .prefetch
         .resolve(a.model.device.is_cuda(), settings.cores)
         .is_on();
-    let capacities = cachesim::parse_capacities(&a.capacities, total).map_err(InputError)?;
+    let capacities = parse_capacities(&a.capacities, total).map_err(InputError)?;
 
     let (read_bandwidth, miss_path) =
         measure_miss_bandwidth(&model_dir, &cfg, a.cold, &a.model.device, settings);
@@ -144,10 +147,10 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
         Some((_, s)) if prefetch => study::from_state(s),
         _ => study::from_state(&native),
     };
-    let acc = if cachesim::has_guesses(&input.steps) {
-        cachesim::accesses_prefetched(&input.steps, &input.prompt_tokens)
+    let acc = if has_guesses(&input.steps) {
+        accesses_prefetched(&input.steps, &input.prompt_tokens)
     } else {
-        cachesim::accesses(&input.steps, &input.prompt_tokens)
+        accesses(&input.steps, &input.prompt_tokens)
     };
     // Calibrate the miss cost on the smallest cache only. Why: larger caches see mostly
     // compulsory misses into memory that was never touched, which costs page faults on top
@@ -176,11 +179,10 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
     // With prefetch, a load ahead is hidden only as far as spare cores allow (on 2 cores, about
     // a quarter of it was). What it adds per load is fitted on the smallest cache, like the miss
     // cost, and that row is then a calibration point, not a prediction.
-    let prefetching = cachesim::has_guesses(&input.steps) && runs.len() > 1;
+    let prefetching = has_guesses(&input.steps) && runs.len() > 1;
     let costs = match (costs, runs.first()) {
         (Some(k), Some((c, s))) if prefetching => {
-            let sim =
-                cachesim::simulate(&acc, SimPolicy::Live(a.policy), *c, a.cache_scope, layers);
+            let sim = simulate(&acc, SimPolicy::Live(a.policy), *c, a.cache_scope, layers);
             let measured = backend_metrics(s, Backend::Selective).decode_tok_s;
             let n = k.decode_tokens as f64;
             let ahead = sim.decode_prefetch_loads as f64 / n;
@@ -209,7 +211,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
             let u = k.uncaptured_step_s?;
             Some(Gate::new(settings.speculate).with_costs(k.native_step_s, u))
         });
-        let sim = cachesim::simulate_gated(
+        let sim = simulate_gated(
             &acc,
             SimPolicy::Live(a.policy),
             *c,
@@ -226,7 +228,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
                 uncaptured_step_s: k.uncaptured_step_s.filter(|_| !fills),
                 ..k
             };
-            k.predict_tok_s(&sim)
+            predict_tok_s(&k, &sim)
         });
         let calibration = calibration_row == Some(*c);
         let err = match (predicted, m.decode_tok_s) {

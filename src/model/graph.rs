@@ -18,6 +18,9 @@
 //! captured code is the code that runs uncaptured ([`Qwen3Moe::decode_step`] and its pieces), so
 //! every path gives bit-identical logits — native, selective, captured or not.
 //!
+//! One file for one concern: the whole-step graph and the piecewise graphs share the static
+//! buffers, the page-locked host words, the capture rules and the KV-epoch checks below.
+//!
 //! candle 0.11 supports capture: with its host→device cache on, the small parameter uploads of
 //! strided kernels are served from device copies made during a warm-up run. cudarc's per-buffer
 //! events must be off ([`prepare_device`]): a capture may not wait on events recorded outside it.
@@ -31,8 +34,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
 use super::layers::{DecodeInputs, KvCache};
+use super::moe_block::DeviceRouting;
 use super::ports::{ExpertProvider, ResidentView, RoutingObserver};
-use super::qwen3_moe::{DeviceRouting, Qwen3Moe, deliver_rows};
+use super::qwen3_moe::{Qwen3Moe, deliver_rows};
 
 /// cuBLAS workspace given to every handle up front (what PyTorch gives Hopper cards).
 const CUBLAS_WORKSPACE: usize = 32 << 20;

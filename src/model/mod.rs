@@ -3,12 +3,14 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+mod config_fields;
 pub mod error;
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod kv_cache;
 pub mod layers;
+pub mod moe_block;
 #[cfg(feature = "cuda")]
 pub mod moe_decode;
 pub mod ports;

@@ -2,7 +2,7 @@
 //! share of the optimum, the knees, and the predicted decode speed of the default policy.
 
 use crate::cache::settings::CacheSettings;
-use crate::cache::sim::{CurvePoint, Study};
+use crate::cache::study::{CurvePoint, Study};
 
 /// The study, one row per capacity.
 pub fn study_table(s: &Study) -> String {

@@ -8,8 +8,11 @@ use std::path::Path;
 use super::event::Backend;
 use super::metrics::backend_metrics;
 use super::state::SessionState;
+use crate::cache::access::{accesses, accesses_prefetched, has_guesses};
 use crate::cache::settings::Scope;
-use crate::cache::sim::{self, Costs, SimPolicy, Study, has_guesses};
+use crate::cache::sim::SimPolicy;
+use crate::cache::stats::Costs;
+use crate::cache::study::{Study, default_capacities, study};
 use crate::cache::trace::{self, LiveCache, TraceInput};
 
 /// The trace, prompt lengths and costs of a session.
@@ -107,19 +110,19 @@ pub fn run_study(state: &SessionState) -> Option<Study> {
     }
     let total = input.moe.total_experts();
     let layers = input.moe.moe_layers.len();
-    let mut caps = sim::default_capacities(total, input.moe.top_k * layers);
+    let mut caps = default_capacities(total, input.moe.top_k * layers);
     if let Some(l) = &input.live {
         caps.push(l.capacity);
         caps.sort_unstable();
         caps.dedup();
     }
     let acc = if input.live.as_ref().is_some_and(|l| l.prefetch) && has_guesses(&input.steps) {
-        sim::accesses_prefetched(&input.steps, &input.prompt_tokens)
+        accesses_prefetched(&input.steps, &input.prompt_tokens)
     } else {
-        sim::accesses(&input.steps, &input.prompt_tokens)
+        accesses(&input.steps, &input.prompt_tokens)
     };
     let scope = input.live.as_ref().map_or(Scope::Global, |l| l.scope);
-    Some(sim::study(
+    Some(study(
         &acc,
         total,
         layers,

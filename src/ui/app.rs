@@ -102,7 +102,7 @@ pub struct App {
     pub playback_paused: bool,
     pub recording: Option<PathBuf>,
     verdict_cache: Option<(u64, Verdict)>,
-    study_cache: Option<(u64, Option<crate::cache::sim::Study>)>,
+    study_cache: Option<(u64, Option<crate::cache::study::Study>)>,
 }
 
 impl App {
@@ -168,7 +168,7 @@ impl App {
     }
 
     /// The cache study of the run, recomputed only when new events arrived.
-    pub fn study(&mut self) -> Option<&crate::cache::sim::Study> {
+    pub fn study(&mut self) -> Option<&crate::cache::study::Study> {
         let n = self.session.events;
         if self.study_cache.as_ref().is_none_or(|(k, _)| *k != n) {
             self.study_cache = Some((n, crate::session::study::run_study(&self.session)));

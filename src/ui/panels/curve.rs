@@ -8,7 +8,7 @@ use ratatui::symbols::Marker;
 use ratatui::text::Span;
 use ratatui::widgets::{Axis, Chart, Dataset, GraphType, LegendPosition, Paragraph};
 
-use crate::cache::sim::Study;
+use crate::cache::study::Study;
 use crate::ui::app::App;
 
 /// One policy's curve: name, style, (capacity %, hit rate %) points.

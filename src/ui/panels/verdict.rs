@@ -16,7 +16,7 @@ pub fn render(
     area: Rect,
     app: &App,
     v: &Verdict,
-    study: Option<&crate::cache::sim::Study>,
+    study: Option<&crate::cache::study::Study>,
 ) {
     let t = &app.theme;
     let n = app.session.num_prompts() as u16;

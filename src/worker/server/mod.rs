@@ -7,14 +7,18 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{BackendKind, Engine};
 use crate::model::generate::{FinishReason, Generation, Timing};
-use crate::model::ports::{NoObserver, RoutingObserver};
-use crate::model::qwen3_moe::Logits;
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::{StreamDecoder, TextTokenizer, stop_ids};
 use crate::session::event::{Backend, Finish, ResidentBytes, SessionEvent};
 
-use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, Support, WorkerEvent};
-use crate::session::quality::ScoreRow;
+mod faults;
+mod scoring;
+mod trace;
+
+use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, WorkerEvent};
+use faults::Faults;
+use scoring::{perplexity, prompt_ids, score};
+use trace::TraceObserver;
 
 /// Cache snapshots go out at most this often while generating.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
@@ -43,104 +47,6 @@ impl Out {
             .is_err()
         {
             std::process::exit(0);
-        }
-    }
-}
-
-/// Collects the current token's routing so it can be sent as one `routing` event.
-struct TraceObserver {
-    moe_index: Vec<Option<usize>>,
-    per_position: std::collections::BTreeMap<usize, Vec<Vec<u16>>>,
-    /// Next-layer guesses per position, when they are traced.
-    guesses: std::collections::BTreeMap<usize, Vec<Vec<u16>>>,
-    layers: usize,
-    enabled: bool,
-    with_guesses: bool,
-}
-
-impl TraceObserver {
-    fn record(
-        map: &mut std::collections::BTreeMap<usize, Vec<Vec<u16>>>,
-        layers: usize,
-        i: usize,
-        position: usize,
-        experts: impl Iterator<Item = u16>,
-    ) {
-        let row = map
-            .entry(position)
-            .or_insert_with(|| vec![Vec::new(); layers]);
-        row[i] = experts.collect();
-    }
-}
-
-impl RoutingObserver for TraceObserver {
-    fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], _w: &[f32]) {
-        if !self.enabled {
-            return;
-        }
-        if let Some(Some(i)) = self.moe_index.get(layer) {
-            let it = experts.iter().map(|&e| e as u16);
-            Self::record(&mut self.per_position, self.layers, *i, position, it);
-        }
-    }
-
-    fn wants_guesses(&self) -> bool {
-        self.enabled && self.with_guesses
-    }
-
-    fn on_guess(&mut self, layer: usize, position: usize, experts: &[usize]) {
-        // With prefetch on, guesses come whether or not they were asked for; a trace keeps them.
-        if !self.enabled {
-            return;
-        }
-        if let Some(Some(i)) = self.moe_index.get(layer) {
-            let it = experts.iter().map(|&e| e as u16);
-            Self::record(&mut self.guesses, self.layers, *i, position, it);
-        }
-    }
-}
-
-/// Test hooks, read from the environment: they let fault tests make a worker crash or hang at a
-/// known point without racing against it.
-struct Faults {
-    crash_after_tokens: Option<usize>,
-    hang_after_tokens: Option<usize>,
-    /// Sleep after every token, so a test can interrupt a run that would otherwise finish
-    /// before the signal arrives on a fast machine.
-    token_delay: Option<Duration>,
-    /// Refuse to generate this prompt (as a prompt the worker cannot tokenize would be).
-    fail_generate_at_prompt: Option<usize>,
-    tokens: usize,
-}
-
-impl Faults {
-    fn from_env() -> Self {
-        let n = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
-        Faults {
-            crash_after_tokens: n("MOESCOPE_TEST_CRASH_AFTER_TOKENS"),
-            hang_after_tokens: n("MOESCOPE_TEST_HANG_AFTER_TOKENS"),
-            token_delay: n("MOESCOPE_TEST_TOKEN_DELAY_MS")
-                .map(|ms: usize| Duration::from_millis(ms as u64)),
-            fail_generate_at_prompt: n("MOESCOPE_TEST_FAIL_GENERATE_AT_PROMPT"),
-            tokens: 0,
-        }
-    }
-
-    fn on_token(&mut self) {
-        self.tokens += 1;
-        if let Some(d) = self.token_delay {
-            std::thread::sleep(d);
-        }
-        if self.crash_after_tokens == Some(self.tokens) {
-            // SAFETY: raising SIGKILL on ourselves: the same as `kill -9` from outside.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-        }
-        if self.hang_after_tokens == Some(self.tokens) {
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
         }
     }
 }
@@ -597,125 +503,4 @@ fn generate(
         decode_tok_s: timing.decode_tok_s,
     });
     Ok(Flow::Continue)
-}
-
-fn prompt_ids(st: &Loaded, input: PromptInput) -> Result<Vec<u32>, String> {
-    let ids = match input {
-        PromptInput::Tokens { ids } => ids,
-        PromptInput::Text { text, raw } => match &st.tokenizer {
-            Some(t) => t.prompt_ids(&text, raw).map_err(|e| e.to_string())?,
-            None => return Err("text prompt, but the model has no tokenizer.json".into()),
-        },
-    };
-    if ids.is_empty() {
-        return Err("the prompt has no tokens".into());
-    }
-    Ok(ids)
-}
-
-/// Teacher-forced log-softmax rows for positions from..from+count.
-fn score(
-    st: &mut Loaded,
-    ids: &[u32],
-    from: usize,
-    count: usize,
-    support: &Support,
-) -> Result<(Vec<ScoreRow>, bool), String> {
-    if count == 0 {
-        return Ok((Vec::new(), true));
-    }
-    if from + count > ids.len() {
-        return Err(format!(
-            "score: positions {from}..{} beyond the {} tokens given",
-            from + count,
-            ids.len()
-        ));
-    }
-    let model = &st.engine.model;
-    let mut cache = model.new_cache();
-    let mut sink = NoObserver;
-    let logits = model
-        .forward(
-            &ids[..from + count],
-            &mut cache,
-            st.engine.provider.as_ref(),
-            &mut sink,
-            Logits::All,
-        )
-        .map_err(|e| e.to_string())?;
-    let rows: Vec<Vec<f32>> = logits
-        .narrow(0, from, count)
-        .and_then(|t| t.to_vec2())
-        .map_err(|e| e.to_string())?;
-    let vocab = rows[0].len();
-    let mut full = true;
-    let out = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = max + r.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
-            let top1 = crate::model::layers::argmax(r) as u32;
-            let ids: Vec<u32> = match support {
-                Support::TopK(k) if *k >= vocab => (0..vocab as u32).collect(),
-                Support::TopK(k) => {
-                    full = false;
-                    let mut idx: Vec<u32> = (0..vocab as u32).collect();
-                    idx.select_nth_unstable_by(*k, |a, b| {
-                        r[*b as usize].total_cmp(&r[*a as usize])
-                    });
-                    idx.truncate(*k);
-                    idx
-                }
-                Support::Ids(v) => {
-                    let ids = v.get(i).cloned().unwrap_or_default();
-                    full &= ids.len() >= vocab;
-                    ids
-                }
-            };
-            let logp = ids
-                .iter()
-                .map(|&t| {
-                    r.get(t as usize)
-                        .map(|v| v - lse)
-                        .unwrap_or(f32::NEG_INFINITY)
-                })
-                .collect();
-            ScoreRow { ids, logp, top1 }
-        })
-        .collect();
-    Ok((out, full))
-}
-
-/// Perplexity of the first `max_tokens` tokens of `text` (raw, no chat template).
-fn perplexity(st: &mut Loaded, text: &str, max_tokens: usize) -> Result<(f64, usize), String> {
-    let tok = st
-        .tokenizer
-        .as_ref()
-        .ok_or("the model has no tokenizer.json; perplexity needs one")?;
-    let mut ids = tok.encode(text).map_err(|e| e.to_string())?;
-    ids.truncate(max_tokens.max(2));
-    if ids.len() < 2 {
-        return Err("the reference text has fewer than 2 tokens".into());
-    }
-    let model = &st.engine.model;
-    let mut cache = model.new_cache();
-    let logits = model
-        .forward(
-            &ids,
-            &mut cache,
-            st.engine.provider.as_ref(),
-            &mut NoObserver,
-            Logits::All,
-        )
-        .map_err(|e| e.to_string())?;
-    let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(|e| e.to_string())?;
-    let mut nll = 0.0f64;
-    for (i, r) in rows.iter().enumerate().take(ids.len() - 1) {
-        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = max as f64 + r.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln();
-        nll += lse - r[ids[i + 1] as usize] as f64;
-    }
-    let n = ids.len() - 1;
-    Ok((crate::session::quality::perplexity(nll, n), n))
 }

@@ -1,0 +1,362 @@
+//! One MoE block, as HF's `Qwen3MoeSparseMoeBlock` computes it: router logits in the compute
+//! dtype, softmax in f32 over *all* experts, top-k, optional renormalisation in f32, weights cast
+//! to the compute dtype, then experts applied in ascending expert order and summed into a zero
+//! tensor. Expert weights come from an [`ExpertProvider`]; on a GPU the fused path routes on the
+//! device and runs one kernel over stacked weights (native's full stacks or selective's slots).
+
+use candle_core::{DType, Tensor};
+
+use super::error::{ModelError, Result};
+use super::ports::{ExpertProvider, RoutingObserver};
+
+/// Routing of MoE layers kept on the device — (layer, ids u32 `[T, k]`, weights f32 `[T, k]`) —
+/// until the forward ends, when every layer is read back with one copy instead of one
+/// device→host synchronisation per layer (and inside a captured CUDA graph, not at all).
+pub type DeviceRouting = Vec<(usize, Tensor, Tensor)>;
+
+/// The router of one MoE layer. Expert weights are *not* here: they come from the provider.
+#[derive(Debug, Clone)]
+pub(super) struct MoeBlock {
+    pub layer: usize,
+    pub router: Tensor,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+    /// moescope's one-token MoE kernels on the GPU ([`DecodeOptions::moe_kernel`]).
+    pub moe_kernel: bool,
+}
+
+/// A token's routing decision in one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub experts: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// Softmax over all experts (f32), masked experts excluded, then top-k (ties to the lower index)
+/// and optional renormalisation — HF's `Qwen3MoeTopKRouter`.
+pub fn route(logits: &[f32], masked: &[usize], top_k: usize, norm_topk_prob: bool) -> Route {
+    let mut l = logits.to_vec();
+    for &m in masked {
+        if let Some(v) = l.get_mut(m) {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = l.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    let probs: Vec<f32> = exps.iter().map(|e| e / sum).collect();
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    order.truncate(top_k);
+    let mut weights: Vec<f32> = order.iter().map(|&i| probs[i]).collect();
+    if norm_topk_prob {
+        let s: f32 = weights.iter().sum();
+        weights.iter_mut().for_each(|w| *w /= s);
+    }
+    Route {
+        experts: order.into_iter().map(|i| i as u32).collect(),
+        weights,
+    }
+}
+
+impl MoeBlock {
+    /// The GPU path: routing on the device (f32 softmax over all experts, top-k, renormalised,
+    /// weights rounded to the compute dtype as HF does) and both projections through candle's
+    /// fused MoE kernel over stacked weights. Native passes its full stacks; selective passes
+    /// its slot pool with expert ids remapped to slots — the same kernel on the same weights, so
+    /// the two stay bit-identical. None when the provider has no stacked form.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        experts: &dyn ExpertProvider,
+        observer: &mut dyn RoutingObserver,
+        sink: Option<&mut DeviceRouting>,
+    ) -> Result<Option<Tensor>> {
+        let (t, h) = x.dims2()?;
+        let k = self.top_k;
+        let dev = x.device();
+        let num_experts = self.router.dim(0)?;
+        let masked = experts.unavailable(self.layer);
+        let (topk_ids, topk_w) = match self.route_on_device(x, t, masked)? {
+            Some(r) => r,
+            None => {
+                let mut logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?;
+                if !masked.is_empty() {
+                    let mut m = vec![0f32; num_experts];
+                    for &e in masked {
+                        m[e] = f32::NEG_INFINITY;
+                    }
+                    logits = logits.broadcast_add(&Tensor::from_vec(m, num_experts, dev)?)?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+                let topk_ids = probs
+                    .arg_sort_last_dim(false)?
+                    .narrow(1, 0, k)?
+                    .contiguous()?;
+                let mut topk_w = probs.gather(&topk_ids, 1)?;
+                if self.norm_topk_prob {
+                    topk_w = topk_w.broadcast_div(&topk_w.sum_keepdim(1)?)?;
+                }
+                let topk_w = topk_w
+                    .to_dtype(x.dtype())?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?;
+                (topk_ids, topk_w)
+            }
+        };
+        // Selective must see the ids now (they decide what to load); an observer can wait for
+        // the end of the forward when a sink collects the routing on the device.
+        let observe_now =
+            observer.wants_routing() && (sink.is_none() || experts.needs_ids_on_host());
+        let host_ids: Option<Vec<Vec<u32>>> = if observe_now || experts.needs_ids_on_host() {
+            Some(topk_ids.to_vec2()?)
+        } else {
+            None
+        };
+        if let (Some(ids), true) = (&host_ids, observe_now) {
+            let w: Vec<Vec<f32>> = topk_w.to_vec2()?;
+            for (i, (row, wr)) in ids.iter().zip(&w).enumerate() {
+                observer.on_routing(self.layer, offset + i, row, wr);
+            }
+        } else if let (Some(sink), true) = (sink, observer.wants_routing()) {
+            sink.push((self.layer, topk_ids.clone(), topk_w.clone()));
+        }
+        let needed: Vec<usize> = match &host_ids {
+            Some(ids) => {
+                let mut v: Vec<usize> = ids.iter().flatten().map(|&e| e as usize).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+            None => Vec::new(),
+        };
+        experts.will_use(self.layer, &needed);
+        let Some(st) = experts.stacked(self.layer, &needed)? else {
+            return Ok(None);
+        };
+        // A slot pool's device table and the decode kernels: they look slots up themselves.
+        #[cfg(feature = "cuda")]
+        if let (Some(map), true) = (
+            &st.device_index,
+            super::moe_decode::applies(t, x.dtype(), k) && self.moe_kernel,
+        ) {
+            if let Some(fill) = &st.fill {
+                super::moe_decode::fill_routed(&topk_ids, fill, &st.gate_up, &st.down)?;
+            }
+            return Ok(Some(super::moe_decode::moe_decode(
+                x,
+                &st.gate_up,
+                &st.down,
+                &topk_ids,
+                Some(map),
+                &topk_w,
+            )?));
+        }
+        let ids = match (&st.index, &host_ids) {
+            _ if st.device_index.is_some() => {
+                let map = st.device_index.as_ref().expect("checked");
+                #[cfg(feature = "cuda")]
+                if let Some(fill) = &st.fill {
+                    super::moe_decode::fill_routed(&topk_ids, fill, &st.gate_up, &st.down)?;
+                }
+                map.index_select(&topk_ids.flatten_all()?, 0)?
+                    .reshape((t, k))?
+            }
+            (None, _) => topk_ids,
+            (Some(map), Some(ids)) => {
+                let flat: Vec<u32> = ids.iter().flatten().map(|&e| map[e as usize]).collect();
+                Tensor::from_vec(flat, (t, k), dev)?
+            }
+            (Some(_), None) => {
+                return Err(ModelError::Input(
+                    "stacked experts need host routing ids".into(),
+                ));
+            }
+        };
+        #[cfg(feature = "cuda")]
+        if super::moe_decode::applies(t, x.dtype(), k) && self.moe_kernel {
+            return Ok(Some(super::moe_decode::moe_decode(
+                x,
+                &st.gate_up,
+                &st.down,
+                &ids,
+                None,
+                &topk_w,
+            )?));
+        }
+        let (expert_ids, sorted_token_ids) = ids.flatten_all()?.sort_last_dim(true)?;
+        let is_prefill = t > 1;
+        let x = x.contiguous()?;
+        let gate_up = candle_nn::moe::moe_gemm(
+            &x,
+            &st.gate_up,
+            &None,
+            &sorted_token_ids,
+            &expert_ids,
+            k,
+            is_prefill,
+        )?;
+        let i = gate_up.dim(1)? / 2;
+        let g = gate_up.narrow(1, 0, i)?.contiguous()?;
+        let u = gate_up.narrow(1, i, i)?.contiguous()?;
+        let mid = (super::layers::silu(&g)? * u)?.contiguous()?;
+        let y = candle_nn::moe::moe_gemm(
+            &mid,
+            &st.down,
+            &Some(topk_w),
+            &sorted_token_ids,
+            &expert_ids,
+            k,
+            is_prefill,
+        )?
+        .reshape((t, k, h))?
+        .sum(1)?;
+        Ok(Some(y))
+    }
+
+    /// Routing of one decode token in one kernel (see `moe_decode::route`); None where the
+    /// generic path must run (prompts, masked experts, other dtypes, no CUDA build).
+    #[cfg(feature = "cuda")]
+    pub(super) fn route_on_device(
+        &self,
+        x: &Tensor,
+        t: usize,
+        masked: &[usize],
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let e = self.router.dim(0)?;
+        if !(super::moe_decode::applies(t, x.dtype(), self.top_k)
+            && self.moe_kernel
+            && masked.is_empty()
+            && e <= super::moe_decode::MAX_EXPERTS)
+        {
+            return Ok(None);
+        }
+        let logits = x.matmul(&self.router.t()?)?;
+        Ok(Some(super::moe_decode::route(
+            &logits,
+            self.top_k,
+            self.norm_topk_prob,
+        )?))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub(super) fn route_on_device(
+        &self,
+        _: &Tensor,
+        _: usize,
+        _: &[usize],
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    /// The experts this router would pick for each row of `x` (each ascending).
+    pub(super) fn guess(&self, x: &Tensor) -> Result<Vec<Vec<usize>>> {
+        let logits: Vec<Vec<f32>> = x
+            .matmul(&self.router.t()?)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        Ok(logits
+            .iter()
+            .map(|row| {
+                let mut g: Vec<usize> = route(row, &[], self.top_k, false)
+                    .experts
+                    .into_iter()
+                    .map(|e| e as usize)
+                    .collect();
+                g.sort_unstable();
+                g
+            })
+            .collect())
+    }
+
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        experts: &dyn ExpertProvider,
+        observer: &mut dyn RoutingObserver,
+        sink: Option<&mut DeviceRouting>,
+    ) -> Result<Tensor> {
+        let fused = if super::ports::fused_capable(x.device(), x.dtype()) {
+            self.forward_fused(x, offset, experts, observer, sink)?
+        } else {
+            None
+        };
+        if let Some(y) = fused {
+            return Ok(y);
+        }
+        let (t, _h) = x.dims2()?;
+        let logits: Vec<Vec<f32>> = x
+            .matmul(&self.router.t()?)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        let masked = experts.unavailable(self.layer);
+        let num_experts = self.router.dim(0)?;
+        // Per expert: the token rows routed to it and their weights, in token order.
+        let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); num_experts];
+        for (i, row) in logits.iter().enumerate() {
+            let r = route(row, masked, self.top_k, self.norm_topk_prob);
+            observer.on_routing(self.layer, offset + i, &r.experts, &r.weights);
+            for (&e, &w) in r.experts.iter().zip(&r.weights) {
+                rows[e as usize].push((i as u32, w));
+            }
+        }
+        let used: Vec<usize> = (0..num_experts).filter(|&e| !rows[e].is_empty()).collect();
+        experts.will_use(self.layer, &used);
+
+        let mut acc: Option<Tensor> = None;
+        for e in used {
+            let weights = experts.get(self.layer, e)?;
+            let (idx, w): (Vec<u32>, Vec<f32>) = rows[e].iter().copied().unzip();
+            let n = idx.len();
+            if t == 1 {
+                // One token: scale by the weight as a scalar (affine rounds it to the compute
+                // dtype, as HF's cast of routing_weights does) and start the sum from the first
+                // expert rather than zeros; 0 + y == y, so the result is unchanged and two tensor
+                // allocations per expert are saved on the decode path.
+                let y = weights.forward(x)?.affine(f64::from(w[0]), 0.0)?;
+                acc = Some(match acc {
+                    None => y,
+                    Some(a) => (a + y)?,
+                });
+            } else {
+                let w = Tensor::from_vec(w, (n, 1), x.device())?.to_dtype(x.dtype())?;
+                let acc_t = match acc.take() {
+                    Some(a) => a,
+                    None => x.zeros_like()?,
+                };
+                let idx = Tensor::from_vec(idx, n, x.device())?;
+                let xe = x.index_select(&idx, 0)?;
+                let y = weights.forward(&xe)?.broadcast_mul(&w)?;
+                acc = Some(acc_t.index_add(&idx, &y, 0)?);
+            }
+            // `weights` (an Arc) drops here: a cache may now evict this expert for the next one.
+        }
+        match acc {
+            Some(a) => Ok(a),
+            None => Ok(x.zeros_like()?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_is_softmax_topk_renormalised() {
+        let r = route(&[0.0, 2.0, 1.0, 2.0], &[], 2, true);
+        assert_eq!(r.experts, vec![1, 3], "ties go to the lower index first");
+        assert!((r.weights[0] - 0.5).abs() < 1e-6 && (r.weights[1] - 0.5).abs() < 1e-6);
+        let r = route(&[0.0, 2.0, 1.0, 2.0], &[], 2, false);
+        let z: f32 = [0.0f32, 2.0, 1.0, 2.0].iter().map(|v| v.exp()).sum();
+        assert!((r.weights[0] - 2f32.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn masked_experts_are_never_selected() {
+        let r = route(&[5.0, 1.0, 0.0], &[0], 2, true);
+        assert_eq!(r.experts, vec![1, 2]);
+    }
+}
