@@ -11,9 +11,10 @@ pub mod sweep;
 
 use std::path::PathBuf;
 
-use crate::cli::{BackendArgs, ModelArgs};
+use crate::cli::{BackendArgs, ModelArgs, UiArgs};
 use crate::engine::{BackendSpec, default_model_dir};
 use crate::settings::Settings;
+use crate::ui::UiOptions;
 
 /// The backend spec from the common flags (default model: the bundled one).
 pub fn backend_spec(model: &ModelArgs, backend: &BackendArgs, settings: &Settings) -> BackendSpec {
@@ -24,6 +25,17 @@ pub fn backend_spec(model: &ModelArgs, backend: &BackendArgs, settings: &Setting
         backend: backend.backend,
         cache: backend.cache.settings(),
         settings: settings.clone(),
+    }
+}
+
+/// The dashboard's options from its flags.
+pub fn ui_options(a: &UiArgs) -> UiOptions {
+    UiOptions {
+        theme: a.theme.clone(),
+        color: a.color.clone(),
+        ascii: a.ascii,
+        readonly: a.readonly,
+        fps: a.fps,
     }
 }
 

@@ -278,7 +278,7 @@ pub fn run(args: &RunArgs, settings: &Settings) -> Result<u8> {
                 prepared.profile,
                 ev_rx,
                 ctl_tx,
-                &args.ui,
+                &super::ui_options(&args.ui),
             )
             .await
         };

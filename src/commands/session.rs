@@ -47,7 +47,12 @@ pub fn replay(a: &ReplayArgs) -> Result<()> {
         return Ok(());
     }
     runtime()?.block_on(crate::ui::replay(
-        &a.file, rec, a.speed, profile, &a.ui, None,
+        &a.file,
+        rec,
+        a.speed,
+        profile,
+        &super::ui_options(&a.ui),
+        None,
     ))
 }
 
@@ -76,7 +81,7 @@ pub fn watch(a: &WatchArgs) -> Result<()> {
         rec,
         0.0,
         profile,
-        &a.ui,
+        &super::ui_options(&a.ui),
         Some(follower),
     ))
 }

@@ -17,7 +17,6 @@ use crossterm::event::Event;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 
-use crate::cli::UiArgs;
 use crate::live::{
     LiveRun, StopSignals, print_error_quietly, print_quietly, silence_stdio, write_summary,
 };
@@ -30,8 +29,23 @@ use crate::worker::scheduler::Control;
 use app::{App, Effect, Mode};
 use theme::{Depth, Theme};
 
-/// Theme and colour depth from the flags and the environment.
-pub fn appearance(ui: &UiArgs) -> Result<(Theme, Depth)> {
+/// How the dashboard looks and what it lets the viewer do (the command line's `UiArgs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UiOptions {
+    /// Colour theme (see `moescope themes`).
+    pub theme: String,
+    /// Colour depth: auto, truecolor, 256, 16, none.
+    pub color: String,
+    /// ASCII only.
+    pub ascii: bool,
+    /// Keys that change the run are off.
+    pub readonly: bool,
+    /// Frames per second at most.
+    pub fps: u32,
+}
+
+/// Theme and colour depth from the options and the environment.
+pub fn appearance(ui: &UiOptions) -> Result<(Theme, Depth)> {
     let depth = match Depth::parse(&ui.color).map_err(crate::errors::InputError)? {
         Some(d) if std::env::var("NO_COLOR").is_ok_and(|v| !v.is_empty()) && d != Depth::None => {
             // An explicit --color wins over NO_COLOR: the user asked for it on this command.
@@ -44,7 +58,7 @@ pub fn appearance(ui: &UiArgs) -> Result<(Theme, Depth)> {
     Ok((theme, depth))
 }
 
-pub fn new_app(state: SessionState, ui: &UiArgs, profile: Profile, mode: Mode) -> Result<App> {
+pub fn new_app(state: SessionState, ui: &UiOptions, profile: Profile, mode: Mode) -> Result<App> {
     let (theme, depth) = appearance(ui)?;
     let mut app = App::new(state, theme, depth, profile, mode);
     app.ascii = ui.ascii;
@@ -373,7 +387,7 @@ pub async fn live(
     profile: Profile,
     events: UnboundedReceiver<Stamped>,
     control: UnboundedSender<Control>,
-    ui: &UiArgs,
+    ui: &UiOptions,
 ) -> Result<Outcome> {
     let mut app = new_app(SessionState::new(header), ui, profile, Mode::Live)?;
     app.recording = Some(recorder.path().to_path_buf());
@@ -402,7 +416,7 @@ pub async fn replay(
     rec: Recording,
     speed: f64,
     profile: Profile,
-    ui: &UiArgs,
+    ui: &UiOptions,
     follow: Option<Follower>,
 ) -> Result<()> {
     let mode = if follow.is_some() {
