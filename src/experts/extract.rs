@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::source::{ExpertSource, FileTable, RawExpert, ShardSource, read_location};
+use super::source::{ExpertSource, FileTable, RawExpert, ShardSource};
 use crate::model::checkpoint::TensorLocation;
 use crate::model::config::{ExpertProj, MoeConfig};
 use crate::model::error::{ModelError, Result};
@@ -510,15 +510,7 @@ impl ExpertSource for ExtractedSource {
             .get(&(layer, expert))
             .ok_or_else(|| super::source::missing_error(self, layer, expert))?;
         let cold = self.cold.load(Ordering::Relaxed);
-        Ok(RawExpert {
-            layer,
-            expert,
-            parts: [
-                read_location(&self.files, g, cold)?,
-                read_location(&self.files, u, cold)?,
-                read_location(&self.files, d, cold)?,
-            ],
-        })
+        super::source::read_expert(&self.files, [g, u, d], cold, layer, expert)
     }
 
     fn stored_bytes(&self, layer: usize, expert: usize) -> u64 {

@@ -225,6 +225,25 @@ impl FileTable {
     }
 }
 
+/// Reads the three located parts of (layer, expert) into an owned [`RawExpert`].
+pub(crate) fn read_expert(
+    files: &FileTable,
+    [g, u, d]: [&TensorLocation; 3],
+    cold: bool,
+    layer: usize,
+    expert: usize,
+) -> Result<RawExpert> {
+    Ok(RawExpert {
+        layer,
+        expert,
+        parts: [
+            read_location(files, g, cold)?,
+            read_location(files, u, cold)?,
+            read_location(files, d, cold)?,
+        ],
+    })
+}
+
 /// Reads `loc` with pread; in cold mode evicts those pages from the page cache afterwards.
 pub(crate) fn read_location(
     files: &FileTable,
@@ -308,17 +327,9 @@ impl ExpertSource for ShardSource {
         let loc = self
             .location(layer, expert)
             .ok_or_else(|| missing_error(self, layer, expert))?;
-        let cold = self.cold.load(Ordering::Relaxed);
         let [g, u, d] = &loc.parts;
-        Ok(RawExpert {
-            layer,
-            expert,
-            parts: [
-                read_location(&self.files, g, cold)?,
-                read_location(&self.files, u, cold)?,
-                read_location(&self.files, d, cold)?,
-            ],
-        })
+        let cold = self.cold.load(Ordering::Relaxed);
+        read_expert(&self.files, [g, u, d], cold, layer, expert)
     }
 
     fn stored_bytes(&self, layer: usize, expert: usize) -> u64 {

@@ -229,46 +229,40 @@ pub enum SessionEvent {
     },
 }
 
+/// `$on` evaluated with `$b` bound to the event's backend field (by reference, as the match
+/// takes `$ev`), for every event that belongs to one backend; `$else` for the others. The one
+/// list of which events those are.
+macro_rules! with_backend {
+    ($ev:expr, $b:ident => $on:expr, warning $w:ident => $on_warning:expr, else $else:expr) => {{
+        use SessionEvent::*;
+        match $ev {
+            WorkerStarted { backend: $b, .. }
+            | LoadProgress { backend: $b, .. }
+            | Loaded { backend: $b, .. }
+            | PromptStarted { backend: $b, .. }
+            | Token { backend: $b, .. }
+            | Cache { backend: $b, .. }
+            | Routing { backend: $b, .. }
+            | Memory { backend: $b, .. }
+            | PromptDone { backend: $b, .. }
+            | Perplexity { backend: $b, .. }
+            | Failed { backend: $b, .. } => $on,
+            Warning { backend: $w, .. } => $on_warning,
+            _ => $else,
+        }
+    }};
+}
+
 impl SessionEvent {
     /// The same event told of backend `b` (a worker's events are its backend's, whatever it
     /// says: the scheduler knows which worker spoke).
     pub fn for_backend(mut self, b: Backend) -> Self {
-        use SessionEvent::*;
-        match &mut self {
-            WorkerStarted { backend, .. }
-            | LoadProgress { backend, .. }
-            | Loaded { backend, .. }
-            | PromptStarted { backend, .. }
-            | Token { backend, .. }
-            | Cache { backend, .. }
-            | Routing { backend, .. }
-            | Memory { backend, .. }
-            | PromptDone { backend, .. }
-            | Perplexity { backend, .. }
-            | Failed { backend, .. } => *backend = b,
-            Warning { backend, .. } => *backend = Some(b),
-            _ => {}
-        }
+        with_backend!(&mut self, x => *x = b, warning w => *w = Some(b), else ());
         self
     }
 
     pub fn backend(&self) -> Option<Backend> {
-        use SessionEvent::*;
-        match self {
-            WorkerStarted { backend, .. }
-            | LoadProgress { backend, .. }
-            | Loaded { backend, .. }
-            | PromptStarted { backend, .. }
-            | Token { backend, .. }
-            | Cache { backend, .. }
-            | Routing { backend, .. }
-            | Memory { backend, .. }
-            | PromptDone { backend, .. }
-            | Perplexity { backend, .. }
-            | Failed { backend, .. } => Some(*backend),
-            Warning { backend, .. } => *backend,
-            _ => None,
-        }
+        with_backend!(self, x => Some(*x), warning w => *w, else None)
     }
 }
 

@@ -254,13 +254,22 @@ impl CachedProvider {
             }
             s.loading.insert(k);
         }
+        self.load(layer, expert, Admit::Demand)
+    }
+
+    /// Reads (layer, expert) — marked as loading by the caller — outside the lock, then keeps
+    /// it as `how` says and wakes whoever waits for it.
+    fn load(&self, layer: usize, expert: usize, how: Admit) -> Result<Arc<ExpertWeights>> {
         let result = self.read(layer, expert);
         let mut s = self.lock();
-        s.loading.remove(&k);
+        s.loading.remove(&key(layer, expert));
         let out = result.map(|(w, bytes, us)| {
             s.loads.record(bytes, us);
             let w = Arc::new(w);
-            Self::keep(&mut s, layer, expert, w.clone(), Admit::Demand);
+            Self::keep(&mut s, layer, expert, w.clone(), how);
+            if let (Admit::Prefetch, Some(p)) = (how, s.prefetch.as_mut()) {
+                p.stats.loaded += 1;
+            }
             w
         });
         drop(s);

@@ -50,19 +50,7 @@ impl CachedProvider {
             }
             s.loading.insert(k);
         }
-        let result = self.read(layer, expert);
-        let mut s = self.lock();
-        s.loading.remove(&k);
-        let out = result.map(|(w, bytes, us)| {
-            s.loads.record(bytes, us);
-            Self::keep(&mut s, layer, expert, Arc::new(w), Admit::Prefetch);
-            if let Some(p) = s.prefetch.as_mut() {
-                p.stats.loaded += 1;
-            }
-        });
-        drop(s);
-        self.loaded.notify_all();
-        out
+        self.load(layer, expert, Admit::Prefetch).map(|_| ())
     }
 
     /// Starts the prefetch thread: it loads guessed experts into the cache while the forward pass

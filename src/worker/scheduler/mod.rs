@@ -194,14 +194,7 @@ pub async fn run(
 impl Scheduler {
     async fn run_all(&mut self) -> String {
         if let Some(b) = self.cfg.only {
-            self.start_worker(b).await;
-            self.send_load(b);
-            self.wait_loaded(b).await;
-            if let Some(r) = self.run_prompts(&[b]).await {
-                return r;
-            }
-            self.perplexity_all(&[b]).await;
-            return "completed".into();
+            return self.run_one(b).await.unwrap_or_else(|| "completed".into());
         }
         match self.cfg.schedule {
             Schedule::Alternate | Schedule::Parallel => {
@@ -228,18 +221,26 @@ impl Scheduler {
             }
             Schedule::Sequential => {
                 for b in Backend::BOTH {
-                    self.start_worker(b).await;
-                    self.send_load(b);
-                    self.wait_loaded(b).await;
-                    if let Some(r) = self.run_prompts(&[b]).await {
+                    if let Some(r) = self.run_one(b).await {
                         return r;
                     }
-                    self.perplexity_all(&[b]).await;
                     self.shutdown(b).await;
                 }
                 "completed".into()
             }
         }
+    }
+
+    /// Every prompt, then the perplexity, on backend `b` alone. Some(reason) if the user quit.
+    async fn run_one(&mut self, b: Backend) -> Option<String> {
+        self.start_worker(b).await;
+        self.send_load(b);
+        self.wait_loaded(b).await;
+        let quit = self.run_prompts(&[b]).await;
+        if quit.is_none() {
+            self.perplexity_all(&[b]).await;
+        }
+        quit
     }
 
     fn control(&mut self, c: Option<Control>) {
@@ -399,18 +400,8 @@ impl Scheduler {
                         w.tokens > before || w.done.is_some() || w.error.is_some()
                     })
                     .await;
-                if self.generation_failed(b) {
-                    continue;
-                }
-                if !ok && self.alive(b) {
-                    self.fail(
-                        b,
-                        format!(
-                            "stopped answering: no token within {:.0} s of a step",
-                            t.as_secs_f64()
-                        ),
-                    );
-                }
+                let silence = format!("no token within {:.0} s of a step", t.as_secs_f64());
+                self.check_generating(b, ok, &silence);
             }
         }
     }
@@ -425,18 +416,8 @@ impl Scheduler {
             if self.nav.is_some() {
                 return;
             }
-            if self.generation_failed(b) {
-                continue;
-            }
-            if !ok && self.alive(b) {
-                self.fail(
-                    b,
-                    format!(
-                        "stopped answering: nothing for {:.0} s while generating",
-                        t.as_secs_f64()
-                    ),
-                );
-            }
+            let silence = format!("nothing for {:.0} s while generating", t.as_secs_f64());
+            self.check_generating(b, ok, &silence);
         }
     }
 

@@ -274,6 +274,14 @@ impl Scheduler {
         self.em.emit(ev);
     }
 
+    /// After waiting on `b` while it generates: a worker that reported a failure fails with its
+    /// reason; one that `answered` nothing fails as hung, `silence` saying for how long.
+    pub(super) fn check_generating(&mut self, b: Backend, answered: bool, silence: &str) {
+        if !self.generation_failed(b) && !answered && self.alive(b) {
+            self.fail(b, format!("stopped answering: {silence}"));
+        }
+    }
+
     /// A worker that reports an error instead of a token has given up on the prompt (it is
     /// idle again): the backend fails with the worker's reason rather than waiting out the step
     /// timeout for a token that will not come.
