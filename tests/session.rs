@@ -820,3 +820,75 @@ fn auto_prefetch_follows_the_core_count() {
         );
     }
 }
+
+/// The MOESCOPE_* knobs are read once, go into the recording's header as typed settings, and the
+/// export names the ones that differ from the defaults; a value a knob cannot take stops the
+/// program before anything runs, naming the variable.
+#[test]
+fn settings_are_recorded_and_a_bad_knob_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("knobs.ndjson");
+    let args = [
+        "run",
+        "--no-tui",
+        "--record",
+        rec.to_str().unwrap(),
+        "--prompt",
+        "What is a cache?",
+        "--max-new-tokens",
+        "3",
+        "--no-score",
+        "--reference",
+        "none",
+    ];
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("MOESCOPE_SPECULATE", "last")
+        .env("MOESCOPE_CUDA_GRAPHS", "0")
+        .env("MOESCOPE_TEST_CORES", "3")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header = moescope::session::record::read(&rec).unwrap().header;
+    let s = header.settings.expect("the header records the settings");
+    assert_eq!(
+        s.speculate,
+        moescope::cache::speculation::Rule::AfterCleanStep
+    );
+    assert!(!s.cuda_graphs);
+    assert_eq!(s.cores, 3);
+    let (rc, json, _) = run(&["export", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    validate(&v);
+    assert_eq!(
+        v["session"]["settings"],
+        "CUDA graphs off, speculation last"
+    );
+    // A recording made before settings were recorded says nothing of them.
+    let demo =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recordings/demo-tiny-moe.ndjson");
+    let (_, json, _) = run(&["export", demo.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["session"].get("settings").is_none());
+    // A bad value: exit 2, the variable and what it takes named, no recording made.
+    let bad = tmp.path().join("bad.ndjson");
+    let out = std::process::Command::new(bin())
+        .args(["run", "--no-tui", "--record", bad.to_str().unwrap()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("MOESCOPE_H2D", "dma")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("MOESCOPE_H2D") && err.contains("direct, staged or auto"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+}

@@ -24,6 +24,9 @@ pub fn markdown(sum: &Summary) -> String {
         si.created_utc,
         si.host
     );
+    if let Some(changed) = si.settings.as_deref().filter(|c| !c.is_empty()) {
+        let _ = writeln!(o, "\nSettings changed from the defaults: {changed}.");
+    }
     if sum.degraded {
         let _ = writeln!(o, "\n**DEGRADED RUN**: experts were masked out of routing.");
     }

@@ -28,6 +28,10 @@ pub struct SessionInfo {
     pub profile: String,
     pub host: String,
     pub finished: Option<String>,
+    /// The run's settings that differ from the defaults, in words ("" when none do); absent
+    /// when the recording does not say (made before settings were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,6 +176,7 @@ pub fn summarize(s: &SessionState, profile: &Profile) -> Summary {
             profile: profile.name.clone(),
             host: h.host.clone(),
             finished: s.finished.clone(),
+            settings: h.settings.as_ref().map(|x| x.describe_changes()),
         },
         degraded: s.degraded(),
         backends: Backends {
