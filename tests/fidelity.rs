@@ -37,7 +37,11 @@ fn f32_final_logits_match_transformers() {
             let got = last_logits(&e, seq);
             let d = max_abs_diff(&got, want);
             eprintln!("{name} f32 seq len {}: max abs diff {d:e}", seq.len());
-            assert!(d <= 1e-4, "{name} seq len {}: max abs diff {d}", seq.len());
+            assert!(
+                d <= F32_LOGIT_TOLERANCE,
+                "{name} seq len {}: max abs diff {d}",
+                seq.len()
+            );
         }
     }
 }
@@ -62,7 +66,10 @@ fn f32_all_position_logits_match_transformers() {
             .unwrap();
         for (i, (got, want)) in l.iter().zip(&g.all_logits_f32).enumerate() {
             let d = max_abs_diff(got, want);
-            assert!(d <= 1e-4, "{name} position {i}: max abs diff {d}");
+            assert!(
+                d <= F32_LOGIT_TOLERANCE,
+                "{name} position {i}: max abs diff {d}"
+            );
         }
     }
 }
@@ -89,10 +96,10 @@ fn kv_cache_decode_matches_full_prefill() {
                 .unwrap();
             last = l.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
             let d = max_abs_diff(&last, &g.all_logits_f32[i]);
-            assert!(d <= 1e-4, "{name} step {i}: {d}");
+            assert!(d <= F32_LOGIT_TOLERANCE, "{name} step {i}: {d}");
         }
         assert_eq!(cache.len(), seq.len());
-        assert!(max_abs_diff(&last, &g.logits_f32[2]) <= 1e-4);
+        assert!(max_abs_diff(&last, &g.logits_f32[2]) <= F32_LOGIT_TOLERANCE);
     }
 }
 
@@ -251,7 +258,7 @@ fn static_kv_layout_matches_transformers_through_growth_and_rewind() {
         for (i, &t) in seq.iter().enumerate() {
             let got = step(&mut cache, &[t]);
             let d = max_abs_diff(&got, &g.all_logits_f32[i]);
-            assert!(d <= 1e-4, "{name} static step {i}: {d}");
+            assert!(d <= F32_LOGIT_TOLERANCE, "{name} static step {i}: {d}");
         }
         assert!(cache.static_capacity() >= seq.len());
         // Prefill (host-positioned) then greedy decode (device-positioned).
@@ -271,4 +278,17 @@ fn static_kv_layout_matches_transformers_through_growth_and_rewind() {
             assert_eq!(again as u32, case.tokens[1], "{name} after rewind");
         }
     }
+}
+
+/// The comparisons above must be able to fail: a NaN logit is no match for anything, and a
+/// greedy pick does not step over it.
+#[test]
+fn a_nan_logit_fails_every_comparison() {
+    assert_eq!(max_abs_diff(&[0.0, f32::NAN], &[0.0, 0.0]), f32::INFINITY);
+    assert_eq!(max_abs_diff(&[1.0], &[f32::NAN]), f32::INFINITY);
+    assert!(max_abs_diff(&[f32::NAN], &[0.0]) > F32_LOGIT_TOLERANCE);
+    assert!(max_abs_diff(&[1.0, 2.0], &[1.0, 2.0 + 3e-5]) > F32_LOGIT_TOLERANCE);
+    assert!(max_abs_diff(&[1.0, 2.0], &[1.0, 2.0 + 5e-6]) <= F32_LOGIT_TOLERANCE);
+    assert_eq!(moescope::model::layers::argmax(&[1.0, f32::NAN, 2.0]), 1);
+    assert_eq!(moescope::model::layers::argmax(&[f32::NAN, 1.0]), 0);
 }

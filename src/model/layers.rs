@@ -350,10 +350,12 @@ pub fn argmax_last(x: &Tensor) -> Result<Vec<u32>> {
     Ok(rows.iter().map(|r| argmax(r) as u32).collect())
 }
 
+/// Index of the largest value, the lowest index on ties. NaN-aware (IEEE total order: a NaN is
+/// above every number), so a NaN logit is picked — and noticed — rather than stepped over.
 pub fn argmax(r: &[f32]) -> usize {
     let mut best = 0;
-    for (i, &v) in r.iter().enumerate() {
-        if v > r[best] {
+    for (i, v) in r.iter().enumerate() {
+        if v.total_cmp(&r[best]).is_gt() {
             best = i;
         }
     }

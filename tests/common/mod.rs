@@ -35,13 +35,22 @@ pub fn golden(name: &str) -> Golden {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The largest |a − b|, NaN-aware: a NaN on either side is an infinite difference (so no
+/// tolerance passes it), where `f32::max` would have skipped it as a difference of 0.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() { f32::INFINITY } else { d }
+        })
         .fold(0.0, f32::max)
 }
+
+/// How close moescope's f32 logits are to transformers' on the fixtures — what the README
+/// claims, and what the fidelity tests assert.
+pub const F32_LOGIT_TOLERANCE: f32 = 1e-5;
 
 /// Copies a fixture directory into a temp dir so a test can damage it.
 pub fn copy_fixture(name: &str) -> tempfile::TempDir {
