@@ -10,7 +10,7 @@ use crate::session::record::{Header, Recorder};
 use crate::session::state::SessionState;
 use crate::session::verdict::{Outcome, Profile};
 use crate::util::fmt_bytes;
-use crate::worker::scheduler::Control;
+use crate::worker::scheduler::{Control, Stop};
 
 /// The progress line for an event, if it deserves one.
 pub fn progress_line(state: &SessionState, ev: &Stamped) -> Option<String> {
@@ -113,7 +113,7 @@ pub async fn consume(
                 let Some(ev) = ev else { break };
                 if let Some(e) = run.record(&mut state, &ev) {
                     eprintln!("error: {e}; stopping the run");
-                    let _ = control.send(Control::Quit);
+                    let _ = control.send(Control::Quit(Stop::WriteFailed));
                 }
                 if let Some(line) = progress_line(&state, &ev) {
                     println!("{line}");
@@ -122,14 +122,14 @@ pub async fn consume(
             why = signals.next(), if !quit_sent => {
                 eprintln!(
                     "{}: stopping the workers (the recording stays complete up to here)",
-                    why.name()
+                    why.reason()
                 );
                 quit_sent = true;
-                let _ = control.send(Control::Quit);
+                let _ = control.send(Control::Quit(why));
             }
         }
     }
-    let end = run.finish(&state, &profile)?;
+    let end = run.finish(&state, &profile);
     print!("{}", end.report());
-    Ok(end.summary.verdict.outcome)
+    end.outcome()
 }

@@ -9,11 +9,12 @@ use anyhow::Result;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::report;
-use crate::session::event::Stamped;
+use crate::session::event::{SessionEvent, Stamped};
 use crate::session::export::{self, Summary};
 use crate::session::record::{Recorder, summary_path};
 use crate::session::state::SessionState;
-use crate::session::verdict::Profile;
+use crate::session::verdict::{Outcome, Profile};
+use crate::worker::scheduler::Stop;
 
 /// A run's recording as it is written.
 pub struct LiveRun {
@@ -26,18 +27,30 @@ pub struct LiveRun {
 pub struct RunEnd {
     pub summary: Summary,
     pub recording: PathBuf,
-    pub summary_path: PathBuf,
+    /// None when the summary could not be written.
+    pub summary_path: Option<PathBuf>,
     pub write_error: Option<String>,
 }
 
 impl RunEnd {
+    /// The verdict — or, when the recording could not be written, that failure: the run's
+    /// exit code must say that its record is incomplete.
+    pub fn outcome(&self) -> Result<Outcome> {
+        match &self.write_error {
+            Some(e) => Err(anyhow::anyhow!("{e}")),
+            None => Ok(self.summary.verdict.outcome),
+        }
+    }
+
     /// The final table and verdict, and where the files are.
     pub fn report(&self) -> String {
         format!(
             "{}recording: {}\nsummary:   {}\n",
             report::table::final_report(&self.summary),
             self.recording.display(),
-            self.summary_path.display()
+            self.summary_path
+                .as_ref()
+                .map_or_else(|| "not written".into(), |p| p.display().to_string())
         )
     }
 }
@@ -65,24 +78,46 @@ impl LiveRun {
         if self.write_error.is_some() {
             return None;
         }
-        let e = self.recorder.append(ev).err()?;
-        let msg = format!("writing {}: {e}", self.recorder.path().display());
+        let mut written = self.recorder.append(ev);
+        // Each prompt's end is made durable (and the file checked to be still there).
+        if written.is_ok() && matches!(ev.event, SessionEvent::PromptDone { .. }) {
+            written = self.recorder.sync();
+        }
+        let e = written.err()?;
+        let msg = format!(
+            "writing {}: {e}; recording stopped (everything before stays readable)",
+            self.recorder.path().display()
+        );
         self.write_error = Some(msg.clone());
         Some(msg)
     }
 
-    /// Closes the recording and writes its summary beside it (atomically).
-    pub fn finish(self, state: &SessionState, profile: &Profile) -> Result<RunEnd> {
+    /// Closes the recording (fsync) and writes its summary beside it (atomically). A failure
+    /// of either is kept in the result, not raised: the summary is still printed, and the
+    /// caller's exit code says the record is incomplete.
+    pub fn finish(self, state: &SessionState, profile: &Profile) -> RunEnd {
         let recording = self.recorder.path().to_path_buf();
-        self.recorder.close()?;
+        let mut errors: Vec<String> = self.write_error.into_iter().collect();
+        if let Err(e) = self.recorder.close() {
+            errors.push(format!("closing {}: {e}", recording.display()));
+        }
         let summary = export::summarize(state, profile);
-        let summary_path = write_summary(&recording, &summary)?;
-        Ok(RunEnd {
+        let summary_path = match write_summary(&recording, &summary) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errors.push(format!(
+                    "writing {}: {e}",
+                    summary_path(&recording).display()
+                ));
+                None
+            }
+        };
+        RunEnd {
             summary,
             recording,
             summary_path,
-            write_error: self.write_error,
-        })
+            write_error: (!errors.is_empty()).then(|| errors.join("; ")),
+        }
     }
 }
 
@@ -91,25 +126,6 @@ pub fn write_summary(recording: &Path, summary: &Summary) -> std::io::Result<Pat
     let path = summary_path(recording);
     crate::util::write_atomic(&path, &report::json::summary(summary))?;
     Ok(path)
-}
-
-/// Why a run was asked to stop from outside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
-    Interrupted,
-    /// The terminal went away (a dropped SSH session): nothing may be printed any more.
-    HungUp,
-    Terminated,
-}
-
-impl Stop {
-    pub fn name(self) -> &'static str {
-        match self {
-            Stop::Interrupted => "interrupted",
-            Stop::HungUp => "hung up",
-            Stop::Terminated => "terminated",
-        }
-    }
 }
 
 /// Listeners for SIGINT, SIGHUP and SIGTERM for the whole run, made before the first event:
@@ -132,14 +148,15 @@ impl StopSignals {
         })
     }
 
-    /// The next stop signal. After a hang-up, stdout and stderr point at /dev/null.
+    /// The next stop signal. After a hang-up (the terminal is gone), stdout and stderr point
+    /// at /dev/null.
     pub async fn next(&mut self) -> Stop {
         let why = tokio::select! {
-            _ = self.interrupt.recv() => Stop::Interrupted,
-            _ = self.hangup.recv() => Stop::HungUp,
-            _ = self.terminate.recv() => Stop::Terminated,
+            _ = self.interrupt.recv() => Stop::Sigint,
+            _ = self.hangup.recv() => Stop::Sighup,
+            _ = self.terminate.recv() => Stop::Sigterm,
         };
-        if why == Stop::HungUp {
+        if why == Stop::Sighup {
             silence_stdio();
         }
         why
@@ -164,9 +181,4 @@ pub fn silence_stdio() {
 /// what counts then.
 pub fn print_quietly(text: &str) {
     let _ = write!(std::io::stdout(), "{text}");
-}
-
-/// As [`print_quietly`], on stderr.
-pub fn print_error_quietly(text: &str) {
-    let _ = write!(std::io::stderr(), "{text}");
 }

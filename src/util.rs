@@ -56,11 +56,25 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok(v.round() as u64)
 }
 
-/// Writes a file atomically (temp + rename), so an existing file is never half-replaced.
+/// Writes a file atomically and durably: a temporary beside it, fsynced, renamed over it, the
+/// directory fsynced — so after a crash or a power cut the file is the old one or the new one,
+/// never half of either. A failed write leaves no temporary behind.
 pub fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The host's available memory (MemAvailable), bytes; 0 when it cannot be read.

@@ -241,8 +241,15 @@ fn stopped_mid_run_by(signal: i32) {
     );
     let r = record::read(&rec).unwrap();
     assert!(!r.truncated_tail);
+    // The recording says which signal stopped the run.
+    let want = match signal {
+        libc::SIGINT => "stopped by SIGINT",
+        libc::SIGTERM => "stopped by SIGTERM",
+        libc::SIGHUP => "stopped by SIGHUP (the terminal hung up)",
+        _ => unreachable!(),
+    };
     match &r.events.last().unwrap().event {
-        SessionEvent::Finished { reason } => assert!(reason.contains("quit"), "{reason}"),
+        SessionEvent::Finished { reason } => assert_eq!(reason, want),
         other => panic!("last event {other:?}"),
     }
     // Not every prompt ran: it really stopped early.
@@ -307,6 +314,18 @@ fn a_hung_worker_is_timed_out_not_waited_for() {
             ..
         }
     )));
+    // The hung worker is gone, not left behind sleeping.
+    let hung = evs
+        .iter()
+        .find_map(|e| match e {
+            SessionEvent::WorkerStarted {
+                backend: Backend::Selective,
+                pid,
+            } => Some(*pid),
+            _ => None,
+        })
+        .expect("the selective worker started");
+    assert!(!pid_alive(hung), "the hung worker {hung} is still running");
 }
 
 #[test]
@@ -378,5 +397,139 @@ fn a_model_without_a_tokenizer_is_refused_up_front() {
     assert!(
         !rec.exists(),
         "nothing recorded for a run that never started"
+    );
+}
+
+/// A disk that fills up mid-run — here a file-size limit on the process, which fails writes as a
+/// full disk does, partial writes included: the run stops at the first failed write with a
+/// non-zero exit code saying so, and the recording holds every event before it, whole lines
+/// only, readable by export and replay.
+#[test]
+fn a_full_disk_stops_the_recording_cleanly_and_the_exit_code_says_so() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("full.ndjson");
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "run",
+        "--no-tui",
+        "--record",
+        rec.to_str().unwrap(),
+        "--reference",
+        "none",
+        "--prompts",
+        "prompts/long.toml",
+    ])
+    .current_dir(env!("CARGO_MANIFEST_DIR"));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 60_000,
+                rlim_max: 60_000,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("recording stopped") && err.contains(rec.to_str().unwrap()),
+        "{err}"
+    );
+    // Cut back to whole lines: nothing torn, nothing glued, everything before readable.
+    let size = std::fs::metadata(&rec).unwrap().len();
+    assert!(size <= 60_000, "{size}");
+    let bytes = std::fs::read(&rec).unwrap();
+    assert_eq!(bytes.last(), Some(&b'\n'));
+    let r = record::read(&rec).unwrap();
+    assert!(!r.truncated_tail);
+    assert!(
+        r.events
+            .iter()
+            .any(|e| matches!(e.event, SessionEvent::Token { .. })),
+        "the recording holds the run up to the failure"
+    );
+    let (rc, json, _) = run(&["export", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0);
+    assert!(json.contains("\"verdict\""));
+    let (rc, _, e) = run(&["replay", "--no-tui", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{e}");
+}
+
+/// A recordings directory nothing can be written in: refused before any worker starts, exit 2.
+#[test]
+fn a_read_only_recordings_directory_is_refused_up_front() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    // Permissions do not stop root; a directory of procfs stops everyone.
+    let rec = if unsafe { libc::geteuid() } == 0 {
+        Path::new("/proc/moescope-test/rec.ndjson").to_path_buf()
+    } else {
+        let ro = tmp.path().join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        ro.join("rec.ndjson")
+    };
+    let (rc, out, err) = run_headless(&rec, &["--max-new-tokens", "2"], &[]);
+    assert_eq!(rc, 2, "{out}\n{err}");
+    assert!(
+        err.contains("cannot create the recording") && err.contains("rec.ndjson"),
+        "{err}"
+    );
+    assert!(!out.contains("loaded"), "no worker was started: {out}");
+}
+
+/// A recording deleted while the run writes it would take every later event with it, silently:
+/// the run notices at the next prompt's end, stops, and exits non-zero naming what happened.
+#[test]
+fn a_recording_deleted_mid_run_stops_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("deleted.ndjson");
+    let child = Command::new(bin())
+        .args([
+            "run",
+            "--no-tui",
+            "--record",
+            rec.to_str().unwrap(),
+            "--reference",
+            "none",
+            "--prompts",
+            "prompts/long.toml",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("MOESCOPE_TEST_NATIVE_TOKEN_DELAY_MS", "5")
+        .env("MOESCOPE_TEST_SELECTIVE_TOKEN_DELAY_MS", "5")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        if record::read(&rec).is_ok_and(|r| {
+            r.events
+                .iter()
+                .any(|e| matches!(e.event, SessionEvent::Token { .. }))
+        }) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::remove_file(&rec).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the recording was deleted"), "{err}");
+    // It stopped early: not every prompt ran.
+    assert!(
+        !stdout.contains("prompt 4/4"),
+        "the run went on after its recording was deleted: {stdout}"
     );
 }

@@ -95,8 +95,16 @@ fn parallel_runs_both_and_says_timings_are_contended() {
 #[test]
 fn exit_code_reflects_the_verdict_only_when_asked() {
     // Two tokens per prompt: too few to judge -> INCONCLUSIVE -> 12 with --exit-code.
-    let (rc, _, _) = run_schedule("alternate", "2", &["--exit-code"]);
+    let (rc, evs, out) = run_schedule("alternate", "2", &["--exit-code"]);
     assert_eq!(rc, 12);
+    // INCONCLUSIVE for the reason meant — too few tokens — not because a backend failed (which
+    // gives 12 too): both ran every prompt.
+    assert!(out.contains("too few tokens to judge"), "{out}");
+    assert_eq!(
+        (done(&evs, Backend::Native), done(&evs, Backend::Selective)),
+        (6, 6)
+    );
+    assert!(!evs.iter().any(|e| matches!(e, SessionEvent::Failed { .. })));
     let (rc, _, _) = run_schedule("alternate", "2", &[]);
     assert_eq!(rc, 0);
 }

@@ -206,6 +206,7 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         },
         prompts: prompts.clone(),
         profile: profile.name.clone(),
+        profile_definition: Some(profile.clone()),
         host: sysinfo::System::host_name().unwrap_or_else(|_| "unknown".into()),
         settings: Some(settings.clone()),
     };

@@ -33,7 +33,7 @@ pub fn replay(a: &ReplayArgs) -> Result<()> {
     }
     let rec = record::read(&a.file).map_err(InputError)?;
     let profile =
-        Profile::load(a.profile.as_deref().unwrap_or(&rec.header.profile)).map_err(InputError)?;
+        Profile::for_recording(&rec.header, a.profile.as_deref(), &a.file).map_err(InputError)?;
     if a.no_tui || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         let state = SessionState::replayed(&rec);
         let sum = export::summarize(&state, &profile);
@@ -70,7 +70,7 @@ pub fn watch(a: &WatchArgs) -> Result<()> {
         }
     };
     let profile =
-        Profile::load(a.profile.as_deref().unwrap_or(&header.profile)).map_err(InputError)?;
+        Profile::for_recording(&header, a.profile.as_deref(), &a.file).map_err(InputError)?;
     let rec = record::Recording {
         header,
         events: Vec::new(),
@@ -101,16 +101,16 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         crate::bail_input!("export needs a recording file (or --schema / --list-metrics)");
     };
     let rec = record::read(file).map_err(InputError)?;
-    let profile_name = a
-        .profile
-        .clone()
-        .unwrap_or_else(|| rec.header.profile.clone());
-    let profile = Profile::load(&profile_name).map_err(InputError)?;
     let state = SessionState::replayed(&rec);
-    let sum = export::summarize(&state, &profile);
+    // A summary is judged; a trace is not (it needs no profile).
+    let summary = || -> Result<export::Summary> {
+        let profile =
+            Profile::for_recording(&rec.header, a.profile.as_deref(), file).map_err(InputError)?;
+        Ok(export::summarize(&state, &profile))
+    };
     let text = match a.format {
-        ExportFormat::Json => report::json::summary(&sum),
-        ExportFormat::Markdown => report::markdown::markdown(&sum),
+        ExportFormat::Json => report::json::summary(&summary()?),
+        ExportFormat::Markdown => report::markdown::markdown(&summary()?),
         ExportFormat::Trace => {
             let input = crate::session::study::from_state(&state);
             if input.steps.is_empty() {

@@ -152,6 +152,13 @@ impl Profile {
                 e.to_string().trim().replace('\n', " ")
             )
         })?;
+        p.validate(origin)?;
+        Ok(p)
+    }
+
+    /// The checks a profile must pass however it arrived (a file, or a recording's copy).
+    pub fn validate(&self, origin: &str) -> Result<(), String> {
+        let p = self;
         if p.version != 1 {
             return Err(format!(
                 "{origin}: field `version`: {} is not supported (expected 1)",
@@ -173,7 +180,34 @@ impl Profile {
                 "{origin}: a profile needs at least one [[viable]] criterion"
             ));
         }
-        Ok(p)
+        Ok(())
+    }
+
+    /// The profile to judge a recording by: the one asked for (`explicit`: a built-in name or a
+    /// file the user names), else the copy the recording carries, else its built-in name. Never
+    /// a path read from the recording: a shared recording must not make moescope read a file.
+    pub fn for_recording(
+        header: &crate::session::record::Header,
+        explicit: Option<&str>,
+        recording: &Path,
+    ) -> Result<Self, String> {
+        if let Some(p) = explicit {
+            return Self::load(p);
+        }
+        if let Some(p) = &header.profile_definition {
+            p.validate(&format!("{}: the recorded profile", recording.display()))?;
+            return Ok(p.clone());
+        }
+        match BUILTIN.iter().find(|(n, _)| *n == header.profile) {
+            Some((name, text)) => Self::parse(text, &format!("built-in profile {name}")),
+            None => Err(format!(
+                "{}: judged with profile \"{}\", which the recording does not carry; pass \
+                 --profile (a file, or a built-in: {})",
+                recording.display(),
+                header.profile,
+                BUILTIN.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
+            )),
+        }
     }
 
     /// A built-in name or a TOML file path.

@@ -17,15 +17,13 @@ use crossterm::event::Event;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 
-use crate::live::{
-    LiveRun, StopSignals, print_error_quietly, print_quietly, silence_stdio, write_summary,
-};
+use crate::live::{LiveRun, StopSignals, print_quietly, silence_stdio, write_summary};
 use crate::session::event::{SessionEvent, Stamped};
 use crate::session::export;
 use crate::session::record::{Follower, Header, Recorder, Recording};
 use crate::session::state::SessionState;
 use crate::session::verdict::{Outcome, Profile};
-use crate::worker::scheduler::Control;
+use crate::worker::scheduler::{Control, Stop};
 use app::{App, Effect, Mode};
 use theme::{Depth, Theme};
 
@@ -216,7 +214,7 @@ impl Source {
             Source::Live { run, control, .. } => {
                 if let Some(e) = run.record(&mut app.session, ev) {
                     app.view.message = Some(e);
-                    let _ = control.send(Control::Quit);
+                    let _ = control.send(Control::Quit(Stop::WriteFailed));
                 }
             }
             _ => app.session.apply(ev),
@@ -227,10 +225,11 @@ impl Source {
         matches!(self, Source::Live { over: true, .. })
     }
 
-    /// Asks a live run to stop (workers are told; events keep coming until they have).
-    fn quit(&self) {
+    /// Asks a live run to stop, saying why (workers are told; events keep coming until they
+    /// have).
+    fn quit(&self, why: Stop) {
         if let Source::Live { control, .. } = self {
-            let _ = control.send(Control::Quit);
+            let _ = control.send(Control::Quit(why));
         }
     }
 
@@ -309,10 +308,10 @@ async fn event_loop(app: &mut App, source: &mut Source, fps: u32) -> Result<term
                 if !live {
                     break;
                 }
-                source.quit();
+                source.quit(why);
                 quitting = Some(Instant::now());
-                terminal_gone |= why == crate::live::Stop::HungUp;
-                app.view.message = Some(format!("{}: stopping workers…", why.name()));
+                terminal_gone |= why == Stop::Sighup;
+                app.view.message = Some(format!("{}: stopping workers…", why.reason()));
                 dirty = true;
             }
             ev = source.next(app) => {
@@ -332,7 +331,7 @@ async fn event_loop(app: &mut App, source: &mut Source, fps: u32) -> Result<term
                             match app.update(a) {
                                 Some(Effect::Quit) if !live || source.live_over() => break,
                                 Some(Effect::Quit) => {
-                                    source.quit();
+                                    source.quit(Stop::Key);
                                     quitting = Some(Instant::now());
                                     app.view.message = Some("quitting: stopping workers…".into());
                                 }
@@ -346,7 +345,7 @@ async fn event_loop(app: &mut App, source: &mut Source, fps: u32) -> Result<term
                     // No terminal input any more (the SSH session went away): stop cleanly.
                     Some(Err(_)) | None if !live => break,
                     Some(Err(_)) | None if quitting.is_none() => {
-                        source.quit();
+                        source.quit(Stop::TerminalGone);
                         quitting = Some(Instant::now());
                     }
                     _ => {}
@@ -363,7 +362,7 @@ async fn event_loop(app: &mut App, source: &mut Source, fps: u32) -> Result<term
                         terminal_gone = true;
                         silence_stdio();
                         if quitting.is_none() {
-                            source.quit();
+                            source.quit(Stop::TerminalGone);
                             quitting = Some(Instant::now());
                         }
                     }
@@ -401,13 +400,10 @@ pub async fn live(
     let Source::Live { run, .. } = source else {
         unreachable!("a live source stays live")
     };
-    let end = run.finish(&app.session, &app.profile)?;
+    let end = run.finish(&app.session, &app.profile);
     drop(guard);
     print_quietly(&end.report());
-    if let Some(e) = &end.write_error {
-        print_error_quietly(&format!("error: {e}\n"));
-    }
-    Ok(end.summary.verdict.outcome)
+    end.outcome()
 }
 
 /// Replays a recording (and with `follow`, keeps reading what is appended: `watch`).

@@ -37,7 +37,37 @@ pub enum Control {
     Prev,
     /// Cancel and run the current prompt again.
     Rerun,
-    Quit,
+    /// Stop the run; why, in words, becomes the run's `Finished` reason.
+    Quit(Stop),
+}
+
+/// Why a run was stopped before its end (recorded as the reason it finished).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `q` (or Ctrl-C) in the dashboard.
+    Key,
+    Sigint,
+    Sigterm,
+    /// A dropped SSH session.
+    Sighup,
+    /// The dashboard's terminal went away.
+    TerminalGone,
+    /// The recording could not be written.
+    WriteFailed,
+}
+
+impl Stop {
+    /// The `Finished` reason a run stopped so records.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Stop::Key => "quit by the user",
+            Stop::Sigint => "stopped by SIGINT",
+            Stop::Sigterm => "stopped by SIGTERM",
+            Stop::Sighup => "stopped by SIGHUP (the terminal hung up)",
+            Stop::TerminalGone => "stopped: the terminal went away",
+            Stop::WriteFailed => "stopped: the recording could not be written",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -114,7 +144,7 @@ enum Nav {
     Next,
     Prev,
     Rerun,
-    Quit,
+    Quit(Stop),
 }
 
 struct Scheduler {
@@ -281,7 +311,7 @@ impl Scheduler {
             Control::Next => self.nav = Some(Nav::Next),
             Control::Prev => self.nav = Some(Nav::Prev),
             Control::Rerun => self.nav = Some(Nav::Rerun),
-            Control::Quit => self.nav = Some(Nav::Quit),
+            Control::Quit(why) => self.nav = Some(Nav::Quit(why)),
         }
     }
 
@@ -337,9 +367,9 @@ impl Scheduler {
                 self.free_run(&live).await;
             }
             match self.nav.take() {
-                Some(Nav::Quit) => {
+                Some(Nav::Quit(why)) => {
                     self.cancel_all(&live).await;
-                    return Some("quit by the user".into());
+                    return Some(why.reason().into());
                 }
                 Some(Nav::Next) => {
                     self.cancel_all(&live).await;
