@@ -389,6 +389,9 @@ pub struct ModelArgs {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = DeviceSpec::parse)]
     pub device: DeviceSpec,
+    /// Load even when the memory estimate says the model cannot fit.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -79,6 +79,11 @@ impl DeviceSpec {
         self.0.starts_with("cuda")
     }
 
+    /// N of `cuda:N`.
+    pub fn cuda_index(&self) -> Option<u32> {
+        self.0.strip_prefix("cuda:")?.parse().ok()
+    }
+
     pub fn open(&self) -> Result<Device> {
         if self.0 == "cpu" {
             return Ok(Device::Cpu);
@@ -452,6 +457,140 @@ impl BackendSpec {
     }
 }
 
+/// What a loaded backend will hold, estimated from its config before anything is loaded:
+/// weights in the compute dtype, the expert cache's capacity (GPU slot pools are allocated
+/// whole), and a KV cache for `tokens` positions. Runtime overhead is left out, so this is a
+/// floor: a run it does not fit cannot succeed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    pub host: u64,
+    pub gpu: u64,
+}
+
+impl Footprint {
+    pub fn total(&self) -> u64 {
+        self.host + self.gpu
+    }
+}
+
+impl BackendSpec {
+    pub fn footprint(&self, cfg: &MoeConfig, tokens: usize) -> Footprint {
+        let cuda = self.device.is_cuda();
+        let esize = self.dtype.candle().size_in_bytes() as u64;
+        let expert = cfg.expert_params() as u64 * esize;
+        let total = cfg.total_experts() as u64;
+        let experts = match self.backend {
+            BackendKind::Native => total * expert,
+            BackendKind::Selective => {
+                let cap = self
+                    .cache
+                    .cache_config(cfg.total_experts(), cfg.num_experts_per_tok)
+                    .capacity_experts(expert) as u64;
+                // A CPU cache holds at most every expert once; GPU slot pools are allocated
+                // at their capacity.
+                let held = if cuda { cap } else { cap.min(total) };
+                held * expert
+            }
+        };
+        // The CPU keeps keys and values in f32; the GPU in the compute dtype, in buffers
+        // grown by doubling from 256 rows.
+        let (kv_elem, rows) = if cuda {
+            (esize, tokens.max(256).next_power_of_two() as u64)
+        } else {
+            (4, tokens as u64)
+        };
+        let kv = cfg.num_hidden_layers as u64
+            * 2
+            * (cfg.num_key_value_heads * cfg.head_dim) as u64
+            * rows
+            * kv_elem;
+        let held = cfg.non_expert_params() * esize + experts + kv;
+        if cuda {
+            Footprint { host: 0, gpu: held }
+        } else {
+            Footprint { host: held, gpu: 0 }
+        }
+    }
+}
+
+/// Memory the machine has for a run: host (MemAvailable) and, where known, free GPU memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Available {
+    pub host: u64,
+    /// None where it is not known (no NVML, or an integrated GPU that shares host memory):
+    /// then GPU needs are counted against host memory.
+    pub gpu: Option<u64>,
+}
+
+/// Whether backends needing `needs` fit in `available`: `together` when they are loaded at the
+/// same time (the alternate and parallel schedules), else one after the other. Err: one line
+/// with what is needed and available, and what would help.
+pub fn check_fits(
+    needs: &[(&str, Footprint)],
+    together: bool,
+    available: Available,
+    model: &Path,
+) -> std::result::Result<(), String> {
+    let combine = |f: fn(&Footprint) -> u64| -> u64 {
+        let it = needs.iter().map(|(_, n)| f(n));
+        if together {
+            it.sum()
+        } else {
+            it.max().unwrap_or(0)
+        }
+    };
+    let (host, gpu) = match available.gpu {
+        Some(_) => (combine(|n| n.host), combine(|n| n.gpu)),
+        None => (combine(Footprint::total), 0),
+    };
+    let parts = needs
+        .iter()
+        .map(|(name, n)| format!("{name} {}", crate::util::fmt_bytes(n.total())))
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let how = if needs.len() > 1 {
+        if together {
+            "loaded together"
+        } else {
+            "one at a time"
+        }
+    } else {
+        "loaded"
+    };
+    let short = |what: &str, need: u64, have: u64| {
+        format!(
+            "{}: the run needs at least {} of {what} ({parts}, {how}) and {} is available; \
+             {}--cache-mem sets the selective cache's share, --dtype bf16 halves f32 weights; \
+             --force runs anyway",
+            model.display(),
+            crate::util::fmt_bytes(need),
+            crate::util::fmt_bytes(have),
+            if together && needs.len() > 1 {
+                "--schedule sequential loads one backend at a time, "
+            } else {
+                ""
+            }
+        )
+    };
+    if host > available.host {
+        return Err(short(
+            if available.gpu.is_some() {
+                "host memory"
+            } else {
+                "memory"
+            },
+            host,
+            available.host,
+        ));
+    }
+    if let Some(free) = available.gpu
+        && gpu > free
+    {
+        return Err(short("GPU memory", gpu, free));
+    }
+    Ok(())
+}
+
 /// `models/tiny-moe` next to the working directory, else next to this source tree (so
 /// `cargo run` and the installed binary inside the repo both find the bundled model).
 pub fn default_model_dir() -> PathBuf {
@@ -464,4 +603,111 @@ pub fn default_model_dir() -> PathBuf {
         return built;
     }
     local
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe-tiny")
+    }
+
+    fn spec(backend: BackendKind, cache: CacheSettings) -> BackendSpec {
+        BackendSpec {
+            model_dir: fixture(),
+            dtype: Dtype::F32,
+            device: DeviceSpec::cpu(),
+            backend,
+            cache,
+            settings: Settings::default(),
+        }
+    }
+
+    /// The estimate counts the weights a loaded model really holds: checked against the
+    /// loaded model's own count, for both backends.
+    #[test]
+    fn the_footprint_counts_what_loading_holds() {
+        let cfg = MoeConfig::from_dir(&fixture()).unwrap();
+        let native = spec(BackendKind::Native, CacheSettings::default())
+            .load(|_, _| {})
+            .unwrap();
+        let kv = |tokens: u64| {
+            cfg.num_hidden_layers as u64
+                * 2
+                * (cfg.num_key_value_heads * cfg.head_dim) as u64
+                * tokens
+                * 4
+        };
+        let f = spec(BackendKind::Native, CacheSettings::default()).footprint(&cfg, 100);
+        let weights = native.model.resident_bytes() + native.provider.resident_bytes();
+        assert_eq!(
+            f,
+            Footprint {
+                host: weights + kv(100),
+                gpu: 0
+            }
+        );
+        // Selective: non-expert weights and the cache's capacity (here 3 experts).
+        let cache = CacheSettings {
+            cache_experts: Some(3),
+            ..Default::default()
+        };
+        let f = spec(BackendKind::Selective, cache.clone()).footprint(&cfg, 0);
+        let expert = (cfg.expert_params() * 4) as u64;
+        assert_eq!(f.host, native.model.resident_bytes() + 3 * expert);
+        // A CPU cache larger than the model holds the model once.
+        let huge = CacheSettings {
+            cache_experts: Some(1 << 20),
+            ..Default::default()
+        };
+        let f = spec(BackendKind::Selective, huge).footprint(&cfg, 0);
+        assert_eq!(f.host, weights);
+    }
+
+    #[test]
+    fn a_run_that_cannot_fit_is_refused_saying_what_helps() {
+        let gib = 1u64 << 30;
+        let host = |h: u64| Footprint {
+            host: h * gib,
+            gpu: 0,
+        };
+        let m = Path::new("m");
+        let avail = Available {
+            host: 10 * gib,
+            gpu: Some(0),
+        };
+        // 6 + 6 together do not fit 10; one at a time they do.
+        let both = [("native", host(6)), ("selective", host(6))];
+        let e = check_fits(&both, true, avail, m).unwrap_err();
+        assert!(
+            e.contains("12.0 GiB") && e.contains("10.0 GiB") && e.contains("--schedule sequential"),
+            "{e}"
+        );
+        assert!(e.contains("--force") && e.contains("--cache-mem") && e.contains("--dtype bf16"));
+        assert!(check_fits(&both, false, avail, m).is_ok());
+        // GPU needs against free GPU memory where it is known, else against host memory.
+        let gpu = [(
+            "native",
+            Footprint {
+                host: 0,
+                gpu: 8 * gib,
+            },
+        )];
+        let known = Available {
+            host: 100 * gib,
+            gpu: Some(4 * gib),
+        };
+        assert!(
+            check_fits(&gpu, true, known, m)
+                .unwrap_err()
+                .contains("GPU memory")
+        );
+        let shared = Available {
+            host: 6 * gib,
+            gpu: None,
+        };
+        let e = check_fits(&gpu, true, shared, m).unwrap_err();
+        assert!(e.contains("of memory") && !e.contains("sequential"), "{e}");
+    }
 }

@@ -350,3 +350,101 @@ fn bad_flags() {
     assert_eq!(rc, 2);
     assert!(err.contains("/nonexistent"), "{err}");
 }
+
+/// A model directory whose headers claim far more than this machine has: a config with large
+/// dimensions and one sparse safetensors file laid out to match it (its data is a hole: nothing
+/// is written, nothing is used on disk).
+fn make_oversized_model(dir: &Path) {
+    use moescope::model::checkpoint::Checkpoint;
+    use moescope::model::config::{ExpertProj, MoeConfig};
+    let fx = fixture("qwen3-moe-tiny");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tokenizer").join(f), dir.join(f))
+            .or_else(|_| std::fs::copy(fx.join(f), dir.join(f)))
+            .unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("config.json")).unwrap()).unwrap();
+    cfg["hidden_size"] = 4096.into();
+    cfg["moe_intermediate_size"] = 4096.into();
+    cfg["intermediate_size"] = 4096.into();
+    cfg["num_local_experts"] = 64.into();
+    cfg["mlp_only_layers"] = serde_json::json!([]);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let c = MoeConfig::from_dir(dir).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>)> = Checkpoint::required_tensors(&c);
+    for l in c.moe_layers() {
+        for e in 0..c.num_experts {
+            for p in ExpertProj::ALL {
+                tensors.push((c.expert_tensor_name(l, e, p), p.shape(&c).to_vec()));
+            }
+        }
+    }
+    let mut header = serde_json::Map::new();
+    let mut at = 0u64;
+    for (name, shape) in tensors {
+        let len = 2 * shape.iter().product::<usize>() as u64;
+        header.insert(
+            name,
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [at, at + len]}),
+        );
+        at += len;
+    }
+    let h = Value::Object(header).to_string();
+    let mut f = std::fs::File::create(dir.join("model.safetensors")).unwrap();
+    use std::io::Write;
+    f.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(h.as_bytes()).unwrap();
+    f.set_len(8 + h.len() as u64 + at).unwrap();
+}
+
+/// A model that cannot fit is refused before anything is loaded — one line saying how much is
+/// needed and available and which flags help — instead of an out-of-memory kill mid-load.
+#[test]
+fn a_model_that_cannot_fit_is_refused_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("huge");
+    make_oversized_model(&dir);
+    let rec = tmp.path().join("huge.ndjson");
+    let start = std::time::Instant::now();
+    let (rc, out, err) = run(&[
+        "run",
+        "--no-tui",
+        "--model",
+        dir.to_str().unwrap(),
+        "--record",
+        rec.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 2, "{out}\n{err}");
+    assert!(!err.contains("panicked"));
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for want in [
+        "the run needs at least",
+        "is available",
+        "--schedule sequential",
+        "--cache-mem",
+        "--dtype bf16",
+        "--force",
+    ] {
+        assert!(err.contains(want), "{want:?} missing: {err}");
+    }
+    assert!(
+        !rec.exists(),
+        "nothing recorded for a run that never started"
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(20),
+        "refused up front"
+    );
+    // One backend alone, the same.
+    let (rc, _, err) = run(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--token-ids",
+        "1,2",
+    ]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("native") && err.contains("--force"), "{err}");
+}

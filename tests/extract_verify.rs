@@ -307,3 +307,190 @@ fn failed_write_mid_extraction_keeps_the_journal_and_resumes() {
     got.remove("manifest.partial.jsonl");
     assert_eq!(want, got);
 }
+
+/// `dir`'s manifest, edited by `change`, written back.
+fn edit_manifest(dir: &Path, change: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    change(&mut m);
+    std::fs::write(&path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+}
+
+/// The checkpoint's own copy with different weights and the same config (a fine-tune): every
+/// 64th byte after the header flipped.
+fn fine_tune_of(model: &Path, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    for e in std::fs::read_dir(model).unwrap().flatten() {
+        let mut bytes = std::fs::read(e.path()).unwrap();
+        if e.path().extension().is_some_and(|x| x == "safetensors") {
+            let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            for b in bytes[header..].iter_mut().step_by(64) {
+                *b ^= 1;
+            }
+        }
+        std::fs::write(out.join(e.file_name()), bytes).unwrap();
+    }
+}
+
+/// Resuming into a directory that holds another model's partial extraction — even a fine-tune
+/// with the very same config — is refused, naming both, instead of reusing its experts.
+#[test]
+fn resuming_another_models_partial_extraction_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen3-moe-tiny");
+    let tuned = tmp.path().join("tuned");
+    fine_tune_of(&model, &tuned);
+    let dir = tmp.path().join("partial");
+    let (rc, _, _) = extract(&model, &dir, &["--abort-after", "5"]);
+    assert_ne!(rc, 0, "the first run was cut short");
+    assert!(!dir.join("manifest.json").exists());
+    let (rc, _, err) = extract(&tuned, &dir, &[]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(
+        err.contains("partial extraction of a different model")
+            && err.contains(model.to_str().unwrap())
+            && err.contains(tuned.to_str().unwrap()),
+        "{err}"
+    );
+    // Its own model resumes it; then the finished extraction refuses the fine-tune too.
+    assert_eq!(extract(&model, &dir, &[]).0, 0);
+    let (rc, _, err) = extract(&tuned, &dir, &[]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("an extraction of a different model"), "{err}");
+}
+
+/// Nothing in a manifest is trusted: a path out of the directory, a link to a device, a length
+/// its shape cannot have, a hash that is not hex — each a clear error or a corrupt expert, no
+/// panic, no read outside, no endless read, no huge allocation.
+#[test]
+fn a_hostile_manifest_is_refused_without_panics_or_endless_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen3-moe-tiny");
+    let clean = tmp.path().join("clean");
+    assert_eq!(extract(&model, &clean, &[]).0, 0);
+    let copy = |name: &str| {
+        let d = tmp.path().join(name);
+        for (rel, _) in tree(&clean) {
+            let to = d.join(&rel);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(clean.join(&rel), to).unwrap();
+        }
+        d
+    };
+    let generate = |dir: &Path| {
+        run(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--backend",
+            "selective",
+            "--expert-source",
+            &format!("extracted:{}", dir.display()),
+            "--token-ids",
+            "1,2",
+            "--max-new-tokens",
+            "2",
+        ])
+    };
+    // 1. A path that leaves the directory.
+    let d = copy("escape");
+    std::fs::write(tmp.path().join("outside.safetensors"), b"secret").unwrap();
+    edit_manifest(&d, |m| {
+        m["experts"][0]["file"] = "../outside.safetensors".into();
+    });
+    let (rc, _, err) = generate(&d);
+    assert_eq!(rc, 2, "{err}");
+    assert!(
+        err.contains("not a path inside the extraction directory"),
+        "{err}"
+    );
+    let (rc, out, err) = run(&["verify", d.to_str().unwrap()]);
+    assert_ne!(rc, 0);
+    assert!(
+        !err.contains("panicked") && out.contains("INCOMPLETE"),
+        "{out}{err}"
+    );
+    // 2. An expert file replaced by a link to /dev/zero: verify ends, and says why.
+    let d = copy("zero");
+    let rel = {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("manifest.json")).unwrap())
+                .unwrap();
+        m["experts"][0]["file"].as_str().unwrap().to_string()
+    };
+    std::fs::remove_file(d.join(&rel)).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", d.join(&rel)).unwrap();
+    let start = std::time::Instant::now();
+    let (rc, out, _) = run(&["verify", d.to_str().unwrap()]);
+    assert!(start.elapsed() < Duration::from_secs(30));
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        out.contains("leads outside the extraction directory"),
+        "{out}"
+    );
+    let (rc, _, err) = generate(&d);
+    assert_eq!(rc, 2, "{err}");
+    // 3. A length its shape cannot have (it would size an allocation).
+    let d = copy("len");
+    edit_manifest(&d, |m| {
+        m["experts"][0]["tensors"][0]["len"] = 1_000_000_000_000_000u64.into();
+    });
+    let (rc, _, err) = generate(&d);
+    assert_eq!(rc, 2, "{err}");
+    assert!(
+        err.contains("bytes, but") && err.contains("experts[0]"),
+        "{err}"
+    );
+    // 4. A hash that is not hex (a non-ASCII one panicked at a slice).
+    let d = copy("hash");
+    edit_manifest(&d, |m| {
+        m["experts"][0]["blake3"] = "é".repeat(32).into();
+    });
+    let (rc, out, err) = run(&["verify", d.to_str().unwrap()]);
+    assert_ne!(rc, 0);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.contains("64 hex digits"), "{out}");
+    // 5. Offsets that are not the file's own.
+    let d = copy("offset");
+    edit_manifest(&d, |m| {
+        let t = &mut m["experts"][0]["tensors"][0];
+        let off = t["offset"].as_u64().unwrap();
+        t["offset"] = (off + 2).into();
+    });
+    let (rc, out, _) = run(&["verify", d.to_str().unwrap()]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("in the file, the manifest says"), "{out}");
+}
+
+/// One extractor at a time; and cleaning up after a killed run never follows a link out.
+#[test]
+fn a_second_extractor_is_refused_and_cleanup_follows_no_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen3-omni-tiny");
+    let dir = tmp.path().join("busy");
+    let mut first = std::process::Command::new(bin())
+        .args(["extract", "--model", model.to_str().unwrap(), "--out"])
+        .arg(&dir)
+        .args(["--quiet", "--delay-ms", "100"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !dir.join("manifest.partial.jsonl").exists() {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (rc, _, err) = extract(&model, &dir, &[]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("being written by another"), "{err}");
+    assert!(first.wait().unwrap().success());
+    // A stale temporary in a directory elsewhere, linked from inside: left alone.
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join(".keep.tmp-1"), b"not ours").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("experts/linked")).unwrap();
+    assert_eq!(extract(&model, &dir, &[]).0, 0);
+    assert!(elsewhere.join(".keep.tmp-1").exists());
+}

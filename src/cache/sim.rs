@@ -222,6 +222,10 @@ fn belady(
         }
         let p = pool_of(a);
         let k = super::pool::key(a.layer, a.expert);
+        if p >= caps.len() {
+            missed[i] = true; // a layer with no pool: never cached
+            continue;
+        }
         if let Some(nu) = resident[p].get(&k).copied() {
             order[p].remove(&(nu, k));
             order[p].insert((next[i], k));

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::cli::{ExtractArgs, VerifyArgs};
 use crate::engine::{ModelFiles, default_model_dir};
-use crate::experts::extract::{ExtractFaults, extract};
+use crate::experts::extract::{ExtractFaults, SourceId, extract};
 use crate::experts::source::ShardSource;
 use crate::experts::verify::verify;
 use crate::util::fmt_bytes;
@@ -20,8 +20,13 @@ pub fn run_extract(args: &ExtractArgs) -> Result<()> {
         delay: Duration::from_millis(args.delay_ms),
     };
     let show = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let id = SourceId {
+        model: model.display().to_string(),
+        weights: files.ckpt.weights_fingerprint(&files.cfg)?,
+    };
     let r = extract(
         &source,
+        &id,
         &model.join("config.json"),
         &args.out,
         show,

@@ -16,6 +16,7 @@ use crate::settings::Settings;
 
 pub fn generate(args: &GenerateArgs, settings: &Settings) -> Result<()> {
     let spec = super::backend_spec(&args.model, &args.backend, settings);
+    guard(&args.model, &spec, args.sampling.max_new_tokens + 2048)?;
     let engine = spec.load(|_, _| {})?;
     // The tokenizer is needed for text prompts and for printing text; token-id prompts work
     // without one (then only ids are printed).
@@ -115,6 +116,7 @@ pub fn generate(args: &GenerateArgs, settings: &Settings) -> Result<()> {
 
 pub fn logits(args: &LogitsArgs, settings: &Settings) -> Result<()> {
     let spec = super::backend_spec(&args.model, &args.backend, settings);
+    guard(&args.model, &spec, args.tokens.len() + args.greedy)?;
     let engine = spec.load(|_, _| {})?;
     let mut cache = engine.model.new_cache();
     let l = engine.model.forward(
@@ -159,4 +161,19 @@ fn greedy_steps(engine: &Engine, prompt: &[u32], n: usize) -> Result<serde_json:
         }));
     }
     Ok(serde_json::Value::Array(steps))
+}
+
+/// The memory guard for one backend (see `commands::guard_memory`).
+fn guard(
+    model: &crate::cli::ModelArgs,
+    spec: &crate::engine::BackendSpec,
+    tokens: usize,
+) -> Result<()> {
+    let cfg = crate::model::MoeConfig::from_dir(&spec.model_dir)?;
+    super::guard_memory(
+        model,
+        &[(spec.backend.name(), spec.footprint(&cfg, tokens))],
+        false,
+        &spec.model_dir,
+    )
 }

@@ -12,7 +12,7 @@ pub mod sweep;
 use std::path::PathBuf;
 
 use crate::cli::{BackendArgs, ModelArgs, UiArgs};
-use crate::engine::{BackendSpec, default_model_dir};
+use crate::engine::{Available, BackendSpec, default_model_dir};
 use crate::settings::Settings;
 use crate::ui::UiOptions;
 
@@ -26,6 +26,34 @@ pub fn backend_spec(model: &ModelArgs, backend: &BackendArgs, settings: &Setting
         cache: backend.cache.settings(),
         settings: settings.clone(),
     }
+}
+
+/// The memory the machine has for a run on `device` (GPU memory where NVML knows it).
+pub fn available_memory(device: &crate::engine::DeviceSpec) -> Available {
+    Available {
+        host: crate::util::mem_available(),
+        gpu: match device.cuda_index() {
+            Some(i) => crate::worker::memory::Gpu::get().device_free(i),
+            None => Some(0),
+        },
+    }
+}
+
+/// Refuses, with one line saying what would help, backends whose estimated footprint does not
+/// fit the machine (`together`: loaded at the same time). Skipped with `--force`, and where the
+/// host's available memory cannot be read.
+pub fn guard_memory(
+    model: &ModelArgs,
+    needs: &[(&str, crate::engine::Footprint)],
+    together: bool,
+    model_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let available = available_memory(&model.device);
+    if model.force || available.host == 0 {
+        return Ok(());
+    }
+    crate::engine::check_fits(needs, together, available, model_dir)
+        .map_err(|e| crate::errors::InputError(e).into())
 }
 
 /// The dashboard's options from its flags.

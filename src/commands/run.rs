@@ -166,6 +166,25 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         cache: cache.clone(),
         ..native.clone()
     };
+    // Refused here, before any worker starts, when it cannot fit (a prompt's tokens are not
+    // known yet: 2048 stand in for the longest).
+    let tokens = prompts.max_new_tokens.max(
+        prompts
+            .prompts
+            .iter()
+            .filter_map(|p| p.max_new_tokens)
+            .max()
+            .unwrap_or(0),
+    ) + 2048;
+    super::guard_memory(
+        &args.model,
+        &[
+            ("native", native.footprint(&cfg, tokens)),
+            ("selective", selective.footprint(&cfg, tokens)),
+        ],
+        args.schedule != crate::session::record::Schedule::Sequential,
+        &model_dir,
+    )?;
     let cache_cfg = cache.cache_config(cfg.total_experts(), cfg.num_experts_per_tok);
     let cache_describe = format!(
         "{}; source {}; {} page cache{}",

@@ -6,6 +6,11 @@
 //! rerun skips experts that the journal lists and whose file has the journalled size, redoes
 //! the rest (rewriting identical bytes), and writes `manifest.json` — sorted, no timestamps —
 //! only when every expert is there. So a killed run, resumed, ends byte-identical to a clean one.
+//!
+//! Nothing in the directory is trusted: every journal line and the manifest carry the source's
+//! weights fingerprint (a resume into another model's partial extraction is an error naming both),
+//! paths in the manifest must stay inside the directory, lengths must match shapes, and one
+//! extractor at a time holds the directory's lock.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
@@ -57,6 +62,13 @@ pub struct Manifest {
     pub version: u32,
     pub model_type: String,
     pub config_fingerprint: String,
+    /// The source checkpoint's weights fingerprint (`Checkpoint::weights_fingerprint`); empty
+    /// in manifests written before it was recorded.
+    #[serde(default)]
+    pub weights_fingerprint: String,
+    /// The model directory extracted from, as given (for messages).
+    #[serde(default)]
+    pub source: String,
     pub num_hidden_layers: usize,
     pub moe_layers: Vec<usize>,
     pub num_experts: usize,
@@ -76,7 +88,12 @@ impl Manifest {
             },
             source: e,
         })?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        Self::parse(&text, path)
+    }
+
+    /// A manifest from its text (`path` names it in errors), every entry checked.
+    pub fn parse(text: &str, path: PathBuf) -> Result<Self> {
+        let m: Manifest = serde_json::from_str(text).map_err(|e| ModelError::Config {
             file: path.clone(),
             field: String::new(),
             msg: format!("not a valid extraction manifest: {e}"),
@@ -91,8 +108,98 @@ impl Manifest {
                 ),
             });
         }
+        for (i, e) in m.experts.iter().enumerate() {
+            e.check().map_err(|msg| ModelError::Config {
+                file: path.clone(),
+                field: format!("experts[{i}]"),
+                msg,
+            })?;
+        }
         Ok(m)
     }
+}
+
+impl ManifestEntry {
+    /// What a manifest or journal entry must be before anything is opened or allocated by it:
+    /// a path inside the directory, a BLAKE3 in hex, each tensor a range inside the file whose
+    /// length its dtype and shape account for.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        confined(&self.file)?;
+        if self.blake3.len() != 64 || !self.blake3.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("`blake3` of {}: expected 64 hex digits", self.file));
+        }
+        for t in &self.tensors {
+            let dtype = StDtype::parse(&t.dtype)
+                .ok_or_else(|| format!("tensor `{}`: unknown dtype \"{}\"", t.name, t.dtype))?;
+            let elems = t
+                .shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            let bytes = elems.and_then(|n| n.checked_mul(dtype.size() as u64));
+            if bytes != Some(t.len) {
+                return Err(format!(
+                    "tensor `{}`: {} bytes, but {:?} × {} makes {}",
+                    t.name,
+                    t.len,
+                    t.shape,
+                    t.dtype,
+                    bytes.map_or("more than 2^64".into(), |b| b.to_string())
+                ));
+            }
+            if t.offset
+                .checked_add(t.len)
+                .is_none_or(|end| end > self.size)
+            {
+                return Err(format!(
+                    "tensor `{}`: bytes {}+{} lie outside the {}-byte file {}",
+                    t.name, t.offset, t.len, self.size, self.file
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `rel` as a path that stays inside the directory it is relative to: no root, no `..`, no `.`
+/// (symbolic links are caught where the file is opened, see [`inside`]).
+pub fn confined(rel: &str) -> std::result::Result<&Path, String> {
+    use std::path::Component;
+    let p = Path::new(rel);
+    let plain = !rel.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if plain {
+        Ok(p)
+    } else {
+        Err(format!(
+            "file \"{rel}\" is not a path inside the extraction directory"
+        ))
+    }
+}
+
+/// `dir/rel`, checked to resolve inside `dir` even through symbolic links.
+pub fn inside(dir: &Path, rel: &str) -> std::result::Result<PathBuf, String> {
+    let path = dir.join(confined(rel)?);
+    let (Ok(real_dir), Ok(real)) = (dir.canonicalize(), path.canonicalize()) else {
+        // Missing: callers report it as missing; nothing outside is read.
+        return Ok(path);
+    };
+    if real.starts_with(&real_dir) {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} leads outside the extraction directory (to {})",
+            path.display(),
+            real.display()
+        ))
+    }
+}
+
+/// A journal line: an expert written, and whose weights it came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JournalLine {
+    weights: String,
+    source: String,
+    #[serde(flatten)]
+    entry: ManifestEntry,
 }
 
 pub fn expert_file(layer: usize, expert: usize) -> String {
@@ -130,9 +237,17 @@ pub struct ExtractFaults {
     pub delay: Duration,
 }
 
-/// Extracts every expert of the model in `ckpt_source` into `out`.
+/// Which model an extraction is of: its directory (for messages) and weights fingerprint.
+#[derive(Debug, Clone)]
+pub struct SourceId {
+    pub model: String,
+    pub weights: String,
+}
+
+/// Extracts every expert of the model in `source` (identified by `id`) into `out`.
 pub fn extract(
     source: &ShardSource,
+    id: &SourceId,
     config_json: &Path,
     out: &Path,
     show_progress: bool,
@@ -164,15 +279,36 @@ pub fn extract(
         )));
     }
     std::fs::create_dir_all(out).map_err(|e| io(out, "creating output directory", e))?;
-    if let Ok(existing) = Manifest::read(out)
-        && existing.config_fingerprint != cfg.fingerprint()
-    {
-        return Err(ModelError::Input(format!(
-            "{} already holds an extraction of a different model (fingerprint {}, this model {})",
+    let _lock = DirLock::take(out)?;
+    let other = |what: &str, model: &str, weights: &str| {
+        ModelError::Input(format!(
+            "{} holds {what} of a different model ({}weights {}); this is {} (weights {}) — \
+             extract into another directory, or remove that one",
             out.display(),
-            existing.config_fingerprint,
-            cfg.fingerprint()
-        )));
+            if model.is_empty() {
+                String::new()
+            } else {
+                format!("{model}, ")
+            },
+            if weights.is_empty() {
+                "not recorded: made by an older moescope"
+            } else {
+                weights
+            },
+            id.model,
+            id.weights
+        ))
+    };
+    let manifest_path = out.join(MANIFEST);
+    if manifest_path.exists() {
+        let existing = Manifest::read(out)?;
+        if existing.weights_fingerprint != id.weights {
+            return Err(other(
+                "an extraction",
+                &existing.source,
+                &existing.weights_fingerprint,
+            ));
+        }
     }
     // A config copy makes the directory self-describing for `verify`.
     let cfg_copy = out.join("config.json");
@@ -184,13 +320,19 @@ pub fn extract(
     remove_stale_temporaries(out);
     let journal_path = out.join(JOURNAL);
     let mut done: BTreeMap<(usize, usize), ManifestEntry> = BTreeMap::new();
-    if let Ok(m) = Manifest::read(out) {
-        for e in m.experts {
+    if manifest_path.exists() {
+        for e in Manifest::read(out)?.experts {
             done.insert((e.layer, e.expert), e);
         }
     }
-    for e in read_journal(&journal_path) {
-        done.insert((e.layer, e.expert), e);
+    for line in read_journal(&journal_path) {
+        if line.weights != id.weights {
+            return Err(other("a partial extraction", &line.source, &line.weights));
+        }
+        // A damaged or hostile line is not resumed from: that expert is written again.
+        if line.entry.check().is_ok() {
+            done.insert((line.entry.layer, line.entry.expert), line.entry);
+        }
     }
     // Keep only entries whose file is really there with the journalled size.
     done.retain(|_, e| {
@@ -289,7 +431,12 @@ pub fn extract(
             if faults.abort_after == Some(n) {
                 std::process::abort();
             }
-            let mut line = serde_json::to_string(&entry).expect("entry serialises");
+            let mut line = serde_json::to_string(&JournalLine {
+                weights: id.weights.clone(),
+                source: id.model.clone(),
+                entry: entry.clone(),
+            })
+            .expect("entry serialises");
             line.push('\n');
             if let Err(e) = journal
                 .write_all(line.as_bytes())
@@ -310,6 +457,8 @@ pub fn extract(
         version: VERSION,
         model_type: cfg.family.model_type().into(),
         config_fingerprint: cfg.fingerprint(),
+        weights_fingerprint: id.weights.clone(),
+        source: id.model.clone(),
         num_hidden_layers: cfg.num_hidden_layers,
         moe_layers: cfg.moe_layers().collect(),
         num_experts: cfg.num_experts,
@@ -381,8 +530,42 @@ fn write_expert(path: &Path, rel: &str, raw: &RawExpert, cfg: &MoeConfig) -> Res
     })
 }
 
+/// One extractor at a time: an exclusive lock on `.moescope-extract.lock` in the directory,
+/// held while this lives (the kernel drops it with the process, however it ends).
+struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    fn take(dir: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join(".moescope-extract.lock");
+        let io = |what: &str, e: std::io::Error| ModelError::Io {
+            path: path.clone(),
+            what: what.into(),
+            source: e,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io("opening the extraction lock", e))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(ModelError::Input(format!(
+                "{} is being written by another `moescope extract`; wait for it to finish",
+                dir.display()
+            )));
+        }
+        Ok(DirLock { _file: file })
+    }
+}
+
 /// A run killed mid-write leaves `.NAME.tmp-PID` files behind; they are never renamed into
-/// place, so they can go.
+/// place, so they can go. Symbolic links are not followed (a link to a directory elsewhere
+/// must not have its files removed).
 fn remove_stale_temporaries(dir: &Path) {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -392,7 +575,11 @@ fn remove_stale_temporaries(dir: &Path) {
         for e in rd.flatten() {
             let p = e.path();
             let name = e.file_name().to_string_lossy().to_string();
-            if p.is_dir() {
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_symlink() {
+                continue;
+            }
+            if kind.is_dir() {
                 stack.push(p);
             } else if (name.starts_with('.') && name.contains(".tmp-")) || name == "manifest.tmp" {
                 let _ = std::fs::remove_file(&p);
@@ -416,8 +603,15 @@ pub(crate) fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| io("renaming into place", e))
 }
 
+/// One journal line as `extract` resumes from it: parsed, and its entry checked.
+pub fn parse_journal_line(line: &str) -> std::result::Result<(String, ManifestEntry), String> {
+    let l: JournalLine = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    l.entry.check()?;
+    Ok((l.weights, l.entry))
+}
+
 /// Journal lines; a torn last line (crash mid-append) is ignored.
-fn read_journal(path: &Path) -> Vec<ManifestEntry> {
+fn read_journal(path: &Path) -> Vec<JournalLine> {
     let Ok(f) = std::fs::File::open(path) else {
         return Vec::new();
     };
@@ -450,6 +644,11 @@ impl ExtractedSource {
         }
         let mut entries = HashMap::new();
         for e in &m.experts {
+            let file = inside(dir, &e.file).map_err(|msg| ModelError::Config {
+                file: dir.join(MANIFEST),
+                field: format!("experts[L{} E{}].file", e.layer, e.expert),
+                msg,
+            })?;
             let parts: Vec<TensorLocation> = e
                 .tensors
                 .iter()
@@ -461,7 +660,7 @@ impl ExtractedSource {
                     })?;
                     Ok(TensorLocation {
                         name: t.name.clone(),
-                        file: dir.join(&e.file),
+                        file: file.clone(),
                         dtype,
                         shape: t.shape.clone(),
                         offset: t.offset,

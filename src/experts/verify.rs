@@ -213,32 +213,76 @@ fn check_extracted_entry(
     cfg: &MoeConfig,
     entry: &super::extract::ManifestEntry,
 ) -> std::result::Result<(), String> {
-    let path = dir.join(&entry.file);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    use std::io::Read;
+    entry.check()?;
+    let path = super::extract::inside(dir, &entry.file)?;
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(format!("missing file {}", entry.file));
         }
         Err(e) => return Err(format!("{}: {e}", entry.file)),
     };
-    if bytes.len() as u64 != entry.size {
+    // Only a regular file of the manifest's size is read, and never past that size: a link to
+    // a device (say /dev/zero) would otherwise be read for ever.
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", entry.file))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", entry.file));
+    }
+    if meta.len() != entry.size {
         return Err(format!(
             "{}: {} bytes, manifest says {}",
             entry.file,
-            bytes.len(),
+            meta.len(),
             entry.size
         ));
     }
-    let hash = blake3::hash(&bytes).to_hex().to_string();
+    let mut hasher = blake3::Hasher::new();
+    let read = std::io::copy(&mut file.take(entry.size), &mut hasher)
+        .map_err(|e| format!("{}: {e}", entry.file))?;
+    if read != entry.size {
+        return Err(format!(
+            "{}: ended after {read} bytes, manifest says {}",
+            entry.file, entry.size
+        ));
+    }
+    let hash = hasher.finalize().to_hex().to_string();
     if hash != entry.blake3 {
         return Err(format!(
             "{}: BLAKE3 {} does not match the manifest's {}",
             entry.file,
             &hash[..16],
-            &entry.blake3[..16.min(entry.blake3.len())]
+            entry.blake3.chars().take(16).collect::<String>()
         ));
     }
-    check_expert_file(&path, cfg, entry.layer, entry.expert)
+    check_expert_file(&path, cfg, entry.layer, entry.expert)?;
+    // The manifest's ranges must be the file's own (a source reads what the manifest says).
+    let own = SafetensorsFile::open(&path).map_err(|e| e.to_string())?;
+    for t in &entry.tensors {
+        let info = own
+            .info(&t.name)
+            .ok_or_else(|| format!("{}: tensor `{}` missing", entry.file, t.name))?;
+        if (info.offset, info.len, info.dtype.name(), &info.shape)
+            != (t.offset, t.len, t.dtype.as_str(), &t.shape)
+        {
+            return Err(format!(
+                "{}: tensor `{}` is {} {:?} at {}+{} in the file, the manifest says {} {:?} at {}+{}",
+                entry.file,
+                t.name,
+                info.dtype.name(),
+                info.shape,
+                info.offset,
+                info.len,
+                t.dtype,
+                t.shape,
+                t.offset,
+                t.len
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_expert_file(

@@ -20,6 +20,10 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// Steps a chat template may take to render (minijinja's fuel); a template that needs more is
+/// an error naming its file, not a hang.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// A checkpoint's chat template and the special tokens it may refer to.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -76,6 +80,32 @@ impl ChatTemplate {
         Ok(me)
     }
 
+    /// The template a `tokenizer_config.json`'s text names (`origin` names the file), checked
+    /// by one render; `None` when it names none.
+    pub fn from_config_text(text: &str, origin: &str) -> Result<Option<Self>> {
+        let v: Value = serde_json::from_str(text).map_err(|e| ModelError::Tokenizer {
+            file: PathBuf::from(origin),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let Some(template) = template_from_config(&v) else {
+            return Ok(None);
+        };
+        let me = ChatTemplate {
+            template,
+            source: origin.to_string(),
+            bos_token: token_string(v.get("bos_token")),
+            eos_token: token_string(v.get("eos_token")),
+        };
+        me.render(
+            &[ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            true,
+        )?;
+        Ok(Some(me))
+    }
+
     /// Where the template came from.
     pub fn source(&self) -> &str {
         &self.source
@@ -85,6 +115,9 @@ impl ChatTemplate {
     /// as variables, `enable_thinking = false` so short answers are not spent thinking).
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let mut env = Environment::new();
+        // A template is code from the checkpoint's directory: bounded like one. Rendering a
+        // real chat template takes a few thousand steps.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -191,6 +224,24 @@ mod tests {
             .to_string();
         assert!(
             e.contains("tokenizer_config.json") && e.contains("chat template"),
+            "{e}"
+        );
+        // A template that would run for ever runs out of fuel, naming its file.
+        let endless = serde_json::json!({"chat_template":
+            "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"});
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            endless.to_string(),
+        )
+        .unwrap();
+        let start = std::time::Instant::now();
+        let e = TextTokenizer::from_dir(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("fuel"),
             "{e}"
         );
     }

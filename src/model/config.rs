@@ -222,6 +222,27 @@ impl MoeConfig {
                 return Err(text.err(field, "must be > 0".into()));
             }
         }
+        // Bounds far above any real model, checked before anything is sized by these numbers:
+        // a damaged or hostile config must be an error naming the field, not an allocation of
+        // terabytes.
+        let vocab_size = text.req_usize("vocab_size")?;
+        for (field, v, max) in [
+            ("hidden_size", hidden_size, 1 << 17),
+            ("num_attention_heads", num_attention_heads, 1 << 12),
+            ("num_key_value_heads", num_key_value_heads, 1 << 12),
+            ("num_hidden_layers", num_hidden_layers, 1 << 12),
+            ("head_dim", head_dim, 1 << 12),
+            ("num_experts", num_experts, 1 << 14),
+            ("moe_intermediate_size", moe_intermediate_size, 1 << 20),
+            ("vocab_size", vocab_size, 1 << 24),
+        ] {
+            if v > max {
+                return Err(text.err(
+                    field,
+                    format!("{v} is beyond any model moescope can run (at most {max})"),
+                ));
+            }
+        }
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(text.err(
                 "num_key_value_heads",
@@ -267,6 +288,15 @@ impl MoeConfig {
             ));
         }
         let intermediate_size = match text.opt_usize("intermediate_size")? {
+            Some(v) if v > 1 << 20 => {
+                return Err(text.err(
+                    "intermediate_size",
+                    format!(
+                        "{v} is beyond any model moescope can run (at most {})",
+                        1 << 20
+                    ),
+                ));
+            }
             Some(v) => v,
             None if any_dense => {
                 return Err(text.err(
@@ -293,7 +323,7 @@ impl MoeConfig {
         Ok(MoeConfig {
             family,
             tensor_prefix: prefix.to_string(),
-            vocab_size: text.req_usize("vocab_size")?,
+            vocab_size,
             hidden_size,
             intermediate_size,
             moe_intermediate_size,
@@ -337,6 +367,37 @@ impl MoeConfig {
     /// Elements of one expert (gate + up + down).
     pub fn expert_params(&self) -> usize {
         3 * self.hidden_size * self.moe_intermediate_size
+    }
+
+    /// Elements of every weight that is not an expert: embeddings, attention, norms, routers,
+    /// dense MLPs, and `lm_head` unless tied (as `Qwen3Moe::load` loads them).
+    pub fn non_expert_params(&self) -> u64 {
+        let (h, d) = (self.hidden_size as u64, self.head_dim as u64);
+        let (nh, nkv) = (
+            self.num_attention_heads as u64,
+            self.num_key_value_heads as u64,
+        );
+        let bias = |n: u64| if self.attention_bias { n } else { 0 };
+        let attention = nh * d * h
+            + bias(nh * d)
+            + 2 * (nkv * d * h + bias(nkv * d))
+            + h * nh * d
+            + bias(h)
+            + 2 * d;
+        let per_layer: u64 = self
+            .layer_kinds
+            .iter()
+            .map(|k| {
+                2 * h
+                    + attention
+                    + match k {
+                        FfnKind::Moe => self.num_experts as u64 * h,
+                        FfnKind::Dense => 3 * h * self.intermediate_size as u64,
+                    }
+            })
+            .sum();
+        let embed = self.vocab_size as u64 * h;
+        embed + per_layer + h + if self.tie_word_embeddings { 0 } else { embed }
     }
 
     /// A short stable digest of everything that shapes the weights, so recordings and extracted

@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::error::{ModelError, Result};
 
 /// The safetensors format caps the JSON header at 100 MB; a larger length means a damaged file.
-const MAX_HEADER_BYTES: u64 = 100_000_000;
+pub(crate) const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Element types that can appear in a checkpoint. Only the float ones can be computed with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -332,7 +332,9 @@ pub fn bytes_to_tensor(
     }
 }
 
-fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, TensorInfo>> {
+/// Parses and checks a safetensors file's header from the file's bytes (`path` names it in
+/// errors). Public so that the parser can be fuzzed on bytes alone.
+pub fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, TensorInfo>> {
     let err = |msg: String| ModelError::Checkpoint {
         file: path.to_path_buf(),
         msg,

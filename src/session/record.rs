@@ -300,7 +300,14 @@ pub fn parse_header(line: &str, path: &Path) -> Result<Header, String> {
             path.display()
         ));
     }
-    serde_json::from_value(v).map_err(|e| format!("{}: line 1: bad header: {e}", path.display()))
+    let header: Header = serde_json::from_value(v)
+        .map_err(|e| format!("{}: line 1: bad header: {e}", path.display()))?;
+    // Checked before a state is sized by it (per-layer, per-expert tables).
+    header
+        .moe
+        .check()
+        .map_err(|e| format!("{}: line 1: {e}", path.display()))?;
+    Ok(header)
 }
 
 /// Reads a whole recording. A torn last line is tolerated (even one cut inside a multi-byte
@@ -310,8 +317,13 @@ pub fn read(path: &Path) -> Result<Recording, String> {
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(|e| format!("{}: cannot read recording: {e}", path.display()))?;
+    parse(&bytes, path)
+}
+
+/// A recording from its bytes (`path` names it in errors), as [`read`] reads it.
+pub fn parse(bytes: &[u8], path: &Path) -> Result<Recording, String> {
     let ends_with_newline = bytes.ends_with(b"\n");
-    let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
     let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
     let text = |i: usize| {
         std::str::from_utf8(lines[i])

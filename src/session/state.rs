@@ -314,12 +314,17 @@ impl SessionState {
                         }
                     }
                 }
-                self.traces[backend.index()].push(TraceStep {
+                let step = TraceStep {
                     prompt: *prompt,
                     position: *position,
                     experts: experts.clone(),
                     guesses: guesses.clone(),
-                });
+                };
+                // A row the header's model cannot have (a damaged or hand-made recording) is
+                // left out of the trace rather than sized into every study made from it.
+                if crate::cache::trace::check_step(&step, &self.header.moe).is_ok() {
+                    self.traces[backend.index()].push(step);
+                }
             }
             SessionEvent::Memory { backend, sample } => {
                 let b = self.backend_mut(*backend);

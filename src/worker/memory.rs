@@ -70,6 +70,13 @@ impl Gpu {
         found.then_some((total, GpuSource::NvmlProcess))
     }
 
+    /// Free memory of device `index`, when NVML reports it (not on every integrated GPU).
+    pub fn device_free(&self, index: u32) -> Option<u64> {
+        let nvml = self.nvml.as_ref()?;
+        let dev = nvml.device_by_index(index).ok()?;
+        dev.memory_info().ok().map(|m| m.free)
+    }
+
     /// Device-wide used memory (for the integrated-GPU fallback).
     pub fn device_used(&self) -> Option<u64> {
         let nvml = self.nvml.as_ref()?;
