@@ -14,7 +14,11 @@
 #   4. transformers 5.x generate, default and eager experts implementations
 #   5. host->device bandwidth (the selective bound)
 #   6. selective decode at 100 / 50 / 25 / 12.5 % slot capacity (worker processes, NVML memory)
+# Exits non-zero when any identity or fidelity check fails (or a step could not run), and ends
+# with one line saying what passed (scripts/gpu_verdict.py judges step 1).
 set -uo pipefail
+status=0
+fail() { echo "gpu check: step $1 failed"; status=1; }
 STEPS=${STEPS:-"1 2 3 4 5 6"}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 BIN=${1:?usage: scripts/gpu_check.sh BIN [OUT_DIR]}
@@ -27,14 +31,16 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
 if step 1; then echo "== 1. fidelity"
-python3 scripts/gpu_reference.py fidelity --bin "$BIN" > "$OUT/fidelity.json"; cat "$OUT/fidelity.json" | head -c 3000; fi
+python3 scripts/gpu_reference.py fidelity --bin "$BIN" > "$OUT/fidelity.json" || fail 1
+head -c 3000 "$OUT/fidelity.json"; echo
+python3 scripts/gpu_verdict.py "$OUT/fidelity.json" | tee "$OUT/verdict.txt"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1; fi
 
 if step 2; then echo "== 2. random checkpoint ($LAYERS layers, Qwen3-30B-A3B geometry)"
-[ -f "$CKPT/config.json" ] || "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --out "$CKPT" --shard-size 4GiB
+[ -f "$CKPT/config.json" ] || "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --out "$CKPT" --shard-size 4GiB || fail 2
 cp models/tiny-moe/tokenizer.json models/tiny-moe/tokenizer_config.json "$CKPT/"; fi
 
 if step 3; then echo "== 3. native vs candle-transformers"
-"$BIN" bench decode --model "$CKPT" --dtype bf16 --device cuda:0 --repeats 3 --json > "$OUT/decode.json"
+"$BIN" bench decode --model "$CKPT" --dtype bf16 --device cuda:0 --repeats 3 --json > "$OUT/decode.json" || fail 3
 cat "$OUT/decode.json"; fi
 
 if step 4; then echo "== 4. transformers"
@@ -48,5 +54,7 @@ if step 6; then echo "== 6. selective sweep"
 # Two passes over the prompts: the second shows selective with a warm slot pool (steady state).
 "$BIN" sweep --model "$CKPT" --device cuda:0 --dtype bf16 --capacities "${CAPS:-12.5%,25%,50%,100%}" \
   --prompts prompts/standard.toml --max-new-tokens "${SWEEP_TOKENS:-48}" --passes "${PASSES:-2}" --policy "${POLICY:-lru}" --cache-scope "${SCOPE:-global}" \
-  -o "$OUT/sweep.json" | tee "$OUT/sweep.txt"; fi
+  -o "$OUT/sweep.json" | tee "$OUT/sweep.txt"; [ "${PIPESTATUS[0]}" -eq 0 ] || fail 6; fi
 echo "done: $OUT"
+[ -f "$OUT/verdict.txt" ] && cat "$OUT/verdict.txt"
+exit $status

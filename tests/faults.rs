@@ -533,3 +533,110 @@ fn a_recording_deleted_mid_run_stops_the_run() {
         "the run went on after its recording was deleted: {stdout}"
     );
 }
+
+/// A worker that dies in the middle of writing a protocol line: the torn line is reported as
+/// such, the backend fails with the signal, the other goes on, and the recording exports and
+/// replays.
+#[test]
+fn a_worker_killed_mid_line_is_reported_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("torn.ndjson");
+    let (rc, out, err) = run_headless(
+        &rec,
+        &["--max-new-tokens", "8"],
+        &[("MOESCOPE_TEST_SELECTIVE_TEAR_LINE_AFTER_TOKENS", "3")],
+    );
+    assert_eq!(rc, 0, "{out}\n{err}");
+    assert!(
+        out.contains("selective FAILED") && out.contains("signal 9"),
+        "{out}"
+    );
+    let evs = events(&rec);
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, SessionEvent::Warning { message, .. }
+            if message.contains("line outside the protocol") && message.contains("\"nat"))),
+        "the torn line is reported"
+    );
+    assert_eq!(
+        prompts_done(&evs, Backend::Native),
+        6,
+        "native ran every prompt"
+    );
+    let (rc, json, _) = run(&["export", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0);
+    assert!(json.contains("\"verdict\""));
+    let (rc, _, e) = run(&["replay", "--no-tui", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{e}");
+}
+
+/// `kill -9` of the run itself: no worker outlives it, and its recording — whose last line a
+/// kill can tear — still exports and replays, saying the tail was incomplete.
+#[test]
+fn kill_9_of_the_run_leaves_no_worker_and_a_readable_recording() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("k9.ndjson");
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            "--no-tui",
+            "--record",
+            rec.to_str().unwrap(),
+            "--reference",
+            "none",
+            "--prompts",
+            "prompts/long.toml",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("MOESCOPE_TEST_NATIVE_TOKEN_DELAY_MS", "20")
+        .env("MOESCOPE_TEST_SELECTIVE_TOKEN_DELAY_MS", "20")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let pids: Vec<u32> = loop {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        if let Ok(r) = record::read(&rec) {
+            let pids: Vec<u32> = r
+                .events
+                .iter()
+                .filter_map(|e| match e.event {
+                    SessionEvent::WorkerStarted { pid, .. } => Some(pid),
+                    _ => None,
+                })
+                .collect();
+            let tokens = r
+                .events
+                .iter()
+                .filter(|e| matches!(e.event, SessionEvent::Token { .. }))
+                .count();
+            if pids.len() == 2 && tokens >= 4 {
+                break pids;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for pid in pids {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!pid_alive(pid), "worker {pid} outlived the killed run");
+    }
+    // A kill mid-write leaves a torn last line; make sure this one has one, then read it.
+    let bytes = std::fs::read(&rec).unwrap();
+    let keep = bytes.len() - 7.min(bytes.len() / 2);
+    std::fs::write(&rec, &bytes[..keep]).unwrap();
+    let r = record::read(&rec).unwrap();
+    assert!(r.truncated_tail);
+    let (rc, json, err) = run(&["export", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(json.contains("\"verdict\""));
+    assert!(err.contains("last line was incomplete"), "{err}");
+    let (rc, _, err) = run(&["replay", "--no-tui", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(err.contains("last line was incomplete"), "{err}");
+}

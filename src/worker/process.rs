@@ -95,8 +95,18 @@ impl WorkerProcess {
         });
 
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
+            // Bytes, not `lines()`: a line that is not UTF-8 (a worker dying mid-character)
+            // must be reported as a bad line, not end the reading.
+            let mut out = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match out.read_until(b'\n', &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let l = String::from_utf8_lossy(&buf);
+                let l = l.trim_end_matches(['\n', '\r']).to_string();
                 let msg = match serde_json::from_str::<WorkerEvent>(&l) {
                     Ok(ev) => WorkerMsg::Event(Box::new(ev)),
                     Err(_) => WorkerMsg::BadLine(l),

@@ -8,6 +8,8 @@ use std::time::Duration;
 /// known point without racing against it.
 pub(super) struct Faults {
     crash_after_tokens: Option<usize>,
+    /// Die in the middle of writing a protocol line (half a line out, then SIGKILL).
+    tear_line_after_tokens: Option<usize>,
     hang_after_tokens: Option<usize>,
     /// Sleep after every token, so a test can interrupt a run that would otherwise finish
     /// before the signal arrives on a fast machine.
@@ -22,6 +24,7 @@ impl Faults {
         let n = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
         Faults {
             crash_after_tokens: n("MOESCOPE_TEST_CRASH_AFTER_TOKENS"),
+            tear_line_after_tokens: n("MOESCOPE_TEST_TEAR_LINE_AFTER_TOKENS"),
             hang_after_tokens: n("MOESCOPE_TEST_HANG_AFTER_TOKENS"),
             token_delay: n("MOESCOPE_TEST_TOKEN_DELAY_MS")
                 .map(|ms: usize| Duration::from_millis(ms as u64)),
@@ -37,6 +40,16 @@ impl Faults {
         }
         if self.crash_after_tokens == Some(self.tokens) {
             // SAFETY: raising SIGKILL on ourselves: the same as `kill -9` from outside.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+        if self.tear_line_after_tokens == Some(self.tokens) {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(br#"{"ev":"session","type":"token","backend":"nat"#);
+            let _ = out.flush();
+            // SAFETY: as above.
             unsafe {
                 libc::kill(libc::getpid(), libc::SIGKILL);
             }

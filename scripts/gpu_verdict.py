@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Judges scripts/gpu_reference.py's fidelity output: one line saying what passed, and exit 1 if
+anything failed. Used by scripts/gpu_check.sh.
+
+Pass means, for every case:
+  - bf16 fidelity (the CPU suite's rule): moescope's bf16 error against the f32 goldens at most
+    twice transformers' own plus 2 % of the largest logit (where transformers ran), and top-1
+    equal to f32's unless the two best f32 logits are within bf16's spacing (a tie);
+  - selective == native on the GPU, bit for bit, in every prefill case;
+  - every decode variant (graphs off, each miss path, GPU fills, speculation rules, scopes):
+    logits, tokens and routing identical to native's graphed steps.
+
+Usage: gpu_verdict.py FIDELITY_JSON
+"""
+import json
+import sys
+
+
+def main(path):
+    try:
+        res = json.load(open(path))
+    except (OSError, ValueError) as e:
+        print(f"gpu check: FAILED — {path}: {e}")
+        return 1
+    failures = []
+    cases = res.get("cases", [])
+    for c in cases:
+        name = f"{c['model']} seq {c['seq']}"
+        ours, scale = c["ours_bf16_vs_f32"], c["scale"]
+        hf = c.get("hf_bf16_vs_f32")
+        if hf is not None and ours > 2 * hf + 0.02 * scale:
+            failures.append(f"{name}: bf16 error {ours:.3f} > 2 × transformers' {hf:.3f} + 2 %")
+        if not c["top1_same_as_f32"] and c["f32_top2_gap"] > c["bf16_spacing"]:
+            failures.append(f"{name}: top-1 differs from f32 (gap {c['f32_top2_gap']:.4f})")
+    sel = res.get("selective", [])
+    for s in sel:
+        if not s["identical"]:
+            failures.append(f"{s['model']} selective {s['capacity']} {s['scope']}: prefill differs by {s['max_abs_diff']}")
+    dec = res.get("decode", [])
+    for d in dec:
+        if not d["identical"]:
+            failures.append(f"{d['model']} decode vs {d['vs']}: differs ({d['max_abs_diff']}, tokens/routing equal: {d['tokens_and_routing_equal']})")
+    if not cases or not sel or not dec:
+        failures.append("the fidelity run produced no results for some part")
+    summary = (f"fidelity {len(cases)} cases, selective prefill {sum(s['identical'] for s in sel)}/{len(sel)} identical, "
+               f"decode {sum(d['identical'] for d in dec)}/{len(dec)} identical")
+    if failures:
+        print(f"gpu check: FAILED — {summary}; " + "; ".join(failures))
+        return 1
+    print(f"gpu check: passed — {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
