@@ -257,6 +257,10 @@ def main():
     state = split_experts(state, range(cfg.num_hidden_layers))
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg.output_router_logits = False
+    # What `model.save_pretrained` would record (tools such as llama.cpp's converter dispatch on
+    # `architectures`); the config alone does not know its model class.
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    cfg.dtype = "bfloat16"
     cfg.save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": pad,
                                                             "do_sample": False}, indent=2) + "\n")

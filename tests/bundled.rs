@@ -26,6 +26,13 @@ fn config_is_a_real_moe() {
         !c.eos_token_ids.is_empty(),
         "generation_config.json gives eos"
     );
+    // The fields transformers' save_pretrained writes, which converters (llama.cpp's
+    // convert_hf_to_gguf.py among them) dispatch on.
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundled().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(raw["architectures"], serde_json::json!(["Qwen3MoeForCausalLM"]));
+    assert_eq!(raw["dtype"], "bfloat16");
     let (rc, out, _) = run(&["verify", bundled().to_str().unwrap()]);
     assert_eq!(rc, 0, "{out}");
     assert!(out.contains("COMPLETE: all 192 experts"));
