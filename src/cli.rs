@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::cache::policy::PolicyKind;
 use crate::cache::settings::{CacheSettings, PrefetchMode, Scope, SourceSpec};
 use crate::engine::{BackendKind, DeviceSpec, Dtype};
+use crate::model::tokenizer::PromptStyle;
 use crate::session::record::Schedule;
 
 /// `clap::ValueEnum` for a plain library enum: its variants, each with the name a user types
@@ -177,6 +178,10 @@ pub struct RunArgs {
     /// Send prompts without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Let Qwen3 templates think: `enable_thinking = true` (default false, so comparisons are
+    /// not spent reasoning). "Thinking" checkpoints always think.
+    #[arg(long, conflicts_with = "raw")]
+    pub enable_thinking: bool,
     /// How the two backends share the machine.
     #[arg(long, value_enum, default_value_t = Schedule::Alternate)]
     pub schedule: Schedule,
@@ -227,6 +232,13 @@ impl RunArgs {
             run: RunArgs,
         }
         Wrap::parse_from(["moescope"]).run
+    }
+
+    pub fn prompt_style(&self) -> PromptStyle {
+        PromptStyle {
+            raw: self.raw,
+            enable_thinking: self.enable_thinking,
+        }
     }
 }
 
@@ -515,6 +527,9 @@ pub struct GenerateArgs {
     /// Use the prompt text as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Let Qwen3 templates think: `enable_thinking = true` (default false).
+    #[arg(long, conflicts_with = "raw")]
+    pub enable_thinking: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Print one JSON object (text, generated_token_ids, timing) instead of streaming.

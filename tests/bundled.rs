@@ -31,7 +31,10 @@ fn config_is_a_real_moe() {
     let raw: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(bundled().join("config.json")).unwrap())
             .unwrap();
-    assert_eq!(raw["architectures"], serde_json::json!(["Qwen3MoeForCausalLM"]));
+    assert_eq!(
+        raw["architectures"],
+        serde_json::json!(["Qwen3MoeForCausalLM"])
+    );
     assert_eq!(raw["dtype"], "bfloat16");
     let (rc, out, _) = run(&["verify", bundled().to_str().unwrap()]);
     assert_eq!(rc, 0, "{out}");
@@ -66,7 +69,9 @@ fn tokenizer_round_trips_and_streams_whole_characters() {
         streamed.push_str(&d.finish(&tok));
         assert_eq!(streamed, text);
     }
-    let chat = tok.prompt_ids("What is a volcano?", false).unwrap();
+    let chat = tok
+        .prompt_ids("What is a volcano?", Default::default())
+        .unwrap();
     let text = tok.decode(&chat);
     assert!(text.contains("What is a volcano?"));
     assert_eq!(

@@ -11,7 +11,7 @@ use crate::model::generate::{Generation, Timing};
 use crate::model::ports::{NoObserver, RoutingLog};
 use crate::model::qwen3_moe::Logits;
 use crate::model::sampling::SamplingParams;
-use crate::model::tokenizer::{StreamDecoder, TextTokenizer, stop_ids};
+use crate::model::tokenizer::{PromptStyle, StreamDecoder, TextTokenizer, stop_ids};
 use crate::settings::Settings;
 
 pub fn generate(args: &GenerateArgs, settings: &Settings) -> Result<()> {
@@ -25,14 +25,27 @@ pub fn generate(args: &GenerateArgs, settings: &Settings) -> Result<()> {
         (_, t) => t.ok(),
     };
     let prompt_ids = match (&args.prompt, &args.token_ids) {
-        (Some(p), _) => tokenizer
-            .as_ref()
-            .expect("checked above")
-            .prompt_ids(p, args.raw)?,
+        (Some(p), _) => tokenizer.as_ref().expect("checked above").prompt_ids(
+            p,
+            PromptStyle {
+                raw: args.raw,
+                enable_thinking: args.enable_thinking,
+            },
+        )?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => unreachable!("clap requires one of them"),
     };
     let params = args.sampling.params();
+    if let Some(rec) = &engine.cfg.recommended_sampling
+        && params.temperature <= 0.0
+        && rec.temperature.is_some_and(|t| t > 0.0)
+    {
+        eprintln!(
+            "note: decoding greedily; the checkpoint's generation_config.json recommends {} \
+             (--temperature/--top-p/--top-k)",
+            rec.describe()
+        );
+    }
     let stops = stop_ids(&engine.cfg.eos_token_ids, tokenizer.as_ref());
     let mut g = Generation::new(&engine.model, prompt_ids.clone(), params, stops)?;
     let mut decoder = StreamDecoder::new();

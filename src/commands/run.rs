@@ -226,6 +226,8 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         prompts: prompts.clone(),
         profile: profile.name.clone(),
         profile_definition: Some(profile.clone()),
+        prompt_style: args.prompt_style(),
+        recommended_sampling: cfg.recommended_sampling.clone(),
         host: sysinfo::System::host_name().unwrap_or_else(|_| "unknown".into()),
         settings: Some(settings.clone()),
     };
@@ -235,7 +237,7 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         schedule: args.schedule,
         prompts,
         sampling,
-        raw: args.raw,
+        prompt_style: args.prompt_style(),
         score: !args.no_score,
         reference_text,
         reference_max_tokens: args.reference_tokens,

@@ -39,29 +39,39 @@ impl ChatTemplate {
     /// does not parse is an error naming its file at load, not at the first prompt.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
-        let mut found = None;
         let (mut bos_token, mut eos_token) = (None, None);
+        let mut from_config = None;
         if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::Io {
-                path: cfg_path.clone(),
-                what: "reading tokenizer config".into(),
-                source: e,
-            })?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Tokenizer {
-                file: cfg_path.clone(),
-                msg: format!("not valid JSON: {e}"),
-            })?;
-            found = template_from_config(&v).map(|t| (t, cfg_path.display().to_string()));
+            let v = read_json(&cfg_path)?;
+            from_config = template_from_config(&v).map(|t| (t, cfg_path.display().to_string()));
             bos_token = token_string(v.get("bos_token"));
             eos_token = token_string(v.get("eos_token"));
         }
-        // transformers ≥ 4.43 may also put the template in its own file.
+        // The order transformers reads them in: `chat_template.jinja` (≥ 4.43) overrides the
+        // tokenizer config's; processors (Omni, VL) save theirs as `chat_template.json`.
         let jinja = dir.join("chat_template.jinja");
-        if found.is_none() && jinja.exists() {
-            found = std::fs::read_to_string(&jinja)
-                .ok()
-                .map(|t| (t, jinja.display().to_string()));
-        }
+        let processor = dir.join("chat_template.json");
+        let found = if jinja.exists() {
+            let text = std::fs::read_to_string(&jinja).map_err(|e| ModelError::Io {
+                path: jinja.clone(),
+                what: "reading the chat template".into(),
+                source: e,
+            })?;
+            Some((text, jinja.display().to_string()))
+        } else if from_config.is_some() {
+            from_config
+        } else if processor.exists() {
+            let v = read_json(&processor)?;
+            let t = template_from_config(&v).ok_or_else(|| ModelError::Tokenizer {
+                file: processor.clone(),
+                msg: "field `chat_template`: expected a template string (or a list of named \
+                      templates with a \"default\")"
+                    .into(),
+            })?;
+            Some((t, processor.display().to_string()))
+        } else {
+            None
+        };
         let (template, source) =
             found.unwrap_or_else(|| (CHATML_FALLBACK.to_string(), "built-in ChatML".to_string()));
         let me = ChatTemplate {
@@ -70,14 +80,21 @@ impl ChatTemplate {
             bos_token,
             eos_token,
         };
-        me.render(
-            &[ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }],
-            true,
-        )?;
+        me.check()?;
         Ok(me)
+    }
+
+    /// One render at load, so a template that does not parse (or needs a variable we do not
+    /// give) is an error naming its file before the first prompt — with thinking on and off,
+    /// as either may be asked for.
+    fn check(&self) -> Result<()> {
+        let hi = [ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        self.render(&hi, true, false)?;
+        self.render(&hi, true, true)?;
+        Ok(())
     }
 
     /// The template a `tokenizer_config.json`'s text names (`origin` names the file), checked
@@ -96,13 +113,7 @@ impl ChatTemplate {
             bos_token: token_string(v.get("bos_token")),
             eos_token: token_string(v.get("eos_token")),
         };
-        me.render(
-            &[ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }],
-            true,
-        )?;
+        me.check()?;
         Ok(Some(me))
     }
 
@@ -112,8 +123,15 @@ impl ChatTemplate {
     }
 
     /// Renders the template (HF semantics: `messages`, `add_generation_prompt`, special tokens
-    /// as variables, `enable_thinking = false` so short answers are not spent thinking).
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    /// as variables, no tools). `enable_thinking` is Qwen3's switch: moescope passes `false`
+    /// unless asked (`--enable-thinking`), so short comparisons are not spent thinking; a
+    /// "Thinking" checkpoint's template ignores it and always thinks.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: bool,
+    ) -> Result<String> {
         let mut env = Environment::new();
         // A template is code from the checkpoint's directory: bounded like one. Rendering a
         // real chat template takes a few thousand steps.
@@ -140,11 +158,23 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
-            enable_thinking => false,
+            enable_thinking => enable_thinking,
             tools => minijinja::Value::from(()),
         })
         .map_err(terr)
     }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+        path: path.to_path_buf(),
+        what: "reading tokenizer config".into(),
+        source: e,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Tokenizer {
+        file: path.to_path_buf(),
+        msg: format!("not valid JSON: {e}"),
+    })
 }
 
 fn template_from_config(v: &Value) -> Option<String> {
@@ -170,6 +200,53 @@ fn token_string(v: Option<&Value>) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn template_files_are_read_in_transformers_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let write = |name: &str, text: String| std::fs::write(d.join(name), text).unwrap();
+        assert_eq!(
+            ChatTemplate::from_dir(d).unwrap().source(),
+            "built-in ChatML"
+        );
+        // A processor's chat_template.json, as the Omni and VL repos ship it.
+        write(
+            "chat_template.json",
+            serde_json::json!({"chat_template": "P{{ messages[0].content }}"}).to_string(),
+        );
+        let t = ChatTemplate::from_dir(d).unwrap();
+        assert!(t.source().ends_with("chat_template.json"));
+        let hi = [ChatMessage {
+            role: "user".into(),
+            content: "x".into(),
+        }];
+        assert_eq!(t.render(&hi, true, false).unwrap(), "Px");
+        // The tokenizer config's own template (here the list-of-named-templates form) wins.
+        write(
+            "tokenizer_config.json",
+            serde_json::json!({"chat_template": [
+                {"name": "tool_use", "template": "T"},
+                {"name": "default", "template": "D{{ messages[0].content }}"}]})
+            .to_string(),
+        );
+        let t = ChatTemplate::from_dir(d).unwrap();
+        assert_eq!(t.render(&hi, true, false).unwrap(), "Dx");
+        // chat_template.jinja overrides both.
+        write("chat_template.jinja", "J{{ messages[0].content }}".into());
+        let t = ChatTemplate::from_dir(d).unwrap();
+        assert!(t.source().ends_with("chat_template.jinja"));
+        assert_eq!(t.render(&hi, true, false).unwrap(), "Jx");
+        // A chat_template.json without a template is an error naming the file and field.
+        std::fs::remove_file(d.join("chat_template.jinja")).unwrap();
+        std::fs::remove_file(d.join("tokenizer_config.json")).unwrap();
+        write("chat_template.json", "{\"template\": 1}".into());
+        let e = ChatTemplate::from_dir(d).unwrap_err().to_string();
+        assert!(
+            e.contains("chat_template.json") && e.contains("chat_template"),
+            "{e}"
+        );
+    }
+
     use super::super::tokenizer::TextTokenizer;
     use super::*;
 
@@ -210,11 +287,32 @@ mod tests {
                 content: "What is a cache?".into(),
             },
         ];
-        let out = t.apply_chat_template(&msgs, true).unwrap();
+        let out = t.apply_chat_template(&msgs, true, false).unwrap();
         assert_eq!(
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nWhat is a cache?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
         );
+        // Thinking on: the template leaves the reasoning to the model (no empty think block),
+        // and the prompt's ids end before it.
+        let thinking = t.apply_chat_template(&msgs[2..], true, true).unwrap();
+        assert_eq!(
+            thinking,
+            "<|im_start|>user\nWhat is a cache?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        use super::super::tokenizer::PromptStyle;
+        let off = t
+            .prompt_ids("What is a cache?", PromptStyle::default())
+            .unwrap();
+        let on = t
+            .prompt_ids(
+                "What is a cache?",
+                PromptStyle {
+                    raw: false,
+                    enable_thinking: true,
+                },
+            )
+            .unwrap();
+        assert!(off.len() > on.len() && off.starts_with(&on));
         // A template that does not parse is an error naming the file, at load time.
         let bad = serde_json::json!({"chat_template": "{% for m in messages %}"});
         std::fs::write(dir.path().join("tokenizer_config.json"), bad.to_string()).unwrap();

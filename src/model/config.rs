@@ -80,6 +80,44 @@ pub struct MoeConfig {
     /// End-of-sequence ids (generation_config.json over config.json).
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    /// The sampling the checkpoint's authors recommend (`generation_config.json`). Shown to the
+    /// user; moescope's comparisons stay greedy unless sampling is asked for. Not part of the
+    /// config's identity: skipped by serde, so [`MoeConfig::fingerprint`] ignores it.
+    #[serde(skip)]
+    pub recommended_sampling: Option<RecommendedSampling>,
+}
+
+/// `generation_config.json`'s sampling fields, each as the file gives it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RecommendedSampling {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f64>,
+}
+
+impl RecommendedSampling {
+    /// "temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05".
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.do_sample == Some(false) {
+            parts.push("greedy (do_sample false)".to_string());
+        }
+        if let Some(t) = self.temperature {
+            parts.push(format!("temperature {t}"));
+        }
+        if let Some(p) = self.top_p {
+            parts.push(format!("top_p {p}"));
+        }
+        if let Some(k) = self.top_k {
+            parts.push(format!("top_k {k}"));
+        }
+        if let Some(r) = self.repetition_penalty {
+            parts.push(format!("repetition_penalty {r}"));
+        }
+        parts.join(", ")
+    }
 }
 
 impl MoeConfig {
@@ -110,6 +148,16 @@ impl MoeConfig {
             }
             if let Some(mut ids) = obj.opt_token_ids("bos_token_id")? {
                 cfg.bos_token_id = ids.pop();
+            }
+            let rec = RecommendedSampling {
+                do_sample: obj.opt_bool("do_sample")?,
+                temperature: obj.opt_f64("temperature")?,
+                top_p: obj.opt_f64("top_p")?,
+                top_k: obj.opt_usize("top_k")?,
+                repetition_penalty: obj.opt_f64("repetition_penalty")?,
+            };
+            if rec != RecommendedSampling::default() {
+                cfg.recommended_sampling = Some(rec);
             }
         }
         Ok(cfg)
@@ -343,6 +391,7 @@ impl MoeConfig {
             layer_kinds,
             eos_token_ids,
             bos_token_id,
+            recommended_sampling: None,
         })
     }
 
@@ -712,6 +761,36 @@ mod tests {
         assert_eq!(
             MoeConfig::from_dir(dir.path()).unwrap().eos_token_ids,
             vec![7, 8]
+        );
+        assert_eq!(
+            MoeConfig::from_dir(dir.path())
+                .unwrap()
+                .recommended_sampling,
+            None
+        );
+        // Qwen3's generation_config.json: every eos id, and the sampling it recommends.
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            json!({"bos_token_id": 151643, "do_sample": true, "eos_token_id": [151645, 151643],
+                   "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95,
+                   "transformers_version": "4.51.0"})
+            .to_string(),
+        )
+        .unwrap();
+        let cfg = MoeConfig::from_dir(dir.path()).unwrap();
+        assert_eq!(cfg.eos_token_ids, vec![151645, 151643]);
+        let rec = cfg.recommended_sampling.unwrap();
+        assert_eq!(rec.describe(), "temperature 0.6, top_p 0.95, top_k 20");
+        // A field of the wrong type names the file and the field.
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            json!({"temperature": "hot"}).to_string(),
+        )
+        .unwrap();
+        let e = MoeConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("generation_config.json") && e.contains("temperature"),
+            "{e}"
         );
     }
 

@@ -1,5 +1,6 @@
 //! The model layer: config parsing, checkpoint access, the forward pass and generation. No UI.
 
+pub mod bpe_files;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;

@@ -1,4 +1,5 @@
-//! The checkpoint's tokenizer (`tokenizer.json`, through the tokenizers crate) with its chat
+//! The checkpoint's tokenizer (`tokenizer.json` through the tokenizers crate, or — for repos that
+//! ship none — built from `vocab.json` + `merges.txt`, see [`super::bpe_files`]) with its chat
 //! template, and streaming detokenisation that never splits a character.
 
 use std::path::{Path, PathBuf};
@@ -6,31 +7,46 @@ use std::path::{Path, PathBuf};
 use super::chat::{ChatMessage, ChatTemplate};
 use super::error::{ModelError, Result};
 
-/// `tokenizer.json` + the chat template.
+/// The tokenizer + the chat template.
 pub struct TextTokenizer {
     tok: tokenizers::Tokenizer,
     chat: ChatTemplate,
+    /// The file the tokenizer came from (`tokenizer.json` or `vocab.json`), for errors.
     path: PathBuf,
 }
 
 impl TextTokenizer {
+    /// `tokenizer.json` when the repo has one (it is what transformers loads first), else the
+    /// tokenizer built from `vocab.json` + `merges.txt`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        if !path.exists() {
+        let (tok, path) = if path.exists() {
+            let tok =
+                tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
+                    file: path.clone(),
+                    msg: format!("cannot be loaded: {e}"),
+                })?;
+            (tok, path)
+        } else if super::bpe_files::present(dir) {
+            (super::bpe_files::build(dir)?, dir.join("vocab.json"))
+        } else {
             return Err(ModelError::Tokenizer {
                 file: path,
-                msg: "missing (needed for text prompts; --token-ids works without it)".into(),
+                msg: "missing, and no vocab.json + merges.txt beside it (a tokenizer is needed \
+                      for text prompts; --token-ids works without one)"
+                    .into(),
             });
-        }
-        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
-            file: path.clone(),
-            msg: format!("cannot be loaded: {e}"),
-        })?;
+        };
         Ok(TextTokenizer {
             tok,
             chat: ChatTemplate::from_dir(dir)?,
             path,
         })
+    }
+
+    /// The file the tokenizer was loaded from.
+    pub fn source_file(&self) -> &Path {
+        &self.path
     }
 
     /// Where the chat template came from.
@@ -68,16 +84,18 @@ impl TextTokenizer {
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+        enable_thinking: bool,
     ) -> Result<String> {
-        self.chat.render(messages, add_generation_prompt)
+        self.chat
+            .render(messages, add_generation_prompt, enable_thinking)
     }
 
     /// Token ids of a prompt: the chat template applied to one user turn, or the raw text.
-    pub fn prompt_ids(&self, prompt: &str, raw: bool) -> Result<Vec<u32>> {
+    pub fn prompt_ids(&self, prompt: &str, style: PromptStyle) -> Result<Vec<u32>> {
         if prompt.is_empty() {
             return Err(ModelError::Input("the prompt is empty".into()));
         }
-        let text = if raw {
+        let text = if style.raw {
             prompt.to_string()
         } else {
             self.apply_chat_template(
@@ -86,10 +104,21 @@ impl TextTokenizer {
                     content: prompt.into(),
                 }],
                 true,
+                style.enable_thinking,
             )?
         };
         self.encode(&text)
     }
+}
+
+/// How a text prompt becomes tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PromptStyle {
+    /// The text as is, without the chat template.
+    pub raw: bool,
+    /// The template's `enable_thinking` (Qwen3): on, the model may reason in `<think>…</think>`
+    /// before answering.
+    pub enable_thinking: bool,
 }
 
 /// Turns a growing token sequence into text increments that never split a UTF-8 character:

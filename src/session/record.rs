@@ -13,6 +13,8 @@ use super::event::Stamped;
 use super::prompts::PromptSet;
 use crate::cache::settings::CacheSettings;
 use crate::cache::trace::MoeShape;
+use crate::model::config::RecommendedSampling;
+use crate::model::tokenizer::PromptStyle;
 use crate::settings::Settings;
 
 pub const FORMAT: &str = "moescope-recording";
@@ -92,6 +94,14 @@ pub struct Header {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile_definition: Option<crate::session::verdict::Profile>,
     pub host: String,
+    /// How prompt texts became tokens (absent from the first recordings: chat template,
+    /// thinking off).
+    #[serde(default)]
+    pub prompt_style: PromptStyle,
+    /// The sampling the checkpoint's generation_config.json recommends (shown beside the
+    /// run's own, which stays greedy unless asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended_sampling: Option<RecommendedSampling>,
     /// How the run was set up beyond its flags (absent from the first recordings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<Settings>,

@@ -24,8 +24,14 @@ pub struct Sampling {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PromptInput {
-    /// Text, sent through the model's chat template unless `raw`.
-    Text { text: String, raw: bool },
+    /// Text, sent through the model's chat template unless `raw`, with Qwen3's
+    /// `enable_thinking` (absent from protocol-2 peers that predate it: off).
+    Text {
+        text: String,
+        raw: bool,
+        #[serde(default)]
+        enable_thinking: bool,
+    },
     /// Token ids as they are.
     Tokens { ids: Vec<u32> },
 }
@@ -145,6 +151,7 @@ mod tests {
                 input: PromptInput::Text {
                     text: "hi\nthere".into(),
                     raw: false,
+                    enable_thinking: true,
                 },
                 sampling: Sampling {
                     max_new_tokens: 5,

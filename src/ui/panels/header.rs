@@ -8,6 +8,23 @@ use ratatui::widgets::Paragraph;
 
 use crate::ui::app::{App, Mode};
 
+/// The run's sampling beside the checkpoint's recommendation, when they differ in kind (a
+/// greedy comparison of a checkpoint meant to be sampled) — so nobody mistakes a comparison
+/// setting for how the model is meant to be used. Empty otherwise.
+fn sampling_note(h: &crate::session::record::Header) -> String {
+    let Some(rec) = &h.recommended_sampling else {
+        return String::new();
+    };
+    let recommends_sampling =
+        rec.do_sample != Some(false) && rec.temperature.is_some_and(|t| t > 0.0);
+    let run_greedy = h.sampling.temperature <= 0.0;
+    if recommends_sampling && run_greedy {
+        format!(" · greedy (checkpoint recommends {})", rec.describe())
+    } else {
+        String::new()
+    }
+}
+
 pub fn render(f: &mut Frame, area: Rect, app: &App) {
     let h = &app.session.header;
     let t = &app.theme;
@@ -21,6 +38,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
         Span::styled(format!(" · {} · {} · ", h.device, h.dtype), t.muted),
         Span::styled(format!("cache {}", h.cache_describe), t.selective),
         Span::styled(format!(" · {}", h.schedule.name()), t.muted),
+        Span::styled(sampling_note(h), t.muted),
     ]);
     let n = app.session.num_prompts();
     let i = app.prompt();
@@ -47,4 +65,45 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
         Span::styled(mode, t.warn),
     ]);
     f.render_widget(Paragraph::new(vec![line1, line2]), area);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::RecommendedSampling;
+
+    #[test]
+    fn greedy_run_of_a_sampled_checkpoint_says_so() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("recordings/demo-tiny-moe.ndjson");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut h =
+            crate::session::record::parse_header(text.lines().next().unwrap(), &path).unwrap();
+        assert_eq!(
+            sampling_note(&h),
+            "",
+            "no generation_config recommendation recorded"
+        );
+        h.recommended_sampling = Some(RecommendedSampling {
+            do_sample: Some(true),
+            temperature: Some(0.6),
+            top_p: Some(0.95),
+            top_k: Some(20),
+            repetition_penalty: None,
+        });
+        h.sampling.temperature = 0.0;
+        assert_eq!(
+            sampling_note(&h),
+            " · greedy (checkpoint recommends temperature 0.6, top_p 0.95, top_k 20)"
+        );
+        h.sampling.temperature = 0.7;
+        assert_eq!(
+            sampling_note(&h),
+            "",
+            "the run samples: nothing to point out"
+        );
+        h.sampling.temperature = 0.0;
+        h.recommended_sampling.as_mut().unwrap().do_sample = Some(false);
+        assert_eq!(sampling_note(&h), "", "the checkpoint itself is greedy");
+    }
 }

@@ -21,6 +21,7 @@ use super::memory;
 use super::process::{WorkerMsg, WorkerProcess};
 use super::protocol::{Command, PromptInput, Sampling, Support};
 use crate::engine::BackendSpec;
+use crate::model::tokenizer::PromptStyle;
 use crate::session::event::{Backend, Finish, SessionEvent, Stamped};
 use crate::session::prompts::PromptSet;
 use crate::session::quality::{ScoreRow, agreement};
@@ -77,7 +78,8 @@ pub struct RunConfig {
     pub schedule: Schedule,
     pub prompts: PromptSet,
     pub sampling: Sampling,
-    pub raw: bool,
+    /// How prompt texts become tokens (chat template or raw, thinking on or off).
+    pub prompt_style: PromptStyle,
     /// Teacher-forced agreement after each prompt.
     pub score: bool,
     /// Perplexity of this text at the end of the run.
@@ -318,7 +320,8 @@ impl Scheduler {
     fn prompt_input(&self, i: usize) -> PromptInput {
         PromptInput::Text {
             text: self.cfg.prompts.prompts[i].text.clone(),
-            raw: self.cfg.raw,
+            raw: self.cfg.prompt_style.raw,
+            enable_thinking: self.cfg.prompt_style.enable_thinking,
         }
     }
 

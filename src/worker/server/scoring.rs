@@ -5,14 +5,33 @@ use super::super::protocol::{PromptInput, Support};
 use super::Loaded;
 use crate::model::ports::NoObserver;
 use crate::model::qwen3_moe::Logits;
+use crate::model::tokenizer::PromptStyle;
 use crate::session::quality::ScoreRow;
 
 pub(super) fn prompt_ids(st: &Loaded, input: PromptInput) -> Result<Vec<u32>, String> {
     let ids = match input {
         PromptInput::Tokens { ids } => ids,
-        PromptInput::Text { text, raw } => match &st.tokenizer {
-            Some(t) => t.prompt_ids(&text, raw).map_err(|e| e.to_string())?,
-            None => return Err("text prompt, but the model has no tokenizer.json".into()),
+        PromptInput::Text {
+            text,
+            raw,
+            enable_thinking,
+        } => match &st.tokenizer {
+            Some(t) => t
+                .prompt_ids(
+                    &text,
+                    PromptStyle {
+                        raw,
+                        enable_thinking,
+                    },
+                )
+                .map_err(|e| e.to_string())?,
+            None => {
+                return Err(
+                    "text prompt, but the model has no tokenizer (tokenizer.json or vocab.json \
+                     + merges.txt)"
+                        .into(),
+                );
+            }
         },
     };
     if ids.is_empty() {
