@@ -5,7 +5,10 @@ anything failed. Used by scripts/gpu_check.sh.
 Pass means, for every case:
   - bf16 fidelity (the CPU suite's rule): moescope's bf16 error against the f32 goldens at most
     twice transformers' own plus 2 % of the largest logit (where transformers ran), and top-1
-    equal to f32's unless the two best f32 logits are within bf16's spacing (a tie);
+    equal to f32's unless the two best f32 logits are a tie for bf16: within bf16's spacing, or
+    within twice transformers' own bf16 error (where transformers ran) — a gap the reference
+    implementation's error could close as well, so its order is the order of the sums, not of
+    the model (BENCHMARKS.md, "Fidelity on the GPU");
   - selective == native on the GPU, bit for bit, in every prefill case;
   - every decode variant (graphs off, each miss path, GPU fills, speculation rules, scopes):
     logits, tokens and routing identical to native's graphed steps.
@@ -22,7 +25,7 @@ def main(path):
     except (OSError, ValueError) as e:
         print(f"gpu check: FAILED — {path}: {e}")
         return 1
-    failures = []
+    failures, ties = [], []
     cases = res.get("cases", [])
     for c in cases:
         name = f"{c['model']} seq {c['seq']}"
@@ -30,8 +33,12 @@ def main(path):
         hf = c.get("hf_bf16_vs_f32")
         if hf is not None and ours > 2 * hf + 0.02 * scale:
             failures.append(f"{name}: bf16 error {ours:.3f} > 2 × transformers' {hf:.3f} + 2 %")
-        if not c["top1_same_as_f32"] and c["f32_top2_gap"] > c["bf16_spacing"]:
-            failures.append(f"{name}: top-1 differs from f32 (gap {c['f32_top2_gap']:.4f})")
+        tie = max(c["bf16_spacing"], 2 * hf if hf is not None else 0.0)
+        if not c["top1_same_as_f32"]:
+            if c["f32_top2_gap"] > tie:
+                failures.append(f"{name}: top-1 differs from f32 (gap {c['f32_top2_gap']:.4f} > tie {tie:.4f})")
+            else:
+                ties.append(f"{name} (f32 gap {c['f32_top2_gap']:.4f} ≤ {tie:.4f})")
     sel = res.get("selective", [])
     for s in sel:
         if not s["identical"]:
@@ -47,7 +54,8 @@ def main(path):
     if failures:
         print(f"gpu check: FAILED — {summary}; " + "; ".join(failures))
         return 1
-    print(f"gpu check: passed — {summary}")
+    flipped = f"; top-1 ties ordered unlike f32: {', '.join(ties)}" if ties else ""
+    print(f"gpu check: passed — {summary}{flipped}")
     return 0
 
 
