@@ -99,11 +99,36 @@ impl Rng {
     }
 }
 
-fn random_bf16(n: usize, scale: f32, rng: &mut Rng) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n * 2);
-    for _ in 0..n {
-        out.extend_from_slice(&bf16::from_f32(rng.next_f32() * scale).to_le_bytes());
-    }
+/// SplitMix64's finaliser: turns (seed, tensor, chunk) into independent xorshift states.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Elements per independently seeded chunk: the unit of parallel work.
+const FILL_CHUNK: usize = 1 << 20;
+
+/// `n` random bf16 values (uniform in ±`scale`; `scale` 0: norm weights, 1 ± 0.1), filled on
+/// every core. Each chunk has its own generator seeded from (seed, tensor, chunk), so the bytes
+/// depend only on the seed, never on the number of threads.
+fn random_bf16(n: usize, scale: f32, seed: u64, tensor: u64) -> Vec<u8> {
+    use rayon::prelude::*;
+    let mut out = vec![0u8; n * 2];
+    out.par_chunks_mut(FILL_CHUNK * 2)
+        .enumerate()
+        .for_each(|(c, buf)| {
+            let mut rng = Rng(mix(seed ^ mix(tensor ^ mix(c as u64))) | 1);
+            for px in buf.chunks_exact_mut(2) {
+                let v = if scale == 0.0 {
+                    1.0 + 0.1 * rng.next_f32()
+                } else {
+                    rng.next_f32() * scale
+                };
+                px.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
+            }
+        });
     out
 }
 
@@ -200,26 +225,43 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
         .map(|(_, s, _)| s.iter().product::<usize>() as u64 * 2)
         .sum();
     let nshards = total.div_ceil(shard_bytes.max(1)).max(1);
-    let mut rng = Rng(seed.max(1));
-    let mut weight_map = BTreeMap::new();
-    let mut shard: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    // Shards first (by size, in tensor order), then each shard's tensors filled in parallel —
+    // across tensors and within each — and written; one shard in memory at a time.
+    let mut shards: Vec<Vec<(usize, String, Vec<usize>, f32)>> = vec![Vec::new()];
     let mut shard_size = 0u64;
-    let mut shard_idx = 1u64;
-    let flush = |shard: &mut Vec<(String, Vec<usize>, Vec<u8>)>,
-                 idx: u64,
-                 weight_map: &mut BTreeMap<String, String>|
-     -> Result<()> {
-        if shard.is_empty() {
-            return Ok(());
+    for (index, (name, shape, scale)) in specs.into_iter().enumerate() {
+        let len = shape.iter().product::<usize>() as u64 * 2;
+        if shard_size + len > shard_bytes
+            && !shards.last().expect("one shard").is_empty()
+            && (shards.len() as u64) < nshards
+        {
+            shards.push(Vec::new());
+            shard_size = 0;
         }
+        shard_size += len;
+        shards
+            .last_mut()
+            .expect("one shard")
+            .push((index, name, shape, scale));
+    }
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        use rayon::prelude::*;
         let name = if nshards == 1 {
             "model.safetensors".to_string()
         } else {
-            format!("model-{idx:05}-of-{nshards:05}.safetensors")
+            format!("model-{:05}-of-{nshards:05}.safetensors", i + 1)
         };
+        let filled: Vec<Vec<u8>> = shard
+            .par_iter()
+            .map(|(index, _, shape, scale)| {
+                random_bf16(shape.iter().product(), *scale, seed, *index as u64)
+            })
+            .collect();
         let tensors: Vec<OwnedTensor<'_>> = shard
             .iter()
-            .map(|(n, s, b)| OwnedTensor {
+            .zip(&filled)
+            .map(|((_, n, s, _), b)| OwnedTensor {
                 name: n.clone(),
                 dtype: StDtype::BF16,
                 shape: s.clone(),
@@ -227,34 +269,10 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
             })
             .collect();
         write_atomic(&out.join(&name), &tensors, None)?;
-        for (n, _, _) in shard.iter() {
+        for (_, n, _, _) in shard {
             weight_map.insert(n.clone(), name.clone());
         }
-        shard.clear();
-        Ok(())
-    };
-    for (name, shape, scale) in specs {
-        let n: usize = shape.iter().product();
-        let bytes = if scale == 0.0 {
-            // Norm weights: ones with a little noise.
-            let mut b = Vec::with_capacity(n * 2);
-            for _ in 0..n {
-                b.extend_from_slice(&bf16::from_f32(1.0 + 0.1 * rng.next_f32()).to_le_bytes());
-            }
-            b
-        } else {
-            random_bf16(n, scale, &mut rng)
-        };
-        if shard_size + bytes.len() as u64 > shard_bytes && !shard.is_empty() && shard_idx < nshards
-        {
-            flush(&mut shard, shard_idx, &mut weight_map)?;
-            shard_idx += 1;
-            shard_size = 0;
-        }
-        shard_size += bytes.len() as u64;
-        shard.push((name, shape, bytes));
     }
-    flush(&mut shard, shard_idx, &mut weight_map)?;
     if nshards > 1 {
         let idx = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let p = out.join("model.safetensors.index.json");
@@ -292,6 +310,60 @@ pub fn copy_tokenizer(from: &Path, to: &Path, vocab: usize) -> Result<Option<usi
 mod tests {
     use super::*;
     use crate::engine::ModelFiles;
+
+    /// The bytes depend on the seed only: one thread and four give the same checkpoint, and a
+    /// tensor spanning several chunks is filled alike.
+    #[test]
+    fn checkpoint_bytes_do_not_depend_on_the_thread_count() {
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        };
+        let n = FILL_CHUNK * 2 + 12_345;
+        let one = pool(1).install(|| random_bf16(n, 0.5, 9, 3));
+        let four = pool(4).install(|| random_bf16(n, 0.5, 9, 3));
+        assert_eq!(one, four);
+        assert_ne!(one, random_bf16(n, 0.5, 10, 3), "another seed, other bytes");
+        let values: Vec<f32> = one
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        assert!(values.iter().all(|v| v.abs() <= 0.5));
+        let mean = values.iter().sum::<f32>() / values.len() as f32;
+        assert!(mean.abs() < 0.01, "uniform around 0: mean {mean}");
+        // Chunks are not copies of each other.
+        assert_ne!(one[..1000], one[FILL_CHUNK * 2..FILL_CHUNK * 2 + 1000]);
+
+        let g = Geometry {
+            layers: 2,
+            hidden: 32,
+            experts: 4,
+            top_k: 2,
+            moe_intermediate: 16,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 16,
+            vocab: 64,
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        pool(1).install(|| write(&g, a.path(), 7, 20_000)).unwrap();
+        pool(3).install(|| write(&g, b.path(), 7, 20_000)).unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(a.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert!(names.len() > 3);
+        for name in names {
+            assert_eq!(
+                std::fs::read(a.path().join(&name)).unwrap(),
+                std::fs::read(b.path().join(&name)).unwrap(),
+                "{name:?}"
+            );
+        }
+    }
 
     #[test]
     fn random_checkpoint_is_a_valid_sharded_model() {

@@ -85,6 +85,24 @@ impl Gpu {
     }
 }
 
+/// The GPU figure of a worker: NVML's per-process figure where there is one (discrete GPUs);
+/// else — the Thor's integrated GPU lists no processes — the device-wide used memory's change
+/// since the worker started, labelled `DeviceDelta`; else (no NVML, or a device that reports no
+/// memory at all) unknown — never zero.
+fn gpu_figure(
+    process: Option<(u64, GpuSource)>,
+    device_used: impl FnOnce() -> Option<u64>,
+    device_baseline: Option<u64>,
+) -> (Option<u64>, Option<GpuSource>) {
+    if let Some((b, s)) = process {
+        return (Some(b), Some(s));
+    }
+    match (device_used(), device_baseline) {
+        (Some(now), Some(base)) => (Some(now.saturating_sub(base)), Some(GpuSource::DeviceDelta)),
+        _ => (None, None),
+    }
+}
+
 /// Samples one worker. `device_baseline` is the device-wide GPU use before the worker started,
 /// used only where NVML has no per-process figure (Jetson's integrated GPU).
 pub fn sample(pid: u32, gpu_enabled: bool, device_baseline: Option<u64>) -> Option<MemorySample> {
@@ -112,15 +130,7 @@ pub fn sample(pid: u32, gpu_enabled: bool, device_baseline: Option<u64>) -> Opti
         };
     let (gpu, gpu_source) = if gpu_enabled {
         let g = Gpu::get();
-        match g.process_memory(pid) {
-            Some((b, s)) => (Some(b), Some(s)),
-            None => match (g.device_used(), device_baseline) {
-                (Some(now), Some(base)) => {
-                    (Some(now.saturating_sub(base)), Some(GpuSource::DeviceDelta))
-                }
-                _ => (None, None),
-            },
-        }
+        gpu_figure(g.process_memory(pid), || g.device_used(), device_baseline)
     } else {
         (None, None)
     };
@@ -149,6 +159,32 @@ mod tests {
         assert_eq!(s, 0);
         assert_eq!(p, 200 << 20);
         assert!(parse_proc_status("Name: x").is_none());
+    }
+
+    #[test]
+    fn integrated_gpu_without_per_process_figures_falls_back_to_the_device_delta() {
+        // Discrete GPU: NVML's per-process figure, whatever the device says.
+        assert_eq!(
+            gpu_figure(
+                Some((5 << 30, GpuSource::NvmlProcess)),
+                || Some(70 << 30),
+                Some(1)
+            ),
+            (Some(5 << 30), Some(GpuSource::NvmlProcess))
+        );
+        // Integrated GPU (Thor): no process listed, the device's used memory grew by 3 GiB.
+        assert_eq!(
+            gpu_figure(None, || Some(10 << 30), Some(7 << 30)),
+            (Some(3 << 30), Some(GpuSource::DeviceDelta))
+        );
+        // Memory freed by others since the start: zero growth, not an underflow.
+        assert_eq!(
+            gpu_figure(None, || Some(1 << 30), Some(7 << 30)),
+            (Some(0), Some(GpuSource::DeviceDelta))
+        );
+        // No device figure (NVML absent, or memory info not supported) or no baseline: unknown.
+        assert_eq!(gpu_figure(None, || None, Some(7 << 30)), (None, None));
+        assert_eq!(gpu_figure(None, || Some(10 << 30), None), (None, None));
     }
 
     #[test]
