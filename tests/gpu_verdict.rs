@@ -34,7 +34,10 @@ fn gpu_verdict_passes_the_h200_run_and_fails_each_broken_check() {
     let good: Value = serde_json::from_str(&text).unwrap();
     let (rc, out) = judge(&good);
     assert_eq!(rc, 0, "{out}");
-    assert!(out.contains("passed") && out.contains("seq 0 (f32 gap 0.0171"), "{out}");
+    assert!(
+        out.contains("passed") && out.contains("seq 0 (f32 gap 0.0171"),
+        "{out}"
+    );
 
     // A top-1 flip where f32's two best logits are far apart.
     let mut v = good.clone();

@@ -79,6 +79,49 @@ fn sequential_runs_one_backend_after_the_other() {
     );
 }
 
+/// Alternate (the default) loads one backend at a time, so each load time is its own: loaded
+/// together, selective's measured load was native's.
+#[test]
+fn alternate_loads_one_backend_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("a.ndjson");
+    let out = std::process::Command::new(bin())
+        .args([
+            "run",
+            "--no-tui",
+            "--schedule",
+            "alternate",
+            "--max-new-tokens",
+            "4",
+        ])
+        .arg("--record")
+        .arg(&rec)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let r = record::read(&rec).unwrap();
+    // (time the scheduler saw the Loaded event, load_s the worker measured) per backend.
+    let loaded = |b: Backend| {
+        r.events
+            .iter()
+            .find_map(|s| match &s.event {
+                SessionEvent::Loaded {
+                    backend, load_s, ..
+                } if *backend == b => Some((s.t, *load_s)),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let (sel_done, _) = loaded(Backend::Selective);
+    let (nat_done, nat_load) = loaded(Backend::Native);
+    let native_began = nat_done - nat_load;
+    assert!(
+        native_began >= sel_done,
+        "native began loading at {native_began:.4} s, before selective had loaded ({sel_done:.4} s)"
+    );
+}
+
 #[test]
 fn parallel_runs_both_and_says_timings_are_contended() {
     let (rc, evs, out) = run_schedule("parallel", "12", &[]);
