@@ -227,7 +227,9 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
     let nshards = total.div_ceil(shard_bytes.max(1)).max(1);
     // Shards first (by size, in tensor order), then each shard's tensors filled in parallel —
     // across tensors and within each — and written; one shard in memory at a time.
-    let mut shards: Vec<Vec<(usize, String, Vec<usize>, f32)>> = vec![Vec::new()];
+    /// (index in the checkpoint's tensor order — it seeds the fill —, name, shape, scale).
+    type Planned = (usize, String, Vec<usize>, f32);
+    let mut shards: Vec<Vec<Planned>> = vec![Vec::new()];
     let mut shard_size = 0u64;
     for (index, (name, shape, scale)) in specs.into_iter().enumerate() {
         let len = shape.iter().product::<usize>() as u64 * 2;
