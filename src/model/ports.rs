@@ -169,6 +169,12 @@ pub trait ExpertProvider: Send + Sync {
     /// cached or counting hits and misses, so the cache and its statistics describe generation
     /// alone.
     fn set_bypass(&self, _on: bool) {}
+
+    /// Warm-up mode: the forward pass runs only to compile kernels and allocate buffers, and its
+    /// outputs are thrown away, so any weights of the right shape will do. A provider that would
+    /// have to read experts serves zeros instead: nothing read, cached or counted. (Reading the
+    /// real ones cost selective 17–21 s of a 48-layer model's load on an H200, BENCHMARKS.md §8.)
+    fn set_warming(&self, _on: bool) {}
 }
 
 /// A provider seen through a speculative decode step: stacks come from the resident slot pool

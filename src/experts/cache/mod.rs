@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use super::convert;
 use super::source::{ExpertSource, missing_error};
@@ -70,6 +70,8 @@ pub struct CachedProvider {
     state: Mutex<State>,
     loaded: Condvar,
     bypass: AtomicBool,
+    /// Warm-up: every expert served as zeros (see `ExpertProvider::set_warming`).
+    warming: AtomicBool,
     /// Jobs for the prefetch thread, when prefetch is on.
     prefetcher: OnceLock<Mutex<std::sync::mpsc::Sender<prefetch::Job>>>,
 }
@@ -154,12 +156,27 @@ impl CachedProvider {
             }),
             loaded: Condvar::new(),
             bypass: AtomicBool::new(false),
+            warming: AtomicBool::new(false),
             prefetcher: OnceLock::new(),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("cache lock")
+    }
+
+    fn warming(&self) -> bool {
+        self.warming.load(Ordering::Relaxed)
+    }
+
+    /// `n` experts of zeros, stacked as the fused kernels take them ([n, 2I, H] and [n, H, I]).
+    fn zero_experts(&self, n: usize) -> Result<(Tensor, Tensor)> {
+        let cfg = self.source.config();
+        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        Ok((
+            Tensor::zeros((n, 2 * i, h), self.dtype, &self.device)?,
+            Tensor::zeros((n, h, i), self.dtype, &self.device)?,
+        ))
     }
 
     fn bypassed(&self) -> bool {
@@ -307,6 +324,15 @@ impl CachedProvider {
 
 impl ExpertProvider for CachedProvider {
     fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>> {
+        if self.warming() {
+            let (gate_up, down) = self.zero_experts(1)?;
+            let i = self.source.config().moe_intermediate_size;
+            return Ok(Arc::new(ExpertWeights::new(
+                gate_up.squeeze(0)?,
+                down.squeeze(0)?,
+                i,
+            )));
+        }
         if self.lock().gpu.is_some() {
             // The fused path owns the slots; a per-expert request is served without caching.
             return self.read(layer, expert).map(|(w, _, _)| Arc::new(w));
@@ -342,6 +368,10 @@ impl ExpertProvider for CachedProvider {
         self.bypass.store(on, Ordering::Relaxed);
     }
 
+    fn set_warming(&self, on: bool) {
+        self.warming.store(on, Ordering::Relaxed);
+    }
+
     fn stacked(&self, layer: usize, needed: &[usize]) -> Result<Option<Stacked>> {
         self.stacked_slots(layer, needed)
     }
@@ -351,7 +381,7 @@ impl ExpertProvider for CachedProvider {
     }
 
     fn speculate(&self) -> bool {
-        if self.bypassed() || self.prefetcher.get().is_some() {
+        if self.bypassed() || self.warming() || self.prefetcher.get().is_some() {
             return false;
         }
         let mut s = self.lock();
@@ -433,6 +463,83 @@ mod tests {
         )
         .unwrap();
         (c, layer)
+    }
+
+    /// A source that counts what it is asked to read.
+    struct Counting(Arc<dyn ExpertSource>, std::sync::atomic::AtomicUsize);
+
+    impl ExpertSource for Counting {
+        fn config(&self) -> &crate::model::MoeConfig {
+            self.0.config()
+        }
+        fn has(&self, layer: usize, expert: usize) -> bool {
+            self.0.has(layer, expert)
+        }
+        fn read(&self, layer: usize, expert: usize) -> Result<super::super::source::RawExpert> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.read(layer, expert)
+        }
+        fn stored_bytes(&self, layer: usize, expert: usize) -> u64 {
+            self.0.stored_bytes(layer, expert)
+        }
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+        fn set_cold(&self, cold: bool) {
+            self.0.set_cold(cold)
+        }
+    }
+
+    #[test]
+    fn warming_serves_zeros_of_the_right_shape_without_reading_or_caching() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe-tiny");
+        let ckpt = crate::model::Checkpoint::open(&dir).unwrap();
+        let cfg = crate::model::MoeConfig::from_dir(&dir).unwrap();
+        let layer = cfg.moe_layers().next().unwrap();
+        let inner = Arc::new(super::super::source::ShardSource::new(&ckpt, &cfg).unwrap());
+        let source = Arc::new(Counting(inner, Default::default()));
+        let config = CacheConfig {
+            capacity: Capacity::Experts(4),
+            scope: Scope::Global,
+            policy: PolicyKind::Lru,
+        };
+        let c = CachedProvider::new(
+            source.clone(),
+            config,
+            DType::F32,
+            &Device::Cpu,
+            false,
+            &Settings::default(),
+        )
+        .unwrap();
+        c.set_warming(true);
+        let zero = c.get(layer, 1).unwrap();
+        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        assert_eq!(zero.gate_up.dims(), &[2 * i, h]);
+        assert_eq!(zero.down.dims(), &[h, i]);
+        let sum = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(sum(&zero.gate_up) + sum(&zero.down), 0.0);
+        assert_eq!(
+            source.1.load(Ordering::Relaxed),
+            0,
+            "warming read an expert"
+        );
+        assert_eq!(c.lock().pools.resident(), 0, "warming cached an expert");
+        assert!(!c.speculate());
+        // Warm-up over, the same request reads the real weights and caches them.
+        c.set_warming(false);
+        let real = c.get(layer, 1).unwrap();
+        assert_eq!(source.1.load(Ordering::Relaxed), 1);
+        assert!(sum(&real.gate_up) > 0.0);
+        assert_eq!(c.lock().pools.resident(), 1);
     }
 
     #[test]

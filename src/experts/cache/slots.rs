@@ -289,6 +289,20 @@ impl CachedProvider {
             return Ok(None);
         }
         let num = self.source.config().num_experts;
+        if self.warming() {
+            let (gate_up, down) = self.zero_experts(needed.len())?;
+            let mut index = vec![u32::MAX; num];
+            for (pos, &e) in needed.iter().enumerate() {
+                index[e] = pos as u32;
+            }
+            return Ok(Some(Stacked {
+                gate_up,
+                down,
+                index: Some(index),
+                device_index: None,
+                fill: None,
+            }));
+        }
         let mut missing = Vec::new();
         for &e in needed {
             let resident = if bypass {
