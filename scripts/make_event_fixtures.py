@@ -78,8 +78,10 @@ class Session:
                      "degraded": degraded[i], "describe": f"{b} f32 cpu"})
             self.memory(b, mem_loaded[i])
 
-    def prompt(self, i, tok_s, tokens, diverge_at=None, mem=(500, 200), kl=0.0, top1=1.0, fail=None):
-        """tok_s: (native, selective); tokens per backend; a backend failing mid-way: fail=backend."""
+    def prompt(self, i, tok_s, tokens, diverge_at=None, mem=(500, 200), kl=0.0, top1=1.0, fail=None,
+               words=TEXT, opens_thinking=False):
+        """tok_s: (native, selective); tokens per backend; a backend failing mid-way: fail=backend.
+        words: the output's words, cycled; opens_thinking: the prompt opened a <think> block."""
         n = tokens
         ids = {b: [100 + (k % 50) for k in range(n)] for b in ("native", "selective")}
         if diverge_at is not None:
@@ -89,7 +91,10 @@ class Session:
         for b in ("native", "selective"):
             if fail == "done-" + b:
                 continue
-            self.ev({"type": "prompt_started", "backend": b, "prompt": i, "prompt_tokens": 12, "max_new_tokens": maxn})
+            started = {"type": "prompt_started", "backend": b, "prompt": i, "prompt_tokens": 12, "max_new_tokens": maxn}
+            if opens_thinking:
+                started["opens_thinking"] = True
+            self.ev(started)
         for k in range(n):
             for bi, b in enumerate(("native", "selective")):
                 if fail == b and k == n // 2:
@@ -98,7 +103,7 @@ class Session:
                 if fail == "done-" + b:
                     continue
                 dt = 1.0 / tok_s[bi]
-                word = TEXT[k % len(TEXT)]
+                word = words[k % len(words)]
                 if b == "selective" and diverge_at is not None and k >= diverge_at:
                     word = ["stone", "cloud", "iron", "grass", "wind"][k % 5]
                 self.ev({"type": "token", "backend": b, "prompt": i, "index": k, "id": ids[b][k],
@@ -113,7 +118,7 @@ class Session:
         for bi, b in enumerate(("native", "selective")):
             if fail == "done-" + b:
                 continue
-            text = "".join((" " if k else "") + (TEXT[k % len(TEXT)] if not (b == "selective" and diverge_at is not None and k >= diverge_at) else ["stone", "cloud", "iron", "grass", "wind"][k % 5]) for k in range(n))
+            text = "".join((" " if k else "") + (words[k % len(words)] if not (b == "selective" and diverge_at is not None and k >= diverge_at) else ["stone", "cloud", "iron", "grass", "wind"][k % 5]) for k in range(n))
             self.ev({"type": "prompt_done", "backend": b, "prompt": i, "finish": "max_new_tokens",
                      "token_ids": ids[b], "text": text, "ttft_s": 3.0 / tok_s[bi],
                      "prefill_tok_s": 4.0 * tok_s[bi], "decode_tok_s": tok_s[bi]})
@@ -146,7 +151,21 @@ class Session:
                 f.write(json.dumps(l, separators=(",", ":")) + "\n")
 
 
+THINKING = ("The user asks for the capital of France . That is Paris , on the Seine . </think> "
+            "\n\nThe capital of France is Paris .").split(" ")
+
+
 def main():
+    # A Thinking checkpoint: the template opened <think>, the output reasons, closes the block and
+    # answers; prompt 1 diverges in the answer, prompt 2 in the reasoning.
+    s = Session("thinking", SHORT)
+    s.start((10, 10), (500, 150))
+    s.prompt(0, (100.0, 80.0), len(THINKING), words=THINKING, opens_thinking=True)
+    s.prompt(1, (100.0, 80.0), len(THINKING), words=THINKING, opens_thinking=True, diverge_at=19)
+    s.prompt(2, (100.0, 80.0), len(THINKING), words=THINKING, opens_thinking=True, diverge_at=4)
+    s.finish()
+    s.write()
+
     s = Session("viable", SHORT)
     s.start((10, 10), (500, 150))
     for i in range(3):

@@ -892,3 +892,161 @@ fn settings_are_recorded_and_a_bad_knob_is_refused() {
     );
     assert!(!bad.exists());
 }
+
+/// A Thinking checkpoint's outputs (the fixture's template opened `<think>`): reasoning and
+/// answer counted apart, token agreement over each part, coherence of each, and the export and
+/// its tables saying so.
+#[test]
+fn reasoning_and_answer_are_counted_and_compared_apart() {
+    let s = state(&events_fixture("thinking"));
+    let sum = summarize(&s, &Profile::load("relative").unwrap());
+    let v = serde_json::to_value(&sum).unwrap();
+    validate(&v);
+    // 25 tokens: 17 words of reasoning and `</think>`, then 7 of answer.
+    for p in &sum.prompts {
+        let t = p.native.as_ref().unwrap().thinking.as_ref().unwrap();
+        assert_eq!(
+            (t.thinking_tokens, t.answer_tokens),
+            (18, 7),
+            "prompt {}",
+            p.index
+        );
+        assert!(
+            t.thinking_text.starts_with("The user asks"),
+            "{}",
+            t.thinking_text
+        );
+        assert!(!t.thinking_text.contains("think>"), "{}", t.thinking_text);
+        assert_eq!(t.answer_text, "The capital of France is Paris .");
+        assert!(t.answer_coherence.coherent && t.thinking_coherence.coherent);
+    }
+    let agree = |i: usize| {
+        let p = &sum.prompts[i];
+        let (t, a) = (
+            p.thinking_agreement.as_ref().unwrap(),
+            p.answer_agreement.as_ref().unwrap(),
+        );
+        (
+            t.identical_pct,
+            t.first_divergence,
+            a.identical_pct,
+            a.first_divergence,
+        )
+    };
+    assert_eq!(agree(0), (100.0, None, 100.0, None));
+    // Prompt 1 diverges in the answer (token 19): the reasoning is intact.
+    let (t, td, a, ad) = agree(1);
+    assert_eq!((t, td, ad), (100.0, None, Some(19)));
+    assert!((a - 100.0 / 7.0).abs() < 1e-9, "{a}");
+    // Prompt 2 diverges in the reasoning (token 4) and selective never closes it: all of its
+    // 25 tokens are reasoning, none of native's answer is matched.
+    let (t, td, a, ad) = agree(2);
+    assert!((t - 400.0 / 18.0).abs() < 1e-9, "{t}");
+    assert_eq!((td, a, ad), (Some(4), 0.0, Some(18)));
+    let sel = sum.prompts[2]
+        .selective
+        .as_ref()
+        .unwrap()
+        .thinking
+        .as_ref()
+        .unwrap();
+    assert_eq!((sel.thinking_tokens, sel.answer_tokens), (25, 0));
+    let q = &sum.quality;
+    let mean_t = (100.0 + 100.0 + 400.0 / 18.0) / 3.0;
+    let mean_a = (100.0 + 100.0 / 7.0 + 0.0) / 3.0;
+    assert!((q.thinking_token_agreement_pct.unwrap() - mean_t).abs() < 1e-9);
+    assert!((q.answer_token_agreement_pct.unwrap() - mean_a).abs() < 1e-9);
+    let table = moescope::report::table::summary_table(&sum);
+    assert!(table.contains("reasoning / answer tokens"), "{table}");
+    assert!(
+        table.contains("54 / 21") && table.contains("61 / 14"),
+        "{table}"
+    );
+    assert!(
+        table.contains("in native's reasoning 74.1 % · in its answers 38.1 %"),
+        "{table}"
+    );
+    let md = moescope::report::markdown::markdown(&sum);
+    assert!(md.contains("*reasoning (18 tokens): The user asks"), "{md}");
+    // An output without reasoning has none of it.
+    let plain = summarize(
+        &state(&events_fixture("viable")),
+        &Profile::load("relative").unwrap(),
+    );
+    assert!(
+        plain.prompts.iter().all(
+            |p| p.thinking_agreement.is_none() && p.native.as_ref().unwrap().thinking.is_none()
+        )
+    );
+    assert!(!moescope::report::table::summary_table(&plain).contains("reasoning"));
+}
+
+/// A Thinking checkpoint's template opens `<think>` in the generation prompt: the worker says
+/// so when the prompt starts, and the reducer counts the output as reasoning. The same model
+/// with its own template does not reason.
+#[test]
+fn a_template_that_opens_thinking_marks_the_output_as_reasoning() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-moe");
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ] {
+        std::os::unix::fs::symlink(model.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    let template = cfg["chat_template"].as_str().unwrap().replace(
+        "'<|im_start|>assistant\\n'",
+        "'<|im_start|>assistant\\n<think>\\n'",
+    );
+    assert_ne!(
+        template,
+        cfg["chat_template"].as_str().unwrap(),
+        "the template changed"
+    );
+    cfg["chat_template"] = template.into();
+    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    for (m, opens) in [(dir.path().to_path_buf(), true), (model.clone(), false)] {
+        let rec = dir.path().join(format!("r-{opens}.ndjson"));
+        let (rc, _, err) = run(&[
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--no-tui",
+            "--prompt",
+            "What is the sea?",
+            "--max-new-tokens",
+            "6",
+            "--reference",
+            "none",
+            "--no-score",
+            "--record",
+            rec.to_str().unwrap(),
+        ]);
+        assert_eq!(rc, 0, "{err}");
+        let r = record::read(&rec).unwrap();
+        let started: Vec<bool> = r
+            .events
+            .iter()
+            .filter_map(|e| match &e.event {
+                moescope::session::SessionEvent::PromptStarted { opens_thinking, .. } => {
+                    Some(*opens_thinking)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started, [opens, opens]);
+        let sum = summarize(&state(&rec), &Profile::load("relative").unwrap());
+        let out = sum.prompts[0].native.as_ref().unwrap();
+        match &out.thinking {
+            // No `</think>` in this vocabulary: all six tokens are reasoning still open.
+            Some(t) => assert!(opens && (t.thinking_tokens, t.answer_tokens) == (6, 0)),
+            None => assert!(!opens),
+        }
+    }
+}

@@ -162,3 +162,66 @@ fn readonly_and_replay_keys_do_not_drive_the_run() {
         Some(moescope::ui::app::Effect::Control(_))
     ));
 }
+
+/// A Thinking checkpoint: each pane shows its reasoning dimmed under "thinking ▸", then the
+/// answer under "answer ▸", and counts the reasoning tokens in its title.
+#[test]
+fn reasoning_is_dimmed_and_set_apart() {
+    // Prompt 2 of 3, both backends done: selective diverges in the answer.
+    let rec = recording("tests/fixtures/events/thinking.ndjson");
+    let mut s = SessionState::new(rec.header.clone());
+    for e in &rec.events {
+        s.apply(e);
+        if s.backends[1].runs[1].done.is_some() {
+            break;
+        }
+    }
+    let profile = Profile::load(&rec.header.profile).unwrap();
+    let mut app = App::new(
+        s,
+        Theme::load("default", Depth::TrueColor).unwrap(),
+        Depth::TrueColor,
+        profile,
+        Mode::Live,
+    );
+    let text = render_to_string(&mut app, 160, 50);
+    assert!(text.contains("25/50 tok (18 thinking)"), "{text}");
+    assert!(
+        text.contains("thinking ▸") && text.contains("answer ▸"),
+        "{text}"
+    );
+    // The blank lines after `</think>` are the label's: the answer starts on the next line.
+    let lines: Vec<&str> = text.lines().collect();
+    let label = lines.iter().position(|l| l.contains("│answer ▸")).unwrap();
+    assert!(
+        lines[label + 1].starts_with("│The capital of France is Paris ."),
+        "{text}"
+    );
+    insta::assert_snapshot!("thinking_160x50", text);
+    // The reasoning is drawn in the theme's muted colour, in italics; the answer is not.
+    let theme = Theme::load("default", Depth::TrueColor).unwrap();
+    let buf = moescope::ui::render_to_buffer(&mut app, 160, 50);
+    let find = |word: &str| {
+        let area = buf.area;
+        for y in 0..area.height {
+            let line: String = (0..area.width)
+                .map(|x| buf[(x, y)].symbol().to_string())
+                .collect();
+            if let Some(col) = line.find(word) {
+                let x = line[..col].chars().count() as u16;
+                return buf[(x, y)].style();
+            }
+        }
+        panic!("{word} not on screen");
+    };
+    let reasoning = find("asks");
+    assert_eq!(reasoning.fg, theme.muted.fg);
+    assert!(
+        reasoning
+            .add_modifier
+            .contains(ratatui::style::Modifier::ITALIC)
+    );
+    // (Only its first token: the pane marks the tail after the divergence at token 19.)
+    let answer = find("The capital of France is");
+    assert_eq!(answer.fg, theme.text.fg);
+}

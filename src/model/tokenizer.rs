@@ -71,6 +71,11 @@ impl TextTokenizer {
         self.tok.decode(ids, true).unwrap_or_default()
     }
 
+    /// The text of `ids` with special tokens spelled out (some conversions mark `<think>` special).
+    pub fn decode_with_special(&self, ids: &[u32]) -> String {
+        self.tok.decode(ids, false).unwrap_or_default()
+    }
+
     pub fn token_id(&self, s: &str) -> Option<u32> {
         self.tok.token_to_id(s)
     }

@@ -69,10 +69,20 @@ pub fn markdown(sum: &Summary) -> String {
     for p in &sum.prompts {
         let _ = writeln!(o, "**{}** ({})\n", p.text, p.category);
         for (name, out) in [("native", &p.native), ("selective", &p.selective)] {
-            let text = out
-                .as_ref()
-                .map(|x| x.text.trim().replace('\n', " "))
-                .unwrap_or_else(|| "(not run)".into());
+            let flat = |s: &str| s.trim().replace('\n', " ");
+            let text = match out {
+                None => "(not run)".into(),
+                Some(x) => match &x.thinking {
+                    // Reasoning first, in italics and counted, then the answer.
+                    Some(t) => format!(
+                        "*reasoning ({} tokens): {}* — answer: {}",
+                        t.thinking_tokens,
+                        flat(&t.thinking_text).replace('*', "\\*"),
+                        flat(&t.answer_text)
+                    ),
+                    None => flat(&x.text),
+                },
+            };
             let _ = writeln!(o, "- {name}: {text}");
         }
         let _ = writeln!(o);

@@ -3,7 +3,7 @@
 //! exit print; the markdown export embeds them too).
 
 use super::{opt, opt_bytes};
-use crate::session::export::Summary;
+use crate::session::export::{BackendOutput, Summary};
 use crate::session::metrics::BackendMetrics;
 use crate::session::verdict::Verdict;
 use crate::util::fmt_bytes;
@@ -170,6 +170,30 @@ pub fn summary_table(sum: &Summary) -> String {
         opt(sum.quality.native_coherence_pct, 0) + " %",
         opt(sum.quality.selective_coherence_pct, 0) + " %",
     );
+    // A Thinking checkpoint: its reasoning and its answers counted apart.
+    let parts = |b: fn(&crate::session::export::PromptSummary) -> Option<&BackendOutput>| {
+        let (mut thinking, mut answer, mut any) = (0, 0, false);
+        for p in &sum.prompts {
+            if let Some(t) = b(p).and_then(|o| o.thinking.as_ref()) {
+                (thinking, answer, any) =
+                    (thinking + t.thinking_tokens, answer + t.answer_tokens, true);
+            }
+        }
+        any.then(|| format!("{thinking} / {answer}"))
+    };
+    let (nt, st) = (
+        parts(|p| p.native.as_ref()),
+        parts(|p| p.selective.as_ref()),
+    );
+    if nt.is_some() || st.is_some() {
+        let dash = || "–".to_string();
+        row(
+            &mut o,
+            "reasoning / answer tokens",
+            nt.unwrap_or_else(dash),
+            st.unwrap_or_else(dash),
+        );
+    }
     let _ = writeln!(o);
     let _ = writeln!(
         o,
@@ -185,6 +209,15 @@ pub fn summary_table(sum: &Summary) -> String {
         opt(sum.quality.mean_kl, 6),
         opt(sum.quality.max_kl, 6),
     );
+    let q = &sum.quality;
+    if q.thinking_token_agreement_pct.is_some() || q.answer_token_agreement_pct.is_some() {
+        let _ = writeln!(
+            o,
+            "token agreement in native's reasoning {} % · in its answers {} %",
+            opt(q.thinking_token_agreement_pct, 1),
+            opt(q.answer_token_agreement_pct, 1)
+        );
+    }
     o
 }
 

@@ -155,6 +155,10 @@ pub enum SessionEvent {
         prompt: usize,
         prompt_tokens: usize,
         max_new_tokens: usize,
+        /// The prompt ended inside an open `<think>` block (a Thinking checkpoint's template):
+        /// the output starts with reasoning (see `session::thinking`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        opens_thinking: bool,
     },
     Token {
         backend: Backend,

@@ -6,8 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use super::event::{AgreementStats, Backend};
 use super::metrics::{BackendMetrics, Comparison, backend_metrics, comparison};
-use super::quality::{Coherence, TokenAgreement, coherence, coherence_pct, token_agreement};
+use super::quality::{
+    Coherence, TokenAgreement, coherence, coherence_pct, token_agreement, token_agreement_on,
+};
 use super::state::SessionState;
+use super::thinking::Part;
 use super::verdict::{Profile, Verdict, judge, metric_values};
 
 /// The summary's format name and version, in its `schema` field.
@@ -42,6 +45,20 @@ pub struct BackendOutput {
     pub ttft_s: Option<f64>,
     pub decode_tok_s: Option<f64>,
     pub coherence: Coherence,
+    /// A Thinking checkpoint's output in its two parts (absent when it did not reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<ThinkingSummary>,
+}
+
+/// Reasoning and answer of one output, each with its own coherence check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThinkingSummary {
+    pub thinking_tokens: usize,
+    pub answer_tokens: usize,
+    pub thinking_text: String,
+    pub answer_text: String,
+    pub thinking_coherence: Coherence,
+    pub answer_coherence: Coherence,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +72,11 @@ pub struct PromptSummary {
     pub selective: Option<BackendOutput>,
     pub token_agreement: Option<TokenAgreement>,
     pub distribution_agreement: Option<AgreementStats>,
+    /// Token agreement over native's reasoning and over its answer, when it reasoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking_agreement: Option<TokenAgreement>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_agreement: Option<TokenAgreement>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +90,12 @@ pub struct QualitySummary {
     pub perplexity_increase_pct: Option<f64>,
     pub native_coherence_pct: Option<f64>,
     pub selective_coherence_pct: Option<f64>,
+    /// Mean same-token share over the reasoning and over the answers of the finished prompts
+    /// where native reasoned (absent when no output reasoned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking_token_agreement_pct: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_token_agreement_pct: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,7 +123,16 @@ fn output(s: &SessionState, b: Backend, i: usize) -> Option<BackendOutput> {
         Some(d) => (d.text.clone(), d.token_ids.clone()),
         None => (run.text.clone(), run.tokens.iter().map(|t| t.id).collect()),
     };
+    let thinking = run.thinking().map(|t| ThinkingSummary {
+        thinking_tokens: t.thinking_tokens,
+        answer_tokens: t.answer_tokens,
+        thinking_coherence: coherence(&t.thinking_text),
+        answer_coherence: coherence(&t.answer_text),
+        thinking_text: t.thinking_text,
+        answer_text: t.answer_text,
+    });
     Some(BackendOutput {
+        thinking,
         coherence: coherence(&text),
         text,
         token_ids: ids,
@@ -121,7 +158,23 @@ pub fn summarize(s: &SessionState, profile: &Profile) -> Summary {
                 }
                 _ => None,
             };
+            // Native's parts decide which positions are reasoning (see `session::thinking`).
+            let native_parts = s
+                .backend(Backend::Native)
+                .run(i)
+                .filter(|_| native.as_ref().is_some_and(|n| n.thinking.is_some()))
+                .map(|r| r.parts());
+            let on_part = |part: Part| match (&native_parts, &native, &selective) {
+                (Some(parts), Some(a), Some(b)) if a.finished && b.finished => {
+                    token_agreement_on(&a.token_ids, &b.token_ids, |k| parts.get(k) == Some(&part))
+                }
+                _ => None,
+            };
+            let (thinking_agreement, answer_agreement) =
+                (on_part(Part::Thinking), on_part(Part::Answer));
             PromptSummary {
+                thinking_agreement,
+                answer_agreement,
                 index: i,
                 id: p.id.clone(),
                 category: p.category.clone(),
@@ -149,7 +202,18 @@ pub fn summarize(s: &SessionState, profile: &Profile) -> Summary {
     let mut cmp = comparison(s);
     cmp.native_coherence_pct = native_coherence_pct;
     cmp.sage_coherence_pct = selective_coherence_pct;
+    let mean_pct = |pick: fn(&PromptSummary) -> Option<&TokenAgreement>| {
+        let v: Vec<f64> = prompts
+            .iter()
+            .filter_map(|p| pick(p).map(|a| a.identical_pct))
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let thinking_token_agreement_pct = mean_pct(|p| p.thinking_agreement.as_ref());
+    let answer_token_agreement_pct = mean_pct(|p| p.answer_agreement.as_ref());
     let quality = QualitySummary {
+        thinking_token_agreement_pct,
+        answer_token_agreement_pct,
         token_agreement_pct: m.get("token_agreement_pct").copied(),
         top1_agreement_pct: m.get("top1_agreement_pct").copied(),
         mean_kl: m.get("mean_kl").copied(),

@@ -9,6 +9,7 @@ pub mod quality;
 pub mod record;
 pub mod state;
 pub mod study;
+pub mod thinking;
 pub mod verdict;
 
 pub use event::{Backend, SessionEvent, Stamped};

@@ -43,6 +43,27 @@ pub fn token_agreement(native: &[u32], selective: &[u32]) -> TokenAgreement {
     }
 }
 
+/// Token agreement over the positions of native's output that `keep` selects — its reasoning or
+/// its answer: % of them where selective wrote the same token, and the first that differs (a
+/// position selective never reached counts as differing). None when `keep` selects none.
+pub fn token_agreement_on(
+    native: &[u32],
+    selective: &[u32],
+    keep: impl Fn(usize) -> bool,
+) -> Option<TokenAgreement> {
+    let kept: Vec<usize> = (0..native.len()).filter(|&i| keep(i)).collect();
+    if kept.is_empty() {
+        return None;
+    }
+    let differs = |i: usize| selective.get(i) != Some(&native[i]);
+    let same = kept.iter().filter(|&&i| !differs(i)).count();
+    Some(TokenAgreement {
+        compared: kept.len(),
+        identical_pct: 100.0 * same as f64 / kept.len() as f64,
+        first_divergence: kept.iter().copied().find(|&i| differs(i)),
+    })
+}
+
 /// KL(P ‖ Q) from log-probabilities of P and Q on the same token ids (P's support, or the whole
 /// vocabulary). Mass outside those ids is lumped into one "rest" outcome on each side, which
 /// makes the result exact for the full vocabulary and a lower bound otherwise.
@@ -300,6 +321,21 @@ mod tests {
         ] {
             assert!(!coherence(bad).coherent, "{bad:?} judged coherent");
         }
+    }
+
+    #[test]
+    fn token_agreement_on_a_part_counts_only_its_positions() {
+        // Native reasons over 0..3 and answers over 3..5; selective differs at 1 and stops at 4.
+        let native = [1, 2, 3, 4, 5];
+        let selective = [1, 9, 3, 4];
+        let thinking = token_agreement_on(&native, &selective, |i| i < 3).unwrap();
+        assert_eq!(thinking.compared, 3);
+        assert!((thinking.identical_pct - 200.0 / 3.0).abs() < 1e-9);
+        assert_eq!(thinking.first_divergence, Some(1));
+        let answer = token_agreement_on(&native, &selective, |i| i >= 3).unwrap();
+        assert_eq!((answer.compared, answer.identical_pct), (2, 50.0));
+        assert_eq!(answer.first_divergence, Some(4));
+        assert_eq!(token_agreement_on(&native, &selective, |_| false), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use super::event::{
     AgreementStats, Backend, Finish, MemorySample, ResidentBytes, SessionEvent, Stamped,
 };
 use super::record::Header;
+use super::thinking::{self, Part, Thinking};
 use crate::cache::stats::CacheSnapshot;
 use crate::cache::trace::TraceStep;
 use crate::step_path::StepPath;
@@ -67,6 +68,9 @@ pub struct PromptRun {
     pub done: Option<Done>,
     pub started_at: f64,
     pub finished_at: Option<f64>,
+    /// The prompt opened a `<think>` block (see `session::thinking`).
+    #[serde(default)]
+    pub opens_thinking: bool,
 }
 
 impl PromptRun {
@@ -77,6 +81,28 @@ impl PromptRun {
             .filter(|t| !t.prefill)
             .map(|t| t.dt)
             .collect()
+    }
+
+    /// Which part (reasoning or answer) each token so far belongs to.
+    pub fn parts(&self) -> Vec<Part> {
+        thinking::split(
+            self.tokens.iter().map(|t| t.text.as_str()),
+            self.opens_thinking,
+        )
+    }
+
+    /// Reasoning and answer of the output so far (None: no reasoning).
+    pub fn thinking(&self) -> Option<Thinking> {
+        let mut texts: Vec<&str> = self.tokens.iter().map(|t| t.text.as_str()).collect();
+        // The streaming decoder may hold back an incomplete character until the end: the rest
+        // of the final text belongs to the last token.
+        if let (Some(d), Some(last)) = (&self.done, texts.last().copied()) {
+            let before_last: usize = texts.iter().map(|t| t.len()).sum::<usize>() - last.len();
+            if d.text.len() > before_last + last.len() && d.text.is_char_boundary(before_last) {
+                *texts.last_mut().expect("non-empty") = &d.text[before_last..];
+            }
+        }
+        Thinking::of(&texts, self.opens_thinking)
     }
 
     pub fn ttft(&self) -> Option<f64> {
@@ -247,6 +273,7 @@ impl SessionState {
                 prompt,
                 prompt_tokens,
                 max_new_tokens,
+                opens_thinking,
             } => {
                 if *prompt >= self.num_prompts() {
                     return;
@@ -263,6 +290,7 @@ impl SessionState {
                     started: true,
                     prompt_tokens: *prompt_tokens,
                     max_new_tokens: *max_new_tokens,
+                    opens_thinking: *opens_thinking,
                     started_at: t,
                     ..Default::default()
                 };

@@ -452,12 +452,17 @@ pub fn list_themes() -> Vec<(String, String)> {
     theme::list()
 }
 
-/// Renders one frame of an app into a string of the given size (for captures and tests).
-pub fn render_to_string(app: &mut App, width: u16, height: u16) -> String {
+/// One frame on ratatui's TestBackend, cells and styles (what the snapshot tests inspect).
+pub fn render_to_buffer(app: &mut App, width: u16, height: u16) -> ratatui::buffer::Buffer {
     let backend = ratatui::backend::TestBackend::new(width, height);
     let mut term = ratatui::Terminal::new(backend).expect("test backend");
     term.draw(|f| app.render(f)).expect("draw");
-    let buf = term.backend().buffer().clone();
+    term.backend().buffer().clone()
+}
+
+/// Renders one frame of an app into a string of the given size (for captures and tests).
+pub fn render_to_string(app: &mut App, width: u16, height: u16) -> String {
+    let buf = render_to_buffer(app, width, height);
     let mut out = String::new();
     for y in 0..buf.area.height {
         let mut line = String::new();

@@ -210,6 +210,7 @@ mod tests {
             prompt: 0,
             prompt_tokens: 3,
             max_new_tokens: 4,
+            opens_thinking: false,
         }));
         assert!(!WorkerEvent::may_carry(&SessionEvent::Finished {
             reason: "x".into()

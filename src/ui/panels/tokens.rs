@@ -4,12 +4,13 @@
 
 use ratatui::Frame;
 use ratatui::layout::Rect;
-use ratatui::style::Style;
+use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 
 use crate::session::event::Backend;
 use crate::session::state::Status;
+use crate::session::thinking::Part;
 use crate::ui::app::App;
 
 /// First index where the two backends' tokens differ (only once both have a token there).
@@ -85,11 +86,17 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
         Status::Failed(_) => "FAILED".to_string(),
         Status::Loading { done, total } => format!("loading {done}/{total}"),
         Status::Starting => "starting".into(),
-        _ => match run.and_then(|r| r.done.as_ref()) {
-            Some(d) => format!("{count}/{max} tok · {:?}", d.finish).to_lowercase(),
-            None if run.is_some_and(|r| r.started) => format!("{count}/{max} tok"),
-            None => "waiting".into(),
-        },
+        _ => {
+            let thinking = run
+                .and_then(|r| r.thinking())
+                .map(|t| format!(" ({} thinking)", t.thinking_tokens))
+                .unwrap_or_default();
+            match run.and_then(|r| r.done.as_ref()) {
+                Some(d) => format!("{count}/{max} tok{thinking} · {:?}", d.finish).to_lowercase(),
+                None if run.is_some_and(|r| r.started) => format!("{count}/{max} tok{thinking}"),
+                None => "waiting".into(),
+            }
+        }
     };
     let title = super::title(format!("{} · {status}", b.name()), t.backend(b));
     let block = super::block(app, title, focused, compact);
@@ -114,19 +121,37 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
     let div = first_divergence(app, prompt);
     let pieces: Vec<(String, Style)> = match run {
         Some(r) if r.started => {
-            let mut v: Vec<(String, Style)> = r
-                .tokens
-                .iter()
-                .enumerate()
-                .map(|(i, tok)| {
-                    let style = if div.is_some_and(|d| i >= d) {
-                        t.divergence
-                    } else {
-                        t.text
-                    };
-                    (tok.text.clone(), style)
-                })
-                .collect();
+            // Reasoning (a Thinking checkpoint's `<think>` block) is dimmed and set apart from
+            // the answer under a label of its own.
+            let parts = r.parts();
+            let thinking = t.muted.add_modifier(Modifier::ITALIC);
+            let mut v: Vec<(String, Style)> = Vec::new();
+            if parts.first() == Some(&Part::Thinking) {
+                v.push(("thinking ▸\n".into(), t.muted));
+            }
+            let mut in_answer_gap = false;
+            for (i, (tok, part)) in r.tokens.iter().zip(&parts).enumerate() {
+                let diverged = div.is_some_and(|d| i >= d);
+                let style = match (diverged, part) {
+                    (true, Part::Thinking) => t.divergence.add_modifier(Modifier::DIM),
+                    (true, Part::Answer) => t.divergence,
+                    (false, Part::Thinking) => thinking,
+                    (false, Part::Answer) => t.text,
+                };
+                if *part == Part::Answer && i > 0 && parts[i - 1] == Part::Thinking {
+                    v.push(("\nanswer ▸\n".into(), t.muted));
+                    in_answer_gap = true;
+                }
+                // The blank lines a model writes after `</think>` are the label's job now.
+                let text = if in_answer_gap {
+                    let trimmed = tok.text.trim_start_matches(['\n', ' ']);
+                    in_answer_gap = trimmed.is_empty();
+                    trimmed.to_string()
+                } else {
+                    tok.text.clone()
+                };
+                v.push((text, style));
+            }
             // Text the streaming decoder held back (an incomplete character) arrives with the end.
             if let Some(d) = &r.done {
                 let streamed: usize = r.tokens.iter().map(|x| x.text.len()).sum();

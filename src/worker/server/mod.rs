@@ -17,7 +17,7 @@ mod trace;
 
 use super::protocol::{Command, PROTOCOL_VERSION, PromptInput, WorkerEvent};
 use faults::Faults;
-use scoring::{perplexity, prompt_ids, score};
+use scoring::{opens_thinking, perplexity, prompt_ids, score};
 use trace::TraceObserver;
 
 /// Cache snapshots go out at most this often while generating.
@@ -357,6 +357,7 @@ fn generate(
         prompt,
         prompt_tokens: ids.len(),
         max_new_tokens: sampling.max_new_tokens,
+        opens_thinking: opens_thinking(st, &ids),
     });
     let mut decoder = StreamDecoder::new();
     let mut text = String::new();

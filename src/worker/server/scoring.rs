@@ -40,6 +40,21 @@ pub(super) fn prompt_ids(st: &Loaded, input: PromptInput) -> Result<Vec<u32>, St
     Ok(ids)
 }
 
+/// Whether the prompt ends inside an open `<think>` block — a Thinking checkpoint's template
+/// opens it in the generation prompt — so the output starts with reasoning.
+pub(super) fn opens_thinking(st: &Loaded, ids: &[u32]) -> bool {
+    use crate::session::thinking::{CLOSE, OPEN};
+    let Some(t) = &st.tokenizer else {
+        return false;
+    };
+    let text = t.decode_with_special(&ids[ids.len().saturating_sub(16)..]);
+    match (text.rfind(OPEN), text.rfind(CLOSE)) {
+        (Some(o), Some(c)) => o > c,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
 /// Teacher-forced log-softmax rows for positions from..from+count.
 pub(super) fn score(
     st: &mut Loaded,
