@@ -156,6 +156,15 @@ THINKING = ("The user asks for the capital of France . That is Paris , on the Se
 
 
 def main():
+    # Selective's speed swings from prompt to prompt around half of native's: the speed
+    # criteria are within their noise of their thresholds, so the verdict may not rest on them.
+    s = Session("unclear_speed", SHORT)
+    s.start((10, 10), (500, 150))
+    for i, sel in enumerate([30.0, 80.0, 45.0]):
+        s.prompt(i, (100.0, sel), 30)
+    s.finish()
+    s.write()
+
     # A Thinking checkpoint: the template opened <think>, the output reasons, closes the block and
     # answers; prompt 1 diverges in the answer, prompt 2 in the reasoning.
     s = Session("thinking", SHORT)

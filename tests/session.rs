@@ -1050,3 +1050,110 @@ fn a_template_that_opens_thinking_marks_the_output_as_reasoning() {
         }
     }
 }
+
+/// A criterion within its own noise of its threshold is neither pass nor fail: selective's
+/// per-prompt speed is 0.30, 0.80 and 0.45 of native's, so "at least half as fast" (measured
+/// 0.44 over all tokens) and "under a fifth" are both unclear, and the verdict is INCONCLUSIVE
+/// and says why. With the same speed on every prompt (the viable fixture) there is no noise.
+#[test]
+fn a_criterion_within_its_noise_of_the_threshold_is_unclear() {
+    let profile = Profile::load("relative").unwrap();
+    let v = judge(&state(&events_fixture("unclear_speed")), &profile);
+    assert_eq!(v.outcome, Outcome::Inconclusive, "{v:#?}");
+    let speed: Vec<_> = v
+        .criteria
+        .iter()
+        .filter(|c| c.metric == "speed_ratio")
+        .collect();
+    assert_eq!(speed.len(), 2);
+    let ratios = [0.3f64, 0.8, 0.45];
+    let mean = ratios.iter().sum::<f64>() / 3.0;
+    let sd = (ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+    for c in &speed {
+        assert!(c.unclear, "{c:#?}");
+        // (The fixture's step times are rounded to microseconds.)
+        assert!(
+            (c.noise.unwrap() - 2.0 * sd / 3f64.sqrt()).abs() < 1e-4,
+            "{c:#?}"
+        );
+    }
+    assert!(
+        v.reasons
+            .iter()
+            .any(|r| r.starts_with("unclear: decodes at least half as fast")),
+        "{:#?}",
+        v.reasons
+    );
+    // Memory and quality are clear of their thresholds: judged as usual.
+    assert!(
+        v.criteria
+            .iter()
+            .filter(|c| c.metric != "speed_ratio")
+            .all(|c| !c.unclear)
+    );
+    let lines = moescope::report::table::verdict_lines(&v).join("\n");
+    assert!(
+        lines.contains("[unclr]") && lines.contains("± 0.2"),
+        "{lines}"
+    );
+    let steady = judge(&state(&events_fixture("viable")), &profile);
+    assert_eq!(steady.outcome, Outcome::Viable);
+    assert!(
+        steady
+            .criteria
+            .iter()
+            .all(|c| !c.unclear && c.noise.is_none_or(|u| u < 1e-9))
+    );
+}
+
+/// Peaks are the kernel's high-water marks (a transient between two samples counts), and
+/// samples taken during moescope's own quality checks are graphed but never a peak.
+#[test]
+fn peaks_are_high_water_marks_and_quality_checks_are_left_out() {
+    use moescope::session::event::{MemorySample, SessionEvent, Stamped};
+    let rec = record::read(&events_fixture("viable")).unwrap();
+    let mut s = SessionState::new(rec.header.clone());
+    const MIB: u64 = 1 << 20;
+    let sample = |rss: u64, hwm: u64, checking: bool| Stamped {
+        t: 1.0,
+        event: SessionEvent::Memory {
+            backend: Backend::Selective,
+            sample: MemorySample {
+                rss_anon: rss * MIB,
+                rss_file: 0,
+                rss_shmem: 0,
+                peak_rss: hwm * MIB,
+                gpu: None,
+                gpu_source: None,
+                system_available: 0,
+                source: "test".into(),
+                checking,
+            },
+        },
+    };
+    s.apply(&sample(100, 150, false));
+    assert_eq!(
+        s.backends[1].mem_peak_total,
+        150 * MIB,
+        "the high-water mark counts"
+    );
+    s.apply(&sample(400, 400, true));
+    assert_eq!(
+        s.backends[1].mem_peak_total,
+        150 * MIB,
+        "a check's memory is not a peak"
+    );
+    assert_eq!(
+        s.backends[1].mem_last.as_ref().unwrap().rss(),
+        400 * MIB,
+        "but it is shown"
+    );
+    s.apply(&sample(120, 130, false));
+    assert_eq!(s.backends[1].mem_peak_total, 150 * MIB);
+    s.apply(&sample(120, 170, false));
+    assert_eq!(s.backends[1].mem_peak_total, 170 * MIB);
+    assert_eq!(
+        backend_metrics(&s, Backend::Selective).memory.peak,
+        170 * MIB
+    );
+}

@@ -225,14 +225,16 @@ pub fn summary_table(sum: &Summary) -> String {
 pub fn verdict_lines(v: &Verdict) -> Vec<String> {
     let mut out = vec![format!("verdict ({} profile): {}", v.profile, v.headline)];
     for c in &v.criteria {
-        let measured = c
-            .measured
-            .map(|v| format!("{v:.3}"))
-            .unwrap_or_else(|| "not measured".into());
+        let measured = match (c.measured, c.noise) {
+            (Some(v), Some(u)) => format!("{v:.3} ± {u:.3}"),
+            (Some(v), None) => format!("{v:.3}"),
+            _ => "not measured".into(),
+        };
         // Viability criteria pass or fail; native-preferred conditions hold (bad for
         // selective) or are clear.
         let native_rule = c.group == "native_preferred";
         let mark = match (c.pass, native_rule) {
+            _ if c.unclear => "unclr",
             (Some(true), false) => "pass ",
             (Some(false), false) => "FAIL ",
             (Some(true), true) => "clear",
@@ -247,7 +249,7 @@ pub fn verdict_lines(v: &Verdict) -> Vec<String> {
             g => g,
         };
         out.push(format!(
-            "  [{mark}] {group:<13} {:<58} {measured:>12} {} {}",
+            "  [{mark}] {group:<13} {:<58} {measured:>14} {} {}",
             c.label, c.op, c.threshold
         ));
     }

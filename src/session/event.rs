@@ -68,6 +68,10 @@ pub struct MemorySample {
     pub system_available: u64,
     /// Where the RSS numbers came from ("/proc/PID/status" or "sysinfo").
     pub source: String,
+    /// Taken while the worker ran moescope's quality checks (teacher-forced scoring,
+    /// perplexity), not serving: kept out of the peaks the verdict judges.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checking: bool,
 }
 
 impl MemorySample {

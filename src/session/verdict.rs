@@ -259,6 +259,70 @@ pub struct CriterionResult {
     /// Good for selective? For viability criteria: the condition holds; for native-preferred
     /// criteria: the condition does *not* hold. None when the metric could not be measured.
     pub pass: Option<bool>,
+    /// How far the measured value may be off by noise alone (± this; see [`metric_noise`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<f64>,
+    /// The measured value lies within its noise of the threshold: neither pass nor fail, and
+    /// the verdict does not rest on it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unclear: bool,
+}
+
+impl CriterionResult {
+    /// Decided good for selective (measured, clear of the threshold, and good).
+    pub fn good(&self) -> bool {
+        self.pass == Some(true) && !self.unclear
+    }
+
+    /// Decided bad for selective.
+    pub fn bad(&self) -> bool {
+        self.pass == Some(false) && !self.unclear
+    }
+}
+
+/// ± how far each noisy metric may be off, from the spread inside the run: for decode speeds
+/// and their ratio, twice the standard error of the per-prompt values (about a 95 % interval),
+/// once at least three prompts decoded on both backends. Quality metrics are deterministic on
+/// one machine and memory peaks are the kernel's high-water marks (ten identical runs of the
+/// bundled model: memory saved 32.7–33.5 %, BENCHMARKS.md §9), so they carry none.
+pub fn metric_noise(s: &SessionState, subset: Option<&[usize]>) -> BTreeMap<String, f64> {
+    let keep = |i: usize| subset.is_none_or(|v| v.contains(&i));
+    let tok_s = |b: Backend, i: usize| {
+        s.backend(b)
+            .runs
+            .get(i)
+            .filter(|r| r.started)
+            .and_then(|r| r.decode_tok_s())
+    };
+    let (mut nat, mut sel, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for i in (0..s.num_prompts()).filter(|&i| keep(i)) {
+        if let (Some(n), Some(x)) = (tok_s(Backend::Native, i), tok_s(Backend::Selective, i)) {
+            nat.push(n);
+            sel.push(x);
+            ratio.push(x / n);
+        }
+    }
+    let two_se = |v: &[f64]| -> Option<f64> {
+        let n = v.len();
+        if n < 3 {
+            return None;
+        }
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        let u = 2.0 * (var / n as f64).sqrt();
+        u.is_finite().then_some(u)
+    };
+    let mut m = BTreeMap::new();
+    for (name, v) in [
+        ("speed_ratio", &ratio),
+        ("native_decode_tok_s", &nat),
+        ("selective_decode_tok_s", &sel),
+    ] {
+        if let Some(u) = two_se(v) {
+            m.insert(name.to_string(), u);
+        }
+    }
+    m
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -383,11 +447,17 @@ pub fn metric_values(s: &SessionState, subset: Option<&[usize]>) -> BTreeMap<Str
     m
 }
 
-fn evaluate(group: &str, cs: &[Criterion], m: &BTreeMap<String, f64>) -> Vec<CriterionResult> {
+fn evaluate(
+    group: &str,
+    cs: &[Criterion],
+    m: &BTreeMap<String, f64>,
+    noise: &BTreeMap<String, f64>,
+) -> Vec<CriterionResult> {
     let native_rule = group == "native_preferred";
     cs.iter()
         .map(|c| {
             let measured = m.get(&c.metric).copied();
+            let noise = noise.get(&c.metric).copied();
             CriterionResult {
                 group: group.into(),
                 label: c.label.clone(),
@@ -396,6 +466,8 @@ fn evaluate(group: &str, cs: &[Criterion], m: &BTreeMap<String, f64>) -> Vec<Cri
                 threshold: c.value,
                 measured,
                 pass: measured.map(|v| c.op.holds(v, c.value) != native_rule),
+                noise,
+                unclear: matches!((measured, noise), (Some(v), Some(u)) if (v - c.value).abs() <= u),
             }
         })
         .collect()
@@ -404,8 +476,9 @@ fn evaluate(group: &str, cs: &[Criterion], m: &BTreeMap<String, f64>) -> Vec<Cri
 /// Judges a session under a profile.
 pub fn judge(s: &SessionState, p: &Profile) -> Verdict {
     let m = metric_values(s, None);
-    let viable = evaluate("viable", &p.viable, &m);
-    let native = evaluate("native_preferred", &p.native_preferred, &m);
+    let noise = metric_noise(s, None);
+    let viable = evaluate("viable", &p.viable, &m, &noise);
+    let native = evaluate("native_preferred", &p.native_preferred, &m, &noise);
     let mut criteria: Vec<CriterionResult> = viable.iter().chain(&native).cloned().collect();
     let mut reasons = Vec::new();
     let degraded = s.degraded();
@@ -428,12 +501,12 @@ pub fn judge(s: &SessionState, p: &Profile) -> Verdict {
             p.min_decode_tokens
         ));
         Outcome::Inconclusive
-    } else if native.iter().any(|c| c.pass == Some(false)) {
-        for c in native.iter().filter(|c| c.pass == Some(false)) {
+    } else if native.iter().any(|c| c.bad()) {
+        for c in native.iter().filter(|c| c.bad()) {
             reasons.push(format!("native preferred because {}", c.label));
         }
         Outcome::NativePreferred
-    } else if viable.iter().all(|c| c.pass == Some(true)) {
+    } else if viable.iter().all(|c| c.good()) {
         reasons.push("every viability criterion holds".into());
         Outcome::Viable
     } else {
@@ -448,11 +521,14 @@ pub fn judge(s: &SessionState, p: &Profile) -> Verdict {
             if !short.is_empty() && !long.is_empty() {
                 let ms = metric_values(s, Some(&short));
                 let ml = metric_values(s, Some(&long));
-                let vs = evaluate("hybrid_short", &p.viable, &ms);
-                let vl = evaluate("hybrid_long", &p.viable, &ml);
-                if vs.iter().all(|c| c.pass == Some(true))
-                    && vl.iter().any(|c| c.pass == Some(false))
-                {
+                let vs = evaluate(
+                    "hybrid_short",
+                    &p.viable,
+                    &ms,
+                    &metric_noise(s, Some(&short)),
+                );
+                let vl = evaluate("hybrid_long", &p.viable, &ml, &metric_noise(s, Some(&long)));
+                if vs.iter().all(|c| c.good()) && vl.iter().any(|c| c.bad()) {
                     hybrid = true;
                     reasons.push(format!(
                         "selective holds up on the {} short prompts but not on the {} long ones",
@@ -475,10 +551,20 @@ pub fn judge(s: &SessionState, p: &Profile) -> Verdict {
             if !unmeasured.is_empty() {
                 reasons.push(format!("not measured: {}", unmeasured.join("; ")));
             }
-            for c in viable.iter().filter(|c| c.pass == Some(false)) {
+            for c in viable.iter().chain(&native).filter(|c| c.unclear) {
+                reasons.push(format!(
+                    "unclear: {} — {:.3} is within its noise (± {:.3}, the spread over prompts) \
+                     of {}; a longer run or more prompts would decide it",
+                    c.label,
+                    c.measured.unwrap_or(f64::NAN),
+                    c.noise.unwrap_or(f64::NAN),
+                    c.threshold
+                ));
+            }
+            for c in viable.iter().filter(|c| c.bad()) {
                 reasons.push(format!("not viable: {} fails", c.label));
             }
-            if unmeasured.is_empty() && viable.iter().any(|c| c.pass == Some(false)) {
+            if unmeasured.is_empty() && viable.iter().any(|c| c.bad()) {
                 reasons.push(
                     "neither every viability criterion nor any native-preferred criterion holds"
                         .into(),

@@ -143,6 +143,7 @@ pub fn sample(pid: u32, gpu_enabled: bool, device_baseline: Option<u64>) -> Opti
         gpu_source,
         system_available: mem_available(),
         source,
+        checking: false,
     })
 }
 

@@ -51,6 +51,8 @@ pub fn render(
     for c in &v.criteria {
         let native_rule = c.group == "native_preferred";
         let (mark, style) = match (c.pass, native_rule) {
+            // Within its own noise of the threshold: neither pass nor fail.
+            _ if c.unclear => ("~", t.warn),
             (Some(true), false) => (if app.ascii { "ok" } else { "✓" }, t.good),
             (Some(false), false) => (if app.ascii { "x" } else { "✗" }, t.bad),
             (Some(true), true) => ("clear", t.good),
@@ -69,9 +71,11 @@ pub fn render(
             Span::styled(format!("{group:<10}"), t.muted),
             Span::styled(format!("{:<w$}", c.label, w = label_w), t.text),
             Span::styled(
-                c.measured
-                    .map(|m| format!("{m:>10.3}"))
-                    .unwrap_or_else(|| "  not measured".into()),
+                match (c.measured, c.noise) {
+                    (Some(m), Some(u)) if c.unclear => format!("{m:>10.3} ±{u:.2}"),
+                    (Some(m), _) => format!("{m:>10.3}"),
+                    _ => "  not measured".into(),
+                },
                 style,
             ),
             Span::styled(format!(" {} {}", c.op, c.threshold), t.muted),

@@ -157,6 +157,8 @@ struct Scheduler {
     ctl: UnboundedReceiver<Control>,
     w: [WorkerState; 2],
     pids: Arc<Mutex<Vec<Watched>>>,
+    /// Per backend: running moescope's quality checks now (its memory samples say so).
+    checking: Arc<Mutex<[bool; 2]>>,
     paused: bool,
     step_once: bool,
     nav: Option<Nav>,
@@ -176,9 +178,11 @@ pub async fn run(
     let (tx, rx) = unbounded_channel();
     let em = Emitter { start, out };
     let pids: Arc<Mutex<Vec<Watched>>> = Arc::new(Mutex::new(Vec::new()));
+    let checking: Arc<Mutex<[bool; 2]>> = Arc::default();
     // Memory sampling runs on its own task, so it never waits for a busy worker.
     let sampler = {
         let pids = pids.clone();
+        let checking = checking.clone();
         let em = em.clone();
         let every = cfg.memory_interval;
         let gpu = cfg.gpu_memory;
@@ -192,7 +196,8 @@ pub async fn run(
                         .await
                         .ok()
                         .flatten();
-                    if let Some(sample) = s {
+                    if let Some(mut sample) = s {
+                        sample.checking = checking.lock().expect("checking")[b.index()];
                         em.emit(SessionEvent::Memory { backend: b, sample });
                     }
                 }
@@ -207,6 +212,7 @@ pub async fn run(
         ctl,
         w: Default::default(),
         pids,
+        checking,
         paused: false,
         step_once: false,
         nav: None,
@@ -498,6 +504,7 @@ impl Scheduler {
             };
             self.w[0].scored = None;
             let input = self.prompt_input(i);
+            self.begin_check(Backend::Native);
             self.send(
                 Backend::Native,
                 Command::Score {
@@ -507,12 +514,13 @@ impl Scheduler {
                     support: Support::TopK(k),
                 },
             );
-            if self
+            let answered = self
                 .wait_for(Backend::Native, t, |w| {
                     w.scored.is_some() || w.error.is_some()
                 })
-                .await
-            {
+                .await;
+            self.end_check(Backend::Native);
+            if answered {
                 if let Some(rows) = self.w[0].scored.take() {
                     self.native_rows.insert(i, rows);
                     self.native_tokens.insert(i, ids);
@@ -530,6 +538,7 @@ impl Scheduler {
             self.w[1].scored = None;
             let input = self.prompt_input(i);
             let support = Support::Ids(rows.iter().map(|r| r.ids.clone()).collect());
+            self.begin_check(Backend::Selective);
             self.send(
                 Backend::Selective,
                 Command::Score {
@@ -539,12 +548,13 @@ impl Scheduler {
                     support,
                 },
             );
-            if self
+            let answered = self
                 .wait_for(Backend::Selective, t, |w| {
                     w.scored.is_some() || w.error.is_some()
                 })
-                .await
-            {
+                .await;
+            self.end_check(Backend::Selective);
+            if answered {
                 if let Some((sel, _)) = self.w[1].scored.take() {
                     let stats = agreement(&rows, &sel, full);
                     self.em.emit(SessionEvent::Agreement { prompt: i, stats });
@@ -563,6 +573,7 @@ impl Scheduler {
                 continue;
             }
             self.ws(b).ppl = None;
+            self.begin_check(b);
             self.send(
                 b,
                 Command::Perplexity {
@@ -573,6 +584,7 @@ impl Scheduler {
             let t = self.cfg.load_timeout;
             self.wait_for(b, t, |w| w.ppl.is_some() || w.error.is_some())
                 .await;
+            self.end_check(b);
             self.ws(b).error = None;
         }
     }

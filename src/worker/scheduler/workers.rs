@@ -150,6 +150,19 @@ impl Scheduler {
         }
     }
 
+    /// Quality checks (teacher-forced scoring, perplexity) are moescope's measurement, not the
+    /// backend serving: a sample first (the high-water mark of serving so far), then every
+    /// sample is marked until the check ends. The worker resets its high-water mark after each
+    /// check, so the peaks judged are those of loading and generating.
+    pub(super) fn begin_check(&self, b: Backend) {
+        self.sample_now(b);
+        self.checking.lock().expect("checking")[b.index()] = true;
+    }
+
+    pub(super) fn end_check(&self, b: Backend) {
+        self.checking.lock().expect("checking")[b.index()] = false;
+    }
+
     /// One memory sample of `b`'s worker now, beside the timer's: a fast model loads and
     /// generates between two ticks, and its peak would otherwise never be seen.
     pub(super) fn sample_now(&self, b: Backend) {
@@ -163,6 +176,8 @@ impl Scheduler {
         if let Some((_, pid, base)) = watched
             && let Some(sample) = memory::sample(pid, self.cfg.gpu_memory, base)
         {
+            let mut sample = sample;
+            sample.checking = self.checking.lock().expect("checking")[b.index()];
             self.em.emit(SessionEvent::Memory { backend: b, sample });
         }
     }
@@ -301,6 +316,9 @@ impl Scheduler {
         if !self.alive(b) {
             return;
         }
+        // A last sample: the worker's high-water mark covers all it did, scoring included,
+        // whenever the timer last looked.
+        self.sample_now(b);
         self.send(b, Command::Shutdown);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         // Wait for the process to exit; a clean exit is not a failure.

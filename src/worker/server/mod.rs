@@ -241,6 +241,7 @@ pub fn run() -> anyhow::Result<()> {
                     score(st, &ids, from, count, &support)
                 });
                 st.engine.provider.set_bypass(false);
+                end_check();
                 match scored {
                     Ok((rows, full_vocab)) => out.send(&WorkerEvent::Scored {
                         prompt,
@@ -261,6 +262,7 @@ pub fn run() -> anyhow::Result<()> {
                 st.engine.provider.set_bypass(true);
                 let ppl = perplexity(st, &text, max_tokens);
                 st.engine.provider.set_bypass(false);
+                end_check();
                 match ppl {
                     Ok((ppl, n)) => out.session(SessionEvent::Perplexity {
                         backend: out.backend,
@@ -323,6 +325,20 @@ fn describe(spec: &crate::engine::BackendSpec, engine: &Engine) -> String {
 enum Flow {
     Continue,
     Shutdown,
+}
+
+/// After a quality check (teacher-forced scoring, perplexity): hand the check's freed buffers
+/// back to the system and restart the kernel's high-water mark (`VmHWM`), so the peaks the
+/// parent samples next are those of serving, not of moescope's own measurement. Where either
+/// is unavailable the mark stays: peaks are then overstated, never understated.
+fn end_check() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the system; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    #[cfg(target_os = "linux")]
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -504,4 +520,30 @@ fn generate(
         decode_tok_s: timing.decode_tok_s,
     });
     Ok(Flow::Continue)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    fn vm_kib(field: &str) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn end_check_restarts_the_high_water_mark() {
+        // A check's transient: 256 MiB touched, then freed.
+        let mut v = vec![1u8; 256 << 20];
+        std::hint::black_box(&mut v);
+        drop(v);
+        let before = vm_kib("VmHWM:");
+        super::end_check();
+        let after = vm_kib("VmHWM:");
+        // The mark falls back to about the current RSS: at least 128 MiB lower, whatever the
+        // other tests in this process hold meanwhile.
+        assert!(
+            after + (128 << 10) < before,
+            "VmHWM {before} kB -> {after} kB"
+        );
+    }
 }
