@@ -200,6 +200,16 @@ pub struct RunArgs {
     /// Skip teacher-forced scoring (KL, top-1 agreement).
     #[arg(long)]
     pub no_score: bool,
+    /// Once both backends are done, run a reference implementation on the same weights and
+    /// token ids and report how closely moescope native matches it (KL, top-1 agreement, first
+    /// divergence) with the reference's own speed and memory — its own line; the verdict stays
+    /// native against selective. `transformers`: Hugging Face transformers on PyTorch, from
+    /// --python. Without them: one line saying so, and the run goes on.
+    #[arg(long, value_name = "IMPL")]
+    pub reference_impl: Option<String>,
+    /// The Python interpreter (with torch and transformers) for --reference-impl.
+    #[arg(long, value_name = "PATH", default_value = "python3")]
+    pub python: PathBuf,
     /// Also record, in the routing trace, what layer L+1's router picks from layer L's hidden
     /// state (the next-layer guess), so `moescope simulate --prefetch next-layer` can replay
     /// prefetch. Both backends compute it (one router product per layer); a prefetching

@@ -70,6 +70,36 @@ pub fn progress_line(state: &SessionState, ev: &Stamped) -> Option<String> {
                 " (top-256 support: lower bound)"
             }
         )),
+        SessionEvent::ReferenceLoaded {
+            implementation,
+            load_s,
+        } => Some(format!(
+            "[{:>7.2}s] reference {implementation} loaded in {load_s:.2} s",
+            ev.t
+        )),
+        SessionEvent::ReferencePrompt {
+            prompt,
+            token_ids,
+            decode_tok_s,
+            agreement,
+            ..
+        } => Some(format!(
+            "[{:>7.2}s] reference prompt {}/{n}: {} tokens, decode {} tok/s{}",
+            ev.t,
+            prompt + 1,
+            token_ids.len(),
+            decode_tok_s.map_or("–".into(), |v| format!("{v:.1}")),
+            agreement.as_ref().map_or(String::new(), |a| format!(
+                "; native against it: top-1 {:.1} %, mean KL {:.2e}, max KL {:.2e}",
+                a.top1_agreement * 100.0,
+                a.mean_kl,
+                a.max_kl
+            ))
+        )),
+        SessionEvent::ReferenceUnavailable { reason } => Some(format!(
+            "[{:>7.2}s] reference did not run: {reason} (the run goes on without it)",
+            ev.t
+        )),
         SessionEvent::Perplexity {
             backend,
             perplexity,

@@ -122,6 +122,18 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         prompts.repeat(args.passes as usize);
     }
     let profile = Profile::load(&args.profile).map_err(crate::errors::InputError)?;
+    let reference_impl: Option<crate::worker::reference::ReferenceImpl> = args
+        .reference_impl
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(crate::errors::InputError)?;
+    if reference_impl.is_some() && args.no_score {
+        crate::bail_input!(
+            "--reference-impl compares the reference with native on native's scored tokens; \
+             it cannot be combined with --no-score"
+        );
+    }
     let reference_text = match args.reference.as_deref() {
         Some("none") => None,
         Some(f) => Some(std::fs::read_to_string(f).map_err(|e| {
@@ -250,6 +262,16 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         exe: std::env::current_exe().context("locating the moescope binary for the workers")?,
         worker_env: [worker_env("NATIVE"), worker_env("SELECTIVE")],
         only: None,
+        reference: reference_impl.map(|implementation| crate::worker::reference::ReferenceConfig {
+            implementation,
+            python: args.python.clone(),
+            model_dir: model_dir.clone(),
+            dtype: args.model.dtype.name().into(),
+            device: args.model.device.0.clone(),
+            load_timeout: Duration::from_secs(args.load_timeout),
+            step_timeout: Duration::from_secs(args.step_timeout),
+            gpu_memory: args.model.device.0.starts_with("cuda"),
+        }),
     };
     Ok(Plan {
         header,

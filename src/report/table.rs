@@ -209,6 +209,9 @@ pub fn summary_table(sum: &Summary) -> String {
         opt(sum.quality.mean_kl, 6),
         opt(sum.quality.max_kl, 6),
     );
+    if let Some(r) = &sum.reference {
+        o.push_str(&reference_lines(r));
+    }
     let q = &sum.quality;
     if q.thinking_token_agreement_pct.is_some() || q.answer_token_agreement_pct.is_some() {
         let _ = writeln!(
@@ -219,6 +222,42 @@ pub fn summary_table(sum: &Summary) -> String {
         );
     }
     o
+}
+
+/// The reference check (`--reference-impl`): what the reference did, then how closely moescope
+/// native matches it — its own line, apart from the verdict.
+pub fn reference_lines(r: &crate::session::export::ReferenceSummary) -> String {
+    if let Some(why) = &r.unavailable {
+        return format!("reference implementation did not run: {why}\n");
+    }
+    let name = r.implementation.as_deref().unwrap_or("reference");
+    let peak = r
+        .peak_bytes
+        .map(|p| {
+            let gpu = r
+                .peak_gpu
+                .map(|g| format!(", GPU {}", fmt_bytes(g)))
+                .unwrap_or_default();
+            format!("{}{gpu}", fmt_bytes(p + r.peak_gpu.unwrap_or(0)))
+        })
+        .unwrap_or_else(|| "–".into());
+    let divergence = match r.first_divergence.iter().flatten().min() {
+        Some(d) => format!("first divergence at token {d}"),
+        None if r.first_divergence.is_empty() => "no prompt compared".into(),
+        None => "no divergence".into(),
+    };
+    format!(
+        "reference {name}: load {} s · decode {} tok/s · memory peak {peak}\n\
+         moescope native matches {name}: mean KL {}{} · max KL {} · top-1 agreement {} % · \
+         identical tokens {} % · {divergence}\n",
+        opt(r.load_s, 2),
+        opt(r.decode_tok_s, 2),
+        opt(r.mean_kl, 6),
+        if r.exact { "" } else { " (lower bound)" },
+        opt(r.max_kl, 6),
+        opt(r.top1_agreement_pct, 1),
+        opt(r.token_agreement_pct, 1),
+    )
 }
 
 /// One line per criterion: measured value, threshold, pass/fail.

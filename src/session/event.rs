@@ -213,6 +213,31 @@ pub enum SessionEvent {
         prompt: usize,
         stats: AgreementStats,
     },
+    /// A reference implementation (`--reference-impl`) loaded the same weights, after both
+    /// backends had run: moescope native is checked against it; the verdict is not.
+    ReferenceLoaded {
+        implementation: String,
+        load_s: f64,
+    },
+    /// The reference on one prompt: its own greedy tokens and speed, and teacher-forced on
+    /// native's tokens, KL(native ‖ reference) and top-1 agreement.
+    ReferencePrompt {
+        prompt: usize,
+        token_ids: Vec<u32>,
+        ttft_s: f64,
+        decode_tok_s: Option<f64>,
+        agreement: Option<AgreementStats>,
+    },
+    /// The reference's peak memory (its process's high-water mark, plus GPU where known).
+    ReferenceDone {
+        peak_bytes: u64,
+        peak_gpu: Option<u64>,
+    },
+    /// The reference could not run (no Python, torch or transformers; a load that failed):
+    /// the run goes on without it.
+    ReferenceUnavailable {
+        reason: String,
+    },
     Perplexity {
         backend: Backend,
         perplexity: f64,

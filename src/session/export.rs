@@ -115,6 +115,90 @@ pub struct Summary {
     pub prompts: Vec<PromptSummary>,
     pub verdict: Verdict,
     pub warnings: Vec<String>,
+    /// moescope native checked against a reference implementation on the same weights
+    /// (`--reference-impl`); absent when none was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceSummary>,
+}
+
+/// moescope native against a reference implementation (transformers) on the same weights and
+/// the same token ids — a check of moescope itself, apart from the verdict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReferenceSummary {
+    pub implementation: Option<String>,
+    /// Why it did not run, when it did not.
+    pub unavailable: Option<String>,
+    pub load_s: Option<f64>,
+    /// The reference's own greedy decode speed over all prompts, and its peak memory.
+    pub decode_tok_s: Option<f64>,
+    pub peak_bytes: Option<u64>,
+    pub peak_gpu: Option<u64>,
+    /// Teacher-forced on native's tokens: KL(native ‖ reference), mean and max over positions,
+    /// and top-1 agreement, %.
+    pub mean_kl: Option<f64>,
+    pub max_kl: Option<f64>,
+    pub top1_agreement_pct: Option<f64>,
+    /// True when every KL was over the whole vocabulary (else a lower bound over native's top-K).
+    pub exact: bool,
+    /// The reference's own greedy tokens against native's: mean % identical over prompts, and
+    /// per prompt the first position where they differ (None: identical).
+    pub token_agreement_pct: Option<f64>,
+    pub first_divergence: Vec<Option<usize>>,
+}
+
+/// The reference check's figures from a session (None when no reference was asked for).
+pub fn reference_summary(s: &SessionState) -> Option<ReferenceSummary> {
+    let r = s.reference.as_ref()?;
+    let done: Vec<(usize, &crate::session::state::ReferencePromptResult)> = r
+        .prompts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.as_ref().map(|p| (i, p)))
+        .collect();
+    let stats: Vec<&AgreementStats> = done
+        .iter()
+        .filter_map(|(_, p)| p.agreement.as_ref())
+        .filter(|a| a.positions > 0)
+        .collect();
+    let positions: usize = stats.iter().map(|a| a.positions).sum();
+    let weighted = |f: fn(&AgreementStats) -> f64| {
+        (positions > 0).then(|| {
+            stats.iter().map(|a| f(a) * a.positions as f64).sum::<f64>() / positions as f64
+        })
+    };
+    // Decode speed over all prompts: tokens after the first over their time.
+    let (mut toks, mut secs) = (0.0, 0.0);
+    for (_, p) in &done {
+        if let Some(v) = p.decode_tok_s.filter(|v| *v > 0.0) {
+            let n = p.token_ids.len().saturating_sub(1) as f64;
+            toks += n;
+            secs += n / v;
+        }
+    }
+    let mut agree = Vec::new();
+    let mut first_divergence = Vec::new();
+    for (i, p) in &done {
+        if let Some(n) = s.backend(Backend::Native).runs[*i].done.as_ref() {
+            let a = token_agreement(&n.token_ids, &p.token_ids);
+            agree.push(a.identical_pct);
+            first_divergence.push(a.first_divergence);
+        }
+    }
+    Some(ReferenceSummary {
+        implementation: r.implementation.clone(),
+        unavailable: r.unavailable.clone(),
+        load_s: r.load_s,
+        decode_tok_s: (secs > 0.0).then(|| toks / secs),
+        peak_bytes: r.peak_bytes,
+        peak_gpu: r.peak_gpu,
+        mean_kl: weighted(|a| a.mean_kl),
+        max_kl: (!stats.is_empty()).then(|| stats.iter().map(|a| a.max_kl).fold(0.0, f64::max)),
+        top1_agreement_pct: weighted(|a| 100.0 * a.top1_agreement),
+        exact: !stats.is_empty() && stats.iter().all(|a| a.exact),
+        token_agreement_pct: (!agree.is_empty())
+            .then(|| agree.iter().sum::<f64>() / agree.len() as f64),
+        first_divergence,
+    })
 }
 
 fn output(s: &SessionState, b: Backend, i: usize) -> Option<BackendOutput> {
@@ -252,5 +336,6 @@ pub fn summarize(s: &SessionState, profile: &Profile) -> Summary {
         prompts,
         verdict: judge(s, profile),
         warnings: s.warnings.clone(),
+        reference: reference_summary(s),
     }
 }

@@ -158,6 +158,26 @@ impl BackendState {
     }
 }
 
+/// The reference implementation's results (`--reference-impl`), when one was asked for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceState {
+    pub implementation: Option<String>,
+    pub load_s: Option<f64>,
+    /// Per prompt: (its greedy tokens, TTFT, decode tok/s, agreement on native's tokens).
+    pub prompts: Vec<Option<ReferencePromptResult>>,
+    pub peak_bytes: Option<u64>,
+    pub peak_gpu: Option<u64>,
+    pub unavailable: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReferencePromptResult {
+    pub token_ids: Vec<u32>,
+    pub ttft_s: f64,
+    pub decode_tok_s: Option<f64>,
+    pub agreement: Option<AgreementStats>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionState {
     pub header: Header,
@@ -173,9 +193,19 @@ pub struct SessionState {
     pub events: u64,
     /// Routing trace per backend (for the cache study): native's by preference.
     pub traces: [Vec<TraceStep>; 2],
+    /// The reference implementation's check of native, when asked for.
+    #[serde(default)]
+    pub reference: Option<ReferenceState>,
 }
 
 impl SessionState {
+    fn reference_mut(&mut self, prompts: usize) -> &mut ReferenceState {
+        self.reference.get_or_insert_with(|| ReferenceState {
+            prompts: vec![None; prompts],
+            ..Default::default()
+        })
+    }
+
     pub fn new(header: Header) -> Self {
         let n = header.prompts.prompts.len();
         let layers = header.moe.moe_layers.len();
@@ -196,6 +226,7 @@ impl SessionState {
             now: 0.0,
             events: 0,
             traces: [Vec::new(), Vec::new()],
+            reference: None,
         }
     }
 
@@ -427,6 +458,45 @@ impl SessionState {
                 if let Some(a) = self.agreement.get_mut(*prompt) {
                     *a = Some(stats.clone());
                 }
+            }
+            SessionEvent::ReferenceLoaded {
+                implementation,
+                load_s,
+            } => {
+                let n = self.num_prompts();
+                let r = self.reference_mut(n);
+                r.implementation = Some(implementation.clone());
+                r.load_s = Some(*load_s);
+            }
+            SessionEvent::ReferencePrompt {
+                prompt,
+                token_ids,
+                ttft_s,
+                decode_tok_s,
+                agreement,
+            } => {
+                let n = self.num_prompts();
+                if let Some(slot) = self.reference_mut(n).prompts.get_mut(*prompt) {
+                    *slot = Some(ReferencePromptResult {
+                        token_ids: token_ids.clone(),
+                        ttft_s: *ttft_s,
+                        decode_tok_s: *decode_tok_s,
+                        agreement: agreement.clone(),
+                    });
+                }
+            }
+            SessionEvent::ReferenceDone {
+                peak_bytes,
+                peak_gpu,
+            } => {
+                let n = self.num_prompts();
+                let r = self.reference_mut(n);
+                r.peak_bytes = Some(*peak_bytes);
+                r.peak_gpu = *peak_gpu;
+            }
+            SessionEvent::ReferenceUnavailable { reason } => {
+                let n = self.num_prompts();
+                self.reference_mut(n).unavailable = Some(reason.clone());
             }
             SessionEvent::Perplexity {
                 backend,

@@ -4,5 +4,6 @@
 pub mod memory;
 pub mod process;
 pub mod protocol;
+pub mod reference;
 pub mod scheduler;
 pub mod server;

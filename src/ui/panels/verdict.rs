@@ -84,6 +84,12 @@ pub fn render(
     for r in &v.reasons {
         lines.push(Line::from(Span::styled(format!("  · {r}"), t.muted)));
     }
+    // The reference check is its own line, apart from the verdict.
+    if let Some(r) = crate::session::export::reference_summary(&app.session) {
+        for l in crate::report::table::reference_lines(&r).lines() {
+            lines.push(Line::from(Span::styled(l.to_string(), t.text)));
+        }
+    }
     let block = super::block(app, super::title("verdict", t.title), false, false);
     // The cache study beside the verdict when there is room for both.
     let (vrect, crect) = if area.width >= 120 && study.is_some() {

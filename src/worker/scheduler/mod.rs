@@ -100,6 +100,8 @@ pub struct RunConfig {
     pub worker_env: [Vec<(String, String)>; 2],
     /// Run only this backend (capacity sweeps measure selective alone).
     pub only: Option<Backend>,
+    /// A reference implementation to check native against once both backends are done.
+    pub reference: Option<super::reference::ReferenceConfig>,
 }
 
 /// A worker the memory sampler watches: backend, pid, device-wide GPU use before it started.
@@ -223,6 +225,18 @@ pub async fn run(
     let reason = s.run_all().await;
     s.shutdown_all().await;
     sampler.abort();
+    // After the backends are gone: a 30B reference beside them would not fit where they barely do.
+    if let Some(rc) = s.cfg.reference.clone()
+        && reason == "completed"
+    {
+        let inputs = s.reference_inputs();
+        let stops = s.stop_ids();
+        let em = s.em.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            super::reference::run(&rc, &inputs, &stops, &mut |ev| em.emit(ev))
+        })
+        .await;
+    }
     s.em.emit(SessionEvent::Finished {
         reason: reason.clone(),
     });
@@ -331,6 +345,43 @@ impl Scheduler {
             Control::Rerun => self.nav = Some(Nav::Rerun),
             Control::Quit(why) => self.nav = Some(Nav::Quit(why)),
         }
+    }
+
+    /// What the reference needs per prompt native finished and was scored on: the token ids
+    /// native was given (the same tokenizer and template as its worker), its tokens and rows.
+    fn reference_inputs(&self) -> Vec<super::reference::ReferencePromptInput> {
+        let tok = crate::model::tokenizer::TextTokenizer::from_dir(&self.cfg.native.model_dir).ok();
+        let mut out = Vec::new();
+        for i in 0..self.cfg.prompts.prompts.len() {
+            let (Some(tokens), Some(rows)) = (self.native_tokens.get(&i), self.native_rows.get(&i))
+            else {
+                continue;
+            };
+            let Some(ids) = tok.as_ref().and_then(|t| {
+                t.prompt_ids(&self.cfg.prompts.prompts[i].text, self.cfg.prompt_style)
+                    .ok()
+            }) else {
+                continue;
+            };
+            out.push(super::reference::ReferencePromptInput {
+                prompt: i,
+                prompt_ids: ids,
+                native_tokens: tokens.clone(),
+                native_rows: Some(rows.clone()),
+                max_new_tokens: self.cfg.prompts.max_new_tokens_of(i),
+            });
+        }
+        out
+    }
+
+    /// The ids that end a generation, as the workers use them.
+    fn stop_ids(&self) -> Vec<u32> {
+        let dir = &self.cfg.native.model_dir;
+        let tok = crate::model::tokenizer::TextTokenizer::from_dir(dir).ok();
+        let eos = crate::model::config::MoeConfig::from_dir(dir)
+            .map(|c| c.eos_token_ids)
+            .unwrap_or_default();
+        crate::model::tokenizer::stop_ids(&eos, tok.as_ref())
     }
 
     fn prompt_input(&self, i: usize) -> PromptInput {

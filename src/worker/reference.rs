@@ -1,0 +1,279 @@
+//! A reference implementation on the user's own weights (`run --reference-impl transformers`):
+//! after both backends have run, `scripts/reference_worker.py` (embedded here, written to a
+//! temporary file) runs in the user's Python with torch + transformers, on the same token ids
+//! moescope used. It generates greedily (its own speed and tokens) and scores native's tokens
+//! teacher-forced on native's support, so the session can say how closely moescope native
+//! matches transformers — a check of moescope itself, kept apart from the verdict.
+//!
+//! Anything missing (Python, torch, transformers) or failing is one `ReferenceUnavailable`
+//! event with the reason; the run goes on.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::memory;
+use crate::session::event::SessionEvent;
+use crate::session::quality::{ScoreRow, agreement};
+
+/// The worker script, carried in the binary so an installed moescope needs no source tree.
+pub const SCRIPT: &str = include_str!("../../scripts/reference_worker.py");
+
+/// Which reference implementation (only transformers so far).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReferenceImpl {
+    /// Hugging Face transformers (PyTorch), eager experts.
+    Transformers,
+}
+
+impl std::str::FromStr for ReferenceImpl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "transformers" => Ok(ReferenceImpl::Transformers),
+            other => Err(format!(
+                "--reference-impl {other}: unknown reference implementation (known: transformers)"
+            )),
+        }
+    }
+}
+
+/// What the reference needs to know.
+#[derive(Debug, Clone)]
+pub struct ReferenceConfig {
+    pub implementation: ReferenceImpl,
+    /// The Python interpreter (with torch and transformers).
+    pub python: PathBuf,
+    pub model_dir: PathBuf,
+    /// "f32", "bf16" or "f16", as the backends ran.
+    pub dtype: String,
+    /// "cpu" or "cuda:N".
+    pub device: String,
+    /// Time allowed for loading, and for each answer after it.
+    pub load_timeout: Duration,
+    pub step_timeout: Duration,
+    pub gpu_memory: bool,
+}
+
+/// One prompt as native ran it: the ids it was given, its greedy tokens, its score rows
+/// (None without scoring) and the token budget.
+pub struct ReferencePromptInput {
+    pub prompt: usize,
+    pub prompt_ids: Vec<u32>,
+    pub native_tokens: Vec<u32>,
+    pub native_rows: Option<(Vec<ScoreRow>, bool)>,
+    pub max_new_tokens: usize,
+}
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    stderr_tail: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    script: PathBuf,
+}
+
+impl Worker {
+    fn spawn(python: &PathBuf) -> Result<Worker, String> {
+        let script = std::env::temp_dir().join(format!(
+            "moescope-reference-{}-{}.py",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::write(&script, SCRIPT).map_err(|e| {
+            format!(
+                "cannot write the reference worker script {}: {e}",
+                script.display()
+            )
+        })?;
+        let child = Command::new(python)
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&script);
+                return Err(format!("cannot start {}: {e}", python.display()));
+            }
+        };
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr_tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tail = stderr_tail.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut t = tail.lock().expect("tail");
+                t.push(line);
+                if t.len() > 5 {
+                    t.remove(0);
+                }
+            }
+        });
+        Ok(Worker {
+            child,
+            stdin,
+            lines,
+            stderr_tail,
+            script,
+        })
+    }
+
+    /// Sends one command and waits for its one answer (an `error` answer is an Err).
+    fn call(&mut self, cmd: Value, timeout: Duration) -> Result<Value, String> {
+        let what = cmd["cmd"].as_str().unwrap_or("?").to_string();
+        writeln!(self.stdin, "{cmd}")
+            .and_then(|_| self.stdin.flush())
+            .map_err(|e| format!("{what}: the reference worker is gone ({e}){}", self.tail()))?;
+        loop {
+            let line = match self.lines.recv_timeout(timeout) {
+                Ok(l) => l,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("{what}: no answer within {} s", timeout.as_secs()));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(format!(
+                        "{what}: the reference worker exited{}",
+                        self.tail()
+                    ));
+                }
+            };
+            // Libraries may print to stdout; only JSON objects with an `ev` are answers.
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            match v["ev"].as_str() {
+                Some("error") => {
+                    return Err(v["message"].as_str().unwrap_or("unknown error").to_string());
+                }
+                Some(_) => return Ok(v),
+                None => continue,
+            }
+        }
+    }
+
+    fn tail(&self) -> String {
+        let t = self.stderr_tail.lock().expect("tail");
+        if t.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", t.join(" | "))
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "{}", json!({"cmd": "shutdown"}));
+        let _ = self.stdin.flush();
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                let _ = std::fs::remove_file(&self.script);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.script);
+    }
+}
+
+fn rows_from(v: &Value) -> Result<Vec<ScoreRow>, String> {
+    serde_json::from_value(v["rows"].clone()).map_err(|e| format!("score: bad rows: {e}"))
+}
+
+/// Runs the reference on every prompt; every result (or the reason there is none) is an event.
+pub fn run(
+    cfg: &ReferenceConfig,
+    prompts: &[ReferencePromptInput],
+    stop_ids: &[u32],
+    emit: &mut dyn FnMut(SessionEvent),
+) {
+    if let Err(reason) = run_inner(cfg, prompts, stop_ids, emit) {
+        emit(SessionEvent::ReferenceUnavailable { reason });
+    }
+}
+
+fn run_inner(
+    cfg: &ReferenceConfig,
+    prompts: &[ReferencePromptInput],
+    stop_ids: &[u32],
+    emit: &mut dyn FnMut(SessionEvent),
+) -> Result<(), String> {
+    let mut w = Worker::spawn(&cfg.python)?;
+    let gpu_base = cfg
+        .gpu_memory
+        .then(|| memory::Gpu::get().device_used())
+        .flatten();
+    let loaded = w.call(
+        json!({"cmd": "load", "model": cfg.model_dir, "dtype": cfg.dtype, "device": cfg.device}),
+        cfg.load_timeout,
+    )?;
+    emit(SessionEvent::ReferenceLoaded {
+        implementation: loaded["implementation"]
+            .as_str()
+            .unwrap_or("transformers")
+            .to_string(),
+        load_s: loaded["load_s"].as_f64().unwrap_or(0.0),
+    });
+    for p in prompts {
+        // Its own greedy run: its tokens and its speed, as the user ran it before.
+        let budget = cfg.step_timeout * (p.max_new_tokens as u32 + 1);
+        let g = w.call(
+            json!({"cmd": "generate", "prompt_ids": p.prompt_ids,
+                   "max_new_tokens": p.max_new_tokens, "stop_ids": stop_ids}),
+            budget,
+        )?;
+        let token_ids: Vec<u32> = serde_json::from_value(g["ids"].clone())
+            .map_err(|e| format!("generate: bad ids: {e}"))?;
+        let decode_s = g["decode_s"].as_f64().unwrap_or(0.0);
+        let decode_tok_s = (token_ids.len() > 1 && decode_s > 0.0)
+            .then(|| (token_ids.len() - 1) as f64 / decode_s);
+        // Teacher-forced on native's tokens, over native's support: KL(native ‖ reference).
+        let agreement = match &p.native_rows {
+            Some((rows, full)) if !p.native_tokens.is_empty() => {
+                let support: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
+                let scored = w.call(
+                    json!({"cmd": "score", "prompt_ids": p.prompt_ids,
+                           "continuation": p.native_tokens, "support": support}),
+                    budget,
+                )?;
+                Some(agreement(rows, &rows_from(&scored)?, *full))
+            }
+            _ => None,
+        };
+        emit(SessionEvent::ReferencePrompt {
+            prompt: p.prompt,
+            token_ids,
+            ttft_s: g["ttft_s"].as_f64().unwrap_or(0.0),
+            decode_tok_s,
+            agreement,
+        });
+    }
+    // Its high-water mark covers loading and every prompt.
+    if let Some(s) = memory::sample(w.child.id(), cfg.gpu_memory, gpu_base) {
+        emit(SessionEvent::ReferenceDone {
+            peak_bytes: s.peak_rss.max(s.rss()),
+            peak_gpu: s.gpu,
+        });
+    }
+    Ok(())
+}
