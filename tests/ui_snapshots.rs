@@ -87,6 +87,22 @@ fn final_verdict() {
         let mut app = app_at(DEMO, 1.0, "default");
         let text = render_to_string(&mut app, w, h);
         assert!(text.contains("VERDICT"), "{text}");
+        // Every criterion on one line, its value and threshold included, at either size; the
+        // per-prompt table's headings whole.
+        for l in text.lines().filter(|l| l.contains(" if ")) {
+            assert!(
+                [" ≥ ", " ≤ ", " < ", " > "].iter().any(|op| l.contains(op)),
+                "{l}"
+            );
+        }
+        assert!(
+            text.contains("mean KL  ") || text.contains("mean KL │"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("selective tok "),
+            "a heading cut short:\n{text}"
+        );
         insta::assert_snapshot!(format!("final_verdict_{w}x{h}"), text);
     }
     let mut app = app_at("tests/fixtures/events/hybrid.ndjson", 1.0, "default");

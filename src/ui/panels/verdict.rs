@@ -48,6 +48,12 @@ pub fn render(
         .max()
         .unwrap_or(10)
         .min(60);
+    // Inside the block's borders (and beside the cache study when it has room).
+    let inner_w = if area.width >= 120 && study.is_some() {
+        (area.width as usize * 62 / 100).saturating_sub(2)
+    } else {
+        (area.width as usize).saturating_sub(2)
+    };
     for c in &v.criteria {
         let native_rule = c.group == "native_preferred";
         let (mark, style) = match (c.pass, native_rule) {
@@ -66,19 +72,21 @@ pub fn render(
             "hybrid_long" => "long:",
             g => g,
         };
+        let value = match (c.measured, c.noise) {
+            (Some(m), Some(u)) if c.unclear => format!("{m:>10.3} ±{u:.2}"),
+            (Some(m), _) => format!("{m:>10.3}"),
+            _ => "  not measured".into(),
+        };
+        let tail = format!(" {} {}", c.op, c.threshold);
+        // One line per criterion at any width: the label gives way, ending in "…".
+        let room = inner_w.saturating_sub(6 + 10 + value.chars().count() + tail.chars().count());
+        let w = label_w.min(room.max(8));
         lines.push(Line::from(vec![
             Span::styled(format!("{mark:>5} "), style),
             Span::styled(format!("{group:<10}"), t.muted),
-            Span::styled(format!("{:<w$}", c.label, w = label_w), t.text),
-            Span::styled(
-                match (c.measured, c.noise) {
-                    (Some(m), Some(u)) if c.unclear => format!("{m:>10.3} ±{u:.2}"),
-                    (Some(m), _) => format!("{m:>10.3}"),
-                    _ => "  not measured".into(),
-                },
-                style,
-            ),
-            Span::styled(format!(" {} {}", c.op, c.threshold), t.muted),
+            Span::styled(format!("{:<w$}", fit(&c.label, w)), t.text),
+            Span::styled(value, style),
+            Span::styled(tail, t.muted),
         ]));
     }
     for r in &v.reasons {
@@ -111,16 +119,29 @@ pub fn render(
         super::curve::render(f, r, app, study);
     }
 
-    // Per-prompt table.
-    let header = Row::new(vec![
-        "#",
-        "category",
-        "native tok/s",
-        "selective tok/s",
-        "same tokens",
-        "diverges at",
-        "mean KL",
-    ])
+    // Per-prompt table (shorter headings where the full ones would be cut).
+    let narrow = area.width < 100;
+    let header = Row::new(if narrow {
+        vec![
+            "#",
+            "category",
+            "nat tok/s",
+            "sel tok/s",
+            "same",
+            "diverges",
+            "mean KL",
+        ]
+    } else {
+        vec![
+            "#",
+            "category",
+            "native tok/s",
+            "selective tok/s",
+            "same tokens",
+            "diverges at",
+            "mean KL",
+        ]
+    })
     .style(t.title);
     let rows: Vec<Row> = (0..app.session.num_prompts())
         .map(|i| {
@@ -168,15 +189,27 @@ pub fn render(
             .style(style)
         })
         .collect();
-    let widths = [
-        Constraint::Length(3),
-        Constraint::Length(10),
-        Constraint::Length(13),
-        Constraint::Length(16),
-        Constraint::Length(12),
-        Constraint::Length(12),
-        Constraint::Length(9),
-    ];
+    let widths = if narrow {
+        [
+            Constraint::Length(3),
+            Constraint::Length(10),
+            Constraint::Length(10),
+            Constraint::Length(10),
+            Constraint::Length(6),
+            Constraint::Length(9),
+            Constraint::Length(9),
+        ]
+    } else {
+        [
+            Constraint::Length(3),
+            Constraint::Length(10),
+            Constraint::Length(13),
+            Constraint::Length(16),
+            Constraint::Length(12),
+            Constraint::Length(12),
+            Constraint::Length(9),
+        ]
+    };
     let block = super::block(app, super::title("per prompt", t.title), false, false);
     f.render_widget(
         Table::new(rows, widths).header(header).block(block),
@@ -214,5 +247,16 @@ pub fn render(
                 .wrap(Wrap { trim: false }),
             cols[k],
         );
+    }
+}
+
+/// `s` in at most `w` characters, "…" marking a cut.
+fn fit(s: &str, w: usize) -> String {
+    if s.chars().count() <= w {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(w.saturating_sub(1)).collect();
+        out.push('…');
+        out
     }
 }
