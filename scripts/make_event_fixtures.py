@@ -156,6 +156,23 @@ THINKING = ("The user asks for the capital of France . That is Paris , on the Se
 
 
 def main():
+    # Step mode: the run waits after each prompt (30 s of reading after the first) until the
+    # user goes on; selective's cache totals before and after prompt 2 give its own hit rate.
+    s = Session("step_mode", SHORT)
+    s.ev({"type": "step_mode", "on": True})
+    s.start((10, 10), (500, 150))
+    s.prompt(0, (100.0, 80.0), 30)
+    s.cache(200, 60)
+    s.ev({"type": "waiting", "prompt": 0})
+    s.ev({"type": "continued", "prompt": 0}, dt=30.0)
+    s.prompt(1, (100.0, 60.0), 30, diverge_at=20)
+    s.cache(500, 100)
+    s.ev({"type": "waiting", "prompt": 1})
+    s.ev({"type": "continued", "prompt": 1}, dt=12.0)
+    s.prompt(2, (100.0, 80.0), 30)
+    s.finish()
+    s.write()
+
     # Selective's speed swings from prompt to prompt around half of native's: the speed
     # criteria are within their noise of their thresholds, so the verdict may not rest on them.
     s = Session("unclear_speed", SHORT)

@@ -207,6 +207,10 @@ pub struct RunArgs {
     /// --python. Without them: one line saying so, and the run goes on.
     #[arg(long, value_name = "IMPL")]
     pub reference_impl: Option<String>,
+    /// Step mode: after each prompt both backends stop and the dashboard shows that prompt's
+    /// result card until `n` or Enter (`s` switches between step and auto in the dashboard).
+    #[arg(long)]
+    pub step: bool,
     /// The Python interpreter (with torch and transformers) for --reference-impl.
     #[arg(long, value_name = "PATH", default_value = "python3")]
     pub python: PathBuf,

@@ -248,3 +248,59 @@ fn dashboard_survives_its_terminal_going_away() {
         assert!(!pid_alive(pid), "worker {pid} outlived the run");
     }
 }
+
+/// Step mode, driven as a user would: the run stops after the first prompt with its result card,
+/// goes on only on `n`, switches to auto with `s` and runs to the verdict; the recording marks
+/// the wait, and the header says the mode.
+#[test]
+fn step_mode_waits_on_a_result_card_until_told() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("step.ndjson");
+    let cmd = format!(
+        "{} run --step --max-new-tokens 12 --record {}",
+        bin().display(),
+        rec.display()
+    );
+    let t = Tmux::start("moescope-test-step", 160, 50, &cmd);
+    let s = t.wait_for(
+        &["prompt 1/6 done · waiting", "same tokens", "decode tok/s"],
+        90,
+    );
+    assert!(s.contains("STEP: n/Enter"), "{s}");
+    // It waits: a second later it still shows prompt 1's card.
+    std::thread::sleep(Duration::from_secs(1));
+    let s = t.screen();
+    assert!(s.contains("prompt 1/6 done · waiting"), "{s}");
+    t.keys("n");
+    t.wait_for(&["prompt 2/6 done · waiting"], 60);
+    // Auto mode from here: the run goes to its verdict without another wait.
+    t.keys("s");
+    t.keys("Enter");
+    t.wait_for(&["VERDICT", "per prompt"], 120);
+    t.keys("q");
+    t.wait_for(&["EXITED-0"], 20);
+    let r = moescope::session::record::read(&rec).unwrap();
+    use moescope::session::SessionEvent as E;
+    let marks: Vec<String> = r
+        .events
+        .iter()
+        .filter_map(|e| match &e.event {
+            E::StepMode { on } => Some(format!("mode {on}")),
+            E::Waiting { prompt } => Some(format!("wait {prompt}")),
+            E::Continued { prompt } => Some(format!("go {prompt}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        marks,
+        [
+            "mode true",
+            "wait 0",
+            "go 0",
+            "wait 1",
+            "mode false",
+            "go 1"
+        ],
+        "{marks:?}"
+    );
+}

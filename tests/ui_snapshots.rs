@@ -241,3 +241,71 @@ fn reasoning_is_dimmed_and_set_apart() {
     let answer = find("The capital of France is");
     assert_eq!(answer.fg, theme.text.fg);
 }
+
+/// Step mode waiting after prompt 2: the result card over the columns, at both sizes — both
+/// outputs, agreement, speeds and their ratio, memory, and selective's hits for this prompt
+/// alone (300 hits, 40 misses: its cache totals after less before).
+#[test]
+fn step_mode_result_card() {
+    let rec = recording("tests/fixtures/events/step_mode.ndjson");
+    let upto = rec
+        .events
+        .iter()
+        .position(|e| {
+            matches!(
+                e.event,
+                moescope::session::SessionEvent::Waiting { prompt: 1 }
+            )
+        })
+        .unwrap();
+    for (w, h) in [(80, 24), (160, 50)] {
+        let mut s = SessionState::new(rec.header.clone());
+        for e in &rec.events[..=upto] {
+            s.apply(e);
+        }
+        let profile = Profile::load(&rec.header.profile).unwrap();
+        let mut app = App::new(
+            s,
+            Theme::load("default", Depth::TrueColor).unwrap(),
+            Depth::TrueColor,
+            profile,
+            Mode::Live,
+        );
+        let text = render_to_string(&mut app, w, h);
+        for needle in [
+            "prompt 2/3 done · waiting",
+            "first divergence at token 20",
+            "ratio 0.600",
+            "hit rate 88.2 % · 40 misses · 300 hits",
+            "STEP: n/Enter",
+        ] {
+            assert!(text.contains(needle), "{w}x{h}: {needle}\n{text}");
+        }
+        insta::assert_snapshot!(format!("step_mode_card_{w}x{h}"), text);
+        // n (or Enter) goes on; s switches step mode; read-only sessions may do neither.
+        use moescope::ui::app::Effect;
+        use moescope::worker::scheduler::Control;
+        assert_eq!(
+            app.update(Action::NextPrompt),
+            Some(Effect::Control(Control::Continue))
+        );
+        assert_eq!(
+            app.update(Action::Continue),
+            Some(Effect::Control(Control::Continue))
+        );
+        assert_eq!(
+            app.update(Action::ToggleStepMode),
+            Some(Effect::Control(Control::ToggleStepMode))
+        );
+        app.readonly = true;
+        assert_eq!(app.update(Action::Continue), None);
+        assert_eq!(app.update(Action::ToggleStepMode), None);
+    }
+    // After the wait, no card.
+    let mut s = SessionState::new(rec.header.clone());
+    for e in &rec.events[..=upto + 1] {
+        s.apply(e);
+    }
+    assert_eq!(s.waiting, None);
+    assert!(s.step_mode);
+}

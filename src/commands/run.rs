@@ -262,6 +262,7 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         exe: std::env::current_exe().context("locating the moescope binary for the workers")?,
         worker_env: [worker_env("NATIVE"), worker_env("SELECTIVE")],
         only: None,
+        step: args.step,
         reference: reference_impl.map(|implementation| crate::worker::reference::ReferenceConfig {
             implementation,
             python: args.python.clone(),
@@ -293,8 +294,14 @@ fn worker_env(backend: &str) -> Vec<(String, String)> {
 }
 
 pub fn run(args: &RunArgs, settings: &Settings) -> Result<u8> {
-    let prepared = prepare(args, settings)?;
     let headless = args.no_tui || !std::io::stdout().is_terminal();
+    if args.step && headless {
+        crate::bail_input!(
+            "--step waits for a key after each prompt: it needs the dashboard (a terminal, \
+             without --no-tui)"
+        );
+    }
+    let prepared = prepare(args, settings)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

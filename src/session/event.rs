@@ -249,6 +249,19 @@ pub enum SessionEvent {
     },
     Paused,
     Resumed,
+    /// Step mode on or off (`--step`, or `s` in the dashboard): in step mode both backends
+    /// stop after each prompt and the run waits for the user.
+    StepMode {
+        on: bool,
+    },
+    /// Step mode: prompt `prompt` is done on every backend; the run waits for the user.
+    Waiting {
+        prompt: usize,
+    },
+    /// The user went on after a wait (replay skips the time in between).
+    Continued {
+        prompt: usize,
+    },
     /// The user moved to another prompt (or a backend finished one in sequential mode).
     Focus {
         prompt: usize,

@@ -71,6 +71,10 @@ pub struct PromptRun {
     /// The prompt opened a `<think>` block (see `session::thinking`).
     #[serde(default)]
     pub opens_thinking: bool,
+    /// The cache's cumulative (hits, misses) when the prompt started (selective), so a prompt's
+    /// own share can be told once it is done.
+    #[serde(default)]
+    pub cache_before: Option<(u64, u64)>,
 }
 
 impl PromptRun {
@@ -196,6 +200,11 @@ pub struct SessionState {
     /// The reference implementation's check of native, when asked for.
     #[serde(default)]
     pub reference: Option<ReferenceState>,
+    /// Step mode (the run stops after each prompt), and the prompt it is waiting after.
+    #[serde(default)]
+    pub step_mode: bool,
+    #[serde(default)]
+    pub waiting: Option<usize>,
 }
 
 impl SessionState {
@@ -227,6 +236,8 @@ impl SessionState {
             events: 0,
             traces: [Vec::new(), Vec::new()],
             reference: None,
+            step_mode: false,
+            waiting: None,
         }
     }
 
@@ -311,6 +322,7 @@ impl SessionState {
                     return;
                 }
                 self.current_prompt = *prompt;
+                self.waiting = None;
                 let b = self.backend_mut(*backend);
                 if b.status.is_failed() {
                     // A failed worker produces nothing more; a stray event cannot revive it.
@@ -318,7 +330,9 @@ impl SessionState {
                 }
                 b.status = Status::Running;
                 b.generating = Some(*prompt);
+                let cache_before = b.cache.as_ref().map(|c| (c.hits, c.misses));
                 b.runs[*prompt] = PromptRun {
+                    cache_before,
                     started: true,
                     prompt_tokens: *prompt_tokens,
                     max_new_tokens: *max_new_tokens,
@@ -493,6 +507,15 @@ impl SessionState {
                 let r = self.reference_mut(n);
                 r.peak_bytes = Some(*peak_bytes);
                 r.peak_gpu = *peak_gpu;
+            }
+            SessionEvent::StepMode { on } => {
+                self.step_mode = *on;
+            }
+            SessionEvent::Waiting { prompt } => {
+                self.waiting = Some(*prompt);
+            }
+            SessionEvent::Continued { .. } => {
+                self.waiting = None;
             }
             SessionEvent::ReferenceUnavailable { reason } => {
                 let n = self.num_prompts();

@@ -59,6 +59,10 @@ pub enum Action {
     ScrollUp,
     ScrollDown,
     Quit,
+    /// Step mode on/off (`s`).
+    ToggleStepMode,
+    /// Go on after a step-mode wait (Enter; `n` too while waiting).
+    Continue,
 }
 
 /// What the runner must do after an action.
@@ -213,6 +217,19 @@ impl App {
                     self.view.message = Some(format!("theme: {name}"));
                 }
             }
+            Action::NextPrompt | Action::Continue
+                if self.may_drive() && self.session.waiting.is_some() =>
+            {
+                self.view.scroll = [0, 0];
+                return Some(Effect::Control(Control::Continue));
+            }
+            Action::Continue => {}
+            Action::ToggleStepMode => {
+                if self.may_drive() {
+                    return Some(Effect::Control(Control::ToggleStepMode));
+                }
+                self.view.message = Some(self.readonly_message());
+            }
             Action::NextPrompt | Action::PrevPrompt => {
                 let cur = self.prompt();
                 let next = if a == Action::NextPrompt {
@@ -294,6 +311,12 @@ impl App {
             self.render_columns(f, rows[1]);
         }
         panels::footer::render(f, rows[2], self);
+        // Step mode: the prompt just done, over the columns, until the user goes on.
+        if let Some(p) = self.session.waiting
+            && !self.show_verdict()
+        {
+            panels::card::render(f, rows[1], self, p);
+        }
         if self.view.help {
             panels::help::render(f, area, self);
         }

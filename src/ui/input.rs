@@ -28,6 +28,8 @@ pub fn action(k: KeyEvent) -> Option<Action> {
         KeyCode::Char('z') => Action::ToggleZoom,
         KeyCode::Char('?') | KeyCode::Char('h') => Action::ToggleHelp,
         KeyCode::Char('v') => Action::ToggleVerdict,
+        KeyCode::Char('s') => Action::ToggleStepMode,
+        KeyCode::Enter => Action::Continue,
         KeyCode::Up | KeyCode::Char('k') => Action::ScrollUp,
         KeyCode::Down | KeyCode::Char('j') => Action::ScrollDown,
         _ => return None,
@@ -53,6 +55,8 @@ mod tests {
             (KeyCode::Char('z'), Action::ToggleZoom),
             (KeyCode::Char('?'), Action::ToggleHelp),
             (KeyCode::Char('q'), Action::Quit),
+            (KeyCode::Char('s'), Action::ToggleStepMode),
+            (KeyCode::Enter, Action::Continue),
         ] {
             assert_eq!(action(k(code)), Some(a));
         }

@@ -174,6 +174,11 @@ impl Source {
                 if app.playback_paused {
                     return std::future::pending().await;
                 }
+                // A step-mode wait is the user reading, not the run: replay skips it.
+                if matches!(ev.event, SessionEvent::Continued { .. }) {
+                    clock.base = ev.t;
+                    clock.start = Instant::now();
+                }
                 if clock.speed > 0.0 {
                     let due = (ev.t - clock.base) / clock.speed;
                     if due > 0.0 {

@@ -51,6 +51,12 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
     } else {
         Span::styled("running", t.muted)
     };
+    let stepping = match (app.session.step_mode, app.session.waiting) {
+        (_, Some(_)) => " · STEP: n/Enter for the next prompt",
+        (true, None) => " · step mode",
+        (false, None) if app.mode == Mode::Live => " · auto",
+        _ => "",
+    };
     let mode = match app.mode {
         Mode::Live => String::new(),
         Mode::Replay => format!(" · REPLAY {}×", crate::ui::panels::num(app.speed)),
@@ -62,6 +68,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
         Span::styled(p.text.replace('\n', " "), t.text),
         Span::styled(format!(" · {:.1} s · ", elapsed), t.muted),
         state,
+        Span::styled(stepping, t.warn),
         Span::styled(mode, t.warn),
     ]);
     f.render_widget(Paragraph::new(vec![line1, line2]), area);

@@ -7,13 +7,18 @@ use ratatui::widgets::{Clear, Paragraph, Wrap};
 
 use crate::ui::app::{App, Mode};
 
-pub const KEYS: [(&str, &str); 15] = [
+pub const KEYS: [(&str, &str); 17] = [
     (
         "n / p",
         "next / previous prompt (live: cancels the current one and moves the run)",
     ),
     ("space", "pause / resume (replay: pause playback)"),
     (".", "step one token on each backend while paused"),
+    (
+        "s",
+        "step mode on / off: stop after each prompt on its result card (--step)",
+    ),
+    ("n / Enter", "step mode: go on to the next prompt"),
     (
         "r",
         "rerun the current prompt (replay: restart from the beginning)",
@@ -33,7 +38,10 @@ pub const KEYS: [(&str, &str); 15] = [
         "quit: workers stopped, recording closed, terminal restored",
     ),
     ("", ""),
-    ("--readonly", "n/p only change the view; space . r are off"),
+    (
+        "--readonly",
+        "n/p only change the view; space . r s Enter are off",
+    ),
     ("mouse", "not needed: everything has a key"),
 ];
 

@@ -1,5 +1,6 @@
 //! One file per panel. Each renders from the [`App`](super::app::App) alone.
 
+pub mod card;
 pub mod curve;
 pub mod footer;
 pub mod gauges;

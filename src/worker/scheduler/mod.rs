@@ -40,6 +40,10 @@ pub enum Control {
     Rerun,
     /// Stop the run; why, in words, becomes the run's `Finished` reason.
     Quit(Stop),
+    /// Step mode on/off: stop after each prompt and wait for `Continue`.
+    ToggleStepMode,
+    /// Go on after a step-mode wait.
+    Continue,
 }
 
 /// Why a run was stopped before its end (recorded as the reason it finished).
@@ -102,6 +106,8 @@ pub struct RunConfig {
     pub only: Option<Backend>,
     /// A reference implementation to check native against once both backends are done.
     pub reference: Option<super::reference::ReferenceConfig>,
+    /// Start in step mode (`--step`).
+    pub step: bool,
 }
 
 /// A worker the memory sampler watches: backend, pid, device-wide GPU use before it started.
@@ -162,6 +168,9 @@ struct Scheduler {
     /// Per backend: running moescope's quality checks now (its memory samples say so).
     checking: Arc<Mutex<[bool; 2]>>,
     paused: bool,
+    step_mode: bool,
+    /// The user said to go on after a step-mode wait.
+    go_on: bool,
     step_once: bool,
     nav: Option<Nav>,
     ctl_closed: bool,
@@ -216,12 +225,18 @@ pub async fn run(
         pids,
         checking,
         paused: false,
+        step_mode: false,
+        go_on: false,
         step_once: false,
         nav: None,
         ctl_closed: false,
         native_rows: HashMap::new(),
         native_tokens: HashMap::new(),
     };
+    if s.cfg.step {
+        s.step_mode = true;
+        s.em.emit(SessionEvent::StepMode { on: true });
+    }
     let reason = s.run_all().await;
     s.shutdown_all().await;
     sampler.abort();
@@ -267,9 +282,9 @@ impl Scheduler {
                         self.wait_loaded(b).await;
                     }
                 } else {
-                    // One load at a time, selective first: loaded together, selective's load
-                    // time was native's (both reading the checkpoint at once — 20.7 s against
-                    // `generate`'s 0.85 s on a 61 GB model), and the load ratio meant nothing.
+                    // One load at a time, selective first, so each load time is its own: loaded
+                    // together, both read the checkpoint at once and the load ratio meant
+                    // nothing (BENCHMARKS.md §8).
                     for b in [Backend::Selective, Backend::Native] {
                         self.send_load(b);
                         self.wait_loaded(b).await;
@@ -344,7 +359,30 @@ impl Scheduler {
             Control::Prev => self.nav = Some(Nav::Prev),
             Control::Rerun => self.nav = Some(Nav::Rerun),
             Control::Quit(why) => self.nav = Some(Nav::Quit(why)),
+            Control::ToggleStepMode => {
+                self.step_mode = !self.step_mode;
+                self.em.emit(SessionEvent::StepMode { on: self.step_mode });
+            }
+            Control::Continue => self.go_on = true,
         }
+    }
+
+    /// Step mode, after prompt `i` is done on every backend: wait for the user (`Continue`,
+    /// a prompt move, step mode off or quit). Returns the move asked for, if any.
+    async fn wait_for_user(&mut self, i: usize) -> Option<Nav> {
+        self.em.emit(SessionEvent::Waiting { prompt: i });
+        self.go_on = false;
+        while !self.go_on && self.nav.is_none() && self.step_mode && !self.ctl_closed {
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some((from, m)) => self.handle(from, m),
+                    None => break,
+                },
+                c = self.ctl.recv() => self.control(c),
+            }
+        }
+        self.em.emit(SessionEvent::Continued { prompt: i });
+        self.nav.take()
     }
 
     /// What the reference needs per prompt native finished and was scored on: the token ids
@@ -459,6 +497,17 @@ impl Scheduler {
             }
             if self.cfg.score {
                 self.score_prompt(i, &live).await;
+            }
+            if self.step_mode && !self.ctl_closed && i + 1 < n {
+                match self.wait_for_user(i).await {
+                    Some(Nav::Quit(why)) => return Some(why.reason().into()),
+                    Some(Nav::Prev) => {
+                        i = i.saturating_sub(1);
+                        continue;
+                    }
+                    Some(Nav::Rerun) => continue,
+                    Some(Nav::Next) | None => {}
+                }
             }
             i += 1;
         }
