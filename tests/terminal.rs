@@ -304,3 +304,21 @@ fn step_mode_waits_on_a_result_card_until_told() {
         "{marks:?}"
     );
 }
+
+/// Replay skips the time a step-mode run spent waiting for its user: the fixture waited 30 s
+/// and 12 s of its 44 s; replayed at normal speed it reaches its verdict well before the first
+/// wait would have ended (the rest of it takes under 3 s).
+#[test]
+fn replay_skips_step_mode_waits() {
+    let fixture = fixture("events").join("step_mode.ndjson");
+    let cmd = format!("{} replay {} --speed 1", bin().display(), fixture.display());
+    let t = Tmux::start("moescope-test-replay-step", 160, 50, &cmd);
+    let start = Instant::now();
+    t.wait_for(&["VERDICT"], 25);
+    assert!(
+        start.elapsed() < Duration::from_secs(25),
+        "the 30 s wait was replayed"
+    );
+    t.keys("q");
+    t.wait_for(&["EXITED-0"], 10);
+}
