@@ -322,3 +322,78 @@ fn replay_skips_step_mode_waits() {
     t.keys("q");
     t.wait_for(&["EXITED-0"], 10);
 }
+
+/// Asking a prompt of one's own: in step mode, `a` opens the line, the typed text (edited, with
+/// a paste) runs next on both backends as an "ad hoc" prompt, gets its own result card, and
+/// then the set goes on where it was; the recording holds it and replays.
+#[test]
+fn a_typed_prompt_runs_next_on_both_backends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("ask.ndjson");
+    let cmd = format!(
+        "{} run --step --max-new-tokens 8 --record {}",
+        bin().display(),
+        rec.display()
+    );
+    let t = Tmux::start("moescope-test-ask", 160, 50, &cmd);
+    t.wait_for(&["prompt 1/6 done · waiting"], 90);
+    t.keys("a");
+    t.wait_for(&["ask ›"], 10);
+    for k in ["What", "Space", "is", "Space", "the", "Space", "sae?"] {
+        t.keys(k);
+    }
+    // Fix the typo: cursor left over "?" and "e", delete "a", type "e" + "a" → "sea?".
+    t.keys("Left");
+    t.keys("Left");
+    t.keys("BSpace");
+    t.keys("e");
+    t.keys("Right");
+    t.keys("BSpace");
+    t.keys("a");
+    t.wait_for(&["ask › What is the sea?"], 10);
+    t.keys("Enter");
+    // It joins the set at the end (7 of 7) and runs now.
+    let s = t.wait_for(
+        &["prompt 7/7 done · waiting", "[ad hoc] What is the sea?"],
+        60,
+    );
+    assert!(s.contains("same tokens"), "{s}");
+    // The set resumes with its second prompt.
+    t.keys("n");
+    t.wait_for(&["prompt 2/7 done · waiting", "What is a volcano?"], 60);
+    t.keys("s");
+    t.keys("Enter");
+    t.wait_for(&["VERDICT"], 120);
+    t.keys("q");
+    t.wait_for(&["EXITED-0"], 20);
+    let r = moescope::session::record::read(&rec).unwrap();
+    let s = moescope::session::SessionState::replayed(&r);
+    assert_eq!(s.num_prompts(), 7);
+    let p = &s.header.prompts.prompts[6];
+    assert_eq!(
+        (p.category.as_str(), p.text.as_str()),
+        ("ad hoc", "What is the sea?")
+    );
+    // It ran second, on both backends, and counts like any other prompt.
+    for b in &s.backends {
+        assert!(b.runs[6].done.is_some());
+    }
+    let order: Vec<usize> = r
+        .events
+        .iter()
+        .filter_map(|e| match &e.event {
+            moescope::session::SessionEvent::PromptStarted {
+                prompt,
+                backend: moescope::session::Backend::Native,
+                ..
+            } => Some(*prompt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, [0, 6, 1, 2, 3, 4, 5]);
+    let sum = moescope::session::export::summarize(
+        &s,
+        &moescope::session::verdict::Profile::load("relative").unwrap(),
+    );
+    assert!(sum.prompts[6].token_agreement.is_some());
+}

@@ -309,3 +309,27 @@ fn step_mode_result_card() {
     assert_eq!(s.waiting, None);
     assert!(s.step_mode);
 }
+
+/// The "ask" line with text being typed, at both sizes; read-only sessions and replays do not
+/// offer it.
+#[test]
+fn ask_line_with_text() {
+    for (w, h) in [(80, 24), (160, 50)] {
+        let mut app = demo_mid_run(30, "default");
+        assert_eq!(app.update(Action::Ask), None);
+        assert!(app.ask.open);
+        app.ask.paste("What is the sea?");
+        let text = render_to_string(&mut app, w, h);
+        assert!(text.contains("ask › What is the sea?"), "{text}");
+        insta::assert_snapshot!(format!("ask_line_{w}x{h}"), text);
+    }
+    let mut app = demo_mid_run(30, "default");
+    app.readonly = true;
+    app.update(Action::Ask);
+    assert!(!app.ask.open);
+    let mut replay = app_at(DEMO, 0.5, "default");
+    replay.mode = Mode::Replay;
+    replay.update(Action::Ask);
+    assert!(!replay.ask.open);
+    assert_eq!(replay.view.message.as_deref(), Some("asking needs a live run"));
+}

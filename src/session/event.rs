@@ -254,6 +254,11 @@ pub enum SessionEvent {
     StepMode {
         on: bool,
     },
+    /// The user typed a prompt in the dashboard: it joins the prompt set at the end (category
+    /// "ad hoc") and runs next, recorded and judged like any other.
+    PromptAdded {
+        prompt: crate::session::prompts::Prompt,
+    },
     /// Step mode: prompt `prompt` is done on every backend; the run waits for the user.
     Waiting {
         prompt: usize,

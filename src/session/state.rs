@@ -508,6 +508,16 @@ impl SessionState {
                 r.peak_bytes = Some(*peak_bytes);
                 r.peak_gpu = *peak_gpu;
             }
+            SessionEvent::PromptAdded { prompt } => {
+                self.header.prompts.prompts.push(prompt.clone());
+                for b in &mut self.backends {
+                    b.runs.push(PromptRun::default());
+                }
+                self.agreement.push(None);
+                if let Some(r) = &mut self.reference {
+                    r.prompts.push(None);
+                }
+            }
             SessionEvent::StepMode { on } => {
                 self.step_mode = *on;
             }

@@ -63,6 +63,8 @@ pub enum Action {
     ToggleStepMode,
     /// Go on after a step-mode wait (Enter; `n` too while waiting).
     Continue,
+    /// Open the line to ask a prompt of one's own (`a`).
+    Ask,
 }
 
 /// What the runner must do after an action.
@@ -95,6 +97,8 @@ pub struct ViewState {
 pub struct App {
     pub session: SessionState,
     pub view: ViewState,
+    /// The "ask your own prompt" line.
+    pub ask: super::ask::AskLine,
     pub theme: Theme,
     pub depth: Depth,
     pub ascii: bool,
@@ -123,6 +127,7 @@ impl App {
             .unwrap_or(0);
         App {
             session,
+            ask: Default::default(),
             view: ViewState {
                 prompt: None,
                 focus: 0,
@@ -224,6 +229,18 @@ impl App {
                 return Some(Effect::Control(Control::Continue));
             }
             Action::Continue => {}
+            Action::Ask => {
+                if self.may_drive() && self.session.finished.is_none() {
+                    self.ask.open();
+                } else if self.may_drive() {
+                    self.view.message = Some("the run is over: nothing more runs".into());
+                } else {
+                    self.view.message = Some(match self.mode {
+                        Mode::Live => self.readonly_message(),
+                        _ => "asking needs a live run".into(),
+                    });
+                }
+            }
             Action::ToggleStepMode => {
                 if self.may_drive() {
                     return Some(Effect::Control(Control::ToggleStepMode));

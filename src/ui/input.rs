@@ -29,6 +29,7 @@ pub fn action(k: KeyEvent) -> Option<Action> {
         KeyCode::Char('?') | KeyCode::Char('h') => Action::ToggleHelp,
         KeyCode::Char('v') => Action::ToggleVerdict,
         KeyCode::Char('s') => Action::ToggleStepMode,
+        KeyCode::Char('a') => Action::Ask,
         KeyCode::Enter => Action::Continue,
         KeyCode::Up | KeyCode::Char('k') => Action::ScrollUp,
         KeyCode::Down | KeyCode::Char('j') => Action::ScrollDown,
@@ -56,6 +57,7 @@ mod tests {
             (KeyCode::Char('?'), Action::ToggleHelp),
             (KeyCode::Char('q'), Action::Quit),
             (KeyCode::Char('s'), Action::ToggleStepMode),
+            (KeyCode::Char('a'), Action::Ask),
             (KeyCode::Enter, Action::Continue),
         ] {
             assert_eq!(action(k(code)), Some(a));

@@ -3,6 +3,7 @@
 //! through one event loop; only where the events come from differs ([`Source`]).
 
 pub mod app;
+pub mod ask;
 pub mod input;
 pub mod panels;
 pub mod terminal;
@@ -329,6 +330,21 @@ async fn event_loop(app: &mut App, source: &mut Source, fps: u32) -> Result<term
             }
             k = keys.recv() => {
                 match k {
+                    Some(Ok(Event::Key(key))) if app.ask.open => {
+                        if key.kind != crossterm::event::KeyEventKind::Release
+                            && let ask::AskOutcome::Submitted(text) = app.ask.key(key)
+                        {
+                            app.view.message = Some(format!("asked: {text}"));
+                            source.act(app, Effect::Control(Control::AddPrompt(text)));
+                        }
+                        dirty = true;
+                    }
+                    Some(Ok(Event::Paste(text))) => {
+                        if app.ask.open {
+                            app.ask.paste(&text);
+                        }
+                        dirty = true;
+                    }
                     Some(Ok(Event::Key(key))) => {
                         if app.view.help {
                             app.view.help = false;

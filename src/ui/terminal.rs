@@ -28,7 +28,12 @@ pub fn restore_if_active() {
 pub fn restore() {
     ACTIVE.store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = disable_raw_mode();
-    let _ = execute!(stdout(), LeaveAlternateScreen, crossterm::cursor::Show);
+    let _ = execute!(
+        stdout(),
+        crossterm::event::DisableBracketedPaste,
+        LeaveAlternateScreen,
+        crossterm::cursor::Show
+    );
 }
 
 pub fn init() -> std::io::Result<Guard> {
@@ -39,7 +44,13 @@ pub fn init() -> std::io::Result<Guard> {
     }));
     enable_raw_mode()?;
     ACTIVE.store(true, std::sync::atomic::Ordering::SeqCst);
-    execute!(stdout(), EnterAlternateScreen, crossterm::cursor::Hide)?;
+    // Bracketed paste: a pasted prompt arrives as one piece, not as keys.
+    execute!(
+        stdout(),
+        EnterAlternateScreen,
+        crossterm::cursor::Hide,
+        crossterm::event::EnableBracketedPaste
+    )?;
     let term = Terminal::new(CrosstermBackend::new(stdout()))?;
     Ok(Guard { term })
 }

@@ -9,6 +9,26 @@ use crate::ui::app::{App, Mode};
 
 pub fn render(f: &mut Frame, area: Rect, app: &App) {
     let t = &app.theme;
+    if app.ask.open {
+        // The prompt being typed, the cursor as a block; it runs next on both backends.
+        let text = app.ask.text.clone();
+        let before: String = text[..app.ask.cursor].iter().collect();
+        let at: String = text
+            .get(app.ask.cursor)
+            .map_or(" ".into(), |c| c.to_string());
+        let after: String = text
+            .get(app.ask.cursor + 1..)
+            .map_or(String::new(), |r| r.iter().collect());
+        let line = Line::from(vec![
+            Span::styled("ask › ", t.title),
+            Span::styled(before, t.text),
+            Span::styled(at, t.focus.add_modifier(ratatui::style::Modifier::REVERSED)),
+            Span::styled(after, t.text),
+            Span::styled("   Enter: run it next · Esc: cancel · ↑↓ history", t.muted),
+        ]);
+        f.render_widget(Paragraph::new(line), area);
+        return;
+    }
     let mut spans = vec![];
     if app.readonly {
         spans.push(Span::styled("READ-ONLY ", t.warn));

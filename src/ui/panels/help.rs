@@ -7,7 +7,7 @@ use ratatui::widgets::{Clear, Paragraph, Wrap};
 
 use crate::ui::app::{App, Mode};
 
-pub const KEYS: [(&str, &str); 17] = [
+pub const KEYS: [(&str, &str); 18] = [
     (
         "n / p",
         "next / previous prompt (live: cancels the current one and moves the run)",
@@ -19,6 +19,10 @@ pub const KEYS: [(&str, &str); 17] = [
         "step mode on / off: stop after each prompt on its result card (--step)",
     ),
     ("n / Enter", "step mode: go on to the next prompt"),
+    (
+        "a",
+        "ask a prompt of your own: it runs next on both backends (Esc cancels)",
+    ),
     (
         "r",
         "rerun the current prompt (replay: restart from the beginning)",

@@ -27,8 +27,11 @@ use crate::session::prompts::PromptSet;
 use crate::session::quality::{ScoreRow, agreement};
 use crate::session::record::Schedule;
 
+/// The category of prompts typed in the dashboard.
+pub const ADHOC: &str = "ad hoc";
+
 /// Requests from the user interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
     TogglePause,
     /// One token per backend (while paused).
@@ -44,6 +47,8 @@ pub enum Control {
     ToggleStepMode,
     /// Go on after a step-mode wait.
     Continue,
+    /// A prompt the user typed: run it next (then the set goes on where it was).
+    AddPrompt(String),
 }
 
 /// Why a run was stopped before its end (recorded as the reason it finished).
@@ -171,6 +176,11 @@ struct Scheduler {
     step_mode: bool,
     /// The user said to go on after a step-mode wait.
     go_on: bool,
+    /// Typed prompts (indices into the set) waiting to run, and where the set resumes after.
+    adhoc: std::collections::VecDeque<usize>,
+    resume_at: Option<usize>,
+    /// Every typed prompt's index (a prompt file's own "ad hoc" category is not one).
+    typed: std::collections::HashSet<usize>,
     step_once: bool,
     nav: Option<Nav>,
     ctl_closed: bool,
@@ -227,6 +237,9 @@ pub async fn run(
         paused: false,
         step_mode: false,
         go_on: false,
+        adhoc: Default::default(),
+        resume_at: None,
+        typed: Default::default(),
         step_once: false,
         nav: None,
         ctl_closed: false,
@@ -364,7 +377,44 @@ impl Scheduler {
                 self.em.emit(SessionEvent::StepMode { on: self.step_mode });
             }
             Control::Continue => self.go_on = true,
+            Control::AddPrompt(text) => {
+                let text = text.trim().to_string();
+                if text.is_empty() {
+                    return;
+                }
+                let set = &mut self.cfg.prompts.prompts;
+                let k = self.typed.len() + 1;
+                let prompt = crate::session::prompts::Prompt {
+                    id: format!("ad-hoc-{k}"),
+                    category: ADHOC.into(),
+                    text,
+                    max_new_tokens: None,
+                };
+                set.push(prompt.clone());
+                self.adhoc.push_back(set.len() - 1);
+                self.typed.insert(set.len() - 1);
+                self.em.emit(SessionEvent::PromptAdded { prompt });
+                // In a step-mode wait, a new question is the way on.
+                self.go_on = true;
+            }
         }
+    }
+
+    /// The prompt to run after `i`: a typed one first (the set then resumes after `i`).
+    fn next_prompt(&mut self, i: usize) -> usize {
+        if let Some(j) = self.adhoc.pop_front() {
+            if self.resume_at.is_none() && !self.typed.contains(&i) {
+                self.resume_at = Some(i + 1);
+            }
+            return j;
+        }
+        let mut next = self.resume_at.take().unwrap_or(i + 1);
+        // Typed prompts sit at the end of the set but run from the queue: the set's own order
+        // passes over them.
+        while self.typed.contains(&next) {
+            next += 1;
+        }
+        next
     }
 
     /// Step mode, after prompt `i` is done on every backend: wait for the user (`Continue`,
@@ -433,9 +483,10 @@ impl Scheduler {
     /// Runs every prompt on `backends` (both for alternate/parallel, one for sequential).
     /// Returns Some(reason) if the user quit.
     async fn run_prompts(&mut self, backends: &[Backend]) -> Option<String> {
-        let n = self.cfg.prompts.prompts.len();
         let mut i = 0;
-        while i < n {
+        // The set can grow while it runs (prompts typed in the dashboard).
+        while i < self.cfg.prompts.prompts.len() {
+            let n = self.cfg.prompts.prompts.len();
             let live: Vec<Backend> = backends
                 .iter()
                 .copied()
@@ -498,7 +549,11 @@ impl Scheduler {
             if self.cfg.score {
                 self.score_prompt(i, &live).await;
             }
-            if self.step_mode && !self.ctl_closed && i + 1 < n {
+            // Wait only where something follows (the set, or the set resuming after a typed one).
+            let more = !self.adhoc.is_empty()
+                || self.resume_at.is_some_and(|r| r < n)
+                || (self.resume_at.is_none() && (i + 1..n).any(|j| !self.typed.contains(&j)));
+            if self.step_mode && !self.ctl_closed && more {
                 match self.wait_for_user(i).await {
                     Some(Nav::Quit(why)) => return Some(why.reason().into()),
                     Some(Nav::Prev) => {
@@ -509,7 +564,7 @@ impl Scheduler {
                     Some(Nav::Next) | None => {}
                 }
             }
-            i += 1;
+            i = self.next_prompt(i);
         }
         None
     }
