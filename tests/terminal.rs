@@ -397,3 +397,26 @@ fn a_typed_prompt_runs_next_on_both_backends() {
     );
     assert!(sum.prompts[6].token_agreement.is_some());
 }
+
+/// The prompt list drives a live run: from the first result card, `l`, three down, Enter runs
+/// prompt 4 next.
+#[test]
+fn the_prompt_list_jumps_a_live_run() {
+    let cmd = format!(
+        "{} run --step --max-new-tokens 6 --record none.ndjson",
+        bin().display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cmd = cmd.replace("none.ndjson", tmp.path().join("l.ndjson").to_str().unwrap());
+    let t = Tmux::start("moescope-test-list", 160, 50, &cmd);
+    t.wait_for(&["prompt 1/6 done · waiting"], 90);
+    t.keys("l");
+    t.wait_for(&["prompts · ↑↓ select", "pending"], 10);
+    for _ in 0..3 {
+        t.keys("Down");
+    }
+    t.keys("Enter");
+    t.wait_for(&["prompt 4/6 done · waiting", "Use the word"], 60);
+    t.keys("q");
+    t.wait_for(&["EXITED-0"], 20);
+}

@@ -331,5 +331,50 @@ fn ask_line_with_text() {
     replay.mode = Mode::Replay;
     replay.update(Action::Ask);
     assert!(!replay.ask.open);
-    assert_eq!(replay.view.message.as_deref(), Some("asking needs a live run"));
+    assert_eq!(
+        replay.view.message.as_deref(),
+        Some("asking needs a live run")
+    );
+}
+
+/// The prompt list mid-run: done prompts with their same-token share and speed ratio, the
+/// running one, the pending ones; Enter jumps (live: runs it next; replay: seeks; read-only:
+/// only the view moves).
+#[test]
+fn prompt_list() {
+    use moescope::ui::app::Effect;
+    use moescope::worker::scheduler::Control;
+    let key = |c| crossterm::event::KeyEvent::new(c, crossterm::event::KeyModifiers::NONE);
+    for (w, h) in [(80, 24), (160, 50)] {
+        let mut app = demo_mid_run(30, "default");
+        app.update(Action::ToggleList);
+        assert_eq!(app.view.list, Some(4), "opens on the current prompt");
+        let text = render_to_string(&mut app, w, h);
+        for needle in ["prompts · ↑↓ select", "done", "running", "pending", "100 %"] {
+            assert!(text.contains(needle), "{w}x{h}: {needle}\n{text}");
+        }
+        insta::assert_snapshot!(format!("prompt_list_{w}x{h}"), text);
+    }
+    let mut app = demo_mid_run(30, "default");
+    app.update(Action::ToggleList);
+    app.list_key(key(crossterm::event::KeyCode::Up));
+    app.list_key(key(crossterm::event::KeyCode::Up));
+    assert_eq!(
+        app.list_key(key(crossterm::event::KeyCode::Enter)),
+        Some(Effect::Control(Control::Goto(2)))
+    );
+    assert_eq!(app.view.list, None);
+    let mut replay = app_at(DEMO, 1.0, "default");
+    replay.mode = Mode::Replay;
+    replay.update(Action::ToggleList);
+    assert_eq!(
+        replay.list_key(key(crossterm::event::KeyCode::Enter)),
+        Some(Effect::PlaybackSeek(5))
+    );
+    let mut ro = demo_mid_run(30, "default");
+    ro.readonly = true;
+    ro.update(Action::ToggleList);
+    ro.list_key(key(crossterm::event::KeyCode::Up));
+    assert_eq!(ro.list_key(key(crossterm::event::KeyCode::Enter)), None);
+    assert_eq!(ro.prompt(), 3);
 }

@@ -65,6 +65,8 @@ pub enum Action {
     Continue,
     /// Open the line to ask a prompt of one's own (`a`).
     Ask,
+    /// Open / close the prompt list (`l`).
+    ToggleList,
 }
 
 /// What the runner must do after an action.
@@ -75,6 +77,8 @@ pub enum Effect {
     PlaybackToggle,
     PlaybackStep,
     PlaybackRestart,
+    /// Replay: jump to where this prompt starts.
+    PlaybackSeek(usize),
     Export,
     Quit,
 }
@@ -92,6 +96,8 @@ pub struct ViewState {
     pub scroll: [u16; 2],
     pub message: Option<String>,
     pub theme_index: usize,
+    /// The prompt list is open, with this prompt selected.
+    pub list: Option<usize>,
 }
 
 pub struct App {
@@ -137,6 +143,7 @@ impl App {
                 scroll: [0, 0],
                 message: None,
                 theme_index,
+                list: None,
             },
             theme,
             depth,
@@ -229,6 +236,12 @@ impl App {
                 return Some(Effect::Control(Control::Continue));
             }
             Action::Continue => {}
+            Action::ToggleList => {
+                self.view.list = match self.view.list {
+                    Some(_) => None,
+                    None => Some(self.prompt()),
+                };
+            }
             Action::Ask => {
                 if self.may_drive() && self.session.finished.is_none() {
                     self.ask.open();
@@ -299,6 +312,41 @@ impl App {
         None
     }
 
+    /// A key while the prompt list is open: ↑/↓ move, Enter jumps (live: runs it next, unless
+    /// read-only; replay: seeks), Esc or `l` closes.
+    pub fn list_key(&mut self, k: crossterm::event::KeyEvent) -> Option<Effect> {
+        use crate::worker::scheduler::Control;
+        use crossterm::event::KeyCode;
+        let sel = self.view.list?;
+        let n = self.session.num_prompts();
+        match k.code {
+            KeyCode::Up | KeyCode::Char('k') => self.view.list = Some(sel.saturating_sub(1)),
+            KeyCode::Down | KeyCode::Char('j') => {
+                self.view.list = Some((sel + 1).min(n.saturating_sub(1)))
+            }
+            KeyCode::Esc | KeyCode::Char('l') | KeyCode::Char('q') => self.view.list = None,
+            KeyCode::Enter => {
+                self.view.list = None;
+                self.view.scroll = [0, 0];
+                return match self.mode {
+                    Mode::Live if self.may_drive() && self.session.finished.is_none() => {
+                        self.view.prompt = None;
+                        Some(Effect::Control(Control::Goto(sel)))
+                    }
+                    Mode::Replay => Some(Effect::PlaybackSeek(sel)),
+                    _ => {
+                        // Read-only or watching: only the view moves.
+                        self.view.prompt = Some(sel);
+                        self.view.verdict = Some(false);
+                        None
+                    }
+                };
+            }
+            _ => {}
+        }
+        None
+    }
+
     fn readonly_message(&self) -> String {
         match self.mode {
             Mode::Live => "read-only session: keys that change the run are off".into(),
@@ -333,6 +381,9 @@ impl App {
             && !self.show_verdict()
         {
             panels::card::render(f, rows[1], self, p);
+        }
+        if let Some(sel) = self.view.list {
+            panels::prompts::render(f, rows[1], self, sel);
         }
         if self.view.help {
             panels::help::render(f, area, self);

@@ -30,6 +30,7 @@ pub fn action(k: KeyEvent) -> Option<Action> {
         KeyCode::Char('v') => Action::ToggleVerdict,
         KeyCode::Char('s') => Action::ToggleStepMode,
         KeyCode::Char('a') => Action::Ask,
+        KeyCode::Char('l') => Action::ToggleList,
         KeyCode::Enter => Action::Continue,
         KeyCode::Up | KeyCode::Char('k') => Action::ScrollUp,
         KeyCode::Down | KeyCode::Char('j') => Action::ScrollDown,
@@ -58,6 +59,7 @@ mod tests {
             (KeyCode::Char('q'), Action::Quit),
             (KeyCode::Char('s'), Action::ToggleStepMode),
             (KeyCode::Char('a'), Action::Ask),
+            (KeyCode::Char('l'), Action::ToggleList),
             (KeyCode::Enter, Action::Continue),
         ] {
             assert_eq!(action(k(code)), Some(a));

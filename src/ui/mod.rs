@@ -287,6 +287,32 @@ impl Source {
                 clock.base = 0.0;
                 clock.start = Instant::now();
             }
+            (
+                Source::Replay {
+                    header,
+                    events,
+                    next,
+                    clock,
+                },
+                Effect::PlaybackSeek(p),
+            ) => {
+                // Replayed afresh up to where the prompt starts (a typed prompt's start lies
+                // after the event that added it), playback going on from there.
+                let start = events
+                    .iter()
+                    .position(|e| {
+                        matches!(e.event, SessionEvent::PromptStarted { prompt, .. } if prompt == p)
+                    })
+                    .unwrap_or(events.len());
+                app.session = SessionState::new((**header).clone());
+                for e in &events[..start] {
+                    app.session.apply(e);
+                }
+                *next = start;
+                clock.base = events.get(start).map_or(app.session.now, |e| e.t);
+                clock.start = Instant::now();
+                app.view.prompt = None;
+            }
             (_, Effect::Export) => app.view.message = Some(export_now(app)),
             _ => {}
         }
@@ -336,6 +362,14 @@ async fn event_loop(app: &mut App, source: &mut Source, fps: u32) -> Result<term
                         {
                             app.view.message = Some(format!("asked: {text}"));
                             source.act(app, Effect::Control(Control::AddPrompt(text)));
+                        }
+                        dirty = true;
+                    }
+                    Some(Ok(Event::Key(key))) if app.view.list.is_some() => {
+                        if key.kind != crossterm::event::KeyEventKind::Release
+                            && let Some(effect) = app.list_key(key)
+                        {
+                            source.act(app, effect);
                         }
                         dirty = true;
                     }

@@ -7,29 +7,24 @@ use ratatui::widgets::{Clear, Paragraph, Wrap};
 
 use crate::ui::app::{App, Mode};
 
-pub const KEYS: [(&str, &str); 18] = [
+pub const KEYS: [(&str, &str); 19] = [
     (
         "n / p",
-        "next / previous prompt (live: cancels the current one and moves the run)",
+        "next / previous prompt (live: cancels the current one)",
     ),
     ("space", "pause / resume (replay: pause playback)"),
     (".", "step one token on each backend while paused"),
+    ("s", "step mode on / off: stop after each prompt (--step)"),
+    ("n / Enter", "step mode: on to the next prompt"),
+    ("a", "ask a prompt of your own: it runs next (Esc cancels)"),
     (
-        "s",
-        "step mode on / off: stop after each prompt on its result card (--step)",
+        "l",
+        "prompt list: Enter runs one next (replay: seeks to it)",
     ),
-    ("n / Enter", "step mode: go on to the next prompt"),
-    (
-        "a",
-        "ask a prompt of your own: it runs next on both backends (Esc cancels)",
-    ),
-    (
-        "r",
-        "rerun the current prompt (replay: restart from the beginning)",
-    ),
+    ("r", "rerun the current prompt (replay: restart)"),
     (
         "e",
-        "export the session summary now (JSON next to the recording)",
+        "export the session summary now (JSON by the recording)",
     ),
     ("t", "cycle colour theme"),
     ("tab / shift-tab", "focus the next / previous panel"),
@@ -39,12 +34,12 @@ pub const KEYS: [(&str, &str); 18] = [
     ("?", "this help"),
     (
         "q / Ctrl-C",
-        "quit: workers stopped, recording closed, terminal restored",
+        "quit: workers stopped, recording closed, screen back",
     ),
     ("", ""),
     (
         "--readonly",
-        "n/p only change the view; space . r s Enter are off",
+        "n/p only change the view; space . r s a are off",
     ),
     ("mouse", "not needed: everything has a key"),
 ];

@@ -8,6 +8,7 @@ pub mod header;
 pub mod heatmap;
 pub mod help;
 pub mod memory;
+pub mod prompts;
 pub mod tokens;
 pub mod verdict;
 

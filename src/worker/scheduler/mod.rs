@@ -49,6 +49,8 @@ pub enum Control {
     Continue,
     /// A prompt the user typed: run it next (then the set goes on where it was).
     AddPrompt(String),
+    /// Run this prompt next (cancelling the current one), from the prompt list.
+    Goto(usize),
 }
 
 /// Why a run was stopped before its end (recorded as the reason it finished).
@@ -159,6 +161,8 @@ enum Nav {
     Next,
     Prev,
     Rerun,
+    /// Run this prompt next (the prompt list).
+    Goto(usize),
     Quit(Stop),
 }
 
@@ -377,6 +381,10 @@ impl Scheduler {
                 self.em.emit(SessionEvent::StepMode { on: self.step_mode });
             }
             Control::Continue => self.go_on = true,
+            Control::Goto(i) if i < self.cfg.prompts.prompts.len() => {
+                self.nav = Some(Nav::Goto(i));
+            }
+            Control::Goto(_) => {}
             Control::AddPrompt(text) => {
                 let text = text.trim().to_string();
                 if text.is_empty() {
@@ -544,6 +552,11 @@ impl Scheduler {
                     self.cancel_all(&live).await;
                     continue;
                 }
+                Some(Nav::Goto(j)) => {
+                    self.cancel_all(&live).await;
+                    i = j;
+                    continue;
+                }
                 None => {}
             }
             if self.cfg.score {
@@ -561,6 +574,10 @@ impl Scheduler {
                         continue;
                     }
                     Some(Nav::Rerun) => continue,
+                    Some(Nav::Goto(j)) => {
+                        i = j;
+                        continue;
+                    }
                     Some(Nav::Next) | None => {}
                 }
             }
