@@ -378,3 +378,45 @@ fn prompt_list() {
     assert_eq!(ro.list_key(key(crossterm::event::KeyCode::Enter)), None);
     assert_eq!(ro.prompt(), 3);
 }
+
+/// The mouse: a click focuses the panel under it, the wheel scrolls the token panel under the
+/// pointer, and on the prompt list a click selects a prompt and a second click jumps there.
+#[test]
+fn mouse_focuses_scrolls_and_picks_a_prompt() {
+    use crossterm::event::{KeyModifiers, MouseButton, MouseEvent, MouseEventKind};
+    use moescope::ui::app::{Effect, Panel};
+    use moescope::worker::scheduler::Control;
+    let at = |kind, column, row| MouseEvent {
+        kind,
+        column,
+        row,
+        modifiers: KeyModifiers::NONE,
+    };
+    let click = MouseEventKind::Down(MouseButton::Left);
+    let mut app = demo_mid_run(30, "default");
+    render_to_string(&mut app, 160, 50);
+    assert_eq!(app.mouse(at(click, 100, 6)), None);
+    assert_eq!(
+        Panel::ORDER[app.view.focus],
+        Panel::Tokens(moescope::session::Backend::Selective)
+    );
+    app.mouse(at(MouseEventKind::ScrollUp, 10, 6));
+    app.mouse(at(MouseEventKind::ScrollUp, 10, 6));
+    assert_eq!(app.view.scroll, [2, 0]);
+    app.mouse(at(MouseEventKind::ScrollDown, 10, 6));
+    assert_eq!(app.view.scroll, [1, 0]);
+    // The prompt list: find prompt 2's row on screen, click it twice.
+    app.update(Action::ToggleList);
+    let text = render_to_string(&mut app, 160, 50);
+    let row = text
+        .lines()
+        .position(|l| l.contains("What is a volcano?") && l.contains("done"))
+        .unwrap() as u16;
+    assert_eq!(app.mouse(at(click, 20, row)), None);
+    assert_eq!(app.view.list, Some(1));
+    render_to_string(&mut app, 160, 50);
+    assert_eq!(
+        app.mouse(at(click, 20, row)),
+        Some(Effect::Control(Control::Goto(1)))
+    );
+}

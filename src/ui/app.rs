@@ -98,6 +98,9 @@ pub struct ViewState {
     pub theme_index: usize,
     /// The prompt list is open, with this prompt selected.
     pub list: Option<usize>,
+    /// Where the last frame drew each panel, and the prompt list's rows (for the mouse).
+    pub hit: Vec<(Rect, Panel)>,
+    pub list_rows: Option<(Rect, usize)>,
 }
 
 pub struct App {
@@ -144,6 +147,8 @@ impl App {
                 message: None,
                 theme_index,
                 list: None,
+                hit: Vec::new(),
+                list_rows: None,
             },
             theme,
             depth,
@@ -347,6 +352,54 @@ impl App {
         None
     }
 
+    /// A mouse event on the last frame: a click focuses the panel under it (or, on the prompt
+    /// list, selects that prompt — a second click on it jumps there, as Enter does); the wheel
+    /// scrolls the token panel under the pointer.
+    pub fn mouse(&mut self, m: crossterm::event::MouseEvent) -> Option<Effect> {
+        use crossterm::event::{MouseButton, MouseEventKind};
+        let at = |r: &Rect| {
+            m.column >= r.x && m.column < r.x + r.width && m.row >= r.y && m.row < r.y + r.height
+        };
+        if let (Some(sel), Some((rows, first))) = (self.view.list, self.view.list_rows) {
+            if let MouseEventKind::Down(MouseButton::Left) = m.kind
+                && at(&rows)
+            {
+                let i = first + (m.row - rows.y) as usize;
+                if i < self.session.num_prompts() {
+                    if i == sel {
+                        let enter = crossterm::event::KeyEvent::new(
+                            crossterm::event::KeyCode::Enter,
+                            crossterm::event::KeyModifiers::NONE,
+                        );
+                        return self.list_key(enter);
+                    }
+                    self.view.list = Some(i);
+                }
+            }
+            return None;
+        }
+        let panel = self.view.hit.iter().find(|(r, _)| at(r)).map(|(_, p)| *p)?;
+        match m.kind {
+            MouseEventKind::Down(MouseButton::Left) => {
+                if let Some(k) = Panel::ORDER.iter().position(|p| *p == panel) {
+                    self.view.focus = k;
+                }
+            }
+            MouseEventKind::ScrollUp | MouseEventKind::ScrollDown => {
+                if let Panel::Tokens(b) = panel {
+                    let s = &mut self.view.scroll[b.index()];
+                    *s = if m.kind == MouseEventKind::ScrollUp {
+                        s.saturating_add(1)
+                    } else {
+                        s.saturating_sub(1)
+                    };
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
     fn readonly_message(&self) -> String {
         match self.mode {
             Mode::Live => "read-only session: keys that change the run are off".into(),
@@ -357,6 +410,8 @@ impl App {
 
     pub fn render(&mut self, f: &mut Frame) {
         let area = f.area();
+        self.view.hit.clear();
+        self.view.list_rows = None;
         let rows = Layout::default()
             .direction(Direction::Vertical)
             .constraints([
@@ -383,7 +438,7 @@ impl App {
             panels::card::render(f, rows[1], self, p);
         }
         if let Some(sel) = self.view.list {
-            panels::prompts::render(f, rows[1], self, sel);
+            self.view.list_rows = Some(panels::prompts::render(f, rows[1], self, sel));
         }
         if self.view.help {
             panels::help::render(f, area, self);
@@ -424,6 +479,8 @@ impl App {
     }
 
     fn render_panel(&mut self, f: &mut Frame, area: Rect, p: Panel) {
+        // Where each panel was drawn, for the mouse.
+        self.view.hit.push((area, p));
         let focused = self.focused() == p;
         match p {
             Panel::Tokens(b) => panels::tokens::render(f, area, self, b, focused),

@@ -373,6 +373,12 @@ async fn event_loop(app: &mut App, source: &mut Source, fps: u32) -> Result<term
                         }
                         dirty = true;
                     }
+                    Some(Ok(Event::Mouse(m))) => {
+                        if let Some(effect) = app.mouse(m) {
+                            source.act(app, effect);
+                        }
+                        dirty = true;
+                    }
                     Some(Ok(Event::Paste(text))) => {
                         if app.ask.open {
                             app.ask.paste(&text);

@@ -31,6 +31,7 @@ pub fn restore() {
     let _ = execute!(
         stdout(),
         crossterm::event::DisableBracketedPaste,
+        crossterm::event::DisableMouseCapture,
         LeaveAlternateScreen,
         crossterm::cursor::Show
     );
@@ -49,7 +50,8 @@ pub fn init() -> std::io::Result<Guard> {
         stdout(),
         EnterAlternateScreen,
         crossterm::cursor::Hide,
-        crossterm::event::EnableBracketedPaste
+        crossterm::event::EnableBracketedPaste,
+        crossterm::event::EnableMouseCapture
     )?;
     let term = Terminal::new(CrosstermBackend::new(stdout()))?;
     Ok(Guard { term })

@@ -41,7 +41,10 @@ pub const KEYS: [(&str, &str); 19] = [
         "--readonly",
         "n/p only change the view; space . r s a are off",
     ),
-    ("mouse", "not needed: everything has a key"),
+    (
+        "mouse",
+        "click focuses / picks, wheel scrolls; Shift+drag selects",
+    ),
 ];
 
 pub fn render(f: &mut Frame, area: Rect, app: &App) {

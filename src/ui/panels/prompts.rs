@@ -52,7 +52,8 @@ pub fn row_texts(app: &App, i: usize) -> [String; 6] {
     ]
 }
 
-pub fn render(f: &mut Frame, area: Rect, app: &App, selected: usize) {
+/// Returns where its rows lie and the prompt of the first (for the mouse).
+pub fn render(f: &mut Frame, area: Rect, app: &App, selected: usize) -> (Rect, usize) {
     let t = &app.theme;
     let n = app.session.num_prompts();
     let w = area.width.saturating_sub(4).max(20).min(area.width);
@@ -101,4 +102,12 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, selected: usize) {
             .block(super::block(app, title, true, false)),
         rect,
     );
+    // Inside the border, below the heading.
+    let rows_rect = Rect {
+        x: rect.x + 1,
+        y: rect.y + 2,
+        width: rect.width.saturating_sub(2),
+        height: rect.height.saturating_sub(3),
+    };
+    (rows_rect, first)
 }
