@@ -11,6 +11,7 @@ pub mod experts;
 pub mod headless;
 pub mod live;
 pub mod model;
+pub mod prompt_settings;
 pub mod report;
 pub mod session;
 pub mod settings;

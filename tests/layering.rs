@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// Layers, lowest first. A module may use modules of lower layers only (its own aside).
 const LAYERS: &[&[&str]] = &[
-    &["util", "step_path"],
+    &["util", "step_path", "prompt_settings"],
     &["cache"],
     &["settings"],
     &["model"],
@@ -24,8 +24,14 @@ const LAYERS: &[&[&str]] = &[
 ];
 
 /// Pairs a lower-layer rule would allow but the design does not: the model owns its ports and
-/// reads no settings (the engine hands it its options); the cache core is the bottom.
-const NEVER: &[(&str, &str)] = &[("model", "cache"), ("model", "settings")];
+/// reads no settings (the engine hands it its options); the cache core is the bottom; the
+/// session layer is plain serde types, never the model or the engine behind them.
+const NEVER: &[(&str, &str)] = &[
+    ("model", "cache"),
+    ("model", "settings"),
+    ("session", "model"),
+    ("session", "engine"),
+];
 
 /// Outside crates a module may not name.
 const FORBIDDEN: &[(&str, &[&str])] = &[
@@ -54,6 +60,10 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("settings", &["candle_core", "clap", "ratatui", "crossterm"]),
     (
         "step_path",
+        &["candle_core", "clap", "ratatui", "crossterm"],
+    ),
+    (
+        "prompt_settings",
         &["candle_core", "clap", "ratatui", "crossterm"],
     ),
     ("report", &["candle_core", "clap", "ratatui", "crossterm"]),

@@ -87,38 +87,7 @@ pub struct MoeConfig {
     pub recommended_sampling: Option<RecommendedSampling>,
 }
 
-/// `generation_config.json`'s sampling fields, each as the file gives it.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RecommendedSampling {
-    pub do_sample: Option<bool>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<usize>,
-    pub repetition_penalty: Option<f64>,
-}
-
-impl RecommendedSampling {
-    /// "temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05".
-    pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if self.do_sample == Some(false) {
-            parts.push("greedy (do_sample false)".to_string());
-        }
-        if let Some(t) = self.temperature {
-            parts.push(format!("temperature {t}"));
-        }
-        if let Some(p) = self.top_p {
-            parts.push(format!("top_p {p}"));
-        }
-        if let Some(k) = self.top_k {
-            parts.push(format!("top_k {k}"));
-        }
-        if let Some(r) = self.repetition_penalty {
-            parts.push(format!("repetition_penalty {r}"));
-        }
-        parts.join(", ")
-    }
-}
+pub use crate::prompt_settings::RecommendedSampling;
 
 impl MoeConfig {
     /// Reads `config.json` (and `generation_config.json` when present) from a model directory.

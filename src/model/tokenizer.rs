@@ -116,15 +116,7 @@ impl TextTokenizer {
     }
 }
 
-/// How a text prompt becomes tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PromptStyle {
-    /// The text as is, without the chat template.
-    pub raw: bool,
-    /// The template's `enable_thinking` (Qwen3): on, the model may reason in `<think>…</think>`
-    /// before answering.
-    pub enable_thinking: bool,
-}
+pub use crate::prompt_settings::PromptStyle;
 
 /// Turns a growing token sequence into text increments that never split a UTF-8 character:
 /// a byte-level BPE token can hold half of a multi-byte character, which decodes to U+FFFD

@@ -13,8 +13,7 @@ use super::event::Stamped;
 use super::prompts::PromptSet;
 use crate::cache::settings::CacheSettings;
 use crate::cache::trace::MoeShape;
-use crate::model::config::RecommendedSampling;
-use crate::model::tokenizer::PromptStyle;
+use crate::prompt_settings::{PromptStyle, RecommendedSampling};
 use crate::settings::Settings;
 
 pub const FORMAT: &str = "moescope-recording";
