@@ -125,12 +125,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, p: usize) {
         .map(|l| l.width().div_ceil(inner_w).max(1))
         .sum();
     let h = (rows as u16 + 2).min(area.height);
-    let rect = Rect {
-        x: area.x + (area.width - w) / 2,
-        y: area.y + (area.height - h) / 2,
-        width: w,
-        height: h,
-    };
+    let rect = super::centered(area, w, h);
     let title = super::title(
         format!("prompt {}/{n} done · waiting", p + 1),
         app.theme.title,

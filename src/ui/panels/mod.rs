@@ -52,6 +52,17 @@ pub fn title<'a>(text: impl Into<String>, style: Style) -> Line<'a> {
     ))
 }
 
+/// A `w` × `h` box in the middle of `area` (an overlay), no larger than it.
+pub fn centered(area: ratatui::layout::Rect, w: u16, h: u16) -> ratatui::layout::Rect {
+    let (w, h) = (w.min(area.width), h.min(area.height));
+    ratatui::layout::Rect {
+        x: area.x + (area.width - w) / 2,
+        y: area.y + (area.height - h) / 2,
+        width: w,
+        height: h,
+    }
+}
+
 /// "12.3", "1.23 k" — compact numbers for narrow panels.
 pub fn num(v: f64) -> String {
     if !v.is_finite() {

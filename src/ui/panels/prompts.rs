@@ -58,12 +58,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, selected: usize) -> (Rect, u
     let n = app.session.num_prompts();
     let w = area.width.saturating_sub(4).max(20).min(area.width);
     let h = (n as u16 + 4).min(area.height);
-    let rect = Rect {
-        x: area.x + (area.width - w) / 2,
-        y: area.y + (area.height - h) / 2,
-        width: w,
-        height: h,
-    };
+    let rect = super::centered(area, w, h);
     let header = Row::new(vec!["#", "state", "category", "prompt", "same", "speed"]).style(t.title);
     // Keep the selection in view when the set is longer than the overlay.
     let rows_fit = h.saturating_sub(3) as usize;
