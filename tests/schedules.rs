@@ -151,3 +151,24 @@ fn exit_code_reflects_the_verdict_only_when_asked() {
     let (rc, _, _) = run_schedule("alternate", "2", &[]);
     assert_eq!(rc, 0);
 }
+
+/// Step mode waits for keys: without the dashboard it is refused before anything runs, and
+/// nothing is recorded.
+#[test]
+fn step_mode_needs_the_dashboard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("s.ndjson");
+    let (rc, out, err) = run(&[
+        "run",
+        "--no-tui",
+        "--step",
+        "--record",
+        rec.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 2, "{out}{err}");
+    assert!(
+        err.contains("--step waits for a key after each prompt"),
+        "{err}"
+    );
+    assert!(!rec.exists());
+}
