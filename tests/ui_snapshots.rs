@@ -17,6 +17,17 @@ fn recording(rel: &str) -> record::Recording {
     record::read(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
 }
 
+/// A live dashboard over `s`, judged under `profile`, in `theme`.
+fn live_app(s: SessionState, profile: &str, theme: &str) -> App {
+    App::new(
+        s,
+        Theme::load(theme, Depth::TrueColor).unwrap(),
+        Depth::TrueColor,
+        Profile::load(profile).unwrap(),
+        Mode::Live,
+    )
+}
+
 /// An app with the first `fraction` of a recording's events applied.
 fn app_at(rel: &str, fraction: f64, theme: &str) -> App {
     let rec = recording(rel);
@@ -25,14 +36,7 @@ fn app_at(rel: &str, fraction: f64, theme: &str) -> App {
     for e in &rec.events[..n] {
         s.apply(e);
     }
-    let profile = Profile::load(&rec.header.profile).unwrap();
-    App::new(
-        s,
-        Theme::load(theme, Depth::TrueColor).unwrap(),
-        Depth::TrueColor,
-        profile,
-        Mode::Live,
-    )
+    live_app(s, &rec.header.profile, theme)
 }
 
 const DEMO: &str = "recordings/demo-tiny-moe.ndjson";
@@ -48,14 +52,7 @@ fn demo_mid_run(n: usize, theme: &str) -> App {
             break;
         }
     }
-    let profile = Profile::load(&rec.header.profile).unwrap();
-    App::new(
-        s,
-        Theme::load(theme, Depth::TrueColor).unwrap(),
-        Depth::TrueColor,
-        profile,
-        Mode::Live,
-    )
+    live_app(s, &rec.header.profile, theme)
 }
 
 #[test]
@@ -192,14 +189,7 @@ fn reasoning_is_dimmed_and_set_apart() {
             break;
         }
     }
-    let profile = Profile::load(&rec.header.profile).unwrap();
-    let mut app = App::new(
-        s,
-        Theme::load("default", Depth::TrueColor).unwrap(),
-        Depth::TrueColor,
-        profile,
-        Mode::Live,
-    );
+    let mut app = live_app(s, &rec.header.profile, "default");
     let text = render_to_string(&mut app, 160, 50);
     assert!(text.contains("25/50 tok (18 thinking)"), "{text}");
     assert!(
@@ -263,14 +253,7 @@ fn step_mode_result_card() {
         for e in &rec.events[..=upto] {
             s.apply(e);
         }
-        let profile = Profile::load(&rec.header.profile).unwrap();
-        let mut app = App::new(
-            s,
-            Theme::load("default", Depth::TrueColor).unwrap(),
-            Depth::TrueColor,
-            profile,
-            Mode::Live,
-        );
+        let mut app = live_app(s, &rec.header.profile, "default");
         let text = render_to_string(&mut app, w, h);
         for needle in [
             "prompt 2/3 done · waiting",

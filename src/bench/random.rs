@@ -311,6 +311,21 @@ pub fn copy_tokenizer(from: &Path, to: &Path, vocab: usize) -> Result<Option<usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint geometry small enough to write in a test.
+    fn tiny() -> Geometry {
+        Geometry {
+            layers: 2,
+            hidden: 32,
+            experts: 4,
+            top_k: 2,
+            moe_intermediate: 16,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 16,
+            vocab: 64,
+        }
+    }
     use crate::engine::ModelFiles;
 
     /// The bytes depend on the seed only: one thread and four give the same checkpoint, and a
@@ -338,17 +353,7 @@ mod tests {
         // Chunks are not copies of each other.
         assert_ne!(one[..1000], one[FILL_CHUNK * 2..FILL_CHUNK * 2 + 1000]);
 
-        let g = Geometry {
-            layers: 2,
-            hidden: 32,
-            experts: 4,
-            top_k: 2,
-            moe_intermediate: 16,
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 16,
-            vocab: 64,
-        };
+        let g = tiny();
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         pool(1).install(|| write(&g, a.path(), 7, 20_000)).unwrap();
         pool(3).install(|| write(&g, b.path(), 7, 20_000)).unwrap();
@@ -370,17 +375,7 @@ mod tests {
     #[test]
     fn random_checkpoint_is_a_valid_sharded_model() {
         let dir = tempfile::tempdir().unwrap();
-        let g = Geometry {
-            layers: 2,
-            hidden: 32,
-            experts: 4,
-            top_k: 2,
-            moe_intermediate: 16,
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 16,
-            vocab: 64,
-        };
+        let g = tiny();
         write(&g, dir.path(), 7, 20_000).unwrap();
         assert!(dir.path().join("model.safetensors.index.json").exists());
         let files = ModelFiles::open(dir.path()).unwrap();

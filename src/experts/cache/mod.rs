@@ -441,19 +441,29 @@ mod tests {
     use crate::cache::policy::PolicyKind;
     use crate::cache::settings::Scope;
 
-    fn fixture_cache(capacity: usize, policy: PolicyKind) -> (CachedProvider, usize) {
+    /// The fixture's shards, its config and its first MoE layer.
+    fn fixture_source() -> (Arc<dyn ExpertSource>, crate::model::MoeConfig, usize) {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe-tiny");
         let ckpt = crate::model::Checkpoint::open(&dir).unwrap();
         let cfg = crate::model::MoeConfig::from_dir(&dir).unwrap();
         let layer = cfg.moe_layers().next().unwrap();
         let source = Arc::new(super::super::source::ShardSource::new(&ckpt, &cfg).unwrap());
+        (source, cfg, layer)
+    }
+
+    /// A CPU cache of `capacity` experts over `source`.
+    fn cache_over(
+        source: Arc<dyn ExpertSource>,
+        capacity: usize,
+        policy: PolicyKind,
+    ) -> CachedProvider {
         let config = CacheConfig {
             capacity: Capacity::Experts(capacity),
             scope: Scope::Global,
             policy,
         };
-        let c = CachedProvider::new(
+        CachedProvider::new(
             source,
             config,
             DType::F32,
@@ -461,8 +471,12 @@ mod tests {
             false,
             &Settings::default(),
         )
-        .unwrap();
-        (c, layer)
+        .unwrap()
+    }
+
+    fn fixture_cache(capacity: usize, policy: PolicyKind) -> (CachedProvider, usize) {
+        let (source, _, layer) = fixture_source();
+        (cache_over(source, capacity, policy), layer)
     }
 
     /// A source that counts what it is asked to read.
@@ -492,27 +506,9 @@ mod tests {
 
     #[test]
     fn warming_serves_zeros_of_the_right_shape_without_reading_or_caching() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe-tiny");
-        let ckpt = crate::model::Checkpoint::open(&dir).unwrap();
-        let cfg = crate::model::MoeConfig::from_dir(&dir).unwrap();
-        let layer = cfg.moe_layers().next().unwrap();
-        let inner = Arc::new(super::super::source::ShardSource::new(&ckpt, &cfg).unwrap());
+        let (inner, cfg, layer) = fixture_source();
         let source = Arc::new(Counting(inner, Default::default()));
-        let config = CacheConfig {
-            capacity: Capacity::Experts(4),
-            scope: Scope::Global,
-            policy: PolicyKind::Lru,
-        };
-        let c = CachedProvider::new(
-            source.clone(),
-            config,
-            DType::F32,
-            &Device::Cpu,
-            false,
-            &Settings::default(),
-        )
-        .unwrap();
+        let c = cache_over(source.clone(), 4, PolicyKind::Lru);
         c.set_warming(true);
         let zero = c.get(layer, 1).unwrap();
         let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
