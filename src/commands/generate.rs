@@ -91,6 +91,7 @@ pub fn generate(args: &GenerateArgs, settings: &Settings) -> Result<()> {
                 "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
                 "hit_rate": s.hit_rate(), "bytes_read": s.bytes_read,
                 "capacity_experts": s.capacity_experts,
+                "h2d_path": s.h2d_path, "host_pinned_bytes": s.host_pinned_bytes,
                 "load_latency_us": s.load_latency,
                 "prefetch": s.prefetch.as_ref().map(|p| json!({
                     "guessed": p.guessed, "loaded": p.loaded, "precision": p.precision(), "recall": p.recall(),

@@ -101,10 +101,20 @@ impl GpuSlots {
         } else {
             (None, format!("staged: {why}"))
         };
-        let homes = match &direct {
+        let mut homes = match &direct {
             Some(_) if settings.gpu_fill => pools.home_slots(cfg.num_experts),
             _ => None,
         };
+        // Self-fill hands the kernels every expert's address up front, so here (a slot for every
+        // expert: the cache holds what native does) the load waits for the registration.
+        let (mut direct, mut h2d_path) = (direct, h2d_path);
+        if let (Some(d), Some(_)) = (direct.as_mut(), &homes)
+            && let Err(e) = d.wait_registered()
+        {
+            eprintln!("moescope: direct expert copies unavailable ({e}); staging");
+            h2d_path = format!("staged: registering the expert files failed: {e}");
+            (direct, homes) = (None, None);
+        }
         let fills = match (&direct, &homes) {
             (Some(d), Some(home)) => DeviceFills::new(source, d, home, dtype, device)?,
             _ => None,
@@ -163,7 +173,13 @@ impl GpuSlots {
         CacheSnapshot {
             h2d_bytes: staged_bytes + direct_bytes,
             h2d_time_us: staged_us + direct_us,
-            h2d_path: Some(self.h2d_path.clone()),
+            h2d_path: Some(match self.direct.as_mut() {
+                Some(d) => {
+                    d.poll();
+                    format!("{}{}", self.h2d_path, d.progress().describe())
+                }
+                None => self.h2d_path.clone(),
+            }),
             host_pinned_bytes: self.direct.as_ref().map_or(0, |d| d.registered_bytes()),
             h2d_fill_bytes: self.fills.as_ref().map_or(0, |f| f.bytes),
             gpu_fills: self.fills.is_some(),
@@ -412,7 +428,9 @@ impl CachedProvider {
             .filter(|l| fits_slot([0, 1, 2].map(|i| (l[i].len as usize, l[i].dtype))));
         let mut direct = false;
         if let (Some(d), Some([g, u, dl])) = (gpu.direct.as_mut(), &direct_locs) {
-            direct = d.upload(&store.gate_up, slot * gu_n, g)?
+            // All three or none: a file still being registered stages the whole expert.
+            direct = d.covers(&[g, u, dl])
+                && d.upload(&store.gate_up, slot * gu_n, g)?
                 && d.upload(&store.gate_up, slot * gu_n + gu_n / 2, u)?
                 && d.upload(&store.down, slot * dn_n, dl)?;
         }
