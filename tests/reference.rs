@@ -8,6 +8,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
+use moescope::session::record;
+use moescope::session::state::SessionState;
 
 fn python() -> PathBuf {
     let p = std::env::var_os("MOESCOPE_REFERENCE_PYTHON")
@@ -28,7 +30,10 @@ fn python() -> PathBuf {
     p
 }
 
-fn run_with_reference(model: &str, python: &std::path::Path) -> (String, serde_json::Value) {
+fn run_with_reference(
+    model: &str,
+    python: &std::path::Path,
+) -> (String, serde_json::Value, SessionState) {
     let dir = tempfile::tempdir().unwrap();
     let rec = dir.path().join("r.ndjson");
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(model);
@@ -52,7 +57,12 @@ fn run_with_reference(model: &str, python: &std::path::Path) -> (String, serde_j
     let sum: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.summary.json")).unwrap())
             .unwrap();
-    (out, sum)
+    let rec = record::read(&rec).unwrap();
+    let mut state = SessionState::new(rec.header.clone());
+    for e in &rec.events {
+        state.apply(e);
+    }
+    (out, sum, state)
 }
 
 /// moescope native against transformers in f32 on both fixture families and the bundled
@@ -66,7 +76,18 @@ fn native_matches_transformers_on_fixtures_and_the_bundled_model() {
         "tests/fixtures/qwen3-omni-tiny",
         "models/tiny-moe",
     ] {
-        let (out, sum) = run_with_reference(model, &py);
+        let (out, sum, state) = run_with_reference(model, &py);
+        // The dashboard's third column: named in the header from the start, and each prompt's
+        // text decoded by moescope's tokenizer, one piece per token — native's text exactly,
+        // since the tokens are the same.
+        assert_eq!(state.header.reference.as_deref(), Some("transformers"));
+        let reference = state.reference.as_ref().unwrap();
+        for (p, r) in reference.prompts.iter().enumerate() {
+            let r = r.as_ref().unwrap();
+            let native = state.backends[0].runs[p].done.as_ref().unwrap();
+            assert_eq!(r.text.len(), r.token_ids.len(), "{model} prompt {p}");
+            assert_eq!(r.text.concat(), native.text, "{model} prompt {p}");
+        }
         let schema: serde_json::Value =
             serde_json::from_str(moescope::report::json::SCHEMA).unwrap();
         assert!(
@@ -124,7 +145,7 @@ fn native_matches_transformers_on_fixtures_and_the_bundled_model() {
 /// No Python, or one without torch: one line says so, the run goes on and is judged as usual.
 #[test]
 fn a_missing_reference_is_one_line_and_the_run_goes_on() {
-    let (out, sum) = run_with_reference(
+    let (out, sum, _) = run_with_reference(
         "tests/fixtures/qwen3-moe-tiny",
         std::path::Path::new("/nonexistent/python3"),
     );
@@ -144,7 +165,7 @@ fn a_missing_reference_is_one_line_and_the_run_goes_on() {
     let fake = dir.path().join("python3");
     std::fs::write(&fake, "#!/bin/sh\nexec python3 -I -S \"$@\"\n").unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let (out, _) = run_with_reference("tests/fixtures/qwen3-moe-tiny", &fake);
+    let (out, _, _) = run_with_reference("tests/fixtures/qwen3-moe-tiny", &fake);
     assert!(out.contains("torch is not installed"), "{out}");
 }
 

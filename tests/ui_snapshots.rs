@@ -385,9 +385,9 @@ fn mouse_focuses_scrolls_and_picks_a_prompt() {
     );
     app.mouse(at(MouseEventKind::ScrollUp, 10, 6));
     app.mouse(at(MouseEventKind::ScrollUp, 10, 6));
-    assert_eq!(app.view.scroll, [2, 0]);
+    assert_eq!(app.view.scroll, [2, 0, 0]);
     app.mouse(at(MouseEventKind::ScrollDown, 10, 6));
-    assert_eq!(app.view.scroll, [1, 0]);
+    assert_eq!(app.view.scroll, [1, 0, 0]);
     // The prompt list: find prompt 2's row on screen, click it twice.
     app.update(Action::ToggleList);
     let text = render_to_string(&mut app, 160, 50);
@@ -402,4 +402,93 @@ fn mouse_focuses_scrolls_and_picks_a_prompt() {
         app.mouse(at(click, 20, row)),
         Some(Effect::Control(Control::Goto(1)))
     );
+}
+
+/// `--reference-impl`: a third column from 120 columns on. While the backends run it says the
+/// reference comes after them; at the end it shows, per prompt, the reference's own text with
+/// the tail after it leaves native highlighted, its speed, and native's KL against it.
+#[test]
+fn reference_column() {
+    use moescope::session::event::{AgreementStats, SessionEvent, Stamped};
+    let stamp = |event| Stamped { t: 9.0, event };
+    let rec = recording(DEMO);
+    let mut header = rec.header.clone();
+    header.reference = Some("transformers".into());
+    let mut s = SessionState::new(header);
+    let mut during = None;
+    for e in &rec.events {
+        if matches!(e.event, SessionEvent::Finished { .. }) {
+            continue;
+        }
+        s.apply(e);
+        if during.is_none() && s.backends[1].runs[4].tokens.len() >= 30 {
+            during = Some(s.clone());
+        }
+    }
+    let mut app = live_app(during.unwrap(), &rec.header.profile, "default");
+    let text = render_to_string(&mut app, 160, 50);
+    assert!(
+        text.contains("transformers runs when both backends"),
+        "{text}"
+    );
+    insta::assert_snapshot!("reference_waiting_160x50", text);
+    let narrow = render_to_string(&mut app, 80, 24);
+    assert!(
+        !narrow.contains("transformers"),
+        "no room at 80 columns:\n{narrow}"
+    );
+
+    // The reference's results: its tokens are native's, except that on prompt 5 it leaves
+    // native at token 12 (its own pieces from there on).
+    s.apply(&stamp(SessionEvent::ReferenceLoaded {
+        implementation: "transformers 5.24.0 (torch 2.15.0)".into(),
+        load_s: 4.89,
+    }));
+    for p in 0..s.num_prompts() {
+        let native = &s.backends[0].runs[p].tokens;
+        let mut ids: Vec<u32> = native.iter().map(|t| t.id).collect();
+        let mut text: Vec<String> = native.iter().map(|t| t.text.clone()).collect();
+        if p == 4 {
+            ids.truncate(12);
+            text.truncate(12);
+            ids.extend([7, 8, 9]);
+            text.extend([" something".to_string(), " else".into(), " entirely".into()]);
+        }
+        s.apply(&stamp(SessionEvent::ReferencePrompt {
+            prompt: p,
+            token_ids: ids,
+            ttft_s: 0.012,
+            decode_tok_s: Some(107.1),
+            agreement: Some(AgreementStats {
+                positions: native.len(),
+                mean_kl: 7e-6,
+                max_kl: 7.7e-5,
+                top1_agreement: 1.0,
+                exact: true,
+            }),
+            text,
+        }));
+    }
+    s.apply(&stamp(SessionEvent::ReferenceDone {
+        peak_bytes: 815 << 20,
+        peak_gpu: None,
+    }));
+    let mut app = live_app(s, &rec.header.profile, "default");
+    app.view.prompt = Some(4);
+    let text = render_to_string(&mut app, 160, 50);
+    assert!(
+        text.contains("transformers 5.24.0 · 6/6 prompts")
+            && text.contains("(torch 2.15.0)")
+            && text.contains("decode 107.1 tok/s")
+            && text.contains("KL 7.0e-6")
+            && text.contains("leaves native at token 12")
+            && text.contains("something else"),
+        "{text}"
+    );
+    // Tab reaches the column (the ninth panel) and the wheel/arrow keys scroll it.
+    for _ in 0..8 {
+        app.update(Action::FocusNext);
+    }
+    assert_eq!(app.focused(), moescope::ui::app::Panel::Reference);
+    insta::assert_snapshot!("reference_done_160x50", text);
 }

@@ -242,6 +242,7 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         recommended_sampling: cfg.recommended_sampling.clone(),
         host: sysinfo::System::host_name().unwrap_or_else(|_| "unknown".into()),
         settings: Some(settings.clone()),
+        reference: reference_impl.map(|r| r.name().to_string()),
     };
     let config = RunConfig {
         native,

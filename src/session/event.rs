@@ -227,6 +227,10 @@ pub enum SessionEvent {
         ttft_s: f64,
         decode_tok_s: Option<f64>,
         agreement: Option<AgreementStats>,
+        /// Its tokens as text, one piece per token (decoded by moescope's tokenizer, as the
+        /// backends' are); absent from the first recordings.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        text: Vec<String>,
     },
     /// The reference's peak memory (its process's high-water mark, plus GPU where known).
     ReferenceDone {

@@ -104,6 +104,10 @@ pub struct Header {
     /// How the run was set up beyond its flags (absent from the first recordings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<Settings>,
+    /// The reference implementation asked for (`--reference-impl`), which runs after both
+    /// backends: named here so the dashboard shows its column from the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 /// "2026-11-25T23:40:12Z" from a system time (no calendar crate needed for UTC).

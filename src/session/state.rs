@@ -177,6 +177,9 @@ pub struct ReferenceState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReferencePromptResult {
     pub token_ids: Vec<u32>,
+    /// One text piece per token (empty in recordings made before the dashboard showed them).
+    #[serde(default)]
+    pub text: Vec<String>,
     pub ttft_s: f64,
     pub decode_tok_s: Option<f64>,
     pub agreement: Option<AgreementStats>,
@@ -488,11 +491,13 @@ impl SessionState {
                 ttft_s,
                 decode_tok_s,
                 agreement,
+                text,
             } => {
                 let n = self.num_prompts();
                 if let Some(slot) = self.reference_mut(n).prompts.get_mut(*prompt) {
                     *slot = Some(ReferencePromptResult {
                         token_ids: token_ids.clone(),
+                        text: text.clone(),
                         ttft_s: *ttft_s,
                         decode_tok_s: *decode_tok_s,
                         agreement: agreement.clone(),

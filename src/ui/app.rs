@@ -27,6 +27,8 @@ pub enum Panel {
     Memory(Backend),
     Gauges(Backend),
     Heatmap(Backend),
+    /// The reference implementation's column (`--reference-impl`), where there is room.
+    Reference,
 }
 
 impl Panel {
@@ -92,8 +94,9 @@ pub struct ViewState {
     pub help: bool,
     /// None: the final screen appears when the run finishes; Some: the viewer's choice.
     pub verdict: Option<bool>,
-    /// Lines scrolled up from the bottom, per backend's token panel.
-    pub scroll: [u16; 2],
+    /// Lines scrolled up from the bottom, per backend's token panel; then lines scrolled down
+    /// in the reference column.
+    pub scroll: [u16; 3],
     pub message: Option<String>,
     pub theme_index: usize,
     /// The prompt list is open, with this prompt selected.
@@ -101,6 +104,8 @@ pub struct ViewState {
     /// Where the last frame drew each panel, and the prompt list's rows (for the mouse).
     pub hit: Vec<(Rect, Panel)>,
     pub list_rows: Option<(Rect, usize)>,
+    /// The last frame had room for the reference column (it joins the focus order then).
+    pub reference_shown: bool,
 }
 
 pub struct App {
@@ -143,11 +148,12 @@ impl App {
                 zoom: false,
                 help: false,
                 verdict: None,
-                scroll: [0, 0],
+                scroll: [0, 0, 0],
                 message: None,
                 theme_index,
                 list: None,
                 hit: Vec::new(),
+                reference_shown: false,
                 list_rows: None,
             },
             theme,
@@ -171,8 +177,23 @@ impl App {
             .min(self.session.num_prompts().saturating_sub(1))
     }
 
+    /// The panels Tab visits, in order: the reference column's last, where it is drawn.
+    pub fn focus_order(&self) -> Vec<Panel> {
+        let mut v = Panel::ORDER.to_vec();
+        if self.view.reference_shown {
+            v.push(Panel::Reference);
+        }
+        v
+    }
+
     pub fn focused(&self) -> Panel {
-        Panel::ORDER[self.view.focus % Panel::ORDER.len()]
+        let order = self.focus_order();
+        order[self.view.focus % order.len()]
+    }
+
+    /// Whether a reference implementation was asked for (its column is drawn where it fits).
+    pub fn has_reference(&self) -> bool {
+        self.session.header.reference.is_some() || self.session.reference.is_some()
     }
 
     pub fn show_verdict(&self) -> bool {
@@ -197,6 +218,21 @@ impl App {
         self.study_cache.as_ref().and_then(|(_, s)| s.as_ref())
     }
 
+    /// Scrolls a text panel one line: token panels count up from their newest line, the
+    /// reference column down from its top; other panels do not scroll.
+    fn scroll(&mut self, panel: Panel, up: bool) {
+        let (s, towards_top) = match panel {
+            Panel::Tokens(b) => (&mut self.view.scroll[b.index()], up),
+            Panel::Reference => (&mut self.view.scroll[2], !up),
+            _ => return,
+        };
+        *s = if towards_top {
+            s.saturating_add(1)
+        } else {
+            s.saturating_sub(1)
+        };
+    }
+
     /// Whether a key may change the run (false in readonly mode and in replays).
     fn may_drive(&self) -> bool {
         self.mode == Mode::Live && !self.readonly
@@ -210,21 +246,20 @@ impl App {
             Action::ToggleHelp => self.view.help = !self.view.help,
             Action::ToggleZoom => self.view.zoom = !self.view.zoom,
             Action::ToggleVerdict => self.view.verdict = Some(!self.show_verdict()),
-            Action::FocusNext => self.view.focus = (self.view.focus + 1) % Panel::ORDER.len(),
+            Action::FocusNext => {
+                let n = self.focus_order().len();
+                self.view.focus = (self.view.focus % n + 1) % n;
+            }
             Action::FocusPrev => {
-                self.view.focus = (self.view.focus + Panel::ORDER.len() - 1) % Panel::ORDER.len()
+                let n = self.focus_order().len();
+                self.view.focus = (self.view.focus % n + n - 1) % n;
             }
             Action::ScrollUp | Action::ScrollDown => {
-                let b = match self.focused() {
-                    Panel::Tokens(b) => b,
-                    _ => Backend::Native,
+                let panel = match self.focused() {
+                    p @ (Panel::Tokens(_) | Panel::Reference) => p,
+                    _ => Panel::Tokens(Backend::Native),
                 };
-                let s = &mut self.view.scroll[b.index()];
-                *s = if a == Action::ScrollUp {
-                    s.saturating_add(1)
-                } else {
-                    s.saturating_sub(1)
-                };
+                self.scroll(panel, a == Action::ScrollUp);
             }
             Action::CycleTheme => {
                 self.view.theme_index = (self.view.theme_index + 1) % BUILTIN.len();
@@ -237,7 +272,7 @@ impl App {
             Action::NextPrompt | Action::Continue
                 if self.may_drive() && self.session.waiting.is_some() =>
             {
-                self.view.scroll = [0, 0];
+                self.view.scroll = [0, 0, 0];
                 return Some(Effect::Control(Control::Continue));
             }
             Action::Continue => {}
@@ -272,7 +307,7 @@ impl App {
                 } else {
                     cur.saturating_sub(1)
                 };
-                self.view.scroll = [0, 0];
+                self.view.scroll = [0, 0, 0];
                 self.view.verdict = Some(false);
                 if self.may_drive() {
                     self.view.prompt = None;
@@ -304,7 +339,7 @@ impl App {
             }
             Action::Rerun => {
                 if self.may_drive() {
-                    self.view.scroll = [0, 0];
+                    self.view.scroll = [0, 0, 0];
                     return Some(Effect::Control(Control::Rerun));
                 }
                 if self.mode == Mode::Replay {
@@ -332,7 +367,7 @@ impl App {
             KeyCode::Esc | KeyCode::Char('l') | KeyCode::Char('q') => self.view.list = None,
             KeyCode::Enter => {
                 self.view.list = None;
-                self.view.scroll = [0, 0];
+                self.view.scroll = [0, 0, 0];
                 return match self.mode {
                     Mode::Live if self.may_drive() && self.session.finished.is_none() => {
                         self.view.prompt = None;
@@ -381,19 +416,12 @@ impl App {
         let panel = self.view.hit.iter().find(|(r, _)| at(r)).map(|(_, p)| *p)?;
         match m.kind {
             MouseEventKind::Down(MouseButton::Left) => {
-                if let Some(k) = Panel::ORDER.iter().position(|p| *p == panel) {
+                if let Some(k) = self.focus_order().iter().position(|p| *p == panel) {
                     self.view.focus = k;
                 }
             }
             MouseEventKind::ScrollUp | MouseEventKind::ScrollDown => {
-                if let Panel::Tokens(b) = panel {
-                    let s = &mut self.view.scroll[b.index()];
-                    *s = if m.kind == MouseEventKind::ScrollUp {
-                        s.saturating_add(1)
-                    } else {
-                        s.saturating_sub(1)
-                    };
-                }
+                self.scroll(panel, m.kind == MouseEventKind::ScrollUp);
             }
             _ => {}
         }
@@ -449,10 +477,24 @@ impl App {
     }
 
     fn render_columns(&mut self, f: &mut Frame, area: Rect) {
+        // The reference gets a narrower third column where the two backends keep ~45 columns.
+        self.view.reference_shown = self.has_reference() && area.width >= 120;
+        let widths: &[Constraint] = if self.view.reference_shown {
+            &[
+                Constraint::Percentage(37),
+                Constraint::Percentage(37),
+                Constraint::Percentage(26),
+            ]
+        } else {
+            &[Constraint::Percentage(50), Constraint::Percentage(50)]
+        };
         let cols = Layout::default()
             .direction(Direction::Horizontal)
-            .constraints([Constraint::Percentage(50), Constraint::Percentage(50)])
+            .constraints(widths)
             .split(area);
+        if self.view.reference_shown {
+            self.render_panel(f, cols[2], Panel::Reference);
+        }
         let compact = area.height < 30;
         for (i, b) in Backend::BOTH.iter().enumerate() {
             let h = cols[i].height;
@@ -487,6 +529,7 @@ impl App {
             Panel::Memory(b) => panels::memory::render(f, area, self, b, focused),
             Panel::Gauges(b) => panels::gauges::render(f, area, self, b, focused),
             Panel::Heatmap(b) => panels::heatmap::render(f, area, self, b, focused),
+            Panel::Reference => panels::reference::render(f, area, self, focused),
         }
     }
 }

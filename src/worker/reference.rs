@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::memory;
+use crate::model::tokenizer::{StreamDecoder, TextTokenizer};
 use crate::session::event::SessionEvent;
 use crate::session::quality::{ScoreRow, agreement};
 
@@ -28,6 +29,14 @@ pub const SCRIPT: &str = include_str!("../../scripts/reference_worker.py");
 pub enum ReferenceImpl {
     /// Hugging Face transformers (PyTorch), eager experts.
     Transformers,
+}
+
+impl ReferenceImpl {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReferenceImpl::Transformers => "transformers",
+        }
+    }
 }
 
 impl std::str::FromStr for ReferenceImpl {
@@ -200,6 +209,18 @@ fn rows_from(v: &Value) -> Result<Vec<ScoreRow>, String> {
     serde_json::from_value(v["rows"].clone()).map_err(|e| format!("score: bad rows: {e}"))
 }
 
+/// One text piece per token, as a backend streams them (a character split over tokens shows
+/// with the token that completes it; what is held back at the end joins the last piece).
+fn pieces(tok: &TextTokenizer, ids: &[u32]) -> Vec<String> {
+    let mut d = StreamDecoder::new();
+    let mut out: Vec<String> = ids.iter().map(|&id| d.push(tok, id)).collect();
+    let rest = d.finish(tok);
+    if let Some(last) = out.last_mut() {
+        last.push_str(&rest);
+    }
+    out
+}
+
 /// Runs the reference on every prompt; every result (or the reason there is none) is an event.
 pub fn run(
     cfg: &ReferenceConfig,
@@ -219,6 +240,8 @@ fn run_inner(
     emit: &mut dyn FnMut(SessionEvent),
 ) -> Result<(), String> {
     let mut w = Worker::spawn(&cfg.python)?;
+    // The same tokenizer the backends' workers decode with, so the three columns compare.
+    let tokenizer = TextTokenizer::from_dir(&cfg.model_dir).ok();
     let gpu_base = cfg
         .gpu_memory
         .then(|| memory::Gpu::get().device_used())
@@ -260,8 +283,13 @@ fn run_inner(
             }
             _ => None,
         };
+        let text = tokenizer
+            .as_ref()
+            .map(|t| pieces(t, &token_ids))
+            .unwrap_or_default();
         emit(SessionEvent::ReferencePrompt {
             prompt: p.prompt,
+            text,
             token_ids,
             ttft_s: g["ttft_s"].as_f64().unwrap_or(0.0),
             decode_tok_s,

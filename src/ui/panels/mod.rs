@@ -9,6 +9,7 @@ pub mod heatmap;
 pub mod help;
 pub mod memory;
 pub mod prompts;
+pub mod reference;
 pub mod tokens;
 pub mod verdict;
 
