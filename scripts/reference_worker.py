@@ -149,8 +149,25 @@ def score(m, cmd, device):
 
     prompt, cont = cmd["prompt_ids"], cmd["continuation"]
     ids = torch.tensor([prompt + cont], device=device)
+    top_k = cmd.get("routing_top_k")
+    routing = None
     with torch.no_grad():
-        logits = m(input_ids=ids).logits[0].float()
+        out = None
+        if top_k:
+            try:
+                out = m(input_ids=ids, output_router_logits=True)
+            except TypeError:  # a model class without the option: no routing, still scored
+                out = None
+        if out is None:
+            out = m(input_ids=ids)
+        # One tensor per MoE layer, [positions, experts]: the k experts each position picked,
+        # per position and layer (None where the model does not report them).
+        layers = getattr(out, "router_logits", None) if top_k else None
+        if layers:
+            layers = [r[0] if r.dim() == 3 else r for r in layers]
+            picked = [torch.topk(r.float(), top_k, dim=-1).indices.tolist() for r in layers]
+            routing = [[layer[pos] for layer in picked] for pos in range(len(picked[0]))]
+        logits = out.logits[0].float()
     # The row that predicted continuation token j is the logits at position len(prompt)-1+j.
     logp = torch.log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(cont)], dim=-1)
     support = cmd["support"]
@@ -165,7 +182,7 @@ def score(m, cmd, device):
             sel = support[j]
             lp = row[torch.tensor(sel, device=row.device)].tolist() if sel else []
         rows.append({"ids": sel, "logp": lp, "top1": int(row.argmax())})
-    return {"ev": "scored", "rows": rows}
+    return {"ev": "scored", "rows": rows, "routing": routing}
 
 
 def main():

@@ -89,6 +89,18 @@ pub enum BenchCommand {
     Decode(BenchDecodeArgs),
     /// Write a random checkpoint in the real per-expert layout.
     RandomCheckpoint(RandomCheckpointArgs),
+    /// Compile the GPU kernels for this machine: both backends' paths on a tiny random model.
+    /// The driver caches what it compiles, so only the first use on a machine is slow (20–30 s
+    /// on an H200); `run` does this first so that neither backend's load time pays for it.
+    Kernels(KernelsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KernelsArgs {
+    #[arg(long, default_value = "cuda:0", value_parser = DeviceSpec::parse)]
+    pub device: DeviceSpec,
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    pub dtype: Dtype,
 }
 
 #[derive(Debug, Args)]

@@ -129,3 +129,15 @@ fn greedy_generation_is_deterministic_and_readable() {
         );
     }
 }
+
+/// `bench kernels` (what `run` does first on a GPU, so the driver's one-off kernel compile is in
+/// neither backend's load time) loads both backends on a tiny random checkpoint and decodes;
+/// on the CPU it exercises the same path.
+#[test]
+fn preparing_kernels_runs_both_backends() {
+    let (rc, out, err) = common::run(&["bench", "kernels", "--device", "cpu", "--dtype", "f32"]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.starts_with("kernels ready on cpu (f32) in "), "{out}");
+    let (rc, _, err) = common::run(&["bench", "kernels", "--device", "gpu"]);
+    assert_eq!(rc, 2, "a bad device is an input error: {err}");
+}

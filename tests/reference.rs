@@ -123,6 +123,20 @@ fn native_matches_transformers_on_fixtures_and_the_bundled_model() {
         assert_eq!(div.len(), 6, "{model}: every standard prompt compared");
         assert!(div.iter().all(|d| d.is_null()), "{model}: {r}");
         assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0);
+        // Teacher-forced, transformers' routers pick native's experts at every (position,
+        // MoE layer) — the same sets, not only the same tokens out.
+        assert_eq!(r["routing_same_pct"].as_f64(), Some(100.0), "{model}: {r}");
+        let pairs: usize = reference
+            .prompts
+            .iter()
+            .flatten()
+            .map(|p| p.routing.as_ref().unwrap().pairs)
+            .sum();
+        let moe_layers = state.header.moe.moe_layers.len();
+        assert!(
+            pairs >= 6 * 8 * moe_layers,
+            "{model}: {pairs} pairs compared"
+        );
         assert!(
             r["peak_bytes"].as_u64().unwrap() > 10 << 20,
             "{model}: a Python with torch"

@@ -409,7 +409,7 @@ fn mouse_focuses_scrolls_and_picks_a_prompt() {
 /// the tail after it leaves native highlighted, its speed, and native's KL against it.
 #[test]
 fn reference_column() {
-    use moescope::session::event::{AgreementStats, SessionEvent, Stamped};
+    use moescope::session::event::{AgreementStats, RoutingAgreement, SessionEvent, Stamped};
     let stamp = |event| Stamped { t: 9.0, event };
     let rec = recording(DEMO);
     let mut header = rec.header.clone();
@@ -467,6 +467,12 @@ fn reference_column() {
                 exact: true,
             }),
             text,
+            routing: Some(RoutingAgreement {
+                pairs: 100,
+                same: 100,
+                shared: 400,
+                picked: 400,
+            }),
         }));
     }
     s.apply(&stamp(SessionEvent::ReferenceDone {
@@ -481,6 +487,7 @@ fn reference_column() {
             && text.contains("(torch 2.15.0)")
             && text.contains("decode 107.1 tok/s")
             && text.contains("KL 7.0e-6")
+            && text.contains("same experts at 100.0 %")
             && text.contains("leaves native at token 12")
             && text.contains("something else"),
         "{text}"

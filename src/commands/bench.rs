@@ -12,7 +12,52 @@ pub fn run(cmd: &BenchCommand, settings: &Settings) -> Result<()> {
     match cmd {
         BenchCommand::Decode(a) => bench_decode(a, settings),
         BenchCommand::RandomCheckpoint(a) => random_checkpoint(a),
+        BenchCommand::Kernels(a) => {
+            let secs = kernels(a, settings)?;
+            println!(
+                "kernels ready on {} ({}) in {secs:.2} s",
+                a.device,
+                a.dtype.name()
+            );
+            Ok(())
+        }
     }
+}
+
+/// Runs native and selective (a cache of half the experts, so misses happen) through a few
+/// tokens of a tiny random checkpoint: every kernel module either backend loads is compiled,
+/// and the driver keeps the result for the next process. Seconds taken.
+pub fn kernels(a: &crate::cli::KernelsArgs, settings: &Settings) -> Result<f64> {
+    let start = std::time::Instant::now();
+    let dir = tempfile::tempdir()?;
+    let g = random::Geometry {
+        layers: 2,
+        hidden: 256,
+        experts: 8,
+        top_k: 2,
+        moe_intermediate: 128,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        vocab: 512,
+    };
+    random::write(&g, dir.path(), 1, 1 << 30)?;
+    for backend in [BackendKind::Native, BackendKind::Selective] {
+        let spec = BackendSpec {
+            model_dir: dir.path().to_path_buf(),
+            dtype: a.dtype,
+            device: a.device.clone(),
+            backend,
+            cache: CacheSettings {
+                cache_experts: Some(g.layers * g.experts / 2),
+                ..CacheSettings::default()
+            },
+            settings: settings.clone(),
+        };
+        let engine = spec.load(|_, _| {})?;
+        decode::run_ours(&engine, &decode::prompt(8, g.vocab), 6)?;
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {

@@ -246,10 +246,19 @@ pub fn reference_lines(r: &crate::session::export::ReferenceSummary) -> String {
         None if r.first_divergence.is_empty() => "no prompt compared".into(),
         None => "no divergence".into(),
     };
+    let routing = r
+        .routing_same_pct
+        .map(|p| {
+            format!(
+                " · same experts {p:.1} % of (position, layer), {} % of picks",
+                opt(r.routing_shared_pct, 1)
+            )
+        })
+        .unwrap_or_default();
     format!(
         "reference {name}: load {} s · decode {} tok/s · memory peak {peak}\n\
          moescope native matches {name}: mean KL {}{} · max KL {} · top-1 agreement {} % · \
-         identical tokens {} % · {divergence}\n",
+         identical tokens {} % · {divergence}{routing}\n",
         opt(r.load_s, 2),
         opt(r.decode_tok_s, 2),
         opt(r.mean_kl, 6),

@@ -128,6 +128,48 @@ pub struct AgreementStats {
     pub exact: bool,
 }
 
+/// Whether two implementations route alike: at every position both ran, per MoE layer, the
+/// set of experts each picked.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoutingAgreement {
+    /// (position, layer) pairs compared.
+    pub pairs: usize,
+    /// Pairs where both picked the same set of experts.
+    pub same: usize,
+    /// Experts both picked, summed over pairs, and the number each picked (k) summed likewise:
+    /// `shared / picked` is the share of picks in common.
+    pub shared: usize,
+    pub picked: usize,
+}
+
+impl RoutingAgreement {
+    /// Adds one (position, layer) pair: the two implementations' picks, in any order.
+    pub fn add(&mut self, a: &[u16], b: &[u16]) {
+        let (mut a, mut b) = (a.to_vec(), b.to_vec());
+        a.sort_unstable();
+        b.sort_unstable();
+        self.pairs += 1;
+        self.same += usize::from(a == b);
+        self.shared += a.iter().filter(|e| b.binary_search(e).is_ok()).count();
+        self.picked += a.len().max(b.len());
+    }
+
+    pub fn merge(&mut self, o: &RoutingAgreement) {
+        self.pairs += o.pairs;
+        self.same += o.same;
+        self.shared += o.shared;
+        self.picked += o.picked;
+    }
+
+    pub fn same_pct(&self) -> Option<f64> {
+        (self.pairs > 0).then(|| 100.0 * self.same as f64 / self.pairs as f64)
+    }
+
+    pub fn shared_pct(&self) -> Option<f64> {
+        (self.picked > 0).then(|| 100.0 * self.shared as f64 / self.picked as f64)
+    }
+}
+
 /// Everything that can happen in a session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -231,6 +273,10 @@ pub enum SessionEvent {
         /// backends' are); absent from the first recordings.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         text: Vec<String>,
+        /// Teacher-forced on native's tokens: its routing against native's, where native's
+        /// was traced and the reference reports its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        routing: Option<RoutingAgreement>,
     },
     /// The reference's peak memory (its process's high-water mark, plus GPU where known).
     ReferenceDone {

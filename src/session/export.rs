@@ -144,6 +144,12 @@ pub struct ReferenceSummary {
     /// per prompt the first position where they differ (None: identical).
     pub token_agreement_pct: Option<f64>,
     pub first_divergence: Vec<Option<usize>>,
+    /// Teacher-forced on native's tokens, (position, MoE layer) pairs where both picked the
+    /// same experts, % — and the share of picks in common, % (absent: routing not compared).
+    #[serde(default)]
+    pub routing_same_pct: Option<f64>,
+    #[serde(default)]
+    pub routing_shared_pct: Option<f64>,
 }
 
 /// The reference check's figures from a session (None when no reference was asked for).
@@ -175,6 +181,12 @@ pub fn reference_summary(s: &SessionState) -> Option<ReferenceSummary> {
             secs += n / v;
         }
     }
+    let mut routing = crate::session::event::RoutingAgreement::default();
+    for (_, p) in &done {
+        if let Some(r) = &p.routing {
+            routing.merge(r);
+        }
+    }
     let mut agree = Vec::new();
     let mut first_divergence = Vec::new();
     for (i, p) in &done {
@@ -198,6 +210,8 @@ pub fn reference_summary(s: &SessionState) -> Option<ReferenceSummary> {
         token_agreement_pct: (!agree.is_empty())
             .then(|| agree.iter().sum::<f64>() / agree.len() as f64),
         first_divergence,
+        routing_same_pct: routing.same_pct(),
+        routing_shared_pct: routing.shared_pct(),
     })
 }
 

@@ -180,6 +180,8 @@ pub struct ReferencePromptResult {
     /// One text piece per token (empty in recordings made before the dashboard showed them).
     #[serde(default)]
     pub text: Vec<String>,
+    #[serde(default)]
+    pub routing: Option<crate::session::event::RoutingAgreement>,
     pub ttft_s: f64,
     pub decode_tok_s: Option<f64>,
     pub agreement: Option<AgreementStats>,
@@ -492,12 +494,14 @@ impl SessionState {
                 decode_tok_s,
                 agreement,
                 text,
+                routing,
             } => {
                 let n = self.num_prompts();
                 if let Some(slot) = self.reference_mut(n).prompts.get_mut(*prompt) {
                     *slot = Some(ReferencePromptResult {
                         token_ids: token_ids.clone(),
                         text: text.clone(),
+                        routing: routing.clone(),
                         ttft_s: *ttft_s,
                         decode_tok_s: *decode_tok_s,
                         agreement: agreement.clone(),

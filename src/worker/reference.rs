@@ -8,6 +8,7 @@
 //! Anything missing (Python, torch, transformers) or failing is one `ReferenceUnavailable`
 //! event with the reason; the run goes on.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -18,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::memory;
 use crate::model::tokenizer::{StreamDecoder, TextTokenizer};
-use crate::session::event::SessionEvent;
+use crate::session::event::{RoutingAgreement, SessionEvent};
 use crate::session::quality::{ScoreRow, agreement};
 
 /// The worker script, carried in the binary so an installed moescope needs no source tree.
@@ -76,6 +77,9 @@ pub struct ReferencePromptInput {
     pub native_tokens: Vec<u32>,
     pub native_rows: Option<(Vec<ScoreRow>, bool)>,
     pub max_new_tokens: usize,
+    /// Native's routing on this prompt: position → experts per MoE layer (empty when it was
+    /// not traced).
+    pub native_routing: BTreeMap<usize, Vec<Vec<u16>>>,
 }
 
 struct Worker {
@@ -209,6 +213,26 @@ fn rows_from(v: &Value) -> Result<Vec<ScoreRow>, String> {
     serde_json::from_value(v["rows"].clone()).map_err(|e| format!("score: bad rows: {e}"))
 }
 
+/// Native's routing against the reference's (`theirs[position][moe layer]`), at every position
+/// both have; `None` when none is shared (a layer count that differs is not compared).
+fn compare_routing(
+    native: &BTreeMap<usize, Vec<Vec<u16>>>,
+    theirs: &[Vec<Vec<u16>>],
+) -> Option<RoutingAgreement> {
+    let mut a = RoutingAgreement::default();
+    for (&pos, layers) in native {
+        let Some(other) = theirs.get(pos).filter(|o| o.len() == layers.len()) else {
+            continue;
+        };
+        for (mine, their) in layers.iter().zip(other) {
+            if !mine.is_empty() {
+                a.add(mine, their);
+            }
+        }
+    }
+    (a.pairs > 0).then_some(a)
+}
+
 /// One text piece per token, as a backend streams them (a character split over tokens shows
 /// with the token that completes it; what is held back at the end joins the last piece).
 fn pieces(tok: &TextTokenizer, ids: &[u32]) -> Vec<String> {
@@ -270,18 +294,24 @@ fn run_inner(
         let decode_s = g["decode_s"].as_f64().unwrap_or(0.0);
         let decode_tok_s = (token_ids.len() > 1 && decode_s > 0.0)
             .then(|| (token_ids.len() - 1) as f64 / decode_s);
-        // Teacher-forced on native's tokens, over native's support: KL(native ‖ reference).
-        let agreement = match &p.native_rows {
+        // Teacher-forced on native's tokens, over native's support: KL(native ‖ reference),
+        // and where native's routing was traced, the reference's beside it.
+        let top_k = p.native_routing.values().flatten().map(Vec::len).max();
+        let (agreement, routing) = match &p.native_rows {
             Some((rows, full)) if !p.native_tokens.is_empty() => {
                 let support: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
                 let scored = w.call(
                     json!({"cmd": "score", "prompt_ids": p.prompt_ids,
-                           "continuation": p.native_tokens, "support": support}),
+                           "continuation": p.native_tokens, "support": support,
+                           "routing_top_k": top_k}),
                     budget,
                 )?;
-                Some(agreement(rows, &rows_from(&scored)?, *full))
+                let theirs: Option<Vec<Vec<Vec<u16>>>> =
+                    serde_json::from_value(scored["routing"].clone()).ok();
+                let routing = theirs.and_then(|t| compare_routing(&p.native_routing, &t));
+                (Some(agreement(rows, &rows_from(&scored)?, *full)), routing)
             }
-            _ => None,
+            _ => (None, None),
         };
         let text = tokenizer
             .as_ref()
@@ -290,6 +320,7 @@ fn run_inner(
         emit(SessionEvent::ReferencePrompt {
             prompt: p.prompt,
             text,
+            routing,
             token_ids,
             ttft_s: g["ttft_s"].as_f64().unwrap_or(0.0),
             decode_tok_s,
@@ -304,4 +335,31 @@ fn run_inner(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_is_compared_per_position_and_layer_as_sets() {
+        // Native traced positions 3 and 4 over two MoE layers (k = 2).
+        let native = BTreeMap::from([
+            (3, vec![vec![5, 1], vec![2, 7]]),
+            (4, vec![vec![0, 9], vec![3, 4]]),
+        ]);
+        // The reference at positions 0..5: same sets in another order at 3; at 4 one layer
+        // shares one expert of two.
+        let mut theirs = vec![vec![vec![0, 0], vec![0, 0]]; 5];
+        theirs[3] = vec![vec![1, 5], vec![7, 2]];
+        theirs[4] = vec![vec![9, 0], vec![4, 8]];
+        let a = compare_routing(&native, &theirs).unwrap();
+        assert_eq!((a.pairs, a.same, a.shared, a.picked), (4, 3, 7, 8));
+        assert_eq!(a.same_pct(), Some(75.0));
+        assert_eq!(a.shared_pct(), Some(87.5));
+        // Positions the reference did not report, or another layer count: nothing compared.
+        assert!(compare_routing(&native, &theirs[..3]).is_none());
+        let other_layers = vec![vec![vec![1, 5]]; 5];
+        assert!(compare_routing(&native, &other_layers).is_none());
+    }
 }

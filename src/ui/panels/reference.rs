@@ -82,6 +82,12 @@ fn facts(app: &App, prompt: usize) -> Vec<(String, Style)> {
                 )),
                 None => v.push(("native was not scored on this prompt".into(), t.muted)),
             }
+            if let Some(same) = p.routing.as_ref().and_then(|r| r.same_pct()) {
+                v.push((
+                    format!("same experts at {same:.1} % of (token, layer)"),
+                    if same >= 99.0 { t.good } else { t.warn },
+                ));
+            }
         }
         None => v.push(("this prompt: pending".into(), t.muted)),
     }

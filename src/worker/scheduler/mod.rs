@@ -191,6 +191,9 @@ struct Scheduler {
     /// Native's score rows per prompt (sequential schedule compares later).
     native_rows: HashMap<usize, (Vec<ScoreRow>, bool)>,
     native_tokens: HashMap<usize, Vec<u32>>,
+    /// Native's routing per prompt (position → experts per MoE layer), kept only when a
+    /// reference will be compared with it.
+    native_routing: HashMap<usize, std::collections::BTreeMap<usize, Vec<Vec<u16>>>>,
 }
 
 /// Runs the whole session. Returns when every prompt ran (or the user quit).
@@ -249,6 +252,7 @@ pub async fn run(
         ctl_closed: false,
         native_rows: HashMap::new(),
         native_tokens: HashMap::new(),
+        native_routing: HashMap::new(),
     };
     if s.cfg.step {
         s.step_mode = true;
@@ -464,6 +468,7 @@ impl Scheduler {
                 prompt_ids: ids,
                 native_tokens: tokens.clone(),
                 native_rows: Some(rows.clone()),
+                native_routing: self.native_routing.get(&i).cloned().unwrap_or_default(),
                 max_new_tokens: self.cfg.prompts.max_new_tokens_of(i),
             });
         }

@@ -262,12 +262,27 @@ impl Scheduler {
                 self.sample_now(b);
             }
             SessionEvent::PromptStarted { prompt, .. } => {
+                if b == Backend::Native {
+                    // A rerun routes afresh.
+                    self.native_routing.remove(prompt);
+                }
                 let st = self.ws(b);
                 st.generating = Some(*prompt);
                 st.tokens = 0;
                 st.done = None;
             }
             SessionEvent::Token { .. } => self.ws(b).tokens += 1,
+            SessionEvent::Routing {
+                prompt,
+                position,
+                experts,
+                ..
+            } if b == Backend::Native && self.cfg.reference.is_some() => {
+                self.native_routing
+                    .entry(*prompt)
+                    .or_default()
+                    .insert(*position, experts.clone());
+            }
             SessionEvent::PromptDone {
                 prompt,
                 finish,
