@@ -303,6 +303,8 @@ pub struct WatchArgs {
 pub enum ExportFormat {
     Json,
     Markdown,
+    /// One self-contained page: verdict, tables, both outputs, charts (inline SVG, no script).
+    Html,
     /// The routing trace alone (for `moescope simulate`).
     Trace,
 }

@@ -111,6 +111,10 @@ pub fn export(a: &ExportArgs) -> Result<()> {
     let text = match a.format {
         ExportFormat::Json => report::json::summary(&summary()?),
         ExportFormat::Markdown => report::markdown::markdown(&summary()?),
+        ExportFormat::Html => {
+            let study = crate::session::study::run_study(&state);
+            report::html::html(&rec, &state, &summary()?, study.as_ref())
+        }
         ExportFormat::Trace => {
             let input = crate::session::study::from_state(&state);
             if input.steps.is_empty() {

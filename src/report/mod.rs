@@ -2,6 +2,8 @@
 //! many printers"): the session summary as JSON with its schema and as markdown, the headless
 //! final table and verdict lines, the sweep, simulate and verify tables, routing traces.
 
+pub mod charts;
+pub mod html;
 pub mod json;
 pub mod markdown;
 pub mod simulate;
