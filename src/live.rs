@@ -122,6 +122,13 @@ impl LiveRun {
 }
 
 /// Writes `summary` next to `recording` (`.summary.json`); returns its path.
+/// Where the dashboard's `e` writes the HTML report: `<recording>.report.html`.
+pub fn report_path(recording: &Path) -> PathBuf {
+    let mut s = recording.as_os_str().to_owned();
+    s.push(".report.html");
+    PathBuf::from(s)
+}
+
 pub fn write_summary(recording: &Path, summary: &Summary) -> std::io::Result<PathBuf> {
     let path = summary_path(recording);
     crate::util::write_atomic(&path, &report::json::summary(summary))?;

@@ -420,3 +420,57 @@ fn the_prompt_list_jumps_a_live_run() {
     t.keys("q");
     t.wait_for(&["EXITED-0"], 20);
 }
+
+/// The instrument end to end, as the issue describes it: a live run in step mode waits on its
+/// card; a typed prompt runs next on both backends; a token of it is inspected; `e` exports the
+/// summary and the HTML report; the run is finished and quit; the recording replays.
+#[test]
+fn step_ask_inspect_export_and_replay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("i.ndjson");
+    let cmd = format!(
+        "{} run --step --max-new-tokens 8 --record {}",
+        bin().display(),
+        rec.display()
+    );
+    let t = Tmux::start("moescope-test-inspect", 160, 50, &cmd);
+    t.wait_for(&["prompt 1/6 done · waiting"], 90);
+    t.keys("a");
+    t.wait_for(&["ask ›"], 10);
+    for k in ["Why", "Space", "is", "Space", "the", "Space", "sky?"] {
+        t.keys(k);
+    }
+    t.keys("Enter");
+    let s = t.wait_for(
+        &["prompt 7/7 done · waiting", "[ad hoc] Why is the sky?"],
+        60,
+    );
+    assert!(s.contains("same tokens"), "{s}");
+    t.keys("i");
+    let s = t.wait_for(
+        &["inspect · ←/→ token", "native top-5:", "selective top-5:"],
+        10,
+    );
+    assert!(s.contains("token 8 of 8"), "opens on the last token:\n{s}");
+    t.keys("Left");
+    let s = t.wait_for(&["token 7 of 8"], 10);
+    assert!(
+        s.contains("KL here") && s.contains("routing at position"),
+        "{s}"
+    );
+    // `i` closes it (an Escape followed at once by `e` would read as Alt-e).
+    t.keys("i");
+    t.wait_for(&["n / Enter: next prompt"], 10);
+    t.keys("e");
+    t.wait_for(&["report.html"], 20);
+    t.keys("s");
+    t.keys("Enter");
+    t.wait_for(&["VERDICT"], 120);
+    t.keys("q");
+    t.wait_for(&["EXITED-0"], 20);
+    let html = std::fs::read_to_string(format!("{}.report.html", rec.display())).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.contains("Why is the sky?"));
+    let (rc, out, err) = run(&["replay", "--no-tui", rec.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("verdict"), "{out}");
+}

@@ -499,3 +499,37 @@ fn reference_column() {
     assert_eq!(app.focused(), moescope::ui::app::Panel::Reference);
     insta::assert_snapshot!("reference_done_160x50", text);
 }
+
+/// The token inspector (`i`, then ←/→) on a real recording: the token under the cursor reversed
+/// in both token panels; below them each backend's probability and top-5 there, the KL, and
+/// the routing per layer, with what selective had to load for this token bracketed.
+#[test]
+fn token_inspector() {
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    for (w, h) in [(80, 24), (160, 50)] {
+        let mut app = app_at("tests/fixtures/events/inspect.ndjson", 1.0, "default");
+        app.view.verdict = Some(false);
+        app.view.prompt = Some(1);
+        app.update(Action::Inspect);
+        // No divergence: it opens on native's last token; two steps back.
+        assert_eq!(app.view.inspect, Some(11));
+        for _ in 0..2 {
+            app.inspect_key(KeyEvent::new(KeyCode::Left, KeyModifiers::NONE));
+        }
+        assert_eq!(app.view.inspect, Some(9));
+        let text = render_to_string(&mut app, w, h);
+        assert!(text.contains("token 10 of 12"), "{text}");
+        if h >= 50 {
+            assert!(
+                text.contains("native top-5:")
+                    && text.contains("selective top-5:")
+                    && text.contains("KL here 0.00e0")
+                    && text.contains("selective routing at position"),
+                "{text}"
+            );
+        }
+        insta::assert_snapshot!(format!("token_inspector_{w}x{h}"), text);
+        app.inspect_key(KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE));
+        assert_eq!(app.view.inspect, None);
+    }
+}

@@ -92,6 +92,8 @@ pub struct Pools {
     prefetched_unused: HashSet<u32>,
     /// Loaded ahead and evicted before any request.
     prefetch_evicted_unused: u64,
+    /// Every miss as (layer, expert), while [`Self::log_misses`] is on (for a per-token view).
+    miss_log: Option<Vec<(u16, u16)>>,
 }
 
 impl Pools {
@@ -136,6 +138,7 @@ impl Pools {
             evictions: 0,
             prefetched_unused: HashSet::new(),
             prefetch_evicted_unused: 0,
+            miss_log: None,
         }
     }
 
@@ -258,9 +261,25 @@ impl Pools {
                 if let Some(li) = li {
                     self.layers[li].misses[expert] += 1;
                 }
+                if let Some(log) = &mut self.miss_log {
+                    log.push((layer as u16, expert as u16));
+                }
                 None
             }
         }
+    }
+
+    /// Starts (or stops) logging misses; see [`Self::take_misses`].
+    pub fn log_misses(&mut self, on: bool) {
+        self.miss_log = on.then(Vec::new);
+    }
+
+    /// The misses since the last call, as (layer, expert), in the order they happened.
+    pub fn take_misses(&mut self) -> Vec<(u16, u16)> {
+        self.miss_log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Makes (layer, expert) resident: its home slot, else a free one, else the slot of the

@@ -219,6 +219,12 @@ pub enum SessionEvent {
         /// How its forward pass ran (absent in recordings made before it was recorded).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         path: Option<StepPath>,
+        /// Selective: the experts its forward pass had to load, as (layer, expert), and the
+        /// load time counted during it, µs (absent for native and in older recordings).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        loaded: Vec<(u16, u16)>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        load_us: Option<u64>,
     },
     Cache {
         backend: Backend,
@@ -254,6 +260,12 @@ pub enum SessionEvent {
     Agreement {
         prompt: usize,
         stats: AgreementStats,
+    },
+    /// The same scoring, per position of native's output: each backend's top tokens and the
+    /// KL there (the dashboard's token inspector).
+    Alternatives {
+        prompt: usize,
+        positions: Vec<crate::session::quality::PositionDetail>,
     },
     /// A reference implementation (`--reference-impl`) loaded the same weights, after both
     /// backends had run: moescope native is checked against it; the verdict is not.

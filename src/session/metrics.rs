@@ -291,6 +291,9 @@ mod tests {
             dt,
             prefill,
             path,
+            loaded: Vec::new(),
+            load_us: None,
+            position: None,
         }
     }
 

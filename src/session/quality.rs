@@ -122,6 +122,59 @@ pub fn agreement(native: &[ScoreRow], selective: &[ScoreRow], full_vocab: bool) 
     }
 }
 
+/// One candidate next token: its id, probability and text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alternative {
+    pub id: u32,
+    pub p: f32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub text: String,
+}
+
+/// At one position of native's output (teacher-forced): each backend's most likely next
+/// tokens and KL(native ‖ selective) there. Selective's are ranked within native's support.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PositionDetail {
+    pub native: Vec<Alternative>,
+    pub selective: Vec<Alternative>,
+    pub kl: f64,
+}
+
+fn top(ids: &[u32], logp: &[f32], k: usize) -> Vec<Alternative> {
+    let mut v: Vec<(u32, f32)> = ids.iter().copied().zip(logp.iter().copied()).collect();
+    // NaN-aware: a NaN ranks last rather than scrambling the order.
+    v.sort_by(|a, b| {
+        b.1.partial_cmp(&a.1)
+            .unwrap_or_else(|| a.1.is_nan().cmp(&b.1.is_nan()))
+    });
+    v.into_iter()
+        .take(k)
+        .map(|(id, lp)| Alternative {
+            id,
+            p: lp.exp(),
+            text: String::new(),
+        })
+        .collect()
+}
+
+/// Per position, both backends' `k` most likely tokens and the KL — what the token inspector
+/// shows; kept to `k` per side so recordings stay small.
+pub fn position_details(
+    native: &[ScoreRow],
+    selective: &[ScoreRow],
+    k: usize,
+) -> Vec<PositionDetail> {
+    native
+        .iter()
+        .zip(selective)
+        .map(|(a, b)| PositionDetail {
+            native: top(&a.ids, &a.logp, k),
+            selective: top(&b.ids, &b.logp, k),
+            kl: kl_on_support(&a.logp, &b.logp),
+        })
+        .collect()
+}
+
 pub fn perplexity(nll_sum: f64, tokens: usize) -> f64 {
     if tokens == 0 {
         f64::NAN

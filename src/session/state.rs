@@ -45,6 +45,14 @@ pub struct TokenRecord {
     pub prefill: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<StepPath>,
+    /// Selective: the experts this token's step loaded, (layer, expert), and their load time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loaded: Vec<(u16, u16)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_us: Option<u64>,
+    /// The position whose routing produced this token (the last one traced before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +203,9 @@ pub struct SessionState {
     pub current_prompt: usize,
     pub paused: bool,
     pub agreement: Vec<Option<AgreementStats>>,
+    /// Per prompt, per position of native's output: both backends' top tokens and the KL.
+    #[serde(default)]
+    pub alternatives: Vec<Option<Vec<crate::session::quality::PositionDetail>>>,
     pub warnings: Vec<String>,
     pub finished: Option<String>,
     /// Session time of the last event applied.
@@ -235,6 +246,7 @@ impl SessionState {
             current_prompt: 0,
             paused: false,
             agreement: vec![None; n],
+            alternatives: vec![None; n],
             warnings: Vec::new(),
             finished: None,
             now: 0.0,
@@ -347,6 +359,9 @@ impl SessionState {
                 };
                 if *backend == Backend::Selective {
                     self.agreement[*prompt] = None;
+                    if let Some(a) = self.alternatives.get_mut(*prompt) {
+                        *a = None;
+                    }
                 }
                 let bi = backend.index();
                 self.traces[bi].retain(|s| s.prompt != *prompt);
@@ -359,8 +374,14 @@ impl SessionState {
                 dt,
                 prefill,
                 path,
+                loaded,
+                load_us,
                 ..
             } => {
+                let position = self.traces[backend.index()]
+                    .last()
+                    .filter(|s| s.prompt == *prompt)
+                    .map(|s| s.position);
                 let b = self.backend_mut(*backend);
                 if let Some(run) = b.runs.get_mut(*prompt) {
                     run.tokens.push(TokenRecord {
@@ -369,6 +390,9 @@ impl SessionState {
                         dt: *dt,
                         prefill: *prefill,
                         path: *path,
+                        loaded: loaded.clone(),
+                        load_us: *load_us,
+                        position,
                     });
                     run.text.push_str(text);
                 }
@@ -473,6 +497,11 @@ impl SessionState {
                     b.status = if all { Status::Done } else { Status::Ready };
                 }
             }
+            SessionEvent::Alternatives { prompt, positions } => {
+                if let Some(a) = self.alternatives.get_mut(*prompt) {
+                    *a = Some(positions.clone());
+                }
+            }
             SessionEvent::Agreement { prompt, stats } => {
                 if let Some(a) = self.agreement.get_mut(*prompt) {
                     *a = Some(stats.clone());
@@ -523,6 +552,7 @@ impl SessionState {
                     b.runs.push(PromptRun::default());
                 }
                 self.agreement.push(None);
+                self.alternatives.push(None);
                 if let Some(r) = &mut self.reference {
                     r.prompts.push(None);
                 }

@@ -69,6 +69,8 @@ pub enum Action {
     Ask,
     /// Open / close the prompt list (`l`).
     ToggleList,
+    /// Open the token inspector (`i`).
+    Inspect,
 }
 
 /// What the runner must do after an action.
@@ -106,6 +108,8 @@ pub struct ViewState {
     pub list_rows: Option<(Rect, usize)>,
     /// The last frame had room for the reference column (it joins the focus order then).
     pub reference_shown: bool,
+    /// The token inspector is open on this token of the prompt shown.
+    pub inspect: Option<usize>,
 }
 
 pub struct App {
@@ -154,6 +158,7 @@ impl App {
                 list: None,
                 hit: Vec::new(),
                 reference_shown: false,
+                inspect: None,
                 list_rows: None,
             },
             theme,
@@ -276,6 +281,20 @@ impl App {
                 return Some(Effect::Control(Control::Continue));
             }
             Action::Continue => {}
+            Action::Inspect => {
+                // Where the outputs part if they do, else native's newest token.
+                let p = self.prompt();
+                let n = self.session.backends[0]
+                    .runs
+                    .get(p)
+                    .map_or(0, |r| r.tokens.len());
+                if n == 0 {
+                    self.view.message = Some("no token to inspect yet".into());
+                } else {
+                    let div = crate::ui::panels::tokens::first_divergence(self, p);
+                    self.view.inspect = Some(div.unwrap_or(n - 1).min(n - 1));
+                }
+            }
             Action::ToggleList => {
                 self.view.list = match self.view.list {
                     Some(_) => None,
@@ -350,6 +369,38 @@ impl App {
             Action::Export => return Some(Effect::Export),
         }
         None
+    }
+
+    /// A key while the inspector is open: ←/→ (h/l) move a token, Home/End jump, Esc, `i` or
+    /// `q` close; `n`/`p` change prompt and start on its first token.
+    pub fn inspect_key(&mut self, k: crossterm::event::KeyEvent) {
+        use crossterm::event::KeyCode;
+        let Some(i) = self.view.inspect else { return };
+        let n = self.session.backends[0]
+            .runs
+            .get(self.prompt())
+            .map_or(0, |r| r.tokens.len());
+        let last = n.saturating_sub(1);
+        self.view.inspect = match k.code {
+            KeyCode::Left | KeyCode::Char('h') => Some(i.saturating_sub(1)),
+            KeyCode::Right | KeyCode::Char('l') => Some((i + 1).min(last)),
+            KeyCode::Home => Some(0),
+            KeyCode::End => Some(last),
+            KeyCode::Char('n') | KeyCode::Char('p') => {
+                let p = self.prompt();
+                let np = self.session.num_prompts();
+                let to = if k.code == KeyCode::Char('n') {
+                    (p + 1).min(np.saturating_sub(1))
+                } else {
+                    p.saturating_sub(1)
+                };
+                self.view.prompt = Some(to);
+                self.view.scroll = [0, 0, 0];
+                Some(0)
+            }
+            KeyCode::Esc | KeyCode::Char('i') | KeyCode::Char('q') => None,
+            _ => Some(i.min(last)),
+        };
     }
 
     /// A key while the prompt list is open: ↑/↓ move, Enter jumps (live: runs it next, unless
@@ -464,6 +515,11 @@ impl App {
             && !self.show_verdict()
         {
             panels::card::render(f, rows[1], self, p);
+        }
+        if let Some(i) = self.view.inspect
+            && !self.show_verdict()
+        {
+            panels::inspect::render(f, rows[1], self, i);
         }
         if let Some(sel) = self.view.list {
             self.view.list_rows = Some(panels::prompts::render(f, rows[1], self, sel));

@@ -31,6 +31,7 @@ pub fn action(k: KeyEvent) -> Option<Action> {
         KeyCode::Char('s') => Action::ToggleStepMode,
         KeyCode::Char('a') => Action::Ask,
         KeyCode::Char('l') => Action::ToggleList,
+        KeyCode::Char('i') => Action::Inspect,
         KeyCode::Enter => Action::Continue,
         KeyCode::Up | KeyCode::Char('k') => Action::ScrollUp,
         KeyCode::Down | KeyCode::Char('j') => Action::ScrollDown,
@@ -60,6 +61,7 @@ mod tests {
             (KeyCode::Char('s'), Action::ToggleStepMode),
             (KeyCode::Char('a'), Action::Ask),
             (KeyCode::Char('l'), Action::ToggleList),
+            (KeyCode::Char('i'), Action::Inspect),
             (KeyCode::Enter, Action::Continue),
         ] {
             assert_eq!(action(k(code)), Some(a));

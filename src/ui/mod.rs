@@ -74,9 +74,32 @@ fn export_now(app: &App) -> String {
     let Some(rec) = &app.recording else {
         return "no recording to export next to".into();
     };
-    match write_summary(rec, &export::summarize(&app.session, &app.profile)) {
-        Ok(path) => format!("exported {}", path.display()),
-        Err(e) => format!("export failed: {e}"),
+    let summary = export::summarize(&app.session, &app.profile);
+    let json = match write_summary(rec, &summary) {
+        Ok(path) => path,
+        Err(e) => return format!("export failed: {e}"),
+    };
+    // The HTML report beside it: its charts need the whole event history, read back from the
+    // recording (complete up to the last event written).
+    let html = crate::live::report_path(rec);
+    let written = crate::session::record::read(rec).and_then(|r| {
+        let study = crate::session::study::run_study(&app.session);
+        let page = crate::report::html::html(&r, &app.session, &summary, study.as_ref());
+        crate::util::write_atomic(&html, &page).map_err(|e| e.to_string())
+    });
+    // Names only: the footer is one line, and both files sit beside the recording.
+    let name = |p: &std::path::Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    match written {
+        Ok(()) => format!(
+            "exported {} and {} beside the recording",
+            name(&json),
+            name(&html)
+        ),
+        Err(e) => format!("exported {}; the HTML report failed: {e}", name(&json)),
     }
 }
 
@@ -362,6 +385,12 @@ async fn event_loop(app: &mut App, source: &mut Source, fps: u32) -> Result<term
                         {
                             app.view.message = Some(format!("asked: {text}"));
                             source.act(app, Effect::Control(Control::AddPrompt(text)));
+                        }
+                        dirty = true;
+                    }
+                    Some(Ok(Event::Key(key))) if app.view.inspect.is_some() => {
+                        if key.kind != crossterm::event::KeyEventKind::Release {
+                            app.inspect_key(key);
                         }
                         dirty = true;
                     }

@@ -190,10 +190,16 @@ mod tests {
             dt: 0.01,
             prefill: false,
             path: Some(StepPath::Piecewise),
+            loaded: vec![(1, 5), (2, 0)],
+            load_us: Some(420),
         }));
         let line = serde_json::to_string(&ev).unwrap();
         assert!(!line.contains('\n'));
         assert!(line.contains(r#""path":"piecewise""#), "{line}");
+        assert!(
+            line.contains(r#""loaded":[[1,5],[2,0]],"load_us":420"#),
+            "{line}"
+        );
         assert_eq!(serde_json::from_str::<WorkerEvent>(&line).unwrap(), ev);
         // A token line that does not say how the step ran still parses.
         let old = r#"{"ev":"session","type":"token","backend":"native","prompt":0,"index":1,"id":2,"text":"x","dt":0.5,"prefill":false}"#;

@@ -36,6 +36,8 @@ struct Loads {
     /// Loads through the temporary-stack path (see `CacheSnapshot::overflow_loads`).
     overflow: u64,
     overflow_time_us: u64,
+    /// `time_us` when the last step's loads were taken (see `CachedProvider::take_step_loads`).
+    taken_us: u64,
 }
 
 impl Loads {
@@ -292,6 +294,23 @@ impl CachedProvider {
         drop(s);
         self.loaded.notify_all();
         out
+    }
+
+    /// Logs each miss from now on, for [`Self::take_step_loads`] (the dashboard's token
+    /// inspector asks, per decode step, which experts were loaded).
+    pub fn log_misses(&self, on: bool) {
+        self.lock().pools.log_misses(on);
+    }
+
+    /// The experts that missed since the last call, as (layer, expert), and the load time
+    /// counted since, µs. On the GPU's direct path a copy's time is counted once the device has
+    /// done it, so it may land on the next step.
+    pub fn take_step_loads(&self) -> (Vec<(u16, u16)>, u64) {
+        let mut s = self.lock();
+        let misses = s.pools.take_misses();
+        let us = s.loads.time_us.saturating_sub(s.loads.taken_us);
+        s.loads.taken_us = s.loads.time_us;
+        (misses, us)
     }
 
     pub fn snapshot(&self) -> CacheSnapshot {

@@ -21,11 +21,9 @@ pub const KEYS: [(&str, &str); 19] = [
         "l",
         "prompt list: Enter runs one next (replay: seeks to it)",
     ),
+    ("i", "inspect a token: ←/→ move, top-5, KL, routing, loads"),
     ("r", "rerun the current prompt (replay: restart)"),
-    (
-        "e",
-        "export the session summary now (JSON by the recording)",
-    ),
+    ("e", "export summary JSON + HTML report now"),
     ("t", "cycle colour theme"),
     ("tab / shift-tab", "focus the next / previous panel"),
     ("z", "zoom the focused panel (again to return)"),
@@ -36,7 +34,6 @@ pub const KEYS: [(&str, &str); 19] = [
         "q / Ctrl-C",
         "quit: workers stopped, recording closed, screen back",
     ),
-    ("", ""),
     (
         "--readonly",
         "n/p only change the view; space . r s a are off",

@@ -7,6 +7,7 @@ pub mod gauges;
 pub mod header;
 pub mod heatmap;
 pub mod help;
+pub mod inspect;
 pub mod memory;
 pub mod prompts;
 pub mod reference;

@@ -138,6 +138,12 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
                     (false, Part::Thinking) => thinking,
                     (false, Part::Answer) => t.text,
                 };
+                // The token under the inspector's cursor.
+                let style = if app.view.inspect == Some(i) {
+                    style.add_modifier(Modifier::REVERSED)
+                } else {
+                    style
+                };
                 if *part == Part::Answer && i > 0 && parts[i - 1] == Part::Thinking {
                     v.push(("\nanswer ▸\n".into(), t.muted));
                     in_answer_gap = true;

@@ -24,7 +24,7 @@ use crate::engine::BackendSpec;
 use crate::model::tokenizer::PromptStyle;
 use crate::session::event::{Backend, Finish, SessionEvent, Stamped};
 use crate::session::prompts::PromptSet;
-use crate::session::quality::{ScoreRow, agreement};
+use crate::session::quality::{ScoreRow, agreement, position_details};
 use crate::session::record::Schedule;
 
 /// The category of prompts typed in the dashboard.
@@ -194,6 +194,8 @@ struct Scheduler {
     /// Native's routing per prompt (position → experts per MoE layer), kept only when a
     /// reference will be compared with it.
     native_routing: HashMap<usize, std::collections::BTreeMap<usize, Vec<Vec<u16>>>>,
+    /// Decodes the alternatives the token inspector shows (see `inspect_tokenizer`).
+    tokenizer: Option<Option<crate::model::tokenizer::TextTokenizer>>,
 }
 
 /// Runs the whole session. Returns when every prompt ran (or the user quit).
@@ -253,6 +255,7 @@ pub async fn run(
         native_rows: HashMap::new(),
         native_tokens: HashMap::new(),
         native_routing: HashMap::new(),
+        tokenizer: None,
     };
     if s.cfg.step {
         s.step_mode = true;
@@ -473,6 +476,15 @@ impl Scheduler {
             });
         }
         out
+    }
+
+    /// The tokenizer the alternatives are decoded with (loaded once; None without one).
+    fn inspect_tokenizer(&mut self) -> Option<&crate::model::tokenizer::TextTokenizer> {
+        if self.tokenizer.is_none() {
+            let dir = &self.cfg.native.model_dir;
+            self.tokenizer = Some(crate::model::tokenizer::TextTokenizer::from_dir(dir).ok());
+        }
+        self.tokenizer.as_ref().and_then(Option::as_ref)
     }
 
     /// The ids that end a generation, as the workers use them.
@@ -735,6 +747,19 @@ impl Scheduler {
                 if let Some((sel, _)) = self.w[1].scored.take() {
                     let stats = agreement(&rows, &sel, full);
                     self.em.emit(SessionEvent::Agreement { prompt: i, stats });
+                    let mut positions = position_details(&rows, &sel, 5);
+                    if let Some(tok) = self.inspect_tokenizer() {
+                        for alt in positions
+                            .iter_mut()
+                            .flat_map(|p| p.native.iter_mut().chain(p.selective.iter_mut()))
+                        {
+                            alt.text = tok.decode(&[alt.id]);
+                        }
+                    }
+                    self.em.emit(SessionEvent::Alternatives {
+                        prompt: i,
+                        positions,
+                    });
                 }
                 self.w[1].error = None;
             }

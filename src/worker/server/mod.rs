@@ -366,6 +366,13 @@ fn generate(
     let model = &st.engine.model;
     let provider = st.engine.provider.clone();
     let snapshot = || st.engine.cache_snapshot();
+    // Each token says which experts its step loaded (the dashboard's token inspector); the
+    // log starts empty here, so a check's or an earlier prompt's loads are not counted.
+    let cache = st.engine.cache.clone();
+    if let Some(c) = &cache {
+        c.log_misses(true);
+        c.take_step_loads();
+    }
     let mut g =
         Generation::new(model, ids.clone(), params, st.stops.clone()).map_err(|e| e.to_string())?;
     out.session(SessionEvent::PromptStarted {
@@ -467,6 +474,13 @@ fn generate(
             None => format!("{} ", step.token),
         };
         text.push_str(&piece);
+        let (loaded, load_us) = match &cache {
+            Some(c) => {
+                let (m, us) = c.take_step_loads();
+                (m, Some(us))
+            }
+            None => (Vec::new(), None),
+        };
         out.session(SessionEvent::Token {
             backend: out.backend,
             prompt,
@@ -476,6 +490,8 @@ fn generate(
             dt: step.step_time.as_secs_f64(),
             prefill: step.prefill,
             path: Some(step.path),
+            loaded,
+            load_us,
         });
         // After the token is out, so "crash after N tokens" means N were delivered.
         faults.on_token();
