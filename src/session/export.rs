@@ -204,7 +204,12 @@ pub fn reference_summary(s: &SessionState) -> Option<ReferenceSummary> {
         peak_bytes: r.peak_bytes,
         peak_gpu: r.peak_gpu,
         mean_kl: weighted(|a| a.mean_kl),
-        max_kl: (!stats.is_empty()).then(|| stats.iter().map(|a| a.max_kl).fold(0.0, f64::max)),
+        max_kl: (!stats.is_empty()).then(|| {
+            stats
+                .iter()
+                .map(|a| a.max_kl)
+                .fold(0.0, crate::session::quality::nan_max)
+        }),
         top1_agreement_pct: weighted(|a| 100.0 * a.top1_agreement),
         exact: !stats.is_empty() && stats.iter().all(|a| a.exact),
         token_agreement_pct: (!agree.is_empty())

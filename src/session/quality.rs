@@ -68,6 +68,11 @@ pub fn token_agreement_on(
 /// vocabulary). Mass outside those ids is lumped into one "rest" outcome on each side, which
 /// makes the result exact for the full vocabulary and a lower bound otherwise.
 pub fn kl_on_support(p_logp: &[f32], q_logp: &[f32]) -> f64 {
+    // A NaN log-probability is a broken forward pass, not agreement: the KL is NaN then (the
+    // clamp at the end would otherwise turn it into a perfect 0).
+    if p_logp.iter().chain(q_logp).any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
     let mut kl = 0.0f64;
     let (mut p_mass, mut q_mass) = (0.0f64, 0.0f64);
     for (&lp, &lq) in p_logp.iter().zip(q_logp) {
@@ -108,7 +113,7 @@ pub fn agreement(native: &[ScoreRow], selective: &[ScoreRow], full_vocab: bool) 
     for (a, b) in native.iter().zip(selective).take(n) {
         let kl = kl_on_support(&a.logp, &b.logp);
         sum += kl;
-        max = max.max(kl);
+        max = nan_max(max, kl);
         if a.top1 == b.top1 {
             top1 += 1;
         }
@@ -132,12 +137,25 @@ pub struct Alternative {
 }
 
 /// At one position of native's output (teacher-forced): each backend's most likely next
-/// tokens and KL(native ‖ selective) there. Selective's are ranked within native's support.
+/// tokens and KL(native ‖ selective) there. Selective's are ranked within native's support;
+/// empty when they are native's exactly (the usual case: it keeps recordings small).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PositionDetail {
     pub native: Vec<Alternative>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub selective: Vec<Alternative>,
     pub kl: f64,
+}
+
+impl PositionDetail {
+    /// Selective's top tokens (native's when recorded as the same).
+    pub fn selective(&self) -> &[Alternative] {
+        if self.selective.is_empty() {
+            &self.native
+        } else {
+            &self.selective
+        }
+    }
 }
 
 fn top(ids: &[u32], logp: &[f32], k: usize) -> Vec<Alternative> {
@@ -151,7 +169,8 @@ fn top(ids: &[u32], logp: &[f32], k: usize) -> Vec<Alternative> {
         .take(k)
         .map(|(id, lp)| Alternative {
             id,
-            p: lp.exp(),
+            // Four decimals are what the inspector shows; more only lengthen the recording.
+            p: (lp.exp() * 1e4).round() / 1e4,
             text: String::new(),
         })
         .collect()
@@ -167,12 +186,29 @@ pub fn position_details(
     native
         .iter()
         .zip(selective)
-        .map(|(a, b)| PositionDetail {
-            native: top(&a.ids, &a.logp, k),
-            selective: top(&b.ids, &b.logp, k),
-            kl: kl_on_support(&a.logp, &b.logp),
+        .map(|(a, b)| {
+            let native = top(&a.ids, &a.logp, k);
+            let selective = top(&b.ids, &b.logp, k);
+            PositionDetail {
+                selective: if selective == native {
+                    Vec::new()
+                } else {
+                    selective
+                },
+                native,
+                kl: kl_on_support(&a.logp, &b.logp),
+            }
         })
         .collect()
+}
+
+/// The larger of two values, NaN if either is (`f64::max` would drop a NaN silently).
+pub fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 pub fn perplexity(nll_sum: f64, tokens: usize) -> f64 {
@@ -420,5 +456,51 @@ mod tests {
     fn perplexity_of_uniform_is_vocab() {
         let v = 50.0f64;
         assert!((perplexity(10.0 * v.ln(), 10) - v).abs() < 1e-9);
+    }
+
+    #[test]
+    fn position_details_rank_top_tokens_and_record_identical_sides_once() {
+        let lp = |v: &[f32]| v.iter().map(|p| p.ln()).collect::<Vec<f32>>();
+        let row = |ids: &[u32], p: &[f32]| ScoreRow {
+            ids: ids.to_vec(),
+            logp: lp(p),
+            top1: ids[0],
+        };
+        let native = [
+            row(&[4, 9, 2], &[0.2, 0.7, 0.1]),
+            row(&[1, 2, 3], &[0.5, 0.3, 0.2]),
+        ];
+        let mut odd = row(&[4, 9, 2], &[0.6, 0.3, 0.1]);
+        odd.logp[2] = f32::NAN;
+        let selective = [odd, row(&[1, 2, 3], &[0.5, 0.3, 0.2])];
+        let d = position_details(&native, &selective, 2);
+        // Ranked by probability, k kept, four decimals.
+        let ids = |a: &[Alternative]| a.iter().map(|x| (x.id, x.p)).collect::<Vec<_>>();
+        assert_eq!(ids(&d[0].native), [(9, 0.7), (4, 0.2)]);
+        // A NaN ranks last instead of scrambling the order.
+        assert_eq!(ids(d[0].selective()), [(4, 0.6), (9, 0.3)]);
+        assert!(d[0].kl.is_nan(), "a NaN is not agreement");
+        // Identical sides: selective's list is left out and read as native's.
+        assert!(d[1].selective.is_empty());
+        assert_eq!(d[1].selective(), d[1].native.as_slice());
+        assert_eq!(d[1].kl, 0.0);
+    }
+
+    #[test]
+    fn a_nan_is_never_agreement() {
+        let good = ScoreRow {
+            ids: vec![0, 1],
+            logp: vec![0.5f32.ln(), 0.5f32.ln()],
+            top1: 0,
+        };
+        let broken = ScoreRow {
+            logp: vec![f32::NAN, 0.5f32.ln()],
+            ..good.clone()
+        };
+        assert!(kl_on_support(&good.logp, &broken.logp).is_nan());
+        let a = agreement(&[good.clone(), good.clone()], &[good.clone(), broken], true);
+        assert!(a.mean_kl.is_nan() && a.max_kl.is_nan(), "{a:?}");
+        assert!(nan_max(0.0, f64::NAN).is_nan() && nan_max(f64::NAN, 1.0).is_nan());
+        assert_eq!(nan_max(1.0, 2.0), 2.0);
     }
 }

@@ -422,7 +422,10 @@ pub fn metric_values(s: &SessionState, subset: Option<&[usize]>) -> BTreeMap<Str
             .map(|a| a.mean_kl * a.positions as f64)
             .sum::<f64>()
             / pos as f64;
-        let max_kl = stats.iter().map(|a| a.max_kl).fold(0.0, f64::max);
+        let max_kl = stats
+            .iter()
+            .map(|a| a.max_kl)
+            .fold(0.0, crate::session::quality::nan_max);
         let top1 = stats
             .iter()
             .map(|a| a.top1_agreement * a.positions as f64)
@@ -465,7 +468,9 @@ fn evaluate(
                 op: c.op.symbol().into(),
                 threshold: c.value,
                 measured,
-                pass: measured.map(|v| c.op.holds(v, c.value) != native_rule),
+                // A NaN (a broken forward pass) is never good for selective, whichever way the
+                // rule is phrased.
+                pass: measured.map(|v| !v.is_nan() && c.op.holds(v, c.value) != native_rule),
                 noise,
                 unclear: matches!((measured, noise), (Some(v), Some(u)) if (v - c.value).abs() <= u),
             }
@@ -589,5 +594,36 @@ pub fn judge(s: &SessionState, p: &Profile) -> Verdict {
         degraded,
         reasons,
         criteria,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nan_measurement_counts_against_selective_in_either_group() {
+        let c = |op, label: &str| Criterion {
+            metric: "mean_kl".into(),
+            op,
+            value: 0.001,
+            label: label.into(),
+        };
+        let m = BTreeMap::from([("mean_kl".to_string(), f64::NAN)]);
+        let none = BTreeMap::new();
+        let viable = evaluate("viable", &[c(Op::Le, "kl small")], &m, &none);
+        assert_eq!(viable[0].pass, Some(false));
+        // "native preferred if KL > 0.001": a NaN must not read as "clear".
+        let native = evaluate("native_preferred", &[c(Op::Gt, "kl large")], &m, &none);
+        assert_eq!(native[0].pass, Some(false));
+        let fine = BTreeMap::from([("mean_kl".to_string(), 0.0)]);
+        assert_eq!(
+            evaluate("viable", &[c(Op::Le, "")], &fine, &none)[0].pass,
+            Some(true)
+        );
+        assert_eq!(
+            evaluate("native_preferred", &[c(Op::Gt, "")], &fine, &none)[0].pass,
+            Some(true)
+        );
     }
 }

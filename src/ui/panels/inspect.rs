@@ -88,7 +88,7 @@ pub fn lines(app: &App, i: usize) -> Vec<(String, Style)> {
                 format!(
                     "native's token: p {} native, {} selective · KL here {:.2e}",
                     p_of(&d.native),
-                    p_of(&d.selective),
+                    p_of(d.selective()),
                     d.kl
                 ),
                 if d.kl <= 1e-3 { t.good } else { t.warn },
@@ -98,7 +98,7 @@ pub fn lines(app: &App, i: usize) -> Vec<(String, Style)> {
                 t.text,
             ));
             v.push((
-                format!("selective top-5: {}", alternatives(&d.selective)),
+                format!("selective top-5: {}", alternatives(d.selective())),
                 t.text,
             ));
         }

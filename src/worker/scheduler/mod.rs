@@ -752,6 +752,7 @@ impl Scheduler {
                         for alt in positions
                             .iter_mut()
                             .flat_map(|p| p.native.iter_mut().chain(p.selective.iter_mut()))
+                            .filter(|a| a.text.is_empty())
                         {
                             alt.text = tok.decode(&[alt.id]);
                         }
