@@ -7,6 +7,7 @@
 set -euo pipefail
 BIN=${1:-target/debug/moescope}
 OUT=tests/fixtures/events/inspect.ndjson
+rm -f "$OUT"
 "$BIN" run --no-tui --max-new-tokens 12 --cache-experts 40 --reference none --record "$OUT" > /dev/null
 rm -f "${OUT%.ndjson}.summary.json" "$OUT.summary.json"
 echo "wrote $OUT ($(wc -c < "$OUT") bytes)"

@@ -13,10 +13,10 @@ use crate::session::event::Backend;
 use crate::session::quality::Alternative;
 use crate::ui::app::App;
 
-/// "\" cache\" 0.82 · \" memory\" 0.05 …"
+/// "\" cache\" 0.8200 · \" memory\" 0.0500 …"
 fn alternatives(alts: &[Alternative]) -> String {
     alts.iter()
-        .map(|a| format!("{:?} {:.3}", a.text, a.p))
+        .map(|a| format!("{:?} {:.4}", a.text, a.p))
         .collect::<Vec<_>>()
         .join(" · ")
 }
