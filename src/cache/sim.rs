@@ -2,7 +2,7 @@
 //! ([`Pools`]) for the policies it ships, and Belady's optimum (offline, exact). At the run's own
 //! capacity, scope and policy, the simulated hits equal the live cache's.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +17,10 @@ use super::speculation::{Gate, Rule};
 #[serde(rename_all = "kebab-case")]
 pub enum SimPolicy {
     Live(PolicyKind),
+    /// A live policy whose evictions spare the experts guessed for the next layer (the
+    /// `--prefetch next-layer` guesses, made while this layer runs): demand loading only — the
+    /// guesses are used as knowledge, never loaded. Without guesses in the stream it is `Live`.
+    Guarded(PolicyKind),
     Belady,
 }
 
@@ -24,6 +28,12 @@ impl SimPolicy {
     pub fn name(self) -> &'static str {
         match self {
             SimPolicy::Live(p) => p.name(),
+            SimPolicy::Guarded(p) => match p {
+                PolicyKind::Lru => "lru+guard",
+                PolicyKind::Lfu => "lfu+guard",
+                PolicyKind::Fifo => "fifo+guard",
+                PolicyKind::S3fifo => "s3fifo+guard",
+            },
             SimPolicy::Belady => "belady",
         }
     }
@@ -31,6 +41,9 @@ impl SimPolicy {
     pub fn parse(s: &str) -> Option<Self> {
         if s == "belady" || s == "opt" {
             return Some(SimPolicy::Belady);
+        }
+        if let Some(base) = s.strip_suffix("+guard") {
+            return PolicyKind::parse(base).map(SimPolicy::Guarded);
         }
         PolicyKind::parse(s).map(SimPolicy::Live)
     }
@@ -184,6 +197,31 @@ pub fn simulate_gated(
             r.prefetch_wasted = pools.prefetch_wasted();
             r
         }
+        SimPolicy::Guarded(kind) => {
+            // What was guessed for each (forward pass, layer): known while the layer before it
+            // runs, so a miss there may spare those experts.
+            let mut guessed: HashMap<(usize, usize), HashSet<u32>> = HashMap::new();
+            for a in acc.iter().filter(|a| a.prefetch) {
+                guessed
+                    .entry((a.step, a.layer))
+                    .or_default()
+                    .insert(super::pool::key(a.layer, a.expert));
+            }
+            let moe_layers: Vec<usize> = (0..layers.max(1)).collect();
+            let experts = acc.iter().map(|a| a.expert + 1).max().unwrap_or(1);
+            let mut pools = Pools::new(&moe_layers, experts, capacity, scope, kind);
+            let none = HashSet::new();
+            // Prefetch entries stay `false`: nothing is loaded ahead.
+            let mut missed = vec![false; acc.len()];
+            for (i, a) in acc.iter().enumerate() {
+                if !a.prefetch && pools.request(a.layer, a.expert).is_none() {
+                    missed[i] = true;
+                    let spare = guessed.get(&(a.step, a.layer + 1)).unwrap_or(&none);
+                    pools.admit(a.layer, a.expert, Admit::Demand, spare);
+                }
+            }
+            SimResult::from_misses(acc, &missed, gate)
+        }
         SimPolicy::Belady => {
             let caps = split(capacity, scope, layers);
             let pool_of = |a: &Access| if scope == Scope::Global { 0 } else { a.layer };
@@ -253,6 +291,42 @@ fn belady(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A miss evicts the least recently used expert unless it was guessed for the next layer:
+    /// then the guarded policy keeps it and the next layer hits.
+    #[test]
+    fn a_guarded_policy_spares_the_next_layers_guesses() {
+        let req = |step, layer, expert| Access {
+            layer,
+            expert,
+            decode: true,
+            step,
+            prefetch: false,
+        };
+        let acc = [
+            req(0, 1, 7), // B, layer 1
+            req(1, 0, 3), // A, layer 0
+            req(2, 0, 5), // C, layer 0: the pool (2) is full; LRU's victim is B
+            Access {
+                prefetch: true,
+                ..req(2, 1, 7) // B guessed for layer 1 of the same pass
+            },
+            req(2, 1, 7),
+        ];
+        // Demand-only LRU (the same requests, no guesses) misses B; guarded LRU keeps it.
+        let plain: Vec<Access> = acc.iter().filter(|a| !a.prefetch).copied().collect();
+        let run = |acc: &[Access], p| simulate(acc, p, 2, Scope::Global, 2);
+        let lru = run(&plain, SimPolicy::Live(PolicyKind::Lru));
+        let guarded = run(&acc, SimPolicy::Guarded(PolicyKind::Lru));
+        assert_eq!((lru.hits, guarded.hits), (0, 1));
+        // The guess is knowledge only: nothing loaded ahead, and without guesses it is LRU.
+        assert_eq!(guarded.prefetch_loads, 0);
+        assert_eq!(
+            run(&plain, SimPolicy::Guarded(PolicyKind::Lru)).hits,
+            lru.hits
+        );
+        assert_eq!(SimPolicy::parse("belady+guard"), None);
+    }
     use crate::cache::access::{accesses, accesses_prefetched, guess_accuracy, has_guesses};
     use crate::cache::trace::TraceStep;
 

@@ -34,7 +34,8 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
             .map(|p| {
                 SimPolicy::parse(p).ok_or_else(|| {
                     InputError(format!(
-                        "unknown policy \"{p}\": lru, lfu, fifo, s3fifo, belady"
+                        "unknown policy \"{p}\": lru, lfu, fifo, s3fifo, belady, or a policy \
+                         with +guard (e.g. s3fifo+guard)"
                     ))
                 })
             })
