@@ -189,16 +189,8 @@ fn backends(o: &mut String, sum: &Summary) {
     );
     row(
         "token latency p50 / p95, ms",
-        format!(
-            "{} / {}",
-            opt(n.token_latency_p50_s.map(|x| x * 1e3), 2),
-            opt(n.token_latency_p95_s.map(|x| x * 1e3), 2)
-        ),
-        format!(
-            "{} / {}",
-            opt(s.token_latency_p50_s.map(|x| x * 1e3), 2),
-            opt(s.token_latency_p95_s.map(|x| x * 1e3), 2)
-        ),
+        super::latency_ms(n, 2),
+        super::latency_ms(s, 2),
     );
     row(
         "memory peak (RSS + GPU)",
@@ -242,7 +234,7 @@ fn prompts(o: &mut String, sum: &Summary) {
          <th>selective tok/s</th><th>identical tokens</th><th>first divergence</th><th>mean KL</th></tr>\n",
     );
     for p in &sum.prompts {
-        let agree = p.token_agreement.as_ref();
+        let (same, div) = super::agreement_cells(p.token_agreement.as_ref());
         let _ = writeln!(
             o,
             "<tr><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
@@ -252,15 +244,8 @@ fn prompts(o: &mut String, sum: &Summary) {
             escape(&p.text),
             opt(p.native.as_ref().and_then(|x| x.decode_tok_s), 2),
             opt(p.selective.as_ref().and_then(|x| x.decode_tok_s), 2),
-            agree
-                .map(|a| format!("{:.1} %", a.identical_pct))
-                .unwrap_or_else(|| "–".into()),
-            agree
-                .map(|a| a
-                    .first_divergence
-                    .map(|d| d.to_string())
-                    .unwrap_or_else(|| "none".into()))
-                .unwrap_or_else(|| "–".into()),
+            same,
+            div,
             opt(p.distribution_agreement.as_ref().map(|a| a.mean_kl), 6),
         );
     }

@@ -43,6 +43,7 @@ pub fn markdown(sum: &Summary) -> String {
     );
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
     for p in &sum.prompts {
+        let (same, div) = super::agreement_cells(p.token_agreement.as_ref());
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -51,17 +52,8 @@ pub fn markdown(sum: &Summary) -> String {
             p.text.replace('|', "\\|"),
             opt(p.native.as_ref().and_then(|x| x.decode_tok_s), 2),
             opt(p.selective.as_ref().and_then(|x| x.decode_tok_s), 2),
-            p.token_agreement
-                .as_ref()
-                .map(|a| format!("{:.1} %", a.identical_pct))
-                .unwrap_or_else(|| "–".into()),
-            p.token_agreement
-                .as_ref()
-                .map(|a| a
-                    .first_divergence
-                    .map(|d| d.to_string())
-                    .unwrap_or_else(|| "none".into()))
-                .unwrap_or_else(|| "–".into()),
+            same,
+            div,
             opt(p.distribution_agreement.as_ref().map(|a| a.mean_kl), 6),
         );
     }

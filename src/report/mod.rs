@@ -26,6 +26,31 @@ pub(crate) fn opt_bytes(v: Option<u64>) -> String {
     v.map(fmt_bytes).unwrap_or_else(|| "–".into())
 }
 
+/// "p50 / p95" of a backend's per-token latency, in ms to `digits` decimals.
+pub(crate) fn latency_ms(m: &crate::session::metrics::BackendMetrics, digits: usize) -> String {
+    format!(
+        "{} / {}",
+        opt(m.token_latency_p50_s.map(|v| v * 1e3), digits),
+        opt(m.token_latency_p95_s.map(|v| v * 1e3), digits)
+    )
+}
+
+/// A prompt's same-token share ("97.5 %") and first divergence ("12", "none"), "–" when the
+/// prompt was not compared.
+pub(crate) fn agreement_cells(
+    a: Option<&crate::session::quality::TokenAgreement>,
+) -> (String, String) {
+    match a {
+        Some(a) => (
+            format!("{:.1} %", a.identical_pct),
+            a.first_divergence
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "none".into()),
+        ),
+        None => ("–".into(), "–".into()),
+    }
+}
+
 /// "graph 412 × 1.52 ms (91 %), piecewise …": one line for summaries.
 pub fn paths(shares: &[PathShare]) -> String {
     shares

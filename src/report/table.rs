@@ -66,16 +66,8 @@ pub fn summary_table(sum: &Summary) -> String {
     row(
         &mut o,
         "token latency p50 / p95 (ms)",
-        format!(
-            "{} / {}",
-            opt(n.token_latency_p50_s.map(|v| v * 1e3), 1),
-            opt(n.token_latency_p95_s.map(|v| v * 1e3), 1)
-        ),
-        format!(
-            "{} / {}",
-            opt(s.token_latency_p50_s.map(|v| v * 1e3), 1),
-            opt(s.token_latency_p95_s.map(|v| v * 1e3), 1)
-        ),
+        super::latency_ms(n, 1),
+        super::latency_ms(s, 1),
     );
     row(
         &mut o,
