@@ -529,6 +529,18 @@ fn token_inspector() {
             );
         }
         insta::assert_snapshot!(format!("token_inspector_{w}x{h}"), text);
+        // At 80 × 24 the routing lines are below the fold: ↓ brings selective's loads in.
+        if h < 50 {
+            assert!(!text.contains("selective routing"), "{text}");
+            for _ in 0..4 {
+                app.inspect_key(KeyEvent::new(KeyCode::Down, KeyModifiers::NONE));
+            }
+            let scrolled = render_to_string(&mut app, w, h);
+            assert!(
+                scrolled.contains("selective routing at position"),
+                "{scrolled}"
+            );
+        }
         app.inspect_key(KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE));
         assert_eq!(app.view.inspect, None);
     }

@@ -110,6 +110,8 @@ pub struct ViewState {
     pub reference_shown: bool,
     /// The token inspector is open on this token of the prompt shown.
     pub inspect: Option<usize>,
+    /// Lines the inspector's text is scrolled down (↑/↓ while it is open).
+    pub inspect_scroll: u16,
 }
 
 pub struct App {
@@ -159,6 +161,7 @@ impl App {
                 hit: Vec::new(),
                 reference_shown: false,
                 inspect: None,
+                inspect_scroll: 0,
                 list_rows: None,
             },
             theme,
@@ -371,8 +374,9 @@ impl App {
         None
     }
 
-    /// A key while the inspector is open: ←/→ (h/l) move a token, Home/End jump, Esc, `i` or
-    /// `q` close; `n`/`p` change prompt and start on its first token.
+    /// A key while the inspector is open: ←/→ (h/l) move a token, Home/End jump, ↑/↓ (k/j)
+    /// scroll its text, Esc, `i` or `q` close; `n`/`p` change prompt and start on its first
+    /// token.
     pub fn inspect_key(&mut self, k: crossterm::event::KeyEvent) {
         use crossterm::event::KeyCode;
         let Some(i) = self.view.inspect else { return };
@@ -397,6 +401,14 @@ impl App {
                 self.view.prompt = Some(to);
                 self.view.scroll = [0, 0, 0];
                 Some(0)
+            }
+            KeyCode::Down | KeyCode::Char('j') => {
+                self.view.inspect_scroll = self.view.inspect_scroll.saturating_add(1);
+                Some(i.min(last))
+            }
+            KeyCode::Up | KeyCode::Char('k') => {
+                self.view.inspect_scroll = self.view.inspect_scroll.saturating_sub(1);
+                Some(i.min(last))
             }
             KeyCode::Esc | KeyCode::Char('i') | KeyCode::Char('q') => None,
             _ => Some(i.min(last)),

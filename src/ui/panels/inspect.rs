@@ -153,7 +153,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, i: usize) {
         height: h,
     };
     f.render_widget(Clear, rect);
-    let title = super::title("inspect · ←/→ token · Esc closes", t.title);
+    let title = super::title("inspect · ←/→ token · ↑/↓ scroll · Esc closes", t.title);
     let block = super::block(app, title, true, false);
     let inner = block.inner(rect);
     f.render_widget(block, rect);
@@ -162,6 +162,8 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, i: usize) {
         .map(|(l, s)| (l + "\n", s))
         .collect();
     let wrapped = wrap(&pieces, inner.width as usize);
-    let visible: Vec<_> = wrapped.into_iter().take(inner.height as usize).collect();
+    let h = inner.height as usize;
+    let start = (app.view.inspect_scroll as usize).min(wrapped.len().saturating_sub(h));
+    let visible: Vec<_> = wrapped.into_iter().skip(start).take(h).collect();
     f.render_widget(Paragraph::new(visible), inner);
 }
