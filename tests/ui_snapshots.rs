@@ -497,6 +497,11 @@ fn reference_column() {
         app.update(Action::FocusNext);
     }
     assert_eq!(app.focused(), moescope::ui::app::Panel::Reference);
+    // ↓ on the focused column scrolls it down from its top (↑ back).
+    app.update(Action::ScrollDown);
+    assert_eq!(app.view.scroll, [0, 0, 1]);
+    app.update(Action::ScrollUp);
+    assert_eq!(app.view.scroll, [0, 0, 0]);
     insta::assert_snapshot!("reference_done_160x50", text);
 }
 
