@@ -3,12 +3,17 @@
 # independent writer for issue 20 (quantized experts). Downloads the llama-cpp-python sdist from
 # PyPI (llama.cpp's source is vendored in it; nothing of it is committed), then runs
 # convert_hf_to_gguf.py on models/tiny-moe with --outtype bf16 and q8_0 (the converter writes
-# Q8_0 itself; the k-quants need llama-quantize, built from the same source — not done here).
+# Q8_0 itself; the k-quants come from llama-quantize, built from the same source with cmake).
 #
 #   scripts/make_gguf_fixtures.sh [PYTHON] [WORKDIR]
 #
-# PYTHON: one with torch, numpy and safetensors (default target/reference-venv/bin/python3, see
-# scripts/setup_reference_python.sh). Writes models/tiny-moe-gguf/tiny-moe-{BF16,Q8_0}.gguf.
+# PYTHON: one with torch, transformers, numpy and safetensors (default
+# target/reference-venv/bin/python3, see scripts/setup_reference_python.sh). Writes
+#   models/tiny-moe-gguf/tiny-moe-{BF16,Q8_0,Q4_K_M}.gguf   (ignored by git: 19 / 12 / 9 MB)
+#   tests/fixtures/gguf/kquant-{Q8_0,Q4_K_M}.gguf          (committed; CI's GGUF tests read them)
+# The second pair is a random Qwen3-MoE (2 layers, 4 experts of 256 × 256, top 2, the bundled
+# model's tokenizer) whose every row is a whole number of 256-element k-quant blocks — the
+# bundled model's 48-wide expert rows are not, so llama-quantize leaves its ffn_down in F16.
 # Our tokenizers split text as Qwen2's do, but their vocabularies are our own, so the converter
 # does not know their pre-tokenizer hash: the wrapper below tells it "qwen2".
 set -euo pipefail
@@ -33,17 +38,54 @@ os.symlink(src, f"{work}/src")
 print("llama.cpp from llama-cpp-python", meta["info"]["version"])
 PYEOF
 fi
-for t in bf16 q8_0; do
-  T=$(echo "$t" | tr a-z A-Z)
-  PYTHONPATH="$WORK/src/gguf-py:$WORK/src" "$PY" - "$WORK/src" "$t" "$OUT/tiny-moe-$T.gguf" <<'PYEOF'
+convert() { # MODEL_DIR OUTTYPE OUTFILE
+  PYTHONPATH="$WORK/src/gguf-py:$WORK/src" "$PY" - "$WORK/src" "$2" "$3" "$1" <<'PYEOF'
 import runpy, sys
-src, outtype, out = sys.argv[1:]
+src, outtype, out, model = sys.argv[1:]
 sys.path.insert(0, src)
 import conversion.base as base
 # Our tokenizers pre-tokenize as Qwen2's (see models/tiny-moe/README.md).
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv = ["convert_hf_to_gguf.py", "models/tiny-moe", "--outtype", outtype, "--outfile", out]
+sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", outtype, "--outfile", out]
 runpy.run_path(f"{src}/convert_hf_to_gguf.py", run_name="__main__")
 PYEOF
+}
+QUANTIZE="$WORK/build/bin/llama-quantize"
+if [ ! -x "$QUANTIZE" ]; then
+  cmake -S "$WORK/src" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF > "$WORK/cmake.log"
+  cmake --build "$WORK/build" -j"$(nproc)" --target llama-quantize > "$WORK/build.log"
+fi
+for t in bf16 q8_0; do
+  convert models/tiny-moe "$t" "$OUT/tiny-moe-$(echo "$t" | tr a-z A-Z).gguf"
 done
-ls -la "$OUT"
+"$QUANTIZE" "$OUT/tiny-moe-BF16.gguf" "$OUT/tiny-moe-Q4_K_M.gguf" Q4_K_M > "$WORK/q.log" 2>&1
+
+# The k-quant fixture: a random model whose rows are whole 256-element blocks.
+KQ="$WORK/kquant-src"
+"$PY" - "$KQ" <<'PYEOF'
+import json, shutil, sys, torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+dest = sys.argv[1]
+torch.manual_seed(20)
+cfg = Qwen3MoeConfig(vocab_size=4096, hidden_size=256, intermediate_size=512,
+    moe_intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
+    norm_topk_prob=True, tie_word_embeddings=True, max_position_embeddings=1024,
+    eos_token_id=[2, 0], pad_token_id=0, bos_token_id=None)
+cfg.architectures = ["Qwen3MoeForCausalLM"]
+m = Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+with torch.no_grad():  # larger than the init's 0.02 so the output is not one token forever
+    for p in m.parameters():
+        if p.dim() >= 2:
+            p.normal_(0, 0.08)
+m.save_pretrained(dest)
+for f in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(f"models/tiny-moe/{f}", dest)
+PYEOF
+mkdir -p tests/fixtures/gguf
+convert "$KQ" bf16 "$WORK/kquant-BF16.gguf"
+for q in Q8_0 Q4_K_M; do
+  "$QUANTIZE" "$WORK/kquant-BF16.gguf" "tests/fixtures/gguf/kquant-$q.gguf" "$q" > "$WORK/q.log" 2>&1
+done
+ls -la "$OUT" tests/fixtures/gguf

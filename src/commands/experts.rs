@@ -14,6 +14,16 @@ use crate::util::fmt_bytes;
 pub fn run_extract(args: &ExtractArgs) -> Result<()> {
     let model = args.model.clone().unwrap_or_else(default_model_dir);
     let files = ModelFiles::open(&model)?;
+    if files.ckpt.gguf().is_some() {
+        // Each expert of a GGUF file already is one contiguous byte range per matrix, which
+        // selective reads in place; an extraction would copy the file for nothing.
+        anyhow::bail!(
+            "{}: extract splits safetensors checkpoints into one file per expert; a GGUF \
+             file's experts are read from the file itself (--model {} --expert-source shards)",
+            model.display(),
+            model.display()
+        );
+    }
     let source = ShardSource::new(&files.ckpt, &files.cfg)?;
     let faults = ExtractFaults {
         abort_after: args.abort_after,

@@ -11,6 +11,9 @@ use crate::model::safetensors_file::{TensorInfo, bytes_to_tensor};
 /// Builds compute tensors from an expert's on-disk bytes. Gate and up are both [I, H]
 /// row-major, so their byte concatenation *is* the stacked [2I, H] matrix.
 pub fn from_raw(raw: &RawExpert, dtype: DType, device: &Device) -> Result<ExpertWeights> {
+    if raw.parts.iter().any(|p| p.dtype.ggml().is_some()) {
+        return quantized(raw, device);
+    }
     let [gate, up, down] = &raw.parts;
     let (i, h) = (gate.shape[0], gate.shape[1]);
     let gate_up = if gate.dtype == up.dtype {
@@ -33,6 +36,69 @@ pub fn from_raw(raw: &RawExpert, dtype: DType, device: &Device) -> Result<Expert
     let down = bytes_to_tensor(&down.bytes, &down.info(), dtype, device)
         .map_err(|e| raw.error(format!("converting down_proj: {e}")))?;
     Ok(ExpertWeights::new(gate_up, down, i))
+}
+
+/// A GGUF expert with block-quantized parts: each part becomes a `QMatMul` over its bytes as
+/// stored (no dequantisation). A part a converter left in a float type (llama.cpp falls back to
+/// F16 for rows that are not whole blocks) is multiplied in f32, which is what the quantized
+/// products compute in.
+fn quantized(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
+    use crate::model::gguf::candle_msg;
+    use candle_core::quantized::{QMatMul, ggml_file::qtensor_from_ggml};
+    let mut held = 0u64;
+    let mut mats = Vec::with_capacity(3);
+    for p in &raw.parts {
+        let m = match p.dtype.ggml() {
+            Some(g) => {
+                held += p.bytes.len() as u64;
+                let q = qtensor_from_ggml(g, &p.bytes, p.shape.clone(), device).map_err(|e| {
+                    raw.error(format!(
+                        "{} ({}): {}",
+                        p.name,
+                        p.dtype.name(),
+                        candle_msg(&e)
+                    ))
+                })?;
+                QMatMul::from_qtensor(q).map_err(|e| {
+                    raw.error(format!(
+                        "{} ({}): {}",
+                        p.name,
+                        p.dtype.name(),
+                        candle_msg(&e)
+                    ))
+                })?
+            }
+            None => {
+                let t = bytes_to_tensor(&p.bytes, &p.info(), DType::F32, device)
+                    .map_err(|e| raw.error(format!("{}: {e}", p.name)))?;
+                held += (t.elem_count() * 4) as u64;
+                QMatMul::Tensor(t)
+            }
+        };
+        mats.push(m);
+    }
+    let [g, u, d]: [QMatMul; 3] = mats.try_into().expect("three parts");
+    let i = raw.parts[0].shape[0];
+    Ok(ExpertWeights::quantized(g, u, d, i, held))
+}
+
+/// Bytes one expert of `source` occupies once converted, when its experts are block-quantized
+/// (None for dense ones): the quantized parts as stored, float parts in f32 — what
+/// [`quantized`] builds. Taken from the first expert present.
+pub fn held_bytes(source: &dyn super::source::ExpertSource) -> Option<u64> {
+    let cfg = source.config();
+    let layer = cfg.moe_layers().next()?;
+    let e = (0..cfg.num_experts).find(|&e| source.has(layer, e))?;
+    let parts = source.part_locations(layer, e)?;
+    parts.iter().any(|p| p.dtype.ggml().is_some()).then(|| {
+        parts
+            .iter()
+            .map(|p| match p.dtype.ggml() {
+                Some(_) => p.len,
+                None => p.shape.iter().product::<usize>() as u64 * 4,
+            })
+            .sum()
+    })
 }
 
 /// Builds a CPU expert straight out of a read buffer (the spans of
@@ -194,7 +260,8 @@ mod tests {
                 let fast = from_spans_exact(&buf, &spans, dtype)
                     .unwrap_or_else(|| panic!("{st:?} -> {dtype:?} has a fast path"));
                 let slow = from_raw(&raw, dtype, &Device::Cpu).unwrap();
-                for (a, b) in [(&fast.gate_up, &slow.gate_up), (&fast.down, &slow.down)] {
+                let ((fg, fd), (sg, sd)) = (fast.dense().unwrap(), slow.dense().unwrap());
+                for (a, b) in [(fg, sg), (fd, sd)] {
                     assert_eq!(a.dims(), b.dims());
                     // Widening to f32 is exact for every storage dtype, so f32 bits compare all.
                     let bits = |t: &Tensor| -> Vec<u32> {

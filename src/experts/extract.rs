@@ -135,7 +135,7 @@ impl ManifestEntry {
                 .shape
                 .iter()
                 .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
-            let bytes = elems.and_then(|n| n.checked_mul(dtype.size() as u64));
+            let bytes = elems.and_then(|n| dtype.bytes_for(n));
             if bytes != Some(t.len) {
                 return Err(format!(
                     "tensor `{}`: {} bytes, but {:?} × {} makes {}",

@@ -58,7 +58,10 @@ impl Resident {
             experts[layer] = row;
         }
         let mut stacks = vec![None; cfg.num_hidden_layers];
-        if fused_capable(device, dtype) {
+        // Quantized experts have no stacked form (the fused kernels read dense matrices): they
+        // stay one by one and the MoE block applies them in turn.
+        let quantized = experts.iter().flatten().flatten().any(|w| w.is_quantized());
+        if fused_capable(device, dtype) && !quantized {
             for layer in cfg.moe_layers() {
                 let (gu, dn) = stack_layer(&experts[layer], cfg, dtype, device)?;
                 // Views into the stacks replace the separate tensors: one copy in memory.
@@ -98,18 +101,18 @@ fn stack_layer(
         .iter()
         .map(|e| {
             e.as_ref()
-                .map(|w| w.gate_up.clone())
-                .unwrap_or_else(|| zgu.clone())
+                .map(|w| Ok(w.dense_or_err("stacking experts")?.0.clone()))
+                .unwrap_or_else(|| Ok(zgu.clone()))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let dn: Vec<Tensor> = row
         .iter()
         .map(|e| {
             e.as_ref()
-                .map(|w| w.down.clone())
-                .unwrap_or_else(|| zdn.clone())
+                .map(|w| Ok(w.dense_or_err("stacking experts")?.1.clone()))
+                .unwrap_or_else(|| Ok(zdn.clone()))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok((Tensor::stack(&gu, 0)?, Tensor::stack(&dn, 0)?))
 }
 

@@ -34,13 +34,13 @@ const MAX_FILE_BYTES: u64 = 256 << 20;
 
 /// Token attributes as `added_tokens_decoder` writes them.
 #[derive(Debug, Clone, PartialEq)]
-struct Added {
-    content: String,
-    special: bool,
-    lstrip: bool,
-    rstrip: bool,
-    normalized: bool,
-    single_word: bool,
+pub(crate) struct Added {
+    pub content: String,
+    pub special: bool,
+    pub lstrip: bool,
+    pub rstrip: bool,
+    pub normalized: bool,
+    pub single_word: bool,
 }
 
 /// True when `dir` has the files this module builds a tokenizer from.
@@ -53,11 +53,31 @@ pub fn present(dir: &Path) -> bool {
 pub fn build(dir: &Path) -> Result<Tokenizer> {
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
-    let mut vocab = read_vocab(&vocab_path)?;
+    let vocab = read_vocab(&vocab_path)?;
     let merges = read_merges(&merges_path)?;
     let (mut added, named) = read_added(dir)?;
     mark_named_special(&mut added, &named, &vocab);
+    assemble(
+        vocab,
+        merges,
+        added,
+        [&vocab_path, &merges_path, dir],
+        "vocab.json",
+    )
+}
 
+/// Qwen2's byte-level BPE tokenizer from a vocabulary, its merges and the added tokens by id
+/// (`files`: where the vocabulary, the merges and the whole came from, for errors). Shared
+/// with GGUF files, whose metadata carries the same three things.
+pub(crate) fn assemble(
+    mut vocab: HashMap<String, u32>,
+    merges: Vec<(String, String)>,
+    added: BTreeMap<u32, Added>,
+    files: [&Path; 3],
+    vocab_name: &str,
+) -> Result<Tokenizer> {
+    // Where the vocabulary, the merges and the whole came from (for errors).
+    let [vocab_path, merges_path, dir] = files;
     // Added tokens go into the BPE vocabulary at their ids (merges never produce them: they are
     // split off before BPE runs), so ids past vocab.json's and gaps are kept exactly.
     let mut by_id: HashMap<u32, &str> = vocab.iter().map(|(s, &i)| (i, s.as_str())).collect();
@@ -66,7 +86,7 @@ pub fn build(dir: &Path) -> Result<Tokenizer> {
         match vocab.get(&tok.content) {
             Some(&v) if v != id => {
                 return Err(tok_err(
-                    &vocab_path,
+                    vocab_path,
                     format!(
                         "gives {:?} id {v}, but the added-token files give it id {id}",
                         tok.content
@@ -77,7 +97,7 @@ pub fn build(dir: &Path) -> Result<Tokenizer> {
             None => {
                 if let Some(other) = by_id.get(&id) {
                     return Err(tok_err(
-                        &vocab_path,
+                        vocab_path,
                         format!(
                             "id {id} is {other:?}, but the added-token files give it to {:?}",
                             tok.content
@@ -99,7 +119,7 @@ pub fn build(dir: &Path) -> Result<Tokenizer> {
             merges,
         )
         .build()
-        .map_err(|e| tok_err(&merges_path, format!("does not fit vocab.json: {e}")))?;
+        .map_err(|e| tok_err(merges_path, format!("does not fit {vocab_name}: {e}")))?;
     let mut tok = Tokenizer::new(bpe);
     let built = |e: tokenizers::Error| tok_err(dir, format!("building the tokenizer: {e}"));
     tok.with_normalizer(Some(NFC)).map_err(built)?;

@@ -84,6 +84,28 @@ impl ChatTemplate {
         Ok(me)
     }
 
+    /// A template given as text (a GGUF file's `tokenizer.chat_template`), checked by one
+    /// render; `source` names where it came from. None: the built-in ChatML.
+    pub fn from_text(
+        template: Option<String>,
+        source: &str,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self> {
+        let (template, source) = match template {
+            Some(t) => (t, source.to_string()),
+            None => (CHATML_FALLBACK.to_string(), "built-in ChatML".to_string()),
+        };
+        let me = ChatTemplate {
+            template,
+            source,
+            bos_token,
+            eos_token,
+        };
+        me.check()?;
+        Ok(me)
+    }
+
     /// One render at load, so a template that does not parse (or needs a variable we do not
     /// give) is an error naming its file before the first prompt — with thinking on and off,
     /// as either may be asked for.

@@ -69,6 +69,8 @@ pub struct Checkpoint {
     /// Opened lazily: a shard is only mapped when a tensor we need is in it.
     shards: BTreeMap<String, OnceLock<SafetensorsFile>>,
     index_path: Option<PathBuf>,
+    /// A GGUF file instead of safetensors (`--model file.gguf`): tensors are found through it.
+    gguf: Option<super::gguf::GgufFile>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -82,6 +84,15 @@ impl std::fmt::Debug for Checkpoint {
 
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
+        if super::gguf::is_gguf(dir) {
+            return Ok(Checkpoint {
+                dir: dir.to_path_buf(),
+                weight_map: HashMap::new(),
+                shards: BTreeMap::new(),
+                index_path: None,
+                gguf: Some(super::gguf::GgufFile::open(dir)?),
+            });
+        }
         if !dir.is_dir() {
             return Err(ModelError::Checkpoint {
                 file: dir.to_path_buf(),
@@ -108,6 +119,7 @@ impl Checkpoint {
                 weight_map,
                 shards: BTreeMap::from([(SINGLE_FILE.to_string(), cell)]),
                 index_path: None,
+                gguf: None,
             });
         }
         Err(ModelError::Checkpoint {
@@ -143,6 +155,7 @@ impl Checkpoint {
             weight_map,
             shards,
             index_path: None,
+            gguf: None,
         })
     }
 
@@ -189,11 +202,18 @@ impl Checkpoint {
             weight_map,
             shards,
             index_path: Some(index_path.to_path_buf()),
+            gguf: None,
         })
     }
 
+    /// The model directory, or the GGUF file.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The GGUF file this checkpoint reads, if it is one.
+    pub fn gguf(&self) -> Option<&super::gguf::GgufFile> {
+        self.gguf.as_ref()
     }
 
     /// A fingerprint of the weights, not only of the config (two fine-tunes share a config, and
@@ -205,6 +225,9 @@ impl Checkpoint {
         use std::os::unix::fs::FileExt;
         const WINDOWS: u64 = 16;
         const WINDOW: usize = 4096;
+        if let Some(g) = &self.gguf {
+            return g.weights_fingerprint(cfg);
+        }
         let mut h = blake3::Hasher::new();
         h.update(cfg.fingerprint().as_bytes());
         for name in self.shards.keys() {
@@ -257,6 +280,9 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(g) = &self.gguf {
+            return g.contains(name);
+        }
         self.weight_map.contains_key(name)
     }
 
@@ -314,6 +340,9 @@ impl Checkpoint {
 
     /// Checks one tensor's shape and dtype, returning its location.
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<TensorLocation> {
+        if let Some(g) = &self.gguf {
+            return g.check(name, shape);
+        }
         let (file, info) = self.locate(name)?;
         let terr = |msg: String| ModelError::Tensor {
             file: file.path().to_path_buf(),
@@ -350,6 +379,9 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        if let Some(g) = &self.gguf {
+            return g.load(name, shape, dtype, device);
+        }
         self.check(name, shape)?;
         let (file, _) = self.locate(name)?;
         file.load(name, dtype, device)
@@ -427,6 +459,9 @@ impl Checkpoint {
         layer: usize,
         expert: usize,
     ) -> Result<Option<ExpertLocation>> {
+        if let Some(g) = &self.gguf {
+            return g.expert_location(cfg, layer, expert);
+        }
         let mut parts = Vec::with_capacity(3);
         for proj in ExpertProj::ALL {
             let name = cfg.expert_tensor_name(layer, expert, proj);

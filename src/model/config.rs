@@ -91,7 +91,11 @@ pub use crate::prompt_settings::RecommendedSampling;
 
 impl MoeConfig {
     /// Reads `config.json` (and `generation_config.json` when present) from a model directory.
+    /// A GGUF file in place of the directory is read through its metadata (see `gguf.rs`).
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        if super::gguf::is_gguf(dir) {
+            return super::gguf::GgufFile::open(dir)?.config();
+        }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
             path: path.clone(),

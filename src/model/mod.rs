@@ -7,6 +7,7 @@ pub mod config;
 mod config_fields;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod kv_cache;

@@ -8,44 +8,119 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::error::Result;
 use super::layers::silu;
 pub use crate::step_path::StepPath;
 
-/// One expert, ready to compute with: gate and up stacked as one [2I, H] matrix (one matmul
-/// instead of two, as transformers 5 fuses them), down as [H, I].
+/// One expert, ready to compute with. Dense: gate and up stacked as one [2I, H] matrix (one
+/// matmul instead of two, as transformers 5 fuses them), down as [H, I]. Quantized (GGUF): the
+/// three matrices kept in their block format and multiplied as they are (candle's `QMatMul`),
+/// gate and up apart since a mixed file (`Q4_K_M`) may store them in different types.
 #[derive(Debug, Clone)]
 pub struct ExpertWeights {
-    pub gate_up: Tensor,
-    pub down: Tensor,
+    mats: Mats,
     intermediate: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Mats {
+    Dense {
+        gate_up: Tensor,
+        down: Tensor,
+    },
+    Quantized {
+        gate: QMatMul,
+        up: QMatMul,
+        down: QMatMul,
+        /// Bytes as stored (the block format), what a cache budgets.
+        bytes: u64,
+    },
 }
 
 impl ExpertWeights {
     /// `gate_up` is [2I, H], `down` [H, I].
     pub fn new(gate_up: Tensor, down: Tensor, intermediate: usize) -> Self {
         ExpertWeights {
-            gate_up,
-            down,
+            mats: Mats::Dense { gate_up, down },
             intermediate,
         }
     }
 
-    /// down(silu(gate(x)) * up(x)) for x of shape [n, H].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = x.matmul(&self.gate_up.t()?)?;
-        let g = gu.narrow(1, 0, self.intermediate)?;
-        let u = gu.narrow(1, self.intermediate, self.intermediate)?;
-        let h = (silu(&g)? * u)?;
-        Ok(h.matmul(&self.down.t()?)?)
+    /// Block-quantized matrices: `gate` and `up` [I, H], `down` [H, I]; `bytes` as stored.
+    pub fn quantized(
+        gate: QMatMul,
+        up: QMatMul,
+        down: QMatMul,
+        intermediate: usize,
+        bytes: u64,
+    ) -> Self {
+        ExpertWeights {
+            mats: Mats::Quantized {
+                gate,
+                up,
+                down,
+                bytes,
+            },
+            intermediate,
+        }
     }
 
-    /// Bytes this expert occupies in memory (compute dtype).
+    /// The dense matrices (gate_up [2I, H], down [H, I]); None for quantized experts, which
+    /// have no stacked form for the fused GPU kernels.
+    pub fn dense(&self) -> Option<(&Tensor, &Tensor)> {
+        match &self.mats {
+            Mats::Dense { gate_up, down } => Some((gate_up, down)),
+            Mats::Quantized { .. } => None,
+        }
+    }
+
+    /// The dense matrices, or an error naming why a quantized expert cannot go where they must.
+    pub fn dense_or_err(&self, what: &str) -> Result<(&Tensor, &Tensor)> {
+        self.dense().ok_or_else(|| {
+            super::error::ModelError::Input(format!(
+                "{what} needs dense expert matrices, but this expert is block-quantized"
+            ))
+        })
+    }
+
+    /// down(silu(gate(x)) * up(x)) for x of shape [n, H].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.mats {
+            Mats::Dense { gate_up, down } => {
+                let gu = x.matmul(&gate_up.t()?)?;
+                let g = gu.narrow(1, 0, self.intermediate)?;
+                let u = gu.narrow(1, self.intermediate, self.intermediate)?;
+                let h = (silu(&g)? * u)?;
+                Ok(h.matmul(&down.t()?)?)
+            }
+            Mats::Quantized { gate, up, down, .. } => {
+                // Quantized products take f32 activations (candle's CPU kernels quantize them
+                // to Q8 blocks themselves, as llama.cpp does); the result returns to the
+                // compute dtype.
+                let dtype = x.dtype();
+                let x = x.to_dtype(DType::F32)?;
+                let h = (silu(&gate.forward(&x)?)? * up.forward(&x)?)?;
+                Ok(down.forward(&h)?.to_dtype(dtype)?)
+            }
+        }
+    }
+
+    /// Bytes this expert occupies in memory (compute dtype; quantized: as stored).
     pub fn bytes(&self) -> u64 {
-        ((self.gate_up.elem_count() + self.down.elem_count()) * self.down.dtype().size_in_bytes())
-            as u64
+        match &self.mats {
+            Mats::Dense { gate_up, down } => {
+                ((gate_up.elem_count() + down.elem_count()) * down.dtype().size_in_bytes()) as u64
+            }
+            Mats::Quantized { bytes, .. } => *bytes,
+        }
+    }
+
+    /// Whether the matrices are block-quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.mats, Mats::Quantized { .. })
     }
 }
 

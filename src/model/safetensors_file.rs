@@ -37,6 +37,19 @@ pub enum StDtype {
     BOOL,
     F8E4M3,
     F8E5M2,
+    /// GGML block-quantized types: only GGUF files hold them (safetensors never names them, so
+    /// [`StDtype::parse`] does not accept them). Stored as blocks of
+    /// [`block_size`](candle_core::quantized::GgmlDType::block_size) elements.
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl StDtype {
@@ -61,13 +74,69 @@ impl StDtype {
         })
     }
 
-    pub fn size(self) -> usize {
-        match self {
+    /// Bytes `elems` elements take as stored; None when they overflow or do not fill whole
+    /// blocks of a quantized type.
+    pub fn bytes_for(self, elems: u64) -> Option<u64> {
+        let plain = match self {
             Self::BF16 | Self::F16 | Self::I16 | Self::U16 => 2,
             Self::F32 | Self::I32 | Self::U32 => 4,
             Self::F64 | Self::I64 | Self::U64 => 8,
             Self::I8 | Self::U8 | Self::BOOL | Self::F8E4M3 | Self::F8E5M2 => 1,
-        }
+            _ => {
+                let g = self.ggml()?;
+                let block = g.block_size() as u64;
+                return elems
+                    .is_multiple_of(block)
+                    .then(|| (elems / block).checked_mul(g.type_size() as u64))?;
+            }
+        };
+        elems.checked_mul(plain)
+    }
+
+    /// The GGML type of a block-quantized dtype (None for plain ones).
+    pub fn ggml(self) -> Option<candle_core::quantized::GgmlDType> {
+        use candle_core::quantized::GgmlDType as G;
+        Some(match self {
+            Self::Q4_0 => G::Q4_0,
+            Self::Q4_1 => G::Q4_1,
+            Self::Q5_0 => G::Q5_0,
+            Self::Q5_1 => G::Q5_1,
+            Self::Q8_0 => G::Q8_0,
+            Self::Q2K => G::Q2K,
+            Self::Q3K => G::Q3K,
+            Self::Q4K => G::Q4K,
+            Self::Q5K => G::Q5K,
+            Self::Q6K => G::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// The dtype a GGUF tensor of GGML type `g` is stored in (None for types moescope does not
+    /// read: Q8_1 and Q8_K are only ever activations).
+    pub fn from_ggml(g: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType as G;
+        Some(match g {
+            G::F32 => Self::F32,
+            G::F16 => Self::F16,
+            G::BF16 => Self::BF16,
+            G::Q4_0 => Self::Q4_0,
+            G::Q4_1 => Self::Q4_1,
+            G::Q5_0 => Self::Q5_0,
+            G::Q5_1 => Self::Q5_1,
+            G::Q8_0 => Self::Q8_0,
+            G::Q2K => Self::Q2K,
+            G::Q3K => Self::Q3K,
+            G::Q4K => Self::Q4K,
+            G::Q5K => Self::Q5K,
+            G::Q6K => Self::Q6K,
+            G::Q8_1 | G::Q8K => return None,
+        })
+    }
+
+    /// Whether a tensor of this dtype can be turned into weights (plain floats, or a quantized
+    /// type dequantised or multiplied as it is).
+    pub fn is_weight(self) -> bool {
+        self.float_dtype().is_some() || self.ggml().is_some()
     }
 
     /// The candle dtype for weights we can compute with (float types only).
@@ -98,6 +167,9 @@ impl StDtype {
             Self::BOOL => D::BOOL,
             Self::F8E4M3 => D::F8_E4M3,
             Self::F8E5M2 => D::F8_E5M2,
+            // Callers refuse quantized parts before writing safetensors (extract.rs); bytes
+            // would be written as they are, never reinterpreted.
+            _ => D::U8,
         }
     }
 
@@ -118,6 +190,16 @@ impl StDtype {
             Self::BOOL => "BOOL",
             Self::F8E4M3 => "F8_E4M3",
             Self::F8E5M2 => "F8_E5M2",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
+            Self::Q8_0 => "Q8_0",
+            Self::Q2K => "Q2_K",
+            Self::Q3K => "Q3_K",
+            Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
+            Self::Q6K => "Q6_K",
         }
     }
 }
@@ -413,8 +495,8 @@ pub fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, TensorInf
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
             .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
-        let expected = numel
-            .checked_mul(dtype.size() as u64)
+        let expected = dtype
+            .bytes_for(numel)
             .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
         if end - begin != expected {
             return Err(terr(format!(

@@ -18,7 +18,16 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// `tokenizer.json` when the repo has one (it is what transformers loads first), else the
     /// tokenizer built from `vocab.json` + `merges.txt`.
+    /// A GGUF file in place of the directory: the tokenizer and template in its metadata.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if super::gguf::is_gguf(dir) {
+            let (tok, chat) = super::gguf::GgufFile::open(dir)?.tokenizer()?;
+            return Ok(TextTokenizer {
+                tok,
+                chat,
+                path: dir.to_path_buf(),
+            });
+        }
         let path = dir.join("tokenizer.json");
         let (tok, path) = if path.exists() {
             let tok =

@@ -96,7 +96,10 @@ impl CachedProvider {
         settings: &Settings,
     ) -> Result<Self> {
         let cfg = source.config().clone();
-        let expert_bytes = (cfg.expert_params() * dtype.size_in_bytes()) as u64;
+        // Block-quantized experts (GGUF) are held as stored: budgets count their bytes.
+        let quantized = super::convert::held_bytes(source.as_ref());
+        let expert_bytes =
+            quantized.unwrap_or((cfg.expert_params() * dtype.size_in_bytes()) as u64);
         let mut unavailable = vec![Vec::new(); cfg.num_hidden_layers];
         for layer in cfg.moe_layers() {
             for e in 0..cfg.num_experts {
@@ -125,7 +128,9 @@ impl CachedProvider {
             config.scope,
             config.policy,
         );
-        let gpu = if fused_capable(device, dtype) {
+        // The slot pools and the fused kernels read dense matrices; quantized experts are
+        // served one by one (QMatMul on the device).
+        let gpu = if fused_capable(device, dtype) && quantized.is_none() {
             Some(slots::GpuSlots::new(
                 source.as_ref(),
                 &mut pools,
@@ -531,8 +536,9 @@ mod tests {
         c.set_warming(true);
         let zero = c.get(layer, 1).unwrap();
         let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
-        assert_eq!(zero.gate_up.dims(), &[2 * i, h]);
-        assert_eq!(zero.down.dims(), &[h, i]);
+        let (zgu, zdn) = zero.dense().unwrap();
+        assert_eq!(zgu.dims(), &[2 * i, h]);
+        assert_eq!(zdn.dims(), &[h, i]);
         let sum = |t: &Tensor| {
             t.abs()
                 .unwrap()
@@ -541,7 +547,7 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap()
         };
-        assert_eq!(sum(&zero.gate_up) + sum(&zero.down), 0.0);
+        assert_eq!(sum(zgu) + sum(zdn), 0.0);
         assert_eq!(
             source.1.load(Ordering::Relaxed),
             0,
@@ -553,7 +559,7 @@ mod tests {
         c.set_warming(false);
         let real = c.get(layer, 1).unwrap();
         assert_eq!(source.1.load(Ordering::Relaxed), 1);
-        assert!(sum(&real.gate_up) > 0.0);
+        assert!(sum(real.dense().unwrap().0) > 0.0);
         assert_eq!(c.lock().pools.resident(), 1);
     }
 

@@ -381,8 +381,9 @@ impl CachedProvider {
                     s.loads.overflow += 1;
                     s.loads.overflow_time_us += us;
                 }
-                gu.push(w.gate_up);
-                dn.push(w.down);
+                let (g, d) = w.dense_or_err("a GPU slot pool")?;
+                gu.push(g.clone());
+                dn.push(d.clone());
             }
         }
         let mut index = vec![u32::MAX; num];
@@ -449,8 +450,9 @@ impl CachedProvider {
             } else {
                 let raw = self.source.read(layer, e)?;
                 let w = super::convert::from_raw(&raw, self.dtype, &self.device)?;
-                store.gate_up.slice_set(&w.gate_up.unsqueeze(0)?, 0, slot)?;
-                store.down.slice_set(&w.down.unsqueeze(0)?, 0, slot)?;
+                let (g, d) = w.dense_or_err("a GPU slot pool")?;
+                store.gate_up.slice_set(&g.unsqueeze(0)?, 0, slot)?;
+                store.down.slice_set(&d.unsqueeze(0)?, 0, slot)?;
             }
             spans.iter().map(|p| p.range.len() as u64).sum::<u64>()
         };

@@ -149,8 +149,14 @@ pub fn run() -> anyhow::Result<()> {
                             moe_index[l] = Some(i);
                         }
                         let snap = engine.cache_snapshot();
-                        let expert_bytes =
-                            (cfg.expert_params() * engine.dtype.candle().size_in_bytes()) as u64;
+                        // As held: the compute dtype, or a quantized expert's block bytes.
+                        let expert_bytes = match &engine.cache {
+                            Some(c) => c.expert_bytes(),
+                            None => {
+                                engine.provider.resident_bytes()
+                                    / (cfg.total_experts() as u64).max(1)
+                            }
+                        };
                         let resident = ResidentBytes {
                             non_expert: engine.model.resident_bytes(),
                             experts: engine.provider.resident_bytes(),
@@ -294,12 +300,15 @@ fn not_loaded() -> WorkerEvent {
 }
 
 fn describe(spec: &crate::engine::BackendSpec, engine: &Engine) -> String {
-    let base = format!(
+    let mut base = format!(
         "{} {} {}",
         engine.provider.kind(),
         engine.dtype.name(),
         engine.device
     );
+    if let Some(types) = crate::model::gguf::expert_types_of(&spec.model_dir) {
+        base.push_str(&format!(", GGUF experts {types}"));
+    }
     match engine.cache_snapshot() {
         Some(s) => format!(
             "{base}: cache {} experts ({} scope, {}), source {}{}{}",

@@ -1,0 +1,751 @@
+//! A GGUF file as llama.cpp's converter writes Qwen3-MoE (`general.architecture = qwen3moe`):
+//! the config in `qwen3moe.*` metadata, the tokenizer in `tokenizer.ggml.*`, every non-expert
+//! tensor on its own (`blk.N.attn_q.weight` …) and each layer's experts stacked in three tensors
+//! (`blk.N.ffn_{gate,up,down}_exps.weight`, [E, I, H] / [E, H, I]), each of one GGML type — so
+//! one expert's matrix is one contiguous byte range of its stack, which is what lets selective
+//! read experts on demand from the file people actually run.
+//!
+//! The header is parsed by candle's GGUF reader; every tensor's extent is then checked against
+//! the file here (the reader does not), so a truncated or hostile file is an error naming the
+//! tensor, never a read past the end. Non-expert tensors are dequantised to the compute dtype
+//! once at load; experts stay in their block format (see `experts/convert.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::checkpoint::{ExpertLocation, TensorLocation};
+use super::config::{ExpertProj, MoeConfig};
+use super::error::{ModelError, Result};
+use super::safetensors_file::{StDtype, TensorInfo, bytes_to_tensor};
+
+/// The architecture moescope reads (llama.cpp's name for Qwen3-MoE).
+pub const ARCH: &str = "qwen3moe";
+
+/// True when `path` is a file that starts with GGUF's magic.
+pub fn is_gguf(path: &Path) -> bool {
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let mut magic = [0u8; 4];
+    path.is_file() && f.read_exact_at(&mut magic, 0).is_ok() && &magic == b"GGUF"
+}
+
+/// One tensor of the file: its type, shape (candle's order, outermost first) and bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufTensor {
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset in the file.
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// An opened, checked GGUF file.
+pub struct GgufFile {
+    path: PathBuf,
+    file: File,
+    meta: HashMap<String, Value>,
+    tensors: HashMap<String, GgufTensor>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Reads the header and checks that every tensor's type is one moescope reads and that its
+    /// bytes lie inside the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let err = |msg: String| ModelError::Checkpoint {
+            file: path.to_path_buf(),
+            msg,
+        };
+        let file = File::open(path).map_err(|e| ModelError::Io {
+            path: path.to_path_buf(),
+            what: "opening the GGUF file".into(),
+            source: e,
+        })?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| ModelError::Io {
+                path: path.to_path_buf(),
+                what: "reading the GGUF file's size".into(),
+                source: e,
+            })?
+            .len();
+        let mut reader = std::io::BufReader::new(&file);
+        // The reader divides by the file's `general.alignment` without checking it for zero.
+        let content =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
+                .map_err(|_| err("not a readable GGUF header (general.alignment is 0?)".into()))?
+                .map_err(|e| err(format!("not a readable GGUF header: {}", candle_msg(&e))))?;
+        let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
+        for (name, info) in &content.tensor_infos {
+            let terr = |msg: String| ModelError::Tensor {
+                file: path.to_path_buf(),
+                tensor: name.clone(),
+                msg,
+            };
+            let dtype = StDtype::from_ggml(info.ggml_dtype).ok_or_else(|| {
+                terr(format!(
+                    "GGML type {:?} is not a weight type moescope reads",
+                    info.ggml_dtype
+                ))
+            })?;
+            let shape = info.shape.dims().to_vec();
+            let elems = shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
+            let row = shape.last().copied().unwrap_or(1) as u64;
+            let len = dtype
+                .bytes_for(elems)
+                .filter(|_| dtype.ggml().is_none() || row.is_multiple_of(block_of(dtype)))
+                .ok_or_else(|| {
+                    terr(format!(
+                        "shape {shape:?} is not whole {} blocks of {} per row",
+                        dtype.name(),
+                        block_of(dtype)
+                    ))
+                })?;
+            let offset = content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .filter(|o| o.checked_add(len).is_some_and(|end| end <= file_len))
+                .ok_or_else(|| {
+                    terr(format!(
+                        "{len} bytes at data offset {} lie beyond the end of the file \
+                         ({file_len} bytes): truncated or damaged",
+                        info.offset
+                    ))
+                })?;
+            tensors.insert(
+                name.clone(),
+                GgufTensor {
+                    dtype,
+                    shape,
+                    offset,
+                    len,
+                },
+            );
+        }
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            file,
+            meta: content.metadata,
+            tensors,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
+        self.tensors.get(name)
+    }
+
+    /// Every tensor name (for the user's information and fingerprints).
+    pub fn tensor_names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    fn meta_err(&self, key: &str, msg: String) -> ModelError {
+        ModelError::Config {
+            file: self.path.clone(),
+            field: key.into(),
+            msg,
+        }
+    }
+
+    /// A metadata string.
+    pub fn meta_str(&self, key: &str) -> Result<Option<&str>> {
+        match self.meta.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.meta_err(key, format!("expected a string, found {v:?}"))),
+        }
+    }
+
+    /// A non-negative integer, whatever integer type the writer chose.
+    pub fn meta_u64(&self, key: &str) -> Result<Option<u64>> {
+        let Some(v) = self.meta.get(key) else {
+            return Ok(None);
+        };
+        as_u64(v).map(Some).ok_or_else(|| {
+            self.meta_err(key, format!("expected a non-negative integer, found {v:?}"))
+        })
+    }
+
+    fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
+        let Some(v) = self.meta.get(key) else {
+            return Ok(None);
+        };
+        let f = match v {
+            Value::F32(f) => *f as f64,
+            Value::F64(f) => *f,
+            other => as_u64(other)
+                .map(|u| u as f64)
+                .ok_or_else(|| self.meta_err(key, format!("expected a number, found {other:?}")))?,
+        };
+        Ok(Some(f))
+    }
+
+    fn meta_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.meta.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.meta_err(key, format!("expected a bool, found {v:?}"))),
+        }
+    }
+
+    fn meta_array(&self, key: &str) -> Result<Option<&Vec<Value>>> {
+        match self.meta.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(v) => Err(self.meta_err(key, format!("expected an array, found {v:?}"))),
+        }
+    }
+
+    /// The model config, from the `qwen3moe.*` metadata and the tensors present. It is built as
+    /// the `config.json` a Qwen3-MoE repo would have and read by the same code, so the same
+    /// bounds hold; an error names the GGUF key it came from.
+    pub fn config(&self) -> Result<MoeConfig> {
+        let arch = self
+            .meta_str("general.architecture")?
+            .ok_or_else(|| self.meta_err("general.architecture", "missing".into()))?;
+        if arch != ARCH {
+            return Err(self.meta_err(
+                "general.architecture",
+                format!(
+                    "\"{arch}\"; moescope runs \"{ARCH}\" (Qwen3-MoE as llama.cpp's \
+                     convert_hf_to_gguf.py writes it)"
+                ),
+            ));
+        }
+        let key = |k: &str| format!("{ARCH}.{k}");
+        let req = |k: &str| -> Result<u64> {
+            self.meta_u64(&key(k))?
+                .ok_or_else(|| self.meta_err(&key(k), "missing".into()))
+        };
+        let embd = self
+            .tensor("token_embd.weight")
+            .ok_or_else(|| ModelError::Tensor {
+                file: self.path.clone(),
+                tensor: "token_embd.weight".into(),
+                msg: "missing (the token embedding)".into(),
+            })?;
+        let vocab = embd.shape.first().copied().unwrap_or(0);
+        let layers = req("block_count")?;
+        let heads = req("attention.head_count")?;
+        let hidden = req("embedding_length")?;
+        let mut mlp_only = Vec::new();
+        for l in 0..layers.min(1 << 16) {
+            if self
+                .tensor(&format!("blk.{l}.ffn_gate_exps.weight"))
+                .is_some()
+            {
+                continue;
+            }
+            if self.tensor(&format!("blk.{l}.ffn_gate.weight")).is_some() {
+                mlp_only.push(l);
+                continue;
+            }
+            return Err(ModelError::Tensor {
+                file: self.path.clone(),
+                tensor: format!("blk.{l}.ffn_gate_exps.weight"),
+                msg: format!("missing (and no dense blk.{l}.ffn_gate.weight either)"),
+            });
+        }
+        let eos: Vec<u64> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| self.meta_u64(k).transpose())
+            .collect::<Result<_>>()?;
+        let mut cfg = json!({
+            "model_type": "qwen3_moe",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.meta_u64(&key("attention.head_count_kv"))?.unwrap_or(heads),
+            "num_experts": req("expert_count")?,
+            "num_experts_per_tok": req("expert_used_count")?,
+            "moe_intermediate_size": req("expert_feed_forward_length")?,
+            "mlp_only_layers": mlp_only,
+            // llama.cpp's qwen3moe graph always renormalises the top-k weights (build_moe_ffn
+            // with norm_w = true); a file may say otherwise explicitly.
+            "norm_topk_prob": self.meta_bool(&key("expert_weights_norm"))?.unwrap_or(true),
+            "rms_norm_eps": self.meta_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
+            "rope_theta": self.meta_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            "max_position_embeddings": self.meta_u64(&key("context_length"))?.unwrap_or(32_768),
+            "attention_bias": self.tensor("blk.0.attn_q.bias").is_some(),
+            "tie_word_embeddings": self.tensor("output.weight").is_none(),
+            "eos_token_id": eos,
+        });
+        let obj = cfg.as_object_mut().expect("an object");
+        if let Some(d) = self.meta_u64(&key("attention.key_length"))? {
+            obj.insert("head_dim".into(), d.into());
+            if let Some(v) = self.meta_u64(&key("attention.value_length"))?
+                && v != d
+            {
+                return Err(self.meta_err(
+                    &key("attention.value_length"),
+                    format!("{v}, but Qwen3-MoE's values are as wide as its keys ({d})"),
+                ));
+            }
+        }
+        if let Some(f) = self.meta_u64(&key("feed_forward_length"))? {
+            obj.insert("intermediate_size".into(), f.into());
+        }
+        if let Some(b) = self.meta_u64("tokenizer.ggml.bos_token_id")? {
+            obj.insert("bos_token_id".into(), b.into());
+        }
+        MoeConfig::from_json_str(&cfg.to_string(), &self.path).map_err(|e| match e {
+            ModelError::Config { file, field, msg } => ModelError::Config {
+                file,
+                field: gguf_key(&field),
+                msg,
+            },
+            other => other,
+        })
+    }
+
+    /// The tokenizer and chat template the file carries (`tokenizer.ggml.*`,
+    /// `tokenizer.chat_template`): Qwen2's byte-level BPE, built as from `vocab.json` +
+    /// `merges.txt`, control and user-defined tokens added at their ids.
+    pub fn tokenizer(&self) -> Result<(tokenizers::Tokenizer, super::chat::ChatTemplate)> {
+        use super::bpe_files::{Added, assemble};
+        let terr = |key: &str, msg: String| ModelError::Tokenizer {
+            file: self.path.clone(),
+            msg: format!("{key}: {msg}"),
+        };
+        match self.meta_str("tokenizer.ggml.model")? {
+            Some("gpt2") => {}
+            Some(other) => {
+                return Err(terr(
+                    "tokenizer.ggml.model",
+                    format!("\"{other}\"; moescope reads byte-level BPE (\"gpt2\") tokenizers"),
+                ));
+            }
+            None => return Err(terr("tokenizer.ggml.model", "missing".into())),
+        }
+        match self.meta_str("tokenizer.ggml.pre")? {
+            Some("qwen2") | None => {}
+            Some(other) => {
+                return Err(terr(
+                    "tokenizer.ggml.pre",
+                    format!("\"{other}\"; moescope splits text as Qwen2 does (\"qwen2\")"),
+                ));
+            }
+        }
+        let tokens = self
+            .meta_array("tokenizer.ggml.tokens")?
+            .ok_or_else(|| terr("tokenizer.ggml.tokens", "missing".into()))?;
+        let types = self.meta_array("tokenizer.ggml.token_type")?;
+        let mut vocab = HashMap::with_capacity(tokens.len());
+        let mut added = BTreeMap::new();
+        for (id, t) in tokens.iter().enumerate() {
+            let Value::String(s) = t else {
+                return Err(terr(
+                    "tokenizer.ggml.tokens",
+                    format!("entry {id} is not a string"),
+                ));
+            };
+            let id = id as u32;
+            // llama.cpp's token types: 3 control (special), 4 user-defined (added, plain).
+            let kind = types
+                .and_then(|ts| ts.get(id as usize))
+                .and_then(|v| match v {
+                    Value::I32(i) => Some(*i as i64),
+                    other => as_u64(other).map(|u| u as i64),
+                })
+                .unwrap_or(1);
+            if kind == 3 || kind == 4 {
+                added.insert(
+                    id,
+                    Added {
+                        content: s.clone(),
+                        special: kind == 3,
+                        lstrip: false,
+                        rstrip: false,
+                        normalized: kind == 4,
+                        single_word: false,
+                    },
+                );
+            } else if vocab.insert(s.clone(), id).is_some() {
+                return Err(terr(
+                    "tokenizer.ggml.tokens",
+                    format!("{s:?} appears twice (second at id {id})"),
+                ));
+            }
+        }
+        let mut merges = Vec::new();
+        for (i, m) in self
+            .meta_array("tokenizer.ggml.merges")?
+            .ok_or_else(|| terr("tokenizer.ggml.merges", "missing".into()))?
+            .iter()
+            .enumerate()
+        {
+            let pair = match m {
+                Value::String(s) => s.split_once(' '),
+                _ => None,
+            };
+            let Some((a, b)) = pair else {
+                return Err(terr(
+                    "tokenizer.ggml.merges",
+                    format!("entry {i} is not two tokens separated by a space"),
+                ));
+            };
+            merges.push((a.to_string(), b.to_string()));
+        }
+        let name = |key: &str| -> Option<String> {
+            let id = self.meta_u64(key).ok()??;
+            match tokens.get(id as usize)? {
+                Value::String(s) => Some(s.clone()),
+                _ => None,
+            }
+        };
+        let p = &self.path;
+        let tok = assemble(vocab, merges, added, [p, p, p], "tokenizer.ggml.tokens")?;
+        let template = self
+            .meta_str("tokenizer.chat_template")?
+            .map(str::to_string);
+        let chat = super::chat::ChatTemplate::from_text(
+            template,
+            &format!("{} (tokenizer.chat_template)", p.display()),
+            name("tokenizer.ggml.bos_token_id"),
+            name("tokenizer.ggml.eos_token_id"),
+        )?;
+        Ok((tok, chat))
+    }
+
+    /// Checks a non-expert tensor (named as in a Hugging Face checkpoint) against the shape the
+    /// config implies.
+    pub fn check(&self, hf_name: &str, shape: &[usize]) -> Result<TensorLocation> {
+        let name = gguf_name(hf_name).ok_or_else(|| ModelError::Tensor {
+            file: self.path.clone(),
+            tensor: hf_name.into(),
+            msg: "has no GGUF counterpart moescope knows".into(),
+        })?;
+        let t = self.tensor(&name).ok_or_else(|| ModelError::Tensor {
+            file: self.path.clone(),
+            tensor: name.clone(),
+            msg: format!("missing (for {hf_name})"),
+        })?;
+        if t.shape != shape {
+            return Err(ModelError::Tensor {
+                file: self.path.clone(),
+                tensor: name,
+                msg: format!("shape {:?}, expected {shape:?} from the metadata", t.shape),
+            });
+        }
+        Ok(self.location(&name, t, t.shape.clone(), t.offset, t.len))
+    }
+
+    fn location(
+        &self,
+        name: &str,
+        t: &GgufTensor,
+        shape: Vec<usize>,
+        offset: u64,
+        len: u64,
+    ) -> TensorLocation {
+        TensorLocation {
+            name: name.to_string(),
+            file: self.path.clone(),
+            dtype: t.dtype,
+            shape,
+            offset,
+            len,
+        }
+    }
+
+    /// Whether the non-expert tensor `hf_name` is in the file.
+    pub fn contains(&self, hf_name: &str) -> bool {
+        gguf_name(hf_name).is_some_and(|n| self.tensors.contains_key(&n))
+    }
+
+    /// Loads a non-expert tensor in `dtype` on `device`, dequantising a quantized one.
+    pub fn load(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let loc = self.check(hf_name, shape)?;
+        let mut bytes = vec![0u8; loc.len as usize];
+        self.file
+            .read_exact_at(&mut bytes, loc.offset)
+            .map_err(|e| ModelError::Tensor {
+                file: self.path.clone(),
+                tensor: loc.name.clone(),
+                msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
+            })?;
+        let terr = |e: candle_core::Error| ModelError::Tensor {
+            file: self.path.clone(),
+            tensor: loc.name.clone(),
+            msg: format!("converting from {}: {}", loc.dtype.name(), candle_msg(&e)),
+        };
+        match loc.dtype.ggml() {
+            None => {
+                let info = TensorInfo {
+                    dtype: loc.dtype,
+                    shape: loc.shape.clone(),
+                    offset: 0,
+                    len: loc.len,
+                };
+                bytes_to_tensor(&bytes, &info, dtype, device).map_err(terr)
+            }
+            Some(g) => {
+                use candle_core::quantized::ggml_file::qtensor_from_ggml;
+                let q =
+                    qtensor_from_ggml(g, &bytes, loc.shape.clone(), &Device::Cpu).map_err(terr)?;
+                q.dequantize(&Device::Cpu)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .and_then(|t| t.to_device(device))
+                    .map_err(terr)
+            }
+        }
+    }
+
+    /// Where one expert's three matrices lie: rows `expert × I … (expert + 1) × I` of each
+    /// stacked tensor, contiguous since a GGUF tensor is stored row after row. `None` when
+    /// the layer has no stacked experts.
+    pub fn expert_location(
+        &self,
+        cfg: &MoeConfig,
+        layer: usize,
+        expert: usize,
+    ) -> Result<Option<ExpertLocation>> {
+        let mut parts = Vec::with_capacity(3);
+        for proj in ExpertProj::ALL {
+            let name = format!("blk.{layer}.ffn_{}_exps.weight", proj_key(proj));
+            let Some(t) = self.tensor(&name) else {
+                return Ok(None);
+            };
+            let [rows, cols] = proj.shape(cfg);
+            let want = [cfg.num_experts, rows, cols];
+            if t.shape != want {
+                return Err(ModelError::Tensor {
+                    file: self.path.clone(),
+                    tensor: name,
+                    msg: format!("shape {:?}, expected {want:?} from the metadata", t.shape),
+                });
+            }
+            if t.dtype.float_dtype().is_none() && t.dtype.ggml().is_none() {
+                return Err(ModelError::Tensor {
+                    file: self.path.clone(),
+                    tensor: name,
+                    msg: format!("type {} cannot hold weights", t.dtype.name()),
+                });
+            }
+            let per = t.len / cfg.num_experts as u64;
+            let offset = t.offset + per * expert as u64;
+            parts.push(self.location(&name, t, vec![rows, cols], offset, per));
+        }
+        Ok(Some(ExpertLocation {
+            layer,
+            expert,
+            parts: parts.try_into().expect("three parts"),
+        }))
+    }
+
+    /// The GGML types the experts are stored in, with how many stacked tensors use each — what
+    /// the header shows for a mixed file such as `Q4_K_M`.
+    pub fn expert_types(&self) -> BTreeMap<&'static str, usize> {
+        let mut out = BTreeMap::new();
+        for (name, t) in &self.tensors {
+            if name.contains("_exps.") {
+                *out.entry(t.dtype.name()).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// A fingerprint of the weights: the config's, the header's tensor table, and 16 windows
+    /// of 4 KiB spread over the file.
+    pub fn weights_fingerprint(&self, cfg: &MoeConfig) -> Result<String> {
+        let mut h = blake3::Hasher::new();
+        h.update(cfg.fingerprint().as_bytes());
+        let mut names: Vec<_> = self.tensors.iter().collect();
+        names.sort_by(|a, b| a.0.cmp(b.0));
+        for (n, t) in names {
+            h.update(
+                format!(
+                    "{n} {} {:?} {} {}\n",
+                    t.dtype.name(),
+                    t.shape,
+                    t.offset,
+                    t.len
+                )
+                .as_bytes(),
+            );
+        }
+        let size = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut buf = [0u8; 4096];
+        for i in 0..16u64 {
+            let at = size / 16 * i;
+            let want = (4096u64).min(size - at) as usize;
+            self.file
+                .read_exact_at(&mut buf[..want], at)
+                .map_err(|e| ModelError::Io {
+                    path: self.path.clone(),
+                    what: "sampling the GGUF file".into(),
+                    source: e,
+                })?;
+            h.update(&buf[..want]);
+        }
+        Ok(h.finalize().to_hex()[..16].to_string())
+    }
+}
+
+/// "Q4_K ×66 + Q6_K ×30" for the expert stacks of the GGUF file at `path`; None for anything
+/// else (a directory, an unreadable file).
+pub fn expert_types_of(path: &Path) -> Option<String> {
+    if !is_gguf(path) {
+        return None;
+    }
+    let g = GgufFile::open(path).ok()?;
+    let parts: Vec<String> = g
+        .expert_types()
+        .iter()
+        .map(|(t, n)| format!("{t} ×{n}"))
+        .collect();
+    Some(parts.join(" + "))
+}
+
+/// A candle error's message without the backtrace candle attaches when RUST_BACKTRACE is set.
+pub fn candle_msg(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
+        other => other.to_string(),
+    }
+}
+
+fn block_of(dtype: StDtype) -> u64 {
+    dtype.ggml().map(|g| g.block_size() as u64).unwrap_or(1)
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::U8(x) => Some(*x as u64),
+        Value::U16(x) => Some(*x as u64),
+        Value::U32(x) => Some(*x as u64),
+        Value::U64(x) => Some(*x),
+        Value::I8(x) => u64::try_from(*x).ok(),
+        Value::I16(x) => u64::try_from(*x).ok(),
+        Value::I32(x) => u64::try_from(*x).ok(),
+        Value::I64(x) => u64::try_from(*x).ok(),
+        _ => None,
+    }
+}
+
+fn proj_key(proj: ExpertProj) -> &'static str {
+    match proj {
+        ExpertProj::Gate => "gate",
+        ExpertProj::Up => "up",
+        ExpertProj::Down => "down",
+    }
+}
+
+/// The GGUF metadata key a config.json field comes from (for errors).
+fn gguf_key(field: &str) -> String {
+    let k = match field {
+        "hidden_size" => "embedding_length",
+        "num_hidden_layers" => "block_count",
+        "num_attention_heads" => "attention.head_count",
+        "num_key_value_heads" => "attention.head_count_kv",
+        "head_dim" => "attention.key_length",
+        "num_experts" => "expert_count",
+        "num_experts_per_tok" => "expert_used_count",
+        "moe_intermediate_size" => "expert_feed_forward_length",
+        "intermediate_size" => "feed_forward_length",
+        "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
+        "rope_theta" => "rope.freq_base",
+        "max_position_embeddings" => "context_length",
+        "vocab_size" => return "token_embd.weight (its rows)".into(),
+        other => return other.into(),
+    };
+    format!("{ARCH}.{k}")
+}
+
+/// A non-expert tensor's GGUF name from its Hugging Face name (llama.cpp's tensor map for
+/// Qwen3-MoE; no prefix, as GGUF files hold the text model only).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    Some(match hf {
+        "model.embed_tokens.weight" => "token_embd.weight".into(),
+        "model.norm.weight" => "output_norm.weight".into(),
+        "lm_head.weight" => "output.weight".into(),
+        _ => {
+            let rest = hf.strip_prefix("model.layers.")?;
+            let (l, rest) = rest.split_once('.')?;
+            let l: usize = l.parse().ok()?;
+            let (module, kind) = rest.rsplit_once('.')?;
+            let short = match module {
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "self_attn.q_norm" => "attn_q_norm",
+                "self_attn.k_norm" => "attn_k_norm",
+                "mlp.gate" => "ffn_gate_inp",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                _ => return None,
+            };
+            format!("blk.{l}.{short}.{kind}")
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_llama_cpp_tensors() {
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").unwrap(),
+            "token_embd.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.o_proj.weight").unwrap(),
+            "blk.3.attn_output.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.gate.weight").unwrap(),
+            "blk.0.ffn_gate_inp.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.12.post_attention_layernorm.weight").unwrap(),
+            "blk.12.ffn_norm.weight"
+        );
+        assert_eq!(gguf_name("model.layers.x.mlp.gate.weight"), None);
+        assert_eq!(gguf_name("thinker.model.norm.weight"), None);
+    }
+
+    #[test]
+    fn a_file_that_is_not_gguf_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        std::fs::write(&p, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+        assert!(is_gguf(&p));
+        let e = GgufFile::open(&p).unwrap_err().to_string();
+        assert!(e.contains("m.gguf") && e.contains("GGUF header"), "{e}");
+    }
+}

@@ -1,0 +1,426 @@
+//! GGUF files written by llama.cpp's own converter and `llama-quantize`
+//! (`scripts/make_gguf_fixtures.sh` makes `tests/fixtures/gguf/`): the config, tokenizer and
+//! weights are read from the file; selective over block-quantized experts is bit-identical to
+//! native; and the file's weights, dequantised and run through the safetensors path, give the
+//! same tokens. (candle-transformers' `quantized_qwen3_moe` runs its experts on CUDA only.)
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use moescope::cache::policy::PolicyKind;
+use moescope::cache::settings::{CacheSettings, Scope};
+use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
+use moescope::model::generate::Generation;
+use moescope::model::ports::{NoObserver, RoutingLog};
+use moescope::model::qwen3_moe::Logits;
+use moescope::model::sampling::SamplingParams;
+use moescope::model::tokenizer::TextTokenizer;
+use moescope::model::{Checkpoint, MoeConfig};
+use moescope::settings::Settings;
+
+const TYPES: [&str; 2] = ["Q8_0", "Q4_K_M"];
+
+fn gguf(kind: &str) -> std::path::PathBuf {
+    fixture("gguf").join(format!("kquant-{kind}.gguf"))
+}
+
+fn spec(kind: &str, backend: BackendKind, cache: CacheSettings, dtype: Dtype) -> BackendSpec {
+    BackendSpec {
+        model_dir: gguf(kind),
+        dtype,
+        device: DeviceSpec::cpu(),
+        backend,
+        cache,
+        settings: Settings::default(),
+    }
+}
+
+/// A fixed token sequence inside the fixtures' 4,096-token vocabulary.
+fn sequence() -> Vec<u32> {
+    (0..20u32).map(|i| (i * 977 + 31) % 4000).collect()
+}
+
+/// Bits of every position's logits, then 12 greedy tokens.
+fn run(e: &Engine, seq: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let mut cache = e.model.new_cache();
+    let l = e
+        .model
+        .forward(
+            seq,
+            &mut cache,
+            e.provider.as_ref(),
+            &mut NoObserver,
+            Logits::All,
+        )
+        .unwrap();
+    let bits = l
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let params = SamplingParams {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let mut g = Generation::new(&e.model, seq.to_vec(), params, vec![]).unwrap();
+    while g
+        .step(&e.model, e.provider.as_ref(), &mut NoObserver)
+        .unwrap()
+        .is_some()
+    {}
+    (bits, g.generated.clone())
+}
+
+#[test]
+fn config_comes_from_the_metadata() {
+    for kind in TYPES {
+        let cfg = MoeConfig::from_dir(&gguf(kind)).unwrap();
+        assert_eq!(
+            (
+                cfg.vocab_size,
+                cfg.hidden_size,
+                cfg.num_hidden_layers,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+            ),
+            (4096, 256, 2, 4, 2, 64),
+            "{kind}"
+        );
+        assert_eq!(
+            (
+                cfg.num_experts,
+                cfg.num_experts_per_tok,
+                cfg.moe_intermediate_size,
+                cfg.norm_topk_prob,
+                cfg.tie_word_embeddings,
+            ),
+            (4, 2, 256, true, true),
+            "{kind}"
+        );
+        assert!(cfg.eos_token_ids.contains(&2), "{:?}", cfg.eos_token_ids);
+        assert!((cfg.rms_norm_eps - 1e-6).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn experts_are_byte_ranges_of_the_stacked_tensors_in_their_own_types() {
+    let ckpt = Checkpoint::open(&gguf("Q4_K_M")).unwrap();
+    let cfg = MoeConfig::from_dir(&gguf("Q4_K_M")).unwrap();
+    let inv = ckpt.validate(&cfg).unwrap();
+    assert_eq!((inv.present, inv.expected), (8, 8));
+    let types = ckpt.gguf().unwrap().expert_types();
+    // Q4_K_M keeps some ffn_down stacks in Q6_K: a mixed file.
+    assert!(types.contains_key("Q4_K"), "{types:?}");
+    assert!(types.keys().any(|t| *t != "Q4_K"), "{types:?}");
+    for layer in 0..2 {
+        let a = ckpt.expert_location(&cfg, layer, 0).unwrap().unwrap();
+        let b = ckpt.expert_location(&cfg, layer, 1).unwrap().unwrap();
+        for (pa, pb) in a.parts.iter().zip(&b.parts) {
+            assert_eq!(pa.offset + pa.len, pb.offset, "experts follow each other");
+            assert_eq!(pa.shape.iter().product::<usize>(), 256 * 256);
+            // Block bytes, not bf16 ones: Q4_K is 144 bytes per 256, Q6_K 210.
+            assert!(pa.len == 256 * 144 || pa.len == 256 * 210, "{}", pa.len);
+        }
+    }
+}
+
+#[test]
+fn tokenizer_and_template_come_from_the_file() {
+    let from_file = TextTokenizer::from_dir(&gguf("Q8_0")).unwrap();
+    let from_repo = TextTokenizer::from_dir(&moescope::engine::default_model_dir()).unwrap();
+    for text in [
+        "Hello, world! It's 2026.",
+        "<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n",
+        "  spaces\tand\nnewlines  ",
+        "naïve café — 東京",
+    ] {
+        assert_eq!(
+            from_file.encode(text).unwrap(),
+            from_repo.encode(text).unwrap(),
+            "{text:?}"
+        );
+    }
+    let ids = from_repo.encode("The sun is a star.").unwrap();
+    assert_eq!(from_file.decode(&ids), from_repo.decode(&ids));
+    let style = moescope::model::tokenizer::PromptStyle::default();
+    assert_eq!(
+        from_file.prompt_ids("Why is the sky blue?", style).unwrap(),
+        from_repo.prompt_ids("Why is the sky blue?", style).unwrap()
+    );
+}
+
+#[test]
+fn selective_over_quantized_experts_is_bit_identical_to_native() {
+    let seq = sequence();
+    for kind in TYPES {
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let native = spec(kind, BackendKind::Native, CacheSettings::default(), dtype)
+                .load(|_, _| {})
+                .unwrap();
+            let want = run(&native, &seq);
+            let all = native.cfg.total_experts();
+            for cap in [1, 2, all] {
+                for policy in PolicyKind::ALL {
+                    for scope in [Scope::Global, Scope::Layer] {
+                        let cache = CacheSettings {
+                            cache_experts: Some(cap),
+                            cache_scope: scope,
+                            policy,
+                            ..Default::default()
+                        };
+                        let sel = spec(kind, BackendKind::Selective, cache, dtype)
+                            .load(|_, _| {})
+                            .unwrap();
+                        assert!(
+                            run(&sel, &seq) == want,
+                            "{kind} {dtype:?} cap {cap} {policy:?} {scope:?}: differs from native"
+                        );
+                        let snap = sel.cache_snapshot().unwrap();
+                        assert!(snap.misses > 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_quantized_cache_budgets_block_bytes() {
+    // Q8_0: 34 bytes per 32 weights; an expert is 3 × 256 × 256 weights.
+    let per_expert = 3 * 256 * 256 / 32 * 34;
+    let cache = CacheSettings {
+        cache_mem: Some(3 * per_expert as u64),
+        ..Default::default()
+    };
+    let sel = spec("Q8_0", BackendKind::Selective, cache, Dtype::F32)
+        .load(|_, _| {})
+        .unwrap();
+    let c = sel.cache.as_ref().unwrap();
+    assert_eq!(c.expert_bytes(), per_expert as u64);
+    assert_eq!(c.capacity_experts(), 3);
+}
+
+/// The file's weights dequantised to f32 and written as a safetensors checkpoint — the layout
+/// moescope's other tests check against transformers — so the GGUF path (names, shapes, row
+/// order, expert slicing, block decoding) is checked against the safetensors path.
+fn dequantised_copy(kind: &str, dir: &std::path::Path) {
+    use candle_core::quantized::ggml_file::qtensor_from_ggml;
+    use moescope::model::config::ExpertProj;
+    use std::os::unix::fs::FileExt;
+    let path = gguf(kind);
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let cfg = MoeConfig::from_dir(&path).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape) in Checkpoint::required_tensors(&cfg) {
+        let t = ckpt.load(&name, &shape, DType::F32, &Device::Cpu).unwrap();
+        tensors.insert(name, t);
+    }
+    let file = std::fs::File::open(&path).unwrap();
+    for layer in cfg.moe_layers() {
+        for e in 0..cfg.num_experts {
+            let loc = ckpt.expert_location(&cfg, layer, e).unwrap().unwrap();
+            for (proj, part) in ExpertProj::ALL.into_iter().zip(&loc.parts) {
+                let mut bytes = vec![0u8; part.len as usize];
+                file.read_exact_at(&mut bytes, part.offset).unwrap();
+                let t = match part.dtype.ggml() {
+                    Some(g) => qtensor_from_ggml(g, &bytes, part.shape.clone(), &Device::Cpu)
+                        .unwrap()
+                        .dequantize(&Device::Cpu)
+                        .unwrap(),
+                    None => Tensor::from_raw_buffer(
+                        &bytes,
+                        part.dtype.float_dtype().unwrap(),
+                        &part.shape,
+                        &Device::Cpu,
+                    )
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+                };
+                tensors.insert(cfg.expert_tensor_name(layer, e, proj), t);
+            }
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "model_type": "qwen3_moe", "vocab_size": 4096, "hidden_size": 256,
+        "intermediate_size": 512, "moe_intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": true,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": true, "eos_token_id": [2, 0]
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+#[test]
+fn matches_its_own_weights_dequantised_through_the_safetensors_path() {
+    let seq = sequence();
+    for kind in TYPES {
+        let dir = tempfile::tempdir().unwrap();
+        dequantised_copy(kind, dir.path());
+        let load = |model: std::path::PathBuf| {
+            BackendSpec {
+                model_dir: model,
+                dtype: Dtype::F32,
+                device: DeviceSpec::cpu(),
+                backend: BackendKind::Native,
+                cache: CacheSettings::default(),
+                settings: Settings::default(),
+            }
+            .load(|_, _| {})
+            .unwrap()
+        };
+        let quant = load(gguf(kind));
+        let dense = load(dir.path().to_path_buf());
+        let logits = |e: &Engine| -> (Vec<f32>, RoutingLog) {
+            let mut cache = e.model.new_cache();
+            let mut log = RoutingLog::default();
+            let l = e
+                .model
+                .forward(&seq, &mut cache, e.provider.as_ref(), &mut log, Logits::All)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (l, log)
+        };
+        let ((q, qr), (d, dr)) = (logits(&quant), logits(&dense));
+        // Positions where every layer picked the same experts. The random fixture's router
+        // has near ties that the activations' rounding can flip; where it does, the outputs
+        // are of different experts and not comparable.
+        let same: Vec<usize> = (0..seq.len())
+            .filter(|&p| {
+                let at = |r: &RoutingLog| -> Vec<Vec<u32>> {
+                    r.entries
+                        .iter()
+                        .filter(|(_, pos, _)| *pos == p)
+                        .map(|(_, _, ex)| {
+                            let mut ex = ex.clone();
+                            ex.sort();
+                            ex
+                        })
+                        .collect()
+                };
+                at(&qr) == at(&dr)
+            })
+            .collect();
+        assert!(
+            same.len() * 10 >= seq.len() * 8,
+            "{kind}: routing agrees at only {} of {} positions",
+            same.len(),
+            seq.len()
+        );
+        let v = 4096;
+        let mut worst = 0f32;
+        for &p in &same {
+            let (a, b) = (&q[p * v..(p + 1) * v], &d[p * v..(p + 1) * v]);
+            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = max_abs_diff(a, b);
+            worst = worst.max(diff / scale);
+            let argmax = |x: &[f32]| (0..x.len()).max_by(|&i, &j| x[i].total_cmp(&x[j])).unwrap();
+            assert_eq!(argmax(a), argmax(b), "{kind} position {p}: top-1");
+        }
+        eprintln!(
+            "{kind}: routing the same at {} of {} positions; there, max |Δlogit| ≤ {:.2} % of the largest logit",
+            same.len(),
+            seq.len(),
+            100.0 * worst
+        );
+        // What is left is the quantized products rounding their f32 activations to 8-bit
+        // blocks (Q8_0, or Q8_K for k-quants) before the dot product, as llama.cpp does.
+        assert!(
+            worst <= 0.03,
+            "{kind}: logits differ by {:.2} %",
+            100.0 * worst
+        );
+    }
+}
+
+/// Damaged and foreign files: an error naming the file and what is wrong, a non-zero exit, no
+/// panic — for every command that opens a model.
+#[test]
+fn damaged_or_foreign_gguf_files_are_refused_by_name() {
+    let good = std::fs::read(gguf("Q8_0")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let at = good
+        .windows(8)
+        .position(|w| w == b"qwen3moe")
+        .expect("the architecture string");
+    let mut foreign = good.clone();
+    foreign[at..at + 8].copy_from_slice(b"llama4xx");
+    let cases = [
+        (
+            write("truncated.gguf", &good[..good.len() / 2]),
+            "beyond the end of the file",
+        ),
+        (
+            write("header.gguf", &good[..3000]),
+            "not a readable GGUF header",
+        ),
+        (write("foreign.gguf", &foreign), "general.architecture"),
+        (
+            write("magic-only.gguf", b"GGUF"),
+            "not a readable GGUF header",
+        ),
+    ];
+    for (path, want) in &cases {
+        let p = path.to_str().unwrap();
+        for args in [
+            vec![
+                "generate",
+                "--model",
+                p,
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "2",
+            ],
+            vec![
+                "generate",
+                "--model",
+                p,
+                "--backend",
+                "selective",
+                "--token-ids",
+                "1",
+                "2",
+            ],
+            vec![
+                "run",
+                "--no-tui",
+                "--model",
+                p,
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "2",
+            ],
+        ] {
+            let (rc, _, err) = common::run(&args);
+            assert_ne!(rc, 0, "{args:?}");
+            assert!(err.contains(p) && err.contains(want), "{args:?}: {err}");
+            assert!(!err.contains("panicked"), "{args:?}: {err}");
+        }
+    }
+    let (rc, _, err) = common::run(&[
+        "extract",
+        "--model",
+        gguf("Q8_0").to_str().unwrap(),
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("read from the file itself"), "{err}");
+}
