@@ -93,6 +93,25 @@ pub enum BenchCommand {
     /// The driver caches what it compiles, so only the first use on a machine is slow (20–30 s
     /// on an H200); `run` does this first so that neither backend's load time pays for it.
     Kernels(KernelsArgs),
+    /// KL divergence and top-1 agreement against llama.cpp on the same GGUF file: reads the
+    /// logits file `llama-perplexity -m FILE.gguf -f TEXT --kl-divergence-base OUT` writes and
+    /// scores the same token chunks.
+    Kld(KldArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KldArgs {
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// llama-perplexity's `--kl-divergence-base` output.
+    #[arg(long, value_name = "FILE")]
+    pub base: PathBuf,
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+    #[arg(long, default_value = "cpu", value_parser = DeviceSpec::parse)]
+    pub device: DeviceSpec,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +138,10 @@ pub struct BenchDecodeArgs {
     /// Timed repeats (best is kept) after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Time moescope alone (where candle-transformers cannot run the model, e.g. a GGUF file
+    /// on the CPU; compare with llama-bench then).
+    #[arg(long)]
+    pub no_reference: bool,
     #[arg(long)]
     pub json: bool,
 }

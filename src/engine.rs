@@ -486,7 +486,9 @@ impl BackendSpec {
     pub fn footprint(&self, cfg: &MoeConfig, tokens: usize) -> Footprint {
         let cuda = self.device.is_cuda();
         let esize = self.dtype.candle().size_in_bytes() as u64;
-        let expert = cfg.expert_params() as u64 * esize;
+        // A GGUF file's quantized tensors are held in their block format.
+        let gguf = crate::model::gguf::held_sizes(&self.model_dir, cfg, esize);
+        let expert = gguf.map_or(cfg.expert_params() as u64 * esize, |(_, _, e)| e);
         let total = cfg.total_experts() as u64;
         let experts = match self.backend {
             BackendKind::Native => total * expert,
@@ -513,7 +515,8 @@ impl BackendSpec {
             * (cfg.num_key_value_heads * cfg.head_dim) as u64
             * rows
             * kv_elem;
-        let held = cfg.non_expert_params() * esize + experts + kv;
+        let non_expert = gguf.map_or(cfg.non_expert_params() * esize, |(n, _, _)| n);
+        let held = non_expert + experts + kv;
         if cuda {
             Footprint { host: 0, gpu: held }
         } else {

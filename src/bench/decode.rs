@@ -52,14 +52,28 @@ pub fn run_ours(engine: &Engine, prompt: &[u32], new_tokens: usize) -> Result<De
     })
 }
 
-/// candle-transformers' model, built from our normalised config.
+/// candle-transformers' model: `qwen3_moe` built from our normalised config over the same
+/// safetensors, or `quantized_qwen3_moe` over the same GGUF file.
 pub struct Reference {
-    model: qwen3_moe::ModelForCausalLM,
+    model: RefModel,
     device: Device,
+}
+
+enum RefModel {
+    Dense(Box<qwen3_moe::ModelForCausalLM>),
+    /// With where it came from: it has no way to clear its KV cache, so each run reloads it.
+    Gguf(
+        Box<candle_transformers::models::quantized_qwen3_moe::GGUFQWenMoE>,
+        PathBuf,
+        DType,
+    ),
 }
 
 impl Reference {
     pub fn load(dir: &Path, cfg: &MoeConfig, dtype: DType, device: &Device) -> Result<Self> {
+        if crate::model::gguf::is_gguf(dir) {
+            return Self::load_gguf(dir, dtype, device);
+        }
         if cfg.layer_kinds.contains(&FfnKind::Dense) {
             return Err(ModelError::Input(
                 "candle-transformers' qwen3_moe has no mlp_only_layers; pick a model whose layers are all MoE".into(),
@@ -97,27 +111,61 @@ impl Reference {
         };
         let model = qwen3_moe::ModelForCausalLM::new(&c, vb)?;
         Ok(Reference {
-            model,
+            model: RefModel::Dense(Box::new(model)),
             device: device.clone(),
         })
     }
 
+    fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !device.is_cuda() {
+            // Its MoE layers call candle's `moe_gemm_gguf`, which exists for CUDA only.
+            return Err(ModelError::Input(
+                "candle-transformers' quantized_qwen3_moe runs its experts on CUDA only; on the \
+                 CPU compare against llama.cpp (llama-bench, or `moescope bench kld`)"
+                    .into(),
+            ));
+        }
+        Ok(Reference {
+            model: RefModel::Gguf(
+                Box::new(gguf_reference(path, dtype, device)?),
+                path.to_path_buf(),
+                dtype,
+            ),
+            device: device.clone(),
+        })
+    }
+
+    fn forward(&mut self, input: &Tensor, offset: usize) -> Result<Tensor> {
+        Ok(match &mut self.model {
+            RefModel::Dense(m) => m.forward(input, offset)?,
+            RefModel::Gguf(m, _, _) => m.forward(input, offset)?,
+        })
+    }
+
+    fn clear(&mut self) -> Result<()> {
+        match &mut self.model {
+            RefModel::Dense(m) => m.clear_kv_cache(),
+            RefModel::Gguf(m, path, dtype) => **m = gguf_reference(path, *dtype, &self.device)?,
+        }
+        Ok(())
+    }
+
     pub fn run(&mut self, prompt: &[u32], new_tokens: usize) -> Result<DecodeResult> {
-        self.model.clear_kv_cache();
+        self.clear()?;
         let argmax = |t: &Tensor| -> Result<u32> {
             let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             Ok(crate::model::layers::argmax(&v) as u32)
         };
         let start = Instant::now();
         let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
-        let logits = self.model.forward(&input, 0)?;
+        let logits = self.forward(&input, 0)?;
         let mut tok = argmax(&logits)?;
         let prefill_s = start.elapsed().as_secs_f64();
         let mut tokens = vec![tok];
         let start = Instant::now();
         for i in 1..new_tokens {
             let input = Tensor::new(&[tok], &self.device)?.unsqueeze(0)?;
-            let logits = self.model.forward(&input, prompt.len() + i - 1)?;
+            let logits = self.forward(&input, prompt.len() + i - 1)?;
             tok = argmax(&logits)?;
             tokens.push(tok);
         }
@@ -129,6 +177,26 @@ impl Reference {
             tokens,
         })
     }
+}
+
+fn gguf_reference(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<candle_transformers::models::quantized_qwen3_moe::GGUFQWenMoE> {
+    use candle_core::quantized::gguf_file::Content;
+    let io = |e: std::io::Error| ModelError::Io {
+        path: path.to_path_buf(),
+        what: "reading the GGUF file".into(),
+        source: e,
+    };
+    let mut f = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let content = Content::read(&mut f)?;
+    Ok(
+        candle_transformers::models::quantized_qwen3_moe::GGUFQWenMoE::from_gguf(
+            content, &mut f, device, dtype,
+        )?,
+    )
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -187,14 +255,26 @@ pub fn compare(
     prompt_tokens: usize,
     new_tokens: usize,
     repeats: usize,
+    with_reference: bool,
 ) -> Result<Comparison> {
     let mut engine = spec.load(|_, _| {})?;
     let cfg = engine.cfg.clone();
     let device = engine.model.device().clone();
-    let mut reference = Reference::load(&spec.model_dir, &cfg, spec.dtype.candle(), &device)?;
+    let mut reference = if with_reference {
+        Some(Reference::load(
+            &spec.model_dir,
+            &cfg,
+            spec.dtype.candle(),
+            &device,
+        )?)
+    } else {
+        None
+    };
     let p = prompt(prompt_tokens, cfg.vocab_size);
     let _ = run_ours(&engine, &p, new_tokens.min(4))?;
-    let _ = reference.run(&p, new_tokens.min(4))?;
+    if let Some(r) = &mut reference {
+        let _ = r.run(&p, new_tokens.min(4))?;
+    }
     let gpu = device.is_cuda() && engine.model.options().cuda_graphs;
     let mut best_ours: Option<DecodeResult> = None;
     let mut best_ref: Option<DecodeResult> = None;
@@ -217,21 +297,30 @@ pub fn compare(
                 best_uncaptured = Some(u);
             }
         }
-        let r = reference.run(&p, new_tokens)?;
         if best_ours
             .as_ref()
             .is_none_or(|b| o.decode_tok_s > b.decode_tok_s)
         {
             best_ours = Some(o);
         }
-        if best_ref
-            .as_ref()
-            .is_none_or(|b| r.decode_tok_s > b.decode_tok_s)
-        {
-            best_ref = Some(r);
+        if let Some(reference) = &mut reference {
+            let r = reference.run(&p, new_tokens)?;
+            if best_ref
+                .as_ref()
+                .is_none_or(|b| r.decode_tok_s > b.decode_tok_s)
+            {
+                best_ref = Some(r);
+            }
         }
     }
-    let (o, r) = (best_ours.expect("ran"), best_ref.expect("ran"));
+    let o = best_ours.expect("ran");
+    // Without a reference its figures are NaN (and no token agrees).
+    let r = best_ref.unwrap_or(DecodeResult {
+        prefill_s: f64::NAN,
+        decode_s: f64::NAN,
+        decode_tok_s: f64::NAN,
+        tokens: vec![],
+    });
     let agreeing = o
         .tokens
         .iter()
@@ -247,9 +336,20 @@ pub fn compare(
         repeats,
         ours_tok_s: o.decode_tok_s,
         reference_tok_s: r.decode_tok_s,
-        ratio: o.decode_tok_s / r.decode_tok_s.max(1e-12),
+        // NaN without a reference (`f64::max` would turn a NaN into the floor).
+        ratio: o.decode_tok_s
+            / if r.decode_tok_s.is_nan() {
+                f64::NAN
+            } else {
+                r.decode_tok_s.max(1e-12)
+            },
         ours_prefill_tok_s: prompt_tokens as f64 / o.prefill_s.max(1e-12),
-        reference_prefill_tok_s: prompt_tokens as f64 / r.prefill_s.max(1e-12),
+        reference_prefill_tok_s: prompt_tokens as f64
+            / if r.prefill_s.is_nan() {
+                f64::NAN
+            } else {
+                r.prefill_s.max(1e-12)
+            },
         agreeing_tokens: agreeing,
         uncaptured_tokens_equal: best_uncaptured.as_ref().map(|u| u.tokens == o.tokens),
         ours_uncaptured_tok_s: best_uncaptured.map(|u| u.decode_tok_s),

@@ -12,6 +12,7 @@ pub fn run(cmd: &BenchCommand, settings: &Settings) -> Result<()> {
     match cmd {
         BenchCommand::Decode(a) => bench_decode(a, settings),
         BenchCommand::RandomCheckpoint(a) => random_checkpoint(a),
+        BenchCommand::Kld(a) => kld(a, settings),
         BenchCommand::Kernels(a) => {
             let secs = kernels(a, settings)?;
             println!(
@@ -60,6 +61,39 @@ pub fn kernels(a: &crate::cli::KernelsArgs, settings: &Settings) -> Result<f64> 
     Ok(start.elapsed().as_secs_f64())
 }
 
+fn kld(a: &crate::cli::KldArgs, settings: &Settings) -> Result<()> {
+    let base = crate::bench::kld::BaseLogits::read(&a.base)?;
+    let spec = BackendSpec {
+        model_dir: a.model.clone(),
+        dtype: a.dtype,
+        device: a.device.clone(),
+        backend: BackendKind::Native,
+        cache: CacheSettings::default(),
+        settings: settings.clone(),
+    };
+    let engine = spec.load(|_, _| {})?;
+    let k = crate::bench::kld::compare(&engine, &base)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&k)?);
+    } else {
+        println!(
+            "{} ({} {}) against llama.cpp: {} positions in {} chunks of {}; mean KL {:.3e}, \
+             p99 {:.3e}, max {:.3e}; top-1 agreement {:.2} %",
+            a.model.display(),
+            a.dtype.name(),
+            a.device,
+            k.positions,
+            base.chunks.len(),
+            base.n_ctx,
+            k.mean_kl,
+            k.p99_kl,
+            k.max_kl,
+            k.top1_agreement_pct
+        );
+    }
+    Ok(())
+}
+
 fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
     let model = a.model.clone().unwrap_or_else(default_model_dir);
     let mut rows = Vec::new();
@@ -72,8 +106,27 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
             cache: CacheSettings::default(),
             settings: settings.clone(),
         };
-        let c = decode::compare(&spec, a.prompt_tokens, a.new_tokens, a.repeats)?;
-        if !a.json {
+        let c = decode::compare(
+            &spec,
+            a.prompt_tokens,
+            a.new_tokens,
+            a.repeats,
+            !a.no_reference,
+        )?;
+        if !a.json && a.no_reference {
+            println!(
+                "{} {} {}: moescope {:.1} tok/s decode, {:.0} tok/s prefill ({} prompt tokens, \
+                 {} new, best of {})",
+                c.model,
+                c.dtype,
+                c.device,
+                c.ours_tok_s,
+                c.ours_prefill_tok_s,
+                c.prompt_tokens,
+                c.new_tokens,
+                c.repeats
+            );
+        } else if !a.json {
             println!(
                 "{} {} {}: moescope {:.1} tok/s, candle-transformers {:.1} tok/s, ratio {:.3} \
                  (prefill {:.0} vs {:.0} tok/s; first {} of {} greedy tokens agree)",

@@ -520,6 +520,42 @@ impl GgufFile {
         }
     }
 
+    /// A linear layer's matrix: a block-quantized tensor stays in its format (a `QMatMul`),
+    /// a float one is loaded dense in `dtype`.
+    pub fn load_linear(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<super::layers::LinearWeight> {
+        use candle_core::quantized::{QMatMul, ggml_file::qtensor_from_ggml};
+        let loc = self.check(hf_name, shape)?;
+        let Some(g) = loc.dtype.ggml() else {
+            return Ok(super::layers::LinearWeight::Dense(
+                self.load(hf_name, shape, dtype, device)?,
+            ));
+        };
+        let mut bytes = vec![0u8; loc.len as usize];
+        self.file
+            .read_exact_at(&mut bytes, loc.offset)
+            .map_err(|e| ModelError::Tensor {
+                file: self.path.clone(),
+                tensor: loc.name.clone(),
+                msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
+            })?;
+        let terr = |e: candle_core::Error| ModelError::Tensor {
+            file: self.path.clone(),
+            tensor: loc.name.clone(),
+            msg: format!("{}: {}", loc.dtype.name(), candle_msg(&e)),
+        };
+        let q = qtensor_from_ggml(g, &bytes, loc.shape.clone(), device).map_err(terr)?;
+        Ok(super::layers::LinearWeight::Quantized {
+            matmul: QMatMul::from_qtensor(q).map_err(terr)?,
+            bytes: loc.len,
+        })
+    }
+
     /// Where one expert's three matrices lie: rows `expert × I … (expert + 1) × I` of each
     /// stacked tensor, contiguous since a GGUF tensor is stored row after row. `None` when
     /// the layer has no stacked experts.
@@ -609,6 +645,56 @@ impl GgufFile {
         }
         Ok(h.finalize().to_hex()[..16].to_string())
     }
+}
+
+/// Sizes of a GGUF model as moescope holds it: (non-expert bytes, bytes of one expert as
+/// stored, bytes of one expert held), with float tensors counted at `float_size` bytes an
+/// element — what memory estimates and a miss's cost use in place of the bf16 figures. The
+/// expert sizes are those of the first MoE layer's expert 0 (one type per stack).
+pub fn held_sizes(path: &Path, cfg: &MoeConfig, float_size: u64) -> Option<(u64, u64, u64)> {
+    if !is_gguf(path) {
+        return None;
+    }
+    let g = GgufFile::open(path).ok()?;
+    let held = |t: &GgufTensor| match t.dtype.ggml() {
+        Some(_) => t.len,
+        None => t.shape.iter().product::<usize>() as u64 * float_size,
+    };
+    let dense = |t: &GgufTensor| t.shape.iter().product::<usize>() as u64 * float_size;
+    let non_expert = g
+        .tensors
+        .iter()
+        .filter(|(n, _)| !n.contains("_exps."))
+        .map(|(n, t)| match n.as_str() {
+            // Looked up dense; when tied and quantized, also the output matrix in blocks.
+            "token_embd.weight"
+                if g.tensor("output.weight").is_none() && t.dtype.ggml().is_some() =>
+            {
+                dense(t) + t.len
+            }
+            "token_embd.weight" => dense(t),
+            // Norms and the router are loaded dense whatever their type.
+            _ if t.shape.len() < 2 || n.contains("ffn_gate_inp") => dense(t),
+            _ => held(t),
+        })
+        .sum();
+    let layer = cfg.moe_layers().next()?;
+    let loc = g.expert_location(cfg, layer, 0).ok()??;
+    let stored = loc.parts.iter().map(|p| p.len).sum();
+    // Float parts of a quantized expert are multiplied in f32 (see experts/convert.rs).
+    let quantized = loc.parts.iter().any(|p| p.dtype.ggml().is_some());
+    let expert = loc
+        .parts
+        .iter()
+        .map(|p| match p.dtype.ggml() {
+            Some(_) => p.len,
+            None => {
+                let size = if quantized { 4 } else { float_size };
+                p.shape.iter().product::<usize>() as u64 * size
+            }
+        })
+        .sum();
+    Some((non_expert, stored, expert))
 }
 
 /// "Q4_K ×66 + Q6_K ×30" for the expert stacks of the GGUF file at `path`; None for anything

@@ -13,21 +13,58 @@ pub use super::kv_cache::{DecodeInputs, KvCache};
 /// x·Wᵀ (+ b) for x of shape [T, in] and W of shape [out, in].
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    weight: LinearWeight,
     pub bias: Option<Tensor>,
+}
+
+/// A linear layer's matrix: dense in the compute dtype, or kept in a GGUF file's block format
+/// and multiplied as it is — as llama.cpp does, its f32 activations rounded to 8-bit blocks.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Quantized {
+        matmul: candle_core::quantized::QMatMul,
+        /// Bytes held (the block format).
+        bytes: u64,
+    },
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: LinearWeight::Dense(weight),
+            bias,
+        }
+    }
+
+    pub fn with_weight(weight: LinearWeight, bias: Option<Tensor>) -> Self {
         Linear { weight, bias }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quantized { matmul, .. } => {
+                use candle_core::Module;
+                matmul
+                    .forward(&x.to_dtype(DType::F32)?)?
+                    .to_dtype(x.dtype())?
+            }
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// Bytes the layer holds (weight and bias).
+    pub fn bytes(&self) -> u64 {
+        let t = |x: &Tensor| (x.elem_count() * x.dtype().size_in_bytes()) as u64;
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => t(w),
+            LinearWeight::Quantized { bytes, .. } => *bytes,
+        };
+        w + self.bias.as_ref().map(t).unwrap_or(0)
     }
 }
 

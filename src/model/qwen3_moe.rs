@@ -14,7 +14,9 @@ use super::DecodeOptions;
 use super::checkpoint::Checkpoint;
 use super::config::{FfnKind, MoeConfig};
 use super::error::{ModelError, Result};
-use super::layers::{Attention, DecodeInputs, KvCache, Linear, Mlp, Positions, RmsNorm, Rope};
+use super::layers::{
+    Attention, DecodeInputs, KvCache, Linear, LinearWeight, Mlp, Positions, RmsNorm, Rope,
+};
 use super::moe_block::DeviceRouting;
 use super::moe_block::MoeBlock;
 use super::ports::{ExpertProvider, RoutingObserver};
@@ -30,6 +32,26 @@ pub trait WeightStore {
     ) -> Result<Tensor>;
     /// Whether a tensor exists (for optional tensors).
     fn has_tensor(&self, name: &str) -> bool;
+
+    /// Whether the tensor is stored block-quantized (then [`load_linear`](Self::load_linear)
+    /// keeps it so).
+    fn holds_quantized(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// A linear layer's matrix: kept block-quantized where the store holds it so (GGUF), else
+    /// dense in `dtype`.
+    fn load_linear(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<LinearWeight> {
+        Ok(LinearWeight::Dense(
+            self.load_tensor(name, shape, dtype, device)?,
+        ))
+    }
 }
 
 impl WeightStore for Checkpoint {
@@ -45,6 +67,25 @@ impl WeightStore for Checkpoint {
 
     fn has_tensor(&self, name: &str) -> bool {
         self.contains(name)
+    }
+
+    fn holds_quantized(&self, name: &str) -> bool {
+        self.gguf()
+            .and_then(|g| g.tensor(&super::gguf::gguf_name(name)?))
+            .is_some_and(|t| t.dtype.ggml().is_some())
+    }
+
+    fn load_linear(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<LinearWeight> {
+        match self.gguf() {
+            Some(g) => g.load_linear(name, shape, dtype, device),
+            None => Ok(LinearWeight::Dense(self.load(name, shape, dtype, device)?)),
+        }
     }
 }
 
@@ -99,18 +140,21 @@ impl Qwen3Moe {
         let load = |name: &str, shape: &[usize]| {
             store.load_tensor(&cfg.tensor_name(name), shape, dtype, device)
         };
+        let load_linear = |name: &str, shape: &[usize]| {
+            store.load_linear(&cfg.tensor_name(name), shape, dtype, device)
+        };
         let embed = load("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (l, kind) in cfg.layer_kinds.iter().enumerate() {
             let p = |rest: &str| format!("model.layers.{l}.{rest}");
             let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-                let w = load(&p(&format!("{name}.weight")), &[out, inp])?;
+                let w = load_linear(&p(&format!("{name}.weight")), &[out, inp])?;
                 let b = if cfg.attention_bias {
                     Some(load(&p(&format!("{name}.bias")), &[out])?)
                 } else {
                     None
                 };
-                Ok(Linear::new(w, b))
+                Ok(Linear::with_weight(w, b))
             };
             let attn = Attention {
                 q_proj: lin("self_attn.q_proj", nh * d, h)?,
@@ -134,7 +178,10 @@ impl Qwen3Moe {
                 FfnKind::Dense => {
                     let i = cfg.intermediate_size;
                     let no_bias = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-                        Ok(Linear::new(load(&p(name), &[out, inp])?, None))
+                        Ok(Linear::with_weight(
+                            load_linear(&p(name), &[out, inp])?,
+                            None,
+                        ))
                     };
                     Ffn::Dense(Mlp {
                         gate_proj: no_bias("mlp.gate_proj.weight", i, h)?,
@@ -157,10 +204,18 @@ impl Qwen3Moe {
             });
         }
         let norm = RmsNorm::new(load("model.norm.weight", &[h])?, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let embed_name = cfg.tensor_name("model.embed_tokens.weight");
+        let lm_head = if cfg.tie_word_embeddings && store.holds_quantized(&embed_name) {
+            // A quantized embedding is also the output matrix in its block format (as llama.cpp
+            // multiplies it).
+            Linear::with_weight(
+                load_linear("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
+                None,
+            )
+        } else if cfg.tie_word_embeddings {
             Linear::new(embed.clone(), None)
         } else {
-            Linear::new(load("lm_head.weight", &[cfg.vocab_size, h])?, None)
+            Linear::with_weight(load_linear("lm_head.weight", &[cfg.vocab_size, h])?, None)
         };
         Ok(Qwen3Moe {
             cfg: cfg.clone(),
@@ -218,9 +273,11 @@ impl Qwen3Moe {
     /// Bytes of the resident non-expert weights (the tied lm_head counted once).
     pub fn resident_bytes(&self) -> u64 {
         let t = |x: &Tensor| (x.elem_count() * x.dtype().size_in_bytes()) as u64;
-        let lin = |l: &Linear| t(&l.weight) + l.bias.as_ref().map(t).unwrap_or(0);
+        let lin = |l: &Linear| l.bytes();
         let mut total = t(&self.embed);
-        if !self.cfg.tie_word_embeddings {
+        // A tied, dense lm_head is the embedding itself; anything else is held apart.
+        let shared = self.cfg.tie_word_embeddings && self.lm_head.bytes() == t(&self.embed);
+        if !shared {
             total += lin(&self.lm_head);
         }
         let hb = (self.cfg.hidden_size * self.dtype.size_in_bytes()) as u64;

@@ -1,0 +1,258 @@
+//! moescope against llama.cpp on the same GGUF file, position by position: reads the logits
+//! file `llama-perplexity --kl-divergence-base FILE` writes (llama.cpp's own log-probabilities
+//! for every chunk of a text), runs the same token chunks through moescope, and reports what
+//! `llama-perplexity --kl-divergence` would: mean and max KL(llama.cpp ‖ moescope) and how often
+//! the most likely token is the same.
+//!
+//! The file (tools/perplexity/perplexity.cpp): `_logits_`, n_ctx, n_vocab, n_chunk (i32 each),
+//! the n_chunk × n_ctx tokens (i32), then per chunk and per scored position (the second half of
+//! the chunk but its last) `2·⌈n_vocab/2⌉ + 4` u16: two f32 (scale, min_log_prob) and each
+//! token's log-probability quantised to 16 bits above min_log_prob.
+
+use std::path::Path;
+
+use crate::engine::Engine;
+use crate::model::error::{ModelError, Result};
+use crate::model::ports::NoObserver;
+use crate::model::qwen3_moe::Logits;
+
+/// What the file holds.
+#[derive(Debug, Clone)]
+pub struct BaseLogits {
+    pub n_ctx: usize,
+    pub n_vocab: usize,
+    /// Token chunks, each n_ctx long.
+    pub chunks: Vec<Vec<u32>>,
+    /// Per chunk, per scored position: the record as written.
+    records: Vec<Vec<u16>>,
+}
+
+impl BaseLogits {
+    /// The position a chunk's scoring starts at (llama-perplexity scores the second half).
+    pub fn first(&self) -> usize {
+        self.n_ctx / 2
+    }
+
+    fn scored(&self) -> usize {
+        self.n_ctx - 1 - self.first()
+    }
+
+    fn stride(&self) -> usize {
+        2 * self.n_vocab.div_ceil(2) + 4
+    }
+
+    /// llama.cpp's log-probabilities at scored position `i` of chunk `c`.
+    pub fn log_probs(&self, c: usize, i: usize) -> Vec<f32> {
+        let r = &self.records[c][i * self.stride()..(i + 1) * self.stride()];
+        let f = |k: usize| f32::from_le_bytes(bytemuck_pair(r[2 * k], r[2 * k + 1]));
+        let (scale, min_log_prob) = (f(0), f(1));
+        r[4..4 + self.n_vocab]
+            .iter()
+            .map(|&q| min_log_prob + scale * q as f32)
+            .collect()
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let err = |msg: String| ModelError::Checkpoint {
+            file: path.to_path_buf(),
+            msg,
+        };
+        let bytes = std::fs::read(path).map_err(|e| ModelError::Io {
+            path: path.to_path_buf(),
+            what: "reading the llama.cpp logits file".into(),
+            source: e,
+        })?;
+        if bytes.len() < 20 || &bytes[..8] != b"_logits_" {
+            return Err(err(
+                "not a llama-perplexity logits file (expected `_logits_` and three counts)".into(),
+            ));
+        }
+        let i32_at = |at: usize| i32::from_le_bytes(bytes[at..at + 4].try_into().expect("4"));
+        let (n_ctx, n_vocab, n_chunk) = (i32_at(8), i32_at(12), i32_at(16));
+        if n_ctx < 4 || n_vocab < 1 || n_chunk < 1 {
+            return Err(err(format!(
+                "n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk}: expected n_ctx ≥ 4 and \
+                 at least one token and one chunk"
+            )));
+        }
+        let (n_ctx, n_vocab, n_chunk) = (n_ctx as usize, n_vocab as usize, n_chunk as usize);
+        let mut me = BaseLogits {
+            n_ctx,
+            n_vocab,
+            chunks: Vec::new(),
+            records: Vec::new(),
+        };
+        let tokens_end = (n_chunk as u64 * n_ctx as u64)
+            .checked_mul(4)
+            .and_then(|t| t.checked_add(20))
+            .filter(|&e| e <= bytes.len() as u64)
+            .ok_or_else(|| {
+                err(format!(
+                    "{n_chunk} chunks of {n_ctx} tokens do not fit the file"
+                ))
+            })? as usize;
+        let per_chunk = (me.scored() as u64) * me.stride() as u64 * 2;
+        let need = tokens_end as u64 + per_chunk * n_chunk as u64;
+        if need != bytes.len() as u64 {
+            return Err(err(format!(
+                "{} bytes, but {n_chunk} chunks of {n_ctx} tokens over {n_vocab} tokens make {need}",
+                bytes.len()
+            )));
+        }
+        for c in 0..n_chunk {
+            let chunk: Vec<u32> = (0..n_ctx)
+                .map(|k| i32_at(20 + 4 * (c * n_ctx + k)))
+                .map(|t| u32::try_from(t).map_err(|_| err(format!("token id {t} in chunk {c}"))))
+                .collect::<Result<_>>()?;
+            me.chunks.push(chunk);
+            let at = tokens_end + c * per_chunk as usize;
+            let rec = bytes[at..at + per_chunk as usize]
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            me.records.push(rec);
+        }
+        Ok(me)
+    }
+}
+
+fn bytemuck_pair(lo: u16, hi: u16) -> [u8; 4] {
+    let (a, b) = (lo.to_le_bytes(), hi.to_le_bytes());
+    [a[0], a[1], b[0], b[1]]
+}
+
+/// The comparison's result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Kld {
+    pub positions: usize,
+    pub mean_kl: f64,
+    pub max_kl: f64,
+    /// KL's 99th percentile.
+    pub p99_kl: f64,
+    pub top1_agreement_pct: f64,
+}
+
+/// Runs every chunk through `engine` (a fresh KV cache each, as llama-perplexity does) and
+/// compares its distributions with llama.cpp's at the scored positions.
+pub fn compare(engine: &Engine, base: &BaseLogits) -> Result<Kld> {
+    if base.n_vocab != engine.cfg.vocab_size {
+        return Err(ModelError::Input(format!(
+            "the logits file is over {} tokens, the model's vocabulary has {}",
+            base.n_vocab, engine.cfg.vocab_size
+        )));
+    }
+    let mut kls = Vec::new();
+    let mut same = 0usize;
+    for (c, chunk) in base.chunks.iter().enumerate() {
+        let mut cache = engine.model.new_cache();
+        let logits = engine.model.forward(
+            chunk,
+            &mut cache,
+            engine.provider.as_ref(),
+            &mut NoObserver,
+            Logits::All,
+        )?;
+        let all: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let v = base.n_vocab;
+        for i in 0..base.scored() {
+            let pos = base.first() + i;
+            let ours = log_softmax(&all[pos * v..(pos + 1) * v]);
+            let theirs = base.log_probs(c, i);
+            let kl: f64 = theirs
+                .iter()
+                .zip(&ours)
+                .map(|(&t, &o)| {
+                    let p = (t as f64).exp();
+                    p * (t as f64 - o)
+                })
+                .sum();
+            kls.push(kl);
+            if argmax(&theirs) == argmax_f64(&ours) {
+                same += 1;
+            }
+        }
+    }
+    let n = kls.len();
+    let mut sorted = kls.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(Kld {
+        positions: n,
+        mean_kl: kls.iter().sum::<f64>() / n.max(1) as f64,
+        max_kl: kls.iter().fold(f64::NEG_INFINITY, |m, &k| {
+            crate::session::quality::nan_max(m, k)
+        }),
+        p99_kl: sorted
+            .get(((n as f64) * 0.99).ceil() as usize)
+            .or(sorted.last())
+            .copied()
+            .unwrap_or(f64::NAN),
+        top1_agreement_pct: 100.0 * same as f64 / n.max(1) as f64,
+    })
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+fn argmax(x: &[f32]) -> usize {
+    (0..x.len())
+        .max_by(|&i, &j| x[i].total_cmp(&x[j]))
+        .unwrap_or(0)
+}
+
+fn argmax_f64(x: &[f64]) -> usize {
+    (0..x.len())
+        .max_by(|&i, &j| x[i].total_cmp(&x[j]))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file as llama-perplexity writes it, for one chunk of 4 tokens over 3 tokens.
+    fn file(scale: f32, min: f32, qs: &[[u16; 3]]) -> Vec<u8> {
+        let mut b = b"_logits_".to_vec();
+        for v in [4i32, 3, 1, 5, 6, 7, 8] {
+            b.extend(v.to_le_bytes());
+        }
+        for q in qs {
+            b.extend(scale.to_le_bytes());
+            b.extend(min.to_le_bytes());
+            for x in q {
+                b.extend(x.to_le_bytes());
+            }
+            b.extend(0u16.to_le_bytes()); // padding to an even count
+        }
+        b
+    }
+
+    #[test]
+    fn reads_llama_perplexity_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("base.bin");
+        // n_ctx 4: scored positions 2 only (first = 2, the last is not scored).
+        std::fs::write(&p, file(0.5, -3.0, &[[0, 4, 6]])).unwrap();
+        let b = BaseLogits::read(&p).unwrap();
+        assert_eq!(b.chunks, vec![vec![5, 6, 7, 8]]);
+        assert_eq!(b.log_probs(0, 0), vec![-3.0, -1.0, 0.0]);
+    }
+
+    #[test]
+    fn damaged_files_are_errors_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("base.bin");
+        let mut f = file(0.5, -3.0, &[[0, 4, 6]]);
+        f.pop();
+        std::fs::write(&p, &f).unwrap();
+        let e = BaseLogits::read(&p).unwrap_err().to_string();
+        assert!(e.contains("base.bin") && e.contains("make"), "{e}");
+        std::fs::write(&p, b"_logits_\xff\xff\xff\x7f\x01\0\0\0\xff\xff\xff\x7f").unwrap();
+        let e = BaseLogits::read(&p).unwrap_err().to_string();
+        assert!(e.contains("do not fit"), "{e}");
+        std::fs::write(&p, b"GGUF").unwrap();
+        assert!(BaseLogits::read(&p).is_err());
+    }
+}
