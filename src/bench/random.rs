@@ -393,3 +393,282 @@ mod tests {
         crate::model::tokenizer::TextTokenizer::from_dir(dir.path()).unwrap();
     }
 }
+
+/// The bundled model's tokenizer as GGUF metadata (what llama.cpp's converter writes for a
+/// Qwen2-style BPE), padded with unused tokens up to `vocab` ids; empty when the bundled
+/// tokenizer is missing or larger than `vocab` (moescope then runs on token ids only).
+fn tokenizer_metadata(
+    dir: &Path,
+    vocab: usize,
+) -> Vec<(String, candle_core::quantized::gguf_file::Value)> {
+    use candle_core::quantized::gguf_file::Value;
+    let Ok(text) = std::fs::read_to_string(dir.join("tokenizer.json")) else {
+        return Vec::new();
+    };
+    let Ok(t) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    let mut tokens = vec![None; vocab];
+    let mut types = vec![5i32; vocab]; // unused
+    let mut put = |id: u64, s: &str, kind: i32| {
+        if let Some(slot) = tokens.get_mut(id as usize) {
+            *slot = Some(s.to_string());
+            types[id as usize] = kind;
+        }
+    };
+    for (s, id) in t["model"]["vocab"].as_object().into_iter().flatten() {
+        put(id.as_u64().unwrap_or(u64::MAX), s, 1);
+    }
+    for a in t["added_tokens"].as_array().into_iter().flatten() {
+        let kind = if a["special"].as_bool() == Some(true) {
+            3
+        } else {
+            4
+        };
+        put(
+            a["id"].as_u64().unwrap_or(u64::MAX),
+            a["content"].as_str().unwrap_or(""),
+            kind,
+        );
+    }
+    let merges: Vec<Value> = t["model"]["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(p) => {
+                Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+            }
+            _ => None,
+        })
+        .map(Value::String)
+        .collect();
+    if merges.is_empty() || tokens.iter().flatten().count() == 0 {
+        return Vec::new();
+    }
+    let tokens: Vec<Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| Value::String(t.unwrap_or_else(|| format!("<|unused_{i}|>"))))
+        .collect();
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("qwen2".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+        ("tokenizer.ggml.padding_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ]
+}
+
+/// How `write_gguf` quantizes: every matrix in one type, or llama.cpp's `Q4_K_M` mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufQuant {
+    Q8_0,
+    Q4K,
+    /// Q4_K, with Q6_K for `ffn_down` and `attn_v` in the layers llama-quantize gives more bits
+    /// (its `use_more_bits`: the first and last eighth, and every third between) and for the
+    /// output matrix.
+    Q4KM,
+}
+
+impl GgufQuant {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "Q8_0" => Self::Q8_0,
+            "Q4_K" => Self::Q4K,
+            "Q4_K_M" => Self::Q4KM,
+            _ => return None,
+        })
+    }
+
+    fn pick(self, name: &str, layer: usize, layers: usize) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as G;
+        let eighth = layers / 8;
+        let more_bits = layer < eighth || layer >= 7 * layers / 8 || (layer - eighth) % 3 == 2;
+        match self {
+            Self::Q8_0 => G::Q8_0,
+            Self::Q4K => G::Q4K,
+            Self::Q4KM if name == "output.weight" => G::Q6K,
+            Self::Q4KM if (name.contains("ffn_down") || name.contains("attn_v")) && more_bits => {
+                G::Q6K
+            }
+            Self::Q4KM => G::Q4K,
+        }
+    }
+}
+
+/// Rows of `values` ([rows, cols] row-major) quantized to `dtype` on every core, row blocks
+/// apart; GGML rows are independent, so the pieces' bytes concatenate to the whole tensor's.
+fn quantize_rows(
+    values: &[f32],
+    cols: usize,
+    dtype: candle_core::quantized::GgmlDType,
+) -> Result<Vec<u8>> {
+    use candle_core::quantized::QTensor;
+    use rayon::prelude::*;
+    let per = (FILL_CHUNK / cols).max(1);
+    let pieces: Vec<Vec<u8>> = values
+        .par_chunks(per * cols)
+        .map(|chunk| -> Result<Vec<u8>> {
+            let t = candle_core::Tensor::from_slice(
+                chunk,
+                (chunk.len() / cols, cols),
+                &candle_core::Device::Cpu,
+            )?;
+            Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+        })
+        .collect::<Result<_>>()?;
+    Ok(pieces.concat())
+}
+
+fn bf16_to_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect()
+}
+
+/// The same random model as [`write`] (same seed, same values up to rounding to bf16), as one
+/// GGUF file in llama.cpp's `qwen3moe` layout: experts stacked per layer, matrices quantized
+/// with candle's quantizer, norms and the router in f32. No tokenizer (benchmarks send token
+/// ids); eos is the last id, so decoding runs its full length. moescope's own writer, for
+/// geometries llama.cpp's converter cannot be run on (the GPU machine); the tests use files
+/// written by llama.cpp itself.
+pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> Result<()> {
+    use candle_core::quantized::gguf_file::{Value, write};
+    use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
+    let g = geom;
+    let h = g.hidden;
+    let (q, kv) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
+    let std_of = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    // (gguf name, shape [rows, cols] or [experts, rows, cols], scale, seed index, layer)
+    let mut specs: Vec<(String, Vec<usize>, f32, u64, usize)> = Vec::new();
+    let mut idx = 0u64;
+    let mut next = || {
+        idx += 1;
+        idx
+    };
+    specs.push(("token_embd.weight".into(), vec![g.vocab, h], 1.0, next(), 0));
+    for l in 0..g.layers {
+        let p = |s: &str| format!("blk.{l}.{s}");
+        specs.push((p("attn_norm.weight"), vec![h], 0.0, next(), l));
+        specs.push((p("ffn_norm.weight"), vec![h], 0.0, next(), l));
+        specs.push((p("attn_q.weight"), vec![q, h], std_of(h), next(), l));
+        specs.push((p("attn_k.weight"), vec![kv, h], std_of(h), next(), l));
+        specs.push((p("attn_v.weight"), vec![kv, h], std_of(h), next(), l));
+        specs.push((p("attn_output.weight"), vec![h, q], std_of(q), next(), l));
+        specs.push((p("attn_q_norm.weight"), vec![g.head_dim], 0.0, next(), l));
+        specs.push((p("attn_k_norm.weight"), vec![g.head_dim], 0.0, next(), l));
+        specs.push((
+            p("ffn_gate_inp.weight"),
+            vec![g.experts, h],
+            std_of(h) * 4.0,
+            next(),
+            l,
+        ));
+        let i = g.moe_intermediate;
+        specs.push((
+            p("ffn_gate_exps.weight"),
+            vec![g.experts, i, h],
+            std_of(h),
+            next(),
+            l,
+        ));
+        specs.push((
+            p("ffn_up_exps.weight"),
+            vec![g.experts, i, h],
+            std_of(h),
+            next(),
+            l,
+        ));
+        specs.push((
+            p("ffn_down_exps.weight"),
+            vec![g.experts, h, i],
+            std_of(i),
+            next(),
+            l,
+        ));
+    }
+    specs.push(("output_norm.weight".into(), vec![h], 0.0, next(), 0));
+    specs.push((
+        "output.weight".into(),
+        vec![g.vocab, h],
+        std_of(h),
+        next(),
+        0,
+    ));
+
+    let tensors: Vec<(String, QTensor)> = specs
+        .iter()
+        .map(
+            |(name, shape, scale, index, layer)| -> Result<(String, QTensor)> {
+                let n: usize = shape.iter().product();
+                let values = bf16_to_f32(&random_bf16(n, *scale, seed, *index));
+                let dev = &candle_core::Device::Cpu;
+                let t = if shape.len() == 1 || name.contains("ffn_gate_inp") {
+                    QTensor::quantize(
+                        &candle_core::Tensor::from_vec(values, shape.as_slice(), dev)?,
+                        GgmlDType::F32,
+                    )?
+                } else {
+                    let dtype = quant.pick(name, *layer, g.layers);
+                    let cols = *shape.last().expect("a matrix");
+                    let bytes = quantize_rows(&values, cols, dtype)?;
+                    qtensor_from_ggml(dtype, &bytes, shape.clone(), dev)?
+                };
+                Ok((name.clone(), t))
+            },
+        )
+        .collect::<Result<_>>()?;
+    let a = "qwen3moe";
+    let u = |v: usize| Value::U32(v as u32);
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        (format!("{a}.block_count"), u(g.layers)),
+        (format!("{a}.context_length"), u(4096)),
+        (format!("{a}.embedding_length"), u(h)),
+        (
+            format!("{a}.feed_forward_length"),
+            u(g.moe_intermediate * 4),
+        ),
+        (
+            format!("{a}.expert_feed_forward_length"),
+            u(g.moe_intermediate),
+        ),
+        (format!("{a}.attention.head_count"), u(g.heads)),
+        (format!("{a}.attention.head_count_kv"), u(g.kv_heads)),
+        (format!("{a}.attention.key_length"), u(g.head_dim)),
+        (format!("{a}.attention.value_length"), u(g.head_dim)),
+        (format!("{a}.rope.freq_base"), Value::F32(1_000_000.0)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-6),
+        ),
+        (format!("{a}.expert_count"), u(g.experts)),
+        (format!("{a}.expert_used_count"), u(g.top_k)),
+        ("tokenizer.ggml.eos_token_id".into(), u(g.vocab - 1)),
+    ];
+    let mut meta = meta;
+    meta.extend(tokenizer_metadata(
+        &crate::engine::default_model_dir(),
+        g.vocab,
+    ));
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let io = |e: std::io::Error| ModelError::Io {
+        path: out.to_path_buf(),
+        what: "writing the GGUF file".into(),
+        source: e,
+    };
+    let mut f = std::io::BufWriter::new(std::fs::File::create(out).map_err(io)?);
+    write(&mut f, &meta_refs, &tensor_refs)?;
+    use std::io::Write;
+    f.flush().map_err(io)?;
+    Ok(())
+}

@@ -168,6 +168,18 @@ fn random_checkpoint(a: &RandomCheckpointArgs) -> Result<()> {
         g.layers = l;
     }
     let (ne, ex) = g.params();
+    if let Some(q) = &a.gguf {
+        let Some(quant) = random::GgufQuant::parse(q) else {
+            crate::bail_input!("--gguf {q}: expected Q8_0, Q4_K or Q4_K_M");
+        };
+        random::write_gguf(&g, &a.out, a.seed, quant)?;
+        println!(
+            "wrote {} ({ne} non-expert + {ex} expert parameters, {q}) to {}",
+            a.preset,
+            a.out.display()
+        );
+        return Ok(());
+    }
     random::write(&g, &a.out, a.seed, a.shard_size)?;
     println!(
         "wrote {} ({} non-expert + {} expert parameters, bf16) to {}",

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use super::source::{PartSpan, RawExpert};
 use crate::model::error::Result;
 use crate::model::ports::ExpertWeights;
+use crate::model::safetensors_file::StDtype;
 use crate::model::safetensors_file::{TensorInfo, bytes_to_tensor};
 
 /// Builds compute tensors from an expert's on-disk bytes. Gate and up are both [I, H]
@@ -44,42 +45,47 @@ pub fn from_raw(raw: &RawExpert, dtype: DType, device: &Device) -> Result<Expert
 /// products compute in.
 fn quantized(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
     use crate::model::gguf::candle_msg;
+    use crate::model::ports::GateUp;
     use candle_core::quantized::{QMatMul, ggml_file::qtensor_from_ggml};
     let mut held = 0u64;
-    let mut mats = Vec::with_capacity(3);
-    for p in &raw.parts {
-        let m = match p.dtype.ggml() {
+    // One matrix from bytes as stored: a block type stays so; a float one is held in f32.
+    let mut matrix = |name: &str, dtype: StDtype, shape: Vec<usize>, bytes: &[u8]| {
+        let err = |e: candle_core::Error| {
+            raw.error(format!("{name} ({}): {}", dtype.name(), candle_msg(&e)))
+        };
+        match dtype.ggml() {
             Some(g) => {
-                held += p.bytes.len() as u64;
-                let q = qtensor_from_ggml(g, &p.bytes, p.shape.clone(), device).map_err(|e| {
-                    raw.error(format!(
-                        "{} ({}): {}",
-                        p.name,
-                        p.dtype.name(),
-                        candle_msg(&e)
-                    ))
-                })?;
-                QMatMul::from_qtensor(q).map_err(|e| {
-                    raw.error(format!(
-                        "{} ({}): {}",
-                        p.name,
-                        p.dtype.name(),
-                        candle_msg(&e)
-                    ))
-                })?
+                held += bytes.len() as u64;
+                let q = qtensor_from_ggml(g, bytes, shape, device).map_err(err)?;
+                QMatMul::from_qtensor(q).map_err(err)
             }
             None => {
-                let t = bytes_to_tensor(&p.bytes, &p.info(), DType::F32, device)
-                    .map_err(|e| raw.error(format!("{}: {e}", p.name)))?;
+                let info = TensorInfo {
+                    dtype,
+                    shape,
+                    offset: 0,
+                    len: bytes.len() as u64,
+                };
+                let t = bytes_to_tensor(bytes, &info, DType::F32, device).map_err(err)?;
                 held += (t.elem_count() * 4) as u64;
-                QMatMul::Tensor(t)
+                Ok(QMatMul::Tensor(t))
             }
-        };
-        mats.push(m);
-    }
-    let [g, u, d]: [QMatMul; 3] = mats.try_into().expect("three parts");
-    let i = raw.parts[0].shape[0];
-    Ok(ExpertWeights::quantized(g, u, d, i, held))
+        }
+    };
+    let [g, u, d] = &raw.parts;
+    let (i, h) = (g.shape[0], g.shape[1]);
+    // GGML rows are independent, so gate's bytes then up's are the [2I, H] matrix.
+    let gate_up = if g.dtype == u.dtype && g.shape == u.shape {
+        let bytes = [g.bytes.as_slice(), u.bytes.as_slice()].concat();
+        GateUp::Fused(matrix(&g.name, g.dtype, vec![2 * i, h], &bytes)?)
+    } else {
+        GateUp::Apart(
+            matrix(&g.name, g.dtype, g.shape.clone(), &g.bytes)?,
+            matrix(&u.name, u.dtype, u.shape.clone(), &u.bytes)?,
+        )
+    };
+    let down = matrix(&d.name, d.dtype, d.shape.clone(), &d.bytes)?;
+    Ok(ExpertWeights::quantized(gate_up, down, i, held))
 }
 
 /// Bytes one expert of `source` occupies once converted, when its experts are block-quantized

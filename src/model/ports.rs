@@ -32,12 +32,19 @@ enum Mats {
         down: Tensor,
     },
     Quantized {
-        gate: QMatMul,
-        up: QMatMul,
+        gate_up: GateUp,
         down: QMatMul,
         /// Bytes as stored (the block format), what a cache budgets.
         bytes: u64,
     },
+}
+
+/// A quantized expert's gate and up: one [2I, H] product when both are stored in the same type
+/// (the activations are rounded to blocks once, not twice), else two.
+#[derive(Debug, Clone)]
+pub enum GateUp {
+    Fused(QMatMul),
+    Apart(QMatMul, QMatMul),
 }
 
 impl ExpertWeights {
@@ -49,18 +56,12 @@ impl ExpertWeights {
         }
     }
 
-    /// Block-quantized matrices: `gate` and `up` [I, H], `down` [H, I]; `bytes` as stored.
-    pub fn quantized(
-        gate: QMatMul,
-        up: QMatMul,
-        down: QMatMul,
-        intermediate: usize,
-        bytes: u64,
-    ) -> Self {
+    /// Block-quantized matrices: gate and up ([2I, H] fused, or [I, H] each), `down` [H, I];
+    /// `bytes` as held.
+    pub fn quantized(gate_up: GateUp, down: QMatMul, intermediate: usize, bytes: u64) -> Self {
         ExpertWeights {
             mats: Mats::Quantized {
-                gate,
-                up,
+                gate_up,
                 down,
                 bytes,
             },
@@ -96,13 +97,21 @@ impl ExpertWeights {
                 let h = (silu(&g)? * u)?;
                 Ok(h.matmul(&down.t()?)?)
             }
-            Mats::Quantized { gate, up, down, .. } => {
+            Mats::Quantized { gate_up, down, .. } => {
                 // Quantized products take f32 activations (candle's CPU kernels quantize them
                 // to Q8 blocks themselves, as llama.cpp does); the result returns to the
                 // compute dtype.
                 let dtype = x.dtype();
                 let x = x.to_dtype(DType::F32)?;
-                let h = (silu(&gate.forward(&x)?)? * up.forward(&x)?)?;
+                let (g, u) = match gate_up {
+                    GateUp::Fused(m) => {
+                        let gu = m.forward(&x)?;
+                        let i = self.intermediate;
+                        (gu.narrow(1, 0, i)?, gu.narrow(1, i, i)?)
+                    }
+                    GateUp::Apart(g, u) => (g.forward(&x)?, u.forward(&x)?),
+                };
+                let h = (silu(&g)? * u)?;
                 Ok(down.forward(&h)?.to_dtype(dtype)?)
             }
         }
