@@ -15,7 +15,7 @@ RUNS=${1:-1000000}
 shift || true
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(safetensors_header shard_index config_json chat_template extraction_manifest recording trace worker_protocol settings_toml)
+  TARGETS=(safetensors_header shard_index config_json chat_template extraction_manifest recording trace worker_protocol settings_toml gguf)
 fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo +nightly install cargo-fuzz --locked
@@ -39,6 +39,8 @@ seed() {
     worker_protocol) printf '%s\n' '{"cmd":"hello","version":2}' '{"cmd":"step"}' \
                        '{"ev":"session","type":"token","backend":"native","prompt":0,"index":1,"id":2,"text":"x","dt":0.5,"prefill":false}' > "$dir/lines" ;;
     settings_toml) cp prompts/*.toml src/session/profiles/*.toml themes/*.toml "$dir/" ;;
+    # A whole ~250 KB file (metadata, the bundled tokenizer, tensors) from moescope's writer.
+    gguf) target/debug/moescope bench random-checkpoint --preset fuzz --gguf Q8_0 --out "$dir/fuzz-Q8_0.gguf" >/dev/null ;;
   esac
 }
 
@@ -48,8 +50,9 @@ for t in "${TARGETS[@]}"; do
   seed "$t"
   if [ -n "${SMOKE:-}" ]; then limit=(-max_total_time=5); else limit=(-runs="$RUNS"); fi
   log=fuzz/$t.log
+  maxlen=262144; [ "$t" = gguf ] && maxlen=524288  # a whole seed file is ~450 KB
   cargo +nightly fuzz run --fuzz-dir fuzz "$t" "fuzz/corpus/$t" -- \
-    "${limit[@]}" -malloc_limit_mb=1024 -rss_limit_mb=2048 -timeout=10 -max_len=262144 \
+    "${limit[@]}" -malloc_limit_mb=1024 -rss_limit_mb=2048 -timeout=10 -max_len=$maxlen \
     -print_final_stats=1 > "$log" 2>&1
   rc=$?
   execs=$(grep -a 'stat::number_of_executed_units' "$log" | awk '{print $2}')

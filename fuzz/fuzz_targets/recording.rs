@@ -6,7 +6,9 @@ use moescope::session::{export, record, state::SessionState, study, verdict::Pro
 use std::sync::OnceLock;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(rec) = record::parse(data, std::path::Path::new("r.ndjson")) else { return };
+    let Ok(rec) = record::parse(data, std::path::Path::new("r.ndjson")) else {
+        return;
+    };
     static PROFILE: OnceLock<Profile> = OnceLock::new();
     let profile = PROFILE.get_or_init(|| Profile::load("relative").unwrap());
     let state = SessionState::replayed(&rec);

@@ -3,5 +3,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = moescope::model::safetensors_file::parse_header(data, std::path::Path::new("f.safetensors"));
+    let _ = moescope::model::safetensors_file::parse_header(
+        data,
+        std::path::Path::new("f.safetensors"),
+    );
 });

@@ -4,7 +4,9 @@ use libfuzzer_sys::fuzz_target;
 use moescope::worker::protocol::{Command, WorkerEvent};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     for line in text.lines() {
         let _ = serde_json::from_str::<Command>(line);
         if let Ok(WorkerEvent::Session(ev)) = serde_json::from_str::<WorkerEvent>(line) {

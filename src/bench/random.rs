@@ -66,11 +66,24 @@ impl Geometry {
                 head_dim: 128,
                 vocab: 151936,
             },
+            // The smallest whole-block model with the bundled tokenizer: a ~250 KB GGUF (Q8_0)
+            // that seeds the GGUF fuzzer (scripts/fuzz.sh).
+            "fuzz" => Geometry {
+                layers: 2,
+                hidden: 32,
+                experts: 4,
+                top_k: 2,
+                moe_intermediate: 32,
+                heads: 2,
+                kv_heads: 1,
+                head_dim: 16,
+                vocab: 4096,
+            },
             _ => return None,
         })
     }
 
-    pub const PRESETS: [&'static str; 3] = ["engine", "selective", "qwen3-30b-a3b-12l"];
+    pub const PRESETS: [&'static str; 4] = ["engine", "selective", "qwen3-30b-a3b-12l", "fuzz"];
 
     pub fn params(&self) -> (u64, u64) {
         let h = self.hidden as u64;

@@ -49,7 +49,8 @@ pub struct GgufTensor {
 /// An opened, checked GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    file: File,
+    /// None for a header parsed from bytes alone (`from_bytes`): nothing can be loaded then.
+    file: Option<File>,
     meta: HashMap<String, Value>,
     tensors: HashMap<String, GgufTensor>,
 }
@@ -67,10 +68,6 @@ impl GgufFile {
     /// Reads the header and checks that every tensor's type is one moescope reads and that its
     /// bytes lie inside the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let err = |msg: String| ModelError::Checkpoint {
-            file: path.to_path_buf(),
-            msg,
-        };
         let file = File::open(path).map_err(|e| ModelError::Io {
             path: path.to_path_buf(),
             what: "opening the GGUF file".into(),
@@ -84,7 +81,26 @@ impl GgufFile {
                 source: e,
             })?
             .len();
-        let mut reader = std::io::BufReader::new(&file);
+        let mut me = Self::parse(std::io::BufReader::new(&file), file_len, path)?;
+        me.file = Some(file);
+        Ok(me)
+    }
+
+    /// The header of a file given as bytes (`path` names it in errors): what the fuzzer and
+    /// tests drive. Tensors can be located but not loaded.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        Self::parse(std::io::Cursor::new(bytes), bytes.len() as u64, path)
+    }
+
+    fn parse<R: std::io::Read + std::io::Seek>(
+        mut reader: R,
+        file_len: u64,
+        path: &Path,
+    ) -> Result<Self> {
+        let err = |msg: String| ModelError::Checkpoint {
+            file: path.to_path_buf(),
+            msg,
+        };
         // The reader divides by the file's `general.alignment` without checking it for zero.
         let content =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
@@ -142,7 +158,7 @@ impl GgufFile {
         }
         Ok(GgufFile {
             path: path.to_path_buf(),
-            file,
+            file: None,
             meta: content.metadata,
             tensors,
         })
@@ -150,6 +166,13 @@ impl GgufFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn file(&self) -> Result<&File> {
+        self.file.as_ref().ok_or_else(|| ModelError::Checkpoint {
+            file: self.path.clone(),
+            msg: "only its header was read (no file to load tensors from)".into(),
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
@@ -486,7 +509,7 @@ impl GgufFile {
     ) -> Result<Tensor> {
         let loc = self.check(hf_name, shape)?;
         let mut bytes = vec![0u8; loc.len as usize];
-        self.file
+        self.file()?
             .read_exact_at(&mut bytes, loc.offset)
             .map_err(|e| ModelError::Tensor {
                 file: self.path.clone(),
@@ -537,7 +560,7 @@ impl GgufFile {
             ));
         };
         let mut bytes = vec![0u8; loc.len as usize];
-        self.file
+        self.file()?
             .read_exact_at(&mut bytes, loc.offset)
             .map_err(|e| ModelError::Tensor {
                 file: self.path.clone(),
@@ -629,13 +652,13 @@ impl GgufFile {
                 .as_bytes(),
             );
         }
-        let size = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        let file = self.file()?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut buf = [0u8; 4096];
         for i in 0..16u64 {
             let at = size / 16 * i;
             let want = (4096u64).min(size - at) as usize;
-            self.file
-                .read_exact_at(&mut buf[..want], at)
+            file.read_exact_at(&mut buf[..want], at)
                 .map_err(|e| ModelError::Io {
                     path: self.path.clone(),
                     what: "sampling the GGUF file".into(),
