@@ -413,6 +413,7 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
                 "--max-new-tokens",
                 "2",
             ],
+            vec!["verify", p],
         ] {
             let (rc, _, err) = common::run(&args);
             assert_ne!(rc, 0, "{args:?}");
@@ -420,6 +421,9 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
             assert!(!err.contains("panicked"), "{args:?}: {err}");
         }
     }
+    let (rc, out, err) = common::run(&["verify", gguf("Q4_K_M").to_str().unwrap()]);
+    assert_eq!(rc, 0, "{out}{err}");
+    assert!(out.contains("COMPLETE: all 8 experts present"), "{out}");
     let (rc, _, err) = common::run(&[
         "extract",
         "--model",

@@ -77,20 +77,24 @@ impl VerifyReport {
 /// Detects what `dir` is and verifies it. `config_dir` supplies config.json when `dir` has none
 /// (seed-layout directories usually do not).
 pub fn verify(dir: &Path, config_dir: Option<&Path>) -> Result<VerifyReport> {
-    if !dir.is_dir() {
+    // A GGUF file is a checkpoint that carries its own config.
+    let gguf = crate::model::gguf::is_gguf(dir);
+    if !dir.is_dir() && !gguf {
         return Err(ModelError::Checkpoint {
             file: dir.to_path_buf(),
-            msg: "not a directory".into(),
+            msg: "not a directory (nor a GGUF file)".into(),
         });
     }
-    let kind = if dir.join(MANIFEST).exists() || dir.join(super::extract::JOURNAL).exists() {
+    let kind = if gguf {
+        LayoutKind::Checkpoint
+    } else if dir.join(MANIFEST).exists() || dir.join(super::extract::JOURNAL).exists() {
         LayoutKind::Extracted
     } else if seed::looks_like_seed_layout(dir) {
         LayoutKind::SeedLayout
     } else {
         LayoutKind::Checkpoint
     };
-    let cfg_dir = if dir.join("config.json").exists() {
+    let cfg_dir = if gguf || dir.join("config.json").exists() {
         dir.to_path_buf()
     } else if let Some(c) = config_dir {
         c.to_path_buf()
