@@ -11,6 +11,7 @@
 # target/reference-venv/bin/python3, see scripts/setup_reference_python.sh). Writes
 #   models/tiny-moe-gguf/tiny-moe-{BF16,Q8_0,Q4_K_M}.gguf   (ignored by git: 19 / 12 / 9 MB)
 #   tests/fixtures/gguf/kquant-{Q8_0,Q4_K_M}.gguf          (committed; CI's GGUF tests read them)
+#   tests/fixtures/gguf/split/kquant-Q4_K_M-0000{1,2,3}-of-00003.gguf   (llama-gguf-split's parts)
 # The second pair is a random Qwen3-MoE (2 layers, 4 experts of 256 × 256, top 2, the bundled
 # model's tokenizer) whose every row is a whole number of 256-element k-quant blocks — the
 # bundled model's 48-wide expert rows are not, so llama-quantize leaves its ffn_down in F16.
@@ -51,10 +52,11 @@ runpy.run_path(f"{src}/convert_hf_to_gguf.py", run_name="__main__")
 PYEOF
 }
 QUANTIZE="$WORK/build/bin/llama-quantize"
-if [ ! -x "$QUANTIZE" ]; then
+SPLIT="$WORK/build/bin/llama-gguf-split"
+if [ ! -x "$QUANTIZE" ] || [ ! -x "$SPLIT" ]; then
   cmake -S "$WORK/src" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF > "$WORK/cmake.log"
-  cmake --build "$WORK/build" -j"$(nproc)" --target llama-quantize > "$WORK/build.log"
+  cmake --build "$WORK/build" -j"$(nproc)" --target llama-quantize llama-gguf-split > "$WORK/build.log"
 fi
 for t in bf16 q8_0; do
   convert models/tiny-moe "$t" "$OUT/tiny-moe-$(echo "$t" | tr a-z A-Z).gguf"
@@ -88,4 +90,7 @@ convert "$KQ" bf16 "$WORK/kquant-BF16.gguf"
 for q in Q8_0 Q4_K_M; do
   "$QUANTIZE" "$WORK/kquant-BF16.gguf" "tests/fixtures/gguf/kquant-$q.gguf" "$q" > "$WORK/q.log" 2>&1
 done
-ls -la "$OUT" tests/fixtures/gguf
+rm -rf tests/fixtures/gguf/split && mkdir -p tests/fixtures/gguf/split
+"$SPLIT" --split --split-max-tensors 12 tests/fixtures/gguf/kquant-Q4_K_M.gguf \
+  tests/fixtures/gguf/split/kquant-Q4_K_M > "$WORK/split.log"
+ls -la "$OUT" tests/fixtures/gguf tests/fixtures/gguf/split

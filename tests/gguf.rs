@@ -491,3 +491,61 @@ fn a_run_on_a_gguf_file_records_its_expert_types() {
     );
     assert!(out.contains("token agreement 100.0 %"), "{out}");
 }
+
+/// A model split by llama.cpp's `llama-gguf-split` (tests/fixtures/gguf/split: the Q4_K_M
+/// fixture in three parts) runs as the single file does, bit for bit; a missing or wrong part
+/// is refused by name.
+#[test]
+fn a_split_model_is_the_same_model() {
+    let split = fixture("gguf/split");
+    let first = split.join("kquant-Q4_K_M-00001-of-00003.gguf");
+    let seq = sequence();
+    let load = |model: std::path::PathBuf, backend, cache| {
+        BackendSpec {
+            model_dir: model,
+            dtype: Dtype::F32,
+            device: DeviceSpec::cpu(),
+            backend,
+            cache,
+            settings: Settings::default(),
+        }
+        .load(|_, _| {})
+        .unwrap()
+    };
+    let whole = run(
+        &load(
+            gguf("Q4_K_M"),
+            BackendKind::Native,
+            CacheSettings::default(),
+        ),
+        &seq,
+    );
+    assert!(
+        run(
+            &load(first.clone(), BackendKind::Native, CacheSettings::default()),
+            &seq
+        ) == whole
+    );
+    let small = CacheSettings {
+        cache_experts: Some(2),
+        ..Default::default()
+    };
+    assert!(run(&load(first.clone(), BackendKind::Selective, small), &seq) == whole);
+    let ckpt = Checkpoint::open(&first).unwrap();
+    let cfg = MoeConfig::from_dir(&first).unwrap();
+    assert_eq!(ckpt.validate(&cfg).unwrap().present, 8);
+
+    // Only the first part names the model; a missing part is named.
+    let second = split.join("kquant-Q4_K_M-00002-of-00003.gguf");
+    let e = Checkpoint::open(&second).unwrap_err().to_string();
+    assert!(e.contains("pass the first part"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    for k in [1, 2] {
+        let name = format!("kquant-Q4_K_M-0000{k}-of-00003.gguf");
+        std::fs::copy(split.join(&name), dir.path().join(&name)).unwrap();
+    }
+    let e = Checkpoint::open(&dir.path().join("kquant-Q4_K_M-00001-of-00003.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kquant-Q4_K_M-00003-of-00003.gguf"), "{e}");
+}

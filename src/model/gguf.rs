@@ -41,16 +41,19 @@ pub fn is_gguf(path: &Path) -> bool {
 pub struct GgufTensor {
     pub dtype: StDtype,
     pub shape: Vec<usize>,
-    /// Absolute byte offset in the file.
+    /// Absolute byte offset in its file.
     pub offset: u64,
     pub len: u64,
+    /// Which file of a split model holds it (0: the first, or the only one).
+    pub part: usize,
 }
 
 /// An opened, checked GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    /// None for a header parsed from bytes alone (`from_bytes`): nothing can be loaded then.
-    file: Option<File>,
+    /// The file, or for a model split by `llama-gguf-split` every part in order. Empty for a
+    /// header parsed from bytes alone (`from_bytes`): nothing can be loaded then.
+    parts: Vec<(PathBuf, File)>,
     meta: HashMap<String, Value>,
     tensors: HashMap<String, GgufTensor>,
 }
@@ -82,8 +85,98 @@ impl GgufFile {
             })?
             .len();
         let mut me = Self::parse(std::io::BufReader::new(&file), file_len, path)?;
-        me.file = Some(file);
+        me.parts.push((path.to_path_buf(), file));
+        me.open_other_parts()?;
         Ok(me)
+    }
+
+    /// A model split by `llama-gguf-split` (`split.count` > 1): the first part holds the
+    /// metadata, every part some tensors; the others are found beside it by llama.cpp's naming,
+    /// `NAME-0000k-of-0000n.gguf`.
+    fn open_other_parts(&mut self) -> Result<()> {
+        let count = self.meta_u64("split.count")?.unwrap_or(1);
+        if count <= 1 {
+            return Ok(());
+        }
+        let err = |msg: String| ModelError::Checkpoint {
+            file: self.path.clone(),
+            msg,
+        };
+        let name = self
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let suffix = format!("-of-{count:05}.gguf");
+        let stem = name
+            .strip_suffix(&suffix)
+            .and_then(|s| {
+                s.get(..s.len().checked_sub(6)?)
+                    .map(|p| (p, &s[s.len() - 6..]))
+            })
+            .filter(|(_, no)| no.starts_with('-') && no[1..].bytes().all(|b| b.is_ascii_digit()));
+        let Some((prefix, no)) = stem else {
+            return Err(err(format!(
+                "part of a model split in {count} (split.count) but not named as llama.cpp names \
+                 the parts (NAME-00001-of-{count:05}.gguf)"
+            )));
+        };
+        let this = self.meta_u64("split.no")?.unwrap_or(0);
+        if this != 0 || no != "-00001" {
+            return Err(err(format!(
+                "part {} of {count} of a split model; pass the first part, \
+                 {prefix}-00001-of-{count:05}.gguf",
+                this + 1
+            )));
+        }
+        if count > 10_000 {
+            return Err(err(format!("split.count {count} is not a real split")));
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("")).to_path_buf();
+        for k in 2..=count {
+            let path = dir.join(format!("{prefix}-{k:05}-of-{count:05}.gguf"));
+            let io = |what: &str, e: std::io::Error| ModelError::Io {
+                path: path.clone(),
+                what: what.into(),
+                source: e,
+            };
+            let file = File::open(&path).map_err(|e| io("opening a part of the split model", e))?;
+            let len = file
+                .metadata()
+                .map_err(|e| io("reading its size", e))?
+                .len();
+            let part = Self::parse(std::io::BufReader::new(&file), len, &path)?;
+            if part.meta_u64("split.no")? != Some(k - 1)
+                || part.meta_u64("split.count")? != Some(count)
+            {
+                return Err(ModelError::Checkpoint {
+                    file: path.clone(),
+                    msg: format!("its split.no / split.count do not say part {k} of {count}"),
+                });
+            }
+            let idx = self.parts.len();
+            for (name, mut t) in part.tensors {
+                t.part = idx;
+                if self.tensors.insert(name.clone(), t).is_some() {
+                    return Err(ModelError::Tensor {
+                        file: path.clone(),
+                        tensor: name,
+                        msg: "also in an earlier part of the split model".into(),
+                    });
+                }
+            }
+            self.parts.push((path, file));
+        }
+        if let Some(n) = self.meta_u64("split.tensors.count")?
+            && n != self.tensors.len() as u64
+        {
+            return Err(err(format!(
+                "split.tensors.count says {n} tensors, the {count} parts hold {}",
+                self.tensors.len()
+            )));
+        }
+        Ok(())
     }
 
     /// The header of a file given as bytes (`path` names it in errors): what the fuzzer and
@@ -153,12 +246,13 @@ impl GgufFile {
                     shape,
                     offset,
                     len,
+                    part: 0,
                 },
             );
         }
         Ok(GgufFile {
             path: path.to_path_buf(),
-            file: None,
+            parts: Vec::new(),
             meta: content.metadata,
             tensors,
         })
@@ -168,11 +262,22 @@ impl GgufFile {
         &self.path
     }
 
-    fn file(&self) -> Result<&File> {
-        self.file.as_ref().ok_or_else(|| ModelError::Checkpoint {
-            file: self.path.clone(),
-            msg: "only its header was read (no file to load tensors from)".into(),
-        })
+    /// The file holding the tensor `name` (of a split model: its part).
+    fn file_of(&self, name: &str) -> Result<&File> {
+        let part = self.tensors.get(name).map_or(0, |t| t.part);
+        self.parts
+            .get(part)
+            .map(|(_, f)| f)
+            .ok_or_else(|| ModelError::Checkpoint {
+                file: self.path.clone(),
+                msg: "only its header was read (no file to load tensors from)".into(),
+            })
+    }
+
+    fn part_path(&self, t: &GgufTensor) -> PathBuf {
+        self.parts
+            .get(t.part)
+            .map_or_else(|| self.path.clone(), |(p, _)| p.clone())
     }
 
     pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
@@ -486,7 +591,7 @@ impl GgufFile {
     ) -> TensorLocation {
         TensorLocation {
             name: name.to_string(),
-            file: self.path.clone(),
+            file: self.part_path(t),
             dtype: t.dtype,
             shape,
             offset,
@@ -509,7 +614,7 @@ impl GgufFile {
     ) -> Result<Tensor> {
         let loc = self.check(hf_name, shape)?;
         let mut bytes = vec![0u8; loc.len as usize];
-        self.file()?
+        self.file_of(&loc.name)?
             .read_exact_at(&mut bytes, loc.offset)
             .map_err(|e| ModelError::Tensor {
                 file: self.path.clone(),
@@ -560,7 +665,7 @@ impl GgufFile {
             ));
         };
         let mut bytes = vec![0u8; loc.len as usize];
-        self.file()?
+        self.file_of(&loc.name)?
             .read_exact_at(&mut bytes, loc.offset)
             .map_err(|e| ModelError::Tensor {
                 file: self.path.clone(),
@@ -652,19 +757,26 @@ impl GgufFile {
                 .as_bytes(),
             );
         }
-        let file = self.file()?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if self.parts.is_empty() {
+            return Err(ModelError::Checkpoint {
+                file: self.path.clone(),
+                msg: "only its header was read (no file to sample)".into(),
+            });
+        }
         let mut buf = [0u8; 4096];
-        for i in 0..16u64 {
-            let at = size / 16 * i;
-            let want = (4096u64).min(size - at) as usize;
-            file.read_exact_at(&mut buf[..want], at)
-                .map_err(|e| ModelError::Io {
-                    path: self.path.clone(),
-                    what: "sampling the GGUF file".into(),
-                    source: e,
-                })?;
-            h.update(&buf[..want]);
+        for (path, file) in &self.parts {
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            for i in 0..16u64 {
+                let at = size / 16 * i;
+                let want = (4096u64).min(size - at) as usize;
+                file.read_exact_at(&mut buf[..want], at)
+                    .map_err(|e| ModelError::Io {
+                        path: path.clone(),
+                        what: "sampling the GGUF file".into(),
+                        source: e,
+                    })?;
+                h.update(&buf[..want]);
+            }
         }
         Ok(h.finalize().to_hex()[..16].to_string())
     }
