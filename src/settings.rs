@@ -63,6 +63,10 @@ pub struct Settings {
     /// Cores available to the process when the run started (0 in a header that did not say).
     #[serde(default)]
     pub cores: usize,
+    /// The cores each worker ran on, native's then selective's, when a CPU run split them
+    /// (see `worker::cpus`); empty when the workers shared every core.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub worker_cpus: Vec<Vec<usize>>,
 }
 
 impl Default for Settings {
@@ -75,6 +79,7 @@ impl Default for Settings {
             h2d: H2dChoice::Auto,
             copy_stream: false,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            worker_cpus: Vec::new(),
         }
     }
 }
@@ -194,6 +199,7 @@ mod tests {
                 h2d: H2dChoice::Staged,
                 copy_stream: true,
                 cores: 7,
+                worker_cpus: Vec::new(),
             }
         );
         assert_eq!(

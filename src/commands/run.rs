@@ -209,6 +209,16 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
             _ => "",
         }
     );
+    // Both workers alive at once on the CPU: each on its half of the cores (worker::cpus).
+    let split = if !args.model.device.is_cuda()
+        && args.schedule != crate::session::record::Schedule::Sequential
+    {
+        crate::worker::cpus::split(&crate::worker::cpus::allowed())
+    } else {
+        None
+    };
+    let mut settings = settings.clone();
+    settings.worker_cpus = split.clone().map(Vec::from).unwrap_or_default();
     let now = SystemTime::now();
     let header = Header {
         format: record::FORMAT.into(),
@@ -262,6 +272,10 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         gpu_memory: args.model.device.0.starts_with("cuda"),
         exe: std::env::current_exe().context("locating the moescope binary for the workers")?,
         worker_env: [worker_env("NATIVE"), worker_env("SELECTIVE")],
+        worker_cpus: match split {
+            Some([a, b]) => [Some(a), Some(b)],
+            None => [None, None],
+        },
         only: None,
         step: args.step,
         reference: reference_impl.map(|implementation| crate::worker::reference::ReferenceConfig {

@@ -49,6 +49,10 @@ fn run_session(args: &RunArgs, only: Option<Backend>, settings: &Settings) -> Re
     let plan = super::run::plan(args, settings)?;
     let mut cfg = plan.config;
     cfg.only = only;
+    if only.is_some() {
+        // One worker alone: it has every core (the split is for two alive at once).
+        cfg.worker_cpus = [None, None];
+    }
     cfg.score = false;
     cfg.reference_text = None;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -35,11 +35,13 @@ pub struct WorkerProcess {
 const STDERR_TAIL: usize = 12;
 
 impl WorkerProcess {
-    /// Starts `exe worker` with extra environment variables; its messages go to `events`.
+    /// Starts `exe worker` with extra environment variables, on `cpus` when given (see
+    /// [`super::cpus`]); its messages go to `events`.
     pub fn spawn(
         backend: Backend,
         exe: &Path,
         env: &[(String, String)],
+        cpus: Option<&[usize]>,
         events: UnboundedSender<(Backend, WorkerMsg)>,
     ) -> std::io::Result<Self> {
         let mut cmd = tokio::process::Command::new(exe);
@@ -54,12 +56,28 @@ impl WorkerProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        if let Some(c) = cpus {
+            for (k, v) in super::cpus::thread_env(c.len()) {
+                cmd.env(k, v);
+            }
+        }
+        #[cfg(target_os = "linux")]
+        let cpus: Option<Vec<usize>> = cpus.map(<[usize]>::to_vec);
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the worker if
         // this process dies, so a crashed or killed dashboard leaves no orphans.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // Its share of the cores; the set was built before the fork (no allocation
+                // here). A refusal leaves it on every core: slower to measure, not wrong.
+                if let Some(cpus) = &cpus {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    for &c in cpus {
+                        libc::CPU_SET(c, &mut set);
+                    }
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
                 Ok(())
             });
         }

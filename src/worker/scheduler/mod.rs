@@ -109,6 +109,8 @@ pub struct RunConfig {
     pub exe: PathBuf,
     /// Extra environment for the workers (fault tests).
     pub worker_env: [Vec<(String, String)>; 2],
+    /// The cores of each worker (CPU runs with both alive at once; see `worker::cpus`).
+    pub worker_cpus: [Option<Vec<usize>>; 2],
     /// Run only this backend (capacity sweeps measure selective alone).
     pub only: Option<Backend>,
     /// A reference implementation to check native against once both backends are done.

@@ -49,7 +49,8 @@ impl Scheduler {
 
     pub(super) async fn start_worker(&mut self, b: Backend) {
         let env = self.cfg.worker_env[b.index()].clone();
-        match WorkerProcess::spawn(b, &self.cfg.exe, &env, self.tx.clone()) {
+        let cpus = self.cfg.worker_cpus[b.index()].clone();
+        match WorkerProcess::spawn(b, &self.cfg.exe, &env, cpus.as_deref(), self.tx.clone()) {
             Ok(p) => {
                 let pid = p.pid;
                 let base = if self.cfg.gpu_memory {
