@@ -8,10 +8,8 @@ use common::*;
 use moescope::cache::policy::PolicyKind;
 use moescope::cache::settings::{CacheSettings, PrefetchMode, Scope, SourceSpec};
 use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
-use moescope::model::generate::Generation;
 use moescope::model::ports::NoObserver;
 use moescope::model::qwen3_moe::Logits;
-use moescope::model::sampling::SamplingParams;
 use moescope::settings::{H2dChoice, Settings};
 
 fn spec(name: &str, backend: BackendKind, cache: CacheSettings, dtype: Dtype) -> BackendSpec {
@@ -27,36 +25,7 @@ fn spec(name: &str, backend: BackendKind, cache: CacheSettings, dtype: Dtype) ->
 
 /// Bits of the final logits of a sequence, then the 12 greedy tokens after it.
 fn run(e: &Engine, seq: &[u32]) -> (Vec<u32>, Vec<u32>) {
-    let mut cache = e.model.new_cache();
-    let l = e
-        .model
-        .forward(
-            seq,
-            &mut cache,
-            e.provider.as_ref(),
-            &mut NoObserver,
-            Logits::All,
-        )
-        .unwrap();
-    let bits: Vec<u32> = l
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect();
-    let params = SamplingParams {
-        max_new_tokens: 12,
-        ..Default::default()
-    };
-    let mut g = Generation::new(&e.model, seq.to_vec(), params, vec![]).unwrap();
-    while g
-        .step(&e.model, e.provider.as_ref(), &mut NoObserver)
-        .unwrap()
-        .is_some()
-    {}
-    (bits, g.generated.clone())
+    bits_and_greedy(e, seq, 12)
 }
 
 #[test]

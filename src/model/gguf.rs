@@ -604,6 +604,19 @@ impl GgufFile {
         gguf_name(hf_name).is_some_and(|n| self.tensors.contains_key(&n))
     }
 
+    /// A tensor's bytes as stored, from the file (or part) that holds it.
+    fn read_bytes(&self, loc: &TensorLocation) -> Result<Vec<u8>> {
+        let mut bytes = vec![0u8; loc.len as usize];
+        self.file_of(&loc.name)?
+            .read_exact_at(&mut bytes, loc.offset)
+            .map_err(|e| ModelError::Tensor {
+                file: loc.file.clone(),
+                tensor: loc.name.clone(),
+                msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
+            })?;
+        Ok(bytes)
+    }
+
     /// Loads a non-expert tensor in `dtype` on `device`, dequantising a quantized one.
     pub fn load(
         &self,
@@ -613,16 +626,9 @@ impl GgufFile {
         device: &Device,
     ) -> Result<Tensor> {
         let loc = self.check(hf_name, shape)?;
-        let mut bytes = vec![0u8; loc.len as usize];
-        self.file_of(&loc.name)?
-            .read_exact_at(&mut bytes, loc.offset)
-            .map_err(|e| ModelError::Tensor {
-                file: self.path.clone(),
-                tensor: loc.name.clone(),
-                msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
-            })?;
+        let bytes = self.read_bytes(&loc)?;
         let terr = |e: candle_core::Error| ModelError::Tensor {
-            file: self.path.clone(),
+            file: loc.file.clone(),
             tensor: loc.name.clone(),
             msg: format!("converting from {}: {}", loc.dtype.name(), candle_msg(&e)),
         };
@@ -664,16 +670,9 @@ impl GgufFile {
                 self.load(hf_name, shape, dtype, device)?,
             ));
         };
-        let mut bytes = vec![0u8; loc.len as usize];
-        self.file_of(&loc.name)?
-            .read_exact_at(&mut bytes, loc.offset)
-            .map_err(|e| ModelError::Tensor {
-                file: self.path.clone(),
-                tensor: loc.name.clone(),
-                msg: format!("reading {} bytes at offset {}: {e}", loc.len, loc.offset),
-            })?;
+        let bytes = self.read_bytes(&loc)?;
         let terr = |e: candle_core::Error| ModelError::Tensor {
-            file: self.path.clone(),
+            file: loc.file.clone(),
             tensor: loc.name.clone(),
             msg: format!("{}: {}", loc.dtype.name(), candle_msg(&e)),
         };

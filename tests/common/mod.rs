@@ -188,3 +188,46 @@ pub fn pid_alive(pid: u32) -> bool {
             .unwrap_or_default()
             .contains("State:\tZ")
 }
+
+/// Bits of every position's logits over `seq` (a fresh KV cache), then `n` greedy tokens after
+/// it: what "bit-identical" compares between backends.
+pub fn bits_and_greedy(
+    e: &moescope::engine::Engine,
+    seq: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<u32>) {
+    use moescope::model::generate::Generation;
+    use moescope::model::ports::NoObserver;
+    use moescope::model::qwen3_moe::Logits;
+    use moescope::model::sampling::SamplingParams;
+    let mut cache = e.model.new_cache();
+    let l = e
+        .model
+        .forward(
+            seq,
+            &mut cache,
+            e.provider.as_ref(),
+            &mut NoObserver,
+            Logits::All,
+        )
+        .unwrap();
+    let bits = l
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let params = SamplingParams {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let mut g = Generation::new(&e.model, seq.to_vec(), params, vec![]).unwrap();
+    while g
+        .step(&e.model, e.provider.as_ref(), &mut NoObserver)
+        .unwrap()
+        .is_some()
+    {}
+    (bits, g.generated.clone())
+}
