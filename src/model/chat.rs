@@ -72,16 +72,11 @@ impl ChatTemplate {
         } else {
             None
         };
-        let (template, source) =
-            found.unwrap_or_else(|| (CHATML_FALLBACK.to_string(), "built-in ChatML".to_string()));
-        let me = ChatTemplate {
-            template,
-            source,
-            bos_token,
-            eos_token,
+        let (template, source) = match found {
+            Some((t, s)) => (Some(t), s),
+            None => (None, String::new()),
         };
-        me.check()?;
-        Ok(me)
+        Self::from_text(template, &source, bos_token, eos_token)
     }
 
     /// A template given as text (a GGUF file's `tokenizer.chat_template`), checked by one
