@@ -486,8 +486,8 @@ impl BackendSpec {
     pub fn footprint(&self, cfg: &MoeConfig, tokens: usize) -> Footprint {
         let cuda = self.device.is_cuda();
         let esize = self.dtype.candle().size_in_bytes() as u64;
-        // A GGUF file's quantized tensors are held in their block format.
-        let gguf = crate::model::gguf::held_sizes(&self.model_dir, cfg, esize);
+        // Quantized tensors (GGUF blocks, FP8) are held as stored.
+        let gguf = crate::model::held::held_sizes(&self.model_dir, cfg, esize);
         let expert = gguf.map_or(cfg.expert_params() as u64 * esize, |(_, _, e)| e);
         let total = cfg.total_experts() as u64;
         let experts = match self.backend {

@@ -239,8 +239,8 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
             (Some(p), Some(x)) if x > 0.0 && !calibration => Some(100.0 * (p - x).abs() / x),
             _ => None,
         };
-        // What a miss moves: the expert as stored (bf16, or a GGUF file's blocks).
-        let stored = crate::model::gguf::held_sizes(&model_dir, &cfg, 2)
+        // What a miss moves: the expert as stored (bf16, a GGUF file's blocks, FP8 + scales).
+        let stored = crate::model::held::held_sizes(&model_dir, &cfg, 2)
             .map_or((cfg.expert_params() * 2) as f64, |(_, s, _)| s as f64);
         let bound = match (nm.decode_tok_s, read_bandwidth) {
             (Some(t), Some(bw)) => {

@@ -5,15 +5,25 @@ use candle_core::{DType, Device, Tensor};
 
 use super::source::{PartSpan, RawExpert};
 use crate::model::error::Result;
+use crate::model::fp8::{Fp8Matrix, Fp8Scheme};
 use crate::model::ports::ExpertWeights;
 use crate::model::safetensors_file::StDtype;
 use crate::model::safetensors_file::{TensorInfo, bytes_to_tensor};
 
 /// Builds compute tensors from an expert's on-disk bytes. Gate and up are both [I, H]
-/// row-major, so their byte concatenation *is* the stacked [2I, H] matrix.
-pub fn from_raw(raw: &RawExpert, dtype: DType, device: &Device) -> Result<ExpertWeights> {
+/// row-major, so their byte concatenation *is* the stacked [2I, H] matrix. `fp8` is the
+/// checkpoint's block scheme (its config's `quantization`), needed for `F8_E4M3` parts.
+pub fn from_raw(
+    raw: &RawExpert,
+    fp8: Option<Fp8Scheme>,
+    dtype: DType,
+    device: &Device,
+) -> Result<ExpertWeights> {
     if raw.parts.iter().any(|p| p.dtype.ggml().is_some()) {
         return quantized(raw, device);
+    }
+    if raw.parts.iter().any(|p| p.dtype == StDtype::F8E4M3) {
+        return fp8_expert(raw, fp8, device);
     }
     let [gate, up, down] = &raw.parts;
     let (i, h) = (gate.shape[0], gate.shape[1]);
@@ -88,6 +98,51 @@ fn quantized(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
     Ok(ExpertWeights::quantized(gate_up, down, i, held))
 }
 
+/// An FP8 expert: each of the three matrices kept as stored with its scales. All three must be
+/// FP8 (a writer that quantizes experts quantizes all of their matrices).
+fn fp8_expert(raw: &RawExpert, fp8: Option<Fp8Scheme>, device: &Device) -> Result<ExpertWeights> {
+    let Some(scheme) = fp8 else {
+        return Err(raw.error(
+            "its matrices are F8_E4M3 but the model's config.json declares no FP8 \
+             quantization_config (the block size of the scales is unknown)"
+                .into(),
+        ));
+    };
+    let matrix = |p: &super::source::RawPart| -> Result<Fp8Matrix> {
+        if p.dtype != StDtype::F8E4M3 {
+            return Err(raw.error(format!(
+                "{} is {} while the expert's other matrices are F8_E4M3 \
+                 (an expert is expected to be quantized as a whole)",
+                p.name,
+                p.dtype.name()
+            )));
+        }
+        let Some(s) = &p.scale else {
+            return Err(raw.error(format!("{} is F8_E4M3 but came without its scales", p.name)));
+        };
+        let want = scheme.scale_shape(&p.shape);
+        if p.shape.len() != 2 || s.shape != want {
+            return Err(raw.error(format!(
+                "{}: scales of shape {:?}, expected {want:?} for a {:?} matrix in {:?} blocks",
+                s.name, s.shape, p.shape, scheme.block
+            )));
+        }
+        let scales = bytes_to_tensor(&s.bytes, &s.info(), DType::F32, &Device::Cpu)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| raw.error(format!("{}: {e}", s.name)))?;
+        Fp8Matrix::new(
+            &p.bytes,
+            [p.shape[0], p.shape[1]],
+            scales,
+            scheme.block,
+            device,
+        )
+        .map_err(|e| raw.error(format!("{}: {e}", p.name)))
+    };
+    let [g, u, d] = &raw.parts;
+    Ok(ExpertWeights::fp8(matrix(g)?, matrix(u)?, matrix(d)?))
+}
+
 /// Bytes one expert of `source` occupies once converted, when its experts are block-quantized
 /// (None for dense ones): the quantized parts as stored, float parts in f32 — what
 /// [`quantized`] builds. Taken from the first expert present.
@@ -96,6 +151,20 @@ pub fn held_bytes(source: &dyn super::source::ExpertSource) -> Option<u64> {
     let layer = cfg.moe_layers().next()?;
     let e = (0..cfg.num_experts).find(|&e| source.has(layer, e))?;
     let parts = source.part_locations(layer, e)?;
+    if parts.iter().any(|p| p.scale.is_some()) {
+        // FP8: one byte per weight, scales held in f32.
+        return Some(
+            parts
+                .iter()
+                .map(|p| {
+                    p.len
+                        + p.scale
+                            .as_ref()
+                            .map_or(0, |s| s.shape.iter().product::<usize>() as u64 * 4)
+                })
+                .sum(),
+        );
+    }
     parts.iter().any(|p| p.dtype.ggml().is_some()).then(|| {
         parts
             .iter()
@@ -239,6 +308,7 @@ mod tests {
                 bytes: (0..i * h * esize)
                     .map(|b| (b as u8).wrapping_mul(37).wrapping_add(seed))
                     .collect(),
+                scale: None,
             };
             let raw = RawExpert {
                 layer: 0,
@@ -258,6 +328,7 @@ mod tests {
                     dtype: p.dtype,
                     shape: p.shape.clone(),
                     range: at..buf.len(),
+                    scale: None,
                 });
             }
             let spans: [PartSpan; 3] = spans.try_into().unwrap();
@@ -265,7 +336,7 @@ mod tests {
             for dtype in [DType::F32, src] {
                 let fast = from_spans_exact(&buf, &spans, dtype)
                     .unwrap_or_else(|| panic!("{st:?} -> {dtype:?} has a fast path"));
-                let slow = from_raw(&raw, dtype, &Device::Cpu).unwrap();
+                let slow = from_raw(&raw, None, dtype, &Device::Cpu).unwrap();
                 let ((fg, fd), (sg, sd)) = (fast.dense().unwrap(), slow.dense().unwrap());
                 for (a, b) in [(fg, sg), (fd, sd)] {
                     assert_eq!(a.dims(), b.dims());

@@ -42,6 +42,9 @@ pub struct ManifestTensor {
     /// Absolute byte offset of the data in the expert's file.
     pub offset: u64,
     pub len: u64,
+    /// An FP8 matrix's block scales, stored in the same file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Box<ManifestTensor>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,11 +313,21 @@ pub fn extract(
             ));
         }
     }
-    // A config copy makes the directory self-describing for `verify`.
-    let cfg_copy = out.join("config.json");
-    let cfg_bytes = std::fs::read(config_json).map_err(|e| io(config_json, "reading", e))?;
-    if std::fs::read(&cfg_copy).ok().as_deref() != Some(&cfg_bytes[..]) {
-        std::fs::write(&cfg_copy, &cfg_bytes).map_err(|e| io(&cfg_copy, "writing", e))?;
+    // A config copy makes the directory self-describing for `verify`; generation_config.json
+    // goes with it, since the end-of-sequence ids it carries are part of the config's identity.
+    let gen_config = config_json.with_file_name("generation_config.json");
+    for (src, name) in [
+        (config_json, "config.json"),
+        (gen_config.as_path(), "generation_config.json"),
+    ] {
+        if name != "config.json" && !src.exists() {
+            continue;
+        }
+        let copy = out.join(name);
+        let bytes = std::fs::read(src).map_err(|e| io(src, "reading", e))?;
+        if std::fs::read(&copy).ok().as_deref() != Some(&bytes[..]) {
+            std::fs::write(&copy, &bytes).map_err(|e| io(&copy, "writing", e))?;
+        }
     }
 
     remove_stale_temporaries(out);
@@ -481,6 +494,7 @@ fn write_expert(path: &Path, rel: &str, raw: &RawExpert, cfg: &MoeConfig) -> Res
     let tensors: Vec<OwnedTensor<'_>> = raw
         .parts
         .iter()
+        .flat_map(|p| std::iter::once(p).chain(p.scale.as_deref()))
         .map(|p| OwnedTensor {
             name: p.name.clone(),
             dtype: p.dtype,
@@ -508,16 +522,22 @@ fn write_expert(path: &Path, rel: &str, raw: &RawExpert, cfg: &MoeConfig) -> Res
     let file = SafetensorsFile::open(path)?;
     let tensors = ExpertProj::ALL
         .iter()
-        .map(|&proj| {
-            let name = cfg.expert_tensor_name(raw.layer, raw.expert, proj);
-            let info = file.info(&name).expect("just written");
-            ManifestTensor {
-                name,
-                dtype: info.dtype.name().into(),
-                shape: info.shape.clone(),
-                offset: info.offset,
-                len: info.len,
-            }
+        .zip(&raw.parts)
+        .map(|(&proj, part)| {
+            let entry = |name: String| {
+                let info = file.info(&name).expect("just written");
+                ManifestTensor {
+                    name,
+                    dtype: info.dtype.name().into(),
+                    shape: info.shape.clone(),
+                    offset: info.offset,
+                    len: info.len,
+                    scale: None,
+                }
+            };
+            let mut t = entry(cfg.expert_tensor_name(raw.layer, raw.expert, proj));
+            t.scale = part.scale.as_ref().map(|s| Box::new(entry(s.name.clone())));
+            t
         })
         .collect();
     Ok(ManifestEntry {
@@ -649,23 +669,31 @@ impl ExtractedSource {
                 field: format!("experts[L{} E{}].file", e.layer, e.expert),
                 msg,
             })?;
+            let location = |t: &ManifestTensor| -> Result<TensorLocation> {
+                let dtype = StDtype::parse(&t.dtype).ok_or_else(|| ModelError::Config {
+                    file: dir.join(MANIFEST),
+                    field: format!("experts[L{} E{}].dtype", e.layer, e.expert),
+                    msg: format!("unknown dtype \"{}\"", t.dtype),
+                })?;
+                Ok(TensorLocation {
+                    name: t.name.clone(),
+                    file: file.clone(),
+                    dtype,
+                    shape: t.shape.clone(),
+                    offset: t.offset,
+                    len: t.len,
+                    scale: None,
+                })
+            };
             let parts: Vec<TensorLocation> = e
                 .tensors
                 .iter()
                 .map(|t| {
-                    let dtype = StDtype::parse(&t.dtype).ok_or_else(|| ModelError::Config {
-                        file: dir.join(MANIFEST),
-                        field: format!("experts[L{} E{}].dtype", e.layer, e.expert),
-                        msg: format!("unknown dtype \"{}\"", t.dtype),
-                    })?;
-                    Ok(TensorLocation {
-                        name: t.name.clone(),
-                        file: file.clone(),
-                        dtype,
-                        shape: t.shape.clone(),
-                        offset: t.offset,
-                        len: t.len,
-                    })
+                    let mut loc = location(t)?;
+                    if let Some(s) = &t.scale {
+                        loc.scale = Some(Box::new(location(s)?));
+                    }
+                    Ok(loc)
                 })
                 .collect::<Result<_>>()?;
             let parts: [TensorLocation; 3] = parts.try_into().map_err(|_| ModelError::Config {

@@ -48,7 +48,7 @@ impl Resident {
                     row.push(None);
                 } else {
                     let raw = source.read(layer, e)?;
-                    let w = convert::from_raw(&raw, dtype, device)?;
+                    let w = convert::from_raw(&raw, cfg.quantization, dtype, device)?;
                     bytes += w.bytes();
                     row.push(Some(Arc::new(w)));
                 }

@@ -159,6 +159,7 @@ impl ExpertSource for SeedExpertSource {
                 dtype: info.dtype,
                 shape: info.shape.clone(),
                 bytes: file.bytes(info).to_vec(),
+                scale: None,
             });
         }
         if self.cold.load(Ordering::Relaxed)

@@ -27,6 +27,8 @@ pub struct RawPart {
     pub dtype: StDtype,
     pub shape: Vec<usize>,
     pub bytes: Vec<u8>,
+    /// An FP8 matrix's block scales, read with it.
+    pub scale: Option<Box<RawPart>>,
 }
 
 impl RawPart {
@@ -49,8 +51,12 @@ pub struct RawExpert {
 }
 
 impl RawExpert {
+    /// Bytes as stored, scales included.
     pub fn bytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.bytes.len() as u64).sum()
+        self.parts
+            .iter()
+            .map(|p| (p.bytes.len() + p.scale.as_ref().map_or(0, |s| s.bytes.len())) as u64)
+            .sum()
     }
 
     pub fn error(&self, msg: String) -> ModelError {
@@ -91,20 +97,30 @@ pub trait ExpertSource: Send + Sync {
     /// straight into its pinned staging buffer; the default copies out of [`read`](Self::read).
     fn read_into(&self, layer: usize, expert: usize, buf: &mut [u8]) -> Result<[PartSpan; 3]> {
         let raw = self.read(layer, expert)?;
-        let mut spans = Vec::with_capacity(3);
         let mut at = 0;
-        for p in &raw.parts {
+        let mut put = |p: &RawPart| -> Result<PartSpan> {
             let end = at + p.bytes.len();
             let dst = buf.get_mut(at..end).ok_or_else(|| {
                 raw.error(format!("staging buffer of {} bytes is too small", end))
             })?;
             dst.copy_from_slice(&p.bytes);
-            spans.push(PartSpan {
+            at = end;
+            Ok(PartSpan {
                 dtype: p.dtype,
                 shape: p.shape.clone(),
-                range: at..end,
-            });
-            at = end;
+                range: at - p.bytes.len()..end,
+                scale: None,
+            })
+        };
+        let mut spans = Vec::with_capacity(3);
+        for p in &raw.parts {
+            spans.push(put(p)?);
+        }
+        // Scales after the three matrices, so the matrices stay back to back.
+        for (span, p) in spans.iter_mut().zip(&raw.parts) {
+            if let Some(s) = &p.scale {
+                span.scale = Some(Box::new(put(s)?));
+            }
         }
         Ok(spans.try_into().expect("three parts"))
     }
@@ -116,6 +132,8 @@ pub struct PartSpan {
     pub dtype: StDtype,
     pub shape: Vec<usize>,
     pub range: std::ops::Range<usize>,
+    /// Where an FP8 matrix's scales landed (after all three matrices).
+    pub scale: Option<Box<PartSpan>>,
 }
 
 /// Reads `dst.len()` bytes of `file` at `offset`; large ranges in [`READ_CHUNK`] pieces on
@@ -146,7 +164,18 @@ pub(crate) fn read_locations_into(
 ) -> Result<[PartSpan; 3]> {
     use rayon::prelude::*;
     let have = buf.len();
-    let total: usize = locs.iter().map(|l| l.len as usize).sum();
+    // The three matrices back to back, then any FP8 scales (in part order).
+    let order: Vec<(usize, &TensorLocation)> = locs
+        .iter()
+        .copied()
+        .enumerate()
+        .chain(
+            locs.iter()
+                .enumerate()
+                .filter_map(|(i, l)| l.scale.as_deref().map(|s| (i, s))),
+        )
+        .collect();
+    let total: usize = order.iter().map(|(_, l)| l.len as usize).sum();
     if total > have {
         let loc = locs[0];
         return Err(ModelError::Tensor {
@@ -155,43 +184,52 @@ pub(crate) fn read_locations_into(
             msg: format!("staging buffer of {have} bytes is too small ({total} needed)"),
         });
     }
-    let opened: Vec<std::sync::Arc<File>> = locs
+    let opened: Vec<std::sync::Arc<File>> = order
         .iter()
-        .map(|l| files.get(&l.file))
+        .map(|(_, l)| files.get(&l.file))
         .collect::<Result<_>>()?;
-    let mut spans = Vec::with_capacity(3);
+    let mut spans: Vec<PartSpan> = Vec::with_capacity(3);
     let mut pieces: Vec<(usize, u64, &mut [u8])> = Vec::new();
     let mut rest = &mut buf[..total];
     let mut at = 0usize;
-    for (i, loc) in locs.iter().enumerate() {
+    for (k, (part, loc)) in order.iter().enumerate() {
         let (dst, tail) = std::mem::take(&mut rest).split_at_mut(loc.len as usize);
         rest = tail;
         for (j, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
-            pieces.push((i, loc.offset + (j * READ_CHUNK) as u64, chunk));
+            pieces.push((k, loc.offset + (j * READ_CHUNK) as u64, chunk));
         }
-        spans.push(PartSpan {
+        let span = PartSpan {
             dtype: loc.dtype,
             shape: loc.shape.clone(),
             range: at..at + loc.len as usize,
-        });
+            scale: None,
+        };
+        if k < 3 {
+            spans.push(span);
+        } else {
+            spans[*part].scale = Some(Box::new(span));
+        }
         at += loc.len as usize;
     }
     pieces
         .into_par_iter()
-        .try_for_each(|(i, off, chunk)| {
-            opened[i].read_exact_at(chunk, off).map_err(|e| (i, off, e))
+        .try_for_each(|(k, off, chunk)| {
+            opened[k].read_exact_at(chunk, off).map_err(|e| (k, off, e))
         })
-        .map_err(|(i, off, e)| ModelError::Tensor {
-            file: locs[i].file.clone(),
-            tensor: locs[i].name.clone(),
-            msg: format!(
-                "reading {} bytes at offset {} (piece at {off}): {e}",
-                locs[i].len, locs[i].offset
-            ),
+        .map_err(|(k, off, e)| {
+            let loc = order[k].1;
+            ModelError::Tensor {
+                file: loc.file.clone(),
+                tensor: loc.name.clone(),
+                msg: format!(
+                    "reading {} bytes at offset {} (piece at {off}): {e}",
+                    loc.len, loc.offset
+                ),
+            }
         })?;
     if cold {
-        for (i, loc) in locs.iter().enumerate() {
-            drop_page_cache(&opened[i], loc.offset, loc.len);
+        for (k, (_, loc)) in order.iter().enumerate() {
+            drop_page_cache(&opened[k], loc.offset, loc.len);
         }
     }
     Ok(spans.try_into().expect("three parts"))
@@ -260,11 +298,16 @@ pub(crate) fn read_location(
     if cold {
         drop_page_cache(&file, loc.offset, loc.len);
     }
+    let scale = match &loc.scale {
+        Some(s) => Some(Box::new(read_location(files, s, cold)?)),
+        None => None,
+    };
     Ok(RawPart {
         name: loc.name.clone(),
         dtype: loc.dtype,
         shape: loc.shape.clone(),
         bytes,
+        scale,
     })
 }
 

@@ -13,7 +13,7 @@ use super::seed;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::{ExpertProj, MoeConfig};
 use crate::model::error::{ModelError, Result};
-use crate::model::safetensors_file::SafetensorsFile;
+use crate::model::safetensors_file::{SafetensorsFile, StDtype};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -308,6 +308,30 @@ fn check_expert_file(
                 info.shape,
                 proj.shape(cfg)
             ));
+        }
+        if info.dtype == StDtype::F8E4M3
+            && let Some(scheme) = cfg.quantization
+        {
+            // An FP8 matrix travels with its block scales.
+            let scale = crate::model::fp8::Fp8Scheme::scale_name(&name).unwrap_or_default();
+            let want = scheme.scale_shape(&info.shape);
+            match file.info(&scale) {
+                Some(s) if s.shape == want && s.dtype.float_dtype().is_some() => continue,
+                Some(s) => {
+                    return Err(format!(
+                        "{}: tensor `{scale}` is {} {:?}, expected float scales of shape {want:?}",
+                        path.display(),
+                        s.dtype.name(),
+                        s.shape
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "{}: tensor `{name}` is F8_E4M3 but its scales `{scale}` are missing",
+                        path.display()
+                    ));
+                }
+            }
         }
         if info.dtype.float_dtype().is_none() {
             return Err(format!(

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::config::{ExpertProj, FfnKind, MoeConfig};
 use super::error::{ModelError, Result};
+use super::fp8::{Fp8Matrix, Fp8Scheme};
 use super::safetensors_file::{MAX_HEADER_BYTES, SafetensorsFile, StDtype, TensorInfo};
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -33,6 +34,16 @@ pub struct TensorLocation {
     /// Absolute byte offset of the data in `file`.
     pub offset: u64,
     pub len: u64,
+    /// An FP8 matrix's block scales (`X.weight_scale_inv`), read with it wherever it goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Box<TensorLocation>>,
+}
+
+impl TensorLocation {
+    /// Bytes as stored, scales included.
+    pub fn stored_len(&self) -> u64 {
+        self.len + self.scale.as_ref().map_or(0, |s| s.len)
+    }
 }
 
 fn ser_dtype<S: serde::Serializer>(d: &StDtype, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -49,7 +60,7 @@ pub struct ExpertLocation {
 
 impl ExpertLocation {
     pub fn bytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.len).sum()
+        self.parts.iter().map(TensorLocation::stored_len).sum()
     }
 }
 
@@ -71,6 +82,8 @@ pub struct Checkpoint {
     index_path: Option<PathBuf>,
     /// A GGUF file instead of safetensors (`--model file.gguf`): tensors are found through it.
     gguf: Option<super::gguf::GgufFile>,
+    /// How `F8_E4M3` matrices are scaled, from config.json (block-scaled FP8 checkpoints).
+    fp8: Option<Fp8Scheme>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -91,6 +104,7 @@ impl Checkpoint {
                 shards: BTreeMap::new(),
                 index_path: None,
                 gguf: Some(super::gguf::GgufFile::open(dir)?),
+                fp8: None,
             });
         }
         if !dir.is_dir() {
@@ -101,9 +115,12 @@ impl Checkpoint {
                     .into(),
             });
         }
+        let fp8 = read_fp8_scheme(dir)?;
         let index_path = dir.join(INDEX_FILE);
         if index_path.exists() {
-            return Self::from_index(dir, &index_path);
+            let mut c = Self::from_index(dir, &index_path)?;
+            c.fp8 = fp8;
+            return Ok(c);
         }
         let single = dir.join(SINGLE_FILE);
         if single.exists() {
@@ -120,6 +137,7 @@ impl Checkpoint {
                 shards: BTreeMap::from([(SINGLE_FILE.to_string(), cell)]),
                 index_path: None,
                 gguf: None,
+                fp8,
             });
         }
         Err(ModelError::Checkpoint {
@@ -156,6 +174,7 @@ impl Checkpoint {
             shards,
             index_path: None,
             gguf: None,
+            fp8: None,
         })
     }
 
@@ -203,12 +222,18 @@ impl Checkpoint {
             shards,
             index_path: Some(index_path.to_path_buf()),
             gguf: None,
+            fp8: None,
         })
     }
 
     /// The model directory, or the GGUF file.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The FP8 block scheme, when config.json declares one.
+    pub fn fp8_scheme(&self) -> Option<Fp8Scheme> {
+        self.fp8
     }
 
     /// The GGUF file this checkpoint reads, if it is one.
@@ -355,7 +380,12 @@ impl Checkpoint {
                 info.shape
             )));
         }
-        if info.dtype.float_dtype().is_none() {
+        let scale = if info.dtype == StDtype::F8E4M3 {
+            Some(Box::new(self.check_fp8_scale(name, file, info)?))
+        } else {
+            None
+        };
+        if info.dtype.float_dtype().is_none() && scale.is_none() {
             return Err(terr(format!(
                 "dtype {}, expected BF16, F16 or F32",
                 info.dtype.name()
@@ -368,7 +398,109 @@ impl Checkpoint {
             shape: info.shape.clone(),
             offset: info.offset,
             len: info.len,
+            scale,
         })
+    }
+
+    /// The scales of an `F8_E4M3` matrix: present, a float type, one per block of the scheme
+    /// config.json declares.
+    fn check_fp8_scale(
+        &self,
+        name: &str,
+        file: &SafetensorsFile,
+        info: &TensorInfo,
+    ) -> Result<TensorLocation> {
+        let terr = |msg: String| ModelError::Tensor {
+            file: file.path().to_path_buf(),
+            tensor: name.into(),
+            msg,
+        };
+        let Some(scheme) = self.fp8 else {
+            return Err(terr(
+                "dtype F8_E4M3, but config.json declares no `quantization_config` \
+                 (quant_method \"fp8\" with weight_block_size) to say how it is scaled"
+                    .into(),
+            ));
+        };
+        if info.shape.len() != 2 {
+            return Err(terr(format!(
+                "dtype F8_E4M3 with shape {:?}: only matrices can be block-scaled",
+                info.shape
+            )));
+        }
+        let scale_name = Fp8Scheme::scale_name(name)
+            .ok_or_else(|| terr("dtype F8_E4M3, but the name does not end in `.weight`".into()))?;
+        if !self.weight_map.contains_key(&scale_name) {
+            return Err(terr(format!(
+                "dtype F8_E4M3, but its scales `{scale_name}` are not in the checkpoint"
+            )));
+        }
+        let (sfile, sinfo) = self.locate(&scale_name)?;
+        let want = scheme.scale_shape(&info.shape);
+        let serr = |msg: String| ModelError::Tensor {
+            file: sfile.path().to_path_buf(),
+            tensor: scale_name.clone(),
+            msg,
+        };
+        if sinfo.shape != want {
+            return Err(serr(format!(
+                "shape {:?}, expected {want:?} (one scale per {}×{} block of the {:?} matrix \
+                 `{name}`, as quantization_config.weight_block_size says)",
+                sinfo.shape, scheme.block[0], scheme.block[1], info.shape
+            )));
+        }
+        if sinfo.dtype.float_dtype().is_none() {
+            return Err(serr(format!(
+                "dtype {}, expected F32, BF16 or F16 scales",
+                sinfo.dtype.name()
+            )));
+        }
+        Ok(TensorLocation {
+            name: scale_name.clone(),
+            file: sfile.path().to_path_buf(),
+            dtype: sinfo.dtype,
+            shape: sinfo.shape.clone(),
+            offset: sinfo.offset,
+            len: sinfo.len,
+            scale: None,
+        })
+    }
+
+    /// An FP8 matrix as it is stored (bytes and scales), after the checks of [`check`](Self::check).
+    /// `None` when the tensor is not FP8.
+    pub fn load_fp8(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<Fp8Matrix>> {
+        if self.gguf.is_some() {
+            return Ok(None);
+        }
+        let loc = self.check(name, shape)?;
+        let Some(scale) = &loc.scale else {
+            return Ok(None);
+        };
+        let (file, info) = self.locate(name)?;
+        let (sfile, _) = self.locate(&scale.name)?;
+        let scales = sfile
+            .load(&scale.name, DType::F32, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let block = self.fp8.expect("checked").block;
+        let m = Fp8Matrix::new(
+            file.bytes(info),
+            [shape[0], shape[1]],
+            scales,
+            block,
+            device,
+        )
+        .map_err(|e| ModelError::Tensor {
+            file: file.path().to_path_buf(),
+            tensor: name.into(),
+            msg: e.to_string(),
+        })?;
+        Ok(Some(m))
     }
 
     /// Loads a tensor after checking its shape; converts to `dtype` on `device`.
@@ -381,6 +513,10 @@ impl Checkpoint {
     ) -> Result<Tensor> {
         if let Some(g) = &self.gguf {
             return g.load(name, shape, dtype, device);
+        }
+        if let Some(m) = self.load_fp8(name, shape, device)? {
+            // A tensor used dense (not through a linear layer) is widened once, here.
+            return Ok(m.dequantize(dtype)?);
         }
         self.check(name, shape)?;
         let (file, _) = self.locate(name)?;
@@ -486,9 +622,23 @@ impl Checkpoint {
             .keys()
             .filter(|n| {
                 !(n.starts_with(&format!("{wanted}model."))
-                    || *n == &cfg.tensor_name("lm_head.weight"))
+                    || n.starts_with(&cfg.tensor_name("lm_head.")))
             })
             .map(|n| n.split('.').take(2).collect::<Vec<_>>().join("."))
             .collect()
+    }
+}
+
+/// The FP8 scheme config.json declares, if any (no config.json: none — the config reader
+/// reports a missing file itself).
+fn read_fp8_scheme(dir: &Path) -> Result<Option<Fp8Scheme>> {
+    let path = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v) => Fp8Scheme::from_config(&v, &path),
+        // Not JSON: MoeConfig::from_dir says so, naming the file.
+        Err(_) => Ok(None),
     }
 }

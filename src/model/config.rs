@@ -85,6 +85,10 @@ pub struct MoeConfig {
     /// config's identity: skipped by serde, so [`MoeConfig::fingerprint`] ignores it.
     #[serde(skip)]
     pub recommended_sampling: Option<RecommendedSampling>,
+    /// Block-scaled FP8 (`quantization_config`); absent for float and GGUF checkpoints (and
+    /// then not serialised, so their fingerprints are what they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<super::fp8::Fp8Scheme>,
 }
 
 pub use crate::prompt_settings::RecommendedSampling;
@@ -145,12 +149,20 @@ impl MoeConfig {
         })?;
         let top = Obj::new(&root, path, "")?;
         let model_type = top.req_str("model_type")?;
+        let quantization = super::fp8::Fp8Scheme::from_config(&root, path)?;
+        let with_quantization = |mut c: Self| {
+            c.quantization = quantization;
+            c
+        };
         match model_type {
-            "qwen3_moe" => Self::from_text_obj(Family::Qwen3Moe, &top, &top, ""),
+            "qwen3_moe" => {
+                Self::from_text_obj(Family::Qwen3Moe, &top, &top, "").map(with_quantization)
+            }
             "qwen3_omni_moe" => {
                 let thinker = top.req_obj("thinker_config")?;
                 let text = thinker.req_obj("text_config")?;
                 Self::from_text_obj(Family::Qwen3OmniMoe, &text, &thinker, "thinker.")
+                    .map(with_quantization)
             }
             other => Err(ModelError::Config {
                 file: path.to_path_buf(),
@@ -365,6 +377,7 @@ impl MoeConfig {
             eos_token_ids,
             bos_token_id,
             recommended_sampling: None,
+            quantization: None,
         })
     }
 

@@ -596,6 +596,7 @@ impl GgufFile {
             shape,
             offset,
             len,
+            scale: None,
         }
     }
 

@@ -27,6 +27,8 @@ pub enum LinearWeight {
         /// Bytes held (the block format).
         bytes: u64,
     },
+    /// A block-scaled FP8 matrix (see `fp8.rs`), dequantised inside its product.
+    Fp8(super::fp8::Fp8Matrix),
 }
 
 impl Linear {
@@ -50,6 +52,14 @@ impl Linear {
                     .forward(&x.to_dtype(DType::F32)?)?
                     .to_dtype(x.dtype())?
             }
+            LinearWeight::Fp8(m) => {
+                // The kernel takes rows of activations; any leading dims are rows.
+                let mut dims = x.dims().to_vec();
+                let k = dims.pop().unwrap_or(1);
+                let y = m.forward(&x.reshape(((), k))?)?;
+                dims.push(m.dims()[0]);
+                y.reshape(dims)?
+            }
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -63,6 +73,7 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(w) => t(w),
             LinearWeight::Quantized { bytes, .. } => *bytes,
+            LinearWeight::Fp8(m) => m.bytes(),
         };
         w + self.bias.as_ref().map(t).unwrap_or(0)
     }

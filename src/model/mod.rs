@@ -6,10 +6,12 @@ pub mod checkpoint;
 pub mod config;
 mod config_fields;
 pub mod error;
+pub mod fp8;
 pub mod generate;
 pub mod gguf;
 #[cfg(feature = "cuda")]
 pub mod graph;
+pub mod held;
 pub mod kv_cache;
 pub mod layers;
 pub mod moe_block;

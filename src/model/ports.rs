@@ -12,6 +12,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::error::Result;
+use super::fp8::Fp8Matrix;
 use super::layers::silu;
 pub use crate::step_path::StepPath;
 
@@ -36,6 +37,12 @@ enum Mats {
         down: QMatMul,
         /// Bytes as stored (the block format), what a cache budgets.
         bytes: u64,
+    },
+    /// Block-scaled FP8 (see `fp8.rs`): each matrix dequantised inside its product.
+    Fp8 {
+        gate: Fp8Matrix,
+        up: Fp8Matrix,
+        down: Fp8Matrix,
     },
 }
 
@@ -69,12 +76,21 @@ impl ExpertWeights {
         }
     }
 
+    /// Block-scaled FP8 matrices: gate and up [I, H], down [H, I].
+    pub fn fp8(gate: Fp8Matrix, up: Fp8Matrix, down: Fp8Matrix) -> Self {
+        let intermediate = gate.dims()[0];
+        ExpertWeights {
+            mats: Mats::Fp8 { gate, up, down },
+            intermediate,
+        }
+    }
+
     /// The dense matrices (gate_up [2I, H], down [H, I]); None for quantized experts, which
     /// have no stacked form for the fused GPU kernels.
     pub fn dense(&self) -> Option<(&Tensor, &Tensor)> {
         match &self.mats {
             Mats::Dense { gate_up, down } => Some((gate_up, down)),
-            Mats::Quantized { .. } => None,
+            Mats::Quantized { .. } | Mats::Fp8 { .. } => None,
         }
     }
 
@@ -114,6 +130,10 @@ impl ExpertWeights {
                 let h = (silu(&g)? * u)?;
                 Ok(down.forward(&h)?.to_dtype(dtype)?)
             }
+            Mats::Fp8 { gate, up, down } => {
+                let h = (silu(&gate.forward(x)?)? * up.forward(x)?)?;
+                Ok(down.forward(&h)?)
+            }
         }
     }
 
@@ -124,12 +144,13 @@ impl ExpertWeights {
                 ((gate_up.elem_count() + down.elem_count()) * down.dtype().size_in_bytes()) as u64
             }
             Mats::Quantized { bytes, .. } => *bytes,
+            Mats::Fp8 { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
         }
     }
 
-    /// Whether the matrices are block-quantized.
+    /// Whether the matrices are quantized (GGUF blocks or FP8): no stacked dense form.
     pub fn is_quantized(&self) -> bool {
-        matches!(self.mats, Mats::Quantized { .. })
+        !matches!(self.mats, Mats::Dense { .. })
     }
 }
 

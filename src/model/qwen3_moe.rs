@@ -82,8 +82,11 @@ impl WeightStore for Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<LinearWeight> {
-        match self.gguf() {
-            Some(g) => g.load_linear(name, shape, dtype, device),
+        if let Some(g) = self.gguf() {
+            return g.load_linear(name, shape, dtype, device);
+        }
+        match self.load_fp8(name, shape, device)? {
+            Some(m) => Ok(LinearWeight::Fp8(m)),
             None => Ok(LinearWeight::Dense(self.load(name, shape, dtype, device)?)),
         }
     }

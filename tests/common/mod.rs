@@ -231,3 +231,41 @@ pub fn bits_and_greedy(
     {}
     (bits, g.generated.clone())
 }
+
+/// Runs `logits` on a damaged model directory and checks the failure.
+pub fn expect_failure(dir: &std::path::Path, needles: &[&str]) {
+    let (rc, out, err) = run(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,2,3",
+    ]);
+    assert_eq!(rc, 2, "exit code (stderr: {err})");
+    assert!(out.is_empty(), "nothing on stdout: {out}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "missing {n:?} in: {err}");
+    }
+}
+
+pub fn edit_json(path: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// Rewrites a safetensors file's JSON header (data section unchanged).
+pub fn edit_header(path: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    f(&mut header);
+    let h = header.to_string();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}

@@ -235,7 +235,12 @@ impl CachedProvider {
             }
         }
         let raw = self.source.read(layer, expert)?;
-        let w = convert::from_raw(&raw, self.dtype, &self.device)?;
+        let w = convert::from_raw(
+            &raw,
+            self.source.config().quantization,
+            self.dtype,
+            &self.device,
+        )?;
         Ok((w, raw.bytes(), start.elapsed().as_micros() as u64))
     }
 

@@ -449,7 +449,12 @@ impl CachedProvider {
                 gpu.staging.upload(&store.down, slot * dn_n, d.range)?;
             } else {
                 let raw = self.source.read(layer, e)?;
-                let w = super::convert::from_raw(&raw, self.dtype, &self.device)?;
+                let w = super::convert::from_raw(
+                    &raw,
+                    self.source.config().quantization,
+                    self.dtype,
+                    &self.device,
+                )?;
                 let (g, d) = w.dense_or_err("a GPU slot pool")?;
                 store.gate_up.slice_set(&g.unsqueeze(0)?, 0, slot)?;
                 store.down.slice_set(&d.unsqueeze(0)?, 0, slot)?;

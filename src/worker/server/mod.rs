@@ -306,8 +306,8 @@ fn describe(spec: &crate::engine::BackendSpec, engine: &Engine) -> String {
         engine.dtype.name(),
         engine.device
     );
-    if let Some(types) = crate::model::gguf::expert_types_of(&spec.model_dir) {
-        base.push_str(&format!(", GGUF experts {types}"));
+    if let Some(format) = crate::model::held::expert_format(&spec.model_dir, Some(&engine.cfg)) {
+        base.push_str(&format!(", {format}"));
     }
     match engine.cache_snapshot() {
         Some(s) => format!(

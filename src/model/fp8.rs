@@ -1,0 +1,502 @@
+//! Block-scaled FP8 checkpoints, as Qwen (and DeepSeek before it) publish them: `config.json`
+//! carries `quantization_config {quant_method: "fp8", fmt: "e4m3", weight_block_size: [128, 128]}`,
+//! each quantized linear layer stores its matrix `X.weight` as `F8_E4M3` and beside it
+//! `X.weight_scale_inv`, one f32 per block of `weight_block_size` (rows × columns, the last block
+//! of a row or column possibly partial): the real matrix is `weight × weight_scale_inv`, block by
+//! block. Layers the writer left unquantized (router, norms, embedding, usually lm_head) are
+//! plain floats and read as such — which tensors are FP8 is decided by the file, not guessed.
+//!
+//! moescope keeps the FP8 bytes as they are and dequantises inside the product ([`Fp8Matrix`]):
+//! on the CPU one pass per row (each byte decoded through a 256-entry table, times its block's
+//! scale, in f32) followed by the dot products for every token; on a GPU the matrix is widened
+//! on the device just before its product. Activations are not quantized (`activation_scheme` is
+//! for engines with FP8 tensor cores), so the result is the product with the dequantised matrix —
+//! what the fidelity tests compare against.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::error::{ModelError, Result};
+
+/// The block scheme of an FP8 checkpoint (from `config.json`'s `quantization_config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fp8Scheme {
+    /// Rows × columns of the matrix that share one scale.
+    pub block: [usize; 2],
+}
+
+impl Fp8Scheme {
+    /// Reads `quantization_config` from the top level of a `config.json` value. `None` when the
+    /// checkpoint is not quantized; an error naming the field for any scheme moescope does not
+    /// read (another `quant_method`, `fmt: "e5m2"`, per-tensor scales).
+    pub fn from_config(v: &Value, path: &Path) -> Result<Option<Self>> {
+        let Some(q) = v.get("quantization_config") else {
+            return Ok(None);
+        };
+        let err = |field: &str, msg: String| ModelError::Config {
+            file: path.to_path_buf(),
+            field: format!("quantization_config.{field}"),
+            msg,
+        };
+        if q.is_null() {
+            return Ok(None);
+        }
+        let method = q
+            .get("quant_method")
+            .and_then(Value::as_str)
+            .ok_or_else(|| err("quant_method", "missing or not a string".into()))?;
+        if method != "fp8" {
+            return Err(err(
+                "quant_method",
+                format!(
+                    "\"{method}\" is not supported: moescope reads block-scaled \"fp8\" safetensors \
+                     (Qwen's published FP8 layout) and GGUF files"
+                ),
+            ));
+        }
+        match q.get("fmt") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(f)) if f == "e4m3" || f == "float8_e4m3fn" => {}
+            Some(other) => {
+                return Err(err(
+                    "fmt",
+                    format!("{other} is not supported (expected \"e4m3\")"),
+                ));
+            }
+        }
+        let block = match q.get("weight_block_size") {
+            None | Some(Value::Null) => {
+                return Err(err(
+                    "weight_block_size",
+                    "missing: FP8 with one scale per tensor is not supported \
+                     (expected block scales, e.g. [128, 128])"
+                        .into(),
+                ));
+            }
+            Some(Value::Array(a)) if a.len() == 2 => {
+                let dim = |i: usize| {
+                    a[i].as_u64()
+                        .filter(|&n| n > 0 && n <= 1 << 20)
+                        .map(|n| n as usize)
+                };
+                match (dim(0), dim(1)) {
+                    (Some(r), Some(c)) => [r, c],
+                    _ => {
+                        return Err(err(
+                            "weight_block_size",
+                            format!("{} is not two positive integers", Value::Array(a.clone())),
+                        ));
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(err(
+                    "weight_block_size",
+                    format!("{other} is not two positive integers"),
+                ));
+            }
+        };
+        Ok(Some(Fp8Scheme { block }))
+    }
+
+    /// The scale tensor's shape for a matrix of `shape` [rows, columns]: one per block, the
+    /// last ones covering what is left.
+    pub fn scale_shape(&self, shape: &[usize]) -> Vec<usize> {
+        shape
+            .iter()
+            .zip(self.block)
+            .map(|(&n, b)| n.div_ceil(b))
+            .collect()
+    }
+
+    /// `X.weight` → `X.weight_scale_inv`.
+    pub fn scale_name(weight: &str) -> Option<String> {
+        weight
+            .strip_suffix(".weight")
+            .map(|s| format!("{s}.weight_scale_inv"))
+    }
+}
+
+/// Every e4m3fn value as f32: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
+/// subnormal; S.1111.111 is NaN (e4m3fn has no infinities).
+const fn e4m3_table() -> [f32; 256] {
+    let mut t = [0f32; 256];
+    let mut b = 0;
+    while b < 256 {
+        let exp = ((b >> 3) & 0xF) as i32;
+        let man = (b & 0x7) as f32;
+        let mag = if exp == 0xF && (b & 0x7) == 0x7 {
+            f32::NAN
+        } else if exp == 0 {
+            // m/8 × 2^-6
+            man / 512.0
+        } else {
+            let mut p = 1.0f32;
+            let mut e = exp - 7;
+            while e > 0 {
+                p *= 2.0;
+                e -= 1;
+            }
+            while e < 0 {
+                p /= 2.0;
+                e += 1;
+            }
+            (1.0 + man / 8.0) * p
+        };
+        t[b] = if b & 0x80 != 0 { -mag } else { mag };
+        b += 1;
+    }
+    t
+}
+
+/// The decoding table (exact: every e4m3 value is an f32).
+pub static E4M3: [f32; 256] = e4m3_table();
+
+/// An FP8 matrix [rows, cols] with its block scales, multiplied without being widened as a whole.
+#[derive(Debug, Clone)]
+pub struct Fp8Matrix {
+    held: Held,
+    rows: usize,
+    cols: usize,
+    block: [usize; 2],
+}
+
+/// Where the bytes live: plain host vectors for the CPU kernel; on a GPU an `F8E4M3` tensor
+/// (candle widens it there) and the scales as an f32 tensor
+/// [ceil(rows / block rows), ceil(cols / block cols)].
+#[derive(Debug, Clone)]
+enum Held {
+    Cpu {
+        weight: std::sync::Arc<Vec<u8>>,
+        scale: std::sync::Arc<Vec<f32>>,
+    },
+    Device {
+        weight: Tensor,
+        scale: Tensor,
+    },
+}
+
+impl Fp8Matrix {
+    /// From the bytes of `X.weight` (one per element) and the already-widened f32 scales. The
+    /// caller names the tensor in errors; here only the sizes are checked.
+    pub fn new(
+        weight: &[u8],
+        shape: [usize; 2],
+        scale: Vec<f32>,
+        block: [usize; 2],
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let [rows, cols] = shape;
+        let sshape = [rows.div_ceil(block[0]), cols.div_ceil(block[1])];
+        if weight.len() != rows * cols {
+            candle_core::bail!(
+                "{} bytes of FP8 weights for a [{rows}, {cols}] matrix ({} expected)",
+                weight.len(),
+                rows * cols
+            )
+        }
+        if scale.len() != sshape[0] * sshape[1] {
+            candle_core::bail!(
+                "{} scales for a [{rows}, {cols}] matrix in {}×{} blocks ({sshape:?} expected)",
+                scale.len(),
+                block[0],
+                block[1]
+            )
+        }
+        let held = if device.is_cpu() {
+            Held::Cpu {
+                weight: std::sync::Arc::new(weight.to_vec()),
+                scale: std::sync::Arc::new(scale),
+            }
+        } else {
+            Held::Device {
+                weight: Tensor::from_raw_buffer(weight, DType::F8E4M3, &[rows, cols], device)?,
+                scale: Tensor::from_vec(scale, (sshape[0], sshape[1]), device)?,
+            }
+        };
+        Ok(Fp8Matrix {
+            held,
+            rows,
+            cols,
+            block,
+        })
+    }
+
+    pub fn dims(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Bytes held: one per weight, four per scale.
+    pub fn bytes(&self) -> u64 {
+        let scales = self.rows.div_ceil(self.block[0]) * self.cols.div_ceil(self.block[1]);
+        (self.rows * self.cols + 4 * scales) as u64
+    }
+
+    /// The dense matrix (weight × its block's scale, in f32, rounded once) as `dtype`.
+    pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        let dense = match &self.held {
+            Held::Cpu { weight, scale } => {
+                let mut out = vec![0f32; self.rows * self.cols];
+                for (r, row) in out.chunks_mut(self.cols).enumerate() {
+                    self.decode_row(&weight[r * self.cols..(r + 1) * self.cols], scale, r, row);
+                }
+                Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?
+            }
+            Held::Device { weight, scale } => {
+                (weight.to_dtype(DType::F32)? * self.expanded_scale(scale)?)?
+            }
+        };
+        dense.to_dtype(dtype)
+    }
+
+    /// x·Wᵀ for x [n, cols] in any float dtype; the result in x's dtype.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, cols) = x.dims2()?;
+        if cols != self.cols {
+            candle_core::bail!(
+                "FP8 product: input has {cols} columns, the matrix {:?}",
+                self.dims()
+            )
+        }
+        match &self.held {
+            Held::Device { .. } => {
+                let w = self.dequantize(x.dtype())?;
+                x.matmul(&w.t()?)
+            }
+            Held::Cpu { weight, scale } => {
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let out = self.cpu_product(weight, scale, &xs, n);
+                Tensor::from_vec(out, (n, self.rows), x.device())?.to_dtype(x.dtype())
+            }
+        }
+    }
+
+    /// The CPU product: rows spread over threads; each row decoded once (table × scale) and
+    /// dotted with every input row. Each output element is computed by one thread in one
+    /// fixed order, so the result does not depend on the thread count.
+    fn cpu_product(&self, w: &[u8], s: &[f32], xs: &[f32], n: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let cols = self.cols;
+        // Transposed ([rows, n]) so that each row's outputs are one contiguous chunk.
+        let mut yt = vec![0f32; self.rows * n];
+        // At least ~64k weights per task: fewer and the hand-off costs more than the work.
+        let min_rows = (65_536 / cols.max(1)).max(1);
+        yt.par_chunks_mut(n.max(1))
+            .enumerate()
+            .with_min_len(min_rows)
+            .for_each_init(
+                || vec![0f32; cols],
+                |deq, (r, out)| {
+                    self.decode_row(&w[r * cols..(r + 1) * cols], s, r, deq);
+                    for (t, y) in out.iter_mut().enumerate() {
+                        *y = dot(deq, &xs[t * cols..(t + 1) * cols]);
+                    }
+                },
+            );
+        if n == 1 {
+            return yt;
+        }
+        let mut y = vec![0f32; n * self.rows];
+        for r in 0..self.rows {
+            for t in 0..n {
+                y[t * self.rows + r] = yt[r * n + t];
+            }
+        }
+        y
+    }
+
+    /// Row `r` widened: each byte through the table, times the scale of its block.
+    fn decode_row(&self, bytes: &[u8], s: &[f32], r: usize, out: &mut [f32]) {
+        let [br, bc] = self.block;
+        let srow = &s[(r / br) * self.cols.div_ceil(bc)..];
+        for (j, (o, b)) in out.chunks_mut(bc).zip(bytes.chunks(bc)).enumerate() {
+            let scale = srow[j];
+            for (o, &b) in o.iter_mut().zip(b) {
+                *o = E4M3[b as usize] * scale;
+            }
+        }
+    }
+
+    /// The scales repeated over their blocks, cut to the matrix ([rows, cols]).
+    fn expanded_scale(&self, scale: &Tensor) -> candle_core::Result<Tensor> {
+        let (sr, sc) = scale.dims2()?;
+        let [br, bc] = self.block;
+        scale
+            .reshape((sr, 1, sc, 1))?
+            .broadcast_as((sr, br, sc, bc))?
+            .reshape((sr * br, sc * bc))?
+            .narrow(0, 0, self.rows)?
+            .narrow(1, 0, self.cols)
+    }
+}
+
+/// Σ a·b with eight independent sums (so the compiler vectorises it), then the tail.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code decoded by candle's own cast (the float8 crate), as an independent decoder.
+    fn candle_decode(bytes: &[u8]) -> Vec<f32> {
+        Tensor::from_raw_buffer(bytes, DType::F8E4M3, &[bytes.len()], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// The table agrees with the float8 crate's decoder on all 256 codes (NaN where it says NaN).
+    #[test]
+    fn table_decodes_every_e4m3_code() {
+        let all: Vec<u8> = (0..=255).collect();
+        let decoded = candle_decode(&all);
+        for b in 0..=255u8 {
+            let ours = E4M3[b as usize];
+            let theirs = decoded[b as usize];
+            if theirs.is_nan() {
+                assert!(ours.is_nan(), "code {b:#04x}");
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "code {b:#04x}");
+            }
+        }
+        assert_eq!(E4M3[0x7E], 448.0);
+        assert_eq!(E4M3[0x01], 2f32.powi(-9));
+        assert!(E4M3[0x7F].is_nan() && E4M3[0xFF].is_nan());
+    }
+
+    fn sample(rows: usize, cols: usize, block: [usize; 2]) -> (Vec<u8>, Vec<f32>) {
+        let w: Vec<u8> = (0..rows * cols)
+            .map(|i| {
+                let b = (i * 37 % 251) as u8;
+                if b & 0x7F == 0x7F { b ^ 1 } else { b } // no NaN
+            })
+            .collect();
+        let ns = rows.div_ceil(block[0]) * cols.div_ceil(block[1]);
+        let s: Vec<f32> = (0..ns).map(|i| 0.001 * (1 + i % 7) as f32).collect();
+        (w, s)
+    }
+
+    /// Dequantisation by the definition, element by element in f64 (then rounded).
+    fn reference(w: &[u8], s: &[f32], rows: usize, cols: usize, block: [usize; 2]) -> Vec<f32> {
+        let sc = cols.div_ceil(block[1]);
+        let decoded = candle_decode(w);
+        (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                let f = decoded[i] as f64;
+                (f * s[(r / block[0]) * sc + c / block[1]] as f64) as f32
+            })
+            .collect()
+    }
+
+    /// Partial blocks in both directions, square and oblong blocks, one token and several: the
+    /// product equals x·(dequantised W)ᵀ within f32 summation error, and dequantize() equals the
+    /// element-wise definition exactly.
+    #[test]
+    fn product_matches_the_dequantised_matrix() {
+        for (rows, cols, block) in [
+            (5usize, 7usize, [2usize, 3usize]),
+            (48, 256, [128, 128]),
+            (200, 130, [128, 128]),
+            (64, 96, [32, 48]),
+        ] {
+            let (w, s) = sample(rows, cols, block);
+            let m = Fp8Matrix::new(&w, [rows, cols], s.clone(), block, &Device::Cpu).unwrap();
+            let dense = m.dequantize(DType::F32).unwrap();
+            let want = reference(&w, &s, rows, cols, block);
+            let got: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, want, "dequantize {rows}x{cols} {block:?}");
+            for n in [1usize, 3] {
+                let x = Tensor::from_vec(
+                    (0..n * cols)
+                        .map(|i| ((i % 13) as f32 - 6.0) * 0.25)
+                        .collect(),
+                    (n, cols),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let y: Vec<Vec<f32>> = m.forward(&x).unwrap().to_vec2().unwrap();
+                let r: Vec<Vec<f32>> = x.matmul(&dense.t().unwrap()).unwrap().to_vec2().unwrap();
+                for (a, b) in y.iter().flatten().zip(r.iter().flatten()) {
+                    let scale: f32 = b.abs().max(1e-3);
+                    assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// bf16 input gives bf16 output; a wrong width is an error, not a panic.
+    #[test]
+    fn dtype_follows_the_input_and_widths_are_checked() {
+        let (w, s) = sample(4, 8, [2, 4]);
+        let m = Fp8Matrix::new(&w, [4, 8], s, [2, 4], &Device::Cpu).unwrap();
+        let x = Tensor::ones((2, 8), DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(m.forward(&x).unwrap().dtype(), DType::BF16);
+        let bad = Tensor::ones((2, 7), DType::F32, &Device::Cpu).unwrap();
+        assert!(m.forward(&bad).is_err());
+        assert!(Fp8Matrix::new(&[0u8; 31], [4, 8], vec![1.0; 4], [2, 4], &Device::Cpu).is_err());
+        assert!(Fp8Matrix::new(&[0u8; 32], [4, 8], vec![1.0; 3], [2, 4], &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn config_parsing_names_the_field() {
+        let p = Path::new("config.json");
+        let parse = |s: &str| Fp8Scheme::from_config(&serde_json::from_str(s).unwrap(), p);
+        assert_eq!(parse("{}").unwrap(), None);
+        let ok = parse(
+            r#"{"quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                "quant_method": "fp8", "weight_block_size": [128, 128]}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok, Some(Fp8Scheme { block: [128, 128] }));
+        assert_eq!(ok.unwrap().scale_shape(&[768, 2048]), vec![6, 16]);
+        assert_eq!(ok.unwrap().scale_shape(&[48, 256]), vec![1, 2]);
+        for (text, field) in [
+            (
+                r#"{"quantization_config": {"quant_method": "gptq"}}"#,
+                "quant_method",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128,128]}}"#,
+                "fmt",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "fp8"}}"#,
+                "weight_block_size",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 128]}}"#,
+                "weight_block_size",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}"#,
+                "weight_block_size",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("quantization_config.{field}")),
+                "{text}: {e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Block-scaled FP8 checkpoints in Qwen's published layout (`scripts/make_fp8_fixtures.py` makes
+//! `tests/fixtures/fp8/` from the bf16 fixtures): the forward pass against transformers reading
+//! the same FP8 file; selective bit-identical to native over FP8 experts, from the shards and
+//! from an extraction; the cache budgeting FP8 bytes; and every malformed variant refused by name.
+
+mod common;
+
+use common::*;
+use moescope::cache::policy::PolicyKind;
+use moescope::cache::settings::{CacheSettings, Scope, SourceSpec};
+use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
+use moescope::model::ports::{NoObserver, RoutingLog};
+use moescope::model::qwen3_moe::Logits;
+use moescope::model::{Checkpoint, MoeConfig};
+use moescope::settings::Settings;
+
+const MOE: &str = "fp8/qwen3-moe-tiny-fp8";
+const OMNI: &str = "fp8/qwen3-omni-tiny-fp8";
+
+fn spec(name: &str, backend: BackendKind, cache: CacheSettings, dtype: Dtype) -> BackendSpec {
+    BackendSpec {
+        model_dir: fixture(name),
+        dtype,
+        device: DeviceSpec::cpu(),
+        backend,
+        cache,
+        settings: Settings::default(),
+    }
+}
+
+fn native(name: &str, dtype: Dtype) -> Engine {
+    spec(name, BackendKind::Native, CacheSettings::default(), dtype)
+        .load(|_, _| {})
+        .unwrap()
+}
+
+fn logits(e: &Engine, tokens: &[u32], which: Logits) -> Vec<Vec<f32>> {
+    let mut cache = e.model.new_cache();
+    e.model
+        .forward(
+            tokens,
+            &mut cache,
+            e.provider.as_ref(),
+            &mut NoObserver,
+            which,
+        )
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+#[test]
+fn the_scheme_comes_from_config_and_scales_are_located_through_the_index() {
+    let cfg = MoeConfig::from_dir(&fixture(MOE)).unwrap();
+    assert_eq!(cfg.quantization.unwrap().block, [32, 32]);
+    let ckpt = Checkpoint::open(&fixture(OMNI)).unwrap();
+    let cfg = MoeConfig::from_dir(&fixture(OMNI)).unwrap();
+    assert_eq!(ckpt.fp8_scheme().unwrap().block, [128, 128]);
+    let inv = ckpt.validate(&cfg).unwrap();
+    assert_eq!((inv.present, inv.expected), (24, 24));
+    // Layer 1's experts 0..3: weights in the first shard, scales in the second.
+    let loc = ckpt.expert_location(&cfg, 1, 2).unwrap().unwrap();
+    let (w, s) = (&loc.parts[0], loc.parts[0].scale.as_ref().unwrap());
+    assert!(
+        w.file.ends_with("model-00001-of-00003.safetensors"),
+        "{w:?}"
+    );
+    assert!(
+        s.file.ends_with("model-00002-of-00003.safetensors"),
+        "{s:?}"
+    );
+    assert_eq!(s.shape, vec![1, 1]);
+    // An expert is its FP8 bytes plus its scales: 3 × 32 × 64 + 3 × 4.
+    assert_eq!(loc.bytes(), 3 * 32 * 64 + 3 * 4);
+}
+
+/// transformers' FineGrainedFP8 loader, reading the same file, dequantises into f32 exactly the
+/// matrices moescope multiplies: only the summation order differs.
+#[test]
+fn f32_logits_match_transformers_reading_the_same_file() {
+    let g = golden(MOE);
+    let e = native(MOE, Dtype::F32);
+    for (seq, want) in g.sequences.iter().zip(&g.logits_f32) {
+        let got = logits(&e, seq, Logits::Last);
+        let d = max_abs_diff(&got[0], want);
+        eprintln!("fp8 f32 seq len {}: max abs diff {d:e}", seq.len());
+        assert!(d <= F32_LOGIT_TOLERANCE, "seq len {}: {d}", seq.len());
+    }
+    let all = logits(&e, &g.sequences[2], Logits::All);
+    for (i, (got, want)) in all.iter().zip(&g.all_logits_f32).enumerate() {
+        let d = max_abs_diff(got, want);
+        assert!(d <= F32_LOGIT_TOLERANCE, "position {i}: {d}");
+    }
+}
+
+#[test]
+fn greedy_tokens_and_routing_match_transformers() {
+    let g = golden(MOE);
+    let e = native(MOE, Dtype::F32);
+    for case in &g.greedy {
+        let (_, tokens) = bits_and_greedy(&e, &case.prompt, case.tokens.len());
+        assert_eq!(tokens, case.tokens, "prompt {:?}", case.prompt);
+    }
+    let mut log = RoutingLog::default();
+    let mut cache = e.model.new_cache();
+    e.model
+        .forward(
+            &g.sequences[2],
+            &mut cache,
+            e.provider.as_ref(),
+            &mut log,
+            Logits::Last,
+        )
+        .unwrap();
+    for (layer, per_pos) in &g.routing {
+        let layer: usize = layer.parse().unwrap();
+        let ours: Vec<Vec<u32>> = log
+            .entries
+            .iter()
+            .filter(|(l, _, _)| *l == layer)
+            .map(|(_, _, e)| e.clone())
+            .collect();
+        assert_eq!(&ours, per_pos, "layer {layer}");
+    }
+}
+
+/// bf16 compute against "dequantise, then bf16" (transformers reading the file in bf16): no
+/// further from the f32 reference than twice transformers' own bf16 distance, plus 2 % of the
+/// largest logit — the bound the bf16 fidelity test uses.
+#[test]
+fn bf16_logits_are_as_close_as_dequantise_then_bf16() {
+    let g = golden(MOE);
+    let e = native(MOE, Dtype::Bf16);
+    for (i, seq) in g.sequences.iter().enumerate() {
+        let got = logits(&e, seq, Logits::Last);
+        let ours = max_abs_diff(&got[0], &g.logits_f32[i]);
+        let theirs = max_abs_diff(&g.logits_bf16[i], &g.logits_f32[i]);
+        let scale = g.logits_f32[i].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        eprintln!("fp8 bf16 seq {i}: ours {ours:.4} transformers {theirs:.4} max {scale:.2}");
+        assert!(
+            ours <= 2.0 * theirs + 0.02 * scale,
+            "seq {i}: {ours} vs {theirs}"
+        );
+    }
+}
+
+/// Selective over FP8 experts — every capacity, policy and scope, f32 and bf16, both layouts —
+/// gives native's logits bit for bit and the same tokens.
+#[test]
+fn selective_over_fp8_experts_is_bit_identical_to_native() {
+    let seq: Vec<u32> = (0..16u32).map(|i| (i * 37 + 5) % 380).collect();
+    for name in [MOE, OMNI] {
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let want = bits_and_greedy(&native(name, dtype), &seq, 10);
+            let all = native(name, dtype).cfg.total_experts();
+            for cap in [1, 3, all] {
+                for policy in PolicyKind::ALL {
+                    for scope in [Scope::Global, Scope::Layer] {
+                        let cache = CacheSettings {
+                            cache_experts: Some(cap),
+                            cache_scope: scope,
+                            policy,
+                            ..Default::default()
+                        };
+                        let sel = spec(name, BackendKind::Selective, cache, dtype)
+                            .load(|_, _| {})
+                            .unwrap();
+                        assert!(
+                            bits_and_greedy(&sel, &seq, 10) == want,
+                            "{name} {dtype:?} cap {cap} {policy:?} {scope:?}"
+                        );
+                        assert!(sel.cache_snapshot().unwrap().misses > 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `extract` writes each FP8 expert with its scales (checksummed), `verify` accepts the result,
+/// and selective reading it gives native's bits.
+#[test]
+fn extraction_keeps_the_scales_and_runs_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x");
+    let (rc, _, err) = run(&[
+        "extract",
+        "--model",
+        fixture(OMNI).to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    let (rc, text, _) = run(&["verify", out.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{text}");
+    assert!(text.contains("COMPLETE"), "{text}");
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(
+        manifest.contains("weight_scale_inv"),
+        "scales in the manifest"
+    );
+    let seq: Vec<u32> = (0..12u32).map(|i| (i * 53 + 9) % 380).collect();
+    let want = bits_and_greedy(&native(OMNI, Dtype::F32), &seq, 8);
+    let cache = CacheSettings {
+        cache_experts: Some(4),
+        expert_source: SourceSpec::Extracted(out.clone()),
+        ..Default::default()
+    };
+    let sel = spec(OMNI, BackendKind::Selective, cache, Dtype::F32)
+        .load(|_, _| {})
+        .unwrap();
+    assert!(bits_and_greedy(&sel, &seq, 8) == want);
+
+    // A scale damaged inside an extracted file: verify finds it by its checksum.
+    let file = out.join("experts/layer_001/expert_002.safetensors");
+    let mut b = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    b[8 + n] ^= 0x40;
+    std::fs::write(&file, b).unwrap();
+    let (rc, text, _) = run(&["verify", out.to_str().unwrap()]);
+    assert_eq!(rc, 1, "{text}");
+    assert!(
+        text.contains("layer 1 expert 2") && text.contains("BLAKE3"),
+        "{text}"
+    );
+}
+
+/// The cache counts an FP8 expert as stored (one byte per weight, scales in f32), so
+/// `--cache-mem` buys about four times the experts it buys in f32.
+#[test]
+fn the_cache_budgets_fp8_bytes() {
+    let per_expert = 3 * 32 * 64 + 4 * (2 + 2 + 2); // gate/up [32,64]: 1×2 scales; down [64,32]: 2×1
+    let cache = CacheSettings {
+        cache_mem: Some(5 * per_expert as u64),
+        ..Default::default()
+    };
+    let sel = spec(MOE, BackendKind::Selective, cache, Dtype::F32)
+        .load(|_, _| {})
+        .unwrap();
+    let c = sel.cache.as_ref().unwrap();
+    assert_eq!(c.expert_bytes(), per_expert as u64);
+    assert_eq!(c.capacity_experts(), 5);
+    let native = native(MOE, Dtype::F32);
+    assert_eq!(
+        native.provider.resident_bytes(),
+        (native.cfg.total_experts() * per_expert) as u64
+    );
+    // Estimates and a miss's cost use the same figures: scales are stored in f32 here too.
+    let (non_expert, stored, held) =
+        moescope::model::held::held_sizes(&fixture(MOE), &native.cfg, 4).unwrap();
+    assert_eq!((stored, held), (per_expert as u64, per_expert as u64));
+    // The attention and lm_head matrices are FP8 too: well under their f32 size.
+    assert!(non_expert < native.cfg.non_expert_params() * 4 / 2);
+    assert_eq!(
+        moescope::model::held::expert_format(&fixture(MOE), Some(&native.cfg)).as_deref(),
+        Some("FP8 experts (e4m3, 32×32 blocks)")
+    );
+}
+
+#[test]
+fn an_unsupported_or_incomplete_scheme_is_refused_by_field() {
+    for (edit, needles) in [
+        (
+            serde_json::json!({"quant_method": "awq", "bits": 4}),
+            vec!["quantization_config.quant_method", "awq", "fp8"],
+        ),
+        (
+            serde_json::json!({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [32, 32]}),
+            vec!["quantization_config.fmt", "e5m2"],
+        ),
+        (
+            serde_json::json!({"quant_method": "fp8", "fmt": "e4m3"}),
+            vec!["quantization_config.weight_block_size", "per tensor"],
+        ),
+    ] {
+        let d = copy_fixture(MOE);
+        edit_json(&d.path().join("config.json"), |v| {
+            v["quantization_config"] = edit.clone()
+        });
+        let mut want = vec!["config.json"];
+        want.extend(needles);
+        expect_failure(d.path(), &want);
+    }
+}
+
+#[test]
+fn fp8_tensors_without_a_scheme_or_scales_are_refused_by_name() {
+    // No quantization_config: the first FP8 tensor met is named, and why it cannot be read.
+    let d = copy_fixture(MOE);
+    edit_json(&d.path().join("config.json"), |v| {
+        v.as_object_mut().unwrap().remove("quantization_config");
+    });
+    expect_failure(d.path(), &["F8_E4M3", "quantization_config", "self_attn"]);
+
+    // A block size that does not fit the stored scales.
+    let d = copy_fixture(MOE);
+    edit_json(&d.path().join("config.json"), |v| {
+        v["quantization_config"]["weight_block_size"] = serde_json::json!([64, 64])
+    });
+    expect_failure(d.path(), &["weight_scale_inv", "expected [2, 1]", "64×64"]);
+
+    // An attention matrix's scales missing (renamed away in the header).
+    let d = copy_fixture(MOE);
+    edit_header(&d.path().join("model.safetensors"), |h| {
+        let o = h.as_object_mut().unwrap();
+        let v = o
+            .remove("model.layers.1.self_attn.k_proj.weight_scale_inv")
+            .unwrap();
+        o.insert("unrelated.weight_scale_inv".into(), v);
+    });
+    expect_failure(
+        d.path(),
+        &[
+            "model.layers.1.self_attn.k_proj.weight",
+            "model.layers.1.self_attn.k_proj.weight_scale_inv",
+            "not in the checkpoint",
+        ],
+    );
+
+    // An expert's scales of the wrong shape (same byte count, so the file itself is sound).
+    let d = copy_fixture(MOE);
+    let name = "model.layers.2.mlp.experts.5.down_proj.weight_scale_inv";
+    edit_header(&d.path().join("model.safetensors"), |h| {
+        h[name]["shape"] = serde_json::json!([1, 2]);
+    });
+    expect_failure(d.path(), &[name, "[1, 2]", "expected [2, 1]"]);
+
+    // Integer "scales".
+    let d = copy_fixture(MOE);
+    let name = "model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv";
+    edit_header(&d.path().join("model.safetensors"), |h| {
+        h[name]["dtype"] = "I32".into();
+    });
+    expect_failure(d.path(), &[name, "I32", "F32, BF16 or F16"]);
+}
