@@ -274,28 +274,38 @@ impl Fp8Matrix {
         }
     }
 
-    /// The CPU product: rows spread over threads; each row decoded once (table × scale) and
-    /// dotted with every input row. Each output element is computed by one thread in one
-    /// fixed order, so the result does not depend on the thread count.
+    /// The CPU product: rows spread over threads. For each row and each block of columns the
+    /// products with the raw e4m3 values are summed (eight lanes, fixed order), then the sum is
+    /// multiplied by the block's scale — the order FP8 kernels use, and the same arithmetic for
+    /// one token as for many (a row is decoded once and dotted with every token), so the result
+    /// depends neither on the thread count nor on how tokens are batched.
     fn cpu_product(&self, w: &[u8], s: &[f32], xs: &[f32], n: usize) -> Vec<f32> {
-        use rayon::prelude::*;
-        let cols = self.cols;
+        let (rows, cols, bc) = (self.rows, self.cols, self.block[1]);
+        let scols = cols.div_ceil(bc);
         // Transposed ([rows, n]) so that each row's outputs are one contiguous chunk.
-        let mut yt = vec![0f32; self.rows * n];
-        // At least ~64k weights per task: fewer and the hand-off costs more than the work.
-        let min_rows = (65_536 / cols.max(1)).max(1);
-        yt.par_chunks_mut(n.max(1))
-            .enumerate()
-            .with_min_len(min_rows)
-            .for_each_init(
-                || vec![0f32; cols],
-                |deq, (r, out)| {
-                    self.decode_row(&w[r * cols..(r + 1) * cols], s, r, deq);
-                    for (t, y) in out.iter_mut().enumerate() {
-                        *y = dot(deq, &xs[t * cols..(t + 1) * cols]);
-                    }
-                },
-            );
+        let mut yt = vec![0f32; rows * n];
+        let kernel = row_kernel();
+        let out = RowsOut(yt.as_mut_ptr());
+        let run = |range: std::ops::Range<usize>| {
+            SCRATCH.with(|deq| {
+                let mut deq = deq.borrow_mut();
+                deq.resize(cols, 0.0);
+                for r in range {
+                    let srow = &s[(r / self.block[0]) * scols..][..scols];
+                    // SAFETY: rows are handed out once each, so each writes its own n outputs.
+                    let o = unsafe { out.row(r, n) };
+                    kernel(&w[r * cols..(r + 1) * cols], srow, bc, xs, o, &mut deq);
+                }
+            })
+        };
+        // candle's own worker pool, not a second one: on a machine with few cores two pools
+        // take turns spinning on the same cores (BENCHMARKS.md §9), and candle's workers are
+        // already awake from the operation before. Small products stay on this thread.
+        if rows * cols * n < 1 << 15 {
+            run(0..rows);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(rows, run);
+        }
         if n == 1 {
             return yt;
         }
@@ -333,7 +343,45 @@ impl Fp8Matrix {
     }
 }
 
+/// Where a product's rows write their results (see `cpu_product`).
+struct RowsOut(*mut f32);
+// SAFETY: only used to write disjoint rows from the pool's threads while the owner waits.
+unsafe impl Sync for RowsOut {}
+unsafe impl Send for RowsOut {}
+
+impl RowsOut {
+    /// The `n` outputs of row `r`.
+    ///
+    /// # Safety
+    /// `r` in bounds, and no other live slice of the same row.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, r: usize, n: usize) -> &mut [f32] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(r * n), n) }
+    }
+}
+
+thread_local! {
+    /// One decoded row per thread, reused from product to product.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One e4m3 code as f32 without a table, so that a loop of them vectorises: normal codes by
+/// moving the exponent from bias 7 to bias 127, subnormal ones (exponent 0) as m × 2^-9 from the
+/// integer m, S.1111.111 as NaN. Exact, like the table (the tests compare all 256 codes).
+#[inline(always)]
+fn e4m3(b: u8) -> f32 {
+    let b = b as u32;
+    let mag = b & 0x7F;
+    let normal = (mag << 20) + (120 << 23);
+    let sub = ((mag & 7) as f32 * (1.0 / 512.0)).to_bits();
+    let bits = if mag < 8 { sub } else { normal };
+    let bits = if mag == 0x7F { 0x7FC0_0000 } else { bits };
+    f32::from_bits(bits | ((b & 0x80) << 24))
+}
+
 /// Σ a·b with eight independent sums (so the compiler vectorises it), then the tail.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -348,6 +396,50 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+/// One row of the product for every token: `w` the row's codes, `srow` its block scales, `xs`
+/// the tokens' activations (n × cols), `out` the n results, `deq` scratch of cols floats.
+type RowKernel = fn(&[u8], &[f32], usize, &[f32], &mut [f32], &mut [f32]);
+
+#[inline(always)]
+fn row_body(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32], deq: &mut [f32]) {
+    let cols = w.len();
+    for (d, &b) in deq.iter_mut().zip(w) {
+        *d = e4m3(b);
+    }
+    for (t, y) in out.iter_mut().enumerate() {
+        let x = &xs[t * cols..(t + 1) * cols];
+        let mut total = 0f32;
+        for (j, (d, x)) in deq.chunks(bc).zip(x.chunks(bc)).enumerate() {
+            total += dot(d, x) * srow[j];
+        }
+        *y = total;
+    }
+}
+
+fn row_portable(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32], deq: &mut [f32]) {
+    row_body(w, srow, bc, xs, out, deq)
+}
+
+/// The same body compiled for AVX2: the decode and the eight-lane sums become 256-bit vector
+/// code (no FMA contraction: Rust keeps every multiply and add apart, so the result is the
+/// portable one, bit for bit).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_avx2(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32], deq: &mut [f32]) {
+    row_body(w, srow, bc, xs, out, deq)
+}
+
+fn row_kernel() -> RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        return |w, s, bc, xs, out, deq| {
+            // SAFETY: AVX2 was detected on this CPU just above.
+            unsafe { row_avx2(w, s, bc, xs, out, deq) }
+        };
+    }
+    row_portable
 }
 
 #[cfg(test)]
@@ -377,6 +469,10 @@ mod tests {
             } else {
                 assert_eq!(ours.to_bits(), theirs.to_bits(), "code {b:#04x}");
             }
+        }
+        for b in 0..=255u8 {
+            let (t, f) = (E4M3[b as usize], e4m3(b));
+            assert!(t.to_bits() == f.to_bits() || (t.is_nan() && f.is_nan()), "code {b:#04x}");
         }
         assert_eq!(E4M3[0x7E], 448.0);
         assert_eq!(E4M3[0x01], 2f32.powi(-9));
@@ -441,6 +537,35 @@ mod tests {
                     assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{a} vs {b}");
                 }
             }
+        }
+    }
+
+    /// A token's result does not depend on which other tokens share the call, nor on whether
+    /// the vector build of the kernel runs — so prefill and decode, and any two machines with
+    /// the same arithmetic, agree bit for bit.
+    #[test]
+    fn results_do_not_depend_on_batching_or_the_vector_build() {
+        let (rows, cols, block) = (130usize, 300usize, [128usize, 128usize]);
+        let (w, s) = sample(rows, cols, block);
+        let m = Fp8Matrix::new(&w, [rows, cols], s.clone(), block, &Device::Cpu).unwrap();
+        let xs: Vec<f32> = (0..4 * cols).map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1).collect();
+        let x4 = Tensor::from_vec(xs.clone(), (4, cols), &Device::Cpu).unwrap();
+        let all: Vec<Vec<f32>> = m.forward(&x4).unwrap().to_vec2().unwrap();
+        for t in 0..4 {
+            let one = x4.narrow(0, t, 1).unwrap();
+            let y: Vec<Vec<f32>> = m.forward(&one).unwrap().to_vec2().unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y[0]), bits(&all[t]), "token {t}");
+        }
+        let scols = cols.div_ceil(block[1]);
+        let (mut a, mut b) = (vec![0f32; 4], vec![0f32; 4]);
+        let mut deq = vec![0f32; cols];
+        for r in 0..rows {
+            let srow = &s[(r / block[0]) * scols..][..scols];
+            let row = &w[r * cols..(r + 1) * cols];
+            row_portable(row, srow, block[1], &xs, &mut a, &mut deq);
+            row_kernel()(row, srow, block[1], &xs, &mut b, &mut deq);
+            assert_eq!(a, b, "row {r}");
         }
     }
 
