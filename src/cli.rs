@@ -104,8 +104,23 @@ pub struct KldArgs {
     #[arg(long, value_name = "FILE")]
     pub model: PathBuf,
     /// llama-perplexity's `--kl-divergence-base` output.
-    #[arg(long, value_name = "FILE")]
-    pub base: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "against",
+        conflicts_with = "against"
+    )]
+    pub base: Option<PathBuf>,
+    /// Instead of llama.cpp's logits: another model run by moescope in f32 (e.g. the bf16
+    /// checkpoint a quantized file was made from), on --text cut into --ctx-token chunks.
+    #[arg(long, value_name = "DIR")]
+    pub against: Option<PathBuf>,
+    /// Text for --against (default: prompts/reference.txt).
+    #[arg(long, value_name = "FILE", requires = "against")]
+    pub text: Option<PathBuf>,
+    /// Chunk length for --against (llama-perplexity's -c).
+    #[arg(long, default_value_t = 64, requires = "against")]
+    pub ctx: usize,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
     #[arg(long, default_value = "cpu", value_parser = DeviceSpec::parse)]

@@ -98,6 +98,16 @@ pub fn mem_available() -> u64 {
         })
 }
 
+/// A file shipped with the repository (prompts, themes): relative to the working directory when
+/// it is there, else to the source tree this binary was built from.
+pub fn repo_file(rel: &str) -> std::path::PathBuf {
+    let local = std::path::PathBuf::from(rel);
+    if local.exists() {
+        return local;
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

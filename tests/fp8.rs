@@ -334,3 +334,53 @@ fn fp8_tensors_without_a_scheme_or_scales_are_refused_by_name() {
     });
     expect_failure(d.path(), &[name, "I32", "F32, BF16 or F16"]);
 }
+
+/// `bench kld --against`: the quantization's own cost, against the checkpoint it was made from
+/// (run by moescope in f32) — zero against itself, positive against the bf16 original.
+#[test]
+fn kld_against_the_bf16_original_reports_the_quantization() {
+    // A few thousand characters of English: byte-level tokens, a few hundred positions.
+    let words = std::fs::read_to_string(fixture("common_words.txt")).unwrap();
+    let text = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(text.path(), &words[..words.len().min(3000)]).unwrap();
+    let text = text.path();
+    let kld = |model: &str, against: &str| -> serde_json::Value {
+        let (rc, out, err) = run(&[
+            "bench",
+            "kld",
+            "--model",
+            fixture(model).to_str().unwrap(),
+            "--against",
+            fixture(against).to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--ctx",
+            "32",
+            "--json",
+        ]);
+        assert_eq!(rc, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let same = kld("qwen3-moe-tiny", "qwen3-moe-tiny");
+    assert!(same["mean_kl"].as_f64().unwrap().abs() < 1e-6, "{same}");
+    assert_eq!(same["top1_agreement_pct"].as_f64(), Some(100.0));
+    let fp8 = kld(MOE, "qwen3-moe-tiny");
+    let mean = fp8["mean_kl"].as_f64().unwrap();
+    assert!(mean > 1e-6 && mean < 1.0, "{fp8}");
+    assert!(fp8["positions"].as_u64().unwrap() > 100, "{fp8}");
+    // Too short a text for one chunk: an error, not an empty result.
+    let short = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(short.path(), "a b").unwrap();
+    let (rc, _, err) = run(&[
+        "bench",
+        "kld",
+        "--model",
+        fixture(MOE).to_str().unwrap(),
+        "--against",
+        fixture("qwen3-moe-tiny").to_str().unwrap(),
+        "--text",
+        short.path().to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("chunk of 64"), "{err}");
+}

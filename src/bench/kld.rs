@@ -23,8 +23,16 @@ pub struct BaseLogits {
     pub n_vocab: usize,
     /// Token chunks, each n_ctx long.
     pub chunks: Vec<Vec<u32>>,
-    /// Per chunk, per scored position: the record as written.
-    records: Vec<Vec<u16>>,
+    /// Per chunk, per scored position: the reference's log-probabilities.
+    records: Records,
+}
+
+#[derive(Debug, Clone)]
+enum Records {
+    /// As llama-perplexity writes them: 16-bit quantised above a minimum, with a scale.
+    Llama(Vec<Vec<u16>>),
+    /// Computed here by another model (f32, the scored positions' vocab-long rows).
+    Exact(Vec<Vec<f32>>),
 }
 
 impl BaseLogits {
@@ -41,9 +49,16 @@ impl BaseLogits {
         2 * self.n_vocab.div_ceil(2) + 4
     }
 
-    /// llama.cpp's log-probabilities at scored position `i` of chunk `c`.
+    /// The reference's log-probabilities at scored position `i` of chunk `c`.
     pub fn log_probs(&self, c: usize, i: usize) -> Vec<f32> {
-        let r = &self.records[c][i * self.stride()..(i + 1) * self.stride()];
+        let records = match &self.records {
+            Records::Exact(rows) => {
+                let v = self.n_vocab;
+                return rows[c][i * v..(i + 1) * v].to_vec();
+            }
+            Records::Llama(records) => records,
+        };
+        let r = &records[c][i * self.stride()..(i + 1) * self.stride()];
         let f = |k: usize| f32::from_le_bytes(bytemuck_pair(r[2 * k], r[2 * k + 1]));
         let (scale, min_log_prob) = (f(0), f(1));
         r[4..4 + self.n_vocab]
@@ -80,8 +95,9 @@ impl BaseLogits {
             n_ctx,
             n_vocab,
             chunks: Vec::new(),
-            records: Vec::new(),
+            records: Records::Llama(Vec::new()),
         };
+        let mut records = Vec::new();
         let tokens_end = (n_chunk as u64 * n_ctx as u64)
             .checked_mul(4)
             .and_then(|t| t.checked_add(20))
@@ -110,10 +126,60 @@ impl BaseLogits {
                 .chunks_exact(2)
                 .map(|b| u16::from_le_bytes([b[0], b[1]]))
                 .collect();
-            me.records.push(rec);
+            records.push(rec);
         }
+        me.records = Records::Llama(records);
         Ok(me)
     }
+
+    /// The reference computed by moescope itself on another model (say a quantized file's own
+    /// bf16 weights): `tokens` cut into chunks of `n_ctx` (the tail that fills no chunk is left
+    /// out), each run from an empty KV cache, the second half of each chunk scored — the
+    /// positions llama-perplexity scores.
+    pub fn from_engine(engine: &Engine, tokens: &[u32], n_ctx: usize) -> Result<Self> {
+        if n_ctx < 4 || tokens.len() < n_ctx {
+            return Err(ModelError::Input(format!(
+                "{} tokens cannot make a chunk of {n_ctx} (need n_ctx ≥ 4 and at least one chunk)",
+                tokens.len()
+            )));
+        }
+        let v = engine.cfg.vocab_size;
+        let mut me = BaseLogits {
+            n_ctx,
+            n_vocab: v,
+            chunks: tokens.chunks_exact(n_ctx).map(<[u32]>::to_vec).collect(),
+            records: Records::Exact(Vec::new()),
+        };
+        let mut rows = Vec::with_capacity(me.chunks.len());
+        for chunk in &me.chunks {
+            let all = chunk_logits(engine, chunk)?;
+            let mut row = Vec::with_capacity(me.scored() * v);
+            for i in 0..me.scored() {
+                let pos = me.first() + i;
+                row.extend(
+                    log_softmax(&all[pos * v..(pos + 1) * v])
+                        .iter()
+                        .map(|&x| x as f32),
+                );
+            }
+            rows.push(row);
+        }
+        me.records = Records::Exact(rows);
+        Ok(me)
+    }
+}
+
+/// Every position's logits of one chunk, from an empty KV cache.
+fn chunk_logits(engine: &Engine, chunk: &[u32]) -> Result<Vec<f32>> {
+    let mut cache = engine.model.new_cache();
+    let logits = engine.model.forward(
+        chunk,
+        &mut cache,
+        engine.provider.as_ref(),
+        &mut NoObserver,
+        Logits::All,
+    )?;
+    Ok(logits.flatten_all()?.to_vec1()?)
 }
 
 fn bytemuck_pair(lo: u16, hi: u16) -> [u8; 4] {
@@ -144,15 +210,7 @@ pub fn compare(engine: &Engine, base: &BaseLogits) -> Result<Kld> {
     let mut kls = Vec::new();
     let mut same = 0usize;
     for (c, chunk) in base.chunks.iter().enumerate() {
-        let mut cache = engine.model.new_cache();
-        let logits = engine.model.forward(
-            chunk,
-            &mut cache,
-            engine.provider.as_ref(),
-            &mut NoObserver,
-            Logits::All,
-        )?;
-        let all: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let all = chunk_logits(engine, chunk)?;
         let v = base.n_vocab;
         for i in 0..base.scored() {
             let pos = base.first() + i;

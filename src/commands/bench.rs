@@ -62,22 +62,45 @@ pub fn kernels(a: &crate::cli::KernelsArgs, settings: &Settings) -> Result<f64> 
 }
 
 fn kld(a: &crate::cli::KldArgs, settings: &Settings) -> Result<()> {
-    let base = crate::bench::kld::BaseLogits::read(&a.base)?;
-    let spec = BackendSpec {
-        model_dir: a.model.clone(),
-        dtype: a.dtype,
+    let spec = |model: &std::path::Path, dtype: crate::engine::Dtype| BackendSpec {
+        model_dir: model.to_path_buf(),
+        dtype,
         device: a.device.clone(),
         backend: BackendKind::Native,
         cache: CacheSettings::default(),
         settings: settings.clone(),
     };
-    let engine = spec.load(|_, _| {})?;
+    let (base, against) = match (&a.base, &a.against) {
+        (Some(file), _) => (
+            crate::bench::kld::BaseLogits::read(file)?,
+            "llama.cpp".to_string(),
+        ),
+        (None, Some(dir)) => {
+            let text_path = a
+                .text
+                .clone()
+                .unwrap_or_else(|| crate::util::repo_file("prompts/reference.txt"));
+            let text =
+                std::fs::read_to_string(&text_path).map_err(|e| crate::model::ModelError::Io {
+                    path: text_path.clone(),
+                    what: "reading the text to score".into(),
+                    source: e,
+                })?;
+            let tokens = crate::model::tokenizer::TextTokenizer::from_dir(dir)?.encode(&text)?;
+            // One model at a time: the reference's log-probabilities are kept, it is dropped.
+            let reference = spec(dir, crate::engine::Dtype::F32).load(|_, _| {})?;
+            let base = crate::bench::kld::BaseLogits::from_engine(&reference, &tokens, a.ctx)?;
+            (base, format!("{} (f32)", dir.display()))
+        }
+        (None, None) => unreachable!("clap requires --base or --against"),
+    };
+    let engine = spec(&a.model, a.dtype).load(|_, _| {})?;
     let k = crate::bench::kld::compare(&engine, &base)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&k)?);
     } else {
         println!(
-            "{} ({} {}) against llama.cpp: {} positions in {} chunks of {}; mean KL {:.3e}, \
+            "{} ({} {}) against {against}: {} positions in {} chunks of {}; mean KL {:.3e}, \
              p99 {:.3e}, max {:.3e}; top-1 agreement {:.2} %",
             a.model.display(),
             a.dtype.name(),

@@ -2,7 +2,7 @@
 //! both workers through the scheduler, and show the session live (dashboard) or headless.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
@@ -29,13 +29,7 @@ pub struct Prepared {
     pub recorder: Recorder,
 }
 
-fn repo_file(rel: &str) -> PathBuf {
-    let local = PathBuf::from(rel);
-    if local.exists() {
-        return local;
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
+use crate::util::repo_file;
 
 /// Header, worker configuration and profile for a run (everything validated, nothing written).
 pub struct Plan {

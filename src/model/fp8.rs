@@ -164,9 +164,9 @@ pub struct Fp8Matrix {
     block: [usize; 2],
 }
 
-/// Where the bytes live: plain host vectors for the CPU kernel; on a GPU an `F8E4M3` tensor
-/// (candle widens it there) and the scales as an f32 tensor
-/// [ceil(rows / block rows), ceil(cols / block cols)].
+/// Where the bytes live: plain host vectors for the CPU kernel; on a GPU a `U8` tensor of the
+/// codes and the scales as an f32 tensor [ceil(rows / block rows), ceil(cols / block cols)],
+/// read by moescope's kernels (`kernels/fp8.cu`).
 #[derive(Debug, Clone)]
 enum Held {
     Cpu {
@@ -213,7 +213,7 @@ impl Fp8Matrix {
             }
         } else {
             Held::Device {
-                weight: Tensor::from_raw_buffer(weight, DType::F8E4M3, &[rows, cols], device)?,
+                weight: Tensor::from_raw_buffer(weight, DType::U8, &[rows, cols], device)?,
                 scale: Tensor::from_vec(scale, (sshape[0], sshape[1]), device)?,
             }
         };
@@ -245,9 +245,7 @@ impl Fp8Matrix {
                 }
                 Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?
             }
-            Held::Device { weight, scale } => {
-                (weight.to_dtype(DType::F32)? * self.expanded_scale(scale)?)?
-            }
+            Held::Device { weight, scale } => self.device_dequantize(weight, scale, dtype)?,
         };
         dense.to_dtype(dtype)
     }
@@ -262,10 +260,7 @@ impl Fp8Matrix {
             )
         }
         match &self.held {
-            Held::Device { .. } => {
-                let w = self.dequantize(x.dtype())?;
-                x.matmul(&w.t()?)
-            }
+            Held::Device { weight, scale } => self.device_forward(weight, scale, x),
             Held::Cpu { weight, scale } => {
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let out = self.cpu_product(weight, scale, &xs, n);
@@ -330,16 +325,190 @@ impl Fp8Matrix {
         }
     }
 
-    /// The scales repeated over their blocks, cut to the matrix ([rows, cols]).
-    fn expanded_scale(&self, scale: &Tensor) -> candle_core::Result<Tensor> {
-        let (sr, sc) = scale.dims2()?;
-        let [br, bc] = self.block;
-        scale
-            .reshape((sr, 1, sc, 1))?
-            .broadcast_as((sr, br, sc, bc))?
-            .reshape((sr * br, sc * bc))?
-            .narrow(0, 0, self.rows)?
-            .narrow(1, 0, self.cols)
+    /// On a GPU: one warp per row for a few tokens (the decode case: nothing dense is written);
+    /// for more, the matrix is dequantised once and multiplied by cuBLAS.
+    #[cfg(feature = "cuda")]
+    fn device_forward(&self, w: &Tensor, s: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        const GEMV_TOKENS: usize = 8;
+        let n = x.dim(0)?;
+        if n <= GEMV_TOKENS && matches!(x.dtype(), DType::BF16 | DType::F32) {
+            return gpu::gemv(w, s, &x.contiguous()?, self.dims(), self.block);
+        }
+        let dense = self.device_dequantize(w, s, x.dtype())?;
+        x.matmul(&dense.t()?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device_dequantize(
+        &self,
+        w: &Tensor,
+        s: &Tensor,
+        dtype: DType,
+    ) -> candle_core::Result<Tensor> {
+        let out = if dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        gpu::dequantize(w, s, self.dims(), self.block, out)?.to_dtype(dtype)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn device_forward(&self, w: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Tensor> {
+        candle_core::bail!(
+            "FP8 matrices on {:?} need a build with the cuda feature",
+            w.device()
+        )
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn device_dequantize(&self, w: &Tensor, _: &Tensor, _: DType) -> candle_core::Result<Tensor> {
+        candle_core::bail!(
+            "FP8 matrices on {:?} need a build with the cuda feature",
+            w.device()
+        )
+    }
+}
+
+/// Launches of `kernels/fp8.cu`.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::op::BackpropOp;
+    use candle_core::{DType, Storage, Tensor};
+    use half::bf16;
+
+    const PTX: &str = include_str!("kernels/fp8.ptx");
+    const MODULE: &str = "moescope_fp8";
+    const WARPS_PER_BLOCK: u32 = 8;
+
+    fn err(what: &str, e: impl std::fmt::Display) -> candle_core::Error {
+        candle_core::Error::Msg(format!("FP8 kernel ({what}): {e}"))
+    }
+
+    /// y [n, rows] = x [n, cols] · Wᵀ, x bf16 or f32 (contiguous), y in x's dtype.
+    pub fn gemv(
+        w: &Tensor,
+        s: &Tensor,
+        x: &Tensor,
+        [rows, cols]: [usize; 2],
+        [br, bc]: [usize; 2],
+    ) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        let dev = x.device().as_cuda_device()?.clone();
+        let (ws, wl) = w.storage_and_layout();
+        let (ss, sl) = s.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (Storage::Cuda(ws), Storage::Cuda(ss), Storage::Cuda(xs)) = (&*ws, &*ss, &*xs) else {
+            return Err(err("device", "every input must be on the GPU"));
+        };
+        let wv = ws.as_cuda_slice::<u8>()?.slice(wl.start_offset()..);
+        let sv = ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
+        let (r, c, br, bc, n_) = (rows as i32, cols as i32, br as i32, bc as i32, n as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((rows as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
+            block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let y = match x.dtype() {
+            DType::BF16 => {
+                let xv = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
+                // SAFETY: every element written by the kernel (one warp per row, every token).
+                let y = unsafe { dev.alloc::<bf16>(n * rows)? };
+                let f = dev.get_or_load_custom_func("fp8_gemv_bf16", MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&wv).arg(&sv).arg(&xv).arg(&y);
+                b.arg(&r).arg(&c).arg(&br).arg(&bc).arg(&n_);
+                // SAFETY: argument order and types match the kernel; sizes from the matrix.
+                unsafe { b.launch(cfg) }.map_err(|e| err("gemv launch", e))?;
+                CudaStorage::wrap_cuda_slice(y, dev)
+            }
+            DType::F32 => {
+                let xv = xs.as_cuda_slice::<f32>()?.slice(xl.start_offset()..);
+                // SAFETY: as above.
+                let y = unsafe { dev.alloc::<f32>(n * rows)? };
+                let f = dev.get_or_load_custom_func("fp8_gemv_f32", MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&wv).arg(&sv).arg(&xv).arg(&y);
+                b.arg(&r).arg(&c).arg(&br).arg(&bc).arg(&n_);
+                // SAFETY: as above.
+                unsafe { b.launch(cfg) }.map_err(|e| err("gemv launch", e))?;
+                CudaStorage::wrap_cuda_slice(y, dev)
+            }
+            other => return Err(err("gemv", format!("{other:?} activations"))),
+        };
+        Ok(Tensor::from_storage(
+            Storage::Cuda(y),
+            (n, rows),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// The dense [rows, cols] matrix in `dtype` (bf16 or f32).
+    pub fn dequantize(
+        w: &Tensor,
+        s: &Tensor,
+        [rows, cols]: [usize; 2],
+        [br, bc]: [usize; 2],
+        dtype: DType,
+    ) -> candle_core::Result<Tensor> {
+        let dev = w.device().as_cuda_device()?.clone();
+        let (ws, wl) = w.storage_and_layout();
+        let (ss, sl) = s.storage_and_layout();
+        let (Storage::Cuda(ws), Storage::Cuda(ss)) = (&*ws, &*ss) else {
+            return Err(err("device", "every input must be on the GPU"));
+        };
+        let wv = ws.as_cuda_slice::<u8>()?.slice(wl.start_offset()..);
+        let sv = ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
+        let total = rows * cols;
+        let cfg = LaunchConfig {
+            grid_dim: ((total as u32).div_ceil(256).clamp(1, 8192), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, c, br, bc) = (rows as i32, cols as i32, br as i32, bc as i32);
+        let out = match dtype {
+            DType::BF16 => {
+                // SAFETY: every element written by the grid-stride loop.
+                let out = unsafe { dev.alloc::<bf16>(total)? };
+                let f = dev.get_or_load_custom_func("fp8_dequant_bf16", MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&wv)
+                    .arg(&sv)
+                    .arg(&out)
+                    .arg(&r)
+                    .arg(&c)
+                    .arg(&br)
+                    .arg(&bc);
+                // SAFETY: argument order and types match the kernel.
+                unsafe { b.launch(cfg) }.map_err(|e| err("dequantize launch", e))?;
+                CudaStorage::wrap_cuda_slice(out, dev)
+            }
+            _ => {
+                // SAFETY: as above.
+                let out = unsafe { dev.alloc::<f32>(total)? };
+                let f = dev.get_or_load_custom_func("fp8_dequant_f32", MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&wv)
+                    .arg(&sv)
+                    .arg(&out)
+                    .arg(&r)
+                    .arg(&c)
+                    .arg(&br)
+                    .arg(&bc);
+                // SAFETY: as above.
+                unsafe { b.launch(cfg) }.map_err(|e| err("dequantize launch", e))?;
+                CudaStorage::wrap_cuda_slice(out, dev)
+            }
+        };
+        Ok(Tensor::from_storage(
+            Storage::Cuda(out),
+            (rows, cols),
+            BackpropOp::none(),
+            false,
+        ))
     }
 }
 
@@ -427,7 +596,14 @@ fn row_portable(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32], 
 /// portable one, bit for bit).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn row_avx2(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32], deq: &mut [f32]) {
+unsafe fn row_avx2(
+    w: &[u8],
+    srow: &[f32],
+    bc: usize,
+    xs: &[f32],
+    out: &mut [f32],
+    deq: &mut [f32],
+) {
     row_body(w, srow, bc, xs, out, deq)
 }
 
@@ -472,7 +648,10 @@ mod tests {
         }
         for b in 0..=255u8 {
             let (t, f) = (E4M3[b as usize], e4m3(b));
-            assert!(t.to_bits() == f.to_bits() || (t.is_nan() && f.is_nan()), "code {b:#04x}");
+            assert!(
+                t.to_bits() == f.to_bits() || (t.is_nan() && f.is_nan()),
+                "code {b:#04x}"
+            );
         }
         assert_eq!(E4M3[0x7E], 448.0);
         assert_eq!(E4M3[0x01], 2f32.powi(-9));
@@ -548,14 +727,16 @@ mod tests {
         let (rows, cols, block) = (130usize, 300usize, [128usize, 128usize]);
         let (w, s) = sample(rows, cols, block);
         let m = Fp8Matrix::new(&w, [rows, cols], s.clone(), block, &Device::Cpu).unwrap();
-        let xs: Vec<f32> = (0..4 * cols).map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1).collect();
+        let xs: Vec<f32> = (0..4 * cols)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1)
+            .collect();
         let x4 = Tensor::from_vec(xs.clone(), (4, cols), &Device::Cpu).unwrap();
         let all: Vec<Vec<f32>> = m.forward(&x4).unwrap().to_vec2().unwrap();
-        for t in 0..4 {
+        for (t, want) in all.iter().enumerate() {
             let one = x4.narrow(0, t, 1).unwrap();
             let y: Vec<Vec<f32>> = m.forward(&one).unwrap().to_vec2().unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&y[0]), bits(&all[t]), "token {t}");
+            assert_eq!(bits(&y[0]), bits(want), "token {t}");
         }
         let scols = cols.div_ceil(block[1]);
         let (mut a, mut b) = (vec![0f32; 4], vec![0f32; 4]);

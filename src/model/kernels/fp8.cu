@@ -1,0 +1,110 @@
+// Block-scaled FP8 (e4m3) matrices on the GPU, kept as bytes and dequantised inside the product.
+//
+// Why our own: candle has no FP8 product, and its FP8 cast kernels are not in every build of its
+// PTX. A decode token is a GEMV per matrix, so each output row is one warp's dot product over the
+// row's bytes (4 at a time), each byte decoded in registers and multiplied by its block's scale;
+// nothing dense is ever written. Prefill (many tokens) dequantises the matrix once into the
+// compute dtype and leaves the product to cuBLAS.
+//
+// Decoding is exact and needs no FP8 hardware (PTX for compute_80 runs from Ampere on):
+// normal codes move their exponent from bias 7 to bias 127, subnormal ones are m × 2^-9,
+// S.1111.111 is NaN — the same formula as the CPU kernel (fp8.rs).
+//
+// Layout: w [rows, cols] bytes row-major; scale [ceil(rows/br), ceil(cols/bc)] f32; x [n, cols];
+// y [n, rows]. Accumulation in f32, one rounding to the output type.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float e4m3(uint32_t b) {
+    const uint32_t mag = b & 0x7Fu;
+    uint32_t bits = (mag < 8u) ? __float_as_uint((float)(mag & 7u) * (1.0f / 512.0f))
+                               : ((mag << 20) + (120u << 23));
+    if (mag == 0x7Fu) bits = 0x7FC00000u;
+    return __uint_as_float(bits | ((b & 0x80u) << 24));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// One warp per output row, for every token: y[t, r] = Σ_c e4m3(w[r, c]) · scale[r/br, c/bc] · x[t, c].
+// `grouped`: cols and bc are multiples of 4 and rows start 4-byte aligned, so each lane reads
+// 4 bytes at once and a group never straddles two blocks.
+template <typename T>
+__device__ void gemv(const uint8_t* __restrict__ w, const float* __restrict__ scale,
+                     const T* __restrict__ x, T* __restrict__ y, int rows, int cols, int br,
+                     int bc, int n) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (warp >= rows) return;
+    const int r = warp;
+    const int scols = (cols + bc - 1) / bc;
+    const float* srow = scale + (size_t)(r / br) * scols;
+    const uint8_t* row = w + (size_t)r * cols;
+    const bool grouped = (cols % 4 == 0) && (bc % 4 == 0);
+    for (int t = 0; t < n; t++) {
+        const T* xt = x + (size_t)t * cols;
+        float acc = 0.f;
+        if (grouped) {
+            const uint32_t* row4 = reinterpret_cast<const uint32_t*>(row);
+            for (int g = lane; g < cols / 4; g += 32) {
+                const uint32_t q = __ldg(row4 + g);
+                const int c = 4 * g;
+                float part = e4m3(q & 0xFFu) * load(xt, c);
+                part = fmaf(e4m3((q >> 8) & 0xFFu), load(xt, c + 1), part);
+                part = fmaf(e4m3((q >> 16) & 0xFFu), load(xt, c + 2), part);
+                part = fmaf(e4m3(q >> 24), load(xt, c + 3), part);
+                acc = fmaf(part, srow[c / bc], acc);
+            }
+        } else {
+            for (int c = lane; c < cols; c += 32) {
+                acc = fmaf(e4m3(row[c]) * srow[c / bc], load(xt, c), acc);
+            }
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) store(y, (size_t)t * rows + r, acc);
+    }
+}
+
+// out[r, c] = e4m3(w[r, c]) · scale[r/br, c/bc], grid-stride over every element.
+template <typename T>
+__device__ void dequant(const uint8_t* __restrict__ w, const float* __restrict__ scale,
+                        T* __restrict__ out, int rows, int cols, int br, int bc) {
+    const int scols = (cols + bc - 1) / bc;
+    const size_t total = (size_t)rows * cols;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int r = (int)(i / cols), c = (int)(i % cols);
+        store(out, i, e4m3(w[i]) * scale[(size_t)(r / br) * scols + c / bc]);
+    }
+}
+
+extern "C" __global__ void fp8_gemv_bf16(const uint8_t* w, const float* scale,
+                                         const __nv_bfloat16* x, __nv_bfloat16* y, int rows,
+                                         int cols, int br, int bc, int n) {
+    gemv(w, scale, x, y, rows, cols, br, bc, n);
+}
+
+extern "C" __global__ void fp8_gemv_f32(const uint8_t* w, const float* scale, const float* x,
+                                        float* y, int rows, int cols, int br, int bc, int n) {
+    gemv(w, scale, x, y, rows, cols, br, bc, n);
+}
+
+extern "C" __global__ void fp8_dequant_bf16(const uint8_t* w, const float* scale,
+                                            __nv_bfloat16* out, int rows, int cols, int br,
+                                            int bc) {
+    dequant(w, scale, out, rows, cols, br, bc);
+}
+
+extern "C" __global__ void fp8_dequant_f32(const uint8_t* w, const float* scale, float* out,
+                                           int rows, int cols, int br, int bc) {
+    dequant(w, scale, out, rows, cols, br, bc);
+}
