@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::cpu_gemv::dot_with;
 use super::error::{ModelError, Result};
 
 /// The block scheme of an FP8 checkpoint (from `config.json`'s `quantization_config`).
@@ -275,42 +276,13 @@ impl Fp8Matrix {
     /// one token as for many (a row is decoded once and dotted with every token), so the result
     /// depends neither on the thread count nor on how tokens are batched.
     fn cpu_product(&self, w: &[u8], s: &[f32], xs: &[f32], n: usize) -> Vec<f32> {
-        let (rows, cols, bc) = (self.rows, self.cols, self.block[1]);
+        let (cols, bc) = (self.cols, self.block[1]);
         let scols = cols.div_ceil(bc);
-        // Transposed ([rows, n]) so that each row's outputs are one contiguous chunk.
-        let mut yt = vec![0f32; rows * n];
         let kernel = row_kernel();
-        let out = RowsOut(yt.as_mut_ptr());
-        let run = |range: std::ops::Range<usize>| {
-            SCRATCH.with(|deq| {
-                let mut deq = deq.borrow_mut();
-                deq.resize(cols, 0.0);
-                for r in range {
-                    let srow = &s[(r / self.block[0]) * scols..][..scols];
-                    // SAFETY: rows are handed out once each, so each writes its own n outputs.
-                    let o = unsafe { out.row(r, n) };
-                    kernel(&w[r * cols..(r + 1) * cols], srow, bc, xs, o, &mut deq);
-                }
-            })
-        };
-        // candle's own worker pool, not a second one: on a machine with few cores two pools
-        // take turns spinning on the same cores (BENCHMARKS.md §9), and candle's workers are
-        // already awake from the operation before. Small products stay on this thread.
-        if rows * cols * n < 1 << 15 {
-            run(0..rows);
-        } else {
-            candle_core::utils::barrier_pool().execute_chunked(rows, run);
-        }
-        if n == 1 {
-            return yt;
-        }
-        let mut y = vec![0f32; n * self.rows];
-        for r in 0..self.rows {
-            for t in 0..n {
-                y[t * self.rows + r] = yt[r * n + t];
-            }
-        }
-        y
+        super::cpu_gemv::rows_product(self.rows, cols, n, |r, out| {
+            let srow = &s[(r / self.block[0]) * scols..][..scols];
+            kernel(&w[r * cols..(r + 1) * cols], srow, bc, xs, out);
+        })
     }
 
     /// Row `r` widened: each byte through the table, times the scale of its block.
@@ -512,29 +484,6 @@ mod gpu {
     }
 }
 
-/// Where a product's rows write their results (see `cpu_product`).
-struct RowsOut(*mut f32);
-// SAFETY: only used to write disjoint rows from the pool's threads while the owner waits.
-unsafe impl Sync for RowsOut {}
-unsafe impl Send for RowsOut {}
-
-impl RowsOut {
-    /// The `n` outputs of row `r`.
-    ///
-    /// # Safety
-    /// `r` in bounds, and no other live slice of the same row.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, r: usize, n: usize) -> &mut [f32] {
-        // SAFETY: the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(r * n), n) }
-    }
-}
-
-thread_local! {
-    /// One decoded row per thread, reused from product to product.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// One e4m3 code as f32 without a table, so that a loop of them vectorises: normal codes by
 /// moving the exponent from bias 7 to bias 127, subnormal ones (exponent 0) as m × 2^-9 from the
 /// integer m, S.1111.111 as NaN. Exact, like the table (the tests compare all 256 codes).
@@ -549,70 +498,51 @@ fn e4m3(b: u8) -> f32 {
     f32::from_bits(bits | ((b & 0x80) << 24))
 }
 
-/// Σ a·b with eight independent sums (so the compiler vectorises it), then the tail.
+/// One row of the product for every token: `w` the row's codes, `srow` its block scales, `bc`
+/// the block width, `xs` the tokens' activations (n × cols), `out` the n results.
+type RowKernel = fn(&[u8], &[f32], usize, &[f32], &mut [f32]);
+
+/// Each token: per block, the dot with the raw codes, times the block's scale, summed in order.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
-}
-
-/// One row of the product for every token: `w` the row's codes, `srow` its block scales, `xs`
-/// the tokens' activations (n × cols), `out` the n results, `deq` scratch of cols floats.
-type RowKernel = fn(&[u8], &[f32], usize, &[f32], &mut [f32], &mut [f32]);
-
-#[inline(always)]
-fn row_body(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32], deq: &mut [f32]) {
-    let cols = w.len();
-    for (d, &b) in deq.iter_mut().zip(w) {
-        *d = e4m3(b);
-    }
-    for (t, y) in out.iter_mut().enumerate() {
-        let x = &xs[t * cols..(t + 1) * cols];
-        let mut total = 0f32;
-        for (j, (d, x)) in deq.chunks(bc).zip(x.chunks(bc)).enumerate() {
-            total += dot(d, x) * srow[j];
-        }
-        *y = total;
-    }
-}
-
-fn row_portable(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32], deq: &mut [f32]) {
-    row_body(w, srow, bc, xs, out, deq)
-}
-
-/// The same body compiled for AVX2: the decode and the eight-lane sums become 256-bit vector
-/// code (no FMA contraction: Rust keeps every multiply and add apart, so the result is the
-/// portable one, bit for bit).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn row_avx2(
+fn row_body(
     w: &[u8],
     srow: &[f32],
     bc: usize,
     xs: &[f32],
     out: &mut [f32],
-    deq: &mut [f32],
+    dot: impl Fn(&[u8], &[f32]) -> f32,
 ) {
-    row_body(w, srow, bc, xs, out, deq)
+    let cols = w.len();
+    for (t, y) in out.iter_mut().enumerate() {
+        let x = &xs[t * cols..(t + 1) * cols];
+        let mut total = 0f32;
+        for (j, (wb, xb)) in w.chunks(bc).zip(x.chunks(bc)).enumerate() {
+            total = dot(wb, xb).mul_add(srow[j], total);
+        }
+        *y = total;
+    }
+}
+
+fn row_portable(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32]) {
+    row_body(w, srow, bc, xs, out, |w, x| dot_with(w, x, e4m3))
+}
+
+/// The same with the AVX2 decode and dot (the portable form's bits: see `cpu_gemv::dot_with`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32]) {
+    row_body(w, srow, bc, xs, out, |w, x| {
+        // SAFETY: this function's own contract (AVX2 and FMA present); equal lengths.
+        unsafe { super::cpu_gemv::dot_e4m3_avx2(w, x, e4m3) }
+    })
 }
 
 fn row_kernel() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        return |w, s, bc, xs, out, deq| {
-            // SAFETY: AVX2 was detected on this CPU just above.
-            unsafe { row_avx2(w, s, bc, xs, out, deq) }
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return |w, s, bc, xs, out| {
+            // SAFETY: AVX2 and FMA were detected on this CPU just above.
+            unsafe { row_avx2(w, s, bc, xs, out) }
         };
     }
     row_portable
@@ -740,12 +670,11 @@ mod tests {
         }
         let scols = cols.div_ceil(block[1]);
         let (mut a, mut b) = (vec![0f32; 4], vec![0f32; 4]);
-        let mut deq = vec![0f32; cols];
         for r in 0..rows {
             let srow = &s[(r / block[0]) * scols..][..scols];
             let row = &w[r * cols..(r + 1) * cols];
-            row_portable(row, srow, block[1], &xs, &mut a, &mut deq);
-            row_kernel()(row, srow, block[1], &xs, &mut b, &mut deq);
+            row_portable(row, srow, block[1], &xs, &mut a);
+            row_kernel()(row, srow, block[1], &xs, &mut b);
             assert_eq!(a, b, "row {r}");
         }
     }

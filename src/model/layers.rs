@@ -45,7 +45,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Dense(w) => super::cpu_gemv::matmul_t(x, w)?,
             LinearWeight::Quantized { matmul, .. } => {
                 use candle_core::Module;
                 matmul

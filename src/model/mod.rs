@@ -5,6 +5,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod config_fields;
+pub mod cpu_gemv;
 pub mod error;
 pub mod fp8;
 pub mod generate;

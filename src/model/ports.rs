@@ -107,11 +107,12 @@ impl ExpertWeights {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.mats {
             Mats::Dense { gate_up, down } => {
-                let gu = x.matmul(&gate_up.t()?)?;
+                use super::cpu_gemv::matmul_t;
+                let gu = matmul_t(x, gate_up)?;
                 let g = gu.narrow(1, 0, self.intermediate)?;
                 let u = gu.narrow(1, self.intermediate, self.intermediate)?;
                 let h = (silu(&g)? * u)?;
-                Ok(h.matmul(&down.t()?)?)
+                Ok(matmul_t(&h, down)?)
             }
             Mats::Quantized { gate_up, down, .. } => {
                 // Quantized products take f32 activations (candle's CPU kernels quantize them

@@ -1,0 +1,376 @@
+//! Products of a few tokens with a matrix on the CPU, written here for the cases candle's GEMM
+//! serves badly at batch 1: matrices stored narrower than f32 (bf16 here; FP8 in `fp8.rs`). A
+//! decode step is a GEMV per matrix and memory-bound, so reading 2 bytes a weight (bf16) or 1
+//! (FP8) instead of widening the whole matrix first is most of the speed.
+//!
+//! Each output is one row's dot product computed by one thread in a fixed order (eight lanes,
+//! then the tail), so results depend neither on the thread count nor on how many tokens share a
+//! call: native and selective, and prefill and decode, get the same bits. Rows are spread over
+//! candle's own worker pool, whose threads are awake from the operation before — a second pool
+//! would take turns spinning with it on the same cores (BENCHMARKS.md §9).
+
+use candle_core::{DType, Device, Tensor};
+
+/// At most this many tokens go through these kernels; more, and the product is compute-bound,
+/// where candle's tiled GEMM is the better tool.
+pub const MAX_TOKENS: usize = 8;
+
+/// Σ decode(w)·x over one row: 32 independent fused multiply-adds per step (four 8-lane
+/// vectors: lane l of vector j takes element 8j + l of each 32), the four vectors added lane by
+/// lane, the eight lanes in a fixed tree, then the tail in order. `f32::mul_add` is one IEEE
+/// rounding on every target, so this portable form, the compiler's vectorisation of it and the
+/// hand-written AVX2 forms below give the same bits.
+#[inline(always)]
+pub fn dot_with<W: Copy>(w: &[W], x: &[f32], decode: impl Fn(W) -> f32) -> f32 {
+    let mut acc = [[0f32; 8]; 4];
+    let (wc, xc) = (w.chunks_exact(32), x.chunks_exact(32));
+    let (wr, xr) = (wc.remainder(), xc.remainder());
+    for (a, b) in wc.zip(xc) {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            for l in 0..8 {
+                acc[l] = decode(a[8 * j + l]).mul_add(b[8 * j + l], acc[l]);
+            }
+        }
+    }
+    let mut lanes = [0f32; 8];
+    for (l, v) in lanes.iter_mut().enumerate() {
+        *v = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+    }
+    let mut s = reduce8(&lanes);
+    for (a, b) in wr.iter().zip(xr) {
+        s = decode(*a).mul_add(*b, s);
+    }
+    s
+}
+
+/// The fixed order eight lanes are summed in.
+#[inline(always)]
+pub fn reduce8(l: &[f32; 8]) -> f32 {
+    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+}
+
+/// [`dot_with`] for bf16 bits in AVX2: eight weights widened per instruction.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `w` and `x` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8j + 8 ≤ n for both slices (loop bound).
+            let (wv, xv) = unsafe {
+                (
+                    _mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i),
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8 * j)),
+                )
+            };
+            let wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(wv), 16));
+            *acc = _mm256_fmadd_ps(wf, xv, *acc);
+        }
+        i += 32;
+    }
+    // SAFETY: AVX2 and FMA, as this function requires.
+    unsafe { finish(acc, i, n, |k, s| bf16_bits(w[k]).mul_add(x[k], s)) }
+}
+
+/// [`dot_with`] for e4m3 codes in AVX2: eight codes decoded per instruction sequence (the
+/// formula of `fp8::e4m3`).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `w` and `x` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_e4m3_avx2(w: &[u8], x: &[f32], decode: fn(u8) -> f32) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let (m7f, m7, m80) = (
+        _mm256_set1_epi32(0x7F),
+        _mm256_set1_epi32(7),
+        _mm256_set1_epi32(0x80),
+    );
+    let (eight, bias, nan) = (
+        _mm256_set1_epi32(8),
+        _mm256_set1_epi32(120 << 23),
+        _mm256_set1_epi32(0x7FC0_0000),
+    );
+    let sub_scale = _mm256_set1_ps(1.0 / 512.0);
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8j + 8 ≤ n for both slices (loop bound).
+            let (wv, xv) = unsafe {
+                (
+                    _mm_loadl_epi64(w.as_ptr().add(i + 8 * j) as *const __m128i),
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8 * j)),
+                )
+            };
+            let b = _mm256_cvtepu8_epi32(wv);
+            let mag = _mm256_and_si256(b, m7f);
+            let normal = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), bias);
+            let sub = _mm256_castps_si256(_mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_and_si256(mag, m7)),
+                sub_scale,
+            ));
+            let is_sub = _mm256_cmpgt_epi32(eight, mag);
+            let bits = _mm256_blendv_epi8(normal, sub, is_sub);
+            let bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(mag, m7f));
+            let sign = _mm256_slli_epi32(_mm256_and_si256(b, m80), 24);
+            let wf = _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
+            *acc = _mm256_fmadd_ps(wf, xv, *acc);
+        }
+        i += 32;
+    }
+    // SAFETY: AVX2 and FMA, as this function requires.
+    unsafe { finish(acc, i, n, |k, s| decode(w[k]).mul_add(x[k], s)) }
+}
+
+/// The reduction and tail of the AVX2 dots, in [`dot_with`]'s order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn finish(
+    acc: [std::arch::x86_64::__m256; 4],
+    from: usize,
+    n: usize,
+    step: impl Fn(usize, f32) -> f32,
+) -> f32 {
+    use std::arch::x86_64::*;
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    // SAFETY: eight floats into an eight-float array.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    let mut s = reduce8(&lanes);
+    for k in from..n {
+        s = step(k, s);
+    }
+    s
+}
+
+/// bf16 bits as f32 (exact: a shift).
+#[inline(always)]
+pub fn bf16_bits(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// y [n, rows]: `row(r, out)` writes row r's n results. Small products stay on this thread.
+pub fn rows_product(
+    rows: usize,
+    cols: usize,
+    n: usize,
+    row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    // Transposed ([rows, n]) so that each row's outputs are one contiguous chunk.
+    let mut yt = vec![0f32; rows * n];
+    let out = RowsOut(yt.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        for r in range {
+            // SAFETY: rows are handed out once each, so each writes its own n outputs.
+            let o = unsafe { out.row(r, n) };
+            row(r, o);
+        }
+    };
+    if rows * cols * n < 1 << 15 {
+        run(0..rows);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(rows, run);
+    }
+    if n == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; n * rows];
+    for r in 0..rows {
+        for t in 0..n {
+            y[t * rows + r] = yt[r * n + t];
+        }
+    }
+    y
+}
+
+/// Where a product's rows write their results.
+struct RowsOut(*mut f32);
+// SAFETY: only used to write disjoint rows from the pool's threads while the owner waits.
+unsafe impl Sync for RowsOut {}
+unsafe impl Send for RowsOut {}
+
+impl RowsOut {
+    /// The `n` outputs of row `r`.
+    ///
+    /// # Safety
+    /// `r` in bounds, and no other live slice of the same row.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, r: usize, n: usize) -> &mut [f32] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(r * n), n) }
+    }
+}
+
+/// x·Wᵀ for x [n, k] and W [rows, k], both bf16 on the CPU, W contiguous, n ≤ [`MAX_TOKENS`]:
+/// each row widened to f32 once (a shift) and dotted with every token in f32, the result rounded
+/// to bf16 once. None when the case is not one of these (the caller uses candle's matmul).
+pub fn bf16_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    if !matches!(x.device(), Device::Cpu)
+        || x.dtype() != DType::BF16
+        || w.dtype() != DType::BF16
+        || x.rank() != 2
+        || w.rank() != 2
+        || x.dim(0).ok()? > MAX_TOKENS
+        || !w.is_contiguous()
+    {
+        return None;
+    }
+    let (n, k) = x.dims2().ok()?;
+    let (rows, cols) = w.dims2().ok()?;
+    if k != cols {
+        return None;
+    }
+    Some((|| {
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("bf16 product: the matrix is not on the CPU")
+        };
+        let all = cpu.as_slice::<half::bf16>()?;
+        let start = layout.start_offset();
+        let wv = &all[start..start + rows * cols];
+        // SAFETY: bf16 is a 16-bit plain value; reading its bits as u16 is what the shift wants.
+        let bits: &[u16] =
+            unsafe { std::slice::from_raw_parts(wv.as_ptr() as *const u16, wv.len()) };
+        let kernel = bf16_row_kernel();
+        let y = rows_product(rows, cols, n, |r, out| {
+            kernel(&bits[r * cols..(r + 1) * cols], &xs, out)
+        });
+        Tensor::from_vec(y, (n, rows), &Device::Cpu)?.to_dtype(DType::BF16)
+    })())
+}
+
+/// One bf16 row for every token: `w` the row's bits, `xs` the tokens (n × cols), `out` the n
+/// results.
+type Bf16RowKernel = fn(&[u16], &[f32], &mut [f32]);
+
+fn bf16_row_portable(w: &[u16], xs: &[f32], out: &mut [f32]) {
+    let cols = w.len();
+    for (t, y) in out.iter_mut().enumerate() {
+        *y = dot_with(w, &xs[t * cols..(t + 1) * cols], bf16_bits);
+    }
+}
+
+/// The same in AVX2 and FMA (the portable form's bits: see [`dot_with`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_row_avx2(w: &[u16], xs: &[f32], out: &mut [f32]) {
+    let cols = w.len();
+    for (t, y) in out.iter_mut().enumerate() {
+        // SAFETY: this function's own contract (AVX2 and FMA present); equal lengths.
+        *y = unsafe { dot_bf16_avx2(w, &xs[t * cols..(t + 1) * cols]) };
+    }
+}
+
+fn bf16_row_kernel() -> Bf16RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return |w, xs, out| {
+            // SAFETY: AVX2 and FMA were detected on this CPU just above.
+            unsafe { bf16_row_avx2(w, xs, out) }
+        };
+    }
+    bf16_row_portable
+}
+
+/// x·Wᵀ through [`bf16_matmul_t`] where it applies, else candle's matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    match bf16_matmul_t(x, w) {
+        Some(y) => y,
+        None => x.matmul(&w.t()?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against candle's bf16 matmul widened to f32 (same values, other summation order): within
+    /// one bf16 rounding; independent of batching; the vector build gives the portable bits.
+    #[test]
+    fn bf16_product_matches_and_is_batch_independent() {
+        let (rows, cols) = (70usize, 300usize);
+        let w = Tensor::from_vec(
+            (0..rows * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+                .collect::<Vec<_>>(),
+            (rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+        let x = Tensor::from_vec(
+            (0..4 * cols)
+                .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.1)
+                .collect::<Vec<_>>(),
+            (4, cols),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+        let ours: Vec<Vec<f32>> = bf16_matmul_t(&x, &w)
+            .unwrap()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let f32_ref: Vec<Vec<f32>> = x
+            .to_dtype(DType::F32)
+            .unwrap()
+            .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (a, b) in ours.iter().flatten().zip(f32_ref.iter().flatten()) {
+            assert!((a - b).abs() <= b.abs() / 128.0 + 1e-6, "{a} vs {b}");
+        }
+        for (t, want) in ours.iter().enumerate() {
+            let one = bf16_matmul_t(&x.narrow(0, t, 1).unwrap(), &w)
+                .unwrap()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(&one[0], want, "token {t}");
+        }
+        let bits: Vec<u16> = w
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .iter()
+            .map(|b| b.to_bits())
+            .collect();
+        let xs: Vec<f32> = x
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (mut a, mut b) = (vec![0f32; 4], vec![0f32; 4]);
+        for r in 0..rows {
+            let row = &bits[r * cols..(r + 1) * cols];
+            bf16_row_portable(row, &xs, &mut a);
+            bf16_row_kernel()(row, &xs, &mut b);
+            assert_eq!(a, b, "row {r}");
+        }
+        // Not this kernel's case: f32, too many tokens.
+        let x32 = x.to_dtype(DType::F32).unwrap();
+        assert!(bf16_matmul_t(&x32, &w).is_none());
+        let many = Tensor::zeros((9, cols), DType::BF16, &Device::Cpu).unwrap();
+        assert!(bf16_matmul_t(&many, &w).is_none());
+    }
+}
