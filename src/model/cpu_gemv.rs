@@ -1,7 +1,8 @@
-//! Products of a few tokens with a matrix on the CPU, written here for the cases candle's GEMM
-//! serves badly at batch 1: matrices stored narrower than f32 (bf16 here; FP8 in `fp8.rs`). A
-//! decode step is a GEMV per matrix and memory-bound, so reading 2 bytes a weight (bf16) or 1
-//! (FP8) instead of widening the whole matrix first is most of the speed.
+//! Products of a few tokens with a matrix on the CPU — every decode step's linear layers and
+//! experts, in f32 and bf16 (FP8 in `fp8.rs` uses the same dot). candle's GEMM is built for many
+//! tokens; at batch 1 a product is a GEMV and memory-bound, and candle's bf16 path widened each
+//! matrix before multiplying. Here each row is read once, 2 bytes a weight in bf16, widened in
+//! registers.
 //!
 //! Each output is one row's dot product computed by one thread in a fixed order (eight lanes,
 //! then the tail), so results depend neither on the thread count nor on how many tokens share a
@@ -209,13 +210,15 @@ impl RowsOut {
     }
 }
 
-/// x·Wᵀ for x [n, k] and W [rows, k], both bf16 on the CPU, W contiguous, n ≤ [`MAX_TOKENS`]:
-/// each row widened to f32 once (a shift) and dotted with every token in f32, the result rounded
-/// to bf16 once. None when the case is not one of these (the caller uses candle's matmul).
-pub fn bf16_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
+/// x·Wᵀ for x [n, k] and W [rows, k] on the CPU, both bf16 or both f32, W contiguous,
+/// n ≤ [`MAX_TOKENS`]: each row dotted with every token in f32 (bf16 widened on the fly, a
+/// shift), the result rounded once to the input's dtype. None when the case is not one of these
+/// (the caller uses candle's matmul).
+pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    let dtype = x.dtype();
     if !matches!(x.device(), Device::Cpu)
-        || x.dtype() != DType::BF16
-        || w.dtype() != DType::BF16
+        || !matches!(dtype, DType::BF16 | DType::F32)
+        || w.dtype() != dtype
         || x.rank() != 2
         || w.rank() != 2
         || x.dim(0).ok()? > MAX_TOKENS
@@ -232,20 +235,86 @@ pub fn bf16_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tenso
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let (storage, layout) = w.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("bf16 product: the matrix is not on the CPU")
+            candle_core::bail!("CPU product: the matrix is not on the CPU")
         };
-        let all = cpu.as_slice::<half::bf16>()?;
         let start = layout.start_offset();
-        let wv = &all[start..start + rows * cols];
-        // SAFETY: bf16 is a 16-bit plain value; reading its bits as u16 is what the shift wants.
-        let bits: &[u16] =
-            unsafe { std::slice::from_raw_parts(wv.as_ptr() as *const u16, wv.len()) };
-        let kernel = bf16_row_kernel();
-        let y = rows_product(rows, cols, n, |r, out| {
-            kernel(&bits[r * cols..(r + 1) * cols], &xs, out)
-        });
-        Tensor::from_vec(y, (n, rows), &Device::Cpu)?.to_dtype(DType::BF16)
+        let y = if dtype == DType::BF16 {
+            let wv = &cpu.as_slice::<half::bf16>()?[start..start + rows * cols];
+            // SAFETY: bf16 is a 16-bit plain value; its bits read as u16 are what the shift wants.
+            let bits: &[u16] =
+                unsafe { std::slice::from_raw_parts(wv.as_ptr() as *const u16, wv.len()) };
+            let kernel = bf16_row_kernel();
+            rows_product(rows, cols, n, |r, out| {
+                kernel(&bits[r * cols..(r + 1) * cols], &xs, out)
+            })
+        } else {
+            let wv = &cpu.as_slice::<f32>()?[start..start + rows * cols];
+            let kernel = f32_row_kernel();
+            rows_product(rows, cols, n, |r, out| {
+                kernel(&wv[r * cols..(r + 1) * cols], &xs, out)
+            })
+        };
+        Tensor::from_vec(y, (n, rows), &Device::Cpu)?.to_dtype(dtype)
     })())
+}
+
+/// One f32 row for every token.
+type F32RowKernel = fn(&[f32], &[f32], &mut [f32]);
+
+fn f32_row_portable(w: &[f32], xs: &[f32], out: &mut [f32]) {
+    let cols = w.len();
+    for (t, y) in out.iter_mut().enumerate() {
+        *y = dot_with(w, &xs[t * cols..(t + 1) * cols], |v| v);
+    }
+}
+
+/// [`dot_with`] for f32 in AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8j + 8 ≤ n for both slices (loop bound).
+            let (wv, xv) = unsafe {
+                (
+                    _mm256_loadu_ps(w.as_ptr().add(i + 8 * j)),
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8 * j)),
+                )
+            };
+            *acc = _mm256_fmadd_ps(wv, xv, *acc);
+        }
+        i += 32;
+    }
+    // SAFETY: AVX2 and FMA, as this function requires.
+    unsafe { finish(acc, i, n, |k, s| w[k].mul_add(x[k], s)) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn f32_row_avx2(w: &[f32], xs: &[f32], out: &mut [f32]) {
+    let cols = w.len();
+    for (t, y) in out.iter_mut().enumerate() {
+        // SAFETY: this function's own contract (AVX2 and FMA present); equal lengths.
+        *y = unsafe { dot_f32_avx2(w, &xs[t * cols..(t + 1) * cols]) };
+    }
+}
+
+fn f32_row_kernel() -> F32RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return |w, xs, out| {
+            // SAFETY: AVX2 and FMA were detected on this CPU just above.
+            unsafe { f32_row_avx2(w, xs, out) }
+        };
+    }
+    f32_row_portable
 }
 
 /// One bf16 row for every token: `w` the row's bits, `xs` the tokens (n × cols), `out` the n
@@ -281,9 +350,9 @@ fn bf16_row_kernel() -> Bf16RowKernel {
     bf16_row_portable
 }
 
-/// x·Wᵀ through [`bf16_matmul_t`] where it applies, else candle's matmul.
+/// x·Wᵀ through [`narrow_matmul_t`] where it applies, else candle's matmul.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    match bf16_matmul_t(x, w) {
+    match narrow_matmul_t(x, w) {
         Some(y) => y,
         None => x.matmul(&w.t()?),
     }
@@ -318,7 +387,7 @@ mod tests {
         .unwrap()
         .to_dtype(DType::BF16)
         .unwrap();
-        let ours: Vec<Vec<f32>> = bf16_matmul_t(&x, &w)
+        let ours: Vec<Vec<f32>> = narrow_matmul_t(&x, &w)
             .unwrap()
             .unwrap()
             .to_dtype(DType::F32)
@@ -336,7 +405,7 @@ mod tests {
             assert!((a - b).abs() <= b.abs() / 128.0 + 1e-6, "{a} vs {b}");
         }
         for (t, want) in ours.iter().enumerate() {
-            let one = bf16_matmul_t(&x.narrow(0, t, 1).unwrap(), &w)
+            let one = narrow_matmul_t(&x.narrow(0, t, 1).unwrap(), &w)
                 .unwrap()
                 .unwrap()
                 .to_dtype(DType::F32)
@@ -367,10 +436,28 @@ mod tests {
             bf16_row_kernel()(row, &xs, &mut b);
             assert_eq!(a, b, "row {r}");
         }
-        // Not this kernel's case: f32, too many tokens.
-        let x32 = x.to_dtype(DType::F32).unwrap();
-        assert!(bf16_matmul_t(&x32, &w).is_none());
+        // f32 goes through the same dot; mixed dtypes and too many tokens do not.
+        let (x32, w32) = (
+            x.to_dtype(DType::F32).unwrap(),
+            w.to_dtype(DType::F32).unwrap(),
+        );
+        let y32: Vec<Vec<f32>> = narrow_matmul_t(&x32, &w32)
+            .unwrap()
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (a, b) in y32.iter().flatten().zip(f32_ref.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        let w32v: Vec<f32> = w32.flatten_all().unwrap().to_vec1().unwrap();
+        for r in 0..rows {
+            let row = &w32v[r * cols..(r + 1) * cols];
+            f32_row_portable(row, &xs, &mut a);
+            f32_row_kernel()(row, &xs, &mut b);
+            assert_eq!(a, b, "f32 row {r}");
+        }
+        assert!(narrow_matmul_t(&x32, &w).is_none());
         let many = Tensor::zeros((9, cols), DType::BF16, &Device::Cpu).unwrap();
-        assert!(bf16_matmul_t(&many, &w).is_none());
+        assert!(narrow_matmul_t(&many, &w).is_none());
     }
 }
