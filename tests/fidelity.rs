@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use moescope::engine::{DeviceSpec, Dtype, Engine, ModelFiles};
-use moescope::model::ports::{NoObserver, RoutingLog};
+use moescope::model::ports::NoObserver;
 use moescope::model::qwen3_moe::Logits;
 
 fn native(name: &str, dtype: Dtype) -> Engine {
@@ -136,29 +136,7 @@ fn greedy_continuations_are_identical() {
 #[test]
 fn routing_observer_sees_transformers_choices() {
     for name in FAMILIES {
-        let g = golden(name);
-        let e = native(name, Dtype::F32);
-        let mut log = RoutingLog::default();
-        let mut cache = e.model.new_cache();
-        e.model
-            .forward(
-                &g.sequences[2],
-                &mut cache,
-                e.provider.as_ref(),
-                &mut log,
-                Logits::Last,
-            )
-            .unwrap();
-        for (layer, per_pos) in &g.routing {
-            let layer: usize = layer.parse().unwrap();
-            let ours: Vec<Vec<u32>> = log
-                .entries
-                .iter()
-                .filter(|(l, _, _)| *l == layer)
-                .map(|(_, _, e)| e.clone())
-                .collect();
-            assert_eq!(&ours, per_pos, "{name} layer {layer}");
-        }
+        assert_routing_is_golden(&native(name, Dtype::F32), &golden(name), name);
     }
 }
 

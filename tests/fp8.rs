@@ -6,10 +6,9 @@
 mod common;
 
 use common::*;
-use moescope::cache::policy::PolicyKind;
-use moescope::cache::settings::{CacheSettings, Scope, SourceSpec};
+use moescope::cache::settings::{CacheSettings, SourceSpec};
 use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
-use moescope::model::ports::{NoObserver, RoutingLog};
+use moescope::model::ports::NoObserver;
 use moescope::model::qwen3_moe::Logits;
 use moescope::model::{Checkpoint, MoeConfig};
 use moescope::settings::Settings;
@@ -101,27 +100,7 @@ fn greedy_tokens_and_routing_match_transformers() {
         let (_, tokens) = bits_and_greedy(&e, &case.prompt, case.tokens.len());
         assert_eq!(tokens, case.tokens, "prompt {:?}", case.prompt);
     }
-    let mut log = RoutingLog::default();
-    let mut cache = e.model.new_cache();
-    e.model
-        .forward(
-            &g.sequences[2],
-            &mut cache,
-            e.provider.as_ref(),
-            &mut log,
-            Logits::Last,
-        )
-        .unwrap();
-    for (layer, per_pos) in &g.routing {
-        let layer: usize = layer.parse().unwrap();
-        let ours: Vec<Vec<u32>> = log
-            .entries
-            .iter()
-            .filter(|(l, _, _)| *l == layer)
-            .map(|(_, _, e)| e.clone())
-            .collect();
-        assert_eq!(&ours, per_pos, "layer {layer}");
-    }
+    assert_routing_is_golden(&e, &g, MOE);
 }
 
 /// bf16 compute against "dequantise, then bf16" (transformers reading the file in bf16): no
@@ -153,25 +132,13 @@ fn selective_over_fp8_experts_is_bit_identical_to_native() {
         for dtype in [Dtype::F32, Dtype::Bf16] {
             let want = bits_and_greedy(&native(name, dtype), &seq, 10);
             let all = native(name, dtype).cfg.total_experts();
-            for cap in [1, 3, all] {
-                for policy in PolicyKind::ALL {
-                    for scope in [Scope::Global, Scope::Layer] {
-                        let cache = CacheSettings {
-                            cache_experts: Some(cap),
-                            cache_scope: scope,
-                            policy,
-                            ..Default::default()
-                        };
-                        let sel = spec(name, BackendKind::Selective, cache, dtype)
-                            .load(|_, _| {})
-                            .unwrap();
-                        assert!(
-                            bits_and_greedy(&sel, &seq, 10) == want,
-                            "{name} {dtype:?} cap {cap} {policy:?} {scope:?}"
-                        );
-                        assert!(sel.cache_snapshot().unwrap().misses > 0);
-                    }
-                }
+            for cache in identity_cache_settings(3, all) {
+                let what = format!("{name} {dtype:?} {cache:?}");
+                let sel = spec(name, BackendKind::Selective, cache, dtype)
+                    .load(|_, _| {})
+                    .unwrap();
+                assert!(bits_and_greedy(&sel, &seq, 10) == want, "{what}");
+                assert!(sel.cache_snapshot().unwrap().misses > 0);
             }
         }
     }

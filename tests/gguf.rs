@@ -8,8 +8,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use moescope::cache::policy::PolicyKind;
-use moescope::cache::settings::{CacheSettings, Scope};
+use moescope::cache::settings::CacheSettings;
 use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
 use moescope::model::ports::RoutingLog;
 use moescope::model::qwen3_moe::Logits;
@@ -133,26 +132,14 @@ fn selective_over_quantized_experts_is_bit_identical_to_native() {
                 .unwrap();
             let want = run(&native, &seq);
             let all = native.cfg.total_experts();
-            for cap in [1, 2, all] {
-                for policy in PolicyKind::ALL {
-                    for scope in [Scope::Global, Scope::Layer] {
-                        let cache = CacheSettings {
-                            cache_experts: Some(cap),
-                            cache_scope: scope,
-                            policy,
-                            ..Default::default()
-                        };
-                        let sel = spec(kind, BackendKind::Selective, cache, dtype)
-                            .load(|_, _| {})
-                            .unwrap();
-                        assert!(
-                            run(&sel, &seq) == want,
-                            "{kind} {dtype:?} cap {cap} {policy:?} {scope:?}: differs from native"
-                        );
-                        let snap = sel.cache_snapshot().unwrap();
-                        assert!(snap.misses > 0);
-                    }
-                }
+            for cache in identity_cache_settings(2, all) {
+                let what = format!("{kind} {dtype:?} {cache:?}");
+                let sel = spec(kind, BackendKind::Selective, cache, dtype)
+                    .load(|_, _| {})
+                    .unwrap();
+                assert!(run(&sel, &seq) == want, "{what}: differs from native");
+                let snap = sel.cache_snapshot().unwrap();
+                assert!(snap.misses > 0);
             }
         }
     }

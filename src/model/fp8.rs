@@ -383,31 +383,24 @@ mod gpu {
             block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let y = match x.dtype() {
-            DType::BF16 => {
-                let xv = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
+        // One launch per element type: the kernels differ only in it.
+        macro_rules! launch {
+            ($t:ty, $name:literal) => {{
+                let xv = xs.as_cuda_slice::<$t>()?.slice(xl.start_offset()..);
                 // SAFETY: every element written by the kernel (one warp per row, every token).
-                let y = unsafe { dev.alloc::<bf16>(n * rows)? };
-                let f = dev.get_or_load_custom_func("fp8_gemv_bf16", MODULE, PTX)?;
+                let y = unsafe { dev.alloc::<$t>(n * rows)? };
+                let f = dev.get_or_load_custom_func($name, MODULE, PTX)?;
                 let mut b = f.builder();
                 b.arg(&wv).arg(&sv).arg(&xv).arg(&y);
                 b.arg(&r).arg(&c).arg(&br).arg(&bc).arg(&n_);
                 // SAFETY: argument order and types match the kernel; sizes from the matrix.
                 unsafe { b.launch(cfg) }.map_err(|e| err("gemv launch", e))?;
                 CudaStorage::wrap_cuda_slice(y, dev)
-            }
-            DType::F32 => {
-                let xv = xs.as_cuda_slice::<f32>()?.slice(xl.start_offset()..);
-                // SAFETY: as above.
-                let y = unsafe { dev.alloc::<f32>(n * rows)? };
-                let f = dev.get_or_load_custom_func("fp8_gemv_f32", MODULE, PTX)?;
-                let mut b = f.builder();
-                b.arg(&wv).arg(&sv).arg(&xv).arg(&y);
-                b.arg(&r).arg(&c).arg(&br).arg(&bc).arg(&n_);
-                // SAFETY: as above.
-                unsafe { b.launch(cfg) }.map_err(|e| err("gemv launch", e))?;
-                CudaStorage::wrap_cuda_slice(y, dev)
-            }
+            }};
+        }
+        let y = match x.dtype() {
+            DType::BF16 => launch!(bf16, "fp8_gemv_bf16"),
+            DType::F32 => launch!(f32, "fp8_gemv_f32"),
             other => return Err(err("gemv", format!("{other:?} activations"))),
         };
         Ok(Tensor::from_storage(
@@ -441,11 +434,11 @@ mod gpu {
             shared_mem_bytes: 0,
         };
         let (r, c, br, bc) = (rows as i32, cols as i32, br as i32, bc as i32);
-        let out = match dtype {
-            DType::BF16 => {
+        macro_rules! launch {
+            ($t:ty, $name:literal) => {{
                 // SAFETY: every element written by the grid-stride loop.
-                let out = unsafe { dev.alloc::<bf16>(total)? };
-                let f = dev.get_or_load_custom_func("fp8_dequant_bf16", MODULE, PTX)?;
+                let out = unsafe { dev.alloc::<$t>(total)? };
+                let f = dev.get_or_load_custom_func($name, MODULE, PTX)?;
                 let mut b = f.builder();
                 b.arg(&wv)
                     .arg(&sv)
@@ -457,23 +450,11 @@ mod gpu {
                 // SAFETY: argument order and types match the kernel.
                 unsafe { b.launch(cfg) }.map_err(|e| err("dequantize launch", e))?;
                 CudaStorage::wrap_cuda_slice(out, dev)
-            }
-            _ => {
-                // SAFETY: as above.
-                let out = unsafe { dev.alloc::<f32>(total)? };
-                let f = dev.get_or_load_custom_func("fp8_dequant_f32", MODULE, PTX)?;
-                let mut b = f.builder();
-                b.arg(&wv)
-                    .arg(&sv)
-                    .arg(&out)
-                    .arg(&r)
-                    .arg(&c)
-                    .arg(&br)
-                    .arg(&bc);
-                // SAFETY: as above.
-                unsafe { b.launch(cfg) }.map_err(|e| err("dequantize launch", e))?;
-                CudaStorage::wrap_cuda_slice(out, dev)
-            }
+            }};
+        }
+        let out = match dtype {
+            DType::BF16 => launch!(bf16, "fp8_dequant_bf16"),
+            _ => launch!(f32, "fp8_dequant_f32"),
         };
         Ok(Tensor::from_storage(
             Storage::Cuda(out),

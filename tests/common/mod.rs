@@ -269,3 +269,55 @@ pub fn edit_header(path: &std::path::Path, f: impl FnOnce(&mut serde_json::Value
     out.extend_from_slice(&bytes[8 + n..]);
     std::fs::write(path, out).unwrap();
 }
+
+/// Runs golden sequence 2 through `e` and checks that every router picked the experts
+/// transformers picked, position by position.
+pub fn assert_routing_is_golden(e: &moescope::engine::Engine, g: &Golden, what: &str) {
+    use moescope::model::ports::RoutingLog;
+    use moescope::model::qwen3_moe::Logits;
+    let mut log = RoutingLog::default();
+    let mut cache = e.model.new_cache();
+    e.model
+        .forward(
+            &g.sequences[2],
+            &mut cache,
+            e.provider.as_ref(),
+            &mut log,
+            Logits::Last,
+        )
+        .unwrap();
+    for (layer, per_pos) in &g.routing {
+        let layer: usize = layer.parse().unwrap();
+        let ours: Vec<Vec<u32>> = log
+            .entries
+            .iter()
+            .filter(|(l, _, _)| *l == layer)
+            .map(|(_, _, e)| e.clone())
+            .collect();
+        assert_eq!(&ours, per_pos, "{what} layer {layer}");
+    }
+}
+
+/// Every cache setting the identity tests sweep: capacities 1, `mid` and `all`, every policy,
+/// both scopes.
+pub fn identity_cache_settings(
+    mid: usize,
+    all: usize,
+) -> Vec<moescope::cache::settings::CacheSettings> {
+    use moescope::cache::policy::PolicyKind;
+    use moescope::cache::settings::{CacheSettings, Scope};
+    let mut out = Vec::new();
+    for cap in [1, mid, all] {
+        for policy in PolicyKind::ALL {
+            for scope in [Scope::Global, Scope::Layer] {
+                out.push(CacheSettings {
+                    cache_experts: Some(cap),
+                    cache_scope: scope,
+                    policy,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    out
+}
