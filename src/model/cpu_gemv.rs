@@ -262,10 +262,7 @@ pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Ten
 type F32RowKernel = fn(&[f32], &[f32], &mut [f32]);
 
 fn f32_row_portable(w: &[f32], xs: &[f32], out: &mut [f32]) {
-    let cols = w.len();
-    for (t, y) in out.iter_mut().enumerate() {
-        *y = dot_with(w, &xs[t * cols..(t + 1) * cols], |v| v);
-    }
+    each_token(w, xs, out, |w, x| dot_with(w, x, |v| v))
 }
 
 /// [`dot_with`] for f32 in AVX2 and FMA.
@@ -296,22 +293,12 @@ pub unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
     unsafe { finish(acc, i, n, |k, s| w[k].mul_add(x[k], s)) }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn f32_row_avx2(w: &[f32], xs: &[f32], out: &mut [f32]) {
-    let cols = w.len();
-    for (t, y) in out.iter_mut().enumerate() {
-        // SAFETY: this function's own contract (AVX2 and FMA present); equal lengths.
-        *y = unsafe { dot_f32_avx2(w, &xs[t * cols..(t + 1) * cols]) };
-    }
-}
-
 fn f32_row_kernel() -> F32RowKernel {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         return |w, xs, out| {
-            // SAFETY: AVX2 and FMA were detected on this CPU just above.
-            unsafe { f32_row_avx2(w, xs, out) }
+            // SAFETY: AVX2 and FMA were detected on this CPU (avx2_fma).
+            each_token(w, xs, out, |w, x| unsafe { dot_f32_avx2(w, x) })
         };
     }
     f32_row_portable
@@ -322,32 +309,33 @@ fn f32_row_kernel() -> F32RowKernel {
 type Bf16RowKernel = fn(&[u16], &[f32], &mut [f32]);
 
 fn bf16_row_portable(w: &[u16], xs: &[f32], out: &mut [f32]) {
-    let cols = w.len();
-    for (t, y) in out.iter_mut().enumerate() {
-        *y = dot_with(w, &xs[t * cols..(t + 1) * cols], bf16_bits);
-    }
-}
-
-/// The same in AVX2 and FMA (the portable form's bits: see [`dot_with`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn bf16_row_avx2(w: &[u16], xs: &[f32], out: &mut [f32]) {
-    let cols = w.len();
-    for (t, y) in out.iter_mut().enumerate() {
-        // SAFETY: this function's own contract (AVX2 and FMA present); equal lengths.
-        *y = unsafe { dot_bf16_avx2(w, &xs[t * cols..(t + 1) * cols]) };
-    }
+    each_token(w, xs, out, |w, x| dot_with(w, x, bf16_bits))
 }
 
 fn bf16_row_kernel() -> Bf16RowKernel {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         return |w, xs, out| {
-            // SAFETY: AVX2 and FMA were detected on this CPU just above.
-            unsafe { bf16_row_avx2(w, xs, out) }
+            // SAFETY: AVX2 and FMA were detected on this CPU (avx2_fma).
+            each_token(w, xs, out, |w, x| unsafe { dot_bf16_avx2(w, x) })
         };
     }
     bf16_row_portable
+}
+
+/// One row's results for every token (`xs` is n × the row's length).
+#[inline(always)]
+pub fn each_token<W>(w: &[W], xs: &[f32], out: &mut [f32], dot: impl Fn(&[W], &[f32]) -> f32) {
+    let cols = w.len();
+    for (t, y) in out.iter_mut().enumerate() {
+        *y = dot(w, &xs[t * cols..(t + 1) * cols]);
+    }
+}
+
+/// Whether the AVX2 + FMA forms may run on this CPU.
+#[cfg(target_arch = "x86_64")]
+pub fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// x·Wᵀ through [`narrow_matmul_t`] where it applies, else candle's matmul.

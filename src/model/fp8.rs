@@ -508,22 +508,14 @@ fn row_portable(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32]) 
     row_body(w, srow, bc, xs, out, |w, x| dot_with(w, x, e4m3))
 }
 
-/// The same with the AVX2 decode and dot (the portable form's bits: see `cpu_gemv::dot_with`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(w: &[u8], srow: &[f32], bc: usize, xs: &[f32], out: &mut [f32]) {
-    row_body(w, srow, bc, xs, out, |w, x| {
-        // SAFETY: this function's own contract (AVX2 and FMA present); equal lengths.
-        unsafe { super::cpu_gemv::dot_e4m3_avx2(w, x, e4m3) }
-    })
-}
-
 fn row_kernel() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if super::cpu_gemv::avx2_fma() {
         return |w, s, bc, xs, out| {
-            // SAFETY: AVX2 and FMA were detected on this CPU just above.
-            unsafe { row_avx2(w, s, bc, xs, out) }
+            row_body(w, s, bc, xs, out, |w, x| {
+                // SAFETY: AVX2 and FMA were detected on this CPU (avx2_fma); equal lengths.
+                unsafe { super::cpu_gemv::dot_e4m3_avx2(w, x, e4m3) }
+            })
         };
     }
     row_portable
