@@ -68,6 +68,8 @@ pub struct CachedProvider {
     device: Device,
     config: CacheConfig,
     expert_bytes: u64,
+    /// Experts kept as stored (GGUF blocks, FP8): no exact float conversion from a read buffer.
+    quantized: bool,
     unavailable: Vec<Vec<usize>>,
     state: Mutex<State>,
     loaded: Condvar,
@@ -151,6 +153,7 @@ impl CachedProvider {
             device: device.clone(),
             config,
             expert_bytes,
+            quantized: quantized.is_some(),
             unavailable,
             state: Mutex::new(State {
                 host: vec![Vec::new(); pools.num_pools()],
@@ -211,7 +214,8 @@ impl CachedProvider {
     /// Reads and converts one expert: (weights, bytes read, µs).
     fn read(&self, layer: usize, expert: usize) -> Result<(ExpertWeights, u64, u64)> {
         let start = Instant::now();
-        if self.device.is_cpu() {
+        // Quantized experts have no fast float path: read them once, below, not twice.
+        if self.device.is_cpu() && !self.quantized {
             thread_local! {
                 // One read buffer per thread (the forward pass and the prefetch thread).
                 static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
