@@ -7,25 +7,13 @@ mod common;
 
 use common::*;
 use moescope::cache::settings::{CacheSettings, SourceSpec};
-use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
+use moescope::engine::{BackendKind, Dtype, Engine};
 use moescope::model::ports::NoObserver;
 use moescope::model::qwen3_moe::Logits;
 use moescope::model::{Checkpoint, MoeConfig};
-use moescope::settings::Settings;
 
 const MOE: &str = "fp8/qwen3-moe-tiny-fp8";
 const OMNI: &str = "fp8/qwen3-omni-tiny-fp8";
-
-fn spec(name: &str, backend: BackendKind, cache: CacheSettings, dtype: Dtype) -> BackendSpec {
-    BackendSpec {
-        model_dir: fixture(name),
-        dtype,
-        device: DeviceSpec::cpu(),
-        backend,
-        cache,
-        settings: Settings::default(),
-    }
-}
 
 fn native(name: &str, dtype: Dtype) -> Engine {
     spec(name, BackendKind::Native, CacheSettings::default(), dtype)

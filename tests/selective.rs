@@ -7,21 +7,10 @@ use candle_core::Device;
 use common::*;
 use moescope::cache::policy::PolicyKind;
 use moescope::cache::settings::{CacheSettings, PrefetchMode, Scope, SourceSpec};
-use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
+use moescope::engine::{BackendKind, Dtype, Engine};
 use moescope::model::ports::NoObserver;
 use moescope::model::qwen3_moe::Logits;
 use moescope::settings::{H2dChoice, Settings};
-
-fn spec(name: &str, backend: BackendKind, cache: CacheSettings, dtype: Dtype) -> BackendSpec {
-    BackendSpec {
-        model_dir: fixture(name),
-        dtype,
-        device: DeviceSpec::cpu(),
-        backend,
-        cache,
-        settings: Settings::default(),
-    }
-}
 
 /// Bits of the final logits of a sequence, then the 12 greedy tokens after it.
 fn run(e: &Engine, seq: &[u32]) -> (Vec<u32>, Vec<u32>) {

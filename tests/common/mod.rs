@@ -321,3 +321,20 @@ pub fn identity_cache_settings(
     }
     out
 }
+
+/// A CPU backend over fixture `name` with default settings.
+pub fn spec(
+    name: &str,
+    backend: moescope::engine::BackendKind,
+    cache: moescope::cache::settings::CacheSettings,
+    dtype: moescope::engine::Dtype,
+) -> moescope::engine::BackendSpec {
+    moescope::engine::BackendSpec {
+        model_dir: fixture(name),
+        dtype,
+        device: moescope::engine::DeviceSpec::cpu(),
+        backend,
+        cache,
+        settings: moescope::settings::Settings::default(),
+    }
+}
