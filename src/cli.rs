@@ -97,6 +97,29 @@ pub enum BenchCommand {
     /// logits file `llama-perplexity -m FILE.gguf -f TEXT --kl-divergence-base OUT` writes and
     /// scores the same token chunks.
     Kld(KldArgs),
+    /// Where a GPU decode step's time goes: each stage of every layer (attention, router, the
+    /// expert kernels, norms, lm_head) captured as its own CUDA graph and timed with events,
+    /// against the whole-step graph and a device copy's bandwidth measured in the same run.
+    Steps(StepsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StepsArgs {
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value = "cuda:0", value_parser = DeviceSpec::parse)]
+    pub device: DeviceSpec,
+    /// Prompt tokens before the profiled step (the KV rows attention reads grow with it).
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+    /// Timed rounds after one warm-up (medians are reported).
+    #[arg(long, default_value_t = 20)]
+    pub rounds: usize,
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON (per-layer medians included) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

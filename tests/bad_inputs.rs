@@ -411,3 +411,13 @@ fn a_model_that_cannot_fit_is_refused_before_loading() {
     assert_eq!(rc, 2, "{err}");
     assert!(err.contains("native") && err.contains("--force"), "{err}");
 }
+
+#[test]
+fn the_step_profile_refuses_a_cpu_device_by_name() {
+    // `bench steps` times CUDA graphs; on the CPU it must say so, not profile nothing.
+    let (rc, out, err) = run(&["bench", "steps", "--device", "cpu"]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("--device cuda:N"), "{err}");
+}

@@ -13,6 +13,7 @@ pub fn run(cmd: &BenchCommand, settings: &Settings) -> Result<()> {
         BenchCommand::Decode(a) => bench_decode(a, settings),
         BenchCommand::RandomCheckpoint(a) => random_checkpoint(a),
         BenchCommand::Kld(a) => kld(a, settings),
+        BenchCommand::Steps(a) => steps(a, settings),
         BenchCommand::Kernels(a) => {
             let secs = kernels(a, settings)?;
             println!(
@@ -177,6 +178,61 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     Ok(())
+}
+
+/// `bench steps`: the native backend in bf16 on the GPU, one step profiled (see
+/// `model::step_profile`).
+fn steps(a: &crate::cli::StepsArgs, settings: &Settings) -> Result<()> {
+    if !a.device.is_cuda() {
+        crate::bail_input!(
+            "bench steps profiles CUDA graphs: pass --device cuda:N (got {})",
+            a.device
+        );
+    }
+    let spec = BackendSpec {
+        model_dir: a.model.clone().unwrap_or_else(default_model_dir),
+        dtype: crate::engine::Dtype::Bf16,
+        device: a.device.clone(),
+        backend: BackendKind::Native,
+        cache: CacheSettings::default(),
+        settings: settings.clone(),
+    };
+    let engine = spec.load(|_, _| {})?;
+    let prompt = decode::prompt(a.prompt_tokens.max(1), engine.cfg.vocab_size);
+    let p = profile_step(&engine, &prompt, a.rounds)?;
+    if let Some(path) = &a.save {
+        crate::util::write_atomic(path, &serde_json::to_string_pretty(&p)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        print!("{}", crate::report::steps::table(&p));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn profile_step(
+    engine: &crate::engine::Engine,
+    prompt: &[u32],
+    rounds: usize,
+) -> Result<crate::model::step_profile::StepProfile> {
+    Ok(crate::model::step_profile::profile(
+        &engine.model,
+        engine.provider.as_ref(),
+        prompt,
+        rounds,
+    )?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profile_step(
+    _: &crate::engine::Engine,
+    _: &[u32],
+    _: usize,
+) -> Result<crate::model::step_profile::StepProfile> {
+    crate::bail_input!("this moescope was built without CUDA (cargo build --features cuda)")
 }
 
 fn random_checkpoint(a: &RandomCheckpointArgs) -> Result<()> {

@@ -398,7 +398,7 @@ struct Pieces {
 unsafe impl Send for Piecewise {}
 
 /// Records what `body` queues on `stream` as a graph, instantiated and uploaded.
-fn capture_piece(
+pub(crate) fn capture_piece(
     stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
     body: impl FnOnce() -> Result<()>,
 ) -> Result<CudaGraph> {

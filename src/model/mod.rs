@@ -24,6 +24,7 @@ pub mod qwen3_moe;
 pub mod raw;
 pub mod safetensors_file;
 pub mod sampling;
+pub mod step_profile;
 pub mod tokenizer;
 
 /// How the forward pass may run on a GPU. The model reads no environment: these come from the

@@ -305,6 +305,37 @@ impl MoeBlock {
         let used: Vec<usize> = (0..num_experts).filter(|&e| !rows[e].is_empty()).collect();
         experts.will_use(self.layer, &used);
 
+        // One token on the CPU, every routed expert dense and held at once: their products
+        // batched (`cpu_gemv::experts_one_token`), the same bits as one expert at a time.
+        if t == 1 && !x.device().is_cuda() && used.len() <= experts.holds_at_once(self.layer) {
+            let held = used
+                .iter()
+                .map(|&e| experts.get(self.layer, e))
+                .collect::<Result<Vec<_>>>()?;
+            let mats: Option<Vec<(&Tensor, &Tensor)>> = held.iter().map(|w| w.dense()).collect();
+            if let Some(y) = mats.and_then(|m| super::cpu_gemv::experts_one_token(x, &m)) {
+                let y = y?;
+                let mut acc: Option<Tensor> = None;
+                for (j, &e) in used.iter().enumerate() {
+                    let ye = y.narrow(0, j, 1)?.affine(f64::from(rows[e][0].1), 0.0)?;
+                    acc = Some(match acc {
+                        None => ye,
+                        Some(a) => (a + ye)?,
+                    });
+                }
+                return Ok(acc.unwrap_or(x.zeros_like()?));
+            }
+            // Not this case (quantized experts): one at a time over the experts already held.
+            let mut acc: Option<Tensor> = None;
+            for (w, &e) in held.iter().zip(&used) {
+                let y = w.forward(x)?.affine(f64::from(rows[e][0].1), 0.0)?;
+                acc = Some(match acc {
+                    None => y,
+                    Some(a) => (a + y)?,
+                });
+            }
+            return Ok(acc.unwrap_or(x.zeros_like()?));
+        }
         let mut acc: Option<Tensor> = None;
         for e in used {
             let weights = experts.get(self.layer, e)?;

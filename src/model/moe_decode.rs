@@ -56,46 +56,45 @@ pub fn moe_decode(
             ),
         ));
     }
-    let dev = x.device().as_cuda_device()?.clone();
-    let (x, gate_up, down) = (x.contiguous()?, gate_up.contiguous()?, down.contiguous()?);
-    let (ids, weights) = (ids.contiguous()?, weights.contiguous()?);
+    let mid = moe_gate_up(x, gate_up, ids, map)?;
+    moe_down(&mid, down, ids, map, weights)
+}
 
+/// The first of [`moe_decode`]'s two kernels: `silu(gate_s · x) * (up_s · x)` for each routed
+/// expert `s`, as [k, I] bf16. Apart so that the step profile (`step_profile.rs`) can time it.
+pub fn moe_gate_up(
+    x: &Tensor,
+    gate_up: &Tensor,
+    ids: &Tensor,
+    map: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (_, hidden) = x.dims2()?;
+    let (_, two_i, h2) = gate_up.dims3()?;
+    let k = ids.elem_count();
+    if h2 != hidden || two_i % 2 != 0 || k > MAX_TOPK {
+        return Err(err(
+            "shapes",
+            format!(
+                "x {:?}, gate_up {:?}, {k} experts",
+                x.dims(),
+                gate_up.dims()
+            ),
+        ));
+    }
+    let inter = two_i / 2;
+    let dev = x.device().as_cuda_device()?.clone();
+    let (x, gate_up, ids) = (x.contiguous()?, gate_up.contiguous()?, ids.contiguous()?);
     let (xs, xl) = x.storage_and_layout();
     let (gs, gl) = gate_up.storage_and_layout();
-    let (ds, dl) = down.storage_and_layout();
     let (is, il) = ids.storage_and_layout();
-    let (ws, wl) = weights.storage_and_layout();
-    let (
-        Storage::Cuda(xs),
-        Storage::Cuda(gs),
-        Storage::Cuda(ds),
-        Storage::Cuda(is),
-        Storage::Cuda(ws),
-    ) = (&*xs, &*gs, &*ds, &*is, &*ws)
-    else {
+    let (Storage::Cuda(xs), Storage::Cuda(gs), Storage::Cuda(is)) = (&*xs, &*gs, &*is) else {
         return Err(err("device", "every input must be on the GPU"));
     };
     let xv = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
     let gv = gs.as_cuda_slice::<bf16>()?.slice(gl.start_offset()..);
-    let dv = ds.as_cuda_slice::<bf16>()?.slice(dl.start_offset()..);
     let iv = is.as_cuda_slice::<u32>()?.slice(il.start_offset()..);
-    let wv = ws.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
-
-    // A raw address (0: none): the kernels read `map` only through `ids`, within its length as
-    // long as the ids are expert ids (the router's), which is what callers passing it give.
-    let map_at: u64 = match map {
-        Some(m) if m.dtype() != DType::U32 => {
-            return Err(err("map", format!("{:?}, not u32", m.dtype())));
-        }
-        Some(m) => raw_addr(m, "map")?,
-        None => 0,
-    };
+    let map_at = map_addr(map)?;
     let (k_, i_, h_) = (k as i32, inter as i32, hidden as i32);
-    let blocks = |warps: usize| LaunchConfig {
-        grid_dim: ((warps as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
-        block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
 
     // SAFETY: written in full by the kernel below (one warp per element) before any read.
     let mid = unsafe { dev.alloc::<bf16>(k * inter)? };
@@ -110,7 +109,56 @@ pub fn moe_decode(
         .arg(&i_)
         .arg(&h_);
     // SAFETY: argument order and types match the kernel's signature; sizes checked above.
-    unsafe { b.launch(blocks(k * inter)) }.map_err(|e| err("gate_up launch", e))?;
+    unsafe { b.launch(warp_blocks(k * inter)) }.map_err(|e| err("gate_up launch", e))?;
+    let mid = CudaStorage::wrap_cuda_slice(mid, dev);
+    Ok(Tensor::from_storage(
+        Storage::Cuda(mid),
+        (k, inter),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// The second of [`moe_decode`]'s kernels: `Σ_s weight_s · down_s · mid_s` as [1, H] bf16,
+/// `mid` [k, I] from [`moe_gate_up`].
+pub fn moe_down(
+    mid: &Tensor,
+    down: &Tensor,
+    ids: &Tensor,
+    map: Option<&Tensor>,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    let (_, hidden, inter) = down.dims3()?;
+    let k = ids.elem_count();
+    if mid.dims() != [k, inter] || weights.elem_count() != k || k == 0 || k > MAX_TOPK {
+        return Err(err(
+            "shapes",
+            format!(
+                "mid {:?}, down {:?}, {k} experts, weights {:?}",
+                mid.dims(),
+                down.dims(),
+                weights.dims()
+            ),
+        ));
+    }
+    let dev = mid.device().as_cuda_device()?.clone();
+    let (mid, down) = (mid.contiguous()?, down.contiguous()?);
+    let (ids, weights) = (ids.contiguous()?, weights.contiguous()?);
+    let (ms, ml) = mid.storage_and_layout();
+    let (ds, dl) = down.storage_and_layout();
+    let (is, il) = ids.storage_and_layout();
+    let (ws, wl) = weights.storage_and_layout();
+    let (Storage::Cuda(ms), Storage::Cuda(ds), Storage::Cuda(is), Storage::Cuda(ws)) =
+        (&*ms, &*ds, &*is, &*ws)
+    else {
+        return Err(err("device", "every input must be on the GPU"));
+    };
+    let mv = ms.as_cuda_slice::<bf16>()?.slice(ml.start_offset()..);
+    let dv = ds.as_cuda_slice::<bf16>()?.slice(dl.start_offset()..);
+    let iv = is.as_cuda_slice::<u32>()?.slice(il.start_offset()..);
+    let wv = ws.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
+    let map_at = map_addr(map)?;
+    let (k_, i_, h_) = (k as i32, inter as i32, hidden as i32);
 
     // SAFETY: as above, one warp per output row.
     let y = unsafe { dev.alloc::<bf16>(hidden)? };
@@ -120,13 +168,19 @@ pub fn moe_decode(
         .arg(&iv)
         .arg(&map_at)
         .arg(&wv)
-        .arg(&mid)
+        .arg(&mv)
         .arg(&y)
         .arg(&k_)
         .arg(&i_)
         .arg(&h_);
-    // SAFETY: as above.
-    unsafe { b.launch(blocks(hidden)) }.map_err(|e| err("down launch", e))?;
+    // One block per output row, one warp per routed expert (see the kernel).
+    let cfg = LaunchConfig {
+        grid_dim: (hidden as u32, 1, 1),
+        block_dim: (32 * k as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as above; k ≤ MAX_TOPK (checked), the kernel's shared array.
+    unsafe { b.launch(cfg) }.map_err(|e| err("down launch", e))?;
 
     let y = CudaStorage::wrap_cuda_slice(y, dev);
     Ok(Tensor::from_storage(
@@ -135,6 +189,25 @@ pub fn moe_decode(
         BackpropOp::none(),
         false,
     ))
+}
+
+/// Enough blocks for one warp per output element.
+fn warp_blocks(warps: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((warps as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
+        block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A raw address (0: none): the kernels read `map` only through `ids`, within its length as long
+/// as the ids are expert ids (the router's), which is what callers passing it give.
+fn map_addr(map: Option<&Tensor>) -> Result<u64> {
+    match map {
+        Some(m) if m.dtype() != DType::U32 => Err(err("map", format!("{:?}, not u32", m.dtype()))),
+        Some(m) => raw_addr(m, "map"),
+        None => Ok(0),
+    }
 }
 
 /// The device address of a whole tensor, for a kernel argument. It must be contiguous in place:

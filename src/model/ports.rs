@@ -158,6 +158,7 @@ impl ExpertWeights {
 /// Experts stacked for a fused kernel (`candle_nn::moe::moe_gemm`): `gate_up` is
 /// [n, 2I, H], `down` [n, H, I]; `index` maps an expert id to its position along the first
 /// dimension (None: position = expert id, the native layout).
+#[derive(Clone)]
 pub struct Stacked {
     pub gate_up: Tensor,
     pub down: Tensor,
@@ -197,6 +198,12 @@ pub trait ExpertProvider: Send + Sync {
     /// them alive while they are applied, even if a cache evicts them meanwhile — which is what
     /// lets a cache smaller than top-k work.
     fn get(&self, layer: usize, expert: usize) -> Result<Arc<ExpertWeights>>;
+    /// How many of `layer`'s experts the forward pass may hold at once without exceeding what
+    /// the provider budgets: the CPU batches one token's experts into two products when all of
+    /// them fit (else it takes them one at a time, each dropped before the next is asked for).
+    fn holds_at_once(&self, _layer: usize) -> usize {
+        usize::MAX
+    }
 
     /// Experts of `layer` that cannot be provided. Non-empty only in a run where the user allowed
     /// missing experts; the router masks them out and the run is labelled DEGRADED.

@@ -512,6 +512,117 @@ impl Qwen3Moe {
         Ok(())
     }
 
+    /// One stage of decode layer `l` (or of the head, `l` ignored) on the step profile's static
+    /// buffers (`step_profile.rs`): the ops `piece_attention`/`piece_experts`/`piece_head` run,
+    /// cut at each stage, every stage ending in a copy into its buffer.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn piece_stage(
+        &self,
+        l: usize,
+        stage: super::step_profile::Stage,
+        b: &super::step_profile::StageBuffers,
+        cache: &mut KvCache,
+        stacks: Option<&super::ports::Stacked>,
+    ) -> Result<()> {
+        use super::step_profile::Stage;
+        let layer = &self.layers[l.min(self.layers.len() - 1)];
+        let moe = match &layer.ffn {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
+        };
+        let need_moe =
+            || moe.ok_or_else(|| ModelError::Input(format!("layer {l} has no MoE block")));
+        let need_stacks =
+            || stacks.ok_or_else(|| ModelError::Input(format!("layer {l}: no stacked experts")));
+        match stage {
+            Stage::Start => {
+                self.piece_start(&b.ids_in, &b.pos, cache, &b.dec, &b.x)?;
+            }
+            Stage::AttnNorm => b.hn.slice_set(&layer.input_norm.forward(&b.x)?, 0, 0)?,
+            Stage::Attention => {
+                let a = layer
+                    .attn
+                    .forward(&b.hn, l, cache, &Positions::Device(&b.dec))?;
+                b.x_mid.slice_set(&(&b.x + a)?, 0, 0)?;
+            }
+            Stage::FfnNorm => b.h.slice_set(&layer.post_norm.forward(&b.x_mid)?, 0, 0)?,
+            Stage::Router => {
+                let (i, w) = need_moe()?.route_on_device(&b.h, 1, &[])?.ok_or_else(|| {
+                    ModelError::Input("the step profile needs the routing kernel".into())
+                })?;
+                b.route_ids.slice_set(&i, 0, 0)?;
+                b.route_w.slice_set(&w, 0, 0)?;
+            }
+            Stage::GateUp => {
+                let st = need_stacks()?;
+                let mid = super::moe_decode::moe_gate_up(&b.h, &st.gate_up, &b.route_ids, None)?;
+                b.mid.slice_set(&mid, 0, 0)?;
+            }
+            Stage::Down => {
+                let st = need_stacks()?;
+                let y =
+                    super::moe_decode::moe_down(&b.mid, &st.down, &b.route_ids, None, &b.route_w)?;
+                b.y.slice_set(&y, 0, 0)?;
+            }
+            Stage::Residual => b.x.slice_set(&(&b.x_mid + &b.y)?, 0, 0)?,
+            Stage::DenseMlp => match &layer.ffn {
+                Ffn::Dense(m) => b.x.slice_set(&(&b.x_mid + m.forward(&b.h)?)?, 0, 0)?,
+                Ffn::Moe(_) => return Err(ModelError::Input(format!("layer {l} is MoE"))),
+            },
+            Stage::FinalNorm => b.hn.slice_set(&self.norm.forward(&b.x)?, 0, 0)?,
+            Stage::LmHead => {
+                let y = self.lm_head.forward(&b.hn)?.to_dtype(DType::F32)?;
+                b.logits.slice_set(&y, 0, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of weights (and KV rows, at the static capacity `kv_rows`) a stage of layer `l`
+    /// reads in a one-token step: what bounds it at full memory bandwidth.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn stage_bytes(
+        &self,
+        l: usize,
+        stage: super::step_profile::Stage,
+        kv_rows: usize,
+    ) -> u64 {
+        use super::step_profile::Stage;
+        let es = self.dtype.size_in_bytes() as u64;
+        let (h, d) = (self.cfg.hidden_size as u64, self.cfg.head_dim as u64);
+        let layer = &self.layers[l.min(self.layers.len() - 1)];
+        let moe = match &layer.ffn {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
+        };
+        let (k, inter) = (
+            self.cfg.num_experts_per_tok as u64,
+            self.cfg.moe_intermediate_size as u64,
+        );
+        match stage {
+            Stage::Start => h * es,
+            Stage::AttnNorm | Stage::FfnNorm | Stage::FinalNorm => h * es,
+            Stage::Attention => {
+                let a = &layer.attn;
+                a.q_proj.bytes()
+                    + a.k_proj.bytes()
+                    + a.v_proj.bytes()
+                    + a.o_proj.bytes()
+                    + 2 * d * es
+                    + 2 * a.num_kv_heads as u64 * kv_rows as u64 * d * es
+            }
+            Stage::Router => moe.map_or(0, |m| (m.router.elem_count() as u64) * es),
+            Stage::GateUp => k * 2 * inter * h * es,
+            Stage::Down => k * inter * h * es,
+            Stage::Residual => 0,
+            Stage::DenseMlp => match &layer.ffn {
+                Ffn::Dense(m) => m.gate_proj.bytes() + m.up_proj.bytes() + m.down_proj.bytes(),
+                Ffn::Moe(_) => 0,
+            },
+            Stage::LmHead => self.lm_head.bytes(),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn run_layers(
         &self,

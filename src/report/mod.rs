@@ -7,6 +7,7 @@ pub mod html;
 pub mod json;
 pub mod markdown;
 pub mod simulate;
+pub mod steps;
 pub mod sweep;
 pub mod table;
 pub mod trace;

@@ -389,6 +389,13 @@ impl ExpertProvider for CachedProvider {
         &self.unavailable[layer]
     }
 
+    fn holds_at_once(&self, layer: usize) -> usize {
+        let s = self.lock();
+        s.pools
+            .pool_of(layer)
+            .map_or(0, |p| s.pools.pool_capacity(p))
+    }
+
     fn resident_bytes(&self) -> u64 {
         self.lock().resident_bytes
     }

@@ -1,0 +1,150 @@
+//! `bench steps`: where a GPU decode step's time goes, as a table.
+
+use std::fmt::Write;
+
+use crate::model::step_profile::StepProfile;
+use crate::util::fmt_bytes;
+
+pub fn table(p: &StepProfile) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{} ({}), {}, {} layers ({} MoE), token at position {}, {} KV rows, {} rounds",
+        p.gpu, p.device, p.dtype, p.layers, p.moe_layers, p.position, p.kv_rows, p.rounds
+    );
+    let _ = writeln!(
+        o,
+        "device copy: {:.0} GB/s of HBM traffic (read + write); a step reads {} → bound {:.0} tok/s",
+        p.copy_gb_s,
+        fmt_bytes(p.bytes_per_step),
+        p.bound_tok_s
+    );
+    let _ = writeln!(
+        o,
+        "whole-step graph: {:.1} µs = {:.1} tok/s = {:.1} % of the bound; {} device ops",
+        p.step_us, p.tok_s, p.pct_of_bound, p.step_ops
+    );
+    let _ = writeln!(
+        o,
+        "stages as separate graphs: {:.1} µs in all ({} segments; an empty stage costs {:.2} µs, \
+         taken off each below)",
+        p.segmented_us,
+        p.segments.len(),
+        p.empty_stage_us
+    );
+    let _ = writeln!(
+        o,
+        "floors: bytes at the copy bandwidth {:.1} µs; {} ops × {:.2} µs (one tiny op in a graph) = \
+         {:.1} µs",
+        p.bandwidth_floor_us(),
+        p.step_ops,
+        p.op_floor_us,
+        p.latency_floor_us()
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "| {:<22} | {:>5} | {:>9} | {:>7} | {:>10} | {:>9} | {:>9} | {:>5} |",
+        "stage", "segs", "µs/step", "share", "read", "GB/s", "of copy", "ops"
+    );
+    let _ = writeln!(
+        o,
+        "|{}|{}|{}|{}|{}|{}|{}|{}|",
+        "-".repeat(24),
+        "-".repeat(7),
+        "-".repeat(11),
+        "-".repeat(9),
+        "-".repeat(12),
+        "-".repeat(11),
+        "-".repeat(11),
+        "-".repeat(7)
+    );
+    for r in &p.stages {
+        let (gb, pct) = if r.bytes > 0 {
+            (format!("{:.0}", r.gb_s), format!("{:.1} %", r.pct_of_copy))
+        } else {
+            ("–".into(), "–".into())
+        };
+        let _ = writeln!(
+            o,
+            "| {:<22} | {:>5} | {:>9.1} | {:>5.1} % | {:>10} | {:>9} | {:>9} | {:>5} |",
+            r.name,
+            r.count,
+            r.net_us,
+            r.share_pct,
+            fmt_bytes(r.bytes),
+            gb,
+            pct,
+            r.ops
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::step_profile::{SegmentTime, Stage, stage_rows};
+
+    #[test]
+    fn the_table_shows_each_stage_net_of_the_empty_stage() {
+        let seg = |layer, stage, us| SegmentTime {
+            layer,
+            stage,
+            median_us: us,
+            min_us: us,
+        };
+        // Two layers' gate_up (1 MB each at 10 µs + 2 µs boundary) and one lm_head.
+        let segments = [
+            (seg(Some(0), Stage::GateUp, 12.0), 1_000_000, 1),
+            (seg(Some(1), Stage::GateUp, 12.0), 1_000_000, 1),
+            (seg(None, Stage::LmHead, 22.0), 4_000_000, 2),
+        ];
+        let rows = stage_rows(&segments, 2.0, 1000.0);
+        assert_eq!(rows.len(), 2);
+        let g = &rows[0];
+        assert_eq!((g.count, g.bytes, g.ops), (2, 2_000_000, 2));
+        assert!((g.net_us - 20.0).abs() < 1e-9);
+        // 2 MB in 20 µs = 100 GB/s = 10 % of 1000 GB/s.
+        assert!((g.gb_s - 100.0).abs() < 1e-9, "{}", g.gb_s);
+        assert!((g.pct_of_copy - 10.0).abs() < 1e-9);
+        assert!((g.share_pct - 50.0).abs() < 1e-9);
+        let p = StepProfile {
+            device: "Cuda { gpu_id: 0 }".into(),
+            gpu: "Test GPU".into(),
+            dtype: "bf16".into(),
+            layers: 2,
+            moe_layers: 2,
+            position: 16,
+            kv_rows: 32,
+            rounds: 3,
+            copy_gb_s: 1000.0,
+            step_us: 50.0,
+            step_ops: 10,
+            segmented_us: 46.0,
+            empty_stage_us: 2.0,
+            op_floor_us: 1.5,
+            bytes_per_step: 6_000_000,
+            bound_tok_s: 1000.0 * 1e9 / 6e6,
+            tok_s: 20_000.0,
+            pct_of_bound: 12.0,
+            stages: rows,
+            segments: segments.iter().map(|s| s.0.clone()).collect(),
+        };
+        let t = table(&p);
+        assert!(
+            t.contains("| experts gate_up        |     2 |      20.0 |  50.0 % |"),
+            "{t}"
+        );
+        assert!(t.contains("bytes at the copy bandwidth 6.0 µs"), "{t}");
+        assert!(t.contains("10 ops × 1.50 µs"), "{t}");
+    }
+
+    #[test]
+    fn the_median_of_an_even_sample_is_the_mean_of_its_middle_pair() {
+        use crate::model::step_profile::median;
+        assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
+        assert_eq!(median(&[5.0]), 5.0);
+        assert_eq!(median(&[]), 0.0);
+    }
+}
