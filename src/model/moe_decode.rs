@@ -19,6 +19,8 @@ const MODULE: &str = "moescope_moe_decode";
 /// The kernels keep one partial sum per selected expert in registers.
 pub const MAX_TOPK: usize = 16;
 const WARPS_PER_BLOCK: u32 = 8;
+/// Output rows per block of the down kernel (`DOWN_ROWS` in the kernel file).
+const DOWN_ROWS: u32 = 4;
 
 /// Whether [`moe_decode`] handles this case: one token, bf16, top-k within the kernels' limit.
 pub fn applies(tokens: usize, dtype: DType, top_k: usize) -> bool {
@@ -173,9 +175,9 @@ pub fn moe_down(
         .arg(&k_)
         .arg(&i_)
         .arg(&h_);
-    // One block per output row, one warp per routed expert (see the kernel).
+    // One block per DOWN_ROWS output rows, one warp per routed expert (see the kernel).
     let cfg = LaunchConfig {
-        grid_dim: (hidden as u32, 1, 1),
+        grid_dim: ((hidden as u32).div_ceil(DOWN_ROWS), 1, 1),
         block_dim: (32 * k as u32, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -91,11 +91,52 @@ extern "C" __global__ void moe_decode_gate_up_bf16(
     }
 }
 
+// dot_part over `rows` consecutive rows (`stride` elements apart, rows <= DOWN_ROWS) against
+// the same x, their loads issued together: each row's accumulator sees its elements in
+// dot_part's order, so the bits are dot_part's.
+#define DOWN_ROWS 4
+__device__ __forceinline__ void dot_rows(const __nv_bfloat16* __restrict__ row0, size_t stride,
+                                         int rows, const __nv_bfloat16* __restrict__ x, int n,
+                                         int lane, float* acc) {
+#pragma unroll
+    for (int r = 0; r < DOWN_ROWS; r++) acc[r] = 0.f;
+    if (rows != DOWN_ROWS || (((uintptr_t)row0 | (uintptr_t)x | (stride * 2)) & 15) != 0) {
+        for (int r = 0; r < rows; r++) acc[r] = dot_part(row0 + r * stride, x, n, lane);
+        return;
+    }
+    const int nv = n / 8;
+    const uint4* x4 = reinterpret_cast<const uint4*>(x);
+    for (int i = lane; i < nv; i += 32) {
+        uint4 w[DOWN_ROWS];
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; r++) w[r] = __ldg(reinterpret_cast<const uint4*>(row0 + r * stride) + i);
+        const uint4 c = __ldg(x4 + i);
+        const __nv_bfloat162* c2 = reinterpret_cast<const __nv_bfloat162*>(&c);
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; r++) {
+            const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&w[r]);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 fa = __bfloat1622float2(a2[j]);
+                const float2 fc = __bfloat1622float2(c2[j]);
+                acc[r] = fmaf(fa.x, fc.x, acc[r]);
+                acc[r] = fmaf(fa.y, fc.y, acc[r]);
+            }
+        }
+    }
+    for (int i = nv * 8 + lane; i < n; i += 32) {
+        const float xi = __bfloat162float(x[i]);
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; r++) acc[r] = fmaf(__bfloat162float(row0[r * stride + i]), xi, acc[r]);
+    }
+}
+
 // y[h] = sum_s bf16(bf16(down_h(ids[s]) . mid[s]) * bf16(w[s])), the sum in f32 in slot order.
-// One block per h, one warp per slot s (blockDim = 32 k). Why not one warp per h: a row's k
-// short dots (I = 768 on Qwen3-30B-A3B) then run one after another and too few bytes are in
-// flight (a third of the copy bandwidth, `bench steps`); with a warp per (h, s) every slot's
-// reads are issued at once. Each slot's dot and the sum's order are what one warp per h did.
+// One block per DOWN_ROWS output rows, one warp per routed expert (blockDim = 32 k), each warp
+// reading its expert's DOWN_ROWS rows at once. Why not one warp per row: a row's k short dots
+// (I = 768 on Qwen3-30B-A3B) then run one after another and too few bytes are in flight (a third
+// of the copy bandwidth, `bench steps`). Each dot and the sum's order are what one warp per row
+// did, so the bits are too.
 extern "C" __global__ void moe_decode_down_bf16(
     const __nv_bfloat16* __restrict__ w_dn,  // [E, H, I]
     const uint32_t* __restrict__ ids,        // [k]
@@ -104,23 +145,28 @@ extern "C" __global__ void moe_decode_down_bf16(
     const __nv_bfloat16* __restrict__ mid,   // [k, I]
     __nv_bfloat16* __restrict__ y,           // [H]
     int k, int inter, int hidden) {
-    __shared__ float d[MAX_TOPK];
-    const int h = blockIdx.x;
+    __shared__ float d[DOWN_ROWS][MAX_TOPK];
+    const int h0 = blockIdx.x * DOWN_ROWS;
+    const int rows = min(DOWN_ROWS, hidden - h0);
     const int s = threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
-    if (h >= hidden) return;
+    if (rows <= 0) return;
     if (s < k) {
         const size_t e = map ? map[ids[s]] : ids[s];
-        const float part =
-            dot_part(w_dn + (e * hidden + h) * (size_t)inter, mid + (size_t)s * inter, inter, lane);
-        const float v = bf16_round(warp_sum(part));
-        if (lane == 0) d[s] = v;
+        float part[DOWN_ROWS];
+        dot_rows(w_dn + (e * hidden + h0) * (size_t)inter, (size_t)inter, rows,
+                 mid + (size_t)s * inter, inter, lane, part);
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; r++) {
+            const float v = bf16_round(warp_sum(part[r]));
+            if (lane == 0 && r < rows) d[r][s] = v;
+        }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x < rows) {
         float acc = 0.f;
-        for (int j = 0; j < k; j++) acc += bf16_round(d[j] * bf16_round(topk_w[j]));
-        y[h] = __float2bfloat16(acc);
+        for (int j = 0; j < k; j++) acc += bf16_round(d[threadIdx.x][j] * bf16_round(topk_w[j]));
+        y[h0 + threadIdx.x] = __float2bfloat16(acc);
     }
 }
 
