@@ -61,6 +61,12 @@ impl Stage {
         }
     }
 
+    /// Copies into static buffers that end this stage's graph (the router writes ids and
+    /// weights); the profile takes them off its time.
+    pub fn boundary_copies(self) -> usize {
+        if self == Stage::Router { 2 } else { 1 }
+    }
+
     /// The stages of a MoE layer, in order.
     pub const MOE_LAYER: [Stage; 7] = [
         Stage::AttnNorm,
@@ -157,15 +163,19 @@ impl StepProfile {
     }
 }
 
-/// Rolls per-segment times into one row per stage kind.
+/// Rolls per-segment times into one row per stage kind. A segment's net time is its median less
+/// the empty stage (a graph boundary and one copy) and, for each further boundary copy, one
+/// op inside a graph (`op_floor_us`).
 pub fn stage_rows(
     segments: &[(SegmentTime, u64, usize)],
     empty_stage_us: f64,
+    op_floor_us: f64,
     copy_gb_s: f64,
 ) -> Vec<StageRow> {
     let mut rows: Vec<StageRow> = Vec::new();
     for (s, bytes, ops) in segments {
-        let net = (s.median_us - empty_stage_us).max(0.0);
+        let extra = s.stage.boundary_copies().saturating_sub(1) as f64 * op_floor_us;
+        let net = (s.median_us - empty_stage_us - extra).max(0.0);
         match rows.iter_mut().find(|r| r.stage == s.stage) {
             Some(r) => {
                 r.count += 1;
@@ -474,8 +484,7 @@ mod gpu {
             let (l, s, _) = seg;
             let bytes = model.stage_bytes(l.unwrap_or(0), *s, kv_rows);
             bytes_per_step += bytes;
-            // Each stage ends in one boundary copy, the router's in two.
-            let boundary = if *s == Stage::Router { 2 } else { 1 } * empty_ops;
+            let boundary = s.boundary_copies() * empty_ops;
             let ops = device_ops(g)?.saturating_sub(boundary);
             let min = times.iter().copied().fold(f64::INFINITY, f64::min);
             detailed.push((
@@ -489,7 +498,8 @@ mod gpu {
                 ops,
             ));
         }
-        let stages = stage_rows(&detailed, empty_stage_us, copy_gb_s);
+        let op_floor_us = median(&floor_t);
+        let stages = stage_rows(&detailed, empty_stage_us, op_floor_us, copy_gb_s);
         let step_us = median(&step);
         let bound_tok_s = copy_gb_s * 1e9 / bytes_per_step.max(1) as f64;
         let tok_s = 1e6 / step_us.max(1e-12);
@@ -507,7 +517,7 @@ mod gpu {
             step_ops: device_ops(&whole_graph)?,
             segmented_us: median(&segmented),
             empty_stage_us,
-            op_floor_us: median(&floor_t),
+            op_floor_us,
             bytes_per_step,
             bound_tok_s,
             tok_s,

@@ -100,7 +100,7 @@ mod tests {
             (seg(Some(1), Stage::GateUp, 12.0), 1_000_000, 1),
             (seg(None, Stage::LmHead, 22.0), 4_000_000, 2),
         ];
-        let rows = stage_rows(&segments, 2.0, 1000.0);
+        let rows = stage_rows(&segments, 2.0, 1.5, 1000.0);
         assert_eq!(rows.len(), 2);
         let g = &rows[0];
         assert_eq!((g.count, g.bytes, g.ops), (2, 2_000_000, 2));
@@ -138,6 +138,19 @@ mod tests {
         );
         assert!(t.contains("bytes at the copy bandwidth 6.0 µs"), "{t}");
         assert!(t.contains("10 ops × 1.50 µs"), "{t}");
+    }
+
+    #[test]
+    fn the_router_loses_its_second_copy_too() {
+        let seg = SegmentTime {
+            layer: Some(0),
+            stage: Stage::Router,
+            median_us: 10.0,
+            min_us: 10.0,
+        };
+        // 10 µs less the empty stage (3) and one more copy (1.5).
+        let rows = stage_rows(&[(seg, 0, 2)], 3.0, 1.5, 1000.0);
+        assert!((rows[0].net_us - 5.5).abs() < 1e-9, "{}", rows[0].net_us);
     }
 
     #[test]
