@@ -487,7 +487,7 @@ impl BackendSpec {
         let cuda = self.device.is_cuda();
         let esize = self.dtype.candle().size_in_bytes() as u64;
         // Quantized tensors (GGUF blocks, FP8) are held as stored.
-        let gguf = crate::model::held::held_sizes(&self.model_dir, cfg, esize);
+        let gguf = crate::model::held::held_sizes(&self.model_dir, cfg, esize, !cuda);
         let expert = gguf.map_or(cfg.expert_params() as u64 * esize, |(_, _, e)| e);
         let total = cfg.total_experts() as u64;
         let experts = match self.backend {

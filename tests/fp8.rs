@@ -203,7 +203,7 @@ fn the_cache_budgets_fp8_bytes() {
     );
     // Estimates and a miss's cost use the same figures: scales are stored in f32 here too.
     let (non_expert, stored, held) =
-        moescope::model::held::held_sizes(&fixture(MOE), &native.cfg, 4).unwrap();
+        moescope::model::held::held_sizes(&fixture(MOE), &native.cfg, 4, true).unwrap();
     assert_eq!((stored, held), (per_expert as u64, per_expert as u64));
     // The attention and lm_head matrices are FP8 too: well under their f32 size.
     assert!(non_expert < native.cfg.non_expert_params() * 4 / 2);

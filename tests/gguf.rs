@@ -395,7 +395,8 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
 fn estimates_count_quantized_bytes_as_the_cache_does() {
     for kind in TYPES {
         let cfg = MoeConfig::from_dir(&gguf(kind)).unwrap();
-        let (_, stored, held) = moescope::model::gguf::held_sizes(&gguf(kind), &cfg, 4).unwrap();
+        let (_, stored, held) =
+            moescope::model::gguf::held_sizes(&gguf(kind), &cfg, 4, true).unwrap();
         assert_eq!(stored, held, "{kind}: every part is block-quantized");
         let sel = spec(
             kind,

@@ -240,7 +240,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
             _ => None,
         };
         // What a miss moves: the expert as stored (bf16, a GGUF file's blocks, FP8 + scales).
-        let stored = crate::model::held::held_sizes(&model_dir, &cfg, 2)
+        let stored = crate::model::held::held_sizes(&model_dir, &cfg, 2, true)
             .map_or((cfg.expert_params() * 2) as f64, |(_, s, _)| s as f64);
         let bound = match (nm.decode_tok_s, read_bandwidth) {
             (Some(t), Some(bw)) => {

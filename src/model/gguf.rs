@@ -655,6 +655,28 @@ impl GgufFile {
         }
     }
 
+    /// A block-quantized [rows, cols] tensor's bytes as rows to look up one at a time (the
+    /// token embedding on the CPU, `embedding.rs`); None for a float tensor.
+    pub fn load_rows(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Option<super::embedding::QuantizedRows>> {
+        let loc = self.check(hf_name, shape)?;
+        let (Some(g), [rows, cols]) = (loc.dtype.ggml(), loc.shape.as_slice()) else {
+            return Ok(None);
+        };
+        let bytes = self.read_bytes(&loc)?;
+        super::embedding::QuantizedRows::new(g, bytes, *rows, *cols, dtype)
+            .map(Some)
+            .map_err(|msg| ModelError::Tensor {
+                file: loc.file.clone(),
+                tensor: loc.name.clone(),
+                msg,
+            })
+    }
+
     /// A linear layer's matrix: a block-quantized tensor stays in its format (a `QMatMul`),
     /// a float one is loaded dense in `dtype`.
     pub fn load_linear(
@@ -786,7 +808,12 @@ impl GgufFile {
 /// stored, bytes of one expert held), with float tensors counted at `float_size` bytes an
 /// element — what memory estimates and a miss's cost use in place of the bf16 figures. The
 /// expert sizes are those of the first MoE layer's expert 0 (one type per stack).
-pub fn held_sizes(path: &Path, cfg: &MoeConfig, float_size: u64) -> Option<(u64, u64, u64)> {
+pub fn held_sizes(
+    path: &Path,
+    cfg: &MoeConfig,
+    float_size: u64,
+    cpu: bool,
+) -> Option<(u64, u64, u64)> {
     if !is_gguf(path) {
         return None;
     }
@@ -801,11 +828,12 @@ pub fn held_sizes(path: &Path, cfg: &MoeConfig, float_size: u64) -> Option<(u64,
         .iter()
         .filter(|(n, _)| !n.contains("_exps."))
         .map(|(n, t)| match n.as_str() {
-            // Looked up dense; when tied and quantized, also the output matrix in blocks.
-            "token_embd.weight"
-                if g.tensor("output.weight").is_none() && t.dtype.ggml().is_some() =>
-            {
-                dense(t) + t.len
+            // Looked up from its blocks on the CPU, dense on a GPU (`embedding.rs`); when tied
+            // and quantized, also the output matrix in blocks.
+            "token_embd.weight" if t.dtype.ggml().is_some() => {
+                let table = if cpu { t.len } else { dense(t) };
+                let tied = g.tensor("output.weight").is_none();
+                table + if tied { t.len } else { 0 }
             }
             "token_embd.weight" => dense(t),
             // Norms and the router are loaded dense whatever their type.

@@ -8,11 +8,17 @@ use super::checkpoint::{Checkpoint, TensorLocation};
 use super::config::MoeConfig;
 
 /// (non-expert bytes held, bytes of one expert as stored, bytes of one expert held), float
-/// tensors counted at `float_size` bytes an element; None for a float checkpoint (the caller's
-/// parameter arithmetic is then exact) or one that cannot be read.
-pub fn held_sizes(path: &Path, cfg: &MoeConfig, float_size: u64) -> Option<(u64, u64, u64)> {
+/// tensors counted at `float_size` bytes an element, on the CPU (`cpu`) or a GPU; None for a
+/// float checkpoint (the caller's parameter arithmetic is then exact) or one that cannot be
+/// read.
+pub fn held_sizes(
+    path: &Path,
+    cfg: &MoeConfig,
+    float_size: u64,
+    cpu: bool,
+) -> Option<(u64, u64, u64)> {
     if super::gguf::is_gguf(path) {
-        return super::gguf::held_sizes(path, cfg, float_size);
+        return super::gguf::held_sizes(path, cfg, float_size, cpu);
     }
     cfg.quantization?;
     let ckpt = Checkpoint::open(path).ok()?;

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 mod config_fields;
 pub mod cpu_gemv;
+pub mod embedding;
 pub mod error;
 pub mod fp8;
 pub mod generate;

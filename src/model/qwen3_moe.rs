@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use super::DecodeOptions;
 use super::checkpoint::Checkpoint;
 use super::config::{FfnKind, MoeConfig};
+use super::embedding::Embedding;
 use super::error::{ModelError, Result};
 use super::layers::{
     Attention, DecodeInputs, KvCache, Linear, LinearWeight, Mlp, Positions, RmsNorm, Rope,
@@ -37,6 +38,20 @@ pub trait WeightStore {
     /// keeps it so).
     fn holds_quantized(&self, _name: &str) -> bool {
         false
+    }
+
+    /// The token embedding: dense in `dtype`, unless the store keeps it block-quantized and
+    /// the model runs on the CPU (see `embedding.rs`).
+    fn load_embedding(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Embedding> {
+        Ok(Embedding::Dense(
+            self.load_tensor(name, shape, dtype, device)?,
+        ))
     }
 
     /// A linear layer's matrix: kept block-quantized where the store holds it so (GGUF), else
@@ -67,6 +82,21 @@ impl WeightStore for Checkpoint {
 
     fn has_tensor(&self, name: &str) -> bool {
         self.contains(name)
+    }
+
+    fn load_embedding(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Embedding> {
+        if let (Some(g), true) = (self.gguf(), device.is_cpu())
+            && let Some(rows) = g.load_rows(name, shape, dtype)?
+        {
+            return Ok(Embedding::Rows(rows));
+        }
+        Ok(Embedding::Dense(self.load(name, shape, dtype, device)?))
     }
 
     fn holds_quantized(&self, name: &str) -> bool {
@@ -121,7 +151,7 @@ pub struct Qwen3Moe {
     cfg: MoeConfig,
     dtype: DType,
     device: Device,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -146,7 +176,12 @@ impl Qwen3Moe {
         let load_linear = |name: &str, shape: &[usize]| {
             store.load_linear(&cfg.tensor_name(name), shape, dtype, device)
         };
-        let embed = load("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = store.load_embedding(
+            &cfg.tensor_name("model.embed_tokens.weight"),
+            &[cfg.vocab_size, h],
+            dtype,
+            device,
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (l, kind) in cfg.layer_kinds.iter().enumerate() {
             let p = |rest: &str| format!("model.layers.{l}.{rest}");
@@ -215,8 +250,8 @@ impl Qwen3Moe {
                 load_linear("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
                 None,
             )
-        } else if cfg.tie_word_embeddings {
-            Linear::new(embed.clone(), None)
+        } else if let (true, Some(table)) = (cfg.tie_word_embeddings, embed.dense()) {
+            Linear::new(table.clone(), None)
         } else {
             Linear::with_weight(load_linear("lm_head.weight", &[cfg.vocab_size, h])?, None)
         };
@@ -277,9 +312,11 @@ impl Qwen3Moe {
     pub fn resident_bytes(&self) -> u64 {
         let t = |x: &Tensor| (x.elem_count() * x.dtype().size_in_bytes()) as u64;
         let lin = |l: &Linear| l.bytes();
-        let mut total = t(&self.embed);
+        let mut total = self.embed.bytes();
         // A tied, dense lm_head is the embedding itself; anything else is held apart.
-        let shared = self.cfg.tie_word_embeddings && self.lm_head.bytes() == t(&self.embed);
+        let shared = self.cfg.tie_word_embeddings
+            && self.embed.dense().is_some()
+            && self.lm_head.bytes() == self.embed.bytes();
         if !shared {
             total += lin(&self.lm_head);
         }
@@ -339,7 +376,7 @@ impl Qwen3Moe {
             deliver_routing(&sink, offset, observer)?;
             return Ok(out);
         }
-        let x = self.embed.index_select(&ids, 0)?;
+        let x = self.embed.lookup(&ids)?;
         let (cos, sin) = self.rope.tables(offset, t, self.dtype, &self.device)?;
         let x = self.run_layers(
             x,
@@ -392,7 +429,7 @@ impl Qwen3Moe {
         sink: Option<&mut DeviceRouting>,
     ) -> Result<Tensor> {
         let dec = self.decode_inputs(pos, cache)?;
-        let x = self.embed.index_select(ids, 0)?;
+        let x = self.embed.lookup(ids)?;
         let offset = cache.len();
         let x = self.run_layers(
             x,
@@ -444,7 +481,7 @@ impl Qwen3Moe {
         dec.sin.slice_set(&d.sin, 0, 0)?;
         dec.rows.slice_set(&d.rows, 0, 0)?;
         dec.mask.slice_set(&d.mask, 0, 0)?;
-        x.slice_set(&self.embed.index_select(ids, 0)?, 0, 0)?;
+        x.slice_set(&self.embed.lookup(ids)?, 0, 0)?;
         Ok(())
     }
 
