@@ -370,79 +370,51 @@ pub fn experts_one_token(
     Some((|| {
         let k = experts.len();
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let gu = match dtype {
-            DType::BF16 => {
-                let held: Vec<_> = experts
-                    .iter()
-                    .map(|(gu, _)| gu.storage_and_layout())
-                    .collect();
-                let mats = held
-                    .iter()
-                    .map(|(g, l)| bf16_matrix(g, l))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let kernel = bf16_row_kernel();
-                rows_product(k * two_i, h, 1, |r, out| {
-                    let (e, r) = (r / two_i, r % two_i);
-                    kernel(&mats[e][r * h..(r + 1) * h], &xs, out)
-                })
-            }
-            _ => {
-                let held: Vec<_> = experts
-                    .iter()
-                    .map(|(gu, _)| gu.storage_and_layout())
-                    .collect();
-                let mats = held
-                    .iter()
-                    .map(|(g, l)| f32_matrix(g, l))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let kernel = f32_row_kernel();
-                rows_product(k * two_i, h, 1, |r, out| {
-                    let (e, r) = (r / two_i, r % two_i);
-                    kernel(&mats[e][r * h..(r + 1) * h], &xs, out)
-                })
-            }
-        };
+        let gate_ups: Vec<&Tensor> = experts.iter().map(|(gu, _)| *gu).collect();
+        let gu = stacked_product(&gate_ups, two_i, h, dtype, |_| &xs)?;
         let gu = Tensor::from_vec(gu, (k, two_i), &Device::Cpu)?.to_dtype(dtype)?;
         let g = gu.narrow(1, 0, inter)?;
         let u = gu.narrow(1, inter, inter)?;
         let act = (super::layers::silu(&g).map_err(candle_core::Error::wrap)? * u)?;
         let hs = act.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let y = match dtype {
-            DType::BF16 => {
-                let held: Vec<_> = experts
-                    .iter()
-                    .map(|(_, d)| d.storage_and_layout())
-                    .collect();
-                let mats = held
-                    .iter()
-                    .map(|(g, l)| bf16_matrix(g, l))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let kernel = bf16_row_kernel();
-                rows_product(k * h, inter, 1, |r, out| {
-                    let (e, r) = (r / h, r % h);
-                    let w = &mats[e][r * inter..(r + 1) * inter];
-                    kernel(w, &hs[e * inter..(e + 1) * inter], out)
-                })
-            }
-            _ => {
-                let held: Vec<_> = experts
-                    .iter()
-                    .map(|(_, d)| d.storage_and_layout())
-                    .collect();
-                let mats = held
-                    .iter()
-                    .map(|(g, l)| f32_matrix(g, l))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let kernel = f32_row_kernel();
-                rows_product(k * h, inter, 1, |r, out| {
-                    let (e, r) = (r / h, r % h);
-                    let w = &mats[e][r * inter..(r + 1) * inter];
-                    kernel(w, &hs[e * inter..(e + 1) * inter], out)
-                })
-            }
-        };
+        let downs: Vec<&Tensor> = experts.iter().map(|(_, d)| *d).collect();
+        let y = stacked_product(&downs, h, inter, dtype, |e| &hs[e * inter..(e + 1) * inter])?;
         Tensor::from_vec(y, (k, h), &Device::Cpu)?.to_dtype(dtype)
     })())
+}
+
+/// One product over the rows of several [rows_each, cols] CPU matrices in `dtype` (bf16 or
+/// f32), one after another: row r of matrix e dotted with `x_of(e)`. One trip through the pool.
+fn stacked_product<'x>(
+    mats: &[&Tensor],
+    rows_each: usize,
+    cols: usize,
+    dtype: DType,
+    x_of: impl Fn(usize) -> &'x [f32] + Sync,
+) -> candle_core::Result<Vec<f32>> {
+    let held: Vec<_> = mats.iter().map(|m| m.storage_and_layout()).collect();
+    let rows = mats.len() * rows_each;
+    Ok(if dtype == DType::BF16 {
+        let w = held
+            .iter()
+            .map(|(g, l)| bf16_matrix(g, l))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let kernel = bf16_row_kernel();
+        rows_product(rows, cols, 1, |r, out| {
+            let (e, r) = (r / rows_each, r % rows_each);
+            kernel(&w[e][r * cols..(r + 1) * cols], x_of(e), out)
+        })
+    } else {
+        let w = held
+            .iter()
+            .map(|(g, l)| f32_matrix(g, l))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let kernel = f32_row_kernel();
+        rows_product(rows, cols, 1, |r, out| {
+            let (e, r) = (r / rows_each, r % rows_each);
+            kernel(&w[e][r * cols..(r + 1) * cols], x_of(e), out)
+        })
+    })
 }
 
 /// A held CPU bf16 tensor as bits, from where it starts.
