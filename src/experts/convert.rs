@@ -176,6 +176,49 @@ pub fn held_bytes(source: &dyn super::source::ExpertSource) -> Option<u64> {
     })
 }
 
+/// An expert read straight into the storage of its tensors: `whole` holds the three matrices'
+/// bytes back to back (gate, up, down, as [`ExpertSource::read_into`] lays them) and the file's
+/// dtype is the compute dtype `T`, so gate_up and down are views of one tensor and the miss
+/// copies the bytes once (out of the page cache) instead of twice. Err gives the buffer back
+/// when the layout or dtype is not that (the caller converts from its bytes instead).
+pub fn from_whole_buffer<T: candle_core::WithDType>(
+    whole: Vec<T>,
+    spans: &[PartSpan; 3],
+    dtype: DType,
+) -> std::result::Result<ExpertWeights, Vec<T>> {
+    let [g, u, d] = spans;
+    let esize = std::mem::size_of::<T>();
+    let fits = cfg!(target_endian = "little")
+        && T::DTYPE == dtype
+        && [g, u, d]
+            .iter()
+            .all(|p| p.scale.is_none() && p.dtype.float_dtype() == Some(dtype))
+        && g.shape.len() == 2
+        && g.shape == u.shape
+        && d.shape == [g.shape[1], g.shape[0]]
+        && g.range.start == 0
+        && u.range.start == g.range.end
+        && d.range.start == u.range.end
+        && [g, u, d]
+            .iter()
+            .all(|p| p.range.len() == g.shape[0] * g.shape[1] * esize)
+        && d.range.end == whole.len() * esize;
+    if !fits {
+        return Err(whole);
+    }
+    let (i, h) = (g.shape[0], g.shape[1]);
+    let views = || -> candle_core::Result<(Tensor, Tensor)> {
+        let t = Tensor::from_vec(whole, 3 * i * h, &Device::Cpu)?;
+        Ok((
+            t.narrow(0, 0, 2 * i * h)?.reshape((2 * i, h))?,
+            t.narrow(0, 2 * i * h, i * h)?.reshape((h, i))?,
+        ))
+    };
+    // Sizes were checked above: the views cannot fail.
+    let (gate_up, down) = views().expect("views of a buffer of the checked size");
+    Ok(ExpertWeights::new(gate_up, down, i))
+}
+
 /// Builds a CPU expert straight out of a read buffer (the spans of
 /// [`ExpertSource::read_into`]) when the conversion is exact — the same dtype, or bf16 / f16
 /// widened to f32 — so the result is bit-for-bit what [`from_raw`] makes. One
@@ -295,6 +338,21 @@ mod tests {
     use crate::experts::source::RawPart;
     use crate::model::safetensors_file::StDtype;
 
+    /// Little-endian bytes as a vector of `T`.
+    fn bytes_as<T: candle_core::WithDType>(b: &[u8]) -> Vec<T> {
+        let n = b.len() / std::mem::size_of::<T>();
+        let mut v = vec![T::from_f64(0.0); n];
+        // SAFETY: `v` holds n plain numbers, initialised; the copy fills exactly its bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                b.as_ptr(),
+                v.as_mut_ptr() as *mut u8,
+                n * std::mem::size_of::<T>(),
+            )
+        };
+        v
+    }
+
     /// The fast CPU path must make exactly what `from_raw` makes, bit for bit, for every
     /// stored/compute dtype pair it accepts — including NaN, infinities and subnormals.
     #[test]
@@ -359,6 +417,58 @@ mod tests {
             if src == DType::F32 {
                 assert!(from_spans_exact(&buf, &spans, DType::BF16).is_none());
             }
+            // Read straight into the tensors' storage: the same bits again, as views of one
+            // tensor; the buffer comes back for any other dtype or layout.
+            let whole = |b: &[u8]| -> Vec<u8> { b.to_vec() };
+            let in_place = match src {
+                DType::BF16 => from_whole_buffer(bytes_as::<half::bf16>(&whole(&buf)), &spans, src)
+                    .map_err(|_| ()),
+                DType::F16 => from_whole_buffer(bytes_as::<half::f16>(&whole(&buf)), &spans, src)
+                    .map_err(|_| ()),
+                _ => from_whole_buffer(bytes_as::<f32>(&whole(&buf)), &spans, src).map_err(|_| ()),
+            }
+            .expect("same dtype, back to back: read in place");
+            let slow = from_raw(&raw, None, src, &Device::Cpu).unwrap();
+            let ((a1, a2), (b1, b2)) = (in_place.dense().unwrap(), slow.dense().unwrap());
+            for (a, b) in [(a1, b1), (a2, b2)] {
+                assert_eq!(a.dims(), b.dims());
+                assert!(a.is_contiguous());
+                let f = |t: &Tensor| -> Vec<u32> {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect()
+                };
+                assert_eq!(f(a), f(b), "{st:?} in place");
+            }
+            let other = if src == DType::F32 {
+                DType::BF16
+            } else {
+                DType::F32
+            };
+            assert!(
+                from_whole_buffer(
+                    bytes_as::<f32>(&whole(&buf[..buf.len() / 4 * 4])),
+                    &spans,
+                    other
+                )
+                .is_err()
+            );
+            let mut swapped = spans.clone();
+            swapped.swap(0, 1);
+            assert!(
+                from_whole_buffer(
+                    bytes_as::<f32>(&whole(&buf[..buf.len() / 4 * 4])),
+                    &swapped,
+                    DType::F32
+                )
+                .is_err()
+            );
         }
     }
 }

@@ -216,6 +216,9 @@ impl CachedProvider {
         let start = Instant::now();
         // Quantized experts have no fast float path: read them once, below, not twice.
         if self.device.is_cpu() && !self.quantized {
+            if let Some((w, bytes)) = self.read_whole(layer, expert)? {
+                return Ok((w, bytes, start.elapsed().as_micros() as u64));
+            }
             thread_local! {
                 // One read buffer per thread (the forward pass and the prefetch thread).
                 static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -246,6 +249,50 @@ impl CachedProvider {
             &self.device,
         )?;
         Ok((w, raw.bytes(), start.elapsed().as_micros() as u64))
+    }
+
+    /// The CPU miss that copies once: when the expert is stored in the compute dtype, it is
+    /// read straight into its tensors' storage (`convert::from_whole_buffer`); stored otherwise
+    /// but of the same size (f16 for bf16), converted from that buffer. None when the sizes say
+    /// a conversion is needed (bf16 widened to f32): the caller's path handles it.
+    fn read_whole(&self, layer: usize, expert: usize) -> Result<Option<(ExpertWeights, u64)>> {
+        match self.dtype {
+            DType::BF16 => self.read_whole_as::<half::bf16>(layer, expert),
+            DType::F16 => self.read_whole_as::<half::f16>(layer, expert),
+            DType::F32 => self.read_whole_as::<f32>(layer, expert),
+            _ => Ok(None),
+        }
+    }
+
+    fn read_whole_as<T: candle_core::WithDType>(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Result<Option<(ExpertWeights, u64)>> {
+        let esize = std::mem::size_of::<T>();
+        let stored = self.source.stored_bytes(layer, expert) as usize;
+        let cfg = self.source.config();
+        if stored != cfg.expert_params() * esize {
+            return Ok(None);
+        }
+        let mut whole = vec![T::from_f64(0.0); stored / esize];
+        // SAFETY: `whole` is initialised and holds exactly `stored` bytes of plain numbers,
+        // every bit pattern of which is a valid T.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(whole.as_mut_ptr() as *mut u8, stored) };
+        let Ok(spans) = self.source.read_into(layer, expert, bytes) else {
+            return Ok(None); // the caller's path reads again and reports the error properly
+        };
+        let read = spans.iter().map(|p| p.range.len() as u64).sum::<u64>();
+        match convert::from_whole_buffer(whole, &spans, self.dtype) {
+            Ok(w) => Ok(Some((w, read))),
+            Err(whole) => {
+                // SAFETY: as above.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(whole.as_ptr() as *const u8, stored) };
+                Ok(convert::from_spans_exact(bytes, &spans, self.dtype).map(|w| (w, read)))
+            }
+        }
     }
 
     /// Keeps `w` in the slot the core gives (layer, expert), dropping whatever it evicted there.
