@@ -338,6 +338,20 @@ mod tests {
     use crate::experts::source::RawPart;
     use crate::model::safetensors_file::StDtype;
 
+    /// A tensor's values as f32 bits: widening to f32 is exact for every storage dtype, so
+    /// these compare everything, NaN payloads included.
+    fn f32_bits(t: &Tensor) -> Vec<u32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
     /// Little-endian bytes as a vector of `T`.
     fn bytes_as<T: candle_core::WithDType>(b: &[u8]) -> Vec<T> {
         let n = b.len() / std::mem::size_of::<T>();
@@ -398,19 +412,7 @@ mod tests {
                 let ((fg, fd), (sg, sd)) = (fast.dense().unwrap(), slow.dense().unwrap());
                 for (a, b) in [(fg, sg), (fd, sd)] {
                     assert_eq!(a.dims(), b.dims());
-                    // Widening to f32 is exact for every storage dtype, so f32 bits compare all.
-                    let bits = |t: &Tensor| -> Vec<u32> {
-                        t.to_dtype(DType::F32)
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1::<f32>()
-                            .unwrap()
-                            .iter()
-                            .map(|x| x.to_bits())
-                            .collect()
-                    };
-                    assert_eq!(bits(a), bits(b), "{st:?} -> {dtype:?}");
+                    assert_eq!(f32_bits(a), f32_bits(b), "{st:?} -> {dtype:?}");
                 }
             }
             // A narrowing conversion is not "exact": no fast path.
@@ -433,18 +435,7 @@ mod tests {
             for (a, b) in [(a1, b1), (a2, b2)] {
                 assert_eq!(a.dims(), b.dims());
                 assert!(a.is_contiguous());
-                let f = |t: &Tensor| -> Vec<u32> {
-                    t.to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.to_bits())
-                        .collect()
-                };
-                assert_eq!(f(a), f(b), "{st:?} in place");
+                assert_eq!(f32_bits(a), f32_bits(b), "{st:?} in place");
             }
             let other = if src == DType::F32 {
                 DType::BF16
