@@ -340,7 +340,10 @@ mod gpu {
                     .ok_or_else(|| {
                         err(
                             "backend",
-                            format!("layer {l}: the profile runs the native backend's full stacks"),
+                            format!(
+                                "layer {l} has no stacked bf16 experts: the profile times the \
+                                 fused bf16 decode path, which GGUF and FP8 experts do not take"
+                            ),
                         )
                     })?;
                 for s in Stage::MOE_LAYER {
