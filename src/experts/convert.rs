@@ -59,17 +59,23 @@ fn quantized(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
     use candle_core::quantized::{QMatMul, ggml_file::qtensor_from_ggml};
     let mut held = 0u64;
     // One matrix from bytes as stored: a block type stays so; a float one is held in f32.
-    let mut matrix = |name: &str, dtype: StDtype, shape: Vec<usize>, bytes: &[u8]| {
+    let mut matrix = |name: &str, dtype: StDtype, shape: Vec<usize>, parts: &[&[u8]]| {
         let err = |e: candle_core::Error| {
             raw.error(format!("{name} ({}): {}", dtype.name(), candle_msg(&e)))
         };
         match dtype.ggml() {
             Some(g) => {
-                held += bytes.len() as u64;
-                let q = qtensor_from_ggml(g, bytes, shape, device).map_err(err)?;
+                held += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+                let q = match qtensor_of_parts(g, parts, &shape, device) {
+                    Some(q) => q,
+                    None => qtensor_from_ggml(g, &parts.concat(), shape, device),
+                }
+                .map_err(err)?;
                 QMatMul::from_qtensor(q).map_err(err)
             }
             None => {
+                let bytes = parts.concat();
+                let bytes = bytes.as_slice();
                 let info = TensorInfo {
                     dtype,
                     shape,
@@ -86,16 +92,74 @@ fn quantized(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
     let (i, h) = (g.shape[0], g.shape[1]);
     // GGML rows are independent, so gate's bytes then up's are the [2I, H] matrix.
     let gate_up = if g.dtype == u.dtype && g.shape == u.shape {
-        let bytes = [g.bytes.as_slice(), u.bytes.as_slice()].concat();
-        GateUp::Fused(matrix(&g.name, g.dtype, vec![2 * i, h], &bytes)?)
+        GateUp::Fused(matrix(
+            &g.name,
+            g.dtype,
+            vec![2 * i, h],
+            &[g.bytes.as_slice(), u.bytes.as_slice()],
+        )?)
     } else {
         GateUp::Apart(
-            matrix(&g.name, g.dtype, g.shape.clone(), &g.bytes)?,
-            matrix(&u.name, u.dtype, u.shape.clone(), &u.bytes)?,
+            matrix(&g.name, g.dtype, g.shape.clone(), &[&g.bytes])?,
+            matrix(&u.name, u.dtype, u.shape.clone(), &[&u.bytes])?,
         )
     };
-    let down = matrix(&d.name, d.dtype, d.shape.clone(), &d.bytes)?;
+    let down = matrix(&d.name, d.dtype, d.shape.clone(), &[&d.bytes])?;
     Ok(ExpertWeights::quantized(gate_up, down, i, held))
+}
+
+/// A CPU block tensor of `dims` whose blocks are `parts`' bytes one after another, copied once
+/// into typed block storage (a concatenation and then `qtensor_from_ggml` copied twice: gate and
+/// up are separate tensors in a GGUF file but one [2I, H] matrix here). None off the CPU or for a
+/// type not listed (the caller concatenates); Err when the bytes do not fill the shape.
+fn qtensor_of_parts(
+    g: candle_core::quantized::GgmlDType,
+    parts: &[&[u8]],
+    dims: &[usize],
+    device: &Device,
+) -> Option<candle_core::Result<candle_core::quantized::QTensor>> {
+    use candle_core::quantized::k_quants::*;
+    use candle_core::quantized::{GgmlDType as G, GgmlType, QStorage, QTensor};
+    fn typed<T: GgmlType + Send + Sync + 'static>(
+        parts: &[&[u8]],
+        dims: &[usize],
+    ) -> candle_core::Result<QTensor> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let elems: usize = dims.iter().product();
+        let want = elems / T::BLCK_SIZE * std::mem::size_of::<T>();
+        if !elems.is_multiple_of(T::BLCK_SIZE) || total != want {
+            candle_core::bail!(
+                "{total} bytes for {dims:?} in {:?} blocks, expected {want}",
+                T::DTYPE
+            );
+        }
+        let mut blocks = vec![T::zeros(); want / std::mem::size_of::<T>()];
+        let dst = blocks.as_mut_ptr() as *mut u8;
+        let mut at = 0;
+        for p in parts {
+            // SAFETY: the parts' bytes sum to the blocks' size (checked above); block types are
+            // plain data, every byte pattern a value (candle reads file bytes as them too).
+            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.add(at), p.len()) };
+            at += p.len();
+        }
+        QTensor::new(QStorage::Cpu(Box::new(blocks)), dims)
+    }
+    if !device.is_cpu() {
+        return None;
+    }
+    Some(match g {
+        G::Q4_0 => typed::<BlockQ4_0>(parts, dims),
+        G::Q4_1 => typed::<BlockQ4_1>(parts, dims),
+        G::Q5_0 => typed::<BlockQ5_0>(parts, dims),
+        G::Q5_1 => typed::<BlockQ5_1>(parts, dims),
+        G::Q8_0 => typed::<BlockQ8_0>(parts, dims),
+        G::Q2K => typed::<BlockQ2K>(parts, dims),
+        G::Q3K => typed::<BlockQ3K>(parts, dims),
+        G::Q4K => typed::<BlockQ4K>(parts, dims),
+        G::Q5K => typed::<BlockQ5K>(parts, dims),
+        G::Q6K => typed::<BlockQ6K>(parts, dims),
+        _ => return None,
+    })
 }
 
 /// An FP8 expert: each of the three matrices kept as stored with its scales. All three must be
@@ -460,6 +524,42 @@ mod tests {
                 )
                 .is_err()
             );
+        }
+    }
+
+    /// Blocks copied once from several parts are the blocks `qtensor_from_ggml` makes of the
+    /// parts concatenated: same dequantised bits; a size that does not fill the shape is an error.
+    #[test]
+    fn block_tensor_from_parts_is_the_concatenations() {
+        use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
+        let (rows, cols) = (8usize, 512usize);
+        let t = Tensor::from_vec(
+            (0..rows * cols)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.002)
+                .collect::<Vec<_>>(),
+            (rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for g in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q5_0,
+        ] {
+            let bytes = QTensor::quantize(&t, g).unwrap().data().unwrap().to_vec();
+            let (a, b) = bytes.split_at(bytes.len() / 2);
+            let ours = qtensor_of_parts(g, &[a, b], &[rows, cols], &Device::Cpu)
+                .expect("a CPU block type")
+                .unwrap();
+            let theirs = qtensor_from_ggml(g, &bytes, vec![rows, cols], &Device::Cpu).unwrap();
+            let (x, y) = (
+                ours.dequantize(&Device::Cpu).unwrap(),
+                theirs.dequantize(&Device::Cpu).unwrap(),
+            );
+            assert_eq!(f32_bits(&x), f32_bits(&y), "{g:?}");
+            let short = qtensor_of_parts(g, &[a], &[rows, cols], &Device::Cpu).unwrap();
+            assert!(short.unwrap_err().to_string().contains("expected"), "{g:?}");
         }
     }
 }
