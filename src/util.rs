@@ -108,6 +108,27 @@ pub fn repo_file(rel: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// A deterministic [rows, cols] f32 matrix for tests: element i is
+/// `((i + seed) · 7919 mod m − ⌊m/2⌋) · scale`, so values spread evenly over about ±m/2 · scale
+/// with no pattern a kernel could be lucky on.
+#[cfg(test)]
+pub(crate) fn test_matrix(
+    rows: usize,
+    cols: usize,
+    seed: usize,
+    m: usize,
+    scale: f32,
+) -> candle_core::Tensor {
+    candle_core::Tensor::from_vec(
+        (0..rows * cols)
+            .map(|i| (((i + seed) * 7919 % m) as f32 - (m / 2) as f32) * scale)
+            .collect::<Vec<_>>(),
+        (rows, cols),
+        &candle_core::Device::Cpu,
+    )
+    .expect("a CPU tensor of the given size")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

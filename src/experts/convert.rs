@@ -533,14 +533,7 @@ mod tests {
     fn block_tensor_from_parts_is_the_concatenations() {
         use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
         let (rows, cols) = (8usize, 512usize);
-        let t = Tensor::from_vec(
-            (0..rows * cols)
-                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.002)
-                .collect::<Vec<_>>(),
-            (rows, cols),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let t = crate::util::test_matrix(rows, cols, 0, 1013, 0.002);
         for g in [
             GgmlDType::Q8_0,
             GgmlDType::Q4K,

@@ -557,16 +557,7 @@ mod tests {
     fn batched_experts_are_each_experts_own_forward() {
         use crate::model::ports::ExpertWeights;
         let (h, i, k) = (96usize, 40usize, 3usize);
-        let mat = |rows: usize, cols: usize, seed: usize| {
-            Tensor::from_vec(
-                (0..rows * cols)
-                    .map(|j| (((j + seed) * 7919 % 257) as f32 - 128.0) * 0.004)
-                    .collect::<Vec<_>>(),
-                (rows, cols),
-                &Device::Cpu,
-            )
-            .unwrap()
-        };
+        let mat = |rows, cols, seed| crate::util::test_matrix(rows, cols, seed, 257, 0.004);
         for dtype in [DType::BF16, DType::F32] {
             let experts: Vec<ExpertWeights> = (0..k)
                 .map(|e| {

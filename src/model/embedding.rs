@@ -125,14 +125,7 @@ mod tests {
     #[test]
     fn rows_are_the_whole_tables_rows() {
         let (rows, cols) = (40usize, 512usize);
-        let t = Tensor::from_vec(
-            (0..rows * cols)
-                .map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 0.003)
-                .collect::<Vec<_>>(),
-            (rows, cols),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let t = crate::util::test_matrix(rows, cols, 0, 1009, 0.003);
         for ggml in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
             let q = QTensor::quantize(&t, ggml).unwrap();
             let bytes = q.data().unwrap().to_vec();
