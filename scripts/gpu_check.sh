@@ -7,13 +7,16 @@
 # Needs python3 with torch (CUDA) and transformers 5.x. Writes JSON results to OUT_DIR
 # (default gpu-results/); BENCHMARKS.md records what they said. About 6 minutes on an H100.
 #   1. fidelity: moescope bf16 on the GPU vs transformers bf16 on the GPU vs the f32 goldens;
-#      selective == native on the GPU, bit for bit, at several capacities and both scopes
+#      selective == native on the GPU, bit for bit, at several capacities and both scopes; decode
+#      steps (moescope's attention kernels) vs transformers' f32 over the same tokens, beside
+#      transformers' bf16 and candle's ops (MOESCOPE_ATTN_KERNEL=candle)
 #   2. a random checkpoint with Qwen3-30B-A3B's geometry, LAYERS layers (default 12), written
 #      in the real per-expert layout
 #   3. native decode: moescope vs candle-transformers' qwen3_moe (same files, same process)
 #   4. transformers 5.x generate, default and eager experts implementations
 #   5. host->device bandwidth (the selective bound)
 #   6. selective decode at 100 / 50 / 25 / 12.5 % slot capacity (worker processes, NVML memory)
+# The decode kernels' own unit tests are scripts/gpu_unit_tests.sh (a test binary, not BIN).
 # Exits non-zero when any identity or fidelity check fails (or a step could not run), and ends
 # with one line saying what passed (scripts/gpu_verdict.py judges step 1).
 set -uo pipefail

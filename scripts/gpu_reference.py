@@ -58,8 +58,43 @@ def hf_model(model_dir, dtype):
     return m.to("cuda").eval()
 
 
+def decode_vs_hf(binary, model, prompt, steps, hf, extra):
+    """Decode logits against transformers run over the prompt and the generated tokens at once
+    (eager attention; bf16, and f32 as the truth): moescope's attention kernels, and candle's ops
+    (MOESCOPE_ATTN_KERNEL=candle) beside them. Steps after the prefill only (the prefill does
+    not use the decode kernels); candle's steps are compared while their tokens are the
+    kernels' (a tie may order two tokens differently). Per-step max |difference|: the largest
+    and the mean over the steps."""
+    candle = run_steps(binary, model, prompt, len(steps), extra, {"MOESCOPE_ATTN_KERNEL": "candle"})
+    full = torch.tensor([prompt + [st["token"] for st in steps[:-1]]], device="cuda")
+    hf32 = hf_model(model, torch.float32)
+    with torch.no_grad():
+        bf = hf(input_ids=full).logits[0].float()
+        f32 = hf32(input_ids=full).logits[0].float()
+    del hf32
+    at = lambda rows, j: rows[len(prompt) - 1 + j].tolist()
+    same = 1
+    while same < len(steps) and candle[same - 1]["token"] == steps[same - 1]["token"]:
+        same += 1
+
+    def errs(run, ref, n):
+        e = [max_abs(run[j]["logits"], at(ref, j)) for j in range(1, n)]
+        return {"max": max(e), "mean": sum(e) / len(e)} if e else None
+
+    return {"model": str(model.relative_to(ROOT)), "steps": len(steps) - 1,
+            "kernels_vs_f32": errs(steps, f32, len(steps)),
+            "hf_bf16_vs_f32": {"max": max(max_abs(at(bf, j), at(f32, j)) for j in range(1, len(steps))),
+                               "mean": sum(max_abs(at(bf, j), at(f32, j)) for j in range(1, len(steps))) / (len(steps) - 1)},
+            "candle_ops_vs_f32": errs(candle, f32, same),
+            "kernels_vs_hf_bf16": errs(steps, bf, len(steps)),
+            "candle_steps_compared": same - 1,
+            "tokens_equal": [st["token"] for st in steps] == [st["token"] for st in candle],
+            "scale": max(max(abs(x) for x in at(f32, j)) for j in range(1, len(steps)))}
+
+
 def fidelity(a):
-    res = {"device": torch.cuda.get_device_name(), "cases": [], "selective": [], "decode": []}
+    res = {"device": torch.cuda.get_device_name(), "cases": [], "selective": [], "decode": [],
+           "decode_vs_hf": []}
     cases = [("tests/fixtures/qwen3-moe-tiny", True), ("tests/fixtures/qwen3-omni-tiny", False),
              ("models/tiny-moe", True)]
     for rel, hf_ok in cases:
@@ -128,6 +163,8 @@ def fidelity(a):
                         # for the default gate to open, this one tries graphs and redoes failures.
                         (f"selective {ne * moe_layers} global, host loads, guess after any clean step", gpu + ["--backend", "selective", "--cache-experts", str(ne * moe_layers)], {"MOESCOPE_SPECULATE": "last", "MOESCOPE_FILL": "0"}),
                         (f"selective {k * moe_layers} layer", gpu + ["--backend", "selective", "--cache-experts", str(k * moe_layers), "--cache-scope", "layer"], {})]
+            if hf is not None:
+                res["decode_vs_hf"].append(decode_vs_hf(a.bin, d, s, graphed, hf, gpu))
             for name, extra, env in variants:
                 other = run_steps(a.bin, d, s, 12, extra, env)
                 dd, same = steps_diff(graphed, other)

@@ -11,7 +11,10 @@ Pass means, for every case:
     the model (BENCHMARKS.md, "Fidelity on the GPU");
   - selective == native on the GPU, bit for bit, in every prefill case;
   - every decode variant (graphs off, each miss path, GPU fills, speculation rules, scopes):
-    logits, tokens and routing identical to native's graphed steps.
+    logits, tokens and routing identical to native's graphed steps;
+  - decode (the steps after the prefill, which run moescope's attention kernels), against
+    transformers' f32 logits over the same tokens: the largest per-step error at most twice
+    transformers' own bf16 error on those steps plus 2 % of the largest logit — the prefill rule.
 
 Usage: gpu_verdict.py FIDELITY_JSON
 """
@@ -47,10 +50,16 @@ def main(path):
     for d in dec:
         if not d["identical"]:
             failures.append(f"{d['model']} decode vs {d['vs']}: differs ({d['max_abs_diff']}, tokens/routing equal: {d['tokens_and_routing_equal']})")
-    if not cases or not sel or not dec:
+    dhf = res.get("decode_vs_hf", [])
+    for c in dhf:
+        ours, hf = c["kernels_vs_f32"]["max"], c["hf_bf16_vs_f32"]["max"]
+        if ours > 2 * hf + 0.02 * c["scale"]:
+            failures.append(f"{c['model']} decode: error {ours:.3f} > 2 × transformers' {hf:.3f} + 2 %")
+    if not cases or not sel or not dec or not dhf:
         failures.append("the fidelity run produced no results for some part")
     summary = (f"fidelity {len(cases)} cases, selective prefill {sum(s['identical'] for s in sel)}/{len(sel)} identical, "
-               f"decode {sum(d['identical'] for d in dec)}/{len(dec)} identical")
+               f"decode {sum(d['identical'] for d in dec)}/{len(dec)} identical, decode error vs f32 "
+               + ", ".join(f"{c['kernels_vs_f32']['max']:.3f} (transformers bf16 {c['hf_bf16_vs_f32']['max']:.3f})" for c in dhf))
     if failures:
         print(f"gpu check: FAILED — {summary}; " + "; ".join(failures))
         return 1

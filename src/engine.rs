@@ -19,7 +19,7 @@ use crate::model::config::MoeConfig;
 use crate::model::error::{ModelError, Result};
 use crate::model::ports::{ExpertProvider, ExpertWeights, Stacked};
 use crate::model::qwen3_moe::{Qwen3Moe, WeightStore};
-use crate::settings::{MoeKernel, Settings};
+use crate::settings::{AttnKernel, MoeKernel, Settings};
 
 /// Compute dtype for the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -455,6 +455,7 @@ impl BackendSpec {
         engine.model.set_options(DecodeOptions {
             cuda_graphs: self.settings.cuda_graphs,
             moe_kernel: self.settings.moe_kernel == MoeKernel::Moescope,
+            attn_kernel: self.settings.attn_kernel == AttnKernel::Moescope,
         });
         if engine.model.device().is_cuda() {
             engine.warm_up()?;

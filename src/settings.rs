@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `MOESCOPE_CUDA_GRAPHS=0` | `cuda_graphs` | GPU decode steps never replay a captured CUDA graph |
 //! | `MOESCOPE_MOE_KERNEL=candle` | `moe_kernel` | candle's fused MoE GEMM instead of moescope's decode kernels |
+//! | `MOESCOPE_ATTN_KERNEL=candle` | `attn_kernel` | candle's ops for decode attention instead of moescope's kernels |
 //! | `MOESCOPE_SPECULATE=gate\|last\|0` | `speculate` | when a selective GPU step guesses that nothing will miss |
 //! | `MOESCOPE_FILL=0` | `gpu_fill` | a slot pool holding every expert does not fill its own slots |
 //! | `MOESCOPE_H2D=auto\|direct\|staged` | `h2d` | how GPU misses reach the device |
@@ -25,6 +26,17 @@ pub enum MoeKernel {
     #[default]
     Moescope,
     /// candle's fused MoE GEMM, for comparisons.
+    Candle,
+}
+
+/// Which kernels run a one-token attention on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AttnKernel {
+    /// moescope's decode kernels (`model/kernels/attn_decode.cu`).
+    #[default]
+    Moescope,
+    /// candle's ops (projections, norms, RoPE, masked softmax attention), for comparisons.
     Candle,
 }
 
@@ -56,6 +68,7 @@ impl H2dChoice {
 pub struct Settings {
     pub cuda_graphs: bool,
     pub moe_kernel: MoeKernel,
+    pub attn_kernel: AttnKernel,
     pub speculate: Rule,
     pub gpu_fill: bool,
     pub h2d: H2dChoice,
@@ -74,6 +87,7 @@ impl Default for Settings {
         Settings {
             cuda_graphs: true,
             moe_kernel: MoeKernel::Moescope,
+            attn_kernel: AttnKernel::Moescope,
             speculate: Rule::Gate,
             gpu_fill: true,
             h2d: H2dChoice::Auto,
@@ -103,6 +117,13 @@ impl Settings {
                 "candle" => MoeKernel::Candle,
                 "" | "moescope" => MoeKernel::Moescope,
                 _ => return Err(bad("MOESCOPE_MOE_KERNEL", &v, "moescope or candle")),
+            };
+        }
+        if let Some(v) = var("MOESCOPE_ATTN_KERNEL") {
+            s.attn_kernel = match v.as_str() {
+                "candle" => AttnKernel::Candle,
+                "" | "moescope" => AttnKernel::Moescope,
+                _ => return Err(bad("MOESCOPE_ATTN_KERNEL", &v, "moescope or candle")),
             };
         }
         if let Some(v) = var("MOESCOPE_SPECULATE") {
@@ -146,6 +167,9 @@ impl Settings {
         if self.moe_kernel != d.moe_kernel {
             out.push("candle's MoE kernel".into());
         }
+        if self.attn_kernel != d.attn_kernel {
+            out.push("candle's attention ops".into());
+        }
         if self.speculate != d.speculate {
             out.push(format!("speculation {}", self.speculate.name()));
         }
@@ -182,6 +206,7 @@ mod tests {
         let s = Settings::from_vars(vars(&[
             ("MOESCOPE_CUDA_GRAPHS", "0"),
             ("MOESCOPE_MOE_KERNEL", "candle"),
+            ("MOESCOPE_ATTN_KERNEL", "candle"),
             ("MOESCOPE_SPECULATE", "last"),
             ("MOESCOPE_FILL", "0"),
             ("MOESCOPE_H2D", "staged"),
@@ -194,6 +219,7 @@ mod tests {
             Settings {
                 cuda_graphs: false,
                 moe_kernel: MoeKernel::Candle,
+                attn_kernel: AttnKernel::Candle,
                 speculate: Rule::AfterCleanStep,
                 gpu_fill: false,
                 h2d: H2dChoice::Staged,
@@ -204,8 +230,8 @@ mod tests {
         );
         assert_eq!(
             s.describe_changes(),
-            "CUDA graphs off, candle's MoE kernel, speculation last, GPU self-fill off, staged \
-             copies forced, second copy stream"
+            "CUDA graphs off, candle's MoE kernel, candle's attention ops, speculation last, GPU \
+             self-fill off, staged copies forced, second copy stream"
         );
         assert_eq!(
             Settings::from_vars(vars(&[("MOESCOPE_SPECULATE", "0")]))

@@ -1,6 +1,6 @@
 //! scripts/gpu_verdict.py (what `scripts/gpu_check.sh` exits with) judges a real H200 fidelity
-//! result (2026-11-30, the architecture refactor's build): it passes, naming the one bf16 tie it
-//! let through, and fails when any check is broken.
+//! result (2026-12-01, the build with the attention decode kernels): it passes, naming the one
+//! bf16 tie it let through, and fails when any check is broken.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,7 +29,7 @@ fn judge(v: &Value) -> (i32, String) {
 #[test]
 fn gpu_verdict_passes_the_h200_run_and_fails_each_broken_check() {
     let text =
-        std::fs::read_to_string(root().join("tests/fixtures/gpu/fidelity-h200-2026-11-30.json"))
+        std::fs::read_to_string(root().join("tests/fixtures/gpu/fidelity-h200-2026-12-01.json"))
             .unwrap();
     let good: Value = serde_json::from_str(&text).unwrap();
     let (rc, out) = judge(&good);
@@ -55,6 +55,16 @@ fn gpu_verdict_passes_the_h200_run_and_fails_each_broken_check() {
     assert_eq!(judge(&v).0, 1);
     let mut v = good.clone();
     v["decode"][7]["identical"] = Value::Bool(false);
+    assert_eq!(judge(&v).0, 1);
+    // Decode (the attention kernels) over twice transformers' own bf16 error plus 2 %, and a
+    // run without the decode comparison.
+    let mut v = good.clone();
+    v["decode_vs_hf"][1]["kernels_vs_f32"]["max"] = serde_json::json!(9.0);
+    let (rc, out) = judge(&v);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("models/tiny-moe decode: error 9.000"), "{out}");
+    let mut v = good.clone();
+    v["decode_vs_hf"] = serde_json::json!([]);
     assert_eq!(judge(&v).0, 1);
     // A part that produced nothing, and a file that is not JSON.
     let mut v = good.clone();

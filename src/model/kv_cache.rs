@@ -335,6 +335,16 @@ impl KvCache {
         Ok((bk.clone(), bv.clone()))
     }
 
+    /// A layer's static `[kv_heads, capacity, head_dim]` key and value buffers, if it has them
+    /// (the GPU attention kernel writes and reads them in place).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn static_buffers(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        match self.layers.get(layer)? {
+            Some(LayerKv::Static { k, v }) => Some((k.clone(), v.clone())),
+            _ => None,
+        }
+    }
+
     /// Called once per forward, after every layer appended `n` new positions.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;

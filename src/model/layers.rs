@@ -67,6 +67,14 @@ impl Linear {
         })
     }
 
+    /// The matrix, when it is dense and there is no bias (what the GPU decode kernels take).
+    pub fn dense_unbiased(&self) -> Option<&Tensor> {
+        match (&self.weight, &self.bias) {
+            (LinearWeight::Dense(w), None) => Some(w),
+            _ => None,
+        }
+    }
+
     /// Bytes the layer holds (weight and bias).
     pub fn bytes(&self) -> u64 {
         let t = |x: &Tensor| (x.elem_count() * x.dtype().size_in_bytes()) as u64;
@@ -98,6 +106,14 @@ impl RmsNorm {
             ones_f32,
             eps: eps as f32,
         })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -229,9 +245,32 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// A one-token GPU decode step runs moescope's attention kernels (`attn_decode.rs`);
+    /// off: candle's ops, for comparisons.
+    pub attn_kernel: bool,
 }
 
 impl Attention {
+    /// `residual + self.forward(x)`: through moescope's attention kernels where they apply (a
+    /// device-positioned bf16 decode step on the GPU, the add folded into o_proj's output),
+    /// else candle's ops and an add — the add's bits are the same either way.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        pos: &Positions,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (Positions::Device(dec), true, true) = (pos, self.attn_kernel, x.device().is_cuda())
+            && let Some(y) = super::attn_decode::try_forward(self, x, residual, layer, cache, dec)?
+        {
+            return Ok(y);
+        }
+        Ok((residual + self.forward(x, layer, cache, pos)?)?)
+    }
+
     /// x: [T, hidden] for positions offset..offset+T; returns [T, hidden].
     pub fn forward(
         &self,

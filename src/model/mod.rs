@@ -1,5 +1,7 @@
 //! The model layer: config parsing, checkpoint access, the forward pass and generation. No UI.
 
+#[cfg(feature = "cuda")]
+pub mod attn_decode;
 pub mod bpe_files;
 pub mod chat;
 pub mod checkpoint;
@@ -38,6 +40,9 @@ pub struct DecodeOptions {
     /// One-token MoE blocks run moescope's own kernels (`moe_decode.rs`); off: candle's fused
     /// MoE GEMM, for comparisons.
     pub moe_kernel: bool,
+    /// One-token attention runs moescope's own kernels (`attn_decode.rs`); off: candle's ops,
+    /// for comparisons.
+    pub attn_kernel: bool,
 }
 
 impl Default for DecodeOptions {
@@ -45,6 +50,7 @@ impl Default for DecodeOptions {
         DecodeOptions {
             cuda_graphs: true,
             moe_kernel: true,
+            attn_kernel: true,
         }
     }
 }

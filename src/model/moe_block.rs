@@ -23,6 +23,10 @@ pub(super) struct MoeBlock {
     pub norm_topk_prob: bool,
     /// moescope's one-token MoE kernels on the GPU ([`DecodeOptions::moe_kernel`]).
     pub moe_kernel: bool,
+    /// The fused router's block counter (a zero u32 on the GPU, made at load: not inside a
+    /// graph capture); None on the CPU.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub router_arrived: Option<Tensor>,
 }
 
 /// A token's routing decision in one layer.
@@ -68,6 +72,7 @@ impl MoeBlock {
     fn forward_fused(
         &self,
         x: &Tensor,
+        residual: &Tensor,
         offset: usize,
         experts: &dyn ExpertProvider,
         observer: &mut dyn RoutingObserver,
@@ -151,6 +156,7 @@ impl MoeBlock {
                 &topk_ids,
                 Some(map),
                 &topk_w,
+                Some(residual),
             )?));
         }
         let ids = match (&st.index, &host_ids) {
@@ -183,6 +189,7 @@ impl MoeBlock {
                 &ids,
                 None,
                 &topk_w,
+                Some(residual),
             )?));
         }
         let (expert_ids, sorted_token_ids) = ids.flatten_all()?.sort_last_dim(true)?;
@@ -212,10 +219,10 @@ impl MoeBlock {
         )?
         .reshape((t, k, h))?
         .sum(1)?;
-        Ok(Some(y))
+        Ok(Some((residual + y)?))
     }
 
-    /// Routing of one decode token in one kernel (see `moe_decode::route`); None where the
+    /// Routing of one decode token in one kernel (see `moe_decode::route_fused`); None where the
     /// generic path must run (prompts, masked experts, other dtypes, no CUDA build).
     #[cfg(feature = "cuda")]
     pub(super) fn route_on_device(
@@ -231,6 +238,15 @@ impl MoeBlock {
             && e <= super::moe_decode::MAX_EXPERTS)
         {
             return Ok(None);
+        }
+        if let Some(arrived) = &self.router_arrived {
+            return Ok(Some(super::moe_decode::route_fused(
+                x,
+                &self.router,
+                self.top_k,
+                self.norm_topk_prob,
+                arrived,
+            )?));
         }
         let logits = x.matmul(&self.router.t()?)?;
         Ok(Some(super::moe_decode::route(
@@ -270,22 +286,34 @@ impl MoeBlock {
             .collect())
     }
 
-    pub(super) fn forward(
+    /// `residual + moe(x)`. On a GPU's fused path the add is folded into the experts' last
+    /// kernel (the same bf16 add, one launch fewer); elsewhere it follows the block.
+    pub(super) fn forward_residual(
         &self,
         x: &Tensor,
+        residual: &Tensor,
         offset: usize,
         experts: &dyn ExpertProvider,
         observer: &mut dyn RoutingObserver,
         sink: Option<&mut DeviceRouting>,
     ) -> Result<Tensor> {
-        let fused = if super::ports::fused_capable(x.device(), x.dtype()) {
-            self.forward_fused(x, offset, experts, observer, sink)?
-        } else {
-            None
-        };
-        if let Some(y) = fused {
+        if super::ports::fused_capable(x.device(), x.dtype())
+            && let Some(y) = self.forward_fused(x, residual, offset, experts, observer, sink)?
+        {
             return Ok(y);
         }
+        Ok((residual + self.forward_unfused(x, offset, experts, observer)?)?)
+    }
+
+    /// The block without the fused GPU path: routing on the host, experts one by one (or
+    /// batched for one CPU token).
+    fn forward_unfused(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        experts: &dyn ExpertProvider,
+        observer: &mut dyn RoutingObserver,
+    ) -> Result<Tensor> {
         let (t, _h) = x.dims2()?;
         let logits: Vec<Vec<f32>> = x
             .matmul(&self.router.t()?)?

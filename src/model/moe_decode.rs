@@ -34,7 +34,8 @@ fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
 /// `x` [1, H] bf16; `gate_up` [E, 2I, H] and `down` [E, H, I] bf16 stacks; `ids` [1, k] u32 rows
 /// of the stacks in top-k order — or, with `map` (u32 `[experts]`, the selective slot pool's
 /// expert→slot table), expert ids whose rows the kernels look up there; `weights` [1, k] f32
-/// routing weights (already rounded to bf16). Returns Σ_s weight_s · expert_s(x) as [1, H] bf16.
+/// routing weights (already rounded to bf16). Returns Σ_s weight_s · expert_s(x) as [1, H] bf16
+/// — plus `residual` ([1, H] bf16) when given, in the kernel (candle's bf16 add, same bits).
 pub fn moe_decode(
     x: &Tensor,
     gate_up: &Tensor,
@@ -42,6 +43,7 @@ pub fn moe_decode(
     ids: &Tensor,
     map: Option<&Tensor>,
     weights: &Tensor,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (_, hidden) = x.dims2()?;
     let (_, two_i, h2) = gate_up.dims3()?;
@@ -59,7 +61,7 @@ pub fn moe_decode(
         ));
     }
     let mid = moe_gate_up(x, gate_up, ids, map)?;
-    moe_down(&mid, down, ids, map, weights)
+    moe_down(&mid, down, ids, map, weights, residual)
 }
 
 /// The first of [`moe_decode`]'s two kernels: `silu(gate_s · x) * (up_s · x)` for each routed
@@ -122,17 +124,23 @@ pub fn moe_gate_up(
 }
 
 /// The second of [`moe_decode`]'s kernels: `Σ_s weight_s · down_s · mid_s` as [1, H] bf16,
-/// `mid` [k, I] from [`moe_gate_up`].
+/// `mid` [k, I] from [`moe_gate_up`]; plus `residual` when given.
 pub fn moe_down(
     mid: &Tensor,
     down: &Tensor,
     ids: &Tensor,
     map: Option<&Tensor>,
     weights: &Tensor,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (_, hidden, inter) = down.dims3()?;
     let k = ids.elem_count();
-    if mid.dims() != [k, inter] || weights.elem_count() != k || k == 0 || k > MAX_TOPK {
+    if mid.dims() != [k, inter]
+        || weights.elem_count() != k
+        || k == 0
+        || k > MAX_TOPK
+        || residual.is_some_and(|r| r.dims() != [1, hidden] || r.dtype() != DType::BF16)
+    {
         return Err(err(
             "shapes",
             format!(
@@ -161,6 +169,11 @@ pub fn moe_down(
     let wv = ws.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
     let map_at = map_addr(map)?;
     let (k_, i_, h_) = (k as i32, inter as i32, hidden as i32);
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    let res_at = match &residual {
+        Some(r) => raw_addr(r, "residual")?,
+        None => 0,
+    };
 
     // SAFETY: as above, one warp per output row.
     let y = unsafe { dev.alloc::<bf16>(hidden)? };
@@ -172,6 +185,7 @@ pub fn moe_down(
         .arg(&wv)
         .arg(&mv)
         .arg(&y)
+        .arg(&res_at)
         .arg(&k_)
         .arg(&i_)
         .arg(&h_);
@@ -330,4 +344,199 @@ pub fn route(logits: &Tensor, k: usize, norm: bool) -> Result<(Tensor, Tensor)> 
         wrap(CudaStorage::wrap_cuda_slice(ids, dev.clone()), (t, k)),
         wrap(CudaStorage::wrap_cuda_slice(w, dev), (t, k)),
     ))
+}
+
+/// Warps per block of the fused router: 4, so that 128 experts spread over 32 blocks.
+const ROUTER_WARPS: u32 = 4;
+
+/// The router of one decode token in one launch (`moe_router_topk_bf16`): `x` [1, H] bf16,
+/// `router` [E, H] bf16 → (ids [1, k] u32, weights [1, k] f32), the same routing [`route`] gives
+/// on the logits `x·routerᵀ` rounded to bf16. `arrived`: a u32 `[1]` on the device, zero, kept
+/// for this router (the launch leaves it zero again); one launch at a time may use it.
+pub fn route_fused(
+    x: &Tensor,
+    router: &Tensor,
+    k: usize,
+    norm: bool,
+    arrived: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (t, hidden) = x.dims2()?;
+    let (e, h2) = router.dims2()?;
+    if t != 1
+        || h2 != hidden
+        || x.dtype() != DType::BF16
+        || router.dtype() != DType::BF16
+        || e > MAX_EXPERTS
+        || k > MAX_TOPK
+        || k > e
+        || arrived.dtype() != DType::U32
+        || arrived.elem_count() != 1
+    {
+        return Err(err(
+            "fused routing",
+            format!(
+                "x {:?}, router {:?} {:?}, top-{k}",
+                x.dims(),
+                router.dims(),
+                router.dtype()
+            ),
+        ));
+    }
+    let dev = x.device().as_cuda_device()?.clone();
+    let (x, router) = (x.contiguous()?, router.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (rs, rl) = router.storage_and_layout();
+    let (Storage::Cuda(xs), Storage::Cuda(rs)) = (&*xs, &*rs) else {
+        return Err(err("device", "every input must be on the GPU"));
+    };
+    let xv = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
+    let rv = rs.as_cuda_slice::<bf16>()?.slice(rl.start_offset()..);
+    let arrived_at = raw_addr(arrived, "router counter")?;
+    // SAFETY: the logits are written (one warp per expert) before the last block reads them;
+    // ids and weights by the last block's first lane.
+    let logits = unsafe { dev.alloc::<f32>(e)? };
+    let ids = unsafe { dev.alloc::<u32>(k)? };
+    let w = unsafe { dev.alloc::<f32>(k)? };
+    let (e_, h_, k_, n_) = (e as i32, hidden as i32, k as i32, i32::from(norm));
+    let f = dev.get_or_load_custom_func("moe_router_topk_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&rv)
+        .arg(&xv)
+        .arg(&e_)
+        .arg(&h_)
+        .arg(&k_)
+        .arg(&n_)
+        .arg(&logits)
+        .arg(&arrived_at)
+        .arg(&ids)
+        .arg(&w);
+    let cfg = LaunchConfig {
+        grid_dim: ((e as u32).div_ceil(ROUTER_WARPS), 1, 1),
+        block_dim: (32 * ROUTER_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument order and types match the kernel; sizes checked above; `arrived` is a
+    // live u32 on this device that only this router's launches use, in stream order.
+    unsafe { b.launch(cfg) }.map_err(|e| err("fused routing launch", e))?;
+    let wrap =
+        |s: CudaStorage| Tensor::from_storage(Storage::Cuda(s), (1, k), BackpropOp::none(), false);
+    Ok((
+        wrap(CudaStorage::wrap_cuda_slice(ids, dev.clone())),
+        wrap(CudaStorage::wrap_cuda_slice(w, dev)),
+    ))
+}
+
+/// These run on a GPU (`scripts/gpu_unit_tests.sh`); without one each says so and passes
+/// vacuously.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::test_matrix;
+    use candle_core::Device;
+
+    fn gpu() -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("no CUDA device ({e}): the MoE kernel tests need one, skipped");
+                None
+            }
+        }
+    }
+
+    fn bf16_on(t: Tensor, dev: &Device) -> (Tensor, Vec<f32>) {
+        let t = t.to_dtype(DType::BF16).unwrap();
+        let host = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (t.to_device(dev).unwrap(), host)
+    }
+
+    #[test]
+    fn fused_router_routes_like_the_host_on_rounded_logits_launch_after_launch() {
+        let Some(dev) = gpu() else { return };
+        for (e, h, k, norm) in [
+            (128, 2048, 8, true),
+            (60, 520, 4, false),
+            (1024, 64, 16, true),
+        ] {
+            let (router, rh) = bf16_on(test_matrix(e, h, 3, 251, 1.0 / 256.0), &dev);
+            let arrived = Tensor::zeros(1, DType::U32, &dev).unwrap();
+            for seed in 0..3 {
+                let (x, xh) = bf16_on(test_matrix(1, h, 10 + seed, 241, 1.0 / 64.0), &dev);
+                let logits: Vec<f32> = (0..e)
+                    .map(|r| {
+                        let d: f64 = (0..h).map(|c| rh[r * h + c] as f64 * xh[c] as f64).sum();
+                        bf16::from_f64(d).to_f32()
+                    })
+                    .collect();
+                let want = crate::model::moe_block::route(&logits, &[], k, norm);
+                // The kth and (k+1)th logits apart: a tie could go either way in f32 vs f64.
+                let mut sorted = logits.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let clear = sorted[k - 1] > sorted[k];
+                // Replayed launches: the block counter must be back at zero each time.
+                for _ in 0..2 {
+                    let (ids, w) = route_fused(&x, &router, k, norm, &arrived).unwrap();
+                    let ids: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
+                    let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+                    if clear {
+                        assert_eq!(ids, want.experts, "e {e} seed {seed}");
+                        for (a, b) in w.iter().zip(&want.weights) {
+                            assert!((a - b).abs() <= b.abs() / 128.0, "weight {a} vs {b}");
+                        }
+                    }
+                    let again: Vec<u32> = route_fused(&x, &router, k, norm, &arrived)
+                        .unwrap()
+                        .0
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    assert_eq!(ids, again, "same inputs, same routing");
+                }
+                let n: Vec<u32> = arrived.to_vec1().unwrap();
+                assert_eq!(n, [0], "the last block resets the counter");
+            }
+        }
+    }
+
+    #[test]
+    fn residual_folded_into_down_is_the_separate_bf16_add() {
+        let Some(dev) = gpu() else { return };
+        let (e, h, i, k) = (16, 256, 96, 4);
+        let (gate_up, _) = bf16_on(
+            test_matrix(e * 2 * i, h, 1, 251, 1.0 / 256.0)
+                .reshape((e, 2 * i, h))
+                .unwrap(),
+            &dev,
+        );
+        let (down, _) = bf16_on(
+            test_matrix(e * h, i, 2, 241, 1.0 / 256.0)
+                .reshape((e, h, i))
+                .unwrap(),
+            &dev,
+        );
+        let (x, _) = bf16_on(test_matrix(1, h, 3, 239, 1.0 / 32.0), &dev);
+        let (res, _) = bf16_on(test_matrix(1, h, 4, 233, 1.0 / 8.0), &dev);
+        let ids = Tensor::new(&[[3u32, 7, 0, 15]], &dev).unwrap();
+        let w = Tensor::new(&[[0.5f32, 0.25, 0.125, 0.125]], &dev).unwrap();
+        let y = moe_decode(&x, &gate_up, &down, &ids, None, &w, None).unwrap();
+        let folded = moe_decode(&x, &gate_up, &down, &ids, None, &w, Some(&res)).unwrap();
+        let bits = |t: &Tensor| -> Vec<u16> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<bf16>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&folded), bits(&(&res + &y).unwrap()));
+        assert_eq!(k, ids.elem_count());
+    }
 }

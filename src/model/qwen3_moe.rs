@@ -204,6 +204,7 @@ impl Qwen3Moe {
                 num_heads: nh,
                 num_kv_heads: nkv,
                 head_dim: d,
+                attn_kernel: DecodeOptions::default().attn_kernel,
             };
             let ffn = match kind {
                 FfnKind::Moe => Ffn::Moe(MoeBlock {
@@ -212,6 +213,11 @@ impl Qwen3Moe {
                     top_k: cfg.num_experts_per_tok,
                     norm_topk_prob: cfg.norm_topk_prob,
                     moe_kernel: DecodeOptions::default().moe_kernel,
+                    router_arrived: if device.is_cuda() {
+                        Some(Tensor::zeros(1, DType::U32, device)?)
+                    } else {
+                        None
+                    },
                 }),
                 FfnKind::Dense => {
                     let i = cfg.intermediate_size;
@@ -276,6 +282,7 @@ impl Qwen3Moe {
     pub fn set_options(&mut self, options: DecodeOptions) {
         self.options = options;
         for layer in &mut self.layers {
+            layer.attn.attn_kernel = options.attn_kernel;
             if let Ffn::Moe(m) = &mut layer.ffn {
                 m.moe_kernel = options.moe_kernel;
             }
@@ -503,8 +510,9 @@ impl Qwen3Moe {
     ) -> Result<()> {
         let layer = &self.layers[l];
         let hn = layer.input_norm.forward(x)?;
-        let a = layer.attn.forward(&hn, l, cache, &Positions::Device(dec))?;
-        let x1 = (x + a)?;
+        let x1 = layer
+            .attn
+            .forward_residual(&hn, x, l, cache, &Positions::Device(dec))?;
         let h2 = layer.post_norm.forward(&x1)?;
         match &layer.ffn {
             Ffn::Dense(m) => x.slice_set(&(x1 + m.forward(&h2)?)?, 0, 0)?,
@@ -533,8 +541,16 @@ impl Qwen3Moe {
         w: &Tensor,
         x: &Tensor,
     ) -> Result<()> {
-        let y = super::moe_decode::moe_decode(h, &stacks.gate_up, &stacks.down, slot_ids, None, w)?;
-        x.slice_set(&(x_mid + y)?, 0, 0)?;
+        let y = super::moe_decode::moe_decode(
+            h,
+            &stacks.gate_up,
+            &stacks.down,
+            slot_ids,
+            None,
+            w,
+            Some(x_mid),
+        )?;
+        x.slice_set(&y, 0, 0)?;
         Ok(())
     }
 
@@ -577,10 +593,14 @@ impl Qwen3Moe {
             }
             Stage::AttnNorm => b.hn.slice_set(&layer.input_norm.forward(&b.x)?, 0, 0)?,
             Stage::Attention => {
-                let a = layer
-                    .attn
-                    .forward(&b.hn, l, cache, &Positions::Device(&b.dec))?;
-                b.x_mid.slice_set(&(&b.x + a)?, 0, 0)?;
+                let x1 = layer.attn.forward_residual(
+                    &b.hn,
+                    &b.x,
+                    l,
+                    cache,
+                    &Positions::Device(&b.dec),
+                )?;
+                b.x_mid.slice_set(&x1, 0, 0)?;
             }
             Stage::FfnNorm => b.h.slice_set(&layer.post_norm.forward(&b.x_mid)?, 0, 0)?,
             Stage::Router => {
@@ -597,9 +617,16 @@ impl Qwen3Moe {
             }
             Stage::Down => {
                 let st = need_stacks()?;
-                let y =
-                    super::moe_decode::moe_down(&b.mid, &st.down, &b.route_ids, None, &b.route_w)?;
-                b.y.slice_set(&y, 0, 0)?;
+                // The residual add is folded into the down kernel, as in the whole step.
+                let x = super::moe_decode::moe_down(
+                    &b.mid,
+                    &st.down,
+                    &b.route_ids,
+                    None,
+                    &b.route_w,
+                    Some(&b.x_mid),
+                )?;
+                b.x.slice_set(&x, 0, 0)?;
             }
             Stage::Residual => b.x.slice_set(&(&b.x_mid + &b.y)?, 0, 0)?,
             Stage::DenseMlp => match &layer.ffn {
@@ -673,8 +700,7 @@ impl Qwen3Moe {
     ) -> Result<Tensor> {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let h = layer.attn.forward(&h, l, cache, pos)?;
-            x = (x + h)?;
+            x = layer.attn.forward_residual(&h, &x, l, cache, pos)?;
             let h = layer.post_norm.forward(&x)?;
             // Layer l+1's router applied to layer l's normalised hidden state: a cheap guess of
             // what the next layer will pick, loaded while this one computes.
@@ -695,11 +721,12 @@ impl Qwen3Moe {
                     experts.prefetch_hint(next.layer, &all);
                 }
             }
-            let h = match &layer.ffn {
-                Ffn::Dense(m) => m.forward(&h)?,
-                Ffn::Moe(m) => m.forward(&h, offset, experts, observer, sink.as_deref_mut())?,
+            x = match &layer.ffn {
+                Ffn::Dense(m) => (x + m.forward(&h)?)?,
+                Ffn::Moe(m) => {
+                    m.forward_residual(&h, &x, offset, experts, observer, sink.as_deref_mut())?
+                }
             };
-            x = (x + h)?;
         }
         Ok(x)
     }

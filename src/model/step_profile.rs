@@ -53,7 +53,7 @@ impl Stage {
             Stage::FfnNorm => "FFN norm",
             Stage::Router => "router (top-k)",
             Stage::GateUp => "experts gate_up",
-            Stage::Down => "experts down",
+            Stage::Down => "experts down + residual",
             Stage::Residual => "residual add",
             Stage::DenseMlp => "dense MLP",
             Stage::FinalNorm => "final norm",
@@ -67,15 +67,15 @@ impl Stage {
         if self == Stage::Router { 2 } else { 1 }
     }
 
-    /// The stages of a MoE layer, in order.
-    pub const MOE_LAYER: [Stage; 7] = [
+    /// The stages of a MoE layer, in order. (The residual add is part of the down kernel, as
+    /// in the whole step; [`Stage::Residual`] stays for profiles saved before it was.)
+    pub const MOE_LAYER: [Stage; 6] = [
         Stage::AttnNorm,
         Stage::Attention,
         Stage::FfnNorm,
         Stage::Router,
         Stage::GateUp,
         Stage::Down,
-        Stage::Residual,
     ];
     pub const DENSE_LAYER: [Stage; 4] = [
         Stage::AttnNorm,
@@ -125,8 +125,9 @@ pub struct StepProfile {
     pub dtype: String,
     pub layers: usize,
     pub moe_layers: usize,
-    /// The position the profiled token decodes at, and the KV rows attention reads (the static
-    /// capacity).
+    /// The position the profiled token decodes at, and the KV rows attention reads: positions
+    /// 0..=position with moescope's attention kernel, the whole static capacity with candle's
+    /// ops (they attend over it under a mask).
     pub position: usize,
     pub kv_rows: usize,
     pub rounds: usize,
@@ -304,7 +305,15 @@ mod gpu {
         let token = super::super::layers::argmax(&row) as u32;
         let position = cache.len();
         model.reserve_decode(&mut cache, position + 1)?;
-        let kv_rows = cache.static_capacity();
+        let capacity = cache.static_capacity();
+        let kv_rows = if model.options().attn_kernel
+            && dt == DType::BF16
+            && capacity <= super::super::attn_decode::MAX_POSITIONS
+        {
+            position + 1
+        } else {
+            capacity
+        };
 
         let (nkv, d) = (cfg.num_key_value_heads, cfg.head_dim);
         let b = StageBuffers {
@@ -314,7 +323,7 @@ mod gpu {
                 cos: Tensor::zeros((1, d / 2), dt, &dev)?,
                 sin: Tensor::zeros((1, d / 2), dt, &dev)?,
                 rows: Tensor::zeros((nkv, 1, d), DType::U32, &dev)?,
-                mask: Tensor::zeros(kv_rows, dt, &dev)?,
+                mask: Tensor::zeros(capacity, dt, &dev)?,
             },
             x: Tensor::zeros((1, h), dt, &dev)?,
             hn: Tensor::zeros((1, h), dt, &dev)?,

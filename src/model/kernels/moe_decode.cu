@@ -14,53 +14,11 @@
 // first), down [E, H, I]; `ids` are rows of those stacks (expert ids for native, slot ids for the
 // selective slot pool), so both backends run the same arithmetic.
 
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define MAX_TOPK 16
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float bf16_round(float v) {
-    return __bfloat162float(__float2bfloat16(v));
-}
-
-// This lane's share of dot(row, x) over n elements; the caller reduces across the warp.
-__device__ __forceinline__ float dot_part(const __nv_bfloat16* __restrict__ row,
-                                          const __nv_bfloat16* __restrict__ x, int n, int lane) {
-    float acc = 0.f;
-    int done = 0;
-    if ((((uintptr_t)row | (uintptr_t)x) & 15) == 0) {
-        const int nv = n / 8;
-        const uint4* r4 = reinterpret_cast<const uint4*>(row);
-        const uint4* x4 = reinterpret_cast<const uint4*>(x);
-        // A lane's loads issued four at a time; the multiply-adds keep their order. (Measured
-        // the same as the plain loop on an H200, `bench steps`: kept as the form measured.)
-#pragma unroll 4
-        for (int i = lane; i < nv; i += 32) {
-            uint4 a = __ldg(r4 + i);
-            uint4 b = __ldg(x4 + i);
-            const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&a);
-            const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(&b);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float2 fa = __bfloat1622float2(a2[j]);
-                float2 fb = __bfloat1622float2(b2[j]);
-                acc = fmaf(fa.x, fb.x, acc);
-                acc = fmaf(fa.y, fb.y, acc);
-            }
-        }
-        done = nv * 8;
-    }
-    for (int i = done + lane; i < n; i += 32) {
-        acc = fmaf(__bfloat162float(row[i]), __bfloat162float(x[i]), acc);
-    }
-    return acc;
-}
+// Routing: one warp holds every logit, 32 per lane at most (MAX_EXPERTS = 1024 in moe_decode.rs).
+#define MAX_EXPERTS_PER_LANE 32
 
 // mid[s, r] = bf16(silu(bf16(gate_r . x)) * bf16(up_r . x)) for slot s (expert ids[s]), row r < I.
 // One warp per (s, r). `map` (may be null): ids are expert ids and map[id] their rows (the
@@ -131,7 +89,8 @@ __device__ __forceinline__ void dot_rows(const __nv_bfloat16* __restrict__ row0,
     }
 }
 
-// y[h] = sum_s bf16(bf16(down_h(ids[s]) . mid[s]) * bf16(w[s])), the sum in f32 in slot order.
+// y[h] = sum_s bf16(bf16(down_h(ids[s]) . mid[s]) * bf16(w[s])), the sum in f32 in slot order
+// (then res[h] + y[h] in bf16 when `res` is given).
 // One block per DOWN_ROWS output rows, one warp per routed expert (blockDim = 32 k), each warp
 // reading its expert's DOWN_ROWS rows at once. Why not one warp per row: a row's k short dots
 // (I = 768 on Qwen3-30B-A3B) then run one after another and too few bytes are in flight (a third
@@ -144,6 +103,7 @@ extern "C" __global__ void moe_decode_down_bf16(
     const float* __restrict__ topk_w,        // [k]
     const __nv_bfloat16* __restrict__ mid,   // [k, I]
     __nv_bfloat16* __restrict__ y,           // [H]
+    const __nv_bfloat16* __restrict__ res,   // [H] or null: added to y (the residual)
     int k, int inter, int hidden) {
     __shared__ float d[DOWN_ROWS][MAX_TOPK];
     const int h0 = blockIdx.x * DOWN_ROWS;
@@ -166,43 +126,80 @@ extern "C" __global__ void moe_decode_down_bf16(
     if (threadIdx.x < rows) {
         float acc = 0.f;
         for (int j = 0; j < k; j++) acc += bf16_round(d[threadIdx.x][j] * bf16_round(topk_w[j]));
-        y[h0 + threadIdx.x] = __float2bfloat16(acc);
+        const __nv_bfloat16 o = __float2bfloat16(acc);
+        // The residual add as candle's bf16 add computes it, so folding it in keeps the bits.
+        y[h0 + threadIdx.x] = res ? __hadd(res[h0 + threadIdx.x], o) : o;
     }
 }
 
+// A logit as f32: bf16 logits (candle's router product), or the f32 copies of bf16-rounded
+// logits the fused router writes — read past L1, since other blocks of the launch wrote them.
+__device__ __forceinline__ float logit_at(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float logit_at(const float* p) { return __ldcg(p); }
+
 // Router: softmax over the experts in f32, the top k (ties to the lower index), renormalised over
 // the k when `norm` (Qwen3's norm_topk_prob), weights rounded to bf16 as transformers casts them.
-// One warp per token (grid = tokens); n_experts <= 1024.
-extern "C" __global__ void moe_route_topk_bf16(
-    const __nv_bfloat16* __restrict__ logits,  // [T, n_experts]
-    int n_experts, int k, int norm,
-    uint32_t* __restrict__ ids,                // [T, k]
-    float* __restrict__ weights) {             // [T, k]
+// One warp (the calling one) for one token's row; n_experts <= 1024.
+// The lane's best not-yet-taken logit (the first in its elements' order on ties or NaN, as a
+// plain scan): `bi` -1 when it has none left.
+__device__ __forceinline__ void lane_best(const float* v, int nt, int lane, uint32_t taken,
+                                          float& best, int& bi) {
+    best = -INFINITY;
+    bi = -1;
+#pragma unroll
+    for (int t = 0; t < MAX_EXPERTS_PER_LANE; t++) {
+        if (t >= nt) break;
+        if (!((taken >> t) & 1u) && (bi < 0 || v[t] > best)) {
+            best = v[t];
+            bi = lane + 32 * t;
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void route_topk_warp(const T* __restrict__ row, int n_experts, int k,
+                                                int norm, uint32_t* __restrict__ ids,
+                                                float* __restrict__ weights) {
     const int lane = threadIdx.x & 31;
-    const __nv_bfloat16* row = logits + (size_t)blockIdx.x * n_experts;
+    // The lane's logits (elements lane + 32 t, t < nt) read once, their loads in flight together,
+    // and kept in registers; each pass below rescans only the lane whose best was taken. Why:
+    // the passes had re-read memory (a round trip per element per pass), then scanned every
+    // lane's full register window — a serial chain of ~30 compares a pass: either way the
+    // router was 12–13 µs a layer on an H200 (`bench steps`, ncu), 20 % of a layer.
+    const int nt = n_experts > lane ? (n_experts - lane + 31) / 32 : 0;
+    float v[MAX_EXPERTS_PER_LANE];
+#pragma unroll
+    for (int t = 0; t < MAX_EXPERTS_PER_LANE; t++) {
+        if (t >= nt) break;
+        v[t] = logit_at(row + lane + 32 * t);
+    }
     float mx = -INFINITY;
-    for (int i = lane; i < n_experts; i += 32) mx = fmaxf(mx, __bfloat162float(row[i]));
+#pragma unroll
+    for (int t = 0; t < MAX_EXPERTS_PER_LANE; t++) {
+        if (t >= nt) break;
+        mx = fmaxf(mx, v[t]);
+    }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float sum = 0.f;
-    for (int i = lane; i < n_experts; i += 32) sum += expf(__bfloat162float(row[i]) - mx);
+#pragma unroll
+    for (int t = 0; t < MAX_EXPERTS_PER_LANE; t++) {
+        if (t >= nt) break;
+        sum += expf(v[t] - mx);
+    }
     sum = warp_sum(sum);
     uint32_t taken = 0;  // bit t: this lane's element lane + 32 t is selected
+    float lb;
+    int lbi;
+    lane_best(v, nt, lane, taken, lb, lbi);
     float sel[MAX_TOPK];
     int sel_id[MAX_TOPK];
     float sel_sum = 0.f;
 #pragma unroll
     for (int j = 0; j < MAX_TOPK; j++) {
         if (j >= k) break;
-        float best = -INFINITY;
-        int bi = -1;
-        for (int t = 0, i = lane; i < n_experts; t++, i += 32) {
-            const float v = __bfloat162float(row[i]);
-            if (!((taken >> t) & 1u) && (bi < 0 || v > best)) {
-                best = v;
-                bi = i;
-            }
-        }
+        float best = lb;
+        int bi = lbi;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             const float ov = __shfl_xor_sync(0xffffffffu, best, o);
@@ -213,7 +210,10 @@ extern "C" __global__ void moe_route_topk_bf16(
             }
         }
         if (bi < 0) bi = j;  // no candidate compared (NaN logits): any valid index
-        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        if ((bi & 31) == lane) {
+            taken |= 1u << (bi >> 5);
+            lane_best(v, nt, lane, taken, lb, lbi);
+        }
         const float p = expf(best - mx) / sum;
         sel[j] = p;
         sel_id[j] = bi;
@@ -222,9 +222,51 @@ extern "C" __global__ void moe_route_topk_bf16(
     if (lane == 0) {
         for (int j = 0; j < k && j < MAX_TOPK; j++) {
             const float w = norm ? sel[j] / sel_sum : sel[j];
-            ids[(size_t)blockIdx.x * k + j] = (uint32_t)sel_id[j];
-            weights[(size_t)blockIdx.x * k + j] = bf16_round(w);
+            ids[j] = (uint32_t)sel_id[j];
+            weights[j] = bf16_round(w);
         }
+    }
+}
+
+// Routing of bf16 logits [T, n_experts]: one warp per token (grid = tokens).
+extern "C" __global__ void moe_route_topk_bf16(
+    const __nv_bfloat16* __restrict__ logits,  // [T, n_experts]
+    int n_experts, int k, int norm,
+    uint32_t* __restrict__ ids,                // [T, k]
+    float* __restrict__ weights) {             // [T, k]
+    route_topk_warp(logits + (size_t)blockIdx.x * n_experts, n_experts, k, norm,
+                    ids + (size_t)blockIdx.x * k, weights + (size_t)blockIdx.x * k);
+}
+
+// The router of one decode token in one launch: the logits W·x (one warp per expert, rounded to
+// bf16 as the router's bf16 product), then — in whichever block finishes last — the routing above
+// over them. `arrived` counts finished blocks; it is 0 between launches (the last block resets
+// it), so the launch can be replayed in a CUDA graph. Why: the router was two launches plus
+// cuBLAS's GEMV, ~12 µs a layer for 0.5 MB of weights (`bench steps`).
+extern "C" __global__ void moe_router_topk_bf16(
+    const __nv_bfloat16* __restrict__ w,  // [n_experts, hidden]
+    const __nv_bfloat16* __restrict__ x,  // [hidden]
+    int n_experts, int hidden, int k, int norm,
+    float* __restrict__ logits,           // [n_experts] scratch
+    unsigned int* __restrict__ arrived,   // [1]
+    uint32_t* __restrict__ ids,           // [k]
+    float* __restrict__ weights) {        // [k]
+    __shared__ unsigned int ticket;
+    const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (warp < n_experts) {
+        const float acc = warp_sum(dot_part(w + (size_t)warp * hidden, x, hidden, lane));
+        if (lane == 0) logits[warp] = bf16_round(acc);
+    }
+    __threadfence();  // this block's logits visible to the last block before it counts itself
+    __syncthreads();
+    if (threadIdx.x == 0) ticket = atomicAdd(arrived, 1u);
+    __syncthreads();
+    if (ticket != gridDim.x - 1) return;
+    __threadfence();
+    if (threadIdx.x < 32) {
+        route_topk_warp(logits, n_experts, k, norm, ids, weights);
+        if (threadIdx.x == 0) *arrived = 0u;
     }
 }
 

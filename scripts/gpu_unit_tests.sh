@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The unit tests that need a GPU — the decode kernels' tests in src/model/attn_decode.rs and
+# src/model/moe_decode.rs (each skips itself where there is no CUDA device) — run on an NVIDIA
+# machine from the repo root:
+#
+#   scripts/gpu_unit_tests.sh TESTBIN [FILTER]
+#
+# TESTBIN: the library's unit-test binary of a cuda build, made on the build machine with
+#   source ~/.cache/moescope-cuda/env.sh   # ../shared/reference/cuda-build.md
+#   cargo test --release --features cuda --lib --no-run   # prints target/release/deps/moescope-HASH
+# then stripped and compressed (.xz or .gz) to carry. FILTER defaults to "attn_decode moe_decode"
+# (the attention and MoE decode kernels).
+# Exits non-zero when a test fails, or when the tests were skipped for want of a GPU.
+set -uo pipefail
+BIN=${1:?usage: scripts/gpu_unit_tests.sh TESTBIN [FILTER]}
+case "$BIN" in
+  *.xz) xz -dc "$BIN" > /tmp/moescope-unit && BIN=/tmp/moescope-unit ;;
+  *.gz) gunzip -c "$BIN" > /tmp/moescope-unit && BIN=/tmp/moescope-unit ;;
+esac
+chmod +x "$BIN"
+out=$("$BIN" ${2:-attn_decode moe_decode} --test-threads 1 --nocapture 2>&1)
+rc=$?
+echo "$out" | tail -25
+if echo "$out" | grep -q "no CUDA device"; then
+  echo "gpu unit tests: skipped — no CUDA device"; exit 1
+fi
+exit $rc

@@ -1,0 +1,582 @@
+//! Attention of one decode token on the GPU in three launches of moescope's own kernels
+//! (`kernels/attn_decode.cu`): the q/k/v projections, then q/k norm + RoPE + the KV-cache write +
+//! attention over the positions so far, then o_proj with the residual added — where candle's
+//! ops took ~17 launches a layer, and a batch-1 step was bound by their latency (`bench steps`:
+//! attention 43–48 % of a step at 16 % of the copy bandwidth).
+//!
+//! Only the device-positioned decode step uses it (the one CUDA graphs capture), in bf16, with
+//! dense unbiased projections; anything else runs candle's ops (`layers.rs`). Native and
+//! selective run the same attention, so they stay bit-identical; nothing here reads back to the
+//! host.
+
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Storage, Tensor};
+use half::bf16;
+
+use super::error::{ModelError, Result};
+use super::layers::{Attention, DecodeInputs, KvCache};
+
+const PTX: &str = include_str!("kernels/attn_decode.ptx");
+const MODULE: &str = "moescope_attn_decode";
+/// Warps per block of `gemv_rows_bf16` (its shared partial sums hold 8).
+const WARPS_PER_BLOCK: u32 = 8;
+/// Largest static KV capacity the attention kernel keeps its scores for in shared memory (32 KiB
+/// of the 48 KiB a launch gets without opting in); past it, candle's ops run.
+pub const MAX_POSITIONS: usize = 8192;
+/// Largest head_dim (one thread per column of the value sum).
+const MAX_HEAD_DIM: usize = 1024;
+
+fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Input(format!("attention decode kernel ({what}): {e}"))
+}
+
+/// The dense bf16 matrices of an attention layer the kernels can read: q, k, v, o.
+struct Weights<'a> {
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    o: &'a Tensor,
+}
+
+fn weights(a: &Attention) -> Option<Weights<'_>> {
+    Some(Weights {
+        q: a.q_proj.dense_unbiased()?,
+        k: a.k_proj.dense_unbiased()?,
+        v: a.v_proj.dense_unbiased()?,
+        o: a.o_proj.dense_unbiased()?,
+    })
+}
+
+/// `residual + attention(x)` for one decode token through the kernels, or `None` where they do
+/// not apply (then the caller runs candle's ops): `x` and `residual` [1, H] bf16 on the GPU.
+pub fn try_forward(
+    a: &Attention,
+    x: &Tensor,
+    residual: &Tensor,
+    layer: usize,
+    cache: &KvCache,
+    dec: &DecodeInputs,
+) -> Result<Option<Tensor>> {
+    let (nh, nkv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
+    let Some(w) = weights(a) else {
+        return Ok(None);
+    };
+    let Some((kc, vc)) = cache.static_buffers(layer) else {
+        return Ok(None);
+    };
+    let cap = kc.dim(1)?;
+    let (t, hidden) = x.dims2()?;
+    if t != 1
+        || x.dtype() != DType::BF16
+        || !x.device().is_cuda()
+        || cap > MAX_POSITIONS
+        || d > MAX_HEAD_DIM
+        || d % 2 != 0
+        || nkv == 0
+        || nh % nkv != 0
+        || kc.dims() != [nkv, cap, d]
+        || vc.dims() != kc.dims()
+        || kc.dtype() != DType::BF16
+        || [w.q, w.k, w.v, w.o]
+            .iter()
+            .any(|m| m.dtype() != DType::BF16)
+        || w.q.dims() != [nh * d, hidden]
+        || w.k.dims() != [nkv * d, hidden]
+        || w.v.dims() != [nkv * d, hidden]
+        || w.o.dims() != [hidden, nh * d]
+        || residual.dims() != [1, hidden]
+    {
+        return Ok(None);
+    }
+    let (q, k, v) = project(x, &w)?;
+    let ctx = attend(a, &q, &k, &v, dec, &kc, &vc, cap)?;
+    Ok(Some(gemv_residual(w.o, &ctx, residual)?))
+}
+
+/// Binds `$name` to the device view of a contiguous tensor's elements (the storage guard lives
+/// in the caller's scope, as long as the view).
+macro_rules! bind {
+    ($name:ident = $t:expr, $ty:ty) => {
+        let t: &Tensor = $t;
+        if !t.is_contiguous() {
+            return Err(err("layout", "a kernel input is not contiguous"));
+        }
+        let (guard, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*guard else {
+            return Err(err("device", "every input must be on the GPU"));
+        };
+        let $name = cs.as_cuda_slice::<$ty>()?.slice(layout.start_offset()..);
+    };
+}
+
+fn wrap(
+    s: candle_core::cuda_backend::cudarc::driver::CudaSlice<bf16>,
+    dev: &candle_core::CudaDevice,
+    n: usize,
+) -> Tensor {
+    let s = CudaStorage::wrap_cuda_slice(s, dev.clone());
+    Tensor::from_storage(Storage::Cuda(s), (1, n), BackpropOp::none(), false)
+}
+
+/// q [1, nh·d], k and v [1, nkv·d] = x·Wᵀ, one launch.
+fn project(x: &Tensor, w: &Weights) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = x.device().as_cuda_device()?.clone();
+    let (n0, n1, n2) = (w.q.dim(0)?, w.k.dim(0)?, w.v.dim(0)?);
+    let cols = x.dim(1)?;
+    let (x, wq, wk, wv) = (
+        x.contiguous()?,
+        w.q.contiguous()?,
+        w.k.contiguous()?,
+        w.v.contiguous()?,
+    );
+    bind!(xv = &x, bf16);
+    bind!(qv = &wq, bf16);
+    bind!(kv = &wk, bf16);
+    bind!(vv = &wv, bf16);
+    // SAFETY: every row is written by its warp below before anything reads it.
+    let (yq, yk, yv) = unsafe {
+        (
+            dev.alloc::<bf16>(n0)?,
+            dev.alloc::<bf16>(n1)?,
+            dev.alloc::<bf16>(n2)?,
+        )
+    };
+    let no_residual: u64 = 0;
+    let (n0_, n1_, n2_, c_) = (n0 as i32, n1 as i32, n2 as i32, cols as i32);
+    let f = dev.get_or_load_custom_func("gemv_rows_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&n0_)
+        .arg(&n1_)
+        .arg(&n2_)
+        .arg(&xv)
+        .arg(&c_)
+        .arg(&yq)
+        .arg(&yk)
+        .arg(&yv)
+        .arg(&no_residual);
+    let split = split_for(cols);
+    b.arg(&split);
+    // SAFETY: argument order and types match the kernel; shapes checked by the caller.
+    unsafe { b.launch(row_blocks(n0 + n1 + n2, split)) }.map_err(|e| err("qkv launch", e))?;
+    Ok((wrap(yq, &dev, n0), wrap(yk, &dev, n1), wrap(yv, &dev, n2)))
+}
+
+/// `residual + ctx·Wᵀ` [1, rows] bf16, one launch.
+fn gemv_residual(w: &Tensor, ctx: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let dev = ctx.device().as_cuda_device()?.clone();
+    let (rows, cols) = w.dims2()?;
+    let (w, ctx, residual) = (w.contiguous()?, ctx.contiguous()?, residual.contiguous()?);
+    bind!(wv = &w, bf16);
+    bind!(xv = &ctx, bf16);
+    bind!(rv = &residual, bf16);
+    // SAFETY: as above.
+    let y = unsafe { dev.alloc::<bf16>(rows)? };
+    let none: u64 = 0;
+    let (r_, zero, c_) = (rows as i32, 0i32, cols as i32);
+    let f = dev.get_or_load_custom_func("gemv_rows_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&wv)
+        .arg(&none)
+        .arg(&none)
+        .arg(&r_)
+        .arg(&zero)
+        .arg(&zero)
+        .arg(&xv)
+        .arg(&c_)
+        .arg(&y)
+        .arg(&none)
+        .arg(&none)
+        .arg(&rv);
+    let split = split_for(cols);
+    b.arg(&split);
+    // SAFETY: as above; the unused matrices have no rows, so their null pointers are not read.
+    unsafe { b.launch(row_blocks(rows, split)) }.map_err(|e| err("o_proj launch", e))?;
+    Ok(wrap(y, &dev, rows))
+}
+
+/// The attention kernel: ctx [1, nh·d] bf16 (see `attn_decode_bf16` in the kernel file).
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    a: &Attention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dec: &DecodeInputs,
+    kc: &Tensor,
+    vc: &Tensor,
+    cap: usize,
+) -> Result<Tensor> {
+    let (nh, nkv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
+    let dev = q.device().as_cuda_device()?.clone();
+    let (qn, kn) = (a.q_norm.weight(), a.k_norm.weight());
+    if qn.dims() != [d] || kn.dims() != [d] || qn.dtype() != DType::BF16 {
+        return Err(err(
+            "norms",
+            format!("q_norm {:?}, k_norm {:?}", qn.dims(), kn.dims()),
+        ));
+    }
+    if dec.cos.elem_count() != d / 2 || dec.rows.dtype() != DType::U32 {
+        return Err(err(
+            "positions",
+            format!("cos {:?}, rows {:?}", dec.cos.dims(), dec.rows.dtype()),
+        ));
+    }
+    let (cos, sin) = (dec.cos.contiguous()?, dec.sin.contiguous()?);
+    let (qn, kn) = (qn.contiguous()?, kn.contiguous()?);
+    bind!(qv = q, bf16);
+    bind!(kv = k, bf16);
+    bind!(vv = v, bf16);
+    bind!(qnv = &qn, bf16);
+    bind!(knv = &kn, bf16);
+    bind!(cv = &cos, bf16);
+    bind!(sv = &sin, bf16);
+    // Every entry of `rows` is the position: its first is the kernel's.
+    bind!(pv = &dec.rows, u32);
+    // The caches are written in place (the block of each group's first head writes row `pos`):
+    // passed as addresses, as the other kernels that write into buffers they do not allocate.
+    let kcv = super::raw::device_range(kc, 0, kc.elem_count() * 2)?.0;
+    let vcv = super::raw::device_range(vc, 0, vc.elem_count() * 2)?.0;
+    let threads = (d.div_ceil(32) * 32).max(256) as u32;
+    let shared = (cap + threads as usize + threads as usize / 32) * 4 + 2 * d * 2;
+    // SAFETY: every element is written by the kernel (threads < d of each head's block).
+    let ctx = unsafe { dev.alloc::<bf16>(nh * d)? };
+    let eps = a.q_norm.eps();
+    let scale = 1.0f32 / (d as f32).sqrt();
+    let (nh_, nkv_, d_, cap_) = (nh as i32, nkv as i32, d as i32, cap as i32);
+    let f = dev.get_or_load_custom_func("attn_decode_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&qnv)
+        .arg(&knv)
+        .arg(&eps)
+        .arg(&cv)
+        .arg(&sv)
+        .arg(&pv)
+        .arg(&kcv)
+        .arg(&vcv)
+        .arg(&ctx)
+        .arg(&nh_)
+        .arg(&nkv_)
+        .arg(&d_)
+        .arg(&cap_)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (nh as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // SAFETY: argument order and types match the kernel; shapes checked here and by the caller;
+    // the position is below the capacity (the caller reserved its row); the shared memory is
+    // under 48 KiB (cap ≤ MAX_POSITIONS, d ≤ MAX_HEAD_DIM).
+    unsafe { b.launch(cfg) }.map_err(|e| err("attention launch", e))?;
+    Ok(wrap(ctx, &dev, nh * d))
+}
+
+/// Warps per row of `gemv_rows_bf16`: about 1,024 columns each (1, 2, 4 or 8).
+fn split_for(cols: usize) -> i32 {
+    match cols {
+        0..2048 => 1,
+        2048..4096 => 2,
+        4096..8192 => 4,
+        _ => 8,
+    }
+}
+
+/// Blocks of WARPS_PER_BLOCK warps, `split` of them per row.
+fn row_blocks(rows: usize, split: i32) -> LaunchConfig {
+    let rows_per_block = WARPS_PER_BLOCK / split as u32;
+    LaunchConfig {
+        grid_dim: ((rows as u32).div_ceil(rows_per_block), 1, 1),
+        block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// These run on a GPU (a `cuda` build's unit tests carried to the device: see
+/// `scripts/gpu_unit_tests.sh`); without one each says so and passes vacuously.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::{Linear, Positions, RmsNorm, Rope};
+    use crate::util::test_matrix;
+    use candle_core::Device;
+
+    fn gpu() -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("no CUDA device ({e}): the attention kernel tests need one, skipped");
+                None
+            }
+        }
+    }
+
+    fn bf(x: f32) -> f32 {
+        bf16::from_f32(x).to_f32()
+    }
+
+    /// One unit in the last place of a bf16 of magnitude |x| (0's: the smallest normal's).
+    fn ulp(x: f32) -> f32 {
+        let e = x.abs().max(f32::MIN_POSITIVE).log2().floor();
+        2f32.powf(e - 7.0)
+    }
+
+    /// A test matrix rounded to bf16 on `dev`, and its values on the host.
+    fn matrix(
+        rows: usize,
+        cols: usize,
+        seed: usize,
+        m: usize,
+        scale: f32,
+        dev: &Device,
+    ) -> (Tensor, Vec<f32>) {
+        let t = test_matrix(rows, cols, seed, m, scale)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let host = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (t.to_device(dev).unwrap(), host)
+    }
+
+    fn host(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| *x as f64 * *y as f64)
+            .sum::<f64>() as f32
+    }
+
+    #[test]
+    fn gemv_rows_are_rounded_dots_and_the_residual_a_bf16_add() {
+        let Some(dev) = gpu() else { return };
+        // One to eight warps a row (split by width), aligned rows and widths that are no
+        // multiple of 8 (the tail), rows past a block's last.
+        for (rows, cols, seed) in [(300, 2048, 1), (70, 517, 2), (101, 4096, 3), (37, 9001, 4)] {
+            let (w, wh) = matrix(rows, cols, seed, 251, 1.0 / 256.0, &dev);
+            let (x, xh) = matrix(1, cols, seed + 5, 241, 1.0 / 128.0, &dev);
+            let (r, rh) = matrix(1, rows, seed + 9, 239, 1.0 / 32.0, &dev);
+            let y = host(&gemv_residual(&w, &x, &r).unwrap());
+            let (w3, w3h) = matrix(rows / 3, cols, seed + 11, 233, 1.0 / 256.0, &dev);
+            let m = Weights {
+                q: &w,
+                k: &w3,
+                v: &w,
+                o: &w,
+            };
+            let (yq, yk, yv) = project(&x, &m).unwrap();
+            let (yq, yk, yv) = (host(&yq), host(&yk), host(&yv));
+            assert_eq!((yk.len(), yv.len()), (rows / 3, rows));
+            for i in 0..rows {
+                let o = bf(dot(&wh[i * cols..(i + 1) * cols], &xh));
+                let want = bf(rh[i] + o);
+                assert!(
+                    (y[i] - want).abs() <= ulp(want),
+                    "row {i}: {} vs {want}",
+                    y[i]
+                );
+                assert!((yq[i] - o).abs() <= ulp(o), "q row {i}: {} vs {o}", yq[i]);
+                assert_eq!(yq[i].to_bits(), yv[i].to_bits(), "same matrix, same bits");
+            }
+            for i in 0..rows / 3 {
+                let o = bf(dot(&w3h[i * cols..(i + 1) * cols], &xh));
+                assert!((yk[i] - o).abs() <= ulp(o), "k row {i}: {} vs {o}", yk[i]);
+            }
+        }
+    }
+
+    fn attention(nh: usize, nkv: usize, d: usize, dev: &Device, kernel: bool) -> Attention {
+        let lin = |out: usize, inp: usize, seed: usize| {
+            Linear::new(matrix(out, inp, seed, 251, 1.0 / 512.0, dev).0, None)
+        };
+        let h = 64;
+        let norm = |seed: usize| {
+            // Weights near 1, as trained norms are.
+            let w = (test_matrix(1, d, seed, 31, 1.0 / 64.0) + 1.0).unwrap();
+            RmsNorm::new(
+                w.reshape(d)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap(),
+                1e-6,
+            )
+            .unwrap()
+        };
+        Attention {
+            q_proj: lin(nh * d, h, 21),
+            k_proj: lin(nkv * d, h, 22),
+            v_proj: lin(nkv * d, h, 23),
+            o_proj: lin(h, nh * d, 24),
+            q_norm: norm(25),
+            k_norm: norm(26),
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+            attn_kernel: kernel,
+        }
+    }
+
+    /// The kernel's rounding, on the host: RMSNorm then RoPE of one head, as bf16 values.
+    fn norm_rope(x: &[f32], w: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
+        let d = x.len();
+        let ss = x.iter().map(|v| *v as f64 * *v as f64).sum::<f64>() as f32;
+        let scale = 1.0 / (ss / d as f32 + 1e-6).sqrt();
+        let n: Vec<f32> = x.iter().zip(w).map(|(v, w)| bf(scale * v * w)).collect();
+        let mut out = n.clone();
+        for i in 0..d / 2 {
+            let (a, b, c, s) = (n[i], n[i + d / 2], cos[i], sin[i]);
+            out[i] = bf(bf(a * c) - bf(b * s));
+            out[i + d / 2] = bf(bf(a * s) + bf(b * c));
+        }
+        out
+    }
+
+    #[test]
+    fn attention_kernel_matches_its_reference_and_writes_only_its_row() {
+        let Some(dev) = gpu() else { return };
+        let cap = 512;
+        // GQA groups of 4, no grouping, and a head_dim that is no power of two.
+        for (nh, nkv, d) in [(8, 2, 128), (4, 4, 64), (6, 3, 96)] {
+            let a = attention(nh, nkv, d, &dev, true);
+            let (kc0, kch) = matrix(nkv * cap, d, 3, 253, 1.0 / 64.0, &dev);
+            let (vc0, vch) = matrix(nkv * cap, d, 4, 247, 1.0 / 64.0, &dev);
+            let (q, qh) = matrix(1, nh * d, 5, 251, 1.0 / 16.0, &dev);
+            let (k, kh) = matrix(1, nkv * d, 6, 241, 1.0 / 16.0, &dev);
+            let (v, vh) = matrix(1, nkv * d, 7, 239, 1.0 / 16.0, &dev);
+            let (qw, kw) = (host(a.q_norm.weight()), host(a.k_norm.weight()));
+            let rope = Rope::new(d, 1e6);
+            // The first and second pass of the score loop (32 positions), and the last row.
+            for pos in [0usize, 1, 31, 32, 33, 100, cap - 1] {
+                let kc = kc0.reshape((nkv, cap, d)).unwrap().copy().unwrap();
+                let vc = vc0.reshape((nkv, cap, d)).unwrap().copy().unwrap();
+                let (cos, sin) = rope.tables(pos, 1, DType::BF16, &dev).unwrap();
+                let (ch, sh) = (host(&cos), host(&sin));
+                let dec = DecodeInputs {
+                    cos,
+                    sin,
+                    rows: Tensor::full(pos as u32, (nkv, 1, d), &dev).unwrap(),
+                    mask: Tensor::zeros(cap, DType::BF16, &dev).unwrap(),
+                };
+                let ctx = host(&attend(&a, &q, &k, &v, &dec, &kc, &vc, cap).unwrap());
+                let (kc_after, vc_after) = (host(&kc), host(&vc));
+                let scale = 1.0f32 / (d as f32).sqrt();
+                for g in 0..nkv {
+                    let kr = norm_rope(&kh[g * d..(g + 1) * d], &kw, &ch, &sh);
+                    for j in 0..cap {
+                        let at = (g * cap + j) * d;
+                        let (kn, vn) = (&kc_after[at..at + d], &vc_after[at..at + d]);
+                        if j == pos {
+                            for i in 0..d {
+                                assert!((kn[i] - kr[i]).abs() <= ulp(kr[i]), "k row {pos} [{i}]");
+                            }
+                            assert_eq!(vn, &vh[g * d..(g + 1) * d], "v row {pos} written as is");
+                        } else {
+                            assert_eq!(kn, &kch[at..at + d], "k row {j} untouched (pos {pos})");
+                            assert_eq!(vn, &vch[at..at + d], "v row {j} untouched (pos {pos})");
+                        }
+                    }
+                    for h in g * (nh / nkv)..(g + 1) * (nh / nkv) {
+                        let qr = norm_rope(&qh[h * d..(h + 1) * d], &qw, &ch, &sh);
+                        let key = |j: usize| -> &[f32] {
+                            if j == pos {
+                                &kr
+                            } else {
+                                &kch[(g * cap + j) * d..(g * cap + j + 1) * d]
+                            }
+                        };
+                        let val = |j: usize| -> &[f32] {
+                            if j == pos {
+                                &vh[g * d..(g + 1) * d]
+                            } else {
+                                &vch[(g * cap + j) * d..(g * cap + j + 1) * d]
+                            }
+                        };
+                        let s: Vec<f32> = (0..=pos)
+                            .map(|j| bf(bf(dot(&qr, key(j))) * scale))
+                            .collect();
+                        let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                        let e: Vec<f64> = s.iter().map(|x| ((x - m) as f64).exp()).collect();
+                        let sum: f64 = e.iter().sum();
+                        let p: Vec<f32> = e.iter().map(|x| bf((x / sum) as f32)).collect();
+                        let vmax = vh.iter().chain(&vch).fold(0f32, |a, b| a.max(b.abs()));
+                        for c in 0..d {
+                            let want = bf((0..=pos)
+                                .map(|j| p[j] as f64 * val(j)[c] as f64)
+                                .sum::<f64>() as f32);
+                            let got = ctx[h * d + c];
+                            // A probability may round the other way (f32 against f64): 2⁻⁸ of it.
+                            assert!(
+                                (got - want).abs() <= ulp(want) + vmax / 256.0,
+                                "head {h} col {c} pos {pos} (d {d}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whole decode steps through `forward_residual`: the kernels against candle's ops, from an
+    /// empty cache past its first growth (256 rows).
+    #[test]
+    fn decode_steps_match_candles_ops() {
+        let Some(dev) = gpu() else { return };
+        let (nh, nkv, d, h) = (8, 2, 128, 64);
+        let ours = attention(nh, nkv, d, &dev, true);
+        let theirs = attention(nh, nkv, d, &dev, false);
+        let rope = Rope::new(d, 1e6);
+        let mut caches = [KvCache::new(1), KvCache::new(1)];
+        for step in 0..300usize {
+            let (x, _) = matrix(1, h, 100 + step, 61, 1.0 / 8.0, &dev);
+            let (r, _) = matrix(1, h, 200 + step, 59, 1.0 / 4.0, &dev);
+            let mut outs = Vec::new();
+            for (a, cache) in [&ours, &theirs].into_iter().zip(caches.iter_mut()) {
+                cache
+                    .reserve_static(step + 1, |_| (nkv, d, DType::BF16, dev.clone()))
+                    .unwrap();
+                let cap = cache.static_capacity();
+                let statics = cache.decode_statics(DType::BF16, &dev).unwrap();
+                let (cos, sin) = rope.full(cap, DType::BF16, &dev).unwrap();
+                let pos = Tensor::new(&[step as u32], &dev).unwrap();
+                let dec = DecodeInputs::build(&pos, &statics, &cos, &sin, nkv, d).unwrap();
+                let y = a
+                    .forward_residual(&x, &r, 0, cache, &Positions::Device(&dec))
+                    .unwrap();
+                cache.advance(1);
+                outs.push(host(&(y - &r).unwrap()));
+            }
+            let scale = outs[1].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = outs[0]
+                .iter()
+                .zip(&outs[1])
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            // candle's path rounds scores and probabilities to bf16 where the kernel keeps f32 or
+            // rounds once: a few bf16 steps of the output's scale.
+            assert!(
+                diff.is_finite() && diff <= 0.03 * scale + 1e-3,
+                "step {step}: {diff} (scale {scale})"
+            );
+        }
+    }
+}

@@ -1,0 +1,214 @@
+// Attention of one decode token (batch 1) on the GPU, bf16, in three launches where candle's ops
+// took ~17 (`bench steps`: attention was 43–48 % of a step at 16 % of the copy bandwidth — the
+// time went to op latency, not to bytes):
+//   1. `gemv_rows_bf16`: q, k and v projections in one launch (1–8 warps per output row);
+//   2. `attn_decode_bf16`: q/k RMSNorm, NeoX RoPE, the KV-cache write and the attention itself;
+//   3. `gemv_rows_bf16` again: o_proj with the residual add folded into its output.
+//
+// Rounding follows transformers' eager bf16 attention (what the fidelity tests compare against):
+// projections rounded to bf16; q/k RMSNorm as candle's kernel computes it (f32 sum of squares in
+// its lane order); RoPE in bf16 arithmetic as candle's rope kernel;
+// scores = bf16(bf16(q·k) * scale) (torch's matmul output, then its scaling in f32); softmax in
+// f32 rounded to bf16; the probability-weighted sum of values in f32, rounded once.
+
+#include "common.cuh"
+
+// y[r] = bf16(W_r · x) for the rows of up to three matrices in one launch: rows [0, n0) of w0
+// into y0, the next n1 rows of w1 into y1, the next n2 of w2 into y2. With `res` (one matrix
+// only) y = res + bf16(W · x) in bf16 — candle's bf16 add, so the residual's bits are the
+// separate add's. `split` warps per row (1, 2, 4 or 8; blockDim 256): each takes a contiguous
+// chunk of the columns (dot_part's order within it), the chunks' sums added in chunk order.
+// Why split: a warp per 4,096-long row (o_proj) left too few bytes in flight — 45 % of the copy
+// bandwidth under ncu, against 77 % for the expert kernels' 2,048-long rows.
+extern "C" __global__ void gemv_rows_bf16(
+    const __nv_bfloat16* __restrict__ w0, const __nv_bfloat16* __restrict__ w1,
+    const __nv_bfloat16* __restrict__ w2, int n0, int n1, int n2,
+    const __nv_bfloat16* __restrict__ x, int cols,
+    __nv_bfloat16* __restrict__ y0, __nv_bfloat16* __restrict__ y1,
+    __nv_bfloat16* __restrict__ y2, const __nv_bfloat16* __restrict__ res, int split) {
+    __shared__ float part[8];
+    const int wib = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int rows_per_block = (blockDim.x / 32) / split;
+    const int n = n0 + n1 + n2;
+    {
+        const int row = blockIdx.x * rows_per_block + wib / split;
+        const int chunk = wib % split;
+        // Chunks of whole 8-element groups, so each stays 16-byte aligned when the row is.
+        const int per = ((cols + split - 1) / split + 7) / 8 * 8;
+        const int c0 = min(cols, chunk * per), c1 = min(cols, c0 + per);
+        float acc = 0.f;
+        if (row < n && c1 > c0) {
+            const __nv_bfloat16* w = row < n0 ? w0 + (size_t)row * cols
+                                   : row < n0 + n1 ? w1 + (size_t)(row - n0) * cols
+                                                   : w2 + (size_t)(row - n0 - n1) * cols;
+            acc = dot_part(w + c0, x + c0, c1 - c0, lane);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) part[wib] = acc;
+    }
+    __syncthreads();
+    const int row = blockIdx.x * rows_per_block + threadIdx.x;
+    if (threadIdx.x < rows_per_block && row < n) {
+        float total = part[threadIdx.x * split];
+        for (int c = 1; c < split; c++) total += part[threadIdx.x * split + c];
+        const __nv_bfloat16 o = __float2bfloat16(total);
+        if (row < n0) y0[row] = res ? __hadd(res[row], o) : o;
+        else if (row < n0 + n1) y1[row - n0] = o;
+        else y2[row - n0 - n1] = o;
+    }
+}
+
+// candle's RMSNorm of one row of `d` values by one warp: lane l sums the squares of elements
+// l, l + 32, … in f32, then the butterfly sum; out = bf16(scale * x * w) — the order of
+// candle's kernel for rows under 1024 (one warp per row).
+__device__ __forceinline__ void rms_norm_row(const __nv_bfloat16* __restrict__ x,
+                                             const __nv_bfloat16* __restrict__ w, float eps,
+                                             int d, int lane, __nv_bfloat16* out) {
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) {
+        const float v = __bfloat162float(x[i]);
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float scale = rsqrtf(ss / d + eps);
+    for (int i = lane; i < d; i += 32)
+        out[i] = __float2bfloat16(scale * __bfloat162float(x[i]) * __bfloat162float(w[i]));
+}
+
+// NeoX (rotate-half) RoPE of one head in place, in bf16 arithmetic as candle's rope kernel:
+// (a, b) → (a·c − b·s, a·s + b·c), each product and sum rounded to bf16.
+__device__ __forceinline__ void rope_row(__nv_bfloat16* x, const __nv_bfloat16* __restrict__ cos,
+                                         const __nv_bfloat16* __restrict__ sin, int d, int lane) {
+    const int half = d / 2;
+    for (int i = lane; i < half; i += 32) {
+        const __nv_bfloat16 a = x[i], b = x[i + half], c = cos[i], s = sin[i];
+        x[i] = a * c - b * s;
+        x[i + half] = a * s + b * c;
+    }
+}
+
+// Sum (op 0) or max (op 1) of one value per thread over the block; every thread gets the result.
+// `red` holds one float per warp.
+__device__ __forceinline__ float block_reduce(float v, int op, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, v, o);
+        v = op ? fmaxf(v, other) : v + other;
+    }
+    __syncthreads();  // `red` may still be read by an earlier reduction
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = red[0];
+    for (int w = 1; w < warps; w++) r = op ? fmaxf(r, red[w]) : r + red[w];
+    return r;
+}
+
+// One block per query head h (kv head g = h / (nh / nkv)); blockDim a multiple of 32, ≥ 64 and
+// ≥ d.
+// q [nh, d], k and v [nkv, d]: this token's projections before norm and RoPE. The caches
+// [nkv, cap, d] hold rows 0..pos-1; the block of a group's first query head writes row `pos`
+// (normalised, rotated k; v as is), and every block of the group uses its own copy of that row,
+// so no block reads a row another block of this launch writes. Positions past `pos` are never
+// read (the masked rows of candle's path contributed exactly 0). ctx [nh, d] bf16.
+// Dynamic shared memory (`attn_decode.rs` sizes it): cap + blockDim + blockDim / 32 floats, then
+// 2 d bf16.
+extern "C" __global__ void attn_decode_bf16(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+    const __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ q_norm,
+    const __nv_bfloat16* __restrict__ k_norm, float eps,
+    const __nv_bfloat16* __restrict__ cos, const __nv_bfloat16* __restrict__ sin,
+    const uint32_t* __restrict__ pos_at, __nv_bfloat16* __restrict__ k_cache,
+    __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ ctx, int nh, int nkv, int d,
+    int cap, float scale) {
+    extern __shared__ float smem[];
+    float* scores = smem;                   // [cap]
+    float* acc = scores + cap;              // [blockDim]: partial sums of the value phase
+    float* red = acc + blockDim.x;          // [blockDim / 32]
+    __nv_bfloat16* qr = reinterpret_cast<__nv_bfloat16*>(red + blockDim.x / 32);  // [d]
+    __nv_bfloat16* kr = qr + d;                                                   // [d]
+
+    const int h = blockIdx.x;
+    const int groups = nh / nkv;
+    const int g = h / groups;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, warps = blockDim.x / 32;
+    const int pos = (int)*pos_at;
+    const __nv_bfloat16* vrow = v + (size_t)g * d;
+
+    // Two warps normalise and rotate this head's q and its group's k (blockDim ≥ 64).
+    if (warp == 0) {
+        rms_norm_row(q + (size_t)h * d, q_norm, eps, d, lane, qr);
+        __syncwarp();
+        rope_row(qr, cos, sin, d, lane);
+    } else if (warp == 1) {
+        rms_norm_row(k + (size_t)g * d, k_norm, eps, d, lane, kr);
+        __syncwarp();
+        rope_row(kr, cos, sin, d, lane);
+    }
+    __syncthreads();
+    if (h % groups == 0) {
+        __nv_bfloat16* kc = k_cache + ((size_t)g * cap + pos) * d;
+        __nv_bfloat16* vc = v_cache + ((size_t)g * cap + pos) * d;
+        for (int i = tid; i < d; i += blockDim.x) {
+            kc[i] = kr[i];
+            vc[i] = vrow[i];
+        }
+    }
+
+    // Scores: a quarter warp (8 lanes) per position, two elements per lane per load.
+    const __nv_bfloat16* kbase = k_cache + (size_t)g * cap * d;
+    const int sub = lane / 8, l8 = lane & 7;
+    for (int j0 = warp * 4; j0 <= pos; j0 += warps * 4) {
+        const int j = j0 + sub;
+        float s = 0.f;
+        if (j <= pos) {
+            const __nv_bfloat16* krow = j == pos ? kr : kbase + (size_t)j * d;
+            // Unrolled so that a lane's loads are in flight together (a loop of dependent
+            // round trips otherwise: these rows come from L2).
+#pragma unroll 8
+            for (int i = 2 * l8; i < d; i += 16) {
+                const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qr + i));
+                const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(krow + i));
+                s = fmaf(a.x, b.x, s);
+                s = fmaf(a.y, b.y, s);
+            }
+        }
+#pragma unroll
+        for (int o = 4; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (l8 == 0 && j <= pos) scores[j] = bf16_round(bf16_round(s) * scale);
+    }
+    __syncthreads();
+
+    float m = -INFINITY;
+    for (int j = tid; j <= pos; j += blockDim.x) m = fmaxf(m, scores[j]);
+    m = block_reduce(m, 1, red);
+    float sum = 0.f;
+    for (int j = tid; j <= pos; j += blockDim.x) {
+        const float e = expf(scores[j] - m);
+        scores[j] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, 0, red);  // its barriers also order the writes to `scores`
+    for (int j = tid; j <= pos; j += blockDim.x) scores[j] = bf16_round(scores[j] / sum);
+    __syncthreads();
+
+    // Values: column c of the head by `parts` threads, part p summing positions p, p + parts, …
+    const int parts = blockDim.x / d;
+    const int c = tid % d, p = tid / d;
+    const __nv_bfloat16* vbase = v_cache + (size_t)g * cap * d;
+    float a = 0.f;
+    if (p < parts) {
+#pragma unroll 8
+        for (int j = p; j <= pos; j += parts) {
+            const float vj = __bfloat162float(j == pos ? vrow[c] : vbase[(size_t)j * d + c]);
+            a = fmaf(scores[j], vj, a);
+        }
+    }
+    acc[tid] = a;
+    __syncthreads();
+    if (tid < d) {
+        float total = 0.f;
+        for (int q_ = 0; q_ < parts; q_++) total += acc[q_ * d + tid];
+        ctx[(size_t)h * d + tid] = __float2bfloat16(total);
+    }
+}
