@@ -248,6 +248,11 @@ mod tests {
             e.contains("MOESCOPE_H2D") && e.contains("direct, staged or auto"),
             "{e}"
         );
+        let e = Settings::from_vars(vars(&[("MOESCOPE_ATTN_KERNEL", "flash")])).unwrap_err();
+        assert!(
+            e.contains("MOESCOPE_ATTN_KERNEL") && e.contains("moescope or candle"),
+            "{e}"
+        );
         let e = Settings::from_vars(vars(&[("MOESCOPE_TEST_CORES", "many")])).unwrap_err();
         assert!(e.contains("MOESCOPE_TEST_CORES"), "{e}");
     }
