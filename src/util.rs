@@ -129,6 +129,48 @@ pub(crate) fn test_matrix(
     .expect("a CPU tensor of the given size")
 }
 
+/// What the GPU kernels' unit tests share (`model::attn_decode`, `model::moe_decode`): they run
+/// where a CUDA device is (`scripts/gpu_unit_tests.sh`) and skip, saying so, where none is.
+#[cfg(all(test, feature = "cuda"))]
+pub(crate) mod gpu_test {
+    use candle_core::{DType, Device, Tensor};
+
+    /// The first CUDA device, or None after a line saying which tests it skips.
+    pub fn device(tests: &str) -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("no CUDA device ({e}): the {tests} tests need one, skipped");
+                None
+            }
+        }
+    }
+
+    /// A tensor's values as f32 on the host, flattened.
+    pub fn host(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("a tensor readable as f32")
+    }
+
+    /// [`super::test_matrix`] rounded to bf16 on `dev`, and its values on the host.
+    pub fn bf16_matrix(
+        rows: usize,
+        cols: usize,
+        seed: usize,
+        m: usize,
+        scale: f32,
+        dev: &Device,
+    ) -> (Tensor, Vec<f32>) {
+        let t = super::test_matrix(rows, cols, seed, m, scale)
+            .to_dtype(DType::BF16)
+            .expect("bf16");
+        let values = host(&t);
+        (t.to_device(dev).expect("on the device"), values)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

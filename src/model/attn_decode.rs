@@ -305,17 +305,12 @@ fn row_blocks(rows: usize, split: i32) -> LaunchConfig {
 mod tests {
     use super::*;
     use crate::model::layers::{Linear, Positions, RmsNorm, Rope};
+    use crate::util::gpu_test::{bf16_matrix as matrix, device, host};
     use crate::util::test_matrix;
     use candle_core::Device;
 
     fn gpu() -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("no CUDA device ({e}): the attention kernel tests need one, skipped");
-                None
-            }
-        }
+        device("attention kernel")
     }
 
     fn bf(x: f32) -> f32 {
@@ -326,37 +321,6 @@ mod tests {
     fn ulp(x: f32) -> f32 {
         let e = x.abs().max(f32::MIN_POSITIVE).log2().floor();
         2f32.powf(e - 7.0)
-    }
-
-    /// A test matrix rounded to bf16 on `dev`, and its values on the host.
-    fn matrix(
-        rows: usize,
-        cols: usize,
-        seed: usize,
-        m: usize,
-        scale: f32,
-        dev: &Device,
-    ) -> (Tensor, Vec<f32>) {
-        let t = test_matrix(rows, cols, seed, m, scale)
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let host = t
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        (t.to_device(dev).unwrap(), host)
-    }
-
-    fn host(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
     }
 
     fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -431,43 +431,22 @@ pub fn route_fused(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::test_matrix;
-    use candle_core::Device;
-
-    fn gpu() -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("no CUDA device ({e}): the MoE kernel tests need one, skipped");
-                None
-            }
-        }
-    }
-
-    fn bf16_on(t: Tensor, dev: &Device) -> (Tensor, Vec<f32>) {
-        let t = t.to_dtype(DType::BF16).unwrap();
-        let host = t
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        (t.to_device(dev).unwrap(), host)
-    }
+    use crate::util::gpu_test::{bf16_matrix, device};
 
     #[test]
     fn fused_router_routes_like_the_host_on_rounded_logits_launch_after_launch() {
-        let Some(dev) = gpu() else { return };
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
         for (e, h, k, norm) in [
             (128, 2048, 8, true),
             (60, 520, 4, false),
             (1024, 64, 16, true),
         ] {
-            let (router, rh) = bf16_on(test_matrix(e, h, 3, 251, 1.0 / 256.0), &dev);
+            let (router, rh) = bf16_matrix(e, h, 3, 251, 1.0 / 256.0, &dev);
             let arrived = Tensor::zeros(1, DType::U32, &dev).unwrap();
             for seed in 0..3 {
-                let (x, xh) = bf16_on(test_matrix(1, h, 10 + seed, 241, 1.0 / 64.0), &dev);
+                let (x, xh) = bf16_matrix(1, h, 10 + seed, 241, 1.0 / 64.0, &dev);
                 let logits: Vec<f32> = (0..e)
                     .map(|r| {
                         let d: f64 = (0..h).map(|c| rh[r * h + c] as f64 * xh[c] as f64).sum();
@@ -507,22 +486,16 @@ mod tests {
 
     #[test]
     fn residual_folded_into_down_is_the_separate_bf16_add() {
-        let Some(dev) = gpu() else { return };
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
         let (e, h, i, k) = (16, 256, 96, 4);
-        let (gate_up, _) = bf16_on(
-            test_matrix(e * 2 * i, h, 1, 251, 1.0 / 256.0)
-                .reshape((e, 2 * i, h))
-                .unwrap(),
-            &dev,
-        );
-        let (down, _) = bf16_on(
-            test_matrix(e * h, i, 2, 241, 1.0 / 256.0)
-                .reshape((e, h, i))
-                .unwrap(),
-            &dev,
-        );
-        let (x, _) = bf16_on(test_matrix(1, h, 3, 239, 1.0 / 32.0), &dev);
-        let (res, _) = bf16_on(test_matrix(1, h, 4, 233, 1.0 / 8.0), &dev);
+        let (gate_up, _) = bf16_matrix(e * 2 * i, h, 1, 251, 1.0 / 256.0, &dev);
+        let gate_up = gate_up.reshape((e, 2 * i, h)).unwrap();
+        let (down, _) = bf16_matrix(e * h, i, 2, 241, 1.0 / 256.0, &dev);
+        let down = down.reshape((e, h, i)).unwrap();
+        let (x, _) = bf16_matrix(1, h, 3, 239, 1.0 / 32.0, &dev);
+        let (res, _) = bf16_matrix(1, h, 4, 233, 1.0 / 8.0, &dev);
         let ids = Tensor::new(&[[3u32, 7, 0, 15]], &dev).unwrap();
         let w = Tensor::new(&[[0.5f32, 0.25, 0.125, 0.125]], &dev).unwrap();
         let y = moe_decode(&x, &gate_up, &down, &ids, None, &w, None).unwrap();
