@@ -784,4 +784,23 @@ impl ExpertSource for ExtractedSource {
             buf,
         )
     }
+
+    fn read_into_uninit(
+        &self,
+        layer: usize,
+        expert: usize,
+        buf: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Result<Option<[super::source::PartSpan; 3]>> {
+        let [g, u, d] = self
+            .entries
+            .get(&(layer, expert))
+            .ok_or_else(|| super::source::missing_error(self, layer, expert))?;
+        super::source::read_locations_into_uninit(
+            &self.files,
+            [g, u, d],
+            self.cold.load(Ordering::Relaxed),
+            buf,
+        )
+        .map(Some)
+    }
 }

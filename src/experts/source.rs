@@ -92,6 +92,19 @@ pub trait ExpertSource: Send + Sync {
         None
     }
 
+    /// [`read_into`](Self::read_into) into memory that need not be initialised, for sources
+    /// that `pread` (no byte is read before it is written); `None` from the others, whose
+    /// callers then use `read_into` on a cleared buffer. On `Some`, the bytes up to the end of
+    /// the last span (scales included) are initialised.
+    fn read_into_uninit(
+        &self,
+        _layer: usize,
+        _expert: usize,
+        _buf: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Result<Option<[PartSpan; 3]>> {
+        Ok(None)
+    }
+
     /// Reads the expert's three parts back to back into `buf` (at least `stored_bytes` long)
     /// and says where each landed. Sources that can `pread` override this so a GPU cache reads
     /// straight into its pinned staging buffer; the default copies out of [`read`](Self::read).
@@ -162,8 +175,86 @@ pub(crate) fn read_locations_into(
     cold: bool,
     buf: &mut [u8],
 ) -> Result<[PartSpan; 3]> {
+    // SAFETY: `buf` is valid for writes of its length and borrowed mutably for the call.
+    unsafe { read_locations_raw(files, locs, cold, buf.as_mut_ptr(), buf.len()) }
+}
+
+/// [`read_locations_into`] into memory that need not be initialised (a fresh allocation the
+/// bytes will fill): a CPU miss then writes each byte once instead of clearing it first
+/// (BENCHMARKS.md §16). On `Ok`, the first `total` bytes are initialised, where `total` is the
+/// end of the last span (the matrices, then any scales).
+pub(crate) fn read_locations_into_uninit(
+    files: &FileTable,
+    locs: [&TensorLocation; 3],
+    cold: bool,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+) -> Result<[PartSpan; 3]> {
+    // SAFETY: as above; only `pread` writes through the pointer (no reference to the
+    // uninitialised bytes is made).
+    unsafe { read_locations_raw(files, locs, cold, buf.as_mut_ptr() as *mut u8, buf.len()) }
+}
+
+/// A destination address that may cross to rayon's threads: each piece writes its own range.
+#[derive(Clone, Copy)]
+struct Dst(*mut u8);
+// SAFETY: the pieces written through it are disjoint, and the caller's borrow outlives them.
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    /// The address `i` bytes on (a method, so that closures capture the whole `Dst`).
+    fn at(&self, i: usize) -> *mut u8 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `pread` until `len` bytes of `file` at `offset` are at `dst`, or an error (a short file is
+/// `UnexpectedEof`, as `read_exact_at`'s).
+///
+/// # Safety
+/// `dst` is valid for writes of `len` bytes, and nothing else accesses them meanwhile.
+unsafe fn pread_exact(file: &File, dst: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: dst + done .. dst + len is within the caller's range.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                dst.add(done) as *mut libc::c_void,
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "failed to fill whole buffer",
+            ));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// The reads of [`read_locations_into`], into `len` bytes at `base`.
+///
+/// # Safety
+/// `base` is valid for writes of `len` bytes, and nothing else accesses them during the call.
+unsafe fn read_locations_raw(
+    files: &FileTable,
+    locs: [&TensorLocation; 3],
+    cold: bool,
+    base: *mut u8,
+    have: usize,
+) -> Result<[PartSpan; 3]> {
     use rayon::prelude::*;
-    let have = buf.len();
     // The three matrices back to back, then any FP8 scales (in part order).
     let order: Vec<(usize, &TensorLocation)> = locs
         .iter()
@@ -189,19 +280,21 @@ pub(crate) fn read_locations_into(
         .map(|(_, l)| files.get(&l.file))
         .collect::<Result<_>>()?;
     let mut spans: Vec<PartSpan> = Vec::with_capacity(3);
-    let mut pieces: Vec<(usize, u64, &mut [u8])> = Vec::new();
-    let mut rest = &mut buf[..total];
+    // (part, file offset, buffer offset, length)
+    let mut pieces: Vec<(usize, u64, usize, usize)> = Vec::new();
     let mut at = 0usize;
     for (k, (part, loc)) in order.iter().enumerate() {
-        let (dst, tail) = std::mem::take(&mut rest).split_at_mut(loc.len as usize);
-        rest = tail;
-        for (j, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
-            pieces.push((k, loc.offset + (j * READ_CHUNK) as u64, chunk));
+        let len = loc.len as usize;
+        let mut done = 0usize;
+        while done < len {
+            let n = READ_CHUNK.min(len - done);
+            pieces.push((k, loc.offset + done as u64, at + done, n));
+            done += n;
         }
         let span = PartSpan {
             dtype: loc.dtype,
             shape: loc.shape.clone(),
-            range: at..at + loc.len as usize,
+            range: at..at + len,
             scale: None,
         };
         if k < 3 {
@@ -209,12 +302,14 @@ pub(crate) fn read_locations_into(
         } else {
             spans[*part].scale = Some(Box::new(span));
         }
-        at += loc.len as usize;
+        at += len;
     }
+    let dst = Dst(base);
     pieces
         .into_par_iter()
-        .try_for_each(|(k, off, chunk)| {
-            opened[k].read_exact_at(chunk, off).map_err(|e| (k, off, e))
+        .try_for_each(|(k, off, at, n)| {
+            // SAFETY: at + n ≤ total ≤ have (checked above), and the pieces do not overlap.
+            unsafe { pread_exact(&opened[k], dst.at(at), n, off) }.map_err(|e| (k, off, e))
         })
         .map_err(|(k, off, e)| {
             let loc = order[k].1;
@@ -409,6 +504,25 @@ impl ExpertSource for ShardSource {
             buf,
         )
     }
+
+    fn read_into_uninit(
+        &self,
+        layer: usize,
+        expert: usize,
+        buf: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Result<Option<[PartSpan; 3]>> {
+        let loc = self
+            .location(layer, expert)
+            .ok_or_else(|| missing_error(self, layer, expert))?;
+        let [g, u, d] = &loc.parts;
+        read_locations_into_uninit(
+            &self.files,
+            [g, u, d],
+            self.cold.load(Ordering::Relaxed),
+            buf,
+        )
+        .map(Some)
+    }
 }
 
 /// Size of an expert stored in bf16 — the fallback when a source cannot say.
@@ -449,5 +563,64 @@ mod tests {
         }
         let mut too_far = vec![0u8; 3 * READ_CHUNK];
         assert!(read_range_parallel(&f, (data.len() - READ_CHUNK) as u64, &mut too_far).is_err());
+    }
+
+    /// An expert's parts (several pieces each, odd offsets, a scale after the matrices) read
+    /// into an uninitialised buffer come back as `read_locations_into` gives them; a part past
+    /// the end of its file is an error naming the tensor.
+    #[test]
+    fn uninit_reads_match_initialised_ones() {
+        let data: Vec<u8> = (0..(7 * READ_CHUNK + 999))
+            .map(|i| (i * 17 % 253) as u8)
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard.safetensors");
+        std::fs::write(&path, &data).unwrap();
+        let loc = |name: &str, offset: u64, len: u64| TensorLocation {
+            name: name.into(),
+            file: path.clone(),
+            dtype: StDtype::BF16,
+            shape: vec![len as usize / 2],
+            offset,
+            len,
+            scale: None,
+        };
+        let g = loc("gate", 3, (2 * READ_CHUNK + 10) as u64);
+        let mut u = loc("up", (3 * READ_CHUNK) as u64 + 1, READ_CHUNK as u64 + 6);
+        u.scale = Some(Box::new(loc("up.scale", 11, 64)));
+        let d = loc("down", (5 * READ_CHUNK) as u64, (2 * READ_CHUNK) as u64);
+        let total = (g.len + u.len + d.len + 64) as usize;
+        let files = FileTable::default();
+        let mut init = vec![0u8; total];
+        let want = read_locations_into(&files, [&g, &u, &d], false, &mut init).unwrap();
+        let mut raw: Vec<u8> = Vec::with_capacity(total);
+        let got = read_locations_into_uninit(
+            &files,
+            [&g, &u, &d],
+            false,
+            &mut raw.spare_capacity_mut()[..total],
+        )
+        .unwrap();
+        assert_eq!(got, want);
+        // SAFETY: the read wrote every byte up to the last span's end, which is `total`.
+        unsafe { raw.set_len(total) };
+        assert_eq!(raw, init);
+        assert_eq!(&raw[..g.len as usize], &data[3..3 + g.len as usize]);
+        assert_eq!(got[1].scale.as_ref().unwrap().range.end, total);
+
+        let past = loc("down", (data.len() - 100) as u64, 4096);
+        let mut buf = Vec::with_capacity(total);
+        let e = read_locations_into_uninit(
+            &files,
+            [&g, &u, &past],
+            false,
+            &mut buf.spare_capacity_mut()[..total],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("down") && e.contains("reading 4096 bytes"),
+            "{e}"
+        );
     }
 }

@@ -275,13 +275,38 @@ impl CachedProvider {
         if stored != cfg.expert_params() * esize {
             return Ok(None);
         }
-        let mut whole = zeroed_vec::<T>(stored / esize);
-        // SAFETY: `whole` is initialised and holds exactly `stored` bytes of plain numbers,
-        // every bit pattern of which is a valid T.
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(whole.as_mut_ptr() as *mut u8, stored) };
-        let Ok(spans) = self.source.read_into(layer, expert, bytes) else {
-            return Ok(None); // the caller's path reads again and reports the error properly
+        let n = stored / esize;
+        // Read straight into the fresh allocation where the source can (no clearing first).
+        let mut whole: Vec<T> = Vec::with_capacity(n);
+        let spare = whole.spare_capacity_mut();
+        // SAFETY: the spare capacity is `n` elements, `stored` bytes; `MaybeUninit<u8>` asks
+        // nothing of the bytes it views.
+        let uninit = unsafe {
+            std::slice::from_raw_parts_mut(
+                spare.as_mut_ptr() as *mut std::mem::MaybeUninit<u8>,
+                stored,
+            )
+        };
+        let spans = match self.source.read_into_uninit(layer, expert, uninit) {
+            Ok(Some(spans)) if spans_end(&spans) == stored => {
+                // SAFETY: the read wrote every byte up to its spans' end, which is all `stored`
+                // bytes; every bit pattern is a valid T (plain numbers).
+                unsafe { whole.set_len(n) };
+                spans
+            }
+            Err(_) => return Ok(None), // the caller's path reads again and reports it properly
+            Ok(_) => {
+                whole = zeroed_vec::<T>(n);
+                // SAFETY: `whole` is initialised and holds exactly `stored` bytes of plain
+                // numbers, every bit pattern of which is a valid T.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts_mut(whole.as_mut_ptr() as *mut u8, stored)
+                };
+                let Ok(spans) = self.source.read_into(layer, expert, bytes) else {
+                    return Ok(None);
+                };
+                spans
+            }
         };
         let read = spans.iter().map(|p| p.range.len() as u64).sum::<u64>();
         match convert::from_whole_buffer(whole, &spans, self.dtype) {
@@ -520,6 +545,15 @@ impl ExpertProvider for CachedProvider {
     fn will_use(&self, layer: usize, experts: &[usize]) {
         self.score_guess(layer, experts);
     }
+}
+
+/// Where the last of an expert's spans (scales included) ends in its buffer.
+fn spans_end(spans: &[crate::experts::source::PartSpan; 3]) -> usize {
+    spans
+        .iter()
+        .flat_map(|p| std::iter::once(p.range.end).chain(p.scale.as_ref().map(|s| s.range.end)))
+        .max()
+        .unwrap_or(0)
 }
 
 /// `n` zeros of `T` straight from the allocator's zeroed memory. Why not `vec![T::zero(); n]`:
