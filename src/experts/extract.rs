@@ -652,6 +652,17 @@ pub struct ExtractedSource {
 }
 
 impl ExtractedSource {
+    /// The expert's three parts, or the error naming what is missing.
+    fn parts_of(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Result<&[crate::model::checkpoint::TensorLocation; 3]> {
+        self.entries
+            .get(&(layer, expert))
+            .ok_or_else(|| super::source::missing_error(self, layer, expert))
+    }
+
     pub fn open(dir: &Path, cfg: &MoeConfig) -> Result<Self> {
         let m = Manifest::read(dir)?;
         if m.config_fingerprint != cfg.fingerprint() {
@@ -773,16 +784,8 @@ impl ExpertSource for ExtractedSource {
         expert: usize,
         buf: &mut [u8],
     ) -> Result<[super::source::PartSpan; 3]> {
-        let [g, u, d] = self
-            .entries
-            .get(&(layer, expert))
-            .ok_or_else(|| super::source::missing_error(self, layer, expert))?;
-        super::source::read_locations_into(
-            &self.files,
-            [g, u, d],
-            self.cold.load(Ordering::Relaxed),
-            buf,
-        )
+        let loc = self.parts_of(layer, expert)?;
+        super::source::read_locations_into(&self.files, loc.each_ref(), self.is_cold(), buf)
     }
 
     fn read_into_uninit(
@@ -791,16 +794,8 @@ impl ExpertSource for ExtractedSource {
         expert: usize,
         buf: &mut [std::mem::MaybeUninit<u8>],
     ) -> Result<Option<[super::source::PartSpan; 3]>> {
-        let [g, u, d] = self
-            .entries
-            .get(&(layer, expert))
-            .ok_or_else(|| super::source::missing_error(self, layer, expert))?;
-        super::source::read_locations_into_uninit(
-            &self.files,
-            [g, u, d],
-            self.cold.load(Ordering::Relaxed),
-            buf,
-        )
-        .map(Some)
+        let loc = self.parts_of(layer, expert)?;
+        super::source::read_locations_into_uninit(&self.files, loc.each_ref(), self.is_cold(), buf)
+            .map(Some)
     }
 }

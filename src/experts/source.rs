@@ -450,6 +450,13 @@ impl ShardSource {
     pub fn location(&self, layer: usize, expert: usize) -> Option<&ExpertLocation> {
         self.locations.get(layer)?.get(expert)?.as_ref()
     }
+
+    /// The expert's three parts, or the error naming what is missing.
+    fn parts_of(&self, layer: usize, expert: usize) -> Result<&[TensorLocation; 3]> {
+        self.location(layer, expert)
+            .map(|l| &l.parts)
+            .ok_or_else(|| missing_error(self, layer, expert))
+    }
 }
 
 impl ExpertSource for ShardSource {
@@ -493,16 +500,8 @@ impl ExpertSource for ShardSource {
     }
 
     fn read_into(&self, layer: usize, expert: usize, buf: &mut [u8]) -> Result<[PartSpan; 3]> {
-        let loc = self
-            .location(layer, expert)
-            .ok_or_else(|| missing_error(self, layer, expert))?;
-        let [g, u, d] = &loc.parts;
-        read_locations_into(
-            &self.files,
-            [g, u, d],
-            self.cold.load(Ordering::Relaxed),
-            buf,
-        )
+        let loc = self.parts_of(layer, expert)?;
+        read_locations_into(&self.files, loc.each_ref(), self.is_cold(), buf)
     }
 
     fn read_into_uninit(
@@ -511,17 +510,8 @@ impl ExpertSource for ShardSource {
         expert: usize,
         buf: &mut [std::mem::MaybeUninit<u8>],
     ) -> Result<Option<[PartSpan; 3]>> {
-        let loc = self
-            .location(layer, expert)
-            .ok_or_else(|| missing_error(self, layer, expert))?;
-        let [g, u, d] = &loc.parts;
-        read_locations_into_uninit(
-            &self.files,
-            [g, u, d],
-            self.cold.load(Ordering::Relaxed),
-            buf,
-        )
-        .map(Some)
+        let loc = self.parts_of(layer, expert)?;
+        read_locations_into_uninit(&self.files, loc.each_ref(), self.is_cold(), buf).map(Some)
     }
 }
 
