@@ -166,6 +166,18 @@ pub fn read_range_parallel(file: &File, offset: u64, dst: &mut [u8]) -> std::io:
 /// Piece size of [`read_range_parallel`].
 pub const READ_CHUNK: usize = 1 << 20;
 
+/// Piece size for an expert of `total` bytes read on `threads` threads: at most [`READ_CHUNK`],
+/// small enough that every thread gets about two pieces, at least [`MIN_PIECE`]. Why: with
+/// 1 MiB pieces a 3 MiB expert on two cores was read in two rounds, the second by one thread.
+fn piece_len(total: usize, threads: usize) -> usize {
+    total
+        .div_ceil(2 * threads.max(1))
+        .clamp(MIN_PIECE, READ_CHUNK)
+}
+
+/// Smallest piece worth a read call of its own (and a hand-off to another thread).
+const MIN_PIECE: usize = 256 << 10;
+
 /// `read_into` for sources whose parts are byte ranges of files. The three parts' pieces are
 /// read concurrently as one batch (not part after part): a 3 MiB part is only three pieces, and
 /// a host with many cores copies out of the page cache faster with all nine in flight.
@@ -282,12 +294,13 @@ unsafe fn read_locations_raw(
     let mut spans: Vec<PartSpan> = Vec::with_capacity(3);
     // (part, file offset, buffer offset, length)
     let mut pieces: Vec<(usize, u64, usize, usize)> = Vec::new();
+    let piece = piece_len(total, rayon::current_num_threads());
     let mut at = 0usize;
     for (k, (part, loc)) in order.iter().enumerate() {
         let len = loc.len as usize;
         let mut done = 0usize;
         while done < len {
-            let n = READ_CHUNK.min(len - done);
+            let n = piece.min(len - done);
             pieces.push((k, loc.offset + done as u64, at + done, n));
             done += n;
         }
@@ -553,6 +566,17 @@ mod tests {
         }
         let mut too_far = vec![0u8; 3 * READ_CHUNK];
         assert!(read_range_parallel(&f, (data.len() - READ_CHUNK) as u64, &mut too_far).is_err());
+    }
+
+    #[test]
+    fn pieces_give_every_thread_about_two_within_bounds() {
+        // A 3 MiB expert on two threads: six pieces of 768 KiB, not three of 1 MiB.
+        assert_eq!(piece_len(3 << 20, 2), 768 << 10);
+        // A 9 MiB expert on 14 threads, at least MIN_PIECE; one thread: READ_CHUNK at most.
+        assert_eq!(piece_len(9 << 20, 14), (9usize << 20).div_ceil(28));
+        assert_eq!(piece_len(1 << 20, 14), MIN_PIECE);
+        assert_eq!(piece_len(64 << 20, 1), READ_CHUNK);
+        assert_eq!(piece_len(0, 0), MIN_PIECE);
     }
 
     /// An expert's parts (several pieces each, odd offsets, a scale after the matrices) read
