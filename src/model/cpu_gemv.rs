@@ -393,27 +393,31 @@ fn stacked_product<'x>(
     x_of: impl Fn(usize) -> &'x [f32] + Sync,
 ) -> candle_core::Result<Vec<f32>> {
     let held: Vec<_> = mats.iter().map(|m| m.storage_and_layout()).collect();
-    let rows = mats.len() * rows_each;
+    // The matrices' elements as `W`, and their rows through `kernel`.
+    fn run<'a, 'x, W: Sync>(
+        w: Vec<&'a [W]>,
+        kernel: fn(&[W], &[f32], &mut [f32]),
+        rows_each: usize,
+        cols: usize,
+        x_of: impl Fn(usize) -> &'x [f32] + Sync,
+    ) -> Vec<f32> {
+        rows_product(w.len() * rows_each, cols, 1, |r, out| {
+            let (e, r) = (r / rows_each, r % rows_each);
+            kernel(&w[e][r * cols..(r + 1) * cols], x_of(e), out)
+        })
+    }
     Ok(if dtype == DType::BF16 {
         let w = held
             .iter()
             .map(|(g, l)| bf16_matrix(g, l))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let kernel = bf16_row_kernel();
-        rows_product(rows, cols, 1, |r, out| {
-            let (e, r) = (r / rows_each, r % rows_each);
-            kernel(&w[e][r * cols..(r + 1) * cols], x_of(e), out)
-        })
+        run(w, bf16_row_kernel(), rows_each, cols, x_of)
     } else {
         let w = held
             .iter()
             .map(|(g, l)| f32_matrix(g, l))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let kernel = f32_row_kernel();
-        rows_product(rows, cols, 1, |r, out| {
-            let (e, r) = (r / rows_each, r % rows_each);
-            kernel(&w[e][r * cols..(r + 1) * cols], x_of(e), out)
-        })
+        run(w, f32_row_kernel(), rows_each, cols, x_of)
     })
 }
 
