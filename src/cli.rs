@@ -70,6 +70,9 @@ pub enum Command {
     /// (internal) Serve one backend over JSON lines on stdin/stdout.
     #[command(hide = true)]
     Worker,
+    /// (internal) Serve moescope native as `run --reference-impl moescope`'s reference.
+    #[command(hide = true)]
+    ReferenceWorker,
     /// Generate text from a prompt with one backend; streams tokens, ends with a timing line.
     Generate(GenerateArgs),
     /// Print the final-position logits for a token sequence as JSON.
@@ -280,9 +283,15 @@ pub struct RunArgs {
     /// token ids and report how closely moescope native matches it (KL, top-1 agreement, first
     /// divergence) with the reference's own speed and memory — its own line; the verdict stays
     /// native against selective. `transformers`: Hugging Face transformers on PyTorch, from
-    /// --python. Without them: one line saying so, and the run goes on.
+    /// --python. `moescope`: moescope native on --reference-model (the original a GGUF or FP8
+    /// file was made from: what the quantization costs). Without them: one line saying so, and
+    /// the run goes on.
     #[arg(long, value_name = "IMPL")]
     pub reference_impl: Option<String>,
+    /// The checkpoint the reference runs (default: --model): e.g. the bf16 original of a
+    /// quantized --model. Its tokenizer must give the same token ids.
+    #[arg(long, value_name = "DIR")]
+    pub reference_model: Option<PathBuf>,
     /// Step mode: after each prompt both backends stop and the dashboard shows that prompt's
     /// result card until `n` or Enter (`s` switches between step and auto in the dashboard).
     #[arg(long)]

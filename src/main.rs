@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Run(a)) => commands::run::run(a, s),
         Some(Command::Worker) => moescope::worker::server::run().map(|_| 0),
+        Some(Command::ReferenceWorker) => moescope::worker::server::reference::run().map(|_| 0),
         Some(Command::Replay(a)) => commands::session::replay(a).map(|_| 0),
         Some(Command::Watch(a)) => commands::session::watch(a).map(|_| 0),
         Some(Command::Export(a)) => commands::session::export(a).map(|_| 0),

@@ -202,3 +202,58 @@ fn bad_reference_requests_are_refused() {
     assert_eq!(rc, 2);
     assert!(err.contains("cannot be combined with --no-score"), "{err}");
 }
+
+/// `--reference-model` points transformers at another checkpoint: the FP8 fixture's bf16
+/// original. transformers and moescope's own reference then measure the same thing — what FP8
+/// costs against the original — and agree on it (two f32 implementations of the original).
+#[test]
+fn transformers_on_the_original_measures_what_moescope_measures() {
+    let py = python();
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let fp8 = model.join("tests/fixtures/fp8/qwen3-moe-tiny-fp8");
+    let original = model.join("tests/fixtures/qwen3-moe-tiny");
+    let mut kl = Vec::new();
+    for implementation in ["transformers", "moescope"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (rc, _, err) = run(&[
+            "run",
+            "--no-tui",
+            "--model",
+            fp8.to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
+            "--reference",
+            "none",
+            "--reference-impl",
+            implementation,
+            "--reference-model",
+            original.to_str().unwrap(),
+            "--python",
+            py.to_str().unwrap(),
+            "--record",
+            dir.path().join("r.ndjson").to_str().unwrap(),
+        ]);
+        assert_eq!(rc, 0, "{err}");
+        let sum: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("r.summary.json")).unwrap(),
+        )
+        .unwrap();
+        let r = &sum["reference"];
+        assert!(
+            r["implementation"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{implementation} ")),
+            "{r}"
+        );
+        kl.push((
+            r["mean_kl"].as_f64().unwrap(),
+            r["top1_agreement_pct"].as_f64().unwrap(),
+            r["token_agreement_pct"].as_f64().unwrap(),
+        ));
+    }
+    let ((kt, tt, it), (km, tm, im)) = (kl[0], kl[1]);
+    assert!(km > 0.0, "FP8 costs something: {kl:?}");
+    assert!((kt - km).abs() <= 1e-4 + 1e-3 * km, "{kl:?}");
+    assert_eq!((tt, it), (tm, im), "{kl:?}");
+}

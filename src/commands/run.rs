@@ -122,6 +122,20 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         .map(str::parse)
         .transpose()
         .map_err(crate::errors::InputError)?;
+    if reference_impl == Some(crate::worker::reference::ReferenceImpl::Moescope)
+        && args.reference_model.is_none()
+    {
+        crate::bail_input!(
+            "--reference-impl moescope runs moescope native on another checkpoint: give it \
+             --reference-model DIR (e.g. the bf16 original of a quantized --model)"
+        );
+    }
+    if args.reference_model.is_some() && reference_impl.is_none() {
+        crate::bail_input!(
+            "--reference-model names the checkpoint of a reference run: give --reference-impl \
+             moescope (or transformers) with it"
+        );
+    }
     if reference_impl.is_some() && args.no_score {
         crate::bail_input!(
             "--reference-impl compares the reference with native on native's scored tokens; \
@@ -248,6 +262,7 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         settings: Some(settings.clone()),
         reference: reference_impl.map(|r| r.name().to_string()),
     };
+    let exe = std::env::current_exe().context("locating the moescope binary for the workers")?;
     let config = RunConfig {
         native,
         selective,
@@ -264,7 +279,7 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         step_timeout: Duration::from_secs(args.step_timeout),
         memory_interval: Duration::from_millis(200),
         gpu_memory: args.model.device.0.starts_with("cuda"),
-        exe: std::env::current_exe().context("locating the moescope binary for the workers")?,
+        exe: exe.clone(),
         worker_env: [worker_env("NATIVE"), worker_env("SELECTIVE")],
         worker_cpus: match split {
             Some([a, b]) => [Some(a), Some(b)],
@@ -275,7 +290,13 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
         reference: reference_impl.map(|implementation| crate::worker::reference::ReferenceConfig {
             implementation,
             python: args.python.clone(),
-            model_dir: model_dir.clone(),
+            exe: exe.clone(),
+            settings: settings.clone(),
+            model_dir: args
+                .reference_model
+                .clone()
+                .unwrap_or_else(|| model_dir.clone()),
+            vocab_size: cfg.vocab_size,
             dtype: args.model.dtype.name().into(),
             device: args.model.device.0.clone(),
             load_timeout: Duration::from_secs(args.load_timeout),

@@ -5,8 +5,12 @@
 //! teacher-forced on native's support, so the session can say how closely moescope native
 //! matches transformers — a check of moescope itself, kept apart from the verdict.
 //!
-//! Anything missing (Python, torch, transformers) or failing is one `ReferenceUnavailable`
-//! event with the reason; the run goes on.
+//! `run --reference-impl moescope --reference-model DIR` runs moescope's own native backend on
+//! another checkpoint instead (`moescope reference-worker`, the same protocol): against the
+//! original a GGUF or FP8 file was made from, the line says what the quantization costs.
+//!
+//! Anything missing (Python, torch, transformers, the reference model) or failing is one
+//! `ReferenceUnavailable` event with the reason; the run goes on.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -25,17 +29,20 @@ use crate::session::quality::{ScoreRow, agreement};
 /// The worker script, carried in the binary so an installed moescope needs no source tree.
 pub const SCRIPT: &str = include_str!("../../scripts/reference_worker.py");
 
-/// Which reference implementation (only transformers so far).
+/// Which reference implementation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReferenceImpl {
     /// Hugging Face transformers (PyTorch), eager experts.
     Transformers,
+    /// moescope's native backend on another checkpoint (`--reference-model`).
+    Moescope,
 }
 
 impl ReferenceImpl {
     pub fn name(self) -> &'static str {
         match self {
             ReferenceImpl::Transformers => "transformers",
+            ReferenceImpl::Moescope => "moescope",
         }
     }
 }
@@ -45,8 +52,10 @@ impl std::str::FromStr for ReferenceImpl {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "transformers" => Ok(ReferenceImpl::Transformers),
+            "moescope" => Ok(ReferenceImpl::Moescope),
             other => Err(format!(
-                "--reference-impl {other}: unknown reference implementation (known: transformers)"
+                "--reference-impl {other}: unknown reference implementation (known: \
+                 transformers, moescope)"
             )),
         }
     }
@@ -58,7 +67,14 @@ pub struct ReferenceConfig {
     pub implementation: ReferenceImpl,
     /// The Python interpreter (with torch and transformers).
     pub python: PathBuf,
+    /// This moescope binary (the `moescope` implementation runs `exe reference-worker`).
+    pub exe: PathBuf,
+    /// The run's settings, for the `moescope` implementation's worker.
+    pub settings: crate::settings::Settings,
     pub model_dir: PathBuf,
+    /// The vocabulary of --model: a reference of another vocabulary is refused (the token ids
+    /// would not mean the same).
+    pub vocab_size: usize,
     /// "f32", "bf16" or "f16", as the backends ran.
     pub dtype: String,
     /// "cpu" or "cuda:N".
@@ -87,26 +103,37 @@ struct Worker {
     stdin: ChildStdin,
     lines: Receiver<String>,
     stderr_tail: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    script: PathBuf,
+    /// The Python script written for this worker (removed when it ends).
+    script: Option<PathBuf>,
 }
 
 impl Worker {
-    fn spawn(python: &PathBuf) -> Result<Worker, String> {
-        let script = std::env::temp_dir().join(format!(
-            "moescope-reference-{}-{}.py",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
-        std::fs::write(&script, SCRIPT).map_err(|e| {
-            format!(
-                "cannot write the reference worker script {}: {e}",
-                script.display()
-            )
-        })?;
-        let child = Command::new(python)
-            .arg(&script)
+    fn spawn(cfg: &ReferenceConfig) -> Result<Worker, String> {
+        let (program, script) = match cfg.implementation {
+            ReferenceImpl::Transformers => {
+                let script = std::env::temp_dir().join(format!(
+                    "moescope-reference-{}-{}.py",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos())
+                ));
+                std::fs::write(&script, SCRIPT).map_err(|e| {
+                    format!(
+                        "cannot write the reference worker script {}: {e}",
+                        script.display()
+                    )
+                })?;
+                (cfg.python.clone(), Some(script))
+            }
+            ReferenceImpl::Moescope => (cfg.exe.clone(), None),
+        };
+        let mut command = Command::new(&program);
+        match &script {
+            Some(s) => command.arg(s),
+            None => command.arg("reference-worker"),
+        };
+        let child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -114,8 +141,10 @@ impl Worker {
         let mut child = match child {
             Ok(c) => c,
             Err(e) => {
-                let _ = std::fs::remove_file(&script);
-                return Err(format!("cannot start {}: {e}", python.display()));
+                if let Some(s) = &script {
+                    let _ = std::fs::remove_file(s);
+                }
+                return Err(format!("cannot start {}: {e}", program.display()));
             }
         };
         let stdin = child.stdin.take().expect("piped");
@@ -196,16 +225,21 @@ impl Drop for Worker {
     fn drop(&mut self) {
         let _ = writeln!(self.stdin, "{}", json!({"cmd": "shutdown"}));
         let _ = self.stdin.flush();
+        let remove = |s: &Option<PathBuf>| {
+            if let Some(s) = s {
+                let _ = std::fs::remove_file(s);
+            }
+        };
         for _ in 0..50 {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
-                let _ = std::fs::remove_file(&self.script);
+                remove(&self.script);
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.script);
+        remove(&self.script);
     }
 }
 
@@ -263,7 +297,7 @@ fn run_inner(
     stop_ids: &[u32],
     emit: &mut dyn FnMut(SessionEvent),
 ) -> Result<(), String> {
-    let mut w = Worker::spawn(&cfg.python)?;
+    let mut w = Worker::spawn(cfg)?;
     // The same tokenizer the backends' workers decode with, so the three columns compare.
     let tokenizer = TextTokenizer::from_dir(&cfg.model_dir).ok();
     let gpu_base = cfg
@@ -271,9 +305,20 @@ fn run_inner(
         .then(|| memory::Gpu::get().device_used())
         .flatten();
     let loaded = w.call(
-        json!({"cmd": "load", "model": cfg.model_dir, "dtype": cfg.dtype, "device": cfg.device}),
+        json!({"cmd": "load", "model": cfg.model_dir, "dtype": cfg.dtype, "device": cfg.device,
+               "settings": cfg.settings}),
         cfg.load_timeout,
     )?;
+    if let Some(v) = loaded["vocab_size"].as_u64()
+        && v as usize != cfg.vocab_size
+    {
+        return Err(format!(
+            "{}: its vocabulary has {v} tokens, the model's {}: the token ids would not mean \
+             the same (give the checkpoint the model was made from)",
+            cfg.model_dir.display(),
+            cfg.vocab_size
+        ));
+    }
     emit(SessionEvent::ReferenceLoaded {
         implementation: loaded["implementation"]
             .as_str()

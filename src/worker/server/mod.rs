@@ -12,6 +12,7 @@ use crate::model::tokenizer::{StreamDecoder, TextTokenizer, stop_ids};
 use crate::session::event::{Backend, Finish, ResidentBytes, SessionEvent};
 
 mod faults;
+pub mod reference;
 mod scoring;
 mod trace;
 

@@ -63,6 +63,19 @@ pub(super) fn score(
     count: usize,
     support: &Support,
 ) -> Result<(Vec<ScoreRow>, bool), String> {
+    score_rows(&st.engine, ids, from, count, support, &mut NoObserver)
+}
+
+/// [`score`] on any loaded engine, its routing told to `observer` (the reference worker
+/// reports it).
+pub(super) fn score_rows(
+    engine: &crate::engine::Engine,
+    ids: &[u32],
+    from: usize,
+    count: usize,
+    support: &Support,
+    observer: &mut dyn crate::model::ports::RoutingObserver,
+) -> Result<(Vec<ScoreRow>, bool), String> {
     if count == 0 {
         return Ok((Vec::new(), true));
     }
@@ -73,15 +86,20 @@ pub(super) fn score(
             ids.len()
         ));
     }
-    let model = &st.engine.model;
+    let vocab = engine.cfg.vocab_size;
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(format!(
+            "score: token id {bad} is outside this model's vocabulary of {vocab}"
+        ));
+    }
+    let model = &engine.model;
     let mut cache = model.new_cache();
-    let mut sink = NoObserver;
     let logits = model
         .forward(
             &ids[..from + count],
             &mut cache,
-            st.engine.provider.as_ref(),
-            &mut sink,
+            engine.provider.as_ref(),
+            observer,
             Logits::All,
         )
         .map_err(|e| e.to_string())?;
