@@ -108,6 +108,110 @@ fn quantized(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
     Ok(ExpertWeights::quantized(gate_up, down, i, held))
 }
 
+/// Typed CPU block storage not yet filled: `len` bytes at `ptr` (the spare capacity of a
+/// `Vec` of blocks), then `finish` — once every byte is written — the block tensor over them.
+struct UninitBlocks {
+    ptr: *mut std::mem::MaybeUninit<u8>,
+    len: usize,
+    finish: Box<dyn FnOnce() -> candle_core::Result<candle_core::quantized::QTensor>>,
+}
+
+/// Storage for a CPU block tensor of `dims` in type `g`, unfilled; None for a type not listed,
+/// Err for dims that are not whole blocks.
+fn uninit_blocks(
+    g: candle_core::quantized::GgmlDType,
+    dims: Vec<usize>,
+) -> Option<candle_core::Result<UninitBlocks>> {
+    use candle_core::quantized::k_quants::*;
+    use candle_core::quantized::{GgmlDType as G, GgmlType, QStorage, QTensor};
+    fn typed<T: GgmlType + Send + Sync + 'static>(
+        dims: Vec<usize>,
+    ) -> candle_core::Result<UninitBlocks> {
+        let elems: usize = dims.iter().product();
+        if !elems.is_multiple_of(T::BLCK_SIZE) {
+            candle_core::bail!("{dims:?} is not whole {:?} blocks", T::DTYPE);
+        }
+        let n = elems / T::BLCK_SIZE;
+        let mut blocks: Vec<T> = Vec::with_capacity(n);
+        let ptr = blocks.as_mut_ptr() as *mut std::mem::MaybeUninit<u8>;
+        Ok(UninitBlocks {
+            ptr,
+            len: n * std::mem::size_of::<T>(),
+            finish: Box::new(move || {
+                // SAFETY: called once the caller has written all `n` blocks' bytes; block types
+                // are plain data, every byte pattern a value (candle reads file bytes as them).
+                unsafe { blocks.set_len(n) };
+                QTensor::new(QStorage::Cpu(Box::new(blocks)), dims)
+            }),
+        })
+    }
+    Some(match g {
+        G::Q4_0 => typed::<BlockQ4_0>(dims),
+        G::Q4_1 => typed::<BlockQ4_1>(dims),
+        G::Q5_0 => typed::<BlockQ5_0>(dims),
+        G::Q5_1 => typed::<BlockQ5_1>(dims),
+        G::Q8_0 => typed::<BlockQ8_0>(dims),
+        G::Q2K => typed::<BlockQ2K>(dims),
+        G::Q3K => typed::<BlockQ3K>(dims),
+        G::Q4K => typed::<BlockQ4K>(dims),
+        G::Q5K => typed::<BlockQ5K>(dims),
+        G::Q6K => typed::<BlockQ6K>(dims),
+        _ => return None,
+    })
+}
+
+/// A block-quantized CPU expert read straight into its block storage: `read(gate_up, down)`
+/// writes gate's and up's bytes back to back into the first buffer and down's into the second
+/// (`ExpertSource::read_split_into_uninit`), so a miss writes each byte once — where reading
+/// into owned parts, clearing the blocks and copying them in wrote it three times. The same
+/// bytes as [`from_raw`] makes blocks of, so the same products. None (the caller takes the
+/// general path) for float parts, gate and up of different types or shapes, or a `read` that
+/// says it cannot.
+pub fn quantized_direct(
+    parts: [(StDtype, &[usize]); 3],
+    read: impl FnOnce(
+        &mut [std::mem::MaybeUninit<u8>],
+        &mut [std::mem::MaybeUninit<u8>],
+    ) -> Result<bool>,
+) -> Result<Option<ExpertWeights>> {
+    use crate::model::ports::GateUp;
+    use candle_core::quantized::QMatMul;
+    let [(gd, gs), (ud, us), (dd, ds)] = parts;
+    let (Some(gq), Some(dq)) = (gd.ggml(), dd.ggml()) else {
+        return Ok(None);
+    };
+    if gd != ud || gs != us || gs.len() != 2 || ds.len() != 2 {
+        return Ok(None);
+    }
+    let (i, h) = (gs[0], gs[1]);
+    let (Some(Ok(gu)), Some(Ok(dn))) = (
+        uninit_blocks(gq, vec![2 * i, h]),
+        uninit_blocks(dq, ds.to_vec()),
+    ) else {
+        return Ok(None);
+    };
+    // SAFETY: each is its Vec's spare capacity, `len` bytes, alive until `finish` (the Vec
+    // moved into it keeps its heap buffer); MaybeUninit asks nothing of the bytes.
+    let (a, b) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(gu.ptr, gu.len),
+            std::slice::from_raw_parts_mut(dn.ptr, dn.len),
+        )
+    };
+    if !read(a, b)? {
+        return Ok(None);
+    }
+    let held = (gu.len + dn.len) as u64;
+    let gate_up = QMatMul::from_qtensor((gu.finish)()?)?;
+    let down = QMatMul::from_qtensor((dn.finish)()?)?;
+    Ok(Some(ExpertWeights::quantized(
+        GateUp::Fused(gate_up),
+        down,
+        i,
+        held,
+    )))
+}
+
 /// A CPU block tensor of `dims` whose blocks are `parts`' bytes one after another, copied once
 /// into typed block storage (a concatenation and then `qtensor_from_ggml` copied twice: gate and
 /// up are separate tensors in a GGUF file but one [2I, H] matrix here). None off the CPU or for a

@@ -105,6 +105,21 @@ pub trait ExpertSource: Send + Sync {
         Ok(None)
     }
 
+    /// For block-quantized experts on the CPU: gate's then up's bytes into `gate_up`, down's
+    /// into `down`, from the file straight into memory that need not be initialised (the typed
+    /// block storage the products read), so a miss writes each byte once. `false` from sources
+    /// that cannot, and for parts that do not fill these buffers exactly or carry scales; on
+    /// `true` every byte of both buffers is written.
+    fn read_split_into_uninit(
+        &self,
+        _layer: usize,
+        _expert: usize,
+        _gate_up: &mut [std::mem::MaybeUninit<u8>],
+        _down: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Reads the expert's three parts back to back into `buf` (at least `stored_bytes` long)
     /// and says where each landed. Sources that can `pread` override this so a GPU cache reads
     /// straight into its pinned staging buffer; the default copies out of [`read`](Self::read).
@@ -266,7 +281,6 @@ unsafe fn read_locations_raw(
     base: *mut u8,
     have: usize,
 ) -> Result<[PartSpan; 3]> {
-    use rayon::prelude::*;
     // The three matrices back to back, then any FP8 scales (in part order).
     let order: Vec<(usize, &TensorLocation)> = locs
         .iter()
@@ -287,23 +301,12 @@ unsafe fn read_locations_raw(
             msg: format!("staging buffer of {have} bytes is too small ({total} needed)"),
         });
     }
-    let opened: Vec<std::sync::Arc<File>> = order
-        .iter()
-        .map(|(_, l)| files.get(&l.file))
-        .collect::<Result<_>>()?;
     let mut spans: Vec<PartSpan> = Vec::with_capacity(3);
-    // (part, file offset, buffer offset, length)
-    let mut pieces: Vec<(usize, u64, usize, usize)> = Vec::new();
-    let piece = piece_len(total, rayon::current_num_threads());
+    let mut parts: Vec<(&TensorLocation, Dst)> = Vec::with_capacity(order.len());
     let mut at = 0usize;
     for (k, (part, loc)) in order.iter().enumerate() {
         let len = loc.len as usize;
-        let mut done = 0usize;
-        while done < len {
-            let n = piece.min(len - done);
-            pieces.push((k, loc.offset + done as u64, at + done, n));
-            done += n;
-        }
+        parts.push((loc, Dst(base.wrapping_add(at))));
         let span = PartSpan {
             dtype: loc.dtype,
             shape: loc.shape.clone(),
@@ -317,15 +320,50 @@ unsafe fn read_locations_raw(
         }
         at += len;
     }
-    let dst = Dst(base);
+    // SAFETY: the parts lie back to back within the first `total ≤ have` bytes at `base`.
+    unsafe { read_parts_raw(files, &parts, cold)? };
+    Ok(spans.try_into().expect("three parts"))
+}
+
+/// Reads each located part to its destination, in pieces spread over rayon's threads
+/// (`piece_len`); in cold mode evicts the pages afterwards. A failure names the part's tensor
+/// and file.
+///
+/// # Safety
+/// Each destination is valid for writes of its part's `len` bytes, the destinations do not
+/// overlap, and nothing else accesses them during the call.
+unsafe fn read_parts_raw(
+    files: &FileTable,
+    parts: &[(&TensorLocation, Dst)],
+    cold: bool,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let opened: Vec<std::sync::Arc<File>> = parts
+        .iter()
+        .map(|(l, _)| files.get(&l.file))
+        .collect::<Result<_>>()?;
+    let total: usize = parts.iter().map(|(l, _)| l.len as usize).sum();
+    let piece = piece_len(total, rayon::current_num_threads());
+    // (part, file offset, offset in the part, length)
+    let mut pieces: Vec<(usize, u64, usize, usize)> = Vec::new();
+    for (k, (loc, _)) in parts.iter().enumerate() {
+        let len = loc.len as usize;
+        let mut done = 0usize;
+        while done < len {
+            let n = piece.min(len - done);
+            pieces.push((k, loc.offset + done as u64, done, n));
+            done += n;
+        }
+    }
     pieces
         .into_par_iter()
         .try_for_each(|(k, off, at, n)| {
-            // SAFETY: at + n ≤ total ≤ have (checked above), and the pieces do not overlap.
-            unsafe { pread_exact(&opened[k], dst.at(at), n, off) }.map_err(|e| (k, off, e))
+            // SAFETY: at + n ≤ the part's len, within its destination (the caller's
+            // contract), and the pieces do not overlap.
+            unsafe { pread_exact(&opened[k], parts[k].1.at(at), n, off) }.map_err(|e| (k, off, e))
         })
         .map_err(|(k, off, e)| {
-            let loc = order[k].1;
+            let loc = parts[k].0;
             ModelError::Tensor {
                 file: loc.file.clone(),
                 tensor: loc.name.clone(),
@@ -336,11 +374,11 @@ unsafe fn read_locations_raw(
             }
         })?;
     if cold {
-        for (k, (_, loc)) in order.iter().enumerate() {
+        for (k, (loc, _)) in parts.iter().enumerate() {
             drop_page_cache(&opened[k], loc.offset, loc.len);
         }
     }
-    Ok(spans.try_into().expect("three parts"))
+    Ok(())
 }
 
 /// Opened files, shared between reads (the seed layout has thousands, so they are opened on
@@ -525,6 +563,40 @@ impl ExpertSource for ShardSource {
     ) -> Result<Option<[PartSpan; 3]>> {
         let loc = self.parts_of(layer, expert)?;
         read_locations_into_uninit(&self.files, loc.each_ref(), self.is_cold(), buf).map(Some)
+    }
+
+    fn read_split_into_uninit(
+        &self,
+        layer: usize,
+        expert: usize,
+        gate_up: &mut [std::mem::MaybeUninit<u8>],
+        down: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Result<bool> {
+        let [g, u, d] = self.parts_of(layer, expert)?;
+        if [g, u, d].iter().any(|p| p.scale.is_some())
+            || (g.len + u.len) as usize != gate_up.len()
+            || d.len as usize != down.len()
+        {
+            return Ok(false);
+        }
+        let (gu, dn) = (
+            gate_up.as_mut_ptr() as *mut u8,
+            down.as_mut_ptr() as *mut u8,
+        );
+        // SAFETY: gate fills gate_up's first g.len bytes, up the rest, down all of `down`
+        // (lengths checked above); the buffers are borrowed mutably for the call.
+        unsafe {
+            read_parts_raw(
+                &self.files,
+                &[
+                    (g, Dst(gu)),
+                    (u, Dst(gu.wrapping_add(g.len as usize))),
+                    (d, Dst(dn)),
+                ],
+                self.is_cold(),
+            )?;
+        }
+        Ok(true)
     }
 }
 

@@ -241,6 +241,12 @@ impl CachedProvider {
                 return Ok((w, bytes, start.elapsed().as_micros() as u64));
             }
         }
+        if self.device.is_cpu()
+            && self.quantized
+            && let Some((w, bytes)) = self.read_quantized_direct(layer, expert)?
+        {
+            return Ok((w, bytes, start.elapsed().as_micros() as u64));
+        }
         let raw = self.source.read(layer, expert)?;
         let w = convert::from_raw(
             &raw,
@@ -249,6 +255,28 @@ impl CachedProvider {
             &self.device,
         )?;
         Ok((w, raw.bytes(), start.elapsed().as_micros() as u64))
+    }
+
+    /// A block-quantized CPU miss straight into its block storage (`convert::quantized_direct`),
+    /// or None where the source or the parts do not allow it (then the general path reads).
+    fn read_quantized_direct(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Result<Option<(ExpertWeights, u64)>> {
+        let Some(locs) = self.source.part_locations(layer, expert) else {
+            return Ok(None);
+        };
+        let bytes = locs.iter().map(|l| l.len).sum::<u64>();
+        let parts = [0, 1, 2].map(|k| (locs[k].dtype, locs[k].shape.as_slice()));
+        let w = convert::quantized_direct(parts, |gate_up, down| {
+            // A failed read is retried by the general path, which reports it properly.
+            Ok(self
+                .source
+                .read_split_into_uninit(layer, expert, gate_up, down)
+                .unwrap_or(false))
+        })?;
+        Ok(w.map(|w| (w, bytes)))
     }
 
     /// The CPU miss that copies once: when the expert is stored in the compute dtype, it is
@@ -592,6 +620,61 @@ mod tests {
         let f = super::zeroed_vec::<f32>(5);
         assert_eq!(f, vec![0.0f32; 5]);
         assert!(super::zeroed_vec::<f32>(0).is_empty());
+    }
+
+    /// A block-quantized expert read straight into its block storage is the expert the general
+    /// path makes: the same bytes held, the same products bit for bit — every expert of both
+    /// GGUF fixtures (Q8_0; Q4_K_M's Q4_K gate/up with Q6_K or Q4_K down).
+    #[test]
+    fn quantized_experts_read_into_their_blocks_are_the_general_paths() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for kind in ["Q8_0", "Q4_K_M"] {
+            let path = root.join(format!("tests/fixtures/gguf/kquant-{kind}.gguf"));
+            let cfg = &crate::model::MoeConfig::from_dir(&path).unwrap();
+            let ckpt = crate::model::Checkpoint::open(&path).unwrap();
+            let source = super::super::source::ShardSource::new(&ckpt, cfg).unwrap();
+            let x = crate::util::test_matrix(2, cfg.hidden_size, 5, 97, 1.0 / 16.0);
+            let mut down_types = std::collections::BTreeSet::new();
+            for layer in cfg.moe_layers() {
+                for e in 0..cfg.num_experts {
+                    let locs = source.part_locations(layer, e).unwrap();
+                    down_types.insert(locs[2].dtype.name());
+                    let parts = [0, 1, 2].map(|k| (locs[k].dtype, locs[k].shape.as_slice()));
+                    let direct = convert::quantized_direct(parts, |a, b| {
+                        source.read_split_into_uninit(layer, e, a, b)
+                    })
+                    .unwrap()
+                    .expect("block parts: the direct path applies");
+                    let raw = source.read(layer, e).unwrap();
+                    let general = convert::from_raw(&raw, None, DType::F32, &Device::Cpu).unwrap();
+                    assert_eq!(direct.bytes(), general.bytes(), "{kind} {layer}/{e}");
+                    let (a, b) = (direct.forward(&x).unwrap(), general.forward(&x).unwrap());
+                    let bits = |t: &candle_core::Tensor| -> Vec<u32> {
+                        t.flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect()
+                    };
+                    assert_eq!(bits(&a), bits(&b), "{kind} layer {layer} expert {e}");
+                }
+            }
+            assert!(!down_types.is_empty(), "{kind}: {down_types:?}");
+        }
+        // Buffers that the parts do not fill exactly: the source says it cannot.
+        let path = root.join("tests/fixtures/gguf/kquant-Q8_0.gguf");
+        let cfg = crate::model::MoeConfig::from_dir(&path).unwrap();
+        let ckpt = crate::model::Checkpoint::open(&path).unwrap();
+        let source = super::super::source::ShardSource::new(&ckpt, &cfg).unwrap();
+        let layer = cfg.moe_layers().next().unwrap();
+        let (mut a, mut b) = (vec![std::mem::MaybeUninit::new(0u8); 8], vec![]);
+        assert!(
+            !source
+                .read_split_into_uninit(layer, 0, &mut a, &mut b)
+                .unwrap()
+        );
     }
 
     /// The fixture's shards, its config and its first MoE layer.
