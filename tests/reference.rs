@@ -8,7 +8,6 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use moescope::session::record;
 use moescope::session::state::SessionState;
 
 fn python() -> PathBuf {
@@ -54,14 +53,7 @@ fn run_with_reference(
         rec.to_str().unwrap(),
     ]);
     assert_eq!(rc, 0, "{err}");
-    let sum: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.summary.json")).unwrap())
-            .unwrap();
-    let rec = record::read(&rec).unwrap();
-    let mut state = SessionState::new(rec.header.clone());
-    for e in &rec.events {
-        state.apply(e);
-    }
+    let (sum, state) = summary_and_state(&rec);
     (out, sum, state)
 }
 

@@ -7,7 +7,6 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use moescope::session::record;
 use moescope::session::state::SessionState;
 
 fn repo(p: &str) -> String {
@@ -42,14 +41,7 @@ fn session(model: &str, reference: Option<&str>) -> (String, serde_json::Value, 
     }
     let (rc, out, err) = run(&args);
     assert_eq!(rc, 0, "{err}");
-    let sum: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.summary.json")).unwrap())
-            .unwrap();
-    let rec = record::read(&rec).unwrap();
-    let mut state = SessionState::new(rec.header.clone());
-    for e in &rec.events {
-        state.apply(e);
-    }
+    let (sum, state) = summary_and_state(&rec);
     (out, sum, state)
 }
 

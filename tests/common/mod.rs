@@ -168,6 +168,22 @@ pub fn make_seed_layout(fixture_dir: &Path, out: &Path, with_config: bool) {
     }
 }
 
+/// What a headless run recorded at `rec` left: its summary (`<rec>.summary.json` beside it, as
+/// JSON) and the session its recording replays to.
+pub fn summary_and_state(
+    rec: &Path,
+) -> (serde_json::Value, moescope::session::state::SessionState) {
+    let summary = rec.with_extension("summary.json");
+    let sum: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let rec = moescope::session::record::read(rec).unwrap();
+    let mut state = moescope::session::state::SessionState::new(rec.header.clone());
+    for e in &rec.events {
+        state.apply(e);
+    }
+    (sum, state)
+}
+
 /// Runs the moescope binary; returns (exit code, stdout, stderr).
 pub fn run(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(bin())
