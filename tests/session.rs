@@ -735,6 +735,45 @@ fn discrete_gpu_profile_counts_gpu_memory_alone() {
     );
 }
 
+/// A GGUF file's block experts on the CPU: candle repacks each new matrix at its first product,
+/// outside the load the cache times, so the sweep fits a miss's cost on its smallest cache
+/// (marked, left out of the error) and predicts the others with it; a safetensors model keeps
+/// the measured cost.
+#[test]
+fn a_gguf_sweep_on_the_cpu_fits_its_miss_cost_on_the_smallest_cache() {
+    let gguf = fixture("gguf").join("kquant-Q4_K_M.gguf");
+    let (text, v) = sweep(&[
+        "--model",
+        gguf.to_str().unwrap(),
+        "--prefetch",
+        "none",
+        "--capacities",
+        "25%,50%",
+        "--max-new-tokens",
+        "12",
+    ]);
+    assert!(text.contains("fitted on the row marked calib"), "{text}");
+    let fitted = v["fitted_miss_cost_us"]
+        .as_f64()
+        .expect("fitted on a GGUF file");
+    let measured = v["mean_miss_cost_us"].as_f64().unwrap();
+    assert!(fitted >= measured, "{fitted} < {measured}");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows[0]["calibration"], true);
+    assert!(rows[0]["prediction_error_pct"].is_null());
+    assert!(rows[1]["prediction_error_pct"].as_f64().is_some(), "{v}");
+    let (_, v) = sweep(&[
+        "--prefetch",
+        "none",
+        "--capacities",
+        "25%,50%",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(v.get("fitted_miss_cost_us").is_none(), "{v}");
+    assert!(v["rows"][0].get("calibration").is_none(), "{v}");
+}
+
 /// With prefetch the sweep replays the guesses its first selective run recorded, fits what a
 /// load ahead costs on the smallest cache (marked, and left out of the error), and predicts
 /// the other capacities with it.

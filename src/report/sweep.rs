@@ -95,6 +95,12 @@ pub struct Sweep {
     /// cache (the row marked `calibration`); the other rows' predictions charge it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_ahead_us: Option<f64>,
+    /// GGUF block experts on the CPU: the cost of a miss fitted on the smallest cache (the row
+    /// marked `calibration`), µs — the read plus candle's repack of each new matrix at its
+    /// first product, which `mean_miss_cost_us` (the cache's timed loads) leaves out. The other
+    /// rows' predictions charge it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fitted_miss_cost_us: Option<f64>,
 }
 
 /// Steady-state selective against native measured side by side. Why: on a GPU, native's own
@@ -145,6 +151,13 @@ pub fn sweep_table(s: &Sweep) -> String {
             o,
             "each expert loaded ahead adds {u:.0} µs to decode (fitted on the row marked calib; \
              guesses replayed from the trace)"
+        );
+    }
+    if let Some(m) = s.fitted_miss_cost_us {
+        let _ = writeln!(
+            o,
+            "a miss costs {m:.0} µs to decode (fitted on the row marked calib: the read plus \
+             candle's repack of the expert's block matrices at their first product)"
         );
     }
     if let Some(bw) = s.read_bandwidth {
