@@ -213,57 +213,39 @@ pub fn quantized_direct(
 }
 
 /// A CPU block tensor of `dims` whose blocks are `parts`' bytes one after another, copied once
-/// into typed block storage (a concatenation and then `qtensor_from_ggml` copied twice: gate and
-/// up are separate tensors in a GGUF file but one [2I, H] matrix here). None off the CPU or for a
-/// type not listed (the caller concatenates); Err when the bytes do not fill the shape.
+/// into typed block storage that is not cleared first (a concatenation and then
+/// `qtensor_from_ggml` copied twice: gate and up are separate tensors in a GGUF file but one
+/// [2I, H] matrix here). None off the CPU or for a type not listed (the caller concatenates);
+/// Err when the bytes do not fill the shape.
 fn qtensor_of_parts(
     g: candle_core::quantized::GgmlDType,
     parts: &[&[u8]],
     dims: &[usize],
     device: &Device,
 ) -> Option<candle_core::Result<candle_core::quantized::QTensor>> {
-    use candle_core::quantized::k_quants::*;
-    use candle_core::quantized::{GgmlDType as G, GgmlType, QStorage, QTensor};
-    fn typed<T: GgmlType + Send + Sync + 'static>(
-        parts: &[&[u8]],
-        dims: &[usize],
-    ) -> candle_core::Result<QTensor> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let elems: usize = dims.iter().product();
-        let want = elems / T::BLCK_SIZE * std::mem::size_of::<T>();
-        if !elems.is_multiple_of(T::BLCK_SIZE) || total != want {
-            candle_core::bail!(
-                "{total} bytes for {dims:?} in {:?} blocks, expected {want}",
-                T::DTYPE
-            );
-        }
-        let mut blocks = vec![T::zeros(); want / std::mem::size_of::<T>()];
-        let dst = blocks.as_mut_ptr() as *mut u8;
-        let mut at = 0;
-        for p in parts {
-            // SAFETY: the parts' bytes sum to the blocks' size (checked above); block types are
-            // plain data, every byte pattern a value (candle reads file bytes as them too).
-            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.add(at), p.len()) };
-            at += p.len();
-        }
-        QTensor::new(QStorage::Cpu(Box::new(blocks)), dims)
-    }
     if !device.is_cpu() {
         return None;
     }
-    Some(match g {
-        G::Q4_0 => typed::<BlockQ4_0>(parts, dims),
-        G::Q4_1 => typed::<BlockQ4_1>(parts, dims),
-        G::Q5_0 => typed::<BlockQ5_0>(parts, dims),
-        G::Q5_1 => typed::<BlockQ5_1>(parts, dims),
-        G::Q8_0 => typed::<BlockQ8_0>(parts, dims),
-        G::Q2K => typed::<BlockQ2K>(parts, dims),
-        G::Q3K => typed::<BlockQ3K>(parts, dims),
-        G::Q4K => typed::<BlockQ4K>(parts, dims),
-        G::Q5K => typed::<BlockQ5K>(parts, dims),
-        G::Q6K => typed::<BlockQ6K>(parts, dims),
-        _ => return None,
-    })
+    let blocks = match uninit_blocks(g, dims.to_vec())? {
+        Ok(b) => b,
+        Err(e) => return Some(Err(e)),
+    };
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    if total != blocks.len {
+        return Some(Err(candle_core::Error::Msg(format!(
+            "{total} bytes for {dims:?} in {g:?} blocks, expected {}",
+            blocks.len
+        ))));
+    }
+    let dst = blocks.ptr as *mut u8;
+    let mut at = 0;
+    for p in parts {
+        // SAFETY: the parts' bytes sum to the blocks' size (checked above) and are written into
+        // the storage's spare capacity back to back, every byte of it.
+        unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.add(at), p.len()) };
+        at += p.len();
+    }
+    Some((blocks.finish)())
 }
 
 /// An FP8 expert: each of the three matrices kept as stored with its scales. All three must be
