@@ -79,6 +79,48 @@ pub unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
     unsafe { finish(acc, i, n, |k, s| bf16_bits(w[k]).mul_add(x[k], s)) }
 }
 
+/// [`dot_with`] for bf16 bits in AVX-512: sixteen weights widened per instruction, two 16-lane
+/// accumulators standing for the four 8-lane ones — lanes 0–7 of the first are `acc[0]`, 8–15
+/// `acc[1]`, of the second `acc[2]` and `acc[3]` — so every lane sees the same multiply-adds in
+/// the same order, and the combination below is `finish`'s: the same bits as the AVX2 and
+/// portable forms, in half the instructions. Why: a bf16 decode step on the CPU was bound by
+/// widening, not by memory (BENCHMARKS.md §13: bf16 slower than f32 on the same model).
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512BW; `w` and `x` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+pub unsafe fn dot_bf16_avx512(w: &[u16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i + 32 <= n {
+        // SAFETY: i + 32 ≤ n for both slices (loop bound).
+        let (w0, w1, x0, x1) = unsafe {
+            (
+                _mm256_loadu_si256(w.as_ptr().add(i) as *const __m256i),
+                _mm256_loadu_si256(w.as_ptr().add(i + 16) as *const __m256i),
+                _mm512_loadu_ps(x.as_ptr().add(i)),
+                _mm512_loadu_ps(x.as_ptr().add(i + 16)),
+            )
+        };
+        let f0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w0), 16));
+        let f1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w1), 16));
+        a = _mm512_fmadd_ps(f0, x0, a);
+        b = _mm512_fmadd_ps(f1, x1, b);
+        i += 32;
+    }
+    let acc = [
+        _mm512_castps512_ps256(a),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)),
+        _mm512_castps512_ps256(b),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)),
+    ];
+    // SAFETY: AVX2 and FMA, which this function also requires.
+    unsafe { finish(acc, i, n, |k, s| bf16_bits(w[k]).mul_add(x[k], s)) }
+}
+
 /// [`dot_with`] for e4m3 codes in AVX2: eight codes decoded per instruction sequence (the
 /// formula of `fp8::e4m3`).
 ///
@@ -304,6 +346,10 @@ fn f32_row_kernel() -> F32RowKernel {
     f32_row_portable
 }
 
+/// Shortest bf16 row the AVX-512 dot takes (see `bf16_row_kernel`).
+#[cfg(target_arch = "x86_64")]
+const AVX512_MIN_COLS: usize = 512;
+
 /// One bf16 row for every token: `w` the row's bits, `xs` the tokens (n × cols), `out` the n
 /// results.
 type Bf16RowKernel = fn(&[u16], &[f32], &mut [f32]);
@@ -313,6 +359,20 @@ fn bf16_row_portable(w: &[u16], xs: &[f32], out: &mut [f32]) {
 }
 
 fn bf16_row_kernel() -> Bf16RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() && avx512() {
+        return |w, xs, out| {
+            // Both forms give the same bits, so the choice is speed alone: the wide form paid
+            // off from 512-wide rows on (BENCHMARKS.md §20), shorter ones stay on AVX2.
+            if w.len() >= AVX512_MIN_COLS {
+                // SAFETY: AVX-512F/BW, AVX2 and FMA were detected on this CPU.
+                each_token(w, xs, out, |w, x| unsafe { dot_bf16_avx512(w, x) })
+            } else {
+                // SAFETY: AVX2 and FMA were detected on this CPU.
+                each_token(w, xs, out, |w, x| unsafe { dot_bf16_avx2(w, x) })
+            }
+        };
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
         return |w, xs, out| {
@@ -330,6 +390,13 @@ pub fn each_token<W>(w: &[W], xs: &[f32], out: &mut [f32], dot: impl Fn(&[W], &[
     for (t, y) in out.iter_mut().enumerate() {
         *y = dot(w, &xs[t * cols..(t + 1) * cols]);
     }
+}
+
+/// Whether the AVX-512 forms may run on this CPU (with [`avx2_fma`]).
+#[cfg(target_arch = "x86_64")]
+pub fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
 /// Whether the AVX2 + FMA forms may run on this CPU.
@@ -456,6 +523,42 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bf16 dot's portable, AVX2 and AVX-512 forms give the same bits: every length from 0
+    /// to 100 (whole 32-blocks and tails), then long rows, weights and inputs of mixed signs and
+    /// magnitudes so the order of the sums matters. The vector forms are checked where this CPU
+    /// has them.
+    #[test]
+    fn bf16_dot_forms_give_the_same_bits() {
+        let bits = |i: usize, salt: usize| -> u16 {
+            let v = ((i * 2654435761 + salt) % 20011) as f32 / 20011.0 - 0.5;
+            half::bf16::from_f32(v * (1 << (i % 13)) as f32).to_bits()
+        };
+        for n in (0..=100).chain([255, 256, 1000, 2048, 4099]) {
+            let w: Vec<u16> = (0..n).map(|i| bits(i, 7)).collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| half::bf16::from_bits(bits(i, 99)).to_f32() * 3.0)
+                .collect();
+            let want = dot_with(&w, &x, bf16_bits).to_bits();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if avx2_fma() {
+                    // SAFETY: detected.
+                    assert_eq!(
+                        unsafe { dot_bf16_avx2(&w, &x) }.to_bits(),
+                        want,
+                        "avx2, {n}"
+                    );
+                }
+                if avx2_fma() && avx512() {
+                    // SAFETY: detected.
+                    let got = unsafe { dot_bf16_avx512(&w, &x) }.to_bits();
+                    assert_eq!(got, want, "avx512, {n}");
+                }
+            }
+            let _ = want;
+        }
+    }
 
     /// Against candle's bf16 matmul widened to f32 (same values, other summation order): within
     /// one bf16 rounding; independent of batching; the vector build gives the portable bits.
