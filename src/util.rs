@@ -129,6 +129,21 @@ pub(crate) fn test_matrix(
     .expect("a CPU tensor of the given size")
 }
 
+/// A tensor's values as f32 bits, for tests that compare results bit for bit: widening to f32 is
+/// exact for every storage dtype, so NaN payloads and all compare.
+#[cfg(test)]
+pub(crate) fn f32_bits(t: &candle_core::Tensor) -> Vec<u32> {
+    t.to_dtype(candle_core::DType::F32)
+        .expect("a tensor widens to f32")
+        .flatten_all()
+        .expect("a tensor flattens")
+        .to_vec1::<f32>()
+        .expect("f32 values")
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
 /// What the GPU kernels' unit tests share (`model::attn_decode`, `model::moe_decode`): they run
 /// where a CUDA device is (`scripts/gpu_unit_tests.sh`) and skip, saying so, where none is.
 #[cfg(all(test, feature = "cuda"))]

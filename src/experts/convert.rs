@@ -488,19 +488,7 @@ mod tests {
     use crate::experts::source::RawPart;
     use crate::model::safetensors_file::StDtype;
 
-    /// A tensor's values as f32 bits: widening to f32 is exact for every storage dtype, so
-    /// these compare everything, NaN payloads included.
-    fn f32_bits(t: &Tensor) -> Vec<u32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
-    }
+    use crate::util::f32_bits;
 
     /// Little-endian bytes as a vector of `T`.
     fn bytes_as<T: candle_core::WithDType>(b: &[u8]) -> Vec<T> {

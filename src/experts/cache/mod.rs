@@ -649,15 +649,7 @@ mod tests {
                     let general = convert::from_raw(&raw, None, DType::F32, &Device::Cpu).unwrap();
                     assert_eq!(direct.bytes(), general.bytes(), "{kind} {layer}/{e}");
                     let (a, b) = (direct.forward(&x).unwrap(), general.forward(&x).unwrap());
-                    let bits = |t: &candle_core::Tensor| -> Vec<u32> {
-                        t.flatten_all()
-                            .unwrap()
-                            .to_vec1::<f32>()
-                            .unwrap()
-                            .iter()
-                            .map(|v| v.to_bits())
-                            .collect()
-                    };
+                    let bits = crate::util::f32_bits;
                     assert_eq!(bits(&a), bits(&b), "{kind} layer {layer} expert {e}");
                 }
             }
