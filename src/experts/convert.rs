@@ -293,6 +293,21 @@ fn fp8_expert(raw: &RawExpert, fp8: Option<Fp8Scheme>, device: &Device) -> Resul
     Ok(ExpertWeights::fp8(matrix(g)?, matrix(u)?, matrix(d)?))
 }
 
+/// The scale block of `source`'s experts when they are block-scaled FP8 (every part of the
+/// first expert present `F8_E4M3` with scales, and the config declaring the scheme); None for
+/// any other checkpoint.
+pub fn fp8_block(source: &dyn super::source::ExpertSource) -> Option<[usize; 2]> {
+    let cfg = source.config();
+    let scheme = cfg.quantization?;
+    let layer = cfg.moe_layers().next()?;
+    let e = (0..cfg.num_experts).find(|&e| source.has(layer, e))?;
+    let parts = source.part_locations(layer, e)?;
+    parts
+        .iter()
+        .all(|p| p.dtype == StDtype::F8E4M3 && p.scale.is_some())
+        .then_some(scheme.block)
+}
+
 /// Bytes one expert of `source` occupies once converted, when its experts are block-quantized
 /// (None for dense ones): the quantized parts as stored, float parts in f32 — what
 /// [`quantized`] builds. Taken from the first expert present.

@@ -8,15 +8,18 @@ use candle_core::{DType, Device, Tensor};
 use super::convert;
 use super::source::{ExpertSource, missing_error};
 use crate::model::error::{ModelError, Result};
-use crate::model::ports::{ExpertProvider, ExpertWeights, Stacked, fused_capable};
+use crate::model::ports::{
+    ExpertProvider, ExpertWeights, FUSED_DECODE_MAX_TOPK, Fp8Scales, Fp8StackParts, Stacked,
+    fused_capable,
+};
 
 /// The native backend's provider: every expert of every MoE layer loaded up front.
 pub struct Resident {
     /// Indexed by model layer; empty for dense layers.
     experts: Vec<Vec<Option<Arc<ExpertWeights>>>>,
-    /// On a GPU in bf16/f16: every layer's experts stacked for the fused kernel (the per-expert
-    /// tensors above are then views into these, not copies).
-    stacks: Vec<Option<(Tensor, Tensor)>>,
+    /// On a GPU in bf16/f16 (FP8 experts: in bf16): every layer's experts stacked for the fused
+    /// kernels (the per-expert tensors above are then views into these, not copies).
+    stacks: Vec<Option<Stacked>>,
     unavailable: Vec<Vec<usize>>,
     bytes: u64,
 }
@@ -58,7 +61,7 @@ impl Resident {
             experts[layer] = row;
         }
         let mut stacks = vec![None; cfg.num_hidden_layers];
-        // Quantized experts have no stacked form (the fused kernels read dense matrices): they
+        // GGUF experts have no stacked form (the fused kernels read dense or FP8 matrices): they
         // stay one by one and the MoE block applies them in turn.
         let quantized = experts.iter().flatten().flatten().any(|w| w.is_quantized());
         if fused_capable(device, dtype) && !quantized {
@@ -74,7 +77,27 @@ impl Resident {
                         )));
                     }
                 }
-                stacks[layer] = Some((gu, dn));
+                stacks[layer] = Some(stacked(gu, dn, None));
+            }
+        } else if let Some(block) = fp8_stackable(&experts, cfg.num_experts_per_tok, device, dtype)?
+        {
+            for layer in cfg.moe_layers() {
+                let st = stack_layer_fp8(&experts[layer], cfg, block, device)?;
+                let scales = st.fp8.as_ref().expect("FP8 stacks");
+                for (e, slot) in experts[layer].iter_mut().enumerate() {
+                    if slot.is_some() {
+                        *slot = Some(Arc::new(ExpertWeights::fp8_from_stack_parts(
+                            &Fp8StackParts {
+                                gate_up: st.gate_up.get(e)?,
+                                gate_up_scale: scales.gate_up.get(e)?,
+                                down: st.down.get(e)?,
+                                down_scale: scales.down.get(e)?,
+                                block,
+                            },
+                        )?));
+                    }
+                }
+                stacks[layer] = Some(st);
             }
         }
         Ok(Resident {
@@ -84,6 +107,81 @@ impl Resident {
             bytes,
         })
     }
+}
+
+fn stacked(gate_up: Tensor, down: Tensor, fp8: Option<Fp8Scales>) -> Stacked {
+    Stacked {
+        gate_up,
+        down,
+        index: None,
+        device_index: None,
+        fill: None,
+        fp8,
+    }
+}
+
+/// The block of FP8 experts that can be stacked for the FP8 decode kernels (bf16 compute on a
+/// GPU, top-k within the kernels' limit, every expert FP8 on the device with one block shape);
+/// None otherwise.
+fn fp8_stackable(
+    experts: &[Vec<Option<Arc<ExpertWeights>>>],
+    top_k: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<[usize; 2]>> {
+    if !device.is_cuda() || dtype != DType::BF16 || top_k > FUSED_DECODE_MAX_TOPK {
+        return Ok(None);
+    }
+    let mut block = None;
+    for w in experts.iter().flatten().flatten() {
+        match w.fp8_block() {
+            Some(b) if block.is_none_or(|k| k == b) => block = Some(b),
+            _ => return Ok(None),
+        }
+    }
+    Ok(block)
+}
+
+/// Stacks one layer's FP8 experts: bytes [E, 2I, H] and [E, H, I] with their scales (see
+/// [`Fp8Scales`]); missing experts become zeros (masked out of routing, so never used).
+fn stack_layer_fp8(
+    row: &[Option<Arc<ExpertWeights>>],
+    cfg: &crate::model::MoeConfig,
+    block: [usize; 2],
+    device: &Device,
+) -> Result<Stacked> {
+    let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+    let [br, bc] = block;
+    let zero = || -> Result<Fp8StackParts> {
+        Ok(Fp8StackParts {
+            gate_up: Tensor::zeros((2 * i, h), DType::U8, device)?,
+            gate_up_scale: Tensor::zeros((2 * i.div_ceil(br), h.div_ceil(bc)), DType::F32, device)?,
+            down: Tensor::zeros((h, i), DType::U8, device)?,
+            down_scale: Tensor::zeros((h.div_ceil(br), i.div_ceil(bc)), DType::F32, device)?,
+            block,
+        })
+    };
+    let parts: Vec<Fp8StackParts> = row
+        .iter()
+        .map(|e| match e {
+            Some(w) => w.fp8_stack_parts()?.ok_or_else(|| {
+                ModelError::Input("stacking FP8 experts: an expert is not FP8 on the GPU".into())
+            }),
+            None => zero(),
+        })
+        .collect::<Result<_>>()?;
+    let stack = |f: fn(&Fp8StackParts) -> &Tensor| -> Result<Tensor> {
+        Ok(Tensor::stack(&parts.iter().map(f).collect::<Vec<_>>(), 0)?)
+    };
+    Ok(stacked(
+        stack(|p| &p.gate_up)?,
+        stack(|p| &p.down)?,
+        Some(Fp8Scales {
+            gate_up: stack(|p| &p.gate_up_scale)?,
+            down: stack(|p| &p.down_scale)?,
+            block,
+        }),
+    ))
 }
 
 /// Stacks one layer's experts ([E, 2I, H], [E, H, I]); missing experts become zeros (they are
@@ -146,16 +244,6 @@ impl ExpertProvider for Resident {
     }
 
     fn stacked(&self, layer: usize, _needed: &[usize]) -> Result<Option<Stacked>> {
-        Ok(self
-            .stacks
-            .get(layer)
-            .and_then(|s| s.clone())
-            .map(|(gate_up, down)| Stacked {
-                gate_up,
-                down,
-                index: None,
-                device_index: None,
-                fill: None,
-            }))
+        Ok(self.stacks.get(layer).and_then(|s| s.clone()))
     }
 }

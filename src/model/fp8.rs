@@ -226,6 +226,58 @@ impl Fp8Matrix {
         })
     }
 
+    /// A matrix already on a GPU: `weight` U8 [rows, cols] of e4m3 codes and `scale` f32
+    /// [ceil(rows / block rows), ceil(cols / block cols)], both contiguous — e.g. views into
+    /// the rows of FP8 expert stacks, which the matrix then shares.
+    pub fn from_device(
+        weight: Tensor,
+        scale: Tensor,
+        block: [usize; 2],
+    ) -> candle_core::Result<Self> {
+        let (rows, cols) = weight.dims2()?;
+        let want = [
+            rows.div_ceil(block[0].max(1)),
+            cols.div_ceil(block[1].max(1)),
+        ];
+        if weight.dtype() != DType::U8
+            || scale.dtype() != DType::F32
+            || scale.dims() != want
+            || block.contains(&0)
+            || !weight.is_contiguous()
+            || !scale.is_contiguous()
+            || !weight.device().is_cuda()
+            || !weight.device().same_device(scale.device())
+        {
+            candle_core::bail!(
+                "FP8 matrix from device tensors: weight {:?} {:?}, scale {:?} {:?}, blocks {block:?} \
+                 (expected contiguous U8 [rows, cols] and f32 {want:?} on one GPU)",
+                weight.dtype(),
+                weight.dims(),
+                scale.dtype(),
+                scale.dims()
+            )
+        }
+        Ok(Fp8Matrix {
+            held: Held::Device { weight, scale },
+            rows,
+            cols,
+            block,
+        })
+    }
+
+    /// The codes (U8 [rows, cols]) and f32 scales of a matrix held on a GPU; None on the CPU.
+    pub fn device_parts(&self) -> Option<(&Tensor, &Tensor)> {
+        match &self.held {
+            Held::Device { weight, scale } => Some((weight, scale)),
+            Held::Cpu { .. } => None,
+        }
+    }
+
+    /// Rows × columns of weights per scale.
+    pub fn block(&self) -> [usize; 2] {
+        self.block
+    }
+
     pub fn dims(&self) -> [usize; 2] {
         [self.rows, self.cols]
     }

@@ -140,12 +140,13 @@ impl MoeBlock {
         let Some(st) = experts.stacked(self.layer, &needed)? else {
             return Ok(None);
         };
+        // FP8 stacks have no candle kernel: moescope's run whatever `moe_kernel` says.
+        #[cfg(feature = "cuda")]
+        let decode_kernel =
+            super::moe_decode::applies(t, x.dtype(), k) && (self.moe_kernel || st.fp8.is_some());
         // A slot pool's device table and the decode kernels: they look slots up themselves.
         #[cfg(feature = "cuda")]
-        if let (Some(map), true) = (
-            &st.device_index,
-            super::moe_decode::applies(t, x.dtype(), k) && self.moe_kernel,
-        ) {
+        if let (Some(map), true) = (&st.device_index, decode_kernel) {
             if let Some(fill) = &st.fill {
                 super::moe_decode::fill_routed(&topk_ids, fill, &st.gate_up, &st.down)?;
             }
@@ -157,6 +158,7 @@ impl MoeBlock {
                 Some(map),
                 &topk_w,
                 Some(residual),
+                st.fp8.as_ref(),
             )?));
         }
         let ids = match (&st.index, &host_ids) {
@@ -169,7 +171,7 @@ impl MoeBlock {
                 map.index_select(&topk_ids.flatten_all()?, 0)?
                     .reshape((t, k))?
             }
-            (None, _) => topk_ids,
+            (None, _) => topk_ids.clone(),
             (Some(map), Some(ids)) => {
                 let flat: Vec<u32> = ids.iter().flatten().map(|&e| map[e as usize]).collect();
                 Tensor::from_vec(flat, (t, k), dev)?
@@ -181,7 +183,7 @@ impl MoeBlock {
             }
         };
         #[cfg(feature = "cuda")]
-        if super::moe_decode::applies(t, x.dtype(), k) && self.moe_kernel {
+        if decode_kernel {
             return Ok(Some(super::moe_decode::moe_decode(
                 x,
                 &st.gate_up,
@@ -190,7 +192,12 @@ impl MoeBlock {
                 None,
                 &topk_w,
                 Some(residual),
+                st.fp8.as_ref(),
             )?));
+        }
+        if let Some(scales) = &st.fp8 {
+            let y = fp8_stacked_experts(x, &st, scales, &topk_ids, &ids, &topk_w)?;
+            return Ok(Some((residual + y)?));
         }
         let (expert_ids, sorted_token_ids) = ids.flatten_all()?.sort_last_dim(true)?;
         let is_prefill = t > 1;
@@ -396,6 +403,62 @@ impl MoeBlock {
             Some(a) => Ok(a),
             None => Ok(x.zeros_like()?),
         }
+    }
+}
+
+/// FP8 stacks where the decode kernels do not run (a prompt's tokens): each routed expert
+/// applied to its tokens through views into its stack row (`ExpertWeights::forward`: the
+/// matrix dequantised once and multiplied by cuBLAS), weighted, summed in expert-id order as
+/// the unfused path sums — so native's stacks and selective's slots give the same bits.
+/// `expert_ids` are the routing's expert ids, `rows` their rows of the stacks (both [T, k]).
+fn fp8_stacked_experts(
+    x: &Tensor,
+    st: &super::ports::Stacked,
+    scales: &super::ports::Fp8Scales,
+    expert_ids: &Tensor,
+    rows: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    use super::ports::{ExpertWeights, Fp8StackParts};
+    let ids: Vec<Vec<u32>> = expert_ids.to_vec2()?;
+    let rows: Vec<Vec<u32>> = rows.to_vec2()?;
+    let w: Vec<Vec<f32>> = weights.to_vec2()?;
+    // Expert id → (stack row, [(token, weight)]), ascending by expert id.
+    let mut per: std::collections::BTreeMap<u32, (u32, Vec<(u32, f32)>)> = Default::default();
+    for (t, ((ids, rows), w)) in ids.iter().zip(&rows).zip(&w).enumerate() {
+        for ((&e, &r), &wv) in ids.iter().zip(rows).zip(w) {
+            per.entry(e)
+                .or_insert((r, Vec::new()))
+                .1
+                .push((t as u32, wv));
+        }
+    }
+    let mut acc: Option<Tensor> = None;
+    for (row, tokens) in per.into_values() {
+        let r = row as usize;
+        let expert = ExpertWeights::fp8_from_stack_parts(&Fp8StackParts {
+            gate_up: st.gate_up.get(r)?,
+            gate_up_scale: scales.gate_up.get(r)?,
+            down: st.down.get(r)?,
+            down_scale: scales.down.get(r)?,
+            block: scales.block,
+        })?;
+        let (idx, wv): (Vec<u32>, Vec<f32>) = tokens.into_iter().unzip();
+        let n = idx.len();
+        let wt = Tensor::from_vec(wv, (n, 1), x.device())?.to_dtype(x.dtype())?;
+        let idx = Tensor::from_vec(idx, n, x.device())?;
+        let y = expert
+            .forward(&x.index_select(&idx, 0)?)?
+            .broadcast_mul(&wt)?;
+        let a = match acc.take() {
+            Some(a) => a,
+            None => x.zeros_like()?,
+        };
+        acc = Some(a.index_add(&idx, &y, 0)?);
+    }
+    match acc {
+        Some(a) => Ok(a),
+        None => Ok(x.zeros_like()?),
     }
 }
 

@@ -13,11 +13,12 @@ use candle_core::{DType, Storage, Tensor};
 use half::bf16;
 
 use super::error::{ModelError, Result};
+use super::ports::Fp8Scales;
 
 const PTX: &str = include_str!("kernels/moe_decode.ptx");
 const MODULE: &str = "moescope_moe_decode";
 /// The kernels keep one partial sum per selected expert in registers.
-pub const MAX_TOPK: usize = 16;
+pub const MAX_TOPK: usize = super::ports::FUSED_DECODE_MAX_TOPK;
 const WARPS_PER_BLOCK: u32 = 8;
 /// Output rows per block of the down kernel (`DOWN_ROWS` in the kernel file).
 const DOWN_ROWS: u32 = 4;
@@ -36,6 +37,8 @@ fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
 /// expert→slot table), expert ids whose rows the kernels look up there; `weights` [1, k] f32
 /// routing weights (already rounded to bf16). Returns Σ_s weight_s · expert_s(x) as [1, H] bf16
 /// — plus `residual` ([1, H] bf16) when given, in the kernel (candle's bf16 add, same bits).
+/// With `fp8` the stacks hold e4m3 bytes (U8) and these are their block scales.
+#[allow(clippy::too_many_arguments)]
 pub fn moe_decode(
     x: &Tensor,
     gate_up: &Tensor,
@@ -44,6 +47,7 @@ pub fn moe_decode(
     map: Option<&Tensor>,
     weights: &Tensor,
     residual: Option<&Tensor>,
+    fp8: Option<&Fp8Scales>,
 ) -> Result<Tensor> {
     let (_, hidden) = x.dims2()?;
     let (_, two_i, h2) = gate_up.dims3()?;
@@ -60,8 +64,47 @@ pub fn moe_decode(
             ),
         ));
     }
-    let mid = moe_gate_up(x, gate_up, ids, map)?;
-    moe_down(&mid, down, ids, map, weights, residual)
+    let mid = moe_gate_up(x, gate_up, ids, map, fp8)?;
+    moe_down(&mid, down, ids, map, weights, residual, fp8)
+}
+
+/// The checked scale tensor of FP8 stacks ([n, rows blocks, cols blocks] f32 for [n, rows,
+/// cols] byte stacks, with `row_groups` groups of rows blocked apart: gate_up's gate and up)
+/// and the block as kernel arguments.
+fn fp8_scales<'a>(
+    w: &Tensor,
+    scales: &'a Tensor,
+    block: [usize; 2],
+    row_groups: usize,
+) -> Result<(&'a Tensor, i32, i32)> {
+    let (n, rows, cols) = w.dims3()?;
+    let [br, bc] = block;
+    let want = if br == 0 || bc == 0 || rows % row_groups != 0 {
+        None
+    } else {
+        Some([
+            n,
+            row_groups * (rows / row_groups).div_ceil(br),
+            cols.div_ceil(bc),
+        ])
+    };
+    if w.dtype() != DType::U8
+        || scales.dtype() != DType::F32
+        || want.is_none_or(|d| scales.dims() != d)
+        || !scales.is_contiguous()
+    {
+        return Err(err(
+            "FP8 stacks",
+            format!(
+                "{:?} weights {:?} with {:?} scales {:?} in {block:?} blocks",
+                w.dtype(),
+                w.dims(),
+                scales.dtype(),
+                scales.dims()
+            ),
+        ));
+    }
+    Ok((scales, br as i32, bc as i32))
 }
 
 /// The first of [`moe_decode`]'s two kernels: `silu(gate_s · x) * (up_s · x)` for each routed
@@ -71,6 +114,7 @@ pub fn moe_gate_up(
     gate_up: &Tensor,
     ids: &Tensor,
     map: Option<&Tensor>,
+    fp8: Option<&Fp8Scales>,
 ) -> Result<Tensor> {
     let (_, hidden) = x.dims2()?;
     let (_, two_i, h2) = gate_up.dims3()?;
@@ -95,25 +139,52 @@ pub fn moe_gate_up(
         return Err(err("device", "every input must be on the GPU"));
     };
     let xv = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
-    let gv = gs.as_cuda_slice::<bf16>()?.slice(gl.start_offset()..);
     let iv = is.as_cuda_slice::<u32>()?.slice(il.start_offset()..);
     let map_at = map_addr(map)?;
     let (k_, i_, h_) = (k as i32, inter as i32, hidden as i32);
 
     // SAFETY: written in full by the kernel below (one warp per element) before any read.
     let mid = unsafe { dev.alloc::<bf16>(k * inter)? };
-    let f = dev.get_or_load_custom_func("moe_decode_gate_up_bf16", MODULE, PTX)?;
-    let mut b = f.builder();
-    b.arg(&gv)
-        .arg(&iv)
-        .arg(&map_at)
-        .arg(&xv)
-        .arg(&mid)
-        .arg(&k_)
-        .arg(&i_)
-        .arg(&h_);
-    // SAFETY: argument order and types match the kernel's signature; sizes checked above.
-    unsafe { b.launch(warp_blocks(k * inter)) }.map_err(|e| err("gate_up launch", e))?;
+    match fp8 {
+        None => {
+            let gv = gs.as_cuda_slice::<bf16>()?.slice(gl.start_offset()..);
+            let f = dev.get_or_load_custom_func("moe_decode_gate_up_bf16", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&gv)
+                .arg(&iv)
+                .arg(&map_at)
+                .arg(&xv)
+                .arg(&mid)
+                .arg(&k_)
+                .arg(&i_)
+                .arg(&h_);
+            // SAFETY: argument order and types match the kernel's signature; sizes checked
+            // above.
+            unsafe { b.launch(warp_blocks(k * inter)) }.map_err(|e| err("gate_up launch", e))?;
+        }
+        Some(sc) => {
+            let (scales, br, bc) = fp8_scales(&gate_up, &sc.gate_up, sc.block, 2)?;
+            let gv = gs.as_cuda_slice::<u8>()?.slice(gl.start_offset()..);
+            let sv_at = raw_addr(scales, "gate_up scales")?;
+            let f = dev.get_or_load_custom_func("moe_decode_gate_up_fp8", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&gv)
+                .arg(&sv_at)
+                .arg(&iv)
+                .arg(&map_at)
+                .arg(&xv)
+                .arg(&mid)
+                .arg(&k_)
+                .arg(&i_)
+                .arg(&h_)
+                .arg(&br)
+                .arg(&bc);
+            // SAFETY: argument order and types match the kernel's signature; the byte stack's
+            // and its scales' shapes checked above (`fp8_scales`).
+            unsafe { b.launch(warp_blocks(k * inter)) }
+                .map_err(|e| err("FP8 gate_up launch", e))?;
+        }
+    }
     let mid = CudaStorage::wrap_cuda_slice(mid, dev);
     Ok(Tensor::from_storage(
         Storage::Cuda(mid),
@@ -132,6 +203,7 @@ pub fn moe_down(
     map: Option<&Tensor>,
     weights: &Tensor,
     residual: Option<&Tensor>,
+    fp8: Option<&Fp8Scales>,
 ) -> Result<Tensor> {
     let (_, hidden, inter) = down.dims3()?;
     let k = ids.elem_count();
@@ -164,7 +236,6 @@ pub fn moe_down(
         return Err(err("device", "every input must be on the GPU"));
     };
     let mv = ms.as_cuda_slice::<bf16>()?.slice(ml.start_offset()..);
-    let dv = ds.as_cuda_slice::<bf16>()?.slice(dl.start_offset()..);
     let iv = is.as_cuda_slice::<u32>()?.slice(il.start_offset()..);
     let wv = ws.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
     let map_at = map_addr(map)?;
@@ -177,26 +248,54 @@ pub fn moe_down(
 
     // SAFETY: as above, one warp per output row.
     let y = unsafe { dev.alloc::<bf16>(hidden)? };
-    let f = dev.get_or_load_custom_func("moe_decode_down_bf16", MODULE, PTX)?;
-    let mut b = f.builder();
-    b.arg(&dv)
-        .arg(&iv)
-        .arg(&map_at)
-        .arg(&wv)
-        .arg(&mv)
-        .arg(&y)
-        .arg(&res_at)
-        .arg(&k_)
-        .arg(&i_)
-        .arg(&h_);
     // One block per DOWN_ROWS output rows, one warp per routed expert (see the kernel).
     let cfg = LaunchConfig {
         grid_dim: ((hidden as u32).div_ceil(DOWN_ROWS), 1, 1),
         block_dim: (32 * k as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: as above; k ≤ MAX_TOPK (checked), the kernel's shared array.
-    unsafe { b.launch(cfg) }.map_err(|e| err("down launch", e))?;
+    match fp8 {
+        None => {
+            let dv = ds.as_cuda_slice::<bf16>()?.slice(dl.start_offset()..);
+            let f = dev.get_or_load_custom_func("moe_decode_down_bf16", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&dv)
+                .arg(&iv)
+                .arg(&map_at)
+                .arg(&wv)
+                .arg(&mv)
+                .arg(&y)
+                .arg(&res_at)
+                .arg(&k_)
+                .arg(&i_)
+                .arg(&h_);
+            // SAFETY: as above; k ≤ MAX_TOPK (checked), the kernel's shared array.
+            unsafe { b.launch(cfg) }.map_err(|e| err("down launch", e))?;
+        }
+        Some(sc) => {
+            let (scales, br, bc) = fp8_scales(&down, &sc.down, sc.block, 1)?;
+            let dv = ds.as_cuda_slice::<u8>()?.slice(dl.start_offset()..);
+            let sv_at = raw_addr(scales, "down scales")?;
+            let f = dev.get_or_load_custom_func("moe_decode_down_fp8", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&dv)
+                .arg(&sv_at)
+                .arg(&iv)
+                .arg(&map_at)
+                .arg(&wv)
+                .arg(&mv)
+                .arg(&y)
+                .arg(&res_at)
+                .arg(&k_)
+                .arg(&i_)
+                .arg(&h_)
+                .arg(&br)
+                .arg(&bc);
+            // SAFETY: as above, and the byte stack's and its scales' shapes checked by
+            // `fp8_scales`.
+            unsafe { b.launch(cfg) }.map_err(|e| err("FP8 down launch", e))?;
+        }
+    }
 
     let y = CudaStorage::wrap_cuda_slice(y, dev);
     Ok(Tensor::from_storage(
@@ -484,6 +583,214 @@ mod tests {
         }
     }
 
+    /// FP8 stacks of `e` experts (gate_up [e, 2i, h], down [e, h, i]) from a deterministic
+    /// byte pattern avoiding the NaN codes, scales in `block`s; with their host copies.
+    #[allow(clippy::type_complexity)]
+    fn fp8_stacks(
+        e: usize,
+        h: usize,
+        i: usize,
+        block: [usize; 2],
+        dev: &candle_core::Device,
+    ) -> (Tensor, Tensor, Fp8Scales, [Vec<u8>; 2], [Vec<f32>; 2]) {
+        let [br, bc] = block;
+        let code = |n: usize| -> u8 {
+            let b = ((n.wrapping_mul(2654435761) >> 7) % 256) as u8;
+            if b & 0x7F == 0x7F { b ^ 1 } else { b }
+        };
+        let gu: Vec<u8> = (0..e * 2 * i * h).map(code).collect();
+        let dn: Vec<u8> = (0..e * h * i).map(|n| code(n + 7)).collect();
+        let (sr, sc) = (i.div_ceil(br), h.div_ceil(bc));
+        let scale = |n: usize| 2f32.powi(-10) * (1.0 + (n % 13) as f32 / 8.0);
+        let gus: Vec<f32> = (0..e * 2 * sr * sc).map(scale).collect();
+        let (dsr, dsc) = (h.div_ceil(br), i.div_ceil(bc));
+        let dns: Vec<f32> = (0..e * dsr * dsc).map(|n| scale(n + 5)).collect();
+        let t = |v: &[u8], d: (usize, usize, usize)| Tensor::from_vec(v.to_vec(), d, dev).unwrap();
+        let f = |v: &[f32], d: (usize, usize, usize)| Tensor::from_vec(v.to_vec(), d, dev).unwrap();
+        let scales = Fp8Scales {
+            gate_up: f(&gus, (e, 2 * sr, sc)),
+            down: f(&dns, (e, dsr, dsc)),
+            block,
+        };
+        (
+            t(&gu, (e, 2 * i, h)),
+            t(&dn, (e, h, i)),
+            scales,
+            [gu, dn],
+            [gus, dns],
+        )
+    }
+
+    fn bf16_bits(t: &Tensor) -> Vec<u16> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<bf16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn fp8_kernels_compute_the_dequantised_experts() {
+        use crate::model::fp8::E4M3;
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        let r = |v: f64| bf16::from_f64(v).to_f64();
+        // Whole and partial blocks; 8-byte groups and (bc 20, h 130) the one-by-one path.
+        for (e, h, i, block) in [
+            (6, 256, 96, [128, 128]),
+            (5, 200, 72, [32, 48]),
+            (5, 130, 40, [16, 20]),
+        ] {
+            let (gu, dn, sc, [gub, dnb], [gus, dns]) = fp8_stacks(e, h, i, block, &dev);
+            let [br, bc] = block;
+            let (x, xh) = bf16_matrix(1, h, 3, 239, 1.0 / 8.0, &dev);
+            let ids = Tensor::new(&[[3u32, 0, 4, 1]], &dev).unwrap();
+            let wv = [0.5f32, 0.25, 0.125, 0.125];
+            let w = Tensor::new(&[wv], &dev).unwrap();
+            let mid = moe_gate_up(&x, &gu, &ids, None, Some(&sc)).unwrap();
+            let mid_h = crate::util::gpu_test::host(&mid);
+            let (sr, scn) = (i.div_ceil(br), h.div_ceil(bc));
+            let wgu = |ex: usize, row: usize, c: usize| -> f64 {
+                let srow = if row < i {
+                    row / br
+                } else {
+                    sr + (row - i) / br
+                };
+                E4M3[gub[(ex * 2 * i + row) * h + c] as usize] as f64
+                    * gus[(ex * 2 * sr + srow) * scn + c / bc] as f64
+            };
+            let mut worst = 0f64;
+            for (s, &ex) in [3usize, 0, 4, 1].iter().enumerate() {
+                for row in 0..i {
+                    let g: f64 = (0..h).map(|c| wgu(ex, row, c) * xh[c] as f64).sum();
+                    let u: f64 = (0..h).map(|c| wgu(ex, i + row, c) * xh[c] as f64).sum();
+                    let (gb, ub) = (r(g), r(u));
+                    let want = r(r(gb / (1.0 + (-gb).exp())) * ub);
+                    let got = mid_h[s * i + row] as f64;
+                    // f32 sums against f64 ones: at most a rounding step apart in bf16.
+                    let d = (got - want).abs() / want.abs().max(1.0 / 16.0);
+                    worst = worst.max(d);
+                }
+            }
+            // Four bf16 rounding steps (g, u, the activation, the product), none large.
+            assert!(
+                worst <= 1.0 / 64.0,
+                "gate_up {h}x{i} {block:?}: rel. error {worst}"
+            );
+            let y = moe_down(&mid, &dn, &ids, None, &w, None, Some(&sc)).unwrap();
+            let yh = crate::util::gpu_test::host(&y);
+            let (dsr, dsc) = (h.div_ceil(br), i.div_ceil(bc));
+            let want: Vec<f64> = (0..h)
+                .map(|row| {
+                    let mut acc = 0f64;
+                    for (s, &ex) in [3usize, 0, 4, 1].iter().enumerate() {
+                        let d: f64 = (0..i)
+                            .map(|c| {
+                                E4M3[dnb[(ex * h + row) * i + c] as usize] as f64
+                                    * dns[(ex * dsr + row / br) * dsc + c / bc] as f64
+                                    * mid_h[s * i + c] as f64
+                            })
+                            .sum();
+                        acc += r(r(d) * r(wv[s] as f64));
+                    }
+                    r(acc)
+                })
+                .collect();
+            let top = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (row, (&a, &b)) in yh.iter().zip(&want).enumerate() {
+                assert!(
+                    (a as f64 - b).abs() <= top / 64.0,
+                    "down {h}x{i} {block:?} row {row}: {a} vs {b} (largest {top})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_decode_is_exact_for_every_code_and_keeps_nan() {
+        use crate::model::fp8::E4M3;
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        // Down rows h = 0..255 hold code h at column 5 and zeros elsewhere, scale 1; mid is
+        // one-hot at column 5 and the weight 1, so y[h] is the decoded code itself.
+        for (i, bc) in [(16, 16), (16, 4)] {
+            let h = 256;
+            let mut bytes = vec![0u8; h * i];
+            for code in 0..h {
+                bytes[code * i + 5] = code as u8;
+            }
+            let down = Tensor::from_vec(bytes, (1, h, i), &dev).unwrap();
+            let sc = Fp8Scales {
+                gate_up: Tensor::ones((1, 2, 1), DType::F32, &dev).unwrap(),
+                down: Tensor::ones((1, 1, i.div_ceil(bc)), DType::F32, &dev).unwrap(),
+                block: [256, bc],
+            };
+            let mut m = vec![0f32; i];
+            m[5] = 1.0;
+            let mid = Tensor::from_vec(m, (1, i), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let ids = Tensor::new(&[[0u32]], &dev).unwrap();
+            let w = Tensor::new(&[[1f32]], &dev).unwrap();
+            let y = moe_down(&mid, &down, &ids, None, &w, None, Some(&sc)).unwrap();
+            let y = crate::util::gpu_test::host(&y);
+            for (code, (&got, &want)) in y.iter().zip(E4M3.iter()).enumerate() {
+                if want.is_nan() {
+                    assert!(got.is_nan(), "code {code:#04x} (NaN) gave {got}, bc {bc}");
+                } else if want == 0.0 {
+                    // -0 comes out +0: the kernel's f32 sum over experts starts at +0.
+                    assert_eq!(got, 0.0, "code {code:#04x}, bc {bc}");
+                } else {
+                    assert_eq!(got.to_bits(), want.to_bits(), "code {code:#04x}, bc {bc}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_slot_pool_through_its_map_gives_the_stacks_bits() {
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        let (e, h, i, block) = (6, 256, 96, [128, 128]);
+        let (gu, dn, sc, _, _) = fp8_stacks(e, h, i, block, &dev);
+        // A pool of 4 slots holding experts 3, 0, 4, 1 in slots 2, 0, 3, 1.
+        let order = Tensor::new(&[0u32, 1, 3, 4], &dev).unwrap();
+        let pick = |t: &Tensor| t.index_select(&order, 0).unwrap().contiguous().unwrap();
+        let pool = Fp8Scales {
+            gate_up: pick(&sc.gate_up),
+            down: pick(&sc.down),
+            block,
+        };
+        let mut map = vec![0u32; e];
+        for (slot, &ex) in [0usize, 1, 3, 4].iter().enumerate() {
+            map[ex] = slot as u32;
+        }
+        let map = Tensor::new(map.as_slice(), &dev).unwrap();
+        let (x, _) = bf16_matrix(1, h, 5, 239, 1.0 / 8.0, &dev);
+        let (res, _) = bf16_matrix(1, h, 6, 233, 1.0 / 8.0, &dev);
+        let ids = Tensor::new(&[[3u32, 0, 4, 1]], &dev).unwrap();
+        let w = Tensor::new(&[[0.5f32, 0.25, 0.125, 0.125]], &dev).unwrap();
+        let native = moe_decode(&x, &gu, &dn, &ids, None, &w, Some(&res), Some(&sc)).unwrap();
+        let slots = moe_decode(
+            &x,
+            &pick(&gu),
+            &pick(&dn),
+            &ids,
+            Some(&map),
+            &w,
+            Some(&res),
+            Some(&pool),
+        )
+        .unwrap();
+        assert_eq!(bf16_bits(&native), bf16_bits(&slots));
+    }
+
     #[test]
     fn residual_folded_into_down_is_the_separate_bf16_add() {
         let Some(dev) = device("MoE kernel") else {
@@ -498,18 +805,9 @@ mod tests {
         let (res, _) = bf16_matrix(1, h, 4, 233, 1.0 / 8.0, &dev);
         let ids = Tensor::new(&[[3u32, 7, 0, 15]], &dev).unwrap();
         let w = Tensor::new(&[[0.5f32, 0.25, 0.125, 0.125]], &dev).unwrap();
-        let y = moe_decode(&x, &gate_up, &down, &ids, None, &w, None).unwrap();
-        let folded = moe_decode(&x, &gate_up, &down, &ids, None, &w, Some(&res)).unwrap();
-        let bits = |t: &Tensor| -> Vec<u16> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<bf16>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
-        assert_eq!(bits(&folded), bits(&(&res + &y).unwrap()));
+        let y = moe_decode(&x, &gate_up, &down, &ids, None, &w, None, None).unwrap();
+        let folded = moe_decode(&x, &gate_up, &down, &ids, None, &w, Some(&res), None).unwrap();
+        assert_eq!(bf16_bits(&folded), bf16_bits(&(&res + &y).unwrap()));
         assert_eq!(k, ids.elem_count());
     }
 }

@@ -153,6 +153,66 @@ impl ExpertWeights {
     pub fn is_quantized(&self) -> bool {
         !matches!(self.mats, Mats::Dense { .. })
     }
+
+    /// The block of an FP8 expert held on a GPU whose three matrices share it; None otherwise.
+    pub fn fp8_block(&self) -> Option<[usize; 2]> {
+        match &self.mats {
+            Mats::Fp8 { gate, up, down }
+                if gate.device_parts().is_some()
+                    && up.device_parts().is_some()
+                    && down.device_parts().is_some()
+                    && gate.block() == up.block()
+                    && gate.block() == down.block() =>
+            {
+                Some(gate.block())
+            }
+            _ => None,
+        }
+    }
+
+    /// An FP8 expert held on a GPU, in the layout of FP8 stacks (gate and up concatenated, as
+    /// bytes and as scales); None for any other expert, or FP8 blocks that do not tile gate
+    /// and up the same way.
+    pub fn fp8_stack_parts(&self) -> Result<Option<Fp8StackParts>> {
+        let Mats::Fp8 { gate, up, down } = &self.mats else {
+            return Ok(None);
+        };
+        let (Some((gw, gs)), Some((uw, us)), Some((dw, ds))) =
+            (gate.device_parts(), up.device_parts(), down.device_parts())
+        else {
+            return Ok(None);
+        };
+        if gate.block() != up.block() || gate.block() != down.block() {
+            return Ok(None);
+        }
+        Ok(Some(Fp8StackParts {
+            gate_up: Tensor::cat(&[gw, uw], 0)?,
+            gate_up_scale: Tensor::cat(&[gs, us], 0)?,
+            down: dw.clone(),
+            down_scale: ds.clone(),
+            block: gate.block(),
+        }))
+    }
+
+    /// An FP8 expert whose matrices are views into FP8 stacks' rows (`parts` as
+    /// [`fp8_stack_parts`](Self::fp8_stack_parts) lays them out, e.g. one slot of a pool):
+    /// the same bytes, no copy.
+    pub fn fp8_from_stack_parts(parts: &Fp8StackParts) -> Result<Self> {
+        let two_i = parts.gate_up.dim(0)?;
+        let (i, sr) = (two_i / 2, parts.gate_up_scale.dim(0)? / 2);
+        let m = |w: Tensor, s: Tensor| Fp8Matrix::from_device(w, s, parts.block);
+        Ok(ExpertWeights::fp8(
+            m(
+                parts.gate_up.narrow(0, 0, i)?,
+                parts.gate_up_scale.narrow(0, 0, sr)?,
+            )?,
+            m(
+                parts.gate_up.narrow(0, i, i)?,
+                parts.gate_up_scale.narrow(0, sr, sr)?,
+            )?,
+            m(parts.down.clone(), parts.down_scale.clone())?,
+        ))
+    }
 }
 
 /// Experts stacked for a fused kernel (`candle_nn::moe::moe_gemm`): `gate_up` is
@@ -172,6 +232,30 @@ pub struct Stacked {
     /// itself, from host memory, before the kernel reads them (a pool with a slot for every
     /// expert); then no step needs the routing on the host.
     pub fill: Option<DeviceFill>,
+    /// Block-scaled FP8 experts: `gate_up` and `down` then hold e4m3 bytes (U8) and these are
+    /// their scales, read by the FP8 decode kernels.
+    pub fp8: Option<Fp8Scales>,
+}
+
+/// The block scales of FP8 stacks (see [`Stacked::fp8`]), in f32.
+#[derive(Clone)]
+pub struct Fp8Scales {
+    /// `[n, 2·ceil(I/br), ceil(H/bc)]`: each expert's gate scales, then its up scales.
+    pub gate_up: Tensor,
+    /// `[n, ceil(H/br), ceil(I/bc)]`.
+    pub down: Tensor,
+    /// Rows × columns of weights per scale.
+    pub block: [usize; 2],
+}
+
+/// One FP8 expert on the device in the stacks' per-expert layout: gate and up bytes as one
+/// [2I, H] matrix with their scales one after the other, down [H, I] with its scales.
+pub struct Fp8StackParts {
+    pub gate_up: Tensor,
+    pub gate_up_scale: Tensor,
+    pub down: Tensor,
+    pub down_scale: Tensor,
+    pub block: [usize; 2],
 }
 
 /// Where each expert of one layer comes from and goes when the GPU fills its slot itself.
@@ -186,6 +270,12 @@ pub struct DeviceFill {
     pub resident: Tensor,
     pub part_bytes: usize,
 }
+
+/// The most experts per token moescope's one-token MoE kernels take (`moe_decode.rs`). FP8
+/// stacks are built only where those kernels run every decode step (bf16 on a GPU, top-k at
+/// most this): FP8 has no other fused kernel, and its per-expert path reads routing back, which
+/// a captured decode step cannot.
+pub const FUSED_DECODE_MAX_TOPK: usize = 16;
 
 /// True when the fused GPU kernel can run in this dtype on this device.
 pub fn fused_capable(device: &Device, dtype: DType) -> bool {

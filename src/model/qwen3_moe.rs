@@ -549,6 +549,7 @@ impl Qwen3Moe {
             None,
             w,
             Some(x_mid),
+            stacks.fp8.as_ref(),
         )?;
         x.slice_set(&y, 0, 0)?;
         Ok(())
@@ -612,7 +613,13 @@ impl Qwen3Moe {
             }
             Stage::GateUp => {
                 let st = need_stacks()?;
-                let mid = super::moe_decode::moe_gate_up(&b.h, &st.gate_up, &b.route_ids, None)?;
+                let mid = super::moe_decode::moe_gate_up(
+                    &b.h,
+                    &st.gate_up,
+                    &b.route_ids,
+                    None,
+                    st.fp8.as_ref(),
+                )?;
                 b.mid.slice_set(&mid, 0, 0)?;
             }
             Stage::Down => {
@@ -625,6 +632,7 @@ impl Qwen3Moe {
                     None,
                     &b.route_w,
                     Some(&b.x_mid),
+                    st.fp8.as_ref(),
                 )?;
                 b.x.slice_set(&x, 0, 0)?;
             }

@@ -350,8 +350,8 @@ mod gpu {
                         err(
                             "backend",
                             format!(
-                                "layer {l} has no stacked bf16 experts: the profile times the \
-                                 fused bf16 decode path, which GGUF and FP8 experts do not take"
+                                "layer {l} has no stacked experts: the profile times the fused \
+                                 decode path (bf16 and FP8 stacks), which GGUF experts do not take"
                             ),
                         )
                     })?;

@@ -24,7 +24,10 @@ use crate::cache::pool::{Admit, Pools, key};
 use crate::cache::settings::{CacheConfig, Capacity};
 use crate::cache::stats::{CacheSnapshot, Histogram};
 use crate::model::error::{ModelError, Result};
-use crate::model::ports::{ExpertProvider, ExpertWeights, Stacked, StepPath, fused_capable};
+use crate::model::ports::{
+    ExpertProvider, ExpertWeights, FUSED_DECODE_MAX_TOPK, Fp8Scales, Stacked, StepPath,
+    fused_capable,
+};
 use crate::settings::Settings;
 
 /// Time and bytes spent loading experts (what the selective backend pays for its memory).
@@ -130,15 +133,19 @@ impl CachedProvider {
             config.scope,
             config.policy,
         );
-        // The slot pools and the fused kernels read dense matrices; quantized experts are
-        // served one by one (QMatMul on the device).
-        let gpu = if fused_capable(device, dtype) && quantized.is_none() {
+        // The slot pools and the fused kernels read dense or FP8 matrices (FP8 in bf16 compute);
+        // GGUF experts are served one by one (QMatMul on the device).
+        // (Where the FP8 decode kernels take every step: see `FUSED_DECODE_MAX_TOPK`.)
+        let fp8 = super::convert::fp8_block(source.as_ref())
+            .filter(|_| dtype == DType::BF16 && cfg.num_experts_per_tok <= FUSED_DECODE_MAX_TOPK);
+        let gpu = if fused_capable(device, dtype) && (quantized.is_none() || fp8.is_some()) {
             Some(slots::GpuSlots::new(
                 source.as_ref(),
                 &mut pools,
                 dtype,
                 device,
                 settings,
+                fp8,
             )?)
         } else {
             None
@@ -180,6 +187,31 @@ impl CachedProvider {
     }
 
     /// `n` experts of zeros, stacked as the fused kernels take them ([n, 2I, H] and [n, H, I]).
+    /// `n` zero experts as slot pools of FP8 experts in `fp8` blocks (None: dense) store them.
+    fn zero_stacks(
+        &self,
+        n: usize,
+        fp8: Option<[usize; 2]>,
+    ) -> Result<(Tensor, Tensor, Option<Fp8Scales>)> {
+        let Some(block) = fp8 else {
+            let (gu, dn) = self.zero_experts(n)?;
+            return Ok((gu, dn, None));
+        };
+        let cfg = self.source.config();
+        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let [br, bc] = block;
+        let dev = &self.device;
+        Ok((
+            Tensor::zeros((n, 2 * i, h), DType::U8, dev)?,
+            Tensor::zeros((n, h, i), DType::U8, dev)?,
+            Some(Fp8Scales {
+                gate_up: Tensor::zeros((n, 2 * i.div_ceil(br), h.div_ceil(bc)), DType::F32, dev)?,
+                down: Tensor::zeros((n, h.div_ceil(br), i.div_ceil(bc)), DType::F32, dev)?,
+                block,
+            }),
+        ))
+    }
+
     fn zero_experts(&self, n: usize) -> Result<(Tensor, Tensor)> {
         let cfg = self.source.config();
         let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);

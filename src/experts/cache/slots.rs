@@ -17,16 +17,18 @@ use super::{CachedProvider, Loads};
 use crate::cache::pool::{Admit, Pools, key};
 use crate::cache::speculation::Gate;
 use crate::cache::stats::CacheSnapshot;
+use crate::model::checkpoint::TensorLocation;
 use crate::model::error::{ModelError, Result};
-use crate::model::ports::Stacked;
+use crate::model::ports::{Fp8Scales, Stacked};
 use crate::model::safetensors_file::StDtype;
 use crate::settings::Settings;
 use crate::step_path::StepPath;
 
-/// One pool's weights on the device.
+/// One pool's weights on the device: in the compute dtype, or FP8 bytes with their scales.
 struct SlotTensors {
     gate_up: Tensor,
     down: Tensor,
+    fp8: Option<Fp8Scales>,
 }
 
 pub(super) struct GpuSlots {
@@ -54,26 +56,48 @@ pub(super) struct GpuSlots {
     /// setting `never` turns guessing off — the sweep does, to measure what a step that reads
     /// routing back costs).
     gate: Gate,
+    /// FP8 experts' scale block: the slots hold e4m3 bytes and f32 scales.
+    fp8: Option<[usize; 2]>,
 }
 
 impl GpuSlots {
     /// Slot pools for `pools` on `device`, the miss path chosen, and — with a slot for every
     /// expert on the direct path — GPU self-fill, in which case `pools` switches to home slots.
+    /// `fp8`: the experts are block-scaled FP8 in these blocks, held so in the slots.
     pub fn new(
         source: &dyn ExpertSource,
         pools: &mut Pools,
         dtype: DType,
         device: &Device,
         settings: &Settings,
+        fp8: Option<[usize; 2]>,
     ) -> Result<Self> {
         let cfg = source.config();
         let (h, inter) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let wtype = if fp8.is_some() { DType::U8 } else { dtype };
         let stores = (0..pools.num_pools())
             .map(|p| {
                 let n = pools.pool_capacity(p);
                 Ok(SlotTensors {
-                    gate_up: Tensor::zeros((n, 2 * inter, h), dtype, device)?,
-                    down: Tensor::zeros((n, h, inter), dtype, device)?,
+                    gate_up: Tensor::zeros((n, 2 * inter, h), wtype, device)?,
+                    down: Tensor::zeros((n, h, inter), wtype, device)?,
+                    fp8: fp8
+                        .map(|block @ [br, bc]| -> Result<Fp8Scales> {
+                            Ok(Fp8Scales {
+                                gate_up: Tensor::zeros(
+                                    (n, 2 * inter.div_ceil(br), h.div_ceil(bc)),
+                                    DType::F32,
+                                    device,
+                                )?,
+                                down: Tensor::zeros(
+                                    (n, h.div_ceil(br), inter.div_ceil(bc)),
+                                    DType::F32,
+                                    device,
+                                )?,
+                                block,
+                            })
+                        })
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -102,7 +126,8 @@ impl GpuSlots {
             (None, format!("staged: {why}"))
         };
         let mut homes = match &direct {
-            Some(_) if settings.gpu_fill => pools.home_slots(cfg.num_experts),
+            // The fill kernels copy parts in the compute dtype: FP8 slots are filled by the host.
+            Some(_) if settings.gpu_fill && fp8.is_none() => pools.home_slots(cfg.num_experts),
             _ => None,
         };
         // Self-fill hands the kernels every expert's address up front, so here (a slot for every
@@ -159,6 +184,7 @@ impl GpuSlots {
             // launches (~5 % of a step): guess only at a clean rate of 95 %.
             plain_gate: Gate::new(settings.speculate).with_costs(0.95, 1.0),
             gate: Gate::new(settings.speculate),
+            fp8,
         })
     }
 
@@ -225,6 +251,7 @@ impl GpuSlots {
             index: None,
             device_index: Some(map.clone()),
             fill,
+            fp8: store.fp8.clone(),
         })
     }
 
@@ -306,7 +333,8 @@ impl CachedProvider {
         }
         let num = self.source.config().num_experts;
         if self.warming() {
-            let (gate_up, down) = self.zero_experts(needed.len())?;
+            let fp8 = s.gpu.as_ref().and_then(|g| g.fp8);
+            let (gate_up, down, fp8) = self.zero_stacks(needed.len(), fp8)?;
             let mut index = vec![u32::MAX; num];
             for (pos, &e) in needed.iter().enumerate() {
                 index[e] = pos as u32;
@@ -317,6 +345,7 @@ impl CachedProvider {
                 index: Some(index),
                 device_index: None,
                 fill: None,
+                fp8,
             }));
         }
         let mut missing = Vec::new();
@@ -364,16 +393,20 @@ impl CachedProvider {
                 index: Some(index),
                 device_index: None,
                 fill: None,
+                fp8: store.fp8.clone(),
             }));
         }
         // Overflow (or bypass): a temporary stack of exactly `needed`.
-        let mut gu = Vec::with_capacity(needed.len());
-        let mut dn = Vec::with_capacity(needed.len());
+        let fp8 = s.gpu.as_ref().expect("slot mode").fp8;
+        let mut parts: [Vec<Tensor>; 4] = Default::default();
         for &e in needed {
-            if let Some((_, slot)) = s.pools.slot(layer, e) {
+            let held = if let Some((_, slot)) = s.pools.slot(layer, e) {
                 let store = &s.gpu.as_ref().expect("slot mode").stores[pi];
-                gu.push(store.gate_up.get(slot)?);
-                dn.push(store.down.get(slot)?);
+                let mut held = vec![store.gate_up.get(slot)?, store.down.get(slot)?];
+                if let Some(sc) = &store.fp8 {
+                    held.extend([sc.gate_up.get(slot)?, sc.down.get(slot)?]);
+                }
+                held
             } else {
                 let (w, bytes, us) = self.read(layer, e)?;
                 if !bypass {
@@ -381,21 +414,44 @@ impl CachedProvider {
                     s.loads.overflow += 1;
                     s.loads.overflow_time_us += us;
                 }
-                let (g, d) = w.dense_or_err("a GPU slot pool")?;
-                gu.push(g.clone());
-                dn.push(d.clone());
+                match fp8 {
+                    Some(_) => {
+                        let p = w.fp8_stack_parts()?.ok_or_else(|| ModelError::Expert {
+                            layer,
+                            expert: e,
+                            msg: "not FP8 on the GPU, as the slot pool's experts are".into(),
+                        })?;
+                        vec![p.gate_up, p.down, p.gate_up_scale, p.down_scale]
+                    }
+                    None => {
+                        let (g, d) = w.dense_or_err("a GPU slot pool")?;
+                        vec![g.clone(), d.clone()]
+                    }
+                }
+            };
+            for (list, t) in parts.iter_mut().zip(held) {
+                list.push(t);
             }
         }
         let mut index = vec![u32::MAX; num];
         for (pos, &e) in needed.iter().enumerate() {
             index[e] = pos as u32;
         }
+        let [gu, dn, gus, dns] = parts;
         Ok(Some(Stacked {
             gate_up: Tensor::stack(&gu, 0)?,
             down: Tensor::stack(&dn, 0)?,
             index: Some(index),
             device_index: None,
             fill: None,
+            fp8: match fp8 {
+                Some(block) => Some(Fp8Scales {
+                    gate_up: Tensor::stack(&gus, 0)?,
+                    down: Tensor::stack(&dns, 0)?,
+                    block,
+                }),
+                None => None,
+            },
         }))
     }
 
@@ -412,6 +468,11 @@ impl CachedProvider {
     ) -> Result<()> {
         let start = std::time::Instant::now();
         let gpu = s.gpu.as_mut().expect("slot mode");
+        if gpu.fp8.is_some() {
+            let (bytes, direct) = self.upload_fp8_miss(gpu, pi, layer, e, slot)?;
+            self.count_upload(s, layer, e, slot, bytes, direct, start);
+            return Ok(());
+        }
         let store = &gpu.stores[pi];
         let gu_n = store.gate_up.dim(1)? * store.gate_up.dim(2)?;
         let dn_n = store.down.dim(1)? * store.down.dim(2)?;
@@ -461,7 +522,24 @@ impl CachedProvider {
             }
             spans.iter().map(|p| p.range.len() as u64).sum::<u64>()
         };
+        self.count_upload(s, layer, e, slot, bytes, direct, start);
+        Ok(())
+    }
+
+    /// Records a miss copied into its slot: the device tables, and its cost.
+    #[allow(clippy::too_many_arguments)]
+    fn count_upload(
+        &self,
+        s: &mut super::State,
+        layer: usize,
+        e: usize,
+        slot: usize,
+        bytes: u64,
+        direct: bool,
+        start: std::time::Instant,
+    ) {
         let us = start.elapsed().as_micros() as u64;
+        let gpu = s.gpu.as_mut().expect("slot mode");
         gpu.loaded(layer, e, slot);
         match gpu.direct.as_mut().filter(|_| direct) {
             // Its cost is the copy, known once the device has done it.
@@ -471,6 +549,100 @@ impl CachedProvider {
             }
             None => s.loads.record(bytes, us),
         }
-        Ok(())
+    }
+
+    /// An FP8 miss into `slot`: the e4m3 bytes and the f32 scales go in as stored — by DMA from
+    /// the registered files, else through the staging buffer — when the file holds them so
+    /// (Qwen's layout); otherwise (scales in another float type) the expert is converted and
+    /// copied in on the device. Returns the bytes read and whether they were copied directly.
+    fn upload_fp8_miss(
+        &self,
+        gpu: &mut GpuSlots,
+        pi: usize,
+        layer: usize,
+        e: usize,
+        slot: usize,
+    ) -> Result<(u64, bool)> {
+        let store = &gpu.stores[pi];
+        let sc = store.fp8.as_ref().expect("FP8 slots");
+        let per = |t: &Tensor| -> Result<usize> { Ok(t.dim(1)? * t.dim(2)?) };
+        let (gu_n, dn_n) = (per(&store.gate_up)?, per(&store.down)?);
+        let (gus_n, dns_n) = (per(&sc.gate_up)?, per(&sc.down)?);
+        // Gate, up, down: (weights' tensor, element offset, bytes), (scales' tensor, offset, count).
+        let dst = [
+            (
+                (&store.gate_up, slot * gu_n, gu_n / 2),
+                (&sc.gate_up, slot * gus_n, gus_n / 2),
+            ),
+            (
+                (&store.gate_up, slot * gu_n + gu_n / 2, gu_n / 2),
+                (&sc.gate_up, slot * gus_n + gus_n / 2, gus_n / 2),
+            ),
+            (
+                (&store.down, slot * dn_n, dn_n),
+                (&sc.down, slot * dns_n, dns_n),
+            ),
+        ];
+        let as_stored = |dtype: StDtype, len: usize, scale: Option<(StDtype, usize)>, i: usize| {
+            let ((_, _, w), (_, _, n)) = dst[i];
+            dtype == StDtype::F8E4M3 && len == w && scale == Some((StDtype::F32, 4 * n))
+        };
+        if let (Some(d), Some(locs)) = (gpu.direct.as_mut(), self.source.part_locations(layer, e))
+            && locs.iter().enumerate().all(|(i, l)| {
+                let scale = l.scale.as_ref().map(|s| (s.dtype, s.len as usize));
+                as_stored(l.dtype, l.len as usize, scale, i)
+            })
+        {
+            let all: Vec<&TensorLocation> = locs
+                .iter()
+                .flat_map(|l| [l, l.scale.as_deref().expect("checked")])
+                .collect();
+            if d.covers(&all) {
+                let mut copied = true;
+                for (l, ((wt, wo, _), (st, so, _))) in locs.iter().zip(dst) {
+                    let scale = l.scale.as_deref().expect("checked");
+                    copied = copied && d.upload(wt, wo, l)? && d.upload(st, so, scale)?;
+                }
+                if copied {
+                    return Ok((all.iter().map(|l| l.len).sum(), true));
+                }
+            }
+        }
+        let stored = self.source.stored_bytes(layer, e) as usize;
+        let buf = gpu.staging.buffer(&self.device, stored)?;
+        let spans = self.source.read_into(layer, e, buf)?;
+        let bytes = spans
+            .iter()
+            .map(|p| (p.range.len() + p.scale.as_ref().map_or(0, |s| s.range.len())) as u64)
+            .sum::<u64>();
+        if spans.iter().enumerate().all(|(i, p)| {
+            let scale = p.scale.as_ref().map(|s| (s.dtype, s.range.len()));
+            as_stored(p.dtype, p.range.len(), scale, i)
+        }) {
+            for (p, ((wt, wo, _), (st, so, _))) in spans.iter().zip(dst) {
+                gpu.staging.upload(wt, wo, p.range.clone())?;
+                let scale = p.scale.as_ref().expect("checked");
+                gpu.staging.upload(st, so, scale.range.clone())?;
+            }
+            return Ok((bytes, false));
+        }
+        let raw = self.source.read(layer, e)?;
+        let w = super::convert::from_raw(
+            &raw,
+            self.source.config().quantization,
+            self.dtype,
+            &self.device,
+        )?;
+        let p = w.fp8_stack_parts()?.ok_or_else(|| ModelError::Expert {
+            layer,
+            expert: e,
+            msg: "not FP8 on the GPU, as the slot pool's experts are".into(),
+        })?;
+        store.gate_up.slice_set(&p.gate_up.unsqueeze(0)?, 0, slot)?;
+        store.down.slice_set(&p.down.unsqueeze(0)?, 0, slot)?;
+        sc.gate_up
+            .slice_set(&p.gate_up_scale.unsqueeze(0)?, 0, slot)?;
+        sc.down.slice_set(&p.down_scale.unsqueeze(0)?, 0, slot)?;
+        Ok((raw.bytes(), false))
     }
 }

@@ -1,8 +1,46 @@
-// Helpers shared by moescope's decode kernels (moe_decode.cu, attn_decode.cu): warp sums and
-// the warp dot product both families' GEMVs are built on, so their rounding is the same.
+// Helpers shared by moescope's kernels (moe_decode.cu, attn_decode.cu, fp8.cu): warp sums,
+// the warp dot product both decode families' GEMVs are built on (so their rounding is the
+// same), and e4m3 decoding.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
+
+// One e4m3fn byte as f32, exactly, without FP8 hardware (PTX for compute_80 runs from Ampere
+// on): normal codes move their exponent from bias 7 to bias 127, subnormal ones are m × 2^-9,
+// S.1111.111 is NaN — the formula of the CPU table (fp8.rs).
+__device__ __forceinline__ float e4m3(uint32_t b) {
+    const uint32_t mag = b & 0x7Fu;
+    uint32_t bits = (mag < 8u) ? __float_as_uint((float)(mag & 7u) * (1.0f / 512.0f))
+                               : ((mag << 20) + (120u << 23));
+    if (mag == 0x7Fu) bits = 0x7FC00000u;
+    return __uint_as_float(bits | ((b & 0x80u) << 24));
+}
+
+// Whether any of the four bytes of q is an e4m3 NaN (low seven bits all set).
+__device__ __forceinline__ bool e4m3x4_has_nan(uint32_t q) {
+    return (((q & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u) != 0u;
+}
+
+// The four e4m3 bytes of q (none NaN) as f32 values times 2^-8, exactly: each byte is moved
+// into the top byte of an f16 by one byte permute and its exponent and mantissa shifted one
+// place down into f16's fields — e4m3's exponent bias is 7 and f16's 15, hence the factor,
+// which the caller folds into the block scale (a power of two: the products round the same).
+// Subnormal codes land on f16 subnormals of the same scaled value. Why: the decode formula
+// above costs ~8 integer operations a byte, enough to make an expert GEMV compute-bound on a
+// GPU that reads 4.8 TB/s; this is ~3.
+__device__ __forceinline__ void e4m3x4_scaled(uint32_t q, float* v) {
+    const uint32_t lo = __byte_perm(q, 0u, 0x1404u);  // bytes 0, 1 in the top of each half
+    const uint32_t hi = __byte_perm(q, 0u, 0x3424u);  // bytes 2, 3
+    const uint32_t hl = (lo & 0x80008000u) | ((lo & 0x7F007F00u) >> 1);
+    const uint32_t hh = (hi & 0x80008000u) | ((hi & 0x7F007F00u) >> 1);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&hl));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hh));
+    v[0] = a.x;
+    v[1] = a.y;
+    v[2] = b.x;
+    v[3] = b.y;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

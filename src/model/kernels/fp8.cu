@@ -13,22 +13,7 @@
 // Layout: w [rows, cols] bytes row-major; scale [ceil(rows/br), ceil(cols/bc)] f32; x [n, cols];
 // y [n, rows]. Accumulation in f32, one rounding to the output type.
 
-#include <cuda_bf16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float e4m3(uint32_t b) {
-    const uint32_t mag = b & 0x7Fu;
-    uint32_t bits = (mag < 8u) ? __float_as_uint((float)(mag & 7u) * (1.0f / 512.0f))
-                               : ((mag << 20) + (120u << 23));
-    if (mag == 0x7Fu) bits = 0x7FC00000u;
-    return __uint_as_float(bits | ((b & 0x80u) << 24));
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+#include "common.cuh"
 
 __device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
@@ -36,8 +21,8 @@ __device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 
 // One warp per output row, for every token: y[t, r] = Σ_c e4m3(w[r, c]) · scale[r/br, c/bc] · x[t, c].
-// `grouped`: cols and bc are multiples of 4 and rows start 4-byte aligned, so each lane reads
-// 4 bytes at once and a group never straddles two blocks.
+// `wide` / `grouped`: cols and bc are multiples of 8 / 4 and rows start so aligned, so each lane
+// reads 8 / 4 bytes at once and a group never straddles two blocks.
 template <typename T>
 __device__ void gemv(const uint8_t* __restrict__ w, const float* __restrict__ scale,
                      const T* __restrict__ x, T* __restrict__ y, int rows, int cols, int br,
@@ -50,10 +35,36 @@ __device__ void gemv(const uint8_t* __restrict__ w, const float* __restrict__ sc
     const float* srow = scale + (size_t)(r / br) * scols;
     const uint8_t* row = w + (size_t)r * cols;
     const bool grouped = (cols % 4 == 0) && (bc % 4 == 0);
+    // Rows of whole 8-byte groups: 8 bytes a lane at once, decoded by e4m3x4_scaled (its 2^-8
+    // folded into the scale) — the decode formula costs more than the load on a fast GPU.
+    const bool wide = (cols % 8 == 0) && (bc % 8 == 0) && (((uintptr_t)row & 7) == 0);
     for (int t = 0; t < n; t++) {
         const T* xt = x + (size_t)t * cols;
         float acc = 0.f;
-        if (grouped) {
+        if (wide) {
+            const uint2* row8 = reinterpret_cast<const uint2*>(row);
+            for (int g = lane; g < cols / 8; g += 32) {
+                const uint2 q = __ldg(row8 + g);
+                const int c = 8 * g;
+                float w[8];
+                float scale = srow[c / bc] * 256.f;
+                if (!e4m3x4_has_nan(q.x) && !e4m3x4_has_nan(q.y)) {
+                    e4m3x4_scaled(q.x, w);
+                    e4m3x4_scaled(q.y, w + 4);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        w[j] = e4m3((q.x >> (8 * j)) & 0xFFu);
+                        w[4 + j] = e4m3((q.y >> (8 * j)) & 0xFFu);
+                    }
+                    scale = srow[c / bc];
+                }
+                float part = w[0] * load(xt, c);
+#pragma unroll
+                for (int j = 1; j < 8; j++) part = fmaf(w[j], load(xt, c + j), part);
+                acc = fmaf(part, scale, acc);
+            }
+        } else if (grouped) {
             const uint32_t* row4 = reinterpret_cast<const uint32_t*>(row);
             for (int g = lane; g < cols / 4; g += 32) {
                 const uint32_t q = __ldg(row4 + g);

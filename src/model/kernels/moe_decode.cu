@@ -132,6 +132,154 @@ extern "C" __global__ void moe_decode_down_bf16(
     }
 }
 
+// FP8 expert stacks (Qwen's block-scaled e4m3, decoded in registers): the bf16 kernels' work
+// and rounding, each weight row's dot product taken 8 bytes at a time — the 8 products summed in
+// order, then times their block's scale into the row's accumulator (the order FP8 GEMMs use).
+// Stacks: gate_up [E, 2I, H] bytes with scales [E, 2 SR, SC] f32 (gate's SR = ceil(I / br)
+// block rows, then up's; SC = ceil(H / bc)); down [E, H, I] bytes with scales
+// [E, ceil(H / br), ceil(I / bc)]. As for bf16, `ids` are rows of the stacks (native's expert
+// ids, or with `map` the selective slot pool's slots), so both backends run the same arithmetic.
+
+// This lane's share of dot(rows[r], x) over n columns for R rows (`srows[r]`: row r's block
+// scales, `bc` columns each).
+template <int R>
+__device__ __forceinline__ void fp8_dot_rows(const uint8_t* const* rows, const float* const* srows,
+                                             int bc, const __nv_bfloat16* __restrict__ x, int n,
+                                             int lane, float* acc) {
+    bool vec = (bc % 8 == 0) && (((uintptr_t)x & 15) == 0);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        acc[r] = 0.f;
+        vec = vec && (((uintptr_t)rows[r] & 7) == 0);
+    }
+    int done = 0;
+    if (vec) {
+        const int nv = n / 8;
+        const uint4* x4 = reinterpret_cast<const uint4*>(x);
+        for (int i = lane; i < nv; i += 32) {
+            uint2 q[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) q[r] = __ldg(reinterpret_cast<const uint2*>(rows[r]) + i);
+            const uint4 c = __ldg(x4 + i);
+            const __nv_bfloat162* c2 = reinterpret_cast<const __nv_bfloat162*>(&c);
+            float xf[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = __bfloat1622float2(c2[j]);
+                xf[2 * j] = f.x;
+                xf[2 * j + 1] = f.y;
+            }
+            const int blk = (8 * i) / bc;
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float s = __ldg(srows[r] + blk);
+                float w[8];
+                float scale = s * 256.f;  // undoes e4m3x4_scaled's 2^-8
+                if (!e4m3x4_has_nan(q[r].x) && !e4m3x4_has_nan(q[r].y)) {
+                    e4m3x4_scaled(q[r].x, w);
+                    e4m3x4_scaled(q[r].y, w + 4);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        w[j] = e4m3((q[r].x >> (8 * j)) & 0xFFu);
+                        w[4 + j] = e4m3((q[r].y >> (8 * j)) & 0xFFu);
+                    }
+                    scale = s;
+                }
+                float part = w[0] * xf[0];
+#pragma unroll
+                for (int j = 1; j < 8; j++) part = fmaf(w[j], xf[j], part);
+                acc[r] = fmaf(part, scale, acc[r]);
+            }
+        }
+        done = nv * 8;
+    }
+    for (int i = done + lane; i < n; i += 32) {
+        const float xi = __bfloat162float(x[i]);
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r] = fmaf(e4m3(rows[r][i]) * __ldg(srows[r] + i / bc), xi, acc[r]);
+    }
+}
+
+// mid[s, r] as moe_decode_gate_up_bf16 computes it, from FP8 stacks. One warp per (s, r).
+extern "C" __global__ void moe_decode_gate_up_fp8(
+    const uint8_t* __restrict__ w_gu,        // [E, 2I, H]
+    const float* __restrict__ s_gu,          // [E, 2 SR, SC]
+    const uint32_t* __restrict__ ids,        // [k]
+    const uint32_t* __restrict__ map,        // [experts] or null
+    const __nv_bfloat16* __restrict__ x,     // [H]
+    __nv_bfloat16* __restrict__ mid,         // [k, I]
+    int k, int inter, int hidden, int br, int bc) {
+    const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (warp >= k * inter) return;
+    const int s = warp / inter;
+    const int r = warp - s * inter;
+    const size_t e = map ? map[ids[s]] : ids[s];
+    const int sr = (inter + br - 1) / br, sc = (hidden + bc - 1) / bc;
+    const uint8_t* base = w_gu + e * (size_t)(2 * inter) * hidden;
+    const float* sbase = s_gu + e * (size_t)(2 * sr) * sc;
+    const uint8_t* rows[2] = {base + (size_t)r * hidden, base + (size_t)(inter + r) * hidden};
+    const float* srows[2] = {sbase + (size_t)(r / br) * sc, sbase + (size_t)(sr + r / br) * sc};
+    float acc[2];
+    fp8_dot_rows<2>(rows, srows, bc, x, hidden, lane, acc);
+    const float g = warp_sum(acc[0]);
+    const float u = warp_sum(acc[1]);
+    if (lane == 0) {
+        const float gb = bf16_round(g);
+        const float ub = bf16_round(u);
+        const float act = bf16_round(gb / (1.f + expf(-gb)));
+        mid[(size_t)s * inter + r] = __float2bfloat16(act * ub);
+    }
+}
+
+// y (plus `res`) as moe_decode_down_bf16 computes it, from FP8 stacks: one block per DOWN_ROWS
+// output rows, one warp per routed expert reading its expert's DOWN_ROWS rows at once.
+extern "C" __global__ void moe_decode_down_fp8(
+    const uint8_t* __restrict__ w_dn,        // [E, H, I]
+    const float* __restrict__ s_dn,          // [E, ceil(H / br), ceil(I / bc)]
+    const uint32_t* __restrict__ ids,        // [k]
+    const uint32_t* __restrict__ map,        // [experts] or null
+    const float* __restrict__ topk_w,        // [k]
+    const __nv_bfloat16* __restrict__ mid,   // [k, I]
+    __nv_bfloat16* __restrict__ y,           // [H]
+    const __nv_bfloat16* __restrict__ res,   // [H] or null
+    int k, int inter, int hidden, int br, int bc) {
+    __shared__ float d[DOWN_ROWS][MAX_TOPK];
+    const int h0 = blockIdx.x * DOWN_ROWS;
+    const int rows = min(DOWN_ROWS, hidden - h0);
+    const int s = threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (rows <= 0) return;
+    if (s < k) {
+        const size_t e = map ? map[ids[s]] : ids[s];
+        const int sr = (hidden + br - 1) / br, sc = (inter + bc - 1) / bc;
+        const uint8_t* rp[DOWN_ROWS];
+        const float* sp[DOWN_ROWS];
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; r++) {
+            // Past the last row: the last row again, its result not kept.
+            const int h = min(h0 + r, hidden - 1);
+            rp[r] = w_dn + (e * hidden + h) * (size_t)inter;
+            sp[r] = s_dn + (e * sr + h / br) * (size_t)sc;
+        }
+        float part[DOWN_ROWS];
+        fp8_dot_rows<DOWN_ROWS>(rp, sp, bc, mid + (size_t)s * inter, inter, lane, part);
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; r++) {
+            const float v = bf16_round(warp_sum(part[r]));
+            if (lane == 0 && r < rows) d[r][s] = v;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < rows) {
+        float acc = 0.f;
+        for (int j = 0; j < k; j++) acc += bf16_round(d[threadIdx.x][j] * bf16_round(topk_w[j]));
+        const __nv_bfloat16 o = __float2bfloat16(acc);
+        y[h0 + threadIdx.x] = res ? __hadd(res[h0 + threadIdx.x], o) : o;
+    }
+}
+
 // A logit as f32: bf16 logits (candle's router product), or the f32 copies of bf16-rounded
 // logits the fused router writes — read past L1, since other blocks of the launch wrote them.
 __device__ __forceinline__ float logit_at(const __nv_bfloat16* p) { return __bfloat162float(*p); }
