@@ -16,6 +16,7 @@ use candle_core::{DType, Storage, Tensor};
 use half::bf16;
 
 use super::error::{ModelError, Result};
+use super::fp8::Fp8Matrix;
 use super::layers::{Attention, DecodeInputs, KvCache};
 
 const PTX: &str = include_str!("kernels/attn_decode.ptx");
@@ -32,20 +33,73 @@ fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
     ModelError::Input(format!("attention decode kernel ({what}): {e}"))
 }
 
-/// The dense bf16 matrices of an attention layer the kernels can read: q, k, v, o.
+/// One projection matrix the kernels read: dense bf16, or block-scaled FP8 on the device.
+#[derive(Clone, Copy)]
+enum Mat<'a> {
+    Bf16(&'a Tensor),
+    Fp8(&'a Fp8Matrix),
+}
+
+impl Mat<'_> {
+    /// [rows, cols] ([0, 0] for a tensor that is not a matrix: no shape check passes).
+    fn dims(&self) -> [usize; 2] {
+        match self {
+            Mat::Bf16(t) => match t.dims() {
+                &[r, c] => [r, c],
+                _ => [0, 0],
+            },
+            Mat::Fp8(m) => m.dims(),
+        }
+    }
+}
+
+/// The matrices of an attention layer the kernels can read: q, k, v, o — all dense bf16, or
+/// all FP8 on the GPU in one block shape.
 struct Weights<'a> {
-    q: &'a Tensor,
-    k: &'a Tensor,
-    v: &'a Tensor,
-    o: &'a Tensor,
+    q: Mat<'a>,
+    k: Mat<'a>,
+    v: Mat<'a>,
+    o: Mat<'a>,
+}
+
+fn dense(l: &super::layers::Linear) -> Option<Mat<'_>> {
+    l.dense_unbiased()
+        .filter(|t| t.dtype() == DType::BF16)
+        .map(Mat::Bf16)
+}
+
+fn fp8(l: &super::layers::Linear) -> Option<&Fp8Matrix> {
+    l.fp8_unbiased().filter(|m| m.device_parts().is_some())
+}
+
+fn fp8_parts(m: &Fp8Matrix) -> Result<(&Tensor, &Tensor)> {
+    m.device_parts()
+        .ok_or_else(|| err("FP8", "matrix not on the GPU"))
 }
 
 fn weights(a: &Attention) -> Option<Weights<'_>> {
+    if let (Some(q), Some(k), Some(v), Some(o)) = (
+        dense(&a.q_proj),
+        dense(&a.k_proj),
+        dense(&a.v_proj),
+        dense(&a.o_proj),
+    ) {
+        return Some(Weights { q, k, v, o });
+    }
+    let (q, k, v, o) = (
+        fp8(&a.q_proj)?,
+        fp8(&a.k_proj)?,
+        fp8(&a.v_proj)?,
+        fp8(&a.o_proj)?,
+    );
+    if [k, v, o].iter().any(|m| m.block() != q.block()) {
+        return None;
+    }
     Some(Weights {
-        q: a.q_proj.dense_unbiased()?,
-        k: a.k_proj.dense_unbiased()?,
-        v: a.v_proj.dense_unbiased()?,
-        o: a.o_proj.dense_unbiased()?,
+        q: Mat::Fp8(q),
+        k: Mat::Fp8(k),
+        v: Mat::Fp8(v),
+        o: Mat::Fp8(o),
     })
 }
 
@@ -79,9 +133,6 @@ pub fn try_forward(
         || kc.dims() != [nkv, cap, d]
         || vc.dims() != kc.dims()
         || kc.dtype() != DType::BF16
-        || [w.q, w.k, w.v, w.o]
-            .iter()
-            .any(|m| m.dtype() != DType::BF16)
         || w.q.dims() != [nh * d, hidden]
         || w.k.dims() != [nkv * d, hidden]
         || w.v.dims() != [nkv * d, hidden]
@@ -123,18 +174,8 @@ fn wrap(
 /// q [1, nh·d], k and v [1, nkv·d] = x·Wᵀ, one launch.
 fn project(x: &Tensor, w: &Weights) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = x.device().as_cuda_device()?.clone();
-    let (n0, n1, n2) = (w.q.dim(0)?, w.k.dim(0)?, w.v.dim(0)?);
-    let cols = x.dim(1)?;
-    let (x, wq, wk, wv) = (
-        x.contiguous()?,
-        w.q.contiguous()?,
-        w.k.contiguous()?,
-        w.v.contiguous()?,
-    );
-    bind!(xv = &x, bf16);
-    bind!(qv = &wq, bf16);
-    bind!(kv = &wk, bf16);
-    bind!(vv = &wv, bf16);
+    let (n0, n1, n2) = (w.q.dims()[0], w.k.dims()[0], w.v.dims()[0]);
+    let x = x.contiguous()?;
     // SAFETY: every row is written by its warp below before anything reads it.
     let (yq, yk, yv) = unsafe {
         (
@@ -143,60 +184,90 @@ fn project(x: &Tensor, w: &Weights) -> Result<(Tensor, Tensor, Tensor)> {
             dev.alloc::<bf16>(n2)?,
         )
     };
-    let no_residual: u64 = 0;
-    let (n0_, n1_, n2_, c_) = (n0 as i32, n1 as i32, n2 as i32, cols as i32);
-    let f = dev.get_or_load_custom_func("gemv_rows_bf16", MODULE, PTX)?;
-    let mut b = f.builder();
-    b.arg(&qv)
-        .arg(&kv)
-        .arg(&vv)
-        .arg(&n0_)
-        .arg(&n1_)
-        .arg(&n2_)
-        .arg(&xv)
-        .arg(&c_)
-        .arg(&yq)
-        .arg(&yk)
-        .arg(&yv)
-        .arg(&no_residual);
-    let split = split_for(cols);
-    b.arg(&split);
-    // SAFETY: argument order and types match the kernel; shapes checked by the caller.
-    unsafe { b.launch(row_blocks(n0 + n1 + n2, split)) }.map_err(|e| err("qkv launch", e))?;
+    gemv_rows(&dev, [w.q, w.k, w.v], &x, [&yq, &yk, &yv], None)
+        .map_err(|e| err("qkv launch", e))?;
     Ok((wrap(yq, &dev, n0), wrap(yk, &dev, n1), wrap(yv, &dev, n2)))
 }
 
 /// `residual + ctx·Wᵀ` [1, rows] bf16, one launch.
-fn gemv_residual(w: &Tensor, ctx: &Tensor, residual: &Tensor) -> Result<Tensor> {
+fn gemv_residual(w: Mat, ctx: &Tensor, residual: &Tensor) -> Result<Tensor> {
     let dev = ctx.device().as_cuda_device()?.clone();
-    let (rows, cols) = w.dims2()?;
-    let (w, ctx, residual) = (w.contiguous()?, ctx.contiguous()?, residual.contiguous()?);
-    bind!(wv = &w, bf16);
-    bind!(xv = &ctx, bf16);
-    bind!(rv = &residual, bf16);
+    let rows = w.dims()[0];
+    let (ctx, residual) = (ctx.contiguous()?, residual.contiguous()?);
     // SAFETY: as above.
     let y = unsafe { dev.alloc::<bf16>(rows)? };
-    let none: u64 = 0;
-    let (r_, zero, c_) = (rows as i32, 0i32, cols as i32);
-    let f = dev.get_or_load_custom_func("gemv_rows_bf16", MODULE, PTX)?;
-    let mut b = f.builder();
-    b.arg(&wv)
-        .arg(&none)
-        .arg(&none)
-        .arg(&r_)
-        .arg(&zero)
-        .arg(&zero)
-        .arg(&xv)
-        .arg(&c_)
-        .arg(&y)
-        .arg(&none)
-        .arg(&none)
-        .arg(&rv);
-    let split = split_for(cols);
-    b.arg(&split);
-    // SAFETY: as above; the unused matrices have no rows, so their null pointers are not read.
-    unsafe { b.launch(row_blocks(rows, split)) }.map_err(|e| err("o_proj launch", e))?;
+    // The unused matrices have no rows: only their (ignored) first matrix's pointers repeat.
+    gemv_rows(&dev, [w, w, w], &ctx, [&y, &y, &y], Some(&residual))
+        .map_err(|e| err("o_proj launch", e))?;
     Ok(wrap(y, &dev, rows))
+}
+
+type Slice = candle_core::cuda_backend::cudarc::driver::CudaSlice<bf16>;
+
+/// One launch of `gemv_rows_bf16` / `gemv_rows_fp8`: rows of up to three matrices (all of one
+/// kind; with `res`, the first only) into `ys`.
+fn gemv_rows(
+    dev: &candle_core::CudaDevice,
+    mats: [Mat; 3],
+    x: &Tensor,
+    ys: [&Slice; 3],
+    res: Option<&Tensor>,
+) -> Result<()> {
+    let cols = x.dim(1)?;
+    let n = |m: Mat| m.dims()[0] as i32;
+    let (n0, n1, n2) = match res {
+        Some(_) => (n(mats[0]), 0, 0),
+        None => (n(mats[0]), n(mats[1]), n(mats[2])),
+    };
+    let rows = (n0 + n1 + n2) as usize;
+    let c_ = cols as i32;
+    let res_at: u64 = match res {
+        Some(r) => super::raw::device_range(r, 0, r.elem_count() * 2)?.0,
+        None => 0,
+    };
+    bind!(xv = x, bf16);
+    let split = split_for(cols);
+    match mats {
+        [Mat::Bf16(a), Mat::Bf16(b), Mat::Bf16(c)] => {
+            let (a, b, c) = (a.contiguous()?, b.contiguous()?, c.contiguous()?);
+            bind!(av = &a, bf16);
+            bind!(bv = &b, bf16);
+            bind!(cv = &c, bf16);
+            let f = dev.get_or_load_custom_func("gemv_rows_bf16", MODULE, PTX)?;
+            let mut l = f.builder();
+            l.arg(&av).arg(&bv).arg(&cv).arg(&n0).arg(&n1).arg(&n2);
+            l.arg(&xv).arg(&c_).arg(ys[0]).arg(ys[1]).arg(ys[2]);
+            l.arg(&res_at).arg(&split);
+            // SAFETY: argument order and types match the kernel; shapes checked by the caller.
+            unsafe { l.launch(row_blocks(rows, split)) }.map_err(|e| err("gemv", e))?;
+        }
+        [Mat::Fp8(a), Mat::Fp8(b), Mat::Fp8(c)] => {
+            let ((aw, as_), (bw, bs), (cw, cs)) = (fp8_parts(a)?, fp8_parts(b)?, fp8_parts(c)?);
+            bind!(awv = aw, u8);
+            bind!(bwv = bw, u8);
+            bind!(cwv = cw, u8);
+            bind!(asv = as_, f32);
+            bind!(bsv = bs, f32);
+            bind!(csv = cs, f32);
+            let [br, bc] = a.block().map(|v| v as i32);
+            let f = dev.get_or_load_custom_func("gemv_rows_fp8", MODULE, PTX)?;
+            let mut l = f.builder();
+            l.arg(&awv)
+                .arg(&bwv)
+                .arg(&cwv)
+                .arg(&asv)
+                .arg(&bsv)
+                .arg(&csv);
+            l.arg(&br).arg(&bc).arg(&n0).arg(&n1).arg(&n2);
+            l.arg(&xv).arg(&c_).arg(ys[0]).arg(ys[1]).arg(ys[2]);
+            l.arg(&res_at).arg(&split);
+            // SAFETY: as above; each matrix's scales are its [ceil(rows / br), ceil(cols / bc)]
+            // (checked when the matrix was made), one block shape (checked in `weights`).
+            unsafe { l.launch(row_blocks(rows, split)) }.map_err(|e| err("FP8 gemv", e))?;
+        }
+        _ => return Err(err("gemv", "matrices of mixed kinds")),
+    }
+    Ok(())
 }
 
 /// The attention kernel: ctx [1, nh·d] bf16 (see `attn_decode_bf16` in the kernel file).
@@ -304,7 +375,7 @@ fn row_blocks(rows: usize, split: i32) -> LaunchConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::layers::{Linear, Positions, RmsNorm, Rope};
+    use crate::model::layers::{Linear, LinearWeight, Positions, RmsNorm, Rope};
     use crate::util::gpu_test::{bf16_matrix as matrix, device, host};
     use crate::util::test_matrix;
     use candle_core::Device;
@@ -339,13 +410,13 @@ mod tests {
             let (w, wh) = matrix(rows, cols, seed, 251, 1.0 / 256.0, &dev);
             let (x, xh) = matrix(1, cols, seed + 5, 241, 1.0 / 128.0, &dev);
             let (r, rh) = matrix(1, rows, seed + 9, 239, 1.0 / 32.0, &dev);
-            let y = host(&gemv_residual(&w, &x, &r).unwrap());
+            let y = host(&gemv_residual(Mat::Bf16(&w), &x, &r).unwrap());
             let (w3, w3h) = matrix(rows / 3, cols, seed + 11, 233, 1.0 / 256.0, &dev);
             let m = Weights {
-                q: &w,
-                k: &w3,
-                v: &w,
-                o: &w,
+                q: Mat::Bf16(&w),
+                k: Mat::Bf16(&w3),
+                v: Mat::Bf16(&w),
+                o: Mat::Bf16(&w),
             };
             let (yq, yk, yv) = project(&x, &m).unwrap();
             let (yq, yk, yv) = (host(&yq), host(&yk), host(&yv));
@@ -368,9 +439,86 @@ mod tests {
         }
     }
 
+    #[test]
+    fn fp8_gemv_rows_are_the_fp8_products_rounded_and_the_residual_a_bf16_add() {
+        let Some(dev) = gpu() else { return };
+        // Split 1–8 warps a row; whole and partial blocks; bc 20 takes the one-by-one path.
+        for (rows, cols, block, seed) in [
+            (300, 2048, [128, 128], 1),
+            (70, 520, [32, 48], 2),
+            (101, 4096, [128, 128], 3),
+            (37, 9000, [16, 20], 4),
+        ] {
+            let w = fp8_matrix(rows, cols, seed, block, &dev);
+            let w3 = fp8_matrix(rows / 3, cols, seed + 11, block, &dev);
+            let (x, _) = matrix(1, cols, seed + 5, 241, 1.0 / 8.0, &dev);
+            let (r, rh) = matrix(1, rows, seed + 9, 239, 1.0 / 32.0, &dev);
+            // The reference: the per-matrix FP8 product (its own kernel, another f32 order).
+            let want = host(&w.forward(&x).unwrap());
+            let want3 = host(&w3.forward(&x).unwrap());
+            let y = host(&gemv_residual(Mat::Fp8(&w), &x, &r).unwrap());
+            let m = Weights {
+                q: Mat::Fp8(&w),
+                k: Mat::Fp8(&w3),
+                v: Mat::Fp8(&w),
+                o: Mat::Fp8(&w),
+            };
+            let (yq, yk, yv) = project(&x, &m).unwrap();
+            let (yq, yk, yv) = (host(&yq), host(&yk), host(&yv));
+            for i in 0..rows {
+                let o = want[i];
+                assert!((yq[i] - o).abs() <= ulp(o), "q row {i}: {} vs {o}", yq[i]);
+                assert_eq!(yq[i].to_bits(), yv[i].to_bits(), "same matrix, same bits");
+                let res = bf(rh[i] + yq[i]);
+                assert_eq!(y[i].to_bits(), res.to_bits(), "row {i}: residual + product");
+            }
+            for i in 0..rows / 3 {
+                let o = want3[i];
+                assert!((yk[i] - o).abs() <= ulp(o), "k row {i}: {} vs {o}", yk[i]);
+            }
+        }
+    }
+
+    /// An FP8 matrix [rows, cols] on `dev` (codes from a fixed pattern, never NaN; scales
+    /// around 2^-10) in `block`s.
+    fn fp8_matrix(
+        rows: usize,
+        cols: usize,
+        seed: usize,
+        block: [usize; 2],
+        dev: &Device,
+    ) -> Fp8Matrix {
+        let code = |n: usize| -> u8 {
+            let b = ((n.wrapping_add(seed * 7919).wrapping_mul(2654435761) >> 9) % 256) as u8;
+            if b & 0x7F == 0x7F { b ^ 1 } else { b }
+        };
+        let bytes: Vec<u8> = (0..rows * cols).map(code).collect();
+        let n = rows.div_ceil(block[0]) * cols.div_ceil(block[1]);
+        let scales = (0..n)
+            .map(|i| 2f32.powi(-12) * (1.0 + ((i + seed) % 11) as f32 / 8.0))
+            .collect();
+        Fp8Matrix::new(&bytes, [rows, cols], scales, block, dev).unwrap()
+    }
+
     fn attention(nh: usize, nkv: usize, d: usize, dev: &Device, kernel: bool) -> Attention {
-        let lin = |out: usize, inp: usize, seed: usize| {
-            Linear::new(matrix(out, inp, seed, 251, 1.0 / 512.0, dev).0, None)
+        attention_of(nh, nkv, d, dev, kernel, None)
+    }
+
+    /// With `fp8`: the projections block-scaled FP8 in these blocks.
+    fn attention_of(
+        nh: usize,
+        nkv: usize,
+        d: usize,
+        dev: &Device,
+        kernel: bool,
+        fp8: Option<[usize; 2]>,
+    ) -> Attention {
+        let lin = |out: usize, inp: usize, seed: usize| match fp8 {
+            None => Linear::new(matrix(out, inp, seed, 251, 1.0 / 512.0, dev).0, None),
+            Some(block) => Linear::with_weight(
+                LinearWeight::Fp8(fp8_matrix(out, inp, seed, block, dev)),
+                None,
+            ),
         };
         let h = 64;
         let norm = |seed: usize| {
@@ -505,15 +653,27 @@ mod tests {
     /// empty cache past its first growth (256 rows).
     #[test]
     fn decode_steps_match_candles_ops() {
+        decode_steps_match_candles_ops_with(None);
+    }
+
+    /// The same with FP8 projections: the kernels' `gemv_rows_fp8` against candle's ops over the
+    /// per-matrix FP8 product.
+    #[test]
+    fn fp8_decode_steps_match_candles_ops() {
+        decode_steps_match_candles_ops_with(Some([128, 128]));
+        decode_steps_match_candles_ops_with(Some([32, 16]));
+    }
+
+    fn decode_steps_match_candles_ops_with(fp8: Option<[usize; 2]>) {
         let Some(dev) = gpu() else { return };
         let (nh, nkv, d, h) = (8, 2, 128, 64);
-        let ours = attention(nh, nkv, d, &dev, true);
-        let theirs = attention(nh, nkv, d, &dev, false);
+        let ours = attention_of(nh, nkv, d, &dev, true, fp8);
+        let theirs = attention_of(nh, nkv, d, &dev, false, fp8);
         let rope = Rope::new(d, 1e6);
         let mut caches = [KvCache::new(1), KvCache::new(1)];
         for step in 0..300usize {
             let (x, _) = matrix(1, h, 100 + step, 61, 1.0 / 8.0, &dev);
-            let (r, _) = matrix(1, h, 200 + step, 59, 1.0 / 4.0, &dev);
+            let (r, rh) = matrix(1, h, 200 + step, 59, 1.0 / 4.0, &dev);
             let mut outs = Vec::new();
             for (a, cache) in [&ours, &theirs].into_iter().zip(caches.iter_mut()) {
                 cache
@@ -536,10 +696,12 @@ mod tests {
                 .zip(&outs[1])
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             // candle's path rounds scores and probabilities to bf16 where the kernel keeps f32 or
-            // rounds once: a few bf16 steps of the output's scale.
+            // rounds once: a few bf16 steps of the output's scale — plus one step of the
+            // residual's, since both add it and round (the larger FP8 outputs cross its steps).
+            let rmax = rh.iter().fold(0f32, |m, v| m.max(v.abs()));
             assert!(
-                diff.is_finite() && diff <= 0.03 * scale + 1e-3,
-                "step {step}: {diff} (scale {scale})"
+                diff.is_finite() && diff <= 0.03 * scale + 1e-3 + ulp(rmax + scale),
+                "step {step}: {diff} (scale {scale}, residual up to {rmax})"
             );
         }
     }

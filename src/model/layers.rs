@@ -75,6 +75,15 @@ impl Linear {
         }
     }
 
+    /// The matrix, when it is block-scaled FP8 and there is no bias (the GPU decode kernels'
+    /// FP8 form).
+    pub fn fp8_unbiased(&self) -> Option<&super::fp8::Fp8Matrix> {
+        match (&self.weight, &self.bias) {
+            (LinearWeight::Fp8(m), None) => Some(m),
+            _ => None,
+        }
+    }
+
     /// Bytes the layer holds (weight and bias).
     pub fn bytes(&self) -> u64 {
         let t = |x: &Tensor| (x.elem_count() * x.dtype().size_in_bytes()) as u64;

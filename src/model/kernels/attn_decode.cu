@@ -4,6 +4,7 @@
 //   1. `gemv_rows_bf16`: q, k and v projections in one launch (1–8 warps per output row);
 //   2. `attn_decode_bf16`: q/k RMSNorm, NeoX RoPE, the KV-cache write and the attention itself;
 //   3. `gemv_rows_bf16` again: o_proj with the residual add folded into its output.
+// (FP8 checkpoints: `gemv_rows_fp8` for 1 and 3.)
 //
 // Rounding follows transformers' eager bf16 attention (what the fidelity tests compare against):
 // projections rounded to bf16; q/k RMSNorm as candle's kernel computes it (f32 sum of squares in
@@ -42,6 +43,50 @@ extern "C" __global__ void gemv_rows_bf16(
                                    : row < n0 + n1 ? w1 + (size_t)(row - n0) * cols
                                                    : w2 + (size_t)(row - n0 - n1) * cols;
             acc = dot_part(w + c0, x + c0, c1 - c0, lane);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) part[wib] = acc;
+    }
+    __syncthreads();
+    const int row = blockIdx.x * rows_per_block + threadIdx.x;
+    if (threadIdx.x < rows_per_block && row < n) {
+        float total = part[threadIdx.x * split];
+        for (int c = 1; c < split; c++) total += part[threadIdx.x * split + c];
+        const __nv_bfloat16 o = __float2bfloat16(total);
+        if (row < n0) y0[row] = res ? __hadd(res[row], o) : o;
+        else if (row < n0 + n1) y1[row - n0] = o;
+        else y2[row - n0 - n1] = o;
+    }
+}
+
+// gemv_rows_bf16 over block-scaled FP8 matrices (FP8 checkpoints' attention): w0..w2 e4m3 bytes
+// [n_i, cols] with f32 scales s0..s2 [ceil(n_i / br), ceil(cols / bc)] (one block shape); each
+// warp's chunk is fp8_dot_rows' dot from the chunk's first column, the rest as gemv_rows_bf16.
+extern "C" __global__ void gemv_rows_fp8(
+    const uint8_t* __restrict__ w0, const uint8_t* __restrict__ w1,
+    const uint8_t* __restrict__ w2, const float* __restrict__ s0,
+    const float* __restrict__ s1, const float* __restrict__ s2, int br, int bc,
+    int n0, int n1, int n2, const __nv_bfloat16* __restrict__ x, int cols,
+    __nv_bfloat16* __restrict__ y0, __nv_bfloat16* __restrict__ y1,
+    __nv_bfloat16* __restrict__ y2, const __nv_bfloat16* __restrict__ res, int split) {
+    __shared__ float part[8];
+    const int wib = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int rows_per_block = (blockDim.x / 32) / split;
+    const int n = n0 + n1 + n2;
+    {
+        const int row = blockIdx.x * rows_per_block + wib / split;
+        const int chunk = wib % split;
+        const int per = ((cols + split - 1) / split + 7) / 8 * 8;
+        const int c0 = min(cols, chunk * per), c1 = min(cols, c0 + per);
+        float acc = 0.f;
+        if (row < n && c1 > c0) {
+            const int sc = (cols + bc - 1) / bc;
+            const int r = row < n0 ? row : row < n0 + n1 ? row - n0 : row - n0 - n1;
+            const uint8_t* w = row < n0 ? w0 : row < n0 + n1 ? w1 : w2;
+            const float* s = row < n0 ? s0 : row < n0 + n1 ? s1 : s2;
+            const uint8_t* rp[1] = {w + (size_t)r * cols + c0};
+            const float* sp[1] = {s + (size_t)(r / br) * sc};
+            fp8_dot_rows<1>(rp, sp, bc, c0, x + c0, c1 - c0, lane, &acc);
         }
         acc = warp_sum(acc);
         if (lane == 0) part[wib] = acc;

@@ -84,3 +84,69 @@ __device__ __forceinline__ float dot_part(const __nv_bfloat16* __restrict__ row,
     }
     return acc;
 }
+
+// This lane's share of dot(rows[r], x) over n columns for R rows of e4m3 bytes (`srows[r]`: row
+// r's block scales, `bc` columns each; the rows and x start at column `col0` of the matrix, a
+// multiple of 8): 8 bytes at a time, their 8 products summed in order, then times their block's
+// scale into the row's accumulator (the order FP8 GEMMs use); one by one where the bytes or
+// blocks do not allow whole 8-byte groups.
+template <int R>
+__device__ __forceinline__ void fp8_dot_rows(const uint8_t* const* rows, const float* const* srows,
+                                             int bc, int col0,
+                                             const __nv_bfloat16* __restrict__ x, int n,
+                                             int lane, float* acc) {
+    bool vec = (bc % 8 == 0) && (col0 % 8 == 0) && (((uintptr_t)x & 15) == 0);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        acc[r] = 0.f;
+        vec = vec && (((uintptr_t)rows[r] & 7) == 0);
+    }
+    int done = 0;
+    if (vec) {
+        const int nv = n / 8;
+        const uint4* x4 = reinterpret_cast<const uint4*>(x);
+        for (int i = lane; i < nv; i += 32) {
+            uint2 q[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) q[r] = __ldg(reinterpret_cast<const uint2*>(rows[r]) + i);
+            const uint4 c = __ldg(x4 + i);
+            const __nv_bfloat162* c2 = reinterpret_cast<const __nv_bfloat162*>(&c);
+            float xf[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = __bfloat1622float2(c2[j]);
+                xf[2 * j] = f.x;
+                xf[2 * j + 1] = f.y;
+            }
+            const int blk = (col0 + 8 * i) / bc;
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float s = __ldg(srows[r] + blk);
+                float w[8];
+                float scale = s * 256.f;  // undoes e4m3x4_scaled's 2^-8
+                if (!e4m3x4_has_nan(q[r].x) && !e4m3x4_has_nan(q[r].y)) {
+                    e4m3x4_scaled(q[r].x, w);
+                    e4m3x4_scaled(q[r].y, w + 4);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        w[j] = e4m3((q[r].x >> (8 * j)) & 0xFFu);
+                        w[4 + j] = e4m3((q[r].y >> (8 * j)) & 0xFFu);
+                    }
+                    scale = s;
+                }
+                float part = w[0] * xf[0];
+#pragma unroll
+                for (int j = 1; j < 8; j++) part = fmaf(w[j], xf[j], part);
+                acc[r] = fmaf(part, scale, acc[r]);
+            }
+        }
+        done = nv * 8;
+    }
+    for (int i = done + lane; i < n; i += 32) {
+        const float xi = __bfloat162float(x[i]);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            acc[r] = fmaf(e4m3(rows[r][i]) * __ldg(srows[r] + (col0 + i) / bc), xi, acc[r]);
+    }
+}

@@ -140,67 +140,6 @@ extern "C" __global__ void moe_decode_down_bf16(
 // [E, ceil(H / br), ceil(I / bc)]. As for bf16, `ids` are rows of the stacks (native's expert
 // ids, or with `map` the selective slot pool's slots), so both backends run the same arithmetic.
 
-// This lane's share of dot(rows[r], x) over n columns for R rows (`srows[r]`: row r's block
-// scales, `bc` columns each).
-template <int R>
-__device__ __forceinline__ void fp8_dot_rows(const uint8_t* const* rows, const float* const* srows,
-                                             int bc, const __nv_bfloat16* __restrict__ x, int n,
-                                             int lane, float* acc) {
-    bool vec = (bc % 8 == 0) && (((uintptr_t)x & 15) == 0);
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        acc[r] = 0.f;
-        vec = vec && (((uintptr_t)rows[r] & 7) == 0);
-    }
-    int done = 0;
-    if (vec) {
-        const int nv = n / 8;
-        const uint4* x4 = reinterpret_cast<const uint4*>(x);
-        for (int i = lane; i < nv; i += 32) {
-            uint2 q[R];
-#pragma unroll
-            for (int r = 0; r < R; r++) q[r] = __ldg(reinterpret_cast<const uint2*>(rows[r]) + i);
-            const uint4 c = __ldg(x4 + i);
-            const __nv_bfloat162* c2 = reinterpret_cast<const __nv_bfloat162*>(&c);
-            float xf[8];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 f = __bfloat1622float2(c2[j]);
-                xf[2 * j] = f.x;
-                xf[2 * j + 1] = f.y;
-            }
-            const int blk = (8 * i) / bc;
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const float s = __ldg(srows[r] + blk);
-                float w[8];
-                float scale = s * 256.f;  // undoes e4m3x4_scaled's 2^-8
-                if (!e4m3x4_has_nan(q[r].x) && !e4m3x4_has_nan(q[r].y)) {
-                    e4m3x4_scaled(q[r].x, w);
-                    e4m3x4_scaled(q[r].y, w + 4);
-                } else {
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        w[j] = e4m3((q[r].x >> (8 * j)) & 0xFFu);
-                        w[4 + j] = e4m3((q[r].y >> (8 * j)) & 0xFFu);
-                    }
-                    scale = s;
-                }
-                float part = w[0] * xf[0];
-#pragma unroll
-                for (int j = 1; j < 8; j++) part = fmaf(w[j], xf[j], part);
-                acc[r] = fmaf(part, scale, acc[r]);
-            }
-        }
-        done = nv * 8;
-    }
-    for (int i = done + lane; i < n; i += 32) {
-        const float xi = __bfloat162float(x[i]);
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[r] = fmaf(e4m3(rows[r][i]) * __ldg(srows[r] + i / bc), xi, acc[r]);
-    }
-}
-
 // mid[s, r] as moe_decode_gate_up_bf16 computes it, from FP8 stacks. One warp per (s, r).
 extern "C" __global__ void moe_decode_gate_up_fp8(
     const uint8_t* __restrict__ w_gu,        // [E, 2I, H]
@@ -222,7 +161,7 @@ extern "C" __global__ void moe_decode_gate_up_fp8(
     const uint8_t* rows[2] = {base + (size_t)r * hidden, base + (size_t)(inter + r) * hidden};
     const float* srows[2] = {sbase + (size_t)(r / br) * sc, sbase + (size_t)(sr + r / br) * sc};
     float acc[2];
-    fp8_dot_rows<2>(rows, srows, bc, x, hidden, lane, acc);
+    fp8_dot_rows<2>(rows, srows, bc, 0, x, hidden, lane, acc);
     const float g = warp_sum(acc[0]);
     const float u = warp_sum(acc[1]);
     if (lane == 0) {
@@ -264,7 +203,7 @@ extern "C" __global__ void moe_decode_down_fp8(
             sp[r] = s_dn + (e * sr + h / br) * (size_t)sc;
         }
         float part[DOWN_ROWS];
-        fp8_dot_rows<DOWN_ROWS>(rp, sp, bc, mid + (size_t)s * inter, inter, lane, part);
+        fp8_dot_rows<DOWN_ROWS>(rp, sp, bc, 0, mid + (size_t)s * inter, inter, lane, part);
 #pragma unroll
         for (int r = 0; r < DOWN_ROWS; r++) {
             const float v = bf16_round(warp_sum(part[r]));
