@@ -5,8 +5,8 @@
 #
 # BIN: a moescope built with `--features cuda` (gzipped is fine). Needs python3 with torch and
 # safetensors (scripts/make_fp8_fixtures.py quantizes on the GPU).
-#   1. the FP8 fixtures on the GPU: logits against the same binary on the CPU (f32), and
-#      selective == native (tokens) in f32 and bf16
+#   1. the FP8 fixtures (and one with bf16 scales) on the GPU: logits against the same binary on
+#      the CPU (f32), and selective == native (tokens) in f32 and bf16
 #   2. LAYERS (default 12) layers of Qwen3-30B-A3B's geometry written in bf16 (`bench
 #      random-checkpoint`) and quantized to FP8 with Qwen's scheme (128×128 blocks)
 #   3. selective == native on the FP8 file at 25 %; native decode, FP8 against the bf16 file
@@ -26,16 +26,28 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 want() { [[ " ${STEPS:-1 2 3 4 5} " == *" $1 "* ]]; }
 
 want 1 && echo "== 1. fixtures" | tee -a "$LOG"
-want 1 && for fx in qwen3-moe-tiny-fp8 qwen3-omni-tiny-fp8; do
-  M=tests/fixtures/fp8/$fx
+# Another writer's variant: the same model with its scales stored in bf16 (GPU misses then take
+# the converting path, not the as-stored copy).
+BS=/tmp/moescope-fp8-bf16-scales
+want 1 && rm -rf "$BS" && cp -r tests/fixtures/fp8/qwen3-moe-tiny-fp8 "$BS" && python3 - "$BS" <<'PY'
+import glob, sys, torch
+from safetensors.torch import load_file, save_file
+for f in glob.glob(sys.argv[1] + "/*.safetensors"):
+    t = load_file(f)
+    save_file({k: (v.to(torch.bfloat16) if k.endswith("weight_scale_inv") else v) for k, v in t.items()}, f, metadata={"format": "pt"})
+PY
+want 1 && for M in tests/fixtures/fp8/qwen3-moe-tiny-fp8 tests/fixtures/fp8/qwen3-omni-tiny-fp8 "$BS"; do
+  fx=$(basename "$M")
   for dev in cpu cuda:0; do
     "$BIN" logits --model "$M" --device "$dev" --tokens 1,72,101,108,10,20,30 > "$OUT/$fx-${dev%%:*}.json" 2>> "$LOG"
+    "$BIN" logits --model "$M" --device "$dev" --dtype bf16 --tokens 1,72,101,108,10,20,30 > "$OUT/$fx-${dev%%:*}-bf16.json" 2>> "$LOG"
   done
-  python3 - "$OUT/$fx-cpu.json" "$OUT/$fx-cuda.json" "$fx" <<'PY' | tee -a "$LOG"
+  python3 - "$OUT/$fx-cpu.json" "$OUT/$fx-cuda.json" "$fx" "$OUT/$fx-cuda-bf16.json" "$OUT/$fx-cpu-bf16.json" <<'PY' | tee -a "$LOG"
 import json, sys
-a, b = (json.load(open(p))["logits"] for p in sys.argv[1:3])
-d = max(abs(x - y) for x, y in zip(a, b))
-print(f"{sys.argv[3]}: f32 logits GPU vs CPU max abs diff {d:.3e} (largest |logit| {max(map(abs, a)):.2f})")
+a, b, gb, cb = (json.load(open(p))["logits"] for p in sys.argv[1:3] + sys.argv[4:6])
+d = lambda u, v: max(abs(x - y) for x, y in zip(u, v))
+print(f"{sys.argv[3]}: f32 logits GPU vs CPU max abs diff {d(a, b):.3e} (largest |logit| {max(map(abs, a)):.2f}); "
+      f"bf16 (a 7-token prompt: the dequantised-stack path on the GPU) vs the CPU's f32: GPU {d(gb, a):.3e}, CPU bf16 {d(cb, a):.3e}")
 PY
   for dt in f32 bf16; do
     "$BIN" generate --model "$M" --device cuda:0 --dtype $dt --token-ids 1 72 101 108 --max-new-tokens 24 --json > "$OUT/n.json" 2>> "$LOG"

@@ -195,16 +195,18 @@ impl MoeBlock {
                 st.fp8.as_ref(),
             )?));
         }
-        if let Some(scales) = &st.fp8 {
-            let y = fp8_stacked_experts(x, &st, scales, &topk_ids, &ids, &topk_w)?;
-            return Ok(Some((residual + y)?));
-        }
+        // FP8 stacks outside the decode kernels (a prompt's tokens): the routed experts
+        // dequantised into a bf16 stack, then candle's MoE GEMM as for bf16.
+        let (gate_up_w, down_w, ids) = match &st.fp8 {
+            None => (st.gate_up.clone(), st.down.clone(), ids),
+            Some(scales) => fp8_routed_stack(&st, scales, &topk_ids, &ids)?,
+        };
         let (expert_ids, sorted_token_ids) = ids.flatten_all()?.sort_last_dim(true)?;
         let is_prefill = t > 1;
         let x = x.contiguous()?;
         let gate_up = candle_nn::moe::moe_gemm(
             &x,
-            &st.gate_up,
+            &gate_up_w,
             &None,
             &sorted_token_ids,
             &expert_ids,
@@ -217,7 +219,7 @@ impl MoeBlock {
         let mid = (super::layers::silu(&g)? * u)?.contiguous()?;
         let y = candle_nn::moe::moe_gemm(
             &mid,
-            &st.down,
+            &down_w,
             &Some(topk_w),
             &sorted_token_ids,
             &expert_ids,
@@ -406,60 +408,59 @@ impl MoeBlock {
     }
 }
 
-/// FP8 stacks where the decode kernels do not run (a prompt's tokens): each routed expert
-/// applied to its tokens through views into its stack row (`ExpertWeights::forward`: the
-/// matrix dequantised once and multiplied by cuBLAS), weighted, summed in expert-id order as
-/// the unfused path sums — so native's stacks and selective's slots give the same bits.
-/// `expert_ids` are the routing's expert ids, `rows` their rows of the stacks (both [T, k]).
-fn fp8_stacked_experts(
-    x: &Tensor,
+/// The routed experts of FP8 stacks dequantised into a bf16 stack ([n, 2I, H], [n, H, I]), for
+/// the tokens the decode kernels do not take (a prompt's), with the routing's ids remapped to
+/// positions in it. Positions follow the expert ids, not the stack rows, so native's stacks and
+/// selective's slots give the same stack — and the same bits. `expert_ids` are the routing's
+/// expert ids, `rows` their rows of the stacks (both [T, k]).
+#[cfg(feature = "cuda")]
+fn fp8_routed_stack(
     st: &super::ports::Stacked,
     scales: &super::ports::Fp8Scales,
     expert_ids: &Tensor,
     rows: &Tensor,
-    weights: &Tensor,
-) -> Result<Tensor> {
-    use super::ports::{ExpertWeights, Fp8StackParts};
+) -> Result<(Tensor, Tensor, Tensor)> {
     let ids: Vec<Vec<u32>> = expert_ids.to_vec2()?;
-    let rows: Vec<Vec<u32>> = rows.to_vec2()?;
-    let w: Vec<Vec<f32>> = weights.to_vec2()?;
-    // Expert id → (stack row, [(token, weight)]), ascending by expert id.
-    let mut per: std::collections::BTreeMap<u32, (u32, Vec<(u32, f32)>)> = Default::default();
-    for (t, ((ids, rows), w)) in ids.iter().zip(&rows).zip(&w).enumerate() {
-        for ((&e, &r), &wv) in ids.iter().zip(rows).zip(w) {
-            per.entry(e)
-                .or_insert((r, Vec::new()))
-                .1
-                .push((t as u32, wv));
+    let rows_h: Vec<Vec<u32>> = rows.to_vec2()?;
+    // Expert id → stack row, ascending by expert id; then each expert's position.
+    let mut row_of = std::collections::BTreeMap::new();
+    for (ids, rows) in ids.iter().zip(&rows_h) {
+        for (&e, &r) in ids.iter().zip(rows) {
+            row_of.insert(e, r);
         }
     }
-    let mut acc: Option<Tensor> = None;
-    for (row, tokens) in per.into_values() {
-        let r = row as usize;
-        let expert = ExpertWeights::fp8_from_stack_parts(&Fp8StackParts {
-            gate_up: st.gate_up.get(r)?,
-            gate_up_scale: scales.gate_up.get(r)?,
-            down: st.down.get(r)?,
-            down_scale: scales.down.get(r)?,
-            block: scales.block,
-        })?;
-        let (idx, wv): (Vec<u32>, Vec<f32>) = tokens.into_iter().unzip();
-        let n = idx.len();
-        let wt = Tensor::from_vec(wv, (n, 1), x.device())?.to_dtype(x.dtype())?;
-        let idx = Tensor::from_vec(idx, n, x.device())?;
-        let y = expert
-            .forward(&x.index_select(&idx, 0)?)?
-            .broadcast_mul(&wt)?;
-        let a = match acc.take() {
-            Some(a) => a,
-            None => x.zeros_like()?,
-        };
-        acc = Some(a.index_add(&idx, &y, 0)?);
-    }
-    match acc {
-        Some(a) => Ok(a),
-        None => Ok(x.zeros_like()?),
-    }
+    let pos: std::collections::HashMap<u32, u32> = row_of
+        .keys()
+        .enumerate()
+        .map(|(p, &e)| (e, p as u32))
+        .collect();
+    let dev = rows.device();
+    let order: Vec<u32> = row_of.values().copied().collect();
+    let order = Tensor::from_vec(order, row_of.len(), dev)?;
+    let gate_up = super::moe_decode::fp8_dequant_stack(
+        &st.gate_up,
+        &scales.gate_up,
+        scales.block,
+        2,
+        &order,
+    )?;
+    let down =
+        super::moe_decode::fp8_dequant_stack(&st.down, &scales.down, scales.block, 1, &order)?;
+    let (t, k) = (ids.len(), ids.first().map_or(0, Vec::len));
+    let remapped: Vec<u32> = ids.iter().flatten().map(|e| pos[e]).collect();
+    Ok((gate_up, down, Tensor::from_vec(remapped, (t, k), dev)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fp8_routed_stack(
+    _: &super::ports::Stacked,
+    _: &super::ports::Fp8Scales,
+    _: &Tensor,
+    _: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    Err(ModelError::Input(
+        "FP8 expert stacks exist only on a GPU (a build with the cuda feature)".into(),
+    ))
 }
 
 #[cfg(test)]

@@ -306,6 +306,76 @@ pub fn moe_down(
     ))
 }
 
+/// Rows `rows` (u32 [n], on the device) of an FP8 byte stack `w` [E, m, cols] dequantised into a
+/// bf16 stack [n, m, cols] with the stack's `scales` (as [`Fp8Scales`] lays them out: `groups`
+/// matrices of m / groups rows blocked apart — 2 for gate_up, 1 for down), each weight × its
+/// block's scale rounded once. For a prompt's tokens, which then take candle's MoE GEMM.
+pub fn fp8_dequant_stack(
+    w: &Tensor,
+    scales: &Tensor,
+    block: [usize; 2],
+    groups: usize,
+    rows: &Tensor,
+) -> Result<Tensor> {
+    let (n_stack, m, cols) = w.dims3()?;
+    let (scales, br, bc) = fp8_scales(w, scales, block, groups)?;
+    let n = rows.elem_count();
+    if rows.dtype() != DType::U32 || n == 0 {
+        return Err(err(
+            "FP8 dequantise",
+            format!("rows {:?} {:?}", rows.dtype(), rows.dims()),
+        ));
+    }
+    let dev = w.device().as_cuda_device()?.clone();
+    let (w, rows) = (w.contiguous()?, rows.contiguous()?);
+    let (ws, wl) = w.storage_and_layout();
+    let (rs, rl) = rows.storage_and_layout();
+    let (Storage::Cuda(ws), Storage::Cuda(rs)) = (&*ws, &*rs) else {
+        return Err(err("device", "every input must be on the GPU"));
+    };
+    let wv = ws.as_cuda_slice::<u8>()?.slice(wl.start_offset()..);
+    let rv = rs.as_cuda_slice::<u32>()?.slice(rl.start_offset()..);
+    let sv_at = raw_addr(scales, "dequantise scales")?;
+    let total = n * m * cols;
+    // SAFETY: every element written by the grid-stride loop.
+    let out = unsafe { dev.alloc::<bf16>(total)? };
+    let (n_, e_, m_, c_, g_) = (
+        n as i32,
+        n_stack as i32,
+        m as i32,
+        cols as i32,
+        groups as i32,
+    );
+    let f = dev.get_or_load_custom_func("fp8_dequant_stack_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&wv)
+        .arg(&sv_at)
+        .arg(&rv)
+        .arg(&out)
+        .arg(&n_)
+        .arg(&e_)
+        .arg(&m_)
+        .arg(&c_)
+        .arg(&g_)
+        .arg(&br)
+        .arg(&bc);
+    let cfg = LaunchConfig {
+        grid_dim: ((total as u32).div_ceil(256).clamp(1, 16384), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument order and types match the kernel; the stack's and scales' shapes checked
+    // by `fp8_scales`; rows past the stack are not read (their outputs are zeros).
+    unsafe { b.launch(cfg) }.map_err(|e| err("FP8 dequantise launch", e))?;
+    let out = CudaStorage::wrap_cuda_slice(out, dev);
+    Ok(Tensor::from_storage(
+        Storage::Cuda(out),
+        (n, m, cols),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
 /// Enough blocks for one warp per output element.
 fn warp_blocks(warps: usize) -> LaunchConfig {
     LaunchConfig {
@@ -706,6 +776,53 @@ mod tests {
                     "down {h}x{i} {block:?} row {row}: {a} vs {b} (largest {top})"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn fp8_stacks_dequantise_to_their_rounded_values() {
+        use crate::model::fp8::E4M3;
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        for (e, h, i, block) in [(5, 200, 72, [32, 48]), (3, 130, 40, [16, 20])] {
+            let (gu, dn, sc, [gub, dnb], [gus, dns]) = fp8_stacks(e, h, i, block, &dev);
+            let [br, bc] = block;
+            // Rows 4 and 1, then one past the stack (zeros).
+            let rows = Tensor::new(&[4u32 % e as u32, 1, e as u32], &dev).unwrap();
+            let got_gu = crate::util::gpu_test::host(
+                &fp8_dequant_stack(&gu, &sc.gate_up, block, 2, &rows).unwrap(),
+            );
+            let got_dn = crate::util::gpu_test::host(
+                &fp8_dequant_stack(&dn, &sc.down, block, 1, &rows).unwrap(),
+            );
+            let (sr, scn) = (i.div_ceil(br), h.div_ceil(bc));
+            let (dsr, dsc) = (h.div_ceil(br), i.div_ceil(bc));
+            let b = |v: f32| bf16::from_f32(v).to_f32().to_bits();
+            for (j, ex) in [4 % e, 1].into_iter().enumerate() {
+                for row in 0..2 * i {
+                    let srow = if row < i {
+                        row / br
+                    } else {
+                        sr + (row - i) / br
+                    };
+                    for c in 0..h {
+                        let want = E4M3[gub[(ex * 2 * i + row) * h + c] as usize]
+                            * gus[(ex * 2 * sr + srow) * scn + c / bc];
+                        let got = got_gu[(j * 2 * i + row) * h + c];
+                        assert_eq!(got.to_bits(), b(want), "gate_up {ex} ({row}, {c})");
+                    }
+                }
+                for row in 0..h {
+                    for c in 0..i {
+                        let want = E4M3[dnb[(ex * h + row) * i + c] as usize]
+                            * dns[(ex * dsr + row / br) * dsc + c / bc];
+                        assert_eq!(got_dn[(j * h + row) * i + c].to_bits(), b(want), "down");
+                    }
+                }
+            }
+            assert!(got_gu[2 * 2 * i * h..].iter().all(|&v| v == 0.0));
+            assert!(got_dn[2 * h * i..].iter().all(|&v| v == 0.0));
         }
     }
 

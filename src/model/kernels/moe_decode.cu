@@ -219,6 +219,33 @@ extern "C" __global__ void moe_decode_down_fp8(
     }
 }
 
+// Experts of FP8 stacks dequantised into a bf16 stack, for a prompt's tokens (candle's MoE GEMM
+// over them): out[j] = e4m3(w[rows[j]]) × its block's scale, rounded to bf16 once. `w`
+// [E, m, cols] bytes, `s` [E, groups · ceil(m / groups / br), ceil(cols / bc)]: the m rows are
+// `groups` matrices blocked apart (gate_up: gate then up). Grid-stride over n × m × cols.
+extern "C" __global__ void fp8_dequant_stack_bf16(
+    const uint8_t* __restrict__ w, const float* __restrict__ s,
+    const uint32_t* __restrict__ rows, __nv_bfloat16* __restrict__ out,
+    int n, int n_stack, int m, int cols, int groups, int br, int bc) {
+    const int gm = m / groups;
+    const int sr = (gm + br - 1) / br, sc = (cols + bc - 1) / bc;
+    const size_t per = (size_t)m * cols;
+    const size_t total = (size_t)n * per;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t j = i / per, within = i - j * per;
+        const int r = (int)(within / cols), c = (int)(within - (size_t)r * cols);
+        const size_t e = rows[j];
+        if (e >= (size_t)n_stack) {  // not a row of the stack: nothing to read
+            out[i] = __float2bfloat16(0.f);
+            continue;
+        }
+        const int g = r / gm, rr = r - g * gm;
+        const float scale = s[(e * groups * sr + (size_t)g * sr + rr / br) * sc + c / bc];
+        out[i] = __float2bfloat16(e4m3(w[e * per + within]) * scale);
+    }
+}
+
 // A logit as f32: bf16 logits (candle's router product), or the f32 copies of bf16-rounded
 // logits the fused router writes — read past L1, since other blocks of the launch wrote them.
 __device__ __forceinline__ float logit_at(const __nv_bfloat16* p) { return __bfloat162float(*p); }
