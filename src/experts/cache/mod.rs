@@ -279,6 +279,13 @@ impl CachedProvider {
         {
             return Ok((w, bytes, start.elapsed().as_micros() as u64));
         }
+        let (w, bytes) = self.read_general(layer, expert)?;
+        Ok((w, bytes, start.elapsed().as_micros() as u64))
+    }
+
+    /// (layer, expert) read as stored and converted for this cache's compute — the path every
+    /// source and format takes — with the bytes read.
+    fn read_general(&self, layer: usize, expert: usize) -> Result<(ExpertWeights, u64)> {
         let raw = self.source.read(layer, expert)?;
         let w = convert::from_raw(
             &raw,
@@ -286,7 +293,7 @@ impl CachedProvider {
             self.dtype,
             &self.device,
         )?;
-        Ok((w, raw.bytes(), start.elapsed().as_micros() as u64))
+        Ok((w, raw.bytes()))
     }
 
     /// A block-quantized CPU miss straight into its block storage (`convert::quantized_direct`),

@@ -509,13 +509,7 @@ impl CachedProvider {
                     .upload(&store.gate_up, slot * gu_n + gu_n / 2, u.range)?;
                 gpu.staging.upload(&store.down, slot * dn_n, d.range)?;
             } else {
-                let raw = self.source.read(layer, e)?;
-                let w = super::convert::from_raw(
-                    &raw,
-                    self.source.config().quantization,
-                    self.dtype,
-                    &self.device,
-                )?;
+                let (w, _) = self.read_general(layer, e)?;
                 let (g, d) = w.dense_or_err("a GPU slot pool")?;
                 store.gate_up.slice_set(&g.unsqueeze(0)?, 0, slot)?;
                 store.down.slice_set(&d.unsqueeze(0)?, 0, slot)?;
@@ -626,13 +620,7 @@ impl CachedProvider {
             }
             return Ok((bytes, false));
         }
-        let raw = self.source.read(layer, e)?;
-        let w = super::convert::from_raw(
-            &raw,
-            self.source.config().quantization,
-            self.dtype,
-            &self.device,
-        )?;
+        let (w, read) = self.read_general(layer, e)?;
         let p = w.fp8_stack_parts()?.ok_or_else(|| ModelError::Expert {
             layer,
             expert: e,
@@ -643,6 +631,6 @@ impl CachedProvider {
         sc.gate_up
             .slice_set(&p.gate_up_scale.unsqueeze(0)?, 0, slot)?;
         sc.down.slice_set(&p.down_scale.unsqueeze(0)?, 0, slot)?;
-        Ok((raw.bytes(), false))
+        Ok((read, false))
     }
 }

@@ -21,12 +21,38 @@
 // chunk of the columns (dot_part's order within it), the chunks' sums added in chunk order.
 // Why split: a warp per 4,096-long row (o_proj) left too few bytes in flight — 45 % of the copy
 // bandwidth under ncu, against 77 % for the expert kernels' 2,048-long rows.
-extern "C" __global__ void gemv_rows_bf16(
-    const __nv_bfloat16* __restrict__ w0, const __nv_bfloat16* __restrict__ w1,
-    const __nv_bfloat16* __restrict__ w2, int n0, int n1, int n2,
-    const __nv_bfloat16* __restrict__ x, int cols,
-    __nv_bfloat16* __restrict__ y0, __nv_bfloat16* __restrict__ y1,
-    __nv_bfloat16* __restrict__ y2, const __nv_bfloat16* __restrict__ res, int split) {
+// `mats` holds the matrices and takes the dot product of a chunk of one of their rows.
+
+struct Bf16Rows {
+    const __nv_bfloat16 *w0, *w1, *w2;
+    __device__ __forceinline__ float dot(int m, int r, int c0, int c1, int cols,
+                                         const __nv_bfloat16* __restrict__ x, int lane) const {
+        const __nv_bfloat16* w = m == 0 ? w0 : m == 1 ? w1 : w2;
+        return dot_part(w + (size_t)r * cols + c0, x + c0, c1 - c0, lane);
+    }
+};
+
+struct Fp8Rows {
+    const uint8_t *w0, *w1, *w2;
+    const float *s0, *s1, *s2;
+    int br, bc;
+    __device__ __forceinline__ float dot(int m, int r, int c0, int c1, int cols,
+                                         const __nv_bfloat16* __restrict__ x, int lane) const {
+        const uint8_t* rp[1] = {(m == 0 ? w0 : m == 1 ? w1 : w2) + (size_t)r * cols + c0};
+        const float* sp[1] = {(m == 0 ? s0 : m == 1 ? s1 : s2) + (size_t)(r / br) * ((cols + bc - 1) / bc)};
+        float acc;
+        fp8_dot_rows<1>(rp, sp, bc, c0, x + c0, c1 - c0, lane, &acc);
+        return acc;
+    }
+};
+
+template <typename M>
+__device__ __forceinline__ void gemv_rows(const M& mats, int n0, int n1, int n2,
+                                          const __nv_bfloat16* __restrict__ x, int cols,
+                                          __nv_bfloat16* __restrict__ y0,
+                                          __nv_bfloat16* __restrict__ y1,
+                                          __nv_bfloat16* __restrict__ y2,
+                                          const __nv_bfloat16* __restrict__ res, int split) {
     __shared__ float part[8];
     const int wib = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int rows_per_block = (blockDim.x / 32) / split;
@@ -39,10 +65,9 @@ extern "C" __global__ void gemv_rows_bf16(
         const int c0 = min(cols, chunk * per), c1 = min(cols, c0 + per);
         float acc = 0.f;
         if (row < n && c1 > c0) {
-            const __nv_bfloat16* w = row < n0 ? w0 + (size_t)row * cols
-                                   : row < n0 + n1 ? w1 + (size_t)(row - n0) * cols
-                                                   : w2 + (size_t)(row - n0 - n1) * cols;
-            acc = dot_part(w + c0, x + c0, c1 - c0, lane);
+            const int m = row < n0 ? 0 : row < n0 + n1 ? 1 : 2;
+            const int r = m == 0 ? row : m == 1 ? row - n0 : row - n0 - n1;
+            acc = mats.dot(m, r, c0, c1, cols, x, lane);
         }
         acc = warp_sum(acc);
         if (lane == 0) part[wib] = acc;
@@ -59,9 +84,18 @@ extern "C" __global__ void gemv_rows_bf16(
     }
 }
 
+extern "C" __global__ void gemv_rows_bf16(
+    const __nv_bfloat16* __restrict__ w0, const __nv_bfloat16* __restrict__ w1,
+    const __nv_bfloat16* __restrict__ w2, int n0, int n1, int n2,
+    const __nv_bfloat16* __restrict__ x, int cols,
+    __nv_bfloat16* __restrict__ y0, __nv_bfloat16* __restrict__ y1,
+    __nv_bfloat16* __restrict__ y2, const __nv_bfloat16* __restrict__ res, int split) {
+    gemv_rows(Bf16Rows{w0, w1, w2}, n0, n1, n2, x, cols, y0, y1, y2, res, split);
+}
+
 // gemv_rows_bf16 over block-scaled FP8 matrices (FP8 checkpoints' attention): w0..w2 e4m3 bytes
 // [n_i, cols] with f32 scales s0..s2 [ceil(n_i / br), ceil(cols / bc)] (one block shape); each
-// warp's chunk is fp8_dot_rows' dot from the chunk's first column, the rest as gemv_rows_bf16.
+// warp's chunk is fp8_dot_rows' dot from the chunk's first column.
 extern "C" __global__ void gemv_rows_fp8(
     const uint8_t* __restrict__ w0, const uint8_t* __restrict__ w1,
     const uint8_t* __restrict__ w2, const float* __restrict__ s0,
@@ -69,38 +103,7 @@ extern "C" __global__ void gemv_rows_fp8(
     int n0, int n1, int n2, const __nv_bfloat16* __restrict__ x, int cols,
     __nv_bfloat16* __restrict__ y0, __nv_bfloat16* __restrict__ y1,
     __nv_bfloat16* __restrict__ y2, const __nv_bfloat16* __restrict__ res, int split) {
-    __shared__ float part[8];
-    const int wib = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int rows_per_block = (blockDim.x / 32) / split;
-    const int n = n0 + n1 + n2;
-    {
-        const int row = blockIdx.x * rows_per_block + wib / split;
-        const int chunk = wib % split;
-        const int per = ((cols + split - 1) / split + 7) / 8 * 8;
-        const int c0 = min(cols, chunk * per), c1 = min(cols, c0 + per);
-        float acc = 0.f;
-        if (row < n && c1 > c0) {
-            const int sc = (cols + bc - 1) / bc;
-            const int r = row < n0 ? row : row < n0 + n1 ? row - n0 : row - n0 - n1;
-            const uint8_t* w = row < n0 ? w0 : row < n0 + n1 ? w1 : w2;
-            const float* s = row < n0 ? s0 : row < n0 + n1 ? s1 : s2;
-            const uint8_t* rp[1] = {w + (size_t)r * cols + c0};
-            const float* sp[1] = {s + (size_t)(r / br) * sc};
-            fp8_dot_rows<1>(rp, sp, bc, c0, x + c0, c1 - c0, lane, &acc);
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) part[wib] = acc;
-    }
-    __syncthreads();
-    const int row = blockIdx.x * rows_per_block + threadIdx.x;
-    if (threadIdx.x < rows_per_block && row < n) {
-        float total = part[threadIdx.x * split];
-        for (int c = 1; c < split; c++) total += part[threadIdx.x * split + c];
-        const __nv_bfloat16 o = __float2bfloat16(total);
-        if (row < n0) y0[row] = res ? __hadd(res[row], o) : o;
-        else if (row < n0 + n1) y1[row - n0] = o;
-        else y2[row - n0 - n1] = o;
-    }
+    gemv_rows(Fp8Rows{w0, w1, w2, s0, s1, s2, br, bc}, n0, n1, n2, x, cols, y0, y1, y2, res, split);
 }
 
 // candle's RMSNorm of one row of `d` values by one warp: lane l sums the squares of elements

@@ -20,6 +20,19 @@
 // Routing: one warp holds every logit, 32 per lane at most (MAX_EXPERTS = 1024 in moe_decode.rs).
 #define MAX_EXPERTS_PER_LANE 32
 
+// The lane's shares of gate_r · x and up_r · x summed over the warp, then (lane 0) the rounded
+// activation times the rounded up into `out`.
+__device__ __forceinline__ void store_mid(float g, float u, int lane, __nv_bfloat16* out) {
+    g = warp_sum(g);
+    u = warp_sum(u);
+    if (lane == 0) {
+        const float gb = bf16_round(g);
+        const float ub = bf16_round(u);
+        const float act = bf16_round(gb / (1.f + expf(-gb)));
+        *out = __float2bfloat16(act * ub);
+    }
+}
+
 // mid[s, r] = bf16(silu(bf16(gate_r . x)) * bf16(up_r . x)) for slot s (expert ids[s]), row r < I.
 // One warp per (s, r). `map` (may be null): ids are expert ids and map[id] their rows (the
 // selective slot pool's expert→slot table), saving a separate remapping launch per layer.
@@ -37,16 +50,9 @@ extern "C" __global__ void moe_decode_gate_up_bf16(
     const int r = warp - s * inter;
     const size_t e = map ? map[ids[s]] : ids[s];
     const __nv_bfloat16* base = w_gu + e * (size_t)(2 * inter) * hidden;
-    float g = dot_part(base + (size_t)r * hidden, x, hidden, lane);
-    float u = dot_part(base + (size_t)(inter + r) * hidden, x, hidden, lane);
-    g = warp_sum(g);
-    u = warp_sum(u);
-    if (lane == 0) {
-        const float gb = bf16_round(g);
-        const float ub = bf16_round(u);
-        const float act = bf16_round(gb / (1.f + expf(-gb)));
-        mid[(size_t)s * inter + r] = __float2bfloat16(act * ub);
-    }
+    const float g = dot_part(base + (size_t)r * hidden, x, hidden, lane);
+    const float u = dot_part(base + (size_t)(inter + r) * hidden, x, hidden, lane);
+    store_mid(g, u, lane, mid + (size_t)s * inter + r);
 }
 
 // dot_part over `rows` consecutive rows (`stride` elements apart, rows <= DOWN_ROWS) against
@@ -96,15 +102,27 @@ __device__ __forceinline__ void dot_rows(const __nv_bfloat16* __restrict__ row0,
 // (I = 768 on Qwen3-30B-A3B) then run one after another and too few bytes are in flight (a third
 // of the copy bandwidth, `bench steps`). Each dot and the sum's order are what one warp per row
 // did, so the bits are too.
-extern "C" __global__ void moe_decode_down_bf16(
-    const __nv_bfloat16* __restrict__ w_dn,  // [E, H, I]
-    const uint32_t* __restrict__ ids,        // [k]
-    const uint32_t* __restrict__ map,        // [experts] or null, as above
-    const float* __restrict__ topk_w,        // [k]
-    const __nv_bfloat16* __restrict__ mid,   // [k, I]
-    __nv_bfloat16* __restrict__ y,           // [H]
-    const __nv_bfloat16* __restrict__ res,   // [H] or null: added to y (the residual)
-    int k, int inter, int hidden) {
+
+// DOWN_ROWS rows of expert `e`'s down matrix from row h0 (`rows` of them real) dotted with the
+// same mid row: the lane's shares, into acc.
+struct Bf16Down {
+    const __nv_bfloat16* w_dn;
+    __device__ __forceinline__ void dot(size_t e, int h0, int rows, int hidden, int inter,
+                                        const __nv_bfloat16* __restrict__ m, int lane,
+                                        float* acc) const {
+        dot_rows(w_dn + (e * hidden + h0) * (size_t)inter, (size_t)inter, rows, m, inter, lane, acc);
+    }
+};
+
+// The down kernels' body over `dn`'s matrices (see moe_decode_down_bf16).
+template <typename D>
+__device__ __forceinline__ void moe_down(const D& dn, const uint32_t* __restrict__ ids,
+                                         const uint32_t* __restrict__ map,
+                                         const float* __restrict__ topk_w,
+                                         const __nv_bfloat16* __restrict__ mid,
+                                         __nv_bfloat16* __restrict__ y,
+                                         const __nv_bfloat16* __restrict__ res, int k, int inter,
+                                         int hidden) {
     __shared__ float d[DOWN_ROWS][MAX_TOPK];
     const int h0 = blockIdx.x * DOWN_ROWS;
     const int rows = min(DOWN_ROWS, hidden - h0);
@@ -114,8 +132,7 @@ extern "C" __global__ void moe_decode_down_bf16(
     if (s < k) {
         const size_t e = map ? map[ids[s]] : ids[s];
         float part[DOWN_ROWS];
-        dot_rows(w_dn + (e * hidden + h0) * (size_t)inter, (size_t)inter, rows,
-                 mid + (size_t)s * inter, inter, lane, part);
+        dn.dot(e, h0, rows, hidden, inter, mid + (size_t)s * inter, lane, part);
 #pragma unroll
         for (int r = 0; r < DOWN_ROWS; r++) {
             const float v = bf16_round(warp_sum(part[r]));
@@ -130,6 +147,18 @@ extern "C" __global__ void moe_decode_down_bf16(
         // The residual add as candle's bf16 add computes it, so folding it in keeps the bits.
         y[h0 + threadIdx.x] = res ? __hadd(res[h0 + threadIdx.x], o) : o;
     }
+}
+
+extern "C" __global__ void moe_decode_down_bf16(
+    const __nv_bfloat16* __restrict__ w_dn,  // [E, H, I]
+    const uint32_t* __restrict__ ids,        // [k]
+    const uint32_t* __restrict__ map,        // [experts] or null, as above
+    const float* __restrict__ topk_w,        // [k]
+    const __nv_bfloat16* __restrict__ mid,   // [k, I]
+    __nv_bfloat16* __restrict__ y,           // [H]
+    const __nv_bfloat16* __restrict__ res,   // [H] or null: added to y (the residual)
+    int k, int inter, int hidden) {
+    moe_down(Bf16Down{w_dn}, ids, map, topk_w, mid, y, res, k, inter, hidden);
 }
 
 // FP8 expert stacks (Qwen's block-scaled e4m3, decoded in registers): the bf16 kernels' work
@@ -162,36 +191,18 @@ extern "C" __global__ void moe_decode_gate_up_fp8(
     const float* srows[2] = {sbase + (size_t)(r / br) * sc, sbase + (size_t)(sr + r / br) * sc};
     float acc[2];
     fp8_dot_rows<2>(rows, srows, bc, 0, x, hidden, lane, acc);
-    const float g = warp_sum(acc[0]);
-    const float u = warp_sum(acc[1]);
-    if (lane == 0) {
-        const float gb = bf16_round(g);
-        const float ub = bf16_round(u);
-        const float act = bf16_round(gb / (1.f + expf(-gb)));
-        mid[(size_t)s * inter + r] = __float2bfloat16(act * ub);
-    }
+    store_mid(acc[0], acc[1], lane, mid + (size_t)s * inter + r);
 }
 
-// y (plus `res`) as moe_decode_down_bf16 computes it, from FP8 stacks: one block per DOWN_ROWS
-// output rows, one warp per routed expert reading its expert's DOWN_ROWS rows at once.
-extern "C" __global__ void moe_decode_down_fp8(
-    const uint8_t* __restrict__ w_dn,        // [E, H, I]
-    const float* __restrict__ s_dn,          // [E, ceil(H / br), ceil(I / bc)]
-    const uint32_t* __restrict__ ids,        // [k]
-    const uint32_t* __restrict__ map,        // [experts] or null
-    const float* __restrict__ topk_w,        // [k]
-    const __nv_bfloat16* __restrict__ mid,   // [k, I]
-    __nv_bfloat16* __restrict__ y,           // [H]
-    const __nv_bfloat16* __restrict__ res,   // [H] or null
-    int k, int inter, int hidden, int br, int bc) {
-    __shared__ float d[DOWN_ROWS][MAX_TOPK];
-    const int h0 = blockIdx.x * DOWN_ROWS;
-    const int rows = min(DOWN_ROWS, hidden - h0);
-    const int s = threadIdx.x / 32;
-    const int lane = threadIdx.x & 31;
-    if (rows <= 0) return;
-    if (s < k) {
-        const size_t e = map ? map[ids[s]] : ids[s];
+// y (plus `res`) as moe_decode_down_bf16 computes it, from FP8 stacks: Bf16Down's rows as e4m3
+// bytes with their block scales.
+struct Fp8Down {
+    const uint8_t* w_dn;
+    const float* s_dn;
+    int br, bc;
+    __device__ __forceinline__ void dot(size_t e, int h0, int rows, int hidden, int inter,
+                                        const __nv_bfloat16* __restrict__ m, int lane,
+                                        float* acc) const {
         const int sr = (hidden + br - 1) / br, sc = (inter + bc - 1) / bc;
         const uint8_t* rp[DOWN_ROWS];
         const float* sp[DOWN_ROWS];
@@ -202,21 +213,21 @@ extern "C" __global__ void moe_decode_down_fp8(
             rp[r] = w_dn + (e * hidden + h) * (size_t)inter;
             sp[r] = s_dn + (e * sr + h / br) * (size_t)sc;
         }
-        float part[DOWN_ROWS];
-        fp8_dot_rows<DOWN_ROWS>(rp, sp, bc, 0, mid + (size_t)s * inter, inter, lane, part);
-#pragma unroll
-        for (int r = 0; r < DOWN_ROWS; r++) {
-            const float v = bf16_round(warp_sum(part[r]));
-            if (lane == 0 && r < rows) d[r][s] = v;
-        }
+        fp8_dot_rows<DOWN_ROWS>(rp, sp, bc, 0, m, inter, lane, acc);
     }
-    __syncthreads();
-    if (threadIdx.x < rows) {
-        float acc = 0.f;
-        for (int j = 0; j < k; j++) acc += bf16_round(d[threadIdx.x][j] * bf16_round(topk_w[j]));
-        const __nv_bfloat16 o = __float2bfloat16(acc);
-        y[h0 + threadIdx.x] = res ? __hadd(res[h0 + threadIdx.x], o) : o;
-    }
+};
+
+extern "C" __global__ void moe_decode_down_fp8(
+    const uint8_t* __restrict__ w_dn,        // [E, H, I]
+    const float* __restrict__ s_dn,          // [E, ceil(H / br), ceil(I / bc)]
+    const uint32_t* __restrict__ ids,        // [k]
+    const uint32_t* __restrict__ map,        // [experts] or null
+    const float* __restrict__ topk_w,        // [k]
+    const __nv_bfloat16* __restrict__ mid,   // [k, I]
+    __nv_bfloat16* __restrict__ y,           // [H]
+    const __nv_bfloat16* __restrict__ res,   // [H] or null
+    int k, int inter, int hidden, int br, int bc) {
+    moe_down(Fp8Down{w_dn, s_dn, br, bc}, ids, map, topk_w, mid, y, res, k, inter, hidden);
 }
 
 // Experts of FP8 stacks dequantised into a bf16 stack, for a prompt's tokens (candle's MoE GEMM
