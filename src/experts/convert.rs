@@ -500,6 +500,29 @@ fn same<S: PlainData>(bytes: &[u8]) -> Option<Vec<S>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The block that decides FP8 slot pools: the scheme's for a block-scaled FP8 checkpoint,
+    /// none for a float one or a GGUF file.
+    #[test]
+    fn fp8_block_is_the_schemes_for_fp8_checkpoints_only() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let source = |dir: &std::path::Path| {
+            let cfg = crate::model::MoeConfig::from_dir(dir).unwrap();
+            let ckpt = crate::model::Checkpoint::open(dir).unwrap();
+            super::super::source::ShardSource::new(&ckpt, &cfg).unwrap()
+        };
+        for fx in ["fp8/qwen3-moe-tiny-fp8", "fp8/qwen3-omni-tiny-fp8"] {
+            let s = source(&root.join(fx));
+            let want = super::super::source::ExpertSource::config(&s)
+                .quantization
+                .map(|q| q.block);
+            assert!(want.is_some(), "{fx}");
+            assert_eq!(fp8_block(&s), want, "{fx}");
+        }
+        for other in ["qwen3-moe-tiny", "gguf/kquant-Q8_0.gguf"] {
+            assert_eq!(fp8_block(&source(&root.join(other))), None, "{other}");
+        }
+    }
     use crate::experts::source::RawPart;
     use crate::model::safetensors_file::StDtype;
 

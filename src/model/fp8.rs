@@ -577,6 +577,24 @@ fn row_kernel() -> RowKernel {
 mod tests {
     use super::*;
 
+    /// Views into stacks are only taken on a GPU, of U8 codes with f32 scales of the blocks'
+    /// shape: anything else is refused with the shapes and types it got.
+    #[test]
+    fn from_device_refuses_what_is_not_a_gpu_fp8_matrix() {
+        let w = Tensor::zeros((4, 8), DType::U8, &Device::Cpu).unwrap();
+        let s = Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap();
+        let e = Fp8Matrix::from_device(w.clone(), s.clone(), [4, 8]).unwrap_err();
+        assert!(e.to_string().contains("one GPU"), "{e}");
+        let bad = Tensor::ones((2, 1), DType::F32, &Device::Cpu).unwrap();
+        let e = Fp8Matrix::from_device(w.clone(), bad, [4, 8]).unwrap_err();
+        assert!(
+            e.to_string().contains("[2, 1]") && e.to_string().contains("[1, 1]"),
+            "{e}"
+        );
+        let e = Fp8Matrix::from_device(w.to_dtype(DType::F32).unwrap(), s, [4, 8]).unwrap_err();
+        assert!(e.to_string().contains("F32"), "{e}");
+    }
+
     /// Every code decoded by candle's own cast (the float8 crate), as an independent decoder.
     fn candle_decode(bytes: &[u8]) -> Vec<f32> {
         Tensor::from_raw_buffer(bytes, DType::F8E4M3, &[bytes.len()], &Device::Cpu)
