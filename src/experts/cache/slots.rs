@@ -577,14 +577,31 @@ impl CachedProvider {
                 (&sc.down, slot * dns_n, dns_n),
             ),
         ];
-        let as_stored = |dtype: StDtype, len: usize, scale: Option<(StDtype, usize)>, i: usize| {
+        // Each part's [rows, cols] and its scales' shape in the slot's blocks: a file whose
+        // parts or scales are laid out otherwise (even with the same byte counts) is converted
+        // below, where what does not match the scheme is refused by name.
+        let (i, h) = (store.gate_up.dim(1)? / 2, store.gate_up.dim(2)?);
+        let [br, bc] = sc.block;
+        let shapes = [[i, h], [i, h], [h, i]]
+            .map(|[r, c]| (vec![r, c], vec![r.div_ceil(br), c.div_ceil(bc)]));
+        type Part<'a> = (StDtype, &'a [usize], usize);
+        let as_stored = |i: usize, (dtype, shape, len): Part, scale: Option<Part>| {
             let ((_, _, w), (_, _, n)) = dst[i];
-            dtype == StDtype::F8E4M3 && len == w && scale == Some((StDtype::F32, 4 * n))
+            let (want, want_scale) = &shapes[i];
+            dtype == StDtype::F8E4M3
+                && shape == want.as_slice()
+                && len == w
+                && scale.is_some_and(|(sd, ss, sl)| {
+                    sd == StDtype::F32 && ss == want_scale.as_slice() && sl == 4 * n
+                })
         };
         if let (Some(d), Some(locs)) = (gpu.direct.as_mut(), self.source.part_locations(layer, e))
             && locs.iter().enumerate().all(|(i, l)| {
-                let scale = l.scale.as_ref().map(|s| (s.dtype, s.len as usize));
-                as_stored(l.dtype, l.len as usize, scale, i)
+                let scale = l
+                    .scale
+                    .as_ref()
+                    .map(|s| (s.dtype, s.shape.as_slice(), s.len as usize));
+                as_stored(i, (l.dtype, &l.shape, l.len as usize), scale)
             })
         {
             let all: Vec<&TensorLocation> = locs
@@ -610,8 +627,11 @@ impl CachedProvider {
             .map(|p| (p.range.len() + p.scale.as_ref().map_or(0, |s| s.range.len())) as u64)
             .sum::<u64>();
         if spans.iter().enumerate().all(|(i, p)| {
-            let scale = p.scale.as_ref().map(|s| (s.dtype, s.range.len()));
-            as_stored(p.dtype, p.range.len(), scale, i)
+            let scale = p
+                .scale
+                .as_ref()
+                .map(|s| (s.dtype, s.shape.as_slice(), s.range.len()));
+            as_stored(i, (p.dtype, &p.shape, p.range.len()), scale)
         }) {
             for (p, ((wt, wo, _), (st, so, _))) in spans.iter().zip(dst) {
                 gpu.staging.upload(wt, wo, p.range.clone())?;
