@@ -362,10 +362,19 @@ impl MoeBlock {
                 }
                 return Ok(acc.unwrap_or(x.zeros_like()?));
             }
-            // Not this case (quantized experts): one at a time over the experts already held.
+            // Not this case (quantized experts): their gate_up products in one call where
+            // candle can, else one expert at a time, over the experts already held.
+            let refs: Vec<&super::ports::ExpertWeights> = held.iter().map(|w| w.as_ref()).collect();
+            let outs = match super::ports::ExpertWeights::quantized_one_token(x, &refs)? {
+                Some(ys) => ys,
+                None => held
+                    .iter()
+                    .map(|w| w.forward(x))
+                    .collect::<Result<Vec<_>>>()?,
+            };
             let mut acc: Option<Tensor> = None;
-            for (w, &e) in held.iter().zip(&used) {
-                let y = w.forward(x)?.affine(f64::from(rows[e][0].1), 0.0)?;
+            for (y, &e) in outs.into_iter().zip(&used) {
+                let y = y.affine(f64::from(rows[e][0].1), 0.0)?;
                 acc = Some(match acc {
                     None => y,
                     Some(a) => (a + y)?,

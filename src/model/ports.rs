@@ -46,6 +46,12 @@ enum Mats {
     },
 }
 
+/// The output of [`GateUp`]'s product(s).
+enum GateUpOut {
+    Fused(Tensor),
+    Apart(Tensor, Tensor),
+}
+
 /// A quantized expert's gate and up: one [2I, H] product when both are stored in the same type
 /// (the activations are rounded to blocks once, not twice), else two.
 #[derive(Debug, Clone)]
@@ -120,22 +126,72 @@ impl ExpertWeights {
                 // compute dtype.
                 let dtype = x.dtype();
                 let x = x.to_dtype(DType::F32)?;
-                let (g, u) = match gate_up {
-                    GateUp::Fused(m) => {
-                        let gu = m.forward(&x)?;
-                        let i = self.intermediate;
-                        (gu.narrow(1, 0, i)?, gu.narrow(1, i, i)?)
-                    }
-                    GateUp::Apart(g, u) => (g.forward(&x)?, u.forward(&x)?),
+                let gu = match gate_up {
+                    GateUp::Fused(m) => GateUpOut::Fused(m.forward(&x)?),
+                    GateUp::Apart(g, u) => GateUpOut::Apart(g.forward(&x)?, u.forward(&x)?),
                 };
-                let h = (silu(&g)? * u)?;
-                Ok(down.forward(&h)?.to_dtype(dtype)?)
+                self.quantized_rest(gu, down, dtype)
             }
             Mats::Fp8 { gate, up, down } => {
                 let h = (silu(&gate.forward(x)?)? * up.forward(x)?)?;
                 Ok(down.forward(&h)?)
             }
         }
+    }
+
+    /// A quantized expert's output from its gate_up product(s): `down(silu(gate) * up)` in
+    /// `dtype`.
+    fn quantized_rest(&self, gu: GateUpOut, down: &QMatMul, dtype: DType) -> Result<Tensor> {
+        let (g, u) = match gu {
+            GateUpOut::Fused(gu) => {
+                let i = self.intermediate;
+                (gu.narrow(1, 0, i)?, gu.narrow(1, i, i)?)
+            }
+            GateUpOut::Apart(g, u) => (g, u),
+        };
+        let h = (silu(&g)? * u)?;
+        Ok(down.forward(&h)?.to_dtype(dtype)?)
+    }
+
+    /// [`forward`](Self::forward) of one token `x` [1, H] through several block-quantized
+    /// experts on the CPU, every expert's fused gate_up product in one call of candle's
+    /// shared-input GEMV (`QTensor::gemv_fused_shared_lhs`: x quantized to blocks once, one
+    /// parallel region) — the products llama.cpp's `mul_mat_id` batches — then each expert's
+    /// down as before. None where that call does not apply (other experts, types or CPUs); the
+    /// caller then runs the experts one by one. Why: at batch 1 a small quantized product is
+    /// mostly its dispatch and the quantization of its input.
+    pub fn quantized_one_token(
+        x: &Tensor,
+        experts: &[&ExpertWeights],
+    ) -> Result<Option<Vec<Tensor>>> {
+        use candle_core::quantized::QTensor;
+        if experts.is_empty() || !x.device().is_cpu() || x.dim(0)? != 1 {
+            return Ok(None);
+        }
+        let mut gate_ups: Vec<&QTensor> = Vec::with_capacity(experts.len());
+        for w in experts {
+            match &w.mats {
+                Mats::Quantized {
+                    gate_up: GateUp::Fused(QMatMul::QTensor(t)),
+                    ..
+                } => gate_ups.push(t),
+                _ => return Ok(None),
+            }
+        }
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?.contiguous()?;
+        let Some(outs) = QTensor::gemv_fused_shared_lhs(&gate_ups, &xf)? else {
+            return Ok(None);
+        };
+        experts
+            .iter()
+            .zip(outs)
+            .map(|(w, gu)| match &w.mats {
+                Mats::Quantized { down, .. } => w.quantized_rest(GateUpOut::Fused(gu), down, dtype),
+                _ => unreachable!("checked above: every expert is quantized"),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// Bytes this expert occupies in memory (compute dtype; quantized: as stored).
@@ -446,5 +502,83 @@ pub struct RoutingLog {
 impl RoutingObserver for RoutingLog {
     fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], _: &[f32]) {
         self.entries.push((layer, position, experts.to_vec()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    fn quantized_expert(
+        seed: usize,
+        h: usize,
+        i: usize,
+        gu: GgmlDType,
+        dn: GgmlDType,
+    ) -> ExpertWeights {
+        let m = |rows, cols, s, t| {
+            let w = crate::util::test_matrix(rows, cols, s, 251, 1.0 / 64.0);
+            QMatMul::from_qtensor(QTensor::quantize(&w, t).unwrap()).unwrap()
+        };
+        ExpertWeights::quantized(
+            GateUp::Fused(m(2 * i, h, seed, gu)),
+            m(h, i, seed + 1, dn),
+            i,
+            0,
+        )
+    }
+
+    /// One token through several quantized experts with their gate_up products in one shared-
+    /// input call: each expert's output bit for bit what its own `forward` gives (Q4_K and Q8_0
+    /// gate_up, Q6_K / Q4_K down, as `Q4_K_M` and `Q8_0` files store them).
+    #[test]
+    fn quantized_experts_of_one_token_are_their_own_forwards() {
+        let (h, i) = (512, 256);
+        for (gu, dn) in [
+            (GgmlDType::Q4K, GgmlDType::Q6K),
+            (GgmlDType::Q8_0, GgmlDType::Q8_0),
+            (GgmlDType::Q4K, GgmlDType::Q4K),
+        ] {
+            let experts: Vec<ExpertWeights> = (0..4)
+                .map(|e| quantized_expert(10 * e + 1, h, i, gu, dn))
+                .collect();
+            let refs: Vec<&ExpertWeights> = experts.iter().collect();
+            for dtype in [DType::F32, DType::BF16] {
+                let x = crate::util::test_matrix(1, h, 7, 97, 1.0 / 16.0)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let fused = ExpertWeights::quantized_one_token(&x, &refs).unwrap();
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                {
+                    assert!(
+                        fused.is_some(),
+                        "{gu:?}: candle's shared-input GEMV applies here"
+                    );
+                }
+                let Some(fused) = fused else { continue };
+                for (w, y) in experts.iter().zip(&fused) {
+                    let want = w.forward(&x).unwrap();
+                    assert_eq!(y.dtype(), dtype);
+                    let bits = |t: &Tensor| crate::util::f32_bits(&t.to_dtype(DType::F32).unwrap());
+                    assert_eq!(bits(y), bits(&want), "{gu:?}/{dn:?} {dtype:?}");
+                }
+            }
+        }
+        // Not every expert quantized with a fused gate_up: the caller's path.
+        let dense = ExpertWeights::new(
+            Tensor::zeros((2 * i, h), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((h, i), DType::F32, &Device::Cpu).unwrap(),
+            i,
+        );
+        let q = quantized_expert(1, h, i, GgmlDType::Q4K, GgmlDType::Q6K);
+        let x = Tensor::zeros((1, h), DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            ExpertWeights::quantized_one_token(&x, &[&q, &dense])
+                .unwrap()
+                .is_none()
+        );
     }
 }
