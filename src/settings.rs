@@ -6,7 +6,7 @@
 //! | variable | field | meaning |
 //! |---|---|---|
 //! | `MOESCOPE_CUDA_GRAPHS=0` | `cuda_graphs` | GPU decode steps never replay a captured CUDA graph |
-//! | `MOESCOPE_MOE_KERNEL=candle` | `moe_kernel` | candle's fused MoE GEMM instead of moescope's decode kernels |
+//! | `MOESCOPE_MOE_KERNEL=candle` | `moe_kernel` | candle's fused MoE GEMM instead of moescope's decode kernels (bf16; FP8 stacks keep moescope's) |
 //! | `MOESCOPE_ATTN_KERNEL=candle` | `attn_kernel` | candle's ops for decode attention instead of moescope's kernels |
 //! | `MOESCOPE_SPECULATE=gate\|last\|0` | `speculate` | when a selective GPU step guesses that nothing will miss |
 //! | `MOESCOPE_FILL=0` | `gpu_fill` | a slot pool holding every expert does not fill its own slots |
