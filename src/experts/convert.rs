@@ -473,8 +473,9 @@ where
     Some(out)
 }
 
-/// bf16 → f32 is a 16-bit shift (exactly `bf16::to_f32`); written as one so it vectorises,
-/// straight into uninitialised memory (no memset of a buffer about to be overwritten).
+/// bf16 → f32 is a 16-bit shift (`bf16::to_f32`'s value; a signalling NaN stays one), straight
+/// into uninitialised memory (no memset of a buffer about to be overwritten), piece by piece on
+/// the worker pool.
 fn widen_bf16(bytes: &[u8]) -> Option<Vec<f32>> {
     use rayon::prelude::*;
     let src = view::<u16>(bytes)?;
@@ -482,14 +483,59 @@ fn widen_bf16(bytes: &[u8]) -> Option<Vec<f32>> {
     out.spare_capacity_mut()[..src.len()]
         .par_chunks_mut(PIECE)
         .zip(src.par_chunks(PIECE))
-        .for_each(|(d, s)| {
-            for (d, &s) in d.iter_mut().zip(s) {
-                d.write(f32::from_bits(u32::from(s) << 16));
-            }
-        });
+        .for_each(|(d, s)| widen_bf16_piece(s, d));
     // SAFETY: every element up to src.len() was written just above.
     unsafe { out.set_len(src.len()) };
     Some(out)
+}
+
+/// One piece of [`widen_bf16`]: AVX2 with streaming stores where the CPU has it — the f32
+/// buffer is fresh memory written once and read by the next product, so writing around the
+/// cache spares reading each line in first (a CPU miss in f32 is mostly this loop and the read,
+/// BENCHMARKS.md §22) — else the portable shift. The same values either way.
+fn widen_bf16_piece(s: &[u16], d: &mut [std::mem::MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected just above; `d` is as long as `s` (the callers' pieces).
+        return unsafe { widen_bf16_avx2(s, d) };
+    }
+    for (d, &s) in d.iter_mut().zip(s) {
+        d.write(f32::from_bits(u32::from(s) << 16));
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2; `d.len() >= s.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_avx2(s: &[u16], d: &mut [std::mem::MaybeUninit<f32>]) {
+    use std::arch::x86_64::*;
+    let n = s.len().min(d.len());
+    let dp = d.as_mut_ptr() as *mut f32;
+    // Up to a 32-byte boundary one by one (streaming stores need it), then 8 a step.
+    let head = ((32 - (dp as usize & 31)) & 31) / 4;
+    let mut i = 0;
+    while i < n.min(head) {
+        // SAFETY: i < n.
+        unsafe { dp.add(i).write(f32::from_bits(u32::from(s[i]) << 16)) };
+        i += 1;
+    }
+    while i + 8 <= n {
+        // SAFETY: i + 8 ≤ n for both; dp + i is 32-byte aligned (head above, steps of 8 f32).
+        unsafe {
+            let v = _mm_loadu_si128(s.as_ptr().add(i) as *const __m128i);
+            let w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16);
+            _mm256_stream_si256(dp.add(i) as *mut __m256i, w);
+        }
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: i < n.
+        unsafe { dp.add(i).write(f32::from_bits(u32::from(s[i]) << 16)) };
+        i += 1;
+    }
+    // Streaming stores are weakly ordered: make them visible before the buffer is handed on.
+    _mm_sfence();
 }
 
 /// Same dtype: a copy into an owned, aligned Vec.
@@ -500,6 +546,47 @@ fn same<S: PlainData>(bytes: &[u8]) -> Option<Vec<S>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// bf16 widened to f32 (streaming AVX2 stores where the CPU has them) is the 16-bit shift,
+    /// bit for bit, for every length, alignment and bit pattern — `bf16::to_f32`'s value
+    /// (which quiets a signalling NaN; the shift keeps it signalling: both are NaN).
+    #[test]
+    fn widened_bf16_is_each_values_f32() {
+        let want = |b: u16| {
+            let w = f32::from_bits(u32::from(b) << 16);
+            let h = half::bf16::from_bits(b).to_f32();
+            assert!(w.to_bits() == h.to_bits() || (w.is_nan() && h.is_nan()));
+            w.to_bits()
+        };
+        let bits: Vec<u16> = (0..70_000u32)
+            .map(|i| (i.wrapping_mul(40_503) >> 3) as u16)
+            .collect();
+        for (start, len) in [
+            (0, 0),
+            (0, 1),
+            (1, 7),
+            (3, 8),
+            (5, 33),
+            (0, 65_536),
+            (7, 69_000),
+        ] {
+            let src = &bits[start..start + len];
+            let bytes: Vec<u8> = src.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let out = widen_bf16(&bytes).unwrap();
+            assert_eq!(out.len(), len);
+            for (o, &b) in out.iter().zip(src) {
+                assert_eq!(o.to_bits(), want(b));
+            }
+            // Every piece starting off a 32-byte boundary too.
+            let mut d = vec![std::mem::MaybeUninit::new(0f32); len + 3];
+            widen_bf16_piece(src, &mut d[3..]);
+            for (o, &b) in d[3..].iter().zip(src) {
+                // SAFETY: written by widen_bf16_piece (and initialised before).
+                let o = unsafe { o.assume_init() };
+                assert_eq!(o.to_bits(), want(b));
+            }
+        }
+    }
 
     /// The block that decides FP8 slot pools: the scheme's for a block-scaled FP8 checkpoint,
     /// none for a float one or a GGUF file.
