@@ -493,7 +493,7 @@ fn widen_bf16(bytes: &[u8]) -> Option<Vec<f32>> {
 /// buffer is fresh memory written once and read by the next product, so writing around the
 /// cache spares reading each line in first (a CPU miss in f32 is mostly this loop and the read,
 /// BENCHMARKS.md §22) — else the portable shift. The same values either way.
-fn widen_bf16_piece(s: &[u16], d: &mut [std::mem::MaybeUninit<f32>]) {
+pub(crate) fn widen_bf16_piece(s: &[u16], d: &mut [std::mem::MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was detected just above; `d` is as long as `s` (the callers' pieces).

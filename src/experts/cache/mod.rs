@@ -251,6 +251,9 @@ impl CachedProvider {
             if let Some((w, bytes)) = self.read_whole(layer, expert)? {
                 return Ok((w, bytes, start.elapsed().as_micros() as u64));
             }
+            if let Some((w, bytes)) = self.read_widened(layer, expert)? {
+                return Ok((w, bytes, start.elapsed().as_micros() as u64));
+            }
             thread_local! {
                 // One read buffer per thread (the forward pass and the prefetch thread).
                 static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -281,6 +284,41 @@ impl CachedProvider {
         }
         let (w, bytes) = self.read_general(layer, expert)?;
         Ok((w, bytes, start.elapsed().as_micros() as u64))
+    }
+
+    /// A bf16-stored expert for f32 compute on the CPU, widened as it is read
+    /// (`ExpertSource::read_split_widened`: the bytes cross memory once); None where the
+    /// source or the parts do not allow it (then the general paths read).
+    fn read_widened(&self, layer: usize, expert: usize) -> Result<Option<(ExpertWeights, u64)>> {
+        if self.dtype != DType::F32 {
+            return Ok(None);
+        }
+        let cfg = self.source.config();
+        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let mut gate_up: Vec<f32> = Vec::with_capacity(2 * i * h);
+        let mut down: Vec<f32> = Vec::with_capacity(h * i);
+        let (gu, dn) = (
+            &mut gate_up.spare_capacity_mut()[..2 * i * h],
+            &mut down.spare_capacity_mut()[..h * i],
+        );
+        // A failed read: the general path reads again and reports it properly.
+        if !matches!(
+            self.source.read_split_widened(layer, expert, gu, dn),
+            Ok(true)
+        ) {
+            return Ok(None);
+        }
+        // SAFETY: on `true` every element of both buffers was written.
+        unsafe {
+            gate_up.set_len(2 * i * h);
+            down.set_len(h * i);
+        }
+        let w = ExpertWeights::new(
+            Tensor::from_vec(gate_up, (2 * i, h), &Device::Cpu)?,
+            Tensor::from_vec(down, (h, i), &Device::Cpu)?,
+            i,
+        );
+        Ok(Some((w, (3 * i * h * 2) as u64)))
     }
 
     /// (layer, expert) read as stored and converted for this cache's compute — the path every
@@ -706,6 +744,53 @@ mod tests {
                 .read_split_into_uninit(layer, 0, &mut a, &mut b)
                 .unwrap()
         );
+    }
+
+    /// A bf16-stored expert widened as it is read (f32 compute on the CPU) is the expert the
+    /// general path makes, bit for bit, for every expert of the fixture;
+    /// other compute dtypes do not take it.
+    #[test]
+    fn bf16_experts_widened_as_read_are_the_general_paths() {
+        let (source, cfg, _) = fixture_source();
+        let cache = |dtype| {
+            let config = CacheConfig {
+                capacity: Capacity::Experts(4),
+                scope: Scope::Global,
+                policy: PolicyKind::Lru,
+            };
+            let settings = crate::settings::Settings::default();
+            CachedProvider::new(
+                source.clone(),
+                config,
+                dtype,
+                &Device::Cpu,
+                false,
+                &settings,
+            )
+            .unwrap()
+        };
+        let (f32_cache, bf16_cache) = (cache(DType::F32), cache(DType::BF16));
+        let x = crate::util::test_matrix(2, cfg.hidden_size, 5, 97, 1.0 / 16.0);
+        for layer in cfg.moe_layers() {
+            for e in 0..cfg.num_experts {
+                let (w, bytes) = f32_cache
+                    .read_widened(layer, e)
+                    .unwrap()
+                    .expect("bf16 parts");
+                assert_eq!(bytes, source.stored_bytes(layer, e));
+                let raw = source.read(layer, e).unwrap();
+                let general = convert::from_raw(&raw, None, DType::F32, &Device::Cpu).unwrap();
+                let (a, b) = (w.dense().unwrap(), general.dense().unwrap());
+                let bits = crate::util::f32_bits;
+                assert_eq!(bits(a.0), bits(b.0), "gate_up {layer}/{e}");
+                assert_eq!(bits(a.1), bits(b.1), "down {layer}/{e}");
+                assert_eq!(
+                    bits(&w.forward(&x).unwrap()),
+                    bits(&general.forward(&x).unwrap())
+                );
+                assert!(bf16_cache.read_widened(layer, e).unwrap().is_none());
+            }
+        }
     }
 
     /// The fixture's shards, its config and its first MoE layer.
