@@ -352,48 +352,12 @@ unsafe fn read_parts_raw(
     parts: &[(&TensorLocation, Dst)],
     cold: bool,
 ) -> Result<()> {
-    use rayon::prelude::*;
-    let opened: Vec<std::sync::Arc<File>> = parts
-        .iter()
-        .map(|(l, _)| files.get(&l.file))
-        .collect::<Result<_>>()?;
-    let total: usize = parts.iter().map(|(l, _)| l.len as usize).sum();
-    let piece = piece_len(total, rayon::current_num_threads());
-    // (part, file offset, offset in the part, length)
-    let mut pieces: Vec<(usize, u64, usize, usize)> = Vec::new();
-    for (k, (loc, _)) in parts.iter().enumerate() {
-        let len = loc.len as usize;
-        let mut done = 0usize;
-        while done < len {
-            let n = piece.min(len - done);
-            pieces.push((k, loc.offset + done as u64, done, n));
-            done += n;
-        }
-    }
-    pieces
-        .into_par_iter()
-        .try_for_each(|(k, off, at, n)| {
-            // SAFETY: at + n ≤ the part's len, within its destination (the caller's
-            // contract), and the pieces do not overlap.
-            unsafe { pread_exact(&opened[k], parts[k].1.at(at), n, off) }.map_err(|e| (k, off, e))
-        })
-        .map_err(|(k, off, e)| {
-            let loc = parts[k].0;
-            ModelError::Tensor {
-                file: loc.file.clone(),
-                tensor: loc.name.clone(),
-                msg: format!(
-                    "reading {} bytes at offset {} (piece at {off}): {e}",
-                    loc.len, loc.offset
-                ),
-            }
-        })?;
-    if cold {
-        for (k, (loc, _)) in parts.iter().enumerate() {
-            drop_page_cache(&opened[k], loc.offset, loc.len);
-        }
-    }
-    Ok(())
+    let locs: Vec<&TensorLocation> = parts.iter().map(|(l, _)| *l).collect();
+    read_pieces(files, &locs, cold, |k, file, off, at, n| {
+        // SAFETY: at + n ≤ the part's len, within its destination (the caller's contract), and
+        // the pieces do not overlap.
+        unsafe { pread_exact(file, parts[k].1.at(at), n, off) }
+    })
 }
 
 /// Where a part's widened values go: may cross to rayon's threads, each piece writing its own
@@ -423,20 +387,46 @@ unsafe fn read_parts_widened(
     parts: &[(&TensorLocation, DstF32)],
     cold: bool,
 ) -> Result<()> {
-    use rayon::prelude::*;
     thread_local! {
         static PIECE_BUF: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let opened: Vec<std::sync::Arc<File>> = parts
+    let locs: Vec<&TensorLocation> = parts.iter().map(|(l, _)| *l).collect();
+    read_pieces(files, &locs, cold, |k, file, off, at, n| {
+        PIECE_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.len() < n / 2 {
+                b.resize(n / 2, 0);
+            }
+            // SAFETY: the buffer holds at least n bytes, this thread's own.
+            unsafe { pread_exact(file, b.as_mut_ptr() as *mut u8, n, off) }?;
+            // SAFETY: at / 2 + n / 2 ≤ the part's len / 2, within its destination (the caller's
+            // contract); the pieces do not overlap (and are whole values: see `read_pieces`).
+            let dst = unsafe { std::slice::from_raw_parts_mut(parts[k].1.at(at / 2), n / 2) };
+            super::convert::widen_bf16_piece(&b[..n / 2], dst);
+            Ok(())
+        })
+    })
+}
+
+/// The pieces of `locs` (`piece_len`, even, so a piece of 2-byte values holds whole ones)
+/// handed to `read(part, file, file offset, offset in the part, length)` on rayon's threads;
+/// in cold mode the pages evicted afterwards. A failure names the part's tensor and file.
+fn read_pieces(
+    files: &FileTable,
+    locs: &[&TensorLocation],
+    cold: bool,
+    read: impl Fn(usize, &File, u64, usize, usize) -> std::io::Result<()> + Sync,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let opened: Vec<std::sync::Arc<File>> = locs
         .iter()
-        .map(|(l, _)| files.get(&l.file))
+        .map(|l| files.get(&l.file))
         .collect::<Result<_>>()?;
-    let total: usize = parts.iter().map(|(l, _)| l.len as usize).sum();
-    // Whole values in every piece.
+    let total: usize = locs.iter().map(|l| l.len as usize).sum();
     let piece = piece_len(total, rayon::current_num_threads()) & !1;
-    // (part, file offset, offset in the part in bytes, length in bytes)
+    // (part, file offset, offset in the part, length)
     let mut pieces: Vec<(usize, u64, usize, usize)> = Vec::new();
-    for (k, (loc, _)) in parts.iter().enumerate() {
+    for (k, loc) in locs.iter().enumerate() {
         let len = loc.len as usize;
         let mut done = 0usize;
         while done < len {
@@ -447,24 +437,9 @@ unsafe fn read_parts_widened(
     }
     pieces
         .into_par_iter()
-        .try_for_each(|(k, off, at, n)| {
-            PIECE_BUF.with(|b| {
-                let mut b = b.borrow_mut();
-                if b.len() < n / 2 {
-                    b.resize(n / 2, 0);
-                }
-                // SAFETY: the buffer holds at least n bytes, this thread's own.
-                unsafe { pread_exact(&opened[k], b.as_mut_ptr() as *mut u8, n, off) }
-                    .map_err(|e| (k, off, e))?;
-                // SAFETY: at / 2 + n / 2 ≤ the part's len / 2, within its destination (the
-                // caller's contract); the pieces do not overlap.
-                let dst = unsafe { std::slice::from_raw_parts_mut(parts[k].1.at(at / 2), n / 2) };
-                super::convert::widen_bf16_piece(&b[..n / 2], dst);
-                Ok(())
-            })
-        })
-        .map_err(|(k, off, e): (usize, u64, std::io::Error)| {
-            let loc = parts[k].0;
+        .try_for_each(|(k, off, at, n)| read(k, &opened[k], off, at, n).map_err(|e| (k, off, e)))
+        .map_err(|(k, off, e)| {
+            let loc = locs[k];
             ModelError::Tensor {
                 file: loc.file.clone(),
                 tensor: loc.name.clone(),
@@ -475,7 +450,7 @@ unsafe fn read_parts_widened(
             }
         })?;
     if cold {
-        for (k, (loc, _)) in parts.iter().enumerate() {
+        for (k, loc) in locs.iter().enumerate() {
             drop_page_cache(&opened[k], loc.offset, loc.len);
         }
     }
