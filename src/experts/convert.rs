@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use super::source::{PartSpan, RawExpert};
 use crate::model::error::Result;
 use crate::model::fp8::{Fp8Matrix, Fp8Scheme};
-use crate::model::ports::ExpertWeights;
+use crate::model::ports::{ExpertWeights, GgmlLayout};
 use crate::model::safetensors_file::StDtype;
 use crate::model::safetensors_file::{TensorInfo, bytes_to_tensor};
 
@@ -20,6 +20,13 @@ pub fn from_raw(
     device: &Device,
 ) -> Result<ExpertWeights> {
     if raw.parts.iter().any(|p| p.dtype.ggml().is_some()) {
+        if let Some(layout) = gpu_block_layout(
+            raw.parts.each_ref().map(|p| (p.dtype, p.shape.as_slice())),
+            dtype,
+            device,
+        ) {
+            return gpu_blocks(raw, layout, device);
+        }
         return quantized(raw, device);
     }
     if raw.parts.iter().any(|p| p.dtype == StDtype::F8E4M3) {
@@ -106,6 +113,79 @@ fn quantized(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
     };
     let down = matrix(&d.name, d.dtype, d.shape.clone(), &[&d.bytes])?;
     Ok(ExpertWeights::quantized(gate_up, down, i, held))
+}
+
+/// The layout a GGUF expert of these parts (dtype, shape: gate and up [I, H], down [H, I])
+/// takes on the GPU — its blocks as stored, for moescope's block decode kernels — when they
+/// apply: bf16 compute on a CUDA device (see [`block_layout`]). None otherwise (candle's
+/// quantized products then take the expert one matrix at a time).
+pub fn gpu_block_layout(
+    parts: [(StDtype, &[usize]); 3],
+    dtype: DType,
+    device: &Device,
+) -> Option<GgmlLayout> {
+    if !device.is_cuda() || dtype != DType::BF16 {
+        return None;
+    }
+    block_layout(parts)
+}
+
+/// The block layout of a GGUF expert of these parts when the block kernels decode every type
+/// and each row is whole blocks; None otherwise (float parts, other block types, odd shapes).
+pub fn block_layout(parts: [(StDtype, &[usize]); 3]) -> Option<GgmlLayout> {
+    let [(g, gs), (u, us), (d, ds)] = parts;
+    let &[i, h] = gs else { return None };
+    (us == [i, h] && ds == [h, i])
+        .then(|| GgmlLayout::new([g.ggml()?, u.ggml()?, d.ggml()?], h, i))
+        .flatten()
+}
+
+/// Per model layer, the GPU block layout of `source`'s experts (see [`gpu_block_layout`]),
+/// taken from each MoE layer's first expert present — GGUF stores a layer's experts in one
+/// tensor per matrix, so they share it; None unless every MoE layer has one.
+pub fn gpu_block_layouts(
+    source: &dyn super::source::ExpertSource,
+    dtype: DType,
+    device: &Device,
+) -> Option<Vec<Option<GgmlLayout>>> {
+    let cfg = source.config();
+    let mut out = vec![None; cfg.num_hidden_layers];
+    for layer in cfg.moe_layers() {
+        let e = (0..cfg.num_experts).find(|&e| source.has(layer, e))?;
+        let locs = source.part_locations(layer, e)?;
+        out[layer] = Some(gpu_block_layout(
+            locs.each_ref().map(|l| (l.dtype, l.shape.as_slice())),
+            dtype,
+            device,
+        )?);
+    }
+    Some(out)
+}
+
+/// A GGUF expert's blocks copied to the device as they are (see [`gpu_block_layout`]).
+fn gpu_blocks(raw: &RawExpert, layout: GgmlLayout, device: &Device) -> Result<ExpertWeights> {
+    let [g, u, d] = &raw.parts;
+    let want = [layout.gate_bytes(), layout.up_bytes(), layout.down_bytes()];
+    for (p, n) in raw.parts.iter().zip(want) {
+        if p.bytes.len() != n {
+            return Err(raw.error(format!(
+                "{} ({} {:?}) holds {} bytes, where its type and shape take {n}",
+                p.name,
+                p.dtype.name(),
+                p.shape,
+                p.bytes.len()
+            )));
+        }
+    }
+    let mut gate_up = Vec::with_capacity(want[0] + want[1]);
+    gate_up.extend_from_slice(&g.bytes);
+    gate_up.extend_from_slice(&u.bytes);
+    let n = gate_up.len();
+    ExpertWeights::blocks(
+        Tensor::from_vec(gate_up, n, device)?,
+        Tensor::from_slice(&d.bytes, d.bytes.len(), device)?,
+        layout,
+    )
 }
 
 /// Typed CPU block storage not yet filled: `len` bytes at `ptr` (the spare capacity of a
@@ -728,6 +808,54 @@ mod tests {
 
     /// Blocks copied once from several parts are the blocks `qtensor_from_ggml` makes of the
     /// parts concatenated: same dequantised bits; a size that does not fill the shape is an error.
+    /// The GPU block layout of every expert of both GGUF fixtures (llama.cpp's conversions:
+    /// Q8_0, and Q4_K_M's Q4_K gate/up with Q6_K or Q4_K down) is what the file stores — its
+    /// types, and byte counts equal to each part's — and on a CPU none is taken (candle's
+    /// products keep the experts there).
+    #[test]
+    fn gguf_experts_block_layouts_are_their_parts_as_stored() {
+        use super::super::source::ExpertSource;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut downs = std::collections::BTreeSet::new();
+        for kind in ["Q8_0", "Q4_K_M"] {
+            let path = root.join(format!("tests/fixtures/gguf/kquant-{kind}.gguf"));
+            let cfg = &crate::model::MoeConfig::from_dir(&path).unwrap();
+            let ckpt = crate::model::Checkpoint::open(&path).unwrap();
+            let source = super::super::source::ShardSource::new(&ckpt, cfg).unwrap();
+            for layer in cfg.moe_layers() {
+                for e in 0..cfg.num_experts {
+                    let locs = source.part_locations(layer, e).unwrap();
+                    let parts = locs.each_ref().map(|l| (l.dtype, l.shape.as_slice()));
+                    let l = block_layout(parts).expect("k-quant parts have a block layout");
+                    assert_eq!(
+                        [l.gate, l.up, l.down].map(Some),
+                        locs.each_ref().map(|p| p.dtype.ggml())
+                    );
+                    assert_eq!(
+                        [l.gate_bytes(), l.up_bytes(), l.down_bytes()],
+                        locs.each_ref().map(|p| p.len as usize),
+                        "{kind} {layer}/{e}"
+                    );
+                    downs.insert(format!("{:?}", l.down));
+                    assert!(gpu_block_layout(parts, DType::BF16, &Device::Cpu).is_none());
+                    let raw = source.read(layer, e).unwrap();
+                    let w = from_raw(&raw, None, DType::BF16, &Device::Cpu).unwrap();
+                    assert!(w.block_parts().is_none(), "CPU experts stay candle's");
+                }
+            }
+            assert!(gpu_block_layouts(&source, DType::BF16, &Device::Cpu).is_none());
+        }
+        assert_eq!(downs.len(), 3, "Q8_0, Q4_K and Q6_K down stacks: {downs:?}");
+        // Shapes the kernels cannot take: a float part, gate and up apart in shape, down not
+        // [H, I].
+        let (q, f) = (StDtype::Q4K, StDtype::F16);
+        let (a, b): (&[usize], &[usize]) = (&[256, 512], &[512, 256]);
+        assert!(block_layout([(q, a), (q, a), (q, b)]).is_some());
+        assert!(block_layout([(q, a), (f, a), (q, b)]).is_none());
+        assert!(block_layout([(q, a), (q, b), (q, b)]).is_none());
+        assert!(block_layout([(q, a), (q, a), (q, a)]).is_none());
+    }
+
     #[test]
     fn block_tensor_from_parts_is_the_concatenations() {
         use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};

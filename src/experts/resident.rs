@@ -99,6 +99,29 @@ impl Resident {
                 }
                 stacks[layer] = Some(st);
             }
+        } else if experts
+            .iter()
+            .flatten()
+            .flatten()
+            .all(|w| w.block_parts().is_some())
+            && experts.iter().flatten().flatten().next().is_some()
+        {
+            // GGUF blocks on the GPU: each layer's experts stacked as stored for the block
+            // decode kernels; views into the stacks replace the per-expert tensors.
+            for layer in cfg.moe_layers() {
+                let st = stack_layer_blocks(&experts[layer], layer, device)?;
+                let layout = st.ggml.expect("block stacks");
+                for (e, slot) in experts[layer].iter_mut().enumerate() {
+                    if slot.is_some() {
+                        *slot = Some(Arc::new(ExpertWeights::blocks(
+                            st.gate_up.get(e)?,
+                            st.down.get(e)?,
+                            layout,
+                        )?));
+                    }
+                }
+                stacks[layer] = Some(st);
+            }
         }
         Ok(Resident {
             experts,
@@ -117,7 +140,50 @@ fn stacked(gate_up: Tensor, down: Tensor, fp8: Option<Fp8Scales>) -> Stacked {
         device_index: None,
         fill: None,
         fp8,
+        ggml: None,
     }
+}
+
+/// Stacks one layer's GGUF experts as stored: U8 [E, gate_up bytes] and [E, down bytes], one
+/// layout for all (a GGUF file stores a layer's experts in one tensor per matrix); missing
+/// experts become zeros (masked out of routing, so never used).
+fn stack_layer_blocks(
+    row: &[Option<Arc<ExpertWeights>>],
+    layer: usize,
+    device: &Device,
+) -> Result<Stacked> {
+    let mut layout = None;
+    for w in row.iter().flatten() {
+        let (_, _, l) = w.block_parts().expect("checked by the caller");
+        if layout.is_some_and(|k| k != l) {
+            return Err(ModelError::Input(format!(
+                "layer {layer}: GGUF experts in different block layouts ({} and {l})",
+                layout.expect("checked")
+            )));
+        }
+        layout = Some(l);
+    }
+    let layout =
+        layout.ok_or_else(|| ModelError::Input(format!("layer {layer}: no expert to stack")))?;
+    let zgu = Tensor::zeros(layout.gate_up_bytes(), DType::U8, device)?;
+    let zdn = Tensor::zeros(layout.down_bytes(), DType::U8, device)?;
+    let (mut gu, mut dn) = (Vec::with_capacity(row.len()), Vec::with_capacity(row.len()));
+    for w in row {
+        match w.as_ref().and_then(|w| w.block_parts()) {
+            Some((g, d, _)) => {
+                gu.push(g.clone());
+                dn.push(d.clone());
+            }
+            None => {
+                gu.push(zgu.clone());
+                dn.push(zdn.clone());
+            }
+        }
+    }
+    Ok(Stacked {
+        ggml: Some(layout),
+        ..stacked(Tensor::stack(&gu, 0)?, Tensor::stack(&dn, 0)?, None)
+    })
 }
 
 /// The block of FP8 experts that can be stacked for the FP8 decode kernels (bf16 compute on a

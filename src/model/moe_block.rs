@@ -7,7 +7,7 @@
 use candle_core::{DType, Tensor};
 
 use super::error::{ModelError, Result};
-use super::ports::{ExpertProvider, RoutingObserver};
+use super::ports::{ExpertProvider, RoutingObserver, StackFormat};
 
 /// Routing of MoE layers kept on the device — (layer, ids u32 `[T, k]`, weights f32 `[T, k]`) —
 /// until the forward ends, when every layer is read back with one copy instead of one
@@ -140,10 +140,11 @@ impl MoeBlock {
         let Some(st) = experts.stacked(self.layer, &needed)? else {
             return Ok(None);
         };
-        // FP8 stacks have no candle kernel: moescope's run whatever `moe_kernel` says.
+        // FP8 and GGUF stacks have no candle decode kernel: moescope's run whatever
+        // `moe_kernel` says.
         #[cfg(feature = "cuda")]
-        let decode_kernel =
-            super::moe_decode::applies(t, x.dtype(), k) && (self.moe_kernel || st.fp8.is_some());
+        let decode_kernel = super::moe_decode::applies(t, x.dtype(), k)
+            && (self.moe_kernel || st.fp8.is_some() || st.ggml.is_some());
         // A slot pool's device table and the decode kernels: they look slots up themselves.
         #[cfg(feature = "cuda")]
         if let (Some(map), true) = (&st.device_index, decode_kernel) {
@@ -158,7 +159,7 @@ impl MoeBlock {
                 Some(map),
                 &topk_w,
                 Some(residual),
-                st.fp8.as_ref(),
+                st.format(),
             )?));
         }
         let ids = match (&st.index, &host_ids) {
@@ -192,14 +193,14 @@ impl MoeBlock {
                 None,
                 &topk_w,
                 Some(residual),
-                st.fp8.as_ref(),
+                st.format(),
             )?));
         }
-        // FP8 stacks outside the decode kernels (a prompt's tokens): the routed experts
-        // dequantised into a bf16 stack, then candle's MoE GEMM as for bf16.
-        let (gate_up_w, down_w, ids) = match &st.fp8 {
-            None => (st.gate_up.clone(), st.down.clone(), ids),
-            Some(scales) => fp8_routed_stack(&st, scales, &topk_ids, &ids)?,
+        // FP8 and GGUF stacks outside the decode kernels (a prompt's tokens): the routed
+        // experts dequantised into a bf16 stack, then candle's MoE GEMM as for bf16.
+        let (gate_up_w, down_w, ids) = match st.format() {
+            StackFormat::Dense => (st.gate_up.clone(), st.down.clone(), ids),
+            _ => routed_dequantised(&st, &topk_ids, &ids)?,
         };
         let (expert_ids, sorted_token_ids) = ids.flatten_all()?.sort_last_dim(true)?;
         let is_prefill = t > 1;
@@ -417,15 +418,14 @@ impl MoeBlock {
     }
 }
 
-/// The routed experts of FP8 stacks dequantised into a bf16 stack ([n, 2I, H], [n, H, I]), for
-/// the tokens the decode kernels do not take (a prompt's), with the routing's ids remapped to
-/// positions in it. Positions follow the expert ids, not the stack rows, so native's stacks and
-/// selective's slots give the same stack — and the same bits. `expert_ids` are the routing's
-/// expert ids, `rows` their rows of the stacks (both [T, k]).
+/// The routed experts of FP8 or GGUF stacks dequantised into a bf16 stack ([n, 2I, H],
+/// [n, H, I]), for the tokens the decode kernels do not take (a prompt's), with the routing's
+/// ids remapped to positions in it. Positions follow the expert ids, not the stack rows, so
+/// native's stacks and selective's slots give the same stack — and the same bits. `expert_ids`
+/// are the routing's expert ids, `rows` their rows of the stacks (both [T, k]).
 #[cfg(feature = "cuda")]
-fn fp8_routed_stack(
+fn routed_dequantised(
     st: &super::ports::Stacked,
-    scales: &super::ports::Fp8Scales,
     expert_ids: &Tensor,
     rows: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -446,29 +446,42 @@ fn fp8_routed_stack(
     let dev = rows.device();
     let order: Vec<u32> = row_of.values().copied().collect();
     let order = Tensor::from_vec(order, row_of.len(), dev)?;
-    let gate_up = super::moe_decode::fp8_dequant_stack(
-        &st.gate_up,
-        &scales.gate_up,
-        scales.block,
-        2,
-        &order,
-    )?;
-    let down =
-        super::moe_decode::fp8_dequant_stack(&st.down, &scales.down, scales.block, 1, &order)?;
+    let (gate_up, down) = match st.format() {
+        StackFormat::Fp8(scales) => (
+            super::moe_decode::fp8_dequant_stack(
+                &st.gate_up,
+                &scales.gate_up,
+                scales.block,
+                2,
+                &order,
+            )?,
+            super::moe_decode::fp8_dequant_stack(&st.down, &scales.down, scales.block, 1, &order)?,
+        ),
+        StackFormat::Ggml(layout) => super::moe_decode::GgmlStack {
+            gate_up: &st.gate_up,
+            down: &st.down,
+            layout,
+        }
+        .dequantised(&order)?,
+        StackFormat::Dense => {
+            return Err(ModelError::Input(
+                "dense stacks need no dequantising".into(),
+            ));
+        }
+    };
     let (t, k) = (ids.len(), ids.first().map_or(0, Vec::len));
     let remapped: Vec<u32> = ids.iter().flatten().map(|e| pos[e]).collect();
     Ok((gate_up, down, Tensor::from_vec(remapped, (t, k), dev)?))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn fp8_routed_stack(
+fn routed_dequantised(
     _: &super::ports::Stacked,
-    _: &super::ports::Fp8Scales,
     _: &Tensor,
     _: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     Err(ModelError::Input(
-        "FP8 expert stacks exist only on a GPU (a build with the cuda feature)".into(),
+        "FP8 and GGUF expert stacks exist only on a GPU (a build with the cuda feature)".into(),
     ))
 }
 

@@ -13,7 +13,7 @@ use candle_core::{DType, Storage, Tensor};
 use half::bf16;
 
 use super::error::{ModelError, Result};
-use super::ports::Fp8Scales;
+use super::ports::{GgmlLayout, StackFormat};
 
 const PTX: &str = include_str!("kernels/moe_decode.ptx");
 const MODULE: &str = "moescope_moe_decode";
@@ -37,7 +37,7 @@ fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
 /// expert→slot table), expert ids whose rows the kernels look up there; `weights` [1, k] f32
 /// routing weights (already rounded to bf16). Returns Σ_s weight_s · expert_s(x) as [1, H] bf16
 /// — plus `residual` ([1, H] bf16) when given, in the kernel (candle's bf16 add, same bits).
-/// With `fp8` the stacks hold e4m3 bytes (U8) and these are their block scales.
+/// `fmt` says what the stacks hold: bf16, FP8 bytes with their scales, or GGUF blocks.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_decode(
     x: &Tensor,
@@ -47,25 +47,72 @@ pub fn moe_decode(
     map: Option<&Tensor>,
     weights: &Tensor,
     residual: Option<&Tensor>,
-    fp8: Option<&Fp8Scales>,
+    fmt: StackFormat,
 ) -> Result<Tensor> {
     let (_, hidden) = x.dims2()?;
-    let (_, two_i, h2) = gate_up.dims3()?;
-    let (_, h3, inter) = down.dims3()?;
     let k = ids.elem_count();
-    if h2 != hidden || h3 != hidden || two_i != 2 * inter || k > MAX_TOPK {
+    let (h3, inter) = match fmt {
+        StackFormat::Ggml(l) => {
+            ggml_stack(down, l.down_bytes(), "down")?;
+            (l.hidden, l.intermediate)
+        }
+        _ => {
+            let (_, two_i, h2) = gate_up.dims3()?;
+            let (_, h3, inter) = down.dims3()?;
+            if h2 != hidden || two_i != 2 * inter {
+                return Err(err(
+                    "shapes",
+                    format!(
+                        "x {:?}, gate_up {:?}, down {:?}",
+                        x.dims(),
+                        gate_up.dims(),
+                        down.dims()
+                    ),
+                ));
+            }
+            (h3, inter)
+        }
+    };
+    if h3 != hidden || k > MAX_TOPK {
         return Err(err(
             "shapes",
-            format!(
-                "x {:?}, gate_up {:?}, down {:?}, {k} experts",
-                x.dims(),
-                gate_up.dims(),
-                down.dims()
-            ),
+            format!("x {:?}, down of {h3} rows, {k} experts", x.dims()),
         ));
     }
-    let mid = moe_gate_up(x, gate_up, ids, map, fp8)?;
-    moe_down(&mid, down, ids, map, weights, residual, fp8)
+    let mid = moe_gate_up(x, gate_up, ids, map, fmt)?;
+    debug_assert_eq!(mid.dims(), [k, inter]);
+    moe_down(&mid, down, ids, map, weights, residual, fmt)
+}
+
+/// A GGUF stack's checked shape: U8 [n, stride] with at least `need` bytes an expert.
+fn ggml_stack(w: &Tensor, need: usize, what: &str) -> Result<usize> {
+    match w.dims() {
+        &[_, stride] if w.dtype() == DType::U8 && stride >= need => Ok(stride),
+        d => Err(err(
+            "GGUF stacks",
+            format!(
+                "{what} is {:?} {d:?}, not U8 [experts, ≥ {need} bytes]",
+                w.dtype()
+            ),
+        )),
+    }
+}
+
+/// The kernel's id and a row's bytes for type `t` over `cols` columns, as kernel arguments.
+fn ggml_args(t: candle_core::quantized::GgmlDType, cols: usize) -> Result<(i32, i32)> {
+    let id = GgmlLayout::kernel_type(t)
+        .ok_or_else(|| err("GGUF stacks", format!("no block kernel for {t:?}")))?;
+    Ok((id, GgmlLayout::row_bytes(t, cols) as i32))
+}
+
+/// `x` itself when its data is 16-byte aligned (the block kernels load 8 activations at once),
+/// else an aligned copy.
+fn aligned16(x: Tensor) -> Result<Tensor> {
+    if raw_addr(&x, "x")? % 16 == 0 {
+        Ok(x)
+    } else {
+        Ok(x.force_contiguous()?)
+    }
 }
 
 /// The checked scale tensor of FP8 stacks ([n, rows blocks, cols blocks] f32 for [n, rows,
@@ -114,24 +161,42 @@ pub fn moe_gate_up(
     gate_up: &Tensor,
     ids: &Tensor,
     map: Option<&Tensor>,
-    fp8: Option<&Fp8Scales>,
+    fmt: StackFormat,
 ) -> Result<Tensor> {
     let (_, hidden) = x.dims2()?;
-    let (_, two_i, h2) = gate_up.dims3()?;
     let k = ids.elem_count();
-    if h2 != hidden || two_i % 2 != 0 || k > MAX_TOPK {
-        return Err(err(
-            "shapes",
-            format!(
-                "x {:?}, gate_up {:?}, {k} experts",
-                x.dims(),
-                gate_up.dims()
-            ),
-        ));
-    }
-    let inter = two_i / 2;
+    let inter = match fmt {
+        StackFormat::Ggml(l) if l.hidden == hidden && k <= MAX_TOPK => {
+            ggml_stack(gate_up, l.gate_up_bytes(), "gate_up")?;
+            l.intermediate
+        }
+        StackFormat::Ggml(l) => {
+            return Err(err(
+                "shapes",
+                format!("x {:?} against {l}, {k} experts", x.dims()),
+            ));
+        }
+        _ => {
+            let (_, two_i, h2) = gate_up.dims3()?;
+            if h2 != hidden || two_i % 2 != 0 || k > MAX_TOPK {
+                return Err(err(
+                    "shapes",
+                    format!(
+                        "x {:?}, gate_up {:?}, {k} experts",
+                        x.dims(),
+                        gate_up.dims()
+                    ),
+                ));
+            }
+            two_i / 2
+        }
+    };
     let dev = x.device().as_cuda_device()?.clone();
     let (x, gate_up, ids) = (x.contiguous()?, gate_up.contiguous()?, ids.contiguous()?);
+    let x = match fmt {
+        StackFormat::Ggml(_) => aligned16(x)?,
+        _ => x,
+    };
     let (xs, xl) = x.storage_and_layout();
     let (gs, gl) = gate_up.storage_and_layout();
     let (is, il) = ids.storage_and_layout();
@@ -145,8 +210,8 @@ pub fn moe_gate_up(
 
     // SAFETY: written in full by the kernel below (one warp per element) before any read.
     let mid = unsafe { dev.alloc::<bf16>(k * inter)? };
-    match fp8 {
-        None => {
+    match fmt {
+        StackFormat::Dense => {
             let gv = gs.as_cuda_slice::<bf16>()?.slice(gl.start_offset()..);
             let f = dev.get_or_load_custom_func("moe_decode_gate_up_bf16", MODULE, PTX)?;
             let mut b = f.builder();
@@ -162,7 +227,32 @@ pub fn moe_gate_up(
             // above.
             unsafe { b.launch(warp_blocks(k * inter)) }.map_err(|e| err("gate_up launch", e))?;
         }
-        Some(sc) => {
+        StackFormat::Ggml(l) => {
+            let gv = gs.as_cuda_slice::<u8>()?.slice(gl.start_offset()..);
+            let stride = gate_up.dim(1)? as u64;
+            let (tg, rbg) = ggml_args(l.gate, hidden)?;
+            let (tu, rbu) = ggml_args(l.up, hidden)?;
+            let f = dev.get_or_load_custom_func("moe_decode_gate_up_ggml", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&gv)
+                .arg(&stride)
+                .arg(&tg)
+                .arg(&rbg)
+                .arg(&tu)
+                .arg(&rbu)
+                .arg(&iv)
+                .arg(&map_at)
+                .arg(&xv)
+                .arg(&mid)
+                .arg(&k_)
+                .arg(&i_)
+                .arg(&h_);
+            // SAFETY: argument order and types match the kernel's signature; each stack row
+            // holds at least the layout's gate and up bytes (`ggml_stack`), x is aligned.
+            unsafe { b.launch(warp_blocks(k * inter)) }
+                .map_err(|e| err("GGUF gate_up launch", e))?;
+        }
+        StackFormat::Fp8(sc) => {
             let (scales, br, bc) = fp8_scales(&gate_up, &sc.gate_up, sc.block, 2)?;
             let gv = gs.as_cuda_slice::<u8>()?.slice(gl.start_offset()..);
             let sv_at = raw_addr(scales, "gate_up scales")?;
@@ -203,9 +293,18 @@ pub fn moe_down(
     map: Option<&Tensor>,
     weights: &Tensor,
     residual: Option<&Tensor>,
-    fp8: Option<&Fp8Scales>,
+    fmt: StackFormat,
 ) -> Result<Tensor> {
-    let (_, hidden, inter) = down.dims3()?;
+    let (hidden, inter) = match fmt {
+        StackFormat::Ggml(l) => {
+            ggml_stack(down, l.down_bytes(), "down")?;
+            (l.hidden, l.intermediate)
+        }
+        _ => {
+            let (_, hidden, inter) = down.dims3()?;
+            (hidden, inter)
+        }
+    };
     let k = ids.elem_count();
     if mid.dims() != [k, inter]
         || weights.elem_count() != k
@@ -254,8 +353,8 @@ pub fn moe_down(
         block_dim: (32 * k as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    match fp8 {
-        None => {
+    match fmt {
+        StackFormat::Dense => {
             let dv = ds.as_cuda_slice::<bf16>()?.slice(dl.start_offset()..);
             let f = dev.get_or_load_custom_func("moe_decode_down_bf16", MODULE, PTX)?;
             let mut b = f.builder();
@@ -272,7 +371,29 @@ pub fn moe_down(
             // SAFETY: as above; k ≤ MAX_TOPK (checked), the kernel's shared array.
             unsafe { b.launch(cfg) }.map_err(|e| err("down launch", e))?;
         }
-        Some(sc) => {
+        StackFormat::Ggml(l) => {
+            let dv = ds.as_cuda_slice::<u8>()?.slice(dl.start_offset()..);
+            let stride = down.dim(1)? as u64;
+            let (td, rbd) = ggml_args(l.down, inter)?;
+            let f = dev.get_or_load_custom_func("moe_decode_down_ggml", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&dv)
+                .arg(&stride)
+                .arg(&td)
+                .arg(&rbd)
+                .arg(&iv)
+                .arg(&map_at)
+                .arg(&wv)
+                .arg(&mv)
+                .arg(&y)
+                .arg(&res_at)
+                .arg(&k_)
+                .arg(&i_)
+                .arg(&h_);
+            // SAFETY: as above; each stack row holds the layout's down bytes (`ggml_stack`).
+            unsafe { b.launch(cfg) }.map_err(|e| err("GGUF down launch", e))?;
+        }
+        StackFormat::Fp8(sc) => {
             let (scales, br, bc) = fp8_scales(&down, &sc.down, sc.block, 1)?;
             let dv = ds.as_cuda_slice::<u8>()?.slice(dl.start_offset()..);
             let sv_at = raw_addr(scales, "down scales")?;
@@ -374,6 +495,100 @@ pub fn fp8_dequant_stack(
         BackpropOp::none(),
         false,
     ))
+}
+
+/// A layer's GGUF stacks (U8 rows of `layout`'s expert bytes, see [`GgmlLayout`]).
+pub struct GgmlStack<'a> {
+    pub gate_up: &'a Tensor,
+    pub down: &'a Tensor,
+    pub layout: &'a GgmlLayout,
+}
+
+impl GgmlStack<'_> {
+    /// Rows `rows` (u32 [n], on the device) of the stacks dequantised: bf16 gate_up
+    /// [n, 2I, H] and down [n, H, I], each weight candle's f32 dequantisation rounded to bf16
+    /// once; a row past the stacks gives zeros. For a prompt's tokens (candle's MoE GEMM).
+    pub fn dequantised(&self, rows: &Tensor) -> Result<(Tensor, Tensor)> {
+        let l = self.layout;
+        let (h, i) = (l.hidden, l.intermediate);
+        ggml_stack(self.gate_up, l.gate_up_bytes(), "gate_up")?;
+        ggml_stack(self.down, l.down_bytes(), "down")?;
+        let n = rows.elem_count();
+        if rows.dtype() != DType::U32 || n == 0 {
+            return Err(err(
+                "GGUF dequantise",
+                format!("rows {:?} {:?}", rows.dtype(), rows.dims()),
+            ));
+        }
+        let dev = self.gate_up.device().as_cuda_device()?.clone();
+        let rows = rows.contiguous()?;
+        let (rs, rl) = rows.storage_and_layout();
+        let Storage::Cuda(rs) = &*rs else {
+            return Err(err("device", "every input must be on the GPU"));
+        };
+        let rv = rs.as_cuda_slice::<u32>()?.slice(rl.start_offset()..);
+        // SAFETY: every element written by the launches below (gate's rows, up's, down's).
+        let gu = unsafe { dev.alloc::<bf16>(n * 2 * i * h)? };
+        let dn = unsafe { dev.alloc::<bf16>(n * h * i)? };
+        // (stack, byte offset in an expert, type, rows, columns, output, its rows, first row)
+        let parts = [
+            (self.gate_up, 0, l.gate, i, h, &gu, 2 * i, 0),
+            (self.gate_up, l.gate_bytes(), l.up, i, h, &gu, 2 * i, i),
+            (self.down, 0, l.down, h, i, &dn, h, 0),
+        ];
+        for (w, off, t, m, cols, out, out_rows, row0) in parts {
+            let w = w.contiguous()?;
+            let (ws, wl) = w.storage_and_layout();
+            let Storage::Cuda(ws) = &*ws else {
+                return Err(err("device", "every input must be on the GPU"));
+            };
+            let wv = ws.as_cuda_slice::<u8>()?.slice(wl.start_offset()..);
+            let (n_stack, stride) = w.dims2()?;
+            let (ty, rb) = ggml_args(t, cols)?;
+            let (stride, off) = (stride as u64, off as u64);
+            let (n_, e_, m_, c_, or_, r0_) = (
+                n as i32,
+                n_stack as i32,
+                m as i32,
+                cols as i32,
+                out_rows as i32,
+                row0 as i32,
+            );
+            let f = dev.get_or_load_custom_func("ggml_dequant_stack_bf16", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&wv)
+                .arg(&stride)
+                .arg(&off)
+                .arg(&ty)
+                .arg(&rb)
+                .arg(&rv)
+                .arg(&n_)
+                .arg(&e_)
+                .arg(&m_)
+                .arg(&c_)
+                .arg(out)
+                .arg(&or_)
+                .arg(&r0_);
+            let units = n * m * cols / 8;
+            let cfg = LaunchConfig {
+                grid_dim: ((units as u32).div_ceil(256).clamp(1, 16384), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument order and types match the kernel; every stack row holds the
+            // layout's bytes (`ggml_stack`); rows past the stack are not read.
+            unsafe { b.launch(cfg) }.map_err(|e| err("GGUF dequantise launch", e))?;
+        }
+        let wrap = |s, shape: (usize, usize, usize)| {
+            Tensor::from_storage(
+                Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
+                shape,
+                BackpropOp::none(),
+                false,
+            )
+        };
+        Ok((wrap(gu, (n, 2 * i, h)), wrap(dn, (n, h, i))))
+    }
 }
 
 /// Enough blocks for one warp per output element.
@@ -600,6 +815,7 @@ pub fn route_fused(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ports::Fp8Scales;
     use crate::util::gpu_test::{bf16_matrix, device};
 
     #[test]
@@ -720,7 +936,7 @@ mod tests {
             let ids = Tensor::new(&[[3u32, 0, 4, 1]], &dev).unwrap();
             let wv = [0.5f32, 0.25, 0.125, 0.125];
             let w = Tensor::new(&[wv], &dev).unwrap();
-            let mid = moe_gate_up(&x, &gu, &ids, None, Some(&sc)).unwrap();
+            let mid = moe_gate_up(&x, &gu, &ids, None, StackFormat::Fp8(&sc)).unwrap();
             let mid_h = crate::util::gpu_test::host(&mid);
             let (sr, scn) = (i.div_ceil(br), h.div_ceil(bc));
             let wgu = |ex: usize, row: usize, c: usize| -> f64 {
@@ -750,7 +966,7 @@ mod tests {
                 worst <= 1.0 / 64.0,
                 "gate_up {h}x{i} {block:?}: rel. error {worst}"
             );
-            let y = moe_down(&mid, &dn, &ids, None, &w, None, Some(&sc)).unwrap();
+            let y = moe_down(&mid, &dn, &ids, None, &w, None, StackFormat::Fp8(&sc)).unwrap();
             let yh = crate::util::gpu_test::host(&y);
             let (dsr, dsc) = (h.div_ceil(br), i.div_ceil(bc));
             let want: Vec<f64> = (0..h)
@@ -854,7 +1070,7 @@ mod tests {
                 .unwrap();
             let ids = Tensor::new(&[[0u32]], &dev).unwrap();
             let w = Tensor::new(&[[1f32]], &dev).unwrap();
-            let y = moe_down(&mid, &down, &ids, None, &w, None, Some(&sc)).unwrap();
+            let y = moe_down(&mid, &down, &ids, None, &w, None, StackFormat::Fp8(&sc)).unwrap();
             let y = crate::util::gpu_test::host(&y);
             for (code, (&got, &want)) in y.iter().zip(E4M3.iter()).enumerate() {
                 if want.is_nan() {
@@ -893,7 +1109,17 @@ mod tests {
         let (res, _) = bf16_matrix(1, h, 6, 233, 1.0 / 8.0, &dev);
         let ids = Tensor::new(&[[3u32, 0, 4, 1]], &dev).unwrap();
         let w = Tensor::new(&[[0.5f32, 0.25, 0.125, 0.125]], &dev).unwrap();
-        let native = moe_decode(&x, &gu, &dn, &ids, None, &w, Some(&res), Some(&sc)).unwrap();
+        let native = moe_decode(
+            &x,
+            &gu,
+            &dn,
+            &ids,
+            None,
+            &w,
+            Some(&res),
+            StackFormat::Fp8(&sc),
+        )
+        .unwrap();
         let slots = moe_decode(
             &x,
             &pick(&gu),
@@ -902,10 +1128,240 @@ mod tests {
             Some(&map),
             &w,
             Some(&res),
-            Some(&pool),
+            StackFormat::Fp8(&pool),
         )
         .unwrap();
         assert_eq!(bf16_bits(&native), bf16_bits(&slots));
+    }
+
+    /// A GGUF expert quantized by candle on the CPU: gate_up's bytes (gate's then up's),
+    /// down's, and their dequantised values ([2I, H] and [H, I], candle's CPU dequantisation).
+    fn ggml_expert(l: &GgmlLayout, seed: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>, Vec<f32>) {
+        use candle_core::quantized::QTensor;
+        let (h, i) = (l.hidden, l.intermediate);
+        let q = |rows, cols, s, t| {
+            let w = crate::util::test_matrix(rows, cols, s, 251, 1.0 / 64.0);
+            let q = QTensor::quantize(&w, t).unwrap();
+            let deq: Vec<f32> = q
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (q.data().unwrap().to_vec(), deq)
+        };
+        let (mut gu, mut gud) = q(i, h, seed, l.gate);
+        let (ub, ud) = q(i, h, seed + 1, l.up);
+        gu.extend(ub);
+        gud.extend(ud);
+        let (dn, dnd) = q(h, i, seed + 2, l.down);
+        assert_eq!((gu.len(), dn.len()), (l.gate_up_bytes(), l.down_bytes()));
+        (gu, dn, gud, dnd)
+    }
+
+    /// `e` GGUF experts stacked with `pad` spare bytes a row (as a slot pool shared with a
+    /// larger layer has), with their dequantised values.
+    #[allow(clippy::type_complexity)]
+    fn ggml_stacks(
+        l: &GgmlLayout,
+        e: usize,
+        pad: usize,
+        dev: &candle_core::Device,
+    ) -> (Tensor, Tensor, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let (sgu, sdn) = (l.gate_up_bytes() + pad, l.down_bytes() + pad);
+        let (mut gu, mut dn) = (vec![0xA5u8; e * sgu], vec![0x5Au8; e * sdn]);
+        let (mut gud, mut dnd) = (Vec::new(), Vec::new());
+        for x in 0..e {
+            let (g, d, gv, dv) = ggml_expert(l, 100 * x + 3);
+            gu[x * sgu..x * sgu + g.len()].copy_from_slice(&g);
+            dn[x * sdn..x * sdn + d.len()].copy_from_slice(&d);
+            gud.push(gv);
+            dnd.push(dv);
+        }
+        (
+            Tensor::from_vec(gu, (e, sgu), dev).unwrap(),
+            Tensor::from_vec(dn, (e, sdn), dev).unwrap(),
+            gud,
+            dnd,
+        )
+    }
+
+    /// Layouts over every type the block kernels decode, K types at K-sized rows.
+    fn ggml_layouts() -> Vec<GgmlLayout> {
+        use candle_core::quantized::GgmlDType as G;
+        let l = |g, u, d, h, i| GgmlLayout::new([g, u, d], h, i).expect("a kernel layout");
+        vec![
+            l(G::Q4K, G::Q4K, G::Q6K, 512, 256),
+            l(G::Q5K, G::Q6K, G::Q4K, 256, 512),
+            l(G::Q8_0, G::Q8_0, G::Q8_0, 160, 96),
+            l(G::Q4_0, G::Q4_1, G::Q5_0, 96, 64),
+            l(G::Q5_1, G::Q5_0, G::Q8_0, 64, 160),
+        ]
+    }
+
+    #[test]
+    fn ggml_kernels_compute_the_dequantised_experts() {
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        let r = |v: f64| bf16::from_f64(v).to_f64();
+        for l in ggml_layouts() {
+            let (h, i) = (l.hidden, l.intermediate);
+            let (gu, dn, gud, dnd) = ggml_stacks(&l, 5, 6, &dev);
+            let (x, xh) = bf16_matrix(1, h, 3, 239, 1.0 / 8.0, &dev);
+            let order = [3usize, 0, 4, 1];
+            let ids = Tensor::new(&[[3u32, 0, 4, 1]], &dev).unwrap();
+            let wv = [0.5f32, 0.25, 0.125, 0.125];
+            let w = Tensor::new(&[wv], &dev).unwrap();
+            let fmt = StackFormat::Ggml(&l);
+            let mid = moe_gate_up(&x, &gu, &ids, None, fmt).unwrap();
+            let mid_h = crate::util::gpu_test::host(&mid);
+            let mut worst = 0f64;
+            for (s, &ex) in order.iter().enumerate() {
+                for row in 0..i {
+                    let dot = |rr: usize| -> f64 {
+                        (0..h)
+                            .map(|c| gud[ex][rr * h + c] as f64 * xh[c] as f64)
+                            .sum()
+                    };
+                    let (gb, ub) = (r(dot(row)), r(dot(i + row)));
+                    let want = r(r(gb / (1.0 + (-gb).exp())) * ub);
+                    let got = mid_h[s * i + row] as f64;
+                    worst = worst.max((got - want).abs() / want.abs().max(1.0 / 16.0));
+                }
+            }
+            // As for FP8: f32 sums against f64 ones, a bf16 rounding step apart at most.
+            assert!(worst <= 1.0 / 64.0, "gate_up {l}: rel. error {worst}");
+            let y = crate::util::gpu_test::host(
+                &moe_down(&mid, &dn, &ids, None, &w, None, fmt).unwrap(),
+            );
+            let want: Vec<f64> = (0..h)
+                .map(|row| {
+                    let mut acc = 0f64;
+                    for (s, &ex) in order.iter().enumerate() {
+                        let d: f64 = (0..i)
+                            .map(|c| dnd[ex][row * i + c] as f64 * mid_h[s * i + c] as f64)
+                            .sum();
+                        acc += r(r(d) * r(wv[s] as f64));
+                    }
+                    r(acc)
+                })
+                .collect();
+            let top = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert!(top > 0.0, "{l}: a zero reference tests nothing");
+            for (row, (&a, &b)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (a as f64 - b).abs() <= top / 64.0,
+                    "down {l} row {row}: {a} vs {b} (largest {top})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ggml_stacks_dequantise_to_candles_values_rounded() {
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        for l in ggml_layouts() {
+            let (h, i) = (l.hidden, l.intermediate);
+            let (gu, dn, gud, dnd) = ggml_stacks(&l, 3, 10, &dev);
+            // Rows 2 and 0, then one past the stack (zeros).
+            let rows = Tensor::new(&[2u32, 0, 3], &dev).unwrap();
+            let st = GgmlStack {
+                gate_up: &gu,
+                down: &dn,
+                layout: &l,
+            };
+            let (g, d) = st.dequantised(&rows).unwrap();
+            assert_eq!((g.dims(), d.dims()), (&[3, 2 * i, h][..], &[3, h, i][..]));
+            let (g, d) = (
+                crate::util::gpu_test::host(&g),
+                crate::util::gpu_test::host(&d),
+            );
+            let b = |v: f32| bf16::from_f32(v).to_f32().to_bits();
+            for (j, ex) in [2usize, 0].into_iter().enumerate() {
+                let got: Vec<u32> = g[j * 2 * i * h..(j + 1) * 2 * i * h]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let want: Vec<u32> = gud[ex].iter().map(|&v| b(v)).collect();
+                assert!(
+                    got == want,
+                    "{l}: gate_up of expert {ex} not candle's values"
+                );
+                let got: Vec<u32> = d[j * h * i..(j + 1) * h * i]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let want: Vec<u32> = dnd[ex].iter().map(|&v| b(v)).collect();
+                assert!(got == want, "{l}: down of expert {ex} not candle's values");
+            }
+            assert!(g[2 * 2 * i * h..].iter().all(|&v| v == 0.0));
+            assert!(d[2 * h * i..].iter().all(|&v| v == 0.0));
+        }
+    }
+
+    #[test]
+    fn ggml_slot_pool_through_its_map_gives_the_stacks_bits() {
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        for l in ggml_layouts() {
+            let h = l.hidden;
+            let (gu, dn, _, _) = ggml_stacks(&l, 6, 0, &dev);
+            // A pool of 4 slots, rows 32 bytes longer than the layer's experts, holding experts
+            // 0, 1, 3, 4 in slots 0..4 (built on the host).
+            let pick = |t: &Tensor| {
+                let (_, w) = t.dims2().unwrap();
+                let rows: Vec<Vec<u8>> = t.to_vec2().unwrap();
+                let mut pool = vec![0u8; 4 * (w + 32)];
+                for (slot, ex) in [0usize, 1, 3, 4].into_iter().enumerate() {
+                    pool[slot * (w + 32)..slot * (w + 32) + w].copy_from_slice(&rows[ex]);
+                }
+                Tensor::from_vec(pool, (4, w + 32), &dev).unwrap()
+            };
+            let mut map = vec![0u32; 6];
+            for (slot, ex) in [0usize, 1, 3, 4].into_iter().enumerate() {
+                map[ex] = slot as u32;
+            }
+            let map = Tensor::new(map.as_slice(), &dev).unwrap();
+            let (x, _) = bf16_matrix(1, h, 5, 239, 1.0 / 8.0, &dev);
+            let (res, _) = bf16_matrix(1, h, 6, 233, 1.0 / 8.0, &dev);
+            let ids = Tensor::new(&[[3u32, 0, 4, 1]], &dev).unwrap();
+            let w = Tensor::new(&[[0.5f32, 0.25, 0.125, 0.125]], &dev).unwrap();
+            let fmt = StackFormat::Ggml(&l);
+            let native = moe_decode(&x, &gu, &dn, &ids, None, &w, Some(&res), fmt).unwrap();
+            let slots = moe_decode(
+                &x,
+                &pick(&gu),
+                &pick(&dn),
+                &ids,
+                Some(&map),
+                &w,
+                Some(&res),
+                fmt,
+            )
+            .unwrap();
+            assert_eq!(bf16_bits(&native), bf16_bits(&slots), "{l}");
+            // An unaligned x (a view one element in) is copied, not misread.
+            let (x2, _) = bf16_matrix(1, h + 1, 5, 239, 1.0 / 8.0, &dev);
+            let x2 = x2.narrow(1, 1, h).unwrap();
+            let a = moe_decode(&x2, &gu, &dn, &ids, None, &w, None, fmt).unwrap();
+            let b = moe_decode(
+                &x2.force_contiguous().unwrap(),
+                &gu,
+                &dn,
+                &ids,
+                None,
+                &w,
+                None,
+                fmt,
+            )
+            .unwrap();
+            assert_eq!(bf16_bits(&a), bf16_bits(&b), "{l}: unaligned x");
+        }
     }
 
     #[test]
@@ -922,8 +1378,28 @@ mod tests {
         let (res, _) = bf16_matrix(1, h, 4, 233, 1.0 / 8.0, &dev);
         let ids = Tensor::new(&[[3u32, 7, 0, 15]], &dev).unwrap();
         let w = Tensor::new(&[[0.5f32, 0.25, 0.125, 0.125]], &dev).unwrap();
-        let y = moe_decode(&x, &gate_up, &down, &ids, None, &w, None, None).unwrap();
-        let folded = moe_decode(&x, &gate_up, &down, &ids, None, &w, Some(&res), None).unwrap();
+        let y = moe_decode(
+            &x,
+            &gate_up,
+            &down,
+            &ids,
+            None,
+            &w,
+            None,
+            StackFormat::Dense,
+        )
+        .unwrap();
+        let folded = moe_decode(
+            &x,
+            &gate_up,
+            &down,
+            &ids,
+            None,
+            &w,
+            Some(&res),
+            StackFormat::Dense,
+        )
+        .unwrap();
         assert_eq!(bf16_bits(&folded), bf16_bits(&(&res + &y).unwrap()));
         assert_eq!(k, ids.elem_count());
     }

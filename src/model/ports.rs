@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::error::Result;
@@ -37,6 +37,13 @@ enum Mats {
         down: QMatMul,
         /// Bytes as stored (the block format), what a cache budgets.
         bytes: u64,
+    },
+    /// GGUF blocks on a GPU, as the file stores them, for moescope's block decode kernels:
+    /// `gate_up` U8 [gate bytes + up bytes] (gate's rows then up's), `down` U8 [down bytes].
+    Blocks {
+        gate_up: Tensor,
+        down: Tensor,
+        layout: GgmlLayout,
     },
     /// Block-scaled FP8 (see `fp8.rs`): each matrix dequantised inside its product.
     Fp8 {
@@ -91,12 +98,53 @@ impl ExpertWeights {
         }
     }
 
+    /// GGUF blocks on a GPU as stored (see [`GgmlLayout`]): `gate_up` U8 holding gate's then
+    /// up's bytes, `down` U8 holding down's. Errors when the byte counts are not the layout's.
+    pub fn blocks(gate_up: Tensor, down: Tensor, layout: GgmlLayout) -> Result<Self> {
+        if gate_up.dtype() != DType::U8
+            || down.dtype() != DType::U8
+            || gate_up.elem_count() != layout.gate_up_bytes()
+            || down.elem_count() != layout.down_bytes()
+        {
+            return Err(super::error::ModelError::Input(format!(
+                "GGUF expert blocks: gate_up {:?} {:?} and down {:?} {:?}, but {layout} takes \
+                 {} and {} bytes",
+                gate_up.dtype(),
+                gate_up.dims(),
+                down.dtype(),
+                down.dims(),
+                layout.gate_up_bytes(),
+                layout.down_bytes()
+            )));
+        }
+        Ok(ExpertWeights {
+            mats: Mats::Blocks {
+                gate_up: gate_up.flatten_all()?,
+                down: down.flatten_all()?,
+                layout,
+            },
+            intermediate: layout.intermediate,
+        })
+    }
+
+    /// A GPU GGUF expert's bytes and layout (see [`blocks`](Self::blocks)); None otherwise.
+    pub fn block_parts(&self) -> Option<(&Tensor, &Tensor, GgmlLayout)> {
+        match &self.mats {
+            Mats::Blocks {
+                gate_up,
+                down,
+                layout,
+            } => Some((gate_up, down, *layout)),
+            _ => None,
+        }
+    }
+
     /// The dense matrices (gate_up [2I, H], down [H, I]); None for quantized experts, which
     /// have no stacked form for the fused GPU kernels.
     pub fn dense(&self) -> Option<(&Tensor, &Tensor)> {
         match &self.mats {
             Mats::Dense { gate_up, down } => Some((gate_up, down)),
-            Mats::Quantized { .. } | Mats::Fp8 { .. } => None,
+            Mats::Quantized { .. } | Mats::Blocks { .. } | Mats::Fp8 { .. } => None,
         }
     }
 
@@ -131,6 +179,18 @@ impl ExpertWeights {
                     GateUp::Apart(g, u) => GateUpOut::Apart(g.forward(&x)?, u.forward(&x)?),
                 };
                 self.quantized_rest(gu, down, dtype)
+            }
+            Mats::Blocks {
+                gate_up,
+                down,
+                layout,
+            } => {
+                // Outside the fused kernels (which read the blocks themselves): the expert
+                // dequantised to the compute dtype, then as a dense one.
+                let (gu, dn) = blocks_dequantised(gate_up, down, layout)?;
+                let dtype = x.dtype();
+                ExpertWeights::new(gu.to_dtype(dtype)?, dn.to_dtype(dtype)?, self.intermediate)
+                    .forward(x)
             }
             Mats::Fp8 { gate, up, down } => {
                 let h = (silu(&gate.forward(x)?)? * up.forward(x)?)?;
@@ -201,6 +261,7 @@ impl ExpertWeights {
                 ((gate_up.elem_count() + down.elem_count()) * down.dtype().size_in_bytes()) as u64
             }
             Mats::Quantized { bytes, .. } => *bytes,
+            Mats::Blocks { gate_up, down, .. } => (gate_up.elem_count() + down.elem_count()) as u64,
             Mats::Fp8 { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
         }
     }
@@ -291,6 +352,136 @@ pub struct Stacked {
     /// Block-scaled FP8 experts: `gate_up` and `down` then hold e4m3 bytes (U8) and these are
     /// their scales, read by the FP8 decode kernels.
     pub fp8: Option<Fp8Scales>,
+    /// GGUF experts as GGML blocks: `gate_up` and `down` then hold each expert's bytes as
+    /// stored, one row of the U8 stack an expert (see [`GgmlLayout`]).
+    pub ggml: Option<GgmlLayout>,
+}
+
+impl Stacked {
+    /// What the stacks hold.
+    pub fn format(&self) -> StackFormat<'_> {
+        match (&self.fp8, &self.ggml) {
+            (Some(s), _) => StackFormat::Fp8(s),
+            (None, Some(l)) => StackFormat::Ggml(l),
+            (None, None) => StackFormat::Dense,
+        }
+    }
+}
+
+/// One GGUF expert (or a layer's experts) as GGML blocks in moescope's GPU decode kernels: the
+/// types of gate, up and down as the file stores them, and the matrices' sizes. An expert's
+/// bytes are gate's I rows of H columns, then up's, then (apart) down's H rows of I columns, each
+/// row whole blocks — the GGUF stacked tensors' per-expert slices, as they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GgmlLayout {
+    pub gate: GgmlDType,
+    pub up: GgmlDType,
+    pub down: GgmlDType,
+    pub hidden: usize,
+    pub intermediate: usize,
+}
+
+impl GgmlLayout {
+    /// The layout when the kernels decode every type and each row is whole blocks; None
+    /// otherwise (the experts then take candle's quantized products one by one).
+    pub fn new(
+        [gate, up, down]: [GgmlDType; 3],
+        hidden: usize,
+        intermediate: usize,
+    ) -> Option<Self> {
+        let whole = |t: GgmlDType, cols: usize| {
+            Self::kernel_type(t).is_some() && cols > 0 && cols.is_multiple_of(t.block_size())
+        };
+        (whole(gate, hidden) && whole(up, hidden) && whole(down, intermediate) && intermediate > 0)
+            .then_some(GgmlLayout {
+                gate,
+                up,
+                down,
+                hidden,
+                intermediate,
+            })
+    }
+
+    /// GGML's id of a type the block kernels decode (`ggml_blocks.cuh`); None for the others.
+    pub fn kernel_type(t: GgmlDType) -> Option<i32> {
+        Some(match t {
+            GgmlDType::Q4_0 => 2,
+            GgmlDType::Q4_1 => 3,
+            GgmlDType::Q5_0 => 6,
+            GgmlDType::Q5_1 => 7,
+            GgmlDType::Q8_0 => 8,
+            GgmlDType::Q4K => 12,
+            GgmlDType::Q5K => 13,
+            GgmlDType::Q6K => 14,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one row of `cols` weights in type `t` (whole blocks, checked by `new`).
+    pub fn row_bytes(t: GgmlDType, cols: usize) -> usize {
+        cols / t.block_size() * t.type_size()
+    }
+
+    pub fn gate_bytes(&self) -> usize {
+        self.intermediate * Self::row_bytes(self.gate, self.hidden)
+    }
+
+    pub fn up_bytes(&self) -> usize {
+        self.intermediate * Self::row_bytes(self.up, self.hidden)
+    }
+
+    pub fn gate_up_bytes(&self) -> usize {
+        self.gate_bytes() + self.up_bytes()
+    }
+
+    pub fn down_bytes(&self) -> usize {
+        self.hidden * Self::row_bytes(self.down, self.intermediate)
+    }
+}
+
+impl std::fmt::Display for GgmlLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GGUF blocks (gate {:?}, up {:?}, down {:?}; hidden {}, intermediate {})",
+            self.gate, self.up, self.down, self.hidden, self.intermediate
+        )
+    }
+}
+
+/// A GPU GGUF expert's matrices dequantised: gate_up [2I, H] and down [H, I] in bf16.
+#[cfg(feature = "cuda")]
+fn blocks_dequantised(
+    gate_up: &Tensor,
+    down: &Tensor,
+    layout: &GgmlLayout,
+) -> Result<(Tensor, Tensor)> {
+    let rows = Tensor::new(&[0u32], gate_up.device())?;
+    let st = super::moe_decode::GgmlStack {
+        gate_up: &gate_up.unsqueeze(0)?,
+        down: &down.unsqueeze(0)?,
+        layout,
+    };
+    let (gu, dn) = st.dequantised(&rows)?;
+    Ok((gu.squeeze(0)?, dn.squeeze(0)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn blocks_dequantised(_: &Tensor, _: &Tensor, _: &GgmlLayout) -> Result<(Tensor, Tensor)> {
+    Err(super::error::ModelError::Input(
+        "GGUF expert blocks on a GPU need a build with the cuda feature".into(),
+    ))
+}
+
+/// What a [`Stacked`]'s tensors hold, for the kernels that read them.
+#[derive(Clone, Copy)]
+pub enum StackFormat<'a> {
+    /// The compute dtype: gate_up [n, 2I, H], down [n, H, I].
+    Dense,
+    /// e4m3 bytes with these scales, in the dense shapes.
+    Fp8(&'a Fp8Scales),
+    /// GGUF blocks: gate_up U8 [n, stride ≥ gate_up bytes], down U8 [n, stride ≥ down bytes].
+    Ggml(&'a GgmlLayout),
 }
 
 /// The block scales of FP8 stacks (see [`Stacked::fp8`]), in f32.
@@ -527,6 +718,41 @@ mod tests {
             i,
             0,
         )
+    }
+
+    /// The block kernels' layouts: GGML's row sizes, only types they decode, only whole blocks.
+    #[test]
+    fn ggml_layouts_are_whole_blocks_of_decoded_types() {
+        use GgmlDType as G;
+        let l = GgmlLayout::new([G::Q4K, G::Q4K, G::Q6K], 2048, 768).unwrap();
+        // Qwen3-30B-A3B's expert in Q4_K_M: 144 bytes per 256 weights, Q6_K 210.
+        assert_eq!(l.gate_bytes(), 768 * 8 * 144);
+        assert_eq!(l.gate_up_bytes(), 2 * 768 * 8 * 144);
+        assert_eq!(l.down_bytes(), 2048 * 3 * 210);
+        assert_eq!(GgmlLayout::row_bytes(G::Q8_0, 64), 68);
+        assert_eq!(GgmlLayout::row_bytes(G::Q5K, 512), 352);
+        for t in [
+            G::Q4_0,
+            G::Q4_1,
+            G::Q5_0,
+            G::Q5_1,
+            G::Q8_0,
+            G::Q4K,
+            G::Q5K,
+            G::Q6K,
+        ] {
+            assert!(GgmlLayout::kernel_type(t).is_some(), "{t:?}");
+        }
+        // Types the kernels do not decode, rows of part blocks, empty matrices.
+        for t in [G::Q2K, G::Q3K, G::F16, G::BF16, G::F32, G::Q8K] {
+            assert!(
+                GgmlLayout::new([t, G::Q4K, G::Q4K], 512, 256).is_none(),
+                "{t:?}"
+            );
+        }
+        assert!(GgmlLayout::new([G::Q4K, G::Q4K, G::Q4K], 512, 96).is_none());
+        assert!(GgmlLayout::new([G::Q8_0, G::Q8_0, G::Q8_0], 96, 0).is_none());
+        assert!(GgmlLayout::new([G::Q8_0, G::Q8_0, G::Q8_0], 96, 64).is_some());
     }
 
     /// One token through several quantized experts with their gate_up products in one shared-

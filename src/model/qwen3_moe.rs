@@ -549,7 +549,7 @@ impl Qwen3Moe {
             None,
             w,
             Some(x_mid),
-            stacks.fp8.as_ref(),
+            stacks.format(),
         )?;
         x.slice_set(&y, 0, 0)?;
         Ok(())
@@ -618,7 +618,7 @@ impl Qwen3Moe {
                     &st.gate_up,
                     &b.route_ids,
                     None,
-                    st.fp8.as_ref(),
+                    st.format(),
                 )?;
                 b.mid.slice_set(&mid, 0, 0)?;
             }
@@ -632,7 +632,7 @@ impl Qwen3Moe {
                     None,
                     &b.route_w,
                     Some(&b.x_mid),
-                    st.fp8.as_ref(),
+                    st.format(),
                 )?;
                 b.x.slice_set(&x, 0, 0)?;
             }

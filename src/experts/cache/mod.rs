@@ -25,7 +25,7 @@ use crate::cache::settings::{CacheConfig, Capacity};
 use crate::cache::stats::{CacheSnapshot, Histogram};
 use crate::model::error::{ModelError, Result};
 use crate::model::ports::{
-    ExpertProvider, ExpertWeights, FUSED_DECODE_MAX_TOPK, Fp8Scales, Stacked, StepPath,
+    ExpertProvider, ExpertWeights, FUSED_DECODE_MAX_TOPK, Fp8Scales, GgmlLayout, Stacked, StepPath,
     fused_capable,
 };
 use crate::settings::Settings;
@@ -133,12 +133,19 @@ impl CachedProvider {
             config.scope,
             config.policy,
         );
-        // The slot pools and the fused kernels read dense or FP8 matrices (FP8 in bf16 compute);
-        // GGUF experts are served one by one (QMatMul on the device).
-        // (Where the FP8 decode kernels take every step: see `FUSED_DECODE_MAX_TOPK`.)
+        // The slot pools and the fused kernels read dense, FP8 or GGUF block matrices (the last
+        // two in bf16 compute, where the block kernels decode every type: see
+        // `convert::gpu_block_layout`); other GGUF experts are served one by one (QMatMul on the
+        // device). (Where the FP8 decode kernels take every step: see `FUSED_DECODE_MAX_TOPK`.)
         let fp8 = super::convert::fp8_block(source.as_ref())
             .filter(|_| dtype == DType::BF16 && cfg.num_experts_per_tok <= FUSED_DECODE_MAX_TOPK);
-        let gpu = if fused_capable(device, dtype) && (quantized.is_none() || fp8.is_some()) {
+        let ggml = match (fused_capable(device, dtype), fp8) {
+            (true, None) => super::convert::gpu_block_layouts(source.as_ref(), dtype, device),
+            _ => None,
+        };
+        let gpu = if fused_capable(device, dtype)
+            && (quantized.is_none() || fp8.is_some() || ggml.is_some())
+        {
             Some(slots::GpuSlots::new(
                 source.as_ref(),
                 &mut pools,
@@ -146,14 +153,13 @@ impl CachedProvider {
                 device,
                 settings,
                 fp8,
+                ggml,
             )?)
         } else {
             None
         };
-        let resident_bytes = gpu.as_ref().map_or(0, |_| {
-            // Slot pools are allocated up front: that memory is held from the start.
-            pools.capacity() as u64 * expert_bytes
-        });
+        // Slot pools are allocated up front: that memory is held from the start.
+        let resident_bytes = gpu.as_ref().map_or(0, |g| g.bytes());
         Ok(CachedProvider {
             source,
             dtype,
@@ -187,12 +193,22 @@ impl CachedProvider {
     }
 
     /// `n` experts of zeros, stacked as the fused kernels take them ([n, 2I, H] and [n, H, I]).
-    /// `n` zero experts as slot pools of FP8 experts in `fp8` blocks (None: dense) store them.
+    /// `n` zero experts as slot pools of FP8 experts in `fp8` blocks, or of GGUF experts in
+    /// `ggml` layout (neither: dense), store them.
     fn zero_stacks(
         &self,
         n: usize,
         fp8: Option<[usize; 2]>,
+        ggml: Option<GgmlLayout>,
     ) -> Result<(Tensor, Tensor, Option<Fp8Scales>)> {
+        if let Some(l) = ggml {
+            let dev = &self.device;
+            return Ok((
+                Tensor::zeros((n, l.gate_up_bytes()), DType::U8, dev)?,
+                Tensor::zeros((n, l.down_bytes()), DType::U8, dev)?,
+                None,
+            ));
+        }
         let Some(block) = fp8 else {
             let (gu, dn) = self.zero_experts(n)?;
             return Ok((gu, dn, None));

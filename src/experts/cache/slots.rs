@@ -19,7 +19,7 @@ use crate::cache::speculation::Gate;
 use crate::cache::stats::CacheSnapshot;
 use crate::model::checkpoint::TensorLocation;
 use crate::model::error::{ModelError, Result};
-use crate::model::ports::{Fp8Scales, Stacked};
+use crate::model::ports::{Fp8Scales, GgmlLayout, Stacked};
 use crate::model::safetensors_file::StDtype;
 use crate::settings::Settings;
 use crate::step_path::StepPath;
@@ -58,12 +58,16 @@ pub(super) struct GpuSlots {
     gate: Gate,
     /// FP8 experts' scale block: the slots hold e4m3 bytes and f32 scales.
     fp8: Option<[usize; 2]>,
+    /// GGUF experts, per model layer: the slots hold each expert's blocks as stored, in this
+    /// layer's layout (a pool shared by layers of other types has rows for the largest).
+    ggml: Option<Vec<Option<GgmlLayout>>>,
 }
 
 impl GpuSlots {
     /// Slot pools for `pools` on `device`, the miss path chosen, and — with a slot for every
     /// expert on the direct path — GPU self-fill, in which case `pools` switches to home slots.
-    /// `fp8`: the experts are block-scaled FP8 in these blocks, held so in the slots.
+    /// `fp8`: the experts are block-scaled FP8 in these blocks, held so in the slots. `ggml`:
+    /// they are GGUF blocks in these per-layer layouts, held as stored.
     pub fn new(
         source: &dyn ExpertSource,
         pools: &mut Pools,
@@ -71,6 +75,7 @@ impl GpuSlots {
         device: &Device,
         settings: &Settings,
         fp8: Option<[usize; 2]>,
+        ggml: Option<Vec<Option<GgmlLayout>>>,
     ) -> Result<Self> {
         let cfg = source.config();
         let (h, inter) = (cfg.hidden_size, cfg.moe_intermediate_size);
@@ -78,6 +83,21 @@ impl GpuSlots {
         let stores = (0..pools.num_pools())
             .map(|p| {
                 let n = pools.pool_capacity(p);
+                if let Some(layouts) = &ggml {
+                    // One row an expert, as long as the pool's largest layer needs.
+                    let of_pool = cfg
+                        .moe_layers()
+                        .filter(|&l| pools.pool_of(l) == Some(p))
+                        .filter_map(|l| layouts[l]);
+                    let (gu, dn) = of_pool.fold((0, 0), |(a, b), l| {
+                        (a.max(l.gate_up_bytes()), b.max(l.down_bytes()))
+                    });
+                    return Ok(SlotTensors {
+                        gate_up: Tensor::zeros((n, gu), DType::U8, device)?,
+                        down: Tensor::zeros((n, dn), DType::U8, device)?,
+                        fp8: None,
+                    });
+                }
                 Ok(SlotTensors {
                     gate_up: Tensor::zeros((n, 2 * inter, h), wtype, device)?,
                     down: Tensor::zeros((n, h, inter), wtype, device)?,
@@ -126,8 +146,11 @@ impl GpuSlots {
             (None, format!("staged: {why}"))
         };
         let mut homes = match &direct {
-            // The fill kernels copy parts in the compute dtype: FP8 slots are filled by the host.
-            Some(_) if settings.gpu_fill && fp8.is_none() => pools.home_slots(cfg.num_experts),
+            // The fill kernels copy parts in the compute dtype: FP8 and GGUF slots are filled by
+            // the host.
+            Some(_) if settings.gpu_fill && fp8.is_none() && ggml.is_none() => {
+                pools.home_slots(cfg.num_experts)
+            }
             _ => None,
         };
         // Self-fill hands the kernels every expert's address up front, so here (a slot for every
@@ -185,7 +208,28 @@ impl GpuSlots {
             plain_gate: Gate::new(settings.speculate).with_costs(0.95, 1.0),
             gate: Gate::new(settings.speculate),
             fp8,
+            ggml,
         })
+    }
+
+    /// Bytes the slot pools hold on the device (allocated up front).
+    pub fn bytes(&self) -> u64 {
+        let t = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        self.stores
+            .iter()
+            .map(|s| {
+                t(&s.gate_up)
+                    + t(&s.down)
+                    + s.fp8.as_ref().map_or(0, |f| t(&f.gate_up) + t(&f.down))
+            })
+            .sum()
+    }
+
+    /// `layer`'s GGUF block layout, when the slots hold GGUF experts.
+    pub fn ggml_layout(&self, layer: usize) -> Option<GgmlLayout> {
+        self.ggml
+            .as_ref()
+            .and_then(|l| l.get(layer).copied().flatten())
     }
 
     /// The GPU-side figures of a snapshot (the rest default), after counting the direct copies
@@ -252,6 +296,7 @@ impl GpuSlots {
             device_index: Some(map.clone()),
             fill,
             fp8: store.fp8.clone(),
+            ggml: self.ggml_layout(layer),
         })
     }
 
@@ -332,9 +377,10 @@ impl CachedProvider {
             return Ok(None);
         }
         let num = self.source.config().num_experts;
+        let ggml = s.gpu.as_ref().and_then(|g| g.ggml_layout(layer));
         if self.warming() {
             let fp8 = s.gpu.as_ref().and_then(|g| g.fp8);
-            let (gate_up, down, fp8) = self.zero_stacks(needed.len(), fp8)?;
+            let (gate_up, down, fp8) = self.zero_stacks(needed.len(), fp8, ggml)?;
             let mut index = vec![u32::MAX; num];
             for (pos, &e) in needed.iter().enumerate() {
                 index[e] = pos as u32;
@@ -346,6 +392,7 @@ impl CachedProvider {
                 device_index: None,
                 fill: None,
                 fp8,
+                ggml,
             }));
         }
         let mut missing = Vec::new();
@@ -394,6 +441,7 @@ impl CachedProvider {
                 device_index: None,
                 fill: None,
                 fp8: store.fp8.clone(),
+                ggml,
             }));
         }
         // Overflow (or bypass): a temporary stack of exactly `needed`.
@@ -402,11 +450,19 @@ impl CachedProvider {
         for &e in needed {
             let held = if let Some((_, slot)) = s.pools.slot(layer, e) {
                 let store = &s.gpu.as_ref().expect("slot mode").stores[pi];
-                let mut held = vec![store.gate_up.get(slot)?, store.down.get(slot)?];
-                if let Some(sc) = &store.fp8 {
-                    held.extend([sc.gate_up.get(slot)?, sc.down.get(slot)?]);
+                if let Some(l) = ggml {
+                    // This layer's bytes of the slot's row.
+                    vec![
+                        store.gate_up.get(slot)?.narrow(0, 0, l.gate_up_bytes())?,
+                        store.down.get(slot)?.narrow(0, 0, l.down_bytes())?,
+                    ]
+                } else {
+                    let mut held = vec![store.gate_up.get(slot)?, store.down.get(slot)?];
+                    if let Some(sc) = &store.fp8 {
+                        held.extend([sc.gate_up.get(slot)?, sc.down.get(slot)?]);
+                    }
+                    held
                 }
-                held
             } else {
                 let (w, bytes, us) = self.read(layer, e)?;
                 if !bypass {
@@ -415,6 +471,15 @@ impl CachedProvider {
                     s.loads.overflow_time_us += us;
                 }
                 match fp8 {
+                    None if ggml.is_some() => {
+                        let (g, d, _) = w.block_parts().ok_or_else(|| ModelError::Expert {
+                            layer,
+                            expert: e,
+                            msg: "not GGUF blocks on the GPU, as the slot pool's experts are"
+                                .into(),
+                        })?;
+                        vec![g.clone(), d.clone()]
+                    }
                     Some(_) => {
                         let p = w.fp8_stack_parts()?.ok_or_else(|| ModelError::Expert {
                             layer,
@@ -452,6 +517,7 @@ impl CachedProvider {
                 }),
                 None => None,
             },
+            ggml,
         }))
     }
 
@@ -468,6 +534,11 @@ impl CachedProvider {
     ) -> Result<()> {
         let start = std::time::Instant::now();
         let gpu = s.gpu.as_mut().expect("slot mode");
+        if let Some(layout) = gpu.ggml_layout(layer) {
+            let (bytes, direct) = self.upload_blocks_miss(gpu, pi, layer, e, slot, layout)?;
+            self.count_upload(s, layer, e, slot, bytes, direct, start);
+            return Ok(());
+        }
         if gpu.fp8.is_some() {
             let (bytes, direct) = self.upload_fp8_miss(gpu, pi, layer, e, slot)?;
             self.count_upload(s, layer, e, slot, bytes, direct, start);
@@ -652,5 +723,89 @@ impl CachedProvider {
             .slice_set(&p.gate_up_scale.unsqueeze(0)?, 0, slot)?;
         sc.down.slice_set(&p.down_scale.unsqueeze(0)?, 0, slot)?;
         Ok((read, false))
+    }
+
+    /// A GGUF miss into `slot`: its three parts' blocks as stored — gate's then up's bytes into
+    /// the slot's gate_up row, down's into its down row — by DMA from the registered file, else
+    /// through the staging buffer. A part whose type, shape or size is not the layer's layout
+    /// is refused by name (a GGUF file stores a layer's experts in one tensor a matrix, so they
+    /// share it). Returns the bytes read and whether they were copied directly.
+    fn upload_blocks_miss(
+        &self,
+        gpu: &mut GpuSlots,
+        pi: usize,
+        layer: usize,
+        e: usize,
+        slot: usize,
+        layout: GgmlLayout,
+    ) -> Result<(u64, bool)> {
+        let store = &gpu.stores[pi];
+        let (gu_n, dn_n) = (store.gate_up.dim(1)?, store.down.dim(1)?);
+        let (h, i) = (layout.hidden, layout.intermediate);
+        // Per part: its tensor, byte offset and length in the slot, and the type and shape it
+        // must have.
+        let dst = [
+            (
+                &store.gate_up,
+                slot * gu_n,
+                layout.gate_bytes(),
+                layout.gate,
+                [i, h],
+            ),
+            (
+                &store.gate_up,
+                slot * gu_n + layout.gate_bytes(),
+                layout.up_bytes(),
+                layout.up,
+                [i, h],
+            ),
+            (
+                &store.down,
+                slot * dn_n,
+                layout.down_bytes(),
+                layout.down,
+                [h, i],
+            ),
+        ];
+        let check = |k: usize, dtype: StDtype, shape: &[usize], len: usize| -> Result<()> {
+            let (_, _, n, t, want) = dst[k];
+            if dtype.ggml() == Some(t) && shape == want && len == n {
+                return Ok(());
+            }
+            Err(ModelError::Expert {
+                layer,
+                expert: e,
+                msg: format!(
+                    "its {} is {} {shape:?} ({len} bytes), but this layer's slots hold {layout}",
+                    ["gate", "up", "down"][k],
+                    dtype.name()
+                ),
+            })
+        };
+        if let (Some(d), Some(locs)) = (gpu.direct.as_mut(), self.source.part_locations(layer, e)) {
+            for (k, l) in locs.iter().enumerate() {
+                check(k, l.dtype, &l.shape, l.len as usize)?;
+            }
+            let all: Vec<&TensorLocation> = locs.iter().collect();
+            if d.covers(&all) {
+                let mut copied = true;
+                for (l, (t, off, _, _, _)) in locs.iter().zip(dst) {
+                    copied = copied && d.upload(t, off, l)?;
+                }
+                if copied {
+                    return Ok((all.iter().map(|l| l.len).sum(), true));
+                }
+            }
+        }
+        let stored = self.source.stored_bytes(layer, e) as usize;
+        let buf = gpu.staging.buffer(&self.device, stored)?;
+        let spans = self.source.read_into(layer, e, buf)?;
+        for (k, p) in spans.iter().enumerate() {
+            check(k, p.dtype, &p.shape, p.range.len())?;
+        }
+        for (p, (t, off, _, _, _)) in spans.iter().zip(dst) {
+            gpu.staging.upload(t, off, p.range.clone())?;
+        }
+        Ok((spans.iter().map(|p| p.range.len() as u64).sum(), false))
     }
 }

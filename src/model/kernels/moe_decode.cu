@@ -15,6 +15,7 @@
 // selective slot pool), so both backends run the same arithmetic.
 
 #include "common.cuh"
+#include "ggml_blocks.cuh"
 
 #define MAX_TOPK 16
 // Routing: one warp holds every logit, 32 per lane at most (MAX_EXPERTS = 1024 in moe_decode.rs).
@@ -254,6 +255,95 @@ extern "C" __global__ void fp8_dequant_stack_bf16(
         const int g = r / gm, rr = r - g * gm;
         const float scale = s[(e * groups * sr + (size_t)g * sr + rr / br) * sc + c / bc];
         out[i] = __float2bfloat16(e4m3(w[e * per + within]) * scale);
+    }
+}
+
+// GGUF expert stacks (GGML blocks, decoded in registers, `ggml_blocks.cuh`): the bf16 kernels'
+// work and rounding, each weight the f32 value candle's dequantisation gives. A stack holds each
+// expert's bytes as the file stores them, `stride` bytes apart: gate_up's gate rows (type `tg`,
+// `rbg` bytes a row) then its up rows (`tu`, `rbu`); down's rows (`td`, `rbd`). A slot pool's
+// stride may exceed an expert's bytes (one pool serves layers whose types differ). As for bf16,
+// `ids` are rows of the stacks (native's expert ids, or with `map` the slot pool's slots).
+
+// mid[s, r] as moe_decode_gate_up_bf16 computes it, from GGUF stacks. One warp per (s, r).
+extern "C" __global__ void moe_decode_gate_up_ggml(
+    const uint8_t* __restrict__ w_gu,        // [E, stride]
+    unsigned long long stride,
+    int tg, int rbg, int tu, int rbu,
+    const uint32_t* __restrict__ ids,        // [k]
+    const uint32_t* __restrict__ map,        // [experts] or null
+    const __nv_bfloat16* __restrict__ x,     // [H], 16-byte aligned
+    __nv_bfloat16* __restrict__ mid,         // [k, I]
+    int k, int inter, int hidden) {
+    const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (warp >= k * inter) return;
+    const int s = warp / inter;
+    const int r = warp - s * inter;
+    const size_t e = map ? map[ids[s]] : ids[s];
+    const uint8_t* base = w_gu + e * stride;
+    const float g = ggml_dot(tg, base + (size_t)r * rbg, x, hidden, lane);
+    const float u = ggml_dot(tu, base + (size_t)inter * rbg + (size_t)r * rbu, x, hidden, lane);
+    store_mid(g, u, lane, mid + (size_t)s * inter + r);
+}
+
+// y (plus `res`) as moe_decode_down_bf16 computes it, from a GGUF down stack.
+struct GgmlDown {
+    const uint8_t* w_dn;
+    unsigned long long stride;
+    int type, rb;
+    __device__ __forceinline__ void dot(size_t e, int h0, int rows, int hidden, int inter,
+                                        const __nv_bfloat16* __restrict__ m, int lane,
+                                        float* acc) const {
+        const uint8_t* base = w_dn + e * stride;
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; r++) {
+            // Past the last row: the last row again, its result not kept.
+            const int h = min(h0 + r, hidden - 1);
+            acc[r] = ggml_dot(type, base + (size_t)h * rb, m, inter, lane);
+        }
+    }
+};
+
+extern "C" __global__ void moe_decode_down_ggml(
+    const uint8_t* __restrict__ w_dn,        // [E, stride]
+    unsigned long long stride,
+    int td, int rbd,
+    const uint32_t* __restrict__ ids,        // [k]
+    const uint32_t* __restrict__ map,        // [experts] or null
+    const float* __restrict__ topk_w,        // [k]
+    const __nv_bfloat16* __restrict__ mid,   // [k, I]
+    __nv_bfloat16* __restrict__ y,           // [H]
+    const __nv_bfloat16* __restrict__ res,   // [H] or null
+    int k, int inter, int hidden) {
+    moe_down(GgmlDown{w_dn, stride, td, rbd}, ids, map, topk_w, mid, y, res, k, inter, hidden);
+}
+
+// `m` rows of type `type` (`rb` bytes each, from byte `off` of each expert) of the experts
+// `rows` of a GGUF stack dequantised into rows `row0`.. of a bf16 stack out [n, out_rows, cols],
+// each weight rounded to bf16 once. For a prompt's tokens (candle's MoE GEMM over them).
+// Grid-stride over n × m × the row's units; a row past the stack gives zeros.
+extern "C" __global__ void ggml_dequant_stack_bf16(
+    const uint8_t* __restrict__ w, unsigned long long stride, unsigned long long off,
+    int type, int rb, const uint32_t* __restrict__ rows, int n, int n_stack, int m, int cols,
+    __nv_bfloat16* __restrict__ out, int out_rows, int row0) {
+    const int units = ggml_units(type, cols);
+    if (units == 0) return;
+    const int uw = cols / units;  // weights a unit: the units of a row tile it
+    const size_t total = (size_t)n * m * units;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t rr = i / units;
+        const int t = (int)(i - rr * units);
+        const size_t j = rr / m;
+        const int r = (int)(rr - j * m);
+        __nv_bfloat16* o = out + (j * out_rows + row0 + r) * (size_t)cols;
+        const size_t e = rows[j];
+        if (e >= (size_t)n_stack) {
+            for (int c = 0; c < uw; c++) o[(size_t)t * uw + c] = __float2bfloat16(0.f);
+            continue;
+        }
+        ggml_unit_to_bf16(type, w + e * stride + off + (size_t)r * rb, t, o);
     }
 }
 

@@ -1,0 +1,317 @@
+// GGML block formats (the GGUF expert types) decoded on the GPU: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+// Q4_K, Q5_K, Q6_K, as llama.cpp lays them out (ggml-common.h) and candle dequantises them
+// (candle-core's k_quants.rs `to_float`): each weight computed with the same f32 operations in
+// the same order — products and sums rounded one at a time (`__fmul_rn`, no fused multiply-add)
+// — so a dequantised weight here is the bits of candle's CPU dequantisation.
+//
+// A block is cut into units of UW = 8·G weights: G groups of 8 consecutive weights each, a
+// group's start within the block given by `start(u, g)`. Why units: a warp reads a row's units
+// with consecutive lanes on consecutive units, so its loads coalesce, and a row of few blocks
+// (Qwen3-30B-A3B's down rows: three 256-weight blocks) still keeps most lanes busy. Each group of
+// 8 weights pairs with one 16-byte load of the bf16 activations.
+#pragma once
+#include "common.cuh"
+
+// GGML's type ids (ggml.h `enum ggml_type`), what the host passes.
+#define GGML_Q4_0 2
+#define GGML_Q4_1 3
+#define GGML_Q5_0 6
+#define GGML_Q5_1 7
+#define GGML_Q8_0 8
+#define GGML_Q4_K 12
+#define GGML_Q5_K 13
+#define GGML_Q6_K 14
+
+// Loads at whatever alignment the block gives (GGUF blocks are 18, 20, 22, 24, 34, 144, 176 or
+// 210 bytes, so a block's fields are often only 2-byte aligned): the widest load the address
+// allows.
+__device__ __forceinline__ float ld_half(const uint8_t* p) {
+    const uint16_t b = __ldg(reinterpret_cast<const unsigned short*>(p));
+    return __half2float(__ushort_as_half(b));
+}
+__device__ __forceinline__ uint32_t ld_u32(const uint8_t* p) {
+    if (((uintptr_t)p & 3) == 0) return __ldg(reinterpret_cast<const unsigned int*>(p));
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
+    return (uint32_t)__ldg(h) | ((uint32_t)__ldg(h + 1) << 16);
+}
+__device__ __forceinline__ uint2 ld_u64(const uint8_t* p) {
+    if (((uintptr_t)p & 7) == 0) return __ldg(reinterpret_cast<const uint2*>(p));
+    return make_uint2(ld_u32(p), ld_u32(p + 4));
+}
+__device__ __forceinline__ uint32_t byte_of(uint2 v, int i) {
+    return ((i < 4 ? v.x : v.y) >> (8 * (i & 3))) & 0xFFu;
+}
+
+// d·q - m and d·q + m as candle's CPU code rounds them (a product, then a sum).
+__device__ __forceinline__ float mul_sub(float d, float q, float m) {
+    return __fsub_rn(__fmul_rn(d, q), m);
+}
+__device__ __forceinline__ float mul_add(float d, float q, float m) {
+    return __fadd_rn(__fmul_rn(d, q), m);
+}
+
+// Q4_K / Q5_K sub-block j's 6-bit scale and min (llama.cpp's get_scale_min_k4).
+__device__ __forceinline__ void scale_min_k4(int j, const uint8_t* q, float& sc, float& m) {
+    if (j < 4) {
+        sc = (float)(__ldg(q + j) & 63);
+        m = (float)(__ldg(q + j + 4) & 63);
+    } else {
+        const uint32_t a = __ldg(q + j + 4), lo = __ldg(q + j - 4), hi = __ldg(q + j);
+        sc = (float)((a & 0xF) | ((lo >> 6) << 4));
+        m = (float)((a >> 4) | ((hi >> 6) << 4));
+    }
+}
+
+// Each type: BYTES and WEIGHTS a block, UNITS a block, G groups a unit; `start(u, g)` the
+// first weight of group g of unit u; `unit(b, u, w)` the unit's UW weights in group order.
+
+struct Q8_0B {
+    static constexpr int BYTES = 34, WEIGHTS = 32, UNITS = 4, G = 1;
+    __device__ static int start(int u, int) { return 8 * u; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const float d = ld_half(b);
+        const uint2 q = ld_u64(b + 2 + 8 * u);
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = __fmul_rn((float)(int8_t)byte_of(q, i), d);
+    }
+};
+
+// The 32-weight types with 4-bit (+1 high bit) codes: byte l of qs holds weight l (low nibble)
+// and l + 16 (high nibble); a unit is 8 bytes of qs, groups at 8p and 16 + 8p.
+struct Q4_0B {
+    static constexpr int BYTES = 18, WEIGHTS = 32, UNITS = 2, G = 2;
+    __device__ static int start(int u, int g) { return 8 * u + 16 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const float d = ld_half(b);
+        const uint2 q = ld_u64(b + 2 + 8 * u);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t v = byte_of(q, i);
+            w[i] = __fmul_rn((float)((int)(v & 0xF) - 8), d);
+            w[8 + i] = __fmul_rn((float)((int)(v >> 4) - 8), d);
+        }
+    }
+};
+
+struct Q4_1B {
+    static constexpr int BYTES = 20, WEIGHTS = 32, UNITS = 2, G = 2;
+    __device__ static int start(int u, int g) { return 8 * u + 16 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const float d = ld_half(b), m = ld_half(b + 2);
+        const uint2 q = ld_u64(b + 4 + 8 * u);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t v = byte_of(q, i);
+            w[i] = mul_add((float)(v & 0xF), d, m);
+            w[8 + i] = mul_add((float)(v >> 4), d, m);
+        }
+    }
+};
+
+struct Q5_0B {
+    static constexpr int BYTES = 22, WEIGHTS = 32, UNITS = 2, G = 2;
+    __device__ static int start(int u, int g) { return 8 * u + 16 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const float d = ld_half(b);
+        const uint32_t qh = ld_u32(b + 2);
+        const uint2 q = ld_u64(b + 6 + 8 * u);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int j = 8 * u + i;
+            const uint32_t v = byte_of(q, i);
+            const uint32_t h0 = ((qh >> j) << 4) & 0x10u, h1 = (qh >> (j + 12)) & 0x10u;
+            w[i] = __fmul_rn((float)((int)((v & 0xF) | h0) - 16), d);
+            w[8 + i] = __fmul_rn((float)((int)((v >> 4) | h1) - 16), d);
+        }
+    }
+};
+
+struct Q5_1B {
+    static constexpr int BYTES = 24, WEIGHTS = 32, UNITS = 2, G = 2;
+    __device__ static int start(int u, int g) { return 8 * u + 16 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const float d = ld_half(b), m = ld_half(b + 2);
+        const uint32_t qh = ld_u32(b + 4);
+        const uint2 q = ld_u64(b + 8 + 8 * u);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int j = 8 * u + i;
+            const uint32_t v = byte_of(q, i);
+            const uint32_t h0 = ((qh >> j) << 4) & 0x10u, h1 = (qh >> (j + 12)) & 0x10u;
+            w[i] = mul_add((float)((v & 0xF) | h0), d, m);
+            w[8 + i] = mul_add((float)((v >> 4) | h1), d, m);
+        }
+    }
+};
+
+// Q4_K: 256 weights in four 64-weight parts j; qs byte 32j + l holds weight 64j + l (low nibble,
+// sub-block 2j) and 64j + 32 + l (high nibble, sub-block 2j + 1). Unit u = (j, p): bytes
+// 32j + 8p .. + 8, groups at 64j + 8p and 64j + 32 + 8p.
+struct Q4_KB {
+    static constexpr int BYTES = 144, WEIGHTS = 256, UNITS = 16, G = 2;
+    __device__ static int start(int u, int g) { return 64 * (u >> 2) + 8 * (u & 3) + 32 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const int j = u >> 2, p = u & 3;
+        const float d = ld_half(b), dmin = ld_half(b + 2);
+        float s1, m1, s2, m2;
+        scale_min_k4(2 * j, b + 4, s1, m1);
+        scale_min_k4(2 * j + 1, b + 4, s2, m2);
+        const float d1 = __fmul_rn(d, s1), n1 = __fmul_rn(dmin, m1);
+        const float d2 = __fmul_rn(d, s2), n2 = __fmul_rn(dmin, m2);
+        const uint2 q = ld_u64(b + 16 + 32 * j + 8 * p);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t v = byte_of(q, i);
+            w[i] = mul_sub(d1, (float)(v & 0xF), n1);
+            w[8 + i] = mul_sub(d2, (float)(v >> 4), n2);
+        }
+    }
+};
+
+// Q5_K: Q4_K's layout plus a high bit per weight: qh byte l, bit 2j for weight 64j + l and bit
+// 2j + 1 for 64j + 32 + l.
+struct Q5_KB {
+    static constexpr int BYTES = 176, WEIGHTS = 256, UNITS = 16, G = 2;
+    __device__ static int start(int u, int g) { return 64 * (u >> 2) + 8 * (u & 3) + 32 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const int j = u >> 2, p = u & 3;
+        const float d = ld_half(b), dmin = ld_half(b + 2);
+        float s1, m1, s2, m2;
+        scale_min_k4(2 * j, b + 4, s1, m1);
+        scale_min_k4(2 * j + 1, b + 4, s2, m2);
+        const float d1 = __fmul_rn(d, s1), n1 = __fmul_rn(dmin, m1);
+        const float d2 = __fmul_rn(d, s2), n2 = __fmul_rn(dmin, m2);
+        const uint2 h = ld_u64(b + 16 + 8 * p);
+        const uint2 q = ld_u64(b + 48 + 32 * j + 8 * p);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t v = byte_of(q, i), hb = byte_of(h, i);
+            const float a1 = (hb >> (2 * j)) & 1u ? 16.f : 0.f;
+            const float a2 = (hb >> (2 * j + 1)) & 1u ? 16.f : 0.f;
+            w[i] = mul_sub(d1, __fadd_rn((float)(v & 0xF), a1), n1);
+            w[8 + i] = mul_sub(d2, __fadd_rn((float)(v >> 4), a2), n2);
+        }
+    }
+};
+
+// Q6_K: two 128-weight halves n; for l < 32, ql byte 64n + l and 64n + 32 + l and qh byte 32n + l
+// give weights 128n + l, + 32, + 64, + 96 (scales 8n + l/16 + 0, 2, 4, 6). Unit u = (n, p): l in
+// 8p .. 8p + 8, four groups.
+struct Q6_KB {
+    static constexpr int BYTES = 210, WEIGHTS = 256, UNITS = 8, G = 4;
+    __device__ static int start(int u, int g) { return 128 * (u >> 2) + 8 * (u & 3) + 32 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const int n = u >> 2, p = u & 3;
+        const float d = ld_half(b + 208);
+        const uint8_t* sc = b + 192 + 8 * n + (p >> 1);
+        float ds[4];
+#pragma unroll
+        for (int g = 0; g < 4; g++) ds[g] = __fmul_rn(d, (float)(int8_t)__ldg(sc + 2 * g));
+        const uint2 lo = ld_u64(b + 64 * n + 8 * p);
+        const uint2 hi = ld_u64(b + 64 * n + 32 + 8 * p);
+        const uint2 h = ld_u64(b + 128 + 32 * n + 8 * p);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t a = byte_of(lo, i), c = byte_of(hi, i), hb = byte_of(h, i);
+            const int q1 = (int)((a & 0xF) | ((hb & 3) << 4)) - 32;
+            const int q2 = (int)((c & 0xF) | (((hb >> 2) & 3) << 4)) - 32;
+            const int q3 = (int)((a >> 4) | (((hb >> 4) & 3) << 4)) - 32;
+            const int q4 = (int)((c >> 4) | (((hb >> 6) & 3) << 4)) - 32;
+            w[i] = __fmul_rn(ds[0], (float)q1);
+            w[8 + i] = __fmul_rn(ds[1], (float)q2);
+            w[16 + i] = __fmul_rn(ds[2], (float)q3);
+            w[24 + i] = __fmul_rn(ds[3], (float)q4);
+        }
+    }
+};
+
+// This lane's share of dot(row, x) over n columns (n a multiple of the block's weights, x 16-byte
+// aligned) for one row of blocks of type B: units in lane order, each group's 8 products summed
+// in order into the lane's accumulator.
+template <typename B>
+__device__ __forceinline__ float block_dot(const uint8_t* __restrict__ row,
+                                           const __nv_bfloat16* __restrict__ x, int n, int lane) {
+    const int units = (n / B::WEIGHTS) * B::UNITS;
+    float acc = 0.f;
+    for (int t = lane; t < units; t += 32) {
+        const int blk = t / B::UNITS, u = t - blk * B::UNITS;
+        float w[8 * B::G];
+        B::unit(row + (size_t)blk * B::BYTES, u, w);
+        const __nv_bfloat16* xb = x + (size_t)blk * B::WEIGHTS;
+#pragma unroll
+        for (int g = 0; g < B::G; g++) {
+            const uint4 c = __ldg(reinterpret_cast<const uint4*>(xb + B::start(u, g)));
+            const __nv_bfloat162* c2 = reinterpret_cast<const __nv_bfloat162*>(&c);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = __bfloat1622float2(c2[j]);
+                acc = fmaf(w[8 * g + 2 * j], f.x, acc);
+                acc = fmaf(w[8 * g + 2 * j + 1], f.y, acc);
+            }
+        }
+    }
+    return acc;
+}
+
+// block_dot for the GGML type id `type` (one of the above; 0 for any other, which the host never
+// passes).
+__device__ __forceinline__ float ggml_dot(int type, const uint8_t* __restrict__ row,
+                                          const __nv_bfloat16* __restrict__ x, int n, int lane) {
+    switch (type) {
+        case GGML_Q4_0: return block_dot<Q4_0B>(row, x, n, lane);
+        case GGML_Q4_1: return block_dot<Q4_1B>(row, x, n, lane);
+        case GGML_Q5_0: return block_dot<Q5_0B>(row, x, n, lane);
+        case GGML_Q5_1: return block_dot<Q5_1B>(row, x, n, lane);
+        case GGML_Q8_0: return block_dot<Q8_0B>(row, x, n, lane);
+        case GGML_Q4_K: return block_dot<Q4_KB>(row, x, n, lane);
+        case GGML_Q5_K: return block_dot<Q5_KB>(row, x, n, lane);
+        case GGML_Q6_K: return block_dot<Q6_KB>(row, x, n, lane);
+        default: return 0.f;
+    }
+}
+
+// One unit of a row (unit index t along the row) dequantised into out (the row's bf16 values),
+// each weight rounded to bf16 once.
+template <typename B>
+__device__ __forceinline__ void block_unit_to_bf16(const uint8_t* __restrict__ row, int t,
+                                                   __nv_bfloat16* __restrict__ out) {
+    const int blk = t / B::UNITS, u = t - blk * B::UNITS;
+    float w[8 * B::G];
+    B::unit(row + (size_t)blk * B::BYTES, u, w);
+    __nv_bfloat16* ob = out + (size_t)blk * B::WEIGHTS;
+#pragma unroll
+    for (int g = 0; g < B::G; g++) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) ob[B::start(u, g) + i] = __float2bfloat16(w[8 * g + i]);
+    }
+}
+
+// Units of a row of n columns of type `type` (0 for types not listed).
+__device__ __forceinline__ int ggml_units(int type, int n) {
+    switch (type) {
+        case GGML_Q4_0: return n / Q4_0B::WEIGHTS * Q4_0B::UNITS;
+        case GGML_Q4_1: return n / Q4_1B::WEIGHTS * Q4_1B::UNITS;
+        case GGML_Q5_0: return n / Q5_0B::WEIGHTS * Q5_0B::UNITS;
+        case GGML_Q5_1: return n / Q5_1B::WEIGHTS * Q5_1B::UNITS;
+        case GGML_Q8_0: return n / Q8_0B::WEIGHTS * Q8_0B::UNITS;
+        case GGML_Q4_K: return n / Q4_KB::WEIGHTS * Q4_KB::UNITS;
+        case GGML_Q5_K: return n / Q5_KB::WEIGHTS * Q5_KB::UNITS;
+        case GGML_Q6_K: return n / Q6_KB::WEIGHTS * Q6_KB::UNITS;
+        default: return 0;
+    }
+}
+
+__device__ __forceinline__ void ggml_unit_to_bf16(int type, const uint8_t* __restrict__ row, int t,
+                                                  __nv_bfloat16* __restrict__ out) {
+    switch (type) {
+        case GGML_Q4_0: block_unit_to_bf16<Q4_0B>(row, t, out); break;
+        case GGML_Q4_1: block_unit_to_bf16<Q4_1B>(row, t, out); break;
+        case GGML_Q5_0: block_unit_to_bf16<Q5_0B>(row, t, out); break;
+        case GGML_Q5_1: block_unit_to_bf16<Q5_1B>(row, t, out); break;
+        case GGML_Q8_0: block_unit_to_bf16<Q8_0B>(row, t, out); break;
+        case GGML_Q4_K: block_unit_to_bf16<Q4_KB>(row, t, out); break;
+        case GGML_Q5_K: block_unit_to_bf16<Q5_KB>(row, t, out); break;
+        case GGML_Q6_K: block_unit_to_bf16<Q6_KB>(row, t, out); break;
+        default: break;
+    }
+}
