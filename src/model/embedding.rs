@@ -4,8 +4,10 @@
 //! Why: a dense copy of a quantized embedding is the largest single tensor moescope would hold
 //! (Qwen3-30B-A3B: 151,936 × 2,048 — 1.24 GB in f32 against 0.33 GB as Q8_0), and a token needs
 //! one row of it. A row of a GGUF tensor is whole blocks, stored contiguously, so it dequantises
-//! on its own to exactly the values the whole table would. On a GPU the table stays dense: the
-//! decode step looks tokens up inside a CUDA graph.
+//! on its own to exactly the values the whole table would. On a GPU in bf16 a table of a type
+//! moescope's block kernels decode stays in its blocks on the device too, and the looked-up rows
+//! are dequantised there by one kernel over token ids on the device, so the decode step still
+//! looks tokens up inside a CUDA graph; other GPU tables are dense.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
@@ -17,6 +19,48 @@ use super::error::{ModelError, Result};
 pub enum Embedding {
     Dense(Tensor),
     Rows(QuantizedRows),
+    DeviceRows(DeviceRows),
+}
+
+/// A block-quantized table on a GPU (U8 `[rows, row bytes]`, as stored), looked up by the block
+/// kernels into bf16 rows.
+#[derive(Debug, Clone)]
+pub struct DeviceRows {
+    table: Tensor,
+    ggml: GgmlDType,
+    cols: usize,
+}
+
+impl DeviceRows {
+    /// `rows` copied to `device` as they are, when the block kernels decode its type and the
+    /// compute dtype is bf16; None otherwise (the caller keeps a dense table).
+    pub fn new(rows: &QuantizedRows, device: &Device) -> Result<Option<Self>> {
+        if !device.is_cuda()
+            || rows.dtype != DType::BF16
+            || super::ports::GgmlLayout::kernel_type(rows.ggml).is_none()
+        {
+            return Ok(None);
+        }
+        let table = Tensor::from_slice(&rows.bytes, (rows.rows, rows.row_bytes()), device)?;
+        Ok(Some(DeviceRows {
+            table,
+            ggml: rows.ggml,
+            cols: rows.cols,
+        }))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        super::moe_decode::ggml_rows_bf16(&self.table, self.ggml, self.cols, ids)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn lookup(&self, _: &Tensor) -> Result<Tensor> {
+        Err(ModelError::Input(format!(
+            "a {:?} table of {} values a row on a GPU needs a build with the cuda feature",
+            self.ggml, self.cols
+        )))
+    }
 }
 
 /// A [rows, cols] block-quantized table, looked up row by row.
@@ -96,6 +140,7 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => Ok(t.index_select(ids, 0)?),
             Embedding::Rows(q) => q.lookup(&ids.to_vec1::<u32>()?),
+            Embedding::DeviceRows(d) => d.lookup(ids),
         }
     }
 
@@ -103,7 +148,7 @@ impl Embedding {
     pub fn dense(&self) -> Option<&Tensor> {
         match self {
             Embedding::Dense(t) => Some(t),
-            Embedding::Rows(_) => None,
+            Embedding::Rows(_) | Embedding::DeviceRows(_) => None,
         }
     }
 
@@ -112,6 +157,7 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
             Embedding::Rows(q) => q.bytes.len() as u64,
+            Embedding::DeviceRows(d) => d.table.elem_count() as u64,
         }
     }
 }

@@ -591,6 +591,81 @@ impl GgmlStack<'_> {
     }
 }
 
+/// Rows `ids` (u32, any shape, on the device) of a block-quantized table (U8 `[rows, row
+/// bytes]` of type `t`, `cols` values a row) as bf16 `[n, cols]`: each value candle's f32
+/// dequantisation rounded to bf16 once, what the dense bf16 table holds; an id past the table
+/// gives zeros. One launch, nothing read back (a decode step's token lookup in a CUDA graph).
+pub fn ggml_rows_bf16(
+    table: &Tensor,
+    t: candle_core::quantized::GgmlDType,
+    cols: usize,
+    ids: &Tensor,
+) -> Result<Tensor> {
+    let (n_rows, rb) = table.dims2()?;
+    let (ty, want_rb) = ggml_args(t, cols)?;
+    if table.dtype() != DType::U8 || rb != want_rb as usize || !cols.is_multiple_of(t.block_size())
+    {
+        return Err(err(
+            "GGUF table",
+            format!(
+                "{:?} {:?} for {cols} {t:?} values a row",
+                table.dtype(),
+                table.dims()
+            ),
+        ));
+    }
+    let ids = ids.flatten_all()?.contiguous()?;
+    let n = ids.elem_count();
+    if ids.dtype() != DType::U32 || n == 0 {
+        return Err(err(
+            "GGUF table",
+            format!("ids {:?} {:?}", ids.dtype(), ids.dims()),
+        ));
+    }
+    let dev = table.device().as_cuda_device()?.clone();
+    let table = table.contiguous()?;
+    let (ws, wl) = table.storage_and_layout();
+    let (rs, rl) = ids.storage_and_layout();
+    let (Storage::Cuda(ws), Storage::Cuda(rs)) = (&*ws, &*rs) else {
+        return Err(err("device", "every input must be on the GPU"));
+    };
+    let wv = ws.as_cuda_slice::<u8>()?.slice(wl.start_offset()..);
+    let rv = rs.as_cuda_slice::<u32>()?.slice(rl.start_offset()..);
+    // SAFETY: every element written by the launch (each id's row, or zeros past the table).
+    let out = unsafe { dev.alloc::<bf16>(n * cols)? };
+    let (stride, off) = (rb as u64, 0u64);
+    let (n_, e_, m_, c_, or_, r0_) = (n as i32, n_rows as i32, 1i32, cols as i32, 1i32, 0i32);
+    let f = dev.get_or_load_custom_func("ggml_dequant_stack_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&wv)
+        .arg(&stride)
+        .arg(&off)
+        .arg(&ty)
+        .arg(&want_rb)
+        .arg(&rv)
+        .arg(&n_)
+        .arg(&e_)
+        .arg(&m_)
+        .arg(&c_)
+        .arg(&out)
+        .arg(&or_)
+        .arg(&r0_);
+    let cfg = LaunchConfig {
+        grid_dim: (((n * cols / 8) as u32).div_ceil(256).clamp(1, 16384), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument order and types match the kernel; the table's row size checked above;
+    // ids past the table are not read.
+    unsafe { b.launch(cfg) }.map_err(|e| err("GGUF table launch", e))?;
+    Ok(Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev)),
+        (n, cols),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
 /// Enough blocks for one warp per output element.
 fn warp_blocks(warps: usize) -> LaunchConfig {
     LaunchConfig {
@@ -1361,6 +1436,60 @@ mod tests {
             )
             .unwrap();
             assert_eq!(bf16_bits(&a), bf16_bits(&b), "{l}: unaligned x");
+        }
+    }
+
+    /// A block-quantized table looked up on the device: each row candle's CPU dequantisation of
+    /// that row rounded to bf16 (the dense table's values), for every type the kernels decode;
+    /// an id past the table gives zeros.
+    #[test]
+    fn ggml_table_rows_are_the_dense_tables_rows() {
+        use candle_core::quantized::{GgmlDType as G, QTensor};
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        for (t, cols) in [
+            (G::Q4K, 512),
+            (G::Q5K, 256),
+            (G::Q6K, 256),
+            (G::Q8_0, 96),
+            (G::Q4_0, 64),
+            (G::Q4_1, 64),
+            (G::Q5_0, 96),
+            (G::Q5_1, 32),
+        ] {
+            let rows = 37;
+            let w = crate::util::test_matrix(rows, cols, 11, 251, 1.0 / 32.0);
+            let q = QTensor::quantize(&w, t).unwrap();
+            let dense: Vec<Vec<f32>> = q
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            let bytes = q.data().unwrap().to_vec();
+            let table =
+                Tensor::from_vec(bytes, (rows, cols / t.block_size() * t.type_size()), &dev)
+                    .unwrap();
+            let ids = Tensor::new(&[5u32, 36, 0, 5, 37], &dev).unwrap();
+            let got: Vec<Vec<f32>> = ggml_rows_bf16(&table, t, cols, &ids)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (j, id) in [5usize, 36, 0, 5].into_iter().enumerate() {
+                let a: Vec<u32> = got[j].iter().map(|v| v.to_bits()).collect();
+                let b: Vec<u32> = dense[id].iter().map(|v| v.to_bits()).collect();
+                assert!(a == b, "{t:?} row {id}");
+            }
+            assert!(got[4].iter().all(|&v| v == 0.0), "{t:?}: past the table");
+            // A table whose rows are not the type's size is refused by name.
+            let e = ggml_rows_bf16(&table, G::Q8_0, cols + 32, &ids).unwrap_err();
+            assert!(e.to_string().contains("GGUF table"), "{e}");
         }
     }
 

@@ -41,7 +41,8 @@ pub trait WeightStore {
     }
 
     /// The token embedding: dense in `dtype`, unless the store keeps it block-quantized and
-    /// the model runs on the CPU (see `embedding.rs`).
+    /// the model runs on the CPU, or on a GPU in bf16 in a type the block kernels decode (see
+    /// `embedding.rs`).
     fn load_embedding(
         &self,
         name: &str,
@@ -91,10 +92,16 @@ impl WeightStore for Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Embedding> {
-        if let (Some(g), true) = (self.gguf(), device.is_cpu())
+        if let Some(g) = self.gguf()
+            && (device.is_cpu() || dtype == DType::BF16)
             && let Some(rows) = g.load_rows(name, shape, dtype)?
         {
-            return Ok(Embedding::Rows(rows));
+            if device.is_cpu() {
+                return Ok(Embedding::Rows(rows));
+            }
+            if let Some(d) = super::embedding::DeviceRows::new(&rows, device)? {
+                return Ok(Embedding::DeviceRows(d));
+            }
         }
         Ok(Embedding::Dense(self.load(name, shape, dtype, device)?))
     }
