@@ -19,13 +19,30 @@ pub fn from_raw(
     dtype: DType,
     device: &Device,
 ) -> Result<ExpertWeights> {
+    from_raw_with(raw, fp8, dtype, device, true)
+}
+
+/// [`from_raw`], saying whether a GGUF expert may become GPU blocks (see
+/// [`gpu_block_layout`]): only where the caller holds every MoE layer so (`gpu_block_layouts`
+/// is Some) — a model whose other layers take candle's quantized products keeps all its experts
+/// that way, rather than some as blocks multiplied one by one outside the block kernels.
+pub fn from_raw_with(
+    raw: &RawExpert,
+    fp8: Option<Fp8Scheme>,
+    dtype: DType,
+    device: &Device,
+    gpu_blocks: bool,
+) -> Result<ExpertWeights> {
     if raw.parts.iter().any(|p| p.dtype.ggml().is_some()) {
+        if !gpu_blocks {
+            return quantized(raw, device);
+        }
         if let Some(layout) = gpu_block_layout(
             raw.parts.each_ref().map(|p| (p.dtype, p.shape.as_slice())),
             dtype,
             device,
         ) {
-            return gpu_blocks(raw, layout, device);
+            return blocks_on_device(raw, layout, device);
         }
         return quantized(raw, device);
     }
@@ -163,7 +180,7 @@ pub fn gpu_block_layouts(
 }
 
 /// A GGUF expert's blocks copied to the device as they are (see [`gpu_block_layout`]).
-fn gpu_blocks(raw: &RawExpert, layout: GgmlLayout, device: &Device) -> Result<ExpertWeights> {
+fn blocks_on_device(raw: &RawExpert, layout: GgmlLayout, device: &Device) -> Result<ExpertWeights> {
     let [g, u, d] = &raw.parts;
     let want = [layout.gate_bytes(), layout.up_bytes(), layout.down_bytes()];
     for (p, n) in raw.parts.iter().zip(want) {

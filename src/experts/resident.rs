@@ -40,6 +40,8 @@ impl Resident {
         let total = cfg.total_experts();
         let mut done = 0;
         let mut bytes = 0;
+        // GGUF experts become GPU blocks only when every MoE layer's types allow it.
+        let gpu_blocks = convert::gpu_block_layouts(source, dtype, device).is_some();
         for layer in cfg.moe_layers() {
             let mut row = Vec::with_capacity(cfg.num_experts);
             for e in 0..cfg.num_experts {
@@ -51,7 +53,8 @@ impl Resident {
                     row.push(None);
                 } else {
                     let raw = source.read(layer, e)?;
-                    let w = convert::from_raw(&raw, cfg.quantization, dtype, device)?;
+                    let w =
+                        convert::from_raw_with(&raw, cfg.quantization, dtype, device, gpu_blocks)?;
                     bytes += w.bytes();
                     row.push(Some(Arc::new(w)));
                 }

@@ -73,6 +73,8 @@ pub struct CachedProvider {
     expert_bytes: u64,
     /// Experts kept as stored (GGUF blocks, FP8): no exact float conversion from a read buffer.
     quantized: bool,
+    /// GGUF experts held as GPU blocks in the slot pools (see `convert::gpu_block_layouts`).
+    gpu_blocks: bool,
     unavailable: Vec<Vec<usize>>,
     state: Mutex<State>,
     loaded: Condvar,
@@ -143,6 +145,7 @@ impl CachedProvider {
             (true, None) => super::convert::gpu_block_layouts(source.as_ref(), dtype, device),
             _ => None,
         };
+        let gpu_blocks = ggml.is_some();
         let gpu = if fused_capable(device, dtype)
             && (quantized.is_none() || fp8.is_some() || ggml.is_some())
         {
@@ -167,6 +170,7 @@ impl CachedProvider {
             config,
             expert_bytes,
             quantized: quantized.is_some(),
+            gpu_blocks,
             unavailable,
             state: Mutex::new(State {
                 host: vec![Vec::new(); pools.num_pools()],
@@ -341,11 +345,12 @@ impl CachedProvider {
     /// source and format takes — with the bytes read.
     fn read_general(&self, layer: usize, expert: usize) -> Result<(ExpertWeights, u64)> {
         let raw = self.source.read(layer, expert)?;
-        let w = convert::from_raw(
+        let w = convert::from_raw_with(
             &raw,
             self.source.config().quantization,
             self.dtype,
             &self.device,
+            self.gpu_blocks,
         )?;
         Ok((w, raw.bytes()))
     }
