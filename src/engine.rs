@@ -488,11 +488,12 @@ impl BackendSpec {
         let cuda = self.device.is_cuda();
         let esize = self.dtype.candle().size_in_bytes() as u64;
         // Quantized tensors (GGUF blocks, FP8) are held as stored.
-        let gguf = crate::model::held::held_sizes(&self.model_dir, cfg, esize, !cuda);
-        let expert = gguf.map_or(cfg.expert_params() as u64 * esize, |(_, _, e)| e);
+        let bf16 = self.dtype.candle() == candle_core::DType::BF16;
+        let gguf = crate::model::held::held_sizes(&self.model_dir, cfg, esize, !cuda, cuda && bf16);
+        let expert = gguf.map_or(cfg.expert_params() as u64 * esize, |h| h.expert_max);
         let total = cfg.total_experts() as u64;
         let experts = match self.backend {
-            BackendKind::Native => total * expert,
+            BackendKind::Native => gguf.map_or(total * expert, |h| h.experts_total),
             BackendKind::Selective => {
                 let cap = self
                     .cache
@@ -516,7 +517,7 @@ impl BackendSpec {
             * (cfg.num_key_value_heads * cfg.head_dim) as u64
             * rows
             * kv_elem;
-        let non_expert = gguf.map_or(cfg.non_expert_params() * esize, |(n, _, _)| n);
+        let non_expert = gguf.map_or(cfg.non_expert_params() * esize, |h| h.non_expert);
         let held = non_expert + experts + kv;
         if cuda {
             Footprint { host: 0, gpu: held }

@@ -202,9 +202,12 @@ fn the_cache_budgets_fp8_bytes() {
         (native.cfg.total_experts() * per_expert) as u64
     );
     // Estimates and a miss's cost use the same figures: scales are stored in f32 here too.
-    let (non_expert, stored, held) =
-        moescope::model::held::held_sizes(&fixture(MOE), &native.cfg, 4, true).unwrap();
-    assert_eq!((stored, held), (per_expert as u64, per_expert as u64));
+    let sizes =
+        moescope::model::held::held_sizes(&fixture(MOE), &native.cfg, 4, true, false).unwrap();
+    assert_eq!(sizes.stored_mean, per_expert as f64);
+    assert_eq!(sizes.expert_max, per_expert as u64);
+    assert_eq!(sizes.experts_total, native.provider.resident_bytes());
+    let non_expert = sizes.non_expert;
     // The attention and lm_head matrices are FP8 too: well under their f32 size.
     assert!(non_expert < native.cfg.non_expert_params() * 4 / 2);
     assert_eq!(

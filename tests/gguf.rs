@@ -161,6 +161,33 @@ fn a_quantized_cache_budgets_block_bytes() {
     assert_eq!(c.capacity_experts(), 3);
 }
 
+/// A mixed file (Q4_K_M: some layers' ffn_down in Q6_K, others in Q4_K) is budgeted at its
+/// largest layer's expert, so `--cache-mem` is never exceeded by the layers stored larger.
+#[test]
+fn a_mixed_quantized_cache_budgets_its_largest_experts() {
+    let ckpt = Checkpoint::open(&gguf("Q4_K_M")).unwrap();
+    let cfg = MoeConfig::from_dir(&gguf("Q4_K_M")).unwrap();
+    let sizes: Vec<u64> = cfg
+        .moe_layers()
+        .map(|l| {
+            let loc = ckpt.expert_location(&cfg, l, 0).unwrap().unwrap();
+            loc.parts.iter().map(|p| p.len).sum()
+        })
+        .collect();
+    let (small, large) = (*sizes.iter().min().unwrap(), *sizes.iter().max().unwrap());
+    assert!(small < large, "the fixture mixes down types: {sizes:?}");
+    let cache = CacheSettings {
+        cache_mem: Some(3 * large),
+        ..Default::default()
+    };
+    let sel = spec("Q4_K_M", BackendKind::Selective, cache, Dtype::F32)
+        .load(|_, _| {})
+        .unwrap();
+    let c = sel.cache.as_ref().unwrap();
+    assert_eq!(c.expert_bytes(), large);
+    assert_eq!(c.capacity_experts(), 3);
+}
+
 /// The file's weights dequantised to f32 and written as a safetensors checkpoint — the layout
 /// moescope's other tests check against transformers — so the GGUF path (names, shapes, row
 /// order, expert slicing, block decoding) is checked against the safetensors path.
@@ -395,9 +422,13 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
 fn estimates_count_quantized_bytes_as_the_cache_does() {
     for kind in TYPES {
         let cfg = MoeConfig::from_dir(&gguf(kind)).unwrap();
-        let (_, stored, held) =
-            moescope::model::gguf::held_sizes(&gguf(kind), &cfg, 4, true).unwrap();
-        assert_eq!(stored, held, "{kind}: every part is block-quantized");
+        let sizes = moescope::model::gguf::held_sizes(&gguf(kind), &cfg, 4, true, false).unwrap();
+        let held = sizes.expert_max;
+        // Every part is block-quantized, so an expert is held as stored; a mixed file's mean
+        // lies below its largest layer's expert.
+        assert!(sizes.stored_mean <= held as f64, "{kind}: {sizes:?}");
+        let mixed = kind.ends_with("_M");
+        assert_eq!(sizes.stored_mean < held as f64, mixed, "{kind}: {sizes:?}");
         let sel = spec(
             kind,
             BackendKind::Selective,
@@ -418,7 +449,14 @@ fn estimates_count_quantized_bytes_as_the_cache_does() {
             (cfg.total_experts() * cfg.expert_params() * 4) as u64 + cfg.non_expert_params() * 4;
         let f = native.footprint(&cfg, 0);
         assert!(f.host < dense * 2 / 3, "{kind}: {} vs {dense}", f.host);
-        assert!(f.host >= held * cfg.total_experts() as u64);
+        assert!(f.host >= sizes.experts_total);
+        // Native holds each layer's experts at that layer's size, as loaded.
+        let loaded = native.load(|_, _| {}).unwrap();
+        assert_eq!(
+            loaded.provider.resident_bytes(),
+            sizes.experts_total,
+            "{kind}"
+        );
     }
 }
 

@@ -263,9 +263,10 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
             (Some(p), Some(x)) if x > 0.0 && !calibration => Some(100.0 * (p - x).abs() / x),
             _ => None,
         };
-        // What a miss moves: the expert as stored (bf16, a GGUF file's blocks, FP8 + scales).
-        let stored = crate::model::held::held_sizes(&model_dir, &cfg, 2, true)
-            .map_or((cfg.expert_params() * 2) as f64, |(_, s, _)| s as f64);
+        // What a miss moves: the expert as stored (bf16, a GGUF file's blocks, FP8 + scales),
+        // averaged over the layers (a mixed file stores some layers' experts larger).
+        let stored = crate::model::held::held_sizes(&model_dir, &cfg, 2, true, false)
+            .map_or((cfg.expert_params() * 2) as f64, |h| h.stored_mean);
         let bound = match (nm.decode_tok_s, read_bandwidth) {
             (Some(t), Some(bw)) => {
                 // Loads ahead take the same bandwidth as misses.

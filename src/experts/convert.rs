@@ -407,12 +407,21 @@ pub fn fp8_block(source: &dyn super::source::ExpertSource) -> Option<[usize; 2]>
 
 /// Bytes one expert of `source` occupies once converted, when its experts are block-quantized
 /// (None for dense ones): the quantized parts as stored, float parts in f32 — what
-/// [`quantized`] builds. Taken from the first expert present.
+/// [`quantized`] builds. The largest over the MoE layers (each layer's first expert present):
+/// a mixed file such as `Q4_K_M` stores some layers' down matrices in a larger type, and a
+/// budget counted at a smaller layer's size would be exceeded (GPU slot pools hold the largest).
 pub fn held_bytes(source: &dyn super::source::ExpertSource) -> Option<u64> {
     let cfg = source.config();
-    let layer = cfg.moe_layers().next()?;
-    let e = (0..cfg.num_experts).find(|&e| source.has(layer, e))?;
-    let parts = source.part_locations(layer, e)?;
+    cfg.moe_layers()
+        .filter_map(|layer| {
+            let e = (0..cfg.num_experts).find(|&e| source.has(layer, e))?;
+            expert_held_bytes(&source.part_locations(layer, e)?)
+        })
+        .max()
+}
+
+/// [`held_bytes`] of one expert's parts.
+fn expert_held_bytes(parts: &[crate::model::checkpoint::TensorLocation; 3]) -> Option<u64> {
     if parts.iter().any(|p| p.scale.is_some()) {
         // FP8: one byte per weight, scales held in f32.
         return Some(

@@ -813,7 +813,8 @@ pub fn held_sizes(
     cfg: &MoeConfig,
     float_size: u64,
     cpu: bool,
-) -> Option<(u64, u64, u64)> {
+    gpu_bf16: bool,
+) -> Option<super::held::HeldSizes> {
     if !is_gguf(path) {
         return None;
     }
@@ -828,10 +829,17 @@ pub fn held_sizes(
         .iter()
         .filter(|(n, _)| !n.contains("_exps."))
         .map(|(n, t)| match n.as_str() {
-            // Looked up from its blocks on the CPU, dense on a GPU (`embedding.rs`); when tied
-            // and quantized, also the output matrix in blocks.
+            // Looked up from its blocks on the CPU, and on a GPU in bf16 where the block kernels
+            // decode its type; dense otherwise (`embedding.rs`). When tied and quantized, also
+            // the output matrix in blocks.
             "token_embd.weight" if t.dtype.ggml().is_some() => {
-                let table = if cpu { t.len } else { dense(t) };
+                let blocks = cpu
+                    || (gpu_bf16
+                        && t.dtype
+                            .ggml()
+                            .and_then(super::ports::GgmlLayout::kernel_type)
+                            .is_some());
+                let table = if blocks { t.len } else { dense(t) };
                 let tied = g.tensor("output.weight").is_none();
                 table + if tied { t.len } else { 0 }
             }
@@ -841,23 +849,29 @@ pub fn held_sizes(
             _ => held(t),
         })
         .sum();
-    let layer = cfg.moe_layers().next()?;
-    let loc = g.expert_location(cfg, layer, 0).ok()??;
-    let stored = loc.parts.iter().map(|p| p.len).sum();
-    // Float parts of a quantized expert are multiplied in f32 (see experts/convert.rs).
-    let quantized = loc.parts.iter().any(|p| p.dtype.ggml().is_some());
-    let expert = loc
-        .parts
-        .iter()
-        .map(|p| match p.dtype.ggml() {
-            Some(_) => p.len,
-            None => {
-                let size = if quantized { 4 } else { float_size };
-                p.shape.iter().product::<usize>() as u64 * size
-            }
-        })
-        .sum();
-    Some((non_expert, stored, expert))
+    let mut layers = Vec::new();
+    for layer in cfg.moe_layers() {
+        let Ok(Some(loc)) = g.expert_location(cfg, layer, 0) else {
+            continue;
+        };
+        let stored = loc.parts.iter().map(|p| p.len).sum();
+        // Float parts of a quantized expert are multiplied in f32 (see experts/convert.rs).
+        let quantized = loc.parts.iter().any(|p| p.dtype.ggml().is_some());
+        let expert = loc
+            .parts
+            .iter()
+            .map(|p| match p.dtype.ggml() {
+                Some(_) => p.len,
+                None => {
+                    let size = if quantized { 4 } else { float_size };
+                    p.shape.iter().product::<usize>() as u64 * size
+                }
+            })
+            .sum();
+        // A GGUF layer stores every expert in its stacked tensors.
+        layers.push((cfg.num_experts as u64, stored, expert));
+    }
+    super::held::HeldSizes::of_layers(non_expert, &layers)
 }
 
 /// "Q4_K ×66 + Q6_K ×30" for the expert stacks of the GGUF file at `path`; None for anything

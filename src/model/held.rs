@@ -7,18 +7,48 @@ use std::path::Path;
 use super::checkpoint::{Checkpoint, TensorLocation};
 use super::config::MoeConfig;
 
-/// (non-expert bytes held, bytes of one expert as stored, bytes of one expert held), float
-/// tensors counted at `float_size` bytes an element, on the CPU (`cpu`) or a GPU; None for a
-/// float checkpoint (the caller's parameter arithmetic is then exact) or one that cannot be
-/// read.
+/// What a quantized checkpoint holds once loaded. Per-expert figures are taken from each MoE
+/// layer's first expert present: a mixed file (`Q4_K_M`) stores some layers' experts larger.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeldSizes {
+    /// Everything but the experts.
+    pub non_expert: u64,
+    /// One expert as stored, averaged over the MoE layers: what a miss moves on average.
+    pub stored_mean: f64,
+    /// One expert held, its largest layer's: what a cache budgets a slot at.
+    pub expert_max: u64,
+    /// Every expert held, summed layer by layer: what native holds.
+    pub experts_total: u64,
+}
+
+impl HeldSizes {
+    /// From each MoE layer's (experts present, one expert as stored, one expert held).
+    pub(super) fn of_layers(non_expert: u64, layers: &[(u64, u64, u64)]) -> Option<Self> {
+        if layers.is_empty() {
+            return None;
+        }
+        Some(HeldSizes {
+            non_expert,
+            stored_mean: layers.iter().map(|l| l.1 as f64).sum::<f64>() / layers.len() as f64,
+            expert_max: layers.iter().map(|l| l.2).max()?,
+            experts_total: layers.iter().map(|l| l.0 * l.2).sum(),
+        })
+    }
+}
+
+/// What `path` holds once loaded (see [`HeldSizes`]), float tensors counted at `float_size`
+/// bytes an element, on the CPU (`cpu`) or a GPU (`gpu_bf16`: in bf16, where a GGUF token table
+/// of a block-kernel type stays in its blocks); None for a float checkpoint (the caller's
+/// parameter arithmetic is then exact) or one that cannot be read.
 pub fn held_sizes(
     path: &Path,
     cfg: &MoeConfig,
     float_size: u64,
     cpu: bool,
-) -> Option<(u64, u64, u64)> {
+    gpu_bf16: bool,
+) -> Option<HeldSizes> {
     if super::gguf::is_gguf(path) {
-        return super::gguf::held_sizes(path, cfg, float_size, cpu);
+        return super::gguf::held_sizes(path, cfg, float_size, cpu, gpu_bf16);
     }
     cfg.quantization?;
     let ckpt = Checkpoint::open(path).ok()?;
@@ -31,9 +61,17 @@ pub fn held_sizes(
     for (name, shape) in Checkpoint::required_tensors(cfg) {
         non_expert += held(&ckpt.check(&name, &shape).ok()?);
     }
-    let layer = cfg.moe_layers().next()?;
-    let loc = (0..cfg.num_experts).find_map(|e| ckpt.expert_location(cfg, layer, e).ok()?)?;
-    Some((non_expert, loc.bytes(), loc.parts.iter().map(held).sum()))
+    let mut layers = Vec::new();
+    for layer in cfg.moe_layers() {
+        let present = (0..cfg.num_experts)
+            .filter(|&e| matches!(ckpt.expert_location(cfg, layer, e), Ok(Some(_))))
+            .count() as u64;
+        let loc = (0..cfg.num_experts).find_map(|e| ckpt.expert_location(cfg, layer, e).ok()?);
+        if let Some(loc) = loc {
+            layers.push((present, loc.bytes(), loc.parts.iter().map(held).sum()));
+        }
+    }
+    HeldSizes::of_layers(non_expert, &layers)
 }
 
 /// How the experts are stored, for the header: "GGUF experts Q4_K ×66 + Q6_K ×30",
