@@ -274,7 +274,7 @@ pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Ten
         return None;
     }
     Some((|| {
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let xs = widened(x)?;
         let (storage, layout) = w.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
             candle_core::bail!("CPU product: the matrix is not on the CPU")
@@ -296,7 +296,7 @@ pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Ten
                 kernel(&wv[r * cols..(r + 1) * cols], &xs, out)
             })
         };
-        Tensor::from_vec(y, (n, rows), &Device::Cpu)?.to_dtype(dtype)
+        narrowed(y, (n, rows), dtype)
     })())
 }
 
@@ -412,11 +412,19 @@ pub fn avx2_fma() -> bool {
 /// is the same row's dot in the same order as the per-expert product, rounded the same way, so
 /// the bits are those of `down(silu(gate(x)) * up(x))` per expert.
 ///
+/// The activation and the weighted sum are done here too, on plain vectors, with the tensor
+/// ops' own roundings: `silu` in f32 then rounded to the dtype (`layers::silu`), `* up` in the
+/// dtype, each expert's output rounded to the dtype, scaled by its weight rounded to the dtype
+/// (`affine`), summed in the dtype from the first expert on — a dozen tensor ops a layer
+/// fewer, which at batch 1 on a small model cost more than the arithmetic.
+///
 /// `x` [1, H]; `experts` (gate_up [2I, H], down [H, I]) all in x's dtype (bf16 or f32),
-/// contiguous. Returns [k, H], row j expert j's output. None when the case is not this one.
+/// contiguous; `weights` the routing weights, one per expert. Returns the weighted sum [1, H].
+/// None when the case is not this one.
 pub fn experts_one_token(
     x: &Tensor,
     experts: &[(&Tensor, &Tensor)],
+    weights: &[f32],
 ) -> Option<candle_core::Result<Tensor>> {
     let dtype = x.dtype();
     let (n, h) = x.dims2().ok()?;
@@ -426,6 +434,7 @@ pub fn experts_one_token(
         t.dtype() == dtype && t.is_contiguous() && t.dims() == dims && t.device().is_cpu()
     };
     if n != 1
+        || weights.len() != experts.len()
         || !x.device().is_cpu()
         || !matches!(dtype, DType::BF16 | DType::F32)
         || !experts
@@ -434,20 +443,112 @@ pub fn experts_one_token(
     {
         return None;
     }
+    // Rounding to the compute dtype and the dtype's own arithmetic, as candle's ops do it.
+    let bf16 = dtype == DType::BF16;
+    let round = |v: f32| {
+        if bf16 {
+            half::bf16::from_f32(v).to_f32()
+        } else {
+            v
+        }
+    };
     Some((|| {
-        let k = experts.len();
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let xs = widened(x)?;
         let gate_ups: Vec<&Tensor> = experts.iter().map(|(gu, _)| *gu).collect();
         let gu = stacked_product(&gate_ups, two_i, h, dtype, |_| &xs)?;
-        let gu = Tensor::from_vec(gu, (k, two_i), &Device::Cpu)?.to_dtype(dtype)?;
-        let g = gu.narrow(1, 0, inter)?;
-        let u = gu.narrow(1, inter, inter)?;
-        let act = (super::layers::silu(&g).map_err(candle_core::Error::wrap)? * u)?;
-        let hs = act.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut hs = vec![0f32; experts.len() * inter];
+        for (e, row) in gu.chunks_exact(two_i).enumerate() {
+            let (g, u) = row.split_at(inter);
+            for ((o, &g), &u) in hs[e * inter..(e + 1) * inter].iter_mut().zip(g).zip(u) {
+                let g = round(g);
+                let act = round(g / (1.0 + (-g).exp()));
+                *o = round(act * round(u));
+            }
+        }
         let downs: Vec<&Tensor> = experts.iter().map(|(_, d)| *d).collect();
         let y = stacked_product(&downs, h, inter, dtype, |e| &hs[e * inter..(e + 1) * inter])?;
-        Tensor::from_vec(y, (k, h), &Device::Cpu)?.to_dtype(dtype)
+        let mut acc = vec![0f32; h];
+        for (e, (ye, &w)) in y.chunks_exact(h).zip(weights).enumerate() {
+            // affine(w, 0): `v * w + 0` with w and each step in the dtype.
+            let w = round(w);
+            for (a, &v) in acc.iter_mut().zip(ye) {
+                let scaled = round(round(round(v) * w) + 0.0);
+                *a = if e == 0 { scaled } else { round(*a + scaled) };
+            }
+        }
+        narrowed(acc, (1, h), dtype)
     })())
+}
+
+/// `a + b` for two contiguous CPU bf16 tensors of one shape (the residual adds of a decode
+/// step) in one pass: each sum in f32 rounded to bf16, as candle's bf16 add rounds it. None for
+/// any other case (the caller adds with candle).
+pub fn add_bf16(a: &Tensor, b: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    if !a.device().is_cpu()
+        || !b.device().is_cpu()
+        || a.dtype() != DType::BF16
+        || b.dtype() != DType::BF16
+        || a.dims() != b.dims()
+        || !a.is_contiguous()
+        || !b.is_contiguous()
+    {
+        return None;
+    }
+    Some((|| {
+        let (xa, xb) = (widened(a)?, widened(b)?);
+        let y: Vec<half::bf16> = xa
+            .iter()
+            .zip(&xb)
+            .map(|(&p, &q)| half::bf16::from_f32(p + q))
+            .collect();
+        Tensor::from_vec(y, a.shape(), &Device::Cpu)
+    })())
+}
+
+/// `a + b` through [`add_bf16`] where it applies, else candle's add.
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    match add_bf16(a, b) {
+        Some(y) => y,
+        None => a + b,
+    }
+}
+
+/// A CPU tensor's values widened to f32, in its logical order: one pass over a contiguous
+/// bf16 or f32 tensor (the decode path's case), candle's conversion otherwise.
+pub fn widened(x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    if let (Device::Cpu, Some((a, b))) = (x.device(), x.layout().contiguous_offsets()) {
+        let (storage, _) = x.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            match x.dtype() {
+                DType::BF16 => {
+                    return Ok(cpu.as_slice::<half::bf16>()?[a..b]
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect());
+                }
+                DType::F32 => return Ok(cpu.as_slice::<f32>()?[a..b].to_vec()),
+                _ => {}
+            }
+        }
+    }
+    x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// f32 results as a CPU tensor of `shape` in `dtype` (bf16 or f32), rounded once as candle's
+/// `to_dtype` rounds (to nearest, ties to even).
+pub fn narrowed(
+    y: Vec<f32>,
+    shape: impl Into<candle_core::Shape>,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    match dtype {
+        DType::BF16 => Tensor::from_vec(
+            y.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>(),
+            shape,
+            &Device::Cpu,
+        ),
+        _ => Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(dtype),
+    }
 }
 
 /// One product over the rows of several [rows_each, cols] CPU matrices in `dtype` (bf16 or
@@ -562,6 +663,29 @@ mod tests {
 
     /// Against candle's bf16 matmul widened to f32 (same values, other summation order): within
     /// one bf16 rounding; independent of batching; the vector build gives the portable bits.
+    /// The residual add's pass gives candle's bf16 add bit for bit, ties and signed zeros
+    /// included; other dtypes and layouts are left to candle.
+    #[test]
+    fn bf16_add_is_candles_add() {
+        let a = crate::util::test_matrix(3, 100, 1, 211, 0.013)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let b = crate::util::test_matrix(3, 100, 7, 97, 0.29)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let bits = |t: &Tensor| -> Vec<u16> {
+            let v = t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+            v.iter().map(|v| v.to_bits()).collect()
+        };
+        for (p, q) in [(&a, &b), (&b, &a), (&a, &a.neg().unwrap())] {
+            let got = add_bf16(p, q).unwrap().unwrap();
+            assert_eq!(got.dims(), p.dims());
+            assert_eq!(bits(&got), bits(&(p + q).unwrap()));
+        }
+        assert!(add_bf16(&a.to_dtype(DType::F32).unwrap(), &b).is_none());
+        assert!(add_bf16(&a.t().unwrap(), &b.t().unwrap()).is_none());
+    }
+
     #[test]
     fn bf16_product_matches_and_is_batch_independent() {
         let (rows, cols) = (70usize, 300usize);
@@ -678,36 +802,36 @@ mod tests {
             let x = mat(1, h, 3).to_dtype(dtype).unwrap();
             let mats: Vec<(&Tensor, &Tensor)> =
                 experts.iter().map(|w| w.dense().unwrap()).collect();
-            let y = experts_one_token(&x, &mats).unwrap().unwrap();
-            assert_eq!(y.dims(), [k, h]);
-            for (j, w) in experts.iter().enumerate() {
-                let want: Vec<f32> = w
-                    .forward(&x)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let got: Vec<f32> = y
-                    .narrow(0, j, 1)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let (gb, wb): (Vec<u32>, Vec<u32>) = (
-                    got.iter().map(|v| v.to_bits()).collect(),
-                    want.iter().map(|v| v.to_bits()).collect(),
-                );
-                assert_eq!(gb, wb, "{dtype:?} expert {j}");
+            // Weights whose products round differently in bf16 and in f32.
+            let weights = [0.4137f32, 0.3311, 0.2552];
+            let y = experts_one_token(&x, &mats, &weights).unwrap().unwrap();
+            assert_eq!(y.dims(), [1, h]);
+            assert_eq!(y.dtype(), dtype);
+            // What the tensor ops give: each expert's own forward, scaled by `affine`, summed.
+            let mut want: Option<Tensor> = None;
+            for (w, &r) in experts.iter().zip(&weights) {
+                let ye = w.forward(&x).unwrap().affine(f64::from(r), 0.0).unwrap();
+                want = Some(match want {
+                    None => ye,
+                    Some(a) => (a + ye).unwrap(),
+                });
             }
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&y), bits(&want.unwrap()), "{dtype:?}");
             // Two tokens, or mixed dtypes: not this path.
             let two = mat(2, h, 1).to_dtype(dtype).unwrap();
-            assert!(experts_one_token(&two, &mats).is_none());
+            assert!(experts_one_token(&two, &mats, &weights).is_none());
+            assert!(experts_one_token(&x, &mats, &weights[..2]).is_none());
         }
     }
 }

@@ -312,7 +312,10 @@ impl MoeBlock {
         {
             return Ok(y);
         }
-        Ok((residual + self.forward_unfused(x, offset, experts, observer)?)?)
+        Ok(super::cpu_gemv::add(
+            residual,
+            &self.forward_unfused(x, offset, experts, observer)?,
+        )?)
     }
 
     /// The block without the fused GPU path: routing on the host, experts one by one (or
@@ -351,17 +354,10 @@ impl MoeBlock {
                 .map(|&e| experts.get(self.layer, e))
                 .collect::<Result<Vec<_>>>()?;
             let mats: Option<Vec<(&Tensor, &Tensor)>> = held.iter().map(|w| w.dense()).collect();
-            if let Some(y) = mats.and_then(|m| super::cpu_gemv::experts_one_token(x, &m)) {
-                let y = y?;
-                let mut acc: Option<Tensor> = None;
-                for (j, &e) in used.iter().enumerate() {
-                    let ye = y.narrow(0, j, 1)?.affine(f64::from(rows[e][0].1), 0.0)?;
-                    acc = Some(match acc {
-                        None => ye,
-                        Some(a) => (a + ye)?,
-                    });
-                }
-                return Ok(acc.unwrap_or(x.zeros_like()?));
+            let weights: Vec<f32> = used.iter().map(|&e| rows[e][0].1).collect();
+            if let Some(y) = mats.and_then(|m| super::cpu_gemv::experts_one_token(x, &m, &weights))
+            {
+                return Ok(y?);
             }
             // Not this case (quantized experts): their gate_up products in one call where
             // candle can, else one expert at a time, over the experts already held.
