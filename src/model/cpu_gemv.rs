@@ -445,13 +445,7 @@ pub fn experts_one_token(
     }
     // Rounding to the compute dtype and the dtype's own arithmetic, as candle's ops do it.
     let bf16 = dtype == DType::BF16;
-    let round = |v: f32| {
-        if bf16 {
-            half::bf16::from_f32(v).to_f32()
-        } else {
-            v
-        }
-    };
+    let round = |v: f32| if bf16 { round_bf16(v) } else { v };
     Some((|| {
         let xs = widened(x)?;
         let gate_ups: Vec<&Tensor> = experts.iter().map(|(gu, _)| *gu).collect();
@@ -469,15 +463,41 @@ pub fn experts_one_token(
         let y = stacked_product(&downs, h, inter, dtype, |e| &hs[e * inter..(e + 1) * inter])?;
         let mut acc = vec![0f32; h];
         for (e, (ye, &w)) in y.chunks_exact(h).zip(weights).enumerate() {
-            // affine(w, 0): `v * w + 0` with w and each step in the dtype.
+            // affine(w, 0): `v * w + 0` with w and each step in the dtype; then the sum, from
+            // the first expert on. Branch-free, so the loops vectorise.
             let w = round(w);
-            for (a, &v) in acc.iter_mut().zip(ye) {
-                let scaled = round(round(round(v) * w) + 0.0);
-                *a = if e == 0 { scaled } else { round(*a + scaled) };
+            let scaled = |v: f32| round(round(round(v) * w) + 0.0);
+            if e == 0 {
+                acc.iter_mut().zip(ye).for_each(|(a, &v)| *a = scaled(v));
+            } else {
+                acc.iter_mut()
+                    .zip(ye)
+                    .for_each(|(a, &v)| *a = round(*a + scaled(v)));
             }
         }
         narrowed(acc, (1, h), dtype)
     })())
+}
+
+/// `v` rounded to bf16 and back, as `half::bf16::from_f32` rounds it (to nearest, ties to
+/// even; a NaN stays a NaN, quietened, its sign and top payload bits kept), without branches,
+/// so loops over it vectorise.
+#[inline(always)]
+pub fn round_bf16(v: f32) -> f32 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1));
+    let nan = (b | 0x0040_0000) & 0xffff_0000;
+    f32::from_bits(if v.is_nan() {
+        nan
+    } else {
+        rounded & 0xffff_0000
+    })
+}
+
+/// `v` as a bf16, rounded as [`round_bf16`] (and `half::bf16::from_f32`) round it.
+#[inline(always)]
+pub fn to_bf16(v: f32) -> half::bf16 {
+    half::bf16::from_bits((round_bf16(v).to_bits() >> 16) as u16)
 }
 
 /// `a + b` for two contiguous CPU bf16 tensors of one shape (the residual adds of a decode
@@ -496,11 +516,7 @@ pub fn add_bf16(a: &Tensor, b: &Tensor) -> Option<candle_core::Result<Tensor>> {
     }
     Some((|| {
         let (xa, xb) = (widened(a)?, widened(b)?);
-        let y: Vec<half::bf16> = xa
-            .iter()
-            .zip(&xb)
-            .map(|(&p, &q)| half::bf16::from_f32(p + q))
-            .collect();
+        let y: Vec<half::bf16> = xa.iter().zip(&xb).map(|(&p, &q)| to_bf16(p + q)).collect();
         Tensor::from_vec(y, a.shape(), &Device::Cpu)
     })())
 }
@@ -543,7 +559,7 @@ pub fn narrowed(
 ) -> candle_core::Result<Tensor> {
     match dtype {
         DType::BF16 => Tensor::from_vec(
-            y.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>(),
+            y.into_iter().map(to_bf16).collect::<Vec<_>>(),
             shape,
             &Device::Cpu,
         ),
@@ -663,6 +679,41 @@ mod tests {
 
     /// Against candle's bf16 matmul widened to f32 (same values, other summation order): within
     /// one bf16 rounding; independent of batching; the vector build gives the portable bits.
+    /// The branch-free rounding is half's: ties both ways, subnormals, the largest finite
+    /// values (which round to infinity), infinities and NaNs of both signs, and a spread of
+    /// ordinary bit patterns.
+    #[test]
+    fn round_bf16_is_halfs_rounding() {
+        let special = [
+            0u32,
+            0x8000_0000,
+            0x0000_8000,
+            0x0001_8000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x007f_ffff,
+            0x0000_0001,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f7f_8000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0xffc0_0001,
+            0x7f80_0001,
+            0xff80_8000,
+            0x7fff_ffff,
+        ];
+        let spread = (0..u32::MAX / 65_521).map(|i| i.wrapping_mul(65_521).wrapping_add(i >> 3));
+        for b in special.into_iter().chain(spread) {
+            let v = f32::from_bits(b);
+            let want = half::bf16::from_f32(v).to_f32().to_bits();
+            assert_eq!(round_bf16(v).to_bits(), want, "{b:#010x}");
+            assert_eq!(to_bf16(v).to_bits(), half::bf16::from_f32(v).to_bits());
+        }
+    }
+
     /// The residual add's pass gives candle's bf16 add bit for bit, ties and signed zeros
     /// included; other dtypes and layouts are left to candle.
     #[test]

@@ -164,8 +164,8 @@ impl RmsNorm {
                 let sum2 = row.iter().map(|&v| v * v).sum::<f32>();
                 let rms = (sum2 / n as f32 + self.eps).sqrt();
                 y.extend(row.iter().zip(&w).map(|(&v, &w)| {
-                    let normed = half::bf16::from_f32(v / rms).to_f32();
-                    half::bf16::from_f32(normed * w)
+                    let normed = super::cpu_gemv::round_bf16(v / rms);
+                    super::cpu_gemv::to_bf16(normed * w)
                 }));
             }
             Ok(Tensor::from_vec(y, x.shape(), x.device())?)
