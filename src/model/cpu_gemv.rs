@@ -724,13 +724,10 @@ mod tests {
         let b = crate::util::test_matrix(3, 100, 7, 97, 0.29)
             .to_dtype(DType::BF16)
             .unwrap();
-        let bits = |t: &Tensor| -> Vec<u16> {
-            let v = t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
-            v.iter().map(|v| v.to_bits()).collect()
-        };
+        let bits = crate::util::f32_bits;
         for (p, q) in [(&a, &b), (&b, &a), (&a, &a.neg().unwrap())] {
             let got = add_bf16(p, q).unwrap().unwrap();
-            assert_eq!(got.dims(), p.dims());
+            assert_eq!((got.dims(), got.dtype()), (p.dims(), DType::BF16));
             assert_eq!(bits(&got), bits(&(p + q).unwrap()));
         }
         assert!(add_bf16(&a.to_dtype(DType::F32).unwrap(), &b).is_none());
@@ -867,17 +864,7 @@ mod tests {
                     Some(a) => (a + ye).unwrap(),
                 });
             }
-            let bits = |t: &Tensor| -> Vec<u32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            };
+            let bits = crate::util::f32_bits;
             assert_eq!(bits(&y), bits(&want.unwrap()), "{dtype:?}");
             // Two tokens, or mixed dtypes: not this path.
             let two = mat(2, h, 1).to_dtype(dtype).unwrap();

@@ -587,15 +587,8 @@ mod tests {
                 .unwrap()
                 .broadcast_mul(&w)
                 .unwrap();
-            let bits = |t: &Tensor| -> Vec<u16> {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<half::bf16>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            };
+            let bits = crate::util::f32_bits;
+            assert_eq!(got.dtype(), DType::BF16);
             assert_eq!(got.dims(), want.dims());
             assert_eq!(bits(&got), bits(&want), "{rows} × {n}");
         }
