@@ -1,5 +1,5 @@
 //! Products of a few tokens with a matrix on the CPU — every decode step's linear layers and
-//! experts, in f32 and bf16 (FP8 in `fp8.rs` uses the same dot). candle's GEMM is built for many
+//! experts, in f32, bf16 and f16 (FP8 in `fp8.rs` uses the same dot). candle's GEMM is built for many
 //! tokens; at batch 1 a product is a GEMV and memory-bound, and candle's bf16 path widened each
 //! matrix before multiplying. Here each row is read once, 2 bytes a weight in bf16, widened in
 //! registers.
@@ -77,6 +77,35 @@ pub unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
     }
     // SAFETY: AVX2 and FMA, as this function requires.
     unsafe { finish(acc, i, n, |k, s| bf16_bits(w[k]).mul_add(x[k], s)) }
+}
+
+/// [`dot_with`] for f16 bits in AVX2: eight weights widened per instruction (F16C, exact for
+/// every finite f16, subnormals included, as `half::f16::to_f32` is).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `w` and `x` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8j + 8 ≤ n for both slices (loop bound).
+            let (wv, xv) = unsafe {
+                (
+                    _mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i),
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8 * j)),
+                )
+            };
+            *acc = _mm256_fmadd_ps(_mm256_cvtph_ps(wv), xv, *acc);
+        }
+        i += 32;
+    }
+    // SAFETY: AVX2 and FMA, as this function requires.
+    unsafe { finish(acc, i, n, |k, s| f16_bits(w[k]).mul_add(x[k], s)) }
 }
 
 /// [`dot_with`] for bf16 bits in AVX-512: sixteen weights widened per instruction, two 16-lane
@@ -194,6 +223,12 @@ unsafe fn finish(
     s
 }
 
+/// f16 bits as f32 (exact).
+#[inline(always)]
+pub fn f16_bits(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
+}
+
 /// bf16 bits as f32 (exact: a shift).
 #[inline(always)]
 pub fn bf16_bits(b: u16) -> f32 {
@@ -252,14 +287,14 @@ impl RowsOut {
     }
 }
 
-/// x·Wᵀ for x [n, k] and W [rows, k] on the CPU, both bf16 or both f32, W contiguous,
-/// n ≤ [`MAX_TOKENS`]: each row dotted with every token in f32 (bf16 widened on the fly, a
-/// shift), the result rounded once to the input's dtype. None when the case is not one of these
+/// x·Wᵀ for x [n, k] and W [rows, k] on the CPU, both bf16, f16 or f32, W contiguous,
+/// n ≤ [`MAX_TOKENS`]: each row dotted with every token in f32 (16-bit weights widened on the
+/// fly), the result rounded once to the input's dtype. None when the case is not one of these
 /// (the caller uses candle's matmul).
 pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
     let dtype = x.dtype();
     if !matches!(x.device(), Device::Cpu)
-        || !matches!(dtype, DType::BF16 | DType::F32)
+        || !matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
         || w.dtype() != dtype
         || x.rank() != 2
         || w.rank() != 2
@@ -280,12 +315,9 @@ pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Ten
             candle_core::bail!("CPU product: the matrix is not on the CPU")
         };
         let start = layout.start_offset();
-        let y = if dtype == DType::BF16 {
-            let wv = &cpu.as_slice::<half::bf16>()?[start..start + rows * cols];
-            // SAFETY: bf16 is a 16-bit plain value; its bits read as u16 are what the shift wants.
-            let bits: &[u16] =
-                unsafe { std::slice::from_raw_parts(wv.as_ptr() as *const u16, wv.len()) };
-            let kernel = bf16_row_kernel();
+        let y = if dtype != DType::F32 {
+            let bits = &half_matrix(cpu, dtype)?[start..start + rows * cols];
+            let kernel = half_row_kernel(dtype);
             rows_product(rows, cols, n, |r, out| {
                 kernel(&bits[r * cols..(r + 1) * cols], &xs, out)
             })
@@ -383,6 +415,31 @@ fn bf16_row_kernel() -> Bf16RowKernel {
     bf16_row_portable
 }
 
+fn f16_row_portable(w: &[u16], xs: &[f32], out: &mut [f32]) {
+    each_token(w, xs, out, |w, x| dot_with(w, x, f16_bits))
+}
+
+/// One f16 row for every token, as [`Bf16RowKernel`].
+fn f16_row_kernel() -> Bf16RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() && std::arch::is_x86_feature_detected!("f16c") {
+        return |w, xs, out| {
+            // SAFETY: AVX2, FMA and F16C were detected on this CPU.
+            each_token(w, xs, out, |w, x| unsafe { dot_f16_avx2(w, x) })
+        };
+    }
+    f16_row_portable
+}
+
+/// The row kernel for 16-bit weights of `dtype` (bf16 or f16), as bits.
+fn half_row_kernel(dtype: DType) -> Bf16RowKernel {
+    if dtype == DType::F16 {
+        f16_row_kernel()
+    } else {
+        bf16_row_kernel()
+    }
+}
+
 /// One row's results for every token (`xs` is n × the row's length).
 #[inline(always)]
 pub fn each_token<W>(w: &[W], xs: &[f32], out: &mut [f32], dot: impl Fn(&[W], &[f32]) -> f32) {
@@ -418,7 +475,7 @@ pub fn avx2_fma() -> bool {
 /// (`affine`), summed in the dtype from the first expert on — a dozen tensor ops a layer
 /// fewer, which at batch 1 on a small model cost more than the arithmetic.
 ///
-/// `x` [1, H]; `experts` (gate_up [2I, H], down [H, I]) all in x's dtype (bf16 or f32),
+/// `x` [1, H]; `experts` (gate_up [2I, H], down [H, I]) all in x's dtype (bf16, f16 or f32),
 /// contiguous; `weights` the routing weights, one per expert. Returns the weighted sum [1, H].
 /// None when the case is not this one.
 pub fn experts_one_token(
@@ -436,47 +493,62 @@ pub fn experts_one_token(
     if n != 1
         || weights.len() != experts.len()
         || !x.device().is_cpu()
-        || !matches!(dtype, DType::BF16 | DType::F32)
+        || !matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
         || !experts
             .iter()
             .all(|(gu, d)| fits(gu, [2 * inter, h]) && fits(d, [h, inter]))
     {
         return None;
     }
-    // Rounding to the compute dtype and the dtype's own arithmetic, as candle's ops do it.
-    let bf16 = dtype == DType::BF16;
-    let round = |v: f32| if bf16 { round_bf16(v) } else { v };
-    Some((|| {
-        let xs = widened(x)?;
-        let gate_ups: Vec<&Tensor> = experts.iter().map(|(gu, _)| *gu).collect();
-        let gu = stacked_product(&gate_ups, two_i, h, dtype, |_| &xs)?;
-        let mut hs = vec![0f32; experts.len() * inter];
-        for (e, row) in gu.chunks_exact(two_i).enumerate() {
-            let (g, u) = row.split_at(inter);
-            for ((o, &g), &u) in hs[e * inter..(e + 1) * inter].iter_mut().zip(g).zip(u) {
-                let g = round(g);
-                let act = round(g / (1.0 + (-g).exp()));
-                *o = round(act * round(u));
-            }
+    // Rounding to the compute dtype and the dtype's own arithmetic, as candle's ops do it; one
+    // copy of the loops per dtype, so each is specialised (and the bf16 and f32 ones vectorise).
+    Some(match dtype {
+        DType::BF16 => one_token_sum(x, experts, weights, round_bf16),
+        DType::F16 => one_token_sum(x, experts, weights, |v| half::f16::from_f32(v).to_f32()),
+        _ => one_token_sum(x, experts, weights, |v| v),
+    })
+}
+
+/// [`experts_one_token`]'s work, `round` rounding an f32 to the compute dtype.
+fn one_token_sum(
+    x: &Tensor,
+    experts: &[(&Tensor, &Tensor)],
+    weights: &[f32],
+    round: impl Fn(f32) -> f32 + Copy,
+) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let h = x.dim(1)?;
+    let two_i = experts[0].0.dim(0)?;
+    let inter = two_i / 2;
+    let xs = widened(x)?;
+    let gate_ups: Vec<&Tensor> = experts.iter().map(|(gu, _)| *gu).collect();
+    let gu = stacked_product(&gate_ups, two_i, h, dtype, |_| &xs)?;
+    let mut hs = vec![0f32; experts.len() * inter];
+    for (e, row) in gu.chunks_exact(two_i).enumerate() {
+        let (g, u) = row.split_at(inter);
+        for ((o, &g), &u) in hs[e * inter..(e + 1) * inter].iter_mut().zip(g).zip(u) {
+            let g = round(g);
+            let act = round(g / (1.0 + (-g).exp()));
+            *o = round(act * round(u));
         }
-        let downs: Vec<&Tensor> = experts.iter().map(|(_, d)| *d).collect();
-        let y = stacked_product(&downs, h, inter, dtype, |e| &hs[e * inter..(e + 1) * inter])?;
-        let mut acc = vec![0f32; h];
-        for (e, (ye, &w)) in y.chunks_exact(h).zip(weights).enumerate() {
-            // affine(w, 0): `v * w + 0` with w and each step in the dtype; then the sum, from
-            // the first expert on. Branch-free, so the loops vectorise.
-            let w = round(w);
-            let scaled = |v: f32| round(round(round(v) * w) + 0.0);
-            if e == 0 {
-                acc.iter_mut().zip(ye).for_each(|(a, &v)| *a = scaled(v));
-            } else {
-                acc.iter_mut()
-                    .zip(ye)
-                    .for_each(|(a, &v)| *a = round(*a + scaled(v)));
-            }
+    }
+    let downs: Vec<&Tensor> = experts.iter().map(|(_, d)| *d).collect();
+    let y = stacked_product(&downs, h, inter, dtype, |e| &hs[e * inter..(e + 1) * inter])?;
+    let mut acc = vec![0f32; h];
+    for (e, (ye, &w)) in y.chunks_exact(h).zip(weights).enumerate() {
+        // affine(w, 0): `v * w + 0` with w and each step in the dtype; then the sum, from the
+        // first expert on. Branch-free for bf16 and f32, so the loops vectorise.
+        let w = round(w);
+        let scaled = |v: f32| round(round(round(v) * w) + 0.0);
+        if e == 0 {
+            acc.iter_mut().zip(ye).for_each(|(a, &v)| *a = scaled(v));
+        } else {
+            acc.iter_mut()
+                .zip(ye)
+                .for_each(|(a, &v)| *a = round(*a + scaled(v)));
         }
-        narrowed(acc, (1, h), dtype)
-    })())
+    }
+    narrowed(acc, (1, h), dtype)
 }
 
 /// `v` rounded to bf16 and back, as `half::bf16::from_f32` rounds it (to nearest, ties to
@@ -542,6 +614,12 @@ pub fn widened(x: &Tensor) -> candle_core::Result<Vec<f32>> {
                         .map(|v| v.to_f32())
                         .collect());
                 }
+                DType::F16 => {
+                    return Ok(cpu.as_slice::<half::f16>()?[a..b]
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect());
+                }
                 DType::F32 => return Ok(cpu.as_slice::<f32>()?[a..b].to_vec()),
                 _ => {}
             }
@@ -590,12 +668,12 @@ fn stacked_product<'x>(
             kernel(&w[e][r * cols..(r + 1) * cols], x_of(e), out)
         })
     }
-    Ok(if dtype == DType::BF16 {
+    Ok(if dtype != DType::F32 {
         let w = held
             .iter()
-            .map(|(g, l)| bf16_matrix(g, l))
+            .map(|(g, l)| half_matrix_at(g, l, dtype))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        run(w, bf16_row_kernel(), rows_each, cols, x_of)
+        run(w, half_row_kernel(dtype), rows_each, cols, x_of)
     } else {
         let w = held
             .iter()
@@ -605,17 +683,30 @@ fn stacked_product<'x>(
     })
 }
 
-/// A held CPU bf16 tensor as bits, from where it starts.
-fn bf16_matrix<'a>(
+/// A held CPU bf16 or f16 tensor as bits, from where it starts.
+fn half_matrix_at<'a>(
     storage: &'a candle_core::Storage,
     layout: &candle_core::Layout,
+    dtype: DType,
 ) -> candle_core::Result<&'a [u16]> {
     let candle_core::Storage::Cpu(cpu) = storage else {
         candle_core::bail!("CPU product: the matrix is not on the CPU")
     };
-    let v = &cpu.as_slice::<half::bf16>()?[layout.start_offset()..];
-    // SAFETY: bf16 is a plain 16-bit value; its bits read as u16 are what the shift wants.
-    Ok(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) })
+    Ok(&half_matrix(cpu, dtype)?[layout.start_offset()..])
+}
+
+/// CPU storage of bf16 or f16 values as their bits.
+fn half_matrix(cpu: &candle_core::CpuStorage, dtype: DType) -> candle_core::Result<&[u16]> {
+    let (ptr, len) = if dtype == DType::F16 {
+        let v = cpu.as_slice::<half::f16>()?;
+        (v.as_ptr() as *const u16, v.len())
+    } else {
+        let v = cpu.as_slice::<half::bf16>()?;
+        (v.as_ptr() as *const u16, v.len())
+    };
+    // SAFETY: bf16 and f16 are plain 16-bit values; their bits read as u16 are what the
+    // kernels widen, and the slice is the storage's own.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
 /// A held CPU f32 tensor, from where it starts.
@@ -674,11 +765,73 @@ mod tests {
                 }
             }
             let _ = want;
+            // f16: the F16C form gives the portable form's bits too.
+            let w16: Vec<u16> = w
+                .iter()
+                .map(|&b| half::f16::from_f32(bf16_bits(b)).to_bits())
+                .collect();
+            let want16 = dot_with(&w16, &x, f16_bits).to_bits();
+            #[cfg(target_arch = "x86_64")]
+            if avx2_fma() && std::arch::is_x86_feature_detected!("f16c") {
+                // SAFETY: detected.
+                let got = unsafe { dot_f16_avx2(&w16, &x) }.to_bits();
+                assert_eq!(got, want16, "f16c, {n}");
+            }
+            let _ = want16;
         }
     }
 
-    /// Against candle's bf16 matmul widened to f32 (same values, other summation order): within
-    /// one bf16 rounding; independent of batching; the vector build gives the portable bits.
+    /// f16 matrices: close to candle's f32 product of the same values (one f16 rounding),
+    /// independent of batching, the kernel the portable rows' bits.
+    #[test]
+    fn f16_product_matches_and_is_batch_independent() {
+        let w = crate::util::test_matrix(70, 300, 3, 101, 0.01)
+            .to_dtype(DType::F16)
+            .unwrap();
+        let x = crate::util::test_matrix(4, 300, 5, 17, 0.1)
+            .to_dtype(DType::F16)
+            .unwrap();
+        let ours = narrow_matmul_t(&x, &w).unwrap().unwrap();
+        assert_eq!(ours.dtype(), DType::F16);
+        let ours: Vec<Vec<f32>> = ours.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        let f32_ref: Vec<Vec<f32>> = x
+            .to_dtype(DType::F32)
+            .unwrap()
+            .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (a, b) in ours.iter().flatten().zip(f32_ref.iter().flatten()) {
+            assert!((a - b).abs() <= b.abs() / 1024.0 + 1e-4, "{a} vs {b}");
+        }
+        for (t, want) in ours.iter().enumerate() {
+            let one: Vec<Vec<f32>> = narrow_matmul_t(&x.narrow(0, t, 1).unwrap(), &w)
+                .unwrap()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            assert_eq!(&one[0], want, "token {t}");
+        }
+        let bits: Vec<u16> = w
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::f16>()
+            .unwrap()
+            .iter()
+            .map(|b| b.to_bits())
+            .collect();
+        let xs = widened(&x).unwrap();
+        let (mut a, mut b) = (vec![0f32; 4], vec![0f32; 4]);
+        for r in 0..70 {
+            let row = &bits[r * 300..(r + 1) * 300];
+            f16_row_portable(row, &xs, &mut a);
+            f16_row_kernel()(row, &xs, &mut b);
+            assert_eq!(a, b, "row {r}");
+        }
+    }
+
     /// The branch-free rounding is half's: ties both ways, subnormals, the largest finite
     /// values (which round to infinity), infinities and NaNs of both signs, and a spread of
     /// ordinary bit patterns.
@@ -734,6 +887,8 @@ mod tests {
         assert!(add_bf16(&a.t().unwrap(), &b.t().unwrap()).is_none());
     }
 
+    /// Against candle's bf16 matmul widened to f32 (same values, other summation order): within
+    /// one bf16 rounding; independent of batching; the vector build gives the portable bits.
     #[test]
     fn bf16_product_matches_and_is_batch_independent() {
         let (rows, cols) = (70usize, 300usize);
@@ -837,7 +992,7 @@ mod tests {
         use crate::model::ports::ExpertWeights;
         let (h, i, k) = (96usize, 40usize, 3usize);
         let mat = |rows, cols, seed| crate::util::test_matrix(rows, cols, seed, 257, 0.004);
-        for dtype in [DType::BF16, DType::F32] {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
             let experts: Vec<ExpertWeights> = (0..k)
                 .map(|e| {
                     ExpertWeights::new(
