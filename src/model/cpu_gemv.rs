@@ -572,14 +572,15 @@ pub fn to_bf16(v: f32) -> half::bf16 {
     half::bf16::from_bits((round_bf16(v).to_bits() >> 16) as u16)
 }
 
-/// `a + b` for two contiguous CPU bf16 tensors of one shape (the residual adds of a decode
-/// step) in one pass: each sum in f32 rounded to bf16, as candle's bf16 add rounds it. None for
-/// any other case (the caller adds with candle).
-pub fn add_bf16(a: &Tensor, b: &Tensor) -> Option<candle_core::Result<Tensor>> {
+/// `a + b` for two contiguous CPU bf16 or f16 tensors of one shape (the residual adds of a
+/// decode step) in one pass: each sum in f32 rounded to the dtype, as candle's add rounds it.
+/// None for any other case (the caller adds with candle).
+pub fn add_half(a: &Tensor, b: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    let dtype = a.dtype();
     if !a.device().is_cpu()
         || !b.device().is_cpu()
-        || a.dtype() != DType::BF16
-        || b.dtype() != DType::BF16
+        || !matches!(dtype, DType::BF16 | DType::F16)
+        || b.dtype() != dtype
         || a.dims() != b.dims()
         || !a.is_contiguous()
         || !b.is_contiguous()
@@ -588,14 +589,22 @@ pub fn add_bf16(a: &Tensor, b: &Tensor) -> Option<candle_core::Result<Tensor>> {
     }
     Some((|| {
         let (xa, xb) = (widened(a)?, widened(b)?);
-        let y: Vec<half::bf16> = xa.iter().zip(&xb).map(|(&p, &q)| to_bf16(p + q)).collect();
+        if dtype == DType::BF16 {
+            let y: Vec<half::bf16> = xa.iter().zip(&xb).map(|(&p, &q)| to_bf16(p + q)).collect();
+            return Tensor::from_vec(y, a.shape(), &Device::Cpu);
+        }
+        let y: Vec<half::f16> = xa
+            .iter()
+            .zip(&xb)
+            .map(|(&p, &q)| half::f16::from_f32(p + q))
+            .collect();
         Tensor::from_vec(y, a.shape(), &Device::Cpu)
     })())
 }
 
-/// `a + b` through [`add_bf16`] where it applies, else candle's add.
+/// `a + b` through [`add_half`] where it applies, else candle's add.
 pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    match add_bf16(a, b) {
+    match add_half(a, b) {
         Some(y) => y,
         None => a + b,
     }
@@ -867,24 +876,26 @@ mod tests {
         }
     }
 
-    /// The residual add's pass gives candle's bf16 add bit for bit, ties and signed zeros
+    /// The residual add's pass gives candle's bf16 and f16 adds bit for bit, ties and signed zeros
     /// included; other dtypes and layouts are left to candle.
     #[test]
-    fn bf16_add_is_candles_add() {
-        let a = crate::util::test_matrix(3, 100, 1, 211, 0.013)
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let b = crate::util::test_matrix(3, 100, 7, 97, 0.29)
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let bits = crate::util::f32_bits;
-        for (p, q) in [(&a, &b), (&b, &a), (&a, &a.neg().unwrap())] {
-            let got = add_bf16(p, q).unwrap().unwrap();
-            assert_eq!((got.dims(), got.dtype()), (p.dims(), DType::BF16));
-            assert_eq!(bits(&got), bits(&(p + q).unwrap()));
+    fn half_add_is_candles_add() {
+        for dtype in [DType::BF16, DType::F16] {
+            let a = crate::util::test_matrix(3, 100, 1, 211, 0.013)
+                .to_dtype(dtype)
+                .unwrap();
+            let b = crate::util::test_matrix(3, 100, 7, 97, 0.29)
+                .to_dtype(dtype)
+                .unwrap();
+            let bits = crate::util::f32_bits;
+            for (p, q) in [(&a, &b), (&b, &a), (&a, &a.neg().unwrap())] {
+                let got = add_half(p, q).unwrap().unwrap();
+                assert_eq!((got.dims(), got.dtype()), (p.dims(), dtype));
+                assert_eq!(bits(&got), bits(&(p + q).unwrap()), "{dtype:?}");
+            }
+            assert!(add_half(&a.to_dtype(DType::F32).unwrap(), &b).is_none());
+            assert!(add_half(&a.t().unwrap(), &b.t().unwrap()).is_none());
         }
-        assert!(add_bf16(&a.to_dtype(DType::F32).unwrap(), &b).is_none());
-        assert!(add_bf16(&a.t().unwrap(), &b.t().unwrap()).is_none());
     }
 
     /// Against candle's bf16 matmul widened to f32 (same values, other summation order): within

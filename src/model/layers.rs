@@ -132,7 +132,7 @@ impl RmsNorm {
         if x.dtype() == DType::F32 || x.device().is_cuda() {
             return Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?);
         }
-        if let Some(y) = self.forward_cpu_bf16(&x) {
+        if let Some(y) = self.forward_cpu_half(&x) {
             return y;
         }
         let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &self.ones_f32, self.eps)?;
@@ -141,16 +141,17 @@ impl RmsNorm {
 }
 
 impl RmsNorm {
-    /// [`RmsNorm::forward`]'s bf16 path on the CPU in one pass over plain vectors instead of
-    /// four tensor ops (widen, norm, round, scale), with their arithmetic: the sum of squares
-    /// in f32 in order, `x / rms` in f32 rounded to bf16, then `* weight` in bf16. At batch 1
-    /// on a small model the ops' dispatch costs more than the arithmetic. None for any other
-    /// case.
-    fn forward_cpu_bf16(&self, x: &Tensor) -> Option<Result<Tensor>> {
+    /// [`RmsNorm::forward`]'s bf16 and f16 path on the CPU in one pass over plain vectors
+    /// instead of four tensor ops (widen, norm, round, scale), with their arithmetic: the sum of
+    /// squares in f32 in order, `x / rms` in f32 rounded to the dtype, then `* weight` in the
+    /// dtype. At batch 1 on a small model the ops' dispatch costs more than the arithmetic. None
+    /// for any other case.
+    fn forward_cpu_half(&self, x: &Tensor) -> Option<Result<Tensor>> {
         let n = self.weight.dim(0).ok()?;
+        let dtype = x.dtype();
         if !x.device().is_cpu()
-            || x.dtype() != DType::BF16
-            || self.weight.dtype() != DType::BF16
+            || !matches!(dtype, DType::BF16 | DType::F16)
+            || self.weight.dtype() != dtype
             || x.dims().last() != Some(&n)
             || n == 0
         {
@@ -159,18 +160,29 @@ impl RmsNorm {
         Some((|| {
             let xs = super::cpu_gemv::widened(x)?;
             let w = super::cpu_gemv::widened(&self.weight)?;
-            let mut y = Vec::with_capacity(xs.len());
-            for row in xs.chunks_exact(n) {
-                let sum2 = row.iter().map(|&v| v * v).sum::<f32>();
-                let rms = (sum2 / n as f32 + self.eps).sqrt();
-                y.extend(row.iter().zip(&w).map(|(&v, &w)| {
-                    let normed = super::cpu_gemv::round_bf16(v / rms);
-                    super::cpu_gemv::to_bf16(normed * w)
-                }));
-            }
-            Ok(Tensor::from_vec(y, x.shape(), x.device())?)
+            // One copy of the loop per dtype, so the bf16 one vectorises.
+            let y = if dtype == DType::BF16 {
+                normed_rows(&xs, &w, self.eps, super::cpu_gemv::round_bf16)
+            } else {
+                normed_rows(&xs, &w, self.eps, |v| half::f16::from_f32(v).to_f32())
+            };
+            // The values are the dtype's already: narrowing them is exact.
+            Ok(super::cpu_gemv::narrowed(y, x.shape(), dtype)?)
         })())
     }
+}
+
+/// Each row of `xs` (rows of `w.len()`) over its root mean square, then scaled by `w`, each
+/// step rounded by `round` (see [`RmsNorm::forward_cpu_half`]).
+fn normed_rows(xs: &[f32], w: &[f32], eps: f32, round: impl Fn(f32) -> f32) -> Vec<f32> {
+    let n = w.len();
+    let mut y = Vec::with_capacity(xs.len());
+    for row in xs.chunks_exact(n) {
+        let sum2 = row.iter().map(|&v| v * v).sum::<f32>();
+        let rms = (sum2 / n as f32 + eps).sqrt();
+        y.extend(row.iter().zip(w).map(|(&v, &w)| round(round(v / rms) * w)));
+    }
+    y
 }
 
 /// Standard (NeoX, rotate-half) RoPE over the full head_dim. For text-only input HF's
@@ -563,34 +575,37 @@ mod tests {
         }
     }
 
-    /// The bf16 CPU pass gives the bits of the tensor ops it stands for (widen, candle's f32
-    /// norm, round, scale in bf16), over rows of mixed magnitudes, one row and many.
+    /// The bf16 and f16 CPU passes give the bits of the tensor ops they stand for (widen,
+    /// candle's f32 norm, round, scale in the dtype), over rows of mixed magnitudes, one and many.
     #[test]
-    fn bf16_rms_norm_pass_is_the_tensor_ops_bit_for_bit() {
-        for (rows, n) in [(1usize, 256usize), (4, 64), (40, 48), (3, 7)] {
+    fn half_rms_norm_pass_is_the_tensor_ops_bit_for_bit() {
+        for (dtype, (rows, n)) in [DType::BF16, DType::F16]
+            .into_iter()
+            .flat_map(|d| [(1usize, 256usize), (4, 64), (40, 48), (3, 7)].map(|s| (d, s)))
+        {
             let x = crate::util::test_matrix(rows, n, 5, 131, 0.37)
-                .to_dtype(DType::BF16)
+                .to_dtype(dtype)
                 .unwrap();
             let w = crate::util::test_matrix(1, n, 9, 17, 0.11)
                 .affine(1.0, 1.0)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
-                .to_dtype(DType::BF16)
+                .to_dtype(dtype)
                 .unwrap();
             let norm = RmsNorm::new(w.clone(), 1e-6).unwrap();
             let got = norm.forward(&x).unwrap();
             let ones = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
             let want = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32).unwrap(), &ones, 1e-6)
                 .unwrap()
-                .to_dtype(DType::BF16)
+                .to_dtype(dtype)
                 .unwrap()
                 .broadcast_mul(&w)
                 .unwrap();
             let bits = crate::util::f32_bits;
-            assert_eq!(got.dtype(), DType::BF16);
+            assert_eq!(got.dtype(), dtype);
             assert_eq!(got.dims(), want.dims());
-            assert_eq!(bits(&got), bits(&want), "{rows} × {n}");
+            assert_eq!(bits(&got), bits(&want), "{dtype:?} {rows} × {n}");
         }
     }
 
