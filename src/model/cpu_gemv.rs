@@ -504,12 +504,64 @@ pub fn experts_one_token(
     // copy of the loops per dtype, so each is specialised (and the bf16 and f32 ones vectorise).
     Some(match dtype {
         DType::BF16 => one_token_sum(x, experts, weights, round_bf16),
-        DType::F16 => one_token_sum(x, experts, weights, |v| half::f16::from_f32(v).to_f32()),
+        DType::F16 => one_token_sum_f16(x, experts, weights),
         _ => one_token_sum(x, experts, weights, |v| v),
     })
 }
 
+/// Whether the F16C forms may run on this CPU.
+pub fn f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`one_token_sum`] in f16, with the hardware's rounding where the CPU has F16C.
+fn one_token_sum_f16(
+    x: &Tensor,
+    experts: &[(&Tensor, &Tensor)],
+    weights: &[f32],
+) -> candle_core::Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    if f16c() && avx2_fma() {
+        // SAFETY: F16C, AVX2 and FMA were detected on this CPU.
+        return unsafe { one_token_sum_f16c(x, experts, weights) };
+    }
+    one_token_sum(x, experts, weights, |v| half::f16::from_f32(v).to_f32())
+}
+
+/// [`one_token_sum`] compiled for F16C, so the rounding inlines and its loops vectorise.
+///
+/// # Safety
+/// The CPU has F16C, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn one_token_sum_f16c(
+    x: &Tensor,
+    experts: &[(&Tensor, &Tensor)],
+    weights: &[f32],
+) -> candle_core::Result<Tensor> {
+    // SAFETY: this function's caller has checked for F16C.
+    one_token_sum(x, experts, weights, |v| unsafe { round_f16_f16c(v) })
+}
+
+/// `v` rounded to f16 and back by F16C (to nearest, ties to even — what `half` does on such a
+/// CPU, since it uses the same instructions).
+///
+/// # Safety
+/// The CPU has F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c")]
+#[inline]
+pub(crate) unsafe fn round_f16_f16c(v: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v));
+    _mm_cvtss_f32(_mm_cvtph_ps(h))
+}
+
 /// [`experts_one_token`]'s work, `round` rounding an f32 to the compute dtype.
+#[inline(always)]
 fn one_token_sum(
     x: &Tensor,
     experts: &[(&Tensor, &Tensor)],
@@ -592,6 +644,23 @@ pub fn add_half(a: &Tensor, b: &Tensor) -> Option<candle_core::Result<Tensor>> {
         if dtype == DType::BF16 {
             let y: Vec<half::bf16> = xa.iter().zip(&xb).map(|(&p, &q)| to_bf16(p + q)).collect();
             return Tensor::from_vec(y, a.shape(), &Device::Cpu);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if f16c() {
+            /// The sums rounded by F16C, so the loop vectorises.
+            ///
+            /// # Safety
+            /// The CPU has F16C.
+            #[target_feature(enable = "f16c")]
+            unsafe fn sums(xa: &[f32], xb: &[f32]) -> Vec<f32> {
+                let round = |v: f32| {
+                    // SAFETY: this function requires F16C.
+                    unsafe { round_f16_f16c(v) }
+                };
+                xa.iter().zip(xb).map(|(&p, &q)| round(p + q)).collect()
+            }
+            // SAFETY: F16C was detected; the rounded sums are f16 values, so narrowing is exact.
+            return narrowed(unsafe { sums(&xa, &xb) }, a.shape(), dtype);
         }
         let y: Vec<half::f16> = xa
             .iter()

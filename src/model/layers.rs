@@ -164,7 +164,7 @@ impl RmsNorm {
             let y = if dtype == DType::BF16 {
                 normed_rows(&xs, &w, self.eps, super::cpu_gemv::round_bf16)
             } else {
-                normed_rows(&xs, &w, self.eps, |v| half::f16::from_f32(v).to_f32())
+                normed_rows_f16(&xs, &w, self.eps)
             };
             // The values are the dtype's already: narrowing them is exact.
             Ok(super::cpu_gemv::narrowed(y, x.shape(), dtype)?)
@@ -172,8 +172,28 @@ impl RmsNorm {
     }
 }
 
+/// [`normed_rows`] in f16: F16C's rounding (half's, on such a CPU) compiled into the loop.
+fn normed_rows_f16(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_gemv::f16c() {
+        /// # Safety
+        /// The CPU has F16C.
+        #[target_feature(enable = "f16c")]
+        unsafe fn rows(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+            // SAFETY: this function requires F16C.
+            normed_rows(xs, w, eps, |v| unsafe {
+                super::cpu_gemv::round_f16_f16c(v)
+            })
+        }
+        // SAFETY: F16C was detected on this CPU.
+        return unsafe { rows(xs, w, eps) };
+    }
+    normed_rows(xs, w, eps, |v| half::f16::from_f32(v).to_f32())
+}
+
 /// Each row of `xs` (rows of `w.len()`) over its root mean square, then scaled by `w`, each
 /// step rounded by `round` (see [`RmsNorm::forward_cpu_half`]).
+#[inline(always)]
 fn normed_rows(xs: &[f32], w: &[f32], eps: f32, round: impl Fn(f32) -> f32) -> Vec<f32> {
     let n = w.len();
     let mut y = Vec::with_capacity(xs.len());
