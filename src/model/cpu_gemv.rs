@@ -58,25 +58,15 @@ pub fn reduce8(l: &[f32; 8]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let n = w.len().min(x.len());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (j, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: i + 8j + 8 ≤ n for both slices (loop bound).
-            let (wv, xv) = unsafe {
-                (
-                    _mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i),
-                    _mm256_loadu_ps(x.as_ptr().add(i + 8 * j)),
-                )
-            };
-            let wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(wv), 16));
-            *acc = _mm256_fmadd_ps(wf, xv, *acc);
-        }
-        i += 32;
-    }
     // SAFETY: AVX2 and FMA, as this function requires.
-    unsafe { finish(acc, i, n, |k, s| bf16_bits(w[k]).mul_add(x[k], s)) }
+    unsafe {
+        dot16_avx2(
+            w,
+            x,
+            |v| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)),
+            bf16_bits,
+        )
+    }
 }
 
 /// [`dot_with`] for f16 bits in AVX2: eight weights widened per instruction (F16C, exact for
@@ -88,24 +78,41 @@ pub unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_f16_avx2(w: &[u16], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
+    // SAFETY: AVX2, FMA and F16C, as this function requires.
+    unsafe { dot16_avx2(w, x, |v| _mm256_cvtph_ps(v), f16_bits) }
+}
+
+/// The AVX2 dot over 16-bit weights that [`dot_bf16_avx2`] and [`dot_f16_avx2`] share: `widen`
+/// turns eight weights' bits into eight f32s, `decode` one (for the tail). Inlined into each,
+/// so the widening compiles with the caller's target features.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA (and what `widen` needs); `w` and `x` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot16_avx2(
+    w: &[u16],
+    x: &[f32],
+    widen: impl Fn(std::arch::x86_64::__m128i) -> std::arch::x86_64::__m256,
+    decode: fn(u16) -> f32,
+) -> f32 {
+    use std::arch::x86_64::*;
     let n = w.len().min(x.len());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (j, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: i + 8j + 8 ≤ n for both slices (loop bound).
-            let (wv, xv) = unsafe {
-                (
-                    _mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i),
-                    _mm256_loadu_ps(x.as_ptr().add(i + 8 * j)),
-                )
-            };
-            *acc = _mm256_fmadd_ps(_mm256_cvtph_ps(wv), xv, *acc);
+    // SAFETY (whole body): the caller guarantees AVX2 and FMA.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // i + 8j + 8 ≤ n for both slices (loop bound).
+                let wv = _mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i);
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i + 8 * j));
+                *acc = _mm256_fmadd_ps(widen(wv), xv, *acc);
+            }
+            i += 32;
         }
-        i += 32;
+        finish(acc, i, n, |k, s| decode(w[k]).mul_add(x[k], s))
     }
-    // SAFETY: AVX2 and FMA, as this function requires.
-    unsafe { finish(acc, i, n, |k, s| f16_bits(w[k]).mul_add(x[k], s)) }
 }
 
 /// [`dot_with`] for bf16 bits in AVX-512: sixteen weights widened per instruction, two 16-lane
