@@ -9,6 +9,9 @@ Prints, over native's decode and prefill steps:
 - the hindsight static share: the requests that the `capacity-per-layer` most used experts of
   each layer would serve — the hit rate of the best fixed cache chosen knowing the whole trace
   (frequency is worth at most this);
+- the same per prompt: each prompt served by its own best fixed cache, chosen knowing that
+  prompt's routing (what a policy that learns a prompt's favourites at once could reach at most,
+  loading them for free);
 - the entropy of each layer's expert use (log2(experts) bits = uniform).
 """
 import argparse
@@ -61,6 +64,13 @@ def main():
         print(f"layer {l}: hindsight top-{a.capacity_per_layer} share {top:.3f}, entropy {h:.2f} bits "
               f"(uniform {math.log2(experts):.2f})")
     print(f"hindsight static cache of {a.capacity_per_layer} per layer: {sum(share) / len(share):.3f} hit rate")
+    hit = tot = 0
+    for seq in by_prompt.values():
+        for l in range(layers):
+            c = collections.Counter(x for s in seq for x in s[l])
+            tot += sum(c.values())
+            hit += sum(v for _, v in c.most_common(a.capacity_per_layer))
+    print(f"per-prompt hindsight static cache of {a.capacity_per_layer} per layer: {hit / tot:.3f} hit rate")
 
 
 if __name__ == "__main__":

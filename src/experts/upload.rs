@@ -3,6 +3,9 @@
 
 use candle_core::Tensor;
 
+use super::source::ExpertSource;
+use crate::model::error::{ModelError, Result};
+
 /// Copies `bytes` (elements of `dst`'s dtype) into `dst` starting at element `elem_offset`.
 #[cfg(feature = "cuda")]
 pub fn htod_into(dst: &Tensor, elem_offset: usize, bytes: &[u8]) -> candle_core::Result<()> {
@@ -98,6 +101,56 @@ impl Staging {
         self.copy_time_us += t.elapsed().as_micros() as u64;
         Ok(())
     }
+}
+
+/// Bytes/s the staged miss path sustains on the CUDA `device`: up to 1 GiB of `source`'s
+/// experts moved as misses are — each read whole into the staging ring, then copied — into two
+/// alternating expert-sized device buffers, timed to the end of the last copy, after an
+/// untimed pass so the pages are in the page cache as a warm run finds them. The staged path's
+/// bound is this, not the read alone: every byte is read by the CPU *and* then copied, and the
+/// two share the host's memory (BENCHMARKS.md §27: ~22 GB/s against a ~42 GB/s read on an H200
+/// host).
+pub fn staged_bandwidth(device: &candle_core::Device, source: &dyn ExpertSource) -> Result<f64> {
+    let cfg = source.config();
+    let experts: Vec<(usize, usize)> = cfg
+        .moe_layers()
+        .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
+        .filter(|&(l, e)| source.has(l, e))
+        .collect();
+    let largest = experts
+        .iter()
+        .map(|&(l, e)| source.stored_bytes(l, e) as usize)
+        .max()
+        .ok_or_else(|| ModelError::Input("the expert source holds no expert".into()))?;
+    let scratch = Tensor::zeros(2 * largest, candle_core::DType::U8, device)?;
+    let mut staging = Staging::default();
+    let mut pass = || -> Result<u64> {
+        let mut total = 0u64;
+        for (i, &(l, e)) in experts.iter().enumerate() {
+            let mut at = (i % 2) * largest;
+            let stored = source.stored_bytes(l, e) as usize;
+            let spans = source.read_into(l, e, staging.buffer(device, stored)?)?;
+            let ranges = spans
+                .iter()
+                .flat_map(|p| std::iter::once(p).chain(p.scale.as_deref()))
+                .map(|p| p.range.clone());
+            for r in ranges {
+                let n = r.len();
+                staging.upload(&scratch, at, r)?;
+                at += n;
+                total += n as u64;
+            }
+            if total >= 1 << 30 {
+                break;
+            }
+        }
+        device.synchronize()?;
+        Ok(total)
+    };
+    pass()?;
+    let start = std::time::Instant::now();
+    let total = pass()?;
+    Ok(total as f64 / start.elapsed().as_secs_f64().max(1e-9))
 }
 
 #[cfg(feature = "cuda")]
