@@ -66,6 +66,11 @@ pub struct SimResult {
     /// Decode steps with at least one miss.
     #[serde(default)]
     pub decode_miss_steps: u64,
+    /// (decode step, layer) pairs with at least one miss: on the staged GPU path a layer's
+    /// misses overlap one another's reads and copies, but its first read and last copy do not
+    /// (see `Costs::copy_s`).
+    #[serde(default)]
+    pub decode_miss_layers: u64,
     /// Decode steps that a GPU run guesses clean (see `experts::speculation`) and that then
     /// miss: the graph launch over the resident experts is wasted and the step runs again.
     #[serde(default)]
@@ -107,6 +112,7 @@ impl SimResult {
                 since_check = 0;
             }
             let mut step_misses = 0u64;
+            let mut missed_layer = None;
             while i < acc.len() && acc[i].step == step {
                 if acc[i].prefetch {
                     if missed[i] {
@@ -120,6 +126,11 @@ impl SimResult {
                     step_misses += 1;
                     if acc[i].decode {
                         r.decode_misses += 1;
+                        // A step's requests come layer by layer.
+                        if missed_layer != Some(acc[i].layer) {
+                            missed_layer = Some(acc[i].layer);
+                            r.decode_miss_layers += 1;
+                        }
                     }
                 } else {
                     r.hits += 1;
@@ -491,6 +502,31 @@ mod tests {
         // The gate wants a run of clean steps first: no guess here, so none fails.
         let r = SimResult::from_misses_with(&acc, &missed, Gate::new(Rule::Gate));
         assert_eq!((r.failed_speculations, r.unguessed_clean_steps), (0, 1));
+    }
+
+    #[test]
+    fn decode_layers_with_misses_are_counted_once_per_step() {
+        let a = |step: usize, layer: usize, expert: usize, decode: bool| Access {
+            layer,
+            expert,
+            decode,
+            step,
+            prefetch: false,
+        };
+        // Prefill misses do not count; step 1: layer 0 misses twice, layer 1 hits, layer 2
+        // misses once; step 2: layer 0 misses once, layer 1 hits.
+        let acc = vec![
+            a(0, 0, 7, false),
+            a(1, 0, 1, true),
+            a(1, 0, 2, true),
+            a(1, 1, 3, true),
+            a(1, 2, 4, true),
+            a(2, 0, 5, true),
+            a(2, 1, 6, true),
+        ];
+        let missed = [true, true, true, false, true, true, false];
+        let r = SimResult::from_misses(&acc, &missed, None);
+        assert_eq!((r.decode_misses, r.decode_miss_layers), (4, 3));
     }
 
     #[test]

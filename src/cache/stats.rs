@@ -192,6 +192,15 @@ impl CacheSnapshot {
         let t = self.load_time_us.saturating_sub(self.overflow_time_us);
         (n > 0).then(|| t as f64 / 1e6 / n as f64)
     }
+
+    /// On the staged GPU path, the device time of one ordinary miss's copy, seconds: what a
+    /// layer's last miss still waits for once it is read (`Costs::copy_s`). None elsewhere: on
+    /// the direct path a miss's time already is its copy's, and the CPU copies nothing.
+    pub fn staged_copy_s(&self) -> Option<f64> {
+        let staged = self.h2d_path.as_deref()?.starts_with("staged");
+        let n = self.load_latency.count.saturating_sub(self.overflow_loads);
+        (staged && n > 0 && self.h2d_time_us > 0).then(|| self.h2d_time_us as f64 / 1e6 / n as f64)
+    }
 }
 
 /// How good next-layer guesses were: precision = useful guesses / guesses; recall = needed
@@ -254,6 +263,13 @@ pub struct Costs {
     /// bandwidth). None: assumed hidden entirely. `sweep` calibrates it on its smallest cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_ahead_s: Option<f64>,
+    /// Staged GPU misses: the device time of one miss's copy, after `miss_s` of reading it.
+    /// A layer's misses chain — the first read, then each copy beside the next read, then the
+    /// last copy — so a layer with m misses costs one `min(miss_s, copy_s)` plus m
+    /// `max(miss_s, copy_s)` (BENCHMARKS.md §27). None: a miss costs `miss_s` and nothing waits
+    /// for its copy (the CPU, the direct path, recordings that did not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_s: Option<f64>,
 }
 
 #[cfg(test)]
@@ -307,6 +323,27 @@ mod tests {
         }
     }
 
+    /// A staged GPU snapshot gives each ordinary miss's share of the copies' device time;
+    /// the direct path, the CPU and a snapshot without copies give none.
+    #[test]
+    fn a_staged_miss_copy_time_comes_from_the_copies() {
+        let mut c = CacheSnapshot {
+            h2d_time_us: 4_000,
+            h2d_path: Some("staged: the expert files exceed half the available memory".into()),
+            overflow_loads: 2,
+            ..Default::default()
+        };
+        c.load_latency.count = 12;
+        assert_eq!(c.staged_copy_s(), Some(0.0004));
+        c.h2d_path = Some("direct: 15 expert files registered".into());
+        assert_eq!(c.staged_copy_s(), None);
+        c.h2d_path = None;
+        assert_eq!(c.staged_copy_s(), None);
+        c.h2d_path = Some("staged: MOESCOPE_H2D=staged".into());
+        c.h2d_time_us = 0;
+        assert_eq!(c.staged_copy_s(), None);
+    }
+
     #[test]
     fn costs_written_to_a_trace_read_back_exactly() {
         // A trace and the recording it came from must predict the same speed to the last bit.
@@ -324,6 +361,7 @@ mod tests {
                 decode_tokens: 1,
                 uncaptured_step_s: Some(f64::from_bits(bits)),
                 load_ahead_s: None,
+                copy_s: Some(f64::from_bits(bits + 2)),
             };
             let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
             assert_eq!(back, c);
@@ -339,6 +377,7 @@ mod tests {
                 decode_tokens: 1,
                 uncaptured_step_s: None,
                 load_ahead_s: None,
+                copy_s: None,
             };
             let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
             assert_eq!(back, c);

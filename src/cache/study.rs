@@ -35,8 +35,14 @@ pub fn knee(points: &[(f64, f64)]) -> Option<(f64, f64)> {
 /// `uncaptured_step_s`) plus its misses' load time.
 pub fn predict_tok_s(costs: &Costs, r: &SimResult) -> f64 {
     let n = costs.decode_tokens.max(1) as f64;
-    let loads = r.decode_misses as f64 * costs.miss_s
-        + r.decode_prefetch_loads as f64 * costs.load_ahead_s.unwrap_or(0.0);
+    let misses = match costs.copy_s {
+        None => r.decode_misses as f64 * costs.miss_s,
+        Some(c) => {
+            r.decode_miss_layers as f64 * costs.miss_s.min(c)
+                + r.decode_misses as f64 * costs.miss_s.max(c)
+        }
+    };
+    let loads = misses + r.decode_prefetch_loads as f64 * costs.load_ahead_s.unwrap_or(0.0);
     let compute = match costs.uncaptured_step_s {
         None => n * costs.native_step_s,
         Some(u) => {
@@ -217,6 +223,7 @@ mod tests {
             decode_tokens: 4,
             uncaptured_step_s: Some(0.003),
             load_ahead_s: None,
+            copy_s: None,
         };
         let r = SimResult {
             decode_misses: 2,
@@ -238,6 +245,7 @@ mod tests {
             decode_tokens: 10,
             uncaptured_step_s: None,
             load_ahead_s: None,
+            copy_s: None,
         };
         let misses = |m: u64| SimResult {
             decode_misses: m,
@@ -248,5 +256,38 @@ mod tests {
             (predict_tok_s(&c, &misses(100)) - 50.0).abs() < 1e-9,
             "10 misses per token double the step"
         );
+    }
+
+    /// Staged GPU misses: each layer that misses pays its first read and last copy one after
+    /// the other, its other misses the longer of the two.
+    #[test]
+    fn staged_prediction_charges_each_missing_layer_its_unoverlapped_copy() {
+        let c = Costs {
+            native_step_s: 0.004,
+            miss_s: 0.0004,
+            decode_tokens: 2,
+            uncaptured_step_s: None,
+            load_ahead_s: None,
+            copy_s: Some(0.0003),
+        };
+        // Two tokens: one layer with 3 misses, two layers with 1 each → 5 misses, 3 layers.
+        let r = SimResult {
+            decode_misses: 5,
+            decode_miss_layers: 3,
+            ..Default::default()
+        };
+        // 3 × (0.4 + 0.3) + 2 × 0.4 ms of loads beside 2 × 4 ms of steps.
+        let want = 2.0 / (0.008 + 3.0 * 0.0007 + 2.0 * 0.0004);
+        assert!((predict_tok_s(&c, &r) - want).abs() < 1e-9);
+        // A copy slower than the read: the read is what overlaps.
+        let slow = Costs {
+            copy_s: Some(0.001),
+            ..c
+        };
+        let want = 2.0 / (0.008 + 3.0 * 0.0014 + 2.0 * 0.001);
+        assert!((predict_tok_s(&slow, &r) - want).abs() < 1e-9);
+        // Without a copy time the layers do not matter.
+        let plain = Costs { copy_s: None, ..c };
+        assert!((predict_tok_s(&plain, &r) - 2.0 / (0.008 + 5.0 * 0.0004)).abs() < 1e-9);
     }
 }

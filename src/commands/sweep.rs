@@ -161,10 +161,10 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
     // of the read, and averaging them in would make the predicted curve depend on the very
     // runs it is meant to predict. The smallest cache evicts constantly, so its loads reuse
     // warm buffers: the steady-state cost a long session pays.
-    let miss_s = runs
+    let smallest = runs
         .first()
-        .and_then(|(_, s)| s.backend(Backend::Selective).cache.as_ref())
-        .and_then(|c| c.miss_cost_s());
+        .and_then(|(_, s)| s.backend(Backend::Selective).cache.as_ref());
+    let miss_s = smallest.and_then(|c| c.miss_cost_s());
     let decode_steps = input
         .steps
         .iter()
@@ -177,6 +177,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
             decode_tokens: decode_steps.max(1),
             uncaptured_step_s: uncaptured.map(|u| 1.0 / u),
             load_ahead_s: None,
+            copy_s: smallest.and_then(|c| c.staged_copy_s()),
         }),
         _ => None,
     };

@@ -53,6 +53,7 @@ pub fn from_state(s: &SessionState) -> TraceInput {
             decode_tokens,
             uncaptured_step_s: None,
             load_ahead_s: None,
+            copy_s: sel_cache.and_then(|c| c.staged_copy_s()),
         }),
         _ => None,
     };
