@@ -12,9 +12,21 @@
 
 use candle_core::{DType, Device, Tensor};
 
-/// At most this many tokens go through these kernels; more, and the product is compute-bound,
-/// where candle's tiled GEMM is the better tool.
+/// Any dtype: up to this many tokens go through these kernels (a decode step, a routed
+/// expert's few tokens of a prompt).
 pub const MAX_TOKENS: usize = 8;
+
+/// bf16 and f16: up to this many. candle's GEMM converts 16-bit operands on the way and lost to
+/// the row kernels at every size measured — 16 to 128 tokens at 512 and 2,048 columns, 1.2–2.2×
+/// slower (BENCHMARKS.md §28); longer prompts stay with it, unmeasured.
+pub const MAX_TOKENS_HALF: usize = 128;
+
+/// Whether [`narrow_matmul_t`] takes `n` tokens in `dtype`. f32 stays at [`MAX_TOKENS`]:
+/// candle's tiled f32 GEMM converts nothing, and beyond a few tokens the row kernels' gains
+/// were small and not steady — 1.05–1.3× at 512 columns, 0.8–0.9× at 2,048 (§28).
+fn row_kernels_take(dtype: DType, n: usize) -> bool {
+    n <= MAX_TOKENS || (matches!(dtype, DType::BF16 | DType::F16) && n <= MAX_TOKENS_HALF)
+}
 
 /// Σ decode(w)·x over one row: 32 independent fused multiply-adds per step (four 8-lane
 /// vectors: lane l of vector j takes element 8j + l of each 32), the four vectors added lane by
@@ -294,10 +306,10 @@ impl RowsOut {
     }
 }
 
-/// x·Wᵀ for x [n, k] and W [rows, k] on the CPU, both bf16, f16 or f32, W contiguous,
-/// n ≤ [`MAX_TOKENS`]: each row dotted with every token in f32 (16-bit weights widened on the
-/// fly), the result rounded once to the input's dtype. None when the case is not one of these
-/// (the caller uses candle's matmul).
+/// x·Wᵀ for x [n, k] and W [rows, k] on the CPU, both bf16, f16 or f32, W contiguous, n
+/// tokens few enough ([`row_kernels_take`]): each row dotted with every token in f32 (16-bit weights
+/// widened on the fly), the result rounded once to the input's dtype. None when the case is not
+/// one of these (the caller uses candle's matmul).
 pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
     let dtype = x.dtype();
     if !matches!(x.device(), Device::Cpu)
@@ -305,14 +317,13 @@ pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Ten
         || w.dtype() != dtype
         || x.rank() != 2
         || w.rank() != 2
-        || x.dim(0).ok()? > MAX_TOKENS
         || !w.is_contiguous()
     {
         return None;
     }
     let (n, k) = x.dims2().ok()?;
     let (rows, cols) = w.dims2().ok()?;
-    if k != cols {
+    if k != cols || !row_kernels_take(dtype, n) {
         return None;
     }
     Some((|| {
@@ -1069,8 +1080,76 @@ mod tests {
             assert_eq!(a, b, "f32 row {r}");
         }
         assert!(narrow_matmul_t(&x32, &w).is_none());
-        let many = Tensor::zeros((9, cols), DType::BF16, &Device::Cpu).unwrap();
+        let many = Tensor::zeros((MAX_TOKENS_HALF + 1, cols), DType::BF16, &Device::Cpu).unwrap();
         assert!(narrow_matmul_t(&many, &w).is_none());
+    }
+
+    /// Which products the row kernels take: any dtype up to 8 tokens; 16-bit ones up to 128.
+    #[test]
+    fn row_kernels_take_short_products_and_16_bit_prompts() {
+        for d in [DType::BF16, DType::F16, DType::F32] {
+            assert!(row_kernels_take(d, MAX_TOKENS), "{d:?}");
+        }
+        assert!(row_kernels_take(DType::BF16, 128));
+        assert!(!row_kernels_take(DType::F16, 129));
+        assert!(!row_kernels_take(DType::F32, MAX_TOKENS + 1));
+    }
+
+    /// A prompt-sized product (more tokens than a decode step's) in bf16 and f16 gives, token by
+    /// token, the bits of that token's own one-token product: the rows are dotted with each
+    /// token alone, whatever the count.
+    #[test]
+    fn prompt_sized_16_bit_products_are_each_tokens_own() {
+        let (n, rows, cols) = (40usize, 24usize, 300usize);
+        let xv: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 3.0)
+            .collect();
+        let wv: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 104729 % 997) as f32 / 997.0 - 0.5) / 8.0)
+            .collect();
+        for dtype in [DType::BF16, DType::F16] {
+            let x = Tensor::from_vec(xv.clone(), (n, cols), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = Tensor::from_vec(wv.clone(), (rows, cols), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let all: Vec<Vec<f32>> = narrow_matmul_t(&x, &w)
+                .expect("40 tokens of a 16-bit product take the row kernels")
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (t, got) in all.iter().enumerate() {
+                let one: Vec<f32> = narrow_matmul_t(&x.narrow(0, t, 1).unwrap(), &w)
+                    .unwrap()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(got, &one, "{dtype:?} token {t}");
+            }
+            // And candle's product within the rounding of the output dtype.
+            let theirs: Vec<Vec<f32>> = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (a, b) in all.iter().flatten().zip(theirs.iter().flatten()) {
+                assert!(
+                    (a - b).abs() <= 1e-2 * b.abs().max(0.25),
+                    "{dtype:?}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     /// Batched experts give, row by row, the bits of each expert's own forward.
