@@ -406,7 +406,23 @@ pub fn bytes_to_tensor(
         return Tensor::from_raw_buffer(bytes, src, &info.shape, device);
     }
     let t = Tensor::from_raw_buffer(bytes, src, &info.shape, &Device::Cpu)?;
-    let t = if src == dtype { t } else { t.to_dtype(dtype)? };
+    let t = if src == dtype {
+        t
+    } else if (src, dtype) == (DType::BF16, DType::F16) {
+        // candle's `to_dtype` converts one value per call; this one eight at a time, same bits.
+        let f16 = {
+            let (storage, layout) = t.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("a tensor just made on the CPU is not on the CPU")
+            };
+            let start = layout.start_offset();
+            let v = &cpu.as_slice::<half::bf16>()?[start..start + t.elem_count()];
+            super::cpu_gemv::bf16_to_f16(v)
+        };
+        Tensor::from_vec(f16, t.shape(), &Device::Cpu)?
+    } else {
+        t.to_dtype(dtype)?
+    };
     if device.is_cpu() {
         Ok(t)
     } else {
