@@ -760,6 +760,52 @@ pub fn narrowed_f16(y: &[f32]) -> Vec<half::f16> {
     y.iter().map(|&v| half::f16::from_f32(v)).collect()
 }
 
+/// One expert's share of a prompt's MoE sum on the CPU, in place: row j of `y` ([n, h], the
+/// expert's outputs for its tokens) scaled by `w[j]` and added into row `idx[j]` of `acc`
+/// ([t, h]), with the roundings of `acc.index_add(idx, y.broadcast_mul(w))` in `dtype` — the
+/// weight rounded to it, the product rounded, the sum rounded (an f32 product or sum of two
+/// values of the dtype, rounded once, is what `half`'s arithmetic does) — so the bits are
+/// candle's; `acc` holds values of the dtype as f32. Why: candle's f16/bf16 ops convert each
+/// value by a call and allocate a tensor per step, a visible share of a 16-bit prefill.
+pub fn add_weighted_rows(
+    acc: &mut [f32],
+    h: usize,
+    y: &[f32],
+    idx: &[u32],
+    w: &[f32],
+    dtype: DType,
+) -> candle_core::Result<()> {
+    if y.len() != idx.len() * h || w.len() != idx.len() {
+        candle_core::bail!(
+            "weighted rows: {} values for {} rows of {h}",
+            y.len(),
+            idx.len()
+        )
+    }
+    if let Some(&i) = idx.iter().find(|&&i| (i as usize + 1) * h > acc.len()) {
+        candle_core::bail!(
+            "weighted rows: row {i} past the {} rows",
+            acc.len() / h.max(1)
+        )
+    }
+    let mut run = |round: fn(f32) -> f32| {
+        for ((row, &i), &wj) in y.chunks_exact(h).zip(idx).zip(w) {
+            let wj = round(wj);
+            let out = &mut acc[i as usize * h..(i as usize + 1) * h];
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = round(*o + round(v * wj));
+            }
+        }
+    };
+    match dtype {
+        DType::BF16 => run(round_bf16),
+        DType::F16 => run(|v| half::f16::from_f32(v).to_f32()),
+        DType::F32 => run(|v| v),
+        other => candle_core::bail!("weighted rows in {other:?}"),
+    }
+    Ok(())
+}
+
 /// bf16 values as f16, rounded as candle's `to_dtype` rounds them (`half`'s f16 of the exact
 /// f32), eight at a time with F16C: what loading a bf16 checkpoint for f16 compute spends its
 /// time on, one call per value otherwise.
@@ -1224,6 +1270,59 @@ mod tests {
                 .collect();
             assert!(got == want, "widening, {len} values");
         }
+    }
+
+    /// A prompt's weighted expert rows added in place give candle's bits for
+    /// `acc.index_add(idx, y.broadcast_mul(w))`, expert after expert, in bf16, f16 and f32.
+    #[test]
+    fn weighted_rows_are_candles_index_add() {
+        let (t, h) = (7usize, 37usize);
+        let val = |i: usize, m: usize| ((i * 2654435761 % m) as f32 / m as f32 - 0.5) * 4.0;
+        // Three experts' tokens (a token may go to several) and their weights.
+        let experts: [(Vec<u32>, Vec<f32>); 3] = [
+            (vec![0, 2, 3, 6], vec![0.31, 0.07, 0.55, 0.123_456]),
+            (vec![1, 2, 5], vec![0.9, 0.333, 0.0001]),
+            (
+                vec![0, 1, 2, 3, 4, 5, 6],
+                (0..7).map(|j| val(j, 97).abs() / 2.0).collect(),
+            ),
+        ];
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let mut want = Tensor::zeros((t, h), dtype, &Device::Cpu).unwrap();
+            let mut ours = vec![0f32; t * h];
+            for (e, (idx, w)) in experts.iter().enumerate() {
+                let n = idx.len();
+                let y = Tensor::from_vec(
+                    (0..n * h)
+                        .map(|i| val(i + 1000 * e, 1009))
+                        .collect::<Vec<_>>(),
+                    (n, h),
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+                let wt = Tensor::from_vec(w.clone(), (n, 1), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let it = Tensor::from_vec(idx.clone(), n, &Device::Cpu).unwrap();
+                want = want
+                    .index_add(&it, &y.broadcast_mul(&wt).unwrap(), 0)
+                    .unwrap();
+                add_weighted_rows(&mut ours, h, &widened(&y).unwrap(), idx, w, dtype).unwrap();
+            }
+            let want: Vec<u32> = widened(&want)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let got: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
+            assert!(got == want, "{dtype:?}");
+        }
+        let mut acc = vec![0f32; 2 * h];
+        let e = add_weighted_rows(&mut acc, h, &[0.0; 37], &[2], &[1.0], DType::F32).unwrap_err();
+        assert!(e.to_string().contains("row 2"), "{e}");
     }
 
     /// Which products the row kernels take: any dtype up to 8 tokens; 16-bit ones up to 128.

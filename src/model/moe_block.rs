@@ -379,6 +379,21 @@ impl MoeBlock {
             }
             return Ok(acc.unwrap_or(x.zeros_like()?));
         }
+        // A prompt on the CPU: each expert's rows weighted and summed in one pass over f32
+        // values with candle's roundings (`cpu_gemv::add_weighted_rows`), the same bits.
+        if t > 1 && x.device().is_cpu() {
+            let h = x.dim(1)?;
+            let mut acc = vec![0f32; t * h];
+            for e in used {
+                let weights = experts.get(self.layer, e)?;
+                let (idx, w): (Vec<u32>, Vec<f32>) = rows[e].iter().copied().unzip();
+                let xe =
+                    x.index_select(&Tensor::from_vec(idx.clone(), idx.len(), x.device())?, 0)?;
+                let y = super::cpu_gemv::widened(&weights.forward(&xe)?)?;
+                super::cpu_gemv::add_weighted_rows(&mut acc, h, &y, &idx, &w, x.dtype())?;
+            }
+            return Ok(super::cpu_gemv::narrowed(acc, (t, h), x.dtype())?);
+        }
         let mut acc: Option<Tensor> = None;
         for e in used {
             let weights = experts.get(self.layer, e)?;
