@@ -133,19 +133,24 @@ pub struct KldArgs {
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present = "against",
-        conflicts_with = "against"
+        required_unless_present_any = ["against", "candle"],
+        conflicts_with_all = ["against", "candle"]
     )]
     pub base: Option<PathBuf>,
+    /// Instead of llama.cpp's logits: candle-transformers' own model of the same --model
+    /// (`qwen3_moe` over safetensors; `quantized_qwen3_moe` over GGUF, CUDA only) in the same
+    /// --dtype on the same --device, on --text cut into --ctx-token chunks.
+    #[arg(long, conflicts_with = "against")]
+    pub candle: bool,
     /// Instead of llama.cpp's logits: another model run by moescope in f32 (e.g. the bf16
     /// checkpoint a quantized file was made from), on --text cut into --ctx-token chunks.
     #[arg(long, value_name = "DIR")]
     pub against: Option<PathBuf>,
-    /// Text for --against (default: prompts/reference.txt).
-    #[arg(long, value_name = "FILE", requires = "against")]
+    /// Text for --against / --candle (default: prompts/reference.txt).
+    #[arg(long, value_name = "FILE", conflicts_with = "base")]
     pub text: Option<PathBuf>,
-    /// Chunk length for --against (llama-perplexity's -c).
-    #[arg(long, default_value_t = 64, requires = "against")]
+    /// Chunk length for --against / --candle (llama-perplexity's -c).
+    #[arg(long, default_value_t = 64, conflicts_with = "base")]
     pub ctx: usize,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,

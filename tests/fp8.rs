@@ -342,3 +342,71 @@ fn kld_against_the_bf16_original_reports_the_quantization() {
     assert_eq!(rc, 2, "{err}");
     assert!(err.contains("chunk of 64"), "{err}");
 }
+
+/// `bench kld --candle`: moescope against candle-transformers' own model of the same file, on
+/// the same device and dtype. In f32 on the CPU the two compute the same arithmetic up to
+/// summation order (both take candle's ops), so the distributions agree to float rounding; a
+/// GGUF file's reference (`quantized_qwen3_moe`) runs on CUDA only, which the CPU run says.
+#[test]
+fn kld_against_candle_transformers_on_the_same_file() {
+    let words = std::fs::read_to_string(fixture("common_words.txt")).unwrap();
+    let text = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(text.path(), &words[..words.len().min(3000)]).unwrap();
+    let args = |model: &std::path::Path, dtype: &'static str| -> Vec<String> {
+        [
+            "bench",
+            "kld",
+            "--candle",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.path().to_str().unwrap(),
+            "--ctx",
+            "32",
+            "--dtype",
+            dtype,
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let kld = |model: &std::path::Path, dtype: &'static str| -> serde_json::Value {
+        let a = args(model, dtype);
+        let (rc, out, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(rc, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    // The bundled model: every layer MoE, as candle-transformers' qwen3_moe requires.
+    let bundled = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-moe");
+    let f32 = kld(&bundled, "f32");
+    assert!(f32["positions"].as_u64().unwrap() > 100, "{f32}");
+    assert!(f32["mean_kl"].as_f64().unwrap().abs() < 1e-6, "{f32}");
+    assert!(f32["max_kl"].as_f64().unwrap() < 1e-5, "{f32}");
+    assert!(
+        f32["max_likely_log_prob_diff"].as_f64().unwrap() < 1e-3,
+        "{f32}"
+    );
+    assert_eq!(f32["top1_agreement_pct"].as_f64(), Some(100.0));
+    // bf16: two roundings of the same weights — close, not equal.
+    let bf16 = kld(&bundled, "bf16");
+    let mean = bf16["mean_kl"].as_f64().unwrap();
+    assert!(mean > 1e-7 && mean < 0.1, "{bf16}");
+
+    let gguf = fixture("gguf").join("kquant-Q8_0.gguf");
+    let a = args(&gguf, "f32");
+    let (rc, _, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("CUDA only"), "{err}");
+    // One reference at a time.
+    let (rc, _, err) = run(&[
+        "bench",
+        "kld",
+        "--candle",
+        "--base",
+        "x.bin",
+        "--model",
+        gguf.to_str().unwrap(),
+    ]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("--base") && err.contains("--candle"), "{err}");
+}

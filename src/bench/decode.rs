@@ -57,6 +57,7 @@ pub fn run_ours(engine: &Engine, prompt: &[u32], new_tokens: usize) -> Result<De
 pub struct Reference {
     model: RefModel,
     device: Device,
+    dtype: DType,
 }
 
 enum RefModel {
@@ -113,6 +114,7 @@ impl Reference {
         Ok(Reference {
             model: RefModel::Dense(Box::new(model)),
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -132,7 +134,16 @@ impl Reference {
                 dtype,
             ),
             device: device.clone(),
+            dtype,
         })
+    }
+
+    /// Which of candle-transformers' models this is, in which dtype.
+    pub fn name(&self) -> String {
+        match &self.model {
+            RefModel::Dense(_) => format!("qwen3_moe ({:?})", self.dtype),
+            RefModel::Gguf(..) => format!("quantized_qwen3_moe ({:?})", self.dtype),
+        }
     }
 
     fn forward(&mut self, input: &Tensor, offset: usize) -> Result<Tensor> {
@@ -148,6 +159,22 @@ impl Reference {
             RefModel::Gguf(m, path, dtype) => **m = gguf_reference(path, *dtype, &self.device)?,
         }
         Ok(())
+    }
+
+    /// The logits of positions `first .. chunk.len() - 1` of `chunk`, from an empty KV cache:
+    /// `chunk[..=first]` as one prompt, then one token at a time.
+    pub fn scored_logits(&mut self, chunk: &[u32], first: usize) -> Result<Vec<Vec<f32>>> {
+        self.clear()?;
+        let row = |t: Tensor| -> Result<Vec<f32>> {
+            Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+        };
+        let input = Tensor::new(&chunk[..=first], &self.device)?.unsqueeze(0)?;
+        let mut rows = vec![row(self.forward(&input, 0)?)?];
+        for pos in first + 1..chunk.len().saturating_sub(1) {
+            let input = Tensor::new(&chunk[pos..=pos], &self.device)?.unsqueeze(0)?;
+            rows.push(row(self.forward(&input, pos)?)?);
+        }
+        Ok(rows)
     }
 
     pub fn run(&mut self, prompt: &[u32], new_tokens: usize) -> Result<DecodeResult> {

@@ -11,6 +11,7 @@
 
 use std::path::Path;
 
+use crate::bench::decode::Reference;
 use crate::engine::Engine;
 use crate::model::error::{ModelError, Result};
 use crate::model::ports::NoObserver;
@@ -137,30 +138,63 @@ impl BaseLogits {
     /// out), each run from an empty KV cache, the second half of each chunk scored — the
     /// positions llama-perplexity scores.
     pub fn from_engine(engine: &Engine, tokens: &[u32], n_ctx: usize) -> Result<Self> {
+        let v = engine.cfg.vocab_size;
+        Self::from_scored_rows(tokens, n_ctx, v, |chunk, first| {
+            let all = chunk_logits(engine, chunk)?;
+            Ok((first..chunk.len() - 1)
+                .map(|pos| all[pos * v..(pos + 1) * v].to_vec())
+                .collect())
+        })
+    }
+
+    /// The reference computed by candle-transformers' own model of the same file
+    /// (`qwen3_moe` over safetensors, `quantized_qwen3_moe` over GGUF): each chunk from an
+    /// empty KV cache, its first half as one prompt (whose last position is the first scored),
+    /// then one token at a time — candle's models return the last position's logits only.
+    pub fn from_candle(
+        reference: &mut Reference,
+        tokens: &[u32],
+        n_ctx: usize,
+        n_vocab: usize,
+    ) -> Result<Self> {
+        Self::from_scored_rows(tokens, n_ctx, n_vocab, |chunk, first| {
+            reference.scored_logits(chunk, first)
+        })
+    }
+
+    /// Chunks of `tokens` and, per chunk, the log-probabilities of the rows `scored_logits`
+    /// gives for its scored positions (`first .. n_ctx - 1`).
+    fn from_scored_rows(
+        tokens: &[u32],
+        n_ctx: usize,
+        n_vocab: usize,
+        mut scored_logits: impl FnMut(&[u32], usize) -> Result<Vec<Vec<f32>>>,
+    ) -> Result<Self> {
         if n_ctx < 4 || tokens.len() < n_ctx {
             return Err(ModelError::Input(format!(
                 "{} tokens cannot make a chunk of {n_ctx} (need n_ctx ≥ 4 and at least one chunk)",
                 tokens.len()
             )));
         }
-        let v = engine.cfg.vocab_size;
         let mut me = BaseLogits {
             n_ctx,
-            n_vocab: v,
+            n_vocab,
             chunks: tokens.chunks_exact(n_ctx).map(<[u32]>::to_vec).collect(),
             records: Records::Exact(Vec::new()),
         };
         let mut rows = Vec::with_capacity(me.chunks.len());
         for chunk in &me.chunks {
-            let all = chunk_logits(engine, chunk)?;
-            let mut row = Vec::with_capacity(me.scored() * v);
-            for i in 0..me.scored() {
-                let pos = me.first() + i;
-                row.extend(
-                    log_softmax(&all[pos * v..(pos + 1) * v])
-                        .iter()
-                        .map(|&x| x as f32),
-                );
+            let logits = scored_logits(chunk, me.first())?;
+            if logits.len() != me.scored() || logits.iter().any(|r| r.len() != n_vocab) {
+                return Err(ModelError::Input(format!(
+                    "the reference gave {} rows for {} scored positions over {n_vocab} tokens",
+                    logits.len(),
+                    me.scored()
+                )));
+            }
+            let mut row = Vec::with_capacity(me.scored() * n_vocab);
+            for r in &logits {
+                row.extend(log_softmax(r).iter().map(|&x| x as f32));
             }
             rows.push(row);
         }
@@ -196,6 +230,13 @@ pub struct Kld {
     /// KL's 99th percentile.
     pub p99_kl: f64,
     pub top1_agreement_pct: f64,
+    /// The largest |Δ log p| over the tokens the reference gives at least
+    /// [`LIKELY`](Self::LIKELY) — how close the two are where it matters, in nats.
+    pub max_likely_log_prob_diff: f64,
+}
+
+impl Kld {
+    pub const LIKELY: f64 = 1e-3;
 }
 
 /// Runs every chunk through `engine` (a fresh KV cache each, as llama-perplexity does) and
@@ -209,6 +250,8 @@ pub fn compare(engine: &Engine, base: &BaseLogits) -> Result<Kld> {
     }
     let mut kls = Vec::new();
     let mut same = 0usize;
+    let mut max_diff = 0f64;
+    let likely = Kld::LIKELY.ln();
     for (c, chunk) in base.chunks.iter().enumerate() {
         let all = chunk_logits(engine, chunk)?;
         let v = base.n_vocab;
@@ -225,6 +268,11 @@ pub fn compare(engine: &Engine, base: &BaseLogits) -> Result<Kld> {
                 })
                 .sum();
             kls.push(kl);
+            for (&t, &o) in theirs.iter().zip(&ours) {
+                if t as f64 >= likely {
+                    max_diff = crate::session::quality::nan_max(max_diff, (t as f64 - o).abs());
+                }
+            }
             if argmax(&theirs) == argmax_f64(&ours) {
                 same += 1;
             }
@@ -245,6 +293,7 @@ pub fn compare(engine: &Engine, base: &BaseLogits) -> Result<Kld> {
             .copied()
             .unwrap_or(f64::NAN),
         top1_agreement_pct: 100.0 * same as f64 / n.max(1) as f64,
+        max_likely_log_prob_diff: max_diff,
     })
 }
 

@@ -71,38 +71,63 @@ fn kld(a: &crate::cli::KldArgs, settings: &Settings) -> Result<()> {
         cache: CacheSettings::default(),
         settings: settings.clone(),
     };
+    let text_tokens = |dir: &std::path::Path| -> Result<Vec<u32>> {
+        let text_path = a
+            .text
+            .clone()
+            .unwrap_or_else(|| crate::util::repo_file("prompts/reference.txt"));
+        let text =
+            std::fs::read_to_string(&text_path).map_err(|e| crate::model::ModelError::Io {
+                path: text_path.clone(),
+                what: "reading the text to score".into(),
+                source: e,
+            })?;
+        Ok(crate::model::tokenizer::TextTokenizer::from_dir(dir)?.encode(&text)?)
+    };
+    let mut ours = None;
     let (base, against) = match (&a.base, &a.against) {
         (Some(file), _) => (
             crate::bench::kld::BaseLogits::read(file)?,
             "llama.cpp".to_string(),
         ),
         (None, Some(dir)) => {
-            let text_path = a
-                .text
-                .clone()
-                .unwrap_or_else(|| crate::util::repo_file("prompts/reference.txt"));
-            let text =
-                std::fs::read_to_string(&text_path).map_err(|e| crate::model::ModelError::Io {
-                    path: text_path.clone(),
-                    what: "reading the text to score".into(),
-                    source: e,
-                })?;
-            let tokens = crate::model::tokenizer::TextTokenizer::from_dir(dir)?.encode(&text)?;
+            let tokens = text_tokens(dir)?;
             // One model at a time: the reference's log-probabilities are kept, it is dropped.
             let reference = spec(dir, crate::engine::Dtype::F32).load(|_, _| {})?;
             let base = crate::bench::kld::BaseLogits::from_engine(&reference, &tokens, a.ctx)?;
             (base, format!("{} (f32)", dir.display()))
         }
-        (None, None) => unreachable!("clap requires --base or --against"),
+        (None, None) if a.candle => {
+            let tokens = text_tokens(&a.model)?;
+            let engine = spec(&a.model, a.dtype).load(|_, _| {})?;
+            let mut reference = crate::bench::decode::Reference::load(
+                &a.model,
+                &engine.cfg,
+                a.dtype.candle(),
+                engine.model.device(),
+            )?;
+            let base = crate::bench::kld::BaseLogits::from_candle(
+                &mut reference,
+                &tokens,
+                a.ctx,
+                engine.cfg.vocab_size,
+            )?;
+            ours = Some(engine);
+            (base, format!("candle-transformers' {}", reference.name()))
+        }
+        (None, None) => unreachable!("clap requires --base, --against or --candle"),
     };
-    let engine = spec(&a.model, a.dtype).load(|_, _| {})?;
+    let engine = match ours {
+        Some(e) => e,
+        None => spec(&a.model, a.dtype).load(|_, _| {})?,
+    };
     let k = crate::bench::kld::compare(&engine, &base)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&k)?);
     } else {
         println!(
             "{} ({} {}) against {against}: {} positions in {} chunks of {}; mean KL {:.3e}, \
-             p99 {:.3e}, max {:.3e}; top-1 agreement {:.2} %",
+             p99 {:.3e}, max {:.3e}; top-1 agreement {:.2} %; |Δ log p| ≤ {:.3e} where p ≥ {}",
             a.model.display(),
             a.dtype.name(),
             a.device,
@@ -112,7 +137,9 @@ fn kld(a: &crate::cli::KldArgs, settings: &Settings) -> Result<()> {
             k.mean_kl,
             k.p99_kl,
             k.max_kl,
-            k.top1_agreement_pct
+            k.top1_agreement_pct,
+            k.max_likely_log_prob_diff,
+            crate::bench::kld::Kld::LIKELY,
         );
     }
     Ok(())

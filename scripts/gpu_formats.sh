@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 20's question per format, in one sitting on one GPU: the same random model with
+# Qwen3-30B-A3B's geometry (LAYERS layers, default 12) as bf16 safetensors, FP8 (Qwen's 128×128
+# block scheme, scripts/make_fp8_fixtures.py), and GGUF Q8_0 and Q4_K_M (moescope's writer: the
+# same seed, so the same weights up to each format's rounding), each through `run --no-tui` at
+# the default 25 % capacity: memory saved and selective's speed against native's.
+#
+#   scripts/gpu_formats.sh BIN OUT_DIR
+#
+# BIN: `cargo build --release --features cuda` (.gz or .xz is fine). Needs python3 with torch and
+# safetensors (the FP8 quantization). Files go to /dev/shm (about 31 GB at 12 layers). Each run's
+# output lands in OUT_DIR/FORMAT.out; the summary lines are printed. BENCHMARKS.md §12.
+set -uo pipefail
+BIN=${1:?usage: scripts/gpu_formats.sh BIN OUT_DIR}
+OUT=${2:?usage: scripts/gpu_formats.sh BIN OUT_DIR}
+LAYERS=${LAYERS:-12}
+TOKENS=${TOKENS:-32}
+mkdir -p "$OUT"
+case "$BIN" in
+  *.gz) gunzip -c "$BIN" > /tmp/moescope-formats && BIN=/tmp/moescope-formats ;;
+  *.xz) xz -dc "$BIN" > /tmp/moescope-formats && BIN=/tmp/moescope-formats ;;
+esac
+chmod +x "$BIN"
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+D=/dev/shm/formats-${LAYERS}l
+mkdir -p "$D"
+write() { # WHAT PATH COMMAND...
+  local what=$1 path=$2; shift 2
+  [ -e "$path" ] && return 0
+  local t=$SECONDS
+  "$@" > "$OUT/write-$what.out" 2>&1 || { echo "writing $what failed"; tail -3 "$OUT/write-$what.out"; status=1; return 1; }
+  echo "$what written in $((SECONDS - t)) s: $(du -sh "$path" | cut -f1)"
+}
+write bf16 "$D/bf16" "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --out "$D/bf16"
+write fp8 "$D/fp8" python3 scripts/make_fp8_fixtures.py --model "$D/bf16" --out "$D/fp8"
+for q in Q8_0 Q4_K_M; do
+  write "$q" "$D/$q.gguf" "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --gguf "$q" --out "$D/$q.gguf"
+done
+for f in bf16 fp8 Q8_0.gguf Q4_K_M.gguf; do
+  [ -e "$D/$f" ] || continue
+  t=$SECONDS
+  "$BIN" run --no-tui --model "$D/$f" --device cuda:0 --dtype bf16 --max-new-tokens "$TOKENS" \
+    > "$OUT/${f%.gguf}.out" 2> "$OUT/${f%.gguf}.err"
+  rc=$?
+  echo "== $f: rc $rc, $((SECONDS - t)) s"
+  grep -E "^\| +(decode tok/s|memory peak|of which GPU|expected weights|cache hit rate)|^memory reduction|^verdict" "$OUT/${f%.gguf}.out"
+  [ "$rc" -eq 0 ] || { status=1; tail -5 "$OUT/${f%.gguf}.err"; }
+done
+exit $status
