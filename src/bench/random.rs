@@ -145,6 +145,50 @@ fn random_bf16(n: usize, scale: f32, seed: u64, tensor: u64) -> Vec<u8> {
     out
 }
 
+/// The checkpoint's tensors in their fixed order, each (name, shape, scale); a tensor's index
+/// in this order seeds its values, so every writer of the same seed writes the same model.
+fn hf_specs(g: &Geometry) -> Vec<(String, Vec<usize>, f32)> {
+    let mut specs: Vec<(String, Vec<usize>, f32)> = Vec::new();
+    let h = g.hidden;
+    let (q, kv) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
+    let std_of = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    specs.push(("model.embed_tokens.weight".into(), vec![g.vocab, h], 1.0));
+    for l in 0..g.layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        specs.push((p("input_layernorm.weight"), vec![h], 0.0));
+        specs.push((p("post_attention_layernorm.weight"), vec![h], 0.0));
+        specs.push((p("self_attn.q_proj.weight"), vec![q, h], std_of(h)));
+        specs.push((p("self_attn.k_proj.weight"), vec![kv, h], std_of(h)));
+        specs.push((p("self_attn.v_proj.weight"), vec![kv, h], std_of(h)));
+        specs.push((p("self_attn.o_proj.weight"), vec![h, q], std_of(q)));
+        specs.push((p("self_attn.q_norm.weight"), vec![g.head_dim], 0.0));
+        specs.push((p("self_attn.k_norm.weight"), vec![g.head_dim], 0.0));
+        specs.push((p("mlp.gate.weight"), vec![g.experts, h], std_of(h) * 4.0));
+        for e in 0..g.experts {
+            let i = g.moe_intermediate;
+            specs.push((
+                p(&format!("mlp.experts.{e}.gate_proj.weight")),
+                vec![i, h],
+                std_of(h),
+            ));
+            specs.push((
+                p(&format!("mlp.experts.{e}.up_proj.weight")),
+                vec![i, h],
+                std_of(h),
+            ));
+            specs.push((
+                p(&format!("mlp.experts.{e}.down_proj.weight")),
+                vec![h, i],
+                std_of(i),
+            ));
+        }
+    }
+    specs.push(("model.norm.weight".into(), vec![h], 0.0));
+    specs.push(("lm_head.weight".into(), vec![g.vocab, h], std_of(h)));
+
+    specs
+}
+
 /// Writes the checkpoint; shards of at most `shard_bytes` with an index when it is larger.
 pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::Io {
@@ -194,45 +238,7 @@ pub fn write(geom: &Geometry, out: &Path, seed: u64, shard_bytes: u64) -> Result
     )
     .map_err(|e| io(&cfg_path, e))?;
 
-    // Tensors in a fixed order; each (name, shape, scale).
-    let mut specs: Vec<(String, Vec<usize>, f32)> = Vec::new();
-    let h = g.hidden;
-    let (q, kv) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
-    let std_of = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
-    specs.push(("model.embed_tokens.weight".into(), vec![g.vocab, h], 1.0));
-    for l in 0..g.layers {
-        let p = |s: &str| format!("model.layers.{l}.{s}");
-        specs.push((p("input_layernorm.weight"), vec![h], 0.0));
-        specs.push((p("post_attention_layernorm.weight"), vec![h], 0.0));
-        specs.push((p("self_attn.q_proj.weight"), vec![q, h], std_of(h)));
-        specs.push((p("self_attn.k_proj.weight"), vec![kv, h], std_of(h)));
-        specs.push((p("self_attn.v_proj.weight"), vec![kv, h], std_of(h)));
-        specs.push((p("self_attn.o_proj.weight"), vec![h, q], std_of(q)));
-        specs.push((p("self_attn.q_norm.weight"), vec![g.head_dim], 0.0));
-        specs.push((p("self_attn.k_norm.weight"), vec![g.head_dim], 0.0));
-        specs.push((p("mlp.gate.weight"), vec![g.experts, h], std_of(h) * 4.0));
-        for e in 0..g.experts {
-            let i = g.moe_intermediate;
-            specs.push((
-                p(&format!("mlp.experts.{e}.gate_proj.weight")),
-                vec![i, h],
-                std_of(h),
-            ));
-            specs.push((
-                p(&format!("mlp.experts.{e}.up_proj.weight")),
-                vec![i, h],
-                std_of(h),
-            ));
-            specs.push((
-                p(&format!("mlp.experts.{e}.down_proj.weight")),
-                vec![h, i],
-                std_of(i),
-            ));
-        }
-    }
-    specs.push(("model.norm.weight".into(), vec![h], 0.0));
-    specs.push(("lm_head.weight".into(), vec![g.vocab, h], std_of(h)));
-
+    let specs = hf_specs(g);
     let total: u64 = specs
         .iter()
         .map(|(_, s, _)| s.iter().product::<usize>() as u64 * 2)
@@ -385,6 +391,81 @@ mod tests {
         }
     }
 
+    /// Every position's f32 logits of `tokens` through the native backend on the CPU.
+    fn logits_of(model: &Path, tokens: &[u32]) -> Vec<f32> {
+        use crate::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype};
+        let spec = BackendSpec {
+            model_dir: model.to_path_buf(),
+            dtype: Dtype::F32,
+            device: DeviceSpec::parse("cpu").unwrap(),
+            backend: BackendKind::Native,
+            cache: Default::default(),
+            settings: Default::default(),
+        };
+        let engine = spec.load(|_, _| {}).unwrap();
+        let mut cache = engine.model.new_cache();
+        engine
+            .model
+            .forward(
+                tokens,
+                &mut cache,
+                engine.provider.as_ref(),
+                &mut crate::model::ports::NoObserver,
+                crate::model::qwen3_moe::Logits::All,
+            )
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// `write_gguf` writes the model `write` writes (same seed): as BF16 the logits are the
+    /// safetensors checkpoint's bit for bit; as Q8_0 within the quantization's error (2 % of
+    /// the largest logit here). What
+    /// lets BENCHMARKS compare formats (and engines that read GGUF only) on one model.
+    #[test]
+    fn gguf_files_hold_the_safetensors_model() {
+        let g = Geometry {
+            layers: 2,
+            hidden: 64,
+            experts: 4,
+            top_k: 2,
+            moe_intermediate: 32,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 32,
+            vocab: 64,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let st = dir.path().join("st");
+        write(&g, &st, 11, 1 << 30).unwrap();
+        let tokens = [1u32, 5, 9, 33, 2, 60, 17, 8];
+        let want = logits_of(&st, &tokens);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.1 && want.iter().all(|v| v.is_finite()), "{scale}");
+        let diff = |got: &[f32]| -> f32 {
+            assert_eq!(got.len(), want.len());
+            got.iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
+        };
+        for (quant, tolerance) in [(GgufQuant::Bf16, 0.0), (GgufQuant::Q8_0, 0.05)] {
+            let f = dir.path().join(format!("{quant:?}.gguf"));
+            write_gguf(&g, &f, 11, quant).unwrap();
+            let d = diff(&logits_of(&f, &tokens));
+            assert!(
+                d <= tolerance * scale,
+                "{quant:?}: max diff {d} (largest logit {scale})"
+            );
+        }
+        // Another seed is another model.
+        let f = dir.path().join("other.gguf");
+        write_gguf(&g, &f, 12, GgufQuant::Bf16).unwrap();
+        assert!(diff(&logits_of(&f, &tokens)) > 0.1 * scale);
+    }
+
     #[test]
     fn random_checkpoint_is_a_valid_sharded_model() {
         let dir = tempfile::tempdir().unwrap();
@@ -488,6 +569,8 @@ pub enum GgufQuant {
     /// (its `use_more_bits`: the first and last eighth, and every third between) and for the
     /// output matrix.
     Q4KM,
+    /// Every matrix in bf16: the unquantized model for engines that read GGUF only (llama.cpp).
+    Bf16,
 }
 
 impl GgufQuant {
@@ -496,6 +579,7 @@ impl GgufQuant {
             "Q8_0" => Self::Q8_0,
             "Q4_K" => Self::Q4K,
             "Q4_K_M" => Self::Q4KM,
+            "BF16" => Self::Bf16,
             _ => return None,
         })
     }
@@ -512,6 +596,7 @@ impl GgufQuant {
                 G::Q6K
             }
             Self::Q4KM => G::Q4K,
+            Self::Bf16 => G::BF16,
         }
     }
 }
@@ -547,97 +632,95 @@ fn bf16_to_f32(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// The same random model as [`write`] (same seed, same values up to rounding to bf16), as one
-/// GGUF file in llama.cpp's `qwen3moe` layout: experts stacked per layer, matrices quantized
-/// with candle's quantizer, norms and the router in f32. No tokenizer (benchmarks send token
-/// ids); eos is the last id, so decoding runs its full length. moescope's own writer, for
-/// geometries llama.cpp's converter cannot be run on (the GPU machine); the tests use files
-/// written by llama.cpp itself.
+/// The same random model as [`write`] — each tensor's values seeded by its index in
+/// [`hf_specs`], a layer's experts stacked in expert order — as one GGUF file in llama.cpp's
+/// `qwen3moe` layout: matrices quantized with candle's quantizer (BF16 keeps the values as they
+/// are: the safetensors checkpoint's logits bit for bit, unit test), norms and the router in
+/// f32, the bundled tokenizer in the metadata where it fits the vocabulary; eos is the last id,
+/// so decoding runs its full length. moescope's own writer, for geometries llama.cpp's converter
+/// cannot be run on (the GPU machine); the tests use files written by llama.cpp itself.
 pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> Result<()> {
     use candle_core::quantized::gguf_file::{Value, write};
     use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
     let g = geom;
     let h = g.hidden;
-    let (q, kv) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
-    let std_of = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
-    // (gguf name, shape [rows, cols] or [experts, rows, cols], scale, seed index, layer)
-    let mut specs: Vec<(String, Vec<usize>, f32, u64, usize)> = Vec::new();
-    let mut idx = 0u64;
-    let mut next = || {
-        idx += 1;
-        idx
+    let hf = hf_specs(g);
+    let index_of: BTreeMap<&str, usize> = hf
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, _))| (name.as_str(), i))
+        .collect();
+    // (gguf name, shape, the checkpoint tensors it is made of — one, or a layer's experts
+    // stacked —, layer)
+    let mut specs: Vec<(String, Vec<usize>, Vec<String>, usize)> = Vec::new();
+    let one = |gguf: &str, name: &str, layer: usize| -> (String, Vec<usize>, Vec<String>, usize) {
+        let shape = hf[index_of[name]].1.clone();
+        (gguf.to_string(), shape, vec![name.to_string()], layer)
     };
-    specs.push(("token_embd.weight".into(), vec![g.vocab, h], 1.0, next(), 0));
+    specs.push(one("token_embd.weight", "model.embed_tokens.weight", 0));
     for l in 0..g.layers {
-        let p = |s: &str| format!("blk.{l}.{s}");
-        specs.push((p("attn_norm.weight"), vec![h], 0.0, next(), l));
-        specs.push((p("ffn_norm.weight"), vec![h], 0.0, next(), l));
-        specs.push((p("attn_q.weight"), vec![q, h], std_of(h), next(), l));
-        specs.push((p("attn_k.weight"), vec![kv, h], std_of(h), next(), l));
-        specs.push((p("attn_v.weight"), vec![kv, h], std_of(h), next(), l));
-        specs.push((p("attn_output.weight"), vec![h, q], std_of(q), next(), l));
-        specs.push((p("attn_q_norm.weight"), vec![g.head_dim], 0.0, next(), l));
-        specs.push((p("attn_k_norm.weight"), vec![g.head_dim], 0.0, next(), l));
-        specs.push((
-            p("ffn_gate_inp.weight"),
-            vec![g.experts, h],
-            std_of(h) * 4.0,
-            next(),
-            l,
-        ));
-        let i = g.moe_intermediate;
-        specs.push((
-            p("ffn_gate_exps.weight"),
-            vec![g.experts, i, h],
-            std_of(h),
-            next(),
-            l,
-        ));
-        specs.push((
-            p("ffn_up_exps.weight"),
-            vec![g.experts, i, h],
-            std_of(h),
-            next(),
-            l,
-        ));
-        specs.push((
-            p("ffn_down_exps.weight"),
-            vec![g.experts, h, i],
-            std_of(i),
-            next(),
-            l,
-        ));
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        for (gguf, name) in [
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+            ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"),
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("attn_q_norm", "self_attn.q_norm"),
+            ("attn_k_norm", "self_attn.k_norm"),
+            ("ffn_gate_inp", "mlp.gate"),
+        ] {
+            specs.push(one(
+                &format!("blk.{l}.{gguf}.weight"),
+                &p(&format!("{name}.weight")),
+                l,
+            ));
+        }
+        for (gguf, proj) in [
+            ("gate", "gate_proj"),
+            ("up", "up_proj"),
+            ("down", "down_proj"),
+        ] {
+            let parts: Vec<String> = (0..g.experts)
+                .map(|e| p(&format!("mlp.experts.{e}.{proj}.weight")))
+                .collect();
+            let mut shape = vec![g.experts];
+            shape.extend(&hf[index_of[parts[0].as_str()]].1);
+            specs.push((format!("blk.{l}.ffn_{gguf}_exps.weight"), shape, parts, l));
+        }
     }
-    specs.push(("output_norm.weight".into(), vec![h], 0.0, next(), 0));
-    specs.push((
-        "output.weight".into(),
-        vec![g.vocab, h],
-        std_of(h),
-        next(),
-        0,
-    ));
+    specs.push(one("output_norm.weight", "model.norm.weight", 0));
+    specs.push(one("output.weight", "lm_head.weight", 0));
 
     let tensors: Vec<(String, QTensor)> = specs
         .iter()
-        .map(
-            |(name, shape, scale, index, layer)| -> Result<(String, QTensor)> {
-                let n: usize = shape.iter().product();
-                let values = bf16_to_f32(&random_bf16(n, *scale, seed, *index));
-                let dev = &candle_core::Device::Cpu;
-                let t = if shape.len() == 1 || name.contains("ffn_gate_inp") {
-                    QTensor::quantize(
-                        &candle_core::Tensor::from_vec(values, shape.as_slice(), dev)?,
-                        GgmlDType::F32,
-                    )?
-                } else {
-                    let dtype = quant.pick(name, *layer, g.layers);
-                    let cols = *shape.last().expect("a matrix");
-                    let bytes = quantize_rows(&values, cols, dtype)?;
-                    qtensor_from_ggml(dtype, &bytes, shape.clone(), dev)?
-                };
-                Ok((name.clone(), t))
-            },
-        )
+        .map(|(name, shape, parts, layer)| -> Result<(String, QTensor)> {
+            let mut values = Vec::with_capacity(shape.iter().product());
+            for part in parts {
+                let (_, part_shape, scale) = &hf[index_of[part.as_str()]];
+                let n = part_shape.iter().product();
+                values.extend(bf16_to_f32(&random_bf16(
+                    n,
+                    *scale,
+                    seed,
+                    index_of[part.as_str()] as u64,
+                )));
+            }
+            let dev = &candle_core::Device::Cpu;
+            let t = if shape.len() == 1 || name.contains("ffn_gate_inp") {
+                QTensor::quantize(
+                    &candle_core::Tensor::from_vec(values, shape.as_slice(), dev)?,
+                    GgmlDType::F32,
+                )?
+            } else {
+                let dtype = quant.pick(name, *layer, g.layers);
+                let cols = *shape.last().expect("a matrix");
+                let bytes = quantize_rows(&values, cols, dtype)?;
+                qtensor_from_ggml(dtype, &bytes, shape.clone(), dev)?
+            };
+            Ok((name.clone(), t))
+        })
         .collect::<Result<_>>()?;
     let a = "qwen3moe";
     let u = |v: usize| Value::U32(v as u32);

@@ -276,7 +276,7 @@ fn random_checkpoint(a: &RandomCheckpointArgs) -> Result<()> {
     let (ne, ex) = g.params();
     if let Some(q) = &a.gguf {
         let Some(quant) = random::GgufQuant::parse(q) else {
-            crate::bail_input!("--gguf {q}: expected Q8_0, Q4_K or Q4_K_M");
+            crate::bail_input!("--gguf {q}: expected Q8_0, Q4_K, Q4_K_M or BF16");
         };
         random::write_gguf(&g, &a.out, a.seed, quant)?;
         println!(
