@@ -31,6 +31,8 @@ cmake --build "$B" -j"$(nproc)" --target llama-bench > "$B.build.log"
 P=$(mktemp -d)
 cp "$B/bin/llama-bench" "$P/"
 cp -P "$B"/bin/*.so* "$P/"
+# OpenMP's runtime too: a machine with only Python's wheels may not have the system's.
+cp -L "$(ldd "$B/bin/libggml-cpu.so" | awk '/libgomp/ {print $3}')" "$P/" || true
 # shellcheck disable=SC2046
 strip $(find "$P" -type f) 2> /dev/null || true
 tar -C "$P" -cJf "$OUT" .
