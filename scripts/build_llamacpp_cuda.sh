@@ -25,7 +25,9 @@ cmake -S "$WORK/src" -B "$B" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA
   -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
   -DGGML_AMX_BF16=OFF -DGGML_CCACHE=OFF -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
   -DCUDAToolkit_ROOT="$CUDA_HOME" > "$B.cmake.log"
-cmake --build "$B" -j"$(nproc)" --target llama-bench > "$B.build.log"
+# The linker looks for libggml-cuda's own CUDA libraries on LD_LIBRARY_PATH.
+LD_LIBRARY_PATH="$CUDA_HOME/lib:${LD_LIBRARY_PATH:-}" \
+  cmake --build "$B" -j"$(nproc)" --target llama-bench > "$B.build.log"
 # llama-bench and the shared libraries it loads from the build (not the CUDA runtime's: the GPU
 # machine has its own, matching its driver), stripped.
 P=$(mktemp -d)

@@ -22,6 +22,7 @@ OUT=${3:?usage: scripts/gpu_llamacpp.sh BIN LLAMA.tar.xz OUT_DIR}
 LAYERS=${LAYERS:-12}
 QUANTS=${QUANTS:-"BF16 Q8_0 Q4_K_M"}
 REPS=${REPS:-3}
+ROUNDS=${ROUNDS:-2}
 PRESET=${PRESET:-qwen3-30b-a3b-12l}
 DEVICE=${DEVICE:-cuda:0}
 mkdir -p "$OUT"
@@ -44,7 +45,7 @@ for q in $QUANTS; do
 done
 ours() { "$BIN" bench decode --model "$1" --device "$DEVICE" --dtype bf16 --no-reference --prompt-tokens 16 --new-tokens 64 --repeats "$REPS" 2>&1 | tail -1; }
 theirs() { "$L/llama-bench" -m "$1" -p 16 -n 64 -ngl 99 -r "$REPS" 2>&1 | grep -E "pp16|tg64|error|failed"; }
-for round in 1 2; do
+for round in $(seq "$ROUNDS"); do
   echo "== round $round"
   echo "moescope bf16 safetensors: $(ours "$D/bf16")"
   for q in $QUANTS; do
