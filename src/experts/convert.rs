@@ -78,7 +78,7 @@ pub fn from_raw_with(
 /// F16 for rows that are not whole blocks) is multiplied in f32, which is what the quantized
 /// products compute in.
 fn quantized(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
-    use crate::model::gguf::candle_msg;
+    use crate::model::error::candle_msg;
     use crate::model::ports::GateUp;
     use candle_core::quantized::{QMatMul, ggml_file::qtensor_from_ggml};
     let mut held = 0u64;

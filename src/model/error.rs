@@ -46,7 +46,7 @@ pub enum ModelError {
         msg: String,
     },
 
-    #[error("tensor computation failed: {0}")]
+    #[error("tensor computation failed: {}", candle_msg(.0))]
     Candle(#[from] candle_core::Error),
 }
 
@@ -58,3 +58,44 @@ impl ModelError {
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// A candle error's message without the backtraces candle attaches when RUST_BACKTRACE is set
+/// (a one-line error, not a page of frames), its context kept.
+pub fn candle_msg(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_msg(inner))
+        }
+        candle_core::Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), candle_msg(inner))
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `RUST_BACKTRACE=1` makes of a candle error: its message, a frame list after it.
+    #[test]
+    fn candle_errors_print_without_backtraces() {
+        let bt = |e: candle_core::Error| candle_core::Error::WithBacktrace {
+            inner: Box::new(e),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = bt(candle_core::Error::Msg(
+            "moe_gemm only accepts f16/bf16 inputs".into(),
+        ));
+        assert!(
+            e.to_string().lines().count() > 1,
+            "the frames are there to strip"
+        );
+        let e = ModelError::from(bt(bt(e).context("layer 3")));
+        assert_eq!(
+            e.to_string(),
+            "tensor computation failed: layer 3: moe_gemm only accepts f16/bf16 inputs"
+        );
+    }
+}

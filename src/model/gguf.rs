@@ -21,6 +21,7 @@ use serde_json::json;
 
 use super::checkpoint::{ExpertLocation, TensorLocation};
 use super::config::{ExpertProj, MoeConfig};
+use super::error::candle_msg;
 use super::error::{ModelError, Result};
 use super::safetensors_file::{StDtype, TensorInfo, bytes_to_tensor};
 
@@ -887,14 +888,6 @@ pub fn expert_types_of(path: &Path) -> Option<String> {
         .map(|(t, n)| format!("{t} ×{n}"))
         .collect();
     Some(parts.join(" + "))
-}
-
-/// A candle error's message without the backtrace candle attaches when RUST_BACKTRACE is set.
-pub fn candle_msg(e: &candle_core::Error) -> String {
-    match e {
-        candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
-        other => other.to_string(),
-    }
 }
 
 fn block_of(dtype: StDtype) -> u64 {
