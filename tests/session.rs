@@ -409,6 +409,7 @@ fn simulation_reproduces_the_live_cache_exactly() {
             "layer",
         ],
         vec!["--cache-experts", "100", "--policy", "lfu"],
+        vec!["--cache-experts", "48", "--policy", "next-use"],
     ]
     .into_iter()
     .enumerate()

@@ -33,6 +33,7 @@ impl SimPolicy {
                 PolicyKind::Lfu => "lfu+guard",
                 PolicyKind::Fifo => "fifo+guard",
                 PolicyKind::S3fifo => "s3fifo+guard",
+                PolicyKind::NextUse => "next-use+guard",
             },
             SimPolicy::Belady => "belady",
         }
