@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # llama.cpp's CUDA build of llama-bench, made on the cpu machine (no GPU needed) and packed for
-# the GPU machine, which has the CUDA runtime but no cmake toolchain for llama.cpp:
+# the GPU machine, so that nothing is built or installed in its short lease:
 # scripts/gpu_llamacpp.sh unpacks and runs it there (BENCHMARKS.md §30).
 #
 #   scripts/build_llamacpp_cuda.sh OUT.tar.xz [ARCH]

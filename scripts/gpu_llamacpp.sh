@@ -10,8 +10,8 @@
 #
 # BIN: `cargo build --release --features cuda` (.xz is fine). LLAMA.tar.xz: llama-bench and its
 # shared libraries from llama.cpp built with -DGGML_CUDA=ON for the card's architecture
-# (built on the cpu machine with the pip CUDA toolkit: BENCHMARKS.md §30 says how). The GPU
-# machine has no compiler toolchain for llama.cpp's cmake build, so it is built here and carried.
+# (scripts/build_llamacpp_cuda.sh, on the cpu machine with the pip CUDA toolkit; BENCHMARKS.md §30),
+# carried to the GPU machine rather than built in its lease.
 # Tried on the cpu machine at a small size with llama.cpp's CPU build:
 #   PRESET=engine LAYERS=2 DEVICE=cpu REPS=1 WORKDIR=/tmp scripts/gpu_llamacpp.sh \
 #     target/release/moescope llama-cpu.tar.xz /tmp/llcmp
