@@ -109,45 +109,68 @@ pub trait Policy: Send {
 /// comes back sooner. Everything is learnt from the keys: a visit is a run of requests of one
 /// layer, `L` is the highest layer seen plus one. Use counts survive eviction (an expert's
 /// popularity is a property of the model and the prompt, not of its stay in the cache).
-/// Eviction scans the residents: O(n).
 #[derive(Default)]
 pub struct NextUse {
-    resident: HashSet<u32>,
     /// Uses of every key seen.
     uses: HashMap<u32, u32>,
-    /// Visits of every layer seen.
-    visits: HashMap<usize, u32>,
+    /// Visits of each layer seen.
+    visits: Vec<u32>,
+    /// Each layer's residents, fewest uses first (ties: the larger key first). Within a layer
+    /// `d` is shared and the score falls as uses rise, so a layer's first is its best victim and
+    /// an eviction compares one candidate per layer: O(layers · log n), not a scan of the cache.
+    by_layer: Vec<BTreeSet<(u32, std::cmp::Reverse<u32>)>>,
+    resident: HashSet<u32>,
     last_layer: Option<usize>,
-    layers: usize,
 }
 
 impl NextUse {
-    fn used(&mut self, key: u32) {
+    fn layer_of(&mut self, key: u32) -> usize {
         let (layer, _) = super::pool::unkey(key);
-        if self.last_layer != Some(layer) {
-            *self.visits.entry(layer).or_insert(0) += 1;
-            self.last_layer = Some(layer);
+        if self.by_layer.len() <= layer {
+            self.by_layer.resize_with(layer + 1, BTreeSet::new);
+            self.visits.resize(layer + 1, 0);
         }
-        self.layers = self.layers.max(layer + 1);
-        *self.uses.entry(key).or_insert(0) += 1;
+        layer
     }
 
-    /// Expected layer visits until `key` is next used.
-    fn expected_next_use(&self, key: u32) -> f64 {
-        let (layer, _) = super::pool::unkey(key);
-        let cycle = self.layers.max(1);
+    fn used(&mut self, key: u32) {
+        let layer = self.layer_of(key);
+        if self.last_layer != Some(layer) {
+            self.visits[layer] += 1;
+            self.last_layer = Some(layer);
+        }
+        let n = self.uses.entry(key).or_insert(0);
+        let old = *n;
+        *n += 1;
+        if self.resident.contains(&key) {
+            let set = &mut self.by_layer[layer];
+            set.remove(&(old, std::cmp::Reverse(key)));
+            set.insert((old + 1, std::cmp::Reverse(key)));
+        }
+    }
+
+    fn admit(&mut self, key: u32) {
+        let layer = self.layer_of(key);
+        if self.resident.insert(key) {
+            let n = self.uses.get(&key).copied().unwrap_or(0);
+            self.by_layer[layer].insert((n, std::cmp::Reverse(key)));
+        }
+    }
+
+    /// Expected layer visits until an expert of `layer` with `uses` uses is next used.
+    fn expected_next_use(&self, layer: usize, uses: u32) -> f64 {
+        let cycle = self.by_layer.len().max(1);
         let current = self.last_layer.unwrap_or(layer);
         let d = match (layer + cycle - current % cycle) % cycle {
             0 => cycle,
             d => d,
         };
-        let uses = self.uses.get(&key).copied().unwrap_or(0) as f64;
-        let visits = self.visits.get(&layer).copied().unwrap_or(0) as f64;
+        let visits = self.visits.get(layer).copied().unwrap_or(0) as f64;
         // A small prior keeps an expert seen once (or only prefetched) from counting as certain
         // or as never coming back. Not clamped to 1: where one policy serves one layer (the
         // per-layer scope) no change of layer marks a visit, and the ratio must still rank
         // experts by their uses.
-        let p = (uses + 0.1) / (visits + 1.0);
+        let p = (uses as f64 + 0.1) / (visits + 1.0);
         d as f64 + cycle as f64 * (1.0 / p - 1.0)
     }
 }
@@ -157,28 +180,38 @@ impl Policy for NextUse {
         self.used(key);
     }
     fn on_insert(&mut self, key: u32) {
-        self.resident.insert(key);
+        self.admit(key);
         self.used(key);
     }
     fn on_prefetch(&mut self, key: u32) {
-        self.resident.insert(key);
+        self.admit(key);
     }
     fn on_first_use(&mut self, key: u32) {
         self.used(key);
     }
     fn evict(&mut self) -> Option<u32> {
-        // Ties go to the larger key, so the choice never depends on the set's order.
-        let victim = self
-            .resident
+        // The furthest expected use; ties go to the larger key, so the choice never depends on
+        // a container's order.
+        let (layer, uses, key) = self
+            .by_layer
             .iter()
-            .map(|&k| (self.expected_next_use(k), k))
-            .max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))?
-            .1;
-        self.resident.remove(&victim);
-        Some(victim)
+            .enumerate()
+            .filter_map(|(l, set)| set.first().map(|&(n, k)| (l, n, k.0)))
+            .max_by(|a, b| {
+                self.expected_next_use(a.0, a.1)
+                    .total_cmp(&self.expected_next_use(b.0, b.1))
+                    .then(a.2.cmp(&b.2))
+            })?;
+        self.by_layer[layer].remove(&(uses, std::cmp::Reverse(key)));
+        self.resident.remove(&key);
+        Some(key)
     }
     fn remove(&mut self, key: u32) {
-        self.resident.remove(&key);
+        if self.resident.remove(&key) {
+            let (layer, _) = super::pool::unkey(key);
+            let n = self.uses.get(&key).copied().unwrap_or(0);
+            self.by_layer[layer].remove(&(n, std::cmp::Reverse(key)));
+        }
     }
 }
 
