@@ -118,15 +118,22 @@ impl Reference {
         })
     }
 
-    fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        if !device.is_cuda() {
-            // Its MoE layers call candle's `moe_gemm_gguf`, which exists for CUDA only.
+    /// Whether candle-transformers has a model for `path` on a device of this kind: its
+    /// quantized model's MoE layers call candle's `moe_gemm_gguf`, which exists for CUDA only.
+    /// Asked before anything is loaded, so a refusal is immediate.
+    pub fn check_device(path: &Path, cuda: bool) -> Result<()> {
+        if crate::model::gguf::is_gguf(path) && !cuda {
             return Err(ModelError::Input(
                 "candle-transformers' quantized_qwen3_moe runs its experts on CUDA only; on the \
                  CPU compare against llama.cpp (llama-bench, or `moescope bench kld`)"
                     .into(),
             ));
         }
+        Ok(())
+    }
+
+    fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::check_device(path, device.is_cuda())?;
         Ok(Reference {
             model: RefModel::Gguf(
                 Box::new(gguf_reference(path, dtype, device)?),

@@ -98,6 +98,7 @@ fn kld(a: &crate::cli::KldArgs, settings: &Settings) -> Result<()> {
             (base, format!("{} (f32)", dir.display()))
         }
         (None, None) if a.candle => {
+            crate::bench::decode::Reference::check_device(&a.model, a.device.is_cuda())?;
             let tokens = text_tokens(&a.model)?;
             let engine = spec(&a.model, a.dtype).load(|_, _| {})?;
             let mut reference = crate::bench::decode::Reference::load(
