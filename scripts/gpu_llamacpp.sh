@@ -12,6 +12,7 @@
 # shared libraries from llama.cpp built with -DGGML_CUDA=ON for the card's architecture
 # (scripts/build_llamacpp_cuda.sh, on the cpu machine with the pip CUDA toolkit; BENCHMARKS.md §30),
 # carried to the GPU machine rather than built in its lease.
+# SAFETENSORS=0 leaves out the bf16 safetensors directory (its writing and its moescope row).
 # Tried on the cpu machine at a small size with llama.cpp's CPU build:
 #   PRESET=engine LAYERS=2 DEVICE=cpu REPS=1 WORKDIR=/tmp scripts/gpu_llamacpp.sh \
 #     target/release/moescope llama-cpu.tar.xz /tmp/llcmp
@@ -25,6 +26,7 @@ REPS=${REPS:-3}
 ROUNDS=${ROUNDS:-2}
 PRESET=${PRESET:-qwen3-30b-a3b-12l}
 DEVICE=${DEVICE:-cuda:0}
+SAFETENSORS=${SAFETENSORS:-1}
 mkdir -p "$OUT"
 case "$BIN" in
   *.xz) xz -dc "$BIN" > /tmp/moescope-llamacpp-cmp && BIN=/tmp/moescope-llamacpp-cmp ;;
@@ -37,7 +39,7 @@ status=0
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 D=${WORKDIR:-/dev/shm}/llamacpp-$PRESET-${LAYERS}l
 mkdir -p "$D"
-[ -e "$D/bf16" ] || "$BIN" bench random-checkpoint --preset "$PRESET" --layers "$LAYERS" --out "$D/bf16" > /dev/null 2>&1 || { echo "writing bf16 failed"; exit 1; }
+[ "$SAFETENSORS" = 0 ] || [ -e "$D/bf16" ] || "$BIN" bench random-checkpoint --preset "$PRESET" --layers "$LAYERS" --out "$D/bf16" > /dev/null 2>&1 || { echo "writing bf16 failed"; exit 1; }
 for q in $QUANTS; do
   t=$SECONDS
   [ -e "$D/$q.gguf" ] || "$BIN" bench random-checkpoint --preset "$PRESET" --layers "$LAYERS" --gguf "$q" --out "$D/$q.gguf" > /dev/null 2>&1 || { echo "writing $q failed"; status=1; continue; }
@@ -47,7 +49,7 @@ ours() { "$BIN" bench decode --model "$1" --device "$DEVICE" --dtype bf16 --no-r
 theirs() { "$L/llama-bench" -m "$1" -p 16 -n 64 -ngl 99 -r "$REPS" 2>&1 | grep -E "pp16|tg64|error|failed"; }
 for round in $(seq "$ROUNDS"); do
   echo "== round $round"
-  echo "moescope bf16 safetensors: $(ours "$D/bf16")"
+  [ "$SAFETENSORS" = 0 ] || echo "moescope bf16 safetensors: $(ours "$D/bf16")"
   for q in $QUANTS; do
     [ -e "$D/$q.gguf" ] || continue
     [ "$q" = BF16 ] || echo "moescope $q: $(ours "$D/$q.gguf")"

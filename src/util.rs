@@ -161,6 +161,36 @@ pub(crate) mod gpu_test {
         }
     }
 
+    /// Values rounded to 8-bit blocks as the GGUF kernels' `quantize_q8_bf16` documents it: per
+    /// 32 values d = max|x| / 127 and q = round(x / d) (0 for an all-zero block; d NaN and q 0
+    /// where the block holds a NaN). The codes and the scales.
+    pub fn q8_blocks(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
+        let (mut q, mut d) = (Vec::new(), Vec::new());
+        for b in x.chunks(32) {
+            let nan = b.iter().any(|v| v.is_nan());
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = if nan { f32::NAN } else { amax / 127.0 };
+            d.push(s);
+            q.extend(b.iter().map(|&v| {
+                if amax == 0.0 || nan {
+                    0
+                } else {
+                    (v / s).round() as i8
+                }
+            }));
+        }
+        (q, d)
+    }
+
+    /// [`q8_blocks`]'s values as f64 (code × scale): what the GGUF kernels multiply.
+    pub fn q8_values(x: &[f32]) -> Vec<f64> {
+        let (q, d) = q8_blocks(x);
+        q.iter()
+            .enumerate()
+            .map(|(i, &c)| c as f64 * d[i / 32] as f64)
+            .collect()
+    }
+
     /// A tensor's values as f32 on the host, flattened.
     pub fn host(t: &Tensor) -> Vec<f32> {
         t.to_dtype(DType::F32)

@@ -33,11 +33,51 @@ fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
     ModelError::Input(format!("attention decode kernel ({what}): {e}"))
 }
 
-/// One projection matrix the kernels read: dense bf16, or block-scaled FP8 on the device.
+/// One projection matrix the kernels read: dense bf16, block-scaled FP8 on the device, or a GGUF
+/// file's blocks on the device.
 #[derive(Clone, Copy)]
 enum Mat<'a> {
     Bf16(&'a Tensor),
     Fp8(&'a Fp8Matrix),
+    Ggml(GgmlMat<'a>),
+}
+
+/// A GGUF matrix held by candle's `QTensor` on the device, in a type the block kernels decode
+/// (`ggml_blocks.cuh`), each row whole blocks.
+#[derive(Clone, Copy)]
+struct GgmlMat<'a> {
+    tensor: &'a candle_core::quantized::QTensor,
+    kernel_type: i32,
+    row_bytes: i32,
+    dims: [usize; 2],
+}
+
+impl<'a> GgmlMat<'a> {
+    fn new(q: &'a candle_core::quantized::QTensor) -> Option<Self> {
+        use super::ports::GgmlLayout;
+        let t = q.dtype();
+        let &[rows, cols] = q.shape().dims() else {
+            return None;
+        };
+        let kernel_type = GgmlLayout::kernel_type(t)?;
+        if !q.device().is_cuda() || cols == 0 || !cols.is_multiple_of(t.block_size()) {
+            return None;
+        }
+        Some(GgmlMat {
+            tensor: q,
+            kernel_type,
+            row_bytes: i32::try_from(GgmlLayout::row_bytes(t, cols)).ok()?,
+            dims: [rows, cols],
+        })
+    }
+
+    /// The blocks' device address (valid while the tensor lives: the whole launch).
+    fn addr(&self) -> Result<u64> {
+        Ok(self
+            .tensor
+            .device_ptr()
+            .map_err(|e| err("GGUF matrix", e))? as u64)
+    }
 }
 
 impl Mat<'_> {
@@ -49,12 +89,13 @@ impl Mat<'_> {
                 _ => [0, 0],
             },
             Mat::Fp8(m) => m.dims(),
+            Mat::Ggml(m) => m.dims,
         }
     }
 }
 
-/// The matrices of an attention layer the kernels can read: q, k, v, o — all dense bf16, or
-/// all FP8 on the GPU in one block shape.
+/// The matrices of an attention layer the kernels can read: q, k, v, o — all dense bf16, all
+/// FP8 on the GPU in one block shape, or all GGUF blocks on the GPU (types may differ).
 struct Weights<'a> {
     q: Mat<'a>,
     k: Mat<'a>,
@@ -77,7 +118,22 @@ fn fp8_parts(m: &Fp8Matrix) -> Result<(&Tensor, &Tensor)> {
         .ok_or_else(|| err("FP8", "matrix not on the GPU"))
 }
 
+fn ggml(l: &super::layers::Linear) -> Option<Mat<'_>> {
+    match l.quantized_unbiased()? {
+        candle_core::quantized::QMatMul::QTensor(q) => GgmlMat::new(q).map(Mat::Ggml),
+        _ => None,
+    }
+}
+
 fn weights(a: &Attention) -> Option<Weights<'_>> {
+    if let (Some(q), Some(k), Some(v), Some(o)) = (
+        ggml(&a.q_proj),
+        ggml(&a.k_proj),
+        ggml(&a.v_proj),
+        ggml(&a.o_proj),
+    ) {
+        return Some(Weights { q, k, v, o });
+    }
     if let (Some(q), Some(k), Some(v), Some(o)) = (
         dense(&a.q_proj),
         dense(&a.k_proj),
@@ -265,6 +321,29 @@ fn gemv_rows(
             // (checked when the matrix was made), one block shape (checked in `weights`).
             unsafe { l.launch(row_blocks(rows, split)) }.map_err(|e| err("FP8 gemv", e))?;
         }
+        [Mat::Ggml(a), Mat::Ggml(b), Mat::Ggml(c)] => {
+            let (xq, xd) = super::moe_decode::quantize_q8(dev, &xv, cols)?;
+            let (aw, bw, cw) = (a.addr()?, b.addr()?, c.addr()?);
+            let f = dev.get_or_load_custom_func("gemv_rows_ggml", MODULE, PTX)?;
+            let mut l = f.builder();
+            l.arg(&aw).arg(&bw).arg(&cw);
+            l.arg(&a.kernel_type)
+                .arg(&b.kernel_type)
+                .arg(&c.kernel_type);
+            l.arg(&a.row_bytes).arg(&b.row_bytes).arg(&c.row_bytes);
+            l.arg(&n0).arg(&n1).arg(&n2);
+            l.arg(&xq)
+                .arg(&xd)
+                .arg(&c_)
+                .arg(ys[0])
+                .arg(ys[1])
+                .arg(ys[2]);
+            l.arg(&res_at).arg(&split);
+            // SAFETY: argument order and types match the kernel; each matrix is [rows, cols]
+            // whole blocks of a kernel type (`GgmlMat::new`), shapes checked by the caller; x's
+            // codes and scales cover its columns.
+            unsafe { l.launch(row_blocks(rows, split)) }.map_err(|e| err("GGUF gemv", e))?;
+        }
         _ => return Err(err("gemv", "matrices of mixed kinds")),
     }
     Ok(())
@@ -379,6 +458,7 @@ mod tests {
     use crate::util::gpu_test::{bf16_matrix as matrix, device, host};
     use crate::util::test_matrix;
     use candle_core::Device;
+    use candle_core::quantized::GgmlDType;
 
     fn gpu() -> Option<Device> {
         device("attention kernel")
@@ -479,6 +559,88 @@ mod tests {
         }
     }
 
+    /// A GGUF matrix [rows, cols] of type `t` on `dev` (candle's quantizer over a test
+    /// pattern) and candle's CPU dequantisation of it.
+    fn qmatrix(
+        rows: usize,
+        cols: usize,
+        seed: usize,
+        t: GgmlDType,
+        dev: &Device,
+    ) -> (candle_core::quantized::QTensor, Vec<f32>) {
+        use candle_core::quantized::{QTensor, ggml_file::qtensor_from_ggml};
+        let w = test_matrix(rows, cols, seed, 251, 1.0 / 256.0);
+        let q = QTensor::quantize(&w, t).unwrap();
+        let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+        let on_dev = qtensor_from_ggml(t, &q.data().unwrap(), vec![rows, cols], dev).unwrap();
+        (on_dev, deq.to_vec1().unwrap())
+    }
+
+    /// `gemv_rows_ggml` over every type the block kernels decode, mixed within one launch:
+    /// each output the f64 product of candle's dequantised weights and x rounded to 8-bit
+    /// blocks (`gpu_test::q8_values`), rounded to bf16 — within a step, nearly always its bits,
+    /// which the product over the unrounded x does not give; the residual a bf16 add.
+    #[test]
+    fn ggml_gemv_rows_are_products_over_8_bit_activations() {
+        use GgmlDType as G;
+        let Some(dev) = gpu() else { return };
+        // Split 1–4 warps a row; 32- and 256-weight blocks in one launch.
+        for (rows, cols, types, seed) in [
+            (300, 2048, [G::Q4K, G::Q6K, G::Q8_0], 1),
+            (70, 512, [G::Q5K, G::Q4_0, G::Q4_1], 2),
+            (101, 4096, [G::Q5_0, G::Q5_1, G::Q4K], 3),
+            (37, 96, [G::Q8_0, G::Q4_0, G::Q5_1], 4),
+        ] {
+            let ms: Vec<_> = (0..3)
+                .map(|i| qmatrix(rows - 10 * i, cols, seed + i, types[i], &dev))
+                .collect();
+            let (x, xh) = matrix(1, cols, seed + 5, 241, 1.0 / 128.0, &dev);
+            let (r, rh) = matrix(1, rows, seed + 9, 239, 1.0 / 32.0, &dev);
+            let mat = |i: usize| Mat::Ggml(GgmlMat::new(&ms[i].0).expect("a kernel type"));
+            let m = Weights {
+                q: mat(0),
+                k: mat(1),
+                v: mat(2),
+                o: mat(0),
+            };
+            let (yq, yk, yv) = project(&x, &m).unwrap();
+            let ys = [host(&yq), host(&yk), host(&yv)];
+            let y = host(&gemv_residual(mat(0), &x, &r).unwrap());
+            let (xq, xe) = (
+                crate::util::gpu_test::q8_values(&xh),
+                xh.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            );
+            let (mut same, mut same_unrounded, mut n) = (0, 0, 0);
+            for (i, (got, (_, deq))) in ys.iter().zip(&ms).enumerate() {
+                assert_eq!(got.len(), rows - 10 * i);
+                for (row, &g) in got.iter().enumerate() {
+                    let w = &deq[row * cols..(row + 1) * cols];
+                    let prod = |x: &[f64]| -> f32 {
+                        bf(w.iter().zip(x).map(|(a, b)| *a as f64 * b).sum::<f64>() as f32)
+                    };
+                    let (want, unrounded) = (prod(&xq), prod(&xe));
+                    assert!(
+                        (g - want).abs() <= ulp(want),
+                        "{:?} row {row} ({rows}x{cols}): {g} vs {want}",
+                        types[i]
+                    );
+                    same += (g == want) as usize;
+                    same_unrounded += (g == unrounded) as usize;
+                    n += 1;
+                    if i == 0 {
+                        assert_eq!(y[row].to_bits(), bf(rh[row] + g).to_bits(), "row {row}");
+                    }
+                }
+            }
+            let (hit, miss) = (same as f64 / n as f64, same_unrounded as f64 / n as f64);
+            assert!(
+                hit >= 0.95 && hit > miss + 0.1,
+                "{types:?}: {hit} of the outputs are the 8-bit product's bits, {miss} the \
+                 unrounded one's"
+            );
+        }
+    }
+
     /// An FP8 matrix [rows, cols] on `dev` (codes from a fixed pattern, never NaN; scales
     /// around 2^-10) in `block`s.
     fn fp8_matrix(
@@ -501,26 +663,49 @@ mod tests {
     }
 
     fn attention(nh: usize, nkv: usize, d: usize, dev: &Device, kernel: bool) -> Attention {
-        attention_of(nh, nkv, d, dev, kernel, None)
+        attention_of(nh, nkv, d, dev, kernel, Proj::Bf16)
     }
 
-    /// With `fp8`: the projections block-scaled FP8 in these blocks.
+    /// What the test layer's projections hold.
+    #[derive(Clone, Copy)]
+    enum Proj {
+        Bf16,
+        /// Block-scaled FP8 in these blocks.
+        Fp8([usize; 2]),
+        /// GGUF blocks: q, k, v, o in these types (hidden 256, so K types fit).
+        Ggml([GgmlDType; 4]),
+    }
+
     fn attention_of(
         nh: usize,
         nkv: usize,
         d: usize,
         dev: &Device,
         kernel: bool,
-        fp8: Option<[usize; 2]>,
+        proj: Proj,
     ) -> Attention {
-        let lin = |out: usize, inp: usize, seed: usize| match fp8 {
-            None => Linear::new(matrix(out, inp, seed, 251, 1.0 / 512.0, dev).0, None),
-            Some(block) => Linear::with_weight(
+        let lin = |out: usize, inp: usize, seed: usize| match proj {
+            Proj::Bf16 => Linear::new(matrix(out, inp, seed, 251, 1.0 / 512.0, dev).0, None),
+            Proj::Fp8(block) => Linear::with_weight(
                 LinearWeight::Fp8(fp8_matrix(out, inp, seed, block, dev)),
                 None,
             ),
+            Proj::Ggml(t) => {
+                let (m, _) = qmatrix(out, inp, seed, t[seed - 21], dev);
+                Linear::with_weight(
+                    LinearWeight::Quantized {
+                        matmul: candle_core::quantized::QMatMul::from_arc(std::sync::Arc::new(m))
+                            .unwrap(),
+                        bytes: 0,
+                    },
+                    None,
+                )
+            }
         };
-        let h = 64;
+        let h = match proj {
+            Proj::Ggml(_) => 256,
+            _ => 64,
+        };
         let norm = |seed: usize| {
             // Weights near 1, as trained norms are.
             let w = (test_matrix(1, d, seed, 31, 1.0 / 64.0) + 1.0).unwrap();
@@ -653,22 +838,36 @@ mod tests {
     /// empty cache past its first growth (256 rows).
     #[test]
     fn decode_steps_match_candles_ops() {
-        decode_steps_match_candles_ops_with(None);
+        decode_steps_match_candles_ops_with(Proj::Bf16);
     }
 
     /// The same with FP8 projections: the kernels' `gemv_rows_fp8` against candle's ops over the
     /// per-matrix FP8 product.
     #[test]
     fn fp8_decode_steps_match_candles_ops() {
-        decode_steps_match_candles_ops_with(Some([128, 128]));
-        decode_steps_match_candles_ops_with(Some([32, 16]));
+        decode_steps_match_candles_ops_with(Proj::Fp8([128, 128]));
+        decode_steps_match_candles_ops_with(Proj::Fp8([32, 16]));
     }
 
-    fn decode_steps_match_candles_ops_with(fp8: Option<[usize; 2]>) {
+    /// The same with GGUF projections (a `Q4_K_M`-like mix, and `Q8_0`): `gemv_rows_ggml`
+    /// against candle's ops over candle's own quantized products (its Q8_1 activations: another
+    /// rounding of the same inputs).
+    #[test]
+    fn ggml_decode_steps_match_candles_ops() {
+        use GgmlDType as G;
+        decode_steps_match_candles_ops_with(Proj::Ggml([G::Q4K, G::Q4K, G::Q6K, G::Q4K]));
+        decode_steps_match_candles_ops_with(Proj::Ggml([G::Q8_0; 4]));
+    }
+
+    fn decode_steps_match_candles_ops_with(proj: Proj) {
         let Some(dev) = gpu() else { return };
-        let (nh, nkv, d, h) = (8, 2, 128, 64);
-        let ours = attention_of(nh, nkv, d, &dev, true, fp8);
-        let theirs = attention_of(nh, nkv, d, &dev, false, fp8);
+        let (nh, nkv, d) = (8, 2, 128);
+        let h = match proj {
+            Proj::Ggml(_) => 256,
+            _ => 64,
+        };
+        let ours = attention_of(nh, nkv, d, &dev, true, proj);
+        let theirs = attention_of(nh, nkv, d, &dev, false, proj);
         let rope = Rope::new(d, 1e6);
         let mut caches = [KvCache::new(1), KvCache::new(1)];
         for step in 0..300usize {

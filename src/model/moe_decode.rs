@@ -105,16 +105,6 @@ fn ggml_args(t: candle_core::quantized::GgmlDType, cols: usize) -> Result<(i32, 
     Ok((id, GgmlLayout::row_bytes(t, cols) as i32))
 }
 
-/// `x` itself when its data is 16-byte aligned (the block kernels load 8 activations at once),
-/// else an aligned copy.
-fn aligned16(x: Tensor) -> Result<Tensor> {
-    if raw_addr(&x, "x")? % 16 == 0 {
-        Ok(x)
-    } else {
-        Ok(x.force_contiguous()?)
-    }
-}
-
 /// The checked scale tensor of FP8 stacks ([n, rows blocks, cols blocks] f32 for [n, rows,
 /// cols] byte stacks, with `row_groups` groups of rows blocked apart: gate_up's gate and up)
 /// and the block as kernel arguments.
@@ -193,10 +183,6 @@ pub fn moe_gate_up(
     };
     let dev = x.device().as_cuda_device()?.clone();
     let (x, gate_up, ids) = (x.contiguous()?, gate_up.contiguous()?, ids.contiguous()?);
-    let x = match fmt {
-        StackFormat::Ggml(_) => aligned16(x)?,
-        _ => x,
-    };
     let (xs, xl) = x.storage_and_layout();
     let (gs, gl) = gate_up.storage_and_layout();
     let (is, il) = ids.storage_and_layout();
@@ -232,6 +218,7 @@ pub fn moe_gate_up(
             let stride = gate_up.dim(1)? as u64;
             let (tg, rbg) = ggml_args(l.gate, hidden)?;
             let (tu, rbu) = ggml_args(l.up, hidden)?;
+            let (xq, xd) = quantize_q8(&dev, &xv, hidden)?;
             let f = dev.get_or_load_custom_func("moe_decode_gate_up_ggml", MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&gv)
@@ -242,13 +229,15 @@ pub fn moe_gate_up(
                 .arg(&rbu)
                 .arg(&iv)
                 .arg(&map_at)
-                .arg(&xv)
+                .arg(&xq)
+                .arg(&xd)
                 .arg(&mid)
                 .arg(&k_)
                 .arg(&i_)
                 .arg(&h_);
             // SAFETY: argument order and types match the kernel's signature; each stack row
-            // holds at least the layout's gate and up bytes (`ggml_stack`), x is aligned.
+            // holds at least the layout's gate and up bytes (`ggml_stack`), x's codes and
+            // scales cover H.
             unsafe { b.launch(warp_blocks(k * inter)) }
                 .map_err(|e| err("GGUF gate_up launch", e))?;
         }
@@ -375,6 +364,7 @@ pub fn moe_down(
             let dv = ds.as_cuda_slice::<u8>()?.slice(dl.start_offset()..);
             let stride = down.dim(1)? as u64;
             let (td, rbd) = ggml_args(l.down, inter)?;
+            let (mq, md) = quantize_q8(&dev, &mv, k * inter)?;
             let f = dev.get_or_load_custom_func("moe_decode_down_ggml", MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&dv)
@@ -384,13 +374,15 @@ pub fn moe_down(
                 .arg(&iv)
                 .arg(&map_at)
                 .arg(&wv)
-                .arg(&mv)
+                .arg(&mq)
+                .arg(&md)
                 .arg(&y)
                 .arg(&res_at)
                 .arg(&k_)
                 .arg(&i_)
                 .arg(&h_);
-            // SAFETY: as above; each stack row holds the layout's down bytes (`ggml_stack`).
+            // SAFETY: as above; each stack row holds the layout's down bytes (`ggml_stack`),
+            // mid's codes and scales cover [k, I].
             unsafe { b.launch(cfg) }.map_err(|e| err("GGUF down launch", e))?;
         }
         StackFormat::Fp8(sc) => {
@@ -673,6 +665,53 @@ fn warp_blocks(warps: usize) -> LaunchConfig {
         block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// `n` bf16 values (a multiple of 32, from `x`) rounded to 8-bit blocks on the device, for the
+/// GGUF kernels: codes [n] and one f32 scale per 32 values (`quantize_q8_bf16`).
+pub(crate) fn quantize_q8(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    x: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, bf16>,
+    n: usize,
+) -> Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaSlice<i8>,
+    candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+)> {
+    if !n.is_multiple_of(32) || x.len() < n {
+        return Err(err(
+            "8-bit blocks",
+            format!("{n} values of {}, not a multiple of 32", x.len()),
+        ));
+    }
+    let blocks = n / 32;
+    // SAFETY: written in full by the kernel below (one warp per block of 32) before any read.
+    let q = unsafe { dev.alloc::<i8>(n)? };
+    // SAFETY: as above, lane 0 of each block's warp.
+    let d = unsafe { dev.alloc::<f32>(blocks)? };
+    let f = dev.get_or_load_custom_func("quantize_q8_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    let blocks_ = blocks as i32;
+    b.arg(x).arg(&q).arg(&d).arg(&blocks_);
+    // SAFETY: argument order and types match the kernel's signature; x holds n values.
+    unsafe { b.launch(warp_blocks(blocks)) }.map_err(|e| err("8-bit blocks launch", e))?;
+    Ok((q, d))
+}
+
+/// [`quantize_q8`] of a [rows, n] bf16 tensor, read back: the codes and scales the GGUF kernels
+/// multiply (for tests that rebuild their products on the host).
+#[cfg(test)]
+pub fn quantize_q8_host(x: &Tensor) -> Result<(Vec<i8>, Vec<f32>)> {
+    let x = x.contiguous()?;
+    let dev = x.device().as_cuda_device()?.clone();
+    let (xs, xl) = x.storage_and_layout();
+    let Storage::Cuda(xs) = &*xs else {
+        return Err(err("device", "x must be on the GPU"));
+    };
+    let xv = xs.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
+    let (q, d) = quantize_q8(&dev, &xv, x.elem_count())?;
+    let q = dev.clone_dtoh(&q).map_err(|e| err("read back", e))?;
+    let d = dev.clone_dtoh(&d).map_err(|e| err("read back", e))?;
+    Ok((q, d))
 }
 
 /// A raw address (0: none): the kernels read `map` only through `ids`, within its length as long
@@ -1276,11 +1315,48 @@ mod tests {
     }
 
     #[test]
+    fn activations_round_to_8_bit_blocks_as_the_host_does() {
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        let (x, mut xh) = bf16_matrix(3, 96, 7, 239, 1.0 / 8.0, &dev);
+        let (q, d) = quantize_q8_host(&x).unwrap();
+        let (wq, wd) = crate::util::gpu_test::q8_blocks(&xh);
+        assert_eq!(q, wq);
+        assert_eq!(
+            d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            wd.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(q.contains(&127) && q.contains(&-127));
+        // A block of zeros, and one holding a NaN (its scale NaN, so the products are too).
+        xh[32..64].fill(0.0);
+        xh[70] = f32::NAN;
+        let x = Tensor::from_vec(
+            xh.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(),
+            (3, 96),
+            &dev,
+        )
+        .unwrap();
+        let (q, d) = quantize_q8_host(&x).unwrap();
+        assert!(q[32..64].iter().all(|&v| v == 0) && d[1] == 0.0);
+        assert!(d[2].is_nan() && q[64..96].iter().all(|&v| v == 0));
+        assert!(d[3..].iter().all(|v| v.is_finite() && *v > 0.0));
+        // Not a multiple of 32: refused, not misread.
+        let (odd, _) = bf16_matrix(1, 40, 7, 239, 1.0 / 8.0, &dev);
+        assert!(quantize_q8_host(&odd).is_err());
+    }
+
+    /// Each kernel's products against an f64 reference over candle's dequantised weights and the
+    /// activations rounded to 8-bit blocks (the host's rounding, `gpu_test::q8_blocks`): every output within
+    /// a bf16 rounding step, and nearly all of them its bits — which the same reference over
+    /// the unrounded activations does not reach (so the test sees the rounding).
+    #[test]
     fn ggml_kernels_compute_the_dequantised_experts() {
         let Some(dev) = device("MoE kernel") else {
             return;
         };
         let r = |v: f64| bf16::from_f64(v).to_f64();
+        let deq = crate::util::gpu_test::q8_values;
         for l in ggml_layouts() {
             let (h, i) = (l.hidden, l.intermediate);
             let (gu, dn, gud, dnd) = ggml_stacks(&l, 5, 6, &dev);
@@ -1292,37 +1368,58 @@ mod tests {
             let fmt = StackFormat::Ggml(&l);
             let mid = moe_gate_up(&x, &gu, &ids, None, fmt).unwrap();
             let mid_h = crate::util::gpu_test::host(&mid);
-            let mut worst = 0f64;
-            for (s, &ex) in order.iter().enumerate() {
-                for row in 0..i {
-                    let dot = |rr: usize| -> f64 {
-                        (0..h)
-                            .map(|c| gud[ex][rr * h + c] as f64 * xh[c] as f64)
-                            .sum()
-                    };
-                    let (gb, ub) = (r(dot(row)), r(dot(i + row)));
-                    let want = r(r(gb / (1.0 + (-gb).exp())) * ub);
-                    let got = mid_h[s * i + row] as f64;
-                    worst = worst.max((got - want).abs() / want.abs().max(1.0 / 16.0));
+            let exact: Vec<f64> = xh.iter().map(|&v| v as f64).collect();
+            let mids = |xv: &[f64]| -> Vec<f64> {
+                let mut out = Vec::new();
+                for &ex in &order {
+                    for row in 0..i {
+                        let dot = |rr: usize| -> f64 {
+                            (0..h).map(|c| gud[ex][rr * h + c] as f64 * xv[c]).sum()
+                        };
+                        let (gb, ub) = (r(dot(row)), r(dot(i + row)));
+                        out.push(r(r(gb / (1.0 + (-gb).exp())) * ub));
+                    }
                 }
+                out
+            };
+            let (want, unrounded) = (mids(&deq(&xh)), mids(&exact));
+            let same = |a: &[f32], b: &[f64]| {
+                a.iter().zip(b).filter(|(a, b)| **a as f64 == **b).count() as f64 / a.len() as f64
+            };
+            let mut worst = 0f64;
+            for (&got, &want) in mid_h.iter().zip(&want) {
+                worst = worst.max((got as f64 - want).abs() / want.abs().max(1.0 / 16.0));
             }
-            // As for FP8: f32 sums against f64 ones, a bf16 rounding step apart at most.
             assert!(worst <= 1.0 / 64.0, "gate_up {l}: rel. error {worst}");
+            let (hit, miss) = (same(&mid_h, &want), same(&mid_h, &unrounded));
+            assert!(
+                hit >= 0.95 && hit > miss + 0.1,
+                "gate_up {l}: {hit} of the outputs are the 8-bit reference's bits, {miss} the \
+                 unrounded one's"
+            );
             let y = crate::util::gpu_test::host(
                 &moe_down(&mid, &dn, &ids, None, &w, None, fmt).unwrap(),
             );
-            let want: Vec<f64> = (0..h)
-                .map(|row| {
-                    let mut acc = 0f64;
-                    for (s, &ex) in order.iter().enumerate() {
-                        let d: f64 = (0..i)
-                            .map(|c| dnd[ex][row * i + c] as f64 * mid_h[s * i + c] as f64)
-                            .sum();
-                        acc += r(r(d) * r(wv[s] as f64));
-                    }
-                    r(acc)
-                })
-                .collect();
+            let ys = |rounded: bool| -> Vec<f64> {
+                let mid_x: Vec<f64> = if rounded {
+                    deq(&mid_h)
+                } else {
+                    mid_h.iter().map(|&v| v as f64).collect()
+                };
+                (0..h)
+                    .map(|row| {
+                        let mut acc = 0f64;
+                        for (s, &ex) in order.iter().enumerate() {
+                            let d: f64 = (0..i)
+                                .map(|c| dnd[ex][row * i + c] as f64 * mid_x[s * i + c])
+                                .sum();
+                            acc += r(r(d) * r(wv[s] as f64));
+                        }
+                        r(acc)
+                    })
+                    .collect()
+            };
+            let (want, unrounded) = (ys(true), ys(false));
             let top = want.iter().fold(0f64, |m, v| m.max(v.abs()));
             assert!(top > 0.0, "{l}: a zero reference tests nothing");
             for (row, (&a, &b)) in y.iter().zip(&want).enumerate() {
@@ -1331,6 +1428,12 @@ mod tests {
                     "down {l} row {row}: {a} vs {b} (largest {top})"
                 );
             }
+            let (hit, miss) = (same(&y, &want), same(&y, &unrounded));
+            assert!(
+                hit >= 0.9 && hit > miss + 0.1,
+                "down {l}: {hit} of the outputs are the 8-bit reference's bits, {miss} the \
+                 unrounded one's"
+            );
         }
     }
 

@@ -243,7 +243,7 @@ mod gpu {
     use super::super::error::{ModelError, Result};
     use super::super::graph::capture_piece;
     use super::super::kv_cache::DecodeInputs;
-    use super::super::ports::{ExpertProvider, NoObserver, Stacked};
+    use super::super::ports::{ExpertProvider, NoObserver, StackFormat, Stacked};
     use super::super::qwen3_moe::{Logits, Qwen3Moe};
     use super::{SegmentTime, Stage, StepProfile, median, stage_rows};
 
@@ -351,7 +351,8 @@ mod gpu {
                             "backend",
                             format!(
                                 "layer {l} has no stacked experts: the profile times the fused \
-                                 decode path (bf16 and FP8 stacks), which GGUF experts do not take"
+                                 decode path (bf16, FP8 and GGUF block stacks), which these \
+                                 experts do not take"
                             ),
                         )
                     })?;
@@ -493,8 +494,11 @@ mod gpu {
         let mut detailed = Vec::with_capacity(plan.len());
         let mut bytes_per_step = 0u64;
         for ((seg, g), times) in plan.iter().zip(&graphs).zip(&per_segment) {
-            let (l, s, _) = seg;
-            let bytes = model.stage_bytes(l.unwrap_or(0), *s, kv_rows);
+            let (l, s, st) = seg;
+            let bytes = st
+                .as_ref()
+                .and_then(|st| stored_expert_bytes(st, *s, cfg.num_experts_per_tok as u64))
+                .unwrap_or_else(|| model.stage_bytes(l.unwrap_or(0), *s, kv_rows));
             bytes_per_step += bytes;
             let boundary = s.boundary_copies() * empty_ops;
             let ops = device_ops(g)?.saturating_sub(boundary);
@@ -599,6 +603,25 @@ mod gpu {
     }
 
     /// Kernel, copy and memset nodes of a graph.
+    /// What `k` routed experts' gate_up or down read from quantized stacks as stored (GGUF
+    /// blocks; FP8 bytes, their scales — 1/16,384 of them — not counted); None for bf16 stacks,
+    /// which the model's dtype arithmetic counts.
+    fn stored_expert_bytes(st: &Stacked, stage: Stage, k: u64) -> Option<u64> {
+        let (gate_up, down) = match st.format() {
+            StackFormat::Ggml(l) => (l.gate_up_bytes() as u64, l.down_bytes() as u64),
+            StackFormat::Fp8(_) => (
+                st.gate_up.dims().iter().skip(1).product::<usize>() as u64,
+                st.down.dims().iter().skip(1).product::<usize>() as u64,
+            ),
+            StackFormat::Dense => return None,
+        };
+        match stage {
+            Stage::GateUp => Some(k * gate_up),
+            Stage::Down => Some(k * down),
+            _ => None,
+        }
+    }
+
     fn device_ops(g: &CudaGraph) -> Result<usize> {
         let graph = g.cu_graph();
         let mut n = 0usize;

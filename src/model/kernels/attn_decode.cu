@@ -4,7 +4,8 @@
 //   1. `gemv_rows_bf16`: q, k and v projections in one launch (1–8 warps per output row);
 //   2. `attn_decode_bf16`: q/k RMSNorm, NeoX RoPE, the KV-cache write and the attention itself;
 //   3. `gemv_rows_bf16` again: o_proj with the residual add folded into its output.
-// (FP8 checkpoints: `gemv_rows_fp8` for 1 and 3.)
+// (FP8 checkpoints: `gemv_rows_fp8` for 1 and 3; GGUF files: `gemv_rows_ggml`, its input first
+// rounded to 8-bit blocks by moe_decode.cu's `quantize_q8_bf16`.)
 //
 // Rounding follows transformers' eager bf16 attention (what the fidelity tests compare against):
 // projections rounded to bf16; q/k RMSNorm as candle's kernel computes it (f32 sum of squares in
@@ -13,6 +14,7 @@
 // f32 rounded to bf16; the probability-weighted sum of values in f32, rounded once.
 
 #include "common.cuh"
+#include "ggml_blocks.cuh"
 
 // y[r] = bf16(W_r · x) for the rows of up to three matrices in one launch: rows [0, n0) of w0
 // into y0, the next n1 rows of w1 into y1, the next n2 of w2 into y2. With `res` (one matrix
@@ -24,6 +26,7 @@
 // `mats` holds the matrices and takes the dot product of a chunk of one of their rows.
 
 struct Bf16Rows {
+    static constexpr int ALIGN = 8;  // columns a chunk starts on (whole 16-byte groups)
     const __nv_bfloat16 *w0, *w1, *w2;
     __device__ __forceinline__ float dot(int m, int r, int c0, int c1, int cols,
                                          const __nv_bfloat16* __restrict__ x, int lane) const {
@@ -33,6 +36,7 @@ struct Bf16Rows {
 };
 
 struct Fp8Rows {
+    static constexpr int ALIGN = 8;
     const uint8_t *w0, *w1, *w2;
     const float *s0, *s1, *s2;
     int br, bc;
@@ -60,8 +64,9 @@ __device__ __forceinline__ void gemv_rows(const M& mats, int n0, int n1, int n2,
     {
         const int row = blockIdx.x * rows_per_block + wib / split;
         const int chunk = wib % split;
-        // Chunks of whole 8-element groups, so each stays 16-byte aligned when the row is.
-        const int per = ((cols + split - 1) / split + 7) / 8 * 8;
+        // Chunks of whole groups (M::ALIGN columns: 16 bytes of bf16, whole GGML blocks), so
+        // each stays aligned when the row is.
+        const int per = ((cols + split - 1) / split + M::ALIGN - 1) / M::ALIGN * M::ALIGN;
         const int c0 = min(cols, chunk * per), c1 = min(cols, c0 + per);
         float acc = 0.f;
         if (row < n && c1 > c0) {
@@ -104,6 +109,36 @@ extern "C" __global__ void gemv_rows_fp8(
     __nv_bfloat16* __restrict__ y0, __nv_bfloat16* __restrict__ y1,
     __nv_bfloat16* __restrict__ y2, const __nv_bfloat16* __restrict__ res, int split) {
     gemv_rows(Fp8Rows{w0, w1, w2, s0, s1, s2, br, bc}, n0, n1, n2, x, cols, y0, y1, y2, res, split);
+}
+
+// GGUF matrices (llama.cpp's block formats, `ggml_blocks.cuh`): w0..w2 rows of `rb_i` bytes in
+// type t_i (each its own: a `Q4_K_M` file mixes Q4_K and Q6_K), against x rounded to 8-bit blocks
+// (codes xq, scales xd). Chunks start on multiples of 256 columns, whole blocks of every type.
+struct GgmlRows {
+    static constexpr int ALIGN = 256;
+    const uint8_t *w0, *w1, *w2;
+    int t0, t1, t2, rb0, rb1, rb2;
+    Q8Act x;
+    __device__ __forceinline__ float dot(int m, int r, int c0, int c1, int cols,
+                                         const __nv_bfloat16* __restrict__, int lane) const {
+        const int t = m == 0 ? t0 : m == 1 ? t1 : t2;
+        const int rb = m == 0 ? rb0 : m == 1 ? rb1 : rb2;
+        const uint8_t* row = (m == 0 ? w0 : m == 1 ? w1 : w2) + (size_t)r * rb;
+        // c0 / cols of the row's bytes: rows are whole blocks and c0 a multiple of any block.
+        const size_t off = (size_t)rb / (size_t)(cols / ggml_block_weights(t)) *
+                           (size_t)(c0 / ggml_block_weights(t));
+        return ggml_dot_q8(t, row + off, x.at(c0), c1 - c0, lane);
+    }
+};
+
+extern "C" __global__ void gemv_rows_ggml(
+    const uint8_t* __restrict__ w0, const uint8_t* __restrict__ w1,
+    const uint8_t* __restrict__ w2, int t0, int t1, int t2, int rb0, int rb1, int rb2,
+    int n0, int n1, int n2, const int8_t* __restrict__ xq, const float* __restrict__ xd, int cols,
+    __nv_bfloat16* __restrict__ y0, __nv_bfloat16* __restrict__ y1,
+    __nv_bfloat16* __restrict__ y2, const __nv_bfloat16* __restrict__ res, int split) {
+    gemv_rows(GgmlRows{w0, w1, w2, t0, t1, t2, rb0, rb1, rb2, Q8Act{xq, xd}}, n0, n1, n2,
+              nullptr, cols, y0, y1, y2, res, split);
 }
 
 // candle's RMSNorm of one row of `d` values by one warp: lane l sums the squares of elements

@@ -9,6 +9,14 @@
 // with consecutive lanes on consecutive units, so its loads coalesce, and a row of few blocks
 // (Qwen3-30B-A3B's down rows: three 256-weight blocks) still keeps most lanes busy. Each group of
 // 8 weights pairs with one 16-byte load of the bf16 activations.
+//
+// Decode products (`ggml_dot_q8`) take the activations rounded to 8-bit blocks (`Q8Act`, one f32
+// scale per 32 values, as llama.cpp's and candle's GPU kernels round theirs to Q8_1) and multiply
+// integers four at a time (`dp4a`): a group's 8 weight codes (offsets such as Q4_0's −8 taken
+// in the integers) against its 8 activation codes, exactly, then the block scales in f32. Why:
+// decoding each weight to f32 and multiplying it by a bf16 activation made these kernels
+// compute-bound — slower per token than the bf16 kernels on half the bytes, and ~1.9× slower
+// than llama.cpp's CUDA build on the same files (BENCHMARKS.md §30).
 #pragma once
 #include "common.cuh"
 
@@ -23,20 +31,27 @@
 #define GGML_Q6_K 14
 
 // Loads at whatever alignment the block gives (GGUF blocks are 18, 20, 22, 24, 34, 144, 176 or
-// 210 bytes, so a block's fields are often only 2-byte aligned): the widest load the address
-// allows.
+// 210 bytes, so a block's fields are often only 2-byte aligned): aligned 4-byte words shifted
+// into place (`__funnelshift_r`), the word past the value read only where the value is not
+// aligned. Why not a branch on the alignment: the lanes of a warp read neighbouring blocks of
+// different alignments (a Q8_0 row alternates), so the two paths of a branch both ran.
 __device__ __forceinline__ float ld_half(const uint8_t* p) {
     const uint16_t b = __ldg(reinterpret_cast<const unsigned short*>(p));
     return __half2float(__ushort_as_half(b));
 }
 __device__ __forceinline__ uint32_t ld_u32(const uint8_t* p) {
-    if (((uintptr_t)p & 3) == 0) return __ldg(reinterpret_cast<const unsigned int*>(p));
-    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
-    return (uint32_t)__ldg(h) | ((uint32_t)__ldg(h + 1) << 16);
+    const uint32_t sh = ((uintptr_t)p & 3u) * 8u;
+    const unsigned int* w = reinterpret_cast<const unsigned int*>((uintptr_t)p & ~(uintptr_t)3);
+    const uint32_t a = __ldg(w);
+    const uint32_t b = sh ? __ldg(w + 1) : 0u;
+    return __funnelshift_r(a, b, sh);
 }
 __device__ __forceinline__ uint2 ld_u64(const uint8_t* p) {
-    if (((uintptr_t)p & 7) == 0) return __ldg(reinterpret_cast<const uint2*>(p));
-    return make_uint2(ld_u32(p), ld_u32(p + 4));
+    const uint32_t sh = ((uintptr_t)p & 3u) * 8u;
+    const unsigned int* w = reinterpret_cast<const unsigned int*>((uintptr_t)p & ~(uintptr_t)3);
+    const uint32_t a = __ldg(w), b = __ldg(w + 1);
+    const uint32_t c = sh ? __ldg(w + 2) : 0u;
+    return make_uint2(__funnelshift_r(a, b, sh), __funnelshift_r(b, c, sh));
 }
 __device__ __forceinline__ uint32_t byte_of(uint2 v, int i) {
     return ((i < 4 ? v.x : v.y) >> (8 * (i & 3))) & 0xFFu;
@@ -225,48 +240,203 @@ struct Q6_KB {
     }
 };
 
-// This lane's share of dot(row, x) over n columns (n a multiple of the block's weights, x 16-byte
-// aligned) for one row of blocks of type B: units in lane order, each group's 8 products summed
-// in order into the lane's accumulator.
-template <typename B>
-__device__ __forceinline__ float block_dot(const uint8_t* __restrict__ row,
-                                           const __nv_bfloat16* __restrict__ x, int n, int lane) {
+// Activations rounded to 8-bit blocks: value i is q[i] · d[i / 32]. Rows start 8-byte aligned
+// (their lengths are multiples of 32), so a group's 8 codes are one 8-byte load.
+struct Q8Act {
+    const int8_t* __restrict__ q;
+    const float* __restrict__ d;
+    // The block of weights from `w` on (w a multiple of 32).
+    __device__ __forceinline__ Q8Act at(int w) const { return Q8Act{q + w, d + (w >> 5)}; }
+    // The 8 codes from weight i (a multiple of 8) as two words of four.
+    __device__ __forceinline__ int2 codes(int i) const {
+        return __ldg(reinterpret_cast<const int2*>(q + i));
+    }
+    __device__ __forceinline__ float scale(int i) const { return __ldg(d + (i >> 5)); }
+};
+
+// Σ w·a over a group of 8: two dp4a. And Σ a (for the types with a minimum), the same way.
+__device__ __forceinline__ int dot8(uint32_t w0, uint32_t w1, int2 a) {
+    return __dp4a((int)w1, a.y, __dp4a((int)w0, a.x, 0));
+}
+__device__ __forceinline__ int sum8(int2 a) {
+    return __dp4a(0x01010101, a.y, __dp4a(0x01010101, a.x, 0));
+}
+// Four bits (weights i..i+3's high bits) moved to bit 4 of each byte.
+__device__ __forceinline__ uint32_t spread4(uint32_t b) {
+    return ((b & 1u) << 4) | ((b & 2u) << 11) | ((b & 4u) << 18) | ((b & 8u) << 25);
+}
+
+// Each type's `dot_q8(b, u, a)`: unit u of block b against the block's activations a (a.at(the
+// block's first weight)), in f32.
+struct Q8_0D {
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const float d = ld_half(b);
+        const uint2 q = ld_u64(b + 2 + 8 * u);
+        return d * a.scale(0) * (float)dot8(q.x, q.y, a.codes(8 * u));
+    }
+};
+
+struct Q4_0D {
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const float d = ld_half(b);
+        const uint2 q = ld_u64(b + 2 + 8 * u);
+        const uint32_t m = 0x0F0F0F0Fu, off = 0x08080808u;
+        const int s = dot8(__vsubss4(q.x & m, off), __vsubss4(q.y & m, off), a.codes(8 * u)) +
+                      dot8(__vsubss4((q.x >> 4) & m, off), __vsubss4((q.y >> 4) & m, off),
+                           a.codes(16 + 8 * u));
+        return d * a.scale(0) * (float)s;
+    }
+};
+
+struct Q4_1D {
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const float d = ld_half(b), mn = ld_half(b + 2);
+        const uint2 q = ld_u64(b + 4 + 8 * u);
+        const uint32_t m = 0x0F0F0F0Fu;
+        const int2 a0 = a.codes(8 * u), a1 = a.codes(16 + 8 * u);
+        const int s = dot8(q.x & m, q.y & m, a0) + dot8((q.x >> 4) & m, (q.y >> 4) & m, a1);
+        return a.scale(0) * (d * (float)s + mn * (float)(sum8(a0) + sum8(a1)));
+    }
+};
+
+// Q5_0 / Q5_1: weight j's fifth bit is bit j of qh (j < 32); the unit's low group is weights
+// 8u.., its high group 16 + 8u...
+__device__ __forceinline__ void q5_words(uint2 q, uint32_t qh, int u, uint32_t* w) {
+    const uint32_t m = 0x0F0F0F0Fu;
+    const uint32_t lo = qh >> (8 * u), hi = qh >> (8 * u + 16);
+    w[0] = (q.x & m) | spread4(lo & 0xF);
+    w[1] = (q.y & m) | spread4((lo >> 4) & 0xF);
+    w[2] = ((q.x >> 4) & m) | spread4(hi & 0xF);
+    w[3] = ((q.y >> 4) & m) | spread4((hi >> 4) & 0xF);
+}
+
+struct Q5_0D {
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const float d = ld_half(b);
+        uint32_t w[4];
+        q5_words(ld_u64(b + 6 + 8 * u), ld_u32(b + 2), u, w);
+        const uint32_t off = 0x10101010u;
+        const int s = dot8(__vsubss4(w[0], off), __vsubss4(w[1], off), a.codes(8 * u)) +
+                      dot8(__vsubss4(w[2], off), __vsubss4(w[3], off), a.codes(16 + 8 * u));
+        return d * a.scale(0) * (float)s;
+    }
+};
+
+struct Q5_1D {
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const float d = ld_half(b), mn = ld_half(b + 2);
+        uint32_t w[4];
+        q5_words(ld_u64(b + 8 + 8 * u), ld_u32(b + 4), u, w);
+        const int2 a0 = a.codes(8 * u), a1 = a.codes(16 + 8 * u);
+        const int s = dot8(w[0], w[1], a0) + dot8(w[2], w[3], a1);
+        return a.scale(0) * (d * (float)s + mn * (float)(sum8(a0) + sum8(a1)));
+    }
+};
+
+// Q4_K / Q5_K unit u = (j, p): sub-block 2j's weights 64j + 8p.. (low nibbles) and sub-block
+// 2j + 1's 64j + 32 + 8p.. (high nibbles), each d·scale·q − dmin·min.
+__device__ __forceinline__ float kquant_pair(const uint8_t* b, int j, const uint32_t* w,
+                                             const Q8Act& a, int p) {
+    const float d = ld_half(b), dmin = ld_half(b + 2);
+    float s1, m1, s2, m2;
+    scale_min_k4(2 * j, b + 4, s1, m1);
+    scale_min_k4(2 * j + 1, b + 4, s2, m2);
+    const int2 a0 = a.codes(64 * j + 8 * p), a1 = a.codes(64 * j + 32 + 8 * p);
+    const float g0 = d * s1 * (float)dot8(w[0], w[1], a0) - dmin * m1 * (float)sum8(a0);
+    const float g1 = d * s2 * (float)dot8(w[2], w[3], a1) - dmin * m2 * (float)sum8(a1);
+    return a.scale(64 * j) * g0 + a.scale(64 * j + 32) * g1;
+}
+
+struct Q4_KD {
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const int j = u >> 2, p = u & 3;
+        const uint2 q = ld_u64(b + 16 + 32 * j + 8 * p);
+        const uint32_t m = 0x0F0F0F0Fu;
+        const uint32_t w[4] = {q.x & m, q.y & m, (q.x >> 4) & m, (q.y >> 4) & m};
+        return kquant_pair(b, j, w, a, p);
+    }
+};
+
+struct Q5_KD {
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const int j = u >> 2, p = u & 3;
+        const uint2 h = ld_u64(b + 16 + 8 * p);
+        const uint2 q = ld_u64(b + 48 + 32 * j + 8 * p);
+        const uint32_t m = 0x0F0F0F0Fu, one = 0x01010101u;
+        const uint32_t w[4] = {(q.x & m) | (((h.x >> (2 * j)) & one) << 4),
+                               (q.y & m) | (((h.y >> (2 * j)) & one) << 4),
+                               ((q.x >> 4) & m) | (((h.x >> (2 * j + 1)) & one) << 4),
+                               ((q.y >> 4) & m) | (((h.y >> (2 * j + 1)) & one) << 4)};
+        return kquant_pair(b, j, w, a, p);
+    }
+};
+
+// Q6_K unit u = (n, p): four groups of 8 (weights 128n + 8p + 32g), each within one 16-weight
+// sub-block (scale 8n + p/2 + 2g), codes − 32 taken in the integers.
+struct Q6_KD {
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const int n = u >> 2, p = u & 3;
+        const float d = ld_half(b + 208);
+        const uint8_t* sc = b + 192 + 8 * n + (p >> 1);
+        const uint2 lo = ld_u64(b + 64 * n + 8 * p);
+        const uint2 hi = ld_u64(b + 64 * n + 32 + 8 * p);
+        const uint2 h = ld_u64(b + 128 + 32 * n + 8 * p);
+        const uint32_t m = 0x0F0F0F0Fu, t = 0x03030303u, off = 0x20202020u;
+        const uint32_t l[2] = {lo.x, lo.y}, c[2] = {hi.x, hi.y}, hh[2] = {h.x, h.y};
+        float acc = 0.f;
+#pragma unroll
+        for (int g = 0; g < 4; g++) {
+            uint32_t w[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const uint32_t src = (g & 1) ? c[i] : l[i];
+                const uint32_t nib = (g < 2) ? (src & m) : ((src >> 4) & m);
+                w[i] = __vsubss4(nib | (((hh[i] >> (2 * g)) & t) << 4), off);
+            }
+            const int w0 = 128 * n + 8 * p + 32 * g;
+            const float ds = d * (float)(int8_t)__ldg(sc + 2 * g);
+            acc += a.scale(w0) * ds * (float)dot8(w[0], w[1], a.codes(w0));
+        }
+        return acc;
+    }
+};
+
+// This lane's share of dot(row, x) over n columns (n a multiple of the block's weights) for one
+// row of blocks of type B against activations rounded to 8-bit blocks: units in lane order.
+template <typename B, typename D>
+__device__ __forceinline__ float block_dot_q8(const uint8_t* __restrict__ row, const Q8Act& x,
+                                              int n, int lane) {
     const int units = (n / B::WEIGHTS) * B::UNITS;
     float acc = 0.f;
     for (int t = lane; t < units; t += 32) {
         const int blk = t / B::UNITS, u = t - blk * B::UNITS;
-        float w[8 * B::G];
-        B::unit(row + (size_t)blk * B::BYTES, u, w);
-        const __nv_bfloat16* xb = x + (size_t)blk * B::WEIGHTS;
-#pragma unroll
-        for (int g = 0; g < B::G; g++) {
-            const uint4 c = __ldg(reinterpret_cast<const uint4*>(xb + B::start(u, g)));
-            const __nv_bfloat162* c2 = reinterpret_cast<const __nv_bfloat162*>(&c);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 f = __bfloat1622float2(c2[j]);
-                acc = fmaf(w[8 * g + 2 * j], f.x, acc);
-                acc = fmaf(w[8 * g + 2 * j + 1], f.y, acc);
-            }
-        }
+        acc += D::dot_q8(row + (size_t)blk * B::BYTES, u, x.at(blk * B::WEIGHTS));
     }
     return acc;
 }
 
-// block_dot for the GGML type id `type` (one of the above; 0 for any other, which the host never
-// passes).
-__device__ __forceinline__ float ggml_dot(int type, const uint8_t* __restrict__ row,
-                                          const __nv_bfloat16* __restrict__ x, int n, int lane) {
+// block_dot_q8 for the GGML type id `type` (0 for any other, which the host never passes).
+__device__ __forceinline__ float ggml_dot_q8(int type, const uint8_t* __restrict__ row,
+                                             const Q8Act& x, int n, int lane) {
     switch (type) {
-        case GGML_Q4_0: return block_dot<Q4_0B>(row, x, n, lane);
-        case GGML_Q4_1: return block_dot<Q4_1B>(row, x, n, lane);
-        case GGML_Q5_0: return block_dot<Q5_0B>(row, x, n, lane);
-        case GGML_Q5_1: return block_dot<Q5_1B>(row, x, n, lane);
-        case GGML_Q8_0: return block_dot<Q8_0B>(row, x, n, lane);
-        case GGML_Q4_K: return block_dot<Q4_KB>(row, x, n, lane);
-        case GGML_Q5_K: return block_dot<Q5_KB>(row, x, n, lane);
-        case GGML_Q6_K: return block_dot<Q6_KB>(row, x, n, lane);
+        case GGML_Q4_0: return block_dot_q8<Q4_0B, Q4_0D>(row, x, n, lane);
+        case GGML_Q4_1: return block_dot_q8<Q4_1B, Q4_1D>(row, x, n, lane);
+        case GGML_Q5_0: return block_dot_q8<Q5_0B, Q5_0D>(row, x, n, lane);
+        case GGML_Q5_1: return block_dot_q8<Q5_1B, Q5_1D>(row, x, n, lane);
+        case GGML_Q8_0: return block_dot_q8<Q8_0B, Q8_0D>(row, x, n, lane);
+        case GGML_Q4_K: return block_dot_q8<Q4_KB, Q4_KD>(row, x, n, lane);
+        case GGML_Q5_K: return block_dot_q8<Q5_KB, Q5_KD>(row, x, n, lane);
+        case GGML_Q6_K: return block_dot_q8<Q6_KB, Q6_KD>(row, x, n, lane);
         default: return 0.f;
+    }
+}
+
+// Weights a block of the GGML type id `type` holds (1 for any other, which the host never passes).
+__device__ __forceinline__ int ggml_block_weights(int type) {
+    switch (type) {
+        case GGML_Q4_0: case GGML_Q4_1: case GGML_Q5_0: case GGML_Q5_1: case GGML_Q8_0: return 32;
+        case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: return 256;
+        default: return 1;
     }
 }
 

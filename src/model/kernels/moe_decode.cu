@@ -115,12 +115,20 @@ struct Bf16Down {
     }
 };
 
+// Slot s's row of mid (I values a row): bf16, or rounded to 8-bit blocks (GGUF's kernels).
+__device__ __forceinline__ const __nv_bfloat16* mid_row(const __nv_bfloat16* m, int s, int n) {
+    return m + (size_t)s * n;
+}
+__device__ __forceinline__ Q8Act mid_row(const Q8Act& m, int s, int n) {
+    return m.at(s * n);
+}
+
 // The down kernels' body over `dn`'s matrices (see moe_decode_down_bf16).
-template <typename D>
+template <typename D, typename M>
 __device__ __forceinline__ void moe_down(const D& dn, const uint32_t* __restrict__ ids,
                                          const uint32_t* __restrict__ map,
                                          const float* __restrict__ topk_w,
-                                         const __nv_bfloat16* __restrict__ mid,
+                                         const M& mid,
                                          __nv_bfloat16* __restrict__ y,
                                          const __nv_bfloat16* __restrict__ res, int k, int inter,
                                          int hidden) {
@@ -133,7 +141,7 @@ __device__ __forceinline__ void moe_down(const D& dn, const uint32_t* __restrict
     if (s < k) {
         const size_t e = map ? map[ids[s]] : ids[s];
         float part[DOWN_ROWS];
-        dn.dot(e, h0, rows, hidden, inter, mid + (size_t)s * inter, lane, part);
+        dn.dot(e, h0, rows, hidden, inter, mid_row(mid, s, inter), lane, part);
 #pragma unroll
         for (int r = 0; r < DOWN_ROWS; r++) {
             const float v = bf16_round(warp_sum(part[r]));
@@ -259,20 +267,45 @@ extern "C" __global__ void fp8_dequant_stack_bf16(
 }
 
 // GGUF expert stacks (GGML blocks, decoded in registers, `ggml_blocks.cuh`): the bf16 kernels'
-// work and rounding, each weight the f32 value candle's dequantisation gives. A stack holds each
-// expert's bytes as the file stores them, `stride` bytes apart: gate_up's gate rows (type `tg`,
-// `rbg` bytes a row) then its up rows (`tu`, `rbu`); down's rows (`td`, `rbd`). A slot pool's
-// stride may exceed an expert's bytes (one pool serves layers whose types differ). As for bf16,
-// `ids` are rows of the stacks (native's expert ids, or with `map` the slot pool's slots).
+// work and rounding, except that each product's input — x for gate_up, mid for down — is first
+// rounded to 8-bit blocks (`quantize_q8_bf16`) and multiplied by the weights' codes in integers
+// (`ggml_dot_q8`), as llama.cpp's and candle's kernels do. A stack holds each expert's bytes as
+// the file stores them, `stride` bytes apart: gate_up's gate rows (type `tg`, `rbg` bytes a row)
+// then its up rows (`tu`, `rbu`); down's rows (`td`, `rbd`). A slot pool's stride may exceed an
+// expert's bytes (one pool serves layers whose types differ). As for bf16, `ids` are rows of the
+// stacks (native's expert ids, or with `map` the slot pool's slots).
 
-// mid[s, r] as moe_decode_gate_up_bf16 computes it, from GGUF stacks. One warp per (s, r).
+// x [rows, 32 · blocks] bf16 rounded to 8-bit blocks: for each 32 values, d = max|x| / 127 and
+// q = round(x / d) (0 where the block is all zeros; d NaN where it holds a NaN, so that the NaN
+// reaches the products). One warp per block.
+extern "C" __global__ void quantize_q8_bf16(const __nv_bfloat16* __restrict__ x,
+                                            int8_t* __restrict__ q, float* __restrict__ d,
+                                            int blocks) {
+    const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (warp >= blocks) return;
+    const float v = __bfloat162float(x[(size_t)warp * 32 + lane]);
+    float amax = fabsf(v);
+    bool nan = v != v;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    nan = __any_sync(0xffffffffu, nan);
+    const float dd = nan ? __int_as_float(0x7FC00000) : __fdiv_rn(amax, 127.f);
+    const int qi = (amax == 0.f || nan) ? 0 : (int)roundf(__fdiv_rn(v, dd));
+    q[(size_t)warp * 32 + lane] = (int8_t)qi;
+    if (lane == 0) d[warp] = dd;
+}
+
+// mid[s, r] as moe_decode_gate_up_bf16 computes it, from GGUF stacks and x rounded to 8-bit
+// blocks. One warp per (s, r).
 extern "C" __global__ void moe_decode_gate_up_ggml(
     const uint8_t* __restrict__ w_gu,        // [E, stride]
     unsigned long long stride,
     int tg, int rbg, int tu, int rbu,
     const uint32_t* __restrict__ ids,        // [k]
     const uint32_t* __restrict__ map,        // [experts] or null
-    const __nv_bfloat16* __restrict__ x,     // [H], 16-byte aligned
+    const int8_t* __restrict__ xq,           // [H] codes
+    const float* __restrict__ xd,            // [H / 32] scales
     __nv_bfloat16* __restrict__ mid,         // [k, I]
     int k, int inter, int hidden) {
     const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -282,25 +315,26 @@ extern "C" __global__ void moe_decode_gate_up_ggml(
     const int r = warp - s * inter;
     const size_t e = map ? map[ids[s]] : ids[s];
     const uint8_t* base = w_gu + e * stride;
-    const float g = ggml_dot(tg, base + (size_t)r * rbg, x, hidden, lane);
-    const float u = ggml_dot(tu, base + (size_t)inter * rbg + (size_t)r * rbu, x, hidden, lane);
+    const Q8Act x{xq, xd};
+    const float g = ggml_dot_q8(tg, base + (size_t)r * rbg, x, hidden, lane);
+    const float u = ggml_dot_q8(tu, base + (size_t)inter * rbg + (size_t)r * rbu, x, hidden, lane);
     store_mid(g, u, lane, mid + (size_t)s * inter + r);
 }
 
-// y (plus `res`) as moe_decode_down_bf16 computes it, from a GGUF down stack.
+// y (plus `res`) as moe_decode_down_bf16 computes it, from a GGUF down stack and mid rounded to
+// 8-bit blocks (each slot's row on its own: I is a multiple of 32).
 struct GgmlDown {
     const uint8_t* w_dn;
     unsigned long long stride;
     int type, rb;
     __device__ __forceinline__ void dot(size_t e, int h0, int rows, int hidden, int inter,
-                                        const __nv_bfloat16* __restrict__ m, int lane,
-                                        float* acc) const {
+                                        const Q8Act& m, int lane, float* acc) const {
         const uint8_t* base = w_dn + e * stride;
 #pragma unroll
         for (int r = 0; r < DOWN_ROWS; r++) {
             // Past the last row: the last row again, its result not kept.
             const int h = min(h0 + r, hidden - 1);
-            acc[r] = ggml_dot(type, base + (size_t)h * rb, m, inter, lane);
+            acc[r] = ggml_dot_q8(type, base + (size_t)h * rb, m, inter, lane);
         }
     }
 };
@@ -312,11 +346,13 @@ extern "C" __global__ void moe_decode_down_ggml(
     const uint32_t* __restrict__ ids,        // [k]
     const uint32_t* __restrict__ map,        // [experts] or null
     const float* __restrict__ topk_w,        // [k]
-    const __nv_bfloat16* __restrict__ mid,   // [k, I]
+    const int8_t* __restrict__ mq,           // [k, I] codes
+    const float* __restrict__ md,            // [k, I / 32] scales
     __nv_bfloat16* __restrict__ y,           // [H]
     const __nv_bfloat16* __restrict__ res,   // [H] or null
     int k, int inter, int hidden) {
-    moe_down(GgmlDown{w_dn, stride, td, rbd}, ids, map, topk_w, mid, y, res, k, inter, hidden);
+    moe_down(GgmlDown{w_dn, stride, td, rbd}, ids, map, topk_w, Q8Act{mq, md}, y, res, k, inter,
+             hidden);
 }
 
 // `m` rows of type `type` (`rb` bytes each, from byte `off` of each expert) of the experts
