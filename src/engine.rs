@@ -17,6 +17,7 @@ use crate::model::DecodeOptions;
 use crate::model::checkpoint::{Checkpoint, ExpertInventory};
 use crate::model::config::MoeConfig;
 use crate::model::error::{ModelError, Result};
+use crate::model::generate::{DecodeState, Generation};
 use crate::model::ports::{ExpertProvider, ExpertWeights, Stacked};
 use crate::model::qwen3_moe::{Qwen3Moe, WeightStore};
 use crate::settings::{AttnKernel, MoeKernel, Settings};
@@ -148,9 +149,33 @@ pub struct Engine {
     pub device: DeviceSpec,
     /// True when missing experts were allowed and some are masked out (results are DEGRADED).
     pub degraded: bool,
+    /// What the last generation kept for the next (its KV cache and CUDA graphs): see
+    /// [`Engine::generation`].
+    decode_state: std::sync::Mutex<Option<DecodeState>>,
 }
 
 impl Engine {
+    /// A generation on this engine over what the last one handed back through
+    /// [`Engine::keep`] left, where that gives a fresh generation's bits
+    /// ([`Generation::reusing`]): on a GPU its decode graph is then not captured again for
+    /// every prompt.
+    pub fn generation(
+        &self,
+        prompt: Vec<u32>,
+        params: crate::model::sampling::SamplingParams,
+        stop_ids: Vec<u32>,
+    ) -> Result<Generation> {
+        let state = self.decode_state.lock().ok().and_then(|mut s| s.take());
+        Generation::reusing(&self.model, state, prompt, params, stop_ids)
+    }
+
+    /// Keeps a generation's KV cache and graphs for the next [`Engine::generation`].
+    pub fn keep(&self, g: Generation) {
+        if let Ok(mut s) = self.decode_state.lock() {
+            *s = Some(g.into_state());
+        }
+    }
+
     /// The cache's statistics now (selective only).
     pub fn cache_snapshot(&self) -> Option<CacheSnapshot> {
         self.cache.as_ref().map(|c| c.snapshot())
@@ -162,7 +187,6 @@ impl Engine {
     /// first use — seconds on a fresh machine — and that belongs to loading, not to the first
     /// prompt's tokens.
     pub fn warm_up(&self) -> Result<()> {
-        use crate::model::generate::Generation;
         use crate::model::ports::{NoObserver, RoutingLog, RoutingObserver};
         use crate::model::sampling::SamplingParams;
         self.provider.set_bypass(true);
@@ -209,6 +233,7 @@ impl Engine {
             dtype,
             device: device.clone(),
             degraded: !files.inventory.missing.is_empty() && allow_missing,
+            decode_state: Default::default(),
         })
     }
 
@@ -235,6 +260,7 @@ impl Engine {
             dtype,
             device: device.clone(),
             degraded,
+            decode_state: Default::default(),
         })
     }
 }

@@ -270,3 +270,61 @@ fn a_nan_logit_fails_every_comparison() {
     assert_eq!(moescope::model::layers::argmax(&[1.0, f32::NAN, 2.0]), 1);
     assert_eq!(moescope::model::layers::argmax(&[f32::NAN, 1.0]), 0);
 }
+
+/// A generation over what an earlier one left (its KV cache, and on a GPU its graphs) gives the
+/// bits of a fresh one, token for token and logit for logit — on the CPU's growing cache, and
+/// on the GPU's static layout (run here on the CPU) when the capacity is the fresh prompt's;
+/// a capacity the fresh prompt would not have is not taken up.
+#[test]
+fn generations_over_an_earlier_ones_state_match_fresh_ones() {
+    use moescope::model::generate::{DecodeState, Generation};
+    use moescope::model::layers::KvCache;
+    use moescope::model::sampling::SamplingParams;
+    for dtype in [Dtype::F32, Dtype::Bf16] {
+        let e = native("qwen3-moe-tiny", dtype);
+        let layers = e.cfg.num_hidden_layers;
+        let params = |n| SamplingParams {
+            max_new_tokens: n,
+            ..Default::default()
+        };
+        // Each step's token and logits' bits, and whether the state was taken up.
+        let run = |state: Option<DecodeState>, prompt: &[u32], n: usize| {
+            let mut g =
+                Generation::reusing(&e.model, state, prompt.to_vec(), params(n), vec![]).unwrap();
+            let reused = g.kv_bytes() > 0;
+            let mut steps = Vec::new();
+            while let Some(out) = g
+                .step(&e.model, e.provider.as_ref(), &mut NoObserver)
+                .unwrap()
+            {
+                let bits: Vec<u32> = g.last_logits().iter().map(|v| v.to_bits()).collect();
+                steps.push((out.token, bits));
+            }
+            (steps, reused, g.into_state())
+        };
+        let statik = || Some(DecodeState::from_cache(KvCache::new_static(layers, 2)).unwrap());
+        let (a, b) = (vec![3u32, 17, 42], vec![5u32, 9, 11, 30, 2]);
+        for layout in ["growing", "static"] {
+            let fresh = |p: &[u32], n| match layout {
+                "static" => run(statik(), p, n),
+                _ => run(None, p, n),
+            };
+            // A: 3 + 5 rows (static capacity 8); B then fits it (5 rows → 8 fresh).
+            let (_, _, state) = fresh(&a, 5);
+            let (want, _, _) = fresh(&b, 6);
+            let (got, reused, state) = run(Some(state), &b, 6);
+            assert!(reused, "{dtype:?} {layout}: the state was not taken up");
+            assert!(
+                got == want,
+                "{dtype:?} {layout}: not the fresh generation's bits"
+            );
+            // B left 5 + 6 rows (static 16): a 2-token prompt's fresh capacity is 2, so a
+            // static state is dropped (the generation starts on the model's own fresh cache);
+            // a growing one is still taken up.
+            let (want, _, _) = run(None, &a[..2], 3);
+            let (got, reused, _) = run(Some(state), &a[..2], 3);
+            assert_eq!(reused, layout == "growing", "{dtype:?} {layout}");
+            assert!(got == want, "{dtype:?} {layout}: short prompt");
+        }
+    }
+}

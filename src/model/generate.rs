@@ -56,6 +56,38 @@ pub struct Generation {
     graph_failed: bool,
 }
 
+/// What one generation leaves for the next on the same model and provider: its KV cache and the
+/// CUDA graphs captured over that cache's buffers. Why: a generation's first decode step
+/// captures its graph (a warm-up step, the capture, instantiation and upload), and with a cache
+/// of its own every generation — every prompt of a session, every benchmark repeat — paid for
+/// that again inside its decode time. See [`Generation::reusing`] for when it is taken up.
+pub struct DecodeState {
+    cache: KvCache,
+    #[cfg(feature = "cuda")]
+    graphs: Vec<super::graph::DecodeGraph>,
+    #[cfg(feature = "cuda")]
+    pieces: Option<super::graph::Piecewise>,
+    #[cfg(feature = "cuda")]
+    graph_failed: bool,
+}
+
+impl DecodeState {
+    /// A state holding `cache` (empty) and no graphs — how tests reach the static layout on the
+    /// CPU.
+    pub fn from_cache(mut cache: KvCache) -> Result<Self> {
+        cache.reset()?;
+        Ok(DecodeState {
+            cache,
+            #[cfg(feature = "cuda")]
+            graphs: Vec::new(),
+            #[cfg(feature = "cuda")]
+            pieces: None,
+            #[cfg(feature = "cuda")]
+            graph_failed: false,
+        })
+    }
+}
+
 /// Says once per process that CUDA graphs were given up (decoding goes on uncaptured).
 #[cfg(feature = "cuda")]
 fn warn_graph_failure(e: &ModelError) {
@@ -70,15 +102,41 @@ impl Generation {
         params: SamplingParams,
         stop_ids: Vec<u32>,
     ) -> Result<Self> {
+        Self::reusing(model, None, prompt, params, stop_ids)
+    }
+
+    /// [`Generation::new`] over what an earlier generation left ([`Generation::into_state`]),
+    /// where that gives the bits a fresh cache would: on a cache that grows (the CPU's) always;
+    /// on a static one (the GPU's) when its capacity is the one this prompt's prefill would
+    /// allocate — its buffers zeroed in place ([`KvCache::reset`]), it is then a fresh cache of
+    /// that capacity at the same addresses, so its graphs still fit. Otherwise the state is
+    /// dropped and the generation starts fresh.
+    pub fn reusing(
+        model: &Qwen3Moe,
+        state: Option<DecodeState>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        stop_ids: Vec<u32>,
+    ) -> Result<Self> {
         params.validate()?;
         if prompt.is_empty() {
             return Err(ModelError::Input("the prompt has no tokens".into()));
         }
+        let state = match state {
+            Some(mut st)
+                if st.cache.layer_count() == model.config().num_hidden_layers
+                    && st.cache.reusable_for(prompt.len()) =>
+            {
+                st.cache.reset()?;
+                st
+            }
+            _ => DecodeState::from_cache(model.new_cache())?,
+        };
         let max = params.max_new_tokens;
         Ok(Generation {
             prompt,
             generated: Vec::new(),
-            cache: model.new_cache(),
+            cache: state.cache,
             sampler: Sampler::new(params),
             stop_ids,
             max_new_tokens: max,
@@ -91,12 +149,26 @@ impl Generation {
             decode_time: Duration::ZERO,
             last_logits: Vec::new(),
             #[cfg(feature = "cuda")]
-            graphs: Vec::new(),
+            graphs: state.graphs,
             #[cfg(feature = "cuda")]
-            pieces: None,
+            pieces: state.pieces,
             #[cfg(feature = "cuda")]
-            graph_failed: false,
+            graph_failed: state.graph_failed,
         })
+    }
+
+    /// The KV cache and graphs, for the next generation on the same model
+    /// ([`Generation::reusing`]).
+    pub fn into_state(self) -> DecodeState {
+        DecodeState {
+            cache: self.cache,
+            #[cfg(feature = "cuda")]
+            graphs: self.graphs,
+            #[cfg(feature = "cuda")]
+            pieces: self.pieces,
+            #[cfg(feature = "cuda")]
+            graph_failed: self.graph_failed,
+        }
     }
 
     pub fn prompt(&self) -> &[u32] {

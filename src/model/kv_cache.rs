@@ -157,6 +157,19 @@ impl KvCache {
         Ok(st)
     }
 
+    /// Layers the cache was made for.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Whether this cache, emptied, computes a prompt of `rows` tokens with the bits of a fresh
+    /// cache: nothing static allocated yet (a growing cache's reads stop at its filled rows), or
+    /// static buffers of the capacity a fresh cache's prefill would allocate for `rows`.
+    pub fn reusable_for(&self, rows: usize) -> bool {
+        let cap = self.static_capacity();
+        cap == 0 || cap == rows.next_power_of_two().max(self.min_static)
+    }
+
     /// Number of positions cached.
     pub fn len(&self) -> usize {
         self.len
@@ -169,6 +182,23 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.len = 0;
+    }
+
+    /// Empties the cache for a new sequence, keeping its buffers (and so its epoch: a graph
+    /// captured over them still fits): static buffers are zeroed in place, as a fresh cache's
+    /// are, so nothing of the last sequence — not even a non-finite value — reaches the next.
+    pub fn reset(&mut self) -> Result<()> {
+        for layer in self.layers.iter_mut().flatten() {
+            match layer {
+                LayerKv::Grown { filled, .. } => *filled = 0,
+                LayerKv::Static { k, v } => {
+                    k.zero_set()?;
+                    v.zero_set()?;
+                }
+            }
+        }
+        self.len = 0;
+        Ok(())
     }
 
     /// Drops cached positions from `len` on (used to rewind a generation).

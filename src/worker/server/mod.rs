@@ -6,7 +6,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use crate::engine::{BackendKind, Engine};
-use crate::model::generate::{FinishReason, Generation, Timing};
+use crate::model::generate::{FinishReason, Timing};
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::{StreamDecoder, TextTokenizer, stop_ids};
 use crate::session::event::{Backend, Finish, ResidentBytes, SessionEvent};
@@ -383,8 +383,10 @@ fn generate(
         c.log_misses(true);
         c.take_step_loads();
     }
-    let mut g =
-        Generation::new(model, ids.clone(), params, st.stops.clone()).map_err(|e| e.to_string())?;
+    let mut g = st
+        .engine
+        .generation(ids.clone(), params, st.stops.clone())
+        .map_err(|e| e.to_string())?;
     out.session(SessionEvent::PromptStarted {
         backend: out.backend,
         prompt,
@@ -545,6 +547,8 @@ fn generate(
         prefill_tok_s: timing.prefill_tok_s,
         decode_tok_s: timing.decode_tok_s,
     });
+    // Its KV cache and graphs serve the next prompt (not captured again for each one).
+    st.engine.keep(g);
     Ok(Flow::Continue)
 }
 
