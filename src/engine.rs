@@ -157,8 +157,7 @@ pub struct Engine {
 impl Engine {
     /// A generation on this engine over what the last one handed back through
     /// [`Engine::keep`] left, where that gives a fresh generation's bits
-    /// ([`Generation::reusing`]): on a GPU its decode graph is then not captured again for
-    /// every prompt.
+    /// ([`Generation::reusing`]).
     pub fn generation(
         &self,
         prompt: Vec<u32>,

@@ -37,9 +37,8 @@ pub fn run_ours(engine: &Engine, prompt: &[u32], new_tokens: usize) -> Result<De
         max_new_tokens: new_tokens,
         ..Default::default()
     };
-    // Over what the previous repeat left, as every prompt after the first in a session: on a
-    // GPU the first repeat captures the decode graph, the others replay it (as llama-bench's
-    // timed runs follow its warm-up run).
+    // Over what the previous repeat left, as every prompt after the first in a session
+    // (`Generation::reusing` says where that is taken up).
     let mut g = engine.generation(prompt.to_vec(), params, vec![])?;
     while g
         .step(&engine.model, engine.provider.as_ref(), &mut NoObserver)?

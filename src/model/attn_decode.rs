@@ -5,7 +5,9 @@
 //! attention 43–48 % of a step at 16 % of the copy bandwidth).
 //!
 //! Only the device-positioned decode step uses it (the one CUDA graphs capture), in bf16, with
-//! dense unbiased projections; anything else runs candle's ops (`layers.rs`). Native and
+//! unbiased projections that are dense bf16, block-scaled FP8, or GGUF blocks of a type the
+//! block kernels decode (their input then rounded to 8-bit blocks, as candle's quantized product
+//! rounds it); anything else runs candle's ops (`layers.rs`). Native and
 //! selective run the same attention, so they stay bit-identical; nothing here reads back to the
 //! host.
 

@@ -547,7 +547,7 @@ fn generate(
         prefill_tok_s: timing.prefill_tok_s,
         decode_tok_s: timing.decode_tok_s,
     });
-    // Its KV cache and graphs serve the next prompt (not captured again for each one).
+    // Its KV cache (and graphs) serve the next prompt where that gives the same bits.
     st.engine.keep(g);
     Ok(Flow::Continue)
 }
