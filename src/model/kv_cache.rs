@@ -385,6 +385,44 @@ impl KvCache {
 mod tests {
     use super::*;
 
+    /// `reset` empties a static cache into zeros in place — the same buffers and epoch, so a
+    /// graph captured over them still fits — and `reusable_for` takes it up only at the
+    /// capacity a fresh cache's prefill of that many rows would allocate.
+    #[test]
+    fn reset_zeroes_static_buffers_in_place_and_keeps_the_epoch() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new_static(2, 4);
+        assert!(cache.reusable_for(100), "nothing allocated yet: any prompt");
+        let kv = Tensor::full(7f32, (1, 5, 3), &dev).unwrap();
+        for layer in 0..2 {
+            cache.write_static(layer, &kv, &kv, 0).unwrap();
+        }
+        cache.advance(5);
+        let (epoch, cap) = (cache.epoch(), cache.static_capacity());
+        assert_eq!(cap, 8);
+        let Some(LayerKv::Static { k, .. }) = &cache.layers[1] else {
+            panic!("a static layer")
+        };
+        let before = k.clone();
+        cache.reset().unwrap();
+        assert_eq!(
+            (cache.len(), cache.epoch(), cache.static_capacity()),
+            (0, epoch, 8)
+        );
+        let Some(LayerKv::Static { k, v }) = &cache.layers[1] else {
+            panic!("a static layer")
+        };
+        // `before` shares the old buffer: zero too only if the buffer was zeroed in place.
+        for t in [k, v, &before] {
+            let vals: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(vals.iter().all(|&x| x == 0.0 && x.is_sign_positive()));
+        }
+        // A fresh cache's prefill of r rows allocates max(r.next_power_of_two(), 4).
+        for (rows, ok) in [(5, true), (8, true), (1, false), (4, false), (9, false)] {
+            assert_eq!(cache.reusable_for(rows), ok, "{rows} rows");
+        }
+    }
+
     #[test]
     fn grown_kv_cache_keeps_every_row_across_regrowth_and_rewind() {
         let dev = Device::Cpu;
