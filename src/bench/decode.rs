@@ -21,7 +21,21 @@ pub struct DecodeResult {
     pub prefill_s: f64,
     pub decode_s: f64,
     pub decode_tok_s: f64,
+    /// The first decode step's time, within `decode_s` (NaN where not timed apart): on a GPU it
+    /// holds the capture of the step's CUDA graph when the generation captures one.
+    pub first_step_s: f64,
     pub tokens: Vec<u32>,
+}
+
+impl DecodeResult {
+    /// Decode speed over the steps after the first (NaN with fewer than two).
+    pub fn after_first_tok_s(&self) -> f64 {
+        let n = self.tokens.len().saturating_sub(2);
+        if n == 0 {
+            return f64::NAN;
+        }
+        n as f64 / (self.decode_s - self.first_step_s).max(1e-12)
+    }
 }
 
 /// Deterministic prompt token ids.
@@ -40,15 +54,18 @@ pub fn run_ours(engine: &Engine, prompt: &[u32], new_tokens: usize) -> Result<De
     // Over what the previous repeat left, as every prompt after the first in a session
     // (`Generation::reusing` says where that is taken up).
     let mut g = engine.generation(prompt.to_vec(), params, vec![])?;
-    while g
-        .step(&engine.model, engine.provider.as_ref(), &mut NoObserver)?
-        .is_some()
-    {}
+    let mut first_step_s = f64::NAN;
+    while let Some(out) = g.step(&engine.model, engine.provider.as_ref(), &mut NoObserver)? {
+        if !out.prefill && first_step_s.is_nan() {
+            first_step_s = out.step_time.as_secs_f64();
+        }
+    }
     let decode_s = g.decode_time.as_secs_f64();
     let result = DecodeResult {
         prefill_s: g.prefill_time.as_secs_f64(),
         decode_s,
         decode_tok_s: (new_tokens.saturating_sub(1)) as f64 / decode_s.max(1e-12),
+        first_step_s,
         tokens: std::mem::take(&mut g.generated),
     };
     engine.keep(g);
@@ -211,6 +228,7 @@ impl Reference {
             prefill_s,
             decode_s,
             decode_tok_s: (new_tokens.saturating_sub(1)) as f64 / decode_s.max(1e-12),
+            first_step_s: f64::NAN,
             tokens,
         })
     }
@@ -274,6 +292,10 @@ pub struct Comparison {
     pub new_tokens: usize,
     pub repeats: usize,
     pub ours_tok_s: f64,
+    /// Ours: the first decode step (on a GPU, where a CUDA graph is captured) and the speed of
+    /// the steps after it, from the same best run.
+    pub ours_first_step_ms: f64,
+    pub ours_after_first_tok_s: f64,
     pub reference_tok_s: f64,
     pub ratio: f64,
     pub ours_prefill_tok_s: f64,
@@ -356,6 +378,7 @@ pub fn compare(
         prefill_s: f64::NAN,
         decode_s: f64::NAN,
         decode_tok_s: f64::NAN,
+        first_step_s: f64::NAN,
         tokens: vec![],
     });
     let agreeing = o
@@ -372,6 +395,8 @@ pub fn compare(
         new_tokens,
         repeats,
         ours_tok_s: o.decode_tok_s,
+        ours_first_step_ms: o.first_step_s * 1e3,
+        ours_after_first_tok_s: o.after_first_tok_s(),
         reference_tok_s: r.decode_tok_s,
         // NaN without a reference (`f64::max` would turn a NaN into the floor).
         ratio: o.decode_tok_s

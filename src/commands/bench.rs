@@ -168,7 +168,7 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
         if !a.json && a.no_reference {
             println!(
                 "{} {} {}: moescope {:.1} tok/s decode, {:.0} tok/s prefill ({} prompt tokens, \
-                 {} new, best of {})",
+                 {} new, best of {}; first decode step {:.2} ms, {:.1} tok/s after it)",
                 c.model,
                 c.dtype,
                 c.device,
@@ -176,7 +176,9 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
                 c.ours_prefill_tok_s,
                 c.prompt_tokens,
                 c.new_tokens,
-                c.repeats
+                c.repeats,
+                c.ours_first_step_ms,
+                c.ours_after_first_tok_s
             );
         } else if !a.json {
             println!(
@@ -192,6 +194,11 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
                 c.reference_prefill_tok_s,
                 c.agreeing_tokens,
                 c.new_tokens
+            );
+            println!(
+                "  moescope's first decode step {:.2} ms (on a GPU: with its graph capture), \
+                 {:.1} tok/s after it",
+                c.ours_first_step_ms, c.ours_after_first_tok_s
             );
             if let (Some(u), Some(eq)) = (c.ours_uncaptured_tok_s, c.uncaptured_tokens_equal) {
                 println!(
