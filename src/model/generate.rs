@@ -39,7 +39,8 @@ pub struct StepOutput {
 pub struct Generation {
     prompt: Vec<u32>,
     pub generated: Vec<u32>,
-    cache: KvCache,
+    /// The KV cache and, on a GPU, the graphs over it: what [`Generation::into_state`] hands on.
+    state: DecodeState,
     sampler: Sampler,
     stop_ids: Vec<u32>,
     max_new_tokens: usize,
@@ -48,12 +49,6 @@ pub struct Generation {
     pub decode_time: Duration,
     /// The logits the last token was sampled from.
     last_logits: Vec<f32>,
-    #[cfg(feature = "cuda")]
-    graphs: Vec<super::graph::DecodeGraph>,
-    #[cfg(feature = "cuda")]
-    pieces: Option<super::graph::Piecewise>,
-    #[cfg(feature = "cuda")]
-    graph_failed: bool,
 }
 
 /// What one generation leaves for the next on the same model and provider: its KV cache and the
@@ -139,7 +134,7 @@ impl Generation {
         Ok(Generation {
             prompt,
             generated: Vec::new(),
-            cache: state.cache,
+            state,
             sampler: Sampler::new(params),
             stop_ids,
             max_new_tokens: max,
@@ -151,27 +146,13 @@ impl Generation {
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
             last_logits: Vec::new(),
-            #[cfg(feature = "cuda")]
-            graphs: state.graphs,
-            #[cfg(feature = "cuda")]
-            pieces: state.pieces,
-            #[cfg(feature = "cuda")]
-            graph_failed: state.graph_failed,
         })
     }
 
     /// The KV cache and graphs, for the next generation on the same model
     /// ([`Generation::reusing`]).
     pub fn into_state(self) -> DecodeState {
-        DecodeState {
-            cache: self.cache,
-            #[cfg(feature = "cuda")]
-            graphs: self.graphs,
-            #[cfg(feature = "cuda")]
-            pieces: self.pieces,
-            #[cfg(feature = "cuda")]
-            graph_failed: self.graph_failed,
-        }
+        self.state
     }
 
     pub fn prompt(&self) -> &[u32] {
@@ -194,7 +175,7 @@ impl Generation {
     }
 
     pub fn kv_bytes(&self) -> u64 {
-        self.cache.bytes()
+        self.state.cache.bytes()
     }
 
     /// A decode step through a CUDA graph where it can be one (native on a GPU; selective
@@ -212,13 +193,13 @@ impl Generation {
         prefill: bool,
     ) -> Result<(Option<Vec<f32>>, Option<StepPath>)> {
         use super::graph::Whole;
-        if prefill || self.graph_failed {
+        if prefill || self.state.graph_failed {
             return Ok((None, None));
         }
         let graphed = super::graph::step(
-            &mut self.graphs,
+            &mut self.state.graphs,
             model,
-            &mut self.cache,
+            &mut self.state.cache,
             experts,
             observer,
             input[0],
@@ -231,9 +212,9 @@ impl Generation {
             };
             // Not capturable whole (selective that may miss, or whose guess just failed).
             let row = super::graph::piecewise_step(
-                &mut self.pieces,
+                &mut self.state.pieces,
                 model,
-                &mut self.cache,
+                &mut self.state.cache,
                 experts,
                 observer,
                 input[0],
@@ -248,9 +229,9 @@ impl Generation {
             Ok(r) => Ok(r),
             Err(e) => {
                 warn_graph_failure(&e);
-                self.graphs.clear();
-                self.pieces = None;
-                self.graph_failed = true;
+                self.state.graphs.clear();
+                self.state.pieces = None;
+                self.state.graph_failed = true;
                 Ok((None, None))
             }
         }
@@ -289,7 +270,13 @@ impl Generation {
             (Some(row), path) => (row, path.unwrap_or(StepPath::Graph)),
             (None, path) => {
                 let row = model
-                    .forward(&input, &mut self.cache, experts, observer, Logits::Last)?
+                    .forward(
+                        &input,
+                        &mut self.state.cache,
+                        experts,
+                        observer,
+                        Logits::Last,
+                    )?
                     .squeeze(0)?
                     .to_vec1()?;
                 let path = match path {
