@@ -127,38 +127,32 @@ fn ggml(l: &super::layers::Linear) -> Option<Mat<'_>> {
     }
 }
 
-fn weights(a: &Attention) -> Option<Weights<'_>> {
-    if let (Some(q), Some(k), Some(v), Some(o)) = (
-        ggml(&a.q_proj),
-        ggml(&a.k_proj),
-        ggml(&a.v_proj),
-        ggml(&a.o_proj),
-    ) {
-        return Some(Weights { q, k, v, o });
-    }
-    if let (Some(q), Some(k), Some(v), Some(o)) = (
-        dense(&a.q_proj),
-        dense(&a.k_proj),
-        dense(&a.v_proj),
-        dense(&a.o_proj),
-    ) {
-        return Some(Weights { q, k, v, o });
-    }
-    let (q, k, v, o) = (
-        fp8(&a.q_proj)?,
-        fp8(&a.k_proj)?,
-        fp8(&a.v_proj)?,
-        fp8(&a.o_proj)?,
-    );
-    if [k, v, o].iter().any(|m| m.block() != q.block()) {
-        return None;
-    }
+/// The layer's four projections as `kind` reads them, when it reads all four.
+fn all_four<'a>(
+    a: &'a Attention,
+    kind: impl Fn(&'a super::layers::Linear) -> Option<Mat<'a>>,
+) -> Option<Weights<'a>> {
     Some(Weights {
-        q: Mat::Fp8(q),
-        k: Mat::Fp8(k),
-        v: Mat::Fp8(v),
-        o: Mat::Fp8(o),
+        q: kind(&a.q_proj)?,
+        k: kind(&a.k_proj)?,
+        v: kind(&a.v_proj)?,
+        o: kind(&a.o_proj)?,
     })
+}
+
+fn weights(a: &Attention) -> Option<Weights<'_>> {
+    all_four(a, ggml)
+        .or_else(|| all_four(a, dense))
+        .or_else(|| {
+            let w = all_four(a, |l| fp8(l).map(Mat::Fp8))?;
+            let block = |m: Mat| match m {
+                Mat::Fp8(f) => Some(f.block()),
+                _ => None,
+            };
+            // The FP8 kernel takes one block shape for all four.
+            let b = block(w.q);
+            [w.k, w.v, w.o].iter().all(|&m| block(m) == b).then_some(w)
+        })
 }
 
 /// `residual + attention(x)` for one decode token through the kernels, or `None` where they do
