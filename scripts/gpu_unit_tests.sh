@@ -8,8 +8,8 @@
 # TESTBIN: the library's unit-test binary of a cuda build, made on the build machine with
 #   source ~/.cache/moescope-cuda/env.sh   # ../shared/reference/cuda-build.md
 #   cargo test --release --features cuda --lib --no-run   # prints target/release/deps/moescope-HASH
-# then stripped and compressed (.xz or .gz) to carry. FILTER defaults to "attn_decode moe_decode"
-# (the attention and MoE decode kernels).
+# then stripped and compressed (.xz or .gz) to carry. FILTER defaults to "attn_decode moe_decode gpu_reuse"
+# (the attention and MoE decode kernels, and decode-state reuse with its graphs).
 # Exits non-zero when a test fails, or when the tests were skipped for want of a GPU.
 set -uo pipefail
 BIN=${1:?usage: scripts/gpu_unit_tests.sh TESTBIN [FILTER]}
@@ -18,7 +18,7 @@ case "$BIN" in
   *.gz) gunzip -c "$BIN" > /tmp/moescope-unit && BIN=/tmp/moescope-unit ;;
 esac
 chmod +x "$BIN"
-out=$("$BIN" ${2:-attn_decode moe_decode} --test-threads 1 --nocapture 2>&1)
+out=$("$BIN" ${2:-attn_decode moe_decode gpu_reuse} --test-threads 1 --nocapture 2>&1)
 rc=$?
 echo "$out" | tail -25
 if echo "$out" | grep -q "no CUDA device"; then

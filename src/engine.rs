@@ -750,3 +750,114 @@ mod tests {
         assert!(e.contains("of memory") && !e.contains("sequential"), "{e}");
     }
 }
+
+/// On a GPU (`scripts/gpu_unit_tests.sh`; skipped where there is none): what
+/// `tests/fidelity.rs` checks of decode-state reuse on the CPU, here with the CUDA graphs that
+/// come along with the state.
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use super::*;
+    use crate::cache::settings::Scope;
+    use crate::model::ports::NoObserver;
+    use crate::model::sampling::SamplingParams;
+
+    /// Each step's token and logits' bits.
+    type Steps = Vec<(u32, Vec<u32>)>;
+
+    fn run(e: &Engine, prompt: &[u32], n: usize, reuse: bool) -> Steps {
+        let params = SamplingParams {
+            max_new_tokens: n,
+            ..Default::default()
+        };
+        let mut g = if reuse {
+            e.generation(prompt.to_vec(), params, vec![]).unwrap()
+        } else {
+            Generation::new(&e.model, prompt.to_vec(), params, vec![]).unwrap()
+        };
+        let mut steps = Vec::new();
+        while let Some(out) = g
+            .step(&e.model, e.provider.as_ref(), &mut NoObserver)
+            .unwrap()
+        {
+            steps.push((
+                out.token,
+                g.last_logits().iter().map(|v| v.to_bits()).collect(),
+            ));
+        }
+        if reuse {
+            e.keep(g);
+        }
+        steps
+    }
+
+    /// Native and selective (missing every step; holding every expert, the GPU filling its
+    /// slots inside the graphs) on the bundled model in bf16: a generation over the last one's
+    /// state equals a fresh one and native, bit for bit, and replays the graphs it found (no
+    /// capture) when the prompt's capacity is the last one's; a prompt of another capacity
+    /// starts fresh and is still equal.
+    #[test]
+    fn gpu_reuse_of_the_decode_state_gives_fresh_bits_without_capturing_again() {
+        if crate::util::gpu_test::device("decode-state reuse").is_none() {
+            return;
+        }
+        let dir = PathBuf::from("models/tiny-moe");
+        let cfg = MoeConfig::from_dir(&dir).unwrap();
+        let spec = |backend, cache_experts: Option<usize>| BackendSpec {
+            model_dir: dir.clone(),
+            dtype: Dtype::Bf16,
+            device: DeviceSpec("cuda:0".into()),
+            backend,
+            cache: CacheSettings {
+                cache_experts,
+                cache_scope: Scope::Global,
+                ..Default::default()
+            },
+            settings: Settings::default(),
+        };
+        let vocab = cfg.vocab_size as u32;
+        let (a, b) = (vec![3u32, 17, 42], vec![5u32, 9, 11, 30, 2]);
+        // Past the smallest static capacity (256 rows): a state the short prompts cannot take.
+        let long: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % vocab).collect();
+        let mut reference: Option<Vec<Steps>> = None;
+        for (backend, cap) in [
+            (BackendKind::Native, None),
+            (BackendKind::Selective, Some(cfg.num_experts_per_tok)),
+            (BackendKind::Selective, Some(cfg.total_experts())),
+        ] {
+            let e = spec(backend, cap).load(|_, _| {}).unwrap();
+            let what = format!("{backend:?} {cap:?}");
+            let fresh: Vec<Steps> = [(&a, 8), (&b, 12), (&long, 6), (&a, 8)]
+                .iter()
+                .map(|(p, n)| run(&e, p, *n, false))
+                .collect();
+            assert_eq!(run(&e, &a, 8, true), fresh[0], "{what}: first generation");
+            let before = crate::model::graph::captures();
+            assert_eq!(
+                run(&e, &b, 12, true),
+                fresh[1],
+                "{what}: over the last state"
+            );
+            if backend == BackendKind::Native {
+                assert_eq!(
+                    crate::model::graph::captures(),
+                    before,
+                    "{what}: captured again"
+                );
+            }
+            assert_eq!(
+                run(&e, &long, 6, true),
+                fresh[2],
+                "{what}: a larger capacity"
+            );
+            assert_eq!(
+                run(&e, &a, 8, true),
+                fresh[3],
+                "{what}: back to a smaller one"
+            );
+            match &reference {
+                None => reference = Some(fresh),
+                Some(r) => assert!(r == &fresh, "{what}: not native's bits"),
+            }
+        }
+    }
+}

@@ -200,6 +200,17 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
                  {:.1} tok/s after it",
                 c.ours_first_step_ms, c.ours_after_first_tok_s
             );
+            if let (Some(f), Some(ms), Some(eq)) = (
+                c.ours_fresh_tok_s,
+                c.ours_fresh_first_step_ms,
+                c.fresh_tokens_equal,
+            ) {
+                println!(
+                    "  moescope starting each run fresh (KV cache and graphs anew) {f:.1} tok/s, \
+                     first decode step {ms:.2} ms (reuse {:.2}×; same tokens: {eq})",
+                    c.ours_tok_s / f.max(1e-12)
+                );
+            }
             if let (Some(u), Some(eq)) = (c.ours_uncaptured_tok_s, c.uncaptured_tokens_equal) {
                 println!(
                     "  moescope without CUDA graphs {u:.1} tok/s (graphs {:.2}×; same tokens: {eq})",

@@ -117,12 +117,9 @@ impl Generation {
         if prompt.is_empty() {
             return Err(ModelError::Input("the prompt has no tokens".into()));
         }
-        // Not yet on a GPU: there the graphs come along, and the reuse waits for its run of
-        // `scripts/gpu_check.sh` (selective == native through the workers) on the card.
         let state = match state {
             Some(mut st)
-                if !model.device().is_cuda()
-                    && st.cache.layer_count() == model.config().num_hidden_layers
+                if st.cache.layer_count() == model.config().num_hidden_layers
                     && st.cache.reusable_for(prompt.len()) =>
             {
                 st.cache.reset()?;

@@ -397,6 +397,15 @@ struct Pieces {
 // SAFETY: as for `DecodeGraph`.
 unsafe impl Send for Piecewise {}
 
+/// Graphs captured in this process so far (whole steps and pieces): how a test tells a replay of
+/// an earlier generation's graph from a fresh capture, whose bits would be the same.
+static CAPTURES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many graphs this process has captured ([`CAPTURES`]).
+pub fn captures() -> usize {
+    CAPTURES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Records what `body` queues on `stream` as a graph, instantiated and uploaded.
 pub(crate) fn capture_piece(
     stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
@@ -413,6 +422,7 @@ pub(crate) fn capture_piece(
         .map_err(|e| cuda_err("instantiation", e))?
         .ok_or_else(|| cuda_err("capture", "nothing was recorded"))?;
     g.upload().map_err(|e| cuda_err("upload", e))?;
+    CAPTURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(g)
 }
 
