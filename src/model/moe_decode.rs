@@ -235,11 +235,17 @@ pub fn moe_gate_up(
                 .arg(&k_)
                 .arg(&i_)
                 .arg(&h_);
+            let per_row = ggml_stage_per_row(rbg.max(rbu), 2 * WARPS_PER_BLOCK as usize);
+            let per_row_ = per_row as i32;
+            b.arg(&per_row_);
+            let cfg = LaunchConfig {
+                shared_mem_bytes: 2 * WARPS_PER_BLOCK * per_row,
+                ..warp_blocks(k * inter)
+            };
             // SAFETY: argument order and types match the kernel's signature; each stack row
             // holds at least the layout's gate and up bytes (`ggml_stack`), x's codes and
-            // scales cover H.
-            unsafe { b.launch(warp_blocks(k * inter)) }
-                .map_err(|e| err("GGUF gate_up launch", e))?;
+            // scales cover H; the shared memory holds every warp's two staged rows.
+            unsafe { b.launch(cfg) }.map_err(|e| err("GGUF gate_up launch", e))?;
         }
         StackFormat::Fp8(sc) => {
             let (scales, br, bc) = fp8_scales(&gate_up, &sc.gate_up, sc.block, 2)?;
@@ -656,6 +662,19 @@ pub fn ggml_rows_bf16(
         BackpropOp::none(),
         false,
     ))
+}
+
+/// Shared memory a GGUF expert kernel's block may stage rows in (`ggml_dot_q8_staged`): under
+/// the 48 KiB a launch gets without opting in, and small enough for several blocks an SM.
+const GGML_STAGE_BYTES: usize = 36 << 10;
+
+/// Staging bytes for each of `rows` rows a block (of `row_bytes` bytes each): the whole row and
+/// the 32 bytes that alignment may add where the budget allows (one chunk a row), else the
+/// budget's share — a multiple of 16, at least 256 (a Q6_K block, 210 bytes, and its alignment).
+fn ggml_stage_per_row(row_bytes: i32, rows: usize) -> u32 {
+    let whole = (row_bytes.max(0) as usize + 32).next_multiple_of(16);
+    let share = (GGML_STAGE_BYTES / rows.max(1)) / 16 * 16;
+    whole.min(share).max(256) as u32
 }
 
 /// Enough blocks for one warp per output element.
@@ -1311,7 +1330,29 @@ mod tests {
             l(G::Q8_0, G::Q8_0, G::Q8_0, 160, 96),
             l(G::Q4_0, G::Q4_1, G::Q5_0, 96, 64),
             l(G::Q5_1, G::Q5_0, G::Q8_0, 64, 160),
+            // A gate row longer than a warp's staging buffer (Q8_0, 2,448 bytes: staged in two
+            // chunks), and long Q6_K down rows (2,310 bytes).
+            l(G::Q8_0, G::Q4K, G::Q6K, 2304, 2816),
         ]
+    }
+
+    /// A row is staged whole where the budget allows, else in the budget's share; always room
+    /// for a Q6_K block and its alignment, in multiples of 16.
+    #[test]
+    fn ggml_staging_fits_the_budget_and_a_block() {
+        assert_eq!(ggml_stage_per_row(2176, 16), 2208);
+        assert_eq!(ggml_stage_per_row(2448, 16), 2304);
+        assert_eq!(ggml_stage_per_row(816, 32), 848);
+        assert_eq!(ggml_stage_per_row(816, 64), 576);
+        assert_eq!(ggml_stage_per_row(210, 1000), 256);
+        for (row, rows) in [(1, 1), (630, 4), (5000, 64), (3333, 7)] {
+            let p = ggml_stage_per_row(row, rows) as usize;
+            assert!(p.is_multiple_of(16) && p >= 256, "{row} {rows}: {p}");
+            assert!(
+                p * rows <= GGML_STAGE_BYTES || p == 256,
+                "{row} {rows}: {p}"
+            );
+        }
     }
 
     #[test]

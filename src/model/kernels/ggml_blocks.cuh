@@ -30,27 +30,43 @@
 #define GGML_Q5_K 13
 #define GGML_Q6_K 14
 
+// Where block bytes are read from: global memory through the read-only cache (`Gmem`), or a
+// warp's staging buffer in shared memory (`Smem`, see `stage_async`), where `__ldg` cannot read.
+struct Gmem {
+    __device__ static uint32_t word(const unsigned int* p) { return __ldg(p); }
+    __device__ static uint16_t half(const unsigned short* p) { return __ldg(p); }
+    __device__ static uint32_t byte(const uint8_t* p) { return __ldg(p); }
+};
+struct Smem {
+    __device__ static uint32_t word(const unsigned int* p) { return *p; }
+    __device__ static uint16_t half(const unsigned short* p) { return *p; }
+    __device__ static uint32_t byte(const uint8_t* p) { return *p; }
+};
+
 // Loads at whatever alignment the block gives (GGUF blocks are 18, 20, 22, 24, 34, 144, 176 or
 // 210 bytes, so a block's fields are often only 2-byte aligned): aligned 4-byte words shifted
 // into place (`__funnelshift_r`), the word past the value read only where the value is not
 // aligned. Why not a branch on the alignment: the lanes of a warp read neighbouring blocks of
 // different alignments (a Q8_0 row alternates), so the two paths of a branch both ran.
+template <typename L = Gmem>
 __device__ __forceinline__ float ld_half(const uint8_t* p) {
-    const uint16_t b = __ldg(reinterpret_cast<const unsigned short*>(p));
+    const uint16_t b = L::half(reinterpret_cast<const unsigned short*>(p));
     return __half2float(__ushort_as_half(b));
 }
+template <typename L = Gmem>
 __device__ __forceinline__ uint32_t ld_u32(const uint8_t* p) {
     const uint32_t sh = ((uintptr_t)p & 3u) * 8u;
     const unsigned int* w = reinterpret_cast<const unsigned int*>((uintptr_t)p & ~(uintptr_t)3);
-    const uint32_t a = __ldg(w);
-    const uint32_t b = sh ? __ldg(w + 1) : 0u;
+    const uint32_t a = L::word(w);
+    const uint32_t b = sh ? L::word(w + 1) : 0u;
     return __funnelshift_r(a, b, sh);
 }
+template <typename L = Gmem>
 __device__ __forceinline__ uint2 ld_u64(const uint8_t* p) {
     const uint32_t sh = ((uintptr_t)p & 3u) * 8u;
     const unsigned int* w = reinterpret_cast<const unsigned int*>((uintptr_t)p & ~(uintptr_t)3);
-    const uint32_t a = __ldg(w), b = __ldg(w + 1);
-    const uint32_t c = sh ? __ldg(w + 2) : 0u;
+    const uint32_t a = L::word(w), b = L::word(w + 1);
+    const uint32_t c = sh ? L::word(w + 2) : 0u;
     return make_uint2(__funnelshift_r(a, b, sh), __funnelshift_r(b, c, sh));
 }
 __device__ __forceinline__ uint32_t byte_of(uint2 v, int i) {
@@ -66,12 +82,13 @@ __device__ __forceinline__ float mul_add(float d, float q, float m) {
 }
 
 // Q4_K / Q5_K sub-block j's 6-bit scale and min (llama.cpp's get_scale_min_k4).
+template <typename L = Gmem>
 __device__ __forceinline__ void scale_min_k4(int j, const uint8_t* q, float& sc, float& m) {
     if (j < 4) {
-        sc = (float)(__ldg(q + j) & 63);
-        m = (float)(__ldg(q + j + 4) & 63);
+        sc = (float)(L::byte(q + j) & 63);
+        m = (float)(L::byte(q + j + 4) & 63);
     } else {
-        const uint32_t a = __ldg(q + j + 4), lo = __ldg(q + j - 4), hi = __ldg(q + j);
+        const uint32_t a = L::byte(q + j + 4), lo = L::byte(q + j - 4), hi = L::byte(q + j);
         sc = (float)((a & 0xF) | ((lo >> 6) << 4));
         m = (float)((a >> 4) | ((hi >> 6) << 4));
     }
@@ -269,17 +286,19 @@ __device__ __forceinline__ uint32_t spread4(uint32_t b) {
 // Each type's `dot_q8(b, u, a)`: unit u of block b against the block's activations a (a.at(the
 // block's first weight)), in f32.
 struct Q8_0D {
+    template <typename L = Gmem>
     __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
-        const float d = ld_half(b);
-        const uint2 q = ld_u64(b + 2 + 8 * u);
+        const float d = ld_half<L>(b);
+        const uint2 q = ld_u64<L>(b + 2 + 8 * u);
         return d * a.scale(0) * (float)dot8(q.x, q.y, a.codes(8 * u));
     }
 };
 
 struct Q4_0D {
+    template <typename L = Gmem>
     __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
-        const float d = ld_half(b);
-        const uint2 q = ld_u64(b + 2 + 8 * u);
+        const float d = ld_half<L>(b);
+        const uint2 q = ld_u64<L>(b + 2 + 8 * u);
         const uint32_t m = 0x0F0F0F0Fu, off = 0x08080808u;
         const int s = dot8(__vsubss4(q.x & m, off), __vsubss4(q.y & m, off), a.codes(8 * u)) +
                       dot8(__vsubss4((q.x >> 4) & m, off), __vsubss4((q.y >> 4) & m, off),
@@ -289,9 +308,10 @@ struct Q4_0D {
 };
 
 struct Q4_1D {
+    template <typename L = Gmem>
     __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
-        const float d = ld_half(b), mn = ld_half(b + 2);
-        const uint2 q = ld_u64(b + 4 + 8 * u);
+        const float d = ld_half<L>(b), mn = ld_half<L>(b + 2);
+        const uint2 q = ld_u64<L>(b + 4 + 8 * u);
         const uint32_t m = 0x0F0F0F0Fu;
         const int2 a0 = a.codes(8 * u), a1 = a.codes(16 + 8 * u);
         const int s = dot8(q.x & m, q.y & m, a0) + dot8((q.x >> 4) & m, (q.y >> 4) & m, a1);
@@ -311,10 +331,11 @@ __device__ __forceinline__ void q5_words(uint2 q, uint32_t qh, int u, uint32_t* 
 }
 
 struct Q5_0D {
+    template <typename L = Gmem>
     __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
-        const float d = ld_half(b);
+        const float d = ld_half<L>(b);
         uint32_t w[4];
-        q5_words(ld_u64(b + 6 + 8 * u), ld_u32(b + 2), u, w);
+        q5_words(ld_u64<L>(b + 6 + 8 * u), ld_u32<L>(b + 2), u, w);
         const uint32_t off = 0x10101010u;
         const int s = dot8(__vsubss4(w[0], off), __vsubss4(w[1], off), a.codes(8 * u)) +
                       dot8(__vsubss4(w[2], off), __vsubss4(w[3], off), a.codes(16 + 8 * u));
@@ -323,10 +344,11 @@ struct Q5_0D {
 };
 
 struct Q5_1D {
+    template <typename L = Gmem>
     __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
-        const float d = ld_half(b), mn = ld_half(b + 2);
+        const float d = ld_half<L>(b), mn = ld_half<L>(b + 2);
         uint32_t w[4];
-        q5_words(ld_u64(b + 8 + 8 * u), ld_u32(b + 4), u, w);
+        q5_words(ld_u64<L>(b + 8 + 8 * u), ld_u32<L>(b + 4), u, w);
         const int2 a0 = a.codes(8 * u), a1 = a.codes(16 + 8 * u);
         const int s = dot8(w[0], w[1], a0) + dot8(w[2], w[3], a1);
         return a.scale(0) * (d * (float)s + mn * (float)(sum8(a0) + sum8(a1)));
@@ -335,12 +357,13 @@ struct Q5_1D {
 
 // Q4_K / Q5_K unit u = (j, p): sub-block 2j's weights 64j + 8p.. (low nibbles) and sub-block
 // 2j + 1's 64j + 32 + 8p.. (high nibbles), each d·scale·q − dmin·min.
+template <typename L>
 __device__ __forceinline__ float kquant_pair(const uint8_t* b, int j, const uint32_t* w,
                                              const Q8Act& a, int p) {
-    const float d = ld_half(b), dmin = ld_half(b + 2);
+    const float d = ld_half<L>(b), dmin = ld_half<L>(b + 2);
     float s1, m1, s2, m2;
-    scale_min_k4(2 * j, b + 4, s1, m1);
-    scale_min_k4(2 * j + 1, b + 4, s2, m2);
+    scale_min_k4<L>(2 * j, b + 4, s1, m1);
+    scale_min_k4<L>(2 * j + 1, b + 4, s2, m2);
     const int2 a0 = a.codes(64 * j + 8 * p), a1 = a.codes(64 * j + 32 + 8 * p);
     const float g0 = d * s1 * (float)dot8(w[0], w[1], a0) - dmin * m1 * (float)sum8(a0);
     const float g1 = d * s2 * (float)dot8(w[2], w[3], a1) - dmin * m2 * (float)sum8(a1);
@@ -348,39 +371,42 @@ __device__ __forceinline__ float kquant_pair(const uint8_t* b, int j, const uint
 }
 
 struct Q4_KD {
+    template <typename L = Gmem>
     __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
         const int j = u >> 2, p = u & 3;
-        const uint2 q = ld_u64(b + 16 + 32 * j + 8 * p);
+        const uint2 q = ld_u64<L>(b + 16 + 32 * j + 8 * p);
         const uint32_t m = 0x0F0F0F0Fu;
         const uint32_t w[4] = {q.x & m, q.y & m, (q.x >> 4) & m, (q.y >> 4) & m};
-        return kquant_pair(b, j, w, a, p);
+        return kquant_pair<L>(b, j, w, a, p);
     }
 };
 
 struct Q5_KD {
+    template <typename L = Gmem>
     __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
         const int j = u >> 2, p = u & 3;
-        const uint2 h = ld_u64(b + 16 + 8 * p);
-        const uint2 q = ld_u64(b + 48 + 32 * j + 8 * p);
+        const uint2 h = ld_u64<L>(b + 16 + 8 * p);
+        const uint2 q = ld_u64<L>(b + 48 + 32 * j + 8 * p);
         const uint32_t m = 0x0F0F0F0Fu, one = 0x01010101u;
         const uint32_t w[4] = {(q.x & m) | (((h.x >> (2 * j)) & one) << 4),
                                (q.y & m) | (((h.y >> (2 * j)) & one) << 4),
                                ((q.x >> 4) & m) | (((h.x >> (2 * j + 1)) & one) << 4),
                                ((q.y >> 4) & m) | (((h.y >> (2 * j + 1)) & one) << 4)};
-        return kquant_pair(b, j, w, a, p);
+        return kquant_pair<L>(b, j, w, a, p);
     }
 };
 
 // Q6_K unit u = (n, p): four groups of 8 (weights 128n + 8p + 32g), each within one 16-weight
 // sub-block (scale 8n + p/2 + 2g), codes − 32 taken in the integers.
 struct Q6_KD {
+    template <typename L = Gmem>
     __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
         const int n = u >> 2, p = u & 3;
-        const float d = ld_half(b + 208);
+        const float d = ld_half<L>(b + 208);
         const uint8_t* sc = b + 192 + 8 * n + (p >> 1);
-        const uint2 lo = ld_u64(b + 64 * n + 8 * p);
-        const uint2 hi = ld_u64(b + 64 * n + 32 + 8 * p);
-        const uint2 h = ld_u64(b + 128 + 32 * n + 8 * p);
+        const uint2 lo = ld_u64<L>(b + 64 * n + 8 * p);
+        const uint2 hi = ld_u64<L>(b + 64 * n + 32 + 8 * p);
+        const uint2 h = ld_u64<L>(b + 128 + 32 * n + 8 * p);
         const uint32_t m = 0x0F0F0F0Fu, t = 0x03030303u, off = 0x20202020u;
         const uint32_t l[2] = {lo.x, lo.y}, c[2] = {hi.x, hi.y}, hh[2] = {h.x, h.y};
         float acc = 0.f;
@@ -394,7 +420,7 @@ struct Q6_KD {
                 w[i] = __vsubss4(nib | (((hh[i] >> (2 * g)) & t) << 4), off);
             }
             const int w0 = 128 * n + 8 * p + 32 * g;
-            const float ds = d * (float)(int8_t)__ldg(sc + 2 * g);
+            const float ds = d * (float)(int8_t)L::byte(sc + 2 * g);
             acc += a.scale(w0) * ds * (float)dot8(w[0], w[1], a.codes(w0));
         }
         return acc;
@@ -410,7 +436,7 @@ __device__ __forceinline__ float block_dot_q8(const uint8_t* __restrict__ row, c
     float acc = 0.f;
     for (int t = lane; t < units; t += 32) {
         const int blk = t / B::UNITS, u = t - blk * B::UNITS;
-        acc += D::dot_q8(row + (size_t)blk * B::BYTES, u, x.at(blk * B::WEIGHTS));
+        acc += D::template dot_q8<Gmem>(row + (size_t)blk * B::BYTES, u, x.at(blk * B::WEIGHTS));
     }
     return acc;
 }
@@ -437,6 +463,116 @@ __device__ __forceinline__ int ggml_block_weights(int type) {
         case GGML_Q4_0: case GGML_Q4_1: case GGML_Q5_0: case GGML_Q5_1: case GGML_Q8_0: return 32;
         case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: return 256;
         default: return 1;
+    }
+}
+
+// Staged decode products. Why: reading a row's blocks where its units are (2- and 4-byte loads
+// at the blocks' alignments, one unit a lane at a time) kept too few bytes in flight — the expert
+// kernels read at 15–27 % of the copy bandwidth where the bf16 ones, loading 16 bytes a lane,
+// reach 61–77 % (BENCHMARKS.md §31). So a warp first copies its rows' bytes into its own
+// shared-memory buffer as aligned 16-byte words, all at once (`cp.async`: no registers held,
+// every copy in flight together), then takes the same units in the same lane order from there:
+// the same products summed in the same order, so the same bits as `ggml_dot_q8`.
+
+// Bytes a block of the GGML type id `type` takes (1 for any other, which the host never passes).
+__device__ __forceinline__ int ggml_block_bytes(int type) {
+    switch (type) {
+        case GGML_Q4_0: return 18;
+        case GGML_Q4_1: return 20;
+        case GGML_Q5_0: return 22;
+        case GGML_Q5_1: return 24;
+        case GGML_Q8_0: return 34;
+        case GGML_Q4_K: return 144;
+        case GGML_Q5_K: return 176;
+        case GGML_Q6_K: return 210;
+        default: return 1;
+    }
+}
+
+__device__ __forceinline__ void cp_async16(uint8_t* smem, const uint8_t* gmem) {
+    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// Starts copying bytes [p, p + n) into `buf` (16-byte aligned, at least n + 30 bytes) as the
+// aligned 16-byte words that cover them, the warp's lanes taking consecutive words; returns
+// where p's byte lands in buf. The covering words lie in the 16-byte granules that hold the
+// range's own bytes, so nothing past a device allocation (256-byte aligned and sized) is read.
+__device__ __forceinline__ const uint8_t* stage_async(const uint8_t* p, int n, uint8_t* buf,
+                                                      int lane) {
+    const uintptr_t a0 = (uintptr_t)p & ~(uintptr_t)15;
+    const int words = (int)(((((uintptr_t)p + n + 15) & ~(uintptr_t)15) - a0) >> 4);
+    for (int i = lane; i < words; i += 32)
+        cp_async16(buf + 16 * i, reinterpret_cast<const uint8_t*>(a0) + 16 * i);
+    return buf + ((uintptr_t)p & 15);
+}
+
+// block_dot_q8's units of blocks b0 .. b0 + nb (their bytes at `chunk`, staged), added to acc:
+// lane `lane` takes the units t ≡ lane (mod 32), in increasing order, as block_dot_q8 does.
+template <typename B, typename D>
+__device__ __forceinline__ void block_dot_q8_staged(const uint8_t* chunk, const Q8Act& x, int b0,
+                                                    int nb, int lane, float& acc) {
+    const int u0 = b0 * B::UNITS, u1 = (b0 + nb) * B::UNITS;
+    for (int t = u0 + ((lane - u0) & 31); t < u1; t += 32) {
+        const int blk = t / B::UNITS, u = t - blk * B::UNITS;
+        acc += D::template dot_q8<Smem>(chunk + (size_t)(blk - b0) * B::BYTES, u,
+                                        x.at(blk * B::WEIGHTS));
+    }
+}
+
+__device__ __forceinline__ void ggml_dot_q8_chunk(int type, const uint8_t* chunk, const Q8Act& x,
+                                                  int b0, int nb, int lane, float& acc) {
+    switch (type) {
+        case GGML_Q4_0: block_dot_q8_staged<Q4_0B, Q4_0D>(chunk, x, b0, nb, lane, acc); break;
+        case GGML_Q4_1: block_dot_q8_staged<Q4_1B, Q4_1D>(chunk, x, b0, nb, lane, acc); break;
+        case GGML_Q5_0: block_dot_q8_staged<Q5_0B, Q5_0D>(chunk, x, b0, nb, lane, acc); break;
+        case GGML_Q5_1: block_dot_q8_staged<Q5_1B, Q5_1D>(chunk, x, b0, nb, lane, acc); break;
+        case GGML_Q8_0: block_dot_q8_staged<Q8_0B, Q8_0D>(chunk, x, b0, nb, lane, acc); break;
+        case GGML_Q4_K: block_dot_q8_staged<Q4_KB, Q4_KD>(chunk, x, b0, nb, lane, acc); break;
+        case GGML_Q5_K: block_dot_q8_staged<Q5_KB, Q5_KD>(chunk, x, b0, nb, lane, acc); break;
+        case GGML_Q6_K: block_dot_q8_staged<Q6_KB, Q6_KD>(chunk, x, b0, nb, lane, acc); break;
+        default: break;
+    }
+}
+
+// ggml_dot_q8 over R rows at once (row r of type type[r], n columns, all against x), each
+// lane's shares into acc: the rows' bytes staged through `buf` (the warp's own, per_row bytes a
+// row, per_row ≥ 256 and a multiple of 16), in chunks of whole blocks where a row does not fit.
+template <int R>
+__device__ __forceinline__ void ggml_dot_q8_staged(const int* type, const uint8_t* const* row,
+                                                   const Q8Act& x, int n, int lane, uint8_t* buf,
+                                                   int per_row, float* acc) {
+    int bytes[R], per_chunk[R], blocks[R];
+    int chunks = 0;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        bytes[r] = ggml_block_bytes(type[r]);
+        blocks[r] = n / ggml_block_weights(type[r]);
+        per_chunk[r] = (per_row - 32) / bytes[r];
+        chunks = max(chunks, (blocks[r] + per_chunk[r] - 1) / per_chunk[r]);
+        acc[r] = 0.f;
+    }
+    for (int c = 0; c < chunks; c++) {
+        const uint8_t* at[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int b0 = c * per_chunk[r], nb = min(per_chunk[r], blocks[r] - b0);
+            at[r] = nb > 0 ? stage_async(row[r] + (size_t)b0 * bytes[r], nb * bytes[r],
+                                         buf + r * per_row, lane)
+                           : nullptr;
+        }
+        cp_async_wait_all();
+        __syncwarp();
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int b0 = c * per_chunk[r], nb = min(per_chunk[r], blocks[r] - b0);
+            if (nb > 0) ggml_dot_q8_chunk(type[r], at[r], x, b0, nb, lane, acc[r]);
+        }
+        // Every lane done with this chunk before the next one overwrites the buffer.
+        __syncwarp();
     }
 }
 

@@ -275,6 +275,9 @@ extern "C" __global__ void fp8_dequant_stack_bf16(
 // expert's bytes (one pool serves layers whose types differ). As for bf16, `ids` are rows of the
 // stacks (native's expert ids, or with `map` the slot pool's slots).
 
+// The GGUF kernels' staging buffers (`ggml_dot_q8_staged`): each warp's rows, sized at launch.
+extern __shared__ __align__(16) uint8_t ggml_stage[];
+
 // x [rows, 32 · blocks] bf16 rounded to 8-bit blocks: for each 32 values, d = max|x| / 127 and
 // q = round(x / d) (0 where the block is all zeros; d NaN where it holds a NaN, so that the NaN
 // reaches the products). One warp per block.
@@ -297,7 +300,7 @@ extern "C" __global__ void quantize_q8_bf16(const __nv_bfloat16* __restrict__ x,
 }
 
 // mid[s, r] as moe_decode_gate_up_bf16 computes it, from GGUF stacks and x rounded to 8-bit
-// blocks. One warp per (s, r).
+// blocks. One warp per (s, r), its two rows staged in shared memory (`ggml_dot_q8_staged`).
 extern "C" __global__ void moe_decode_gate_up_ggml(
     const uint8_t* __restrict__ w_gu,        // [E, stride]
     unsigned long long stride,
@@ -307,7 +310,8 @@ extern "C" __global__ void moe_decode_gate_up_ggml(
     const int8_t* __restrict__ xq,           // [H] codes
     const float* __restrict__ xd,            // [H / 32] scales
     __nv_bfloat16* __restrict__ mid,         // [k, I]
-    int k, int inter, int hidden) {
+    int k, int inter, int hidden,
+    int per_row) {                           // staging bytes a row: 2 · per_row a warp, dynamic
     const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (warp >= k * inter) return;
@@ -316,13 +320,18 @@ extern "C" __global__ void moe_decode_gate_up_ggml(
     const size_t e = map ? map[ids[s]] : ids[s];
     const uint8_t* base = w_gu + e * stride;
     const Q8Act x{xq, xd};
-    const float g = ggml_dot_q8(tg, base + (size_t)r * rbg, x, hidden, lane);
-    const float u = ggml_dot_q8(tu, base + (size_t)inter * rbg + (size_t)r * rbu, x, hidden, lane);
-    store_mid(g, u, lane, mid + (size_t)s * inter + r);
+    const int types[2] = {tg, tu};
+    const uint8_t* rows[2] = {base + (size_t)r * rbg, base + (size_t)inter * rbg + (size_t)r * rbu};
+    float gu[2];
+    ggml_dot_q8_staged<2>(types, rows, x, hidden, lane,
+                          ggml_stage + (size_t)(threadIdx.x / 32) * 2 * per_row, per_row, gu);
+    store_mid(gu[0], gu[1], lane, mid + (size_t)s * inter + r);
 }
 
 // y (plus `res`) as moe_decode_down_bf16 computes it, from a GGUF down stack and mid rounded to
-// 8-bit blocks (each slot's row on its own: I is a multiple of 32).
+// 8-bit blocks (each slot's row on its own: I is a multiple of 32). Not staged: staging its
+// DOWN_ROWS rows took 80 registers, and a Qwen3-30B-A3B layer's blocks then no longer fitted
+// the card at once (BENCHMARKS.md §33).
 struct GgmlDown {
     const uint8_t* w_dn;
     unsigned long long stride;
