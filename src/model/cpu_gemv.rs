@@ -24,7 +24,7 @@ pub const MAX_TOKENS_HALF: usize = 128;
 /// Whether [`narrow_matmul_t`] takes `n` tokens in `dtype`. f32 stays at [`MAX_TOKENS`]:
 /// candle's tiled f32 GEMM converts nothing, and beyond a few tokens the row kernels' gains
 /// were small and not steady — 1.05–1.3× at 512 columns, 0.8–0.9× at 2,048 (§28).
-fn row_kernels_take(dtype: DType, n: usize) -> bool {
+pub fn row_kernels_take(dtype: DType, n: usize) -> bool {
     n <= MAX_TOKENS || (matches!(dtype, DType::BF16 | DType::F16) && n <= MAX_TOKENS_HALF)
 }
 
@@ -295,6 +295,16 @@ unsafe impl Sync for RowsOut {}
 unsafe impl Send for RowsOut {}
 
 impl RowsOut {
+    /// The `n` outputs from element `at` on.
+    ///
+    /// # Safety
+    /// In bounds, and no other live slice over them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn at(&self, at: usize, n: usize) -> &mut [f32] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), n) }
+    }
+
     /// The `n` outputs of row `r`.
     ///
     /// # Safety
@@ -525,6 +535,123 @@ pub fn experts_one_token(
         DType::F16 => one_token_sum_f16(x, experts, weights),
         _ => one_token_sum(x, experts, weights, |v| v),
     })
+}
+
+/// A prompt's routed experts' outputs on the CPU, dense and all held, in two trips through the
+/// pool (every expert's gate_up rows, then every expert's down rows) instead of two per expert.
+/// Why: a short prompt gives each expert a token or two, so each product is too small to split
+/// over the cores, and the per-expert launches and tensor ops cost more than the arithmetic (a
+/// prefill profile had the second core idle a third of the time, BENCHMARKS.md §32).
+///
+/// Expert e's output for its tokens (`idx[e]`, rows of x) is [n_e, H], each value of the dtype
+/// (as f32): the bits of `ExpertWeights::forward` over those rows — the products are the row
+/// kernels' dots rounded to the dtype, `silu` and `* up` rounded as there ([`experts_one_token`]
+/// says how). None when the case is not this one: another dtype or device, a matrix not
+/// contiguous in x's dtype, an expert without tokens or with more than the row kernels take
+/// (candle's GEMM runs there, in another order: [`row_kernels_take`]), a row past x.
+pub fn experts_few_tokens(
+    x: &Tensor,
+    experts: &[(&Tensor, &Tensor)],
+    idx: &[&[u32]],
+) -> Option<candle_core::Result<Vec<Vec<f32>>>> {
+    let dtype = x.dtype();
+    let (t, h) = x.dims2().ok()?;
+    let (two_i, _) = experts.first()?.0.dims2().ok()?;
+    let inter = two_i / 2;
+    let fits = |m: &Tensor, dims: [usize; 2]| {
+        m.dtype() == dtype && m.is_contiguous() && m.dims() == dims && m.device().is_cpu()
+    };
+    if idx.len() != experts.len()
+        || !x.device().is_cpu()
+        || !matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
+        || !experts
+            .iter()
+            .all(|(gu, d)| fits(gu, [2 * inter, h]) && fits(d, [h, inter]))
+        || idx.iter().any(|rows| {
+            rows.is_empty()
+                || !row_kernels_take(dtype, rows.len())
+                || rows.iter().any(|&i| i as usize >= t)
+        })
+    {
+        return None;
+    }
+    Some(match dtype {
+        DType::BF16 => few_tokens_outputs(x, experts, idx, round_bf16),
+        DType::F16 => few_tokens_outputs_f16(x, experts, idx),
+        _ => few_tokens_outputs(x, experts, idx, |v| v),
+    })
+}
+
+/// [`few_tokens_outputs`] in f16, with the hardware's rounding where the CPU has F16C.
+fn few_tokens_outputs_f16(
+    x: &Tensor,
+    experts: &[(&Tensor, &Tensor)],
+    idx: &[&[u32]],
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    #[cfg(target_arch = "x86_64")]
+    if f16c() && avx2_fma() {
+        /// # Safety
+        /// The CPU has F16C, AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn run(
+            x: &Tensor,
+            experts: &[(&Tensor, &Tensor)],
+            idx: &[&[u32]],
+        ) -> candle_core::Result<Vec<Vec<f32>>> {
+            // SAFETY: this function's caller has checked for F16C.
+            few_tokens_outputs(x, experts, idx, |v| unsafe { round_f16_f16c(v) })
+        }
+        // SAFETY: F16C, AVX2 and FMA were detected on this CPU.
+        return unsafe { run(x, experts, idx) };
+    }
+    few_tokens_outputs(x, experts, idx, |v| half::f16::from_f32(v).to_f32())
+}
+
+/// [`experts_few_tokens`]' work, `round` rounding an f32 to the compute dtype.
+#[inline(always)]
+fn few_tokens_outputs(
+    x: &Tensor,
+    experts: &[(&Tensor, &Tensor)],
+    idx: &[&[u32]],
+    round: impl Fn(f32) -> f32 + Copy,
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    let dtype = x.dtype();
+    let h = x.dim(1)?;
+    let two_i = experts[0].0.dim(0)?;
+    let inter = two_i / 2;
+    let xs = widened(x)?;
+    let ns: Vec<usize> = idx.iter().map(|rows| rows.len()).collect();
+    let xe: Vec<Vec<f32>> = idx
+        .iter()
+        .map(|rows| {
+            rows.iter()
+                .flat_map(|&i| xs[i as usize * h..(i as usize + 1) * h].iter().copied())
+                .collect()
+        })
+        .collect();
+    let gate_ups: Vec<&Tensor> = experts.iter().map(|(gu, _)| *gu).collect();
+    let gu = ragged_stacked_product(&gate_ups, two_i, h, dtype, &xe, &ns)?;
+    let hs: Vec<Vec<f32>> = gu
+        .iter()
+        .map(|ge| {
+            let mut he = Vec::with_capacity(ge.len() / 2);
+            for row in ge.chunks_exact(two_i) {
+                let (g, u) = row.split_at(inter);
+                he.extend(g.iter().zip(u).map(|(&g, &u)| {
+                    let g = round(g);
+                    let act = round(g / (1.0 + (-g).exp()));
+                    round(act * round(u))
+                }));
+            }
+            he
+        })
+        .collect();
+    let downs: Vec<&Tensor> = experts.iter().map(|(_, d)| *d).collect();
+    let ys = ragged_stacked_product(&downs, h, inter, dtype, &hs, &ns)?;
+    Ok(ys
+        .into_iter()
+        .map(|y| y.into_iter().map(round).collect())
+        .collect())
 }
 
 /// Whether the F16C forms may run on this CPU.
@@ -956,6 +1083,81 @@ fn stacked_product<'x>(
             .map(|(g, l)| f32_matrix(g, l))
             .collect::<candle_core::Result<Vec<_>>>()?;
         run(w, f32_row_kernel(), rows_each, cols, x_of)
+    })
+}
+
+/// Per matrix e of several [rows_each, cols] CPU matrices in `dtype`: y_e [n_e, rows_each] =
+/// x_e [n_e, cols] · matrix eᵀ (`xs[e]`, n_e = `ns[e]` tokens), every row of every matrix in one
+/// trip through the pool. Each output is the row kernels' dot, so the bits are those of one
+/// product per matrix ([`narrow_matmul_t`], before its rounding to the dtype).
+fn ragged_stacked_product(
+    mats: &[&Tensor],
+    rows_each: usize,
+    cols: usize,
+    dtype: DType,
+    xs: &[Vec<f32>],
+    ns: &[usize],
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    let held: Vec<_> = mats.iter().map(|m| m.storage_and_layout()).collect();
+    fn run<W: Sync>(
+        w: Vec<&[W]>,
+        kernel: fn(&[W], &[f32], &mut [f32]),
+        rows_each: usize,
+        cols: usize,
+        xs: &[Vec<f32>],
+        ns: &[usize],
+    ) -> Vec<Vec<f32>> {
+        // Matrix e's outputs transposed ([rows_each, n_e]) from offs[e] on: each row's outputs
+        // one contiguous chunk, as in `rows_product`.
+        let mut offs = Vec::with_capacity(ns.len() + 1);
+        offs.push(0);
+        for &n in ns {
+            offs.push(offs.last().copied().unwrap_or(0) + rows_each * n);
+        }
+        let total = offs[ns.len()];
+        let mut yt = vec![0f32; total];
+        let out = RowsOut(yt.as_mut_ptr());
+        let run = |range: std::ops::Range<usize>| {
+            for r in range {
+                let (e, rr) = (r / rows_each, r % rows_each);
+                let n = ns[e];
+                // SAFETY: each (matrix, row) is handed out once and owns its n outputs.
+                let o = unsafe { out.at(offs[e] + rr * n, n) };
+                kernel(&w[e][rr * cols..(rr + 1) * cols], &xs[e], o);
+            }
+        };
+        let rows = w.len() * rows_each;
+        if total * cols < 1 << 15 {
+            run(0..rows);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(rows, run);
+        }
+        ns.iter()
+            .enumerate()
+            .map(|(e, &n)| {
+                let ye = &yt[offs[e]..offs[e + 1]];
+                let mut y = vec![0f32; n * rows_each];
+                for r in 0..rows_each {
+                    for t in 0..n {
+                        y[t * rows_each + r] = ye[r * n + t];
+                    }
+                }
+                y
+            })
+            .collect()
+    }
+    Ok(if dtype != DType::F32 {
+        let w = held
+            .iter()
+            .map(|(g, l)| half_matrix_at(g, l, dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        run(w, half_row_kernel(dtype), rows_each, cols, xs, ns)
+    } else {
+        let w = held
+            .iter()
+            .map(|(g, l)| f32_matrix(g, l))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        run(w, f32_row_kernel(), rows_each, cols, xs, ns)
     })
 }
 
@@ -1406,6 +1608,77 @@ mod tests {
             let two = mat(2, h, 1).to_dtype(dtype).unwrap();
             assert!(experts_one_token(&two, &mats, &weights).is_none());
             assert!(experts_one_token(&x, &mats, &weights[..2]).is_none());
+        }
+    }
+
+    /// A prompt's experts in two trips through the pool give `ExpertWeights::forward`'s bits
+    /// over each expert's tokens, in bf16, f16 and f32, with rows of a whole 32-block and a tail
+    /// and experts of one to eight tokens; products large enough to be split over the pool and
+    /// too small to be. An expert with more tokens than the row kernels take, none, or a row
+    /// past the prompt is not this case.
+    #[test]
+    fn a_prompts_experts_batched_give_the_per_expert_bits() {
+        use crate::model::ports::ExpertWeights;
+        for (h, inter, t) in [(70, 24, 7), (256, 96, 16)] {
+            for dtype in [DType::BF16, DType::F16, DType::F32] {
+                let x = crate::util::test_matrix(t, h, 5, 97, 1.0 / 64.0)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let experts: Vec<(Tensor, Tensor)> = (0..5)
+                    .map(|e| {
+                        let gu =
+                            crate::util::test_matrix(2 * inter, h, 11 * e + 1, 89, 1.0 / 128.0);
+                        let dn = crate::util::test_matrix(h, inter, 13 * e + 2, 83, 1.0 / 96.0);
+                        (gu.to_dtype(dtype).unwrap(), dn.to_dtype(dtype).unwrap())
+                    })
+                    .collect();
+                // Expert e takes the tokens i with (i + e) % (e + 2) == 0, eight at most: half
+                // of them for expert 0, one in six for expert 4.
+                let idx: Vec<Vec<u32>> = (0..5u32)
+                    .map(|e| {
+                        (0..t as u32)
+                            .filter(|i| (i + e) % (e + 2) == 0)
+                            .take(8)
+                            .collect()
+                    })
+                    .collect();
+                let refs: Vec<&[u32]> = idx.iter().map(|v| v.as_slice()).collect();
+                let mats: Vec<(&Tensor, &Tensor)> = experts.iter().map(|(g, d)| (g, d)).collect();
+                let got = experts_few_tokens(&x, &mats, &refs)
+                    .expect("this case")
+                    .unwrap();
+                for (e, ((gu, dn), rows)) in experts.iter().zip(&idx).enumerate() {
+                    let xe = x
+                        .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(), 0)
+                        .unwrap();
+                    let want = widened(
+                        &ExpertWeights::new(gu.clone(), dn.clone(), inter)
+                            .forward(&xe)
+                            .unwrap(),
+                    )
+                    .unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got[e]), bits(&want), "{dtype:?} h {h} expert {e}");
+                }
+                // Not this case: more tokens than the row kernels take (f32: 8), no tokens, a
+                // row past the prompt, an expert without its rows.
+                let all: Vec<u32> = (0..t as u32).collect();
+                let mut bad = refs.clone();
+                bad[0] = &all;
+                assert_eq!(
+                    experts_few_tokens(&x, &mats, &bad).is_some(),
+                    row_kernels_take(dtype, t),
+                    "{dtype:?} {t} tokens"
+                );
+                let mut bad = refs.clone();
+                bad[1] = &[];
+                assert!(experts_few_tokens(&x, &mats, &bad).is_none());
+                let past = [t as u32];
+                let mut bad = refs.clone();
+                bad[2] = &past;
+                assert!(experts_few_tokens(&x, &mats, &bad).is_none());
+                assert!(experts_few_tokens(&x, &mats, &refs[..4]).is_none());
+            }
         }
     }
 }

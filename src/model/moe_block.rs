@@ -382,14 +382,60 @@ impl MoeBlock {
         // A prompt on the CPU: each expert's rows weighted and summed in one pass over f32
         // values with candle's roundings (`cpu_gemv::add_weighted_rows`), the same bits.
         if t > 1 && x.device().is_cpu() {
+            // Every routed expert held at once where the provider can; then the dense ones
+            // with few enough tokens for the row kernels all computed in two trips through the
+            // pool (`cpu_gemv::experts_few_tokens`, the bits of one expert at a time), the rest
+            // one at a time — and the sum in expert order either way.
+            let held = if used.len() <= experts.holds_at_once(self.layer) {
+                Some(
+                    used.iter()
+                        .map(|&e| experts.get(self.layer, e))
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            } else {
+                None
+            };
+            let mut batched: Vec<Option<Vec<f32>>> = vec![None; used.len()];
+            if let Some(held) = &held {
+                let pick: Vec<usize> = (0..used.len())
+                    .filter(|&i| {
+                        held[i].dense().is_some()
+                            && super::cpu_gemv::row_kernels_take(x.dtype(), rows[used[i]].len())
+                    })
+                    .collect();
+                let mats: Vec<(&Tensor, &Tensor)> =
+                    pick.iter().filter_map(|&i| held[i].dense()).collect();
+                let idx: Vec<Vec<u32>> = pick
+                    .iter()
+                    .map(|&i| rows[used[i]].iter().map(|r| r.0).collect())
+                    .collect();
+                let refs: Vec<&[u32]> = idx.iter().map(|v| v.as_slice()).collect();
+                if pick.len() > 1
+                    && let Some(ys) = super::cpu_gemv::experts_few_tokens(x, &mats, &refs)
+                {
+                    for (&i, y) in pick.iter().zip(ys?) {
+                        batched[i] = Some(y);
+                    }
+                }
+            }
             let h = x.dim(1)?;
             let mut acc = vec![0f32; t * h];
-            for e in used {
-                let weights = experts.get(self.layer, e)?;
+            for (i, &e) in used.iter().enumerate() {
                 let (idx, w): (Vec<u32>, Vec<f32>) = rows[e].iter().copied().unzip();
-                let xe =
-                    x.index_select(&Tensor::from_vec(idx.clone(), idx.len(), x.device())?, 0)?;
-                let y = super::cpu_gemv::widened(&weights.forward(&xe)?)?;
+                let y = match batched[i].take() {
+                    Some(y) => y,
+                    None => {
+                        let weights = match &held {
+                            Some(held) => held[i].clone(),
+                            None => experts.get(self.layer, e)?,
+                        };
+                        let xe = x.index_select(
+                            &Tensor::from_vec(idx.clone(), idx.len(), x.device())?,
+                            0,
+                        )?;
+                        super::cpu_gemv::widened(&weights.forward(&xe)?)?
+                    }
+                };
                 super::cpu_gemv::add_weighted_rows(&mut acc, h, &y, &idx, &w, x.dtype())?;
             }
             return Ok(super::cpu_gemv::narrowed(acc, (t, h), x.dtype())?);
