@@ -396,8 +396,9 @@ pub struct SweepArgs {
     pub capacities: String,
     #[arg(long, value_enum, default_value_t = Scope::Global)]
     pub cache_scope: Scope,
-    #[arg(long, value_enum, default_value_t = PolicyKind::S3fifo)]
-    pub policy: PolicyKind,
+    /// Eviction policy. Default: S3-FIFO, or LRU when next-layer prefetch runs (as `run`).
+    #[arg(long, value_enum)]
+    pub policy: Option<PolicyKind>,
     #[arg(long, default_value = "shards", value_parser = SourceSpec::parse)]
     pub expert_source: SourceSpec,
     #[arg(long)]
@@ -534,9 +535,11 @@ pub struct CacheArgs {
     #[arg(long, value_enum, default_value_t = Scope::Global)]
     pub cache_scope: Scope,
     /// Eviction policy. Default S3-FIFO: on every routing trace measured (BENCHMARKS.md §3) it
-    /// captures more of the optimum than LRU, LFU or FIFO at caches of 25 % and less.
-    #[arg(long, value_enum, default_value_t = PolicyKind::S3fifo)]
-    pub policy: PolicyKind,
+    /// captures more of the optimum than LRU, LFU or FIFO at caches of 25 % and less on demand
+    /// loading. With next-layer prefetch running, LRU (it keeps the guessed experts until their
+    /// layer asks: §35).
+    #[arg(long, value_enum)]
+    pub policy: Option<PolicyKind>,
     /// Where experts are read from: shards | extracted:DIR | seedlayout:DIR.
     #[arg(long, default_value = "shards", value_parser = SourceSpec::parse)]
     pub expert_source: SourceSpec,
@@ -559,17 +562,23 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
-    /// The flags as the plain settings the library, the workers and the recording take.
-    pub fn settings(&self) -> CacheSettings {
+    /// The flags as the plain settings the library, the workers and the recording take, for a
+    /// run on a GPU (`cuda`) or a CPU of `cores` cores: `--prefetch auto` becomes the mode it
+    /// means there and an unchosen policy that mode's default, so the workers, the recording and
+    /// its replay all see what ran.
+    pub fn settings(&self, cuda: bool, cores: usize) -> CacheSettings {
+        let prefetch = self.prefetch.resolve(cuda, cores);
         CacheSettings {
             cache_experts: self.cache_experts,
             cache_mem: self.cache_mem,
             cache_scope: self.cache_scope,
-            policy: self.policy,
+            policy: self
+                .policy
+                .unwrap_or(crate::cache::settings::default_policy(prefetch)),
             expert_source: self.expert_source.clone(),
             allow_missing_experts: self.allow_missing_experts,
             cold: self.cold,
-            prefetch: self.prefetch,
+            prefetch,
             mask_experts: self.mask_experts.clone(),
         }
     }
@@ -657,4 +666,40 @@ pub struct LogitsArgs {
     /// decode path gives the same numbers.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub greedy: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache_args(flags: &[&str]) -> CacheArgs {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            cache: CacheArgs,
+        }
+        Wrap::parse_from(std::iter::once("moescope").chain(flags.iter().copied())).cache
+    }
+
+    /// An unchosen policy becomes the default of the prefetch mode that runs — S3-FIFO on
+    /// demand loading, LRU with next-layer prefetch — and `auto` the mode it means on the
+    /// machine; a chosen policy is kept whatever the mode.
+    #[test]
+    fn the_default_policy_follows_the_prefetch_that_runs() {
+        use crate::cache::settings::PrefetchMode::{NextLayer, None as NoPrefetch};
+        let s = cache_args(&[]).settings(false, 2);
+        assert_eq!((s.prefetch, s.policy), (NoPrefetch, PolicyKind::S3fifo));
+        let s = cache_args(&[]).settings(false, 16);
+        assert_eq!((s.prefetch, s.policy), (NextLayer, PolicyKind::Lru));
+        let s = cache_args(&[]).settings(true, 16);
+        assert_eq!((s.prefetch, s.policy), (NoPrefetch, PolicyKind::S3fifo));
+        let s = cache_args(&["--prefetch", "next-layer"]).settings(false, 2);
+        assert_eq!((s.prefetch, s.policy), (NextLayer, PolicyKind::Lru));
+        let s = cache_args(&["--prefetch", "none"]).settings(false, 16);
+        assert_eq!((s.prefetch, s.policy), (NoPrefetch, PolicyKind::S3fifo));
+        let s = cache_args(&["--prefetch", "next-layer", "--policy", "s3fifo"]).settings(false, 2);
+        assert_eq!((s.prefetch, s.policy), (NextLayer, PolicyKind::S3fifo));
+        let s = cache_args(&["--policy", "lfu"]).settings(false, 2);
+        assert_eq!(s.policy, PolicyKind::Lfu);
+    }
 }

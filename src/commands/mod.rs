@@ -23,7 +23,9 @@ pub fn backend_spec(model: &ModelArgs, backend: &BackendArgs, settings: &Setting
         dtype: model.dtype,
         device: model.device.clone(),
         backend: backend.backend,
-        cache: backend.cache.settings(),
+        cache: backend
+            .cache
+            .settings(model.device.is_cuda(), settings.cores),
         settings: settings.clone(),
     }
 }

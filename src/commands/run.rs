@@ -164,12 +164,11 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
     {
         crate::bail_input!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
-    // `--prefetch auto` becomes what it means on this machine, so the workers, the recording
-    // and its replay all see the mode that ran.
-    let mut cache = args.cache.settings();
-    cache.prefetch = cache
-        .prefetch
-        .resolve(args.model.device.is_cuda(), settings.cores);
+    // `--prefetch auto` and an unchosen policy become what they mean on this machine
+    // (`CacheArgs::settings`).
+    let cache = args
+        .cache
+        .settings(args.model.device.is_cuda(), settings.cores);
     let native = BackendSpec {
         model_dir: model_dir.clone(),
         dtype: args.model.dtype,

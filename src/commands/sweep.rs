@@ -78,7 +78,11 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
     base.model = a.model.clone();
     base.no_tui = true;
     base.cache.cache_scope = a.cache_scope;
-    base.cache.policy = a.policy;
+    // The policy that runs: the chosen one, else the default for the prefetch mode that runs.
+    let policy = a.policy.unwrap_or(crate::cache::settings::default_policy(
+        a.prefetch.resolve(a.model.device.is_cuda(), settings.cores),
+    ));
+    base.cache.policy = Some(policy);
     base.cache.expert_source = a.expert_source.clone();
     base.cache.cold = a.cold;
     base.cache.prefetch = a.prefetch;
@@ -187,7 +191,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
     let prefetching = has_guesses(&input.steps) && runs.len() > 1;
     let costs = match (costs, runs.first()) {
         (Some(k), Some((c, s))) if prefetching => {
-            let sim = simulate(&acc, SimPolicy::Live(a.policy), *c, a.cache_scope, layers);
+            let sim = simulate(&acc, SimPolicy::Live(policy), *c, a.cache_scope, layers);
             let measured = backend_metrics(s, Backend::Selective).decode_tok_s;
             let n = k.decode_tokens as f64;
             let ahead = sim.decode_prefetch_loads as f64 / n;
@@ -208,7 +212,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
     let repacks = crate::model::gguf::is_gguf(&model_dir) && !a.model.device.is_cuda();
     let fitted_miss_s = match (costs, runs.first()) {
         (Some(k), Some((c, s))) if repacks && k.load_ahead_s.is_none() => {
-            let sim = simulate(&acc, SimPolicy::Live(a.policy), *c, a.cache_scope, layers);
+            let sim = simulate(&acc, SimPolicy::Live(policy), *c, a.cache_scope, layers);
             let measured = backend_metrics(s, Backend::Selective).decode_tok_s;
             let per_tok = sim.decode_misses as f64 / k.decode_tokens as f64;
             measured
@@ -242,7 +246,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
         });
         let sim = simulate_gated(
             &acc,
-            SimPolicy::Live(a.policy),
+            SimPolicy::Live(policy),
             *c,
             a.cache_scope,
             layers,
@@ -335,7 +339,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
         device: a.model.device.to_string(),
         dtype: a.model.dtype.name().into(),
         scope: a.cache_scope.name().into(),
-        policy: a.policy.name().into(),
+        policy: policy.name().into(),
         cold: a.cold,
         prefetch,
         native_decode_tok_s: nm.decode_tok_s,

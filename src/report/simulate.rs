@@ -1,7 +1,7 @@
 //! The cache study as a table (`moescope simulate`): hit rate per capacity and policy, each as a
 //! share of the optimum, the knees, and the predicted decode speed of the default policy.
 
-use crate::cache::settings::CacheSettings;
+use crate::cache::settings::{PrefetchMode, default_policy};
 use crate::cache::study::{CurvePoint, Study};
 
 /// The study, one row per capacity.
@@ -37,8 +37,14 @@ pub fn study_table(s: &Study) -> String {
     for p in &policies {
         let _ = write!(o, " {:>16}", p);
     }
-    // The speed prediction is shown for the default policy (what a run gets without --policy).
-    let pred_policy = CacheSettings::default().policy.name();
+    // The speed prediction is shown for the default policy (what a run gets without --policy,
+    // with the prefetch mode replayed).
+    let pred_policy = default_policy(if s.prefetch {
+        PrefetchMode::NextLayer
+    } else {
+        PrefetchMode::None
+    })
+    .name();
     if s.prefetch {
         let _ = write!(o, " {:>22}", format!("{pred_policy} ahead/tok (wrong)"));
     }
