@@ -360,6 +360,78 @@ pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Ten
     })())
 }
 
+/// x·Wᵢᵀ for several matrices against the same x (an attention's q, k and v projections), in
+/// one trip through the pool and one widening of x: [`narrow_matmul_t`]'s case for each, the
+/// same bits (each output is the same row's dot), returned one tensor per matrix. None when any
+/// matrix is not that case (the caller multiplies one at a time).
+pub fn narrow_matmul_t_many(
+    x: &Tensor,
+    ws: &[&Tensor],
+) -> Option<candle_core::Result<Vec<Tensor>>> {
+    let dtype = x.dtype();
+    let (n, k) = x.dims2().ok()?;
+    if ws.is_empty()
+        || !matches!(x.device(), Device::Cpu)
+        || !matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
+        || !row_kernels_take(dtype, n)
+        || !ws.iter().all(|w| {
+            w.dtype() == dtype
+                && w.is_contiguous()
+                && w.device().is_cpu()
+                && w.dims2().is_ok_and(|(_, cols)| cols == k)
+        })
+    {
+        return None;
+    }
+    Some((|| {
+        let xs = widened(x)?;
+        let rows: Vec<usize> = ws
+            .iter()
+            .map(|w| w.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        // Matrix of each global row, and that row within it.
+        let mut at = Vec::with_capacity(rows.iter().sum());
+        for (i, &r) in rows.iter().enumerate() {
+            at.extend((0..r).map(|j| (i, j)));
+        }
+        let held: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+        let y = if dtype != DType::F32 {
+            let bits = held
+                .iter()
+                .map(|(g, l)| half_matrix_at(g, l, dtype))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let kernel = half_row_kernel(dtype);
+            rows_product(at.len(), k, n, |r, out| {
+                let (i, j) = at[r];
+                kernel(&bits[i][j * k..(j + 1) * k], &xs, out)
+            })
+        } else {
+            let wv = held
+                .iter()
+                .map(|(g, l)| f32_matrix(g, l))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let kernel = f32_row_kernel();
+            rows_product(at.len(), k, n, |r, out| {
+                let (i, j) = at[r];
+                kernel(&wv[i][j * k..(j + 1) * k], &xs, out)
+            })
+        };
+        // y is [n, Σ rows]: each matrix's columns, token by token.
+        let total = at.len();
+        let mut outs = Vec::with_capacity(ws.len());
+        let mut c0 = 0;
+        for &r in &rows {
+            let mut yi = Vec::with_capacity(n * r);
+            for t in 0..n {
+                yi.extend_from_slice(&y[t * total + c0..t * total + c0 + r]);
+            }
+            outs.push(narrowed(yi, (n, r), dtype)?);
+            c0 += r;
+        }
+        Ok(outs)
+    })())
+}
+
 /// One f32 row for every token.
 type F32RowKernel = fn(&[f32], &[f32], &mut [f32]);
 
@@ -1679,6 +1751,57 @@ mod tests {
                 assert!(experts_few_tokens(&x, &mats, &bad).is_none());
                 assert!(experts_few_tokens(&x, &mats, &refs[..4]).is_none());
             }
+        }
+    }
+
+    /// Several matrices against the same x in one product give each matrix's own product's
+    /// bits ([`narrow_matmul_t`]), for 1 and 5 tokens in bf16, f16 and f32, at sizes that stay
+    /// on one thread and that go through the pool; not the case where one of them is not.
+    #[test]
+    fn projections_in_one_product_give_each_ones_bits() {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            for (n, cols) in [(1, 70), (5, 256)] {
+                let x = crate::util::test_matrix(n, cols, 3, 101, 1.0 / 32.0)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let ws: Vec<Tensor> = [(256, 1), (128, 2), (40, 3)]
+                    .iter()
+                    .map(|&(rows, seed)| {
+                        crate::util::test_matrix(rows, cols, seed, 89, 1.0 / 64.0)
+                            .to_dtype(dtype)
+                            .unwrap()
+                    })
+                    .collect();
+                let refs: Vec<&Tensor> = ws.iter().collect();
+                let got = narrow_matmul_t_many(&x, &refs).expect("this case").unwrap();
+                for (w, g) in ws.iter().zip(&got) {
+                    let want = narrow_matmul_t(&x, w).expect("this case").unwrap();
+                    assert_eq!(g.dims(), want.dims());
+                    let bits = |t: &Tensor| {
+                        widened(t)
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(g), bits(&want), "{dtype:?} {n} tokens");
+                }
+                let other = crate::util::test_matrix(8, cols + 1, 1, 89, 1.0)
+                    .to_dtype(dtype)
+                    .unwrap();
+                assert!(narrow_matmul_t_many(&x, &[&ws[0], &other]).is_none());
+                assert!(narrow_matmul_t_many(&x, &[]).is_none());
+            }
+            let many = crate::util::test_matrix(MAX_TOKENS + 1, 64, 1, 89, 1.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let w = crate::util::test_matrix(16, 64, 2, 89, 1.0)
+                .to_dtype(dtype)
+                .unwrap();
+            assert_eq!(
+                narrow_matmul_t_many(&many, &[&w]).is_some(),
+                row_kernels_take(dtype, MAX_TOKENS + 1)
+            );
         }
     }
 }

@@ -67,6 +67,32 @@ impl Linear {
         })
     }
 
+    /// `forward` of several layers on the same x: dense matrices on the CPU in one product
+    /// (`cpu_gemv::narrow_matmul_t_many`: one trip through the pool instead of one each, the
+    /// same bits), anything else one layer at a time.
+    pub fn forward_many(x: &Tensor, layers: &[&Linear]) -> Result<Vec<Tensor>> {
+        let dense: Option<Vec<&Tensor>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Dense(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        if let Some(ys) = dense.and_then(|ws| super::cpu_gemv::narrow_matmul_t_many(x, &ws)) {
+            return ys?
+                .into_iter()
+                .zip(layers)
+                .map(|(y, l)| {
+                    Ok(match &l.bias {
+                        Some(b) => y.broadcast_add(b)?,
+                        None => y,
+                    })
+                })
+                .collect();
+        }
+        layers.iter().map(|l| l.forward(x)).collect()
+    }
+
     /// The matrix, when it is dense and there is no bias (what the GPU decode kernels take).
     pub fn dense_unbiased(&self) -> Option<&Tensor> {
         match (&self.weight, &self.bias) {
@@ -372,9 +398,13 @@ impl Attention {
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let offset = cache.len();
 
-        let q = self.q_proj.forward(x)?.reshape((t, nh, d))?;
-        let k = self.k_proj.forward(x)?.reshape((t, nkv, d))?;
-        let v = self.v_proj.forward(x)?.reshape((t, nkv, d))?;
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_many(x, &[&self.q_proj, &self.k_proj, &self.v_proj])?
+                .try_into()
+                .map_err(|_| super::error::ModelError::Input("three projections".into()))?;
+        let q = q.reshape((t, nh, d))?;
+        let k = k.reshape((t, nkv, d))?;
+        let v = v.reshape((t, nkv, d))?;
         let q = self.q_norm.forward(&q)?;
         let k = self.k_norm.forward(&k)?;
 
