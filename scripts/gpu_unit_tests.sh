@@ -9,7 +9,9 @@
 #   source ~/.cache/moescope-cuda/env.sh   # ../shared/reference/cuda-build.md
 #   cargo test --release --features cuda --lib --no-run   # prints target/release/deps/moescope-HASH
 # then stripped and compressed (.xz or .gz) to carry. FILTER defaults to "attn_decode moe_decode gpu_reuse"
-# (the attention and MoE decode kernels, and decode-state reuse with its graphs).
+# (the attention and MoE decode kernels, and decode-state reuse with its graphs — that one loads
+# the bundled model, so models/tiny-moe must be in the tree carried to the GPU machine; pass
+# "attn_decode moe_decode" to leave it out when the carry has no room for it).
 # Exits non-zero when a test fails, or when the tests were skipped for want of a GPU.
 set -uo pipefail
 BIN=${1:?usage: scripts/gpu_unit_tests.sh TESTBIN [FILTER]}
