@@ -1120,67 +1120,43 @@ unsafe fn narrowed_f16_f16c(y: &[f32]) -> Vec<half::f16> {
     out
 }
 
-/// One product over the rows of several [rows_each, cols] CPU matrices in `dtype` (bf16 or
+/// One product over the rows of several [rows_each, cols] CPU matrices in `dtype` (bf16, f16 or
 /// f32), one after another: row r of matrix e dotted with `x_of(e)`. One trip through the pool.
 fn stacked_product<'x>(
     mats: &[&Tensor],
     rows_each: usize,
     cols: usize,
     dtype: DType,
-    x_of: impl Fn(usize) -> &'x [f32] + Sync,
+    x_of: impl Fn(usize) -> &'x [f32],
 ) -> candle_core::Result<Vec<f32>> {
-    let held: Vec<_> = mats.iter().map(|m| m.storage_and_layout()).collect();
-    // The matrices' elements as `W`, and their rows through `kernel`.
-    fn run<'a, 'x, W: Sync>(
-        w: Vec<&'a [W]>,
-        kernel: fn(&[W], &[f32], &mut [f32]),
-        rows_each: usize,
-        cols: usize,
-        x_of: impl Fn(usize) -> &'x [f32] + Sync,
-    ) -> Vec<f32> {
-        rows_product(w.len() * rows_each, cols, 1, |r, out| {
-            let (e, r) = (r / rows_each, r % rows_each);
-            kernel(&w[e][r * cols..(r + 1) * cols], x_of(e), out)
-        })
-    }
-    Ok(if dtype != DType::F32 {
-        let w = held
-            .iter()
-            .map(|(g, l)| half_matrix_at(g, l, dtype))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        run(w, half_row_kernel(dtype), rows_each, cols, x_of)
-    } else {
-        let w = held
-            .iter()
-            .map(|(g, l)| f32_matrix(g, l))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        run(w, f32_row_kernel(), rows_each, cols, x_of)
-    })
+    let xs: Vec<&[f32]> = (0..mats.len()).map(x_of).collect();
+    // One token each: the ragged layout ([rows_each, 1] per matrix) is this one.
+    ragged_products(mats, rows_each, cols, dtype, &xs, &vec![1; mats.len()])
 }
 
-/// Per matrix e of several [rows_each, cols] CPU matrices in `dtype`: y_e [n_e, rows_each] =
-/// x_e [n_e, cols] · matrix eᵀ (`xs[e]`, n_e = `ns[e]` tokens), every row of every matrix in one
-/// trip through the pool. Each output is the row kernels' dot, so the bits are those of one
-/// product per matrix ([`narrow_matmul_t`], before its rounding to the dtype).
-fn ragged_stacked_product(
+/// Per matrix e of several [rows_each, cols] CPU matrices in `dtype`: matrix e's rows dotted
+/// with each of its n_e = `ns[e]` tokens (`xs[e]`, n_e × cols), every row of every matrix in one
+/// trip through the pool. Returned per matrix, one after another, transposed — [rows_each, n_e],
+/// each row's outputs together (for one token each, the plain stacked layout). Each output is
+/// the row kernels' dot, so the bits are those of one product per matrix ([`narrow_matmul_t`],
+/// before its rounding to the dtype).
+fn ragged_products(
     mats: &[&Tensor],
     rows_each: usize,
     cols: usize,
     dtype: DType,
-    xs: &[Vec<f32>],
+    xs: &[&[f32]],
     ns: &[usize],
-) -> candle_core::Result<Vec<Vec<f32>>> {
+) -> candle_core::Result<Vec<f32>> {
     let held: Vec<_> = mats.iter().map(|m| m.storage_and_layout()).collect();
     fn run<W: Sync>(
         w: Vec<&[W]>,
         kernel: fn(&[W], &[f32], &mut [f32]),
         rows_each: usize,
         cols: usize,
-        xs: &[Vec<f32>],
+        xs: &[&[f32]],
         ns: &[usize],
-    ) -> Vec<Vec<f32>> {
-        // Matrix e's outputs transposed ([rows_each, n_e]) from offs[e] on: each row's outputs
-        // one contiguous chunk, as in `rows_product`.
+    ) -> Vec<f32> {
         let mut offs = Vec::with_capacity(ns.len() + 1);
         offs.push(0);
         for &n in ns {
@@ -1195,7 +1171,7 @@ fn ragged_stacked_product(
                 let n = ns[e];
                 // SAFETY: each (matrix, row) is handed out once and owns its n outputs.
                 let o = unsafe { out.at(offs[e] + rr * n, n) };
-                kernel(&w[e][rr * cols..(rr + 1) * cols], &xs[e], o);
+                kernel(&w[e][rr * cols..(rr + 1) * cols], xs[e], o);
             }
         };
         let rows = w.len() * rows_each;
@@ -1204,19 +1180,7 @@ fn ragged_stacked_product(
         } else {
             candle_core::utils::barrier_pool().execute_chunked(rows, run);
         }
-        ns.iter()
-            .enumerate()
-            .map(|(e, &n)| {
-                let ye = &yt[offs[e]..offs[e + 1]];
-                let mut y = vec![0f32; n * rows_each];
-                for r in 0..rows_each {
-                    for t in 0..n {
-                        y[t * rows_each + r] = ye[r * n + t];
-                    }
-                }
-                y
-            })
-            .collect()
+        yt
     }
     Ok(if dtype != DType::F32 {
         let w = held
@@ -1231,6 +1195,34 @@ fn ragged_stacked_product(
             .collect::<candle_core::Result<Vec<_>>>()?;
         run(w, f32_row_kernel(), rows_each, cols, xs, ns)
     })
+}
+
+/// [`ragged_products`] per matrix, each [n_e, rows_each] (token-major).
+fn ragged_stacked_product(
+    mats: &[&Tensor],
+    rows_each: usize,
+    cols: usize,
+    dtype: DType,
+    xs: &[Vec<f32>],
+    ns: &[usize],
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+    let yt = ragged_products(mats, rows_each, cols, dtype, &refs, ns)?;
+    let mut at = 0;
+    Ok(ns
+        .iter()
+        .map(|&n| {
+            let ye = &yt[at..at + rows_each * n];
+            at += rows_each * n;
+            let mut y = vec![0f32; n * rows_each];
+            for r in 0..rows_each {
+                for t in 0..n {
+                    y[t * rows_each + r] = ye[r * n + t];
+                }
+            }
+            y
+        })
+        .collect())
 }
 
 /// A held CPU bf16 or f16 tensor as bits, from where it starts.
