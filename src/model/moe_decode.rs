@@ -236,15 +236,24 @@ pub fn moe_gate_up(
                 .arg(&i_)
                 .arg(&h_);
             let per_row = ggml_stage_per_row(rbg.max(rbu), 2 * WARPS_PER_BLOCK as usize);
-            let per_row_ = per_row as i32;
-            b.arg(&per_row_);
+            let rows_bytes = 2 * WARPS_PER_BLOCK * per_row;
+            // x's codes and scales (H + H / 8 bytes, each part in whole 16-byte words) staged
+            // too where the launch's shared memory allows it: every warp of the block reads all
+            // of x, and from shared memory that costs no L1/L2 traffic beside the rows' (Q8_0
+            // gate_up 229.5 -> 209.5 us a step on an H200, BENCHMARKS.md §37).
+            let x_bytes = (hidden + (hidden / 8).next_multiple_of(16)) as u32;
+            let stage_x = rows_bytes + x_bytes <= GGML_LAUNCH_SHARED;
+            let (per_row_, stage_x_) = (per_row as i32, stage_x as i32);
+            b.arg(&per_row_).arg(&stage_x_);
             let cfg = LaunchConfig {
-                shared_mem_bytes: 2 * WARPS_PER_BLOCK * per_row,
+                shared_mem_bytes: rows_bytes + if stage_x { x_bytes } else { 0 },
                 ..warp_blocks(k * inter)
             };
             // SAFETY: argument order and types match the kernel's signature; each stack row
             // holds at least the layout's gate and up bytes (`ggml_stack`), x's codes and
-            // scales cover H; the shared memory holds every warp's two staged rows.
+            // scales cover H (each its own allocation, so the 16-byte words covering the
+            // scales stay inside it); the shared memory holds x where staged, then every
+            // warp's two staged rows.
             unsafe { b.launch(cfg) }.map_err(|e| err("GGUF gate_up launch", e))?;
         }
         StackFormat::Fp8(sc) => {
@@ -663,6 +672,9 @@ pub fn ggml_rows_bf16(
         false,
     ))
 }
+
+/// Dynamic shared memory a launch may take without opting in to more.
+const GGML_LAUNCH_SHARED: u32 = 48 << 10;
 
 /// Shared memory a GGUF expert kernel's block may stage rows in (`ggml_dot_q8_staged`): under
 /// the 48 KiB a launch gets without opting in, and small enough for several blocks an SM.

@@ -259,16 +259,17 @@ struct Q6_KB {
 
 // Activations rounded to 8-bit blocks: value i is q[i] · d[i / 32]. Rows start 8-byte aligned
 // (their lengths are multiples of 32), so a group's 8 codes are one 8-byte load.
+// In global or shared memory (`moe_decode_gate_up_ggml` stages x): plain loads read either.
 struct Q8Act {
-    const int8_t* __restrict__ q;
-    const float* __restrict__ d;
+    const int8_t* q;
+    const float* d;
     // The block of weights from `w` on (w a multiple of 32).
     __device__ __forceinline__ Q8Act at(int w) const { return Q8Act{q + w, d + (w >> 5)}; }
     // The 8 codes from weight i (a multiple of 8) as two words of four.
     __device__ __forceinline__ int2 codes(int i) const {
-        return __ldg(reinterpret_cast<const int2*>(q + i));
+        return *reinterpret_cast<const int2*>(q + i);
     }
-    __device__ __forceinline__ float scale(int i) const { return __ldg(d + (i >> 5)); }
+    __device__ __forceinline__ float scale(int i) const { return d[i >> 5]; }
 };
 
 // Σ w·a over a group of 8: two dp4a. And Σ a (for the types with a minimum), the same way.

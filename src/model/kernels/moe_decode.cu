@@ -300,8 +300,10 @@ extern "C" __global__ void quantize_q8_bf16(const __nv_bfloat16* __restrict__ x,
 }
 
 // mid[s, r] as moe_decode_gate_up_bf16 computes it, from GGUF stacks and x rounded to 8-bit
-// blocks. One warp per (s, r), its two rows staged in shared memory (`ggml_dot_q8_staged`).
-extern "C" __global__ void moe_decode_gate_up_ggml(
+// blocks. One warp per (s, r). With `stage_x`, the block first copies x's codes and scales
+// into shared memory (every warp of the block reads all of them), then each warp's two rows
+// follow them (`ggml_dot_q8_staged`).
+extern "C" __global__ void __launch_bounds__(256) moe_decode_gate_up_ggml(
     const uint8_t* __restrict__ w_gu,        // [E, stride]
     unsigned long long stride,
     int tg, int rbg, int tu, int rbu,
@@ -311,20 +313,39 @@ extern "C" __global__ void moe_decode_gate_up_ggml(
     const float* __restrict__ xd,            // [H / 32] scales
     __nv_bfloat16* __restrict__ mid,         // [k, I]
     int k, int inter, int hidden,
-    int per_row) {                           // staging bytes a row: 2 · per_row a warp, dynamic
+    int per_row,                             // staging bytes a row: 2 · per_row a warp
+    int stage_x) {                           // x staged first: H + round16(H / 8) bytes
     const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
+    Q8Act x{xq, xd};
+    uint8_t* buf = ggml_stage;
+    if (stage_x) {
+        // H is a multiple of 32: the codes are whole 16-byte words; the scales (H / 8 bytes)
+        // take whole words too, the last one read past them within its 16-byte granule.
+        const int cw = hidden / 16, sw = (hidden / 8 + 15) / 16;
+        for (int i = threadIdx.x; i < cw + sw; i += blockDim.x) {
+            if (i < cw)
+                cp_async16(ggml_stage + 16 * i, reinterpret_cast<const uint8_t*>(xq) + 16 * i);
+            else
+                cp_async16(ggml_stage + 16 * i,
+                           reinterpret_cast<const uint8_t*>(xd) + 16 * (i - cw));
+        }
+        cp_async_wait_all();
+        __syncthreads();
+        x = Q8Act{reinterpret_cast<const int8_t*>(ggml_stage),
+                  reinterpret_cast<const float*>(ggml_stage + hidden)};
+        buf += 16 * (cw + sw);
+    }
     if (warp >= k * inter) return;
     const int s = warp / inter;
     const int r = warp - s * inter;
     const size_t e = map ? map[ids[s]] : ids[s];
     const uint8_t* base = w_gu + e * stride;
-    const Q8Act x{xq, xd};
     const int types[2] = {tg, tu};
     const uint8_t* rows[2] = {base + (size_t)r * rbg, base + (size_t)inter * rbg + (size_t)r * rbu};
     float gu[2];
     ggml_dot_q8_staged<2>(types, rows, x, hidden, lane,
-                          ggml_stage + (size_t)(threadIdx.x / 32) * 2 * per_row, per_row, gu);
+                          buf + (size_t)(threadIdx.x / 32) * 2 * per_row, per_row, gu);
     store_mid(gu[0], gu[1], lane, mid + (size_t)s * inter + r);
 }
 
