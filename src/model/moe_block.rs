@@ -145,6 +145,11 @@ impl MoeBlock {
         #[cfg(feature = "cuda")]
         let decode_kernel = super::moe_decode::applies(t, x.dtype(), k)
             && (self.moe_kernel || st.fp8.is_some() || st.ggml.is_some());
+        // A short prompt over FP8 or GGUF stacks: the same kernels, a token at a time in one
+        // launch, rather than every routed expert dequantised (`moe_decode::PROMPT_TOKENS`).
+        #[cfg(feature = "cuda")]
+        let prompt_kernel = super::moe_decode::prompt_applies(t, x.dtype(), k)
+            && (st.fp8.is_some() || st.ggml.is_some());
         // A slot pool's device table and the decode kernels: they look slots up themselves.
         #[cfg(feature = "cuda")]
         if let (Some(map), true) = (&st.device_index, decode_kernel) {
@@ -184,7 +189,7 @@ impl MoeBlock {
             }
         };
         #[cfg(feature = "cuda")]
-        if decode_kernel {
+        if decode_kernel || prompt_kernel {
             return Ok(Some(super::moe_decode::moe_decode(
                 x,
                 &st.gate_up,
@@ -196,7 +201,7 @@ impl MoeBlock {
                 st.format(),
             )?));
         }
-        // FP8 and GGUF stacks outside the decode kernels (a prompt's tokens): the routed
+        // FP8 and GGUF stacks outside the decode kernels (a long prompt's tokens): the routed
         // experts dequantised into a bf16 stack, then candle's MoE GEMM as for bf16.
         let (gate_up_w, down_w, ids) = match st.format() {
             StackFormat::Dense => (st.gate_up.clone(), st.down.clone(), ids),

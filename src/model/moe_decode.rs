@@ -28,16 +28,36 @@ pub fn applies(tokens: usize, dtype: DType, top_k: usize) -> bool {
     tokens == 1 && dtype == DType::BF16 && top_k <= MAX_TOPK
 }
 
+/// Most tokens one launch of the kernels takes (a prompt's; decode is one).
+pub const MAX_TOKENS: usize = 65_535;
+
+/// Prompts up to this many tokens over FP8 or GGUF stacks take the decode kernels, each token's
+/// routed rows read for it alone, rather than dequantising every routed expert into a bf16
+/// stack for candle's MoE GEMM: a 16-token prompt routes most of a layer's experts, and the
+/// dequantised stack costs more to write and read again than the quantized rows a token at a
+/// time (BENCHMARKS.md §38: on an H200, 12-layer Qwen3-30B-A3B, Q8_0 prefill 2.7× at 16
+/// tokens, 1.7× at 64, 1.26× at 128, the gain shrinking as the tokens share more rows; not
+/// measured past 128, so the dequantising road takes longer prompts).
+pub const PROMPT_TOKENS: usize = 128;
+
+/// Whether a `tokens`-token prompt over quantized (FP8 or GGUF) stacks takes the decode
+/// kernels ([`PROMPT_TOKENS`]).
+pub fn prompt_applies(tokens: usize, dtype: DType, top_k: usize) -> bool {
+    (2..=PROMPT_TOKENS).contains(&tokens) && dtype == DType::BF16 && top_k <= MAX_TOPK
+}
+
 fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
     ModelError::Input(format!("MoE decode kernel ({what}): {e}"))
 }
 
-/// `x` [1, H] bf16; `gate_up` [E, 2I, H] and `down` [E, H, I] bf16 stacks; `ids` [1, k] u32 rows
-/// of the stacks in top-k order — or, with `map` (u32 `[experts]`, the selective slot pool's
-/// expert→slot table), expert ids whose rows the kernels look up there; `weights` [1, k] f32
-/// routing weights (already rounded to bf16). Returns Σ_s weight_s · expert_s(x) as [1, H] bf16
-/// — plus `residual` ([1, H] bf16) when given, in the kernel (candle's bf16 add, same bits).
-/// `fmt` says what the stacks hold: bf16, FP8 bytes with their scales, or GGUF blocks.
+/// `x` [T, H] bf16; `gate_up` [E, 2I, H] and `down` [E, H, I] bf16 stacks; `ids` [T, k] u32
+/// rows of the stacks in top-k order — or, with `map` (u32 `[experts]`, the selective slot
+/// pool's expert→slot table), expert ids whose rows the kernels look up there; `weights` [T, k]
+/// f32 routing weights (already rounded to bf16). Returns Σ_s weight_s · expert_s(x) as [T, H]
+/// bf16 — plus `residual` ([T, H] bf16) when given, in the kernel (candle's bf16 add, same
+/// bits). `fmt` says what the stacks hold: bf16, FP8 bytes with their scales, or GGUF blocks.
+/// T is 1 when decoding; each of T > 1 tokens (a short prompt, [`prompt_applies`]) gets the bits
+/// a launch of that token alone gives.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_decode(
     x: &Tensor,
@@ -50,7 +70,7 @@ pub fn moe_decode(
     fmt: StackFormat,
 ) -> Result<Tensor> {
     let (_, hidden) = x.dims2()?;
-    let k = ids.elem_count();
+    let (_, k) = ids.dims2()?;
     let (h3, inter) = match fmt {
         StackFormat::Ggml(l) => {
             ggml_stack(down, l.down_bytes(), "down")?;
@@ -80,7 +100,7 @@ pub fn moe_decode(
         ));
     }
     let mid = moe_gate_up(x, gate_up, ids, map, fmt)?;
-    debug_assert_eq!(mid.dims(), [k, inter]);
+    debug_assert_eq!(mid.dims(), [x.dim(0)? * k, inter]);
     moe_down(&mid, down, ids, map, weights, residual, fmt)
 }
 
@@ -145,7 +165,8 @@ fn fp8_scales<'a>(
 }
 
 /// The first of [`moe_decode`]'s two kernels: `silu(gate_s · x) * (up_s · x)` for each routed
-/// expert `s`, as [k, I] bf16. Apart so that the step profile (`step_profile.rs`) can time it.
+/// expert `s` of each token, as [T·k, I] bf16. Apart so that the step profile
+/// (`step_profile.rs`) can time it.
 pub fn moe_gate_up(
     x: &Tensor,
     gate_up: &Tensor,
@@ -153,8 +174,15 @@ pub fn moe_gate_up(
     map: Option<&Tensor>,
     fmt: StackFormat,
 ) -> Result<Tensor> {
-    let (_, hidden) = x.dims2()?;
-    let k = ids.elem_count();
+    let (t, hidden) = x.dims2()?;
+    let k = match ids.dims2()? {
+        (1, k) if t == 1 => k,
+        // Several tokens: the FP8 and GGUF kernels only (bf16 prompts take candle's MoE GEMM).
+        (ti, k) if ti == t && t > 1 && t <= MAX_TOKENS && !matches!(fmt, StackFormat::Dense) => k,
+        d => {
+            return Err(err("shapes", format!("x {:?} with ids {d:?}", x.dims())));
+        }
+    };
     let inter = match fmt {
         StackFormat::Ggml(l) if l.hidden == hidden && k <= MAX_TOPK => {
             ggml_stack(gate_up, l.gate_up_bytes(), "gate_up")?;
@@ -195,7 +223,12 @@ pub fn moe_gate_up(
     let (k_, i_, h_) = (k as i32, inter as i32, hidden as i32);
 
     // SAFETY: written in full by the kernel below (one warp per element) before any read.
-    let mid = unsafe { dev.alloc::<bf16>(k * inter)? };
+    let mid = unsafe { dev.alloc::<bf16>(t * k * inter)? };
+    // One warp per (slot, row) of a token, the tokens along y.
+    let grid = LaunchConfig {
+        grid_dim: (warp_blocks(k * inter).grid_dim.0, t as u32, 1),
+        ..warp_blocks(k * inter)
+    };
     match fmt {
         StackFormat::Dense => {
             let gv = gs.as_cuda_slice::<bf16>()?.slice(gl.start_offset()..);
@@ -211,15 +244,20 @@ pub fn moe_gate_up(
                 .arg(&h_);
             // SAFETY: argument order and types match the kernel's signature; sizes checked
             // above.
-            unsafe { b.launch(warp_blocks(k * inter)) }.map_err(|e| err("gate_up launch", e))?;
+            unsafe { b.launch(grid) }.map_err(|e| err("gate_up launch", e))?;
         }
         StackFormat::Ggml(l) => {
             let gv = gs.as_cuda_slice::<u8>()?.slice(gl.start_offset()..);
             let stride = gate_up.dim(1)? as u64;
             let (tg, rbg) = ggml_args(l.gate, hidden)?;
             let (tu, rbu) = ggml_args(l.up, hidden)?;
-            let (xq, xd) = quantize_q8(&dev, &xv, hidden)?;
-            let f = dev.get_or_load_custom_func("moe_decode_gate_up_ggml", MODULE, PTX)?;
+            let (xq, xd) = quantize_q8(&dev, &xv, t * hidden)?;
+            let name = if t > 1 {
+                "moe_tokens_gate_up_ggml"
+            } else {
+                "moe_decode_gate_up_ggml"
+            };
+            let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&gv)
                 .arg(&stride)
@@ -237,30 +275,34 @@ pub fn moe_gate_up(
                 .arg(&h_);
             let per_row = ggml_stage_per_row(rbg.max(rbu), 2 * WARPS_PER_BLOCK as usize);
             let rows_bytes = 2 * WARPS_PER_BLOCK * per_row;
-            // x's codes and scales (H + H / 8 bytes, each part in whole 16-byte words) staged
-            // too where the launch's shared memory allows it: every warp of the block reads all
+            // x's codes and scales (H + H / 8 bytes, rounded up to a 16-byte word) staged too
+            // where the launch's shared memory allows it: every warp of the block reads all
             // of x, and from shared memory that costs no L1/L2 traffic beside the rows' (Q8_0
             // gate_up 229.5 -> 209.5 us a step on an H200, BENCHMARKS.md §37).
-            let x_bytes = (hidden + (hidden / 8).next_multiple_of(16)) as u32;
+            let x_bytes = (hidden + hidden / 8).next_multiple_of(16) as u32;
             let stage_x = rows_bytes + x_bytes <= GGML_LAUNCH_SHARED;
             let (per_row_, stage_x_) = (per_row as i32, stage_x as i32);
             b.arg(&per_row_).arg(&stage_x_);
             let cfg = LaunchConfig {
                 shared_mem_bytes: rows_bytes + if stage_x { x_bytes } else { 0 },
-                ..warp_blocks(k * inter)
+                ..grid
             };
             // SAFETY: argument order and types match the kernel's signature; each stack row
             // holds at least the layout's gate and up bytes (`ggml_stack`), x's codes and
-            // scales cover H (each its own allocation, so the 16-byte words covering the
-            // scales stay inside it); the shared memory holds x where staged, then every
-            // warp's two staged rows.
+            // scales cover [T, H]; the shared memory holds x where staged, then every warp's
+            // two staged rows.
             unsafe { b.launch(cfg) }.map_err(|e| err("GGUF gate_up launch", e))?;
         }
         StackFormat::Fp8(sc) => {
             let (scales, br, bc) = fp8_scales(&gate_up, &sc.gate_up, sc.block, 2)?;
             let gv = gs.as_cuda_slice::<u8>()?.slice(gl.start_offset()..);
             let sv_at = raw_addr(scales, "gate_up scales")?;
-            let f = dev.get_or_load_custom_func("moe_decode_gate_up_fp8", MODULE, PTX)?;
+            let name = if t > 1 {
+                "moe_tokens_gate_up_fp8"
+            } else {
+                "moe_decode_gate_up_fp8"
+            };
+            let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&gv)
                 .arg(&sv_at)
@@ -275,21 +317,20 @@ pub fn moe_gate_up(
                 .arg(&bc);
             // SAFETY: argument order and types match the kernel's signature; the byte stack's
             // and its scales' shapes checked above (`fp8_scales`).
-            unsafe { b.launch(warp_blocks(k * inter)) }
-                .map_err(|e| err("FP8 gate_up launch", e))?;
+            unsafe { b.launch(grid) }.map_err(|e| err("FP8 gate_up launch", e))?;
         }
     }
     let mid = CudaStorage::wrap_cuda_slice(mid, dev);
     Ok(Tensor::from_storage(
         Storage::Cuda(mid),
-        (k, inter),
+        (t * k, inter),
         BackpropOp::none(),
         false,
     ))
 }
 
-/// The second of [`moe_decode`]'s kernels: `Σ_s weight_s · down_s · mid_s` as [1, H] bf16,
-/// `mid` [k, I] from [`moe_gate_up`]; plus `residual` when given.
+/// The second of [`moe_decode`]'s kernels: `Σ_s weight_s · down_s · mid_s` for each token as
+/// [T, H] bf16, `mid` [T·k, I] from [`moe_gate_up`]; plus `residual` when given.
 pub fn moe_down(
     mid: &Tensor,
     down: &Tensor,
@@ -309,12 +350,15 @@ pub fn moe_down(
             (hidden, inter)
         }
     };
-    let k = ids.elem_count();
-    if mid.dims() != [k, inter]
-        || weights.elem_count() != k
+    let (t, k) = ids.dims2()?;
+    if mid.dims() != [t * k, inter]
+        || weights.dims() != [t, k]
         || k == 0
         || k > MAX_TOPK
-        || residual.is_some_and(|r| r.dims() != [1, hidden] || r.dtype() != DType::BF16)
+        || t == 0
+        || t > MAX_TOKENS
+        || (t > 1 && matches!(fmt, StackFormat::Dense))
+        || residual.is_some_and(|r| r.dims() != [t, hidden] || r.dtype() != DType::BF16)
     {
         return Err(err(
             "shapes",
@@ -350,10 +394,11 @@ pub fn moe_down(
     };
 
     // SAFETY: as above, one warp per output row.
-    let y = unsafe { dev.alloc::<bf16>(hidden)? };
-    // One block per DOWN_ROWS output rows, one warp per routed expert (see the kernel).
+    let y = unsafe { dev.alloc::<bf16>(t * hidden)? };
+    // One block per DOWN_ROWS output rows of a token, one warp per routed expert (see the
+    // kernel); the tokens along y.
     let cfg = LaunchConfig {
-        grid_dim: ((hidden as u32).div_ceil(DOWN_ROWS), 1, 1),
+        grid_dim: ((hidden as u32).div_ceil(DOWN_ROWS), t as u32, 1),
         block_dim: (32 * k as u32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -379,8 +424,13 @@ pub fn moe_down(
             let dv = ds.as_cuda_slice::<u8>()?.slice(dl.start_offset()..);
             let stride = down.dim(1)? as u64;
             let (td, rbd) = ggml_args(l.down, inter)?;
-            let (mq, md) = quantize_q8(&dev, &mv, k * inter)?;
-            let f = dev.get_or_load_custom_func("moe_decode_down_ggml", MODULE, PTX)?;
+            let (mq, md) = quantize_q8(&dev, &mv, t * k * inter)?;
+            let name = if t > 1 {
+                "moe_tokens_down_ggml"
+            } else {
+                "moe_decode_down_ggml"
+            };
+            let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&dv)
                 .arg(&stride)
@@ -397,14 +447,19 @@ pub fn moe_down(
                 .arg(&i_)
                 .arg(&h_);
             // SAFETY: as above; each stack row holds the layout's down bytes (`ggml_stack`),
-            // mid's codes and scales cover [k, I].
+            // mid's codes and scales cover [T·k, I].
             unsafe { b.launch(cfg) }.map_err(|e| err("GGUF down launch", e))?;
         }
         StackFormat::Fp8(sc) => {
             let (scales, br, bc) = fp8_scales(&down, &sc.down, sc.block, 1)?;
             let dv = ds.as_cuda_slice::<u8>()?.slice(dl.start_offset()..);
             let sv_at = raw_addr(scales, "down scales")?;
-            let f = dev.get_or_load_custom_func("moe_decode_down_fp8", MODULE, PTX)?;
+            let name = if t > 1 {
+                "moe_tokens_down_fp8"
+            } else {
+                "moe_decode_down_fp8"
+            };
+            let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&dv)
                 .arg(&sv_at)
@@ -428,7 +483,7 @@ pub fn moe_down(
     let y = CudaStorage::wrap_cuda_slice(y, dev);
     Ok(Tensor::from_storage(
         Storage::Cuda(y),
-        (1, hidden),
+        (t, hidden),
         BackpropOp::none(),
         false,
     ))
@@ -1687,5 +1742,134 @@ mod tests {
         .unwrap();
         assert_eq!(bf16_bits(&folded), bf16_bits(&(&res + &y).unwrap()));
         assert_eq!(k, ids.elem_count());
+    }
+
+    /// A prompt's tokens in one launch of the FP8 and GGUF kernels (the y dimension of their
+    /// grids): each token's output the bits of a launch of that token alone, for FP8 and every
+    /// GGUF layout, with its residual, through a slot pool's map as well as on the stacks' rows
+    /// — tokens routed to the same experts and to different ones. bf16 stacks take one token.
+    #[test]
+    fn tokens_in_one_launch_are_each_tokens_own_launch() {
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        let t = 5;
+        let ids_v: Vec<[u32; 4]> = vec![
+            [3, 0, 4, 1],
+            [1, 4, 0, 3],
+            [3, 0, 4, 1],
+            [4, 3, 1, 0],
+            [0, 1, 3, 4],
+        ];
+        let w_v: Vec<[f32; 4]> = (0..t)
+            .map(|j| {
+                let a = 0.5 - 0.0625 * j as f32;
+                [a, 0.25, 0.125, 0.875 - a - 0.25]
+            })
+            .collect();
+        let ids = Tensor::from_vec(ids_v.concat(), (t, 4), &dev).unwrap();
+        let w = Tensor::from_vec(w_v.concat(), (t, 4), &dev).unwrap();
+        // Experts 0, 1, 3, 4 of 6 in slots 3, 2, 1, 0.
+        let mut map_v = vec![0u32; 6];
+        for (slot, ex) in [4usize, 3, 1, 0].into_iter().enumerate() {
+            map_v[ex] = slot as u32;
+        }
+        let map = Tensor::new(map_v.as_slice(), &dev).unwrap();
+        let slots = |s: &Tensor| {
+            let idx: Vec<u32> = [4u32, 3, 1, 0].to_vec();
+            s.index_select(&Tensor::new(idx.as_slice(), &dev).unwrap(), 0)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let check = |what: &str, gu: &Tensor, dn: &Tensor, fmt: StackFormat, h: usize| {
+            let (x, _) = bf16_matrix(t, h, 5, 239, 1.0 / 8.0, &dev);
+            let (res, _) = bf16_matrix(t, h, 6, 233, 1.0 / 8.0, &dev);
+            let all = moe_decode(&x, gu, dn, &ids, None, &w, Some(&res), fmt).unwrap();
+            assert_eq!(all.dims(), [t, h], "{what}");
+            let (sgu, sdn) = (slots(gu), slots(dn));
+            let mapped = moe_decode(&x, &sgu, &sdn, &ids, Some(&map), &w, Some(&res), fmt).unwrap();
+            assert_eq!(
+                bf16_bits(&all),
+                bf16_bits(&mapped),
+                "{what}: through the map"
+            );
+            let bare = moe_decode(&x, gu, dn, &ids, None, &w, None, fmt).unwrap();
+            for j in 0..t {
+                let one = |v: &Tensor| v.narrow(0, j, 1).unwrap().contiguous().unwrap();
+                let alone = moe_decode(
+                    &one(&x),
+                    gu,
+                    dn,
+                    &one(&ids),
+                    None,
+                    &one(&w),
+                    Some(&one(&res)),
+                    fmt,
+                )
+                .unwrap();
+                assert_eq!(
+                    bf16_bits(&one(&all)),
+                    bf16_bits(&alone),
+                    "{what}: token {j}"
+                );
+                let alone =
+                    moe_decode(&one(&x), gu, dn, &one(&ids), None, &one(&w), None, fmt).unwrap();
+                assert_eq!(
+                    bf16_bits(&one(&bare)),
+                    bf16_bits(&alone),
+                    "{what}: token {j}, no residual"
+                );
+            }
+        };
+        for l in ggml_layouts() {
+            let (gu, dn, _, _) = ggml_stacks(&l, 6, 0, &dev);
+            check(&format!("{l}"), &gu, &dn, StackFormat::Ggml(&l), l.hidden);
+        }
+        let (h, i) = (200, 72);
+        let (gu, dn, sc, _, _) = fp8_stacks(6, h, i, [32, 48], &dev);
+        let slot_sc = Fp8Scales {
+            gate_up: slots(&sc.gate_up),
+            down: slots(&sc.down),
+            block: sc.block,
+        };
+        // FP8's slot pool carries its scales in its own slots' order.
+        let (x, _) = bf16_matrix(t, h, 5, 239, 1.0 / 8.0, &dev);
+        let all = moe_decode(&x, &gu, &dn, &ids, None, &w, None, StackFormat::Fp8(&sc)).unwrap();
+        let mapped = moe_decode(
+            &x,
+            &slots(&gu),
+            &slots(&dn),
+            &ids,
+            Some(&map),
+            &w,
+            None,
+            StackFormat::Fp8(&slot_sc),
+        )
+        .unwrap();
+        assert_eq!(bf16_bits(&all), bf16_bits(&mapped), "FP8 through the map");
+        for j in 0..t {
+            let one = |v: &Tensor| v.narrow(0, j, 1).unwrap().contiguous().unwrap();
+            let alone = moe_decode(
+                &one(&x),
+                &gu,
+                &dn,
+                &one(&ids),
+                None,
+                &one(&w),
+                None,
+                StackFormat::Fp8(&sc),
+            )
+            .unwrap();
+            assert_eq!(bf16_bits(&one(&all)), bf16_bits(&alone), "FP8 token {j}");
+        }
+        let (gu, _) = bf16_matrix(6 * 2 * i, h, 7, 241, 1.0 / 16.0, &dev);
+        let (dn, _) = bf16_matrix(6 * h, i, 8, 247, 1.0 / 16.0, &dev);
+        let (gu, dn) = (
+            gu.reshape((6, 2 * i, h)).unwrap(),
+            dn.reshape((6, h, i)).unwrap(),
+        );
+        let e = moe_decode(&x, &gu, &dn, &ids, None, &w, None, StackFormat::Dense).unwrap_err();
+        assert!(e.to_string().contains("shapes"), "{e}");
     }
 }

@@ -494,6 +494,11 @@ __device__ __forceinline__ void cp_async16(uint8_t* smem, const uint8_t* gmem) {
     const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
+// The same for one aligned 4-byte word (through L1: `cg` takes only 16 bytes).
+__device__ __forceinline__ void cp_async4(uint8_t* smem, const uint8_t* gmem) {
+    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
+}
 __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;\n" ::: "memory");
 }

@@ -1,5 +1,12 @@
 // MoE expert MLP for one decode token (batch 1), bf16 weights, f32 accumulation.
 //
+// The FP8 and GGUF kernels come twice: `moe_decode_*` for one token and `moe_tokens_*` for a
+// short prompt, a token along gridDim.y with its k slots' rows read for it alone (the other
+// road for a prompt dequantises every routed expert first). The same body, so each token gets
+// the bits a launch of that token alone gives; apart because the token's offsets cost the
+// decode kernels registers (and a block an SM) where a parameter read from the constant bank
+// costs none.
+//
 // Why: candle's fused MoE kernel is a tiled WMMA GEMM built for many tokens; with one token it
 // launches a block per (expert, column tile) for all experts and runs ~10x under the memory
 // bandwidth the weights need (measured with ncu on an H100: 160 + 67 us per layer against
@@ -124,7 +131,7 @@ __device__ __forceinline__ Q8Act mid_row(const Q8Act& m, int s, int n) {
 }
 
 // The down kernels' body over `dn`'s matrices (see moe_decode_down_bf16).
-template <typename D, typename M>
+template <bool TOKENS, typename D, typename M>
 __device__ __forceinline__ void moe_down(const D& dn, const uint32_t* __restrict__ ids,
                                          const uint32_t* __restrict__ map,
                                          const float* __restrict__ topk_w,
@@ -133,6 +140,14 @@ __device__ __forceinline__ void moe_down(const D& dn, const uint32_t* __restrict
                                          const __nv_bfloat16* __restrict__ res, int k, int inter,
                                          int hidden) {
     __shared__ float d[DOWN_ROWS][MAX_TOPK];
+    // TOKENS: token blockIdx.y of the launch — its ids, weights, mid rows, output, residual.
+    if (TOKENS) {
+        ids += (size_t)blockIdx.y * k;
+        topk_w += (size_t)blockIdx.y * k;
+        y += (size_t)blockIdx.y * hidden;
+        if (res) res += (size_t)blockIdx.y * hidden;
+    }
+    const M m = TOKENS ? mid_row(mid, blockIdx.y * k, inter) : mid;
     const int h0 = blockIdx.x * DOWN_ROWS;
     const int rows = min(DOWN_ROWS, hidden - h0);
     const int s = threadIdx.x / 32;
@@ -141,7 +156,7 @@ __device__ __forceinline__ void moe_down(const D& dn, const uint32_t* __restrict
     if (s < k) {
         const size_t e = map ? map[ids[s]] : ids[s];
         float part[DOWN_ROWS];
-        dn.dot(e, h0, rows, hidden, inter, mid_row(mid, s, inter), lane, part);
+        dn.dot(e, h0, rows, hidden, inter, mid_row(m, s, inter), lane, part);
 #pragma unroll
         for (int r = 0; r < DOWN_ROWS; r++) {
             const float v = bf16_round(warp_sum(part[r]));
@@ -167,7 +182,7 @@ extern "C" __global__ void moe_decode_down_bf16(
     __nv_bfloat16* __restrict__ y,           // [H]
     const __nv_bfloat16* __restrict__ res,   // [H] or null: added to y (the residual)
     int k, int inter, int hidden) {
-    moe_down(Bf16Down{w_dn}, ids, map, topk_w, mid, y, res, k, inter, hidden);
+    moe_down<false>(Bf16Down{w_dn}, ids, map, topk_w, mid, y, res, k, inter, hidden);
 }
 
 // FP8 expert stacks (Qwen's block-scaled e4m3, decoded in registers): the bf16 kernels' work
@@ -179,17 +194,25 @@ extern "C" __global__ void moe_decode_down_bf16(
 // ids, or with `map` the selective slot pool's slots), so both backends run the same arithmetic.
 
 // mid[s, r] as moe_decode_gate_up_bf16 computes it, from FP8 stacks. One warp per (s, r).
-extern "C" __global__ void moe_decode_gate_up_fp8(
-    const uint8_t* __restrict__ w_gu,        // [E, 2I, H]
-    const float* __restrict__ s_gu,          // [E, 2 SR, SC]
-    const uint32_t* __restrict__ ids,        // [k]
-    const uint32_t* __restrict__ map,        // [experts] or null
-    const __nv_bfloat16* __restrict__ x,     // [H]
-    __nv_bfloat16* __restrict__ mid,         // [k, I]
-    int k, int inter, int hidden, int br, int bc) {
+#define GATE_UP_FP8_PARAMS                                                       \
+    const uint8_t* __restrict__ w_gu,        /* [E, 2I, H] */                    \
+    const float* __restrict__ s_gu,          /* [E, 2 SR, SC] */                 \
+    const uint32_t* __restrict__ ids,        /* [T, k] */                        \
+    const uint32_t* __restrict__ map,        /* [experts] or null */             \
+    const __nv_bfloat16* __restrict__ x,     /* [T, H] */                        \
+    __nv_bfloat16* __restrict__ mid,         /* [T, k, I] */                     \
+    int k, int inter, int hidden, int br, int bc
+#define GATE_UP_FP8_ARGS w_gu, s_gu, ids, map, x, mid, k, inter, hidden, br, bc
+template <bool TOKENS>
+__device__ __forceinline__ void gate_up_fp8(GATE_UP_FP8_PARAMS) {
     const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (warp >= k * inter) return;
+    if (TOKENS) {  // token blockIdx.y of the launch
+        ids += (size_t)blockIdx.y * k;
+        x += (size_t)blockIdx.y * hidden;
+        mid += (size_t)blockIdx.y * k * inter;
+    }
     const int s = warp / inter;
     const int r = warp - s * inter;
     const size_t e = map ? map[ids[s]] : ids[s];
@@ -201,6 +224,12 @@ extern "C" __global__ void moe_decode_gate_up_fp8(
     float acc[2];
     fp8_dot_rows<2>(rows, srows, bc, 0, x, hidden, lane, acc);
     store_mid(acc[0], acc[1], lane, mid + (size_t)s * inter + r);
+}
+extern "C" __global__ void moe_decode_gate_up_fp8(GATE_UP_FP8_PARAMS) {
+    gate_up_fp8<false>(GATE_UP_FP8_ARGS);
+}
+extern "C" __global__ void moe_tokens_gate_up_fp8(GATE_UP_FP8_PARAMS) {
+    gate_up_fp8<true>(GATE_UP_FP8_ARGS);
 }
 
 // y (plus `res`) as moe_decode_down_bf16 computes it, from FP8 stacks: Bf16Down's rows as e4m3
@@ -226,17 +255,21 @@ struct Fp8Down {
     }
 };
 
-extern "C" __global__ void moe_decode_down_fp8(
-    const uint8_t* __restrict__ w_dn,        // [E, H, I]
-    const float* __restrict__ s_dn,          // [E, ceil(H / br), ceil(I / bc)]
-    const uint32_t* __restrict__ ids,        // [k]
-    const uint32_t* __restrict__ map,        // [experts] or null
-    const float* __restrict__ topk_w,        // [k]
-    const __nv_bfloat16* __restrict__ mid,   // [k, I]
-    __nv_bfloat16* __restrict__ y,           // [H]
-    const __nv_bfloat16* __restrict__ res,   // [H] or null
-    int k, int inter, int hidden, int br, int bc) {
-    moe_down(Fp8Down{w_dn, s_dn, br, bc}, ids, map, topk_w, mid, y, res, k, inter, hidden);
+#define DOWN_FP8_PARAMS                                                          \
+    const uint8_t* __restrict__ w_dn,        /* [E, H, I] */                     \
+    const float* __restrict__ s_dn,          /* [E, ceil(H / br), ceil(I / bc)] */ \
+    const uint32_t* __restrict__ ids,        /* [T, k] */                        \
+    const uint32_t* __restrict__ map,        /* [experts] or null */             \
+    const float* __restrict__ topk_w,        /* [T, k] */                        \
+    const __nv_bfloat16* __restrict__ mid,   /* [T, k, I] */                     \
+    __nv_bfloat16* __restrict__ y,           /* [T, H] */                        \
+    const __nv_bfloat16* __restrict__ res,   /* [T, H] or null */                \
+    int k, int inter, int hidden, int br, int bc
+extern "C" __global__ void moe_decode_down_fp8(DOWN_FP8_PARAMS) {
+    moe_down<false>(Fp8Down{w_dn, s_dn, br, bc}, ids, map, topk_w, mid, y, res, k, inter, hidden);
+}
+extern "C" __global__ void moe_tokens_down_fp8(DOWN_FP8_PARAMS) {
+    moe_down<true>(Fp8Down{w_dn, s_dn, br, bc}, ids, map, topk_w, mid, y, res, k, inter, hidden);
 }
 
 // Experts of FP8 stacks dequantised into a bf16 stack, for a prompt's tokens (candle's MoE GEMM
@@ -303,38 +336,49 @@ extern "C" __global__ void quantize_q8_bf16(const __nv_bfloat16* __restrict__ x,
 // blocks. One warp per (s, r). With `stage_x`, the block first copies x's codes and scales
 // into shared memory (every warp of the block reads all of them), then each warp's two rows
 // follow them (`ggml_dot_q8_staged`).
-extern "C" __global__ void __launch_bounds__(256) moe_decode_gate_up_ggml(
-    const uint8_t* __restrict__ w_gu,        // [E, stride]
-    unsigned long long stride,
-    int tg, int rbg, int tu, int rbu,
-    const uint32_t* __restrict__ ids,        // [k]
-    const uint32_t* __restrict__ map,        // [experts] or null
-    const int8_t* __restrict__ xq,           // [H] codes
-    const float* __restrict__ xd,            // [H / 32] scales
-    __nv_bfloat16* __restrict__ mid,         // [k, I]
-    int k, int inter, int hidden,
-    int per_row,                             // staging bytes a row: 2 · per_row a warp
-    int stage_x) {                           // x staged first: H + round16(H / 8) bytes
+#define GATE_UP_GGML_PARAMS                                                      \
+    const uint8_t* __restrict__ w_gu,        /* [E, stride] */                   \
+    unsigned long long stride,                                                   \
+    int tg, int rbg, int tu, int rbu,                                            \
+    const uint32_t* __restrict__ ids,        /* [T, k] */                        \
+    const uint32_t* __restrict__ map,        /* [experts] or null */             \
+    const int8_t* __restrict__ xq,           /* [T, H] codes */                  \
+    const float* __restrict__ xd,            /* [T, H / 32] scales */            \
+    __nv_bfloat16* __restrict__ mid,         /* [T, k, I] */                     \
+    int k, int inter, int hidden,                                                \
+    int per_row,   /* staging bytes a row: 2 · per_row a warp */                 \
+    int stage_x    /* x staged first: round16(H + H / 8) bytes */
+#define GATE_UP_GGML_ARGS \
+    w_gu, stride, tg, rbg, tu, rbu, ids, map, xq, xd, mid, k, inter, hidden, per_row, stage_x
+template <bool TOKENS>
+__device__ __forceinline__ void gate_up_ggml(GATE_UP_GGML_PARAMS) {
     const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
+    if (TOKENS) {  // token blockIdx.y of the launch
+        ids += (size_t)blockIdx.y * k;
+        xq += (size_t)blockIdx.y * hidden;
+        xd += (size_t)blockIdx.y * (hidden / 32);
+        mid += (size_t)blockIdx.y * k * inter;
+    }
     Q8Act x{xq, xd};
     uint8_t* buf = ggml_stage;
     if (stage_x) {
-        // H is a multiple of 32: the codes are whole 16-byte words; the scales (H / 8 bytes)
-        // take whole words too, the last one read past them within its 16-byte granule.
-        const int cw = hidden / 16, sw = (hidden / 8 + 15) / 16;
+        // H is a multiple of 32: the codes are whole 16-byte words (a token's start at a
+        // multiple of 32 bytes); the scales go as 4-byte words, since a later token's start at
+        // H / 8 bytes a token need not be 16-byte aligned.
+        const int cw = hidden / 16, sw = hidden / 32;
         for (int i = threadIdx.x; i < cw + sw; i += blockDim.x) {
             if (i < cw)
                 cp_async16(ggml_stage + 16 * i, reinterpret_cast<const uint8_t*>(xq) + 16 * i);
             else
-                cp_async16(ggml_stage + 16 * i,
-                           reinterpret_cast<const uint8_t*>(xd) + 16 * (i - cw));
+                cp_async4(ggml_stage + hidden + 4 * (i - cw),
+                          reinterpret_cast<const uint8_t*>(xd + (i - cw)));
         }
         cp_async_wait_all();
         __syncthreads();
         x = Q8Act{reinterpret_cast<const int8_t*>(ggml_stage),
                   reinterpret_cast<const float*>(ggml_stage + hidden)};
-        buf += 16 * (cw + sw);
+        buf += (hidden + hidden / 8 + 15) / 16 * 16;
     }
     if (warp >= k * inter) return;
     const int s = warp / inter;
@@ -347,6 +391,12 @@ extern "C" __global__ void __launch_bounds__(256) moe_decode_gate_up_ggml(
     ggml_dot_q8_staged<2>(types, rows, x, hidden, lane,
                           buf + (size_t)(threadIdx.x / 32) * 2 * per_row, per_row, gu);
     store_mid(gu[0], gu[1], lane, mid + (size_t)s * inter + r);
+}
+extern "C" __global__ void __launch_bounds__(256) moe_decode_gate_up_ggml(GATE_UP_GGML_PARAMS) {
+    gate_up_ggml<false>(GATE_UP_GGML_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(256) moe_tokens_gate_up_ggml(GATE_UP_GGML_PARAMS) {
+    gate_up_ggml<true>(GATE_UP_GGML_ARGS);
 }
 
 // y (plus `res`) as moe_decode_down_bf16 computes it, from a GGUF down stack and mid rounded to
@@ -369,20 +419,25 @@ struct GgmlDown {
     }
 };
 
-extern "C" __global__ void moe_decode_down_ggml(
-    const uint8_t* __restrict__ w_dn,        // [E, stride]
-    unsigned long long stride,
-    int td, int rbd,
-    const uint32_t* __restrict__ ids,        // [k]
-    const uint32_t* __restrict__ map,        // [experts] or null
-    const float* __restrict__ topk_w,        // [k]
-    const int8_t* __restrict__ mq,           // [k, I] codes
-    const float* __restrict__ md,            // [k, I / 32] scales
-    __nv_bfloat16* __restrict__ y,           // [H]
-    const __nv_bfloat16* __restrict__ res,   // [H] or null
-    int k, int inter, int hidden) {
-    moe_down(GgmlDown{w_dn, stride, td, rbd}, ids, map, topk_w, Q8Act{mq, md}, y, res, k, inter,
-             hidden);
+#define DOWN_GGML_PARAMS                                                         \
+    const uint8_t* __restrict__ w_dn,        /* [E, stride] */                   \
+    unsigned long long stride,                                                   \
+    int td, int rbd,                                                             \
+    const uint32_t* __restrict__ ids,        /* [T, k] */                        \
+    const uint32_t* __restrict__ map,        /* [experts] or null */             \
+    const float* __restrict__ topk_w,        /* [T, k] */                        \
+    const int8_t* __restrict__ mq,           /* [T, k, I] codes */               \
+    const float* __restrict__ md,            /* [T, k, I / 32] scales */         \
+    __nv_bfloat16* __restrict__ y,           /* [T, H] */                        \
+    const __nv_bfloat16* __restrict__ res,   /* [T, H] or null */                \
+    int k, int inter, int hidden
+extern "C" __global__ void moe_decode_down_ggml(DOWN_GGML_PARAMS) {
+    moe_down<false>(GgmlDown{w_dn, stride, td, rbd}, ids, map, topk_w, Q8Act{mq, md}, y, res, k,
+                    inter, hidden);
+}
+extern "C" __global__ void moe_tokens_down_ggml(DOWN_GGML_PARAMS) {
+    moe_down<true>(GgmlDown{w_dn, stride, td, rbd}, ids, map, topk_w, Q8Act{mq, md}, y, res, k,
+                   inter, hidden);
 }
 
 // `m` rows of type `type` (`rb` bytes each, from byte `off` of each expert) of the experts
