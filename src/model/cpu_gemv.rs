@@ -29,10 +29,12 @@ pub fn row_kernels_take(dtype: DType, n: usize) -> bool {
 }
 
 /// Σ decode(w)·x over one row: 32 independent fused multiply-adds per step (four 8-lane
-/// vectors: lane l of vector j takes element 8j + l of each 32), the four vectors added lane by
-/// lane, the eight lanes in a fixed tree, then the tail in order. `f32::mul_add` is one IEEE
-/// rounding on every target, so this portable form, the compiler's vectorisation of it and the
-/// hand-written AVX2 forms below give the same bits.
+/// vectors: lane l of vector j takes element 8j + l of each 32); past the last 32, whole groups
+/// of 8 into vectors 0, 1, 2 in turn; the four vectors added lane by lane, the eight lanes in a
+/// fixed tree, then the last < 8 in order. `f32::mul_add` is one IEEE rounding on every
+/// target, so this portable form, the compiler's vectorisation of it and the hand-written AVX2
+/// forms below give the same bits. Why groups of 8 past the 32s: a row of 48 (the bundled
+/// model's down rows) otherwise ended in 16 multiply-adds each waiting on the last.
 #[inline(always)]
 pub fn dot_with<W: Copy>(w: &[W], x: &[f32], decode: impl Fn(W) -> f32) -> f32 {
     let mut acc = [[0f32; 8]; 4];
@@ -45,12 +47,19 @@ pub fn dot_with<W: Copy>(w: &[W], x: &[f32], decode: impl Fn(W) -> f32) -> f32 {
             }
         }
     }
+    let (wg, xg) = (wr.chunks_exact(8), xr.chunks_exact(8));
+    let (wt, xt) = (wg.remainder(), xg.remainder());
+    for ((a, b), acc) in wg.zip(xg).zip(acc.iter_mut()) {
+        for l in 0..8 {
+            acc[l] = decode(a[l]).mul_add(b[l], acc[l]);
+        }
+    }
     let mut lanes = [0f32; 8];
     for (l, v) in lanes.iter_mut().enumerate() {
         *v = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
     }
     let mut s = reduce8(&lanes);
-    for (a, b) in wr.iter().zip(xr) {
+    for (a, b) in wt.iter().zip(xt) {
         s = decode(*a).mul_add(*b, s);
     }
     s
@@ -123,6 +132,17 @@ unsafe fn dot16_avx2(
             }
             i += 32;
         }
+        // Whole groups of 8 left (at most 3): into the vectors in turn.
+        for acc in acc.iter_mut() {
+            if i + 8 > n {
+                break;
+            }
+            // i + 8 ≤ n for both slices.
+            let wv = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
+            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+            *acc = _mm256_fmadd_ps(widen(wv), xv, *acc);
+            i += 8;
+        }
         finish(acc, i, n, |k, s| decode(w[k]).mul_add(x[k], s))
     }
 }
@@ -159,12 +179,28 @@ pub unsafe fn dot_bf16_avx512(w: &[u16], x: &[f32]) -> f32 {
         b = _mm512_fmadd_ps(f1, x1, b);
         i += 32;
     }
-    let acc = [
+    let mut acc = [
         _mm512_castps512_ps256(a),
         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)),
         _mm512_castps512_ps256(b),
         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)),
     ];
+    // Whole groups of 8 left (at most 3): into the 8-lane vectors in turn, as `dot_with`.
+    for acc in acc.iter_mut() {
+        if i + 8 > n {
+            break;
+        }
+        // SAFETY: i + 8 ≤ n for both slices.
+        let (wv, xv) = unsafe {
+            (
+                _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i),
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+            )
+        };
+        let f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(wv), 16));
+        *acc = _mm256_fmadd_ps(f, xv, *acc);
+        i += 8;
+    }
     // SAFETY: AVX2 and FMA, which this function also requires.
     unsafe { finish(acc, i, n, |k, s| bf16_bits(w[k]).mul_add(x[k], s)) }
 }
@@ -191,31 +227,43 @@ pub unsafe fn dot_e4m3_avx2(w: &[u8], x: &[f32], decode: fn(u8) -> f32) -> f32 {
         _mm256_set1_epi32(0x7FC0_0000),
     );
     let sub_scale = _mm256_set1_ps(1.0 / 512.0);
+    // Eight codes from w[at] decoded, times x[at..at + 8], into acc.
+    let step = |at: usize, acc: &mut __m256| {
+        // SAFETY: the callers keep at + 8 ≤ n for both slices.
+        let (wv, xv) = unsafe {
+            (
+                _mm_loadl_epi64(w.as_ptr().add(at) as *const __m128i),
+                _mm256_loadu_ps(x.as_ptr().add(at)),
+            )
+        };
+        let b = _mm256_cvtepu8_epi32(wv);
+        let mag = _mm256_and_si256(b, m7f);
+        let normal = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), bias);
+        let sub = _mm256_castps_si256(_mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_and_si256(mag, m7)),
+            sub_scale,
+        ));
+        let is_sub = _mm256_cmpgt_epi32(eight, mag);
+        let bits = _mm256_blendv_epi8(normal, sub, is_sub);
+        let bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(mag, m7f));
+        let sign = _mm256_slli_epi32(_mm256_and_si256(b, m80), 24);
+        let wf = _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
+        *acc = _mm256_fmadd_ps(wf, xv, *acc);
+    };
     let mut i = 0;
     while i + 32 <= n {
         for (j, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: i + 8j + 8 ≤ n for both slices (loop bound).
-            let (wv, xv) = unsafe {
-                (
-                    _mm_loadl_epi64(w.as_ptr().add(i + 8 * j) as *const __m128i),
-                    _mm256_loadu_ps(x.as_ptr().add(i + 8 * j)),
-                )
-            };
-            let b = _mm256_cvtepu8_epi32(wv);
-            let mag = _mm256_and_si256(b, m7f);
-            let normal = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), bias);
-            let sub = _mm256_castps_si256(_mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_and_si256(mag, m7)),
-                sub_scale,
-            ));
-            let is_sub = _mm256_cmpgt_epi32(eight, mag);
-            let bits = _mm256_blendv_epi8(normal, sub, is_sub);
-            let bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(mag, m7f));
-            let sign = _mm256_slli_epi32(_mm256_and_si256(b, m80), 24);
-            let wf = _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
-            *acc = _mm256_fmadd_ps(wf, xv, *acc);
+            step(i + 8 * j, acc);
         }
         i += 32;
+    }
+    // Whole groups of 8 left (at most 3): into the vectors in turn, as `dot_with`.
+    for acc in acc.iter_mut() {
+        if i + 8 > n {
+            break;
+        }
+        step(i, acc);
+        i += 8;
     }
     // SAFETY: AVX2 and FMA, as this function requires.
     unsafe { finish(acc, i, n, |k, s| decode(w[k]).mul_add(x[k], s)) }
@@ -462,6 +510,21 @@ pub unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
             *acc = _mm256_fmadd_ps(wv, xv, *acc);
         }
         i += 32;
+    }
+    // Whole groups of 8 left (at most 3): into the vectors in turn, as `dot_with`.
+    for acc in acc.iter_mut() {
+        if i + 8 > n {
+            break;
+        }
+        // SAFETY: i + 8 ≤ n for both slices.
+        let (wv, xv) = unsafe {
+            (
+                _mm256_loadu_ps(w.as_ptr().add(i)),
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+            )
+        };
+        *acc = _mm256_fmadd_ps(wv, xv, *acc);
+        i += 8;
     }
     // SAFETY: AVX2 and FMA, as this function requires.
     unsafe { finish(acc, i, n, |k, s| w[k].mul_add(x[k], s)) }
@@ -1320,7 +1383,58 @@ mod tests {
                 assert_eq!(got, want16, "f16c, {n}");
             }
             let _ = want16;
+            // f32 and e4m3: their AVX2 forms give the portable form's bits too.
+            let wf: Vec<f32> = w.iter().map(|&b| bf16_bits(b)).collect();
+            let want32 = dot_with(&wf, &x, |v| v).to_bits();
+            let w8: Vec<u8> = w
+                .iter()
+                .map(|&b| (b as u8) & !0x80 | (b >> 8) as u8 & 0x80)
+                .map(|c| if c & 0x7F == 0x7F { c ^ 1 } else { c })
+                .collect();
+            let want8 = dot_with(&w8, &x, crate::model::fp8::e4m3).to_bits();
+            #[cfg(target_arch = "x86_64")]
+            if avx2_fma() {
+                // SAFETY: detected.
+                let got = unsafe { dot_f32_avx2(&wf, &x) }.to_bits();
+                assert_eq!(got, want32, "f32 avx2, {n}");
+                // SAFETY: detected.
+                let got = unsafe { dot_e4m3_avx2(&w8, &x, crate::model::fp8::e4m3) }.to_bits();
+                assert_eq!(got, want8, "e4m3 avx2, {n}");
+            }
+            let _ = (want32, want8);
         }
+    }
+
+    /// The order `dot_with` documents, spelled out for a row of 53 (one block of 32, two groups
+    /// of 8, five left): the groups go into vectors 0 and 1, the five after the lane tree.
+    #[test]
+    fn a_rows_groups_of_eight_past_the_last_32_go_into_the_vectors() {
+        let n = 53;
+        let w: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.37)
+            .collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 11 % 23) as f32 - 11.0) * 1.13e3)
+            .collect();
+        let mut acc = [[0f32; 8]; 4];
+        for (j, acc) in acc.iter_mut().enumerate() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a = w[8 * j + l].mul_add(x[8 * j + l], *a);
+            }
+        }
+        for (g, acc) in acc.iter_mut().take(2).enumerate() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                let k = 32 + 8 * g + l;
+                *a = w[k].mul_add(x[k], *a);
+            }
+        }
+        let lanes: [f32; 8] =
+            std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+        let mut s = reduce8(&lanes);
+        for k in 48..n {
+            s = w[k].mul_add(x[k], s);
+        }
+        assert_eq!(dot_with(&w, &x, |v| v).to_bits(), s.to_bits());
     }
 
     /// x·Wᵀ by the row kernels: in x's dtype, within `b / rel + abs` of candle's f32 product of

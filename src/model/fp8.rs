@@ -521,7 +521,7 @@ mod gpu {
 /// moving the exponent from bias 7 to bias 127, subnormal ones (exponent 0) as m × 2^-9 from the
 /// integer m, S.1111.111 as NaN. Exact, like the table (the tests compare all 256 codes).
 #[inline(always)]
-fn e4m3(b: u8) -> f32 {
+pub(crate) fn e4m3(b: u8) -> f32 {
     let b = b as u32;
     let mag = b & 0x7F;
     let normal = (mag << 20) + (120 << 23);
