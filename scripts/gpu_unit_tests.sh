@@ -8,10 +8,11 @@
 # TESTBIN: the library's unit-test binary of a cuda build, made on the build machine with
 #   source ~/.cache/moescope-cuda/env.sh   # ../shared/reference/cuda-build.md
 #   cargo test --release --features cuda --lib --no-run   # prints target/release/deps/moescope-HASH
-# then stripped and compressed (.xz or .gz) to carry. FILTER defaults to "attn_decode moe_decode gpu_reuse"
-# (the attention and MoE decode kernels, and decode-state reuse with its graphs — that one loads
-# the bundled model, so models/tiny-moe must be in the tree carried to the GPU machine; pass
-# "attn_decode moe_decode" to leave it out when the carry has no room for it).
+# then stripped and compressed (.xz or .gz) to carry. FILTER defaults to "attn_decode moe_decode
+# gpu_reuse gpu_gguf_self_fill" (the attention and MoE decode kernels, decode-state reuse with its
+# graphs, and GPU self-fill over GGUF slots — the last two load the bundled model and the k-quant
+# fixtures, so models/tiny-moe and tests/fixtures/gguf must be in the tree carried to the GPU
+# machine; pass "attn_decode moe_decode" to leave them out when the carry has no room for them).
 # Exits non-zero when a test fails, or when the tests were skipped for want of a GPU.
 set -uo pipefail
 BIN=${1:?usage: scripts/gpu_unit_tests.sh TESTBIN [FILTER]}
@@ -20,7 +21,7 @@ case "$BIN" in
   *.gz) gunzip -c "$BIN" > /tmp/moescope-unit && BIN=/tmp/moescope-unit ;;
 esac
 chmod +x "$BIN"
-out=$("$BIN" ${2:-attn_decode moe_decode gpu_reuse} --test-threads 1 --nocapture 2>&1)
+out=$("$BIN" ${2:-attn_decode moe_decode gpu_reuse gpu_gguf_self_fill} --test-threads 1 --nocapture 2>&1)
 rc=$?
 echo "$out" | tail -25
 if echo "$out" | grep -q "no CUDA device"; then

@@ -860,4 +860,68 @@ mod gpu_tests {
             }
         }
     }
+
+    /// GPU self-fill over GGUF slots: on the k-quant fixtures (Q8_0; and Q4_K_M, whose layers
+    /// mix block types in one shared pool), selective holding every expert has the GPU copy
+    /// each missing expert's blocks into its home slot inside the step, and its tokens and
+    /// logits' bits are native's — a prompt (the prompt kernels) and decode steps.
+    #[test]
+    fn gpu_gguf_self_fill_gives_natives_bits() {
+        if crate::util::gpu_test::device("GGUF self-fill").is_none() {
+            return;
+        }
+        for file in ["kquant-Q8_0.gguf", "kquant-Q4_K_M.gguf"] {
+            let model = PathBuf::from("tests/fixtures/gguf").join(file);
+            let cfg = MoeConfig::from_dir(&model).unwrap();
+            let spec = |backend, cache_experts: Option<usize>| BackendSpec {
+                model_dir: model.clone(),
+                dtype: Dtype::Bf16,
+                device: DeviceSpec("cuda:0".into()),
+                backend,
+                cache: CacheSettings {
+                    cache_experts,
+                    cache_scope: Scope::Global,
+                    ..Default::default()
+                },
+                settings: Settings::default(),
+            };
+            let vocab = cfg.vocab_size as u32;
+            // One token first: its prompt step loads only its own experts on the host, so the
+            // decode steps (graph steps with the fill kernels) meet the others (4 experts, top
+            // 2); then a 7-token prompt (the prompt kernels) over the filled slots.
+            let one = vec![13u32];
+            let prompt: Vec<u32> = (0..7u32).map(|i| (i * 7919 + 13) % vocab).collect();
+            let native = spec(BackendKind::Native, None).load(|_, _| {}).unwrap();
+            let want = (
+                run(&native, &one, 24, false),
+                run(&native, &prompt, 12, false),
+            );
+            drop(native);
+            let sel = spec(BackendKind::Selective, Some(cfg.total_experts()))
+                .load(|_, _| {})
+                .unwrap();
+            assert!(
+                sel.cache_snapshot().is_some_and(|c| c.gpu_fills),
+                "{file}: the GPU should fill its GGUF slots itself"
+            );
+            assert_eq!(
+                run(&sel, &one, 24, false),
+                want.0,
+                "{file}: not native's bits"
+            );
+            let c = sel.cache_snapshot().unwrap();
+            assert!(
+                c.h2d_fill_bytes > 0,
+                "{file}: nothing filled by the GPU ({} hits, {} misses, {} bytes copied by the host)",
+                c.hits,
+                c.misses,
+                c.h2d_bytes
+            );
+            assert_eq!(
+                run(&sel, &prompt, 12, false),
+                want.1,
+                "{file}: a prompt, not native's bits"
+            );
+        }
+    }
 }

@@ -835,11 +835,21 @@ pub fn fill_routed(
     let ids = ids.flatten_all()?.contiguous()?;
     let n_ids = ids.elem_count();
     let n_experts = fill.resident.elem_count();
+    // A slot's row of each stack, in bytes (the pools are [slots, ...] in any dtype).
+    let row = |t: &Tensor| -> Result<usize> {
+        let slots = t.dim(0)?;
+        Ok(t.elem_count() * t.dtype().size_in_bytes() / slots.max(1))
+    };
+    let (gu_row, dn_row) = (row(gate_up)?, row(down)?);
+    let [lg, lu, ld] = fill.part_bytes;
+    let [ag, au, ad] = fill.part_at;
     if fill.home.elem_count() != n_experts
         || fill.sources.elem_count() != 3 * n_experts
-        || gate_up.elem_count() * gate_up.dtype().size_in_bytes()
-            < 2 * fill.part_bytes * gate_up.dim(0)?
-        || down.elem_count() * down.dtype().size_in_bytes() < fill.part_bytes * down.dim(0)?
+        || ag + lg > gu_row
+        || au + lu > gu_row
+        || ad + ld > dn_row
+        || !gate_up.is_contiguous()
+        || !down.is_contiguous()
     {
         return Err(err("fill shapes", "tables do not match the slot pool"));
     }
@@ -852,7 +862,10 @@ pub fn fill_routed(
         raw_addr(down, "fill down")?,
     );
     let dev = ids.device().as_cuda_device()?.clone();
-    let (n, e, part) = (n_ids as i32, n_experts as i32, fill.part_bytes as u64);
+    let (n, e) = (n_ids as i32, n_experts as i32);
+    let u = |v: usize| v as u64;
+    let (gu_row, dn_row) = (u(gu_row), u(dn_row));
+    let (lg, lu, ld, ag, au, ad) = (u(lg), u(lu), u(ld), u(ag), u(au), u(ad));
     let f = dev.get_or_load_custom_func("fill_routed_experts", MODULE, PTX)?;
     let mut b = f.builder();
     b.arg(&ids_at)
@@ -861,7 +874,14 @@ pub fn fill_routed(
         .arg(&src_at)
         .arg(&gu_at)
         .arg(&dn_at)
-        .arg(&part)
+        .arg(&gu_row)
+        .arg(&dn_row)
+        .arg(&lg)
+        .arg(&lu)
+        .arg(&ld)
+        .arg(&ag)
+        .arg(&au)
+        .arg(&ad)
         .arg(&n)
         .arg(&e);
     let cfg = LaunchConfig {

@@ -509,13 +509,31 @@ pub struct Fp8StackParts {
 #[derive(Clone)]
 pub struct DeviceFill {
     /// i64 `[num_experts × 3]`: device addresses of each expert's gate, up and down parts in
-    /// registered host memory (each `part_bytes` long, stored in the compute dtype).
+    /// registered host memory, stored as the slots hold them (the compute dtype, or GGUF blocks).
     pub sources: Tensor,
     /// u32 `[num_experts]`: the slot each expert fills (its own; the pool never evicts).
     pub home: Tensor,
     /// u32 `[num_experts]`: 1 for experts in their slot (set by the fill and by host loads).
     pub resident: Tensor,
-    pub part_bytes: usize,
+    /// Bytes of the gate, up and down parts, and where each starts in its slot's row (gate and
+    /// up in the gate_up row, down in the down row).
+    pub part_bytes: [usize; 3],
+    pub part_at: [usize; 3],
+}
+
+impl DeviceFill {
+    /// A bf16 (compute dtype) layout: three parts of `part` bytes, up right after gate.
+    pub fn dense_parts(part: usize) -> ([usize; 3], [usize; 3]) {
+        ([part; 3], [0, part, 0])
+    }
+
+    /// A GGUF layer's layout, as its slots hold it (gate's blocks, then up's; down's).
+    pub fn ggml_parts(l: &GgmlLayout) -> ([usize; 3], [usize; 3]) {
+        (
+            [l.gate_bytes(), l.up_bytes(), l.down_bytes()],
+            [0, l.gate_bytes(), 0],
+        )
+    }
 }
 
 /// The most experts per token moescope's one-token MoE kernels take (`moe_decode.rs`). FP8

@@ -1,5 +1,6 @@
 //! GPU self-fill: a slot pool with a slot for every expert it serves (capacity 100 %), on the
-//! direct path. Each expert has its own *home* slot, nothing is ever evicted, and a graph step
+//! direct path, for experts in the compute dtype or in GGUF blocks (FP8's scales live in pools
+//! of their own, so FP8 slots are still filled by the host). Each expert has its own *home* slot, nothing is ever evicted, and a graph step
 //! fills the homes of the routed experts that are not resident itself, reading them from the
 //! registered expert files over PCIe (`model::moe_decode::fill_routed`). Then every decode step
 //! — misses included — runs as one CUDA graph: no routing read back per layer, no guess that can
@@ -14,8 +15,9 @@ use super::super::direct::DirectFiles;
 use super::super::source::ExpertSource;
 use super::{CachedProvider, State};
 use crate::cache::pool::Admit;
+use crate::model::checkpoint::TensorLocation;
 use crate::model::error::Result;
-use crate::model::ports::DeviceFill;
+use crate::model::ports::{DeviceFill, GgmlLayout};
 
 pub(super) struct DeviceFills {
     /// Per model layer: the device tables (None for dense layers).
@@ -31,31 +33,48 @@ pub(super) struct DeviceFills {
 
 impl DeviceFills {
     /// The device tables; `None` (the host loads misses, as at any capacity) unless every
-    /// expert with a home is stored in the compute dtype at the slot's shapes, in registered
-    /// files the device can read.
+    /// expert with a home is stored as the slots hold it — in the compute dtype at the slot's
+    /// shapes, or (`ggml`, per model layer) in its layer's GGUF layout — in registered files
+    /// the device can read.
     pub fn new(
         source: &dyn ExpertSource,
         direct: &DirectFiles,
         home: &[Vec<u32>],
         dtype: DType,
+        ggml: Option<&[Option<GgmlLayout>]>,
         device: &Device,
     ) -> Result<Option<Self>> {
         let cfg = source.config();
-        let part_bytes = cfg.hidden_size * cfg.moe_intermediate_size * dtype.size_in_bytes();
         let mut tables = vec![None; cfg.num_hidden_layers];
         let mut total = 0;
         for l in cfg.moe_layers() {
+            // What each part must be: its bytes, and its type (the compute dtype, or the
+            // layout's block type for that part).
+            let layout = match ggml {
+                Some(layouts) => match layouts.get(l).copied().flatten() {
+                    Some(g) => Some(g),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            let (part_bytes, part_at) = match &layout {
+                Some(g) => DeviceFill::ggml_parts(g),
+                None => DeviceFill::dense_parts(
+                    cfg.hidden_size * cfg.moe_intermediate_size * dtype.size_in_bytes(),
+                ),
+            };
+            let is_stored_as = |i: usize, p: &TensorLocation| match &layout {
+                Some(g) => p.dtype.ggml() == Some([g.gate, g.up, g.down][i]),
+                None => p.dtype.float_dtype() == Some(dtype),
+            };
             let mut sources = Vec::with_capacity(3 * cfg.num_experts);
             for e in 0..cfg.num_experts {
                 let Some(parts) = source.part_locations(l, e) else {
                     return Ok(None);
                 };
-                for p in &parts {
+                for (i, p) in parts.iter().enumerate() {
                     match direct.device_address(p) {
-                        Some(a)
-                            if p.len as usize == part_bytes
-                                && p.dtype.float_dtype() == Some(dtype) =>
-                        {
+                        Some(a) if p.len as usize == part_bytes[i] && is_stored_as(i, p) => {
                             sources.push(a as i64)
                         }
                         _ => return Ok(None),
@@ -68,6 +87,7 @@ impl DeviceFills {
                 home: Tensor::from_vec(home[l].clone(), cfg.num_experts, device)?,
                 resident: Tensor::zeros(cfg.num_experts, DType::U32, device)?,
                 part_bytes,
+                part_at,
             });
         }
         Ok(Some(DeviceFills {

@@ -146,11 +146,9 @@ impl GpuSlots {
             (None, format!("staged: {why}"))
         };
         let mut homes = match &direct {
-            // The fill kernels copy parts in the compute dtype: FP8 and GGUF slots are filled by
-            // the host.
-            Some(_) if settings.gpu_fill && fp8.is_none() && ggml.is_none() => {
-                pools.home_slots(cfg.num_experts)
-            }
+            // The fill kernels copy parts as stored, in the compute dtype or GGUF blocks; FP8's
+            // scales go to pools of their own, so FP8 slots are filled by the host.
+            Some(_) if settings.gpu_fill && fp8.is_none() => pools.home_slots(cfg.num_experts),
             _ => None,
         };
         // Self-fill hands the kernels every expert's address up front, so here (a slot for every
@@ -164,7 +162,9 @@ impl GpuSlots {
             (direct, homes) = (None, None);
         }
         let fills = match (&direct, &homes) {
-            (Some(d), Some(home)) => DeviceFills::new(source, d, home, dtype, device)?,
+            (Some(d), Some(home)) => {
+                DeviceFills::new(source, d, home, dtype, ggml.as_deref(), device)?
+            }
             _ => None,
         };
         let h2d_path = match &fills {

@@ -658,13 +658,21 @@ __device__ __forceinline__ void copy_part(const unsigned char* __restrict__ s,
     else copy_words<unsigned char>(s, d, n);
 }
 
+// Part p (gate, up, down: blockIdx.z) of each routed expert not resident yet copied from its
+// registered host address into its home slot: `len[p]` bytes at byte `at[p]` of the slot's
+// gate_up row (`gu_row` bytes a slot) or down row (`dn_row`). The same for bf16 slots (parts
+// of H·I·2 bytes) and GGUF ones (each part its blocks, of its own type).
 extern "C" __global__ void fill_routed_experts(const uint32_t* __restrict__ ids,
                                                const uint32_t* __restrict__ resident,
                                                const uint32_t* __restrict__ home,
                                                const unsigned long long* __restrict__ src,
                                                unsigned char* __restrict__ gate_up,
                                                unsigned char* __restrict__ down,
-                                               unsigned long long part, int n_ids, int n_experts) {
+                                               unsigned long long gu_row, unsigned long long dn_row,
+                                               unsigned long long len0, unsigned long long len1,
+                                               unsigned long long len2, unsigned long long at0,
+                                               unsigned long long at1, unsigned long long at2,
+                                               int n_ids, int n_experts) {
     const int j = blockIdx.y;
     if (j >= n_ids) return;
     const uint32_t e = ids[j];
@@ -672,9 +680,11 @@ extern "C" __global__ void fill_routed_experts(const uint32_t* __restrict__ ids,
     const unsigned long long slot = home[e];
     const int p = blockIdx.z;
     const unsigned char* s = reinterpret_cast<const unsigned char*>(src[3ull * e + p]);
-    unsigned char* d = p < 2 ? gate_up + slot * 2ull * part + (unsigned long long)p * part
-                             : down + slot * part;
-    copy_part(s, d, part);
+    const unsigned long long len = p == 0 ? len0 : p == 1 ? len1 : len2;
+    unsigned char* d = p == 0   ? gate_up + slot * gu_row + at0
+                       : p == 1 ? gate_up + slot * gu_row + at1
+                                : down + slot * dn_row + at2;
+    copy_part(s, d, len);
 }
 
 extern "C" __global__ void mark_filled(const uint32_t* __restrict__ ids,
