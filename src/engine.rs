@@ -790,6 +790,26 @@ mod gpu_tests {
         steps
     }
 
+    /// `model` in bf16 on the first GPU, a global cache of `cache_experts` for selective.
+    fn gpu_spec(
+        model: &std::path::Path,
+        backend: BackendKind,
+        cache_experts: Option<usize>,
+    ) -> BackendSpec {
+        BackendSpec {
+            model_dir: model.to_path_buf(),
+            dtype: Dtype::Bf16,
+            device: DeviceSpec("cuda:0".into()),
+            backend,
+            cache: CacheSettings {
+                cache_experts,
+                cache_scope: Scope::Global,
+                ..Default::default()
+            },
+            settings: Settings::default(),
+        }
+    }
+
     /// Native and selective (missing every step; holding every expert, the GPU filling its
     /// slots inside the graphs) on the bundled model in bf16: a generation over the last one's
     /// state equals a fresh one and native, bit for bit, and replays the graphs it found (no
@@ -802,18 +822,7 @@ mod gpu_tests {
         }
         let dir = PathBuf::from("models/tiny-moe");
         let cfg = MoeConfig::from_dir(&dir).unwrap();
-        let spec = |backend, cache_experts: Option<usize>| BackendSpec {
-            model_dir: dir.clone(),
-            dtype: Dtype::Bf16,
-            device: DeviceSpec("cuda:0".into()),
-            backend,
-            cache: CacheSettings {
-                cache_experts,
-                cache_scope: Scope::Global,
-                ..Default::default()
-            },
-            settings: Settings::default(),
-        };
+        let spec = |backend, cache_experts| gpu_spec(&dir, backend, cache_experts);
         let vocab = cfg.vocab_size as u32;
         let (a, b) = (vec![3u32, 17, 42], vec![5u32, 9, 11, 30, 2]);
         // Past the smallest static capacity (256 rows): a state the short prompts cannot take.
@@ -873,18 +882,7 @@ mod gpu_tests {
         for file in ["kquant-Q8_0.gguf", "kquant-Q4_K_M.gguf"] {
             let model = PathBuf::from("tests/fixtures/gguf").join(file);
             let cfg = MoeConfig::from_dir(&model).unwrap();
-            let spec = |backend, cache_experts: Option<usize>| BackendSpec {
-                model_dir: model.clone(),
-                dtype: Dtype::Bf16,
-                device: DeviceSpec("cuda:0".into()),
-                backend,
-                cache: CacheSettings {
-                    cache_experts,
-                    cache_scope: Scope::Global,
-                    ..Default::default()
-                },
-                settings: Settings::default(),
-            };
+            let spec = |backend, cache_experts| gpu_spec(&model, backend, cache_experts);
             let vocab = cfg.vocab_size as u32;
             // One token first: its prompt step loads only its own experts on the host, so the
             // decode steps (graph steps with the fill kernels) meet the others (4 experts, top
