@@ -8,7 +8,8 @@
 # random-checkpoint --gguf`, candle's quantizer; llama.cpp's converter does not run there), then:
 #   1. selective == native on the GPU, greedy tokens, Q8_0 and Q4_K_M, at 25 % of the experts
 #   2. native decode: moescope against candle-transformers' quantized_qwen3_moe (same file)
-#   3. selective decode at 100 / 50 / 25 / 12.5 % of the experts (token ids, 64 new tokens)
+#   3. selective decode at 100 / 50 / 25 / 12.5 % of the experts (token ids, 64 new tokens); at
+#      100 % the GPU fills its own slots, then once more with MOESCOPE_FILL=0 (the host fills)
 #   4. `run --no-tui` at the default 25 %: memory saved and speed ratio for this format
 #   5. the sweep at 12.5 / 25 / 50 / 100 %: selective against its bound, and the prediction
 # STEPS="1 4" runs only those steps (the file is written whenever it is missing).
@@ -51,6 +52,9 @@ PY
     echo "-- $pct % ($n experts)" | tee -a "$OUT/$q.txt"
     "$BIN" generate --model "$F" --device cuda:0 --dtype bf16 --backend selective --cache-experts "$n" --token-ids $IDS --max-new-tokens 64 2>&1 | tail -1 | tee -a "$OUT/$q.txt"
   done
+  # 100 % again with the host filling the slots (MOESCOPE_FILL=0): what GPU self-fill is worth.
+  echo "-- 100 % with host fills (MOESCOPE_FILL=0)" | tee -a "$OUT/$q.txt"
+  MOESCOPE_FILL=0 "$BIN" generate --model "$F" --device cuda:0 --dtype bf16 --backend selective --cache-experts $((LAYERS * 128)) --token-ids $IDS --max-new-tokens 64 2>&1 | tail -1 | tee -a "$OUT/$q.txt"
   "$BIN" generate --model "$F" --device cuda:0 --dtype bf16 --token-ids $IDS --max-new-tokens 64 2>&1 | tail -1 | tee -a "$OUT/$q.txt"
   fi
   want 4 && echo "== $q 4. the question for this format (run --no-tui, 25 %)" | tee -a "$OUT/$q.txt"
