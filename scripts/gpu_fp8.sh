@@ -10,7 +10,8 @@
 #   2. LAYERS (default 12) layers of Qwen3-30B-A3B's geometry written in bf16 (`bench
 #      random-checkpoint`) and quantized to FP8 with Qwen's scheme (128×128 blocks)
 #   3. selective == native on the FP8 file at 25 %; native decode, FP8 against the bf16 file
-#   4. selective decode at 100 / 50 / 25 / 12.5 % of the experts (token ids, 64 new tokens)
+#   4. selective decode at 100 / 50 / 25 / 12.5 % of the experts (token ids, 64 new tokens); at
+#      100 % the GPU fills its own slots, then once more with MOESCOPE_FILL=0 (the host fills)
 #   5. `run --no-tui` at the default 25 % on both files: memory saved and speed ratio per format
 # STEPS="1 2 3" runs only those steps (2 must have run on the machine before 3–5).
 # Writes what it printed to OUT_DIR (default gpu-fp8/). A benchmark: BENCHMARKS.md §12.
@@ -91,6 +92,9 @@ want 4 && for M in "$F" "$B"; do
     echo "-- $(basename $M) $pct % ($n experts)" | tee -a "$LOG"
     "$BIN" generate --model "$M" --device cuda:0 --dtype bf16 --backend selective --cache-experts "$n" --token-ids $IDS --max-new-tokens 64 2>&1 | tail -1 | tee -a "$LOG"
   done
+  # 100 % again with the host filling the slots (MOESCOPE_FILL=0): what GPU self-fill is worth.
+  echo "-- $(basename $M) 100 % with host fills (MOESCOPE_FILL=0)" | tee -a "$LOG"
+  MOESCOPE_FILL=0 "$BIN" generate --model "$M" --device cuda:0 --dtype bf16 --backend selective --cache-experts $((LAYERS * 128)) --token-ids $IDS --max-new-tokens 64 2>&1 | tail -1 | tee -a "$LOG"
   "$BIN" generate --model "$M" --device cuda:0 --dtype bf16 --token-ids $IDS --max-new-tokens 64 2>&1 | tail -1 | tee -a "$LOG"
 done
 

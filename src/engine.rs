@@ -870,17 +870,24 @@ mod gpu_tests {
         }
     }
 
-    /// GPU self-fill over GGUF slots: on the k-quant fixtures (Q8_0; and Q4_K_M, whose layers
-    /// mix block types in one shared pool), selective holding every expert has the GPU copy
-    /// each missing expert's blocks into its home slot inside the step, and its tokens and
-    /// logits' bits are native's — a prompt (the prompt kernels) and decode steps.
+    /// GPU self-fill over quantized slots: on the k-quant fixtures (Q8_0; and Q4_K_M, whose
+    /// layers mix block types in one shared pool) and the FP8 ones (e4m3 bytes into the slots,
+    /// their scales into the scale pools; one file, and the Omni thinker's three shards),
+    /// selective holding every expert has the GPU copy each missing expert into its home slot
+    /// inside the step, and its tokens and logits' bits are native's — a prompt (the prompt
+    /// kernels) and decode steps.
     #[test]
-    fn gpu_gguf_self_fill_gives_natives_bits() {
-        if crate::util::gpu_test::device("GGUF self-fill").is_none() {
+    fn gpu_quantized_self_fill_gives_natives_bits() {
+        if crate::util::gpu_test::device("quantized self-fill").is_none() {
             return;
         }
-        for file in ["kquant-Q8_0.gguf", "kquant-Q4_K_M.gguf"] {
-            let model = PathBuf::from("tests/fixtures/gguf").join(file);
+        for file in [
+            "gguf/kquant-Q8_0.gguf",
+            "gguf/kquant-Q4_K_M.gguf",
+            "fp8/qwen3-moe-tiny-fp8",
+            "fp8/qwen3-omni-tiny-fp8",
+        ] {
+            let model = PathBuf::from("tests/fixtures").join(file);
             let cfg = MoeConfig::from_dir(&model).unwrap();
             let spec = |backend, cache_experts| gpu_spec(&model, backend, cache_experts);
             let vocab = cfg.vocab_size as u32;
@@ -900,7 +907,7 @@ mod gpu_tests {
                 .unwrap();
             assert!(
                 sel.cache_snapshot().is_some_and(|c| c.gpu_fills),
-                "{file}: the GPU should fill its GGUF slots itself"
+                "{file}: the GPU should fill its slots itself"
             );
             assert_eq!(
                 run(&sel, &one, 24, false),

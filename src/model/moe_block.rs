@@ -154,7 +154,13 @@ impl MoeBlock {
         #[cfg(feature = "cuda")]
         if let (Some(map), true) = (&st.device_index, decode_kernel) {
             if let Some(fill) = &st.fill {
-                super::moe_decode::fill_routed(&topk_ids, fill, &st.gate_up, &st.down)?;
+                super::moe_decode::fill_routed(
+                    &topk_ids,
+                    fill,
+                    &st.gate_up,
+                    &st.down,
+                    st.fp8.as_ref(),
+                )?;
             }
             return Ok(Some(super::moe_decode::moe_decode(
                 x,
@@ -172,7 +178,13 @@ impl MoeBlock {
                 let map = st.device_index.as_ref().expect("checked");
                 #[cfg(feature = "cuda")]
                 if let Some(fill) = &st.fill {
-                    super::moe_decode::fill_routed(&topk_ids, fill, &st.gate_up, &st.down)?;
+                    super::moe_decode::fill_routed(
+                        &topk_ids,
+                        fill,
+                        &st.gate_up,
+                        &st.down,
+                        st.fp8.as_ref(),
+                    )?;
                 }
                 map.index_select(&topk_ids.flatten_all()?, 0)?
                     .reshape((t, k))?

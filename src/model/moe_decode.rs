@@ -823,76 +823,56 @@ fn raw_addr(t: &Tensor, what: &str) -> Result<u64> {
 
 /// Fills, on the device, the slots of the experts in `ids` (u32, any shape) that `fill` says are
 /// not resident, reading them from host memory, then records them as resident (see
-/// `fill_routed_experts` in the kernel file). Nothing is read back: capturable in a CUDA graph.
+/// `fill_routed_experts` in the kernel file). FP8 slots (`fill.scales`) take their block scales
+/// into `scales`' pools in the same way first. Nothing is read back: capturable in a CUDA graph.
 pub fn fill_routed(
     ids: &Tensor,
     fill: &super::ports::DeviceFill,
     gate_up: &Tensor,
     down: &Tensor,
+    scales: Option<&super::ports::Fp8Scales>,
 ) -> Result<()> {
-    const BLOCKS_PER_PART: u32 = 16;
     const THREADS: u32 = 256;
     let ids = ids.flatten_all()?.contiguous()?;
     let n_ids = ids.elem_count();
     let n_experts = fill.resident.elem_count();
-    // A slot's row of each stack, in bytes (the pools are [slots, ...] in any dtype).
-    let row = |t: &Tensor| -> Result<usize> {
-        let slots = t.dim(0)?;
-        Ok(t.elem_count() * t.dtype().size_in_bytes() / slots.max(1))
-    };
-    let (gu_row, dn_row) = (row(gate_up)?, row(down)?);
-    let [lg, lu, ld] = fill.part_bytes;
-    let [ag, au, ad] = fill.part_at;
-    if fill.home.elem_count() != n_experts
-        || fill.sources.elem_count() != 3 * n_experts
-        || ag + lg > gu_row
-        || au + lu > gu_row
-        || ad + ld > dn_row
-        || !gate_up.is_contiguous()
-        || !down.is_contiguous()
-    {
+    if fill.home.elem_count() != n_experts {
         return Err(err("fill shapes", "tables do not match the slot pool"));
     }
-    let (ids_at, res_at, home_at, src_at, gu_at, dn_at) = (
+    let (ids_at, res_at, home_at) = (
         raw_addr(&ids, "fill ids")?,
         raw_addr(&fill.resident, "fill residency")?,
         raw_addr(&fill.home, "fill homes")?,
-        raw_addr(&fill.sources, "fill sources")?,
-        raw_addr(gate_up, "fill gate_up")?,
-        raw_addr(down, "fill down")?,
     );
     let dev = ids.device().as_cuda_device()?.clone();
     let (n, e) = (n_ids as i32, n_experts as i32);
-    let u = |v: usize| v as u64;
-    let (gu_row, dn_row) = (u(gu_row), u(dn_row));
-    let (lg, lu, ld, ag, au, ad) = (u(lg), u(lu), u(ld), u(ag), u(au), u(ad));
-    let f = dev.get_or_load_custom_func("fill_routed_experts", MODULE, PTX)?;
-    let mut b = f.builder();
-    b.arg(&ids_at)
-        .arg(&res_at)
-        .arg(&home_at)
-        .arg(&src_at)
-        .arg(&gu_at)
-        .arg(&dn_at)
-        .arg(&gu_row)
-        .arg(&dn_row)
-        .arg(&lg)
-        .arg(&lu)
-        .arg(&ld)
-        .arg(&ag)
-        .arg(&au)
-        .arg(&ad)
-        .arg(&n)
-        .arg(&e);
-    let cfg = LaunchConfig {
-        grid_dim: (BLOCKS_PER_PART, n_ids as u32, 3),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let fills = FillArgs {
+        ids: ids_at,
+        resident: res_at,
+        home: home_at,
+        n_ids: n,
+        n_experts: e,
     };
-    // SAFETY: arguments match the kernel's signature; every table was checked against the pool
-    // above, `home` holds slots inside it (checked when the tables were built) and `sources`
-    // device addresses of registered host memory that stays registered while the pool lives.
-    unsafe { b.launch(cfg) }.map_err(|e| err("fill launch", e))?;
+    match (&fill.scales, scales) {
+        (Some(sf), Some(pools)) => fills.launch(
+            &dev,
+            &sf.sources,
+            &pools.gate_up,
+            &pools.down,
+            sf.part_bytes,
+            sf.part_at,
+        )?,
+        (None, None) => {}
+        _ => return Err(err("fill shapes", "FP8 scales without their pools")),
+    }
+    fills.launch(
+        &dev,
+        &fill.sources,
+        gate_up,
+        down,
+        fill.part_bytes,
+        fill.part_at,
+    )?;
     let f = dev.get_or_load_custom_func("mark_filled", MODULE, PTX)?;
     let mut b = f.builder();
     b.arg(&ids_at).arg(&res_at).arg(&n).arg(&e);
@@ -901,9 +881,89 @@ pub fn fill_routed(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: as above.
+    // SAFETY: arguments match the kernel's signature; `ids` and `resident` are the tables
+    // checked above.
     unsafe { b.launch(cfg) }.map_err(|e| err("mark launch", e))?;
     Ok(())
+}
+
+/// The routed ids and the residency tables one step's fill launches share.
+struct FillArgs {
+    ids: u64,
+    resident: u64,
+    home: u64,
+    n_ids: i32,
+    n_experts: i32,
+}
+
+impl FillArgs {
+    /// One `fill_routed_experts` launch: the three parts of each routed expert not resident,
+    /// `bytes` each, from the addresses in `sources` to `at` in its home slot's row of `gate_up`
+    /// (gate, up) or `down`.
+    fn launch(
+        &self,
+        dev: &candle_core::CudaDevice,
+        sources: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+        [lg, lu, ld]: [usize; 3],
+        [ag, au, ad]: [usize; 3],
+    ) -> Result<()> {
+        const BLOCKS_PER_PART: u32 = 16;
+        const THREADS: u32 = 256;
+        // A slot's row of each stack, in bytes (the pools are [slots, ...] in any dtype).
+        let row = |t: &Tensor| -> Result<usize> {
+            let slots = t.dim(0)?;
+            Ok(t.elem_count() * t.dtype().size_in_bytes() / slots.max(1))
+        };
+        let (gu_row, dn_row) = (row(gate_up)?, row(down)?);
+        if sources.elem_count() != 3 * self.n_experts as usize
+            || ag + lg > gu_row
+            || au + lu > gu_row
+            || ad + ld > dn_row
+            || !gate_up.is_contiguous()
+            || !down.is_contiguous()
+        {
+            return Err(err("fill shapes", "tables do not match the slot pool"));
+        }
+        let (src_at, gu_at, dn_at) = (
+            raw_addr(sources, "fill sources")?,
+            raw_addr(gate_up, "fill gate_up")?,
+            raw_addr(down, "fill down")?,
+        );
+        let u = |v: usize| v as u64;
+        let (gu_row, dn_row) = (u(gu_row), u(dn_row));
+        let (lg, lu, ld, ag, au, ad) = (u(lg), u(lu), u(ld), u(ag), u(au), u(ad));
+        let f = dev.get_or_load_custom_func("fill_routed_experts", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&self.ids)
+            .arg(&self.resident)
+            .arg(&self.home)
+            .arg(&src_at)
+            .arg(&gu_at)
+            .arg(&dn_at)
+            .arg(&gu_row)
+            .arg(&dn_row)
+            .arg(&lg)
+            .arg(&lu)
+            .arg(&ld)
+            .arg(&ag)
+            .arg(&au)
+            .arg(&ad)
+            .arg(&self.n_ids)
+            .arg(&self.n_experts);
+        let cfg = LaunchConfig {
+            grid_dim: (BLOCKS_PER_PART, self.n_ids as u32, 3),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel's signature; every table was checked against the
+        // pool above, `home` holds slots inside it (checked when the tables were built) and
+        // `sources` device addresses of registered host memory that stays registered while the
+        // pool lives.
+        unsafe { b.launch(cfg) }.map_err(|e| err("fill launch", e))?;
+        Ok(())
+    }
 }
 
 /// Largest expert count the routing kernel handles (one warp, 32 experts per lane).

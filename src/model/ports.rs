@@ -505,6 +505,10 @@ pub struct Fp8StackParts {
     pub block: [usize; 2],
 }
 
+/// Bytes of an expert's gate, up and down parts, and where each starts in its slot's row (see
+/// [`DeviceFill::part_bytes`]).
+pub type PartLayout = ([usize; 3], [usize; 3]);
+
 /// Where each expert of one layer comes from and goes when the GPU fills its slot itself.
 #[derive(Clone)]
 pub struct DeviceFill {
@@ -519,16 +523,46 @@ pub struct DeviceFill {
     /// up in the gate_up row, down in the down row).
     pub part_bytes: [usize; 3],
     pub part_at: [usize; 3],
+    /// FP8 slots: the parts' block scales, filled into the scale pools ([`Fp8Scales`]) the same
+    /// way, before the experts are marked resident.
+    pub scales: Option<ScaleFill>,
+}
+
+/// The block scales of FP8 experts that the GPU fills itself: each expert's gate, up and down
+/// scales' device addresses in registered host memory (i64 `[num_experts × 3]`, f32 as the
+/// scale pools hold them), their bytes and where each starts in its slot's scale rows.
+#[derive(Clone)]
+pub struct ScaleFill {
+    pub sources: Tensor,
+    pub part_bytes: [usize; 3],
+    pub part_at: [usize; 3],
 }
 
 impl DeviceFill {
     /// A bf16 (compute dtype) layout: three parts of `part` bytes, up right after gate.
-    pub fn dense_parts(part: usize) -> ([usize; 3], [usize; 3]) {
+    pub fn dense_parts(part: usize) -> PartLayout {
         ([part; 3], [0, part, 0])
     }
 
+    /// FP8 experts of I × H with `block` scales: the e4m3 parts (gate's bytes then up's in the
+    /// gate_up row; down's) and their f32 scales (gate's then up's; down's), as the slots hold
+    /// them.
+    pub fn fp8_parts(
+        hidden: usize,
+        inter: usize,
+        [br, bc]: [usize; 2],
+    ) -> (PartLayout, PartLayout) {
+        let w = inter * hidden;
+        let gate_scales = inter.div_ceil(br) * hidden.div_ceil(bc) * 4;
+        let down_scales = hidden.div_ceil(br) * inter.div_ceil(bc) * 4;
+        (
+            ([w; 3], [0, w, 0]),
+            ([gate_scales, gate_scales, down_scales], [0, gate_scales, 0]),
+        )
+    }
+
     /// A GGUF layer's layout, as its slots hold it (gate's blocks, then up's; down's).
-    pub fn ggml_parts(l: &GgmlLayout) -> ([usize; 3], [usize; 3]) {
+    pub fn ggml_parts(l: &GgmlLayout) -> PartLayout {
         (
             [l.gate_bytes(), l.up_bytes(), l.down_bytes()],
             [0, l.gate_bytes(), 0],

@@ -1,6 +1,7 @@
 //! GPU self-fill: a slot pool with a slot for every expert it serves (capacity 100 %), on the
-//! direct path, for experts in the compute dtype or in GGUF blocks (FP8's scales live in pools
-//! of their own, so FP8 slots are still filled by the host). Each expert has its own *home* slot, nothing is ever evicted, and a graph step
+//! direct path, for experts in the compute dtype, in GGUF blocks or in block-scaled FP8 (the
+//! e4m3 bytes into the slots, their f32 scales into the scale pools, as the host's loads put
+//! them). Each expert has its own *home* slot, nothing is ever evicted, and a graph step
 //! fills the homes of the routed experts that are not resident itself, reading them from the
 //! registered expert files over PCIe (`model::moe_decode::fill_routed`). Then every decode step
 //! — misses included — runs as one CUDA graph: no routing read back per layer, no guess that can
@@ -17,7 +18,8 @@ use super::{CachedProvider, State};
 use crate::cache::pool::Admit;
 use crate::model::checkpoint::TensorLocation;
 use crate::model::error::Result;
-use crate::model::ports::{DeviceFill, GgmlLayout};
+use crate::model::ports::{DeviceFill, GgmlLayout, ScaleFill};
+use crate::model::safetensors_file::StDtype;
 
 pub(super) struct DeviceFills {
     /// Per model layer: the device tables (None for dense layers).
@@ -34,19 +36,31 @@ pub(super) struct DeviceFills {
 impl DeviceFills {
     /// The device tables; `None` (the host loads misses, as at any capacity) unless every
     /// expert with a home is stored as the slots hold it — in the compute dtype at the slot's
-    /// shapes, or (`ggml`, per model layer) in its layer's GGUF layout — in registered files
-    /// the device can read.
+    /// shapes, (`ggml`, per model layer) in its layer's GGUF layout, or (`fp8`, the scale
+    /// block) as e4m3 matrices with f32 scales of Qwen's shapes — in registered files the
+    /// device can read.
     pub fn new(
         source: &dyn ExpertSource,
         direct: &DirectFiles,
         home: &[Vec<u32>],
         dtype: DType,
         ggml: Option<&[Option<GgmlLayout>]>,
+        fp8: Option<[usize; 2]>,
         device: &Device,
     ) -> Result<Option<Self>> {
         let cfg = source.config();
         let mut tables = vec![None; cfg.num_hidden_layers];
         let mut total = 0;
+        if let Some(block) = fp8 {
+            for l in cfg.moe_layers() {
+                match Self::fp8_table(source, direct, &home[l], block, l, device)? {
+                    Some(t) => tables[l] = Some(t),
+                    None => return Ok(None),
+                }
+                total += cfg.num_experts;
+            }
+            return Ok(Some(Self::with_tables(tables, total, cfg)));
+        }
         for l in cfg.moe_layers() {
             // What each part must be: its bytes, and its type (the compute dtype, or the
             // layout's block type for that part).
@@ -88,14 +102,79 @@ impl DeviceFills {
                 resident: Tensor::zeros(cfg.num_experts, DType::U32, device)?,
                 part_bytes,
                 part_at,
+                scales: None,
             });
         }
-        Ok(Some(DeviceFills {
+        Ok(Some(Self::with_tables(tables, total, cfg)))
+    }
+
+    fn with_tables(
+        tables: Vec<Option<DeviceFill>>,
+        total: usize,
+        cfg: &crate::model::config::MoeConfig,
+    ) -> Self {
+        DeviceFills {
             tables,
             flags_host: vec![vec![0; cfg.num_experts]; cfg.num_hidden_layers],
             flags_dirty: vec![false; cfg.num_hidden_layers],
             total,
             bytes: 0,
+        }
+    }
+
+    /// One FP8 layer's table: every expert's gate [I, H], up [I, H] and down [H, I] e4m3 with
+    /// f32 scales of `block` ([ceil(rows / br), ceil(cols / bc)]), each readable by the device
+    /// — the bytes the host's loads copy as stored (`upload_fp8_miss`); `None` otherwise.
+    fn fp8_table(
+        source: &dyn ExpertSource,
+        direct: &DirectFiles,
+        home: &[u32],
+        block @ [br, bc]: [usize; 2],
+        l: usize,
+        device: &Device,
+    ) -> Result<Option<DeviceFill>> {
+        let cfg = source.config();
+        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let ((part_bytes, part_at), (scale_bytes, scale_at)) = DeviceFill::fp8_parts(h, i, block);
+        let shapes = [[i, h], [i, h], [h, i]];
+        let mut weights = Vec::with_capacity(3 * cfg.num_experts);
+        let mut scales = Vec::with_capacity(3 * cfg.num_experts);
+        for e in 0..cfg.num_experts {
+            let Some(parts) = source.part_locations(l, e) else {
+                return Ok(None);
+            };
+            for (k, p) in parts.iter().enumerate() {
+                let [r, c] = shapes[k];
+                let Some(s) = p.scale.as_deref() else {
+                    return Ok(None);
+                };
+                let stored = p.dtype == StDtype::F8E4M3
+                    && p.shape == [r, c]
+                    && p.len as usize == part_bytes[k]
+                    && s.dtype == StDtype::F32
+                    && s.shape == [r.div_ceil(br), c.div_ceil(bc)]
+                    && s.len as usize == scale_bytes[k];
+                match (stored, direct.device_address(p), direct.device_address(s)) {
+                    (true, Some(a), Some(b)) => {
+                        weights.push(a as i64);
+                        scales.push(b as i64);
+                    }
+                    _ => return Ok(None),
+                }
+            }
+        }
+        let n = 3 * cfg.num_experts;
+        Ok(Some(DeviceFill {
+            sources: Tensor::from_vec(weights, n, device)?,
+            home: Tensor::from_vec(home.to_vec(), cfg.num_experts, device)?,
+            resident: Tensor::zeros(cfg.num_experts, DType::U32, device)?,
+            part_bytes,
+            part_at,
+            scales: Some(ScaleFill {
+                sources: Tensor::from_vec(scales, n, device)?,
+                part_bytes: scale_bytes,
+                part_at: scale_at,
+            }),
         }))
     }
 

@@ -146,9 +146,9 @@ impl GpuSlots {
             (None, format!("staged: {why}"))
         };
         let mut homes = match &direct {
-            // The fill kernels copy parts as stored, in the compute dtype or GGUF blocks; FP8's
-            // scales go to pools of their own, so FP8 slots are filled by the host.
-            Some(_) if settings.gpu_fill && fp8.is_none() => pools.home_slots(cfg.num_experts),
+            // The fill kernels copy parts as stored: the compute dtype, GGUF blocks, or FP8
+            // bytes with their scales (into the scale pools).
+            Some(_) if settings.gpu_fill => pools.home_slots(cfg.num_experts),
             _ => None,
         };
         // Self-fill hands the kernels every expert's address up front, so here (a slot for every
@@ -163,7 +163,7 @@ impl GpuSlots {
         }
         let fills = match (&direct, &homes) {
             (Some(d), Some(home)) => {
-                DeviceFills::new(source, d, home, dtype, ggml.as_deref(), device)?
+                DeviceFills::new(source, d, home, dtype, ggml.as_deref(), fp8, device)?
             }
             _ => None,
         };
