@@ -464,6 +464,10 @@ fn generate(
             g.cancel();
             break;
         }
+        if stepped {
+            // The other backend's process may have had the GPU since our last step.
+            st.engine.take_turn_on_device().map_err(|e| e.to_string())?;
+        }
         st.trace.per_position.clear();
         st.trace.guesses.clear();
         let step = match g.step(model, provider.as_ref(), &mut st.trace) {
