@@ -773,6 +773,31 @@ mod tests {
     }
 
     /// The block kernels' layouts: GGML's row sizes, only types they decode, only whole blocks.
+    /// An FP8 self-fill puts each part where a host load puts it: gate's bytes then up's in
+    /// the slot's [2I, H] row, down's in its [H, I] row, and the scales the same way in rows of
+    /// the scale pools' shapes — [2·ceil(I/br), ceil(H/bc)] and [ceil(H/br), ceil(I/bc)] f32 —
+    /// also where the blocks do not divide the matrices.
+    #[test]
+    fn fp8_parts_fill_the_slot_and_scale_rows_as_host_loads_do() {
+        for (h, i, [br, bc]) in [
+            (64, 32, [32, 32]),
+            (100, 40, [32, 32]),
+            (2048, 768, [128, 128]),
+        ] {
+            let ((w, w_at), (sc, sc_at)) = DeviceFill::fp8_parts(h, i, [br, bc]);
+            assert_eq!(w, [i * h; 3]);
+            assert_eq!(w_at, [0, i * h, 0], "up after gate in the [2I, H] row");
+            let gate_up_row = 2 * i.div_ceil(br) * h.div_ceil(bc) * 4;
+            let down_row = h.div_ceil(br) * i.div_ceil(bc) * 4;
+            assert_eq!(sc[0] + sc[1], gate_up_row, "{h}x{i}");
+            assert_eq!(sc_at, [0, gate_up_row / 2, 0], "{h}x{i}");
+            assert_eq!(sc[2], down_row, "{h}x{i}");
+        }
+        // The tiny FP8 fixture: 2 × 1 down scales, 1 × 2 for gate and up (its file's shapes).
+        let (_, (sc, _)) = DeviceFill::fp8_parts(64, 32, [32, 32]);
+        assert_eq!(sc, [2 * 4, 2 * 4, 2 * 4]);
+    }
+
     #[test]
     fn ggml_layouts_are_whole_blocks_of_decoded_types() {
         use GgmlDType as G;
