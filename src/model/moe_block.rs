@@ -153,15 +153,7 @@ impl MoeBlock {
         // A slot pool's device table and the decode kernels: they look slots up themselves.
         #[cfg(feature = "cuda")]
         if let (Some(map), true) = (&st.device_index, decode_kernel) {
-            if let Some(fill) = &st.fill {
-                super::moe_decode::fill_routed(
-                    &topk_ids,
-                    fill,
-                    &st.gate_up,
-                    &st.down,
-                    st.fp8.as_ref(),
-                )?;
-            }
+            fill_slots(&st, &topk_ids)?;
             return Ok(Some(super::moe_decode::moe_decode(
                 x,
                 &st.gate_up,
@@ -177,15 +169,7 @@ impl MoeBlock {
             _ if st.device_index.is_some() => {
                 let map = st.device_index.as_ref().expect("checked");
                 #[cfg(feature = "cuda")]
-                if let Some(fill) = &st.fill {
-                    super::moe_decode::fill_routed(
-                        &topk_ids,
-                        fill,
-                        &st.gate_up,
-                        &st.down,
-                        st.fp8.as_ref(),
-                    )?;
-                }
+                fill_slots(&st, &topk_ids)?;
                 map.index_select(&topk_ids.flatten_all()?, 0)?
                     .reshape((t, k))?
             }
@@ -557,6 +541,18 @@ fn routed_dequantised(
     Err(ModelError::Input(
         "FP8 and GGUF expert stacks exist only on a GPU (a build with the cuda feature)".into(),
     ))
+}
+
+/// A self-filling slot pool's step: the GPU fills the routed experts' slots that are not
+/// resident before they are read (`moe_decode::fill_routed`); nothing for any other stack.
+#[cfg(feature = "cuda")]
+fn fill_slots(st: &super::ports::Stacked, ids: &Tensor) -> Result<()> {
+    match &st.fill {
+        Some(fill) => {
+            super::moe_decode::fill_routed(ids, fill, &st.gate_up, &st.down, st.fp8.as_ref())
+        }
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
