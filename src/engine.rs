@@ -213,7 +213,7 @@ impl Engine {
     /// Called before a timed step that follows another process's turn on the same GPU (the
     /// alternate schedule): a one-byte op and a wait, so that the GPU's switch back to this
     /// process's context — ~0.16 ms a switch on an H200, a quarter of a 0.7 ms step (BENCHMARKS
-    /// §43) — is paid before the step's clock starts. A backend running alone never pays it, so
+    /// §45) — is paid before the step's clock starts. A backend running alone never pays it, so
     /// timing it would slow both backends by the same amount and pull their ratio towards 1.
     /// Nothing on a CPU.
     pub fn take_turn_on_device(&self) -> Result<()> {
