@@ -486,6 +486,13 @@ impl Attention {
         let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?;
         let (k, v) = cache.append_token_major(layer, &k.squeeze(0)?, &v)?;
         let scale = 1.0 / (d as f32).sqrt();
+        // One decode token: moescope's two-pass attention (`cpu_attention`), not candle's
+        // online-softmax loop.
+        if t == 1
+            && let Some(ctx) = super::cpu_attention::attend_one(&q, &k, &v, scale)?
+        {
+            return self.o_proj.forward(&ctx.to_dtype(dtype)?);
+        }
         let ctx = candle_nn::attention::flash_attn::<f32>(
             &q.to_dtype(DType::F32)?,
             &k.unsqueeze(0)?,

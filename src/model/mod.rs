@@ -7,6 +7,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod config_fields;
+pub mod cpu_attention;
 pub mod cpu_gemv;
 pub mod embedding;
 pub mod error;

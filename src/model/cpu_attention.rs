@@ -1,0 +1,277 @@
+//! One decode token's attention on the CPU, over the f32 KV cache (`KvCache::append_token_major`).
+//!
+//! Why not candle's `flash_attn` for this case: its one-token path walks the positions once with
+//! an online softmax — per position a scalar `exp`, a rescale of the head's accumulator and a
+//! 64-wide multiply-add — which made attention about 40 % of a bundled-model decode step at
+//! ~150 positions (`perf`, BENCHMARKS.md §48). Here each head takes two passes: its scores
+//! (vectorised dots with the cached keys) and their softmax, then the values weighted by the
+//! probabilities, one `axpy` per position. Same arithmetic as the reference definition
+//! (softmax(q·kᵀ·scale)·v in f32), different rounding order from candle's online form: the tests
+//! compare with a direct f64 evaluation, not bit for bit with candle.
+
+use candle_core::{DType, Device, Storage, Tensor};
+
+/// The attention of one query row through [`decode_f32`]: `q` [1, 1, nh, d] (after RoPE, any
+/// float dtype), `k` and `v` [total, nkv, d] f32 as the cache returns them; the context
+/// [1, nh·d] f32. `None` where these are not CPU tensors of those shapes (the caller then runs
+/// candle's attention).
+pub fn attend_one(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Option<Tensor>> {
+    let (&[1, 1, nh, d], &[total, nkv, dk]) = (q.dims(), k.dims()) else {
+        return Ok(None);
+    };
+    if !q.device().is_cpu()
+        || dk != d
+        || v.dims() != k.dims()
+        || nkv == 0
+        || !nh.is_multiple_of(nkv)
+    {
+        return Ok(None);
+    }
+    let qv = super::cpu_gemv::widened(q)?;
+    let out = with_f32(k, |kv| {
+        with_f32(v, |vv| decode_f32(&qv, kv, vv, nh, nkv, d, total, scale))
+    })?;
+    match out.transpose()?.flatten() {
+        Some(out) => Ok(Some(Tensor::from_vec(out, (1, nh * d), &Device::Cpu)?)),
+        None => Ok(None),
+    }
+}
+
+/// `f` over a contiguous f32 CPU tensor's values, borrowed in place; `None` for any other.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<Option<R>> {
+    let Some((a, b)) = t.layout().contiguous_offsets() else {
+        return Ok(None);
+    };
+    if t.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (guard, _) = t.storage_and_layout();
+    match &*guard {
+        Storage::Cpu(c) => Ok(Some(f(&c.as_slice::<f32>()?[a..b]))),
+        _ => Ok(None),
+    }
+}
+
+/// `out[h]` = softmax_j(q[h] · k[j, g] · scale) · v[j, g] for each query head h of `nh` (kv head
+/// g = h / (nh / nkv)), over the `total` cached positions; q [nh, d], k and v [total, nkv, d],
+/// out [nh, d]. Heads are shared out over candle's CPU pool when the work is large enough to pay
+/// for a trip through it.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_f32(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    total: usize,
+    scale: f32,
+) -> Vec<f32> {
+    assert!(
+        nkv > 0 && nh.is_multiple_of(nkv),
+        "{nh} query heads over {nkv} kv heads"
+    );
+    assert!(q.len() >= nh * d && k.len() >= total * nkv * d && v.len() >= total * nkv * d);
+    let mut out = vec![0f32; nh * d];
+    let out_at = OutPtr(out.as_mut_ptr());
+    let group = nh / nkv;
+    let run = |heads: std::ops::Range<usize>| {
+        let mut p = Vec::with_capacity(total);
+        for h in heads {
+            // SAFETY: heads are handed out once each, so each writes its own d outputs.
+            let o = unsafe { out_at.head(h, d) };
+            head(
+                &q[h * d..(h + 1) * d],
+                k,
+                v,
+                h / group,
+                nkv,
+                d,
+                total,
+                scale,
+                &mut p,
+                o,
+            );
+        }
+    };
+    // About what one product of the row kernels keeps on the calling thread (cpu_gemv).
+    if nh * total * d < 1 << 15 {
+        run(0..nh);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(nh, run);
+    }
+    out
+}
+
+/// One query head against kv head `g`: scores, their softmax, the weighted values into `o`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn head(
+    qh: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: usize,
+    nkv: usize,
+    d: usize,
+    total: usize,
+    scale: f32,
+    p: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    p.clear();
+    let mut m = f32::NEG_INFINITY;
+    for j in 0..total {
+        let at = (j * nkv + g) * d;
+        let s = dot(qh, &k[at..at + d]) * scale;
+        m = m.max(s);
+        p.push(s);
+    }
+    let mut sum = 0f32;
+    for s in p.iter_mut() {
+        *s = (*s - m).exp();
+        sum += *s;
+    }
+    o.fill(0.0);
+    for (j, &w) in p.iter().enumerate() {
+        let at = (j * nkv + g) * d;
+        // A multiply and an add (not `mul_add`: without FMA in the build's target features
+        // that is a library call per element); each element on its own, so it vectorises.
+        for (a, &x) in o.iter_mut().zip(&v[at..at + d]) {
+            *a += w * x;
+        }
+    }
+    for a in o.iter_mut() {
+        *a /= sum;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_gemv::avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected on this CPU.
+        return unsafe { super::cpu_gemv::dot_f32_avx2(a, b) };
+    }
+    super::cpu_gemv::dot_with(a, b, |x| x)
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used to write disjoint heads from the pool's threads while the owner waits.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// Head `h` of a buffer of at least (h + 1)·d values, written by one thread only.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn head(&self, h: usize, d: usize) -> &mut [f32] {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(h * d), d) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    /// softmax(q·kᵀ·scale)·v per head in f64, straight from the definition.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        nh: usize,
+        nkv: usize,
+        d: usize,
+        total: usize,
+        scale: f32,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; nh * d];
+        for h in 0..nh {
+            let g = h / (nh / nkv);
+            let s: Vec<f64> = (0..total)
+                .map(|j| {
+                    (0..d)
+                        .map(|i| q[h * d + i] as f64 * k[(j * nkv + g) * d + i] as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for i in 0..d {
+                out[h * d + i] = (0..total)
+                    .map(|j| e[j] * v[(j * nkv + g) * d + i] as f64)
+                    .sum::<f64>()
+                    / sum;
+            }
+        }
+        out
+    }
+
+    /// Against the definition in f64, within a few f32 roundings of the largest value, for
+    /// grouped and ungrouped heads, one position and many, head widths that are no multiple of
+    /// the dot's 32 (its tail), and sizes on both sides of the pool threshold.
+    #[test]
+    fn decode_attention_is_the_definition_within_f32_rounding() {
+        for (nh, nkv, d, total) in [
+            (4, 2, 64, 1),
+            (4, 2, 64, 150),
+            (8, 8, 40, 33),
+            (16, 4, 128, 700),
+            (6, 3, 7, 5),
+        ] {
+            let q = values(nh * d, 1);
+            let k = values(total * nkv * d, 2);
+            let v = values(total * nkv * d, 3);
+            let scale = 1.0 / (d as f32).sqrt();
+            let got = decode_f32(&q, &k, &v, nh, nkv, d, total, scale);
+            let want = reference(&q, &k, &v, nh, nkv, d, total, scale);
+            let vmax = v.iter().fold(0f32, |a, b| a.max(b.abs())) as f64;
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.is_finite(),
+                    "({nh}, {nkv}, {d}, {total}) [{i}] not finite"
+                );
+                // Scores of |s| up to ~d·4·scale: each exp relative error ~1e-6 of the weights.
+                let tol = 2e-5 * vmax;
+                assert!(
+                    (g as f64 - w).abs() <= tol,
+                    "({nh}, {nkv}, {d}, {total}) [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    /// One position: the output is that position's value row, whatever the score.
+    #[test]
+    fn one_position_gives_its_value_row() {
+        let (nh, nkv, d) = (4, 2, 16);
+        let q = values(nh * d, 7);
+        let k = values(nkv * d, 8);
+        let v = values(nkv * d, 9);
+        let out = decode_f32(&q, &k, &v, nh, nkv, d, 1, 0.25);
+        for h in 0..nh {
+            let g = h / 2;
+            assert_eq!(&out[h * d..(h + 1) * d], &v[g * d..(g + 1) * d], "head {h}");
+        }
+    }
+}
