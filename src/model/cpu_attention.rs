@@ -28,6 +28,7 @@ pub fn attend_one(
         || dk != d
         || v.dims() != k.dims()
         || nkv == 0
+        || total == 0
         || !nh.is_multiple_of(nkv)
     {
         return Ok(None);
@@ -259,6 +260,42 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Through tensors: q in a half type after RoPE, the cache's f32 k and v; anything that is
+    /// not that shape (or an empty cache) is left to candle's attention.
+    #[test]
+    fn attend_one_takes_the_caches_tensors_and_declines_other_shapes() {
+        let (nh, nkv, d, total) = (4, 2, 16, 9);
+        let qv = values(nh * d, 4);
+        let (kv, vv) = (values(total * nkv * d, 5), values(total * nkv * d, 6));
+        let q = Tensor::from_vec(qv.clone(), (1, 1, nh, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let k = Tensor::from_vec(kv.clone(), (total, nkv, d), &Device::Cpu).unwrap();
+        let v = Tensor::from_vec(vv.clone(), (total, nkv, d), &Device::Cpu).unwrap();
+        let got = attend_one(&q, &k, &v, 0.25).unwrap().expect("applies");
+        assert_eq!(got.dims(), [1, nh * d]);
+        let q16: Vec<f32> = q
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = decode_f32(&q16, &kv, &vv, nh, nkv, d, total, 0.25);
+        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        // Two query rows, a cache of another width, an empty cache: not this kernel's case.
+        let q2 = Tensor::zeros((1, 2, nh, d), DType::F32, &Device::Cpu).unwrap();
+        assert!(attend_one(&q2, &k, &v, 0.25).unwrap().is_none());
+        let k8 = Tensor::zeros((total, nkv, 8), DType::F32, &Device::Cpu).unwrap();
+        assert!(attend_one(&q, &k8, &k8, 0.25).unwrap().is_none());
+        let e = Tensor::zeros((0, nkv, d), DType::F32, &Device::Cpu).unwrap();
+        assert!(attend_one(&q, &e, &e, 0.25).unwrap().is_none());
+        // A cache in f16 (not what the KV cache holds on the CPU): declined, not converted.
+        let k16 = k.to_dtype(DType::F16).unwrap();
+        assert!(attend_one(&q, &k16, &k16, 0.25).unwrap().is_none());
     }
 
     /// One position: the output is that position's value row, whatever the score.
