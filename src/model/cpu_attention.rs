@@ -79,13 +79,13 @@ pub fn decode_f32(
     );
     assert!(q.len() >= nh * d && k.len() >= total * nkv * d && v.len() >= total * nkv * d);
     let mut out = vec![0f32; nh * d];
-    let out_at = OutPtr(out.as_mut_ptr());
+    let out_at = super::cpu_gemv::RowsOut(out.as_mut_ptr());
     let group = nh / nkv;
     let run = |heads: std::ops::Range<usize>| {
         let mut p = Vec::with_capacity(total);
         for h in heads {
             // SAFETY: heads are handed out once each, so each writes its own d outputs.
-            let o = unsafe { out_at.head(h, d) };
+            let o = unsafe { out_at.at(h * d, d) };
             head(
                 &q[h * d..(h + 1) * d],
                 k,
@@ -158,22 +158,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         return unsafe { super::cpu_gemv::dot_f32_avx2(a, b) };
     }
     super::cpu_gemv::dot_with(a, b, |x| x)
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only used to write disjoint heads from the pool's threads while the owner waits.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// Head `h` of a buffer of at least (h + 1)·d values, written by one thread only.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn head(&self, h: usize, d: usize) -> &mut [f32] {
-        // SAFETY: as the caller promises.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(h * d), d) }
-    }
 }
 
 #[cfg(test)]

@@ -336,8 +336,8 @@ pub fn rows_product(
     y
 }
 
-/// Where a product's rows write their results.
-struct RowsOut(*mut f32);
+/// Where a product's rows (or an attention's heads, `cpu_attention`) write their results.
+pub(crate) struct RowsOut(pub(crate) *mut f32);
 // SAFETY: only used to write disjoint rows from the pool's threads while the owner waits.
 unsafe impl Sync for RowsOut {}
 unsafe impl Send for RowsOut {}
@@ -348,7 +348,7 @@ impl RowsOut {
     /// # Safety
     /// In bounds, and no other live slice over them.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn at(&self, at: usize, n: usize) -> &mut [f32] {
+    pub(crate) unsafe fn at(&self, at: usize, n: usize) -> &mut [f32] {
         // SAFETY: the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(at), n) }
     }
