@@ -140,6 +140,7 @@ __device__ __forceinline__ void moe_down(const D& dn, const uint32_t* __restrict
                                          const __nv_bfloat16* __restrict__ res, int k, int inter,
                                          int hidden) {
     __shared__ float d[DOWN_ROWS][MAX_TOPK];
+    __shared__ float wb[MAX_TOPK];
     // TOKENS: token blockIdx.y of the launch — its ids, weights, mid rows, output, residual.
     if (TOKENS) {
         ids += (size_t)blockIdx.y * k;
@@ -153,6 +154,10 @@ __device__ __forceinline__ void moe_down(const D& dn, const uint32_t* __restrict
     const int s = threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (rows <= 0) return;
+    // The routing weights and the residual are asked for before the expert rows, so their
+    // loads wait beside the dots' instead of after the barrier (same values, same bits).
+    if (threadIdx.x < k) wb[threadIdx.x] = bf16_round(topk_w[threadIdx.x]);
+    const __nv_bfloat16 r_in = (res && threadIdx.x < rows) ? res[h0 + threadIdx.x] : __float2bfloat16(0.f);
     if (s < k) {
         const size_t e = map ? map[ids[s]] : ids[s];
         float part[DOWN_ROWS];
@@ -166,10 +171,10 @@ __device__ __forceinline__ void moe_down(const D& dn, const uint32_t* __restrict
     __syncthreads();
     if (threadIdx.x < rows) {
         float acc = 0.f;
-        for (int j = 0; j < k; j++) acc += bf16_round(d[threadIdx.x][j] * bf16_round(topk_w[j]));
+        for (int j = 0; j < k; j++) acc += bf16_round(d[threadIdx.x][j] * wb[j]);
         const __nv_bfloat16 o = __float2bfloat16(acc);
         // The residual add as candle's bf16 add computes it, so folding it in keeps the bits.
-        y[h0 + threadIdx.x] = res ? __hadd(res[h0 + threadIdx.x], o) : o;
+        y[h0 + threadIdx.x] = res ? __hadd(r_in, o) : o;
     }
 }
 
