@@ -25,9 +25,14 @@ const PTX: &str = include_str!("kernels/attn_decode.ptx");
 const MODULE: &str = "moescope_attn_decode";
 /// Warps per block of `gemv_rows_bf16` (its shared partial sums hold 8).
 const WARPS_PER_BLOCK: u32 = 8;
-/// Largest static KV capacity the attention kernel keeps its scores for in shared memory (32 KiB
-/// of the 48 KiB a launch gets without opting in); past it, candle's ops run.
-pub const MAX_POSITIONS: usize = 8192;
+/// Positions one block of the attention kernel attends over (`ATTN_CHUNK` in the kernel file).
+const CHUNK: usize = 64;
+/// Query heads the attention kernel takes (`ATTN_MAX_HEADS`: its finish counters).
+const MAX_HEADS: usize = 1024;
+/// Largest static KV capacity the attention kernel takes (a grid of `cap / CHUNK` chunks a head,
+/// and their partial sums); past it, candle's ops run. The capacity doubles as a cache grows, so
+/// at least half of a launch's chunks hold positions.
+pub const MAX_POSITIONS: usize = 65_536;
 /// Largest head_dim (one thread per column of the value sum).
 const MAX_HEAD_DIM: usize = 1024;
 
@@ -178,6 +183,7 @@ pub fn try_forward(
         || x.dtype() != DType::BF16
         || !x.device().is_cuda()
         || cap > MAX_POSITIONS
+        || nh > MAX_HEADS
         || d > MAX_HEAD_DIM
         || d % 2 != 0
         || nkv == 0
@@ -388,9 +394,13 @@ fn attend(
     let kcv = super::raw::device_range(kc, 0, kc.elem_count() * 2)?.0;
     let vcv = super::raw::device_range(vc, 0, vc.elem_count() * 2)?.0;
     let threads = (d.div_ceil(32) * 32).max(256) as u32;
-    let shared = (cap + threads as usize + threads as usize / 32) * 4 + 2 * d * 2;
+    let shared = (CHUNK + threads as usize + threads as usize / 32) * 4 + 2 * d * 2;
+    let chunks = cap.div_ceil(CHUNK);
     // SAFETY: every element is written by the kernel (threads < d of each head's block).
     let ctx = unsafe { dev.alloc::<bf16>(nh * d)? };
+    // SAFETY: each chunk's share is written by its block before the head's last block reads it;
+    // chunks past the position are neither written nor read.
+    let part = unsafe { dev.alloc::<f32>(nh * chunks * (d + 2))? };
     let eps = a.q_norm.eps();
     let scale = 1.0f32 / (d as f32).sqrt();
     let (nh_, nkv_, d_, cap_) = (nh as i32, nkv as i32, d as i32, cap as i32);
@@ -408,19 +418,23 @@ fn attend(
         .arg(&kcv)
         .arg(&vcv)
         .arg(&ctx)
+        .arg(&part)
         .arg(&nh_)
         .arg(&nkv_)
         .arg(&d_)
         .arg(&cap_)
         .arg(&scale);
     let cfg = LaunchConfig {
-        grid_dim: (nh as u32, 1, 1),
+        grid_dim: (nh as u32, chunks as u32, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: shared as u32,
     };
+    if nh > MAX_HEADS || chunks > 65_535 {
+        return Err(err("attention", format!("{nh} heads, {chunks} chunks")));
+    }
     // SAFETY: argument order and types match the kernel; shapes checked here and by the caller;
     // the position is below the capacity (the caller reserved its row); the shared memory is
-    // under 48 KiB (cap ≤ MAX_POSITIONS, d ≤ MAX_HEAD_DIM).
+    // under 48 KiB (d ≤ MAX_HEAD_DIM); nh ≤ MAX_HEADS finish counters.
     unsafe { b.launch(cfg) }.map_err(|e| err("attention launch", e))?;
     Ok(wrap(ctx, &dev, nh * d))
 }
@@ -748,9 +762,14 @@ mod tests {
     #[test]
     fn attention_kernel_matches_its_reference_and_writes_only_its_row() {
         let Some(dev) = gpu() else { return };
-        let cap = 512;
-        // GQA groups of 4, no grouping, and a head_dim that is no power of two.
-        for (nh, nkv, d) in [(8, 2, 128), (4, 4, 64), (6, 3, 96)] {
+        // GQA groups of 4, no grouping, and a head_dim that is no power of two; then a capacity
+        // of 64 chunks.
+        for (nh, nkv, d, cap) in [
+            (8, 2, 128, 512),
+            (4, 4, 64, 512),
+            (6, 3, 96, 512),
+            (8, 2, 128, 4096),
+        ] {
             let a = attention(nh, nkv, d, &dev, true);
             let (kc0, kch) = matrix(nkv * cap, d, 3, 253, 1.0 / 64.0, &dev);
             let (vc0, vch) = matrix(nkv * cap, d, 4, 247, 1.0 / 64.0, &dev);
@@ -759,8 +778,14 @@ mod tests {
             let (v, vh) = matrix(1, nkv * d, 7, 239, 1.0 / 16.0, &dev);
             let (qw, kw) = (host(a.q_norm.weight()), host(a.k_norm.weight()));
             let rope = Rope::new(d, 1e6);
-            // The first and second pass of the score loop (32 positions), and the last row.
-            for pos in [0usize, 1, 31, 32, 33, 100, cap - 1] {
+            // The first and second pass of a block's score loop (32 positions), one chunk
+            // (ATTN_CHUNK = 64 positions) and its edges, several chunks, the last row.
+            let positions: &[usize] = if cap == 512 {
+                &[0, 1, 31, 32, 33, 63, 64, 65, 100, 300, cap - 1]
+            } else {
+                &[2500, cap - 1]
+            };
+            for &pos in positions {
                 let kc = kc0.reshape((nkv, cap, d)).unwrap().copy().unwrap();
                 let vc = vc0.reshape((nkv, cap, d)).unwrap().copy().unwrap();
                 let (cos, sin) = rope.tables(pos, 1, DType::BF16, &dev).unwrap();
@@ -818,7 +843,8 @@ mod tests {
                                 .map(|j| p[j] as f64 * val(j)[c] as f64)
                                 .sum::<f64>() as f32);
                             let got = ctx[h * d + c];
-                            // A probability may round the other way (f32 against f64): 2⁻⁸ of it.
+                            // A probability may round the other way (f32 against f64), or
+                            // not be rounded (several chunks): within 2⁻⁸ of it either way.
                             assert!(
                                 (got - want).abs() <= ulp(want) + vmax / 256.0,
                                 "head {h} col {c} pos {pos} (d {d}): {got} vs {want}"

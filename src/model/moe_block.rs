@@ -63,6 +63,93 @@ pub fn route(logits: &[f32], masked: &[usize], top_k: usize, norm_topk_prob: boo
     }
 }
 
+/// Most (token, expert) pairs one `sort_last_dim` on the GPU takes: 8,192 u32 in shared memory.
+const SORT_MAX: usize = 8192;
+
+/// [`moe_gemm_tokens`] over a prompt of any length. candle's GPU sort keeps a row in one block's
+/// shared memory (its length padded to a power of two, 4 bytes each, within the 48 KiB a launch
+/// gets — past it the launch fails), so a prompt routing more than [`SORT_MAX`] (token, expert)
+/// pairs runs in chunks of tokens. Each output row is its own token's, so the chunks give the
+/// bits of one launch (a GPU unit test says so).
+fn moe_gemm_chunked(
+    x: &Tensor,
+    gate_up_w: &Tensor,
+    down_w: &Tensor,
+    ids: &Tensor,
+    topk_w: &Tensor,
+    k: usize,
+) -> Result<Tensor> {
+    let t = x.dim(0)?;
+    let chunk = (SORT_MAX / k.max(1)).max(1);
+    if t <= chunk {
+        return moe_gemm_tokens(x, gate_up_w, down_w, ids, topk_w, k);
+    }
+    let mut ys = Vec::with_capacity(t.div_ceil(chunk));
+    for t0 in (0..t).step_by(chunk) {
+        let n = chunk.min(t - t0);
+        ys.push(moe_gemm_tokens(
+            &x.narrow(0, t0, n)?,
+            gate_up_w,
+            down_w,
+            &ids.narrow(0, t0, n)?,
+            &topk_w.narrow(0, t0, n)?,
+            k,
+        )?);
+    }
+    Ok(Tensor::cat(&ys, 0)?)
+}
+
+/// `t` as a tensor whose elements start its storage, row-major: candle's MoE GEMM reads its
+/// inputs from their storage's first element whatever their layout says (a chunk of a prompt,
+/// `narrow`ed, would be read as the prompt's first rows).
+fn from_start(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        Ok(t.clone())
+    } else {
+        Ok(t.force_contiguous()?)
+    }
+}
+
+/// Σ over each token's `k` routed experts of weight · expert(x) through candle's MoE GEMM:
+/// `x` [T, H]; `ids` [T, k] rows of the stacks; `topk_w` [T, k] f32. Returns [T, H].
+fn moe_gemm_tokens(
+    x: &Tensor,
+    gate_up_w: &Tensor,
+    down_w: &Tensor,
+    ids: &Tensor,
+    topk_w: &Tensor,
+    k: usize,
+) -> Result<Tensor> {
+    let (t, h) = x.dims2()?;
+    let (expert_ids, sorted_token_ids) = ids.flatten_all()?.sort_last_dim(true)?;
+    let is_prefill = t > 1;
+    let (x, gate_up_w, down_w) = (from_start(x)?, from_start(gate_up_w)?, from_start(down_w)?);
+    let gate_up = candle_nn::moe::moe_gemm(
+        &x,
+        &gate_up_w,
+        &None,
+        &sorted_token_ids,
+        &expert_ids,
+        k,
+        is_prefill,
+    )?;
+    let i = gate_up.dim(1)? / 2;
+    let g = gate_up.narrow(1, 0, i)?.contiguous()?;
+    let u = gate_up.narrow(1, i, i)?.contiguous()?;
+    let mid = (super::layers::silu(&g)? * u)?.contiguous()?;
+    Ok(candle_nn::moe::moe_gemm(
+        &mid,
+        &down_w,
+        &Some(from_start(topk_w)?),
+        &sorted_token_ids,
+        &expert_ids,
+        k,
+        is_prefill,
+    )?
+    .reshape((t, k, h))?
+    .sum(1)?)
+}
+
 impl MoeBlock {
     /// The GPU path: routing on the device (f32 softmax over all experts, top-k, renormalised,
     /// weights rounded to the compute dtype as HF does) and both projections through candle's
@@ -78,7 +165,7 @@ impl MoeBlock {
         observer: &mut dyn RoutingObserver,
         sink: Option<&mut DeviceRouting>,
     ) -> Result<Option<Tensor>> {
-        let (t, h) = x.dims2()?;
+        let t = x.dim(0)?;
         let k = self.top_k;
         let dev = x.device();
         let num_experts = self.router.dim(0)?;
@@ -203,33 +290,7 @@ impl MoeBlock {
             StackFormat::Dense => (st.gate_up.clone(), st.down.clone(), ids),
             _ => routed_dequantised(&st, &topk_ids, &ids)?,
         };
-        let (expert_ids, sorted_token_ids) = ids.flatten_all()?.sort_last_dim(true)?;
-        let is_prefill = t > 1;
-        let x = x.contiguous()?;
-        let gate_up = candle_nn::moe::moe_gemm(
-            &x,
-            &gate_up_w,
-            &None,
-            &sorted_token_ids,
-            &expert_ids,
-            k,
-            is_prefill,
-        )?;
-        let i = gate_up.dim(1)? / 2;
-        let g = gate_up.narrow(1, 0, i)?.contiguous()?;
-        let u = gate_up.narrow(1, i, i)?.contiguous()?;
-        let mid = (super::layers::silu(&g)? * u)?.contiguous()?;
-        let y = candle_nn::moe::moe_gemm(
-            &mid,
-            &down_w,
-            &Some(topk_w),
-            &sorted_token_ids,
-            &expert_ids,
-            k,
-            is_prefill,
-        )?
-        .reshape((t, k, h))?
-        .sum(1)?;
+        let y = moe_gemm_chunked(x, &gate_up_w, &down_w, &ids, &topk_w, k)?;
         Ok(Some((residual + y)?))
     }
 
@@ -567,6 +628,47 @@ mod tests {
         let r = route(&[0.0, 2.0, 1.0, 2.0], &[], 2, false);
         let z: f32 = [0.0f32, 2.0, 1.0, 2.0].iter().map(|v| v.exp()).sum();
         assert!((r.weights[0] - 2f32.exp() / z).abs() < 1e-6);
+    }
+
+    /// A prompt routing more (token, expert) pairs than candle's GPU sort takes in one launch
+    /// runs in chunks of tokens, and every row has the bits of its tokens run alone — here rows
+    /// at the start and across the chunks' boundary. Runs on a GPU (`scripts/gpu_unit_tests.sh`);
+    /// without one it says so and passes vacuously.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn moe_gemm_long_prompt_runs_in_chunks_with_each_tokens_bits() {
+        use crate::util::gpu_test::{bf16_matrix, device};
+        let Some(dev) = device("long-prompt MoE GEMM") else {
+            return;
+        };
+        let (e, h, i, k) = (8, 64, 32, 4);
+        let t = SORT_MAX / k + 37;
+        let gu = bf16_matrix(e * 2 * i, h, 1, 251, 1.0 / 32.0, &dev).0;
+        let gu = gu.reshape((e, 2 * i, h)).unwrap();
+        let dn = bf16_matrix(e * h, i, 2, 241, 1.0 / 32.0, &dev).0;
+        let dn = dn.reshape((e, h, i)).unwrap();
+        let x = bf16_matrix(t, h, 3, 239, 1.0 / 8.0, &dev).0;
+        // k distinct experts a token (offsets 0, 5, 2, 7 modulo 8).
+        let ids: Vec<u32> = (0..t)
+            .flat_map(|r| (0..k).map(move |s| ((r * 3 + s * 5) % e) as u32))
+            .collect();
+        let ids = Tensor::from_vec(ids, (t, k), &dev).unwrap();
+        let w: Vec<f32> = (0..t * k).map(|j| 0.25 + (j % 7) as f32 / 64.0).collect();
+        let w = Tensor::from_vec(w, (t, k), &dev).unwrap();
+        let all = moe_gemm_chunked(&x, &gu, &dn, &ids, &w, k).unwrap();
+        assert_eq!(all.dims(), [t, h]);
+        let chunk = SORT_MAX / k;
+        for (t0, n) in [(0, 37), (chunk - 5, 42)] {
+            let rows = |a: &Tensor| a.narrow(0, t0, n).unwrap();
+            let alone = moe_gemm_tokens(&rows(&x), &gu, &dn, &rows(&ids), &rows(&w), k).unwrap();
+            let got = crate::util::f32_bits(&rows(&all));
+            let want = crate::util::f32_bits(&alone);
+            assert_eq!(got, want, "rows {t0}..{}", t0 + n);
+            assert!(
+                got.iter().any(|&b| f32::from_bits(b) != 0.0),
+                "rows {t0}.. not all zero"
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@
 // projections rounded to bf16; q/k RMSNorm as candle's kernel computes it (f32 sum of squares in
 // its lane order); RoPE in bf16 arithmetic as candle's rope kernel;
 // scores = bf16(bf16(q·k) * scale) (torch's matmul output, then its scaling in f32); softmax in
-// f32 rounded to bf16; the probability-weighted sum of values in f32, rounded once.
+// f32 rounded to bf16; the probability-weighted sum of values in f32, rounded once. (Past the
+// first 64 positions the probabilities stay in f32: see attn_decode_bf16.)
 
 #include "common.cuh"
 #include "ggml_blocks.cuh"
@@ -187,35 +188,61 @@ __device__ __forceinline__ float block_reduce(float v, int op, float* red) {
     return r;
 }
 
-// One block per query head h (kv head g = h / (nh / nkv)); blockDim a multiple of 32, ≥ 64 and
-// ≥ d.
+// Positions a block of attn_decode_bf16 attends over (see there). Why a chunk of positions per
+// block rather than a block per head: with 32 heads a block per head left three quarters of an
+// H200's SMs idle and walked the positions one round trip after another — decode after a
+// 1,024-token prompt ran at a third of the speed after 128 (BENCHMARKS.md §51).
+#define ATTN_CHUNK 64
+// Heads one launch may have (the finish counters below).
+#define ATTN_MAX_HEADS 1024
+
+// Blocks of a head that finished their chunk, per head: 0 between launches (the head's last
+// block resets it), so a launch can be replayed in a CUDA graph. One set per loaded module, which
+// is one per device and stream: launches on it run one after another.
+__device__ unsigned int attn_arrived[ATTN_MAX_HEADS];
+
+// Grid (nh, chunks): block (h, c) attends query head h (kv head g = h / (nh / nkv)) over
+// positions [c·ATTN_CHUNK, (c+1)·ATTN_CHUNK) ∩ [0, pos]; blocks past `pos` return at once, so the
+// grid is sized for the capacity and a captured launch serves every position. blockDim a multiple
+// of 32, ≥ 64 and ≥ d.
 // q [nh, d], k and v [nkv, d]: this token's projections before norm and RoPE. The caches
-// [nkv, cap, d] hold rows 0..pos-1; the block of a group's first query head writes row `pos`
-// (normalised, rotated k; v as is), and every block of the group uses its own copy of that row,
-// so no block reads a row another block of this launch writes. Positions past `pos` are never
-// read (the masked rows of candle's path contributed exactly 0). ctx [nh, d] bf16.
-// Dynamic shared memory (`attn_decode.rs` sizes it): cap + blockDim + blockDim / 32 floats, then
-// 2 d bf16.
+// [nkv, cap, d] hold rows 0..pos-1; chunk 0 of a group's first query head writes row `pos`
+// (normalised, rotated k; v as is), and every block uses its own copy of that row, so no block
+// reads a row another block of this launch writes. Positions past `pos` are never read (the
+// masked rows of candle's path contributed exactly 0). ctx [nh, d] bf16.
+// One chunk (pos < ATTN_CHUNK): softmax over the scores, probabilities rounded to bf16, their
+// weighted sum of values in f32 rounded once — transformers' eager bf16 attention. Several: each
+// block keeps its chunk's max m_c, sum l_c of exp(s - m_c) and the exp-weighted sum of values
+// (f32) in `part` [nh, chunks, d + 2]; the head's last block to finish combines them in chunk
+// order, ctx = bf16(Σ e^(m_c − m) acc_c / Σ e^(m_c − m) l_c) — the same softmax without rounding
+// the probabilities to bf16 (within 2⁻⁹ of each, the unit test's tolerance).
+// Dynamic shared memory (`attn_decode.rs` sizes it): ATTN_CHUNK + blockDim + blockDim / 32
+// floats, then 2 d bf16.
 extern "C" __global__ void attn_decode_bf16(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
     const __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ q_norm,
     const __nv_bfloat16* __restrict__ k_norm, float eps,
     const __nv_bfloat16* __restrict__ cos, const __nv_bfloat16* __restrict__ sin,
     const uint32_t* __restrict__ pos_at, __nv_bfloat16* __restrict__ k_cache,
-    __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ ctx, int nh, int nkv, int d,
-    int cap, float scale) {
+    __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ ctx, float* part, int nh,
+    int nkv, int d, int cap, float scale) {
     extern __shared__ float smem[];
-    float* scores = smem;                   // [cap]
-    float* acc = scores + cap;              // [blockDim]: partial sums of the value phase
+    float* scores = smem;                   // [ATTN_CHUNK]
+    float* acc = scores + ATTN_CHUNK;       // [blockDim]: partial sums of the value phase
     float* red = acc + blockDim.x;          // [blockDim / 32]
     __nv_bfloat16* qr = reinterpret_cast<__nv_bfloat16*>(red + blockDim.x / 32);  // [d]
     __nv_bfloat16* kr = qr + d;                                                   // [d]
+    __shared__ unsigned int ticket;
 
-    const int h = blockIdx.x;
+    const int h = blockIdx.x, chunk = blockIdx.y;
+    const int pos = (int)*pos_at;
+    const int j_begin = chunk * ATTN_CHUNK;
+    if (j_begin > pos) return;
+    const int j_end = min(pos, j_begin + ATTN_CHUNK - 1);  // inclusive
+    const int chunks = pos / ATTN_CHUNK + 1;                // blocks of this head that run
     const int groups = nh / nkv;
     const int g = h / groups;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, warps = blockDim.x / 32;
-    const int pos = (int)*pos_at;
     const __nv_bfloat16* vrow = v + (size_t)g * d;
 
     // Two warps normalise and rotate this head's q and its group's k (blockDim ≥ 64).
@@ -229,7 +256,7 @@ extern "C" __global__ void attn_decode_bf16(
         rope_row(kr, cos, sin, d, lane);
     }
     __syncthreads();
-    if (h % groups == 0) {
+    if (chunk == 0 && h % groups == 0) {
         __nv_bfloat16* kc = k_cache + ((size_t)g * cap + pos) * d;
         __nv_bfloat16* vc = v_cache + ((size_t)g * cap + pos) * d;
         for (int i = tid; i < d; i += blockDim.x) {
@@ -241,10 +268,10 @@ extern "C" __global__ void attn_decode_bf16(
     // Scores: a quarter warp (8 lanes) per position, two elements per lane per load.
     const __nv_bfloat16* kbase = k_cache + (size_t)g * cap * d;
     const int sub = lane / 8, l8 = lane & 7;
-    for (int j0 = warp * 4; j0 <= pos; j0 += warps * 4) {
+    for (int j0 = j_begin + warp * 4; j0 <= j_end; j0 += warps * 4) {
         const int j = j0 + sub;
         float s = 0.f;
-        if (j <= pos) {
+        if (j <= j_end) {
             const __nv_bfloat16* krow = j == pos ? kr : kbase + (size_t)j * d;
             // Unrolled so that a lane's loads are in flight together (a loop of dependent
             // round trips otherwise: these rows come from L2).
@@ -258,22 +285,25 @@ extern "C" __global__ void attn_decode_bf16(
         }
 #pragma unroll
         for (int o = 4; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (l8 == 0 && j <= pos) scores[j] = bf16_round(bf16_round(s) * scale);
+        if (l8 == 0 && j <= j_end) scores[j - j_begin] = bf16_round(bf16_round(s) * scale);
     }
     __syncthreads();
 
+    const int n = j_end - j_begin + 1;
     float m = -INFINITY;
-    for (int j = tid; j <= pos; j += blockDim.x) m = fmaxf(m, scores[j]);
+    for (int j = tid; j < n; j += blockDim.x) m = fmaxf(m, scores[j]);
     m = block_reduce(m, 1, red);
     float sum = 0.f;
-    for (int j = tid; j <= pos; j += blockDim.x) {
+    for (int j = tid; j < n; j += blockDim.x) {
         const float e = expf(scores[j] - m);
         scores[j] = e;
         sum += e;
     }
     sum = block_reduce(sum, 0, red);  // its barriers also order the writes to `scores`
-    for (int j = tid; j <= pos; j += blockDim.x) scores[j] = bf16_round(scores[j] / sum);
-    __syncthreads();
+    if (chunks == 1) {
+        for (int j = tid; j < n; j += blockDim.x) scores[j] = bf16_round(scores[j] / sum);
+        __syncthreads();
+    }
 
     // Values: column c of the head by `parts` threads, part p summing positions p, p + parts, …
     const int parts = blockDim.x / d;
@@ -282,16 +312,46 @@ extern "C" __global__ void attn_decode_bf16(
     float a = 0.f;
     if (p < parts) {
 #pragma unroll 8
-        for (int j = p; j <= pos; j += parts) {
+        for (int j = j_begin + p; j <= j_end; j += parts) {
             const float vj = __bfloat162float(j == pos ? vrow[c] : vbase[(size_t)j * d + c]);
-            a = fmaf(scores[j], vj, a);
+            a = fmaf(scores[j - j_begin], vj, a);
         }
     }
     acc[tid] = a;
     __syncthreads();
-    if (tid < d) {
-        float total = 0.f;
+    float total = 0.f;
+    if (tid < d)
         for (int q_ = 0; q_ < parts; q_++) total += acc[q_ * d + tid];
-        ctx[(size_t)h * d + tid] = __float2bfloat16(total);
+    if (chunks == 1) {
+        if (tid < d) ctx[(size_t)h * d + tid] = __float2bfloat16(total);
+        return;
     }
+
+    // Several chunks: this one's share into `part`, then the head's last block combines.
+    float* mine = part + ((size_t)h * gridDim.y + chunk) * (d + 2);
+    if (tid < d) mine[2 + tid] = total;
+    if (tid == 0) {
+        mine[0] = m;
+        mine[1] = sum;
+    }
+    __threadfence();  // this block's share visible to the last block before it counts itself
+    __syncthreads();
+    if (tid == 0) ticket = atomicAdd(&attn_arrived[h], 1u);
+    __syncthreads();
+    if (ticket != (unsigned)chunks - 1) return;
+    __threadfence();
+    const float* head = part + (size_t)h * gridDim.y * (d + 2);
+    float mx = -INFINITY;
+    for (int c_ = 0; c_ < chunks; c_++) mx = fmaxf(mx, __ldcg(head + (size_t)c_ * (d + 2)));
+    if (tid < d) {
+        float num = 0.f, den = 0.f;
+        for (int c_ = 0; c_ < chunks; c_++) {
+            const float* sh = head + (size_t)c_ * (d + 2);
+            const float w = expf(__ldcg(sh) - mx);
+            den = fmaf(w, __ldcg(sh + 1), den);
+            num = fmaf(w, __ldcg(sh + 2 + tid), num);
+        }
+        ctx[(size_t)h * d + tid] = __float2bfloat16(num / den);
+    }
+    if (tid == 0) attn_arrived[h] = 0u;
 }
