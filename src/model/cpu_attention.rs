@@ -1,4 +1,5 @@
-//! One decode token's attention on the CPU, over the f32 KV cache (`KvCache::append_token_major`).
+//! Attention on the CPU over the f32 KV cache (`KvCache::append_token_major`): one decode token
+//! ([`attend_one`]) and a prompt ([`attend_prompt`]).
 //!
 //! Why not candle's `flash_attn` for this case: its one-token path walks the positions once with
 //! an online softmax — per position a scalar `exp`, a rescale of the head's accumulator and a

@@ -464,8 +464,9 @@ impl Attention {
     }
 
     /// The CPU path: token-major throughout (rope on `[1, T, heads, D]`, the cache appended in
-    /// place) and candle's fused CPU attention kernel, which handles GQA and the causal offset
-    /// itself. It runs in f32 (bf16/f16 inputs are widened exactly), so in those dtypes it is at
+    /// place), then moescope's attention over the f32 cache (`cpu_attention`: one token, or a
+    /// prompt), or else candle's fused CPU attention kernel, which handles GQA and the causal
+    /// offset itself. It runs in f32 (bf16/f16 inputs are widened exactly), so in those dtypes it is at
     /// least as accurate as HF's eager attention, whose scores and probabilities are rounded to
     /// the compute dtype; the fidelity tests bound the difference.
     #[allow(clippy::too_many_arguments)]
