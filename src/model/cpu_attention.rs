@@ -51,10 +51,10 @@ const PROMPT_ROWS: usize = 256;
 /// A prompt's attention on the CPU: `q` [1, T, nh, d] (after RoPE, any float dtype) for the
 /// positions offset..offset+T, `k` and `v` [offset + T, nkv, d] f32 as the cache returns them;
 /// the context [T, nh·d] f32. Per kv head and chunk of query rows, the scores of the group's
-/// query heads as one matrix product with the keys the chunk can see, the causal mask, softmax,
-/// and the weighted values as a second product — where candle's `flash_attn` walked every
-/// (query, key) pair with a scalar online softmax (48 % of a 2,048-token CPU prefill, its `exp`
-/// 16 % more: BENCHMARKS.md §52). `None` where these are not CPU tensors of those shapes.
+/// query heads as one matrix product with the keys the chunk can see, the causal mask and
+/// softmax in one pass a row ([`causal_softmax`]), and the weighted values as a second product
+/// — where candle's `flash_attn` walked every (query, key) pair with a scalar online softmax (48 %
+/// of a 2,048-token CPU prefill, its `exp` 16 % more: BENCHMARKS.md §52). `None` where these are not CPU tensors of those shapes.
 pub fn attend_prompt(
     q: &Tensor,
     k: &Tensor,
@@ -94,20 +94,52 @@ pub fn attend_prompt(
             // The chunk's last row sees positions 0..offset + t0 + n; no row sees past them.
             let seen = offset + t0 + n;
             let qc = qg.narrow(0, t0 * group, n * group)?;
-            let scores = qc
-                .matmul(&kg.narrow(0, 0, seen)?.t()?)?
-                .affine(f64::from(scale), 0.0)?;
-            let mask = super::layers::causal_mask(n, offset + t0, seen, DType::F32, &Device::Cpu)?;
-            let scores = scores
-                .reshape((n, group, seen))?
-                .broadcast_add(&mask.unsqueeze(1)?)?
-                .reshape((n * group, seen))?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let scores = qc.matmul(&kg.narrow(0, 0, seen)?.t()?)?;
+            let mut p = scores.flatten_all()?.to_vec1::<f32>()?;
+            causal_softmax(&mut p, group, seen, offset + t0, scale);
+            let probs = Tensor::from_vec(p, (n * group, seen), &Device::Cpu)?;
             parts.push(probs.matmul(&vg.narrow(0, 0, seen)?)?);
         }
         heads.push(Tensor::cat(&parts, 0)?.reshape((t, group, d))?);
     }
     Ok(Some(Tensor::cat(&heads, 1)?.reshape((t, nh * d))?))
+}
+
+/// Rows of q·kᵀ (`seen` wide, `group` rows a token, the chunk's first token at position
+/// `first`) into probabilities in place: row r's token sees positions 0..=first + r / group;
+/// softmax of scale · score over those, 0 past them — the scaling, the causal mask and candle's
+/// softmax in one pass a row, and no `exp` of a masked score. Rows are shared out over candle's
+/// CPU pool when there are enough of them.
+fn causal_softmax(p: &mut [f32], group: usize, seen: usize, first: usize, scale: f32) {
+    let rows = p.len() / seen;
+    let out = super::cpu_gemv::RowsOut(p.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        for r in range {
+            // SAFETY: rows are handed out once each.
+            let row = unsafe { out.at(r * seen, seen) };
+            let visible = (first + r / group + 1).min(seen);
+            let (live, masked) = row.split_at_mut(visible);
+            let mut m = f32::NEG_INFINITY;
+            for x in live.iter_mut() {
+                *x *= scale;
+                m = m.max(*x);
+            }
+            let mut sum = 0f32;
+            for x in live.iter_mut() {
+                *x = (*x - m).exp();
+                sum += *x;
+            }
+            for x in live.iter_mut() {
+                *x /= sum;
+            }
+            masked.fill(0.0);
+        }
+    };
+    if rows * seen < 1 << 15 {
+        run(0..rows);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(rows, run);
+    }
 }
 
 /// `f` over a contiguous f32 CPU tensor's values, borrowed in place; `None` for any other.

@@ -518,7 +518,7 @@ impl Attention {
 /// Additive mask [T, total]: query i (absolute position offset + i) sees keys 0..=offset + i —
 /// 0 there, -inf after. Built where the scores are, from two index ranges: made on the host it
 /// cost 66 ms a layer for a 4,000-token prompt over 4,096 rows (16 M values, then their upload).
-pub(super) fn causal_mask(
+fn causal_mask(
     t: usize,
     offset: usize,
     total: usize,
