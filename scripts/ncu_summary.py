@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-kernel GPU time of the last decode step, from an Nsight Compute CSV.
+"""Per-kernel GPU time from an Nsight Compute CSV: the last decode step, or (--all) everything.
 
 On the GPU machine (ncu ships with CUDA there; nsys there cannot import its own traces):
 
@@ -8,20 +8,27 @@ On the GPU machine (ncu ships with CUDA there; nsys there cannot import its own 
         --device cuda:0 --dtype bf16 > /dev/null
     python3 scripts/ncu_summary.py ncu.csv
 
-Graphs off so that each kernel is profiled on its own. The window is the last 8 MoE layers'
-kernels (it starts after the 9th-from-last experts kernel), so it includes the previous step's
-final norm and lm_head. ncu locks clocks and flushes caches: compare kernels with each other,
-not with tok/s.
+Graphs off so that each kernel is profiled on its own. The default window is the last 8 MoE
+layers' kernels (it starts after the 9th-from-last experts kernel), so it includes the previous
+step's final norm and lm_head. `--all` sums every kernel in the file instead (a prefill: profile
+a run with one forward pass of the prompt). ncu locks clocks and flushes caches unless told not
+to: compare kernels with each other, not with tok/s.
 """
 import csv, collections, sys
-rows=[r for r in csv.reader(open(sys.argv[1])) if len(r)>10]
+args = [a for a in sys.argv[1:] if not a.startswith('--')]
+whole = '--all' in sys.argv
+rows=[r for r in csv.reader(open(args[0])) if len(r)>10]
 hdr=rows[0]; rows=rows[1:]
 ni=hdr.index('Kernel Name'); vi=hdr.index('Metric Value')
 ks=[(r[ni], float(r[vi].replace(',',''))) for r in rows]
-moe=[i for i,(n,_) in enumerate(ks) if 'moe_decode_down' in n or 'moe_gemm' in n]
-start = moe[-9]+1
-step=ks[start:]
-print('last step kernels',len(step),'total us',sum(d for _,d in step)/1000)
+if whole:
+    step = ks
+    print('kernels', len(step), 'total us', sum(d for _, d in step)/1000)
+else:
+    moe=[i for i,(n,_) in enumerate(ks) if 'moe_decode_down' in n or 'moe_gemm' in n]
+    start = moe[-9]+1
+    step=ks[start:]
+    print('last step kernels',len(step),'total us',sum(d for _,d in step)/1000)
 agg=collections.defaultdict(lambda:[0,0.0])
 for n,d in step:
     agg[n[:60]][0]+=1; agg[n[:60]][1]+=d

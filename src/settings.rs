@@ -6,7 +6,7 @@
 //! | variable | field | meaning |
 //! |---|---|---|
 //! | `MOESCOPE_CUDA_GRAPHS=0` | `cuda_graphs` | GPU decode steps never replay a captured CUDA graph |
-//! | `MOESCOPE_MOE_KERNEL=candle` | `moe_kernel` | candle's fused MoE GEMM instead of moescope's decode kernels (bf16; FP8 stacks keep moescope's) |
+//! | `MOESCOPE_MOE_KERNEL=candle` | `moe_kernel` | candle's fused MoE GEMM instead of moescope's decode kernels and a prompt's grouped products (bf16; FP8 and GGUF decode keeps moescope's) |
 //! | `MOESCOPE_ATTN_KERNEL=candle` | `attn_kernel` | candle's ops for decode attention instead of moescope's kernels |
 //! | `MOESCOPE_SPECULATE=gate\|last\|0` | `speculate` | when a selective GPU step guesses that nothing will miss |
 //! | `MOESCOPE_FILL=0` | `gpu_fill` | a slot pool holding every expert does not fill its own slots |
@@ -18,11 +18,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::speculation::Rule;
 
-/// Which kernels run a one-token MoE block on the GPU.
+/// Which kernels run a MoE block on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum MoeKernel {
-    /// moescope's decode kernels (`model/kernels/moe_decode.cu`).
+    /// moescope's decode kernels (`model/kernels/moe_decode.cu`) for one token, cuBLAS grouped
+    /// products (`model/moe_grouped.rs`) for a prompt.
     #[default]
     Moescope,
     /// candle's fused MoE GEMM, for comparisons.

@@ -22,6 +22,8 @@ pub mod layers;
 pub mod moe_block;
 #[cfg(feature = "cuda")]
 pub mod moe_decode;
+#[cfg(feature = "cuda")]
+pub mod moe_grouped;
 pub mod ports;
 pub mod qwen3_moe;
 #[cfg(feature = "cuda")]
@@ -38,8 +40,9 @@ pub struct DecodeOptions {
     /// Decode steps may replay a captured CUDA graph (see `graph.rs`). Off for comparisons, and
     /// as an escape hatch should a driver refuse capture (moescope then falls back by itself).
     pub cuda_graphs: bool,
-    /// One-token MoE blocks run moescope's own kernels (`moe_decode.rs`); off: candle's fused
-    /// MoE GEMM, for comparisons.
+    /// One-token MoE blocks run moescope's own kernels (`moe_decode.rs`) and a prompt's experts
+    /// cuBLAS grouped products (`moe_grouped.rs`); off: candle's fused MoE GEMM for both, for
+    /// comparisons.
     pub moe_kernel: bool,
     /// One-token attention runs moescope's own kernels (`attn_decode.rs`); off: candle's ops,
     /// for comparisons.

@@ -21,7 +21,8 @@ pub(super) struct MoeBlock {
     pub router: Tensor,
     pub top_k: usize,
     pub norm_topk_prob: bool,
-    /// moescope's one-token MoE kernels on the GPU ([`DecodeOptions::moe_kernel`]).
+    /// moescope's MoE kernels on the GPU ([`DecodeOptions::moe_kernel`]): one token's decode
+    /// kernels, a prompt's grouped products (`moe_grouped`); off, candle's MoE GEMM for both.
     pub moe_kernel: bool,
     /// The fused router's block counter (a zero u32 on the GPU, made at load: not inside a
     /// graph capture); None on the CPU.
@@ -61,6 +62,19 @@ pub fn route(logits: &[f32], masked: &[usize], top_k: usize, norm_topk_prob: boo
         experts: order.into_iter().map(|i| i as u32).collect(),
         weights,
     }
+}
+
+/// Fewest prompt tokens whose experts run as cuBLAS grouped products (`moe_grouped`) rather
+/// than candle's MoE GEMM (BENCHMARKS.md §54).
+#[cfg(feature = "cuda")]
+const GROUPED_MIN_TOKENS: usize = 2;
+
+/// Whether a prompt of `t` tokens takes `moe_grouped`: on a GPU, past [`GROUPED_MIN_TOKENS`].
+#[cfg(feature = "cuda")]
+fn grouped_applies(t: usize, x: &Tensor) -> bool {
+    t >= GROUPED_MIN_TOKENS
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32)
 }
 
 /// Most (token, expert) pairs one `sort_last_dim` on the GPU takes: 8,192 u32 in shared memory.
@@ -290,6 +304,20 @@ impl MoeBlock {
             StackFormat::Dense => (st.gate_up.clone(), st.down.clone(), ids),
             _ => routed_dequantised(&st, &topk_ids, &ids)?,
         };
+        #[cfg(feature = "cuda")]
+        if self.moe_kernel && grouped_applies(t, x) {
+            // Grouped by expert id, not stack row: selective's slots are in another order, and
+            // the same groups in the same order make the same products.
+            let experts: Vec<u32> = match &host_ids {
+                Some(v) => v.concat(),
+                None => topk_ids.flatten_all()?.to_vec1()?,
+            };
+            let rows: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+            let y = super::moe_grouped::moe_grouped(
+                x, &gate_up_w, &down_w, &experts, &rows, &topk_w, k,
+            )?;
+            return Ok(Some((residual + y)?));
+        }
         let y = moe_gemm_chunked(x, &gate_up_w, &down_w, &ids, &topk_w, k)?;
         Ok(Some((residual + y)?))
     }
