@@ -885,6 +885,41 @@ mod gpu_tests {
         }
     }
 
+    /// A prompt past the quantized prompt kernels' 128 tokens, on every format: its experts go
+    /// through the grouped products (`moe_grouped`; GGUF and FP8 over their routed experts
+    /// dequantised), and selective — its slots filled in miss order, not expert order — gets
+    /// native's tokens and logits bit for bit, prompt and decode.
+    #[test]
+    fn gpu_long_prompts_through_grouped_products_give_natives_bits() {
+        if crate::util::gpu_test::device("long-prompt grouped products").is_none() {
+            return;
+        }
+        for file in [
+            "qwen3-moe-tiny",
+            "gguf/kquant-Q4_K_M.gguf",
+            "fp8/qwen3-moe-tiny-fp8",
+        ] {
+            let model = PathBuf::from("tests/fixtures").join(file);
+            let cfg = MoeConfig::from_dir(&model).unwrap();
+            let vocab = cfg.vocab_size as u32;
+            let prompt: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % vocab).collect();
+            let native = gpu_spec(&model, BackendKind::Native, None)
+                .load(|_, _| {})
+                .unwrap();
+            let want = run(&native, &prompt, 6, false);
+            drop(native);
+            assert_eq!(want.len(), 6, "{file}: six tokens");
+            let sel = gpu_spec(&model, BackendKind::Selective, Some(cfg.total_experts()))
+                .load(|_, _| {})
+                .unwrap();
+            assert_eq!(
+                run(&sel, &prompt, 6, false),
+                want,
+                "{file}: not native's bits"
+            );
+        }
+    }
+
     /// GPU self-fill over quantized slots: on the k-quant fixtures (Q8_0; and Q4_K_M, whose
     /// layers mix block types in one shared pool) and the FP8 ones (e4m3 bytes into the slots,
     /// their scales into the scale pools; one file, and the Omni thinker's three shards),
