@@ -225,7 +225,7 @@ fn grouped_products(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::gpu_test::device;
+    use crate::util::gpu_test::{device, host};
 
     /// Stacks and a prompt in `dtype` on `dev`, their values on the host, `t` tokens routed to
     /// `k` of `e` experts each (skewed: expert 0 takes many, the last two none).
@@ -245,14 +245,8 @@ mod tests {
             let m = crate::util::test_matrix(rows, cols, seed, m, scale)
                 .to_dtype(dtype)
                 .unwrap();
-            let host: Vec<f32> = m
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            (m.to_device(dev).unwrap(), host)
+            let values = host(&m);
+            (m.to_device(dev).unwrap(), values)
         };
         let (gu, gu_h) = make(e * 2 * i, h, 1, 251, 1.0 / 64.0);
         let (dn, dn_h) = make(e * h, i, 2, 241, 1.0 / 64.0);
@@ -325,18 +319,12 @@ mod tests {
         };
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
             for t in [1, 2, 37, 300] {
-                let ((x, gu, dn, wt), host, experts, w) = case(t, dtype, &dev);
+                let ((x, gu, dn, wt), values, experts, w) = case(t, dtype, &dev);
                 let got = moe_grouped(&x, &gu, &dn, &experts, &experts, &wt, 4).unwrap();
                 assert_eq!(got.dims(), [t, 64]);
                 assert_eq!(got.dtype(), dtype);
-                let got: Vec<f32> = got
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let want = reference(&host, &experts, &w, t);
+                let got = host(&got);
+                let want = reference(&values, &experts, &w, t);
                 let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
                 assert!(
                     scale > 0.01,
