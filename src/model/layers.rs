@@ -496,9 +496,10 @@ impl Attention {
 /// Attention of `t` query rows at positions offset.. over a static cache whose first
 /// offset + t rows they may see, in chunks of query rows: chunk [i0, i1) reads only keys
 /// 0..offset + i1 (the causal triangle, not the whole capacity) and its scores stay under
-/// `score_bytes` ([`PROMPT_SCORE_BYTES`] in the model). Why: over the whole capacity a 4,000-token prompt's scores were
-/// a [32 · 4,000, 4,096] matrix a layer (1 GiB in bf16, several alive at once) — a memory
-/// peak the Thor cannot spare, and the time of the prefill grew with its square.
+/// `score_bytes` ([`PROMPT_SCORE_BYTES`] in the model). Why: over the whole capacity a
+/// 4,000-token prompt's scores were a [32 · 4,000, 4,096] matrix a layer (1 GiB in bf16,
+/// several alive at once) — a memory peak the Thor cannot spare — and every row read every
+/// row of the capacity (BENCHMARKS.md §54).
 /// q `[nh, T, D]` (normalised, rotated), k and v `[nkv, capacity, D]`; returns `[T, nh·D]`.
 fn attend_static_prompt(
     q: &Tensor,
@@ -589,7 +590,7 @@ fn attend_static_masked(
 }
 
 /// The most bytes one chunk of a prompt's attention scores may take on a static cache
-/// (`Attention::attend_static_prompt`): 32 query heads over 4,096 keys in bf16 make chunks of
+/// (`attend_static_prompt`): 32 query heads over 4,096 keys in bf16 make chunks of
 /// 512 tokens.
 const PROMPT_SCORE_BYTES: usize = 128 << 20;
 
