@@ -25,16 +25,77 @@ const PTX: &str = include_str!("kernels/attn_decode.ptx");
 const MODULE: &str = "moescope_attn_decode";
 /// Warps per block of `gemv_rows_bf16` (its shared partial sums hold 8).
 const WARPS_PER_BLOCK: u32 = 8;
-/// Positions one block of the attention kernel attends over (`ATTN_CHUNK` in the kernel file).
-const CHUNK: usize = 64;
-/// Query heads the attention kernel takes (`ATTN_MAX_HEADS`: its finish counters).
-const MAX_HEADS: usize = 1024;
-/// Largest static KV capacity the attention kernel takes (a grid of `cap / CHUNK` chunks a head,
-/// and their partial sums); past it, candle's ops run. The kernel itself has no such limit any
-/// more (shared memory holds one chunk's scores); this is the capacity its unit test covers.
+/// Positions of the attention kernel's chunk unit (`ATTN_UNIT` in the kernel file): a chunk is a
+/// whole number of them.
+const UNIT: usize = 64;
+/// Blocks the attention kernel's grid aims at (kv groups × chunks): about two per SM of an H200
+/// once the positions outnumber them, so that a long context's rows are read by every SM at once.
+const TARGET_BLOCKS: usize = 256;
+/// Units a chunk of the attention kernel holds at most.
+const MAX_UNITS: usize = 4;
+/// Warps of an attention block (`ATTN_WARPS`).
+const ATTN_WARPS: usize = 8;
+/// Key/value heads the attention kernel takes (`ATTN_MAX_GROUPS`: its finish counters).
+const MAX_GROUPS: usize = 1024;
+/// Largest static KV capacity the attention kernel takes; past it, candle's ops run. The kernel
+/// itself has no such limit (its chunks grow with the position); this is the capacity its unit
+/// test covers.
 pub const MAX_POSITIONS: usize = 8192;
-/// Largest head_dim (one thread per column of the value sum).
-const MAX_HEAD_DIM: usize = 1024;
+/// Largest head_dim: a lane holds up to four pairs of a row's columns (`attn_decode_bf16_np4`).
+const MAX_HEAD_DIM: usize = 256;
+/// Dynamic shared memory a kernel may take without opting in.
+const MAX_SHARED: usize = 48 * 1024;
+
+/// How one attention launch is laid out for `nh` query and `nkv` key/value heads of `d` columns
+/// over a cache of `cap` rows; `None` where the kernel does not apply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct AttnShape {
+    /// Entry point: `attn_decode_bf16_np{np}` (pairs of columns a lane holds).
+    np: usize,
+    /// Query heads a block takes at a time (the entry's HB).
+    hb: usize,
+    /// Chunks a group's positions are split into at most (the grid's y).
+    chunks: usize,
+    /// Positions of the longest chunk (`max_len`).
+    max_len: usize,
+    /// Floats of the partial value sums and the combine's weights (`red_len`).
+    red_len: usize,
+    shared: usize,
+}
+
+fn attn_shape(nh: usize, nkv: usize, d: usize, cap: usize) -> Option<AttnShape> {
+    if nkv == 0
+        || !nh.is_multiple_of(nkv)
+        || nkv > MAX_GROUPS
+        || d == 0
+        || !d.is_multiple_of(2)
+        || d > MAX_HEAD_DIM
+    {
+        return None;
+    }
+    let g = nh / nkv;
+    let np = (d / 2).div_ceil(32);
+    let hb = if np <= 2 { 8 } else { 4 };
+    let units = cap.div_ceil(UNIT).max(1);
+    // At least a quarter of the units' count: chunks of at most 4 units keep the scores in
+    // shared memory when few kv heads make few blocks (no GQA: 32 kv heads, 8 chunks otherwise).
+    let chunks = TARGET_BLOCKS
+        .div_ceil(nkv)
+        .max(units.div_ceil(MAX_UNITS))
+        .min(units);
+    let max_len = units.div_ceil(chunks) * UNIT;
+    // The last block's combine keeps a weight per (head, chunk) and a sum per head there too.
+    let red_len = (ATTN_WARPS * hb * d).max(g * (chunks + 1));
+    let shared = 4 * (hb * max_len + red_len) + 2 * (g * d + d);
+    (shared <= MAX_SHARED && chunks <= 65_535).then_some(AttnShape {
+        np,
+        hb,
+        chunks,
+        max_len,
+        red_len,
+        shared,
+    })
+}
 
 fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
     ModelError::Input(format!("attention decode kernel ({what}): {e}"))
@@ -183,11 +244,7 @@ pub fn try_forward(
         || x.dtype() != DType::BF16
         || !x.device().is_cuda()
         || cap > MAX_POSITIONS
-        || nh > MAX_HEADS
-        || d > MAX_HEAD_DIM
-        || d % 2 != 0
-        || nkv == 0
-        || nh % nkv != 0
+        || attn_shape(nh, nkv, d, cap).is_none()
         || kc.dims() != [nkv, cap, d]
         || vc.dims() != kc.dims()
         || kc.dtype() != DType::BF16
@@ -393,18 +450,30 @@ fn attend(
     // passed as addresses, as the other kernels that write into buffers they do not allocate.
     let kcv = super::raw::device_range(kc, 0, kc.elem_count() * 2)?.0;
     let vcv = super::raw::device_range(vc, 0, vc.elem_count() * 2)?.0;
-    let threads = (d.div_ceil(32) * 32).max(256) as u32;
-    let shared = (CHUNK + threads as usize + threads as usize / 32) * 4 + 2 * d * 2;
-    let chunks = cap.div_ceil(CHUNK);
-    // SAFETY: every element is written by the kernel (threads < d of each head's block).
+    let shape = attn_shape(nh, nkv, d, cap).ok_or_else(|| {
+        err(
+            "attention",
+            format!("{nh} heads, {nkv} kv heads, head_dim {d}, capacity {cap}"),
+        )
+    })?;
+    // SAFETY: every element is written by the kernel (each head's columns by its group's one
+    // chunk, or by the group's last block).
     let ctx = unsafe { dev.alloc::<bf16>(nh * d)? };
-    // SAFETY: each chunk's share is written by its block before the head's last block reads it;
-    // chunks past the position are neither written nor read.
-    let part = unsafe { dev.alloc::<f32>(nh * chunks * (d + 2))? };
+    // SAFETY: each chunk's share is written by its block before the group's last block reads
+    // it; chunks past the position are neither written nor read.
+    let part = unsafe { dev.alloc::<f32>(nh * shape.chunks * (d + 2).next_multiple_of(4))? };
     let eps = a.q_norm.eps();
     let scale = 1.0f32 / (d as f32).sqrt();
     let (nh_, nkv_, d_, cap_) = (nh as i32, nkv as i32, d as i32, cap as i32);
-    let f = dev.get_or_load_custom_func("attn_decode_bf16", MODULE, PTX)?;
+    let (len_, red_) = (shape.max_len as i32, shape.red_len as i32);
+    let name = [
+        "",
+        "attn_decode_bf16_np1",
+        "attn_decode_bf16_np2",
+        "attn_decode_bf16_np3",
+        "attn_decode_bf16_np4",
+    ][shape.np];
+    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
     let mut b = f.builder();
     b.arg(&qv)
         .arg(&kv)
@@ -423,18 +492,18 @@ fn attend(
         .arg(&nkv_)
         .arg(&d_)
         .arg(&cap_)
-        .arg(&scale);
+        .arg(&scale)
+        .arg(&len_)
+        .arg(&red_);
     let cfg = LaunchConfig {
-        grid_dim: (nh as u32, chunks as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: shared as u32,
+        grid_dim: (nkv as u32, shape.chunks as u32, 1),
+        block_dim: (32 * ATTN_WARPS as u32, 1, 1),
+        shared_mem_bytes: shape.shared as u32,
     };
-    if nh > MAX_HEADS || chunks > 65_535 {
-        return Err(err("attention", format!("{nh} heads, {chunks} chunks")));
-    }
     // SAFETY: argument order and types match the kernel; shapes checked here and by the caller;
-    // the position is below the capacity (the caller reserved its row); the shared memory is
-    // under 48 KiB (d ≤ MAX_HEAD_DIM); nh ≤ MAX_HEADS finish counters.
+    // the position is below the capacity (the caller reserved its row); `attn_shape` kept the
+    // shared memory under 48 KiB with room for the combine's weights, nkv ≤ MAX_GROUPS finish
+    // counters and d within the entry's pairs a lane.
     unsafe { b.launch(cfg) }.map_err(|e| err("attention launch", e))?;
     Ok(wrap(ctx, &dev, nh * d))
 }
@@ -759,6 +828,40 @@ mod tests {
         out
     }
 
+    /// The grid and shared memory of the attention kernel, on the host (no GPU needed).
+    #[test]
+    fn attention_chunks_grow_with_the_cache_and_fit_shared_memory() {
+        // Qwen3-30B-A3B: 4 kv groups of 8 heads, 64 chunks; 1-unit chunks to 4,096 rows.
+        let s = attn_shape(32, 4, 128, 4096).unwrap();
+        assert_eq!((s.np, s.hb, s.chunks, s.max_len), (2, 8, 64, 64));
+        let s = attn_shape(32, 4, 128, MAX_POSITIONS).unwrap();
+        assert_eq!((s.chunks, s.max_len), (64, 128));
+        // A short cache: one chunk a unit.
+        assert_eq!(attn_shape(32, 4, 128, 256).unwrap().chunks, 4);
+        // No grouping: more blocks than the target rather than chunks past 4 units.
+        let s = attn_shape(32, 32, 128, MAX_POSITIONS).unwrap();
+        assert_eq!((s.chunks, s.max_len), (32, 256));
+        // Every shape the kernel is offered up to its limits fits, with room for the combine.
+        for d in (2..=MAX_HEAD_DIM).step_by(2) {
+            for nkv in [1, 2, 3, 4, 8, 16, 64] {
+                for g in [1, 2, 5, 8, 16] {
+                    for cap in [1, 63, 64, 65, 4096, 5000, MAX_POSITIONS] {
+                        let s = attn_shape(nkv * g, nkv, d, cap)
+                            .unwrap_or_else(|| panic!("nkv {nkv} g {g} d {d} cap {cap}"));
+                        assert!(s.shared <= MAX_SHARED && s.max_len <= MAX_UNITS * UNIT);
+                        assert!(s.chunks * s.max_len >= cap, "{s:?} covers {cap}");
+                        assert!(d <= 64 * s.np && s.np <= 4);
+                    }
+                }
+            }
+        }
+        // What it does not take: odd or too wide heads, heads that do not group.
+        assert_eq!(attn_shape(8, 2, 130 + 128, 512), None);
+        assert_eq!(attn_shape(8, 2, 127, 512), None);
+        assert_eq!(attn_shape(8, 3, 128, 512), None);
+        assert_eq!(attn_shape(8, 0, 128, 512), None);
+    }
+
     #[test]
     fn attention_kernel_matches_its_reference_and_writes_only_its_row() {
         let Some(dev) = gpu() else { return };
@@ -768,8 +871,17 @@ mod tests {
             (8, 2, 128, 512),
             (4, 4, 64, 512),
             (6, 3, 96, 512),
+            // Groups past a block's 8 (4) heads at a time; head_dims of three and four pairs a lane.
+            (16, 1, 64, 512),
+            (12, 1, 64, 512),
+            (8, 2, 192, 512),
+            (12, 2, 256, 512),
             (8, 2, 128, 4096),
             (4, 2, 64, MAX_POSITIONS),
+            // Qwen3-30B-A3B's groups: chunks of 2 units past 4,096 positions; no grouping over
+            // 8 kv heads: chunks of 4 units.
+            (32, 4, 128, MAX_POSITIONS),
+            (8, 8, 64, MAX_POSITIONS),
         ] {
             let a = attention(nh, nkv, d, &dev, true);
             let (kc0, kch) = matrix(nkv * cap, d, 3, 253, 1.0 / 64.0, &dev);
@@ -779,12 +891,15 @@ mod tests {
             let (v, vh) = matrix(1, nkv * d, 7, 239, 1.0 / 16.0, &dev);
             let (qw, kw) = (host(a.q_norm.weight()), host(a.k_norm.weight()));
             let rope = Rope::new(d, 1e6);
-            // The first and second pass of a block's score loop (32 positions), one chunk
-            // (ATTN_CHUNK = 64 positions) and its edges, several chunks, the last row.
+            // A warp's first and second batch of positions (8 warps × 4 or 8), one chunk
+            // (a unit: 64 positions) and its edges, several chunks, the last row; past 4,096
+            // positions on 4 kv heads, the first position of 2-unit chunks.
             let positions: &[usize] = if cap == 512 {
-                &[0, 1, 31, 32, 33, 63, 64, 65, 100, 300, cap - 1]
+                &[0, 1, 7, 31, 32, 33, 63, 64, 65, 100, 300, cap - 1]
             } else if cap == 4096 {
                 &[2500, cap - 1]
+            } else if nkv == 4 {
+                &[4095, 4096, 5000, cap - 1]
             } else {
                 &[cap - 1]
             };

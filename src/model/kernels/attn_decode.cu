@@ -170,93 +170,144 @@ __device__ __forceinline__ void rope_row(__nv_bfloat16* x, const __nv_bfloat16* 
         x[i + half] = a * s + b * c;
     }
 }
+// Why a block per (kv group, chunk of positions), every query head of the group in it: a block
+// per (query head, chunk) read each KV row once per query head — eight times for Qwen3's groups
+// of eight — and after an 8,000-token prompt a layer's attention took ~119 µs for 16 MB of rows
+// (BENCHMARKS.md §54). A group's block reads each row once and uses it for all its heads.
+// Why chunks of positions rather than a block per group: with 4 kv heads a block per group would
+// leave all but 4 of an H200's 132 SMs idle, walking the positions one round trip after another.
+//
+// Chunks are whole units of ATTN_UNIT positions: ceil(units / gridDim.y) units each, so that up
+// to gridDim.y · ATTN_UNIT positions a chunk is one unit (as before, 64 positions) and past it
+// the grid's blocks share the positions evenly — the grid is sized once (for the capacity, so a
+// CUDA graph's launch serves every position) and blocks past `pos` return at once.
+#define ATTN_UNIT 64
+// Key/value heads one launch may have (the finish counters below).
+#define ATTN_MAX_GROUPS 1024
+// Warps of a block (`attn_decode.rs` launches this many).
+#define ATTN_WARPS 8
 
-// Sum (op 0) or max (op 1) of one value per thread over the block; every thread gets the result.
-// `red` holds one float per warp.
-__device__ __forceinline__ float block_reduce(float v, int op, float* red) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float other = __shfl_xor_sync(0xffffffffu, v, o);
-        v = op ? fmaxf(v, other) : v + other;
-    }
-    __syncthreads();  // `red` may still be read by an earlier reduction
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float r = red[0];
-    for (int w = 1; w < warps; w++) r = op ? fmaxf(r, red[w]) : r + red[w];
-    return r;
-}
-
-// Positions a block of attn_decode_bf16 attends over (see there). Why a chunk of positions per
-// block rather than a block per head: with 32 heads a block per head left three quarters of an
-// H200's SMs idle and walked the positions one round trip after another — decode after a
-// 1,024-token prompt ran at a third of the speed after 128 (BENCHMARKS.md §51).
-#define ATTN_CHUNK 64
-// Heads one launch may have (the finish counters below).
-#define ATTN_MAX_HEADS 1024
-
-// Blocks of a head that finished their chunk, per head: 0 between launches (the head's last
+// Blocks of a group that finished their chunk, per group: 0 between launches (the group's last
 // block resets it), so a launch can be replayed in a CUDA graph. One set per loaded module, which
 // is one per device and stream: launches on it run one after another.
-__device__ unsigned int attn_arrived[ATTN_MAX_HEADS];
+__device__ unsigned int attn_arrived[ATTN_MAX_GROUPS];
 
-// Grid (nh, chunks): block (h, c) attends query head h (kv head g = h / (nh / nkv)) over
-// positions [c·ATTN_CHUNK, (c+1)·ATTN_CHUNK) ∩ [0, pos]; blocks past `pos` return at once, so the
-// grid is sized for the capacity and a captured launch serves every position. blockDim a multiple
-// of 32, ≥ 64 and ≥ d.
+// Sums each of the 32 values v[0..32) over the warp's lanes; lane l returns the sum of v[l]. Five
+// exchange-and-add steps, each halving the values a lane holds (31 shuffles, where 32 separate
+// butterfly sums take 160). Each sum's order is fixed by the lane layout: deterministic.
+__device__ __forceinline__ float warp_sums_32(float* v, int lane) {
+#pragma unroll
+    for (int step = 0; step < 5; step++) {
+        const int o = 16 >> step;
+        const bool upper = (lane & o) != 0;
+#pragma unroll
+        for (int k = 0; k < 16; k++) {
+            if (k < o) {
+                const float send = upper ? v[k] : v[k + o];
+                const float keep = upper ? v[k + o] : v[k];
+                v[k] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+            }
+        }
+    }
+    return v[0];
+}
+
+// Grid (nkv, chunks), W = blockDim / 32 warps: block (g, c) attends every query head of kv group g
+// (heads g·G .. g·G + G − 1, G = nh / nkv) over chunk c's positions ∩ [0, pos]; HB heads at a
+// time (registers), each lane holding NP pairs of a row's columns (pairs lane, lane + 32, …; so
+// d ≤ 64·NP).
 // q [nh, d], k and v [nkv, d]: this token's projections before norm and RoPE. The caches
-// [nkv, cap, d] hold rows 0..pos-1; chunk 0 of a group's first query head writes row `pos`
-// (normalised, rotated k; v as is), and every block uses its own copy of that row, so no block
-// reads a row another block of this launch writes. Positions past `pos` are never read (the
-// masked rows of candle's path contributed exactly 0). ctx [nh, d] bf16.
-// One chunk (pos < ATTN_CHUNK): softmax over the scores, probabilities rounded to bf16, their
-// weighted sum of values in f32 rounded once — transformers' eager bf16 attention. Several: each
-// block keeps its chunk's max m_c, sum l_c of exp(s - m_c) and the exp-weighted sum of values
-// (f32) in `part` [nh, chunks, d + 2]; the head's last block to finish combines them in chunk
-// order, ctx = bf16(Σ e^(m_c − m) acc_c / Σ e^(m_c − m) l_c) — the same softmax without rounding
-// the probabilities to bf16 (within 2⁻⁹ of each, the unit test's tolerance).
-// Dynamic shared memory (`attn_decode.rs` sizes it): ATTN_CHUNK + blockDim + blockDim / 32
-// floats, then 2 d bf16.
-extern "C" __global__ void attn_decode_bf16(
+// [nkv, cap, d] hold rows 0..pos-1; chunk 0 of each group writes row `pos` (normalised, rotated
+// k; v as is), and every block uses its own copy of that row, so no block reads a row another
+// block of this launch writes. Positions past `pos` are never read (the masked rows of candle's
+// path contributed exactly 0). ctx [nh, d] bf16.
+// One chunk (pos < ATTN_UNIT · ceil(units / chunks), i.e. below 64 positions for any grid):
+// softmax over the scores, probabilities rounded to bf16, their weighted sum of values in f32
+// rounded once — transformers' eager bf16 attention. Several: each block keeps, per head, its
+// chunk's exp-weighted sum of values (f32), max m_c and sum l_c of exp(s − m_c) in `part`
+// [nh, chunks, ps] (ps = d + 2 rounded up to 4, so that each share's sums start 16-byte
+// aligned); the group's last block to finish combines them,
+// ctx = bf16(Σ e^(m_c − m) acc_c / Σ e^(m_c − m) l_c) — the same softmax without rounding the
+// probabilities to bf16 (within 2⁻⁹ of each, the unit test's tolerance).
+// Dynamic shared memory (`attn_decode.rs` sizes it), in floats: HB · max_len scores, then
+// red_len ≥ W · HB · d for the partial value sums (and the combine's G · chunks
+// weights and G sums), then bf16: G · d rotated queries and d for the rotated key.
+template <int NP, int HB>
+__device__ __forceinline__ void attn_decode(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
     const __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ q_norm,
     const __nv_bfloat16* __restrict__ k_norm, float eps,
     const __nv_bfloat16* __restrict__ cos, const __nv_bfloat16* __restrict__ sin,
     const uint32_t* __restrict__ pos_at, __nv_bfloat16* __restrict__ k_cache,
     __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ ctx, float* part, int nh,
-    int nkv, int d, int cap, float scale) {
+    int nkv, int d, int cap, float scale, int max_len, int red_len) {
+    // Positions of one score batch: the 32 (position, head) dot products warp_sums_32 reduces.
+    constexpr int U = 32 / HB;
     extern __shared__ float smem[];
-    float* scores = smem;                   // [ATTN_CHUNK]
-    float* acc = scores + ATTN_CHUNK;       // [blockDim]: partial sums of the value phase
-    float* red = acc + blockDim.x;          // [blockDim / 32]
-    __nv_bfloat16* qr = reinterpret_cast<__nv_bfloat16*>(red + blockDim.x / 32);  // [d]
-    __nv_bfloat16* kr = qr + d;                                                   // [d]
+    const int G = nh / nkv;
+    float* scores = smem;                    // [HB][max_len]
+    float* red = scores + HB * max_len;      // [W][HB][d]
+    __nv_bfloat16* qr = reinterpret_cast<__nv_bfloat16*>(red + red_len);  // [G][d]
+    __nv_bfloat16* kr = qr + (size_t)G * d;                                             // [d]
     __shared__ unsigned int ticket;
 
-    const int h = blockIdx.x, chunk = blockIdx.y;
+    const int g = blockIdx.x, chunk = blockIdx.y, nch = gridDim.y;
     const int pos = (int)*pos_at;
-    const int j_begin = chunk * ATTN_CHUNK;
+    const int len = ((pos / ATTN_UNIT + 1 + nch - 1) / nch) * ATTN_UNIT;
+    const int j_begin = chunk * len;
     if (j_begin > pos) return;
-    const int j_end = min(pos, j_begin + ATTN_CHUNK - 1);  // inclusive
-    const int chunks = pos / ATTN_CHUNK + 1;                // blocks of this head that run
-    const int groups = nh / nkv;
-    const int g = h / groups;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, warps = blockDim.x / 32;
+    const int j_end = min(pos, j_begin + len - 1);  // inclusive
+    const int n = j_end - j_begin + 1;
+    const int chunks = pos / len + 1;               // blocks of this group that run
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, W = blockDim.x / 32;
+    const int half = d / 2;
     const __nv_bfloat16* vrow = v + (size_t)g * d;
 
-    // Two warps normalise and rotate this head's q and its group's k (blockDim ≥ 64).
-    if (warp == 0) {
-        rms_norm_row(q + (size_t)h * d, q_norm, eps, d, lane, qr);
-        __syncwarp();
-        rope_row(qr, cos, sin, d, lane);
-    } else if (warp == 1) {
-        rms_norm_row(k + (size_t)g * d, k_norm, eps, d, lane, kr);
-        __syncwarp();
-        rope_row(kr, cos, sin, d, lane);
+    const __nv_bfloat162* kbase = reinterpret_cast<const __nv_bfloat162*>(k_cache + (size_t)g * cap * d);
+    const __nv_bfloat162* vbase = reinterpret_cast<const __nv_bfloat162*>(v_cache + (size_t)g * cap * d);
+    const __nv_bfloat162* kr2 = reinterpret_cast<const __nv_bfloat162*>(kr);
+    const __nv_bfloat162* vrow2 = reinterpret_cast<const __nv_bfloat162*>(vrow);
+    // Warp w takes positions j_begin + w, + W, …, U at a time (a batch: the U rows' loads issued
+    // together); the next batch's rows are loaded while this one is used, and the first batch's
+    // keys and values before anything else, so that their round trip overlaps the norms. Row
+    // `pos` is this block's own copy (kr, vrow): a key row of `pos` loads nothing here and is
+    // read from kr where it is used.
+    const int first = j_begin + warp, step = U * W;
+    auto load = [&](float2 (&rows)[U][NP], const __nv_bfloat162* base, const __nv_bfloat162* own,
+                    bool own_ready, int j0) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int j = j0 + u * W;
+            const bool mine = j == pos;
+            const __nv_bfloat162* row = mine ? own : base + (size_t)j * half;
+#pragma unroll
+            for (int i = 0; i < NP; i++) {
+                const int p = lane + 32 * i;
+                rows[u][i] = (j <= j_end && p < half && (!mine || own_ready))
+                    ? __bfloat1622float2(row[p]) : make_float2(0.f, 0.f);
+            }
+        }
+    };
+    float2 kn[U][NP], vn[U][NP];
+    load(kn, kbase, kr2, false, first);
+    load(vn, vbase, vrow2, true, first);
+
+    // The group's queries and its key, normalised and rotated: one warp each (two rounds for
+    // groups of 8: a ninth warp would cost the second block an SM).
+    for (int t = warp; t <= G; t += W) {
+        if (t < G) {
+            __nv_bfloat16* out = qr + (size_t)t * d;
+            rms_norm_row(q + ((size_t)g * G + t) * d, q_norm, eps, d, lane, out);
+            __syncwarp();
+            rope_row(out, cos, sin, d, lane);
+        } else {
+            rms_norm_row(k + (size_t)g * d, k_norm, eps, d, lane, kr);
+            __syncwarp();
+            rope_row(kr, cos, sin, d, lane);
+        }
     }
     __syncthreads();
-    if (chunk == 0 && h % groups == 0) {
+    if (chunk == 0) {
         __nv_bfloat16* kc = k_cache + ((size_t)g * cap + pos) * d;
         __nv_bfloat16* vc = v_cache + ((size_t)g * cap + pos) * d;
         for (int i = tid; i < d; i += blockDim.x) {
@@ -265,93 +316,203 @@ extern "C" __global__ void attn_decode_bf16(
         }
     }
 
-    // Scores: a quarter warp (8 lanes) per position, two elements per lane per load.
-    const __nv_bfloat16* kbase = k_cache + (size_t)g * cap * d;
-    const int sub = lane / 8, l8 = lane & 7;
-    for (int j0 = j_begin + warp * 4; j0 <= j_end; j0 += warps * 4) {
-        const int j = j0 + sub;
-        float s = 0.f;
-        if (j <= j_end) {
-            const __nv_bfloat16* krow = j == pos ? kr : kbase + (size_t)j * d;
-            // Unrolled so that a lane's loads are in flight together (a loop of dependent
-            // round trips otherwise: these rows come from L2).
-#pragma unroll 8
-            for (int i = 2 * l8; i < d; i += 16) {
-                const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qr + i));
-                const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(krow + i));
-                s = fmaf(a.x, b.x, s);
-                s = fmaf(a.y, b.y, s);
+    const int ps = (d + 2 + 3) / 4 * 4;  // floats of a head's share in `part`: d sums, m, l
+    for (int hb = 0; hb < G; hb += HB) {
+        const int nb = min(HB, G - hb);
+        if (hb > 0) load(kn, kbase, kr2, true, first);
+        const __nv_bfloat162* qb = reinterpret_cast<const __nv_bfloat162*>(qr + (size_t)hb * d);
+
+        // Scores: the batch's U · HB dot products summed by warp_sums_32.
+        for (int j0 = first; j0 <= j_end; j0 += step) {
+            float2 kc[U][NP];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int i = 0; i < NP; i++) kc[u][i] = kn[u][i];
+            if (j0 + step <= j_end) load(kn, kbase, kr2, true, j0 + step);
+            float sv[32];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (j0 + u * W == pos) {
+#pragma unroll
+                    for (int i = 0; i < NP; i++) {
+                        const int p = lane + 32 * i;
+                        kc[u][i] = p < half ? __bfloat1622float2(kr2[p]) : make_float2(0.f, 0.f);
+                    }
+                }
+#pragma unroll
+                for (int hh = 0; hh < HB; hh++) {
+                    float acc = 0.f;
+#pragma unroll
+                    for (int i = 0; i < NP; i++) {
+                        const int p = lane + 32 * i;
+                        const float2 qf = (hh < nb && p < half)
+                            ? __bfloat1622float2(qb[(size_t)hh * half + p]) : make_float2(0.f, 0.f);
+                        acc = fmaf(qf.x, kc[u][i].x, acc);
+                        acc = fmaf(qf.y, kc[u][i].y, acc);
+                    }
+                    sv[u * HB + hh] = acc;
+                }
+            }
+            const float mine = warp_sums_32(sv, lane);
+            const int u = lane / HB, hh = lane % HB, j = j0 + u * W;
+            if (j <= j_end && hh < nb)
+                scores[hh * max_len + (j - j_begin)] = bf16_round(bf16_round(mine) * scale);
+        }
+        __syncthreads();
+
+        // Softmax of each head's chunk: one warp a head.
+        if (warp < nb) {
+            float* sc = scores + warp * max_len;
+            float m = -INFINITY;
+            for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            float sum = 0.f;
+            for (int j = lane; j < n; j += 32) {
+                const float e = expf(sc[j] - m);
+                sc[j] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            __syncwarp();
+            if (chunks == 1) {
+                for (int j = lane; j < n; j += 32) sc[j] = bf16_round(sc[j] / sum);
+            } else if (lane == 0) {
+                float* mine = part + ((size_t)(g * G + hb + warp) * nch + chunk) * ps + d;
+                mine[0] = m;
+                mine[1] = sum;
+            }
+        }
+        __syncthreads();
+
+        // Values: each warp's positions into its own partial sums, then added in warp order.
+        if (hb > 0) load(vn, vbase, vrow2, true, first);
+        float2 acc[HB][NP];
+#pragma unroll
+        for (int hh = 0; hh < HB; hh++)
+#pragma unroll
+            for (int i = 0; i < NP; i++) acc[hh][i] = make_float2(0.f, 0.f);
+        for (int j0 = first; j0 <= j_end; j0 += step) {
+            float2 vc[U][NP];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int i = 0; i < NP; i++) vc[u][i] = vn[u][i];
+            if (j0 + step <= j_end) load(vn, vbase, vrow2, true, j0 + step);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int j = j0 + u * W;
+                if (j > j_end) break;
+#pragma unroll
+                for (int hh = 0; hh < HB; hh++) {
+                    const float pj = hh < nb ? scores[hh * max_len + (j - j_begin)] : 0.f;
+#pragma unroll
+                    for (int i = 0; i < NP; i++) {
+                        acc[hh][i].x = fmaf(pj, vc[u][i].x, acc[hh][i].x);
+                        acc[hh][i].y = fmaf(pj, vc[u][i].y, acc[hh][i].y);
+                    }
+                }
             }
         }
 #pragma unroll
-        for (int o = 4; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (l8 == 0 && j <= j_end) scores[j - j_begin] = bf16_round(bf16_round(s) * scale);
-    }
-    __syncthreads();
-
-    const int n = j_end - j_begin + 1;
-    float m = -INFINITY;
-    for (int j = tid; j < n; j += blockDim.x) m = fmaxf(m, scores[j]);
-    m = block_reduce(m, 1, red);
-    float sum = 0.f;
-    for (int j = tid; j < n; j += blockDim.x) {
-        const float e = expf(scores[j] - m);
-        scores[j] = e;
-        sum += e;
-    }
-    sum = block_reduce(sum, 0, red);  // its barriers also order the writes to `scores`
-    if (chunks == 1) {
-        for (int j = tid; j < n; j += blockDim.x) scores[j] = bf16_round(scores[j] / sum);
+        for (int hh = 0; hh < HB; hh++)
+#pragma unroll
+            for (int i = 0; i < NP; i++) {
+                const int p = lane + 32 * i;
+                if (hh < nb && p < half)
+                    reinterpret_cast<float2*>(red + ((size_t)warp * HB + hh) * d)[p] = acc[hh][i];
+            }
         __syncthreads();
-    }
-
-    // Values: column c of the head by `parts` threads, part p summing positions p, p + parts, …
-    const int parts = blockDim.x / d;
-    const int c = tid % d, p = tid / d;
-    const __nv_bfloat16* vbase = v_cache + (size_t)g * cap * d;
-    float a = 0.f;
-    if (p < parts) {
-#pragma unroll 8
-        for (int j = j_begin + p; j <= j_end; j += parts) {
-            const float vj = __bfloat162float(j == pos ? vrow[c] : vbase[(size_t)j * d + c]);
-            a = fmaf(scores[j - j_begin], vj, a);
+        for (int o = tid; o < nb * d; o += blockDim.x) {
+            const int hh = o / d, c = o % d;
+            float total = 0.f;
+#pragma unroll 4
+            for (int w = 0; w < W; w++) total += red[((size_t)w * HB + hh) * d + c];
+            const size_t h = (size_t)g * G + hb + hh;
+            if (chunks == 1) ctx[h * d + c] = __float2bfloat16(total);
+            else part[(h * nch + chunk) * ps + c] = total;
         }
+        __syncthreads();  // `scores` and `red` are rewritten by the next batch
     }
-    acc[tid] = a;
-    __syncthreads();
-    float total = 0.f;
-    if (tid < d)
-        for (int q_ = 0; q_ < parts; q_++) total += acc[q_ * d + tid];
-    if (chunks == 1) {
-        if (tid < d) ctx[(size_t)h * d + tid] = __float2bfloat16(total);
-        return;
-    }
+    if (chunks == 1) return;
 
-    // Several chunks: this one's share into `part`, then the head's last block combines.
-    float* mine = part + ((size_t)h * gridDim.y + chunk) * (d + 2);
-    if (tid < d) mine[2 + tid] = total;
-    if (tid == 0) {
-        mine[0] = m;
-        mine[1] = sum;
-    }
-    __threadfence();  // this block's share visible to the last block before it counts itself
+    // Several chunks: the group's last block to finish combines every chunk's share.
+    __threadfence();  // this block's shares visible to the last block before it counts itself
     __syncthreads();
-    if (tid == 0) ticket = atomicAdd(&attn_arrived[h], 1u);
+    if (tid == 0) ticket = atomicAdd(&attn_arrived[g], 1u);
     __syncthreads();
     if (ticket != (unsigned)chunks - 1) return;
     __threadfence();
-    const float* head = part + (size_t)h * gridDim.y * (d + 2);
-    float mx = -INFINITY;
-    for (int c_ = 0; c_ < chunks; c_++) mx = fmaxf(mx, __ldcg(head + (size_t)c_ * (d + 2)));
-    if (tid < d) {
-        float num = 0.f, den = 0.f;
-        for (int c_ = 0; c_ < chunks; c_++) {
-            const float* sh = head + (size_t)c_ * (d + 2);
+    float* wts = red;                        // [G][chunks]: e^(m_c − m)
+    float* den = red + (size_t)G * chunks;   // [G]
+    for (int hh = warp; hh < G; hh += W) {
+        const float* head = part + (size_t)(g * G + hh) * nch * ps + d;
+        float mx = -INFINITY;
+        for (int c = lane; c < chunks; c += 32) mx = fmaxf(mx, __ldcg(head + (size_t)c * ps));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float l = 0.f;
+        for (int c = lane; c < chunks; c += 32) {
+            const float* sh = head + (size_t)c * ps;
             const float w = expf(__ldcg(sh) - mx);
-            den = fmaf(w, __ldcg(sh + 1), den);
-            num = fmaf(w, __ldcg(sh + 2 + tid), num);
+            wts[hh * chunks + c] = w;
+            l = fmaf(w, __ldcg(sh + 1), l);
         }
-        ctx[(size_t)h * d + tid] = __float2bfloat16(num / den);
+        l = warp_sum(l);
+        if (lane == 0) den[hh] = l;
     }
-    if (tid == 0) attn_arrived[h] = 0u;
+    __syncthreads();
+    // Each thread a group of columns (4 where d allows: 16-byte loads of the shares, which
+    // start on multiples of 4 floats), every chunk's loads in flight 16 at a time; each column's
+    // sum in chunk order.
+    const int cw = d % 4 == 0 ? 4 : 1, groups = d / cw;
+    for (int o = tid; o < G * groups; o += blockDim.x) {
+        const int hh = o / groups, c = (o % groups) * cw;
+        const float* col = part + (size_t)(g * G + hh) * nch * ps + c;
+        const float* w = wts + hh * chunks;
+        __nv_bfloat16* out = ctx + ((size_t)g * G + hh) * d + c;
+        if (cw == 4) {
+            float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 16
+            for (int c_ = 0; c_ < chunks; c_++) {
+                const float4 a = __ldcg(reinterpret_cast<const float4*>(col + (size_t)c_ * ps));
+                const float wc = w[c_];
+                num.x = fmaf(wc, a.x, num.x);
+                num.y = fmaf(wc, a.y, num.y);
+                num.z = fmaf(wc, a.z, num.z);
+                num.w = fmaf(wc, a.w, num.w);
+            }
+            out[0] = __float2bfloat16(num.x / den[hh]);
+            out[1] = __float2bfloat16(num.y / den[hh]);
+            out[2] = __float2bfloat16(num.z / den[hh]);
+            out[3] = __float2bfloat16(num.w / den[hh]);
+        } else {
+            float num = 0.f;
+#pragma unroll 16
+            for (int c_ = 0; c_ < chunks; c_++) num = fmaf(w[c_], __ldcg(col + (size_t)c_ * ps), num);
+            out[0] = __float2bfloat16(num / den[hh]);
+        }
+    }
+    if (tid == 0) attn_arrived[g] = 0u;
 }
+
+// One entry point per NP (pairs of columns a lane holds: head_dim ≤ 64, 128, 192, 256), HB
+// heads at a time so that a lane's value sums stay at 32 floats; two blocks an SM (128
+// registers) where that leaves the loop's rows in registers, one for the wide heads.
+#define ATTN_ENTRY(NAME, NP, HB, MIN_BLOCKS)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS, MIN_BLOCKS) NAME(                           \
+        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                 \
+        const __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ q_norm,            \
+        const __nv_bfloat16* __restrict__ k_norm, float eps,                                      \
+        const __nv_bfloat16* __restrict__ cos, const __nv_bfloat16* __restrict__ sin,             \
+        const uint32_t* __restrict__ pos_at, __nv_bfloat16* __restrict__ k_cache,                 \
+        __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ ctx, float* part,        \
+        int nh, int nkv, int d, int cap, float scale, int max_len, int red_len) {                 \
+        attn_decode<NP, HB>(q, k, v, q_norm, k_norm, eps, cos, sin, pos_at, k_cache, v_cache,     \
+                            ctx, part, nh, nkv, d, cap, scale, max_len, red_len);                 \
+    }
+ATTN_ENTRY(attn_decode_bf16_np1, 1, 8, 2)
+ATTN_ENTRY(attn_decode_bf16_np2, 2, 8, 2)
+ATTN_ENTRY(attn_decode_bf16_np3, 3, 4, 1)
+ATTN_ENTRY(attn_decode_bf16_np4, 4, 4, 1)
