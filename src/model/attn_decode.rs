@@ -25,21 +25,13 @@ const PTX: &str = include_str!("kernels/attn_decode.ptx");
 const MODULE: &str = "moescope_attn_decode";
 /// Warps per block of `gemv_rows_bf16` (its shared partial sums hold 8).
 const WARPS_PER_BLOCK: u32 = 8;
-/// Positions of the attention kernel's chunk unit (`ATTN_UNIT` in the kernel file): a chunk is a
-/// whole number of them.
-const UNIT: usize = 64;
-/// Blocks the attention kernel's grid aims at (kv groups × chunks): about two per SM of an H200
-/// once the positions outnumber them, so that a long context's rows are read by every SM at once.
-const TARGET_BLOCKS: usize = 256;
-/// Units a chunk of the attention kernel holds at most.
-const MAX_UNITS: usize = 4;
 /// Warps of an attention block (`ATTN_WARPS`).
 const ATTN_WARPS: usize = 8;
 /// Key/value heads the attention kernel takes (`ATTN_MAX_GROUPS`: its finish counters).
 const MAX_GROUPS: usize = 1024;
 /// Largest static KV capacity the attention kernel takes; past it, candle's ops run. The kernel
-/// itself has no such limit (its chunks grow with the position); this is the capacity its unit
-/// test covers.
+/// itself has no such limit (a grid of `cap / len` chunks a group); this is the capacity its
+/// unit test covers.
 pub const MAX_POSITIONS: usize = 8192;
 /// Largest head_dim: a lane holds up to four pairs of a row's columns (`attn_decode_bf16_np4`).
 const MAX_HEAD_DIM: usize = 256;
@@ -52,14 +44,13 @@ const MAX_SHARED: usize = 48 * 1024;
 struct AttnShape {
     /// Entry point: `attn_decode_bf16_np{np}` (pairs of columns a lane holds).
     np: usize,
-    /// Query heads a block takes at a time (the entry's HB).
-    hb: usize,
-    /// Chunks a group's positions are split into at most (the grid's y).
+    /// Positions of a chunk (`len`): one block's rows in shared memory.
+    len: usize,
+    /// Chunks of a group (the grid's y), enough for the capacity.
     chunks: usize,
-    /// Positions of the longest chunk (`max_len`).
-    max_len: usize,
-    /// Floats of the partial value sums and the combine's weights (`red_len`).
-    red_len: usize,
+    /// Bytes of shared memory for the chunk's keys and values (`rows_bytes`), which the
+    /// combine reuses for a weight per (head, chunk) and a sum per head.
+    rows_bytes: usize,
     shared: usize,
 }
 
@@ -75,25 +66,20 @@ fn attn_shape(nh: usize, nkv: usize, d: usize, cap: usize) -> Option<AttnShape> 
     }
     let g = nh / nkv;
     let np = (d / 2).div_ceil(32);
-    let hb = if np <= 2 { 8 } else { 4 };
-    let units = cap.div_ceil(UNIT).max(1);
-    // At least a quarter of the units' count: chunks of at most 4 units keep the scores in
-    // shared memory when few kv heads make few blocks (no GQA: 32 kv heads, 8 chunks otherwise).
-    let chunks = TARGET_BLOCKS
-        .div_ceil(nkv)
-        .max(units.div_ceil(MAX_UNITS))
-        .min(units);
-    let max_len = units.div_ceil(chunks) * UNIT;
-    // The last block's combine keeps a weight per (head, chunk) and a sum per head there too.
-    let red_len = (ATTN_WARPS * hb * d).max(g * (chunks + 1));
-    let shared = 4 * (hb * max_len + red_len) + 2 * (g * d + d);
-    (shared <= MAX_SHARED && chunks <= 65_535).then_some(AttnShape {
-        np,
-        hb,
-        chunks,
-        max_len,
-        red_len,
-        shared,
+    // 64 positions a chunk (32 KB of rows at head_dim 128), fewer where that would not fit.
+    [64, 32, 16].into_iter().find_map(|len| {
+        let chunks = cap.div_ceil(len).max(1);
+        let rows_bytes = (2 * len * d * 2)
+            .max(4 * g * (chunks + 1))
+            .next_multiple_of(16);
+        let shared = rows_bytes + 4 * g * len + 2 * (g * d + d);
+        (shared <= MAX_SHARED && chunks <= 65_535).then_some(AttnShape {
+            np,
+            len,
+            chunks,
+            rows_bytes,
+            shared,
+        })
     })
 }
 
@@ -465,7 +451,7 @@ fn attend(
     let eps = a.q_norm.eps();
     let scale = 1.0f32 / (d as f32).sqrt();
     let (nh_, nkv_, d_, cap_) = (nh as i32, nkv as i32, d as i32, cap as i32);
-    let (len_, red_) = (shape.max_len as i32, shape.red_len as i32);
+    let (len_, rows_) = (shape.len as i32, shape.rows_bytes as i32);
     let name = [
         "",
         "attn_decode_bf16_np1",
@@ -494,7 +480,7 @@ fn attend(
         .arg(&cap_)
         .arg(&scale)
         .arg(&len_)
-        .arg(&red_);
+        .arg(&rows_);
     let cfg = LaunchConfig {
         grid_dim: (nkv as u32, shape.chunks as u32, 1),
         block_dim: (32 * ATTN_WARPS as u32, 1, 1),
@@ -830,17 +816,14 @@ mod tests {
 
     /// The grid and shared memory of the attention kernel, on the host (no GPU needed).
     #[test]
-    fn attention_chunks_grow_with_the_cache_and_fit_shared_memory() {
-        // Qwen3-30B-A3B: 4 kv groups of 8 heads, 64 chunks; 1-unit chunks to 4,096 rows.
-        let s = attn_shape(32, 4, 128, 4096).unwrap();
-        assert_eq!((s.np, s.hb, s.chunks, s.max_len), (2, 8, 64, 64));
+    fn attention_chunks_fit_shared_memory_and_cover_the_cache() {
+        // Qwen3-30B-A3B: 4 kv groups of 8 heads, chunks of 64 positions.
         let s = attn_shape(32, 4, 128, MAX_POSITIONS).unwrap();
-        assert_eq!((s.chunks, s.max_len), (64, 128));
-        // A short cache: one chunk a unit.
-        assert_eq!(attn_shape(32, 4, 128, 256).unwrap().chunks, 4);
-        // No grouping: more blocks than the target rather than chunks past 4 units.
-        let s = attn_shape(32, 32, 128, MAX_POSITIONS).unwrap();
-        assert_eq!((s.chunks, s.max_len), (32, 256));
+        assert_eq!((s.np, s.len, s.chunks), (2, 64, 128));
+        assert_eq!(s.rows_bytes, 32 * 1024);
+        // Wide heads: 32 positions; a large group of them: 16.
+        assert_eq!(attn_shape(32, 4, 256, 4096).unwrap().len, 32);
+        assert_eq!(attn_shape(32, 1, 256, 512).unwrap().len, 16);
         // Every shape the kernel is offered up to its limits fits, with room for the combine.
         for d in (2..=MAX_HEAD_DIM).step_by(2) {
             for nkv in [1, 2, 3, 4, 8, 16, 64] {
@@ -848,15 +831,18 @@ mod tests {
                     for cap in [1, 63, 64, 65, 4096, 5000, MAX_POSITIONS] {
                         let s = attn_shape(nkv * g, nkv, d, cap)
                             .unwrap_or_else(|| panic!("nkv {nkv} g {g} d {d} cap {cap}"));
-                        assert!(s.shared <= MAX_SHARED && s.max_len <= MAX_UNITS * UNIT);
-                        assert!(s.chunks * s.max_len >= cap, "{s:?} covers {cap}");
+                        assert!(s.shared <= MAX_SHARED, "{s:?}");
+                        assert!(
+                            s.rows_bytes >= 4 * d * s.len && s.rows_bytes >= 4 * g * (s.chunks + 1)
+                        );
+                        assert!(s.chunks * s.len >= cap, "{s:?} covers {cap}");
                         assert!(d <= 64 * s.np && s.np <= 4);
                     }
                 }
             }
         }
         // What it does not take: odd or too wide heads, heads that do not group.
-        assert_eq!(attn_shape(8, 2, 130 + 128, 512), None);
+        assert_eq!(attn_shape(8, 2, 258, 512), None);
         assert_eq!(attn_shape(8, 2, 127, 512), None);
         assert_eq!(attn_shape(8, 3, 128, 512), None);
         assert_eq!(attn_shape(8, 0, 128, 512), None);
@@ -874,12 +860,13 @@ mod tests {
             // Groups past a block's 8 (4) heads at a time; head_dims of three and four pairs a lane.
             (16, 1, 64, 512),
             (12, 1, 64, 512),
+            // Rows of 72 bytes: copied to shared memory 4 bytes at a time.
+            (4, 2, 36, 512),
             (8, 2, 192, 512),
             (12, 2, 256, 512),
             (8, 2, 128, 4096),
             (4, 2, 64, MAX_POSITIONS),
-            // Qwen3-30B-A3B's groups: chunks of 2 units past 4,096 positions; no grouping over
-            // 8 kv heads: chunks of 4 units.
+            // Qwen3-30B-A3B's groups; no grouping over 8 kv heads.
             (32, 4, 128, MAX_POSITIONS),
             (8, 8, 64, MAX_POSITIONS),
         ] {
@@ -891,9 +878,9 @@ mod tests {
             let (v, vh) = matrix(1, nkv * d, 7, 239, 1.0 / 16.0, &dev);
             let (qw, kw) = (host(a.q_norm.weight()), host(a.k_norm.weight()));
             let rope = Rope::new(d, 1e6);
-            // A warp's first and second batch of positions (8 warps × 4 or 8), one chunk
-            // (a unit: 64 positions) and its edges, several chunks, the last row; past 4,096
-            // positions on 4 kv heads, the first position of 2-unit chunks.
+            // A warp's first and second batch of positions (8 warps × 8), one chunk (64
+            // positions; 32 for the wide heads) and its edges, several chunks, the last row;
+            // on Qwen3's groups, positions around 4,096 and the last.
             let positions: &[usize] = if cap == 512 {
                 &[0, 1, 7, 31, 32, 33, 63, 64, 65, 100, 300, cap - 1]
             } else if cap == 4096 {

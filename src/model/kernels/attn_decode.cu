@@ -172,16 +172,18 @@ __device__ __forceinline__ void rope_row(__nv_bfloat16* x, const __nv_bfloat16* 
 }
 // Why a block per (kv group, chunk of positions), every query head of the group in it: a block
 // per (query head, chunk) read each KV row once per query head — eight times for Qwen3's groups
-// of eight — and after an 8,000-token prompt a layer's attention took ~119 µs for 16 MB of rows
-// (BENCHMARKS.md §54). A group's block reads each row once and uses it for all its heads.
+// of eight — and after an 8,000-token prompt a layer's attention took ~123 µs for 16 MB of rows
+// (BENCHMARKS.md §56). A group's block reads each row once and uses it for all its heads.
 // Why chunks of positions rather than a block per group: with 4 kv heads a block per group would
 // leave all but 4 of an H200's 132 SMs idle, walking the positions one round trip after another.
+// Why the chunk's rows go to shared memory first, all at once (cp.async): the kernel is a chain
+// of round trips, not of bytes — a chunk's keys and values are 32 KB — so each block asks for
+// all its rows before anything else, normalises and rotates the queries while they come, and
+// then works from shared memory alone.
 //
-// Chunks are whole units of ATTN_UNIT positions: ceil(units / gridDim.y) units each, so that up
-// to gridDim.y · ATTN_UNIT positions a chunk is one unit (as before, 64 positions) and past it
-// the grid's blocks share the positions evenly — the grid is sized once (for the capacity, so a
-// CUDA graph's launch serves every position) and blocks past `pos` return at once.
-#define ATTN_UNIT 64
+// A chunk is `len` positions (the host's pick: 64, or fewer where a wide head or a large group
+// would not fit shared memory); the grid is sized once, for the capacity (so a CUDA graph's
+// launch serves every position), and blocks past `pos` return at once.
 // Key/value heads one launch may have (the finish counters below).
 #define ATTN_MAX_GROUPS 1024
 // Warps of a block (`attn_decode.rs` launches this many).
@@ -212,26 +214,25 @@ __device__ __forceinline__ float warp_sums_32(float* v, int lane) {
     return v[0];
 }
 
-// Grid (nkv, chunks), W = blockDim / 32 warps: block (g, c) attends every query head of kv group g
-// (heads g·G .. g·G + G − 1, G = nh / nkv) over chunk c's positions ∩ [0, pos]; HB heads at a
-// time (registers), each lane holding NP pairs of a row's columns (pairs lane, lane + 32, …; so
-// d ≤ 64·NP).
+// Grid (nkv, chunks), ATTN_WARPS warps: block (g, c) attends every query head of kv group g
+// (heads g·G .. g·G + G − 1, G = nh / nkv) over positions [c·len, (c+1)·len) ∩ [0, pos]. A lane
+// holds NP pairs of a row's columns (pairs lane, lane + 32, …; so d ≤ 64·NP); scores are taken
+// HB heads at a time.
 // q [nh, d], k and v [nkv, d]: this token's projections before norm and RoPE. The caches
 // [nkv, cap, d] hold rows 0..pos-1; chunk 0 of each group writes row `pos` (normalised, rotated
 // k; v as is), and every block uses its own copy of that row, so no block reads a row another
 // block of this launch writes. Positions past `pos` are never read (the masked rows of candle's
 // path contributed exactly 0). ctx [nh, d] bf16.
-// One chunk (pos < ATTN_UNIT · ceil(units / chunks), i.e. below 64 positions for any grid):
-// softmax over the scores, probabilities rounded to bf16, their weighted sum of values in f32
-// rounded once — transformers' eager bf16 attention. Several: each block keeps, per head, its
-// chunk's exp-weighted sum of values (f32), max m_c and sum l_c of exp(s − m_c) in `part`
-// [nh, chunks, ps] (ps = d + 2 rounded up to 4, so that each share's sums start 16-byte
-// aligned); the group's last block to finish combines them,
+// One chunk (pos < len): softmax over the scores, probabilities rounded to bf16, their weighted
+// sum of values in f32 in position order, rounded once — transformers' eager bf16 attention.
+// Several: each block keeps, per head, its chunk's exp-weighted sum of values (f32), max m_c and
+// sum l_c of exp(s − m_c) in `part` [nh, chunks, ps] (ps = d + 2 rounded up to 4, so that each
+// share's sums start 16-byte aligned); the group's last block to finish combines them,
 // ctx = bf16(Σ e^(m_c − m) acc_c / Σ e^(m_c − m) l_c) — the same softmax without rounding the
 // probabilities to bf16 (within 2⁻⁹ of each, the unit test's tolerance).
-// Dynamic shared memory (`attn_decode.rs` sizes it), in floats: HB · max_len scores, then
-// red_len ≥ W · HB · d for the partial value sums (and the combine's G · chunks
-// weights and G sums), then bf16: G · d rotated queries and d for the rotated key.
+// Dynamic shared memory (`attn_decode.rs` sizes it): rows_bytes ≥ 2 · len · d bf16 for the
+// chunk's keys then values (the combine reuses them for its G · (chunks + 1) floats), then
+// G · len float scores, then bf16: G · d rotated queries and d for the rotated key.
 template <int NP, int HB>
 __device__ __forceinline__ void attn_decode(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
@@ -240,20 +241,20 @@ __device__ __forceinline__ void attn_decode(
     const __nv_bfloat16* __restrict__ cos, const __nv_bfloat16* __restrict__ sin,
     const uint32_t* __restrict__ pos_at, __nv_bfloat16* __restrict__ k_cache,
     __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ ctx, float* part, int nh,
-    int nkv, int d, int cap, float scale, int max_len, int red_len) {
+    int nkv, int d, int cap, float scale, int len, int rows_bytes) {
     // Positions of one score batch: the 32 (position, head) dot products warp_sums_32 reduces.
     constexpr int U = 32 / HB;
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) unsigned char smem_bytes[];
     const int G = nh / nkv;
-    float* scores = smem;                    // [HB][max_len]
-    float* red = scores + HB * max_len;      // [W][HB][d]
-    __nv_bfloat16* qr = reinterpret_cast<__nv_bfloat16*>(red + red_len);  // [G][d]
-    __nv_bfloat16* kr = qr + (size_t)G * d;                                             // [d]
+    __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_bytes);        // [len][d]
+    __nv_bfloat16* vs = ks + (size_t)len * d;                                 // [len][d]
+    float* scores = reinterpret_cast<float*>(smem_bytes + rows_bytes);       // [G][len]
+    __nv_bfloat16* qr = reinterpret_cast<__nv_bfloat16*>(scores + (size_t)G * len);  // [G][d]
+    __nv_bfloat16* kr = qr + (size_t)G * d;                                  // [d]
     __shared__ unsigned int ticket;
 
     const int g = blockIdx.x, chunk = blockIdx.y, nch = gridDim.y;
     const int pos = (int)*pos_at;
-    const int len = ((pos / ATTN_UNIT + 1 + nch - 1) / nch) * ATTN_UNIT;
     const int j_begin = chunk * len;
     if (j_begin > pos) return;
     const int j_end = min(pos, j_begin + len - 1);  // inclusive
@@ -263,37 +264,34 @@ __device__ __forceinline__ void attn_decode(
     const int half = d / 2;
     const __nv_bfloat16* vrow = v + (size_t)g * d;
 
-    const __nv_bfloat162* kbase = reinterpret_cast<const __nv_bfloat162*>(k_cache + (size_t)g * cap * d);
-    const __nv_bfloat162* vbase = reinterpret_cast<const __nv_bfloat162*>(v_cache + (size_t)g * cap * d);
-    const __nv_bfloat162* kr2 = reinterpret_cast<const __nv_bfloat162*>(kr);
-    const __nv_bfloat162* vrow2 = reinterpret_cast<const __nv_bfloat162*>(vrow);
-    // Warp w takes positions j_begin + w, + W, …, U at a time (a batch: the U rows' loads issued
-    // together); the next batch's rows are loaded while this one is used, and the first batch's
-    // keys and values before anything else, so that their round trip overlaps the norms. Row
-    // `pos` is this block's own copy (kr, vrow): a key row of `pos` loads nothing here and is
-    // read from kr where it is used.
-    const int first = j_begin + warp, step = U * W;
-    auto load = [&](float2 (&rows)[U][NP], const __nv_bfloat162* base, const __nv_bfloat162* own,
-                    bool own_ready, int j0) {
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int j = j0 + u * W;
-            const bool mine = j == pos;
-            const __nv_bfloat162* row = mine ? own : base + (size_t)j * half;
-#pragma unroll
-            for (int i = 0; i < NP; i++) {
-                const int p = lane + 32 * i;
-                rows[u][i] = (j <= j_end && p < half && (!mine || own_ready))
-                    ? __bfloat1622float2(row[p]) : make_float2(0.f, 0.f);
+    // The chunk's rows into shared memory (`ggml_blocks.cuh`'s cp.async helpers): keys but row `pos` (this block's own, below), values
+    // with row `pos` from this token's projection.
+    {
+        // Bytes a copy: 16 where every row starts 16-byte aligned, else 4 (d is even).
+        const bool wide = d % 8 == 0 &&
+            (((uintptr_t)k_cache | (uintptr_t)v_cache | (uintptr_t)vrow) & 15) == 0;
+        const int piece = wide ? 16 : 4;
+        const int per_row = d * 2 / piece;
+        const __nv_bfloat16* kb = k_cache + ((size_t)g * cap + j_begin) * d;
+        const __nv_bfloat16* vb = v_cache + ((size_t)g * cap + j_begin) * d;
+        for (int i = tid; i < n * per_row; i += blockDim.x) {
+            const int r = i / per_row, off = (i % per_row) * (piece / 2);  // elements
+            const size_t at = (size_t)r * d + off;
+            const __nv_bfloat16* vsrc = j_begin + r == pos ? vrow + off : vb + at;
+            uint8_t* kd = reinterpret_cast<uint8_t*>(ks + at);
+            uint8_t* vd = reinterpret_cast<uint8_t*>(vs + at);
+            const uint8_t* ksrc = reinterpret_cast<const uint8_t*>(kb + at);
+            if (piece == 16) {
+                if (j_begin + r != pos) cp_async16(kd, ksrc);
+                cp_async16(vd, reinterpret_cast<const uint8_t*>(vsrc));
+            } else {
+                if (j_begin + r != pos) cp_async4(kd, ksrc);
+                cp_async4(vd, reinterpret_cast<const uint8_t*>(vsrc));
             }
         }
-    };
-    float2 kn[U][NP], vn[U][NP];
-    load(kn, kbase, kr2, false, first);
-    load(vn, vbase, vrow2, true, first);
+    }
 
-    // The group's queries and its key, normalised and rotated: one warp each (two rounds for
-    // groups of 8: a ninth warp would cost the second block an SM).
+    // The group's queries and its key, normalised and rotated: one warp each.
     for (int t = warp; t <= G; t += W) {
         if (t < G) {
             __nv_bfloat16* out = qr + (size_t)t * d;
@@ -306,7 +304,10 @@ __device__ __forceinline__ void attn_decode(
             rope_row(kr, cos, sin, d, lane);
         }
     }
+    cp_async_wait_all();
     __syncthreads();
+    if (pos <= j_end)
+        for (int i = tid; i < d; i += blockDim.x) ks[(size_t)(pos - j_begin) * d + i] = kr[i];
     if (chunk == 0) {
         __nv_bfloat16* kc = k_cache + ((size_t)g * cap + pos) * d;
         __nv_bfloat16* vc = v_cache + ((size_t)g * cap + pos) * d;
@@ -315,125 +316,108 @@ __device__ __forceinline__ void attn_decode(
             vc[i] = vrow[i];
         }
     }
+    __syncthreads();
 
-    const int ps = (d + 2 + 3) / 4 * 4;  // floats of a head's share in `part`: d sums, m, l
+    // Scores: warp w takes positions w, w + W, … of the chunk, U at a time, HB heads at a time;
+    // the U · HB dot products summed by warp_sums_32.
+    const __nv_bfloat162* ks2 = reinterpret_cast<const __nv_bfloat162*>(ks);
+    const __nv_bfloat162* vs2 = reinterpret_cast<const __nv_bfloat162*>(vs);
     for (int hb = 0; hb < G; hb += HB) {
         const int nb = min(HB, G - hb);
-        if (hb > 0) load(kn, kbase, kr2, true, first);
-        const __nv_bfloat162* qb = reinterpret_cast<const __nv_bfloat162*>(qr + (size_t)hb * d);
-
-        // Scores: the batch's U · HB dot products summed by warp_sums_32.
-        for (int j0 = first; j0 <= j_end; j0 += step) {
-            float2 kc[U][NP];
-#pragma unroll
-            for (int u = 0; u < U; u++)
-#pragma unroll
-                for (int i = 0; i < NP; i++) kc[u][i] = kn[u][i];
-            if (j0 + step <= j_end) load(kn, kbase, kr2, true, j0 + step);
-            float sv[32];
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                if (j0 + u * W == pos) {
-#pragma unroll
-                    for (int i = 0; i < NP; i++) {
-                        const int p = lane + 32 * i;
-                        kc[u][i] = p < half ? __bfloat1622float2(kr2[p]) : make_float2(0.f, 0.f);
-                    }
-                }
-#pragma unroll
-                for (int hh = 0; hh < HB; hh++) {
-                    float acc = 0.f;
-#pragma unroll
-                    for (int i = 0; i < NP; i++) {
-                        const int p = lane + 32 * i;
-                        const float2 qf = (hh < nb && p < half)
-                            ? __bfloat1622float2(qb[(size_t)hh * half + p]) : make_float2(0.f, 0.f);
-                        acc = fmaf(qf.x, kc[u][i].x, acc);
-                        acc = fmaf(qf.y, kc[u][i].y, acc);
-                    }
-                    sv[u * HB + hh] = acc;
-                }
-            }
-            const float mine = warp_sums_32(sv, lane);
-            const int u = lane / HB, hh = lane % HB, j = j0 + u * W;
-            if (j <= j_end && hh < nb)
-                scores[hh * max_len + (j - j_begin)] = bf16_round(bf16_round(mine) * scale);
-        }
-        __syncthreads();
-
-        // Softmax of each head's chunk: one warp a head.
-        if (warp < nb) {
-            float* sc = scores + warp * max_len;
-            float m = -INFINITY;
-            for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-            float sum = 0.f;
-            for (int j = lane; j < n; j += 32) {
-                const float e = expf(sc[j] - m);
-                sc[j] = e;
-                sum += e;
-            }
-            sum = warp_sum(sum);
-            __syncwarp();
-            if (chunks == 1) {
-                for (int j = lane; j < n; j += 32) sc[j] = bf16_round(sc[j] / sum);
-            } else if (lane == 0) {
-                float* mine = part + ((size_t)(g * G + hb + warp) * nch + chunk) * ps + d;
-                mine[0] = m;
-                mine[1] = sum;
-            }
-        }
-        __syncthreads();
-
-        // Values: each warp's positions into its own partial sums, then added in warp order.
-        if (hb > 0) load(vn, vbase, vrow2, true, first);
-        float2 acc[HB][NP];
-#pragma unroll
-        for (int hh = 0; hh < HB; hh++)
-#pragma unroll
-            for (int i = 0; i < NP; i++) acc[hh][i] = make_float2(0.f, 0.f);
-        for (int j0 = first; j0 <= j_end; j0 += step) {
-            float2 vc[U][NP];
-#pragma unroll
-            for (int u = 0; u < U; u++)
-#pragma unroll
-                for (int i = 0; i < NP; i++) vc[u][i] = vn[u][i];
-            if (j0 + step <= j_end) load(vn, vbase, vrow2, true, j0 + step);
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int j = j0 + u * W;
-                if (j > j_end) break;
-#pragma unroll
-                for (int hh = 0; hh < HB; hh++) {
-                    const float pj = hh < nb ? scores[hh * max_len + (j - j_begin)] : 0.f;
-#pragma unroll
-                    for (int i = 0; i < NP; i++) {
-                        acc[hh][i].x = fmaf(pj, vc[u][i].x, acc[hh][i].x);
-                        acc[hh][i].y = fmaf(pj, vc[u][i].y, acc[hh][i].y);
-                    }
-                }
-            }
-        }
+        float2 qv[HB][NP];
 #pragma unroll
         for (int hh = 0; hh < HB; hh++)
 #pragma unroll
             for (int i = 0; i < NP; i++) {
                 const int p = lane + 32 * i;
-                if (hh < nb && p < half)
-                    reinterpret_cast<float2*>(red + ((size_t)warp * HB + hh) * d)[p] = acc[hh][i];
+                qv[hh][i] = (hh < nb && p < half)
+                    ? __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(qr + (size_t)(hb + hh) * d)[p])
+                    : make_float2(0.f, 0.f);
             }
-        __syncthreads();
-        for (int o = tid; o < nb * d; o += blockDim.x) {
-            const int hh = o / d, c = o % d;
-            float total = 0.f;
-#pragma unroll 4
-            for (int w = 0; w < W; w++) total += red[((size_t)w * HB + hh) * d + c];
-            const size_t h = (size_t)g * G + hb + hh;
-            if (chunks == 1) ctx[h * d + c] = __float2bfloat16(total);
-            else part[(h * nch + chunk) * ps + c] = total;
+        for (int r0 = warp; r0 < n; r0 += U * W) {
+            float sv[32];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int r = r0 + u * W;
+                float2 kv[NP];
+#pragma unroll
+                for (int i = 0; i < NP; i++) {
+                    const int p = lane + 32 * i;
+                    kv[i] = (r < n && p < half) ? __bfloat1622float2(ks2[(size_t)r * half + p]) : make_float2(0.f, 0.f);
+                }
+#pragma unroll
+                for (int hh = 0; hh < HB; hh++) {
+                    float a = 0.f;
+#pragma unroll
+                    for (int i = 0; i < NP; i++) {
+                        a = fmaf(qv[hh][i].x, kv[i].x, a);
+                        a = fmaf(qv[hh][i].y, kv[i].y, a);
+                    }
+                    sv[u * HB + hh] = a;
+                }
+            }
+            const float mine = warp_sums_32(sv, lane);
+            const int u = lane / HB, hh = lane % HB, r = r0 + u * W;
+            if (r < n && hh < nb) scores[(size_t)(hb + hh) * len + r] = bf16_round(bf16_round(mine) * scale);
         }
-        __syncthreads();  // `scores` and `red` are rewritten by the next batch
+    }
+    __syncthreads();
+
+    // Softmax, then the values: one warp a head, in position order.
+    const int ps = (d + 2 + 3) / 4 * 4;  // floats of a head's share in `part`: d sums, m, l
+    for (int hh = warp; hh < G; hh += W) {
+        float* sc = scores + (size_t)hh * len;
+        float m = -INFINITY;
+        for (int r = lane; r < n; r += 32) m = fmaxf(m, sc[r]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        float sum = 0.f;
+        for (int r = lane; r < n; r += 32) {
+            const float e = expf(sc[r] - m);
+            sc[r] = e;
+            sum += e;
+        }
+        sum = warp_sum(sum);
+        __syncwarp();
+        if (chunks == 1) {
+            for (int r = lane; r < n; r += 32) sc[r] = bf16_round(sc[r] / sum);
+            __syncwarp();
+        }
+        float2 acc[NP];
+#pragma unroll
+        for (int i = 0; i < NP; i++) acc[i] = make_float2(0.f, 0.f);
+#pragma unroll 4
+        for (int r = 0; r < n; r++) {
+            const float pr = sc[r];
+#pragma unroll
+            for (int i = 0; i < NP; i++) {
+                const int p = lane + 32 * i;
+                if (p < half) {
+                    const float2 vv = __bfloat1622float2(vs2[(size_t)r * half + p]);
+                    acc[i].x = fmaf(pr, vv.x, acc[i].x);
+                    acc[i].y = fmaf(pr, vv.y, acc[i].y);
+                }
+            }
+        }
+        const size_t h = (size_t)g * G + hh;
+        if (chunks == 1) {
+#pragma unroll
+            for (int i = 0; i < NP; i++) {
+                const int p = lane + 32 * i;
+                if (p < half) reinterpret_cast<__nv_bfloat162*>(ctx + h * d)[p] = __floats2bfloat162_rn(acc[i].x, acc[i].y);
+            }
+        } else {
+            float* mine = part + (h * nch + chunk) * ps;
+#pragma unroll
+            for (int i = 0; i < NP; i++) {
+                const int p = lane + 32 * i;
+                if (p < half) reinterpret_cast<float2*>(mine)[p] = acc[i];
+            }
+            if (lane == 0) {
+                mine[d] = m;
+                mine[d + 1] = sum;
+            }
+        }
     }
     if (chunks == 1) return;
 
@@ -444,8 +428,8 @@ __device__ __forceinline__ void attn_decode(
     __syncthreads();
     if (ticket != (unsigned)chunks - 1) return;
     __threadfence();
-    float* wts = red;                        // [G][chunks]: e^(m_c − m)
-    float* den = red + (size_t)G * chunks;   // [G]
+    float* wts = reinterpret_cast<float*>(smem_bytes);  // [G][chunks]: e^(m_c − m), over the rows
+    float* den = wts + (size_t)G * chunks;              // [G]
     for (int hh = warp; hh < G; hh += W) {
         const float* head = part + (size_t)(g * G + hh) * nch * ps + d;
         float mx = -INFINITY;
@@ -497,22 +481,22 @@ __device__ __forceinline__ void attn_decode(
     if (tid == 0) attn_arrived[g] = 0u;
 }
 
-// One entry point per NP (pairs of columns a lane holds: head_dim ≤ 64, 128, 192, 256), HB
-// heads at a time so that a lane's value sums stay at 32 floats; two blocks an SM (128
-// registers) where that leaves the loop's rows in registers, one for the wide heads.
-#define ATTN_ENTRY(NAME, NP, HB, MIN_BLOCKS)                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS, MIN_BLOCKS) NAME(                           \
+// One entry point per NP (pairs of columns a lane holds: head_dim ≤ 64, 128, 192, 256); scores
+// 4 heads at a time (a lane's queries in 8 · NP floats). Four blocks an SM (64 registers) for
+// head_dim ≤ 128, so that a long context's chunks run in one wave; two for the wide heads.
+#define ATTN_ENTRY(NAME, NP, HB, MINB)                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS, MINB) NAME(                      \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                 \
         const __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ q_norm,            \
         const __nv_bfloat16* __restrict__ k_norm, float eps,                                      \
         const __nv_bfloat16* __restrict__ cos, const __nv_bfloat16* __restrict__ sin,             \
         const uint32_t* __restrict__ pos_at, __nv_bfloat16* __restrict__ k_cache,                 \
         __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ ctx, float* part,        \
-        int nh, int nkv, int d, int cap, float scale, int max_len, int red_len) {                 \
+        int nh, int nkv, int d, int cap, float scale, int len, int rows_bytes) {                  \
         attn_decode<NP, HB>(q, k, v, q_norm, k_norm, eps, cos, sin, pos_at, k_cache, v_cache,     \
-                            ctx, part, nh, nkv, d, cap, scale, max_len, red_len);                 \
+                            ctx, part, nh, nkv, d, cap, scale, len, rows_bytes);                  \
     }
-ATTN_ENTRY(attn_decode_bf16_np1, 1, 8, 2)
-ATTN_ENTRY(attn_decode_bf16_np2, 2, 8, 2)
-ATTN_ENTRY(attn_decode_bf16_np3, 3, 4, 1)
-ATTN_ENTRY(attn_decode_bf16_np4, 4, 4, 1)
+ATTN_ENTRY(attn_decode_bf16_np1, 1, 4, 4)
+ATTN_ENTRY(attn_decode_bf16_np2, 2, 4, 4)
+ATTN_ENTRY(attn_decode_bf16_np3, 3, 4, 2)
+ATTN_ENTRY(attn_decode_bf16_np4, 4, 4, 2)
