@@ -447,7 +447,7 @@ fn attend(
     let ctx = unsafe { dev.alloc::<bf16>(nh * d)? };
     // SAFETY: each chunk's share is written by its block before the group's last block reads
     // it; chunks past the position are neither written nor read.
-    let part = unsafe { dev.alloc::<f32>(nh * shape.chunks * (d + 2).next_multiple_of(4))? };
+    let part = unsafe { dev.alloc::<f32>(nh * shape.chunks * (d.next_multiple_of(4) + 2))? };
     let eps = a.q_norm.eps();
     let scale = 1.0f32 / (d as f32).sqrt();
     let (nh_, nkv_, d_, cap_) = (nh as i32, nkv as i32, d as i32, cap as i32);

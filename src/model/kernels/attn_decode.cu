@@ -226,8 +226,9 @@ __device__ __forceinline__ float warp_sums_32(float* v, int lane) {
 // One chunk (pos < len): softmax over the scores, probabilities rounded to bf16, their weighted
 // sum of values in f32 in position order, rounded once — transformers' eager bf16 attention.
 // Several: each block keeps, per head, its chunk's exp-weighted sum of values (f32), max m_c and
-// sum l_c of exp(s − m_c) in `part` [nh, chunks, ps] (ps = d + 2 rounded up to 4, so that each
-// share's sums start 16-byte aligned); the group's last block to finish combines them,
+// sum l_c of exp(s − m_c) in `part`: [nh, chunks, ps] sums (ps = d rounded up to 4, so that
+// each share starts 16-byte aligned), then [nh, chunks] (m_c, l_c) pairs, which the combine
+// reads a chunk a lane; the group's last block to finish combines them,
 // ctx = bf16(Σ e^(m_c − m) acc_c / Σ e^(m_c − m) l_c) — the same softmax without rounding the
 // probabilities to bf16 (within 2⁻⁹ of each, the unit test's tolerance).
 // Dynamic shared memory (`attn_decode.rs` sizes it): rows_bytes ≥ 2 · len · d bf16 for the
@@ -364,7 +365,7 @@ __device__ __forceinline__ void attn_decode(
     __syncthreads();
 
     // Softmax, then the values: one warp a head, in position order.
-    const int ps = (d + 2 + 3) / 4 * 4;  // floats of a head's share in `part`: d sums, m, l
+    const int ps = (d + 3) / 4 * 4;  // floats of a head's sums in `part`
     for (int hh = warp; hh < G; hh += W) {
         float* sc = scores + (size_t)hh * len;
         float m = -INFINITY;
@@ -413,10 +414,8 @@ __device__ __forceinline__ void attn_decode(
                 const int p = lane + 32 * i;
                 if (p < half) reinterpret_cast<float2*>(mine)[p] = acc[i];
             }
-            if (lane == 0) {
-                mine[d] = m;
-                mine[d + 1] = sum;
-            }
+            if (lane == 0)
+                reinterpret_cast<float2*>(part + (size_t)nh * nch * ps)[h * nch + chunk] = make_float2(m, sum);
         }
     }
     if (chunks == 1) return;
@@ -431,17 +430,20 @@ __device__ __forceinline__ void attn_decode(
     float* wts = reinterpret_cast<float*>(smem_bytes);  // [G][chunks]: e^(m_c − m), over the rows
     float* den = wts + (size_t)G * chunks;              // [G]
     for (int hh = warp; hh < G; hh += W) {
-        const float* head = part + (size_t)(g * G + hh) * nch * ps + d;
+        const float2* head = reinterpret_cast<const float2*>(part + (size_t)nh * nch * ps) +
+                             (size_t)(g * G + hh) * nch;
         float mx = -INFINITY;
-        for (int c = lane; c < chunks; c += 32) mx = fmaxf(mx, __ldcg(head + (size_t)c * ps));
+#pragma unroll 4
+        for (int c = lane; c < chunks; c += 32) mx = fmaxf(mx, __ldcg(head + c).x);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         float l = 0.f;
+#pragma unroll 4
         for (int c = lane; c < chunks; c += 32) {
-            const float* sh = head + (size_t)c * ps;
-            const float w = expf(__ldcg(sh) - mx);
+            const float2 ml = __ldcg(head + c);
+            const float w = expf(ml.x - mx);
             wts[hh * chunks + c] = w;
-            l = fmaf(w, __ldcg(sh + 1), l);
+            l = fmaf(w, ml.y, l);
         }
         l = warp_sum(l);
         if (lane == 0) den[hh] = l;
