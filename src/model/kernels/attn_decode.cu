@@ -2,7 +2,7 @@
 // took ~17 (`bench steps`: attention was 43–48 % of a step at 16 % of the copy bandwidth — the
 // time went to op latency, not to bytes):
 //   1. `gemv_rows_bf16`: q, k and v projections in one launch (1–8 warps per output row);
-//   2. `attn_decode_bf16`: q/k RMSNorm, NeoX RoPE, the KV-cache write and the attention itself;
+//   2. `attn_decode_bf16_np*`: q/k RMSNorm, NeoX RoPE, the KV-cache write and the attention itself;
 //   3. `gemv_rows_bf16` again: o_proj with the residual add folded into its output.
 // (FP8 checkpoints: `gemv_rows_fp8` for 1 and 3; GGUF files: `gemv_rows_ggml`, its input first
 // rounded to 8-bit blocks by moe_decode.cu's `quantize_q8_bf16`.)
@@ -12,7 +12,7 @@
 // its lane order); RoPE in bf16 arithmetic as candle's rope kernel;
 // scores = bf16(bf16(q·k) * scale) (torch's matmul output, then its scaling in f32); softmax in
 // f32 rounded to bf16; the probability-weighted sum of values in f32, rounded once. (Past the
-// first 64 positions the probabilities stay in f32: see attn_decode_bf16.)
+// first chunk, 64 positions, the probabilities stay in f32: see attn_decode.)
 
 #include "common.cuh"
 #include "ggml_blocks.cuh"
