@@ -142,34 +142,93 @@ extern "C" __global__ void gemv_rows_ggml(
               nullptr, cols, y0, y1, y2, res, split);
 }
 
-// candle's RMSNorm of one row of `d` values by one warp: lane l sums the squares of elements
-// l, l + 32, … in f32, then the butterfly sum; out = bf16(scale * x * w) — the order of
-// candle's kernel for rows under 1024 (one warp per row).
-__device__ __forceinline__ void rms_norm_row(const __nv_bfloat16* __restrict__ x,
-                                             const __nv_bfloat16* __restrict__ w, float eps,
-                                             int d, int lane, __nv_bfloat16* out) {
-    float ss = 0.f;
-    for (int i = lane; i < d; i += 32) {
-        const float v = __bfloat162float(x[i]);
-        ss += v * v;
-    }
-    ss = warp_sum(ss);
-    const float scale = rsqrtf(ss / d + eps);
-    for (int i = lane; i < d; i += 32)
-        out[i] = __float2bfloat16(scale * __bfloat162float(x[i]) * __bfloat162float(w[i]));
-}
+// candle's RMSNorm of one row of `d` values (d ≤ 64 · NP) by half a warp, then NeoX RoPE.
+// candle's kernel, for rows under 1024, is one warp a row: lane l sums the squares of elements
+// l, l + 32, … in f32, then the butterfly sum; out = bf16(scale * x * w). Here lane hl of the half
+// plays lanes hl and hl + 16 (elements hl + 16 j: even j are lane hl's, odd j lane hl + 16's, each
+// summed in order), adds the two — the butterfly's xor-16 step — and the half takes the steps
+// 8 … 1: the same sums in the same order, so the same bits. RoPE (a, b) → (a·c − b·s, a·s + b·c)
+// in bf16 arithmetic as candle's rope kernel. `load` asks for every value the row needs (the
+// row, the norm's weights, cos and sin) at once, `finish` computes; `has`: whether the half has
+// a row (the shuffles need the whole warp either way).
+// Why half a warp: a group's G queries and its key are G + 1 rows, one more than a block's warps
+// for Qwen3's groups of 8, so one warp took two rows one after the other — two chains of round
+// trips — while the chunk's rows had long arrived. Why `load` apart: the attention kernel asks
+// for the rows before it reads the position, so the two round trips overlap.
+template <int NP>
+struct NormRope {
+    static constexpr int E = 4 * NP;  // elements a lane holds: d / 16 at most
+    __nv_bfloat16 xv[E], wv[E], cv[E / 2], sv[E / 2];
 
-// NeoX (rotate-half) RoPE of one head in place, in bf16 arithmetic as candle's rope kernel:
-// (a, b) → (a·c − b·s, a·s + b·c), each product and sum rounded to bf16.
-__device__ __forceinline__ void rope_row(__nv_bfloat16* x, const __nv_bfloat16* __restrict__ cos,
-                                         const __nv_bfloat16* __restrict__ sin, int d, int lane) {
-    const int half = d / 2;
-    for (int i = lane; i < half; i += 32) {
-        const __nv_bfloat16 a = x[i], b = x[i + half], c = cos[i], s = sin[i];
-        x[i] = a * c - b * s;
-        x[i + half] = a * s + b * c;
+    __device__ __forceinline__ void load(const __nv_bfloat16* __restrict__ x,
+                                         const __nv_bfloat16* __restrict__ w,
+                                         const __nv_bfloat16* __restrict__ cos,
+                                         const __nv_bfloat16* __restrict__ sin, int d, int hl,
+                                         bool has) {
+        const __nv_bfloat16 zero = __float2bfloat16(0.f);
+#pragma unroll
+        for (int j = 0; j < E; j++) {
+            const int i = hl + 16 * j;
+            const bool in = has && i < d;
+            xv[j] = in ? x[i] : zero;
+            wv[j] = in ? w[i] : zero;
+        }
+#pragma unroll
+        for (int j = 0; j < E / 2; j++) {
+            const int i = hl + 16 * j;
+            const bool in = has && i < d / 2;
+            cv[j] = in ? cos[i] : zero;
+            sv[j] = in ? sin[i] : zero;
+        }
     }
-}
+
+    // The normalised, rotated row into `out` (shared memory), and into `also` (may be null).
+    __device__ __forceinline__ void finish(float eps, int d, int hl, bool has,
+                                           __nv_bfloat16* out, __nv_bfloat16* also) const {
+        const int half = d / 2;
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < E; j += 2) {
+            const float v = __bfloat162float(xv[j]);
+            s0 += v * v;
+        }
+#pragma unroll
+        for (int j = 1; j < E; j += 2) {
+            const float v = __bfloat162float(xv[j]);
+            s1 += v * v;
+        }
+        float ss = s0 + s1;
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        const float scale = rsqrtf(ss / d + eps);
+        if (has) {
+#pragma unroll
+            for (int j = 0; j < E; j++) {
+                const int i = hl + 16 * j;
+                if (i < d)
+                    out[i] = __float2bfloat16(scale * __bfloat162float(xv[j]) * __bfloat162float(wv[j]));
+            }
+        }
+        __syncwarp();
+        if (has) {
+            // Each pair (i, i + half) is read and written by the lane that holds i.
+#pragma unroll
+            for (int j = 0; j < E / 2; j++) {
+                const int i = hl + 16 * j;
+                if (i < half) {
+                    const __nv_bfloat16 a = out[i], b = out[i + half];
+                    const __nv_bfloat16 ra = a * cv[j] - b * sv[j], rb = a * sv[j] + b * cv[j];
+                    out[i] = ra;
+                    out[i + half] = rb;
+                    if (also) {
+                        also[i] = ra;
+                        also[i + half] = rb;
+                    }
+                }
+            }
+        }
+    }
+};
 // Why a block per (kv group, chunk of positions), every query head of the group in it: a block
 // per (query head, chunk) read each KV row once per query head — eight times for Qwen3's groups
 // of eight — and after an 8,000-token prompt a layer's attention took ~123 µs for 16 MB of rows
@@ -255,18 +314,28 @@ __device__ __forceinline__ void attn_decode(
     __shared__ unsigned int ticket;
 
     const int g = blockIdx.x, chunk = blockIdx.y, nch = gridDim.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, W = blockDim.x / 32;
+    const int half = d / 2;
+    const __nv_bfloat16* vrow = v + (size_t)g * d;
+    // The rows this block normalises — the group's queries (rows 0..G-1) and its key (row G),
+    // half a warp each — asked for before the position, so the round trips overlap; chunk 0,
+    // which writes this token's cache rows, also asks for its value row (a pair a thread).
+    NormRope<NP> nr;
+    const auto row_of = [&](int t) { return t < G ? q + ((size_t)g * G + t) * d : k + (size_t)g * d; };
+    const int t_first = 2 * warp + (lane >> 4);
+    nr.load(row_of(t_first), t_first < G ? q_norm : k_norm, cos, sin, d, lane & 15, t_first <= G);
+    __nv_bfloat162 v_pair;
+    if (chunk == 0 && tid < half) v_pair = reinterpret_cast<const __nv_bfloat162*>(vrow)[tid];
     const int pos = (int)*pos_at;
     const int j_begin = chunk * len;
     if (j_begin > pos) return;
     const int j_end = min(pos, j_begin + len - 1);  // inclusive
     const int n = j_end - j_begin + 1;
     const int chunks = pos / len + 1;               // blocks of this group that run
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, W = blockDim.x / 32;
-    const int half = d / 2;
-    const __nv_bfloat16* vrow = v + (size_t)g * d;
 
-    // The chunk's rows into shared memory (`ggml_blocks.cuh`'s cp.async helpers): keys but row `pos` (this block's own, below), values
-    // with row `pos` from this token's projection.
+    // The chunk's rows into shared memory (`ggml_blocks.cuh`'s cp.async helpers): keys but row
+    // `pos` (this block's own, written by the key's half-warp below), values with row `pos` from
+    // this token's projection.
     {
         // Bytes a copy: 16 where every row starts 16-byte aligned, else 4 (d is even).
         const bool wide = d % 8 == 0 &&
@@ -291,32 +360,22 @@ __device__ __forceinline__ void attn_decode(
             }
         }
     }
+    if (chunk == 0 && tid < half)
+        reinterpret_cast<__nv_bfloat162*>(v_cache + ((size_t)g * cap + pos) * d)[tid] = v_pair;
 
-    // The group's queries and its key, normalised and rotated: one warp each.
-    for (int t = warp; t <= G; t += W) {
-        if (t < G) {
-            __nv_bfloat16* out = qr + (size_t)t * d;
-            rms_norm_row(q + ((size_t)g * G + t) * d, q_norm, eps, d, lane, out);
-            __syncwarp();
-            rope_row(out, cos, sin, d, lane);
-        } else {
-            rms_norm_row(k + (size_t)g * d, k_norm, eps, d, lane, kr);
-            __syncwarp();
-            rope_row(kr, cos, sin, d, lane);
-        }
+    // Normalise and rotate: the queries into `qr`; the key into its row of the chunk (when the
+    // chunk holds `pos`; else into `kr`, unread) and, by chunk 0, into the cache. The rounds are
+    // the block's, so a warp with no row left still joins its half's shuffles.
+    for (int t0 = 0; t0 <= G; t0 += 2 * W) {
+        const int t = t0 + t_first;
+        const bool is_q = t < G;
+        if (t0 > 0) nr.load(row_of(t), is_q ? q_norm : k_norm, cos, sin, d, lane & 15, t <= G);
+        __nv_bfloat16* out = is_q ? qr + (size_t)t * d
+                                  : pos <= j_end ? ks + (size_t)(pos - j_begin) * d : kr;
+        __nv_bfloat16* also = !is_q && chunk == 0 ? k_cache + ((size_t)g * cap + pos) * d : nullptr;
+        nr.finish(eps, d, lane & 15, t <= G, out, also);
     }
     cp_async_wait_all();
-    __syncthreads();
-    if (pos <= j_end)
-        for (int i = tid; i < d; i += blockDim.x) ks[(size_t)(pos - j_begin) * d + i] = kr[i];
-    if (chunk == 0) {
-        __nv_bfloat16* kc = k_cache + ((size_t)g * cap + pos) * d;
-        __nv_bfloat16* vc = v_cache + ((size_t)g * cap + pos) * d;
-        for (int i = tid; i < d; i += blockDim.x) {
-            kc[i] = kr[i];
-            vc[i] = vrow[i];
-        }
-    }
     __syncthreads();
 
     // Scores: warp w takes positions w, w + W, … of the chunk, U at a time, HB heads at a time;
