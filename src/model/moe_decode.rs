@@ -1149,6 +1149,78 @@ mod tests {
         }
     }
 
+    /// Logits with many exact ties — x one-hot, so each logit is one router weight in any order
+    /// of summation — routed by the fused kernel exactly as the host routes them: the ids in the
+    /// host's order (larger first, the lower index on ties, ties at the k-th place too), the
+    /// weights within a bf16 step. Up to 256 experts take the block-wide ranked routing, more the
+    /// one-warp routing; a NaN logit falls back to the one-warp routing (valid ids, no hang).
+    #[test]
+    fn fused_router_breaks_ties_like_the_host() {
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        let h = 64;
+        let mut x = vec![0f32; h];
+        x[5] = 1.0;
+        let xt = Tensor::from_vec(x, (1, h), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        for (e, k, norm, levels) in [
+            (128, 8, true, 5),
+            (128, 8, false, 3),
+            (60, 4, true, 2),
+            (200, 16, true, 7),
+            (256, 8, true, 1),
+            (300, 8, true, 4),
+            (8, 8, true, 3),
+        ] {
+            // Column 5 holds the logits: a few levels, so every level is shared by many experts.
+            let vals: Vec<f32> = (0..e)
+                .map(|r| ((r * 7 + r / 3) % levels) as f32 * 0.25 - 0.5)
+                .collect();
+            let mut w = vec![0f32; e * h];
+            for (r, v) in vals.iter().enumerate() {
+                w[r * h + 5] = *v;
+            }
+            let router = Tensor::from_vec(w, (e, h), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let arrived = Tensor::zeros(1, DType::U32, &dev).unwrap();
+            let want = crate::model::moe_block::route(&vals, &[], k, norm);
+            for _ in 0..2 {
+                let (ids, wt) = route_fused(&xt, &router, k, norm, &arrived).unwrap();
+                let ids: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
+                let wt: Vec<f32> = wt.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(ids, want.experts, "e {e} k {k} levels {levels}");
+                for (a, b) in wt.iter().zip(&want.weights) {
+                    assert!((a - b).abs() <= b.abs() / 128.0, "e {e}: weight {a} vs {b}");
+                }
+            }
+            assert_eq!(arrived.to_vec1::<u32>().unwrap(), [0], "counter reset");
+        }
+        // A NaN logit: the one-warp routing's picks, every id a real expert.
+        let e = 128;
+        let mut w = vec![0f32; e * h];
+        for r in 0..e {
+            w[r * h + 5] = if r == 17 {
+                f32::NAN
+            } else {
+                (r % 9) as f32 * 0.125
+            };
+        }
+        let router = Tensor::from_vec(w, (e, h), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let arrived = Tensor::zeros(1, DType::U32, &dev).unwrap();
+        let (ids, _) = route_fused(&xt, &router, 8, true, &arrived).unwrap();
+        let ids: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(ids.iter().all(|&i| (i as usize) < e), "ids {ids:?}");
+        assert_eq!(arrived.to_vec1::<u32>().unwrap(), [0], "counter reset");
+    }
+
     /// FP8 stacks of `e` experts (gate_up [e, 2i, h], down [e, h, i]) from a deterministic
     /// byte pattern avoiding the NaN codes, scales in `block`s; with their host copies.
     #[allow(clippy::type_complexity)]

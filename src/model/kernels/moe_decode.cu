@@ -589,6 +589,60 @@ extern "C" __global__ void moe_route_topk_bf16(
                     ids + (size_t)blockIdx.x * k, weights + (size_t)blockIdx.x * k);
 }
 
+// The routing of route_topk_lanes by a whole block, for n_experts ≤ RANKED_EXPERTS: each
+// expert's place in the order route_topk_lanes picks in — larger logit first, the lower index on
+// ties — counted at once by one thread an expert against every other logit, then softmax and
+// weights by the first warp, its sums in route_topk_lanes' lane order (so the same bits: the same
+// ids in the same order, the same weights). Returns false, having done nothing, where a logit is
+// NaN (no such order; the caller routes with route_topk_lanes) — a uniform answer for the block.
+// Why: picking k = 8 one after another costs eight rounds of butterfly comparisons on the one
+// warp that routes, at the tail of every layer's router.
+#define RANKED_EXPERTS 256
+__device__ __forceinline__ bool route_topk_ranked(const float* __restrict__ logits, int n_experts,
+                                                  int k, int norm, uint32_t* __restrict__ ids,
+                                                  float* __restrict__ weights) {
+    __shared__ float lv[RANKED_EXPERTS];
+    __shared__ int sel[MAX_TOPK];
+    const int tid = threadIdx.x, lane = tid & 31;
+    bool nan = false;
+    for (int c = tid; c < n_experts; c += blockDim.x) {
+        const float v = __ldcg(logits + c);
+        lv[c] = v;
+        nan = nan || v != v;
+    }
+    if (__syncthreads_or(nan)) return false;
+    for (int c = tid; c < n_experts; c += blockDim.x) {
+        const float v = lv[c];
+        int rank = 0;
+#pragma unroll 8
+        for (int u = 0; u < n_experts; u++) {
+            const float o = lv[u];
+            rank += (o > v) || (o == v && u < c);
+        }
+        if (rank < k) sel[rank] = c;
+    }
+    __syncthreads();
+    if (tid >= 32) return true;
+    const int nt = n_experts > lane ? (n_experts - lane + 31) / 32 : 0;
+    float mx = -INFINITY;
+    for (int t = 0; t < nt; t++) mx = fmaxf(mx, lv[lane + 32 * t]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (int t = 0; t < nt; t++) sum += expf(lv[lane + 32 * t] - mx);
+    sum = warp_sum(sum);
+    const int my_id = lane < k ? sel[lane] : 0;
+    const float my_p = lane < k ? expf(lv[my_id] - mx) / sum : 0.f;
+    float sel_sum = 0.f;  // in pick order, as route_topk_lanes adds them
+    for (int j = 0; j < k; j++) sel_sum += __shfl_sync(0xffffffffu, my_p, j);
+    if (lane < k) {
+        const float w = norm ? my_p / sel_sum : my_p;
+        ids[lane] = (uint32_t)my_id;
+        weights[lane] = bf16_round(w);
+    }
+    return true;
+}
+
 // The router of one decode token in one launch: the logits W·x (one warp per expert, rounded to
 // bf16 as the router's bf16 product), then — in whichever block finishes last — the routing above
 // over them. `arrived` counts finished blocks; it is 0 between launches (the last block resets
@@ -615,10 +669,11 @@ extern "C" __global__ void moe_router_topk_bf16(
     __syncthreads();
     if (ticket != gridDim.x - 1) return;
     __threadfence();
-    if (threadIdx.x < 32) {
-        route_topk_warp(logits, n_experts, k, norm, ids, weights);
-        if (threadIdx.x == 0) *arrived = 0u;
-    }
+    if (threadIdx.x == 0) *arrived = 0u;
+    if (n_experts <= RANKED_EXPERTS && k <= n_experts &&
+        route_topk_ranked(logits, n_experts, k, norm, ids, weights))
+        return;
+    if (threadIdx.x < 32) route_topk_warp(logits, n_experts, k, norm, ids, weights);
 }
 
 // Selective on a discrete GPU with a slot for every expert (capacity 100 %): the slots of routed
