@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Several CUDA builds' decode steps side by side in one sitting (issue 22's native goal, BENCHMARKS.md
+# §57): `moescope bench steps` on Qwen3-30B-A3B's geometry, the builds alternated round by round so
+# that each is compared with the others on the same card at the same time. Run on an NVIDIA machine
+# from the repo root:
+#
+#   scripts/gpu_steps_compare.sh OUT_DIR NAME=BIN [NAME=BIN ...]
+#
+# BIN: a moescope built with `--features cuda` (.xz or .gz is fine). LAYERS (default "12 48"; 48
+# layers need ~61 GB in /dev/shm, written once and removed at the end), ROUNDS (default 2), TOKENS
+# (the prompt before the profiled step, default 16) and STAGE_ROUNDS (`bench steps --rounds`,
+# default 10 at 12 layers, 5 above). The first build writes the random checkpoints. Writes each
+# run's table to OUT_DIR/steps-LAYERS-NAME-ROUND.txt and one line a run to OUT_DIR/steps.tsv:
+# layers, build, round, whole-step µs, % of the bound, and the attention, router, gate_up and
+# down stages' µs a step. Exits non-zero when a run fails.
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu_steps_compare.sh OUT_DIR NAME=BIN [NAME=BIN ...]}; shift
+[ $# -ge 1 ] || { echo "usage: scripts/gpu_steps_compare.sh OUT_DIR NAME=BIN [NAME=BIN ...]" >&2; exit 2; }
+mkdir -p "$OUT"
+declare -A BINS; NAMES=()
+for nb in "$@"; do
+  name=${nb%%=*}; bin=${nb#*=}
+  case "$name" in ''|*[!A-Za-z0-9_-]*) echo "a build's name must be letters, digits, - or _: '$name'" >&2; exit 2 ;; esac
+  [ -f "$bin" ] || { echo "no such build: $bin" >&2; exit 2; }
+  case "$bin" in
+    *.xz) xz -dc "$bin" > "/tmp/moescope-$name" ;;
+    *.gz) gunzip -c "$bin" > "/tmp/moescope-$name" ;;
+    *) cp "$bin" "/tmp/moescope-$name" ;;
+  esac
+  chmod +x "/tmp/moescope-$name"; BINS[$name]=/tmp/moescope-$name; NAMES+=("$name")
+done
+first=${BINS[${NAMES[0]}]}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+TSV="$OUT/steps.tsv"
+printf 'layers\tbuild\tround\twhole_us\tpct_of_bound\tattention_us\trouter_us\tgate_up_us\tdown_us\n' > "$TSV"
+# The µs a step of a stage row of `bench steps`' table ("| attention | 12 | 291.7 | …").
+stage() { awk -F'|' -v s="$2" '{n=$2; gsub(/^ +| +$/, "", n)} n == s {gsub(/ /, "", $4); print $4; exit}' "$1"; }
+status=0
+for L in ${LAYERS:-12 48}; do
+  M=/dev/shm/q30-${L}l-bf16
+  made=0
+  if [ ! -f "$M/config.json" ]; then
+    "$first" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$L" --out "$M" > /dev/null || { echo "writing $M failed" >&2; exit 1; }
+    made=1
+  fi
+  sr=${STAGE_ROUNDS:-$([ "$L" -le 12 ] && echo 10 || echo 5)}
+  for r in $(seq 1 "${ROUNDS:-2}"); do
+    for name in "${NAMES[@]}"; do
+      f="$OUT/steps-$L-$name-$r.txt"
+      if ! "${BINS[$name]}" bench steps --model "$M" --prompt-tokens "${TOKENS:-16}" --rounds "$sr" > "$f" 2>&1; then
+        echo "$name, $L layers, round $r failed: $(tail -2 "$f")"; status=1; continue
+      fi
+      whole=$(sed -n 's/^whole-step graph: \([0-9.]*\) µs.* = \([0-9.]*\) % of the bound.*/\1\t\2/p' "$f")
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$L" "$name" "$r" "$whole" \
+        "$(stage "$f" attention)" "$(stage "$f" 'router (top-k)')" "$(stage "$f" 'experts gate_up')" \
+        "$(stage "$f" 'experts down + residual')" >> "$TSV"
+      tail -1 "$TSV"
+    done
+  done
+  [ "$made" = 1 ] && [ "$L" -gt 12 ] && rm -rf "$M"
+done
+exit $status
