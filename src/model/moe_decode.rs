@@ -1098,6 +1098,14 @@ mod tests {
     use crate::model::ports::Fp8Scales;
     use crate::util::gpu_test::{bf16_matrix, device};
 
+    /// `values` as a bf16 tensor of `shape` on `dev` (each value rounded to bf16).
+    fn bf16_tensor(values: Vec<f32>, shape: (usize, usize), dev: &candle_core::Device) -> Tensor {
+        Tensor::from_vec(values, shape, dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    }
+
     #[test]
     fn fused_router_routes_like_the_host_on_rounded_logits_launch_after_launch() {
         let Some(dev) = device("MoE kernel") else {
@@ -1162,10 +1170,7 @@ mod tests {
         let h = 64;
         let mut x = vec![0f32; h];
         x[5] = 1.0;
-        let xt = Tensor::from_vec(x, (1, h), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let xt = bf16_tensor(x, (1, h), &dev);
         for (e, k, norm, levels) in [
             (128, 8, true, 5),
             (128, 8, false, 3),
@@ -1183,10 +1188,7 @@ mod tests {
             for (r, v) in vals.iter().enumerate() {
                 w[r * h + 5] = *v;
             }
-            let router = Tensor::from_vec(w, (e, h), &dev)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
+            let router = bf16_tensor(w, (e, h), &dev);
             let arrived = Tensor::zeros(1, DType::U32, &dev).unwrap();
             let want = crate::model::moe_block::route(&vals, &[], k, norm);
             for _ in 0..2 {
@@ -1210,10 +1212,7 @@ mod tests {
                 (r % 9) as f32 * 0.125
             };
         }
-        let router = Tensor::from_vec(w, (e, h), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let router = bf16_tensor(w, (e, h), &dev);
         let arrived = Tensor::zeros(1, DType::U32, &dev).unwrap();
         let (ids, _) = route_fused(&xt, &router, 8, true, &arrived).unwrap();
         let ids: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
@@ -1416,10 +1415,7 @@ mod tests {
             };
             let mut m = vec![0f32; i];
             m[5] = 1.0;
-            let mid = Tensor::from_vec(m, (1, i), &dev)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
+            let mid = bf16_tensor(m, (1, i), &dev);
             let ids = Tensor::new(&[[0u32]], &dev).unwrap();
             let w = Tensor::new(&[[1f32]], &dev).unwrap();
             let y = moe_down(&mid, &down, &ids, None, &w, None, StackFormat::Fp8(&sc)).unwrap();
