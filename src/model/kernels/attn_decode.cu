@@ -1,7 +1,8 @@
 // Attention of one decode token (batch 1) on the GPU, bf16, in three launches where candle's ops
 // took ~17 (`bench steps`: attention was 43–48 % of a step at 16 % of the copy bandwidth — the
 // time went to op latency, not to bytes):
-//   1. `gemv_rows_bf16`: q, k and v projections in one launch (1–4 warps per output row);
+//   1. `gemv_rows_bf16`: q, k and v projections in one launch (1–4 warps per output row; FP8 and
+//      GGUF rows 1–8);
 //   2. `attn_decode_bf16_np*`: q/k RMSNorm, NeoX RoPE, the KV-cache write and the attention itself;
 //   3. `gemv_rows_bf16` again: o_proj with the residual add folded into its output.
 // (FP8 checkpoints: `gemv_rows_fp8` for 1 and 3; GGUF files: `gemv_rows_ggml`, its input first
