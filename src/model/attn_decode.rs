@@ -327,7 +327,7 @@ fn gemv_rows(
         None => 0,
     };
     bind!(xv = x, bf16);
-    let split = split_for(cols, matches!(mats[0], Mat::Bf16(_)));
+    let split = split_for(cols);
     match mats {
         [Mat::Bf16(a), Mat::Bf16(b), Mat::Bf16(c)] => {
             let (a, b, c) = (a.contiguous()?, b.contiguous()?, c.contiguous()?);
@@ -494,21 +494,16 @@ fn attend(
     Ok(wrap(ctx, &dev, nh * d))
 }
 
-/// Warps per row of `gemv_rows_*`: for bf16 rows about 2,048 columns each (1, 2 or 4), for FP8
-/// and GGUF rows about 1,024 (1, 2, 4 or 8). Why bf16 apart: with 2,048 columns a warp (four
-/// 16-byte loads a lane, twice) Qwen3-30B-A3B's q/k/v GEMV is 640 blocks and o_proj 512, each one
-/// wave on an H200 (five blocks an SM), where 1,024 columns made 1,280 and 1,024 blocks, two
-/// waves: the 12-layer step 840.7 → 819.5 µs (BENCHMARKS.md §57). The FP8 and GGUF kernels were
-/// not measured that way, so they keep the split they were measured with.
-fn split_for(cols: usize, bf16: bool) -> i32 {
-    match (bf16, cols) {
-        (true, 0..4096) => 1,
-        (true, 4096..8192) => 2,
-        (true, _) => 4,
-        (false, 0..2048) => 1,
-        (false, 2048..4096) => 2,
-        (false, 4096..8192) => 4,
-        (false, _) => 8,
+/// Warps per row of `gemv_rows_*`: about 2,048 columns each (1, 2 or 4) for every kind of row.
+/// Why: with 2,048 columns a warp Qwen3-30B-A3B's q/k/v GEMV is 640 blocks and o_proj 512, each
+/// one wave on an H200 (five blocks an SM), where 1,024 columns made 1,280 and 1,024 blocks, two
+/// waves: the 12-layer bf16 step 840.7 → 819.5 µs (BENCHMARKS.md §57); FP8 and GGUF rows, which
+/// had kept ~1,024, gained the same way (§58: FP8 930 → 918 µs, Q4_K_M 950 → 924).
+fn split_for(cols: usize) -> i32 {
+    match cols {
+        0..4096 => 1,
+        4096..8192 => 2,
+        _ => 4,
     }
 }
 
@@ -595,7 +590,7 @@ mod tests {
     #[test]
     fn fp8_gemv_rows_are_the_fp8_products_rounded_and_the_residual_a_bf16_add() {
         let Some(dev) = gpu() else { return };
-        // Split 1–8 warps a row; whole and partial blocks; bc 20 takes the one-by-one path.
+        // Split 1–4 warps a row; whole and partial blocks; bc 20 takes the one-by-one path.
         for (rows, cols, block, seed) in [
             (300, 2048, [128, 128], 1),
             (70, 520, [32, 48], 2),

@@ -1,8 +1,7 @@
 // Attention of one decode token (batch 1) on the GPU, bf16, in three launches where candle's ops
 // took ~17 (`bench steps`: attention was 43–48 % of a step at 16 % of the copy bandwidth — the
 // time went to op latency, not to bytes):
-//   1. `gemv_rows_bf16`: q, k and v projections in one launch (1–4 warps per output row; FP8 and
-//      GGUF rows 1–8);
+//   1. `gemv_rows_bf16`: q, k and v projections in one launch (1–4 warps per output row);
 //   2. `attn_decode_bf16_np*`: q/k RMSNorm, NeoX RoPE, the KV-cache write and the attention itself;
 //   3. `gemv_rows_bf16` again: o_proj with the residual add folded into its output.
 // (FP8 checkpoints: `gemv_rows_fp8` for 1 and 3; GGUF files: `gemv_rows_ggml`, its input first
@@ -21,11 +20,11 @@
 // y[r] = bf16(W_r · x) for the rows of up to three matrices in one launch: rows [0, n0) of w0
 // into y0, the next n1 rows of w1 into y1, the next n2 of w2 into y2. With `res` (one matrix
 // only) y = res + bf16(W · x) in bf16 — candle's bf16 add, so the residual's bits are the
-// separate add's. `split` warps per row (1, 2, 4 or 8; blockDim 256): each takes a contiguous
+// separate add's. `split` warps per row (1, 2 or 4; blockDim 256): each takes a contiguous
 // chunk of the columns (dot_part's order within it), the chunks' sums added in chunk order.
 // Why split: a warp per 4,096-long row (o_proj) left too few bytes in flight — 45 % of the copy
 // bandwidth under ncu, against 77 % for the expert kernels' 2,048-long rows; the host picks
-// `split` (`split_for`: about 2,048 columns a warp for bf16, so that Qwen3's projections run in
+// `split` (`split_for`: about 2,048 columns a warp, so that Qwen3's projections run in
 // one wave of blocks).
 // `mats` holds the matrices and takes the dot product of a chunk of one of their rows.
 

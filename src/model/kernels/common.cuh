@@ -52,7 +52,9 @@ __device__ __forceinline__ float bf16_round(float v) {
     return __bfloat162float(__float2bfloat16(v));
 }
 
-// This lane's share of dot(row, x) over n elements; the caller reduces across the warp.
+// This lane's share of dot(row, x) over n elements; the caller reduces across the warp. U:
+// loads a lane has in flight (the order of the multiply-adds is the same for any U).
+template <int U = 4>
 __device__ __forceinline__ float dot_part(const __nv_bfloat16* __restrict__ row,
                                           const __nv_bfloat16* __restrict__ x, int n, int lane) {
     float acc = 0.f;
@@ -63,7 +65,7 @@ __device__ __forceinline__ float dot_part(const __nv_bfloat16* __restrict__ row,
         const uint4* x4 = reinterpret_cast<const uint4*>(x);
         // A lane's loads issued four at a time; the multiply-adds keep their order. (Measured
         // the same as the plain loop on an H200, `bench steps`: kept as the form measured.)
-#pragma unroll 4
+#pragma unroll U
         for (int i = lane; i < nv; i += 32) {
             uint4 a = __ldg(r4 + i);
             uint4 b = __ldg(x4 + i);

@@ -660,7 +660,8 @@ extern "C" __global__ void moe_router_topk_bf16(
     const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (warp < n_experts) {
-        const float acc = warp_sum(dot_part(w + (size_t)warp * hidden, x, hidden, lane));
+        // All eight of a lane's loads of a 2,048-long row in flight: the router is latency.
+        const float acc = warp_sum(dot_part<8>(w + (size_t)warp * hidden, x, hidden, lane));
         if (lane == 0) logits[warp] = bf16_round(acc);
     }
     __threadfence();  // this block's logits visible to the last block before it counts itself
