@@ -219,7 +219,11 @@ struct NormRope {
                 const int i = hl + 16 * j;
                 if (i < half) {
                     const __nv_bfloat16 a = out[i], b = out[i + half];
-                    const __nv_bfloat16 ra = a * cv[j] - b * sv[j], rb = a * sv[j] + b * cv[j];
+                    // Why the `_rn` forms: built for compute_90 the operators become plain
+                    // mul/sub that ptxas may fuse into one fma, rounding once where this
+                    // compute_80 build rounds each product — other keys (BENCHMARKS.md §59).
+                    const __nv_bfloat16 ra = __hsub_rn(__hmul_rn(a, cv[j]), __hmul_rn(b, sv[j]));
+                    const __nv_bfloat16 rb = __hadd_rn(__hmul_rn(a, sv[j]), __hmul_rn(b, cv[j]));
                     out[i] = ra;
                     out[i + half] = rb;
                     if (also) {
