@@ -33,6 +33,10 @@ const MAX_GROUPS: usize = 1024;
 /// itself has no such limit (a grid of `cap / len` chunks a group); this is the capacity its
 /// unit test covers.
 pub const MAX_POSITIONS: usize = 8192;
+/// Chunks of a run the combine takes in its first level (`ATTN_SUPER`), and runs a group may
+/// have (`ATTN_MAX_SUPERS`: its counters) — MAX_POSITIONS over chunks of 16, over 16.
+const SUPER: usize = 16;
+const MAX_SUPERS: usize = 32;
 /// Largest head_dim: a lane holds up to four pairs of a row's columns (`attn_decode_bf16_np4`).
 const MAX_HEAD_DIM: usize = 256;
 /// Dynamic shared memory a kernel may take without opting in.
@@ -70,10 +74,11 @@ fn attn_shape(nh: usize, nkv: usize, d: usize, cap: usize) -> Option<AttnShape> 
     [64, 32, 16].into_iter().find_map(|len| {
         let chunks = cap.div_ceil(len).max(1);
         let rows_bytes = (2 * len * d * 2)
-            .max(4 * g * (chunks + 1))
+            .max(4 * g * (chunks + 2))
             .next_multiple_of(16);
         let shared = rows_bytes + 4 * g * len + 2 * (g * d + d);
-        (shared <= MAX_SHARED && chunks <= 65_535).then_some(AttnShape {
+        let runs_fit = chunks.div_ceil(SUPER) <= MAX_SUPERS;
+        (shared <= MAX_SHARED && chunks <= 65_535 && runs_fit).then_some(AttnShape {
             np,
             len,
             chunks,
@@ -445,9 +450,14 @@ fn attend(
     // SAFETY: every element is written by the kernel (each head's columns by its group's one
     // chunk, or by the group's last block).
     let ctx = unsafe { dev.alloc::<bf16>(nh * d)? };
-    // SAFETY: each chunk's share is written by its block before the group's last block reads
-    // it; chunks past the position are neither written nor read.
-    let part = unsafe { dev.alloc::<f32>(nh * shape.chunks * (d.next_multiple_of(4) + 2))? };
+    // Past SUPER chunks the runs' shares follow, 16-byte aligned (the kernel's two-level
+    // combine).
+    let share = d.next_multiple_of(4) + 2;
+    let runs = shape.chunks.div_ceil(SUPER);
+    let part_len = (nh * shape.chunks * share).next_multiple_of(4) + nh * runs * share;
+    // SAFETY: each chunk's (run's) share is written by its block before the group's (run's)
+    // last block reads it; chunks past the position are neither written nor read.
+    let part = unsafe { dev.alloc::<f32>(part_len)? };
     let eps = a.q_norm.eps();
     let scale = 1.0f32 / (d as f32).sqrt();
     let (nh_, nkv_, d_, cap_) = (nh as i32, nkv as i32, d as i32, cap as i32);
@@ -868,6 +878,10 @@ mod tests {
             (8, 2, 192, 512),
             (12, 2, 256, 512),
             (8, 2, 128, 4096),
+            // The two-level combine's runs with a partial last run: a wide head (chunks of
+            // 32) and rows of 72 bytes (the combine's one-column loads).
+            (12, 2, 256, 4096),
+            (4, 2, 36, 4096),
             (4, 2, 64, MAX_POSITIONS),
             // Qwen3-30B-A3B's groups; no grouping over 8 kv heads.
             (32, 4, 128, MAX_POSITIONS),

@@ -258,6 +258,95 @@ struct NormRope {
 // block resets it), so a launch can be replayed in a CUDA graph. One set per loaded module, which
 // is one per device and stream: launches on it run one after another.
 __device__ unsigned int attn_arrived[ATTN_MAX_GROUPS];
+// Why two levels past ATTN_SUPER chunks: one block reading every chunk's share is one SM reading
+// G · chunks · d floats — 512 KB a group after 8,000 tokens, ~4 µs at an SM's L2 bandwidth,
+// after the last chunk. The last block of each run of ATTN_SUPER chunks combines its run (16
+// shares), and the last of those the runs' shares: the reads spread over the SMs.
+#define ATTN_SUPER 16
+// Runs of a group at most: MAX_POSITIONS (8,192) over chunks of 16 positions, over ATTN_SUPER.
+#define ATTN_MAX_SUPERS 32
+// Blocks of a run that finished their chunk, per (group, run); reset as attn_arrived.
+__device__ unsigned int attn_super_arrived[ATTN_MAX_GROUPS * ATTN_MAX_SUPERS];
+
+// Combines `count` shares of each head of group g — share c of head h: its sums at
+// nums + (h · stride + first + c) · ps, its (max, sum) at mls[h · stride + first + c] — as
+// ctx = bf16(Σ e^(m_c − m) acc_c / Σ e^(m_c − m) l_c) (FINAL) or into one share of the next
+// level: sums Σ e^(m_c − m) acc_c at out_nums + (h · out_stride + out_at) · ps, (m, Σ e^(m_c − m)
+// l_c) at out_mls[h · out_stride + out_at]. `sm`: G · (count + 2) floats of shared memory.
+template <bool FINAL>
+__device__ __forceinline__ void combine_shares(const float* nums, const float2* mls, int stride,
+                                               int first, int count, int g, int G, int d, int ps,
+                                               float* sm, __nv_bfloat16* ctx, float* out_nums,
+                                               float2* out_mls, int out_stride, int out_at) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, W = blockDim.x / 32;
+    float* wts = sm;                       // [G][count]: e^(m_c − m), over the rows
+    float* den = wts + (size_t)G * count;  // [G]
+    float* mxs = den + G;                  // [G]
+    for (int hh = warp; hh < G; hh += W) {
+        const float2* head = mls + (size_t)(g * G + hh) * stride + first;
+        float mx = -INFINITY;
+#pragma unroll 4
+        for (int c = lane; c < count; c += 32) mx = fmaxf(mx, __ldcg(head + c).x);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float l = 0.f;
+#pragma unroll 4
+        for (int c = lane; c < count; c += 32) {
+            const float2 ml = __ldcg(head + c);
+            const float w = expf(ml.x - mx);
+            wts[hh * count + c] = w;
+            l = fmaf(w, ml.y, l);
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            den[hh] = l;
+            mxs[hh] = mx;
+        }
+    }
+    __syncthreads();
+    // Each thread a group of columns (4 where d allows: 16-byte loads of the shares, which
+    // start on multiples of 4 floats), every share's loads in flight 16 at a time; each column's
+    // sum in share order.
+    const int cw = d % 4 == 0 ? 4 : 1, groups = d / cw;
+    for (int o = tid; o < G * groups; o += blockDim.x) {
+        const int hh = o / groups, c = (o % groups) * cw;
+        const size_t h = (size_t)g * G + hh;
+        const float* col = nums + (h * stride + first) * ps + c;
+        const float* w = wts + hh * count;
+        __nv_bfloat16* out = ctx + h * d + c;
+        float* onum = FINAL ? nullptr : out_nums + (h * out_stride + out_at) * ps + c;
+        if (cw == 4) {
+            float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 16
+            for (int c_ = 0; c_ < count; c_++) {
+                const float4 a = __ldcg(reinterpret_cast<const float4*>(col + (size_t)c_ * ps));
+                const float wc = w[c_];
+                num.x = fmaf(wc, a.x, num.x);
+                num.y = fmaf(wc, a.y, num.y);
+                num.z = fmaf(wc, a.z, num.z);
+                num.w = fmaf(wc, a.w, num.w);
+            }
+            if constexpr (FINAL) {
+                out[0] = __float2bfloat16(num.x / den[hh]);
+                out[1] = __float2bfloat16(num.y / den[hh]);
+                out[2] = __float2bfloat16(num.z / den[hh]);
+                out[3] = __float2bfloat16(num.w / den[hh]);
+            } else {
+                *reinterpret_cast<float4*>(onum) = num;
+            }
+        } else {
+            float num = 0.f;
+#pragma unroll 16
+            for (int c_ = 0; c_ < count; c_++) num = fmaf(w[c_], __ldcg(col + (size_t)c_ * ps), num);
+            if constexpr (FINAL) out[0] = __float2bfloat16(num / den[hh]);
+            else onum[0] = num;
+        }
+    }
+    if constexpr (!FINAL) {
+        for (int hh = tid; hh < G; hh += blockDim.x)
+            out_mls[((size_t)g * G + hh) * out_stride + out_at] = make_float2(mxs[hh], den[hh]);
+    }
+}
 
 // Sums each of the 32 values v[0..32) over the warp's lanes; lane l returns the sum of v[l]. Five
 // exchange-and-add steps, each halving the values a lane holds (31 shuffles, where 32 separate
@@ -297,7 +386,7 @@ __device__ __forceinline__ float warp_sums_32(float* v, int lane) {
 // ctx = bf16(Σ e^(m_c − m) acc_c / Σ e^(m_c − m) l_c) — the same softmax without rounding the
 // probabilities to bf16 (within 2⁻⁹ of each, the unit test's tolerance).
 // Dynamic shared memory (`attn_decode.rs` sizes it): rows_bytes ≥ 2 · len · d bf16 for the
-// chunk's keys then values (the combine reuses them for its G · (chunks + 1) floats), then
+// chunk's keys then values (the combine reuses them for its G · (chunks + 2) floats), then
 // G · len float scores, then bf16: G · d rotated queries and d for the rotated key.
 template <int NP, int HB>
 __device__ __forceinline__ void attn_decode(
@@ -485,66 +574,43 @@ __device__ __forceinline__ void attn_decode(
     }
     if (chunks == 1) return;
 
-    // Several chunks: the group's last block to finish combines every chunk's share.
+    // Several chunks: the group's last block to finish combines every chunk's share — past
+    // ATTN_SUPER chunks in two levels (runs of ATTN_SUPER chunks, then the runs).
     __threadfence();  // this block's shares visible to the last block before it counts itself
+    __syncthreads();
+    const float2* mls = reinterpret_cast<const float2*>(part + (size_t)nh * nch * ps);
+    float* sm = reinterpret_cast<float*>(smem_bytes);
+    const int supers = (chunks + ATTN_SUPER - 1) / ATTN_SUPER;
+    if (supers == 1) {
+        if (tid == 0) ticket = atomicAdd(&attn_arrived[g], 1u);
+        __syncthreads();
+        if (ticket != (unsigned)chunks - 1) return;
+        __threadfence();
+        combine_shares<true>(part, mls, nch, 0, chunks, g, G, d, ps, sm, ctx, nullptr, nullptr, 0, 0);
+        if (tid == 0) attn_arrived[g] = 0u;
+        return;
+    }
+    // The runs' shares after the chunks' (16-byte aligned): [nh, runs, ps] sums, then
+    // [nh, runs] (m, l) pairs, `runs` for the capacity (attn_decode.rs allocates them).
+    const int runs = (nch + ATTN_SUPER - 1) / ATTN_SUPER;
+    float* snums = part + (((size_t)nh * nch * (ps + 2) + 3) & ~(size_t)3);
+    float2* smls = reinterpret_cast<float2*>(snums + (size_t)nh * runs * ps);
+    const int run = chunk / ATTN_SUPER, first = run * ATTN_SUPER;
+    const int count = min(ATTN_SUPER, chunks - first);
+    unsigned int* run_arrived = &attn_super_arrived[g * ATTN_MAX_SUPERS + run];
+    if (tid == 0) ticket = atomicAdd(run_arrived, 1u);
+    __syncthreads();
+    if (ticket != (unsigned)count - 1) return;
+    __threadfence();
+    combine_shares<false>(part, mls, nch, first, count, g, G, d, ps, sm, ctx, snums, smls, runs, run);
+    if (tid == 0) *run_arrived = 0u;
+    __threadfence();  // this run's share visible to the last run before it counts itself
     __syncthreads();
     if (tid == 0) ticket = atomicAdd(&attn_arrived[g], 1u);
     __syncthreads();
-    if (ticket != (unsigned)chunks - 1) return;
+    if (ticket != (unsigned)supers - 1) return;
     __threadfence();
-    float* wts = reinterpret_cast<float*>(smem_bytes);  // [G][chunks]: e^(m_c − m), over the rows
-    float* den = wts + (size_t)G * chunks;              // [G]
-    for (int hh = warp; hh < G; hh += W) {
-        const float2* head = reinterpret_cast<const float2*>(part + (size_t)nh * nch * ps) +
-                             (size_t)(g * G + hh) * nch;
-        float mx = -INFINITY;
-#pragma unroll 4
-        for (int c = lane; c < chunks; c += 32) mx = fmaxf(mx, __ldcg(head + c).x);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float l = 0.f;
-#pragma unroll 4
-        for (int c = lane; c < chunks; c += 32) {
-            const float2 ml = __ldcg(head + c);
-            const float w = expf(ml.x - mx);
-            wts[hh * chunks + c] = w;
-            l = fmaf(w, ml.y, l);
-        }
-        l = warp_sum(l);
-        if (lane == 0) den[hh] = l;
-    }
-    __syncthreads();
-    // Each thread a group of columns (4 where d allows: 16-byte loads of the shares, which
-    // start on multiples of 4 floats), every chunk's loads in flight 16 at a time; each column's
-    // sum in chunk order.
-    const int cw = d % 4 == 0 ? 4 : 1, groups = d / cw;
-    for (int o = tid; o < G * groups; o += blockDim.x) {
-        const int hh = o / groups, c = (o % groups) * cw;
-        const float* col = part + (size_t)(g * G + hh) * nch * ps + c;
-        const float* w = wts + hh * chunks;
-        __nv_bfloat16* out = ctx + ((size_t)g * G + hh) * d + c;
-        if (cw == 4) {
-            float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 16
-            for (int c_ = 0; c_ < chunks; c_++) {
-                const float4 a = __ldcg(reinterpret_cast<const float4*>(col + (size_t)c_ * ps));
-                const float wc = w[c_];
-                num.x = fmaf(wc, a.x, num.x);
-                num.y = fmaf(wc, a.y, num.y);
-                num.z = fmaf(wc, a.z, num.z);
-                num.w = fmaf(wc, a.w, num.w);
-            }
-            out[0] = __float2bfloat16(num.x / den[hh]);
-            out[1] = __float2bfloat16(num.y / den[hh]);
-            out[2] = __float2bfloat16(num.z / den[hh]);
-            out[3] = __float2bfloat16(num.w / den[hh]);
-        } else {
-            float num = 0.f;
-#pragma unroll 16
-            for (int c_ = 0; c_ < chunks; c_++) num = fmaf(w[c_], __ldcg(col + (size_t)c_ * ps), num);
-            out[0] = __float2bfloat16(num / den[hh]);
-        }
-    }
+    combine_shares<true>(snums, smls, runs, 0, supers, g, G, d, ps, sm, ctx, nullptr, nullptr, 0, 0);
     if (tid == 0) attn_arrived[g] = 0u;
 }
 
