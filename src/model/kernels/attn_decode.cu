@@ -268,6 +268,18 @@ __device__ unsigned int attn_arrived[ATTN_MAX_GROUPS];
 // Blocks of a run that finished their chunk, per (group, run); reset as attn_arrived.
 __device__ unsigned int attn_super_arrived[ATTN_MAX_GROUPS * ATTN_MAX_SUPERS];
 
+// Whether this block is the last of `n` to count itself on `counter`: thread 0 counts, every
+// thread gets the answer (through `ticket`, the block's shared word), and the last block then
+// sees every earlier block's writes (each fenced them before counting).
+__device__ __forceinline__ bool last_to_count(unsigned int* counter, unsigned int n,
+                                              unsigned int& ticket) {
+    if (threadIdx.x == 0) ticket = atomicAdd(counter, 1u);
+    __syncthreads();
+    if (ticket != n - 1) return false;
+    __threadfence();
+    return true;
+}
+
 // Combines `count` shares of each head of group g — share c of head h: its sums at
 // nums + (h · stride + first + c) · ps, its (max, sum) at mls[h · stride + first + c] — as
 // ctx = bf16(Σ e^(m_c − m) acc_c / Σ e^(m_c − m) l_c) (FINAL) or into one share of the next
@@ -582,10 +594,7 @@ __device__ __forceinline__ void attn_decode(
     float* sm = reinterpret_cast<float*>(smem_bytes);
     const int supers = (chunks + ATTN_SUPER - 1) / ATTN_SUPER;
     if (supers == 1) {
-        if (tid == 0) ticket = atomicAdd(&attn_arrived[g], 1u);
-        __syncthreads();
-        if (ticket != (unsigned)chunks - 1) return;
-        __threadfence();
+        if (!last_to_count(&attn_arrived[g], chunks, ticket)) return;
         combine_shares<true>(part, mls, nch, 0, chunks, g, G, d, ps, sm, ctx, nullptr, nullptr, 0, 0);
         if (tid == 0) attn_arrived[g] = 0u;
         return;
@@ -598,18 +607,12 @@ __device__ __forceinline__ void attn_decode(
     const int run = chunk / ATTN_SUPER, first = run * ATTN_SUPER;
     const int count = min(ATTN_SUPER, chunks - first);
     unsigned int* run_arrived = &attn_super_arrived[g * ATTN_MAX_SUPERS + run];
-    if (tid == 0) ticket = atomicAdd(run_arrived, 1u);
-    __syncthreads();
-    if (ticket != (unsigned)count - 1) return;
-    __threadfence();
+    if (!last_to_count(run_arrived, count, ticket)) return;
     combine_shares<false>(part, mls, nch, first, count, g, G, d, ps, sm, ctx, snums, smls, runs, run);
     if (tid == 0) *run_arrived = 0u;
     __threadfence();  // this run's share visible to the last run before it counts itself
     __syncthreads();
-    if (tid == 0) ticket = atomicAdd(&attn_arrived[g], 1u);
-    __syncthreads();
-    if (ticket != (unsigned)supers - 1) return;
-    __threadfence();
+    if (!last_to_count(&attn_arrived[g], supers, ticket)) return;
     combine_shares<true>(snums, smls, runs, 0, supers, g, G, d, ps, sm, ctx, nullptr, nullptr, 0, 0);
     if (tid == 0) attn_arrived[g] = 0u;
 }
