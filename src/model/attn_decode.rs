@@ -46,8 +46,12 @@ const MAX_SHARED: usize = 48 * 1024;
 /// over a cache of `cap` rows; `None` where the kernel does not apply.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct AttnShape {
-    /// Entry point: `attn_decode_bf16_np{np}` (pairs of columns a lane holds).
+    /// Entry point: `attn_decode_bf16_np{np}` (pairs of columns a lane holds), or
+    /// `attn_decode_bf16_mma_np{np}` with `mma`.
     np: usize,
+    /// The chunk's products on tensor cores: head_dim a multiple of 16 and groups of up to 16
+    /// heads (one m16n8k16 product's rows), rows padded by 8 columns in shared memory.
+    mma: bool,
     /// Positions of a chunk (`len`): one block's rows in shared memory.
     len: usize,
     /// Chunks of a group (the grid's y), enough for the capacity.
@@ -59,6 +63,17 @@ struct AttnShape {
 }
 
 fn attn_shape(nh: usize, nkv: usize, d: usize, cap: usize) -> Option<AttnShape> {
+    attn_shape_with(nh, nkv, d, cap, true)
+}
+
+/// [`attn_shape`], with the tensor-core entries allowed or not (the unit tests run both).
+fn attn_shape_with(
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    cap: usize,
+    allow_mma: bool,
+) -> Option<AttnShape> {
     if nkv == 0
         || !nh.is_multiple_of(nkv)
         || nkv > MAX_GROUPS
@@ -70,16 +85,22 @@ fn attn_shape(nh: usize, nkv: usize, d: usize, cap: usize) -> Option<AttnShape> 
     }
     let g = nh / nkv;
     let np = (d / 2).div_ceil(32);
+    let mma = allow_mma && d.is_multiple_of(16) && g <= 16;
+    // Rows of keys, values and rotated queries `rs` apart (see the kernel's `rs`); the
+    // tensor-core entries also keep 16 rows of bf16 probabilities, `len + 8` apart.
+    let rs = if mma { d + 8 } else { d };
     // 64 positions a chunk (32 KB of rows at head_dim 128), fewer where that would not fit.
     [64, 32, 16].into_iter().find_map(|len| {
         let chunks = cap.div_ceil(len).max(1);
-        let rows_bytes = (2 * len * d * 2)
+        let rows_bytes = (2 * len * rs * 2)
             .max(4 * g * (chunks + 2))
             .next_multiple_of(16);
-        let shared = rows_bytes + 4 * g * len + 2 * (g * d + d);
+        let probs = if mma { 2 * 16 * (len + 8) } else { 0 };
+        let shared = rows_bytes + 4 * g * len + probs + 2 * (g * rs + d);
         let runs_fit = chunks.div_ceil(SUPER) <= MAX_SUPERS;
         (shared <= MAX_SHARED && chunks <= 65_535 && runs_fit).then_some(AttnShape {
             np,
+            mma,
             len,
             chunks,
             rows_bytes,
@@ -248,7 +269,7 @@ pub fn try_forward(
         return Ok(None);
     }
     let (q, k, v) = project(x, &w)?;
-    let ctx = attend(a, &q, &k, &v, dec, &kc, &vc, cap)?;
+    let ctx = attend(a, [&q, &k, &v], dec, &kc, &vc, cap, true)?;
     Ok(Some(gemv_residual(w.o, &ctx, residual)?))
 }
 
@@ -400,16 +421,16 @@ fn gemv_rows(
 }
 
 /// The attention kernel: ctx [1, nh·d] bf16 (see `attn_decode_bf16` in the kernel file).
-#[allow(clippy::too_many_arguments)]
+/// `allow_mma`: whether the tensor-core entries may run (where the shape allows; the unit
+/// tests run both kinds on the same inputs).
 fn attend(
     a: &Attention,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    [q, k, v]: [&Tensor; 3],
     dec: &DecodeInputs,
     kc: &Tensor,
     vc: &Tensor,
     cap: usize,
+    allow_mma: bool,
 ) -> Result<Tensor> {
     let (nh, nkv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
     let dev = q.device().as_cuda_device()?.clone();
@@ -441,7 +462,7 @@ fn attend(
     // passed as addresses, as the other kernels that write into buffers they do not allocate.
     let kcv = super::raw::device_range(kc, 0, kc.elem_count() * 2)?.0;
     let vcv = super::raw::device_range(vc, 0, vc.elem_count() * 2)?.0;
-    let shape = attn_shape(nh, nkv, d, cap).ok_or_else(|| {
+    let shape = attn_shape_with(nh, nkv, d, cap, allow_mma).ok_or_else(|| {
         err(
             "attention",
             format!("{nh} heads, {nkv} kv heads, head_dim {d}, capacity {cap}"),
@@ -462,13 +483,23 @@ fn attend(
     let scale = 1.0f32 / (d as f32).sqrt();
     let (nh_, nkv_, d_, cap_) = (nh as i32, nkv as i32, d as i32, cap as i32);
     let (len_, rows_) = (shape.len as i32, shape.rows_bytes as i32);
-    let name = [
-        "",
-        "attn_decode_bf16_np1",
-        "attn_decode_bf16_np2",
-        "attn_decode_bf16_np3",
-        "attn_decode_bf16_np4",
-    ][shape.np];
+    let name = if shape.mma {
+        [
+            "",
+            "attn_decode_bf16_mma_np1",
+            "attn_decode_bf16_mma_np2",
+            "attn_decode_bf16_mma_np3",
+            "attn_decode_bf16_mma_np4",
+        ][shape.np]
+    } else {
+        [
+            "",
+            "attn_decode_bf16_np1",
+            "attn_decode_bf16_np2",
+            "attn_decode_bf16_np3",
+            "attn_decode_bf16_np4",
+        ][shape.np]
+    };
     let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
     let mut b = f.builder();
     b.arg(&qv)
@@ -832,18 +863,29 @@ mod tests {
     fn attention_chunks_fit_shared_memory_and_cover_the_cache() {
         // Qwen3-30B-A3B: 4 kv groups of 8 heads, chunks of 64 positions.
         let s = attn_shape(32, 4, 128, MAX_POSITIONS).unwrap();
-        assert_eq!((s.np, s.len, s.chunks), (2, 64, 128));
-        assert_eq!(s.rows_bytes, 32 * 1024);
+        assert_eq!((s.np, s.mma, s.len, s.chunks), (2, true, 64, 128));
+        // Rows padded by 8 columns for the tensor cores' loads; 32 KB without.
+        assert_eq!(s.rows_bytes, 2 * 64 * 136 * 2);
+        let s = attn_shape_with(32, 4, 128, MAX_POSITIONS, false).unwrap();
+        assert_eq!((s.mma, s.rows_bytes), (false, 32 * 1024));
+        // Tensor cores take head_dims of whole 16s and groups of up to 16.
+        assert!(!attn_shape(4, 2, 36, 512).unwrap().mma);
+        assert!(!attn_shape(34, 2, 64, 512).unwrap().mma);
+        assert!(attn_shape(32, 2, 96, 512).unwrap().mma);
         // Wide heads: 32 positions; a large group of them: 16.
         assert_eq!(attn_shape(32, 4, 256, 4096).unwrap().len, 32);
         assert_eq!(attn_shape(32, 1, 256, 512).unwrap().len, 16);
         // Every shape the kernel is offered up to its limits fits, with room for the combine.
         for d in (2..=MAX_HEAD_DIM).step_by(2) {
             for nkv in [1, 2, 3, 4, 8, 16, 64] {
-                for g in [1, 2, 5, 8, 16] {
-                    for cap in [1, 63, 64, 65, 4096, 5000, MAX_POSITIONS] {
-                        let s = attn_shape(nkv * g, nkv, d, cap)
+                for g in [1, 2, 5, 8, 16, 20] {
+                    for (cap, mma) in [1, 63, 64, 65, 4096, 5000, MAX_POSITIONS]
+                        .into_iter()
+                        .flat_map(|c| [(c, false), (c, true)])
+                    {
+                        let s = attn_shape_with(nkv * g, nkv, d, cap, mma)
                             .unwrap_or_else(|| panic!("nkv {nkv} g {g} d {d} cap {cap}"));
+                        assert_eq!(s.mma, mma && d % 16 == 0 && g <= 16);
                         assert!(s.shared <= MAX_SHARED, "{s:?}");
                         assert!(
                             s.rows_bytes >= 4 * d * s.len && s.rows_bytes >= 4 * g * (s.chunks + 1)
@@ -907,7 +949,16 @@ mod tests {
             } else {
                 &[cap - 1]
             };
-            for &pos in positions {
+            // Both kinds of entry where the shape takes the tensor-core one.
+            let kinds: &[bool] = if attn_shape(nh, nkv, d, cap).unwrap().mma {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for (&pos, &mma) in positions
+                .iter()
+                .flat_map(|p| kinds.iter().map(move |m| (p, m)))
+            {
                 let kc = kc0.reshape((nkv, cap, d)).unwrap().copy().unwrap();
                 let vc = vc0.reshape((nkv, cap, d)).unwrap().copy().unwrap();
                 let (cos, sin) = rope.tables(pos, 1, DType::BF16, &dev).unwrap();
@@ -918,7 +969,7 @@ mod tests {
                     rows: Tensor::full(pos as u32, (nkv, 1, d), &dev).unwrap(),
                     mask: Tensor::zeros(cap, DType::BF16, &dev).unwrap(),
                 };
-                let ctx = host(&attend(&a, &q, &k, &v, &dec, &kc, &vc, cap).unwrap());
+                let ctx = host(&attend(&a, [&q, &k, &v], &dec, &kc, &vc, cap, mma).unwrap());
                 let (kc_after, vc_after) = (host(&kc), host(&vc));
                 let scale = 1.0f32 / (d as f32).sqrt();
                 for g in 0..nkv {
@@ -965,11 +1016,13 @@ mod tests {
                                 .map(|j| p[j] as f64 * val(j)[c] as f64)
                                 .sum::<f64>() as f32);
                             let got = ctx[h * d + c];
-                            // A probability may round the other way (f32 against f64), or
-                            // not be rounded (several chunks): within 2⁻⁸ of it either way.
+                            // A probability may round the other way (f32 against f64, or a
+                            // score's bf16 the other way after a sum in another order), or be
+                            // rounded differently (several chunks: f32, or bf16 of the
+                            // unnormalised weight on tensor cores): within 2⁻⁸ of it either way.
                             assert!(
                                 (got - want).abs() <= ulp(want) + vmax / 256.0,
-                                "head {h} col {c} pos {pos} (d {d}): {got} vs {want}"
+                                "head {h} col {c} pos {pos} (d {d}, mma {mma}): {got} vs {want}"
                             );
                         }
                     }

@@ -12,7 +12,9 @@
 // its lane order); RoPE in bf16 arithmetic as candle's rope kernel;
 // scores = bf16(bf16(q·k) * scale) (torch's matmul output, then its scaling in f32); softmax in
 // f32 rounded to bf16; the probability-weighted sum of values in f32, rounded once. (Past the
-// first chunk, 64 positions, the probabilities stay in f32: see attn_decode.)
+// first chunk, 64 positions, the probabilities stay in f32 — on the tensor-core entries each
+// chunk's unnormalised weights are rounded to bf16 — see attn_decode and attn_chunk_mma.) The
+// tensor-core entries sum q·k and p·v in the tensor cores' order, the others lane by lane.
 
 #include "common.cuh"
 #include "ggml_blocks.cuh"
@@ -270,7 +272,10 @@ __device__ unsigned int attn_super_arrived[ATTN_MAX_GROUPS * ATTN_MAX_SUPERS];
 
 // Whether this block is the last of `n` to count itself on `counter`: thread 0 counts, every
 // thread gets the answer (through `ticket`, the block's shared word), and the last block then
-// sees every earlier block's writes (each fenced them before counting).
+// sees every earlier block's writes (each fenced them before counting). Every thread fences
+// its own writes: a barrier and then thread 0 alone fencing (cooperative groups' pattern), tried
+// with another change beside it, made a step after an 8,000-token prompt 2.4 % slower
+// (BENCHMARKS.md §63).
 __device__ __forceinline__ bool last_to_count(unsigned int* counter, unsigned int n,
                                               unsigned int& ticket) {
     if (threadIdx.x == 0) ticket = atomicAdd(counter, 1u);
@@ -380,6 +385,123 @@ __device__ __forceinline__ float warp_sums_32(float* v, int lane) {
     return v[0];
 }
 
+// Tensor-core steps for the chunk's two products (the `MMA` entries): one warp-wide
+// m16n8k16 product of bf16 fragments into f32 sums (PTX ISA's fragment layouts: lane l holds
+// rows l/4 and l/4 + 8, columns 2(l%4), 2(l%4)+1 and those + 8), and four 8×8 bf16 tiles
+// loaded transposed from shared memory (a row-major [k][n] tile as the product's B operand).
+__device__ __forceinline__ void mma_bf16_16816(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const __nv_bfloat16* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+// Two bf16 of shared memory as one 32-bit fragment register (4-byte aligned).
+__device__ __forceinline__ uint32_t ld_pair(const __nv_bfloat16* p) {
+    return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// The chunk's scores, softmax and probability-weighted values on tensor cores (heads ≤ 16, d a
+// multiple of 16, len of 16): the group's heads are the rows of an m16n8k16 product (rows past G
+// read as 0). Scores: warp w takes the chunk's positions 8w … 8w + 7 (then 8(w + W) …), the
+// queries' rows against the keys' over d in steps of 16. Softmax: a warp a head as before; the
+// probabilities go to `probs` in bf16 — one chunk: bf16(e / sum), as transformers' eager
+// attention rounds them; several: bf16(e), their sum l over the rounded values, so that the
+// combine's weights and sums agree — zero past the chunk's last position. Values: warp w takes
+// columns 16w … 16w + 15 (then 16(w + W) …), probabilities against value rows over the positions
+// in steps of 16 (value rows loaded transposed). f32 sums throughout, in the tensor cores' order.
+__device__ __forceinline__ void attn_chunk_mma(
+    const __nv_bfloat16* ks, const __nv_bfloat16* vs, const __nv_bfloat16* qr, float* scores,
+    __nv_bfloat16* probs, int rs, int pl, int G, int d, int n, int len, int chunks, float scale,
+    int g, int chunk, int nch, int nh, int ps, __nv_bfloat16* __restrict__ ctx, float* part) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, W = blockDim.x / 32;
+    const int gid = lane >> 2, tig = lane & 3;
+    const bool lo = gid < G, hi = gid + 8 < G;  // whether fragment rows gid, gid + 8 are heads
+    for (int t = warp; t * 8 < n; t += W) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        const __nv_bfloat16* qa = qr + (size_t)gid * rs + 2 * tig;
+        const __nv_bfloat16* kb = ks + (size_t)(8 * t + gid) * rs + 2 * tig;
+        for (int k0 = 0; k0 < d; k0 += 16) {
+            const uint32_t a[4] = {lo ? ld_pair(qa + k0) : 0u, hi ? ld_pair(qa + 8 * rs + k0) : 0u,
+                                   lo ? ld_pair(qa + k0 + 8) : 0u,
+                                   hi ? ld_pair(qa + 8 * rs + k0 + 8) : 0u};
+            const uint32_t b[2] = {ld_pair(kb + k0), ld_pair(kb + k0 + 8)};
+            mma_bf16_16816(c, a, b);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int hh = gid + (i >> 1) * 8, r = 8 * t + 2 * tig + (i & 1);
+            if (hh < G && r < n) scores[(size_t)hh * len + r] = bf16_round(bf16_round(c[i]) * scale);
+        }
+    }
+    __syncthreads();
+    const int n16 = (n + 15) & ~15;
+    for (int hh = warp; hh < G; hh += W) {
+        float* sc = scores + (size_t)hh * len;
+        __nv_bfloat16* pr = probs + (size_t)hh * pl;
+        float m = -INFINITY;
+        for (int r = lane; r < n; r += 32) m = fmaxf(m, sc[r]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        float sum = 0.f, sum_b = 0.f;
+        for (int r = lane; r < n; r += 32) {
+            const float e = expf(sc[r] - m);
+            sc[r] = e;
+            sum += e;
+            sum_b += bf16_round(e);
+        }
+        sum = warp_sum(sum);
+        sum_b = warp_sum(sum_b);
+        __syncwarp();
+        for (int r = lane; r < n16; r += 32)
+            pr[r] = r >= n ? __float2bfloat16(0.f)
+                           : __float2bfloat16(chunks == 1 ? sc[r] / sum : sc[r]);
+        if (chunks > 1 && lane == 0) {
+            const size_t h = (size_t)g * G + hh;
+            reinterpret_cast<float2*>(part + (size_t)nh * nch * ps)[h * nch + chunk] =
+                make_float2(m, sum_b);
+        }
+    }
+    __syncthreads();
+    for (int t = 2 * warp; t * 8 < d; t += 2 * W) {
+        float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        const __nv_bfloat16* pa = probs + (size_t)gid * pl + 2 * tig;
+        // ldmatrix's row addresses: lanes 0–7 the step's rows 0–7 at column 8t, 8–15 rows 8–15,
+        // 16–31 the same at column 8t + 8 (the next tile of 8 columns).
+        const __nv_bfloat16* vb = vs + (size_t)((lane & 7) + (lane & 8)) * rs + 8 * t + (lane >> 4) * 8;
+        for (int k0 = 0; k0 < n; k0 += 16) {
+            const uint32_t a[4] = {lo ? ld_pair(pa + k0) : 0u, hi ? ld_pair(pa + 8 * pl + k0) : 0u,
+                                   lo ? ld_pair(pa + k0 + 8) : 0u,
+                                   hi ? ld_pair(pa + 8 * pl + k0 + 8) : 0u};
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, vb + (size_t)k0 * rs);
+            mma_bf16_16816(c[0], a, b);
+            mma_bf16_16816(c[1], a, b + 2);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i += 2) {
+                const int hh = gid + (i >> 1) * 8, col = 8 * (t + j) + 2 * tig;
+                if (hh >= G) continue;
+                const size_t h = (size_t)g * G + hh;
+                if (chunks == 1)
+                    reinterpret_cast<__nv_bfloat162*>(ctx + h * d + col)[0] =
+                        __floats2bfloat162_rn(c[j][i], c[j][i + 1]);
+                else
+                    reinterpret_cast<float2*>(part + (h * nch + chunk) * ps + col)[0] =
+                        make_float2(c[j][i], c[j][i + 1]);
+            }
+    }
+}
+
 // Grid (nkv, chunks), ATTN_WARPS warps: block (g, c) attends every query head of kv group g
 // (heads g·G .. g·G + G − 1, G = nh / nkv) over positions [c·len, (c+1)·len) ∩ [0, pos]. A lane
 // holds NP pairs of a row's columns (pairs lane, lane + 32, …; so d ≤ 64·NP); scores are taken
@@ -400,7 +522,7 @@ __device__ __forceinline__ float warp_sums_32(float* v, int lane) {
 // Dynamic shared memory (`attn_decode.rs` sizes it): rows_bytes ≥ 2 · len · d bf16 for the
 // chunk's keys then values (the combine reuses them for its G · (chunks + 2) floats), then
 // G · len float scores, then bf16: G · d rotated queries and d for the rotated key.
-template <int NP, int HB>
+template <int NP, int HB, bool MMA>
 __device__ __forceinline__ void attn_decode(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
     const __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ q_norm,
@@ -413,11 +535,17 @@ __device__ __forceinline__ void attn_decode(
     constexpr int U = 32 / HB;
     extern __shared__ __align__(16) unsigned char smem_bytes[];
     const int G = nh / nkv;
-    __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_bytes);        // [len][d]
-    __nv_bfloat16* vs = ks + (size_t)len * d;                                 // [len][d]
+    // Rows of keys, values and queries in shared memory are `rs` apart: for the tensor-core
+    // entries 8 columns more than d, so that the fragments' loads (8 rows at once) fall in
+    // different banks.
+    const int rs = MMA ? d + 8 : d;
+    const int pl = len + 8;  // MMA: a head's row of bf16 probabilities, padded likewise
+    __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_bytes);        // [len][rs]
+    __nv_bfloat16* vs = ks + (size_t)len * rs;                                // [len][rs]
     float* scores = reinterpret_cast<float*>(smem_bytes + rows_bytes);       // [G][len]
-    __nv_bfloat16* qr = reinterpret_cast<__nv_bfloat16*>(scores + (size_t)G * len);  // [G][d]
-    __nv_bfloat16* kr = qr + (size_t)G * d;                                  // [d]
+    __nv_bfloat16* probs = reinterpret_cast<__nv_bfloat16*>(scores + (size_t)G * len);  // MMA: [16][pl]
+    __nv_bfloat16* qr = probs + (MMA ? 16 * pl : 0);                          // [G][rs]
+    __nv_bfloat16* kr = qr + (size_t)G * rs;                                 // [d]
     __shared__ unsigned int ticket;
 
     const int g = blockIdx.x, chunk = blockIdx.y, nch = gridDim.y;
@@ -453,10 +581,10 @@ __device__ __forceinline__ void attn_decode(
         const __nv_bfloat16* vb = v_cache + ((size_t)g * cap + j_begin) * d;
         for (int i = tid; i < n * per_row; i += blockDim.x) {
             const int r = i / per_row, off = (i % per_row) * (piece / 2);  // elements
-            const size_t at = (size_t)r * d + off;
+            const size_t at = (size_t)r * d + off, sat = (size_t)r * rs + off;
             const __nv_bfloat16* vsrc = j_begin + r == pos ? vrow + off : vb + at;
-            uint8_t* kd = reinterpret_cast<uint8_t*>(ks + at);
-            uint8_t* vd = reinterpret_cast<uint8_t*>(vs + at);
+            uint8_t* kd = reinterpret_cast<uint8_t*>(ks + sat);
+            uint8_t* vd = reinterpret_cast<uint8_t*>(vs + sat);
             const uint8_t* ksrc = reinterpret_cast<const uint8_t*>(kb + at);
             if (piece == 16) {
                 if (j_begin + r != pos) cp_async16(kd, ksrc);
@@ -469,6 +597,14 @@ __device__ __forceinline__ void attn_decode(
     }
     if (chunk == 0 && tid < half)
         reinterpret_cast<__nv_bfloat162*>(v_cache + ((size_t)g * cap + pos) * d)[tid] = v_pair;
+    if constexpr (MMA) {
+        // The value rows past the chunk's last position up to the next 16 — the products'
+        // last step reads them — zeroed: their probabilities are 0, and 0 · NaN is not.
+        const int pad = ((n + 15) & ~15) - n;
+        for (int i = tid; i < pad * half; i += blockDim.x)
+            reinterpret_cast<__nv_bfloat162*>(vs + (size_t)(n + i / half) * rs)[i % half] =
+                __floats2bfloat162_rn(0.f, 0.f);
+    }
 
     // Normalise and rotate: the queries into `qr`; the key into its row of the chunk (when the
     // chunk holds `pos`; else into `kr`, unread) and, by chunk 0, into the cache. The rounds are
@@ -477,14 +613,19 @@ __device__ __forceinline__ void attn_decode(
         const int t = t0 + t_first;
         const bool is_q = t < G;
         if (t0 > 0) nr.load(row_of(t), is_q ? q_norm : k_norm, cos, sin, d, lane & 15, t <= G);
-        __nv_bfloat16* out = is_q ? qr + (size_t)t * d
-                                  : pos <= j_end ? ks + (size_t)(pos - j_begin) * d : kr;
+        __nv_bfloat16* out = is_q ? qr + (size_t)t * rs
+                                  : pos <= j_end ? ks + (size_t)(pos - j_begin) * rs : kr;
         __nv_bfloat16* also = !is_q && chunk == 0 ? k_cache + ((size_t)g * cap + pos) * d : nullptr;
         nr.finish(eps, d, lane & 15, t <= G, out, also);
     }
     cp_async_wait_all();
     __syncthreads();
 
+    const int ps = (d + 3) / 4 * 4;  // floats of a head's sums in `part`
+    if constexpr (MMA) {
+        attn_chunk_mma(ks, vs, qr, scores, probs, rs, pl, G, d, n, len, chunks, scale, g, chunk,
+                       nch, nh, ps, ctx, part);
+    } else {
     // Scores: warp w takes positions w, w + W, … of the chunk, U at a time, HB heads at a time;
     // the U · HB dot products summed by warp_sums_32.
     const __nv_bfloat162* ks2 = reinterpret_cast<const __nv_bfloat162*>(ks);
@@ -531,7 +672,6 @@ __device__ __forceinline__ void attn_decode(
     __syncthreads();
 
     // Softmax, then the values: one warp a head, in position order.
-    const int ps = (d + 3) / 4 * 4;  // floats of a head's sums in `part`
     for (int hh = warp; hh < G; hh += W) {
         float* sc = scores + (size_t)hh * len;
         float m = -INFINITY;
@@ -584,6 +724,7 @@ __device__ __forceinline__ void attn_decode(
                 reinterpret_cast<float2*>(part + (size_t)nh * nch * ps)[h * nch + chunk] = make_float2(m, sum);
         }
     }
+    }
     if (chunks == 1) return;
 
     // Several chunks: the group's last block to finish combines every chunk's share — past
@@ -619,8 +760,10 @@ __device__ __forceinline__ void attn_decode(
 
 // One entry point per NP (pairs of columns a lane holds: head_dim ≤ 64, 128, 192, 256); scores
 // 4 heads at a time (a lane's queries in 8 · NP floats). Four blocks an SM (64 registers) for
-// head_dim ≤ 128, so that a long context's chunks run in one wave; two for the wide heads.
-#define ATTN_ENTRY(NAME, NP, HB, MINB)                                                                \
+// head_dim ≤ 128, so that a long context's chunks run in one wave; two for the wide heads. The
+// `_mma` entries take the chunk's products on tensor cores (`attn_chunk_mma`: head_dim a
+// multiple of 16, groups of up to 16 heads, padded rows — `attn_decode.rs` picks them).
+#define ATTN_ENTRY(NAME, NP, HB, MINB, MMA)                                                           \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS, MINB) NAME(                      \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                 \
         const __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ q_norm,            \
@@ -629,10 +772,14 @@ __device__ __forceinline__ void attn_decode(
         const uint32_t* __restrict__ pos_at, __nv_bfloat16* __restrict__ k_cache,                 \
         __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ ctx, float* part,        \
         int nh, int nkv, int d, int cap, float scale, int len, int rows_bytes) {                  \
-        attn_decode<NP, HB>(q, k, v, q_norm, k_norm, eps, cos, sin, pos_at, k_cache, v_cache,     \
-                            ctx, part, nh, nkv, d, cap, scale, len, rows_bytes);                  \
+        attn_decode<NP, HB, MMA>(q, k, v, q_norm, k_norm, eps, cos, sin, pos_at, k_cache,         \
+                                 v_cache, ctx, part, nh, nkv, d, cap, scale, len, rows_bytes);    \
     }
-ATTN_ENTRY(attn_decode_bf16_np1, 1, 4, 4)
-ATTN_ENTRY(attn_decode_bf16_np2, 2, 4, 4)
-ATTN_ENTRY(attn_decode_bf16_np3, 3, 4, 2)
-ATTN_ENTRY(attn_decode_bf16_np4, 4, 4, 2)
+ATTN_ENTRY(attn_decode_bf16_np1, 1, 4, 4, false)
+ATTN_ENTRY(attn_decode_bf16_np2, 2, 4, 4, false)
+ATTN_ENTRY(attn_decode_bf16_np3, 3, 4, 2, false)
+ATTN_ENTRY(attn_decode_bf16_np4, 4, 4, 2, false)
+ATTN_ENTRY(attn_decode_bf16_mma_np1, 1, 4, 4, true)
+ATTN_ENTRY(attn_decode_bf16_mma_np2, 2, 4, 4, true)
+ATTN_ENTRY(attn_decode_bf16_mma_np3, 3, 4, 2, true)
+ATTN_ENTRY(attn_decode_bf16_mma_np4, 4, 4, 2, true)
