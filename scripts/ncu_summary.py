@@ -22,13 +22,20 @@ whole = '--all' in sys.argv
 if len(args) != 1:
     sys.exit('usage: ncu_summary.py NCU.csv [--all]')
 try:
-    rows = [r for r in csv.reader(open(args[0])) if len(r) > 10]
+    rows = list(csv.reader(open(args[0])))
 except OSError as e:
     sys.exit(f'{args[0]}: {e}')
-if not rows or 'Kernel Name' not in rows[0] or 'Metric Value' not in rows[0]:
+# From the header on: without --log-file the program's own output comes first, and its lines
+# may have commas too.
+head = next((i for i, r in enumerate(rows) if 'Kernel Name' in r and 'Metric Value' in r), None)
+rows = [] if head is None else [r for r in rows[head:] if len(r) == len(rows[head])]
+if not rows:
     sys.exit(f"{args[0]}: not an ncu --csv profile (no 'Kernel Name' / 'Metric Value' header)")
 hdr=rows[0]; rows=rows[1:]
 ni=hdr.index('Kernel Name'); vi=hdr.index('Metric Value')
+if 'Metric Name' in hdr:  # a profile of several metrics: the durations only
+    mi = hdr.index('Metric Name')
+    rows = [r for r in rows if r[mi] == 'gpu__time_duration.sum']
 ks=[(r[ni], float(r[vi].replace(',',''))) for r in rows]
 if whole:
     step = ks
