@@ -328,6 +328,56 @@ fn part_locations_are_the_bytes_read() {
     assert!(direct::expert_files(seed[0].as_ref()).is_none());
 }
 
+/// On the CPU a bf16 run maps a miss's expert in place (gate's rows and up's back to back, then
+/// down's) instead of reading it: for the shard source and an extraction every expert maps, to
+/// exactly the bytes `read` returns — so `selective_is_bit_identical_to_native_everywhere`'s
+/// bf16 runs over those sources go through the maps; the seed layout and cold mode do not map.
+#[test]
+fn mapped_bf16_experts_are_the_bytes_read() {
+    for name in ["qwen3-moe-tiny", "qwen3-omni-tiny"] {
+        let (_tmp, cfg, sources) = every_source(name);
+        let (file_sources, seed) = sources.split_at(2);
+        for src in file_sources {
+            for layer in cfg.moe_layers() {
+                for e in 0..cfg.num_experts {
+                    let (gu, dn) = src
+                        .map_bf16(layer, e)
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("{name} {} {layer}/{e} maps", src.describe()));
+                    let raw = src.read(layer, e).unwrap();
+                    let le = |v: &[half::bf16]| -> Vec<u8> {
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+                    };
+                    let gate_up: Vec<u8> =
+                        [&raw.parts[0].bytes[..], &raw.parts[1].bytes[..]].concat();
+                    assert_eq!(
+                        le(gu.values()),
+                        gate_up,
+                        "{name} {} {layer}/{e}",
+                        src.describe()
+                    );
+                    assert_eq!(le(dn.values()), raw.parts[2].bytes, "{name} {layer}/{e}");
+                    assert_eq!(gu.dims(), [2 * cfg.moe_intermediate_size, cfg.hidden_size]);
+                    assert_eq!(dn.dims(), [cfg.hidden_size, cfg.moe_intermediate_size]);
+                }
+            }
+            src.set_cold(true);
+            assert!(
+                src.map_bf16(cfg.moe_layers().next().unwrap(), 0)
+                    .unwrap()
+                    .is_none()
+            );
+            src.set_cold(false);
+        }
+        assert!(
+            seed[0]
+                .map_bf16(cfg.moe_layers().next().unwrap(), 0)
+                .unwrap()
+                .is_none()
+        );
+    }
+}
+
 /// A fixture's experts through every source: its shards, an extraction made here and the seed
 /// layout, in that order (the temporary directory holds the last two).
 fn every_source(

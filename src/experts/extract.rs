@@ -778,6 +778,22 @@ impl ExpertSource for ExtractedSource {
         self.entries.get(&(layer, expert)).cloned()
     }
 
+    fn map_bf16(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Result<
+        Option<(
+            crate::model::mapped::MappedBf16,
+            crate::model::mapped::MappedBf16,
+        )>,
+    > {
+        if self.is_cold() {
+            return Ok(None);
+        }
+        super::source::map_bf16_parts(&self.files, self.parts_of(layer, expert)?, &self.cfg)
+    }
+
     fn read_into(
         &self,
         layer: usize,

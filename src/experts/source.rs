@@ -4,8 +4,12 @@
 //! - `extracted:DIR` (see `extract.rs`): one file per (layer, expert) made by `moescope extract`;
 //! - `seedlayout:DIR` (see `seed.rs`): the earlier project's per-expert files, read-only.
 //!
-//! Reads use `pread` into our own buffer rather than the mmap: the bytes then live once, in the
-//! cache that owns them, and the process RSS shows exactly what the cache holds.
+//! Reads use `pread` into our own buffer rather than a long-lived map of the whole file: the
+//! bytes then live once, in the cache that owns them, and the process RSS shows exactly what the
+//! cache holds. The one exception keeps that property: on the CPU, where the compute dtype is
+//! the stored bf16, a shard's expert is mapped on its own (`map_bf16`) and the map *is* the
+//! cache's slot — in RSS while the slot lives, unmapped when it is evicted — so a miss copies
+//! nothing (BENCHMARKS.md §69).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::model::checkpoint::{Checkpoint, ExpertLocation, TensorLocation};
 use crate::model::config::MoeConfig;
 use crate::model::error::{ModelError, Result};
+use crate::model::mapped::MappedBf16;
 use crate::model::safetensors_file::{StDtype, TensorInfo};
 
 /// One matrix of an expert, as stored.
@@ -133,6 +138,15 @@ pub trait ExpertSource: Send + Sync {
         _down: &mut [std::mem::MaybeUninit<f32>],
     ) -> Result<bool> {
         Ok(false)
+    }
+
+    /// For bf16 compute of bf16-stored experts on the CPU: the expert's matrices mapped in
+    /// place (`crate::model::mapped`) — gate's rows then up's as one [2I, H] map, down [H, I] —
+    /// so a miss copies nothing. None from sources that cannot, in cold mode (each miss is to
+    /// come from storage), and for experts not stored so (other dtypes, gate and up apart in the
+    /// file, a map refused): the caller then reads them.
+    fn map_bf16(&self, _layer: usize, _expert: usize) -> Result<Option<(MappedBf16, MappedBf16)>> {
+        Ok(None)
     }
 
     /// Reads the expert's three parts back to back into `buf` (at least `stored_bytes` long)
@@ -626,6 +640,13 @@ impl ExpertSource for ShardSource {
         Some(self.location(layer, expert)?.parts.clone())
     }
 
+    fn map_bf16(&self, layer: usize, expert: usize) -> Result<Option<(MappedBf16, MappedBf16)>> {
+        if self.is_cold() {
+            return Ok(None);
+        }
+        map_bf16_parts(&self.files, self.parts_of(layer, expert)?, &self.cfg)
+    }
+
     fn read_into(&self, layer: usize, expert: usize, buf: &mut [u8]) -> Result<[PartSpan; 3]> {
         let loc = self.parts_of(layer, expert)?;
         read_locations_into(&self.files, loc.each_ref(), self.is_cold(), buf)
@@ -717,6 +738,38 @@ impl ExpertSource for ShardSource {
     }
 }
 
+/// `ExpertSource::map_bf16` for sources whose parts are byte ranges of files: gate's and up's
+/// rows mapped as one [2I, H] matrix where they lie back to back in one file (as name-sorted
+/// shards and `extract`'s files store them), down [H, I]; None for other layouts and dtypes, or
+/// where a map is refused (the caller's read path then reads, and names any error).
+pub(crate) fn map_bf16_parts(
+    files: &FileTable,
+    [g, u, d]: &[TensorLocation; 3],
+    cfg: &MoeConfig,
+) -> Result<Option<(MappedBf16, MappedBf16)>> {
+    let (i, h) = (cfg.moe_intermediate_size, cfg.hidden_size);
+    let matrix = (i * h * 2) as u64;
+    if [g, u, d]
+        .iter()
+        .any(|p| p.dtype != StDtype::BF16 || p.scale.is_some() || p.len != matrix)
+        || g.shape != [i, h]
+        || u.shape != [i, h]
+        || d.shape != [h, i]
+        || u.file != g.file
+        || u.offset != g.offset + g.len
+    {
+        return Ok(None);
+    }
+    let (fg, fd) = (files.get(&g.file)?, files.get(&d.file)?);
+    match (
+        MappedBf16::map(&fg, g.offset, 2 * i, h),
+        MappedBf16::map(&fd, d.offset, h, i),
+    ) {
+        (Ok(Some(gu)), Ok(Some(dn))) => Ok(Some((gu, dn))),
+        _ => Ok(None),
+    }
+}
+
 /// Size of an expert stored in bf16 — the fallback when a source cannot say.
 pub fn default_expert_bytes(cfg: &MoeConfig) -> u64 {
     (cfg.expert_params() * 2) as u64
@@ -738,6 +791,78 @@ pub fn missing_error(source: &dyn ExpertSource, layer: usize, expert: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an expert whose gate and up lie back to back in one file, all three parts plain
+    /// bf16 of the config's shapes, maps; a gap between gate and up, another file, another
+    /// dtype or shape, or an FP8 scale leaves it to the read path. The map holds the file's
+    /// bytes at the parts' offsets.
+    #[test]
+    fn only_back_to_back_bf16_experts_map() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3-moe-tiny");
+        let cfg = MoeConfig::from_dir(&dir).unwrap();
+        let (i, h) = (cfg.moe_intermediate_size, cfg.hidden_size);
+        let m = (i * h * 2) as u64;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("experts.bin");
+        let bytes: Vec<u8> = (0..(4 * m + 64)).map(|b| (b * 7 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let loc = |offset: u64, shape: [usize; 2]| TensorLocation {
+            name: format!("t@{offset}"),
+            file: path.clone(),
+            dtype: StDtype::BF16,
+            shape: shape.to_vec(),
+            offset,
+            len: m,
+            scale: None,
+        };
+        let files = FileTable::default();
+        let good = [
+            loc(8, [i, h]),
+            loc(8 + m, [i, h]),
+            loc(8 + 2 * m + 16, [h, i]),
+        ];
+        let (gu, dn) = map_bf16_parts(&files, &good, &cfg)
+            .unwrap()
+            .expect("back to back");
+        let le = |v: &[half::bf16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert_eq!(le(gu.values()), &bytes[8..(8 + 2 * m) as usize]);
+        assert_eq!(
+            le(dn.values()),
+            &bytes[(8 + 2 * m + 16) as usize..(8 + 3 * m + 16) as usize]
+        );
+        let refused = |parts: [TensorLocation; 3], why: &str| {
+            assert!(
+                map_bf16_parts(&files, &parts, &cfg).unwrap().is_none(),
+                "{why}"
+            );
+        };
+        refused(
+            [loc(8, [i, h]), loc(8 + m + 2, [i, h]), good[2].clone()],
+            "a gap",
+        );
+        let mut other_file = good.clone();
+        other_file[1].file = tmp.path().join("elsewhere.bin");
+        refused(other_file, "up in another file");
+        let mut f32 = good.clone();
+        f32[2].dtype = StDtype::F32;
+        refused(f32, "another dtype");
+        refused(
+            [loc(8, [h, i]), loc(8 + m, [h, i]), good[2].clone()],
+            "gate transposed",
+        );
+        let mut scaled = good.clone();
+        scaled[0].scale = Some(Box::new(good[2].clone()));
+        refused(scaled, "an FP8 scale");
+        refused(
+            [loc(9, [i, h]), loc(9 + m, [i, h]), good[2].clone()],
+            "an odd offset",
+        );
+        refused(
+            [loc(8, [i, h]), loc(8 + m, [i, h]), loc(4 * m, [h, i])],
+            "past the end",
+        );
+    }
 
     /// Ranges above the split size come back byte-exact from every piece, at odd offsets and
     /// lengths that are not a multiple of the piece size; a range past the end is an error.

@@ -12,6 +12,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::ports::MatRef;
+
 /// Any dtype: up to this many tokens go through these kernels (a decode step, a routed
 /// expert's few tokens of a prompt).
 pub const MAX_TOKENS: usize = 8;
@@ -643,16 +645,14 @@ pub fn avx2_fma() -> bool {
 /// None when the case is not this one.
 pub fn experts_one_token(
     x: &Tensor,
-    experts: &[(&Tensor, &Tensor)],
+    experts: &[(MatRef, MatRef)],
     weights: &[f32],
 ) -> Option<candle_core::Result<Tensor>> {
     let dtype = x.dtype();
     let (n, h) = x.dims2().ok()?;
-    let (two_i, _) = experts.first()?.0.dims2().ok()?;
+    let [two_i, _] = experts.first()?.0.dims();
     let inter = two_i / 2;
-    let fits = |t: &Tensor, dims: [usize; 2]| {
-        t.dtype() == dtype && t.is_contiguous() && t.dims() == dims && t.device().is_cpu()
-    };
+    let fits = |m: &MatRef, dims: [usize; 2]| mat_fits(m, dtype, dims);
     if n != 1
         || weights.len() != experts.len()
         || !x.device().is_cpu()
@@ -672,6 +672,17 @@ pub fn experts_one_token(
     })
 }
 
+/// Whether `m` is a CPU matrix of `dims` the expert kernels read in `dtype`: a contiguous
+/// tensor of that dtype, or bf16 rows in place for a bf16 product.
+fn mat_fits(m: &MatRef, dtype: DType, dims: [usize; 2]) -> bool {
+    match m {
+        MatRef::Tensor(t) => {
+            t.dtype() == dtype && t.is_contiguous() && t.dims() == dims && t.device().is_cpu()
+        }
+        MatRef::Bf16(v, d) => dtype == DType::BF16 && *d == dims && v.len() == dims[0] * dims[1],
+    }
+}
+
 /// A prompt's routed experts' outputs on the CPU, dense and all held, in two trips through the
 /// pool (every expert's gate_up rows, then every expert's down rows) instead of two per expert.
 /// Why: a short prompt gives each expert a token or two, so each product is too small to split
@@ -686,16 +697,14 @@ pub fn experts_one_token(
 /// (candle's GEMM runs there, in another order: [`row_kernels_take`]), a row past x.
 pub fn experts_few_tokens(
     x: &Tensor,
-    experts: &[(&Tensor, &Tensor)],
+    experts: &[(MatRef, MatRef)],
     idx: &[&[u32]],
 ) -> Option<candle_core::Result<Vec<Vec<f32>>>> {
     let dtype = x.dtype();
     let (t, h) = x.dims2().ok()?;
-    let (two_i, _) = experts.first()?.0.dims2().ok()?;
+    let [two_i, _] = experts.first()?.0.dims();
     let inter = two_i / 2;
-    let fits = |m: &Tensor, dims: [usize; 2]| {
-        m.dtype() == dtype && m.is_contiguous() && m.dims() == dims && m.device().is_cpu()
-    };
+    let fits = |m: &MatRef, dims: [usize; 2]| mat_fits(m, dtype, dims);
     if idx.len() != experts.len()
         || !x.device().is_cpu()
         || !matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
@@ -720,7 +729,7 @@ pub fn experts_few_tokens(
 /// [`few_tokens_outputs`] in f16, with the hardware's rounding where the CPU has F16C.
 fn few_tokens_outputs_f16(
     x: &Tensor,
-    experts: &[(&Tensor, &Tensor)],
+    experts: &[(MatRef, MatRef)],
     idx: &[&[u32]],
 ) -> candle_core::Result<Vec<Vec<f32>>> {
     #[cfg(target_arch = "x86_64")]
@@ -730,7 +739,7 @@ fn few_tokens_outputs_f16(
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn run(
             x: &Tensor,
-            experts: &[(&Tensor, &Tensor)],
+            experts: &[(MatRef, MatRef)],
             idx: &[&[u32]],
         ) -> candle_core::Result<Vec<Vec<f32>>> {
             // SAFETY: this function's caller has checked for F16C.
@@ -746,13 +755,13 @@ fn few_tokens_outputs_f16(
 #[inline(always)]
 fn few_tokens_outputs(
     x: &Tensor,
-    experts: &[(&Tensor, &Tensor)],
+    experts: &[(MatRef, MatRef)],
     idx: &[&[u32]],
     round: impl Fn(f32) -> f32 + Copy,
 ) -> candle_core::Result<Vec<Vec<f32>>> {
     let dtype = x.dtype();
     let h = x.dim(1)?;
-    let two_i = experts[0].0.dim(0)?;
+    let two_i = experts[0].0.dims()[0];
     let inter = two_i / 2;
     let xs = widened(x)?;
     let ns: Vec<usize> = idx.iter().map(|rows| rows.len()).collect();
@@ -764,7 +773,7 @@ fn few_tokens_outputs(
                 .collect()
         })
         .collect();
-    let gate_ups: Vec<&Tensor> = experts.iter().map(|(gu, _)| *gu).collect();
+    let gate_ups: Vec<MatRef> = experts.iter().map(|(gu, _)| *gu).collect();
     let gu = ragged_stacked_product(&gate_ups, two_i, h, dtype, &xe, &ns)?;
     let hs: Vec<Vec<f32>> = gu
         .iter()
@@ -781,7 +790,7 @@ fn few_tokens_outputs(
             he
         })
         .collect();
-    let downs: Vec<&Tensor> = experts.iter().map(|(_, d)| *d).collect();
+    let downs: Vec<MatRef> = experts.iter().map(|(_, d)| *d).collect();
     let ys = ragged_stacked_product(&downs, h, inter, dtype, &hs, &ns)?;
     Ok(ys
         .into_iter()
@@ -800,7 +809,7 @@ pub fn f16c() -> bool {
 /// [`one_token_sum`] in f16, with the hardware's rounding where the CPU has F16C.
 fn one_token_sum_f16(
     x: &Tensor,
-    experts: &[(&Tensor, &Tensor)],
+    experts: &[(MatRef, MatRef)],
     weights: &[f32],
 ) -> candle_core::Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
@@ -819,7 +828,7 @@ fn one_token_sum_f16(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn one_token_sum_f16c(
     x: &Tensor,
-    experts: &[(&Tensor, &Tensor)],
+    experts: &[(MatRef, MatRef)],
     weights: &[f32],
 ) -> candle_core::Result<Tensor> {
     // SAFETY: this function's caller has checked for F16C.
@@ -844,16 +853,16 @@ pub(crate) unsafe fn round_f16_f16c(v: f32) -> f32 {
 #[inline(always)]
 fn one_token_sum(
     x: &Tensor,
-    experts: &[(&Tensor, &Tensor)],
+    experts: &[(MatRef, MatRef)],
     weights: &[f32],
     round: impl Fn(f32) -> f32 + Copy,
 ) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let h = x.dim(1)?;
-    let two_i = experts[0].0.dim(0)?;
+    let two_i = experts[0].0.dims()[0];
     let inter = two_i / 2;
     let xs = widened(x)?;
-    let gate_ups: Vec<&Tensor> = experts.iter().map(|(gu, _)| *gu).collect();
+    let gate_ups: Vec<MatRef> = experts.iter().map(|(gu, _)| *gu).collect();
     let gu = stacked_product(&gate_ups, two_i, h, dtype, |_| &xs)?;
     let mut hs = vec![0f32; experts.len() * inter];
     for (e, row) in gu.chunks_exact(two_i).enumerate() {
@@ -864,7 +873,7 @@ fn one_token_sum(
             *o = round(act * round(u));
         }
     }
-    let downs: Vec<&Tensor> = experts.iter().map(|(_, d)| *d).collect();
+    let downs: Vec<MatRef> = experts.iter().map(|(_, d)| *d).collect();
     let y = stacked_product(&downs, h, inter, dtype, |e| &hs[e * inter..(e + 1) * inter])?;
     let mut acc = vec![0f32; h];
     for (e, (ye, &w)) in y.chunks_exact(h).zip(weights).enumerate() {
@@ -1186,7 +1195,7 @@ unsafe fn narrowed_f16_f16c(y: &[f32]) -> Vec<half::f16> {
 /// One product over the rows of several [rows_each, cols] CPU matrices in `dtype` (bf16, f16 or
 /// f32), one after another: row r of matrix e dotted with `x_of(e)`. One trip through the pool.
 fn stacked_product<'x>(
-    mats: &[&Tensor],
+    mats: &[MatRef],
     rows_each: usize,
     cols: usize,
     dtype: DType,
@@ -1204,14 +1213,21 @@ fn stacked_product<'x>(
 /// the row kernels' dot, so the bits are those of one product per matrix ([`narrow_matmul_t`],
 /// before its rounding to the dtype).
 fn ragged_products(
-    mats: &[&Tensor],
+    mats: &[MatRef],
     rows_each: usize,
     cols: usize,
     dtype: DType,
     xs: &[&[f32]],
     ns: &[usize],
 ) -> candle_core::Result<Vec<f32>> {
-    let held: Vec<_> = mats.iter().map(|m| m.storage_and_layout()).collect();
+    // The tensors' storage held for the slices below; rows in place need nothing held.
+    let held: Vec<_> = mats
+        .iter()
+        .map(|m| match m {
+            MatRef::Tensor(t) => Some(t.storage_and_layout()),
+            MatRef::Bf16(..) => None,
+        })
+        .collect();
     fn run<W: Sync>(
         w: Vec<&[W]>,
         kernel: fn(&[W], &[f32], &mut [f32]),
@@ -1245,16 +1261,32 @@ fn ragged_products(
         }
         yt
     }
+    fn in_place<'a>(m: &MatRef<'a>, dtype: DType) -> candle_core::Result<&'a [u16]> {
+        match *m {
+            MatRef::Bf16(v, _) if dtype == DType::BF16 => {
+                use half::slice::HalfFloatSliceExt;
+                Ok(v.reinterpret_cast())
+            }
+            _ => candle_core::bail!("CPU product: bf16 rows in place for a {dtype:?} product"),
+        }
+    }
     Ok(if dtype != DType::F32 {
         let w = held
             .iter()
-            .map(|(g, l)| half_matrix_at(g, l, dtype))
+            .zip(mats)
+            .map(|(h, m)| match h {
+                Some((g, l)) => half_matrix_at(g, l, dtype),
+                None => in_place(m, dtype),
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         run(w, half_row_kernel(dtype), rows_each, cols, xs, ns)
     } else {
         let w = held
             .iter()
-            .map(|(g, l)| f32_matrix(g, l))
+            .map(|h| match h {
+                Some((g, l)) => f32_matrix(g, l),
+                None => candle_core::bail!("CPU product: bf16 rows in place for an f32 product"),
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         run(w, f32_row_kernel(), rows_each, cols, xs, ns)
     })
@@ -1262,7 +1294,7 @@ fn ragged_products(
 
 /// [`ragged_products`] per matrix, each [n_e, rows_each] (token-major).
 fn ragged_stacked_product(
-    mats: &[&Tensor],
+    mats: &[MatRef],
     rows_each: usize,
     cols: usize,
     dtype: DType,
@@ -1764,8 +1796,7 @@ mod tests {
                 })
                 .collect();
             let x = mat(1, h, 3).to_dtype(dtype).unwrap();
-            let mats: Vec<(&Tensor, &Tensor)> =
-                experts.iter().map(|w| w.dense().unwrap()).collect();
+            let mats: Vec<(MatRef, MatRef)> = experts.iter().map(|w| w.rows().unwrap()).collect();
             // Weights whose products round differently in bf16 and in f32.
             let weights = [0.4137f32, 0.3311, 0.2552];
             let y = experts_one_token(&x, &mats, &weights).unwrap().unwrap();
@@ -1782,6 +1813,33 @@ mod tests {
             }
             let bits = crate::util::f32_bits;
             assert_eq!(bits(&y), bits(&want.unwrap()), "{dtype:?}");
+            // bf16 rows read in place (a mapped expert's form) give the tensors' bits; other
+            // dtypes do not take them.
+            let values = |t: &Tensor| {
+                t.to_dtype(DType::BF16)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::bf16>()
+                    .unwrap()
+            };
+            let held: Vec<(Vec<half::bf16>, Vec<half::bf16>)> = experts
+                .iter()
+                .map(|w| {
+                    let (g, d) = w.dense().unwrap();
+                    (values(g), values(d))
+                })
+                .collect();
+            let in_place: Vec<(MatRef, MatRef)> = held
+                .iter()
+                .map(|(g, d)| (MatRef::Bf16(g, [2 * i, h]), MatRef::Bf16(d, [h, i])))
+                .collect();
+            let got = experts_one_token(&x, &in_place, &weights);
+            if dtype == DType::BF16 {
+                assert_eq!(bits(&got.unwrap().unwrap()), bits(&y), "bf16 rows in place");
+            } else {
+                assert!(got.is_none(), "{dtype:?} does not take bf16 rows in place");
+            }
             // Two tokens, or mixed dtypes: not this path.
             let two = mat(2, h, 1).to_dtype(dtype).unwrap();
             assert!(experts_one_token(&two, &mats, &weights).is_none());
@@ -1821,7 +1879,10 @@ mod tests {
                     })
                     .collect();
                 let refs: Vec<&[u32]> = idx.iter().map(|v| v.as_slice()).collect();
-                let mats: Vec<(&Tensor, &Tensor)> = experts.iter().map(|(g, d)| (g, d)).collect();
+                let mats: Vec<(MatRef, MatRef)> = experts
+                    .iter()
+                    .map(|(g, d)| (MatRef::Tensor(g), MatRef::Tensor(d)))
+                    .collect();
                 let got = experts_few_tokens(&x, &mats, &refs)
                     .expect("this case")
                     .unwrap();

@@ -19,6 +19,7 @@ pub mod graph;
 pub mod held;
 pub mod kv_cache;
 pub mod layers;
+pub mod mapped;
 pub mod moe_block;
 #[cfg(feature = "cuda")]
 pub mod moe_decode;

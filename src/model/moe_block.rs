@@ -7,7 +7,7 @@
 use candle_core::{DType, Tensor};
 
 use super::error::{ModelError, Result};
-use super::ports::{ExpertProvider, RoutingObserver, StackFormat};
+use super::ports::{ExpertProvider, MatRef, RoutingObserver, StackFormat};
 
 /// Routing of MoE layers kept on the device — (layer, ids u32 `[T, k]`, weights f32 `[T, k]`) —
 /// until the forward ends, when every layer is read back with one copy instead of one
@@ -443,7 +443,7 @@ impl MoeBlock {
                 .iter()
                 .map(|&e| experts.get(self.layer, e))
                 .collect::<Result<Vec<_>>>()?;
-            let mats: Option<Vec<(&Tensor, &Tensor)>> = held.iter().map(|w| w.dense()).collect();
+            let mats: Option<Vec<(MatRef, MatRef)>> = held.iter().map(|w| w.rows()).collect();
             let weights: Vec<f32> = used.iter().map(|&e| rows[e][0].1).collect();
             if let Some(y) = mats.and_then(|m| super::cpu_gemv::experts_one_token(x, &m, &weights))
             {
@@ -489,12 +489,12 @@ impl MoeBlock {
             if let Some(held) = &held {
                 let pick: Vec<usize> = (0..used.len())
                     .filter(|&i| {
-                        held[i].dense().is_some()
+                        held[i].rows().is_some()
                             && super::cpu_gemv::row_kernels_take(x.dtype(), rows[used[i]].len())
                     })
                     .collect();
-                let mats: Vec<(&Tensor, &Tensor)> =
-                    pick.iter().filter_map(|&i| held[i].dense()).collect();
+                let mats: Vec<(MatRef, MatRef)> =
+                    pick.iter().filter_map(|&i| held[i].rows()).collect();
                 let idx: Vec<Vec<u32>> = pick
                     .iter()
                     .map(|&i| rows[used[i]].iter().map(|r| r.0).collect())

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::error::Result;
 use super::fp8::Fp8Matrix;
 use super::layers::silu;
+use super::mapped::MappedBf16;
 pub use crate::step_path::StepPath;
 
 /// One expert, ready to compute with. Dense: gate and up stacked as one [2I, H] matrix (one
@@ -45,12 +46,39 @@ enum Mats {
         down: Tensor,
         layout: GgmlLayout,
     },
+    /// bf16 rows read in place from the checkpoint's pages (`mapped.rs`): gate's rows then up's
+    /// as one [2I, H] range, down [H, I]. The CPU expert kernels read them as they are; other
+    /// paths take a tensor copy.
+    Mapped {
+        gate_up: Arc<MappedBf16>,
+        down: Arc<MappedBf16>,
+    },
     /// Block-scaled FP8 (see `fp8.rs`): each matrix dequantised inside its product.
     Fp8 {
         gate: Fp8Matrix,
         up: Fp8Matrix,
         down: Fp8Matrix,
     },
+}
+
+/// A dense expert matrix as the CPU expert kernels read it: a CPU tensor, or bf16 rows in place
+/// (with their [rows, cols]).
+#[derive(Debug, Clone, Copy)]
+pub enum MatRef<'a> {
+    Tensor(&'a Tensor),
+    Bf16(&'a [half::bf16], [usize; 2]),
+}
+
+impl MatRef<'_> {
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            MatRef::Tensor(t) => match t.dims() {
+                &[r, c] => [r, c],
+                _ => [0, 0],
+            },
+            MatRef::Bf16(_, d) => *d,
+        }
+    }
 }
 
 /// The output of [`GateUp`]'s product(s).
@@ -86,6 +114,39 @@ impl ExpertWeights {
                 bytes,
             },
             intermediate,
+        }
+    }
+
+    /// bf16 matrices mapped from the checkpoint: `gate_up` [2I, H] (gate's rows then up's),
+    /// `down` [H, I]. Errors when the shapes do not say so.
+    pub fn mapped(gate_up: MappedBf16, down: MappedBf16) -> Result<Self> {
+        let [two_i, h] = gate_up.dims();
+        if two_i % 2 != 0 || down.dims() != [h, two_i / 2] {
+            return Err(super::error::ModelError::Input(format!(
+                "mapped expert: gate_up {:?} and down {:?} are not [2I, H] and [H, I]",
+                gate_up.dims(),
+                down.dims()
+            )));
+        }
+        Ok(ExpertWeights {
+            mats: Mats::Mapped {
+                gate_up: Arc::new(gate_up),
+                down: Arc::new(down),
+            },
+            intermediate: two_i / 2,
+        })
+    }
+
+    /// The dense matrices as the CPU expert kernels read them — tensors, or bf16 rows in
+    /// place; None for quantized experts.
+    pub fn rows(&self) -> Option<(MatRef<'_>, MatRef<'_>)> {
+        match &self.mats {
+            Mats::Dense { gate_up, down } => Some((MatRef::Tensor(gate_up), MatRef::Tensor(down))),
+            Mats::Mapped { gate_up, down } => Some((
+                MatRef::Bf16(gate_up.values(), gate_up.dims()),
+                MatRef::Bf16(down.values(), down.dims()),
+            )),
+            _ => None,
         }
     }
 
@@ -144,7 +205,10 @@ impl ExpertWeights {
     pub fn dense(&self) -> Option<(&Tensor, &Tensor)> {
         match &self.mats {
             Mats::Dense { gate_up, down } => Some((gate_up, down)),
-            Mats::Quantized { .. } | Mats::Blocks { .. } | Mats::Fp8 { .. } => None,
+            Mats::Quantized { .. }
+            | Mats::Blocks { .. }
+            | Mats::Fp8 { .. }
+            | Mats::Mapped { .. } => None,
         }
     }
 
@@ -195,6 +259,11 @@ impl ExpertWeights {
             Mats::Fp8 { gate, up, down } => {
                 let h = (silu(&gate.forward(x)?)? * up.forward(x)?)?;
                 Ok(down.forward(&h)?)
+            }
+            Mats::Mapped { gate_up, down } => {
+                // Outside the CPU expert kernels: a tensor copy, then as a dense expert.
+                ExpertWeights::new(gate_up.to_tensor()?, down.to_tensor()?, self.intermediate)
+                    .forward(x)
             }
         }
     }
@@ -263,12 +332,15 @@ impl ExpertWeights {
             Mats::Quantized { bytes, .. } => *bytes,
             Mats::Blocks { gate_up, down, .. } => (gate_up.elem_count() + down.elem_count()) as u64,
             Mats::Fp8 { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
+            Mats::Mapped { gate_up, down } => {
+                ((gate_up.values().len() + down.values().len()) * 2) as u64
+            }
         }
     }
 
     /// Whether the matrices are quantized (GGUF blocks or FP8): no stacked dense form.
     pub fn is_quantized(&self) -> bool {
-        !matches!(self.mats, Mats::Dense { .. })
+        !matches!(self.mats, Mats::Dense { .. } | Mats::Mapped { .. })
     }
 
     /// The block of an FP8 expert held on a GPU whose three matrices share it; None otherwise.

@@ -73,6 +73,9 @@ pub struct CachedProvider {
     expert_bytes: u64,
     /// Experts kept as stored (GGUF blocks, FP8): no exact float conversion from a read buffer.
     quantized: bool,
+    /// Whether bf16 CPU misses are mapped in place (`read_mapped`): only where the cache
+    /// cannot hold every expert, so that misses recur.
+    map_misses: bool,
     /// GGUF experts held as GPU blocks in the slot pools (see `convert::gpu_block_layouts`).
     gpu_blocks: bool,
     unavailable: Vec<Vec<usize>>,
@@ -170,6 +173,7 @@ impl CachedProvider {
             config,
             expert_bytes,
             quantized: quantized.is_some(),
+            map_misses: total < cfg.total_experts(),
             gpu_blocks,
             unavailable,
             state: Mutex::new(State {
@@ -268,6 +272,10 @@ impl CachedProvider {
         let start = Instant::now();
         // Quantized experts have no fast float path: read them once, below, not twice.
         if self.device.is_cpu() && !self.quantized {
+            if let Some(w) = self.read_mapped(layer, expert)? {
+                let bytes = w.bytes();
+                return Ok((w, bytes, start.elapsed().as_micros() as u64));
+            }
             if let Some((w, bytes)) = self.read_whole(layer, expert)? {
                 return Ok((w, bytes, start.elapsed().as_micros() as u64));
             }
@@ -304,6 +312,21 @@ impl CachedProvider {
         }
         let (w, bytes) = self.read_general(layer, expert)?;
         Ok((w, bytes, start.elapsed().as_micros() as u64))
+    }
+
+    /// A bf16-stored expert for bf16 compute on the CPU, mapped in place from the checkpoint
+    /// (`ExpertSource::map_bf16`: nothing copied; the slot is the map, dropped on eviction);
+    /// None where the dtype, the source or the layout does not allow it, and where the cache
+    /// holds every expert: then each is read once, and the expert kernels read a copy in the
+    /// process's own memory ~7 % faster than mapped file pages (BENCHMARKS.md §69).
+    fn read_mapped(&self, layer: usize, expert: usize) -> Result<Option<ExpertWeights>> {
+        if self.dtype != DType::BF16 || !self.map_misses {
+            return Ok(None);
+        }
+        match self.source.map_bf16(layer, expert)? {
+            Some((gate_up, down)) => Ok(Some(ExpertWeights::mapped(gate_up, down)?)),
+            None => Ok(None),
+        }
     }
 
     /// A bf16-stored expert for f32 compute on the CPU, widened as it is read
@@ -709,6 +732,7 @@ mod tests {
     use super::*;
     use crate::cache::policy::PolicyKind;
     use crate::cache::settings::Scope;
+    use crate::model::ports::MatRef;
 
     #[test]
     fn zeroed_vec_is_zeros_of_the_asked_length() {
@@ -812,6 +836,93 @@ mod tests {
                 assert!(bf16_cache.read_widened(layer, e).unwrap().is_none());
             }
         }
+    }
+
+    /// A bf16-stored expert for bf16 compute on the CPU is mapped in place, and its rows, its
+    /// bytes and its output are the general path's, bit for bit, for every expert of the
+    /// fixture (whose shards store gate's rows right before up's); f32 compute and cold mode
+    /// do not map.
+    #[test]
+    fn bf16_experts_mapped_in_place_are_the_general_paths() {
+        let (source, cfg, _) = fixture_source();
+        let cache = |dtype| {
+            let config = CacheConfig {
+                capacity: Capacity::Experts(4),
+                scope: Scope::Global,
+                policy: PolicyKind::Lru,
+            };
+            let settings = crate::settings::Settings::default();
+            CachedProvider::new(
+                source.clone(),
+                config,
+                dtype,
+                &Device::Cpu,
+                false,
+                &settings,
+            )
+            .unwrap()
+        };
+        let (f32_cache, bf16_cache) = (cache(DType::F32), cache(DType::BF16));
+        let x = crate::util::test_matrix(2, cfg.hidden_size, 5, 97, 1.0 / 16.0)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+        for layer in cfg.moe_layers() {
+            for e in 0..cfg.num_experts {
+                let w = bf16_cache
+                    .read_mapped(layer, e)
+                    .unwrap()
+                    .expect("gate and up back to back in bf16");
+                assert!(w.dense().is_none() && !w.is_quantized());
+                assert_eq!(w.bytes(), source.stored_bytes(layer, e));
+                let raw = source.read(layer, e).unwrap();
+                let general = convert::from_raw(&raw, None, DType::BF16, &Device::Cpu).unwrap();
+                let (g, d) = general.dense().unwrap();
+                let Some((MatRef::Bf16(mg, dg), MatRef::Bf16(md, dd))) = w.rows() else {
+                    panic!("mapped rows");
+                };
+                assert_eq!(
+                    (dg, dd),
+                    (
+                        [g.dim(0).unwrap(), g.dim(1).unwrap()],
+                        [d.dim(0).unwrap(), d.dim(1).unwrap()]
+                    )
+                );
+                assert_eq!(mg, values(g).as_slice(), "gate_up {layer}/{e}");
+                assert_eq!(md, values(d).as_slice(), "down {layer}/{e}");
+                let bits = crate::util::f32_bits;
+                assert_eq!(
+                    bits(&w.forward(&x).unwrap()),
+                    bits(&general.forward(&x).unwrap())
+                );
+                assert!(f32_cache.read_mapped(layer, e).unwrap().is_none());
+            }
+        }
+        source.set_cold(true);
+        let layer = cfg.moe_layers().next().unwrap();
+        assert!(
+            bf16_cache.read_mapped(layer, 0).unwrap().is_none(),
+            "cold mode"
+        );
+        source.set_cold(false);
+        // A cache that holds every expert reads each once, into its own memory.
+        let full = CachedProvider::new(
+            source.clone(),
+            CacheConfig {
+                capacity: Capacity::Experts(cfg.total_experts()),
+                scope: Scope::Global,
+                policy: PolicyKind::Lru,
+            },
+            DType::BF16,
+            &Device::Cpu,
+            false,
+            &crate::settings::Settings::default(),
+        )
+        .unwrap();
+        assert!(
+            full.read_mapped(layer, 0).unwrap().is_none(),
+            "full capacity"
+        );
     }
 
     /// The fixture's shards, its config and its first MoE layer.
