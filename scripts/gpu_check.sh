@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh BIN [OUT_DIR]
 #
-# BIN: a moescope built with `cargo build --release --features cuda` (gzipped is fine).
+# BIN: a moescope built with `cargo build --release --features cuda` (gzipped or xz'd is fine).
 # Needs python3 with torch (CUDA) and transformers 5.x. Writes JSON results to OUT_DIR
 # (default gpu-results/); BENCHMARKS.md records what they said. About 6 minutes on an H100.
 #   1. fidelity: moescope bf16 on the GPU vs transformers bf16 on the GPU vs the f32 goldens;
@@ -30,6 +30,7 @@ LAYERS=${LAYERS:-8}
 CKPT=${CKPT:-/tmp/moescope-q30-${LAYERS}l}
 mkdir -p "$OUT"
 if [[ "$BIN" == *.gz ]]; then gunzip -c "$BIN" > /tmp/moescope-cuda && chmod +x /tmp/moescope-cuda && BIN=/tmp/moescope-cuda; fi
+if [[ "$BIN" == *.xz ]]; then xz -dc "$BIN" > /tmp/moescope-cuda && chmod +x /tmp/moescope-cuda && BIN=/tmp/moescope-cuda; fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
