@@ -797,23 +797,7 @@ mod tests {
     #[test]
     fn bf16_experts_widened_as_read_are_the_general_paths() {
         let (source, cfg, _) = fixture_source();
-        let cache = |dtype| {
-            let config = CacheConfig {
-                capacity: Capacity::Experts(4),
-                scope: Scope::Global,
-                policy: PolicyKind::Lru,
-            };
-            let settings = crate::settings::Settings::default();
-            CachedProvider::new(
-                source.clone(),
-                config,
-                dtype,
-                &Device::Cpu,
-                false,
-                &settings,
-            )
-            .unwrap()
-        };
+        let cache = |dtype| cpu_cache(&source, 4, dtype);
         let (f32_cache, bf16_cache) = (cache(DType::F32), cache(DType::BF16));
         let x = crate::util::test_matrix(2, cfg.hidden_size, 5, 97, 1.0 / 16.0);
         for layer in cfg.moe_layers() {
@@ -845,23 +829,7 @@ mod tests {
     #[test]
     fn bf16_experts_mapped_in_place_are_the_general_paths() {
         let (source, cfg, _) = fixture_source();
-        let cache = |dtype| {
-            let config = CacheConfig {
-                capacity: Capacity::Experts(4),
-                scope: Scope::Global,
-                policy: PolicyKind::Lru,
-            };
-            let settings = crate::settings::Settings::default();
-            CachedProvider::new(
-                source.clone(),
-                config,
-                dtype,
-                &Device::Cpu,
-                false,
-                &settings,
-            )
-            .unwrap()
-        };
+        let cache = |dtype| cpu_cache(&source, 4, dtype);
         let (f32_cache, bf16_cache) = (cache(DType::F32), cache(DType::BF16));
         let x = crate::util::test_matrix(2, cfg.hidden_size, 5, 97, 1.0 / 16.0)
             .to_dtype(DType::BF16)
@@ -906,23 +874,30 @@ mod tests {
         );
         source.set_cold(false);
         // A cache that holds every expert reads each once, into its own memory.
-        let full = CachedProvider::new(
-            source.clone(),
-            CacheConfig {
-                capacity: Capacity::Experts(cfg.total_experts()),
-                scope: Scope::Global,
-                policy: PolicyKind::Lru,
-            },
-            DType::BF16,
-            &Device::Cpu,
-            false,
-            &crate::settings::Settings::default(),
-        )
-        .unwrap();
+        let full = cpu_cache(&source, cfg.total_experts(), DType::BF16);
         assert!(
             full.read_mapped(layer, 0).unwrap().is_none(),
             "full capacity"
         );
+    }
+
+    /// A global LRU cache of `experts` over `source` on the CPU, computing in `dtype`.
+    fn cpu_cache(source: &Arc<dyn ExpertSource>, experts: usize, dtype: DType) -> CachedProvider {
+        let config = CacheConfig {
+            capacity: Capacity::Experts(experts),
+            scope: Scope::Global,
+            policy: PolicyKind::Lru,
+        };
+        let settings = crate::settings::Settings::default();
+        CachedProvider::new(
+            source.clone(),
+            config,
+            dtype,
+            &Device::Cpu,
+            false,
+            &settings,
+        )
+        .unwrap()
     }
 
     /// The fixture's shards, its config and its first MoE layer.
