@@ -209,15 +209,17 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
     // measured miss cost leaves it out, and on a 2-core machine it was a third of a 12.5 % run
     // (BENCHMARKS.md §19). There the miss cost is fitted on the smallest cache, as a load ahead
     // is with prefetch (the two are not fitted together: one row, one unknown).
-    let repacks = crate::model::gguf::is_gguf(&model_dir) && !a.model.device.is_cuda();
+    let gguf = crate::model::gguf::is_gguf(&model_dir);
+    let repacks = gguf && !a.model.device.is_cuda();
     // bf16 misses on the CPU map the expert in place (`CachedProvider::read_mapped`, where the
-    // cache cannot hold every expert): the timed load is the map alone, and the expert's bytes
-    // come from memory in the products that follow — outside it, as a repack is. Fitted the
-    // same way (without the fit, 19-29 % too fast a prediction, BENCHMARKS.md §69).
+    // cache cannot hold every expert, not in cold mode): the timed load is the map alone, and
+    // the expert's bytes come from memory in the products that follow — outside it, as a
+    // repack is. Fitted the same way (unfitted: 19-29 % too fast, BENCHMARKS.md §69).
     let maps = !a.model.device.is_cuda()
         && a.model.dtype == crate::engine::Dtype::Bf16
         && cfg.quantization.is_none()
-        && !crate::model::gguf::is_gguf(&model_dir)
+        && !gguf
+        && !a.cold
         && runs.first().is_some_and(|(c, _)| *c < total);
     let fitted_miss_s = match (costs, runs.first()) {
         (Some(k), Some((c, s))) if (repacks || maps) && k.load_ahead_s.is_none() => {
