@@ -528,7 +528,8 @@ pub struct CacheArgs {
     /// Cache capacity as a number of experts (default: 25 % of all experts).
     #[arg(long, value_name = "N", conflicts_with = "cache_mem")]
     pub cache_experts: Option<usize>,
-    /// Cache capacity as a memory budget, e.g. 4GiB (experts in the compute dtype).
+    /// Cache capacity as a memory budget, e.g. 4GiB (experts as held: in the compute dtype, or
+    /// as stored where 16-bit experts meet f32 on the CPU).
     #[arg(long, value_name = "SIZE", value_parser = crate::util::parse_bytes)]
     pub cache_mem: Option<u64>,
     /// One pool for all layers, or an equal share per layer.

@@ -527,13 +527,15 @@ impl BackendSpec {
     pub fn footprint(&self, cfg: &MoeConfig, tokens: usize) -> Footprint {
         let cuda = self.device.is_cuda();
         let esize = self.dtype.candle().size_in_bytes() as u64;
-        // Quantized tensors (GGUF blocks, FP8) are held as stored.
+        // Quantized tensors (GGUF blocks, FP8) are held as stored, and so are 16-bit experts
+        // for f32 on the CPU (`ports::held_dtype`).
         let bf16 = self.dtype.candle() == candle_core::DType::BF16;
-        let gguf = crate::model::held::held_sizes(&self.model_dir, cfg, esize, !cuda, cuda && bf16);
-        let expert = gguf.map_or(cfg.expert_params() as u64 * esize, |h| h.expert_max);
+        let sizes =
+            crate::model::held::held_sizes(&self.model_dir, cfg, esize, !cuda, cuda && bf16);
+        let expert = sizes.map_or(cfg.expert_params() as u64 * esize, |h| h.expert_max);
         let total = cfg.total_experts() as u64;
         let experts = match self.backend {
-            BackendKind::Native => gguf.map_or(total * expert, |h| h.experts_total),
+            BackendKind::Native => sizes.map_or(total * expert, |h| h.experts_total),
             BackendKind::Selective => {
                 let cap = self
                     .cache
@@ -557,7 +559,7 @@ impl BackendSpec {
             * (cfg.num_key_value_heads * cfg.head_dim) as u64
             * rows
             * kv_elem;
-        let non_expert = gguf.map_or(cfg.non_expert_params() * esize, |h| h.non_expert);
+        let non_expert = sizes.map_or(cfg.non_expert_params() * esize, |h| h.non_expert);
         let held = non_expert + experts + kv;
         if cuda {
             Footprint { host: 0, gpu: held }
@@ -708,7 +710,8 @@ mod tests {
             ..Default::default()
         };
         let f = spec(BackendKind::Selective, cache.clone()).footprint(&cfg, 0);
-        let expert = (cfg.expert_params() * 4) as u64;
+        // f32 on the CPU holds the fixture's bf16 experts as stored (`ports::held_dtype`).
+        let expert = (cfg.expert_params() * 2) as u64;
         assert_eq!(f.host, native.model.resident_bytes() + 3 * expert);
         // A CPU cache larger than the model holds the model once.
         let huge = CacheSettings {

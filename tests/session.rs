@@ -738,8 +738,9 @@ fn discrete_gpu_profile_counts_gpu_memory_alone() {
 
 /// A GGUF file's block experts on the CPU: candle repacks each new matrix at its first product,
 /// outside the load the cache times, so the sweep fits a miss's cost on its smallest cache
-/// (marked, left out of the error) and predicts the others with it; a safetensors model keeps
-/// the measured cost.
+/// (marked, left out of the error) and predicts the others with it — as for a safetensors
+/// model's mapped misses (bf16 experts in bf16 or f32); misses that are read keep the measured
+/// cost.
 #[test]
 fn a_gguf_sweep_on_the_cpu_fits_its_miss_cost_on_the_smallest_cache() {
     let gguf = fixture("gguf").join("kquant-Q4_K_M.gguf");
@@ -763,6 +764,20 @@ fn a_gguf_sweep_on_the_cpu_fits_its_miss_cost_on_the_smallest_cache() {
     assert_eq!(rows[0]["calibration"], true);
     assert!(rows[0]["prediction_error_pct"].is_null());
     assert!(rows[1]["prediction_error_pct"].as_f64().is_some(), "{v}");
+    // The bundled model's bf16 experts in f16: read, converted and kept — the measured cost.
+    let (_, v) = sweep(&[
+        "--prefetch",
+        "none",
+        "--dtype",
+        "f16",
+        "--capacities",
+        "25%,50%",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(v.get("fitted_miss_cost_us").is_none(), "{v}");
+    assert!(v["rows"][0].get("calibration").is_none(), "{v}");
+    // In f32 (the default) they are held as stored and mapped: fitted, as GGUF's are.
     let (_, v) = sweep(&[
         "--prefetch",
         "none",
@@ -771,8 +786,8 @@ fn a_gguf_sweep_on_the_cpu_fits_its_miss_cost_on_the_smallest_cache() {
         "--max-new-tokens",
         "8",
     ]);
-    assert!(v.get("fitted_miss_cost_us").is_none(), "{v}");
-    assert!(v["rows"][0].get("calibration").is_none(), "{v}");
+    assert!(v["fitted_miss_cost_us"].as_f64().is_some(), "{v}");
+    assert_eq!(v["rows"][0]["calibration"], true, "{v}");
 }
 
 /// With prefetch the sweep replays the guesses its first selective run recorded, fits what a

@@ -182,7 +182,7 @@ impl std::fmt::Display for SourceSpec {
 pub struct CacheSettings {
     /// Capacity as a number of experts (None: see `cache_mem`, else 25 % of all experts).
     pub cache_experts: Option<usize>,
-    /// Capacity as a memory budget in bytes (experts in the compute dtype).
+    /// Capacity as a memory budget in bytes (experts as held: `ports::held_dtype`).
     pub cache_mem: Option<u64>,
     pub cache_scope: Scope,
     pub policy: PolicyKind,

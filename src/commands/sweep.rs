@@ -211,12 +211,19 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
     // is with prefetch (the two are not fitted together: one row, one unknown).
     let gguf = crate::model::gguf::is_gguf(&model_dir);
     let repacks = gguf && !a.model.device.is_cuda();
-    // bf16 misses on the CPU map the expert in place (`CachedProvider::read_mapped`, where the
-    // cache cannot hold every expert, not in cold mode): the timed load is the map alone, and
-    // the expert's bytes come from memory in the products that follow — outside it, as a
-    // repack is. Fitted the same way (unfitted: 19-29 % too fast, BENCHMARKS.md §69).
+    // bf16-stored misses on the CPU in bf16 or f32 map the expert in place
+    // (`CachedProvider::read_mapped`, where the cache cannot hold every expert, not in cold
+    // mode): the timed load is the map alone, and the expert's bytes come from memory in the
+    // products that follow — outside it, as a repack is. Fitted the same way (unfitted: 19-29 %
+    // too fast, BENCHMARKS.md §69).
+    let sixteen_bit = crate::model::held::held_sizes(&model_dir, &cfg, 4, true, false)
+        .is_some_and(|h| h.expert_max == (cfg.expert_params() * 2) as u64);
     let maps = !a.model.device.is_cuda()
-        && a.model.dtype == crate::engine::Dtype::Bf16
+        && matches!(
+            a.model.dtype,
+            crate::engine::Dtype::Bf16 | crate::engine::Dtype::F32
+        )
+        && sixteen_bit
         && cfg.quantization.is_none()
         && !gguf
         && !a.cold

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use super::source::{PartSpan, RawExpert};
 use crate::model::error::Result;
 use crate::model::fp8::{Fp8Matrix, Fp8Scheme};
-use crate::model::ports::{ExpertWeights, GgmlLayout};
+use crate::model::ports::{ExpertWeights, GgmlLayout, held_dtype};
 use crate::model::safetensors_file::StDtype;
 use crate::model::safetensors_file::{TensorInfo, bytes_to_tensor};
 
@@ -51,6 +51,11 @@ pub fn from_raw_with(
     }
     let [gate, up, down] = &raw.parts;
     let (i, h) = (gate.shape[0], gate.shape[1]);
+    // Held as stored where the compute allows (`held_dtype`): all three parts of one type.
+    let dtype = match [gate, up, down].map(|p| p.dtype.float_dtype()) {
+        [Some(g), Some(u), Some(d)] if g == u && u == d => held_dtype(g, dtype, device),
+        _ => dtype,
+    };
     let gate_up = if gate.dtype == up.dtype {
         let mut bytes = Vec::with_capacity(gate.bytes.len() + up.bytes.len());
         bytes.extend_from_slice(&gate.bytes);
@@ -420,6 +425,29 @@ pub fn held_bytes(source: &dyn super::source::ExpertSource) -> Option<u64> {
         .max()
 }
 
+/// Bytes one dense expert of `source` occupies once held for compute in `dtype` on `device`:
+/// where 16-bit experts stay as stored ([`held_dtype`]: f32 on the CPU) their stored size,
+/// else the compute dtype's. Judged by the first expert present (a float checkpoint stores its
+/// experts in one type).
+pub fn held_dense_bytes(
+    source: &dyn super::source::ExpertSource,
+    dtype: DType,
+    device: &Device,
+) -> u64 {
+    let cfg = source.config();
+    let params = cfg.expert_params();
+    let first = cfg.moe_layers().find_map(|layer| {
+        let e = (0..cfg.num_experts).find(|&e| source.has(layer, e))?;
+        Some(source.stored_bytes(layer, e))
+    });
+    let size = if first == Some(params as u64 * 2) {
+        held_dtype(DType::BF16, dtype, device).size_in_bytes()
+    } else {
+        dtype.size_in_bytes()
+    };
+    (params * size) as u64
+}
+
 /// [`held_bytes`] of one expert's parts.
 fn expert_held_bytes(parts: &[crate::model::checkpoint::TensorLocation; 3]) -> Option<u64> {
     if parts.iter().any(|p| p.scale.is_some()) {
@@ -491,8 +519,9 @@ pub fn from_whole_buffer<T: candle_core::WithDType>(
 }
 
 /// Builds a CPU expert straight out of a read buffer (the spans of
-/// [`ExpertSource::read_into`]) when the conversion is exact — the same dtype, or bf16 / f16
-/// widened to f32 — so the result is bit-for-bit what [`from_raw`] makes. One
+/// [`ExpertSource::read_into`]) when the conversion is exact — the dtype it is held in
+/// (`held_dtype`: for f32 compute, bf16 and f16 as stored) — so the result is bit-for-bit what
+/// [`from_raw`] makes. One
 /// allocation per matrix and the conversion spread over threads: an expert miss on the CPU
 /// otherwise spends more time allocating and copying transients than reading. `None` for
 /// any other combination or an unexpected shape (the caller falls back to `from_raw`).
@@ -521,9 +550,8 @@ pub fn from_spans_exact(buf: &[u8], spans: &[PartSpan; 3], dtype: DType) -> Opti
         return None; // gate and up not adjacent: not worth a special case
     }
     let (gu, dn) = (&buf[g.range.start..u.range.end], &buf[d.range.clone()]);
-    let (gate_up, down) = match (src, dtype) {
-        (DType::BF16, DType::F32) => cpu_pair(gu, dn, i, h, widen_bf16)?,
-        (DType::F16, DType::F32) => cpu_pair(gu, dn, i, h, widen::<half::f16>)?,
+    // f32 compute holds bf16 and f16 experts as stored (`held_dtype`): nothing widens here.
+    let (gate_up, down) = match (src, held_dtype(src, dtype, &Device::Cpu)) {
         (DType::F32, DType::F32) => cpu_pair(gu, dn, i, h, same::<f32>)?,
         (DType::BF16, DType::BF16) => cpu_pair(gu, dn, i, h, same::<half::bf16>)?,
         (DType::F16, DType::F16) => cpu_pair(gu, dn, i, h, same::<half::f16>)?,
@@ -545,9 +573,6 @@ fn cpu_pair<T: candle_core::WithDType>(
     Some((a, b))
 }
 
-/// Elements per parallel conversion task.
-const PIECE: usize = 1 << 16;
-
 /// `bytes` viewed as elements of `S` (None when misaligned, which a `Vec<u8>` from the
 /// allocator never is at the offsets of a safetensors part).
 fn view<S: PlainData>(bytes: &[u8]) -> Option<&[S]> {
@@ -563,87 +588,6 @@ impl PlainData for f32 {}
 impl PlainData for half::bf16 {}
 impl PlainData for half::f16 {}
 
-/// bf16 / f16 little-endian bytes widened to f32 (exact), with half's SIMD slice conversion.
-fn widen<S>(bytes: &[u8]) -> Option<Vec<f32>>
-where
-    S: PlainData + Sync,
-    [S]: half::slice::HalfFloatSliceExt,
-{
-    use half::slice::HalfFloatSliceExt;
-    use rayon::prelude::*;
-    let src = view::<S>(bytes)?;
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(PIECE)
-        .zip(src.par_chunks(PIECE))
-        .for_each(|(d, s)| s.convert_to_f32_slice(d));
-    Some(out)
-}
-
-/// bf16 → f32 is a 16-bit shift (`bf16::to_f32`'s value; a signalling NaN stays one), straight
-/// into uninitialised memory (no memset of a buffer about to be overwritten), piece by piece on
-/// the worker pool.
-fn widen_bf16(bytes: &[u8]) -> Option<Vec<f32>> {
-    use rayon::prelude::*;
-    let src = view::<u16>(bytes)?;
-    let mut out: Vec<f32> = Vec::with_capacity(src.len());
-    out.spare_capacity_mut()[..src.len()]
-        .par_chunks_mut(PIECE)
-        .zip(src.par_chunks(PIECE))
-        .for_each(|(d, s)| widen_bf16_piece(s, d));
-    // SAFETY: every element up to src.len() was written just above.
-    unsafe { out.set_len(src.len()) };
-    Some(out)
-}
-
-/// One piece of [`widen_bf16`]: AVX2 with streaming stores where the CPU has it — the f32
-/// buffer is fresh memory written once and read by the next product, so writing around the
-/// cache spares reading each line in first (a CPU miss in f32 is mostly this loop and the read,
-/// BENCHMARKS.md §22) — else the portable shift. The same values either way.
-pub(crate) fn widen_bf16_piece(s: &[u16], d: &mut [std::mem::MaybeUninit<f32>]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected just above; `d` is as long as `s` (the callers' pieces).
-        return unsafe { widen_bf16_avx2(s, d) };
-    }
-    for (d, &s) in d.iter_mut().zip(s) {
-        d.write(f32::from_bits(u32::from(s) << 16));
-    }
-}
-
-/// # Safety
-/// The CPU has AVX2; `d.len() >= s.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn widen_bf16_avx2(s: &[u16], d: &mut [std::mem::MaybeUninit<f32>]) {
-    use std::arch::x86_64::*;
-    let n = s.len().min(d.len());
-    let dp = d.as_mut_ptr() as *mut f32;
-    // Up to a 32-byte boundary one by one (streaming stores need it), then 8 a step.
-    let head = ((32 - (dp as usize & 31)) & 31) / 4;
-    let mut i = 0;
-    while i < n.min(head) {
-        // SAFETY: i < n.
-        unsafe { dp.add(i).write(f32::from_bits(u32::from(s[i]) << 16)) };
-        i += 1;
-    }
-    while i + 8 <= n {
-        // SAFETY: i + 8 ≤ n for both; dp + i is 32-byte aligned (head above, steps of 8 f32).
-        unsafe {
-            let v = _mm_loadu_si128(s.as_ptr().add(i) as *const __m128i);
-            let w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16);
-            _mm256_stream_si256(dp.add(i) as *mut __m256i, w);
-        }
-        i += 8;
-    }
-    while i < n {
-        // SAFETY: i < n.
-        unsafe { dp.add(i).write(f32::from_bits(u32::from(s[i]) << 16)) };
-        i += 1;
-    }
-    // Streaming stores are weakly ordered: make them visible before the buffer is handed on.
-    _mm_sfence();
-}
-
 /// Same dtype: a copy into an owned, aligned Vec.
 fn same<S: PlainData>(bytes: &[u8]) -> Option<Vec<S>> {
     Some(view::<S>(bytes)?.to_vec())
@@ -652,47 +596,6 @@ fn same<S: PlainData>(bytes: &[u8]) -> Option<Vec<S>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// bf16 widened to f32 (streaming AVX2 stores where the CPU has them) is the 16-bit shift,
-    /// bit for bit, for every length, alignment and bit pattern — `bf16::to_f32`'s value
-    /// (which quiets a signalling NaN; the shift keeps it signalling: both are NaN).
-    #[test]
-    fn widened_bf16_is_each_values_f32() {
-        let want = |b: u16| {
-            let w = f32::from_bits(u32::from(b) << 16);
-            let h = half::bf16::from_bits(b).to_f32();
-            assert!(w.to_bits() == h.to_bits() || (w.is_nan() && h.is_nan()));
-            w.to_bits()
-        };
-        let bits: Vec<u16> = (0..70_000u32)
-            .map(|i| (i.wrapping_mul(40_503) >> 3) as u16)
-            .collect();
-        for (start, len) in [
-            (0, 0),
-            (0, 1),
-            (1, 7),
-            (3, 8),
-            (5, 33),
-            (0, 65_536),
-            (7, 69_000),
-        ] {
-            let src = &bits[start..start + len];
-            let bytes: Vec<u8> = src.iter().flat_map(|b| b.to_le_bytes()).collect();
-            let out = widen_bf16(&bytes).unwrap();
-            assert_eq!(out.len(), len);
-            for (o, &b) in out.iter().zip(src) {
-                assert_eq!(o.to_bits(), want(b));
-            }
-            // Every piece starting off a 32-byte boundary too.
-            let mut d = vec![std::mem::MaybeUninit::new(0f32); len + 3];
-            widen_bf16_piece(src, &mut d[3..]);
-            for (o, &b) in d[3..].iter().zip(src) {
-                // SAFETY: written by widen_bf16_piece (and initialised before).
-                let o = unsafe { o.assume_init() };
-                assert_eq!(o.to_bits(), want(b));
-            }
-        }
-    }
 
     /// The block that decides FP8 slot pools: the scheme's for a block-scaled FP8 checkpoint,
     /// none for a float one or a GGUF file.

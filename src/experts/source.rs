@@ -125,21 +125,6 @@ pub trait ExpertSource: Send + Sync {
         Ok(false)
     }
 
-    /// For f32 compute of bf16-stored experts on the CPU: gate's then up's values into
-    /// `gate_up`, down's into `down`, widened on the way — each piece read into a small
-    /// per-thread buffer and widened from there, so the bf16 bytes cross memory once.
-    /// `false` from sources that cannot, and for parts that are not plain bf16 filling these
-    /// buffers exactly; on `true` every element of both is written.
-    fn read_split_widened(
-        &self,
-        _layer: usize,
-        _expert: usize,
-        _gate_up: &mut [std::mem::MaybeUninit<f32>],
-        _down: &mut [std::mem::MaybeUninit<f32>],
-    ) -> Result<bool> {
-        Ok(false)
-    }
-
     /// For bf16 compute of bf16-stored experts on the CPU: the expert's matrices mapped in
     /// place (`crate::model::mapped`) — gate's rows then up's as one [2I, H] map, down [H, I] —
     /// so a miss copies nothing. None from sources that cannot, in cold mode (each miss is to
@@ -371,54 +356,6 @@ unsafe fn read_parts_raw(
         // SAFETY: at + n ≤ the part's len, within its destination (the caller's contract), and
         // the pieces do not overlap.
         unsafe { pread_exact(file, parts[k].1.at(at), n, off) }
-    })
-}
-
-/// Where a part's widened values go: may cross to rayon's threads, each piece writing its own
-/// range.
-#[derive(Clone, Copy)]
-struct DstF32(*mut std::mem::MaybeUninit<f32>);
-// SAFETY: as `Dst`'s: disjoint pieces, and the caller's borrow outlives them.
-unsafe impl Send for DstF32 {}
-unsafe impl Sync for DstF32 {}
-
-impl DstF32 {
-    /// The address `i` values on.
-    fn at(&self, i: usize) -> *mut std::mem::MaybeUninit<f32> {
-        self.0.wrapping_add(i)
-    }
-}
-
-/// [`read_parts_raw`] for bf16 parts whose values go out widened to f32: each piece is read
-/// into the thread's own buffer (a piece fits in its core's cache) and widened from there into
-/// the part's destination, so the bytes are not written to memory and read back.
-///
-/// # Safety
-/// Each destination is valid for writes of its part's `len / 2` values, the destinations do
-/// not overlap, and nothing else accesses them meanwhile.
-unsafe fn read_parts_widened(
-    files: &FileTable,
-    parts: &[(&TensorLocation, DstF32)],
-    cold: bool,
-) -> Result<()> {
-    thread_local! {
-        static PIECE_BUF: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let locs: Vec<&TensorLocation> = parts.iter().map(|(l, _)| *l).collect();
-    read_pieces(files, &locs, cold, |k, file, off, at, n| {
-        PIECE_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            if b.len() < n / 2 {
-                b.resize(n / 2, 0);
-            }
-            // SAFETY: the buffer holds at least n bytes, this thread's own.
-            unsafe { pread_exact(file, b.as_mut_ptr() as *mut u8, n, off) }?;
-            // SAFETY: at / 2 + n / 2 ≤ the part's len / 2, within its destination (the caller's
-            // contract); the pieces do not overlap (and are whole values: see `read_pieces`).
-            let dst = unsafe { std::slice::from_raw_parts_mut(parts[k].1.at(at / 2), n / 2) };
-            super::convert::widen_bf16_piece(&b[..n / 2], dst);
-            Ok(())
-        })
     })
 }
 
@@ -689,47 +626,6 @@ impl ExpertSource for ShardSource {
                     (g, Dst(gu)),
                     (u, Dst(gu.wrapping_add(g.len as usize))),
                     (d, Dst(dn)),
-                ],
-                self.is_cold(),
-            )?;
-        }
-        Ok(true)
-    }
-
-    fn read_split_widened(
-        &self,
-        layer: usize,
-        expert: usize,
-        gate_up: &mut [std::mem::MaybeUninit<f32>],
-        down: &mut [std::mem::MaybeUninit<f32>],
-    ) -> Result<bool> {
-        let [g, u, d] = self.parts_of(layer, expert)?;
-        let (i, h) = (
-            self.config().moe_intermediate_size,
-            self.config().hidden_size,
-        );
-        if cfg!(target_endian = "big")
-            || [g, u, d]
-                .iter()
-                .any(|p| p.dtype != StDtype::BF16 || p.scale.is_some() || p.len % 2 != 0)
-            || g.shape != [i, h]
-            || u.shape != [i, h]
-            || d.shape != [h, i]
-            || ((g.len + u.len) / 2) as usize != gate_up.len()
-            || (d.len / 2) as usize != down.len()
-        {
-            return Ok(false);
-        }
-        let (gu, dn) = (gate_up.as_mut_ptr(), down.as_mut_ptr());
-        // SAFETY: gate fills gate_up's first g.len / 2 values, up the rest, down all of `down`
-        // (lengths checked above); the buffers are borrowed mutably for the call.
-        unsafe {
-            read_parts_widened(
-                &self.files,
-                &[
-                    (g, DstF32(gu)),
-                    (u, DstF32(gu.wrapping_add(g.len as usize / 2))),
-                    (d, DstF32(dn)),
                 ],
                 self.is_cold(),
             )?;

@@ -25,7 +25,10 @@ pub const MAX_TOKENS_HALF: usize = 128;
 
 /// Whether [`narrow_matmul_t`] takes `n` tokens in `dtype`. f32 stays at [`MAX_TOKENS`]:
 /// candle's tiled f32 GEMM converts nothing, and beyond a few tokens the row kernels' gains
-/// were small and not steady — 1.05–1.3× at 512 columns, 0.8–0.9× at 2,048 (§28).
+/// were small and not steady — 1.05–1.3× at 512 columns, 0.8–0.9× at 2,048 (§28). That holds
+/// for f32 over matrices held in bf16 or f16 too (`ports::held_dtype`): a 600-token prompt
+/// prefilled 0.94–0.96× as fast with its experts' products on the row kernels as on the GEMM
+/// over the widened matrix (BENCHMARKS.md §70).
 pub fn row_kernels_take(dtype: DType, n: usize) -> bool {
     n <= MAX_TOKENS || (matches!(dtype, DType::BF16 | DType::F16) && n <= MAX_TOKENS_HALF)
 }
@@ -366,7 +369,8 @@ impl RowsOut {
     }
 }
 
-/// x·Wᵀ for x [n, k] and W [rows, k] on the CPU, both bf16, f16 or f32, W contiguous, n
+/// x·Wᵀ for x [n, k] and W [rows, k] on the CPU, both bf16, f16 or f32 (or W 16-bit for an f32
+/// x, [`takes`]), W contiguous, n
 /// tokens few enough ([`row_kernels_take`]): each row dotted with every token in f32 (16-bit weights
 /// widened on the fly), the result rounded once to the input's dtype. None when the case is not
 /// one of these (the caller uses candle's matmul).
@@ -374,7 +378,7 @@ pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Ten
     let dtype = x.dtype();
     if !matches!(x.device(), Device::Cpu)
         || !matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
-        || w.dtype() != dtype
+        || !takes(w.dtype(), dtype)
         || x.rank() != 2
         || w.rank() != 2
         || !w.is_contiguous()
@@ -393,9 +397,9 @@ pub fn narrow_matmul_t(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Ten
             candle_core::bail!("CPU product: the matrix is not on the CPU")
         };
         let start = layout.start_offset();
-        let y = if dtype != DType::F32 {
-            let bits = &half_matrix(cpu, dtype)?[start..start + rows * cols];
-            let kernel = half_row_kernel(dtype);
+        let y = if w.dtype() != DType::F32 {
+            let bits = &half_matrix(cpu, w.dtype())?[start..start + rows * cols];
+            let kernel = half_row_kernel(w.dtype());
             rows_product(rows, cols, n, |r, out| {
                 kernel(&bits[r * cols..(r + 1) * cols], &xs, out)
             })
@@ -672,14 +676,23 @@ pub fn experts_one_token(
     })
 }
 
+/// Whether a product in `dtype` reads a matrix held in `held`: its own dtype, or 16-bit values
+/// in an f32 product (experts kept as stored, [`crate::model::ports::held_dtype`]: widened
+/// exactly in the dot, so the bits are those of the widened matrix).
+pub fn takes(held: DType, dtype: DType) -> bool {
+    held == dtype || (dtype == DType::F32 && matches!(held, DType::BF16 | DType::F16))
+}
+
 /// Whether `m` is a CPU matrix of `dims` the expert kernels read in `dtype`: a contiguous
-/// tensor of that dtype, or bf16 rows in place for a bf16 product.
+/// tensor [`takes`] takes, or bf16 rows in place.
 fn mat_fits(m: &MatRef, dtype: DType, dims: [usize; 2]) -> bool {
     match m {
         MatRef::Tensor(t) => {
-            t.dtype() == dtype && t.is_contiguous() && t.dims() == dims && t.device().is_cpu()
+            takes(t.dtype(), dtype) && t.is_contiguous() && t.dims() == dims && t.device().is_cpu()
         }
-        MatRef::Bf16(v, d) => dtype == DType::BF16 && *d == dims && v.len() == dims[0] * dims[1],
+        MatRef::Bf16(v, d) => {
+            takes(DType::BF16, dtype) && *d == dims && v.len() == dims[0] * dims[1]
+        }
     }
 }
 
@@ -1228,68 +1241,88 @@ fn ragged_products(
             MatRef::Bf16(..) => None,
         })
         .collect();
-    fn run<W: Sync>(
-        w: Vec<&[W]>,
-        kernel: fn(&[W], &[f32], &mut [f32]),
-        rows_each: usize,
-        cols: usize,
-        xs: &[&[f32]],
-        ns: &[usize],
-    ) -> Vec<f32> {
-        let mut offs = Vec::with_capacity(ns.len() + 1);
-        offs.push(0);
-        for &n in ns {
-            offs.push(offs.last().copied().unwrap_or(0) + rows_each * n);
-        }
-        let total = offs[ns.len()];
-        let mut yt = vec![0f32; total];
-        let out = RowsOut(yt.as_mut_ptr());
-        let run = |range: std::ops::Range<usize>| {
-            for r in range {
-                let (e, rr) = (r / rows_each, r % rows_each);
-                let n = ns[e];
-                // SAFETY: each (matrix, row) is handed out once and owns its n outputs.
-                let o = unsafe { out.at(offs[e] + rr * n, n) };
-                kernel(&w[e][rr * cols..(rr + 1) * cols], xs[e], o);
-            }
-        };
-        let rows = w.len() * rows_each;
-        if total * cols < 1 << 15 {
-            run(0..rows);
-        } else {
-            candle_core::utils::barrier_pool().execute_chunked(rows, run);
-        }
-        yt
+    let w = held
+        .iter()
+        .zip(mats)
+        .map(|(h, m)| match (h, m) {
+            (Some((g, l)), MatRef::Tensor(t)) => Rows::of_tensor(g, l, t.dtype(), dtype),
+            _ => Rows::in_place(m, dtype),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut offs = Vec::with_capacity(ns.len() + 1);
+    offs.push(0);
+    for &n in ns {
+        offs.push(offs.last().copied().unwrap_or(0) + rows_each * n);
     }
-    fn in_place<'a>(m: &MatRef<'a>, dtype: DType) -> candle_core::Result<&'a [u16]> {
+    let total = offs[ns.len()];
+    let mut yt = vec![0f32; total];
+    let out = RowsOut(yt.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        for r in range {
+            let (e, rr) = (r / rows_each, r % rows_each);
+            let n = ns[e];
+            // SAFETY: each (matrix, row) is handed out once and owns its n outputs.
+            let o = unsafe { out.at(offs[e] + rr * n, n) };
+            w[e].row(rr, cols, xs[e], o);
+        }
+    };
+    let rows = w.len() * rows_each;
+    if total * cols < 1 << 15 {
+        run(0..rows);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(rows, run);
+    }
+    Ok(yt)
+}
+
+/// One matrix of a [`ragged_products`] call as its kernel reads it: f32 values, or 16-bit bits
+/// with the row kernel of their type. An f32 product may take 16-bit matrices (experts held as
+/// stored, [`crate::model::ports::held_dtype`]): the widening is exact and every dot form sums
+/// in one order, so the bits are those of the same product over the widened f32 matrix.
+enum Rows<'a> {
+    F32(&'a [f32], F32RowKernel),
+    Half(&'a [u16], Bf16RowKernel),
+}
+
+impl<'a> Rows<'a> {
+    /// A held tensor of `held` dtype for a product in `dtype`.
+    fn of_tensor(
+        storage: &'a candle_core::Storage,
+        layout: &candle_core::Layout,
+        held: DType,
+        dtype: DType,
+    ) -> candle_core::Result<Self> {
+        if held == DType::F32 && dtype == DType::F32 {
+            return Ok(Rows::F32(f32_matrix(storage, layout)?, f32_row_kernel()));
+        }
+        if !matches!(held, DType::BF16 | DType::F16) || (held != dtype && dtype != DType::F32) {
+            candle_core::bail!("CPU product: a {held:?} matrix in a {dtype:?} product")
+        }
+        Ok(Rows::Half(
+            half_matrix_at(storage, layout, held)?,
+            half_row_kernel(held),
+        ))
+    }
+
+    /// bf16 rows in place, for a bf16 or an f32 product.
+    fn in_place(m: &MatRef<'a>, dtype: DType) -> candle_core::Result<Self> {
         match *m {
-            MatRef::Bf16(v, _) if dtype == DType::BF16 => {
+            MatRef::Bf16(v, _) if matches!(dtype, DType::BF16 | DType::F32) => {
                 use half::slice::HalfFloatSliceExt;
-                Ok(v.reinterpret_cast())
+                Ok(Rows::Half(v.reinterpret_cast(), bf16_row_kernel()))
             }
             _ => candle_core::bail!("CPU product: bf16 rows in place for a {dtype:?} product"),
         }
     }
-    Ok(if dtype != DType::F32 {
-        let w = held
-            .iter()
-            .zip(mats)
-            .map(|(h, m)| match h {
-                Some((g, l)) => half_matrix_at(g, l, dtype),
-                None => in_place(m, dtype),
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        run(w, half_row_kernel(dtype), rows_each, cols, xs, ns)
-    } else {
-        let w = held
-            .iter()
-            .map(|h| match h {
-                Some((g, l)) => f32_matrix(g, l),
-                None => candle_core::bail!("CPU product: bf16 rows in place for an f32 product"),
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        run(w, f32_row_kernel(), rows_each, cols, xs, ns)
-    })
+
+    /// Row `r` (of `cols` values) dotted with each token of `xs`, into `out`.
+    #[inline]
+    fn row(&self, r: usize, cols: usize, xs: &[f32], out: &mut [f32]) {
+        match self {
+            Rows::F32(w, k) => k(&w[r * cols..(r + 1) * cols], xs, out),
+            Rows::Half(w, k) => k(&w[r * cols..(r + 1) * cols], xs, out),
+        }
+    }
 }
 
 /// [`ragged_products`] per matrix, each [n_e, rows_each] (token-major).
@@ -1357,12 +1390,63 @@ fn f32_matrix<'a>(
     Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..])
 }
 
-/// x·Wᵀ through [`narrow_matmul_t`] where it applies, else candle's matmul.
+/// x·Wᵀ through [`narrow_matmul_t`] where it applies, else candle's matmul — over W widened to
+/// f32 where it is held narrower for an f32 x ([`takes`]; exact, so the bits are the widened
+/// matrix's).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     match narrow_matmul_t(x, w) {
         Some(y) => y,
+        None if w.dtype() != x.dtype() && takes(w.dtype(), x.dtype()) => {
+            x.matmul(&widened_matrix(w)?.t()?)
+        }
         None => x.matmul(&w.t()?),
     }
+}
+
+/// A CPU bf16 or f16 matrix widened to f32 — exact — with `half`'s vector conversion, in pieces
+/// on the worker pool. Why not `to_dtype`: candle converts one value at a time on one thread,
+/// which cost a long prompt's f32 prefill more than a quarter of its time over experts held in
+/// bf16 (BENCHMARKS.md §70).
+fn widened_matrix(w: &Tensor) -> candle_core::Result<Tensor> {
+    let w = w.contiguous()?;
+    let n = w.elem_count();
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("CPU product: the matrix is not on the CPU")
+    };
+    let at = layout.start_offset()..layout.start_offset() + n;
+    let out = match w.dtype() {
+        DType::BF16 => widened_par(&cpu.as_slice::<half::bf16>()?[at]),
+        DType::F16 => widened_par(&cpu.as_slice::<half::f16>()?[at]),
+        d => candle_core::bail!("CPU product: widening a {d:?} matrix"),
+    };
+    drop(storage);
+    Tensor::from_vec(out, w.dims(), &Device::Cpu)
+}
+
+/// 16-bit values widened to f32 in pieces on the worker pool.
+fn widened_par<S: Sync>(v: &[S]) -> Vec<f32>
+where
+    [S]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    const PIECE: usize = 1 << 16;
+    let n = v.len();
+    // Not cleared first: every element is written below (a cleared buffer cost a memset).
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let dst = RowsOut(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(PIECE), |pieces| {
+        for p in pieces {
+            let (a, b) = (p * PIECE, ((p + 1) * PIECE).min(n));
+            // SAFETY: each piece is handed out once, and a..b lies within the capacity; f32
+            // has no invalid bit patterns, and the slice is written before anything reads it.
+            let d = unsafe { dst.at(a, b - a) };
+            v[a..b].convert_to_f32_slice(d);
+        }
+    });
+    // SAFETY: the pieces cover 0..n, each written above.
+    unsafe { out.set_len(n) };
+    out
 }
 
 #[cfg(test)]
@@ -1656,7 +1740,22 @@ mod tests {
             f32_row_kernel()(row, &xs, &mut b);
             assert_eq!(a, b, "f32 row {r}");
         }
-        assert!(narrow_matmul_t(&x32, &w).is_none());
+        // bf16 rows for an f32 x (experts held as stored, `ports::held_dtype`): the widened
+        // matrix's bits, through the row kernels and through candle's GEMM past them.
+        let bits = crate::util::f32_bits;
+        let held = narrow_matmul_t(&x32, &w).unwrap().unwrap();
+        assert_eq!(held.dtype(), DType::F32);
+        assert_eq!(
+            bits(&held),
+            bits(&narrow_matmul_t(&x32, &w32).unwrap().unwrap())
+        );
+        // Past 8 tokens an f32 x goes to candle's GEMM, over the widened matrix: its bits.
+        let x40 = x.to_dtype(DType::F32).unwrap();
+        assert!(narrow_matmul_t(&x40, &w).is_none());
+        assert_eq!(
+            bits(&matmul_t(&x40, &w).unwrap()),
+            bits(&x40.matmul(&w32.t().unwrap()).unwrap())
+        );
         let many = Tensor::zeros((MAX_TOKENS_HALF + 1, cols), DType::BF16, &Device::Cpu).unwrap();
         assert!(narrow_matmul_t(&many, &w).is_none());
     }
@@ -1768,6 +1867,37 @@ mod tests {
         assert!(e.to_string().contains("row 2"), "{e}");
     }
 
+    /// A 16-bit matrix widened for candle's GEMM is `to_dtype`'s f32, bit for bit — every bf16
+    /// and f16 pattern but NaNs, pieces and a view off the storage's start included; an f32
+    /// matrix is refused.
+    #[test]
+    fn widened_matrix_is_to_dtype() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        for dtype in [DType::BF16, DType::F16] {
+            let vals: Vec<f32> = all
+                .iter()
+                .map(|&b| match dtype {
+                    DType::BF16 => half::bf16::from_bits(b).to_f32(),
+                    _ => half::f16::from_bits(b).to_f32(),
+                })
+                .filter(|v| !v.is_nan())
+                .collect();
+            let n = vals.len() / 256 * 256;
+            let t = Tensor::from_vec(vals[..n].to_vec(), (n / 256, 256), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let view = t.narrow(0, 3, n / 256 - 5).unwrap();
+            for m in [&t, &view] {
+                let bits = crate::util::f32_bits;
+                let want = bits(&m.to_dtype(DType::F32).unwrap());
+                assert_eq!(bits(&widened_matrix(m).unwrap()), want, "{dtype:?}");
+            }
+        }
+        let f = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(widened_matrix(&f).is_err());
+    }
+
     /// Which products the row kernels take: any dtype up to 8 tokens; 16-bit ones up to 128.
     #[test]
     fn row_kernels_take_short_products_and_16_bit_prompts() {
@@ -1835,10 +1965,53 @@ mod tests {
                 .map(|(g, d)| (MatRef::Bf16(g, [2 * i, h]), MatRef::Bf16(d, [h, i])))
                 .collect();
             let got = experts_one_token(&x, &in_place, &weights);
-            if dtype == DType::BF16 {
-                assert_eq!(bits(&got.unwrap().unwrap()), bits(&y), "bf16 rows in place");
-            } else {
-                assert!(got.is_none(), "{dtype:?} does not take bf16 rows in place");
+            match dtype {
+                DType::BF16 => {
+                    assert_eq!(bits(&got.unwrap().unwrap()), bits(&y), "bf16 rows in place")
+                }
+                DType::F32 => {
+                    // f32 over bf16 matrices (rows in place, or bf16 tensors): the bits of
+                    // the same experts widened to f32, one expert at a time.
+                    let widened: Vec<ExpertWeights> = held
+                        .iter()
+                        .map(|(g, d)| {
+                            let t = |v: &[half::bf16], r, c| {
+                                Tensor::from_slice(v, (r, c), &Device::Cpu)
+                                    .unwrap()
+                                    .to_dtype(DType::F32)
+                                    .unwrap()
+                            };
+                            ExpertWeights::new(t(g, 2 * i, h), t(d, h, i), i)
+                        })
+                        .collect();
+                    let mut want: Option<Tensor> = None;
+                    for (w, &r) in widened.iter().zip(&weights) {
+                        let ye = w.forward(&x).unwrap().affine(f64::from(r), 0.0).unwrap();
+                        want = Some(match want {
+                            None => ye,
+                            Some(a) => (a + ye).unwrap(),
+                        });
+                    }
+                    let want = bits(&want.unwrap());
+                    assert_eq!(bits(&got.unwrap().unwrap()), want, "f32 over bf16 rows");
+                    let bf16: Vec<(Tensor, Tensor)> = widened
+                        .iter()
+                        .map(|w| {
+                            let (g, d) = w.dense().unwrap();
+                            (
+                                g.to_dtype(DType::BF16).unwrap(),
+                                d.to_dtype(DType::BF16).unwrap(),
+                            )
+                        })
+                        .collect();
+                    let tensors: Vec<(MatRef, MatRef)> = bf16
+                        .iter()
+                        .map(|(g, d)| (MatRef::Tensor(g), MatRef::Tensor(d)))
+                        .collect();
+                    let y = experts_one_token(&x, &tensors, &weights).unwrap().unwrap();
+                    assert_eq!(bits(&y), want, "f32 over bf16 tensors");
+                }
+                _ => assert!(got.is_none(), "{dtype:?} does not take bf16 rows in place"),
             }
             // Two tokens, or mixed dtypes: not this path.
             let two = mat(2, h, 1).to_dtype(dtype).unwrap();
@@ -1898,6 +2071,59 @@ mod tests {
                     .unwrap();
                     let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got[e]), bits(&want), "{dtype:?} h {h} expert {e}");
+                }
+                if dtype == DType::F32 {
+                    // f32 over the same experts held in bf16 (`ports::held_dtype`), as tensors
+                    // and as rows in place: the bits of those bf16 values widened to f32.
+                    let narrow = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+                    let bf16: Vec<(Tensor, Tensor)> = experts
+                        .iter()
+                        .map(|(g, d)| (narrow(g), narrow(d)))
+                        .collect();
+                    let values: Vec<(Vec<half::bf16>, Vec<half::bf16>)> = bf16
+                        .iter()
+                        .map(|(g, d)| {
+                            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1().unwrap();
+                            (v(g), v(d))
+                        })
+                        .collect();
+                    let as_tensors: Vec<(MatRef, MatRef)> = bf16
+                        .iter()
+                        .map(|(g, d)| (MatRef::Tensor(g), MatRef::Tensor(d)))
+                        .collect();
+                    let in_place: Vec<(MatRef, MatRef)> = values
+                        .iter()
+                        .map(|(g, d)| {
+                            (MatRef::Bf16(g, [2 * inter, h]), MatRef::Bf16(d, [h, inter]))
+                        })
+                        .collect();
+                    let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                    for held in [&as_tensors, &in_place] {
+                        let got = experts_few_tokens(&x, held, &refs)
+                            .expect("this case")
+                            .unwrap();
+                        for (e, ((gu, dn), rows)) in bf16.iter().zip(&idx).enumerate() {
+                            let xe = x
+                                .index_select(
+                                    &Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(),
+                                    0,
+                                )
+                                .unwrap();
+                            let want = widened(
+                                &ExpertWeights::new(widen(gu), widen(dn), inter)
+                                    .forward(&xe)
+                                    .unwrap(),
+                            )
+                            .unwrap();
+                            let bits =
+                                |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(&got[e]),
+                                bits(&want),
+                                "f32 over bf16, h {h} expert {e}"
+                            );
+                        }
+                    }
                 }
                 // Not this case: more tokens than the row kernels take (f32: 8), no tokens, a
                 // row past the prompt, an expert without its rows.

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::checkpoint::{Checkpoint, TensorLocation};
 use super::config::MoeConfig;
+use super::safetensors_file::StDtype;
 
 /// What a quantized checkpoint holds once loaded. Per-expert figures are taken from each MoE
 /// layer's first expert present: a mixed file (`Q4_K_M`) stores some layers' experts larger.
@@ -38,8 +39,9 @@ impl HeldSizes {
 
 /// What `path` holds once loaded (see [`HeldSizes`]), float tensors counted at `float_size`
 /// bytes an element, on the CPU (`cpu`) or a GPU (`gpu_bf16`: in bf16, where a GGUF token table
-/// of a block-kernel type stays in its blocks); None for a float checkpoint (the caller's
-/// parameter arithmetic is then exact) or one that cannot be read.
+/// of a block-kernel type stays in its blocks) — except 16-bit experts for f32 on the CPU, held
+/// as stored (`ports::held_dtype`); None for a float checkpoint held wholly in the compute dtype
+/// (the caller's parameter arithmetic is then exact) or one that cannot be read.
 pub fn held_sizes(
     path: &Path,
     cfg: &MoeConfig,
@@ -50,12 +52,19 @@ pub fn held_sizes(
     if super::gguf::is_gguf(path) {
         return super::gguf::held_sizes(path, cfg, float_size, cpu, gpu_bf16);
     }
-    cfg.quantization?;
+    let experts_as_stored = cpu && float_size == 4;
+    if cfg.quantization.is_none() && !experts_as_stored {
+        return None;
+    }
     let ckpt = Checkpoint::open(path).ok()?;
     // An FP8 matrix is held as its bytes plus f32 scales; anything else in the compute dtype.
     let held = |loc: &TensorLocation| match &loc.scale {
         Some(s) => loc.len + s.shape.iter().product::<usize>() as u64 * 4,
         None => loc.shape.iter().product::<usize>() as u64 * float_size,
+    };
+    let held_expert = |loc: &TensorLocation| match loc.dtype {
+        StDtype::BF16 | StDtype::F16 if experts_as_stored && loc.scale.is_none() => loc.len,
+        _ => held(loc),
     };
     let mut non_expert = 0;
     for (name, shape) in Checkpoint::required_tensors(cfg) {
@@ -68,7 +77,11 @@ pub fn held_sizes(
             .count() as u64;
         let loc = (0..cfg.num_experts).find_map(|e| ckpt.expert_location(cfg, layer, e).ok()?);
         if let Some(loc) = loc {
-            layers.push((present, loc.bytes(), loc.parts.iter().map(held).sum()));
+            layers.push((
+                present,
+                loc.bytes(),
+                loc.parts.iter().map(held_expert).sum(),
+            ));
         }
     }
     HeldSizes::of_layers(non_expert, &layers)

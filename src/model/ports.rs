@@ -653,6 +653,21 @@ pub fn fused_capable(device: &Device, dtype: DType) -> bool {
     device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16)
 }
 
+/// The dtype a dense expert stored in `stored` is held in for compute in `compute` on `device`:
+/// the compute dtype, except bf16 and f16 experts for f32 on the CPU, which stay as stored —
+/// the CPU expert kernels widen them inside the dot (exact, in the order every dot form sums
+/// in), so the bits are those of the widened matrices, at half the memory and half the bytes a
+/// token reads. Why: widening at load doubled every expert's footprint and each decode step's
+/// reads for values that carry no more information, and made an f32 cache miss cross memory
+/// twice (BENCHMARKS.md §61, §70).
+pub fn held_dtype(stored: DType, compute: DType, device: &Device) -> DType {
+    if compute == DType::F32 && device.is_cpu() && matches!(stored, DType::BF16 | DType::F16) {
+        stored
+    } else {
+        compute
+    }
+}
+
 /// Where the MoE block gets expert weights from.
 pub trait ExpertProvider: Send + Sync {
     /// The weights of (layer, expert), loading them first if needed. The returned `Arc` keeps

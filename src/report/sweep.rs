@@ -156,8 +156,9 @@ pub fn sweep_table(s: &Sweep) -> String {
     if let Some(m) = s.fitted_miss_cost_us {
         let _ = writeln!(
             o,
-            "a miss costs {m:.0} µs to decode (fitted on the row marked calib: the read plus \
-             candle's repack of the expert's block matrices at their first product)"
+            "a miss costs {m:.0} µs to decode (fitted on the row marked calib: the load plus \
+             what the expert's first product pays after it — candle's repack of GGUF blocks, \
+             or a mapped expert's first read from memory)"
         );
     }
     if let Some(bw) = s.read_bandwidth {

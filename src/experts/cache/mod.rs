@@ -26,7 +26,7 @@ use crate::cache::stats::{CacheSnapshot, Histogram};
 use crate::model::error::{ModelError, Result};
 use crate::model::ports::{
     ExpertProvider, ExpertWeights, FUSED_DECODE_MAX_TOPK, Fp8Scales, GgmlLayout, Stacked, StepPath,
-    fused_capable,
+    fused_capable, held_dtype,
 };
 use crate::settings::Settings;
 
@@ -109,7 +109,7 @@ impl CachedProvider {
         // Block-quantized experts (GGUF) are held as stored: budgets count their bytes.
         let quantized = super::convert::held_bytes(source.as_ref());
         let expert_bytes =
-            quantized.unwrap_or((cfg.expert_params() * dtype.size_in_bytes()) as u64);
+            quantized.unwrap_or_else(|| convert::held_dense_bytes(source.as_ref(), dtype, device));
         let mut unavailable = vec![Vec::new(); cfg.num_hidden_layers];
         for layer in cfg.moe_layers() {
             for e in 0..cfg.num_experts {
@@ -279,9 +279,6 @@ impl CachedProvider {
             if let Some((w, bytes)) = self.read_whole(layer, expert)? {
                 return Ok((w, bytes, start.elapsed().as_micros() as u64));
             }
-            if let Some((w, bytes)) = self.read_widened(layer, expert)? {
-                return Ok((w, bytes, start.elapsed().as_micros() as u64));
-            }
             thread_local! {
                 // One read buffer per thread (the forward pass and the prefetch thread).
                 static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -314,54 +311,20 @@ impl CachedProvider {
         Ok((w, bytes, start.elapsed().as_micros() as u64))
     }
 
-    /// A bf16-stored expert for bf16 compute on the CPU, mapped in place from the checkpoint
+    /// A bf16-stored expert for bf16 or f32 compute on the CPU (`held_dtype`: held as stored),
+    /// mapped in place from the checkpoint
     /// (`ExpertSource::map_bf16`: nothing copied; the slot is the map, dropped on eviction);
     /// None where the dtype, the source or the layout does not allow it, and where the cache
     /// holds every expert: then each is read once, and the expert kernels read a copy in the
     /// process's own memory ~7 % faster than mapped file pages (BENCHMARKS.md §69).
     fn read_mapped(&self, layer: usize, expert: usize) -> Result<Option<ExpertWeights>> {
-        if self.dtype != DType::BF16 || !self.map_misses {
+        if held_dtype(DType::BF16, self.dtype, &self.device) != DType::BF16 || !self.map_misses {
             return Ok(None);
         }
         match self.source.map_bf16(layer, expert)? {
             Some((gate_up, down)) => Ok(Some(ExpertWeights::mapped(gate_up, down)?)),
             None => Ok(None),
         }
-    }
-
-    /// A bf16-stored expert for f32 compute on the CPU, widened as it is read
-    /// (`ExpertSource::read_split_widened`: the bytes cross memory once); None where the
-    /// source or the parts do not allow it (then the general paths read).
-    fn read_widened(&self, layer: usize, expert: usize) -> Result<Option<(ExpertWeights, u64)>> {
-        if self.dtype != DType::F32 {
-            return Ok(None);
-        }
-        let cfg = self.source.config();
-        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
-        let mut gate_up: Vec<f32> = Vec::with_capacity(2 * i * h);
-        let mut down: Vec<f32> = Vec::with_capacity(h * i);
-        let (gu, dn) = (
-            &mut gate_up.spare_capacity_mut()[..2 * i * h],
-            &mut down.spare_capacity_mut()[..h * i],
-        );
-        // A failed read: the general path reads again and reports it properly.
-        if !matches!(
-            self.source.read_split_widened(layer, expert, gu, dn),
-            Ok(true)
-        ) {
-            return Ok(None);
-        }
-        // SAFETY: on `true` every element of both buffers was written.
-        unsafe {
-            gate_up.set_len(2 * i * h);
-            down.set_len(h * i);
-        }
-        let w = ExpertWeights::new(
-            Tensor::from_vec(gate_up, (2 * i, h), &Device::Cpu)?,
-            Tensor::from_vec(down, (h, i), &Device::Cpu)?,
-            i,
-        );
-        Ok(Some((w, (3 * i * h * 2) as u64)))
     }
 
     /// (layer, expert) read as stored and converted for this cache's compute — the path every
@@ -402,13 +365,17 @@ impl CachedProvider {
 
     /// The CPU miss that copies once: when the expert is stored in the compute dtype, it is
     /// read straight into its tensors' storage (`convert::from_whole_buffer`); stored otherwise
-    /// but of the same size (f16 for bf16), converted from that buffer. None when the sizes say
-    /// a conversion is needed (bf16 widened to f32): the caller's path handles it.
+    /// but of the same size (f16 for bf16), converted from that buffer. f32 compute holds bf16
+    /// and f16 experts as stored (`held_dtype`), so they too are read whole. None when the
+    /// sizes say a conversion is needed: the caller's path handles it.
     fn read_whole(&self, layer: usize, expert: usize) -> Result<Option<(ExpertWeights, u64)>> {
         match self.dtype {
             DType::BF16 => self.read_whole_as::<half::bf16>(layer, expert),
             DType::F16 => self.read_whole_as::<half::f16>(layer, expert),
-            DType::F32 => self.read_whole_as::<f32>(layer, expert),
+            DType::F32 => match self.read_whole_as::<f32>(layer, expert)? {
+                Some(w) => Ok(Some(w)),
+                None => self.read_whole_as::<half::bf16>(layer, expert),
+            },
             _ => Ok(None),
         }
     }
@@ -458,7 +425,11 @@ impl CachedProvider {
             }
         };
         let read = spans.iter().map(|p| p.range.len() as u64).sum::<u64>();
-        match convert::from_whole_buffer(whole, &spans, self.dtype) {
+        let held = spans[0]
+            .dtype
+            .float_dtype()
+            .map_or(self.dtype, |s| held_dtype(s, self.dtype, &self.device));
+        match convert::from_whole_buffer(whole, &spans, held) {
             Ok(w) => Ok(Some((w, read))),
             Err(whole) => {
                 // SAFETY: as above.
@@ -791,46 +762,65 @@ mod tests {
         );
     }
 
-    /// A bf16-stored expert widened as it is read (f32 compute on the CPU) is the expert the
-    /// general path makes, bit for bit, for every expert of the fixture;
-    /// other compute dtypes do not take it.
+    /// f32 compute on the CPU holds bf16-stored experts as stored: a miss below full capacity
+    /// maps them, a full cache reads them whole in bf16 — half the bytes of the widened
+    /// matrices, which the budget counts — and either way a token's output (the batched row
+    /// kernels and the one-expert product) is, bit for bit, that of the expert widened to f32,
+    /// for every expert of the fixture. f16 compute widens nothing and maps nothing.
     #[test]
-    fn bf16_experts_widened_as_read_are_the_general_paths() {
+    fn f32_compute_holds_bf16_experts_as_stored_with_the_widened_bits() {
         let (source, cfg, _) = fixture_source();
-        let cache = |dtype| cpu_cache(&source, 4, dtype);
-        let (f32_cache, bf16_cache) = (cache(DType::F32), cache(DType::BF16));
-        let x = crate::util::test_matrix(2, cfg.hidden_size, 5, 97, 1.0 / 16.0);
+        let mapped = cpu_cache(&source, 4, DType::F32);
+        let full = cpu_cache(&source, cfg.total_experts(), DType::F32);
+        let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        assert_eq!(mapped.expert_bytes(), (3 * h * i * 2) as u64);
+        assert_eq!(full.expert_bytes(), mapped.expert_bytes());
+        assert_eq!(
+            cpu_cache(&source, 4, DType::F16).expert_bytes(),
+            mapped.expert_bytes()
+        );
+        let x = crate::util::test_matrix(1, h, 5, 97, 1.0 / 16.0);
+        let bits = crate::util::f32_bits;
         for layer in cfg.moe_layers() {
             for e in 0..cfg.num_experts {
-                let (w, bytes) = f32_cache
-                    .read_widened(layer, e)
-                    .unwrap()
-                    .expect("bf16 parts");
-                assert_eq!(bytes, source.stored_bytes(layer, e));
                 let raw = source.read(layer, e).unwrap();
-                let general = convert::from_raw(&raw, None, DType::F32, &Device::Cpu).unwrap();
-                let (a, b) = (w.dense().unwrap(), general.dense().unwrap());
-                let bits = crate::util::f32_bits;
-                assert_eq!(bits(a.0), bits(b.0), "gate_up {layer}/{e}");
-                assert_eq!(bits(a.1), bits(b.1), "down {layer}/{e}");
-                assert_eq!(
-                    bits(&w.forward(&x).unwrap()),
-                    bits(&general.forward(&x).unwrap())
+                let bf16 = convert::from_raw(&raw, None, DType::BF16, &Device::Cpu).unwrap();
+                let (g, d) = bf16.dense().unwrap();
+                let widened = ExpertWeights::new(
+                    g.to_dtype(DType::F32).unwrap(),
+                    d.to_dtype(DType::F32).unwrap(),
+                    i,
                 );
-                assert!(bf16_cache.read_widened(layer, e).unwrap().is_none());
+                let want = bits(&widened.forward(&x).unwrap());
+                let (m, _, _) = mapped.read(layer, e).unwrap();
+                assert!(m.dense().is_none(), "mapped {layer}/{e}");
+                let (w, bytes, _) = full.read(layer, e).unwrap();
+                assert_eq!(w.dense().unwrap().0.dtype(), DType::BF16);
+                assert_eq!(bytes, source.stored_bytes(layer, e));
+                for held in [&m, &w] {
+                    assert_eq!(held.bytes(), mapped.expert_bytes());
+                    assert_eq!(bits(&held.forward(&x).unwrap()), want, "{layer}/{e}");
+                    let rows = [held.rows().unwrap()];
+                    let y = crate::model::cpu_gemv::experts_one_token(&x, &rows, &[1.0])
+                        .expect("the batched kernels take 16-bit matrices in f32")
+                        .unwrap();
+                    assert_eq!(bits(&y), want, "batched {layer}/{e}");
+                }
             }
         }
+        let f16 = cpu_cache(&source, 4, DType::F16);
+        let layer = cfg.moe_layers().next().unwrap();
+        assert!(f16.read_mapped(layer, 0).unwrap().is_none());
     }
 
     /// A bf16-stored expert for bf16 compute on the CPU is mapped in place, and its rows, its
     /// bytes and its output are the general path's, bit for bit, for every expert of the
-    /// fixture (whose shards store gate's rows right before up's); f32 compute and cold mode
+    /// fixture (whose shards store gate's rows right before up's); cold mode and a full cache
     /// do not map.
     #[test]
     fn bf16_experts_mapped_in_place_are_the_general_paths() {
         let (source, cfg, _) = fixture_source();
-        let cache = |dtype| cpu_cache(&source, 4, dtype);
-        let (f32_cache, bf16_cache) = (cache(DType::F32), cache(DType::BF16));
+        let bf16_cache = cpu_cache(&source, 4, DType::BF16);
         let x = crate::util::test_matrix(2, cfg.hidden_size, 5, 97, 1.0 / 16.0)
             .to_dtype(DType::BF16)
             .unwrap();
@@ -863,7 +853,6 @@ mod tests {
                     bits(&w.forward(&x).unwrap()),
                     bits(&general.forward(&x).unwrap())
                 );
-                assert!(f32_cache.read_mapped(layer, e).unwrap().is_none());
             }
         }
         source.set_cold(true);
@@ -975,7 +964,9 @@ mod tests {
         assert_eq!(zgu.dims(), &[2 * i, h]);
         assert_eq!(zdn.dims(), &[h, i]);
         let sum = |t: &Tensor| {
-            t.abs()
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .abs()
                 .unwrap()
                 .sum_all()
                 .unwrap()
