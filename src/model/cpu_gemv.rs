@@ -1404,9 +1404,9 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// A CPU bf16 or f16 matrix widened to f32 — exact — with `half`'s vector conversion, in pieces
-/// on the worker pool. Why not `to_dtype`: candle converts one value at a time on one thread,
-/// which cost a long prompt's f32 prefill more than a quarter of its time over experts held in
-/// bf16 (BENCHMARKS.md §70).
+/// on the worker pool. Why not `to_dtype`: candle converts one value at a time on one thread —
+/// a 600-token f32 prompt over experts held in bf16 prefilled at 0.77–0.79× the speed of the
+/// widened-at-load build with it, 0.89× with this (BENCHMARKS.md §70).
 fn widened_matrix(w: &Tensor) -> candle_core::Result<Tensor> {
     let w = w.contiguous()?;
     let n = w.elem_count();
