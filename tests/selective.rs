@@ -419,3 +419,79 @@ fn every_source(
 fn moescope_cli(args: &[&str]) -> (i32, String, String) {
     common::run(args)
 }
+
+/// f32 compute holds 16-bit experts as stored (`ports::held_dtype`) and widens them inside the
+/// products: the same values stored in bf16, f16 or f32 give the same f32 logits and tokens, bit
+/// for bit, native and selective (a cache of top-k experts, so misses map or are read), and the
+/// 16-bit copies hold their experts in half the memory. Both fixtures, every shard rewritten.
+#[test]
+fn f32_compute_gives_the_same_bits_whatever_the_storage_dtype() {
+    use candle_core::DType;
+    let tmp = tempfile::tempdir().unwrap();
+    // A copy of `name` with every tensor of every shard converted by `conv`.
+    let rewrite =
+        |name: &str, tag: &str, conv: &dyn Fn(&candle_core::Tensor) -> candle_core::Tensor| {
+            let dir = tmp.path().join(format!("{name}-{tag}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in std::fs::read_dir(fixture(name)).unwrap() {
+                let p = f.unwrap().path();
+                let out = dir.join(p.file_name().unwrap());
+                if p.extension().is_some_and(|e| e == "safetensors") {
+                    let ts = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+                    let ts: std::collections::HashMap<String, candle_core::Tensor> =
+                        ts.iter().map(|(k, t)| (k.clone(), conv(t))).collect();
+                    candle_core::safetensors::save(&ts, &out).unwrap();
+                } else {
+                    std::fs::copy(&p, &out).unwrap();
+                }
+            }
+            dir
+        };
+    let load = |dir: &std::path::Path, name: &str, backend, cache: CacheSettings| {
+        moescope::engine::BackendSpec {
+            model_dir: dir.to_path_buf(),
+            ..spec(name, backend, cache, Dtype::F32)
+        }
+        .load(|_, _| {})
+        .unwrap()
+    };
+    for name in FAMILIES {
+        let seq = &golden(name).sequences[2];
+        let to = |d: DType| move |t: &candle_core::Tensor| t.to_dtype(d).unwrap();
+        let f32_copy = rewrite(name, "f32", &to(DType::F32));
+        let f16_copy = rewrite(name, "f16", &to(DType::F16));
+        let f16_as_f32 = rewrite(name, "f16-as-f32", &|t| {
+            t.to_dtype(DType::F16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        });
+        for (held, wide) in [(fixture(name), f32_copy), (f16_copy, f16_as_f32)] {
+            let native = load(&wide, name, BackendKind::Native, CacheSettings::default());
+            let want = bits_and_greedy(&native, seq, 12);
+            let narrow = load(&held, name, BackendKind::Native, CacheSettings::default());
+            assert!(
+                bits_and_greedy(&narrow, seq, 12) == want,
+                "{name}: native over {} differs from its f32 copy",
+                held.display()
+            );
+            assert_eq!(
+                2 * narrow.provider.resident_bytes(),
+                native.provider.resident_bytes(),
+                "{name}: 16-bit experts held in half the memory"
+            );
+            let top_k = native.cfg.num_experts_per_tok;
+            let cache = CacheSettings {
+                cache_experts: Some(top_k),
+                ..Default::default()
+            };
+            let sel = load(&held, name, BackendKind::Selective, cache);
+            assert!(
+                bits_and_greedy(&sel, seq, 12) == want,
+                "{name}: selective over {} differs",
+                held.display()
+            );
+            assert!(sel.cache_snapshot().unwrap().misses > 0);
+        }
+    }
+}
