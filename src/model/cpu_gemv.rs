@@ -1396,57 +1396,104 @@ fn f32_matrix<'a>(
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     match narrow_matmul_t(x, w) {
         Some(y) => y,
-        None if w.dtype() != x.dtype() && takes(w.dtype(), x.dtype()) => {
-            x.matmul(&widened_matrix(w)?.t()?)
-        }
+        None if w.dtype() != x.dtype() && takes(w.dtype(), x.dtype()) => matmul_t_blocks(x, w),
         None => x.matmul(&w.t()?),
     }
 }
 
-/// A CPU bf16 or f16 matrix widened to f32 — exact — with `half`'s vector conversion, in pieces
-/// on the worker pool. Why not `to_dtype`: candle converts one value at a time on one thread —
-/// a 600-token f32 prompt over experts held in bf16 prefilled at 0.77–0.79× the speed of the
-/// widened-at-load build with it, 0.89× with this (BENCHMARKS.md §70).
-fn widened_matrix(w: &Tensor) -> candle_core::Result<Tensor> {
+/// Widens a range of a matrix's rows into a buffer of their length.
+type WidenRows<'a> = dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync + 'a;
+
+/// Rows of a 16-bit matrix widened together, into a thread's buffer (512 KiB at 1,024 columns:
+/// it stays in the core's L2 for the product that reads it).
+const WIDE_BLOCK: usize = 128;
+
+/// [`matmul_t`] for an f32 x [n, k] and a bf16 or f16 W [rows, k] past the row kernels: blocks
+/// of [`WIDE_BLOCK`] rows widened (exact) into the thread's buffer, each multiplied by the GEMM
+/// candle's matmul calls, on one thread, into its own columns of y; blocks spread over the
+/// worker pool. The blocks are fixed, so the bits depend on neither the thread count nor the
+/// machine's threads. Why: widening the whole matrix first wrote it to memory at 4 bytes a
+/// weight and read it back, which cost f32 prompts over 16-bit experts 8–17 % of their speed
+/// (BENCHMARKS.md §70).
+fn matmul_t_blocks(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    let x = x.contiguous()?;
     let w = w.contiguous()?;
-    let n = w.elem_count();
-    let (storage, layout) = w.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("CPU product: the matrix is not on the CPU")
+    let ((n, k), (rows, cols)) = (x.dims2()?, w.dims2()?);
+    if k != cols || x.dtype() != DType::F32 || !x.device().is_cpu() || !w.device().is_cpu() {
+        candle_core::bail!(
+            "CPU product: x {:?} {:?} over a {:?} matrix {:?}",
+            x.dims(),
+            x.dtype(),
+            w.dtype(),
+            w.dims()
+        )
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(xc), candle_core::Storage::Cpu(wc)) = (&*xs, &*ws) else {
+        candle_core::bail!("CPU product: not on the CPU")
     };
-    let at = layout.start_offset()..layout.start_offset() + n;
-    let out = match w.dtype() {
-        DType::BF16 => widened_par(&cpu.as_slice::<half::bf16>()?[at]),
-        DType::F16 => widened_par(&cpu.as_slice::<half::f16>()?[at]),
+    let xv = &xc.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + n * k];
+    let at = wl.start_offset()..wl.start_offset() + rows * k;
+    // One block's rows widened into `dst` (exact either way).
+    let widen: Box<WidenRows> = match w.dtype() {
+        DType::BF16 => {
+            let v = &wc.as_slice::<half::bf16>()?[at];
+            Box::new(move |r, dst| v[r.start * k..r.end * k].convert_to_f32_slice(dst))
+        }
+        DType::F16 => {
+            let v = &wc.as_slice::<half::f16>()?[at];
+            Box::new(move |r, dst| v[r.start * k..r.end * k].convert_to_f32_slice(dst))
+        }
         d => candle_core::bail!("CPU product: widening a {d:?} matrix"),
     };
-    drop(storage);
-    Tensor::from_vec(out, w.dims(), &Device::Cpu)
-}
-
-/// 16-bit values widened to f32 in pieces on the worker pool.
-fn widened_par<S: Sync>(v: &[S]) -> Vec<f32>
-where
-    [S]: half::slice::HalfFloatSliceExt,
-{
-    use half::slice::HalfFloatSliceExt;
-    const PIECE: usize = 1 << 16;
-    let n = v.len();
-    // Not cleared first: every element is written below (a cleared buffer cost a memset).
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    let dst = RowsOut(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(PIECE), |pieces| {
-        for p in pieces {
-            let (a, b) = (p * PIECE, ((p + 1) * PIECE).min(n));
-            // SAFETY: each piece is handed out once, and a..b lies within the capacity; f32
-            // has no invalid bit patterns, and the slice is written before anything reads it.
-            let d = unsafe { dst.at(a, b - a) };
-            v[a..b].convert_to_f32_slice(d);
+    thread_local! {
+        static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut y = vec![0f32; n * rows];
+    // Borrowed whole, so the closure captures the Sync wrapper rather than its pointer.
+    let out = &RowsOut(y.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(WIDE_BLOCK), |blocks| {
+        for b in blocks {
+            let r = b * WIDE_BLOCK..((b + 1) * WIDE_BLOCK).min(rows);
+            let m = r.len();
+            WIDE.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                if buf.len() < m * k {
+                    buf.resize(m * k, 0.0);
+                }
+                widen(r.clone(), &mut buf[..m * k]);
+                // SAFETY: y is [n, rows] row-major and this block writes only its columns
+                // r (each block once); x is [n, k] row-major; the buffer holds the block's
+                // rows [m, k] row-major, read as their transpose [k, m] (column stride k).
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        m,
+                        k,
+                        out.0.add(r.start),
+                        1,
+                        rows as isize,
+                        false,
+                        xv.as_ptr(),
+                        1,
+                        k as isize,
+                        buf.as_ptr(),
+                        k as isize,
+                        1,
+                        0f32,
+                        1f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            });
         }
     });
-    // SAFETY: the pieces cover 0..n, each written above.
-    unsafe { out.set_len(n) };
-    out
+    Tensor::from_vec(y, (n, rows), &Device::Cpu)
 }
 
 #[cfg(test)]
@@ -1867,35 +1914,31 @@ mod tests {
         assert!(e.to_string().contains("row 2"), "{e}");
     }
 
-    /// A 16-bit matrix widened for candle's GEMM is `to_dtype`'s f32, bit for bit — every bf16
-    /// and f16 pattern but NaNs, pieces and a view off the storage's start included; an f32
-    /// matrix is refused.
+    /// An f32 prompt over a 16-bit matrix past the row kernels (blocks widened into a buffer,
+    /// each through candle's GEMM) gives the bits of candle's matmul over the whole widened
+    /// matrix — rows past one block and not a multiple of it, a view off the storage's start,
+    /// both 16-bit types, columns enough for the GEMM to block them.
     #[test]
-    fn widened_matrix_is_to_dtype() {
-        let all: Vec<u16> = (0..=u16::MAX).collect();
+    fn widened_blocks_give_candles_matmul_over_the_widened_matrix() {
+        let bits = crate::util::f32_bits;
         for dtype in [DType::BF16, DType::F16] {
-            let vals: Vec<f32> = all
-                .iter()
-                .map(|&b| match dtype {
-                    DType::BF16 => half::bf16::from_bits(b).to_f32(),
-                    _ => half::f16::from_bits(b).to_f32(),
-                })
-                .filter(|v| !v.is_nan())
-                .collect();
-            let n = vals.len() / 256 * 256;
-            let t = Tensor::from_vec(vals[..n].to_vec(), (n / 256, 256), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let view = t.narrow(0, 3, n / 256 - 5).unwrap();
-            for m in [&t, &view] {
-                let bits = crate::util::f32_bits;
-                let want = bits(&m.to_dtype(DType::F32).unwrap());
-                assert_eq!(bits(&widened_matrix(m).unwrap()), want, "{dtype:?}");
+            for (n, rows, k) in [(40, 300, 1536), (9, 2 * WIDE_BLOCK, 64), (129, 7, 96)] {
+                let x = crate::util::test_matrix(n, k, 3, 97, 1.0 / 32.0);
+                let w = crate::util::test_matrix(rows + 2, k, 5, 89, 1.0 / 64.0)
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .narrow(0, 2, rows)
+                    .unwrap();
+                let w32 = w.to_dtype(DType::F32).unwrap();
+                let want = bits(&x.matmul(&w32.t().unwrap()).unwrap());
+                assert!(narrow_matmul_t(&x, &w).is_none());
+                let got = matmul_t(&x, &w).unwrap();
+                assert_eq!(got.dims(), [n, rows]);
+                assert_eq!(bits(&got), want, "{dtype:?} {n} x {rows} x {k}");
             }
         }
         let f = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
-        assert!(widened_matrix(&f).is_err());
+        assert!(matmul_t_blocks(&f, &f).is_err());
     }
 
     /// Which products the row kernels take: any dtype up to 8 tokens; 16-bit ones up to 128.
