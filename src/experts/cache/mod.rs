@@ -28,6 +28,7 @@ use crate::model::ports::{
     ExpertProvider, ExpertWeights, FUSED_DECODE_MAX_TOPK, Fp8Scales, GgmlLayout, Stacked, StepPath,
     fused_capable, held_dtype,
 };
+use crate::model::safetensors_file::StDtype;
 use crate::settings::Settings;
 
 /// Time and bytes spent loading experts (what the selective backend pays for its memory).
@@ -372,9 +373,19 @@ impl CachedProvider {
         match self.dtype {
             DType::BF16 => self.read_whole_as::<half::bf16>(layer, expert),
             DType::F16 => self.read_whole_as::<half::f16>(layer, expert),
-            DType::F32 => match self.read_whole_as::<f32>(layer, expert)? {
-                Some(w) => Ok(Some(w)),
-                None => self.read_whole_as::<half::bf16>(layer, expert),
+            // 16-bit experts stay as stored: read them as what the file says they are (an f16
+            // expert read as bf16 would be copied once more to become f16 again).
+            DType::F32 => match self
+                .source
+                .part_locations(layer, expert)
+                .map(|l| l[0].dtype)
+            {
+                Some(StDtype::F16) => self.read_whole_as::<half::f16>(layer, expert),
+                Some(StDtype::BF16) => self.read_whole_as::<half::bf16>(layer, expert),
+                _ => match self.read_whole_as::<f32>(layer, expert)? {
+                    Some(w) => Ok(Some(w)),
+                    None => self.read_whole_as::<half::bf16>(layer, expert),
+                },
             },
             _ => Ok(None),
         }
