@@ -1976,16 +1976,19 @@ mod tests {
             assert_eq!(y.dims(), [1, h]);
             assert_eq!(y.dtype(), dtype);
             // What the tensor ops give: each expert's own forward, scaled by `affine`, summed.
-            let mut want: Option<Tensor> = None;
-            for (w, &r) in experts.iter().zip(&weights) {
-                let ye = w.forward(&x).unwrap().affine(f64::from(r), 0.0).unwrap();
-                want = Some(match want {
-                    None => ye,
-                    Some(a) => (a + ye).unwrap(),
-                });
-            }
+            let one_by_one = |experts: &[ExpertWeights]| {
+                let mut want: Option<Tensor> = None;
+                for (w, &r) in experts.iter().zip(&weights) {
+                    let ye = w.forward(&x).unwrap().affine(f64::from(r), 0.0).unwrap();
+                    want = Some(match want {
+                        None => ye,
+                        Some(a) => (a + ye).unwrap(),
+                    });
+                }
+                want.unwrap()
+            };
             let bits = crate::util::f32_bits;
-            assert_eq!(bits(&y), bits(&want.unwrap()), "{dtype:?}");
+            assert_eq!(bits(&y), bits(&one_by_one(&experts)), "{dtype:?}");
             // bf16 rows read in place (a mapped expert's form) give the tensors' bits; other
             // dtypes do not take them.
             let values = |t: &Tensor| {
@@ -2027,15 +2030,7 @@ mod tests {
                             ExpertWeights::new(t(g, 2 * i, h), t(d, h, i), i)
                         })
                         .collect();
-                    let mut want: Option<Tensor> = None;
-                    for (w, &r) in widened.iter().zip(&weights) {
-                        let ye = w.forward(&x).unwrap().affine(f64::from(r), 0.0).unwrap();
-                        want = Some(match want {
-                            None => ye,
-                            Some(a) => (a + ye).unwrap(),
-                        });
-                    }
-                    let want = bits(&want.unwrap());
+                    let want = bits(&one_by_one(&widened));
                     assert_eq!(bits(&got.unwrap().unwrap()), want, "f32 over bf16 rows");
                     let bf16: Vec<(Tensor, Tensor)> = widened
                         .iter()
