@@ -125,7 +125,7 @@ impl CachedProvider {
         let total = config.capacity_experts(expert_bytes);
         if total == 0 {
             return Err(ModelError::Input(format!(
-                "cache capacity {} holds no expert (one expert is {} in {:?})",
+                "cache capacity {} holds no expert (one expert is {} as held for {:?} compute)",
                 config.describe(),
                 crate::util::fmt_bytes(expert_bytes),
                 dtype
