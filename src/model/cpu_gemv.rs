@@ -28,7 +28,8 @@ pub const MAX_TOKENS_HALF: usize = 128;
 /// were small and not steady — 1.05–1.3× at 512 columns, 0.8–0.9× at 2,048 (§28). That holds
 /// for f32 over matrices held in bf16 or f16 too (`ports::held_dtype`): a 600-token prompt
 /// prefilled 0.94–0.96× as fast with its experts' products on the row kernels as on the GEMM
-/// over the widened matrix (BENCHMARKS.md §70).
+/// over the whole matrix widened first — and the GEMM over blocks widened in cache
+/// ([`matmul_t_blocks`]) is faster than that (BENCHMARKS.md §70).
 pub fn row_kernels_take(dtype: DType, n: usize) -> bool {
     n <= MAX_TOKENS || (matches!(dtype, DType::BF16 | DType::F16) && n <= MAX_TOKENS_HALF)
 }
@@ -1292,22 +1293,23 @@ impl<'a> Rows<'a> {
         held: DType,
         dtype: DType,
     ) -> candle_core::Result<Self> {
-        if held == DType::F32 && dtype == DType::F32 {
-            return Ok(Rows::F32(f32_matrix(storage, layout)?, f32_row_kernel()));
-        }
-        if !matches!(held, DType::BF16 | DType::F16) || (held != dtype && dtype != DType::F32) {
+        if !takes(held, dtype) || !matches!(held, DType::F32 | DType::BF16 | DType::F16) {
             candle_core::bail!("CPU product: a {held:?} matrix in a {dtype:?} product")
         }
-        Ok(Rows::Half(
-            half_matrix_at(storage, layout, held)?,
-            half_row_kernel(held),
-        ))
+        Ok(if held == DType::F32 {
+            Rows::F32(f32_matrix(storage, layout)?, f32_row_kernel())
+        } else {
+            Rows::Half(
+                half_matrix_at(storage, layout, held)?,
+                half_row_kernel(held),
+            )
+        })
     }
 
     /// bf16 rows in place, for a bf16 or an f32 product.
     fn in_place(m: &MatRef<'a>, dtype: DType) -> candle_core::Result<Self> {
         match *m {
-            MatRef::Bf16(v, _) if matches!(dtype, DType::BF16 | DType::F32) => {
+            MatRef::Bf16(v, _) if takes(DType::BF16, dtype) => {
                 use half::slice::HalfFloatSliceExt;
                 Ok(Rows::Half(v.reinterpret_cast(), bf16_row_kernel()))
             }
