@@ -8,7 +8,8 @@ Run on an NVIDIA machine with torch (CUDA), from the repo root:
       [--ptx NAME=OTHER.ptx ...] --stream dist/ptx/stream_read.ptx [--layers 8] [--json OUT]
 
 Each --ptx is a build of src/model/kernels/moe_decode.cu (nvcc --ptx -arch=compute_80 -O3, as
-scripts/build_kernels.sh makes it); --stream is scripts/kernels/stream_read.cu the same way.
+scripts/build_kernels.sh makes it); --stream is scripts/kernels/stream_read.cu the same way (with
+-Isrc/model/kernels; repeatable as NAME=PATH to compare builds of it).
 The driver JIT-compiles each for the card, as moescope's own launches do.
 
 Geometry: Qwen3-30B-A3B's experts (128 experts, hidden 2048, intermediate 768, top-8), LAYERS
@@ -120,9 +121,11 @@ def main():
     ap.add_argument("--ptx", action="append", required=True, help="NAME=PATH[,dw=W][,gu=G][,rows=R] of a moe_decode build, launched as moescope "
                     "does unless told: W warps a routed expert in the down kernel's blocks, R output rows "
                     "a down block, G times the gate_up blocks (for builds that change the kernels' split)")
-    ap.add_argument("--stream", help="stream_read.ptx")
+    ap.add_argument("--stream", action="append", default=[], help="NAME=PATH (or PATH) of a stream_read.ptx build; repeatable")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=12, help="passes over the layers in one graph")
+    ap.add_argument("--same-inputs", action="store_true", help="every launch reads the same x (and down the same "
+                    "mid rows), as this bench did before 2026-12-03: flatters builds that keep them in L1 across launches")
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -137,6 +140,13 @@ def main():
     res = torch.randn(H, dtype=torch.bfloat16, device=dev)
     mid = [torch.empty(K, I, dtype=torch.bfloat16, device=dev) for _ in range(L)]
     y = [torch.empty(H, dtype=torch.bfloat16, device=dev) for _ in range(L)]
+    # Each launch of a timed graph reads its own copy of x (and down its own mid rows), as a
+    # decode step's kernels read what the kernel before them has just written: one x shared by
+    # all launches stays in each SM's L1 from launch to launch, which no step gives.
+    n_launch = L * R
+    fresh = not a.same_inputs
+    xs = [x.clone() for _ in range(n_launch)] if fresh else None
+    mids = [torch.empty(K, I, dtype=torch.bfloat16, device=dev) for _ in range(n_launch)] if fresh else None
     gu_grid = ((K * I + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK, 1, 1)
     gu_block = (32 * WARPS_PER_BLOCK, 1, 1)
     dn_block = (32 * K, 1, 1)
@@ -148,12 +158,15 @@ def main():
     print(f"{L} layers of random stacks; routed bytes a launch: gate_up {gu_bytes / 1e6:.1f} MB, "
           f"down {dn_bytes / 1e6:.1f} MB; {L * R} launches a graph, best of 7 replays")
 
-    def gu(fns, l, mult=1):
-        launch(fns["moe_decode_gate_up_bf16"], (gu_grid[0] * mult, 1, 1), gu_block, [gate_up[l], ids[l], None, x, mid[l], K, I, H])
+    # j: the launch's place in a timed graph (its own inputs when fresh); None for the bit check.
+    def gu(fns, l, mult=1, j=None):
+        xi, mo = (xs[j], mids[j]) if fresh and j is not None else (x, mid[l])
+        launch(fns["moe_decode_gate_up_bf16"], (gu_grid[0] * mult, 1, 1), gu_block, [gate_up[l], ids[l], None, xi, mo, K, I, H])
 
-    def dn(fns, l, per_expert=1, rows=DOWN_ROWS):
+    def dn(fns, l, per_expert=1, rows=DOWN_ROWS, j=None):
+        mi = mids[j] if fresh and j is not None else mid[l]
         launch(fns["moe_decode_down_bf16"], ((H + rows - 1) // rows, 1, 1), (dn_block[0] * per_expert, 1, 1),
-               [down[l], ids[l], None, w, mid[l], y[l], res, K, I, H])
+               [down[l], ids[l], None, w, mi, y[l], res, K, I, H])
 
     rows = []
     first = None
@@ -181,9 +194,13 @@ def main():
             same = True
         else:
             same = all(torch.equal(p.view(torch.int16), q.view(torch.int16)) for p, q in zip(first, outs))
-        t_gu = timed(lambda: [gu(fns, l, gu_mult) for _ in range(R) for l in range(L)], L * R)
-        t_dn = timed(lambda: [dn(fns, l, per, drows) for _ in range(R) for l in range(L)], L * R)
-        t_ly = timed(lambda: [(gu(fns, l, gu_mult), dn(fns, l, per, drows)) for _ in range(R) for l in range(L)], L * R)
+        if fresh:
+            for j in range(n_launch):
+                mids[j].copy_(mid[j % L])
+        t_gu = timed(lambda: [gu(fns, l, gu_mult, j=q * L + l) for q in range(R) for l in range(L)], L * R)
+        t_dn = timed(lambda: [dn(fns, l, per, drows, j=q * L + l) for q in range(R) for l in range(L)], L * R)
+        t_ly = timed(lambda: [(gu(fns, l, gu_mult, j=q * L + l), dn(fns, l, per, drows, j=q * L + l))
+                              for q in range(R) for l in range(L)], L * R)
         row = {
             "build": name,
             "bits_equal_first": same,
@@ -199,10 +216,12 @@ def main():
               f"bits {'= first' if same else 'DIFFER from first'}")
 
     stream = {}
-    if a.stream:
-        fn = load(a.stream, ["stream_read"])["stream_read"]
+    for spec in a.stream:
+        sname, spath = spec.split("=", 1) if "=" in spec else ("stream_read", spec)
+        fn = load(spath, ["stream_read"])["stream_read"]
         buf = torch.empty(L * gu_bytes, dtype=torch.uint8, device=dev).random_()
         out = torch.zeros(132 * 64, dtype=torch.int32, device=dev)
+        stream[sname] = {}
         for what, n in (("down", dn_bytes), ("gate_up", gu_bytes)):
             best = None
             for blocks in (132, 264, 528, 1056, 2112, 4224):
@@ -210,13 +229,13 @@ def main():
                     t = timed(lambda: [launch(fn, (blocks, 1, 1), (threads, 1, 1),
                                               [buf[l * gu_bytes:], ctypes.c_uint64(n // 16), out]) for _ in range(R) for l in range(L)],
                               L * R)
-                    print(f"    stream_read {what} grid {blocks} x {threads}: {t:6.2f} µs")
                     if best is None or t < best[0]:
                         best = (t, blocks, threads)
             t, blocks, threads = best
-            stream[what] = {"us": t, "of_copy": n / (t * 1e-6) / 1e9 / copy, "blocks": blocks, "threads": threads}
-            print(f"  stream_read {n / 1e6:.1f} MB ({what}'s bytes): {t:6.2f} µs "
-                  f"({100 * stream[what]['of_copy']:.1f} % of copy; best grid {blocks} x {threads})")
+            stream[sname][what] = {"us": t, "of_copy": n / (t * 1e-6) / 1e9 / copy, "blocks": blocks, "threads": threads}
+            print(f"  {sname} {n / 1e6:.1f} MB ({what}'s bytes): {t:6.2f} µs "
+                  f"({100 * stream[sname][what]['of_copy']:.1f} % of copy; best grid {blocks} x {threads})")
+        del buf
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy, "layers": L,

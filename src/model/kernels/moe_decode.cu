@@ -81,7 +81,7 @@ __device__ __forceinline__ void dot_rows(const __nv_bfloat16* __restrict__ row0,
     for (int i = lane; i < nv; i += 32) {
         uint4 w[DOWN_ROWS];
 #pragma unroll
-        for (int r = 0; r < DOWN_ROWS; r++) w[r] = __ldg(reinterpret_cast<const uint4*>(row0 + r * stride) + i);
+        for (int r = 0; r < DOWN_ROWS; r++) w[r] = ld_stream(reinterpret_cast<const uint4*>(row0 + r * stride) + i);
         const uint4 c = __ldg(x4 + i);
         const __nv_bfloat162* c2 = reinterpret_cast<const __nv_bfloat162*>(&c);
 #pragma unroll
