@@ -122,6 +122,8 @@ def main():
                     "does unless told: W warps a routed expert in the down kernel's blocks, R output rows "
                     "a down block, G times the gate_up blocks (for builds that change the kernels' split)")
     ap.add_argument("--stream", action="append", default=[], help="NAME=PATH (or PATH) of a stream_read.ptx build; repeatable")
+    ap.add_argument("--between", type=float, default=0.0, help="MB read by the first --stream build before each "
+                    "layer's pair in an extra `step` timing (0: none): the pair between other reads, as in a step")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=12, help="passes over the layers in one graph")
     ap.add_argument("--same-inputs", action="store_true", help="every launch reads the same x (and down the same "
@@ -168,6 +170,17 @@ def main():
         launch(fns["moe_decode_down_bf16"], ((H + rows - 1) // rows, 1, 1), (dn_block[0] * per_expert, 1, 1),
                [down[l], ids[l], None, w, mi, y[l], res, K, I, H])
 
+    between = None
+    if a.between > 0 and a.stream:
+        spec0 = a.stream[0]
+        sfn = load(spec0.split("=", 1)[1] if "=" in spec0 else spec0, ["stream_read"])["stream_read"]
+        nb = int(a.between * 1e6) // 16 * 16
+        bbuf = torch.empty(L * nb, dtype=torch.uint8, device=dev).random_()
+        bout = torch.zeros(4224, dtype=torch.int32, device=dev)
+
+        def between(l):
+            launch(sfn, (4224, 1, 1), (256, 1, 1), [bbuf[l * nb:], ctypes.c_uint64(nb // 16), bout])
+
     rows = []
     first = None
     for spec in a.ptx:
@@ -201,8 +214,14 @@ def main():
         t_dn = timed(lambda: [dn(fns, l, per, drows, j=q * L + l) for q in range(R) for l in range(L)], L * R)
         t_ly = timed(lambda: [(gu(fns, l, gu_mult, j=q * L + l), dn(fns, l, per, drows, j=q * L + l))
                               for q in range(R) for l in range(L)], L * R)
+        t_st = None
+        if between:
+            t_st = timed(lambda: [(between(l), gu(fns, l, gu_mult, j=q * L + l), dn(fns, l, per, drows, j=q * L + l))
+                                  for q in range(R) for l in range(L)], L * R)
+            print(f"{name:>12}: step-like (a {a.between:g} MB read, gate_up, down) {t_st:6.2f} µs a layer")
         row = {
             "build": name,
+            "step_like_us": t_st,
             "bits_equal_first": same,
             "gate_up_us": t_gu,
             "gate_up_of_copy": gu_bytes / (t_gu * 1e-6) / 1e9 / copy,
