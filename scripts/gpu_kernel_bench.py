@@ -38,6 +38,7 @@ WARPS_PER_BLOCK = 8
 cuda = ctypes.CDLL("libcuda.so.1")
 cuda.cuModuleLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p]
 cuda.cuModuleGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
+cuda.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
 cuda.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
     ctypes.c_void_p,
     ctypes.POINTER(ctypes.c_void_p),
@@ -120,7 +121,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ptx", action="append", required=True, help="NAME=PATH[,dw=W][,gu=G][,rows=R] of a moe_decode build, launched as moescope "
                     "does unless told: W warps a routed expert in the down kernel's blocks, R output rows "
-                    "a down block, G times the gate_up blocks (for builds that change the kernels' split)")
+                    "a down block, G times the gate_up blocks (for builds that change the kernels' split); co=C: "
+                    "the kernels' preferred shared-memory carveout in % (CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT)")
     ap.add_argument("--stream", action="append", default=[], help="NAME=PATH (or PATH) of a stream_read.ptx build; repeatable")
     ap.add_argument("--between", type=float, default=0.0, help="MB read by the first --stream build before each "
                     "layer's pair in an extra `step` timing (0: none): the pair between other reads, as in a step")
@@ -189,6 +191,9 @@ def main():
         opts = dict(o.split("=") for o in opts)
         per, gu_mult, drows = int(opts.get("dw", 1)), int(opts.get("gu", 1)), int(opts.get("rows", DOWN_ROWS))
         fns = load(path, ["moe_decode_gate_up_bf16", "moe_decode_down_bf16"])
+        if "co" in opts:  # the kernels' preferred shared-memory carveout, % (0: the most L1)
+            for fn in fns.values():
+                check(cuda.cuFuncSetAttribute(fn, 9, int(opts["co"])), "carveout")
         for l in range(L):
             gu(fns, l, gu_mult)
             dn(fns, l, per, drows)
