@@ -109,6 +109,14 @@ enum RefModel {
 
 impl Reference {
     pub fn load(dir: &Path, cfg: &MoeConfig, dtype: DType, device: &Device) -> Result<Self> {
+        if cfg.rope_scaling.is_some() {
+            return Err(ModelError::Input(
+                "candle-transformers' qwen3_moe models have no RoPE scaling (the config's rope_type \
+                 \"yarn\" / \"linear\"): its outputs would not be this model's; compare with \
+                 --no-reference"
+                    .into(),
+            ));
+        }
         if crate::model::gguf::is_gguf(dir) {
             return Self::load_gguf(dir, dtype, device);
         }

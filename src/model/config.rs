@@ -72,6 +72,11 @@ pub struct MoeConfig {
     /// equal and interleaved M-RoPE reduces exactly to 1-D NeoX RoPE over the full head_dim,
     /// so the section split is informational only (the seed project got this wrong).
     pub mrope_section: Option<Vec<usize>>,
+    /// RoPE frequencies stretched for longer contexts (`rope_type` "yarn" or "linear"), as
+    /// transformers computes them; absent for plain RoPE (and then not serialised, so the
+    /// fingerprints of other checkpoints are what they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     pub max_position_embeddings: usize,
     pub attention_bias: bool,
     pub tie_word_embeddings: bool,
@@ -227,7 +232,8 @@ impl MoeConfig {
         let moe_intermediate_size = text.req_usize("moe_intermediate_size")?;
         let decoder_sparse_step = text.opt_usize("decoder_sparse_step")?.unwrap_or(1);
         let mlp_only_layers = text.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
-        let (rope_theta, mrope_section) = parse_rope(text)?;
+        let max_position_embeddings = text.opt_usize("max_position_embeddings")?.unwrap_or(32768);
+        let (rope_theta, mrope_section, rope_scaling) = parse_rope(text, max_position_embeddings)?;
 
         if let Some(act) = text.opt_str("hidden_act")?
             && act != "silu"
@@ -370,7 +376,8 @@ impl MoeConfig {
             rms_norm_eps: text.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             mrope_section,
-            max_position_embeddings: text.opt_usize("max_position_embeddings")?.unwrap_or(32768),
+            rope_scaling,
+            max_position_embeddings,
             attention_bias: text.opt_bool("attention_bias")?.unwrap_or(false),
             tie_word_embeddings,
             layer_kinds,
@@ -483,10 +490,40 @@ impl ExpertProj {
     }
 }
 
-/// Reads the RoPE base and (optional) M-RoPE section from any of the spellings in use:
-/// `rope_parameters {rope_theta, rope_type, mrope_section}` (transformers 5), or a top-level
-/// `rope_theta` with an optional `rope_scaling {type|rope_type, mrope_section, interleaved}`.
-fn parse_rope(text: &Obj<'_>) -> Result<(f64, Option<Vec<usize>>), ModelError> {
+/// How a checkpoint stretches RoPE past the context it was trained on, resolved to what the
+/// frequencies need (transformers' `modeling_rope_utils`: `_compute_yarn_parameters`,
+/// `_compute_linear_scaling_rope_parameters`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// YaRN: each frequency a blend of itself and itself / `factor`, by where its wavelength
+    /// falls against the original context (`beta_fast` .. `beta_slow` rotations), and cos/sin
+    /// times `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+    },
+}
+
+/// The RoPE base, the M-RoPE section and the scaling, as [`parse_rope`] reads them.
+type ParsedRope = (f64, Option<Vec<usize>>, Option<RopeScaling>);
+
+/// Reads the RoPE base, the (optional) M-RoPE section and the (optional) scaling from any of
+/// the spellings in use: `rope_parameters {rope_theta, rope_type, mrope_section, factor, …}`
+/// (transformers 5), or a top-level `rope_theta` with an optional `rope_scaling {type|rope_type,
+/// mrope_section, interleaved, factor, …}` (Qwen's own instructions for long contexts add
+/// `"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
+/// 32768}`).
+fn parse_rope(
+    text: &Obj<'_>,
+    max_position_embeddings: usize,
+) -> Result<ParsedRope, ModelError> {
     let params = text.opt_obj("rope_parameters")?;
     let scaling = text.opt_obj("rope_scaling")?;
     let theta = match (&params, text.opt_f64("rope_theta")?) {
@@ -513,27 +550,48 @@ fn parse_rope(text: &Obj<'_>) -> Result<(f64, Option<Vec<usize>>), ModelError> {
         return Err(text.err("rope_theta", format!("{theta} is not a valid RoPE base")));
     }
     let mut section = None;
+    let mut scaled = None;
     for obj in [params.as_ref(), scaling.as_ref()].into_iter().flatten() {
         let kind = match obj.opt_str("rope_type")? {
             Some(k) => Some(k),
             None => obj.opt_str("type")?,
         };
-        if let Some(kind) = kind {
+        match kind {
             // "mrope" is how Qwen2.5-style configs name M-RoPE; "default" is plain RoPE.
-            if kind != "default" && kind != "mrope" {
+            None | Some("default") | Some("mrope") => {
+                if let Some(f) = obj.opt_f64("factor")?
+                    && (f - 1.0).abs() > 1e-12
+                {
+                    return Err(obj.err(
+                        "factor",
+                        format!(
+                            "RoPE scaling factor {f} without a rope_type that uses it (expected \
+                             none or 1.0, or rope_type \"yarn\" or \"linear\")"
+                        ),
+                    ));
+                }
+            }
+            Some("yarn") | Some("linear") => {
+                let s = rope_scaling(obj, kind == Some("yarn"), text, max_position_embeddings)?;
+                if scaled.as_ref().is_some_and(|prev| prev != &s) {
+                    return Err(obj.err(
+                        "rope_type",
+                        "disagrees with the other RoPE scaling object (rope_parameters / \
+                         rope_scaling)"
+                            .into(),
+                    ));
+                }
+                scaled = Some(s);
+            }
+            Some(other) => {
                 return Err(obj.err(
                     "rope_type",
-                    format!("\"{kind}\" is not supported (expected \"default\" or \"mrope\")"),
+                    format!(
+                        "\"{other}\" is not supported (expected \"default\", \"mrope\", \"yarn\" \
+                         or \"linear\")"
+                    ),
                 ));
             }
-        }
-        if let Some(f) = obj.opt_f64("factor")?
-            && (f - 1.0).abs() > 1e-12
-        {
-            return Err(obj.err(
-                "factor",
-                format!("RoPE scaling factor {f} is not supported (expected none or 1.0)"),
-            ));
         }
         if let Some(s) = obj.opt_usize_list("mrope_section")? {
             section = Some(s);
@@ -553,7 +611,88 @@ fn parse_rope(text: &Obj<'_>) -> Result<(f64, Option<Vec<usize>>), ModelError> {
             ));
         }
     }
-    Ok((theta, section))
+    Ok((theta, section, scaled))
+}
+
+/// One scaling object's "yarn" or "linear" parameters, with transformers' defaults:
+/// `original_max_position_embeddings` from the top level over the object, else
+/// `max_position_embeddings`; a YaRN factor missing is their ratio; `beta_fast` 32, `beta_slow`
+/// 1 (also for 0, as transformers' `or` reads them); `attention_factor` from `mscale` and
+/// `mscale_all_dim` when both are given, else 0.1 ln(factor) + 1.
+fn rope_scaling(
+    obj: &Obj<'_>,
+    yarn: bool,
+    text: &Obj<'_>,
+    max_position_embeddings: usize,
+) -> Result<RopeScaling, ModelError> {
+    let positive = |key: &str, v: Option<f64>| -> Result<Option<f64>, ModelError> {
+        match v {
+            Some(x) if !(x.is_finite() && x > 0.0) => {
+                Err(obj.err(key, format!("{x} (expected a positive number)")))
+            }
+            v => Ok(v),
+        }
+    };
+    if !yarn {
+        let factor = positive("factor", obj.opt_f64("factor")?)?
+            .ok_or_else(|| obj.err("factor", "missing (linear RoPE scaling needs one)".into()))?;
+        return Ok(RopeScaling::Linear { factor });
+    }
+    let original = match text.opt_usize("original_max_position_embeddings")? {
+        Some(o) => o,
+        None => obj
+            .opt_usize("original_max_position_embeddings")?
+            .unwrap_or(max_position_embeddings),
+    };
+    if original == 0 {
+        return Err(obj.err(
+            "original_max_position_embeddings",
+            "0 (expected the context the model was trained on)".into(),
+        ));
+    }
+    let original = original as f64;
+    let factor = match positive("factor", obj.opt_f64("factor")?)? {
+        Some(f) => f,
+        None => max_position_embeddings as f64 / original,
+    };
+    if factor < 1.0 {
+        return Err(obj.err(
+            "factor",
+            format!("{factor} (YaRN stretches: expected >= 1)"),
+        ));
+    }
+    let mscale = |scale: f64, m: f64| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    };
+    let attention_factor = match positive("attention_factor", obj.opt_f64("attention_factor")?)? {
+        Some(a) => a,
+        None => match (obj.opt_f64("mscale")?, obj.opt_f64("mscale_all_dim")?) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                mscale(factor, m) / mscale(factor, all)
+            }
+            _ => mscale(factor, 1.0),
+        },
+    };
+    let or_default = |key: &str, d: f64| -> Result<f64, ModelError> {
+        Ok(
+            match positive(key, obj.opt_f64(key)?.filter(|&v| v != 0.0))? {
+                Some(v) => v,
+                None => d,
+            },
+        )
+    };
+    Ok(RopeScaling::Yarn {
+        factor,
+        original_max_position_embeddings: original,
+        attention_factor,
+        beta_fast: or_default("beta_fast", 32.0)?,
+        beta_slow: or_default("beta_slow", 1.0)?,
+        truncate: obj.opt_bool("truncate")?.unwrap_or(true),
+    })
 }
 
 #[cfg(test)]
@@ -634,12 +773,44 @@ mod tests {
     #[test]
     fn unsupported_rope_type_names_the_field() {
         let mut v = base_text();
-        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        v["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 4.0});
         let e = err_text(&v);
         assert!(
-            e.contains("rope_scaling.rope_type") && e.contains("yarn"),
+            e.contains("rope_scaling.rope_type") && e.contains("dynamic"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn yarn_takes_transformers_defaults() {
+        let mut v = base_text();
+        // No original_max_position_embeddings: max_position_embeddings (512), as transformers'
+        // standardize_rope_params sets it.
+        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0, "beta_fast": 0});
+        let yarn = |orig: f64, factor: f64, attention_factor: f64| RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: orig,
+            attention_factor,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            truncate: true,
+        };
+        let m = |f: f64| 0.1 * f.ln() + 1.0;
+        assert_eq!(
+            parse(&v).unwrap().rope_scaling,
+            Some(yarn(512.0, 4.0, m(4.0)))
+        );
+        // A top-level original_max_position_embeddings wins over the object's; no factor:
+        // max_position_embeddings over it.
+        v["original_max_position_embeddings"] = json!(128);
+        v["rope_scaling"] = json!({"rope_type": "yarn", "original_max_position_embeddings": 64});
+        assert_eq!(
+            parse(&v).unwrap().rope_scaling,
+            Some(yarn(128.0, 4.0, m(4.0)))
+        );
+        // Both objects must agree.
+        v["rope_parameters"] = json!({"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0});
+        assert!(err_text(&v).contains("disagrees"), "{}", err_text(&v));
     }
 
     #[test]

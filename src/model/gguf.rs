@@ -434,6 +434,9 @@ impl GgufFile {
                 ));
             }
         }
+        if let Some(scaling) = self.rope_scaling()? {
+            obj.insert("rope_scaling".into(), scaling);
+        }
         if let Some(f) = self.meta_u64(&key("feed_forward_length"))? {
             obj.insert("intermediate_size".into(), f.into());
         }
@@ -448,6 +451,79 @@ impl GgufFile {
             },
             other => other,
         })
+    }
+
+    /// The file's RoPE scaling as a config.json `rope_scaling` object, from the keys llama.cpp's
+    /// converter writes (`rope.scaling.type` "yarn" or "linear", `.factor`,
+    /// `.original_context_length`, `.yarn_attn_factor` — transformers' `attention_factor` —,
+    /// `.yarn_beta_fast`, `.yarn_beta_slow`; older files' `rope.scale_linear`); None for plain
+    /// RoPE. The settings llama.cpp has and transformers has not are refused unless neutral.
+    fn rope_scaling(&self) -> Result<Option<serde_json::Value>> {
+        let key = |k: &str| format!("{ARCH}.rope.{k}");
+        for (k, neutral) in [
+            ("scaling.yarn_ext_factor", 1.0),
+            ("scaling.yarn_log_multiplier", 0.0),
+            ("scaling.attn_factor", 1.0),
+        ] {
+            if let Some(v) = self.meta_f64(&key(k))?
+                && v != neutral
+            {
+                return Err(self.meta_err(
+                    &key(k),
+                    format!("{v}: moescope computes RoPE scaling as transformers does, which has no such setting (expected {neutral} or none)"),
+                ));
+            }
+        }
+        let linear = self.meta_f64(&key("scale_linear"))?.filter(|&f| f != 1.0);
+        let kind = self.meta_str(&key("scaling.type"))?;
+        let factor = self.meta_f64(&key("scaling.factor"))?;
+        let mut o = serde_json::Map::new();
+        match (kind, linear) {
+            (None | Some("none"), None) => return Ok(None),
+            (None | Some("none"), Some(f)) => {
+                o.insert("rope_type".into(), "linear".into());
+                o.insert("factor".into(), f.into());
+            }
+            (Some("linear"), _) => {
+                o.insert("rope_type".into(), "linear".into());
+                if let Some(f) = factor.or(linear) {
+                    o.insert("factor".into(), f.into());
+                }
+            }
+            (Some("yarn"), _) => {
+                o.insert("rope_type".into(), "yarn".into());
+                if let Some(f) = factor {
+                    o.insert("factor".into(), f.into());
+                }
+                let extra = [
+                    (
+                        "scaling.original_context_length",
+                        "original_max_position_embeddings",
+                    ),
+                    ("scaling.yarn_attn_factor", "attention_factor"),
+                    ("scaling.yarn_beta_fast", "beta_fast"),
+                    ("scaling.yarn_beta_slow", "beta_slow"),
+                ];
+                for (k, name) in extra {
+                    if let Some(v) = self.meta_f64(&key(k))? {
+                        o.insert(name.into(), v.into());
+                    }
+                }
+                if let Some(v) = o.get_mut("original_max_position_embeddings") {
+                    // A context length: an integer in config.json.
+                    *v = (v.as_f64().unwrap_or(0.0).max(0.0) as u64).into();
+                }
+            }
+            (Some(other), _) => {
+                return Err(self.meta_err(
+                    &key("scaling.type"),
+                    format!(
+                        "\"{other}\" is not supported (expected \"none\", \"yarn\" or \"linear\")"
+                    ),
+                ));
+            }
+        }
+        Ok(Some(serde_json::Value::Object(o)))
     }
 
     /// The tokenizer and chat template the file carries (`tokenizer.ggml.*`,
@@ -931,6 +1007,12 @@ fn gguf_key(field: &str) -> String {
         "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
         "rope_theta" => "rope.freq_base",
         "max_position_embeddings" => "context_length",
+        "rope_scaling.rope_type" => "rope.scaling.type",
+        "rope_scaling.factor" => "rope.scaling.factor",
+        "rope_scaling.original_max_position_embeddings" => "rope.scaling.original_context_length",
+        "rope_scaling.attention_factor" => "rope.scaling.yarn_attn_factor",
+        "rope_scaling.beta_fast" => "rope.scaling.yarn_beta_fast",
+        "rope_scaling.beta_slow" => "rope.scaling.yarn_beta_slow",
         "vocab_size" => return "token_embd.weight (its rows)".into(),
         other => return other.into(),
     };

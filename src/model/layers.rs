@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::config::RopeScaling;
 use super::error::Result;
 pub use super::kv_cache::{DecodeInputs, KvCache};
 
@@ -245,6 +246,8 @@ fn normed_rows(xs: &[f32], w: &[f32], eps: f32, round: impl Fn(f32) -> f32) -> V
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// cos and sin times this (YaRN's attention factor; 1 otherwise).
+    scale: Option<f32>,
     /// cos/sin for positions 0..n on the compute device, grown on demand: one table lookup per
     /// forward instead of two host→device copies (which dominate a GPU decode step's overhead).
     table: std::sync::Arc<std::sync::Mutex<Option<RopeTable>>>,
@@ -269,8 +272,57 @@ impl Rope {
             .collect();
         Rope {
             inv_freq,
+            scale: None,
             table: Default::default(),
         }
+    }
+
+    /// RoPE as the config asks for it: plain, or stretched by [`RopeScaling`], each step in
+    /// transformers' float32 (or, where it computes in Python, float64) arithmetic and order.
+    pub fn for_config(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
+        let mut rope = Rope::new(head_dim, theta);
+        match scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => {
+                let f = *factor as f32;
+                rope.inv_freq.iter_mut().for_each(|v| *v /= f);
+            }
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                truncate,
+            }) => {
+                let dim = head_dim as f64;
+                let correction_dim = |rotations: f64| {
+                    dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
+                if *truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001; // transformers' guard against a zero-width ramp
+                }
+                let (lo, span) = (low as f32, (high - low) as f32);
+                let f = *factor as f32;
+                let base = theta as f32;
+                for (j, v) in rope.inv_freq.iter_mut().enumerate() {
+                    let pos_freq = base.powf((2 * j) as f32 / head_dim as f32);
+                    let extrapolation = 1.0f32 / pos_freq;
+                    let interpolation = 1.0f32 / (f * pos_freq);
+                    let ramp = ((j as f32 - lo) / span).clamp(0.0, 1.0);
+                    let keep = 1.0f32 - ramp;
+                    *v = interpolation * (1.0f32 - keep) + extrapolation * keep;
+                }
+                rope.scale = Some(*attention_factor as f32);
+            }
+        }
+        rope
     }
 
     /// cos and sin tables [T, head_dim / 2] for positions offset..offset+T, in `dtype`.
@@ -322,8 +374,16 @@ impl Rope {
             let p = p as f32;
             for &f in &self.inv_freq {
                 let a = p * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                match self.scale {
+                    None => {
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                    Some(m) => {
+                        cos.push(a.cos() * m);
+                        sin.push(a.sin() * m);
+                    }
+                }
             }
         }
         let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;

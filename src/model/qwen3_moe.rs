@@ -276,7 +276,7 @@ impl Qwen3Moe {
             layers,
             norm,
             lm_head,
-            rope: Rope::new(d, cfg.rope_theta),
+            rope: Rope::for_config(d, cfg.rope_theta, cfg.rope_scaling.as_ref()),
             options: DecodeOptions::default(),
         })
     }
