@@ -191,6 +191,8 @@ fn gguf_rope_scaling_keys_are_read_as_llama_cpps_converter_writes_them() {
     use gguf_file::Value as V;
     let (_d, plain) = gguf_with(&[]);
     assert_eq!(MoeConfig::from_dir(&plain).unwrap().rope_scaling, None);
+    let (_d, whole) = gguf_with(&[("qwen3moe.rope.dimension_count", V::U32(64))]);
+    assert!(MoeConfig::from_dir(&whole).is_ok(), "RoPE over whole heads");
 
     let (_d, yarn) = gguf_with(&[
         ("qwen3moe.rope.scaling.type", V::String("yarn".into())),
@@ -222,6 +224,11 @@ fn gguf_rope_scaling_keys_are_read_as_llama_cpps_converter_writes_them() {
         (
             ("qwen3moe.rope.scaling.yarn_ext_factor", V::F32(0.5)),
             "qwen3moe.rope.scaling.yarn_ext_factor",
+        ),
+        (
+            // The fixture's heads are 64 wide; RoPE over 32 of them is not what moescope runs.
+            ("qwen3moe.rope.dimension_count", V::U32(32)),
+            "qwen3moe.rope.dimension_count",
         ),
     ] {
         let (_d, bad) = gguf_with(&[extra]);

@@ -520,10 +520,7 @@ type ParsedRope = (f64, Option<Vec<usize>>, Option<RopeScaling>);
 /// mrope_section, interleaved, factor, …}` (Qwen's own instructions for long contexts add
 /// `"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
 /// 32768}`).
-fn parse_rope(
-    text: &Obj<'_>,
-    max_position_embeddings: usize,
-) -> Result<ParsedRope, ModelError> {
+fn parse_rope(text: &Obj<'_>, max_position_embeddings: usize) -> Result<ParsedRope, ModelError> {
     let params = text.opt_obj("rope_parameters")?;
     let scaling = text.opt_obj("rope_scaling")?;
     let theta = match (&params, text.opt_f64("rope_theta")?) {
@@ -548,6 +545,20 @@ fn parse_rope(
     };
     if !(theta.is_finite() && theta > 1.0) {
         return Err(text.err("rope_theta", format!("{theta} is not a valid RoPE base")));
+    }
+    // RoPE over part of each head (GLM, Phi): moescope rotates whole heads, as Qwen3 does.
+    for obj in [Some(text), params.as_ref(), scaling.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(p) = obj.opt_f64("partial_rotary_factor")?
+            && p != 1.0
+        {
+            return Err(obj.err(
+                "partial_rotary_factor",
+                format!("{p}: RoPE over part of each head is not supported (expected 1.0)"),
+            ));
+        }
     }
     let mut section = None;
     let mut scaled = None;
@@ -779,6 +790,26 @@ mod tests {
             e.contains("rope_scaling.rope_type") && e.contains("dynamic"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn partial_rope_is_refused_wherever_it_is_written() {
+        for at in ["top", "rope_parameters"] {
+            let mut v = base_text();
+            if at == "top" {
+                v["partial_rotary_factor"] = json!(0.5);
+            } else {
+                v["rope_parameters"] = json!({"rope_theta": 1e6, "partial_rotary_factor": 0.5});
+            }
+            let e = err_text(&v);
+            assert!(
+                e.contains("partial_rotary_factor") && e.contains("0.5"),
+                "{at}: {e}"
+            );
+        }
+        let mut v = base_text();
+        v["partial_rotary_factor"] = json!(1.0);
+        assert!(parse(&v).is_ok());
     }
 
     #[test]

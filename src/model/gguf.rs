@@ -423,6 +423,22 @@ impl GgufFile {
             "eos_token_id": eos,
         });
         let obj = cfg.as_object_mut().expect("an object");
+        // RoPE over part of each head: llama.cpp rotates `rope.dimension_count` dimensions;
+        // moescope rotates whole heads, as Qwen3 does.
+        let head_dim = match self.meta_u64(&key("attention.key_length"))? {
+            Some(d) => Some(d),
+            None => Some(hidden / heads.max(1)).filter(|_| heads > 0 && hidden % heads == 0),
+        };
+        if let (Some(rot), Some(d)) = (self.meta_u64(&key("rope.dimension_count"))?, head_dim)
+            && rot != d
+        {
+            return Err(self.meta_err(
+                &key("rope.dimension_count"),
+                format!(
+                    "{rot}, but each head is {d} wide: RoPE over part of a head is not supported"
+                ),
+            ));
+        }
         if let Some(d) = self.meta_u64(&key("attention.key_length"))? {
             obj.insert("head_dim".into(), d.into());
             if let Some(v) = self.meta_u64(&key("attention.value_length"))?
