@@ -511,6 +511,20 @@ pub enum RopeScaling {
     },
 }
 
+impl RopeScaling {
+    /// For a run's description: "RoPE YaRN ×4 over 32768 positions", "RoPE linear ×2".
+    pub fn describe(&self) -> String {
+        match self {
+            RopeScaling::Linear { factor } => format!("RoPE linear ×{factor}"),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                ..
+            } => format!("RoPE YaRN ×{factor} over {original_max_position_embeddings} positions"),
+        }
+    }
+}
+
 /// The RoPE base, the M-RoPE section and the scaling, as [`parse_rope`] reads them.
 type ParsedRope = (f64, Option<Vec<usize>>, Option<RopeScaling>);
 
@@ -789,6 +803,20 @@ mod tests {
         assert!(
             e.contains("rope_scaling.rope_type") && e.contains("dynamic"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn rope_scaling_describes_itself() {
+        let mut v = base_text();
+        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0,
+                                   "original_max_position_embeddings": 32768});
+        let d = parse(&v).unwrap().rope_scaling.unwrap().describe();
+        assert_eq!(d, "RoPE YaRN ×4 over 32768 positions");
+        v["rope_scaling"] = json!({"type": "linear", "factor": 2.5});
+        assert_eq!(
+            parse(&v).unwrap().rope_scaling.unwrap().describe(),
+            "RoPE linear ×2.5"
         );
     }
 

@@ -310,6 +310,9 @@ fn describe(spec: &crate::engine::BackendSpec, engine: &Engine) -> String {
     if let Some(format) = crate::model::held::expert_format(&spec.model_dir, Some(&engine.cfg)) {
         base.push_str(&format!(", {format}"));
     }
+    if let Some(rope) = &engine.cfg.rope_scaling {
+        base.push_str(&format!(", {}", rope.describe()));
+    }
     match engine.cache_snapshot() {
         Some(s) => format!(
             "{base}: cache {} experts ({} scope, {}), source {}{}{}",
