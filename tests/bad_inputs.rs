@@ -27,6 +27,49 @@ fn unsupported_model_type() {
 }
 
 #[test]
+fn values_that_would_run_silently_wrong_are_refused() {
+    // Each of these ran before: NaN logits (a negative epsilon), an end-of-sequence token that
+    // can never be generated, a context of no positions.
+    let cases: [(&str, &str, Value, &[&str]); 5] = [
+        (
+            "config.json",
+            "rms_norm_eps",
+            (-1.0).into(),
+            &["rms_norm_eps", "-1"],
+        ),
+        (
+            "config.json",
+            "eos_token_id",
+            99_999.into(),
+            &["eos_token_id", "99999", "vocab_size 384"],
+        ),
+        (
+            "config.json",
+            "bos_token_id",
+            384.into(),
+            &["bos_token_id", "384"],
+        ),
+        (
+            "config.json",
+            "max_position_embeddings",
+            0.into(),
+            &["max_position_embeddings"],
+        ),
+        (
+            "generation_config.json",
+            "eos_token_id",
+            serde_json::json!([2, 500]),
+            &["generation_config.json", "eos_token_id", "500"],
+        ),
+    ];
+    for (file, key, value, needles) in cases {
+        let d = copy_fixture("qwen3-moe-tiny");
+        edit_json(&d.path().join(file), |v| v[key] = value.clone());
+        expect_failure(d.path(), needles);
+    }
+}
+
+#[test]
 fn unparsable_config() {
     let d = copy_fixture("qwen3-moe-tiny");
     std::fs::write(

@@ -126,9 +126,11 @@ impl MoeConfig {
             })?;
             let obj = Obj::new(&v, &gen_path, "")?;
             if let Some(ids) = obj.opt_token_ids("eos_token_id")? {
+                check_token_ids(&obj, "eos_token_id", &ids, cfg.vocab_size)?;
                 cfg.eos_token_ids = ids;
             }
             if let Some(mut ids) = obj.opt_token_ids("bos_token_id")? {
+                check_token_ids(&obj, "bos_token_id", &ids, cfg.vocab_size)?;
                 cfg.bos_token_id = ids.pop();
             }
             let rec = RecommendedSampling {
@@ -358,6 +360,22 @@ impl MoeConfig {
         let bos_token_id = text
             .opt_token_ids("bos_token_id")?
             .and_then(|mut v| v.pop());
+        check_token_ids(text, "eos_token_id", &eos_token_ids, vocab_size)?;
+        check_token_ids(text, "bos_token_id", bos_token_id.as_slice(), vocab_size)?;
+        let rms_norm_eps = text.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+            // A negative epsilon makes every RMSNorm of a quiet row NaN.
+            return Err(text.err(
+                "rms_norm_eps",
+                format!("{rms_norm_eps} (expected a small non-negative number such as 1e-6)"),
+            ));
+        }
+        if max_position_embeddings == 0 {
+            return Err(text.err(
+                "max_position_embeddings",
+                "0 (expected the context length the model supports)".into(),
+            ));
+        }
 
         Ok(MoeConfig {
             family,
@@ -373,7 +391,7 @@ impl MoeConfig {
             num_experts,
             num_experts_per_tok,
             norm_topk_prob: text.opt_bool("norm_topk_prob")?.unwrap_or(false),
-            rms_norm_eps: text.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps,
             rope_theta,
             mrope_section,
             rope_scaling,
@@ -487,6 +505,18 @@ impl ExpertProj {
             ExpertProj::Gate | ExpertProj::Up => [cfg.moe_intermediate_size, cfg.hidden_size],
             ExpertProj::Down => [cfg.hidden_size, cfg.moe_intermediate_size],
         }
+    }
+}
+
+/// Special token ids must be rows of the embedding: an end-of-sequence id past the vocabulary
+/// could never be generated, so generation would never stop on it.
+fn check_token_ids(obj: &Obj<'_>, key: &str, ids: &[u32], vocab: usize) -> Result<(), ModelError> {
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(obj.err(
+            key,
+            format!("{id} is outside the vocabulary (vocab_size {vocab})"),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -964,6 +994,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut v = base_text();
         v["eos_token_id"] = json!(5);
+        // Qwen3's vocabulary, for its generation_config.json below.
+        v["vocab_size"] = json!(151_936);
         std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
         assert_eq!(
             MoeConfig::from_dir(dir.path()).unwrap().eos_token_ids,
