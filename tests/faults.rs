@@ -640,3 +640,50 @@ fn kill_9_of_the_run_leaves_no_worker_and_a_readable_recording() {
     assert_eq!(rc, 0, "{err}");
     assert!(err.contains("last line was incomplete"), "{err}");
 }
+
+/// The moe fixture with a NaN at the start of `tensor` (bf16) in its one shard.
+fn with_nan_weight(tensor: &str) -> tempfile::TempDir {
+    let dir = copy_fixture("qwen3-moe-tiny");
+    let path = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header[tensor]["dtype"], "BF16");
+    let at = 8 + n + header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[at..at + 2].copy_from_slice(&0x7FC0u16.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    dir
+}
+
+#[test]
+fn a_model_whose_outputs_are_nan_fails_by_name_instead_of_hanging() {
+    // Its scores and perplexity were NaN, which serde_json writes as null: the reply did not
+    // parse, and the run waited for it until the step timeout.
+    let model = with_nan_weight("model.norm.weight");
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("nan.ndjson");
+    let start = Instant::now();
+    let (rc, out, err) = run_headless(
+        &rec,
+        &[
+            "--model",
+            model.path().to_str().unwrap(),
+            "--step-timeout",
+            "120",
+            "--max-new-tokens",
+            "3",
+        ],
+        &[],
+    );
+    assert_eq!(rc, 0, "{out}\n{err}");
+    assert!(
+        out.contains("native FAILED") && out.contains("not finite"),
+        "{out}\n{err}"
+    );
+    assert!(!out.contains("stopped answering"), "{out}");
+    assert!(
+        start.elapsed() < Duration::from_secs(100),
+        "waited {:?}: the step timeout ended it, not the error",
+        start.elapsed()
+    );
+}

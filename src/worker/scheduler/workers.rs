@@ -230,13 +230,19 @@ impl Scheduler {
                 }
                 WorkerEvent::Bye => {}
             },
-            WorkerMsg::BadLine(l) => em.emit(SessionEvent::Warning {
-                backend: Some(b),
-                message: format!(
+            WorkerMsg::BadLine(l) => {
+                let message = format!(
                     "worker wrote a line outside the protocol: {}",
                     l.chars().take(200).collect::<String>()
-                ),
-            }),
+                );
+                // The line may have been the reply the scheduler is waiting for (a score whose
+                // NaN serde_json wrote as null once hung a run): end that wait as an error.
+                self.ws(b).error = Some(message.clone());
+                em.emit(SessionEvent::Warning {
+                    backend: Some(b),
+                    message,
+                })
+            }
             WorkerMsg::Exited {
                 status,
                 stderr_tail,

@@ -249,16 +249,34 @@ pub fn run() -> anyhow::Result<()> {
                 });
                 st.engine.provider.set_bypass(false);
                 end_check();
+                // A NaN or infinite log-probability cannot cross the JSON protocol (serde_json
+                // writes it as null), and means the model's outputs are not numbers at all.
+                let scored = scored.and_then(|(rows, full_vocab)| {
+                    match rows
+                        .iter()
+                        .position(|r| r.logp.iter().any(|v| !v.is_finite()))
+                    {
+                        Some(at) => Err(format!(
+                            "the model's log-probabilities are not finite (NaN or infinite) at \
+                             position {at} of prompt {}: its weights or activations are not \
+                             numbers — check the checkpoint",
+                            prompt + 1
+                        )),
+                        None => Ok((rows, full_vocab)),
+                    }
+                });
                 match scored {
                     Ok((rows, full_vocab)) => out.send(&WorkerEvent::Scored {
                         prompt,
                         rows,
                         full_vocab,
                     }),
-                    Err(e) => out.send(&WorkerEvent::Error {
-                        message: e,
-                        fatal: false,
-                    }),
+                    Err(e) => {
+                        // Not-a-number outputs are the checkpoint's fault: nothing this backend
+                        // runs after them can be compared.
+                        let fatal = e.contains("not finite");
+                        out.send(&WorkerEvent::Error { message: e, fatal })
+                    }
                 }
             }
             Command::Perplexity { text, max_tokens } => {
@@ -271,6 +289,14 @@ pub fn run() -> anyhow::Result<()> {
                 st.engine.provider.set_bypass(false);
                 end_check();
                 match ppl {
+                    // As for scores: a NaN cannot cross the protocol and is the model's fault.
+                    Ok((ppl, n)) if !ppl.is_finite() => out.send(&WorkerEvent::Error {
+                        message: format!(
+                            "the reference text's perplexity is not finite ({ppl}) over {n} \
+                             tokens: the model's outputs are not numbers — check the checkpoint"
+                        ),
+                        fatal: true,
+                    }),
                     Ok((ppl, n)) => out.session(SessionEvent::Perplexity {
                         backend: out.backend,
                         perplexity: ppl,
