@@ -13,21 +13,6 @@ fn native(name: &str, dtype: Dtype) -> Engine {
     Engine::native(&files, dtype, &DeviceSpec::cpu(), false, |_, _| {}).unwrap()
 }
 
-fn last_logits(e: &Engine, tokens: &[u32]) -> Vec<f32> {
-    let mut cache = e.model.new_cache();
-    let l = e
-        .model
-        .forward(
-            tokens,
-            &mut cache,
-            e.provider.as_ref(),
-            &mut NoObserver,
-            Logits::Last,
-        )
-        .unwrap();
-    l.squeeze(0).unwrap().to_vec1().unwrap()
-}
-
 #[test]
 fn f32_final_logits_match_transformers() {
     for name in FAMILIES {

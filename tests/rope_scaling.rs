@@ -11,8 +11,6 @@ use common::*;
 use moescope::engine::{DeviceSpec, Dtype, Engine, ModelFiles};
 use moescope::model::MoeConfig;
 use moescope::model::config::RopeScaling;
-use moescope::model::ports::NoObserver;
-use moescope::model::qwen3_moe::Logits;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,21 +33,11 @@ fn goldens() -> Goldens {
     serde_json::from_str(&text).unwrap()
 }
 
-fn last_logits(dir: &Path, seq: &[u32]) -> Vec<f32> {
+/// The final logits of the f32 CPU model in `dir` over `seq`.
+fn final_logits(dir: &Path, seq: &[u32]) -> Vec<f32> {
     let files = ModelFiles::open(dir).unwrap();
     let e = Engine::native(&files, Dtype::F32, &DeviceSpec::cpu(), false, |_, _| {}).unwrap();
-    let mut cache = e.model.new_cache();
-    let l = e
-        .model
-        .forward(
-            seq,
-            &mut cache,
-            e.provider.as_ref(),
-            &mut NoObserver,
-            Logits::Last,
-        )
-        .unwrap();
-    l.squeeze(0).unwrap().to_vec1().unwrap()
+    last_logits(&e, seq)
 }
 
 /// The fixture with its config's RoPE settings replaced by `f`.
@@ -73,7 +61,7 @@ fn stretched_rope_logits_match_transformers() {
             o.insert("rope_parameters".into(), params);
         });
         for ((seq, want), plain) in g.sequences.iter().zip(&case.logits).zip(&g.plain) {
-            let got = last_logits(dir.path(), seq);
+            let got = final_logits(dir.path(), seq);
             let d = max_abs_diff(&got, want);
             eprintln!("{name}, {} tokens: max |Δ| {d:e}", seq.len());
             assert!(
@@ -91,7 +79,7 @@ fn stretched_rope_logits_match_transformers() {
     }
     // Plain RoPE on the same sequences, so the comparison above is of the scaling alone.
     for (seq, want) in g.sequences.iter().zip(&g.plain) {
-        let d = max_abs_diff(&last_logits(&fixture("qwen3-moe-tiny"), seq), want);
+        let d = max_abs_diff(&final_logits(&fixture("qwen3-moe-tiny"), seq), want);
         assert!(d <= F32_LOGIT_TOLERANCE, "plain: max |Δ| {d}");
     }
 }
@@ -112,7 +100,7 @@ fn qwens_rope_scaling_spelling_is_the_same_model() {
             );
         });
         let seq = &g.sequences[1];
-        let d = max_abs_diff(&last_logits(dir.path(), seq), &case.logits[1]);
+        let d = max_abs_diff(&final_logits(dir.path(), seq), &case.logits[1]);
         assert!(d <= F32_LOGIT_TOLERANCE, "{kind_key}: max |Δ| {d}");
     }
 }

@@ -205,6 +205,24 @@ pub fn pid_alive(pid: u32) -> bool {
             .contains("State:\tZ")
 }
 
+/// The final position's logits over `tokens`, from a fresh KV cache.
+pub fn last_logits(e: &moescope::engine::Engine, tokens: &[u32]) -> Vec<f32> {
+    use moescope::model::ports::NoObserver;
+    use moescope::model::qwen3_moe::Logits;
+    let mut cache = e.model.new_cache();
+    let l = e
+        .model
+        .forward(
+            tokens,
+            &mut cache,
+            e.provider.as_ref(),
+            &mut NoObserver,
+            Logits::Last,
+        )
+        .unwrap();
+    l.squeeze(0).unwrap().to_vec1().unwrap()
+}
+
 /// Bits of every position's logits over `seq` (a fresh KV cache), then `n` greedy tokens after
 /// it: what "bit-identical" compares between backends.
 pub fn bits_and_greedy(
