@@ -19,15 +19,8 @@ B="$WORK/build-noamx"
 [ -x "$B/bin/llama-perplexity" ] || { echo "build llama-perplexity first (scripts/llamacpp_compare.sh)" >&2; exit 2; }
 OUT=$(mktemp -d)
 convert() { # MODEL_DIR OUTFILE
-  PYTHONPATH="$WORK/src/gguf-py:$WORK/src" "$PY" - "$WORK/src" f32 "$2" "$1" <<'PYEOF' > "$2.log" 2>&1
-import runpy, sys
-src, outtype, out, model = sys.argv[1:]
-sys.path.insert(0, src)
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", outtype, "--outfile", out]
-runpy.run_path(f"{src}/convert_hf_to_gguf.py", run_name="__main__")
-PYEOF
+  PYTHONPATH="$WORK/src/gguf-py:$WORK/src" "$PY" scripts/llamacpp_convert.py "$WORK/src" f32 "$2" "$1" \
+    > "$2.log" 2>&1
 }
 for case in yarn linear; do
   m="$OUT/tiny-moe-$case"

@@ -16,7 +16,7 @@
 # model's tokenizer) whose every row is a whole number of 256-element k-quant blocks — the
 # bundled model's 48-wide expert rows are not, so llama-quantize leaves its ffn_down in F16.
 # Our tokenizers split text as Qwen2's do, but their vocabularies are our own, so the converter
-# does not know their pre-tokenizer hash: the wrapper below tells it "qwen2".
+# does not know their pre-tokenizer hash: scripts/llamacpp_convert.py tells it "qwen2".
 set -euo pipefail
 PY=${1:-target/reference-venv/bin/python3}
 WORK=${2:-${TMPDIR:-/tmp}/moescope-llamacpp}
@@ -40,16 +40,7 @@ print("llama.cpp from llama-cpp-python", meta["info"]["version"])
 PYEOF
 fi
 convert() { # MODEL_DIR OUTTYPE OUTFILE
-  PYTHONPATH="$WORK/src/gguf-py:$WORK/src" "$PY" - "$WORK/src" "$2" "$3" "$1" <<'PYEOF'
-import runpy, sys
-src, outtype, out, model = sys.argv[1:]
-sys.path.insert(0, src)
-import conversion.base as base
-# Our tokenizers pre-tokenize as Qwen2's (see models/tiny-moe/README.md).
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", outtype, "--outfile", out]
-runpy.run_path(f"{src}/convert_hf_to_gguf.py", run_name="__main__")
-PYEOF
+  PYTHONPATH="$WORK/src/gguf-py:$WORK/src" "$PY" scripts/llamacpp_convert.py "$WORK/src" "$2" "$3" "$1"
 }
 QUANTIZE="$WORK/build/bin/llama-quantize"
 SPLIT="$WORK/build/bin/llama-gguf-split"
