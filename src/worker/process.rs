@@ -18,6 +18,9 @@ pub enum WorkerMsg {
     Event(Box<WorkerEvent>),
     /// A stdout line that is not a protocol event.
     BadLine(String),
+    /// The worker's last output, cut off before its newline: the process is ending mid-line
+    /// (its exit follows at once, and says why).
+    TornLine(String),
     /// The process ended.
     Exited {
         status: String,
@@ -123,10 +126,12 @@ impl WorkerProcess {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
+                let torn = !buf.ends_with(b"\n");
                 let l = String::from_utf8_lossy(&buf);
                 let l = l.trim_end_matches(['\n', '\r']).to_string();
                 let msg = match serde_json::from_str::<WorkerEvent>(&l) {
                     Ok(ev) => WorkerMsg::Event(Box::new(ev)),
+                    Err(_) if torn => WorkerMsg::TornLine(l),
                     Err(_) => WorkerMsg::BadLine(l),
                 };
                 if events.send((backend, msg)).is_err() {

@@ -230,6 +230,15 @@ impl Scheduler {
                 }
                 WorkerEvent::Bye => {}
             },
+            // Not the reply to anything: the worker died writing it, and its exit (next)
+            // fails the backend with the reason — a signal, a panic in the log.
+            WorkerMsg::TornLine(l) => em.emit(SessionEvent::Warning {
+                backend: Some(b),
+                message: format!(
+                    "worker wrote a line outside the protocol, cut off as it ended: {}",
+                    l.chars().take(200).collect::<String>()
+                ),
+            }),
             WorkerMsg::BadLine(l) => {
                 let message = format!(
                     "worker wrote a line outside the protocol: {}",
