@@ -410,69 +410,54 @@ pub fn fp8_block(source: &dyn super::source::ExpertSource) -> Option<[usize; 2]>
         .then_some(scheme.block)
 }
 
-/// Bytes one expert of `source` occupies once converted, when its experts are block-quantized
-/// (None for dense ones): the quantized parts as stored, float parts in f32 — what
-/// [`quantized`] builds. The largest over the MoE layers (each layer's first expert present):
-/// a mixed file such as `Q4_K_M` stores some layers' down matrices in a larger type, and a
-/// budget counted at a smaller layer's size would be exceeded (GPU slot pools hold the largest).
-pub fn held_bytes(source: &dyn super::source::ExpertSource) -> Option<u64> {
+/// Whether `source`'s experts are kept as stored — GGUF blocks or FP8 with scales (judged by
+/// each MoE layer's first expert present): no exact float conversion from a read buffer.
+pub fn kept_as_stored(source: &dyn super::source::ExpertSource) -> bool {
     let cfg = source.config();
-    cfg.moe_layers()
-        .filter_map(|layer| {
-            let e = (0..cfg.num_experts).find(|&e| source.has(layer, e))?;
-            expert_held_bytes(&source.part_locations(layer, e)?)
-        })
-        .max()
+    cfg.moe_layers().any(|layer| {
+        (0..cfg.num_experts)
+            .find(|&e| source.has(layer, e))
+            .and_then(|e| source.part_locations(layer, e))
+            .is_some_and(|parts| {
+                parts
+                    .iter()
+                    .any(|p| p.dtype.ggml().is_some() || p.scale.is_some())
+            })
+    })
 }
 
-/// Bytes one dense expert of `source` occupies once held for compute in `dtype` on `device`:
-/// where 16-bit experts stay as stored ([`held_dtype`]: f32 on the CPU) their stored size,
-/// else the compute dtype's. Judged by the first expert present (a float checkpoint stores its
-/// experts in one type).
-pub fn held_dense_bytes(
-    source: &dyn super::source::ExpertSource,
-    dtype: DType,
-    device: &Device,
-) -> u64 {
+/// Bytes one expert of `source` occupies once held for compute in `dtype` on `device`
+/// ([`crate::model::held::expert_held_bytes`], the rule the memory estimates use too): the
+/// largest over the MoE layers, each judged by its first expert present — a mixed file such as
+/// `Q4_K_M` stores some layers' down matrices in a larger type, and a budget counted at a
+/// smaller layer's size would be exceeded (GPU slot pools hold the largest). Sources without
+/// plain part locations (the seed layout) are judged by their stored size: twice the parameters
+/// is 16-bit, held as [`held_dtype`] says.
+pub fn held_bytes(source: &dyn super::source::ExpertSource, dtype: DType, device: &Device) -> u64 {
     let cfg = source.config();
-    let params = cfg.expert_params();
-    let first = cfg.moe_layers().find_map(|layer| {
-        let e = (0..cfg.num_experts).find(|&e| source.has(layer, e))?;
-        Some(source.stored_bytes(layer, e))
+    let firsts: Vec<(usize, usize)> = cfg
+        .moe_layers()
+        .filter_map(|layer| Some((layer, (0..cfg.num_experts).find(|&e| source.has(layer, e))?)))
+        .collect();
+    let located = firsts.iter().filter_map(|&(l, e)| {
+        let parts = source.part_locations(l, e)?;
+        Some(crate::model::held::expert_held_bytes(
+            &parts,
+            dtype.size_in_bytes() as u64,
+            device.is_cpu(),
+        ))
     });
+    if let Some(max) = located.max() {
+        return max;
+    }
+    let params = cfg.expert_params();
+    let first = firsts.first().map(|&(l, e)| source.stored_bytes(l, e));
     let size = if first == Some(params as u64 * 2) {
         held_dtype(DType::BF16, dtype, device).size_in_bytes()
     } else {
         dtype.size_in_bytes()
     };
     (params * size) as u64
-}
-
-/// [`held_bytes`] of one expert's parts.
-fn expert_held_bytes(parts: &[crate::model::checkpoint::TensorLocation; 3]) -> Option<u64> {
-    if parts.iter().any(|p| p.scale.is_some()) {
-        // FP8: one byte per weight, scales held in f32.
-        return Some(
-            parts
-                .iter()
-                .map(|p| {
-                    p.len
-                        + p.scale
-                            .as_ref()
-                            .map_or(0, |s| s.shape.iter().product::<usize>() as u64 * 4)
-                })
-                .sum(),
-        );
-    }
-    parts.iter().any(|p| p.dtype.ggml().is_some()).then(|| {
-        parts
-            .iter()
-            .map(|p| match p.dtype.ggml() {
-                Some(_) => p.len,
-                None => p.shape.iter().product::<usize>() as u64 * 4,
-            })
-            .sum()
-    })
 }
 
 /// An expert read straight into the storage of its tensors: `whole` holds the three matrices'

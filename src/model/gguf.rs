@@ -948,19 +948,7 @@ pub fn held_sizes(
             continue;
         };
         let stored = loc.parts.iter().map(|p| p.len).sum();
-        // Float parts of a quantized expert are multiplied in f32 (see experts/convert.rs).
-        let quantized = loc.parts.iter().any(|p| p.dtype.ggml().is_some());
-        let expert = loc
-            .parts
-            .iter()
-            .map(|p| match p.dtype.ggml() {
-                Some(_) => p.len,
-                None => {
-                    let size = if quantized { 4 } else { float_size };
-                    p.shape.iter().product::<usize>() as u64 * size
-                }
-            })
-            .sum();
+        let expert = super::held::expert_held_bytes(&loc.parts, float_size, cpu);
         // A GGUF layer stores every expert in its stacked tensors.
         layers.push((cfg.num_experts as u64, stored, expert));
     }

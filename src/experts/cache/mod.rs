@@ -107,10 +107,10 @@ impl CachedProvider {
         settings: &Settings,
     ) -> Result<Self> {
         let cfg = source.config().clone();
-        // Block-quantized experts (GGUF) are held as stored: budgets count their bytes.
-        let quantized = super::convert::held_bytes(source.as_ref());
-        let expert_bytes =
-            quantized.unwrap_or_else(|| convert::held_dense_bytes(source.as_ref(), dtype, device));
+        // Budgets count experts as held: quantized ones as stored, float ones in the compute
+        // dtype or, for f32 on the CPU, as stored.
+        let expert_bytes = convert::held_bytes(source.as_ref(), dtype, device);
+        let quantized = convert::kept_as_stored(source.as_ref());
         let mut unavailable = vec![Vec::new(); cfg.num_hidden_layers];
         for layer in cfg.moe_layers() {
             for e in 0..cfg.num_experts {
@@ -150,8 +150,7 @@ impl CachedProvider {
             _ => None,
         };
         let gpu_blocks = ggml.is_some();
-        let gpu = if fused_capable(device, dtype)
-            && (quantized.is_none() || fp8.is_some() || ggml.is_some())
+        let gpu = if fused_capable(device, dtype) && (!quantized || fp8.is_some() || ggml.is_some())
         {
             Some(slots::GpuSlots::new(
                 source.as_ref(),
@@ -173,7 +172,7 @@ impl CachedProvider {
             device: device.clone(),
             config,
             expert_bytes,
-            quantized: quantized.is_some(),
+            quantized,
             map_misses: total < cfg.total_experts(),
             gpu_blocks,
             unavailable,
