@@ -257,9 +257,9 @@ fn warm_up_leaves_the_cache_untouched() {
     assert_eq!(run(&e, &g.sequences[1]), run(&load(), &g.sequences[1]));
 }
 
-/// `read_into` (what a GPU cache reads into its pinned buffer) returns the same bytes, dtypes
-/// and shapes as `read`, for the shard source, an extraction and the seed layout (which uses
-/// the trait's default), and says so when the buffer is too small.
+/// `read_into` and `read_into_for_copy` (what a GPU cache reads into its pinned buffer) return
+/// the same bytes, dtypes and shapes as `read`, for the shard source, an extraction and the
+/// seed layout (which uses the trait's defaults), and say so when the buffer is too small.
 #[test]
 fn read_into_matches_read_for_every_source() {
     let (_tmp, cfg, sources) = every_source("qwen3-moe-tiny");
@@ -273,8 +273,18 @@ fn read_into_matches_read_for_every_source() {
                     assert_eq!(&buf[s.range.clone()], &p.bytes[..], "{}", src.describe());
                     assert_eq!((s.dtype, &s.shape), (p.dtype, &p.shape));
                 }
+                let mut for_copy = vec![0x55u8; buf.len()];
+                let copy_spans = src.read_into_for_copy(layer, e, &mut for_copy).unwrap();
+                assert_eq!(copy_spans, spans, "{}", src.describe());
+                let end = spans.iter().map(|s| s.range.end).max().unwrap();
+                assert_eq!(&for_copy[..end], &buf[..end], "{}", src.describe());
                 let mut small = vec![0u8; 10];
                 let err = src.read_into(layer, e, &mut small).unwrap_err().to_string();
+                assert!(err.contains("too small"), "{err}");
+                let err = src
+                    .read_into_for_copy(layer, e, &mut small)
+                    .unwrap_err()
+                    .to_string();
                 assert!(err.contains("too small"), "{err}");
             }
         }

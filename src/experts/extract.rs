@@ -801,7 +801,19 @@ impl ExpertSource for ExtractedSource {
         buf: &mut [u8],
     ) -> Result<[super::source::PartSpan; 3]> {
         let loc = self.parts_of(layer, expert)?;
-        super::source::read_locations_into(&self.files, loc.each_ref(), self.is_cold(), buf)
+        let keep = super::source::Then::Keep;
+        super::source::read_locations_into(&self.files, loc.each_ref(), self.is_cold(), keep, buf)
+    }
+
+    fn read_into_for_copy(
+        &self,
+        layer: usize,
+        expert: usize,
+        buf: &mut [u8],
+    ) -> Result<[super::source::PartSpan; 3]> {
+        let loc = self.parts_of(layer, expert)?;
+        let demote = super::source::Then::Demote;
+        super::source::read_locations_into(&self.files, loc.each_ref(), self.is_cold(), demote, buf)
     }
 
     fn read_into_uninit(

@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod convert;
+pub mod demote;
 pub mod direct;
 pub mod extract;
 pub mod resident;

@@ -97,6 +97,28 @@ pub trait ExpertSource: Send + Sync {
         None
     }
 
+    /// [`read_into`](Self::read_into) into a buffer a host→device copy reads next (a GPU's
+    /// staged misses): the same bytes, with the cache lines they were written into demoted out
+    /// of the writing cores' private caches, so the copy does not have to snoop them there
+    /// ([`super::demote`]; BENCHMARKS.md §73). The default demotes after the read, on the
+    /// calling thread, which is where `read`-based sources wrote them.
+    fn read_into_for_copy(
+        &self,
+        layer: usize,
+        expert: usize,
+        buf: &mut [u8],
+    ) -> Result<[PartSpan; 3]> {
+        let spans = self.read_into(layer, expert, buf)?;
+        let end = spans
+            .iter()
+            .flat_map(|p| std::iter::once(p).chain(p.scale.as_deref()))
+            .map(|p| p.range.end)
+            .max()
+            .unwrap_or(0);
+        super::demote::written(&buf[..end]);
+        Ok(spans)
+    }
+
     /// [`read_into`](Self::read_into) into memory that need not be initialised, for sources
     /// that `pread` (no byte is read before it is written); `None` from the others, whose
     /// callers then use `read_into` on a cleared buffer. On `Some`, the bytes up to the end of
@@ -209,15 +231,26 @@ const MIN_PIECE: usize = 256 << 10;
 
 /// `read_into` for sources whose parts are byte ranges of files. The three parts' pieces are
 /// read concurrently as one batch (not part after part): a 3 MiB part is only three pieces, and
-/// a host with many cores copies out of the page cache faster with all nine in flight.
+/// a host with many cores copies out of the page cache faster with all nine in flight. `then`:
+/// what each reading thread does with its piece (for a device copy: demote it).
 pub(crate) fn read_locations_into(
     files: &FileTable,
     locs: [&TensorLocation; 3],
     cold: bool,
+    then: Then,
     buf: &mut [u8],
 ) -> Result<[PartSpan; 3]> {
     // SAFETY: `buf` is valid for writes of its length and borrowed mutably for the call.
-    unsafe { read_locations_raw(files, locs, cold, buf.as_mut_ptr(), buf.len()) }
+    unsafe { read_locations_raw(files, locs, cold, then, buf.as_mut_ptr(), buf.len()) }
+}
+
+/// What a reading thread does with a piece once it is in memory.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Then {
+    /// Nothing: the CPU computes from it next, so it is best left in the cache it is in.
+    Keep,
+    /// Demote its cache lines ([`super::demote`]): a device copy reads it next.
+    Demote,
 }
 
 /// [`read_locations_into`] into memory that need not be initialised (a fresh allocation the
@@ -232,7 +265,16 @@ pub(crate) fn read_locations_into_uninit(
 ) -> Result<[PartSpan; 3]> {
     // SAFETY: as above; only `pread` writes through the pointer (no reference to the
     // uninitialised bytes is made).
-    unsafe { read_locations_raw(files, locs, cold, buf.as_mut_ptr() as *mut u8, buf.len()) }
+    unsafe {
+        read_locations_raw(
+            files,
+            locs,
+            cold,
+            Then::Keep,
+            buf.as_mut_ptr() as *mut u8,
+            buf.len(),
+        )
+    }
 }
 
 /// A destination address that may cross to rayon's threads: each piece writes its own range.
@@ -292,6 +334,7 @@ unsafe fn read_locations_raw(
     files: &FileTable,
     locs: [&TensorLocation; 3],
     cold: bool,
+    then: Then,
     base: *mut u8,
     have: usize,
 ) -> Result<[PartSpan; 3]> {
@@ -335,7 +378,7 @@ unsafe fn read_locations_raw(
         at += len;
     }
     // SAFETY: the parts lie back to back within the first `total ≤ have` bytes at `base`.
-    unsafe { read_parts_raw(files, &parts, cold)? };
+    unsafe { read_parts_raw(files, &parts, cold, then)? };
     Ok(spans.try_into().expect("three parts"))
 }
 
@@ -350,12 +393,20 @@ unsafe fn read_parts_raw(
     files: &FileTable,
     parts: &[(&TensorLocation, Dst)],
     cold: bool,
+    then: Then,
 ) -> Result<()> {
     let locs: Vec<&TensorLocation> = parts.iter().map(|(l, _)| *l).collect();
     read_pieces(files, &locs, cold, |k, file, off, at, n| {
+        let dst = parts[k].1.at(at);
         // SAFETY: at + n ≤ the part's len, within its destination (the caller's contract), and
         // the pieces do not overlap.
-        unsafe { pread_exact(file, parts[k].1.at(at), n, off) }
+        unsafe { pread_exact(file, dst, n, off)? };
+        if then == Then::Demote {
+            // SAFETY: the n bytes at dst were just written by this thread and nothing else
+            // touches them during the call.
+            super::demote::written(unsafe { std::slice::from_raw_parts(dst, n) });
+        }
+        Ok(())
     })
 }
 
@@ -586,7 +637,23 @@ impl ExpertSource for ShardSource {
 
     fn read_into(&self, layer: usize, expert: usize, buf: &mut [u8]) -> Result<[PartSpan; 3]> {
         let loc = self.parts_of(layer, expert)?;
-        read_locations_into(&self.files, loc.each_ref(), self.is_cold(), buf)
+        read_locations_into(&self.files, loc.each_ref(), self.is_cold(), Then::Keep, buf)
+    }
+
+    fn read_into_for_copy(
+        &self,
+        layer: usize,
+        expert: usize,
+        buf: &mut [u8],
+    ) -> Result<[PartSpan; 3]> {
+        let loc = self.parts_of(layer, expert)?;
+        read_locations_into(
+            &self.files,
+            loc.each_ref(),
+            self.is_cold(),
+            Then::Demote,
+            buf,
+        )
     }
 
     fn read_into_uninit(
@@ -628,6 +695,7 @@ impl ExpertSource for ShardSource {
                     (d, Dst(dn)),
                 ],
                 self.is_cold(),
+                Then::Keep,
             )?;
         }
         Ok(true)
@@ -790,7 +858,8 @@ mod tests {
     }
 
     /// An expert's parts (several pieces each, odd offsets, a scale after the matrices) read
-    /// into an uninitialised buffer come back as `read_locations_into` gives them; a part past
+    /// into an uninitialised buffer, or for a device copy, come back as `read_locations_into`
+    /// gives them; a part past
     /// the end of its file is an error naming the tensor.
     #[test]
     fn uninit_reads_match_initialised_ones() {
@@ -816,7 +885,7 @@ mod tests {
         let total = (g.len + u.len + d.len + 64) as usize;
         let files = FileTable::default();
         let mut init = vec![0u8; total];
-        let want = read_locations_into(&files, [&g, &u, &d], false, &mut init).unwrap();
+        let want = read_locations_into(&files, [&g, &u, &d], false, Then::Keep, &mut init).unwrap();
         let mut raw: Vec<u8> = Vec::with_capacity(total);
         let got = read_locations_into_uninit(
             &files,
@@ -831,6 +900,13 @@ mod tests {
         assert_eq!(raw, init);
         assert_eq!(&raw[..g.len as usize], &data[3..3 + g.len as usize]);
         assert_eq!(got[1].scale.as_ref().unwrap().range.end, total);
+
+        // Read for a device copy (each piece demoted by its reader): the same spans and bytes.
+        let mut for_copy = vec![0u8; total];
+        let spans =
+            read_locations_into(&files, [&g, &u, &d], false, Then::Demote, &mut for_copy).unwrap();
+        assert_eq!(spans, want);
+        assert_eq!(for_copy, init);
 
         let past = loc("down", (data.len() - 100) as u64, 4096);
         let mut buf = Vec::with_capacity(total);

@@ -104,7 +104,8 @@ impl Staging {
 }
 
 /// Bytes/s the staged miss path sustains on the CUDA `device`: up to 1 GiB of `source`'s
-/// experts moved as misses are — each read whole into the staging ring, then copied — into two
+/// experts moved as misses are — each read whole into the staging ring (its lines demoted for
+/// the copy, `ExpertSource::read_into_for_copy`), then copied — into two
 /// alternating expert-sized device buffers, timed to the end of the last copy, after an
 /// untimed pass so the pages are in the page cache as a warm run finds them. The staged path's
 /// bound is this, not the read alone: every byte is read by the CPU *and* then copied, and the
@@ -129,7 +130,7 @@ pub fn staged_bandwidth(device: &candle_core::Device, source: &dyn ExpertSource)
         for (i, &(l, e)) in experts.iter().enumerate() {
             let mut at = (i % 2) * largest;
             let stored = source.stored_bytes(l, e) as usize;
-            let spans = source.read_into(l, e, staging.buffer(device, stored)?)?;
+            let spans = source.read_into_for_copy(l, e, staging.buffer(device, stored)?)?;
             let ranges = spans
                 .iter()
                 .flat_map(|p| std::iter::once(p).chain(p.scale.as_deref()))

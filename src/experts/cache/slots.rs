@@ -572,7 +572,7 @@ impl CachedProvider {
         } else {
             let stored = self.source.stored_bytes(layer, e) as usize;
             let buf = gpu.staging.buffer(&self.device, stored)?;
-            let spans = self.source.read_into(layer, e, buf)?;
+            let spans = self.source.read_into_for_copy(layer, e, buf)?;
             if fits_slot([0, 1, 2].map(|i| (spans[i].range.len(), spans[i].dtype))) {
                 let [g, u, d] = spans.clone();
                 gpu.staging.upload(&store.gate_up, slot * gu_n, g.range)?;
@@ -692,7 +692,7 @@ impl CachedProvider {
         }
         let stored = self.source.stored_bytes(layer, e) as usize;
         let buf = gpu.staging.buffer(&self.device, stored)?;
-        let spans = self.source.read_into(layer, e, buf)?;
+        let spans = self.source.read_into_for_copy(layer, e, buf)?;
         let bytes = spans
             .iter()
             .map(|p| (p.range.len() + p.scale.as_ref().map_or(0, |s| s.range.len())) as u64)
@@ -799,7 +799,7 @@ impl CachedProvider {
         }
         let stored = self.source.stored_bytes(layer, e) as usize;
         let buf = gpu.staging.buffer(&self.device, stored)?;
-        let spans = self.source.read_into(layer, e, buf)?;
+        let spans = self.source.read_into_for_copy(layer, e, buf)?;
         for (k, p) in spans.iter().enumerate() {
             check(k, p.dtype, &p.shape, p.range.len())?;
         }
