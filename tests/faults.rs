@@ -641,8 +641,68 @@ fn kill_9_of_the_run_leaves_no_worker_and_a_readable_recording() {
     assert!(err.contains("last line was incomplete"), "{err}");
 }
 
+/// Generation from NaN logits stops with an error naming them, with either sign of NaN (x86
+/// makes negative ones, which the greedy pick's total order puts below every number: before,
+/// greedy decoding emitted token after token from such rows without a word), greedy or sampled,
+/// on both backends; `logits` refuses to print them (as JSON nulls).
+#[test]
+fn generation_from_nan_logits_fails_by_name() {
+    for bits in [0x7FC0u16, 0xFFC0] {
+        let model = with_nan_bits("model.norm.weight", bits);
+        for extra in [
+            &["--backend", "native"][..],
+            &[
+                "--backend",
+                "selective",
+                "--temperature",
+                "0.8",
+                "--seed",
+                "3",
+            ],
+        ] {
+            let mut args = vec![
+                "generate",
+                "--model",
+                model.path().to_str().unwrap(),
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "4",
+            ];
+            args.extend_from_slice(extra);
+            let (rc, out, err) = run(&args);
+            assert_eq!(rc, 2, "{bits:#x} {extra:?}: {out}\n{err}");
+            assert!(
+                err.contains("logits after the prompt are not finite")
+                    && err.contains("check the checkpoint"),
+                "{bits:#x} {extra:?}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+        }
+        // `logits` prints JSON, which has no number for NaN: refused, not written as nulls.
+        let (rc, out, err) = run(&[
+            "logits",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--tokens",
+            "1,2,3",
+        ]);
+        assert_eq!(rc, 2, "{bits:#x}: {out}\n{err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(
+            err.contains("logits after the last of 3 tokens are not finite"),
+            "{err}"
+        );
+    }
+}
+
 /// The moe fixture with a NaN at the start of `tensor` (bf16) in its one shard.
 fn with_nan_weight(tensor: &str) -> tempfile::TempDir {
+    with_nan_bits(tensor, 0x7FC0)
+}
+
+/// The moe fixture with the bf16 value `bits` at the start of `tensor` in its one shard.
+fn with_nan_bits(tensor: &str, bits: u16) -> tempfile::TempDir {
     let dir = copy_fixture("qwen3-moe-tiny");
     let path = dir.path().join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
@@ -650,7 +710,7 @@ fn with_nan_weight(tensor: &str) -> tempfile::TempDir {
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     assert_eq!(header[tensor]["dtype"], "BF16");
     let at = 8 + n + header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
-    bytes[at..at + 2].copy_from_slice(&0x7FC0u16.to_le_bytes());
+    bytes[at..at + 2].copy_from_slice(&bits.to_le_bytes());
     std::fs::write(&path, bytes).unwrap();
     dir
 }

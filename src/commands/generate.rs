@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::cli::{GenerateArgs, LogitsArgs};
 use crate::engine::Engine;
-use crate::model::generate::{Generation, Timing};
+use crate::model::generate::{Generation, Timing, non_numbers};
 use crate::model::ports::{NoObserver, RoutingLog};
 use crate::model::qwen3_moe::Logits;
 use crate::model::sampling::SamplingParams;
@@ -141,6 +141,12 @@ pub fn logits(args: &LogitsArgs, settings: &Settings) -> Result<()> {
         Logits::Last,
     )?;
     let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
+    // JSON has no number for NaN or ±∞ (serde_json writes null): a row of nulls would read as
+    // output, so it is refused by name.
+    let when = format!("after the last of {} tokens", args.tokens.len());
+    if let Some(e) = non_numbers(&row, &when, "NaN or infinite", |v| !v.is_finite()) {
+        return Err(e.into());
+    }
     let mut v = json!({ "tokens": args.tokens, "logits": row });
     if args.greedy > 0 {
         v["steps"] = greedy_steps(&engine, &args.tokens, args.greedy)?;

@@ -46,6 +46,11 @@ pub enum ModelError {
         msg: String,
     },
 
+    /// The model's outputs are not numbers (NaN or infinite): its weights, or the arithmetic
+    /// on them, are broken. The message says "not finite", which the worker treats as fatal.
+    #[error("{0}")]
+    NotFinite(String),
+
     #[error("tensor computation failed: {}", candle_msg(.0))]
     Candle(#[from] candle_core::Error),
 }

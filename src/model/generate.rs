@@ -284,7 +284,9 @@ impl Generation {
                 (row, path)
             }
         };
-        let token = self.sampler.sample(&row);
+        let Some(token) = self.sampler.sample_numbers(&row) else {
+            return Err(not_finite(&row, self.generated.len(), prefill));
+        };
         let step_time = start.elapsed();
         self.last_logits = row;
         if prefill {
@@ -308,6 +310,38 @@ impl Generation {
             finish: self.finished,
         }))
     }
+}
+
+/// The error for a logits row holding NaN or +∞: which token, which id, how many.
+fn not_finite(row: &[f32], index: usize, prefill: bool) -> ModelError {
+    let when = if prefill {
+        "after the prompt".to_string()
+    } else {
+        format!("at generated token {}", index + 1)
+    };
+    non_numbers(row, &when, "NaN or +inf", |v| {
+        v.is_nan() || v == f32::INFINITY
+    })
+    .unwrap_or_else(|| ModelError::Input(format!("the logits {when} are an empty row")))
+}
+
+/// The error for a logits row holding values `is_bad` refuses (`what` names them), saying when
+/// ("after the prompt"), how many and the first one's token id; None when there is none.
+pub fn non_numbers(
+    row: &[f32],
+    when: &str,
+    what: &str,
+    is_bad: impl Fn(f32) -> bool,
+) -> Option<ModelError> {
+    let first = row.iter().position(|&v| is_bad(v))?;
+    Some(ModelError::NotFinite(format!(
+        "the logits {when} are not finite ({} of {} values {what}, the first at token id \
+         {first} = {}): the model's weights or activations are not numbers — check the \
+         checkpoint",
+        row.iter().filter(|&&v| is_bad(v)).count(),
+        row.len(),
+        row[first]
+    )))
 }
 
 /// Timing summary of a finished generation.

@@ -723,12 +723,31 @@ pub fn argmax_last(x: &Tensor) -> Result<Vec<u32>> {
 /// took ~190 µs over a 151,936-token vocabulary on the build machine — a tenth or more of a
 /// 12-layer GPU decode step, spent on the host between two steps — and this ~55 µs.
 pub fn argmax(r: &[f32]) -> usize {
-    let key = |v: f32| {
-        let b = v.to_bits() as i32;
-        b ^ (((b >> 31) as u32) >> 1) as i32
-    };
+    let top = r.iter().fold(i32::MIN, |m, &v| m.max(order_key(v)));
+    r.iter().position(|&v| order_key(v) == top).unwrap_or(0)
+}
+
+/// [`argmax`] of a row that must hold numbers: `None` when any value is NaN (of either sign —
+/// x86 makes negative ones, which the total order puts below every number, so the pick alone
+/// would step over them) or +∞, or when the row is empty. One pass, as `argmax`'s: its keys
+/// rotated so that negative NaNs come above +∞ and every number keeps its place, so the largest
+/// key says both which value is largest and whether anything is not a number. Why not a second
+/// reduction for the smallest key: on baseline x86-64 it cost 16 µs over a 151,936-token row
+/// (36 → 52 µs), a step of a 12-layer GPU decode being ~1 ms; the rotation costs ~3.5.
+pub fn argmax_of_numbers(r: &[f32]) -> Option<usize> {
+    let key = |v: f32| order_key(v).wrapping_sub(0x007F_FFFF);
     let top = r.iter().fold(i32::MIN, |m, &v| m.max(key(v)));
-    r.iter().position(|&v| key(v) == top).unwrap_or(0)
+    if r.is_empty() || top >= key(f32::INFINITY) {
+        return None;
+    }
+    r.iter().position(|&v| key(v) == top)
+}
+
+/// An integer that orders as `f32::total_cmp` orders the value.
+#[inline]
+fn order_key(v: f32) -> i32 {
+    let b = v.to_bits() as i32;
+    b ^ (((b >> 31) as u32) >> 1) as i32
 }
 
 #[cfg(test)]
@@ -953,6 +972,47 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn argmax_of_numbers_refuses_nan_of_either_sign_and_plus_infinity() {
+        let some = |r: &[f32]| argmax_of_numbers(r);
+        assert_eq!(some(&[1.0, 3.0, 3.0, f32::NEG_INFINITY]), Some(1));
+        assert_eq!(some(&[-2.0, -1.0]), Some(1));
+        assert_eq!(some(&[f32::NEG_INFINITY]), Some(0));
+        assert_eq!(some(&[-0.0, 0.0, -0.0]), Some(1));
+        assert_eq!(some(&[f32::MAX, f32::MIN]), Some(0));
+        assert_eq!(some(&[]), None);
+        let negative_nan = f32::from_bits(0xFFC0_0000);
+        assert!(negative_nan.is_nan() && negative_nan.is_sign_negative());
+        // Quiet and signalling, either sign, the extremes of the payloads.
+        let nans = [0x7F80_0001u32, 0x7FFF_FFFF, 0xFF80_0001, 0xFFFF_FFFF].map(f32::from_bits);
+        for bad in [f32::NAN, negative_nan, f32::INFINITY]
+            .into_iter()
+            .chain(nans)
+        {
+            for at in 0..3 {
+                let mut r = vec![0.5f32, 2.0, -1.0];
+                r[at] = bad;
+                assert_eq!(some(&r), None, "{:#x} at {at}", bad.to_bits());
+            }
+        }
+        // Where it answers, it answers as argmax does (ties, signed zeros, the extremes).
+        let mut state = 7u32;
+        for _ in 0..2000 {
+            let row: Vec<f32> = (0..17)
+                .map(|_| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    let v = f32::from_bits(state);
+                    if v.is_nan() || v == f32::INFINITY {
+                        -0.0
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            assert_eq!(some(&row), Some(argmax(&row)), "{row:?}");
         }
     }
 

@@ -5,7 +5,7 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ModelError, Result};
-use super::layers::argmax;
+use super::layers::{argmax, argmax_of_numbers};
 
 /// Decoding settings. `temperature == 0` is greedy.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -66,11 +66,23 @@ impl Sampler {
     /// the walk — are ever sorted. Why: sorting a 151,936-token vocabulary took ~12 ms a token — nine GPU
     /// decode steps. A NaN or infinite logit is picked as greedy decoding would pick it.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.sample_from(logits, argmax(logits))
+    }
+
+    /// [`sample`](Self::sample) from logits that must be numbers: `None` when any is NaN or
+    /// +∞ (a generation then stops with an error instead of emitting whatever such a row's
+    /// order gives), at no extra pass over the vocabulary.
+    pub fn sample_numbers(&mut self, logits: &[f32]) -> Option<u32> {
+        let best = argmax_of_numbers(logits)?;
+        Some(self.sample_from(logits, best))
+    }
+
+    /// The draw, given the index of the largest logit (`argmax`'s).
+    fn sample_from(&mut self, logits: &[f32], best: usize) -> u32 {
         let p = &self.params;
         if p.temperature == 0.0 || logits.is_empty() {
-            return argmax(logits) as u32;
+            return best as u32;
         }
-        let best = argmax(logits);
         let max = logits[best];
         if !max.is_finite() {
             return best as u32;

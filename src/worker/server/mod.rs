@@ -224,10 +224,12 @@ pub fn run() -> anyhow::Result<()> {
                         out.send(&WorkerEvent::Bye);
                         return Ok(());
                     }
-                    Err(e) => out.send(&WorkerEvent::Error {
-                        message: e,
-                        fatal: false,
-                    }),
+                    Err(e) => {
+                        // Not-a-number logits are the checkpoint's: every prompt after this
+                        // one would fail the same way (as for scores below).
+                        let fatal = e.contains("not finite");
+                        out.send(&WorkerEvent::Error { message: e, fatal })
+                    }
                 }
             }
             Command::Score {
