@@ -349,7 +349,23 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
         .expect("the architecture string");
     let mut foreign = good.clone();
     foreign[at..at + 8].copy_from_slice(b"llama4xx");
+    // One expert stack retyped to llama.cpp's IQ4_XS (GGML type 23), which candle cannot read:
+    // the type id follows the name, the dimension count and three dimensions.
+    let name = b"blk.0.ffn_down_exps.weight";
+    let at_name = good
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the tensor's name");
+    let ty = at_name + name.len() + 4 + 3 * 8;
+    let mut iquant = good.clone();
+    assert_eq!(&iquant[ty..ty + 4], &8u32.to_le_bytes(), "Q8_0 before");
+    iquant[ty..ty + 4].copy_from_slice(&23u32.to_le_bytes());
     let cases = [
+        (
+            write("iquant.gguf", &iquant),
+            "tensor `blk.0.ffn_down_exps.weight`: stored as IQ4_XS (GGML type 23), which \
+             moescope cannot compute with",
+        ),
         (
             write("truncated.gguf", &good[..good.len() / 2]),
             "beyond the end of the file",

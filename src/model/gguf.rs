@@ -199,7 +199,17 @@ impl GgufFile {
         let content =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
                 .map_err(|_| err("not a readable GGUF header (general.alignment is 0?)".into()))?
-                .map_err(|e| err(format!("not a readable GGUF header: {}", candle_msg(&e))))?;
+                .map_err(|e| {
+                    // candle names an unknown type by its id alone: find which tensors hold one.
+                    match super::gguf_types::unreadable_tensors(&mut reader) {
+                        Some(found) if !found.is_empty() => ModelError::Tensor {
+                            file: path.to_path_buf(),
+                            tensor: found[0].0.clone(),
+                            msg: super::gguf_types::unreadable_message(&found),
+                        },
+                        _ => err(format!("not a readable GGUF header: {}", candle_msg(&e))),
+                    }
+                })?;
         let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
         for (name, info) in &content.tensor_infos {
             let terr = |msg: String| ModelError::Tensor {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod fp8;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_types;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod held;
