@@ -166,49 +166,95 @@ unsafe fn dot16_avx2(
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 pub unsafe fn dot_bf16_avx512(w: &[u16], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
+    // SAFETY: AVX-512F/BW, AVX2 and FMA, as this function requires.
+    unsafe {
+        dot16_avx512(
+            w,
+            x,
+            |v| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)),
+            |v| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)),
+            bf16_bits,
+        )
+    }
+}
+
+/// [`dot_bf16_avx512`] for f16 bits: sixteen weights widened per `vcvtph2ps` (exact for every
+/// finite f16, as F16C's eight are), the same lanes and order, so the same bits as
+/// [`dot_f16_avx2`] and the portable form. Why: f16 was the CPU's slowest precision against
+/// llama.cpp (BENCHMARKS.md §76: 0.83–0.92×), its AVX2 form widening eight weights at a time
+/// where bf16 had widened sixteen since §20.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512BW, AVX2, FMA and F16C; `w` and `x` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub unsafe fn dot_f16_avx512(w: &[u16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512F/BW, AVX2, FMA and F16C, as this function requires.
+    unsafe {
+        dot16_avx512(
+            w,
+            x,
+            |v| _mm512_cvtph_ps(v),
+            |v| _mm256_cvtph_ps(v),
+            f16_bits,
+        )
+    }
+}
+
+/// The AVX-512 dot over 16-bit weights that [`dot_bf16_avx512`] and [`dot_f16_avx512`] share:
+/// `widen16` turns sixteen weights' bits into sixteen f32s, `widen8` eight, `decode` one. Two
+/// 16-lane accumulators stand for `dot_with`'s four 8-lane ones (lanes 0–7 of the first are
+/// `acc[0]`, 8–15 `acc[1]`, of the second `acc[2]` and `acc[3]`), so every lane sees the same
+/// multiply-adds in the same order. Inlined into each caller, so the widening compiles with its
+/// target features.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW, AVX2 and FMA (and what the widenings need); `w` and `x` have the same
+/// length.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot16_avx512(
+    w: &[u16],
+    x: &[f32],
+    widen16: impl Fn(std::arch::x86_64::__m256i) -> std::arch::x86_64::__m512,
+    widen8: impl Fn(std::arch::x86_64::__m128i) -> std::arch::x86_64::__m256,
+    decode: fn(u16) -> f32,
+) -> f32 {
+    use std::arch::x86_64::*;
     let n = w.len().min(x.len());
-    let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut i = 0;
-    while i + 32 <= n {
-        // SAFETY: i + 32 ≤ n for both slices (loop bound).
-        let (w0, w1, x0, x1) = unsafe {
-            (
-                _mm256_loadu_si256(w.as_ptr().add(i) as *const __m256i),
-                _mm256_loadu_si256(w.as_ptr().add(i + 16) as *const __m256i),
-                _mm512_loadu_ps(x.as_ptr().add(i)),
-                _mm512_loadu_ps(x.as_ptr().add(i + 16)),
-            )
-        };
-        let f0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w0), 16));
-        let f1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w1), 16));
-        a = _mm512_fmadd_ps(f0, x0, a);
-        b = _mm512_fmadd_ps(f1, x1, b);
-        i += 32;
-    }
-    let mut acc = [
-        _mm512_castps512_ps256(a),
-        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)),
-        _mm512_castps512_ps256(b),
-        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)),
-    ];
-    // Whole groups of 8 left (at most 3): into the 8-lane vectors in turn, as `dot_with`.
-    for acc in acc.iter_mut() {
-        if i + 8 > n {
-            break;
+    // SAFETY (whole body): the caller guarantees AVX-512F/BW, AVX2 and FMA; every load below is
+    // within both slices (the loop bounds).
+    unsafe {
+        let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= n {
+            let w0 = _mm256_loadu_si256(w.as_ptr().add(i) as *const __m256i);
+            let w1 = _mm256_loadu_si256(w.as_ptr().add(i + 16) as *const __m256i);
+            let x0 = _mm512_loadu_ps(x.as_ptr().add(i));
+            let x1 = _mm512_loadu_ps(x.as_ptr().add(i + 16));
+            a = _mm512_fmadd_ps(widen16(w0), x0, a);
+            b = _mm512_fmadd_ps(widen16(w1), x1, b);
+            i += 32;
         }
-        // SAFETY: i + 8 ≤ n for both slices.
-        let (wv, xv) = unsafe {
-            (
-                _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i),
-                _mm256_loadu_ps(x.as_ptr().add(i)),
-            )
-        };
-        let f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(wv), 16));
-        *acc = _mm256_fmadd_ps(f, xv, *acc);
-        i += 8;
+        let mut acc = [
+            _mm512_castps512_ps256(a),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)),
+            _mm512_castps512_ps256(b),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)),
+        ];
+        // Whole groups of 8 left (at most 3): into the 8-lane vectors in turn, as `dot_with`.
+        for acc in acc.iter_mut() {
+            if i + 8 > n {
+                break;
+            }
+            let wv = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
+            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+            *acc = _mm256_fmadd_ps(widen8(wv), xv, *acc);
+            i += 8;
+        }
+        finish(acc, i, n, |k, s| decode(w[k]).mul_add(x[k], s))
     }
-    // SAFETY: AVX2 and FMA, which this function also requires.
-    unsafe { finish(acc, i, n, |k, s| bf16_bits(w[k]).mul_add(x[k], s)) }
 }
 
 /// [`dot_with`] for e4m3 codes in AVX2: eight codes decoded per instruction sequence (the
@@ -591,6 +637,19 @@ fn f16_row_portable(w: &[u16], xs: &[f32], out: &mut [f32]) {
 
 /// One f16 row for every token, as [`Bf16RowKernel`].
 fn f16_row_kernel() -> Bf16RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() && avx512() && std::arch::is_x86_feature_detected!("f16c") {
+        return |w, xs, out| {
+            // The same bits either way; the wide form from the row length bf16's pays at.
+            if w.len() >= AVX512_MIN_COLS {
+                // SAFETY: AVX-512F/BW, AVX2, FMA and F16C were detected on this CPU.
+                each_token(w, xs, out, |w, x| unsafe { dot_f16_avx512(w, x) })
+            } else {
+                // SAFETY: AVX2, FMA and F16C were detected on this CPU.
+                each_token(w, xs, out, |w, x| unsafe { dot_f16_avx2(w, x) })
+            }
+        };
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() && std::arch::is_x86_feature_detected!("f16c") {
         return |w, xs, out| {
@@ -1546,6 +1605,11 @@ mod tests {
                 // SAFETY: detected.
                 let got = unsafe { dot_f16_avx2(&w16, &x) }.to_bits();
                 assert_eq!(got, want16, "f16c, {n}");
+                if avx512() {
+                    // SAFETY: detected.
+                    let got = unsafe { dot_f16_avx512(&w16, &x) }.to_bits();
+                    assert_eq!(got, want16, "f16 avx512, {n}");
+                }
             }
             let _ = want16;
             // f32 and e4m3: their AVX2 forms give the portable form's bits too.
