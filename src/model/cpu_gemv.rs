@@ -594,9 +594,29 @@ fn f32_row_kernel() -> F32RowKernel {
     f32_row_portable
 }
 
-/// Shortest bf16 row the AVX-512 dot takes (see `bf16_row_kernel`).
+/// Shortest 16-bit row the AVX-512 dots take where they do not take every row
+/// ([`avx512_every_row`]): on an Intel Xeon the wide form paid off from 512-wide rows on and cost
+/// 3–4 % on shorter ones (BENCHMARKS.md §20).
 #[cfg(target_arch = "x86_64")]
 const AVX512_MIN_COLS: usize = 512;
+
+/// Whether the AVX-512 dots take 16-bit rows of every width on this CPU. Both forms give the
+/// same bits, so this is speed alone, measured per vendor: on an AMD EPYC (Zen 5) the wide form
+/// was as fast or faster at every width — 256- and 48-wide rows decoded 1–6 % and prefilled
+/// 2–13 % faster on it (§78) — where Intel's lost below 512 columns.
+#[cfg(target_arch = "x86_64")]
+fn avx512_every_row() -> bool {
+    static EVERY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // CPUID traps to the hypervisor in a VM: asked once.
+    *EVERY.get_or_init(|| {
+        let id = std::arch::x86_64::__cpuid(0);
+        let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        vendor == b"AuthenticAMD"
+    })
+}
 
 /// One bf16 row for every token: `w` the row's bits, `xs` the tokens (n × cols), `out` the n
 /// results.
@@ -608,10 +628,14 @@ fn bf16_row_portable(w: &[u16], xs: &[f32], out: &mut [f32]) {
 
 fn bf16_row_kernel() -> Bf16RowKernel {
     #[cfg(target_arch = "x86_64")]
+    if avx2_fma() && avx512() && avx512_every_row() {
+        // SAFETY: AVX-512F/BW, AVX2 and FMA were detected on this CPU.
+        return |w, xs, out| each_token(w, xs, out, |w, x| unsafe { dot_bf16_avx512(w, x) });
+    }
+    #[cfg(target_arch = "x86_64")]
     if avx2_fma() && avx512() {
         return |w, xs, out| {
-            // Both forms give the same bits, so the choice is speed alone: the wide form paid
-            // off from 512-wide rows on (BENCHMARKS.md §20), shorter ones stay on AVX2.
+            // Both forms give the same bits, so the choice is speed alone (AVX512_MIN_COLS).
             if w.len() >= AVX512_MIN_COLS {
                 // SAFETY: AVX-512F/BW, AVX2 and FMA were detected on this CPU.
                 each_token(w, xs, out, |w, x| unsafe { dot_bf16_avx512(w, x) })
@@ -637,6 +661,11 @@ fn f16_row_portable(w: &[u16], xs: &[f32], out: &mut [f32]) {
 
 /// One f16 row for every token, as [`Bf16RowKernel`].
 fn f16_row_kernel() -> Bf16RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() && avx512() && avx512_every_row() && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX-512F/BW, AVX2, FMA and F16C were detected on this CPU.
+        return |w, xs, out| each_token(w, xs, out, |w, x| unsafe { dot_f16_avx512(w, x) });
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() && avx512() && std::arch::is_x86_feature_detected!("f16c") {
         return |w, xs, out| {
