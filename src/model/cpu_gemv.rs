@@ -138,15 +138,37 @@ unsafe fn dot16_avx2(
             }
             i += 32;
         }
-        // Whole groups of 8 left (at most 3): into the vectors in turn.
+        groups_then_finish(acc, i, w, x, widen, decode)
+    }
+}
+
+/// The end of the 16-bit AVX2 and AVX-512 dots: the whole groups of 8 left after `i` (at most
+/// 3) into the 8-lane vectors in turn, as `dot_with` does, then [`finish`].
+///
+/// # Safety
+/// The CPU has AVX2 and FMA (and what `widen8` needs); `i ≤ n`, the shorter slice's length.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn groups_then_finish(
+    mut acc: [std::arch::x86_64::__m256; 4],
+    mut i: usize,
+    w: &[u16],
+    x: &[f32],
+    widen8: impl Fn(std::arch::x86_64::__m128i) -> std::arch::x86_64::__m256,
+    decode: fn(u16) -> f32,
+) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    // SAFETY (whole body): AVX2 and FMA, as the caller guarantees; each load is within both
+    // slices (i + 8 ≤ n).
+    unsafe {
         for acc in acc.iter_mut() {
             if i + 8 > n {
                 break;
             }
-            // i + 8 ≤ n for both slices.
             let wv = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
             let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-            *acc = _mm256_fmadd_ps(widen(wv), xv, *acc);
+            *acc = _mm256_fmadd_ps(widen8(wv), xv, *acc);
             i += 8;
         }
         finish(acc, i, n, |k, s| decode(w[k]).mul_add(x[k], s))
@@ -237,23 +259,13 @@ unsafe fn dot16_avx512(
             b = _mm512_fmadd_ps(widen16(w1), x1, b);
             i += 32;
         }
-        let mut acc = [
+        let acc = [
             _mm512_castps512_ps256(a),
             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)),
             _mm512_castps512_ps256(b),
             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)),
         ];
-        // Whole groups of 8 left (at most 3): into the 8-lane vectors in turn, as `dot_with`.
-        for acc in acc.iter_mut() {
-            if i + 8 > n {
-                break;
-            }
-            let wv = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
-            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-            *acc = _mm256_fmadd_ps(widen8(wv), xv, *acc);
-            i += 8;
-        }
-        finish(acc, i, n, |k, s| decode(w[k]).mul_add(x[k], s))
+        groups_then_finish(acc, i, w, x, widen8, decode)
     }
 }
 
