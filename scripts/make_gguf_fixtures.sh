@@ -10,7 +10,8 @@
 # PYTHON: one with torch, transformers, numpy and safetensors (default
 # target/reference-venv/bin/python3, see scripts/setup_reference_python.sh). Writes
 #   models/tiny-moe-gguf/tiny-moe-{BF16,Q8_0,Q4_K_M}.gguf   (ignored by git: 19 / 12 / 9 MB)
-#   tests/fixtures/gguf/kquant-{Q8_0,Q4_K_M}.gguf          (committed; CI's GGUF tests read them)
+#   tests/fixtures/gguf/kquant-{Q8_0,Q4_K_M,MXFP4_MOE}.gguf (committed; CI's GGUF tests read them)
+#   tests/fixtures/gguf/kquant-MXFP4_MOE.rows.json         (gguf-py's decoding of six MXFP4 rows)
 #   tests/fixtures/gguf/split/kquant-Q4_K_M-0000{1,2,3}-of-00003.gguf   (llama-gguf-split's parts)
 # The second pair is a random Qwen3-MoE (2 layers, 4 experts of 256 × 256, top 2, the bundled
 # model's tokenizer) whose every row is a whole number of 256-element k-quant blocks — the
@@ -78,9 +79,25 @@ for f in ("tokenizer.json", "tokenizer_config.json"):
 PYEOF
 mkdir -p tests/fixtures/gguf
 convert "$KQ" bf16 "$WORK/kquant-BF16.gguf"
-for q in Q8_0 Q4_K_M; do
+for q in Q8_0 Q4_K_M MXFP4_MOE; do
   "$QUANTIZE" "$WORK/kquant-BF16.gguf" "tests/fixtures/gguf/kquant-$q.gguf" "$q" > "$WORK/q.log" 2>&1
 done
+# MXFP4_MOE keeps the expert stacks in MXFP4 (candle does not read it; moescope decodes it
+# itself): gguf-py's own decoding of row 5 of expert 3 of each stack, for tests/gguf.rs to hold
+# moescope's decoding to, bit for bit.
+PYTHONPATH="$WORK/src/gguf-py" "$PY" - <<'PYEOF'
+import json, numpy as np, gguf
+from gguf.quants import dequantize
+r = gguf.GGUFReader("tests/fixtures/gguf/kquant-MXFP4_MOE.gguf")
+rows = {}
+for t in r.tensors:
+    if t.tensor_type == gguf.GGMLQuantizationType.MXFP4:
+        d = dequantize(t.data, t.tensor_type).astype(np.float32)
+        rows[t.name] = [int(v) for v in d[3, 5].view(np.uint32)]
+assert len(rows) == 6, sorted(rows)
+with open("tests/fixtures/gguf/kquant-MXFP4_MOE.rows.json", "w") as f:
+    json.dump({"expert": 3, "row": 5, "f32_bits": rows}, f, sort_keys=True)
+PYEOF
 rm -rf tests/fixtures/gguf/split && mkdir -p tests/fixtures/gguf/split
 "$SPLIT" --split --split-max-tensors 12 tests/fixtures/gguf/kquant-Q4_K_M.gguf \
   tests/fixtures/gguf/split/kquant-Q4_K_M > "$WORK/split.log"

@@ -10,13 +10,17 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use moescope::cache::settings::CacheSettings;
 use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
+use moescope::model::mxfp4::Mxfp4Matrix;
 use moescope::model::ports::RoutingLog;
 use moescope::model::qwen3_moe::Logits;
+use moescope::model::safetensors_file::StDtype;
 use moescope::model::tokenizer::TextTokenizer;
 use moescope::model::{Checkpoint, MoeConfig};
 use moescope::settings::Settings;
 
-const TYPES: [&str; 2] = ["Q8_0", "Q4_K_M"];
+/// llama-quantize's Q8_0, Q4_K_M (mixed: Q4_K and Q6_K experts) and MXFP4_MOE (experts in
+/// MXFP4, which moescope decodes itself; the rest Q8_0).
+const TYPES: [&str; 3] = ["Q8_0", "Q4_K_M", "MXFP4_MOE"];
 
 fn gguf(kind: &str) -> std::path::PathBuf {
     fixture("gguf").join(format!("kquant-{kind}.gguf"))
@@ -147,18 +151,67 @@ fn selective_over_quantized_experts_is_bit_identical_to_native() {
 
 #[test]
 fn a_quantized_cache_budgets_block_bytes() {
-    // Q8_0: 34 bytes per 32 weights; an expert is 3 × 256 × 256 weights.
-    let per_expert = 3 * 256 * 256 / 32 * 34;
-    let cache = CacheSettings {
-        cache_mem: Some(3 * per_expert as u64),
-        ..Default::default()
-    };
-    let sel = spec("Q8_0", BackendKind::Selective, cache, Dtype::F32)
-        .load(|_, _| {})
-        .unwrap();
-    let c = sel.cache.as_ref().unwrap();
-    assert_eq!(c.expert_bytes(), per_expert as u64);
-    assert_eq!(c.capacity_experts(), 3);
+    // Q8_0: 34 bytes per 32 weights, MXFP4 17; an expert is 3 × 256 × 256 weights.
+    for (kind, per_32) in [("Q8_0", 34), ("MXFP4_MOE", 17)] {
+        let per_expert = 3 * 256 * 256 / 32 * per_32;
+        let cache = CacheSettings {
+            cache_mem: Some(3 * per_expert as u64),
+            ..Default::default()
+        };
+        let sel = spec(kind, BackendKind::Selective, cache, Dtype::F32)
+            .load(|_, _| {})
+            .unwrap();
+        let c = sel.cache.as_ref().unwrap();
+        assert_eq!(c.expert_bytes(), per_expert as u64, "{kind}");
+        assert_eq!(c.capacity_experts(), 3, "{kind}");
+    }
+}
+
+/// moescope's MXFP4 decoding against gguf-py's (llama.cpp's Python package, run by
+/// `scripts/make_gguf_fixtures.sh` on the same file): one row of expert 3 of each of the six
+/// stacks, bit for bit.
+#[test]
+fn mxfp4_decoding_is_gguf_pys_bit_for_bit() {
+    let path = gguf("MXFP4_MOE");
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("gguf").join("kquant-MXFP4_MOE.rows.json")).unwrap(),
+    )
+    .unwrap();
+    let (expert, row) = (want["expert"].as_u64().unwrap() as usize, 5);
+    assert_eq!(want["row"], 5);
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let cfg = MoeConfig::from_dir(&path).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let mut seen = 0;
+    for layer in cfg.moe_layers() {
+        let loc = ckpt.expert_location(&cfg, layer, expert).unwrap().unwrap();
+        for part in &loc.parts {
+            assert_eq!(part.dtype, StDtype::Mxfp4, "{}", part.name);
+            let bits: Vec<u32> = want["f32_bits"][part.name.as_str()]
+                .as_array()
+                .unwrap_or_else(|| panic!("{} not in the fixture", part.name))
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let mut bytes = vec![0u8; part.len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, part.offset).unwrap();
+            let m = Mxfp4Matrix::new(bytes, [part.shape[0], part.shape[1]]).unwrap();
+            let got: Vec<u32> = m
+                .dequantize(DType::F32)
+                .unwrap()
+                .get(row)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, bits, "{} expert {expert} row {row}", part.name);
+            assert!(bits.iter().any(|&b| b != 0));
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 6);
 }
 
 /// A mixed file (Q4_K_M: some layers' ffn_down in Q6_K, others in Q4_K) is budgeted at its
@@ -215,6 +268,14 @@ fn dequantised_copy(kind: &str, dir: &std::path::Path) {
                         .unwrap()
                         .dequantize(&Device::Cpu)
                         .unwrap(),
+                    // Decoded as `mxfp4_decoding_is_gguf_pys_bit_for_bit` checks.
+                    None if part.dtype == StDtype::Mxfp4 => {
+                        let [r, c] = [part.shape[0], part.shape[1]];
+                        Mxfp4Matrix::new(bytes, [r, c])
+                            .unwrap()
+                            .dequantize(DType::F32)
+                            .unwrap()
+                    }
                     None => Tensor::from_raw_buffer(
                         &bytes,
                         part.dtype.float_dtype().unwrap(),
@@ -420,6 +481,7 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
             assert!(!err.contains("panicked"), "{args:?}: {err}");
         }
     }
+    mxfp4_files_with_a_nan_scale_or_a_foreign_type_are_refused_by_name(dir.path());
     let (rc, out, err) = common::run(&["verify", gguf("Q4_K_M").to_str().unwrap()]);
     assert_eq!(rc, 0, "{out}{err}");
     assert!(out.contains("COMPLETE: all 8 experts present"), "{out}");
@@ -432,6 +494,66 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
     ]);
     assert_ne!(rc, 0);
     assert!(err.contains("read from the file itself"), "{err}");
+}
+
+/// An MXFP4_MOE file whose first block of every layer-0 down expert has scale 0xFF (NaN in
+/// E8M0) is refused when an expert is built, naming the tensor, row and block — by native at
+/// load, by selective at the first miss; one whose down stack is retyped to IQ4_XS is refused
+/// naming that stack, not the MXFP4 ones moescope reads.
+fn mxfp4_files_with_a_nan_scale_or_a_foreign_type_are_refused_by_name(dir: &std::path::Path) {
+    let path = gguf("MXFP4_MOE");
+    let good = std::fs::read(&path).unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let cfg = MoeConfig::from_dir(&path).unwrap();
+    let mut nan = good.clone();
+    for e in 0..cfg.num_experts {
+        let down = &ckpt.expert_location(&cfg, 0, e).unwrap().unwrap().parts[2];
+        assert_eq!(down.name, "blk.0.ffn_down_exps.weight");
+        nan[down.offset as usize] = 0xFF;
+    }
+    let name = b"blk.1.ffn_down_exps.weight";
+    let at_name = good
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the tensor's name");
+    let ty = at_name + name.len() + 4 + 3 * 8;
+    let mut iquant = good.clone();
+    assert_eq!(&iquant[ty..ty + 4], &39u32.to_le_bytes(), "MXFP4 before");
+    iquant[ty..ty + 4].copy_from_slice(&23u32.to_le_bytes());
+    let cases = [
+        (
+            "nan-scale.gguf",
+            nan,
+            "blk.0.ffn_down_exps.weight (MXFP4): row 0 block 0 has scale byte 0xFF",
+        ),
+        (
+            "mxfp4-iquant.gguf",
+            iquant,
+            "tensor `blk.1.ffn_down_exps.weight`: stored as IQ4_XS (GGML type 23), which \
+             moescope cannot compute with",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let p = p.to_str().unwrap();
+        for backend in ["native", "selective"] {
+            let (rc, _, err) = common::run(&[
+                "generate",
+                "--model",
+                p,
+                "--backend",
+                backend,
+                "--prompt",
+                "Why is the sky blue?",
+                "--max-new-tokens",
+                "4",
+            ]);
+            assert_ne!(rc, 0, "{name} {backend}");
+            assert!(err.contains(want), "{name} {backend}: {err}");
+            assert!(!err.contains("panicked"), "{name} {backend}: {err}");
+        }
+    }
 }
 
 #[test]

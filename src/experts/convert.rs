@@ -33,6 +33,9 @@ pub fn from_raw_with(
     device: &Device,
     gpu_blocks: bool,
 ) -> Result<ExpertWeights> {
+    if raw.parts.iter().any(|p| p.dtype == StDtype::Mxfp4) {
+        return mxfp4_expert(raw, device);
+    }
     if raw.parts.iter().any(|p| p.dtype.ggml().is_some()) {
         if !gpu_blocks {
             return quantized(raw, device);
@@ -83,58 +86,142 @@ pub fn from_raw_with(
 /// F16 for rows that are not whole blocks) is multiplied in f32, which is what the quantized
 /// products compute in.
 fn quantized(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
-    use crate::model::error::candle_msg;
     use crate::model::ports::GateUp;
-    use candle_core::quantized::{QMatMul, ggml_file::qtensor_from_ggml};
     let mut held = 0u64;
-    // One matrix from bytes as stored: a block type stays so; a float one is held in f32.
-    let mut matrix = |name: &str, dtype: StDtype, shape: Vec<usize>, parts: &[&[u8]]| {
-        let err = |e: candle_core::Error| {
-            raw.error(format!("{name} ({}): {}", dtype.name(), candle_msg(&e)))
-        };
-        match dtype.ggml() {
-            Some(g) => {
-                held += parts.iter().map(|p| p.len() as u64).sum::<u64>();
-                let q = match qtensor_of_parts(g, parts, &shape, device) {
-                    Some(q) => q,
-                    None => qtensor_from_ggml(g, &parts.concat(), shape, device),
-                }
-                .map_err(err)?;
-                QMatMul::from_qtensor(q).map_err(err)
-            }
-            None => {
-                let bytes = parts.concat();
-                let bytes = bytes.as_slice();
-                let info = TensorInfo {
-                    dtype,
-                    shape,
-                    offset: 0,
-                    len: bytes.len() as u64,
-                };
-                let t = bytes_to_tensor(bytes, &info, DType::F32, device).map_err(err)?;
-                held += (t.elem_count() * 4) as u64;
-                Ok(QMatMul::Tensor(t))
-            }
-        }
-    };
     let [g, u, d] = &raw.parts;
     let (i, h) = (g.shape[0], g.shape[1]);
     // GGML rows are independent, so gate's bytes then up's are the [2I, H] matrix.
     let gate_up = if g.dtype == u.dtype && g.shape == u.shape {
-        GateUp::Fused(matrix(
+        GateUp::Fused(candle_matrix(
+            raw,
             &g.name,
             g.dtype,
             vec![2 * i, h],
             &[g.bytes.as_slice(), u.bytes.as_slice()],
+            device,
+            &mut held,
         )?)
     } else {
         GateUp::Apart(
-            matrix(&g.name, g.dtype, g.shape.clone(), &[&g.bytes])?,
-            matrix(&u.name, u.dtype, u.shape.clone(), &[&u.bytes])?,
+            candle_part(raw, g, device, &mut held)?,
+            candle_part(raw, u, device, &mut held)?,
         )
     };
-    let down = matrix(&d.name, d.dtype, d.shape.clone(), &[&d.bytes])?;
+    let down = candle_part(raw, d, device, &mut held)?;
     Ok(ExpertWeights::quantized(gate_up, down, i, held))
+}
+
+/// One part of a GGUF expert as candle's quantized products take it ([`candle_matrix`]).
+fn candle_part(
+    raw: &RawExpert,
+    p: &super::source::RawPart,
+    device: &Device,
+    held: &mut u64,
+) -> Result<candle_core::quantized::QMatMul> {
+    candle_matrix(
+        raw,
+        &p.name,
+        p.dtype,
+        p.shape.clone(),
+        &[&p.bytes],
+        device,
+        held,
+    )
+}
+
+/// One matrix from bytes as stored (`parts` concatenated): a block type stays so; a float one
+/// is held in f32. Adds the bytes held to `held`.
+fn candle_matrix(
+    raw: &RawExpert,
+    name: &str,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    parts: &[&[u8]],
+    device: &Device,
+    held: &mut u64,
+) -> Result<candle_core::quantized::QMatMul> {
+    use crate::model::error::candle_msg;
+    use candle_core::quantized::{QMatMul, ggml_file::qtensor_from_ggml};
+    let err =
+        |e: candle_core::Error| raw.error(format!("{name} ({}): {}", dtype.name(), candle_msg(&e)));
+    match dtype.ggml() {
+        Some(g) => {
+            *held += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            let q = match qtensor_of_parts(g, parts, &shape, device) {
+                Some(q) => q,
+                None => qtensor_from_ggml(g, &parts.concat(), shape, device),
+            }
+            .map_err(err)?;
+            QMatMul::from_qtensor(q).map_err(err)
+        }
+        None => {
+            let bytes = parts.concat();
+            let bytes = bytes.as_slice();
+            let info = TensorInfo {
+                dtype,
+                shape,
+                offset: 0,
+                len: bytes.len() as u64,
+            };
+            let t = bytes_to_tensor(bytes, &info, DType::F32, device).map_err(err)?;
+            *held += (t.elem_count() * 4) as u64;
+            Ok(QMatMul::Tensor(t))
+        }
+    }
+}
+
+/// A GGUF expert with MXFP4 parts (llama.cpp's `MXFP4_MOE`; see `model/mxfp4.rs`): each MXFP4
+/// matrix held as stored and multiplied by moescope's own CPU product, any other part as in
+/// [`quantized`] — so a file that mixes MXFP4 with other types expert by expert or matrix by
+/// matrix is read too. On a GPU it is refused by name: there are no MXFP4 kernels yet.
+fn mxfp4_expert(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
+    use crate::model::mxfp4::Mxfp4Matrix;
+    use crate::model::ports::{BlockMat, MxGateUp};
+    let [g, u, d] = &raw.parts;
+    if !device.is_cpu() {
+        let first = raw
+            .parts
+            .iter()
+            .find(|p| p.dtype == StDtype::Mxfp4)
+            .unwrap_or(g);
+        return Err(raw.error(format!(
+            "{} is stored as MXFP4, which moescope multiplies on the CPU only (it has no GPU \
+             kernels for it): run with --device cpu, or requantize the model to Q4_K_M or Q8_0 \
+             for the GPU",
+            first.name
+        )));
+    }
+    let mut held = 0u64;
+    let mx = |p: &super::source::RawPart, bytes: Vec<u8>, shape: [usize; 2]| {
+        Mxfp4Matrix::new(bytes, shape)
+            .map_err(|msg| raw.error(format!("{} (MXFP4): {msg}", p.name)))
+    };
+    let shape2 = |p: &super::source::RawPart| -> Result<[usize; 2]> {
+        match p.shape.as_slice() {
+            &[r, c] => Ok([r, c]),
+            s => Err(raw.error(format!("{}: shape {s:?} is not a matrix", p.name))),
+        }
+    };
+    let part = |p: &super::source::RawPart, held: &mut u64| -> Result<BlockMat> {
+        if p.dtype == StDtype::Mxfp4 {
+            *held += p.bytes.len() as u64;
+            Ok(BlockMat::Mxfp4(mx(p, p.bytes.clone(), shape2(p)?)?))
+        } else {
+            candle_part(raw, p, device, held).map(BlockMat::Candle)
+        }
+    };
+    let [i, h] = shape2(g)?;
+    let gate_up = if g.dtype == StDtype::Mxfp4 && u.dtype == StDtype::Mxfp4 && g.shape == u.shape {
+        let mut bytes = Vec::with_capacity(g.bytes.len() + u.bytes.len());
+        bytes.extend_from_slice(&g.bytes);
+        bytes.extend_from_slice(&u.bytes);
+        held += bytes.len() as u64;
+        MxGateUp::Fused(mx(g, bytes, [2 * i, h])?)
+    } else {
+        MxGateUp::Apart(part(g, &mut held)?, part(u, &mut held)?)
+    };
+    let down = part(d, &mut held)?;
+    Ok(ExpertWeights::mxfp4(gate_up, down, i, held))
 }
 
 /// The layout a GGUF expert of these parts (dtype, shape: gate and up [I, H], down [H, I])

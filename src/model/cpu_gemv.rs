@@ -546,7 +546,7 @@ pub fn narrow_matmul_t_many(
 }
 
 /// One f32 row for every token.
-type F32RowKernel = fn(&[f32], &[f32], &mut [f32]);
+pub(crate) type F32RowKernel = fn(&[f32], &[f32], &mut [f32]);
 
 fn f32_row_portable(w: &[f32], xs: &[f32], out: &mut [f32]) {
     each_token(w, xs, out, |w, x| dot_with(w, x, |v| v))
@@ -595,7 +595,7 @@ pub unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
     unsafe { finish(acc, i, n, |k, s| w[k].mul_add(x[k], s)) }
 }
 
-fn f32_row_kernel() -> F32RowKernel {
+pub(crate) fn f32_row_kernel() -> F32RowKernel {
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
         return |w, xs, out| {
@@ -1504,7 +1504,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Widens a range of a matrix's rows into a buffer of their length.
-type WidenRows<'a> = dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync + 'a;
+pub(crate) type WidenRows<'a> = dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync + 'a;
 
 /// Rows of a 16-bit matrix widened together, into a thread's buffer (512 KiB at 1,024 columns:
 /// it stays in the core's L2 for the product that reads it).
@@ -1550,6 +1550,26 @@ fn matmul_t_blocks(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         }
         d => candle_core::bail!("CPU product: widening a {d:?} matrix"),
     };
+    let y = widened_blocks_product(xv, n, k, rows, widen.as_ref());
+    Tensor::from_vec(y, (n, rows), &Device::Cpu)
+}
+
+/// y [n, rows] = x [n, k] · Wᵀ for a W whose rows `widen` writes as f32 (exact), a block of
+/// [`WIDE_BLOCK`] rows at a time into the thread's buffer, each block multiplied by candle's
+/// GEMM on one thread into its own columns of y, blocks spread over the worker pool — the work
+/// of [`matmul_t_blocks`], for any row format (`mxfp4.rs` too).
+pub(crate) fn widened_blocks_product(
+    xv: &[f32],
+    n: usize,
+    k: usize,
+    rows: usize,
+    widen: &WidenRows,
+) -> Vec<f32> {
+    assert!(
+        xv.len() >= n * k,
+        "widened product: x of {} for [{n}, {k}]",
+        xv.len()
+    );
     thread_local! {
         static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -1595,7 +1615,7 @@ fn matmul_t_blocks(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
             });
         }
     });
-    Tensor::from_vec(y, (n, rows), &Device::Cpu)
+    y
 }
 
 #[cfg(test)]

@@ -196,20 +196,39 @@ impl GgufFile {
             msg,
         };
         // The reader divides by the file's `general.alignment` without checking it for zero.
-        let content =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
-                .map_err(|_| err("not a readable GGUF header (general.alignment is 0?)".into()))?
-                .map_err(|e| {
-                    // candle names an unknown type by its id alone: find which tensors hold one.
-                    match super::gguf_types::unreadable_tensors(&mut reader) {
+        let read = |mut r: &mut dyn ReadSeek| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut r)))
+                .map_err(|_| err("not a readable GGUF header (general.alignment is 0?)".into()))
+        };
+        let (content, mxfp4) = match read(&mut reader)? {
+            Ok(c) => (c, Vec::new()),
+            // MXFP4, which candle does not read and moescope does: the header again with those
+            // types as F32, the type restored below.
+            Err(e) => match super::gguf_types::with_mxfp4_as_f32(&mut reader) {
+                Some((header, names)) => {
+                    let c = read(&mut std::io::Cursor::new(header))?.map_err(|e| {
+                        err(format!("not a readable GGUF header: {}", candle_msg(&e)))
+                    })?;
+                    (c, names)
+                }
+                // candle names an unknown type by its id alone: find which tensors hold one.
+                None => {
+                    // MXFP4 tensors are not what stops this file: name the others.
+                    let found = super::gguf_types::unreadable_tensors(&mut reader).map(|mut f| {
+                        f.retain(|(_, t)| *t != super::gguf_types::MXFP4);
+                        f
+                    });
+                    return Err(match found {
                         Some(found) if !found.is_empty() => ModelError::Tensor {
                             file: path.to_path_buf(),
                             tensor: found[0].0.clone(),
                             msg: super::gguf_types::unreadable_message(&found),
                         },
                         _ => err(format!("not a readable GGUF header: {}", candle_msg(&e))),
-                    }
-                })?;
+                    });
+                }
+            },
+        };
         let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
         for (name, info) in &content.tensor_infos {
             let terr = |msg: String| ModelError::Tensor {
@@ -217,12 +236,16 @@ impl GgufFile {
                 tensor: name.clone(),
                 msg,
             };
-            let dtype = StDtype::from_ggml(info.ggml_dtype).ok_or_else(|| {
-                terr(format!(
-                    "GGML type {:?} is not a weight type moescope reads",
-                    info.ggml_dtype
-                ))
-            })?;
+            let dtype = if mxfp4.contains(name) {
+                StDtype::Mxfp4
+            } else {
+                StDtype::from_ggml(info.ggml_dtype).ok_or_else(|| {
+                    terr(format!(
+                        "GGML type {:?} is not a weight type moescope reads",
+                        info.ggml_dtype
+                    ))
+                })?
+            };
             let shape = info.shape.dims().to_vec();
             let elems = shape
                 .iter()
@@ -231,7 +254,7 @@ impl GgufFile {
             let row = shape.last().copied().unwrap_or(1) as u64;
             let len = dtype
                 .bytes_for(elems)
-                .filter(|_| dtype.ggml().is_none() || row.is_multiple_of(block_of(dtype)))
+                .filter(|_| row.is_multiple_of(block_of(dtype)))
                 .ok_or_else(|| {
                     terr(format!(
                         "shape {shape:?} is not whole {} blocks of {} per row",
@@ -736,6 +759,24 @@ impl GgufFile {
             tensor: loc.name.clone(),
             msg: format!("converting from {}: {}", loc.dtype.name(), candle_msg(&e)),
         };
+        if loc.dtype == StDtype::Mxfp4 {
+            // Not what llama.cpp's MXFP4_MOE writes (its other tensors are Q8_0), but a file
+            // with an MXFP4 matrix outside the experts is read: widened once, as other blocks.
+            let cols = loc.shape.last().copied().unwrap_or(0);
+            let rows = loc.shape.iter().product::<usize>() / cols.max(1);
+            let m = super::mxfp4::Mxfp4Matrix::new(bytes, [rows, cols]).map_err(|msg| {
+                ModelError::Tensor {
+                    file: loc.file.clone(),
+                    tensor: loc.name.clone(),
+                    msg,
+                }
+            })?;
+            return m
+                .dequantize(dtype)
+                .and_then(|t| t.reshape(loc.shape.as_slice()))
+                .and_then(|t| t.to_device(device))
+                .map_err(terr);
+        }
         match loc.dtype.ggml() {
             None => {
                 let info = TensorInfo {
@@ -833,7 +874,7 @@ impl GgufFile {
                     msg: format!("shape {:?}, expected {want:?} from the metadata", t.shape),
                 });
             }
-            if t.dtype.float_dtype().is_none() && t.dtype.ggml().is_none() {
+            if t.dtype.float_dtype().is_none() && t.dtype.block_elems().is_none() {
                 return Err(ModelError::Tensor {
                     file: self.path.clone(),
                     tensor: name,
@@ -981,8 +1022,12 @@ pub fn expert_types_of(path: &Path) -> Option<String> {
 }
 
 fn block_of(dtype: StDtype) -> u64 {
-    dtype.ggml().map(|g| g.block_size() as u64).unwrap_or(1)
+    dtype.block_elems().unwrap_or(1)
 }
+
+/// What candle's header reader takes, as one trait object (the file, or a header in memory).
+trait ReadSeek: std::io::Read + std::io::Seek {}
+impl<T: std::io::Read + std::io::Seek> ReadSeek for T {}
 
 fn as_u64(v: &Value) -> Option<u64> {
     match v {

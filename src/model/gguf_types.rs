@@ -2,12 +2,12 @@
 //!
 //! Why: candle's reader stops at the first tensor whose GGML type it does not know with "unknown
 //! dtype for tensor 23" — the 23 is the type id, not a tensor — and that is what a user with one
-//! of the files people actually share (llama.cpp's i-quants such as `IQ4_XS`, its `MXFP4_MOE`
-//! experts, the ternary types) would read. This walk reads the same header on its own, only far
-//! enough to list each tensor's name and type, so the error can say which tensor is stored in
-//! which type and what to convert it to. It never allocates more than one name at a time and
-//! stops at the first thing that does not parse (returning `None`: the caller keeps candle's
-//! message).
+//! of the files people actually share (llama.cpp's i-quants such as `IQ4_XS`, the ternary
+//! types) would read. This walk reads the same header on its own, only far enough to list each
+//! tensor's name and type, so the error can say which tensor is stored in which type and what to
+//! convert it to — or, for MXFP4, which moescope reads itself, hand candle the header with those
+//! types rewritten ([`with_mxfp4_as_f32`]). It keeps only names and offsets and stops at the
+//! first thing that does not parse (returning `None`: the caller keeps candle's message).
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -65,6 +65,55 @@ pub fn type_name(id: u32) -> String {
 /// the header does not parse this far (then there is nothing better to say than candle's
 /// message).
 pub fn unreadable_tensors<R: Read + Seek>(r: &mut R) -> Option<Vec<(String, u32)>> {
+    let (tensors, _) = walk(r)?;
+    Some(
+        tensors
+            .into_iter()
+            .filter(|t| !CANDLE_READS.contains(&t.ty))
+            .map(|t| (t.name, t.ty))
+            .collect(),
+    )
+}
+
+/// GGML's type id for MXFP4.
+pub const MXFP4: u32 = 39;
+
+/// For a header whose only types candle cannot read are MXFP4: the header's bytes (up to the
+/// end of the tensor table) with each MXFP4 tensor's type rewritten to F32, and those tensors'
+/// names. Why: candle's reader refuses the whole file at the first type it does not know, and
+/// moescope reads MXFP4 itself (`mxfp4.rs`); the rewrite keeps every length and offset, so
+/// candle's reader then parses the rest — metadata, shapes, offsets, alignment — as it would
+/// have, and the caller restores the type by name. None for anything else.
+pub fn with_mxfp4_as_f32<R: Read + Seek>(r: &mut R) -> Option<(Vec<u8>, Vec<String>)> {
+    let (tensors, end) = walk(r)?;
+    let foreign: Vec<&Walked> = tensors
+        .iter()
+        .filter(|t| !CANDLE_READS.contains(&t.ty))
+        .collect();
+    if foreign.is_empty() || foreign.iter().any(|t| t.ty != MXFP4) {
+        return None;
+    }
+    let mut header = vec![0u8; usize::try_from(end).ok()?];
+    r.seek(SeekFrom::Start(0)).ok()?;
+    r.read_exact(&mut header).ok()?;
+    for t in &foreign {
+        let at = usize::try_from(t.type_at).ok()?;
+        header
+            .get_mut(at..at + 4)?
+            .copy_from_slice(&0u32.to_le_bytes());
+    }
+    Some((header, foreign.iter().map(|t| t.name.clone()).collect()))
+}
+
+/// One entry of the tensor table: its name, type id and where the type id lies in the file.
+struct Walked {
+    name: String,
+    ty: u32,
+    type_at: u64,
+}
+
+/// The tensor table, and the offset just past it; None where the header does not parse.
+fn walk<R: Read + Seek>(r: &mut R) -> Option<(Vec<Walked>, u64)> {
     r.seek(SeekFrom::Start(0)).ok()?;
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic).ok()?;
@@ -102,13 +151,12 @@ pub fn unreadable_tensors<R: Read + Seek>(r: &mut R) -> Option<Vec<(String, u32)
         for _ in 0..dims {
             len(r)?;
         }
+        let type_at = r.stream_position().ok()?;
         let ty = u32_of(r)?;
         u64_of(r)?; // the tensor's offset
-        if !CANDLE_READS.contains(&ty) {
-            out.push((name, ty));
-        }
+        out.push(Walked { name, ty, type_at });
     }
-    Some(out)
+    Some((out, r.stream_position().ok()?))
 }
 
 /// The error message for a file whose tensors `found` are in types candle cannot read:
@@ -128,9 +176,9 @@ pub fn unreadable_message(found: &[(String, u32)]) -> String {
     };
     format!(
         "stored as {} (GGML type {ty}){others}, which moescope cannot compute with: it reads \
-         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the k-quants Q2_K–Q6_K (so Q4_K_M, \
-         Q5_K_M, Q6_K and Q8_0 files), not llama.cpp's i-quants (IQ*), ternary (TQ*) or MXFP4 \
-         types — requantize the original with `llama-quantize … Q4_K_M` (or Q8_0)",
+         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the k-quants Q2_K–Q6_K and MXFP4 (so \
+         Q4_K_M, Q5_K_M, Q6_K, Q8_0 and MXFP4_MOE files), not llama.cpp's i-quants (IQ*) or \
+         ternary (TQ*) types — requantize the original with `llama-quantize … Q4_K_M` (or Q8_0)",
         type_name(*ty)
     )
 }
@@ -267,6 +315,33 @@ mod tests {
         );
         let none = unreadable_tensors(&mut Cursor::new(header([12, 14]))).unwrap();
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn mxfp4_tensors_are_handed_to_candle_as_f32_and_named() {
+        use candle_core::quantized::{GgmlDType, gguf_file::Content};
+        let h = header([39, 12]);
+        assert!(
+            Content::read(&mut Cursor::new(&h)).is_err(),
+            "candle reads MXFP4 now?"
+        );
+        let (patched, names) = with_mxfp4_as_f32(&mut Cursor::new(h.clone())).unwrap();
+        assert_eq!(names, vec!["blk.0.ffn_down_exps.weight".to_string()]);
+        assert_eq!(patched.len(), h.len(), "the whole table, nothing after it");
+        let c = Content::read(&mut Cursor::new(&patched)).unwrap();
+        let t = &c.tensor_infos["blk.0.ffn_down_exps.weight"];
+        assert_eq!(t.ggml_dtype, GgmlDType::F32);
+        assert_eq!(t.shape.dims(), [4, 256]);
+        assert_eq!(c.tensor_infos["output.weight"].ggml_dtype, GgmlDType::Q4K);
+        // Other types candle cannot read are not rewritten: the file is refused as before.
+        assert!(with_mxfp4_as_f32(&mut Cursor::new(header([39, 23]))).is_none());
+        assert!(with_mxfp4_as_f32(&mut Cursor::new(header([12, 14]))).is_none());
+        for n in 0..h.len() {
+            assert!(
+                with_mxfp4_as_f32(&mut Cursor::new(&h[..n])).is_none(),
+                "{n}"
+            );
+        }
     }
 
     #[test]

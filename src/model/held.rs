@@ -85,16 +85,16 @@ pub fn held_sizes(
 
 /// Bytes one expert occupies once held, from its three parts as stored: the rule
 /// `experts::convert` builds experts by, in the one place the memory estimates, the sweep and the
-/// cache's budget read it. Block-quantized parts (GGUF) as stored, the expert's float parts then
-/// in f32 (the block products take f32); FP8 matrices as stored plus their scales in f32; float
+/// cache's budget read it. Block-quantized parts (GGUF, MXFP4 among them) as stored, the
+/// expert's float parts then in f32 (the block products take f32); FP8 matrices as stored plus their scales in f32; float
 /// experts in the compute dtype (`float_size` bytes an element), except three 16-bit parts of one
 /// type for f32 compute on the CPU (`cpu`), which stay as stored ([`super::ports::held_dtype`]).
 pub fn expert_held_bytes(parts: &[TensorLocation; 3], float_size: u64, cpu: bool) -> u64 {
     let elements = |p: &TensorLocation| p.shape.iter().product::<usize>() as u64;
-    if parts.iter().any(|p| p.dtype.ggml().is_some()) {
+    if parts.iter().any(|p| p.dtype.block_elems().is_some()) {
         return parts
             .iter()
-            .map(|p| match p.dtype.ggml() {
+            .map(|p| match p.dtype.block_elems() {
                 Some(_) => p.len,
                 None => elements(p) * 4,
             })

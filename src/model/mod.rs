@@ -26,6 +26,7 @@ pub mod moe_block;
 pub mod moe_decode;
 #[cfg(feature = "cuda")]
 pub mod moe_grouped;
+pub mod mxfp4;
 pub mod ports;
 pub mod qwen3_moe;
 #[cfg(feature = "cuda")]

@@ -450,14 +450,18 @@ impl MoeBlock {
                 return Ok(y?);
             }
             // Not this case (quantized experts): their gate_up products in one call where
-            // candle can, else one expert at a time, over the experts already held.
+            // candle can, MXFP4 ones in two trips through the pool, else one expert at a time,
+            // over the experts already held.
             let refs: Vec<&super::ports::ExpertWeights> = held.iter().map(|w| w.as_ref()).collect();
             let outs = match super::ports::ExpertWeights::quantized_one_token(x, &refs)? {
                 Some(ys) => ys,
-                None => held
-                    .iter()
-                    .map(|w| w.forward(x))
-                    .collect::<Result<Vec<_>>>()?,
+                None => match super::ports::ExpertWeights::mxfp4_one_token(x, &refs)? {
+                    Some(ys) => ys,
+                    None => held
+                        .iter()
+                        .map(|w| w.forward(x))
+                        .collect::<Result<Vec<_>>>()?,
+                },
             };
             let mut acc: Option<Tensor> = None;
             for (y, &e) in outs.into_iter().zip(&used) {
@@ -505,6 +509,22 @@ impl MoeBlock {
                 {
                     for (&i, y) in pick.iter().zip(ys?) {
                         batched[i] = Some(y);
+                    }
+                }
+                // MXFP4 experts (`mxfp4.rs`) the same way, when every one is.
+                if pick.is_empty() && used.len() > 1 {
+                    let all: Vec<&super::ports::ExpertWeights> =
+                        held.iter().map(|w| w.as_ref()).collect();
+                    let idx: Vec<Vec<u32>> = used
+                        .iter()
+                        .map(|&e| rows[e].iter().map(|r| r.0).collect())
+                        .collect();
+                    let refs: Vec<&[u32]> = idx.iter().map(|v| v.as_slice()).collect();
+                    if let Some(ys) = super::ports::ExpertWeights::mxfp4_few_tokens(x, &all, &refs)?
+                    {
+                        for (b, y) in batched.iter_mut().zip(ys) {
+                            *b = Some(y);
+                        }
                     }
                 }
             }

@@ -15,6 +15,7 @@ use super::error::Result;
 use super::fp8::Fp8Matrix;
 use super::layers::silu;
 use super::mapped::MappedBf16;
+use super::mxfp4::Mxfp4Matrix;
 pub use crate::step_path::StepPath;
 
 /// One expert, ready to compute with. Dense: gate and up stacked as one [2I, H] matrix (one
@@ -59,6 +60,40 @@ enum Mats {
         up: Fp8Matrix,
         down: Fp8Matrix,
     },
+    /// A GGUF expert with MXFP4 parts (see `mxfp4.rs`), on the CPU: those decoded inside
+    /// moescope's own product, any other part as a [`Mats::Quantized`] one's.
+    Mxfp4 {
+        gate_up: MxGateUp,
+        down: BlockMat,
+        /// Bytes as held (as stored; a float part in f32), what a cache budgets.
+        bytes: u64,
+    },
+}
+
+/// One matrix of an expert with MXFP4 parts: MXFP4, or what candle's quantized product takes
+/// (another block type, or a float part held in f32).
+#[derive(Debug, Clone)]
+pub enum BlockMat {
+    Mxfp4(Mxfp4Matrix),
+    Candle(QMatMul),
+}
+
+impl BlockMat {
+    /// x·Wᵀ for an f32 x [n, cols].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            BlockMat::Mxfp4(m) => m.forward(x)?,
+            BlockMat::Candle(m) => m.forward(x)?,
+        })
+    }
+}
+
+/// Gate and up of an expert with MXFP4 parts: one [2I, H] MXFP4 product when both are MXFP4
+/// (GGUF rows are independent, so gate's bytes then up's are that matrix), else two.
+#[derive(Debug, Clone)]
+pub enum MxGateUp {
+    Fused(Mxfp4Matrix),
+    Apart(BlockMat, BlockMat),
 }
 
 /// A dense expert matrix as the CPU expert kernels read it: a CPU tensor, or bf16 rows in place
@@ -159,6 +194,19 @@ impl ExpertWeights {
         }
     }
 
+    /// A GGUF expert with MXFP4 parts: gate and up ([2I, H] fused, or [I, H] each), `down`
+    /// [H, I]; `bytes` as held.
+    pub fn mxfp4(gate_up: MxGateUp, down: BlockMat, intermediate: usize, bytes: u64) -> Self {
+        ExpertWeights {
+            mats: Mats::Mxfp4 {
+                gate_up,
+                down,
+                bytes,
+            },
+            intermediate,
+        }
+    }
+
     /// GGUF blocks on a GPU as stored (see [`GgmlLayout`]): `gate_up` U8 holding gate's then
     /// up's bytes, `down` U8 holding down's. Errors when the byte counts are not the layout's.
     pub fn blocks(gate_up: Tensor, down: Tensor, layout: GgmlLayout) -> Result<Self> {
@@ -208,6 +256,7 @@ impl ExpertWeights {
             Mats::Quantized { .. }
             | Mats::Blocks { .. }
             | Mats::Fp8 { .. }
+            | Mats::Mxfp4 { .. }
             | Mats::Mapped { .. } => None,
         }
     }
@@ -260,6 +309,21 @@ impl ExpertWeights {
                 let h = (silu(&gate.forward(x)?)? * up.forward(x)?)?;
                 Ok(down.forward(&h)?)
             }
+            Mats::Mxfp4 { gate_up, down, .. } => {
+                // In f32, as the quantized products (activations are not rounded to blocks).
+                let dtype = x.dtype();
+                let x = x.to_dtype(DType::F32)?;
+                let (g, u) = match gate_up {
+                    MxGateUp::Fused(m) => {
+                        let gu = m.forward(&x)?;
+                        let i = self.intermediate;
+                        (gu.narrow(1, 0, i)?, gu.narrow(1, i, i)?)
+                    }
+                    MxGateUp::Apart(g, u) => (g.forward(&x)?, u.forward(&x)?),
+                };
+                let h = (silu(&g)? * u)?;
+                Ok(down.forward(&h)?.to_dtype(dtype)?)
+            }
             Mats::Mapped { gate_up, down } => {
                 // Outside the CPU expert kernels: a tensor copy, then as a dense expert.
                 ExpertWeights::new(gate_up.to_tensor()?, down.to_tensor()?, self.intermediate)
@@ -280,6 +344,119 @@ impl ExpertWeights {
         };
         let h = (silu(&g)? * u)?;
         Ok(down.forward(&h)?.to_dtype(dtype)?)
+    }
+
+    /// [`forward`](Self::forward) of one token `x` [1, H] through several MXFP4 experts (gate
+    /// and up fused, down MXFP4) on the CPU: every expert's gate_up rows in one product and
+    /// every down row in another ([`super::mxfp4::stacked_product`]) — two trips through the
+    /// worker pool a layer instead of two an expert — with each row's dot and the tensor ops
+    /// between them those of `forward`, so the same bits. None where that does not apply.
+    pub fn mxfp4_one_token(x: &Tensor, experts: &[&ExpertWeights]) -> Result<Option<Vec<Tensor>>> {
+        if experts.is_empty() || !x.device().is_cpu() || x.dim(0)? != 1 {
+            return Ok(None);
+        }
+        let mut gate_ups = Vec::with_capacity(experts.len());
+        let mut downs = Vec::with_capacity(experts.len());
+        for w in experts {
+            match &w.mats {
+                Mats::Mxfp4 {
+                    gate_up: MxGateUp::Fused(gu),
+                    down: BlockMat::Mxfp4(d),
+                    ..
+                } => {
+                    gate_ups.push(gu);
+                    downs.push(d);
+                }
+                _ => return Ok(None),
+            }
+        }
+        let dtype = x.dtype();
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let gu = super::mxfp4::stacked_product(&gate_ups, |_| &xs)?;
+        let mut hs = Vec::with_capacity(experts.len());
+        let mut at = 0;
+        for w in experts {
+            let i = w.intermediate;
+            let g_u = Tensor::from_slice(&gu[at..at + 2 * i], (1, 2 * i), x.device())?;
+            at += 2 * i;
+            let h = (silu(&g_u.narrow(1, 0, i)?)? * g_u.narrow(1, i, i)?)?;
+            hs.push(h.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let y = super::mxfp4::stacked_product(&downs, |e| &hs[e])?;
+        let mut at = 0;
+        downs
+            .iter()
+            .map(|d| {
+                let rows = d.dims()[0];
+                let t = Tensor::from_slice(&y[at..at + rows], (1, rows), x.device())?;
+                at += rows;
+                Ok(t.to_dtype(dtype)?)
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// A prompt's rows through several MXFP4 experts (gate and up fused, down MXFP4) on the
+    /// CPU: expert e's tokens are rows `idx[e]` of `x`, each expert at most
+    /// `cpu_gemv::MAX_TOKENS` of them; every expert's gate_up rows in one product and every
+    /// down row in another ([`super::mxfp4::ragged_product`]). Each expert's output [n_e, H]
+    /// as f32 values of x's dtype — the bits of `forward` over its rows. None where that does
+    /// not apply.
+    pub fn mxfp4_few_tokens(
+        x: &Tensor,
+        experts: &[&ExpertWeights],
+        idx: &[&[u32]],
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        let (t, h) = x.dims2()?;
+        if experts.is_empty() || experts.len() != idx.len() || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let mut gate_ups = Vec::with_capacity(experts.len());
+        let mut downs = Vec::with_capacity(experts.len());
+        for (w, rows) in experts.iter().zip(idx) {
+            let fits = !rows.is_empty()
+                && super::cpu_gemv::row_kernels_take(DType::F32, rows.len())
+                && rows.iter().all(|&r| (r as usize) < t);
+            match &w.mats {
+                Mats::Mxfp4 {
+                    gate_up: MxGateUp::Fused(gu),
+                    down: BlockMat::Mxfp4(d),
+                    ..
+                } if fits && gu.dims()[1] == h => {
+                    gate_ups.push(gu);
+                    downs.push(d);
+                }
+                _ => return Ok(None),
+            }
+        }
+        let dtype = x.dtype();
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let ns: Vec<usize> = idx.iter().map(|r| r.len()).collect();
+        let xe: Vec<Vec<f32>> = idx
+            .iter()
+            .map(|rows| {
+                rows.iter()
+                    .flat_map(|&r| xs[r as usize * h..(r as usize + 1) * h].iter().copied())
+                    .collect()
+            })
+            .collect();
+        let gu = super::mxfp4::ragged_product(&gate_ups, &ns, |e| &xe[e])?;
+        let mut hs = Vec::with_capacity(experts.len());
+        for ((w, g_u), &n) in experts.iter().zip(gu).zip(&ns) {
+            let i = w.intermediate;
+            let g_u = Tensor::from_vec(g_u, (n, 2 * i), x.device())?;
+            let h = (silu(&g_u.narrow(1, 0, i)?)? * g_u.narrow(1, i, i)?)?;
+            hs.push(h.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let ys = super::mxfp4::ragged_product(&downs, &ns, |e| &hs[e])?;
+        ys.into_iter()
+            .zip(&ns)
+            .map(|(y, &n)| {
+                let y = Tensor::from_vec(y, (n, h), x.device())?.to_dtype(dtype)?;
+                Ok(super::cpu_gemv::widened(&y)?)
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// [`forward`](Self::forward) of one token `x` [1, H] through several block-quantized
@@ -329,7 +506,7 @@ impl ExpertWeights {
             Mats::Dense { gate_up, down } => {
                 ((gate_up.elem_count() + down.elem_count()) * down.dtype().size_in_bytes()) as u64
             }
-            Mats::Quantized { bytes, .. } => *bytes,
+            Mats::Quantized { bytes, .. } | Mats::Mxfp4 { bytes, .. } => *bytes,
             Mats::Blocks { gate_up, down, .. } => (gate_up.elem_count() + down.elem_count()) as u64,
             Mats::Fp8 { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
             Mats::Mapped { gate_up, down } => {
@@ -967,6 +1144,76 @@ mod tests {
         let x = Tensor::zeros((1, h), DType::F32, &Device::Cpu).unwrap();
         assert!(
             ExpertWeights::quantized_one_token(&x, &[&q, &dense])
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// MXFP4 experts of one token, every gate_up row in one product and every down row in
+    /// another: the bits of each expert's own forward, in f32 and bf16; experts that are not
+    /// all MXFP4 with a fused gate_up are left to the caller.
+    #[test]
+    fn mxfp4_experts_of_one_token_are_their_own_forwards() {
+        use super::super::mxfp4::{Mxfp4Matrix, sample_blocks};
+        let (h, i) = (256, 96);
+        let expert = |seed: usize| {
+            let gu = Mxfp4Matrix::new(sample_blocks(2 * i, h, seed), [2 * i, h]).unwrap();
+            let dn = Mxfp4Matrix::new(sample_blocks(h, i, seed + 1), [h, i]).unwrap();
+            let bytes = gu.bytes() + dn.bytes();
+            ExpertWeights::mxfp4(MxGateUp::Fused(gu), BlockMat::Mxfp4(dn), i, bytes)
+        };
+        let experts: Vec<ExpertWeights> = (0..5).map(|e| expert(3 * e)).collect();
+        let refs: Vec<&ExpertWeights> = experts.iter().collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = crate::util::test_matrix(1, h, 7, 97, 1.0 / 16.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let batched = ExpertWeights::mxfp4_one_token(&x, &refs).unwrap().unwrap();
+            for (w, y) in experts.iter().zip(&batched) {
+                let want = w.forward(&x).unwrap();
+                assert_eq!(y.dtype(), dtype);
+                let bits = |t: &Tensor| crate::util::f32_bits(&t.to_dtype(DType::F32).unwrap());
+                assert_eq!(bits(y), bits(&want), "{dtype:?}");
+                assert!(bits(y).iter().any(|&b| b != 0));
+            }
+        }
+        // A prompt's rows, a few per expert (one expert with the row kernels' most).
+        let most = crate::model::cpu_gemv::MAX_TOKENS as u32;
+        let idx: Vec<Vec<u32>> = vec![
+            vec![0],
+            vec![1, 4],
+            (0..most).collect(),
+            vec![9],
+            vec![3, 9],
+        ];
+        let refs_idx: Vec<&[u32]> = idx.iter().map(|v| v.as_slice()).collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = crate::util::test_matrix(10, h, 5, 97, 1.0 / 16.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let ys = ExpertWeights::mxfp4_few_tokens(&x, &refs, &refs_idx)
+                .unwrap()
+                .unwrap();
+            for ((w, y), rows) in experts.iter().zip(&ys).zip(&idx) {
+                let sel = Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu).unwrap();
+                let xe = x.index_select(&sel, 0).unwrap();
+                let want = crate::model::cpu_gemv::widened(&w.forward(&xe).unwrap()).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(y), bits(&want), "{dtype:?} rows {rows:?}");
+            }
+        }
+        // More tokens than the row kernels take: the caller's path.
+        let long: Vec<Vec<u32>> = vec![(0..most + 1).map(|r| r % 10).collect()];
+        let x = crate::util::test_matrix(10, h, 5, 97, 1.0 / 16.0);
+        assert!(
+            ExpertWeights::mxfp4_few_tokens(&x, &refs[..1], &[long[0].as_slice()])
+                .unwrap()
+                .is_none()
+        );
+        let q = quantized_expert(1, h, i, GgmlDType::Q8_0, GgmlDType::Q8_0);
+        let x = Tensor::zeros((1, h), DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            ExpertWeights::mxfp4_one_token(&x, &[&experts[0], &q])
                 .unwrap()
                 .is_none()
         );

@@ -50,6 +50,10 @@ pub enum StDtype {
     Q4K,
     Q5K,
     Q6K,
+    /// OCP MXFP4 as GGUF stores it (GGML type 39, which candle does not read): blocks of 32
+    /// weights, one E8M0 scale byte then 16 bytes of E2M1 codes (see `model/mxfp4.rs`).
+    /// llama.cpp's `MXFP4_MOE` files hold their experts so; moescope reads it for experts only.
+    Mxfp4,
 }
 
 impl StDtype {
@@ -82,6 +86,10 @@ impl StDtype {
             Self::F32 | Self::I32 | Self::U32 => 4,
             Self::F64 | Self::I64 | Self::U64 => 8,
             Self::I8 | Self::U8 | Self::BOOL | Self::F8E4M3 | Self::F8E5M2 => 1,
+            Self::Mxfp4 => {
+                let blocks = elems.is_multiple_of(32).then_some(elems / 32)?;
+                return blocks.checked_mul(super::mxfp4::BLOCK_BYTES as u64);
+            }
             _ => {
                 let g = self.ggml()?;
                 let block = g.block_size() as u64;
@@ -93,7 +101,15 @@ impl StDtype {
         elems.checked_mul(plain)
     }
 
-    /// The GGML type of a block-quantized dtype (None for plain ones).
+    /// Elements per block of a block-stored dtype (GGML's types and MXFP4); None for plain ones.
+    pub fn block_elems(self) -> Option<u64> {
+        match self {
+            Self::Mxfp4 => Some(super::mxfp4::BLOCK as u64),
+            _ => self.ggml().map(|g| g.block_size() as u64),
+        }
+    }
+
+    /// The GGML type of a block-quantized dtype candle reads (None for plain ones and MXFP4).
     pub fn ggml(self) -> Option<candle_core::quantized::GgmlDType> {
         use candle_core::quantized::GgmlDType as G;
         Some(match self {
@@ -200,6 +216,7 @@ impl StDtype {
             Self::Q4K => "Q4_K",
             Self::Q5K => "Q5_K",
             Self::Q6K => "Q6_K",
+            Self::Mxfp4 => "MXFP4",
         }
     }
 }

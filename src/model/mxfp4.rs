@@ -1,0 +1,642 @@
+//! MXFP4 (the OCP Microscaling format's FP4) as llama.cpp stores it in GGUF — GGML type 39,
+//! `block_mxfp4`: blocks of 32 weights along a row, each one E8M0 scale byte `e` (2^(e−127))
+//! then 16 bytes of 4-bit E2M1 codes, weight j in the low nibble of byte j and weight j + 16 in
+//! the high nibble. `llama-quantize … MXFP4_MOE` writes a MoE's expert stacks so (its other
+//! tensors in Q8_0); candle's quantized module does not read the type, so moescope decodes it
+//! itself, for experts only.
+//!
+//! Decoding follows llama.cpp's `dequantize_row_mxfp4` exactly: the code through
+//! `kvalues_mxfp4` (twice the E2M1 value: 0, 1, 2, 3, 4, 6, 8, 12 and their negatives, code 8
+//! being +0) times 2^(e−128). Every such weight is exact in f32, so the product here —
+//! [`Mxfp4Matrix::forward`], the weights decoded inside the dot, activations kept in f32 (not
+//! rounded to 8-bit blocks, as llama.cpp's CPU product does) — gives the bits of
+//! [`dot_with`](super::cpu_gemv::dot_with) over the dequantised row, whichever CPU form runs (unit tests). E8M0's 0xFF
+//! is NaN in the OCP format (llama.cpp's row validation refuses it too): a block with it is
+//! refused when the matrix is built, naming the row and block.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+#[cfg(test)]
+use super::cpu_gemv::dot_with;
+
+/// Weights per block.
+pub const BLOCK: usize = 32;
+/// Bytes per block: the scale, then 16 bytes of two codes each.
+pub const BLOCK_BYTES: usize = 1 + BLOCK / 2;
+
+/// llama.cpp's `kvalues_mxfp4`: each E2M1 code as twice its value (so that they are integers).
+const KVALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Half an E8M0 scale, 2^(e−128), as llama.cpp's `ggml_e8m0_to_fp32_half` builds it (subnormal
+/// for e < 2). Not for e = 0xFF, which the matrix refuses.
+#[inline(always)]
+pub fn half_scale(e: u8) -> f32 {
+    if e < 2 {
+        f32::from_bits(0x0020_0000 << e)
+    } else {
+        f32::from_bits((e as u32 - 1) << 23)
+    }
+}
+
+/// One row's blocks widened to f32 (`out` 32 values per block). Exact.
+pub fn decode_row(blocks: &[u8], out: &mut [f32]) {
+    for (b, o) in blocks
+        .chunks_exact(BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(BLOCK))
+    {
+        let d = half_scale(b[0]);
+        let (lo, hi) = o.split_at_mut(BLOCK / 2);
+        for ((q, l), h) in b[1..].iter().zip(lo).zip(hi) {
+            *l = KVALUES[(q & 0x0F) as usize] as f32 * d;
+            *h = KVALUES[(q >> 4) as usize] as f32 * d;
+        }
+    }
+}
+
+/// [`decode_row`] with the CPU's vector forms where it has them (the same values: each is
+/// exact).
+pub fn decode_row_fast(blocks: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_gemv::avx2_fma() {
+        // SAFETY: AVX2 was detected on this CPU.
+        return unsafe { decode_row_avx2(blocks, out) };
+    }
+    decode_row(blocks, out)
+}
+
+/// [`decode_row`] in AVX2: per block the 32 codes looked up by one byte shuffle each half,
+/// widened to f32 and scaled.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_row_avx2(blocks: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): AVX2 as required; each load is one block's 16 code bytes and each
+    // store 8 of its 32 outputs, inside the chunks the loop hands out.
+    unsafe {
+        let table = _mm_loadu_si128(KVALUES.as_ptr() as *const __m128i);
+        let low = _mm_set1_epi8(0x0F);
+        for (b, o) in blocks
+            .chunks_exact(BLOCK_BYTES)
+            .zip(out.chunks_exact_mut(BLOCK))
+        {
+            let d = _mm256_set1_ps(half_scale(b[0]));
+            let q = _mm_loadu_si128(b.as_ptr().add(1) as *const __m128i);
+            let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, low));
+            let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low));
+            let widen = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
+            let p = o.as_mut_ptr();
+            _mm256_storeu_ps(p, widen(lo));
+            _mm256_storeu_ps(p.add(8), widen(_mm_srli_si128(lo, 8)));
+            _mm256_storeu_ps(p.add(16), widen(hi));
+            _mm256_storeu_ps(p.add(24), widen(_mm_srli_si128(hi, 8)));
+        }
+    }
+}
+
+/// An MXFP4 matrix [rows, cols] (cols a multiple of 32), held as stored and multiplied on the
+/// CPU without being widened as a whole.
+#[derive(Debug, Clone)]
+pub struct Mxfp4Matrix {
+    bytes: Arc<Vec<u8>>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Mxfp4Matrix {
+    /// From a matrix's bytes as stored. The caller names the tensor in errors; here the sizes
+    /// and every block's scale are checked (a scale of 0xFF, NaN in E8M0, is named by row and
+    /// block).
+    pub fn new(bytes: Vec<u8>, [rows, cols]: [usize; 2]) -> std::result::Result<Self, String> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(format!(
+                "MXFP4 rows of {cols} weights are not whole blocks of {BLOCK}"
+            ));
+        }
+        let row_bytes = cols / BLOCK * BLOCK_BYTES;
+        if Some(bytes.len()) != rows.checked_mul(row_bytes) {
+            return Err(format!(
+                "{} bytes of MXFP4 for a [{rows}, {cols}] matrix ({} expected)",
+                bytes.len(),
+                rows.saturating_mul(row_bytes)
+            ));
+        }
+        if let Some(at) = bytes.chunks_exact(BLOCK_BYTES).position(|b| b[0] == 0xFF) {
+            let per_row = cols / BLOCK;
+            return Err(format!(
+                "row {} block {} has scale byte 0xFF, which E8M0 defines as NaN",
+                at / per_row,
+                at % per_row
+            ));
+        }
+        Ok(Mxfp4Matrix {
+            bytes: Arc::new(bytes),
+            rows,
+            cols,
+        })
+    }
+
+    pub fn dims(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Bytes held: as stored, 17 per 32 weights.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.cols / BLOCK * BLOCK_BYTES;
+        &self.bytes[r * n..(r + 1) * n]
+    }
+
+    /// The dense matrix in f32 (exact), as `dtype`.
+    pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            decode_row_fast(self.row(r), o);
+        }
+        Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?.to_dtype(dtype)
+    }
+
+    /// x·Wᵀ for x [n, cols] on the CPU, in f32 (x of any float dtype; the result in x's): up
+    /// to `cpu_gemv::MAX_TOKENS` tokens by the row kernels (each dot `dot_with`'s bits over the
+    /// dequantised row), more by candle's GEMM over blocks of decoded rows.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, cols) = x.dims2()?;
+        if cols != self.cols {
+            candle_core::bail!(
+                "MXFP4 product: input has {cols} columns, the matrix {:?}",
+                self.dims()
+            )
+        }
+        if !x.device().is_cpu() {
+            candle_core::bail!(
+                "MXFP4 matrices are multiplied on the CPU only (input on {:?})",
+                x.device()
+            )
+        }
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if !super::cpu_gemv::row_kernels_take(DType::F32, n) {
+            // A prompt past the row kernels: blocks of rows decoded (exact) and multiplied by
+            // candle's GEMM, as f32 prompts over dense experts are (in the GEMM's order, so
+            // not `dot_with`'s bits — the same for native and selective all the same).
+            let widen = |r: std::ops::Range<usize>, dst: &mut [f32]| {
+                for (row, o) in r.zip(dst.chunks_exact_mut(cols)) {
+                    decode_row_fast(self.row(row), o);
+                }
+            };
+            let y = super::cpu_gemv::widened_blocks_product(&xs, n, cols, self.rows, &widen);
+            return Tensor::from_vec(y, (n, self.rows), x.device())?.to_dtype(x.dtype());
+        }
+        let kernel = row_kernel();
+        let out = super::cpu_gemv::rows_product(self.rows, cols, n, |r, out| {
+            kernel(self.row(r), &xs, out)
+        });
+        Tensor::from_vec(out, (n, self.rows), x.device())?.to_dtype(x.dtype())
+    }
+}
+
+/// Several MXFP4 matrices of one width, each multiplied by one token of its own (`x(e)` for
+/// matrix e), all their rows in one trip through the worker pool; the outputs concatenated in
+/// matrix order. Each row's dot is the one [`Mxfp4Matrix::forward`] computes for it. Why: at
+/// batch 1 a small expert's product is mostly its dispatch (as for dense experts,
+/// `cpu_gemv::experts_one_token`).
+pub fn stacked_product<'a>(
+    mats: &[&Mxfp4Matrix],
+    x: impl Fn(usize) -> &'a [f32] + Sync,
+) -> candle_core::Result<Vec<f32>> {
+    let Some(cols) = mats.first().map(|m| m.cols) else {
+        return Ok(Vec::new());
+    };
+    let mut starts = Vec::with_capacity(mats.len() + 1);
+    starts.push(0);
+    for (e, m) in mats.iter().enumerate() {
+        if m.cols != cols || x(e).len() != cols {
+            candle_core::bail!(
+                "MXFP4 stacked product: matrix {e} is {:?} with {} inputs, the first {cols} wide",
+                m.dims(),
+                x(e).len()
+            )
+        }
+        starts.push(starts[e] + m.rows);
+    }
+    let kernel = row_kernel();
+    Ok(super::cpu_gemv::rows_product(
+        starts[mats.len()],
+        cols,
+        1,
+        |r, out| {
+            let e = starts.partition_point(|&s| s <= r) - 1;
+            kernel(mats[e].row(r - starts[e]), x(e), out)
+        },
+    ))
+}
+
+/// Several MXFP4 matrices of one width, matrix e multiplied by its own `ns[e]` tokens
+/// (`x(e)`, `ns[e]` × the width, each at most `cpu_gemv::MAX_TOKENS`), all their rows in one
+/// trip through the worker pool; each matrix's output [ns[e], rows], each dot the one
+/// [`Mxfp4Matrix::forward`] computes for it. Why: a short prompt gives each expert a token or
+/// two, so its products are mostly their dispatch (as for dense experts,
+/// `cpu_gemv::experts_few_tokens`).
+pub fn ragged_product<'a>(
+    mats: &[&Mxfp4Matrix],
+    ns: &[usize],
+    x: impl Fn(usize) -> &'a [f32] + Sync,
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    let Some(cols) = mats.first().map(|m| m.cols) else {
+        return Ok(Vec::new());
+    };
+    let mut starts = Vec::with_capacity(mats.len() + 1);
+    let mut outs = Vec::with_capacity(mats.len() + 1);
+    starts.push(0);
+    outs.push(0);
+    for (e, m) in mats.iter().enumerate() {
+        let n = ns.get(e).copied().unwrap_or(0);
+        if m.cols != cols
+            || x(e).len() != n * cols
+            || !super::cpu_gemv::row_kernels_take(DType::F32, n)
+        {
+            candle_core::bail!(
+                "MXFP4 ragged product: matrix {e} is {:?} with {} inputs for {n} tokens, the \
+                 first {cols} wide",
+                m.dims(),
+                x(e).len()
+            )
+        }
+        starts.push(starts[e] + m.rows);
+        outs.push(outs[e] + m.rows * n);
+    }
+    let kernel = row_kernel();
+    // Transposed per matrix ([rows, n]): each row's outputs one contiguous chunk.
+    let mut yt = vec![0f32; outs[mats.len()]];
+    let out = &super::cpu_gemv::RowsOut(yt.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        for r in range {
+            let e = starts.partition_point(|&s| s <= r) - 1;
+            let n = ns[e];
+            // SAFETY: row r of matrix e owns outputs outs[e] + (r − starts[e])·n … + n, inside
+            // yt (the sums above) and handed to this row alone.
+            let o = unsafe { out.at(outs[e] + (r - starts[e]) * n, n) };
+            kernel(mats[e].row(r - starts[e]), x(e), o);
+        }
+    };
+    let total = starts[mats.len()];
+    if total * cols < 1 << 15 {
+        run(0..total);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(total, run);
+    }
+    Ok(mats
+        .iter()
+        .enumerate()
+        .map(|(e, m)| {
+            let (n, t) = (ns[e], &yt[outs[e]..outs[e + 1]]);
+            let mut y = vec![0f32; n * m.rows];
+            for r in 0..m.rows {
+                for k in 0..n {
+                    y[k * m.rows + r] = t[r * n + k];
+                }
+            }
+            y
+        })
+        .collect())
+}
+
+/// One row (its blocks) for every token: `xs` n × cols activations, `out` n results.
+type RowKernel = fn(&[u8], &[f32], &mut [f32]);
+
+fn row_kernel() -> RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::cpu_gemv::{avx2_fma, avx512};
+        if avx2_fma() && avx512() {
+            return |w, xs, out| match out {
+                // SAFETY: AVX-512F/BW, AVX2 and FMA were detected on this CPU; x is the one
+                // token's values, `w` that many weights' blocks.
+                [y] => *y = unsafe { dot_avx512(w, xs) },
+                _ => row_decoded(w, xs, out),
+            };
+        }
+        if avx2_fma() {
+            return |w, xs, out| match out {
+                // SAFETY: AVX2 and FMA were detected on this CPU; as above.
+                [y] => *y = unsafe { dot_avx2(w, xs) },
+                _ => row_decoded(w, xs, out),
+            };
+        }
+    }
+    row_decoded
+}
+
+/// The row decoded once into the thread's buffer, then the f32 row kernel (`dot_with`'s order
+/// and bits, `cpu_gemv`) for every token. Why: for a prompt, decoding inside each token's dot
+/// decoded the row once per token.
+fn row_decoded(w: &[u8], xs: &[f32], out: &mut [f32]) {
+    thread_local! {
+        static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let cols = w.len() / BLOCK_BYTES * BLOCK;
+    let dot = super::cpu_gemv::f32_row_kernel();
+    ROW.with_borrow_mut(|row| {
+        row.resize(cols, 0.0);
+        decode_row_fast(w, row);
+        dot(row, xs, out);
+    })
+}
+
+/// The row decoded once, then `dot_with` for each token: the reference form.
+#[cfg(test)]
+fn row_portable(w: &[u8], xs: &[f32], out: &mut [f32]) {
+    let cols = w.len() / BLOCK_BYTES * BLOCK;
+    let mut row = vec![0f32; cols];
+    decode_row(w, &mut row);
+    for (t, y) in out.iter_mut().enumerate() {
+        *y = dot_with(&row, &xs[t * cols..(t + 1) * cols], |v| v);
+    }
+}
+
+/// [`dot_avx2`] sixteen lanes at a time: per block the low nibbles' 16 weights into one
+/// 16-lane accumulator and the high nibbles' into another — lanes 0–7 and 8–15 of each being
+/// `dot_with`'s four 8-lane vectors — then those four added as there, so the same bits.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW, AVX2 and FMA; `w` holds `x.len() / 32` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn dot_avx512(w: &[u8], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let blocks = w.len() / BLOCK_BYTES;
+    assert!(
+        x.len() >= blocks * BLOCK,
+        "MXFP4 dot: {blocks} blocks, {} values",
+        x.len()
+    );
+    // SAFETY (whole body): the features as required; every load lies inside `w`'s block b or
+    // x's 32 values at 32·b (the loop bound and the assert).
+    unsafe {
+        let table = _mm_loadu_si128(KVALUES.as_ptr() as *const __m128i);
+        let low = _mm_set1_epi8(0x0F);
+        let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for k in 0..blocks {
+            let p = w.as_ptr().add(k * BLOCK_BYTES);
+            let d = _mm512_set1_ps(half_scale(*p));
+            let q = _mm_loadu_si128(p.add(1) as *const __m128i);
+            let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, low));
+            let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low));
+            let widen = |v: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
+            let xp = x.as_ptr().add(k * BLOCK);
+            a = _mm512_fmadd_ps(widen(lo), _mm512_loadu_ps(xp), a);
+            b = _mm512_fmadd_ps(widen(hi), _mm512_loadu_ps(xp.add(16)), b);
+        }
+        let half = |v: __m512, upper: bool| {
+            if upper {
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
+            } else {
+                _mm512_castps512_ps256(v)
+            }
+        };
+        let sum = _mm256_add_ps(
+            _mm256_add_ps(half(a, false), half(a, true)),
+            _mm256_add_ps(half(b, false), half(b, true)),
+        );
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        super::cpu_gemv::reduce8(&lanes)
+    }
+}
+
+/// `dot_with` over the decoded row in AVX2, decoding as it goes: per block the 32 codes
+/// looked up by one byte shuffle each half (`kvalues` as i8), widened to f32 and scaled (exact),
+/// then multiply-added into the four 8-lane accumulators in `dot_with`'s order — a block of 32
+/// is one of its steps — so the same bits.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `w` holds `x.len() / 32` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(w: &[u8], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let blocks = w.len() / BLOCK_BYTES;
+    assert!(
+        x.len() >= blocks * BLOCK,
+        "MXFP4 dot: {blocks} blocks, {} values",
+        x.len()
+    );
+    // SAFETY (whole body): AVX2 and FMA as required; every load lies inside `w`'s block b
+    // or x's 32 values at 32·b (the loop bound and the assert).
+    unsafe {
+        let table = _mm_loadu_si128(KVALUES.as_ptr() as *const __m128i);
+        let low = _mm_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..blocks {
+            let p = w.as_ptr().add(b * BLOCK_BYTES);
+            let d = _mm256_set1_ps(half_scale(*p));
+            let q = _mm_loadu_si128(p.add(1) as *const __m128i);
+            let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, low));
+            let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low));
+            let widen = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
+            let ws = [
+                widen(lo),
+                widen(_mm_srli_si128(lo, 8)),
+                widen(hi),
+                widen(_mm_srli_si128(hi, 8)),
+            ];
+            let xp = x.as_ptr().add(b * BLOCK);
+            for (j, (a, wv)) in acc.iter_mut().zip(ws).enumerate() {
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(8 * j)), *a);
+            }
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        super::cpu_gemv::reduce8(&lanes)
+    }
+}
+
+/// Blocks of every code, with scales across E8M0's range (0, 1 and 2 for the subnormal halves,
+/// 127 for 1.0) — finite weights only (the decoding test covers 254's overflow). For tests.
+#[cfg(test)]
+pub(crate) fn sample_blocks(rows: usize, cols: usize, seed: usize) -> Vec<u8> {
+    let mut b = Vec::new();
+    let scales = [0u8, 1, 2, 100, 120, 122, 124, 126, 127, 128, 130];
+    for k in 0..rows * cols / BLOCK {
+        b.push(scales[(k + seed) % scales.len()]);
+        b.extend((0..16).map(|j| ((k * 7 + j * 13 + seed * 31) % 256) as u8));
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rows: usize, cols: usize) -> Vec<u8> {
+        super::sample_blocks(rows, cols, 0)
+    }
+
+    /// The decoding, from the OCP definition rather than llama.cpp's doubled table: E2M1 is
+    /// sign, two exponent bits (bias 1) and one mantissa bit; E8M0 is 2^(e−127).
+    fn by_definition(code: u8, e: u8) -> f32 {
+        let sign = if code & 8 != 0 { -1.0 } else { 1.0 };
+        let (exp, man) = ((code >> 1) & 3, (code & 1) as f32);
+        let mag = if exp == 0 {
+            man * 0.5
+        } else {
+            (1.0 + man * 0.5) * 2f32.powi(exp as i32 - 1)
+        };
+        let v = sign * mag * 2f64.powi(e as i32 - 127) as f32;
+        // Code 8 (−0) is +0 in llama.cpp's table, and so here.
+        if v == 0.0 { 0.0 } else { v }
+    }
+
+    #[test]
+    fn decodes_every_code_at_every_scale_as_defined() {
+        for e in 0..=254u8 {
+            let mut block = vec![e];
+            block.extend((0..16u8).map(|j| j | (((j + 5) % 16) << 4)));
+            let mut out = [0f32; BLOCK];
+            decode_row(&block, &mut out);
+            let mut fast = [0f32; BLOCK];
+            decode_row_fast(&block, &mut fast);
+            assert_eq!(out.map(f32::to_bits), fast.map(f32::to_bits), "e {e}");
+            for j in 0..16u8 {
+                for (code, got) in [(j, out[j as usize]), ((j + 5) % 16, out[16 + j as usize])] {
+                    let want = by_definition(code, e);
+                    assert!(
+                        got.to_bits() == want.to_bits()
+                            || (got.is_infinite() && want.is_infinite()),
+                        "e {e} code {code}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_product_is_dot_with_over_the_dequantised_rows_bit_for_bit() {
+        for (rows, cols, n) in [
+            (3, 32, 1),
+            (5, 64, 2),
+            (7, 256, 3),
+            (64, 512, 5),
+            (130, 96, 1),
+        ] {
+            let m = Mxfp4Matrix::new(sample(rows, cols), [rows, cols]).unwrap();
+            let dense: Vec<f32> = m
+                .dequantize(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let xs: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.013)
+                .collect();
+            let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
+            let y: Vec<f32> = m
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut portable = vec![0f32; n];
+            for r in 0..rows {
+                let want: Vec<f32> = (0..n)
+                    .map(|t| {
+                        dot_with(
+                            &dense[r * cols..(r + 1) * cols],
+                            &xs[t * cols..(t + 1) * cols],
+                            |v| v,
+                        )
+                    })
+                    .collect();
+                row_portable(m.row(r), &xs, &mut portable);
+                let mut decoded = vec![0f32; n];
+                row_decoded(m.row(r), &xs, &mut decoded);
+                for t in 0..n {
+                    let x = &xs[t * cols..(t + 1) * cols];
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        use crate::model::cpu_gemv::{avx2_fma, avx512};
+                        if avx2_fma() {
+                            // SAFETY: detected; `x` is this row's width.
+                            let got = unsafe { dot_avx2(m.row(r), x) };
+                            assert_eq!(got.to_bits(), want[t].to_bits(), "avx2 row {r}");
+                        }
+                        if avx2_fma() && avx512() {
+                            // SAFETY: detected; as above.
+                            let got = unsafe { dot_avx512(m.row(r), x) };
+                            assert_eq!(got.to_bits(), want[t].to_bits(), "avx512 row {r}");
+                        }
+                    }
+                    assert_eq!(decoded[t].to_bits(), want[t].to_bits(), "decoded row {r}");
+                    let got = y[t * rows + r];
+                    assert!(
+                        got.to_bits() == want[t].to_bits() || (got.is_nan() && want[t].is_nan()),
+                        "[{rows}, {cols}] row {r} token {t}: {got} vs {}",
+                        want[t]
+                    );
+                    assert_eq!(portable[t].to_bits(), want[t].to_bits(), "portable");
+                }
+            }
+        }
+    }
+
+    /// Past the row kernels (a prompt's many tokens), the GEMM over decoded rows: the product
+    /// with the dequantised matrix up to f32 summation order.
+    #[test]
+    fn a_long_prompt_takes_the_gemm_over_decoded_rows() {
+        let (rows, cols, n) = (300, 256, 3 * crate::model::cpu_gemv::MAX_TOKENS + 1);
+        let m = Mxfp4Matrix::new(sample_blocks(rows, cols, 5), [rows, cols]).unwrap();
+        let x = crate::util::test_matrix(n, cols, 3, 89, 1.0 / 32.0);
+        let got: Vec<f32> = m
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let dense = m.dequantize(DType::F32).unwrap();
+        let want: Vec<f32> = x
+            .matmul(&dense.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| {
+                if a.is_nan() || b.is_nan() {
+                    f32::INFINITY
+                } else {
+                    (a - b).abs()
+                }
+            })
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5 * scale, "{worst} of {scale}");
+    }
+
+    #[test]
+    fn bad_shapes_and_nan_scales_are_refused_by_row_and_block() {
+        assert!(
+            Mxfp4Matrix::new(vec![0; 17], [1, 16])
+                .unwrap_err()
+                .contains("whole blocks")
+        );
+        let e = Mxfp4Matrix::new(vec![0; 33], [1, 64]).unwrap_err();
+        assert!(e.contains("33 bytes") && e.contains("34 expected"), "{e}");
+        let mut b = sample(4, 64);
+        b[5 * BLOCK_BYTES] = 0xFF;
+        let e = Mxfp4Matrix::new(b, [4, 64]).unwrap_err();
+        assert!(e.contains("row 2 block 1") && e.contains("0xFF"), "{e}");
+    }
+}
