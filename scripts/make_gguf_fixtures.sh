@@ -10,7 +10,7 @@
 # PYTHON: one with torch, transformers, numpy and safetensors (default
 # target/reference-venv/bin/python3, see scripts/setup_reference_python.sh). Writes
 #   models/tiny-moe-gguf/tiny-moe-{BF16,Q8_0,Q4_K_M}.gguf   (ignored by git: 19 / 12 / 9 MB)
-#   tests/fixtures/gguf/kquant-{Q8_0,Q4_K_M,MXFP4_MOE}.gguf (committed; CI's GGUF tests read them)
+#   tests/fixtures/gguf/kquant-{Q8_0,Q4_K_M,MXFP4_MOE,MXFP4_ATTN}.gguf (committed; CI's GGUF tests)
 #   tests/fixtures/gguf/kquant-MXFP4_MOE.rows.json         (gguf-py's decoding of six MXFP4 rows)
 #   tests/fixtures/gguf/split/kquant-Q4_K_M-0000{1,2,3}-of-00003.gguf   (llama-gguf-split's parts)
 # The second pair is a random Qwen3-MoE (2 layers, 4 experts of 256 × 256, top 2, the bundled
@@ -82,6 +82,10 @@ convert "$KQ" bf16 "$WORK/kquant-BF16.gguf"
 for q in Q8_0 Q4_K_M MXFP4_MOE; do
   "$QUANTIZE" "$WORK/kquant-BF16.gguf" "tests/fixtures/gguf/kquant-$q.gguf" "$q" > "$WORK/q.log" 2>&1
 done
+# A variant other writers make with --tensor-type: MXFP4 outside the experts too (the tied token
+# embedding and the query projections), which moescope widens at load.
+"$QUANTIZE" --tensor-type token_embd=mxfp4 --tensor-type attn_q=mxfp4 "$WORK/kquant-BF16.gguf" \
+  tests/fixtures/gguf/kquant-MXFP4_ATTN.gguf MXFP4_MOE > "$WORK/q.log" 2>&1
 # MXFP4_MOE keeps the expert stacks in MXFP4 (candle does not read it; moescope decodes it
 # itself): gguf-py's own decoding of row 5 of expert 3 of each stack, for tests/gguf.rs to hold
 # moescope's decoding to, bit for bit.

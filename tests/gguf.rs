@@ -18,9 +18,10 @@ use moescope::model::tokenizer::TextTokenizer;
 use moescope::model::{Checkpoint, MoeConfig};
 use moescope::settings::Settings;
 
-/// llama-quantize's Q8_0, Q4_K_M (mixed: Q4_K and Q6_K experts) and MXFP4_MOE (experts in
-/// MXFP4, which moescope decodes itself; the rest Q8_0).
-const TYPES: [&str; 3] = ["Q8_0", "Q4_K_M", "MXFP4_MOE"];
+/// llama-quantize's Q8_0, Q4_K_M (mixed: Q4_K and Q6_K experts), MXFP4_MOE (experts in
+/// MXFP4, which moescope decodes itself; the rest Q8_0) and that with the tied token embedding
+/// and the query projections in MXFP4 too (`--tensor-type`; widened at load).
+const TYPES: [&str; 4] = ["Q8_0", "Q4_K_M", "MXFP4_MOE", "MXFP4_ATTN"];
 
 fn gguf(kind: &str) -> std::path::PathBuf {
     fixture("gguf").join(format!("kquant-{kind}.gguf"))
