@@ -341,12 +341,87 @@ fn row_decoded(w: &[u8], xs: &[f32], out: &mut [f32]) {
         static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let cols = w.len() / BLOCK_BYTES * BLOCK;
-    let dot = super::cpu_gemv::f32_row_kernel();
     ROW.with_borrow_mut(|row| {
         row.resize(cols, 0.0);
         decode_row_fast(w, row);
-        dot(row, xs, out);
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu_gemv::avx512() {
+            // SAFETY: AVX-512F was detected on this CPU; the row is whole 32-blocks and `xs`
+            // holds out.len() tokens of its width.
+            return unsafe { tokens_avx512(row, xs, out) };
+        }
+        super::cpu_gemv::f32_row_kernel()(row, xs, out)
     })
+}
+
+/// A decoded row's dot with every token, four tokens a pass over the row (each weight loaded
+/// once for them), each token in two 16-lane accumulators that are `dot_with`'s four 8-lane
+/// ones (lanes 0–7 and 8–15 of the first: vectors 0 and 1; of the second: 2 and 3), finished as
+/// there — each token's multiply-adds in its own order, so `dot_with`'s bits. Why: a prompt's
+/// product is otherwise one latency-bound chain of FMAs per vector and token.
+///
+/// # Safety
+/// The CPU has AVX-512F; `row.len()` is a multiple of 32 and `xs` holds `out.len()` rows of it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tokens_avx512(row: &[f32], xs: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let cols = row.len();
+    assert!(
+        cols.is_multiple_of(BLOCK) && xs.len() >= out.len() * cols,
+        "MXFP4 tokens"
+    );
+    /// T tokens from `t0` on.
+    #[inline(always)]
+    unsafe fn pass<const T: usize>(row: &[f32], xs: &[f32], t0: usize, out: &mut [f32]) {
+        let cols = row.len();
+        // SAFETY (whole body): AVX-512F as the caller guarantees; loads at i + 16 < cols of
+        // the row and of tokens t0 … t0 + T − 1, all inside `xs` (the caller's assert).
+        unsafe {
+            let mut a = [_mm512_setzero_ps(); T];
+            let mut b = [_mm512_setzero_ps(); T];
+            let mut i = 0;
+            while i < cols {
+                let w0 = _mm512_loadu_ps(row.as_ptr().add(i));
+                let w1 = _mm512_loadu_ps(row.as_ptr().add(i + 16));
+                for t in 0..T {
+                    let x = xs.as_ptr().add((t0 + t) * cols + i);
+                    a[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), a[t]);
+                    b[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x.add(16)), b[t]);
+                }
+                i += BLOCK;
+            }
+            for t in 0..T {
+                let half = |v: __m512, upper: bool| {
+                    if upper {
+                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
+                    } else {
+                        _mm512_castps512_ps256(v)
+                    }
+                };
+                let sum = _mm256_add_ps(
+                    _mm256_add_ps(half(a[t], false), half(a[t], true)),
+                    _mm256_add_ps(half(b[t], false), half(b[t], true)),
+                );
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+                out[t0 + t] = crate::model::cpu_gemv::reduce8(&lanes);
+            }
+        }
+    }
+    let n = out.len();
+    let mut t = 0;
+    // SAFETY: as this function requires; t + 4 ≤ n, then t < n.
+    unsafe {
+        while t + 4 <= n {
+            pass::<4>(row, xs, t, out);
+            t += 4;
+        }
+        while t < n {
+            pass::<1>(row, xs, t, out);
+            t += 1;
+        }
+    }
 }
 
 /// The row decoded once, then `dot_with` for each token: the reference form.
@@ -525,6 +600,7 @@ mod tests {
             (7, 256, 3),
             (64, 512, 5),
             (130, 96, 1),
+            (9, 128, 8),
         ] {
             let m = Mxfp4Matrix::new(sample(rows, cols), [rows, cols]).unwrap();
             let dense: Vec<f32> = m
