@@ -78,16 +78,12 @@ unsafe fn decode_row_avx2(blocks: &[u8], out: &mut [f32]) {
     // SAFETY (whole body): AVX2 as required; each load is one block's 16 code bytes and each
     // store 8 of its 32 outputs, inside the chunks the loop hands out.
     unsafe {
-        let table = _mm_loadu_si128(KVALUES.as_ptr() as *const __m128i);
-        let low = _mm_set1_epi8(0x0F);
         for (b, o) in blocks
             .chunks_exact(BLOCK_BYTES)
             .zip(out.chunks_exact_mut(BLOCK))
         {
             let d = _mm256_set1_ps(half_scale(b[0]));
-            let q = _mm_loadu_si128(b.as_ptr().add(1) as *const __m128i);
-            let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, low));
-            let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low));
+            let (lo, hi) = codes(b.as_ptr().add(1));
             let widen = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
             let p = o.as_mut_ptr();
             _mm256_storeu_ps(p, widen(lo));
@@ -392,20 +388,7 @@ unsafe fn tokens_avx512(row: &[f32], xs: &[f32], out: &mut [f32]) {
                 i += BLOCK;
             }
             for t in 0..T {
-                let half = |v: __m512, upper: bool| {
-                    if upper {
-                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
-                    } else {
-                        _mm512_castps512_ps256(v)
-                    }
-                };
-                let sum = _mm256_add_ps(
-                    _mm256_add_ps(half(a[t], false), half(a[t], true)),
-                    _mm256_add_ps(half(b[t], false), half(b[t], true)),
-                );
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-                out[t0 + t] = crate::model::cpu_gemv::reduce8(&lanes);
+                out[t0 + t] = finish512(a[t], b[t]);
             }
         }
     }
@@ -435,6 +418,49 @@ fn row_portable(w: &[u8], xs: &[f32], out: &mut [f32]) {
     }
 }
 
+/// One block's 32 codes looked up in `kvalues` (as i8): the low nibbles' 16 (weights 0–15),
+/// then the high nibbles' (16–31). `q` points at the block's 16 code bytes.
+///
+/// # Safety
+/// The CPU has SSSE3 (every AVX2 CPU); 16 bytes are readable at `q`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn codes(q: *const u8) -> (std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let table = _mm_loadu_si128(KVALUES.as_ptr() as *const __m128i);
+        let low = _mm_set1_epi8(0x0F);
+        let q = _mm_loadu_si128(q as *const __m128i);
+        (
+            _mm_shuffle_epi8(table, _mm_and_si128(q, low)),
+            _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low)),
+        )
+    }
+}
+
+/// Two 16-lane accumulators (`a` holding `dot_with`'s vectors 0 and 1, `b` 2 and 3) finished as
+/// `dot_with` finishes its four: added lane by lane, (0 + 1) + (2 + 3), then the eight lanes.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn finish512(a: std::arch::x86_64::__m512, b: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let upper = |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        let sum = _mm256_add_ps(
+            _mm256_add_ps(_mm512_castps512_ps256(a), upper(a)),
+            _mm256_add_ps(_mm512_castps512_ps256(b), upper(b)),
+        );
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        super::cpu_gemv::reduce8(&lanes)
+    }
+}
+
 /// [`dot_avx2`] sixteen lanes at a time: per block the low nibbles' 16 weights into one
 /// 16-lane accumulator and the high nibbles' into another — lanes 0–7 and 8–15 of each being
 /// `dot_with`'s four 8-lane vectors — then those four added as there, so the same bits.
@@ -454,34 +480,17 @@ unsafe fn dot_avx512(w: &[u8], x: &[f32]) -> f32 {
     // SAFETY (whole body): the features as required; every load lies inside `w`'s block b or
     // x's 32 values at 32·b (the loop bound and the assert).
     unsafe {
-        let table = _mm_loadu_si128(KVALUES.as_ptr() as *const __m128i);
-        let low = _mm_set1_epi8(0x0F);
         let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for k in 0..blocks {
             let p = w.as_ptr().add(k * BLOCK_BYTES);
             let d = _mm512_set1_ps(half_scale(*p));
-            let q = _mm_loadu_si128(p.add(1) as *const __m128i);
-            let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, low));
-            let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low));
+            let (lo, hi) = codes(p.add(1));
             let widen = |v: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
             let xp = x.as_ptr().add(k * BLOCK);
             a = _mm512_fmadd_ps(widen(lo), _mm512_loadu_ps(xp), a);
             b = _mm512_fmadd_ps(widen(hi), _mm512_loadu_ps(xp.add(16)), b);
         }
-        let half = |v: __m512, upper: bool| {
-            if upper {
-                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
-            } else {
-                _mm512_castps512_ps256(v)
-            }
-        };
-        let sum = _mm256_add_ps(
-            _mm256_add_ps(half(a, false), half(a, true)),
-            _mm256_add_ps(half(b, false), half(b, true)),
-        );
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        super::cpu_gemv::reduce8(&lanes)
+        finish512(a, b)
     }
 }
 
@@ -505,15 +514,11 @@ unsafe fn dot_avx2(w: &[u8], x: &[f32]) -> f32 {
     // SAFETY (whole body): AVX2 and FMA as required; every load lies inside `w`'s block b
     // or x's 32 values at 32·b (the loop bound and the assert).
     unsafe {
-        let table = _mm_loadu_si128(KVALUES.as_ptr() as *const __m128i);
-        let low = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); 4];
         for b in 0..blocks {
             let p = w.as_ptr().add(b * BLOCK_BYTES);
             let d = _mm256_set1_ps(half_scale(*p));
-            let q = _mm_loadu_si128(p.add(1) as *const __m128i);
-            let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, low));
-            let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low));
+            let (lo, hi) = codes(p.add(1));
             let widen = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
             let ws = [
                 widen(lo),
