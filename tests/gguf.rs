@@ -411,17 +411,8 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
         .expect("the architecture string");
     let mut foreign = good.clone();
     foreign[at..at + 8].copy_from_slice(b"llama4xx");
-    // One expert stack retyped to llama.cpp's IQ4_XS (GGML type 23), which candle cannot read:
-    // the type id follows the name, the dimension count and three dimensions.
-    let name = b"blk.0.ffn_down_exps.weight";
-    let at_name = good
-        .windows(name.len())
-        .position(|w| w == name)
-        .expect("the tensor's name");
-    let ty = at_name + name.len() + 4 + 3 * 8;
-    let mut iquant = good.clone();
-    assert_eq!(&iquant[ty..ty + 4], &8u32.to_le_bytes(), "Q8_0 before");
-    iquant[ty..ty + 4].copy_from_slice(&23u32.to_le_bytes());
+    // One expert stack retyped to llama.cpp's IQ4_XS (GGML type 23), which candle cannot read.
+    let iquant = retyped(&good, "blk.0.ffn_down_exps.weight", 8, 23);
     let cases = [
         (
             write("iquant.gguf", &iquant),
@@ -497,6 +488,24 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
     assert!(err.contains("read from the file itself"), "{err}");
 }
 
+/// `file` with the stacked tensor `name` (three dimensions) retyped from GGML type `from` to
+/// `to` in its header: the type id follows the name, the dimension count and the dimensions.
+fn retyped(file: &[u8], name: &str, from: u32, to: u32) -> Vec<u8> {
+    let at_name = file
+        .windows(name.len())
+        .position(|w| w == name.as_bytes())
+        .expect("the tensor's name");
+    let ty = at_name + name.len() + 4 + 3 * 8;
+    let mut out = file.to_vec();
+    assert_eq!(
+        &out[ty..ty + 4],
+        &from.to_le_bytes(),
+        "{name}: type {from} before"
+    );
+    out[ty..ty + 4].copy_from_slice(&to.to_le_bytes());
+    out
+}
+
 /// An MXFP4_MOE file whose first block of every layer-0 down expert has scale 0xFF (NaN in
 /// E8M0) is refused when an expert is built, naming the tensor, row and block — by native at
 /// load, by selective at the first miss; one whose down stack is retyped to IQ4_XS is refused
@@ -512,15 +521,7 @@ fn mxfp4_files_with_a_nan_scale_or_a_foreign_type_are_refused_by_name(dir: &std:
         assert_eq!(down.name, "blk.0.ffn_down_exps.weight");
         nan[down.offset as usize] = 0xFF;
     }
-    let name = b"blk.1.ffn_down_exps.weight";
-    let at_name = good
-        .windows(name.len())
-        .position(|w| w == name)
-        .expect("the tensor's name");
-    let ty = at_name + name.len() + 4 + 3 * 8;
-    let mut iquant = good.clone();
-    assert_eq!(&iquant[ty..ty + 4], &39u32.to_le_bytes(), "MXFP4 before");
-    iquant[ty..ty + 4].copy_from_slice(&23u32.to_le_bytes());
+    let iquant = retyped(&good, "blk.1.ffn_down_exps.weight", 39, 23);
     let cases = [
         (
             "nan-scale.gguf",
