@@ -365,6 +365,9 @@ pub fn quantized_direct(
 ) -> Result<Option<ExpertWeights>> {
     use crate::model::ports::GateUp;
     use candle_core::quantized::QMatMul;
+    if parts[0].0 == StDtype::Mxfp4 {
+        return mxfp4_direct(parts, read);
+    }
     let [(gd, gs), (ud, us), (dd, ds)] = parts;
     let (Some(gq), Some(dq)) = (gd.ggml(), dd.ggml()) else {
         return Ok(None);
@@ -395,6 +398,81 @@ pub fn quantized_direct(
     let down = QMatMul::from_qtensor((dn.finish)()?)?;
     Ok(Some(ExpertWeights::quantized(
         GateUp::Fused(gate_up),
+        down,
+        i,
+        held,
+    )))
+}
+
+/// [`quantized_direct`] for MXFP4 gate and up (down MXFP4 or a GGML block type): gate's then
+/// up's bytes read straight into the fused [2I, H] matrix's storage and down's into its own, so
+/// a miss writes each byte once ([`mxfp4_expert`] reads the expert and then copies it again).
+/// None where the parts do not allow it, the read says it cannot, or a block fails
+/// `Mxfp4Matrix`'s checks: the general path then reads the expert and names what is wrong.
+fn mxfp4_direct(
+    parts: [(StDtype, &[usize]); 3],
+    read: impl FnOnce(
+        &mut [std::mem::MaybeUninit<u8>],
+        &mut [std::mem::MaybeUninit<u8>],
+    ) -> Result<bool>,
+) -> Result<Option<ExpertWeights>> {
+    use crate::model::mxfp4::Mxfp4Matrix;
+    use crate::model::ports::{BlockMat, MxGateUp};
+    use candle_core::quantized::QMatMul;
+    let [(gd, gs), (ud, us), (dd, ds)] = parts;
+    if gd != ud || gs != us || gs.len() != 2 || ds.len() != 2 {
+        return Ok(None);
+    }
+    let (i, h) = (gs[0], gs[1]);
+    let mx_len = |elems: usize| StDtype::Mxfp4.bytes_for(elems as u64).map(|n| n as usize);
+    let Some(gu_len) = mx_len(2 * i * h) else {
+        return Ok(None);
+    };
+    enum Down {
+        Mxfp4(Vec<u8>, usize),
+        Blocks(UninitBlocks),
+    }
+    let mut down = if dd == StDtype::Mxfp4 {
+        match mx_len(ds[0] * ds[1]) {
+            Some(n) => Down::Mxfp4(Vec::with_capacity(n), n),
+            None => return Ok(None),
+        }
+    } else {
+        match dd.ggml().and_then(|q| uninit_blocks(q, ds.to_vec())) {
+            Some(Ok(b)) => Down::Blocks(b),
+            _ => return Ok(None),
+        }
+    };
+    let mut gu: Vec<u8> = Vec::with_capacity(gu_len);
+    let dn: &mut [std::mem::MaybeUninit<u8>] = match &mut down {
+        Down::Mxfp4(v, n) => &mut v.spare_capacity_mut()[..*n],
+        // SAFETY: the block Vec's spare capacity, `len` bytes, alive until `finish` (the Vec
+        // moved into it keeps its heap buffer); MaybeUninit asks nothing of the bytes.
+        Down::Blocks(b) => unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) },
+    };
+    let dn_len = dn.len();
+    if !read(&mut gu.spare_capacity_mut()[..gu_len], dn)? {
+        return Ok(None);
+    }
+    // SAFETY: `read` returned true, so it wrote every byte of both buffers.
+    unsafe { gu.set_len(gu_len) };
+    let Ok(gate_up) = Mxfp4Matrix::new(gu, [2 * i, h]) else {
+        return Ok(None);
+    };
+    let down = match down {
+        Down::Mxfp4(mut v, n) => {
+            // SAFETY: as above.
+            unsafe { v.set_len(n) };
+            match Mxfp4Matrix::new(v, [ds[0], ds[1]]) {
+                Ok(m) => BlockMat::Mxfp4(m),
+                Err(_) => return Ok(None),
+            }
+        }
+        Down::Blocks(b) => BlockMat::Candle(QMatMul::from_qtensor((b.finish)()?)?),
+    };
+    let held = (gu_len + dn_len) as u64;
+    Ok(Some(ExpertWeights::mxfp4(
+        MxGateUp::Fused(gate_up),
         down,
         i,
         held,
@@ -497,8 +575,9 @@ pub fn fp8_block(source: &dyn super::source::ExpertSource) -> Option<[usize; 2]>
         .then_some(scheme.block)
 }
 
-/// Whether `source`'s experts are kept as stored — GGUF blocks or FP8 with scales (judged by
-/// each MoE layer's first expert present): no exact float conversion from a read buffer.
+/// Whether `source`'s experts are kept as stored — GGUF or MXFP4 blocks, or FP8 with scales
+/// (judged by each MoE layer's first expert present): no exact float conversion from a read
+/// buffer.
 pub fn kept_as_stored(source: &dyn super::source::ExpertSource) -> bool {
     let cfg = source.config();
     cfg.moe_layers().any(|layer| {
@@ -508,7 +587,7 @@ pub fn kept_as_stored(source: &dyn super::source::ExpertSource) -> bool {
             .is_some_and(|parts| {
                 parts
                     .iter()
-                    .any(|p| p.dtype.ggml().is_some() || p.scale.is_some())
+                    .any(|p| p.dtype.block_elems().is_some() || p.scale.is_some())
             })
     })
 }
