@@ -422,7 +422,7 @@ mod tests {
 
     /// `write_gguf` writes the model `write` writes (same seed): as BF16 the logits are the
     /// safetensors checkpoint's bit for bit; as Q8_0 within the quantization's error (2 % of
-    /// the largest logit here). What
+    /// the largest logit here), as MXFP4_MOE within its (12 %: 4-bit experts). What
     /// lets BENCHMARKS compare formats (and engines that read GGUF only) on one model.
     #[test]
     fn gguf_files_hold_the_safetensors_model() {
@@ -451,7 +451,11 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
         };
-        for (quant, tolerance) in [(GgufQuant::Bf16, 0.0), (GgufQuant::Q8_0, 0.05)] {
+        for (quant, tolerance) in [
+            (GgufQuant::Bf16, 0.0),
+            (GgufQuant::Q8_0, 0.05),
+            (GgufQuant::Mxfp4Moe, 0.15),
+        ] {
             let f = dir.path().join(format!("{quant:?}.gguf"));
             write_gguf(&g, &f, 11, quant).unwrap();
             let d = diff(&logits_of(&f, &tokens));
@@ -460,10 +464,43 @@ mod tests {
                 "{quant:?}: max diff {d} (largest logit {scale})"
             );
         }
+        // MXFP4_MOE's expert stacks are MXFP4 at their real shapes (the placeholder retyped),
+        // every other matrix Q8_0.
+        let f = dir.path().join("Mxfp4Moe.gguf");
+        let ckpt = crate::model::Checkpoint::open(&f).unwrap();
+        let cfg = crate::model::MoeConfig::from_dir(&f).unwrap();
+        let src = crate::experts::source::ShardSource::new(&ckpt, &cfg).unwrap();
+        for l in 0..g.layers {
+            for e in 0..g.experts {
+                let parts = crate::experts::source::ExpertSource::part_locations(&src, l, e);
+                let [gate, up, down] = parts.unwrap();
+                for (p, shape) in [(&gate, [32, 64]), (&up, [32, 64]), (&down, [64, 32])] {
+                    assert_eq!(p.dtype, StDtype::Mxfp4, "{}", p.name);
+                    assert_eq!(p.shape, shape, "{}", p.name);
+                    assert_eq!(p.len, 32 * 64 / 32 * 17, "{}", p.name);
+                }
+            }
+        }
+        let gguf = ckpt.gguf().unwrap();
+        let q = gguf.tensor("blk.0.attn_q.weight").unwrap();
+        assert_eq!(q.dtype, StDtype::Q8_0);
         // Another seed is another model.
         let f = dir.path().join("other.gguf");
         write_gguf(&g, &f, 12, GgufQuant::Bf16).unwrap();
         assert!(diff(&logits_of(&f, &tokens)) > 0.1 * scale);
+    }
+
+    /// Rows that are not whole MXFP4 blocks (the bundled model's 48-wide down rows) are refused
+    /// by name, not written as a file no reader takes.
+    #[test]
+    fn mxfp4_stacks_need_whole_blocks() {
+        let err = mxfp4_rows(&[0.5; 96], 48, "blk.0.ffn_down_exps.weight").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("blk.0.ffn_down_exps.weight") && msg.contains("48"),
+            "{msg}"
+        );
+        assert_eq!(mxfp4_rows(&[0.5; 128], 64, "x").unwrap().len(), 4 * 17);
     }
 
     #[test]
@@ -571,6 +608,9 @@ pub enum GgufQuant {
     Q4KM,
     /// Every matrix in bf16: the unquantized model for engines that read GGUF only (llama.cpp).
     Bf16,
+    /// llama-quantize's `MXFP4_MOE`: the expert stacks in MXFP4 (`mxfp4::quantize_row`, llama.cpp's
+    /// rule), every other matrix in Q8_0.
+    Mxfp4Moe,
 }
 
 impl GgufQuant {
@@ -580,6 +620,7 @@ impl GgufQuant {
             "Q4_K" => Self::Q4K,
             "Q4_K_M" => Self::Q4KM,
             "BF16" => Self::Bf16,
+            "MXFP4_MOE" => Self::Mxfp4Moe,
             _ => return None,
         })
     }
@@ -589,7 +630,7 @@ impl GgufQuant {
         let eighth = layers / 8;
         let more_bits = layer < eighth || layer >= 7 * layers / 8 || (layer - eighth) % 3 == 2;
         match self {
-            Self::Q8_0 => G::Q8_0,
+            Self::Q8_0 | Self::Mxfp4Moe => G::Q8_0,
             Self::Q4K => G::Q4K,
             Self::Q4KM if name == "output.weight" => G::Q6K,
             Self::Q4KM if (name.contains("ffn_down") || name.contains("attn_v")) && more_bits => {
@@ -693,6 +734,8 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
     specs.push(one("output_norm.weight", "model.norm.weight", 0));
     specs.push(one("output.weight", "lm_head.weight", 0));
 
+    // MXFP4 stacks, written as placeholders and retyped once the file is out.
+    let mut mxfp4: Vec<(String, Vec<usize>)> = Vec::new();
     let tensors: Vec<(String, QTensor)> = specs
         .iter()
         .map(|(name, shape, parts, layer)| -> Result<(String, QTensor)> {
@@ -708,7 +751,15 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
                 )));
             }
             let dev = &candle_core::Device::Cpu;
-            let t = if shape.len() == 1 || name.contains("ffn_gate_inp") {
+            let t = if quant == GgufQuant::Mxfp4Moe && name.ends_with("_exps.weight") {
+                let bytes = mxfp4_rows(&values, *shape.last().expect("a matrix"), name)?;
+                // candle's writer has no MXFP4: a 16-bit tensor of the same bytes holds its
+                // place (same rank, so the header entry keeps its length) until `mark_mxfp4`.
+                let mut dims = vec![1; shape.len() - 1];
+                dims.push(bytes.len() / 2);
+                mxfp4.push((name.clone(), shape.clone()));
+                qtensor_from_ggml(GgmlDType::F16, &bytes, dims, dev)?
+            } else if shape.len() == 1 || name.contains("ffn_gate_inp") {
                 QTensor::quantize(
                     &candle_core::Tensor::from_vec(values, shape.as_slice(), dev)?,
                     GgmlDType::F32,
@@ -766,5 +817,35 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
     write(&mut f, &meta_refs, &tensor_refs)?;
     use std::io::Write;
     f.flush().map_err(io)?;
+    drop(f);
+    if !mxfp4.is_empty() {
+        crate::model::gguf_types::mark_mxfp4(out, &mxfp4).map_err(io)?;
+    }
     Ok(())
+}
+
+/// Rows of `values` ([rows, cols] row-major) as MXFP4 blocks, on every core; an even number
+/// of bytes (the placeholder is 16-bit), which whole rows of an even count always give.
+fn mxfp4_rows(values: &[f32], cols: usize, name: &str) -> Result<Vec<u8>> {
+    use crate::model::mxfp4::{BLOCK, BLOCK_BYTES, quantize_row};
+    use rayon::prelude::*;
+    let rows = values.len() / cols;
+    if !cols.is_multiple_of(BLOCK) || !(rows * cols / BLOCK * BLOCK_BYTES).is_multiple_of(2) {
+        return Err(ModelError::Input(format!(
+            "{name}: MXFP4 needs rows of whole {BLOCK}-weight blocks and an even number of \
+             blocks in the stack ([{rows}, {cols}] here)"
+        )));
+    }
+    let per = (FILL_CHUNK / cols).max(1);
+    Ok(values
+        .par_chunks(per * cols)
+        .map(|chunk| {
+            let mut out = Vec::with_capacity(chunk.len() / BLOCK * BLOCK_BYTES);
+            for row in chunk.chunks_exact(cols) {
+                quantize_row(row, &mut out);
+            }
+            out
+        })
+        .collect::<Vec<_>>()
+        .concat())
 }

@@ -105,11 +105,47 @@ pub fn with_mxfp4_as_f32<R: Read + Seek>(r: &mut R) -> Option<(Vec<u8>, Vec<Stri
     Some((header, foreign.iter().map(|t| t.name.clone()).collect()))
 }
 
-/// One entry of the tensor table: its name, type id and where the type id lies in the file.
+/// One entry of the tensor table: its name, type id, where the type id lies in the file (its
+/// dims, `dims` of them, right before it) and whether they are 64-bit.
 struct Walked {
     name: String,
     ty: u32,
     type_at: u64,
+    dims: u32,
+    wide: bool,
+}
+
+/// The inverse of [`with_mxfp4_as_f32`], for a writer: in the GGUF file at `path`, each tensor
+/// named in `mxfp4` (written as a 16-bit placeholder of its bytes' length, since candle's
+/// writer has no MXFP4 either) gets type MXFP4 and its real shape, slowest dimension first as
+/// candle's shapes are. The data and every offset stay as written.
+pub fn mark_mxfp4(path: &std::path::Path, mxfp4: &[(String, Vec<usize>)]) -> std::io::Result<()> {
+    use std::io::Write;
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let (tensors, _) =
+        walk(&mut f).ok_or_else(|| bad("the GGUF header just written does not parse".into()))?;
+    for (name, shape) in mxfp4 {
+        let t = tensors
+            .iter()
+            .find(|t| &t.name == name)
+            .ok_or_else(|| bad(format!("{name} is not in the file just written")))?;
+        if !t.wide || t.dims as usize != shape.len() {
+            return Err(bad(format!("{name}: placeholder of another rank")));
+        }
+        let mut patch = Vec::with_capacity(8 * shape.len() + 4);
+        // GGUF lists dimensions fastest first.
+        for &d in shape.iter().rev() {
+            patch.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        patch.extend_from_slice(&MXFP4.to_le_bytes());
+        f.seek(SeekFrom::Start(t.type_at - 8 * u64::from(t.dims)))?;
+        f.write_all(&patch)?;
+    }
+    f.flush()
 }
 
 /// The tensor table, and the offset just past it; None where the header does not parse.
@@ -154,7 +190,13 @@ fn walk<R: Read + Seek>(r: &mut R) -> Option<(Vec<Walked>, u64)> {
         let type_at = r.stream_position().ok()?;
         let ty = u32_of(r)?;
         u64_of(r)?; // the tensor's offset
-        out.push(Walked { name, ty, type_at });
+        out.push(Walked {
+            name,
+            ty,
+            type_at,
+            dims,
+            wide,
+        });
     }
     Some((out, r.stream_position().ok()?))
 }

@@ -40,6 +40,41 @@ pub fn half_scale(e: u8) -> f32 {
     }
 }
 
+/// `x` (whole blocks of [`BLOCK`]) encoded as llama.cpp's `quantize_row_mxfp4_ref` encodes it,
+/// appended to `out`: each block's scale the power of two that puts its largest magnitude in
+/// E2M1's top binade (`floor(log2(amax)) - 2`, biased by 127; 0 for a block of zeros), each
+/// weight the nearest of the sixteen codes at that scale, the first on ties. A block whose
+/// largest magnitude is below the smallest scale gets scale 0, where llama.cpp's cast of a
+/// negative value is undefined; none reaches 0xFF (NaN) from finite input.
+pub fn quantize_row(x: &[f32], out: &mut Vec<u8>) {
+    debug_assert!(x.len().is_multiple_of(BLOCK));
+    for block in x.chunks_exact(BLOCK) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let e = if amax > 0.0 {
+            (amax.log2().floor() - 2.0 + 127.0).clamp(0.0, 254.0) as u8
+        } else {
+            0
+        };
+        let d = half_scale(e);
+        let nearest = |v: f32| -> u8 {
+            let mut best = 0;
+            let mut best_err = (KVALUES[0] as f32 * d - v).abs();
+            for (i, &k) in KVALUES.iter().enumerate().skip(1) {
+                let err = (k as f32 * d - v).abs();
+                if err < best_err {
+                    best = i;
+                    best_err = err;
+                }
+            }
+            best as u8
+        };
+        out.push(e);
+        for j in 0..BLOCK / 2 {
+            out.push(nearest(block[j]) | (nearest(block[j + BLOCK / 2]) << 4));
+        }
+    }
+}
+
 /// One row's blocks widened to f32 (`out` 32 values per block). Exact.
 pub fn decode_row(blocks: &[u8], out: &mut [f32]) {
     for (b, o) in blocks
@@ -554,6 +589,49 @@ pub(crate) fn sample_blocks(rows: usize, cols: usize, seed: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `quantize_row` writes the bytes gguf-py's `MXFP4.quantize_blocks` (llama.cpp's rule)
+    /// writes for the same values — checkpoint-sized weights, zeros, a block of zeros, exact
+    /// codes and the midpoints between them (ties) — and decoding gives back each value's
+    /// nearest code at the block's scale.
+    #[test]
+    fn quantizing_is_gguf_pys_bit_for_bit() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/gguf/mxfp4-quantize.json"
+        );
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let rows = golden["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 4);
+        for (r, row) in rows.iter().enumerate() {
+            let x: Vec<f32> = row["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let want: Vec<u8> = row["blocks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u8)
+                .collect();
+            let mut got = Vec::new();
+            quantize_row(&x, &mut got);
+            assert_eq!(got, want, "row {r}");
+            let mut back = vec![0f32; x.len()];
+            decode_row(&got, &mut back);
+            for (i, (&v, &b)) in x.iter().zip(&back).enumerate() {
+                let d = half_scale(got[i / BLOCK * BLOCK_BYTES]);
+                let best = KVALUES
+                    .iter()
+                    .map(|&k| (k as f32 * d - v).abs())
+                    .fold(f32::INFINITY, f32::min);
+                assert_eq!((b - v).abs(), best, "row {r} value {i}");
+            }
+        }
+    }
 
     fn sample(rows: usize, cols: usize) -> Vec<u8> {
         super::sample_blocks(rows, cols, 0)
