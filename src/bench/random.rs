@@ -484,6 +484,16 @@ mod tests {
         let gguf = ckpt.gguf().unwrap();
         let q = gguf.tensor("blk.0.attn_q.weight").unwrap();
         assert_eq!(q.dtype, StDtype::Q8_0);
+        // What llama.cpp's tools print the file as (LLAMA_FTYPE_MOSTLY_MXFP4_MOE).
+        let mut r = std::fs::File::open(&f).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut r);
+        let content = content.unwrap_or_else(|_| {
+            let (header, _) = crate::model::gguf_types::with_mxfp4_as_f32(&mut r).unwrap();
+            candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(header))
+                .unwrap()
+        });
+        let ftype = content.metadata["general.file_type"].to_u32().unwrap();
+        assert_eq!(ftype, 38);
         // Another seed is another model.
         let f = dir.path().join("other.gguf");
         write_gguf(&g, &f, 12, GgufQuant::Bf16).unwrap();
@@ -623,6 +633,17 @@ impl GgufQuant {
             "MXFP4_MOE" => Self::Mxfp4Moe,
             _ => return None,
         })
+    }
+
+    /// llama.cpp's `llama_ftype` for this mix (`llama.h`), where it has one.
+    fn llama_ftype(self) -> Option<usize> {
+        match self {
+            Self::Q8_0 => Some(7),
+            Self::Q4KM => Some(15),
+            Self::Bf16 => Some(32),
+            Self::Mxfp4Moe => Some(38),
+            Self::Q4K => None,
+        }
     }
 
     fn pick(self, name: &str, layer: usize, layers: usize) -> candle_core::quantized::GgmlDType {
@@ -802,6 +823,12 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
         ("tokenizer.ggml.eos_token_id".into(), u(g.vocab - 1)),
     ];
     let mut meta = meta;
+    // llama.cpp's name for the mix (`llama_ftype`), which its tools print; an all-Q4_K file is
+    // none of its mixes, so it is left for them to guess.
+    if let Some(ftype) = quant.llama_ftype() {
+        meta.push(("general.file_type".into(), u(ftype)));
+        meta.push(("general.quantization_version".into(), u(2)));
+    }
     meta.extend(tokenizer_metadata(
         &crate::engine::default_model_dir(),
         g.vocab,
