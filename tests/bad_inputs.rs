@@ -355,6 +355,17 @@ fn bad_flags() {
     ]);
     assert_eq!(rc, 2);
     assert!(err.contains("/nonexistent"), "{err}");
+    // A sweep or a study of a cache that holds nothing, or more experts than the model has
+    // (the fixture has three MoE layers of 8), is refused before anything runs.
+    for (caps, says) in [
+        ("0%", "holds no expert"),
+        ("0,16", "holds no expert"),
+        ("25", "more than the model's 24 experts"),
+    ] {
+        let (rc, _, err) = run(&["sweep", "--model", m, "--capacities", caps]);
+        assert_eq!(rc, 2, "{caps}: {err}");
+        assert!(err.contains(says), "{caps}: {err}");
+    }
 }
 
 /// A model directory whose headers claim far more than this machine has: a config with large

@@ -182,12 +182,26 @@ pub fn parse_capacities(s: &str, total: usize) -> Result<Vec<usize>, String> {
             if !(0.0..=100.0).contains(&v) {
                 return Err(format!("capacity {part} is outside 0–100 %"));
             }
-            ((v / 100.0) * total as f64).round() as usize
+            if v == 0.0 {
+                return Err(format!("capacity {part} holds no expert"));
+            }
+            // A small share of a small model rounds to one expert, not to none.
+            (((v / 100.0) * total as f64).round() as usize).max(1)
         } else {
-            part.parse::<usize>()
-                .map_err(|_| format!("bad capacity \"{part}\": a count or a percentage"))?
+            let c = part
+                .parse::<usize>()
+                .map_err(|_| format!("bad capacity \"{part}\": a count or a percentage"))?;
+            if c == 0 {
+                return Err(format!("capacity {part} holds no expert"));
+            }
+            if c > total {
+                return Err(format!(
+                    "capacity {part} is more than the model's {total} experts (100 % is {total})"
+                ));
+            }
+            c
         };
-        out.push(c.max(1));
+        out.push(c);
     }
     if out.is_empty() {
         return Err("no capacities given".into());
@@ -213,6 +227,18 @@ mod tests {
         assert_eq!(parse_capacities("8, 16,8", 192).unwrap(), vec![8, 16]);
         assert!(parse_capacities("lots", 10).is_err());
         assert!(parse_capacities("150%", 10).is_err());
+        // A share rounds to at least one expert; nothing, or more than the model has, is refused.
+        assert_eq!(parse_capacities("0.1%,100%", 192).unwrap(), vec![1, 192]);
+        assert_eq!(parse_capacities("192", 192).unwrap(), vec![192]);
+        for (bad, says) in [
+            ("0", "holds no expert"),
+            ("0%", "holds no expert"),
+            ("193", "more than the model's 192 experts"),
+            ("nan%", "outside 0–100 %"),
+        ] {
+            let e = parse_capacities(bad, 192).unwrap_err();
+            assert!(e.contains(says) && e.contains(bad), "{bad}: {e}");
+        }
     }
 
     #[test]
