@@ -475,3 +475,86 @@ fn the_step_profile_refuses_a_cpu_device_by_name() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("--device cuda:N"), "{err}");
 }
+
+/// Nothing already written is lost to an output: a report is never written over a recording or
+/// a routing trace (`export REC -o REC` had replaced the recording with its own report), a
+/// random checkpoint never over an existing file or a directory with files in it, an extraction
+/// never over another model's config.json. Each is refused with exit code 2 and leaves the file
+/// byte for byte as it was.
+#[test]
+fn outputs_never_replace_what_was_written() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("session.ndjson");
+    std::fs::copy(root.join("recordings/demo-tiny-moe.ndjson"), &rec).unwrap();
+    let trace = tmp.path().join("routing.trace");
+    let r = rec.to_str().unwrap();
+    let (rc, _, err) = run(&[
+        "export",
+        r,
+        "--format",
+        "trace",
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    let kept = |p: &Path| std::fs::read(p).unwrap();
+    let (rec_bytes, trace_bytes) = (kept(&rec), kept(&trace));
+    for (target, kind) in [(&rec, "recording"), (&trace, "routing trace")] {
+        for format in ["html", "json", "markdown", "trace"] {
+            let (rc, _, err) = run(&[
+                "export",
+                r,
+                "--format",
+                format,
+                "-o",
+                target.to_str().unwrap(),
+            ]);
+            assert_eq!(rc, 2, "{format} over the {kind}: {err}");
+            assert!(
+                err.contains(kind) && err.contains("never written over"),
+                "{err}"
+            );
+        }
+    }
+    assert_eq!(kept(&rec), rec_bytes);
+    assert_eq!(kept(&trace), trace_bytes);
+    // An output that is not a session file is replaced as asked.
+    let out = tmp.path().join("summary.json");
+    std::fs::write(&out, "old").unwrap();
+    let (rc, _, err) = run(&["export", r, "--format", "json", "-o", out.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    assert_ne!(kept(&out), b"old");
+
+    // Random checkpoints: not into a directory with files, not over a file.
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(model.join("config.json"), "{\"mine\": true}").unwrap();
+    let gguf = tmp.path().join("mine.gguf");
+    std::fs::write(&gguf, "GGUF mine").unwrap();
+    for args in [
+        vec!["--out", model.to_str().unwrap()],
+        vec!["--gguf", "Q8_0", "--out", gguf.to_str().unwrap()],
+    ] {
+        let mut all = vec!["bench", "random-checkpoint", "--preset", "fuzz"];
+        all.extend(args);
+        let (rc, _, err) = run(&all);
+        assert_eq!(rc, 2, "{all:?}: {err}");
+        assert!(err.contains("already exists"), "{err}");
+    }
+    assert_eq!(kept(&model.join("config.json")), b"{\"mine\": true}");
+    assert_eq!(kept(&gguf), b"GGUF mine");
+
+    // An extraction into a directory holding another model's config.json.
+    let (rc, _, err) = run(&[
+        "extract",
+        "--model",
+        root.join("models/tiny-moe").to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("another config.json"), "{err}");
+    assert_eq!(kept(&model.join("config.json")), b"{\"mine\": true}");
+}

@@ -254,8 +254,7 @@ fn steps(a: &crate::cli::StepsArgs, settings: &Settings) -> Result<()> {
     let prompt = decode::prompt(a.prompt_tokens.max(1), engine.cfg.vocab_size);
     let p = profile_step(&engine, &prompt, a.rounds)?;
     if let Some(path) = &a.save {
-        crate::util::write_atomic(path, &serde_json::to_string_pretty(&p)?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        super::write_output(path, &serde_json::to_string_pretty(&p)?)?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);
@@ -300,6 +299,28 @@ fn random_checkpoint(a: &RandomCheckpointArgs) -> Result<()> {
         g.layers = l;
     }
     let (ne, ex) = g.params();
+    // A random checkpoint is written over nothing: `--out` at a real model (or a GGUF someone
+    // downloaded) would otherwise lose it to random weights.
+    let occupied = match std::fs::read_dir(&a.out) {
+        Ok(mut entries) => a.gguf.is_some() || entries.next().is_some(),
+        Err(_) => a.out.exists(),
+    };
+    if occupied {
+        crate::bail_input!(
+            "{}: already exists{}; a random checkpoint is written only to a new {}",
+            a.out.display(),
+            if a.out.is_dir() {
+                " and is not empty"
+            } else {
+                ""
+            },
+            if a.gguf.is_some() {
+                "file"
+            } else {
+                "or empty directory"
+            }
+        );
+    }
     if let Some(q) = &a.gguf {
         let Some(quant) = random::GgufQuant::parse(q) else {
             crate::bail_input!("--gguf {q}: expected Q8_0, Q4_K, Q4_K_M, MXFP4_MOE or BF16");

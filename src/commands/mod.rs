@@ -16,6 +16,40 @@ use crate::engine::{Available, BackendSpec, default_model_dir};
 use crate::settings::Settings;
 use crate::ui::UiOptions;
 
+/// Writes a command's output file (`-o`, `--save`) atomically, but never over a recording or a
+/// routing trace: those are what sessions leave behind, and `export REC -o REC` had turned a
+/// recording into its own report.
+pub fn write_output(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    if let Some(kind) = session_file_kind(path) {
+        crate::bail_input!(
+            "{}: is a moescope {kind}; an output is never written over one (choose another path)",
+            path.display()
+        );
+    }
+    crate::util::write_atomic(path, text).map_err(|e| {
+        anyhow::Error::new(crate::errors::InputError(format!(
+            "{}: cannot write: {e}",
+            path.display()
+        )))
+    })
+}
+
+/// "recording" or "routing trace" when `path` is a file whose first line is that format's
+/// header (read up to 1 MiB: a header line is far shorter).
+fn session_file_kind(path: &std::path::Path) -> Option<&'static str> {
+    use std::io::{BufRead, Read};
+    let file = std::fs::File::open(path).ok()?;
+    let mut first = String::new();
+    std::io::BufReader::new(file.take(1 << 20))
+        .read_line(&mut first)
+        .ok()?;
+    if crate::session::record::parse_header(first.trim_end(), path).is_ok() {
+        return Some("recording");
+    }
+    let v: serde_json::Value = serde_json::from_str(first.trim_end()).ok()?;
+    crate::cache::trace::is_trace_header(&v).then_some("routing trace")
+}
+
 /// The backend spec from the common flags (default model: the bundled one).
 pub fn backend_spec(model: &ModelArgs, backend: &BackendArgs, settings: &Settings) -> BackendSpec {
     BackendSpec {

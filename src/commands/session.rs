@@ -124,8 +124,7 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         }
     };
     match &a.output {
-        Some(p) => crate::util::write_atomic(p, &text)
-            .map_err(|e| InputError(format!("{}: cannot write: {e}", p.display())))?,
+        Some(p) => super::write_output(p, &text)?,
         None => std::io::stdout().write_all(text.as_bytes())?,
     }
     if rec.truncated_tail {

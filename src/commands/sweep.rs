@@ -379,8 +379,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
     };
     let json = serde_json::to_string_pretty(&sweep)? + "\n";
     if let Some(o) = &a.output {
-        crate::util::write_atomic(o, &json)
-            .map_err(|e| InputError(format!("{}: {e}", o.display())))?;
+        super::write_output(o, &json)?;
     }
     if a.json {
         print!("{json}");

@@ -313,6 +313,20 @@ pub fn extract(
             ));
         }
     }
+    // A directory that is not an extraction but holds another config.json is someone's model:
+    // its config is not written over (the copy below would have replaced it).
+    let own_config = out.join("config.json");
+    if !manifest_path.exists()
+        && !out.join(JOURNAL).exists()
+        && own_config.exists()
+        && std::fs::read(&own_config).ok() != std::fs::read(config_json).ok()
+    {
+        return Err(ModelError::Input(format!(
+            "{} holds another config.json and no extraction (no {MANIFEST} or {JOURNAL}); \
+             moescope does not write over it — extract into a new or empty directory",
+            out.display()
+        )));
+    }
     // A config copy makes the directory self-describing for `verify`; generation_config.json
     // goes with it, since the end-of-sequence ids it carries are part of the config's identity.
     let gen_config = config_json.with_file_name("generation_config.json");
