@@ -840,15 +840,25 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
         what: "writing the GGUF file".into(),
         source: e,
     };
-    let mut f = std::io::BufWriter::new(std::fs::File::create(out).map_err(io)?);
-    write(&mut f, &meta_refs, &tensor_refs)?;
-    use std::io::Write;
-    f.flush().map_err(io)?;
-    drop(f);
-    if !mxfp4.is_empty() {
-        crate::model::gguf_types::mark_mxfp4(out, &mxfp4).map_err(io)?;
+    // Written beside the target and renamed into place: a failed write (a full disk) leaves no
+    // half file at `out`.
+    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+    let written = (|| -> Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        write(&mut f, &meta_refs, &tensor_refs)?;
+        use std::io::Write;
+        f.flush().map_err(io)?;
+        f.get_ref().sync_all().map_err(io)?;
+        drop(f);
+        if !mxfp4.is_empty() {
+            crate::model::gguf_types::mark_mxfp4(&tmp, &mxfp4).map_err(io)?;
+        }
+        std::fs::rename(&tmp, out).map_err(io)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    Ok(())
+    written
 }
 
 /// Rows of `values` ([rows, cols] row-major) as MXFP4 blocks, on every core; an even number
