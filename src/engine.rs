@@ -515,6 +515,9 @@ impl BackendSpec {
 pub struct Footprint {
     pub host: u64,
     pub gpu: u64,
+    /// Of `host + gpu`, the KV cache for the run's longest prompt and answer (what
+    /// `--max-new-tokens` and the prompts' length set).
+    pub kv: u64,
 }
 
 impl Footprint {
@@ -562,9 +565,17 @@ impl BackendSpec {
         let non_expert = sizes.map_or(cfg.non_expert_params() * esize, |h| h.non_expert);
         let held = non_expert + experts + kv;
         if cuda {
-            Footprint { host: 0, gpu: held }
+            Footprint {
+                host: 0,
+                gpu: held,
+                kv,
+            }
         } else {
-            Footprint { host: held, gpu: 0 }
+            Footprint {
+                host: held,
+                gpu: 0,
+                kv,
+            }
         }
     }
 }
@@ -613,13 +624,24 @@ pub fn check_fits(
     } else {
         "loaded"
     };
+    // When the KV cache is most of what is needed, the length asked for is what to change.
+    let kv = combine(|n| n.kv);
     let short = |what: &str, need: u64, have: u64| {
         format!(
-            "{}: the run needs at least {} of {what} ({parts}, {how}) and {} is available; \
+            "{}: the run needs at least {} of {what} ({parts}, {how}{}) and {} is available; \
              {}--cache-mem sets the selective cache's share, --dtype bf16 halves f32 weights; \
              --force runs anyway",
             model.display(),
             crate::util::fmt_bytes(need),
+            if kv > need / 2 {
+                format!(
+                    "; of that the KV cache is {}, set by --max-new-tokens and the prompts' \
+                     length",
+                    crate::util::fmt_bytes(kv)
+                )
+            } else {
+                String::new()
+            },
             crate::util::fmt_bytes(have),
             if together && needs.len() > 1 {
                 "--schedule sequential loads one backend at a time, "
@@ -701,7 +723,8 @@ mod tests {
             f,
             Footprint {
                 host: weights + kv(100),
-                gpu: 0
+                gpu: 0,
+                kv: kv(100),
             }
         );
         // Selective: non-expert weights and the cache's capacity (here 3 experts).
@@ -728,6 +751,7 @@ mod tests {
         let host = |h: u64| Footprint {
             host: h * gib,
             gpu: 0,
+            kv: 0,
         };
         let m = Path::new("m");
         let avail = Available {
@@ -742,13 +766,29 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("--force") && e.contains("--cache-mem") && e.contains("--dtype bf16"));
+        assert!(!e.contains("KV cache"), "{e}");
         assert!(check_fits(&both, false, avail, m).is_ok());
+        // A run whose KV cache is most of it (a huge --max-new-tokens) says so.
+        let long = [(
+            "native",
+            Footprint {
+                host: 20 * gib,
+                gpu: 0,
+                kv: 18 * gib,
+            },
+        )];
+        let e = check_fits(&long, true, avail, m).unwrap_err();
+        assert!(
+            e.contains("the KV cache is 18.0 GiB") && e.contains("--max-new-tokens"),
+            "{e}"
+        );
         // GPU needs against free GPU memory where it is known, else against host memory.
         let gpu = [(
             "native",
             Footprint {
                 host: 0,
                 gpu: 8 * gib,
+                kv: 0,
             },
         )];
         let known = Available {
