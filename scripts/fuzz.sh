@@ -15,7 +15,7 @@ RUNS=${1:-1000000}
 shift || true
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(safetensors_header shard_index config_json chat_template extraction_manifest recording trace worker_protocol settings_toml gguf)
+  TARGETS=(safetensors_header shard_index config_json chat_template extraction_manifest recording trace worker_protocol settings_toml gguf tokenizer_files)
 fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo +nightly install cargo-fuzz --locked
@@ -39,6 +39,21 @@ seed() {
     worker_protocol) printf '%s\n' '{"cmd":"hello","version":2}' '{"cmd":"step"}' \
                        '{"ev":"session","type":"token","backend":"native","prompt":0,"index":1,"id":2,"text":"x","dt":0.5,"prefill":false}' > "$dir/lines" ;;
     settings_toml) cp prompts/*.toml src/session/profiles/*.toml themes/*.toml "$dir/" ;;
+    # The fixture repo's five files cut at 0xFF (the target's format), and its vocabulary and
+    # merges alone (no added-token files).
+    tokenizer_files) python3 - "$dir" <<'PYEOF'
+import sys
+d, src = sys.argv[1], "tests/fixtures/tokenizer-vocab"
+names = ["vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"]
+def part(n):
+    try:
+        return open(f"{src}/{n}", "rb").read()
+    except FileNotFoundError:
+        return b""
+open(f"{d}/repo", "wb").write(b"\xff".join(part(n) for n in names))
+open(f"{d}/plain", "wb").write(b"\xff".join(part(n) for n in names[:2]))
+PYEOF
+      ;;
     # A whole ~250 KB file (metadata, the bundled tokenizer, tensors) from moescope's writer.
     gguf) target/debug/moescope bench random-checkpoint --preset fuzz --gguf Q8_0 --out "$dir/fuzz-Q8_0.gguf" >/dev/null
           # The same file with one expert stack retyped to types candle cannot read (IQ4_XS,
