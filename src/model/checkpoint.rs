@@ -602,7 +602,7 @@ impl Checkpoint {
         for proj in ExpertProj::ALL {
             let name = cfg.expert_tensor_name(layer, expert, proj);
             if !self.contains(&name) {
-                return Ok(None);
+                return self.stacked_expert_location(cfg, layer, expert);
             }
             parts.push(self.check(&name, &proj.shape(cfg))?);
         }
@@ -611,6 +611,65 @@ impl Checkpoint {
             layer,
             expert,
             parts,
+        }))
+    }
+
+    /// An expert of a layer stored the way transformers 5 holds experts in memory: one stack
+    /// `mlp.experts.gate_up_proj` [E, 2I, H] (each expert's gate rows, then its up rows) and one
+    /// `mlp.experts.down_proj` [E, H, I]. `save_pretrained` writes experts one by one, but a
+    /// state dict saved as it is (other tools' conversions) keeps the stacks. Each matrix is then
+    /// a byte range of its stack, named as the per-expert layout names it (so extraction and
+    /// errors speak of one expert). `None` when the layer has neither stack.
+    fn stacked_expert_location(
+        &self,
+        cfg: &MoeConfig,
+        layer: usize,
+        expert: usize,
+    ) -> Result<Option<ExpertLocation>> {
+        let stack =
+            |rest: &str| cfg.tensor_name(&format!("model.layers.{layer}.mlp.experts.{rest}"));
+        let (gate_up, down) = (stack("gate_up_proj"), stack("down_proj"));
+        if !self.contains(&gate_up) && !self.contains(&down) {
+            return Ok(None);
+        }
+        let (e, i, h) = (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size);
+        let mut stacks = Vec::with_capacity(2);
+        for (name, shape) in [(&gate_up, [e, 2 * i, h]), (&down, [e, h, i])] {
+            let (file, info) = self.locate(name)?;
+            if info.dtype == StDtype::F8E4M3 {
+                return Err(ModelError::Tensor {
+                    file: file.path().to_path_buf(),
+                    tensor: name.clone(),
+                    msg: "FP8 experts stacked in one tensor are not supported (moescope reads \
+                          FP8 experts one by one, each with its scales, as Qwen's -FP8 \
+                          checkpoints store them)"
+                        .into(),
+                });
+            }
+            stacks.push(self.check(name, &shape)?);
+        }
+        let matrix = |stack: &TensorLocation, at: usize, proj: ExpertProj| {
+            let [rows, cols] = proj.shape(cfg);
+            // The stack's matrices are all of this shape: its length over their count.
+            let bytes = stack.len / (stack.shape[0] * stack.shape[1] / rows) as u64;
+            TensorLocation {
+                name: cfg.expert_tensor_name(layer, expert, proj),
+                file: stack.file.clone(),
+                dtype: stack.dtype,
+                shape: vec![rows, cols],
+                offset: stack.offset + at as u64 * bytes,
+                len: bytes,
+                scale: None,
+            }
+        };
+        Ok(Some(ExpertLocation {
+            layer,
+            expert,
+            parts: [
+                matrix(&stacks[0], 2 * expert, ExpertProj::Gate),
+                matrix(&stacks[0], 2 * expert + 1, ExpertProj::Up),
+                matrix(&stacks[1], expert, ExpertProj::Down),
+            ],
         }))
     }
 
