@@ -34,10 +34,14 @@ pub fn write_output(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     })
 }
 
-/// "recording" or "routing trace" when `path` is a file whose first line is that format's
-/// header (read up to 1 MiB: a header line is far shorter).
+/// "recording" or "routing trace" when `path` is a regular file whose first line is that
+/// format's header (read up to 1 MiB: a header line is far shorter). Anything else — a pipe
+/// above all, which reading would block on — is not looked into.
 fn session_file_kind(path: &std::path::Path) -> Option<&'static str> {
     use std::io::{BufRead, Read};
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let file = std::fs::File::open(path).ok()?;
     let mut first = String::new();
     std::io::BufReader::new(file.take(1 << 20))
