@@ -4,7 +4,8 @@
 //! `save_pretrained`'s per-expert conversion stores them. The stacked copies are made here from
 //! the per-expert fixtures (the same bytes, restacked), so every result must be the original's
 //! bit for bit: native and selective, both families (the Omni thinker's prefix included), and an
-//! extraction. Malformed stacks are refused by name.
+//! extraction — and within the fidelity tolerance of transformers' golden logits for the fixture.
+//! Malformed stacks are refused by name.
 
 mod common;
 
@@ -115,6 +116,18 @@ fn stacked_experts_run_as_the_per_expert_original_bit_for_bit() {
     let seq: Vec<u32> = (0..16u32).map(|i| (i * 37 + 5) % 380).collect();
     for name in ["qwen3-moe-tiny", "qwen3-omni-tiny"] {
         let copy = stacked_copy(name, |_| {});
+        // transformers' own logits for the fixture (its golden), read from the stacks.
+        let g = golden(name);
+        let f32_native = engine(
+            copy.path(),
+            BackendKind::Native,
+            Default::default(),
+            Dtype::F32,
+        );
+        for (seq, want) in g.sequences.iter().zip(&g.logits_f32) {
+            let d = max_abs_diff(&last_logits(&f32_native, seq), want);
+            assert!(d <= F32_LOGIT_TOLERANCE, "{name}: {d} from transformers");
+        }
         for dtype in [Dtype::F32, Dtype::Bf16] {
             let original = engine(
                 &fixture(name),
