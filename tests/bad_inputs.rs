@@ -519,6 +519,23 @@ fn outputs_never_replace_what_was_written() {
     }
     assert_eq!(kept(&rec), rec_bytes);
     assert_eq!(kept(&trace), trace_bytes);
+    // A run records to a new file only: not over a recording, not into a directory's name.
+    for (target, says) in [
+        (rec.as_path(), "never overwrites a recording"),
+        (tmp.path(), "a directory"),
+    ] {
+        let (rc, _, err) = run(&[
+            "run",
+            "--no-tui",
+            "--max-new-tokens",
+            "1",
+            "--record",
+            target.to_str().unwrap(),
+        ]);
+        assert_eq!(rc, 2, "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+    assert_eq!(kept(&rec), rec_bytes);
     // An output that is not a session file is replaced as asked.
     let out = tmp.path().join("summary.json");
     std::fs::write(&out, "old").unwrap();

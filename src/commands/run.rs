@@ -52,10 +52,13 @@ pub fn prepare(args: &RunArgs, settings: &Settings) -> Result<Prepared> {
         crate::errors::InputError(format!(
             "{}: cannot create the recording: {e}{}",
             rec_path.display(),
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                " (it exists; moescope never overwrites a recording)"
-            } else {
-                ""
+            match e.kind() {
+                _ if rec_path.is_dir() =>
+                    " (a directory: --record takes the recording's file name)",
+                std::io::ErrorKind::AlreadyExists => {
+                    " (it exists; moescope never overwrites a recording)"
+                }
+                _ => "",
             }
         ))
     })?;
