@@ -517,6 +517,19 @@ fn outputs_never_replace_what_was_written() {
             );
         }
     }
+    // A sweep is refused before it runs, not after.
+    let (rc, out, err) = run(&[
+        "sweep",
+        "--capacities",
+        "50%",
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(
+        err.contains("routing trace") && out.is_empty(),
+        "{out}{err}"
+    );
     assert_eq!(kept(&rec), rec_bytes);
     assert_eq!(kept(&trace), trace_bytes);
     // A run records to a new file only: not over a recording, not into a directory's name.

@@ -236,6 +236,9 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
 /// `bench steps`: the native backend in bf16 on the GPU, one step profiled (see
 /// `model::step_profile`).
 fn steps(a: &crate::cli::StepsArgs, settings: &Settings) -> Result<()> {
+    if let Some(path) = &a.save {
+        super::check_output(path)?;
+    }
     if !a.device.is_cuda() {
         crate::bail_input!(
             "bench steps profiles CUDA graphs: pass --device cuda:N (got {})",

@@ -20,18 +20,25 @@ use crate::ui::UiOptions;
 /// routing trace: those are what sessions leave behind, and `export REC -o REC` had turned a
 /// recording into its own report.
 pub fn write_output(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    if let Some(kind) = session_file_kind(path) {
-        crate::bail_input!(
-            "{}: is a moescope {kind}; an output is never written over one (choose another path)",
-            path.display()
-        );
-    }
+    check_output(path)?;
     crate::util::write_atomic(path, text).map_err(|e| {
         anyhow::Error::new(crate::errors::InputError(format!(
             "{}: cannot write: {e}",
             path.display()
         )))
     })
+}
+
+/// Refuses an output path that holds a recording or a routing trace. A command that runs for a
+/// long time before writing (`sweep`) asks first, so the refusal does not come after the run.
+pub fn check_output(path: &std::path::Path) -> anyhow::Result<()> {
+    if let Some(kind) = session_file_kind(path) {
+        crate::bail_input!(
+            "{}: is a moescope {kind}; an output is never written over one (choose another path)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// "recording" or "routing trace" when `path` is a regular file whose first line is that

@@ -74,6 +74,9 @@ fn run_session(args: &RunArgs, only: Option<Backend>, settings: &Settings) -> Re
 }
 
 pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
+    if let Some(o) = &a.output {
+        super::check_output(o)?;
+    }
     let mut base = RunArgs::parse_default();
     base.model = a.model.clone();
     base.no_tui = true;
