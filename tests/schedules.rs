@@ -172,3 +172,81 @@ fn step_mode_needs_the_dashboard() {
     );
     assert!(!rec.exists());
 }
+
+/// A prompt plus its new tokens past the positions the model was trained for runs, and the run
+/// says so once per prompt (the scheduler has the limit from the workers' `Loaded`); `generate`
+/// says it too. Within the limit, not a word.
+#[test]
+fn running_past_the_trained_context_is_warned_of_once_per_prompt() {
+    let dir = copy_fixture("qwen3-moe-tiny");
+    let model = dir.path().to_str().unwrap();
+    let past = |evs: &[SessionEvent]| -> Vec<String> {
+        evs.iter()
+            .filter_map(|e| match e {
+                SessionEvent::Warning { message, .. } if message.contains("trained for") => {
+                    Some(message.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let (rc, evs, out) = run_schedule("alternate", "4", &["--model", model]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(past(&evs), Vec::<String>::new(), "512 positions are plenty");
+    edit_json(&dir.path().join("config.json"), |v| {
+        v["max_position_embeddings"] = serde_json::json!(12)
+    });
+    let (rc, evs, out) = run_schedule("alternate", "4", &["--model", model]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(
+        (done(&evs, Backend::Native), done(&evs, Backend::Selective)),
+        (6, 6),
+        "a warning, not a refusal"
+    );
+    let warned = past(&evs);
+    assert_eq!(
+        warned.len(),
+        6,
+        "one per prompt, not per backend: {warned:#?}"
+    );
+    for (i, w) in warned.iter().enumerate() {
+        assert!(
+            w.starts_with(&format!("prompt {}: ", i + 1))
+                && w.contains("+ up to 4 new")
+                && w.contains("past the 12 the model was trained for"),
+            "{w}"
+        );
+    }
+    assert!(
+        out.contains("past the 12 the model was trained for"),
+        "{out}"
+    );
+
+    let (rc, _, err) = run(&[
+        "generate",
+        "--model",
+        model,
+        "--token-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "10",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(
+        err.contains(
+            "warning: the prompt: 3 prompt tokens + up to 10 new = 13 positions, past the 12"
+        ),
+        "{err}"
+    );
+    let (rc, _, err) = run(&[
+        "generate",
+        "--model",
+        model,
+        "--token-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "9",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(!err.contains("trained for"), "{err}");
+}

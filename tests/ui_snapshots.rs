@@ -550,3 +550,41 @@ fn token_inspector() {
         assert_eq!(app.view.inspect, None);
     }
 }
+
+/// A run's warnings reach the dashboard: the latest on a line of its own above the keys, with
+/// how many there were; on a screen too short to spare the line, the keys alone.
+#[test]
+fn latest_warning_above_the_keys() {
+    use moescope::session::event::{SessionEvent, Stamped};
+    let mut app = demo_mid_run(30, "default");
+    let text = render_to_string(&mut app, 80, 24);
+    assert!(!text.contains("warning"), "{text}");
+    for message in [
+        "parallel schedule: both backends run at once, so their timings are contended",
+        "prompt 5: 1100 prompt tokens + up to 64 new = 1164 positions, past the 1024 the model \
+         was trained for (the prompt alone is longer); text there may degrade — shorten the \
+         prompt or --max-new-tokens",
+    ] {
+        app.session.apply(&Stamped {
+            t: 9.0,
+            event: SessionEvent::Warning {
+                backend: None,
+                message: message.into(),
+            },
+        });
+    }
+    for (w, h) in [(80, 24), (160, 50)] {
+        let text = render_to_string(&mut app, w, h);
+        let lines: Vec<&str> = text.lines().collect();
+        let warn = lines[lines.len() - 2];
+        assert!(
+            warn.starts_with("warning 2 of 2: prompt 5: 1100 prompt tokens"),
+            "{text}"
+        );
+        assert!(lines[lines.len() - 1].starts_with("q quit"), "{text}");
+        insta::assert_snapshot!(format!("latest_warning_{w}x{h}"), text);
+    }
+    let text = render_to_string(&mut app, 80, 15);
+    assert!(!text.contains("warning"), "{text}");
+    assert!(text.lines().last().unwrap().starts_with("q quit"), "{text}");
+}

@@ -46,6 +46,13 @@ pub fn generate(args: &GenerateArgs, settings: &Settings) -> Result<()> {
             rec.describe()
         );
     }
+    if let Some(w) = engine.cfg.past_context_warning(
+        "the prompt",
+        prompt_ids.len(),
+        args.sampling.max_new_tokens,
+    ) {
+        eprintln!("warning: {w}");
+    }
     let stops = stop_ids(&engine.cfg.eos_token_ids, tokenizer.as_ref());
     let mut g = Generation::new(&engine.model, prompt_ids.clone(), params, stops)?;
     let mut decoder = StreamDecoder::new();

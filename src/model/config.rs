@@ -419,6 +419,36 @@ impl MoeConfig {
         self.moe_layers().count()
     }
 
+    /// Positions the checkpoint was trained (or stretched) for: `max_position_embeddings`, or
+    /// more where RoPE scaling says so — YaRN's original context × factor (Qwen's model cards
+    /// add YaRN ×4 over 32,768 to a config whose `max_position_embeddings` stays 40,960), linear
+    /// scaling's factor × `max_position_embeddings`. Past it the model still runs (RoPE has no
+    /// end) but its output is no longer what it was trained to give: runs warn, they do not stop.
+    pub fn trained_context(&self) -> usize {
+        let stretched = match &self.rope_scaling {
+            None => 0.0,
+            Some(RopeScaling::Linear { factor }) => self.max_position_embeddings as f64 * factor,
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                ..
+            }) => original_max_position_embeddings * factor,
+        };
+        // Rounded, as 32768 × 4.0 is exact but a computed factor (max / original) may not be.
+        self.max_position_embeddings.max(stretched.round() as usize)
+    }
+
+    /// The warning for `what` ("prompt 3", "the prompt") when its tokens and the new tokens
+    /// asked for go past [`MoeConfig::trained_context`]; `None` within it.
+    pub fn past_context_warning(
+        &self,
+        what: &str,
+        prompt_tokens: usize,
+        max_new_tokens: usize,
+    ) -> Option<String> {
+        past_context_message(what, prompt_tokens, max_new_tokens, self.trained_context())
+    }
+
     /// Total number of (layer, expert) pairs the config implies — what `verify` must count.
     pub fn total_experts(&self) -> usize {
         self.num_moe_layers() * self.num_experts
@@ -518,6 +548,32 @@ fn check_token_ids(obj: &Obj<'_>, key: &str, ids: &[u32], vocab: usize) -> Resul
         )),
         None => Ok(()),
     }
+}
+
+/// The one wording of "this run goes past the trained context", for `generate` and for the
+/// scheduler (which has the limit from a worker's `Loaded` event, not the config).
+pub fn past_context_message(
+    what: &str,
+    prompt_tokens: usize,
+    max_new_tokens: usize,
+    limit: usize,
+) -> Option<String> {
+    let positions = prompt_tokens + max_new_tokens;
+    (positions > limit).then(|| {
+        let beyond = if prompt_tokens > limit {
+            "the prompt alone is longer".to_string()
+        } else {
+            format!(
+                "new tokens after the first {} lie beyond it",
+                limit - prompt_tokens
+            )
+        };
+        format!(
+            "{what}: {prompt_tokens} prompt tokens + up to {max_new_tokens} new = {positions} \
+             positions, past the {limit} the model was trained for ({beyond}); text there may \
+             degrade — shorten the prompt or --max-new-tokens"
+        )
+    })
 }
 
 /// How a checkpoint stretches RoPE past the context it was trained on, resolved to what the
@@ -868,6 +924,35 @@ mod tests {
         let mut v = base_text();
         v["partial_rotary_factor"] = json!(1.0);
         assert!(parse(&v).is_ok());
+    }
+
+    #[test]
+    fn trained_context_counts_rope_stretching() {
+        let mut v = base_text();
+        assert_eq!(parse(&v).unwrap().trained_context(), 512);
+        v["max_position_embeddings"] = json!(40960);
+        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0,
+                                   "original_max_position_embeddings": 32768});
+        assert_eq!(parse(&v).unwrap().trained_context(), 131072);
+        // A YaRN factor left out is max / original: the context is max_position_embeddings.
+        v["rope_scaling"] = json!({"rope_type": "yarn", "original_max_position_embeddings": 10000});
+        assert_eq!(parse(&v).unwrap().trained_context(), 40960);
+        v["max_position_embeddings"] = json!(4096);
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 2.0});
+        assert_eq!(parse(&v).unwrap().trained_context(), 8192);
+        let c = parse(&v).unwrap();
+        assert_eq!(c.past_context_warning("the prompt", 8000, 192,), None);
+        let w = c.past_context_warning("the prompt", 8000, 193).unwrap();
+        assert!(
+            w.contains("8193 positions, past the 8192")
+                && w.contains("(new tokens after the first 192 lie beyond it)"),
+            "{w}"
+        );
+        let w = c.past_context_warning("prompt 2", 9000, 1).unwrap();
+        assert!(
+            w.starts_with("prompt 2: 9000 prompt tokens")
+                && w.contains("(the prompt alone is longer)")
+        );
     }
 
     #[test]

@@ -194,6 +194,11 @@ pub enum SessionEvent {
         /// The model's vocabulary (absent from the first recordings).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         vocab_size: Option<usize>,
+        /// Positions the model was trained for (the model config's `trained_context`):
+        /// a prompt whose tokens and new tokens go past it is warned of (absent from older
+        /// recordings).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trained_context: Option<usize>,
     },
     /// A backend begins a prompt (again, if rerun).
     PromptStarted {

@@ -503,12 +503,19 @@ impl App {
         let area = f.area();
         self.view.hit.clear();
         self.view.list_rows = None;
+        // A warning (a run past the trained context, contended timings, a worker's stray line)
+        // gets a line of its own above the keys while the screen has room for it.
+        let footer = if !self.session.warnings.is_empty() && area.height >= 16 {
+            2
+        } else {
+            1
+        };
         let rows = Layout::default()
             .direction(Direction::Vertical)
             .constraints([
                 Constraint::Length(2),
                 Constraint::Min(3),
-                Constraint::Length(1),
+                Constraint::Length(footer),
             ])
             .split(area);
         panels::header::render(f, rows[0], self);

@@ -1,4 +1,4 @@
-//! The key hints, and the latest status message.
+//! The key hints, the latest status message, and (given a second line) the latest warning.
 
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -29,6 +29,22 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
         f.render_widget(Paragraph::new(line), area);
         return;
     }
+    let mut lines = vec![];
+    if area.height >= 2
+        && let Some(latest) = app.session.warnings.last()
+    {
+        let n = app.session.warnings.len();
+        // Short, so the message itself fits 80 columns; every warning is in the export.
+        let count = if n > 1 {
+            format!("warning {n} of {n}: ")
+        } else {
+            "warning: ".into()
+        };
+        lines.push(Line::from(vec![
+            Span::styled(count, t.warn),
+            Span::styled(latest.replace('\n', " "), t.text),
+        ]));
+    }
     let mut spans = vec![];
     if app.readonly {
         spans.push(Span::styled("READ-ONLY ", t.warn));
@@ -46,5 +62,6 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
         _ => "q quit  n/p prompt  e export  t theme  tab focus  z zoom  v verdict  ? help",
     };
     spans.push(Span::styled(keys, t.muted));
-    f.render_widget(Paragraph::new(Line::from(spans)), area);
+    lines.push(Line::from(spans));
+    f.render_widget(Paragraph::new(lines), area);
 }

@@ -23,7 +23,10 @@ pub const KEYS: [(&str, &str); 19] = [
     ),
     ("i", "inspect a token: ←/→ move, top-5, KL, routing, loads"),
     ("r", "rerun the current prompt (replay: restart)"),
-    ("e", "export summary JSON + HTML report now"),
+    (
+        "e",
+        "export summary JSON + HTML report (every warning in it)",
+    ),
     ("t", "cycle colour theme"),
     ("tab / shift-tab", "focus the next / previous panel"),
     ("z", "zoom the focused panel (again to return)"),

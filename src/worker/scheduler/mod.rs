@@ -133,6 +133,8 @@ struct WorkerState {
     ready: bool,
     loaded: bool,
     vocab: usize,
+    /// Positions the loaded model was trained for (its `Loaded` event's).
+    trained_context: Option<usize>,
     /// Prompt being generated and tokens seen so far.
     generating: Option<usize>,
     tokens: usize,
@@ -198,6 +200,9 @@ struct Scheduler {
     native_routing: HashMap<usize, std::collections::BTreeMap<usize, Vec<Vec<u16>>>>,
     /// Decodes the alternatives the token inspector shows (see `inspect_tokenizer`).
     tokenizer: Option<Option<crate::model::tokenizer::TextTokenizer>>,
+    /// Prompts already warned of running past the trained context (once, whichever backend
+    /// starts them first).
+    past_context_warned: std::collections::HashSet<usize>,
 }
 
 /// Runs the whole session. Returns when every prompt ran (or the user quit).
@@ -257,6 +262,7 @@ pub async fn run(
         native_rows: HashMap::new(),
         native_tokens: HashMap::new(),
         native_routing: HashMap::new(),
+        past_context_warned: Default::default(),
         tokenizer: None,
     };
     if s.cfg.step {

@@ -9,6 +9,7 @@ use super::super::process::{WorkerMsg, WorkerProcess};
 use super::super::protocol::{Command, PROTOCOL_VERSION, WorkerEvent};
 use super::{Scheduler, WorkerState};
 use crate::engine::BackendSpec;
+use crate::model::config::past_context_message;
 use crate::session::event::{Backend, SessionEvent};
 
 impl Scheduler {
@@ -271,13 +272,40 @@ impl Scheduler {
     /// the session as it is.
     pub(super) fn session_event(&mut self, b: Backend, ev: SessionEvent) {
         match &ev {
-            SessionEvent::Loaded { vocab_size, .. } => {
+            SessionEvent::Loaded {
+                vocab_size,
+                trained_context,
+                ..
+            } => {
                 let st = self.ws(b);
                 st.loaded = true;
                 st.vocab = vocab_size.unwrap_or(0);
+                st.trained_context = *trained_context;
                 self.sample_now(b);
             }
-            SessionEvent::PromptStarted { prompt, .. } => {
+            SessionEvent::PromptStarted {
+                prompt,
+                prompt_tokens,
+                max_new_tokens,
+                ..
+            } => {
+                // Workers may not send warnings (`WorkerEvent::may_carry`): the scheduler, which
+                // knows both the limit and the prompt, says it once per prompt.
+                if let Some(limit) = self.ws(b).trained_context
+                    && prompt_tokens + max_new_tokens > limit
+                    && self.past_context_warned.insert(*prompt)
+                {
+                    self.em.emit(SessionEvent::Warning {
+                        backend: None,
+                        message: past_context_message(
+                            &format!("prompt {}", prompt + 1),
+                            *prompt_tokens,
+                            *max_new_tokens,
+                            limit,
+                        )
+                        .unwrap_or_default(),
+                    });
+                }
                 if b == Backend::Native {
                     // A rerun routes afresh.
                     self.native_routing.remove(prompt);

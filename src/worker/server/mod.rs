@@ -175,6 +175,7 @@ pub fn run() -> anyhow::Result<()> {
                             degraded: engine.degraded,
                             describe,
                             vocab_size: Some(cfg.vocab_size),
+                            trained_context: Some(cfg.trained_context()),
                         });
                         state = Some(Loaded {
                             trace: TraceObserver {
