@@ -56,15 +56,16 @@ PYEOF
       ;;
     # A whole ~250 KB file (metadata, the bundled tokenizer, tensors) from moescope's writer.
     gguf) target/debug/moescope bench random-checkpoint --preset fuzz --gguf Q8_0 --out "$dir/fuzz-Q8_0.gguf" >/dev/null
-          # The same file with one expert stack retyped to types candle cannot read (IQ4_XS,
-          # MXFP4), so the header's second walk (`model::gguf_types`) is reached from the start.
+          # The same file with one expert stack retyped to types candle cannot read — IQ2_XXS,
+          # which moescope refuses; IQ4_XS and MXFP4, which it decodes itself — so the header's
+          # second walk (`model::gguf_types`) is reached from the start.
           python3 - "$dir" <<'PYEOF'
 import sys
 d = sys.argv[1]
 b = bytearray(open(f"{d}/fuzz-Q8_0.gguf", "rb").read())
 name = b"blk.0.ffn_down_exps.weight"
 at = b.find(name) + len(name) + 4 + 3 * 8  # the name, its dimension count, three dimensions
-for ty, tag in ((23, "iq4xs"), (39, "mxfp4")):
+for ty, tag in ((16, "iq2xxs"), (23, "iq4xs"), (39, "mxfp4")):
     c = bytearray(b)
     c[at:at + 4] = ty.to_bytes(4, "little")
     open(f"{d}/seed-{tag}.gguf", "wb").write(c)

@@ -9,9 +9,12 @@
 #
 # PYTHON: one with torch, transformers, numpy and safetensors (default
 # target/reference-venv/bin/python3, see scripts/setup_reference_python.sh). Writes
-#   models/tiny-moe-gguf/tiny-moe-{BF16,Q8_0,Q4_K_M}.gguf   (ignored by git: 19 / 12 / 9 MB)
-#   tests/fixtures/gguf/kquant-{Q8_0,Q4_K_M,MXFP4_MOE,MXFP4_ATTN}.gguf (committed; CI's GGUF tests)
-#   tests/fixtures/gguf/kquant-MXFP4_MOE.rows.json         (gguf-py's decoding of six MXFP4 rows)
+#   models/tiny-moe-gguf/tiny-moe-{BF16,Q8_0,Q4_K_M,IQ4_XS,IQ4_NL}.gguf (ignored by git: 19 / 12 /
+#                                                           9 / 9 / 9 MB)
+#   tests/fixtures/gguf/kquant-{Q8_0,Q4_K_M,MXFP4_MOE,MXFP4_ATTN,IQ4_XS,IQ4_NL}.gguf (committed;
+#                                                           CI's GGUF tests)
+#   tests/fixtures/gguf/kquant-{MXFP4_MOE,IQ4_XS,IQ4_NL}.rows.json (gguf-py's decoding of six
+#                                                           expert rows of each)
 #   tests/fixtures/gguf/split/kquant-Q4_K_M-0000{1,2,3}-of-00003.gguf   (llama-gguf-split's parts)
 # The second pair is a random Qwen3-MoE (2 layers, 4 experts of 256 × 256, top 2, the bundled
 # model's tokenizer) whose every row is a whole number of 256-element k-quant blocks — the
@@ -53,7 +56,9 @@ fi
 for t in bf16 q8_0; do
   convert models/tiny-moe "$t" "$OUT/tiny-moe-$(echo "$t" | tr a-z A-Z).gguf"
 done
-"$QUANTIZE" "$OUT/tiny-moe-BF16.gguf" "$OUT/tiny-moe-Q4_K_M.gguf" Q4_K_M > "$WORK/q.log" 2>&1
+for q in Q4_K_M IQ4_XS IQ4_NL; do
+  "$QUANTIZE" "$OUT/tiny-moe-BF16.gguf" "$OUT/tiny-moe-$q.gguf" "$q" > "$WORK/q.log" 2>&1
+done
 
 # The k-quant fixture: a random model whose rows are whole 256-element blocks.
 KQ="$WORK/kquant-src"
@@ -79,7 +84,9 @@ for f in ("tokenizer.json", "tokenizer_config.json"):
 PYEOF
 mkdir -p tests/fixtures/gguf
 convert "$KQ" bf16 "$WORK/kquant-BF16.gguf"
-for q in Q8_0 Q4_K_M MXFP4_MOE; do
+# IQ4_XS and IQ4_NL (i-quants that need no importance matrix) put the experts and attention in
+# the type, the tied token embedding in Q6_K, as the IQ4_XS files shared for Qwen3-30B-A3B do.
+for q in Q8_0 Q4_K_M MXFP4_MOE IQ4_XS IQ4_NL; do
   "$QUANTIZE" "$WORK/kquant-BF16.gguf" "tests/fixtures/gguf/kquant-$q.gguf" "$q" > "$WORK/q.log" 2>&1
 done
 # A variant other writers make with --tensor-type: MXFP4 outside the experts too (the tied token
@@ -92,15 +99,17 @@ done
 PYTHONPATH="$WORK/src/gguf-py" "$PY" - <<'PYEOF'
 import json, numpy as np, gguf
 from gguf.quants import dequantize
-r = gguf.GGUFReader("tests/fixtures/gguf/kquant-MXFP4_MOE.gguf")
-rows = {}
-for t in r.tensors:
-    if t.tensor_type == gguf.GGMLQuantizationType.MXFP4:
-        d = dequantize(t.data, t.tensor_type).astype(np.float32)
-        rows[t.name] = [int(v) for v in d[3, 5].view(np.uint32)]
-assert len(rows) == 6, sorted(rows)
-with open("tests/fixtures/gguf/kquant-MXFP4_MOE.rows.json", "w") as f:
-    json.dump({"expert": 3, "row": 5, "f32_bits": rows}, f, sort_keys=True)
+T = gguf.GGMLQuantizationType
+for kind, ty in [("MXFP4_MOE", T.MXFP4), ("IQ4_XS", T.IQ4_XS), ("IQ4_NL", T.IQ4_NL)]:
+    r = gguf.GGUFReader(f"tests/fixtures/gguf/kquant-{kind}.gguf")
+    rows = {}
+    for t in r.tensors:
+        if t.tensor_type == ty and "_exps" in t.name:
+            d = dequantize(t.data, t.tensor_type).astype(np.float32)
+            rows[t.name] = [int(v) for v in d[3, 5].view(np.uint32)]
+    assert len(rows) == 6, (kind, sorted(rows))
+    with open(f"tests/fixtures/gguf/kquant-{kind}.rows.json", "w") as f:
+        json.dump({"expert": 3, "row": 5, "f32_bits": rows}, f, sort_keys=True)
 PYEOF
 rm -rf tests/fixtures/gguf/split && mkdir -p tests/fixtures/gguf/split
 "$SPLIT" --split --split-max-tensors 12 tests/fixtures/gguf/kquant-Q4_K_M.gguf \

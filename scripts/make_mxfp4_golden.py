@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/gguf/mxfp4-quantize.json: rows of f32 values and the MXFP4 blocks that
 gguf-py (llama.cpp's own Python package, `gguf.quants.MXFP4.quantize_blocks`, the same rule as
-its C `quantize_row_mxfp4_ref`) encodes them to — the golden for `mxfp4::quantize_row`, which
+its C `quantize_row_mxfp4_ref`) encodes them to — the golden for `lut4::quantize_row`, which
 `bench random-checkpoint --gguf MXFP4_MOE` writes expert stacks with.
 
 Rerun (numpy needed; gguf-py comes with the llama-cpp-python sdist, see make_gguf_fixtures.sh):

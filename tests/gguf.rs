@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use moescope::cache::settings::CacheSettings;
 use moescope::engine::{BackendKind, BackendSpec, DeviceSpec, Dtype, Engine};
-use moescope::model::mxfp4::Mxfp4Matrix;
+use moescope::model::lut4::{Lut4, Lut4Matrix};
 use moescope::model::ports::RoutingLog;
 use moescope::model::qwen3_moe::Logits;
 use moescope::model::safetensors_file::StDtype;
@@ -19,9 +19,17 @@ use moescope::model::{Checkpoint, MoeConfig};
 use moescope::settings::Settings;
 
 /// llama-quantize's Q8_0, Q4_K_M (mixed: Q4_K and Q6_K experts), MXFP4_MOE (experts in
-/// MXFP4, which moescope decodes itself; the rest Q8_0) and that with the tied token embedding
-/// and the query projections in MXFP4 too (`--tensor-type`; widened at load).
-const TYPES: [&str; 4] = ["Q8_0", "Q4_K_M", "MXFP4_MOE", "MXFP4_ATTN"];
+/// MXFP4, which moescope decodes itself; the rest Q8_0), that with the tied token embedding
+/// and the query projections in MXFP4 too (`--tensor-type`; widened at load), and IQ4_XS and
+/// IQ4_NL (experts and attention in the i-quant, decoded by moescope; the token embedding Q6_K).
+const TYPES: [&str; 6] = [
+    "Q8_0",
+    "Q4_K_M",
+    "MXFP4_MOE",
+    "MXFP4_ATTN",
+    "IQ4_XS",
+    "IQ4_NL",
+];
 
 fn gguf(kind: &str) -> std::path::PathBuf {
     fixture("gguf").join(format!("kquant-{kind}.gguf"))
@@ -152,8 +160,14 @@ fn selective_over_quantized_experts_is_bit_identical_to_native() {
 
 #[test]
 fn a_quantized_cache_budgets_block_bytes() {
-    // Q8_0: 34 bytes per 32 weights, MXFP4 17; an expert is 3 × 256 × 256 weights.
-    for (kind, per_32) in [("Q8_0", 34), ("MXFP4_MOE", 17)] {
+    // Q8_0: 34 bytes per 32 weights, MXFP4 17, IQ4_XS 17 (136 per 256), IQ4_NL 18; an expert
+    // is 3 × 256 × 256 weights.
+    for (kind, per_32) in [
+        ("Q8_0", 34),
+        ("MXFP4_MOE", 17),
+        ("IQ4_XS", 17),
+        ("IQ4_NL", 18),
+    ] {
         let per_expert = 3 * 256 * 256 / 32 * per_32;
         let cache = CacheSettings {
             cache_mem: Some(3 * per_expert as u64),
@@ -168,14 +182,24 @@ fn a_quantized_cache_budgets_block_bytes() {
     }
 }
 
-/// moescope's MXFP4 decoding against gguf-py's (llama.cpp's Python package, run by
-/// `scripts/make_gguf_fixtures.sh` on the same file): one row of expert 3 of each of the six
-/// stacks, bit for bit.
+/// moescope's decoding of the table-coded types (MXFP4, IQ4_XS, IQ4_NL) against gguf-py's
+/// (llama.cpp's Python package, run by `scripts/make_gguf_fixtures.sh` on the same files): one
+/// row of expert 3 of each of the six stacks, bit for bit.
 #[test]
-fn mxfp4_decoding_is_gguf_pys_bit_for_bit() {
-    let path = gguf("MXFP4_MOE");
+fn table_coded_decoding_is_gguf_pys_bit_for_bit() {
+    for (kind, format) in [
+        ("MXFP4_MOE", Lut4::Mxfp4),
+        ("IQ4_XS", Lut4::Iq4Xs),
+        ("IQ4_NL", Lut4::Iq4Nl),
+    ] {
+        decoded_rows_match(kind, format);
+    }
+}
+
+fn decoded_rows_match(kind: &str, format: Lut4) {
+    let path = gguf(kind);
     let want: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("gguf").join("kquant-MXFP4_MOE.rows.json")).unwrap(),
+        &std::fs::read_to_string(fixture("gguf").join(format!("kquant-{kind}.rows.json"))).unwrap(),
     )
     .unwrap();
     let (expert, row) = (want["expert"].as_u64().unwrap() as usize, 5);
@@ -187,7 +211,7 @@ fn mxfp4_decoding_is_gguf_pys_bit_for_bit() {
     for layer in cfg.moe_layers() {
         let loc = ckpt.expert_location(&cfg, layer, expert).unwrap().unwrap();
         for part in &loc.parts {
-            assert_eq!(part.dtype, StDtype::Mxfp4, "{}", part.name);
+            assert_eq!(part.dtype, StDtype::Lut4(format), "{}", part.name);
             let bits: Vec<u32> = want["f32_bits"][part.name.as_str()]
                 .as_array()
                 .unwrap_or_else(|| panic!("{} not in the fixture", part.name))
@@ -196,7 +220,7 @@ fn mxfp4_decoding_is_gguf_pys_bit_for_bit() {
                 .collect();
             let mut bytes = vec![0u8; part.len as usize];
             std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, part.offset).unwrap();
-            let m = Mxfp4Matrix::new(bytes, [part.shape[0], part.shape[1]]).unwrap();
+            let m = Lut4Matrix::new(format, bytes, [part.shape[0], part.shape[1]]).unwrap();
             let got: Vec<u32> = m
                 .dequantize(DType::F32)
                 .unwrap()
@@ -269,10 +293,10 @@ fn dequantised_copy(kind: &str, dir: &std::path::Path) {
                         .unwrap()
                         .dequantize(&Device::Cpu)
                         .unwrap(),
-                    // Decoded as `mxfp4_decoding_is_gguf_pys_bit_for_bit` checks.
-                    None if part.dtype == StDtype::Mxfp4 => {
+                    // Decoded as `table_coded_decoding_is_gguf_pys_bit_for_bit` checks.
+                    None if part.dtype.lut4().is_some() => {
                         let [r, c] = [part.shape[0], part.shape[1]];
-                        Mxfp4Matrix::new(bytes, [r, c])
+                        Lut4Matrix::new(part.dtype.lut4().unwrap(), bytes, [r, c])
                             .unwrap()
                             .dequantize(DType::F32)
                             .unwrap()
@@ -411,12 +435,13 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
         .expect("the architecture string");
     let mut foreign = good.clone();
     foreign[at..at + 8].copy_from_slice(b"llama4xx");
-    // One expert stack retyped to llama.cpp's IQ4_XS (GGML type 23), which candle cannot read.
-    let iquant = retyped(&good, "blk.0.ffn_down_exps.weight", 8, 23);
+    // One expert stack retyped to llama.cpp's IQ2_XXS (GGML type 16), which neither candle nor
+    // moescope reads.
+    let iquant = retyped(&good, "blk.0.ffn_down_exps.weight", 8, 16);
     let cases = [
         (
             write("iquant.gguf", &iquant),
-            "tensor `blk.0.ffn_down_exps.weight`: stored as IQ4_XS (GGML type 23), which \
+            "tensor `blk.0.ffn_down_exps.weight`: stored as IQ2_XXS (GGML type 16), which \
              moescope cannot compute with",
         ),
         (
@@ -507,9 +532,10 @@ fn retyped(file: &[u8], name: &str, from: u32, to: u32) -> Vec<u8> {
 }
 
 /// An MXFP4_MOE file whose first block of every layer-0 down expert has scale 0xFF (NaN in
-/// E8M0) is refused when an expert is built, naming the tensor, row and block — by native at
-/// load, by selective at the first miss; one whose down stack is retyped to IQ4_XS is refused
-/// naming that stack, not the MXFP4 ones moescope reads.
+/// E8M0), and an IQ4_XS one whose down experts' first super-block scale is an f16 NaN, are
+/// refused when an expert is built, naming the tensor, row and block — by native at load, by
+/// selective at the first miss; one whose down stack is retyped to IQ2_XXS is refused naming
+/// that stack, not the MXFP4 ones moescope reads.
 fn mxfp4_files_with_a_nan_scale_or_a_foreign_type_are_refused_by_name(dir: &std::path::Path) {
     let path = gguf("MXFP4_MOE");
     let good = std::fs::read(&path).unwrap();
@@ -521,8 +547,21 @@ fn mxfp4_files_with_a_nan_scale_or_a_foreign_type_are_refused_by_name(dir: &std:
         assert_eq!(down.name, "blk.0.ffn_down_exps.weight");
         nan[down.offset as usize] = 0xFF;
     }
-    let iquant = retyped(&good, "blk.1.ffn_down_exps.weight", 39, 23);
+    let iquant = retyped(&good, "blk.1.ffn_down_exps.weight", 39, 16);
+    let xs_path = gguf("IQ4_XS");
+    let mut xs_nan = std::fs::read(&xs_path).unwrap();
+    let xs = Checkpoint::open(&xs_path).unwrap();
+    for e in 0..cfg.num_experts {
+        let down = &xs.expert_location(&cfg, 0, e).unwrap().unwrap().parts[2];
+        let at = down.offset as usize;
+        xs_nan[at..at + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    }
     let cases = [
+        (
+            "xs-nan-scale.gguf",
+            xs_nan,
+            "blk.0.ffn_down_exps.weight (IQ4_XS): row 0 block 0 has scale d = NaN",
+        ),
         (
             "nan-scale.gguf",
             nan,
@@ -531,7 +570,7 @@ fn mxfp4_files_with_a_nan_scale_or_a_foreign_type_are_refused_by_name(dir: &std:
         (
             "mxfp4-iquant.gguf",
             iquant,
-            "tensor `blk.1.ffn_down_exps.weight`: stored as IQ4_XS (GGML type 23), which \
+            "tensor `blk.1.ffn_down_exps.weight`: stored as IQ2_XXS (GGML type 16), which \
              moescope cannot compute with",
         ),
     ];

@@ -475,7 +475,12 @@ mod tests {
                 let parts = crate::experts::source::ExpertSource::part_locations(&src, l, e);
                 let [gate, up, down] = parts.unwrap();
                 for (p, shape) in [(&gate, [32, 64]), (&up, [32, 64]), (&down, [64, 32])] {
-                    assert_eq!(p.dtype, StDtype::Mxfp4, "{}", p.name);
+                    assert_eq!(
+                        p.dtype,
+                        StDtype::Lut4(crate::model::lut4::Lut4::Mxfp4),
+                        "{}",
+                        p.name
+                    );
                     assert_eq!(p.shape, shape, "{}", p.name);
                     assert_eq!(p.len, 32 * 64 / 32 * 17, "{}", p.name);
                 }
@@ -488,7 +493,7 @@ mod tests {
         let mut r = std::fs::File::open(&f).unwrap();
         let content = candle_core::quantized::gguf_file::Content::read(&mut r);
         let content = content.unwrap_or_else(|_| {
-            let (header, _) = crate::model::gguf_types::with_mxfp4_as_f32(&mut r).unwrap();
+            let (header, _) = crate::model::gguf_types::with_lut4_as_f32(&mut r).unwrap();
             candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(header))
                 .unwrap()
         });
@@ -618,7 +623,7 @@ pub enum GgufQuant {
     Q4KM,
     /// Every matrix in bf16: the unquantized model for engines that read GGUF only (llama.cpp).
     Bf16,
-    /// llama-quantize's `MXFP4_MOE`: the expert stacks in MXFP4 (`mxfp4::quantize_row`, llama.cpp's
+    /// llama-quantize's `MXFP4_MOE`: the expert stacks in MXFP4 (`lut4::quantize_row`, llama.cpp's
     /// rule), every other matrix in Q8_0.
     Mxfp4Moe,
 }
@@ -864,7 +869,7 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
 /// Rows of `values` ([rows, cols] row-major) as MXFP4 blocks, on every core; an even number
 /// of bytes (the placeholder is 16-bit), which whole rows of an even count always give.
 fn mxfp4_rows(values: &[f32], cols: usize, name: &str) -> Result<Vec<u8>> {
-    use crate::model::mxfp4::{BLOCK, BLOCK_BYTES, quantize_row};
+    use crate::model::lut4::{BLOCK, BLOCK_BYTES, quantize_row};
     use rayon::prelude::*;
     let rows = values.len() / cols;
     if !cols.is_multiple_of(BLOCK) || !(rows * cols / BLOCK * BLOCK_BYTES).is_multiple_of(2) {

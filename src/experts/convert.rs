@@ -33,8 +33,8 @@ pub fn from_raw_with(
     device: &Device,
     gpu_blocks: bool,
 ) -> Result<ExpertWeights> {
-    if raw.parts.iter().any(|p| p.dtype == StDtype::Mxfp4) {
-        return mxfp4_expert(raw, device);
+    if raw.parts.iter().any(|p| p.dtype.lut4().is_some()) {
+        return lut4_expert(raw, device);
     }
     if raw.parts.iter().any(|p| p.dtype.ggml().is_some()) {
         if !gpu_blocks {
@@ -170,31 +170,34 @@ fn candle_matrix(
     }
 }
 
-/// A GGUF expert with MXFP4 parts (llama.cpp's `MXFP4_MOE`; see `model/mxfp4.rs`): each MXFP4
-/// matrix held as stored and multiplied by moescope's own CPU product, any other part as in
-/// [`quantized`] — so a file that mixes MXFP4 with other types expert by expert or matrix by
-/// matrix is read too. On a GPU it is refused by name: there are no MXFP4 kernels yet.
-fn mxfp4_expert(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
-    use crate::model::mxfp4::Mxfp4Matrix;
-    use crate::model::ports::{BlockMat, MxGateUp};
+/// A GGUF expert with table-coded parts (llama.cpp's `MXFP4_MOE`, `IQ4_XS`, `IQ4_NL`; see
+/// `model/lut4.rs`): each such matrix held as stored and multiplied by moescope's own CPU
+/// product, any other part as in [`quantized`] — so a file that mixes these with other types
+/// expert by expert or matrix by matrix is read too. On a GPU it is refused by name: there are
+/// no kernels for these types yet.
+fn lut4_expert(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
+    use crate::model::lut4::Lut4Matrix;
+    use crate::model::ports::{BlockMat, Lut4GateUp};
     let [g, u, d] = &raw.parts;
     if !device.is_cpu() {
         let first = raw
             .parts
             .iter()
-            .find(|p| p.dtype == StDtype::Mxfp4)
+            .find(|p| p.dtype.lut4().is_some())
             .unwrap_or(g);
         return Err(raw.error(format!(
-            "{} is stored as MXFP4, which moescope multiplies on the CPU only (it has no GPU \
+            "{} is stored as {}, which moescope multiplies on the CPU only (it has no GPU \
              kernels for it): run with --device cpu, or requantize the model to Q4_K_M or Q8_0 \
              for the GPU",
-            first.name
+            first.name,
+            first.dtype.name()
         )));
     }
     let mut held = 0u64;
     let mx = |p: &super::source::RawPart, bytes: Vec<u8>, shape: [usize; 2]| {
-        Mxfp4Matrix::new(bytes, shape)
-            .map_err(|msg| raw.error(format!("{} (MXFP4): {msg}", p.name)))
+        let format = p.dtype.lut4().expect("a table-coded part");
+        Lut4Matrix::new(format, bytes, shape)
+            .map_err(|msg| raw.error(format!("{} ({format}): {msg}", p.name)))
     };
     let shape2 = |p: &super::source::RawPart| -> Result<[usize; 2]> {
         match p.shape.as_slice() {
@@ -203,25 +206,25 @@ fn mxfp4_expert(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
         }
     };
     let part = |p: &super::source::RawPart, held: &mut u64| -> Result<BlockMat> {
-        if p.dtype == StDtype::Mxfp4 {
+        if p.dtype.lut4().is_some() {
             *held += p.bytes.len() as u64;
-            Ok(BlockMat::Mxfp4(mx(p, p.bytes.clone(), shape2(p)?)?))
+            Ok(BlockMat::Lut4(mx(p, p.bytes.clone(), shape2(p)?)?))
         } else {
             candle_part(raw, p, device, held).map(BlockMat::Candle)
         }
     };
     let [i, h] = shape2(g)?;
-    let gate_up = if g.dtype == StDtype::Mxfp4 && u.dtype == StDtype::Mxfp4 && g.shape == u.shape {
+    let gate_up = if g.dtype.lut4().is_some() && g.dtype == u.dtype && g.shape == u.shape {
         let mut bytes = Vec::with_capacity(g.bytes.len() + u.bytes.len());
         bytes.extend_from_slice(&g.bytes);
         bytes.extend_from_slice(&u.bytes);
         held += bytes.len() as u64;
-        MxGateUp::Fused(mx(g, bytes, [2 * i, h])?)
+        Lut4GateUp::Fused(mx(g, bytes, [2 * i, h])?)
     } else {
-        MxGateUp::Apart(part(g, &mut held)?, part(u, &mut held)?)
+        Lut4GateUp::Apart(part(g, &mut held)?, part(u, &mut held)?)
     };
     let down = part(d, &mut held)?;
-    Ok(ExpertWeights::mxfp4(gate_up, down, i, held))
+    Ok(ExpertWeights::lut4(gate_up, down, i, held))
 }
 
 /// The layout a GGUF expert of these parts (dtype, shape: gate and up [I, H], down [H, I])
@@ -365,8 +368,8 @@ pub fn quantized_direct(
 ) -> Result<Option<ExpertWeights>> {
     use crate::model::ports::GateUp;
     use candle_core::quantized::QMatMul;
-    if parts[0].0 == StDtype::Mxfp4 {
-        return mxfp4_direct(parts, read);
+    if let Some(format) = parts[0].0.lut4() {
+        return lut4_direct(format, parts, read);
     }
     let [(gd, gs), (ud, us), (dd, ds)] = parts;
     let (Some(gq), Some(dq)) = (gd.ggml(), dd.ggml()) else {
@@ -404,37 +407,39 @@ pub fn quantized_direct(
     )))
 }
 
-/// [`quantized_direct`] for MXFP4 gate and up (down MXFP4 or a GGML block type): gate's then
-/// up's bytes read straight into the fused [2I, H] matrix's storage and down's into its own, so
-/// a miss writes each byte once ([`mxfp4_expert`] reads the expert and then copies it again).
+/// [`quantized_direct`] for table-coded gate and up of one type (down table-coded or a GGML
+/// block type): gate's then up's bytes read straight into the fused [2I, H] matrix's storage
+/// and down's into its own, so a miss writes each byte once ([`lut4_expert`] reads the expert
+/// and then copies it again).
 /// None where the parts do not allow it, the read says it cannot, or a block fails
-/// `Mxfp4Matrix`'s checks: the general path then reads the expert and names what is wrong.
-fn mxfp4_direct(
+/// `Lut4Matrix`'s checks: the general path then reads the expert and names what is wrong.
+fn lut4_direct(
+    format: crate::model::lut4::Lut4,
     parts: [(StDtype, &[usize]); 3],
     read: impl FnOnce(
         &mut [std::mem::MaybeUninit<u8>],
         &mut [std::mem::MaybeUninit<u8>],
     ) -> Result<bool>,
 ) -> Result<Option<ExpertWeights>> {
-    use crate::model::mxfp4::Mxfp4Matrix;
-    use crate::model::ports::{BlockMat, MxGateUp};
+    use crate::model::lut4::Lut4Matrix;
+    use crate::model::ports::{BlockMat, Lut4GateUp};
     use candle_core::quantized::QMatMul;
     let [(gd, gs), (ud, us), (dd, ds)] = parts;
     if gd != ud || gs != us || gs.len() != 2 || ds.len() != 2 {
         return Ok(None);
     }
     let (i, h) = (gs[0], gs[1]);
-    let mx_len = |elems: usize| StDtype::Mxfp4.bytes_for(elems as u64).map(|n| n as usize);
-    let Some(gu_len) = mx_len(2 * i * h) else {
+    let len = |d: StDtype, elems: usize| d.bytes_for(elems as u64).map(|n| n as usize);
+    let Some(gu_len) = len(gd, 2 * i * h) else {
         return Ok(None);
     };
     enum Down {
-        Mxfp4(Vec<u8>, usize),
+        Lut4(crate::model::lut4::Lut4, Vec<u8>, usize),
         Blocks(UninitBlocks),
     }
-    let mut down = if dd == StDtype::Mxfp4 {
-        match mx_len(ds[0] * ds[1]) {
-            Some(n) => Down::Mxfp4(Vec::with_capacity(n), n),
+    let mut down = if let Some(df) = dd.lut4() {
+        match len(dd, ds[0] * ds[1]) {
+            Some(n) => Down::Lut4(df, Vec::with_capacity(n), n),
             None => return Ok(None),
         }
     } else {
@@ -445,7 +450,7 @@ fn mxfp4_direct(
     };
     let mut gu: Vec<u8> = Vec::with_capacity(gu_len);
     let dn: &mut [std::mem::MaybeUninit<u8>] = match &mut down {
-        Down::Mxfp4(v, n) => &mut v.spare_capacity_mut()[..*n],
+        Down::Lut4(_, v, n) => &mut v.spare_capacity_mut()[..*n],
         // SAFETY: the block Vec's spare capacity, `len` bytes, alive until `finish` (the Vec
         // moved into it keeps its heap buffer); MaybeUninit asks nothing of the bytes.
         Down::Blocks(b) => unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) },
@@ -456,23 +461,23 @@ fn mxfp4_direct(
     }
     // SAFETY: `read` returned true, so it wrote every byte of both buffers.
     unsafe { gu.set_len(gu_len) };
-    let Ok(gate_up) = Mxfp4Matrix::new(gu, [2 * i, h]) else {
+    let Ok(gate_up) = Lut4Matrix::new(format, gu, [2 * i, h]) else {
         return Ok(None);
     };
     let down = match down {
-        Down::Mxfp4(mut v, n) => {
+        Down::Lut4(df, mut v, n) => {
             // SAFETY: as above.
             unsafe { v.set_len(n) };
-            match Mxfp4Matrix::new(v, [ds[0], ds[1]]) {
-                Ok(m) => BlockMat::Mxfp4(m),
+            match Lut4Matrix::new(df, v, [ds[0], ds[1]]) {
+                Ok(m) => BlockMat::Lut4(m),
                 Err(_) => return Ok(None),
             }
         }
         Down::Blocks(b) => BlockMat::Candle(QMatMul::from_qtensor((b.finish)()?)?),
     };
     let held = (gu_len + dn_len) as u64;
-    Ok(Some(ExpertWeights::mxfp4(
-        MxGateUp::Fused(gate_up),
+    Ok(Some(ExpertWeights::lut4(
+        Lut4GateUp::Fused(gate_up),
         down,
         i,
         held,

@@ -1557,7 +1557,7 @@ fn matmul_t_blocks(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// y [n, rows] = x [n, k] · Wᵀ for a W whose rows `widen` writes as f32 (exact), a block of
 /// [`WIDE_BLOCK`] rows at a time into the thread's buffer, each block multiplied by candle's
 /// GEMM on one thread into its own columns of y, blocks spread over the worker pool — the work
-/// of [`matmul_t_blocks`], for any row format (`mxfp4.rs` too).
+/// of [`matmul_t_blocks`], for any row format (`lut4.rs` too).
 pub(crate) fn widened_blocks_product(
     xv: &[f32],
     n: usize,

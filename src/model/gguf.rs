@@ -200,22 +200,22 @@ impl GgufFile {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut r)))
                 .map_err(|_| err("not a readable GGUF header (general.alignment is 0?)".into()))
         };
-        let (content, mxfp4) = match read(&mut reader)? {
-            Ok(c) => (c, Vec::new()),
-            // MXFP4, which candle does not read and moescope does: the header again with those
-            // types as F32, the type restored below.
-            Err(e) => match super::gguf_types::with_mxfp4_as_f32(&mut reader) {
+        let (content, lut4) = match read(&mut reader)? {
+            Ok(c) => (c, HashMap::new()),
+            // MXFP4 / IQ4_NL / IQ4_XS, which candle does not read and moescope does: the header
+            // again with those types as F32, the type restored below.
+            Err(e) => match super::gguf_types::with_lut4_as_f32(&mut reader) {
                 Some((header, names)) => {
                     let c = read(&mut std::io::Cursor::new(header))?.map_err(|e| {
                         err(format!("not a readable GGUF header: {}", candle_msg(&e)))
                     })?;
-                    (c, names)
+                    (c, names.into_iter().collect::<HashMap<_, _>>())
                 }
                 // candle names an unknown type by its id alone: find which tensors hold one.
                 None => {
-                    // MXFP4 tensors are not what stops this file: name the others.
+                    // Table-coded tensors are not what stops this file: name the others.
                     let found = super::gguf_types::unreadable_tensors(&mut reader).map(|mut f| {
-                        f.retain(|(_, t)| *t != super::gguf_types::MXFP4);
+                        f.retain(|(_, t)| super::lut4::Lut4::from_ggml(*t).is_none());
                         f
                     });
                     return Err(match found {
@@ -236,8 +236,8 @@ impl GgufFile {
                 tensor: name.clone(),
                 msg,
             };
-            let dtype = if mxfp4.contains(name) {
-                StDtype::Mxfp4
+            let dtype = if let Some(&format) = lut4.get(name) {
+                StDtype::Lut4(format)
             } else {
                 StDtype::from_ggml(info.ggml_dtype).ok_or_else(|| {
                     terr(format!(
@@ -759,12 +759,12 @@ impl GgufFile {
             tensor: loc.name.clone(),
             msg: format!("converting from {}: {}", loc.dtype.name(), candle_msg(&e)),
         };
-        if loc.dtype == StDtype::Mxfp4 {
-            // Not what llama.cpp's MXFP4_MOE writes (its other tensors are Q8_0), but a file
-            // with an MXFP4 matrix outside the experts is read: widened once, as other blocks.
+        if let Some(format) = loc.dtype.lut4() {
+            // A table-coded matrix outside the experts (IQ4_XS files hold attention so; MXFP4_MOE
+            // files do not, but `--tensor-type` makes them): widened once at load.
             let cols = loc.shape.last().copied().unwrap_or(0);
             let rows = loc.shape.iter().product::<usize>() / cols.max(1);
-            let m = super::mxfp4::Mxfp4Matrix::new(bytes, [rows, cols]).map_err(|msg| {
+            let m = super::lut4::Lut4Matrix::new(format, bytes, [rows, cols]).map_err(|msg| {
                 ModelError::Tensor {
                     file: loc.file.clone(),
                     tensor: loc.name.clone(),

@@ -5,8 +5,8 @@
 //! of the files people actually share (llama.cpp's i-quants such as `IQ4_XS`, the ternary
 //! types) would read. This walk reads the same header on its own, only far enough to list each
 //! tensor's name and type, so the error can say which tensor is stored in which type and what to
-//! convert it to — or, for MXFP4, which moescope reads itself, hand candle the header with those
-//! types rewritten ([`with_mxfp4_as_f32`]). It keeps only names and offsets and stops at the
+//! convert it to — or, for MXFP4, IQ4_NL and IQ4_XS, which moescope reads itself, hand candle
+//! the header with those types rewritten ([`with_lut4_as_f32`]). It keeps only names and offsets and stops at the
 //! first thing that does not parse (returning `None`: the caller keeps candle's message).
 
 use std::io::{Read, Seek, SeekFrom};
@@ -78,32 +78,42 @@ pub fn unreadable_tensors<R: Read + Seek>(r: &mut R) -> Option<Vec<(String, u32)
 /// GGML's type id for MXFP4.
 pub const MXFP4: u32 = 39;
 
-/// For a header whose only types candle cannot read are MXFP4: the header's bytes (up to the
-/// end of the tensor table) with each MXFP4 tensor's type rewritten to F32, and those tensors'
-/// names. Why: candle's reader refuses the whole file at the first type it does not know, and
-/// moescope reads MXFP4 itself (`mxfp4.rs`); the rewrite keeps every length and offset, so
+/// For a header whose only types candle cannot read are the ones moescope decodes itself
+/// (MXFP4, IQ4_NL, IQ4_XS: [`Lut4`](super::lut4::Lut4)): the header's bytes (up to the end of
+/// the tensor table) with each such tensor's type rewritten to F32, and those tensors' names
+/// and types. Why: candle's reader refuses the whole file at the first type it does not know,
+/// and moescope reads these itself (`lut4.rs`); the rewrite keeps every length and offset, so
 /// candle's reader then parses the rest — metadata, shapes, offsets, alignment — as it would
 /// have, and the caller restores the type by name. None for anything else.
-pub fn with_mxfp4_as_f32<R: Read + Seek>(r: &mut R) -> Option<(Vec<u8>, Vec<String>)> {
+pub fn with_lut4_as_f32<R: Read + Seek>(r: &mut R) -> Option<(Vec<u8>, Vec<TypedName>)> {
     let (tensors, end) = walk(r)?;
     let foreign: Vec<&Walked> = tensors
         .iter()
         .filter(|t| !CANDLE_READS.contains(&t.ty))
         .collect();
-    if foreign.is_empty() || foreign.iter().any(|t| t.ty != MXFP4) {
+    if foreign.is_empty()
+        || foreign
+            .iter()
+            .any(|t| super::lut4::Lut4::from_ggml(t.ty).is_none())
+    {
         return None;
     }
     let mut header = vec![0u8; usize::try_from(end).ok()?];
     r.seek(SeekFrom::Start(0)).ok()?;
     r.read_exact(&mut header).ok()?;
+    let mut named = Vec::with_capacity(foreign.len());
     for t in &foreign {
         let at = usize::try_from(t.type_at).ok()?;
         header
             .get_mut(at..at + 4)?
             .copy_from_slice(&0u32.to_le_bytes());
+        named.push((t.name.clone(), super::lut4::Lut4::from_ggml(t.ty)?));
     }
-    Some((header, foreign.iter().map(|t| t.name.clone()).collect()))
+    Some((header, named))
 }
+
+/// A tensor's name and the table-coded type it is stored in.
+pub type TypedName = (String, super::lut4::Lut4);
 
 /// One entry of the tensor table: its name, type id, where the type id lies in the file (its
 /// dims, `dims` of them, right before it) and whether they are 64-bit.
@@ -115,7 +125,7 @@ struct Walked {
     wide: bool,
 }
 
-/// The inverse of [`with_mxfp4_as_f32`], for a writer: in the GGUF file at `path`, each tensor
+/// The inverse of [`with_lut4_as_f32`] for MXFP4, for a writer: in the GGUF file at `path`, each tensor
 /// named in `mxfp4` (written as a 16-bit placeholder of its bytes' length, since candle's
 /// writer has no MXFP4 either) gets type MXFP4 and its real shape, slowest dimension first as
 /// candle's shapes are. The data and every offset stay as written.
@@ -218,9 +228,10 @@ pub fn unreadable_message(found: &[(String, u32)]) -> String {
     };
     format!(
         "stored as {} (GGML type {ty}){others}, which moescope cannot compute with: it reads \
-         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the k-quants Q2_K–Q6_K and MXFP4 (so \
-         Q4_K_M, Q5_K_M, Q6_K, Q8_0 and MXFP4_MOE files), not llama.cpp's i-quants (IQ*) or \
-         ternary (TQ*) types — requantize the original with `llama-quantize … Q4_K_M` (or Q8_0)",
+         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the k-quants Q2_K–Q6_K, MXFP4, IQ4_NL \
+         and IQ4_XS (so Q4_K_M, Q5_K_M, Q6_K, Q8_0, MXFP4_MOE, IQ4_NL and IQ4_XS files), not \
+         llama.cpp's other i-quants (IQ1–IQ3) or ternary (TQ*) types — requantize the original \
+         with `llama-quantize … Q4_K_M` (or IQ4_XS, Q8_0)",
         type_name(*ty)
     )
 }
@@ -342,17 +353,19 @@ mod tests {
 
     #[test]
     fn names_the_tensors_candle_cannot_read() {
-        let found = unreadable_tensors(&mut Cursor::new(header([23, 39]))).unwrap();
+        let found = unreadable_tensors(&mut Cursor::new(header([16, 39]))).unwrap();
         assert_eq!(
             found,
             vec![
-                ("blk.0.ffn_down_exps.weight".to_string(), 23),
+                ("blk.0.ffn_down_exps.weight".to_string(), 16),
                 ("output.weight".to_string(), 39)
             ]
         );
         let msg = unreadable_message(&found);
         assert!(
-            msg.starts_with("stored as IQ4_XS (GGML type 23) (and 1 more tensor in IQ4_XS, MXFP4)"),
+            msg.starts_with(
+                "stored as IQ2_XXS (GGML type 16) (and 1 more tensor in IQ2_XXS, MXFP4)"
+            ),
             "{msg}"
         );
         let none = unreadable_tensors(&mut Cursor::new(header([12, 14]))).unwrap();
@@ -360,30 +373,35 @@ mod tests {
     }
 
     #[test]
-    fn mxfp4_tensors_are_handed_to_candle_as_f32_and_named() {
+    fn table_coded_tensors_are_handed_to_candle_as_f32_and_named() {
+        use super::super::lut4::Lut4;
         use candle_core::quantized::{GgmlDType, gguf_file::Content};
-        let h = header([39, 12]);
-        assert!(
-            Content::read(&mut Cursor::new(&h)).is_err(),
-            "candle reads MXFP4 now?"
-        );
-        let (patched, names) = with_mxfp4_as_f32(&mut Cursor::new(h.clone())).unwrap();
-        assert_eq!(names, vec!["blk.0.ffn_down_exps.weight".to_string()]);
-        assert_eq!(patched.len(), h.len(), "the whole table, nothing after it");
-        let c = Content::read(&mut Cursor::new(&patched)).unwrap();
-        let t = &c.tensor_infos["blk.0.ffn_down_exps.weight"];
-        assert_eq!(t.ggml_dtype, GgmlDType::F32);
-        assert_eq!(t.shape.dims(), [4, 256]);
-        assert_eq!(c.tensor_infos["output.weight"].ggml_dtype, GgmlDType::Q4K);
-        // Other types candle cannot read are not rewritten: the file is refused as before.
-        assert!(with_mxfp4_as_f32(&mut Cursor::new(header([39, 23]))).is_none());
-        assert!(with_mxfp4_as_f32(&mut Cursor::new(header([12, 14]))).is_none());
-        for n in 0..h.len() {
+        for (ty, format) in [(39, Lut4::Mxfp4), (20, Lut4::Iq4Nl), (23, Lut4::Iq4Xs)] {
+            let h = header([ty, 12]);
             assert!(
-                with_mxfp4_as_f32(&mut Cursor::new(&h[..n])).is_none(),
-                "{n}"
+                Content::read(&mut Cursor::new(&h)).is_err(),
+                "candle reads {format} now?"
             );
+            let (patched, names) = with_lut4_as_f32(&mut Cursor::new(h.clone())).unwrap();
+            assert_eq!(
+                names,
+                vec![("blk.0.ffn_down_exps.weight".to_string(), format)]
+            );
+            assert_eq!(patched.len(), h.len(), "the whole table, nothing after it");
+            let c = Content::read(&mut Cursor::new(&patched)).unwrap();
+            let t = &c.tensor_infos["blk.0.ffn_down_exps.weight"];
+            assert_eq!(t.ggml_dtype, GgmlDType::F32);
+            assert_eq!(t.shape.dims(), [4, 256]);
+            assert_eq!(c.tensor_infos["output.weight"].ggml_dtype, GgmlDType::Q4K);
+            for n in 0..h.len() {
+                assert!(with_lut4_as_f32(&mut Cursor::new(&h[..n])).is_none(), "{n}");
+            }
         }
+        let (_, names) = with_lut4_as_f32(&mut Cursor::new(header([39, 23]))).unwrap();
+        assert_eq!(names[1], ("output.weight".to_string(), Lut4::Iq4Xs));
+        // Other types candle cannot read are not rewritten: the file is refused as before.
+        assert!(with_lut4_as_f32(&mut Cursor::new(header([39, 16]))).is_none());
+        assert!(with_lut4_as_f32(&mut Cursor::new(header([12, 14]))).is_none());
     }
 
     #[test]

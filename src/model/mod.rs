@@ -20,13 +20,13 @@ pub mod graph;
 pub mod held;
 pub mod kv_cache;
 pub mod layers;
+pub mod lut4;
 pub mod mapped;
 pub mod moe_block;
 #[cfg(feature = "cuda")]
 pub mod moe_decode;
 #[cfg(feature = "cuda")]
 pub mod moe_grouped;
-pub mod mxfp4;
 pub mod ports;
 pub mod qwen3_moe;
 #[cfg(feature = "cuda")]

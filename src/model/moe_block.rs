@@ -455,7 +455,7 @@ impl MoeBlock {
             let refs: Vec<&super::ports::ExpertWeights> = held.iter().map(|w| w.as_ref()).collect();
             let outs = match super::ports::ExpertWeights::quantized_one_token(x, &refs)? {
                 Some(ys) => ys,
-                None => match super::ports::ExpertWeights::mxfp4_one_token(x, &refs)? {
+                None => match super::ports::ExpertWeights::lut4_one_token(x, &refs)? {
                     Some(ys) => ys,
                     None => held
                         .iter()
@@ -511,7 +511,7 @@ impl MoeBlock {
                         batched[i] = Some(y);
                     }
                 }
-                // MXFP4 experts (`mxfp4.rs`) the same way, when every one is.
+                // Table-coded experts (`lut4.rs`: MXFP4, IQ4) the same way, when every one is.
                 if pick.is_empty() && used.len() > 1 {
                     let all: Vec<&super::ports::ExpertWeights> =
                         held.iter().map(|w| w.as_ref()).collect();
@@ -520,7 +520,7 @@ impl MoeBlock {
                         .map(|&e| rows[e].iter().map(|r| r.0).collect())
                         .collect();
                     let refs: Vec<&[u32]> = idx.iter().map(|v| v.as_slice()).collect();
-                    if let Some(ys) = super::ports::ExpertWeights::mxfp4_few_tokens(x, &all, &refs)?
+                    if let Some(ys) = super::ports::ExpertWeights::lut4_few_tokens(x, &all, &refs)?
                     {
                         for (b, y) in batched.iter_mut().zip(ys) {
                             *b = Some(y);

@@ -14,8 +14,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::error::Result;
 use super::fp8::Fp8Matrix;
 use super::layers::silu;
+use super::lut4::Lut4Matrix;
 use super::mapped::MappedBf16;
-use super::mxfp4::Mxfp4Matrix;
 pub use crate::step_path::StepPath;
 
 /// One expert, ready to compute with. Dense: gate and up stacked as one [2I, H] matrix (one
@@ -60,21 +60,22 @@ enum Mats {
         up: Fp8Matrix,
         down: Fp8Matrix,
     },
-    /// A GGUF expert with MXFP4 parts (see `mxfp4.rs`), on the CPU: those decoded inside
-    /// moescope's own product, any other part as a [`Mats::Quantized`] one's.
-    Mxfp4 {
-        gate_up: MxGateUp,
+    /// A GGUF expert with table-coded parts (MXFP4, IQ4_NL, IQ4_XS; see `lut4.rs`), on the CPU:
+    /// those decoded inside moescope's own product, any other part as a [`Mats::Quantized`]
+    /// one's.
+    Lut4 {
+        gate_up: Lut4GateUp,
         down: BlockMat,
         /// Bytes as held (as stored; a float part in f32), what a cache budgets.
         bytes: u64,
     },
 }
 
-/// One matrix of an expert with MXFP4 parts: MXFP4, or what candle's quantized product takes
-/// (another block type, or a float part held in f32).
+/// One matrix of an expert with table-coded parts: table-coded, or what candle's quantized
+/// product takes (another block type, or a float part held in f32).
 #[derive(Debug, Clone)]
 pub enum BlockMat {
-    Mxfp4(Mxfp4Matrix),
+    Lut4(Lut4Matrix),
     Candle(QMatMul),
 }
 
@@ -82,17 +83,18 @@ impl BlockMat {
     /// x·Wᵀ for an f32 x [n, cols].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            BlockMat::Mxfp4(m) => m.forward(x)?,
+            BlockMat::Lut4(m) => m.forward(x)?,
             BlockMat::Candle(m) => m.forward(x)?,
         })
     }
 }
 
-/// Gate and up of an expert with MXFP4 parts: one [2I, H] MXFP4 product when both are MXFP4
-/// (GGUF rows are independent, so gate's bytes then up's are that matrix), else two.
+/// Gate and up of an expert with table-coded parts: one [2I, H] product when both are of one
+/// table-coded type (GGUF rows are independent, so gate's bytes then up's are that matrix),
+/// else two.
 #[derive(Debug, Clone)]
-pub enum MxGateUp {
-    Fused(Mxfp4Matrix),
+pub enum Lut4GateUp {
+    Fused(Lut4Matrix),
     Apart(BlockMat, BlockMat),
 }
 
@@ -194,11 +196,11 @@ impl ExpertWeights {
         }
     }
 
-    /// A GGUF expert with MXFP4 parts: gate and up ([2I, H] fused, or [I, H] each), `down`
+    /// A GGUF expert with table-coded parts: gate and up ([2I, H] fused, or [I, H] each), `down`
     /// [H, I]; `bytes` as held.
-    pub fn mxfp4(gate_up: MxGateUp, down: BlockMat, intermediate: usize, bytes: u64) -> Self {
+    pub fn lut4(gate_up: Lut4GateUp, down: BlockMat, intermediate: usize, bytes: u64) -> Self {
         ExpertWeights {
-            mats: Mats::Mxfp4 {
+            mats: Mats::Lut4 {
                 gate_up,
                 down,
                 bytes,
@@ -256,7 +258,7 @@ impl ExpertWeights {
             Mats::Quantized { .. }
             | Mats::Blocks { .. }
             | Mats::Fp8 { .. }
-            | Mats::Mxfp4 { .. }
+            | Mats::Lut4 { .. }
             | Mats::Mapped { .. } => None,
         }
     }
@@ -309,17 +311,17 @@ impl ExpertWeights {
                 let h = (silu(&gate.forward(x)?)? * up.forward(x)?)?;
                 Ok(down.forward(&h)?)
             }
-            Mats::Mxfp4 { gate_up, down, .. } => {
+            Mats::Lut4 { gate_up, down, .. } => {
                 // In f32, as the quantized products (activations are not rounded to blocks).
                 let dtype = x.dtype();
                 let x = x.to_dtype(DType::F32)?;
                 let (g, u) = match gate_up {
-                    MxGateUp::Fused(m) => {
+                    Lut4GateUp::Fused(m) => {
                         let gu = m.forward(&x)?;
                         let i = self.intermediate;
                         (gu.narrow(1, 0, i)?, gu.narrow(1, i, i)?)
                     }
-                    MxGateUp::Apart(g, u) => (g.forward(&x)?, u.forward(&x)?),
+                    Lut4GateUp::Apart(g, u) => (g.forward(&x)?, u.forward(&x)?),
                 };
                 let h = (silu(&g)? * u)?;
                 Ok(down.forward(&h)?.to_dtype(dtype)?)
@@ -346,12 +348,12 @@ impl ExpertWeights {
         Ok(down.forward(&h)?.to_dtype(dtype)?)
     }
 
-    /// [`forward`](Self::forward) of one token `x` [1, H] through several MXFP4 experts (gate
-    /// and up fused, down MXFP4) on the CPU: every expert's gate_up rows in one product and
-    /// every down row in another ([`super::mxfp4::stacked_product`]) — two trips through the
+    /// [`forward`](Self::forward) of one token `x` [1, H] through several table-coded experts
+    /// (gate and up fused, down table-coded) on the CPU: every expert's gate_up rows in one product and
+    /// every down row in another ([`super::lut4::stacked_product`]) — two trips through the
     /// worker pool a layer instead of two an expert — with each row's dot and the tensor ops
     /// between them those of `forward`, so the same bits. None where that does not apply.
-    pub fn mxfp4_one_token(x: &Tensor, experts: &[&ExpertWeights]) -> Result<Option<Vec<Tensor>>> {
+    pub fn lut4_one_token(x: &Tensor, experts: &[&ExpertWeights]) -> Result<Option<Vec<Tensor>>> {
         if experts.is_empty() || !x.device().is_cpu() || x.dim(0)? != 1 {
             return Ok(None);
         }
@@ -359,9 +361,9 @@ impl ExpertWeights {
         let mut downs = Vec::with_capacity(experts.len());
         for w in experts {
             match &w.mats {
-                Mats::Mxfp4 {
-                    gate_up: MxGateUp::Fused(gu),
-                    down: BlockMat::Mxfp4(d),
+                Mats::Lut4 {
+                    gate_up: Lut4GateUp::Fused(gu),
+                    down: BlockMat::Lut4(d),
                     ..
                 } => {
                     gate_ups.push(gu);
@@ -372,7 +374,7 @@ impl ExpertWeights {
         }
         let dtype = x.dtype();
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let gu = super::mxfp4::stacked_product(&gate_ups, |_| &xs)?;
+        let gu = super::lut4::stacked_product(&gate_ups, |_| &xs)?;
         let mut hs = Vec::with_capacity(experts.len());
         let mut at = 0;
         for w in experts {
@@ -382,7 +384,7 @@ impl ExpertWeights {
             let h = (silu(&g_u.narrow(1, 0, i)?)? * g_u.narrow(1, i, i)?)?;
             hs.push(h.flatten_all()?.to_vec1::<f32>()?);
         }
-        let y = super::mxfp4::stacked_product(&downs, |e| &hs[e])?;
+        let y = super::lut4::stacked_product(&downs, |e| &hs[e])?;
         let mut at = 0;
         downs
             .iter()
@@ -396,13 +398,13 @@ impl ExpertWeights {
             .map(Some)
     }
 
-    /// A prompt's rows through several MXFP4 experts (gate and up fused, down MXFP4) on the
+    /// A prompt's rows through several table-coded experts (gate and up fused, down too) on the
     /// CPU: expert e's tokens are rows `idx[e]` of `x`, each expert at most
     /// `cpu_gemv::MAX_TOKENS` of them; every expert's gate_up rows in one product and every
-    /// down row in another ([`super::mxfp4::ragged_product`]). Each expert's output [n_e, H]
+    /// down row in another ([`super::lut4::ragged_product`]). Each expert's output [n_e, H]
     /// as f32 values of x's dtype — the bits of `forward` over its rows. None where that does
     /// not apply.
-    pub fn mxfp4_few_tokens(
+    pub fn lut4_few_tokens(
         x: &Tensor,
         experts: &[&ExpertWeights],
         idx: &[&[u32]],
@@ -418,9 +420,9 @@ impl ExpertWeights {
                 && super::cpu_gemv::row_kernels_take(DType::F32, rows.len())
                 && rows.iter().all(|&r| (r as usize) < t);
             match &w.mats {
-                Mats::Mxfp4 {
-                    gate_up: MxGateUp::Fused(gu),
-                    down: BlockMat::Mxfp4(d),
+                Mats::Lut4 {
+                    gate_up: Lut4GateUp::Fused(gu),
+                    down: BlockMat::Lut4(d),
                     ..
                 } if fits && gu.dims()[1] == h => {
                     gate_ups.push(gu);
@@ -440,7 +442,7 @@ impl ExpertWeights {
                     .collect()
             })
             .collect();
-        let gu = super::mxfp4::ragged_product(&gate_ups, &ns, |e| &xe[e])?;
+        let gu = super::lut4::ragged_product(&gate_ups, &ns, |e| &xe[e])?;
         let mut hs = Vec::with_capacity(experts.len());
         for ((w, g_u), &n) in experts.iter().zip(gu).zip(&ns) {
             let i = w.intermediate;
@@ -448,7 +450,7 @@ impl ExpertWeights {
             let h = (silu(&g_u.narrow(1, 0, i)?)? * g_u.narrow(1, i, i)?)?;
             hs.push(h.flatten_all()?.to_vec1::<f32>()?);
         }
-        let ys = super::mxfp4::ragged_product(&downs, &ns, |e| &hs[e])?;
+        let ys = super::lut4::ragged_product(&downs, &ns, |e| &hs[e])?;
         ys.into_iter()
             .zip(&ns)
             .map(|(y, &n)| {
@@ -506,7 +508,7 @@ impl ExpertWeights {
             Mats::Dense { gate_up, down } => {
                 ((gate_up.elem_count() + down.elem_count()) * down.dtype().size_in_bytes()) as u64
             }
-            Mats::Quantized { bytes, .. } | Mats::Mxfp4 { bytes, .. } => *bytes,
+            Mats::Quantized { bytes, .. } | Mats::Lut4 { bytes, .. } => *bytes,
             Mats::Blocks { gate_up, down, .. } => (gate_up.elem_count() + down.elem_count()) as u64,
             Mats::Fp8 { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
             Mats::Mapped { gate_up, down } => {
@@ -1149,18 +1151,27 @@ mod tests {
         );
     }
 
-    /// MXFP4 experts of one token, every gate_up row in one product and every down row in
-    /// another: the bits of each expert's own forward, in f32 and bf16; experts that are not
-    /// all MXFP4 with a fused gate_up are left to the caller.
+    /// Table-coded experts of one token (MXFP4, IQ4_NL, IQ4_XS, mixed as files mix them), every
+    /// gate_up row in one product and every down row in another: the bits of each expert's own
+    /// forward, in f32 and bf16; experts that are not all table-coded with a fused gate_up are
+    /// left to the caller.
     #[test]
-    fn mxfp4_experts_of_one_token_are_their_own_forwards() {
-        use super::super::mxfp4::{Mxfp4Matrix, sample_blocks};
+    fn table_coded_experts_of_one_token_are_their_own_forwards() {
+        use super::super::lut4::{Lut4, Lut4Matrix, sample_format};
         let (h, i) = (256, 96);
+        let formats = [
+            (Lut4::Mxfp4, Lut4::Mxfp4),
+            (Lut4::Iq4Xs, Lut4::Iq4Nl),
+            (Lut4::Iq4Nl, Lut4::Iq4Nl),
+            (Lut4::Iq4Xs, Lut4::Mxfp4),
+            (Lut4::Mxfp4, Lut4::Iq4Nl),
+        ];
         let expert = |seed: usize| {
-            let gu = Mxfp4Matrix::new(sample_blocks(2 * i, h, seed), [2 * i, h]).unwrap();
-            let dn = Mxfp4Matrix::new(sample_blocks(h, i, seed + 1), [h, i]).unwrap();
+            let (fg, fd) = formats[seed / 3];
+            let gu = Lut4Matrix::new(fg, sample_format(fg, 2 * i, h, seed), [2 * i, h]).unwrap();
+            let dn = Lut4Matrix::new(fd, sample_format(fd, h, i, seed + 1), [h, i]).unwrap();
             let bytes = gu.bytes() + dn.bytes();
-            ExpertWeights::mxfp4(MxGateUp::Fused(gu), BlockMat::Mxfp4(dn), i, bytes)
+            ExpertWeights::lut4(Lut4GateUp::Fused(gu), BlockMat::Lut4(dn), i, bytes)
         };
         let experts: Vec<ExpertWeights> = (0..5).map(|e| expert(3 * e)).collect();
         let refs: Vec<&ExpertWeights> = experts.iter().collect();
@@ -1168,7 +1179,7 @@ mod tests {
             let x = crate::util::test_matrix(1, h, 7, 97, 1.0 / 16.0)
                 .to_dtype(dtype)
                 .unwrap();
-            let batched = ExpertWeights::mxfp4_one_token(&x, &refs).unwrap().unwrap();
+            let batched = ExpertWeights::lut4_one_token(&x, &refs).unwrap().unwrap();
             for (w, y) in experts.iter().zip(&batched) {
                 let want = w.forward(&x).unwrap();
                 assert_eq!(y.dtype(), dtype);
@@ -1191,7 +1202,7 @@ mod tests {
             let x = crate::util::test_matrix(10, h, 5, 97, 1.0 / 16.0)
                 .to_dtype(dtype)
                 .unwrap();
-            let ys = ExpertWeights::mxfp4_few_tokens(&x, &refs, &refs_idx)
+            let ys = ExpertWeights::lut4_few_tokens(&x, &refs, &refs_idx)
                 .unwrap()
                 .unwrap();
             for ((w, y), rows) in experts.iter().zip(&ys).zip(&idx) {
@@ -1206,14 +1217,14 @@ mod tests {
         let long: Vec<Vec<u32>> = vec![(0..most + 1).map(|r| r % 10).collect()];
         let x = crate::util::test_matrix(10, h, 5, 97, 1.0 / 16.0);
         assert!(
-            ExpertWeights::mxfp4_few_tokens(&x, &refs[..1], &[long[0].as_slice()])
+            ExpertWeights::lut4_few_tokens(&x, &refs[..1], &[long[0].as_slice()])
                 .unwrap()
                 .is_none()
         );
         let q = quantized_expert(1, h, i, GgmlDType::Q8_0, GgmlDType::Q8_0);
         let x = Tensor::zeros((1, h), DType::F32, &Device::Cpu).unwrap();
         assert!(
-            ExpertWeights::mxfp4_one_token(&x, &[&experts[0], &q])
+            ExpertWeights::lut4_one_token(&x, &[&experts[0], &q])
                 .unwrap()
                 .is_none()
         );

@@ -50,13 +50,22 @@ pub enum StDtype {
     Q4K,
     Q5K,
     Q6K,
-    /// OCP MXFP4 as GGUF stores it (GGML type 39, which candle does not read): blocks of 32
-    /// weights, one E8M0 scale byte then 16 bytes of E2M1 codes (see `model/mxfp4.rs`).
-    /// llama.cpp's `MXFP4_MOE` files hold their experts so; moescope reads it for experts only.
-    Mxfp4,
+    /// GGUF block types of 4-bit codes through a 16-value table, which candle does not read and
+    /// moescope decodes itself (see `model/lut4.rs`): MXFP4 (llama.cpp's `MXFP4_MOE` files hold
+    /// their experts so), IQ4_NL and IQ4_XS (`IQ4_XS` files: experts and attention). Experts are
+    /// kept as stored; anything else is widened at load.
+    Lut4(super::lut4::Lut4),
 }
 
 impl StDtype {
+    /// The table-coded type, if it is one (see [`super::lut4`]).
+    pub fn lut4(self) -> Option<super::lut4::Lut4> {
+        match self {
+            Self::Lut4(f) => Some(f),
+            _ => None,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "BF16" => Self::BF16,
@@ -86,9 +95,10 @@ impl StDtype {
             Self::F32 | Self::I32 | Self::U32 => 4,
             Self::F64 | Self::I64 | Self::U64 => 8,
             Self::I8 | Self::U8 | Self::BOOL | Self::F8E4M3 | Self::F8E5M2 => 1,
-            Self::Mxfp4 => {
-                let blocks = elems.is_multiple_of(32).then_some(elems / 32)?;
-                return blocks.checked_mul(super::mxfp4::BLOCK_BYTES as u64);
+            Self::Lut4(f) => {
+                let per = f.block_weights() as u64;
+                let blocks = elems.is_multiple_of(per).then_some(elems / per)?;
+                return blocks.checked_mul(f.block_bytes() as u64);
             }
             _ => {
                 let g = self.ggml()?;
@@ -101,15 +111,17 @@ impl StDtype {
         elems.checked_mul(plain)
     }
 
-    /// Elements per block of a block-stored dtype (GGML's types and MXFP4); None for plain ones.
+    /// Elements per block of a block-stored dtype (GGML's types and the table-coded ones); None
+    /// for plain ones.
     pub fn block_elems(self) -> Option<u64> {
         match self {
-            Self::Mxfp4 => Some(super::mxfp4::BLOCK as u64),
+            Self::Lut4(f) => Some(f.block_weights() as u64),
             _ => self.ggml().map(|g| g.block_size() as u64),
         }
     }
 
-    /// The GGML type of a block-quantized dtype candle reads (None for plain ones and MXFP4).
+    /// The GGML type of a block-quantized dtype candle reads (None for plain ones and the
+    /// table-coded ones).
     pub fn ggml(self) -> Option<candle_core::quantized::GgmlDType> {
         use candle_core::quantized::GgmlDType as G;
         Some(match self {
@@ -216,7 +228,7 @@ impl StDtype {
             Self::Q4K => "Q4_K",
             Self::Q5K => "Q5_K",
             Self::Q6K => "Q6_K",
-            Self::Mxfp4 => "MXFP4",
+            Self::Lut4(f) => f.name(),
         }
     }
 }

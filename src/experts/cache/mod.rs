@@ -727,12 +727,19 @@ mod tests {
 
     /// A block-quantized expert read straight into its block storage is the expert the general
     /// path makes: the same bytes held, the same products bit for bit — every expert of the
-    /// four GGUF fixtures (Q8_0; Q4_K_M's Q4_K gate/up with Q6_K or Q4_K down; MXFP4 gate, up
-    /// and down).
+    /// GGUF fixtures (Q8_0; Q4_K_M's Q4_K gate/up with Q6_K or Q4_K down; MXFP4, IQ4_XS and
+    /// IQ4_NL gate, up and down).
     #[test]
     fn quantized_experts_read_into_their_blocks_are_the_general_paths() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        for kind in ["Q8_0", "Q4_K_M", "MXFP4_MOE", "MXFP4_ATTN"] {
+        for kind in [
+            "Q8_0",
+            "Q4_K_M",
+            "MXFP4_MOE",
+            "MXFP4_ATTN",
+            "IQ4_XS",
+            "IQ4_NL",
+        ] {
             let path = root.join(format!("tests/fixtures/gguf/kquant-{kind}.gguf"));
             let cfg = &crate::model::MoeConfig::from_dir(&path).unwrap();
             let ckpt = crate::model::Checkpoint::open(&path).unwrap();
