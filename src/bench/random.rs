@@ -455,6 +455,7 @@ mod tests {
             (GgufQuant::Bf16, 0.0),
             (GgufQuant::Q8_0, 0.05),
             (GgufQuant::Mxfp4Moe, 0.15),
+            (GgufQuant::Iq4NlMoe, 0.15),
         ] {
             let f = dir.path().join(format!("{quant:?}.gguf"));
             write_gguf(&g, &f, 11, quant).unwrap();
@@ -505,17 +506,68 @@ mod tests {
         assert!(diff(&logits_of(&f, &tokens)) > 0.1 * scale);
     }
 
-    /// Rows that are not whole MXFP4 blocks (the bundled model's 48-wide down rows) are refused
-    /// by name, not written as a file no reader takes.
+    /// Rows that are not whole blocks (the bundled model's 48-wide down rows for MXFP4, any row
+    /// under 256 for IQ4_XS) are refused by name, not written as a file no reader takes.
     #[test]
-    fn mxfp4_stacks_need_whole_blocks() {
-        let err = mxfp4_rows(&[0.5; 96], 48, "blk.0.ffn_down_exps.weight").unwrap_err();
-        let msg = err.to_string();
+    fn table_coded_stacks_need_whole_blocks() {
+        use crate::model::lut4::Lut4;
+        let err = lut4_rows(&[0.5; 96], 48, "blk.0.ffn_down_exps.weight", Lut4::Mxfp4);
+        let msg = err.unwrap_err().to_string();
         assert!(
             msg.contains("blk.0.ffn_down_exps.weight") && msg.contains("48"),
             "{msg}"
         );
-        assert_eq!(mxfp4_rows(&[0.5; 128], 64, "x").unwrap().len(), 4 * 17);
+        let msg = lut4_rows(&[0.5; 128], 64, "up", Lut4::Iq4Xs)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("up: IQ4_XS") && msg.contains("256"), "{msg}");
+        let rows = |format| lut4_rows(&[0.5; 512], 256, "x", format).unwrap().len();
+        assert_eq!(rows(Lut4::Mxfp4), 16 * 17);
+        assert_eq!(rows(Lut4::Iq4Nl), 16 * 18);
+        assert_eq!(rows(Lut4::Iq4Xs), 2 * 136);
+    }
+
+    /// IQ4_XS_MOE at a geometry of whole super-blocks: the expert stacks are IQ4_XS at their
+    /// real shapes, the logits the safetensors model's within 4-bit error (as MXFP4_MOE's).
+    #[test]
+    fn iq4_xs_experts_are_written_at_their_shapes() {
+        let g = Geometry {
+            layers: 1,
+            hidden: 256,
+            experts: 2,
+            top_k: 1,
+            moe_intermediate: 256,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 64,
+            vocab: 64,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let st = dir.path().join("st");
+        write(&g, &st, 5, 1 << 30).unwrap();
+        let tokens = [1u32, 5, 9, 33];
+        let want = logits_of(&st, &tokens);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let f = dir.path().join("iq4xs.gguf");
+        write_gguf(&g, &f, 5, GgufQuant::Iq4XsMoe).unwrap();
+        let got = logits_of(&f, &tokens);
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) });
+        assert!(d <= 0.15 * scale, "max diff {d} (largest logit {scale})");
+        assert!(
+            d > 0.0,
+            "4-bit experts cannot give the bf16 logits bit for bit"
+        );
+        let ckpt = crate::model::Checkpoint::open(&f).unwrap();
+        let gguf = ckpt.gguf().unwrap();
+        let up = gguf.tensor("blk.0.ffn_up_exps.weight").unwrap();
+        assert_eq!(up.dtype, StDtype::Lut4(crate::model::lut4::Lut4::Iq4Xs));
+        assert_eq!(up.shape, [2, 256, 256]);
+        let q = gguf.tensor("blk.0.attn_q.weight").unwrap();
+        assert_eq!(q.dtype, StDtype::Q8_0);
     }
 
     #[test]
@@ -626,9 +678,27 @@ pub enum GgufQuant {
     /// llama-quantize's `MXFP4_MOE`: the expert stacks in MXFP4 (`lut4::quantize_row`, llama.cpp's
     /// rule), every other matrix in Q8_0.
     Mxfp4Moe,
+    /// Ours, after `MXFP4_MOE`: the expert stacks in IQ4_XS (`lut4::quantize_row_iq4`, a simpler
+    /// search than llama-quantize's, the same block format), every other matrix in Q8_0. Rows
+    /// must be whole 256-weight super-blocks. What lets the GPU step benchmark time IQ4 experts
+    /// at a real geometry.
+    Iq4XsMoe,
+    /// As `Iq4XsMoe` with IQ4_NL (32-weight blocks) experts.
+    Iq4NlMoe,
 }
 
 impl GgufQuant {
+    /// The table-coded type this mix stores expert stacks in, if any.
+    fn expert_lut4(self) -> Option<crate::model::lut4::Lut4> {
+        use crate::model::lut4::Lut4;
+        match self {
+            Self::Mxfp4Moe => Some(Lut4::Mxfp4),
+            Self::Iq4XsMoe => Some(Lut4::Iq4Xs),
+            Self::Iq4NlMoe => Some(Lut4::Iq4Nl),
+            _ => None,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.to_ascii_uppercase().as_str() {
             "Q8_0" => Self::Q8_0,
@@ -636,6 +706,8 @@ impl GgufQuant {
             "Q4_K_M" => Self::Q4KM,
             "BF16" => Self::Bf16,
             "MXFP4_MOE" => Self::Mxfp4Moe,
+            "IQ4_XS_MOE" => Self::Iq4XsMoe,
+            "IQ4_NL_MOE" => Self::Iq4NlMoe,
             _ => return None,
         })
     }
@@ -647,7 +719,7 @@ impl GgufQuant {
             Self::Q4KM => Some(15),
             Self::Bf16 => Some(32),
             Self::Mxfp4Moe => Some(38),
-            Self::Q4K => None,
+            Self::Q4K | Self::Iq4XsMoe | Self::Iq4NlMoe => None,
         }
     }
 
@@ -656,7 +728,7 @@ impl GgufQuant {
         let eighth = layers / 8;
         let more_bits = layer < eighth || layer >= 7 * layers / 8 || (layer - eighth) % 3 == 2;
         match self {
-            Self::Q8_0 | Self::Mxfp4Moe => G::Q8_0,
+            Self::Q8_0 | Self::Mxfp4Moe | Self::Iq4XsMoe | Self::Iq4NlMoe => G::Q8_0,
             Self::Q4K => G::Q4K,
             Self::Q4KM if name == "output.weight" => G::Q6K,
             Self::Q4KM if (name.contains("ffn_down") || name.contains("attn_v")) && more_bits => {
@@ -760,8 +832,8 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
     specs.push(one("output_norm.weight", "model.norm.weight", 0));
     specs.push(one("output.weight", "lm_head.weight", 0));
 
-    // MXFP4 stacks, written as placeholders and retyped once the file is out.
-    let mut mxfp4: Vec<(String, Vec<usize>)> = Vec::new();
+    // Table-coded stacks, written as placeholders and retyped once the file is out.
+    let mut lut4: Vec<(String, Vec<usize>, crate::model::lut4::Lut4)> = Vec::new();
     let tensors: Vec<(String, QTensor)> = specs
         .iter()
         .map(|(name, shape, parts, layer)| -> Result<(String, QTensor)> {
@@ -777,13 +849,17 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
                 )));
             }
             let dev = &candle_core::Device::Cpu;
-            let t = if quant == GgufQuant::Mxfp4Moe && name.ends_with("_exps.weight") {
-                let bytes = mxfp4_rows(&values, *shape.last().expect("a matrix"), name)?;
-                // candle's writer has no MXFP4: a 16-bit tensor of the same bytes holds its
-                // place (same rank, so the header entry keeps its length) until `mark_mxfp4`.
+            let coded = quant
+                .expert_lut4()
+                .filter(|_| name.ends_with("_exps.weight"));
+            let t = if let Some(format) = coded {
+                let bytes = lut4_rows(&values, *shape.last().expect("a matrix"), name, format)?;
+                // candle's writer has none of these types: a 16-bit tensor of the same bytes
+                // holds its place (same rank, so the header entry keeps its length) until
+                // `mark_lut4`.
                 let mut dims = vec![1; shape.len() - 1];
                 dims.push(bytes.len() / 2);
-                mxfp4.push((name.clone(), shape.clone()));
+                lut4.push((name.clone(), shape.clone(), format));
                 qtensor_from_ggml(GgmlDType::F16, &bytes, dims, dev)?
             } else if shape.len() == 1 || name.contains("ffn_gate_inp") {
                 QTensor::quantize(
@@ -855,8 +931,8 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
         f.flush().map_err(io)?;
         f.get_ref().sync_all().map_err(io)?;
         drop(f);
-        if !mxfp4.is_empty() {
-            crate::model::gguf_types::mark_mxfp4(&tmp, &mxfp4).map_err(io)?;
+        if !lut4.is_empty() {
+            crate::model::gguf_types::mark_lut4(&tmp, &lut4).map_err(io)?;
         }
         std::fs::rename(&tmp, out).map_err(io)
     })();
@@ -866,25 +942,32 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
     written
 }
 
-/// Rows of `values` ([rows, cols] row-major) as MXFP4 blocks, on every core; an even number
-/// of bytes (the placeholder is 16-bit), which whole rows of an even count always give.
-fn mxfp4_rows(values: &[f32], cols: usize, name: &str) -> Result<Vec<u8>> {
-    use crate::model::lut4::{BLOCK, BLOCK_BYTES, quantize_row};
+/// Rows of `values` ([rows, cols] row-major) as `format`'s blocks, on every core; an even
+/// number of bytes (the placeholder is 16-bit).
+fn lut4_rows(
+    values: &[f32],
+    cols: usize,
+    name: &str,
+    format: crate::model::lut4::Lut4,
+) -> Result<Vec<u8>> {
+    use crate::model::lut4::quantize_row_iq4;
     use rayon::prelude::*;
     let rows = values.len() / cols;
-    if !cols.is_multiple_of(BLOCK) || !(rows * cols / BLOCK * BLOCK_BYTES).is_multiple_of(2) {
+    let (block, bytes) = (format.block_weights(), format.block_bytes());
+    if !cols.is_multiple_of(block) || !(rows * cols / block * bytes).is_multiple_of(2) {
         return Err(ModelError::Input(format!(
-            "{name}: MXFP4 needs rows of whole {BLOCK}-weight blocks and an even number of \
-             blocks in the stack ([{rows}, {cols}] here)"
+            "{name}: {} needs rows of whole {block}-weight blocks and an even number of bytes \
+             in the stack ([{rows}, {cols}] here)",
+            format.name()
         )));
     }
     let per = (FILL_CHUNK / cols).max(1);
     Ok(values
         .par_chunks(per * cols)
         .map(|chunk| {
-            let mut out = Vec::with_capacity(chunk.len() / BLOCK * BLOCK_BYTES);
+            let mut out = Vec::with_capacity(chunk.len() / block * bytes);
             for row in chunk.chunks_exact(cols) {
-                quantize_row(row, &mut out);
+                quantize_row_iq4(format, row, &mut out);
             }
             out
         })

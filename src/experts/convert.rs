@@ -33,21 +33,22 @@ pub fn from_raw_with(
     device: &Device,
     gpu_blocks: bool,
 ) -> Result<ExpertWeights> {
-    if raw.parts.iter().any(|p| p.dtype.lut4().is_some()) {
-        return lut4_expert(raw, device);
-    }
-    if raw.parts.iter().any(|p| p.dtype.ggml().is_some()) {
-        if !gpu_blocks {
-            return quantized(raw, device);
-        }
-        if let Some(layout) = gpu_block_layout(
-            raw.parts.each_ref().map(|p| (p.dtype, p.shape.as_slice())),
-            dtype,
-            device,
-        ) {
+    let lut4 = raw.parts.iter().any(|p| p.dtype.lut4().is_some());
+    if lut4 || raw.parts.iter().any(|p| p.dtype.ggml().is_some()) {
+        if gpu_blocks
+            && let Some(layout) = gpu_block_layout(
+                raw.parts.each_ref().map(|p| (p.dtype, p.shape.as_slice())),
+                dtype,
+                device,
+            )
+        {
             return blocks_on_device(raw, layout, device);
         }
-        return quantized(raw, device);
+        return if lut4 {
+            lut4_expert(raw, device)
+        } else {
+            quantized(raw, device)
+        };
     }
     if raw.parts.iter().any(|p| p.dtype == StDtype::F8E4M3) {
         return fp8_expert(raw, fp8, device);
@@ -173,10 +174,11 @@ fn candle_matrix(
 /// A GGUF expert with table-coded parts (llama.cpp's `MXFP4_MOE`, `IQ4_XS`, `IQ4_NL`; see
 /// `model/lut4.rs`): each such matrix held as stored and multiplied by moescope's own CPU
 /// product, any other part as in [`quantized`] — so a file that mixes these with other types
-/// expert by expert or matrix by matrix is read too. On a GPU it is refused by name: there are
-/// no kernels for these types yet.
+/// expert by expert or matrix by matrix is read too. On a GPU, where the block kernels did not
+/// take the expert (MXFP4, which they do not decode; IQ4 outside bf16 compute, or beside a part
+/// that is not whole blocks), it is refused by name.
 fn lut4_expert(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
-    use crate::model::lut4::Lut4Matrix;
+    use crate::model::lut4::{Lut4, Lut4Matrix};
     use crate::model::ports::{BlockMat, Lut4GateUp};
     let [g, u, d] = &raw.parts;
     if !device.is_cpu() {
@@ -185,10 +187,21 @@ fn lut4_expert(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
             .iter()
             .find(|p| p.dtype.lut4().is_some())
             .unwrap_or(g);
+        let why = if first.dtype == StDtype::Lut4(Lut4::Mxfp4) {
+            "which moescope multiplies on the CPU only (it has no GPU kernels for it): run with \
+             --device cpu, or requantize the model to Q4_K_M, IQ4_XS or Q8_0 for the GPU"
+                .to_string()
+        } else {
+            format!(
+                "which moescope's GPU kernels take in bf16 and beside parts in block types only \
+                 (this expert: gate {}, up {}, down {}): run with --dtype bf16, or --device cpu",
+                g.dtype.name(),
+                u.dtype.name(),
+                d.dtype.name()
+            )
+        };
         return Err(raw.error(format!(
-            "{} is stored as {}, which moescope multiplies on the CPU only (it has no GPU \
-             kernels for it): run with --device cpu, or requantize the model to Q4_K_M or Q8_0 \
-             for the GPU",
+            "{} is stored as {}, {why}",
             first.name,
             first.dtype.name()
         )));
@@ -248,7 +261,7 @@ pub fn block_layout(parts: [(StDtype, &[usize]); 3]) -> Option<GgmlLayout> {
     let [(g, gs), (u, us), (d, ds)] = parts;
     let &[i, h] = gs else { return None };
     (us == [i, h] && ds == [h, i])
-        .then(|| GgmlLayout::new([g.ggml()?, u.ggml()?, d.ggml()?], h, i))
+        .then(|| GgmlLayout::new([g, u, d], h, i))
         .flatten()
 }
 
@@ -893,8 +906,8 @@ mod tests {
 
     /// Blocks copied once from several parts are the blocks `qtensor_from_ggml` makes of the
     /// parts concatenated: same dequantised bits; a size that does not fill the shape is an error.
-    /// The GPU block layout of every expert of both GGUF fixtures (llama.cpp's conversions:
-    /// Q8_0, and Q4_K_M's Q4_K gate/up with Q6_K or Q4_K down) is what the file stores — its
+    /// The GPU block layout of every expert of the GGUF fixtures (llama.cpp's conversions: Q8_0,
+    /// Q4_K_M's Q4_K gate/up with Q6_K or Q4_K down, IQ4_XS, IQ4_NL) is what the file stores — its
     /// types, and byte counts equal to each part's — and on a CPU none is taken (candle's
     /// products keep the experts there).
     #[test]
@@ -902,7 +915,7 @@ mod tests {
         use super::super::source::ExpertSource;
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut downs = std::collections::BTreeSet::new();
-        for kind in ["Q8_0", "Q4_K_M"] {
+        for kind in ["Q8_0", "Q4_K_M", "IQ4_XS", "IQ4_NL"] {
             let path = root.join(format!("tests/fixtures/gguf/kquant-{kind}.gguf"));
             let cfg = &crate::model::MoeConfig::from_dir(&path).unwrap();
             let ckpt = crate::model::Checkpoint::open(&path).unwrap();
@@ -911,11 +924,8 @@ mod tests {
                 for e in 0..cfg.num_experts {
                     let locs = source.part_locations(layer, e).unwrap();
                     let parts = locs.each_ref().map(|l| (l.dtype, l.shape.as_slice()));
-                    let l = block_layout(parts).expect("k-quant parts have a block layout");
-                    assert_eq!(
-                        [l.gate, l.up, l.down].map(Some),
-                        locs.each_ref().map(|p| p.dtype.ggml())
-                    );
+                    let l = block_layout(parts).expect("these parts have a block layout");
+                    assert_eq!([l.gate, l.up, l.down], locs.each_ref().map(|p| p.dtype));
                     assert_eq!(
                         [l.gate_bytes(), l.up_bytes(), l.down_bytes()],
                         locs.each_ref().map(|p| p.len as usize),
@@ -930,7 +940,11 @@ mod tests {
             }
             assert!(gpu_block_layouts(&source, DType::BF16, &Device::Cpu).is_none());
         }
-        assert_eq!(downs.len(), 3, "Q8_0, Q4_K and Q6_K down stacks: {downs:?}");
+        assert_eq!(
+            downs.len(),
+            5,
+            "Q8_0, Q4_K, Q6_K, IQ4_XS and IQ4_NL down stacks: {downs:?}"
+        );
         // Shapes the kernels cannot take: a float part, gate and up apart in shape, down not
         // [H, I].
         let (q, f) = (StDtype::Q4K, StDtype::F16);

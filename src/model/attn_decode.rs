@@ -139,14 +139,14 @@ impl<'a> GgmlMat<'a> {
         let &[rows, cols] = q.shape().dims() else {
             return None;
         };
-        let kernel_type = GgmlLayout::kernel_type(t)?;
+        let kernel_type = GgmlLayout::kernel_type_ggml(t)?;
         if !q.device().is_cuda() || cols == 0 || !cols.is_multiple_of(t.block_size()) {
             return None;
         }
         Some(GgmlMat {
             tensor: q,
             kernel_type,
-            row_bytes: i32::try_from(GgmlLayout::row_bytes(t, cols)).ok()?,
+            row_bytes: i32::try_from(GgmlLayout::row_bytes_ggml(t, cols)).ok()?,
             dims: [rows, cols],
         })
     }

@@ -37,7 +37,7 @@ impl DeviceRows {
     pub fn new(rows: &QuantizedRows, device: &Device) -> Result<Option<Self>> {
         if !device.is_cuda()
             || rows.dtype != DType::BF16
-            || super::ports::GgmlLayout::kernel_type(rows.ggml).is_none()
+            || super::ports::GgmlLayout::kernel_type_ggml(rows.ggml).is_none()
         {
             return Ok(None);
         }

@@ -981,7 +981,7 @@ pub fn held_sizes(
                     || (gpu_bf16
                         && t.dtype
                             .ggml()
-                            .and_then(super::ports::GgmlLayout::kernel_type)
+                            .and_then(super::ports::GgmlLayout::kernel_type_ggml)
                             .is_some());
                 let table = if blocks { t.len } else { dense(t) };
                 let tied = g.tensor("output.weight").is_none();

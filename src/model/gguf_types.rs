@@ -125,11 +125,14 @@ struct Walked {
     wide: bool,
 }
 
-/// The inverse of [`with_lut4_as_f32`] for MXFP4, for a writer: in the GGUF file at `path`, each tensor
-/// named in `mxfp4` (written as a 16-bit placeholder of its bytes' length, since candle's
-/// writer has no MXFP4 either) gets type MXFP4 and its real shape, slowest dimension first as
-/// candle's shapes are. The data and every offset stay as written.
-pub fn mark_mxfp4(path: &std::path::Path, mxfp4: &[(String, Vec<usize>)]) -> std::io::Result<()> {
+/// The inverse of [`with_lut4_as_f32`], for a writer: in the GGUF file at `path`, each tensor
+/// named in `marks` (written as a 16-bit placeholder of its bytes' length, since candle's
+/// writer has none of these types either) gets its table-coded type and its real shape, slowest
+/// dimension first as candle's shapes are. The data and every offset stay as written.
+pub fn mark_lut4(
+    path: &std::path::Path,
+    marks: &[(String, Vec<usize>, super::lut4::Lut4)],
+) -> std::io::Result<()> {
     use std::io::Write;
     let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
     let mut f = std::fs::OpenOptions::new()
@@ -138,7 +141,7 @@ pub fn mark_mxfp4(path: &std::path::Path, mxfp4: &[(String, Vec<usize>)]) -> std
         .open(path)?;
     let (tensors, _) =
         walk(&mut f).ok_or_else(|| bad("the GGUF header just written does not parse".into()))?;
-    for (name, shape) in mxfp4 {
+    for (name, shape, format) in marks {
         let t = tensors
             .iter()
             .find(|t| &t.name == name)
@@ -151,7 +154,7 @@ pub fn mark_mxfp4(path: &std::path::Path, mxfp4: &[(String, Vec<usize>)]) -> std
         for &d in shape.iter().rev() {
             patch.extend_from_slice(&(d as u64).to_le_bytes());
         }
-        patch.extend_from_slice(&MXFP4.to_le_bytes());
+        patch.extend_from_slice(&format.ggml_type().to_le_bytes());
         f.seek(SeekFrom::Start(t.type_at - 8 * u64::from(t.dims)))?;
         f.write_all(&patch)?;
     }

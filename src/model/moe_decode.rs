@@ -14,6 +14,7 @@ use half::bf16;
 
 use super::error::{ModelError, Result};
 use super::ports::{GgmlLayout, StackFormat};
+use super::safetensors_file::StDtype;
 
 const PTX: &str = include_str!("kernels/moe_decode.ptx");
 const MODULE: &str = "moescope_moe_decode";
@@ -119,9 +120,19 @@ fn ggml_stack(w: &Tensor, need: usize, what: &str) -> Result<usize> {
 }
 
 /// The kernel's id and a row's bytes for type `t` over `cols` columns, as kernel arguments.
-fn ggml_args(t: candle_core::quantized::GgmlDType, cols: usize) -> Result<(i32, i32)> {
+/// Whether `t` needs a GGUF kernel's `_iq4` twin: the plain kernels decode the eight types they
+/// always did and no more, since the IQ4 types' code beside them slowed every type
+/// (`kernels/ggml_blocks.cuh`).
+pub(crate) fn is_iq4(t: StDtype) -> bool {
+    matches!(
+        t,
+        StDtype::Lut4(crate::model::lut4::Lut4::Iq4Nl | crate::model::lut4::Lut4::Iq4Xs)
+    )
+}
+
+fn ggml_args(t: StDtype, cols: usize) -> Result<(i32, i32)> {
     let id = GgmlLayout::kernel_type(t)
-        .ok_or_else(|| err("GGUF stacks", format!("no block kernel for {t:?}")))?;
+        .ok_or_else(|| err("GGUF stacks", format!("no block kernel for {}", t.name())))?;
     Ok((id, GgmlLayout::row_bytes(t, cols) as i32))
 }
 
@@ -252,10 +263,11 @@ pub fn moe_gate_up(
             let (tg, rbg) = ggml_args(l.gate, hidden)?;
             let (tu, rbu) = ggml_args(l.up, hidden)?;
             let (xq, xd) = quantize_q8(&dev, &xv, t * hidden)?;
-            let name = if t > 1 {
-                "moe_tokens_gate_up_ggml"
-            } else {
-                "moe_decode_gate_up_ggml"
+            let name = match (t > 1, is_iq4(l.gate) || is_iq4(l.up)) {
+                (true, false) => "moe_tokens_gate_up_ggml",
+                (false, false) => "moe_decode_gate_up_ggml",
+                (true, true) => "moe_tokens_gate_up_ggml_iq4",
+                (false, true) => "moe_decode_gate_up_ggml_iq4",
             };
             let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut b = f.builder();
@@ -425,10 +437,11 @@ pub fn moe_down(
             let stride = down.dim(1)? as u64;
             let (td, rbd) = ggml_args(l.down, inter)?;
             let (mq, md) = quantize_q8(&dev, &mv, t * k * inter)?;
-            let name = if t > 1 {
-                "moe_tokens_down_ggml"
-            } else {
-                "moe_decode_down_ggml"
+            let name = match (t > 1, is_iq4(l.down)) {
+                (true, false) => "moe_tokens_down_ggml",
+                (false, false) => "moe_decode_down_ggml",
+                (true, true) => "moe_tokens_down_ggml_iq4",
+                (false, true) => "moe_decode_down_ggml_iq4",
             };
             let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut b = f.builder();
@@ -664,7 +677,9 @@ pub fn ggml_rows_bf16(
     ids: &Tensor,
 ) -> Result<Tensor> {
     let (n_rows, rb) = table.dims2()?;
-    let (ty, want_rb) = ggml_args(t, cols)?;
+    let st = StDtype::from_ggml(t)
+        .ok_or_else(|| err("GGUF table", format!("no block kernel for {t:?}")))?;
+    let (ty, want_rb) = ggml_args(st, cols)?;
     if table.dtype() != DType::U8 || rb != want_rb as usize || !cols.is_multiple_of(t.block_size())
     {
         return Err(err(
@@ -1487,9 +1502,15 @@ mod tests {
     fn ggml_expert(l: &GgmlLayout, seed: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>, Vec<f32>) {
         use candle_core::quantized::QTensor;
         let (h, i) = (l.hidden, l.intermediate);
-        let q = |rows, cols, s, t| {
+        let q = |rows, cols, s, t: StDtype| {
             let w = crate::util::test_matrix(rows, cols, s, 251, 1.0 / 64.0);
-            let q = QTensor::quantize(&w, t).unwrap();
+            if let Some(f) = t.lut4() {
+                // IQ4, which candle does not quantize: moescope's test quantizer, decoded as
+                // llama.cpp decodes it.
+                let x: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+                return super::super::lut4::quantize_for_tests(f, &x);
+            }
+            let q = QTensor::quantize(&w, t.ggml().unwrap()).unwrap();
             let deq: Vec<f32> = q
                 .dequantize(&candle_core::Device::Cpu)
                 .unwrap()
@@ -1537,8 +1558,10 @@ mod tests {
 
     /// Layouts over every type the block kernels decode, K types at K-sized rows.
     fn ggml_layouts() -> Vec<GgmlLayout> {
-        use candle_core::quantized::GgmlDType as G;
+        use super::super::lut4::Lut4;
+        use StDtype as G;
         let l = |g, u, d, h, i| GgmlLayout::new([g, u, d], h, i).expect("a kernel layout");
+        let (nl, xs) = (G::Lut4(Lut4::Iq4Nl), G::Lut4(Lut4::Iq4Xs));
         vec![
             l(G::Q4K, G::Q4K, G::Q6K, 512, 256),
             l(G::Q5K, G::Q6K, G::Q4K, 256, 512),
@@ -1548,6 +1571,11 @@ mod tests {
             // A gate row longer than a warp's staging buffer (Q8_0, 2,448 bytes: staged in two
             // chunks), and long Q6_K down rows (2,310 bytes).
             l(G::Q8_0, G::Q4K, G::Q6K, 2304, 2816),
+            // The IQ4 files' experts: IQ4_XS gate/up beside a k-quant down (what llama-quantize
+            // writes for IQ4_XS), IQ4_NL throughout, and IQ4_XS down rows of three blocks.
+            l(xs, xs, G::Q5K, 512, 256),
+            l(nl, nl, nl, 96, 160),
+            l(G::Q4K, nl, xs, 256, 768),
         ]
     }
 

@@ -16,6 +16,7 @@ use super::fp8::Fp8Matrix;
 use super::layers::silu;
 use super::lut4::Lut4Matrix;
 use super::mapped::MappedBf16;
+use super::safetensors_file::StDtype;
 pub use crate::step_path::StepPath;
 
 /// One expert, ready to compute with. Dense: gate and up stacked as one [2I, H] matrix (one
@@ -363,11 +364,11 @@ impl ExpertWeights {
             match &w.mats {
                 Mats::Lut4 {
                     gate_up: Lut4GateUp::Fused(gu),
-                    down: BlockMat::Lut4(d),
+                    down,
                     ..
                 } => {
                     gate_ups.push(gu);
-                    downs.push(d);
+                    downs.push(down);
                 }
                 _ => return Ok(None),
             }
@@ -381,18 +382,45 @@ impl ExpertWeights {
             let i = w.intermediate;
             let g_u = Tensor::from_slice(&gu[at..at + 2 * i], (1, 2 * i), x.device())?;
             at += 2 * i;
-            let h = (silu(&g_u.narrow(1, 0, i)?)? * g_u.narrow(1, i, i)?)?;
-            hs.push(h.flatten_all()?.to_vec1::<f32>()?);
+            hs.push((silu(&g_u.narrow(1, 0, i)?)? * g_u.narrow(1, i, i)?)?);
         }
-        let y = super::lut4::stacked_product(&downs, |e| &hs[e])?;
-        let mut at = 0;
-        downs
+        // Table-coded downs in one more trip; a down in another block type (llama-quantize's
+        // IQ4_XS files keep some down stacks in Q5_K) by candle's product on the same h, as
+        // `forward` runs it.
+        let coded: Vec<(usize, &Lut4Matrix)> = downs
             .iter()
-            .map(|d| {
-                let rows = d.dims()[0];
-                let t = Tensor::from_slice(&y[at..at + rows], (1, rows), x.device())?;
-                at += rows;
-                Ok(t.to_dtype(dtype)?)
+            .enumerate()
+            .filter_map(|(e, d)| match d {
+                BlockMat::Lut4(m) => Some((e, m)),
+                BlockMat::Candle(_) => None,
+            })
+            .collect();
+        let h_rows: Vec<Vec<f32>> = coded
+            .iter()
+            .map(|&(e, _)| hs[e].flatten_all()?.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        let mats: Vec<&Lut4Matrix> = coded.iter().map(|&(_, m)| m).collect();
+        let y = super::lut4::stacked_product(&mats, |k| &h_rows[k])?;
+        let mut outs: Vec<Option<Tensor>> = vec![None; experts.len()];
+        let mut at = 0;
+        for &(e, m) in &coded {
+            let rows = m.dims()[0];
+            outs[e] = Some(Tensor::from_slice(
+                &y[at..at + rows],
+                (1, rows),
+                x.device(),
+            )?);
+            at += rows;
+        }
+        outs.into_iter()
+            .zip(&downs)
+            .zip(&hs)
+            .map(|((y, d), h)| {
+                let y = match (y, d) {
+                    (Some(y), _) => y,
+                    (None, d) => d.forward(h)?,
+                };
+                Ok(y.to_dtype(dtype)?)
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
@@ -620,14 +648,15 @@ impl Stacked {
 }
 
 /// One GGUF expert (or a layer's experts) as GGML blocks in moescope's GPU decode kernels: the
-/// types of gate, up and down as the file stores them, and the matrices' sizes. An expert's
-/// bytes are gate's I rows of H columns, then up's, then (apart) down's H rows of I columns, each
-/// row whole blocks — the GGUF stacked tensors' per-expert slices, as they are.
+/// types of gate, up and down as the file stores them (GGML's block types, or IQ4_NL / IQ4_XS,
+/// which candle does not read), and the matrices' sizes. An expert's bytes are gate's I rows of
+/// H columns, then up's, then (apart) down's H rows of I columns, each row whole blocks — the
+/// GGUF stacked tensors' per-expert slices, as they are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GgmlLayout {
-    pub gate: GgmlDType,
-    pub up: GgmlDType,
-    pub down: GgmlDType,
+    pub gate: StDtype,
+    pub up: StDtype,
+    pub down: StDtype,
     pub hidden: usize,
     pub intermediate: usize,
 }
@@ -635,13 +664,12 @@ pub struct GgmlLayout {
 impl GgmlLayout {
     /// The layout when the kernels decode every type and each row is whole blocks; None
     /// otherwise (the experts then take candle's quantized products one by one).
-    pub fn new(
-        [gate, up, down]: [GgmlDType; 3],
-        hidden: usize,
-        intermediate: usize,
-    ) -> Option<Self> {
-        let whole = |t: GgmlDType, cols: usize| {
-            Self::kernel_type(t).is_some() && cols > 0 && cols.is_multiple_of(t.block_size())
+    pub fn new([gate, up, down]: [StDtype; 3], hidden: usize, intermediate: usize) -> Option<Self> {
+        let whole = |t: StDtype, cols: usize| {
+            Self::kernel_type(t).is_some()
+                && cols > 0
+                && t.block_elems()
+                    .is_some_and(|b| cols.is_multiple_of(b as usize))
         };
         (whole(gate, hidden) && whole(up, hidden) && whole(down, intermediate) && intermediate > 0)
             .then_some(GgmlLayout {
@@ -654,22 +682,35 @@ impl GgmlLayout {
     }
 
     /// GGML's id of a type the block kernels decode (`ggml_blocks.cuh`); None for the others.
-    pub fn kernel_type(t: GgmlDType) -> Option<i32> {
+    pub fn kernel_type(t: StDtype) -> Option<i32> {
+        use super::lut4::Lut4;
         Some(match t {
-            GgmlDType::Q4_0 => 2,
-            GgmlDType::Q4_1 => 3,
-            GgmlDType::Q5_0 => 6,
-            GgmlDType::Q5_1 => 7,
-            GgmlDType::Q8_0 => 8,
-            GgmlDType::Q4K => 12,
-            GgmlDType::Q5K => 13,
-            GgmlDType::Q6K => 14,
+            StDtype::Q4_0 => 2,
+            StDtype::Q4_1 => 3,
+            StDtype::Q5_0 => 6,
+            StDtype::Q5_1 => 7,
+            StDtype::Q8_0 => 8,
+            StDtype::Q4K => 12,
+            StDtype::Q5K => 13,
+            StDtype::Q6K => 14,
+            StDtype::Lut4(Lut4::Iq4Nl) => 20,
+            StDtype::Lut4(Lut4::Iq4Xs) => 23,
             _ => return None,
         })
     }
 
+    /// [`kernel_type`](Self::kernel_type) of a type candle holds (attention, embeddings).
+    pub fn kernel_type_ggml(t: GgmlDType) -> Option<i32> {
+        StDtype::from_ggml(t).and_then(Self::kernel_type)
+    }
+
     /// Bytes of one row of `cols` weights in type `t` (whole blocks, checked by `new`).
-    pub fn row_bytes(t: GgmlDType, cols: usize) -> usize {
+    pub fn row_bytes(t: StDtype, cols: usize) -> usize {
+        t.bytes_for(cols as u64).unwrap_or(0) as usize
+    }
+
+    /// [`row_bytes`](Self::row_bytes) of a type candle holds.
+    pub fn row_bytes_ggml(t: GgmlDType, cols: usize) -> usize {
         cols / t.block_size() * t.type_size()
     }
 
@@ -694,8 +735,12 @@ impl std::fmt::Display for GgmlLayout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "GGUF blocks (gate {:?}, up {:?}, down {:?}; hidden {}, intermediate {})",
-            self.gate, self.up, self.down, self.hidden, self.intermediate
+            "GGUF blocks (gate {}, up {}, down {}; hidden {}, intermediate {})",
+            self.gate.name(),
+            self.up.name(),
+            self.down.name(),
+            self.hidden,
+            self.intermediate
         )
     }
 }
@@ -1066,7 +1111,8 @@ mod tests {
 
     #[test]
     fn ggml_layouts_are_whole_blocks_of_decoded_types() {
-        use GgmlDType as G;
+        use super::super::lut4::Lut4;
+        use StDtype as G;
         let l = GgmlLayout::new([G::Q4K, G::Q4K, G::Q6K], 2048, 768).unwrap();
         // Qwen3-30B-A3B's expert in Q4_K_M: 144 bytes per 256 weights, Q6_K 210.
         assert_eq!(l.gate_bytes(), 768 * 8 * 144);
@@ -1074,6 +1120,16 @@ mod tests {
         assert_eq!(l.down_bytes(), 2048 * 3 * 210);
         assert_eq!(GgmlLayout::row_bytes(G::Q8_0, 64), 68);
         assert_eq!(GgmlLayout::row_bytes(G::Q5K, 512), 352);
+        assert_eq!(GgmlLayout::row_bytes_ggml(GgmlDType::Q5K, 512), 352);
+        // In IQ4_XS: 136 bytes per 256 weights; IQ4_NL 18 per 32.
+        let (xs, nl) = (G::Lut4(Lut4::Iq4Xs), G::Lut4(Lut4::Iq4Nl));
+        let l = GgmlLayout::new([xs, xs, G::Q5K], 2048, 768).unwrap();
+        assert_eq!(l.gate_bytes(), 768 * 8 * 136);
+        assert_eq!(GgmlLayout::row_bytes(nl, 96), 54);
+        assert_eq!(
+            l.to_string(),
+            "GGUF blocks (gate IQ4_XS, up IQ4_XS, down Q5_K; hidden 2048, intermediate 768)"
+        );
         for t in [
             G::Q4_0,
             G::Q4_1,
@@ -1083,17 +1139,29 @@ mod tests {
             G::Q4K,
             G::Q5K,
             G::Q6K,
+            nl,
+            xs,
         ] {
             assert!(GgmlLayout::kernel_type(t).is_some(), "{t:?}");
         }
         // Types the kernels do not decode, rows of part blocks, empty matrices.
-        for t in [G::Q2K, G::Q3K, G::F16, G::BF16, G::F32, G::Q8K] {
+        for t in [
+            G::Q2K,
+            G::Q3K,
+            G::F16,
+            G::BF16,
+            G::F32,
+            G::Lut4(Lut4::Mxfp4),
+        ] {
             assert!(
                 GgmlLayout::new([t, G::Q4K, G::Q4K], 512, 256).is_none(),
                 "{t:?}"
             );
         }
+        assert!(GgmlLayout::kernel_type_ggml(GgmlDType::Q8K).is_none());
         assert!(GgmlLayout::new([G::Q4K, G::Q4K, G::Q4K], 512, 96).is_none());
+        assert!(GgmlLayout::new([xs, xs, nl], 128, 96).is_none());
+        assert!(GgmlLayout::new([xs, xs, nl], 256, 96).is_some());
         assert!(GgmlLayout::new([G::Q8_0, G::Q8_0, G::Q8_0], 96, 0).is_none());
         assert!(GgmlLayout::new([G::Q8_0, G::Q8_0, G::Q8_0], 96, 64).is_some());
     }
@@ -1228,5 +1296,39 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+        // Table-coded gate_up beside a down in a candle block type (IQ4_XS files' Q5_K downs):
+        // one token still in two trips, each output its expert's own forward, bit for bit.
+        let mixed: Vec<ExpertWeights> = (0..4)
+            .map(|e| {
+                let gu = Lut4Matrix::new(
+                    Lut4::Iq4Xs,
+                    sample_format(Lut4::Iq4Xs, 2 * i, h, e),
+                    [2 * i, h],
+                )
+                .unwrap();
+                let down = if e % 2 == 0 {
+                    BlockMat::Lut4(
+                        Lut4Matrix::new(Lut4::Iq4Nl, sample_format(Lut4::Iq4Nl, h, i, e), [h, i])
+                            .unwrap(),
+                    )
+                } else {
+                    let w = crate::util::test_matrix(h, i, e, 89, 1.0 / 32.0);
+                    let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+                    BlockMat::Candle(QMatMul::from_qtensor(q).unwrap())
+                };
+                ExpertWeights::lut4(Lut4GateUp::Fused(gu), down, i, 0)
+            })
+            .collect();
+        let refs: Vec<&ExpertWeights> = mixed.iter().collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = crate::util::test_matrix(1, h, 3, 97, 1.0 / 16.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let batched = ExpertWeights::lut4_one_token(&x, &refs).unwrap().unwrap();
+            for (w, y) in mixed.iter().zip(&batched) {
+                let bits = |t: &Tensor| crate::util::f32_bits(&t.to_dtype(DType::F32).unwrap());
+                assert_eq!(bits(y), bits(&w.forward(&x).unwrap()), "mixed {dtype:?}");
+            }
+        }
     }
 }

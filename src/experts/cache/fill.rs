@@ -78,7 +78,7 @@ impl DeviceFills {
                 ),
             };
             let is_stored_as = |i: usize, p: &TensorLocation| match &layout {
-                Some(g) => p.dtype.ggml() == Some([g.gate, g.up, g.down][i]),
+                Some(g) => p.dtype == [g.gate, g.up, g.down][i],
                 None => p.dtype.float_dtype() == Some(dtype),
             };
             let mut sources = Vec::with_capacity(3 * cfg.num_experts);

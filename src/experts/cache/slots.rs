@@ -769,7 +769,7 @@ impl CachedProvider {
         ];
         let check = |k: usize, dtype: StDtype, shape: &[usize], len: usize| -> Result<()> {
             let (_, _, n, t, want) = dst[k];
-            if dtype.ggml() == Some(t) && shape == want && len == n {
+            if dtype == t && shape == want && len == n {
                 return Ok(());
             }
             Err(ModelError::Expert {

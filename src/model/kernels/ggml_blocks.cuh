@@ -2,7 +2,9 @@
 // Q4_K, Q5_K, Q6_K, as llama.cpp lays them out (ggml-common.h) and candle dequantises them
 // (candle-core's k_quants.rs `to_float`): each weight computed with the same f32 operations in
 // the same order — products and sums rounded one at a time (`__fmul_rn`, no fused multiply-add)
-// — so a dequantised weight here is the bits of candle's CPU dequantisation.
+// — so a dequantised weight here is the bits of candle's CPU dequantisation. And IQ4_NL and
+// IQ4_XS, which candle does not read: each weight as llama.cpp's `dequantize_row_iq4_*` (and
+// moescope's CPU `lut4.rs`) computes it, exact in f32.
 //
 // A block is cut into units of UW = 8·G weights: G groups of 8 consecutive weights each, a
 // group's start within the block given by `start(u, g)`. Why units: a warp reads a row's units
@@ -29,6 +31,31 @@
 #define GGML_Q4_K 12
 #define GGML_Q5_K 13
 #define GGML_Q6_K 14
+#define GGML_IQ4_NL 20
+#define GGML_IQ4_XS 23
+
+// llama.cpp's `kvalues_iq4nl` (the IQ4 types' 16 code values), as four little-endian words for
+// `lut16` and as bytes for the dequantising units.
+#define IQ4NL_W0 0xBFAD9881u
+#define IQ4NL_W1 0xF6EADDCFu
+#define IQ4NL_W2 0x26190D01u
+#define IQ4NL_W3 0x71594535u
+__device__ __forceinline__ int iq4nl_value(uint32_t code) {
+    const uint32_t w = code < 8 ? (code < 4 ? IQ4NL_W0 : IQ4NL_W1) : (code < 12 ? IQ4NL_W2 : IQ4NL_W3);
+    return (int)(int8_t)((w >> (8 * (code & 3))) & 0xFFu);
+}
+// Four codes (one in the low 4 bits of each byte of `idx`) looked up in `kvalues_iq4nl`: the four
+// int8 values in the same byte order. `__byte_perm` picks by the low three bits of each selector
+// nibble: one pick from each half of the table, then per byte the half that bit 3 names.
+__device__ __forceinline__ uint32_t lut16(uint32_t idx) {
+    const uint32_t sel = (idx & 0x7u) | ((idx >> 4) & 0x70u) | ((idx >> 8) & 0x700u) |
+                         ((idx >> 12) & 0x7000u);
+    const uint32_t lo = __byte_perm(IQ4NL_W0, IQ4NL_W1, sel);
+    const uint32_t hi = __byte_perm(IQ4NL_W2, IQ4NL_W3, sel);
+    const uint32_t pick = 0x3210u | (((idx >> 3) & 1u) << 2) | (((idx >> 11) & 1u) << 6) |
+                          (((idx >> 19) & 1u) << 10) | (((idx >> 27) & 1u) << 14);
+    return __byte_perm(lo, hi, pick);
+}
 
 // Where block bytes are read from: global memory through the read-only cache (`Gmem`), or a
 // warp's staging buffer in shared memory (`Smem`, see `stage_async`), where `__ldg` cannot read.
@@ -257,6 +284,50 @@ struct Q6_KB {
     }
 };
 
+// IQ4_NL: Q4_0's layout (f16 d, then 16 bytes of two codes each), each code through the table.
+struct IQ4_NLB {
+    static constexpr int BYTES = 18, WEIGHTS = 32, UNITS = 2, G = 2;
+    __device__ static int start(int u, int g) { return 8 * u + 16 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const float d = ld_half(b);
+        const uint2 q = ld_u64(b + 2 + 8 * u);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t v = byte_of(q, i);
+            w[i] = __fmul_rn(d, (float)iq4nl_value(v & 0xF));
+            w[8 + i] = __fmul_rn(d, (float)iq4nl_value(v >> 4));
+        }
+    }
+};
+
+// IQ4_XS: 256 weights as eight 32-weight sub-blocks ib, each IQ4_NL's code layout (qs bytes
+// 16ib .. 16ib + 16 at byte 8) scaled by d · (ls − 32), ls six bits: the low four from scales_l
+// (byte 4 + ib/2, nibble ib % 2), the high two from scales_h (bits 2ib, 2ib + 1). Unit u = (ib,
+// p): bytes 8 + 16ib + 8p .. + 8, groups at 32ib + 8p and 32ib + 16 + 8p.
+template <typename L = Gmem>
+__device__ __forceinline__ float iq4xs_scale(const uint8_t* b, int ib) {
+    const float d = ld_half<L>(b);
+    const uint32_t h = L::half(reinterpret_cast<const unsigned short*>(b + 2));
+    const uint32_t lo = (L::byte(b + 4 + (ib >> 1)) >> (4 * (ib & 1))) & 0xFu;
+    const int ls = (int)(lo | (((h >> (2 * ib)) & 3u) << 4));
+    return __fmul_rn(d, (float)(ls - 32));
+}
+struct IQ4_XSB {
+    static constexpr int BYTES = 136, WEIGHTS = 256, UNITS = 16, G = 2;
+    __device__ static int start(int u, int g) { return 32 * (u >> 1) + 8 * (u & 1) + 16 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const int ib = u >> 1, p = u & 1;
+        const float dl = iq4xs_scale(b, ib);
+        const uint2 q = ld_u64(b + 8 + 16 * ib + 8 * p);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t v = byte_of(q, i);
+            w[i] = __fmul_rn(dl, (float)iq4nl_value(v & 0xF));
+            w[8 + i] = __fmul_rn(dl, (float)iq4nl_value(v >> 4));
+        }
+    }
+};
+
 // Activations rounded to 8-bit blocks: value i is q[i] · d[i / 32]. Rows start 8-byte aligned
 // (their lengths are multiples of 32), so a group's 8 codes are one 8-byte load.
 // In global or shared memory (`moe_decode_gate_up_ggml` stages x): plain loads read either.
@@ -428,6 +499,32 @@ struct Q6_KD {
     }
 };
 
+// IQ4_NL / IQ4_XS: a unit's 16 codes (8 bytes) through the table into int8 words, then dp4a as
+// Q4_0 (no offset: the table values are signed).
+__device__ __forceinline__ int iq4_dot16(uint2 q, const Q8Act& a, int w0) {
+    const uint32_t m = 0x0F0F0F0Fu;
+    return dot8(lut16(q.x & m), lut16(q.y & m), a.codes(w0)) +
+           dot8(lut16((q.x >> 4) & m), lut16((q.y >> 4) & m), a.codes(w0 + 16));
+}
+
+struct IQ4_NLD {
+    template <typename L = Gmem>
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const float d = ld_half<L>(b);
+        return d * a.scale(0) * (float)iq4_dot16(ld_u64<L>(b + 2 + 8 * u), a, 8 * u);
+    }
+};
+
+struct IQ4_XSD {
+    template <typename L = Gmem>
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const int ib = u >> 1, p = u & 1;
+        const float dl = iq4xs_scale<L>(b, ib);
+        const int s = iq4_dot16(ld_u64<L>(b + 8 + 16 * ib + 8 * p), a, 32 * ib + 8 * p);
+        return dl * a.scale(32 * ib) * (float)s;
+    }
+};
+
 // This lane's share of dot(row, x) over n columns (n a multiple of the block's weights) for one
 // row of blocks of type B against activations rounded to 8-bit blocks: units in lane order.
 template <typename B, typename D>
@@ -442,7 +539,15 @@ __device__ __forceinline__ float block_dot_q8(const uint8_t* __restrict__ row, c
     return acc;
 }
 
+// Why the dispatchers below take IQ4 as a template flag: with the IQ4 types' products beside the
+// other eight in one switch — inlined, or called out of line — the kernels that dispatch on the
+// type got slower for every type (a Q4_K_M or Q8_0 decode step +0.8–1.5 % on an H200, registers
+// unchanged; BENCHMARKS.md §86). So each GGUF kernel comes twice: the plain one decodes the eight
+// types it always did, with the code it always had, and an `_iq4` twin decodes those and IQ4_NL /
+// IQ4_XS; the host launches the twin only for a matrix set holding an IQ4 type.
+
 // block_dot_q8 for the GGML type id `type` (0 for any other, which the host never passes).
+template <bool IQ4 = false>
 __device__ __forceinline__ float ggml_dot_q8(int type, const uint8_t* __restrict__ row,
                                              const Q8Act& x, int n, int lane) {
     switch (type) {
@@ -454,16 +559,27 @@ __device__ __forceinline__ float ggml_dot_q8(int type, const uint8_t* __restrict
         case GGML_Q4_K: return block_dot_q8<Q4_KB, Q4_KD>(row, x, n, lane);
         case GGML_Q5_K: return block_dot_q8<Q5_KB, Q5_KD>(row, x, n, lane);
         case GGML_Q6_K: return block_dot_q8<Q6_KB, Q6_KD>(row, x, n, lane);
-        default: return 0.f;
+        default:
+            if constexpr (IQ4) {
+                if (type == GGML_IQ4_NL) return block_dot_q8<IQ4_NLB, IQ4_NLD>(row, x, n, lane);
+                if (type == GGML_IQ4_XS) return block_dot_q8<IQ4_XSB, IQ4_XSD>(row, x, n, lane);
+            }
+            return 0.f;
     }
 }
 
 // Weights a block of the GGML type id `type` holds (1 for any other, which the host never passes).
+template <bool IQ4 = false>
 __device__ __forceinline__ int ggml_block_weights(int type) {
     switch (type) {
         case GGML_Q4_0: case GGML_Q4_1: case GGML_Q5_0: case GGML_Q5_1: case GGML_Q8_0: return 32;
         case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: return 256;
-        default: return 1;
+        default:
+            if constexpr (IQ4) {
+                if (type == GGML_IQ4_NL) return 32;
+                if (type == GGML_IQ4_XS) return 256;
+            }
+            return 1;
     }
 }
 
@@ -476,6 +592,7 @@ __device__ __forceinline__ int ggml_block_weights(int type) {
 // the same products summed in the same order, so the same bits as `ggml_dot_q8`.
 
 // Bytes a block of the GGML type id `type` takes (1 for any other, which the host never passes).
+template <bool IQ4 = false>
 __device__ __forceinline__ int ggml_block_bytes(int type) {
     switch (type) {
         case GGML_Q4_0: return 18;
@@ -486,7 +603,12 @@ __device__ __forceinline__ int ggml_block_bytes(int type) {
         case GGML_Q4_K: return 144;
         case GGML_Q5_K: return 176;
         case GGML_Q6_K: return 210;
-        default: return 1;
+        default:
+            if constexpr (IQ4) {
+                if (type == GGML_IQ4_NL) return 18;
+                if (type == GGML_IQ4_XS) return 136;
+            }
+            return 1;
     }
 }
 
@@ -529,6 +651,7 @@ __device__ __forceinline__ void block_dot_q8_staged(const uint8_t* chunk, const 
     }
 }
 
+template <bool IQ4 = false>
 __device__ __forceinline__ void ggml_dot_q8_chunk(int type, const uint8_t* chunk, const Q8Act& x,
                                                   int b0, int nb, int lane, float& acc) {
     switch (type) {
@@ -540,14 +663,21 @@ __device__ __forceinline__ void ggml_dot_q8_chunk(int type, const uint8_t* chunk
         case GGML_Q4_K: block_dot_q8_staged<Q4_KB, Q4_KD>(chunk, x, b0, nb, lane, acc); break;
         case GGML_Q5_K: block_dot_q8_staged<Q5_KB, Q5_KD>(chunk, x, b0, nb, lane, acc); break;
         case GGML_Q6_K: block_dot_q8_staged<Q6_KB, Q6_KD>(chunk, x, b0, nb, lane, acc); break;
-        default: break;
+        default:
+            if constexpr (IQ4) {
+                if (type == GGML_IQ4_NL)
+                    block_dot_q8_staged<IQ4_NLB, IQ4_NLD>(chunk, x, b0, nb, lane, acc);
+                else if (type == GGML_IQ4_XS)
+                    block_dot_q8_staged<IQ4_XSB, IQ4_XSD>(chunk, x, b0, nb, lane, acc);
+            }
+            break;
     }
 }
 
 // ggml_dot_q8 over R rows at once (row r of type type[r], n columns, all against x), each
 // lane's shares into acc: the rows' bytes staged through `buf` (the warp's own, per_row bytes a
 // row, per_row ≥ 256 and a multiple of 16), in chunks of whole blocks where a row does not fit.
-template <int R>
+template <int R, bool IQ4 = false>
 __device__ __forceinline__ void ggml_dot_q8_staged(const int* type, const uint8_t* const* row,
                                                    const Q8Act& x, int n, int lane, uint8_t* buf,
                                                    int per_row, float* acc) {
@@ -555,8 +685,8 @@ __device__ __forceinline__ void ggml_dot_q8_staged(const int* type, const uint8_
     int chunks = 0;
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        bytes[r] = ggml_block_bytes(type[r]);
-        blocks[r] = n / ggml_block_weights(type[r]);
+        bytes[r] = ggml_block_bytes<IQ4>(type[r]);
+        blocks[r] = n / ggml_block_weights<IQ4>(type[r]);
         per_chunk[r] = (per_row - 32) / bytes[r];
         chunks = max(chunks, (blocks[r] + per_chunk[r] - 1) / per_chunk[r]);
         acc[r] = 0.f;
@@ -575,7 +705,7 @@ __device__ __forceinline__ void ggml_dot_q8_staged(const int* type, const uint8_
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int b0 = c * per_chunk[r], nb = min(per_chunk[r], blocks[r] - b0);
-            if (nb > 0) ggml_dot_q8_chunk(type[r], at[r], x, b0, nb, lane, acc[r]);
+            if (nb > 0) ggml_dot_q8_chunk<IQ4>(type[r], at[r], x, b0, nb, lane, acc[r]);
         }
         // Every lane done with this chunk before the next one overwrites the buffer.
         __syncwarp();
@@ -609,6 +739,8 @@ __device__ __forceinline__ int ggml_units(int type, int n) {
         case GGML_Q4_K: return n / Q4_KB::WEIGHTS * Q4_KB::UNITS;
         case GGML_Q5_K: return n / Q5_KB::WEIGHTS * Q5_KB::UNITS;
         case GGML_Q6_K: return n / Q6_KB::WEIGHTS * Q6_KB::UNITS;
+        case GGML_IQ4_NL: return n / IQ4_NLB::WEIGHTS * IQ4_NLB::UNITS;
+        case GGML_IQ4_XS: return n / IQ4_XSB::WEIGHTS * IQ4_XSB::UNITS;
         default: return 0;
     }
 }
@@ -624,6 +756,8 @@ __device__ __forceinline__ void ggml_unit_to_bf16(int type, const uint8_t* __res
         case GGML_Q4_K: block_unit_to_bf16<Q4_KB>(row, t, out); break;
         case GGML_Q5_K: block_unit_to_bf16<Q5_KB>(row, t, out); break;
         case GGML_Q6_K: block_unit_to_bf16<Q6_KB>(row, t, out); break;
+        case GGML_IQ4_NL: block_unit_to_bf16<IQ4_NLB>(row, t, out); break;
+        case GGML_IQ4_XS: block_unit_to_bf16<IQ4_XSB>(row, t, out); break;
         default: break;
     }
 }
