@@ -171,6 +171,28 @@ fn candle_matrix(
     }
 }
 
+/// Why a table-coded expert the GPU block kernels did not take is refused there, naming its first
+/// table-coded part and the way out.
+fn gpu_refusal(parts: &[super::source::RawPart; 3]) -> String {
+    use crate::model::lut4::Lut4;
+    let [g, u, d] = parts;
+    let first = parts.iter().find(|p| p.dtype.lut4().is_some()).unwrap_or(g);
+    let why = if first.dtype == StDtype::Lut4(Lut4::Mxfp4) {
+        "which moescope multiplies on the CPU only (it has no GPU kernels for it): run with \
+         --device cpu, or requantize the model to Q4_K_M, IQ4_XS or Q8_0 for the GPU"
+            .to_string()
+    } else {
+        format!(
+            "which moescope's GPU kernels take in bf16 and beside parts in block types only \
+             (this expert: gate {}, up {}, down {}): run with --dtype bf16, or --device cpu",
+            g.dtype.name(),
+            u.dtype.name(),
+            d.dtype.name()
+        )
+    };
+    format!("{} is stored as {}, {why}", first.name, first.dtype.name())
+}
+
 /// A GGUF expert with table-coded parts (llama.cpp's `MXFP4_MOE`, `IQ4_XS`, `IQ4_NL`; see
 /// `model/lut4.rs`): each such matrix held as stored and multiplied by moescope's own CPU
 /// product, any other part as in [`quantized`] — so a file that mixes these with other types
@@ -178,33 +200,11 @@ fn candle_matrix(
 /// take the expert (MXFP4, which they do not decode; IQ4 outside bf16 compute, or beside a part
 /// that is not whole blocks), it is refused by name.
 fn lut4_expert(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
-    use crate::model::lut4::{Lut4, Lut4Matrix};
+    use crate::model::lut4::Lut4Matrix;
     use crate::model::ports::{BlockMat, Lut4GateUp};
     let [g, u, d] = &raw.parts;
     if !device.is_cpu() {
-        let first = raw
-            .parts
-            .iter()
-            .find(|p| p.dtype.lut4().is_some())
-            .unwrap_or(g);
-        let why = if first.dtype == StDtype::Lut4(Lut4::Mxfp4) {
-            "which moescope multiplies on the CPU only (it has no GPU kernels for it): run with \
-             --device cpu, or requantize the model to Q4_K_M, IQ4_XS or Q8_0 for the GPU"
-                .to_string()
-        } else {
-            format!(
-                "which moescope's GPU kernels take in bf16 and beside parts in block types only \
-                 (this expert: gate {}, up {}, down {}): run with --dtype bf16, or --device cpu",
-                g.dtype.name(),
-                u.dtype.name(),
-                d.dtype.name()
-            )
-        };
-        return Err(raw.error(format!(
-            "{} is stored as {}, {why}",
-            first.name,
-            first.dtype.name()
-        )));
+        return Err(raw.error(gpu_refusal(&raw.parts)));
     }
     let mut held = 0u64;
     let mx = |p: &super::source::RawPart, bytes: Vec<u8>, shape: [usize; 2]| {
@@ -764,6 +764,45 @@ fn same<S: PlainData>(bytes: &[u8]) -> Option<Vec<S>> {
 
 #[cfg(test)]
 mod tests {
+    /// On a GPU a table-coded expert the block kernels did not take is refused naming its first
+    /// table-coded tensor and what to do: MXFP4 (no GPU kernels) towards the CPU or a requantize,
+    /// IQ4 (beside a float down, or outside bf16) towards bf16 or the CPU, with every part's type.
+    #[test]
+    fn gpu_refusals_name_the_tensor_and_the_way_out() {
+        use crate::model::lut4::Lut4;
+        let part = |name: &str, dtype| super::super::source::RawPart {
+            name: name.into(),
+            dtype,
+            shape: vec![32, 32],
+            bytes: Vec::new(),
+            scale: None,
+        };
+        let iq4 = StDtype::Lut4(Lut4::Iq4Xs);
+        let msg = gpu_refusal(&[
+            part("blk.3.ffn_gate_exps.weight", iq4),
+            part("blk.3.ffn_up_exps.weight", iq4),
+            part("blk.3.ffn_down_exps.weight", StDtype::F16),
+        ]);
+        assert!(
+            msg.starts_with("blk.3.ffn_gate_exps.weight is stored as IQ4_XS")
+                && msg.contains("gate IQ4_XS, up IQ4_XS, down F16")
+                && msg.contains("--dtype bf16"),
+            "{msg}"
+        );
+        let mx = StDtype::Lut4(Lut4::Mxfp4);
+        let msg = gpu_refusal(&[
+            part("blk.0.ffn_gate_exps.weight", StDtype::Q8_0),
+            part("blk.0.ffn_up_exps.weight", mx),
+            part("blk.0.ffn_down_exps.weight", mx),
+        ]);
+        assert!(
+            msg.starts_with("blk.0.ffn_up_exps.weight is stored as MXFP4")
+                && msg.contains("no GPU kernels")
+                && msg.contains("--device cpu"),
+            "{msg}"
+        );
+    }
+
     use super::*;
 
     /// The block that decides FP8 slot pools: the scheme's for a block-scaled FP8 checkpoint,
