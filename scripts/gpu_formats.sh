@@ -3,7 +3,9 @@
 # Qwen3-30B-A3B's geometry (LAYERS layers, default 12) as bf16 safetensors, FP8 (Qwen's 128×128
 # block scheme, scripts/make_fp8_fixtures.py), and GGUF Q8_0 and Q4_K_M (moescope's writer: the
 # same seed, so the same weights up to each format's rounding), each through `run --no-tui` at
-# the default 25 % capacity: memory saved and selective's speed against native's.
+# the default 25 % capacity: memory saved and selective's speed against native's. FORMATS picks
+# (default "bf16 fp8 Q8_0 Q4_K_M"; any `bench random-checkpoint --gguf` type too, such as
+# MXFP4_MOE or IQ4_XS_MOE: BENCHMARKS.md §87).
 #
 #   scripts/gpu_formats.sh BIN OUT_DIR
 #
@@ -32,12 +34,20 @@ write() { # WHAT PATH COMMAND...
   "$@" > "$OUT/write-$what.out" 2>&1 || { echo "writing $what failed"; tail -3 "$OUT/write-$what.out"; status=1; return 1; }
   echo "$what written in $((SECONDS - t)) s: $(du -sh "$path" | cut -f1)"
 }
-write bf16 "$D/bf16" "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --out "$D/bf16"
-write fp8 "$D/fp8" python3 scripts/make_fp8_fixtures.py --model "$D/bf16" --out "$D/fp8"
-for q in Q8_0 Q4_K_M; do
-  write "$q" "$D/$q.gguf" "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --gguf "$q" --out "$D/$q.gguf"
+FORMATS=${FORMATS:-bf16 fp8 Q8_0 Q4_K_M}
+files=()
+for fmt in $FORMATS; do
+  case "$fmt" in
+    bf16) write bf16 "$D/bf16" "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --out "$D/bf16"
+      files+=(bf16) ;;
+    fp8) write bf16 "$D/bf16" "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --out "$D/bf16"
+      write fp8 "$D/fp8" python3 scripts/make_fp8_fixtures.py --model "$D/bf16" --out "$D/fp8"
+      files+=(fp8) ;;
+    *) write "$fmt" "$D/$fmt.gguf" "$BIN" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --gguf "$fmt" --out "$D/$fmt.gguf"
+      files+=("$fmt.gguf") ;;
+  esac
 done
-for f in bf16 fp8 Q8_0.gguf Q4_K_M.gguf; do
+for f in "${files[@]}"; do
   [ -e "$D/$f" ] || continue
   t=$SECONDS
   "$BIN" run --no-tui --model "$D/$f" --device cuda:0 --dtype bf16 --max-new-tokens "$TOKENS" \

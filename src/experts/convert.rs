@@ -171,34 +171,33 @@ fn candle_matrix(
     }
 }
 
-/// Why a table-coded expert the GPU block kernels did not take is refused there, naming its first
-/// table-coded part and the way out.
+/// Why a table-coded expert the GPU block kernels did not take is refused there (they take MXFP4,
+/// IQ4_NL and IQ4_XS in bf16 compute beside parts in block types), naming its first table-coded
+/// part, every part's type and the way out.
 fn gpu_refusal(parts: &[super::source::RawPart; 3]) -> String {
-    use crate::model::lut4::Lut4;
     let [g, u, d] = parts;
     let first = parts.iter().find(|p| p.dtype.lut4().is_some()).unwrap_or(g);
-    let why = if first.dtype == StDtype::Lut4(Lut4::Mxfp4) {
-        "which moescope multiplies on the CPU only (it has no GPU kernels for it): run with \
-         --device cpu, or requantize the model to Q4_K_M, IQ4_XS or Q8_0 for the GPU"
-            .to_string()
-    } else {
-        format!(
-            "which moescope's GPU kernels take in bf16 and beside parts in block types only \
-             (this expert: gate {}, up {}, down {}): run with --dtype bf16, or --device cpu",
-            g.dtype.name(),
-            u.dtype.name(),
-            d.dtype.name()
-        )
-    };
-    format!("{} is stored as {}, {why}", first.name, first.dtype.name())
+    format!(
+        "{} is stored as {}, which moescope's GPU kernels take in bf16 and beside parts in block \
+         types of whole-block rows only (this expert: gate {} {:?}, up {} {:?}, down {} {:?}): \
+         run with --dtype bf16, or --device cpu",
+        first.name,
+        first.dtype.name(),
+        g.dtype.name(),
+        g.shape,
+        u.dtype.name(),
+        u.shape,
+        d.dtype.name(),
+        d.shape
+    )
 }
 
 /// A GGUF expert with table-coded parts (llama.cpp's `MXFP4_MOE`, `IQ4_XS`, `IQ4_NL`; see
 /// `model/lut4.rs`): each such matrix held as stored and multiplied by moescope's own CPU
 /// product, any other part as in [`quantized`] — so a file that mixes these with other types
 /// expert by expert or matrix by matrix is read too. On a GPU, where the block kernels did not
-/// take the expert (MXFP4, which they do not decode; IQ4 outside bf16 compute, or beside a part
-/// that is not whole blocks), it is refused by name.
+/// take the expert (outside bf16 compute, or beside a float part or rows not whole blocks), it
+/// is refused by name.
 fn lut4_expert(raw: &RawExpert, device: &Device) -> Result<ExpertWeights> {
     use crate::model::lut4::Lut4Matrix;
     use crate::model::ports::{BlockMat, Lut4GateUp};
@@ -300,6 +299,15 @@ fn blocks_on_device(raw: &RawExpert, layout: GgmlLayout, device: &Device) -> Res
                 p.shape,
                 p.bytes.len()
             )));
+        }
+    }
+    // The checks the CPU's table-coded matrices make when built: a scale that is not finite is
+    // named here rather than decoded into NaN logits on the device.
+    for p in &raw.parts {
+        if let Some(format) = p.dtype.lut4() {
+            let cols = p.shape.last().copied().unwrap_or(0);
+            crate::model::lut4::check_scales(format, &p.bytes, cols)
+                .map_err(|why| raw.error(format!("{} ({format}): {why}", p.name)))?;
         }
     }
     let mut gate_up = Vec::with_capacity(want[0] + want[1]);
@@ -765,15 +773,14 @@ fn same<S: PlainData>(bytes: &[u8]) -> Option<Vec<S>> {
 #[cfg(test)]
 mod tests {
     /// On a GPU a table-coded expert the block kernels did not take is refused naming its first
-    /// table-coded tensor and what to do: MXFP4 (no GPU kernels) towards the CPU or a requantize,
-    /// IQ4 (beside a float down, or outside bf16) towards bf16 or the CPU, with every part's type.
+    /// table-coded tensor, every part's type and shape, and what to do (bf16, or the CPU).
     #[test]
     fn gpu_refusals_name_the_tensor_and_the_way_out() {
         use crate::model::lut4::Lut4;
         let part = |name: &str, dtype| super::super::source::RawPart {
             name: name.into(),
             dtype,
-            shape: vec![32, 32],
+            shape: vec![32, 48],
             bytes: Vec::new(),
             scale: None,
         };
@@ -785,8 +792,9 @@ mod tests {
         ]);
         assert!(
             msg.starts_with("blk.3.ffn_gate_exps.weight is stored as IQ4_XS")
-                && msg.contains("gate IQ4_XS, up IQ4_XS, down F16")
-                && msg.contains("--dtype bf16"),
+                && msg.contains("gate IQ4_XS [32, 48], up IQ4_XS [32, 48], down F16 [32, 48]")
+                && msg.contains("--dtype bf16")
+                && msg.contains("--device cpu"),
             "{msg}"
         );
         let mx = StDtype::Lut4(Lut4::Mxfp4);
@@ -797,8 +805,7 @@ mod tests {
         ]);
         assert!(
             msg.starts_with("blk.0.ffn_up_exps.weight is stored as MXFP4")
-                && msg.contains("no GPU kernels")
-                && msg.contains("--device cpu"),
+                && msg.contains("gate Q8_0 [32, 48]"),
             "{msg}"
         );
     }
@@ -946,7 +953,8 @@ mod tests {
     /// Blocks copied once from several parts are the blocks `qtensor_from_ggml` makes of the
     /// parts concatenated: same dequantised bits; a size that does not fill the shape is an error.
     /// The GPU block layout of every expert of the GGUF fixtures (llama.cpp's conversions: Q8_0,
-    /// Q4_K_M's Q4_K gate/up with Q6_K or Q4_K down, IQ4_XS, IQ4_NL) is what the file stores — its
+    /// Q4_K_M's Q4_K gate/up with Q6_K or Q4_K down, IQ4_XS, IQ4_NL, MXFP4_MOE) is what the file
+    /// stores — its
     /// types, and byte counts equal to each part's — and on a CPU none is taken (candle's
     /// products keep the experts there).
     #[test]
@@ -954,7 +962,7 @@ mod tests {
         use super::super::source::ExpertSource;
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut downs = std::collections::BTreeSet::new();
-        for kind in ["Q8_0", "Q4_K_M", "IQ4_XS", "IQ4_NL"] {
+        for kind in ["Q8_0", "Q4_K_M", "IQ4_XS", "IQ4_NL", "MXFP4_MOE"] {
             let path = root.join(format!("tests/fixtures/gguf/kquant-{kind}.gguf"));
             let cfg = &crate::model::MoeConfig::from_dir(&path).unwrap();
             let ckpt = crate::model::Checkpoint::open(&path).unwrap();
@@ -981,8 +989,8 @@ mod tests {
         }
         assert_eq!(
             downs.len(),
-            5,
-            "Q8_0, Q4_K, Q6_K, IQ4_XS and IQ4_NL down stacks: {downs:?}"
+            6,
+            "Q8_0, Q4_K, Q6_K, IQ4_XS, IQ4_NL and MXFP4 down stacks: {downs:?}"
         );
         // Shapes the kernels cannot take: a float part, gate and up apart in shape, down not
         // [H, I].
@@ -992,6 +1000,38 @@ mod tests {
         assert!(block_layout([(q, a), (f, a), (q, b)]).is_none());
         assert!(block_layout([(q, a), (q, b), (q, b)]).is_none());
         assert!(block_layout([(q, a), (q, a), (q, a)]).is_none());
+    }
+
+    /// On a GPU in bf16 the MXFP4_MOE fixture's experts are taken by the block kernels as
+    /// stored; one whose scale byte is E8M0's NaN is refused naming the tensor, row and block,
+    /// as the CPU refuses it.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn gpu_table_coded_experts_are_blocks_and_bad_scales_refused() {
+        use super::super::source::ExpertSource;
+        let Some(dev) = crate::util::gpu_test::device("table-coded expert load") else {
+            return;
+        };
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let path = root.join("tests/fixtures/gguf/kquant-MXFP4_MOE.gguf");
+        let cfg = &crate::model::MoeConfig::from_dir(&path).unwrap();
+        let ckpt = crate::model::Checkpoint::open(&path).unwrap();
+        let source = super::super::source::ShardSource::new(&ckpt, cfg).unwrap();
+        let mut raw = source.read(0, 1).unwrap();
+        let w = from_raw(&raw, None, DType::BF16, &dev).unwrap();
+        assert!(w.block_parts().is_some(), "MXFP4 experts held as blocks");
+        // Row 1, block 2 of the down matrix (rows of intermediate / 32 blocks of 17 bytes).
+        let per_row = cfg.moe_intermediate_size / 32;
+        raw.parts[2].bytes[(per_row + 2) * 17] = 0xFF;
+        let e = from_raw(&raw, None, DType::BF16, &dev)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blk.0.ffn_down_exps.weight")
+                && e.contains("row 1 block 2")
+                && e.contains("0xFF"),
+            "{e}"
+        );
     }
 
     #[test]

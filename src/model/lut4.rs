@@ -302,6 +302,19 @@ unsafe fn decode_row_avx2<L: Layout>(blocks: &[u8], out: &mut [f32]) {
 
 /// A matrix [rows, cols] in one of the [`Lut4`] types (cols whole blocks), held as stored and
 /// multiplied on the CPU without being widened as a whole.
+/// Every block's scale of a matrix of `format` with rows of `cols` weights (whole blocks, which
+/// the caller has checked) finite: else the first that is not, named by row and block. What a
+/// [`Lut4Matrix`] checks when built, and the GPU's loads of blocks it decodes itself.
+pub fn check_scales(format: Lut4, bytes: &[u8], cols: usize) -> std::result::Result<(), String> {
+    let per_row = (cols / format.block_weights()).max(1);
+    for (at, b) in bytes.chunks_exact(format.block_bytes()).enumerate() {
+        if let Some(why) = format.bad_scale(b) {
+            return Err(format!("row {} block {} {why}", at / per_row, at % per_row));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub struct Lut4Matrix {
     format: Lut4,
@@ -333,12 +346,7 @@ impl Lut4Matrix {
                 rows.saturating_mul(row_bytes)
             ));
         }
-        let per_row = cols / per;
-        for (at, b) in bytes.chunks_exact(block_bytes).enumerate() {
-            if let Some(why) = format.bad_scale(b) {
-                return Err(format!("row {} block {} {why}", at / per_row, at % per_row));
-            }
-        }
+        check_scales(format, &bytes, cols)?;
         Ok(Lut4Matrix {
             format,
             bytes: Arc::new(bytes),

@@ -120,14 +120,11 @@ fn ggml_stack(w: &Tensor, need: usize, what: &str) -> Result<usize> {
 }
 
 /// The kernel's id and a row's bytes for type `t` over `cols` columns, as kernel arguments.
-/// Whether `t` needs a GGUF kernel's `_iq4` twin: the plain kernels decode the eight types they
-/// always did and no more, since the IQ4 types' code beside them slowed every type
-/// (`kernels/ggml_blocks.cuh`).
-pub(crate) fn is_iq4(t: StDtype) -> bool {
-    matches!(
-        t,
-        StDtype::Lut4(crate::model::lut4::Lut4::Iq4Nl | crate::model::lut4::Lut4::Iq4Xs)
-    )
+/// Whether `t` needs a GGUF kernel's `_lut4` twin (MXFP4, IQ4_NL, IQ4_XS): the plain kernels
+/// decode the eight types they always did and no more, since the table-coded types' code beside
+/// them slowed every type (`kernels/ggml_blocks.cuh`).
+pub(crate) fn is_lut4(t: StDtype) -> bool {
+    t.lut4().is_some()
 }
 
 fn ggml_args(t: StDtype, cols: usize) -> Result<(i32, i32)> {
@@ -263,11 +260,11 @@ pub fn moe_gate_up(
             let (tg, rbg) = ggml_args(l.gate, hidden)?;
             let (tu, rbu) = ggml_args(l.up, hidden)?;
             let (xq, xd) = quantize_q8(&dev, &xv, t * hidden)?;
-            let name = match (t > 1, is_iq4(l.gate) || is_iq4(l.up)) {
+            let name = match (t > 1, is_lut4(l.gate) || is_lut4(l.up)) {
                 (true, false) => "moe_tokens_gate_up_ggml",
                 (false, false) => "moe_decode_gate_up_ggml",
-                (true, true) => "moe_tokens_gate_up_ggml_iq4",
-                (false, true) => "moe_decode_gate_up_ggml_iq4",
+                (true, true) => "moe_tokens_gate_up_ggml_lut4",
+                (false, true) => "moe_decode_gate_up_ggml_lut4",
             };
             let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut b = f.builder();
@@ -437,11 +434,11 @@ pub fn moe_down(
             let stride = down.dim(1)? as u64;
             let (td, rbd) = ggml_args(l.down, inter)?;
             let (mq, md) = quantize_q8(&dev, &mv, t * k * inter)?;
-            let name = match (t > 1, is_iq4(l.down)) {
+            let name = match (t > 1, is_lut4(l.down)) {
                 (true, false) => "moe_tokens_down_ggml",
                 (false, false) => "moe_decode_down_ggml",
-                (true, true) => "moe_tokens_down_ggml_iq4",
-                (false, true) => "moe_decode_down_ggml_iq4",
+                (true, true) => "moe_tokens_down_ggml_lut4",
+                (false, true) => "moe_decode_down_ggml_lut4",
             };
             let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut b = f.builder();
@@ -1505,8 +1502,8 @@ mod tests {
         let q = |rows, cols, s, t: StDtype| {
             let w = crate::util::test_matrix(rows, cols, s, 251, 1.0 / 64.0);
             if let Some(f) = t.lut4() {
-                // IQ4, which candle does not quantize: moescope's test quantizer, decoded as
-                // llama.cpp decodes it.
+                // The table-coded types, which candle does not quantize: moescope's test
+                // quantizer, decoded as llama.cpp decodes them.
                 let x: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
                 return super::super::lut4::quantize_for_tests(f, &x);
             }
@@ -1561,7 +1558,11 @@ mod tests {
         use super::super::lut4::Lut4;
         use StDtype as G;
         let l = |g, u, d, h, i| GgmlLayout::new([g, u, d], h, i).expect("a kernel layout");
-        let (nl, xs) = (G::Lut4(Lut4::Iq4Nl), G::Lut4(Lut4::Iq4Xs));
+        let (nl, xs, mx) = (
+            G::Lut4(Lut4::Iq4Nl),
+            G::Lut4(Lut4::Iq4Xs),
+            G::Lut4(Lut4::Mxfp4),
+        );
         vec![
             l(G::Q4K, G::Q4K, G::Q6K, 512, 256),
             l(G::Q5K, G::Q6K, G::Q4K, 256, 512),
@@ -1576,6 +1577,12 @@ mod tests {
             l(xs, xs, G::Q5K, 512, 256),
             l(nl, nl, nl, 96, 160),
             l(G::Q4K, nl, xs, 256, 768),
+            // MXFP4_MOE's experts (17-byte blocks, so fields at every byte alignment): all
+            // MXFP4; gate rows of 2,448 bytes (staged in two chunks that split no block) beside
+            // a Q4_K down; MXFP4 beside the other table types.
+            l(mx, mx, mx, 96, 160),
+            l(mx, mx, G::Q4K, 4608, 256),
+            l(xs, mx, nl, 256, 96),
         ]
     }
 
@@ -1763,6 +1770,35 @@ mod tests {
             assert!(g[2 * 2 * i * h..].iter().all(|&v| v == 0.0));
             assert!(d[2 * h * i..].iter().all(|&v| v == 0.0));
         }
+    }
+
+    /// An MXFP4 block whose E8M0 scale byte is 0xFF (NaN in the format) decodes to NaN on the
+    /// GPU, its 32 weights only — not to llama.cpp's 2^127 — so a corrupt block the GPU reads
+    /// straight from the file shows as NaN, which the greedy pick refuses.
+    #[test]
+    fn mxfp4_nan_scale_decodes_to_nan() {
+        let Some(dev) = device("MoE kernel") else {
+            return;
+        };
+        use super::super::lut4::Lut4;
+        let mx = StDtype::Lut4(Lut4::Mxfp4);
+        let l = GgmlLayout::new([mx, mx, mx], 96, 64).unwrap();
+        let (mut gu, dn, _, _) = ggml_expert(&l, 7);
+        // Row 1's second block of the gate (rows of 96 / 32 = 3 blocks of 17 bytes).
+        gu[(3 + 1) * 17] = 0xFF;
+        let (gn, dnn) = (gu.len(), dn.len());
+        let gu = Tensor::from_vec(gu, (1, gn), &dev).unwrap();
+        let dn = Tensor::from_vec(dn, (1, dnn), &dev).unwrap();
+        let st = GgmlStack {
+            gate_up: &gu,
+            down: &dn,
+            layout: &l,
+        };
+        let rows = Tensor::new(&[0u32], &dev).unwrap();
+        let (g, _) = st.dequantised(&rows).unwrap();
+        let g = crate::util::gpu_test::host(&g);
+        let nan: Vec<usize> = (0..g.len()).filter(|&k| g[k].is_nan()).collect();
+        assert_eq!(nan, (96 + 32..96 + 64).collect::<Vec<_>>());
     }
 
     #[test]

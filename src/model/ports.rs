@@ -695,6 +695,7 @@ impl GgmlLayout {
             StDtype::Q6K => 14,
             StDtype::Lut4(Lut4::Iq4Nl) => 20,
             StDtype::Lut4(Lut4::Iq4Xs) => 23,
+            StDtype::Lut4(Lut4::Mxfp4) => 39,
             _ => return None,
         })
     }
@@ -1141,18 +1142,18 @@ mod tests {
             G::Q6K,
             nl,
             xs,
+            G::Lut4(Lut4::Mxfp4),
         ] {
             assert!(GgmlLayout::kernel_type(t).is_some(), "{t:?}");
         }
+        // MXFP4: 17 bytes per 32 weights (gpt-oss-style MXFP4_MOE experts, Q8_0 beside them).
+        let mx = G::Lut4(Lut4::Mxfp4);
+        let l = GgmlLayout::new([mx, mx, mx], 2048, 768).unwrap();
+        assert_eq!(l.gate_bytes(), 768 * 64 * 17);
+        assert_eq!(l.down_bytes(), 2048 * 24 * 17);
+        assert!(GgmlLayout::new([mx, mx, mx], 2048, 48).is_none());
         // Types the kernels do not decode, rows of part blocks, empty matrices.
-        for t in [
-            G::Q2K,
-            G::Q3K,
-            G::F16,
-            G::BF16,
-            G::F32,
-            G::Lut4(Lut4::Mxfp4),
-        ] {
+        for t in [G::Q2K, G::Q3K, G::F16, G::BF16, G::F32] {
             assert!(
                 GgmlLayout::new([t, G::Q4K, G::Q4K], 512, 256).is_none(),
                 "{t:?}"

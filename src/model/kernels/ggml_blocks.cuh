@@ -2,9 +2,9 @@
 // Q4_K, Q5_K, Q6_K, as llama.cpp lays them out (ggml-common.h) and candle dequantises them
 // (candle-core's k_quants.rs `to_float`): each weight computed with the same f32 operations in
 // the same order — products and sums rounded one at a time (`__fmul_rn`, no fused multiply-add)
-// — so a dequantised weight here is the bits of candle's CPU dequantisation. And IQ4_NL and
-// IQ4_XS, which candle does not read: each weight as llama.cpp's `dequantize_row_iq4_*` (and
-// moescope's CPU `lut4.rs`) computes it, exact in f32.
+// — so a dequantised weight here is the bits of candle's CPU dequantisation. And the
+// table-coded types candle does not read — MXFP4, IQ4_NL and IQ4_XS: each weight as llama.cpp's
+// `dequantize_row_*` (and moescope's CPU `lut4.rs`) computes it, exact in f32.
 //
 // A block is cut into units of UW = 8·G weights: G groups of 8 consecutive weights each, a
 // group's start within the block given by `start(u, g)`. Why units: a warp reads a row's units
@@ -33,28 +33,52 @@
 #define GGML_Q6_K 14
 #define GGML_IQ4_NL 20
 #define GGML_IQ4_XS 23
+#define GGML_MXFP4 39
 
-// llama.cpp's `kvalues_iq4nl` (the IQ4 types' 16 code values), as four little-endian words for
-// `lut16` and as bytes for the dequantising units.
-#define IQ4NL_W0 0xBFAD9881u
-#define IQ4NL_W1 0xF6EADDCFu
-#define IQ4NL_W2 0x26190D01u
-#define IQ4NL_W3 0x71594535u
-__device__ __forceinline__ int iq4nl_value(uint32_t code) {
-    const uint32_t w = code < 8 ? (code < 4 ? IQ4NL_W0 : IQ4NL_W1) : (code < 12 ? IQ4NL_W2 : IQ4NL_W3);
+// A 16-value table of int8 codes as four little-endian words W0..W3 (values 0-3, 4-7, 8-11,
+// 12-15), for `lut16` and for the dequantising units.
+// llama.cpp's `kvalues_iq4nl` (the IQ4 types' code values).
+struct Iq4nlTable {
+    static constexpr uint32_t W0 = 0xBFAD9881u, W1 = 0xF6EADDCFu, W2 = 0x26190D01u,
+                              W3 = 0x71594535u;
+};
+// llama.cpp's `kvalues_mxfp4`: E2M1's values doubled, {0, 1, 2, 3, 4, 6, 8, 12} and their
+// negatives (code 8 is −0, an integer 0).
+struct Mxfp4Table {
+    static constexpr uint32_t W0 = 0x03020100u, W1 = 0x0C080604u, W2 = 0xFDFEFF00u,
+                              W3 = 0xF4F8FAFCu;
+};
+template <typename T>
+__device__ __forceinline__ int table_value(uint32_t code) {
+    const uint32_t w = code < 8 ? (code < 4 ? T::W0 : T::W1) : (code < 12 ? T::W2 : T::W3);
     return (int)(int8_t)((w >> (8 * (code & 3))) & 0xFFu);
 }
-// Four codes (one in the low 4 bits of each byte of `idx`) looked up in `kvalues_iq4nl`: the four
-// int8 values in the same byte order. `__byte_perm` picks by the low three bits of each selector
-// nibble: one pick from each half of the table, then per byte the half that bit 3 names.
-__device__ __forceinline__ uint32_t lut16(uint32_t idx) {
-    const uint32_t sel = (idx & 0x7u) | ((idx >> 4) & 0x70u) | ((idx >> 8) & 0x700u) |
-                         ((idx >> 12) & 0x7000u);
-    const uint32_t lo = __byte_perm(IQ4NL_W0, IQ4NL_W1, sel);
-    const uint32_t hi = __byte_perm(IQ4NL_W2, IQ4NL_W3, sel);
-    const uint32_t pick = 0x3210u | (((idx >> 3) & 1u) << 2) | (((idx >> 11) & 1u) << 6) |
-                          (((idx >> 19) & 1u) << 10) | (((idx >> 27) & 1u) << 14);
-    return __byte_perm(lo, hi, pick);
+__device__ __forceinline__ int iq4nl_value(uint32_t code) { return table_value<Iq4nlTable>(code); }
+// Eight codes — the eight nibbles of `q`, as a word of a block's code bytes holds them: byte
+// j's low nibble weight j, its high nibble weight j + 16 — looked up in table T: x the values
+// of the four low nibbles, y those of the four high ones, in byte order (llama.cpp's
+// `get_int_from_table_16`). `__byte_perm` reads only the low three bits of each of its four
+// selector nibbles (nvcc masks the selector with 0x7777), so a nibble picks its byte within a
+// half of the table as it stands; its bit 3 then picks the half, and two fixed permutes split
+// the low nibbles' values from the high ones'. Why not a lookup per four codes spread over
+// bytes: each call then built its selectors from the bytes with a dozen shifts and masks, and
+// the lookups were the IQ4 kernels' cost (BENCHMARKS.md §86, §87).
+template <typename T>
+__device__ __forceinline__ uint2 lut16x8(uint32_t q) {
+    const uint32_t half = 0x32103210u | ((q & 0x88888888u) >> 1);
+    const uint32_t a = __byte_perm(__byte_perm(T::W0, T::W1, q), __byte_perm(T::W2, T::W3, q),
+                                   half);
+    const uint32_t b = __byte_perm(__byte_perm(T::W0, T::W1, q >> 16),
+                                   __byte_perm(T::W2, T::W3, q >> 16), half >> 16);
+    return make_uint2(__byte_perm(a, b, 0x6420), __byte_perm(a, b, 0x7531));
+}
+// Half an E8M0 scale byte, 2^(e − 128), as llama.cpp's `ggml_e8m0_to_fp32_half` builds it
+// (subnormal for e < 2) — except 0xFF, which the OCP format defines as NaN and llama.cpp's
+// half reads as 2^127: NaN here, so a corrupt block shows as NaN logits (which the greedy pick
+// refuses) rather than as plausible garbage. The CPU refuses such a block when it loads it.
+__device__ __forceinline__ float e8m0_half(uint32_t e) {
+    if (e == 0xFFu) return __uint_as_float(0x7FC00000u);
+    return __uint_as_float(e < 2 ? 0x00200000u << e : (e - 1) << 23);
 }
 
 // Where block bytes are read from: global memory through the read-only cache (`Gmem`), or a
@@ -328,6 +352,23 @@ struct IQ4_XSB {
     }
 };
 
+// MXFP4: an E8M0 scale byte, then IQ4_NL's code layout (16 bytes of two codes each) through
+// `kvalues_mxfp4`. A block is 17 bytes, so its fields sit at any byte alignment (`ld_u64`).
+struct MXFP4B {
+    static constexpr int BYTES = 17, WEIGHTS = 32, UNITS = 2, G = 2;
+    __device__ static int start(int u, int g) { return 8 * u + 16 * g; }
+    __device__ static void unit(const uint8_t* b, int u, float* w) {
+        const float d = e8m0_half(Gmem::byte(b));
+        const uint2 q = ld_u64(b + 1 + 8 * u);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t v = byte_of(q, i);
+            w[i] = __fmul_rn((float)table_value<Mxfp4Table>(v & 0xF), d);
+            w[8 + i] = __fmul_rn((float)table_value<Mxfp4Table>(v >> 4), d);
+        }
+    }
+};
+
 // Activations rounded to 8-bit blocks: value i is q[i] · d[i / 32]. Rows start 8-byte aligned
 // (their lengths are multiples of 32), so a group's 8 codes are one 8-byte load.
 // In global or shared memory (`moe_decode_gate_up_ggml` stages x): plain loads read either.
@@ -499,12 +540,12 @@ struct Q6_KD {
     }
 };
 
-// IQ4_NL / IQ4_XS: a unit's 16 codes (8 bytes) through the table into int8 words, then dp4a as
-// Q4_0 (no offset: the table values are signed).
+// IQ4_NL / IQ4_XS / MXFP4: a unit's 16 codes (8 bytes) through table T into int8 words, then
+// dp4a as Q4_0 (no offset: the table values are signed).
+template <typename T = Iq4nlTable>
 __device__ __forceinline__ int iq4_dot16(uint2 q, const Q8Act& a, int w0) {
-    const uint32_t m = 0x0F0F0F0Fu;
-    return dot8(lut16(q.x & m), lut16(q.y & m), a.codes(w0)) +
-           dot8(lut16((q.x >> 4) & m), lut16((q.y >> 4) & m), a.codes(w0 + 16));
+    const uint2 x = lut16x8<T>(q.x), y = lut16x8<T>(q.y);
+    return dot8(x.x, y.x, a.codes(w0)) + dot8(x.y, y.y, a.codes(w0 + 16));
 }
 
 struct IQ4_NLD {
@@ -525,6 +566,15 @@ struct IQ4_XSD {
     }
 };
 
+// MXFP4's product: the codes as twice their E2M1 values, so the scale is the half one.
+struct MXFP4D {
+    template <typename L = Gmem>
+    __device__ static float dot_q8(const uint8_t* b, int u, const Q8Act& a) {
+        const float d = e8m0_half(L::byte(b));
+        return d * a.scale(0) * (float)iq4_dot16<Mxfp4Table>(ld_u64<L>(b + 1 + 8 * u), a, 8 * u);
+    }
+};
+
 // This lane's share of dot(row, x) over n columns (n a multiple of the block's weights) for one
 // row of blocks of type B against activations rounded to 8-bit blocks: units in lane order.
 template <typename B, typename D>
@@ -539,15 +589,16 @@ __device__ __forceinline__ float block_dot_q8(const uint8_t* __restrict__ row, c
     return acc;
 }
 
-// Why the dispatchers below take IQ4 as a template flag: with the IQ4 types' products beside the
-// other eight in one switch — inlined, or called out of line — the kernels that dispatch on the
-// type got slower for every type (a Q4_K_M or Q8_0 decode step +0.8–1.5 % on an H200, registers
-// unchanged; BENCHMARKS.md §86). So each GGUF kernel comes twice: the plain one decodes the eight
-// types it always did, with the code it always had, and an `_iq4` twin decodes those and IQ4_NL /
-// IQ4_XS; the host launches the twin only for a matrix set holding an IQ4 type.
+// Why the dispatchers below take the table-coded types (LUT4) as a template flag: with the IQ4
+// types' products beside the other eight in one switch — inlined, or called out of line — the
+// kernels that dispatch on the type got slower for every type (a Q4_K_M or Q8_0 decode step
+// +0.8–1.5 % on an H200, registers unchanged; BENCHMARKS.md §86). So each GGUF kernel comes
+// twice: the plain one decodes the eight types it always did, with the code it always had, and a
+// `_lut4` twin decodes those and IQ4_NL / IQ4_XS / MXFP4; the host launches the twin only for a
+// matrix set holding a table-coded type.
 
 // block_dot_q8 for the GGML type id `type` (0 for any other, which the host never passes).
-template <bool IQ4 = false>
+template <bool LUT4 = false>
 __device__ __forceinline__ float ggml_dot_q8(int type, const uint8_t* __restrict__ row,
                                              const Q8Act& x, int n, int lane) {
     switch (type) {
@@ -560,23 +611,24 @@ __device__ __forceinline__ float ggml_dot_q8(int type, const uint8_t* __restrict
         case GGML_Q5_K: return block_dot_q8<Q5_KB, Q5_KD>(row, x, n, lane);
         case GGML_Q6_K: return block_dot_q8<Q6_KB, Q6_KD>(row, x, n, lane);
         default:
-            if constexpr (IQ4) {
+            if constexpr (LUT4) {
                 if (type == GGML_IQ4_NL) return block_dot_q8<IQ4_NLB, IQ4_NLD>(row, x, n, lane);
                 if (type == GGML_IQ4_XS) return block_dot_q8<IQ4_XSB, IQ4_XSD>(row, x, n, lane);
+                if (type == GGML_MXFP4) return block_dot_q8<MXFP4B, MXFP4D>(row, x, n, lane);
             }
             return 0.f;
     }
 }
 
 // Weights a block of the GGML type id `type` holds (1 for any other, which the host never passes).
-template <bool IQ4 = false>
+template <bool LUT4 = false>
 __device__ __forceinline__ int ggml_block_weights(int type) {
     switch (type) {
         case GGML_Q4_0: case GGML_Q4_1: case GGML_Q5_0: case GGML_Q5_1: case GGML_Q8_0: return 32;
         case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: return 256;
         default:
-            if constexpr (IQ4) {
-                if (type == GGML_IQ4_NL) return 32;
+            if constexpr (LUT4) {
+                if (type == GGML_IQ4_NL || type == GGML_MXFP4) return 32;
                 if (type == GGML_IQ4_XS) return 256;
             }
             return 1;
@@ -592,7 +644,7 @@ __device__ __forceinline__ int ggml_block_weights(int type) {
 // the same products summed in the same order, so the same bits as `ggml_dot_q8`.
 
 // Bytes a block of the GGML type id `type` takes (1 for any other, which the host never passes).
-template <bool IQ4 = false>
+template <bool LUT4 = false>
 __device__ __forceinline__ int ggml_block_bytes(int type) {
     switch (type) {
         case GGML_Q4_0: return 18;
@@ -604,9 +656,10 @@ __device__ __forceinline__ int ggml_block_bytes(int type) {
         case GGML_Q5_K: return 176;
         case GGML_Q6_K: return 210;
         default:
-            if constexpr (IQ4) {
+            if constexpr (LUT4) {
                 if (type == GGML_IQ4_NL) return 18;
                 if (type == GGML_IQ4_XS) return 136;
+                if (type == GGML_MXFP4) return 17;
             }
             return 1;
     }
@@ -651,7 +704,7 @@ __device__ __forceinline__ void block_dot_q8_staged(const uint8_t* chunk, const 
     }
 }
 
-template <bool IQ4 = false>
+template <bool LUT4 = false>
 __device__ __forceinline__ void ggml_dot_q8_chunk(int type, const uint8_t* chunk, const Q8Act& x,
                                                   int b0, int nb, int lane, float& acc) {
     switch (type) {
@@ -664,11 +717,13 @@ __device__ __forceinline__ void ggml_dot_q8_chunk(int type, const uint8_t* chunk
         case GGML_Q5_K: block_dot_q8_staged<Q5_KB, Q5_KD>(chunk, x, b0, nb, lane, acc); break;
         case GGML_Q6_K: block_dot_q8_staged<Q6_KB, Q6_KD>(chunk, x, b0, nb, lane, acc); break;
         default:
-            if constexpr (IQ4) {
+            if constexpr (LUT4) {
                 if (type == GGML_IQ4_NL)
                     block_dot_q8_staged<IQ4_NLB, IQ4_NLD>(chunk, x, b0, nb, lane, acc);
                 else if (type == GGML_IQ4_XS)
                     block_dot_q8_staged<IQ4_XSB, IQ4_XSD>(chunk, x, b0, nb, lane, acc);
+                else if (type == GGML_MXFP4)
+                    block_dot_q8_staged<MXFP4B, MXFP4D>(chunk, x, b0, nb, lane, acc);
             }
             break;
     }
@@ -677,7 +732,7 @@ __device__ __forceinline__ void ggml_dot_q8_chunk(int type, const uint8_t* chunk
 // ggml_dot_q8 over R rows at once (row r of type type[r], n columns, all against x), each
 // lane's shares into acc: the rows' bytes staged through `buf` (the warp's own, per_row bytes a
 // row, per_row ≥ 256 and a multiple of 16), in chunks of whole blocks where a row does not fit.
-template <int R, bool IQ4 = false>
+template <int R, bool LUT4 = false>
 __device__ __forceinline__ void ggml_dot_q8_staged(const int* type, const uint8_t* const* row,
                                                    const Q8Act& x, int n, int lane, uint8_t* buf,
                                                    int per_row, float* acc) {
@@ -685,8 +740,8 @@ __device__ __forceinline__ void ggml_dot_q8_staged(const int* type, const uint8_
     int chunks = 0;
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        bytes[r] = ggml_block_bytes<IQ4>(type[r]);
-        blocks[r] = n / ggml_block_weights<IQ4>(type[r]);
+        bytes[r] = ggml_block_bytes<LUT4>(type[r]);
+        blocks[r] = n / ggml_block_weights<LUT4>(type[r]);
         per_chunk[r] = (per_row - 32) / bytes[r];
         chunks = max(chunks, (blocks[r] + per_chunk[r] - 1) / per_chunk[r]);
         acc[r] = 0.f;
@@ -705,7 +760,7 @@ __device__ __forceinline__ void ggml_dot_q8_staged(const int* type, const uint8_
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int b0 = c * per_chunk[r], nb = min(per_chunk[r], blocks[r] - b0);
-            if (nb > 0) ggml_dot_q8_chunk<IQ4>(type[r], at[r], x, b0, nb, lane, acc[r]);
+            if (nb > 0) ggml_dot_q8_chunk<LUT4>(type[r], at[r], x, b0, nb, lane, acc[r]);
         }
         // Every lane done with this chunk before the next one overwrites the buffer.
         __syncwarp();
@@ -741,6 +796,7 @@ __device__ __forceinline__ int ggml_units(int type, int n) {
         case GGML_Q6_K: return n / Q6_KB::WEIGHTS * Q6_KB::UNITS;
         case GGML_IQ4_NL: return n / IQ4_NLB::WEIGHTS * IQ4_NLB::UNITS;
         case GGML_IQ4_XS: return n / IQ4_XSB::WEIGHTS * IQ4_XSB::UNITS;
+        case GGML_MXFP4: return n / MXFP4B::WEIGHTS * MXFP4B::UNITS;
         default: return 0;
     }
 }
@@ -758,6 +814,7 @@ __device__ __forceinline__ void ggml_unit_to_bf16(int type, const uint8_t* __res
         case GGML_Q6_K: block_unit_to_bf16<Q6_KB>(row, t, out); break;
         case GGML_IQ4_NL: block_unit_to_bf16<IQ4_NLB>(row, t, out); break;
         case GGML_IQ4_XS: block_unit_to_bf16<IQ4_XSB>(row, t, out); break;
+        case GGML_MXFP4: block_unit_to_bf16<MXFP4B>(row, t, out); break;
         default: break;
     }
 }

@@ -355,7 +355,7 @@ extern "C" __global__ void quantize_q8_bf16(const __nv_bfloat16* __restrict__ x,
     int stage_x    /* x staged first: round16(H + H / 8) bytes */
 #define GATE_UP_GGML_ARGS \
     w_gu, stride, tg, rbg, tu, rbu, ids, map, xq, xd, mid, k, inter, hidden, per_row, stage_x
-template <bool TOKENS, bool IQ4>
+template <bool TOKENS, bool LUT4>
 __device__ __forceinline__ void gate_up_ggml(GATE_UP_GGML_PARAMS) {
     const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
@@ -393,7 +393,7 @@ __device__ __forceinline__ void gate_up_ggml(GATE_UP_GGML_PARAMS) {
     const int types[2] = {tg, tu};
     const uint8_t* rows[2] = {base + (size_t)r * rbg, base + (size_t)inter * rbg + (size_t)r * rbu};
     float gu[2];
-    ggml_dot_q8_staged<2, IQ4>(types, rows, x, hidden, lane,
+    ggml_dot_q8_staged<2, LUT4>(types, rows, x, hidden, lane,
                           buf + (size_t)(threadIdx.x / 32) * 2 * per_row, per_row, gu);
     store_mid(gu[0], gu[1], lane, mid + (size_t)s * inter + r);
 }
@@ -403,13 +403,14 @@ extern "C" __global__ void __launch_bounds__(256) moe_decode_gate_up_ggml(GATE_U
 extern "C" __global__ void __launch_bounds__(256) moe_tokens_gate_up_ggml(GATE_UP_GGML_PARAMS) {
     gate_up_ggml<true, false>(GATE_UP_GGML_ARGS);
 }
-// The same, the IQ4 types decoded too (`ggml_blocks.cuh` says why apart).
+// The same, the table-coded types (IQ4_NL, IQ4_XS, MXFP4) decoded too (`ggml_blocks.cuh`
+// says why apart).
 extern "C" __global__ void __launch_bounds__(256)
-    moe_decode_gate_up_ggml_iq4(GATE_UP_GGML_PARAMS) {
+    moe_decode_gate_up_ggml_lut4(GATE_UP_GGML_PARAMS) {
     gate_up_ggml<false, true>(GATE_UP_GGML_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(256)
-    moe_tokens_gate_up_ggml_iq4(GATE_UP_GGML_PARAMS) {
+    moe_tokens_gate_up_ggml_lut4(GATE_UP_GGML_PARAMS) {
     gate_up_ggml<true, true>(GATE_UP_GGML_ARGS);
 }
 
@@ -417,7 +418,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // 8-bit blocks (each slot's row on its own: I is a multiple of 32). Not staged: staging its
 // DOWN_ROWS rows took 80 registers, and a Qwen3-30B-A3B layer's blocks then no longer fitted
 // the card at once (BENCHMARKS.md §33).
-template <bool IQ4>
+template <bool LUT4>
 struct GgmlDown {
     const uint8_t* w_dn;
     unsigned long long stride;
@@ -429,7 +430,7 @@ struct GgmlDown {
         for (int r = 0; r < DOWN_ROWS; r++) {
             // Past the last row: the last row again, its result not kept.
             const int h = min(h0 + r, hidden - 1);
-            acc[r] = ggml_dot_q8<IQ4>(type, base + (size_t)h * rb, m, inter, lane);
+            acc[r] = ggml_dot_q8<LUT4>(type, base + (size_t)h * rb, m, inter, lane);
         }
     }
 };
@@ -454,11 +455,11 @@ extern "C" __global__ void moe_tokens_down_ggml(DOWN_GGML_PARAMS) {
     moe_down<true>(GgmlDown<false>{w_dn, stride, td, rbd}, ids, map, topk_w, Q8Act{mq, md}, y,
                    res, k, inter, hidden);
 }
-extern "C" __global__ void moe_decode_down_ggml_iq4(DOWN_GGML_PARAMS) {
+extern "C" __global__ void moe_decode_down_ggml_lut4(DOWN_GGML_PARAMS) {
     moe_down<false>(GgmlDown<true>{w_dn, stride, td, rbd}, ids, map, topk_w, Q8Act{mq, md}, y,
                     res, k, inter, hidden);
 }
-extern "C" __global__ void moe_tokens_down_ggml_iq4(DOWN_GGML_PARAMS) {
+extern "C" __global__ void moe_tokens_down_ggml_lut4(DOWN_GGML_PARAMS) {
     moe_down<true>(GgmlDown<true>{w_dn, stride, td, rbd}, ids, map, topk_w, Q8Act{mq, md}, y,
                    res, k, inter, hidden);
 }

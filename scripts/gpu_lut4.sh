@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# IQ4_XS and IQ4_NL GGUF experts on a GPU, through moescope's block decode kernels
-# (src/model/kernels/ggml_blocks.cuh): for each fixture (tests/fixtures/gguf/kquant-*.gguf, from
-# llama-quantize), greedy text of native and selective (3 experts, so misses) in bf16 must be
-# the same, and the GPU's bf16 final logits are set against the CPU's f32 ones (how far the
+# The table-coded GGUF types (IQ4_XS, IQ4_NL, MXFP4) on a GPU, through moescope's block decode
+# kernels (src/model/kernels/ggml_blocks.cuh): for each fixture (tests/fixtures/gguf/kquant-*.gguf,
+# from llama-quantize; MXFP4_ATTN also holds attention and the embeddings in MXFP4), greedy text
+# of native and selective (3 experts, so misses) in bf16 must be the same, and the GPU's bf16 final logits are set against the CPU's f32 ones (how far the
 # 8-bit-activation kernels are from the exact product; Q4_K_M, which the kernels took before,
 # as the yardstick). README "GGUF files"; tests/gguf.rs checks the CPU side.
 #
-#   scripts/gpu_iq4.sh BIN CPUBIN   # BIN: a --features cuda build, CPUBIN any build (.xz is fine)
+#   scripts/gpu_lut4.sh BIN CPUBIN   # BIN: a --features cuda build, CPUBIN any build (.xz is fine)
 set -u
-BIN=${1:?usage: scripts/gpu_iq4.sh BIN CPUBIN}
+BIN=${1:?usage: scripts/gpu_lut4.sh BIN CPUBIN}
 CPU=${2:-$BIN}
 unpack() { case "$1" in *.xz) xz -dc "$1" > "$2" && chmod +x "$2" && echo "$2" ;; *) echo "$1" ;; esac; }
-BIN=$(unpack "$BIN" /tmp/moescope-iq4)
-CPU=$(unpack "$CPU" /tmp/moescope-iq4-cpu)
+BIN=$(unpack "$BIN" /tmp/moescope-lut4)
+CPU=$(unpack "$CPU" /tmp/moescope-lut4-cpu)
 DEVICE=${DEVICE:-cuda:0}
 status=0
-for kind in IQ4_XS IQ4_NL Q4_K_M; do
+for kind in IQ4_XS IQ4_NL MXFP4_MOE MXFP4_ATTN Q4_K_M; do
   f=tests/fixtures/gguf/kquant-$kind.gguf
   gen() { "$BIN" generate --device "$DEVICE" --dtype bf16 --model "$f" --backend "$1" "${@:2}" \
             --prompt "The cat sat on the" --max-new-tokens 16 --temperature 0 2>/tmp/gen.err | head -1
