@@ -636,6 +636,9 @@ fn estimates_count_quantized_bytes_as_the_cache_does() {
             sizes.experts_total,
             "{kind}"
         );
+        // And the rest as the estimate counts it (table-coded attention held as stored on the
+        // CPU: `model::gguf`'s unit test).
+        assert_eq!(loaded.model.resident_bytes(), sizes.non_expert, "{kind}");
     }
 }
 

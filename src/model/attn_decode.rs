@@ -122,14 +122,23 @@ enum Mat<'a> {
     Ggml(GgmlMat<'a>),
 }
 
-/// A GGUF matrix held by candle's `QTensor` on the device, in a type the block kernels decode
-/// (`ggml_blocks.cuh`), each row whole blocks.
+/// A GGUF matrix on the device in a type the block kernels decode (`ggml_blocks.cuh`), each row
+/// whole blocks: held by candle's `QTensor`, or — a table-coded type candle does not read — as
+/// its blocks in a U8 tensor (`LinearWeight::Lut4Device`).
 #[derive(Clone, Copy)]
 struct GgmlMat<'a> {
-    tensor: &'a candle_core::quantized::QTensor,
+    blocks: GgmlBlocks<'a>,
     kernel_type: i32,
     row_bytes: i32,
     dims: [usize; 2],
+    /// A table-coded type: the kernels' `_lut4` twin reads it.
+    lut4: bool,
+}
+
+#[derive(Clone, Copy)]
+enum GgmlBlocks<'a> {
+    Candle(&'a candle_core::quantized::QTensor),
+    Bytes(&'a Tensor),
 }
 
 impl<'a> GgmlMat<'a> {
@@ -144,19 +153,48 @@ impl<'a> GgmlMat<'a> {
             return None;
         }
         Some(GgmlMat {
-            tensor: q,
+            blocks: GgmlBlocks::Candle(q),
             kernel_type,
             row_bytes: i32::try_from(GgmlLayout::row_bytes_ggml(t, cols)).ok()?,
             dims: [rows, cols],
+            lut4: false,
+        })
+    }
+
+    /// A table-coded matrix's blocks (U8 [rows, row bytes] on the device).
+    fn lut4(
+        blocks: &'a Tensor,
+        format: super::lut4::Lut4,
+        [rows, cols]: [usize; 2],
+    ) -> Option<Self> {
+        use super::ports::GgmlLayout;
+        let t = super::safetensors_file::StDtype::Lut4(format);
+        let row_bytes = GgmlLayout::row_bytes(t, cols);
+        let whole = cols > 0 && cols.is_multiple_of(format.block_weights());
+        if !blocks.device().is_cuda()
+            || !whole
+            || blocks.dtype() != DType::U8
+            || blocks.dims() != [rows, row_bytes]
+        {
+            return None;
+        }
+        Some(GgmlMat {
+            blocks: GgmlBlocks::Bytes(blocks),
+            kernel_type: GgmlLayout::kernel_type(t)?,
+            row_bytes: i32::try_from(row_bytes).ok()?,
+            dims: [rows, cols],
+            lut4: true,
         })
     }
 
     /// The blocks' device address (valid while the tensor lives: the whole launch).
     fn addr(&self) -> Result<u64> {
-        Ok(self
-            .tensor
-            .device_ptr()
-            .map_err(|e| err("GGUF matrix", e))? as u64)
+        match self.blocks {
+            GgmlBlocks::Candle(q) => Ok(q.device_ptr().map_err(|e| err("GGUF matrix", e))? as u64),
+            GgmlBlocks::Bytes(t) => Ok(super::raw::device_range(t, 0, t.elem_count())
+                .map_err(|e| err("GGUF matrix", e))?
+                .0),
+        }
     }
 }
 
@@ -199,6 +237,9 @@ fn fp8_parts(m: &Fp8Matrix) -> Result<(&Tensor, &Tensor)> {
 }
 
 fn ggml(l: &super::layers::Linear) -> Option<Mat<'_>> {
+    if let Some((blocks, format, dims)) = l.lut4_device_unbiased() {
+        return GgmlMat::lut4(blocks, format, dims).map(Mat::Ggml);
+    }
     match l.quantized_unbiased()? {
         candle_core::quantized::QMatMul::QTensor(q) => GgmlMat::new(q).map(Mat::Ggml),
         _ => None,
@@ -395,7 +436,13 @@ fn gemv_rows(
         [Mat::Ggml(a), Mat::Ggml(b), Mat::Ggml(c)] => {
             let (xq, xd) = super::moe_decode::quantize_q8(dev, &xv, cols)?;
             let (aw, bw, cw) = (a.addr()?, b.addr()?, c.addr()?);
-            let f = dev.get_or_load_custom_func("gemv_rows_ggml", MODULE, PTX)?;
+            // The twin that decodes the table-coded types only where one is read.
+            let name = if a.lut4 || b.lut4 || c.lut4 {
+                "gemv_rows_ggml_lut4"
+            } else {
+                "gemv_rows_ggml"
+            };
+            let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let mut l = f.builder();
             l.arg(&aw).arg(&bw).arg(&cw);
             l.arg(&a.kernel_type)
@@ -746,6 +793,107 @@ mod tests {
                 hit >= 0.95 && hit > miss + 0.1,
                 "{types:?}: {hit} of the outputs are the 8-bit product's bits, {miss} the \
                  unrounded one's"
+            );
+        }
+    }
+
+    /// A table-coded matrix as `LinearWeight::Lut4Device` holds it (moescope's test quantizer)
+    /// and the values its blocks decode to.
+    fn lut4_matrix(
+        rows: usize,
+        cols: usize,
+        seed: usize,
+        format: crate::model::lut4::Lut4,
+        dev: &Device,
+    ) -> (Tensor, Vec<f32>) {
+        let w: Vec<f32> = test_matrix(rows, cols, seed, 251, 1.0 / 256.0)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (bytes, deq) = crate::model::lut4::quantize_for_tests(format, &w);
+        let n = bytes.len();
+        (Tensor::from_vec(bytes, (rows, n / rows), dev).unwrap(), deq)
+    }
+
+    /// `gemv_rows_ggml_lut4` over the table-coded types beside a candle block type in one
+    /// launch: each output the f64 product of the decoded weights and x rounded to 8-bit blocks
+    /// within a bf16 step (nearly always its bits); and such a layer's prompt product (the
+    /// blocks widened to bf16) is the widened matrix's product bit for bit.
+    #[test]
+    fn table_coded_gemv_rows_are_products_over_8_bit_activations() {
+        use crate::model::lut4::Lut4;
+        let Some(dev) = gpu() else { return };
+        for (rows, cols, formats, seed) in [
+            (300, 2048, [Lut4::Iq4Xs, Lut4::Mxfp4, Lut4::Iq4Nl], 1),
+            (37, 512, [Lut4::Mxfp4, Lut4::Iq4Xs, Lut4::Mxfp4], 2),
+        ] {
+            let ms: Vec<_> = (0..3)
+                .map(|i| lut4_matrix(rows - 10 * i, cols, seed + i, formats[i], &dev))
+                .collect();
+            // The third matrix a candle block type in the same launch.
+            let (q8, q8_deq) = qmatrix(rows - 20, cols, seed + 2, GgmlDType::Q8_0, &dev);
+            let linears: Vec<Linear> = (0..2)
+                .map(|i| {
+                    Linear::with_weight(
+                        LinearWeight::Lut4Device {
+                            blocks: ms[i].0.clone(),
+                            format: formats[i],
+                            dims: [rows - 10 * i, cols],
+                        },
+                        None,
+                    )
+                })
+                .collect();
+            let mats = [
+                ggml(&linears[0]).expect("a kernel layout"),
+                ggml(&linears[1]).expect("a kernel layout"),
+                Mat::Ggml(GgmlMat::new(&q8).unwrap()),
+            ];
+            let (x, xh) = matrix(1, cols, seed + 5, 241, 1.0 / 128.0, &dev);
+            let m = Weights {
+                q: mats[0],
+                k: mats[1],
+                v: mats[2],
+                o: mats[0],
+            };
+            let (yq, yk, yv) = project(&x, &m).unwrap();
+            let ys = [host(&yq), host(&yk), host(&yv)];
+            let xq = crate::util::gpu_test::q8_values(&xh);
+            let deqs = [&ms[0].1, &ms[1].1, &q8_deq];
+            let (mut same, mut n) = (0, 0);
+            for (i, got) in ys.iter().enumerate() {
+                assert_eq!(got.len(), rows - 10 * i);
+                for (row, &g) in got.iter().enumerate() {
+                    let w = &deqs[i][row * cols..(row + 1) * cols];
+                    let want =
+                        bf(w.iter().zip(&xq).map(|(a, b)| *a as f64 * b).sum::<f64>() as f32);
+                    assert!(
+                        (g - want).abs() <= ulp(want),
+                        "{:?} row {row}: {g} vs {want}",
+                        formats.get(i)
+                    );
+                    same += (g == want) as usize;
+                    n += 1;
+                }
+            }
+            assert!(same as f64 >= 0.95 * n as f64, "{same} of {n}");
+            // A prompt's product: the blocks widened to bf16, then the dense product.
+            let (xs, _) = matrix(5, cols, seed + 7, 241, 1.0 / 128.0, &dev);
+            let got = host(&linears[0].forward(&xs).unwrap());
+            let dense = Tensor::from_vec(ms[0].1.clone(), (rows, cols), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            let want = host(&Linear::new(dense, None).forward(&xs).unwrap());
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{:?}: prompt product not the widened matrix's",
+                formats[0]
             );
         }
     }

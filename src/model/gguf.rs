@@ -821,8 +821,9 @@ impl GgufFile {
             })
     }
 
-    /// A linear layer's matrix: a block-quantized tensor stays in its format (a `QMatMul`),
-    /// a float one is loaded dense in `dtype`.
+    /// A linear layer's matrix: a block-quantized tensor stays in its format (a `QMatMul`;
+    /// on the CPU a table-coded one too, as a [`Lut4Matrix`](super::lut4::Lut4Matrix) — on a GPU
+    /// it is widened, candle's kernels not reading it), a float one is loaded dense in `dtype`.
     pub fn load_linear(
         &self,
         hf_name: &str,
@@ -832,6 +833,42 @@ impl GgufFile {
     ) -> Result<super::layers::LinearWeight> {
         use candle_core::quantized::{QMatMul, ggml_file::qtensor_from_ggml};
         let loc = self.check(hf_name, shape)?;
+        if let Some(format) = loc.dtype.lut4() {
+            let cols = loc.shape.last().copied().unwrap_or(0);
+            let rows = loc.shape.iter().product::<usize>() / cols.max(1);
+            let terr = |msg| ModelError::Tensor {
+                file: loc.file.clone(),
+                tensor: loc.name.clone(),
+                msg,
+            };
+            if device.is_cpu() {
+                let m = super::lut4::Lut4Matrix::new(format, self.read_bytes(&loc)?, [rows, cols])
+                    .map_err(terr)?;
+                return Ok(super::layers::LinearWeight::Lut4(m));
+            }
+            // Only attention's projections: the fused decode kernels read their blocks, where
+            // an lm_head's product would widen its whole matrix every step.
+            if hf_name.contains(".self_attn.")
+                && lut4_blocks_on_gpu(format, &loc.shape, dtype, device)
+            {
+                // Checked as the CPU's matrix checks it (sizes, every scale), then copied.
+                let bytes = self.read_bytes(&loc)?;
+                let row_bytes = cols / format.block_weights() * format.block_bytes();
+                if bytes.len() != rows * row_bytes {
+                    return Err(terr(format!(
+                        "{} bytes of {format} for a [{rows}, {cols}] matrix ({} expected)",
+                        bytes.len(),
+                        rows * row_bytes
+                    )));
+                }
+                super::lut4::check_scales(format, &bytes, cols).map_err(terr)?;
+                return Ok(super::layers::LinearWeight::Lut4Device {
+                    blocks: Tensor::from_slice(&bytes, (rows, row_bytes), device)?,
+                    format,
+                    dims: [rows, cols],
+                });
+            }
+        }
         let Some(g) = loc.dtype.ggml() else {
             return Ok(super::layers::LinearWeight::Dense(
                 self.load(hf_name, shape, dtype, device)?,
@@ -952,6 +989,22 @@ impl GgufFile {
 /// stored, bytes of one expert held), with float tensors counted at `float_size` bytes an
 /// element — what memory estimates and a miss's cost use in place of the bf16 figures. The
 /// expert sizes are those of the first MoE layer's expert 0 (one type per stack).
+/// Whether a table-coded linear matrix of `shape` stays in its blocks on `device` (a GPU in bf16
+/// compute, rows whole blocks: the decode kernels read it there); else it is widened at load.
+fn lut4_blocks_on_gpu(
+    format: super::lut4::Lut4,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> bool {
+    let cols = shape.last().copied().unwrap_or(0);
+    device.is_cuda()
+        && dtype == DType::BF16
+        && shape.len() == 2
+        && cols > 0
+        && cols.is_multiple_of(format.block_weights())
+}
+
 pub fn held_sizes(
     path: &Path,
     cfg: &MoeConfig,
@@ -963,9 +1016,21 @@ pub fn held_sizes(
         return None;
     }
     let g = GgufFile::open(path).ok()?;
-    let held = |t: &GgufTensor| match t.dtype.ggml() {
-        Some(_) => t.len,
-        None => t.shape.iter().product::<usize>() as u64 * float_size,
+    // Block types stay in their blocks; so do the table-coded ones on the CPU, and on a GPU in
+    // bf16 attention where their rows are whole blocks (`load_linear`).
+    let held = |n: &str, t: &GgufTensor| match (t.dtype.ggml(), t.dtype.lut4()) {
+        (Some(_), _) => t.len,
+        (None, Some(f))
+            if cpu
+                || (gpu_bf16
+                    && n.contains(".attn_")
+                    && t.shape.len() == 2
+                    && t.shape[1] > 0
+                    && t.shape[1].is_multiple_of(f.block_weights())) =>
+        {
+            t.len
+        }
+        _ => t.shape.iter().product::<usize>() as u64 * float_size,
     };
     let dense = |t: &GgufTensor| t.shape.iter().product::<usize>() as u64 * float_size;
     let non_expert = g
@@ -990,7 +1055,7 @@ pub fn held_sizes(
             "token_embd.weight" => dense(t),
             // Norms and the router are loaded dense whatever their type.
             _ if t.shape.len() < 2 || n.contains("ffn_gate_inp") => dense(t),
-            _ => held(t),
+            _ => held(n, t),
         })
         .sum();
     let mut layers = Vec::new();
@@ -1113,6 +1178,57 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On the CPU a table-coded attention matrix (the IQ4_XS and MXFP4_ATTN fixtures, from
+    /// llama-quantize) is held as stored — 136 bytes per 256 weights, 17 per 32 — and its
+    /// product is the widened matrix's within f32 rounding; on a GPU it would be widened.
+    #[test]
+    fn table_coded_attention_is_held_as_stored_on_the_cpu() {
+        use super::super::layers::{Linear, LinearWeight};
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+        for (kind, per) in [("IQ4_XS", 136.0 / 256.0), ("MXFP4_ATTN", 17.0 / 32.0)] {
+            let g = GgufFile::open(&root.join(format!("kquant-{kind}.gguf"))).unwrap();
+            let name = "model.layers.1.self_attn.q_proj.weight";
+            let shape = [256, 256];
+            let w = g
+                .load_linear(name, &shape, DType::F32, &Device::Cpu)
+                .unwrap();
+            let LinearWeight::Lut4(m) = &w else {
+                panic!("{kind}: attn_q not held as stored: {w:?}")
+            };
+            assert_eq!(m.bytes(), (256.0 * 256.0 * per) as u64, "{kind}");
+            let dense = g.load(name, &shape, DType::F32, &Device::Cpu).unwrap();
+            let x = Tensor::from_vec(
+                (0..3 * 256)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+                    .collect(),
+                (3, 256),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let got: Vec<f32> = Linear::with_weight(w, None)
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f32> = Linear::new(dense, None)
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    a.is_finite() && (a - b).abs() <= 1e-5 * scale,
+                    "{kind}: {a} vs {b}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn names_map_to_llama_cpp_tensors() {

@@ -30,6 +30,19 @@ pub enum LinearWeight {
     },
     /// A block-scaled FP8 matrix (see `fp8.rs`), dequantised inside its product.
     Fp8(super::fp8::Fp8Matrix),
+    /// A GGUF matrix in a table-coded type candle does not read (IQ4_XS, IQ4_NL, MXFP4; see
+    /// `lut4.rs`), held as stored on the CPU and decoded inside its product. Why not widened at
+    /// load: an IQ4_XS file's attention then took 7.5× its bytes in f32, and a decode step read
+    /// them all (BENCHMARKS.md §88).
+    Lut4(super::lut4::Lut4Matrix),
+    /// The same on a GPU in bf16 compute: the blocks as stored (U8 `[rows, row bytes]`), read by
+    /// the decode kernels (`attn_decode.rs`), widened to bf16 for a prompt's product — each
+    /// weight the exact value rounded once, what the matrix widened at load held.
+    Lut4Device {
+        blocks: Tensor,
+        format: super::lut4::Lut4,
+        dims: [usize; 2],
+    },
 }
 
 impl Linear {
@@ -61,6 +74,18 @@ impl Linear {
                 dims.push(m.dims()[0]);
                 y.reshape(dims)?
             }
+            LinearWeight::Lut4(m) => {
+                let mut dims = x.dims().to_vec();
+                let k = dims.pop().unwrap_or(1);
+                let y = m.forward(&x.reshape(((), k))?)?;
+                dims.push(m.dims()[0]);
+                y.reshape(dims)?
+            }
+            LinearWeight::Lut4Device {
+                blocks,
+                format,
+                dims,
+            } => super::cpu_gemv::matmul_t(x, &lut4_device_dense(blocks, *format, *dims)?)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -120,6 +145,22 @@ impl Linear {
         }
     }
 
+    /// The blocks, type and [rows, cols] of a table-coded matrix on a GPU with no bias (the
+    /// decode kernels read them as they read other GGUF blocks).
+    pub fn lut4_device_unbiased(&self) -> Option<(&Tensor, super::lut4::Lut4, [usize; 2])> {
+        match (&self.weight, &self.bias) {
+            (
+                LinearWeight::Lut4Device {
+                    blocks,
+                    format,
+                    dims,
+                },
+                None,
+            ) => Some((blocks, *format, *dims)),
+            _ => None,
+        }
+    }
+
     /// Bytes the layer holds (weight and bias).
     pub fn bytes(&self) -> u64 {
         let t = |x: &Tensor| (x.elem_count() * x.dtype().size_in_bytes()) as u64;
@@ -127,9 +168,34 @@ impl Linear {
             LinearWeight::Dense(w) => t(w),
             LinearWeight::Quantized { bytes, .. } => *bytes,
             LinearWeight::Fp8(m) => m.bytes(),
+            LinearWeight::Lut4(m) => m.bytes(),
+            LinearWeight::Lut4Device { blocks, .. } => blocks.elem_count() as u64,
         };
         w + self.bias.as_ref().map(t).unwrap_or(0)
     }
+}
+
+/// A table-coded matrix's blocks on a GPU widened to a bf16 [rows, cols] matrix.
+#[cfg(feature = "cuda")]
+fn lut4_device_dense(
+    blocks: &Tensor,
+    format: super::lut4::Lut4,
+    [rows, cols]: [usize; 2],
+) -> Result<Tensor> {
+    let ids = Tensor::arange(0u32, rows as u32, blocks.device())?;
+    super::moe_decode::block_rows_bf16(
+        blocks,
+        super::safetensors_file::StDtype::Lut4(format),
+        cols,
+        &ids,
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn lut4_device_dense(_: &Tensor, format: super::lut4::Lut4, dims: [usize; 2]) -> Result<Tensor> {
+    Err(super::error::ModelError::Input(format!(
+        "a {format} matrix {dims:?} on a GPU needs a build with the cuda feature"
+    )))
 }
 
 /// RMSNorm as HF computes it: normalise in f32, cast back to the compute dtype, then scale by the

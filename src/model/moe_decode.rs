@@ -673,18 +673,27 @@ pub fn ggml_rows_bf16(
     cols: usize,
     ids: &Tensor,
 ) -> Result<Tensor> {
-    let (n_rows, rb) = table.dims2()?;
     let st = StDtype::from_ggml(t)
         .ok_or_else(|| err("GGUF table", format!("no block kernel for {t:?}")))?;
+    block_rows_bf16(table, st, cols, ids)
+}
+
+/// [`ggml_rows_bf16`] for any type the block kernels decode, the table-coded ones included
+/// (a table-coded attention matrix widened for a prompt's product, `layers.rs`).
+pub fn block_rows_bf16(table: &Tensor, st: StDtype, cols: usize, ids: &Tensor) -> Result<Tensor> {
+    let (n_rows, rb) = table.dims2()?;
     let (ty, want_rb) = ggml_args(st, cols)?;
-    if table.dtype() != DType::U8 || rb != want_rb as usize || !cols.is_multiple_of(t.block_size())
-    {
+    let whole = st
+        .block_elems()
+        .is_some_and(|b| cols.is_multiple_of(b as usize));
+    if table.dtype() != DType::U8 || rb != want_rb as usize || !whole {
         return Err(err(
             "GGUF table",
             format!(
-                "{:?} {:?} for {cols} {t:?} values a row",
+                "{:?} {:?} for {cols} {} values a row",
                 table.dtype(),
-                table.dims()
+                table.dims(),
+                st.name()
             ),
         ));
     }

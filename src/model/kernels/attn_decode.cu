@@ -119,6 +119,7 @@ extern "C" __global__ void gemv_rows_fp8(
 // GGUF matrices (llama.cpp's block formats, `ggml_blocks.cuh`): w0..w2 rows of `rb_i` bytes in
 // type t_i (each its own: a `Q4_K_M` file mixes Q4_K and Q6_K), against x rounded to 8-bit blocks
 // (codes xq, scales xd). Chunks start on multiples of 256 columns, whole blocks of every type.
+template <bool LUT4 = false>
 struct GgmlRows {
     static constexpr int ALIGN = 256;
     const uint8_t *w0, *w1, *w2;
@@ -130,9 +131,9 @@ struct GgmlRows {
         const int rb = m == 0 ? rb0 : m == 1 ? rb1 : rb2;
         const uint8_t* row = (m == 0 ? w0 : m == 1 ? w1 : w2) + (size_t)r * rb;
         // c0 / cols of the row's bytes: rows are whole blocks and c0 a multiple of any block.
-        const size_t off = (size_t)rb / (size_t)(cols / ggml_block_weights(t)) *
-                           (size_t)(c0 / ggml_block_weights(t));
-        return ggml_dot_q8(t, row + off, x.at(c0), c1 - c0, lane);
+        const size_t off = (size_t)rb / (size_t)(cols / ggml_block_weights<LUT4>(t)) *
+                           (size_t)(c0 / ggml_block_weights<LUT4>(t));
+        return ggml_dot_q8<LUT4>(t, row + off, x.at(c0), c1 - c0, lane);
     }
 };
 
@@ -142,7 +143,19 @@ extern "C" __global__ void gemv_rows_ggml(
     int n0, int n1, int n2, const int8_t* __restrict__ xq, const float* __restrict__ xd, int cols,
     __nv_bfloat16* __restrict__ y0, __nv_bfloat16* __restrict__ y1,
     __nv_bfloat16* __restrict__ y2, const __nv_bfloat16* __restrict__ res, int split) {
-    gemv_rows(GgmlRows{w0, w1, w2, t0, t1, t2, rb0, rb1, rb2, Q8Act{xq, xd}}, n0, n1, n2,
+    gemv_rows(GgmlRows<>{w0, w1, w2, t0, t1, t2, rb0, rb1, rb2, Q8Act{xq, xd}}, n0, n1, n2,
+              nullptr, cols, y0, y1, y2, res, split);
+}
+// The same with the table-coded types (IQ4_NL, IQ4_XS, MXFP4) decoded too: a twin for the
+// reason the expert kernels have theirs (`ggml_blocks.cuh`), launched only where one of the
+// matrices holds such a type.
+extern "C" __global__ void gemv_rows_ggml_lut4(
+    const uint8_t* __restrict__ w0, const uint8_t* __restrict__ w1,
+    const uint8_t* __restrict__ w2, int t0, int t1, int t2, int rb0, int rb1, int rb2,
+    int n0, int n1, int n2, const int8_t* __restrict__ xq, const float* __restrict__ xd, int cols,
+    __nv_bfloat16* __restrict__ y0, __nv_bfloat16* __restrict__ y1,
+    __nv_bfloat16* __restrict__ y2, const __nv_bfloat16* __restrict__ res, int split) {
+    gemv_rows(GgmlRows<true>{w0, w1, w2, t0, t1, t2, rb0, rb1, rb2, Q8Act{xq, xd}}, n0, n1, n2,
               nullptr, cols, y0, y1, y2, res, split);
 }
 
