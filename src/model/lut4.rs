@@ -22,6 +22,10 @@
 //! over the dequantised row, whichever CPU form runs (unit tests). A scale that is NaN or
 //! infinite (E8M0's 0xFF; an f16 `d` llama.cpp's row validation would refuse too) is refused
 //! when the matrix is built, naming the row and block.
+//!
+//! This module is the CPU's side. On a GPU in bf16 compute the same blocks stay on the device
+//! and moescope's block kernels decode them (`kernels/ggml_blocks.cuh`, the `_lut4` twins of
+//! the GGUF expert and attention kernels), with [`check_scales`] run on each load.
 
 use std::sync::Arc;
 
