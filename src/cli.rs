@@ -207,7 +207,7 @@ pub struct RandomCheckpointArgs {
     /// Largest shard (bigger checkpoints get an index), e.g. 2GiB.
     #[arg(long, default_value = "2GiB", value_parser = crate::util::parse_bytes)]
     pub shard_size: u64,
-    /// Write one GGUF file (Q8_0, Q4_K, Q4_K_M, MXFP4_MOE, IQ4_XS_MOE, IQ4_NL_MOE or BF16) at
+    /// Write one GGUF file (Q8_0, Q4_K, Q4_K_M, MXFP4_MOE, IQ4_XS_MOE, IQ4_NL_MOE, IQ4_XS or BF16) at
     /// --out instead of a safetensors directory.
     #[arg(long, value_name = "QUANT")]
     pub gguf: Option<String>,

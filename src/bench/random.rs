@@ -568,6 +568,28 @@ mod tests {
         assert_eq!(up.shape, [2, 256, 256]);
         let q = gguf.tensor("blk.0.attn_q.weight").unwrap();
         assert_eq!(q.dtype, StDtype::Q8_0);
+        // IQ4_XS: attention's projections too (o_proj's rows then need 256 weights: four
+        // heads), its norms and the rest as before; two heads' rows are refused by name.
+        let err = write_gguf(&g, &dir.path().join("no.gguf"), 5, GgufQuant::Iq4Xs).unwrap_err();
+        assert!(
+            err.to_string().contains("blk.0.attn_output.weight"),
+            "{err}"
+        );
+        let g = Geometry { heads: 4, ..g };
+        let f = dir.path().join("iq4xs-all.gguf");
+        write_gguf(&g, &f, 5, GgufQuant::Iq4Xs).unwrap();
+        let got = logits_of(&f, &tokens);
+        assert!(got.iter().all(|v| v.is_finite()));
+        let ckpt = crate::model::Checkpoint::open(&f).unwrap();
+        let gguf = ckpt.gguf().unwrap();
+        let xs = StDtype::Lut4(crate::model::lut4::Lut4::Iq4Xs);
+        for name in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_down_exps"] {
+            let t = gguf.tensor(&format!("blk.0.{name}.weight")).unwrap();
+            assert_eq!(t.dtype, xs, "{name}");
+        }
+        let norm = gguf.tensor("blk.0.attn_q_norm.weight").unwrap();
+        assert_eq!(norm.dtype, StDtype::F32);
+        assert_eq!(gguf.tensor("output.weight").unwrap().dtype, StDtype::Q8_0);
     }
 
     #[test]
@@ -685,6 +707,10 @@ pub enum GgufQuant {
     Iq4XsMoe,
     /// As `Iq4XsMoe` with IQ4_NL (32-weight blocks) experts.
     Iq4NlMoe,
+    /// After llama-quantize's `IQ4_XS`: the expert stacks and attention's four projections in
+    /// IQ4_XS, the embedding and output in Q8_0 (llama-quantize gives them Q6_K). What lets the
+    /// GPU step benchmark time table-coded attention at a real geometry.
+    Iq4Xs,
 }
 
 impl GgufQuant {
@@ -693,10 +719,17 @@ impl GgufQuant {
         use crate::model::lut4::Lut4;
         match self {
             Self::Mxfp4Moe => Some(Lut4::Mxfp4),
-            Self::Iq4XsMoe => Some(Lut4::Iq4Xs),
+            Self::Iq4XsMoe | Self::Iq4Xs => Some(Lut4::Iq4Xs),
             Self::Iq4NlMoe => Some(Lut4::Iq4Nl),
             _ => None,
         }
+    }
+
+    /// The table-coded type this mix stores matrix `name` in, if any (norms never).
+    fn lut4_of(self, name: &str) -> Option<crate::model::lut4::Lut4> {
+        let attention = name.contains(".attn_") && !name.contains("norm");
+        let coded = name.ends_with("_exps.weight") || (self == Self::Iq4Xs && attention);
+        self.expert_lut4().filter(|_| coded)
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -708,6 +741,7 @@ impl GgufQuant {
             "MXFP4_MOE" => Self::Mxfp4Moe,
             "IQ4_XS_MOE" => Self::Iq4XsMoe,
             "IQ4_NL_MOE" => Self::Iq4NlMoe,
+            "IQ4_XS" => Self::Iq4Xs,
             _ => return None,
         })
     }
@@ -719,6 +753,7 @@ impl GgufQuant {
             Self::Q4KM => Some(15),
             Self::Bf16 => Some(32),
             Self::Mxfp4Moe => Some(38),
+            Self::Iq4Xs => Some(30),
             Self::Q4K | Self::Iq4XsMoe | Self::Iq4NlMoe => None,
         }
     }
@@ -728,7 +763,7 @@ impl GgufQuant {
         let eighth = layers / 8;
         let more_bits = layer < eighth || layer >= 7 * layers / 8 || (layer - eighth) % 3 == 2;
         match self {
-            Self::Q8_0 | Self::Mxfp4Moe | Self::Iq4XsMoe | Self::Iq4NlMoe => G::Q8_0,
+            Self::Q8_0 | Self::Mxfp4Moe | Self::Iq4XsMoe | Self::Iq4NlMoe | Self::Iq4Xs => G::Q8_0,
             Self::Q4K => G::Q4K,
             Self::Q4KM if name == "output.weight" => G::Q6K,
             Self::Q4KM if (name.contains("ffn_down") || name.contains("attn_v")) && more_bits => {
@@ -849,9 +884,7 @@ pub fn write_gguf(geom: &Geometry, out: &Path, seed: u64, quant: GgufQuant) -> R
                 )));
             }
             let dev = &candle_core::Device::Cpu;
-            let coded = quant
-                .expert_lut4()
-                .filter(|_| name.ends_with("_exps.weight"));
+            let coded = quant.lut4_of(name);
             let t = if let Some(format) = coded {
                 let bytes = lut4_rows(&values, *shape.last().expect("a matrix"), name, format)?;
                 // candle's writer has none of these types: a 16-bit tensor of the same bytes

@@ -327,7 +327,7 @@ fn random_checkpoint(a: &RandomCheckpointArgs) -> Result<()> {
     if let Some(q) = &a.gguf {
         let Some(quant) = random::GgufQuant::parse(q) else {
             crate::bail_input!(
-                "--gguf {q}: expected Q8_0, Q4_K, Q4_K_M, MXFP4_MOE, IQ4_XS_MOE, IQ4_NL_MOE or BF16"
+                "--gguf {q}: expected Q8_0, Q4_K, Q4_K_M, MXFP4_MOE, IQ4_XS_MOE, IQ4_NL_MOE, IQ4_XS or BF16"
             );
         };
         random::write_gguf(&g, &a.out, a.seed, quant)?;
