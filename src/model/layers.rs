@@ -66,21 +66,8 @@ impl Linear {
                     .forward(&x.to_dtype(DType::F32)?)?
                     .to_dtype(x.dtype())?
             }
-            LinearWeight::Fp8(m) => {
-                // The kernel takes rows of activations; any leading dims are rows.
-                let mut dims = x.dims().to_vec();
-                let k = dims.pop().unwrap_or(1);
-                let y = m.forward(&x.reshape(((), k))?)?;
-                dims.push(m.dims()[0]);
-                y.reshape(dims)?
-            }
-            LinearWeight::Lut4(m) => {
-                let mut dims = x.dims().to_vec();
-                let k = dims.pop().unwrap_or(1);
-                let y = m.forward(&x.reshape(((), k))?)?;
-                dims.push(m.dims()[0]);
-                y.reshape(dims)?
-            }
+            LinearWeight::Fp8(m) => as_rows(x, m.dims()[0], |x| m.forward(x))?,
+            LinearWeight::Lut4(m) => as_rows(x, m.dims()[0], |x| m.forward(x))?,
             LinearWeight::Lut4Device {
                 blocks,
                 format,
@@ -173,6 +160,20 @@ impl Linear {
         };
         w + self.bias.as_ref().map(t).unwrap_or(0)
     }
+}
+
+/// `product` of x's rows: the FP8 and table-coded kernels take [rows, in] activations, so any
+/// leading dims of x are flattened into rows and restored around the `out` columns.
+fn as_rows(
+    x: &Tensor,
+    out: usize,
+    product: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = dims.pop().unwrap_or(1);
+    let y = product(&x.reshape(((), k))?)?;
+    dims.push(out);
+    Ok(y.reshape(dims)?)
 }
 
 /// A table-coded matrix's blocks on a GPU widened to a bf16 [rows, cols] matrix.
