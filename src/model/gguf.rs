@@ -1206,20 +1206,12 @@ mod tests {
                 &Device::Cpu,
             )
             .unwrap();
-            let got: Vec<f32> = Linear::with_weight(w, None)
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let want: Vec<f32> = Linear::new(dense, None)
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let product = |l: Linear| -> Vec<f32> {
+                let y = l.forward(&x).unwrap();
+                y.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let got = product(Linear::with_weight(w, None));
+            let want = product(Linear::new(dense, None));
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (a, b) in got.iter().zip(&want) {
                 assert!(
