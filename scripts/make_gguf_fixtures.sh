@@ -9,8 +9,8 @@
 #
 # PYTHON: one with torch, transformers, numpy and safetensors (default
 # target/reference-venv/bin/python3, see scripts/setup_reference_python.sh). Writes
-#   models/tiny-moe-gguf/tiny-moe-{BF16,Q8_0,Q4_K_M,IQ4_XS,IQ4_NL}.gguf (ignored by git: 19 / 12 /
-#                                                           9 / 9 / 9 MB)
+#   models/tiny-moe-gguf/tiny-moe-{BF16,Q8_0,Q4_K_M,IQ4_XS,IQ4_NL,MXFP4_MOE}.gguf (ignored by git:
+#                                                           19 / 12 / 9 / 9 / 9 / 10 MB)
 #   tests/fixtures/gguf/kquant-{Q8_0,Q4_K_M,MXFP4_MOE,MXFP4_ATTN,IQ4_XS,IQ4_NL}.gguf (committed;
 #                                                           CI's GGUF tests)
 #   tests/fixtures/gguf/kquant-{MXFP4_MOE,IQ4_XS,IQ4_NL}.rows.json (gguf-py's decoding of six
@@ -56,7 +56,7 @@ fi
 for t in bf16 q8_0; do
   convert models/tiny-moe "$t" "$OUT/tiny-moe-$(echo "$t" | tr a-z A-Z).gguf"
 done
-for q in Q4_K_M IQ4_XS IQ4_NL; do
+for q in Q4_K_M IQ4_XS IQ4_NL MXFP4_MOE; do
   "$QUANTIZE" "$OUT/tiny-moe-BF16.gguf" "$OUT/tiny-moe-$q.gguf" "$q" > "$WORK/q.log" 2>&1
 done
 
