@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 22, "the staged path": selective decode on Qwen3-30B-A3B's full geometry (48 layers, the
 # real per-expert layout, ~61 GB bf16 in /dev/shm) where the expert files exceed half the host's
-# available memory, so misses take the staged path (the Jetson Thor's): the sweep at CAPS
-# against the staged bound (native's step plus the missed bytes at the staged pipeline's own
-# measured rate, read and copied), then `run --no-tui` at CACHE_MEM: selective's tokens and
-# logits must equal native's. BENCHMARKS.md §27.
+# available memory: by default the files that fit in that half are registered and the rest's
+# misses staged (BENCHMARKS.md §90); `MOESCOPE_H2D=staged` stages every miss, as the Jetson Thor
+# does. The sweep at CAPS against its bound (native's step plus the missed bytes at each path's
+# own measured rate; staged: read and copied), then `run --no-tui` at CACHE_MEM: selective's
+# tokens and logits must equal native's. BENCHMARKS.md §27, §84, §90.
 #
 #   scripts/gpu_staged.sh BIN OUT_DIR
 #

@@ -320,8 +320,11 @@ fn part_locations_are_the_bytes_read() {
             }
         }
         // Off a GPU the staged path is the only one, and says why.
-        let (path, why) = direct::choose(&Device::Cpu, src.as_ref(), H2dChoice::Auto).unwrap();
-        assert_eq!((path, why.as_str()), (H2dPath::Staged, "not a CUDA device"));
+        let c = direct::choose(&Device::Cpu, src.as_ref(), H2dChoice::Auto).unwrap();
+        assert_eq!(
+            (c.path, c.why.as_str(), c.register.len(), c.partial),
+            (H2dPath::Staged, "not a CUDA device", 0, false)
+        );
         let err = Settings::from_vars(|k| (k == "MOESCOPE_H2D").then(|| "dma".to_string()))
             .unwrap_err()
             .to_string();

@@ -157,6 +157,12 @@ pub struct CacheSnapshot {
     pub h2d_bytes: u64,
     #[serde(default)]
     pub h2d_time_us: u64,
+    /// Of `h2d_bytes` and `h2d_time_us`, those copied direct from registered expert files (the
+    /// rest staged).
+    #[serde(default)]
+    pub h2d_direct_bytes: u64,
+    #[serde(default)]
+    pub h2d_direct_time_us: u64,
     /// Of the loads above, those through a temporary stack because the GPU slot pool could not
     /// hold one forward pass's experts at once (a long prompt in a small pool): count and µs.
     /// They skip the pinned path, so they are not what an ordinary miss costs.
@@ -200,6 +206,19 @@ impl CacheSnapshot {
         let staged = self.h2d_path.as_deref()?.starts_with("staged");
         let n = self.load_latency.count.saturating_sub(self.overflow_loads);
         (staged && n > 0 && self.h2d_time_us > 0).then(|| self.h2d_time_us as f64 / 1e6 / n as f64)
+    }
+
+    /// On the direct path with some expert files left unregistered (their misses staged), the
+    /// staged copies' device time over all ordinary misses, seconds — what a layer that misses
+    /// waits for beyond its misses' own times (`Costs::staged_tail_s`): the cache times a direct
+    /// miss by its copy and a staged one by its read, and a layer's lone staged miss then waits
+    /// for its copy, which happens in the staged share of such layers. None elsewhere.
+    pub fn staged_tail_s(&self) -> Option<f64> {
+        let direct = self.h2d_path.as_deref()?.starts_with("direct");
+        let n = self.load_latency.count.saturating_sub(self.overflow_loads);
+        let staged_us = self.h2d_time_us.saturating_sub(self.h2d_direct_time_us);
+        (direct && n > 0 && staged_us > 0 && self.h2d_direct_bytes > 0)
+            .then(|| staged_us as f64 / 1e6 / n as f64)
     }
 }
 
@@ -270,6 +289,10 @@ pub struct Costs {
     /// for its copy (the CPU, the direct path, recordings that did not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_s: Option<f64>,
+    /// The direct path with some files staged: what each layer that misses adds beyond its
+    /// misses' `miss_s` ([`CacheSnapshot::staged_tail_s`]). None: nothing (one path only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged_tail_s: Option<f64>,
 }
 
 #[cfg(test)]
@@ -344,6 +367,40 @@ mod tests {
         assert_eq!(c.staged_copy_s(), None);
     }
 
+    /// With some expert files registered, the staged copies' device time over all misses is
+    /// the tail a layer that misses adds; a path with one kind of copy gives none.
+    #[test]
+    fn a_partly_registered_path_charges_the_staged_copies_per_missing_layer() {
+        let mut c = CacheSnapshot {
+            h2d_bytes: 30,
+            h2d_time_us: 5_000,
+            h2d_direct_bytes: 20,
+            h2d_direct_time_us: 2_000,
+            h2d_path: Some("direct: 9 of the 15 expert files registered".into()),
+            overflow_loads: 2,
+            ..Default::default()
+        };
+        c.load_latency.count = 12;
+        // 3 ms of staged copies over 10 ordinary misses.
+        let tail = c.staged_tail_s().unwrap();
+        assert!((tail - 0.0003).abs() < 1e-15, "{tail}");
+        assert_eq!(c.staged_copy_s(), None);
+        // Every copy direct, or none: no tail.
+        let all_direct = CacheSnapshot {
+            h2d_direct_time_us: 5_000,
+            ..c.clone()
+        };
+        assert_eq!(all_direct.staged_tail_s(), None);
+        let staged = CacheSnapshot {
+            h2d_direct_bytes: 0,
+            h2d_direct_time_us: 0,
+            h2d_path: Some("staged: MOESCOPE_H2D=staged".into()),
+            ..c.clone()
+        };
+        assert_eq!(staged.staged_tail_s(), None);
+        assert!(staged.staged_copy_s().is_some());
+    }
+
     #[test]
     fn costs_written_to_a_trace_read_back_exactly() {
         // A trace and the recording it came from must predict the same speed to the last bit.
@@ -362,6 +419,7 @@ mod tests {
                 uncaptured_step_s: Some(f64::from_bits(bits)),
                 load_ahead_s: None,
                 copy_s: Some(f64::from_bits(bits + 2)),
+                staged_tail_s: None,
             };
             let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
             assert_eq!(back, c);
@@ -378,6 +436,7 @@ mod tests {
                 uncaptured_step_s: None,
                 load_ahead_s: None,
                 copy_s: None,
+                staged_tail_s: None,
             };
             let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
             assert_eq!(back, c);

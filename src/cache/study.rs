@@ -36,7 +36,10 @@ pub fn knee(points: &[(f64, f64)]) -> Option<(f64, f64)> {
 pub fn predict_tok_s(costs: &Costs, r: &SimResult) -> f64 {
     let n = costs.decode_tokens.max(1) as f64;
     let misses = match costs.copy_s {
-        None => r.decode_misses as f64 * costs.miss_s,
+        None => {
+            r.decode_misses as f64 * costs.miss_s
+                + r.decode_miss_layers as f64 * costs.staged_tail_s.unwrap_or(0.0)
+        }
         Some(c) => {
             r.decode_miss_layers as f64 * costs.miss_s.min(c)
                 + r.decode_misses as f64 * costs.miss_s.max(c)
@@ -250,6 +253,7 @@ mod tests {
             uncaptured_step_s: Some(0.003),
             load_ahead_s: None,
             copy_s: None,
+            staged_tail_s: None,
         };
         let r = SimResult {
             decode_misses: 2,
@@ -272,6 +276,7 @@ mod tests {
             uncaptured_step_s: None,
             load_ahead_s: None,
             copy_s: None,
+            staged_tail_s: None,
         };
         let misses = |m: u64| SimResult {
             decode_misses: m,
@@ -295,6 +300,7 @@ mod tests {
             uncaptured_step_s: None,
             load_ahead_s: None,
             copy_s: Some(0.0003),
+            staged_tail_s: None,
         };
         // Two tokens: one layer with 3 misses, two layers with 1 each → 5 misses, 3 layers.
         let r = SimResult {
@@ -315,5 +321,14 @@ mod tests {
         // Without a copy time the layers do not matter.
         let plain = Costs { copy_s: None, ..c };
         assert!((predict_tok_s(&plain, &r) - 2.0 / (0.008 + 5.0 * 0.0004)).abs() < 1e-9);
+        // Some files registered, the rest staged: every miss its own time, and each layer that
+        // misses the staged copies' tail.
+        let mixed = Costs {
+            copy_s: None,
+            staged_tail_s: Some(0.0001),
+            ..c
+        };
+        let want = 2.0 / (0.008 + 5.0 * 0.0004 + 3.0 * 0.0001);
+        assert!((predict_tok_s(&mixed, &r) - want).abs() < 1e-9);
     }
 }

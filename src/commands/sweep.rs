@@ -113,8 +113,11 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
         .is_on();
     let capacities = parse_capacities(&a.capacities, total).map_err(InputError)?;
 
-    let (read_bandwidth, miss_path) =
-        measure_miss_bandwidth(&model_dir, &cfg, a.cold, &a.model.device, settings);
+    let MissBandwidth {
+        bw: read_bandwidth,
+        staged: staged_bandwidth,
+        path: miss_path,
+    } = measure_miss_bandwidth(&model_dir, &cfg, a.cold, &a.model.device, settings);
     eprintln!("sweep: native reference run…");
     let native = session(&base, Backend::Native, settings)?;
     let nm = backend_metrics(&native, Backend::Native);
@@ -185,6 +188,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
             uncaptured_step_s: uncaptured.map(|u| 1.0 / u),
             load_ahead_s: None,
             copy_s: smallest.and_then(|c| c.staged_copy_s()),
+            staged_tail_s: smallest.and_then(|c| c.staged_tail_s()),
         }),
         _ => None,
     };
@@ -293,12 +297,18 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
         // averaged over the layers (a mixed file stores some layers' experts larger).
         let stored = crate::model::held::held_sizes(&model_dir, &cfg, 2, true, false)
             .map_or((cfg.expert_params() * 2) as f64, |h| h.stored_mean);
+        // Where only some files are registered, this run's share of bytes copied direct.
+        let direct_share = staged_bandwidth.and_then(|_| {
+            let c = cache?;
+            (c.h2d_bytes > 0).then(|| c.h2d_direct_bytes as f64 / c.h2d_bytes as f64)
+        });
         let bound = match (nm.decode_tok_s, read_bandwidth) {
             (Some(t), Some(bw)) => {
                 // Loads ahead take the same bandwidth as misses.
                 let per_tok = (sim.decode_misses + sim.decode_prefetch_loads) as f64
                     / decode_steps.max(1) as f64;
-                Some(1.0 / (1.0 / t + per_tok * stored / bw))
+                let per_byte = seconds_per_missed_byte(bw, staged_bandwidth, direct_share);
+                Some(1.0 / (1.0 / t + per_tok * stored * per_byte))
             }
             _ => None,
         };
@@ -340,6 +350,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
             gpu_fills: fills,
             peak_gpu: m.memory.peak_gpu,
             host_pinned_bytes: cache.map_or(0, |c| c.host_pinned_bytes),
+            direct_share,
             decode_paths: m.decode_paths.clone(),
             steady_decode_paths: last_pass
                 .map_or_else(Vec::new, |f| paths_from(s, Backend::Selective, f)),
@@ -375,6 +386,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
         fitted_miss_cost_us: fitted_miss_s.map(|s| s * 1e6),
         read_bandwidth,
         miss_path,
+        staged_bandwidth,
         paired_steady,
         mean_prediction_error_pct: (!errs.is_empty())
             .then(|| errs.iter().sum::<f64>() / errs.len() as f64),
@@ -444,55 +456,93 @@ fn paired(args: &RunArgs, capacity: usize, first: usize, settings: &Settings) ->
     out
 }
 
+/// The bound's time per missed byte: at the miss path's bandwidth `bw`; where only some files
+/// are registered (`staged` given), the direct share `direct_share` of the bytes at `bw` and the
+/// rest at the staged pipeline's — with no share measured, all at the slower of the two.
+fn seconds_per_missed_byte(bw: f64, staged: Option<f64>, direct_share: Option<f64>) -> f64 {
+    match (staged, direct_share) {
+        (Some(st), Some(f)) => f / bw + (1.0 - f) / st,
+        (Some(st), None) => 1.0 / bw.min(st),
+        (None, _) => 1.0 / bw,
+    }
+}
+
+/// What the sweep's bound charges a missed byte: the miss path's bandwidth, bytes/s, and on a GPU
+/// which path that is.
+struct MissBandwidth {
+    bw: Option<f64>,
+    /// Where the direct path registers only some files: the staged pipeline's bandwidth, which
+    /// misses in the others move at (`bw` is then the direct path's).
+    staged: Option<f64>,
+    path: Option<String>,
+}
+
 /// The bandwidth a miss moves at on `device`, and on a GPU which path that is: DMA from the
 /// registered expert files when the cache will take that path (see `experts::direct`),
-/// else the staged reader.
+/// else the staged reader; both where only some files are registered.
 fn measure_miss_bandwidth(
     dir: &std::path::Path,
     cfg: &crate::model::MoeConfig,
     cold: bool,
     device: &crate::engine::DeviceSpec,
     settings: &Settings,
-) -> (Option<f64>, Option<String>) {
+) -> MissBandwidth {
     use crate::experts::direct::{self, H2dPath};
     use crate::experts::source::ExpertSource;
+    let only = |bw: Option<f64>, path: Option<String>| MissBandwidth {
+        bw,
+        staged: None,
+        path,
+    };
     if !device.is_cuda() {
-        return (measure_read_bandwidth(dir, cfg, cold), None);
+        return only(measure_read_bandwidth(dir, cfg, cold), None);
     }
     let opened = crate::model::Checkpoint::open(dir)
         .and_then(|ckpt| crate::experts::source::ShardSource::new(&ckpt, cfg))
         .and_then(|src| Ok((src, device.open()?)));
     let (src, dev) = match opened {
         Ok(x) => x,
-        Err(e) => return (None, Some(format!("not measured: {e}"))),
+        Err(e) => return only(None, Some(format!("not measured: {e}"))),
     };
     src.set_cold(cold);
-    match direct::choose(&dev, &src, settings.h2d) {
-        Ok((H2dPath::Direct, why)) => match direct::bandwidth(&dev, &src) {
-            Ok(bw) => (Some(bw), Some(format!("direct: {why}"))),
+    // Warm misses on a GPU are read and then copied: the pipeline is the bound, measured as it
+    // runs (cold ones are storage reads first, which the read measures).
+    let staged = |why: &str| -> (Option<f64>, String) {
+        if cold {
+            return (
+                measure_read_bandwidth(dir, cfg, cold),
+                format!("staged: {why}"),
+            );
+        }
+        match crate::experts::upload::staged_bandwidth(&dev, &src) {
+            Ok(bw) => (Some(bw), format!("staged, read and copied: {why}")),
             Err(e) => (
                 measure_read_bandwidth(dir, cfg, cold),
-                Some(format!("staged: direct copies failed ({e})")),
+                format!("staged (read only: the pipeline failed, {e}): {why}"),
             ),
-        },
-        // Warm misses on a GPU are read and then copied: the pipeline is the bound, measured
-        // as it runs (cold ones are storage reads first, which the read measures).
-        Ok((H2dPath::Staged, why)) if dev.is_cuda() && !cold => {
-            match crate::experts::upload::staged_bandwidth(&dev, &src) {
-                Ok(bw) => (Some(bw), Some(format!("staged, read and copied: {why}"))),
-                Err(e) => (
-                    measure_read_bandwidth(dir, cfg, cold),
-                    Some(format!(
-                        "staged (read only: the pipeline failed, {e}): {why}"
-                    )),
-                ),
-            }
         }
-        Ok((H2dPath::Staged, why)) => (
-            measure_read_bandwidth(dir, cfg, cold),
-            Some(format!("staged: {why}")),
-        ),
-        Err(e) => (None, Some(format!("not measured: {e}"))),
+    };
+    match direct::choose(&dev, &src, settings.h2d) {
+        Ok(c) if c.path == H2dPath::Direct => match direct::bandwidth(&dev, &src, &c.register) {
+            Ok(bw) if c.partial => {
+                let (st, _) = staged("the files left unregistered");
+                MissBandwidth {
+                    bw: Some(bw),
+                    staged: st,
+                    path: Some(format!("direct: {}", c.why)),
+                }
+            }
+            Ok(bw) => only(Some(bw), Some(format!("direct: {}", c.why))),
+            Err(e) => {
+                let (bw, why) = staged(&format!("direct copies failed ({e})"));
+                only(bw, Some(why))
+            }
+        },
+        Ok(c) => {
+            let (bw, why) = staged(&c.why);
+            only(bw, Some(why))
+        }
+        Err(e) => only(None, Some(format!("not measured: {e}"))),
     }
 }
 
@@ -548,4 +598,36 @@ fn measure_read_bandwidth(
     let total = read_all(&mut bufs)?;
     let secs = start.elapsed().as_secs_f64();
     (secs > 0.0 && total > 0).then(|| total as f64 / secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seconds_per_missed_byte;
+
+    #[test]
+    fn a_partly_registered_path_charges_each_share_at_its_own_bandwidth() {
+        let (direct, staged) = (50e9, 20e9);
+        // One path: its bandwidth.
+        assert_eq!(seconds_per_missed_byte(direct, None, None), 1.0 / direct);
+        assert_eq!(
+            seconds_per_missed_byte(direct, None, Some(0.3)),
+            1.0 / direct
+        );
+        // Both: the shares' times add.
+        let mixed = seconds_per_missed_byte(direct, Some(staged), Some(0.5));
+        assert!((mixed - (0.5 / direct + 0.5 / staged)).abs() < 1e-24);
+        assert_eq!(
+            seconds_per_missed_byte(direct, Some(staged), Some(1.0)),
+            1.0 / direct
+        );
+        assert_eq!(
+            seconds_per_missed_byte(direct, Some(staged), Some(0.0)),
+            1.0 / staged
+        );
+        // No copies to weigh by: every byte at the slower path.
+        assert_eq!(
+            seconds_per_missed_byte(direct, Some(staged), None),
+            1.0 / staged
+        );
+    }
 }

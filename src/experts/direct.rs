@@ -13,9 +13,11 @@
 //! cache's life, used or not. Pinning is slow too (about 0.5 GB/s on an H200 host, 18 s for
 //! 8 layers of Qwen3-30B-A3B — four times native's whole load), so it runs on a thread of its
 //! own after [`DirectFiles::open`] returns: a miss whose file is not registered yet is staged,
-//! and the cache is usable at once. So [`choose`] takes this path only on a discrete GPU, when the
-//! files fit in half the available memory and cold mode is off (a pinned page cannot be
-//! dropped to force storage reads); the `h2d` setting (`MOESCOPE_H2D=direct|staged|auto`)
+//! and the cache is usable at once. So [`choose`] takes this path only on a discrete GPU with
+//! cold mode off (a pinned page cannot be dropped to force storage reads), and registers no more
+//! than half the available memory: all the files where they fit, else as many whole files as
+//! fit (misses in the others stage — a model twice the host's spare memory still has half its
+//! misses copied direct, BENCHMARKS.md §90). The `h2d` setting (`MOESCOPE_H2D=direct|staged|auto`)
 //! overrides. On an
 //! integrated GPU (Jetson Thor) host memory *is* the GPU's memory: pinning the whole checkpoint
 //! there would undo what the cache saves.
@@ -63,13 +65,20 @@ pub fn expert_files(source: &dyn ExpertSource) -> Option<Vec<PathBuf>> {
     Some(files.into_iter().collect())
 }
 
-/// Which path a GPU cache over `source` on `device` takes, and why (for logs and statistics);
-/// `forced` is the `h2d` setting.
-pub fn choose(
-    device: &Device,
-    source: &dyn ExpertSource,
-    forced: H2dChoice,
-) -> Result<(H2dPath, String)> {
+/// How GPU misses will reach the device, and why (for logs and statistics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub path: H2dPath,
+    pub why: String,
+    /// On the direct path, the files to register: every expert file, or those that fit in half
+    /// the available memory (misses in the others stage). Empty on the staged path.
+    pub register: Vec<PathBuf>,
+    /// Whether `register` leaves expert files out.
+    pub partial: bool,
+}
+
+/// Which path a GPU cache over `source` on `device` takes; `forced` is the `h2d` setting.
+pub fn choose(device: &Device, source: &dyn ExpertSource, forced: H2dChoice) -> Result<Choice> {
     let files = device.is_cuda().then(|| expert_files(source)).flatten();
     choose_given(device, source, files.as_deref(), forced)
 }
@@ -81,19 +90,16 @@ pub fn choose_given(
     source: &dyn ExpertSource,
     files: Option<&[PathBuf]>,
     forced: H2dChoice,
-) -> Result<(H2dPath, String)> {
+) -> Result<Choice> {
     let cuda = device.is_cuda();
     let facts = Facts {
         cuda,
         integrated: cuda && is_integrated(device),
         cold: source.is_cold(),
         files: files.map(|f| {
-            let bytes = f
-                .iter()
-                .filter_map(|p| std::fs::metadata(p).ok())
-                .map(|m| m.len())
-                .sum();
-            (f.len(), bytes)
+            f.iter()
+                .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+                .collect()
         }),
         available: if cuda {
             crate::util::mem_available()
@@ -101,7 +107,38 @@ pub fn choose_given(
             0
         },
     };
-    decide(forced, &facts)
+    let d = decide(forced, &facts)?;
+    let all = files.unwrap_or(&[]);
+    Ok(Choice {
+        path: d.path,
+        why: d.why,
+        partial: d.path == H2dPath::Direct && d.register.len() < all.len(),
+        register: d.register.iter().map(|&i| all[i].clone()).collect(),
+    })
+}
+
+/// [`decide`]'s answer: the path, why, and which files (indices into [`Facts::files`]) to
+/// register on the direct path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub path: H2dPath,
+    pub why: String,
+    pub register: Vec<usize>,
+}
+
+/// The files of `sizes` (in order) that fit together in `budget` bytes, each whole, first fit.
+/// Which ones hardly matters: a model's misses are spread over all its layers, so the share of
+/// misses copied direct follows the share of expert bytes registered.
+pub fn files_within(sizes: &[u64], budget: u64) -> Vec<usize> {
+    let mut used = 0u64;
+    let mut out = Vec::new();
+    for (i, &s) in sizes.iter().enumerate() {
+        if let Some(total) = used.checked_add(s).filter(|&t| t <= budget) {
+            used = total;
+            out.push(i);
+        }
+    }
+    out
 }
 
 /// What the choice of path depends on.
@@ -111,18 +148,24 @@ pub struct Facts {
     /// An integrated GPU (host memory is its memory).
     pub integrated: bool,
     pub cold: bool,
-    /// How many distinct files hold the experts and their total size; `None` when the
-    /// experts are not plain byte ranges of files.
-    pub files: Option<(usize, u64)>,
+    /// The sizes of the distinct files holding the experts, in order; `None` when the experts
+    /// are not plain byte ranges of files.
+    pub files: Option<Vec<u64>>,
     /// The host's available memory, bytes.
     pub available: u64,
 }
 
 /// The rules of [`choose`]: the `h2d` setting (`MOESCOPE_H2D`) and the facts. Forcing
 /// `direct` where it cannot work (cold mode, experts that are not file ranges) is an error
-/// rather than a silent fallback.
-pub fn decide(forced: H2dChoice, f: &Facts) -> Result<(H2dPath, String)> {
-    let staged = |why: String| Ok((H2dPath::Staged, why));
+/// rather than a silent fallback; forced, every file is registered.
+pub fn decide(forced: H2dChoice, f: &Facts) -> Result<Decision> {
+    let staged = |why: String| {
+        Ok(Decision {
+            path: H2dPath::Staged,
+            why,
+            register: Vec::new(),
+        })
+    };
     let forced_direct = match forced {
         H2dChoice::Auto => false,
         H2dChoice::Direct => true,
@@ -144,7 +187,7 @@ pub fn decide(forced: H2dChoice, f: &Facts) -> Result<(H2dPath, String)> {
             staged(WHY.into())
         };
     }
-    let Some((count, bytes)) = f.files else {
+    let Some(sizes) = &f.files else {
         const WHY: &str = "the expert source is not plain file ranges";
         return if forced_direct {
             refuse(WHY)
@@ -152,22 +195,49 @@ pub fn decide(forced: H2dChoice, f: &Facts) -> Result<(H2dPath, String)> {
             staged(WHY.into())
         };
     };
+    let (count, bytes) = (sizes.len(), sizes.iter().sum::<u64>());
     let sized = format!("{count} expert files, {}", crate::util::fmt_bytes(bytes));
+    let direct = |why: String, register: Vec<usize>| {
+        Ok(Decision {
+            path: H2dPath::Direct,
+            why,
+            register,
+        })
+    };
     if forced_direct {
-        return Ok((H2dPath::Direct, format!("MOESCOPE_H2D=direct ({sized})")));
+        return direct(
+            format!("MOESCOPE_H2D=direct ({sized})"),
+            (0..count).collect(),
+        );
     }
     if f.integrated {
         return staged(
             "integrated GPU: host memory is device memory, pinning the files would use it".into(),
         );
     }
-    if bytes > f.available / 2 {
+    let budget = f.available / 2;
+    if bytes <= budget {
+        return direct(format!("{sized} registered"), (0..count).collect());
+    }
+    let fit = files_within(sizes, budget);
+    let half = crate::util::fmt_bytes(budget);
+    if fit.is_empty() {
         return staged(format!(
-            "the expert files ({sized}) exceed half the available memory ({})",
-            crate::util::fmt_bytes(f.available)
+            "the expert files ({sized}) exceed half the available memory ({half}), \
+             and none fits in it alone"
         ));
     }
-    Ok((H2dPath::Direct, format!("{sized} registered")))
+    let fit_bytes: u64 = fit.iter().map(|&i| sizes[i]).sum();
+    direct(
+        format!(
+            "{} of the {count} expert files ({} of {}) registered, as many as fit in half the \
+             available memory ({half}); misses in the other files stage",
+            fit.len(),
+            crate::util::fmt_bytes(fit_bytes),
+            crate::util::fmt_bytes(bytes)
+        ),
+        fit,
+    )
 }
 
 #[cfg(feature = "cuda")]
@@ -381,16 +451,16 @@ impl DirectFiles {
 /// Host→device bandwidth of the direct path on this machine, bytes/s: up to 1 GiB of the
 /// source's experts copied from their registered files into two alternating device buffers,
 /// as misses are (a warm-up pass first, so the pages are resident and the driver is warm).
-pub fn bandwidth(device: &Device, source: &dyn ExpertSource) -> Result<f64> {
-    let files = expert_files(source)
-        .ok_or_else(|| ModelError::Input("the expert source is not plain file ranges".into()))?;
-    let mut d = DirectFiles::open(device, &files, false)?;
+/// `files`: those the cache registers ([`Choice::register`]); only experts wholly in them count.
+pub fn bandwidth(device: &Device, source: &dyn ExpertSource, files: &[PathBuf]) -> Result<f64> {
+    let mut d = DirectFiles::open(device, files, false)?;
     d.wait_registered()?;
     let cfg = source.config();
     let experts: Vec<[TensorLocation; 3]> = cfg
         .moe_layers()
         .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
         .filter_map(|(l, e)| source.part_locations(l, e))
+        .filter(|parts| parts.iter().all(|p| files.contains(&p.file)))
         .collect();
     let largest = experts
         .iter()
@@ -817,7 +887,7 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
-    fn gpu(files: Option<(usize, u64)>, available: u64) -> Facts {
+    fn gpu(files: Option<Vec<u64>>, available: u64) -> Facts {
         Facts {
             cuda: true,
             integrated: false,
@@ -830,17 +900,31 @@ mod tests {
     #[test]
     fn direct_only_where_the_files_fit_and_stay_warm() {
         use H2dChoice::{Auto, Direct, Staged};
-        let path = |forced: H2dChoice, f: &Facts| decide(forced, f).map(|(p, _)| p);
-        let fits = gpu(Some((3, 10 * GIB)), 100 * GIB);
-        assert_eq!(path(Auto, &fits).unwrap(), H2dPath::Direct);
-        assert_eq!(path(Auto, &fits).unwrap(), H2dPath::Direct);
+        let path = |forced: H2dChoice, f: &Facts| decide(forced, f).map(|d| d.path);
+        let fits = gpu(Some(vec![4 * GIB, 4 * GIB, 2 * GIB]), 100 * GIB);
+        let d = decide(Auto, &fits).unwrap();
+        assert_eq!((d.path, d.register), (H2dPath::Direct, vec![0, 1, 2]));
         assert_eq!(path(Staged, &fits).unwrap(), H2dPath::Staged);
-        // Over half the available memory: staged unless forced.
-        let big = gpu(Some((15, 54 * GIB)), 100 * GIB);
-        let (p, why) = decide(Auto, &big).unwrap();
-        assert_eq!(p, H2dPath::Staged);
-        assert!(why.contains("half the available memory"), "{why}");
-        assert_eq!(path(Direct, &big).unwrap(), H2dPath::Direct);
+        assert!(decide(Staged, &fits).unwrap().register.is_empty());
+        // Over half the available memory: the files that fit in it, the rest staged.
+        let big = gpu(Some(vec![18 * GIB; 3]), 100 * GIB);
+        let d = decide(Auto, &big).unwrap();
+        assert_eq!((d.path, &d.register[..]), (H2dPath::Direct, &[0, 1][..]));
+        assert!(
+            d.why
+                .contains("2 of the 3 expert files (36.0 GiB of 54.0 GiB)")
+                && d.why.contains("the other files stage"),
+            "{}",
+            d.why
+        );
+        // Forced: every file.
+        assert_eq!(decide(Direct, &big).unwrap().register, vec![0, 1, 2]);
+        // No single file fits: staged.
+        let huge = gpu(Some(vec![60 * GIB, 60 * GIB]), 100 * GIB);
+        let d = decide(Auto, &huge).unwrap();
+        assert_eq!(d.path, H2dPath::Staged);
+        assert!(d.why.contains("half the available memory"), "{}", d.why);
+        assert_eq!(path(Direct, &huge).unwrap(), H2dPath::Direct);
         // Integrated GPU (Thor): staged unless forced.
         let thor = Facts {
             integrated: true,
@@ -869,6 +953,15 @@ mod tests {
             ..fits.clone()
         };
         assert_eq!(path(Direct, &cpu).unwrap(), H2dPath::Staged);
+    }
+
+    #[test]
+    fn files_within_takes_whole_files_first_fit() {
+        assert_eq!(files_within(&[5, 3, 4, 1], 8), vec![0, 1]);
+        assert_eq!(files_within(&[9, 3, 4, 1], 8), vec![1, 2, 3]);
+        assert_eq!(files_within(&[9], 8), Vec::<usize>::new());
+        assert_eq!(files_within(&[], 8), Vec::<usize>::new());
+        assert_eq!(files_within(&[u64::MAX, 1], u64::MAX), vec![0]);
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct SweepRow {
     /// Host memory page-locked for direct copies (the registered expert files; part of
     /// `peak_memory`, since mapped pages count in the RSS).
     pub host_pinned_bytes: u64,
+    /// Where only some expert files are registered: the share of `h2d_bytes` copied direct
+    /// (the rest staged), which weighs the two paths' bandwidths in the bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct_share: Option<f64>,
     /// Decode steps by how they ran (graph, piecewise, redone…), all passes and the last pass.
     pub decode_paths: Vec<PathShare>,
     pub steady_decode_paths: Vec<PathShare>,
@@ -85,6 +89,11 @@ pub struct Sweep {
     pub read_bandwidth: Option<f64>,
     /// On a GPU: which miss path the bound measured ("direct: …" / "staged: …", with why).
     pub miss_path: Option<String>,
+    /// Where the direct path registers only some expert files: the staged pipeline's bandwidth,
+    /// which misses in the other files move at (bytes/s; `read_bandwidth` is then the direct
+    /// path's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staged_bandwidth: Option<f64>,
     pub rows: Vec<SweepRow>,
     /// On a GPU with every expert's capacity in the sweep and ≥ 2 passes: native and selective
     /// at that capacity in one session, prompts alternating, compared over the last pass.
@@ -164,8 +173,11 @@ pub fn sweep_table(s: &Sweep) -> String {
     if let Some(bw) = s.read_bandwidth {
         let _ = writeln!(
             o,
-            "expert miss bandwidth {:.2} GB/s ({}{})",
+            "expert miss bandwidth {:.2} GB/s{} ({}{})",
             bw / 1e9,
+            s.staged_bandwidth
+                .map(|st| format!(" direct, {:.2} GB/s staged", st / 1e9))
+                .unwrap_or_default(),
             if s.cold { "cold" } else { "warm" },
             s.miss_path
                 .as_deref()

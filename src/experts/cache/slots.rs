@@ -125,13 +125,10 @@ impl GpuSlots {
             .is_cuda()
             .then(|| direct::expert_files(source))
             .flatten();
-        let (path, why) = direct::choose_given(device, source, files.as_deref(), settings.h2d)?;
-        let (direct, h2d_path) = if path == H2dPath::Direct {
-            match DirectFiles::open(
-                device,
-                files.as_deref().unwrap_or(&[]),
-                settings.copy_stream,
-            ) {
+        let choice = direct::choose_given(device, source, files.as_deref(), settings.h2d)?;
+        let why = &choice.why;
+        let (direct, h2d_path) = if choice.path == H2dPath::Direct {
+            match DirectFiles::open(device, &choice.register, settings.copy_stream) {
                 Ok(d) => (Some(d), format!("direct: {why}")),
                 // Not fatal: the staged path works everywhere, only slower.
                 Err(e) => {
@@ -147,8 +144,9 @@ impl GpuSlots {
         };
         let mut homes = match &direct {
             // The fill kernels copy parts as stored: the compute dtype, GGUF blocks, or FP8
-            // bytes with their scales (into the scale pools).
-            Some(_) if settings.gpu_fill => pools.home_slots(cfg.num_experts),
+            // bytes with their scales (into the scale pools). They read every expert from its
+            // registered file, so not where some files stage.
+            Some(_) if settings.gpu_fill && !choice.partial => pools.home_slots(cfg.num_experts),
             _ => None,
         };
         // Self-fill hands the kernels every expert's address up front, so here (a slot for every
@@ -243,6 +241,8 @@ impl GpuSlots {
         CacheSnapshot {
             h2d_bytes: staged_bytes + direct_bytes,
             h2d_time_us: staged_us + direct_us,
+            h2d_direct_bytes: direct_bytes,
+            h2d_direct_time_us: direct_us,
             h2d_path: Some(match self.direct.as_mut() {
                 Some(d) => {
                     d.poll();
