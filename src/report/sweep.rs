@@ -316,13 +316,16 @@ pub fn sweep_table(s: &Sweep) -> String {
             };
             let _ = writeln!(
                 o,
-                "{:>9} {:>6.1}%   {:>10} in {:>8.1} ms   {rate:>10}   GPU {:>9}   pinned {:>9}{}",
+                "{:>9} {:>6.1}%   {:>10} in {:>8.1} ms   {rate:>10}   GPU {:>9}   pinned {:>9}{}{}",
                 r.capacity,
                 r.capacity_pct,
                 fmt_bytes(r.h2d_bytes),
                 r.h2d_time_us as f64 / 1e3,
                 r.peak_gpu.map(fmt_bytes).unwrap_or("–".into()),
                 fmt_bytes(r.host_pinned_bytes),
+                r.direct_share
+                    .map(|f| format!("   {:.0} % direct", 100.0 * f))
+                    .unwrap_or_default(),
                 if r.h2d_fill_bytes > 0 {
                     format!("   + {} filled by the GPU", fmt_bytes(r.h2d_fill_bytes))
                 } else {

@@ -181,16 +181,24 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
 }
 
 /// " · direct 51.8 GB/s" on a GPU slot pool once copies have been timed: which path misses take
-/// to the device (see `experts::direct`) and the rate they moved at; empty elsewhere.
+/// to the device (see `experts::direct`) and the rate they moved at — with some files registered
+/// and the rest staged, the share copied direct; empty elsewhere.
 fn gpu_copies(c: &crate::cache::stats::CacheSnapshot) -> String {
     if c.h2d_time_us == 0 {
         return String::new();
     }
-    let path = c
-        .h2d_path
-        .as_deref()
-        .and_then(|p| p.split(':').next())
-        .unwrap_or("H2D");
+    let path = if c.h2d_direct_bytes > 0 && c.h2d_direct_bytes < c.h2d_bytes {
+        format!(
+            "{:.0} % direct, rest staged,",
+            100.0 * c.h2d_direct_bytes as f64 / c.h2d_bytes as f64
+        )
+    } else {
+        c.h2d_path
+            .as_deref()
+            .and_then(|p| p.split(':').next())
+            .unwrap_or("H2D")
+            .to_string()
+    };
     format!(
         " · {path} {:.1} GB/s",
         c.h2d_bytes as f64 / c.h2d_time_us as f64 / 1e3
@@ -224,6 +232,11 @@ mod tests {
         c.h2d_path = Some("direct: 3 expert files, 10.4 GiB registered".into());
         assert_eq!(gpu_copies(&c), " · direct 51.8 GB/s");
         c.h2d_path = None;
+        assert_eq!(gpu_copies(&c), " · H2D 51.8 GB/s");
+        // Some files registered, the rest staged.
+        c.h2d_direct_bytes = 3_500_000_000;
+        assert_eq!(gpu_copies(&c), " · 68 % direct, rest staged, 51.8 GB/s");
+        c.h2d_direct_bytes = c.h2d_bytes;
         assert_eq!(gpu_copies(&c), " · H2D 51.8 GB/s");
     }
 }
