@@ -12,6 +12,7 @@
 //! | `MOESCOPE_FILL=0` | `gpu_fill` | a slot pool holding every expert does not fill its own slots |
 //! | `MOESCOPE_H2D=auto\|direct\|staged` | `h2d` | how GPU misses reach the device |
 //! | `MOESCOPE_COPY_STREAM=1` | `copy_stream` | direct copies on a second stream |
+//! | `MOESCOPE_PIN_BUDGET=SIZE` | `pin_budget` | host memory the direct path may page-lock (default: half the available memory) |
 //! | `MOESCOPE_TEST_CORES=N` | `cores` | the core count `--prefetch auto` decides by (a test hook) |
 
 use serde::{Deserialize, Serialize};
@@ -74,6 +75,10 @@ pub struct Settings {
     pub gpu_fill: bool,
     pub h2d: H2dChoice,
     pub copy_stream: bool,
+    /// Host memory the direct path may page-lock, bytes (`None`: half the available memory;
+    /// see `experts::direct`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_budget: Option<u64>,
     /// Cores available to the process when the run started (0 in a header that did not say).
     #[serde(default)]
     pub cores: usize,
@@ -93,6 +98,7 @@ impl Default for Settings {
             gpu_fill: true,
             h2d: H2dChoice::Auto,
             copy_stream: false,
+            pin_budget: None,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             worker_cpus: Vec::new(),
         }
@@ -149,6 +155,11 @@ impl Settings {
         if let Some(v) = var("MOESCOPE_COPY_STREAM") {
             s.copy_stream = v == "1";
         }
+        if let Some(v) = var("MOESCOPE_PIN_BUDGET") {
+            s.pin_budget = Some(crate::util::parse_bytes(&v).map_err(|e| {
+                format!("MOESCOPE_PIN_BUDGET is {v:?}; expected a size such as 16GiB ({e})")
+            })?);
+        }
         if let Some(v) = var("MOESCOPE_TEST_CORES") {
             s.cores = v
                 .parse()
@@ -183,6 +194,9 @@ impl Settings {
         if self.copy_stream != d.copy_stream {
             out.push("second copy stream".into());
         }
+        if let Some(b) = self.pin_budget {
+            out.push(format!("pin budget {}", crate::util::fmt_bytes(b)));
+        }
         out.join(", ")
     }
 }
@@ -212,6 +226,7 @@ mod tests {
             ("MOESCOPE_FILL", "0"),
             ("MOESCOPE_H2D", "staged"),
             ("MOESCOPE_COPY_STREAM", "1"),
+            ("MOESCOPE_PIN_BUDGET", "16GiB"),
             ("MOESCOPE_TEST_CORES", "7"),
         ]))
         .unwrap();
@@ -225,6 +240,7 @@ mod tests {
                 gpu_fill: false,
                 h2d: H2dChoice::Staged,
                 copy_stream: true,
+                pin_budget: Some(16 << 30),
                 cores: 7,
                 worker_cpus: Vec::new(),
             }
@@ -232,7 +248,7 @@ mod tests {
         assert_eq!(
             s.describe_changes(),
             "CUDA graphs off, candle's MoE kernel, candle's attention ops, speculation last, GPU \
-             self-fill off, staged copies forced, second copy stream"
+             self-fill off, staged copies forced, second copy stream, pin budget 16.0 GiB"
         );
         assert_eq!(
             Settings::from_vars(vars(&[("MOESCOPE_SPECULATE", "0")]))
@@ -252,6 +268,11 @@ mod tests {
         let e = Settings::from_vars(vars(&[("MOESCOPE_ATTN_KERNEL", "flash")])).unwrap_err();
         assert!(
             e.contains("MOESCOPE_ATTN_KERNEL") && e.contains("moescope or candle"),
+            "{e}"
+        );
+        let e = Settings::from_vars(vars(&[("MOESCOPE_PIN_BUDGET", "lots")])).unwrap_err();
+        assert!(
+            e.contains("MOESCOPE_PIN_BUDGET") && e.contains("a size such as 16GiB"),
             "{e}"
         );
         let e = Settings::from_vars(vars(&[("MOESCOPE_TEST_CORES", "many")])).unwrap_err();

@@ -10,7 +10,7 @@ use moescope::cache::settings::{CacheSettings, PrefetchMode, Scope, SourceSpec};
 use moescope::engine::{BackendKind, Dtype, Engine};
 use moescope::model::ports::NoObserver;
 use moescope::model::qwen3_moe::Logits;
-use moescope::settings::{H2dChoice, Settings};
+use moescope::settings::Settings;
 
 /// Bits of the final logits of a sequence, then the 12 greedy tokens after it.
 fn run(e: &Engine, seq: &[u32]) -> (Vec<u32>, Vec<u32>) {
@@ -320,7 +320,7 @@ fn part_locations_are_the_bytes_read() {
             }
         }
         // Off a GPU the staged path is the only one, and says why.
-        let c = direct::choose(&Device::Cpu, src.as_ref(), H2dChoice::Auto).unwrap();
+        let c = direct::choose(&Device::Cpu, src.as_ref(), &Settings::default()).unwrap();
         assert_eq!(
             (c.path, c.why.as_str(), c.register.len(), c.partial),
             (H2dPath::Staged, "not a CUDA device", 0, false)
@@ -332,7 +332,14 @@ fn part_locations_are_the_bytes_read() {
             err.contains("MOESCOPE_H2D") && err.contains("direct, staged or auto"),
             "{err}"
         );
-        let err = direct::DirectFiles::open(&Device::Cpu, &files, false)
+        let regions: Vec<direct::Region> = files
+            .iter()
+            .map(|f| direct::Region {
+                file: f.clone(),
+                len: u64::MAX,
+            })
+            .collect();
+        let err = direct::DirectFiles::open(&Device::Cpu, &regions, false)
             .err()
             .expect("no direct copies without a GPU")
             .to_string();

@@ -522,7 +522,7 @@ fn measure_miss_bandwidth(
             ),
         }
     };
-    match direct::choose(&dev, &src, settings.h2d) {
+    match direct::choose(&dev, &src, settings) {
         Ok(c) if c.path == H2dPath::Direct => match direct::bandwidth(&dev, &src, &c.register) {
             Ok(bw) if c.partial => {
                 let (st, _) = staged("the files left unregistered");

@@ -15,10 +15,12 @@
 //! own after [`DirectFiles::open`] returns: a miss whose file is not registered yet is staged,
 //! and the cache is usable at once. So [`choose`] takes this path only on a discrete GPU with
 //! cold mode off (a pinned page cannot be dropped to force storage reads), and registers no more
-//! than half the available memory: all the files where they fit, else as many whole files as
-//! fit (misses in the others stage — a model twice the host's spare memory still has half its
-//! misses copied direct, BENCHMARKS.md §90). The `h2d` setting (`MOESCOPE_H2D=direct|staged|auto`)
-//! overrides. On an
+//! than half the available memory (the `pin_budget` setting, `MOESCOPE_PIN_BUDGET`, says
+//! otherwise): all the files where they fit, else their first bytes in file order up to the
+//! budget — whole files, then a prefix of the next, so a single large GGUF file is registered in
+//! part — and a miss outside stages (a model twice the host's spare memory still has about half
+//! its misses copied direct, BENCHMARKS.md §90). The `h2d` setting
+//! (`MOESCOPE_H2D=direct|staged|auto`) overrides. On an
 //! integrated GPU (Jetson Thor) host memory *is* the GPU's memory: pinning the whole checkpoint
 //! there would undo what the cache saves.
 
@@ -30,7 +32,7 @@ use candle_core::{Device, Tensor};
 use super::source::ExpertSource;
 use crate::model::checkpoint::TensorLocation;
 use crate::model::error::{ModelError, Result};
-use crate::settings::H2dChoice;
+use crate::settings::{H2dChoice, Settings};
 
 /// How a GPU slot miss reaches the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,22 +67,42 @@ pub fn expert_files(source: &dyn ExpertSource) -> Option<Vec<PathBuf>> {
     Some(files.into_iter().collect())
 }
 
+/// The first `len` bytes of an expert file, registered for direct copies (the whole file, or
+/// where the pin budget ends inside it, a page-aligned prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    pub file: PathBuf,
+    pub len: u64,
+}
+
+impl Region {
+    /// Whether `loc`'s bytes lie inside the region.
+    pub fn holds(&self, loc: &TensorLocation) -> bool {
+        loc.file == self.file
+            && loc
+                .offset
+                .checked_add(loc.len)
+                .is_some_and(|e| e <= self.len)
+    }
+}
+
 /// How GPU misses will reach the device, and why (for logs and statistics).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
     pub path: H2dPath,
     pub why: String,
-    /// On the direct path, the files to register: every expert file, or those that fit in half
-    /// the available memory (misses in the others stage). Empty on the staged path.
-    pub register: Vec<PathBuf>,
-    /// Whether `register` leaves expert files out.
+    /// On the direct path, what to register: every expert file, or as many of their bytes as
+    /// the pin budget allows, in file order (misses outside stage). Empty on the staged path.
+    pub register: Vec<Region>,
+    /// Whether `register` leaves expert bytes out.
     pub partial: bool,
 }
 
-/// Which path a GPU cache over `source` on `device` takes; `forced` is the `h2d` setting.
-pub fn choose(device: &Device, source: &dyn ExpertSource, forced: H2dChoice) -> Result<Choice> {
+/// Which path a GPU cache over `source` on `device` takes under `settings` (`h2d`,
+/// `pin_budget`).
+pub fn choose(device: &Device, source: &dyn ExpertSource, settings: &Settings) -> Result<Choice> {
     let files = device.is_cuda().then(|| expert_files(source)).flatten();
-    choose_given(device, source, files.as_deref(), forced)
+    choose_given(device, source, files.as_deref(), settings)
 }
 
 /// [`choose`] with the expert files already listed (`None`: not plain file ranges), so a
@@ -89,53 +111,73 @@ pub fn choose_given(
     device: &Device,
     source: &dyn ExpertSource,
     files: Option<&[PathBuf]>,
-    forced: H2dChoice,
+    settings: &Settings,
 ) -> Result<Choice> {
     let cuda = device.is_cuda();
+    let sizes: Option<Vec<u64>> = files.map(|f| {
+        f.iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .collect()
+    });
     let facts = Facts {
         cuda,
         integrated: cuda && is_integrated(device),
         cold: source.is_cold(),
-        files: files.map(|f| {
-            f.iter()
-                .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
-                .collect()
-        }),
+        files: sizes.clone(),
         available: if cuda {
             crate::util::mem_available()
         } else {
             0
         },
+        pin_budget: settings.pin_budget,
     };
-    let d = decide(forced, &facts)?;
+    let d = decide(settings.h2d, &facts)?;
     let all = files.unwrap_or(&[]);
+    let sizes = sizes.unwrap_or_default();
+    let partial = d.path == H2dPath::Direct
+        && (d.register.len() < all.len() || d.register.iter().any(|&(i, n)| n < sizes[i]));
     Ok(Choice {
         path: d.path,
         why: d.why,
-        partial: d.path == H2dPath::Direct && d.register.len() < all.len(),
-        register: d.register.iter().map(|&i| all[i].clone()).collect(),
+        partial,
+        register: d
+            .register
+            .iter()
+            .map(|&(i, len)| Region {
+                file: all[i].clone(),
+                len,
+            })
+            .collect(),
     })
 }
 
-/// [`decide`]'s answer: the path, why, and which files (indices into [`Facts::files`]) to
-/// register on the direct path.
+/// [`decide`]'s answer: the path, why, and what to register on the direct path: (index into
+/// [`Facts::files`], bytes from the file's start).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub path: H2dPath,
     pub why: String,
-    pub register: Vec<usize>,
+    pub register: Vec<(usize, u64)>,
 }
 
-/// The files of `sizes` (in order) that fit together in `budget` bytes, each whole, first fit.
-/// Which ones hardly matters: a model's misses are spread over all its layers, so the share of
-/// misses copied direct follows the share of expert bytes registered.
-pub fn files_within(sizes: &[u64], budget: u64) -> Vec<usize> {
-    let mut used = 0u64;
+/// Registration works in whole pages: a prefix ending inside a file ends on one.
+const PAGE: u64 = 4096;
+
+/// The first `budget` bytes of the files of `sizes`, in order: (file, bytes from its start),
+/// each file whole while the budget lasts, then a page-aligned prefix of the next. Which bytes
+/// hardly matters: a model's misses are spread over all its layers, so the share of misses copied
+/// direct follows the share of expert bytes registered (BENCHMARKS.md §90).
+pub fn bytes_within(sizes: &[u64], budget: u64) -> Vec<(usize, u64)> {
+    let mut left = budget;
     let mut out = Vec::new();
     for (i, &s) in sizes.iter().enumerate() {
-        if let Some(total) = used.checked_add(s).filter(|&t| t <= budget) {
-            used = total;
-            out.push(i);
+        let take = if s <= left { s } else { left / PAGE * PAGE };
+        if take > 0 {
+            out.push((i, take));
+        }
+        left -= take;
+        if take < s {
+            break;
         }
     }
     out
@@ -153,6 +195,9 @@ pub struct Facts {
     pub files: Option<Vec<u64>>,
     /// The host's available memory, bytes.
     pub available: u64,
+    /// The `pin_budget` setting: host memory the direct path may page-lock (default: half of
+    /// `available`).
+    pub pin_budget: Option<u64>,
 }
 
 /// The rules of [`choose`]: the `h2d` setting (`MOESCOPE_H2D`) and the facts. Forcing
@@ -197,7 +242,8 @@ pub fn decide(forced: H2dChoice, f: &Facts) -> Result<Decision> {
     };
     let (count, bytes) = (sizes.len(), sizes.iter().sum::<u64>());
     let sized = format!("{count} expert files, {}", crate::util::fmt_bytes(bytes));
-    let direct = |why: String, register: Vec<usize>| {
+    let all = || (0..count).map(|i| (i, sizes[i])).collect();
+    let direct = |why: String, register: Vec<(usize, u64)>| {
         Ok(Decision {
             path: H2dPath::Direct,
             why,
@@ -205,34 +251,43 @@ pub fn decide(forced: H2dChoice, f: &Facts) -> Result<Decision> {
         })
     };
     if forced_direct {
-        return direct(
-            format!("MOESCOPE_H2D=direct ({sized})"),
-            (0..count).collect(),
-        );
+        return direct(format!("MOESCOPE_H2D=direct ({sized})"), all());
     }
     if f.integrated {
         return staged(
             "integrated GPU: host memory is device memory, pinning the files would use it".into(),
         );
     }
-    let budget = f.available / 2;
+    let (budget, limit) = match f.pin_budget {
+        Some(b) => (
+            b,
+            format!(
+                "the pin budget (MOESCOPE_PIN_BUDGET={})",
+                crate::util::fmt_bytes(b)
+            ),
+        ),
+        None => (
+            f.available / 2,
+            format!(
+                "half the available memory ({})",
+                crate::util::fmt_bytes(f.available / 2)
+            ),
+        ),
+    };
     if bytes <= budget {
-        return direct(format!("{sized} registered"), (0..count).collect());
+        return direct(format!("{sized} registered"), all());
     }
-    let fit = files_within(sizes, budget);
-    let half = crate::util::fmt_bytes(budget);
+    let fit = bytes_within(sizes, budget);
     if fit.is_empty() {
-        return staged(format!(
-            "the expert files ({sized}) exceed half the available memory ({half}), \
-             and none fits in it alone"
-        ));
+        return staged(format!("the expert files ({sized}) exceed {limit}"));
     }
-    let fit_bytes: u64 = fit.iter().map(|&i| sizes[i]).sum();
+    let fit_bytes: u64 = fit.iter().map(|&(_, n)| n).sum();
+    let whole = fit.iter().filter(|&&(i, n)| n == sizes[i]).count();
+    let part = if whole < fit.len() { ", 1 in part" } else { "" };
     direct(
         format!(
-            "{} of the {count} expert files ({} of {}) registered, as many as fit in half the \
-             available memory ({half}); misses in the other files stage",
-            fit.len(),
+            "{} of the {} of expert files registered ({whole} of the {count} files whole{part}), \
+             as much as fits in {limit}; misses outside stage",
             crate::util::fmt_bytes(fit_bytes),
             crate::util::fmt_bytes(bytes)
         ),
@@ -301,24 +356,25 @@ pub struct Settled {
 }
 
 impl DirectFiles {
-    /// Maps `files` and starts registering them with `device`'s driver on a background thread,
-    /// one file after the other; a file's copies go direct once it is registered
+    /// Maps the regions' files and starts registering the regions with `device`'s driver on a
+    /// background thread, one after the other; a tensor's copies go direct once its region is
+    /// registered
     /// ([`covers`](Self::covers)). Fails when any file cannot be opened or mapped; a file the
     /// driver refuses stays staged (see [`progress`](Self::progress)), or fails
     /// [`wait_registered`](Self::wait_registered). `copy_stream`: queue the copies on a second
     /// stream (the `copy_stream` setting, a measurement switch).
-    pub fn open(device: &Device, files: &[PathBuf], copy_stream: bool) -> Result<Self> {
+    pub fn open(device: &Device, regions: &[Region], copy_stream: bool) -> Result<Self> {
         #[cfg(feature = "cuda")]
         {
             let d = device.as_cuda_device()?;
             Ok(DirectFiles {
-                inner: cuda::Inner::open(d, files, copy_stream)?,
+                inner: cuda::Inner::open(d, regions, copy_stream)?,
                 batch: (0, 0),
             })
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (device, files, copy_stream);
+            let _ = (device, regions, copy_stream);
             Err(ModelError::Input(
                 "direct expert uploads need a build with --features cuda".into(),
             ))
@@ -451,16 +507,16 @@ impl DirectFiles {
 /// Host→device bandwidth of the direct path on this machine, bytes/s: up to 1 GiB of the
 /// source's experts copied from their registered files into two alternating device buffers,
 /// as misses are (a warm-up pass first, so the pages are resident and the driver is warm).
-/// `files`: those the cache registers ([`Choice::register`]); only experts wholly in them count.
-pub fn bandwidth(device: &Device, source: &dyn ExpertSource, files: &[PathBuf]) -> Result<f64> {
-    let mut d = DirectFiles::open(device, files, false)?;
+/// `regions`: what the cache registers ([`Choice::register`]); only experts wholly in them count.
+pub fn bandwidth(device: &Device, source: &dyn ExpertSource, regions: &[Region]) -> Result<f64> {
+    let mut d = DirectFiles::open(device, regions, false)?;
     d.wait_registered()?;
     let cfg = source.config();
     let experts: Vec<[TensorLocation; 3]> = cfg
         .moe_layers()
         .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
         .filter_map(|(l, e)| source.part_locations(l, e))
-        .filter(|parts| parts.iter().all(|p| files.contains(&p.file)))
+        .filter(|parts| parts.iter().all(|p| regions.iter().any(|r| r.holds(p))))
         .collect();
     let largest = experts
         .iter()
@@ -522,8 +578,9 @@ mod cuda {
         /// Every expert file, mapped; only those in `ready` are registered.
         maps: HashMap<PathBuf, memmap2::Mmap>,
         /// Registered files, each with where the device sees its mapping (registered with the
-        /// device-map flag), for kernels that read experts themselves.
-        ready: HashMap<PathBuf, Option<u64>>,
+        /// device-map flag), for kernels that read experts themselves, and how many bytes from
+        /// its start are registered.
+        ready: HashMap<PathBuf, (Option<u64>, u64)>,
         /// The registering thread's reports; `None` once it has finished and all are read.
         reports: Option<mpsc::Receiver<Report>>,
         registrar: Option<JoinHandle<()>>,
@@ -638,7 +695,7 @@ mod cuda {
     impl Inner {
         pub fn open(
             device: &candle_core::CudaDevice,
-            files: &[PathBuf],
+            regions: &[super::Region],
             separate: bool,
         ) -> Result<Self> {
             let candle_stream = device.cuda_stream();
@@ -652,7 +709,7 @@ mod cuda {
             };
             let mut maps = HashMap::new();
             let mut order = Vec::new();
-            for path in files {
+            for super::Region { file: path, len } in regions {
                 let file = std::fs::File::open(path).map_err(|e| ModelError::Io {
                     path: path.clone(),
                     what: "opening expert file for direct GPU copies".into(),
@@ -665,7 +722,12 @@ mod cuda {
                 if map.is_empty() {
                     continue;
                 }
-                order.push((path.clone(), map.as_ptr() as usize, map.len()));
+                // A prefix ends on a page (`bytes_within`); the whole file may end inside one.
+                let n = (*len as usize).min(map.len());
+                if n == 0 {
+                    continue;
+                }
+                order.push((path.clone(), map.as_ptr() as usize, n));
                 maps.insert(path.clone(), map);
             }
             let stop = Arc::new(AtomicBool::new(false));
@@ -704,7 +766,7 @@ mod cuda {
                     len,
                 } => {
                     self.registered += len;
-                    self.ready.insert(path, device_base);
+                    self.ready.insert(path, (device_base, len));
                 }
                 Report::Refused(e) => self.failed = Some(e),
             }
@@ -759,7 +821,11 @@ mod cuda {
             if self.ready.len() < self.maps.len() {
                 self.poll();
             }
-            locs.iter().all(|l| self.ready.contains_key(&l.file))
+            locs.iter().all(|l| {
+                self.ready
+                    .get(&l.file)
+                    .is_some_and(|&(_, n)| l.offset.checked_add(l.len).is_some_and(|end| end <= n))
+            })
         }
 
         pub fn upload(
@@ -806,9 +872,8 @@ mod cuda {
 
         /// The device address of `loc`'s bytes, when its file is registered and device-mapped.
         pub fn device_address(&self, loc: &TensorLocation) -> Option<u64> {
-            let base = (*self.ready.get(&loc.file)?)?;
-            let len = self.maps.get(&loc.file)?.len() as u64;
-            (loc.offset.checked_add(loc.len)? <= len).then_some(base + loc.offset)
+            let (base, len) = *self.ready.get(&loc.file)?;
+            (loc.offset.checked_add(loc.len)? <= len).then_some(base? + loc.offset)
         }
 
         fn record(&self) -> candle_core::Result<CudaEvent> {
@@ -894,6 +959,7 @@ mod tests {
             cold: false,
             files,
             available,
+            pin_budget: None,
         }
     }
 
@@ -903,28 +969,52 @@ mod tests {
         let path = |forced: H2dChoice, f: &Facts| decide(forced, f).map(|d| d.path);
         let fits = gpu(Some(vec![4 * GIB, 4 * GIB, 2 * GIB]), 100 * GIB);
         let d = decide(Auto, &fits).unwrap();
-        assert_eq!((d.path, d.register), (H2dPath::Direct, vec![0, 1, 2]));
+        assert_eq!(d.path, H2dPath::Direct);
+        assert_eq!(d.register, vec![(0, 4 * GIB), (1, 4 * GIB), (2, 2 * GIB)]);
         assert_eq!(path(Staged, &fits).unwrap(), H2dPath::Staged);
         assert!(decide(Staged, &fits).unwrap().register.is_empty());
-        // Over half the available memory: the files that fit in it, the rest staged.
+        // Over half the available memory: as many bytes as fit in it, in file order, the rest
+        // staged.
         let big = gpu(Some(vec![18 * GIB; 3]), 100 * GIB);
         let d = decide(Auto, &big).unwrap();
-        assert_eq!((d.path, &d.register[..]), (H2dPath::Direct, &[0, 1][..]));
+        assert_eq!(d.path, H2dPath::Direct);
+        assert_eq!(
+            d.register,
+            vec![(0, 18 * GIB), (1, 18 * GIB), (2, 14 * GIB)]
+        );
         assert!(
             d.why
-                .contains("2 of the 3 expert files (36.0 GiB of 54.0 GiB)")
-                && d.why.contains("the other files stage"),
+                .contains("50.0 GiB of the 54.0 GiB of expert files registered")
+                && d.why.contains("2 of the 3 files whole, 1 in part")
+                && d.why.contains("half the available memory (50.0 GiB)"),
             "{}",
             d.why
         );
-        // Forced: every file.
-        assert_eq!(decide(Direct, &big).unwrap().register, vec![0, 1, 2]);
-        // No single file fits: staged.
-        let huge = gpu(Some(vec![60 * GIB, 60 * GIB]), 100 * GIB);
-        let d = decide(Auto, &huge).unwrap();
+        // One file larger than the budget (a GGUF file): its first half.
+        let one = gpu(Some(vec![60 * GIB]), 100 * GIB);
+        assert_eq!(decide(Auto, &one).unwrap().register, vec![(0, 50 * GIB)]);
+        // Forced: every file whole.
+        assert_eq!(
+            decide(Direct, &big).unwrap().register,
+            vec![(0, 18 * GIB), (1, 18 * GIB), (2, 18 * GIB)]
+        );
+        // The pin budget setting replaces half the available memory; 0 pins nothing.
+        let budget = |b| Facts {
+            pin_budget: Some(b),
+            ..big.clone()
+        };
+        let d = decide(Auto, &budget(20 * GIB)).unwrap();
+        assert_eq!(d.register, vec![(0, 18 * GIB), (1, 2 * GIB)]);
+        assert!(d.why.contains("MOESCOPE_PIN_BUDGET=20.0 GiB"), "{}", d.why);
+        assert_eq!(
+            decide(Auto, &budget(60 * GIB)).unwrap().register.len(),
+            3,
+            "a budget above half the memory is the user's to give"
+        );
+        let d = decide(Auto, &budget(0)).unwrap();
         assert_eq!(d.path, H2dPath::Staged);
-        assert!(d.why.contains("half the available memory"), "{}", d.why);
-        assert_eq!(path(Direct, &huge).unwrap(), H2dPath::Direct);
+        assert!(d.why.contains("exceed the pin budget"), "{}", d.why);
+        assert_eq!(path(Direct, &budget(0)).unwrap(), H2dPath::Direct);
         // Integrated GPU (Thor): staged unless forced.
         let thor = Facts {
             integrated: true,
@@ -956,12 +1046,20 @@ mod tests {
     }
 
     #[test]
-    fn files_within_takes_whole_files_first_fit() {
-        assert_eq!(files_within(&[5, 3, 4, 1], 8), vec![0, 1]);
-        assert_eq!(files_within(&[9, 3, 4, 1], 8), vec![1, 2, 3]);
-        assert_eq!(files_within(&[9], 8), Vec::<usize>::new());
-        assert_eq!(files_within(&[], 8), Vec::<usize>::new());
-        assert_eq!(files_within(&[u64::MAX, 1], u64::MAX), vec![0]);
+    fn bytes_within_takes_files_whole_then_a_page_aligned_prefix() {
+        assert_eq!(
+            bytes_within(&[5000, 3000], 8000),
+            vec![(0, 5000), (1, 3000)]
+        );
+        assert_eq!(bytes_within(&[5000, 9000, 1], 8000), vec![(0, 5000)]);
+        assert_eq!(
+            bytes_within(&[5000, 9000, 1], 9200),
+            vec![(0, 5000), (1, 4096)]
+        );
+        assert_eq!(bytes_within(&[20_000], 9000), vec![(0, 8192)]);
+        assert_eq!(bytes_within(&[0, 7], 3), Vec::<(usize, u64)>::new());
+        assert_eq!(bytes_within(&[], 8), Vec::<(usize, u64)>::new());
+        assert_eq!(bytes_within(&[u64::MAX, 1], u64::MAX), vec![(0, u64::MAX)]);
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl GpuSlots {
             .is_cuda()
             .then(|| direct::expert_files(source))
             .flatten();
-        let choice = direct::choose_given(device, source, files.as_deref(), settings.h2d)?;
+        let choice = direct::choose_given(device, source, files.as_deref(), settings)?;
         let why = &choice.why;
         let (direct, h2d_path) = if choice.path == H2dPath::Direct {
             match DirectFiles::open(device, &choice.register, settings.copy_stream) {
