@@ -283,11 +283,16 @@ pub fn decide(forced: H2dChoice, f: &Facts) -> Result<Decision> {
     }
     let fit_bytes: u64 = fit.iter().map(|&(_, n)| n).sum();
     let whole = fit.iter().filter(|&&(i, n)| n == sizes[i]).count();
-    let part = if whole < fit.len() { ", 1 in part" } else { "" };
+    let files = match (whole, whole < fit.len()) {
+        (w, false) => format!("{w} of the {count} files"),
+        (0, true) if count == 1 => "the start of the one file".to_string(),
+        (0, true) => format!("the start of the first of {count} files"),
+        (w, true) => format!("{w} of the {count} files whole and the start of one more"),
+    };
     direct(
         format!(
-            "{} of the {} of expert files registered ({whole} of the {count} files whole{part}), \
-             as much as fits in {limit}; misses outside stage",
+            "{} of the {} of expert files registered ({files}), as much as fits in {limit}; \
+             misses outside stage",
             crate::util::fmt_bytes(fit_bytes),
             crate::util::fmt_bytes(bytes)
         ),
@@ -985,14 +990,30 @@ mod tests {
         assert!(
             d.why
                 .contains("50.0 GiB of the 54.0 GiB of expert files registered")
-                && d.why.contains("2 of the 3 files whole, 1 in part")
+                && d.why
+                    .contains("(2 of the 3 files whole and the start of one more)")
                 && d.why.contains("half the available memory (50.0 GiB)"),
             "{}",
             d.why
         );
         // One file larger than the budget (a GGUF file): its first half.
         let one = gpu(Some(vec![60 * GIB]), 100 * GIB);
-        assert_eq!(decide(Auto, &one).unwrap().register, vec![(0, 50 * GIB)]);
+        let d = decide(Auto, &one).unwrap();
+        assert_eq!(d.register, vec![(0, 50 * GIB)]);
+        assert!(d.why.contains("(the start of the one file)"), "{}", d.why);
+        let d = decide(Auto, &gpu(Some(vec![60 * GIB, 9 * GIB]), 100 * GIB)).unwrap();
+        assert!(
+            d.why.contains("(the start of the first of 2 files)"),
+            "{}",
+            d.why
+        );
+        let d = decide(
+            Auto,
+            &gpu(Some(vec![20 * GIB, 20 * GIB, 20 * GIB]), 80 * GIB),
+        )
+        .unwrap();
+        assert_eq!(d.register, vec![(0, 20 * GIB), (1, 20 * GIB)]);
+        assert!(d.why.contains("(2 of the 3 files)"), "{}", d.why);
         // Forced: every file whole.
         assert_eq!(
             decide(Direct, &big).unwrap().register,
