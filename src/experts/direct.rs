@@ -68,7 +68,7 @@ pub fn expert_files(source: &dyn ExpertSource) -> Option<Vec<PathBuf>> {
 }
 
 /// The first `len` bytes of an expert file, registered for direct copies (the whole file, or
-/// where the pin budget ends inside it, a page-aligned prefix).
+/// where the pin budget ends inside it, a prefix ending on a 2 MiB boundary).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Region {
     pub file: PathBuf,
@@ -160,18 +160,25 @@ pub struct Decision {
     pub register: Vec<(usize, u64)>,
 }
 
-/// Registration works in whole pages: a prefix ending inside a file ends on one.
-const PAGE: u64 = 4096;
+/// Where a registered prefix may end inside a file: on a 2 MiB boundary, a whole number of
+/// pages whatever the host's page size (4 KiB; 64 KiB on some arm64 hosts such as GH200; 2 MiB
+/// huge pages).
+const PREFIX_ALIGN: u64 = 2 << 20;
 
 /// The first `budget` bytes of the files of `sizes`, in order: (file, bytes from its start),
-/// each file whole while the budget lasts, then a page-aligned prefix of the next. Which bytes
+/// each file whole while the budget lasts, then a prefix of the next ending on a
+/// [`PREFIX_ALIGN`] boundary. Which bytes
 /// hardly matters: a model's misses are spread over all its layers, so the share of misses copied
 /// direct follows the share of expert bytes registered (BENCHMARKS.md §90).
 pub fn bytes_within(sizes: &[u64], budget: u64) -> Vec<(usize, u64)> {
     let mut left = budget;
     let mut out = Vec::new();
     for (i, &s) in sizes.iter().enumerate() {
-        let take = if s <= left { s } else { left / PAGE * PAGE };
+        let take = if s <= left {
+            s
+        } else {
+            left / PREFIX_ALIGN * PREFIX_ALIGN
+        };
         if take > 0 {
             out.push((i, take));
         }
@@ -727,7 +734,7 @@ mod cuda {
                 if map.is_empty() {
                     continue;
                 }
-                // A prefix ends on a page (`bytes_within`); the whole file may end inside one.
+                // A prefix ends on a page boundary (`bytes_within`); a whole file may end inside a page.
                 let n = (*len as usize).min(map.len());
                 if n == 0 {
                     continue;
@@ -1067,18 +1074,24 @@ mod tests {
     }
 
     #[test]
-    fn bytes_within_takes_files_whole_then_a_page_aligned_prefix() {
+    fn bytes_within_takes_files_whole_then_an_aligned_prefix() {
+        const M: u64 = 1 << 20;
+        assert_eq!(
+            bytes_within(&[5 * M, 3 * M], 8 * M),
+            vec![(0, 5 * M), (1, 3 * M)]
+        );
+        // Whole files need no alignment; a prefix ends on a 2 MiB boundary.
         assert_eq!(
             bytes_within(&[5000, 3000], 8000),
             vec![(0, 5000), (1, 3000)]
         );
-        assert_eq!(bytes_within(&[5000, 9000, 1], 8000), vec![(0, 5000)]);
+        assert_eq!(bytes_within(&[5 * M, 9 * M, 1], 6 * M), vec![(0, 5 * M)]);
         assert_eq!(
-            bytes_within(&[5000, 9000, 1], 9200),
-            vec![(0, 5000), (1, 4096)]
+            bytes_within(&[5 * M, 9 * M, 1], 8 * M),
+            vec![(0, 5 * M), (1, 2 * M)]
         );
-        assert_eq!(bytes_within(&[20_000], 9000), vec![(0, 8192)]);
-        assert_eq!(bytes_within(&[0, 7], 3), Vec::<(usize, u64)>::new());
+        assert_eq!(bytes_within(&[20 * M], 9 * M), vec![(0, 8 * M)]);
+        assert_eq!(bytes_within(&[0, 7 * M], 3), Vec::<(usize, u64)>::new());
         assert_eq!(bytes_within(&[], 8), Vec::<(usize, u64)>::new());
         assert_eq!(bytes_within(&[u64::MAX, 1], u64::MAX), vec![(0, u64::MAX)]);
     }
