@@ -78,12 +78,15 @@ pub struct Region {
 impl Region {
     /// Whether `loc`'s bytes lie inside the region.
     pub fn holds(&self, loc: &TensorLocation) -> bool {
-        loc.file == self.file
-            && loc
-                .offset
-                .checked_add(loc.len)
-                .is_some_and(|e| e <= self.len)
+        loc.file == self.file && within(loc, self.len)
     }
+}
+
+/// Whether `loc`'s bytes end within the first `len` bytes of its file.
+fn within(loc: &TensorLocation, len: u64) -> bool {
+    loc.offset
+        .checked_add(loc.len)
+        .is_some_and(|end| end <= len)
 }
 
 /// How GPU misses will reach the device, and why (for logs and statistics).
@@ -836,7 +839,7 @@ mod cuda {
             locs.iter().all(|l| {
                 self.ready
                     .get(&l.file)
-                    .is_some_and(|&(_, n)| l.offset.checked_add(l.len).is_some_and(|end| end <= n))
+                    .is_some_and(|&(_, n)| super::within(l, n))
             })
         }
 
@@ -885,7 +888,7 @@ mod cuda {
         /// The device address of `loc`'s bytes, when its file is registered and device-mapped.
         pub fn device_address(&self, loc: &TensorLocation) -> Option<u64> {
             let (base, len) = *self.ready.get(&loc.file)?;
-            (loc.offset.checked_add(loc.len)? <= len).then_some(base? + loc.offset)
+            super::within(loc, len).then_some(base? + loc.offset)
         }
 
         fn record(&self) -> candle_core::Result<CudaEvent> {
