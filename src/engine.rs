@@ -839,7 +839,11 @@ mod gpu_tests {
         {
             steps.push((
                 out.token,
-                g.last_logits().iter().map(|v| v.to_bits()).collect(),
+                g.last_logits()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect(),
             ));
         }
         if reuse {

@@ -282,7 +282,12 @@ fn generations_over_an_earlier_ones_state_match_fresh_ones() {
                 .step(&e.model, e.provider.as_ref(), &mut NoObserver)
                 .unwrap()
             {
-                let bits: Vec<u32> = g.last_logits().iter().map(|v| v.to_bits()).collect();
+                let bits: Vec<u32> = g
+                    .last_logits()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
                 steps.push((out.token, bits));
             }
             (steps, reused, g.into_state())

@@ -26,6 +26,9 @@ pub struct DecodeResult {
     /// holds the capture of the step's CUDA graph when the generation captures one.
     pub first_step_s: f64,
     pub tokens: Vec<u32>,
+    /// Decode steps that ran as a timed graph replay, and the device time they took.
+    pub graph_steps: usize,
+    pub graph_device_s: f64,
 }
 
 impl DecodeResult {
@@ -36,6 +39,19 @@ impl DecodeResult {
             return f64::NAN;
         }
         n as f64 / (self.decode_s - self.first_step_s).max(1e-12)
+    }
+
+    /// On a GPU where every step after the first replayed a graph: the mean device time of a
+    /// step and the host's time around it (the rest of the step's wall time: reading the
+    /// result, picking the token, launching the next), ms. None elsewhere.
+    pub fn step_split_ms(&self) -> Option<(f64, f64)> {
+        let n = self.tokens.len().saturating_sub(2);
+        if n == 0 || self.graph_steps < n {
+            return None;
+        }
+        let device = self.graph_device_s / self.graph_steps as f64 * 1e3;
+        let wall = (self.decode_s - self.first_step_s) / n as f64 * 1e3;
+        Some((device, wall - device))
     }
 }
 
@@ -82,6 +98,8 @@ fn run_ours_from(
         decode_tok_s: (new_tokens.saturating_sub(1)) as f64 / decode_s.max(1e-12),
         first_step_s,
         tokens: std::mem::take(&mut g.generated),
+        graph_steps: g.graph_steps,
+        graph_device_s: g.graph_device_time.as_secs_f64(),
     };
     if reuse {
         engine.keep(g);
@@ -255,6 +273,8 @@ impl Reference {
             decode_tok_s: (new_tokens.saturating_sub(1)) as f64 / decode_s.max(1e-12),
             first_step_s: f64::NAN,
             tokens,
+            graph_steps: 0,
+            graph_device_s: 0.0,
         })
     }
 }
@@ -321,6 +341,10 @@ pub struct Comparison {
     /// the steps after it, from the same best run.
     pub ours_first_step_ms: f64,
     pub ours_after_first_tok_s: f64,
+    /// On a GPU, the same run's steps after the first: their mean device time (the graph's
+    /// replay) and the host's time around each, ms (see `DecodeResult::step_split_ms`).
+    pub ours_step_device_ms: Option<f64>,
+    pub ours_step_host_ms: Option<f64>,
     pub reference_tok_s: f64,
     pub ratio: f64,
     pub ours_prefill_tok_s: f64,
@@ -419,6 +443,8 @@ pub fn compare(
         decode_tok_s: f64::NAN,
         first_step_s: f64::NAN,
         tokens: vec![],
+        graph_steps: 0,
+        graph_device_s: 0.0,
     });
     let agreeing = o
         .tokens
@@ -436,6 +462,8 @@ pub fn compare(
         ours_tok_s: o.decode_tok_s,
         ours_first_step_ms: o.first_step_s * 1e3,
         ours_after_first_tok_s: o.after_first_tok_s(),
+        ours_step_device_ms: o.step_split_ms().map(|s| s.0),
+        ours_step_host_ms: o.step_split_ms().map(|s| s.1),
         reference_tok_s: r.decode_tok_s,
         // NaN without a reference (`f64::max` would turn a NaN into the floor).
         ratio: o.decode_tok_s
@@ -458,4 +486,33 @@ pub fn compare(
         ours_fresh_tok_s: best_fresh.as_ref().map(|f| f.decode_tok_s),
         ours_fresh_first_step_ms: best_fresh.map(|f| f.first_step_s * 1e3),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(tokens: usize, graph_steps: usize) -> DecodeResult {
+        DecodeResult {
+            prefill_s: 0.01,
+            // A first step of 3 ms, then 10 more of 1 ms each.
+            decode_s: 0.013,
+            decode_tok_s: 10.0 / 0.013,
+            first_step_s: 0.003,
+            tokens: vec![7; tokens],
+            graph_steps,
+            graph_device_s: graph_steps as f64 * 0.0008,
+        }
+    }
+
+    #[test]
+    fn a_steps_split_is_its_device_time_and_the_rest_of_its_wall_time() {
+        // 12 tokens: the prompt's, the first decode step's and 10 after it, all replays.
+        let (device, host) = result(12, 10).step_split_ms().unwrap();
+        assert!((device - 0.8).abs() < 1e-9, "{device}");
+        assert!((host - 0.2).abs() < 1e-9, "{host}");
+        // A step after the first that did not replay a timed graph: no split to give.
+        assert_eq!(result(12, 9).step_split_ms(), None);
+        assert_eq!(result(2, 0).step_split_ms(), None);
+    }
 }

@@ -187,6 +187,7 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
                     c.ours_tok_s / f.max(1e-12)
                 );
             }
+            print_step_split(&c);
         } else if !a.json {
             println!(
                 "{} {} {}: moescope {:.1} tok/s, candle-transformers {:.1} tok/s, ratio {:.3} \
@@ -224,6 +225,7 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
                     c.ours_tok_s / u.max(1e-12)
                 );
             }
+            print_step_split(&c);
         }
         rows.push(c);
     }
@@ -235,6 +237,16 @@ fn bench_decode(a: &BenchDecodeArgs, settings: &Settings) -> Result<()> {
 
 /// `bench steps`: the native backend in bf16 on the GPU, one step profiled (see
 /// `model::step_profile`).
+/// Where a GPU decode step's wall time went, when every step after the first replayed a graph.
+fn print_step_split(c: &decode::Comparison) {
+    if let (Some(d), Some(h)) = (c.ours_step_device_ms, c.ours_step_host_ms) {
+        println!(
+            "  a decode step after the first: {d:.3} ms on the device (the graph), {h:.3} ms on \
+             the host around it"
+        );
+    }
+}
+
 fn steps(a: &crate::cli::StepsArgs, settings: &Settings) -> Result<()> {
     if let Some(path) = &a.save {
         super::check_output(path)?;

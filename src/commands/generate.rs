@@ -182,7 +182,7 @@ fn greedy_steps(engine: &Engine, prompt: &[u32], n: usize) -> Result<serde_json:
             .collect();
         steps.push(json!({
             "token": out.token,
-            "logits": g.last_logits(),
+            "logits": g.last_logits()?,
             "routing": routing,
             "path": out.path,
         }));

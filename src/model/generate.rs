@@ -47,8 +47,16 @@ pub struct Generation {
     finished: Option<FinishReason>,
     pub prefill_time: Duration,
     pub decode_time: Duration,
-    /// The logits the last token was sampled from.
+    /// Decode steps that ran as one timed graph replay, and their device time: what the GPU
+    /// spent of `decode_time` on those steps (the rest is the host's, between launches).
+    pub graph_steps: usize,
+    pub graph_device_time: Duration,
+    /// The logits the last token was sampled from, once read back.
     last_logits: Vec<f32>,
+    /// Where they still are when a greedy graph step picked its token on the device: the
+    /// graphs that ran it (read back on demand by [`Generation::last_logits`]).
+    #[cfg(feature = "cuda")]
+    logits_in_graph: Option<super::graph::RanBy>,
 }
 
 /// What one generation leaves for the next on the same model and provider: its KV cache and the
@@ -142,7 +150,11 @@ impl Generation {
             },
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
+            graph_steps: 0,
+            graph_device_time: Duration::ZERO,
             last_logits: Vec::new(),
+            #[cfg(feature = "cuda")]
+            logits_in_graph: None,
         })
     }
 
@@ -167,8 +179,14 @@ impl Generation {
     }
 
     /// The logits the last generated token was sampled from (empty before the first step).
-    pub fn last_logits(&self) -> &[f32] {
-        &self.last_logits
+    /// After a greedy graph step they are read back from the device here, on demand.
+    pub fn last_logits(&mut self) -> Result<&[f32]> {
+        #[cfg(feature = "cuda")]
+        if let Some(by) = self.logits_in_graph.take() {
+            self.last_logits =
+                super::graph::logits_of(&mut self.state.graphs, &mut self.state.pieces, by)?;
+        }
+        Ok(&self.last_logits)
     }
 
     pub fn kv_bytes(&self) -> u64 {
@@ -180,6 +198,8 @@ impl Generation {
     /// capture failed — then this generation decodes uncaptured (the failed capture changed
     /// nothing: its warm-up step wrote the same KV row the uncaptured step will). The path says
     /// which; `Some(Redone)` alone (no row) is a failed guess whose step must run uncaptured.
+    /// `full`: the caller samples from the logits, so a whole step reads them back; otherwise
+    /// it reads only the greedy pick the graph made.
     #[cfg(feature = "cuda")]
     fn graphed_step(
         &mut self,
@@ -188,8 +208,9 @@ impl Generation {
         observer: &mut dyn RoutingObserver,
         input: &[u32],
         prefill: bool,
-    ) -> Result<(Option<Vec<f32>>, Option<StepPath>)> {
-        use super::graph::Whole;
+        full: bool,
+    ) -> Result<(Option<Stepped>, Option<StepPath>)> {
+        use super::graph::{RanBy, Whole};
         if prefill || self.state.graph_failed {
             return Ok((None, None));
         }
@@ -200,10 +221,18 @@ impl Generation {
             experts,
             observer,
             input[0],
+            full,
         )
         .and_then(|whole| {
             let again = match whole {
-                Whole::Ran(row) => return Ok((Some(row), Some(StepPath::Graph))),
+                Whole::Ran(ran) => {
+                    if let Some(s) = ran.device_s {
+                        self.graph_steps += 1;
+                        self.graph_device_time += Duration::from_secs_f64(s);
+                    }
+                    let stepped = Stepped::of(ran.row, RanBy::Whole(ran.graph));
+                    return Ok((Some(stepped), Some(StepPath::Graph)));
+                }
                 Whole::NotApplicable => StepPath::Piecewise,
                 Whole::Missed => StepPath::Redone,
             };
@@ -215,9 +244,10 @@ impl Generation {
                 experts,
                 observer,
                 input[0],
+                full,
             )?;
             Ok(match (row, again) {
-                (Some(row), path) => (Some(row), Some(path)),
+                (Some(row), path) => (Some(Stepped::of(row, RanBy::Pieces)), Some(path)),
                 (None, StepPath::Redone) => (None, Some(StepPath::Redone)),
                 (None, _) => (None, None),
             })
@@ -242,7 +272,8 @@ impl Generation {
         _: &mut dyn RoutingObserver,
         _: &[u32],
         _: bool,
-    ) -> Result<(Option<Vec<f32>>, Option<StepPath>)> {
+        _: bool,
+    ) -> Result<(Option<Stepped>, Option<StepPath>)> {
         Ok((None, None))
     }
 
@@ -263,8 +294,10 @@ impl Generation {
         } else {
             vec![*self.generated.last().expect("a token was generated")]
         };
-        let (row, path) = match self.graphed_step(model, experts, observer, &input, prefill)? {
-            (Some(row), path) => (row, path.unwrap_or(StepPath::Graph)),
+        let full = !self.sampler.is_greedy();
+        let graphed = self.graphed_step(model, experts, observer, &input, prefill, full)?;
+        let (stepped, path) = match graphed {
+            (Some(stepped), path) => (stepped, path.unwrap_or(StepPath::Graph)),
             (None, path) => {
                 let row = model
                     .forward(
@@ -281,14 +314,34 @@ impl Generation {
                     Some(p) => p,
                     None => StepPath::Uncaptured,
                 };
-                (row, path)
+                (Stepped::Logits(row), path)
             }
         };
-        let Some(token) = self.sampler.sample_numbers(&row) else {
-            return Err(not_finite(&row, self.generated.len(), prefill));
+        let token = match stepped {
+            Stepped::Logits(row) => {
+                let Some(token) = self.sampler.sample_numbers(&row) else {
+                    return Err(not_finite(&row, self.generated.len(), prefill));
+                };
+                self.last_logits = row;
+                #[cfg(feature = "cuda")]
+                {
+                    self.logits_in_graph = None;
+                }
+                token
+            }
+            #[cfg(feature = "cuda")]
+            Stepped::Picked { token, numbers, by } => {
+                if !numbers {
+                    let st = &mut self.state;
+                    let row = super::graph::logits_of(&mut st.graphs, &mut st.pieces, by)?;
+                    return Err(not_finite(&row, self.generated.len(), prefill));
+                }
+                self.last_logits.clear();
+                self.logits_in_graph = Some(by);
+                token
+            }
         };
         let step_time = start.elapsed();
-        self.last_logits = row;
         if prefill {
             self.prefill_time = step_time;
         } else {
@@ -309,6 +362,30 @@ impl Generation {
             path,
             finish: self.finished,
         }))
+    }
+}
+
+/// What a step gave for its token.
+enum Stepped {
+    /// The logits row, sampled on the host.
+    Logits(Vec<f32>),
+    /// A greedy graph step's pick, made on the device; its logits stay in the graphs that ran
+    /// it until the next step (and `numbers` says whether each was one).
+    #[cfg(feature = "cuda")]
+    Picked {
+        token: u32,
+        numbers: bool,
+        by: super::graph::RanBy,
+    },
+}
+
+#[cfg(feature = "cuda")]
+impl Stepped {
+    fn of(row: super::graph::Row, by: super::graph::RanBy) -> Self {
+        match row {
+            super::graph::Row::Logits(row) => Stepped::Logits(row),
+            super::graph::Row::Pick { token, numbers } => Stepped::Picked { token, numbers, by },
+        }
     }
 }
 

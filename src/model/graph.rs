@@ -26,7 +26,7 @@
 //! events must be off ([`prepare_device`]): a capture may not wait on events recorded outside it.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaGraph, CudaStream, PinnedHostSlice, result, sys,
+    CudaEvent, CudaGraph, CudaStream, PinnedHostSlice, result, sys,
 };
 use std::sync::Arc;
 
@@ -35,6 +35,7 @@ use candle_core::{DType, Device, Tensor};
 use super::error::{ModelError, Result};
 use super::layers::{DecodeInputs, KvCache};
 use super::moe_block::DeviceRouting;
+use super::pick::DevicePick;
 use super::ports::{ExpertProvider, ResidentView, RoutingObserver};
 use super::qwen3_moe::{Qwen3Moe, deliver_rows};
 
@@ -91,8 +92,15 @@ pub struct DecodeGraph {
     pos: Tensor,
     logits: Tensor,
     routing: Option<RoutingOut>,
+    /// The greedy pick the step ends with: the token, without reading the logits back.
+    pick: DevicePick,
     /// Token and position go in through page-locked words (see `HostWords`).
     words: HostWords,
+    /// Timing events recorded around each replay, and whether the last run was one (a capture
+    /// runs its step uncaptured): the step's device time.
+    began: CudaEvent,
+    ended: CudaEvent,
+    timed: bool,
 }
 
 struct RoutingOut {
@@ -129,14 +137,15 @@ impl DecodeGraph {
             && self.routing.is_some() == want_routing
     }
 
-    /// The step's body as recorded: the decode step into the static outputs.
+    /// The step's body as recorded: the decode step into the static outputs — the logits, the
+    /// greedy pick over them, and the routing.
     fn body(
         model: &Qwen3Moe,
         cache: &mut KvCache,
         experts: &dyn ExpertProvider,
         ids: &Tensor,
         pos: &Tensor,
-        logits: &Tensor,
+        (logits, pick): (&Tensor, &DevicePick),
         routing: Option<&RoutingOut>,
     ) -> Result<()> {
         let mut sink = DeviceRouting::new();
@@ -149,6 +158,7 @@ impl DecodeGraph {
             routing.is_some().then_some(&mut sink),
         )?;
         logits.slice_set(&out, 0, 0)?;
+        pick.launch(logits)?;
         if let Some(r) = routing {
             let i = Tensor::cat(&sink.iter().map(|(_, i, _)| i).collect::<Vec<_>>(), 0)?;
             let w = Tensor::cat(&sink.iter().map(|(_, _, w)| w).collect::<Vec<_>>(), 0)?;
@@ -190,6 +200,13 @@ impl DecodeGraph {
         } else {
             None
         };
+        let pick = DevicePick::new(&dev)?;
+        let ctx = cuda.cuda_stream().context().clone();
+        let timing = || {
+            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| cuda_err("timing event", e))
+        };
+        let (began, ended) = (timing()?, timing()?);
         set_u32(&ids, token)?;
         set_u32(&pos, cache.len() as u32)?;
         let cap = cache.static_capacity();
@@ -197,14 +214,16 @@ impl DecodeGraph {
         model.rope_full(cap)?;
 
         let _cache_uploads = cuda.enable_cuda_graph_htod_cache();
-        Self::body(model, cache, experts, &ids, &pos, &logits, routing.as_ref())?;
-        let graph = capture_piece(&cuda.cuda_stream(), || {
-            Self::body(model, cache, experts, &ids, &pos, &logits, routing.as_ref())
-        })?;
-        // [token] [position] [logits] [routing ids] [routing weights]
+        let run = |cache: &mut KvCache| {
+            let head = (&logits, &pick);
+            Self::body(model, cache, experts, &ids, &pos, head, routing.as_ref())
+        };
+        run(cache)?;
+        let graph = capture_piece(&cuda.cuda_stream(), || run(cache))?;
+        // [token] [position] [logits] [routing ids] [routing weights] [pick]
         let words = HostWords::new(
             cuda,
-            2 + logits.elem_count() + routing.as_ref().map_or(0, |r| 2 * r.ids.elem_count()),
+            2 + logits.elem_count() + routing.as_ref().map_or(0, |r| 2 * r.ids.elem_count()) + 2,
         )?;
         Ok(DecodeGraph {
             graph,
@@ -215,7 +234,11 @@ impl DecodeGraph {
             pos,
             logits,
             routing,
+            pick,
             words,
+            began,
+            ended,
+            timed: false,
         })
     }
 
@@ -224,23 +247,46 @@ impl DecodeGraph {
         self.words.write(&stream, 0, &[token], &self.ids)?;
         self.words
             .write(&stream, 1, &[position as u32], &self.pos)?;
-        self.graph.launch().map_err(|e| cuda_err("launch", e))
+        let mark = |e: &CudaEvent| e.record(&stream).map_err(|e| cuda_err("timing event", e));
+        mark(&self.began)?;
+        self.graph.launch().map_err(|e| cuda_err("launch", e))?;
+        mark(&self.ended)?;
+        self.timed = true;
+        Ok(())
     }
 
-    /// What the last launch wrote: the logits, and (layer, ids, weights) per MoE layer when
-    /// routing is captured — all read back behind one wait.
-    fn outputs(&mut self, stream: &Arc<CudaStream>) -> Result<(Vec<f32>, Option<Routed>)> {
+    /// Where the pick's two words sit among the host words.
+    fn pick_at(&self) -> usize {
+        2 + self.logits.elem_count() + self.routing.as_ref().map_or(0, |r| 2 * r.ids.elem_count())
+    }
+
+    /// What the last run wrote: the logits (`full`) or only the greedy pick, and (layer, ids,
+    /// weights) per MoE layer when routing is captured — all read back behind one wait.
+    fn outputs(&mut self, stream: &Arc<CudaStream>, full: bool) -> Result<(Row, Option<Routed>)> {
         let n = self.logits.elem_count();
-        self.words.read(stream, 2, &self.logits)?;
+        let pick_at = self.pick_at();
+        if full {
+            self.words.read(stream, 2, &self.logits)?;
+        } else {
+            self.words.read(stream, pick_at, self.pick.out())?;
+        }
         if let Some(r) = &self.routing {
             self.words.read(stream, 2 + n, &r.ids)?;
             self.words
                 .read(stream, 2 + n + r.ids.elem_count(), &r.weights)?;
         }
         self.words.wait(stream)?;
-        let logits = self.words.floats(2, n);
+        let row = if full {
+            Row::Logits(self.words.floats(2, n))
+        } else {
+            let w = self.words.words(pick_at, 2);
+            Row::Pick {
+                token: w[0],
+                numbers: w[1] == 0,
+            }
+        };
         let Some(r) = &self.routing else {
-            return Ok((logits, None));
+            return Ok((row, None));
         };
         let (rows, k) = r.ids.dims2()?;
         let at = 2 + n;
@@ -250,7 +296,71 @@ impl DecodeGraph {
         let w = (0..rows)
             .map(|i| self.words.floats(at + rows * k + i * k, k))
             .collect();
-        Ok((logits, Some((r.layers.clone(), ids, w))))
+        Ok((row, Some((r.layers.clone(), ids, w))))
+    }
+
+    /// The device time of the last replay, seconds (None after a capture, whose step ran
+    /// uncaptured). Call after [`outputs`](Self::outputs), which waited for it.
+    fn device_s(&self) -> Option<f64> {
+        self.timed
+            .then(|| self.began.elapsed_ms(&self.ended).ok())
+            .flatten()
+            .map(|ms| f64::from(ms) / 1e3)
+    }
+
+    /// The logits of the last run, read back from the graph's static buffer (valid until the
+    /// next run).
+    fn logits(&mut self) -> Result<Vec<f32>> {
+        let stream = self.ids.device().as_cuda_device()?.cuda_stream();
+        let n = self.logits.elem_count();
+        self.words.read(&stream, 2, &self.logits)?;
+        self.words.wait(&stream)?;
+        Ok(self.words.floats(2, n))
+    }
+}
+
+/// What a whole-step graph gives back for the token.
+pub enum Row {
+    /// The step's logits (when the caller asked for them).
+    Logits(Vec<f32>),
+    /// The greedy pick made on the device (`super::pick`): the token, and whether every logit
+    /// was a number (when not, the caller reads the logits to say which was not).
+    Pick { token: u32, numbers: bool },
+}
+
+/// A whole step that ran: its token or logits, which of the generation's graphs ran it (its
+/// logits stay readable there until the next step: [`logits_of`]), and its device time.
+pub struct Ran {
+    pub row: Row,
+    pub graph: usize,
+    pub device_s: Option<f64>,
+}
+
+/// Which graphs ran a step, so its logits can be read back from their static buffer until
+/// the next step ([`logits_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RanBy {
+    /// The generation's whole-step graph at this index.
+    Whole(usize),
+    /// Its piecewise graphs.
+    Pieces,
+}
+
+/// The logits of the last step, from the graphs that ran it.
+pub fn logits_of(
+    graphs: &mut [DecodeGraph],
+    pieces: &mut Option<Piecewise>,
+    by: RanBy,
+) -> Result<Vec<f32>> {
+    match by {
+        RanBy::Whole(at) => graphs
+            .get_mut(at)
+            .ok_or_else(|| cuda_err("logits", format!("no graph {at}")))?
+            .logits(),
+        RanBy::Pieces => pieces
+            .as_mut()
+            .ok_or_else(|| cuda_err("logits", "no piecewise graphs"))?
+            .logits(),
     }
 }
 
@@ -267,8 +377,8 @@ impl RoutingObserver for RoutingTap {
 
 /// What [`step`] did.
 pub enum Whole {
-    /// The step ran: its f32 logits (the cache advanced).
-    Ran(Vec<f32>),
+    /// The step ran (the cache advanced).
+    Ran(Ran),
     /// This step does not run as one graph; the caller runs it another way.
     NotApplicable,
     /// It ran over the resident experts and routing showed a miss: the result was dropped and
@@ -296,6 +406,7 @@ pub fn step(
     experts: &dyn ExpertProvider,
     observer: &mut dyn RoutingObserver,
     token: u32,
+    full: bool,
 ) -> Result<Whole> {
     if !model.device().is_cuda() || !model.options().cuda_graphs {
         return Ok(Whole::NotApplicable);
@@ -344,7 +455,8 @@ pub fn step(
     };
     let g = &mut graphs[at];
     let stream = g.ids.device().as_cuda_device()?.cuda_stream();
-    let (row, routed) = g.outputs(&stream)?;
+    let (row, routed) = g.outputs(&stream, full)?;
+    let device_s = g.device_s();
     if speculative {
         let (layers, ids, _) = routed.as_ref().expect("a speculative step reads routing");
         let per_layer: Vec<(usize, Vec<u32>)> = layers.iter().copied().zip(ids.clone()).collect();
@@ -356,7 +468,11 @@ pub fn step(
         deliver_rows(layers.iter().copied(), ids, w, position, observer);
     }
     cache.advance(1);
-    Ok(Whole::Ran(row))
+    Ok(Whole::Ran(Ran {
+        row,
+        graph: at,
+        device_s,
+    }))
 }
 
 /// Piecewise CUDA graphs for a selective decode step that must read routing back: one graph up
@@ -381,6 +497,8 @@ pub struct Piecewise {
     route_w: Tensor,
     slot_ids: Tensor,
     logits: Tensor,
+    /// The greedy pick the head ends with, as a whole step's (`super::pick`).
+    pick: DevicePick,
     words: HostWords,
     graphs: Option<Pieces>,
     /// Capture failed once: the step still ran (uncaptured pieces); later steps run uncaptured.
@@ -555,11 +673,36 @@ impl Piecewise {
             route_w: Tensor::zeros((1, k), DType::F32, &dev)?,
             slot_ids: Tensor::zeros((1, k), DType::U32, &dev)?,
             logits: Tensor::zeros((1, cfg.vocab_size), DType::F32, &dev)?,
+            pick: DevicePick::new(&dev)?,
             // [token] [position] [routing ids; k] [routing weights; k] [slot ids; k] [logits]
-            words: HostWords::new(dev.as_cuda_device()?, 2 + 3 * k + cfg.vocab_size)?,
+            // [pick; 2]
+            words: HostWords::new(dev.as_cuda_device()?, 2 + 3 * k + cfg.vocab_size + 2)?,
             graphs: None,
             disabled: false,
         })
+    }
+
+    /// The last piece: the logits from the final hidden state, then the greedy pick over them.
+    fn head(&self, model: &Qwen3Moe) -> Result<()> {
+        model.piece_head(&self.x, &self.logits)?;
+        self.pick.launch(&self.logits)
+    }
+
+    /// Where the logits and the pick's two words sit among the host words.
+    fn logits_at(&self) -> usize {
+        2 + 3 * self.route_ids.elem_count()
+    }
+    fn pick_at(&self) -> usize {
+        self.logits_at() + self.logits.elem_count()
+    }
+
+    /// The logits of the last step, read back from the static buffer (valid until the next).
+    fn logits(&mut self) -> Result<Vec<f32>> {
+        let stream = self.ids.device().as_cuda_device()?.cuda_stream();
+        let at = self.logits_at();
+        self.words.read(&stream, at, &self.logits)?;
+        self.words.wait(&stream)?;
+        Ok(self.words.floats(at, self.logits.elem_count()))
     }
 
     /// Records every piece (after a step ran them uncaptured, which filled candle's caches).
@@ -612,7 +755,7 @@ impl Piecewise {
             };
             expert_graphs.push(g);
         }
-        let head = capture_piece(&stream, || model.piece_head(&self.x, &self.logits))?;
+        let head = capture_piece(&stream, || self.head(model))?;
         self.pools = pools;
         self.graphs = Some(Pieces {
             start,
@@ -633,7 +776,8 @@ pub fn piecewise_step(
     experts: &dyn ExpertProvider,
     observer: &mut dyn RoutingObserver,
     token: u32,
-) -> Result<Option<Vec<f32>>> {
+    full: bool,
+) -> Result<Option<Row>> {
     let Device::Cuda(cuda) = model.device() else {
         return Ok(None);
     };
@@ -733,11 +877,22 @@ pub fn piecewise_step(
     }
     caching_uploads(cuda, capture_after, || match &p.graphs {
         Some(g) => launch(&g.head),
-        None => model.piece_head(&p.x, &p.logits),
+        None => p.head(model),
     })?;
-    p.words.read(&stream, 2 + 3 * k, &p.logits)?;
-    p.words.wait(&stream)?;
-    let row = p.words.floats(2 + 3 * k, cfg.vocab_size);
+    let row = if full {
+        p.words.read(&stream, p.logits_at(), &p.logits)?;
+        p.words.wait(&stream)?;
+        Row::Logits(p.words.floats(p.logits_at(), cfg.vocab_size))
+    } else {
+        let at = p.pick_at();
+        p.words.read(&stream, at, p.pick.out())?;
+        p.words.wait(&stream)?;
+        let w = p.words.words(at, 2);
+        Row::Pick {
+            token: w[0],
+            numbers: w[1] == 0,
+        }
+    };
     // The step has run and been counted: a failed capture must not make the caller run it again.
     if capture_after && let Err(e) = p.capture(model, cache, experts, cuda) {
         warn_once(&e);

@@ -27,6 +27,8 @@ pub mod moe_block;
 pub mod moe_decode;
 #[cfg(feature = "cuda")]
 pub mod moe_grouped;
+#[cfg(feature = "cuda")]
+pub mod pick;
 pub mod ports;
 pub mod qwen3_moe;
 #[cfg(feature = "cuda")]

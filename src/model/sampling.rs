@@ -59,6 +59,12 @@ impl Sampler {
         Sampler { params, rng }
     }
 
+    /// Whether every token is the largest logit's (temperature 0): then the pick needs no
+    /// more than [`super::layers::argmax_of_numbers`], which a GPU step makes on the device.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0
+    }
+
     /// The next token. Sampling keeps the `top_k` best (all when 0), weights each by
     /// exp((logit − max) / temperature) (f32, summed in f64), keeps the shortest run of best tokens whose
     /// weight reaches `top_p` of the whole (all when 1), and draws from what is kept with the
