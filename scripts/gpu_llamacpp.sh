@@ -45,7 +45,7 @@ for q in $QUANTS; do
   [ -e "$D/$q.gguf" ] || "$BIN" bench random-checkpoint --preset "$PRESET" --layers "$LAYERS" --gguf "$q" --out "$D/$q.gguf" > /dev/null 2>&1 || { echo "writing $q failed"; status=1; continue; }
   echo "$q written in $((SECONDS - t)) s"
 done
-ours() { "$BIN" bench decode --model "$1" --device "$DEVICE" --dtype bf16 --no-reference --prompt-tokens 16 --new-tokens 64 --repeats "$REPS" 2>&1 | tail -2; }
+ours() { "$BIN" bench decode --model "$1" --device "$DEVICE" --dtype bf16 --no-reference --prompt-tokens 16 --new-tokens 64 --repeats "$REPS" 2>&1 | grep -E "tok/s decode|on the device"; }
 theirs() { "$L/llama-bench" -m "$1" -p 16 -n 64 -ngl 99 -r "$REPS" 2>&1 | grep -E "pp16|tg64|error|failed"; }
 for round in $(seq "$ROUNDS"); do
   echo "== round $round"
