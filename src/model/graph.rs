@@ -255,36 +255,30 @@ impl DecodeGraph {
         Ok(())
     }
 
-    /// Where the pick's two words sit among the host words.
-    fn pick_at(&self) -> usize {
-        2 + self.logits.elem_count() + self.routing.as_ref().map_or(0, |r| 2 * r.ids.elem_count())
+    /// Where the logits and the pick's two words sit among the host words: [token] [position]
+    /// [logits] [routing ids] [routing weights] [pick].
+    fn row_at(&self) -> RowAt {
+        let routing = self.routing.as_ref().map_or(0, |r| 2 * r.ids.elem_count());
+        RowAt {
+            logits: 2,
+            pick: 2 + self.logits.elem_count() + routing,
+        }
     }
 
     /// What the last run wrote: the logits (`full`) or only the greedy pick, and (layer, ids,
     /// weights) per MoE layer when routing is captured — all read back behind one wait.
     fn outputs(&mut self, stream: &Arc<CudaStream>, full: bool) -> Result<(Row, Option<Routed>)> {
         let n = self.logits.elem_count();
-        let pick_at = self.pick_at();
-        if full {
-            self.words.read(stream, 2, &self.logits)?;
-        } else {
-            self.words.read(stream, pick_at, self.pick.out())?;
-        }
+        let at = self.row_at();
+        self.words
+            .read_row(stream, full, at, &self.logits, &self.pick)?;
         if let Some(r) = &self.routing {
             self.words.read(stream, 2 + n, &r.ids)?;
             self.words
                 .read(stream, 2 + n + r.ids.elem_count(), &r.weights)?;
         }
         self.words.wait(stream)?;
-        let row = if full {
-            Row::Logits(self.words.floats(2, n))
-        } else {
-            let w = self.words.words(pick_at, 2);
-            Row::Pick {
-                token: w[0],
-                numbers: w[1] == 0,
-            }
-        };
+        let row = self.words.row(full, at, n);
         let Some(r) = &self.routing else {
             return Ok((row, None));
         };
@@ -312,10 +306,8 @@ impl DecodeGraph {
     /// next run).
     fn logits(&mut self) -> Result<Vec<f32>> {
         let stream = self.ids.device().as_cuda_device()?.cuda_stream();
-        let n = self.logits.elem_count();
-        self.words.read(&stream, 2, &self.logits)?;
-        self.words.wait(&stream)?;
-        Ok(self.words.floats(2, n))
+        self.words
+            .read_now(&stream, self.row_at().logits, &self.logits)
     }
 }
 
@@ -570,6 +562,13 @@ fn device_addr(t: &Tensor) -> Result<sys::CUdeviceptr> {
     Ok(at)
 }
 
+/// Where a step's row sits among its host words: the logits, and the greedy pick's two words.
+#[derive(Debug, Clone, Copy)]
+struct RowAt {
+    logits: usize,
+    pick: usize,
+}
+
 /// Page-locked words the host trades with the device around a graph launch: outputs read back
 /// (several async copies, one wait, where reading each tensor costs a wait of its own) and
 /// small inputs written (an async copy straight into the static buffer, where a fresh tensor
@@ -613,6 +612,43 @@ impl HostWords {
 
     fn wait(&self, stream: &Arc<CudaStream>) -> Result<()> {
         stream.synchronize().map_err(|e| cuda_err("read back", e))
+    }
+
+    /// Reads `src` (f32) back now: its copy, the wait, the values.
+    fn read_now(&mut self, stream: &Arc<CudaStream>, at: usize, src: &Tensor) -> Result<Vec<f32>> {
+        self.read(stream, at, src)?;
+        self.wait(stream)?;
+        Ok(self.floats(at, src.elem_count()))
+    }
+
+    /// Queues the copy of a step's row: every logit (`full`), or only the greedy pick's two
+    /// words. Valid once [`wait`](Self::wait) returns; then [`row`](Self::row).
+    fn read_row(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        full: bool,
+        at: RowAt,
+        logits: &Tensor,
+        pick: &DevicePick,
+    ) -> Result<()> {
+        if full {
+            self.read(stream, at.logits, logits)
+        } else {
+            self.read(stream, at.pick, pick.out())
+        }
+    }
+
+    /// The row [`read_row`](Self::read_row) queued, after the wait.
+    fn row(&mut self, full: bool, at: RowAt, vocab: usize) -> Row {
+        if full {
+            Row::Logits(self.floats(at.logits, vocab))
+        } else {
+            let w = self.words(at.pick, 2);
+            Row::Pick {
+                token: w[0],
+                numbers: w[1] == 0,
+            }
+        }
     }
 
     fn floats(&mut self, at: usize, n: usize) -> Vec<f32> {
@@ -689,20 +725,19 @@ impl Piecewise {
     }
 
     /// Where the logits and the pick's two words sit among the host words.
-    fn logits_at(&self) -> usize {
-        2 + 3 * self.route_ids.elem_count()
-    }
-    fn pick_at(&self) -> usize {
-        self.logits_at() + self.logits.elem_count()
+    fn row_at(&self) -> RowAt {
+        let logits = 2 + 3 * self.route_ids.elem_count();
+        RowAt {
+            logits,
+            pick: logits + self.logits.elem_count(),
+        }
     }
 
     /// The logits of the last step, read back from the static buffer (valid until the next).
     fn logits(&mut self) -> Result<Vec<f32>> {
         let stream = self.ids.device().as_cuda_device()?.cuda_stream();
-        let at = self.logits_at();
-        self.words.read(&stream, at, &self.logits)?;
-        self.words.wait(&stream)?;
-        Ok(self.words.floats(at, self.logits.elem_count()))
+        self.words
+            .read_now(&stream, self.row_at().logits, &self.logits)
     }
 
     /// Records every piece (after a step ran them uncaptured, which filled candle's caches).
@@ -879,20 +914,10 @@ pub fn piecewise_step(
         Some(g) => launch(&g.head),
         None => p.head(model),
     })?;
-    let row = if full {
-        p.words.read(&stream, p.logits_at(), &p.logits)?;
-        p.words.wait(&stream)?;
-        Row::Logits(p.words.floats(p.logits_at(), cfg.vocab_size))
-    } else {
-        let at = p.pick_at();
-        p.words.read(&stream, at, p.pick.out())?;
-        p.words.wait(&stream)?;
-        let w = p.words.words(at, 2);
-        Row::Pick {
-            token: w[0],
-            numbers: w[1] == 0,
-        }
-    };
+    let at = p.row_at();
+    p.words.read_row(&stream, full, at, &p.logits, &p.pick)?;
+    p.words.wait(&stream)?;
+    let row = p.words.row(full, at, cfg.vocab_size);
     // The step has run and been counted: a failed capture must not make the caller run it again.
     if capture_after && let Err(e) = p.capture(model, cache, experts, cuda) {
         warn_once(&e);
