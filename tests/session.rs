@@ -643,7 +643,11 @@ fn simulate_json(args: &[&str]) -> serde_json::Value {
 #[test]
 fn output_commands_end_quietly_on_a_closed_pipe() {
     use std::os::unix::process::ExitStatusExt;
-    let mut child = std::process::Command::new(bin())
+    // The reader is gone before the child starts: closing it after the spawn raced the child,
+    // which could write its whole output (25 KB) into the pipe's buffer first and exit 0.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let child = std::process::Command::new(bin())
         .args([
             "export",
             "recordings/demo-tiny-moe.ndjson",
@@ -651,11 +655,10 @@ fn output_commands_end_quietly_on_a_closed_pipe() {
             "trace",
         ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    drop(child.stdout.take()); // the reader is gone before the first write
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
