@@ -496,6 +496,7 @@ impl BackendSpec {
             cuda_graphs: self.settings.cuda_graphs,
             moe_kernel: self.settings.moe_kernel == MoeKernel::Moescope,
             attn_kernel: self.settings.attn_kernel == AttnKernel::Moescope,
+            gated_pieces: self.settings.gated_pieces,
         });
         if engine.model.device().is_cuda() {
             engine.warm_up()?;
@@ -872,8 +873,9 @@ mod gpu_tests {
         }
     }
 
-    /// Native and selective (missing every step; holding every expert, the GPU filling its
-    /// slots inside the graphs) on the bundled model in bf16: a generation over the last one's
+    /// Native and selective (missing every step, its piecewise steps gated and launched layer by
+    /// layer; holding every expert, the GPU filling its slots inside the graphs) on the bundled
+    /// model in bf16: a generation over the last one's
     /// state equals a fresh one and native, bit for bit, and replays the graphs it found (no
     /// capture) when the prompt's capacity is the last one's; a prompt of another capacity
     /// starts fresh and is still equal.
@@ -890,13 +892,17 @@ mod gpu_tests {
         // Past the smallest static capacity (256 rows): a state the short prompts cannot take.
         let long: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % vocab).collect();
         let mut reference: Option<Vec<Steps>> = None;
-        for (backend, cap) in [
-            (BackendKind::Native, None),
-            (BackendKind::Selective, Some(cfg.num_experts_per_tok)),
-            (BackendKind::Selective, Some(cfg.total_experts())),
+        for (backend, cap, gates) in [
+            (BackendKind::Native, None, true),
+            (BackendKind::Selective, Some(cfg.num_experts_per_tok), true),
+            (BackendKind::Selective, Some(cfg.num_experts_per_tok), false),
+            (BackendKind::Selective, Some(cfg.total_experts()), true),
         ] {
-            let e = spec(backend, cap).load(|_, _| {}).unwrap();
-            let what = format!("{backend:?} {cap:?}");
+            let mut spec = spec(backend, cap);
+            spec.settings.gated_pieces = gates;
+            let e = spec.load(|_, _| {}).unwrap();
+            let what = format!("{backend:?} {cap:?}, gates {gates}");
+            let gated_before = crate::model::graph::gated_steps();
             let fresh: Vec<Steps> = [(&a, 8), (&b, 12), (&long, 6), (&a, 8)]
                 .iter()
                 .map(|(p, n)| run(&e, p, *n, false))
@@ -924,6 +930,15 @@ mod gpu_tests {
                 run(&e, &a, 8, true),
                 fresh[3],
                 "{what}: back to a smaller one"
+            );
+            // Missing every step, selective reads routing back at every layer: through the
+            // gates when they are on, layer by layer when not.
+            let gated = crate::model::graph::gated_steps() - gated_before;
+            let misses_every_step = cap == Some(cfg.num_experts_per_tok);
+            assert_eq!(
+                gated > 0,
+                misses_every_step && gates,
+                "{what}: {gated} gated steps"
             );
             match &reference {
                 None => reference = Some(fresh),

@@ -12,6 +12,7 @@
 //! | `MOESCOPE_FILL=0` | `gpu_fill` | a slot pool holding every expert does not fill its own slots |
 //! | `MOESCOPE_H2D=auto\|direct\|staged` | `h2d` | how GPU misses reach the device |
 //! | `MOESCOPE_COPY_STREAM=1` | `copy_stream` | direct copies on a second stream |
+//! | `MOESCOPE_GATES=0` | `gated_pieces` | a piecewise GPU step launches each layer's graphs once the host has its routing, instead of queuing them ahead behind gate kernels (`model::gates`) |
 //! | `MOESCOPE_PIN_BUDGET=SIZE` | `pin_budget` | host memory the direct path may page-lock (default: half the available memory) |
 //! | `MOESCOPE_TEST_CORES=N` | `cores` | the core count `--prefetch auto` decides by (a test hook) |
 
@@ -75,6 +76,10 @@ pub struct Settings {
     pub gpu_fill: bool,
     pub h2d: H2dChoice,
     pub copy_stream: bool,
+    /// A piecewise GPU step is queued ahead of the host, each MoE layer behind a gate kernel
+    /// that waits for the host only when an expert is missing (`model::gates`); off: launched
+    /// layer by layer.
+    pub gated_pieces: bool,
     /// Host memory the direct path may page-lock, bytes (`None`: half the available memory;
     /// see `experts::direct`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,6 +103,7 @@ impl Default for Settings {
             gpu_fill: true,
             h2d: H2dChoice::Auto,
             copy_stream: false,
+            gated_pieces: true,
             pin_budget: None,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             worker_cpus: Vec::new(),
@@ -155,6 +161,9 @@ impl Settings {
         if let Some(v) = var("MOESCOPE_COPY_STREAM") {
             s.copy_stream = v == "1";
         }
+        if let Some(v) = var("MOESCOPE_GATES") {
+            s.gated_pieces = v != "0";
+        }
         if let Some(v) = var("MOESCOPE_PIN_BUDGET") {
             s.pin_budget = Some(crate::util::parse_bytes(&v).map_err(|e| {
                 format!("MOESCOPE_PIN_BUDGET is {v:?}; expected a size such as 16GiB ({e})")
@@ -194,6 +203,9 @@ impl Settings {
         if self.copy_stream != d.copy_stream {
             out.push("second copy stream".into());
         }
+        if self.gated_pieces != d.gated_pieces {
+            out.push("piecewise steps launched layer by layer".into());
+        }
         if let Some(b) = self.pin_budget {
             out.push(format!("pin budget {}", crate::util::fmt_bytes(b)));
         }
@@ -226,6 +238,7 @@ mod tests {
             ("MOESCOPE_FILL", "0"),
             ("MOESCOPE_H2D", "staged"),
             ("MOESCOPE_COPY_STREAM", "1"),
+            ("MOESCOPE_GATES", "0"),
             ("MOESCOPE_PIN_BUDGET", "16GiB"),
             ("MOESCOPE_TEST_CORES", "7"),
         ]))
@@ -240,6 +253,7 @@ mod tests {
                 gpu_fill: false,
                 h2d: H2dChoice::Staged,
                 copy_stream: true,
+                gated_pieces: false,
                 pin_budget: Some(16 << 30),
                 cores: 7,
                 worker_cpus: Vec::new(),
@@ -248,7 +262,8 @@ mod tests {
         assert_eq!(
             s.describe_changes(),
             "CUDA graphs off, candle's MoE kernel, candle's attention ops, speculation last, GPU \
-             self-fill off, staged copies forced, second copy stream, pin budget 16.0 GiB"
+             self-fill off, staged copies forced, second copy stream, piecewise steps launched \
+             layer by layer, pin budget 16.0 GiB"
         );
         assert_eq!(
             Settings::from_vars(vars(&[("MOESCOPE_SPECULATE", "0")]))

@@ -94,6 +94,10 @@ pub struct Pools {
     prefetch_evicted_unused: u64,
     /// Every miss as (layer, expert), while [`Self::log_misses`] is on (for a per-token view).
     miss_log: Option<Vec<(u16, u16)>>,
+    /// Every change of residency as (layer, expert, its slot now or None), while
+    /// [`Self::log_changes`] is on: what keeps an exact device copy of the expert→slot tables
+    /// (the GPU's gated steps look residency up on the device).
+    changes: Option<Vec<(usize, usize, Option<usize>)>>,
 }
 
 impl Pools {
@@ -139,6 +143,26 @@ impl Pools {
             prefetched_unused: HashSet::new(),
             prefetch_evicted_unused: 0,
             miss_log: None,
+            changes: None,
+        }
+    }
+
+    /// Starts logging residency changes ([`Self::take_changes`]).
+    pub fn log_changes(&mut self) {
+        self.changes.get_or_insert_with(Vec::new);
+    }
+
+    /// The residency changes since the last call, oldest first (empty when not logging).
+    pub fn take_changes(&mut self) -> Vec<(usize, usize, Option<usize>)> {
+        self.changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn note_change(&mut self, layer: usize, expert: usize, slot: Option<usize>) {
+        if let Some(c) = self.changes.as_mut() {
+            c.push((layer, expert, slot));
         }
     }
 
@@ -320,6 +344,10 @@ impl Pools {
         if let Some(li) = self.stats_of[layer] {
             self.layers[li].resident[expert] = true;
         }
+        if let Some((vl, ve)) = evicted {
+            self.note_change(vl, ve, None);
+        }
+        self.note_change(layer, expert, Some(slot));
         Some(Admitted {
             pool: p,
             slot,
@@ -341,6 +369,7 @@ impl Pools {
             if let Some(li) = self.stats_of[layer] {
                 self.layers[li].resident[expert] = false;
             }
+            self.note_change(layer, expert, None);
         }
     }
 
@@ -423,6 +452,29 @@ mod tests {
         assert_eq!(p.request(0, 0), None);
         assert!(p.admit(0, 0, Admit::Demand, &none()).is_none());
         assert_eq!(p.misses(), 1);
+    }
+
+    #[test]
+    fn the_change_log_says_every_admission_eviction_and_forgetting_in_order() {
+        let mut p = Pools::new(&[0, 1], 4, 2, Scope::Global, PolicyKind::Lru);
+        let none = HashSet::new();
+        p.admit(0, 1, Admit::Demand, &none).unwrap();
+        assert!(p.take_changes().is_empty(), "not logging yet");
+        p.log_changes();
+        p.admit(0, 2, Admit::Demand, &none).unwrap();
+        let a = p.admit(1, 3, Admit::Demand, &none).unwrap();
+        assert_eq!(a.evicted, Some((0, 1)));
+        p.forget(0, 2);
+        assert_eq!(
+            p.take_changes(),
+            vec![
+                (0, 2, Some(1)),
+                (0, 1, None),
+                (1, 3, Some(a.slot)),
+                (0, 2, None)
+            ]
+        );
+        assert!(p.take_changes().is_empty(), "taken");
     }
 
     #[test]

@@ -69,6 +69,25 @@ impl Staging {
         Ok(&mut self.host[..len])
     }
 
+    /// Grows every ring buffer to at least `len` bytes now (page-locked for a CUDA `device`), so
+    /// that no miss allocates one later. Why: a gated GPU step must not allocate page-locked
+    /// memory while its stream waits on the host (an implicit synchronisation would wait for
+    /// the waiting stream: `model/gates.rs`).
+    pub fn reserve(&mut self, device: &candle_core::Device, len: usize) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(d) = device {
+            if self.pinned.len() < PINNED_RING {
+                self.pinned.resize_with(PINNED_RING, || None);
+            }
+            for slot in self.pinned.iter_mut() {
+                cuda::Pinned::ensure(slot, d, len)?;
+            }
+            return Ok(());
+        }
+        let _ = (device, len);
+        Ok(())
+    }
+
     /// Host→device bytes copied and the device time those copies took, µs (copies still in
     /// flight are counted once the next read waits for them).
     pub fn copy_stats(&self) -> (u64, u64) {

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
+use super::gates::{GateFlags, MappedWords, copy_words, finish, gate_layer, launch_on};
 use super::layers::{DecodeInputs, KvCache};
 use super::moe_block::DeviceRouting;
 use super::pick::DevicePick;
@@ -495,6 +496,33 @@ pub struct Piecewise {
     graphs: Option<Pieces>,
     /// Capture failed once: the step still ran (uncaptured pieces); later steps run uncaptured.
     disabled: bool,
+    /// What a gated step needs ([`gated_step`]), made at the first one; `gates_refused` once
+    /// the device would not take gates (steps then launch layer by layer).
+    gated: Option<Gated>,
+    gates_refused: bool,
+}
+
+/// A gated step's own stream, its gates, and per MoE layer mapped page-locked words: the
+/// layer's routing ids and weights as the gate kernel hands them to the host.
+struct Gated {
+    stream: Arc<CudaStream>,
+    flags: GateFlags,
+    words: MappedWords,
+}
+
+impl Gated {
+    fn new(cuda: &candle_core::CudaDevice, model: &Qwen3Moe) -> Result<Self> {
+        let ctx = cuda.cuda_stream().context().clone();
+        let stream = ctx.new_stream().map_err(|e| cuda_err("gated stream", e))?;
+        let flags = GateFlags::new(&ctx)?;
+        let cfg = model.config();
+        let words = MappedWords::new(&ctx, cfg.moe_layers().count() * 2 * cfg.num_experts_per_tok)?;
+        Ok(Gated {
+            stream,
+            flags,
+            words,
+        })
+    }
 }
 
 struct Pieces {
@@ -514,6 +542,15 @@ static CAPTURES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize
 /// How many graphs this process has captured ([`CAPTURES`]).
 pub fn captures() -> usize {
     CAPTURES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Piecewise steps run through gates in this process ([`gated_step`]): how a test tells them
+/// from steps launched layer by layer, whose bits are the same.
+static GATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many gated steps this process has run ([`GATED`]).
+pub fn gated_steps() -> usize {
+    GATED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Records what `body` queues on `stream` as a graph, instantiated and uploaded.
@@ -715,7 +752,37 @@ impl Piecewise {
             words: HostWords::new(dev.as_cuda_device()?, 2 + 3 * k + cfg.vocab_size + 2)?,
             graphs: None,
             disabled: false,
+            gated: None,
+            gates_refused: false,
         })
+    }
+
+    /// Whether this step can be gated: the gates made (the first time) and taken by the device.
+    fn gates_ready(&mut self, cuda: &candle_core::CudaDevice, model: &Qwen3Moe) -> bool {
+        if self.gated.is_some() {
+            return true;
+        }
+        if self.gates_refused {
+            return false;
+        }
+        if !super::gates::apply(cuda.cuda_stream().context()) {
+            self.gates_refused = true;
+            return false;
+        }
+        match Gated::new(cuda, model) {
+            Ok(g) => {
+                self.gated = Some(g);
+                true
+            }
+            Err(e) => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    eprintln!("moescope: piecewise steps launched layer by layer: {e}")
+                });
+                self.gates_refused = true;
+                false
+            }
+        }
     }
 
     /// The last piece: the logits from the final hidden state, then the greedy pick over them.
@@ -845,6 +912,15 @@ pub fn piecewise_step(
         *slot = Some(Piecewise::new(model, cache, key)?);
     }
     let p = slot.as_mut().expect("just set");
+    if p.graphs.is_some()
+        && model.options().gated_pieces
+        && experts.serves_a_token_from_pools()
+        && p.gates_ready(cuda, model)
+    {
+        let row = gated_step(p, model, experts, observer, cuda, token, position, full)?;
+        cache.advance(1);
+        return Ok(Some(row));
+    }
     let stream = cuda.cuda_stream();
     let k = cfg.num_experts_per_tok;
     p.words.write(&stream, 0, &[token], &p.ids)?;
@@ -926,4 +1002,166 @@ pub fn piecewise_step(
     }
     cache.advance(1);
     Ok(Some(row))
+}
+
+/// A piecewise step queued ahead of the host on the gated stream (`super::gates`): the start,
+/// then per layer its attention graph and, for a MoE layer, its gate kernel (routing out to
+/// the host; slot ids from the layer's exact residency table, waiting for the host only when an
+/// expert is not resident) and its experts graph; then the head. The host serves the layers in
+/// order as the layer-by-layer step does — the same calls in the same order, so the same cache
+/// decisions and the same slots, hence the same bits — and after a layer that loaded experts
+/// brings the tables up to date before it opens the layer's point. A layer that misses nothing
+/// never waits for the host.
+///
+/// If anything fails half-way every point is opened (a gate still missing an expert then reads
+/// slot 0, so the queued pieces run on to the end inside the pool) and the step's results are
+/// dropped with the error.
+#[allow(clippy::too_many_arguments)]
+fn gated_step(
+    p: &mut Piecewise,
+    model: &Qwen3Moe,
+    experts: &dyn ExpertProvider,
+    observer: &mut dyn RoutingObserver,
+    cuda: &candle_core::CudaDevice,
+    token: u32,
+    position: usize,
+    full: bool,
+) -> Result<Row> {
+    let cfg = model.config();
+    let k = cfg.num_experts_per_tok;
+    let want_w = observer.wants_routing();
+    let row_at = p.row_at();
+    let main = cuda.cuda_stream();
+    let Piecewise {
+        ids: token_in,
+        pos,
+        route_ids,
+        route_w,
+        slot_ids,
+        logits,
+        pick,
+        words,
+        graphs,
+        pools,
+        gated,
+        ..
+    } = p;
+    let graphs = graphs.as_ref().expect("gated steps replay captured pieces");
+    let g = gated.as_mut().expect("made by gates_ready");
+    let s = g.stream.clone();
+    let mut tables = vec![0; cfg.num_hidden_layers];
+    for l in cfg.moe_layers() {
+        let t = experts
+            .residency_table(l)?
+            .ok_or_else(|| cuda_err("gated step", format!("layer {l} has no residency table")))?;
+        tables[l] = device_addr(&t)?;
+    }
+    // Loads and evictions since the last gated step (the prompt's, say) reach the tables first.
+    experts.sync_residency()?;
+    // The step follows everything on candle's stream: the prompt, the KV cache grown for this
+    // position, the last step's reads.
+    let before = main
+        .record_event(None)
+        .map_err(|e| cuda_err("gated step", e))?;
+    s.wait(&before).map_err(|e| cuda_err("gated step", e))?;
+    g.flags.reset();
+    words.write(&s, 0, &[token], token_in)?;
+    words.write(&s, 1, &[position as u32], pos)?;
+    launch_on(&graphs.start, &s)?;
+    let moe: Vec<usize> = cfg.moe_layers().collect();
+    let words_at = g.words.device(0);
+    let word = |at: usize| words_at + (at * 4) as u64;
+    let flags = &g.flags;
+    // Layers are queued a few MoE layers ahead of the one being served, not all at once: a
+    // stream holds a bounded number of queued operations, and a stream waiting at a gate while
+    // the host queues the rest of the step would wait for all of it.
+    let (mut next_layer, mut queued_moe, mut head_queued) = (0usize, 0usize, false);
+    let mut queue_to = |target: usize| -> Result<()> {
+        while queued_moe < target && next_layer < cfg.num_hidden_layers {
+            let l = next_layer;
+            next_layer += 1;
+            launch_on(&graphs.attention[l], &s)?;
+            if !model.is_moe_layer(l) {
+                continue;
+            }
+            let (at, point) = (queued_moe * 2 * k, queued_moe as u32 + 1);
+            if want_w {
+                copy_words(cuda, &s, device_addr(route_w)?, word(at + k), k)?;
+            }
+            gate_layer(
+                cuda,
+                &s,
+                flags,
+                point,
+                device_addr(route_ids)?,
+                tables[l],
+                k,
+                word(at),
+                device_addr(slot_ids)?,
+            )?;
+            let experts_graph = graphs.experts[l]
+                .as_ref()
+                .ok_or_else(|| cuda_err("gated step", format!("layer {l} has no experts graph")))?;
+            launch_on(experts_graph, &s)?;
+            queued_moe += 1;
+        }
+        while next_layer < cfg.num_hidden_layers && !model.is_moe_layer(next_layer) {
+            launch_on(&graphs.attention[next_layer], &s)?;
+            next_layer += 1;
+        }
+        if next_layer == cfg.num_hidden_layers && !head_queued {
+            head_queued = true;
+            launch_on(&graphs.head, &s)?;
+            words.read_row(&s, full, row_at, logits, pick)?;
+        }
+        Ok(())
+    };
+    const AHEAD: usize = 4;
+    let served = (|| -> Result<()> {
+        for (i, &l) in moe.iter().enumerate() {
+            queue_to(i + AHEAD)?;
+            let (at, point) = (i * 2 * k, i as u32 + 1);
+            flags.await_signal(&s, point)?;
+            let ids = g.words.words(at, k).to_vec();
+            if want_w {
+                let w: Vec<f32> = g
+                    .words
+                    .words(at + k, k)
+                    .iter()
+                    .map(|&b| f32::from_bits(b))
+                    .collect();
+                observer.on_routing(l, position, &ids, &w);
+            }
+            let mut needed: Vec<usize> = ids.iter().map(|&e| e as usize).collect();
+            needed.sort_unstable();
+            needed.dedup();
+            experts.will_use(l, &needed);
+            let st = experts
+                .stacked(l, &needed)?
+                .ok_or_else(|| cuda_err("gated step", format!("layer {l}: no stacked experts")))?;
+            if pools.get(l).copied().flatten() != Some(st.gate_up.id()) {
+                return Err(cuda_err(
+                    "gated step",
+                    format!("layer {l}: its experts are not in the pool its graph reads"),
+                ));
+            }
+            // A layer that loaded experts (and evicted others) updates the tables, and its
+            // gate, waiting on the device, reads them once they and the loads have landed.
+            if experts.sync_residency()? {
+                finish(&main)?;
+            }
+            flags.open(point);
+        }
+        queue_to(usize::MAX)
+    })();
+    if let Err(e) = served {
+        // Whatever was queued runs on to the end (every gate open, slots from the pool's
+        // range) before the error goes back: nothing may still be using the step's buffers.
+        g.flags.open_all();
+        let _ = s.synchronize();
+        return Err(e);
+    }
+    words.wait(&s)?;
+    GATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(words.row(full, row_at, cfg.vocab_size))
 }

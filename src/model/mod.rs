@@ -12,6 +12,8 @@ pub mod cpu_gemv;
 pub mod embedding;
 pub mod error;
 pub mod fp8;
+#[cfg(feature = "cuda")]
+pub mod gates;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_types;
@@ -52,6 +54,11 @@ pub struct DecodeOptions {
     /// One-token attention runs moescope's own kernels (`attn_decode.rs`); off: candle's ops,
     /// for comparisons.
     pub attn_kernel: bool,
+    /// A piecewise step (selective, routing read back at every MoE layer) is queued ahead of the
+    /// host, each MoE layer behind a gate kernel that waits for the host only when an expert is
+    /// missing (`gates.rs`, `graph.rs`'s gated step); off: the host launches each layer's graphs
+    /// once it has the routing.
+    pub gated_pieces: bool,
 }
 
 impl Default for DecodeOptions {
@@ -60,6 +67,7 @@ impl Default for DecodeOptions {
             cuda_graphs: true,
             moe_kernel: true,
             attn_kernel: true,
+            gated_pieces: true,
         }
     }
 }

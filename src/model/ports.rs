@@ -957,6 +957,30 @@ pub trait ExpertProvider: Send + Sync {
         Ok(None)
     }
 
+    /// Whether [`stacked`](Self::stacked) serves each MoE layer of a one-token step from the
+    /// slot pool [`resident_stacks`](Self::resident_stacks) returns (never a temporary stack)
+    /// and copies its misses on candle's stream (or on one candle's stream waits for): what a
+    /// piecewise step queued whole up front needs, since its experts graphs read those pools
+    /// behind gates the host opens (`graph.rs`). False in bypass and warm-up, which serve other
+    /// stacks.
+    fn serves_a_token_from_pools(&self) -> bool {
+        false
+    }
+
+    /// The layer's exact device residency table — per expert its slot in the layer's pool, or
+    /// `u32::MAX` where it is not resident — made (and kept from then on) at the first call;
+    /// None where the provider has no slot pools. A gated step's kernels read it to go on
+    /// without the host when a layer misses nothing (`graph.rs`).
+    fn residency_table(&self, _layer: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Brings the residency tables up to date with every load and eviction since the last call,
+    /// queued on candle's stream; whether anything changed.
+    fn sync_residency(&self) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Brings the device expert→slot tables up to date, before a speculative step launches.
     fn prepare_speculation(&self) -> Result<()> {
         Ok(())

@@ -63,6 +63,8 @@ struct State {
     /// Keys being read right now (by the forward pass or the prefetcher).
     loading: HashSet<u32>,
     prefetch: Option<prefetch::Guesses>,
+    /// Exact device residency tables, made when a gated GPU step first asks.
+    residency: Option<slots::Residency>,
 }
 
 /// Experts on demand through a bounded cache.
@@ -184,6 +186,7 @@ impl CachedProvider {
                 loads: Loads::default(),
                 loading: HashSet::new(),
                 prefetch: None,
+                residency: None,
             }),
             loaded: Condvar::new(),
             bypass: AtomicBool::new(false),
@@ -637,6 +640,60 @@ impl ExpertProvider for CachedProvider {
     fn step_ran(&self, path: StepPath, secs: f64) {
         if let Some(g) = self.lock().gpu.as_mut() {
             g.step_ran(path, secs);
+        }
+    }
+
+    fn serves_a_token_from_pools(&self) -> bool {
+        if self.bypassed() || self.warming() {
+            return false;
+        }
+        // `stacked_slots` falls back to a temporary stack only when a layer's pool cannot hold
+        // the experts it needs at once; a token needs top-k of them at most.
+        let k = self.source.config().num_experts_per_tok;
+        let mut s = self.lock();
+        s.gpu.as_mut().is_some_and(|g| g.registration_done())
+            && self.source.config().moe_layers().all(|l| {
+                s.pools
+                    .pool_of(l)
+                    .is_some_and(|p| s.pools.pool_capacity(p) >= k)
+            })
+    }
+
+    fn residency_table(&self, layer: usize) -> Result<Option<Tensor>> {
+        let mut s = self.lock();
+        if s.gpu.is_none() {
+            return Ok(None);
+        }
+        if s.residency.is_none() {
+            let cfg = self.source.config();
+            let moe: Vec<usize> = cfg.moe_layers().collect();
+            // Every staging buffer at the largest expert's size now: a miss during a gated step
+            // must not allocate page-locked memory (`Staging::reserve`).
+            let largest = moe
+                .iter()
+                .map(|&l| self.source.stored_bytes(l, 0))
+                .max()
+                .unwrap_or(0) as usize;
+            if let Some(g) = s.gpu.as_mut() {
+                g.reserve_staging(&self.device, largest)?;
+            }
+            let r = slots::Residency::new(
+                &mut s.pools,
+                &moe,
+                cfg.num_hidden_layers,
+                cfg.num_experts,
+                &self.device,
+            )?;
+            s.residency = Some(r);
+        }
+        Ok(s.residency.as_ref().and_then(|r| r.table(layer)))
+    }
+
+    fn sync_residency(&self) -> Result<bool> {
+        let st = &mut *self.lock();
+        match st.residency.as_mut() {
+            Some(r) => r.sync(&mut st.pools, &self.device),
+            None => Ok(false),
         }
     }
 

@@ -257,6 +257,23 @@ impl GpuSlots {
         }
     }
 
+    /// Page-locked staging buffers of `len` bytes each, allocated now (see `Staging::reserve`).
+    pub fn reserve_staging(&mut self, device: &Device, len: usize) -> Result<()> {
+        Ok(self.staging.reserve(device, len)?)
+    }
+
+    /// Whether misses can be served now without the driver pinning memory: no expert file is
+    /// still being registered for direct copies (registration page-locks memory, which a gated
+    /// step must not meet while its stream waits).
+    pub fn registration_done(&mut self) -> bool {
+        let Some(d) = self.direct.as_mut() else {
+            return true;
+        };
+        d.poll();
+        let p = d.progress();
+        p.done >= p.total || p.failed.is_some()
+    }
+
     /// Whether the next decode step should run as a graph; `misses` is the cache's count so
     /// far (a step added none if it is unchanged), `resident` its resident experts.
     pub fn speculate(&mut self, misses: u64, resident: usize) -> bool {
@@ -807,5 +824,75 @@ impl CachedProvider {
             gpu.staging.upload(t, off, p.range.clone())?;
         }
         Ok((spans.iter().map(|p| p.range.len() as u64).sum(), false))
+    }
+}
+
+/// A slot-table entry for an expert that is not resident (the gate kernel's `NOT_RESIDENT`).
+pub(super) const NOT_RESIDENT: u32 = u32::MAX;
+
+/// Per MoE layer, the slot each expert sits in now ([`NOT_RESIDENT`] where none), on the host
+/// and on the device: kept exact from the pools' change log, where the speculative step's
+/// expert→slot tables only ever gain entries. What lets a gated GPU step tell on the device
+/// that a layer misses nothing and go on without the host (`model/gates.rs`).
+pub(super) struct Residency {
+    host: Vec<Vec<u32>>,
+    device: Vec<Option<Tensor>>,
+    dirty: Vec<bool>,
+}
+
+impl Residency {
+    /// The tables as `pools` stand now; `pools` logs its changes from here on.
+    pub fn new(
+        pools: &mut Pools,
+        moe_layers: &[usize],
+        layers: usize,
+        experts: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        pools.log_changes();
+        let mut host = vec![Vec::new(); layers];
+        let mut dev = vec![None; layers];
+        for &l in moe_layers {
+            host[l] = (0..experts)
+                .map(|e| {
+                    pools
+                        .slot(l, e)
+                        .map_or(NOT_RESIDENT, |(_, slot)| slot as u32)
+                })
+                .collect();
+            dev[l] = Some(Tensor::from_vec(host[l].clone(), experts, device)?);
+        }
+        Ok(Residency {
+            host,
+            device: dev,
+            dirty: vec![false; layers],
+        })
+    }
+
+    pub fn table(&self, layer: usize) -> Option<Tensor> {
+        self.device.get(layer).cloned().flatten()
+    }
+
+    /// Applies the pools' changes since the last call and queues the changed layers' tables
+    /// to the device (on candle's stream); whether any were.
+    pub fn sync(&mut self, pools: &mut Pools, device: &Device) -> Result<bool> {
+        for (l, e, slot) in pools.take_changes() {
+            if let Some(entry) = self.host.get_mut(l).and_then(|t| t.get_mut(e)) {
+                *entry = slot.map_or(NOT_RESIDENT, |s| s as u32);
+                self.dirty[l] = true;
+            }
+        }
+        let mut any = false;
+        for l in 0..self.dirty.len() {
+            if !std::mem::take(&mut self.dirty[l]) {
+                continue;
+            }
+            if let Some(t) = &self.device[l] {
+                let n = self.host[l].len();
+                t.slice_set(&Tensor::from_vec(self.host[l].clone(), n, device)?, 0, 0)?;
+                any = true;
+            }
+        }
+        Ok(any)
     }
 }

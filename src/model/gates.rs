@@ -1,0 +1,303 @@
+//! Gates between the host and a stream for a selective step queued whole: at each MoE layer a
+//! one-warp kernel (`kernels/words.cu`, `gate_layer`) hands the layer's routing to the host
+//! through mapped page-locked memory and looks its experts up in an exact device residency
+//! table. When all are resident it goes on at once; when one is not it waits until the host —
+//! which serves every layer in order, loading misses and keeping the table — opens the layer's
+//! point.
+//!
+//! Why: a piecewise step launched each layer's experts graph only after the host had read the
+//! layer's routing back, so the device sat idle between layers for the round trip — ~23 µs a
+//! layer at 48 layers on an H200, a step's 4.1 ms against native's 3.0 (BENCHMARKS.md §93).
+//! Queued whole, with the host out of the loop for layers that miss nothing, a layer costs one
+//! small kernel. (Gating every layer on the host, with stream memory operations, measured no
+//! better than the round trip it replaced: §93.)
+//!
+//! The one rule that keeps this from deadlocking: while the stream waits, nothing the host does
+//! may wait for it. The misses' copies go on candle's stream (or one it waits for), which the
+//! waiting stream does not hold up; frees are stream-ordered (`cuMemFreeAsync`), so a gated
+//! step needs a device with memory pools; no page-locked memory is allocated or registered
+//! meanwhile (the staging buffers are sized for the largest expert up front, and steps are
+//! gated only once the expert files are registered); and the step is queued a few layers
+//! ahead, never all at once (a stream holds a bounded number of queued operations).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaContext, CudaGraph, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
+};
+
+use super::error::{ModelError, Result};
+
+fn gate_err(what: &str, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Input(format!("CUDA gate {what}: {e}"))
+}
+
+fn check(what: &str, r: sys::CUresult) -> Result<()> {
+    match r {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        e => Err(gate_err(what, format!("{e:?}"))),
+    }
+}
+
+/// Whether gated steps are used on this device: a discrete GPU with stream-ordered frees (a
+/// plain free would synchronise the device, waiting stream included). Not on an integrated
+/// GPU (the Jetson Thor): measured on a discrete one only (BENCHMARKS.md §93) — whether an
+/// integrated one sees the mapped words as promptly, and gains, is not known.
+pub fn apply(ctx: &Arc<CudaContext>) -> bool {
+    let integrated = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_INTEGRATED)
+        .is_ok_and(|v| v != 0);
+    !integrated && ctx.has_async_alloc()
+}
+
+/// Where the two words sit in the page-locked pair.
+const SIGNAL: usize = 0;
+const GO: usize = 1;
+
+/// Two page-locked, device-mapped words: the last point the stream has signalled, and the last
+/// point the host has opened. Points are numbered from 1 within a step ([`reset`](Self::reset)
+/// between steps, while the stream is idle).
+pub struct GateFlags {
+    _mem: PinnedHostSlice<u32>,
+    host: *mut u32,
+    device: sys::CUdeviceptr,
+}
+
+// SAFETY: the words are touched through atomics by the thread stepping the generation; the
+// allocation lives as long as this value.
+unsafe impl Send for GateFlags {}
+
+impl GateFlags {
+    /// Allocates the words, both 0.
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        // SAFETY: both words are written (below) before anything reads them.
+        let mut mem =
+            unsafe { ctx.alloc_pinned_with_flags::<u32>(2, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+                .map_err(|e| gate_err("set-up", e))?;
+        // cudarc's event on the slice is never recorded: this returns at once.
+        let host = mem.as_mut_ptr().map_err(|e| gate_err("set-up", e))?;
+        let mut device: sys::CUdeviceptr = 0;
+        // SAFETY: `host` is a live page-locked allocation made with DEVICEMAP.
+        check("set-up", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut device, host as *mut std::ffi::c_void, 0)
+        })?;
+        let flags = GateFlags {
+            _mem: mem,
+            host,
+            device,
+        };
+        flags.reset();
+        Ok(flags)
+    }
+
+    fn word(&self, i: usize) -> &AtomicU32 {
+        // SAFETY: two aligned u32 words, alive as long as `self`; the device writes SIGNAL and
+        // reads GO only through the stream operations below.
+        unsafe { AtomicU32::from_ptr(self.host.add(i)) }
+    }
+
+    /// Both words back to 0, for the next step. Only while no stream operation on them is
+    /// pending (the last step was waited for).
+    pub fn reset(&self) {
+        self.word(SIGNAL).store(0, Ordering::SeqCst);
+        self.word(GO).store(0, Ordering::SeqCst);
+    }
+
+    /// The device addresses of the signal word (the gate kernel writes it) and the go word
+    /// (it polls it).
+    pub fn signal_addr(&self) -> sys::CUdeviceptr {
+        self.device + (SIGNAL * 4) as u64
+    }
+    pub fn go_addr(&self) -> sys::CUdeviceptr {
+        self.device + (GO * 4) as u64
+    }
+
+    /// Spins until the stream has signalled point `n`. Every few thousand turns it asks the
+    /// stream how it is: an error on it, or the stream finished without the signal, ends the
+    /// wait with an error instead of spinning for ever.
+    pub fn await_signal(&self, stream: &CudaStream, n: u32) -> Result<()> {
+        let mut turns = 0u32;
+        while self.word(SIGNAL).load(Ordering::Acquire) < n {
+            std::hint::spin_loop();
+            turns = turns.wrapping_add(1);
+            if turns.is_multiple_of(4096) {
+                // SAFETY: a live stream of this context.
+                match unsafe { sys::cuStreamQuery(stream.cu_stream()) } {
+                    sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                    sys::CUresult::CUDA_SUCCESS => {
+                        if self.word(SIGNAL).load(Ordering::Acquire) < n {
+                            return Err(gate_err(
+                                "signal",
+                                format!("the stream finished without reaching point {n}"),
+                            ));
+                        }
+                    }
+                    e => return Err(gate_err("signal", format!("{e:?}"))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets a gate kernel waiting at point `n` (or before) go on. The table updates it then
+    /// reads were waited for before (on candle's stream); the store is a release all the same.
+    pub fn open(&self, n: u32) {
+        self.word(GO).store(n, Ordering::Release);
+    }
+
+    /// Lets the stream past every point (a step given up half-way: its results are dropped).
+    pub fn open_all(&self) {
+        self.open(u32::MAX);
+    }
+}
+
+/// Launches a captured graph on `stream` (not necessarily the one it was captured on).
+pub fn launch_on(g: &CudaGraph, stream: &CudaStream) -> Result<()> {
+    // SAFETY: a live instantiated graph and stream of the same context.
+    check("graph launch", unsafe {
+        sys::cuGraphLaunch(g.cu_graph_exec(), stream.cu_stream())
+    })
+}
+
+/// Waits for what candle's stream holds (a step's miss copies), without a driver call's wait
+/// when it is already idle.
+pub fn finish(stream: &CudaStream) -> Result<()> {
+    // SAFETY: a live stream.
+    match unsafe { sys::cuStreamQuery(stream.cu_stream()) } {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        sys::CUresult::CUDA_ERROR_NOT_READY => {
+            stream.synchronize().map_err(|e| gate_err("miss copies", e))
+        }
+        e => Err(gate_err("miss copies", format!("{e:?}"))),
+    }
+}
+
+const WORDS_PTX: &str = include_str!("kernels/words.ptx");
+const WORDS_MODULE: &str = "moescope_words";
+
+/// Queues `n` words (at most 1,024) from device address `src` to `dst` on `stream`, by a
+/// one-block kernel (`kernels/words.cu`): either side may be mapped host memory.
+pub fn copy_words(
+    cuda: &candle_core::CudaDevice,
+    stream: &Arc<CudaStream>,
+    src: sys::CUdeviceptr,
+    dst: sys::CUdeviceptr,
+    n: usize,
+) -> Result<()> {
+    if n == 0 || n > 1024 {
+        return Err(gate_err(
+            "word copy",
+            format!("{n} words: 1 to 1,024 wanted"),
+        ));
+    }
+    let f = cuda
+        .get_or_load_custom_func("copy_words", WORDS_MODULE, WORDS_PTX)?
+        .into_cuda_function();
+    let n_ = n as i32;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&src).arg(&dst).arg(&n_);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the callers pass live device addresses of at least `n` words each.
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(|e| gate_err("word copy", e))
+}
+
+/// Page-locked words mapped into the device's address space: host-side slices, device-side
+/// addresses (what [`copy_words`] reads and writes).
+pub struct MappedWords {
+    _mem: PinnedHostSlice<u32>,
+    host: *mut u32,
+    device: sys::CUdeviceptr,
+    len: usize,
+}
+
+// SAFETY: touched by the thread stepping the generation only.
+unsafe impl Send for MappedWords {}
+
+impl MappedWords {
+    /// `len` words, all 0.
+    pub fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self> {
+        // SAFETY: zeroed below before anything reads them.
+        let mut mem = unsafe {
+            ctx.alloc_pinned_with_flags::<u32>(len.max(1), sys::CU_MEMHOSTALLOC_DEVICEMAP)
+        }
+        .map_err(|e| gate_err("host words", e))?;
+        let host = mem.as_mut_ptr().map_err(|e| gate_err("host words", e))?;
+        let mut device: sys::CUdeviceptr = 0;
+        // SAFETY: a live page-locked allocation made with DEVICEMAP.
+        check("host words", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut device, host as *mut std::ffi::c_void, 0)
+        })?;
+        let mut w = MappedWords {
+            _mem: mem,
+            host,
+            device,
+            len: len.max(1),
+        };
+        w.words(0, w.len).fill(0);
+        Ok(w)
+    }
+
+    /// Words `at..at + n` on the host. Read only after the stream has signalled that it wrote
+    /// them; written only while no kernel behind an open gate reads them.
+    pub fn words(&mut self, at: usize, n: usize) -> &mut [u32] {
+        assert!(at + n <= self.len, "mapped words out of range");
+        // SAFETY: in bounds; see above for who touches them when.
+        unsafe { std::slice::from_raw_parts_mut(self.host.add(at), n) }
+    }
+
+    /// The device address of word `at`.
+    pub fn device(&self, at: usize) -> sys::CUdeviceptr {
+        assert!(at < self.len, "mapped words out of range");
+        self.device + (at * 4) as u64
+    }
+}
+
+/// Queues the gate of one MoE layer (`gate_layer` in `kernels/words.cu`, one warp): the routed
+/// ids at `route_ids` out to `host_ids` and a signal of `point`; their slots from `table` into
+/// `slot_ids`, waiting for the host to open `point` when one is not resident.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_layer(
+    cuda: &candle_core::CudaDevice,
+    stream: &Arc<CudaStream>,
+    flags: &GateFlags,
+    point: u32,
+    route_ids: sys::CUdeviceptr,
+    table: sys::CUdeviceptr,
+    k: usize,
+    host_ids: sys::CUdeviceptr,
+    slot_ids: sys::CUdeviceptr,
+) -> Result<()> {
+    if k == 0 || k > 32 {
+        return Err(gate_err("gate", format!("top-{k}: one warp takes 1 to 32")));
+    }
+    let f = cuda
+        .get_or_load_custom_func("gate_layer", WORDS_MODULE, WORDS_PTX)?
+        .into_cuda_function();
+    let (k_, signal, go) = (k as i32, flags.signal_addr(), flags.go_addr());
+    let mut b = stream.launch_builder(&f);
+    b.arg(&route_ids)
+        .arg(&table)
+        .arg(&k_)
+        .arg(&host_ids)
+        .arg(&signal)
+        .arg(&point)
+        .arg(&go)
+        .arg(&slot_ids);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the callers pass live device addresses: k ids, a table over every expert id the
+    // router can give, k host words, k slot words; the flags' two mapped words.
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(|e| gate_err("gate", e))
+}
