@@ -55,8 +55,8 @@ pub fn apply(ctx: &Arc<CudaContext>) -> bool {
 const SIGNAL: usize = 0;
 const GO: usize = 1;
 
-/// Two page-locked, device-mapped words: the last point the stream has signalled, and the last
-/// point the host has opened. Points are numbered from 1 within a step ([`reset`](Self::reset)
+/// Two page-locked, device-mapped words: the last point a gate kernel has signalled, and the
+/// last point the host has opened. Points are numbered from 1 within a step ([`reset`](Self::reset)
 /// between steps, while the stream is idle).
 pub struct GateFlags {
     _mem: PinnedHostSlice<u32>,
@@ -92,13 +92,13 @@ impl GateFlags {
     }
 
     fn word(&self, i: usize) -> &AtomicU32 {
-        // SAFETY: two aligned u32 words, alive as long as `self`; the device writes SIGNAL and
-        // reads GO only through the stream operations below.
+        // SAFETY: two aligned u32 words, alive as long as `self`; on the device only the gate
+        // kernel touches them (writes SIGNAL, polls GO).
         unsafe { AtomicU32::from_ptr(self.host.add(i)) }
     }
 
-    /// Both words back to 0, for the next step. Only while no stream operation on them is
-    /// pending (the last step was waited for).
+    /// Both words back to 0, for the next step. Only while no gate kernel is queued (the last
+    /// step was waited for).
     pub fn reset(&self) {
         self.word(SIGNAL).store(0, Ordering::SeqCst);
         self.word(GO).store(0, Ordering::SeqCst);
