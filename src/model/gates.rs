@@ -174,6 +174,12 @@ pub fn finish(stream: &CudaStream) -> Result<()> {
 }
 
 const WORDS_PTX: &str = include_str!("kernels/words.ptx");
+/// Both kernels of `words.cu` run as one block of one warp.
+const ONE_WARP: LaunchConfig = LaunchConfig {
+    grid_dim: (1, 1, 1),
+    block_dim: (32, 1, 1),
+    shared_mem_bytes: 0,
+};
 const WORDS_MODULE: &str = "moescope_words";
 
 /// Queues `n` words (at most 1,024) from device address `src` to `dst` on `stream`, by a
@@ -197,13 +203,8 @@ pub fn copy_words(
     let n_ = n as i32;
     let mut b = stream.launch_builder(&f);
     b.arg(&src).arg(&dst).arg(&n_);
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: the callers pass live device addresses of at least `n` words each.
-    unsafe { b.launch(cfg) }
+    unsafe { b.launch(ONE_WARP) }
         .map(|_| ())
         .map_err(|e| gate_err("word copy", e))
 }
@@ -290,14 +291,9 @@ pub fn gate_layer(
         .arg(&point)
         .arg(&go)
         .arg(&slot_ids);
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: the callers pass live device addresses: k ids, a table over every expert id the
     // router can give, k host words, k slot words; the flags' two mapped words.
-    unsafe { b.launch(cfg) }
+    unsafe { b.launch(ONE_WARP) }
         .map(|_| ())
         .map_err(|e| gate_err("gate", e))
 }
