@@ -59,42 +59,20 @@ const GO: usize = 1;
 /// last point the host has opened. Points are numbered from 1 within a step ([`reset`](Self::reset)
 /// between steps, while the stream is idle).
 pub struct GateFlags {
-    _mem: PinnedHostSlice<u32>,
-    host: *mut u32,
-    device: sys::CUdeviceptr,
+    words: MappedWords,
 }
-
-// SAFETY: the words are touched through atomics by the thread stepping the generation; the
-// allocation lives as long as this value.
-unsafe impl Send for GateFlags {}
 
 impl GateFlags {
     /// Allocates the words, both 0.
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
-        // SAFETY: both words are written (below) before anything reads them.
-        let mut mem =
-            unsafe { ctx.alloc_pinned_with_flags::<u32>(2, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
-                .map_err(|e| gate_err("set-up", e))?;
-        // cudarc's event on the slice is never recorded: this returns at once.
-        let host = mem.as_mut_ptr().map_err(|e| gate_err("set-up", e))?;
-        let mut device: sys::CUdeviceptr = 0;
-        // SAFETY: `host` is a live page-locked allocation made with DEVICEMAP.
-        check("set-up", unsafe {
-            sys::cuMemHostGetDevicePointer_v2(&mut device, host as *mut std::ffi::c_void, 0)
-        })?;
-        let flags = GateFlags {
-            _mem: mem,
-            host,
-            device,
-        };
-        flags.reset();
-        Ok(flags)
+        Ok(GateFlags {
+            words: MappedWords::new(ctx, 2)?,
+        })
     }
 
+    /// On the device only the gate kernel touches the words (writes SIGNAL, polls GO).
     fn word(&self, i: usize) -> &AtomicU32 {
-        // SAFETY: two aligned u32 words, alive as long as `self`; on the device only the gate
-        // kernel touches them (writes SIGNAL, polls GO).
-        unsafe { AtomicU32::from_ptr(self.host.add(i)) }
+        self.words.atomic(i)
     }
 
     /// Both words back to 0, for the next step. Only while no gate kernel is queued (the last
@@ -107,10 +85,10 @@ impl GateFlags {
     /// The device addresses of the signal word (the gate kernel writes it) and the go word
     /// (it polls it).
     pub fn signal_addr(&self) -> sys::CUdeviceptr {
-        self.device + (SIGNAL * 4) as u64
+        self.words.device(SIGNAL)
     }
     pub fn go_addr(&self) -> sys::CUdeviceptr {
-        self.device + (GO * 4) as u64
+        self.words.device(GO)
     }
 
     /// Spins until the stream has signalled point `n`. Every few thousand turns it asks the
@@ -251,6 +229,13 @@ impl MappedWords {
         assert!(at + n <= self.len, "mapped words out of range");
         // SAFETY: in bounds; see above for who touches them when.
         unsafe { std::slice::from_raw_parts_mut(self.host.add(at), n) }
+    }
+
+    /// Word `at` as an atomic, for words the host and a kernel trade while both run.
+    pub fn atomic(&self, at: usize) -> &AtomicU32 {
+        assert!(at < self.len, "mapped words out of range");
+        // SAFETY: an aligned u32 in bounds, alive as long as `self`.
+        unsafe { AtomicU32::from_ptr(self.host.add(at)) }
     }
 
     /// The device address of word `at`.
