@@ -671,7 +671,8 @@ impl ExpertProvider for CachedProvider {
             // must not allocate page-locked memory (`Staging::reserve`).
             let largest = moe
                 .iter()
-                .map(|&l| self.source.stored_bytes(l, 0))
+                .flat_map(|&l| (0..cfg.num_experts).map(move |e| (l, e)))
+                .map(|(l, e)| self.source.stored_bytes(l, e))
                 .max()
                 .unwrap_or(0) as usize;
             if let Some(g) = s.gpu.as_mut() {
