@@ -497,6 +497,7 @@ impl BackendSpec {
             moe_kernel: self.settings.moe_kernel == MoeKernel::Moescope,
             attn_kernel: self.settings.attn_kernel == AttnKernel::Moescope,
             gated_pieces: self.settings.gated_pieces,
+            gated_whole: self.settings.gated_whole,
         });
         if engine.model.device().is_cuda() {
             engine.warm_up()?;
@@ -817,13 +818,34 @@ mod tests {
 mod gpu_tests {
     use super::*;
     use crate::cache::settings::Scope;
-    use crate::model::ports::NoObserver;
+    use crate::model::ports::{NoObserver, RoutingObserver};
     use crate::model::sampling::SamplingParams;
 
     /// Each step's token and logits' bits.
     type Steps = Vec<(u32, Vec<u32>)>;
 
     fn run(e: &Engine, prompt: &[u32], n: usize, reuse: bool) -> Steps {
+        run_observed(e, prompt, n, reuse, &mut NoObserver)
+    }
+
+    /// Every routing decision an observer is given: layer, position, experts, weights' bits.
+    #[derive(Default, PartialEq, Debug)]
+    struct Routes(Vec<(usize, usize, Vec<u32>, Vec<u32>)>);
+
+    impl RoutingObserver for Routes {
+        fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], w: &[f32]) {
+            let w = w.iter().map(|v| v.to_bits()).collect();
+            self.0.push((layer, position, experts.to_vec(), w));
+        }
+    }
+
+    fn run_observed(
+        e: &Engine,
+        prompt: &[u32],
+        n: usize,
+        reuse: bool,
+        observer: &mut dyn RoutingObserver,
+    ) -> Steps {
         let params = SamplingParams {
             max_new_tokens: n,
             ..Default::default()
@@ -834,10 +856,7 @@ mod gpu_tests {
             Generation::new(&e.model, prompt.to_vec(), params, vec![]).unwrap()
         };
         let mut steps = Vec::new();
-        while let Some(out) = g
-            .step(&e.model, e.provider.as_ref(), &mut NoObserver)
-            .unwrap()
-        {
+        while let Some(out) = g.step(&e.model, e.provider.as_ref(), observer).unwrap() {
             steps.push((
                 out.token,
                 g.last_logits()
@@ -873,8 +892,9 @@ mod gpu_tests {
         }
     }
 
-    /// Native and selective (missing every step, its piecewise steps gated and launched layer by
-    /// layer; holding every expert, the GPU filling its slots inside the graphs) on the bundled
+    /// Native and selective (missing every step, its piecewise steps gated — as one graph, and
+    /// piece by piece — and launched layer by layer; holding every expert, the GPU filling its
+    /// slots inside the graphs) on the bundled
     /// model in bf16: a generation over the last one's
     /// state equals a fresh one and native, bit for bit, and replays the graphs it found (no
     /// capture) when the prompt's capacity is the last one's; a prompt of another capacity
@@ -892,17 +912,37 @@ mod gpu_tests {
         // Past the smallest static capacity (256 rows): a state the short prompts cannot take.
         let long: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % vocab).collect();
         let mut reference: Option<Vec<Steps>> = None;
-        for (backend, cap, gates) in [
-            (BackendKind::Native, None, true),
-            (BackendKind::Selective, Some(cfg.num_experts_per_tok), true),
-            (BackendKind::Selective, Some(cfg.num_experts_per_tok), false),
-            (BackendKind::Selective, Some(cfg.total_experts()), true),
+        // Gates: (on, the step as one graph).
+        for (backend, cap, (gates, whole)) in [
+            (BackendKind::Native, None, (true, true)),
+            (
+                BackendKind::Selective,
+                Some(cfg.num_experts_per_tok),
+                (true, true),
+            ),
+            (
+                BackendKind::Selective,
+                Some(cfg.num_experts_per_tok),
+                (true, false),
+            ),
+            (
+                BackendKind::Selective,
+                Some(cfg.num_experts_per_tok),
+                (false, false),
+            ),
+            (
+                BackendKind::Selective,
+                Some(cfg.total_experts()),
+                (true, true),
+            ),
         ] {
             let mut spec = spec(backend, cap);
             spec.settings.gated_pieces = gates;
+            spec.settings.gated_whole = whole;
             let e = spec.load(|_, _| {}).unwrap();
-            let what = format!("{backend:?} {cap:?}, gates {gates}");
+            let what = format!("{backend:?} {cap:?}, gates {gates}, whole {whole}");
             let gated_before = crate::model::graph::gated_steps();
+            let whole_before = crate::model::graph::gated_whole_steps();
             let fresh: Vec<Steps> = [(&a, 8), (&b, 12), (&long, 6), (&a, 8)]
                 .iter()
                 .map(|(p, n)| run(&e, p, *n, false))
@@ -932,17 +972,72 @@ mod gpu_tests {
                 "{what}: back to a smaller one"
             );
             // Missing every step, selective reads routing back at every layer: through the
-            // gates when they are on, layer by layer when not.
+            // gates when they are on (the step as one graph, or its pieces queued ahead),
+            // layer by layer when not.
             let gated = crate::model::graph::gated_steps() - gated_before;
+            let as_one = crate::model::graph::gated_whole_steps() - whole_before;
             let misses_every_step = cap == Some(cfg.num_experts_per_tok);
             assert_eq!(
                 gated > 0,
                 misses_every_step && gates,
                 "{what}: {gated} gated steps"
             );
+            assert_eq!(
+                as_one,
+                if whole { gated } else { 0 },
+                "{what}: {as_one} of {gated} gated steps as one graph"
+            );
             match &reference {
                 None => reference = Some(fresh),
                 Some(r) => assert!(r == &fresh, "{what}: not native's bits"),
+            }
+        }
+    }
+
+    /// Selective missing every step on every format (bf16 with a dense layer, GGUF Q4_K_M, FP8),
+    /// its piecewise steps gated — as one graph and piece by piece — with an observer taking the
+    /// routing: native's tokens, logits and routing (experts and weights), bit for bit.
+    #[test]
+    fn gpu_gated_steps_over_every_format_give_natives_bits_and_routing() {
+        if crate::util::gpu_test::device("gated steps on every format").is_none() {
+            return;
+        }
+        for file in [
+            "qwen3-moe-tiny",
+            "gguf/kquant-Q4_K_M.gguf",
+            "fp8/qwen3-moe-tiny-fp8",
+        ] {
+            let model = PathBuf::from("tests/fixtures").join(file);
+            let cfg = MoeConfig::from_dir(&model).unwrap();
+            let prompt = [3u32, 17, 42, 5];
+            let native = gpu_spec(&model, BackendKind::Native, None)
+                .load(|_, _| {})
+                .unwrap();
+            let mut want_routes = Routes::default();
+            let want = run_observed(&native, &prompt, 8, false, &mut want_routes);
+            drop(native);
+            assert_eq!(want.len(), 8, "{file}: eight tokens");
+            for whole in [true, false] {
+                let mut spec = gpu_spec(
+                    &model,
+                    BackendKind::Selective,
+                    Some(cfg.num_experts_per_tok),
+                );
+                spec.settings.gated_whole = whole;
+                let sel = spec.load(|_, _| {}).unwrap();
+                let (gated, as_one) = (
+                    crate::model::graph::gated_steps(),
+                    crate::model::graph::gated_whole_steps(),
+                );
+                let mut routes = Routes::default();
+                let got = run_observed(&sel, &prompt, 8, false, &mut routes);
+                let gated = crate::model::graph::gated_steps() - gated;
+                let as_one = crate::model::graph::gated_whole_steps() - as_one;
+                let what = format!("{file}, whole {whole}");
+                assert!(got == want, "{what}: not native's bits");
+                assert_eq!(routes, want_routes, "{what}: not native's routing");
+                assert!(gated > 0, "{what}: no gated step");
+                assert_eq!(as_one, if whole { gated } else { 0 }, "{what}");
             }
         }
     }

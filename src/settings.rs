@@ -12,7 +12,7 @@
 //! | `MOESCOPE_FILL=0` | `gpu_fill` | a slot pool holding every expert does not fill its own slots |
 //! | `MOESCOPE_H2D=auto\|direct\|staged` | `h2d` | how GPU misses reach the device |
 //! | `MOESCOPE_COPY_STREAM=1` | `copy_stream` | direct copies on a second stream |
-//! | `MOESCOPE_GATES=0` | `gated_pieces` | a piecewise GPU step launches each layer's graphs once the host has its routing, instead of queuing them ahead behind gate kernels (`model::gates`) |
+//! | `MOESCOPE_GATES=0\|pieces\|whole` | `gated_pieces`, `gated_whole` | how a piecewise GPU step (selective, routing read back at every MoE layer) runs: `0` launches each layer's graphs once the host has its routing; `pieces` queues the layers' graphs a few layers ahead behind gate kernels (`model::gates`); `whole` (the default) replays the whole step, gates inside, as one graph |
 //! | `MOESCOPE_PIN_BUDGET=SIZE` | `pin_budget` | host memory the direct path may page-lock (default: half the available memory) |
 //! | `MOESCOPE_TEST_CORES=N` | `cores` | the core count `--prefetch auto` decides by (a test hook) |
 
@@ -80,6 +80,9 @@ pub struct Settings {
     /// that waits for the host only when an expert is missing (`model::gates`); off: launched
     /// layer by layer.
     pub gated_pieces: bool,
+    /// With `gated_pieces`: the gated step replays as one graph (the gate kernels inside it)
+    /// rather than as each layer's graphs queued a few layers ahead.
+    pub gated_whole: bool,
     /// Host memory the direct path may page-lock, bytes (`None`: half the available memory;
     /// see `experts::direct`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +107,7 @@ impl Default for Settings {
             h2d: H2dChoice::Auto,
             copy_stream: false,
             gated_pieces: true,
+            gated_whole: true,
             pin_budget: None,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             worker_cpus: Vec::new(),
@@ -162,7 +166,12 @@ impl Settings {
             s.copy_stream = v == "1";
         }
         if let Some(v) = var("MOESCOPE_GATES") {
-            s.gated_pieces = v != "0";
+            (s.gated_pieces, s.gated_whole) = match v.as_str() {
+                "0" => (false, false),
+                "pieces" => (true, false),
+                "" | "1" | "whole" => (true, true),
+                _ => return Err(bad("MOESCOPE_GATES", &v, "0, pieces or whole")),
+            };
         }
         if let Some(v) = var("MOESCOPE_PIN_BUDGET") {
             s.pin_budget = Some(crate::util::parse_bytes(&v).map_err(|e| {
@@ -203,8 +212,10 @@ impl Settings {
         if self.copy_stream != d.copy_stream {
             out.push("second copy stream".into());
         }
-        if self.gated_pieces != d.gated_pieces {
+        if !self.gated_pieces {
             out.push("piecewise steps launched layer by layer".into());
+        } else if self.gated_whole != d.gated_whole {
+            out.push("gated steps queued layer by layer, not as one graph".into());
         }
         if let Some(b) = self.pin_budget {
             out.push(format!("pin budget {}", crate::util::fmt_bytes(b)));
@@ -254,6 +265,7 @@ mod tests {
                 h2d: H2dChoice::Staged,
                 copy_stream: true,
                 gated_pieces: false,
+                gated_whole: false,
                 pin_budget: Some(16 << 30),
                 cores: 7,
                 worker_cpus: Vec::new(),
@@ -274,6 +286,32 @@ mod tests {
     }
 
     #[test]
+    fn gates_take_three_forms() {
+        let gates = |v: &str| {
+            let s = Settings::from_vars(vars(&[("MOESCOPE_GATES", v)])).unwrap();
+            (s.gated_pieces, s.gated_whole, s.describe_changes())
+        };
+        assert_eq!(gates("whole"), (true, true, String::new()));
+        assert_eq!(gates("1"), (true, true, String::new()));
+        assert_eq!(
+            gates("pieces"),
+            (
+                true,
+                false,
+                "gated steps queued layer by layer, not as one graph".into()
+            )
+        );
+        assert_eq!(
+            gates("0"),
+            (
+                false,
+                false,
+                "piecewise steps launched layer by layer".into()
+            )
+        );
+    }
+
+    #[test]
     fn a_bad_value_names_the_variable_and_what_it_takes() {
         let e = Settings::from_vars(vars(&[("MOESCOPE_H2D", "dma")])).unwrap_err();
         assert!(
@@ -288,6 +326,11 @@ mod tests {
         let e = Settings::from_vars(vars(&[("MOESCOPE_PIN_BUDGET", "lots")])).unwrap_err();
         assert!(
             e.contains("MOESCOPE_PIN_BUDGET") && e.contains("a size such as 16GiB"),
+            "{e}"
+        );
+        let e = Settings::from_vars(vars(&[("MOESCOPE_GATES", "off")])).unwrap_err();
+        assert!(
+            e.contains("MOESCOPE_GATES") && e.contains("0, pieces or whole"),
             "{e}"
         );
         let e = Settings::from_vars(vars(&[("MOESCOPE_TEST_CORES", "many")])).unwrap_err();

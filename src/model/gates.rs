@@ -8,17 +8,21 @@
 //! Why: a piecewise step launched each layer's experts graph only after the host had read the
 //! layer's routing back, so the device sat idle between layers for the round trip — ~23 µs a
 //! layer at 48 layers on an H200, a step's 4.1 ms against native's 3.0 (BENCHMARKS.md §93).
-//! Queued whole, with the host out of the loop for layers that miss nothing, a layer costs one
+//! Queued ahead, with the host out of the loop for layers that miss nothing, a layer costs one
 //! small kernel. (Gating every layer on the host, with stream memory operations, measured no
-//! better than the round trip it replaced: §93.)
+//! better than the round trip it replaced: §93.) The step runs as **one graph**, its gates
+//! inside (`graph.rs`'s `WholeGated`): no graph boundary and none of the pieces' static copies
+//! between layers, so a step that misses nothing runs at 0.97–0.99× native's graph (§94); the
+//! pieces queued a few layers ahead stay as the fallback (`MOESCOPE_GATES=pieces`).
 //!
 //! The one rule that keeps this from deadlocking: while the stream waits, nothing the host does
 //! may wait for it. The misses' copies go on candle's stream (or one it waits for), which the
 //! waiting stream does not hold up; frees are stream-ordered (`cuMemFreeAsync`), so a gated
 //! step needs a device with memory pools; no page-locked memory is allocated or registered
 //! meanwhile (the staging buffers are sized for the largest expert up front, and steps are
-//! gated only once the expert files are registered); and the step is queued a few layers
-//! ahead, never all at once (a stream holds a bounded number of queued operations).
+//! gated only once the expert files are registered); and the pieces are queued a few layers
+//! ahead, never all at once (a stream holds a bounded number of queued operations; the whole
+//! step as one graph is one operation).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -159,6 +163,15 @@ const ONE_WARP: LaunchConfig = LaunchConfig {
     shared_mem_bytes: 0,
 };
 const WORDS_MODULE: &str = "moescope_words";
+
+/// Loads both kernels of `words.cu` now: a capture (a whole gated step recorded as one graph)
+/// must not load a module while the stream records.
+pub fn preload(cuda: &candle_core::CudaDevice) -> Result<()> {
+    for name in ["copy_words", "gate_layer"] {
+        cuda.get_or_load_custom_func(name, WORDS_MODULE, WORDS_PTX)?;
+    }
+    Ok(())
+}
 
 /// Queues `n` words (at most 1,024) from device address `src` to `dst` on `stream`, by a
 /// one-block kernel (`kernels/words.cu`): either side may be mapped host memory.

@@ -500,6 +500,25 @@ pub struct Piecewise {
     /// the device would not take gates (steps then launch layer by layer).
     gated: Option<Gated>,
     gates_refused: bool,
+    /// The gated step captured whole ([`WholeGated`]), made at the first gated step that may
+    /// use one; `whole_refused` once its capture failed (gated steps then queue the pieces).
+    whole: Option<WholeGated>,
+    whole_refused: bool,
+}
+
+/// A whole gated step as one graph: the start, every layer's attention, each MoE layer's gate
+/// kernel and experts, the head — what [`gated_step`] otherwise queues piece by piece. One
+/// launch puts the whole step on the gated stream (a stream's bounded queue is not a limit for
+/// one operation), and the device goes from layer to layer without a graph boundary between
+/// them; the host serves the layers as before.
+struct WholeGated {
+    graph: CudaGraph,
+    /// Whether each gate's layer hands its routing weights to the host too (an observer wants
+    /// them).
+    weights: bool,
+    /// Per layer, the residency table its gate reads (0 for a dense layer): a provider that
+    /// makes new tables needs a new capture.
+    tables: Vec<sys::CUdeviceptr>,
 }
 
 /// A gated step's own stream, its gates, and per MoE layer mapped page-locked words: the
@@ -551,6 +570,14 @@ static GATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::n
 /// How many gated steps this process has run ([`GATED`]).
 pub fn gated_steps() -> usize {
     GATED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Gated steps that ran as one graph ([`WholeGated`]), of [`GATED`].
+static GATED_WHOLE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many gated steps this process has run as one graph ([`GATED_WHOLE`]).
+pub fn gated_whole_steps() -> usize {
+    GATED_WHOLE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Records what `body` queues on `stream` as a graph, instantiated and uploaded.
@@ -754,6 +781,8 @@ impl Piecewise {
             disabled: false,
             gated: None,
             gates_refused: false,
+            whole: None,
+            whole_refused: false,
         })
     }
 
@@ -869,6 +898,126 @@ impl Piecewise {
     }
 }
 
+impl Piecewise {
+    /// Makes sure a whole gated step ([`WholeGated`]) fits this one — captured with `weights`
+    /// over `tables` — capturing it when there is none or it does not; false when it cannot be
+    /// had (its capture failed once: said once, and gated steps queue the pieces from then on).
+    fn whole_ready(
+        &mut self,
+        model: &Qwen3Moe,
+        cache: &mut KvCache,
+        experts: &dyn ExpertProvider,
+        cuda: &candle_core::CudaDevice,
+        weights: bool,
+        tables: &[sys::CUdeviceptr],
+    ) -> bool {
+        if self.whole_refused {
+            return false;
+        }
+        if self
+            .whole
+            .as_ref()
+            .is_some_and(|w| w.weights == weights && w.tables == tables)
+        {
+            return true;
+        }
+        // The old graph's memory goes back before the new capture takes some.
+        self.whole = None;
+        match self.capture_whole(model, cache, experts, cuda, weights, tables) {
+            Ok(graph) => {
+                self.whole = Some(WholeGated {
+                    graph,
+                    weights,
+                    tables: tables.to_vec(),
+                });
+                true
+            }
+            Err(e) => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    eprintln!("moescope: gated steps queued piece by piece, not as one graph: {e}")
+                });
+                self.whole_refused = true;
+                false
+            }
+        }
+    }
+
+    /// Records the gated step whole on candle's stream: the ops of every piece in the order
+    /// [`gated_step`] queues them, each MoE layer's gate between its attention and its experts
+    /// (the pieces' own captures ran first, so every parameter the ops upload is in candle's
+    /// cache). Nothing runs: a gate recorded here cannot wait.
+    fn capture_whole(
+        &self,
+        model: &Qwen3Moe,
+        cache: &mut KvCache,
+        experts: &dyn ExpertProvider,
+        cuda: &candle_core::CudaDevice,
+        weights: bool,
+        tables: &[sys::CUdeviceptr],
+    ) -> Result<CudaGraph> {
+        let g = self
+            .gated
+            .as_ref()
+            .ok_or_else(|| cuda_err("whole gated step", "no gates"))?;
+        let cfg = model.config();
+        let k = cfg.num_experts_per_tok;
+        let mut stacks = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            if !model.is_moe_layer(l) {
+                stacks.push(None);
+                continue;
+            }
+            let st = experts
+                .resident_stacks(l)?
+                .ok_or_else(|| cuda_err("whole gated step", format!("layer {l}: no slot pool")))?;
+            // The host checks each layer's experts against the pool its pieces read: the
+            // whole step must read the same one.
+            if self.pools.get(l).copied().flatten() != Some(st.gate_up.id()) {
+                return Err(cuda_err(
+                    "whole gated step",
+                    format!("layer {l}: not the slot pool of its pieces"),
+                ));
+            }
+            stacks.push(Some(st));
+        }
+        super::gates::preload(cuda)?;
+        let main = cuda.cuda_stream();
+        let word = |at: usize| g.words.device(at);
+        let slot_ids = device_addr(&self.slot_ids)?;
+        let _cache_uploads = cuda.enable_cuda_graph_htod_cache();
+        capture_piece(&main, || {
+            model.piece_start(&self.ids, &self.pos, cache, &self.dec, &self.x)?;
+            let mut x = self.x.clone();
+            let mut i = 0usize;
+            for (l, st) in stacks.iter().enumerate() {
+                let mut gate = |ids: &Tensor, w: &Tensor| -> Result<Tensor> {
+                    let (at, point) = (i * 2 * k, i as u32 + 1);
+                    if weights {
+                        copy_words(cuda, &main, device_addr(w)?, word(at + k), k)?;
+                    }
+                    gate_layer(
+                        cuda,
+                        &main,
+                        &g.flags,
+                        point,
+                        device_addr(ids)?,
+                        tables[l],
+                        k,
+                        word(at),
+                        slot_ids,
+                    )?;
+                    i += 1;
+                    Ok(self.slot_ids.clone())
+                };
+                x = model.layer_gated(l, cache, &self.dec, &x, st.as_ref(), &mut gate)?;
+            }
+            model.piece_head(&x, &self.logits)?;
+            self.pick.launch(&self.logits)
+        })
+    }
+}
+
 /// A selective decode step through piecewise graphs (see [`Piecewise`]); `Ok(None)` where it
 /// does not apply (CPU, graphs off, no slot pool, dtypes or sizes the kernels do not cover).
 pub fn piecewise_step(
@@ -917,7 +1066,9 @@ pub fn piecewise_step(
         && experts.serves_a_token_from_pools()
         && p.gates_ready(cuda, model)
     {
-        let row = gated_step(p, model, experts, observer, cuda, token, position, full)?;
+        let row = gated_step(
+            p, model, cache, experts, observer, cuda, token, position, full,
+        )?;
         cache.advance(1);
         return Ok(Some(row));
     }
@@ -1007,7 +1158,8 @@ pub fn piecewise_step(
 /// A piecewise step queued ahead of the host on the gated stream (`super::gates`): the start,
 /// then per layer its attention graph and, for a MoE layer, its gate kernel (routing out to
 /// the host; slot ids from the layer's exact residency table, waiting for the host only when an
-/// expert is not resident) and its experts graph; then the head. The host serves the layers in
+/// expert is not resident) and its experts graph; then the head. With `gated_whole` all of it
+/// is one graph ([`WholeGated`]) launched at once, the same ops less the pieces' copies. The host serves the layers in
 /// order as the layer-by-layer step does — the same calls in the same order, so the same cache
 /// decisions and the same slots, hence the same bits — and after a layer that loaded experts
 /// brings the tables up to date before it opens the layer's point. A layer that misses nothing
@@ -1020,6 +1172,7 @@ pub fn piecewise_step(
 fn gated_step(
     p: &mut Piecewise,
     model: &Qwen3Moe,
+    cache: &mut KvCache,
     experts: &dyn ExpertProvider,
     observer: &mut dyn RoutingObserver,
     cuda: &candle_core::CudaDevice,
@@ -1032,6 +1185,15 @@ fn gated_step(
     let want_w = observer.wants_routing();
     let row_at = p.row_at();
     let main = cuda.cuda_stream();
+    let mut tables = vec![0; cfg.num_hidden_layers];
+    for l in cfg.moe_layers() {
+        let t = experts
+            .residency_table(l)?
+            .ok_or_else(|| cuda_err("gated step", format!("layer {l} has no residency table")))?;
+        tables[l] = device_addr(&t)?;
+    }
+    let whole =
+        model.options().gated_whole && p.whole_ready(model, cache, experts, cuda, want_w, &tables);
     let Piecewise {
         ids: token_in,
         pos,
@@ -1044,18 +1206,13 @@ fn gated_step(
         graphs,
         pools,
         gated,
+        whole: whole_graph,
         ..
     } = p;
     let graphs = graphs.as_ref().expect("gated steps replay captured pieces");
+    let whole_graph = whole_graph.as_ref().filter(|_| whole).map(|w| &w.graph);
     let g = gated.as_mut().expect("made by gates_ready");
     let s = g.stream.clone();
-    let mut tables = vec![0; cfg.num_hidden_layers];
-    for l in cfg.moe_layers() {
-        let t = experts
-            .residency_table(l)?
-            .ok_or_else(|| cuda_err("gated step", format!("layer {l} has no residency table")))?;
-        tables[l] = device_addr(&t)?;
-    }
     // Loads and evictions since the last gated step (the prompt's, say) reach the tables first.
     experts.sync_residency()?;
     // The step follows everything on candle's stream: the prompt, the KV cache grown for this
@@ -1067,7 +1224,13 @@ fn gated_step(
     g.flags.reset();
     words.write(&s, 0, &[token], token_in)?;
     words.write(&s, 1, &[position as u32], pos)?;
-    launch_on(&graphs.start, &s)?;
+    match whole_graph {
+        Some(w) => {
+            launch_on(w, &s)?;
+            words.read_row(&s, full, row_at, logits, pick)?;
+        }
+        None => launch_on(&graphs.start, &s)?,
+    }
     let moe: Vec<usize> = cfg.moe_layers().collect();
     let words_at = g.words.device(0);
     let word = |at: usize| words_at + (at * 4) as u64;
@@ -1077,6 +1240,9 @@ fn gated_step(
     // the host queues the rest of the step would wait for all of it.
     let (mut next_layer, mut queued_moe, mut head_queued) = (0usize, 0usize, false);
     let mut queue_to = |target: usize| -> Result<()> {
+        if whole_graph.is_some() {
+            return Ok(());
+        }
         while queued_moe < target && next_layer < cfg.num_hidden_layers {
             let l = next_layer;
             next_layer += 1;
@@ -1163,5 +1329,8 @@ fn gated_step(
     }
     words.wait(&s)?;
     GATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if whole_graph.is_some() {
+        GATED_WHOLE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(words.row(full, row_at, cfg.vocab_size))
 }

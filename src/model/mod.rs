@@ -59,6 +59,9 @@ pub struct DecodeOptions {
     /// missing (`gates.rs`, `graph.rs`'s gated step); off: the host launches each layer's graphs
     /// once it has the routing.
     pub gated_pieces: bool,
+    /// With `gated_pieces`, the gated step replays as one captured graph, its gate kernels
+    /// inside; off: each layer's graphs are queued a few MoE layers ahead of the host.
+    pub gated_whole: bool,
 }
 
 impl Default for DecodeOptions {
@@ -68,6 +71,7 @@ impl Default for DecodeOptions {
             moe_kernel: true,
             attn_kernel: true,
             gated_pieces: true,
+            gated_whole: true,
         }
     }
 }

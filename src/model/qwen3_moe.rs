@@ -536,6 +536,53 @@ impl Qwen3Moe {
         Ok(())
     }
 
+    /// A whole gated step's layer `l` (`graph::WholeGated`): the ops of [`piece_attention`]
+    /// then [`piece_experts`](Self::piece_experts), in the same order, without the static
+    /// buffers the pieces trade through — `x` in, the layer's output out. For a MoE layer
+    /// `gate` turns the routing (ids, weights) into the slot ids the experts kernel reads from
+    /// `stacks` (it queues the layer's gate kernel).
+    ///
+    /// [`piece_attention`]: Self::piece_attention
+    #[cfg(feature = "cuda")]
+    pub(crate) fn layer_gated(
+        &self,
+        l: usize,
+        cache: &mut KvCache,
+        dec: &DecodeInputs,
+        x: &Tensor,
+        stacks: Option<&super::ports::Stacked>,
+        gate: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[l];
+        let hn = layer.input_norm.forward(x)?;
+        let x1 = layer
+            .attn
+            .forward_residual(&hn, x, l, cache, &Positions::Device(dec))?;
+        let h2 = layer.post_norm.forward(&x1)?;
+        match (&layer.ffn, stacks) {
+            (Ffn::Dense(m), _) => Ok((x1 + m.forward(&h2)?)?),
+            (Ffn::Moe(moe), Some(stacks)) => {
+                let (ids, w) = moe.route_on_device(&h2, 1, &[])?.ok_or_else(|| {
+                    ModelError::Input("a gated step needs the routing kernel".into())
+                })?;
+                let slots = gate(&ids, &w)?;
+                Ok(super::moe_decode::moe_decode(
+                    &h2,
+                    &stacks.gate_up,
+                    &stacks.down,
+                    &slots,
+                    None,
+                    &w,
+                    Some(&x1),
+                    stacks.format(),
+                )?)
+            }
+            (Ffn::Moe(_), None) => Err(ModelError::Input(format!(
+                "a gated step's layer {l} has no slot pool"
+            ))),
+        }
+    }
+
     /// Piecewise decode, layer experts: `x = x_mid + Σ w · expert(h)` over `slot_ids` rows of
     /// the stacks.
     #[cfg(feature = "cuda")]
