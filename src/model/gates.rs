@@ -16,7 +16,9 @@
 //! pieces queued a few layers ahead stay as the fallback (`MOESCOPE_GATES=pieces`).
 //!
 //! The one rule that keeps this from deadlocking: while the stream waits, nothing the host does
-//! may wait for it. The misses' copies go on candle's stream (or one it waits for), which the
+//! may wait for it — likely a kernel loaded for the first time too (with CUDA's lazy loading a
+//! first load waits for an idle device; BENCHMARKS.md §95): every kernel launched meanwhile has
+//! run, or been fetched, before the step is queued. The misses' copies go on candle's stream (or one it waits for), which the
 //! waiting stream does not hold up; frees are stream-ordered (`cuMemFreeAsync`), so a gated
 //! step needs a device with memory pools; no page-locked memory is allocated or registered
 //! meanwhile (the staging buffers are sized for the largest expert up front, and steps are
