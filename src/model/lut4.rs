@@ -451,15 +451,39 @@ pub fn stacked_product<'a>(
         starts.push(starts[e] + m.rows);
     }
     let kernels: Vec<RowKernel> = mats.iter().map(|m| row_kernel(m.format)).collect();
-    Ok(super::cpu_gemv::rows_product(
-        starts[mats.len()],
-        cols,
-        1,
-        |r, out| {
+    let pairs: Vec<Option<PairKernel>> = mats.iter().map(|m| pair_kernel(m.format)).collect();
+    let total = starts[mats.len()];
+    let mut y = vec![0f32; total];
+    let out = &super::cpu_gemv::RowsOut(y.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        let mut r = range.start;
+        while r < range.end {
             let e = starts.partition_point(|&s| s <= r) - 1;
-            kernels[e](mats[e].row(r - starts[e]), x(e), out)
-        },
-    ))
+            let i = r - starts[e];
+            // The next row in the same matrix and range: both rows at once.
+            if let Some(pair) = pairs[e]
+                && r + 1 < range.end
+                && r + 1 < starts[e + 1]
+            {
+                let (y0, y1) = pair(mats[e].row(i), mats[e].row(i + 1), x(e));
+                // SAFETY: rows r and r + 1 own outputs r and r + 1, handed to them alone.
+                let o = unsafe { out.at(r, 2) };
+                (o[0], o[1]) = (y0, y1);
+                r += 2;
+                continue;
+            }
+            // SAFETY: row r owns output r, handed to it alone.
+            kernels[e](mats[e].row(i), x(e), unsafe { out.at(r, 1) });
+            r += 1;
+        }
+    };
+    // As `cpu_gemv::rows_product` decides for one token.
+    if total * cols < 1 << 15 {
+        run(0..total);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(total, run);
+    }
+    Ok(y)
 }
 
 /// Several matrices of one width, matrix e multiplied by its own `ns[e]` tokens (`x(e)`,
@@ -498,17 +522,36 @@ pub fn ragged_product<'a>(
         outs.push(outs[e] + m.rows * n);
     }
     let kernels: Vec<RowKernel> = mats.iter().map(|m| row_kernel(m.format)).collect();
+    let pairs: Vec<Option<PairKernel>> = mats.iter().map(|m| pair_kernel(m.format)).collect();
     // Transposed per matrix ([rows, n]): each row's outputs one contiguous chunk.
     let mut yt = vec![0f32; outs[mats.len()]];
     let out = &super::cpu_gemv::RowsOut(yt.as_mut_ptr());
     let run = |range: std::ops::Range<usize>| {
-        for r in range {
+        let mut r = range.start;
+        while r < range.end {
             let e = starts.partition_point(|&s| s <= r) - 1;
             let n = ns[e];
+            // One token, and the next row in the same matrix and range: both rows at once.
+            if let (1, Some(pair)) = (n, pairs[e])
+                && r + 1 < range.end
+                && r + 1 < starts[e + 1]
+            {
+                let i = r - starts[e];
+                let (y0, y1) = pair(mats[e].row(i), mats[e].row(i + 1), x(e));
+                // SAFETY: rows r and r + 1 of matrix e own one output each, outs[e] + i and the
+                // next, inside yt and handed to these rows alone.
+                unsafe {
+                    out.at(outs[e] + i, 1)[0] = y0;
+                    out.at(outs[e] + i + 1, 1)[0] = y1;
+                }
+                r += 2;
+                continue;
+            }
             // SAFETY: row r of matrix e owns outputs outs[e] + (r − starts[e])·n … + n, inside
             // yt (the sums above) and handed to this row alone.
             let o = unsafe { out.at(outs[e] + (r - starts[e]) * n, n) };
             kernels[e](mats[e].row(r - starts[e]), x(e), o);
+            r += 1;
         }
     };
     let total = starts[mats.len()];
@@ -535,6 +578,29 @@ pub fn ragged_product<'a>(
 
 /// One row (its blocks) for every token: `xs` n × cols activations, `out` n results.
 type RowKernel = fn(&[u8], &[f32], &mut [f32]);
+
+/// Two rows' dots with one token's values, each with the bits of its own [`RowKernel`].
+type PairKernel = fn(&[u8], &[u8], &[f32]) -> (f32, f32);
+
+/// Where the CPU has AVX-512: [`dot2_avx512`]. Why: one row's dot is two chains of dependent
+/// multiply-adds (BENCHMARKS.md §96); two rows make four, and share the activations' loads.
+fn pair_kernel(format: Lut4) -> Option<PairKernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::cpu_gemv::{avx2_fma, avx512};
+        if avx2_fma() && avx512() {
+            // SAFETY (each): AVX-512F/BW, AVX2 and FMA were detected on this CPU; x is the
+            // token's values, each row that many weights' blocks.
+            return Some(match format {
+                Lut4::Mxfp4 => |a, b, x| unsafe { dot2_avx512::<Mx>(a, b, x) },
+                Lut4::Iq4Nl => |a, b, x| unsafe { dot2_avx512::<Nl>(a, b, x) },
+                Lut4::Iq4Xs => |a, b, x| unsafe { dot2_avx512::<Xs>(a, b, x) },
+            });
+        }
+    }
+    let _ = format;
+    None
+}
 
 fn row_kernel(format: Lut4) -> RowKernel {
     match format {
@@ -738,6 +804,50 @@ unsafe fn dot_avx512<L: Layout>(w: &[u8], x: &[f32]) -> f32 {
             }
         }
         finish512(a, b)
+    }
+}
+
+/// [`dot_avx512`] of two rows with the same values at once: each row's multiply-adds in its own
+/// two accumulators, in `dot_avx512`'s order, so each row's bits are its own dot's.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW, AVX2 and FMA; `w0` and `w1` hold the blocks of `x.len()` weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn dot2_avx512<L: Layout>(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let blocks = w0.len() / L::BYTES;
+    assert!(
+        w1.len() / L::BYTES == blocks && x.len() >= blocks * L::WEIGHTS,
+        "table-coded dot: {blocks} and {} blocks, {} values",
+        w1.len() / L::BYTES,
+        x.len()
+    );
+    // SAFETY (whole body): the features as required; every load lies inside block k of `w0`
+    // or `w1` or x's values of that block (the loop bound and the assert).
+    unsafe {
+        let (mut a0, mut b0) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut a1, mut b1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for k in 0..blocks {
+            let blk0 = std::slice::from_raw_parts(w0.as_ptr().add(k * L::BYTES), L::BYTES);
+            let blk1 = std::slice::from_raw_parts(w1.as_ptr().add(k * L::BYTES), L::BYTES);
+            for s in 0..L::WEIGHTS / BLOCK {
+                let xp = x.as_ptr().add(k * L::WEIGHTS + s * BLOCK);
+                let (xl, xh) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+                let d0 = _mm512_set1_ps(L::scale(blk0, s));
+                let d1 = _mm512_set1_ps(L::scale(blk1, s));
+                let (lo0, hi0) = codes::<L>(blk0.as_ptr().add(L::codes(s)));
+                let (lo1, hi1) = codes::<L>(blk1.as_ptr().add(L::codes(s)));
+                let widen = |v: __m128i, d: __m512| {
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d)
+                };
+                a0 = _mm512_fmadd_ps(widen(lo0, d0), xl, a0);
+                b0 = _mm512_fmadd_ps(widen(hi0, d0), xh, b0);
+                a1 = _mm512_fmadd_ps(widen(lo1, d1), xl, a1);
+                b1 = _mm512_fmadd_ps(widen(hi1, d1), xh, b1);
+            }
+        }
+        (finish512(a0, b0), finish512(a1, b1))
     }
 }
 
