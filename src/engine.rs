@@ -824,6 +824,13 @@ mod gpu_tests {
     /// Each step's token and logits' bits.
     type Steps = Vec<(u32, Vec<u32>)>;
 
+    /// A fixture of each format: bf16 (a dense layer among the MoE ones), GGUF Q4_K_M, FP8.
+    const EVERY_FORMAT: [&str; 3] = [
+        "qwen3-moe-tiny",
+        "gguf/kquant-Q4_K_M.gguf",
+        "fp8/qwen3-moe-tiny-fp8",
+    ];
+
     fn run(e: &Engine, prompt: &[u32], n: usize, reuse: bool) -> Steps {
         run_observed(e, prompt, n, reuse, &mut NoObserver)
     }
@@ -1002,11 +1009,7 @@ mod gpu_tests {
         if crate::util::gpu_test::device("gated steps on every format").is_none() {
             return;
         }
-        for file in [
-            "qwen3-moe-tiny",
-            "gguf/kquant-Q4_K_M.gguf",
-            "fp8/qwen3-moe-tiny-fp8",
-        ] {
+        for file in EVERY_FORMAT {
             let model = PathBuf::from("tests/fixtures").join(file);
             let cfg = MoeConfig::from_dir(&model).unwrap();
             let prompt = [3u32, 17, 42, 5];
@@ -1051,11 +1054,7 @@ mod gpu_tests {
         if crate::util::gpu_test::device("long-prompt grouped products").is_none() {
             return;
         }
-        for file in [
-            "qwen3-moe-tiny",
-            "gguf/kquant-Q4_K_M.gguf",
-            "fp8/qwen3-moe-tiny-fp8",
-        ] {
+        for file in EVERY_FORMAT {
             let model = PathBuf::from("tests/fixtures").join(file);
             let cfg = MoeConfig::from_dir(&model).unwrap();
             let vocab = cfg.vocab_size as u32;

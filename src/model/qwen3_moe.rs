@@ -499,6 +499,26 @@ impl Qwen3Moe {
         Ok(())
     }
 
+    /// Layer `l` of a device-positioned decode step up to its FFN: attention with the residual
+    /// added (`x1`), and `x1` normalised for the FFN (`h2`). What the piecewise and the whole
+    /// gated step share.
+    #[cfg(feature = "cuda")]
+    fn attention_part(
+        &self,
+        l: usize,
+        cache: &mut KvCache,
+        dec: &DecodeInputs,
+        x: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let layer = &self.layers[l];
+        let hn = layer.input_norm.forward(x)?;
+        let x1 = layer
+            .attn
+            .forward_residual(&hn, x, l, cache, &Positions::Device(dec))?;
+        let h2 = layer.post_norm.forward(&x1)?;
+        Ok((x1, h2))
+    }
+
     /// Piecewise decode, layer `l` up to its experts: attention and residual into `x_mid`, the
     /// normalised state into `h`, the routing into `ids`/`w`. A dense layer runs whole, into `x`.
     /// The same ops, in the same order, as `run_layers` with the fused GPU path.
@@ -515,13 +535,8 @@ impl Qwen3Moe {
         ids: &Tensor,
         w: &Tensor,
     ) -> Result<()> {
-        let layer = &self.layers[l];
-        let hn = layer.input_norm.forward(x)?;
-        let x1 = layer
-            .attn
-            .forward_residual(&hn, x, l, cache, &Positions::Device(dec))?;
-        let h2 = layer.post_norm.forward(&x1)?;
-        match &layer.ffn {
+        let (x1, h2) = self.attention_part(l, cache, dec, x)?;
+        match &self.layers[l].ffn {
             Ffn::Dense(m) => x.slice_set(&(x1 + m.forward(&h2)?)?, 0, 0)?,
             Ffn::Moe(moe) => {
                 let (i, ww) = moe.route_on_device(&h2, 1, &[])?.ok_or_else(|| {
@@ -553,13 +568,8 @@ impl Qwen3Moe {
         stacks: Option<&super::ports::Stacked>,
         gate: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let layer = &self.layers[l];
-        let hn = layer.input_norm.forward(x)?;
-        let x1 = layer
-            .attn
-            .forward_residual(&hn, x, l, cache, &Positions::Device(dec))?;
-        let h2 = layer.post_norm.forward(&x1)?;
-        match (&layer.ffn, stacks) {
+        let (x1, h2) = self.attention_part(l, cache, dec, x)?;
+        match (&self.layers[l].ffn, stacks) {
             (Ffn::Dense(m), _) => Ok((x1 + m.forward(&h2)?)?),
             (Ffn::Moe(moe), Some(stacks)) => {
                 let (ids, w) = moe.route_on_device(&h2, 1, &[])?.ok_or_else(|| {
