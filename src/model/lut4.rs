@@ -582,8 +582,9 @@ type RowKernel = fn(&[u8], &[f32], &mut [f32]);
 /// Two rows' dots with one token's values, each with the bits of its own [`RowKernel`].
 type PairKernel = fn(&[u8], &[u8], &[f32]) -> (f32, f32);
 
-/// Where the CPU has AVX-512: [`dot2_avx512`]. Why: one row's dot is two chains of dependent
-/// multiply-adds (BENCHMARKS.md §96); two rows make four, and share the activations' loads.
+/// Where the CPU has AVX-512: [`dot2_avx512`]; where it has AVX2 and FMA only: [`dot2_avx2`].
+/// Why: one row's dot is a few chains of dependent multiply-adds (BENCHMARKS.md §96); two rows
+/// make twice as many, and share the activations' loads.
 fn pair_kernel(format: Lut4) -> Option<PairKernel> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -595,6 +596,14 @@ fn pair_kernel(format: Lut4) -> Option<PairKernel> {
                 Lut4::Mxfp4 => |a, b, x| unsafe { dot2_avx512::<Mx>(a, b, x) },
                 Lut4::Iq4Nl => |a, b, x| unsafe { dot2_avx512::<Nl>(a, b, x) },
                 Lut4::Iq4Xs => |a, b, x| unsafe { dot2_avx512::<Xs>(a, b, x) },
+            });
+        }
+        if avx2_fma() {
+            // SAFETY (each): AVX2 and FMA were detected on this CPU; as above.
+            return Some(match format {
+                Lut4::Mxfp4 => |a, b, x| unsafe { dot2_avx2::<Mx>(a, b, x) },
+                Lut4::Iq4Nl => |a, b, x| unsafe { dot2_avx2::<Nl>(a, b, x) },
+                Lut4::Iq4Xs => |a, b, x| unsafe { dot2_avx2::<Xs>(a, b, x) },
             });
         }
     }
@@ -898,6 +907,69 @@ unsafe fn dot_avx2<L: Layout>(w: &[u8], x: &[f32]) -> f32 {
     }
 }
 
+/// [`dot_avx2`] of two rows with the same values at once: each row's multiply-adds in its own
+/// four accumulators, in `dot_avx2`'s order, so each row's bits are its own dot's.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `w0` and `w1` hold the blocks of `x.len()` weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot2_avx2<L: Layout>(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let blocks = w0.len() / L::BYTES;
+    assert!(
+        w1.len() / L::BYTES == blocks && x.len() >= blocks * L::WEIGHTS,
+        "table-coded dot: {blocks} and {} blocks, {} values",
+        w1.len() / L::BYTES,
+        x.len()
+    );
+    /// `dot_avx2`'s finish: the four vectors added (0 + 1) + (2 + 3), then the eight lanes.
+    #[inline(always)]
+    unsafe fn finish(acc: [__m256; 4]) -> f32 {
+        // SAFETY: the caller's features.
+        unsafe {
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+            super::cpu_gemv::reduce8(&lanes)
+        }
+    }
+    // SAFETY (whole body): AVX2 and FMA as required; every load lies inside block k of `w0`
+    // or `w1` or x's values of that block (the loop bound and the assert).
+    unsafe {
+        let mut acc0 = [_mm256_setzero_ps(); 4];
+        let mut acc1 = [_mm256_setzero_ps(); 4];
+        for k in 0..blocks {
+            let blk0 = std::slice::from_raw_parts(w0.as_ptr().add(k * L::BYTES), L::BYTES);
+            let blk1 = std::slice::from_raw_parts(w1.as_ptr().add(k * L::BYTES), L::BYTES);
+            for s in 0..L::WEIGHTS / BLOCK {
+                let xp = x.as_ptr().add(k * L::WEIGHTS + s * BLOCK);
+                let d0 = _mm256_set1_ps(L::scale(blk0, s));
+                let d1 = _mm256_set1_ps(L::scale(blk1, s));
+                let (lo0, hi0) = codes::<L>(blk0.as_ptr().add(L::codes(s)));
+                let (lo1, hi1) = codes::<L>(blk1.as_ptr().add(L::codes(s)));
+                // Each vector widened right before its multiply-add: the 8 accumulators, the
+                // codes and the scales already fill most of AVX2's 16 registers.
+                let widen = |v: __m128i, d: __m256| {
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d)
+                };
+                let parts = [
+                    (lo0, lo1),
+                    (_mm_srli_si128(lo0, 8), _mm_srli_si128(lo1, 8)),
+                    (hi0, hi1),
+                    (_mm_srli_si128(hi0, 8), _mm_srli_si128(hi1, 8)),
+                ];
+                for (j, (c0, c1)) in parts.into_iter().enumerate() {
+                    let xv = _mm256_loadu_ps(xp.add(8 * j));
+                    acc0[j] = _mm256_fmadd_ps(widen(c0, d0), xv, acc0[j]);
+                    acc1[j] = _mm256_fmadd_ps(widen(c1, d1), xv, acc1[j]);
+                }
+            }
+        }
+        (finish(acc0), finish(acc1))
+    }
+}
+
 /// Blocks of every code, with scales across E8M0's range (0, 1 and 2 for the subnormal halves,
 /// 127 for 1.0) — finite weights only (the decoding test covers 254's overflow). For tests.
 #[cfg(test)]
@@ -1191,6 +1263,41 @@ mod tests {
                     want[t]
                 );
                 assert_eq!(portable[t].to_bits(), want[t].to_bits(), "portable {what}");
+            }
+        }
+        // Two rows at once: each row's bits its own dot's, in both forms this CPU can run.
+        #[cfg(target_arch = "x86_64")]
+        for r in 0..rows.saturating_sub(1) {
+            use crate::model::cpu_gemv::{avx2_fma, avx512};
+            let (w0, w1) = (m.row(r), m.row(r + 1));
+            for t in 0..n {
+                let x = &xs[t * cols..(t + 1) * cols];
+                let want =
+                    |row: usize| dot_with(&dense[row * cols..(row + 1) * cols], x, |v| v).to_bits();
+                // SAFETY: the features are detected first; `x` is these rows' width.
+                let (p2, p512) = unsafe {
+                    match format {
+                        Lut4::Mxfp4 => (
+                            avx2_fma().then(|| dot2_avx2::<Mx>(w0, w1, x)),
+                            (avx2_fma() && avx512()).then(|| dot2_avx512::<Mx>(w0, w1, x)),
+                        ),
+                        Lut4::Iq4Nl => (
+                            avx2_fma().then(|| dot2_avx2::<Nl>(w0, w1, x)),
+                            (avx2_fma() && avx512()).then(|| dot2_avx512::<Nl>(w0, w1, x)),
+                        ),
+                        Lut4::Iq4Xs => (
+                            avx2_fma().then(|| dot2_avx2::<Xs>(w0, w1, x)),
+                            (avx2_fma() && avx512()).then(|| dot2_avx512::<Xs>(w0, w1, x)),
+                        ),
+                    }
+                };
+                for (form, got) in [("avx2 pair", p2), ("avx512 pair", p512)] {
+                    if let Some((a, b)) = got {
+                        let what = format!("{form} {format} [{rows}, {cols}] rows {r}, {}", r + 1);
+                        assert_eq!(a.to_bits(), want(r), "{what} token {t}");
+                        assert_eq!(b.to_bits(), want(r + 1), "{what} token {t}");
+                    }
+                }
             }
         }
     }
