@@ -61,10 +61,14 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => super::cpu_gemv::matmul_t(x, w)?,
             LinearWeight::Quantized { matmul, .. } => {
-                use candle_core::Module;
-                matmul
-                    .forward(&x.to_dtype(DType::F32)?)?
-                    .to_dtype(x.dtype())?
+                if let Some(mut ys) = quantized_one_row(x, &[matmul])? {
+                    ys.remove(0)
+                } else {
+                    use candle_core::Module;
+                    matmul
+                        .forward(&x.to_dtype(DType::F32)?)?
+                        .to_dtype(x.dtype())?
+                }
             }
             LinearWeight::Fp8(m) => as_rows(x, m.dims()[0], |x| m.forward(x))?,
             LinearWeight::Lut4(m) => as_rows(x, m.dims()[0], |x| m.forward(x))?,
@@ -102,6 +106,16 @@ impl Linear {
                     })
                 })
                 .collect();
+        }
+        // Block-quantized matrices with no bias on one token: one trip, candle's bits.
+        let quantized: Option<Vec<&candle_core::quantized::QMatMul>> =
+            layers.iter().map(|l| l.quantized_unbiased()).collect();
+        if let Some(ys) = quantized
+            .map(|q| quantized_one_row(x, &q))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(ys);
         }
         layers.iter().map(|l| l.forward(x)).collect()
     }
@@ -160,6 +174,46 @@ impl Linear {
         };
         w + self.bias.as_ref().map(t).unwrap_or(0)
     }
+}
+
+/// `forward` of one token (x's elements one row of the matrices' width, on the CPU) through
+/// block-quantized matrices, all their rows in one trip through the pool with candle's own
+/// arithmetic (`quant_rows::stacked_gemv`: `QMatMul::forward`'s bits), each output shaped as
+/// x with the matrix's rows last, in x's dtype. None where that does not apply (a prompt, a
+/// float or repacked matrix, another device): candle's product then.
+fn quantized_one_row(
+    x: &Tensor,
+    matmuls: &[&candle_core::quantized::QMatMul],
+) -> Result<Option<Vec<Tensor>>> {
+    use candle_core::quantized::QMatMul;
+    let k = x.dims().last().copied().unwrap_or(0);
+    if !x.device().is_cpu() || matmuls.is_empty() || x.rank() < 2 || x.elem_count() != k {
+        return Ok(None);
+    }
+    let Some(qs) = matmuls
+        .iter()
+        .map(|m| match m {
+            QMatMul::QTensor(q) => Some(q.as_ref()),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Ok(None);
+    };
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let Some(ys) = super::quant_rows::stacked_gemv(&qs, |_| &xs) else {
+        return Ok(None);
+    };
+    ys.into_iter()
+        .map(|y| {
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = y.len();
+            }
+            Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// `product` of x's rows: the FP8 and table-coded kernels take [rows, in] activations, so any

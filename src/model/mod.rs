@@ -32,6 +32,7 @@ pub mod moe_grouped;
 #[cfg(feature = "cuda")]
 pub mod pick;
 pub mod ports;
+pub mod quant_rows;
 pub mod qwen3_moe;
 #[cfg(feature = "cuda")]
 pub mod raw;

@@ -450,17 +450,20 @@ impl MoeBlock {
                 return Ok(y?);
             }
             // Not this case (quantized experts): their gate_up products in one call where
-            // candle can, MXFP4 ones in two trips through the pool, else one expert at a time,
-            // over the experts already held.
+            // candle can, else block-quantized and table-coded ones in two trips through the
+            // pool, else one expert at a time, over the experts already held.
             let refs: Vec<&super::ports::ExpertWeights> = held.iter().map(|w| w.as_ref()).collect();
             let outs = match super::ports::ExpertWeights::quantized_one_token(x, &refs)? {
                 Some(ys) => ys,
-                None => match super::ports::ExpertWeights::lut4_one_token(x, &refs)? {
+                None => match super::ports::ExpertWeights::quantized_stacked_one_token(x, &refs)? {
                     Some(ys) => ys,
-                    None => held
-                        .iter()
-                        .map(|w| w.forward(x))
-                        .collect::<Result<Vec<_>>>()?,
+                    None => match super::ports::ExpertWeights::lut4_one_token(x, &refs)? {
+                        Some(ys) => ys,
+                        None => held
+                            .iter()
+                            .map(|w| w.forward(x))
+                            .collect::<Result<Vec<_>>>()?,
+                    },
                 },
             };
             let mut acc: Option<Tensor> = None;

@@ -530,6 +530,107 @@ impl ExpertWeights {
             .map(Some)
     }
 
+    /// [`forward`](Self::forward) of one token `x` [1, H] through several block-quantized
+    /// experts on the CPU where candle's shared-input GEMV does not apply (CPUs without AVX-512
+    /// VNNI, the downs): every expert's gate_up rows in one trip through the pool and every
+    /// block-quantized down row in another ([`super::quant_rows::stacked_gemv`], candle's own
+    /// quantization and row dots, so `QMatMul::forward`'s bits), the tensor ops between them
+    /// those of `forward`. A down held as a float tensor is candle's product on the same h, as
+    /// `forward` runs it. None where that does not apply (a matrix candle repacks, other
+    /// experts): the caller then runs the experts one by one.
+    pub fn quantized_stacked_one_token(
+        x: &Tensor,
+        experts: &[&ExpertWeights],
+    ) -> Result<Option<Vec<Tensor>>> {
+        use candle_core::quantized::QTensor;
+        if experts.is_empty() || !x.device().is_cpu() || x.dim(0)? != 1 {
+            return Ok(None);
+        }
+        // Each expert's gate_up matrices (one fused, or gate and up) and its down.
+        let mut ups: Vec<&QTensor> = Vec::with_capacity(2 * experts.len());
+        let mut downs: Vec<&QMatMul> = Vec::with_capacity(experts.len());
+        for w in experts {
+            match &w.mats {
+                Mats::Quantized {
+                    gate_up: GateUp::Fused(QMatMul::QTensor(t)),
+                    ..
+                } => ups.push(t),
+                Mats::Quantized {
+                    gate_up: GateUp::Apart(QMatMul::QTensor(g), QMatMul::QTensor(u)),
+                    ..
+                } => ups.extend([g, u].map(|t| t.as_ref())),
+                _ => return Ok(None),
+            }
+            let Mats::Quantized { down, .. } = &w.mats else {
+                unreachable!("matched above")
+            };
+            downs.push(down);
+        }
+        let dtype = x.dtype();
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let Some(gu) = super::quant_rows::stacked_gemv(&ups, |_| &xs) else {
+            return Ok(None);
+        };
+        let dev = x.device();
+        let row = |v: &[f32]| Tensor::from_slice(v, (1, v.len()), dev);
+        let mut hs = Vec::with_capacity(experts.len());
+        let mut at = 0;
+        for w in experts {
+            let i = w.intermediate;
+            let gu_out = match &w.mats {
+                Mats::Quantized {
+                    gate_up: GateUp::Fused(_),
+                    ..
+                } => {
+                    at += 1;
+                    GateUpOut::Fused(row(&gu[at - 1])?)
+                }
+                _ => {
+                    at += 2;
+                    GateUpOut::Apart(row(&gu[at - 2])?, row(&gu[at - 1])?)
+                }
+            };
+            let (g, u) = match gu_out {
+                GateUpOut::Fused(gu) => (gu.narrow(1, 0, i)?, gu.narrow(1, i, i)?),
+                GateUpOut::Apart(g, u) => (g, u),
+            };
+            hs.push((silu(&g)? * u)?);
+        }
+        // Block-quantized downs in one more trip; float ones by candle on the same h.
+        let blocks: Vec<(usize, &QTensor)> = downs
+            .iter()
+            .enumerate()
+            .filter_map(|(e, d)| match d {
+                QMatMul::QTensor(t) => Some((e, t.as_ref())),
+                _ => None,
+            })
+            .collect();
+        let h_rows: Vec<Vec<f32>> = blocks
+            .iter()
+            .map(|&(e, _)| hs[e].flatten_all()?.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        let mats: Vec<&QTensor> = blocks.iter().map(|&(_, t)| t).collect();
+        let Some(ys) = super::quant_rows::stacked_gemv(&mats, |k| &h_rows[k]) else {
+            return Ok(None);
+        };
+        let mut outs: Vec<Option<Tensor>> = vec![None; experts.len()];
+        for (&(e, _), y) in blocks.iter().zip(&ys) {
+            outs[e] = Some(row(y)?);
+        }
+        outs.into_iter()
+            .zip(&downs)
+            .zip(&hs)
+            .map(|((y, d), h)| {
+                let y = match y {
+                    Some(y) => y,
+                    None => d.forward(h)?,
+                };
+                Ok(y.to_dtype(dtype)?)
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// Bytes this expert occupies in memory (compute dtype; quantized: as stored).
     pub fn bytes(&self) -> u64 {
         match &self.mats {

@@ -1,0 +1,375 @@
+//! Several of candle's block-quantized matrices on the CPU, each multiplied by one token of its
+//! own, all their rows in one trip through candle's worker pool — with candle's own arithmetic,
+//! so each output has the bits `QMatMul::forward` gives for that matrix and token.
+//!
+//! Why: at batch 1 a small expert's quantized product is mostly its dispatch — a trip through
+//! the pool, the token quantized to blocks, a tensor made — and a decode token's routed experts
+//! made two such products each (BENCHMARKS.md §98: on an AVX2-only CPU the `engine` preset's
+//! Q8_0 decode ran at 0.49–0.65× llama.cpp). Where candle has its own shared-input kernel
+//! (`QTensor::gemv_fused_shared_lhs`, AVX-512 VNNI and aarch64 only) the caller takes that
+//! first.
+//!
+//! What "candle's own arithmetic" means here is `k_quants::matmul` for one row of input, which
+//! `QMatMul::forward` runs wherever candle does not repack the matrix into its tiled layout:
+//! the token quantized once by the vec-dot type's `from_float` (or copied, for the types that
+//! take f32 as they are), then the rows four at a time by `vec_dot_4` from the matrix's first
+//! row, the last two or three by `vec_dot_2` and `vec_dot`. A matrix candle would repack is
+//! refused ([`candle_repacks`]), so the caller keeps candle's product for it.
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, BlockQ8_1, BlockQ8K, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QTensor};
+
+/// Unit u of a matrix's rows (rows 4u … 4u + 3, or the last one to three) into its outputs.
+type Unit<'a> = Box<dyn Fn(usize, &mut [f32]) + Sync + 'a>;
+
+/// One matrix prepared for the stacked product.
+struct Prepared<'a> {
+    rows: usize,
+    unit: Unit<'a>,
+}
+
+impl Prepared<'_> {
+    /// Units: the quads, then one for the rows left over (if any).
+    fn units(&self) -> usize {
+        self.rows.div_ceil(4)
+    }
+}
+
+/// The matrix's blocks and the token quantized as `k_quants::matmul` quantizes it. None where
+/// the storage is not whole, aligned blocks of `T` of the matrix's shape.
+fn prepare_as<'a, T: GgmlType + Sync + 'static>(
+    bytes: &'a [u8],
+    (n, k): (usize, usize),
+    x: &[f32],
+) -> Option<Prepared<'a>> {
+    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) || x.len() != k {
+        return None;
+    }
+    let per_row = k / T::BLCK_SIZE;
+    let size = std::mem::size_of::<T>();
+    if bytes.len() != n * per_row * size
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
+        return None;
+    }
+    // SAFETY: the bytes are candle's storage of `n * per_row` blocks of `T` (a plain
+    // `#[repr(C)]` struct of integers and halves, any bit pattern valid), aligned for `T`
+    // (both checked above), and borrowed for 'a.
+    let blocks: &'a [T] = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n * per_row) };
+    let mut lhs = vec![T::VecDotType::zeros(); per_row];
+    if T::DIRECT_COPY {
+        T::VecDotType::direct_copy(x, &mut lhs);
+    } else {
+        T::VecDotType::from_float(x, &mut lhs);
+    }
+    let row = move |r: usize| &blocks[r * per_row..(r + 1) * per_row];
+    let quads = n / 4;
+    let quad = quad_kernel::<T>();
+    let unit = move |u: usize, out: &mut [f32]| {
+        let c = 4 * u;
+        if u < quads {
+            let (a, b, d, e) = quad(k, [row(c), row(c + 1), row(c + 2), row(c + 3)], &lhs);
+            out[..4].copy_from_slice(&[a, b, d, e]);
+            return;
+        }
+        // candle's tail: the first two of the last one to three rows together, an odd last
+        // row alone.
+        let tail = n - c;
+        if tail >= 2 {
+            (out[0], out[1]) = T::vec_dot_2(k, row(c), row(c + 1), &lhs);
+        }
+        if tail & 1 == 1 {
+            out[tail - 1] = T::vec_dot(k, row(n - 1), &lhs);
+        }
+    };
+    Some(Prepared {
+        rows: n,
+        unit: Box::new(unit),
+    })
+}
+
+/// Four rows' dots with one quantized token.
+type QuadKernel<T> = fn(usize, [&[T]; 4], &[<T as GgmlType>::VecDotType]) -> (f32, f32, f32, f32);
+
+/// candle's `vec_dot_4`, or where candle's x86 dot is `avx::vec_dot_q8_0_q8_0` for each row,
+/// [`q8_0_dot4_avx2`]: the same four dots with the same bits, interleaved.
+fn quad_kernel<T: GgmlType + 'static>() -> QuadKernel<T> {
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == GgmlDType::Q8_0
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<BlockQ8_0>()
+        && super::cpu_gemv::avx2_fma()
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        return |k, rows, lhs| {
+            // SAFETY: T is BlockQ8_0 and so is its vec-dot type (checked above, the type ids
+            // equal); the casts only restate it. AVX2, FMA and F16C were detected.
+            unsafe {
+                let rows = rows
+                    .map(|r| std::slice::from_raw_parts(r.as_ptr().cast::<BlockQ8_0>(), r.len()));
+                let lhs = std::slice::from_raw_parts(lhs.as_ptr().cast::<BlockQ8_0>(), lhs.len());
+                q8_0_dot4_avx2(k, rows, lhs)
+            }
+        };
+    }
+    |k, [a, b, c, d], lhs| T::vec_dot_4(k, a, b, c, d, lhs)
+}
+
+/// Four Q8_0 rows' dots with one Q8_0 token, each row's the bits of candle's
+/// `avx::vec_dot_q8_0_q8_0` (what `vec_dot_4` runs for each row on an AVX2 CPU): per block the
+/// row's bytes times the token's as `mul_sum_i8_pairs_float` forms them (exact integer sums,
+/// exact conversions), multiply-added with the scale product `f32(d_row) · f32(d_token)` into
+/// the row's one 8-lane accumulator in block order, then candle's `hsum_float_8`. Why: that
+/// dot is one chain of dependent multiply-adds and two calls converting halves per block; four
+/// rows interleaved are four chains, the token's block loaded and its scale converted once.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; every row and `ys` hold `k / 32` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_dot4_avx2(
+    k: usize,
+    rows: [&[BlockQ8_0]; 4],
+    ys: &[BlockQ8_0],
+) -> (f32, f32, f32, f32) {
+    use std::arch::x86_64::*;
+    // candle's block, field by field (its fields are not public): the scale's half bits,
+    // then 32 signed quants.
+    #[repr(C)]
+    struct Block {
+        d: u16,
+        qs: [i8; 32],
+    }
+    const _: () = assert!(std::mem::size_of::<Block>() == std::mem::size_of::<BlockQ8_0>());
+    const _: () = assert!(std::mem::align_of::<Block>() == std::mem::align_of::<BlockQ8_0>());
+    // SAFETY: the same layout (repr(C) both, sizes and alignments asserted), plain data.
+    let view = |b: &[BlockQ8_0]| unsafe {
+        std::slice::from_raw_parts(b.as_ptr().cast::<Block>(), b.len())
+    };
+    let (rows, ys) = (rows.map(view), view(ys));
+    let blocks = k / 32;
+    assert!(
+        ys.len() >= blocks && rows.iter().all(|r| r.len() >= blocks),
+        "Q8_0 rows of {k}: {} token blocks",
+        ys.len()
+    );
+    let half = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for b in 0..blocks {
+        let y = &ys[b];
+        let dy = half(y.d);
+        // SAFETY: 32 bytes of quants in each block.
+        let by = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
+        for (a, r) in acc.iter_mut().zip(&rows) {
+            let x = &r[b];
+            // SAFETY: as above.
+            let bx = unsafe { _mm256_loadu_si256(x.qs.as_ptr().cast()) };
+            let dot = _mm256_maddubs_epi16(_mm256_sign_epi8(bx, bx), _mm256_sign_epi8(by, bx));
+            let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, dot));
+            *a = _mm256_fmadd_ps(_mm256_set1_ps(half(x.d) * dy), q, *a);
+        }
+    }
+    let hsum = |x: __m256| {
+        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    };
+    (hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3]))
+}
+
+fn prepare<'a>(q: &'a QTensor, x: &[f32]) -> Option<Prepared<'a>> {
+    let (n, k) = q.shape().dims2().ok()?;
+    if !q.device().is_cpu() || candle_repacks(q.dtype(), n, k) {
+        return None;
+    }
+    let std::borrow::Cow::Borrowed(bytes) = q.data().ok()? else {
+        return None;
+    };
+    match q.dtype() {
+        GgmlDType::Q4_0 => prepare_as::<BlockQ4_0>(bytes, (n, k), x),
+        GgmlDType::Q4_1 => prepare_as::<BlockQ4_1>(bytes, (n, k), x),
+        GgmlDType::Q5_0 => prepare_as::<BlockQ5_0>(bytes, (n, k), x),
+        GgmlDType::Q5_1 => prepare_as::<BlockQ5_1>(bytes, (n, k), x),
+        GgmlDType::Q8_0 => prepare_as::<BlockQ8_0>(bytes, (n, k), x),
+        GgmlDType::Q8_1 => prepare_as::<BlockQ8_1>(bytes, (n, k), x),
+        GgmlDType::Q2K => prepare_as::<BlockQ2K>(bytes, (n, k), x),
+        GgmlDType::Q3K => prepare_as::<BlockQ3K>(bytes, (n, k), x),
+        GgmlDType::Q4K => prepare_as::<BlockQ4K>(bytes, (n, k), x),
+        GgmlDType::Q5K => prepare_as::<BlockQ5K>(bytes, (n, k), x),
+        GgmlDType::Q6K => prepare_as::<BlockQ6K>(bytes, (n, k), x),
+        GgmlDType::Q8K => prepare_as::<BlockQ8K>(bytes, (n, k), x),
+        // Float types are multiplied as dense tensors (`QMatMul::Tensor`), not here.
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+    }
+}
+
+/// Whether candle 0.11's `QMatMul::forward` of one row would multiply this matrix in its
+/// repacked, tiled layout (different arithmetic from `k_quants::matmul`) — its rule
+/// (`repack_x86::select` at m = 1, `repack::PackedKind::select` on aarch64) read as
+/// conservatively as it can be from outside: any doubt counts as a repack, which only sends the
+/// matrix back to candle's own product.
+fn candle_repacks(dtype: GgmlDType, n: usize, k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let vnni512 = has!("avx512f") && has!("avx512vnni");
+        let vnni = has!("avxvnni") && has!("avx2");
+        let avx2 = has!("avx2") && has!("fma");
+        if !(vnni512 || vnni || avx2) || !n.is_multiple_of(16) || !k.is_multiple_of(256) {
+            return false;
+        }
+        match dtype {
+            GgmlDType::Q4K => true,
+            // Candle packs Q8_0 where it has a dot of unsigned by signed bytes (VNNI).
+            GgmlDType::Q8_0 => vnni512 || vnni,
+            // Q6_K is packed for prompts only (m > 1); the others never.
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        // aarch64 repacks by its own rules; elsewhere nothing is known: candle's product.
+        let _ = (dtype, n, k);
+        true
+    }
+}
+
+/// Matrix e of `mats` times its own token `x(e)` (its width), every row in one trip through the
+/// pool; the outputs in matrix order, each `[rows]` with the bits of `QMatMul::forward` on
+/// `x(e)` as a `[1, width]` f32 tensor. None where any matrix is not one this takes (candle
+/// repacks it, a float type, not on the CPU, a token of the wrong width): the caller then uses
+/// candle's products.
+pub fn stacked_gemv<'a>(
+    mats: &[&QTensor],
+    x: impl Fn(usize) -> &'a [f32],
+) -> Option<Vec<Vec<f32>>> {
+    let prepared: Vec<Prepared> = mats
+        .iter()
+        .enumerate()
+        .map(|(e, q)| prepare(q, x(e)))
+        .collect::<Option<_>>()?;
+    let mut starts = Vec::with_capacity(prepared.len() + 1);
+    starts.push(0usize);
+    for p in &prepared {
+        starts.push(starts[starts.len() - 1] + p.units());
+    }
+    let total = starts[prepared.len()];
+    let mut outs: Vec<Vec<f32>> = prepared.iter().map(|p| vec![0f32; p.rows]).collect();
+    let ptrs: Vec<super::cpu_gemv::RowsOut> = outs
+        .iter_mut()
+        .map(|o| super::cpu_gemv::RowsOut(o.as_mut_ptr()))
+        .collect();
+    let run = |range: std::ops::Range<usize>| {
+        for u in range {
+            let e = starts.partition_point(|&s| s <= u) - 1;
+            let (p, q) = (&prepared[e], u - starts[e]);
+            let len = (p.rows - 4 * q).min(4);
+            // SAFETY: unit q of matrix e owns its outputs 4q … 4q + len, inside that matrix's
+            // output (len ≤ rows − 4q) and handed to this unit alone.
+            (p.unit)(q, unsafe { ptrs[e].at(4 * q, len) });
+        }
+    };
+    let work: usize = mats.iter().map(|q| q.shape().elem_count()).sum::<usize>();
+    // As `cpu_gemv::rows_product` decides for one token: small work is not worth the pool.
+    if work < 1 << 15 {
+        run(0..total);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(total, run);
+    }
+    Some(outs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QMatMul;
+    use candle_core::{Device, Module, Tensor};
+
+    fn matrix(rows: usize, cols: usize, seed: usize) -> Tensor {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) * 1e-3)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// Every block type, shapes with and without a tail of one to three rows, each matrix's
+    /// own token: the stacked outputs are `QMatMul::forward`'s bits.
+    #[test]
+    fn stacked_rows_are_candles_products_bit_for_bit() {
+        let types = [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ];
+        for dtype in types {
+            for shapes in [
+                &[(64usize, 256usize), (64, 256), (64, 256)][..],
+                &[(35, 512), (6, 512), (1, 512), (130, 512)],
+                &[(512, 256)],
+            ] {
+                let qs: Vec<QTensor> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &(r, c))| QTensor::quantize(&matrix(r, c, s), dtype).unwrap())
+                    .collect();
+                let xs: Vec<Vec<f32>> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &(_, c))| {
+                        (0..c)
+                            .map(|i| (((i * 31 + s * 17) % 97) as f32 - 48.0) * 0.013)
+                            .collect()
+                    })
+                    .collect();
+                let refs: Vec<&QTensor> = qs.iter().collect();
+                let got = stacked_gemv(&refs, |e| &xs[e]);
+                let Some(got) = got else {
+                    // Only a matrix candle repacks on this CPU is refused.
+                    assert!(
+                        shapes.iter().any(|&(r, c)| candle_repacks(dtype, r, c)),
+                        "{dtype:?} {shapes:?} refused"
+                    );
+                    continue;
+                };
+                for (e, q) in qs.into_iter().enumerate() {
+                    let (_, c) = shapes[e];
+                    let x = Tensor::from_vec(xs[e].clone(), (1, c), &Device::Cpu).unwrap();
+                    let want: Vec<f32> = QMatMul::from_qtensor(q)
+                        .unwrap()
+                        .forward(&x)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let same = want
+                        .iter()
+                        .zip(&got[e])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype:?} matrix {e} {:?}", shapes[e]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_of_the_wrong_width_or_a_float_matrix_is_left_to_candle() {
+        let q = QTensor::quantize(&matrix(8, 256, 0), GgmlDType::Q5K).unwrap();
+        let x = vec![0.5f32; 128];
+        assert!(stacked_gemv(&[&q], |_| &x).is_none());
+        let f = QTensor::quantize(&matrix(8, 256, 0), GgmlDType::F16).unwrap();
+        let x = vec![0.5f32; 256];
+        assert!(stacked_gemv(&[&f], |_| &x).is_none());
+        assert_eq!(stacked_gemv(&[], |_| &x), Some(vec![]));
+    }
+}
