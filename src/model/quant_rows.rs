@@ -21,6 +21,8 @@ use candle_core::quantized::k_quants::{
     BlockQ8_0, BlockQ8_1, BlockQ8K, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
+use std::any::{Any, TypeId};
+use std::sync::Arc;
 
 /// Unit u of a matrix's rows (rows 4u … 4u + 3, or the last one to three) into its outputs.
 type Unit<'a> = Box<dyn Fn(usize, &mut [f32]) + Sync + 'a>;
@@ -38,13 +40,53 @@ impl Prepared<'_> {
     }
 }
 
+/// The tokens of one stacked product, each quantized once for each block type it is multiplied
+/// in. Why: a decode token's routed experts all take the same token for their gate_up products,
+/// and q, k and v share theirs; candle quantizes it again for every matrix (BENCHMARKS.md §99).
+#[derive(Default)]
+struct Tokens(Vec<(TokenKey, Arc<dyn Any + Send + Sync>)>);
+
+/// Where a token is, its length, the block type it was quantized to, and whether copied.
+type TokenKey = (usize, usize, TypeId, bool);
+
+impl Tokens {
+    /// `x` as `blocks` blocks of `V`, as `k_quants::matmul` makes them: copied where the
+    /// matrix's type takes f32 as it is (`direct`), else `V::from_float`. Keyed by the slice's
+    /// address: every token of one product is borrowed for the whole product.
+    fn quantized<V: GgmlType + Send + Sync + 'static>(
+        &mut self,
+        x: &[f32],
+        blocks: usize,
+        direct: bool,
+    ) -> Arc<Vec<V>> {
+        let key = (x.as_ptr() as usize, x.len(), TypeId::of::<V>(), direct);
+        let known = self.0.iter().find(|(k, _)| *k == key);
+        if let Some(v) = known.and_then(|(_, v)| v.clone().downcast::<Vec<V>>().ok()) {
+            return v;
+        }
+        let mut lhs = vec![V::zeros(); blocks];
+        if direct {
+            V::direct_copy(x, &mut lhs);
+        } else {
+            V::from_float(x, &mut lhs);
+        }
+        let lhs = Arc::new(lhs);
+        self.0.push((key, lhs.clone()));
+        lhs
+    }
+}
+
 /// The matrix's blocks and the token quantized as `k_quants::matmul` quantizes it. None where
 /// the storage is not whole, aligned blocks of `T` of the matrix's shape.
 fn prepare_as<'a, T: GgmlType + Sync + 'static>(
     bytes: &'a [u8],
     (n, k): (usize, usize),
     x: &[f32],
-) -> Option<Prepared<'a>> {
+    tokens: &mut Tokens,
+) -> Option<Prepared<'a>>
+where
+    T::VecDotType: Send + Sync + 'static,
+{
     if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) || x.len() != k {
         return None;
     }
@@ -59,12 +101,7 @@ fn prepare_as<'a, T: GgmlType + Sync + 'static>(
     // `#[repr(C)]` struct of integers and halves, any bit pattern valid), aligned for `T`
     // (both checked above), and borrowed for 'a.
     let blocks: &'a [T] = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n * per_row) };
-    let mut lhs = vec![T::VecDotType::zeros(); per_row];
-    if T::DIRECT_COPY {
-        T::VecDotType::direct_copy(x, &mut lhs);
-    } else {
-        T::VecDotType::from_float(x, &mut lhs);
-    }
+    let lhs = tokens.quantized::<T::VecDotType>(x, per_row, T::DIRECT_COPY);
     let row = move |r: usize| &blocks[r * per_row..(r + 1) * per_row];
     let quads = n / 4;
     let quad = quad_kernel::<T>();
@@ -180,7 +217,7 @@ unsafe fn q8_0_dot4_avx2(
     (hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3]))
 }
 
-fn prepare<'a>(q: &'a QTensor, x: &[f32]) -> Option<Prepared<'a>> {
+fn prepare<'a>(q: &'a QTensor, x: &[f32], tokens: &mut Tokens) -> Option<Prepared<'a>> {
     let (n, k) = q.shape().dims2().ok()?;
     if !q.device().is_cpu() || candle_repacks(q.dtype(), n, k) {
         return None;
@@ -189,18 +226,18 @@ fn prepare<'a>(q: &'a QTensor, x: &[f32]) -> Option<Prepared<'a>> {
         return None;
     };
     match q.dtype() {
-        GgmlDType::Q4_0 => prepare_as::<BlockQ4_0>(bytes, (n, k), x),
-        GgmlDType::Q4_1 => prepare_as::<BlockQ4_1>(bytes, (n, k), x),
-        GgmlDType::Q5_0 => prepare_as::<BlockQ5_0>(bytes, (n, k), x),
-        GgmlDType::Q5_1 => prepare_as::<BlockQ5_1>(bytes, (n, k), x),
-        GgmlDType::Q8_0 => prepare_as::<BlockQ8_0>(bytes, (n, k), x),
-        GgmlDType::Q8_1 => prepare_as::<BlockQ8_1>(bytes, (n, k), x),
-        GgmlDType::Q2K => prepare_as::<BlockQ2K>(bytes, (n, k), x),
-        GgmlDType::Q3K => prepare_as::<BlockQ3K>(bytes, (n, k), x),
-        GgmlDType::Q4K => prepare_as::<BlockQ4K>(bytes, (n, k), x),
-        GgmlDType::Q5K => prepare_as::<BlockQ5K>(bytes, (n, k), x),
-        GgmlDType::Q6K => prepare_as::<BlockQ6K>(bytes, (n, k), x),
-        GgmlDType::Q8K => prepare_as::<BlockQ8K>(bytes, (n, k), x),
+        GgmlDType::Q4_0 => prepare_as::<BlockQ4_0>(bytes, (n, k), x, tokens),
+        GgmlDType::Q4_1 => prepare_as::<BlockQ4_1>(bytes, (n, k), x, tokens),
+        GgmlDType::Q5_0 => prepare_as::<BlockQ5_0>(bytes, (n, k), x, tokens),
+        GgmlDType::Q5_1 => prepare_as::<BlockQ5_1>(bytes, (n, k), x, tokens),
+        GgmlDType::Q8_0 => prepare_as::<BlockQ8_0>(bytes, (n, k), x, tokens),
+        GgmlDType::Q8_1 => prepare_as::<BlockQ8_1>(bytes, (n, k), x, tokens),
+        GgmlDType::Q2K => prepare_as::<BlockQ2K>(bytes, (n, k), x, tokens),
+        GgmlDType::Q3K => prepare_as::<BlockQ3K>(bytes, (n, k), x, tokens),
+        GgmlDType::Q4K => prepare_as::<BlockQ4K>(bytes, (n, k), x, tokens),
+        GgmlDType::Q5K => prepare_as::<BlockQ5K>(bytes, (n, k), x, tokens),
+        GgmlDType::Q6K => prepare_as::<BlockQ6K>(bytes, (n, k), x, tokens),
+        GgmlDType::Q8K => prepare_as::<BlockQ8K>(bytes, (n, k), x, tokens),
         // Float types are multiplied as dense tensors (`QMatMul::Tensor`), not here.
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
     }
@@ -246,10 +283,11 @@ pub fn stacked_gemv<'a>(
     mats: &[&QTensor],
     x: impl Fn(usize) -> &'a [f32],
 ) -> Option<Vec<Vec<f32>>> {
+    let mut tokens = Tokens::default();
     let prepared: Vec<Prepared> = mats
         .iter()
         .enumerate()
-        .map(|(e, q)| prepare(q, x(e)))
+        .map(|(e, q)| prepare(q, x(e), &mut tokens))
         .collect::<Option<_>>()?;
     let mut starts = Vec::with_capacity(prepared.len() + 1);
     starts.push(0usize);
@@ -359,6 +397,53 @@ mod tests {
                     assert!(same, "{dtype:?} matrix {e} {:?}", shapes[e]);
                 }
             }
+        }
+    }
+
+    /// Matrices of several block types sharing one token (quantized once per vec-dot type) and
+    /// one with a token of its own: each output is still `QMatMul::forward`'s bits.
+    #[test]
+    fn a_shared_token_gives_each_matrix_candles_bits() {
+        let kinds = [
+            (GgmlDType::Q4_0, 40),
+            (GgmlDType::Q8_0, 24),
+            (GgmlDType::Q4_1, 40),
+            (GgmlDType::Q6K, 40),
+            (GgmlDType::Q5K, 24),
+            (GgmlDType::Q8_0, 40),
+        ];
+        let qs: Vec<QTensor> = kinds
+            .iter()
+            .enumerate()
+            .map(|(s, &(dtype, rows))| QTensor::quantize(&matrix(rows, 512, s), dtype).unwrap())
+            .collect();
+        let shared: Vec<f32> = (0..512).map(|i| ((i % 89) as f32 - 44.0) * 0.021).collect();
+        let own: Vec<f32> = (0..512).map(|i| ((i % 53) as f32 - 26.0) * 0.017).collect();
+        let token = |e: usize| if e == 5 { &own } else { &shared };
+        let refs: Vec<&QTensor> = qs.iter().collect();
+        let Some(got) = stacked_gemv(&refs, |e| token(e)) else {
+            // Only where candle repacks Q8_0 (a VNNI CPU).
+            assert!(
+                candle_repacks(GgmlDType::Q8_0, 40, 512)
+                    || candle_repacks(GgmlDType::Q8_0, 24, 512)
+            );
+            return;
+        };
+        for (e, q) in qs.into_iter().enumerate() {
+            let x = Tensor::from_vec(token(e).clone(), (1, 512), &Device::Cpu).unwrap();
+            let want: Vec<f32> = QMatMul::from_qtensor(q)
+                .unwrap()
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let same = want
+                .iter()
+                .zip(&got[e])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "matrix {e} {:?}", kinds[e]);
         }
     }
 
