@@ -13,8 +13,10 @@
 //! `QMatMul::forward` runs wherever candle does not repack the matrix into its tiled layout:
 //! the token quantized once by the vec-dot type's `from_float` (or copied, for the types that
 //! take f32 as they are), then the rows four at a time by `vec_dot_4` from the matrix's first
-//! row, the last two or three by `vec_dot_2` and `vec_dot`. A matrix candle would repack is
-//! refused ([`candle_repacks`]), so the caller keeps candle's product for it.
+//! row, the last two or three by `vec_dot_2` and `vec_dot`. A matrix candle would repack
+//! ([`candle_repacks`]) runs in the arithmetic of candle's tiled kernel where that is written
+//! here (Q4_K on x86 with AVX2: [`prepare_q4k_tiled`]); any other is refused, so the caller
+//! keeps candle's product for it.
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
@@ -30,13 +32,14 @@ type Unit<'a> = Box<dyn Fn(usize, &mut [f32]) + Sync + 'a>;
 /// One matrix prepared for the stacked product.
 struct Prepared<'a> {
     rows: usize,
+    per_unit: usize,
     unit: Unit<'a>,
 }
 
 impl Prepared<'_> {
     /// Units: the quads, then one for the rows left over (if any).
     fn units(&self) -> usize {
-        self.rows.div_ceil(4)
+        self.rows.div_ceil(self.per_unit)
     }
 }
 
@@ -128,6 +131,7 @@ where
     };
     Some(Prepared {
         rows: n,
+        per_unit: 4,
         unit: Box::new(unit),
     })
 }
@@ -249,12 +253,22 @@ unsafe fn q8_0_dot4_avx2(
 
 fn prepare<'a>(q: &'a QTensor, x: &[f32], tokens: &mut Tokens) -> Option<Prepared<'a>> {
     let (n, k) = q.shape().dims2().ok()?;
-    if !q.device().is_cpu() || candle_repacks(q.dtype(), n, k) {
+    if !q.device().is_cpu() {
         return None;
     }
     let std::borrow::Cow::Borrowed(bytes) = q.data().ok()? else {
         return None;
     };
+    if candle_repacks(q.dtype(), n, k) {
+        #[cfg(target_arch = "x86_64")]
+        if q.dtype() == GgmlDType::Q4K
+            && super::cpu_gemv::avx2_fma()
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return prepare_q4k_tiled(bytes, (n, k), x, tokens);
+        }
+        return None;
+    }
     match q.dtype() {
         GgmlDType::Q4_0 => prepare_as::<BlockQ4_0>(bytes, (n, k), x, tokens),
         GgmlDType::Q4_1 => prepare_as::<BlockQ4_1>(bytes, (n, k), x, tokens),
@@ -271,6 +285,210 @@ fn prepare<'a>(q: &'a QTensor, x: &[f32], tokens: &mut Tokens) -> Option<Prepare
         // Float types are multiplied as dense tensors (`QMatMul::Tensor`), not here.
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
     }
+}
+
+/// A Q4_K matrix candle repacks, its rows multiplied with the arithmetic of candle's tiled
+/// kernels (`repack_x86::kernels*::q4k_tile*`, the same at every x86 level): the token
+/// quantized to Q8_K blocks as candle's `quantize_lhs` does; per row, per 256-value block, per
+/// 32-value sub-block `s` in order, the exact integer dot `i` of the row's 4-bit quants with the
+/// token's, then `acc = fma(f32(i), (d·sc_s)·d_tok, acc)` and
+/// `acc = fma(−(dmin·mn_s), d_tok·(bsum_2s + bsum_2s+1), acc)` — each product rounded to f32
+/// where candle rounds it, from `acc = 0`. Why not leave it to candle: candle multiplies each
+/// matrix in its own trip through the pool, and a decode token's experts are many small
+/// matrices that do not stay in the caches; here they share one trip and are read from the
+/// compact blocks (144 bytes per 256 weights where candle's tiles take 192), the next eight rows
+/// prefetched. On one matrix that fits the caches this kernel is about half as fast as candle's
+/// tiled one (the compact blocks need a horizontal sum per sub-block and a scale unpack per
+/// block); over a layer's experts read from memory it wins (BENCHMARKS.md §99).
+#[cfg(target_arch = "x86_64")]
+fn prepare_q4k_tiled<'a>(
+    bytes: &'a [u8],
+    (n, k): (usize, usize),
+    x: &[f32],
+    tokens: &mut Tokens,
+) -> Option<Prepared<'a>> {
+    const QK_K: usize = 256;
+    if k == 0 || !k.is_multiple_of(QK_K) || x.len() != k || !n.is_multiple_of(8) {
+        return None;
+    }
+    let per_row = k / QK_K;
+    if bytes.len() != n * per_row * std::mem::size_of::<BlockQ4K>()
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<BlockQ4K>())
+    {
+        return None;
+    }
+    // SAFETY: as in `prepare_as`: whole aligned blocks of candle's repr(C) Q4_K struct, read
+    // through a struct of the same layout.
+    let blocks: &'a [Q4kBlock] =
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n * per_row) };
+    let lhs = tokens.quantized::<BlockQ8K>(x, per_row, false);
+    let unit_bytes = 8 * per_row * std::mem::size_of::<BlockQ4K>();
+    let unit = move |u: usize, out: &mut [f32]| {
+        prefetch_bytes(bytes, (u + 1) * unit_bytes..(u + 2) * unit_bytes);
+        // SAFETY: the same layout (asserted below), plain data.
+        let lhs: &[Q8kBlock] =
+            unsafe { std::slice::from_raw_parts(lhs.as_ptr().cast(), lhs.len()) };
+        let row = |i: usize| &blocks[(8 * u + i) * per_row..(8 * u + i + 1) * per_row];
+        // SAFETY: AVX2, FMA and F16C were detected by the caller; every row holds `per_row` blocks,
+        // as does the token.
+        let got = unsafe { q4k_tiled_rows8_avx2(std::array::from_fn(row), lhs) };
+        out.copy_from_slice(&got);
+    };
+    Some(Prepared {
+        rows: n,
+        per_unit: 8,
+        unit: Box::new(unit),
+    })
+}
+
+/// candle's Q4_K block, field by field (its fields are not public).
+#[cfg(target_arch = "x86_64")]
+#[repr(C)]
+struct Q4kBlock {
+    d: u16,
+    dmin: u16,
+    scales: [u8; 12],
+    qs: [u8; 128],
+}
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(std::mem::size_of::<Q4kBlock>() == std::mem::size_of::<BlockQ4K>());
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(std::mem::align_of::<Q4kBlock>() == std::mem::align_of::<BlockQ4K>());
+
+/// candle's Q8_K block, field by field.
+#[cfg(target_arch = "x86_64")]
+#[repr(C)]
+struct Q8kBlock {
+    d: f32,
+    qs: [i8; 256],
+    bsums: [i16; 16],
+}
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(std::mem::size_of::<Q8kBlock>() == std::mem::size_of::<BlockQ8K>());
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(std::mem::align_of::<Q8kBlock>() == std::mem::align_of::<BlockQ8K>());
+
+/// A Q4_K block's eight 6-bit scales and eight mins, one byte each (little-endian in the
+/// two words), unpacked as ggml's AVX2 dot does — candle's `get_scale_min_k4` for every `j`.
+#[cfg(target_arch = "x86_64")]
+fn scales_and_mins_k4(s: &[u8; 12]) -> (u64, u64) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (w0, w1, w2) = (w(0), w(1), w(2));
+    let scales_hi = (w2 & LOW4) | (((w0 >> 6) & LOW2) << 4);
+    let mins_hi = ((w2 >> 4) & LOW4) | (((w1 >> 6) & LOW2) << 4);
+    (
+        u64::from(w0 & LOW6) | (u64::from(scales_hi) << 32),
+        u64::from(w1 & LOW6) | (u64::from(mins_hi) << 32),
+    )
+}
+
+/// Eight Q4_K rows' products with a Q8_K token in candle's tiled arithmetic (see
+/// [`prepare_q4k_tiled`]), the rows in the eight lanes as candle's tile holds them. The
+/// integer dots are exact whatever their order (4-bit times 8-bit pairs stay far inside i16, a
+/// sub-block's sum inside 2^24), so they are summed here from the compact blocks; the scale
+/// products and the float chain are candle's, step for step.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; every row holds as many blocks as `ys`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_tiled_rows8_avx2(rows: [&[Q4kBlock]; 8], ys: &[Q8kBlock]) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    assert!(
+        rows.iter().all(|r| r.len() == ys.len()),
+        "Q4_K rows and token of different widths"
+    );
+    let mask = _mm256_set1_epi8(0x0F);
+    // [Σ v[0], …, Σ v[7]] as floats: each vector's sixteen pair sums added. Exact in i16 up to
+    // the two lanes' halves (a pair is at most 2·15·128, eight of them 30,720 < 2^15), in i32
+    // after.
+    let reduce8 = |v: [__m256i; 8]| {
+        let g0 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[0], v[1]), _mm256_hadd_epi16(v[2], v[3]));
+        let g1 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[4], v[5]), _mm256_hadd_epi16(v[6], v[7]));
+        let f = _mm256_hadd_epi16(g0, g1);
+        _mm256_cvtepi32_ps(_mm256_add_epi32(
+            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(f)),
+            _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(f)),
+        ))
+    };
+    // Eight rows' bytes (one u64 a row) to [column pair][row]: byte s of every row in the low
+    // half of result s / 2 for even s, the high half for odd.
+    let transpose_bytes = |r: [u64; 8]| {
+        let v = |i: usize| _mm_cvtsi64_si128(r[i] as i64);
+        let t01 = _mm_unpacklo_epi8(v(0), v(1));
+        let t23 = _mm_unpacklo_epi8(v(2), v(3));
+        let t45 = _mm_unpacklo_epi8(v(4), v(5));
+        let t67 = _mm_unpacklo_epi8(v(6), v(7));
+        let (u0, u1) = (_mm_unpacklo_epi16(t01, t23), _mm_unpackhi_epi16(t01, t23));
+        let (v0, v1) = (_mm_unpacklo_epi16(t45, t67), _mm_unpackhi_epi16(t45, t67));
+        [
+            _mm_unpacklo_epi32(u0, v0),
+            _mm_unpackhi_epi32(u0, v0),
+            _mm_unpacklo_epi32(u1, v1),
+            _mm_unpackhi_epi32(u1, v1),
+        ]
+    };
+    // Column s of the transposed bytes as eight floats.
+    let column = |w: &[__m128i; 4], s: usize| {
+        let pair = w[s / 2];
+        let bytes = if s.is_multiple_of(2) {
+            pair
+        } else {
+            _mm_srli_si128::<8>(pair)
+        };
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes))
+    };
+    let mut acc = _mm256_setzero_ps();
+    for (b, y) in ys.iter().enumerate() {
+        // The integer dots, [sub-block][row].
+        let mut isum = [_mm256_setzero_ps(); 8];
+        for c in 0..4 {
+            // SAFETY: 256 quants in the token's block, 128 bytes in each row's.
+            let (a_lo, a_hi) = unsafe {
+                (
+                    _mm256_loadu_si256(y.qs.as_ptr().add(64 * c).cast()),
+                    _mm256_loadu_si256(y.qs.as_ptr().add(64 * c + 32).cast()),
+                )
+            };
+            let mut lo = [_mm256_setzero_si256(); 8];
+            let mut hi = [_mm256_setzero_si256(); 8];
+            for r in 0..8 {
+                // SAFETY: as above.
+                let w = unsafe { _mm256_loadu_si256(rows[r][b].qs.as_ptr().add(32 * c).cast()) };
+                lo[r] = _mm256_maddubs_epi16(_mm256_and_si256(w, mask), a_lo);
+                hi[r] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), mask), a_hi);
+            }
+            isum[2 * c] = reduce8(lo);
+            isum[2 * c + 1] = reduce8(hi);
+        }
+        // Each row's d and dmin (exact widenings), its scales and mins by sub-block.
+        let halves = |f: fn(&Q4kBlock) -> u16| {
+            let h: [u16; 8] = std::array::from_fn(|r| f(&rows[r][b]));
+            // SAFETY: eight u16 read from an array of eight.
+            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(h.as_ptr().cast()) })
+        };
+        let (d, dmin) = (halves(|x| x.d), halves(|x| x.dmin));
+        let packed: [(u64, u64); 8] =
+            std::array::from_fn(|r| scales_and_mins_k4(&rows[r][b].scales));
+        let scales = transpose_bytes(packed.map(|p| p.0));
+        let mins = transpose_bytes(packed.map(|p| p.1));
+        let dall = _mm256_set1_ps(y.d);
+        for (s, &isum) in isum.iter().enumerate() {
+            // candle's d·sc and dmin·mn, as its packing rounds them.
+            let scale = _mm256_mul_ps(d, column(&scales, s));
+            let min = _mm256_mul_ps(dmin, column(&mins, s));
+            let bsum = (i32::from(y.bsums[2 * s]) + i32::from(y.bsums[2 * s + 1])) as f32;
+            acc = _mm256_fmadd_ps(isum, _mm256_mul_ps(scale, dall), acc);
+            acc = _mm256_fnmadd_ps(min, _mm256_set1_ps(y.d * bsum), acc);
+        }
+    }
+    let mut out = [0f32; 8];
+    // SAFETY: eight lanes into eight floats.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc) };
+    out
 }
 
 /// Whether candle 0.11's `QMatMul::forward` of one row would multiply this matrix in its
@@ -334,10 +552,11 @@ pub fn stacked_gemv<'a>(
         for u in range {
             let e = starts.partition_point(|&s| s <= u) - 1;
             let (p, q) = (&prepared[e], u - starts[e]);
-            let len = (p.rows - 4 * q).min(4);
-            // SAFETY: unit q of matrix e owns its outputs 4q … 4q + len, inside that matrix's
-            // output (len ≤ rows − 4q) and handed to this unit alone.
-            (p.unit)(q, unsafe { ptrs[e].at(4 * q, len) });
+            let first = p.per_unit * q;
+            let len = (p.rows - first).min(p.per_unit);
+            // SAFETY: unit q of matrix e owns its outputs first … first + len, inside that
+            // matrix's output (len ≤ rows − first) and handed to this unit alone.
+            (p.unit)(q, unsafe { ptrs[e].at(first, len) });
         }
     };
     let work: usize = mats.iter().map(|q| q.shape().elem_count()).sum::<usize>();
@@ -384,6 +603,8 @@ mod tests {
                 &[(64usize, 256usize), (64, 256), (64, 256)][..],
                 &[(35, 512), (6, 512), (1, 512), (130, 512)],
                 &[(512, 256)],
+                // candle repacks the first (rows a multiple of 16) and not the second.
+                &[(48, 768), (35, 768), (16, 256)],
             ] {
                 let qs: Vec<QTensor> = shapes
                     .iter()
@@ -402,9 +623,17 @@ mod tests {
                 let refs: Vec<&QTensor> = qs.iter().collect();
                 let got = stacked_gemv(&refs, |e| &xs[e]);
                 let Some(got) = got else {
-                    // Only a matrix candle repacks on this CPU is refused.
+                    // Only a matrix candle repacks on this CPU, in a layout other than Q4_K's
+                    // (or Q4_K without AVX2), is refused.
                     assert!(
                         shapes.iter().any(|&(r, c)| candle_repacks(dtype, r, c)),
+                        "{dtype:?} {shapes:?} refused"
+                    );
+                    #[cfg(target_arch = "x86_64")]
+                    assert!(
+                        dtype != GgmlDType::Q4K
+                            || !crate::model::cpu_gemv::avx2_fma()
+                            || !std::arch::is_x86_feature_detected!("f16c"),
                         "{dtype:?} {shapes:?} refused"
                     );
                     continue;
