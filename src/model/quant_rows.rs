@@ -582,6 +582,17 @@ mod tests {
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
     }
 
+    /// `QMatMul::forward` of one token, as the model runs it.
+    fn candles_product(q: QTensor, x: &[f32]) -> Vec<f32> {
+        let x = Tensor::from_vec(x.to_vec(), (1, x.len()), &Device::Cpu).unwrap();
+        let y = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
+        y.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
     /// Every block type, shapes with and without a tail of one to three rows, each matrix's
     /// own token: the stacked outputs are `QMatMul::forward`'s bits.
     #[test]
@@ -639,20 +650,7 @@ mod tests {
                     continue;
                 };
                 for (e, q) in qs.into_iter().enumerate() {
-                    let (_, c) = shapes[e];
-                    let x = Tensor::from_vec(xs[e].clone(), (1, c), &Device::Cpu).unwrap();
-                    let want: Vec<f32> = QMatMul::from_qtensor(q)
-                        .unwrap()
-                        .forward(&x)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
-                    let same = want
-                        .iter()
-                        .zip(&got[e])
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    let same = same_bits(&candles_product(q, &xs[e]), &got[e]);
                     assert!(same, "{dtype:?} matrix {e} {:?}", shapes[e]);
                 }
             }
@@ -689,19 +687,7 @@ mod tests {
             return;
         };
         for (e, q) in qs.into_iter().enumerate() {
-            let x = Tensor::from_vec(token(e).clone(), (1, 512), &Device::Cpu).unwrap();
-            let want: Vec<f32> = QMatMul::from_qtensor(q)
-                .unwrap()
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let same = want
-                .iter()
-                .zip(&got[e])
-                .all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = same_bits(&candles_product(q, token(e)), &got[e]);
             assert!(same, "matrix {e} {:?}", kinds[e]);
         }
     }
