@@ -780,6 +780,32 @@ unsafe fn finish512(a: std::arch::x86_64::__m512, b: std::arch::x86_64::__m512) 
     }
 }
 
+/// The whole blocks of a row, checked against the values they multiply: the bound every
+/// vector kernel's loads rely on.
+#[cfg(target_arch = "x86_64")]
+fn blocks_of<L: Layout>(w: &[u8], x: &[f32]) -> usize {
+    let blocks = w.len() / L::BYTES;
+    assert!(
+        x.len() >= blocks * L::WEIGHTS,
+        "table-coded dot: {blocks} blocks, {} values",
+        x.len()
+    );
+    blocks
+}
+
+/// [`blocks_of`] for two rows, which must have as many blocks.
+#[cfg(target_arch = "x86_64")]
+fn blocks_of_pair<L: Layout>(w0: &[u8], w1: &[u8], x: &[f32]) -> usize {
+    let blocks = w0.len() / L::BYTES;
+    assert!(
+        w1.len() / L::BYTES == blocks && x.len() >= blocks * L::WEIGHTS,
+        "table-coded dot: {blocks} and {} blocks, {} values",
+        w1.len() / L::BYTES,
+        x.len()
+    );
+    blocks
+}
+
 /// [`dot_avx2`] sixteen lanes at a time: per 32 weights the low nibbles' 16 into one 16-lane
 /// accumulator and the high nibbles' into another — lanes 0–7 and 8–15 of each being
 /// `dot_with`'s four 8-lane vectors — then those four added as there, so the same bits.
@@ -790,12 +816,7 @@ unsafe fn finish512(a: std::arch::x86_64::__m512, b: std::arch::x86_64::__m512) 
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 unsafe fn dot_avx512<L: Layout>(w: &[u8], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let blocks = w.len() / L::BYTES;
-    assert!(
-        x.len() >= blocks * L::WEIGHTS,
-        "table-coded dot: {blocks} blocks, {} values",
-        x.len()
-    );
+    let blocks = blocks_of::<L>(w, x);
     // SAFETY (whole body): the features as required; every load lies inside `w`'s block k or
     // x's values of that block (the loop bound and the assert).
     unsafe {
@@ -825,13 +846,7 @@ unsafe fn dot_avx512<L: Layout>(w: &[u8], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 unsafe fn dot2_avx512<L: Layout>(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) {
     use std::arch::x86_64::*;
-    let blocks = w0.len() / L::BYTES;
-    assert!(
-        w1.len() / L::BYTES == blocks && x.len() >= blocks * L::WEIGHTS,
-        "table-coded dot: {blocks} and {} blocks, {} values",
-        w1.len() / L::BYTES,
-        x.len()
-    );
+    let blocks = blocks_of_pair::<L>(w0, w1, x);
     // SAFETY (whole body): the features as required; every load lies inside block k of `w0`
     // or `w1` or x's values of that block (the loop bound and the assert).
     unsafe {
@@ -871,12 +886,7 @@ unsafe fn dot2_avx512<L: Layout>(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2<L: Layout>(w: &[u8], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let blocks = w.len() / L::BYTES;
-    assert!(
-        x.len() >= blocks * L::WEIGHTS,
-        "table-coded dot: {blocks} blocks, {} values",
-        x.len()
-    );
+    let blocks = blocks_of::<L>(w, x);
     // SAFETY (whole body): AVX2 and FMA as required; every load lies inside `w`'s block k
     // or x's values of that block (the loop bound and the assert).
     unsafe {
@@ -916,13 +926,7 @@ unsafe fn dot_avx2<L: Layout>(w: &[u8], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot2_avx2<L: Layout>(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) {
     use std::arch::x86_64::*;
-    let blocks = w0.len() / L::BYTES;
-    assert!(
-        w1.len() / L::BYTES == blocks && x.len() >= blocks * L::WEIGHTS,
-        "table-coded dot: {blocks} and {} blocks, {} values",
-        w1.len() / L::BYTES,
-        x.len()
-    );
+    let blocks = blocks_of_pair::<L>(w0, w1, x);
     /// `dot_avx2`'s finish: the four vectors added (0 + 1) + (2 + 3), then the eight lanes.
     #[inline(always)]
     unsafe fn finish(acc: [__m256; 4]) -> f32 {
