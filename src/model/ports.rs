@@ -412,18 +412,7 @@ impl ExpertWeights {
             )?);
             at += rows;
         }
-        outs.into_iter()
-            .zip(&downs)
-            .zip(&hs)
-            .map(|((y, d), h)| {
-                let y = match (y, d) {
-                    (Some(y), _) => y,
-                    (None, d) => d.forward(h)?,
-                };
-                Ok(y.to_dtype(dtype)?)
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        downs_as(outs, &hs, dtype, |e, h| downs[e].forward(h)).map(Some)
     }
 
     /// A prompt's rows through several table-coded experts (gate and up fused, down too) on the
@@ -617,18 +606,7 @@ impl ExpertWeights {
         for (&(e, _), y) in blocks.iter().zip(&ys) {
             outs[e] = Some(row(y)?);
         }
-        outs.into_iter()
-            .zip(&downs)
-            .zip(&hs)
-            .map(|((y, d), h)| {
-                let y = match y {
-                    Some(y) => y,
-                    None => d.forward(h)?,
-                };
-                Ok(y.to_dtype(dtype)?)
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        downs_as(outs, &hs, dtype, |e, h| downs[e].forward(h)).map(Some)
     }
 
     /// Bytes this expert occupies in memory (compute dtype; quantized: as stored).
@@ -1183,6 +1161,31 @@ impl RoutingObserver for RoutingLog {
     fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], _: &[f32]) {
         self.entries.push((layer, position, experts.to_vec()));
     }
+}
+
+/// The experts' down outputs of a one-token stacked step, as `dtype`: those the stacked product
+/// made (`done[e]`), the rest by `forward(e, h_e)` — candle's product on the same h, as
+/// [`ExpertWeights::forward`] runs it.
+fn downs_as<E>(
+    done: Vec<Option<Tensor>>,
+    hs: &[Tensor],
+    dtype: DType,
+    forward: impl Fn(usize, &Tensor) -> std::result::Result<Tensor, E>,
+) -> Result<Vec<Tensor>>
+where
+    super::error::ModelError: From<E>,
+{
+    done.into_iter()
+        .zip(hs)
+        .enumerate()
+        .map(|(e, (y, h))| {
+            let y = match y {
+                Some(y) => y,
+                None => forward(e, h)?,
+            };
+            Ok(y.to_dtype(dtype)?)
+        })
+        .collect()
 }
 
 #[cfg(test)]
