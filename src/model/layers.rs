@@ -180,7 +180,8 @@ impl Linear {
 /// block-quantized matrices, all their rows in one trip through the pool with candle's own
 /// arithmetic (`quant_rows::stacked_gemv`: `QMatMul::forward`'s bits), each output shaped as
 /// x with the matrix's rows last, in x's dtype. None where that does not apply (a prompt, a
-/// float or repacked matrix, another device): candle's product then.
+/// float matrix or one candle repacks in a layout `quant_rows` does not reproduce, another
+/// device): candle's product then.
 fn quantized_one_row(
     x: &Tensor,
     matmuls: &[&candle_core::quantized::QMatMul],

@@ -525,8 +525,9 @@ impl ExpertWeights {
     /// block-quantized down row in another ([`super::quant_rows::stacked_gemv`], candle's own
     /// quantization and row dots, so `QMatMul::forward`'s bits), the tensor ops between them
     /// those of `forward`. A down held as a float tensor is candle's product on the same h, as
-    /// `forward` runs it. None where that does not apply (a matrix candle repacks, other
-    /// experts): the caller then runs the experts one by one.
+    /// `forward` runs it. None where that does not apply (a matrix candle repacks in a layout
+    /// `quant_rows` does not reproduce, other experts): the caller then runs the experts one by
+    /// one.
     pub fn quantized_stacked_one_token(
         x: &Tensor,
         experts: &[&ExpertWeights],
