@@ -182,10 +182,141 @@ fn quad_kernel<T: GgmlType + 'static>() -> (QuadKernel<T>, bool) {
         };
         return (kernel, true);
     }
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == GgmlDType::Q6K
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<BlockQ6K>()
+        && super::cpu_gemv::avx2_fma()
+    {
+        let kernel: QuadKernel<T> = |k, rows, lhs| {
+            // SAFETY: T is BlockQ6K (the type ids equal) and its vec-dot type is BlockQ8K; the
+            // casts restate them through structs of the same layout (asserted at the structs).
+            // AVX2 and FMA were detected.
+            unsafe {
+                let rows = rows
+                    .map(|r| std::slice::from_raw_parts(r.as_ptr().cast::<Q6kBlock>(), r.len()));
+                let lhs = std::slice::from_raw_parts(lhs.as_ptr().cast::<Q8kBlock>(), lhs.len());
+                q6k_dot4_avx2(k, rows, lhs)
+            }
+        };
+        // A compute-bound dot: the prefetch cost it 2–4 % (BENCHMARKS.md §99).
+        return (kernel, false);
+    }
     (
         |k, [a, b, c, d], lhs| T::vec_dot_4(k, a, b, c, d, lhs),
         false,
     )
+}
+
+/// candle's Q6_K block, field by field.
+#[cfg(target_arch = "x86_64")]
+#[repr(C)]
+struct Q6kBlock {
+    ql: [u8; 128],
+    qh: [u8; 64],
+    scales: [i8; 16],
+    d: u16,
+}
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(std::mem::size_of::<Q6kBlock>() == std::mem::size_of::<BlockQ6K>());
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(std::mem::align_of::<Q6kBlock>() == std::mem::align_of::<BlockQ6K>());
+
+/// Four Q6_K rows' dots with one Q8_K token, each row's the bits of candle's
+/// `avx::vec_dot_q6k_q8k` (what `vec_dot_4` runs for each row on an AVX2 CPU): the same
+/// instructions for each row, so the same integer lanes, multiply-added with
+/// `d_token · f32(d_row)` into the row's one 8-lane accumulator in block order, then candle's
+/// `hsum_float_8`. Why: the token's loads and its `32 · q8` sums are the same for every row, and
+/// four rows are four chains.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; every row and `ys` hold `k / 256` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q6k_dot4_avx2(k: usize, rows: [&[Q6kBlock]; 4], ys: &[Q8kBlock]) -> (f32, f32, f32, f32) {
+    use std::arch::x86_64::*;
+    // candle's `get_scale_shuffle`: scale i's byte in all sixteen lanes' eight-byte halves.
+    const SHUFFLE: [u8; 128] = {
+        let mut t = [0u8; 128];
+        let mut i = 0;
+        while i < 128 {
+            t[i] = (i / 8) as u8;
+            i += 1;
+        }
+        t
+    };
+    let blocks = k / 256;
+    assert!(
+        ys.len() >= blocks && rows.iter().all(|r| r.len() >= blocks),
+        "Q6_K rows of {k}: {} token blocks",
+        ys.len()
+    );
+    let (m4, m2, m32s) = (
+        _mm256_set1_epi8(0xF),
+        _mm256_set1_epi8(3),
+        _mm256_set1_epi8(32),
+    );
+    // SAFETY: sixteen bytes from 16·i, i < 8.
+    let shuffle = |i: usize| unsafe { _mm_loadu_si128(SHUFFLE.as_ptr().add(16 * i).cast()) };
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for b in 0..blocks {
+        let y = &ys[b];
+        // SAFETY: 256 quants in the token's block.
+        let q8: [__m256i; 8] = std::array::from_fn(|i| unsafe {
+            _mm256_loadu_si256(y.qs.as_ptr().add(32 * i).cast())
+        });
+        let q8s = q8.map(|v| _mm256_maddubs_epi16(m32s, v));
+        for (a, r) in acc.iter_mut().zip(&rows) {
+            let x = &r[b];
+            let d = y.d * half::f16::from_bits(x.d).to_f32();
+            // SAFETY: the block's 16 scales, 128 low and 64 high bytes.
+            let (scales, ql, qh) = unsafe {
+                (
+                    _mm_loadu_si128(x.scales.as_ptr().cast()),
+                    x.ql.as_ptr(),
+                    x.qh.as_ptr(),
+                )
+            };
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..2 {
+                let is = j * 4;
+                let sc: [__m256i; 4] = std::array::from_fn(|i| {
+                    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuffle(is + i)))
+                });
+                // SAFETY: inside the block's low and high bytes (j < 2).
+                let (bits1, bits2, bits_h) = unsafe {
+                    (
+                        _mm256_loadu_si256(ql.add(64 * j).cast()),
+                        _mm256_loadu_si256(ql.add(64 * j + 32).cast()),
+                        _mm256_loadu_si256(qh.add(32 * j).cast()),
+                    )
+                };
+                let h0 = _mm256_slli_epi16(_mm256_and_si256(bits_h, m2), 4);
+                let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits_h, 2), m2), 4);
+                let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits_h, 4), m2), 4);
+                let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits_h, 6), m2), 4);
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(bits1, m4), h0),
+                    _mm256_or_si256(_mm256_and_si256(bits2, m4), h1),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), h2),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4), h3),
+                ];
+                let p: [__m256i; 4] = std::array::from_fn(|i| {
+                    let p16 =
+                        _mm256_sub_epi16(_mm256_maddubs_epi16(q[i], q8[4 * j + i]), q8s[4 * j + i]);
+                    _mm256_madd_epi16(sc[i], p16)
+                });
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p[0], p[1]));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p[2], p[3]));
+            }
+            *a = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *a);
+        }
+    }
+    let hsum = |x: __m256| {
+        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    };
+    (hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3]))
 }
 
 /// Four Q8_0 rows' dots with one Q8_0 token, each row's the bits of candle's
