@@ -160,9 +160,10 @@ fn prefetch_bytes(bytes: &[u8], range: std::ops::Range<usize>) {
     let _ = (bytes, range);
 }
 
-/// candle's `vec_dot_4`, or where candle's x86 dot is `avx::vec_dot_q8_0_q8_0` for each row,
-/// [`q8_0_dot4_avx2`]: the same four dots with the same bits, interleaved — and whether the
-/// quad after the current one is worth prefetching ([`prefetch_bytes`]).
+/// candle's `vec_dot_4`, or where candle's x86 dot is `avx::vec_dot_q8_0_q8_0` or
+/// `avx::vec_dot_q6k_q8k` for each row, [`q8_0_dot4_avx2`] or [`q6k_dot4_avx2`]: the same four
+/// dots with the same bits, interleaved — and whether the quad after the current one is worth
+/// prefetching ([`prefetch_bytes`]).
 fn quad_kernel<T: GgmlType + 'static>() -> (QuadKernel<T>, bool) {
     #[cfg(target_arch = "x86_64")]
     if T::DTYPE == GgmlDType::Q8_0
