@@ -61,7 +61,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => super::cpu_gemv::matmul_t(x, w)?,
             LinearWeight::Quantized { matmul, .. } => {
-                if let Some(mut ys) = quantized_one_row(x, &[matmul])? {
+                if let Some(mut ys) = quantized_rows(x, &[matmul])? {
                     ys.remove(0)
                 } else {
                     use candle_core::Module;
@@ -107,11 +107,11 @@ impl Linear {
                 })
                 .collect();
         }
-        // Block-quantized matrices with no bias on one token: one trip, candle's bits.
+        // Block-quantized matrices with no bias: one trip, candle's bits.
         let quantized: Option<Vec<&candle_core::quantized::QMatMul>> =
             layers.iter().map(|l| l.quantized_unbiased()).collect();
         if let Some(ys) = quantized
-            .map(|q| quantized_one_row(x, &q))
+            .map(|q| quantized_rows(x, &q))
             .transpose()?
             .flatten()
         {
@@ -176,25 +176,28 @@ impl Linear {
     }
 }
 
-/// `forward` of one token (x's elements one row of the matrices' width, on the CPU) through
-/// block-quantized matrices, all their rows in one trip through the pool with candle's own
-/// arithmetic (`quant_rows::stacked_gemv`: `QMatMul::forward`'s bits), each output shaped as
-/// x with the matrix's rows last, in x's dtype. None where that does not apply (a prompt, a
-/// float matrix or one candle repacks in a layout `quant_rows` does not reproduce, another
-/// device): candle's product then.
-fn quantized_one_row(
+/// `forward` of x's tokens (its rows of the matrices' width, on the CPU) through block-quantized
+/// matrices, all their rows in one trip through the pool with candle's own arithmetic
+/// (`quant_rows::stacked_product`: `QMatMul::forward`'s bits), each output shaped as x with the
+/// matrix's rows last, in x's dtype. None where that does not apply (a float matrix or one
+/// candle repacks in a layout `quant_rows` does not reproduce, another device): candle's
+/// product then.
+fn quantized_rows(
     x: &Tensor,
     matmuls: &[&candle_core::quantized::QMatMul],
 ) -> Result<Option<Vec<Tensor>>> {
     use candle_core::quantized::QMatMul;
     let k = x.dims().last().copied().unwrap_or(0);
-    if !x.device().is_cpu() || matmuls.is_empty() || x.rank() < 2 || x.elem_count() != k {
+    if !x.device().is_cpu() || matmuls.is_empty() || x.rank() < 2 || k == 0 {
         return Ok(None);
     }
+    let tokens = x.elem_count() / k;
     let Some(qs) = matmuls
         .iter()
         .map(|m| match m {
-            QMatMul::QTensor(q) => Some(q.as_ref()),
+            QMatMul::QTensor(q) if super::quant_rows::takes(q, tokens, tokens == 1) => {
+                Some(q.as_ref())
+            }
             _ => None,
         })
         .collect::<Option<Vec<_>>>()
@@ -202,14 +205,15 @@ fn quantized_one_row(
         return Ok(None);
     };
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let Some(ys) = super::quant_rows::stacked_gemv(&qs, |_| &xs) else {
+    let Some(ys) = super::quant_rows::stacked_product(&qs, |_| &xs) else {
         return Ok(None);
     };
     ys.into_iter()
-        .map(|y| {
+        .zip(&qs)
+        .map(|(y, q)| {
             let mut dims = x.dims().to_vec();
             if let Some(last) = dims.last_mut() {
-                *last = y.len();
+                *last = q.shape().dims2()?.0;
             }
             Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
         })

@@ -514,7 +514,8 @@ impl MoeBlock {
                         batched[i] = Some(y);
                     }
                 }
-                // Table-coded experts (`lut4.rs`: MXFP4, IQ4) the same way, when every one is.
+                // Table-coded experts (`lut4.rs`: MXFP4, IQ4) the same way, when every one is;
+                // block-quantized ones (`quant_rows.rs`) likewise.
                 if pick.is_empty() && used.len() > 1 {
                     let all: Vec<&super::ports::ExpertWeights> =
                         held.iter().map(|w| w.as_ref()).collect();
@@ -523,11 +524,14 @@ impl MoeBlock {
                         .map(|&e| rows[e].iter().map(|r| r.0).collect())
                         .collect();
                     let refs: Vec<&[u32]> = idx.iter().map(|v| v.as_slice()).collect();
-                    if let Some(ys) = super::ports::ExpertWeights::lut4_few_tokens(x, &all, &refs)?
-                    {
-                        for (b, y) in batched.iter_mut().zip(ys) {
-                            *b = Some(y);
-                        }
+                    let ys = match super::ports::ExpertWeights::lut4_few_tokens(x, &all, &refs)? {
+                        Some(ys) => Some(ys),
+                        None => super::ports::ExpertWeights::quantized_stacked_few_tokens(
+                            x, &all, &refs,
+                        )?,
+                    };
+                    for (b, y) in batched.iter_mut().zip(ys.into_iter().flatten()) {
+                        *b = Some(y);
                     }
                 }
             }

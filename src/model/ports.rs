@@ -478,6 +478,116 @@ impl ExpertWeights {
             .map(Some)
     }
 
+    /// [`forward`](Self::forward) of a prompt's tokens through several block-quantized experts on
+    /// the CPU — expert e on x's rows `idx[e]` — every gate_up matrix in one trip through the
+    /// pool and every down in another ([`super::quant_rows::stacked_product`]: candle's
+    /// quantization and row dots, so `QMatMul::forward`'s bits), a down it does not take
+    /// (candle repacks Q6_K for prompts) by candle on the same rows, the tensor ops between
+    /// them those of `forward`. Each output is the expert's `[rows, H]` in f32 (widened from
+    /// x's dtype, as the caller widens `forward`'s). None where an expert is not block-quantized
+    /// on the CPU or a gate_up is one the stacked product leaves to candle: the caller then runs
+    /// the experts one by one.
+    pub fn quantized_stacked_few_tokens(
+        x: &Tensor,
+        experts: &[&ExpertWeights],
+        idx: &[&[u32]],
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        let (t, h) = x.dims2()?;
+        if experts.is_empty() || experts.len() != idx.len() || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        // Each expert's gate_up matrices (one fused, or gate and up), in expert order.
+        let mut ups: Vec<&QMatMul> = Vec::with_capacity(2 * experts.len());
+        for (w, rows) in experts.iter().zip(idx) {
+            if rows.is_empty() || rows.iter().any(|&r| r as usize >= t) {
+                return Ok(None);
+            }
+            match &w.mats {
+                Mats::Quantized {
+                    gate_up: GateUp::Fused(m),
+                    ..
+                } => ups.push(m),
+                Mats::Quantized {
+                    gate_up: GateUp::Apart(g, u),
+                    ..
+                } => ups.extend([g, u]),
+                _ => return Ok(None),
+            }
+        }
+        // The expert of each gate_up matrix.
+        let owner: Vec<usize> = experts
+            .iter()
+            .enumerate()
+            .flat_map(|(e, w)| match &w.mats {
+                Mats::Quantized {
+                    gate_up: GateUp::Apart(..),
+                    ..
+                } => vec![e, e],
+                _ => vec![e],
+            })
+            .collect();
+        // The gate_ups all in the stacked product or none: where it leaves one to candle (Q4_K,
+        // which candle multiplies by tiles for prompts) the gathering here would only add to
+        // the experts' products one by one (BENCHMARKS.md §100).
+        let decode = idx.iter().all(|rows| rows.len() == 1);
+        let mut qs: Vec<&candle_core::quantized::QTensor> = Vec::with_capacity(ups.len());
+        for (m, e) in ups.iter().zip(&owner) {
+            match m {
+                QMatMul::QTensor(q) if super::quant_rows::takes(q, idx[*e].len(), decode) => {
+                    qs.push(q)
+                }
+                _ => return Ok(None),
+            }
+        }
+        let dtype = x.dtype();
+        let dev = x.device();
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let xe: Vec<Vec<f32>> = idx
+            .iter()
+            .map(|rows| {
+                rows.iter()
+                    .flat_map(|&r| xs[r as usize * h..(r as usize + 1) * h].iter().copied())
+                    .collect()
+            })
+            .collect();
+        let Some(gu) = super::quant_rows::stacked_product(&qs, |j| &xe[owner[j]]) else {
+            return Ok(None);
+        };
+        let mut hs: Vec<Vec<f32>> = Vec::with_capacity(experts.len());
+        let mut gu = gu
+            .into_iter()
+            .enumerate()
+            .map(|(j, y)| {
+                let m = idx[owner[j]].len();
+                let n = y.len() / m;
+                Tensor::from_vec(y, (m, n), dev)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter();
+        let mut downs: Vec<&QMatMul> = Vec::with_capacity(experts.len());
+        for w in experts {
+            let Mats::Quantized { gate_up, down, .. } = &w.mats else {
+                unreachable!("checked above: every expert is quantized")
+            };
+            downs.push(down);
+            let i = w.intermediate;
+            let mut next = || gu.next().expect("one output per gate_up matrix");
+            let (g, u) = match gate_up {
+                GateUp::Fused(_) => {
+                    let g_u = next();
+                    (g_u.narrow(1, 0, i)?, g_u.narrow(1, i, i)?)
+                }
+                GateUp::Apart(..) => (next(), next()),
+            };
+            hs.push((silu(&g)? * u)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let ys = products(&downs, |e| &hs[e], |e| idx[e].len(), dev)?;
+        ys.into_iter()
+            .map(|y| Ok(super::cpu_gemv::widened(&y.to_dtype(dtype)?)?))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// [`forward`](Self::forward) of one token `x` [1, H] through several block-quantized
     /// experts on the CPU, every expert's fused gate_up product in one call of candle's
     /// shared-input GEMV (`QTensor::gemv_fused_shared_lhs`: x quantized to blocks once, one
@@ -1164,6 +1274,50 @@ impl RoutingObserver for RoutingLog {
     }
 }
 
+/// Matrix j of `mats` times its rows `x(j)` (`m(j)` of them, f32), each `[m(j), out]` in f32:
+/// the block-quantized matrices `quant_rows::stacked_each` takes in one trip through the pool,
+/// the rest by candle on the same rows — `QMatMul::forward`'s bits either way.
+fn products<'a>(
+    mats: &[&QMatMul],
+    x: impl Fn(usize) -> &'a [f32],
+    m: impl Fn(usize) -> usize,
+    dev: &candle_core::Device,
+) -> Result<Vec<Tensor>> {
+    use candle_core::quantized::QTensor;
+    let blocks: Vec<(usize, &QTensor)> = mats
+        .iter()
+        .enumerate()
+        .filter_map(|(j, q)| match q {
+            QMatMul::QTensor(t) => Some((j, t.as_ref())),
+            _ => None,
+        })
+        .collect();
+    let qs: Vec<&QTensor> = blocks.iter().map(|&(_, q)| q).collect();
+    let mut done: Vec<Option<Vec<f32>>> = vec![None; mats.len()];
+    for (&(j, _), y) in blocks
+        .iter()
+        .zip(super::quant_rows::stacked_each(&qs, |b| x(blocks[b].0)))
+    {
+        done[j] = y;
+    }
+    done.into_iter()
+        .enumerate()
+        .map(|(j, y)| {
+            let y = match y {
+                Some(y) => {
+                    let n = y.len() / m(j).max(1);
+                    Tensor::from_vec(y, (m(j), n), dev)?
+                }
+                None => {
+                    let xj = Tensor::from_slice(x(j), (m(j), x(j).len() / m(j).max(1)), dev)?;
+                    mats[j].forward(&xj)?
+                }
+            };
+            Ok(y)
+        })
+        .collect()
+}
+
 /// The experts' down outputs of a one-token stacked step, as `dtype`: those the stacked product
 /// made (`done[e]`), the rest by `forward(e, h_e)` — candle's product on the same h, as
 /// [`ExpertWeights::forward`] runs it.
@@ -1347,6 +1501,85 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// A prompt's tokens through block-quantized experts, each on its own rows (one, a few, more
+    /// than a token tile, repeated rows), gate and up fused or apart, downs the stacked
+    /// product takes (Q8_0) and ones it leaves to candle (Q6_K and Q4_K, repacked for prompts),
+    /// in f32 and bf16: each output is the bits of the expert's own `forward` on its rows.
+    #[test]
+    fn quantized_experts_of_a_prompt_are_their_own_forwards() {
+        let (h, i, t) = (512, 256, 40);
+        let apart = |seed: usize, t: GgmlDType| {
+            let m = |rows, cols, s| {
+                let w = crate::util::test_matrix(rows, cols, s, 251, 1.0 / 64.0);
+                QMatMul::from_qtensor(QTensor::quantize(&w, t).unwrap()).unwrap()
+            };
+            ExpertWeights::quantized(
+                GateUp::Apart(m(i, h, seed), m(i, h, seed + 5)),
+                m(h, i, seed + 1),
+                i,
+                0,
+            )
+        };
+        let idx: [Vec<u32>; 5] = [
+            vec![3],
+            vec![0, 7, 8, 39],
+            (0..t as u32).collect(),
+            (0..t as u32).step_by(2).collect(),
+            vec![5, 5, 6],
+        ];
+        let refs_idx: Vec<&[u32]> = idx.iter().map(|v| v.as_slice()).collect();
+        for (gu, dn) in [
+            (GgmlDType::Q8_0, GgmlDType::Q8_0),
+            (GgmlDType::Q5K, GgmlDType::Q6K),
+            (GgmlDType::Q4K, GgmlDType::Q4K),
+            (GgmlDType::Q8_0, GgmlDType::Q4K),
+        ] {
+            let mut experts: Vec<ExpertWeights> = (0..4)
+                .map(|e| quantized_expert(10 * e + 1, h, i, gu, dn))
+                .collect();
+            experts.push(apart(77, gu));
+            let refs: Vec<&ExpertWeights> = experts.iter().collect();
+            for dtype in [DType::F32, DType::BF16] {
+                let x = crate::util::test_matrix(t, h, 7, 97, 1.0 / 16.0)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let got =
+                    ExpertWeights::quantized_stacked_few_tokens(&x, &refs, &refs_idx).unwrap();
+                let Some(got) = got else {
+                    // Only Q4_K gate_ups, which candle multiplies by tiles for prompts on x86.
+                    assert!(
+                        gu == GgmlDType::Q4K && cfg!(target_arch = "x86_64"),
+                        "{gu:?}/{dn:?} refused"
+                    );
+                    continue;
+                };
+                for ((w, rows), y) in experts.iter().zip(&idx).zip(&got) {
+                    let sel = Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu).unwrap();
+                    let xe = x.index_select(&sel, 0).unwrap();
+                    let want = crate::model::cpu_gemv::widened(&w.forward(&xe).unwrap()).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(y),
+                        bits(&want),
+                        "{gu:?}/{dn:?} {dtype:?} rows {rows:?}"
+                    );
+                }
+            }
+        }
+        // A row outside x, or an expert that is not block-quantized: the caller's path.
+        let q = quantized_expert(1, h, i, GgmlDType::Q8_0, GgmlDType::Q8_0);
+        let x = Tensor::zeros((2, h), DType::F32, &Device::Cpu).unwrap();
+        let out = ExpertWeights::quantized_stacked_few_tokens(&x, &[&q], &[&[2]]).unwrap();
+        assert!(out.is_none());
+        let dense = ExpertWeights::new(
+            Tensor::zeros((2 * i, h), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((h, i), DType::F32, &Device::Cpu).unwrap(),
+            i,
+        );
+        let out = ExpertWeights::quantized_stacked_few_tokens(&x, &[&q, &dense], &[&[0], &[1]]);
+        assert!(out.unwrap().is_none());
     }
 
     /// Table-coded experts of one token (MXFP4, IQ4_NL, IQ4_XS, mixed as files mix them), every

@@ -18,6 +18,7 @@
 //! here (Q4_K on x86 with AVX2: [`prepare_q4k_tiled`]); any other is refused, so the caller
 //! keeps candle's product for it.
 
+use super::cpu_gemv::RowsOut;
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
     BlockQ8_0, BlockQ8_1, BlockQ8K, GgmlType,
@@ -26,21 +27,32 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use std::any::{Any, TypeId};
 use std::sync::Arc;
 
-/// Unit u of a matrix's rows (rows 4u … 4u + 3, or the last one to three) into its outputs.
-type Unit<'a> = Box<dyn Fn(usize, &mut [f32]) + Sync + 'a>;
+/// Unit u of a matrix's product: one group of rows (four, or the last one to three; eight for
+/// [`prepare_q4k_tiled`]) times one tile of its tokens, written into the matrix's `[tokens,
+/// rows]` output.
+type Unit<'a> = Box<dyn Fn(usize, &RowsOut) + Sync + 'a>;
 
 /// One matrix prepared for the stacked product.
 struct Prepared<'a> {
     rows: usize,
-    per_unit: usize,
+    width: usize,
+    tokens: usize,
+    /// Row groups times token tiles, the groups of one tile together (as candle's prompt
+    /// product orders its work: a worker's run of units keeps one tile of tokens hot).
+    units: usize,
     unit: Unit<'a>,
 }
 
-impl Prepared<'_> {
-    /// Units: the quads, then one for the rows left over (if any).
-    fn units(&self) -> usize {
-        self.rows.div_ceil(self.per_unit)
-    }
+/// Tokens a unit multiplies by its rows: candle's `MATMUL_ROW_TILE`. Why: the rows stay in L1
+/// while the tile's tokens pass, and the tile's quantized tokens stay hot across the rows.
+const TOKEN_TILE: usize = 16;
+
+/// The token tile of unit `u` (of a matrix with `groups` row groups and `m` tokens) and its
+/// row group.
+fn unit_place(u: usize, groups: usize, m: usize) -> (std::ops::Range<usize>, usize) {
+    let (tile, group) = (u / groups, u % groups);
+    let first = tile * TOKEN_TILE;
+    (first..m.min(first + TOKEN_TILE), group)
 }
 
 /// The tokens of one stacked product, each quantized once for each block type it is multiplied
@@ -79,8 +91,9 @@ impl Tokens {
     }
 }
 
-/// The matrix's blocks and the token quantized as `k_quants::matmul` quantizes it. None where
-/// the storage is not whole, aligned blocks of `T` of the matrix's shape.
+/// The matrix's blocks and the tokens (`x`: `m` rows of the matrix's width) quantized as
+/// `k_quants::matmul` quantizes them. None where the storage is not whole, aligned blocks of
+/// `T` of the matrix's shape.
 fn prepare_as<'a, T: GgmlType + Sync + 'static>(
     bytes: &'a [u8],
     (n, k): (usize, usize),
@@ -90,9 +103,10 @@ fn prepare_as<'a, T: GgmlType + Sync + 'static>(
 where
     T::VecDotType: Send + Sync + 'static,
 {
-    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) || x.len() != k {
+    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) || x.is_empty() || !x.len().is_multiple_of(k) {
         return None;
     }
+    let m = x.len() / k;
     let per_row = k / T::BLCK_SIZE;
     let size = std::mem::size_of::<T>();
     if bytes.len() != n * per_row * size
@@ -104,35 +118,63 @@ where
     // `#[repr(C)]` struct of integers and halves, any bit pattern valid), aligned for `T`
     // (both checked above), and borrowed for 'a.
     let blocks: &'a [T] = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n * per_row) };
-    let lhs = tokens.quantized::<T::VecDotType>(x, per_row, T::DIRECT_COPY);
+    // Each token's blocks as `k_quants::matmul` makes them row by row: a row is whole blocks,
+    // so all rows at once are the same blocks.
+    let lhs = tokens.quantized::<T::VecDotType>(x, m * per_row, T::DIRECT_COPY);
     let row = move |r: usize| &blocks[r * per_row..(r + 1) * per_row];
     let quads = n / 4;
+    let groups = n.div_ceil(4);
     let (quad, prefetch) = quad_kernel::<T>();
     let quad_bytes = 4 * per_row * size;
-    let unit = move |u: usize, out: &mut [f32]| {
-        let c = 4 * u;
-        if prefetch {
-            prefetch_bytes(bytes, (u + 1) * quad_bytes..(u + 2) * quad_bytes);
-        }
-        if u < quads {
-            let (a, b, d, e) = quad(k, [row(c), row(c + 1), row(c + 2), row(c + 3)], &lhs);
-            out[..4].copy_from_slice(&[a, b, d, e]);
+    // The rows of group g times token y, into `out` (the group's outputs for that token).
+    let rows_times = move |g: usize, y: &[T::VecDotType], out: &mut [f32]| {
+        let c = 4 * g;
+        if g < quads {
+            let (a, b, d, e) = quad(k, [row(c), row(c + 1), row(c + 2), row(c + 3)], y);
+            out.copy_from_slice(&[a, b, d, e]);
             return;
         }
         // candle's tail: the first two of the last one to three rows together, an odd last
         // row alone.
-        let tail = n - c;
-        if tail >= 2 {
-            (out[0], out[1]) = T::vec_dot_2(k, row(c), row(c + 1), &lhs);
+        let len = out.len();
+        if len >= 2 {
+            (out[0], out[1]) = T::vec_dot_2(k, row(c), row(c + 1), y);
         }
-        if tail & 1 == 1 {
-            out[tail - 1] = T::vec_dot(k, row(n - 1), &lhs);
+        if len & 1 == 1 {
+            out[len - 1] = T::vec_dot(k, row(n - 1), y);
         }
+    };
+    let unit: Unit<'a> = if m == 1 {
+        // A decode product: the group is the unit (no tile to find, no token loop).
+        Box::new(move |g: usize, out: &RowsOut| {
+            if prefetch {
+                prefetch_bytes(bytes, (g + 1) * quad_bytes..(g + 2) * quad_bytes);
+            }
+            let c = 4 * g;
+            // SAFETY: unit g alone owns rows c … c + 3 (or to the last row) of the output.
+            rows_times(g, &lhs, unsafe { out.at(c, (n - c).min(4)) });
+        })
+    } else {
+        Box::new(move |u: usize, out: &RowsOut| {
+            let (tile, g) = unit_place(u, groups, m);
+            if prefetch {
+                prefetch_bytes(bytes, (g + 1) * quad_bytes..(g + 2) * quad_bytes);
+            }
+            let c = 4 * g;
+            for t in tile {
+                // SAFETY: unit u alone owns rows c … c + 3 (or to the last row) of token t's
+                // outputs, inside the matrix's [m, n] output.
+                let out = unsafe { out.at(t * n + c, (n - c).min(4)) };
+                rows_times(g, &lhs[t * per_row..(t + 1) * per_row], out);
+            }
+        })
     };
     Some(Prepared {
         rows: n,
-        per_unit: 4,
-        unit: Box::new(unit),
+        width: k,
+        tokens: m,
+        units: groups * m.div_ceil(TOKEN_TILE),
+        unit,
     })
 }
 
@@ -383,23 +425,54 @@ unsafe fn q8_0_dot4_avx2(
     (hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3]))
 }
 
-fn prepare<'a>(q: &'a QTensor, x: &[f32], tokens: &mut Tokens) -> Option<Prepared<'a>> {
+/// Whether the stacked products take matrix `q` times `tokens` tokens (`decode`: every matrix
+/// of the product takes one) — the check [`prepare`] makes, without quantizing anything. Why
+/// public: a caller with tokens to gather first asks before it gathers them.
+pub fn takes(q: &QTensor, tokens: usize, decode: bool) -> bool {
+    let Ok((n, k)) = q.shape().dims2() else {
+        return false;
+    };
+    if !q.device().is_cpu() || k == 0 || tokens == 0 {
+        return false;
+    }
+    if candle_repacks(q.dtype(), tokens, n, k) {
+        // Q4_K in decode products only: candle's tiles decode each block once for up to four
+        // tokens where this kernel decodes it again for each, and on a prompt's experts
+        // (few of them one-token, most in the caches) candle's tiled product is the faster;
+        // with it, Q4_K_M prefill ran at 0.65–0.93× (BENCHMARKS.md §100).
+        #[cfg(target_arch = "x86_64")]
+        return q.dtype() == GgmlDType::Q4K
+            && decode
+            && tokens == 1
+            && n.is_multiple_of(8)
+            && super::cpu_gemv::avx2_fma()
+            && std::arch::is_x86_feature_detected!("f16c");
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+    // Float types are multiplied as dense tensors (`QMatMul::Tensor`), not here.
+    !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Matrix `q` times the tokens `x` (whole rows of its width), prepared; None where this does
+/// not reproduce what candle would do with it ([`takes`]).
+fn prepare<'a>(
+    q: &'a QTensor,
+    x: &[f32],
+    tokens: &mut Tokens,
+    decode: bool,
+) -> Option<Prepared<'a>> {
     let (n, k) = q.shape().dims2().ok()?;
-    if !q.device().is_cpu() {
+    if k == 0 || x.is_empty() || !x.len().is_multiple_of(k) || !takes(q, x.len() / k, decode) {
         return None;
     }
     let std::borrow::Cow::Borrowed(bytes) = q.data().ok()? else {
         return None;
     };
-    if candle_repacks(q.dtype(), n, k) {
-        #[cfg(target_arch = "x86_64")]
-        if q.dtype() == GgmlDType::Q4K
-            && super::cpu_gemv::avx2_fma()
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            return prepare_q4k_tiled(bytes, (n, k), x, tokens);
-        }
-        return None;
+    #[cfg(target_arch = "x86_64")]
+    if candle_repacks(q.dtype(), 1, n, k) {
+        // `takes` allows only this one.
+        return prepare_q4k_tiled(bytes, (n, k), x, tokens);
     }
     match q.dtype() {
         GgmlDType::Q4_0 => prepare_as::<BlockQ4_0>(bytes, (n, k), x, tokens),
@@ -440,6 +513,7 @@ fn prepare_q4k_tiled<'a>(
     tokens: &mut Tokens,
 ) -> Option<Prepared<'a>> {
     const QK_K: usize = 256;
+    // One token: candle's tiles are the faster on prompts (see `prepare`).
     if k == 0 || !k.is_multiple_of(QK_K) || x.len() != k || !n.is_multiple_of(8) {
         return None;
     }
@@ -455,20 +529,23 @@ fn prepare_q4k_tiled<'a>(
         unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n * per_row) };
     let lhs = tokens.quantized::<BlockQ8K>(x, per_row, false);
     let unit_bytes = 8 * per_row * std::mem::size_of::<BlockQ4K>();
-    let unit = move |u: usize, out: &mut [f32]| {
+    let unit = move |u: usize, out: &RowsOut| {
         prefetch_bytes(bytes, (u + 1) * unit_bytes..(u + 2) * unit_bytes);
         // SAFETY: the same layout (asserted below), plain data.
         let lhs: &[Q8kBlock] =
             unsafe { std::slice::from_raw_parts(lhs.as_ptr().cast(), lhs.len()) };
         let row = |i: usize| &blocks[(8 * u + i) * per_row..(8 * u + i + 1) * per_row];
-        // SAFETY: AVX2, FMA and F16C were detected by the caller; every row holds `per_row` blocks,
-        // as does the token.
+        // SAFETY: AVX2, FMA and F16C were detected by the caller; every row holds `per_row`
+        // blocks, as does the token.
         let got = unsafe { q4k_tiled_rows8_avx2(std::array::from_fn(row), lhs) };
-        out.copy_from_slice(&got);
+        // SAFETY: unit u alone owns rows 8u … 8u + 7 of the one token's outputs.
+        unsafe { out.at(8 * u, 8) }.copy_from_slice(&got);
     };
     Some(Prepared {
         rows: n,
-        per_unit: 8,
+        width: k,
+        tokens: 1,
+        units: n / 8,
         unit: Box::new(unit),
     })
 }
@@ -623,12 +700,12 @@ unsafe fn q4k_tiled_rows8_avx2(rows: [&[Q4kBlock]; 8], ys: &[Q8kBlock]) -> [f32;
     out
 }
 
-/// Whether candle 0.11's `QMatMul::forward` of one row would multiply this matrix in its
+/// Whether candle 0.11's `QMatMul::forward` of `m` rows would multiply this matrix in its
 /// repacked, tiled layout (different arithmetic from `k_quants::matmul`) — its rule
-/// (`repack_x86::select` at m = 1, `repack::PackedKind::select` on aarch64) read as
-/// conservatively as it can be from outside: any doubt counts as a repack, which only sends the
-/// matrix back to candle's own product.
-fn candle_repacks(dtype: GgmlDType, n: usize, k: usize) -> bool {
+/// (`repack_x86::select`, `repack::PackedKind::select` on aarch64) read as conservatively as
+/// it can be from outside: any doubt counts as a repack, which only sends the matrix back to
+/// candle's own product.
+fn candle_repacks(dtype: GgmlDType, m: usize, n: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
@@ -643,13 +720,14 @@ fn candle_repacks(dtype: GgmlDType, n: usize, k: usize) -> bool {
             // Candle packs Q8_0 where it has a dot of unsigned by signed bytes (VNNI).
             GgmlDType::Q8_0 => vnni512 || vnni,
             // Q6_K is packed for prompts only (m > 1); the others never.
+            GgmlDType::Q6K => m > 1,
             _ => false,
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         // aarch64 repacks by its own rules; elsewhere nothing is known: candle's product.
-        let _ = (dtype, n, k);
+        let _ = (dtype, m, n, k);
         true
     }
 }
@@ -663,42 +741,100 @@ pub fn stacked_gemv<'a>(
     mats: &[&QTensor],
     x: impl Fn(usize) -> &'a [f32],
 ) -> Option<Vec<Vec<f32>>> {
+    if !one_token_each(mats, &x) {
+        return None;
+    }
+    stacked_product(mats, x)
+}
+
+/// Whether every matrix takes exactly one token (a decode step's product).
+fn one_token_each<'a>(mats: &[&QTensor], x: &impl Fn(usize) -> &'a [f32]) -> bool {
+    let k = |e: usize| mats[e].shape().dims2().map_or(0, |(_, k)| k);
+    (0..mats.len()).all(|e| x(e).len() == k(e))
+}
+
+/// Matrix e of `mats` times its own tokens `x(e)` (whole rows of its width, one or more), every
+/// row of every matrix in one trip through the pool; the outputs in matrix order, each
+/// `[tokens, rows]` row-major with the bits of `QMatMul::forward` on `x(e)` as a `[tokens,
+/// width]` f32 tensor. Why for prompts: the routed experts of a prompt's layer each take a few
+/// of its tokens, and candle multiplied each in its own trip, quantizing its tokens again, with
+/// the row dot that is one dependent chain on an AVX2 CPU (BENCHMARKS.md §100). None where any
+/// matrix is not one this takes: the caller then uses candle's products.
+pub fn stacked_product<'a>(
+    mats: &[&QTensor],
+    x: impl Fn(usize) -> &'a [f32],
+) -> Option<Vec<Vec<f32>>> {
+    let decode = one_token_each(mats, &x);
     let mut tokens = Tokens::default();
     let prepared: Vec<Prepared> = mats
         .iter()
         .enumerate()
-        .map(|(e, q)| prepare(q, x(e), &mut tokens))
+        .map(|(e, q)| prepare(q, x(e), &mut tokens, decode))
         .collect::<Option<_>>()?;
+    Some(
+        run(prepared.into_iter().map(Some).collect())
+            .into_iter()
+            .flatten()
+            .collect(),
+    )
+}
+
+/// [`stacked_product`] of the matrices it takes, each output None where it does not take that
+/// matrix (the caller multiplies that one with candle). Why: a prompt's Q4_K_M experts mix
+/// matrices this takes (Q4_K) with ones candle repacks for prompts (Q6_K).
+pub fn stacked_each<'a>(
+    mats: &[&QTensor],
+    x: impl Fn(usize) -> &'a [f32],
+) -> Vec<Option<Vec<f32>>> {
+    let decode = one_token_each(mats, &x);
+    let mut tokens = Tokens::default();
+    let prepared = mats
+        .iter()
+        .enumerate()
+        .map(|(e, q)| prepare(q, x(e), &mut tokens, decode))
+        .collect();
+    run(prepared)
+}
+
+/// The prepared matrices' products, all their units in one trip through the pool.
+fn run(prepared: Vec<Option<Prepared>>) -> Vec<Option<Vec<f32>>> {
     let mut starts = Vec::with_capacity(prepared.len() + 1);
     starts.push(0usize);
     for p in &prepared {
-        starts.push(starts[starts.len() - 1] + p.units());
+        starts.push(starts[starts.len() - 1] + p.as_ref().map_or(0, |p| p.units));
     }
     let total = starts[prepared.len()];
-    let mut outs: Vec<Vec<f32>> = prepared.iter().map(|p| vec![0f32; p.rows]).collect();
-    let ptrs: Vec<super::cpu_gemv::RowsOut> = outs
+    let mut outs: Vec<Option<Vec<f32>>> = prepared
+        .iter()
+        .map(|p| p.as_ref().map(|p| vec![0f32; p.tokens * p.rows]))
+        .collect();
+    let ptrs: Vec<RowsOut> = outs
         .iter_mut()
-        .map(|o| super::cpu_gemv::RowsOut(o.as_mut_ptr()))
+        .map(|o| RowsOut(o.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr())))
         .collect();
     let run = |range: std::ops::Range<usize>| {
         for u in range {
+            // The matrix whose units hold u: the last start at or before it (a matrix left
+            // out has no units, so its start equals the next one's).
             let e = starts.partition_point(|&s| s <= u) - 1;
-            let (p, q) = (&prepared[e], u - starts[e]);
-            let first = p.per_unit * q;
-            let len = (p.rows - first).min(p.per_unit);
-            // SAFETY: unit q of matrix e owns its outputs first … first + len, inside that
-            // matrix's output (len ≤ rows − first) and handed to this unit alone.
-            (p.unit)(q, unsafe { ptrs[e].at(first, len) });
+            if let Some(p) = &prepared[e] {
+                // Each unit writes only its own rows of its own tokens (`Unit`).
+                (p.unit)(u - starts[e], &ptrs[e]);
+            }
         }
     };
-    let work: usize = mats.iter().map(|q| q.shape().elem_count()).sum::<usize>();
+    let work: usize = prepared
+        .iter()
+        .flatten()
+        .map(|p| p.tokens * p.rows * p.width)
+        .sum();
     // As `cpu_gemv::rows_product` decides for one token: small work is not worth the pool.
     if work < 1 << 15 {
         run(0..total);
     } else {
         candle_core::utils::barrier_pool().execute_chunked(total, run);
     }
-    Some(outs)
+    outs
 }
 
 #[cfg(test)]
@@ -716,7 +852,12 @@ mod tests {
 
     /// `QMatMul::forward` of one token, as the model runs it.
     fn candles_product(q: QTensor, x: &[f32]) -> Vec<f32> {
-        let x = Tensor::from_vec(x.to_vec(), (1, x.len()), &Device::Cpu).unwrap();
+        candles_rows(q, x, 1)
+    }
+
+    /// `QMatMul::forward` of `m` tokens (`x`'s rows), as the model runs a prompt.
+    fn candles_rows(q: QTensor, x: &[f32], m: usize) -> Vec<f32> {
+        let x = Tensor::from_vec(x.to_vec(), (m, x.len() / m), &Device::Cpu).unwrap();
         let y = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
         y.flatten_all().unwrap().to_vec1().unwrap()
     }
@@ -769,7 +910,7 @@ mod tests {
                     // Only a matrix candle repacks on this CPU, in a layout other than Q4_K's
                     // (or Q4_K without AVX2), is refused.
                     assert!(
-                        shapes.iter().any(|&(r, c)| candle_repacks(dtype, r, c)),
+                        shapes.iter().any(|&(r, c)| candle_repacks(dtype, 1, r, c)),
                         "{dtype:?} {shapes:?} refused"
                     );
                     #[cfg(target_arch = "x86_64")]
@@ -813,14 +954,102 @@ mod tests {
         let Some(got) = stacked_gemv(&refs, |e| token(e)) else {
             // Only where candle repacks Q8_0 (a VNNI CPU).
             assert!(
-                candle_repacks(GgmlDType::Q8_0, 40, 512)
-                    || candle_repacks(GgmlDType::Q8_0, 24, 512)
+                candle_repacks(GgmlDType::Q8_0, 1, 40, 512)
+                    || candle_repacks(GgmlDType::Q8_0, 1, 24, 512)
             );
             return;
         };
         for (e, q) in qs.into_iter().enumerate() {
             let same = same_bits(&candles_product(q, token(e)), &got[e]);
             assert!(same, "matrix {e} {:?}", kinds[e]);
+        }
+    }
+
+    /// Every block type, each matrix with its own number of tokens — one, a few, and more than
+    /// one tile (`TOKEN_TILE`) with a part tile after it — rows with and without a tail: each
+    /// `[tokens, rows]` output is `QMatMul::forward`'s bits on those tokens. A unit writing
+    /// another token's or row's place, or a kernel rounding once differently, fails it.
+    #[test]
+    fn stacked_prompts_are_candles_products_bit_for_bit() {
+        let types = [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ];
+        // (rows, width, tokens)
+        let mats = [
+            (35usize, 512usize, 3usize),
+            (64, 256, 1),
+            (48, 768, 37),
+            (6, 512, 16),
+        ];
+        for dtype in types {
+            for pick in [&[0usize, 1, 2, 3][..], &[0, 3], &[2]] {
+                let shapes: Vec<(usize, usize, usize)> = pick.iter().map(|&i| mats[i]).collect();
+                let qs: Vec<QTensor> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &(r, c, _))| QTensor::quantize(&matrix(r, c, s + 3), dtype).unwrap())
+                    .collect();
+                let xs: Vec<Vec<f32>> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &(_, c, m))| {
+                        (0..c * m)
+                            .map(|i| (((i * 37 + s * 11) % 101) as f32 - 50.0) * 0.011)
+                            .collect()
+                    })
+                    .collect();
+                let refs: Vec<&QTensor> = qs.iter().collect();
+                let Some(got) = stacked_product(&refs, |e| &xs[e]) else {
+                    let refused = |&(r, c, m): &(usize, usize, usize)| {
+                        let q4k_here = dtype == GgmlDType::Q4K && shapes.iter().all(|s| s.2 == 1);
+                        #[cfg(target_arch = "x86_64")]
+                        let q4k_here = q4k_here
+                            && crate::model::cpu_gemv::avx2_fma()
+                            && std::arch::is_x86_feature_detected!("f16c");
+                        candle_repacks(dtype, m, r, c) && !(q4k_here && r % 8 == 0)
+                    };
+                    assert!(shapes.iter().any(refused), "{dtype:?} {shapes:?} refused");
+                    continue;
+                };
+                for (e, q) in qs.into_iter().enumerate() {
+                    let m = shapes[e].2;
+                    let same = same_bits(&candles_rows(q, &xs[e], m), &got[e]);
+                    assert!(same, "{dtype:?} matrix {e} {:?}", shapes[e]);
+                }
+            }
+        }
+    }
+
+    /// `takes` says what `prepare` does, for every type, one token and several, decode or not —
+    /// so a caller that asks first gathers tokens only for a product that will run.
+    #[test]
+    fn takes_answers_as_prepare_does() {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::F16,
+        ] {
+            for (r, c) in [(48usize, 768usize), (35, 512), (16, 256)] {
+                let q = QTensor::quantize(&matrix(r, c, 1), dtype).unwrap();
+                for (m, decode) in [(1usize, true), (1, false), (3, false), (17, false)] {
+                    let x = vec![0.25f32; m * c];
+                    let prepared = prepare(&q, &x, &mut Tokens::default(), decode).is_some();
+                    assert_eq!(takes(&q, m, decode), prepared, "{dtype:?} {r}x{c} m={m}");
+                }
+            }
         }
     }
 
