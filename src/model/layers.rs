@@ -64,9 +64,7 @@ impl Linear {
                 if let Some(mut ys) = quantized_rows(x, &[matmul])? {
                     ys.remove(0)
                 } else {
-                    use candle_core::Module;
-                    matmul
-                        .forward(&x.to_dtype(DType::F32)?)?
+                    super::quant_rows::product(matmul, &x.to_dtype(DType::F32)?)?
                         .to_dtype(x.dtype())?
                 }
             }
@@ -195,9 +193,7 @@ fn quantized_rows(
     let Some(qs) = matmuls
         .iter()
         .map(|m| match m {
-            QMatMul::QTensor(q) if super::quant_rows::takes(q, tokens, tokens == 1) => {
-                Some(q.as_ref())
-            }
+            QMatMul::QTensor(q) if super::quant_rows::takes(q, tokens) => Some(q.as_ref()),
             _ => None,
         })
         .collect::<Option<Vec<_>>>()

@@ -8,8 +8,9 @@
 
 use std::sync::Arc;
 
+use super::quant_rows::product;
 use candle_core::quantized::{GgmlDType, QMatMul};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::error::Result;
 use super::fp8::Fp8Matrix;
@@ -85,7 +86,7 @@ impl BlockMat {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             BlockMat::Lut4(m) => m.forward(x)?,
-            BlockMat::Candle(m) => m.forward(x)?,
+            BlockMat::Candle(m) => super::quant_rows::product(m, x)?,
         })
     }
 }
@@ -291,8 +292,8 @@ impl ExpertWeights {
                 let dtype = x.dtype();
                 let x = x.to_dtype(DType::F32)?;
                 let gu = match gate_up {
-                    GateUp::Fused(m) => GateUpOut::Fused(m.forward(&x)?),
-                    GateUp::Apart(g, u) => GateUpOut::Apart(g.forward(&x)?, u.forward(&x)?),
+                    GateUp::Fused(m) => GateUpOut::Fused(product(m, &x)?),
+                    GateUp::Apart(g, u) => GateUpOut::Apart(product(g, &x)?, product(u, &x)?),
                 };
                 self.quantized_rest(gu, down, dtype)
             }
@@ -346,7 +347,7 @@ impl ExpertWeights {
             GateUpOut::Apart(g, u) => (g, u),
         };
         let h = (silu(&g)? * u)?;
-        Ok(down.forward(&h)?.to_dtype(dtype)?)
+        Ok(product(down, &h)?.to_dtype(dtype)?)
     }
 
     /// [`forward`](Self::forward) of one token `x` [1, H] through several table-coded experts
@@ -481,9 +482,9 @@ impl ExpertWeights {
     /// [`forward`](Self::forward) of a prompt's tokens through several block-quantized experts on
     /// the CPU — expert e on x's rows `idx[e]` — every gate_up matrix in one trip through the
     /// pool and every down in another ([`super::quant_rows::stacked_product`]: candle's
-    /// quantization and row dots, so `QMatMul::forward`'s bits), a down it does not take
-    /// (candle repacks Q6_K for prompts) by candle on the same rows, the tensor ops between
-    /// them those of `forward`. Each output is the expert's `[rows, H]` in f32 (widened from
+    /// quantization and row dots, so each token's row the bits of `QMatMul::forward` on that
+    /// token), a down it does not take by candle on the same rows, the tensor ops between them
+    /// those of `forward`. Each output is the expert's `[rows, H]` in f32 (widened from
     /// x's dtype, as the caller widens `forward`'s). None where an expert is not block-quantized
     /// on the CPU or a gate_up is one the stacked product leaves to candle: the caller then runs
     /// the experts one by one.
@@ -526,16 +527,13 @@ impl ExpertWeights {
                 _ => vec![e],
             })
             .collect();
-        // The gate_ups all in the stacked product or none: where it leaves one to candle (Q4_K,
-        // which candle multiplies by tiles for prompts) the gathering here would only add to
+        // The gate_ups all in the stacked product or none: where it leaves one to candle (a
+        // layout candle packs that it does not reproduce) the gathering here would only add to
         // the experts' products one by one (BENCHMARKS.md §100).
-        let decode = idx.iter().all(|rows| rows.len() == 1);
         let mut qs: Vec<&candle_core::quantized::QTensor> = Vec::with_capacity(ups.len());
         for (m, e) in ups.iter().zip(&owner) {
             match m {
-                QMatMul::QTensor(q) if super::quant_rows::takes(q, idx[*e].len(), decode) => {
-                    qs.push(q)
-                }
+                QMatMul::QTensor(q) if super::quant_rows::takes(q, idx[*e].len()) => qs.push(q),
                 _ => return Ok(None),
             }
         }
@@ -717,7 +715,7 @@ impl ExpertWeights {
         for (&(e, _), y) in blocks.iter().zip(&ys) {
             outs[e] = Some(row(y)?);
         }
-        downs_as(outs, &hs, dtype, |e, h| downs[e].forward(h)).map(Some)
+        downs_as(outs, &hs, dtype, |e, h| product(downs[e], h)).map(Some)
     }
 
     /// Bytes this expert occupies in memory (compute dtype; quantized: as stored).
@@ -1310,7 +1308,7 @@ fn products<'a>(
                 }
                 None => {
                     let xj = Tensor::from_slice(x(j), (m(j), x(j).len() / m(j).max(1)), dev)?;
-                    mats[j].forward(&xj)?
+                    product(mats[j], &xj)?
                 }
             };
             Ok(y)
@@ -1504,8 +1502,7 @@ mod tests {
     }
 
     /// A prompt's tokens through block-quantized experts, each on its own rows (one, a few, more
-    /// than a token tile, repeated rows), gate and up fused or apart, downs the stacked
-    /// product takes (Q8_0) and ones it leaves to candle (Q6_K and Q4_K, repacked for prompts),
+    /// than a token tile, repeated rows), gate and up fused or apart, Q8_0 / Q4_K / Q6_K downs,
     /// in f32 and bf16: each output is the bits of the expert's own `forward` on its rows.
     #[test]
     fn quantized_experts_of_a_prompt_are_their_own_forwards() {
@@ -1532,9 +1529,9 @@ mod tests {
         let refs_idx: Vec<&[u32]> = idx.iter().map(|v| v.as_slice()).collect();
         for (gu, dn) in [
             (GgmlDType::Q8_0, GgmlDType::Q8_0),
-            (GgmlDType::Q5K, GgmlDType::Q6K),
+            (GgmlDType::Q4K, GgmlDType::Q6K),
             (GgmlDType::Q4K, GgmlDType::Q4K),
-            (GgmlDType::Q8_0, GgmlDType::Q4K),
+            (GgmlDType::Q5K, GgmlDType::Q8_0),
         ] {
             let mut experts: Vec<ExpertWeights> = (0..4)
                 .map(|e| quantized_expert(10 * e + 1, h, i, gu, dn))
@@ -1548,10 +1545,11 @@ mod tests {
                 let got =
                     ExpertWeights::quantized_stacked_few_tokens(&x, &refs, &refs_idx).unwrap();
                 let Some(got) = got else {
-                    // Only Q4_K gate_ups, which candle multiplies by tiles for prompts on x86.
+                    // Only where candle packs the gate_ups in a layout not reproduced here.
+                    let q = QTensor::quantize(&crate::util::test_matrix(2 * i, h, 1, 251, 1.0), gu);
                     assert!(
-                        gu == GgmlDType::Q4K && cfg!(target_arch = "x86_64"),
-                        "{gu:?}/{dn:?} refused"
+                        !super::super::quant_rows::takes(&q.unwrap(), 1),
+                        "{gu:?} refused"
                     );
                     continue;
                 };

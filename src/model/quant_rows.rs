@@ -425,25 +425,23 @@ unsafe fn q8_0_dot4_avx2(
     (hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3]))
 }
 
-/// Whether the stacked products take matrix `q` times `tokens` tokens (`decode`: every matrix
-/// of the product takes one) — the check [`prepare`] makes, without quantizing anything. Why
-/// public: a caller with tokens to gather first asks before it gathers them.
-pub fn takes(q: &QTensor, tokens: usize, decode: bool) -> bool {
+/// Whether the stacked products take matrix `q` times `tokens` tokens — the check [`prepare`]
+/// makes, without quantizing anything. Why public: a caller with tokens to gather first asks
+/// before it gathers them. What they reproduce is candle's product of *one* token, token by
+/// token: where candle multiplies a prompt in other arithmetic than a single token (Q6_K, which
+/// it packs for prompts only), each token's output is still its one-token product's bits.
+pub fn takes(q: &QTensor, tokens: usize) -> bool {
     let Ok((n, k)) = q.shape().dims2() else {
         return false;
     };
     if !q.device().is_cpu() || k == 0 || tokens == 0 {
         return false;
     }
-    if candle_repacks(q.dtype(), tokens, n, k) {
-        // Q4_K in decode products only: candle's tiles decode each block once for up to four
-        // tokens where this kernel decodes it again for each, and on a prompt's experts
-        // (few of them one-token, most in the caches) candle's tiled product is the faster;
-        // with it, Q4_K_M prefill ran at 0.65–0.93× (BENCHMARKS.md §100).
+    if candle_repacks(q.dtype(), 1, n, k) {
+        // Q4_K from its compact blocks in the packed layout's arithmetic (the same for one
+        // token and many); other packed layouts are candle's.
         #[cfg(target_arch = "x86_64")]
         return q.dtype() == GgmlDType::Q4K
-            && decode
-            && tokens == 1
             && n.is_multiple_of(8)
             && super::cpu_gemv::avx2_fma()
             && std::arch::is_x86_feature_detected!("f16c");
@@ -456,14 +454,9 @@ pub fn takes(q: &QTensor, tokens: usize, decode: bool) -> bool {
 
 /// Matrix `q` times the tokens `x` (whole rows of its width), prepared; None where this does
 /// not reproduce what candle would do with it ([`takes`]).
-fn prepare<'a>(
-    q: &'a QTensor,
-    x: &[f32],
-    tokens: &mut Tokens,
-    decode: bool,
-) -> Option<Prepared<'a>> {
+fn prepare<'a>(q: &'a QTensor, x: &[f32], tokens: &mut Tokens) -> Option<Prepared<'a>> {
     let (n, k) = q.shape().dims2().ok()?;
-    if k == 0 || x.is_empty() || !x.len().is_multiple_of(k) || !takes(q, x.len() / k, decode) {
+    if k == 0 || x.is_empty() || !x.len().is_multiple_of(k) || !takes(q, x.len() / k) {
         return None;
     }
     let std::borrow::Cow::Borrowed(bytes) = q.data().ok()? else {
@@ -513,10 +506,15 @@ fn prepare_q4k_tiled<'a>(
     tokens: &mut Tokens,
 ) -> Option<Prepared<'a>> {
     const QK_K: usize = 256;
-    // One token: candle's tiles are the faster on prompts (see `prepare`).
-    if k == 0 || !k.is_multiple_of(QK_K) || x.len() != k || !n.is_multiple_of(8) {
+    if k == 0
+        || !k.is_multiple_of(QK_K)
+        || x.is_empty()
+        || !x.len().is_multiple_of(k)
+        || !n.is_multiple_of(8)
+    {
         return None;
     }
+    let m = x.len() / k;
     let per_row = k / QK_K;
     if bytes.len() != n * per_row * std::mem::size_of::<BlockQ4K>()
         || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<BlockQ4K>())
@@ -527,26 +525,46 @@ fn prepare_q4k_tiled<'a>(
     // through a struct of the same layout.
     let blocks: &'a [Q4kBlock] =
         unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n * per_row) };
-    let lhs = tokens.quantized::<BlockQ8K>(x, per_row, false);
+    let lhs = tokens.quantized::<BlockQ8K>(x, m * per_row, false);
+    let groups = n / 8;
     let unit_bytes = 8 * per_row * std::mem::size_of::<BlockQ4K>();
-    let unit = move |u: usize, out: &RowsOut| {
-        prefetch_bytes(bytes, (u + 1) * unit_bytes..(u + 2) * unit_bytes);
+    // Rows 8g … 8g + 7 times token t, into the token's outputs.
+    let rows_times = move |g: usize, t: usize, out: &RowsOut| {
         // SAFETY: the same layout (asserted below), plain data.
         let lhs: &[Q8kBlock] =
             unsafe { std::slice::from_raw_parts(lhs.as_ptr().cast(), lhs.len()) };
-        let row = |i: usize| &blocks[(8 * u + i) * per_row..(8 * u + i + 1) * per_row];
-        // SAFETY: AVX2, FMA and F16C were detected by the caller; every row holds `per_row`
-        // blocks, as does the token.
-        let got = unsafe { q4k_tiled_rows8_avx2(std::array::from_fn(row), lhs) };
-        // SAFETY: unit u alone owns rows 8u … 8u + 7 of the one token's outputs.
-        unsafe { out.at(8 * u, 8) }.copy_from_slice(&got);
+        let row = |i: usize| &blocks[(8 * g + i) * per_row..(8 * g + i + 1) * per_row];
+        // SAFETY: AVX2, FMA and F16C were detected (`takes`); every row holds `per_row`
+        // blocks, as does each token.
+        let got = unsafe {
+            q4k_tiled_rows8_avx2(
+                std::array::from_fn(row),
+                &lhs[t * per_row..(t + 1) * per_row],
+            )
+        };
+        // SAFETY: the calling unit alone owns rows 8g … 8g + 7 of token t's outputs.
+        unsafe { out.at(t * n + 8 * g, 8) }.copy_from_slice(&got);
+    };
+    let unit: Unit<'a> = if m == 1 {
+        Box::new(move |g: usize, out: &RowsOut| {
+            prefetch_bytes(bytes, (g + 1) * unit_bytes..(g + 2) * unit_bytes);
+            rows_times(g, 0, out);
+        })
+    } else {
+        Box::new(move |u: usize, out: &RowsOut| {
+            let (tile, g) = unit_place(u, groups, m);
+            prefetch_bytes(bytes, (g + 1) * unit_bytes..(g + 2) * unit_bytes);
+            for t in tile {
+                rows_times(g, t, out);
+            }
+        })
     };
     Some(Prepared {
         rows: n,
         width: k,
-        tokens: 1,
-        units: n / 8,
-        unit: Box::new(unit),
+        tokens: m,
+        units: groups * m.div_ceil(TOKEN_TILE),
+        unit,
     })
 }
 
@@ -747,6 +765,47 @@ pub fn stacked_gemv<'a>(
     stacked_product(mats, x)
 }
 
+/// `q` times `x` (f32 rows of q's width, any leading dims) on the CPU, each row the bits
+/// `QMatMul::forward` gives for that row alone, the output shaped as x with q's rows last —
+/// without candle's packed copy of the matrix. Why: candle multiplies some block types by
+/// tiles it packs from the matrix on first use and keeps for the matrix's life (on x86 Q4_K
+/// always, Q6_K for prompts, Q8_0 on CPUs with VNNI); a Q4_K copy is 4/3 of the matrix's
+/// bytes, so a native Q4_K_M model grew by that much of its Q4_K bytes once prompts had
+/// touched its experts, and a selective cache held more than it budgeted (BENCHMARKS.md
+/// §101). A matrix the stacked product takes ([`takes`]) goes there; anything else is
+/// candle's product as it is (Q8_0 on a VNNI CPU, and aarch64, where candle packs most types,
+/// keep candle's copies). Packing a transient copy for each prompt product instead cost the
+/// `engine` preset's Q4_K_M prefill 4× (§101).
+pub fn product(
+    q: &candle_core::quantized::QMatMul,
+    x: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::Module;
+    use candle_core::quantized::QMatMul;
+    let QMatMul::QTensor(t) = q else {
+        return q.forward(x);
+    };
+    let (n, k) = t.shape().dims2()?;
+    if !t.device().is_cpu() || !x.device().is_cpu() || k == 0 || x.dims().last() != Some(&k) {
+        return q.forward(x);
+    }
+    let m = x.elem_count() / k;
+    let shaped = |y: Vec<f32>| {
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        candle_core::Tensor::from_vec(y, dims, x.device())
+    };
+    if x.dtype() == candle_core::DType::F32 && takes(t, m) {
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(mut ys) = stacked_product(&[t.as_ref()], |_| &xs) {
+            return shaped(ys.remove(0));
+        }
+    }
+    q.forward(x)
+}
+
 /// Whether every matrix takes exactly one token (a decode step's product).
 fn one_token_each<'a>(mats: &[&QTensor], x: &impl Fn(usize) -> &'a [f32]) -> bool {
     let k = |e: usize| mats[e].shape().dims2().map_or(0, |(_, k)| k);
@@ -764,12 +823,11 @@ pub fn stacked_product<'a>(
     mats: &[&QTensor],
     x: impl Fn(usize) -> &'a [f32],
 ) -> Option<Vec<Vec<f32>>> {
-    let decode = one_token_each(mats, &x);
     let mut tokens = Tokens::default();
     let prepared: Vec<Prepared> = mats
         .iter()
         .enumerate()
-        .map(|(e, q)| prepare(q, x(e), &mut tokens, decode))
+        .map(|(e, q)| prepare(q, x(e), &mut tokens))
         .collect::<Option<_>>()?;
     Some(
         run(prepared.into_iter().map(Some).collect())
@@ -786,12 +844,11 @@ pub fn stacked_each<'a>(
     mats: &[&QTensor],
     x: impl Fn(usize) -> &'a [f32],
 ) -> Vec<Option<Vec<f32>>> {
-    let decode = one_token_each(mats, &x);
     let mut tokens = Tokens::default();
     let prepared = mats
         .iter()
         .enumerate()
-        .map(|(e, q)| prepare(q, x(e), &mut tokens, decode))
+        .map(|(e, q)| prepare(q, x(e), &mut tokens))
         .collect();
     run(prepared)
 }
@@ -851,14 +908,14 @@ mod tests {
     }
 
     /// `QMatMul::forward` of one token, as the model runs it.
-    fn candles_product(q: QTensor, x: &[f32]) -> Vec<f32> {
+    fn candles_product(q: impl Into<Arc<QTensor>>, x: &[f32]) -> Vec<f32> {
         candles_rows(q, x, 1)
     }
 
-    /// `QMatMul::forward` of `m` tokens (`x`'s rows), as the model runs a prompt.
-    fn candles_rows(q: QTensor, x: &[f32], m: usize) -> Vec<f32> {
+    /// `QMatMul::forward` of `m` tokens (`x`'s rows), as candle runs a prompt.
+    fn candles_rows(q: impl Into<Arc<QTensor>>, x: &[f32], m: usize) -> Vec<f32> {
         let x = Tensor::from_vec(x.to_vec(), (m, x.len() / m), &Device::Cpu).unwrap();
-        let y = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
+        let y = QMatMul::from_arc(q.into()).unwrap().forward(&x).unwrap();
         y.flatten_all().unwrap().to_vec1().unwrap()
     }
 
@@ -967,8 +1024,10 @@ mod tests {
 
     /// Every block type, each matrix with its own number of tokens — one, a few, and more than
     /// one tile (`TOKEN_TILE`) with a part tile after it — rows with and without a tail: each
-    /// `[tokens, rows]` output is `QMatMul::forward`'s bits on those tokens. A unit writing
-    /// another token's or row's place, or a kernel rounding once differently, fails it.
+    /// token's outputs are the bits of `QMatMul::forward` on that token alone, and, but for
+    /// Q6_K where candle packs prompts into other arithmetic, of `QMatMul::forward` on all the
+    /// tokens at once. A unit writing another token's or row's place, or a kernel rounding once
+    /// differently, fails it.
     #[test]
     fn stacked_prompts_are_candles_products_bit_for_bit() {
         let types = [
@@ -993,10 +1052,12 @@ mod tests {
         for dtype in types {
             for pick in [&[0usize, 1, 2, 3][..], &[0, 3], &[2]] {
                 let shapes: Vec<(usize, usize, usize)> = pick.iter().map(|&i| mats[i]).collect();
-                let qs: Vec<QTensor> = shapes
+                let qs: Vec<Arc<QTensor>> = shapes
                     .iter()
                     .enumerate()
-                    .map(|(s, &(r, c, _))| QTensor::quantize(&matrix(r, c, s + 3), dtype).unwrap())
+                    .map(|(s, &(r, c, _))| {
+                        Arc::new(QTensor::quantize(&matrix(r, c, s + 3), dtype).unwrap())
+                    })
                     .collect();
                 let xs: Vec<Vec<f32>> = shapes
                     .iter()
@@ -1007,30 +1068,49 @@ mod tests {
                             .collect()
                     })
                     .collect();
-                let refs: Vec<&QTensor> = qs.iter().collect();
+                let refs: Vec<&QTensor> = qs.iter().map(|q| q.as_ref()).collect();
                 let Some(got) = stacked_product(&refs, |e| &xs[e]) else {
                     let refused = |&(r, c, m): &(usize, usize, usize)| {
-                        let q4k_here = dtype == GgmlDType::Q4K && shapes.iter().all(|s| s.2 == 1);
-                        #[cfg(target_arch = "x86_64")]
-                        let q4k_here = q4k_here
-                            && crate::model::cpu_gemv::avx2_fma()
-                            && std::arch::is_x86_feature_detected!("f16c");
-                        candle_repacks(dtype, m, r, c) && !(q4k_here && r % 8 == 0)
+                        let q = QTensor::quantize(&matrix(r, c, 0), dtype).unwrap();
+                        !takes(&q, m)
                     };
                     assert!(shapes.iter().any(refused), "{dtype:?} {shapes:?} refused");
+                    // Only a layout candle packs for one token, other than Q4_K's.
+                    assert!(
+                        shapes
+                            .iter()
+                            .any(|&(r, c, _)| candle_repacks(dtype, 1, r, c)),
+                        "{dtype:?} {shapes:?} refused"
+                    );
                     continue;
                 };
                 for (e, q) in qs.into_iter().enumerate() {
-                    let m = shapes[e].2;
-                    let same = same_bits(&candles_rows(q, &xs[e], m), &got[e]);
-                    assert!(same, "{dtype:?} matrix {e} {:?}", shapes[e]);
+                    let (r, c, m) = shapes[e];
+                    let whole =
+                        (dtype != GgmlDType::Q6K).then(|| candles_rows(q.clone(), &xs[e], m));
+                    for t in 0..m {
+                        let alone = candles_product(q.clone(), &xs[e][t * c..(t + 1) * c]);
+                        let ours = &got[e][t * r..(t + 1) * r];
+                        assert!(
+                            same_bits(&alone, ours),
+                            "{dtype:?} matrix {e} {:?} token {t}",
+                            shapes[e]
+                        );
+                    }
+                    if let Some(whole) = whole {
+                        assert!(
+                            same_bits(&whole, &got[e]),
+                            "{dtype:?} matrix {e} {:?}",
+                            shapes[e]
+                        );
+                    }
                 }
             }
         }
     }
 
-    /// `takes` says what `prepare` does, for every type, one token and several, decode or not —
-    /// so a caller that asks first gathers tokens only for a product that will run.
+    /// `takes` says what `prepare` does, for every type, one token and several — so a caller
+    /// that asks first gathers tokens only for a product that will run.
     #[test]
     fn takes_answers_as_prepare_does() {
         for dtype in [
@@ -1044,10 +1124,10 @@ mod tests {
         ] {
             for (r, c) in [(48usize, 768usize), (35, 512), (16, 256)] {
                 let q = QTensor::quantize(&matrix(r, c, 1), dtype).unwrap();
-                for (m, decode) in [(1usize, true), (1, false), (3, false), (17, false)] {
+                for m in [1usize, 3, 17] {
                     let x = vec![0.25f32; m * c];
-                    let prepared = prepare(&q, &x, &mut Tokens::default(), decode).is_some();
-                    assert_eq!(takes(&q, m, decode), prepared, "{dtype:?} {r}x{c} m={m}");
+                    let prepared = prepare(&q, &x, &mut Tokens::default()).is_some();
+                    assert_eq!(takes(&q, m), prepared, "{dtype:?} {r}x{c} m={m}");
                 }
             }
         }
