@@ -526,6 +526,7 @@ fn prepare_q4k_tiled<'a>(
     let blocks: &'a [Q4kBlock] =
         unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n * per_row) };
     let lhs = tokens.quantized::<BlockQ8K>(x, m * per_row, false);
+    let lhs_tile = lhs.clone();
     let groups = n / 8;
     let unit_bytes = 8 * per_row * std::mem::size_of::<BlockQ4K>();
     // Rows 8g … 8g + 7 times token t, into the token's outputs.
@@ -554,8 +555,22 @@ fn prepare_q4k_tiled<'a>(
         Box::new(move |u: usize, out: &RowsOut| {
             let (tile, g) = unit_place(u, groups, m);
             prefetch_bytes(bytes, (g + 1) * unit_bytes..(g + 2) * unit_bytes);
-            for t in tile {
-                rows_times(g, t, out);
+            // SAFETY: the same layout (asserted below), plain data.
+            let lhs: &[Q8kBlock] =
+                unsafe { std::slice::from_raw_parts(lhs_tile.as_ptr().cast(), lhs_tile.len()) };
+            let row = |i: usize| &blocks[(8 * g + i) * per_row..(8 * g + i + 1) * per_row];
+            let ys: Vec<&[Q8kBlock]> = tile
+                .clone()
+                .map(|t| &lhs[t * per_row..(t + 1) * per_row])
+                .collect();
+            let mut got = [[0f32; 8]; TOKEN_TILE];
+            let got = &mut got[..ys.len()];
+            // SAFETY: AVX2, FMA and F16C were detected (`takes`); every row holds `per_row`
+            // blocks, as does each token.
+            unsafe { q4k_tiled_rows8_tokens_avx2(std::array::from_fn(row), &ys, got) };
+            for (t, y) in tile.zip(got.iter()) {
+                // SAFETY: unit u alone owns rows 8g … 8g + 7 of token t's outputs.
+                unsafe { out.at(t * n + 8 * g, 8) }.copy_from_slice(y);
             }
         })
     };
@@ -629,45 +644,7 @@ unsafe fn q4k_tiled_rows8_avx2(rows: [&[Q4kBlock]; 8], ys: &[Q8kBlock]) -> [f32;
         "Q4_K rows and token of different widths"
     );
     let mask = _mm256_set1_epi8(0x0F);
-    // [Σ v[0], …, Σ v[7]] as floats: each vector's sixteen pair sums added. Exact in i16 up to
-    // the two lanes' halves (a pair is at most 2·15·128, eight of them 30,720 < 2^15), in i32
-    // after.
-    let reduce8 = |v: [__m256i; 8]| {
-        let g0 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[0], v[1]), _mm256_hadd_epi16(v[2], v[3]));
-        let g1 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[4], v[5]), _mm256_hadd_epi16(v[6], v[7]));
-        let f = _mm256_hadd_epi16(g0, g1);
-        _mm256_cvtepi32_ps(_mm256_add_epi32(
-            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(f)),
-            _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(f)),
-        ))
-    };
-    // Eight rows' bytes (one u64 a row) to [column pair][row]: byte s of every row in the low
-    // half of result s / 2 for even s, the high half for odd.
-    let transpose_bytes = |r: [u64; 8]| {
-        let v = |i: usize| _mm_cvtsi64_si128(r[i] as i64);
-        let t01 = _mm_unpacklo_epi8(v(0), v(1));
-        let t23 = _mm_unpacklo_epi8(v(2), v(3));
-        let t45 = _mm_unpacklo_epi8(v(4), v(5));
-        let t67 = _mm_unpacklo_epi8(v(6), v(7));
-        let (u0, u1) = (_mm_unpacklo_epi16(t01, t23), _mm_unpackhi_epi16(t01, t23));
-        let (v0, v1) = (_mm_unpacklo_epi16(t45, t67), _mm_unpackhi_epi16(t45, t67));
-        [
-            _mm_unpacklo_epi32(u0, v0),
-            _mm_unpackhi_epi32(u0, v0),
-            _mm_unpacklo_epi32(u1, v1),
-            _mm_unpackhi_epi32(u1, v1),
-        ]
-    };
-    // Column s of the transposed bytes as eight floats.
-    let column = |w: &[__m128i; 4], s: usize| {
-        let pair = w[s / 2];
-        let bytes = if s.is_multiple_of(2) {
-            pair
-        } else {
-            _mm_srli_si128::<8>(pair)
-        };
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes))
-    };
+    let (reduce8, transpose_bytes, column) = (q4k_reduce8, q4k_transpose_bytes, q4k_column);
     let mut acc = _mm256_setzero_ps();
     for (b, y) in ys.iter().enumerate() {
         // The integer dots, [sub-block][row].
@@ -716,6 +693,134 @@ unsafe fn q4k_tiled_rows8_avx2(rows: [&[Q4kBlock]; 8], ys: &[Q8kBlock]) -> [f32;
     // SAFETY: eight lanes into eight floats.
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc) };
     out
+}
+
+/// [Σ v[0], …, Σ v[7]] as floats: each vector's sixteen pair sums added. Exact in i16 up to the
+/// two lanes' halves (a pair is at most 2·15·128, eight of them 30,720 < 2^15), in i32 after.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn q4k_reduce8(v: [std::arch::x86_64::__m256i; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let g0 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[0], v[1]), _mm256_hadd_epi16(v[2], v[3]));
+    let g1 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[4], v[5]), _mm256_hadd_epi16(v[6], v[7]));
+    let f = _mm256_hadd_epi16(g0, g1);
+    _mm256_cvtepi32_ps(_mm256_add_epi32(
+        _mm256_cvtepi16_epi32(_mm256_castsi256_si128(f)),
+        _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(f)),
+    ))
+}
+
+/// Eight rows' bytes (one u64 a row) to [column pair][row]: byte s of every row in the low half
+/// of result s / 2 for even s, the high half for odd.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn q4k_transpose_bytes(r: [u64; 8]) -> [std::arch::x86_64::__m128i; 4] {
+    use std::arch::x86_64::*;
+    let v = |i: usize| _mm_cvtsi64_si128(r[i] as i64);
+    let t01 = _mm_unpacklo_epi8(v(0), v(1));
+    let t23 = _mm_unpacklo_epi8(v(2), v(3));
+    let t45 = _mm_unpacklo_epi8(v(4), v(5));
+    let t67 = _mm_unpacklo_epi8(v(6), v(7));
+    let (u0, u1) = (_mm_unpacklo_epi16(t01, t23), _mm_unpackhi_epi16(t01, t23));
+    let (v0, v1) = (_mm_unpacklo_epi16(t45, t67), _mm_unpackhi_epi16(t45, t67));
+    [
+        _mm_unpacklo_epi32(u0, v0),
+        _mm_unpackhi_epi32(u0, v0),
+        _mm_unpacklo_epi32(u1, v1),
+        _mm_unpackhi_epi32(u1, v1),
+    ]
+}
+
+/// Column s of the transposed bytes as eight floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn q4k_column(w: &[std::arch::x86_64::__m128i; 4], s: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let pair = w[s / 2];
+    let bytes = if s.is_multiple_of(2) {
+        pair
+    } else {
+        _mm_srli_si128::<8>(pair)
+    };
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes))
+}
+
+/// [`q4k_tiled_rows8_avx2`] for several tokens: the same steps for each token, so each token's
+/// eight outputs are that kernel's bits, but the rows' 4-bit quants split into bytes and their
+/// scales, mins and scale products formed once a block for all the tokens. Why: on a prompt the
+/// same rows meet up to a tile of tokens; decoding them again for each token made Q4_K prompts
+/// 0.66–0.84× candle's packed tiles (BENCHMARKS.md §101, §102).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; every row holds as many blocks as each token.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_tiled_rows8_tokens_avx2(
+    rows: [&[Q4kBlock]; 8],
+    ys: &[&[Q8kBlock]],
+    out: &mut [[f32; 8]],
+) {
+    use std::arch::x86_64::*;
+    assert!(
+        out.len() == ys.len() && ys.iter().all(|y| rows.iter().all(|r| r.len() == y.len())),
+        "Q4_K rows and tokens of different widths"
+    );
+    let mask = _mm256_set1_epi8(0x0F);
+    let blocks = rows[0].len();
+    let mut acc = vec![_mm256_setzero_ps(); ys.len()];
+    for b in 0..blocks {
+        // The rows' quants as bytes: [sub-block pair c][low or high][row].
+        let mut q = [[[_mm256_setzero_si256(); 8]; 2]; 4];
+        for (c, qc) in q.iter_mut().enumerate() {
+            for r in 0..8 {
+                // SAFETY: 128 bytes in each row's block.
+                let w = unsafe { _mm256_loadu_si256(rows[r][b].qs.as_ptr().add(32 * c).cast()) };
+                qc[0][r] = _mm256_and_si256(w, mask);
+                qc[1][r] = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+            }
+        }
+        let halves = |f: fn(&Q4kBlock) -> u16| {
+            let h: [u16; 8] = std::array::from_fn(|r| f(&rows[r][b]));
+            // SAFETY: eight u16 read from an array of eight.
+            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(h.as_ptr().cast()) })
+        };
+        let (d, dmin) = (halves(|x| x.d), halves(|x| x.dmin));
+        let packed: [(u64, u64); 8] =
+            std::array::from_fn(|r| scales_and_mins_k4(&rows[r][b].scales));
+        let scales = q4k_transpose_bytes(packed.map(|p| p.0));
+        let mins = q4k_transpose_bytes(packed.map(|p| p.1));
+        // candle's d·sc and dmin·mn, as its packing rounds them.
+        let scale: [__m256; 8] = std::array::from_fn(|s| _mm256_mul_ps(d, q4k_column(&scales, s)));
+        let min: [__m256; 8] = std::array::from_fn(|s| _mm256_mul_ps(dmin, q4k_column(&mins, s)));
+        for (a, y) in acc.iter_mut().zip(ys) {
+            let y = &y[b];
+            let mut isum = [_mm256_setzero_ps(); 8];
+            for (c, qc) in q.iter().enumerate() {
+                // SAFETY: 256 quants in the token's block.
+                let (a_lo, a_hi) = unsafe {
+                    (
+                        _mm256_loadu_si256(y.qs.as_ptr().add(64 * c).cast()),
+                        _mm256_loadu_si256(y.qs.as_ptr().add(64 * c + 32).cast()),
+                    )
+                };
+                isum[2 * c] = q4k_reduce8(qc[0].map(|w| _mm256_maddubs_epi16(w, a_lo)));
+                isum[2 * c + 1] = q4k_reduce8(qc[1].map(|w| _mm256_maddubs_epi16(w, a_hi)));
+            }
+            let dall = _mm256_set1_ps(y.d);
+            for (s, &isum) in isum.iter().enumerate() {
+                let bsum = (i32::from(y.bsums[2 * s]) + i32::from(y.bsums[2 * s + 1])) as f32;
+                *a = _mm256_fmadd_ps(isum, _mm256_mul_ps(scale[s], dall), *a);
+                *a = _mm256_fnmadd_ps(min[s], _mm256_set1_ps(y.d * bsum), *a);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: eight lanes into eight floats.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+    }
 }
 
 /// Whether candle 0.11's `QMatMul::forward` of `m` rows would multiply this matrix in its
