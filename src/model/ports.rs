@@ -452,14 +452,7 @@ impl ExpertWeights {
         let dtype = x.dtype();
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let ns: Vec<usize> = idx.iter().map(|r| r.len()).collect();
-        let xe: Vec<Vec<f32>> = idx
-            .iter()
-            .map(|rows| {
-                rows.iter()
-                    .flat_map(|&r| xs[r as usize * h..(r as usize + 1) * h].iter().copied())
-                    .collect()
-            })
-            .collect();
+        let xe = gathered_rows(&xs, h, idx);
         let gu = super::lut4::ragged_product(&gate_ups, &ns, |e| &xe[e])?;
         let mut hs = Vec::with_capacity(experts.len());
         for ((w, g_u), &n) in experts.iter().zip(gu).zip(&ns) {
@@ -540,14 +533,7 @@ impl ExpertWeights {
         let dtype = x.dtype();
         let dev = x.device();
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let xe: Vec<Vec<f32>> = idx
-            .iter()
-            .map(|rows| {
-                rows.iter()
-                    .flat_map(|&r| xs[r as usize * h..(r as usize + 1) * h].iter().copied())
-                    .collect()
-            })
-            .collect();
+        let xe = gathered_rows(&xs, h, idx);
         let Some(gu) = super::quant_rows::stacked_product(&qs, |j| &xe[owner[j]]) else {
             return Ok(None);
         };
@@ -1270,6 +1256,17 @@ impl RoutingObserver for RoutingLog {
     fn on_routing(&mut self, layer: usize, position: usize, experts: &[u32], _: &[f32]) {
         self.entries.push((layer, position, experts.to_vec()));
     }
+}
+
+/// For each expert, its rows `idx[e]` of the `[tokens, h]` values `xs`, one after another.
+fn gathered_rows(xs: &[f32], h: usize, idx: &[&[u32]]) -> Vec<Vec<f32>> {
+    idx.iter()
+        .map(|rows| {
+            rows.iter()
+                .flat_map(|&r| xs[r as usize * h..(r as usize + 1) * h].iter().copied())
+                .collect()
+        })
+        .collect()
 }
 
 /// Matrix j of `mats` times its rows `x(j)` (`m(j)` of them, f32), each `[m(j), out]` in f32:
