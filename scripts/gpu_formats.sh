@@ -12,6 +12,7 @@
 # BIN: `cargo build --release --features cuda` (.gz or .xz is fine). Needs python3 with torch and
 # safetensors (the FP8 quantization). Files go to /dev/shm (about 31 GB at 12 layers). Each run's
 # output lands in OUT_DIR/FORMAT.out; the summary lines are printed. BENCHMARKS.md §12.
+# RUN=0 writes the files and stops (scripts/gpu_issue20.sh writes them beside other work).
 set -uo pipefail
 BIN=${1:?usage: scripts/gpu_formats.sh BIN OUT_DIR}
 OUT=${2:?usage: scripts/gpu_formats.sh BIN OUT_DIR}
@@ -47,6 +48,7 @@ for fmt in $FORMATS; do
       files+=("$fmt.gguf") ;;
   esac
 done
+[ "${RUN:-1}" = 1 ] || exit $status
 for f in "${files[@]}"; do
   [ -e "$D/$f" ] || continue
   t=$SECONDS

@@ -410,3 +410,50 @@ fn kld_against_candle_transformers_on_the_same_file() {
     assert_ne!(rc, 0);
     assert!(err.contains("--base") && err.contains("--candle"), "{err}");
 }
+
+/// candle-transformers has no FP8 model: its qwen3_moe would cast the e4m3 weights and never
+/// read their scales, so `bench decode` and `bench kld --candle` refuse an FP8 checkpoint by
+/// name instead of comparing against another model.
+#[test]
+fn candle_transformers_is_not_offered_as_an_fp8_reference() {
+    let model = fixture(MOE);
+    let model = model.to_str().unwrap();
+    for args in [
+        vec![
+            "bench",
+            "decode",
+            "--model",
+            model,
+            "--prompt-tokens",
+            "4",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+        ],
+        vec!["bench", "kld", "--candle", "--model", model, "--ctx", "32"],
+    ] {
+        let (rc, _, err) = run(&args);
+        assert_eq!(rc, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("qwen3-moe-tiny-fp8") && err.contains("no model for block-scaled FP8"),
+            "{args:?}: {err}"
+        );
+    }
+    // Without the reference the FP8 file is benchmarked as usual.
+    let (rc, out, err) = run(&[
+        "bench",
+        "decode",
+        "--model",
+        model,
+        "--prompt-tokens",
+        "4",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--no-reference",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("tok/s"), "{out}");
+}

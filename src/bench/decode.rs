@@ -138,6 +138,17 @@ impl Reference {
         if crate::model::gguf::is_gguf(dir) {
             return Self::load_gguf(dir, dtype, device);
         }
+        if let Some(q) = &cfg.quantization {
+            // Why refuse: qwen3_moe's VarBuilder would cast the e4m3 weights to the compute
+            // dtype and never read their `weight_scale_inv`, so the "reference" would run
+            // another model at bf16's cost — a comparison that looks right and is not.
+            return Err(ModelError::Input(format!(
+                "{}: candle-transformers has no model for block-scaled FP8 checkpoints                  ({}×{} blocks); its qwen3_moe would read the e4m3 weights without                  their weight_scale_inv. Compare with --no-reference, or run this against the                  bf16 checkpoint the FP8 one was made from",
+                dir.display(),
+                q.block[0],
+                q.block[1]
+            )));
+        }
         if cfg.layer_kinds.contains(&FfnKind::Dense) {
             return Err(ModelError::Input(
                 "candle-transformers' qwen3_moe has no mlp_only_layers; pick a model whose layers are all MoE".into(),
