@@ -211,13 +211,17 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
         }
         (k, _) => k,
     };
-    // A GGUF file's block experts on the CPU: candle repacks each Q4_K / Q8_0 matrix into its
-    // tiled layout at the matrix's first product — after the load the cache times, so the
-    // measured miss cost leaves it out, and on a 2-core machine it was a third of a 12.5 % run
-    // (BENCHMARKS.md §19). There the miss cost is fitted on the smallest cache, as a load ahead
-    // is with prefetch (the two are not fitted together: one row, one unknown).
+    // A GGUF file's block experts on the CPU where candle still repacks them (Q8_0 on a VNNI
+    // CPU, most types on aarch64; moescope's own products take Q4_K and the rest elsewhere,
+    // BENCHMARKS.md §101): candle packs each matrix into its tiled layout at its first product
+    // — after the load the cache times, so the measured miss cost leaves it out, and on a
+    // 2-core machine it was a third of a 12.5 % run (§19). There the miss cost is fitted on the
+    // smallest cache, as a load ahead is with prefetch (the two are not fitted together: one
+    // row, one unknown).
     let gguf = crate::model::gguf::is_gguf(&model_dir);
-    let repacks = gguf && !a.model.device.is_cuda();
+    let repacks = gguf
+        && !a.model.device.is_cuda()
+        && crate::model::gguf::experts_repacked_on_cpu(&model_dir);
     // bf16-stored misses on the CPU in bf16 or f32 map the expert in place
     // (`CachedProvider::read_mapped`, where the cache cannot hold every expert, not in cold
     // mode): the timed load is the map alone, and the expert's bytes come from memory in the

@@ -1086,6 +1086,27 @@ pub fn expert_types_of(path: &Path) -> Option<String> {
     Some(parts.join(" + "))
 }
 
+/// Whether multiplying the expert stacks of the GGUF file at `path` on this CPU leaves candle
+/// packing a copy of some of them ([`super::quant_rows::candle_keeps_packed_copy`]): then a
+/// miss's cost does not end with its load. False for anything unreadable.
+pub fn experts_repacked_on_cpu(path: &Path) -> bool {
+    if !is_gguf(path) {
+        return false;
+    }
+    let Ok(g) = GgufFile::open(path) else {
+        return false;
+    };
+    g.tensors.iter().any(|(name, t)| {
+        name.contains("_exps.")
+            && match (t.dtype.ggml(), t.shape.as_slice()) {
+                (Some(d), [.., rows, width]) => {
+                    super::quant_rows::candle_keeps_packed_copy(d, *rows, *width)
+                }
+                _ => false,
+            }
+    })
+}
+
 fn block_of(dtype: StDtype) -> u64 {
     dtype.block_elems().unwrap_or(1)
 }

@@ -438,18 +438,35 @@ pub fn takes(q: &QTensor, tokens: usize) -> bool {
         return false;
     }
     if candle_repacks(q.dtype(), 1, n, k) {
-        // Q4_K from its compact blocks in the packed layout's arithmetic (the same for one
-        // token and many); other packed layouts are candle's.
-        #[cfg(target_arch = "x86_64")]
-        return q.dtype() == GgmlDType::Q4K
-            && n.is_multiple_of(8)
-            && super::cpu_gemv::avx2_fma()
-            && std::arch::is_x86_feature_detected!("f16c");
-        #[cfg(not(target_arch = "x86_64"))]
-        return false;
+        return takes_packed(q.dtype(), n);
     }
     // Float types are multiplied as dense tensors (`QMatMul::Tensor`), not here.
     !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Whether the stacked products take a `rows`-row matrix of `dtype` that candle would repack:
+/// Q4_K from its compact blocks in the packed layout's arithmetic (the same for one token and
+/// many); other packed layouts are candle's.
+fn takes_packed(dtype: GgmlDType, rows: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return dtype == GgmlDType::Q4K
+        && rows.is_multiple_of(8)
+        && super::cpu_gemv::avx2_fma()
+        && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dtype, rows);
+        false
+    }
+}
+
+/// Whether candle packs a copy of a `rows × width` matrix of `dtype` on this CPU when it is
+/// multiplied — one candle repacks that the stacked products do not take instead (on x86:
+/// Q8_0 where the CPU has VNNI; on aarch64 most types). Why public: such a pack happens at a
+/// matrix's first product, after the load the cache times, so the sweep's measured miss cost
+/// leaves it out and has to be fitted instead (BENCHMARKS.md §19).
+pub fn candle_keeps_packed_copy(dtype: GgmlDType, rows: usize, width: usize) -> bool {
+    candle_repacks(dtype, 1, rows, width) && !takes_packed(dtype, rows)
 }
 
 /// Matrix `q` times the tokens `x` (whole rows of its width), prepared; None where this does
@@ -1233,6 +1250,20 @@ mod tests {
                     let x = vec![0.25f32; m * c];
                     let prepared = prepare(&q, &x, &mut Tokens::default()).is_some();
                     assert_eq!(takes(&q, m), prepared, "{dtype:?} {r}x{c} m={m}");
+                }
+                // A block matrix candle packs is exactly one its products repack that the
+                // stacked products do not take: what the sweep asks before fitting a miss.
+                let packs = candle_keeps_packed_copy(dtype, r, c);
+                let float = dtype == GgmlDType::F16;
+                assert_eq!(
+                    packs,
+                    !float && candle_repacks(dtype, 1, r, c) && !takes(&q, 1),
+                    "{dtype:?} {r}x{c}"
+                );
+                #[cfg(target_arch = "x86_64")]
+                if dtype == GgmlDType::Q4K && crate::model::cpu_gemv::avx2_fma() {
+                    // Taken from its compact blocks wherever AVX2 is (BENCHMARKS.md §101).
+                    assert!(!packs, "{r}x{c}");
                 }
             }
         }
