@@ -10,11 +10,12 @@
 #   cargo test --release --features cuda --lib --no-run   # prints target/release/deps/moescope-HASH
 # then stripped and compressed (.xz or .gz) to carry. FILTER defaults to "pick attn_decode
 # moe_decode moe_block moe_grouped layers:: gpu_reuse gpu_gated gpu_quantized_self_fill
-# gpu_long_prompts gpu_table_coded" (the greedy pick on the device, the
+# gpu_long_prompts gpu_table_coded gpu_small_runs" (the greedy pick on the device, the
 # attention and MoE decode kernels, a long prompt's MoE GEMM in chunks, the prompt's grouped
 # expert products, the prompt attention, decode-state reuse with its graphs, gated selective
 # steps on every format, GPU self-fill over GGUF and FP8 slots, 300-token prompts on every
-# format, and table-coded experts loaded on a GPU — the last five load the bundled
+# format, table-coded experts loaded on a GPU, and an FP8 miss's scale tables read by one kernel
+# from a registered file — the five before the last load the bundled
 # model and the fixtures, so models/tiny-moe and tests/fixtures must be in the tree carried to
 # the GPU machine; pass "attn_decode moe_decode moe_grouped" to leave them out when the carry has
 # no room for them).
@@ -26,7 +27,7 @@ case "$BIN" in
   *.gz) gunzip -c "$BIN" > /tmp/moescope-unit && BIN=/tmp/moescope-unit ;;
 esac
 chmod +x "$BIN"
-out=$("$BIN" ${2:-pick attn_decode moe_decode moe_block moe_grouped layers:: gpu_reuse gpu_gated gpu_quantized_self_fill gpu_long_prompts gpu_table_coded} --test-threads 1 --nocapture 2>&1)
+out=$("$BIN" ${2:-pick attn_decode moe_decode moe_block moe_grouped layers:: gpu_reuse gpu_gated gpu_quantized_self_fill gpu_long_prompts gpu_table_coded gpu_small_runs} --test-threads 1 --nocapture 2>&1)
 rc=$?
 echo "$out" | tail -25
 if echo "$out" | grep -q "no CUDA device"; then

@@ -463,6 +463,22 @@ impl DirectFiles {
         }
     }
 
+    /// Up to three small tensors' bytes (`loc`s, each into its `dst` at an element offset) by
+    /// one kernel reading them where the device sees the registered files — an FP8 miss's
+    /// scale tables; false, nothing queued, where it cannot, and the caller copies them.
+    pub fn upload_small(
+        &mut self,
+        runs: &[(&Tensor, usize, &TensorLocation)],
+    ) -> candle_core::Result<bool> {
+        #[cfg(feature = "cuda")]
+        return self.inner.upload_small(runs);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = runs;
+            Ok(false)
+        }
+    }
+
     /// Where the device sees `loc`'s bytes (its file registered and mapped into the device's
     /// address space), for a kernel that reads the expert itself; `None` where it cannot.
     pub fn device_address(&self, loc: &TensorLocation) -> Option<u64> {
@@ -576,7 +592,9 @@ mod cuda {
 
     use candle_core::Tensor;
     use candle_core::cuda_backend::cudarc::driver::sys::{self, CUevent_flags};
-    use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaContext, CudaEvent, CudaFunction, CudaStream,
+    };
 
     use super::Settled;
     use crate::model::checkpoint::TensorLocation;
@@ -602,6 +620,9 @@ mod cuda {
         stop: Arc<AtomicBool>,
         failed: Option<String>,
         pub registered: u64,
+        /// `words.cu`'s `copy_runs3`, fetched when the files are opened (no first load while
+        /// a gated step waits); None where it could not be, and small runs are then copied.
+        runs: Option<CudaFunction>,
         /// Recorded before the first copy of the open batch.
         first: Option<CudaEvent>,
         /// A closed batch whose device time is not read yet.
@@ -766,6 +787,7 @@ mod cuda {
                 stop,
                 failed: None,
                 registered: 0,
+                runs: crate::model::gates::runs_copier(device).ok(),
                 first: None,
                 pending: None,
                 copied_bytes: 0,
@@ -864,12 +886,32 @@ mod cuda {
                     map.len()
                 )
             };
+            let src = src.as_ptr() as u64;
             let (at, _) = crate::model::raw::device_range(dst, elem_offset, len).map_err(|e| {
                 candle_core::Error::msg(format!("direct upload of {}: {e}", loc.name))
             })?;
+            self.begin_batch()?;
+            // SAFETY: the range was bounds-checked; the source is registered read-only memory
+            // that stays mapped until `drop`, which waits for the stream first.
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    at,
+                    src as *const std::ffi::c_void,
+                    len,
+                    self.stream.cu_stream(),
+                )
+            }
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+            self.copied_bytes += len as u64;
+            Ok(true)
+        }
+
+        /// Before the open batch's first copy: marks its start, ordered after the kernels
+        /// already queued (a slot being refilled may still be read by them).
+        fn begin_batch(&mut self) -> candle_core::Result<()> {
             if self.first.is_none() {
                 if let Some(c) = &self.compute {
-                    // A slot being refilled may still be read by kernels queued before.
                     let queued = c.record_event(None).map_err(candle_core::Error::wrap)?;
                     self.stream
                         .wait(&queued)
@@ -877,11 +919,42 @@ mod cuda {
                 }
                 self.first = Some(self.record()?);
             }
-            // SAFETY: the range was bounds-checked; the source is registered read-only memory
-            // that stays mapped until `drop`, which waits for the stream first.
-            unsafe { result::memcpy_htod_async(at, src, self.stream.cu_stream()) }
-                .map_err(candle_core::Error::wrap)?;
-            self.copied_bytes += len as u64;
+            Ok(())
+        }
+
+        /// Up to three small tensors' bytes (`loc`s, each into `dst` at an element offset) by
+        /// one kernel that reads them where the device sees the registered files; false —
+        /// nothing queued — where it cannot (a file not device-mapped or not registered yet,
+        /// no kernel), and the caller copies them one by one. Why: an FP8 miss's three scale
+        /// tables are a few hundred bytes each, and three copy-engine copies that small cost
+        /// about a quarter of the miss on an H200 (BENCHMARKS.md §103).
+        pub fn upload_small(
+            &mut self,
+            runs: &[(&Tensor, usize, &TensorLocation)],
+        ) -> candle_core::Result<bool> {
+            let Some(f) = self.runs.clone() else {
+                return Ok(false);
+            };
+            let locs: Vec<&TensorLocation> = runs.iter().map(|r| r.2).collect();
+            if runs.len() > 3 || !self.covers(&locs) {
+                return Ok(false);
+            }
+            let mut queued = Vec::with_capacity(runs.len());
+            for &(dst, elem_offset, loc) in runs {
+                let Some(src) = self.device_address(loc) else {
+                    return Ok(false);
+                };
+                let len = loc.len as usize;
+                let (at, _) =
+                    crate::model::raw::device_range(dst, elem_offset, len).map_err(|e| {
+                        candle_core::Error::msg(format!("direct upload of {}: {e}", loc.name))
+                    })?;
+                queued.push((src, at, len));
+            }
+            self.begin_batch()?;
+            crate::model::gates::copy_runs3(&f, &self.stream, &queued)
+                .map_err(|e| candle_core::Error::msg(e.to_string()))?;
+            self.copied_bytes += queued.iter().map(|r| r.2 as u64).sum::<u64>();
             Ok(true)
         }
 
@@ -966,6 +1039,54 @@ mod tests {
     use super::*;
 
     const GIB: u64 = 1 << 30;
+
+    /// Three small runs read by one kernel where the device sees the registered file land
+    /// where three copies would put them — at a word-aligned offset, an odd one (safetensors
+    /// does not align tensors) and a length that is not whole words — and nothing else moves.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn gpu_small_runs_from_a_registered_file_land_as_copies_would() {
+        let Some(device) = crate::util::gpu_test::device("small runs from registered files") else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("scales.bin");
+        let bytes: Vec<u8> = (0..8192u32).map(|i| (i * 37 + 11) as u8).collect();
+        std::fs::write(&file, &bytes).unwrap();
+        let region = Region {
+            file: file.clone(),
+            len: bytes.len() as u64,
+        };
+        let mut d = DirectFiles::open(&device, &[region], false).unwrap();
+        d.wait_registered().unwrap();
+        let loc = |offset: u64, len: u64| TensorLocation {
+            name: format!("run at {offset}"),
+            file: file.clone(),
+            dtype: crate::model::safetensors_file::StDtype::U8,
+            shape: vec![len as usize],
+            offset,
+            len,
+            scale: None,
+        };
+        let runs = [loc(256, 384), loc(1001, 384), loc(4096, 131)];
+        let dst = candle_core::Tensor::zeros(4096, candle_core::DType::U8, &device).unwrap();
+        let at = [0usize, 1000, 2003];
+        let queued: Vec<(&candle_core::Tensor, usize, &TensorLocation)> =
+            runs.iter().zip(at).map(|(l, a)| (&dst, a, l)).collect();
+        if !d.upload_small(&queued).unwrap() {
+            eprintln!("the file is not mapped into the device's address space here: skipped");
+            return;
+        }
+        d.synchronize().unwrap();
+        device.synchronize().unwrap();
+        let got = dst.to_vec1::<u8>().unwrap();
+        let mut want = vec![0u8; 4096];
+        for (l, a) in runs.iter().zip(at) {
+            let (o, n) = (l.offset as usize, l.len as usize);
+            want[a..a + n].copy_from_slice(&bytes[o..o + n]);
+        }
+        assert_eq!(got, want);
+    }
 
     fn gpu(files: Option<Vec<u64>>, available: u64) -> Facts {
         Facts {

@@ -30,7 +30,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaContext, CudaGraph, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
+    CudaContext, CudaFunction, CudaGraph, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    sys,
 };
 
 use super::error::{ModelError, Result};
@@ -158,7 +159,7 @@ pub fn finish(stream: &CudaStream) -> Result<()> {
 }
 
 const WORDS_PTX: &str = include_str!("kernels/words.ptx");
-/// Both kernels of `words.cu` run as one block of one warp.
+/// `copy_words` and `gate_layer` run as one block of one warp.
 const ONE_WARP: LaunchConfig = LaunchConfig {
     grid_dim: (1, 1, 1),
     block_dim: (32, 1, 1),
@@ -166,10 +167,10 @@ const ONE_WARP: LaunchConfig = LaunchConfig {
 };
 const WORDS_MODULE: &str = "moescope_words";
 
-/// Loads both kernels of `words.cu` now: a capture (a whole gated step recorded as one graph)
+/// Loads the kernels of `words.cu` now: a capture (a whole gated step recorded as one graph)
 /// must not load a module while the stream records.
 pub fn preload(cuda: &candle_core::CudaDevice) -> Result<()> {
-    for name in ["copy_words", "gate_layer"] {
+    for name in ["copy_words", "gate_layer", "copy_runs3"] {
         cuda.get_or_load_custom_func(name, WORDS_MODULE, WORDS_PTX)?;
     }
     Ok(())
@@ -200,6 +201,51 @@ pub fn copy_words(
     unsafe { b.launch(ONE_WARP) }
         .map(|_| ())
         .map_err(|e| gate_err("word copy", e))
+}
+
+/// `words.cu`'s `copy_runs3`, fetched now — before any step is queued, so that no launch of it
+/// is its first load while a gated step waits (the module doc's rule) — for [`copy_runs3`].
+pub fn runs_copier(cuda: &candle_core::CudaDevice) -> Result<CudaFunction> {
+    Ok(cuda
+        .get_or_load_custom_func("copy_runs3", WORDS_MODULE, WORDS_PTX)?
+        .into_cuda_function())
+}
+
+/// Queues up to three runs of bytes — (source address, destination address, bytes), either
+/// address device memory or mapped host memory — on `stream` as one kernel of a block per run
+/// (`words.cu`'s `copy_runs3`, from [`runs_copier`]). Why: an FP8 miss's three block-scale
+/// tables are a few hundred bytes each, and a copy-engine copy that small cost ~9 µs of the
+/// copy engine's time on an H200 (BENCHMARKS.md §103).
+pub fn copy_runs3(
+    f: &CudaFunction,
+    stream: &Arc<CudaStream>,
+    runs: &[(sys::CUdeviceptr, sys::CUdeviceptr, usize)],
+) -> Result<()> {
+    if runs.len() > 3 || runs.iter().any(|r| r.2 > i32::MAX as usize) {
+        return Err(gate_err(
+            "run copy",
+            format!("{} runs: at most 3 of under 2 GiB wanted", runs.len()),
+        ));
+    }
+    let mut args = [(0u64, 0u64, 0i32); 3];
+    for (a, &(s, d, n)) in args.iter_mut().zip(runs) {
+        *a = (s, d, n as i32);
+    }
+    let [(s0, d0, n0), (s1, d1, n1), (s2, d2, n2)] = args;
+    let mut b = stream.launch_builder(f);
+    b.arg(&s0).arg(&d0).arg(&n0);
+    b.arg(&s1).arg(&d1).arg(&n1);
+    b.arg(&s2).arg(&d2).arg(&n2);
+    let cfg = LaunchConfig {
+        grid_dim: (3, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the callers pass live device addresses of at least each run's bytes; an absent
+    // run has no bytes and its block does nothing.
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(|e| gate_err("run copy", e))
 }
 
 /// Page-locked words mapped into the device's address space: host-side slices, device-side

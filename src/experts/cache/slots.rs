@@ -698,9 +698,20 @@ impl CachedProvider {
                 .collect();
             if d.covers(&all) {
                 let mut copied = true;
-                for (l, ((wt, wo, _), (st, so, _))) in locs.iter().zip(dst) {
-                    let scale = l.scale.as_deref().expect("checked");
-                    copied = copied && d.upload(wt, wo, l)? && d.upload(st, so, scale)?;
+                for (l, ((wt, wo, _), _)) in locs.iter().zip(dst) {
+                    copied = copied && d.upload(wt, wo, l)?;
+                }
+                // The three scale tables by one kernel where the device sees the files (three
+                // copies that small cost ~9 µs each, BENCHMARKS.md §103), else one by one.
+                let scales: Vec<(&Tensor, usize, &TensorLocation)> = locs
+                    .iter()
+                    .zip(dst)
+                    .map(|(l, (_, (st, so, _)))| (st, so, l.scale.as_deref().expect("checked")))
+                    .collect();
+                if copied && !d.upload_small(&scales)? {
+                    for (st, so, scale) in scales {
+                        copied = copied && d.upload(st, so, scale)?;
+                    }
                 }
                 if copied {
                     return Ok((all.iter().map(|l| l.len).sum(), true));

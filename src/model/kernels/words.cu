@@ -49,3 +49,24 @@ extern "C" __global__ void gate_layer(const unsigned int* __restrict__ route_ids
     }
     if (lane < k) slot_ids[lane] = slot;
 }
+
+// Run blockIdx.x of three: `n` bytes from `s` to `d` (either may be page-locked host memory
+// mapped into the device's address space). For an FP8 miss's three block-scale tables — a few
+// hundred bytes each — from its registered expert file into its slot's scale pools. Why a
+// kernel: a copy-engine copy that small cost ~9 µs of the copy engine's time on an H200, three
+// of them a quarter of the miss (BENCHMARKS.md §103). Words where both addresses and the length
+// allow, bytes otherwise: a safetensors file need not align its tensors.
+extern "C" __global__ void copy_runs3(const unsigned char* s0, unsigned char* d0, int n0,
+                                      const unsigned char* s1, unsigned char* d1, int n1,
+                                      const unsigned char* s2, unsigned char* d2, int n2) {
+    const unsigned char* s = blockIdx.x == 0 ? s0 : blockIdx.x == 1 ? s1 : s2;
+    unsigned char* d = blockIdx.x == 0 ? d0 : blockIdx.x == 1 ? d1 : d2;
+    const int n = blockIdx.x == 0 ? n0 : blockIdx.x == 1 ? n1 : n2;
+    if ((((size_t)s | (size_t)d | (size_t)n) & 3) == 0) {
+        const unsigned int* sw = (const unsigned int*)s;
+        unsigned int* dw = (unsigned int*)d;
+        for (int i = threadIdx.x; i < n / 4; i += blockDim.x) dw[i] = sw[i];
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = s[i];
+    }
+}
