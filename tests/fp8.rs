@@ -291,6 +291,77 @@ fn fp8_tensors_without_a_scheme_or_scales_are_refused_by_name() {
         h[name]["dtype"] = "I32".into();
     });
     expect_failure(d.path(), &[name, "I32", "F32, BF16 or F16"]);
+
+    // Scales shifted by one value onto their neighbour's bytes: the same length, so only the
+    // file's layout shows it.
+    let d = copy_fixture(MOE);
+    let name = "model.layers.1.self_attn.o_proj.weight_scale_inv";
+    edit_header(&d.path().join("model.safetensors"), |h| {
+        let o = &mut h[name]["data_offsets"];
+        let (a, z) = (o[0].as_u64().unwrap(), o[1].as_u64().unwrap());
+        *o = serde_json::json!([a + 4, z + 4]);
+    });
+    expect_failure(
+        d.path(),
+        &["model.safetensors", name, "must tile the data section"],
+    );
+
+    // A NaN scale of an attention matrix, and an infinite one in every expert of layer 2 (so
+    // selective meets one whatever the routing): refused where the matrix is built, naming it and
+    // the block, not later as logits that are not numbers.
+    let experts: Vec<String> = (0..8)
+        .map(|e| format!("model.layers.2.mlp.experts.{e}.up_proj.weight_scale_inv"))
+        .collect();
+    for (names, bits, needles) in [
+        (
+            vec!["model.layers.0.self_attn.q_proj.weight_scale_inv".to_string()],
+            f32::NAN.to_bits(),
+            vec![
+                "model.layers.0.self_attn.q_proj.weight",
+                "weight_scale_inv[0][1]) is NaN",
+            ],
+        ),
+        (
+            experts,
+            f32::INFINITY.to_bits(),
+            vec![
+                "model.layers.2.mlp.experts.",
+                "up_proj.weight",
+                "weight_scale_inv[0][1]) is inf",
+            ],
+        ),
+    ] {
+        let d = copy_fixture(MOE);
+        let path = d.path().join("model.safetensors");
+        let st = moescope::model::safetensors_file::SafetensorsFile::open(&path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        for name in &names {
+            let at = st.info(name).unwrap().offset as usize + 4; // the second scale
+            bytes[at..at + 4].copy_from_slice(&bits.to_le_bytes());
+        }
+        drop(st);
+        std::fs::write(&path, bytes).unwrap();
+        expect_failure(d.path(), &[&needles[..], &["damaged"]].concat());
+        // Selective builds an expert at its first miss: the same refusal, exit 2, no panic.
+        let (rc, _, err) = common::run(&[
+            "generate",
+            "--model",
+            d.path().to_str().unwrap(),
+            "--backend",
+            "selective",
+            "--token-ids",
+            "1",
+            "2",
+            "3",
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert_eq!(rc, 2, "{err}");
+        assert!(
+            needles.iter().all(|n| err.contains(n)) && !err.contains("panicked"),
+            "{err}"
+        );
+    }
 }
 
 /// `bench kld --against`: the quantization's own cost, against the checkpoint it was made from

@@ -438,7 +438,25 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
     // One expert stack retyped to llama.cpp's IQ2_XXS (GGML type 16), which neither candle nor
     // moescope reads.
     let iquant = retyped(&good, "blk.0.ffn_down_exps.weight", 8, 16);
+    // Retyped to Q4_0 (type 2), a type both read: 18 bytes a block instead of 34, so the stack
+    // still fits the file and only the layout shows it would be read from the wrong bytes.
+    let shrunk = retyped(&good, "blk.0.ffn_down_exps.weight", 8, 2);
+    // attn_v renamed attn_k: candle's reader keeps one of the two under that name.
+    let mut twice = good.clone();
+    let v = twice
+        .windows(19)
+        .position(|w| w == b"blk.0.attn_v.weight")
+        .expect("attn_v");
+    twice[v..v + 19].copy_from_slice(b"blk.0.attn_k.weight");
     let cases = [
+        (
+            write("shrunk.gguf", &shrunk),
+            "tensor `blk.0.ffn_down_exps.weight`: its 147456 bytes (Q4_0, shape [4, 256, 256])",
+        ),
+        (
+            write("twice.gguf", &twice),
+            "tensor `blk.0.attn_k.weight`: listed twice in the tensor table",
+        ),
         (
             write("iquant.gguf", &iquant),
             "tensor `blk.0.ffn_down_exps.weight`: stored as IQ2_XXS (GGML type 16), which \

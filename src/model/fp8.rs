@@ -207,6 +207,20 @@ impl Fp8Matrix {
                 block[1]
             )
         }
+        // A scale is amax / 448 of its block: a finite number whatever the weights. NaN or ±inf
+        // can only be damage, and would turn every product through the block into NaN far from
+        // here (the greedy pick's check would then say only "not finite").
+        if let Some(i) = scale.iter().position(|s| !s.is_finite()) {
+            candle_core::bail!(
+                "its scale for block [{}, {}] (weight_scale_inv[{}][{}]) is {}: a block scale \
+                 must be a finite number, so the scale table is damaged",
+                i / sshape[1],
+                i % sshape[1],
+                i / sshape[1],
+                i % sshape[1],
+                scale[i]
+            )
+        }
         let held = if device.is_cpu() {
             Held::Cpu {
                 weight: std::sync::Arc::new(weight.to_vec()),
@@ -733,6 +747,29 @@ mod tests {
         assert!(m.forward(&bad).is_err());
         assert!(Fp8Matrix::new(&[0u8; 31], [4, 8], vec![1.0; 4], [2, 4], &Device::Cpu).is_err());
         assert!(Fp8Matrix::new(&[0u8; 32], [4, 8], vec![1.0; 3], [2, 4], &Device::Cpu).is_err());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut s = vec![1.0; 4];
+            s[3] = bad;
+            let Err(e) = Fp8Matrix::new(&[0u8; 32], [4, 8], s, [2, 4], &Device::Cpu) else {
+                panic!("a non-finite scale ({bad}) is refused");
+            };
+            let e = e.to_string();
+            assert!(
+                e.contains("weight_scale_inv[1][1]") && e.contains(&bad.to_string()),
+                "{e}"
+            );
+        }
+        // Zero and negative scales are numbers (an all-zero block quantizes to scale 0).
+        assert!(
+            Fp8Matrix::new(
+                &[0u8; 32],
+                [4, 8],
+                vec![0.0, -1.0, 1.0, 2.0],
+                [2, 4],
+                &Device::Cpu
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -284,6 +284,33 @@ impl GgufFile {
                 },
             );
         }
+        if let Some(table) = super::gguf_types::tensor_table(&mut reader) {
+            let mut seen = std::collections::HashSet::with_capacity(table.len());
+            if let Some((name, _)) = table.iter().find(|(n, _)| !seen.insert(n.as_str())) {
+                return Err(ModelError::Tensor {
+                    file: path.to_path_buf(),
+                    tensor: name.clone(),
+                    msg: "listed twice in the tensor table: which one holds the weights is \
+                          ambiguous (llama.cpp refuses such a file too)"
+                        .into(),
+                });
+            }
+        }
+        let alignment = match content.metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => as_u64(v).filter(|&a| a > 0).ok_or_else(|| {
+                err(format!(
+                    "general.alignment: expected a positive integer, found {v:?}"
+                ))
+            })?,
+        };
+        check_packing(
+            &tensors,
+            content.tensor_data_offset,
+            alignment,
+            file_len,
+            path,
+        )?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             parts: Vec::new(),
@@ -1105,6 +1132,97 @@ pub fn experts_repacked_on_cpu(path: &Path) -> bool {
                 _ => false,
             }
     })
+}
+
+/// GGUF's layout rule, as ggml's own reader enforces it: in offset order every tensor starts
+/// where the one before ends, rounded up to the file's alignment, and the first at the data
+/// section's start. Why: each tensor's extent is checked against the file, but a tensor whose
+/// type or shape was changed to a smaller one (or whose offset was moved onto a neighbour) still
+/// fits the file, and would be read as weights made of another tensor's bytes. Bytes after the
+/// last tensor beyond its padding are refused for the same reason (it, too, would be short).
+fn check_packing(
+    tensors: &HashMap<String, GgufTensor>,
+    data_start: u64,
+    alignment: u64,
+    file_len: u64,
+    path: &Path,
+) -> Result<()> {
+    let mut spans: Vec<(u64, u64, &str)> = tensors
+        .iter()
+        .map(|(name, t)| (t.offset, t.offset + t.len, name.as_str()))
+        .collect();
+    spans.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    let padded = |end: u64| end.div_ceil(alignment).saturating_mul(alignment);
+    let mut expect = data_start;
+    let mut before: Option<(&str, u64)> = None;
+    for &(begin, _, name) in &spans {
+        if begin != expect {
+            let how = if begin < expect {
+                "the two overlap".to_string()
+            } else {
+                format!(
+                    "{} bytes between them no tensor accounts for",
+                    begin - expect
+                )
+            };
+            let (subject, msg) = match before {
+                // The earlier tensor is named: a type or shape changed to a larger or smaller one
+                // shows up at its end.
+                Some((b, b_end)) => {
+                    let t = &tensors[b];
+                    (
+                        b,
+                        format!(
+                            "its {} bytes ({}, shape {:?}) end at data offset {} (next tensor \
+                             due at {}, padded to {alignment}), but tensor `{name}` starts at \
+                             {}: {how}. A type or shape that does not match the bytes written, \
+                             or a moved offset",
+                            t.len,
+                            t.dtype.name(),
+                            t.shape,
+                            b_end - data_start,
+                            expect - data_start,
+                            begin - data_start
+                        ),
+                    )
+                }
+                None => (
+                    name,
+                    format!(
+                        "the first tensor in the file starts at data offset {}, not 0 (a moved \
+                         offset or a damaged header)",
+                        begin - data_start
+                    ),
+                ),
+            };
+            return Err(ModelError::Tensor {
+                file: path.to_path_buf(),
+                tensor: subject.to_string(),
+                msg,
+            });
+        }
+        expect = padded(begin + tensors[name].len);
+        before = Some((name, begin + tensors[name].len));
+    }
+    if let Some((last, end)) = before
+        && file_len > padded(end)
+    {
+        let t = &tensors[last];
+        return Err(ModelError::Tensor {
+            file: path.to_path_buf(),
+            tensor: last.to_string(),
+            msg: format!(
+                "the last tensor in the file ends at data offset {} ({} bytes: {}, shape {:?}), \
+                 but {} more bytes follow it: its type or shape does not account for its bytes",
+                end - data_start,
+                t.len,
+                t.dtype.name(),
+                t.shape,
+                file_len - padded(end)
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn block_of(dtype: StDtype) -> u64 {

@@ -75,6 +75,13 @@ pub fn unreadable_tensors<R: Read + Seek>(r: &mut R) -> Option<Vec<(String, u32)
     )
 }
 
+/// The tensor table's names and data offsets in header order — what candle's reader, which keeps
+/// the tensors in a map, cannot tell: a name listed twice. None where the header does not parse.
+pub fn tensor_table<R: Read + Seek>(r: &mut R) -> Option<Vec<(String, u64)>> {
+    let (tensors, _) = walk(r)?;
+    Some(tensors.into_iter().map(|t| (t.name, t.offset)).collect())
+}
+
 /// GGML's type id for MXFP4.
 pub const MXFP4: u32 = 39;
 
@@ -123,6 +130,8 @@ struct Walked {
     type_at: u64,
     dims: u32,
     wide: bool,
+    /// The tensor's offset in the data section, as written.
+    offset: u64,
 }
 
 /// The inverse of [`with_lut4_as_f32`], for a writer: in the GGUF file at `path`, each tensor
@@ -202,13 +211,14 @@ fn walk<R: Read + Seek>(r: &mut R) -> Option<(Vec<Walked>, u64)> {
         }
         let type_at = r.stream_position().ok()?;
         let ty = u32_of(r)?;
-        u64_of(r)?; // the tensor's offset
+        let offset = u64_of(r)?;
         out.push(Walked {
             name,
             ty,
             type_at,
             dims,
             wide,
+            offset,
         });
     }
     Some((out, r.stream_position().ok()?))

@@ -560,7 +560,70 @@ pub fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, TensorInf
             },
         );
     }
+    check_tiling(&out, data_start, data_len, path)?;
     Ok(out)
+}
+
+/// The format's rule that the tensors tile the data section: sorted by offset, each begins where
+/// the one before ends, the first at 0 and the last at the section's end. Why enforce it: a
+/// tensor whose offsets were shifted or pointed at another tensor's bytes has the right length,
+/// so every per-entry check passes and the model would run on someone else's weights. The
+/// `safetensors` crate (and so every file transformers or HF's writers produce) holds to the same
+/// rule, so nothing real is refused.
+fn check_tiling(
+    tensors: &HashMap<String, TensorInfo>,
+    data_start: u64,
+    data_len: u64,
+    path: &Path,
+) -> Result<()> {
+    let mut spans: Vec<(u64, u64, &str)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            (
+                t.offset - data_start,
+                t.offset - data_start + t.len,
+                name.as_str(),
+            )
+        })
+        .collect();
+    // Ties (empty tensors share an offset) are broken by name so the message is stable.
+    spans.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    let mut at = 0u64;
+    let mut before: Option<&str> = None;
+    for &(begin, end, name) in &spans {
+        if begin != at {
+            let after = match before {
+                Some(b) => format!("tensor `{b}` ends at {at}"),
+                None => "the data section starts at 0".into(),
+            };
+            let what = if begin < at {
+                "overlap the bytes of another tensor"
+            } else {
+                "leave a gap no tensor accounts for"
+            };
+            return Err(ModelError::Tensor {
+                file: path.to_path_buf(),
+                tensor: name.to_string(),
+                msg: format!(
+                    "data_offsets [{begin}, {end}] {what}: {after}, and safetensors tensors must \
+                     tile the data section in order (shifted offsets or a damaged header)"
+                ),
+            });
+        }
+        at = end;
+        before = Some(name);
+    }
+    if at != data_len {
+        return Err(ModelError::Checkpoint {
+            file: path.to_path_buf(),
+            msg: format!(
+                "the tensors end at byte {at} of the data section, but it has {data_len}: {} \
+                 bytes that no tensor accounts for (a header that lost an entry, or a damaged file)",
+                data_len - at
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -650,6 +713,36 @@ mod tests {
             (
                 write_file(d, "json.safetensors", "{nope", &[]),
                 "not valid JSON",
+            ),
+            (
+                // the right length, shifted onto the neighbour's bytes
+                write_file(
+                    d,
+                    "shifted.safetensors",
+                    r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},
+                        "b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                    &[0u8; 12],
+                ),
+                "`b`: data_offsets [4, 12] overlap",
+            ),
+            (
+                write_file(
+                    d,
+                    "gap.safetensors",
+                    r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},
+                        "b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+                    &[0u8; 12],
+                ),
+                "`b`: data_offsets [8, 12] leave a gap",
+            ),
+            (
+                write_file(
+                    d,
+                    "tail.safetensors",
+                    r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                    &[0u8; 12],
+                ),
+                "8 bytes that no tensor accounts for",
             ),
             (
                 write_file(
