@@ -29,8 +29,8 @@ OUT=${2:-gpu-results}
 LAYERS=${LAYERS:-8}
 CKPT=${CKPT:-/tmp/moescope-q30-${LAYERS}l}
 mkdir -p "$OUT"
-if [[ "$BIN" == *.gz ]]; then gunzip -c "$BIN" > /tmp/moescope-cuda && chmod +x /tmp/moescope-cuda && BIN=/tmp/moescope-cuda; fi
-if [[ "$BIN" == *.xz ]]; then xz -dc "$BIN" > /tmp/moescope-cuda && chmod +x /tmp/moescope-cuda && BIN=/tmp/moescope-cuda; fi
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" cuda) || exit 1
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 

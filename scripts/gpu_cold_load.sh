@@ -14,9 +14,9 @@ BEFORE=${1:?usage: scripts/gpu_cold_load.sh BEFORE_BIN AFTER_BIN [ROUNDS]}
 AFTER=${2:?usage}
 ROUNDS=${3:-2}
 C=${CKPT:-/root/ckpt8}
-unpack() { if [[ "$1" == *.gz ]]; then gunzip -c "$1" > "/tmp/moescope-$2" && chmod +x "/tmp/moescope-$2" && echo "/tmp/moescope-$2"; else echo "$1"; fi; }
-BEFORE=$(unpack "$BEFORE" before)
-AFTER=$(unpack "$AFTER" after)
+source "$(dirname "$0")/unpack_bin.sh"
+BEFORE=$(unpack_bin "$BEFORE" before) || exit 1
+AFTER=$(unpack_bin "$AFTER" after) || exit 1
 if [ ! -f "$C/config.json" ]; then
   "$AFTER" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers 8 --out "$C" --shard-size 4GiB > /dev/null || exit 1
   cp models/tiny-moe/tokenizer.json models/tiny-moe/tokenizer_config.json "$C/"

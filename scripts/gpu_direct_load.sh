@@ -19,9 +19,9 @@ CKPT=${CKPT:-/dev/shm/moescope-q30-${LAYERS}l}
 CACHE_MEM=${CACHE_MEM:-2GiB}
 ROUNDS=${ROUNDS:-2}
 mkdir -p "$OUT"
-unpack() { if [[ "$1" == *.gz ]]; then gunzip -c "$1" > "/tmp/moescope-$2" && chmod +x "/tmp/moescope-$2" && echo "/tmp/moescope-$2"; else echo "$1"; fi; }
-BEFORE=$(unpack "$BEFORE" before)
-AFTER=$(unpack "$AFTER" after)
+source "$(dirname "$0")/unpack_bin.sh"
+BEFORE=$(unpack_bin "$BEFORE" before) || exit 1
+AFTER=$(unpack_bin "$AFTER" after) || exit 1
 if [ ! -f "$CKPT/config.json" ]; then
   "$AFTER" bench random-checkpoint --preset qwen3-30b-a3b-12l --layers "$LAYERS" --out "$CKPT" --shard-size 4GiB > "$OUT/ckpt.out" 2>&1 || { tail "$OUT/ckpt.out"; exit 1; }
   cp models/tiny-moe/tokenizer.json models/tiny-moe/tokenizer_config.json "$CKPT/"

@@ -19,11 +19,8 @@ OUT=${2:?usage: scripts/gpu_formats.sh BIN OUT_DIR}
 LAYERS=${LAYERS:-12}
 TOKENS=${TOKENS:-32}
 mkdir -p "$OUT"
-case "$BIN" in
-  *.gz) gunzip -c "$BIN" > /tmp/moescope-formats && BIN=/tmp/moescope-formats ;;
-  *.xz) xz -dc "$BIN" > /tmp/moescope-formats && BIN=/tmp/moescope-formats ;;
-esac
-chmod +x "$BIN"
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" formats) || exit 1
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 D=/dev/shm/formats-${LAYERS}l

@@ -21,7 +21,8 @@ OUT=${2:-gpu-fp8}
 LAYERS=${LAYERS:-12}
 mkdir -p "$OUT"
 LOG="$OUT/fp8.txt"
-if [[ "$BIN" == *.gz ]]; then gunzip -c "$BIN" > /tmp/moescope-cuda && chmod +x /tmp/moescope-cuda && BIN=/tmp/moescope-cuda; fi
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" cuda) || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$BIN" bench kernels > /dev/null 2>&1 || true
 want() { [[ " ${STEPS:-1 2 3 4 5} " == *" $1 "* ]]; }

@@ -30,7 +30,8 @@ CACHE_MEM=${CACHE_MEM:-12GiB}
 TOKENS=${TOKENS:-24}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [[ "$BIN" == *.gz ]]; then gunzip -c "$BIN" > /tmp/moescope-full && chmod +x /tmp/moescope-full && BIN=/tmp/moescope-full; fi
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" full) || exit 1
 status=0
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 

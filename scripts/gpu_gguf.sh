@@ -20,10 +20,8 @@ OUT=${2:-gpu-gguf}
 LAYERS=${LAYERS:-12}
 QUANTS=${QUANTS:-"Q4_K_M Q8_0"}
 mkdir -p "$OUT"
-case "$BIN" in
-  *.gz) gunzip -c "$BIN" > /tmp/moescope-cuda && chmod +x /tmp/moescope-cuda && BIN=/tmp/moescope-cuda ;;
-  *.xz) xz -dc "$BIN" > /tmp/moescope-cuda && chmod +x /tmp/moescope-cuda && BIN=/tmp/moescope-cuda ;;
-esac
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" cuda) || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$BIN" bench kernels > /dev/null 2>&1 || true
 want() { [[ " ${STEPS:-1 2 3 4 5} " == *" $1 "* ]]; }

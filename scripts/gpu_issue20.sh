@@ -22,11 +22,8 @@ BIN=${1:?usage: scripts/gpu_issue20.sh BIN OUT_DIR}
 OUT=${2:?usage: scripts/gpu_issue20.sh BIN OUT_DIR}
 LAYERS=${LAYERS:-12}
 mkdir -p "$OUT"
-case "$BIN" in
-  *.gz) gunzip -c "$BIN" > /tmp/moescope-i20 && BIN=/tmp/moescope-i20 ;;
-  *.xz) xz -dc "$BIN" > /tmp/moescope-i20 && BIN=/tmp/moescope-i20 ;;
-esac
-chmod +x "$BIN"
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" i20) || exit 1
 status=0
 D=/dev/shm/formats-${LAYERS}l
 echo "== 1. the question per format"

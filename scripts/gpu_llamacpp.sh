@@ -28,10 +28,8 @@ PRESET=${PRESET:-qwen3-30b-a3b-12l}
 DEVICE=${DEVICE:-cuda:0}
 SAFETENSORS=${SAFETENSORS:-1}
 mkdir -p "$OUT"
-case "$BIN" in
-  *.xz) xz -dc "$BIN" > /tmp/moescope-llamacpp-cmp && BIN=/tmp/moescope-llamacpp-cmp ;;
-esac
-chmod +x "$BIN"
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" llamacpp-cmp) || exit 1
 L=/tmp/llamacpp-cuda
 mkdir -p "$L" && tar -xJf "$LLAMA" -C "$L" || { echo "cannot unpack $LLAMA"; exit 1; }
 export LD_LIBRARY_PATH="$L:${LD_LIBRARY_PATH:-}"

@@ -17,15 +17,11 @@
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_long_prompts.sh OUT_DIR NAME=BIN [NAME=BIN ...]}; shift
 mkdir -p "$OUT"
+source "$(dirname "$0")/unpack_bin.sh"
 declare -A BINS; NAMES=()
 for nb in "$@"; do
   name=${nb%%=*}; bin=${nb#*=}
-  case "$bin" in
-    *.xz) xz -dc "$bin" > "/tmp/moescope-$name" ;;
-    *.gz) gunzip -c "$bin" > "/tmp/moescope-$name" ;;
-    *) cp "$bin" "/tmp/moescope-$name" ;;
-  esac
-  chmod +x "/tmp/moescope-$name"; BINS[$name]=/tmp/moescope-$name; NAMES+=("$name")
+  BINS[$name]=$(unpack_bin "$bin" "$name") || exit 1; NAMES+=("$name")
 done
 L=${LAYERS:-12}
 M=/dev/shm/q30-${L}l-bf16

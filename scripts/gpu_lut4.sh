@@ -10,9 +10,9 @@
 set -u
 BIN=${1:?usage: scripts/gpu_lut4.sh BIN CPUBIN}
 CPU=${2:-$BIN}
-unpack() { case "$1" in *.xz) xz -dc "$1" > "$2" && chmod +x "$2" && echo "$2" ;; *) echo "$1" ;; esac; }
-BIN=$(unpack "$BIN" /tmp/moescope-lut4)
-CPU=$(unpack "$CPU" /tmp/moescope-lut4-cpu)
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" lut4) || exit 1
+CPU=$(unpack_bin "$CPU" lut4-cpu) || exit 1
 DEVICE=${DEVICE:-cuda:0}
 status=0
 for kind in IQ4_XS IQ4_NL MXFP4_MOE MXFP4_ATTN Q4_K_M; do

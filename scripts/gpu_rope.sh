@@ -14,10 +14,8 @@ set -uo pipefail
 BIN=${1:?usage: scripts/gpu_rope.sh BIN [OUT_DIR]}
 OUT=${2:-gpu-results/rope}
 mkdir -p "$OUT"
-case "$BIN" in
-  *.xz) xz -dc "$BIN" > /tmp/moescope-rope && chmod +x /tmp/moescope-rope && BIN=/tmp/moescope-rope ;;
-  *.gz) gunzip -c "$BIN" > /tmp/moescope-rope && chmod +x /tmp/moescope-rope && BIN=/tmp/moescope-rope ;;
-esac
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" rope) || exit 1
 python3 - "$BIN" "$OUT" <<'PY'
 import json, pathlib, shutil, subprocess, sys, tempfile
 binary, out = sys.argv[1], pathlib.Path(sys.argv[2])

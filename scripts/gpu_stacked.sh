@@ -10,7 +10,8 @@
 set -u
 BIN=${1:?usage: scripts/gpu_stacked.sh BIN}
 DEVICE=${DEVICE:-cuda:0}
-case "$BIN" in *.xz) xz -dc "$BIN" > /tmp/moescope-stacked && chmod +x /tmp/moescope-stacked && BIN=/tmp/moescope-stacked ;; esac
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" stacked) || exit 1
 status=0
 for fx in qwen3-moe-tiny qwen3-omni-tiny; do
   st=$(mktemp -d)

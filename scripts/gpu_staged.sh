@@ -27,11 +27,8 @@ CAPS=${CAPS:-12.5%,25%,50%,100%}
 TOKENS=${TOKENS:-24}
 CACHE_MEM=${CACHE_MEM:-12GiB}
 mkdir -p "$OUT"
-case "$BIN" in
-  *.gz) gunzip -c "$BIN" > /tmp/moescope-staged && BIN=/tmp/moescope-staged ;;
-  *.xz) xz -dc "$BIN" > /tmp/moescope-staged && BIN=/tmp/moescope-staged ;;
-esac
-chmod +x "$BIN"
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" staged) || exit 1
 status=0
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ ! -f "$CKPT/config.json" ]; then

@@ -15,7 +15,8 @@ BIN=${1:?usage: scripts/gpu_steps.sh BIN [OUT_DIR]}
 OUT=${2:-gpu-steps}
 mkdir -p "$OUT"
 LOG="$OUT/steps.txt"
-if [[ "$BIN" == *.gz ]]; then gunzip -c "$BIN" > /tmp/moescope-cuda && chmod +x /tmp/moescope-cuda && BIN=/tmp/moescope-cuda; fi
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" cuda) || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 "$BIN" bench kernels > /dev/null 2>&1 || true
 for L in ${LAYERS:-12 48}; do

@@ -21,17 +21,13 @@ set -uo pipefail
 OUT=${1:?usage: scripts/gpu_steps_compare.sh OUT_DIR NAME=BIN [NAME=BIN ...]}; shift
 [ $# -ge 1 ] || { echo "usage: scripts/gpu_steps_compare.sh OUT_DIR NAME=BIN [NAME=BIN ...]" >&2; exit 2; }
 mkdir -p "$OUT"
+source "$(dirname "$0")/unpack_bin.sh"
 declare -A BINS; NAMES=()
 for nb in "$@"; do
   name=${nb%%=*}; bin=${nb#*=}
   case "$name" in ''|*[!A-Za-z0-9_-]*) echo "a build's name must be letters, digits, - or _: '$name'" >&2; exit 2 ;; esac
   [ -f "$bin" ] || { echo "no such build: $bin" >&2; exit 2; }
-  case "$bin" in
-    *.xz) xz -dc "$bin" > "/tmp/moescope-$name" ;;
-    *.gz) gunzip -c "$bin" > "/tmp/moescope-$name" ;;
-    *) cp "$bin" "/tmp/moescope-$name" ;;
-  esac
-  chmod +x "/tmp/moescope-$name"; BINS[$name]=/tmp/moescope-$name; NAMES+=("$name")
+  BINS[$name]=$(unpack_bin "$bin" "$name") || exit 1; NAMES+=("$name")
 done
 first=${BINS[${NAMES[0]}]}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -22,11 +22,8 @@
 # Exits non-zero when a test fails, or when the tests were skipped for want of a GPU.
 set -uo pipefail
 BIN=${1:?usage: scripts/gpu_unit_tests.sh TESTBIN [FILTER]}
-case "$BIN" in
-  *.xz) xz -dc "$BIN" > /tmp/moescope-unit && BIN=/tmp/moescope-unit ;;
-  *.gz) gunzip -c "$BIN" > /tmp/moescope-unit && BIN=/tmp/moescope-unit ;;
-esac
-chmod +x "$BIN"
+source "$(dirname "$0")/unpack_bin.sh"
+BIN=$(unpack_bin "$BIN" unit) || exit 1
 out=$("$BIN" ${2:-pick attn_decode moe_decode moe_block moe_grouped layers:: gpu_reuse gpu_gated gpu_quantized_self_fill gpu_long_prompts gpu_table_coded gpu_small_runs} --test-threads 1 --nocapture 2>&1)
 rc=$?
 echo "$out" | tail -25

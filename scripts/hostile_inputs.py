@@ -132,9 +132,9 @@ def edge_for(fmt, rng, v):
     return rng.choice(cand)
 
 
-def mutate_value(rng, t, v):
+def mutate_value(rng, t, v, retype=True):
     """Returns (type, value): a near or extreme value of the same type, or another type."""
-    if rng.random() < 0.1:  # another type altogether
+    if retype and rng.random() < 0.1:  # another type altogether
         nt = rng.choice([4, 5, 6, 8, 10])
         return nt, (b"x" if nt == STRING else edge_for(SCALAR[nt], rng, 0))
     if t in SCALAR:
@@ -152,7 +152,7 @@ def mutate_value(rng, t, v):
     i = rng.randrange(len(items))
     items = list(items)
     if et in SCALAR or et == STRING:
-        items[i] = mutate_value(rng, et, items[i])[1]
+        items[i] = mutate_value(rng, et, items[i], retype=False)[1]
     return t, (et, items)
 
 
@@ -213,7 +213,7 @@ def mutate_gguf(rng, b):
                                     old.replace(b"exps", b"exp")])
         what = f"rename {old.decode()} -> {tensors[i][0].decode(errors='replace')}"
     elif kind == "t_dup":
-        i, j = rng.randrange(len(tensors)), rng.randrange(len(tensors))
+        i, j = rng.sample(range(len(tensors)), 2)
         tensors[j][0] = tensors[i][0]
         what = f"duplicate name {tensors[i][0].decode()}"
     elif kind == "data_trunc":
@@ -282,7 +282,9 @@ def mutate_safetensors(rng, b):
         elif kind == "drop":
             del header[name]
         elif kind == "rename":
-            header[name.replace("weight_scale_inv", "weight_scale").replace("experts.", "experts.9") + ("" if rng.random() < .5 else "_")] = header.pop(name)
+            new = rng.choice([name.replace("weight_scale_inv", "weight_scale"), name.replace("layers.", "layers.9"),
+                              name + "_", name.replace("experts.", "experts.9")])
+            header[new if new != name else name + "_"] = header.pop(name)
         what = f"{kind} of {name}"
     h = json.dumps(header).encode()
     return struct.pack("<Q", len(h)) + h + data, what
@@ -379,7 +381,11 @@ def main():
                 model = case / sorted(p.name for p in src.parent.glob("*.gguf"))[0]
             else:
                 target = model = case / src.name
-            mutated, what = mutate_gguf(rng, (src.parent / target.name).read_bytes())
+            original = (src.parent / target.name).read_bytes()
+            for _ in range(8):  # a mutation that changes nothing (a value set to itself) is redrawn
+                mutated, what = mutate_gguf(rng, original)
+                if mutated != original:
+                    break
             target.write_bytes(mutated)
             label = f"{src.name}: {what}"
         else:
@@ -390,12 +396,22 @@ def main():
             if r < 0.4:
                 # config.json, or the tokenizer's two files (ids, merges, added tokens, template)
                 name = "config.json" if r < 0.25 else rng.choice(["tokenizer.json", "tokenizer_config.json"])
-                doc = json.loads((model / name).read_text())
-                what = f"{name} {mutate_json(rng, doc)}"
+                original = json.loads((model / name).read_text())
+                for _ in range(8):
+                    doc = json.loads(json.dumps(original))
+                    what = f"{name} {mutate_json(rng, doc)}"
+                    if doc != original:
+                        break
                 (model / name).write_text(json.dumps(doc))
             else:
                 shard = rng.choice(sorted(model.glob("*.safetensors")))
-                b, what = mutate_safetensors(rng, shard.read_bytes())
+                original = shard.read_bytes()
+                for _ in range(8):
+                    b, what = mutate_safetensors(rng, original)
+                    n = struct.unpack_from("<Q", b)[0]
+                    m = struct.unpack_from("<Q", original)[0]
+                    if (json.loads(b[8:8 + n]), b[8 + n:]) != (json.loads(original[8:8 + m]), original[8 + m:]):
+                        break
                 shard.write_bytes(b)
                 what = f"{shard.name}: {what}"
             label = f"{src.name}: {what}"
@@ -405,14 +421,16 @@ def main():
         if model.is_dir():
             runs.append(["verify", str(model)])
         bad = None
+        rcs = []
         for args in runs:
             cmd, rc, err, stdout = run(bin_path, model, args, a.timeout)
+            rcs.append(rc)
             counts[rc] = counts.get(rc, 0) + 1
             f = finding(rc, err, stdout)
             if f:
                 bad = (f, cmd, rc, err)
                 break
-        if not bad and a.show_accepted and rc == 0:
+        if not bad and a.show_accepted and all(r == 0 for r in rcs):
             print(f"[{i}] accepted: {label}", flush=True)
             shutil.copytree(case, out / f"accepted{i}", dirs_exist_ok=True)
             (out / f"accepted{i}" / "what.txt").write_text(label + "\n")

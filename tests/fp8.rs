@@ -231,6 +231,11 @@ fn an_unsupported_or_incomplete_scheme_is_refused_by_field() {
             serde_json::json!({"quant_method": "fp8", "fmt": "e4m3"}),
             vec!["quantization_config.weight_block_size", "per tensor"],
         ),
+        (
+            serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "static",
+                               "weight_block_size": [32, 32]}),
+            vec!["quantization_config.activation_scheme", "static", "dynamic"],
+        ),
     ] {
         let d = copy_fixture(MOE);
         edit_json(&d.path().join("config.json"), |v| {
@@ -489,30 +494,7 @@ fn kld_against_candle_transformers_on_the_same_file() {
 fn candle_transformers_is_not_offered_as_an_fp8_reference() {
     let model = fixture(MOE);
     let model = model.to_str().unwrap();
-    for args in [
-        vec![
-            "bench",
-            "decode",
-            "--model",
-            model,
-            "--prompt-tokens",
-            "4",
-            "--new-tokens",
-            "2",
-            "--repeats",
-            "1",
-        ],
-        vec!["bench", "kld", "--candle", "--model", model, "--ctx", "32"],
-    ] {
-        let (rc, _, err) = run(&args);
-        assert_eq!(rc, 2, "{args:?}: {err}");
-        assert!(
-            err.contains("qwen3-moe-tiny-fp8") && err.contains("no model for block-scaled FP8"),
-            "{args:?}: {err}"
-        );
-    }
-    // Without the reference the FP8 file is benchmarked as usual.
-    let (rc, out, err) = run(&[
+    let decode = [
         "bench",
         "decode",
         "--model",
@@ -523,8 +505,20 @@ fn candle_transformers_is_not_offered_as_an_fp8_reference() {
         "2",
         "--repeats",
         "1",
-        "--no-reference",
-    ]);
+    ];
+    for args in [
+        decode.to_vec(),
+        vec!["bench", "kld", "--candle", "--model", model, "--ctx", "32"],
+    ] {
+        let (rc, _, err) = run(&args);
+        assert_eq!(rc, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("qwen3-moe-tiny-fp8") && err.contains("no model for block-scaled FP8"),
+            "{args:?}: {err}"
+        );
+    }
+    // Without the reference the FP8 file is benchmarked as usual.
+    let (rc, out, err) = run(&[&decode[..], &["--no-reference"]].concat());
     assert_eq!(rc, 0, "{err}");
     assert!(out.contains("tok/s"), "{out}");
 }

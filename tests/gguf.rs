@@ -448,7 +448,34 @@ fn damaged_or_foreign_gguf_files_are_refused_by_name() {
         .position(|w| w == b"blk.0.attn_v.weight")
         .expect("attn_v");
     twice[v..v + 19].copy_from_slice(b"blk.0.attn_k.weight");
+    // block_count edited down from 2 to 1 (a u32 after the key and its type): block 1's
+    // tensors would be left out of the forward pass.
+    let mut fewer = good.clone();
+    let key = b"qwen3moe.block_count";
+    let k = fewer
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("block_count")
+        + key.len();
+    assert_eq!(fewer[k..k + 8], [4, 0, 0, 0, 2, 0, 0, 0], "u32 2");
+    fewer[k + 4] = 1;
+    // The norms' epsilon renamed away: llama.cpp requires it, and a guess changes every norm.
+    let mut no_eps = good.clone();
+    let key = b"qwen3moe.attention.layer_norm_rms_epsilon";
+    let k = no_eps
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("rms eps");
+    no_eps[k + key.len() - 1] = b'X';
     let cases = [
+        (
+            write("fewer.gguf", &fewer),
+            "field `qwen3moe.block_count`: 1, but the file holds tensors of block 1",
+        ),
+        (
+            write("no-eps.gguf", &no_eps),
+            "field `qwen3moe.attention.layer_norm_rms_epsilon`: missing",
+        ),
         (
             write("shrunk.gguf", &shrunk),
             "tensor `blk.0.ffn_down_exps.weight`: its 147456 bytes (Q4_0, shape [4, 256, 256])",

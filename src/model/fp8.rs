@@ -68,6 +68,22 @@ impl Fp8Scheme {
                 ));
             }
         }
+        // "static" means the checkpoint carries activation scales that its runtime multiplies
+        // inputs by; moescope never quantizes activations, so it would compute another model.
+        // transformers' FP8 reader takes "dynamic" alone too.
+        match q.get("activation_scheme") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(a)) if a == "dynamic" => {}
+            Some(other) => {
+                return Err(err(
+                    "activation_scheme",
+                    format!(
+                        "{other} is not supported (expected \"dynamic\": activations are not \
+                         quantized, only the weights are)"
+                    ),
+                ));
+            }
+        }
         let block = match q.get("weight_block_size") {
             None | Some(Value::Null) => {
                 return Err(err(
@@ -805,6 +821,10 @@ mod tests {
             (
                 r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}"#,
                 "weight_block_size",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]}}"#,
+                "activation_scheme",
             ),
         ] {
             let e = parse(text).unwrap_err().to_string();

@@ -457,6 +457,28 @@ impl GgufFile {
                 msg: format!("missing (and no dense blk.{l}.ffn_gate.weight either)"),
             });
         }
+        // Blocks past block_count would be left out of the forward pass without a word: a count
+        // edited down, or a file of another model. llama.cpp refuses a file with tensors it does
+        // not use ("wrong number of tensors").
+        if let Some((name, n)) = self
+            .tensors
+            .keys()
+            .filter_map(|n| {
+                let rest = n.strip_prefix("blk.")?;
+                let block: u64 = rest.get(..rest.find('.')?)?.parse().ok()?;
+                Some((n, block))
+            })
+            .filter(|&(_, b)| b >= layers)
+            .min_by_key(|&(n, b)| (b, n.clone()))
+        {
+            return Err(self.meta_err(
+                &key("block_count"),
+                format!(
+                    "{layers}, but the file holds tensors of block {n} (`{name}`): the count \
+                     does not match the file's layers"
+                ),
+            ));
+        }
         let eos: Vec<u64> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
             .iter()
             .filter_map(|k| self.meta_u64(k).transpose())
@@ -475,7 +497,10 @@ impl GgufFile {
             // llama.cpp's qwen3moe graph always renormalises the top-k weights (build_moe_ffn
             // with norm_w = true); a file may say otherwise explicitly.
             "norm_topk_prob": self.meta_bool(&key("expert_weights_norm"))?.unwrap_or(true),
-            "rms_norm_eps": self.meta_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
+            // Required, as llama.cpp requires it for qwen3moe: a guessed epsilon would change
+            // every norm's output without a word.
+            "rms_norm_eps": self.meta_f64(&key("attention.layer_norm_rms_epsilon"))?
+                .ok_or_else(|| self.meta_err(&key("attention.layer_norm_rms_epsilon"), "missing".into()))?,
             "rope_theta": self.meta_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             "max_position_embeddings": self.meta_u64(&key("context_length"))?.unwrap_or(32_768),
             "attention_bias": self.tensor("blk.0.attn_q.bias").is_some(),
