@@ -6,7 +6,7 @@ libFuzzer's `gguf` target parses a header and derives the config, tokenizer and 
 locations; it never reads a weight, so a tensor whose type, shape or offset disagrees with its
 bytes only shows up when a model is built and run. Random bytes almost never get that far, so
 this script mutates *one field* of a valid file at a time — a GGUF metadata value or tensor
-record, a safetensors header entry, a field of `config.json` or of the tokenizer's files, or the bytes of a scale — writes the
+record, a safetensors header entry, a field of `config.json`, of the shard index or of the tokenizer's files, or the bytes of a scale — writes the
 result, and runs the CLI on it:
 
     generate --model M --prompt ... --max-new-tokens 3   (native, then selective at 25 %)
@@ -395,7 +395,8 @@ def main():
             r = rng.random()
             if r < 0.4:
                 # config.json, or the tokenizer's two files (ids, merges, added tokens, template)
-                name = "config.json" if r < 0.25 else rng.choice(["tokenizer.json", "tokenizer_config.json"])
+                extra = [n for n in ["model.safetensors.index.json"] if (model / n).exists()]
+                name = "config.json" if r < 0.25 else rng.choice(["tokenizer.json", "tokenizer_config.json"] + extra * 2)
                 original = json.loads((model / name).read_text())
                 for _ in range(8):
                     doc = json.loads(json.dumps(original))
