@@ -1172,11 +1172,7 @@ fn check_packing(
     file_len: u64,
     path: &Path,
 ) -> Result<()> {
-    let mut spans: Vec<(u64, u64, &str)> = tensors
-        .iter()
-        .map(|(name, t)| (t.offset, t.offset + t.len, name.as_str()))
-        .collect();
-    spans.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    let spans = super::safetensors_file::spans_in_order(tensors, |t| (t.offset, t.len));
     let padded = |end: u64| end.div_ceil(alignment).saturating_mul(alignment);
     let mut expect = data_start;
     let mut before: Option<(&str, u64)> = None;

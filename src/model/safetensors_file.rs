@@ -564,6 +564,25 @@ pub fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, TensorInf
     Ok(out)
 }
 
+/// Each tensor's (begin, end, name), in the order its bytes sit: what the packing checks of both
+/// container formats walk (this file's tiling, `gguf.rs`'s packing). `span` gives a tensor's
+/// start and length. Ties (empty tensors share an offset) are broken by name, so that a message
+/// naming one is the same on every run.
+pub(super) fn spans_in_order<T>(
+    tensors: &HashMap<String, T>,
+    span: impl Fn(&T) -> (u64, u64),
+) -> Vec<(u64, u64, &str)> {
+    let mut spans: Vec<(u64, u64, &str)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let (at, len) = span(t);
+            (at, at + len, name.as_str())
+        })
+        .collect();
+    spans.sort_unstable();
+    spans
+}
+
 /// The format's rule that the tensors tile the data section: sorted by offset, each begins where
 /// the one before ends, the first at 0 and the last at the section's end. Why enforce it: a
 /// tensor whose offsets were shifted or pointed at another tensor's bytes has the right length,
@@ -576,18 +595,7 @@ fn check_tiling(
     data_len: u64,
     path: &Path,
 ) -> Result<()> {
-    let mut spans: Vec<(u64, u64, &str)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            (
-                t.offset - data_start,
-                t.offset - data_start + t.len,
-                name.as_str(),
-            )
-        })
-        .collect();
-    // Ties (empty tensors share an offset) are broken by name so the message is stable.
-    spans.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    let spans = spans_in_order(tensors, |t| (t.offset - data_start, t.len));
     let mut at = 0u64;
     let mut before: Option<&str> = None;
     for &(begin, end, name) in &spans {
