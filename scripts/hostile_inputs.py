@@ -6,7 +6,9 @@ libFuzzer's `gguf` target parses a header and derives the config, tokenizer and 
 locations; it never reads a weight, so a tensor whose type, shape or offset disagrees with its
 bytes only shows up when a model is built and run. Random bytes almost never get that far, so
 this script mutates *one field* of a valid file at a time — a GGUF metadata value or tensor
-record, a safetensors header entry, a field of `config.json`, of the shard index or of the tokenizer's files, or the bytes of a scale — writes the
+record, a safetensors header entry, a field of `config.json`, of the shard index or of the tokenizer's files
+(tokenizer.json, or vocab.json / merges.txt / added_tokens.json as a repo without tokenizer.json
+ships them), or the bytes of a scale — writes the
 result, and runs the CLI on it:
 
     generate --model M --prompt ... --max-new-tokens 3   (native, then selective at 25 %)
@@ -17,6 +19,7 @@ with nothing said on stderr or stdout. Exit 0 is fine (many mutations are harmle
 a clear error with exit 1 or 2 is the expected answer to the rest.
 
     python3 scripts/hostile_inputs.py BIN [--rounds N] [--seed S] [--out DIR] [--timeout SEC]
+                                          [--show-accepted] [--vocab-files-only]
 
 BIN is a release build (`cargo build --release`; target/release/moescope). Seeds: every GGUF
 file in tests/fixtures/gguf (llama.cpp's and moescope's writers, split models included) and the
@@ -324,6 +327,75 @@ def mutate_json(rng, cfg):
     return f"{'.'.join(map(str, p))}: {old!r} -> {parent[p[-1]]!r}"
 
 
+# ---------------------------------------------------------------- a repo without tokenizer.json
+
+def split_tokenizer(model):
+    """Rewrites a fixture's tokenizer.json the way Qwen's Omni and VL processor repos ship a
+    tokenizer — vocab.json + merges.txt, the added tokens as tokenizer_config.json's
+    `added_tokens_decoder` and as added_tokens.json — and removes tokenizer.json. False (nothing
+    changed) when the tokenizer is not a BPE with merges."""
+    tj = model / "tokenizer.json"
+    t = json.loads(tj.read_text(encoding="utf-8"))
+    m = t.get("model", {})
+    if m.get("type") != "BPE" or not m.get("merges"):
+        return False
+    (model / "vocab.json").write_text(json.dumps(m["vocab"], ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [x if isinstance(x, str) else " ".join(x) for x in m["merges"]]
+    (model / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    keys = ["content", "special", "lstrip", "rstrip", "normalized", "single_word"]
+    added = t.get("added_tokens", [])
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    cfg["added_tokens_decoder"] = {str(a["id"]): {k: a[k] for k in keys if k in a} for a in added}
+    cfg.setdefault("tokenizer_class", "Qwen2Tokenizer")
+    cfg_path.write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    (model / "added_tokens.json").write_text(json.dumps({a["content"]: a["id"] for a in added}, ensure_ascii=False), encoding="utf-8")
+    tj.unlink()
+    return True
+
+
+def mutate_merges(rng, b):
+    """One change to merges.txt's lines (bytes: a change may leave it invalid UTF-8)."""
+    lines = b.split(b"\n")
+    body = [i for i, l in enumerate(lines) if l and not l.startswith(b"#")]
+    i = rng.choice(body)
+    kind = rng.randrange(11)
+    if kind == 0:
+        del lines[i]
+        what = f"merge line {i + 1} dropped"
+    elif kind == 1:
+        lines.insert(i, lines[i])
+        what = f"merge line {i + 1} repeated"
+    elif kind == 2:
+        lines[i] = lines[i].replace(b" ", b"")
+        what = f"merge line {i + 1} without its space (one token)"
+    elif kind == 3:
+        lines[i] += b" " + lines[i].split(b" ")[0]
+        what = f"merge line {i + 1} with three tokens"
+    elif kind == 4:
+        lines[i] = b"qqzz wwxx"
+        what = f"merge line {i + 1} of tokens the vocabulary lacks"
+    elif kind == 5:
+        lines[i] = lines[i][:1] + b"\xff\xfe" + lines[i][1:]
+        what = f"merge line {i + 1} with bytes that are not UTF-8"
+    elif kind == 6:
+        return b"", "merges.txt emptied"
+    elif kind == 7:
+        j = rng.choice(body)
+        lines[i], lines[j] = lines[j], lines[i]
+        what = f"merge lines {i + 1} and {j + 1} swapped"
+    elif kind == 8:
+        lines[i] = lines[i].replace(b" ", rng.choice([b"\t", b"  ", b" \r"]), 1)
+        what = f"merge line {i + 1} split by another separator"
+    elif kind == 9:
+        lines = [l for l in lines if not l.startswith(b"#")] if rng.random() < 0.5 else [b"#version: 9.9"] + lines[1:]
+        what = "merges.txt header dropped or changed"
+    else:
+        lines[i] = lines[i] + b" " * 3 + b"x" * 70000
+        what = f"merge line {i + 1} 70,000 bytes long"
+    return b"\n".join(lines), what
+
+
 # ---------------------------------------------------------------- running
 
 def run(bin_path, model, args, timeout):
@@ -355,6 +427,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="/tmp/moescope-hostile")
     ap.add_argument("--timeout", type=float, default=30)
+    ap.add_argument("--vocab-files-only", action="store_true",
+                    help="only the tokenizer as vocab.json + merges.txt, one of its files changed")
     ap.add_argument("--show-accepted", action="store_true",
                     help="print each mutation every command accepted (exit 0), to review by eye")
     a = ap.parse_args()
@@ -371,7 +445,7 @@ def main():
     for i in range(a.rounds):
         case = work / f"case{i}"
         case.mkdir()
-        if rng.random() < 0.55:
+        if rng.random() < 0.55 and not a.vocab_files_only:
             src = rng.choice(ggufs)
             if src.parent.name == "split" or "-of-" in src.name:
                 # a split model: mutate one part, keep the rest beside it
@@ -392,8 +466,24 @@ def main():
             src = rng.choice(dirs)
             model = case / src.name
             shutil.copytree(src, model, ignore=shutil.ignore_patterns("golden.json", ".*"))
-            r = rng.random()
-            if r < 0.4:
+            r = 0.0 if a.vocab_files_only else rng.random()
+            if r < 0.15 and split_tokenizer(model):
+                # the tokenizer as a repo without tokenizer.json ships it, one of its files changed
+                name = rng.choice(["vocab.json", "merges.txt", "merges.txt", "tokenizer_config.json", "added_tokens.json"])
+                if name == "merges.txt":
+                    original = (model / name).read_bytes()
+                    b, what = mutate_merges(rng, original)
+                    (model / name).write_bytes(b)
+                    what = f"(vocab files) {what}"
+                else:
+                    original = json.loads((model / name).read_text(encoding="utf-8"))
+                    for _ in range(8):
+                        doc = json.loads(json.dumps(original))
+                        what = f"(vocab files) {name} {mutate_json(rng, doc)}"
+                        if doc != original:
+                            break
+                    (model / name).write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+            elif r < 0.4:
                 # config.json, or the tokenizer's two files (ids, merges, added tokens, template)
                 extra = [n for n in ["model.safetensors.index.json"] if (model / n).exists()]
                 name = "config.json" if r < 0.25 else rng.choice(["tokenizer.json", "tokenizer_config.json"] + extra * 2)

@@ -234,6 +234,26 @@ fn contradicting_or_broken_files_are_refused_with_the_file_named() {
     let e = build_err(dir.path());
     assert!(e.contains("added_tokens_decoder.4096.content"), "{e}");
 
+    // An added token's flag that is not true or false (null is the default, as HF writes it).
+    for bad in [json!("x"), json!(1), json!({})] {
+        let dir = copy_fixture();
+        edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+            v["added_tokens_decoder"]["4096"]["lstrip"] = bad.clone();
+        });
+        let e = build_err(dir.path());
+        assert!(
+            e.contains("tokenizer_config.json")
+                && e.contains("added_tokens_decoder.4096.lstrip")
+                && e.contains("expected true or false"),
+            "{e}"
+        );
+    }
+    let dir = copy_fixture();
+    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+        v["added_tokens_decoder"]["4096"]["lstrip"] = Value::Null;
+    });
+    TextTokenizer::from_dir(dir.path()).unwrap();
+
     // Neither tokenizer.json nor vocab.json + merges.txt.
     let dir = copy_fixture();
     std::fs::remove_file(dir.path().join("merges.txt")).unwrap();
@@ -242,4 +262,48 @@ fn contradicting_or_broken_files_are_refused_with_the_file_named() {
         e.contains("tokenizer.json") && e.contains("merges.txt"),
         "{e}"
     );
+}
+
+/// A tokenizer whose ids go past the model's embeddings is refused when the model is loaded,
+/// naming the file and the token — not when a prompt happens to contain that token.
+#[test]
+fn ids_past_the_models_embeddings_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    let src = root().join("tests/fixtures/qwen3-moe-tiny");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        if f.file_name().unwrap() != "golden.json" {
+            std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    split_tokenizer_json(&model.join("tokenizer.json"), &model);
+    std::fs::remove_file(model.join("tokenizer.json")).unwrap();
+    let cli = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_moescope"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    // The split layout runs as it is.
+    let ok = cli(&["--prompt", "hello there", "--max-new-tokens", "2"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // A token the prompt never uses moved past vocab_size (384): refused all the same, for text
+    // prompts and for id prompts (which print the tokenizer's text).
+    edit_json(&model.join("vocab.json"), |v| v["ex"] = json!(1u64 << 30));
+    for extra in [
+        &["--prompt", "hello there", "--max-new-tokens", "2"][..],
+        &["--token-ids", "1", "2", "--max-new-tokens", "2"][..],
+    ] {
+        let out = cli(extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("vocab.json") && err.contains("\"ex\"") && err.contains("384"),
+            "{err}"
+        );
+    }
 }

@@ -24,6 +24,9 @@ pub fn generate(args: &GenerateArgs, settings: &Settings) -> Result<()> {
         (Some(_), Err(e)) => return Err(e.into()),
         (_, t) => t.ok(),
     };
+    if let Some(t) = &tokenizer {
+        t.check_fits(engine.cfg.vocab_size)?;
+    }
     let prompt_ids = match (&args.prompt, &args.token_ids) {
         (Some(p), _) => tokenizer.as_ref().expect("checked above").prompt_ids(
             p,

@@ -94,12 +94,14 @@ pub fn plan(args: &RunArgs, settings: &Settings) -> Result<Plan> {
     }
     // Prompts are text, tokenized by each worker with the model's tokenizer: a missing or broken
     // one is one clear error here, not two workers failing every prompt.
-    crate::model::tokenizer::TextTokenizer::from_dir(&model_dir).map_err(|e| {
-        crate::errors::InputError(format!(
-            "{e}; `run` and `sweep` send text prompts (`bench random-checkpoint` writes the \
-             bundled model's tokenizer beside its checkpoints)"
-        ))
-    })?;
+    crate::model::tokenizer::TextTokenizer::from_dir(&model_dir)
+        .map_err(|e| {
+            crate::errors::InputError(format!(
+                "{e}; `run` and `sweep` send text prompts (`bench random-checkpoint` writes the \
+                 bundled model's tokenizer beside its checkpoints)"
+            ))
+        })?
+        .check_fits(cfg.vocab_size)?;
     let mut prompts = match (&args.prompt, &args.prompts) {
         (Some(p), _) => PromptSet::single(p, args.max_new_tokens.unwrap_or(50)),
         (None, Some(f)) => PromptSet::load(f).map_err(crate::errors::InputError)?,

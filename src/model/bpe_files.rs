@@ -337,8 +337,24 @@ fn special_names(map: &Value) -> Vec<String> {
     names
 }
 
-fn flag(o: &serde_json::Map<String, Value>, key: &str, default: bool) -> bool {
-    o.get(key).and_then(Value::as_bool).unwrap_or(default)
+/// A true/false attribute of an added token (`null` or absent: `default`). Anything else is
+/// refused by name: `"lstrip": "x"` is no answer to whether the token strips spaces, and a guess
+/// would change how prompts are split.
+fn flag(
+    o: &serde_json::Map<String, Value>,
+    key: &str,
+    default: bool,
+    path: &Path,
+    field: &str,
+) -> Result<bool> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(tok_err(
+            path,
+            format!("field `{field}.{key}` is {other}; expected true or false"),
+        )),
+    }
 }
 
 /// Added tokens by id: `added_tokens_decoder` first (it has every attribute), then
@@ -395,15 +411,16 @@ fn read_added(dir: &Path) -> Result<(BTreeMap<u32, Added>, Vec<String>)> {
                     )
                 })?
                 .to_string();
-            let is_special = flag(o, "special", false);
+            let f = |key: &str, default: bool| flag(o, key, default, &cfg_path, &field);
+            let is_special = f("special", false)?;
             added.insert(
                 id,
                 Added {
                     special: is_special,
-                    lstrip: flag(o, "lstrip", false),
-                    rstrip: flag(o, "rstrip", false),
-                    normalized: flag(o, "normalized", !is_special),
-                    single_word: flag(o, "single_word", false),
+                    lstrip: f("lstrip", false)?,
+                    rstrip: f("rstrip", false)?,
+                    normalized: f("normalized", !is_special)?,
+                    single_word: f("single_word", false)?,
                     content,
                 },
             );

@@ -53,6 +53,30 @@ impl TextTokenizer {
         })
     }
 
+    /// Refuses a tokenizer that can produce an id the model has no embedding row for, naming the
+    /// token. Why at load: otherwise such a vocabulary runs until a prompt happens to contain the
+    /// token (then "token id … is out of range"), and a run that never meets it reports on a
+    /// tokenizer that is not the model's. Real checkpoints pad `vocab_size` past the last id
+    /// (Qwen3: 151,669 ids, 151,936 rows), which passes.
+    pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
+        let largest = self
+            .tok
+            .get_vocab(true)
+            .into_iter()
+            .max_by_key(|&(_, id)| id);
+        match largest {
+            Some((token, id)) if id as usize >= vocab_size => Err(ModelError::Tokenizer {
+                file: self.path.clone(),
+                msg: format!(
+                    "token {token:?} has id {id}, but the model has {vocab_size} token \
+                     embeddings (config vocab_size): the tokenizer is not this model's, or its \
+                     ids were changed"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The file the tokenizer was loaded from.
     pub fn source_file(&self) -> &Path {
         &self.path
