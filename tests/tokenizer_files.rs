@@ -218,6 +218,20 @@ fn contradicting_or_broken_files_are_refused_with_the_file_named() {
     std::fs::write(&merges, format!("{text}ZZZ QQQ\n")).unwrap();
     let e = build_err(dir.path());
     assert!(e.contains("merges.txt"), "{e}");
+    // One of the 256 byte characters dropped from vocab.json: that byte has no id.
+    let dir2 = copy_fixture();
+    edit_json(&dir2.path().join("vocab.json"), |v| {
+        v.as_object_mut().unwrap().remove("D").unwrap();
+    });
+    let e = build_err(dir2.path());
+    assert!(e.contains("vocab.json") && e.contains("\"D\""), "{e}");
+    // No merges at all (the header alone, or nothing): every token longer than a character
+    // would be unreachable.
+    for empty in ["#version: 0.2\n", ""] {
+        std::fs::write(&merges, empty).unwrap();
+        let e = build_err(dir.path());
+        assert!(e.contains("merges.txt") && e.contains("no merges"), "{e}");
+    }
 
     // Not JSON, a negative id, and a decoder entry without content.
     let dir = copy_fixture();
@@ -290,7 +304,11 @@ fn ids_past_the_models_embeddings_are_refused_at_load() {
     };
     // The split layout runs as it is.
     let ok = cli(&["--prompt", "hello there", "--max-new-tokens", "2"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     // A token the prompt never uses moved past vocab_size (384): refused all the same, for text
     // prompts and for id prompts (which print the tokenizer's text).
     edit_json(&model.join("vocab.json"), |v| v["ex"] = json!(1u64 << 30));

@@ -78,6 +78,40 @@ pub(crate) fn assemble(
 ) -> Result<Tokenizer> {
     // Where the vocabulary, the merges and the whole came from (for errors).
     let [vocab_path, merges_path, dir] = files;
+    // Byte-level BPE spells every byte of a text as one of 256 characters before it merges
+    // anything; a vocabulary without one of them has no id for that byte, and the tokenizer
+    // would drop it from prompts without a word (Qwen's vocabularies hold all 256, at ids 0–255).
+    let mut missing: Vec<char> = ByteLevel::alphabet()
+        .into_iter()
+        .filter(|c| !vocab.contains_key(&c.to_string()))
+        .collect();
+    if !missing.is_empty() {
+        missing.sort_unstable();
+        return Err(tok_err(
+            vocab_path,
+            format!(
+                "lacks {} of byte-level BPE's 256 byte characters ({:?} first), so text holding \
+                 those bytes could not be tokenized (a token dropped from {vocab_name}?)",
+                missing.len(),
+                missing[0].to_string()
+            ),
+        ));
+    }
+    // Without merges BPE stops at single characters, so every longer token is unreachable and
+    // each prompt becomes ids the model never saw in training: an emptied or lost merge list,
+    // not a tokenizer anyone ships.
+    if merges.is_empty() {
+        let longer = vocab.keys().filter(|t| t.chars().nth(1).is_some()).count();
+        if longer > 0 {
+            return Err(tok_err(
+                merges_path,
+                format!(
+                    "has no merges, but {vocab_name} has {longer} tokens of several characters, \
+                     which only merges produce (an emptied or truncated merge list)"
+                ),
+            ));
+        }
+    }
     // Added tokens go into the BPE vocabulary at their ids (merges never produce them: they are
     // split off before BPE runs), so ids past vocab.json's and gaps are kept exactly.
     let mut by_id: HashMap<u32, &str> = vocab.iter().map(|(s, &i)| (i, s.as_str())).collect();
