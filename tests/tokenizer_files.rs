@@ -295,26 +295,47 @@ fn ids_past_the_models_embeddings_are_refused_at_load() {
     split_tokenizer_json(&model.join("tokenizer.json"), &model);
     std::fs::remove_file(model.join("tokenizer.json")).unwrap();
     let cli = |extra: &[&str]| {
-        let mut args = vec!["generate", "--model", model.to_str().unwrap()];
-        args.extend_from_slice(extra);
+        let mut args = vec![extra[0], "--model", model.to_str().unwrap()];
+        args.extend_from_slice(&extra[1..]);
         std::process::Command::new(env!("CARGO_BIN_EXE_moescope"))
             .args(&args)
             .output()
             .unwrap()
     };
     // The split layout runs as it is.
-    let ok = cli(&["--prompt", "hello there", "--max-new-tokens", "2"]);
+    let ok = cli(&[
+        "generate",
+        "--prompt",
+        "hello there",
+        "--max-new-tokens",
+        "2",
+    ]);
     assert!(
         ok.status.success(),
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
     // A token the prompt never uses moved past vocab_size (384): refused all the same, for text
-    // prompts and for id prompts (which print the tokenizer's text).
+    // prompts, for id prompts (which print the tokenizer's text) and by `run` before it starts
+    // its workers.
     edit_json(&model.join("vocab.json"), |v| v["ex"] = json!(1u64 << 30));
     for extra in [
-        &["--prompt", "hello there", "--max-new-tokens", "2"][..],
-        &["--token-ids", "1", "2", "--max-new-tokens", "2"][..],
+        &[
+            "generate",
+            "--prompt",
+            "hello there",
+            "--max-new-tokens",
+            "2",
+        ][..],
+        &["generate", "--token-ids", "1", "2", "--max-new-tokens", "2"][..],
+        &[
+            "run",
+            "--no-tui",
+            "--prompt",
+            "hello there",
+            "--max-new-tokens",
+            "2",
+        ][..],
     ] {
         let out = cli(extra);
         let err = String::from_utf8_lossy(&out.stderr);
