@@ -81,19 +81,18 @@ pub(crate) fn assemble(
     // Byte-level BPE spells every byte of a text as one of 256 characters before it merges
     // anything; a vocabulary without one of them has no id for that byte, and the tokenizer
     // would drop it from prompts without a word (Qwen's vocabularies hold all 256, at ids 0–255).
-    let mut missing: Vec<char> = ByteLevel::alphabet()
+    let missing: Vec<char> = ByteLevel::alphabet()
         .into_iter()
         .filter(|c| !vocab.contains_key(&c.to_string()))
         .collect();
-    if !missing.is_empty() {
-        missing.sort_unstable();
+    if let Some(first) = missing.iter().min() {
         return Err(tok_err(
             vocab_path,
             format!(
                 "lacks {} of byte-level BPE's 256 byte characters ({:?} first), so text holding \
                  those bytes could not be tokenized (a token dropped from {vocab_name}?)",
                 missing.len(),
-                missing[0].to_string()
+                first.to_string()
             ),
         ));
     }
