@@ -102,6 +102,21 @@ impl Staging {
         (self.copied_bytes, self.copy_time_us)
     }
 
+    /// Up to three small runs of the current buffer (an FP8 miss's scale tables), each into
+    /// its `dst` at an element offset, by one kernel where the device sees the buffer; false,
+    /// nothing queued, elsewhere (the caller then [`upload`](Self::upload)s them).
+    pub fn upload_small(
+        &mut self,
+        runs: &[(&Tensor, usize, std::ops::Range<usize>)],
+    ) -> candle_core::Result<bool> {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.pinned.get_mut(self.current).and_then(Option::as_mut) {
+            return p.upload_small(runs);
+        }
+        let _ = runs;
+        Ok(false)
+    }
+
     /// Queues a copy of `buffer[range]` into `dst` from element `elem_offset` on. Pool slots are
     /// only read by kernels queued after this on the same stream, so nothing waits here.
     pub fn upload(
@@ -150,15 +165,24 @@ pub fn staged_bandwidth(device: &candle_core::Device, source: &dyn ExpertSource)
             let mut at = (i % 2) * largest;
             let stored = source.stored_bytes(l, e) as usize;
             let spans = source.read_into_for_copy(l, e, staging.buffer(device, stored)?)?;
-            let ranges = spans
-                .iter()
-                .flat_map(|p| std::iter::once(p).chain(p.scale.as_deref()))
-                .map(|p| p.range.clone());
-            for r in ranges {
-                let n = r.len();
-                staging.upload(&scratch, at, r)?;
+            // As a miss moves them: the parts by copies, an FP8 expert's scale tables by one
+            // kernel where the device sees the buffer (`Staging::upload_small`).
+            let mut scales = Vec::new();
+            for p in &spans {
+                let n = p.range.len();
+                staging.upload(&scratch, at, p.range.clone())?;
                 at += n;
                 total += n as u64;
+                if let Some(s) = &p.scale {
+                    scales.push((&scratch, at, s.range.clone()));
+                    at += s.range.len();
+                    total += s.range.len() as u64;
+                }
+            }
+            if !scales.is_empty() && !staging.upload_small(&scales)? {
+                for (dst, at, range) in scales {
+                    staging.upload(dst, at, range)?;
+                }
             }
             if total >= 1 << 30 {
                 break;
@@ -184,11 +208,18 @@ pub fn staged_bandwidth(device: &candle_core::Device, source: &dyn ExpertSource)
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::Tensor;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, PinnedHostSlice, result};
+    use candle_core::cuda_backend::cudarc::driver::sys::{self, CUevent_flags};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaEvent, CudaFunction, PinnedHostSlice, result,
+    };
 
     pub struct Pinned {
         slice: PinnedHostSlice<u8>,
+        /// Where the device sees `slice` (page-locked memory is mapped into its address space
+        /// under unified addressing), and `words.cu`'s `copy_runs3`, fetched with the buffer
+        /// (before any gated step: no first load while one waits); None where either is not
+        /// to be had, and small runs are then copied.
+        runs: Option<(u64, CudaFunction)>,
         /// Recorded before the first and after the last copy queued out of `slice` since it
         /// was last written (timing events: their distance is the copy time on the device).
         first_copy: Option<CudaEvent>,
@@ -215,8 +246,21 @@ mod cuda {
                 let slice = unsafe { ctx.alloc_pinned_with_flags::<u8>(len, 0) }
                     .map_err(candle_core::Error::wrap)?;
                 let (copied_bytes, copy_time_us) = counters;
+                let ptr = slice.as_ptr().map_err(candle_core::Error::wrap)?;
+                let mut dptr: sys::CUdeviceptr = 0;
+                // SAFETY: `ptr` is the start of a live page-locked allocation.
+                let mapped = unsafe {
+                    sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr as *mut std::ffi::c_void, 0)
+                }
+                .result()
+                .is_ok();
+                let runs = mapped
+                    .then(|| crate::model::gates::runs_copier(device).ok())
+                    .flatten()
+                    .map(|f| (dptr, f));
                 *slot = Some(Pinned {
                     slice,
+                    runs,
                     first_copy: None,
                     last_copy: None,
                     copied_bytes,
@@ -279,6 +323,55 @@ mod cuda {
             );
             self.copied_bytes += n as u64;
             Ok(())
+        }
+
+        /// Up to three small runs of the buffer (`range`s, each into its `dst` at an element
+        /// offset) by one kernel reading the buffer where the device sees it, between the same
+        /// timing events as copies; false, nothing queued, where it cannot. Why: an FP8 miss's
+        /// three scale tables are a few hundred bytes each, and a copy-engine copy that small
+        /// costs ~9 µs on an H200 (BENCHMARKS.md §103, §105).
+        pub fn upload_small(
+            &mut self,
+            runs: &[(&Tensor, usize, std::ops::Range<usize>)],
+        ) -> candle_core::Result<bool> {
+            let Some((base, f)) = self.runs.clone() else {
+                return Ok(false);
+            };
+            if runs.is_empty() || runs.len() > 3 {
+                return Ok(false);
+            }
+            let mut queued = Vec::with_capacity(runs.len());
+            let mut stream = None;
+            for (dst, elem_offset, range) in runs {
+                let n = range.len();
+                if range.end > self.slice.len() {
+                    candle_core::bail!("slot upload: {n} bytes past the staging buffer's end")
+                }
+                let (at, s) = crate::model::raw::device_range(dst, *elem_offset, n)
+                    .map_err(|e| candle_core::Error::msg(format!("slot upload: {e}")))?;
+                queued.push((base + range.start as u64, at, n));
+                stream = Some(s);
+            }
+            let stream = stream.expect("at least one run");
+            let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+            if self.first_copy.is_none() {
+                self.first_copy = Some(
+                    stream
+                        .record_event(timing)
+                        .map_err(candle_core::Error::wrap)?,
+                );
+            }
+            // The buffer is not written again before `last_copy` (recorded below, after the
+            // kernel) has completed, as for copies.
+            crate::model::gates::copy_runs3(&f, &stream, &queued)
+                .map_err(|e| candle_core::Error::msg(e.to_string()))?;
+            self.last_copy = Some(
+                stream
+                    .record_event(timing)
+                    .map_err(candle_core::Error::wrap)?,
+            );
+            self.copied_bytes += queued.iter().map(|r| r.2 as u64).sum::<u64>();
+            Ok(true)
         }
     }
 }

@@ -732,10 +732,21 @@ impl CachedProvider {
                 .map(|s| (s.dtype, s.shape.as_slice(), s.range.len()));
             as_stored(i, (p.dtype, &p.shape, p.range.len()), scale)
         }) {
-            for (p, ((wt, wo, _), (st, so, _))) in spans.iter().zip(dst) {
+            for (p, ((wt, wo, _), _)) in spans.iter().zip(dst) {
                 gpu.staging.upload(wt, wo, p.range.clone())?;
-                let scale = p.scale.as_ref().expect("checked");
-                gpu.staging.upload(st, so, scale.range.clone())?;
+            }
+            // The scale tables by one kernel, as on the direct path (BENCHMARKS.md §105).
+            let scales: Vec<(&Tensor, usize, std::ops::Range<usize>)> = spans
+                .iter()
+                .zip(dst)
+                .map(|(p, (_, (st, so, _)))| {
+                    (st, so, p.scale.as_ref().expect("checked").range.clone())
+                })
+                .collect();
+            if !gpu.staging.upload_small(&scales)? {
+                for (st, so, range) in scales {
+                    gpu.staging.upload(st, so, range)?;
+                }
             }
             return Ok((bytes, false));
         }
