@@ -13,6 +13,7 @@
 //! | `MOESCOPE_H2D=auto\|direct\|staged` | `h2d` | how GPU misses reach the device |
 //! | `MOESCOPE_COPY_STREAM=1` | `copy_stream` | direct copies on a second stream |
 //! | `MOESCOPE_GATES=0\|pieces\|whole` | `gated_pieces`, `gated_whole` | how a piecewise GPU step (selective, routing read back at every MoE layer) runs: `0` launches each layer's graphs once the host has its routing; `pieces` queues the layers' graphs a few layers ahead behind gate kernels (`model::gates`); `whole` (the default) replays the whole step, gates inside, as one graph |
+//! | `MOESCOPE_TABLES=copy` | `table_kernel` | a gated step's residency tables kept by copying each changed table whole (a fresh tensor, a pageable copy) instead of one kernel writing the changed entries |
 //! | `MOESCOPE_PIN_BUDGET=SIZE` | `pin_budget` | host memory the direct path may page-lock (default: half the available memory) |
 //! | `MOESCOPE_TEST_CORES=N` | `cores` | the core count `--prefetch auto` decides by (a test hook) |
 
@@ -83,6 +84,11 @@ pub struct Settings {
     /// With `gated_pieces`: the gated step replays as one graph (the gate kernels inside it)
     /// rather than as each layer's graphs queued a few layers ahead.
     pub gated_whole: bool,
+    /// The residency tables' changed entries written by one small kernel carrying them in its
+    /// arguments (`model::gates::WordScatter`); off: each changed table copied whole (as every
+    /// run did before the kernel, hence off in a header that does not say).
+    #[serde(default)]
+    pub table_kernel: bool,
     /// Host memory the direct path may page-lock, bytes (`None`: half the available memory;
     /// see `experts::direct`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +114,7 @@ impl Default for Settings {
             copy_stream: false,
             gated_pieces: true,
             gated_whole: true,
+            table_kernel: true,
             pin_budget: None,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             worker_cpus: Vec::new(),
@@ -173,6 +180,13 @@ impl Settings {
                 _ => return Err(bad("MOESCOPE_GATES", &v, "0, pieces or whole")),
             };
         }
+        if let Some(v) = var("MOESCOPE_TABLES") {
+            s.table_kernel = match v.as_str() {
+                "copy" => false,
+                "" | "kernel" => true,
+                _ => return Err(bad("MOESCOPE_TABLES", &v, "kernel or copy")),
+            };
+        }
         if let Some(v) = var("MOESCOPE_PIN_BUDGET") {
             s.pin_budget = Some(crate::util::parse_bytes(&v).map_err(|e| {
                 format!("MOESCOPE_PIN_BUDGET is {v:?}; expected a size such as 16GiB ({e})")
@@ -217,6 +231,9 @@ impl Settings {
         } else if self.gated_whole != d.gated_whole {
             out.push("gated steps queued layer by layer, not as one graph".into());
         }
+        if self.table_kernel != d.table_kernel {
+            out.push("residency tables copied whole".into());
+        }
         if let Some(b) = self.pin_budget {
             out.push(format!("pin budget {}", crate::util::fmt_bytes(b)));
         }
@@ -250,6 +267,7 @@ mod tests {
             ("MOESCOPE_H2D", "staged"),
             ("MOESCOPE_COPY_STREAM", "1"),
             ("MOESCOPE_GATES", "0"),
+            ("MOESCOPE_TABLES", "copy"),
             ("MOESCOPE_PIN_BUDGET", "16GiB"),
             ("MOESCOPE_TEST_CORES", "7"),
         ]))
@@ -266,6 +284,7 @@ mod tests {
                 copy_stream: true,
                 gated_pieces: false,
                 gated_whole: false,
+                table_kernel: false,
                 pin_budget: Some(16 << 30),
                 cores: 7,
                 worker_cpus: Vec::new(),
@@ -275,7 +294,7 @@ mod tests {
             s.describe_changes(),
             "CUDA graphs off, candle's MoE kernel, candle's attention ops, speculation last, GPU \
              self-fill off, staged copies forced, second copy stream, piecewise steps launched \
-             layer by layer, pin budget 16.0 GiB"
+             layer by layer, residency tables copied whole, pin budget 16.0 GiB"
         );
         assert_eq!(
             Settings::from_vars(vars(&[("MOESCOPE_SPECULATE", "0")]))
@@ -331,6 +350,11 @@ mod tests {
         let e = Settings::from_vars(vars(&[("MOESCOPE_GATES", "off")])).unwrap_err();
         assert!(
             e.contains("MOESCOPE_GATES") && e.contains("0, pieces or whole"),
+            "{e}"
+        );
+        let e = Settings::from_vars(vars(&[("MOESCOPE_TABLES", "dma")])).unwrap_err();
+        assert!(
+            e.contains("MOESCOPE_TABLES") && e.contains("kernel or copy"),
             "{e}"
         );
         let e = Settings::from_vars(vars(&[("MOESCOPE_TEST_CORES", "many")])).unwrap_err();

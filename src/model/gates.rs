@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
-    sys,
+    CudaContext, CudaFunction, CudaGraph, CudaStream, DeviceRepr, LaunchConfig, PinnedHostSlice,
+    PushKernelArg, sys,
 };
 
 use super::error::{ModelError, Result};
@@ -170,7 +170,7 @@ const WORDS_MODULE: &str = "moescope_words";
 /// Loads the kernels of `words.cu` now: a capture (a whole gated step recorded as one graph)
 /// must not load a module while the stream records.
 pub fn preload(cuda: &candle_core::CudaDevice) -> Result<()> {
-    for name in ["copy_words", "gate_layer", "copy_runs3"] {
+    for name in ["copy_words", "gate_layer", "copy_runs3", "scatter_words"] {
         cuda.get_or_load_custom_func(name, WORDS_MODULE, WORDS_PTX)?;
     }
     Ok(())
@@ -246,6 +246,73 @@ pub fn copy_runs3(
     unsafe { b.launch(cfg) }
         .map(|_| ())
         .map_err(|e| gate_err("run copy", e))
+}
+
+/// Words a [`WordScatter`] launch carries in its arguments (`words.cu`'s `SCATTER_MAX`).
+pub const SCATTER_MAX: usize = 100;
+
+/// `words.cu`'s `ScatterWords`, field for field: the launch's argument block.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ScatterArgs {
+    n: u32,
+    pad: u32,
+    addr: [u64; SCATTER_MAX],
+    val: [u32; SCATTER_MAX],
+}
+
+// SAFETY: plain integers in C's layout, as the kernel declares them.
+unsafe impl DeviceRepr for ScatterArgs {}
+
+/// Writes 32-bit words to scattered device addresses by one small kernel a hundred words
+/// (`words.cu`'s `scatter_words`), the addresses and values in the launch's arguments. Why:
+/// keeping the residency tables by a fresh tensor and a copy per changed table cost 32–65 µs of
+/// the host's time for every layer that missed (BENCHMARKS.md §95); the arguments are copied
+/// when the kernel is queued, so nothing on the host has to outlive the launch. The kernel is
+/// fetched when this is made, before any step is queued (the module doc's rule).
+pub struct WordScatter {
+    f: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl WordScatter {
+    pub fn new(cuda: &candle_core::CudaDevice) -> Result<Self> {
+        Ok(WordScatter {
+            f: cuda
+                .get_or_load_custom_func("scatter_words", WORDS_MODULE, WORDS_PTX)?
+                .into_cuda_function(),
+            stream: cuda.cuda_stream(),
+        })
+    }
+
+    /// Queues `words` (device address, value) on candle's stream; an address given twice gets
+    /// either value, so callers give each once.
+    pub fn scatter(&self, words: &[(sys::CUdeviceptr, u32)]) -> Result<()> {
+        for chunk in words.chunks(SCATTER_MAX) {
+            let mut a = ScatterArgs {
+                n: chunk.len() as u32,
+                pad: 0,
+                addr: [0; SCATTER_MAX],
+                val: [0; SCATTER_MAX],
+            };
+            for (i, &(at, v)) in chunk.iter().enumerate() {
+                a.addr[i] = at;
+                a.val[i] = v;
+            }
+            let mut b = self.stream.launch_builder(&self.f);
+            b.arg(&a);
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the callers pass live, 4-byte aligned device addresses of u32 words.
+            unsafe { b.launch(cfg) }
+                .map(|_| ())
+                .map_err(|e| gate_err("word scatter", e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Page-locked words mapped into the device's address space: host-side slices, device-side

@@ -81,6 +81,8 @@ pub struct CachedProvider {
     map_misses: bool,
     /// GGUF experts held as GPU blocks in the slot pools (see `convert::gpu_block_layouts`).
     gpu_blocks: bool,
+    /// The residency tables kept by one kernel (the `table_kernel` setting).
+    table_kernel: bool,
     unavailable: Vec<Vec<usize>>,
     state: Mutex<State>,
     loaded: Condvar,
@@ -177,6 +179,7 @@ impl CachedProvider {
             quantized,
             map_misses: total < cfg.total_experts(),
             gpu_blocks,
+            table_kernel: settings.table_kernel,
             unavailable,
             state: Mutex::new(State {
                 host: vec![Vec::new(); pools.num_pools()],
@@ -684,6 +687,7 @@ impl ExpertProvider for CachedProvider {
                 cfg.num_hidden_layers,
                 cfg.num_experts,
                 &self.device,
+                self.table_kernel,
             )?;
             s.residency = Some(r);
         }

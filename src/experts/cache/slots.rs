@@ -859,17 +859,26 @@ pub(super) const NOT_RESIDENT: u32 = u32::MAX;
 pub(super) struct Residency {
     host: Vec<Vec<u32>>,
     device: Vec<Option<Tensor>>,
-    dirty: Vec<bool>,
+    /// Entries changed since the last sync, each once.
+    changed: Vec<(usize, usize)>,
+    seen: HashSet<(usize, usize)>,
+    /// How the changes reach the device. On CUDA (unless the settings keep the old way, for
+    /// comparisons): written by one small kernel carrying them in its arguments, at each table's
+    /// device address; otherwise each changed table copied whole.
+    #[cfg(feature = "cuda")]
+    scatter: Option<(crate::model::gates::WordScatter, Vec<u64>)>,
 }
 
 impl Residency {
-    /// The tables as `pools` stand now; `pools` logs its changes from here on.
+    /// The tables as `pools` stand now; `pools` logs its changes from here on. `scatter`: keep
+    /// them by [`WordScatter`](crate::model::gates::WordScatter) where the device is CUDA.
     pub fn new(
         pools: &mut Pools,
         moe_layers: &[usize],
         layers: usize,
         experts: usize,
         device: &Device,
+        scatter: bool,
     ) -> Result<Self> {
         pools.log_changes();
         let mut host = vec![Vec::new(); layers];
@@ -884,10 +893,28 @@ impl Residency {
                 .collect();
             dev[l] = Some(Tensor::from_vec(host[l].clone(), experts, device)?);
         }
+        #[cfg(feature = "cuda")]
+        let scatter = match device {
+            Device::Cuda(cuda) if scatter => {
+                let mut at = vec![0u64; layers];
+                for (l, t) in dev.iter().enumerate() {
+                    if let Some(t) = t {
+                        at[l] = crate::model::raw::device_range(t, 0, experts * 4)?.0;
+                    }
+                }
+                Some((crate::model::gates::WordScatter::new(cuda)?, at))
+            }
+            _ => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = scatter;
         Ok(Residency {
             host,
             device: dev,
-            dirty: vec![false; layers],
+            changed: Vec::new(),
+            seen: HashSet::new(),
+            #[cfg(feature = "cuda")]
+            scatter,
         })
     }
 
@@ -895,26 +922,102 @@ impl Residency {
         self.device.get(layer).cloned().flatten()
     }
 
-    /// Applies the pools' changes since the last call and queues the changed layers' tables
-    /// to the device (on candle's stream); whether any were.
+    /// Applies the pools' changes since the last call and queues them to the device tables (on
+    /// candle's stream); whether any were.
     pub fn sync(&mut self, pools: &mut Pools, device: &Device) -> Result<bool> {
         for (l, e, slot) in pools.take_changes() {
             if let Some(entry) = self.host.get_mut(l).and_then(|t| t.get_mut(e)) {
                 *entry = slot.map_or(NOT_RESIDENT, |s| s as u32);
-                self.dirty[l] = true;
+                if self.device[l].is_some() && self.seen.insert((l, e)) {
+                    self.changed.push((l, e));
+                }
             }
         }
-        let mut any = false;
-        for l in 0..self.dirty.len() {
-            if !std::mem::take(&mut self.dirty[l]) {
-                continue;
-            }
+        if self.changed.is_empty() {
+            return Ok(false);
+        }
+        self.seen.clear();
+        let changed = std::mem::take(&mut self.changed);
+        #[cfg(feature = "cuda")]
+        if let Some((scatter, at)) = &self.scatter {
+            let words: Vec<(u64, u32)> = changed
+                .iter()
+                .map(|&(l, e)| (at[l] + 4 * e as u64, self.host[l][e]))
+                .collect();
+            scatter.scatter(&words)?;
+            return Ok(true);
+        }
+        let mut layers: Vec<usize> = changed.iter().map(|&(l, _)| l).collect();
+        layers.sort_unstable();
+        layers.dedup();
+        for l in layers {
             if let Some(t) = &self.device[l] {
                 let n = self.host[l].len();
                 t.slice_set(&Tensor::from_vec(self.host[l].clone(), n, device)?, 0, 0)?;
-                any = true;
             }
         }
-        Ok(any)
+        Ok(true)
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use crate::cache::policy::PolicyKind;
+    use crate::cache::pool::Admit;
+    use crate::cache::settings::Scope;
+
+    /// The kernel that keeps the residency tables leaves on the device what copying each changed
+    /// table whole leaves: every entry as the pools say, over syncs of a few changes, one of more
+    /// than a launch's hundred words, and entries changed twice between two syncs.
+    #[test]
+    fn gpu_residency_tables_by_kernel_equal_tables_copied_whole() {
+        let Some(device) = crate::util::gpu_test::device("residency table") else {
+            return;
+        };
+        let layers = [0usize, 1, 3];
+        let experts = 64;
+        let make = || Pools::new(&layers, experts, 120, Scope::Global, PolicyKind::Lru);
+        let (mut pk, mut pc) = (make(), make());
+        let mut rk = Residency::new(&mut pk, &layers, 4, experts, &device, true).unwrap();
+        let mut rc = Residency::new(&mut pc, &layers, 4, experts, &device, false).unwrap();
+        assert!(rk.scatter.is_some() && rc.scatter.is_none());
+        let none = HashSet::new();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let (mut largest, mut before) = (0, vec![vec![NOT_RESIDENT; experts]; layers.len()]);
+        for round in 0..40 {
+            let n = if round == 7 { 400 } else { 1 + round % 5 };
+            for _ in 0..n {
+                rng = rng
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let l = layers[(rng >> 33) as usize % layers.len()];
+                let e = (rng >> 40) as usize % experts;
+                let a = pk.admit(l, e, Admit::Demand, &none).map(|a| a.slot);
+                let b = pc.admit(l, e, Admit::Demand, &none).map(|a| a.slot);
+                assert_eq!(a, b);
+            }
+            assert_eq!(
+                rk.sync(&mut pk, &device).unwrap(),
+                rc.sync(&mut pc, &device).unwrap()
+            );
+            let mut changed = 0;
+            for (i, &l) in layers.iter().enumerate() {
+                let want: Vec<u32> = (0..experts)
+                    .map(|e| pk.slot(l, e).map_or(NOT_RESIDENT, |(_, s)| s as u32))
+                    .collect();
+                let got = |r: &Residency| r.table(l).unwrap().to_vec1::<u32>().unwrap();
+                assert_eq!(got(&rk), want, "kernel, round {round}, layer {l}");
+                assert_eq!(got(&rc), want, "copies, round {round}, layer {l}");
+                changed += want.iter().zip(&before[i]).filter(|(a, b)| a != b).count();
+                before[i] = want;
+            }
+            largest = largest.max(changed);
+        }
+        let most = crate::model::gates::SCATTER_MAX;
+        assert!(
+            largest > most,
+            "{largest} entries at most changed by one sync, want > {most}"
+        );
     }
 }

@@ -70,3 +70,22 @@ extern "C" __global__ void copy_runs3(const unsigned char* s0, unsigned char* d0
         for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = s[i];
     }
 }
+
+// Words written to scattered device addresses, the addresses and values carried in the launch's
+// own arguments: the changed entries of the residency tables after a gated layer's misses
+// (`experts/cache/slots.rs`, `Residency::sync`). Why a kernel with its data as arguments: each
+// changed table used to be a fresh device tensor from a host vector — a pageable copy and a copy
+// kernel, 32–65 µs of the host's time for every layer that missed (BENCHMARKS.md §95) — and the
+// arguments are copied when the kernel is queued, so no host buffer has to outlive the launch.
+#define SCATTER_MAX 100
+struct ScatterWords {
+    unsigned int n;
+    unsigned int pad;
+    unsigned long long addr[SCATTER_MAX];
+    unsigned int val[SCATTER_MAX];
+};
+
+extern "C" __global__ void scatter_words(const ScatterWords w) {
+    for (unsigned int i = threadIdx.x; i < w.n && i < SCATTER_MAX; i += blockDim.x)
+        *(unsigned int*)w.addr[i] = w.val[i];
+}
