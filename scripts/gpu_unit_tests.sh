@@ -10,21 +10,21 @@
 #   cargo test --release --features cuda --lib --no-run   # prints target/release/deps/moescope-HASH
 # then stripped and compressed (.xz or .gz) to carry. FILTER defaults to "pick attn_decode
 # moe_decode moe_block moe_grouped layers:: gpu_reuse gpu_gated gpu_quantized_self_fill
-# gpu_long_prompts gpu_table_coded gpu_small_runs" (the greedy pick on the device, the
+# gpu_long_prompts gpu_table_coded gpu_small_runs gpu_residency" (the greedy pick on the device, the
 # attention and MoE decode kernels, a long prompt's MoE GEMM in chunks, the prompt's grouped
 # expert products, the prompt attention, decode-state reuse with its graphs, gated selective
 # steps on every format, GPU self-fill over GGUF and FP8 slots, 300-token prompts on every
-# format, table-coded experts loaded on a GPU, and an FP8 miss's scale tables read by one kernel
-# from a registered file — the five before the last load the bundled
-# model and the fixtures, so models/tiny-moe and tests/fixtures must be in the tree carried to
-# the GPU machine; pass "attn_decode moe_decode moe_grouped" to leave them out when the carry has
-# no room for them).
+# format, table-coded experts loaded on a GPU, an FP8 miss's scale tables read by one kernel
+# from a registered file, and the residency tables kept by one kernel). gpu_reuse, gpu_gated,
+# gpu_quantized_self_fill, gpu_long_prompts and gpu_table_coded load the bundled model and the
+# fixtures, so models/tiny-moe and tests/fixtures must be in the tree carried to the GPU machine;
+# pass "attn_decode moe_decode moe_grouped" to leave them out when the carry has no room for them.
 # Exits non-zero when a test fails, or when the tests were skipped for want of a GPU.
 set -uo pipefail
 BIN=${1:?usage: scripts/gpu_unit_tests.sh TESTBIN [FILTER]}
 source "$(dirname "$0")/unpack_bin.sh"
 BIN=$(unpack_bin "$BIN" unit) || exit 1
-out=$("$BIN" ${2:-pick attn_decode moe_decode moe_block moe_grouped layers:: gpu_reuse gpu_gated gpu_quantized_self_fill gpu_long_prompts gpu_table_coded gpu_small_runs} --test-threads 1 --nocapture 2>&1)
+out=$("$BIN" ${2:-pick attn_decode moe_decode moe_block moe_grouped layers:: gpu_reuse gpu_gated gpu_quantized_self_fill gpu_long_prompts gpu_table_coded gpu_small_runs gpu_residency} --test-threads 1 --nocapture 2>&1)
 rc=$?
 echo "$out" | tail -25
 # A test that skips itself on this machine (a file not mapped into the device's address space,

@@ -85,9 +85,7 @@ pub struct Settings {
     /// rather than as each layer's graphs queued a few layers ahead.
     pub gated_whole: bool,
     /// The residency tables' changed entries written by one small kernel carrying them in its
-    /// arguments (`model::gates::WordScatter`); off: each changed table copied whole (as every
-    /// run did before the kernel, hence off in a header that does not say).
-    #[serde(default)]
+    /// arguments (`model::gates::WordScatter`); off: each changed table copied whole.
     pub table_kernel: bool,
     /// Host memory the direct path may page-lock, bytes (`None`: half the available memory;
     /// see `experts::direct`).
