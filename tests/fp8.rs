@@ -366,7 +366,49 @@ fn fp8_tensors_without_a_scheme_or_scales_are_refused_by_name() {
             needles.iter().all(|n| err.contains(n)) && !err.contains("panicked"),
             "{err}"
         );
+        // `verify` reads the scales too (a GPU slot pool copies them as stored, so nothing
+        // else would see them before the logits stop being numbers): the matrix named, with
+        // its block, and the checkpoint not complete.
+        let (rc, text, err) = common::run(&["verify", d.path().to_str().unwrap()]);
+        assert_eq!(rc, 1, "{text}{err}");
+        assert!(
+            needles.iter().all(|n| text.contains(n)) && text.contains("INCOMPLETE"),
+            "{text}"
+        );
+        if names.len() > 1 {
+            for e in 0..8 {
+                assert!(text.contains(&format!("layer 2 expert {e}")), "{text}");
+            }
+            // Extracted as stored (its checksums those of the damaged bytes), the scales are
+            // still read by `verify` on the extraction.
+            let out = d.path().join("x");
+            let (rc, _, err) = common::run(&[
+                "extract",
+                "--model",
+                d.path().to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--quiet",
+            ]);
+            assert_eq!(rc, 0, "{err}");
+            let (rc, text, err) = common::run(&["verify", out.to_str().unwrap()]);
+            assert_eq!(rc, 1, "{text}{err}");
+            for e in 0..8 {
+                assert!(text.contains(&format!("layer 2 expert {e}")), "{text}");
+            }
+            assert!(
+                needles.iter().all(|n| text.contains(n)) && text.contains("INCOMPLETE"),
+                "{text}"
+            );
+        }
     }
+    // The undamaged fixture: every scale finite, complete.
+    let (rc, text, err) = common::run(&["verify", fixture(MOE).to_str().unwrap()]);
+    assert_eq!(rc, 0, "{text}{err}");
+    assert!(
+        text.contains("COMPLETE") && !text.contains("INCOMPLETE"),
+        "{text}"
+    );
 }
 
 /// `bench kld --against`: the quantization's own cost, against the checkpoint it was made from

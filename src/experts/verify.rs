@@ -140,7 +140,10 @@ fn row(report: &mut VerifyReport, layer: usize) -> &mut LayerRow {
 
 fn check_non_expert(store: &Checkpoint, cfg: &MoeConfig, report: &mut VerifyReport) {
     for (name, shape) in Checkpoint::required_tensors(cfg) {
-        if let Err(e) = store.check(&name, &shape) {
+        if let Err(e) = store
+            .check(&name, &shape)
+            .and_then(|loc| store.check_fp8_scales(&loc))
+        {
             report.non_expert.push(e.to_string());
         }
     }
@@ -151,7 +154,14 @@ fn verify_checkpoint(dir: &Path, cfg: &MoeConfig, report: &mut VerifyReport) -> 
     check_non_expert(&ckpt, cfg, report);
     for layer in cfg.moe_layers() {
         for e in 0..cfg.num_experts {
-            let outcome = ckpt.expert_location(cfg, layer, e);
+            // An FP8 expert's scales are read too (a few hundred bytes a matrix): nothing else
+            // looks at them before a GPU slot pool copies them in as stored.
+            let outcome = ckpt.expert_location(cfg, layer, e).and_then(|loc| {
+                if let Some(l) = &loc {
+                    l.parts.iter().try_for_each(|p| ckpt.check_fp8_scales(p))?;
+                }
+                Ok(loc)
+            });
             let r = row(report, layer);
             match outcome {
                 Ok(Some(_)) => r.present += 1,
@@ -316,7 +326,15 @@ fn check_expert_file(
             let scale = crate::model::fp8::Fp8Scheme::scale_name(&name).unwrap_or_default();
             let want = scheme.scale_shape(&info.shape);
             match file.info(&scale) {
-                Some(s) if s.shape == want && s.dtype.float_dtype().is_some() => continue,
+                Some(s) if s.shape == want && s.dtype.float_dtype().is_some() => {
+                    let values = file
+                        .load(&scale, candle_core::DType::F32, &candle_core::Device::Cpu)
+                        .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                        .map_err(|e| format!("{}: tensor `{scale}`: {e}", path.display()))?;
+                    crate::model::fp8::check_scales_finite(&values, want[1])
+                        .map_err(|msg| format!("{}: tensor `{name}`: {msg}", path.display()))?;
+                    continue;
+                }
                 Some(s) => {
                     return Err(format!(
                         "{}: tensor `{scale}` is {} {:?}, expected float scales of shape {want:?}",

@@ -466,6 +466,27 @@ impl Checkpoint {
         })
     }
 
+    /// Reads the block scales of the FP8 matrix at `loc` (nothing to do for any other) and
+    /// checks that every one is a finite number, naming the file, the matrix and the block.
+    /// Why apart from loading: a GPU slot pool copies a missed expert's scales as stored, so
+    /// only `verify` can find a damaged one before a step's logits stop being numbers.
+    pub fn check_fp8_scales(&self, loc: &TensorLocation) -> Result<()> {
+        let Some(scale) = loc.scale.as_deref().filter(|_| self.gguf.is_none()) else {
+            return Ok(());
+        };
+        let (sfile, _) = self.locate(&scale.name)?;
+        let values = sfile
+            .load(&scale.name, DType::F32, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let cols = scale.shape.get(1).copied().unwrap_or(1);
+        super::fp8::check_scales_finite(&values, cols).map_err(|msg| ModelError::Tensor {
+            file: sfile.path().to_path_buf(),
+            tensor: loc.name.clone(),
+            msg,
+        })
+    }
+
     /// An FP8 matrix as it is stored (bytes and scales), after the checks of [`check`](Self::check).
     /// `None` when the tensor is not FP8.
     pub fn load_fp8(

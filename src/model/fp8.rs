@@ -196,6 +196,26 @@ enum Held {
     },
 }
 
+/// Every block scale of a table `cols` blocks wide must be a finite number: a scale is amax / 448
+/// of its block whatever the weights, so NaN or ±inf can only be damage, and would turn every
+/// product through the block into NaN far from where it sits (the greedy pick's check would then
+/// say only "not finite"). The first one that is not, in words naming its block.
+pub fn check_scales_finite(scale: &[f32], cols: usize) -> std::result::Result<(), String> {
+    let cols = cols.max(1);
+    match scale.iter().position(|s| !s.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "its scale for block [{}, {}] (weight_scale_inv[{}][{}]) is {}: a block scale must \
+             be a finite number, so the scale table is damaged",
+            i / cols,
+            i % cols,
+            i / cols,
+            i % cols,
+            scale[i]
+        )),
+    }
+}
+
 impl Fp8Matrix {
     /// From the bytes of `X.weight` (one per element) and the already-widened f32 scales. The
     /// caller names the tensor in errors; here only the sizes are checked.
@@ -223,19 +243,8 @@ impl Fp8Matrix {
                 block[1]
             )
         }
-        // A scale is amax / 448 of its block: a finite number whatever the weights. NaN or ±inf
-        // can only be damage, and would turn every product through the block into NaN far from
-        // here (the greedy pick's check would then say only "not finite").
-        if let Some(i) = scale.iter().position(|s| !s.is_finite()) {
-            candle_core::bail!(
-                "its scale for block [{}, {}] (weight_scale_inv[{}][{}]) is {}: a block scale \
-                 must be a finite number, so the scale table is damaged",
-                i / sshape[1],
-                i % sshape[1],
-                i / sshape[1],
-                i % sshape[1],
-                scale[i]
-            )
+        if let Err(msg) = check_scales_finite(&scale, sshape[1]) {
+            candle_core::bail!("{msg}")
         }
         let held = if device.is_cpu() {
             Held::Cpu {
