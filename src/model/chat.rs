@@ -139,6 +139,39 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// The special tokens (`bos_token`, `eos_token`: field and value) this template writes into
+    /// a conversation's prompt — found by rendering a user, assistant, user exchange with a
+    /// marker in place of each and looking for the marker. Unset or empty ones are left out
+    /// (the template writes nothing for them), and so are all when that render fails (a
+    /// template may refuse such an exchange; the load's own render has passed).
+    pub fn specials_written(&self) -> Vec<(&'static str, &str)> {
+        const BOS: &str = "\u{e000}moescope:bos_token\u{e000}";
+        const EOS: &str = "\u{e000}moescope:eos_token\u{e000}";
+        let marked = ChatTemplate {
+            bos_token: Some(BOS.into()),
+            eos_token: Some(EOS.into()),
+            ..self.clone()
+        };
+        let turns =
+            [("user", "hi"), ("assistant", "hello"), ("user", "hi")].map(|(r, c)| ChatMessage {
+                role: r.into(),
+                content: c.into(),
+            });
+        let Ok(text) = marked.render(&turns, true, false) else {
+            return Vec::new();
+        };
+        [
+            ("bos_token", BOS, &self.bos_token),
+            ("eos_token", EOS, &self.eos_token),
+        ]
+        .into_iter()
+        .filter_map(|(field, marker, value)| {
+            let v = value.as_deref().filter(|v| !v.is_empty())?;
+            text.contains(marker).then_some((field, v))
+        })
+        .collect()
+    }
+
     /// Renders the template (HF semantics: `messages`, `add_generation_prompt`, special tokens
     /// as variables, no tools). `enable_thinking` is Qwen3's switch: moescope passes `false`
     /// unless asked (`--enable-thinking`), so short comparisons are not spent thinking; a

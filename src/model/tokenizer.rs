@@ -15,6 +15,32 @@ pub struct TextTokenizer {
     path: PathBuf,
 }
 
+/// A special token the chat template writes into prompts (`bos_token`, `eos_token` of
+/// `config`) must be a token of the tokenizer (`tok`, loaded from `tok_file`). Why at load:
+/// otherwise every prompt carries the string's pieces where the model was trained on one token
+/// — no error, just worse answers. A value the template never writes is not checked.
+fn check_specials_written(
+    tok: &tokenizers::Tokenizer,
+    chat: &ChatTemplate,
+    config: &Path,
+    tok_file: &Path,
+) -> Result<()> {
+    for (field, value) in chat.specials_written() {
+        if tok.token_to_id(value).is_none() {
+            return Err(ModelError::Tokenizer {
+                file: config.to_path_buf(),
+                msg: format!(
+                    "field `{field}` is {value:?}, which the chat template ({}) writes into \
+                     prompts, but it is no token of {}: the model would read its pieces instead",
+                    chat.source(),
+                    tok_file.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl TextTokenizer {
     /// `tokenizer.json` when the repo has one (it is what transformers loads first), else the
     /// tokenizer built from `vocab.json` + `merges.txt`.
@@ -46,11 +72,9 @@ impl TextTokenizer {
                     .into(),
             });
         };
-        Ok(TextTokenizer {
-            tok,
-            chat: ChatTemplate::from_dir(dir)?,
-            path,
-        })
+        let chat = ChatTemplate::from_dir(dir)?;
+        check_specials_written(&tok, &chat, &dir.join("tokenizer_config.json"), &path)?;
+        Ok(TextTokenizer { tok, chat, path })
     }
 
     /// Refuses a tokenizer that can produce an id the model has no embedding row for, naming the
@@ -217,4 +241,94 @@ pub fn stop_ids(cfg_eos: &[u32], tok: Option<&TextTokenizer>) -> Vec<u32> {
             .collect()
     })
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundled model's tokenizer beside a `tokenizer_config.json` holding `config`.
+    fn dir_with(config: serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            "models/tiny-moe/tokenizer.json",
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            serde_json::to_string(&config).unwrap(),
+        )
+        .unwrap();
+        dir
+    }
+
+    const EOS_AFTER_ANSWERS: &str = "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' \
+        + m['content'] }}{%- if m['role'] == 'assistant' %}{{ eos_token }}{%- else %}\
+        {{ '<|im_end|>' }}{%- endif %}{{ '\\n' }}{%- endfor %}{%- if add_generation_prompt %}\
+        {{ '<|im_start|>assistant\\n' }}{%- endif %}";
+
+    #[test]
+    fn a_special_the_template_writes_must_be_a_token() {
+        // Written by the template and no token: refused, naming the file, the field and why.
+        for eos in [
+            serde_json::json!("<|im_endx|>"),
+            serde_json::json!({"content": "<|im_endx|>", "special": true}),
+        ] {
+            let d = dir_with(serde_json::json!({
+                "chat_template": EOS_AFTER_ANSWERS,
+                "eos_token": eos,
+            }));
+            let e = TextTokenizer::from_dir(d.path()).err().expect("refused");
+            let text = e.to_string();
+            assert!(
+                text.contains("tokenizer_config.json")
+                    && text.contains("`eos_token`")
+                    && text.contains("\"<|im_endx|>\"")
+                    && text.contains("no token of"),
+                "{text}"
+            );
+        }
+        // A token, it passes; and prompts hold it as one id.
+        let d = dir_with(serde_json::json!({
+            "chat_template": EOS_AFTER_ANSWERS,
+            "eos_token": "<|im_end|>",
+        }));
+        let t = TextTokenizer::from_dir(d.path()).unwrap();
+        let id = t.encode("<|im_end|>").unwrap();
+        assert_eq!(id.len(), 1);
+        // A BOS written at the start, no token: refused by its own field.
+        let d = dir_with(serde_json::json!({
+            "chat_template": format!("{{{{ bos_token }}}}{EOS_AFTER_ANSWERS}"),
+            "bos_token": "<s>",
+            "eos_token": "<|im_end|>",
+        }));
+        let text = TextTokenizer::from_dir(d.path()).err().unwrap().to_string();
+        assert!(
+            text.contains("`bos_token`") && text.contains("\"<s>\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_special_the_template_never_writes_is_not_checked() {
+        // The bundled template (Qwen's style) writes `<|im_end|>` itself, never `eos_token`:
+        // a value that is no token changes nothing a prompt holds, so it loads (as before).
+        let bundled: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string("models/tiny-moe/tokenizer_config.json").unwrap(),
+        )
+        .unwrap();
+        let mut config = bundled.clone();
+        config["eos_token"] = serde_json::json!("<|im_endx|>");
+        config["bos_token"] = serde_json::json!("<s>");
+        assert!(TextTokenizer::from_dir(dir_with(config).path()).is_ok());
+        // Unset or empty: the template writes nothing for them.
+        for v in [serde_json::Value::Null, serde_json::json!("")] {
+            let d = dir_with(serde_json::json!({
+                "chat_template": EOS_AFTER_ANSWERS,
+                "eos_token": v,
+            }));
+            assert!(TextTokenizer::from_dir(d.path()).is_ok());
+        }
+    }
 }
