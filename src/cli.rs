@@ -233,7 +233,7 @@ pub struct UiArgs {
     pub fps: u32,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,

@@ -1003,7 +1003,9 @@ mod gpu_tests {
 
     /// Selective missing every step on every format (bf16 with a dense layer, GGUF Q4_K_M, FP8),
     /// its piecewise steps gated — as one graph and piece by piece — with an observer taking the
-    /// routing: native's tokens, logits and routing (experts and weights), bit for bit.
+    /// routing: native's tokens, logits and routing (experts and weights), bit for bit; its
+    /// misses copied direct, and staged — read in 4 KiB pieces, each run copied as it lands,
+    /// and read whole, then copied.
     #[test]
     fn gpu_gated_steps_over_every_format_give_natives_bits_and_routing() {
         if crate::util::gpu_test::device("gated steps on every format").is_none() {
@@ -1020,13 +1022,26 @@ mod gpu_tests {
             let want = run_observed(&native, &prompt, 8, false, &mut want_routes);
             drop(native);
             assert_eq!(want.len(), 8, "{file}: eight tokens");
-            for whole in [true, false] {
+            let staged = [
+                (
+                    crate::settings::H2dChoice::Auto,
+                    Settings::default().staged_piece,
+                ),
+                (crate::settings::H2dChoice::Staged, Some(4096)),
+                (crate::settings::H2dChoice::Staged, None),
+            ];
+            for (whole, (h2d, piece)) in [true, false]
+                .into_iter()
+                .flat_map(|w| staged.map(|s| (w, s)))
+            {
                 let mut spec = gpu_spec(
                     &model,
                     BackendKind::Selective,
                     Some(cfg.num_experts_per_tok),
                 );
                 spec.settings.gated_whole = whole;
+                spec.settings.h2d = h2d;
+                spec.settings.staged_piece = piece;
                 let sel = spec.load(|_, _| {}).unwrap();
                 let (gated, as_one) = (
                     crate::model::graph::gated_steps(),
@@ -1036,7 +1051,7 @@ mod gpu_tests {
                 let got = run_observed(&sel, &prompt, 8, false, &mut routes);
                 let gated = crate::model::graph::gated_steps() - gated;
                 let as_one = crate::model::graph::gated_whole_steps() - as_one;
-                let what = format!("{file}, whole {whole}");
+                let what = format!("{file}, whole {whole}, {h2d:?} copies, pieces {piece:?}");
                 assert!(got == want, "{what}: not native's bits");
                 assert_eq!(routes, want_routes, "{what}: not native's routing");
                 assert!(gated > 0, "{what}: no gated step");

@@ -14,6 +14,7 @@
 //! | `MOESCOPE_COPY_STREAM=1` | `copy_stream` | direct copies on a second stream |
 //! | `MOESCOPE_GATES=0\|pieces\|whole` | `gated_pieces`, `gated_whole` | how a piecewise GPU step (selective, routing read back at every MoE layer) runs: `0` launches each layer's graphs once the host has its routing; `pieces` queues the layers' graphs a few layers ahead behind gate kernels (`model::gates`); `whole` (the default) replays the whole step, gates inside, as one graph |
 //! | `MOESCOPE_TABLES=copy` | `table_kernel` | a gated step's residency tables kept by copying each changed table whole (a fresh tensor, a pageable copy) instead of one kernel writing the changed entries |
+//! | `MOESCOPE_STAGED_PIECE=whole\|SIZE` | `staged_piece` | a staged GPU miss read whole and then copied, or in pieces of SIZE (a multiple of 4 KiB; default 256KiB) with each run copied as soon as it is read |
 //! | `MOESCOPE_PIN_BUDGET=SIZE` | `pin_budget` | host memory the direct path may page-lock (default: half the available memory) |
 //! | `MOESCOPE_TEST_CORES=N` | `cores` | the core count `--prefetch auto` decides by (a test hook) |
 
@@ -87,6 +88,10 @@ pub struct Settings {
     /// The residency tables' changed entries written by one small kernel carrying them in its
     /// arguments (`model::gates::WordScatter`); off: each changed table copied whole.
     pub table_kernel: bool,
+    /// A staged GPU miss is read in pieces of this many bytes, each run copied as soon as it
+    /// is read, so that only the last run's copy follows the read (`experts::upload`); None
+    /// (written as null): read whole, then copied.
+    pub staged_piece: Option<usize>,
     /// Host memory the direct path may page-lock, bytes (`None`: half the available memory;
     /// see `experts::direct`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +104,11 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub worker_cpus: Vec<Vec<usize>>,
 }
+
+/// Streamed staged reads' piece: `source::MIN_PIECE`'s size, the smallest piece worth a read
+/// call of its own; a 9.4 MB expert is then 36 pieces, about two rounds of an H200 host's 16
+/// threads.
+pub const DEFAULT_STAGED_PIECE: usize = 256 << 10;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -113,6 +123,7 @@ impl Default for Settings {
             gated_pieces: true,
             gated_whole: true,
             table_kernel: true,
+            staged_piece: Some(DEFAULT_STAGED_PIECE),
             pin_budget: None,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             worker_cpus: Vec::new(),
@@ -185,6 +196,22 @@ impl Settings {
                 _ => return Err(bad("MOESCOPE_TABLES", &v, "kernel or copy")),
             };
         }
+        if let Some(v) = var("MOESCOPE_STAGED_PIECE") {
+            s.staged_piece = match v.as_str() {
+                "whole" => None,
+                "" => Some(DEFAULT_STAGED_PIECE),
+                _ => match crate::util::parse_bytes(&v) {
+                    Ok(n) if n >= 4096 && n % 4096 == 0 && n <= 1 << 30 => Some(n as usize),
+                    _ => {
+                        return Err(bad(
+                            "MOESCOPE_STAGED_PIECE",
+                            &v,
+                            "whole, or a size from 4KiB to 1GiB in whole KiB multiples of 4",
+                        ));
+                    }
+                },
+            };
+        }
         if let Some(v) = var("MOESCOPE_PIN_BUDGET") {
             s.pin_budget = Some(crate::util::parse_bytes(&v).map_err(|e| {
                 format!("MOESCOPE_PIN_BUDGET is {v:?}; expected a size such as 16GiB ({e})")
@@ -232,6 +259,15 @@ impl Settings {
         if self.table_kernel != d.table_kernel {
             out.push("residency tables copied whole".into());
         }
+        if self.staged_piece != d.staged_piece {
+            out.push(match self.staged_piece {
+                None => "staged misses read whole, then copied".into(),
+                Some(n) => format!(
+                    "staged misses read in pieces of {}",
+                    crate::util::fmt_bytes(n as u64)
+                ),
+            });
+        }
         if let Some(b) = self.pin_budget {
             out.push(format!("pin budget {}", crate::util::fmt_bytes(b)));
         }
@@ -266,6 +302,7 @@ mod tests {
             ("MOESCOPE_COPY_STREAM", "1"),
             ("MOESCOPE_GATES", "0"),
             ("MOESCOPE_TABLES", "copy"),
+            ("MOESCOPE_STAGED_PIECE", "whole"),
             ("MOESCOPE_PIN_BUDGET", "16GiB"),
             ("MOESCOPE_TEST_CORES", "7"),
         ]))
@@ -283,6 +320,7 @@ mod tests {
                 gated_pieces: false,
                 gated_whole: false,
                 table_kernel: false,
+                staged_piece: None,
                 pin_budget: Some(16 << 30),
                 cores: 7,
                 worker_cpus: Vec::new(),
@@ -292,7 +330,8 @@ mod tests {
             s.describe_changes(),
             "CUDA graphs off, candle's MoE kernel, candle's attention ops, speculation last, GPU \
              self-fill off, staged copies forced, second copy stream, piecewise steps launched \
-             layer by layer, residency tables copied whole, pin budget 16.0 GiB"
+             layer by layer, residency tables copied whole, staged misses read whole, then copied, pin \
+             budget 16.0 GiB"
         );
         assert_eq!(
             Settings::from_vars(vars(&[("MOESCOPE_SPECULATE", "0")]))
@@ -354,6 +393,19 @@ mod tests {
         assert!(
             e.contains("MOESCOPE_TABLES") && e.contains("kernel or copy"),
             "{e}"
+        );
+        for v in ["1000", "3KiB", "2GiB", "fast"] {
+            let e = Settings::from_vars(vars(&[("MOESCOPE_STAGED_PIECE", v)])).unwrap_err();
+            assert!(
+                e.contains("MOESCOPE_STAGED_PIECE") && e.contains("whole, or a size"),
+                "{v}: {e}"
+            );
+        }
+        let s = Settings::from_vars(vars(&[("MOESCOPE_STAGED_PIECE", "128KiB")])).unwrap();
+        assert_eq!(s.staged_piece, Some(128 << 10));
+        assert_eq!(
+            s.describe_changes(),
+            "staged misses read in pieces of 128 KiB"
         );
         let e = Settings::from_vars(vars(&[("MOESCOPE_TEST_CORES", "many")])).unwrap_err();
         assert!(e.contains("MOESCOPE_TEST_CORES"), "{e}");

@@ -771,3 +771,101 @@ fn a_split_model_is_the_same_model() {
         .to_string();
     assert!(e.contains("kquant-Q4_K_M-00003-of-00003.gguf"), "{e}");
 }
+
+/// `verify` reads a GGUF file's block scales (candle computes with the blocks as stored and a
+/// GPU slot pool copies them so): a NaN `d` in one expert's down matrix (Q4_K_M's down type,
+/// whichever it is), an infinite one in every layer-1 gate expert of a Q8_0 file, and an
+/// infinite one in an attention matrix are each named — file, tensor, row, block and field — and
+/// the file is INCOMPLETE (exit 1); the undamaged files stay COMPLETE.
+#[test]
+fn verify_reads_every_block_scale_of_a_gguf_file() {
+    // Byte offset of the `d` field in a block of `dtype`.
+    let d_at = |dtype: StDtype| match dtype {
+        StDtype::Q6K => 208,
+        StDtype::Q3K => 108,
+        StDtype::Q2K => 80,
+        StDtype::Q4_0 | StDtype::Q4_1 | StDtype::Q5_0 | StDtype::Q5_1 | StDtype::Q8_0 => 0,
+        StDtype::Q4K | StDtype::Q5K => 0,
+        other => panic!("no d field in {other:?}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let damaged = |kind: &str, name: &str, f: &dyn Fn(&Checkpoint, &MoeConfig, &mut Vec<u8>)| {
+        let path = gguf(kind);
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let cfg = MoeConfig::from_dir(&path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        f(&ckpt, &cfg, &mut bytes);
+        let out = dir.path().join(name);
+        std::fs::write(&out, bytes).unwrap();
+        out
+    };
+    let down_nan = damaged("Q4_K_M", "down-nan.gguf", &|ckpt, cfg, b| {
+        let down = &ckpt.expert_location(cfg, 0, 3).unwrap().unwrap().parts[2];
+        assert_eq!(down.name, "blk.0.ffn_down_exps.weight");
+        let at = down.offset as usize + d_at(down.dtype);
+        b[at..at + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    });
+    let gate_inf = damaged("Q8_0", "gate-inf.gguf", &|ckpt, cfg, b| {
+        for e in 0..cfg.num_experts {
+            let gate = &ckpt.expert_location(cfg, 1, e).unwrap().unwrap().parts[0];
+            // The expert's second row, its first block.
+            let row = gate.len as usize / gate.shape[0];
+            let at = gate.offset as usize + row + d_at(gate.dtype);
+            b[at..at + 2].copy_from_slice(&half::f16::INFINITY.to_le_bytes());
+        }
+    });
+    let attn_inf = damaged("Q8_0", "attn-inf.gguf", &|ckpt, cfg, b| {
+        let name = cfg.tensor_name("model.layers.0.self_attn.q_proj.weight");
+        let h = cfg.hidden_size;
+        let q = ckpt
+            .check(&name, &[cfg.num_attention_heads * cfg.head_dim, h])
+            .unwrap();
+        assert_eq!(q.dtype, StDtype::Q8_0, "{name}");
+        let at = q.offset as usize + 34; // the first row's second block
+        b[at..at + 2].copy_from_slice(&half::f16::NEG_INFINITY.to_le_bytes());
+    });
+    let cases: [(&std::path::Path, Vec<String>); 3] = [
+        (
+            &down_nan,
+            vec![
+                "layer 0 expert 3".into(),
+                "blk.0.ffn_down_exps.weight".into(),
+                "row 0 block 0 has scale d = NaN".into(),
+            ],
+        ),
+        (
+            &gate_inf,
+            (0..MoeConfig::from_dir(&gguf("Q8_0")).unwrap().num_experts)
+                .map(|e| format!("layer 1 expert {e}"))
+                .chain([
+                    "tensor `blk.1.ffn_gate_exps.weight`: Q8_0 row 1 block 0 has scale d = inf"
+                        .into(),
+                ])
+                .collect(),
+        ),
+        (
+            &attn_inf,
+            vec![
+                "blk.0.attn_q.weight".into(),
+                "row 0 block 1 has scale d = -inf".into(),
+            ],
+        ),
+    ];
+    for (path, needles) in cases {
+        let (rc, text, err) = common::run(&["verify", path.to_str().unwrap()]);
+        assert_eq!(rc, 1, "{}: {text}{err}", path.display());
+        assert!(text.contains("INCOMPLETE"), "{text}");
+        for n in needles {
+            assert!(text.contains(&n), "{}: {n:?} not in {text}", path.display());
+        }
+        assert!(text.contains(path.to_str().unwrap()), "{text}");
+    }
+    for kind in ["Q4_K_M", "Q8_0"] {
+        let (rc, text, err) = common::run(&["verify", gguf(kind).to_str().unwrap()]);
+        assert_eq!(rc, 0, "{kind}: {text}{err}");
+        assert!(
+            text.contains("COMPLETE") && !text.contains("INCOMPLETE"),
+            "{text}"
+        );
+    }
+}

@@ -163,6 +163,12 @@ pub struct CacheSnapshot {
     pub h2d_direct_bytes: u64,
     #[serde(default)]
     pub h2d_direct_time_us: u64,
+    /// Of `h2d_time_us` less `h2d_direct_time_us` (the staged copies), the device time that
+    /// followed each staged miss's read — from the host's end of the read to the end of the
+    /// miss's last copy, µs, summed (`Staging::copy_stats`). Read whole, that is the whole
+    /// copy; streamed, what the copies had not caught up. 0 in a recording that did not say.
+    #[serde(default)]
+    pub h2d_tail_time_us: u64,
     /// Of the loads above, those through a temporary stack because the GPU slot pool could not
     /// hold one forward pass's experts at once (a long prompt in a small pool): count and µs.
     /// They skip the pinned path, so they are not what an ordinary miss costs.
@@ -208,6 +214,22 @@ impl CacheSnapshot {
         (staged && n > 0 && self.h2d_time_us > 0).then(|| self.h2d_time_us as f64 / 1e6 / n as f64)
     }
 
+    /// The device time a staged miss's copies still took once its read had ended, over all
+    /// ordinary misses, seconds; None where the snapshot does not say.
+    fn staged_after_read_s(&self) -> Option<f64> {
+        let n = self.load_latency.count.saturating_sub(self.overflow_loads);
+        (n > 0 && self.h2d_tail_time_us > 0).then(|| self.h2d_tail_time_us as f64 / 1e6 / n as f64)
+    }
+
+    /// What a layer's last staged miss still waits for once it is read (`Costs::copy_tail_s`):
+    /// its copies' device time after the read, as measured; a snapshot that does not say
+    /// charges the whole copy ([`staged_copy_s`](Self::staged_copy_s)), as a miss read whole
+    /// and then copied costs.
+    pub fn staged_copy_tail_s(&self) -> Option<f64> {
+        let whole = self.staged_copy_s()?;
+        Some(self.staged_after_read_s().unwrap_or(whole))
+    }
+
     /// On the direct path with some expert files left unregistered (their misses staged), the
     /// staged copies' device time over all ordinary misses, seconds — what a layer that misses
     /// waits for beyond its misses' own times (`Costs::staged_tail_s`): the cache times a direct
@@ -217,8 +239,10 @@ impl CacheSnapshot {
         let direct = self.h2d_path.as_deref()?.starts_with("direct");
         let n = self.load_latency.count.saturating_sub(self.overflow_loads);
         let staged_us = self.h2d_time_us.saturating_sub(self.h2d_direct_time_us);
-        (direct && n > 0 && staged_us > 0 && self.h2d_direct_bytes > 0)
-            .then(|| staged_us as f64 / 1e6 / n as f64)
+        (direct && n > 0 && staged_us > 0 && self.h2d_direct_bytes > 0).then(|| {
+            self.staged_after_read_s()
+                .unwrap_or(staged_us as f64 / 1e6 / n as f64)
+        })
     }
 }
 
@@ -293,6 +317,11 @@ pub struct Costs {
     /// misses' `miss_s` ([`CacheSnapshot::staged_tail_s`]). None: nothing (one path only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged_tail_s: Option<f64>,
+    /// Staged GPU misses read in pieces, each run copied as it lands: the part of `copy_s` a
+    /// layer's last miss still waits for once it is read (its last run's copy). None: all of
+    /// `copy_s` (a miss read whole, then copied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_tail_s: Option<f64>,
 }
 
 #[cfg(test)]
@@ -401,6 +430,35 @@ mod tests {
         assert!(staged.staged_copy_s().is_some());
     }
 
+    /// The tail a staged miss leaves is the measured device time after its read, over the
+    /// ordinary misses; a snapshot that does not say (0) charges the whole copy, as a miss read
+    /// whole does.
+    #[test]
+    fn a_staged_miss_leaves_its_measured_time_after_the_read() {
+        let mut c = CacheSnapshot {
+            h2d_bytes: 1_000,
+            h2d_time_us: 4_000,
+            h2d_path: Some("staged: MOESCOPE_H2D=staged".into()),
+            overflow_loads: 2,
+            ..Default::default()
+        };
+        c.load_latency.count = 12;
+        assert_eq!(c.staged_copy_tail_s(), c.staged_copy_s());
+        c.h2d_tail_time_us = 1_000;
+        let tail = c.staged_copy_tail_s().unwrap();
+        assert!((tail - 0.0001).abs() < 1e-15, "{tail}");
+        // Partly registered: the same measured time stands for the staged share's tail.
+        let mixed = CacheSnapshot {
+            h2d_direct_bytes: 500,
+            h2d_direct_time_us: 1_000,
+            h2d_tail_time_us: 750,
+            h2d_path: Some("direct: 9 of the 15 expert files registered".into()),
+            ..c.clone()
+        };
+        let tail = mixed.staged_tail_s().unwrap();
+        assert!((tail - 0.000075).abs() < 1e-15, "{tail}");
+    }
+
     #[test]
     fn costs_written_to_a_trace_read_back_exactly() {
         // A trace and the recording it came from must predict the same speed to the last bit.
@@ -420,6 +478,7 @@ mod tests {
                 load_ahead_s: None,
                 copy_s: Some(f64::from_bits(bits + 2)),
                 staged_tail_s: None,
+                copy_tail_s: Some(f64::from_bits(bits + 3)),
             };
             let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
             assert_eq!(back, c);
@@ -437,6 +496,7 @@ mod tests {
                 load_ahead_s: None,
                 copy_s: None,
                 staged_tail_s: None,
+                copy_tail_s: None,
             };
             let back: Costs = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
             assert_eq!(back, c);

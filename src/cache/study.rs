@@ -41,7 +41,7 @@ pub fn predict_tok_s(costs: &Costs, r: &SimResult) -> f64 {
                 + r.decode_miss_layers as f64 * costs.staged_tail_s.unwrap_or(0.0)
         }
         Some(c) => {
-            r.decode_miss_layers as f64 * costs.miss_s.min(c)
+            r.decode_miss_layers as f64 * costs.miss_s.min(costs.copy_tail_s.unwrap_or(c))
                 + r.decode_misses as f64 * costs.miss_s.max(c)
         }
     };
@@ -254,6 +254,7 @@ mod tests {
             load_ahead_s: None,
             copy_s: None,
             staged_tail_s: None,
+            copy_tail_s: None,
         };
         let r = SimResult {
             decode_misses: 2,
@@ -277,6 +278,7 @@ mod tests {
             load_ahead_s: None,
             copy_s: None,
             staged_tail_s: None,
+            copy_tail_s: None,
         };
         let misses = |m: u64| SimResult {
             decode_misses: m,
@@ -301,6 +303,7 @@ mod tests {
             load_ahead_s: None,
             copy_s: Some(0.0003),
             staged_tail_s: None,
+            copy_tail_s: None,
         };
         // Two tokens: one layer with 3 misses, two layers with 1 each → 5 misses, 3 layers.
         let r = SimResult {
@@ -326,9 +329,18 @@ mod tests {
         let mixed = Costs {
             copy_s: None,
             staged_tail_s: Some(0.0001),
+            copy_tail_s: None,
             ..c
         };
         let want = 2.0 / (0.008 + 5.0 * 0.0004 + 3.0 * 0.0001);
         assert!((predict_tok_s(&mixed, &r) - want).abs() < 1e-9);
+        // Streamed reads: each layer waits only for its last miss's last run (0.05 ms), its
+        // misses still for the longer of read and copy.
+        let streamed = Costs {
+            copy_tail_s: Some(0.00005),
+            ..c
+        };
+        let want = 2.0 / (0.008 + 3.0 * 0.00005 + 5.0 * 0.0004);
+        assert!((predict_tok_s(&streamed, &r) - want).abs() < 1e-9);
     }
 }

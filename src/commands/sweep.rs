@@ -46,7 +46,13 @@ fn session(args: &RunArgs, only: Backend, settings: &Settings) -> Result<Session
 /// A session of `args` — one backend, or both (`None`: prompts alternate between them) —
 /// run with `settings`.
 fn run_session(args: &RunArgs, only: Option<Backend>, settings: &Settings) -> Result<SessionState> {
-    let plan = super::run::plan(args, settings)?;
+    let mut args = args.clone();
+    if only.is_some() {
+        // One backend is loaded: the memory guard must not ask room for both (the 48-layer
+        // geometry's all-resident run was refused on an 80 GB card for native's share).
+        args.schedule = crate::session::record::Schedule::Sequential;
+    }
+    let plan = super::run::plan(&args, settings)?;
     let mut cfg = plan.config;
     cfg.only = only;
     if only.is_some() {
@@ -188,6 +194,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
             uncaptured_step_s: uncaptured.map(|u| 1.0 / u),
             load_ahead_s: None,
             copy_s: smallest.and_then(|c| c.staged_copy_s()),
+            copy_tail_s: smallest.and_then(|c| c.staged_copy_tail_s()),
             staged_tail_s: smallest.and_then(|c| c.staged_tail_s()),
         }),
         _ => None,
@@ -518,7 +525,7 @@ fn measure_miss_bandwidth(
                 format!("staged: {why}"),
             );
         }
-        match crate::experts::upload::staged_bandwidth(&dev, &src) {
+        match crate::experts::upload::staged_bandwidth(&dev, &src, settings.staged_piece) {
             Ok(bw) => (Some(bw), format!("staged, read and copied: {why}")),
             Err(e) => (
                 measure_read_bandwidth(dir, cfg, cold),

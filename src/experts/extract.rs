@@ -830,6 +830,19 @@ impl ExpertSource for ExtractedSource {
         super::source::read_locations_into(&self.files, loc.each_ref(), self.is_cold(), demote, buf)
     }
 
+    fn read_into_for_copy_streamed(
+        &self,
+        layer: usize,
+        expert: usize,
+        buf: &mut [u8],
+        piece: usize,
+        ready: &mut super::source::Ready<'_>,
+    ) -> Result<[super::source::PartSpan; 3]> {
+        let loc = self.parts_of(layer, expert)?;
+        let cold = self.is_cold();
+        super::source::read_locations_streamed(&self.files, loc.each_ref(), cold, buf, piece, ready)
+    }
+
     fn read_into_uninit(
         &self,
         layer: usize,

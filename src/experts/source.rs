@@ -109,13 +109,26 @@ pub trait ExpertSource: Send + Sync {
         buf: &mut [u8],
     ) -> Result<[PartSpan; 3]> {
         let spans = self.read_into(layer, expert, buf)?;
-        let end = spans
-            .iter()
-            .flat_map(|p| std::iter::once(p).chain(p.scale.as_deref()))
-            .map(|p| p.range.end)
-            .max()
-            .unwrap_or(0);
-        super::demote::written(&buf[..end]);
+        super::demote::written(&buf[..spans_end(&spans)]);
+        Ok(spans)
+    }
+
+    /// [`read_into_for_copy`](Self::read_into_for_copy), handing the bytes over as they land:
+    /// `ready(spans, filled)` each time the prefix of `buf` that is read grows (`filled`, back
+    /// to back from 0 to the end of the last span), so a copy of the first bytes can start
+    /// while the rest are read. Sources that `pread` read in pieces of `piece` bytes
+    /// ([`read_locations_streamed`]); the default reads whole, then calls `ready` once.
+    fn read_into_for_copy_streamed(
+        &self,
+        layer: usize,
+        expert: usize,
+        buf: &mut [u8],
+        piece: usize,
+        ready: &mut Ready<'_>,
+    ) -> Result<[PartSpan; 3]> {
+        let _ = piece;
+        let spans = self.read_into_for_copy(layer, expert, buf)?;
+        ready(&spans, 0..spans_end(&spans))?;
         Ok(spans)
     }
 
@@ -188,6 +201,20 @@ pub trait ExpertSource: Send + Sync {
         }
         Ok(spans.try_into().expect("three parts"))
     }
+}
+
+/// What a streamed read calls as its bytes land: the parts' spans, and the range of the buffer
+/// just read (`ExpertSource::read_into_for_copy_streamed`).
+pub type Ready<'a> = dyn FnMut(&[PartSpan; 3], std::ops::Range<usize>) -> Result<()> + 'a;
+
+/// The end of the last of `spans` (scales included): the bytes a read filled.
+pub fn spans_end(spans: &[PartSpan; 3]) -> usize {
+    spans
+        .iter()
+        .flat_map(|p| std::iter::once(p).chain(p.scale.as_deref()))
+        .map(|p| p.range.end)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Where one part of an expert landed in a caller's buffer.
@@ -326,19 +353,14 @@ unsafe fn pread_exact(file: &File, dst: *mut u8, len: usize, offset: u64) -> std
     Ok(())
 }
 
-/// The reads of [`read_locations_into`], into `len` bytes at `base`.
-///
-/// # Safety
-/// `base` is valid for writes of `len` bytes, and nothing else accesses them during the call.
-unsafe fn read_locations_raw(
-    files: &FileTable,
+/// Where [`read_locations_into`] puts each part in a buffer of `have` bytes: the three matrices
+/// back to back, then any FP8 scales (in part order). Returns the parts in buffer order (with
+/// the matrix each belongs to), their offsets, the spans, and the total.
+#[allow(clippy::type_complexity)]
+fn lay_out(
     locs: [&TensorLocation; 3],
-    cold: bool,
-    then: Then,
-    base: *mut u8,
     have: usize,
-) -> Result<[PartSpan; 3]> {
-    // The three matrices back to back, then any FP8 scales (in part order).
+) -> Result<(Vec<(&TensorLocation, usize)>, [PartSpan; 3], usize)> {
     let order: Vec<(usize, &TensorLocation)> = locs
         .iter()
         .copied()
@@ -359,11 +381,11 @@ unsafe fn read_locations_raw(
         });
     }
     let mut spans: Vec<PartSpan> = Vec::with_capacity(3);
-    let mut parts: Vec<(&TensorLocation, Dst)> = Vec::with_capacity(order.len());
+    let mut placed = Vec::with_capacity(order.len());
     let mut at = 0usize;
     for (k, (part, loc)) in order.iter().enumerate() {
         let len = loc.len as usize;
-        parts.push((loc, Dst(base.wrapping_add(at))));
+        placed.push((*loc, at));
         let span = PartSpan {
             dtype: loc.dtype,
             shape: loc.shape.clone(),
@@ -377,9 +399,133 @@ unsafe fn read_locations_raw(
         }
         at += len;
     }
+    Ok((placed, spans.try_into().expect("three parts"), total))
+}
+
+/// The reads of [`read_locations_into`], into `len` bytes at `base`.
+///
+/// # Safety
+/// `base` is valid for writes of `len` bytes, and nothing else accesses them during the call.
+unsafe fn read_locations_raw(
+    files: &FileTable,
+    locs: [&TensorLocation; 3],
+    cold: bool,
+    then: Then,
+    base: *mut u8,
+    have: usize,
+) -> Result<[PartSpan; 3]> {
+    let (placed, spans, _) = lay_out(locs, have)?;
+    let parts: Vec<(&TensorLocation, Dst)> = placed
+        .iter()
+        .map(|&(loc, at)| (loc, Dst(base.wrapping_add(at))))
+        .collect();
     // SAFETY: the parts lie back to back within the first `total ≤ have` bytes at `base`.
     unsafe { read_parts_raw(files, &parts, cold, then)? };
-    Ok(spans.try_into().expect("three parts"))
+    Ok(spans)
+}
+
+/// [`read_locations_into`] for a buffer a device copy reads next, streamed: the bytes in pieces
+/// of `piece` bytes (a multiple of 4 KiB; the last of a part shorter) read on rayon's threads,
+/// each demoted once read, and `ready(spans, filled)` called on the calling thread each time the
+/// prefix of `buf` that is read grows — `filled` is what it grew by, the calls' ranges back to
+/// back from 0 to the end of the last span. Why: a staged miss copied only once it was read
+/// whole left its whole copy (~190 µs for 9.4 MB) after the read, at every layer that missed;
+/// copying each run as it lands leaves only the last one (BENCHMARKS.md §114). An error from
+/// `ready` stops the calls (the pieces in flight are still waited for) and is returned.
+pub(crate) fn read_locations_streamed(
+    files: &FileTable,
+    locs: [&TensorLocation; 3],
+    cold: bool,
+    buf: &mut [u8],
+    piece: usize,
+    ready: &mut Ready<'_>,
+) -> Result<[PartSpan; 3]> {
+    if rayon::current_thread_index().is_some() {
+        // On one of rayon's own threads, waiting for pieces queued behind this thread could
+        // wait forever: read whole, then hand it all over.
+        let spans = read_locations_into(files, locs, cold, Then::Demote, buf)?;
+        let end = spans_end(&spans);
+        ready(&spans, 0..end)?;
+        return Ok(spans);
+    }
+    let (placed, spans, total) = lay_out(locs, buf.len())?;
+    if total == 0 {
+        ready(&spans, 0..0)?;
+        return Ok(spans);
+    }
+    let opened: Vec<std::sync::Arc<File>> = placed
+        .iter()
+        .map(|(l, _)| files.get(&l.file))
+        .collect::<Result<_>>()?;
+    let piece = (piece & !4095).max(4096);
+    // (part in buffer order, file offset, buffer offset, length), in buffer order.
+    let mut pieces: Vec<(usize, u64, usize, usize)> = Vec::new();
+    for (k, (loc, at)) in placed.iter().enumerate() {
+        let len = loc.len as usize;
+        let mut done = 0usize;
+        while done < len {
+            let n = piece.min(len - done);
+            pieces.push((k, loc.offset + done as u64, at + done, n));
+            done += n;
+        }
+    }
+    let base = Dst(buf.as_mut_ptr());
+    let mut failed: Option<ModelError> = None;
+    rayon::in_place_scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, std::io::Result<()>)>();
+        for (i, &(k, off, at, n)) in pieces.iter().enumerate() {
+            let (tx, file) = (tx.clone(), &opened[k]);
+            s.spawn(move |_| {
+                let dst = base.at(at);
+                // SAFETY: the pieces are disjoint ranges of `buf`, borrowed mutably for the
+                // call; `ready` is handed a range only once every piece in it has been read.
+                let r = unsafe { pread_exact(file, dst, n, off) };
+                if r.is_ok() {
+                    // SAFETY: the n bytes at dst were just written by this thread.
+                    super::demote::written(unsafe { std::slice::from_raw_parts(dst, n) });
+                }
+                let _ = tx.send((i, r));
+            });
+        }
+        drop(tx);
+        let mut landed = vec![false; pieces.len()];
+        let (mut next, mut reported) = (0usize, 0usize);
+        for (i, r) in rx.iter() {
+            if let Err(e) = r {
+                let (k, off, _, _) = pieces[i];
+                let loc = placed[k].0;
+                failed.get_or_insert(ModelError::Tensor {
+                    file: loc.file.clone(),
+                    tensor: loc.name.clone(),
+                    msg: format!(
+                        "reading {} bytes at offset {} (piece at {off}): {e}",
+                        loc.len, loc.offset
+                    ),
+                });
+                continue;
+            }
+            landed[i] = true;
+            while next < pieces.len() && landed[next] {
+                next += 1;
+            }
+            let filled = pieces.get(next).map_or(total, |p| p.2);
+            if failed.is_none() && filled > reported {
+                if let Err(e) = ready(&spans, reported..filled) {
+                    failed = Some(e);
+                }
+                reported = filled;
+            }
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if cold {
+        for (k, (loc, _)) in placed.iter().enumerate() {
+            drop_page_cache(&opened[k], loc.offset, loc.len);
+        }
+    }
+    Ok(spans)
 }
 
 /// Reads each located part to its destination, in pieces spread over rayon's threads
@@ -656,6 +802,25 @@ impl ExpertSource for ShardSource {
         )
     }
 
+    fn read_into_for_copy_streamed(
+        &self,
+        layer: usize,
+        expert: usize,
+        buf: &mut [u8],
+        piece: usize,
+        ready: &mut Ready<'_>,
+    ) -> Result<[PartSpan; 3]> {
+        let loc = self.parts_of(layer, expert)?;
+        read_locations_streamed(
+            &self.files,
+            loc.each_ref(),
+            self.is_cold(),
+            buf,
+            piece,
+            ready,
+        )
+    }
+
     fn read_into_uninit(
         &self,
         layer: usize,
@@ -857,19 +1022,23 @@ mod tests {
         assert_eq!(piece_len(0, 0), MIN_PIECE);
     }
 
-    /// An expert's parts (several pieces each, odd offsets, a scale after the matrices) read
-    /// into an uninitialised buffer, or for a device copy, come back as `read_locations_into`
-    /// gives them; a part past
-    /// the end of its file is an error naming the tensor.
-    #[test]
-    fn uninit_reads_match_initialised_ones() {
+    /// A file of 7 MiB and a bit, byte i being `i * mul % modulus`, and a maker of bf16
+    /// locations in it (name, offset, length).
+    fn patterned_shard(
+        mul: usize,
+        modulus: usize,
+    ) -> (
+        tempfile::TempDir,
+        Vec<u8>,
+        impl Fn(&str, u64, u64) -> TensorLocation,
+    ) {
         let data: Vec<u8> = (0..(7 * READ_CHUNK + 999))
-            .map(|i| (i * 17 % 253) as u8)
+            .map(|i| (i * mul % modulus) as u8)
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shard.safetensors");
         std::fs::write(&path, &data).unwrap();
-        let loc = |name: &str, offset: u64, len: u64| TensorLocation {
+        let loc = move |name: &str, offset: u64, len: u64| TensorLocation {
             name: name.into(),
             file: path.clone(),
             dtype: StDtype::BF16,
@@ -878,6 +1047,16 @@ mod tests {
             len,
             scale: None,
         };
+        (dir, data, loc)
+    }
+
+    /// An expert's parts (several pieces each, odd offsets, a scale after the matrices) read
+    /// into an uninitialised buffer, or for a device copy, come back as `read_locations_into`
+    /// gives them; a part past
+    /// the end of its file is an error naming the tensor.
+    #[test]
+    fn uninit_reads_match_initialised_ones() {
+        let (_dir, data, loc) = patterned_shard(17, 253);
         let g = loc("gate", 3, (2 * READ_CHUNK + 10) as u64);
         let mut u = loc("up", (3 * READ_CHUNK) as u64 + 1, READ_CHUNK as u64 + 6);
         u.scale = Some(Box::new(loc("up.scale", 11, 64)));
@@ -922,5 +1101,127 @@ mod tests {
             e.contains("down") && e.contains("reading 4096 bytes"),
             "{e}"
         );
+    }
+
+    /// A streamed read hands over back-to-back ranges from 0 to the end of the last span, each
+    /// only once its bytes are in the buffer, and ends with the bytes and spans a whole read
+    /// gives — at piece sizes that split parts unevenly, and a piece size that is no multiple
+    /// of 4 KiB (rounded down); an error from the callback stops the calls and is returned; a
+    /// part past the end of its file is an error naming the tensor; on one of rayon's own
+    /// threads it reads whole and hands everything over at once.
+    #[test]
+    fn streamed_reads_hand_over_each_run_once_it_is_read() {
+        let (_dir, data, loc) = patterned_shard(31, 251);
+        let g = loc("gate", 3, (READ_CHUNK + 10_000) as u64);
+        let mut u = loc("up", (3 * READ_CHUNK) as u64 + 1, READ_CHUNK as u64 + 6);
+        u.scale = Some(Box::new(loc("up.scale", 11, 64)));
+        let d = loc("down", (5 * READ_CHUNK) as u64, (READ_CHUNK / 2) as u64);
+        let total = (g.len + u.len + d.len + 64) as usize;
+        let files = FileTable::default();
+        let mut whole = vec![0u8; total];
+        let want =
+            read_locations_into(&files, [&g, &u, &d], false, Then::Keep, &mut whole).unwrap();
+        for piece in [4096, 64 << 10, 100_000, 256 << 10, 1 << 30] {
+            let mut buf = vec![0u8; total + 7];
+            let base = buf.as_ptr() as usize;
+            let mut seen: Vec<std::ops::Range<usize>> = Vec::new();
+            let spans = read_locations_streamed(
+                &files,
+                [&g, &u, &d],
+                false,
+                &mut buf,
+                piece,
+                &mut |spans, filled| {
+                    assert_eq!(spans, &want, "piece {piece}");
+                    // SAFETY: `filled` is read, and nothing writes it again during the call.
+                    let got = unsafe {
+                        std::slice::from_raw_parts((base + filled.start) as *const u8, filled.len())
+                    };
+                    assert!(
+                        got == &whole[filled.clone()],
+                        "piece {piece}: {filled:?} not read yet"
+                    );
+                    seen.push(filled);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(spans, want, "piece {piece}");
+            assert_eq!(&buf[..total], &whole[..], "piece {piece}");
+            assert_eq!(seen.first().map(|r| r.start), Some(0), "piece {piece}");
+            assert_eq!(seen.last().map(|r| r.end), Some(total), "piece {piece}");
+            assert!(
+                seen.windows(2)
+                    .all(|w| w[0].end == w[1].start && w[0].start < w[0].end),
+                "piece {piece}: {seen:?}"
+            );
+            if piece == 1 << 30 {
+                // Each part one piece: at most one handover a part and its scales.
+                assert!(seen.len() <= 4, "{seen:?}");
+            }
+        }
+
+        // The callback's error stops the calls and comes back.
+        let mut calls = 0;
+        let mut buf = vec![0u8; total];
+        let e =
+            read_locations_streamed(&files, [&g, &u, &d], false, &mut buf, 4096, &mut |_, _| {
+                calls += 1;
+                Err(ModelError::Input("the slot refuses it".into()))
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("the slot refuses it"), "{e}");
+        assert_eq!(calls, 1);
+
+        let past = loc("down", (data.len() - 100) as u64, 8192);
+        let e = read_locations_streamed(
+            &files,
+            [&g, &u, &past],
+            false,
+            &mut buf,
+            4096,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("down") && e.contains("reading 8192 bytes"),
+            "{e}"
+        );
+
+        let small = read_locations_streamed(
+            &files,
+            [&g, &u, &d],
+            false,
+            &mut buf[..100],
+            4096,
+            &mut |_, _| Ok(()),
+        );
+        assert!(small.unwrap_err().to_string().contains("too small"));
+
+        // From inside rayon's pool: one handover of everything.
+        let (spans, seen) = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| {
+                let mut seen = Vec::new();
+                let spans = read_locations_streamed(
+                    &files,
+                    [&g, &u, &d],
+                    false,
+                    &mut buf,
+                    4096,
+                    &mut |_, f| {
+                        seen.push(f);
+                        Ok(())
+                    },
+                )
+                .unwrap();
+                (spans, seen)
+            });
+        assert_eq!(spans, want);
+        assert_eq!(seen, vec![0..total]);
+        assert_eq!(buf, whole);
     }
 }

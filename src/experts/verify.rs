@@ -140,10 +140,10 @@ fn row(report: &mut VerifyReport, layer: usize) -> &mut LayerRow {
 
 fn check_non_expert(store: &Checkpoint, cfg: &MoeConfig, report: &mut VerifyReport) {
     for (name, shape) in Checkpoint::required_tensors(cfg) {
-        if let Err(e) = store
-            .check(&name, &shape)
-            .and_then(|loc| store.check_fp8_scales(&loc))
-        {
+        if let Err(e) = store.check(&name, &shape).and_then(|loc| {
+            store.check_fp8_scales(&loc)?;
+            store.check_block_scales(&loc)
+        }) {
             report.non_expert.push(e.to_string());
         }
     }
@@ -154,11 +154,15 @@ fn verify_checkpoint(dir: &Path, cfg: &MoeConfig, report: &mut VerifyReport) -> 
     check_non_expert(&ckpt, cfg, report);
     for layer in cfg.moe_layers() {
         for e in 0..cfg.num_experts {
-            // An FP8 expert's scales are read too (a few hundred bytes a matrix): nothing else
-            // looks at them before a GPU slot pool copies them in as stored.
+            // An FP8 expert's scales are read too (a few hundred bytes a matrix), and a GGUF
+            // expert's blocks for theirs (every block carries one, so that reads the expert):
+            // nothing else looks at them before a GPU slot pool copies them in as stored.
             let outcome = ckpt.expert_location(cfg, layer, e).and_then(|loc| {
                 if let Some(l) = &loc {
-                    l.parts.iter().try_for_each(|p| ckpt.check_fp8_scales(p))?;
+                    l.parts.iter().try_for_each(|p| {
+                        ckpt.check_fp8_scales(p)?;
+                        ckpt.check_block_scales(p)
+                    })?;
                 }
                 Ok(loc)
             });

@@ -487,6 +487,42 @@ impl Checkpoint {
         })
     }
 
+    /// A block-quantized GGUF matrix's block scales are numbers (`block_scales::check`): its
+    /// bytes are read to find them, since every block carries its own. Nothing to do for other
+    /// types and for safetensors checkpoints. An error names the file, the tensor, the row, the
+    /// block and the field. Why apart from loading: candle computes with the blocks as stored,
+    /// and a GPU slot pool copies them as stored.
+    pub fn check_block_scales(&self, loc: &TensorLocation) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.gguf.is_none() || (loc.dtype.ggml().is_none() && loc.dtype.lut4().is_none()) {
+            return Ok(());
+        }
+        let terr = |msg: String| ModelError::Tensor {
+            file: loc.file.clone(),
+            tensor: loc.name.clone(),
+            msg,
+        };
+        thread_local! {
+            // One buffer for every matrix `verify` reads: a fresh one per matrix costs its
+            // pages' faults each time.
+            static BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BYTES.with_borrow_mut(|bytes| {
+            bytes.resize(loc.len as usize, 0);
+            std::fs::File::open(&loc.file)
+                .and_then(|f| f.read_exact_at(bytes, loc.offset))
+                .map_err(|e| {
+                    terr(format!(
+                        "reading {} bytes at offset {}: {e}",
+                        loc.len, loc.offset
+                    ))
+                })?;
+            let cols = loc.shape.last().copied().unwrap_or(0);
+            super::block_scales::check(loc.dtype, bytes, cols)
+                .map_err(|why| terr(format!("{} {why}", loc.dtype.name())))
+        })
+    }
+
     /// An FP8 matrix as it is stored (bytes and scales), after the checks of [`check`](Self::check).
     /// `None` when the tensor is not FP8.
     pub fn load_fp8(

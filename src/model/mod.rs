@@ -2,6 +2,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod attn_decode;
+pub mod block_scales;
 pub mod bpe_files;
 pub mod chat;
 pub mod checkpoint;

@@ -54,6 +54,7 @@ pub fn from_state(s: &SessionState) -> TraceInput {
             uncaptured_step_s: None,
             load_ahead_s: None,
             copy_s: sel_cache.and_then(|c| c.staged_copy_s()),
+            copy_tail_s: sel_cache.and_then(|c| c.staged_copy_tail_s()),
             staged_tail_s: sel_cache.and_then(|c| c.staged_tail_s()),
         }),
         _ => None,

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::super::direct::{self, DirectFiles, H2dPath};
 use super::super::source::ExpertSource;
-use super::super::upload::Staging;
+use super::super::upload::{PartDst, Staging};
 use super::fill::DeviceFills;
 use super::{CachedProvider, Loads};
 use crate::cache::pool::{Admit, Pools, key};
@@ -192,7 +192,7 @@ impl GpuSlots {
         }
         Ok(GpuSlots {
             stores,
-            staging: Staging::default(),
+            staging: Staging::new(settings.staged_piece),
             direct,
             h2d_path,
             maps,
@@ -236,13 +236,14 @@ impl GpuSlots {
         if let Some(Ok(done)) = self.direct.as_mut().map(|d| d.settle(false)) {
             count_direct(loads, done);
         }
-        let (staged_bytes, staged_us) = self.staging.copy_stats();
+        let (staged_bytes, staged_us, tail_us) = self.staging.copy_stats();
         let (direct_bytes, direct_us) = self.direct.as_ref().map_or((0, 0), |d| d.copy_stats());
         CacheSnapshot {
             h2d_bytes: staged_bytes + direct_bytes,
             h2d_time_us: staged_us + direct_us,
             h2d_direct_bytes: direct_bytes,
             h2d_direct_time_us: direct_us,
+            h2d_tail_time_us: tail_us,
             h2d_path: Some(match self.direct.as_mut() {
                 Some(d) => {
                     d.poll();
@@ -587,16 +588,24 @@ impl CachedProvider {
         let bytes = if direct {
             direct_locs.iter().flatten().map(|p| p.len).sum::<u64>()
         } else {
-            let stored = self.source.stored_bytes(layer, e) as usize;
-            let buf = gpu.staging.buffer(&self.device, stored)?;
-            let spans = self.source.read_into_for_copy(layer, e, buf)?;
-            if fits_slot([0, 1, 2].map(|i| (spans[i].range.len(), spans[i].dtype))) {
-                let [g, u, d] = spans.clone();
-                gpu.staging.upload(&store.gate_up, slot * gu_n, g.range)?;
+            let to = |t, at| PartDst {
+                weights: (t, at),
+                scale: None,
+            };
+            let (spans, copied) =
                 gpu.staging
-                    .upload(&store.gate_up, slot * gu_n + gu_n / 2, u.range)?;
-                gpu.staging.upload(&store.down, slot * dn_n, d.range)?;
-            } else {
+                    .stage_expert(&self.device, &*self.source, layer, e, |spans| {
+                        let fits =
+                            fits_slot([0, 1, 2].map(|i| (spans[i].range.len(), spans[i].dtype)));
+                        Ok(fits.then(|| {
+                            [
+                                to(&store.gate_up, slot * gu_n),
+                                to(&store.gate_up, slot * gu_n + gu_n / 2),
+                                to(&store.down, slot * dn_n),
+                            ]
+                        }))
+                    })?;
+            if !copied {
                 let (w, _) = self.read_general(layer, e)?;
                 let (g, d) = w.dense_or_err("a GPU slot pool")?;
                 store.gate_up.slice_set(&g.unsqueeze(0)?, 0, slot)?;
@@ -718,36 +727,28 @@ impl CachedProvider {
                 }
             }
         }
-        let stored = self.source.stored_bytes(layer, e) as usize;
-        let buf = gpu.staging.buffer(&self.device, stored)?;
-        let spans = self.source.read_into_for_copy(layer, e, buf)?;
-        let bytes = spans
-            .iter()
-            .map(|p| (p.range.len() + p.scale.as_ref().map_or(0, |s| s.range.len())) as u64)
-            .sum::<u64>();
-        if spans.iter().enumerate().all(|(i, p)| {
-            let scale = p
-                .scale
-                .as_ref()
-                .map(|s| (s.dtype, s.shape.as_slice(), s.range.len()));
-            as_stored(i, (p.dtype, &p.shape, p.range.len()), scale)
-        }) {
-            for (p, ((wt, wo, _), _)) in spans.iter().zip(dst) {
-                gpu.staging.upload(wt, wo, p.range.clone())?;
-            }
-            // The scale tables by one kernel, as on the direct path (BENCHMARKS.md §105).
-            let scales: Vec<(&Tensor, usize, std::ops::Range<usize>)> = spans
+        let (spans, copied) =
+            gpu.staging
+                .stage_expert(&self.device, &*self.source, layer, e, |spans| {
+                    let fits = spans.iter().enumerate().all(|(i, p)| {
+                        let scale = p
+                            .scale
+                            .as_ref()
+                            .map(|s| (s.dtype, s.shape.as_slice(), s.range.len()));
+                        as_stored(i, (p.dtype, &p.shape, p.range.len()), scale)
+                    });
+                    Ok(fits.then(|| {
+                        dst.map(|((wt, wo, _), (st, so, _))| PartDst {
+                            weights: (wt, wo),
+                            scale: Some((st, so)),
+                        })
+                    }))
+                })?;
+        if copied {
+            let bytes = spans
                 .iter()
-                .zip(dst)
-                .map(|(p, (_, (st, so, _)))| {
-                    (st, so, p.scale.as_ref().expect("checked").range.clone())
-                })
-                .collect();
-            if !gpu.staging.upload_small(&scales)? {
-                for (st, so, range) in scales {
-                    gpu.staging.upload(st, so, range)?;
-                }
-            }
+                .map(|p| (p.range.len() + p.scale.as_ref().map_or(0, |s| s.range.len())) as u64)
+                .sum::<u64>();
             return Ok((bytes, false));
         }
         let (w, read) = self.read_general(layer, e)?;
@@ -836,15 +837,17 @@ impl CachedProvider {
                 }
             }
         }
-        let stored = self.source.stored_bytes(layer, e) as usize;
-        let buf = gpu.staging.buffer(&self.device, stored)?;
-        let spans = self.source.read_into_for_copy(layer, e, buf)?;
-        for (k, p) in spans.iter().enumerate() {
-            check(k, p.dtype, &p.shape, p.range.len())?;
-        }
-        for (p, (t, off, _, _, _)) in spans.iter().zip(dst) {
-            gpu.staging.upload(t, off, p.range.clone())?;
-        }
+        let (spans, _) =
+            gpu.staging
+                .stage_expert(&self.device, &*self.source, layer, e, |spans| {
+                    for (k, p) in spans.iter().enumerate() {
+                        check(k, p.dtype, &p.shape, p.range.len())?;
+                    }
+                    Ok(Some(dst.map(|(t, off, _, _, _)| PartDst {
+                        weights: (t, off),
+                        scale: None,
+                    })))
+                })?;
         Ok((spans.iter().map(|p| p.range.len() as u64).sum(), false))
     }
 }
