@@ -12,7 +12,7 @@ ships them), or the bytes of a scale — writes the
 result, and runs the CLI on it:
 
     generate --model M --prompt ... --max-new-tokens 3   (native, then selective at 25 %)
-    verify M                                             (safetensors directories only)
+    verify M
 
 A finding is a panic (exit 101), a death by signal, a run over the time limit, or a non-zero exit
 with nothing said on stderr or stdout. Exit 0 is fine (many mutations are harmless: a changed author string);
@@ -509,8 +509,8 @@ def main():
         runs = [["generate", "--model", str(model), "--prompt", "hello there", "--max-new-tokens", "3"],
                 ["generate", "--model", str(model), "--prompt", "hello there", "--max-new-tokens", "3",
                  "--backend", "selective"]]
-        if model.is_dir():
-            runs.append(["verify", str(model)])
+        # Every model, GGUF files too: `verify` reads a GGUF file's block scales (§115).
+        runs.append(["verify", str(model)])
         bad = None
         rcs = []
         for args in runs:
