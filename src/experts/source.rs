@@ -453,28 +453,25 @@ pub(crate) fn read_locations_streamed(
         ready(&spans, 0..0)?;
         return Ok(spans);
     }
-    let opened: Vec<std::sync::Arc<File>> = placed
-        .iter()
-        .map(|(l, _)| files.get(&l.file))
-        .collect::<Result<_>>()?;
-    let piece = (piece & !4095).max(4096);
-    // (part in buffer order, file offset, buffer offset, length), in buffer order.
-    let mut pieces: Vec<(usize, u64, usize, usize)> = Vec::new();
-    for (k, (loc, at)) in placed.iter().enumerate() {
-        let len = loc.len as usize;
-        let mut done = 0usize;
-        while done < len {
-            let n = piece.min(len - done);
-            pieces.push((k, loc.offset + done as u64, at + done, n));
-            done += n;
-        }
-    }
+    let placed_locs: Vec<&TensorLocation> = placed.iter().map(|&(l, _)| l).collect();
+    let opened = open_parts(files, &placed_locs)?;
+    // In buffer order, each at its place in the buffer: the order `ready` hands them over in.
+    let pieces = plan_pieces(&placed, (piece & !4095).max(4096));
     let base = Dst(buf.as_mut_ptr());
     let mut failed: Option<ModelError> = None;
     rayon::in_place_scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel::<(usize, std::io::Result<()>)>();
-        for (i, &(k, off, at, n)) in pieces.iter().enumerate() {
-            let (tx, file) = (tx.clone(), &opened[k]);
+        for (
+            i,
+            &Piece {
+                part,
+                off,
+                at,
+                len: n,
+            },
+        ) in pieces.iter().enumerate()
+        {
+            let (tx, file) = (tx.clone(), &opened[part]);
             s.spawn(move |_| {
                 let dst = base.at(at);
                 // SAFETY: the pieces are disjoint ranges of `buf`, borrowed mutably for the
@@ -492,23 +489,15 @@ pub(crate) fn read_locations_streamed(
         let (mut next, mut reported) = (0usize, 0usize);
         for (i, r) in rx.iter() {
             if let Err(e) = r {
-                let (k, off, _, _) = pieces[i];
-                let loc = placed[k].0;
-                failed.get_or_insert(ModelError::Tensor {
-                    file: loc.file.clone(),
-                    tensor: loc.name.clone(),
-                    msg: format!(
-                        "reading {} bytes at offset {} (piece at {off}): {e}",
-                        loc.len, loc.offset
-                    ),
-                });
+                let p = &pieces[i];
+                failed.get_or_insert(piece_error(placed_locs[p.part], p.off, e));
                 continue;
             }
             landed[i] = true;
             while next < pieces.len() && landed[next] {
                 next += 1;
             }
-            let filled = pieces.get(next).map_or(total, |p| p.2);
+            let filled = pieces.get(next).map_or(total, |p| p.at);
             if failed.is_none() && filled > reported {
                 if let Err(e) = ready(&spans, reported..filled) {
                     failed = Some(e);
@@ -521,9 +510,7 @@ pub(crate) fn read_locations_streamed(
         return Err(e);
     }
     if cold {
-        for (k, (loc, _)) in placed.iter().enumerate() {
-            drop_page_cache(&opened[k], loc.offset, loc.len);
-        }
+        drop_parts(&opened, &placed_locs);
     }
     Ok(spans)
 }
@@ -566,43 +553,77 @@ fn read_pieces(
     read: impl Fn(usize, &File, u64, usize, usize) -> std::io::Result<()> + Sync,
 ) -> Result<()> {
     use rayon::prelude::*;
-    let opened: Vec<std::sync::Arc<File>> = locs
-        .iter()
-        .map(|l| files.get(&l.file))
-        .collect::<Result<_>>()?;
+    let opened = open_parts(files, locs)?;
     let total: usize = locs.iter().map(|l| l.len as usize).sum();
-    let piece = piece_len(total, rayon::current_num_threads()) & !1;
-    // (part, file offset, offset in the part, length)
-    let mut pieces: Vec<(usize, u64, usize, usize)> = Vec::new();
-    for (k, loc) in locs.iter().enumerate() {
+    // Each part's pieces counted from the part's own start.
+    let from_part_start: Vec<(&TensorLocation, usize)> = locs.iter().map(|&l| (l, 0)).collect();
+    let pieces = plan_pieces(
+        &from_part_start,
+        piece_len(total, rayon::current_num_threads()) & !1,
+    );
+    pieces
+        .into_par_iter()
+        .try_for_each(|p| read(p.part, &opened[p.part], p.off, p.at, p.len).map_err(|e| (p, e)))
+        .map_err(|(p, e)| piece_error(locs[p.part], p.off, e))?;
+    if cold {
+        drop_parts(&opened, locs);
+    }
+    Ok(())
+}
+
+/// One read call of a part: `len` bytes at file offset `off`, landing `at` bytes past where its
+/// caller counts from (the part's start for [`read_pieces`], the buffer's for the streamed read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Piece {
+    part: usize,
+    off: u64,
+    at: usize,
+    len: usize,
+}
+
+/// Each part (its location and where its first byte lands) cut into pieces of at most `piece`
+/// bytes, part after part, in file order within a part.
+fn plan_pieces(parts: &[(&TensorLocation, usize)], piece: usize) -> Vec<Piece> {
+    let piece = piece.max(1);
+    let mut pieces = Vec::new();
+    for (part, &(loc, at)) in parts.iter().enumerate() {
         let len = loc.len as usize;
         let mut done = 0usize;
         while done < len {
             let n = piece.min(len - done);
-            pieces.push((k, loc.offset + done as u64, done, n));
+            pieces.push(Piece {
+                part,
+                off: loc.offset + done as u64,
+                at: at + done,
+                len: n,
+            });
             done += n;
         }
     }
     pieces
-        .into_par_iter()
-        .try_for_each(|(k, off, at, n)| read(k, &opened[k], off, at, n).map_err(|e| (k, off, e)))
-        .map_err(|(k, off, e)| {
-            let loc = locs[k];
-            ModelError::Tensor {
-                file: loc.file.clone(),
-                tensor: loc.name.clone(),
-                msg: format!(
-                    "reading {} bytes at offset {} (piece at {off}): {e}",
-                    loc.len, loc.offset
-                ),
-            }
-        })?;
-    if cold {
-        for (k, loc) in locs.iter().enumerate() {
-            drop_page_cache(&opened[k], loc.offset, loc.len);
-        }
+}
+
+/// A failed piece, named by its part's tensor and file.
+fn piece_error(loc: &TensorLocation, off: u64, e: std::io::Error) -> ModelError {
+    ModelError::Tensor {
+        file: loc.file.clone(),
+        tensor: loc.name.clone(),
+        msg: format!(
+            "reading {} bytes at offset {} (piece at {off}): {e}",
+            loc.len, loc.offset
+        ),
     }
-    Ok(())
+}
+
+fn open_parts(files: &FileTable, locs: &[&TensorLocation]) -> Result<Vec<std::sync::Arc<File>>> {
+    locs.iter().map(|l| files.get(&l.file)).collect()
+}
+
+/// Cold mode: the parts' pages leave the page cache once read.
+fn drop_parts(opened: &[std::sync::Arc<File>], locs: &[&TensorLocation]) {
+    for (file, loc) in opened.iter().zip(locs) {
+        drop_page_cache(file, loc.offset, loc.len);
+    }
 }
 
 /// Opened files, shared between reads (the seed layout has thousands, so they are opened on
@@ -1020,6 +1041,46 @@ mod tests {
         assert_eq!(piece_len(1 << 20, 14), MIN_PIECE);
         assert_eq!(piece_len(64 << 20, 1), READ_CHUNK);
         assert_eq!(piece_len(0, 0), MIN_PIECE);
+    }
+
+    /// Pieces cover each part exactly once, in order, none longer than asked; `at` counts from
+    /// where the caller placed the part; an empty part has none.
+    #[test]
+    fn planned_pieces_tile_every_part() {
+        let (_dir, _, loc) = patterned_shard(1, 251);
+        let parts = [
+            loc("a", 3, 10_000),
+            loc("b", 20_000, 0),
+            loc("down_c", 50_001, 4096),
+        ];
+        let placed = [(&parts[0], 100), (&parts[1], 10_100), (&parts[2], 10_100)];
+        for piece in [1usize, 4096, 4097, 10_000, 1 << 20] {
+            let pieces = plan_pieces(&placed, piece);
+            for (k, &(l, at)) in placed.iter().enumerate() {
+                let mine: Vec<&Piece> = pieces.iter().filter(|p| p.part == k).collect();
+                assert_eq!(
+                    mine.len(),
+                    (l.len as usize).div_ceil(piece),
+                    "part {k}, {piece}"
+                );
+                let (mut off, mut dst) = (l.offset, at);
+                for p in mine {
+                    assert!(p.len <= piece && p.len > 0);
+                    assert_eq!((p.off, p.at), (off, dst), "part {k}, piece size {piece}");
+                    off += p.len as u64;
+                    dst += p.len;
+                }
+                assert_eq!(off, l.offset + l.len, "part {k} covered, {piece}");
+            }
+            // Parts stay in the order given, so a buffer laid out back to back fills from 0.
+            assert!(pieces.windows(2).all(|w| w[0].part <= w[1].part));
+        }
+        let e = piece_error(&parts[2], 52_000, std::io::ErrorKind::UnexpectedEof.into());
+        let text = e.to_string();
+        assert!(
+            text.contains("down_c") && text.contains("piece at 52000"),
+            "{text}"
+        );
     }
 
     /// A file of 7 MiB and a bit, byte i being `i * mul % modulus`, and a maker of bf16
