@@ -357,6 +357,7 @@ pub fn run(a: &SweepArgs, settings: &Settings) -> Result<()> {
             miss_cost_us: cache.and_then(|c| c.miss_cost_s()).map(|m| m * 1e6),
             h2d_bytes: cache.map_or(0, |c| c.h2d_bytes),
             h2d_time_us: cache.map_or(0, |c| c.h2d_time_us),
+            copy_tail_us: cache.and_then(|c| c.staged_copy_tail_s()).map(|t| t * 1e6),
             h2d_fill_bytes: cache.map_or(0, |c| c.h2d_fill_bytes),
             gpu_fills: fills,
             peak_gpu: m.memory.peak_gpu,

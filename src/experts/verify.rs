@@ -150,31 +150,43 @@ fn check_non_expert(store: &Checkpoint, cfg: &MoeConfig, report: &mut VerifyRepo
 }
 
 fn verify_checkpoint(dir: &Path, cfg: &MoeConfig, report: &mut VerifyReport) -> Result<()> {
+    use rayon::prelude::*;
     let ckpt = Checkpoint::open(dir)?;
     check_non_expert(&ckpt, cfg, report);
-    for layer in cfg.moe_layers() {
-        for e in 0..cfg.num_experts {
-            // An FP8 expert's scales are read too (a few hundred bytes a matrix), and a GGUF
-            // expert's blocks for theirs (every block carries one, so that reads the expert):
-            // nothing else looks at them before a GPU slot pool copies them in as stored.
-            let outcome = ckpt.expert_location(cfg, layer, e).and_then(|loc| {
-                if let Some(l) = &loc {
-                    l.parts.iter().try_for_each(|p| {
-                        ckpt.check_fp8_scales(p)?;
-                        ckpt.check_block_scales(p)
-                    })?;
-                }
-                Ok(loc)
-            });
-            let r = row(report, layer);
-            match outcome {
-                Ok(Some(_)) => r.present += 1,
-                Ok(None) => r.missing.push(e),
-                Err(err) => r.corrupt.push((e, err.to_string())),
-            }
+    let experts: Vec<(usize, usize)> = cfg
+        .moe_layers()
+        .flat_map(|layer| (0..cfg.num_experts).map(move |e| (layer, e)))
+        .collect();
+    // On threads: checking a GGUF expert reads all of it, and one thread reads ~2 GB/s, so a
+    // 17 GB file took ~9 s on one (BENCHMARKS.md §115). The outcomes come back in order.
+    let outcomes: Vec<Result<bool>> = experts
+        .par_iter()
+        .map(|&(layer, e)| check_expert(&ckpt, cfg, layer, e))
+        .collect();
+    for (&(layer, e), outcome) in experts.iter().zip(outcomes) {
+        let r = row(report, layer);
+        match outcome {
+            Ok(true) => r.present += 1,
+            Ok(false) => r.missing.push(e),
+            Err(err) => r.corrupt.push((e, err.to_string())),
         }
     }
     Ok(())
+}
+
+/// Whether (layer, e) is in the checkpoint, or what is wrong with it. An FP8 expert's scales are
+/// read too (a few hundred bytes a matrix), and a GGUF expert's blocks for theirs (every block
+/// carries one, so that reads the expert): nothing else looks at them before a GPU slot pool
+/// copies them in as stored.
+fn check_expert(ckpt: &Checkpoint, cfg: &MoeConfig, layer: usize, e: usize) -> Result<bool> {
+    let Some(loc) = ckpt.expert_location(cfg, layer, e)? else {
+        return Ok(false);
+    };
+    for p in &loc.parts {
+        ckpt.check_fp8_scales(p)?;
+        ckpt.check_block_scales(p)?;
+    }
+    Ok(true)
 }
 
 fn verify_extracted(dir: &Path, cfg: &MoeConfig, report: &mut VerifyReport) -> Result<()> {

@@ -85,7 +85,7 @@ impl GgufFile {
                 source: e,
             })?
             .len();
-        let mut me = Self::parse(std::io::BufReader::new(&file), file_len, path)?;
+        let mut me = Self::parse(Positioned::new(&file), file_len, path)?;
         me.parts.push((path.to_path_buf(), file));
         me.open_other_parts()?;
         Ok(me)
@@ -147,7 +147,7 @@ impl GgufFile {
                 .metadata()
                 .map_err(|e| io("reading its size", e))?
                 .len();
-            let part = Self::parse(std::io::BufReader::new(&file), len, &path)?;
+            let part = Self::parse(Positioned::new(&file), len, &path)?;
             if part.meta_u64("split.no")? != Some(k - 1)
                 || part.meta_u64("split.count")? != Some(count)
             {
@@ -1335,9 +1335,123 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     })
 }
 
+/// A file's buffered reader that keeps count of its position. Why: candle's GGUF reader asks
+/// for the position before every length-prefixed value, and `BufReader` answers each time with
+/// an `lseek` — ~300,000 of them for a 150,000-token vocabulary (BENCHMARKS.md §117).
+struct Positioned<R> {
+    inner: std::io::BufReader<R>,
+    pos: u64,
+}
+
+impl<R: std::io::Read + std::io::Seek> Positioned<R> {
+    fn new(inner: R) -> Self {
+        // Headers are read from the start (`parse` is given freshly opened files).
+        Positioned {
+            inner: std::io::BufReader::new(inner),
+            pos: 0,
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Positioned<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: std::io::Read + std::io::Seek> std::io::Seek for Positioned<R> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.pos = match to {
+            // Within the buffer this keeps it (a plain seek would drop it).
+            std::io::SeekFrom::Current(d) => {
+                let at = self.pos.checked_add_signed(d).ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "seek before the start of the file",
+                    )
+                })?;
+                self.inner.seek_relative(d)?;
+                at
+            }
+            other => self.inner.seek(other)?,
+        };
+        Ok(self.pos)
+    }
+
+    fn stream_position(&mut self) -> std::io::Result<u64> {
+        Ok(self.pos)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The counted position is the file's at every step of a walk of reads and seeks of each
+    /// kind (across the buffer's edge, past the end, back), and the bytes are the file's; a
+    /// seek before the start is an error that moves nothing.
+    #[test]
+    fn positioned_reader_knows_where_it_is() {
+        use std::io::{Read, Seek, SeekFrom};
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        f.rewind().unwrap();
+        let mut r = Positioned::new(&f);
+        let mut want = std::io::Cursor::new(&data);
+        let mut buf = [0u8; 700];
+        let steps: [(u8, i64); 12] = [
+            (0, 700),
+            (1, 5),
+            (0, 300),
+            (1, 9_000),
+            (0, 700),
+            (1, -4_000),
+            (0, 64),
+            (2, 39_990),
+            (0, 700),
+            (1, 100),
+            (3, -10),
+            (0, 5),
+        ];
+        for (k, &(op, n)) in steps.iter().enumerate() {
+            match op {
+                0 => {
+                    let (a, b) = (&mut buf[..n as usize], &mut [0u8; 700][..n as usize]);
+                    let got = r.read(a).unwrap();
+                    let expect = want.read(b).unwrap();
+                    assert_eq!((got, &a[..got]), (expect, &b[..expect]), "step {k}");
+                }
+                1 => {
+                    assert_eq!(
+                        r.seek(SeekFrom::Current(n)).unwrap(),
+                        want.seek(SeekFrom::Current(n)).unwrap()
+                    )
+                }
+                2 => {
+                    let to = SeekFrom::Start(n as u64);
+                    assert_eq!(r.seek(to).unwrap(), want.seek(to).unwrap())
+                }
+                _ => {
+                    let to = SeekFrom::End(n);
+                    assert_eq!(r.seek(to).unwrap(), want.seek(to).unwrap())
+                }
+            }
+            let pos = r.stream_position().unwrap();
+            assert_eq!(pos, want.position(), "step {k}");
+            let mut inner = r.inner.get_ref().try_clone().unwrap();
+            let real = inner.stream_position().unwrap() - r.inner.buffer().len() as u64;
+            assert_eq!(
+                pos, real,
+                "step {k}: the file's own position, less what is buffered"
+            );
+        }
+        let before = r.stream_position().unwrap();
+        assert!(r.seek(SeekFrom::Current(-(before as i64) - 1)).is_err());
+        assert_eq!(r.stream_position().unwrap(), before);
+    }
 
     /// On the CPU a table-coded attention matrix (the IQ4_XS and MXFP4_ATTN fixtures, from
     /// llama-quantize) is held as stored — 136 bytes per 256 weights, 17 per 32 — and its

@@ -269,6 +269,9 @@ fn string_len<R: Read>(r: &mut R, wide: bool) -> Option<u64> {
     }
 }
 
+/// Skips `n` bytes. A seek, not a read: a hostile length must not read the file through. (On a
+/// `BufReader` a seek drops the buffer; `gguf::Positioned`, which `GgufFile` reads through,
+/// keeps it.)
 fn skip<R: Seek>(r: &mut R, n: u64) -> Option<()> {
     r.seek(SeekFrom::Current(i64::try_from(n).ok()?)).ok()?;
     Some(())

@@ -40,6 +40,12 @@ pub struct SweepRow {
     /// (0 off the GPU).
     pub h2d_bytes: u64,
     pub h2d_time_us: u64,
+    /// Staged misses: the device time a miss's copies still took once its read had ended, µs a
+    /// miss (`CacheSnapshot::staged_copy_tail_s`). Read whole, the whole copy; streamed, what
+    /// the copies had not caught up — which `h2d_time_us` cannot show, since a streamed miss's
+    /// copies start while it is read and their span counts the waits for the pieces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_tail_us: Option<f64>,
     /// Bytes the GPU read from host memory itself, filling slots inside graph steps (a slot
     /// for every expert; their time is inside the steps').
     pub h2d_fill_bytes: u64,
@@ -300,7 +306,13 @@ pub fn sweep_table(s: &Sweep) -> String {
     if s.rows.iter().any(|r| r.h2d_bytes > 0) {
         let _ = writeln!(
             o,
-            "host→device copies into the slot pool (device time); GPU memory at peak{}, host memory pinned:",
+            "host→device copies into the slot pool (device time, each miss's first copy to its last{}); GPU memory at peak{}, host memory pinned:",
+            if s.rows.iter().any(|r| r.copy_tail_us.is_some()) {
+                "; a staged miss streamed is copied while it is read, so its rate counts the \
+                 waits for the read, and \"after read\" is what its copies still took once it was read"
+            } else {
+                ""
+            },
             s.native_peak_gpu
                 .map(|g| format!(" (native {})", fmt_bytes(g)))
                 .unwrap_or_default()
@@ -316,13 +328,16 @@ pub fn sweep_table(s: &Sweep) -> String {
             };
             let _ = writeln!(
                 o,
-                "{:>9} {:>6.1}%   {:>10} in {:>8.1} ms   {rate:>10}   GPU {:>9}   pinned {:>9}{}{}",
+                "{:>9} {:>6.1}%   {:>10} in {:>8.1} ms   {rate:>10}   GPU {:>9}   pinned {:>9}{}{}{}",
                 r.capacity,
                 r.capacity_pct,
                 fmt_bytes(r.h2d_bytes),
                 r.h2d_time_us as f64 / 1e3,
                 r.peak_gpu.map(fmt_bytes).unwrap_or("–".into()),
                 fmt_bytes(r.host_pinned_bytes),
+                r.copy_tail_us
+                    .map(|t| format!("   after read {t:.0} µs a miss"))
+                    .unwrap_or_default(),
                 r.direct_share
                     .map(|f| format!("   {:.0} % direct", 100.0 * f))
                     .unwrap_or_default(),
@@ -338,4 +353,89 @@ pub fn sweep_table(s: &Sweep) -> String {
         let _ = writeln!(o, "mean |predicted − measured| / measured: {e:.1} %");
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(capacity: usize, tail_us: Option<f64>) -> SweepRow {
+        SweepRow {
+            capacity,
+            capacity_pct: 25.0,
+            measured_decode_tok_s: Some(60.0),
+            predicted_decode_tok_s: Some(63.0),
+            prediction_error_pct: Some(5.0),
+            calibration: false,
+            measured_hit_rate: Some(0.83),
+            simulated_hit_rate: 0.83,
+            peak_memory: 18 << 30,
+            peak_rss_anon: None,
+            expected_weights: Some(16 << 30),
+            miss_cost_us: Some(340.0),
+            bound_decode_tok_s: Some(72.0),
+            step_vs_bound: Some(1.2),
+            memory_vs_expected: Some(1.1),
+            steady_decode_tok_s: None,
+            steady_vs_native: None,
+            h2d_bytes: 2_000_000_000,
+            h2d_time_us: 50_000,
+            copy_tail_us: tail_us,
+            h2d_fill_bytes: 0,
+            gpu_fills: false,
+            peak_gpu: Some(17 << 30),
+            host_pinned_bytes: 0,
+            direct_share: None,
+            decode_paths: Vec::new(),
+            steady_decode_paths: Vec::new(),
+            simulated: SimResult::default(),
+            failed: None,
+        }
+    }
+
+    fn sweep(rows: Vec<SweepRow>) -> Sweep {
+        Sweep {
+            model: "m".into(),
+            device: "cuda:0".into(),
+            dtype: "bf16".into(),
+            scope: "global".into(),
+            policy: "s3fifo".into(),
+            cold: false,
+            prefetch: false,
+            native_decode_tok_s: Some(280.0),
+            selective_uncaptured_decode_tok_s: None,
+            passes: 1,
+            native_steady_decode_tok_s: None,
+            native_decode_paths: Vec::new(),
+            native_peak_memory: 60 << 30,
+            native_peak_gpu: None,
+            mean_miss_cost_us: Some(340.0),
+            read_bandwidth: Some(28e9),
+            miss_path: Some("staged: forced".into()),
+            staged_bandwidth: None,
+            rows,
+            paired_steady: None,
+            mean_prediction_error_pct: Some(5.0),
+            load_ahead_us: None,
+            fitted_miss_cost_us: None,
+        }
+    }
+
+    /// A staged row says what its copies took after the read, and the heading says why its
+    /// rate is not the copies' own; a sweep with no such row says neither.
+    #[test]
+    fn staged_rows_show_the_copies_after_the_read() {
+        let t = sweep_table(&sweep(vec![row(1536, Some(12.4))]));
+        let line = t.lines().find(|l| l.contains(" in ")).unwrap();
+        assert!(
+            line.contains("40.0 GB/s") && line.contains("after read 12 µs a miss"),
+            "{t}"
+        );
+        assert!(t.contains("counts the waits for the read"), "{t}");
+        let t = sweep_table(&sweep(vec![row(1536, None)]));
+        assert!(
+            !t.contains("after read") && !t.contains("waits for the read"),
+            "{t}"
+        );
+    }
 }
