@@ -182,10 +182,22 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, b: Backend, focused: bool) {
 
 /// " · direct 51.8 GB/s" on a GPU slot pool once copies have been timed: which path misses take
 /// to the device (see `experts::direct`) and the rate they moved at — with some files registered
-/// and the rest staged, the share copied direct; empty elsewhere.
+/// and the rest staged, the share copied direct; empty elsewhere. Every miss staged: how long a
+/// miss's copies ran on after its read, since a streamed miss is copied while it is read and a
+/// rate over its copies' span would count the waits for the read (BENCHMARKS.md §117).
 fn gpu_copies(c: &crate::cache::stats::CacheSnapshot) -> String {
     if c.h2d_time_us == 0 {
         return String::new();
+    }
+    let all_staged = c.h2d_direct_bytes == 0
+        && c.h2d_path
+            .as_deref()
+            .is_some_and(|p| p.starts_with("staged"));
+    if all_staged
+        && c.h2d_tail_time_us > 0
+        && let Some(tail) = c.staged_copy_tail_s()
+    {
+        return format!(" · staged, copies end {:.0} µs after each read", tail * 1e6);
     }
     let path = if c.h2d_direct_bytes > 0 && c.h2d_direct_bytes < c.h2d_bytes {
         format!(
@@ -238,5 +250,15 @@ mod tests {
         assert_eq!(gpu_copies(&c), " · 68 % direct, rest staged, 51.8 GB/s");
         c.h2d_direct_bytes = c.h2d_bytes;
         assert_eq!(gpu_copies(&c), " · H2D 51.8 GB/s");
+        // Every miss staged: the rate until the copies' time after the read is known, then that.
+        c.h2d_direct_bytes = 0;
+        c.h2d_path = Some("staged: MOESCOPE_H2D=staged".into());
+        assert_eq!(gpu_copies(&c), " · staged 51.8 GB/s");
+        c.load_latency.count = 200;
+        c.h2d_tail_time_us = 2_400;
+        assert_eq!(
+            gpu_copies(&c),
+            " · staged, copies end 12 µs after each read"
+        );
     }
 }
