@@ -183,7 +183,12 @@ impl GgufFile {
     /// The header of a file given as bytes (`path` names it in errors): what the fuzzer and
     /// tests drive. Tensors can be located but not loaded.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
-        Self::parse(std::io::Cursor::new(bytes), bytes.len() as u64, path)
+        // Through `Positioned`, as a file is read, so the fuzzer drives that reader too.
+        Self::parse(
+            Positioned::new(std::io::Cursor::new(bytes)),
+            bytes.len() as u64,
+            path,
+        )
     }
 
     fn parse<R: std::io::Read + std::io::Seek>(
