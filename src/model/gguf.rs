@@ -1350,7 +1350,7 @@ struct Positioned<R> {
 
 impl<R: std::io::Read + std::io::Seek> Positioned<R> {
     fn new(inner: R) -> Self {
-        // Headers are read from the start (`parse` is given freshly opened files).
+        // Headers are read from the start: `parse` is given fresh files and byte slices.
         Positioned {
             inner: std::io::BufReader::new(inner),
             pos: 0,
