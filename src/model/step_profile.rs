@@ -109,6 +109,58 @@ pub struct StageRow {
     pub ops: usize,
 }
 
+/// One kind of stage measured inside a chain of the whole step: what the chain loses when every
+/// segment of the kind is replaced by the empty stage's copy. Why beside [`StageRow`]: a stage
+/// graph of its own starts from an idle GPU after an event, where in the step a kernel follows
+/// the one before it inside one graph; a short kernel's ramp-up weighs differently in the two.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InStepRow {
+    pub stage: Stage,
+    pub name: String,
+    pub count: usize,
+    /// The chain's time less the chain's without this kind (µs per step), floored at 0.
+    pub us: f64,
+    pub bytes: u64,
+    /// `bytes / us` (GB/s), 0 where nothing is read.
+    pub gb_s: f64,
+    /// `gb_s` against the measured copy bandwidth (%).
+    pub pct_of_copy: f64,
+}
+
+/// What each kind of stage costs inside the chained step. `without` holds, per kind, the chain's
+/// time with every segment of the kind replaced by the empty stage (µs), the segments replaced
+/// and the bytes they read. A kind whose segments end in more than one boundary copy (the
+/// router) left the further copies out of the replaced chain too; each is put back at one op
+/// inside a graph (`op_floor_us`) so that only the stage's own work is counted.
+pub fn in_step_rows(
+    chained_us: f64,
+    without: &[(Stage, f64, usize, u64)],
+    op_floor_us: f64,
+    copy_gb_s: f64,
+) -> Vec<InStepRow> {
+    without
+        .iter()
+        .map(|&(stage, us_without, count, bytes)| {
+            let extra = (stage.boundary_copies().saturating_sub(1) * count) as f64 * op_floor_us;
+            let us = (chained_us - us_without - extra).max(0.0);
+            let gb_s = if bytes > 0 && us > 0.0 {
+                bytes as f64 / (us * 1e3)
+            } else {
+                0.0
+            };
+            InStepRow {
+                stage,
+                name: stage.name().to_string(),
+                count,
+                us,
+                bytes,
+                gb_s,
+                pct_of_copy: 100.0 * gb_s / copy_gb_s.max(1e-12),
+            }
+        })
+        .collect()
+}
+
 /// Per-layer medians (µs) of every stage, for the JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SegmentTime {
@@ -150,6 +202,13 @@ pub struct StepProfile {
     pub pct_of_bound: f64,
     pub stages: Vec<StageRow>,
     pub segments: Vec<SegmentTime>,
+    /// Every segment chained in one graph, boundary copies kept (median of rounds), µs; 0 in
+    /// profiles saved before it was measured.
+    #[serde(default)]
+    pub chained_us: f64,
+    /// Each kind of stage inside the chain (see [`InStepRow`]).
+    #[serde(default)]
+    pub in_step: Vec<InStepRow>,
 }
 
 impl StepProfile {
@@ -245,7 +304,7 @@ mod gpu {
     use super::super::kv_cache::DecodeInputs;
     use super::super::ports::{ExpertProvider, NoObserver, StackFormat, Stacked};
     use super::super::qwen3_moe::{Logits, Qwen3Moe};
-    use super::{SegmentTime, Stage, StepProfile, median, stage_rows};
+    use super::{SegmentTime, Stage, StepProfile, in_step_rows, median, stage_rows};
 
     /// The static buffers the stage graphs read and write.
     pub struct StageBuffers {
@@ -381,8 +440,16 @@ mod gpu {
         };
         let empty = || -> Result<()> { Ok(b.scratch.slice_set(&b.x, 0, 0)?) };
 
+        // The kinds of stage the step has, in step order: each is also timed inside the chain.
+        let mut kinds: Vec<Stage> = Vec::new();
+        for (_, s, _) in &plan {
+            if !kinds.contains(s) {
+                kinds.push(*s);
+            }
+        }
+
         // One run of everything uncaptured with candle's upload cache on, then the captures.
-        let (graphs, whole_graph, empty_graph, floor_graph) = {
+        let (graphs, whole_graph, empty_graph, floor_graph, chain_graph, without_graphs) = {
             let _cache_uploads = cuda.enable_cuda_graph_htod_cache();
             for seg in &plan {
                 run(&mut cache, seg)?;
@@ -401,7 +468,33 @@ mod gpu {
                 }
                 Ok(())
             })?;
-            (graphs, whole_graph, empty_graph, floor_graph)
+            let chain_graph = capture_piece(&stream, || {
+                for seg in &plan {
+                    run(&mut cache, seg)?;
+                }
+                Ok(())
+            })?;
+            let mut without_graphs = Vec::with_capacity(kinds.len());
+            for kind in &kinds {
+                without_graphs.push(capture_piece(&stream, || {
+                    for seg in &plan {
+                        if seg.1 == *kind {
+                            empty()?;
+                        } else {
+                            run(&mut cache, seg)?;
+                        }
+                    }
+                    Ok(())
+                })?);
+            }
+            (
+                graphs,
+                whole_graph,
+                empty_graph,
+                floor_graph,
+                chain_graph,
+                without_graphs,
+            )
         };
         // The stage graphs must compute the step the whole graph computes.
         for g in &graphs {
@@ -413,6 +506,15 @@ mod gpu {
             return Err(err(
                 "check",
                 "the stages did not compute the step's logits bit for bit",
+            ));
+        }
+        // And so must the stages chained in one graph.
+        b.logits.slice_set(&b.logits.zeros_like()?, 0, 0)?;
+        launch(&chain_graph)?;
+        if b.logits.to_vec2::<f32>()? != w {
+            return Err(err(
+                "check",
+                "the chained stages did not compute the step's logits bit for bit",
             ));
         }
 
@@ -435,6 +537,19 @@ mod gpu {
         let mut step = Vec::new();
         let mut empty_t = Vec::new();
         let mut floor_t = Vec::new();
+        let mut chain_t = Vec::new();
+        let mut without_t: Vec<Vec<f64>> = vec![Vec::new(); without_graphs.len()];
+        // Replays of one chain back to back, after a head start: µs a replay.
+        let chain_us = |g: &CudaGraph| -> Result<f64> {
+            head.queue(&stream)?;
+            events[0].record(&stream).map_err(|e| err("event", e))?;
+            for _ in 0..CHAIN_REPLAYS {
+                launch(g)?;
+            }
+            events[1].record(&stream).map_err(|e| err("event", e))?;
+            stream.synchronize().map_err(|e| err("sync", e))?;
+            Ok(ms(&events[0], &events[1])? * 1e3 / CHAIN_REPLAYS as f64)
+        };
         for round in 0..=rounds {
             // Segments, an event between any two.
             head.queue(&stream)?;
@@ -476,8 +591,18 @@ mod gpu {
             events[1].record(&stream).map_err(|e| err("event", e))?;
             stream.synchronize().map_err(|e| err("sync", e))?;
             let floor_ms = ms(&events[0], &events[1])? / FLOOR_OPS as f64;
+            // The chain, then the chain without each kind, alternated within the round.
+            let chained = chain_us(&chain_graph)?;
+            let withouts: Vec<f64> = without_graphs
+                .iter()
+                .map(&chain_us)
+                .collect::<Result<_>>()?;
             if round == 0 {
                 continue; // warm-up
+            }
+            chain_t.push(chained);
+            for (v, t) in without_t.iter_mut().zip(withouts) {
+                v.push(t);
             }
             for (v, t) in per_segment.iter_mut().zip(&times) {
                 v.push(t * 1e3);
@@ -516,6 +641,19 @@ mod gpu {
         }
         let op_floor_us = median(&floor_t);
         let stages = stage_rows(&detailed, empty_stage_us, op_floor_us, copy_gb_s);
+        let chained_us = median(&chain_t);
+        let without: Vec<(Stage, f64, usize, u64)> = kinds
+            .iter()
+            .zip(&without_t)
+            .map(|(kind, t)| {
+                let (count, bytes) = detailed
+                    .iter()
+                    .filter(|(s, _, _)| s.stage == *kind)
+                    .fold((0, 0), |(n, b), (_, bytes, _)| (n + 1, b + bytes));
+                (*kind, median(t), count, bytes)
+            })
+            .collect();
+        let in_step = in_step_rows(chained_us, &without, op_floor_us, copy_gb_s);
         let step_us = median(&step);
         let bound_tok_s = copy_gb_s * 1e9 / bytes_per_step.max(1) as f64;
         let tok_s = 1e6 / step_us.max(1e-12);
@@ -540,11 +678,15 @@ mod gpu {
             pct_of_bound: 100.0 * tok_s / bound_tok_s.max(1e-12),
             stages,
             segments: detailed.into_iter().map(|(s, _, _)| s).collect(),
+            chained_us,
+            in_step,
         })
     }
 
     /// Whole steps replayed back to back per round.
     const WHOLE_REPLAYS: usize = 20;
+    /// Chains replayed back to back per measurement (each about a whole step).
+    const CHAIN_REPLAYS: usize = 10;
     /// Tiny copies in the op-floor graph.
     const FLOOR_OPS: usize = 128;
     /// The head start's copy, and the copy-bandwidth measurement's.

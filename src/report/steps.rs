@@ -78,13 +78,55 @@ pub fn table(p: &StepProfile) -> String {
             r.ops
         );
     }
+    if !p.in_step.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "inside the step: every stage chained in one graph, {:.1} µs; each kind's cost is what \
+             the chain saves with its segments replaced by the empty stage",
+            p.chained_us
+        );
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "| {:<22} | {:>5} | {:>9} | {:>10} | {:>9} | {:>9} |",
+            "stage", "segs", "µs/step", "read", "GB/s", "of copy"
+        );
+        let _ = writeln!(
+            o,
+            "|{}|{}|{}|{}|{}|{}|",
+            "-".repeat(24),
+            "-".repeat(7),
+            "-".repeat(11),
+            "-".repeat(12),
+            "-".repeat(11),
+            "-".repeat(11)
+        );
+        for r in &p.in_step {
+            let (gb, pct) = if r.bytes > 0 && r.us > 0.0 {
+                (format!("{:.0}", r.gb_s), format!("{:.1} %", r.pct_of_copy))
+            } else {
+                ("–".into(), "–".into())
+            };
+            let _ = writeln!(
+                o,
+                "| {:<22} | {:>5} | {:>9.1} | {:>10} | {:>9} | {:>9} |",
+                r.name,
+                r.count,
+                r.us,
+                fmt_bytes(r.bytes),
+                gb,
+                pct
+            );
+        }
+    }
     o
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::step_profile::{SegmentTime, Stage, stage_rows};
+    use crate::model::step_profile::{SegmentTime, Stage, in_step_rows, stage_rows};
 
     #[test]
     fn the_table_shows_each_stage_net_of_the_empty_stage() {
@@ -130,6 +172,16 @@ mod tests {
             pct_of_bound: 12.0,
             stages: rows,
             segments: segments.iter().map(|s| s.0.clone()).collect(),
+            chained_us: 48.0,
+            in_step: in_step_rows(
+                48.0,
+                &[
+                    (Stage::GateUp, 30.0, 2, 2_000_000),
+                    (Stage::Router, 47.0, 1, 0),
+                ],
+                0.5,
+                1000.0,
+            ),
         };
         let t = table(&p);
         assert!(
@@ -138,6 +190,25 @@ mod tests {
         );
         assert!(t.contains("bytes at the copy bandwidth 6.0 µs"), "{t}");
         assert!(t.contains("10 ops × 1.50 µs"), "{t}");
+        // gate_up: 48 − 30 = 18 µs for 2 MB = 111 GB/s = 11.1 % of the copy.
+        assert!(
+            t.contains("| experts gate_up        |     2 |      18.0 |   1.91 MiB |       111 |    11.1 % |"),
+            "{t}"
+        );
+        // The router: 48 − 47 − one further copy (0.5) = 0.5 µs, nothing read.
+        assert!(
+            t.contains("| router (top-k)         |     1 |       0.5 |        0 B |         – |         – |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn a_kind_faster_than_noise_costs_nothing_not_less() {
+        let rows = in_step_rows(10.0, &[(Stage::Down, 10.4, 1, 1_000)], 0.0, 1000.0);
+        assert_eq!(
+            (rows[0].us, rows[0].gb_s, rows[0].pct_of_copy),
+            (0.0, 0.0, 0.0)
+        );
     }
 
     #[test]
