@@ -47,24 +47,9 @@ pub fn table(p: &StepProfile) -> String {
         "| {:<22} | {:>5} | {:>9} | {:>7} | {:>10} | {:>9} | {:>9} | {:>5} |",
         "stage", "segs", "µs/step", "share", "read", "GB/s", "of copy", "ops"
     );
-    let _ = writeln!(
-        o,
-        "|{}|{}|{}|{}|{}|{}|{}|{}|",
-        "-".repeat(24),
-        "-".repeat(7),
-        "-".repeat(11),
-        "-".repeat(9),
-        "-".repeat(12),
-        "-".repeat(11),
-        "-".repeat(11),
-        "-".repeat(7)
-    );
+    rule(&mut o, &[24, 7, 11, 9, 12, 11, 11, 7]);
     for r in &p.stages {
-        let (gb, pct) = if r.bytes > 0 {
-            (format!("{:.0}", r.gb_s), format!("{:.1} %", r.pct_of_copy))
-        } else {
-            ("–".into(), "–".into())
-        };
+        let (gb, pct) = rate(r.bytes, r.gb_s, r.pct_of_copy);
         let _ = writeln!(
             o,
             "| {:<22} | {:>5} | {:>9.1} | {:>5.1} % | {:>10} | {:>9} | {:>9} | {:>5} |",
@@ -92,22 +77,9 @@ pub fn table(p: &StepProfile) -> String {
             "| {:<22} | {:>5} | {:>9} | {:>10} | {:>9} | {:>9} |",
             "stage", "segs", "µs/step", "read", "GB/s", "of copy"
         );
-        let _ = writeln!(
-            o,
-            "|{}|{}|{}|{}|{}|{}|",
-            "-".repeat(24),
-            "-".repeat(7),
-            "-".repeat(11),
-            "-".repeat(12),
-            "-".repeat(11),
-            "-".repeat(11)
-        );
+        rule(&mut o, &[24, 7, 11, 12, 11, 11]);
         for r in &p.in_step {
-            let (gb, pct) = if r.bytes > 0 && r.us > 0.0 {
-                (format!("{:.0}", r.gb_s), format!("{:.1} %", r.pct_of_copy))
-            } else {
-                ("–".into(), "–".into())
-            };
+            let (gb, pct) = rate(r.bytes, r.gb_s, r.pct_of_copy);
             let _ = writeln!(
                 o,
                 "| {:<22} | {:>5} | {:>9.1} | {:>10} | {:>9} | {:>9} |",
@@ -121,6 +93,25 @@ pub fn table(p: &StepProfile) -> String {
         }
     }
     o
+}
+
+/// A markdown table's rule under its header, one run of dashes a column.
+fn rule(o: &mut String, widths: &[usize]) {
+    for w in widths {
+        o.push('|');
+        o.push_str(&"-".repeat(*w));
+    }
+    o.push_str("|\n");
+}
+
+/// A row's bandwidth and its share of the copy's, or dashes where nothing was read (or no time
+/// was measured to read it in).
+fn rate(bytes: u64, gb_s: f64, pct_of_copy: f64) -> (String, String) {
+    if bytes > 0 && gb_s > 0.0 {
+        (format!("{gb_s:.0}"), format!("{pct_of_copy:.1} %"))
+    } else {
+        ("–".into(), "–".into())
+    }
 }
 
 #[cfg(test)]
