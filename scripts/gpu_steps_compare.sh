@@ -15,8 +15,9 @@
 # (the prompt before the profiled step, default 16) and STAGE_ROUNDS (`bench steps --rounds`,
 # default 10 at 12 layers, 5 above). The first build writes the random checkpoints. Writes each
 # run's table to OUT_DIR/steps-LAYERS[-FORMAT]-NAME-ROUND.txt and one line a run to
-# OUT_DIR/steps.tsv: layers, format, build, round, whole-step µs, % of the bound, and the
-# attention, router, gate_up and down stages' µs a step. Exits non-zero when a run fails.
+# OUT_DIR/steps.tsv: layers, format, build, round, whole-step µs, % of the bound, the
+# attention, router, gate_up and down stages' µs a step, and gate_up's and down's inside the step.
+# Exits non-zero when a run fails.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_steps_compare.sh OUT_DIR NAME=BIN [NAME=BIN ...]}; shift
 [ $# -ge 1 ] || { echo "usage: scripts/gpu_steps_compare.sh OUT_DIR NAME=BIN [NAME=BIN ...]" >&2; exit 2; }
@@ -32,9 +33,11 @@ done
 first=${BINS[${NAMES[0]}]}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 TSV="$OUT/steps.tsv"
-printf 'layers\tformat\tbuild\tround\twhole_us\tpct_of_bound\tattention_us\trouter_us\tgate_up_us\tdown_us\n' > "$TSV"
-# The µs a step of a stage row of `bench steps`' table ("| attention | 12 | 291.7 | …").
-stage() { awk -F'|' -v s="$2" '{n=$2; gsub(/^ +| +$/, "", n)} n == s {gsub(/ /, "", $4); print $4; exit}' "$1"; }
+printf 'layers\tformat\tbuild\tround\twhole_us\tpct_of_bound\tattention_us\trouter_us\tgate_up_us\tdown_us\tgate_up_in_step_us\tdown_in_step_us\n' > "$TSV"
+# The µs a step of a stage row of `bench steps`' table ("| attention | 12 | 291.7 | …"); with a
+# third argument, of its second table (the stage inside the chained step, BENCHMARKS.md §118;
+# empty for builds before it).
+stage() { awk -F'|' -v s="$2" -v second="${3:-}" '/^inside the step/ {inside=1} {n=$2; gsub(/^ +| +$/, "", n)} n == s && (second == "" || inside) {gsub(/ /, "", $4); print $4; exit}' "$1"; }
 status=0
 for L in ${LAYERS:-12 48}; do
   B=/dev/shm/q30-${L}l-bf16
@@ -65,9 +68,10 @@ for L in ${LAYERS:-12 48}; do
           echo "$name, $L layers $fmt, round $r failed: $(tail -2 "$f")"; status=1; continue
         fi
         whole=$(sed -n 's/^whole-step graph: \([0-9.]*\) µs.* = \([0-9.]*\) % of the bound.*/\1\t\2/p' "$f")
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$L" "$fmt" "$name" "$r" "$whole" \
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$L" "$fmt" "$name" "$r" "$whole" \
           "$(stage "$f" attention)" "$(stage "$f" 'router (top-k)')" "$(stage "$f" 'experts gate_up')" \
-          "$(stage "$f" 'experts down + residual')" >> "$TSV"
+          "$(stage "$f" 'experts down + residual')" "$(stage "$f" 'experts gate_up' in)" \
+          "$(stage "$f" 'experts down + residual' in)" >> "$TSV"
         tail -1 "$TSV"
       done
     done

@@ -68,8 +68,11 @@ pub fn table(p: &StepProfile) -> String {
         let _ = writeln!(
             o,
             "inside the step: every stage chained in one graph, {:.1} µs; each kind's cost is what \
-             the chain saves with its segments replaced by the empty stage",
-            p.chained_us
+             the chain saves with its segments replaced by the empty stage ({:.1} µs in all, \
+             against the whole step's {:.1})",
+            p.chained_us,
+            p.in_step.iter().map(|r| r.us).sum::<f64>(),
+            p.step_us
         );
         let _ = writeln!(o);
         let _ = writeln!(
@@ -181,6 +184,10 @@ mod tests {
         );
         assert!(t.contains("bytes at the copy bandwidth 6.0 µs"), "{t}");
         assert!(t.contains("10 ops × 1.50 µs"), "{t}");
+        assert!(
+            t.contains("(18.5 µs in all, against the whole step's 50.0)"),
+            "{t}"
+        );
         // gate_up: 48 − 30 = 18 µs for 2 MB = 111 GB/s = 11.1 % of the copy.
         assert!(
             t.contains("| experts gate_up        |     2 |      18.0 |   1.91 MiB |       111 |    11.1 % |"),
