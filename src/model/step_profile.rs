@@ -539,58 +539,44 @@ mod gpu {
         let mut floor_t = Vec::new();
         let mut chain_t = Vec::new();
         let mut without_t: Vec<Vec<f64>> = vec![Vec::new(); without_graphs.len()];
-        // Replays of one chain back to back, after a head start: µs a replay.
-        let chain_us = |g: &CudaGraph| -> Result<f64> {
+        // `n` replays of one graph back to back, after a head start: ms a replay.
+        let replays_ms = |g: &CudaGraph, n: usize| -> Result<f64> {
             head.queue(&stream)?;
             events[0].record(&stream).map_err(|e| err("event", e))?;
-            for _ in 0..CHAIN_REPLAYS {
+            for _ in 0..n {
                 launch(g)?;
             }
             events[1].record(&stream).map_err(|e| err("event", e))?;
             stream.synchronize().map_err(|e| err("sync", e))?;
-            Ok(ms(&events[0], &events[1])? * 1e3 / CHAIN_REPLAYS as f64)
+            Ok(ms(&events[0], &events[1])? / n as f64)
         };
+        // The graphs one after another after a head start, an event between any two: ms each,
+        // and ms from the first's start to the last's end.
+        let each_ms = |gs: &[&CudaGraph]| -> Result<(Vec<f64>, f64)> {
+            head.queue(&stream)?;
+            events[0].record(&stream).map_err(|e| err("event", e))?;
+            for (g, e) in gs.iter().zip(&events[1..]) {
+                launch(g)?;
+                e.record(&stream).map_err(|e| err("event", e))?;
+            }
+            stream.synchronize().map_err(|e| err("sync", e))?;
+            let times = events[..=gs.len()]
+                .windows(2)
+                .map(|w| ms(&w[0], &w[1]))
+                .collect::<Result<_>>()?;
+            Ok((times, ms(&events[0], &events[gs.len()])?))
+        };
+        let chain_us = |g: &CudaGraph| -> Result<f64> { Ok(replays_ms(g, CHAIN_REPLAYS)? * 1e3) };
+        let segments: Vec<&CudaGraph> = graphs.iter().collect();
+        let empties_in_a_row = vec![&empty_graph; graphs.len()];
         for round in 0..=rounds {
             // Segments, an event between any two.
-            head.queue(&stream)?;
-            events[0].record(&stream).map_err(|e| err("event", e))?;
-            for (g, e) in graphs.iter().zip(&events[1..]) {
-                launch(g)?;
-                e.record(&stream).map_err(|e| err("event", e))?;
-            }
-            stream.synchronize().map_err(|e| err("sync", e))?;
-            let times: Vec<f64> = events
-                .windows(2)
-                .map(|w| ms(&w[0], &w[1]))
-                .collect::<Result<_>>()?;
-            let total = ms(&events[0], &events[graphs.len()])?;
+            let (times, total) = each_ms(&segments)?;
             // Whole steps back to back.
-            head.queue(&stream)?;
-            events[0].record(&stream).map_err(|e| err("event", e))?;
-            for _ in 0..WHOLE_REPLAYS {
-                launch(&whole_graph)?;
-            }
-            events[1].record(&stream).map_err(|e| err("event", e))?;
-            stream.synchronize().map_err(|e| err("sync", e))?;
-            let whole_ms = ms(&events[0], &events[1])? / WHOLE_REPLAYS as f64;
+            let whole_ms = replays_ms(&whole_graph, WHOLE_REPLAYS)?;
             // The empty stage, as many times as there are segments, and the op floor.
-            head.queue(&stream)?;
-            events[0].record(&stream).map_err(|e| err("event", e))?;
-            for e in &events[1..] {
-                launch(&empty_graph)?;
-                e.record(&stream).map_err(|e| err("event", e))?;
-            }
-            stream.synchronize().map_err(|e| err("sync", e))?;
-            let empties: Vec<f64> = events
-                .windows(2)
-                .map(|w| ms(&w[0], &w[1]))
-                .collect::<Result<_>>()?;
-            head.queue(&stream)?;
-            events[0].record(&stream).map_err(|e| err("event", e))?;
-            launch(&floor_graph)?;
-            events[1].record(&stream).map_err(|e| err("event", e))?;
-            stream.synchronize().map_err(|e| err("sync", e))?;
-            let floor_ms = ms(&events[0], &events[1])? / FLOOR_OPS as f64;
+            let (empties, _) = each_ms(&empties_in_a_row)?;
+            let floor_ms = replays_ms(&floor_graph, 1)? / FLOOR_OPS as f64;
             // The chain, then the chain without each kind, alternated within the round.
             let chained = chain_us(&chain_graph)?;
             let withouts: Vec<f64> = without_graphs

@@ -22,6 +22,12 @@ __device__ __forceinline__ bool e4m3x4_has_nan(uint32_t q) {
     return (((q & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u) != 0u;
 }
 
+// Whether any of the eight bytes of q is an e4m3 NaN.
+__device__ __forceinline__ bool e4m3x8_has_nan(uint2 q) {
+    return ((((q.x & 0x7F7F7F7Fu) + 0x01010101u) | ((q.y & 0x7F7F7F7Fu) + 0x01010101u)) &
+            0x80808080u) != 0u;
+}
+
 // The four e4m3 bytes of q (none NaN) as f32 values times 2^-8, exactly: each byte is moved
 // into the top byte of an f16 by one byte permute and its exponent and mantissa shifted one
 // place down into f16's fields — e4m3's exponent bias is 7 and f16's 15, hence the factor,
@@ -144,22 +150,19 @@ __device__ __forceinline__ void fp8_dot_rows(const uint8_t* const* rows, const f
             for (int r = 0; r < R; r++) {
                 const float s = __ldg(srows[r] + blk);
                 float w[8];
-                float scale = s * 256.f;  // undoes e4m3x4_scaled's 2^-8
-                if (!e4m3x4_has_nan(q[r].x) && !e4m3x4_has_nan(q[r].y)) {
-                    e4m3x4_scaled(q[r].x, w);
-                    e4m3x4_scaled(q[r].y, w + 4);
-                } else {
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        w[j] = e4m3((q[r].x >> (8 * j)) & 0xFFu);
-                        w[4 + j] = e4m3((q[r].y >> (8 * j)) & 0xFFu);
-                    }
-                    scale = s;
-                }
+                e4m3x4_scaled(q[r].x, w);
+                e4m3x4_scaled(q[r].y, w + 4);
                 float part = w[0] * xf[0];
 #pragma unroll
                 for (int j = 1; j < 8; j++) part = fmaf(w[j], xf[j], part);
-                acc[r] = fmaf(part, scale, acc[r]);
+                // A NaN code makes the group's sum NaN, as its exact decode would (the scaled
+                // decode reads it as a finite value). Why not decode such a group byte by byte, as
+                // this did: that second path held registers in every FP8 kernel (down 80 against
+                // 76, gate_up 56 against 48, the attention projections 56 against 48), and fewer
+                // blocks then fit an SM (BENCHMARKS.md §119). Every NaN the GPU computes is the one
+                // canonical NaN, so the bits are the same.
+                if (e4m3x8_has_nan(q[r])) part = __uint_as_float(0x7FFFFFFFu);
+                acc[r] = fmaf(part, s * 256.f, acc[r]);  // 256 undoes e4m3x4_scaled's 2^-8
             }
         }
         done = nv * 8;

@@ -198,6 +198,13 @@ extern "C" __global__ void moe_decode_down_bf16(
 // [E, ceil(H / br), ceil(I / bc)]. As for bf16, `ids` are rows of the stacks (native's expert
 // ids, or with `map` the selective slot pool's slots), so both backends run the same arithmetic.
 
+// Registers capped (`__maxnreg__`) so that a Qwen3-30B-A3B layer's blocks fit an H100's or H200's
+// 132 SMs in one wave: gate_up's 768 blocks of 8 warps need 6 a SM (40 registers; it took 56,
+// then 48, so 4–5 fitted and the rest ran as a second, mostly idle wave) and down's 512 need 4
+// (64 registers against 76). Measured on an H100 (BENCHMARKS.md §119, `bench steps`, FP8 at 12
+// layers): gate_up inside the step 196 → 159 µs, down 125 → 130 µs, the whole step 0.93× main's.
+// A few bytes spill, outside the loop over a row.
+
 // mid[s, r] as moe_decode_gate_up_bf16 computes it, from FP8 stacks. One warp per (s, r).
 #define GATE_UP_FP8_PARAMS                                                       \
     const uint8_t* __restrict__ w_gu,        /* [E, 2I, H] */                    \
@@ -230,10 +237,10 @@ __device__ __forceinline__ void gate_up_fp8(GATE_UP_FP8_PARAMS) {
     fp8_dot_rows<2>(rows, srows, bc, 0, x, hidden, lane, acc);
     store_mid(acc[0], acc[1], lane, mid + (size_t)s * inter + r);
 }
-extern "C" __global__ void moe_decode_gate_up_fp8(GATE_UP_FP8_PARAMS) {
+extern "C" __global__ void __maxnreg__(40) moe_decode_gate_up_fp8(GATE_UP_FP8_PARAMS) {
     gate_up_fp8<false>(GATE_UP_FP8_ARGS);
 }
-extern "C" __global__ void moe_tokens_gate_up_fp8(GATE_UP_FP8_PARAMS) {
+extern "C" __global__ void __maxnreg__(40) moe_tokens_gate_up_fp8(GATE_UP_FP8_PARAMS) {
     gate_up_fp8<true>(GATE_UP_FP8_ARGS);
 }
 
@@ -270,10 +277,10 @@ struct Fp8Down {
     __nv_bfloat16* __restrict__ y,           /* [T, H] */                        \
     const __nv_bfloat16* __restrict__ res,   /* [T, H] or null */                \
     int k, int inter, int hidden, int br, int bc
-extern "C" __global__ void moe_decode_down_fp8(DOWN_FP8_PARAMS) {
+extern "C" __global__ void __maxnreg__(64) moe_decode_down_fp8(DOWN_FP8_PARAMS) {
     moe_down<false>(Fp8Down{w_dn, s_dn, br, bc}, ids, map, topk_w, mid, y, res, k, inter, hidden);
 }
-extern "C" __global__ void moe_tokens_down_fp8(DOWN_FP8_PARAMS) {
+extern "C" __global__ void __maxnreg__(64) moe_tokens_down_fp8(DOWN_FP8_PARAMS) {
     moe_down<true>(Fp8Down{w_dn, s_dn, br, bc}, ids, map, topk_w, mid, y, res, k, inter, hidden);
 }
 
