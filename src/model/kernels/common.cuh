@@ -159,8 +159,10 @@ __device__ __forceinline__ void fp8_dot_rows(const uint8_t* const* rows, const f
                 // decode reads it as a finite value). Why not decode such a group byte by byte, as
                 // this did: that second path held registers in every FP8 kernel (down 80 against
                 // 76, gate_up 56 against 48, the attention projections 56 against 48), and fewer
-                // blocks then fit an SM (BENCHMARKS.md §119). Every NaN the GPU computes is the one
-                // canonical NaN, so the bits are the same.
+                // blocks then fit an SM. On an H100 (BENCHMARKS.md §119) attention and, with its
+                // cap, gate_up gained; down alone lost (124 → 139 µs a 12-layer step inside the
+                // step, 130 with its cap) — not yet explained. Every NaN the GPU computes is the
+                // one canonical NaN, so the bits are the same.
                 if (e4m3x8_has_nan(q[r])) part = __uint_as_float(0x7FFFFFFFu);
                 acc[r] = fmaf(part, s * 256.f, acc[r]);  // 256 undoes e4m3x4_scaled's 2^-8
             }

@@ -203,7 +203,8 @@ extern "C" __global__ void moe_decode_down_bf16(
 // then 48, so 4–5 fitted and the rest ran as a second, mostly idle wave) and down's 512 need 4
 // (64 registers against 76). Measured on an H100 (BENCHMARKS.md §119, `bench steps`, FP8 at 12
 // layers): gate_up inside the step 196 → 159 µs, down 125 → 130 µs, the whole step 0.93× main's.
-// A few bytes spill, outside the loop over a row.
+// A few bytes spill (gate_up 24, down 12), before and after the 8-byte loop, none inside it
+// (checked in nvdisasm's sm_90 code).
 
 // mid[s, r] as moe_decode_gate_up_bf16 computes it, from FP8 stacks. One warp per (s, r).
 #define GATE_UP_FP8_PARAMS                                                       \
